@@ -1,0 +1,147 @@
+//! The calling side (used by `capture-core` and the conformance tests): a
+//! gRPC client for a provider on a Unix socket, returning checked SDK types.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper_util::rt::TokioIo;
+use tokio::net::UnixStream;
+use tonic::transport::{Channel, Endpoint};
+
+use crate::pb;
+use crate::types::{ConnectionKeys, KeyRequest, ProviderInfo, WireError};
+
+/// Called with the provider's pid (from `SO_PEERCRED`) on every new connection.
+pub type PeerHook = Arc<dyn Fn(u32) + Send + Sync>;
+
+/// Why a call to a provider did not produce usable keys.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// No answer within the deadline.
+    #[error("provider at {path} did not answer within {millis} ms")]
+    Timeout {
+        /// The socket.
+        path: PathBuf,
+        /// The deadline.
+        millis: u64,
+    },
+    /// The provider answered with an error status (or could not be reached).
+    #[error("provider at {path} returned {code:?}: {message}")]
+    Status {
+        /// The socket.
+        path: PathBuf,
+        /// The gRPC code.
+        code: tonic::Code,
+        /// The message.
+        message: String,
+    },
+    /// The answer was malformed.
+    #[error("provider at {path} answered malformed keys: {source}")]
+    Malformed {
+        /// The socket.
+        path: PathBuf,
+        /// What is wrong.
+        #[source]
+        source: WireError,
+    },
+}
+
+impl ClientError {
+    /// A short label for metrics and logs.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Self::Timeout { .. } => "timeout",
+            Self::Status { code: tonic::Code::Unavailable, .. } => "unavailable",
+            Self::Status { .. } => "error",
+            Self::Malformed { .. } => "malformed",
+        }
+    }
+}
+
+/// A lazily connecting client; cheap to clone.
+#[derive(Clone)]
+pub struct ProviderClient {
+    path: PathBuf,
+    inner: pb::key_provider_client::KeyProviderClient<Channel>,
+}
+
+impl std::fmt::Debug for ProviderClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ProviderClient").field("path", &self.path).finish()
+    }
+}
+
+impl ProviderClient {
+    /// A client for the provider at `path`. Nothing is connected until the
+    /// first call; lost connections are re-established on later calls.
+    pub fn new(path: &Path, on_connect: Option<PeerHook>) -> Self {
+        let socket = path.to_owned();
+        // The URI is required by tonic but unused: the connector dials the socket.
+        let channel = Endpoint::from_static("http://provider.invalid")
+            .connect_timeout(Duration::from_secs(1))
+            .connect_with_connector_lazy(tower::service_fn(move |_| {
+                let socket = socket.clone();
+                let hook = on_connect.clone();
+                async move {
+                    let stream = UnixStream::connect(&socket).await?;
+                    if let (Some(hook), Ok(cred)) = (hook, stream.peer_cred()) {
+                        if let Some(pid) = cred.pid().and_then(|p| u32::try_from(p).ok()) {
+                            hook(pid);
+                        }
+                    }
+                    Ok::<_, std::io::Error>(TokioIo::new(stream))
+                }
+            }));
+        Self { path: path.to_owned(), inner: pb::key_provider_client::KeyProviderClient::new(channel) }
+    }
+
+    /// The socket path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn status(&self, s: tonic::Status) -> ClientError {
+        ClientError::Status { path: self.path.clone(), code: s.code(), message: s.message().into() }
+    }
+
+    /// `GetInfo`, checked.
+    pub async fn info(&self, timeout: Duration) -> Result<ProviderInfo, ClientError> {
+        let mut c = self.inner.clone();
+        let answer = tokio::time::timeout(timeout, c.get_info(pb::GetInfoRequest {}))
+            .await
+            .map_err(|_| self.timeout(timeout))?
+            .map_err(|s| self.status(s))?;
+        ProviderInfo::from_pb(answer.into_inner())
+            .map_err(|source| ClientError::Malformed { path: self.path.clone(), source })
+    }
+
+    fn timeout(&self, timeout: Duration) -> ClientError {
+        ClientError::Timeout { path: self.path.clone(), millis: timeout.as_millis() as u64 }
+    }
+
+    /// `GetConnectionKeys` with a deadline of `request.timeout`; the answer
+    /// is validated (lengths, suite, version) before it is returned.
+    pub async fn keys(&self, request: &KeyRequest) -> Result<ConnectionKeys, ClientError> {
+        let mut c = self.inner.clone();
+        let mut req = tonic::Request::new(request.to_pb());
+        req.set_timeout(request.timeout);
+        let answer = tokio::time::timeout(request.timeout, c.get_connection_keys(req))
+            .await
+            .map_err(|_| self.timeout(request.timeout))?
+            .map_err(|s| match s.code() {
+                tonic::Code::DeadlineExceeded | tonic::Code::Cancelled => {
+                    self.timeout(request.timeout)
+                }
+                _ => self.status(s),
+            })?;
+        let mut wire = answer.into_inner();
+        let result = ConnectionKeys::from_pb(wire.clone());
+        // The wire copy held the key bytes too.
+        for d in [wire.transmit.as_mut(), wire.receive.as_mut()].into_iter().flatten() {
+            zeroize::Zeroize::zeroize(&mut d.key);
+            zeroize::Zeroize::zeroize(&mut d.iv);
+        }
+        result.map_err(|source| ClientError::Malformed { path: self.path.clone(), source })
+    }
+}

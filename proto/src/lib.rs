@@ -1,0 +1,34 @@
+//! Provider API v1 for tlshub, and an SDK for writing key providers.
+//!
+//! A provider is a separate process that `capture-core` asks for the kTLS
+//! keys of each protected TCP connection, over gRPC on a Unix socket.
+//! Provider authors implement [`Provider`] over the SDK-owned types in
+//! [`types`] and call [`server::serve`]; the SDK owns the socket, the peer
+//! credential check, health reporting, graceful shutdown and the mapping of
+//! [`ProviderError`] to gRPC status codes. `PROVIDER_GUIDE.md` (next to this
+//! crate) walks through writing, testing and deploying one.
+#![deny(missing_docs)]
+
+pub mod client;
+pub mod error;
+pub mod server;
+pub mod socket;
+pub mod tls13;
+pub mod types;
+
+pub use error::ProviderError;
+pub use server::{Provider, ServeOptions, serve};
+pub use types::{
+    CipherSuite, ConnectionKeys, DirectionKeys, Endpoint, KeyRequest, ProviderInfo, Role,
+    SocketHandle, TlsVersion,
+};
+
+/// The API version this SDK speaks.
+pub const API_VERSION: u32 = 1;
+
+/// Generated protobuf and gRPC code for `tlshub.provider.v1`. Provider
+/// authors do not need it; the core and conformance tests use it.
+#[expect(missing_docs, clippy::all, reason = "generated code")]
+pub mod pb {
+    tonic::include_proto!("tlshub.provider.v1");
+}

@@ -1,0 +1,284 @@
+//! The provider side: the [`Provider`] trait and the Unix-socket gRPC
+//! server that hosts it.
+
+use std::future::Future;
+use std::io;
+use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::{UnixListener, UnixStream};
+use tonic::{Request, Response, Status};
+use tracing::{Instrument, info, info_span, warn};
+
+use crate::error::ProviderError;
+use crate::pb;
+use crate::types::{ConnectionKeys, KeyRequest, ProviderInfo};
+
+/// What a provider implements. The SDK calls [`Provider::keys`] once per
+/// connection, concurrently for many connections.
+pub trait Provider: Send + Sync + 'static {
+    /// Name, version and capabilities. Called often; keep it cheap.
+    fn info(&self) -> ProviderInfo;
+
+    /// The keys of one connection, or why not.
+    fn keys(
+        &self,
+        request: KeyRequest,
+    ) -> impl Future<Output = Result<ConnectionKeys, ProviderError>> + Send;
+
+    /// Whether the provider can serve requests now (reported through
+    /// `grpc.health.v1`, polled every few seconds).
+    fn healthy(&self) -> impl Future<Output = bool> + Send {
+        async { true }
+    }
+}
+
+/// Where and for whom the server listens.
+#[derive(Debug, Clone)]
+pub struct ServeOptions {
+    /// The Unix socket path. A stale socket there is replaced; a live one
+    /// (another provider answering) is an error.
+    pub socket_path: PathBuf,
+    /// Besides root, the one uid allowed to call (checked with
+    /// `SO_PEERCRED` on every connection).
+    pub allowed_uid: Option<u32>,
+}
+
+/// Why the server could not start or stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// Another process answers on the socket path.
+    #[error("another process is already serving on {path}")]
+    AlreadyServing {
+        /// The path.
+        path: PathBuf,
+    },
+    /// Something that is not a socket is at the path.
+    #[error("{path} exists and is not a socket; refusing to replace it")]
+    NotASocket {
+        /// The path.
+        path: PathBuf,
+    },
+    /// Creating, binding or securing the socket failed.
+    #[error("cannot {action} {path}: {source}")]
+    Socket {
+        /// What was being done.
+        action: &'static str,
+        /// The path.
+        path: PathBuf,
+        /// The system error.
+        #[source]
+        source: io::Error,
+    },
+    /// The gRPC server failed.
+    #[error("gRPC server failed: {0}")]
+    Transport(#[from] tonic::transport::Error),
+}
+
+/// Binds the socket so that nobody but the owner can connect before it is
+/// secured: bind under a private temporary name with umask 077, set the mode
+/// (and owner, for `allowed_uid`), then rename over the final path.
+pub fn bind_private(path: &Path, allowed_uid: Option<u32>) -> Result<UnixListener, ServeError> {
+    let err = |action, source| ServeError::Socket { action, path: path.to_owned(), source };
+    match std::fs::symlink_metadata(path) {
+        Ok(meta) if !meta.file_type().is_socket() => {
+            return Err(ServeError::NotASocket { path: path.to_owned() });
+        }
+        Ok(_) => {
+            if std::os::unix::net::UnixStream::connect(path).is_ok() {
+                return Err(ServeError::AlreadyServing { path: path.to_owned() });
+            }
+            info!(path = %path.display(), "replacing stale socket");
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(err("inspect", e)),
+    }
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).map_err(|e| err("create the directory of", e))?;
+    }
+    let tmp = path.with_extension(format!("tmp.{}", std::process::id()));
+    let _ = std::fs::remove_file(&tmp);
+    // SAFETY: umask only swaps the process file-creation mask; it is
+    // restored right after bind.
+    let old = unsafe { libc::umask(0o077) };
+    let bound = std::os::unix::net::UnixListener::bind(&tmp);
+    // SAFETY: as above.
+    unsafe { libc::umask(old) };
+    let listener = bound.map_err(|e| err("bind", e))?;
+    if let Some(uid) = allowed_uid {
+        std::os::unix::fs::chown(&tmp, Some(uid), None).map_err(|e| err("chown", e))?;
+    }
+    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600))
+        .map_err(|e| err("chmod", e))?;
+    std::fs::rename(&tmp, path).map_err(|e| err("rename onto", e))?;
+    listener.set_nonblocking(true).map_err(|e| err("configure", e))?;
+    UnixListener::from_std(listener).map_err(|e| err("register", e))
+}
+
+/// Whether a connected peer may call, by its credentials.
+fn peer_allowed(stream: &UnixStream, allowed_uid: Option<u32>) -> bool {
+    match stream.peer_cred() {
+        Ok(cred) => cred.uid() == 0 || Some(cred.uid()) == allowed_uid,
+        Err(_) => false,
+    }
+}
+
+struct Service<P> {
+    provider: Arc<P>,
+}
+
+#[tonic::async_trait]
+impl<P: Provider> pb::key_provider_server::KeyProvider for Service<P> {
+    async fn get_info(
+        &self,
+        _: Request<pb::GetInfoRequest>,
+    ) -> Result<Response<pb::ProviderInfo>, Status> {
+        Ok(Response::new(self.provider.info().to_pb()))
+    }
+
+    async fn get_connection_keys(
+        &self,
+        request: Request<pb::ConnectionKeysRequest>,
+    ) -> Result<Response<pb::ConnectionKeys>, Status> {
+        let request = KeyRequest::from_pb(request.into_inner())
+            .map_err(|e| Status::from(ProviderError::InvalidRequest { reason: e.to_string() }))?;
+        let span = info_span!(
+            "keys",
+            cookie = request.socket_cookie,
+            role = ?request.role,
+            local = %request.local,
+            remote = %request.remote,
+        );
+        async {
+            let started = std::time::Instant::now();
+            let result = self.provider.keys(request).await;
+            match result {
+                Ok(keys) => {
+                    if let Err(e) = keys.validate() {
+                        warn!(error = %e, "provider produced invalid keys");
+                        return Err(ProviderError::Internal { reason: e.to_string() }.into());
+                    }
+                    info!(
+                        cipher = %keys.cipher_suite,
+                        micros = started.elapsed().as_micros() as u64,
+                        "keys issued"
+                    );
+                    Ok(Response::new(keys.to_pb()))
+                }
+                Err(e) => {
+                    warn!(error = %e, code = ?e.code(), "key request failed");
+                    Err(e.into())
+                }
+            }
+        }
+        .instrument(span)
+        .await
+    }
+}
+
+/// Serves `provider` on `options.socket_path` until SIGTERM or SIGINT,
+/// then finishes in-flight requests and removes the socket.
+pub async fn serve<P: Provider>(provider: P, options: ServeOptions) -> Result<(), ServeError> {
+    serve_until(provider, options, shutdown_signal()).await
+}
+
+/// Like [`serve`], stopping when `shutdown` completes.
+pub async fn serve_until<P: Provider>(
+    provider: P,
+    options: ServeOptions,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), ServeError> {
+    let provider = Arc::new(provider);
+    let listener = bind_private(&options.socket_path, options.allowed_uid)?;
+    let (reporter, health) = tonic_health::server::health_reporter();
+    type Server<P> = pb::key_provider_server::KeyProviderServer<Service<P>>;
+    reporter.set_serving::<Server<P>>().await;
+    let health_provider = Arc::clone(&provider);
+    let health_task = tokio::spawn(async move {
+        let mut last = true;
+        loop {
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            let now = health_provider.healthy().await;
+            if now != last {
+                if now {
+                    reporter.set_serving::<Server<P>>().await;
+                } else {
+                    reporter.set_not_serving::<Server<P>>().await;
+                }
+                warn!(healthy = now, "provider health changed");
+                last = now;
+            }
+        }
+    });
+
+    let allowed_uid = options.allowed_uid;
+    let incoming = async_stream_of(listener, allowed_uid);
+    let info = provider.info();
+    info!(
+        name = %info.name,
+        version = %info.version,
+        socket = %options.socket_path.display(),
+        "provider serving"
+    );
+    let result = tonic::transport::Server::builder()
+        .add_service(health)
+        .add_service(pb::key_provider_server::KeyProviderServer::from_arc(Arc::new(Service {
+            provider,
+        })))
+        .serve_with_incoming_shutdown(incoming, shutdown)
+        .await;
+    health_task.abort();
+    let _ = std::fs::remove_file(&options.socket_path);
+    info!("provider stopped");
+    Ok(result?)
+}
+
+/// Accepted connections from allowed peers; others are dropped with a warning.
+fn async_stream_of(
+    listener: UnixListener,
+    allowed_uid: Option<u32>,
+) -> impl tokio_stream::Stream<Item = io::Result<UnixStream>> {
+    let (tx, rx) = tokio::sync::mpsc::channel(16);
+    tokio::spawn(async move {
+        loop {
+            let accepted = listener.accept().await;
+            let item = match accepted {
+                Ok((stream, _)) => {
+                    if !peer_allowed(&stream, allowed_uid) {
+                        let cred = stream.peer_cred().ok();
+                        warn!(
+                            uid = cred.map(|c| c.uid()),
+                            pid = cred.and_then(|c| c.pid()),
+                            "refused a caller that is neither root nor the allowed uid"
+                        );
+                        continue;
+                    }
+                    Ok(stream)
+                }
+                Err(e) => Err(e),
+            };
+            if tx.send(item).await.is_err() {
+                return;
+            }
+        }
+    });
+    tokio_stream::wrappers::ReceiverStream::new(rx)
+}
+
+/// Completes on SIGTERM or SIGINT.
+pub async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let term = signal(SignalKind::terminate());
+    let int = signal(SignalKind::interrupt());
+    match (term, int) {
+        (Ok(mut term), Ok(mut int)) => {
+            tokio::select! {
+                _ = term.recv() => info!("SIGTERM: shutting down"),
+                _ = int.recv() => info!("SIGINT: shutting down"),
+            }
+        }
+        _ => std::future::pending().await,
+    }
+}
