@@ -1,1 +1,305 @@
-//! placeholder
+//! tlshub's BPF programs and the user-space mirrors of their data layouts.
+//!
+//! The programs are C (`c/tlshub.bpf.c`, CO-RE) compiled by clang in
+//! `build.rs`; [`OBJECT`] is the resulting ELF, loaded by `capture-core` with
+//! aya. Every struct in `c/tlshub_shared.h` has a `#[repr(C)]` mirror here,
+//! and a test compares sizes and offsets with what the C compiler laid out.
+
+use std::net::{IpAddr, Ipv6Addr, SocketAddr};
+
+/// The compiled BPF object.
+pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tlshub.bpf.o"));
+
+/// Program and map names inside [`OBJECT`].
+pub mod names {
+    /// sockops program (cgroup v2 root).
+    pub const SOCKOPS: &str = "tlshub_sockops";
+    /// Tracepoint programs: (program, category, tracepoint).
+    pub const TRACEPOINTS: [(&str, &str, &str); 4] = [
+        ("tlshub_enter_connect", "syscalls", "sys_enter_connect"),
+        ("tlshub_exit_connect", "syscalls", "sys_exit_connect"),
+        ("tlshub_exit_accept4", "syscalls", "sys_exit_accept4"),
+        ("tlshub_exit_accept", "syscalls", "sys_exit_accept"),
+    ];
+    /// LSM programs: (program, hook).
+    pub const LSM: [(&str, &str); 3] = [
+        ("tlshub_gate_sendmsg", "socket_sendmsg"),
+        ("tlshub_gate_recvmsg", "socket_recvmsg"),
+        ("tlshub_gate_file", "file_permission"),
+    ];
+    /// Maps.
+    pub const CONNS: &str = "conns";
+    /// Socket inode to cookie.
+    pub const INO_COOKIES: &str = "ino_cookies";
+    /// Held processes.
+    pub const HELD: &str = "held";
+    /// Processes never held.
+    pub const EXEMPT: &str = "exempt";
+    /// Pod CIDRs of this node.
+    pub const LOCAL_NETS: &str = "local_nets";
+    /// Selected peer CIDRs.
+    pub const PEER_NETS: &str = "peer_nets";
+    /// Selected server ports per rule.
+    pub const RULE_PORTS: &str = "rule_ports";
+    /// Counters.
+    pub const STATS: &str = "stats";
+    /// Ring buffer.
+    pub const EVENTS: &str = "events";
+    /// Socket-local storage marks.
+    pub const SK_MARKS: &str = "sk_marks";
+    /// In-flight connect() fds.
+    pub const CONNECT_FDS: &str = "connect_fds";
+}
+
+/// Event kinds (`TLSHUB_EV_*`).
+pub mod kind {
+    /// A selected connection reached ESTABLISHED.
+    pub const ESTABLISHED: u32 = 1;
+    /// connect()/accept() returned the socket's fd.
+    pub const OWNER: u32 = 2;
+    /// The gate stopped a process.
+    pub const HELD: u32 = 3;
+    /// The socket reached TCP_CLOSE.
+    pub const CLOSED: u32 = 4;
+}
+
+/// Roles (`TLSHUB_ROLE_*`).
+pub mod role {
+    /// connect() side.
+    pub const CLIENT: u32 = 1;
+    /// accept() side.
+    pub const SERVER: u32 = 2;
+}
+
+/// Gate states (`TLSHUB_GATE_*`).
+pub mod gate {
+    /// Hold every non-exempt process.
+    pub const CLOSED: u32 = 1;
+    /// Let everyone through.
+    pub const OPEN: u32 = 2;
+}
+
+/// Indexes into the `stats` array.
+pub mod stat {
+    /// Events lost because the ring buffer was full.
+    pub const RINGBUF_DROPS: u32 = 0;
+    /// Times the gate stopped a process.
+    pub const GATE_STOPS: u32 = 1;
+}
+
+/// `struct tlshub_event`.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Event {
+    /// One of [`kind`].
+    pub kind: u32,
+    /// One of [`role`].
+    pub role: u32,
+    /// Socket cookie.
+    pub cookie: u64,
+    /// `bpf_ktime_get_ns()` (CLOCK_MONOTONIC).
+    pub ts_ns: u64,
+    /// Thread group id.
+    pub pid: u32,
+    /// fd in `pid` (OWNER events).
+    pub fd: i32,
+    /// Local initial sequence number (ESTABLISHED events).
+    pub local_isn: u32,
+    /// Remote initial sequence number (ESTABLISHED events).
+    pub remote_isn: u32,
+    /// AF_INET or AF_INET6.
+    pub family: u16,
+    /// Host order.
+    pub local_port: u16,
+    /// Host order.
+    pub remote_port: u16,
+    /// Padding.
+    pub pad: u16,
+    /// IPv4 is mapped (`::ffff:a.b.c.d`).
+    pub local_addr: [u8; 16],
+    /// IPv4 is mapped.
+    pub remote_addr: [u8; 16],
+}
+
+/// A ring-buffer record of the wrong size.
+#[derive(Debug)]
+pub struct BadEventSize(pub usize);
+
+
+impl std::fmt::Display for BadEventSize {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "ring buffer record of {} bytes, expected {}", self.0, size_of::<Event>())
+    }
+}
+
+impl std::error::Error for BadEventSize {}
+
+impl Event {
+    /// Reads an event from a ring-buffer record.
+    pub fn from_bytes(bytes: &[u8]) -> Result<Self, BadEventSize> {
+        if bytes.len() < size_of::<Self>() {
+            return Err(BadEventSize(bytes.len()));
+        }
+        // SAFETY: the length is checked above, Event is repr(C) plain old
+        // data for which every bit pattern is valid, and read_unaligned
+        // does not require alignment.
+        Ok(unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<Self>()) })
+    }
+
+    fn addr(raw: [u8; 16], port: u16) -> SocketAddr {
+        let v6 = Ipv6Addr::from(raw);
+        let ip = match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => IpAddr::V6(v6),
+        };
+        SocketAddr::new(ip, port)
+    }
+
+    /// Local address and port.
+    pub fn local(&self) -> SocketAddr {
+        Self::addr(self.local_addr, self.local_port)
+    }
+
+    /// Remote address and port.
+    pub fn remote(&self) -> SocketAddr {
+        Self::addr(self.remote_addr, self.remote_port)
+    }
+}
+
+/// `struct tlshub_conn`.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Conn {
+    /// Socket inode (0 until the owner is known).
+    pub ino: u64,
+    /// One of [`gate`].
+    pub gate: u32,
+    /// One of [`role`].
+    pub role: u32,
+}
+
+/// `struct tlshub_held`.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Held {
+    /// The socket it was held on.
+    pub cookie: u64,
+    /// When (`bpf_ktime_get_ns`).
+    pub since_ns: u64,
+}
+
+/// `struct tlshub_sk_mark`.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SkMark {
+    /// The socket's cookie.
+    pub cookie: u64,
+}
+
+/// `struct tlshub_lpm_key` without the prefix length (aya's `lpm_trie::Key`
+/// adds it).
+pub type Addr16 = [u8; 16];
+
+/// `struct tlshub_port_key`.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub struct PortKey {
+    /// Rule id (the value in `peer_nets`).
+    pub rule: u32,
+    /// Server port, 0 for any.
+    pub port: u16,
+    /// Padding (zero).
+    pub pad: u16,
+}
+
+// SAFETY: all of these are repr(C) integers and byte arrays with explicit
+// padding fields, so every bit pattern is valid and there are no implicit
+// padding bytes.
+unsafe impl aya::Pod for Conn {}
+// SAFETY: as above.
+unsafe impl aya::Pod for Held {}
+// SAFETY: as above.
+unsafe impl aya::Pod for SkMark {}
+// SAFETY: as above.
+unsafe impl aya::Pod for PortKey {}
+
+/// Sizes and offsets as the C compiler laid them out.
+#[doc(hidden)]
+#[expect(non_upper_case_globals, reason = "names generated from the C struct names")]
+pub mod c_layout {
+    include!(concat!(env!("OUT_DIR"), "/layout.rs"));
+}
+
+/// IPv4 as `::ffff:a.b.c.d`, IPv6 as is: the address form every map uses.
+pub fn mapped(ip: IpAddr) -> Addr16 {
+    match ip {
+        IpAddr::V4(v4) => v4.to_ipv6_mapped().octets(),
+        IpAddr::V6(v6) => v6.octets(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::mem::{offset_of, size_of};
+
+    use super::c_layout::*;
+    use super::*;
+
+    #[test]
+    fn rust_mirrors_match_the_c_layout() {
+        assert_eq!(size_of::<Event>(), SIZE_tlshub_event);
+        assert_eq!(offset_of!(Event, cookie), OFF_tlshub_event_cookie);
+        assert_eq!(offset_of!(Event, ts_ns), OFF_tlshub_event_ts_ns);
+        assert_eq!(offset_of!(Event, pid), OFF_tlshub_event_pid);
+        assert_eq!(offset_of!(Event, fd), OFF_tlshub_event_fd);
+        assert_eq!(offset_of!(Event, local_isn), OFF_tlshub_event_local_isn);
+        assert_eq!(offset_of!(Event, family), OFF_tlshub_event_family);
+        assert_eq!(offset_of!(Event, remote_port), OFF_tlshub_event_remote_port);
+        assert_eq!(offset_of!(Event, local_addr), OFF_tlshub_event_local_addr);
+        assert_eq!(offset_of!(Event, remote_addr), OFF_tlshub_event_remote_addr);
+        assert_eq!(size_of::<Conn>(), SIZE_tlshub_conn);
+        assert_eq!(offset_of!(Conn, gate), OFF_tlshub_conn_gate);
+        assert_eq!(offset_of!(Conn, role), OFF_tlshub_conn_role);
+        assert_eq!(size_of::<Held>(), SIZE_tlshub_held);
+        assert_eq!(offset_of!(Held, since_ns), OFF_tlshub_held_since_ns);
+        assert_eq!(size_of::<SkMark>(), SIZE_tlshub_sk_mark);
+        assert_eq!(size_of::<Addr16>() + 4, SIZE_tlshub_lpm_key);
+        assert_eq!(OFF_tlshub_lpm_key_addr, 4);
+        assert_eq!(size_of::<PortKey>(), SIZE_tlshub_port_key);
+        assert_eq!(offset_of!(PortKey, port), OFF_tlshub_port_key_port);
+    }
+
+    #[test]
+    fn events_parse_and_short_records_are_refused() {
+        let ev = Event {
+            kind: kind::ESTABLISHED,
+            cookie: 42,
+            local_port: 1234,
+            local_addr: mapped("10.0.1.2".parse().unwrap()),
+            remote_addr: mapped("fd00::2".parse().unwrap()),
+            remote_port: 8443,
+            ..Default::default()
+        };
+        // SAFETY (test): viewing a repr(C) POD value as bytes.
+        let bytes = unsafe {
+            std::slice::from_raw_parts((&raw const ev).cast::<u8>(), size_of::<Event>())
+        };
+        let back = Event::from_bytes(bytes).unwrap();
+        assert_eq!(back, ev);
+        assert_eq!(back.local().to_string(), "10.0.1.2:1234");
+        assert_eq!(back.remote().to_string(), "[fd00::2]:8443");
+        assert!(Event::from_bytes(&bytes[..10]).is_err());
+    }
+
+    #[test]
+    fn the_object_has_every_program_and_map() {
+        let text = String::from_utf8_lossy(OBJECT);
+        for name in [names::SOCKOPS, names::CONNS, names::HELD, names::EVENTS]
+            .into_iter()
+            .chain(names::TRACEPOINTS.iter().map(|t| t.0))
+            .chain(names::LSM.iter().map(|l| l.0))
+        {
+            assert!(text.contains(name), "{name} missing from the BPF object");
+        }
+    }
+}

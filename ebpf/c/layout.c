@@ -1,0 +1,33 @@
+/* Prints the sizes and offsets of the shared structs as Rust constants.
+ * Built and run on the host by ebpf/build.rs. */
+#include <stddef.h>
+#include <stdio.h>
+#include "tlshub_shared.h"
+
+#define S(t) printf("pub const SIZE_%s: usize = %zu;\n", #t, sizeof(struct t))
+#define O(t, f) printf("pub const OFF_%s_%s: usize = %zu;\n", #t, #f, offsetof(struct t, f))
+
+int main(void)
+{
+	S(tlshub_event);
+	O(tlshub_event, cookie);
+	O(tlshub_event, ts_ns);
+	O(tlshub_event, pid);
+	O(tlshub_event, fd);
+	O(tlshub_event, local_isn);
+	O(tlshub_event, family);
+	O(tlshub_event, remote_port);
+	O(tlshub_event, local_addr);
+	O(tlshub_event, remote_addr);
+	S(tlshub_conn);
+	O(tlshub_conn, gate);
+	O(tlshub_conn, role);
+	S(tlshub_held);
+	O(tlshub_held, since_ns);
+	S(tlshub_sk_mark);
+	S(tlshub_lpm_key);
+	O(tlshub_lpm_key, addr);
+	S(tlshub_port_key);
+	O(tlshub_port_key, port);
+	return 0;
+}

@@ -1,0 +1,481 @@
+// SPDX-License-Identifier: GPL-2.0
+/* tlshub kernel side: selects TCP connections by policy, reports who owns
+ * them, and holds ("gates") any process that moves bytes through a selected
+ * socket before capture-core has installed its kTLS keys.
+ *
+ * Programs (all attached by capture-core, see ARCHITECTURE.md):
+ *   sockops (cgroup v2 root)      select + mark at TCP_CONNECT / PASSIVE_ESTABLISHED,
+ *                                 report ESTABLISHED with ISNs, clean up at TCP_CLOSE
+ *   tracepoints connect/accept    report the owning pid and fd
+ *   lsm socket_sendmsg/recvmsg    the gate for send*()/recv*() (and read/write)
+ *   lsm file_permission           the gate for read/write/sendfile/splice on
+ *                                 socket files (sendfile and splice bypass
+ *                                 socket_sendmsg on 6.1)
+ *
+ * Kernel structs are declared locally with preserve_access_index (CO-RE):
+ * only the fields used here, relocated against the running kernel's BTF. */
+#include <linux/bpf.h>
+#include <bpf/bpf_helpers.h>
+#include <bpf/bpf_tracing.h>
+#include <bpf/bpf_core_read.h>
+#include <bpf/bpf_endian.h>
+#include "tlshub_shared.h"
+
+char LICENSE[] SEC("license") = "GPL";
+
+#define AF_INET 2
+#define AF_INET6 10
+#define EINPROGRESS 115
+#define ERESTARTSYS 512
+#define SIGSTOP 19
+#define S_IFMT 00170000
+#define S_IFSOCK 0140000
+#define MAY_WRITE 0x2
+#define MAY_READ 0x4
+
+#define __pai __attribute__((preserve_access_index))
+
+typedef struct {
+	long long counter;
+} tlshub_atomic64_t;
+
+struct inode {
+	unsigned short i_mode;
+	unsigned long i_ino;
+} __pai;
+
+struct file {
+	struct inode *f_inode;
+	void *private_data;
+} __pai;
+
+struct sock_common {
+	tlshub_atomic64_t skc_cookie;
+} __pai;
+
+struct sock {
+	struct sock_common __sk_common;
+} __pai;
+
+struct socket {
+	struct sock *sk;
+	struct file *file;
+} __pai;
+
+struct fdtable {
+	unsigned int max_fds;
+	struct file **fd;
+} __pai;
+
+struct files_struct {
+	struct fdtable *fdt;
+} __pai;
+
+struct task_struct {
+	struct files_struct *files;
+} __pai;
+
+/* ---- maps ---- */
+
+struct {
+	__uint(type, BPF_MAP_TYPE_SK_STORAGE);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, int);
+	__type(value, struct tlshub_sk_mark);
+} sk_marks SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 65536);
+	__type(key, __u64); /* socket cookie */
+	__type(value, struct tlshub_conn);
+} conns SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 65536);
+	__type(key, __u64);   /* socket inode */
+	__type(value, __u64); /* socket cookie */
+} ino_cookies SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 4096);
+	__type(key, __u32); /* tgid */
+	__type(value, struct tlshub_held);
+} held SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 64);
+	__type(key, __u32); /* tgid never held: the core and its providers */
+	__type(value, __u8);
+} exempt SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 8192);
+	__type(key, __u64); /* pid_tgid inside connect() */
+	__type(value, __s32);
+} connect_fds SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(max_entries, 1024);
+	__type(key, struct tlshub_lpm_key);
+	__type(value, __u32);
+} local_nets SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(max_entries, 1024);
+	__type(key, struct tlshub_lpm_key);
+	__type(value, __u32); /* rule id */
+} peer_nets SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 4096);
+	__type(key, struct tlshub_port_key);
+	__type(value, __u8);
+} rule_ports SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, TLSHUB_STAT_MAX);
+	__type(key, __u32);
+	__type(value, __u64);
+} stats SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_RINGBUF);
+	__uint(max_entries, 1 << 20);
+} events SEC(".maps");
+
+/* ---- helpers ---- */
+
+static __always_inline void stat_inc(__u32 idx)
+{
+	__u64 *v = bpf_map_lookup_elem(&stats, &idx);
+	if (v)
+		__sync_fetch_and_add(v, 1);
+}
+
+static __always_inline void emit(struct tlshub_event *ev)
+{
+	ev->ts_ns = bpf_ktime_get_ns();
+	if (bpf_ringbuf_output(&events, ev, sizeof(*ev), 0))
+		stat_inc(TLSHUB_STAT_RINGBUF_DROPS);
+}
+
+static __always_inline void v4_mapped(__u8 *out, __u32 addr_be)
+{
+	__builtin_memset(out, 0, 10);
+	out[10] = 0xff;
+	out[11] = 0xff;
+	__builtin_memcpy(out + 12, &addr_be, 4);
+}
+
+/* Fills family, addresses and ports of ev from the sockops context. */
+static __always_inline void fill_tuple(struct bpf_sock_ops *skops, struct tlshub_event *ev)
+{
+	ev->family = skops->family;
+	ev->local_port = (__u16)skops->local_port;
+	ev->remote_port = (__u16)bpf_ntohl(skops->remote_port);
+	if (skops->family == AF_INET) {
+		v4_mapped(ev->local_addr, skops->local_ip4);
+		v4_mapped(ev->remote_addr, skops->remote_ip4);
+	} else {
+		__u32 l[4] = { skops->local_ip6[0], skops->local_ip6[1], skops->local_ip6[2],
+			       skops->local_ip6[3] };
+		__u32 r[4] = { skops->remote_ip6[0], skops->remote_ip6[1], skops->remote_ip6[2],
+			       skops->remote_ip6[3] };
+		__builtin_memcpy(ev->local_addr, l, 16);
+		__builtin_memcpy(ev->remote_addr, r, 16);
+	}
+}
+
+/* The policy: the local address is one of this node's pods, the peer is in
+ * a selected CIDR, and the server port is one that rule selects (or any). */
+static __always_inline int selected(struct tlshub_event *ev, __u32 role)
+{
+	struct tlshub_lpm_key key = { .prefixlen = 128 };
+
+	if (ev->family != AF_INET && ev->family != AF_INET6)
+		return 0;
+	__builtin_memcpy(key.addr, ev->local_addr, 16);
+	if (!bpf_map_lookup_elem(&local_nets, &key))
+		return 0;
+	__builtin_memcpy(key.addr, ev->remote_addr, 16);
+	__u32 *rule = bpf_map_lookup_elem(&peer_nets, &key);
+	if (!rule)
+		return 0;
+	struct tlshub_port_key pk = { .rule = *rule, .port = 0 };
+	if (bpf_map_lookup_elem(&rule_ports, &pk))
+		return 1;
+	pk.port = role == TLSHUB_ROLE_CLIENT ? ev->remote_port : ev->local_port;
+	return bpf_map_lookup_elem(&rule_ports, &pk) != 0;
+}
+
+/* Marks a newly selected socket: socket-local storage (read by the socket
+ * LSM hooks) and the conns entry holding the gate state, gate closed. */
+static __always_inline int track(struct bpf_sock_ops *skops, __u64 cookie, __u32 role)
+{
+	struct tlshub_conn conn = { .gate = TLSHUB_GATE_CLOSED, .role = role };
+	if (bpf_map_update_elem(&conns, &cookie, &conn, BPF_NOEXIST))
+		return 0;
+	struct bpf_sock *sk = skops->sk;
+	if (!sk)
+		return 0;
+	struct tlshub_sk_mark *mark =
+		bpf_sk_storage_get(&sk_marks, sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
+	if (!mark) {
+		bpf_map_delete_elem(&conns, &cookie);
+		return 0;
+	}
+	mark->cookie = cookie;
+	bpf_sock_ops_cb_flags_set(skops, skops->bpf_sock_ops_cb_flags | BPF_SOCK_OPS_STATE_CB_FLAG);
+	return 1;
+}
+
+SEC("sockops")
+int tlshub_sockops(struct bpf_sock_ops *skops)
+{
+	struct tlshub_event ev = {};
+	__u64 cookie;
+
+	switch (skops->op) {
+	case BPF_SOCK_OPS_TCP_CONNECT_CB:
+		/* Runs inside connect(), before the SYN: select and close the
+		 * gate now. Asking for the cookie here also makes the kernel
+		 * assign it, so sys_exit_connect can read it from the sock. */
+		cookie = bpf_get_socket_cookie(skops);
+		fill_tuple(skops, &ev);
+		if (selected(&ev, TLSHUB_ROLE_CLIENT))
+			track(skops, cookie, TLSHUB_ROLE_CLIENT);
+		break;
+	case BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB:
+		cookie = bpf_get_socket_cookie(skops);
+		if (!bpf_map_lookup_elem(&conns, &cookie))
+			break;
+		ev.kind = TLSHUB_EV_ESTABLISHED;
+		ev.role = TLSHUB_ROLE_CLIENT;
+		goto established;
+	case BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB:
+		/* Runs in softirq when the 3-way handshake completes, before
+		 * accept() can return this socket: the gate is closed first. */
+		cookie = bpf_get_socket_cookie(skops);
+		fill_tuple(skops, &ev);
+		if (!selected(&ev, TLSHUB_ROLE_SERVER) || !track(skops, cookie, TLSHUB_ROLE_SERVER))
+			break;
+		ev.kind = TLSHUB_EV_ESTABLISHED;
+		ev.role = TLSHUB_ROLE_SERVER;
+		goto established;
+	case BPF_SOCK_OPS_STATE_CB:
+		if (skops->args[1] != BPF_TCP_CLOSE)
+			break;
+		cookie = bpf_get_socket_cookie(skops);
+		struct tlshub_conn *c = bpf_map_lookup_elem(&conns, &cookie);
+		if (!c)
+			break;
+		if (c->ino) {
+			__u64 ino = c->ino;
+			bpf_map_delete_elem(&ino_cookies, &ino);
+		}
+		bpf_map_delete_elem(&conns, &cookie);
+		ev.kind = TLSHUB_EV_CLOSED;
+		ev.cookie = cookie;
+		emit(&ev);
+		break;
+	}
+	return 1;
+
+established:
+	/* At *_ESTABLISHED the SYNs are the only sequence space consumed. */
+	fill_tuple(skops, &ev);
+	ev.cookie = cookie;
+	ev.local_isn = skops->snd_nxt - 1;
+	ev.remote_isn = skops->rcv_nxt - 1;
+	emit(&ev);
+	return 1;
+}
+
+/* ---- owner: which pid and fd hold the socket ---- */
+
+struct sys_enter_ctx {
+	__u64 common;
+	int nr;
+	int pad;
+	__u64 args[6];
+};
+
+struct sys_exit_ctx {
+	__u64 common;
+	int nr;
+	int pad;
+	long ret;
+};
+
+/* Looks fd up in the current task's fd table; if it is a selected socket,
+ * records its inode (for the file_permission gate) and reports the owner. */
+static __always_inline void report_owner(int fd)
+{
+	struct task_struct *task = (struct task_struct *)bpf_get_current_task();
+	struct fdtable *fdt = BPF_CORE_READ(task, files, fdt);
+	unsigned int max = BPF_CORE_READ(fdt, max_fds);
+	struct file **fds = BPF_CORE_READ(fdt, fd);
+	struct file *file = 0;
+
+	if (fd < 0 || (unsigned int)fd >= max)
+		return;
+	if (bpf_probe_read_kernel(&file, sizeof(file), &fds[fd]) || !file)
+		return;
+	struct inode *inode = BPF_CORE_READ(file, f_inode);
+	if ((BPF_CORE_READ(inode, i_mode) & S_IFMT) != S_IFSOCK)
+		return;
+	struct socket *sock = BPF_CORE_READ(file, private_data);
+	__u64 cookie = BPF_CORE_READ(sock, sk, __sk_common.skc_cookie.counter);
+	if (!cookie)
+		return;
+	struct tlshub_conn *c = bpf_map_lookup_elem(&conns, &cookie);
+	if (!c)
+		return;
+	__u64 ino = BPF_CORE_READ(inode, i_ino);
+	bpf_map_update_elem(&ino_cookies, &ino, &cookie, BPF_ANY);
+	c->ino = ino;
+
+	struct tlshub_event ev = {
+		.kind = TLSHUB_EV_OWNER,
+		.role = c->role,
+		.cookie = cookie,
+		.pid = bpf_get_current_pid_tgid() >> 32,
+		.fd = fd,
+	};
+	emit(&ev);
+}
+
+SEC("tracepoint/syscalls/sys_enter_connect")
+int tlshub_enter_connect(struct sys_enter_ctx *ctx)
+{
+	__u64 id = bpf_get_current_pid_tgid();
+	__s32 fd = (__s32)ctx->args[0];
+	bpf_map_update_elem(&connect_fds, &id, &fd, BPF_ANY);
+	return 0;
+}
+
+SEC("tracepoint/syscalls/sys_exit_connect")
+int tlshub_exit_connect(struct sys_exit_ctx *ctx)
+{
+	__u64 id = bpf_get_current_pid_tgid();
+	__s32 *fd = bpf_map_lookup_elem(&connect_fds, &id);
+	if (!fd)
+		return 0;
+	__s32 f = *fd;
+	bpf_map_delete_elem(&connect_fds, &id);
+	if (ctx->ret == 0 || ctx->ret == -EINPROGRESS)
+		report_owner(f);
+	return 0;
+}
+
+SEC("tracepoint/syscalls/sys_exit_accept4")
+int tlshub_exit_accept4(struct sys_exit_ctx *ctx)
+{
+	if (ctx->ret >= 0)
+		report_owner((int)ctx->ret);
+	return 0;
+}
+
+SEC("tracepoint/syscalls/sys_exit_accept")
+int tlshub_exit_accept(struct sys_exit_ctx *ctx)
+{
+	if (ctx->ret >= 0)
+		report_owner((int)ctx->ret);
+	return 0;
+}
+
+/* ---- the gate ---- */
+
+/* Holds the calling process if the connection's gate is closed: records it
+ * in `held`, stops its thread group with SIGSTOP and makes the system call
+ * restart (-ERESTARTSYS) once it is continued, so the same call runs again
+ * after the keys are in and no byte moved in between.
+ *
+ * Ordering with capture-core (which sets gate=OPEN, then continues every
+ * process in `held` for that cookie): the held record is published before
+ * the gate is read the second time, so either this program sees OPEN and
+ * lets the call through, or the core sees the record and continues us. */
+static __always_inline int gate(__u64 cookie)
+{
+	struct tlshub_conn *c = bpf_map_lookup_elem(&conns, &cookie);
+	if (!c || c->gate != TLSHUB_GATE_CLOSED)
+		return 0;
+	__u32 tgid = bpf_get_current_pid_tgid() >> 32;
+	if (bpf_map_lookup_elem(&exempt, &tgid))
+		return 0;
+	struct tlshub_held h = { .cookie = cookie, .since_ns = bpf_ktime_get_ns() };
+	bpf_map_update_elem(&held, &tgid, &h, BPF_ANY);
+	c = bpf_map_lookup_elem(&conns, &cookie);
+	if (!c || c->gate != TLSHUB_GATE_CLOSED) {
+		bpf_map_delete_elem(&held, &tgid);
+		return 0;
+	}
+	struct tlshub_event ev = {
+		.kind = TLSHUB_EV_HELD,
+		.role = c->role,
+		.cookie = cookie,
+		.pid = tgid,
+	};
+	emit(&ev);
+	stat_inc(TLSHUB_STAT_GATE_STOPS);
+	bpf_send_signal_thread(SIGSTOP);
+	return -ERESTARTSYS;
+}
+
+static __always_inline int gate_socket(struct socket *sock)
+{
+	struct sock *sk = sock->sk;
+	if (!sk)
+		return 0;
+	struct tlshub_sk_mark *mark = bpf_sk_storage_get(&sk_marks, sk, 0, 0);
+	if (!mark)
+		return 0;
+	return gate(mark->cookie);
+}
+
+SEC("lsm/socket_sendmsg")
+int BPF_PROG(tlshub_gate_sendmsg, struct socket *sock, void *msg, int size, int ret)
+{
+	if (ret)
+		return ret;
+	return gate_socket(sock);
+}
+
+SEC("lsm/socket_recvmsg")
+int BPF_PROG(tlshub_gate_recvmsg, struct socket *sock, void *msg, int size, int flags, int ret)
+{
+	if (ret)
+		return ret;
+	return gate_socket(sock);
+}
+
+/* read()/write() and friends, sendfile() and splice() on socket files.
+ * file->private_data is untyped, so socket-local storage is out of reach
+ * here; the socket's inode (recorded at connect/accept) finds the cookie. */
+SEC("lsm/file_permission")
+int BPF_PROG(tlshub_gate_file, struct file *file, int mask, int ret)
+{
+	if (ret)
+		return ret;
+	struct inode *inode = file->f_inode;
+	if (!inode || (inode->i_mode & S_IFMT) != S_IFSOCK)
+		return 0;
+	if (!(mask & (MAY_READ | MAY_WRITE)))
+		return 0;
+	__u64 ino = inode->i_ino;
+	__u64 *cookie = bpf_map_lookup_elem(&ino_cookies, &ino);
+	if (!cookie)
+		return 0;
+	return gate(*cookie);
+}

@@ -1,0 +1,75 @@
+/* Layouts shared between the BPF programs (tlshub.bpf.c) and user space
+ * (ebpf/src/lib.rs mirrors every struct with #[repr(C)]; a test compares
+ * sizes and offsets, see layout.c). Change both together. */
+#ifndef TLSHUB_SHARED_H
+#define TLSHUB_SHARED_H
+
+#include <linux/types.h>
+
+/* Event kinds on the ring buffer. */
+#define TLSHUB_EV_ESTABLISHED 1 /* a selected connection reached ESTABLISHED */
+#define TLSHUB_EV_OWNER 2       /* connect()/accept() returned its fd in pid */
+#define TLSHUB_EV_HELD 3        /* the gate stopped pid on a closed socket */
+#define TLSHUB_EV_CLOSED 4      /* the selected socket reached TCP_CLOSE */
+
+#define TLSHUB_ROLE_CLIENT 1
+#define TLSHUB_ROLE_SERVER 2
+
+/* Gate states in struct tlshub_conn.gate. */
+#define TLSHUB_GATE_CLOSED 1 /* hold everyone but exempt processes */
+#define TLSHUB_GATE_OPEN 2   /* keys installed (or policy said let it pass) */
+
+/* Indexes into the stats array. */
+#define TLSHUB_STAT_RINGBUF_DROPS 0
+#define TLSHUB_STAT_GATE_STOPS 1
+#define TLSHUB_STAT_MAX 2
+
+struct tlshub_event {
+	__u32 kind;
+	__u32 role;
+	__u64 cookie;
+	__u64 ts_ns; /* bpf_ktime_get_ns() */
+	__u32 pid;   /* thread group id */
+	__s32 fd;
+	__u32 local_isn;
+	__u32 remote_isn;
+	__u16 family; /* AF_INET or AF_INET6 */
+	__u16 local_port;  /* host order */
+	__u16 remote_port; /* host order */
+	__u16 pad;
+	__u8 local_addr[16]; /* IPv4 as ::ffff:a.b.c.d */
+	__u8 remote_addr[16];
+};
+
+/* Per selected connection, keyed by socket cookie. */
+struct tlshub_conn {
+	__u64 ino; /* socket inode, 0 until the owner is known */
+	__u32 gate;
+	__u32 role;
+};
+
+/* Per held process, keyed by tgid. */
+struct tlshub_held {
+	__u64 cookie;
+	__u64 since_ns;
+};
+
+/* Socket-local storage: marks a selected socket from the first moment. */
+struct tlshub_sk_mark {
+	__u64 cookie;
+};
+
+/* LPM key: prefix length over a 16-byte address (IPv4 mapped). */
+struct tlshub_lpm_key {
+	__u32 prefixlen;
+	__u8 addr[16];
+};
+
+/* Which server ports a peer rule selects; port 0 means any. */
+struct tlshub_port_key {
+	__u32 rule;
+	__u16 port;
+	__u16 pad;
+};
+
+#endif
