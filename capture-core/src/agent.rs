@@ -1,0 +1,381 @@
+//! The event loop: joins BPF events per connection, starts keying jobs,
+//! applies their outcome (gate open, reset, resume), and releases held
+//! processes.
+
+use std::collections::{HashMap, HashSet};
+use std::os::fd::{AsFd, OwnedFd};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+use tlshub_ebpf::{Event, gate, kind, role};
+use tlshub_provider_sdk::Role;
+use tlshub_provider_sdk::client::ProviderClient;
+use tokio::io::unix::AsyncFd;
+use tokio::sync::mpsc;
+use tracing::{Instrument, debug, error, info, info_span, warn};
+
+use crate::bpf::{BpfError, Programs};
+use crate::config::{Config, FailurePolicy};
+use crate::keying::{self, Job, KeyingError, Outcome};
+use crate::sys;
+
+/// A selected connection that is not keyed yet.
+#[derive(Debug, Default)]
+struct Pending {
+    established: Option<Event>,
+    owner: Option<(u32, i32)>,
+    keying: bool,
+    first_seen: Option<Instant>,
+}
+
+/// Counters and samples, written to the stats file.
+#[derive(Debug, Default, Serialize)]
+pub struct Stats {
+    /// Selected connections seen (ESTABLISHED events).
+    pub selected: u64,
+    /// Connections keyed and installed.
+    pub protected: u64,
+    /// Failed connections by reason.
+    pub failed: HashMap<&'static str, u64>,
+    /// Connections reset under fail-closed.
+    pub reset: u64,
+    /// Connections passed in plaintext under fail-open.
+    pub passed_plaintext: u64,
+    /// Closed before they were keyed.
+    pub closed_before_keys: u64,
+    /// Times the gate stopped a process (HELD events).
+    pub gate_stops: u64,
+    /// Distinct connections that had a process held.
+    pub held_connections: u64,
+    /// Microseconds from stop to continue, per stop.
+    pub held_micros: Vec<u64>,
+    /// Microseconds spent in the provider, per protected connection.
+    pub key_micros: Vec<u64>,
+    /// Events the ring buffer dropped.
+    pub ringbuf_drops: u64,
+    /// Entries in the pending table now.
+    pub pending: usize,
+    /// BPF map entries now: conns, ino_cookies, held.
+    pub bpf_maps: (usize, usize, usize),
+}
+
+/// Why the event loop stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    /// Polling the ring buffer failed.
+    #[error("event ring buffer: {0}")]
+    Ring(#[source] std::io::Error),
+    /// The ring buffer was already taken (run called twice).
+    #[error("event ring buffer already in use")]
+    RingTaken,
+}
+
+/// The running core.
+pub struct Agent {
+    config: Config,
+    programs: Programs,
+    provider: ProviderClient,
+    pending: HashMap<u64, Pending>,
+    held_cookies: HashSet<u64>,
+    continued: HashSet<(u32, u64)>,
+    stats: Stats,
+    stats_file: Option<PathBuf>,
+}
+
+impl std::fmt::Debug for Agent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Agent").field("pending", &self.pending.len()).finish()
+    }
+}
+
+/// How long a held process may look running before its record is dropped
+/// (it may be between the gate's SIGSTOP and the stop taking effect).
+const HELD_RECORD_GRACE: Duration = Duration::from_secs(1);
+
+impl Agent {
+    /// Loads the programs, writes the policy and connects the provider.
+    pub async fn start(config: Config, stats_file: Option<PathBuf>) -> Result<Self, BpfError> {
+        let mut programs = Programs::load_and_attach(&config.bpf.cgroup)?;
+        programs.write_policy(&config.policy)?;
+        programs.exempt.add(std::process::id());
+        let exempt = programs.exempt.clone();
+        let provider = ProviderClient::new(
+            &config.provider.socket,
+            Some(Arc::new(move |pid| exempt.add(pid))),
+        );
+        match provider.info(config.key_timeout()).await {
+            Ok(info) => info!(
+                provider = %info.name,
+                version = %info.version,
+                socket = %config.provider.socket.display(),
+                "provider reachable"
+            ),
+            Err(e) => warn!(error = %e, "provider not reachable yet; connections follow the failure policy until it is"),
+        }
+        Ok(Self {
+            config,
+            programs,
+            provider,
+            pending: HashMap::new(),
+            held_cookies: HashSet::new(),
+            continued: HashSet::new(),
+            stats: Stats::default(),
+            stats_file,
+        })
+    }
+
+    /// Runs until `shutdown` completes, then releases what it holds.
+    pub async fn run(
+        mut self,
+        shutdown: impl std::future::Future<Output = ()>,
+    ) -> Result<(), AgentError> {
+        let (done_tx, mut done_rx) = mpsc::unbounded_channel::<Outcome>();
+        let ring = self.programs.events.take().ok_or(AgentError::RingTaken)?;
+        #[expect(
+            deprecated,
+            reason = "RingBuf owns its map fd for its whole life, which is the contract the unsafe AsyncFd::register would state"
+        )]
+        let mut events = AsyncFd::new(ring).map_err(AgentError::Ring)?;
+        let mut sweep = tokio::time::interval(Duration::from_millis(50));
+        let mut report = tokio::time::interval(Duration::from_secs(1));
+        tokio::pin!(shutdown);
+        info!(node = %self.config.node_name, policy = ?self.config.failure_policy, "capture-core running");
+        loop {
+            tokio::select! {
+                guard = events.readable_mut() => {
+                    let mut guard = guard.map_err(AgentError::Ring)?;
+                    let ring = guard.get_inner_mut();
+                    let mut batch = Vec::new();
+                    while let Some(item) = ring.next() {
+                        match Event::from_bytes(&item) {
+                            Ok(ev) => batch.push(ev),
+                            Err(e) => error!(error = %e, "bad event from BPF"),
+                        }
+                    }
+                    guard.clear_ready();
+                    for ev in batch {
+                        self.on_event(ev, &done_tx);
+                    }
+                }
+                Some(outcome) = done_rx.recv() => self.on_outcome(outcome),
+                _ = sweep.tick() => self.sweep_held(),
+                _ = report.tick() => self.write_stats(),
+                () = &mut shutdown => break,
+            }
+        }
+        self.release_all();
+        self.write_stats();
+        Ok(())
+    }
+
+    fn on_event(&mut self, ev: Event, done: &mpsc::UnboundedSender<Outcome>) {
+        match ev.kind {
+            kind::ESTABLISHED => {
+                self.stats.selected += 1;
+                debug!(cookie = ev.cookie, local = %ev.local(), remote = %ev.remote(), "selected connection established");
+                let p = self.pending.entry(ev.cookie).or_default();
+                p.first_seen.get_or_insert_with(Instant::now);
+                p.established = Some(ev);
+                self.maybe_start(ev.cookie, done);
+            }
+            kind::OWNER => {
+                let p = self.pending.entry(ev.cookie).or_default();
+                p.first_seen.get_or_insert_with(Instant::now);
+                p.owner = Some((ev.pid, ev.fd));
+                self.maybe_start(ev.cookie, done);
+            }
+            kind::HELD => {
+                self.stats.gate_stops += 1;
+                if self.held_cookies.insert(ev.cookie) {
+                    self.stats.held_connections += 1;
+                }
+                debug!(cookie = ev.cookie, pid = ev.pid, "gate holds process");
+                // The gate may have been opened between the program's check
+                // and this event; the sweep continues such processes.
+                if !self.pending.contains_key(&ev.cookie) {
+                    self.sweep_held();
+                }
+            }
+            kind::CLOSED => {
+                self.held_cookies.remove(&ev.cookie);
+                if let Some(p) = self.pending.remove(&ev.cookie) {
+                    self.stats.closed_before_keys += 1;
+                    debug!(cookie = ev.cookie, keying = p.keying, "closed before keys");
+                }
+                // A process held on a socket that closed must run again.
+                self.sweep_held();
+            }
+            other => error!(kind = other, "unknown event kind from BPF"),
+        }
+    }
+
+    fn maybe_start(&mut self, cookie: u64, done: &mpsc::UnboundedSender<Outcome>) {
+        let Some(p) = self.pending.get_mut(&cookie) else { return };
+        let (Some(est), Some((pid, fd)), false) = (p.established, p.owner, p.keying) else { return };
+        p.keying = true;
+        let job = Job {
+            cookie,
+            role: if est.role == role::CLIENT { Role::Client } else { Role::Server },
+            local: est.local(),
+            remote: est.remote(),
+            local_isn: est.local_isn,
+            remote_isn: est.remote_isn,
+            pid,
+            fd,
+            node_name: self.config.node_name.clone(),
+            timeout: self.config.key_timeout(),
+        };
+        let span = info_span!("conn", cookie, local = %job.local, remote = %job.remote, pid, fd, role = ?job.role);
+        let provider = self.provider.clone();
+        let done = done.clone();
+        tokio::spawn(
+            async move {
+                let outcome = keying::run(job, provider).await;
+                let _ = done.send(outcome);
+            }
+            .instrument(span),
+        );
+    }
+
+    fn on_outcome(&mut self, outcome: Outcome) {
+        let Outcome { cookie, socket, result } = outcome;
+        let pending = self.pending.remove(&cookie);
+        let span = info_span!("conn", cookie);
+        let _enter = span.enter();
+        match result {
+            Ok(installed) => {
+                self.stats.protected += 1;
+                self.stats.key_micros.push(installed.key_time.as_micros() as u64);
+                if let Some(s) = &socket {
+                    if let Err(e) = self.programs.open_gate(cookie, s) {
+                        error!(error = %e, "cannot open the gate; resetting");
+                        self.fail(cookie, socket.as_ref(), "gate_open", true);
+                        return;
+                    }
+                }
+                info!(
+                    version = ?installed.version,
+                    cipher = %installed.cipher,
+                    key_ms = installed.key_time.as_secs_f64() * 1000.0,
+                    "kTLS installed"
+                );
+            }
+            Err(e) => {
+                if pending.is_none() {
+                    // Closed while keying: nothing to protect any more.
+                    debug!(error = %e, "keying ended after the socket closed");
+                } else {
+                    warn!(error = %e, reason = e.reason(), "connection could not be keyed");
+                    let half_installed = matches!(e, KeyingError::Install { .. });
+                    self.fail(cookie, socket.as_ref(), e.reason(), half_installed);
+                }
+            }
+        }
+        drop(socket);
+        self.sweep_held();
+    }
+
+    /// Applies the failure policy. A socket with some kTLS state is reset
+    /// whatever the policy: it can carry neither plaintext nor records.
+    fn fail(&mut self, cookie: u64, socket: Option<&OwnedFd>, reason: &'static str, force_reset: bool) {
+        *self.stats.failed.entry(reason).or_default() += 1;
+        let reset = force_reset || self.config.failure_policy == FailurePolicy::FailClosed;
+        match (socket, reset) {
+            (Some(s), true) => {
+                if let Err(e) = sys::reset_connection(s.as_fd()) {
+                    error!(error = %e, "cannot reset connection");
+                }
+                self.stats.reset += 1;
+                info!(reason, "connection reset (fail-closed)");
+                // The socket is closed now; let the app through to see ECONNRESET.
+                let _ = self.programs.open_gate(cookie, s);
+            }
+            (Some(s), false) => {
+                self.stats.passed_plaintext += 1;
+                warn!(reason, "connection continues in PLAINTEXT (fail-open)");
+                let _ = self.programs.open_gate(cookie, s);
+            }
+            (None, _) => {
+                // No handle on the socket: under fail-closed the gate stays
+                // closed (nothing can leak); the app is released when the
+                // socket closes.
+                warn!(reason, "socket not reachable; gate stays closed");
+            }
+        }
+    }
+
+    /// Continues held processes whose connection no longer needs them held.
+    fn sweep_held(&mut self) {
+        let now = sys::monotonic_ns();
+        for (pid, held) in self.programs.held() {
+            let still_gated = self.programs.conn(held.cookie).is_some_and(|c| c.gate == gate::CLOSED)
+                && self.pending.contains_key(&held.cookie);
+            if still_gated {
+                continue;
+            }
+            match process_state(pid) {
+                None => {
+                    self.programs.forget_held(pid);
+                    self.continued.remove(&(pid, held.since_ns));
+                }
+                Some('T') => {
+                    if let Err(e) = sys::continue_process(pid) {
+                        warn!(pid, error = %e, "cannot continue held process");
+                    }
+                    if self.continued.insert((pid, held.since_ns)) {
+                        self.stats.held_micros.push(now.saturating_sub(held.since_ns) / 1000);
+                        debug!(pid, cookie = held.cookie, "held process continued");
+                    }
+                }
+                Some(_) if now.saturating_sub(held.since_ns) > HELD_RECORD_GRACE.as_nanos() as u64 => {
+                    self.programs.forget_held(pid);
+                    self.continued.remove(&(pid, held.since_ns));
+                }
+                Some(_) => {}
+            }
+        }
+    }
+
+    /// At shutdown: the gate goes away with the programs, so connections
+    /// still waiting for keys are reset (fail-closed) or left to continue in
+    /// plaintext (fail-open), and every held process is continued.
+    fn release_all(&mut self) {
+        let cookies: Vec<u64> = self.pending.keys().copied().collect();
+        for cookie in cookies {
+            let Some(p) = self.pending.remove(&cookie) else { continue };
+            let Some((pid, fd)) = p.owner else { continue };
+            let socket = keying::find_socket(pid, fd, cookie).ok();
+            self.fail(cookie, socket.as_ref(), "core_shutdown", false);
+        }
+        for (pid, _) in self.programs.held() {
+            let _ = sys::continue_process(pid);
+            self.programs.forget_held(pid);
+        }
+        info!("released all pending connections and held processes");
+    }
+
+    fn write_stats(&mut self) {
+        self.stats.ringbuf_drops = self.programs.ringbuf_drops();
+        self.stats.pending = self.pending.len();
+        self.stats.bpf_maps = self.programs.map_sizes();
+        let Some(path) = &self.stats_file else { return };
+        match serde_json::to_vec(&self.stats) {
+            Ok(bytes) => {
+                let tmp = path.with_extension("tmp");
+                if std::fs::write(&tmp, bytes).and_then(|()| std::fs::rename(&tmp, path)).is_err() {
+                    warn!(path = %path.display(), "cannot write stats file");
+                }
+            }
+            Err(e) => warn!(error = %e, "cannot encode stats"),
+        }
+    }
+}
+
+/// The state letter of `/proc/PID/stat` (`T` = stopped), `None` if gone.
+fn process_state(pid: u32) -> Option<char> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // "pid (comm) S ...": comm may contain spaces and parentheses.
+    stat.rsplit_once(')')?.1.trim_start().chars().next()
+}

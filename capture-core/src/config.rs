@@ -1,0 +1,260 @@
+//! The core's configuration: a TOML file (sections with defaults) plus
+//! command-line overrides. Unknown keys and bad values are errors that name
+//! the file, line and key; nothing falls back silently.
+
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// A configuration that cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file cannot be read.
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The file does not parse or holds a bad value (the message carries
+    /// line, column and key).
+    #[error("invalid config file {path}: {source}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// The TOML error, with its location.
+        #[source]
+        source: toml::de::Error,
+    },
+    /// The values parse but do not make sense together.
+    #[error("invalid config file {path}: {reason}")]
+    Invalid {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
+}
+
+/// What happens to a connection whose keys cannot be installed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum FailurePolicy {
+    /// Reset the connection; the application sees ECONNRESET and no byte
+    /// leaves in plaintext.
+    #[default]
+    FailClosed,
+    /// Let the connection continue in plaintext (counted, logged as a warning).
+    FailOpen,
+}
+
+/// An address prefix, `10.0.1.0/24` or `fd00::/64`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(try_from = "String")]
+pub struct Cidr {
+    /// The address.
+    pub addr: IpAddr,
+    /// Prefix length in the address's own family.
+    pub prefix: u8,
+}
+
+impl Cidr {
+    /// Prefix length over the 16-byte mapped form the BPF maps use.
+    pub fn mapped_prefix(&self) -> u32 {
+        match self.addr {
+            IpAddr::V4(_) => 96 + u32::from(self.prefix),
+            IpAddr::V6(_) => u32::from(self.prefix),
+        }
+    }
+}
+
+impl FromStr for Cidr {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (a, p) = s.split_once('/').ok_or_else(|| format!("`{s}` is not a CIDR (want ADDR/LEN)"))?;
+        let addr: IpAddr = a.parse().map_err(|_| format!("`{a}` is not an IP address"))?;
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        let prefix: u8 = p
+            .parse()
+            .ok()
+            .filter(|p| *p <= max)
+            .ok_or_else(|| format!("`{p}` is not a prefix length (0..={max})"))?;
+        Ok(Self { addr, prefix })
+    }
+}
+
+impl TryFrom<String> for Cidr {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, String> {
+        s.parse()
+    }
+}
+
+/// `[provider]`: where keys come from.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ProviderSection {
+    /// The provider's Unix socket.
+    pub socket: PathBuf,
+    /// How long one key request may take before the failure policy applies.
+    pub timeout_ms: u64,
+}
+
+impl Default for ProviderSection {
+    fn default() -> Self {
+        Self { socket: PathBuf::from("/run/tlshub/provider.sock"), timeout_ms: 2000 }
+    }
+}
+
+/// One selection rule: peers in these CIDRs, on these server ports.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Rule {
+    /// Peer address prefixes.
+    pub peer_cidrs: Vec<Cidr>,
+    /// Server ports (the destination port on the connecting side, the local
+    /// port on the accepting side); empty means every port.
+    #[serde(default)]
+    pub ports: Vec<u16>,
+}
+
+/// `[policy]`: which connections are protected.
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct PolicySection {
+    /// This node's pod address prefixes: only sockets whose local address is
+    /// in one of them are this core's to protect.
+    pub local_cidrs: Vec<Cidr>,
+    /// Selection rules; a connection is selected if any rule matches.
+    pub rules: Vec<Rule>,
+}
+
+/// `[bpf]`: where programs attach.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BpfSection {
+    /// The cgroup v2 directory the sockops program attaches to.
+    pub cgroup: PathBuf,
+}
+
+impl Default for BpfSection {
+    fn default() -> Self {
+        Self { cgroup: PathBuf::from("/sys/fs/cgroup") }
+    }
+}
+
+/// The whole file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// This node's name, passed to providers.
+    pub node_name: String,
+    /// What happens when keys cannot be installed.
+    #[serde(default)]
+    pub failure_policy: FailurePolicy,
+    /// Key provider.
+    #[serde(default)]
+    pub provider: ProviderSection,
+    /// Selection policy.
+    #[serde(default)]
+    pub policy: PolicySection,
+    /// BPF attachment.
+    #[serde(default)]
+    pub bpf: BpfSection,
+}
+
+impl Config {
+    /// Reads and checks `path`.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
+        Self::parse(path, &text)
+    }
+
+    /// Parses and checks `text` (read from `path`, for messages).
+    pub fn parse(path: &Path, text: &str) -> Result<Self, ConfigError> {
+        let config: Self = toml::from_str(text)
+            .map_err(|source| ConfigError::Parse { path: path.to_owned(), source })?;
+        let invalid = |reason: String| ConfigError::Invalid { path: path.to_owned(), reason };
+        if config.node_name.trim().is_empty() {
+            return Err(invalid("`node_name` is empty".into()));
+        }
+        if config.provider.timeout_ms == 0 {
+            return Err(invalid("`provider.timeout_ms` must be above 0".into()));
+        }
+        if config.policy.local_cidrs.is_empty() != config.policy.rules.is_empty() {
+            return Err(invalid(
+                "`policy.local_cidrs` and `policy.rules` must both be set (or both empty: protect nothing)".into(),
+            ));
+        }
+        if let Some(r) = config.policy.rules.iter().position(|r| r.peer_cidrs.is_empty()) {
+            return Err(invalid(format!("`policy.rules[{r}].peer_cidrs` is empty")));
+        }
+        Ok(config)
+    }
+
+    /// The key timeout.
+    pub fn key_timeout(&self) -> Duration {
+        Duration::from_millis(self.provider.timeout_ms)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+node_name = "node-a"
+
+[provider]
+socket = "/run/tlshub/openssl.sock"
+
+[policy]
+local_cidrs = ["10.0.1.0/24"]
+[[policy.rules]]
+peer_cidrs = ["10.0.2.0/24", "fd00:2::/64"]
+ports = [8443]
+"#;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse(Path::new("/etc/tlshub/core.toml"), text)
+    }
+
+    #[test]
+    fn defaults_fill_missing_sections() {
+        let c = parse(GOOD).unwrap();
+        assert_eq!(c.failure_policy, FailurePolicy::FailClosed);
+        assert_eq!(c.key_timeout(), Duration::from_secs(2));
+        assert_eq!(c.policy.rules[0].peer_cidrs[1].mapped_prefix(), 64);
+        assert_eq!(c.policy.local_cidrs[0].mapped_prefix(), 120);
+    }
+
+    #[test]
+    fn a_bad_cidr_names_file_line_and_key() {
+        let text = GOOD.replace("10.0.2.0/24", "10.0.2.0/33");
+        let e = parse(&text).unwrap_err().to_string();
+        assert!(e.contains("/etc/tlshub/core.toml"), "{e}");
+        assert!(e.contains("line 10"), "{e}");
+        assert!(e.contains("peer_cidrs"), "{e}");
+        assert!(e.contains("prefix length"), "{e}");
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_policy_values_are_errors() {
+        let e = parse(&GOOD.replace("timeout", "x")).err();
+        assert!(e.is_none(), "no timeout key in GOOD; this replace is a no-op");
+        let e = parse(&format!("{GOOD}\n[bpf]\ncgroupp = \"/x\"\n")).unwrap_err().to_string();
+        assert!(e.contains("unknown field `cgroupp`"), "{e}");
+        let e = parse(&GOOD.replace("node_name = \"node-a\"", "node_name = \"node-a\"\nfailure_policy = \"open\""))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("failure_policy") && e.contains("line 3"), "{e}");
+        let e = parse("node_name = \"a\"\n[provider]\ntimeout_ms = 0\n").unwrap_err().to_string();
+        assert!(e.contains("timeout_ms"), "{e}");
+    }
+}

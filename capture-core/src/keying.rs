@@ -1,0 +1,178 @@
+//! Keying one connection: take the application's socket, make sure it is
+//! the right one, ask the provider, install kTLS. Runs as its own task so
+//! the event loop never waits on a provider.
+
+use std::net::SocketAddr;
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::time::{Duration, Instant};
+
+use tlshub_provider_sdk::client::{ClientError, ProviderClient};
+use tlshub_provider_sdk::socket::{socket_cookie, take_fd};
+use tlshub_provider_sdk::{CipherSuite, KeyRequest, Role, SocketHandle, TlsVersion};
+
+use crate::sys::{self, KtlsStep};
+
+/// Everything needed to key one connection.
+#[derive(Debug, Clone)]
+pub struct Job {
+    /// Socket cookie.
+    pub cookie: u64,
+    /// Our side's role.
+    pub role: Role,
+    /// Local address.
+    pub local: SocketAddr,
+    /// Remote address.
+    pub remote: SocketAddr,
+    /// Local ISN.
+    pub local_isn: u32,
+    /// Remote ISN.
+    pub remote_isn: u32,
+    /// Owning process.
+    pub pid: u32,
+    /// fd in the owning process (as of connect/accept).
+    pub fd: i32,
+    /// This node.
+    pub node_name: String,
+    /// Provider deadline.
+    pub timeout: Duration,
+}
+
+/// Why a connection could not be keyed.
+#[derive(Debug, thiserror::Error)]
+pub enum KeyingError {
+    /// The socket is no longer reachable in the owner (closed, or the fd
+    /// number now names something else and no other fd holds the socket).
+    #[error("socket {cookie} is gone from pid {pid} (fd {fd} and all other fds checked)")]
+    SocketGone {
+        /// Cookie.
+        cookie: u64,
+        /// Owner.
+        pid: u32,
+        /// Original fd.
+        fd: i32,
+    },
+    /// pidfd_open/pidfd_getfd failed.
+    #[error("cannot take fd {fd} of pid {pid}: {source}")]
+    TakeSocket {
+        /// Owner.
+        pid: u32,
+        /// fd.
+        fd: i32,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The provider did not produce usable keys.
+    #[error(transparent)]
+    Provider(#[from] ClientError),
+    /// The kernel refused a kTLS step.
+    #[error("kTLS {step:?} failed: {source}")]
+    Install {
+        /// Which step.
+        step: KtlsStep,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl KeyingError {
+    /// A short label for counters and logs.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Self::SocketGone { .. } => "socket_gone",
+            Self::TakeSocket { .. } => "take_socket",
+            Self::Provider(e) => e.reason(),
+            Self::Install { .. } => "ktls_install",
+        }
+    }
+}
+
+/// The result of a job, sent back to the event loop.
+#[derive(Debug)]
+pub struct Outcome {
+    /// The job's cookie.
+    pub cookie: u64,
+    /// The core's duplicate of the socket, when it was found.
+    pub socket: Option<OwnedFd>,
+    /// What happened.
+    pub result: Result<Installed, KeyingError>,
+}
+
+/// What was installed.
+#[derive(Debug, Clone, Copy)]
+pub struct Installed {
+    /// TLS version.
+    pub version: TlsVersion,
+    /// Cipher.
+    pub cipher: CipherSuite,
+    /// Time spent in the provider.
+    pub key_time: Duration,
+}
+
+/// Takes fd `fd` of `pid` and checks it is the socket with `cookie`. fd
+/// numbers are reused, so when it is not, every other socket fd of the
+/// process is checked (the app may have dup2()ed it elsewhere).
+pub fn find_socket(pid: u32, fd: i32, cookie: u64) -> Result<OwnedFd, KeyingError> {
+    match take_fd(pid, fd) {
+        Ok(s) if socket_cookie(&s).ok() == Some(cookie) => return Ok(s),
+        Ok(_) => {}
+        Err(e) if e.raw_os_error() == Some(libc::EBADF) => {}
+        Err(source) => return Err(KeyingError::TakeSocket { pid, fd, source }),
+    }
+    let gone = KeyingError::SocketGone { cookie, pid, fd };
+    let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/fd")) else { return Err(gone) };
+    for entry in dir.flatten() {
+        let is_socket = std::fs::read_link(entry.path())
+            .map(|t| t.to_string_lossy().starts_with("socket:"))
+            .unwrap_or(false);
+        let Some(other) = entry.file_name().to_str().and_then(|n| n.parse::<i32>().ok()) else {
+            continue;
+        };
+        if !is_socket || other == fd {
+            continue;
+        }
+        if let Ok(s) = take_fd(pid, other) {
+            if socket_cookie(&s).ok() == Some(cookie) {
+                return Ok(s);
+            }
+        }
+    }
+    Err(gone)
+}
+
+/// Runs one job to its end.
+pub async fn run(job: Job, provider: ProviderClient) -> Outcome {
+    let cookie = job.cookie;
+    let (pid, fd) = (job.pid, job.fd);
+    let found = tokio::task::spawn_blocking(move || find_socket(pid, fd, cookie)).await;
+    let socket = match found {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => return Outcome { cookie, socket: None, result: Err(e) },
+        Err(join) => {
+            let source = std::io::Error::other(join.to_string());
+            return Outcome { cookie, socket: None, result: Err(KeyingError::TakeSocket { pid, fd, source }) };
+        }
+    };
+    let request = KeyRequest {
+        socket_cookie: cookie,
+        role: job.role,
+        local: job.local,
+        remote: job.remote,
+        local_isn: job.local_isn,
+        remote_isn: job.remote_isn,
+        node_name: job.node_name,
+        socket: Some(SocketHandle { pid: std::process::id(), fd: socket.as_raw_fd() }),
+        timeout: job.timeout,
+    };
+    let started = Instant::now();
+    let keys = match provider.keys(&request).await {
+        Ok(k) => k,
+        Err(e) => return Outcome { cookie, socket: Some(socket), result: Err(e.into()) },
+    };
+    let key_time = started.elapsed();
+    let result = sys::install_ktls(socket.as_fd(), &keys)
+        .map(|()| Installed { version: keys.version, cipher: keys.cipher_suite, key_time })
+        .map_err(|(step, source)| KeyingError::Install { step, source });
+    Outcome { cookie, socket: Some(socket), result }
+}

@@ -1,0 +1,99 @@
+//! `tlshub-core`: the node agent. Loads the eBPF programs, keys selected
+//! connections through a provider and installs kTLS on them.
+#![deny(unsafe_code)]
+
+mod agent;
+mod bpf;
+mod config;
+mod keying;
+#[expect(unsafe_code, reason = "syscalls on application sockets; SAFETY comments inside")]
+mod sys;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Parser;
+
+use crate::config::{Config, FailurePolicy};
+
+/// The tlshub node agent: captures selected TCP connections with eBPF,
+/// holds their processes until keys are installed, gets keys from a
+/// provider over gRPC and installs them with kernel TLS.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+struct Args {
+    /// Configuration file (TOML).
+    #[arg(long, short, default_value = "/etc/tlshub/core.toml")]
+    config: PathBuf,
+    /// Override `provider.socket`.
+    #[arg(long)]
+    provider_socket: Option<PathBuf>,
+    /// Override `provider.timeout_ms`.
+    #[arg(long)]
+    key_timeout_ms: Option<u64>,
+    /// Override `failure_policy`.
+    #[arg(long, value_parser = ["fail-closed", "fail-open"])]
+    failure_policy: Option<String>,
+    /// Write counters and samples as JSON to this file every second and at exit.
+    #[arg(long)]
+    stats_file: Option<PathBuf>,
+    /// Check the configuration and exit.
+    #[arg(long)]
+    check_config: bool,
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let mut config = match Config::load(&args.config) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("tlshub-core: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    if let Some(s) = args.provider_socket {
+        config.provider.socket = s;
+    }
+    if let Some(t) = args.key_timeout_ms.filter(|t| *t > 0) {
+        config.provider.timeout_ms = t;
+    }
+    match args.failure_policy.as_deref() {
+        Some("fail-open") => config.failure_policy = FailurePolicy::FailOpen,
+        Some("fail-closed") => config.failure_policy = FailurePolicy::FailClosed,
+        _ => {}
+    }
+    if args.check_config {
+        println!("{}: OK", args.config.display());
+        return ExitCode::SUCCESS;
+    }
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("tlshub-core: cannot start runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(async move {
+        let agent = match agent::Agent::start(config, args.stats_file).await {
+            Ok(a) => a,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot start");
+                return ExitCode::FAILURE;
+            }
+        };
+        match agent.run(tlshub_provider_sdk::server::shutdown_signal()).await {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                tracing::error!(error = %e, "event loop failed");
+                ExitCode::FAILURE
+            }
+        }
+    })
+}
