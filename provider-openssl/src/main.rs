@@ -1,0 +1,70 @@
+//! `tlshub-provider-openssl`: a tlshub key provider that runs a mutually
+//! authenticated TLS 1.3 handshake with OpenSSL over the application's own
+//! connection and returns its traffic keys.
+#![deny(unsafe_code)]
+
+mod config;
+mod handshake;
+#[expect(unsafe_code, reason = "recv/send/poll on the borrowed socket; SAFETY comments inside")]
+mod socket_io;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Parser;
+use tlshub_provider_sdk::{ServeOptions, serve};
+
+/// TLS 1.3 key provider for tlshub, built on OpenSSL.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+struct Args {
+    /// Configuration file (TOML).
+    #[arg(long, short, default_value = "/etc/tlshub/provider-openssl.toml")]
+    config: PathBuf,
+    /// Override `socket`.
+    #[arg(long)]
+    socket: Option<PathBuf>,
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let mut config = match config::Config::load(&args.config) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("tlshub-provider-openssl: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    if let Some(s) = args.socket {
+        config.socket = s;
+    }
+    let provider = match handshake::OpenSslProvider::new(&config.tls) {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("tlshub-provider-openssl: {}: {e}", args.config.display());
+            return ExitCode::from(2);
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("tlshub-provider-openssl: cannot start runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let options = ServeOptions { socket_path: config.socket, allowed_uid: config.allowed_uid };
+    match runtime.block_on(serve(provider, options)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("tlshub-provider-openssl: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
