@@ -82,6 +82,7 @@ pub struct Agent {
     continued: HashSet<(u32, u64)>,
     stats: Stats,
     stats_file: Option<PathBuf>,
+    keylog: Option<keying::KeyLog>,
 }
 
 impl std::fmt::Debug for Agent {
@@ -96,7 +97,11 @@ const HELD_RECORD_GRACE: Duration = Duration::from_secs(1);
 
 impl Agent {
     /// Loads the programs, writes the policy and connects the provider.
-    pub async fn start(config: Config, stats_file: Option<PathBuf>) -> Result<Self, BpfError> {
+    pub async fn start(
+        config: Config,
+        stats_file: Option<PathBuf>,
+        keylog: Option<keying::KeyLog>,
+    ) -> Result<Self, BpfError> {
         let mut programs = Programs::load_and_attach(&config.bpf.cgroup)?;
         programs.write_policy(&config.policy)?;
         programs.exempt.add(std::process::id());
@@ -123,6 +128,7 @@ impl Agent {
             continued: HashSet::new(),
             stats: Stats::default(),
             stats_file,
+            keylog,
         })
     }
 
@@ -226,6 +232,7 @@ impl Agent {
             fd,
             node_name: self.config.node_name.clone(),
             timeout: self.config.key_timeout(),
+            keylog: self.keylog.clone(),
         };
         let span = info_span!("conn", cookie, local = %job.local, remote = %job.remote, pid, fd, role = ?job.role);
         let provider = self.provider.clone();

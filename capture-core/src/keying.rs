@@ -35,6 +35,39 @@ pub struct Job {
     pub node_name: String,
     /// Provider deadline.
     pub timeout: Duration,
+    /// Where to export keys for offline decryption (tests and debugging only).
+    pub keylog: Option<KeyLog>,
+}
+
+/// An opt-in export of installed keys, one JSON line per connection, so a
+/// packet capture can be decrypted (like `SSLKEYLOGFILE`). Off by default;
+/// the core warns loudly at startup when it is on.
+#[derive(Debug, Clone)]
+pub struct KeyLog(pub std::sync::Arc<std::sync::Mutex<std::fs::File>>);
+
+impl KeyLog {
+    fn record(&self, job: &Job, keys: &tlshub_provider_sdk::ConnectionKeys) {
+        use std::io::Write;
+        let line = format!(
+            "{{\"cookie\":{},\"local\":\"{}\",\"remote\":\"{}\",\"version\":\"{:?}\",\"suite\":\"{}\",\"tx_key\":\"{}\",\"tx_iv\":\"{}\",\"rx_key\":\"{}\",\"rx_iv\":\"{}\"}}\n",
+            job.cookie,
+            job.local,
+            job.remote,
+            keys.version,
+            keys.cipher_suite,
+            hex(&keys.transmit.key),
+            hex(&keys.transmit.iv),
+            hex(&keys.receive.key),
+            hex(&keys.receive.iv),
+        );
+        if let Ok(mut f) = self.0.lock() {
+            let _ = f.write_all(line.as_bytes());
+        }
+    }
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
 /// Why a connection could not be keyed.
@@ -161,7 +194,7 @@ pub async fn run(job: Job, provider: ProviderClient) -> Outcome {
         remote: job.remote,
         local_isn: job.local_isn,
         remote_isn: job.remote_isn,
-        node_name: job.node_name,
+        node_name: job.node_name.clone(),
         socket: Some(SocketHandle { pid: std::process::id(), fd: socket.as_raw_fd() }),
         timeout: job.timeout,
     };
@@ -171,6 +204,9 @@ pub async fn run(job: Job, provider: ProviderClient) -> Outcome {
         Err(e) => return Outcome { cookie, socket: Some(socket), result: Err(e.into()) },
     };
     let key_time = started.elapsed();
+    if let Some(log) = &job.keylog {
+        log.record(&job, &keys);
+    }
     let result = sys::install_ktls(socket.as_fd(), &keys)
         .map(|()| Installed { version: keys.version, cipher: keys.cipher_suite, key_time })
         .map_err(|(step, source)| KeyingError::Install { step, source });

@@ -37,6 +37,10 @@ struct Args {
     /// Write counters and samples as JSON to this file every second and at exit.
     #[arg(long)]
     stats_file: Option<PathBuf>,
+    /// DEBUGGING AND TESTS ONLY: append every installed key to this file
+    /// (one JSON line per connection) so captures can be decrypted.
+    #[arg(long)]
+    keylog_file: Option<PathBuf>,
     /// Check the configuration and exit.
     #[arg(long)]
     check_config: bool,
@@ -81,7 +85,20 @@ fn main() -> ExitCode {
         }
     };
     runtime.block_on(async move {
-        let agent = match agent::Agent::start(config, args.stats_file).await {
+        let keylog = match &args.keylog_file {
+            None => None,
+            Some(path) => {
+                tracing::warn!(path = %path.display(), "KEY EXPORT IS ON: every installed key is written to this file; never use this in production");
+                match std::fs::OpenOptions::new().create(true).append(true).open(path) {
+                    Ok(f) => Some(keying::KeyLog(std::sync::Arc::new(std::sync::Mutex::new(f)))),
+                    Err(e) => {
+                        tracing::error!(path = %path.display(), error = %e, "cannot open key export file");
+                        return ExitCode::FAILURE;
+                    }
+                }
+            }
+        };
+        let agent = match agent::Agent::start(config, args.stats_file, keylog).await {
             Ok(a) => a,
             Err(e) => {
                 tracing::error!(error = %e, "cannot start");

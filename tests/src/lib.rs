@@ -1,1 +1,22 @@
-//! placeholder
+//! tlshub's kernel test bed: the pieces that run inside the VM.
+//!
+//! - `tlshub-testapp` (src/bin): an ordinary TCP application that knows
+//!   nothing about tlshub, moving bytes with every system call we gate.
+//! - `tlshub-vm-runner` (src/bin): builds the two-node topology and runs the
+//!   scenarios, reporting each result on the serial console.
+//! - `tlshub-bad-provider` (src/bin): a provider that misbehaves on purpose.
+//! - [`pattern`], [`wire`]: the byte pattern the apps exchange and the
+//!   packet-capture checks (no plaintext, TLS records, decryption).
+//!
+//! `tests/README.md` explains how to add a scenario.
+
+pub mod app_io;
+pub mod pattern;
+pub mod vm;
+pub mod wire;
+
+/// The line prefix the runner prints for each scenario result; the host
+/// side (`cargo xtask vm`) parses it from the serial console.
+pub const RESULT_PREFIX: &str = "TLSHUB-RESULT";
+/// Printed once when every scenario has reported.
+pub const DONE_LINE: &str = "TLSHUB-DONE";

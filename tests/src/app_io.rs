@@ -1,0 +1,272 @@
+//! Moving bytes through a TCP socket with one chosen system call, blocking
+//! or with epoll, as an ordinary application would. Used by
+//! `tlshub-testapp`; this is the test bed's `unsafe`, all of it plain libc.
+
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+
+/// How bytes are sent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SendMethod {
+    /// write(2)
+    Write,
+    /// writev(2), two iovecs
+    Writev,
+    /// send(2)
+    Send,
+    /// sendmsg(2)
+    Sendmsg,
+    /// sendfile(2) from a memfd
+    Sendfile,
+    /// splice(2) from a pipe
+    Splice,
+}
+
+/// How bytes are received.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RecvMethod {
+    /// read(2)
+    Read,
+    /// recv(2)
+    Recv,
+    /// recvmsg(2)
+    Recvmsg,
+    /// splice(2) into a pipe, then read(2) from it
+    Splice,
+}
+
+/// Blocking calls, or a non-blocking socket driven by epoll.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum IoMode {
+    /// Blocking socket.
+    Blocking,
+    /// O_NONBLOCK + epoll_wait.
+    Epoll,
+}
+
+fn cvt(rc: isize) -> io::Result<usize> {
+    if rc < 0 { Err(io::Error::last_os_error()) } else { Ok(rc as usize) }
+}
+
+fn owned(rc: libc::c_int) -> io::Result<OwnedFd> {
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: rc is a fresh fd returned by the kernel.
+    Ok(unsafe { OwnedFd::from_raw_fd(rc) })
+}
+
+/// A connected socket and how to drive it.
+#[derive(Debug)]
+pub struct Conn {
+    sock: std::net::TcpStream,
+    mode: IoMode,
+    epoll: Option<OwnedFd>,
+    pipe: Option<(OwnedFd, OwnedFd)>,
+    memfd: Option<OwnedFd>,
+    /// sendfile() is zero-copy: pages already handed to the socket must not
+    /// be overwritten, so every chunk goes to a fresh offset of the memfd.
+    memfd_end: libc::off_t,
+}
+
+impl Conn {
+    /// Wraps a connected stream; in epoll mode it is made non-blocking.
+    pub fn new(sock: std::net::TcpStream, mode: IoMode) -> io::Result<Self> {
+        let epoll = match mode {
+            IoMode::Blocking => None,
+            IoMode::Epoll => {
+                sock.set_nonblocking(true)?;
+                // SAFETY: plain syscall.
+                Some(owned(unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) })?)
+            }
+        };
+        Ok(Self { sock, mode, epoll, pipe: None, memfd: None, memfd_end: 0 })
+    }
+
+    /// The socket's fd.
+    pub fn fd(&self) -> RawFd {
+        self.sock.as_raw_fd()
+    }
+
+    /// The stream.
+    pub fn stream(&self) -> &std::net::TcpStream {
+        &self.sock
+    }
+
+    fn wait(&self, events: u32) -> io::Result<()> {
+        let Some(ep) = &self.epoll else { return Ok(()) };
+        let mut ev = libc::epoll_event { events, u64: 0 };
+        // SAFETY: ev is live; the fds are open.
+        let rc = unsafe { libc::epoll_ctl(ep.as_raw_fd(), libc::EPOLL_CTL_ADD, self.fd(), &mut ev) };
+        if rc < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let mut out = [libc::epoll_event { events: 0, u64: 0 }];
+        let r = loop {
+            // SAFETY: out is a live array of one event.
+            let n = unsafe { libc::epoll_wait(ep.as_raw_fd(), out.as_mut_ptr(), 1, 30_000) };
+            if n < 0 && io::Error::last_os_error().kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            break if n == 0 {
+                Err(io::Error::new(io::ErrorKind::TimedOut, "epoll_wait: 30 s without readiness"))
+            } else if n < 0 {
+                Err(io::Error::last_os_error())
+            } else {
+                Ok(())
+            };
+        };
+        // SAFETY: as above; removing the registration again.
+        unsafe { libc::epoll_ctl(ep.as_raw_fd(), libc::EPOLL_CTL_DEL, self.fd(), &mut ev) };
+        r
+    }
+
+    /// Retries `op` on EINTR, and on EAGAIN after epoll says `events`.
+    fn retry(&self, events: u32, mut op: impl FnMut() -> io::Result<usize>) -> io::Result<usize> {
+        loop {
+            match op() {
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock && self.mode == IoMode::Epoll => {
+                    self.wait(events)?;
+                }
+                r => return r,
+            }
+        }
+    }
+
+    fn pipe(&mut self) -> io::Result<(RawFd, RawFd)> {
+        if self.pipe.is_none() {
+            let mut fds = [0; 2];
+            // SAFETY: fds is a live array of two ints.
+            if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            // SAFETY: fresh fds from pipe2.
+            self.pipe = Some(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) });
+        }
+        let (r, w) = self.pipe.as_ref().map(|(r, w)| (r.as_raw_fd(), w.as_raw_fd())).unwrap_or((-1, -1));
+        Ok((r, w))
+    }
+
+    /// Sends all of `data` with `method`.
+    pub fn send_all(&mut self, method: SendMethod, data: &[u8]) -> io::Result<()> {
+        let mut off = 0;
+        while off < data.len() {
+            let chunk = &data[off..data.len().min(off + 65536)];
+            off += self.send_some(method, chunk)?;
+        }
+        Ok(())
+    }
+
+    fn send_some(&mut self, method: SendMethod, chunk: &[u8]) -> io::Result<usize> {
+        let fd = self.fd();
+        let out = libc::EPOLLOUT as u32;
+        match method {
+            // SAFETY (all arms): chunk is a live slice, the fds are open.
+            SendMethod::Write => self.retry(out, || cvt(unsafe { libc::write(fd, chunk.as_ptr().cast(), chunk.len()) })),
+            SendMethod::Send => self.retry(out, || {
+                // SAFETY: as above.
+                cvt(unsafe { libc::send(fd, chunk.as_ptr().cast(), chunk.len(), libc::MSG_NOSIGNAL) })
+            }),
+            SendMethod::Writev | SendMethod::Sendmsg => {
+                let half = chunk.len() / 2;
+                let iov = [
+                    libc::iovec { iov_base: chunk.as_ptr() as *mut _, iov_len: half },
+                    // SAFETY: half <= len, so the pointer stays inside chunk.
+                    libc::iovec { iov_base: unsafe { chunk.as_ptr().add(half) } as *mut _, iov_len: chunk.len() - half },
+                ];
+                if method == SendMethod::Writev {
+                    // SAFETY: iov points at two live iovecs over chunk.
+                    self.retry(out, || cvt(unsafe { libc::writev(fd, iov.as_ptr(), 2) }))
+                } else {
+                    // SAFETY: a zeroed msghdr is valid; the iov stays live.
+                    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+                    msg.msg_iov = iov.as_ptr() as *mut _;
+                    msg.msg_iovlen = 2;
+                    // SAFETY: msg points at live iovecs.
+                    self.retry(out, || cvt(unsafe { libc::sendmsg(fd, &msg, libc::MSG_NOSIGNAL) }))
+                }
+            }
+            SendMethod::Sendfile => {
+                if self.memfd.is_none() {
+                    // SAFETY: the name is a valid C string.
+                    self.memfd = Some(owned(unsafe { libc::memfd_create(c"tlshub-testapp".as_ptr(), libc::MFD_CLOEXEC) })?);
+                }
+                let mfd = self.memfd.as_ref().map(|m| m.as_raw_fd()).unwrap_or(-1);
+                // SAFETY: chunk is live; mfd is open.
+                cvt(unsafe { libc::pwrite(mfd, chunk.as_ptr().cast(), chunk.len(), self.memfd_end) })?;
+                let mut offset: libc::off_t = self.memfd_end;
+                self.memfd_end += chunk.len() as libc::off_t;
+                self.retry(out, || {
+                    // SAFETY: offset is a live off_t.
+                    cvt(unsafe { libc::sendfile(fd, mfd, &mut offset, chunk.len()) })
+                })
+            }
+            SendMethod::Splice => {
+                let (r, w) = self.pipe()?;
+                // A pipe holds 64 KiB by default, the chunk size.
+                // SAFETY: chunk is live; w is open.
+                let n = cvt(unsafe { libc::write(w, chunk.as_ptr().cast(), chunk.len()) })?;
+                let mut moved = 0;
+                while moved < n {
+                    moved += self.retry(out, || {
+                        // SAFETY: plain fds, null offsets (pipe and socket).
+                        cvt(unsafe {
+                            libc::splice(r, std::ptr::null_mut(), fd, std::ptr::null_mut(), n - moved, libc::SPLICE_F_MOVE | libc::SPLICE_F_NONBLOCK * u32::from(self.mode == IoMode::Epoll))
+                        })
+                    })?;
+                }
+                Ok(n)
+            }
+        }
+    }
+
+    /// Receives up to `buf.len()` bytes with `method`; 0 means end of stream.
+    pub fn recv_some(&mut self, method: RecvMethod, buf: &mut [u8]) -> io::Result<usize> {
+        let fd = self.fd();
+        let inn = libc::EPOLLIN as u32;
+        match method {
+            // SAFETY (all arms): buf is live and writable, fds are open.
+            RecvMethod::Read => self.retry(inn, || cvt(unsafe { libc::read(fd, buf.as_mut_ptr().cast(), buf.len()) })),
+            RecvMethod::Recv => self.retry(inn, || cvt(unsafe { libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), 0) })),
+            RecvMethod::Recvmsg => {
+                let mut iov = libc::iovec { iov_base: buf.as_mut_ptr().cast(), iov_len: buf.len() };
+                // SAFETY: a zeroed msghdr is valid.
+                let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+                msg.msg_iov = &mut iov;
+                msg.msg_iovlen = 1;
+                // SAFETY: msg points at a live iovec over buf.
+                self.retry(inn, || cvt(unsafe { libc::recvmsg(fd, &mut msg, 0) }))
+            }
+            RecvMethod::Splice => {
+                let (r, w) = self.pipe()?;
+                let want = buf.len().min(65536);
+                let flags = libc::SPLICE_F_MOVE | libc::SPLICE_F_NONBLOCK * u32::from(self.mode == IoMode::Epoll);
+                // SAFETY: plain fds, null offsets.
+                let n = self.retry(inn, || cvt(unsafe { libc::splice(fd, std::ptr::null_mut(), w, std::ptr::null_mut(), want, flags) }))?;
+                let mut got = 0;
+                while got < n {
+                    // SAFETY: buf[got..n] is live and writable.
+                    got += cvt(unsafe { libc::read(r, buf[got..].as_mut_ptr().cast(), n - got) })?;
+                }
+                Ok(n)
+            }
+        }
+    }
+
+    /// Receives exactly `buf.len()` bytes.
+    pub fn recv_exact(&mut self, method: RecvMethod, buf: &mut [u8]) -> io::Result<()> {
+        let mut got = 0;
+        while got < buf.len() {
+            let n = self.recv_some(method, &mut buf[got..])?;
+            if n == 0 {
+                return Err(io::Error::new(io::ErrorKind::UnexpectedEof, format!("stream ended after {got} of {} bytes", buf.len())));
+            }
+            got += n;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,254 @@
+//! `tlshub-testapp`: an ordinary TCP client/server that knows nothing about
+//! tlshub. It writes immediately after connect()/accept(), moves a seeded
+//! byte pattern with the chosen system calls and verifies every byte it
+//! receives. One JSON line on stdout says what happened.
+
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::time::Instant;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use serde::Serialize;
+use tlshub_vm_tests::app_io::{Conn, IoMode, RecvMethod, SendMethod};
+use tlshub_vm_tests::pattern;
+
+#[derive(Debug, Parser)]
+#[command(about)]
+struct Args {
+    #[command(subcommand)]
+    side: Side,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize)]
+#[serde(rename_all = "kebab-case")]
+enum Mode {
+    /// The client sends `size` bytes, then the server sends `size` bytes.
+    ClientFirst,
+    /// The server sends `size` bytes right after accept(), then the client.
+    ServerFirst,
+    /// The client sends one byte, the server echoes it (setup latency).
+    Echo,
+    /// The client sends `size` bytes, the server answers one byte (throughput).
+    Throughput,
+    /// The client closes right after connect() (churn; nothing is sent).
+    CloseEarly,
+}
+
+#[derive(Debug, clap::Args)]
+struct Common {
+    #[arg(long, value_enum, default_value = "client-first")]
+    mode: Mode,
+    #[arg(long, default_value_t = 1)]
+    connections: u32,
+    #[arg(long, default_value_t = 1)]
+    size: usize,
+    #[arg(long, value_enum, default_value = "write")]
+    send: SendMethod,
+    #[arg(long, value_enum, default_value = "read")]
+    recv: RecvMethod,
+    #[arg(long, value_enum, default_value = "blocking")]
+    io: IoMode,
+}
+
+#[derive(Debug, Subcommand)]
+enum Side {
+    /// Accept `connections` connections, one after another.
+    Server {
+        #[arg(long)]
+        listen: SocketAddr,
+        #[command(flatten)]
+        common: Common,
+    },
+    /// Open `connections` connections, one after another.
+    Client {
+        #[arg(long)]
+        connect: SocketAddr,
+        /// Also connect here after each early close, reusing the fd number
+        /// (fd-reuse scenario; the other server runs mode client-first).
+        #[arg(long)]
+        reuse_fd_to: Option<SocketAddr>,
+        #[command(flatten)]
+        common: Common,
+    },
+}
+
+#[derive(Debug, Default, Serialize)]
+struct Report {
+    ok: bool,
+    role: &'static str,
+    connections: u32,
+    bytes_sent: u64,
+    bytes_received: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    error: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    errno: Option<i32>,
+    /// Connect start to first echoed byte, microseconds, per connection (echo mode).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    latency_us: Vec<u64>,
+    /// Bytes per second of the transfer (throughput mode).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    bytes_per_sec: Option<f64>,
+    /// fd numbers reused (fd-reuse scenario).
+    reused_fds: u32,
+}
+
+use tlshub_vm_tests::pattern::{CLIENT_SEED, SERVER_SEED};
+
+fn send_pattern(c: &mut Conn, common: &Common, seed: u64, r: &mut Report) -> std::io::Result<()> {
+    let mut off = 0u64;
+    let mut buf = vec![0u8; common.size.min(1 << 20)];
+    while (off as usize) < common.size {
+        let n = buf.len().min(common.size - off as usize);
+        pattern::fill(seed, off, &mut buf[..n]);
+        c.send_all(common.send, &buf[..n])?;
+        off += n as u64;
+        r.bytes_sent += n as u64;
+    }
+    Ok(())
+}
+
+fn recv_pattern(c: &mut Conn, common: &Common, seed: u64, r: &mut Report) -> std::io::Result<()> {
+    let mut off = 0u64;
+    let mut buf = vec![0u8; common.size.min(1 << 20)];
+    while (off as usize) < common.size {
+        let n = buf.len().min(common.size - off as usize);
+        c.recv_exact(common.recv, &mut buf[..n])?;
+        if let Err(bad) = pattern::check(seed, off, &buf[..n]) {
+            return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, format!("byte {bad} differs from what the peer sent")));
+        }
+        off += n as u64;
+        r.bytes_received += n as u64;
+    }
+    Ok(())
+}
+
+fn serve_one(stream: TcpStream, common: &Common, r: &mut Report) -> std::io::Result<()> {
+    let mut c = Conn::new(stream, common.io)?;
+    match common.mode {
+        Mode::ClientFirst => {
+            recv_pattern(&mut c, common, CLIENT_SEED, r)?;
+            send_pattern(&mut c, common, SERVER_SEED, r)?;
+        }
+        Mode::ServerFirst => {
+            send_pattern(&mut c, common, SERVER_SEED, r)?;
+            recv_pattern(&mut c, common, CLIENT_SEED, r)?;
+        }
+        Mode::Echo => {
+            let mut b = [0u8; 1];
+            c.recv_exact(common.recv, &mut b)?;
+            c.send_all(common.send, &b)?;
+            r.bytes_received += 1;
+            r.bytes_sent += 1;
+        }
+        Mode::Throughput => {
+            recv_pattern(&mut c, common, CLIENT_SEED, r)?;
+            c.send_all(common.send, b"k")?;
+            r.bytes_sent += 1;
+        }
+        Mode::CloseEarly => {
+            let mut b = [0u8; 64];
+            // Read until the client's close (EOF or reset); nothing else.
+            while let Ok(n) = c.recv_some(common.recv, &mut b) {
+                if n == 0 {
+                    break;
+                }
+            }
+        }
+    }
+    // Wait for the peer to finish reading, then close.
+    let mut b = [0u8; 1];
+    if common.mode != Mode::CloseEarly {
+        let _ = c.recv_some(RecvMethod::Read, &mut b);
+    }
+    Ok(())
+}
+
+fn client_one(target: SocketAddr, common: &Common, r: &mut Report) -> std::io::Result<()> {
+    let started = Instant::now();
+    let stream = TcpStream::connect(target)?;
+    if common.mode == Mode::CloseEarly {
+        drop(stream);
+        return Ok(());
+    }
+    let mut c = Conn::new(stream, common.io)?;
+    match common.mode {
+        Mode::ClientFirst => {
+            send_pattern(&mut c, common, CLIENT_SEED, r)?;
+            recv_pattern(&mut c, common, SERVER_SEED, r)?;
+        }
+        Mode::ServerFirst => {
+            recv_pattern(&mut c, common, SERVER_SEED, r)?;
+            send_pattern(&mut c, common, CLIENT_SEED, r)?;
+        }
+        Mode::Echo => {
+            c.send_all(common.send, b"e")?;
+            let mut b = [0u8; 1];
+            c.recv_exact(common.recv, &mut b)?;
+            r.latency_us.push(started.elapsed().as_micros() as u64);
+            r.bytes_sent += 1;
+            r.bytes_received += 1;
+        }
+        Mode::Throughput => {
+            let t = Instant::now();
+            send_pattern(&mut c, common, CLIENT_SEED, r)?;
+            let mut b = [0u8; 1];
+            c.recv_exact(common.recv, &mut b)?;
+            r.bytes_per_sec = Some(common.size as f64 / t.elapsed().as_secs_f64());
+        }
+        Mode::CloseEarly => {}
+    }
+    Ok(())
+}
+
+fn run(args: Args, r: &mut Report) -> std::io::Result<()> {
+    match args.side {
+        Side::Server { listen, common } => {
+            r.role = "server";
+            let l = TcpListener::bind(listen)?;
+            // Tell the runner we are listening.
+            eprintln!("listening on {listen}");
+            for _ in 0..common.connections {
+                let (s, _) = l.accept()?;
+                serve_one(s, &common, r)?;
+                r.connections += 1;
+            }
+        }
+        Side::Client { connect, reuse_fd_to, common } => {
+            r.role = "client";
+            for _ in 0..common.connections {
+                if let Some(other) = reuse_fd_to {
+                    // Open a selected connection and close it at once, then
+                    // open a plain one: it gets the same fd number while the
+                    // core may still be about to key the first.
+                    let first = TcpStream::connect(connect)?;
+                    let fd = std::os::fd::AsRawFd::as_raw_fd(&first);
+                    drop(first);
+                    let second = TcpStream::connect(other)?;
+                    if std::os::fd::AsRawFd::as_raw_fd(&second) == fd {
+                        r.reused_fds += 1;
+                    }
+                    let mut c = Conn::new(second, common.io)?;
+                    send_pattern(&mut c, &common, CLIENT_SEED, r)?;
+                    recv_pattern(&mut c, &common, SERVER_SEED, r)?;
+                } else {
+                    client_one(connect, &common, r)?;
+                }
+                r.connections += 1;
+            }
+        }
+    }
+    Ok(())
+}
+
+fn main() -> std::process::ExitCode {
+    let args = Args::parse();
+    let mut report = Report::default();
+    let result = run(args, &mut report);
+    if let Err(e) = &result {
+        report.error = Some(e.to_string());
+        report.errno = e.raw_os_error();
+    }
+    report.ok = result.is_ok();
+    println!("{}", serde_json::to_string(&report).unwrap_or_else(|e| format!("{{\"ok\":false,\"error\":\"{e}\"}}")));
+    if report.ok { std::process::ExitCode::SUCCESS } else { std::process::ExitCode::FAILURE }
+}

@@ -1,0 +1,54 @@
+//! `tlshub-vm-runner`: runs inside the test VM (started by its /init). Builds
+//! the two-node topology, runs the scenarios of the mode given on the
+//! kernel command line (`tlshub.mode=test|bench|demo`, `tlshub.filter=`)
+//! and prints one `TLSHUB-RESULT` line each, then `TLSHUB-DONE`.
+
+use std::time::Instant;
+
+use tlshub_vm_tests::vm::scenarios::{self, Scenario};
+use tlshub_vm_tests::vm::topology::Topology;
+use tlshub_vm_tests::{DONE_LINE, RESULT_PREFIX};
+
+fn cmdline(key: &str) -> Option<String> {
+    let line = std::fs::read_to_string("/proc/cmdline").ok()?;
+    line.split_whitespace().find_map(|w| w.strip_prefix(&format!("{key}=")).map(String::from))
+}
+
+fn main() {
+    let mode = std::env::args().nth(1).or_else(|| cmdline("tlshub.mode")).unwrap_or_else(|| "test".into());
+    let filter = cmdline("tlshub.filter").unwrap_or_default();
+    let list: Vec<Scenario> = match mode.as_str() {
+        "bench" => vec![("bench", scenarios::bench)],
+        "demo" => vec![("demo", scenarios::demo)],
+        _ => scenarios::TESTS.iter().copied().filter(|(n, _)| filter.is_empty() || n.contains(&filter)).collect(),
+    };
+    println!("TLSHUB-PLAN {}", list.len());
+    let topology = match Topology::up() {
+        Ok(t) => t,
+        Err(e) => {
+            for (name, _) in &list {
+                println!("{RESULT_PREFIX} {name} FAIL topology: {e}");
+            }
+            println!("{DONE_LINE}");
+            return;
+        }
+    };
+    for (name, body) in list {
+        let started = Instant::now();
+        let result = std::panic::catch_unwind(body).unwrap_or_else(|_| Err("panicked".into()));
+        let secs = started.elapsed().as_secs_f64();
+        match result {
+            Ok(summary) => println!("{RESULT_PREFIX} {name} PASS ({secs:.1}s) {summary}"),
+            Err(why) => {
+                println!("{RESULT_PREFIX} {name} FAIL ({secs:.1}s) {}", why.replace('\n', "\n    "));
+                for log in ["node-a-core", "node-a-provider", "node-b-core", "node-b-provider"] {
+                    let tail = tlshub_vm_tests::vm::process::tail(std::path::Path::new(&format!("/tmp/logs/{log}.log")));
+                    println!("--- {log} (tail) ---\n{tail}");
+                }
+            }
+        }
+        let _ = std::fs::remove_dir_all("/tmp/logs");
+    }
+    drop(topology);
+    println!("{DONE_LINE}");
+}

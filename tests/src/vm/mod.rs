@@ -1,0 +1,8 @@
+//! The in-VM side of the test bed: topology, processes, nodes and scenarios.
+//! Only meaningful inside the VM that `cargo xtask vm` boots (it needs kTLS,
+//! the BPF LSM and root); on the host these modules only compile.
+
+pub mod node;
+pub mod process;
+pub mod scenarios;
+pub mod topology;

@@ -1,0 +1,148 @@
+//! One node's agent: a provider process and a `tlshub-core` process, with
+//! their configuration files, sockets, logs, stats and key export.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use super::process::Proc;
+
+/// Which provider a node runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProviderKind {
+    /// `tlshub-provider-openssl`.
+    OpenSsl,
+    /// `tlshub-bad-provider --mode <mode>`.
+    Bad(&'static str),
+    /// Nothing listens on the configured socket.
+    Missing,
+}
+
+/// How a node is configured.
+#[derive(Debug, Clone)]
+pub struct NodeSpec {
+    /// `a` or `b`.
+    pub name: &'static str,
+    /// Provider.
+    pub provider: ProviderKind,
+    /// `fail-closed` or `fail-open`.
+    pub failure_policy: &'static str,
+    /// Provider timeout.
+    pub key_timeout_ms: u64,
+    /// TLS 1.3 suite the provider pins.
+    pub suite: &'static str,
+}
+
+impl NodeSpec {
+    /// The default: OpenSSL, fail-closed, 2 s, AES-128-GCM.
+    pub fn new(name: &'static str) -> Self {
+        Self { name, provider: ProviderKind::OpenSsl, failure_policy: "fail-closed", key_timeout_ms: 2000, suite: "TLS_AES_128_GCM_SHA256" }
+    }
+}
+
+/// A running node agent; both processes stop when dropped (core first).
+#[derive(Debug)]
+pub struct Node {
+    /// The spec it runs.
+    pub spec: NodeSpec,
+    /// Runtime directory.
+    pub dir: PathBuf,
+    core: Option<Proc>,
+    provider: Option<Proc>,
+}
+
+/// Where the protected server port is.
+pub const PROTECTED_PORT: u16 = 8443;
+/// A port no policy selects.
+pub const PLAIN_PORT: u16 = 9000;
+
+impl Node {
+    /// Writes the configs and starts provider, then core; waits until the
+    /// core runs.
+    pub fn start(spec: NodeSpec) -> Result<Self, String> {
+        let n = spec.name;
+        let dir = PathBuf::from(format!("/run/tlshub/node-{n}"));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+        std::fs::create_dir_all("/tmp/logs").map_err(|e| e.to_string())?;
+        let (local, peer) = if n == "a" { ("10.0.1.0/24", "10.0.2.0/24") } else { ("10.0.2.0/24", "10.0.1.0/24") };
+        let socket = dir.join("provider.sock");
+        let core_toml = format!(
+            "node_name = \"node-{n}\"\nfailure_policy = \"{}\"\n\n[provider]\nsocket = \"{}\"\ntimeout_ms = {}\n\n[policy]\nlocal_cidrs = [\"{local}\"]\n[[policy.rules]]\npeer_cidrs = [\"{peer}\"]\nports = [{PROTECTED_PORT}]\n",
+            spec.failure_policy,
+            socket.display(),
+            spec.key_timeout_ms
+        );
+        std::fs::write(dir.join("core.toml"), core_toml).map_err(|e| e.to_string())?;
+        let provider_toml = format!(
+            "socket = \"{}\"\n[tls]\nca = \"/etc/tlshub/certs/ca.pem\"\ncert = \"/etc/tlshub/certs/node-{n}.pem\"\nkey = \"/etc/tlshub/certs/node-{n}.key\"\ncipher_suites = [\"{}\"]\ngroups = [\"X25519\"]\n",
+            socket.display(),
+            spec.suite
+        );
+        std::fs::write(dir.join("provider.toml"), provider_toml).map_err(|e| e.to_string())?;
+
+        let plog = PathBuf::from(format!("/tmp/logs/node-{n}-provider.log"));
+        let provider = match spec.provider {
+            ProviderKind::OpenSsl => {
+                let cfg = dir.join("provider.toml");
+                let mut p = Proc::spawn(&format!("provider-{n}"), None, &["tlshub-provider-openssl", "--config", &cfg.to_string_lossy()], &plog)?;
+                p.wait_for_log("provider serving", Duration::from_secs(20))?;
+                Some(p)
+            }
+            ProviderKind::Bad(mode) => {
+                let mut p = Proc::spawn(&format!("bad-provider-{n}"), None, &["tlshub-bad-provider", "--socket", &socket.to_string_lossy(), "--mode", mode], &plog)?;
+                p.wait_for_log("bad provider", Duration::from_secs(20))?;
+                Some(p)
+            }
+            ProviderKind::Missing => None,
+        };
+        let clog = PathBuf::from(format!("/tmp/logs/node-{n}-core.log"));
+        let cfg = dir.join("core.toml");
+        let stats = dir.join("stats.json");
+        let keys = dir.join("keys.jsonl");
+        let mut core = Proc::spawn(
+            &format!("core-{n}"),
+            None,
+            &["tlshub-core", "--config", &cfg.to_string_lossy(), "--stats-file", &stats.to_string_lossy(), "--keylog-file", &keys.to_string_lossy()],
+            &clog,
+        )?;
+        core.wait_for_log("capture-core running", Duration::from_secs(60))?;
+        Ok(Self { spec, dir, core: Some(core), provider })
+    }
+
+    /// The core's latest stats.
+    pub fn stats(&self) -> Result<serde_json::Value, String> {
+        let path = self.dir.join("stats.json");
+        let text = std::fs::read_to_string(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+        serde_json::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))
+    }
+
+    /// Exported keys, one JSON value per connection.
+    pub fn keys(&self) -> Vec<serde_json::Value> {
+        std::fs::read_to_string(self.dir.join("keys.jsonl"))
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
+    }
+
+    /// The core's log so far.
+    pub fn core_log(&self) -> String {
+        self.core.as_ref().map(|c| std::fs::read_to_string(&c.log).unwrap_or_default()).unwrap_or_default()
+    }
+
+    /// Stops the core (SIGTERM) and waits for its final stats.
+    pub fn stop_core(&mut self) {
+        if let Some(mut c) = self.core.take() {
+            c.stop();
+        }
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        self.stop_core();
+        if let Some(mut p) = self.provider.take() {
+            p.stop();
+        }
+    }
+}

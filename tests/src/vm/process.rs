@@ -1,0 +1,175 @@
+//! Child processes with RAII cleanup and timeouts.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// A running child, killed (SIGTERM, then SIGKILL) when dropped.
+#[derive(Debug)]
+pub struct Proc {
+    name: String,
+    child: Option<Child>,
+    /// Its stderr (and stdout unless captured) goes here.
+    pub log: PathBuf,
+}
+
+/// Runs `argv` inside network namespace `netns` (or the root one).
+pub fn command(netns: Option<&str>, argv: &[&str]) -> Command {
+    match netns {
+        Some(ns) => {
+            let mut c = Command::new("ip");
+            c.args(["netns", "exec", ns]).args(argv);
+            c
+        }
+        None => {
+            let mut c = Command::new(argv[0]);
+            c.args(&argv[1..]);
+            c
+        }
+    }
+}
+
+/// Runs a command to completion; Err carries its output.
+pub fn run(netns: Option<&str>, argv: &[&str]) -> Result<String, String> {
+    let out = command(netns, argv).output().map_err(|e| format!("cannot run {argv:?}: {e}"))?;
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    if out.status.success() { Ok(text) } else { Err(format!("{argv:?} failed ({}): {text}", out.status)) }
+}
+
+impl Proc {
+    /// Starts `argv` with stdout and stderr written to `log` (truncated first,
+    /// so log waits never match an earlier run's lines).
+    pub fn spawn(name: &str, netns: Option<&str>, argv: &[&str], log: &Path) -> Result<Self, String> {
+        let file = std::fs::File::create(log).map_err(|e| format!("{}: {e}", log.display()))?;
+        let err = file.try_clone().map_err(|e| e.to_string())?;
+        let child = command(netns, argv)
+            .stdin(Stdio::null())
+            .stdout(file)
+            .stderr(err)
+            .spawn()
+            .map_err(|e| format!("cannot start {name} {argv:?}: {e}"))?;
+        Ok(Self { name: name.into(), child: Some(child), log: log.to_owned() })
+    }
+
+    /// The child's pid.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map(Child::id).unwrap_or(0)
+    }
+
+    /// Waits until the log contains `needle`, the child exits, or `timeout`.
+    pub fn wait_for_log(&mut self, needle: &str, timeout: Duration) -> Result<(), String> {
+        let until = Instant::now() + timeout;
+        loop {
+            if std::fs::read_to_string(&self.log).unwrap_or_default().contains(needle) {
+                return Ok(());
+            }
+            if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+                return Err(format!("{} exited ({status}) before logging {needle:?}:\n{}", self.name, tail(&self.log)));
+            }
+            if Instant::now() > until {
+                return Err(format!("{} did not log {needle:?} within {timeout:?}:\n{}", self.name, tail(&self.log)));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Waits for exit up to `timeout`; kills on timeout.
+    pub fn wait(&mut self, timeout: Duration) -> Result<std::process::ExitStatus, String> {
+        let until = Instant::now() + timeout;
+        let Some(child) = self.child.as_mut() else { return Err("already reaped".into()) };
+        loop {
+            if let Some(status) = child.try_wait().map_err(|e| e.to_string())? {
+                self.child = None;
+                return Ok(status);
+            }
+            if Instant::now() > until {
+                let _ = child.kill();
+                let _ = child.wait();
+                self.child = None;
+                return Err(format!("{} did not finish within {timeout:?} (killed):\n{}", self.name, tail(&self.log)));
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Sends a signal.
+    pub fn signal(&self, sig: i32) {
+        if let Some(c) = &self.child {
+            // A plain kill(2) through the shell-free path.
+            let _ = Command::new("kill").arg(format!("-{sig}")).arg(c.id().to_string()).status();
+        }
+    }
+
+    /// SIGTERM, wait up to 5 s, then SIGKILL.
+    pub fn stop(&mut self) {
+        if self.child.is_none() {
+            return;
+        }
+        self.signal(15);
+        if self.wait(Duration::from_secs(5)).is_err() {
+            // wait() killed it.
+        }
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// The last lines of a log, for failure messages.
+pub fn tail(path: &Path) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(25)..].join("\n")
+}
+
+/// A child whose first stderr line is awaited (servers print "listening").
+pub fn spawn_ready(netns: &str, argv: &[&str], ready: &str, timeout: Duration) -> Result<Child, String> {
+    let mut child = command(Some(netns), argv)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("cannot start {argv:?}: {e}"))?;
+    let stderr = child.stderr.take().ok_or("no stderr")?;
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut reader = BufReader::new(stderr);
+        let mut line = String::new();
+        while reader.read_line(&mut line).map(|n| n > 0).unwrap_or(false) {
+            let _ = tx.send(line.clone());
+            line.clear();
+        }
+    });
+    let until = Instant::now() + timeout;
+    loop {
+        match rx.recv_timeout(until.saturating_duration_since(Instant::now())) {
+            Ok(l) if l.contains(ready) => return Ok(child),
+            Ok(_) => {}
+            Err(_) => {
+                let _ = child.kill();
+                return Err(format!("{argv:?} did not print {ready:?}"));
+            }
+        }
+    }
+}
+
+/// Waits for a child with a timeout and returns its stdout.
+pub fn finish(mut child: Child, timeout: Duration) -> Result<String, String> {
+    let until = Instant::now() + timeout;
+    loop {
+        if child.try_wait().map_err(|e| e.to_string())?.is_some() {
+            let out = child.wait_with_output().map_err(|e| e.to_string())?;
+            return Ok(String::from_utf8_lossy(&out.stdout).into_owned());
+        }
+        if Instant::now() > until {
+            let _ = child.kill();
+            let out = child.wait_with_output().map_err(|e| e.to_string())?;
+            return Err(format!("timed out after {timeout:?}; output so far: {}", String::from_utf8_lossy(&out.stdout)));
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}

@@ -1,0 +1,293 @@
+//! What crossed the wire: pcap reading, TCP stream reassembly, TLS record
+//! parsing and TLS 1.3 record decryption, so a test can prove the bytes
+//! between the nodes are real TLS carrying exactly the applications' data.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+
+use aes_gcm::aead::{Aead, KeyInit, Payload};
+
+/// One direction of one TCP connection, reassembled.
+#[derive(Debug, Clone)]
+pub struct Flow {
+    /// Sender.
+    pub src: SocketAddr,
+    /// Receiver.
+    pub dst: SocketAddr,
+    /// Payload bytes in sequence order.
+    pub bytes: Vec<u8>,
+    /// Whether a SYN was captured (the flow's start is known).
+    pub saw_syn: bool,
+}
+
+/// A capture or stream that cannot be read.
+#[derive(Debug)]
+pub struct WireError(pub String);
+
+impl std::error::Error for WireError {}
+
+impl std::fmt::Display for WireError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+fn err<T>(s: impl Into<String>) -> Result<T, WireError> {
+    Err(WireError(s.into()))
+}
+
+fn u16be(b: &[u8], at: usize) -> u16 {
+    u16::from_be_bytes([b[at], b[at + 1]])
+}
+
+fn u32be(b: &[u8], at: usize) -> u32 {
+    u32::from_be_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
+}
+
+#[derive(Default)]
+struct Segments {
+    isn: Option<u32>,
+    segs: Vec<(u32, Vec<u8>)>,
+}
+
+/// Reads an Ethernet pcap (as `tcpdump -w` writes) into TCP flows.
+pub fn read_pcap(data: &[u8]) -> Result<Vec<Flow>, WireError> {
+    if data.len() < 24 {
+        return err("pcap shorter than its header");
+    }
+    let magic = u32::from_le_bytes([data[0], data[1], data[2], data[3]]);
+    let le = match magic {
+        0xa1b2_c3d4 | 0xa1b2_3c4d => true,
+        0xd4c3_b2a1 | 0x4d3c_b2a1 => false,
+        m => return err(format!("not a pcap file (magic {m:#x})")),
+    };
+    let rd32 = |b: &[u8], at: usize| {
+        let a = [b[at], b[at + 1], b[at + 2], b[at + 3]];
+        if le { u32::from_le_bytes(a) } else { u32::from_be_bytes(a) }
+    };
+    let linktype = rd32(data, 20);
+    if linktype != 1 {
+        return err(format!("pcap link type {linktype}, want Ethernet (1)"));
+    }
+    let mut flows: HashMap<(SocketAddr, SocketAddr), Segments> = HashMap::new();
+    let mut order = Vec::new();
+    let mut at = 24;
+    while at + 16 <= data.len() {
+        let incl = rd32(data, at + 8) as usize;
+        let orig = rd32(data, at + 12) as usize;
+        at += 16;
+        if at + incl > data.len() {
+            return err("truncated pcap record");
+        }
+        if incl < orig {
+            return err("packet truncated by the snap length; capture with -s 0");
+        }
+        let pkt = &data[at..at + incl];
+        at += incl;
+        let Some((src, dst, seq, syn, payload)) = parse_tcp(pkt) else { continue };
+        let key = (src, dst);
+        let entry = flows.entry(key).or_insert_with(|| {
+            order.push(key);
+            Segments::default()
+        });
+        if syn {
+            entry.isn = Some(seq);
+        } else if !payload.is_empty() {
+            entry.segs.push((seq, payload.to_vec()));
+        }
+    }
+    let mut out = Vec::new();
+    for key in order {
+        let Some(mut s) = flows.remove(&key) else { continue };
+        let base = match s.isn {
+            Some(isn) => isn.wrapping_add(1),
+            None => s.segs.first().map(|x| x.0).unwrap_or(0),
+        };
+        s.segs.sort_by_key(|(seq, _)| seq.wrapping_sub(base));
+        let mut bytes = Vec::new();
+        for (seq, p) in s.segs {
+            let rel = seq.wrapping_sub(base) as usize;
+            let have = bytes.len();
+            if rel > have {
+                return err(format!("{} -> {}: {} bytes missing from the capture at offset {have}", key.0, key.1, rel - have));
+            }
+            // Retransmissions overlap what we have; keep only the new tail.
+            if rel + p.len() > have {
+                bytes.extend_from_slice(&p[have - rel..]);
+            }
+        }
+        out.push(Flow { src: key.0, dst: key.1, bytes, saw_syn: s.isn.is_some() });
+    }
+    Ok(out)
+}
+
+fn parse_tcp(pkt: &[u8]) -> Option<(SocketAddr, SocketAddr, u32, bool, &[u8])> {
+    if pkt.len() < 14 {
+        return None;
+    }
+    let ethertype = u16be(pkt, 12);
+    let ip = &pkt[14..];
+    let (src_ip, dst_ip, tcp, ip_payload_len) = match ethertype {
+        0x0800 => {
+            if ip.len() < 20 || ip[9] != 6 {
+                return None;
+            }
+            let ihl = usize::from(ip[0] & 0x0f) * 4;
+            let total = usize::from(u16be(ip, 2));
+            let s = IpAddr::V4(Ipv4Addr::new(ip[12], ip[13], ip[14], ip[15]));
+            let d = IpAddr::V4(Ipv4Addr::new(ip[16], ip[17], ip[18], ip[19]));
+            (s, d, ip.get(ihl..total.min(ip.len()))?, total.checked_sub(ihl)?)
+        }
+        0x86dd => {
+            if ip.len() < 40 || ip[6] != 6 {
+                return None;
+            }
+            let plen = usize::from(u16be(ip, 4));
+            let mut s = [0u8; 16];
+            s.copy_from_slice(&ip[8..24]);
+            let mut d = [0u8; 16];
+            d.copy_from_slice(&ip[24..40]);
+            (IpAddr::V6(Ipv6Addr::from(s)), IpAddr::V6(Ipv6Addr::from(d)), ip.get(40..(40 + plen).min(ip.len()))?, plen)
+        }
+        _ => return None,
+    };
+    if tcp.len() < 20 {
+        return None;
+    }
+    let off = usize::from(tcp[12] >> 4) * 4;
+    let syn = tcp[13] & 0x02 != 0;
+    let payload = tcp.get(off..ip_payload_len.min(tcp.len()))?;
+    Some((SocketAddr::new(src_ip, u16be(tcp, 0)), SocketAddr::new(dst_ip, u16be(tcp, 2)), u32be(tcp, 4), syn, payload))
+}
+
+/// One TLS record.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Record<'a> {
+    /// Content type (22 handshake, 23 application data, 20 CCS, 21 alert).
+    pub content_type: u8,
+    /// The 5-byte header (the AEAD additional data in TLS 1.3).
+    pub header: [u8; 5],
+    /// The record body.
+    pub body: &'a [u8],
+}
+
+/// Splits a stream into TLS records; fails on anything that is not one
+/// (unknown type, wrong version, oversize length, trailing partial record).
+pub fn tls_records(stream: &[u8]) -> Result<Vec<Record<'_>>, WireError> {
+    let mut out = Vec::new();
+    let mut at = 0;
+    while at < stream.len() {
+        if stream.len() - at < 5 {
+            return err(format!("partial record header at offset {at}"));
+        }
+        let h = &stream[at..at + 5];
+        if !(20..=23).contains(&h[0]) {
+            return err(format!("byte {at}: content type {} is not TLS", h[0]));
+        }
+        if h[1] != 3 || h[2] > 4 {
+            return err(format!("byte {at}: version {:#04x}{:02x} is not TLS", h[1], h[2]));
+        }
+        let len = usize::from(u16be(h, 3));
+        if len > (1 << 14) + 256 {
+            return err(format!("byte {at}: record length {len} above the TLS limit"));
+        }
+        if stream.len() - at - 5 < len {
+            return err(format!("byte {at}: record of {len} bytes cut off"));
+        }
+        out.push(Record { content_type: h[0], header: [h[0], h[1], h[2], h[3], h[4]], body: &stream[at + 5..at + 5 + len] });
+        at += 5 + len;
+    }
+    Ok(out)
+}
+
+/// Whether `needle` occurs in `haystack`.
+pub fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    !needle.is_empty() && haystack.windows(needle.len()).any(|w| w == needle)
+}
+
+/// Decrypts one TLS 1.3 record; returns (inner content type, plaintext).
+pub fn decrypt_tls13(suite: &str, key: &[u8], iv: &[u8], seq: u64, rec: &Record<'_>) -> Option<(u8, Vec<u8>)> {
+    if iv.len() != 12 {
+        return None;
+    }
+    let mut nonce = [0u8; 12];
+    nonce.copy_from_slice(iv);
+    for (n, s) in nonce[4..].iter_mut().zip(seq.to_be_bytes()) {
+        *n ^= s;
+    }
+    let payload = Payload { msg: rec.body, aad: &rec.header };
+    let mut plain = match suite {
+        "aes-gcm-128" => aes_gcm::Aes128Gcm::new_from_slice(key).ok()?.decrypt((&nonce).into(), payload).ok()?,
+        "aes-gcm-256" => aes_gcm::Aes256Gcm::new_from_slice(key).ok()?.decrypt((&nonce).into(), payload).ok()?,
+        "chacha20-poly1305" => chacha20poly1305::ChaCha20Poly1305::new_from_slice(key).ok()?.decrypt((&nonce).into(), payload).ok()?,
+        _ => return None,
+    };
+    while plain.last() == Some(&0) {
+        plain.pop();
+    }
+    let ty = plain.pop()?;
+    Some((ty, plain))
+}
+
+/// Decrypts the application data of one direction: records before the first
+/// one that opens with the application key at sequence 0 are the handshake;
+/// every record after it must decrypt, in order, as application data.
+pub fn decrypt_application_data(stream: &[u8], suite: &str, key: &[u8], iv: &[u8]) -> Result<Vec<u8>, WireError> {
+    let records = tls_records(stream)?;
+    let mut seq = None::<u64>;
+    let mut out = Vec::new();
+    for (i, rec) in records.iter().enumerate() {
+        match seq {
+            None => {
+                if rec.content_type == 23 {
+                    if let Some((ty, p)) = decrypt_tls13(suite, key, iv, 0, rec) {
+                        if ty != 23 {
+                            return err(format!("record {i}: inner type {ty}, expected application data"));
+                        }
+                        out.extend_from_slice(&p);
+                        seq = Some(1);
+                    }
+                }
+            }
+            Some(s) => {
+                let (ty, p) = decrypt_tls13(suite, key, iv, s, rec)
+                    .ok_or_else(|| WireError(format!("record {i} (sequence {s}) does not decrypt with the reported key")))?;
+                if ty != 23 {
+                    return err(format!("record {i}: inner type {ty}, expected application data"));
+                }
+                out.extend_from_slice(&p);
+                seq = Some(s + 1);
+            }
+        }
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn non_tls_is_refused() {
+        assert!(tls_records(b"GET / HTTP/1.1\r\n").is_err());
+        assert!(tls_records(&[23, 3, 3, 0, 4, 1, 2]).is_err());
+        assert_eq!(tls_records(&[23, 3, 3, 0, 2, 1, 2]).unwrap().len(), 1);
+    }
+
+    #[test]
+    fn tls13_record_round_trip() {
+        let key = [7u8; 16];
+        let iv = [9u8; 12];
+        let mut nonce = iv;
+        for (n, s) in nonce[4..].iter_mut().zip(3u64.to_be_bytes()) {
+            *n ^= s;
+        }
+        let inner = [b"hello".as_slice(), &[23u8]].concat();
+        let len = (inner.len() + 16) as u16;
+        let header = [23, 3, 3, (len >> 8) as u8, len as u8];
+        let ct = aes_gcm::Aes128Gcm::new_from_slice(&key).unwrap().encrypt((&nonce).into(), Payload { msg: &inner, aad: &header }).unwrap();
+        let rec = Record { content_type: 23, header, body: &ct };
+        assert_eq!(decrypt_tls13("aes-gcm-128", &key, &iv, 3, &rec), Some((23, b"hello".to_vec())));
+        assert_eq!(decrypt_tls13("aes-gcm-128", &key, &iv, 2, &rec), None);
+    }
+}
