@@ -1,0 +1,124 @@
+//! Debian packages and the VM kernel.
+
+use std::path::PathBuf;
+use std::process::Command;
+
+use anyhow::{Context, Result, bail};
+
+use crate::run;
+
+/// Build and VM packages: clang/libbpf for the BPF object, protoc for the
+/// API, OpenSSL headers, qemu and busybox for the VM, iproute2 and tcpdump
+/// for the scenarios, kmod for depmod.
+const PACKAGES: &[&str] = &[
+    "clang",
+    "llvm",
+    "libbpf-dev",
+    "linux-libc-dev",
+    "libc6-dev",
+    "protobuf-compiler",
+    "libssl-dev",
+    "pkg-config",
+    "openssl",
+    "qemu-system-x86",
+    "busybox-static",
+    "cpio",
+    "kmod",
+    "iproute2",
+    "tcpdump",
+];
+
+fn installed(pkg: &str) -> bool {
+    Command::new("dpkg-query")
+        .args(["-W", "-f=${Status}", pkg])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).contains("install ok installed"))
+        .unwrap_or(false)
+}
+
+fn sudo(args: &[&str]) -> Command {
+    let root = Command::new("id").arg("-u").output().map(|o| o.stdout.starts_with(b"0")).unwrap_or(false);
+    let mut c = if root { Command::new(args[0]) } else { let mut c = Command::new("sudo"); c.arg(args[0]); c };
+    c.args(&args[1..]);
+    c.env("DEBIAN_FRONTEND", "noninteractive");
+    c
+}
+
+/// Installs missing Debian packages.
+pub fn install() -> Result<()> {
+    let missing: Vec<&str> = PACKAGES.iter().copied().filter(|p| !installed(p)).collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    println!("== installing Debian packages: {}", missing.join(" "));
+    run(&mut sudo(&["apt-get", "update", "-qq"]))?;
+    let mut args = vec!["apt-get", "install", "-y", "-qq", "--no-install-recommends"];
+    args.extend(&missing);
+    run(&mut sudo(&args)).context("installing build and VM packages")?;
+    Ok(())
+}
+
+/// The unpacked VM kernel.
+#[derive(Debug)]
+pub struct Kernel {
+    /// The bzImage.
+    pub vmlinuz: PathBuf,
+    /// lib/modules/<version>.
+    pub modules: PathBuf,
+    /// The version string.
+    pub version: String,
+}
+
+/// Fetches (once) the Debian cloud kernel and unpacks it under target/vm-cache.
+pub fn kernel() -> Result<Kernel> {
+    let cache = crate::root().join("target/vm-cache");
+    std::fs::create_dir_all(&cache)?;
+    let out = Command::new("apt-cache").args(["depends", "linux-image-cloud-amd64"]).output().context("apt-cache")?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let pkg = text
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("Depends: "))
+        .find(|p| p.starts_with("linux-image-") && p.ends_with("-cloud-amd64"))
+        .map(str::to_owned);
+    // Reuse an unpacked kernel when the package index is unavailable.
+    let pkg = match pkg {
+        Some(p) => p,
+        None => {
+            let found = std::fs::read_dir(&cache)?
+                .flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .find(|n| n.starts_with("linux-image-") && !n.ends_with(".deb"));
+            found.context("cannot resolve linux-image-cloud-amd64 (run apt-get update)")?
+        }
+    };
+    let dir = cache.join(&pkg);
+    if !dir.join("boot").exists() {
+        println!("== fetching VM kernel {pkg}");
+        run(Command::new("apt-get").args(["download", &pkg]).current_dir(&cache))?;
+        let deb = std::fs::read_dir(&cache)?
+            .flatten()
+            .map(|e| e.path())
+            .find(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with(&format!("{pkg}_")) && n.to_string_lossy().ends_with(".deb")))
+            .context("downloaded kernel .deb not found")?;
+        let tmp = cache.join(format!("{pkg}.tmp"));
+        let _ = std::fs::remove_dir_all(&tmp);
+        run(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(&tmp))?;
+        std::fs::rename(&tmp, &dir)?;
+        std::fs::remove_file(&deb)?;
+    }
+    let vmlinuz = std::fs::read_dir(dir.join("boot"))?
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("vmlinuz-")))
+        .context("no vmlinuz in the kernel package")?;
+    let modroot = dir.join("lib/modules");
+    let version = std::fs::read_dir(&modroot)?
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .next()
+        .context("no modules in the kernel package")?;
+    if !vmlinuz.exists() {
+        bail!("{} missing", vmlinuz.display());
+    }
+    Ok(Kernel { vmlinuz, modules: modroot.join(&version), version })
+}

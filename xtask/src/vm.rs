@@ -1,0 +1,269 @@
+//! The test VM: a Debian cloud kernel booted by qemu (TCG) with an
+//! initramfs holding busybox, the project's binaries, the tools the
+//! scenarios use (with their shared libraries), a few kernel modules, test
+//! certificates and an /init that runs `tlshub-vm-runner`. The serial
+//! console is parsed for results; a panic, hang or missing result fails.
+
+use std::collections::BTreeSet;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+
+use crate::deps::{self, Kernel};
+use crate::{root, run};
+
+/// The binaries the VM runs, built in release mode.
+const BINARIES: &[&str] = &["tlshub-core", "tlshub-provider-openssl", "tlshub-testapp", "tlshub-vm-runner", "tlshub-bad-provider"];
+/// Host tools copied in with their libraries.
+const TOOLS: &[&str] = &["ip", "ss", "tcpdump"];
+/// Kernel module trees copied in (kTLS, its ciphers, veth).
+const MODULE_DIRS: &[&str] = &["kernel/crypto", "kernel/arch/x86/crypto", "kernel/lib", "kernel/net/tls", "kernel/drivers/net/veth.ko"];
+
+const INIT: &str = r#"#!/bin/busybox sh
+/bin/busybox --install -s /bin
+export PATH=/usr/sbin:/usr/bin:/sbin:/bin
+mount -t proc proc /proc
+mount -t sysfs sys /sys
+mount -t devtmpfs dev /dev
+mount -t tmpfs tmp /tmp
+mkdir -p /run && mount -t tmpfs run /run
+mount -t cgroup2 none /sys/fs/cgroup
+mount -t bpf bpf /sys/fs/bpf
+mount -t tracefs tracefs /sys/kernel/tracing
+mount -t debugfs debugfs /sys/kernel/debug 2>/dev/null
+mount -t securityfs securityfs /sys/kernel/security
+echo /bin/modprobe > /proc/sys/kernel/modprobe
+for m in tls veth gcm ghash-generic aesni-intel ghash-clmulni-intel chacha20poly1305 chacha-x86_64 poly1305-x86_64; do
+  modprobe $m || echo "TLSHUB-WARN cannot load module $m"
+done
+ip link set lo up
+hostname tlshub-vm
+echo "TLSHUB-BOOTED $(uname -r)"
+/bin/tlshub-vm-runner
+sync
+poweroff -f
+"#;
+
+fn copy_with_libs(bin: &Path, rootfs: &Path, dest: &Path, libs: &mut BTreeSet<PathBuf>) -> Result<()> {
+    let target = rootfs.join(dest.strip_prefix("/").unwrap_or(dest));
+    std::fs::create_dir_all(target.parent().context("no parent")?)?;
+    std::fs::copy(bin, &target).with_context(|| format!("copy {}", bin.display()))?;
+    let out = Command::new("ldd").arg(bin).output()?;
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        let path = match line.split_once("=>") {
+            Some((_, rhs)) => rhs.split_whitespace().next().unwrap_or(""),
+            None => line.split_whitespace().next().unwrap_or(""),
+        };
+        if path.starts_with('/') {
+            libs.insert(PathBuf::from(path));
+        }
+    }
+    Ok(())
+}
+
+fn which(tool: &str) -> Result<PathBuf> {
+    for dir in ["/usr/sbin", "/usr/bin", "/sbin", "/bin"] {
+        let p = Path::new(dir).join(tool);
+        if p.exists() {
+            return Ok(p);
+        }
+    }
+    bail!("{tool} not found (cargo xtask deps installs it)")
+}
+
+/// Test PKI: a cluster CA and two node certificates (EC P-256), made once.
+fn certs(dir: &Path) -> Result<()> {
+    if dir.join("node-b.key").exists() {
+        return Ok(());
+    }
+    std::fs::create_dir_all(dir)?;
+    let ossl = |args: &[&str]| run(Command::new("openssl").args(args).current_dir(dir));
+    ossl(&["ecparam", "-name", "prime256v1", "-genkey", "-noout", "-out", "ca.key"])?;
+    ossl(&["req", "-x509", "-new", "-key", "ca.key", "-subj", "/CN=tlshub test cluster CA", "-days", "3650", "-out", "ca.pem"])?;
+    for node in ["node-a", "node-b"] {
+        let key = format!("{node}.key");
+        ossl(&["genpkey", "-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256", "-out", &key])?;
+        ossl(&["req", "-new", "-key", &key, "-subj", &format!("/CN={node}"), "-out", &format!("{node}.csr")])?;
+        let ext = dir.join(format!("{node}.ext"));
+        std::fs::write(&ext, format!("subjectAltName=DNS:{node}\nextendedKeyUsage=serverAuth,clientAuth\n"))?;
+        ossl(&[
+            "x509", "-req", "-in", &format!("{node}.csr"), "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial", "-days", "3650",
+            "-extfile", &ext.to_string_lossy(), "-out", &format!("{node}.pem"),
+        ])?;
+    }
+    Ok(())
+}
+
+fn build_binaries() -> Result<PathBuf> {
+    println!("== building release binaries");
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    run(Command::new(cargo)
+        .current_dir(root())
+        .args(["build", "--release", "-p", "capture-core", "-p", "provider-openssl", "-p", "tlshub-vm-tests", "--bins"]))?;
+    Ok(root().join("target/release"))
+}
+
+fn initramfs(kernel: &Kernel, bins: &Path, work: &Path) -> Result<PathBuf> {
+    let rootfs = work.join("rootfs");
+    let _ = std::fs::remove_dir_all(&rootfs);
+    for d in ["bin", "usr/bin", "usr/sbin", "sbin", "etc/tlshub/certs", "proc", "sys", "dev", "tmp", "run", "root", "var/run"] {
+        std::fs::create_dir_all(rootfs.join(d))?;
+    }
+    std::fs::copy("/bin/busybox", rootfs.join("bin/busybox")).context("busybox-static missing")?;
+    let mut libs = BTreeSet::new();
+    for b in BINARIES {
+        let src = bins.join(b);
+        copy_with_libs(&src, &rootfs, &Path::new("/bin").join(b), &mut libs)?;
+        let _ = Command::new("strip").arg(rootfs.join("bin").join(b)).status();
+    }
+    for t in TOOLS {
+        let p = which(t)?;
+        copy_with_libs(&p, &rootfs, &p, &mut libs)?;
+    }
+    for lib in &libs {
+        let dest = rootfs.join(lib.strip_prefix("/").unwrap_or(lib));
+        std::fs::create_dir_all(dest.parent().context("lib parent")?)?;
+        std::fs::copy(lib, &dest).with_context(|| format!("copy {}", lib.display()))?;
+    }
+    // glibc's loader lives in /lib64 on x86_64; /lib is a symlink on the host.
+    for link in ["lib", "lib64"] {
+        if !rootfs.join(link).exists() {
+            std::fs::create_dir_all(rootfs.join(format!("usr/{link}")))?;
+            std::os::unix::fs::symlink(format!("usr/{link}"), rootfs.join(link))?;
+        }
+    }
+    let moddst = rootfs.join("lib/modules").join(&kernel.version);
+    std::fs::create_dir_all(&moddst)?;
+    for f in ["modules.order", "modules.builtin", "modules.builtin.modinfo"] {
+        std::fs::copy(kernel.modules.join(f), moddst.join(f))?;
+    }
+    for d in MODULE_DIRS {
+        let src = kernel.modules.join(d);
+        let dst = moddst.join(d);
+        std::fs::create_dir_all(dst.parent().context("module parent")?)?;
+        run(Command::new("cp").arg("-a").arg(&src).arg(&dst))?;
+    }
+    run(Command::new("depmod").arg("-b").arg(&rootfs).arg(&kernel.version))?;
+    let certdir = work.join("certs");
+    certs(&certdir)?;
+    for f in ["ca.pem", "node-a.pem", "node-a.key", "node-b.pem", "node-b.key"] {
+        std::fs::copy(certdir.join(f), rootfs.join("etc/tlshub/certs").join(f))?;
+    }
+    std::fs::write(rootfs.join("etc/passwd"), "root:x:0:0:root:/root:/bin/sh\ntcpdump:x:100:100::/:/bin/false\n")?;
+    std::fs::write(rootfs.join("etc/group"), "root:x:0:\ntcpdump:x:100:\n")?;
+    let init = rootfs.join("init");
+    std::fs::write(&init, INIT)?;
+    run(Command::new("chmod").arg("755").arg(&init))?;
+    let out = work.join("initrd.gz");
+    run(Command::new("sh").arg("-c").arg(format!(
+        "cd '{}' && find . -print0 | cpio --null -o -H newc --quiet | gzip -1 > '{}'",
+        rootfs.display(),
+        out.display()
+    )))?;
+    Ok(out)
+}
+
+/// Builds everything and boots the VM in `mode`; fails unless every
+/// planned scenario reported PASS.
+pub fn run_mode(mode: &str, filter: Option<&str>) -> Result<()> {
+    let kernel = deps::kernel()?;
+    let bins = build_binaries()?;
+    let work = root().join("target/vm");
+    std::fs::create_dir_all(&work)?;
+    println!("== building initramfs");
+    let initrd = initramfs(&kernel, &bins, &work)?;
+    let timeout = match mode {
+        "demo" => Duration::from_secs(15 * 60),
+        _ => Duration::from_secs(60 * 60),
+    };
+    let mut append = format!("console=ttyS0 quiet panic=-1 oops=panic tlshub.mode={mode}");
+    if let Some(f) = filter {
+        append.push_str(&format!(" tlshub.filter={f}"));
+    }
+    println!("== booting {} ({mode}); serial console follows", kernel.version);
+    let mut child = Command::new("qemu-system-x86_64")
+        .args(["-accel", "tcg", "-cpu", "max", "-smp", "2", "-m", "3072", "-nographic", "-no-reboot", "-nic", "none"])
+        .arg("-kernel")
+        .arg(&kernel.vmlinuz)
+        .arg("-initrd")
+        .arg(&initrd)
+        .args(["-append", &append])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .context("cannot start qemu-system-x86_64")?;
+    let stdout = child.stdout.take().context("qemu stdout")?;
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines() {
+            match line {
+                Ok(l) => {
+                    if tx.send(l).is_err() {
+                        return;
+                    }
+                }
+                Err(_) => return,
+            }
+        }
+    });
+    let started = Instant::now();
+    let mut plan = None::<usize>;
+    let mut passed = Vec::new();
+    let mut failed = Vec::new();
+    let mut done = false;
+    let mut panic = None;
+    let mut log = Vec::new();
+    loop {
+        let left = timeout.saturating_sub(started.elapsed());
+        match rx.recv_timeout(left.min(Duration::from_secs(1))) {
+            Ok(line) => {
+                let line = line.trim_end_matches('\r').to_string();
+                println!("{line}");
+                if let Some(n) = line.strip_prefix("TLSHUB-PLAN ") {
+                    plan = n.trim().parse().ok();
+                } else if let Some(r) = line.strip_prefix("TLSHUB-RESULT ") {
+                    let mut it = r.splitn(3, ' ');
+                    let (name, verdict) = (it.next().unwrap_or("").to_string(), it.next().unwrap_or(""));
+                    if verdict == "PASS" { passed.push(name) } else { failed.push(name) }
+                } else if line.contains("TLSHUB-DONE") {
+                    done = true;
+                } else if line.contains("Kernel panic") || line.contains("BUG:") || line.contains("Oops:") {
+                    panic.get_or_insert(line.clone());
+                }
+                log.push(line);
+            }
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break,
+        }
+        if started.elapsed() >= timeout {
+            let _ = child.kill();
+            let _ = child.wait();
+            std::fs::write(work.join(format!("serial-{mode}.log")), log.join("\n"))?;
+            bail!("VM hung: no end after {timeout:?} ({} results of {plan:?})", passed.len() + failed.len());
+        }
+    }
+    let _ = child.wait();
+    std::fs::write(work.join(format!("serial-{mode}.log")), log.join("\n"))?;
+    if let Some(p) = panic {
+        bail!("kernel problem in the VM: {p}");
+    }
+    let Some(plan) = plan else { bail!("the VM runner never started (no TLSHUB-PLAN line)") };
+    if !done {
+        bail!("the VM runner did not finish (no TLSHUB-DONE)");
+    }
+    if plan == 0 {
+        bail!("no scenario matched");
+    }
+    if passed.len() + failed.len() != plan {
+        bail!("{plan} scenarios planned, {} reported", passed.len() + failed.len());
+    }
+    if !failed.is_empty() {
+        bail!("VM scenarios failed: {}", failed.join(", "));
+    }
+    println!("== VM {mode}: {} of {plan} passed in {:.0}s", passed.len(), started.elapsed().as_secs_f64());
+    Ok(())
+}
