@@ -7,7 +7,9 @@ use std::process::Command;
 use anyhow::{Context, bail};
 
 fn run(cmd: &mut Command) -> anyhow::Result<std::process::Output> {
-    let out = cmd.output().with_context(|| format!("cannot run {cmd:?}"))?;
+    let out = cmd
+        .output()
+        .with_context(|| format!("cannot run {cmd:?}"))?;
     if !out.status.success() {
         bail!("{cmd:?} failed:\n{}", String::from_utf8_lossy(&out.stderr));
     }
@@ -22,15 +24,25 @@ fn main() -> anyhow::Result<()> {
     println!("cargo:rerun-if-env-changed=CLANG");
     let clang = std::env::var("CLANG").unwrap_or_else(|_| "clang".into());
     run(Command::new(&clang)
-        .args(["-O2", "-g", "-target", "bpf", "-D__TARGET_ARCH_x86", "-Wall", "-Werror"])
+        .args([
+            "-O2",
+            "-g",
+            "-target",
+            "bpf",
+            "-D__TARGET_ARCH_x86",
+            "-Wall",
+            "-Werror",
+        ])
         .arg("-I/usr/include/x86_64-linux-gnu")
         .args(["-c", "c/tlshub.bpf.c", "-o"])
         .arg(out.join("tlshub.bpf.o")))
     .context("building the BPF object (needs clang and libbpf-dev: `cargo xtask deps`)")?;
 
     let layout_bin = out.join("layout");
-    run(Command::new(&clang).args(["-O0", "c/layout.c", "-o"]).arg(&layout_bin))
-        .context("building the layout probe")?;
+    run(Command::new(&clang)
+        .args(["-O0", "c/layout.c", "-o"])
+        .arg(&layout_bin))
+    .context("building the layout probe")?;
     let consts = run(&mut Command::new(&layout_bin))?;
     std::fs::write(out.join("layout.rs"), consts.stdout)?;
     Ok(())

@@ -87,7 +87,9 @@ pub struct Agent {
 
 impl std::fmt::Debug for Agent {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Agent").field("pending", &self.pending.len()).finish()
+        f.debug_struct("Agent")
+            .field("pending", &self.pending.len())
+            .finish()
     }
 }
 
@@ -117,7 +119,9 @@ impl Agent {
                 socket = %config.provider.socket.display(),
                 "provider reachable"
             ),
-            Err(e) => warn!(error = %e, "provider not reachable yet; connections follow the failure policy until it is"),
+            Err(e) => {
+                warn!(error = %e, "provider not reachable yet; connections follow the failure policy until it is")
+            }
         }
         Ok(Self {
             config,
@@ -218,12 +222,20 @@ impl Agent {
     }
 
     fn maybe_start(&mut self, cookie: u64, done: &mpsc::UnboundedSender<Outcome>) {
-        let Some(p) = self.pending.get_mut(&cookie) else { return };
-        let (Some(est), Some((pid, fd)), false) = (p.established, p.owner, p.keying) else { return };
+        let Some(p) = self.pending.get_mut(&cookie) else {
+            return;
+        };
+        let (Some(est), Some((pid, fd)), false) = (p.established, p.owner, p.keying) else {
+            return;
+        };
         p.keying = true;
         let job = Job {
             cookie,
-            role: if est.role == role::CLIENT { Role::Client } else { Role::Server },
+            role: if est.role == role::CLIENT {
+                Role::Client
+            } else {
+                Role::Server
+            },
             local: est.local(),
             remote: est.remote(),
             local_isn: est.local_isn,
@@ -247,27 +259,35 @@ impl Agent {
     }
 
     fn on_outcome(&mut self, outcome: Outcome) {
-        let Outcome { cookie, socket, result } = outcome;
+        let Outcome {
+            cookie,
+            socket,
+            result,
+        } = outcome;
         let pending = self.pending.remove(&cookie);
         let span = info_span!("conn", cookie);
         let _enter = span.enter();
         match result {
             Ok(installed) => {
-                self.stats.protected += 1;
-                self.stats.key_micros.push(installed.key_time.as_micros() as u64);
-                if let Some(s) = &socket {
-                    if let Err(e) = self.programs.open_gate(cookie, s) {
-                        error!(error = %e, "cannot open the gate; resetting");
-                        self.fail(cookie, socket.as_ref(), "gate_open", true);
-                        return;
-                    }
+                let opened = match &socket {
+                    Some(s) => self.programs.open_gate(cookie, s),
+                    None => Ok(()),
+                };
+                if let Err(e) = opened {
+                    error!(error = %e, "cannot open the gate; resetting");
+                    self.fail(cookie, socket.as_ref(), "gate_open", true);
+                } else {
+                    self.stats.protected += 1;
+                    self.stats
+                        .key_micros
+                        .push(installed.key_time.as_micros() as u64);
+                    info!(
+                        version = ?installed.version,
+                        cipher = %installed.cipher,
+                        key_ms = installed.key_time.as_secs_f64() * 1000.0,
+                        "kTLS installed"
+                    );
                 }
-                info!(
-                    version = ?installed.version,
-                    cipher = %installed.cipher,
-                    key_ms = installed.key_time.as_secs_f64() * 1000.0,
-                    "kTLS installed"
-                );
             }
             Err(e) => {
                 if pending.is_none() {
@@ -286,7 +306,13 @@ impl Agent {
 
     /// Applies the failure policy. A socket with some kTLS state is reset
     /// whatever the policy: it can carry neither plaintext nor records.
-    fn fail(&mut self, cookie: u64, socket: Option<&OwnedFd>, reason: &'static str, force_reset: bool) {
+    fn fail(
+        &mut self,
+        cookie: u64,
+        socket: Option<&OwnedFd>,
+        reason: &'static str,
+        force_reset: bool,
+    ) {
         *self.stats.failed.entry(reason).or_default() += 1;
         let reset = force_reset || self.config.failure_policy == FailurePolicy::FailClosed;
         match (socket, reset) {
@@ -317,7 +343,10 @@ impl Agent {
     fn sweep_held(&mut self) {
         let now = sys::monotonic_ns();
         for (pid, held) in self.programs.held() {
-            let still_gated = self.programs.conn(held.cookie).is_some_and(|c| c.gate == gate::CLOSED)
+            let still_gated = self
+                .programs
+                .conn(held.cookie)
+                .is_some_and(|c| c.gate == gate::CLOSED)
                 && self.pending.contains_key(&held.cookie);
             if still_gated {
                 continue;
@@ -332,11 +361,15 @@ impl Agent {
                         warn!(pid, error = %e, "cannot continue held process");
                     }
                     if self.continued.insert((pid, held.since_ns)) {
-                        self.stats.held_micros.push(now.saturating_sub(held.since_ns) / 1000);
+                        self.stats
+                            .held_micros
+                            .push(now.saturating_sub(held.since_ns) / 1000);
                         debug!(pid, cookie = held.cookie, "held process continued");
                     }
                 }
-                Some(_) if now.saturating_sub(held.since_ns) > HELD_RECORD_GRACE.as_nanos() as u64 => {
+                Some(_)
+                    if now.saturating_sub(held.since_ns) > HELD_RECORD_GRACE.as_nanos() as u64 =>
+                {
                     self.programs.forget_held(pid);
                     self.continued.remove(&(pid, held.since_ns));
                 }
@@ -351,7 +384,9 @@ impl Agent {
     fn release_all(&mut self) {
         let cookies: Vec<u64> = self.pending.keys().copied().collect();
         for cookie in cookies {
-            let Some(p) = self.pending.remove(&cookie) else { continue };
+            let Some(p) = self.pending.remove(&cookie) else {
+                continue;
+            };
             let Some((pid, fd)) = p.owner else { continue };
             let socket = keying::find_socket(pid, fd, cookie).ok();
             self.fail(cookie, socket.as_ref(), "core_shutdown", false);
@@ -371,7 +406,10 @@ impl Agent {
         match serde_json::to_vec(&self.stats) {
             Ok(bytes) => {
                 let tmp = path.with_extension("tmp");
-                if std::fs::write(&tmp, bytes).and_then(|()| std::fs::rename(&tmp, path)).is_err() {
+                if std::fs::write(&tmp, bytes)
+                    .and_then(|()| std::fs::rename(&tmp, path))
+                    .is_err()
+                {
                     warn!(path = %path.display(), "cannot write stats file");
                 }
             }

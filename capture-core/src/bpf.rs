@@ -122,7 +122,9 @@ fn take<T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>>(
     ebpf: &mut Ebpf,
     name: &'static str,
 ) -> Result<T, BpfError> {
-    let map = ebpf.take_map(name).ok_or(BpfError::Missing { what: "map", name })?;
+    let map = ebpf
+        .take_map(name)
+        .ok_or(BpfError::Missing { what: "map", name })?;
     T::try_from(map).map_err(map_err(name))
 }
 
@@ -130,8 +132,14 @@ fn program<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut T, B
 where
     &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
 {
-    let p = ebpf.program_mut(name).ok_or(BpfError::Missing { what: "program", name })?;
-    p.try_into().map_err(|source| BpfError::Load { program: name, source })
+    let p = ebpf.program_mut(name).ok_or(BpfError::Missing {
+        what: "program",
+        name,
+    })?;
+    p.try_into().map_err(|source| BpfError::Load {
+        program: name,
+        source,
+    })
 }
 
 impl Programs {
@@ -149,7 +157,10 @@ impl Programs {
         {
             let p: &mut SockOps = program(&mut ebpf, names::SOCKOPS)?;
             p.load().map_err(|e| load(names::SOCKOPS, e))?;
-            p.attach(cg.as_fd(), CgroupAttachMode::AllowMultiple)
+            // A bpf_link: the kernel always attaches links as multi (another
+            // core's sockops may sit on the same cgroup); on 6.1 an explicit
+            // BPF_F_ALLOW_MULTI flag on link_create is EINVAL.
+            p.attach(cg.as_fd(), CgroupAttachMode::Single)
                 .map_err(|e| load(names::SOCKOPS, e))?;
         }
         for (name, category, tp) in names::TRACEPOINTS {
@@ -183,15 +194,23 @@ impl Programs {
     pub fn write_policy(&mut self, policy: &PolicySection) -> Result<(), BpfError> {
         for cidr in &policy.local_cidrs {
             let key = Key::new(cidr.mapped_prefix(), mapped(cidr.addr));
-            self.local_nets.insert(&key, 1, 0).map_err(map_err(names::LOCAL_NETS))?;
+            self.local_nets
+                .insert(&key, 1, 0)
+                .map_err(map_err(names::LOCAL_NETS))?;
         }
         for (rule, r) in policy.rules.iter().enumerate() {
             let rule = u32::try_from(rule).unwrap_or(u32::MAX);
             for cidr in &r.peer_cidrs {
                 let key = Key::new(cidr.mapped_prefix(), mapped(cidr.addr));
-                self.peer_nets.insert(&key, rule, 0).map_err(map_err(names::PEER_NETS))?;
+                self.peer_nets
+                    .insert(&key, rule, 0)
+                    .map_err(map_err(names::PEER_NETS))?;
             }
-            let ports: Vec<u16> = if r.ports.is_empty() { vec![0] } else { r.ports.clone() };
+            let ports: Vec<u16> = if r.ports.is_empty() {
+                vec![0]
+            } else {
+                r.ports.clone()
+            };
             for port in ports {
                 self.rule_ports
                     .insert(PortKey { rule, port, pad: 0 }, 1, 0)
@@ -209,8 +228,14 @@ impl Programs {
     /// Opens the gate of a connection and removes the per-socket lookups
     /// (socket-local mark, inode entry) so that its later sends and receives
     /// cost the gate one failed lookup. `socket` is the core's duplicate.
-    pub fn open_gate(&mut self, cookie: u64, socket: &impl std::os::fd::AsRawFd) -> Result<(), BpfError> {
-        let Some(mut conn) = self.conn(cookie) else { return Ok(()) };
+    pub fn open_gate(
+        &mut self,
+        cookie: u64,
+        socket: &impl std::os::fd::AsRawFd,
+    ) -> Result<(), BpfError> {
+        let Some(mut conn) = self.conn(cookie) else {
+            return Ok(());
+        };
         conn.gate = gate::OPEN;
         // Replacing the value is atomic for readers: the BPF side either sees
         // the old element (gate closed) or the new one (open).
@@ -250,6 +275,10 @@ impl Programs {
 
     /// Entries in the map sizes that must return to idle: (conns, ino, held).
     pub fn map_sizes(&self) -> (usize, usize, usize) {
-        (self.conns.keys().count(), self.ino_cookies.keys().count(), self.held.keys().count())
+        (
+            self.conns.keys().count(),
+            self.ino_cookies.keys().count(),
+            self.held.keys().count(),
+        )
     }
 }

@@ -76,8 +76,12 @@ impl Cidr {
 impl FromStr for Cidr {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
-        let (a, p) = s.split_once('/').ok_or_else(|| format!("`{s}` is not a CIDR (want ADDR/LEN)"))?;
-        let addr: IpAddr = a.parse().map_err(|_| format!("`{a}` is not an IP address"))?;
+        let (a, p) = s
+            .split_once('/')
+            .ok_or_else(|| format!("`{s}` is not a CIDR (want ADDR/LEN)"))?;
+        let addr: IpAddr = a
+            .parse()
+            .map_err(|_| format!("`{a}` is not an IP address"))?;
         let max = if addr.is_ipv4() { 32 } else { 128 };
         let prefix: u8 = p
             .parse()
@@ -107,7 +111,10 @@ pub struct ProviderSection {
 
 impl Default for ProviderSection {
     fn default() -> Self {
-        Self { socket: PathBuf::from("/run/tlshub/provider.sock"), timeout_ms: 2000 }
+        Self {
+            socket: PathBuf::from("/run/tlshub/provider.sock"),
+            timeout_ms: 2000,
+        }
     }
 }
 
@@ -144,7 +151,9 @@ pub struct BpfSection {
 
 impl Default for BpfSection {
     fn default() -> Self {
-        Self { cgroup: PathBuf::from("/sys/fs/cgroup") }
+        Self {
+            cgroup: PathBuf::from("/sys/fs/cgroup"),
+        }
     }
 }
 
@@ -171,16 +180,23 @@ pub struct Config {
 impl Config {
     /// Reads and checks `path`.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
         Self::parse(path, &text)
     }
 
     /// Parses and checks `text` (read from `path`, for messages).
     pub fn parse(path: &Path, text: &str) -> Result<Self, ConfigError> {
-        let config: Self = toml::from_str(text)
-            .map_err(|source| ConfigError::Parse { path: path.to_owned(), source })?;
-        let invalid = |reason: String| ConfigError::Invalid { path: path.to_owned(), reason };
+        let config: Self = toml::from_str(text).map_err(|source| ConfigError::Parse {
+            path: path.to_owned(),
+            source,
+        })?;
+        let invalid = |reason: String| ConfigError::Invalid {
+            path: path.to_owned(),
+            reason,
+        };
         if config.node_name.trim().is_empty() {
             return Err(invalid("`node_name` is empty".into()));
         }
@@ -192,7 +208,12 @@ impl Config {
                 "`policy.local_cidrs` and `policy.rules` must both be set (or both empty: protect nothing)".into(),
             ));
         }
-        if let Some(r) = config.policy.rules.iter().position(|r| r.peer_cidrs.is_empty()) {
+        if let Some(r) = config
+            .policy
+            .rules
+            .iter()
+            .position(|r| r.peer_cidrs.is_empty())
+        {
             return Err(invalid(format!("`policy.rules[{r}].peer_cidrs` is empty")));
         }
         Ok(config)
@@ -247,14 +268,24 @@ ports = [8443]
     #[test]
     fn unknown_keys_and_bad_policy_values_are_errors() {
         let e = parse(&GOOD.replace("timeout", "x")).err();
-        assert!(e.is_none(), "no timeout key in GOOD; this replace is a no-op");
-        let e = parse(&format!("{GOOD}\n[bpf]\ncgroupp = \"/x\"\n")).unwrap_err().to_string();
-        assert!(e.contains("unknown field `cgroupp`"), "{e}");
-        let e = parse(&GOOD.replace("node_name = \"node-a\"", "node_name = \"node-a\"\nfailure_policy = \"open\""))
+        assert!(
+            e.is_none(),
+            "no timeout key in GOOD; this replace is a no-op"
+        );
+        let e = parse(&format!("{GOOD}\n[bpf]\ncgroupp = \"/x\"\n"))
             .unwrap_err()
             .to_string();
+        assert!(e.contains("unknown field `cgroupp`"), "{e}");
+        let e = parse(&GOOD.replace(
+            "node_name = \"node-a\"",
+            "node_name = \"node-a\"\nfailure_policy = \"open\"",
+        ))
+        .unwrap_err()
+        .to_string();
         assert!(e.contains("failure_policy") && e.contains("line 3"), "{e}");
-        let e = parse("node_name = \"a\"\n[provider]\ntimeout_ms = 0\n").unwrap_err().to_string();
+        let e = parse("node_name = \"a\"\n[provider]\ntimeout_ms = 0\n")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("timeout_ms"), "{e}");
     }
 }

@@ -154,21 +154,27 @@ pub fn find_socket(pid: u32, fd: i32, cookie: u64) -> Result<OwnedFd, KeyingErro
         Err(source) => return Err(KeyingError::TakeSocket { pid, fd, source }),
     }
     let gone = KeyingError::SocketGone { cookie, pid, fd };
-    let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/fd")) else { return Err(gone) };
+    let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+        return Err(gone);
+    };
     for entry in dir.flatten() {
         let is_socket = std::fs::read_link(entry.path())
             .map(|t| t.to_string_lossy().starts_with("socket:"))
             .unwrap_or(false);
-        let Some(other) = entry.file_name().to_str().and_then(|n| n.parse::<i32>().ok()) else {
+        let Some(other) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<i32>().ok())
+        else {
             continue;
         };
         if !is_socket || other == fd {
             continue;
         }
-        if let Ok(s) = take_fd(pid, other) {
-            if socket_cookie(&s).ok() == Some(cookie) {
-                return Ok(s);
-            }
+        if let Ok(s) = take_fd(pid, other)
+            && socket_cookie(&s).ok() == Some(cookie)
+        {
+            return Ok(s);
         }
     }
     Err(gone)
@@ -181,10 +187,20 @@ pub async fn run(job: Job, provider: ProviderClient) -> Outcome {
     let found = tokio::task::spawn_blocking(move || find_socket(pid, fd, cookie)).await;
     let socket = match found {
         Ok(Ok(s)) => s,
-        Ok(Err(e)) => return Outcome { cookie, socket: None, result: Err(e) },
+        Ok(Err(e)) => {
+            return Outcome {
+                cookie,
+                socket: None,
+                result: Err(e),
+            };
+        }
         Err(join) => {
             let source = std::io::Error::other(join.to_string());
-            return Outcome { cookie, socket: None, result: Err(KeyingError::TakeSocket { pid, fd, source }) };
+            return Outcome {
+                cookie,
+                socket: None,
+                result: Err(KeyingError::TakeSocket { pid, fd, source }),
+            };
         }
     };
     let request = KeyRequest {
@@ -195,20 +211,37 @@ pub async fn run(job: Job, provider: ProviderClient) -> Outcome {
         local_isn: job.local_isn,
         remote_isn: job.remote_isn,
         node_name: job.node_name.clone(),
-        socket: Some(SocketHandle { pid: std::process::id(), fd: socket.as_raw_fd() }),
+        socket: Some(SocketHandle {
+            pid: std::process::id(),
+            fd: socket.as_raw_fd(),
+        }),
         timeout: job.timeout,
     };
     let started = Instant::now();
     let keys = match provider.keys(&request).await {
         Ok(k) => k,
-        Err(e) => return Outcome { cookie, socket: Some(socket), result: Err(e.into()) },
+        Err(e) => {
+            return Outcome {
+                cookie,
+                socket: Some(socket),
+                result: Err(e.into()),
+            };
+        }
     };
     let key_time = started.elapsed();
     if let Some(log) = &job.keylog {
         log.record(&job, &keys);
     }
     let result = sys::install_ktls(socket.as_fd(), &keys)
-        .map(|()| Installed { version: keys.version, cipher: keys.cipher_suite, key_time })
+        .map(|()| Installed {
+            version: keys.version,
+            cipher: keys.cipher_suite,
+            key_time,
+        })
         .map_err(|(step, source)| KeyingError::Install { step, source });
-    Outcome { cookie, socket: Some(socket), result }
+    Outcome {
+        cookie,
+        socket: Some(socket),
+        result,
+    }
 }

@@ -6,7 +6,10 @@ mod agent;
 mod bpf;
 mod config;
 mod keying;
-#[expect(unsafe_code, reason = "syscalls on application sockets; SAFETY comments inside")]
+#[expect(
+    unsafe_code,
+    reason = "syscalls on application sockets; SAFETY comments inside"
+)]
 mod sys;
 
 use std::path::PathBuf;
@@ -54,6 +57,7 @@ fn main() -> ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let mut config = match Config::load(&args.config) {
         Ok(c) => c,
@@ -77,7 +81,10 @@ fn main() -> ExitCode {
         println!("{}: OK", args.config.display());
         return ExitCode::SUCCESS;
     }
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(r) => r,
         Err(e) => {
             eprintln!("tlshub-core: cannot start runtime: {e}");
@@ -101,16 +108,28 @@ fn main() -> ExitCode {
         let agent = match agent::Agent::start(config, args.stats_file, keylog).await {
             Ok(a) => a,
             Err(e) => {
-                tracing::error!(error = %e, "cannot start");
+                tracing::error!(error = %error_chain(&e), "cannot start");
                 return ExitCode::FAILURE;
             }
         };
         match agent.run(tlshub_provider_sdk::server::shutdown_signal()).await {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
-                tracing::error!(error = %e, "event loop failed");
+                tracing::error!(error = %error_chain(&e), "event loop failed");
                 ExitCode::FAILURE
             }
         }
     })
+}
+
+/// An error with all its sources, `outer: inner: ...`.
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
 }

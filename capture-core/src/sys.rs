@@ -31,8 +31,14 @@ struct CryptoInfo<const I: usize, const N: usize, const S: usize> {
 impl<const I: usize, const N: usize, const S: usize> CryptoInfo<I, N, S> {
     /// Splits the 12-byte nonce base into salt (first `S` bytes) and IV.
     fn new(version: u16, cipher_type: u16, keys: &DirectionKeys) -> Self {
-        let mut info =
-            Self { version, cipher_type, iv: [0; I], key: [0; N], salt: [0; S], rec_seq: [0; 8] };
+        let mut info = Self {
+            version,
+            cipher_type,
+            iv: [0; I],
+            key: [0; N],
+            salt: [0; S],
+            rec_seq: [0; 8],
+        };
         info.key.copy_from_slice(&keys.key);
         info.salt.copy_from_slice(&keys.iv[..S]);
         info.iv.copy_from_slice(&keys.iv[S..]);
@@ -49,7 +55,12 @@ impl<const I: usize, const N: usize, const S: usize> Drop for CryptoInfo<I, N, S
     }
 }
 
-fn setsockopt_raw<T>(fd: BorrowedFd<'_>, level: libc::c_int, name: libc::c_int, value: &T) -> io::Result<()> {
+fn setsockopt_raw<T>(
+    fd: BorrowedFd<'_>,
+    level: libc::c_int,
+    name: libc::c_int,
+    value: &T,
+) -> io::Result<()> {
     // SAFETY: value points to a live T of the given size for the duration
     // of the call; the kernel copies it.
     let rc = unsafe {
@@ -61,21 +72,37 @@ fn setsockopt_raw<T>(fd: BorrowedFd<'_>, level: libc::c_int, name: libc::c_int, 
             std::mem::size_of::<T>() as libc::socklen_t,
         )
     };
-    if rc == 0 { Ok(()) } else { Err(io::Error::last_os_error()) }
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
 }
 
-fn set_direction(fd: BorrowedFd<'_>, name: libc::c_int, version: TlsVersion, suite: CipherSuite, keys: &DirectionKeys) -> io::Result<()> {
+fn set_direction(
+    fd: BorrowedFd<'_>,
+    name: libc::c_int,
+    version: TlsVersion,
+    suite: CipherSuite,
+    keys: &DirectionKeys,
+) -> io::Result<()> {
     let v = match version {
         TlsVersion::Tls12 => TLS_1_2_VERSION,
         TlsVersion::Tls13 => TLS_1_3_VERSION,
     };
     match suite {
-        CipherSuite::Aes128Gcm => {
-            setsockopt_raw(fd, SOL_TLS, name, &CryptoInfo::<8, 16, 4>::new(v, TLS_CIPHER_AES_GCM_128, keys))
-        }
-        CipherSuite::Aes256Gcm => {
-            setsockopt_raw(fd, SOL_TLS, name, &CryptoInfo::<8, 32, 4>::new(v, TLS_CIPHER_AES_GCM_256, keys))
-        }
+        CipherSuite::Aes128Gcm => setsockopt_raw(
+            fd,
+            SOL_TLS,
+            name,
+            &CryptoInfo::<8, 16, 4>::new(v, TLS_CIPHER_AES_GCM_128, keys),
+        ),
+        CipherSuite::Aes256Gcm => setsockopt_raw(
+            fd,
+            SOL_TLS,
+            name,
+            &CryptoInfo::<8, 32, 4>::new(v, TLS_CIPHER_AES_GCM_256, keys),
+        ),
         CipherSuite::Chacha20Poly1305 => setsockopt_raw(
             fd,
             SOL_TLS,
@@ -99,11 +126,20 @@ pub enum KtlsStep {
 /// Installs kTLS on the socket: the ULP, then TX and RX keys. The keys must
 /// have passed [`ConnectionKeys::validate`]. On error the socket may be
 /// half-installed; the caller must reset it.
-pub fn install_ktls(fd: BorrowedFd<'_>, keys: &ConnectionKeys) -> Result<(), (KtlsStep, io::Error)> {
+pub fn install_ktls(
+    fd: BorrowedFd<'_>,
+    keys: &ConnectionKeys,
+) -> Result<(), (KtlsStep, io::Error)> {
     // SAFETY: "tls\0" is a valid C string; its length excludes nothing the
     // kernel needs (it reads up to TCP_ULP_NAME_MAX or the given length).
     let rc = unsafe {
-        libc::setsockopt(fd.as_raw_fd(), libc::IPPROTO_TCP, libc::TCP_ULP, c"tls".as_ptr().cast(), 3)
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_ULP,
+            c"tls".as_ptr().cast(),
+            3,
+        )
     };
     if rc != 0 {
         return Err((KtlsStep::Ulp, io::Error::last_os_error()));
@@ -119,12 +155,23 @@ pub fn install_ktls(fd: BorrowedFd<'_>, keys: &ConnectionKeys) -> Result<(), (Kt
 /// sends RST for an established connection and sets `ECONNRESET` as the
 /// socket error the application sees next.
 pub fn reset_connection(fd: BorrowedFd<'_>) -> io::Result<()> {
-    let addr = libc::sockaddr { sa_family: libc::AF_UNSPEC as libc::sa_family_t, sa_data: [0; 14] };
+    let addr = libc::sockaddr {
+        sa_family: libc::AF_UNSPEC as libc::sa_family_t,
+        sa_data: [0; 14],
+    };
     // SAFETY: addr is a live sockaddr of the given size.
     let rc = unsafe {
-        libc::connect(fd.as_raw_fd(), &addr, std::mem::size_of::<libc::sockaddr>() as libc::socklen_t)
+        libc::connect(
+            fd.as_raw_fd(),
+            &addr,
+            std::mem::size_of::<libc::sockaddr>() as libc::socklen_t,
+        )
     };
-    if rc == 0 { Ok(()) } else { Err(io::Error::last_os_error()) }
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
 }
 
 /// Sends SIGCONT to a process.
@@ -132,12 +179,19 @@ pub fn continue_process(pid: u32) -> io::Result<()> {
     let pid = libc::pid_t::try_from(pid).map_err(|_| io::Error::from_raw_os_error(libc::ESRCH))?;
     // SAFETY: kill takes plain integers.
     let rc = unsafe { libc::kill(pid, libc::SIGCONT) };
-    if rc == 0 { Ok(()) } else { Err(io::Error::last_os_error()) }
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
 }
 
 /// The monotonic clock in nanoseconds (the clock of `bpf_ktime_get_ns`).
 pub fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
     // SAFETY: ts is a live timespec.
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
     u64::try_from(ts.tv_sec).unwrap_or(0) * 1_000_000_000 + u64::try_from(ts.tv_nsec).unwrap_or(0)
@@ -159,7 +213,11 @@ mod tests {
 
     #[test]
     fn salt_and_iv_are_split_from_the_nonce_base() {
-        let keys = DirectionKeys { key: vec![7; 16], iv: (0..12).collect(), record_sequence: 1 };
+        let keys = DirectionKeys {
+            key: vec![7; 16],
+            iv: (0..12).collect(),
+            record_sequence: 1,
+        };
         let info = CryptoInfo::<8, 16, 4>::new(TLS_1_3_VERSION, TLS_CIPHER_AES_GCM_128, &keys);
         assert_eq!(info.salt, [0, 1, 2, 3]);
         assert_eq!(info.iv, [4, 5, 6, 7, 8, 9, 10, 11]);

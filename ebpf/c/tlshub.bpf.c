@@ -188,10 +188,14 @@ static __always_inline void fill_tuple(struct bpf_sock_ops *skops, struct tlshub
 		v4_mapped(ev->local_addr, skops->local_ip4);
 		v4_mapped(ev->remote_addr, skops->remote_ip4);
 	} else {
-		__u32 l[4] = { skops->local_ip6[0], skops->local_ip6[1], skops->local_ip6[2],
-			       skops->local_ip6[3] };
-		__u32 r[4] = { skops->remote_ip6[0], skops->remote_ip6[1], skops->remote_ip6[2],
-			       skops->remote_ip6[3] };
+		/* One 32-bit load per word: the verifier refuses the 64-bit
+		 * loads clang would otherwise merge these into. */
+		__u32 l[4], r[4];
+#pragma unroll
+		for (int i = 0; i < 4; i++) {
+			l[i] = *(volatile __u32 *)&skops->local_ip6[i];
+			r[i] = *(volatile __u32 *)&skops->remote_ip6[i];
+		}
 		__builtin_memcpy(ev->local_addr, l, 16);
 		__builtin_memcpy(ev->remote_addr, r, 16);
 	}

@@ -125,10 +125,14 @@ pub struct Event {
 #[derive(Debug)]
 pub struct BadEventSize(pub usize);
 
-
 impl std::fmt::Display for BadEventSize {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "ring buffer record of {} bytes, expected {}", self.0, size_of::<Event>())
+        write!(
+            f,
+            "ring buffer record of {} bytes, expected {}",
+            self.0,
+            size_of::<Event>()
+        )
     }
 }
 
@@ -225,7 +229,10 @@ unsafe impl aya::Pod for PortKey {}
 
 /// Sizes and offsets as the C compiler laid them out.
 #[doc(hidden)]
-#[expect(non_upper_case_globals, reason = "names generated from the C struct names")]
+#[expect(
+    non_upper_case_globals,
+    reason = "names generated from the C struct names"
+)]
 pub mod c_layout {
     include!(concat!(env!("OUT_DIR"), "/layout.rs"));
 }
@@ -280,10 +287,9 @@ mod tests {
             remote_port: 8443,
             ..Default::default()
         };
-        // SAFETY (test): viewing a repr(C) POD value as bytes.
-        let bytes = unsafe {
-            std::slice::from_raw_parts((&raw const ev).cast::<u8>(), size_of::<Event>())
-        };
+        let bytes =
+            // SAFETY: viewing a repr(C) plain-old-data value as its bytes.
+            unsafe { std::slice::from_raw_parts((&raw const ev).cast::<u8>(), size_of::<Event>()) };
         let back = Event::from_bytes(bytes).unwrap();
         assert_eq!(back, ev);
         assert_eq!(back.local().to_string(), "10.0.1.2:1234");

@@ -52,7 +52,10 @@ impl ClientError {
     pub fn reason(&self) -> &'static str {
         match self {
             Self::Timeout { .. } => "timeout",
-            Self::Status { code: tonic::Code::Unavailable, .. } => "unavailable",
+            Self::Status {
+                code: tonic::Code::Unavailable,
+                ..
+            } => "unavailable",
             Self::Status { .. } => "error",
             Self::Malformed { .. } => "malformed",
         }
@@ -68,7 +71,9 @@ pub struct ProviderClient {
 
 impl std::fmt::Debug for ProviderClient {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ProviderClient").field("path", &self.path).finish()
+        f.debug_struct("ProviderClient")
+            .field("path", &self.path)
+            .finish()
     }
 }
 
@@ -85,15 +90,18 @@ impl ProviderClient {
                 let hook = on_connect.clone();
                 async move {
                     let stream = UnixStream::connect(&socket).await?;
-                    if let (Some(hook), Ok(cred)) = (hook, stream.peer_cred()) {
-                        if let Some(pid) = cred.pid().and_then(|p| u32::try_from(p).ok()) {
-                            hook(pid);
-                        }
+                    if let (Some(hook), Ok(cred)) = (hook, stream.peer_cred())
+                        && let Some(pid) = cred.pid().and_then(|p| u32::try_from(p).ok())
+                    {
+                        hook(pid);
                     }
                     Ok::<_, std::io::Error>(TokioIo::new(stream))
                 }
             }));
-        Self { path: path.to_owned(), inner: pb::key_provider_client::KeyProviderClient::new(channel) }
+        Self {
+            path: path.to_owned(),
+            inner: pb::key_provider_client::KeyProviderClient::new(channel),
+        }
     }
 
     /// The socket path.
@@ -102,7 +110,11 @@ impl ProviderClient {
     }
 
     fn status(&self, s: tonic::Status) -> ClientError {
-        ClientError::Status { path: self.path.clone(), code: s.code(), message: s.message().into() }
+        ClientError::Status {
+            path: self.path.clone(),
+            code: s.code(),
+            message: s.message().into(),
+        }
     }
 
     /// `GetInfo`, checked.
@@ -112,12 +124,17 @@ impl ProviderClient {
             .await
             .map_err(|_| self.timeout(timeout))?
             .map_err(|s| self.status(s))?;
-        ProviderInfo::from_pb(answer.into_inner())
-            .map_err(|source| ClientError::Malformed { path: self.path.clone(), source })
+        ProviderInfo::from_pb(answer.into_inner()).map_err(|source| ClientError::Malformed {
+            path: self.path.clone(),
+            source,
+        })
     }
 
     fn timeout(&self, timeout: Duration) -> ClientError {
-        ClientError::Timeout { path: self.path.clone(), millis: timeout.as_millis() as u64 }
+        ClientError::Timeout {
+            path: self.path.clone(),
+            millis: timeout.as_millis() as u64,
+        }
     }
 
     /// `GetConnectionKeys` with a deadline of `request.timeout`; the answer
@@ -138,10 +155,16 @@ impl ProviderClient {
         let mut wire = answer.into_inner();
         let result = ConnectionKeys::from_pb(wire.clone());
         // The wire copy held the key bytes too.
-        for d in [wire.transmit.as_mut(), wire.receive.as_mut()].into_iter().flatten() {
+        for d in [wire.transmit.as_mut(), wire.receive.as_mut()]
+            .into_iter()
+            .flatten()
+        {
             zeroize::Zeroize::zeroize(&mut d.key);
             zeroize::Zeroize::zeroize(&mut d.iv);
         }
-        result.map_err(|source| ClientError::Malformed { path: self.path.clone(), source })
+        result.map_err(|source| ClientError::Malformed {
+            path: self.path.clone(),
+            source,
+        })
     }
 }

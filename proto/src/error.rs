@@ -96,8 +96,15 @@ mod tests {
             ProviderError::Unsupported { what: "x".into() },
             ProviderError::PeerAuthentication { reason: "x".into() },
             ProviderError::Handshake { reason: "x".into() },
-            ProviderError::Timeout { waiting_for: "x".into(), millis: 1 },
-            ProviderError::Socket { pid: 1, fd: 1, source: std::io::Error::other("x") },
+            ProviderError::Timeout {
+                waiting_for: "x".into(),
+                millis: 1,
+            },
+            ProviderError::Socket {
+                pid: 1,
+                fd: 1,
+                source: std::io::Error::other("x"),
+            },
             ProviderError::Unavailable { reason: "x".into() },
             ProviderError::Internal { reason: "x".into() },
         ];

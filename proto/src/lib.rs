@@ -28,7 +28,7 @@ pub const API_VERSION: u32 = 1;
 
 /// Generated protobuf and gRPC code for `tlshub.provider.v1`. Provider
 /// authors do not need it; the core and conformance tests use it.
-#[expect(missing_docs, clippy::all, reason = "generated code")]
+#[expect(missing_docs, reason = "generated code")]
 pub mod pb {
     tonic::include_proto!("tlshub.provider.v1");
 }

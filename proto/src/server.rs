@@ -81,14 +81,22 @@ pub enum ServeError {
 /// secured: bind under a private temporary name with umask 077, set the mode
 /// (and owner, for `allowed_uid`), then rename over the final path.
 pub fn bind_private(path: &Path, allowed_uid: Option<u32>) -> Result<UnixListener, ServeError> {
-    let err = |action, source| ServeError::Socket { action, path: path.to_owned(), source };
+    let err = |action, source| ServeError::Socket {
+        action,
+        path: path.to_owned(),
+        source,
+    };
     match std::fs::symlink_metadata(path) {
         Ok(meta) if !meta.file_type().is_socket() => {
-            return Err(ServeError::NotASocket { path: path.to_owned() });
+            return Err(ServeError::NotASocket {
+                path: path.to_owned(),
+            });
         }
         Ok(_) => {
             if std::os::unix::net::UnixStream::connect(path).is_ok() {
-                return Err(ServeError::AlreadyServing { path: path.to_owned() });
+                return Err(ServeError::AlreadyServing {
+                    path: path.to_owned(),
+                });
             }
             info!(path = %path.display(), "replacing stale socket");
         }
@@ -113,7 +121,9 @@ pub fn bind_private(path: &Path, allowed_uid: Option<u32>) -> Result<UnixListene
     std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600))
         .map_err(|e| err("chmod", e))?;
     std::fs::rename(&tmp, path).map_err(|e| err("rename onto", e))?;
-    listener.set_nonblocking(true).map_err(|e| err("configure", e))?;
+    listener
+        .set_nonblocking(true)
+        .map_err(|e| err("configure", e))?;
     UnixListener::from_std(listener).map_err(|e| err("register", e))
 }
 
@@ -142,8 +152,11 @@ impl<P: Provider> pb::key_provider_server::KeyProvider for Service<P> {
         &self,
         request: Request<pb::ConnectionKeysRequest>,
     ) -> Result<Response<pb::ConnectionKeys>, Status> {
-        let request = KeyRequest::from_pb(request.into_inner())
-            .map_err(|e| Status::from(ProviderError::InvalidRequest { reason: e.to_string() }))?;
+        let request = KeyRequest::from_pb(request.into_inner()).map_err(|e| {
+            Status::from(ProviderError::InvalidRequest {
+                reason: e.to_string(),
+            })
+        })?;
         let span = info_span!(
             "keys",
             cookie = request.socket_cookie,
@@ -158,7 +171,10 @@ impl<P: Provider> pb::key_provider_server::KeyProvider for Service<P> {
                 Ok(keys) => {
                     if let Err(e) = keys.validate() {
                         warn!(error = %e, "provider produced invalid keys");
-                        return Err(ProviderError::Internal { reason: e.to_string() }.into());
+                        return Err(ProviderError::Internal {
+                            reason: e.to_string(),
+                        }
+                        .into());
                     }
                     info!(
                         cipher = %keys.cipher_suite,
@@ -224,9 +240,9 @@ pub async fn serve_until<P: Provider>(
     );
     let result = tonic::transport::Server::builder()
         .add_service(health)
-        .add_service(pb::key_provider_server::KeyProviderServer::from_arc(Arc::new(Service {
-            provider,
-        })))
+        .add_service(pb::key_provider_server::KeyProviderServer::from_arc(
+            Arc::new(Service { provider }),
+        ))
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await;
     health_task.abort();

@@ -30,7 +30,11 @@ pub fn hkdf_expand_label(
 ) -> Result<(), SecretLengthError> {
     let want = hash_len(suite);
     if secret.len() != want {
-        return Err(SecretLengthError { len: secret.len(), want, suite });
+        return Err(SecretLengthError {
+            len: secret.len(),
+            want,
+            suite,
+        });
     }
     // struct { uint16 length; opaque label<7..255> = "tls13 " + label; opaque context<0..255>; }
     let mut info = Vec::with_capacity(4 + 6 + label.len() + context.len());
@@ -42,7 +46,11 @@ pub fn hkdf_expand_label(
     info.extend_from_slice(context);
     // The secret length was checked above and the outputs are short, so
     // from_prk and expand cannot fail; map defensively anyway.
-    let fail = || SecretLengthError { len: secret.len(), want, suite };
+    let fail = || SecretLengthError {
+        len: secret.len(),
+        want,
+        suite,
+    };
     match suite {
         CipherSuite::Aes256Gcm => Hkdf::<Sha384>::from_prk(secret)
             .map_err(|_| fail())?
@@ -84,10 +92,9 @@ mod tests {
     /// application traffic secret and its derived write key and IV.
     #[test]
     fn rfc8448_server_application_keys() {
-        let secret = hex::decode(
-            "a11af9f05531f856ad47116b45a950328204b4f44bfb6b3a4b4f1f3fcb631643",
-        )
-        .unwrap();
+        let secret =
+            hex::decode("a11af9f05531f856ad47116b45a950328204b4f44bfb6b3a4b4f1f3fcb631643")
+                .unwrap();
         let k = traffic_keys(CipherSuite::Aes128Gcm, &secret).unwrap();
         assert_eq!(hex::encode(&k.key), "9f02283b6c9c07efc26bb9f2ac92e356");
         assert_eq!(hex::encode(&k.iv), "cf782b88dd83549aadf1e984");
@@ -97,7 +104,11 @@ mod tests {
     fn wrong_secret_length_is_an_error() {
         assert_eq!(
             traffic_keys(CipherSuite::Aes256Gcm, &[0; 32]).unwrap_err(),
-            SecretLengthError { len: 32, want: 48, suite: CipherSuite::Aes256Gcm }
+            SecretLengthError {
+                len: 32,
+                want: 48,
+                suite: CipherSuite::Aes256Gcm
+            }
         );
     }
 }

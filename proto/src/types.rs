@@ -212,17 +212,25 @@ pub enum WireError {
 impl ConnectionKeys {
     /// Checks lengths and combinations; the core refuses keys that fail this.
     pub fn validate(&self) -> Result<(), WireError> {
-        if self.version == TlsVersion::Tls12 && self.cipher_suite == CipherSuite::Chacha20Poly1305
-        {
-            return Err(WireError::SuiteVersion { suite: self.cipher_suite });
+        if self.version == TlsVersion::Tls12 && self.cipher_suite == CipherSuite::Chacha20Poly1305 {
+            return Err(WireError::SuiteVersion {
+                suite: self.cipher_suite,
+            });
         }
         for (direction, keys) in [("transmit", &self.transmit), ("receive", &self.receive)] {
             let suite = self.cipher_suite;
-            for (what, len, want) in
-                [("key", keys.key.len(), suite.key_len()), ("iv", keys.iv.len(), suite.iv_len())]
-            {
+            for (what, len, want) in [
+                ("key", keys.key.len(), suite.key_len()),
+                ("iv", keys.iv.len(), suite.iv_len()),
+            ] {
                 if len != want {
-                    return Err(WireError::KeyLength { direction, what, len, want, suite });
+                    return Err(WireError::KeyLength {
+                        direction,
+                        what,
+                        len,
+                        want,
+                        suite,
+                    });
                 }
             }
         }
@@ -245,7 +253,10 @@ impl Role {
             Ok(pb::Role::Client) => Ok(Self::Client),
             Ok(pb::Role::Server) => Ok(Self::Server),
             Ok(pb::Role::Unspecified) => Err(WireError::Missing { field: "role" }),
-            Err(_) => Err(WireError::UnknownEnum { field: "role", value: v }),
+            Err(_) => Err(WireError::UnknownEnum {
+                field: "role",
+                value: v,
+            }),
         }
     }
 }
@@ -293,13 +304,21 @@ fn endpoint_to_pb(e: &Endpoint) -> pb::Endpoint {
         IpAddr::V4(a) => a.octets().to_vec(),
         IpAddr::V6(a) => a.octets().to_vec(),
     };
-    pb::Endpoint { address, port: u32::from(e.port()) }
+    pb::Endpoint {
+        address,
+        port: u32::from(e.port()),
+    }
 }
 
 fn endpoint_from_pb(field: &'static str, e: Option<pb::Endpoint>) -> Result<Endpoint, WireError> {
     let e = e.ok_or(WireError::Missing { field })?;
     let ip = match e.address.len() {
-        4 => IpAddr::V4(Ipv4Addr::new(e.address[0], e.address[1], e.address[2], e.address[3])),
+        4 => IpAddr::V4(Ipv4Addr::new(
+            e.address[0],
+            e.address[1],
+            e.address[2],
+            e.address[3],
+        )),
         16 => {
             let mut o = [0u8; 16];
             o.copy_from_slice(&e.address);
@@ -307,7 +326,10 @@ fn endpoint_from_pb(field: &'static str, e: Option<pb::Endpoint>) -> Result<Endp
         }
         len => return Err(WireError::AddressLength { field, len }),
     };
-    let port = u16::try_from(e.port).map_err(|_| WireError::Port { field, port: e.port })?;
+    let port = u16::try_from(e.port).map_err(|_| WireError::Port {
+        field,
+        port: e.port,
+    })?;
     Ok(SocketAddr::new(ip, port))
 }
 
@@ -322,7 +344,10 @@ impl KeyRequest {
             local_isn: self.local_isn,
             remote_isn: self.remote_isn,
             node_name: self.node_name.clone(),
-            socket: self.socket.map(|s| pb::SocketHandle { pid: s.pid, fd: s.fd }),
+            socket: self.socket.map(|s| pb::SocketHandle {
+                pid: s.pid,
+                fd: s.fd,
+            }),
             timeout_ms: u32::try_from(self.timeout.as_millis()).unwrap_or(u32::MAX),
         }
     }
@@ -337,7 +362,10 @@ impl KeyRequest {
             local_isn: r.local_isn,
             remote_isn: r.remote_isn,
             node_name: r.node_name,
-            socket: r.socket.map(|s| SocketHandle { pid: s.pid, fd: s.fd }),
+            socket: r.socket.map(|s| SocketHandle {
+                pid: s.pid,
+                fd: s.fd,
+            }),
             timeout: std::time::Duration::from_millis(u64::from(r.timeout_ms)),
         })
     }
@@ -396,7 +424,11 @@ impl ProviderInfo {
             version: self.version.clone(),
             api_version: pb::ApiVersion::V1 as i32,
             tls_versions: self.tls_versions.iter().map(|v| v.to_pb() as i32).collect(),
-            cipher_suites: self.cipher_suites.iter().map(|c| c.to_pb() as i32).collect(),
+            cipher_suites: self
+                .cipher_suites
+                .iter()
+                .map(|c| c.to_pb() as i32)
+                .collect(),
             needs_socket: self.needs_socket,
         }
     }
@@ -404,7 +436,10 @@ impl ProviderInfo {
     /// Checked conversion from the wire form; refuses other API versions.
     pub fn from_pb(i: pb::ProviderInfo) -> Result<Self, WireError> {
         if i.api_version != pb::ApiVersion::V1 as i32 {
-            return Err(WireError::UnknownEnum { field: "api_version", value: i.api_version });
+            return Err(WireError::UnknownEnum {
+                field: "api_version",
+                value: i.api_version,
+            });
         }
         Ok(Self {
             name: i.name,
@@ -432,7 +467,11 @@ mod tests {
         ConnectionKeys {
             version: TlsVersion::Tls13,
             cipher_suite: suite,
-            transmit: DirectionKeys { key: vec![1; tx_len], iv: vec![2; 12], record_sequence: 0 },
+            transmit: DirectionKeys {
+                key: vec![1; tx_len],
+                iv: vec![2; 12],
+                record_sequence: 0,
+            },
             receive: DirectionKeys {
                 key: vec![3; suite.key_len()],
                 iv: vec![4; 12],
@@ -447,7 +486,11 @@ mod tests {
         assert!(keys(CipherSuite::Aes256Gcm, 32).validate().is_ok());
         assert!(matches!(
             keys(CipherSuite::Aes256Gcm, 16).validate(),
-            Err(WireError::KeyLength { want: 32, len: 16, .. })
+            Err(WireError::KeyLength {
+                want: 32,
+                len: 16,
+                ..
+            })
         ));
     }
 
@@ -477,16 +520,25 @@ mod tests {
         bad.cipher_suite = 99;
         assert!(matches!(
             ConnectionKeys::from_pb(bad),
-            Err(WireError::UnknownEnum { field: "cipher_suite", value: 99 })
+            Err(WireError::UnknownEnum {
+                field: "cipher_suite",
+                value: 99
+            })
         ));
         let mut bad = k.to_pb();
         bad.receive = None;
-        assert_eq!(ConnectionKeys::from_pb(bad), Err(WireError::Missing { field: "receive" }));
+        assert_eq!(
+            ConnectionKeys::from_pb(bad),
+            Err(WireError::Missing { field: "receive" })
+        );
     }
 
     #[test]
     fn request_round_trip_v4_and_v6() {
-        for (l, r) in [("10.0.1.2:40000", "10.0.2.2:8443"), ("[fd00::1]:1", "[fd00::2]:2")] {
+        for (l, r) in [
+            ("10.0.1.2:40000", "10.0.2.2:8443"),
+            ("[fd00::1]:1", "[fd00::2]:2"),
+        ] {
             let req = KeyRequest {
                 socket_cookie: 7,
                 role: Role::Client,
@@ -502,9 +554,21 @@ mod tests {
         }
         let mut bad = KeyRequest::from_pb(pb::ConnectionKeysRequest::default());
         assert_eq!(bad, Err(WireError::Missing { field: "role" }));
-        let mut p = pb::ConnectionKeysRequest { role: 1, ..Default::default() };
-        p.local = Some(pb::Endpoint { address: vec![1, 2, 3], port: 1 });
+        let mut p = pb::ConnectionKeysRequest {
+            role: 1,
+            ..Default::default()
+        };
+        p.local = Some(pb::Endpoint {
+            address: vec![1, 2, 3],
+            port: 1,
+        });
         bad = KeyRequest::from_pb(p);
-        assert_eq!(bad, Err(WireError::AddressLength { field: "local", len: 3 }));
+        assert_eq!(
+            bad,
+            Err(WireError::AddressLength {
+                field: "local",
+                len: 3
+            })
+        );
     }
 }

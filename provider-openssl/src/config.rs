@@ -78,9 +78,14 @@ fn default_socket() -> PathBuf {
 impl Config {
     /// Reads and parses `path`.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
-        toml::from_str(&text).map_err(|source| ConfigError::Parse { path: path.to_owned(), source })
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        toml::from_str(&text).map_err(|source| ConfigError::Parse {
+            path: path.to_owned(),
+            source,
+        })
     }
 }
 
@@ -90,11 +95,17 @@ mod tests {
 
     #[test]
     fn missing_tls_section_names_the_key() {
-        let e = toml::from_str::<Config>("socket = \"/x\"\n").unwrap_err().to_string();
-        assert!(e.contains("tls"), "{e}");
-        let e = toml::from_str::<Config>("[tls]\nca = \"a\"\ncert = \"b\"\nkey = \"c\"\nsuites = []\n")
+        let e = toml::from_str::<Config>("socket = \"/x\"\n")
             .unwrap_err()
             .to_string();
-        assert!(e.contains("unknown field `suites`") && e.contains("line 5"), "{e}");
+        assert!(e.contains("tls"), "{e}");
+        let e =
+            toml::from_str::<Config>("[tls]\nca = \"a\"\ncert = \"b\"\nkey = \"c\"\nsuites = []\n")
+                .unwrap_err()
+                .to_string();
+        assert!(
+            e.contains("unknown field `suites`") && e.contains("line 5"),
+            "{e}"
+        );
     }
 }

@@ -52,8 +52,14 @@ pub struct SetupError {
     pub source: openssl::error::ErrorStack,
 }
 
-fn setup<T>(action: impl Into<String>, r: Result<T, openssl::error::ErrorStack>) -> Result<T, SetupError> {
-    r.map_err(|source| SetupError { action: action.into(), source })
+fn setup<T>(
+    action: impl Into<String>,
+    r: Result<T, openssl::error::ErrorStack>,
+) -> Result<T, SetupError> {
+    r.map_err(|source| SetupError {
+        action: action.into(),
+        source,
+    })
 }
 
 /// Parses one `CLIENT_TRAFFIC_SECRET_0 <random> <hex>` key-log line.
@@ -85,46 +91,80 @@ impl OpenSslProvider {
     /// verified against the cluster CA, no session tickets (a ticket
     /// arriving after kTLS is installed would break the application's read).
     pub fn new(tls: &TlsSection) -> Result<Self, SetupError> {
-        let mut b = setup("create TLS context", SslContextBuilder::new(SslMethod::tls()))?;
-        setup("pin TLS 1.3", b.set_min_proto_version(Some(SslVersion::TLS1_3)))?;
-        setup("pin TLS 1.3", b.set_max_proto_version(Some(SslVersion::TLS1_3)))?;
+        let mut b = setup(
+            "create TLS context",
+            SslContextBuilder::new(SslMethod::tls()),
+        )?;
+        setup(
+            "pin TLS 1.3",
+            b.set_min_proto_version(Some(SslVersion::TLS1_3)),
+        )?;
+        setup(
+            "pin TLS 1.3",
+            b.set_max_proto_version(Some(SslVersion::TLS1_3)),
+        )?;
         for s in &tls.cipher_suites {
             if suite_of(s).is_none() {
                 return Err(SetupError {
-                    action: format!("use cipher suite {s} (kTLS supports TLS_AES_128_GCM_SHA256, TLS_AES_256_GCM_SHA384, TLS_CHACHA20_POLY1305_SHA256)"),
+                    action: format!(
+                        "use cipher suite {s} (kTLS supports TLS_AES_128_GCM_SHA256, TLS_AES_256_GCM_SHA384, TLS_CHACHA20_POLY1305_SHA256)"
+                    ),
                     source: openssl::error::ErrorStack::get(),
                 });
             }
         }
-        setup("set cipher suites", b.set_ciphersuites(&tls.cipher_suites.join(":")))?;
+        setup(
+            "set cipher suites",
+            b.set_ciphersuites(&tls.cipher_suites.join(":")),
+        )?;
         setup("set groups", b.set_groups_list(&tls.groups.join(":")))?;
-        setup(format!("load CA {}", tls.ca.display()), b.set_ca_file(&tls.ca))?;
-        setup(format!("load certificate {}", tls.cert.display()), b.set_certificate_chain_file(&tls.cert))?;
-        setup(format!("load key {}", tls.key.display()), b.set_private_key_file(&tls.key, SslFiletype::PEM))?;
+        setup(
+            format!("load CA {}", tls.ca.display()),
+            b.set_ca_file(&tls.ca),
+        )?;
+        setup(
+            format!("load certificate {}", tls.cert.display()),
+            b.set_certificate_chain_file(&tls.cert),
+        )?;
+        setup(
+            format!("load key {}", tls.key.display()),
+            b.set_private_key_file(&tls.key, SslFiletype::PEM),
+        )?;
         setup("match key and certificate", b.check_private_key())?;
         b.set_verify(SslVerifyMode::PEER | SslVerifyMode::FAIL_IF_NO_PEER_CERT);
         setup("disable session tickets", b.set_num_tickets(0))?;
         b.set_options(SslOptions::NO_TICKET);
         b.set_session_cache_mode(SslSessionCacheMode::OFF);
-        let secrets_index = setup("allocate ex_data index", Ssl::new_ex_index::<Arc<Mutex<Secrets>>>())?;
+        let secrets_index = setup(
+            "allocate ex_data index",
+            Ssl::new_ex_index::<Arc<Mutex<Secrets>>>(),
+        )?;
         let idx = secrets_index;
         b.set_keylog_callback(move |ssl, line| {
-            if let Some(secrets) = ssl.ex_data(idx) {
-                if let Ok(mut s) = secrets.lock() {
-                    parse_keylog(line, &mut s);
-                }
+            if let Some(secrets) = ssl.ex_data(idx)
+                && let Ok(mut s) = secrets.lock()
+            {
+                parse_keylog(line, &mut s);
             }
         });
-        Ok(Self { context: b.build(), secrets_index })
+        Ok(Self {
+            context: b.build(),
+            secrets_index,
+        })
     }
 
     /// Runs the handshake on the socket (blocking; call from a blocking thread).
     fn handshake(&self, request: &KeyRequest) -> Result<ConnectionKeys, ProviderError> {
-        let handle = request.socket.ok_or_else(|| ProviderError::InvalidRequest {
-            reason: "this provider handshakes over the connection and needs `socket`".into(),
+        let handle = request
+            .socket
+            .ok_or_else(|| ProviderError::InvalidRequest {
+                reason: "this provider handshakes over the connection and needs `socket`".into(),
+            })?;
+        let fd = take_fd(handle.pid, handle.fd).map_err(|source| ProviderError::Socket {
+            pid: handle.pid,
+            fd: handle.fd,
+            source,
         })?;
-        let fd = take_fd(handle.pid, handle.fd)
-            .map_err(|source| ProviderError::Socket { pid: handle.pid, fd: handle.fd, source })?;
         // Leave a margin so the answer reaches the core before its deadline.
         let budget = request.timeout.mul_f64(0.9).max(Duration::from_millis(10));
         let io = SocketIo::new(fd, Instant::now() + budget);
@@ -151,39 +191,56 @@ impl OpenSslProvider {
         let suite = suite_of(name).ok_or_else(|| ProviderError::Handshake {
             reason: format!("negotiated {name}, which kTLS cannot take"),
         })?;
-        let secrets = secrets.lock().map_err(|_| ProviderError::Internal { reason: "secret lock poisoned".into() })?;
+        let secrets = secrets.lock().map_err(|_| ProviderError::Internal {
+            reason: "secret lock poisoned".into(),
+        })?;
         let (Some(client), Some(server)) = (&secrets.client, &secrets.server) else {
-            return Err(ProviderError::Internal { reason: "OpenSSL did not export the traffic secrets".into() });
+            return Err(ProviderError::Internal {
+                reason: "OpenSSL did not export the traffic secrets".into(),
+            });
         };
         let derive = |secret: &[u8]| {
-            traffic_keys(suite, secret).map_err(|e| ProviderError::Internal { reason: e.to_string() })
+            traffic_keys(suite, secret).map_err(|e| ProviderError::Internal {
+                reason: e.to_string(),
+            })
         };
         let (tx, rx) = match request.role {
             Role::Client => (derive(client)?, derive(server)?),
             Role::Server => (derive(server)?, derive(client)?),
         };
-        Ok(ConnectionKeys { version: TlsVersion::Tls13, cipher_suite: suite, transmit: tx, receive: rx })
+        Ok(ConnectionKeys {
+            version: TlsVersion::Tls13,
+            cipher_suite: suite,
+            transmit: tx,
+            receive: rx,
+        })
     }
 }
 
 fn handshake_error(e: HandshakeError<SocketIo>, budget: Duration) -> ProviderError {
     match e {
-        HandshakeError::SetupFailure(stack) => ProviderError::Internal { reason: stack.to_string() },
+        HandshakeError::SetupFailure(stack) => ProviderError::Internal {
+            reason: stack.to_string(),
+        },
         HandshakeError::Failure(mid) | HandshakeError::WouldBlock(mid) => {
             let verify = mid.ssl().verify_result();
             if verify != X509VerifyResult::OK {
-                return ProviderError::PeerAuthentication { reason: verify.error_string().into() };
+                return ProviderError::PeerAuthentication {
+                    reason: verify.error_string().into(),
+                };
             }
             let err = mid.error();
-            if let Some(io) = err.io_error() {
-                if io.kind() == std::io::ErrorKind::TimedOut {
-                    return ProviderError::Timeout {
-                        waiting_for: "the peer's handshake messages".into(),
-                        millis: budget.as_millis() as u64,
-                    };
-                }
+            if let Some(io) = err.io_error()
+                && io.kind() == std::io::ErrorKind::TimedOut
+            {
+                return ProviderError::Timeout {
+                    waiting_for: "the peer's handshake messages".into(),
+                    millis: budget.as_millis() as u64,
+                };
             }
-            ProviderError::Handshake { reason: err.to_string() }
+            ProviderError::Handshake {
+                reason: err.to_string(),
+            }
         }
     }
 }
@@ -192,9 +249,17 @@ impl Provider for OpenSslProvider {
     fn info(&self) -> ProviderInfo {
         ProviderInfo {
             name: "openssl".into(),
-            version: format!("{} ({})", env!("CARGO_PKG_VERSION"), openssl::version::version()),
+            version: format!(
+                "{} ({})",
+                env!("CARGO_PKG_VERSION"),
+                openssl::version::version()
+            ),
             tls_versions: vec![TlsVersion::Tls13],
-            cipher_suites: vec![CipherSuite::Aes128Gcm, CipherSuite::Aes256Gcm, CipherSuite::Chacha20Poly1305],
+            cipher_suites: vec![
+                CipherSuite::Aes128Gcm,
+                CipherSuite::Aes256Gcm,
+                CipherSuite::Chacha20Poly1305,
+            ],
             needs_socket: true,
         }
     }
@@ -204,14 +269,19 @@ impl Provider for OpenSslProvider {
         let this = self.shallow();
         tokio::task::spawn_blocking(move || this.handshake(&request))
             .await
-            .map_err(|e| ProviderError::Internal { reason: format!("handshake thread: {e}") })?
+            .map_err(|e| ProviderError::Internal {
+                reason: format!("handshake thread: {e}"),
+            })?
     }
 }
 
 impl OpenSslProvider {
     /// A cheap copy sharing the same context (SslContext is reference counted).
     fn shallow(&self) -> Self {
-        Self { context: self.context.clone(), secrets_index: self.secrets_index }
+        Self {
+            context: self.context.clone(),
+            secrets_index: self.secrets_index,
+        }
     }
 }
 
@@ -236,19 +306,28 @@ mod tests {
         b.set_version(2).unwrap();
         b.set_subject_name(&name).unwrap();
         b.set_pubkey(&key).unwrap();
-        b.set_not_before(&Asn1Time::days_from_now(0).unwrap()).unwrap();
-        b.set_not_after(&Asn1Time::days_from_now(1).unwrap()).unwrap();
-        let serial = openssl::bn::BigNum::from_u32(rand_u32()).unwrap().to_asn1_integer().unwrap();
+        b.set_not_before(&Asn1Time::days_from_now(0).unwrap())
+            .unwrap();
+        b.set_not_after(&Asn1Time::days_from_now(1).unwrap())
+            .unwrap();
+        let serial = openssl::bn::BigNum::from_u32(rand_u32())
+            .unwrap()
+            .to_asn1_integer()
+            .unwrap();
         b.set_serial_number(&serial).unwrap();
         match issuer {
             None => {
                 b.set_issuer_name(&name).unwrap();
-                b.append_extension(BasicConstraints::new().critical().ca().build().unwrap()).unwrap();
+                b.append_extension(BasicConstraints::new().critical().ca().build().unwrap())
+                    .unwrap();
                 b.sign(&key, MessageDigest::sha256()).unwrap();
             }
             Some((ca, ca_key)) => {
                 b.set_issuer_name(ca.subject_name()).unwrap();
-                let san = SubjectAlternativeName::new().dns(cn).build(&b.x509v3_context(Some(ca), None)).unwrap();
+                let san = SubjectAlternativeName::new()
+                    .dns(cn)
+                    .build(&b.x509v3_context(Some(ca), None))
+                    .unwrap();
                 b.append_extension(san).unwrap();
                 b.sign(ca_key, MessageDigest::sha256()).unwrap();
             }
@@ -262,9 +341,19 @@ mod tests {
         u32::from_le_bytes(b) >> 1
     }
 
-    fn node(dir: &std::path::Path, name: &str, ca: &X509, ca_key: &PKey<Private>, suite: &str) -> OpenSslProvider {
+    fn node(
+        dir: &std::path::Path,
+        name: &str,
+        ca: &X509,
+        ca_key: &PKey<Private>,
+        suite: &str,
+    ) -> OpenSslProvider {
         let (c, k) = cert(name, Some((ca, ca_key)));
-        let (cp, kp, cap) = (dir.join(format!("{name}.pem")), dir.join(format!("{name}.key")), dir.join("ca.pem"));
+        let (cp, kp, cap) = (
+            dir.join(format!("{name}.pem")),
+            dir.join(format!("{name}.key")),
+            dir.join("ca.pem"),
+        );
         std::fs::write(&cp, c.to_pem().unwrap()).unwrap();
         std::fs::write(&kp, k.private_key_to_pem_pkcs8().unwrap()).unwrap();
         std::fs::write(&cap, ca.to_pem().unwrap()).unwrap();
@@ -287,12 +376,21 @@ mod tests {
             local_isn: 0,
             remote_isn: 0,
             node_name: "n".into(),
-            socket: Some(SocketHandle { pid: std::process::id(), fd }),
+            socket: Some(SocketHandle {
+                pid: std::process::id(),
+                fd,
+            }),
             timeout: Duration::from_secs(5),
         }
     }
 
-    fn run_pair(client: &OpenSslProvider, server: &OpenSslProvider) -> (Result<ConnectionKeys, ProviderError>, Result<ConnectionKeys, ProviderError>) {
+    fn run_pair(
+        client: &OpenSslProvider,
+        server: &OpenSslProvider,
+    ) -> (
+        Result<ConnectionKeys, ProviderError>,
+        Result<ConnectionKeys, ProviderError>,
+    ) {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let c = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
         let (s, _) = l.accept().unwrap();
@@ -313,7 +411,10 @@ mod tests {
         for (suite, want) in [
             ("TLS_AES_128_GCM_SHA256", CipherSuite::Aes128Gcm),
             ("TLS_AES_256_GCM_SHA384", CipherSuite::Aes256Gcm),
-            ("TLS_CHACHA20_POLY1305_SHA256", CipherSuite::Chacha20Poly1305),
+            (
+                "TLS_CHACHA20_POLY1305_SHA256",
+                CipherSuite::Chacha20Poly1305,
+            ),
         ] {
             let a = node(&dir, "node-a", &ca, &ca_key, suite);
             let b = node(&dir, "node-b", &ca, &ca_key, suite);

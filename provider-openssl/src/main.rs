@@ -5,7 +5,10 @@
 
 mod config;
 mod handshake;
-#[expect(unsafe_code, reason = "recv/send/poll on the borrowed socket; SAFETY comments inside")]
+#[expect(
+    unsafe_code,
+    reason = "recv/send/poll on the borrowed socket; SAFETY comments inside"
+)]
 mod socket_io;
 
 use std::path::PathBuf;
@@ -34,6 +37,7 @@ fn main() -> ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let mut config = match config::Config::load(&args.config) {
         Ok(c) => c,
@@ -52,14 +56,20 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(r) => r,
         Err(e) => {
             eprintln!("tlshub-provider-openssl: cannot start runtime: {e}");
             return ExitCode::FAILURE;
         }
     };
-    let options = ServeOptions { socket_path: config.socket, allowed_uid: config.allowed_uid };
+    let options = ServeOptions {
+        socket_path: config.socket,
+        allowed_uid: config.allowed_uid,
+    };
     match runtime.block_on(serve(provider, options)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -24,9 +24,16 @@ impl SocketIo {
         loop {
             let left = self.deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
-                return Err(io::Error::new(io::ErrorKind::TimedOut, "handshake deadline passed"));
+                return Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    "handshake deadline passed",
+                ));
             }
-            let mut pfd = libc::pollfd { fd: self.fd.as_raw_fd(), events, revents: 0 };
+            let mut pfd = libc::pollfd {
+                fd: self.fd.as_raw_fd(),
+                events,
+                revents: 0,
+            };
             let ms = libc::c_int::try_from(left.as_millis().max(1)).unwrap_or(libc::c_int::MAX);
             // SAFETY: pfd is one live pollfd.
             let rc = unsafe { libc::poll(&mut pfd, 1, ms) };
@@ -49,7 +56,12 @@ impl io::Read for SocketIo {
         loop {
             // SAFETY: buf is a live, writable slice of buf.len() bytes.
             let n = unsafe {
-                libc::recv(self.fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), libc::MSG_DONTWAIT)
+                libc::recv(
+                    self.fd.as_raw_fd(),
+                    buf.as_mut_ptr().cast(),
+                    buf.len(),
+                    libc::MSG_DONTWAIT,
+                )
             };
             if n >= 0 {
                 return Ok(n as usize);

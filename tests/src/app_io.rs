@@ -48,7 +48,11 @@ pub enum IoMode {
 }
 
 fn cvt(rc: isize) -> io::Result<usize> {
-    if rc < 0 { Err(io::Error::last_os_error()) } else { Ok(rc as usize) }
+    if rc < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(rc as usize)
+    }
 }
 
 fn owned(rc: libc::c_int) -> io::Result<OwnedFd> {
@@ -83,7 +87,14 @@ impl Conn {
                 Some(owned(unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) })?)
             }
         };
-        Ok(Self { sock, mode, epoll, pipe: None, memfd: None, memfd_end: 0 })
+        Ok(Self {
+            sock,
+            mode,
+            epoll,
+            pipe: None,
+            memfd: None,
+            memfd_end: 0,
+        })
     }
 
     /// The socket's fd.
@@ -100,7 +111,8 @@ impl Conn {
         let Some(ep) = &self.epoll else { return Ok(()) };
         let mut ev = libc::epoll_event { events, u64: 0 };
         // SAFETY: ev is live; the fds are open.
-        let rc = unsafe { libc::epoll_ctl(ep.as_raw_fd(), libc::EPOLL_CTL_ADD, self.fd(), &mut ev) };
+        let rc =
+            unsafe { libc::epoll_ctl(ep.as_raw_fd(), libc::EPOLL_CTL_ADD, self.fd(), &mut ev) };
         if rc < 0 {
             return Err(io::Error::last_os_error());
         }
@@ -112,7 +124,10 @@ impl Conn {
                 continue;
             }
             break if n == 0 {
-                Err(io::Error::new(io::ErrorKind::TimedOut, "epoll_wait: 30 s without readiness"))
+                Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    "epoll_wait: 30 s without readiness",
+                ))
             } else if n < 0 {
                 Err(io::Error::last_os_error())
             } else {
@@ -137,6 +152,15 @@ impl Conn {
         }
     }
 
+    fn splice_flags(&self) -> u32 {
+        let nonblock = if self.mode == IoMode::Epoll {
+            libc::SPLICE_F_NONBLOCK
+        } else {
+            0
+        };
+        libc::SPLICE_F_MOVE | nonblock
+    }
+
     fn pipe(&mut self) -> io::Result<(RawFd, RawFd)> {
         if self.pipe.is_none() {
             let mut fds = [0; 2];
@@ -145,9 +169,14 @@ impl Conn {
                 return Err(io::Error::last_os_error());
             }
             // SAFETY: fresh fds from pipe2.
-            self.pipe = Some(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) });
+            self.pipe =
+                Some(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) });
         }
-        let (r, w) = self.pipe.as_ref().map(|(r, w)| (r.as_raw_fd(), w.as_raw_fd())).unwrap_or((-1, -1));
+        let (r, w) = self
+            .pipe
+            .as_ref()
+            .map(|(r, w)| (r.as_raw_fd(), w.as_raw_fd()))
+            .unwrap_or((-1, -1));
         Ok((r, w))
     }
 
@@ -165,18 +194,28 @@ impl Conn {
         let fd = self.fd();
         let out = libc::EPOLLOUT as u32;
         match method {
-            // SAFETY (all arms): chunk is a live slice, the fds are open.
-            SendMethod::Write => self.retry(out, || cvt(unsafe { libc::write(fd, chunk.as_ptr().cast(), chunk.len()) })),
+            SendMethod::Write => self.retry(out, || {
+                // SAFETY: chunk is a live slice and fd is open.
+                cvt(unsafe { libc::write(fd, chunk.as_ptr().cast(), chunk.len()) })
+            }),
             SendMethod::Send => self.retry(out, || {
-                // SAFETY: as above.
-                cvt(unsafe { libc::send(fd, chunk.as_ptr().cast(), chunk.len(), libc::MSG_NOSIGNAL) })
+                // SAFETY: chunk is a live slice and fd is open.
+                cvt(unsafe {
+                    libc::send(fd, chunk.as_ptr().cast(), chunk.len(), libc::MSG_NOSIGNAL)
+                })
             }),
             SendMethod::Writev | SendMethod::Sendmsg => {
                 let half = chunk.len() / 2;
                 let iov = [
-                    libc::iovec { iov_base: chunk.as_ptr() as *mut _, iov_len: half },
-                    // SAFETY: half <= len, so the pointer stays inside chunk.
-                    libc::iovec { iov_base: unsafe { chunk.as_ptr().add(half) } as *mut _, iov_len: chunk.len() - half },
+                    libc::iovec {
+                        iov_base: chunk.as_ptr() as *mut _,
+                        iov_len: half,
+                    },
+                    libc::iovec {
+                        // SAFETY: half <= len, so the pointer stays inside chunk.
+                        iov_base: unsafe { chunk.as_ptr().add(half) } as *mut _,
+                        iov_len: chunk.len() - half,
+                    },
                 ];
                 if method == SendMethod::Writev {
                     // SAFETY: iov points at two live iovecs over chunk.
@@ -186,18 +225,24 @@ impl Conn {
                     let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
                     msg.msg_iov = iov.as_ptr() as *mut _;
                     msg.msg_iovlen = 2;
-                    // SAFETY: msg points at live iovecs.
-                    self.retry(out, || cvt(unsafe { libc::sendmsg(fd, &msg, libc::MSG_NOSIGNAL) }))
+                    self.retry(out, || {
+                        // SAFETY: msg points at live iovecs over chunk.
+                        cvt(unsafe { libc::sendmsg(fd, &msg, libc::MSG_NOSIGNAL) })
+                    })
                 }
             }
             SendMethod::Sendfile => {
                 if self.memfd.is_none() {
                     // SAFETY: the name is a valid C string.
-                    self.memfd = Some(owned(unsafe { libc::memfd_create(c"tlshub-testapp".as_ptr(), libc::MFD_CLOEXEC) })?);
+                    self.memfd = Some(owned(unsafe {
+                        libc::memfd_create(c"tlshub-testapp".as_ptr(), libc::MFD_CLOEXEC)
+                    })?);
                 }
                 let mfd = self.memfd.as_ref().map(|m| m.as_raw_fd()).unwrap_or(-1);
                 // SAFETY: chunk is live; mfd is open.
-                cvt(unsafe { libc::pwrite(mfd, chunk.as_ptr().cast(), chunk.len(), self.memfd_end) })?;
+                cvt(unsafe {
+                    libc::pwrite(mfd, chunk.as_ptr().cast(), chunk.len(), self.memfd_end)
+                })?;
                 let mut offset: libc::off_t = self.memfd_end;
                 self.memfd_end += chunk.len() as libc::off_t;
                 self.retry(out, || {
@@ -215,7 +260,14 @@ impl Conn {
                     moved += self.retry(out, || {
                         // SAFETY: plain fds, null offsets (pipe and socket).
                         cvt(unsafe {
-                            libc::splice(r, std::ptr::null_mut(), fd, std::ptr::null_mut(), n - moved, libc::SPLICE_F_MOVE | libc::SPLICE_F_NONBLOCK * u32::from(self.mode == IoMode::Epoll))
+                            libc::splice(
+                                r,
+                                std::ptr::null_mut(),
+                                fd,
+                                std::ptr::null_mut(),
+                                n - moved,
+                                self.splice_flags(),
+                            )
                         })
                     })?;
                 }
@@ -229,11 +281,19 @@ impl Conn {
         let fd = self.fd();
         let inn = libc::EPOLLIN as u32;
         match method {
-            // SAFETY (all arms): buf is live and writable, fds are open.
-            RecvMethod::Read => self.retry(inn, || cvt(unsafe { libc::read(fd, buf.as_mut_ptr().cast(), buf.len()) })),
-            RecvMethod::Recv => self.retry(inn, || cvt(unsafe { libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), 0) })),
+            RecvMethod::Read => self.retry(inn, || {
+                // SAFETY: buf is live and writable; fd is open.
+                cvt(unsafe { libc::read(fd, buf.as_mut_ptr().cast(), buf.len()) })
+            }),
+            RecvMethod::Recv => self.retry(inn, || {
+                // SAFETY: buf is live and writable; fd is open.
+                cvt(unsafe { libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), 0) })
+            }),
             RecvMethod::Recvmsg => {
-                let mut iov = libc::iovec { iov_base: buf.as_mut_ptr().cast(), iov_len: buf.len() };
+                let mut iov = libc::iovec {
+                    iov_base: buf.as_mut_ptr().cast(),
+                    iov_len: buf.len(),
+                };
                 // SAFETY: a zeroed msghdr is valid.
                 let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
                 msg.msg_iov = &mut iov;
@@ -244,9 +304,20 @@ impl Conn {
             RecvMethod::Splice => {
                 let (r, w) = self.pipe()?;
                 let want = buf.len().min(65536);
-                let flags = libc::SPLICE_F_MOVE | libc::SPLICE_F_NONBLOCK * u32::from(self.mode == IoMode::Epoll);
-                // SAFETY: plain fds, null offsets.
-                let n = self.retry(inn, || cvt(unsafe { libc::splice(fd, std::ptr::null_mut(), w, std::ptr::null_mut(), want, flags) }))?;
+                let flags = self.splice_flags();
+                let n = self.retry(inn, || {
+                    // SAFETY: plain fds, null offsets (socket and pipe).
+                    cvt(unsafe {
+                        libc::splice(
+                            fd,
+                            std::ptr::null_mut(),
+                            w,
+                            std::ptr::null_mut(),
+                            want,
+                            flags,
+                        )
+                    })
+                })?;
                 let mut got = 0;
                 while got < n {
                     // SAFETY: buf[got..n] is live and writable.
@@ -263,7 +334,10 @@ impl Conn {
         while got < buf.len() {
             let n = self.recv_some(method, &mut buf[got..])?;
             if n == 0 {
-                return Err(io::Error::new(io::ErrorKind::UnexpectedEof, format!("stream ended after {got} of {} bytes", buf.len())));
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    format!("stream ended after {got} of {} bytes", buf.len()),
+                ));
             }
             got += n;
         }

@@ -18,6 +18,8 @@ pub struct Flow {
     pub bytes: Vec<u8>,
     /// Whether a SYN was captured (the flow's start is known).
     pub saw_syn: bool,
+    /// What the capturing tool said (for failure messages).
+    pub capture_log: String,
 }
 
 /// A capture or stream that cannot be read.
@@ -63,7 +65,11 @@ pub fn read_pcap(data: &[u8]) -> Result<Vec<Flow>, WireError> {
     };
     let rd32 = |b: &[u8], at: usize| {
         let a = [b[at], b[at + 1], b[at + 2], b[at + 3]];
-        if le { u32::from_le_bytes(a) } else { u32::from_be_bytes(a) }
+        if le {
+            u32::from_le_bytes(a)
+        } else {
+            u32::from_be_bytes(a)
+        }
     };
     let linktype = rd32(data, 20);
     if linktype != 1 {
@@ -84,7 +90,9 @@ pub fn read_pcap(data: &[u8]) -> Result<Vec<Flow>, WireError> {
         }
         let pkt = &data[at..at + incl];
         at += incl;
-        let Some((src, dst, seq, syn, payload)) = parse_tcp(pkt) else { continue };
+        let Some((src, dst, seq, syn, payload)) = parse_tcp(pkt) else {
+            continue;
+        };
         let key = (src, dst);
         let entry = flows.entry(key).or_insert_with(|| {
             order.push(key);
@@ -98,7 +106,9 @@ pub fn read_pcap(data: &[u8]) -> Result<Vec<Flow>, WireError> {
     }
     let mut out = Vec::new();
     for key in order {
-        let Some(mut s) = flows.remove(&key) else { continue };
+        let Some(mut s) = flows.remove(&key) else {
+            continue;
+        };
         let base = match s.isn {
             Some(isn) => isn.wrapping_add(1),
             None => s.segs.first().map(|x| x.0).unwrap_or(0),
@@ -109,14 +119,25 @@ pub fn read_pcap(data: &[u8]) -> Result<Vec<Flow>, WireError> {
             let rel = seq.wrapping_sub(base) as usize;
             let have = bytes.len();
             if rel > have {
-                return err(format!("{} -> {}: {} bytes missing from the capture at offset {have}", key.0, key.1, rel - have));
+                return err(format!(
+                    "{} -> {}: {} bytes missing from the capture at offset {have}",
+                    key.0,
+                    key.1,
+                    rel - have
+                ));
             }
             // Retransmissions overlap what we have; keep only the new tail.
             if rel + p.len() > have {
                 bytes.extend_from_slice(&p[have - rel..]);
             }
         }
-        out.push(Flow { src: key.0, dst: key.1, bytes, saw_syn: s.isn.is_some() });
+        out.push(Flow {
+            src: key.0,
+            dst: key.1,
+            bytes,
+            saw_syn: s.isn.is_some(),
+            capture_log: String::new(),
+        });
     }
     Ok(out)
 }
@@ -136,7 +157,12 @@ fn parse_tcp(pkt: &[u8]) -> Option<(SocketAddr, SocketAddr, u32, bool, &[u8])> {
             let total = usize::from(u16be(ip, 2));
             let s = IpAddr::V4(Ipv4Addr::new(ip[12], ip[13], ip[14], ip[15]));
             let d = IpAddr::V4(Ipv4Addr::new(ip[16], ip[17], ip[18], ip[19]));
-            (s, d, ip.get(ihl..total.min(ip.len()))?, total.checked_sub(ihl)?)
+            (
+                s,
+                d,
+                ip.get(ihl..total.min(ip.len()))?,
+                total.checked_sub(ihl)?,
+            )
         }
         0x86dd => {
             if ip.len() < 40 || ip[6] != 6 {
@@ -147,7 +173,12 @@ fn parse_tcp(pkt: &[u8]) -> Option<(SocketAddr, SocketAddr, u32, bool, &[u8])> {
             s.copy_from_slice(&ip[8..24]);
             let mut d = [0u8; 16];
             d.copy_from_slice(&ip[24..40]);
-            (IpAddr::V6(Ipv6Addr::from(s)), IpAddr::V6(Ipv6Addr::from(d)), ip.get(40..(40 + plen).min(ip.len()))?, plen)
+            (
+                IpAddr::V6(Ipv6Addr::from(s)),
+                IpAddr::V6(Ipv6Addr::from(d)),
+                ip.get(40..(40 + plen).min(ip.len()))?,
+                plen,
+            )
         }
         _ => return None,
     };
@@ -157,7 +188,13 @@ fn parse_tcp(pkt: &[u8]) -> Option<(SocketAddr, SocketAddr, u32, bool, &[u8])> {
     let off = usize::from(tcp[12] >> 4) * 4;
     let syn = tcp[13] & 0x02 != 0;
     let payload = tcp.get(off..ip_payload_len.min(tcp.len()))?;
-    Some((SocketAddr::new(src_ip, u16be(tcp, 0)), SocketAddr::new(dst_ip, u16be(tcp, 2)), u32be(tcp, 4), syn, payload))
+    Some((
+        SocketAddr::new(src_ip, u16be(tcp, 0)),
+        SocketAddr::new(dst_ip, u16be(tcp, 2)),
+        u32be(tcp, 4),
+        syn,
+        payload,
+    ))
 }
 
 /// One TLS record.
@@ -185,16 +222,25 @@ pub fn tls_records(stream: &[u8]) -> Result<Vec<Record<'_>>, WireError> {
             return err(format!("byte {at}: content type {} is not TLS", h[0]));
         }
         if h[1] != 3 || h[2] > 4 {
-            return err(format!("byte {at}: version {:#04x}{:02x} is not TLS", h[1], h[2]));
+            return err(format!(
+                "byte {at}: version {:#04x}{:02x} is not TLS",
+                h[1], h[2]
+            ));
         }
         let len = usize::from(u16be(h, 3));
         if len > (1 << 14) + 256 {
-            return err(format!("byte {at}: record length {len} above the TLS limit"));
+            return err(format!(
+                "byte {at}: record length {len} above the TLS limit"
+            ));
         }
         if stream.len() - at - 5 < len {
             return err(format!("byte {at}: record of {len} bytes cut off"));
         }
-        out.push(Record { content_type: h[0], header: [h[0], h[1], h[2], h[3], h[4]], body: &stream[at + 5..at + 5 + len] });
+        out.push(Record {
+            content_type: h[0],
+            header: [h[0], h[1], h[2], h[3], h[4]],
+            body: &stream[at + 5..at + 5 + len],
+        });
         at += 5 + len;
     }
     Ok(out)
@@ -206,7 +252,13 @@ pub fn contains(haystack: &[u8], needle: &[u8]) -> bool {
 }
 
 /// Decrypts one TLS 1.3 record; returns (inner content type, plaintext).
-pub fn decrypt_tls13(suite: &str, key: &[u8], iv: &[u8], seq: u64, rec: &Record<'_>) -> Option<(u8, Vec<u8>)> {
+pub fn decrypt_tls13(
+    suite: &str,
+    key: &[u8],
+    iv: &[u8],
+    seq: u64,
+    rec: &Record<'_>,
+) -> Option<(u8, Vec<u8>)> {
     if iv.len() != 12 {
         return None;
     }
@@ -215,11 +267,23 @@ pub fn decrypt_tls13(suite: &str, key: &[u8], iv: &[u8], seq: u64, rec: &Record<
     for (n, s) in nonce[4..].iter_mut().zip(seq.to_be_bytes()) {
         *n ^= s;
     }
-    let payload = Payload { msg: rec.body, aad: &rec.header };
+    let payload = Payload {
+        msg: rec.body,
+        aad: &rec.header,
+    };
     let mut plain = match suite {
-        "aes-gcm-128" => aes_gcm::Aes128Gcm::new_from_slice(key).ok()?.decrypt((&nonce).into(), payload).ok()?,
-        "aes-gcm-256" => aes_gcm::Aes256Gcm::new_from_slice(key).ok()?.decrypt((&nonce).into(), payload).ok()?,
-        "chacha20-poly1305" => chacha20poly1305::ChaCha20Poly1305::new_from_slice(key).ok()?.decrypt((&nonce).into(), payload).ok()?,
+        "aes-gcm-128" => aes_gcm::Aes128Gcm::new_from_slice(key)
+            .ok()?
+            .decrypt((&nonce).into(), payload)
+            .ok()?,
+        "aes-gcm-256" => aes_gcm::Aes256Gcm::new_from_slice(key)
+            .ok()?
+            .decrypt((&nonce).into(), payload)
+            .ok()?,
+        "chacha20-poly1305" => chacha20poly1305::ChaCha20Poly1305::new_from_slice(key)
+            .ok()?
+            .decrypt((&nonce).into(), payload)
+            .ok()?,
         _ => return None,
     };
     while plain.last() == Some(&0) {
@@ -232,28 +296,40 @@ pub fn decrypt_tls13(suite: &str, key: &[u8], iv: &[u8], seq: u64, rec: &Record<
 /// Decrypts the application data of one direction: records before the first
 /// one that opens with the application key at sequence 0 are the handshake;
 /// every record after it must decrypt, in order, as application data.
-pub fn decrypt_application_data(stream: &[u8], suite: &str, key: &[u8], iv: &[u8]) -> Result<Vec<u8>, WireError> {
+pub fn decrypt_application_data(
+    stream: &[u8],
+    suite: &str,
+    key: &[u8],
+    iv: &[u8],
+) -> Result<Vec<u8>, WireError> {
     let records = tls_records(stream)?;
     let mut seq = None::<u64>;
     let mut out = Vec::new();
     for (i, rec) in records.iter().enumerate() {
         match seq {
             None => {
-                if rec.content_type == 23 {
-                    if let Some((ty, p)) = decrypt_tls13(suite, key, iv, 0, rec) {
-                        if ty != 23 {
-                            return err(format!("record {i}: inner type {ty}, expected application data"));
-                        }
-                        out.extend_from_slice(&p);
-                        seq = Some(1);
+                if rec.content_type == 23
+                    && let Some((ty, p)) = decrypt_tls13(suite, key, iv, 0, rec)
+                {
+                    if ty != 23 {
+                        return err(format!(
+                            "record {i}: inner type {ty}, expected application data"
+                        ));
                     }
+                    out.extend_from_slice(&p);
+                    seq = Some(1);
                 }
             }
             Some(s) => {
-                let (ty, p) = decrypt_tls13(suite, key, iv, s, rec)
-                    .ok_or_else(|| WireError(format!("record {i} (sequence {s}) does not decrypt with the reported key")))?;
+                let (ty, p) = decrypt_tls13(suite, key, iv, s, rec).ok_or_else(|| {
+                    WireError(format!(
+                        "record {i} (sequence {s}) does not decrypt with the reported key"
+                    ))
+                })?;
                 if ty != 23 {
-                    return err(format!("record {i}: inner type {ty}, expected application data"));
+                    return err(format!(
+                        "record {i}: inner type {ty}, expected application data"
+                    ));
                 }
                 out.extend_from_slice(&p);
                 seq = Some(s + 1);
@@ -285,9 +361,25 @@ mod tests {
         let inner = [b"hello".as_slice(), &[23u8]].concat();
         let len = (inner.len() + 16) as u16;
         let header = [23, 3, 3, (len >> 8) as u8, len as u8];
-        let ct = aes_gcm::Aes128Gcm::new_from_slice(&key).unwrap().encrypt((&nonce).into(), Payload { msg: &inner, aad: &header }).unwrap();
-        let rec = Record { content_type: 23, header, body: &ct };
-        assert_eq!(decrypt_tls13("aes-gcm-128", &key, &iv, 3, &rec), Some((23, b"hello".to_vec())));
+        let ct = aes_gcm::Aes128Gcm::new_from_slice(&key)
+            .unwrap()
+            .encrypt(
+                (&nonce).into(),
+                Payload {
+                    msg: &inner,
+                    aad: &header,
+                },
+            )
+            .unwrap();
+        let rec = Record {
+            content_type: 23,
+            header,
+            body: &ct,
+        };
+        assert_eq!(
+            decrypt_tls13("aes-gcm-128", &key, &iv, 3, &rec),
+            Some((23, b"hello".to_vec()))
+        );
         assert_eq!(decrypt_tls13("aes-gcm-128", &key, &iv, 2, &rec), None);
     }
 }

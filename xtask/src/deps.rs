@@ -37,8 +37,18 @@ fn installed(pkg: &str) -> bool {
 }
 
 fn sudo(args: &[&str]) -> Command {
-    let root = Command::new("id").arg("-u").output().map(|o| o.stdout.starts_with(b"0")).unwrap_or(false);
-    let mut c = if root { Command::new(args[0]) } else { let mut c = Command::new("sudo"); c.arg(args[0]); c };
+    let root = Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| o.stdout.starts_with(b"0"))
+        .unwrap_or(false);
+    let mut c = if root {
+        Command::new(args[0])
+    } else {
+        let mut c = Command::new("sudo");
+        c.arg(args[0]);
+        c
+    };
     c.args(&args[1..]);
     c.env("DEBIAN_FRONTEND", "noninteractive");
     c
@@ -73,7 +83,10 @@ pub struct Kernel {
 pub fn kernel() -> Result<Kernel> {
     let cache = crate::root().join("target/vm-cache");
     std::fs::create_dir_all(&cache)?;
-    let out = Command::new("apt-cache").args(["depends", "linux-image-cloud-amd64"]).output().context("apt-cache")?;
+    let out = Command::new("apt-cache")
+        .args(["depends", "linux-image-cloud-amd64"])
+        .output()
+        .context("apt-cache")?;
     let text = String::from_utf8_lossy(&out.stdout);
     let pkg = text
         .lines()
@@ -94,11 +107,18 @@ pub fn kernel() -> Result<Kernel> {
     let dir = cache.join(&pkg);
     if !dir.join("boot").exists() {
         println!("== fetching VM kernel {pkg}");
-        run(Command::new("apt-get").args(["download", &pkg]).current_dir(&cache))?;
+        run(Command::new("apt-get")
+            .args(["download", &pkg])
+            .current_dir(&cache))?;
         let deb = std::fs::read_dir(&cache)?
             .flatten()
             .map(|e| e.path())
-            .find(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with(&format!("{pkg}_")) && n.to_string_lossy().ends_with(".deb")))
+            .find(|p| {
+                p.file_name().is_some_and(|n| {
+                    n.to_string_lossy().starts_with(&format!("{pkg}_"))
+                        && n.to_string_lossy().ends_with(".deb")
+                })
+            })
             .context("downloaded kernel .deb not found")?;
         let tmp = cache.join(format!("{pkg}.tmp"));
         let _ = std::fs::remove_dir_all(&tmp);
@@ -109,7 +129,10 @@ pub fn kernel() -> Result<Kernel> {
     let vmlinuz = std::fs::read_dir(dir.join("boot"))?
         .flatten()
         .map(|e| e.path())
-        .find(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("vmlinuz-")))
+        .find(|p| {
+            p.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with("vmlinuz-"))
+        })
         .context("no vmlinuz in the kernel package")?;
     let modroot = dir.join("lib/modules");
     let version = std::fs::read_dir(&modroot)?
@@ -120,5 +143,9 @@ pub fn kernel() -> Result<Kernel> {
     if !vmlinuz.exists() {
         bail!("{} missing", vmlinuz.display());
     }
-    Ok(Kernel { vmlinuz, modules: modroot.join(&version), version })
+    Ok(Kernel {
+        vmlinuz,
+        modules: modroot.join(&version),
+        version,
+    })
 }

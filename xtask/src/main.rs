@@ -50,7 +50,9 @@ enum Cmd {
 
 /// Runs a command, failing with its name if it fails.
 pub fn run(cmd: &mut Command) -> Result<()> {
-    let status = cmd.status().with_context(|| format!("cannot run {cmd:?}"))?;
+    let status = cmd
+        .status()
+        .with_context(|| format!("cannot run {cmd:?}"))?;
     if !status.success() {
         bail!("{cmd:?} failed ({status})");
     }
@@ -59,7 +61,10 @@ pub fn run(cmd: &mut Command) -> Result<()> {
 
 /// The workspace root.
 pub fn root() -> std::path::PathBuf {
-    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).parent().map(ToOwned::to_owned).unwrap_or_default()
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(ToOwned::to_owned)
+        .unwrap_or_default()
 }
 
 fn cargo() -> Command {
@@ -72,7 +77,14 @@ fn host_checks() -> Result<()> {
     println!("== cargo fmt --check");
     run(cargo().args(["fmt", "--all", "--check"]))?;
     println!("== cargo clippy -D warnings");
-    run(cargo().args(["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"]))?;
+    run(cargo().args([
+        "clippy",
+        "--workspace",
+        "--all-targets",
+        "--",
+        "-D",
+        "warnings",
+    ]))?;
     println!("== host tests");
     run(cargo().args(["test", "--workspace"]))?;
     Ok(())

@@ -16,11 +16,23 @@ use crate::deps::{self, Kernel};
 use crate::{root, run};
 
 /// The binaries the VM runs, built in release mode.
-const BINARIES: &[&str] = &["tlshub-core", "tlshub-provider-openssl", "tlshub-testapp", "tlshub-vm-runner", "tlshub-bad-provider"];
+const BINARIES: &[&str] = &[
+    "tlshub-core",
+    "tlshub-provider-openssl",
+    "tlshub-testapp",
+    "tlshub-vm-runner",
+    "tlshub-bad-provider",
+];
 /// Host tools copied in with their libraries.
 const TOOLS: &[&str] = &["ip", "ss", "tcpdump"];
 /// Kernel module trees copied in (kTLS, its ciphers, veth).
-const MODULE_DIRS: &[&str] = &["kernel/crypto", "kernel/arch/x86/crypto", "kernel/lib", "kernel/net/tls", "kernel/drivers/net/veth.ko"];
+const MODULE_DIRS: &[&str] = &[
+    "kernel/crypto",
+    "kernel/arch/x86/crypto",
+    "kernel/lib",
+    "kernel/net/tls",
+    "kernel/drivers/net/veth.ko",
+];
 
 const INIT: &str = r#"#!/bin/busybox sh
 /bin/busybox --install -s /bin
@@ -47,7 +59,12 @@ sync
 poweroff -f
 "#;
 
-fn copy_with_libs(bin: &Path, rootfs: &Path, dest: &Path, libs: &mut BTreeSet<PathBuf>) -> Result<()> {
+fn copy_with_libs(
+    bin: &Path,
+    rootfs: &Path,
+    dest: &Path,
+    libs: &mut BTreeSet<PathBuf>,
+) -> Result<()> {
     let target = rootfs.join(dest.strip_prefix("/").unwrap_or(dest));
     std::fs::create_dir_all(target.parent().context("no parent")?)?;
     std::fs::copy(bin, &target).with_context(|| format!("copy {}", bin.display()))?;
@@ -81,17 +98,70 @@ fn certs(dir: &Path) -> Result<()> {
     }
     std::fs::create_dir_all(dir)?;
     let ossl = |args: &[&str]| run(Command::new("openssl").args(args).current_dir(dir));
-    ossl(&["ecparam", "-name", "prime256v1", "-genkey", "-noout", "-out", "ca.key"])?;
-    ossl(&["req", "-x509", "-new", "-key", "ca.key", "-subj", "/CN=tlshub test cluster CA", "-days", "3650", "-out", "ca.pem"])?;
+    ossl(&[
+        "ecparam",
+        "-name",
+        "prime256v1",
+        "-genkey",
+        "-noout",
+        "-out",
+        "ca.key",
+    ])?;
+    ossl(&[
+        "req",
+        "-x509",
+        "-new",
+        "-key",
+        "ca.key",
+        "-subj",
+        "/CN=tlshub test cluster CA",
+        "-days",
+        "3650",
+        "-out",
+        "ca.pem",
+    ])?;
     for node in ["node-a", "node-b"] {
         let key = format!("{node}.key");
-        ossl(&["genpkey", "-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256", "-out", &key])?;
-        ossl(&["req", "-new", "-key", &key, "-subj", &format!("/CN={node}"), "-out", &format!("{node}.csr")])?;
-        let ext = dir.join(format!("{node}.ext"));
-        std::fs::write(&ext, format!("subjectAltName=DNS:{node}\nextendedKeyUsage=serverAuth,clientAuth\n"))?;
         ossl(&[
-            "x509", "-req", "-in", &format!("{node}.csr"), "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial", "-days", "3650",
-            "-extfile", &ext.to_string_lossy(), "-out", &format!("{node}.pem"),
+            "genpkey",
+            "-algorithm",
+            "EC",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-out",
+            &key,
+        ])?;
+        ossl(&[
+            "req",
+            "-new",
+            "-key",
+            &key,
+            "-subj",
+            &format!("/CN={node}"),
+            "-out",
+            &format!("{node}.csr"),
+        ])?;
+        let ext = dir.join(format!("{node}.ext"));
+        std::fs::write(
+            &ext,
+            format!("subjectAltName=DNS:{node}\nextendedKeyUsage=serverAuth,clientAuth\n"),
+        )?;
+        ossl(&[
+            "x509",
+            "-req",
+            "-in",
+            &format!("{node}.csr"),
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-days",
+            "3650",
+            "-extfile",
+            &ext.to_string_lossy(),
+            "-out",
+            &format!("{node}.pem"),
         ])?;
     }
     Ok(())
@@ -100,16 +170,37 @@ fn certs(dir: &Path) -> Result<()> {
 fn build_binaries() -> Result<PathBuf> {
     println!("== building release binaries");
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    run(Command::new(cargo)
-        .current_dir(root())
-        .args(["build", "--release", "-p", "capture-core", "-p", "provider-openssl", "-p", "tlshub-vm-tests", "--bins"]))?;
+    run(Command::new(cargo).current_dir(root()).args([
+        "build",
+        "--release",
+        "-p",
+        "capture-core",
+        "-p",
+        "provider-openssl",
+        "-p",
+        "tlshub-vm-tests",
+        "--bins",
+    ]))?;
     Ok(root().join("target/release"))
 }
 
 fn initramfs(kernel: &Kernel, bins: &Path, work: &Path) -> Result<PathBuf> {
     let rootfs = work.join("rootfs");
     let _ = std::fs::remove_dir_all(&rootfs);
-    for d in ["bin", "usr/bin", "usr/sbin", "sbin", "etc/tlshub/certs", "proc", "sys", "dev", "tmp", "run", "root", "var/run"] {
+    for d in [
+        "bin",
+        "usr/bin",
+        "usr/sbin",
+        "sbin",
+        "etc/tlshub/certs",
+        "proc",
+        "sys",
+        "dev",
+        "tmp",
+        "run",
+        "root",
+        "var/run",
+    ] {
         std::fs::create_dir_all(rootfs.join(d))?;
     }
     std::fs::copy("/bin/busybox", rootfs.join("bin/busybox")).context("busybox-static missing")?;
@@ -117,7 +208,9 @@ fn initramfs(kernel: &Kernel, bins: &Path, work: &Path) -> Result<PathBuf> {
     for b in BINARIES {
         let src = bins.join(b);
         copy_with_libs(&src, &rootfs, &Path::new("/bin").join(b), &mut libs)?;
-        let _ = Command::new("strip").arg(rootfs.join("bin").join(b)).status();
+        let _ = Command::new("strip")
+            .arg(rootfs.join("bin").join(b))
+            .status();
     }
     for t in TOOLS {
         let p = which(t)?;
@@ -137,7 +230,11 @@ fn initramfs(kernel: &Kernel, bins: &Path, work: &Path) -> Result<PathBuf> {
     }
     let moddst = rootfs.join("lib/modules").join(&kernel.version);
     std::fs::create_dir_all(&moddst)?;
-    for f in ["modules.order", "modules.builtin", "modules.builtin.modinfo"] {
+    for f in [
+        "modules.order",
+        "modules.builtin",
+        "modules.builtin.modinfo",
+    ] {
         std::fs::copy(kernel.modules.join(f), moddst.join(f))?;
     }
     for d in MODULE_DIRS {
@@ -146,13 +243,25 @@ fn initramfs(kernel: &Kernel, bins: &Path, work: &Path) -> Result<PathBuf> {
         std::fs::create_dir_all(dst.parent().context("module parent")?)?;
         run(Command::new("cp").arg("-a").arg(&src).arg(&dst))?;
     }
-    run(Command::new("depmod").arg("-b").arg(&rootfs).arg(&kernel.version))?;
+    run(Command::new("depmod")
+        .arg("-b")
+        .arg(&rootfs)
+        .arg(&kernel.version))?;
     let certdir = work.join("certs");
     certs(&certdir)?;
-    for f in ["ca.pem", "node-a.pem", "node-a.key", "node-b.pem", "node-b.key"] {
+    for f in [
+        "ca.pem",
+        "node-a.pem",
+        "node-a.key",
+        "node-b.pem",
+        "node-b.key",
+    ] {
         std::fs::copy(certdir.join(f), rootfs.join("etc/tlshub/certs").join(f))?;
     }
-    std::fs::write(rootfs.join("etc/passwd"), "root:x:0:0:root:/root:/bin/sh\ntcpdump:x:100:100::/:/bin/false\n")?;
+    std::fs::write(
+        rootfs.join("etc/passwd"),
+        "root:x:0:0:root:/root:/bin/sh\ntcpdump:x:100:100::/:/bin/false\n",
+    )?;
     std::fs::write(rootfs.join("etc/group"), "root:x:0:\ntcpdump:x:100:\n")?;
     let init = rootfs.join("init");
     std::fs::write(&init, INIT)?;
@@ -183,9 +292,25 @@ pub fn run_mode(mode: &str, filter: Option<&str>) -> Result<()> {
     if let Some(f) = filter {
         append.push_str(&format!(" tlshub.filter={f}"));
     }
-    println!("== booting {} ({mode}); serial console follows", kernel.version);
+    println!(
+        "== booting {} ({mode}); serial console follows",
+        kernel.version
+    );
     let mut child = Command::new("qemu-system-x86_64")
-        .args(["-accel", "tcg", "-cpu", "max", "-smp", "2", "-m", "3072", "-nographic", "-no-reboot", "-nic", "none"])
+        .args([
+            "-accel",
+            "tcg",
+            "-cpu",
+            "max",
+            "-smp",
+            "2",
+            "-m",
+            "3072",
+            "-nographic",
+            "-no-reboot",
+            "-nic",
+            "none",
+        ])
         .arg("-kernel")
         .arg(&kernel.vmlinuz)
         .arg("-initrd")
@@ -227,11 +352,19 @@ pub fn run_mode(mode: &str, filter: Option<&str>) -> Result<()> {
                     plan = n.trim().parse().ok();
                 } else if let Some(r) = line.strip_prefix("TLSHUB-RESULT ") {
                     let mut it = r.splitn(3, ' ');
-                    let (name, verdict) = (it.next().unwrap_or("").to_string(), it.next().unwrap_or(""));
-                    if verdict == "PASS" { passed.push(name) } else { failed.push(name) }
+                    let (name, verdict) =
+                        (it.next().unwrap_or("").to_string(), it.next().unwrap_or(""));
+                    if verdict == "PASS" {
+                        passed.push(name)
+                    } else {
+                        failed.push(name)
+                    }
                 } else if line.contains("TLSHUB-DONE") {
                     done = true;
-                } else if line.contains("Kernel panic") || line.contains("BUG:") || line.contains("Oops:") {
+                } else if line.contains("Kernel panic")
+                    || line.contains("BUG:")
+                    || line.contains("Oops:")
+                {
                     panic.get_or_insert(line.clone());
                 }
                 log.push(line);
@@ -243,7 +376,10 @@ pub fn run_mode(mode: &str, filter: Option<&str>) -> Result<()> {
             let _ = child.kill();
             let _ = child.wait();
             std::fs::write(work.join(format!("serial-{mode}.log")), log.join("\n"))?;
-            bail!("VM hung: no end after {timeout:?} ({} results of {plan:?})", passed.len() + failed.len());
+            bail!(
+                "VM hung: no end after {timeout:?} ({} results of {plan:?})",
+                passed.len() + failed.len()
+            );
         }
     }
     let _ = child.wait();
@@ -251,7 +387,9 @@ pub fn run_mode(mode: &str, filter: Option<&str>) -> Result<()> {
     if let Some(p) = panic {
         bail!("kernel problem in the VM: {p}");
     }
-    let Some(plan) = plan else { bail!("the VM runner never started (no TLSHUB-PLAN line)") };
+    let Some(plan) = plan else {
+        bail!("the VM runner never started (no TLSHUB-PLAN line)")
+    };
     if !done {
         bail!("the VM runner did not finish (no TLSHUB-DONE)");
     }
@@ -259,11 +397,18 @@ pub fn run_mode(mode: &str, filter: Option<&str>) -> Result<()> {
         bail!("no scenario matched");
     }
     if passed.len() + failed.len() != plan {
-        bail!("{plan} scenarios planned, {} reported", passed.len() + failed.len());
+        bail!(
+            "{plan} scenarios planned, {} reported",
+            passed.len() + failed.len()
+        );
     }
     if !failed.is_empty() {
         bail!("VM scenarios failed: {}", failed.join(", "));
     }
-    println!("== VM {mode}: {} of {plan} passed in {:.0}s", passed.len(), started.elapsed().as_secs_f64());
+    println!(
+        "== VM {mode}: {} of {plan} passed in {:.0}s",
+        passed.len(),
+        started.elapsed().as_secs_f64()
+    );
     Ok(())
 }

@@ -30,7 +30,10 @@ struct Bad(Misbehaviour);
 
 #[tonic::async_trait]
 impl pb::key_provider_server::KeyProvider for Bad {
-    async fn get_info(&self, _: Request<pb::GetInfoRequest>) -> Result<Response<pb::ProviderInfo>, Status> {
+    async fn get_info(
+        &self,
+        _: Request<pb::GetInfoRequest>,
+    ) -> Result<Response<pb::ProviderInfo>, Status> {
         Ok(Response::new(pb::ProviderInfo {
             name: format!("bad-{:?}", self.0),
             version: "0".into(),
@@ -45,7 +48,11 @@ impl pb::key_provider_server::KeyProvider for Bad {
         &self,
         _: Request<pb::ConnectionKeysRequest>,
     ) -> Result<Response<pb::ConnectionKeys>, Status> {
-        let dir = |k: u8| pb::DirectionKeys { key: vec![k; 16], iv: vec![k; 12], record_sequence: 0 };
+        let dir = |k: u8| pb::DirectionKeys {
+            key: vec![k; 16],
+            iv: vec![k; 12],
+            record_sequence: 0,
+        };
         let mut keys = pb::ConnectionKeys {
             version: pb::TlsVersion::TlsVersion13 as i32,
             cipher_suite: pb::CipherSuite::Aes128Gcm as i32,
@@ -69,9 +76,15 @@ impl pb::key_provider_server::KeyProvider for Bad {
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let listener = tlshub_provider_sdk::server::bind_private(&args.socket, None)?;
-    eprintln!("bad provider ({:?}) on {}", args.mode, args.socket.display());
+    eprintln!(
+        "bad provider ({:?}) on {}",
+        args.mode,
+        args.socket.display()
+    );
     tonic::transport::Server::builder()
-        .add_service(pb::key_provider_server::KeyProviderServer::new(Bad(args.mode)))
+        .add_service(pb::key_provider_server::KeyProviderServer::new(Bad(
+            args.mode
+        )))
         .serve_with_incoming(tokio_stream::wrappers::UnixListenerStream::new(listener))
         .await?;
     Ok(())

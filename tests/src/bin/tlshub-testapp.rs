@@ -114,7 +114,10 @@ fn recv_pattern(c: &mut Conn, common: &Common, seed: u64, r: &mut Report) -> std
         let n = buf.len().min(common.size - off as usize);
         c.recv_exact(common.recv, &mut buf[..n])?;
         if let Err(bad) = pattern::check(seed, off, &buf[..n]) {
-            return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, format!("byte {bad} differs from what the peer sent")));
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!("byte {bad} differs from what the peer sent"),
+            ));
         }
         off += n as u64;
         r.bytes_received += n as u64;
@@ -213,7 +216,11 @@ fn run(args: Args, r: &mut Report) -> std::io::Result<()> {
                 r.connections += 1;
             }
         }
-        Side::Client { connect, reuse_fd_to, common } => {
+        Side::Client {
+            connect,
+            reuse_fd_to,
+            common,
+        } => {
             r.role = "client";
             for _ in 0..common.connections {
                 if let Some(other) = reuse_fd_to {
@@ -249,6 +256,14 @@ fn main() -> std::process::ExitCode {
         report.errno = e.raw_os_error();
     }
     report.ok = result.is_ok();
-    println!("{}", serde_json::to_string(&report).unwrap_or_else(|e| format!("{{\"ok\":false,\"error\":\"{e}\"}}")));
-    if report.ok { std::process::ExitCode::SUCCESS } else { std::process::ExitCode::FAILURE }
+    println!(
+        "{}",
+        serde_json::to_string(&report)
+            .unwrap_or_else(|e| format!("{{\"ok\":false,\"error\":\"{e}\"}}"))
+    );
+    if report.ok {
+        std::process::ExitCode::SUCCESS
+    } else {
+        std::process::ExitCode::FAILURE
+    }
 }

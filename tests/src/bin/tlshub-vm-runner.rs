@@ -11,16 +11,24 @@ use tlshub_vm_tests::{DONE_LINE, RESULT_PREFIX};
 
 fn cmdline(key: &str) -> Option<String> {
     let line = std::fs::read_to_string("/proc/cmdline").ok()?;
-    line.split_whitespace().find_map(|w| w.strip_prefix(&format!("{key}=")).map(String::from))
+    line.split_whitespace()
+        .find_map(|w| w.strip_prefix(&format!("{key}=")).map(String::from))
 }
 
 fn main() {
-    let mode = std::env::args().nth(1).or_else(|| cmdline("tlshub.mode")).unwrap_or_else(|| "test".into());
+    let mode = std::env::args()
+        .nth(1)
+        .or_else(|| cmdline("tlshub.mode"))
+        .unwrap_or_else(|| "test".into());
     let filter = cmdline("tlshub.filter").unwrap_or_default();
     let list: Vec<Scenario> = match mode.as_str() {
         "bench" => vec![("bench", scenarios::bench)],
         "demo" => vec![("demo", scenarios::demo)],
-        _ => scenarios::TESTS.iter().copied().filter(|(n, _)| filter.is_empty() || n.contains(&filter)).collect(),
+        _ => scenarios::TESTS
+            .iter()
+            .copied()
+            .filter(|(n, _)| filter.is_empty() || n.contains(&filter))
+            .collect(),
     };
     println!("TLSHUB-PLAN {}", list.len());
     let topology = match Topology::up() {
@@ -40,9 +48,19 @@ fn main() {
         match result {
             Ok(summary) => println!("{RESULT_PREFIX} {name} PASS ({secs:.1}s) {summary}"),
             Err(why) => {
-                println!("{RESULT_PREFIX} {name} FAIL ({secs:.1}s) {}", why.replace('\n', "\n    "));
-                for log in ["node-a-core", "node-a-provider", "node-b-core", "node-b-provider"] {
-                    let tail = tlshub_vm_tests::vm::process::tail(std::path::Path::new(&format!("/tmp/logs/{log}.log")));
+                println!(
+                    "{RESULT_PREFIX} {name} FAIL ({secs:.1}s) {}",
+                    why.replace('\n', "\n    ")
+                );
+                for log in [
+                    "node-a-core",
+                    "node-a-provider",
+                    "node-b-core",
+                    "node-b-provider",
+                ] {
+                    let tail = tlshub_vm_tests::vm::process::tail(std::path::Path::new(&format!(
+                        "/tmp/logs/{log}.log"
+                    )));
                     println!("--- {log} (tail) ---\n{tail}");
                 }
             }

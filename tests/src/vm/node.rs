@@ -35,7 +35,13 @@ pub struct NodeSpec {
 impl NodeSpec {
     /// The default: OpenSSL, fail-closed, 2 s, AES-128-GCM.
     pub fn new(name: &'static str) -> Self {
-        Self { name, provider: ProviderKind::OpenSsl, failure_policy: "fail-closed", key_timeout_ms: 2000, suite: "TLS_AES_128_GCM_SHA256" }
+        Self {
+            name,
+            provider: ProviderKind::OpenSsl,
+            failure_policy: "fail-closed",
+            key_timeout_ms: 2000,
+            suite: "TLS_AES_128_GCM_SHA256",
+        }
     }
 }
 
@@ -64,7 +70,11 @@ impl Node {
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
         std::fs::create_dir_all("/tmp/logs").map_err(|e| e.to_string())?;
-        let (local, peer) = if n == "a" { ("10.0.1.0/24", "10.0.2.0/24") } else { ("10.0.2.0/24", "10.0.1.0/24") };
+        let (local, peer) = if n == "a" {
+            ("10.0.1.0/24", "10.0.2.0/24")
+        } else {
+            ("10.0.2.0/24", "10.0.1.0/24")
+        };
         let socket = dir.join("provider.sock");
         let core_toml = format!(
             "node_name = \"node-{n}\"\nfailure_policy = \"{}\"\n\n[provider]\nsocket = \"{}\"\ntimeout_ms = {}\n\n[policy]\nlocal_cidrs = [\"{local}\"]\n[[policy.rules]]\npeer_cidrs = [\"{peer}\"]\nports = [{PROTECTED_PORT}]\n",
@@ -84,12 +94,32 @@ impl Node {
         let provider = match spec.provider {
             ProviderKind::OpenSsl => {
                 let cfg = dir.join("provider.toml");
-                let mut p = Proc::spawn(&format!("provider-{n}"), None, &["tlshub-provider-openssl", "--config", &cfg.to_string_lossy()], &plog)?;
+                let mut p = Proc::spawn(
+                    &format!("provider-{n}"),
+                    None,
+                    &[
+                        "tlshub-provider-openssl",
+                        "--config",
+                        &cfg.to_string_lossy(),
+                    ],
+                    &plog,
+                )?;
                 p.wait_for_log("provider serving", Duration::from_secs(20))?;
                 Some(p)
             }
             ProviderKind::Bad(mode) => {
-                let mut p = Proc::spawn(&format!("bad-provider-{n}"), None, &["tlshub-bad-provider", "--socket", &socket.to_string_lossy(), "--mode", mode], &plog)?;
+                let mut p = Proc::spawn(
+                    &format!("bad-provider-{n}"),
+                    None,
+                    &[
+                        "tlshub-bad-provider",
+                        "--socket",
+                        &socket.to_string_lossy(),
+                        "--mode",
+                        mode,
+                    ],
+                    &plog,
+                )?;
                 p.wait_for_log("bad provider", Duration::from_secs(20))?;
                 Some(p)
             }
@@ -102,17 +132,31 @@ impl Node {
         let mut core = Proc::spawn(
             &format!("core-{n}"),
             None,
-            &["tlshub-core", "--config", &cfg.to_string_lossy(), "--stats-file", &stats.to_string_lossy(), "--keylog-file", &keys.to_string_lossy()],
+            &[
+                "tlshub-core",
+                "--config",
+                &cfg.to_string_lossy(),
+                "--stats-file",
+                &stats.to_string_lossy(),
+                "--keylog-file",
+                &keys.to_string_lossy(),
+            ],
             &clog,
         )?;
         core.wait_for_log("capture-core running", Duration::from_secs(60))?;
-        Ok(Self { spec, dir, core: Some(core), provider })
+        Ok(Self {
+            spec,
+            dir,
+            core: Some(core),
+            provider,
+        })
     }
 
     /// The core's latest stats.
     pub fn stats(&self) -> Result<serde_json::Value, String> {
         let path = self.dir.join("stats.json");
-        let text = std::fs::read_to_string(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+        let text =
+            std::fs::read_to_string(&path).map_err(|e| format!("{}: {e}", path.display()))?;
         serde_json::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))
     }
 
@@ -127,7 +171,10 @@ impl Node {
 
     /// The core's log so far.
     pub fn core_log(&self) -> String {
-        self.core.as_ref().map(|c| std::fs::read_to_string(&c.log).unwrap_or_default()).unwrap_or_default()
+        self.core
+            .as_ref()
+            .map(|c| std::fs::read_to_string(&c.log).unwrap_or_default())
+            .unwrap_or_default()
     }
 
     /// Stops the core (SIGTERM) and waits for its final stats.

@@ -32,15 +32,30 @@ pub fn command(netns: Option<&str>, argv: &[&str]) -> Command {
 
 /// Runs a command to completion; Err carries its output.
 pub fn run(netns: Option<&str>, argv: &[&str]) -> Result<String, String> {
-    let out = command(netns, argv).output().map_err(|e| format!("cannot run {argv:?}: {e}"))?;
-    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    if out.status.success() { Ok(text) } else { Err(format!("{argv:?} failed ({}): {text}", out.status)) }
+    let out = command(netns, argv)
+        .output()
+        .map_err(|e| format!("cannot run {argv:?}: {e}"))?;
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    if out.status.success() {
+        Ok(text)
+    } else {
+        Err(format!("{argv:?} failed ({}): {text}", out.status))
+    }
 }
 
 impl Proc {
     /// Starts `argv` with stdout and stderr written to `log` (truncated first,
     /// so log waits never match an earlier run's lines).
-    pub fn spawn(name: &str, netns: Option<&str>, argv: &[&str], log: &Path) -> Result<Self, String> {
+    pub fn spawn(
+        name: &str,
+        netns: Option<&str>,
+        argv: &[&str],
+        log: &Path,
+    ) -> Result<Self, String> {
         let file = std::fs::File::create(log).map_err(|e| format!("{}: {e}", log.display()))?;
         let err = file.try_clone().map_err(|e| e.to_string())?;
         let child = command(netns, argv)
@@ -49,7 +64,11 @@ impl Proc {
             .stderr(err)
             .spawn()
             .map_err(|e| format!("cannot start {name} {argv:?}: {e}"))?;
-        Ok(Self { name: name.into(), child: Some(child), log: log.to_owned() })
+        Ok(Self {
+            name: name.into(),
+            child: Some(child),
+            log: log.to_owned(),
+        })
     }
 
     /// The child's pid.
@@ -61,14 +80,29 @@ impl Proc {
     pub fn wait_for_log(&mut self, needle: &str, timeout: Duration) -> Result<(), String> {
         let until = Instant::now() + timeout;
         loop {
-            if std::fs::read_to_string(&self.log).unwrap_or_default().contains(needle) {
+            if std::fs::read_to_string(&self.log)
+                .unwrap_or_default()
+                .contains(needle)
+            {
                 return Ok(());
             }
-            if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
-                return Err(format!("{} exited ({status}) before logging {needle:?}:\n{}", self.name, tail(&self.log)));
+            if let Some(status) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                return Err(format!(
+                    "{} exited ({status}) before logging {needle:?}:\n{}",
+                    self.name,
+                    tail(&self.log)
+                ));
             }
             if Instant::now() > until {
-                return Err(format!("{} did not log {needle:?} within {timeout:?}:\n{}", self.name, tail(&self.log)));
+                return Err(format!(
+                    "{} did not log {needle:?} within {timeout:?}:\n{}",
+                    self.name,
+                    tail(&self.log)
+                ));
             }
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -77,7 +111,9 @@ impl Proc {
     /// Waits for exit up to `timeout`; kills on timeout.
     pub fn wait(&mut self, timeout: Duration) -> Result<std::process::ExitStatus, String> {
         let until = Instant::now() + timeout;
-        let Some(child) = self.child.as_mut() else { return Err("already reaped".into()) };
+        let Some(child) = self.child.as_mut() else {
+            return Err("already reaped".into());
+        };
         loop {
             if let Some(status) = child.try_wait().map_err(|e| e.to_string())? {
                 self.child = None;
@@ -87,7 +123,11 @@ impl Proc {
                 let _ = child.kill();
                 let _ = child.wait();
                 self.child = None;
-                return Err(format!("{} did not finish within {timeout:?} (killed):\n{}", self.name, tail(&self.log)));
+                return Err(format!(
+                    "{} did not finish within {timeout:?} (killed):\n{}",
+                    self.name,
+                    tail(&self.log)
+                ));
             }
             std::thread::sleep(Duration::from_millis(10));
         }
@@ -97,7 +137,10 @@ impl Proc {
     pub fn signal(&self, sig: i32) {
         if let Some(c) = &self.child {
             // A plain kill(2) through the shell-free path.
-            let _ = Command::new("kill").arg(format!("-{sig}")).arg(c.id().to_string()).status();
+            let _ = Command::new("kill")
+                .arg(format!("-{sig}"))
+                .arg(c.id().to_string())
+                .status();
         }
     }
 
@@ -127,7 +170,12 @@ pub fn tail(path: &Path) -> String {
 }
 
 /// A child whose first stderr line is awaited (servers print "listening").
-pub fn spawn_ready(netns: &str, argv: &[&str], ready: &str, timeout: Duration) -> Result<Child, String> {
+pub fn spawn_ready(
+    netns: &str,
+    argv: &[&str],
+    ready: &str,
+    timeout: Duration,
+) -> Result<Child, String> {
     let mut child = command(Some(netns), argv)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -168,7 +216,10 @@ pub fn finish(mut child: Child, timeout: Duration) -> Result<String, String> {
         if Instant::now() > until {
             let _ = child.kill();
             let out = child.wait_with_output().map_err(|e| e.to_string())?;
-            return Err(format!("timed out after {timeout:?}; output so far: {}", String::from_utf8_lossy(&out.stdout)));
+            return Err(format!(
+                "timed out after {timeout:?}; output so far: {}",
+                String::from_utf8_lossy(&out.stdout)
+            ));
         }
         std::thread::sleep(Duration::from_millis(10));
     }

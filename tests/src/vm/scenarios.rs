@@ -51,7 +51,15 @@ pub struct App {
 impl App {
     /// One client-first exchange of `size` bytes with write/read, blocking.
     pub fn exchange(size: usize, port: u16) -> Self {
-        Self { mode: "client-first", size, send: "write", recv: "read", io: "blocking", connections: 1, port }
+        Self {
+            mode: "client-first",
+            size,
+            send: "write",
+            recv: "read",
+            io: "blocking",
+            connections: 1,
+            port,
+        }
     }
 
     fn args(&self) -> Vec<String> {
@@ -73,12 +81,20 @@ impl App {
 }
 
 fn json(s: &str) -> Result<Value, String> {
-    let line = s.lines().rev().find(|l| l.starts_with('{')).ok_or_else(|| format!("no report in {s:?}"))?;
+    let line = s
+        .lines()
+        .rev()
+        .find(|l| l.starts_with('{'))
+        .ok_or_else(|| format!("no report in {s:?}"))?;
     serde_json::from_str(line).map_err(|e| format!("bad report {line:?}: {e}"))
 }
 
 /// Runs server in pod-b and client in pod-a; returns both reports.
-pub fn run_pair(app: &App, extra_client: &[&str], timeout: Duration) -> Result<(Value, Value), String> {
+pub fn run_pair(
+    app: &App,
+    extra_client: &[&str],
+    timeout: Duration,
+) -> Result<(Value, Value), String> {
     let listen = format!("0.0.0.0:{}", app.port);
     let connect = format!("{POD_B}:{}", app.port);
     let args = app.args();
@@ -110,11 +126,21 @@ fn both_ok(app: &App, s: &Value, c: &Value) -> Result<(), String> {
     }
 }
 
-/// `/proc/net/tls_stat` as a map.
-pub fn tls_stat() -> HashMap<String, u64> {
-    std::fs::read_to_string("/proc/net/tls_stat")
-        .unwrap_or_default()
-        .lines()
+/// `/proc/net/tls_stat` of network namespace `netns` (the counters are per
+/// namespace), summed over the given namespaces.
+pub fn tls_stat(namespaces: &[&str]) -> HashMap<String, u64> {
+    let mut sum = HashMap::new();
+    for ns in namespaces {
+        let text = process::run(Some(ns), &["cat", "/proc/net/tls_stat"]).unwrap_or_default();
+        for (k, v) in parse_tls_stat(&text) {
+            *sum.entry(k).or_insert(0) += v;
+        }
+    }
+    sum
+}
+
+fn parse_tls_stat(text: &str) -> HashMap<String, u64> {
+    text.lines()
         .filter_map(|l| {
             let mut it = l.split_whitespace();
             Some((it.next()?.to_string(), it.next()?.parse().ok()?))
@@ -138,7 +164,24 @@ impl Capture {
         let mut proc = Proc::spawn(
             "tcpdump",
             Some("node-a"),
-            &["tcpdump", "-i", WIRE_IF, "-s", "0", "-B", "65536", "-U", "-Z", "root", "-w", &path, "tcp"],
+            // --immediate-mode: with TPACKET_V3 blocks, packets still in the
+            // current block at SIGINT would otherwise never reach the file.
+            &[
+                "tcpdump",
+                "--immediate-mode",
+                "-i",
+                WIRE_IF,
+                "-s",
+                "0",
+                "-B",
+                "65536",
+                "-U",
+                "-Z",
+                "root",
+                "-w",
+                &path,
+                "tcp",
+            ],
             &log,
         )?;
         proc.wait_for_log("listening on", Duration::from_secs(20))?;
@@ -156,7 +199,11 @@ impl Capture {
         }
         let data = std::fs::read(&self.path).map_err(|e| format!("{}: {e}", self.path))?;
         let _ = std::fs::remove_file(&self.path);
-        wire::read_pcap(&data).map_err(|e| e.to_string())
+        let mut flows = wire::read_pcap(&data).map_err(|e| format!("{e} (tcpdump: {log})"))?;
+        for f in &mut flows {
+            f.capture_log = log.clone();
+        }
+        Ok(flows)
     }
 }
 
@@ -174,7 +221,9 @@ pub struct WireReport {
 }
 
 fn hexv(v: &Value) -> Vec<u8> {
-    v.as_str().and_then(|s| hex::decode(s).ok()).unwrap_or_default()
+    v.as_str()
+        .and_then(|s| hex::decode(s).ok())
+        .unwrap_or_default()
 }
 
 /// Checks every flow: protected ones carry only TLS records, no marker,
@@ -183,7 +232,10 @@ fn hexv(v: &Value) -> Vec<u8> {
 pub fn check_wire(flows: &[wire::Flow], a: &Node, b: &Node) -> Result<WireReport, String> {
     let keys: Vec<Value> = a.keys().into_iter().chain(b.keys()).collect();
     let find = |local: &std::net::SocketAddr, remote: &std::net::SocketAddr| {
-        keys.iter().find(|k| k["local"].as_str() == Some(&local.to_string()) && k["remote"].as_str() == Some(&remote.to_string()))
+        keys.iter().find(|k| {
+            k["local"].as_str() == Some(&local.to_string())
+                && k["remote"].as_str() == Some(&remote.to_string())
+        })
     };
     let mut r = WireReport::default();
     for f in flows.iter().filter(|f| !f.bytes.is_empty()) {
@@ -196,22 +248,54 @@ pub fn check_wire(flows: &[wire::Flow], a: &Node, b: &Node) -> Result<WireReport
         }
         r.protected_flows += 1;
         if wire::contains(&f.bytes, MARKER) {
-            return Err(format!("PLAINTEXT on the wire: {} -> {} carries the marker", f.src, f.dst));
+            return Err(format!(
+                "PLAINTEXT on the wire: {} -> {} carries the marker",
+                f.src, f.dst
+            ));
         }
-        wire::tls_records(&f.bytes).map_err(|e| format!("{} -> {}: not TLS: {e}", f.src, f.dst))?;
-        let sender = find(&f.src, &f.dst).ok_or_else(|| format!("{} -> {}: no exported key for the sender", f.src, f.dst))?;
-        let receiver = find(&f.dst, &f.src).ok_or_else(|| format!("{} -> {}: no exported key for the receiver", f.src, f.dst))?;
-        if hexv(&sender["tx_key"]) != hexv(&receiver["rx_key"]) || hexv(&sender["tx_iv"]) != hexv(&receiver["rx_iv"]) {
-            return Err(format!("{} -> {}: the two nodes' providers reported different keys", f.src, f.dst));
+        wire::tls_records(&f.bytes).map_err(|e| {
+            format!(
+                "{} -> {}: not TLS: {e} ({} bytes captured; tcpdump: {})",
+                f.src,
+                f.dst,
+                f.bytes.len(),
+                f.capture_log
+            )
+        })?;
+        let sender = find(&f.src, &f.dst)
+            .ok_or_else(|| format!("{} -> {}: no exported key for the sender", f.src, f.dst))?;
+        let receiver = find(&f.dst, &f.src)
+            .ok_or_else(|| format!("{} -> {}: no exported key for the receiver", f.src, f.dst))?;
+        if hexv(&sender["tx_key"]) != hexv(&receiver["rx_key"])
+            || hexv(&sender["tx_iv"]) != hexv(&receiver["rx_iv"])
+        {
+            return Err(format!(
+                "{} -> {}: the two nodes' providers reported different keys",
+                f.src, f.dst
+            ));
         }
         let suite = sender["suite"].as_str().unwrap_or("");
-        let plain = wire::decrypt_application_data(&f.bytes, suite, &hexv(&sender["tx_key"]), &hexv(&sender["tx_iv"]))
-            .map_err(|e| format!("{} -> {}: {e}", f.src, f.dst))?;
-        let seed = if f.dst.port() == PROTECTED_PORT { CLIENT_SEED } else { SERVER_SEED };
+        let plain = wire::decrypt_application_data(
+            &f.bytes,
+            suite,
+            &hexv(&sender["tx_key"]),
+            &hexv(&sender["tx_iv"]),
+        )
+        .map_err(|e| format!("{} -> {}: {e}", f.src, f.dst))?;
+        let seed = if f.dst.port() == PROTECTED_PORT {
+            CLIENT_SEED
+        } else {
+            SERVER_SEED
+        };
         if plain.is_empty() {
             continue;
         }
-        crate::pattern::check(seed, 0, &plain).map_err(|at| format!("{} -> {}: decrypted byte {at} is not what the app sent", f.src, f.dst))?;
+        crate::pattern::check(seed, 0, &plain).map_err(|at| {
+            format!(
+                "{} -> {}: decrypted byte {at} is not what the app sent",
+                f.src, f.dst
+            )
+        })?;
         r.decrypted += 1;
         r.plaintext_bytes += plain.len();
     }
@@ -227,7 +311,7 @@ fn kernel_has_ktls_and_bpf_lsm() -> Result<String, String> {
     if !lsm.split(',').any(|l| l.trim() == "bpf") {
         return Err(format!("bpf not in the LSM list: {lsm}"));
     }
-    if tls_stat().is_empty() {
+    if tls_stat(&["pod-a"]).is_empty() {
         return Err("/proc/net/tls_stat missing: tls module not loaded".into());
     }
     let uname = process::run(None, &["uname", "-r"])?;
@@ -240,14 +324,18 @@ fn exchange_matrix() -> Result<String, String> {
     let (a, b) = nodes(NodeSpec::new("a"), NodeSpec::new("b"))?;
     let sends = ["write", "writev", "send", "sendmsg", "sendfile", "splice"];
     let recvs = ["read", "recv", "recvmsg", "splice"];
-    let before = tls_stat();
+    let before = tls_stat(&["pod-a", "pod-b"]);
     let cap = Capture::start("matrix")?;
     let mut runs = 0;
     for (i, send) in sends.iter().enumerate() {
         for (j, io) in ["blocking", "epoll"].iter().enumerate() {
             for (k, size) in [1usize, 1 << 20].iter().enumerate() {
                 let app = App {
-                    mode: if (i + j + k) % 2 == 0 { "client-first" } else { "server-first" },
+                    mode: if (i + j + k) % 2 == 0 {
+                        "client-first"
+                    } else {
+                        "server-first"
+                    },
                     size: *size,
                     send,
                     recv: recvs[(i * 2 + j + k) % recvs.len()],
@@ -266,18 +354,25 @@ fn exchange_matrix() -> Result<String, String> {
     let (s, c) = run_pair(&plain, &[], Duration::from_secs(30))?;
     both_ok(&plain, &s, &c)?;
     let flows = cap.finish()?;
-    let after = tls_stat();
+    let after = tls_stat(&["pod-a", "pod-b"]);
     let report = check_wire(&flows, &a, &b)?;
     let delta = |k: &str| after.get(k).copied().unwrap_or(0) - before.get(k).copied().unwrap_or(0);
     // Both ends of every protected connection are in this one kernel.
     if delta("TlsTxSw") != 2 * runs as u64 || delta("TlsRxSw") != 2 * runs as u64 {
-        return Err(format!("tls_stat: TlsTxSw +{} TlsRxSw +{}, want +{} each", delta("TlsTxSw"), delta("TlsRxSw"), 2 * runs));
+        return Err(format!(
+            "tls_stat: TlsTxSw +{} TlsRxSw +{}, want +{} each",
+            delta("TlsTxSw"),
+            delta("TlsRxSw"),
+            2 * runs
+        ));
     }
     if report.protected_flows != 2 * runs || report.decrypted != 2 * runs {
         return Err(format!("{runs} connections but {report:?}"));
     }
     if report.plain_flows_with_marker == 0 {
-        return Err("the unselected connection's plaintext was not seen: the capture is blind".into());
+        return Err(
+            "the unselected connection's plaintext was not seen: the capture is blind".into(),
+        );
     }
     Ok(format!(
         "{runs} connections (6 send x 4 recv methods, blocking+epoll, both orders, 1 B + 1 MiB) exact both ways; {} flows TLS-only and decrypted to {} app bytes; tls_stat TlsTxSw/TlsRxSw +{}; unselected stayed plain",
@@ -296,14 +391,21 @@ fn cipher_suites() -> Result<String, String> {
         sb.suite = suite;
         let (a, b) = nodes(sa, sb)?;
         let cap = Capture::start("suites")?;
-        let app = App { mode: "server-first", ..App::exchange(200_000, PROTECTED_PORT) };
+        let app = App {
+            mode: "server-first",
+            ..App::exchange(200_000, PROTECTED_PORT)
+        };
         let (s, c) = run_pair(&app, &[], Duration::from_secs(60))?;
         both_ok(&app, &s, &c)?;
         let report = check_wire(&cap.finish()?, &a, &b)?;
         if report.decrypted != 2 {
             return Err(format!("{suite}: {report:?}"));
         }
-        let name = a.keys().first().and_then(|k| k["suite"].as_str().map(String::from)).unwrap_or_default();
+        let name = a
+            .keys()
+            .first()
+            .and_then(|k| k["suite"].as_str().map(String::from))
+            .unwrap_or_default();
         out.push(format!("{suite} -> kTLS {name}, decrypted"));
     }
     Ok(out.join("; "))
@@ -317,11 +419,22 @@ fn large_transfers() -> Result<String, String> {
         ("server-first", "splice", "splice", "epoll"),
         ("client-first", "sendfile", "recvmsg", "epoll"),
     ] {
-        let app = App { mode, size: 64 << 20, send, recv, io, connections: 1, port: PROTECTED_PORT };
+        let app = App {
+            mode,
+            size: 64 << 20,
+            send,
+            recv,
+            io,
+            connections: 1,
+            port: PROTECTED_PORT,
+        };
         let t = Instant::now();
         let (s, c) = run_pair(&app, &[], Duration::from_secs(300))?;
         both_ok(&app, &s, &c)?;
-        out.push(format!("{send}/{recv}/{io} {:.1}s", t.elapsed().as_secs_f64()));
+        out.push(format!(
+            "{send}/{recv}/{io} {:.1}s",
+            t.elapsed().as_secs_f64()
+        ));
     }
     Ok(format!("64 MiB each way, exact: {}", out.join(", ")))
 }
@@ -350,7 +463,10 @@ fn fail_closed_provider_missing() -> Result<String, String> {
     let cap = Capture::start("failclosed")?;
     let mut results = Vec::new();
     for mode in ["client-first", "server-first"] {
-        let app = App { mode, ..App::exchange(100, PROTECTED_PORT) };
+        let app = App {
+            mode,
+            ..App::exchange(100, PROTECTED_PORT)
+        };
         let (_s, c) = run_pair(&app, &[], Duration::from_secs(30))?;
         expect_reset(&c)?;
         results.push(format!("{mode}: errno {}", c["errno"]));
@@ -361,7 +477,11 @@ fn fail_closed_provider_missing() -> Result<String, String> {
     if resets < 2 {
         return Err(format!("core A reset {resets} connections, want 2"));
     }
-    Ok(format!("{}; {} protected flows, no marker on the wire; core A reset {resets}", results.join(", "), report.protected_flows))
+    Ok(format!(
+        "{}; {} protected flows, no marker on the wire; core A reset {resets}",
+        results.join(", "),
+        report.protected_flows
+    ))
 }
 
 fn fail_open_provider_missing() -> Result<String, String> {
@@ -377,7 +497,10 @@ fn fail_open_provider_missing() -> Result<String, String> {
     let (s, c) = run_pair(&app, &[], Duration::from_secs(30))?;
     both_ok(&app, &s, &c)?;
     let flows = cap.finish()?;
-    let clear = flows.iter().filter(|f| f.dst.port() == PROTECTED_PORT && wire::contains(&f.bytes, MARKER)).count();
+    let clear = flows
+        .iter()
+        .filter(|f| f.dst.port() == PROTECTED_PORT && wire::contains(&f.bytes, MARKER))
+        .count();
     if clear == 0 {
         return Err("fail-open connection did not carry plaintext".into());
     }
@@ -386,7 +509,9 @@ fn fail_open_provider_missing() -> Result<String, String> {
     if passed == 0 {
         return Err("core A did not count the plaintext connection".into());
     }
-    Ok(format!("exchange completed in plaintext as configured; core A counted {passed} plaintext connection(s)"))
+    Ok(format!(
+        "exchange completed in plaintext as configured; core A counted {passed} plaintext connection(s)"
+    ))
 }
 
 fn provider_hangs() -> Result<String, String> {
@@ -396,7 +521,11 @@ fn provider_hangs() -> Result<String, String> {
     let (a, b) = nodes(sa, NodeSpec::new("b"))?;
     let cap = Capture::start("hang")?;
     let t = Instant::now();
-    let (_s, c) = run_pair(&App::exchange(100, PROTECTED_PORT), &[], Duration::from_secs(30))?;
+    let (_s, c) = run_pair(
+        &App::exchange(100, PROTECTED_PORT),
+        &[],
+        Duration::from_secs(30),
+    )?;
     let took = t.elapsed();
     expect_reset(&c)?;
     check_wire(&cap.finish()?, &a, &b)?;
@@ -408,7 +537,10 @@ fn provider_hangs() -> Result<String, String> {
     if timeouts == 0 {
         return Err(format!("core A did not count a timeout: {:?}", a.stats()));
     }
-    Ok(format!("reset after {:.2}s (timeout 1 s), no plaintext, counted as timeout", took.as_secs_f64()))
+    Ok(format!(
+        "reset after {:.2}s (timeout 1 s), no plaintext, counted as timeout",
+        took.as_secs_f64()
+    ))
 }
 
 fn provider_malformed() -> Result<String, String> {
@@ -418,7 +550,11 @@ fn provider_malformed() -> Result<String, String> {
         sa.provider = ProviderKind::Bad(mode);
         let (a, b) = nodes(sa, NodeSpec::new("b"))?;
         let cap = Capture::start("malformed")?;
-        let (_s, c) = run_pair(&App::exchange(100, PROTECTED_PORT), &[], Duration::from_secs(30))?;
+        let (_s, c) = run_pair(
+            &App::exchange(100, PROTECTED_PORT),
+            &[],
+            Duration::from_secs(30),
+        )?;
         expect_reset(&c)?;
         check_wire(&cap.finish()?, &a, &b)?;
         std::thread::sleep(Duration::from_millis(1200));
@@ -426,8 +562,22 @@ fn provider_malformed() -> Result<String, String> {
             return Err(format!("{mode}: not counted as malformed: {:?}", a.stats()));
         }
         let log = a.core_log();
-        let line = log.lines().find(|l| l.contains("malformed")).unwrap_or("").trim().to_string();
-        out.push(format!("{mode}: reset ({})", line.chars().rev().take(90).collect::<String>().chars().rev().collect::<String>()));
+        let line = log
+            .lines()
+            .find(|l| l.contains("malformed"))
+            .unwrap_or("")
+            .trim()
+            .to_string();
+        out.push(format!(
+            "{mode}: reset ({})",
+            line.chars()
+                .rev()
+                .take(90)
+                .collect::<String>()
+                .chars()
+                .rev()
+                .collect::<String>()
+        ));
     }
     Ok(out.join("; "))
 }
@@ -435,25 +585,46 @@ fn provider_malformed() -> Result<String, String> {
 fn churn_and_fd_reuse() -> Result<String, String> {
     let (a, b) = nodes(NodeSpec::new("a"), NodeSpec::new("b"))?;
     // 1,000 connections closed right after connect (most before keys).
-    let early = App { mode: "close-early", connections: 1000, ..App::exchange(1, PROTECTED_PORT) };
+    let early = App {
+        mode: "close-early",
+        connections: 1000,
+        ..App::exchange(1, PROTECTED_PORT)
+    };
     let (s, c) = run_pair(&early, &[], Duration::from_secs(600))?;
     if !ok(&c) {
         return Err(format!("close-early client: {c}"));
     }
     let _ = s;
-    // 800 keyed connections, opened and closed.
-    let echo = App { mode: "echo", connections: 800, ..App::exchange(1, PROTECTED_PORT) };
+    // 900 keyed connections, opened and closed.
+    let echo = App {
+        mode: "echo",
+        connections: 900,
+        ..App::exchange(1, PROTECTED_PORT)
+    };
     let (s, c) = run_pair(&echo, &[], Duration::from_secs(900))?;
     both_ok(&echo, &s, &c)?;
     // 100 x: a selected socket closed at once, its fd number reused by a
     // plain connection that must stay plain and exact.
     let plain_server = spawn_ready(
         "pod-b",
-        &["tlshub-testapp", "server", "--listen", &format!("0.0.0.0:{PLAIN_PORT}"), "--connections", "100", "--size", "4096"],
+        &[
+            "tlshub-testapp",
+            "server",
+            "--listen",
+            &format!("0.0.0.0:{PLAIN_PORT}"),
+            "--connections",
+            "100",
+            "--size",
+            "4096",
+        ],
         "listening",
         Duration::from_secs(10),
     )?;
-    let reuse = App { mode: "close-early", connections: 100, ..App::exchange(4096, PROTECTED_PORT) };
+    let reuse = App {
+        mode: "close-early",
+        connections: 100,
+        ..App::exchange(4096, PROTECTED_PORT)
+    };
     let other = format!("{POD_B}:{PLAIN_PORT}");
     let (_s, c) = run_pair(&reuse, &["--reuse-fd-to", &other], Duration::from_secs(300))?;
     let ps = json(&finish(plain_server, Duration::from_secs(30))?)?;
@@ -476,25 +647,44 @@ fn churn_and_fd_reuse() -> Result<String, String> {
             break;
         }
         if Instant::now() > until {
-            return Err(format!("not idle after churn: A {:?} B {:?}", a.stats().map(|s| (s["pending"].clone(), s["bpf_maps"].clone())), b.stats().map(|s| (s["pending"].clone(), s["bpf_maps"].clone()))));
+            return Err(format!(
+                "not idle after churn: A {:?} B {:?}",
+                a.stats()
+                    .map(|s| (s["pending"].clone(), s["bpf_maps"].clone())),
+                b.stats()
+                    .map(|s| (s["pending"].clone(), s["bpf_maps"].clone()))
+            ));
         }
     }
     let sa = a.stats()?;
     Ok(format!(
-        "2,000 selected connections (1,000 closed at once, 800 keyed, 200 in fd reuse; {reused} fd numbers reused by plain sockets, all exact and plain); core A: selected {} protected {} closed-before-keys {}; maps and tables back to 0 on both nodes",
+        "2,000 selected connections (1,000 closed at once, 900 keyed, 100 closed at once in fd reuse) plus 100 plain ones that reused {reused} of their fd numbers, all exact and plain; core A: selected {} protected {} closed-before-keys {}; maps and tables back to 0 on both nodes",
         sa["selected"], sa["protected"], sa["closed_before_keys"]
     ))
 }
 
 fn malformed_config() -> Result<String, String> {
     let path = "/tmp/bad-core.toml";
-    std::fs::write(path, "node_name = \"a\"\n[policy]\nlocal_cidrs = [\"10.0.1.0/40\"]\n").map_err(|e| e.to_string())?;
-    let out = process::command(None, &["tlshub-core", "--config", path]).output().map_err(|e| e.to_string())?;
+    std::fs::write(
+        path,
+        "node_name = \"a\"\n[policy]\nlocal_cidrs = [\"10.0.1.0/40\"]\n",
+    )
+    .map_err(|e| e.to_string())?;
+    let out = process::command(None, &["tlshub-core", "--config", path])
+        .output()
+        .map_err(|e| e.to_string())?;
     let err = String::from_utf8_lossy(&out.stderr);
-    if out.status.code() != Some(2) || !err.contains(path) || !err.contains("line 3") || !err.contains("local_cidrs") {
+    if out.status.code() != Some(2)
+        || !err.contains(path)
+        || !err.contains("line 3")
+        || !err.contains("local_cidrs")
+    {
         return Err(format!("exit {:?}, stderr {err}", out.status.code()));
     }
-    Ok(format!("exit 2: {}", err.lines().next().unwrap_or("").trim()))
+    Ok(format!(
+        "exit 2: {}",
+        err.lines().next().unwrap_or("").trim()
+    ))
 }
 
 /// Percentile of a sorted slice.
@@ -507,7 +697,10 @@ pub fn percentile(sorted: &[u64], p: f64) -> u64 {
 }
 
 fn latencies(c: &Value) -> Vec<u64> {
-    let mut v: Vec<u64> = c["latency_us"].as_array().map(|a| a.iter().filter_map(Value::as_u64).collect()).unwrap_or_default();
+    let mut v: Vec<u64> = c["latency_us"]
+        .as_array()
+        .map(|a| a.iter().filter_map(Value::as_u64).collect())
+        .unwrap_or_default();
     v.sort_unstable();
     v
 }
@@ -520,28 +713,50 @@ pub fn bench() -> Result<String, String> {
     let mut lines = Vec::new();
     let mut lat = HashMap::new();
     for (label, port) in [("plain", PLAIN_PORT), ("protected", PROTECTED_PORT)] {
-        let app = App { mode: "echo", connections: conns, ..App::exchange(1, port) };
+        let app = App {
+            mode: "echo",
+            connections: conns,
+            ..App::exchange(1, port)
+        };
         let (s, c) = run_pair(&app, &[], Duration::from_secs(1800))?;
         both_ok(&app, &s, &c)?;
         let l = latencies(&c);
         lat.insert(label, (percentile(&l, 0.5), percentile(&l, 0.99)));
-        lines.push(format!("setup {label}: n={} p50={}us p99={}us", l.len(), percentile(&l, 0.5), percentile(&l, 0.99)));
+        lines.push(format!(
+            "setup {label}: n={} p50={}us p99={}us",
+            l.len(),
+            percentile(&l, 0.5),
+            percentile(&l, 0.99)
+        ));
     }
     let mut tput = HashMap::new();
     for (label, port) in [("plain", PLAIN_PORT), ("protected", PROTECTED_PORT)] {
-        let app = App { mode: "throughput", size: 64 << 20, ..App::exchange(1, port) };
+        let app = App {
+            mode: "throughput",
+            size: 64 << 20,
+            ..App::exchange(1, port)
+        };
         let (s, c) = run_pair(&app, &[], Duration::from_secs(600))?;
         both_ok(&app, &s, &c)?;
         let bps = c["bytes_per_sec"].as_f64().unwrap_or(0.0);
         tput.insert(label, bps);
-        lines.push(format!("throughput {label}: {:.1} MB/s (64 MiB, one stream)", bps / 1e6));
+        lines.push(format!(
+            "throughput {label}: {:.1} MB/s (64 MiB, one stream)",
+            bps / 1e6
+        ));
     }
     std::thread::sleep(Duration::from_millis(1500));
     for (name, n) in [("A (client)", &a), ("B (server)", &b)] {
         let s = n.stats()?;
-        let mut held: Vec<u64> = s["held_micros"].as_array().map(|a| a.iter().filter_map(Value::as_u64).collect()).unwrap_or_default();
+        let mut held: Vec<u64> = s["held_micros"]
+            .as_array()
+            .map(|a| a.iter().filter_map(Value::as_u64).collect())
+            .unwrap_or_default();
         held.sort_unstable();
-        let mut key: Vec<u64> = s["key_micros"].as_array().map(|a| a.iter().filter_map(Value::as_u64).collect()).unwrap_or_default();
+        let mut key: Vec<u64> = s["key_micros"]
+            .as_array()
+            .map(|a| a.iter().filter_map(Value::as_u64).collect())
+            .unwrap_or_default();
         key.sort_unstable();
         lines.push(format!(
             "gate node {name}: protected={} held_connections={} stops={} held p50={}us p99={}us; provider key time p50={}us p99={}us",
@@ -566,10 +781,17 @@ pub fn bench() -> Result<String, String> {
 pub fn demo() -> Result<String, String> {
     let (a, b) = nodes(NodeSpec::new("a"), NodeSpec::new("b"))?;
     let say = |s: &str| println!("TLSHUB-DEMO {s}");
-    say("two nodes up: pod-a 10.0.1.2 (node-a) <-> pod-b 10.0.2.2 (node-b); each node runs tlshub-core + tlshub-provider-openssl");
-    say(&format!("policy: node-a protects 10.0.1.0/24 -> 10.0.2.0/24 port {PROTECTED_PORT}; node-b the reverse"));
+    say(
+        "two nodes up: pod-a 10.0.1.2 (node-a) <-> pod-b 10.0.2.2 (node-b); each node runs tlshub-core + tlshub-provider-openssl",
+    );
+    say(&format!(
+        "policy: node-a protects 10.0.1.0/24 -> 10.0.2.0/24 port {PROTECTED_PORT}; node-b the reverse"
+    ));
     let cap = Capture::start("demo")?;
-    let app = App { mode: "client-first", ..App::exchange(16 << 20, PROTECTED_PORT) };
+    let app = App {
+        mode: "client-first",
+        ..App::exchange(16 << 20, PROTECTED_PORT)
+    };
     let listen = format!("0.0.0.0:{PROTECTED_PORT}");
     let connect = format!("{POD_B}:{PROTECTED_PORT}");
     let args = app.args();
@@ -578,12 +800,21 @@ pub fn demo() -> Result<String, String> {
     let server = spawn_ready("pod-b", &sargv, "listening", Duration::from_secs(10))?;
     let mut cargv = vec!["tlshub-testapp", "client", "--connect", &connect];
     cargv.extend(args.iter().map(String::as_str));
-    say("app: an unmodified client in pod-a connects and writes 16 MiB at once; the server in pod-b answers with 16 MiB");
-    let client = process::command(Some("pod-a"), &cargv).stdout(std::process::Stdio::piped()).spawn().map_err(|e| e.to_string())?;
+    say(
+        "app: an unmodified client in pod-a connects and writes 16 MiB at once; the server in pod-b answers with 16 MiB",
+    );
+    let client = process::command(Some("pod-a"), &cargv)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .map_err(|e| e.to_string())?;
     let until = Instant::now() + Duration::from_secs(30);
     let mut ss = String::new();
     while Instant::now() < until {
-        ss = process::run(Some("pod-a"), &["ss", "-tinK", "state", "established", "( dport = :8443 )"]).unwrap_or_default();
+        ss = process::run(
+            Some("pod-a"),
+            &["ss", "-tinK", "state", "established", "( dport = :8443 )"],
+        )
+        .unwrap_or_default();
         if ss.contains("tls") {
             break;
         }
@@ -601,7 +832,13 @@ pub fn demo() -> Result<String, String> {
     }
     for (name, n) in [("node-a", &a), ("node-b", &b)] {
         for k in n.keys() {
-            say(&format!("{name}: selected connection {} -> {} keyed by provider openssl: {} {} (keys installed with kTLS, not shown)", k["local"].as_str().unwrap_or(""), k["remote"].as_str().unwrap_or(""), k["version"].as_str().unwrap_or(""), k["suite"].as_str().unwrap_or("")));
+            say(&format!(
+                "{name}: selected connection {} -> {} keyed by provider openssl: {} {} (keys installed with kTLS, not shown)",
+                k["local"].as_str().unwrap_or(""),
+                k["remote"].as_str().unwrap_or(""),
+                k["version"].as_str().unwrap_or(""),
+                k["suite"].as_str().unwrap_or("")
+            ));
         }
         if let Some(line) = n.core_log().lines().find(|l| l.contains("kTLS installed")) {
             say(&format!("{name} core log: {}", line.trim()));
@@ -612,6 +849,9 @@ pub fn demo() -> Result<String, String> {
         "wire check on the node-to-node veth: {} flows, TLS records only, no plaintext marker; decrypted with the reported keys to {} bytes = exactly what the apps sent",
         report.protected_flows, report.plaintext_bytes
     ));
-    say(&format!("apps: client sent {} and received {} bytes, all verified", c["bytes_sent"], c["bytes_received"]));
+    say(&format!(
+        "apps: client sent {} and received {} bytes, all verified",
+        c["bytes_sent"], c["bytes_received"]
+    ));
     Ok("demo exchange protected end to end".into())
 }

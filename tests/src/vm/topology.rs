@@ -32,8 +32,15 @@ impl Topology {
             run(None, &["ip", "netns", "add", ns])?;
             run(Some(ns), &["ip", "link", "set", "lo", "up"])?;
         }
-        for (a, a_ns, b, b_ns) in [("ab", "node-a", "ba", "node-b"), ("pa", "pod-a", "ap", "node-a"), ("pb", "pod-b", "bp", "node-b")] {
-            run(None, &["ip", "link", "add", a, "type", "veth", "peer", "name", b])?;
+        for (a, a_ns, b, b_ns) in [
+            ("ab", "node-a", "ba", "node-b"),
+            ("pa", "pod-a", "ap", "node-a"),
+            ("pb", "pod-b", "bp", "node-b"),
+        ] {
+            run(
+                None,
+                &["ip", "link", "add", a, "type", "veth", "peer", "name", b],
+            )?;
             run(None, &["ip", "link", "set", a, "netns", a_ns])?;
             run(None, &["ip", "link", "set", b, "netns", b_ns])?;
         }
@@ -48,14 +55,30 @@ impl Topology {
             run(Some(ns), &["ip", "addr", "add", addr, "dev", dev])?;
             run(Some(ns), &["ip", "link", "set", dev, "up"])?;
         }
-        run(Some("pod-a"), &["ip", "route", "add", "default", "via", "10.0.1.1"])?;
-        run(Some("pod-b"), &["ip", "route", "add", "default", "via", "10.0.2.1"])?;
-        run(Some("node-a"), &["ip", "route", "add", "10.0.2.0/24", "via", "10.99.0.2"])?;
-        run(Some("node-b"), &["ip", "route", "add", "10.0.1.0/24", "via", "10.99.0.1"])?;
+        run(
+            Some("pod-a"),
+            &["ip", "route", "add", "default", "via", "10.0.1.1"],
+        )?;
+        run(
+            Some("pod-b"),
+            &["ip", "route", "add", "default", "via", "10.0.2.1"],
+        )?;
+        run(
+            Some("node-a"),
+            &["ip", "route", "add", "10.0.2.0/24", "via", "10.99.0.2"],
+        )?;
+        run(
+            Some("node-b"),
+            &["ip", "route", "add", "10.0.1.0/24", "via", "10.99.0.1"],
+        )?;
         for ns in ["node-a", "node-b"] {
-            run(Some(ns), &["sh", "-c", "echo 1 > /proc/sys/net/ipv4/ip_forward"])?;
+            run(
+                Some(ns),
+                &["sh", "-c", "echo 1 > /proc/sys/net/ipv4/ip_forward"],
+            )?;
         }
-        run(Some("pod-a"), &["ping", "-c", "1", "-W", "5", POD_B]).map_err(|e| format!("pods cannot reach each other: {e}"))?;
+        run(Some("pod-a"), &["ping", "-c", "1", "-W", "5", POD_B])
+            .map_err(|e| format!("pods cannot reach each other: {e}"))?;
         Ok(t)
     }
 }
