@@ -57,6 +57,8 @@ pub struct Stats {
     pub ringbuf_drops: u64,
     /// Entries in the pending table now.
     pub pending: usize,
+    /// Held processes the core is tracking now.
+    pub held_tracked: usize,
     /// BPF map entries now: conns, ino_cookies, held.
     pub bpf_maps: (usize, usize, usize),
 }
@@ -79,7 +81,9 @@ pub struct Agent {
     provider: ProviderClient,
     pending: HashMap<u64, Pending>,
     held_cookies: HashSet<u64>,
-    continued: HashSet<(u32, u64)>,
+    /// Processes the gate stopped, by pid, from HELD events (and the BPF
+    /// `held` map when the ring buffer overflowed).
+    held: HashMap<u32, HeldProc>,
     stats: Stats,
     stats_file: Option<PathBuf>,
     keylog: Option<keying::KeyLog>,
@@ -91,6 +95,14 @@ impl std::fmt::Debug for Agent {
             .field("pending", &self.pending.len())
             .finish()
     }
+}
+
+/// A process the gate stopped.
+#[derive(Debug, Clone, Copy)]
+struct HeldProc {
+    cookie: u64,
+    since_ns: u64,
+    continued: bool,
 }
 
 /// How long a held process may look running before its record is dropped
@@ -129,7 +141,7 @@ impl Agent {
             provider,
             pending: HashMap::new(),
             held_cookies: HashSet::new(),
-            continued: HashSet::new(),
+            held: HashMap::new(),
             stats: Stats::default(),
             stats_file,
             keylog,
@@ -202,6 +214,14 @@ impl Agent {
                     self.stats.held_connections += 1;
                 }
                 debug!(cookie = ev.cookie, pid = ev.pid, "gate holds process");
+                self.held.insert(
+                    ev.pid,
+                    HeldProc {
+                        cookie: ev.cookie,
+                        since_ns: ev.ts_ns,
+                        continued: false,
+                    },
+                );
                 // The gate may have been opened between the program's check
                 // and this event; the sweep continues such processes.
                 if !self.pending.contains_key(&ev.cookie) {
@@ -340,41 +360,58 @@ impl Agent {
     }
 
     /// Continues held processes whose connection no longer needs them held.
+    ///
+    /// A process is continued while it is stopped (`T`) and its connection
+    /// is not pending; it is forgotten once it has run for
+    /// [`HELD_RECORD_GRACE`] (the window between the program's SIGSTOP and
+    /// the stop taking effect) or is gone. If the gate stops it again, a new
+    /// HELD event brings it back.
     fn sweep_held(&mut self) {
+        for (pid, h) in self.programs.held() {
+            // Overflow records: adopt, then drop from the map.
+            self.held.entry(pid).or_insert(HeldProc {
+                cookie: h.cookie,
+                since_ns: h.since_ns,
+                continued: false,
+            });
+            self.programs.forget_held(pid);
+        }
+        if self.held.is_empty() {
+            return;
+        }
         let now = sys::monotonic_ns();
-        for (pid, held) in self.programs.held() {
-            let still_gated = self
-                .programs
-                .conn(held.cookie)
-                .is_some_and(|c| c.gate == gate::CLOSED)
-                && self.pending.contains_key(&held.cookie);
+        let mut forget = Vec::new();
+        for (&pid, h) in &mut self.held {
+            let still_gated = self.pending.contains_key(&h.cookie)
+                && self
+                    .programs
+                    .conn(h.cookie)
+                    .is_some_and(|c| c.gate == gate::CLOSED);
             if still_gated {
                 continue;
             }
             match process_state(pid) {
-                None => {
-                    self.programs.forget_held(pid);
-                    self.continued.remove(&(pid, held.since_ns));
-                }
+                None => forget.push(pid),
                 Some('T') => {
                     if let Err(e) = sys::continue_process(pid) {
                         warn!(pid, error = %e, "cannot continue held process");
                     }
-                    if self.continued.insert((pid, held.since_ns)) {
+                    if !h.continued {
+                        h.continued = true;
                         self.stats
                             .held_micros
-                            .push(now.saturating_sub(held.since_ns) / 1000);
-                        debug!(pid, cookie = held.cookie, "held process continued");
+                            .push(now.saturating_sub(h.since_ns) / 1000);
+                        debug!(pid, cookie = h.cookie, "held process continued");
                     }
                 }
-                Some(_)
-                    if now.saturating_sub(held.since_ns) > HELD_RECORD_GRACE.as_nanos() as u64 =>
-                {
-                    self.programs.forget_held(pid);
-                    self.continued.remove(&(pid, held.since_ns));
+                Some(_) if now.saturating_sub(h.since_ns) > HELD_RECORD_GRACE.as_nanos() as u64 => {
+                    forget.push(pid);
                 }
                 Some(_) => {}
             }
+        }
+        for pid in forget {
+            self.held.remove(&pid);
         }
     }
 
@@ -395,12 +432,23 @@ impl Agent {
             let _ = sys::continue_process(pid);
             self.programs.forget_held(pid);
         }
+        for pid in self.held.keys() {
+            let _ = sys::continue_process(*pid);
+        }
         info!("released all pending connections and held processes");
     }
 
     fn write_stats(&mut self) {
-        self.stats.ringbuf_drops = self.programs.ringbuf_drops();
+        let drops = self.programs.ringbuf_drops();
+        if drops > self.stats.ringbuf_drops {
+            error!(
+                lost = drops - self.stats.ringbuf_drops,
+                "BPF ring buffer overflowed: events were lost; their connections stay gated (no plaintext) until they close"
+            );
+        }
+        self.stats.ringbuf_drops = drops;
         self.stats.pending = self.pending.len();
+        self.stats.held_tracked = self.held.len();
         self.stats.bpf_maps = self.programs.map_sizes();
         let Some(path) = &self.stats_file else { return };
         match serde_json::to_vec(&self.stats) {

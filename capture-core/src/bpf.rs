@@ -253,7 +253,7 @@ impl Programs {
         Ok(())
     }
 
-    /// Processes the gate holds or held: (tgid, record).
+    /// Holds recorded in the map because the ring buffer was full: (tgid, record).
     pub fn held(&self) -> Vec<(u32, Held)> {
         self.held.iter().filter_map(Result::ok).collect()
     }

@@ -98,6 +98,7 @@ struct {
 	__type(value, __u64); /* socket cookie */
 } ino_cookies SEC(".maps");
 
+/* Holds the core could not learn of through the ring buffer (it was full). */
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(max_entries, 4096);
@@ -401,15 +402,16 @@ int tlshub_exit_accept(struct sys_exit_ctx *ctx)
 
 /* ---- the gate ---- */
 
-/* Holds the calling process if the connection's gate is closed: records it
- * in `held`, stops its thread group with SIGSTOP and makes the system call
- * restart (-ERESTARTSYS) once it is continued, so the same call runs again
- * after the keys are in and no byte moved in between.
+/* Holds the calling process if the connection's gate is closed: reports
+ * it (HELD event), stops its thread group with SIGSTOP and makes the system
+ * call restart (-ERESTARTSYS) once it is continued, so the same call runs
+ * again after the keys are in and no byte moved in between.
  *
- * Ordering with capture-core (which sets gate=OPEN, then continues every
- * process in `held` for that cookie): the held record is published before
- * the gate is read the second time, so either this program sees OPEN and
- * lets the call through, or the core sees the record and continues us. */
+ * Why nothing stays stopped: the core learns of every hold from the HELD
+ * event (or, if the ring buffer is full, from the `held` map written here
+ * instead) and keeps continuing a stopped process until its connection is
+ * no longer pending. An event that is read before the signal takes effect
+ * is therefore harmless: the next sweep continues the process again. */
 static __always_inline int gate(__u64 cookie)
 {
 	struct tlshub_conn *c = bpf_map_lookup_elem(&conns, &cookie);
@@ -418,20 +420,18 @@ static __always_inline int gate(__u64 cookie)
 	__u32 tgid = bpf_get_current_pid_tgid() >> 32;
 	if (bpf_map_lookup_elem(&exempt, &tgid))
 		return 0;
-	struct tlshub_held h = { .cookie = cookie, .since_ns = bpf_ktime_get_ns() };
-	bpf_map_update_elem(&held, &tgid, &h, BPF_ANY);
-	c = bpf_map_lookup_elem(&conns, &cookie);
-	if (!c || c->gate != TLSHUB_GATE_CLOSED) {
-		bpf_map_delete_elem(&held, &tgid);
-		return 0;
-	}
 	struct tlshub_event ev = {
 		.kind = TLSHUB_EV_HELD,
 		.role = c->role,
 		.cookie = cookie,
 		.pid = tgid,
+		.ts_ns = bpf_ktime_get_ns(),
 	};
-	emit(&ev);
+	if (bpf_ringbuf_output(&events, &ev, sizeof(ev), 0)) {
+		stat_inc(TLSHUB_STAT_RINGBUF_DROPS);
+		struct tlshub_held h = { .cookie = cookie, .since_ns = ev.ts_ns };
+		bpf_map_update_elem(&held, &tgid, &h, BPF_ANY);
+	}
 	stat_inc(TLSHUB_STAT_GATE_STOPS);
 	bpf_send_signal_thread(SIGSTOP);
 	return -ERESTARTSYS;

@@ -641,7 +641,9 @@ fn churn_and_fd_reuse() -> Result<String, String> {
         std::thread::sleep(Duration::from_millis(1500));
         let idle = |n: &Node| {
             let s = n.stats().unwrap_or(Value::Null);
-            s["pending"].as_u64() == Some(0) && s["bpf_maps"] == serde_json::json!([0, 0, 0])
+            s["pending"].as_u64() == Some(0)
+                && s["held_tracked"].as_u64() == Some(0)
+                && s["bpf_maps"] == serde_json::json!([0, 0, 0])
         };
         if idle(&a) && idle(&b) {
             break;
