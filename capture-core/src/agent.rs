@@ -84,6 +84,8 @@ pub struct Agent {
     /// Processes the gate stopped, by pid, from HELD events (and the BPF
     /// `held` map when the ring buffer overflowed).
     held: HashMap<u32, HeldProc>,
+    /// Set when something may have released held processes.
+    sweep_due: bool,
     stats: Stats,
     stats_file: Option<PathBuf>,
     keylog: Option<keying::KeyLog>,
@@ -142,6 +144,7 @@ impl Agent {
             pending: HashMap::new(),
             held_cookies: HashSet::new(),
             held: HashMap::new(),
+            sweep_due: false,
             stats: Stats::default(),
             stats_file,
             keylog,
@@ -168,23 +171,25 @@ impl Agent {
             tokio::select! {
                 guard = events.readable_mut() => {
                     let mut guard = guard.map_err(AgentError::Ring)?;
-                    let ring = guard.get_inner_mut();
-                    let mut batch = Vec::new();
-                    while let Some(item) = ring.next() {
-                        match Event::from_bytes(&item) {
-                            Ok(ev) => batch.push(ev),
-                            Err(e) => error!(error = %e, "bad event from BPF"),
-                        }
-                    }
+                    let batch = drain(guard.get_inner_mut());
                     guard.clear_ready();
                     for ev in batch {
                         self.on_event(ev, &done_tx);
                     }
                 }
                 Some(outcome) = done_rx.recv() => self.on_outcome(outcome),
-                _ = sweep.tick() => self.sweep_held(),
+                _ = sweep.tick() => self.sweep_due = true,
                 _ = report.tick() => self.write_stats(),
                 () = &mut shutdown => break,
+            }
+            if std::mem::take(&mut self.sweep_due) {
+                // Ordering rule (see sweep_held): process states first, then
+                // every event committed up to now, then decide.
+                let states = self.held_states();
+                for ev in drain(events.get_mut()) {
+                    self.on_event(ev, &done_tx);
+                }
+                self.sweep_held(&states);
             }
         }
         self.release_all();
@@ -225,7 +230,7 @@ impl Agent {
                 // The gate may have been opened between the program's check
                 // and this event; the sweep continues such processes.
                 if !self.pending.contains_key(&ev.cookie) {
-                    self.sweep_held();
+                    self.sweep_due = true;
                 }
             }
             kind::CLOSED => {
@@ -235,7 +240,7 @@ impl Agent {
                     debug!(cookie = ev.cookie, keying = p.keying, "closed before keys");
                 }
                 // A process held on a socket that closed must run again.
-                self.sweep_held();
+                self.sweep_due = true;
             }
             other => error!(kind = other, "unknown event kind from BPF"),
         }
@@ -321,7 +326,7 @@ impl Agent {
             }
         }
         drop(socket);
-        self.sweep_held();
+        self.sweep_due = true;
     }
 
     /// Applies the failure policy. A socket with some kTLS state is reset
@@ -359,26 +364,39 @@ impl Agent {
         }
     }
 
-    /// Continues held processes whose connection no longer needs them held.
-    ///
-    /// A process is continued while it is stopped (`T`) and its connection
-    /// is not pending; it is forgotten once it has run for
-    /// [`HELD_RECORD_GRACE`] (the window between the program's SIGSTOP and
-    /// the stop taking effect) or is gone. If the gate stops it again, a new
-    /// HELD event brings it back.
-    fn sweep_held(&mut self) {
+    /// The `/proc` state of every held process, read *before* the ring
+    /// buffer is drained for a sweep. Overflow records from the `held` map
+    /// are adopted first.
+    fn held_states(&mut self) -> HashMap<u32, Option<char>> {
         for (pid, h) in self.programs.held() {
-            // Overflow records: adopt, then drop from the map.
-            self.held.entry(pid).or_insert(HeldProc {
-                cookie: h.cookie,
-                since_ns: h.since_ns,
-                continued: false,
-            });
+            self.held.insert(
+                pid,
+                HeldProc {
+                    cookie: h.cookie,
+                    since_ns: h.since_ns,
+                    continued: false,
+                },
+            );
             self.programs.forget_held(pid);
         }
-        if self.held.is_empty() {
-            return;
-        }
+        self.held
+            .keys()
+            .map(|&pid| (pid, process_state(pid)))
+            .collect()
+    }
+
+    /// Continues held processes whose connection no longer needs them held.
+    ///
+    /// The gate commits a HELD event before its SIGSTOP takes effect, and
+    /// `states` was read before the last drain of the ring buffer. So a
+    /// process seen stopped (`T`) here was stopped by a hold the core knows:
+    /// if that hold's connection is no longer pending and the process has
+    /// not been continued for it yet, it is continued, exactly once (a later
+    /// `T` after that is someone else's stop, e.g. job control). Records are
+    /// forgotten when the process is gone, or once the hold is older than
+    /// [`HELD_RECORD_GRACE`] and the process is no longer waiting on us. A
+    /// new hold brings a fresh record through its event.
+    fn sweep_held(&mut self, states: &HashMap<u32, Option<char>>) {
         let now = sys::monotonic_ns();
         let mut forget = Vec::new();
         for (&pid, h) in &mut self.held {
@@ -387,24 +405,29 @@ impl Agent {
                     .programs
                     .conn(h.cookie)
                     .is_some_and(|c| c.gate == gate::CLOSED);
+            // Records added by this drain are decided on the next sweep.
+            let Some(state) = states.get(&pid) else {
+                continue;
+            };
             if still_gated {
                 continue;
             }
-            match process_state(pid) {
+            match state {
                 None => forget.push(pid),
-                Some('T') => {
+                Some('T') if !h.continued => {
                     if let Err(e) = sys::continue_process(pid) {
                         warn!(pid, error = %e, "cannot continue held process");
                     }
-                    if !h.continued {
-                        h.continued = true;
-                        self.stats
-                            .held_micros
-                            .push(now.saturating_sub(h.since_ns) / 1000);
-                        debug!(pid, cookie = h.cookie, "held process continued");
-                    }
+                    h.continued = true;
+                    self.stats
+                        .held_micros
+                        .push(now.saturating_sub(h.since_ns) / 1000);
+                    debug!(pid, cookie = h.cookie, "held process continued");
                 }
-                Some(_) if now.saturating_sub(h.since_ns) > HELD_RECORD_GRACE.as_nanos() as u64 => {
+                Some(_)
+                    if (h.continued || *state != Some('T'))
+                        && now.saturating_sub(h.since_ns) > HELD_RECORD_GRACE.as_nanos() as u64 =>
+                {
                     forget.push(pid);
                 }
                 Some(_) => {}
@@ -471,4 +494,16 @@ fn process_state(pid: u32) -> Option<char> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // "pid (comm) S ...": comm may contain spaces and parentheses.
     stat.rsplit_once(')')?.1.trim_start().chars().next()
+}
+
+/// Reads every record the ring buffer holds now.
+fn drain(ring: &mut aya::maps::RingBuf<aya::maps::MapData>) -> Vec<Event> {
+    let mut batch = Vec::new();
+    while let Some(item) = ring.next() {
+        match Event::from_bytes(&item) {
+            Ok(ev) => batch.push(ev),
+            Err(e) => error!(error = %e, "bad event from BPF"),
+        }
+    }
+    batch
 }

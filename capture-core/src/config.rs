@@ -12,25 +12,9 @@ use serde::Deserialize;
 /// A configuration that cannot be used.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    /// The file cannot be read.
-    #[error("cannot read config file {path}: {source}")]
-    Read {
-        /// The file.
-        path: PathBuf,
-        /// Why.
-        #[source]
-        source: std::io::Error,
-    },
-    /// The file does not parse or holds a bad value (the message carries
-    /// line, column and key).
-    #[error("invalid config file {path}: {source}")]
-    Parse {
-        /// The file.
-        path: PathBuf,
-        /// The TOML error, with its location.
-        #[source]
-        source: toml::de::Error,
-    },
+    /// The file cannot be read or parsed (the message names file, line, key).
+    #[error(transparent)]
+    File(#[from] tlshub_provider_sdk::runtime::ConfigError),
     /// The values parse but do not make sense together.
     #[error("invalid config file {path}: {reason}")]
     Invalid {
@@ -180,19 +164,17 @@ pub struct Config {
 impl Config {
     /// Reads and checks `path`.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.to_owned(),
-            source,
-        })?;
-        Self::parse(path, &text)
+        Self::check(path, tlshub_provider_sdk::runtime::load_toml(path)?)
     }
 
     /// Parses and checks `text` (read from `path`, for messages).
+    #[cfg(test)]
     pub fn parse(path: &Path, text: &str) -> Result<Self, ConfigError> {
-        let config: Self = toml::from_str(text).map_err(|source| ConfigError::Parse {
-            path: path.to_owned(),
-            source,
-        })?;
+        Self::check(path, tlshub_provider_sdk::runtime::parse_toml(path, text)?)
+    }
+
+    /// Checks what parsed for values that do not make sense together.
+    fn check(path: &Path, config: Self) -> Result<Self, ConfigError> {
         let invalid = |reason: String| ConfigError::Invalid {
             path: path.to_owned(),
             reason,

@@ -11,6 +11,7 @@
 
 pub mod client;
 pub mod error;
+pub mod runtime;
 pub mod server;
 pub mod socket;
 pub mod tls13;

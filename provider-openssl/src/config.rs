@@ -3,29 +3,7 @@
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
-
-/// A configuration that cannot be used.
-#[derive(Debug, thiserror::Error)]
-pub enum ConfigError {
-    /// Unreadable file.
-    #[error("cannot read config file {path}: {source}")]
-    Read {
-        /// The file.
-        path: PathBuf,
-        /// Why.
-        #[source]
-        source: std::io::Error,
-    },
-    /// Bad TOML or value (the message carries line, column and key).
-    #[error("invalid config file {path}: {source}")]
-    Parse {
-        /// The file.
-        path: PathBuf,
-        /// The TOML error.
-        #[source]
-        source: toml::de::Error,
-    },
-}
+use tlshub_provider_sdk::runtime::{ConfigError, load_toml};
 
 /// `[tls]`: the node's identity and the pinned handshake parameters.
 #[derive(Debug, Clone, Deserialize)]
@@ -78,14 +56,7 @@ fn default_socket() -> PathBuf {
 impl Config {
     /// Reads and parses `path`.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.to_owned(),
-            source,
-        })?;
-        toml::from_str(&text).map_err(|source| ConfigError::Parse {
-            path: path.to_owned(),
-            source,
-        })
+        load_toml(path)
     }
 }
 

@@ -31,6 +31,9 @@ const MODULE_DIRS: &[&str] = &[
     "kernel/arch/x86/crypto",
     "kernel/lib",
     "kernel/net/tls",
+    // inet_diag/tcp_diag let `ss` show kTLS (`tcp-ulp-tls`) on a socket.
+    "kernel/net/ipv4/inet_diag.ko",
+    "kernel/net/ipv4/tcp_diag.ko",
     "kernel/drivers/net/veth.ko",
 ];
 
@@ -48,7 +51,7 @@ mount -t tracefs tracefs /sys/kernel/tracing
 mount -t debugfs debugfs /sys/kernel/debug 2>/dev/null
 mount -t securityfs securityfs /sys/kernel/security
 echo /bin/modprobe > /proc/sys/kernel/modprobe
-for m in tls veth gcm ghash-generic aesni-intel ghash-clmulni-intel chacha20poly1305 chacha-x86_64 poly1305-x86_64; do
+for m in tls veth inet_diag tcp_diag gcm ghash-generic aesni-intel ghash-clmulni-intel chacha20poly1305 chacha-x86_64 poly1305-x86_64; do
   modprobe $m || echo "TLSHUB-WARN cannot load module $m"
 done
 ip link set lo up

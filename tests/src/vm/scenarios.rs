@@ -814,7 +814,7 @@ pub fn demo() -> Result<String, String> {
     while Instant::now() < until {
         ss = process::run(
             Some("pod-a"),
-            &["ss", "-tinK", "state", "established", "( dport = :8443 )"],
+            &["ss", "-tni", "state", "established", "( dport = :8443 )"],
         )
         .unwrap_or_default();
         if ss.contains("tls") {
@@ -825,13 +825,17 @@ pub fn demo() -> Result<String, String> {
     let c = json(&finish(client, Duration::from_secs(120))?)?;
     let s = json(&finish(server, Duration::from_secs(30))?)?;
     both_ok(&app, &s, &c)?;
-    say("the kernel's own view of the client socket during the transfer (ss -tinK):");
+    say("the kernel's own view of the client socket during the transfer (ss -tni):");
     for l in ss.lines() {
         say(&format!("  {l}"));
     }
-    if !ss.contains("tcp-ulp-tls") {
+    let Some(ulp) = ss
+        .find("tcp-ulp-tls")
+        .map(|i| ss[i..].lines().next().unwrap_or("").trim())
+    else {
         return Err(format!("ss did not show kTLS on the socket: {ss}"));
-    }
+    };
+    say(&format!("=> the kernel says: {ulp}"));
     for (name, n) in [("node-a", &a), ("node-b", &b)] {
         for k in n.keys() {
             say(&format!(
