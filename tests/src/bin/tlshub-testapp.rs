@@ -55,6 +55,10 @@ enum Side {
     Server {
         #[arg(long)]
         listen: SocketAddr,
+        /// Serve each accepted connection on its own thread, accepting the
+        /// next one at once (many clients at the same time).
+        #[arg(long)]
+        parallel: bool,
         #[command(flatten)]
         common: Common,
     },
@@ -205,15 +209,42 @@ fn client_one(target: SocketAddr, common: &Common, r: &mut Report) -> std::io::R
 
 fn run(args: Args, r: &mut Report) -> std::io::Result<()> {
     match args.side {
-        Side::Server { listen, common } => {
+        Side::Server {
+            listen,
+            parallel,
+            common,
+        } => {
             r.role = "server";
             let l = TcpListener::bind(listen)?;
             // Tell the runner we are listening.
             eprintln!("listening on {listen}");
-            for _ in 0..common.connections {
-                let (s, _) = l.accept()?;
-                serve_one(s, &common, r)?;
-                r.connections += 1;
+            if parallel {
+                std::thread::scope(|scope| {
+                    let mut threads = Vec::new();
+                    for _ in 0..common.connections {
+                        let (s, _) = l.accept()?;
+                        let common = &common;
+                        threads.push(scope.spawn(move || {
+                            let mut one = Report::default();
+                            serve_one(s, common, &mut one).map(|()| one)
+                        }));
+                    }
+                    for t in threads {
+                        let one = t
+                            .join()
+                            .map_err(|_| std::io::Error::other("server thread panicked"))??;
+                        r.bytes_sent += one.bytes_sent;
+                        r.bytes_received += one.bytes_received;
+                        r.connections += 1;
+                    }
+                    Ok::<(), std::io::Error>(())
+                })?;
+            } else {
+                for _ in 0..common.connections {
+                    let (s, _) = l.accept()?;
+                    serve_one(s, &common, r)?;
+                    r.connections += 1;
+                }
             }
         }
         Side::Client {

@@ -70,14 +70,19 @@ impl Node {
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
         std::fs::create_dir_all("/tmp/logs").map_err(|e| e.to_string())?;
+        // Each node protects its pods' IPv4 and IPv6 prefixes.
+        let (pod_a, pod_b) = (
+            r#""10.0.1.0/24", "fd00:1::/64""#,
+            r#""10.0.2.0/24", "fd00:2::/64""#,
+        );
         let (local, peer) = if n == "a" {
-            ("10.0.1.0/24", "10.0.2.0/24")
+            (pod_a, pod_b)
         } else {
-            ("10.0.2.0/24", "10.0.1.0/24")
+            (pod_b, pod_a)
         };
         let socket = dir.join("provider.sock");
         let core_toml = format!(
-            "node_name = \"node-{n}\"\nfailure_policy = \"{}\"\n\n[provider]\nsocket = \"{}\"\ntimeout_ms = {}\n\n[policy]\nlocal_cidrs = [\"{local}\"]\n[[policy.rules]]\npeer_cidrs = [\"{peer}\"]\nports = [{PROTECTED_PORT}]\n",
+            "node_name = \"node-{n}\"\nfailure_policy = \"{}\"\n\n[provider]\nsocket = \"{}\"\ntimeout_ms = {}\n\n[policy]\nlocal_cidrs = [{local}]\n[[policy.rules]]\npeer_cidrs = [{peer}]\nports = [{PROTECTED_PORT}]\n",
             spec.failure_policy,
             socket.display(),
             spec.key_timeout_ms

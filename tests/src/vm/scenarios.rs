@@ -8,7 +8,7 @@ use serde_json::Value;
 
 use super::node::{Node, NodeSpec, PLAIN_PORT, PROTECTED_PORT, ProviderKind};
 use super::process::{self, Proc, finish, spawn_ready};
-use super::topology::{POD_B, WIRE_IF};
+use super::topology::{POD_B, POD_B6, WIRE_IF};
 use crate::pattern::{CLIENT_SEED, MARKER, SERVER_SEED};
 use crate::wire;
 
@@ -21,6 +21,8 @@ pub const TESTS: &[Scenario] = &[
     ("exchange_matrix_wire_is_tls_and_decrypts", exchange_matrix),
     ("cipher_suites_aes256_chacha20", cipher_suites),
     ("large_transfers_64mib", large_transfers),
+    ("ipv6_exchange_wire_is_tls_and_decrypts", ipv6_exchange),
+    ("concurrent_keying_200_connections", concurrent_keying),
     ("fail_closed_provider_missing", fail_closed_provider_missing),
     ("fail_open_provider_missing", fail_open_provider_missing),
     ("provider_hangs_fail_closed_in_time", provider_hangs),
@@ -46,6 +48,8 @@ pub struct App {
     pub connections: u32,
     /// Server port.
     pub port: u16,
+    /// Server address (pod B, IPv4 or IPv6).
+    pub server: &'static str,
 }
 
 impl App {
@@ -59,6 +63,22 @@ impl App {
             io: "blocking",
             connections: 1,
             port,
+            server: POD_B,
+        }
+    }
+
+    /// The server's listen address (any, in the server's family) and the
+    /// client's connect address.
+    fn addresses(&self) -> (String, String) {
+        match self.server.parse::<std::net::IpAddr>() {
+            Ok(ip) if ip.is_ipv6() => (
+                format!("[::]:{}", self.port),
+                format!("[{ip}]:{}", self.port),
+            ),
+            _ => (
+                format!("0.0.0.0:{}", self.port),
+                format!("{}:{}", self.server, self.port),
+            ),
         }
     }
 
@@ -95,8 +115,7 @@ pub fn run_pair(
     extra_client: &[&str],
     timeout: Duration,
 ) -> Result<(Value, Value), String> {
-    let listen = format!("0.0.0.0:{}", app.port);
-    let connect = format!("{POD_B}:{}", app.port);
+    let (listen, connect) = app.addresses();
     let args = app.args();
     let mut sargv = vec!["tlshub-testapp", "server", "--listen", &listen];
     sargv.extend(args.iter().map(String::as_str));
@@ -342,6 +361,7 @@ fn exchange_matrix() -> Result<String, String> {
                     io,
                     connections: 1,
                     port: PROTECTED_PORT,
+                    server: POD_B,
                 };
                 let (s, c) = run_pair(&app, &[], Duration::from_secs(60))?;
                 both_ok(&app, &s, &c)?;
@@ -427,6 +447,7 @@ fn large_transfers() -> Result<String, String> {
             io,
             connections: 1,
             port: PROTECTED_PORT,
+            server: POD_B,
         };
         let t = Instant::now();
         let (s, c) = run_pair(&app, &[], Duration::from_secs(300))?;
@@ -437,6 +458,105 @@ fn large_transfers() -> Result<String, String> {
         ));
     }
     Ok(format!("64 MiB each way, exact: {}", out.join(", ")))
+}
+
+fn ipv6_exchange() -> Result<String, String> {
+    let (a, b) = nodes(NodeSpec::new("a"), NodeSpec::new("b"))?;
+    let cap = Capture::start("ipv6")?;
+    for mode in ["client-first", "server-first"] {
+        let app = App {
+            mode,
+            server: POD_B6,
+            ..App::exchange(100_000, PROTECTED_PORT)
+        };
+        let (s, c) = run_pair(&app, &[], Duration::from_secs(60))?;
+        both_ok(&app, &s, &c)?;
+    }
+    let report = check_wire(&cap.finish()?, &a, &b)?;
+    if report.decrypted != 4 {
+        return Err(format!("2 IPv6 connections but {report:?}"));
+    }
+    let local = a
+        .keys()
+        .first()
+        .and_then(|k| k["local"].as_str().map(String::from))
+        .unwrap_or_default();
+    if !local.starts_with("[fd00:1::2]") {
+        return Err(format!(
+            "key export names {local}, not the IPv6 pod address"
+        ));
+    }
+    Ok(format!(
+        "2 IPv6 connections ({local} -> [{POD_B6}]:{PROTECTED_PORT}), both orders, exact; 4 flows TLS-only and decrypted"
+    ))
+}
+
+/// Many connections keyed at the same time: 8 client processes with 25
+/// connections each against a server that serves every connection on its
+/// own thread.
+fn concurrent_keying() -> Result<String, String> {
+    let (a, b) = nodes(NodeSpec::new("a"), NodeSpec::new("b"))?;
+    let (clients, each) = (8u32, 25u32);
+    let total = clients * each;
+    let app = App {
+        mode: "echo",
+        connections: each,
+        ..App::exchange(1, PROTECTED_PORT)
+    };
+    let (listen, connect) = app.addresses();
+    let mut sargv: Vec<String> = [
+        "tlshub-testapp",
+        "server",
+        "--parallel",
+        "--listen",
+        &listen,
+    ]
+    .map(String::from)
+    .to_vec();
+    sargv.extend(
+        App {
+            connections: total,
+            ..app.clone()
+        }
+        .args(),
+    );
+    let sargv: Vec<&str> = sargv.iter().map(String::as_str).collect();
+    let server = spawn_ready("pod-b", &sargv, "listening", Duration::from_secs(10))?;
+    let started = Instant::now();
+    let mut children = Vec::new();
+    for _ in 0..clients {
+        let mut cargv: Vec<String> = ["tlshub-testapp", "client", "--connect", &connect]
+            .map(String::from)
+            .to_vec();
+        cargv.extend(app.args());
+        let cargv: Vec<&str> = cargv.iter().map(String::as_str).collect();
+        children.push(
+            process::command(Some("pod-a"), &cargv)
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .map_err(|e| e.to_string())?,
+        );
+    }
+    for child in children {
+        let c = json(&finish(child, Duration::from_secs(300))?)?;
+        if !ok(&c) {
+            return Err(format!("a concurrent client failed: {c}"));
+        }
+    }
+    let s = json(&finish(server, Duration::from_secs(60))?)?;
+    if !ok(&s) || s["connections"].as_u64() != Some(u64::from(total)) {
+        return Err(format!("server: {s}"));
+    }
+    let took = started.elapsed().as_secs_f64();
+    std::thread::sleep(Duration::from_millis(1200));
+    let (pa, pb) = (stat(&a, &["protected"]), stat(&b, &["protected"]));
+    if pa != u64::from(total) || pb != u64::from(total) {
+        return Err(format!("protected A {pa} B {pb}, want {total} each"));
+    }
+    Ok(format!(
+        "{total} connections from {clients} concurrent clients, all exact, all keyed on both nodes in {took:.1}s"
+    ))
 }
 
 fn expect_reset(c: &Value) -> Result<(), String> {

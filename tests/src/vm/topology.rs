@@ -15,6 +15,8 @@ use super::process::run;
 pub const POD_A: &str = "10.0.1.2";
 /// Pod B's address.
 pub const POD_B: &str = "10.0.2.2";
+/// Pod B's IPv6 address.
+pub const POD_B6: &str = "fd00:2::2";
 /// The node-to-node interface, in `node-a`.
 pub const WIRE_IF: &str = "ab";
 /// Namespace names.
@@ -77,8 +79,42 @@ impl Topology {
                 &["sh", "-c", "echo 1 > /proc/sys/net/ipv4/ip_forward"],
             )?;
         }
+        // IPv6 alongside (nodad: usable at once, no duplicate detection wait).
+        for (ns, addr, dev) in [
+            ("node-a", "fd00:99::1/64", "ab"),
+            ("node-b", "fd00:99::2/64", "ba"),
+            ("node-a", "fd00:1::1/64", "ap"),
+            ("pod-a", "fd00:1::2/64", "pa"),
+            ("node-b", "fd00:2::1/64", "bp"),
+            ("pod-b", "fd00:2::2/64", "pb"),
+        ] {
+            run(
+                Some(ns),
+                &["ip", "-6", "addr", "add", addr, "dev", dev, "nodad"],
+            )?;
+        }
+        for (ns, dst, via) in [
+            ("pod-a", "default", "fd00:1::1"),
+            ("pod-b", "default", "fd00:2::1"),
+            ("node-a", "fd00:2::/64", "fd00:99::2"),
+            ("node-b", "fd00:1::/64", "fd00:99::1"),
+        ] {
+            run(Some(ns), &["ip", "-6", "route", "add", dst, "via", via])?;
+        }
+        for ns in ["node-a", "node-b"] {
+            run(
+                Some(ns),
+                &[
+                    "sh",
+                    "-c",
+                    "echo 1 > /proc/sys/net/ipv6/conf/all/forwarding",
+                ],
+            )?;
+        }
         run(Some("pod-a"), &["ping", "-c", "1", "-W", "5", POD_B])
             .map_err(|e| format!("pods cannot reach each other: {e}"))?;
+        run(Some("pod-a"), &["ping", "-c", "1", "-W", "5", POD_B6])
+            .map_err(|e| format!("pods cannot reach each other over IPv6: {e}"))?;
         Ok(t)
     }
 }
