@@ -6,7 +6,7 @@ use std::collections::{HashMap, HashSet};
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde::Serialize;
 use tlshub_ebpf::{Event, gate, kind, role};
@@ -27,7 +27,6 @@ struct Pending {
     established: Option<Event>,
     owner: Option<(u32, i32)>,
     keying: bool,
-    first_seen: Option<Instant>,
 }
 
 /// Counters and samples, written to the stats file.
@@ -50,9 +49,9 @@ pub struct Stats {
     /// Distinct connections that had a process held.
     pub held_connections: u64,
     /// Microseconds from stop to continue, per stop.
-    pub held_micros: Vec<u64>,
+    pub held_micros: Samples,
     /// Microseconds spent in the provider, per protected connection.
-    pub key_micros: Vec<u64>,
+    pub key_micros: Samples,
     /// Events the ring buffer dropped.
     pub ringbuf_drops: u64,
     /// Entries in the pending table now.
@@ -72,6 +71,24 @@ pub enum AgentError {
     /// The ring buffer was already taken (run called twice).
     #[error("event ring buffer already in use")]
     RingTaken,
+}
+
+/// The most recent [`Samples::CAP`] measurements, so a long-running core's
+/// stats stay bounded.
+#[derive(Debug, Default, Serialize)]
+#[serde(transparent)]
+pub struct Samples(std::collections::VecDeque<u64>);
+
+impl Samples {
+    /// How many samples are kept.
+    pub const CAP: usize = 100_000;
+
+    fn push(&mut self, v: u64) {
+        if self.0.len() == Self::CAP {
+            self.0.pop_front();
+        }
+        self.0.push_back(v);
+    }
 }
 
 /// The running core.
@@ -203,13 +220,11 @@ impl Agent {
                 self.stats.selected += 1;
                 debug!(cookie = ev.cookie, local = %ev.local(), remote = %ev.remote(), "selected connection established");
                 let p = self.pending.entry(ev.cookie).or_default();
-                p.first_seen.get_or_insert_with(Instant::now);
                 p.established = Some(ev);
                 self.maybe_start(ev.cookie, done);
             }
             kind::OWNER => {
                 let p = self.pending.entry(ev.cookie).or_default();
-                p.first_seen.get_or_insert_with(Instant::now);
                 p.owner = Some((ev.pid, ev.fd));
                 self.maybe_start(ev.cookie, done);
             }

@@ -130,8 +130,8 @@ pub fn install_ktls(
     fd: BorrowedFd<'_>,
     keys: &ConnectionKeys,
 ) -> Result<(), (KtlsStep, io::Error)> {
-    // SAFETY: "tls\0" is a valid C string; its length excludes nothing the
-    // kernel needs (it reads up to TCP_ULP_NAME_MAX or the given length).
+    // SAFETY: the pointer is to the 3 bytes "tls" (a static C string) and
+    // the length passed is 3; the kernel copies them.
     let rc = unsafe {
         libc::setsockopt(
             fd.as_raw_fd(),

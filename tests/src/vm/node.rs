@@ -174,6 +174,14 @@ impl Node {
             .collect()
     }
 
+    /// A field of the first exported key record ("" if none).
+    pub fn first_key_field(&self, field: &str) -> String {
+        self.keys()
+            .first()
+            .and_then(|k| k[field].as_str().map(String::from))
+            .unwrap_or_default()
+    }
+
     /// The core's log so far.
     pub fn core_log(&self) -> String {
         self.core

@@ -321,6 +321,23 @@ pub fn check_wire(flows: &[wire::Flow], a: &Node, b: &Node) -> Result<WireReport
     Ok(r)
 }
 
+/// Runs `apps` one after another under a capture of the wire, each exact
+/// both ways, then checks the wire: every flow of a protected app is TLS
+/// only and decrypts to the apps' bytes (two flows per protected app).
+fn captured_exchanges(name: &str, a: &Node, b: &Node, apps: &[App]) -> Result<WireReport, String> {
+    let cap = Capture::start(name)?;
+    for app in apps {
+        let (s, c) = run_pair(app, &[], Duration::from_secs(60))?;
+        both_ok(app, &s, &c)?;
+    }
+    let report = check_wire(&cap.finish()?, a, b)?;
+    let protected = apps.iter().filter(|app| app.port == PROTECTED_PORT).count();
+    if report.protected_flows != 2 * protected || report.decrypted != 2 * protected {
+        return Err(format!("{protected} protected connections but {report:?}"));
+    }
+    Ok(report)
+}
+
 fn nodes(a: NodeSpec, b: NodeSpec) -> Result<(Node, Node), String> {
     Ok((Node::start(a)?, Node::start(b)?))
 }
@@ -343,13 +360,11 @@ fn exchange_matrix() -> Result<String, String> {
     let (a, b) = nodes(NodeSpec::new("a"), NodeSpec::new("b"))?;
     let sends = ["write", "writev", "send", "sendmsg", "sendfile", "splice"];
     let recvs = ["read", "recv", "recvmsg", "splice"];
-    let before = tls_stat(&["pod-a", "pod-b"]);
-    let cap = Capture::start("matrix")?;
-    let mut runs = 0;
+    let mut apps = Vec::new();
     for (i, send) in sends.iter().enumerate() {
         for (j, io) in ["blocking", "epoll"].iter().enumerate() {
             for (k, size) in [1usize, 1 << 20].iter().enumerate() {
-                let app = App {
+                apps.push(App {
                     mode: if (i + j + k) % 2 == 0 {
                         "client-first"
                     } else {
@@ -359,23 +374,17 @@ fn exchange_matrix() -> Result<String, String> {
                     send,
                     recv: recvs[(i * 2 + j + k) % recvs.len()],
                     io,
-                    connections: 1,
-                    port: PROTECTED_PORT,
-                    server: POD_B,
-                };
-                let (s, c) = run_pair(&app, &[], Duration::from_secs(60))?;
-                both_ok(&app, &s, &c)?;
-                runs += 1;
+                    ..App::exchange(1, PROTECTED_PORT)
+                });
             }
         }
     }
+    let runs = apps.len();
     // One unselected connection in the same capture: it must stay plain.
-    let plain = App::exchange(10_000, PLAIN_PORT);
-    let (s, c) = run_pair(&plain, &[], Duration::from_secs(30))?;
-    both_ok(&plain, &s, &c)?;
-    let flows = cap.finish()?;
+    apps.push(App::exchange(10_000, PLAIN_PORT));
+    let before = tls_stat(&["pod-a", "pod-b"]);
+    let report = captured_exchanges("matrix", &a, &b, &apps)?;
     let after = tls_stat(&["pod-a", "pod-b"]);
-    let report = check_wire(&flows, &a, &b)?;
     let delta = |k: &str| after.get(k).copied().unwrap_or(0) - before.get(k).copied().unwrap_or(0);
     // Both ends of every protected connection are in this one kernel.
     if delta("TlsTxSw") != 2 * runs as u64 || delta("TlsRxSw") != 2 * runs as u64 {
@@ -385,9 +394,6 @@ fn exchange_matrix() -> Result<String, String> {
             delta("TlsRxSw"),
             2 * runs
         ));
-    }
-    if report.protected_flows != 2 * runs || report.decrypted != 2 * runs {
-        return Err(format!("{runs} connections but {report:?}"));
     }
     if report.plain_flows_with_marker == 0 {
         return Err(
@@ -404,28 +410,24 @@ fn exchange_matrix() -> Result<String, String> {
 
 fn cipher_suites() -> Result<String, String> {
     let mut out = Vec::new();
-    for suite in ["TLS_AES_256_GCM_SHA384", "TLS_CHACHA20_POLY1305_SHA256"] {
+    for (suite, ktls) in [
+        ("TLS_AES_256_GCM_SHA384", "aes-gcm-256"),
+        ("TLS_CHACHA20_POLY1305_SHA256", "chacha20-poly1305"),
+    ] {
         let mut sa = NodeSpec::new("a");
         sa.suite = suite;
         let mut sb = NodeSpec::new("b");
         sb.suite = suite;
         let (a, b) = nodes(sa, sb)?;
-        let cap = Capture::start("suites")?;
         let app = App {
             mode: "server-first",
             ..App::exchange(200_000, PROTECTED_PORT)
         };
-        let (s, c) = run_pair(&app, &[], Duration::from_secs(60))?;
-        both_ok(&app, &s, &c)?;
-        let report = check_wire(&cap.finish()?, &a, &b)?;
-        if report.decrypted != 2 {
-            return Err(format!("{suite}: {report:?}"));
+        captured_exchanges("suites", &a, &b, &[app])?;
+        let name = a.first_key_field("suite");
+        if name != ktls {
+            return Err(format!("{suite} installed as {name:?}, want {ktls}"));
         }
-        let name = a
-            .keys()
-            .first()
-            .and_then(|k| k["suite"].as_str().map(String::from))
-            .unwrap_or_default();
         out.push(format!("{suite} -> kTLS {name}, decrypted"));
     }
     Ok(out.join("; "))
@@ -434,10 +436,15 @@ fn cipher_suites() -> Result<String, String> {
 fn large_transfers() -> Result<String, String> {
     let (_a, _b) = nodes(NodeSpec::new("a"), NodeSpec::new("b"))?;
     let mut out = Vec::new();
+    // Every send call and every receive call at least once, both I/O modes
+    // and both orders.
     for (mode, send, recv, io) in [
         ("client-first", "write", "read", "blocking"),
-        ("server-first", "splice", "splice", "epoll"),
-        ("client-first", "sendfile", "recvmsg", "epoll"),
+        ("server-first", "writev", "recv", "epoll"),
+        ("client-first", "send", "recvmsg", "blocking"),
+        ("server-first", "sendmsg", "splice", "epoll"),
+        ("client-first", "sendfile", "read", "epoll"),
+        ("server-first", "splice", "splice", "blocking"),
     ] {
         let app = App {
             mode,
@@ -462,25 +469,13 @@ fn large_transfers() -> Result<String, String> {
 
 fn ipv6_exchange() -> Result<String, String> {
     let (a, b) = nodes(NodeSpec::new("a"), NodeSpec::new("b"))?;
-    let cap = Capture::start("ipv6")?;
-    for mode in ["client-first", "server-first"] {
-        let app = App {
-            mode,
-            server: POD_B6,
-            ..App::exchange(100_000, PROTECTED_PORT)
-        };
-        let (s, c) = run_pair(&app, &[], Duration::from_secs(60))?;
-        both_ok(&app, &s, &c)?;
-    }
-    let report = check_wire(&cap.finish()?, &a, &b)?;
-    if report.decrypted != 4 {
-        return Err(format!("2 IPv6 connections but {report:?}"));
-    }
-    let local = a
-        .keys()
-        .first()
-        .and_then(|k| k["local"].as_str().map(String::from))
-        .unwrap_or_default();
+    let apps = ["client-first", "server-first"].map(|mode| App {
+        mode,
+        server: POD_B6,
+        ..App::exchange(100_000, PROTECTED_PORT)
+    });
+    captured_exchanges("ipv6", &a, &b, &apps)?;
+    let local = a.first_key_field("local");
     if !local.starts_with("[fd00:1::2]") {
         return Err(format!(
             "key export names {local}, not the IPv6 pod address"

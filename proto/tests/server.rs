@@ -1,0 +1,273 @@
+//! The SDK server against the SDK client, over a real Unix socket: answers,
+//! checks, socket handling and caller credentials.
+#![expect(
+    clippy::unwrap_used,
+    reason = "test helpers panic on setup failure, like the tests"
+)]
+
+use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use tlshub_provider_sdk::client::{ClientError, ProviderClient};
+use tlshub_provider_sdk::server::{ServeError, bind_private, serve_until};
+use tlshub_provider_sdk::{
+    CipherSuite, ConnectionKeys, DirectionKeys, KeyRequest, Provider, ProviderError, ProviderInfo,
+    Role, ServeOptions, TlsVersion,
+};
+
+/// Answers fixed keys, or keys of the wrong length when `broken`.
+struct Fixed {
+    broken: bool,
+}
+
+impl Provider for Fixed {
+    fn info(&self) -> ProviderInfo {
+        ProviderInfo {
+            name: "fixed".into(),
+            version: "1".into(),
+            tls_versions: vec![TlsVersion::Tls13],
+            cipher_suites: vec![CipherSuite::Aes128Gcm],
+            needs_socket: false,
+        }
+    }
+
+    async fn keys(&self, request: KeyRequest) -> Result<ConnectionKeys, ProviderError> {
+        if request.local.is_ipv6() {
+            return Err(ProviderError::Unsupported {
+                what: "IPv6".into(),
+            });
+        }
+        let len = if self.broken { 5 } else { 16 };
+        Ok(ConnectionKeys {
+            version: TlsVersion::Tls13,
+            cipher_suite: CipherSuite::Aes128Gcm,
+            transmit: DirectionKeys {
+                key: vec![1; len],
+                iv: vec![2; 12],
+                record_sequence: 0,
+            },
+            receive: DirectionKeys {
+                key: vec![3; 16],
+                iv: vec![4; 12],
+                record_sequence: 0,
+            },
+        })
+    }
+}
+
+fn temp_socket(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("tlshub-sdk-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir.join("provider.sock")
+}
+
+fn request(local: &str) -> KeyRequest {
+    KeyRequest {
+        socket_cookie: 9,
+        role: Role::Client,
+        local: local.parse().unwrap(),
+        remote: "10.0.2.2:8443".parse().unwrap(),
+        local_isn: 1,
+        remote_isn: 2,
+        node_name: "n".into(),
+        socket: None,
+        timeout: Duration::from_secs(2),
+    }
+}
+
+/// Serves `provider` on `path` until the returned sender is dropped.
+async fn start(provider: Fixed, path: &Path) -> tokio::sync::oneshot::Sender<()> {
+    start_for(provider, path, None).await
+}
+
+/// Like [`start`], also serving `allowed_uid`.
+async fn start_for(
+    provider: Fixed,
+    path: &Path,
+    allowed_uid: Option<u32>,
+) -> tokio::sync::oneshot::Sender<()> {
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let options = ServeOptions {
+        socket_path: path.to_owned(),
+        allowed_uid,
+    };
+    tokio::spawn(async move {
+        serve_until(provider, options, async {
+            let _ = rx.await;
+        })
+        .await
+        .unwrap();
+    });
+    for _ in 0..200 {
+        if path.exists() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    tx
+}
+
+#[tokio::test]
+async fn keys_info_errors_and_socket_lifecycle() {
+    let path = temp_socket("lifecycle");
+    let stop = start(Fixed { broken: false }, &path).await;
+    let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "socket must be private");
+
+    let pid = std::sync::Arc::new(std::sync::Mutex::new(None));
+    let seen = pid.clone();
+    let client = ProviderClient::new(
+        &path,
+        Some(std::sync::Arc::new(move |p| {
+            *seen.lock().unwrap() = Some(p)
+        })),
+    );
+    let info = client.info(Duration::from_secs(2)).await.unwrap();
+    assert_eq!(info.name, "fixed");
+    assert_eq!(
+        *pid.lock().unwrap(),
+        Some(std::process::id()),
+        "peer hook sees the provider pid"
+    );
+
+    let keys = client.keys(&request("10.0.1.2:40000")).await.unwrap();
+    assert_eq!(keys.transmit.key, vec![1; 16]);
+
+    match client.keys(&request("[fd00::1]:1")).await {
+        Err(ClientError::Status {
+            code: tonic::Code::Unimplemented,
+            ..
+        }) => {}
+        other => panic!("IPv6 should be UNIMPLEMENTED, got {other:?}"),
+    }
+
+    // A second server on a live socket is refused.
+    match bind_private(&path, None) {
+        Err(ServeError::AlreadyServing { .. }) => {}
+        other => panic!("expected AlreadyServing, got {other:?}"),
+    }
+
+    drop(stop);
+    for _ in 0..200 {
+        if !path.exists() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(!path.exists(), "socket removed at shutdown");
+}
+
+#[tokio::test]
+async fn invalid_keys_from_a_provider_become_internal() {
+    let path = temp_socket("invalid");
+    let _stop = start(Fixed { broken: true }, &path).await;
+    let client = ProviderClient::new(&path, None);
+    match client.keys(&request("10.0.1.2:40000")).await {
+        Err(ClientError::Status {
+            code: tonic::Code::Internal,
+            message,
+            ..
+        }) => {
+            assert!(message.contains("5 bytes"), "{message}");
+        }
+        other => panic!("expected INTERNAL, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn a_missing_provider_is_unavailable() {
+    let path = temp_socket("missing");
+    let client = ProviderClient::new(&path, None);
+    let e = client.keys(&request("10.0.1.2:40000")).await.unwrap_err();
+    assert_eq!(e.reason(), "unavailable", "{e}");
+}
+
+#[test]
+fn stale_sockets_are_replaced_and_other_files_are_not() {
+    let path = temp_socket("stale");
+    drop(std::os::unix::net::UnixListener::bind(&path).unwrap());
+    assert!(std::fs::metadata(&path).unwrap().file_type().is_socket());
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let listener = bind_private(&path, None).unwrap();
+        drop(listener);
+    });
+    let file = temp_socket("file");
+    std::fs::write(&file, b"not a socket").unwrap();
+    match bind_private(&file, None) {
+        Err(ServeError::NotASocket { .. }) => {}
+        other => panic!("expected NotASocket, got {other:?}"),
+    }
+    assert_eq!(std::fs::read(&file).unwrap(), b"not a socket");
+}
+
+/// A caller that is neither root nor the allowed uid is dropped, even when
+/// the socket's mode would let it connect; the same caller is served once
+/// its uid is the allowed one. Needs root (to run a child as uid 65534); it
+/// fails rather than skips without it.
+#[tokio::test]
+async fn only_root_and_the_allowed_uid_are_served() {
+    // SAFETY: geteuid has no preconditions.
+    let euid = unsafe { libc::geteuid() };
+    assert_eq!(
+        euid, 0,
+        "this test must run as root (it starts a child as uid 65534)"
+    );
+    for (allowed, expect) in [(None, "refused"), (Some(65534), "served")] {
+        let path = temp_socket(expect);
+        let stop = start_for(Fixed { broken: false }, &path, allowed).await;
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o666)).unwrap();
+        std::fs::set_permissions(
+            path.parent().unwrap(),
+            std::fs::Permissions::from_mode(0o755),
+        )
+        .unwrap();
+        let out = tokio::process::Command::new("setpriv")
+            .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+            .arg(std::env::current_exe().unwrap())
+            .args(["--exact", "uid_65534_client", "--ignored", "--nocapture"])
+            .env("TLSHUB_SDK_TEST_SOCKET", &path)
+            .env("TLSHUB_SDK_TEST_EXPECT", expect)
+            .output()
+            .await
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success()
+                && text.contains("1 passed")
+                && text.contains(&format!("client was {expect}")),
+            "uid 65534 client, expected {expect}: {text}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        // Root is always served.
+        ProviderClient::new(&path, None)
+            .info(Duration::from_secs(2))
+            .await
+            .unwrap();
+        drop(stop);
+    }
+}
+
+/// Run only by `only_root_and_the_allowed_uid_are_served`, as uid 65534.
+#[tokio::test]
+#[ignore = "helper: runs as a child of only_root_and_the_allowed_uid_are_served"]
+async fn uid_65534_client() {
+    let path = PathBuf::from(std::env::var("TLSHUB_SDK_TEST_SOCKET").unwrap());
+    let expect = std::env::var("TLSHUB_SDK_TEST_EXPECT").unwrap();
+    // SAFETY: getuid has no preconditions.
+    let uid = unsafe { libc::getuid() };
+    assert_eq!(uid, 65534);
+    let result = ProviderClient::new(&path, None)
+        .info(Duration::from_secs(2))
+        .await;
+    match (expect.as_str(), result) {
+        ("refused", Err(e)) => println!("client was refused: {e}"),
+        ("served", Ok(info)) => println!("client was served by {}", info.name),
+        (want, got) => panic!("expected {want}, got {got:?}"),
+    }
+}
