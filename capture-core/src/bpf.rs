@@ -282,3 +282,25 @@ impl Programs {
         )
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The object's sockops and tracepoint programs pass this machine's
+    /// verifier too (CO-RE against a second kernel). The LSM programs cannot
+    /// load here (the development kernel refuses BPF LSM); the VM scenarios
+    /// load and exercise all of them.
+    #[test]
+    fn sockops_and_tracepoints_load_on_the_host_kernel() {
+        let mut ebpf =
+            Ebpf::load(tlshub_ebpf::OBJECT).expect("object parses and its maps are created");
+        let p: &mut SockOps = program(&mut ebpf, names::SOCKOPS).unwrap();
+        p.load().expect("sockops passes the verifier");
+        for (name, _, _) in names::TRACEPOINTS {
+            let p: &mut TracePoint = program(&mut ebpf, name).unwrap();
+            p.load()
+                .unwrap_or_else(|e| panic!("{name} does not pass the verifier: {e}"));
+        }
+    }
+}

@@ -43,20 +43,31 @@ impl std::fmt::Debug for OpenSslProvider {
 
 /// Why the TLS context could not be built from the configuration.
 #[derive(Debug, thiserror::Error)]
-#[error("cannot {action}: {source}")]
-pub struct SetupError {
-    /// What was being configured.
-    pub action: String,
-    /// OpenSSL's error stack.
-    #[source]
-    pub source: openssl::error::ErrorStack,
+pub enum SetupError {
+    /// OpenSSL refused a setting or file.
+    #[error("cannot {action}: {source}")]
+    OpenSsl {
+        /// What was being configured.
+        action: String,
+        /// OpenSSL's error stack.
+        #[source]
+        source: openssl::error::ErrorStack,
+    },
+    /// A configured suite that kTLS cannot install.
+    #[error(
+        "cipher suite {suite} cannot be used with kTLS (use TLS_AES_128_GCM_SHA256, TLS_AES_256_GCM_SHA384 or TLS_CHACHA20_POLY1305_SHA256)"
+    )]
+    UnsupportedSuite {
+        /// The configured name.
+        suite: String,
+    },
 }
 
 fn setup<T>(
     action: impl Into<String>,
     r: Result<T, openssl::error::ErrorStack>,
 ) -> Result<T, SetupError> {
-    r.map_err(|source| SetupError {
+    r.map_err(|source| SetupError::OpenSsl {
         action: action.into(),
         source,
     })
@@ -105,12 +116,7 @@ impl OpenSslProvider {
         )?;
         for s in &tls.cipher_suites {
             if suite_of(s).is_none() {
-                return Err(SetupError {
-                    action: format!(
-                        "use cipher suite {s} (kTLS supports TLS_AES_128_GCM_SHA256, TLS_AES_256_GCM_SHA384, TLS_CHACHA20_POLY1305_SHA256)"
-                    ),
-                    source: openssl::error::ErrorStack::get(),
-                });
+                return Err(SetupError::UnsupportedSuite { suite: s.clone() });
             }
         }
         setup(
