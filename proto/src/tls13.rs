@@ -7,80 +7,113 @@ use sha2::{Sha256, Sha384};
 
 use crate::types::{CipherSuite, DirectionKeys};
 
-/// A secret of the wrong length for the suite's hash.
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
-#[error("traffic secret is {len} bytes, {suite} needs {want}")]
-pub struct SecretLengthError {
-    /// Its length.
-    pub len: usize,
-    /// The hash length of the suite.
-    pub want: usize,
-    /// The suite.
-    pub suite: CipherSuite,
+/// The hash of an HKDF.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Hash {
+    /// SHA-256 (32-byte secrets).
+    Sha256,
+    /// SHA-384 (48-byte secrets).
+    Sha384,
 }
 
-/// `HKDF-Expand-Label(secret, label, context, len)` with the suite's hash
-/// (SHA-384 for AES-256-GCM, SHA-256 otherwise).
+impl Hash {
+    /// The TLS 1.3 hash of a cipher suite (SHA-384 for AES-256-GCM).
+    pub fn of_suite(suite: CipherSuite) -> Self {
+        match suite {
+            CipherSuite::Aes256Gcm => Self::Sha384,
+            _ => Self::Sha256,
+        }
+    }
+
+    /// Output (and secret) length in bytes.
+    pub fn output_len(self) -> usize {
+        match self {
+            Self::Sha256 => 32,
+            Self::Sha384 => 48,
+        }
+    }
+}
+
+/// Inputs `HKDF-Expand-Label` cannot take.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ExpandError {
+    /// The secret is not one hash long.
+    #[error("secret is {len} bytes, {hash:?} needs {want}")]
+    SecretLength {
+        /// Its length.
+        len: usize,
+        /// The hash length.
+        want: usize,
+        /// The hash.
+        hash: Hash,
+    },
+    /// Label, context or output longer than the encoding allows.
+    #[error("{what} is {len} bytes, above the limit of {max}")]
+    TooLong {
+        /// `label`, `context` or `output`.
+        what: &'static str,
+        /// Its length.
+        len: usize,
+        /// The limit.
+        max: usize,
+    },
+}
+
+/// `HKDF-Expand-Label(secret, label, context, out.len())` (RFC 8446 7.1).
 pub fn hkdf_expand_label(
-    suite: CipherSuite,
+    hash: Hash,
     secret: &[u8],
     label: &[u8],
     context: &[u8],
     out: &mut [u8],
-) -> Result<(), SecretLengthError> {
-    let want = hash_len(suite);
+) -> Result<(), ExpandError> {
+    let want = hash.output_len();
     if secret.len() != want {
-        return Err(SecretLengthError {
+        return Err(ExpandError::SecretLength {
             len: secret.len(),
             want,
-            suite,
+            hash,
         });
     }
+    let too_long = |what, len, max| ExpandError::TooLong { what, len, max };
     // struct { uint16 length; opaque label<7..255> = "tls13 " + label; opaque context<0..255>; }
+    let out_len = u16::try_from(out.len()).map_err(|_| too_long("output", out.len(), 65535))?;
+    let label_len =
+        u8::try_from(6 + label.len()).map_err(|_| too_long("label", label.len(), 249))?;
+    let context_len =
+        u8::try_from(context.len()).map_err(|_| too_long("context", context.len(), 255))?;
     let mut info = Vec::with_capacity(4 + 6 + label.len() + context.len());
-    info.extend_from_slice(&u16::try_from(out.len()).unwrap_or(u16::MAX).to_be_bytes());
-    info.push(u8::try_from(6 + label.len()).unwrap_or(u8::MAX));
+    info.extend_from_slice(&out_len.to_be_bytes());
+    info.push(label_len);
     info.extend_from_slice(b"tls13 ");
     info.extend_from_slice(label);
-    info.push(u8::try_from(context.len()).unwrap_or(u8::MAX));
+    info.push(context_len);
     info.extend_from_slice(context);
-    // The secret length was checked above and the outputs are short, so
-    // from_prk and expand cannot fail; map defensively anyway.
-    let fail = || SecretLengthError {
-        len: secret.len(),
-        want,
-        suite,
+    // from_prk fails only on a short PRK and expand only on an output above
+    // 255 hash lengths; both are excluded above.
+    let max = 255 * want;
+    let expanded = match hash {
+        Hash::Sha256 => Hkdf::<Sha256>::from_prk(secret)
+            .ok()
+            .and_then(|h| h.expand(&info, out).ok()),
+        Hash::Sha384 => Hkdf::<Sha384>::from_prk(secret)
+            .ok()
+            .and_then(|h| h.expand(&info, out).ok()),
     };
-    match suite {
-        CipherSuite::Aes256Gcm => Hkdf::<Sha384>::from_prk(secret)
-            .map_err(|_| fail())?
-            .expand(&info, out)
-            .map_err(|_| fail()),
-        _ => Hkdf::<Sha256>::from_prk(secret)
-            .map_err(|_| fail())?
-            .expand(&info, out)
-            .map_err(|_| fail()),
-    }
-}
-
-/// Hash length of the suite's TLS 1.3 hash.
-pub fn hash_len(suite: CipherSuite) -> usize {
-    match suite {
-        CipherSuite::Aes256Gcm => 48,
-        _ => 32,
-    }
+    expanded.ok_or_else(|| too_long("output", out.len(), max))
 }
 
 /// Record key and IV for one direction from its application traffic secret,
 /// starting at record sequence 0.
-pub fn traffic_keys(suite: CipherSuite, secret: &[u8]) -> Result<DirectionKeys, SecretLengthError> {
+pub fn traffic_keys(suite: CipherSuite, secret: &[u8]) -> Result<DirectionKeys, ExpandError> {
     let mut keys = DirectionKeys {
         key: vec![0; suite.key_len()],
         iv: vec![0; suite.iv_len()],
         record_sequence: 0,
     };
-    hkdf_expand_label(suite, secret, b"key", b"", &mut keys.key)?;
-    hkdf_expand_label(suite, secret, b"iv", b"", &mut keys.iv)?;
+    let hash = Hash::of_suite(suite);
+    hkdf_expand_label(hash, secret, b"key", b"", &mut keys.key)?;
+    hkdf_expand_label(hash, secret, b"iv", b"", &mut keys.iv)?;
     Ok(keys)
 }
 
@@ -104,11 +137,26 @@ mod tests {
     fn wrong_secret_length_is_an_error() {
         assert_eq!(
             traffic_keys(CipherSuite::Aes256Gcm, &[0; 32]).unwrap_err(),
-            SecretLengthError {
+            ExpandError::SecretLength {
                 len: 32,
                 want: 48,
-                suite: CipherSuite::Aes256Gcm
+                hash: Hash::Sha384
             }
         );
+    }
+
+    #[test]
+    fn overlong_labels_are_errors_not_truncated() {
+        let mut out = [0u8; 16];
+        let e = hkdf_expand_label(Hash::Sha256, &[0; 32], &[b'x'; 250], b"", &mut out).unwrap_err();
+        assert!(matches!(e, ExpandError::TooLong { what: "label", .. }));
+        let e = hkdf_expand_label(Hash::Sha256, &[0; 32], b"k", &[0; 256], &mut out).unwrap_err();
+        assert!(matches!(
+            e,
+            ExpandError::TooLong {
+                what: "context",
+                ..
+            }
+        ));
     }
 }
