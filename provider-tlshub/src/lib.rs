@@ -1,4 +1,17 @@
-//! The TLSHub kernel-module provider (netlink). Not implemented yet: it is
-//! issue #3. This crate has no binary so that nothing can be deployed that
-//! pretends to provide keys.
+//! The TLSHub kernel-module provider, in pieces (issue #3).
+//!
+//! Landed so far, all host-tested:
+//! - [`codec`]: the module's netlink request layouts v1 and v2 and its
+//!   replies, checked by type and length;
+//! - [`schedule`]: per-connection, per-direction kTLS keys derived from the
+//!   module's 32-byte master key (documented with test vectors);
+//! - [`pod_map`]: the pod-to-node mapping file.
+//!
+//! Not yet: the netlink client, the stand-in module and the provider
+//! binary. The crate has no binary until they exist, so nothing can be
+//! deployed that pretends to provide keys.
 #![forbid(unsafe_code)]
+
+pub mod codec;
+pub mod pod_map;
+pub mod schedule;
