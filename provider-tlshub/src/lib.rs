@@ -16,4 +16,5 @@
 pub mod codec;
 pub mod module;
 pub mod pod_map;
+pub mod provider;
 pub mod schedule;

@@ -22,6 +22,8 @@ const BINARIES: &[&str] = &[
     "tlshub-testapp",
     "tlshub-vm-runner",
     "tlshub-bad-provider",
+    "tlshub-provider-tlshub",
+    "tlshub-standin",
 ];
 /// Host tools copied in with their libraries.
 const TOOLS: &[&str] = &["ip", "ss", "tcpdump"];
@@ -180,6 +182,8 @@ fn build_binaries() -> Result<PathBuf> {
         "capture-core",
         "-p",
         "provider-openssl",
+        "-p",
+        "provider-tlshub",
         "-p",
         "tlshub-vm-tests",
         "--bins",

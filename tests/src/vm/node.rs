@@ -11,6 +11,9 @@ use super::process::Proc;
 pub enum ProviderKind {
     /// `tlshub-provider-openssl`.
     OpenSsl,
+    /// `tlshub-provider-tlshub` (layout v2) with `tlshub-standin` playing
+    /// the kernel module, both in the node's network namespace.
+    TlsHub,
     /// `tlshub-bad-provider --mode <mode>`.
     Bad(&'static str),
     /// Nothing listens on the configured socket.
@@ -54,6 +57,7 @@ pub struct Node {
     pub dir: PathBuf,
     core: Option<Proc>,
     provider: Option<Proc>,
+    standin: Option<Proc>,
 }
 
 /// Where the protected server port is.
@@ -96,6 +100,7 @@ impl Node {
         std::fs::write(dir.join("provider.toml"), provider_toml).map_err(|e| e.to_string())?;
 
         let plog = PathBuf::from(format!("/tmp/logs/node-{n}-provider.log"));
+        let mut standin = None;
         let provider = match spec.provider {
             ProviderKind::OpenSsl => {
                 let cfg = dir.join("provider.toml");
@@ -107,6 +112,58 @@ impl Node {
                         "--config",
                         &cfg.to_string_lossy(),
                     ],
+                    &plog,
+                )?;
+                p.wait_for_log("provider serving", Duration::from_secs(20))?;
+                Some(p)
+            }
+            ProviderKind::TlsHub => {
+                let (node_ip, port_id) = if n == "a" {
+                    ("10.99.0.1", "4001")
+                } else {
+                    ("10.99.0.2", "4002")
+                };
+                let pods = dir.join("pods");
+                std::fs::write(&pods, "10.0.1.0/24 10.99.0.1\n10.0.2.0/24 10.99.0.2\n")
+                    .map_err(|e| e.to_string())?;
+                let certs = |f: &str| format!("/etc/tlshub/certs/node-{n}.{f}");
+                let slog = PathBuf::from(format!("/tmp/logs/node-{n}-standin.log"));
+                let mut s = Proc::spawn(
+                    &format!("standin-{n}"),
+                    Some(&format!("node-{n}")),
+                    &[
+                        "tlshub-standin",
+                        "--port-id",
+                        port_id,
+                        "--node-ip",
+                        node_ip,
+                        "--pod-map",
+                        &pods.to_string_lossy(),
+                        "--ca",
+                        "/etc/tlshub/certs/ca.pem",
+                        "--cert",
+                        &certs("pem"),
+                        "--key",
+                        &certs("key"),
+                    ],
+                    &slog,
+                )?;
+                s.wait_for_log("standin: module", Duration::from_secs(20))?;
+                standin = Some(s);
+                let cfg = dir.join("provider-tlshub.toml");
+                std::fs::write(
+                    &cfg,
+                    format!(
+                        "socket = \"{}\"\npod_map = \"{}\"\n[module]\nprotocol = 2\nport_id = {port_id}\nlayout = \"v2\"\ntimeout_ms = 3000\n",
+                        socket.display(),
+                        pods.display()
+                    ),
+                )
+                .map_err(|e| e.to_string())?;
+                let mut p = Proc::spawn(
+                    &format!("provider-{n}"),
+                    Some(&format!("node-{n}")),
+                    &["tlshub-provider-tlshub", "--config", &cfg.to_string_lossy()],
                     &plog,
                 )?;
                 p.wait_for_log("provider serving", Duration::from_secs(20))?;
@@ -154,6 +211,7 @@ impl Node {
             dir,
             core: Some(core),
             provider,
+            standin,
         })
     }
 
@@ -203,6 +261,9 @@ impl Drop for Node {
         self.stop_core();
         if let Some(mut p) = self.provider.take() {
             p.stop();
+        }
+        if let Some(mut s) = self.standin.take() {
+            s.stop();
         }
     }
 }

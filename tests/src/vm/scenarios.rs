@@ -23,6 +23,7 @@ pub const TESTS: &[Scenario] = &[
     ("large_transfers_64mib", large_transfers),
     ("ipv6_exchange_wire_is_tls_and_decrypts", ipv6_exchange),
     ("concurrent_keying_200_connections", concurrent_keying),
+    ("tlshub_provider_with_standin_module", tlshub_provider),
     ("fail_closed_provider_missing", fail_closed_provider_missing),
     ("fail_open_provider_missing", fail_open_provider_missing),
     ("provider_hangs_fail_closed_in_time", provider_hangs),
@@ -551,6 +552,31 @@ fn concurrent_keying() -> Result<String, String> {
     }
     Ok(format!(
         "{total} connections from {clients} concurrent clients, all exact, all keyed on both nodes in {took:.1}s"
+    ))
+}
+
+/// Both nodes keyed by the TLSHub provider (layout v2), with the stand-in
+/// module doing a real node-level mutual TLS handshake between the nodes.
+fn tlshub_provider() -> Result<String, String> {
+    let mut sa = NodeSpec::new("a");
+    sa.provider = ProviderKind::TlsHub;
+    let mut sb = NodeSpec::new("b");
+    sb.provider = ProviderKind::TlsHub;
+    let (a, b) = nodes(sa, sb)?;
+    let apps = ["client-first", "server-first"].map(|mode| App {
+        mode,
+        ..App::exchange(100_000, PROTECTED_PORT)
+    });
+    let report = captured_exchanges("tlshub", &a, &b, &apps)?;
+    let standin = std::fs::read_to_string("/tmp/logs/node-b-standin.log").unwrap_or_default();
+    if !standin.contains("node handshake from 10.99.0.1") {
+        return Err(format!(
+            "no node-level handshake seen by node B's stand-in: {standin}"
+        ));
+    }
+    Ok(format!(
+        "2 connections keyed from the stand-in module's per-4-tuple master key (node handshake 10.99.0.1 -> 10.99.0.2); {} flows TLS-only and decrypted",
+        report.decrypted
     ))
 }
 

@@ -1,0 +1,121 @@
+//! The provider: a key request becomes a module request (FETCH, START,
+//! FETCH), and the module's master key becomes per-direction kTLS keys.
+
+use std::net::{IpAddr, SocketAddr, SocketAddrV4};
+use std::path::Path;
+use std::sync::Mutex;
+
+use tlshub_provider_sdk::{
+    CipherSuite, ConnectionKeys, KeyRequest, Provider, ProviderError, ProviderInfo, Role,
+    TlsVersion,
+};
+use tracing::warn;
+
+use crate::codec::Layout;
+use crate::module::{ModuleConfig, ModuleError, ModulePool, Target};
+use crate::pod_map::{PodMapError, WatchedPodMap};
+use crate::schedule::{ConnectionId, derive};
+
+/// The TLSHub provider.
+#[derive(Debug)]
+pub struct TlsHubProvider {
+    pool: ModulePool,
+    layout: Layout,
+    pods: Option<Mutex<WatchedPodMap>>,
+    suite: CipherSuite,
+}
+
+impl TlsHubProvider {
+    /// A provider for `module`; `pods` is required for layout v2.
+    pub fn new(
+        module: ModuleConfig,
+        pods: Option<&Path>,
+        suite: CipherSuite,
+    ) -> Result<Self, PodMapError> {
+        let pods = pods.map(WatchedPodMap::open).transpose()?.map(Mutex::new);
+        Ok(Self {
+            layout: module.layout,
+            pool: ModulePool::new(module),
+            pods,
+            suite,
+        })
+    }
+
+    fn server_node(&self, server: IpAddr) -> Result<Option<std::net::Ipv4Addr>, ProviderError> {
+        if self.layout == Layout::V1 {
+            return Ok(None);
+        }
+        let Some(pods) = &self.pods else {
+            return Err(ProviderError::Internal {
+                reason: "layout v2 without a pod-to-node map".into(),
+            });
+        };
+        let mut pods = pods.lock().map_err(|_| ProviderError::Internal {
+            reason: "pod map lock poisoned".into(),
+        })?;
+        if let Err(e) = pods.refresh() {
+            warn!(error = %e, "pod-to-node map reload failed; keeping the previous map");
+        }
+        pods.map()
+            .node_of(server)
+            .map(Some)
+            .ok_or_else(|| ProviderError::InvalidRequest {
+                reason: format!("pod {server} is not in the pod-to-node map"),
+            })
+    }
+}
+
+fn v4(a: SocketAddr) -> Result<SocketAddrV4, ProviderError> {
+    match a {
+        SocketAddr::V4(v) => Ok(v),
+        SocketAddr::V6(v) => match v.ip().to_ipv4_mapped() {
+            Some(ip) => Ok(SocketAddrV4::new(ip, v.port())),
+            None => Err(ProviderError::Unsupported {
+                what: "IPv6 connections are not supported by TLSHub".into(),
+            }),
+        },
+    }
+}
+
+fn module_error(e: ModuleError) -> ProviderError {
+    match e {
+        ModuleError::Timeout {
+            waiting_for,
+            millis,
+        } => ProviderError::Timeout {
+            waiting_for: waiting_for.into(),
+            millis,
+        },
+        ModuleError::HandshakeFailed(reason) => ProviderError::Handshake { reason },
+        other => ProviderError::Unavailable {
+            reason: other.to_string(),
+        },
+    }
+}
+
+impl Provider for TlsHubProvider {
+    fn info(&self) -> ProviderInfo {
+        ProviderInfo {
+            name: "tlshub".into(),
+            version: env!("CARGO_PKG_VERSION").into(),
+            tls_versions: vec![TlsVersion::Tls13],
+            cipher_suites: vec![self.suite],
+            needs_socket: false,
+        }
+    }
+
+    async fn keys(&self, request: KeyRequest) -> Result<ConnectionKeys, ProviderError> {
+        let id = ConnectionId::of(&request);
+        let (client, server) = (v4(id.client)?, v4(id.server)?);
+        let target = Target {
+            client,
+            server,
+            server_node: self.server_node(IpAddr::V4(*server.ip()))?,
+            server_side: request.role == Role::Server,
+        };
+        let master = self.pool.master_key(&target).await.map_err(module_error)?;
+        derive(&master, &id, self.suite, request.role).map_err(|e| ProviderError::Internal {
+            reason: e.to_string(),
+        })
+    }
+}
