@@ -1,16 +1,23 @@
-//! The TLSHub kernel-module provider, in pieces (issue #3).
+//! The TLSHub kernel-module provider (`tlshub-provider-tlshub`).
 //!
-//! Landed so far, all host-tested:
-//! - [`codec`]: the module's netlink request layouts v1 and v2 and its
-//!   replies, checked by type and length;
+//! The module performs node-level mutual-TLS handshakes in the kernel and
+//! hands out a 32-byte master key per connection 4-tuple over netlink.
+//!
+//! - [`codec`]: request layouts v1 and v2 and the replies, byte for byte,
+//!   checked by type and length (property-tested against arbitrary bytes);
+//! - [`module`]: the netlink client (INIT once, then FETCH, START on no key
+//!   or an expired key, FETCH again), a timeout on every wait, replies
+//!   accepted only from the module's port, log lines forwarded, a pool of
+//!   sockets (one request in flight per socket);
 //! - [`schedule`]: per-connection, per-direction kTLS keys derived from the
-//!   module's 32-byte master key (documented with test vectors);
-//! - [`pod_map`]: the pod-to-node mapping file;
-//! - [`module`]: the netlink client (INIT, FETCH, START, FETCH) with
-//!   timeouts, reply checks and log forwarding, and a socket pool.
+//!   master key (the derivation and its test vectors are documented there);
+//! - [`pod_map`]: the pod-to-node mapping file for layout v2, reloaded when
+//!   it changes;
+//! - [`provider`]: the SDK provider tying them together; IPv6 connections
+//!   get a clear "not supported by TLSHub" error.
 //!
-//! Not yet: the stand-in module and the provider binary. The crate has no binary until they exist, so nothing can be
-//! deployed that pretends to provide keys.
+//! Tests use `tlshub-standin` (in `tests/`), which plays the module's side
+//! over `NETLINK_USERSOCK` with real node-level handshakes.
 #![forbid(unsafe_code)]
 
 pub mod codec;

@@ -848,71 +848,109 @@ fn latencies(c: &Value) -> Vec<u64> {
     v
 }
 
-/// `cargo xtask bench`: setup latency and throughput, plain vs protected,
-/// and how often and how long the gate held a process, in one VM run.
+/// Connect-to-first-echoed-byte over `conns` sequential connections:
+/// (samples, p50, p99) in microseconds.
+fn setup_latency(port: u16, conns: u32) -> Result<(usize, u64, u64), String> {
+    let app = App {
+        mode: "echo",
+        connections: conns,
+        ..App::exchange(1, port)
+    };
+    let (s, c) = run_pair(&app, &[], Duration::from_secs(1800))?;
+    both_ok(&app, &s, &c)?;
+    let l = latencies(&c);
+    Ok((l.len(), percentile(&l, 0.5), percentile(&l, 0.99)))
+}
+
+/// One stream of 64 MiB, bytes per second.
+fn throughput(port: u16) -> Result<f64, String> {
+    let app = App {
+        mode: "throughput",
+        size: 64 << 20,
+        ..App::exchange(1, port)
+    };
+    let (s, c) = run_pair(&app, &[], Duration::from_secs(600))?;
+    both_ok(&app, &s, &c)?;
+    Ok(c["bytes_per_sec"].as_f64().unwrap_or(0.0))
+}
+
+fn sorted_samples(stats: &Value, field: &str) -> Vec<u64> {
+    let mut v: Vec<u64> = stats[field]
+        .as_array()
+        .map(|a| a.iter().filter_map(Value::as_u64).collect())
+        .unwrap_or_default();
+    v.sort_unstable();
+    v
+}
+
+/// `cargo xtask bench`: setup latency and throughput for plain TCP and for
+/// each provider, and how often and how long the gate held a process, all
+/// in one VM run.
 pub fn bench() -> Result<String, String> {
-    let (a, b) = nodes(NodeSpec::new("a"), NodeSpec::new("b"))?;
     let conns = 1000;
     let mut lines = Vec::new();
-    let mut lat = HashMap::new();
-    for (label, port) in [("plain", PLAIN_PORT), ("protected", PROTECTED_PORT)] {
-        let app = App {
-            mode: "echo",
-            connections: conns,
-            ..App::exchange(1, port)
-        };
-        let (s, c) = run_pair(&app, &[], Duration::from_secs(1800))?;
-        both_ok(&app, &s, &c)?;
-        let l = latencies(&c);
-        lat.insert(label, (percentile(&l, 0.5), percentile(&l, 0.99)));
-        lines.push(format!(
-            "setup {label}: n={} p50={}us p99={}us",
-            l.len(),
-            percentile(&l, 0.5),
-            percentile(&l, 0.99)
-        ));
-    }
+    let mut setup = HashMap::new();
     let mut tput = HashMap::new();
-    for (label, port) in [("plain", PLAIN_PORT), ("protected", PROTECTED_PORT)] {
-        let app = App {
-            mode: "throughput",
-            size: 64 << 20,
-            ..App::exchange(1, port)
-        };
-        let (s, c) = run_pair(&app, &[], Duration::from_secs(600))?;
-        both_ok(&app, &s, &c)?;
-        let bps = c["bytes_per_sec"].as_f64().unwrap_or(0.0);
+    for (label, kind) in [
+        ("openssl", ProviderKind::OpenSsl),
+        ("tlshub", ProviderKind::TlsHub),
+    ] {
+        let (mut sa, mut sb) = (NodeSpec::new("a"), NodeSpec::new("b"));
+        sa.provider = kind;
+        sb.provider = kind;
+        let (a, b) = nodes(sa, sb)?;
+        if label == "openssl" {
+            let (n, p50, p99) = setup_latency(PLAIN_PORT, conns)?;
+            setup.insert("plain", (p50, p99));
+            lines.push(format!("setup plain: n={n} p50={p50}us p99={p99}us"));
+            let bps = throughput(PLAIN_PORT)?;
+            tput.insert("plain", bps);
+            lines.push(format!(
+                "throughput plain: {:.1} MB/s (64 MiB, one stream)",
+                bps / 1e6
+            ));
+        }
+        let (n, p50, p99) = setup_latency(PROTECTED_PORT, conns)?;
+        setup.insert(label, (p50, p99));
+        lines.push(format!("setup {label}: n={n} p50={p50}us p99={p99}us"));
+        let bps = throughput(PROTECTED_PORT)?;
         tput.insert(label, bps);
         lines.push(format!(
             "throughput {label}: {:.1} MB/s (64 MiB, one stream)",
             bps / 1e6
         ));
+        std::thread::sleep(Duration::from_millis(1500));
+        for (name, node) in [("A (client)", &a), ("B (server)", &b)] {
+            let s = node.stats()?;
+            let (held, key) = (
+                sorted_samples(&s, "held_micros"),
+                sorted_samples(&s, "key_micros"),
+            );
+            lines.push(format!(
+                "{label} node {name}: protected={} held_connections={} stops={} held p50={}us p99={}us; provider key time p50={}us p99={}us",
+                s["protected"],
+                s["held_connections"],
+                s["gate_stops"],
+                percentile(&held, 0.5),
+                percentile(&held, 0.99),
+                percentile(&key, 0.5),
+                percentile(&key, 0.99)
+            ));
+        }
     }
-    std::thread::sleep(Duration::from_millis(1500));
-    for (name, n) in [("A (client)", &a), ("B (server)", &b)] {
-        let s = n.stats()?;
-        let mut held: Vec<u64> = s["held_micros"]
-            .as_array()
-            .map(|a| a.iter().filter_map(Value::as_u64).collect())
-            .unwrap_or_default();
-        held.sort_unstable();
-        let mut key: Vec<u64> = s["key_micros"]
-            .as_array()
-            .map(|a| a.iter().filter_map(Value::as_u64).collect())
-            .unwrap_or_default();
-        key.sort_unstable();
+    let ratio = |a: u64, b: u64| a as f64 / b.max(1) as f64;
+    for label in ["openssl", "tlshub"] {
         lines.push(format!(
-            "gate node {name}: protected={} held_connections={} stops={} held p50={}us p99={}us; provider key time p50={}us p99={}us",
-            s["protected"], s["held_connections"], s["gate_stops"], percentile(&held, 0.5), percentile(&held, 0.99), percentile(&key, 0.5), percentile(&key, 0.99)
+            "ratios {label}/plain: setup p50 x{:.1} p99 x{:.1}; throughput x{:.2}",
+            ratio(setup[label].0, setup["plain"].0),
+            ratio(setup[label].1, setup["plain"].1),
+            tput[label] / tput["plain"].max(1.0)
         ));
     }
-    let (pp50, pp99) = lat["plain"];
-    let (tp50, tp99) = lat["protected"];
     lines.push(format!(
-        "ratios protected/plain: setup p50 x{:.1} p99 x{:.1}; throughput x{:.2}",
-        tp50 as f64 / pp50.max(1) as f64,
-        tp99 as f64 / pp99.max(1) as f64,
-        tput["protected"] / tput["plain"].max(1.0)
+        "ratios tlshub/openssl: setup p50 x{:.2} p99 x{:.2}",
+        ratio(setup["tlshub"].0, setup["openssl"].0),
+        ratio(setup["tlshub"].1, setup["openssl"].1)
     ));
     for l in &lines {
         println!("TLSHUB-BENCH {l}");
