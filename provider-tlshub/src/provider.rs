@@ -119,3 +119,57 @@ impl Provider for TlsHubProvider {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A provider for protocol 31, which no module serves on this machine.
+    fn provider() -> TlsHubProvider {
+        let module = ModuleConfig {
+            protocol: 31,
+            port_id: 0,
+            layout: Layout::V1,
+            timeout: std::time::Duration::from_millis(100),
+            max_sockets: 1,
+        };
+        TlsHubProvider::new(module, None, CipherSuite::Aes128Gcm).unwrap()
+    }
+
+    fn request(local: &str, remote: &str) -> KeyRequest {
+        KeyRequest {
+            socket_cookie: 1,
+            role: Role::Client,
+            local: local.parse().unwrap(),
+            remote: remote.parse().unwrap(),
+            local_isn: 1,
+            remote_isn: 2,
+            node_name: "a".into(),
+            socket: None,
+            timeout: std::time::Duration::from_secs(1),
+        }
+    }
+
+    #[tokio::test]
+    async fn ipv6_is_refused_before_the_module_is_asked() {
+        match provider()
+            .keys(request("[fd00:1::2]:40000", "[fd00:2::2]:8443"))
+            .await
+        {
+            Err(e @ ProviderError::Unsupported { .. }) => {
+                assert!(e.to_string().contains("not supported by TLSHub"))
+            }
+            other => panic!("expected Unsupported, got {other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn no_module_is_unavailable() {
+        let e = provider()
+            .keys(request("10.0.1.2:40000", "10.0.2.2:8443"))
+            .await
+            .unwrap_err();
+        assert!(matches!(e, ProviderError::Unavailable { .. }), "{e}");
+        assert!(e.to_string().contains("TLSHub module"), "{e}");
+    }
+}
