@@ -18,7 +18,7 @@ pub mod tls13;
 pub mod types;
 
 pub use error::ProviderError;
-pub use server::{Provider, ServeOptions, serve};
+pub use server::{Provider, ServeOptions, run, serve};
 pub use types::{
     CipherSuite, ConnectionKeys, DirectionKeys, Endpoint, KeyRequest, ProviderInfo, Role,
     SocketHandle, TlsVersion,

@@ -200,6 +200,33 @@ pub async fn serve<P: Provider>(provider: P, options: ServeOptions) -> Result<()
     serve_until(provider, options, shutdown_signal()).await
 }
 
+/// For a provider's `main`: runs [`serve`] on a new multi-threaded runtime
+/// until SIGTERM or SIGINT. Errors are printed as `program: error`; the
+/// exit code is success after a clean shutdown and failure otherwise.
+pub fn run<P: Provider>(
+    program: &str,
+    provider: P,
+    options: ServeOptions,
+) -> std::process::ExitCode {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("{program}: cannot start runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(serve(provider, options)) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("{program}: {e}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
 /// Like [`serve`], stopping when `shutdown` completes.
 pub async fn serve_until<P: Provider>(
     provider: P,

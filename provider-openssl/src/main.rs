@@ -15,7 +15,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Parser;
-use tlshub_provider_sdk::{ServeOptions, serve};
+use tlshub_provider_sdk::{ServeOptions, run};
 
 /// TLS 1.3 key provider for tlshub, built on OpenSSL.
 #[derive(Debug, Parser)]
@@ -49,25 +49,9 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(r) => r,
-        Err(e) => {
-            eprintln!("tlshub-provider-openssl: cannot start runtime: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
     let options = ServeOptions {
         socket_path: config.socket,
         allowed_uid: config.allowed_uid,
     };
-    match runtime.block_on(serve(provider, options)) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("tlshub-provider-openssl: {e}");
-            ExitCode::FAILURE
-        }
-    }
+    run("tlshub-provider-openssl", provider, options)
 }

@@ -12,7 +12,7 @@ use provider_tlshub::module::ModuleConfig;
 use provider_tlshub::provider::TlsHubProvider;
 use serde::Deserialize;
 use tlshub_provider_sdk::runtime::{init_logging, load_toml};
-use tlshub_provider_sdk::{CipherSuite, ServeOptions, serve};
+use tlshub_provider_sdk::{CipherSuite, ServeOptions, run};
 
 /// Key provider for tlshub backed by the TLSHub kernel module.
 #[derive(Debug, Parser)]
@@ -125,25 +125,9 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(r) => r,
-        Err(e) => {
-            eprintln!("tlshub-provider-tlshub: cannot start runtime: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
     let options = ServeOptions {
         socket_path: config.socket,
         allowed_uid: config.allowed_uid,
     };
-    match runtime.block_on(serve(provider, options)) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("tlshub-provider-tlshub: {e}");
-            ExitCode::FAILURE
-        }
-    }
+    run("tlshub-provider-tlshub", provider, options)
 }
