@@ -105,6 +105,9 @@ pub struct Agent {
     sweep_due: bool,
     stats: Stats,
     stats_file: Option<PathBuf>,
+    /// Events and outcomes handled so far, and the count at the last stats write.
+    activity: u64,
+    stats_written_at: Option<u64>,
     keylog: Option<keying::KeyLog>,
 }
 
@@ -164,6 +167,8 @@ impl Agent {
             sweep_due: false,
             stats: Stats::default(),
             stats_file,
+            activity: 0,
+            stats_written_at: None,
             keylog,
         })
     }
@@ -210,11 +215,13 @@ impl Agent {
             }
         }
         self.release_all();
+        self.stats_written_at = None;
         self.write_stats();
         Ok(())
     }
 
     fn on_event(&mut self, ev: Event, done: &mpsc::UnboundedSender<Outcome>) {
+        self.activity += 1;
         match ev.kind {
             kind::ESTABLISHED => {
                 self.stats.selected += 1;
@@ -299,6 +306,7 @@ impl Agent {
     }
 
     fn on_outcome(&mut self, outcome: Outcome) {
+        self.activity += 1;
         let Outcome {
             cookie,
             socket,
@@ -448,6 +456,9 @@ impl Agent {
                 Some(_) => {}
             }
         }
+        if !forget.is_empty() {
+            self.activity += 1;
+        }
         for pid in forget {
             self.held.remove(&pid);
         }
@@ -485,10 +496,16 @@ impl Agent {
             );
         }
         self.stats.ringbuf_drops = drops;
+        let Some(path) = &self.stats_file else { return };
+        // Rewrite only after events or outcomes: counting map entries walks
+        // the maps key by key, and the samples can be large.
+        if self.stats_written_at == Some(self.activity) {
+            return;
+        }
+        self.stats_written_at = Some(self.activity);
         self.stats.pending = self.pending.len();
         self.stats.held_tracked = self.held.len();
         self.stats.bpf_maps = self.programs.map_sizes();
-        let Some(path) = &self.stats_file else { return };
         match serde_json::to_vec(&self.stats) {
             Ok(bytes) => {
                 let tmp = path.with_extension("tmp");
