@@ -5,7 +5,10 @@
 use hkdf::Hkdf;
 use sha2::{Sha256, Sha384};
 
-use crate::types::{CipherSuite, DirectionKeys};
+use zeroize::Zeroizing;
+
+use crate::error::ProviderError;
+use crate::types::{CipherSuite, ConnectionKeys, DirectionKeys, Role, TlsVersion};
 
 /// The hash of an HKDF.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -117,6 +120,95 @@ pub fn traffic_keys(suite: CipherSuite, secret: &[u8]) -> Result<DirectionKeys, 
     Ok(keys)
 }
 
+/// The kTLS suite of a TLS 1.3 cipher suite by its IANA name
+/// (`TLS_AES_128_GCM_SHA256`, ...); `None` for suites kTLS cannot take.
+pub fn suite_by_name(name: &str) -> Option<CipherSuite> {
+    match name {
+        "TLS_AES_128_GCM_SHA256" => Some(CipherSuite::Aes128Gcm),
+        "TLS_AES_256_GCM_SHA384" => Some(CipherSuite::Aes256Gcm),
+        "TLS_CHACHA20_POLY1305_SHA256" => Some(CipherSuite::Chacha20Poly1305),
+        _ => None,
+    }
+}
+
+/// The two application traffic secrets of one TLS 1.3 handshake, collected
+/// from a TLS library's key-log callback (the `SSLKEYLOGFILE` line format
+/// that OpenSSL and BoringSSL both emit). Zeroized on drop.
+#[derive(Default)]
+pub struct TrafficSecrets {
+    client: Option<Zeroizing<Vec<u8>>>,
+    server: Option<Zeroizing<Vec<u8>>>,
+}
+
+impl std::fmt::Debug for TrafficSecrets {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TrafficSecrets")
+            .field("client", &self.client.is_some())
+            .field("server", &self.server.is_some())
+            .finish()
+    }
+}
+
+impl TrafficSecrets {
+    /// Takes one key-log line; keeps `CLIENT_TRAFFIC_SECRET_0` and
+    /// `SERVER_TRAFFIC_SECRET_0`, ignores everything else.
+    pub fn record(&mut self, line: &str) {
+        let mut parts = line.split(' ');
+        let (Some(label), Some(_random), Some(hex)) = (parts.next(), parts.next(), parts.next())
+        else {
+            return;
+        };
+        let Some(secret) = decode_hex(hex) else {
+            return;
+        };
+        match label {
+            "CLIENT_TRAFFIC_SECRET_0" => self.client = Some(secret),
+            "SERVER_TRAFFIC_SECRET_0" => self.server = Some(secret),
+            _ => {}
+        }
+    }
+
+    /// The connection's kTLS keys for `role`, starting at record 0.
+    pub fn connection_keys(
+        &self,
+        role: Role,
+        suite: CipherSuite,
+    ) -> Result<ConnectionKeys, ProviderError> {
+        let (Some(client), Some(server)) = (&self.client, &self.server) else {
+            return Err(ProviderError::Internal {
+                reason: "the TLS library did not export both traffic secrets".into(),
+            });
+        };
+        let derive = |secret: &[u8]| {
+            traffic_keys(suite, secret).map_err(|e| ProviderError::Internal {
+                reason: e.to_string(),
+            })
+        };
+        let (transmit, receive) = match role {
+            Role::Client => (derive(client)?, derive(server)?),
+            Role::Server => (derive(server)?, derive(client)?),
+        };
+        Ok(ConnectionKeys {
+            version: TlsVersion::Tls13,
+            cipher_suite: suite,
+            transmit,
+            receive,
+        })
+    }
+}
+
+fn decode_hex(hex: &str) -> Option<Zeroizing<Vec<u8>>> {
+    if !hex.len().is_multiple_of(2) {
+        return None;
+    }
+    let mut out = Zeroizing::new(Vec::with_capacity(hex.len() / 2));
+    for pair in hex.as_bytes().chunks(2) {
+        let s = std::str::from_utf8(pair).ok()?;
+        out.push(u8::from_str_radix(s, 16).ok()?);
+    }
+    Some(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -131,6 +223,30 @@ mod tests {
         let k = traffic_keys(CipherSuite::Aes128Gcm, &secret).unwrap();
         assert_eq!(hex::encode(&k.key), "9f02283b6c9c07efc26bb9f2ac92e356");
         assert_eq!(hex::encode(&k.iv), "cf782b88dd83549aadf1e984");
+    }
+
+    #[test]
+    fn keylog_lines_give_mirrored_connection_keys() {
+        let mut t = TrafficSecrets::default();
+        t.record(&format!("CLIENT_TRAFFIC_SECRET_0 00ff {}", "11".repeat(32)));
+        t.record("CLIENT_HANDSHAKE_TRAFFIC_SECRET 00ff 22");
+        assert!(
+            t.connection_keys(Role::Client, CipherSuite::Aes128Gcm)
+                .is_err(),
+            "server secret missing"
+        );
+        t.record(&format!("SERVER_TRAFFIC_SECRET_0 00ff {}", "33".repeat(32)));
+        t.record("SERVER_TRAFFIC_SECRET_0 00ff zz");
+        let c = t
+            .connection_keys(Role::Client, CipherSuite::Aes128Gcm)
+            .unwrap();
+        let s = t
+            .connection_keys(Role::Server, CipherSuite::Aes128Gcm)
+            .unwrap();
+        assert_eq!(c.transmit, s.receive);
+        assert_eq!(c.receive, s.transmit);
+        assert!(!format!("{t:?}").contains("11"));
+        assert_eq!(suite_by_name("TLS_AES_128_CCM_SHA256"), None);
     }
 
     #[test]

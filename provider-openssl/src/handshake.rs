@@ -11,28 +11,20 @@ use openssl::ssl::{
     SslSessionCacheMode, SslVerifyMode, SslVersion,
 };
 use openssl::x509::X509VerifyResult;
+use tlshub_provider_sdk::socket::SocketIo;
 use tlshub_provider_sdk::socket::take_fd;
-use tlshub_provider_sdk::tls13::traffic_keys;
+use tlshub_provider_sdk::tls13::{TrafficSecrets, suite_by_name};
 use tlshub_provider_sdk::{
     CipherSuite, ConnectionKeys, KeyRequest, Provider, ProviderError, ProviderInfo, Role,
     TlsVersion,
 };
-use zeroize::Zeroizing;
 
 use crate::config::TlsSection;
-use crate::socket_io::SocketIo;
-
-/// Traffic secrets captured from OpenSSL's key-log callback for one handshake.
-#[derive(Default)]
-struct Secrets {
-    client: Option<Zeroizing<Vec<u8>>>,
-    server: Option<Zeroizing<Vec<u8>>>,
-}
 
 /// The OpenSSL provider.
 pub struct OpenSslProvider {
     context: SslContext,
-    secrets_index: Index<Ssl, Arc<Mutex<Secrets>>>,
+    secrets_index: Index<Ssl, Arc<Mutex<TrafficSecrets>>>,
 }
 
 impl std::fmt::Debug for OpenSslProvider {
@@ -73,29 +65,6 @@ fn setup<T>(
     })
 }
 
-/// Parses one `CLIENT_TRAFFIC_SECRET_0 <random> <hex>` key-log line.
-fn parse_keylog(line: &str, secrets: &mut Secrets) {
-    let mut parts = line.split(' ');
-    let (Some(label), Some(_random), Some(hex)) = (parts.next(), parts.next(), parts.next()) else {
-        return;
-    };
-    let Ok(bytes) = hex::decode(hex) else { return };
-    match label {
-        "CLIENT_TRAFFIC_SECRET_0" => secrets.client = Some(Zeroizing::new(bytes)),
-        "SERVER_TRAFFIC_SECRET_0" => secrets.server = Some(Zeroizing::new(bytes)),
-        _ => {}
-    }
-}
-
-fn suite_of(openssl_name: &str) -> Option<CipherSuite> {
-    match openssl_name {
-        "TLS_AES_128_GCM_SHA256" => Some(CipherSuite::Aes128Gcm),
-        "TLS_AES_256_GCM_SHA384" => Some(CipherSuite::Aes256Gcm),
-        "TLS_CHACHA20_POLY1305_SHA256" => Some(CipherSuite::Chacha20Poly1305),
-        _ => None,
-    }
-}
-
 impl OpenSslProvider {
     /// Builds the TLS context: TLS 1.3 only, the configured suites and
     /// groups, node certificate and key, peer certificate required and
@@ -115,7 +84,7 @@ impl OpenSslProvider {
             b.set_max_proto_version(Some(SslVersion::TLS1_3)),
         )?;
         for s in &tls.cipher_suites {
-            if suite_of(s).is_none() {
+            if suite_by_name(s).is_none() {
                 return Err(SetupError::UnsupportedSuite { suite: s.clone() });
             }
         }
@@ -143,14 +112,14 @@ impl OpenSslProvider {
         b.set_session_cache_mode(SslSessionCacheMode::OFF);
         let secrets_index = setup(
             "allocate ex_data index",
-            Ssl::new_ex_index::<Arc<Mutex<Secrets>>>(),
+            Ssl::new_ex_index::<Arc<Mutex<TrafficSecrets>>>(),
         )?;
         let idx = secrets_index;
         b.set_keylog_callback(move |ssl, line| {
             if let Some(secrets) = ssl.ex_data(idx)
                 && let Ok(mut s) = secrets.lock()
             {
-                parse_keylog(line, &mut s);
+                s.record(line);
             }
         });
         Ok(Self {
@@ -178,7 +147,7 @@ impl OpenSslProvider {
             reason: format!("{what}: {e}"),
         };
         let mut ssl = Ssl::new(&self.context).map_err(|e| internal("create session", e))?;
-        let secrets = Arc::new(Mutex::new(Secrets::default()));
+        let secrets = Arc::new(Mutex::new(TrafficSecrets::default()));
         ssl.set_ex_data(self.secrets_index, Arc::clone(&secrets));
         let result = match request.role {
             Role::Client => ssl.connect(io),
@@ -194,32 +163,13 @@ impl OpenSslProvider {
             });
         }
         let name = ssl.current_cipher().map(|c| c.name()).unwrap_or("none");
-        let suite = suite_of(name).ok_or_else(|| ProviderError::Handshake {
+        let suite = suite_by_name(name).ok_or_else(|| ProviderError::Handshake {
             reason: format!("negotiated {name}, which kTLS cannot take"),
         })?;
         let secrets = secrets.lock().map_err(|_| ProviderError::Internal {
             reason: "secret lock poisoned".into(),
         })?;
-        let (Some(client), Some(server)) = (&secrets.client, &secrets.server) else {
-            return Err(ProviderError::Internal {
-                reason: "OpenSSL did not export the traffic secrets".into(),
-            });
-        };
-        let derive = |secret: &[u8]| {
-            traffic_keys(suite, secret).map_err(|e| ProviderError::Internal {
-                reason: e.to_string(),
-            })
-        };
-        let (tx, rx) = match request.role {
-            Role::Client => (derive(client)?, derive(server)?),
-            Role::Server => (derive(server)?, derive(client)?),
-        };
-        Ok(ConnectionKeys {
-            version: TlsVersion::Tls13,
-            cipher_suite: suite,
-            transmit: tx,
-            receive: rx,
-        })
+        secrets.connection_keys(request.role, suite)
     }
 }
 

@@ -1,15 +1,10 @@
 //! `tlshub-provider-openssl`: a tlshub key provider that runs a mutually
 //! authenticated TLS 1.3 handshake with OpenSSL over the application's own
 //! connection and returns its traffic keys.
-#![deny(unsafe_code)]
+#![forbid(unsafe_code)]
 
 mod config;
 mod handshake;
-#[expect(
-    unsafe_code,
-    reason = "recv/send/poll on the borrowed socket; SAFETY comments inside"
-)]
-mod socket_io;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
