@@ -179,12 +179,6 @@ fn handshake_error(e: HandshakeError<SocketIo>, budget: Duration) -> ProviderErr
             reason: stack.to_string(),
         },
         HandshakeError::Failure(mid) | HandshakeError::WouldBlock(mid) => {
-            let verify = mid.ssl().verify_result();
-            if verify != X509VerifyResult::OK {
-                return ProviderError::PeerAuthentication {
-                    reason: verify.error_string().into(),
-                };
-            }
             let err = mid.error();
             if let Some(io) = err.io_error()
                 && io.kind() == std::io::ErrorKind::TimedOut
@@ -192,6 +186,12 @@ fn handshake_error(e: HandshakeError<SocketIo>, budget: Duration) -> ProviderErr
                 return ProviderError::Timeout {
                     waiting_for: "the peer's handshake messages".into(),
                     millis: budget.as_millis() as u64,
+                };
+            }
+            let verify = mid.ssl().verify_result();
+            if verify != X509VerifyResult::OK {
+                return ProviderError::PeerAuthentication {
+                    reason: verify.error_string().into(),
                 };
             }
             ProviderError::Handshake {

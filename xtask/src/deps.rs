@@ -18,6 +18,9 @@ const PACKAGES: &[&str] = &[
     "libc6-dev",
     "protobuf-compiler",
     "libssl-dev",
+    // BoringSSL (boring-sys) is built from source: cmake, and libclang for bindgen.
+    "cmake",
+    "libclang-dev",
     "pkg-config",
     "openssl",
     "qemu-system-x86",

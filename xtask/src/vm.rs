@@ -23,6 +23,7 @@ const BINARIES: &[&str] = &[
     "tlshub-vm-runner",
     "tlshub-bad-provider",
     "tlshub-provider-tlshub",
+    "tlshub-provider-boringssl",
     "tlshub-standin",
 ];
 /// Host tools copied in with their libraries.
@@ -184,6 +185,8 @@ fn build_binaries() -> Result<PathBuf> {
         "provider-openssl",
         "-p",
         "provider-tlshub",
+        "-p",
+        "provider-boringssl",
         "-p",
         "tlshub-vm-tests",
         "--bins",

@@ -11,6 +11,8 @@ use super::process::Proc;
 pub enum ProviderKind {
     /// `tlshub-provider-openssl`.
     OpenSsl,
+    /// `tlshub-provider-boringssl` (same configuration file shape).
+    BoringSsl,
     /// `tlshub-provider-tlshub` (layout v2) with `tlshub-standin` playing
     /// the kernel module, both in the node's network namespace.
     TlsHub,
@@ -102,16 +104,17 @@ impl Node {
         let plog = PathBuf::from(format!("/tmp/logs/node-{n}-provider.log"));
         let mut standin = None;
         let provider = match spec.provider {
-            ProviderKind::OpenSsl => {
+            ProviderKind::OpenSsl | ProviderKind::BoringSsl => {
+                let binary = if spec.provider == ProviderKind::OpenSsl {
+                    "tlshub-provider-openssl"
+                } else {
+                    "tlshub-provider-boringssl"
+                };
                 let cfg = dir.join("provider.toml");
                 let mut p = Proc::spawn(
                     &format!("provider-{n}"),
                     None,
-                    &[
-                        "tlshub-provider-openssl",
-                        "--config",
-                        &cfg.to_string_lossy(),
-                    ],
+                    &[binary, "--config", &cfg.to_string_lossy()],
                     &plog,
                 )?;
                 p.wait_for_log("provider serving", Duration::from_secs(20))?;

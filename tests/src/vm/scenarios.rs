@@ -24,6 +24,7 @@ pub const TESTS: &[Scenario] = &[
     ("ipv6_exchange_wire_is_tls_and_decrypts", ipv6_exchange),
     ("concurrent_keying_200_connections", concurrent_keying),
     ("tlshub_provider_with_standin_module", tlshub_provider),
+    ("boringssl_and_openssl_interoperate", boringssl_interop),
     ("fail_closed_provider_missing", fail_closed_provider_missing),
     ("fail_open_provider_missing", fail_open_provider_missing),
     ("provider_hangs_fail_closed_in_time", provider_hangs),
@@ -577,6 +578,45 @@ fn tlshub_provider() -> Result<String, String> {
     Ok(format!(
         "2 connections keyed from the stand-in module's per-4-tuple master key (node handshake 10.99.0.1 -> 10.99.0.2); {} flows TLS-only and decrypted",
         report.decrypted
+    ))
+}
+
+/// BoringSSL on both nodes, then OpenSSL and BoringSSL in both client and
+/// server roles: every pairing keys the connection and the capture
+/// decrypts.
+fn boringssl_interop() -> Result<String, String> {
+    let mut out = Vec::new();
+    for (pa, pb, label) in [
+        (
+            ProviderKind::BoringSsl,
+            ProviderKind::BoringSsl,
+            "boringssl->boringssl",
+        ),
+        (
+            ProviderKind::OpenSsl,
+            ProviderKind::BoringSsl,
+            "openssl client->boringssl server",
+        ),
+        (
+            ProviderKind::BoringSsl,
+            ProviderKind::OpenSsl,
+            "boringssl client->openssl server",
+        ),
+    ] {
+        let (mut sa, mut sb) = (NodeSpec::new("a"), NodeSpec::new("b"));
+        sa.provider = pa;
+        sb.provider = pb;
+        let (a, b) = nodes(sa, sb)?;
+        let apps = ["client-first", "server-first"].map(|mode| App {
+            mode,
+            ..App::exchange(100_000, PROTECTED_PORT)
+        });
+        captured_exchanges("interop", &a, &b, &apps).map_err(|e| format!("{label}: {e}"))?;
+        out.push(format!("{label} ({})", a.first_key_field("suite")));
+    }
+    Ok(format!(
+        "exact both ways, TLS-only and decrypted: {}",
+        out.join(", ")
     ))
 }
 

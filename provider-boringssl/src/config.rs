@@ -1,0 +1,85 @@
+//! The BoringSSL provider's configuration file.
+
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+use tlshub_provider_sdk::runtime::{ConfigError, load_toml};
+
+/// `[tls]`: the node's identity and the pinned handshake parameters.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsSection {
+    /// PEM file with the cluster CA that signs every node certificate.
+    pub ca: PathBuf,
+    /// PEM file with this node's certificate (chain).
+    pub cert: PathBuf,
+    /// PEM file with this node's private key.
+    pub key: PathBuf,
+    /// TLS 1.3 cipher suites this node accepts. BoringSSL does not let a
+    /// program choose TLS 1.3 suites (the client's preference decides:
+    /// AES-GCM first where the CPU has AES instructions); a handshake that
+    /// ends on a suite outside this list fails instead of being installed.
+    #[serde(default = "default_suites")]
+    pub cipher_suites: Vec<String>,
+    /// Key-exchange groups in preference order (`X25519`, `P-256`, ...).
+    #[serde(default = "default_groups")]
+    pub groups: Vec<String>,
+}
+
+fn default_suites() -> Vec<String> {
+    vec![
+        "TLS_AES_128_GCM_SHA256".into(),
+        "TLS_AES_256_GCM_SHA384".into(),
+        "TLS_CHACHA20_POLY1305_SHA256".into(),
+    ]
+}
+
+fn default_groups() -> Vec<String> {
+    vec!["X25519".into(), "P-256".into()]
+}
+
+/// The whole file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// The Unix socket to serve on.
+    #[serde(default = "default_socket")]
+    pub socket: PathBuf,
+    /// Besides root, the uid allowed to call.
+    #[serde(default)]
+    pub allowed_uid: Option<u32>,
+    /// Handshake parameters.
+    pub tls: TlsSection,
+}
+
+fn default_socket() -> PathBuf {
+    PathBuf::from("/run/tlshub/provider-boringssl.sock")
+}
+
+impl Config {
+    /// Reads and parses `path`.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        load_toml(path)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn missing_tls_section_names_the_key() {
+        let e = toml::from_str::<Config>("socket = \"/x\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("tls"), "{e}");
+        let e =
+            toml::from_str::<Config>("[tls]\nca = \"a\"\ncert = \"b\"\nkey = \"c\"\nsuites = []\n")
+                .unwrap_err()
+                .to_string();
+        assert!(
+            e.contains("unknown field `suites`") && e.contains("line 5"),
+            "{e}"
+        );
+    }
+}
