@@ -931,10 +931,12 @@ pub fn bench() -> Result<String, String> {
     let mut lines = Vec::new();
     let mut setup = HashMap::new();
     let mut tput = HashMap::new();
-    for (label, kind) in [
+    let providers = [
         ("openssl", ProviderKind::OpenSsl),
+        ("boringssl", ProviderKind::BoringSsl),
         ("tlshub", ProviderKind::TlsHub),
-    ] {
+    ];
+    for (label, kind) in providers {
         let (mut sa, mut sb) = (NodeSpec::new("a"), NodeSpec::new("b"));
         sa.provider = kind;
         sb.provider = kind;
@@ -979,7 +981,7 @@ pub fn bench() -> Result<String, String> {
         }
     }
     let ratio = |a: u64, b: u64| a as f64 / b.max(1) as f64;
-    for label in ["openssl", "tlshub"] {
+    for (label, _) in providers {
         lines.push(format!(
             "ratios {label}/plain: setup p50 x{:.1} p99 x{:.1}; throughput x{:.2}",
             ratio(setup[label].0, setup["plain"].0),
@@ -987,11 +989,13 @@ pub fn bench() -> Result<String, String> {
             tput[label] / tput["plain"].max(1.0)
         ));
     }
-    lines.push(format!(
-        "ratios tlshub/openssl: setup p50 x{:.2} p99 x{:.2}",
-        ratio(setup["tlshub"].0, setup["openssl"].0),
-        ratio(setup["tlshub"].1, setup["openssl"].1)
-    ));
+    for label in ["boringssl", "tlshub"] {
+        lines.push(format!(
+            "ratios {label}/openssl: setup p50 x{:.2} p99 x{:.2}",
+            ratio(setup[label].0, setup["openssl"].0),
+            ratio(setup[label].1, setup["openssl"].1)
+        ));
+    }
     for l in &lines {
         println!("TLSHUB-BENCH {l}");
     }
