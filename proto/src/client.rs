@@ -66,6 +66,7 @@ impl ClientError {
 #[derive(Clone)]
 pub struct ProviderClient {
     path: PathBuf,
+    channel: Channel,
     inner: pb::key_provider_client::KeyProviderClient<Channel>,
 }
 
@@ -100,8 +101,29 @@ impl ProviderClient {
             }));
         Self {
             path: path.to_owned(),
-            inner: pb::key_provider_client::KeyProviderClient::new(channel),
+            inner: pb::key_provider_client::KeyProviderClient::new(channel.clone()),
+            channel,
         }
+    }
+
+    /// The raw gRPC client, for sending requests the SDK types cannot
+    /// express (the conformance suite's malformed requests).
+    pub fn raw(&self) -> pb::key_provider_client::KeyProviderClient<Channel> {
+        self.inner.clone()
+    }
+
+    /// `grpc.health.v1` status of the key service: `Ok(true)` when SERVING.
+    pub async fn healthy(&self, timeout: Duration) -> Result<bool, ClientError> {
+        use tonic_health::pb::health_check_response::ServingStatus;
+        let mut health = tonic_health::pb::health_client::HealthClient::new(self.channel.clone());
+        let request = tonic_health::pb::HealthCheckRequest {
+            service: "tlshub.provider.v1.KeyProvider".into(),
+        };
+        let answer = tokio::time::timeout(timeout, health.check(request))
+            .await
+            .map_err(|_| self.timeout(timeout))?
+            .map_err(|s| self.status(s))?;
+        Ok(answer.into_inner().status == ServingStatus::Serving as i32)
     }
 
     /// The socket path.

@@ -126,6 +126,10 @@ async fn keys_info_errors_and_socket_lifecycle() {
     );
     let info = client.info(Duration::from_secs(2)).await.unwrap();
     assert_eq!(info.name, "fixed");
+    assert!(
+        client.healthy(Duration::from_secs(2)).await.unwrap(),
+        "grpc.health.v1 says SERVING"
+    );
     assert_eq!(
         *pid.lock().unwrap(),
         Some(std::process::id()),

@@ -11,6 +11,7 @@
 //! `tests/README.md` explains how to add a scenario.
 
 pub mod app_io;
+pub mod conformance;
 pub mod pattern;
 pub mod vm;
 pub mod wire;

@@ -25,6 +25,7 @@ const BINARIES: &[&str] = &[
     "tlshub-provider-tlshub",
     "tlshub-provider-boringssl",
     "tlshub-standin",
+    "tlshub-conformance",
 ];
 /// Host tools copied in with their libraries.
 const TOOLS: &[&str] = &["ip", "ss", "tcpdump"];
@@ -59,6 +60,8 @@ for m in tls veth inet_diag tcp_diag gcm ghash-generic aesni-intel ghash-clmulni
 done
 ip link set lo up
 hostname tlshub-vm
+# Thousands of sockets at once (conformance, concurrency scenarios).
+ulimit -n 65536
 echo "TLSHUB-BOOTED $(uname -r)"
 /bin/tlshub-vm-runner
 sync

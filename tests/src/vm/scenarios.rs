@@ -25,6 +25,7 @@ pub const TESTS: &[Scenario] = &[
     ("concurrent_keying_200_connections", concurrent_keying),
     ("tlshub_provider_with_standin_module", tlshub_provider),
     ("boringssl_and_openssl_interoperate", boringssl_interop),
+    ("conformance_suite_all_providers", conformance_all),
     ("fail_closed_provider_missing", fail_closed_provider_missing),
     ("fail_open_provider_missing", fail_open_provider_missing),
     ("provider_hangs_fail_closed_in_time", provider_hangs),
@@ -618,6 +619,54 @@ fn boringssl_interop() -> Result<String, String> {
         "exact both ways, TLS-only and decrypted: {}",
         out.join(", ")
     ))
+}
+
+/// The conformance suite (`tlshub-conformance`) against each provider, as
+/// two node instances, with 1,000 concurrent requests.
+fn conformance_all() -> Result<String, String> {
+    let mut out = Vec::new();
+    for (label, kind) in [
+        ("openssl", ProviderKind::OpenSsl),
+        ("boringssl", ProviderKind::BoringSsl),
+        ("tlshub", ProviderKind::TlsHub),
+    ] {
+        let (mut sa, mut sb) = (NodeSpec::new("a"), NodeSpec::new("b"));
+        sa.provider = kind;
+        sb.provider = kind;
+        let (a, b) = nodes(sa, sb)?;
+        let (pa, pb) = (a.dir.join("provider.sock"), b.dir.join("provider.sock"));
+        let started = Instant::now();
+        let run = process::command(
+            None,
+            &[
+                "tlshub-conformance",
+                "--node-a",
+                &pa.to_string_lossy(),
+                "--node-b",
+                &pb.to_string_lossy(),
+                "--concurrency",
+                "1000",
+            ],
+        )
+        .output()
+        .map_err(|e| format!("cannot run tlshub-conformance: {e}"))?;
+        let text = String::from_utf8_lossy(&run.stdout).into_owned();
+        if !run.status.success() {
+            return Err(format!(
+                "{label}:\n{text}{}",
+                String::from_utf8_lossy(&run.stderr)
+            ));
+        }
+        let summary = text.lines().last().unwrap_or("").to_string();
+        out.push(format!(
+            "{label}: {summary} ({:.0}s)",
+            started.elapsed().as_secs_f64()
+        ));
+        for l in text.lines() {
+            println!("  [{label}] {l}");
+        }
+    }
+    Ok(out.join("; "))
 }
 
 fn expect_reset(c: &Value) -> Result<(), String> {
