@@ -194,6 +194,19 @@ fn build_binaries() -> Result<PathBuf> {
         "tlshub-vm-tests",
         "--bins",
     ]))?;
+    // The SDK's example provider, which the conformance scenario also runs.
+    run(
+        Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+            .current_dir(root())
+            .args([
+                "build",
+                "--release",
+                "-p",
+                "tlshub-provider-sdk",
+                "--example",
+                "psk-provider",
+            ]),
+    )?;
     Ok(root().join("target/release"))
 }
 
@@ -225,6 +238,12 @@ fn initramfs(kernel: &Kernel, bins: &Path, work: &Path) -> Result<PathBuf> {
             .arg(rootfs.join("bin").join(b))
             .status();
     }
+    copy_with_libs(
+        &bins.join("examples/psk-provider"),
+        &rootfs,
+        Path::new("/bin/psk-provider"),
+        &mut libs,
+    )?;
     for t in TOOLS {
         let p = which(t)?;
         copy_with_libs(&p, &rootfs, &p, &mut libs)?;

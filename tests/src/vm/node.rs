@@ -16,6 +16,9 @@ pub enum ProviderKind {
     /// `tlshub-provider-tlshub` (layout v2) with `tlshub-standin` playing
     /// the kernel module, both in the node's network namespace.
     TlsHub,
+    /// The SDK's example (`proto/examples/psk-provider.rs`), both nodes
+    /// sharing `/run/tlshub/cluster.psk`.
+    ExamplePsk,
     /// `tlshub-bad-provider --mode <mode>`.
     Bad(&'static str),
     /// Nothing listens on the configured socket.
@@ -172,6 +175,26 @@ impl Node {
                 p.wait_for_log("provider serving", Duration::from_secs(20))?;
                 Some(p)
             }
+            ProviderKind::ExamplePsk => {
+                let psk = PathBuf::from("/run/tlshub/cluster.psk");
+                if !psk.exists() {
+                    std::fs::write(&psk, random_32()?).map_err(|e| e.to_string())?;
+                }
+                let mut p = Proc::spawn(
+                    &format!("provider-{n}"),
+                    None,
+                    &[
+                        "psk-provider",
+                        "--psk",
+                        &psk.to_string_lossy(),
+                        "--socket",
+                        &socket.to_string_lossy(),
+                    ],
+                    &plog,
+                )?;
+                p.wait_for_log("provider serving", Duration::from_secs(20))?;
+                Some(p)
+            }
             ProviderKind::Bad(mode) => {
                 let mut p = Proc::spawn(
                     &format!("bad-provider-{n}"),
@@ -269,4 +292,14 @@ impl Drop for Node {
             s.stop();
         }
     }
+}
+
+/// 32 random bytes from /dev/urandom.
+fn random_32() -> Result<Vec<u8>, String> {
+    use std::io::Read;
+    let mut b = vec![0u8; 32];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut b))
+        .map_err(|e| format!("/dev/urandom: {e}"))?;
+    Ok(b)
 }
