@@ -18,7 +18,7 @@ use tlshub_provider_sdk::{
     TlsVersion,
 };
 
-use crate::config::TlsSection;
+use tlshub_provider_sdk::handshake_config::TlsSection;
 
 /// The BoringSSL provider.
 pub struct BoringSslProvider {

@@ -3,13 +3,13 @@
 //! connection and returns its traffic keys.
 #![forbid(unsafe_code)]
 
-mod config;
 mod handshake;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Parser;
+use tlshub_provider_sdk::handshake_config::HandshakeProviderConfig;
 use tlshub_provider_sdk::{ServeOptions, run};
 
 /// TLS 1.3 key provider for tlshub, built on BoringSSL.
@@ -27,16 +27,17 @@ struct Args {
 fn main() -> ExitCode {
     let args = Args::parse();
     tlshub_provider_sdk::runtime::init_logging();
-    let mut config = match config::Config::load(&args.config) {
+    let config = match HandshakeProviderConfig::load(&args.config) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("tlshub-provider-boringssl: {e}");
             return ExitCode::from(2);
         }
     };
-    if let Some(s) = args.socket {
-        config.socket = s;
-    }
+    let socket = args
+        .socket
+        .or(config.socket)
+        .unwrap_or_else(|| PathBuf::from("/run/tlshub/provider-boringssl.sock"));
     let provider = match handshake::BoringSslProvider::new(&config.tls) {
         Ok(p) => p,
         Err(e) => {
@@ -45,7 +46,7 @@ fn main() -> ExitCode {
         }
     };
     let options = ServeOptions {
-        socket_path: config.socket,
+        socket_path: socket,
         allowed_uid: config.allowed_uid,
     };
     run("tlshub-provider-boringssl", provider, options)

@@ -19,7 +19,7 @@ use tlshub_provider_sdk::{
     TlsVersion,
 };
 
-use crate::config::TlsSection;
+use tlshub_provider_sdk::handshake_config::TlsSection;
 
 /// The OpenSSL provider.
 pub struct OpenSslProvider {

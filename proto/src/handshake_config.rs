@@ -1,9 +1,23 @@
-//! The BoringSSL provider's configuration file.
+//! The configuration file shared by providers that run a TLS 1.3 handshake
+//! over the application's connection (`tlshub-provider-openssl`,
+//! `tlshub-provider-boringssl`):
+//!
+//! ```toml
+//! socket = "/run/tlshub/provider.sock"   # optional
+//! allowed_uid = 990                      # optional
+//! [tls]
+//! ca = "/etc/tlshub/certs/ca.pem"
+//! cert = "/etc/tlshub/certs/node.pem"
+//! key = "/etc/tlshub/certs/node.key"
+//! cipher_suites = ["TLS_AES_128_GCM_SHA256"]
+//! groups = ["X25519"]
+//! ```
 
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
-use tlshub_provider_sdk::runtime::{ConfigError, load_toml};
+
+use crate::runtime::{ConfigError, load_toml};
 
 /// `[tls]`: the node's identity and the pinned handshake parameters.
 #[derive(Debug, Clone, Deserialize)]
@@ -15,10 +29,9 @@ pub struct TlsSection {
     pub cert: PathBuf,
     /// PEM file with this node's private key.
     pub key: PathBuf,
-    /// TLS 1.3 cipher suites this node accepts. BoringSSL does not let a
-    /// program choose TLS 1.3 suites (the client's preference decides:
-    /// AES-GCM first where the CPU has AES instructions); a handshake that
-    /// ends on a suite outside this list fails instead of being installed.
+    /// TLS 1.3 cipher suites (IANA names). OpenSSL uses them in this
+    /// preference order; BoringSSL cannot choose TLS 1.3 suites, so it
+    /// refuses a handshake that ends on a suite outside this list.
     #[serde(default = "default_suites")]
     pub cipher_suites: Vec<String>,
     /// Key-exchange groups in preference order (`X25519`, `P-256`, ...).
@@ -41,10 +54,10 @@ fn default_groups() -> Vec<String> {
 /// The whole file.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct Config {
-    /// The Unix socket to serve on.
-    #[serde(default = "default_socket")]
-    pub socket: PathBuf,
+pub struct HandshakeProviderConfig {
+    /// The Unix socket to serve on (each provider has its own default).
+    #[serde(default)]
+    pub socket: Option<PathBuf>,
     /// Besides root, the uid allowed to call.
     #[serde(default)]
     pub allowed_uid: Option<u32>,
@@ -52,11 +65,7 @@ pub struct Config {
     pub tls: TlsSection,
 }
 
-fn default_socket() -> PathBuf {
-    PathBuf::from("/run/tlshub/provider-boringssl.sock")
-}
-
-impl Config {
+impl HandshakeProviderConfig {
     /// Reads and parses `path`.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
         load_toml(path)
@@ -69,14 +78,15 @@ mod tests {
 
     #[test]
     fn missing_tls_section_names_the_key() {
-        let e = toml::from_str::<Config>("socket = \"/x\"\n")
+        let e = toml::from_str::<HandshakeProviderConfig>("socket = \"/x\"\n")
             .unwrap_err()
             .to_string();
         assert!(e.contains("tls"), "{e}");
-        let e =
-            toml::from_str::<Config>("[tls]\nca = \"a\"\ncert = \"b\"\nkey = \"c\"\nsuites = []\n")
-                .unwrap_err()
-                .to_string();
+        let e = toml::from_str::<HandshakeProviderConfig>(
+            "[tls]\nca = \"a\"\ncert = \"b\"\nkey = \"c\"\nsuites = []\n",
+        )
+        .unwrap_err()
+        .to_string();
         assert!(
             e.contains("unknown field `suites`") && e.contains("line 5"),
             "{e}"
