@@ -67,6 +67,12 @@ pub enum CodecError {
         /// What arrived.
         len: usize,
     },
+    /// A request payload that is neither layout (16 or 20 bytes).
+    #[error("request payload of {len} bytes is neither layout v1 (16) nor v2 (20)")]
+    RequestLength {
+        /// The payload length.
+        len: usize,
+    },
     /// A reply type the protocol does not have.
     #[error("unknown reply type {0:#04x}")]
     UnknownType(u8),
@@ -108,6 +114,34 @@ pub fn encode(req: &Request, layout: Layout, nl_pid: u32) -> Result<Vec<u8>, Cod
     out.push(u8::from(req.server_side));
     out.extend_from_slice(&[0, 0]);
     Ok(out)
+}
+
+/// Decodes a request datagram (the module's side; used by the stand-in).
+/// The layout follows from the payload length: 16 bytes v1, 20 bytes v2.
+pub fn decode_request(datagram: &[u8]) -> Result<(Request, Layout, u32), CodecError> {
+    let payload = datagram.get(NLMSG_HDRLEN..).unwrap_or(&[]);
+    let (layout, rest) = match payload.len() {
+        16 => (Layout::V1, 8),
+        20 => (Layout::V2, 12),
+        len => return Err(CodecError::RequestLength { len }),
+    };
+    let ip = |o: usize| Ipv4Addr::new(payload[o], payload[o + 1], payload[o + 2], payload[o + 3]);
+    let port = |o: usize| u16::from_be_bytes([payload[o], payload[o + 1]]);
+    let opcode = match payload[rest + 4] {
+        0 => Opcode::Init,
+        1 => Opcode::Start,
+        2 => Opcode::Fetch,
+        other => return Err(CodecError::UnknownType(other)),
+    };
+    let pid = u32::from_ne_bytes([datagram[12], datagram[13], datagram[14], datagram[15]]);
+    let request = Request {
+        client: SocketAddrV4::new(ip(0), port(rest)),
+        server: SocketAddrV4::new(ip(4), port(rest + 2)),
+        server_node: (layout == Layout::V2).then(|| ip(8)),
+        opcode,
+        server_side: payload[rest + 5] == 1,
+    };
+    Ok((request, layout, pid))
 }
 
 /// Reply types (`msg_type`, the byte after the header).
@@ -336,6 +370,21 @@ mod tests {
                 prop_assert_eq!(bytes[NLMSG_HDRLEN], reply_type::KEY);
                 prop_assert!(k.iter().any(|b| *b != 0));
             }
+        }
+
+        /// Requests in both layouts decode to what was encoded.
+        #[test]
+        fn requests_round_trip_in_both_layouts(a in any::<[u8; 4]>(), b in any::<[u8; 4]>(), node in any::<[u8; 4]>(), pa in any::<u16>(), pb in any::<u16>(), op in 0u8..3, srv in any::<bool>(), v2 in any::<bool>(), pid in any::<u32>()) {
+            let layout = if v2 { Layout::V2 } else { Layout::V1 };
+            let r = Request {
+                client: SocketAddrV4::new(a.into(), pa),
+                server: SocketAddrV4::new(b.into(), pb),
+                server_node: v2.then(|| node.into()),
+                opcode: [Opcode::Init, Opcode::Start, Opcode::Fetch][usize::from(op)],
+                server_side: srv,
+            };
+            let d = encode(&r, layout, pid).unwrap();
+            prop_assert_eq!(decode_request(&d), Ok((r, layout, pid)));
         }
 
         /// Requests round-trip through their byte layout.

@@ -25,7 +25,7 @@ use netlink_sys::{Socket, SocketAddr as NlAddr};
 use openssl::ssl::{
     Ssl, SslContext, SslContextBuilder, SslFiletype, SslMethod, SslVerifyMode, SslVersion,
 };
-use provider_tlshub::codec::{self, NLMSG_HDRLEN, reply_type};
+use provider_tlshub::codec::{self, reply_type};
 use provider_tlshub::pod_map::PodMap;
 use tlshub_provider_sdk::tls13::{Hash, hkdf_expand_label};
 
@@ -144,11 +144,17 @@ fn handshake(
     peer: Ipv4Addr,
 ) -> Result<(), String> {
     if args.node_ip > peer {
+        // Wait for a fresh node secret: an expired one is still in the map.
+        let lifetime = Duration::from_millis(args.lifetime_ms);
         let until = Instant::now() + Duration::from_secs(2);
         while Instant::now() < until {
             if state
                 .lock()
-                .map(|s| s.sessions.contains_key(&peer))
+                .map(|s| {
+                    s.sessions
+                        .get(&peer)
+                        .is_some_and(|x| x.at.elapsed() < lifetime)
+                })
                 .unwrap_or(false)
             {
                 return Ok(());
@@ -207,27 +213,23 @@ fn main() -> anyhow::Result<()> {
             m.push(0);
             reply(reply_type::LOG, &m);
         };
-        let payload = req.get(NLMSG_HDRLEN..).unwrap_or(&[]);
-        // v1: 16 bytes, v2: 20 (the node address after the server address).
-        let (node_off, rest) = match payload.len() {
-            16 => (None, 8),
-            20 => (Some(8), 12),
-            n => {
-                log(format!("bad request length {n}"));
+        let (request, _, _) = match codec::decode_request(&req) {
+            Ok(r) => r,
+            Err(e) => {
+                log(format!("bad request: {e}"));
                 continue;
             }
         };
-        let ip =
-            |o: usize| Ipv4Addr::new(payload[o], payload[o + 1], payload[o + 2], payload[o + 3]);
-        let port = |o: usize| u16::from_be_bytes([payload[o], payload[o + 1]]);
-        let client = SocketAddr::from((ip(0), port(rest)));
-        let server = SocketAddr::from((ip(4), port(rest + 2)));
-        let (opcode, server_side) = (payload[rest + 4], payload[rest + 5] == 1);
-        let peer = if server_side {
+        let (client, server) = (
+            SocketAddr::V4(request.client),
+            SocketAddr::V4(request.server),
+        );
+        let peer = if request.server_side {
             pods.node_of(client.ip())
         } else {
-            node_off.map(ip).or_else(|| pods.node_of(server.ip()))
+            request.server_node.or_else(|| pods.node_of(server.ip()))
         };
+        let opcode = request.opcode as u8;
         match opcode {
             0 => {
                 log(format!("TLSHub stand-in ready on node {}", args.node_ip));

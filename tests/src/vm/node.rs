@@ -38,6 +38,8 @@ pub struct NodeSpec {
     pub key_timeout_ms: u64,
     /// TLS 1.3 suite the provider pins.
     pub suite: &'static str,
+    /// The TLSHub stand-in's node-secret lifetime (`--lifetime-ms`).
+    pub standin_lifetime_ms: u64,
 }
 
 impl NodeSpec {
@@ -49,6 +51,7 @@ impl NodeSpec {
             failure_policy: "fail-closed",
             key_timeout_ms: 2000,
             suite: "TLS_AES_128_GCM_SHA256",
+            standin_lifetime_ms: 600_000,
         }
     }
 }
@@ -151,6 +154,8 @@ impl Node {
                         &certs("pem"),
                         "--key",
                         &certs("key"),
+                        "--lifetime-ms",
+                        &spec.standin_lifetime_ms.to_string(),
                     ],
                     &slog,
                 )?;

@@ -24,6 +24,7 @@ pub const TESTS: &[Scenario] = &[
     ("ipv6_exchange_wire_is_tls_and_decrypts", ipv6_exchange),
     ("concurrent_keying_200_connections", concurrent_keying),
     ("tlshub_provider_with_standin_module", tlshub_provider),
+    ("tlshub_expired_node_secret_rehandshakes", tlshub_expiry),
     ("boringssl_and_openssl_interoperate", boringssl_interop),
     ("conformance_suite_all_providers", conformance_all),
     ("fail_closed_provider_missing", fail_closed_provider_missing),
@@ -580,6 +581,37 @@ fn tlshub_provider() -> Result<String, String> {
         "2 connections keyed from the stand-in module's per-4-tuple master key (node handshake 10.99.0.1 -> 10.99.0.2); {} flows TLS-only and decrypted",
         report.decrypted
     ))
+}
+
+/// The stand-in's node secret expires (status -2); the provider starts a
+/// new node handshake and the next connection is keyed from the new secret.
+fn tlshub_expiry() -> Result<String, String> {
+    let (mut sa, mut sb) = (NodeSpec::new("a"), NodeSpec::new("b"));
+    for s in [&mut sa, &mut sb] {
+        s.provider = ProviderKind::TlsHub;
+        s.standin_lifetime_ms = 1500;
+    }
+    let (a, b) = nodes(sa, sb)?;
+    let app = App::exchange(10_000, PROTECTED_PORT);
+    captured_exchanges("expiry1", &a, &b, std::slice::from_ref(&app))?;
+    std::thread::sleep(Duration::from_millis(2000));
+    captured_exchanges("expiry2", &a, &b, std::slice::from_ref(&app))?;
+    let standin = std::fs::read_to_string("/tmp/logs/node-b-standin.log").unwrap_or_default();
+    let handshakes = standin.matches("node handshake from 10.99.0.1").count();
+    if handshakes != 2 {
+        return Err(format!(
+            "node B saw {handshakes} node handshakes, want 2 (one per secret): {standin}"
+        ));
+    }
+    let (ka, kb) = (a.keys(), b.keys());
+    if ka.len() != 2 || kb.len() != 2 || ka[0]["tx_key"] == ka[1]["tx_key"] {
+        return Err(format!(
+            "expected two keyed connections with different keys, got {} and {}",
+            ka.len(),
+            kb.len()
+        ));
+    }
+    Ok("after expiry (-2) the provider re-handshook and keyed the next connection; both exchanges exact and decrypted".into())
 }
 
 /// OpenSSL and BoringSSL nodes in both client and server roles: each
