@@ -72,6 +72,49 @@ impl HandshakeProviderConfig {
     }
 }
 
+/// The body of a handshake provider's `main`: load `config_path`, pick the
+/// socket (`socket_override`, else the file's `socket`, else
+/// `default_socket`), build the provider from `[tls]`, and [`run`](crate::run)
+/// it. Configuration errors exit with code 2, naming the file.
+pub fn provider_main<P, E>(
+    program: &str,
+    config_path: &Path,
+    socket_override: Option<PathBuf>,
+    default_socket: &str,
+    build: impl FnOnce(&TlsSection) -> Result<P, E>,
+) -> std::process::ExitCode
+where
+    P: crate::Provider,
+    E: std::fmt::Display,
+{
+    crate::runtime::init_logging();
+    let config = match HandshakeProviderConfig::load(config_path) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("{program}: {e}");
+            return std::process::ExitCode::from(2);
+        }
+    };
+    let socket_path = socket_override
+        .or(config.socket)
+        .unwrap_or_else(|| PathBuf::from(default_socket));
+    let provider = match build(&config.tls) {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("{program}: {}: {e}", config_path.display());
+            return std::process::ExitCode::from(2);
+        }
+    };
+    crate::run(
+        program,
+        provider,
+        crate::ServeOptions {
+            socket_path,
+            allowed_uid: config.allowed_uid,
+        },
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

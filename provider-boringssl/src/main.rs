@@ -9,8 +9,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Parser;
-use tlshub_provider_sdk::handshake_config::HandshakeProviderConfig;
-use tlshub_provider_sdk::{ServeOptions, run};
+use tlshub_provider_sdk::handshake_config::provider_main;
 
 /// TLS 1.3 key provider for tlshub, built on BoringSSL.
 #[derive(Debug, Parser)]
@@ -26,28 +25,11 @@ struct Args {
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    tlshub_provider_sdk::runtime::init_logging();
-    let config = match HandshakeProviderConfig::load(&args.config) {
-        Ok(c) => c,
-        Err(e) => {
-            eprintln!("tlshub-provider-boringssl: {e}");
-            return ExitCode::from(2);
-        }
-    };
-    let socket = args
-        .socket
-        .or(config.socket)
-        .unwrap_or_else(|| PathBuf::from("/run/tlshub/provider-boringssl.sock"));
-    let provider = match handshake::BoringSslProvider::new(&config.tls) {
-        Ok(p) => p,
-        Err(e) => {
-            eprintln!("tlshub-provider-boringssl: {}: {e}", args.config.display());
-            return ExitCode::from(2);
-        }
-    };
-    let options = ServeOptions {
-        socket_path: socket,
-        allowed_uid: config.allowed_uid,
-    };
-    run("tlshub-provider-boringssl", provider, options)
+    provider_main(
+        "tlshub-provider-boringssl",
+        &args.config,
+        args.socket,
+        "/run/tlshub/provider-boringssl.sock",
+        handshake::BoringSslProvider::new,
+    )
 }
