@@ -14,26 +14,18 @@
 //!     --psk /etc/tlshub/cluster.psk --socket /run/tlshub/provider.sock
 //! ```
 
-use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use tlshub_provider_sdk::tls13::{Hash, hkdf_expand_label};
 use tlshub_provider_sdk::{
-    CipherSuite, ConnectionKeys, DirectionKeys, KeyRequest, Provider, ProviderError, ProviderInfo,
-    Role, ServeOptions, TlsVersion, run,
+    CipherSuite, ConnectionId, ConnectionKeys, DirectionKeys, KeyRequest, Provider, ProviderError,
+    ProviderInfo, Role, ServeOptions, TlsVersion, run,
 };
 use zeroize::Zeroizing;
 
 struct PskProvider {
     psk: Zeroizing<[u8; 32]>,
-}
-
-fn mapped(a: SocketAddr) -> [u8; 16] {
-    match a {
-        SocketAddr::V4(v4) => v4.ip().to_ipv6_mapped().octets(),
-        SocketAddr::V6(v6) => v6.ip().octets(),
-    }
 }
 
 impl PskProvider {
@@ -80,28 +72,8 @@ impl Provider for PskProvider {
     }
 
     async fn keys(&self, request: KeyRequest) -> Result<ConnectionKeys, ProviderError> {
-        // Name the connection the same way on both nodes: client first.
-        let (client, server, client_isn, server_isn) = match request.role {
-            Role::Client => (
-                request.local,
-                request.remote,
-                request.local_isn,
-                request.remote_isn,
-            ),
-            Role::Server => (
-                request.remote,
-                request.local,
-                request.remote_isn,
-                request.local_isn,
-            ),
-        };
-        let mut context = Vec::with_capacity(44);
-        context.extend_from_slice(&mapped(client));
-        context.extend_from_slice(&client.port().to_be_bytes());
-        context.extend_from_slice(&mapped(server));
-        context.extend_from_slice(&server.port().to_be_bytes());
-        context.extend_from_slice(&client_isn.to_be_bytes());
-        context.extend_from_slice(&server_isn.to_be_bytes());
+        // The connection named the same way on both nodes: client first.
+        let context = ConnectionId::of(&request).context();
         let (c, s) = (
             self.direction("c", &context)?,
             self.direction("s", &context)?,

@@ -21,8 +21,8 @@ pub mod types;
 pub use error::ProviderError;
 pub use server::{Provider, ServeOptions, run, serve};
 pub use types::{
-    CipherSuite, ConnectionKeys, DirectionKeys, Endpoint, KeyRequest, ProviderInfo, Role,
-    SocketHandle, TlsVersion,
+    CipherSuite, ConnectionId, ConnectionKeys, DirectionKeys, Endpoint, KeyRequest, ProviderInfo,
+    Role, SocketHandle, TlsVersion,
 };
 
 /// The API version this SDK speaks.

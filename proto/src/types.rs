@@ -136,6 +136,61 @@ pub struct ConnectionKeys {
     pub receive: DirectionKeys,
 }
 
+/// One connection named the same way on both nodes (client first), for
+/// providers that derive keys from it: `context()` is the 44-byte
+/// big-endian encoding `client_ip(16, IPv4 as ::ffff:a.b.c.d) ||
+/// client_port || server_ip(16) || server_port || client_isn || server_isn`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConnectionId {
+    /// The connecting side.
+    pub client: SocketAddr,
+    /// The accepting side.
+    pub server: SocketAddr,
+    /// The client's initial sequence number.
+    pub client_isn: u32,
+    /// The server's initial sequence number.
+    pub server_isn: u32,
+}
+
+impl ConnectionId {
+    /// The identity as both nodes see it, from one node's request.
+    pub fn of(request: &KeyRequest) -> Self {
+        match request.role {
+            Role::Client => Self {
+                client: request.local,
+                server: request.remote,
+                client_isn: request.local_isn,
+                server_isn: request.remote_isn,
+            },
+            Role::Server => Self {
+                client: request.remote,
+                server: request.local,
+                client_isn: request.remote_isn,
+                server_isn: request.local_isn,
+            },
+        }
+    }
+
+    /// The 44-byte derivation context.
+    pub fn context(&self) -> [u8; 44] {
+        let mut c = [0u8; 44];
+        c[0..16].copy_from_slice(&mapped(self.client));
+        c[16..18].copy_from_slice(&self.client.port().to_be_bytes());
+        c[18..34].copy_from_slice(&mapped(self.server));
+        c[34..36].copy_from_slice(&self.server.port().to_be_bytes());
+        c[36..40].copy_from_slice(&self.client_isn.to_be_bytes());
+        c[40..44].copy_from_slice(&self.server_isn.to_be_bytes());
+        c
+    }
+}
+
+fn mapped(a: SocketAddr) -> [u8; 16] {
+    match a {
+        SocketAddr::V4(v4) => v4.ip().to_ipv6_mapped().octets(),
+        SocketAddr::V6(v6) => v6.ip().octets(),
+    }
+}
+
 /// A provider's description of itself.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ProviderInfo {

@@ -25,64 +25,9 @@
 //! The test vectors below were computed independently with
 //! `openssl kdf ... HKDF` (mode `EXPAND_ONLY`) over the same info bytes.
 
-use std::net::SocketAddr;
-
+pub use tlshub_provider_sdk::ConnectionId;
 use tlshub_provider_sdk::tls13::{ExpandError, Hash, hkdf_expand_label};
-use tlshub_provider_sdk::{
-    CipherSuite, ConnectionKeys, DirectionKeys, KeyRequest, Role, TlsVersion,
-};
-
-/// What identifies one connection for the derivation.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct ConnectionId {
-    /// The connecting side.
-    pub client: SocketAddr,
-    /// The accepting side.
-    pub server: SocketAddr,
-    /// The client's initial sequence number.
-    pub client_isn: u32,
-    /// The server's initial sequence number.
-    pub server_isn: u32,
-}
-
-impl ConnectionId {
-    /// The identity as both nodes see it, from one node's request.
-    pub fn of(request: &KeyRequest) -> Self {
-        match request.role {
-            Role::Client => Self {
-                client: request.local,
-                server: request.remote,
-                client_isn: request.local_isn,
-                server_isn: request.remote_isn,
-            },
-            Role::Server => Self {
-                client: request.remote,
-                server: request.local,
-                client_isn: request.remote_isn,
-                server_isn: request.local_isn,
-            },
-        }
-    }
-
-    /// The 44-byte derivation context.
-    pub fn context(&self) -> [u8; 44] {
-        let mut c = [0u8; 44];
-        c[0..16].copy_from_slice(&mapped(self.client));
-        c[16..18].copy_from_slice(&self.client.port().to_be_bytes());
-        c[18..34].copy_from_slice(&mapped(self.server));
-        c[34..36].copy_from_slice(&self.server.port().to_be_bytes());
-        c[36..40].copy_from_slice(&self.client_isn.to_be_bytes());
-        c[40..44].copy_from_slice(&self.server_isn.to_be_bytes());
-        c
-    }
-}
-
-fn mapped(a: SocketAddr) -> [u8; 16] {
-    match a {
-        SocketAddr::V4(v4) => v4.ip().to_ipv6_mapped().octets(),
-        SocketAddr::V6(v6) => v6.ip().octets(),
-    }
-}
+use tlshub_provider_sdk::{CipherSuite, ConnectionKeys, DirectionKeys, Role, TlsVersion};
 
 fn direction(
     master: &[u8; 32],
@@ -137,6 +82,7 @@ pub fn derive(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tlshub_provider_sdk::KeyRequest;
 
     fn master() -> [u8; 32] {
         let mut m = [0u8; 32];
