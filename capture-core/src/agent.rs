@@ -3,30 +3,72 @@
 //! processes.
 
 use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use serde::Serialize;
+use tlshub_admin::pb;
 use tlshub_ebpf::{Event, gate, kind, role};
 use tlshub_provider_sdk::Role;
-use tlshub_provider_sdk::client::ProviderClient;
 use tokio::io::unix::AsyncFd;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use tracing::{Instrument, debug, error, info, info_span, warn};
 
 use crate::bpf::{BpfError, Programs};
 use crate::config::{Config, FailurePolicy};
 use crate::keying::{self, Job, KeyingError, Outcome};
+use crate::metrics::{Metrics, ProviderLabel, ProviderRoleLabels, ReasonLabel};
+use crate::providers::{Health, Registry};
 use crate::sys;
 
 /// A selected connection that is not keyed yet.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct Pending {
     established: Option<Event>,
     owner: Option<(u32, i32)>,
-    keying: bool,
+    /// The provider asked, once keying started.
+    provider: Option<String>,
+    since: Instant,
+}
+
+impl Pending {
+    fn new() -> Self {
+        Self {
+            established: None,
+            owner: None,
+            provider: None,
+            since: Instant::now(),
+        }
+    }
+}
+
+/// A connection with kTLS installed, tracked until it closes (for the
+/// admin API's connection list; its keys live only in the kernel).
+#[derive(Debug)]
+struct Protected {
+    local: SocketAddr,
+    remote: SocketAddr,
+    role: Role,
+    pid: u32,
+    provider: String,
+    cipher: String,
+    key_time: Duration,
+    since: Instant,
+}
+
+/// A request from the admin API, answered by the event loop (which owns
+/// the state it asks about).
+#[derive(Debug)]
+pub enum AdminRequest {
+    /// `Status`.
+    Status(oneshot::Sender<pb::StatusResponse>),
+    /// `ListConnections`.
+    Connections(oneshot::Sender<pb::ListConnectionsResponse>),
+    /// `ReloadPolicy`: the answer is the new policy or why the file was refused.
+    ReloadPolicy(oneshot::Sender<Result<pb::Policy, String>>),
 }
 
 /// Counters and samples, written to the stats file.
@@ -94,9 +136,13 @@ impl Samples {
 /// The running core.
 pub struct Agent {
     config: Config,
+    config_path: PathBuf,
     programs: Programs,
-    provider: ProviderClient,
+    providers: Arc<Registry>,
+    metrics: Arc<Metrics>,
+    started: Instant,
     pending: HashMap<u64, Pending>,
+    protected: HashMap<u64, Protected>,
     held_cookies: HashSet<u64>,
     /// Processes the gate stopped, by pid, from HELD events (and the BPF
     /// `held` map when the ring buffer overflowed).
@@ -132,9 +178,12 @@ struct HeldProc {
 const HELD_RECORD_GRACE: Duration = Duration::from_secs(1);
 
 impl Agent {
-    /// Loads the programs, writes the policy and connects the provider.
-    pub async fn start(
+    /// Loads the programs, writes the policy and sets up the providers
+    /// (nothing connects to them until the first health check or key request).
+    pub fn start(
         config: Config,
+        config_path: PathBuf,
+        metrics: Arc<Metrics>,
         stats_file: Option<PathBuf>,
         keylog: Option<keying::KeyLog>,
     ) -> Result<Self, BpfError> {
@@ -142,26 +191,38 @@ impl Agent {
         programs.write_policy(&config.policy)?;
         programs.exempt.add(std::process::id());
         let exempt = programs.exempt.clone();
-        let provider = ProviderClient::new(
-            &config.provider.socket,
-            Some(Arc::new(move |pid| exempt.add(pid))),
-        );
-        match provider.info(config.key_timeout()).await {
-            Ok(info) => info!(
-                provider = %info.name,
-                version = %info.version,
-                socket = %config.provider.socket.display(),
-                "provider reachable"
-            ),
-            Err(e) => {
-                warn!(error = %e, "provider not reachable yet; connections follow the failure policy until it is")
-            }
+        // Checked when the config was loaded.
+        let set = config
+            .provider
+            .resolve()
+            .unwrap_or_else(|e| unreachable!("config checked at load: {e}"));
+        let providers = Arc::new(Registry::new(&set, Arc::new(move |pid| exempt.add(pid))));
+        for p in providers.all() {
+            let label = ProviderLabel {
+                provider: p.name.clone(),
+            };
+            metrics
+                .provider_active
+                .get_or_create(&label)
+                .set(i64::from(p.name == set.active));
+            metrics.provider_up.get_or_create(&label).set(0);
+            metrics.protected.get_or_create(&label).inc_by(0);
         }
+        info!(
+            active = %set.active,
+            fallback = set.fallback.as_deref().unwrap_or(""),
+            providers = %set.endpoints.keys().cloned().collect::<Vec<_>>().join(","),
+            "providers configured"
+        );
         Ok(Self {
             config,
+            config_path,
             programs,
-            provider,
+            providers,
+            metrics,
+            started: Instant::now(),
             pending: HashMap::new(),
+            protected: HashMap::new(),
             held_cookies: HashSet::new(),
             held: HashMap::new(),
             sweep_due: false,
@@ -173,11 +234,22 @@ impl Agent {
         })
     }
 
+    /// The provider registry (shared with the admin API for switching).
+    pub fn providers(&self) -> Arc<Registry> {
+        self.providers.clone()
+    }
+
     /// Runs until `shutdown` completes, then releases what it holds.
     pub async fn run(
         mut self,
+        mut admin: mpsc::Receiver<AdminRequest>,
         shutdown: impl std::future::Future<Output = ()>,
     ) -> Result<(), AgentError> {
+        let health = tokio::spawn(health_loop(
+            self.providers.clone(),
+            self.metrics.clone(),
+            Duration::from_millis(self.config.provider.health_interval_ms),
+        ));
         let (done_tx, mut done_rx) = mpsc::unbounded_channel::<Outcome>();
         let ring = self.programs.events.take().ok_or(AgentError::RingTaken)?;
         #[expect(
@@ -201,7 +273,11 @@ impl Agent {
                 }
                 Some(outcome) = done_rx.recv() => self.on_outcome(outcome),
                 _ = sweep.tick() => self.sweep_due = true,
-                _ = report.tick() => self.write_stats(),
+                _ = report.tick() => {
+                    self.write_stats();
+                    self.update_ktls_gauges();
+                }
+                Some(request) = admin.recv() => self.on_admin(request),
                 () = &mut shutdown => break,
             }
             if std::mem::take(&mut self.sweep_due) {
@@ -214,6 +290,7 @@ impl Agent {
                 self.sweep_held(&states);
             }
         }
+        health.abort();
         self.release_all();
         self.stats_written_at = None;
         self.write_stats();
@@ -225,18 +302,20 @@ impl Agent {
         match ev.kind {
             kind::ESTABLISHED => {
                 self.stats.selected += 1;
+                self.metrics.selected.inc();
                 debug!(cookie = ev.cookie, local = %ev.local(), remote = %ev.remote(), "selected connection established");
-                let p = self.pending.entry(ev.cookie).or_default();
+                let p = self.pending.entry(ev.cookie).or_insert_with(Pending::new);
                 p.established = Some(ev);
                 self.maybe_start(ev.cookie, done);
             }
             kind::OWNER => {
-                let p = self.pending.entry(ev.cookie).or_default();
+                let p = self.pending.entry(ev.cookie).or_insert_with(Pending::new);
                 p.owner = Some((ev.pid, ev.fd));
                 self.maybe_start(ev.cookie, done);
             }
             kind::HELD => {
                 self.stats.gate_stops += 1;
+                self.metrics.gate_holds.inc();
                 if self.held_cookies.insert(ev.cookie) {
                     self.stats.held_connections += 1;
                 }
@@ -257,9 +336,15 @@ impl Agent {
             }
             kind::CLOSED => {
                 self.held_cookies.remove(&ev.cookie);
+                self.protected.remove(&ev.cookie);
                 if let Some(p) = self.pending.remove(&ev.cookie) {
                     self.stats.closed_before_keys += 1;
-                    debug!(cookie = ev.cookie, keying = p.keying, "closed before keys");
+                    self.metrics.closed_before_keys.inc();
+                    debug!(
+                        cookie = ev.cookie,
+                        provider = p.provider.as_deref().unwrap_or(""),
+                        "closed before keys"
+                    );
                 }
                 // A process held on a socket that closed must run again.
                 self.sweep_due = true;
@@ -272,10 +357,19 @@ impl Agent {
         let Some(p) = self.pending.get_mut(&cookie) else {
             return;
         };
-        let (Some(est), Some((pid, fd)), false) = (p.established, p.owner, p.keying) else {
+        let (Some(est), Some((pid, fd)), None) = (p.established, p.owner, &p.provider) else {
             return;
         };
-        p.keying = true;
+        // The provider is chosen now and kept for this connection: a switch
+        // later affects only connections that start keying after it.
+        let provider = self.providers.choose();
+        p.provider = Some(provider.name.clone());
+        self.metrics
+            .provider_in_flight
+            .get_or_create(&ProviderLabel {
+                provider: provider.name.clone(),
+            })
+            .inc();
         let job = Job {
             cookie,
             role: if est.role == role::CLIENT {
@@ -293,8 +387,7 @@ impl Agent {
             timeout: self.config.key_timeout(),
             keylog: self.keylog.clone(),
         };
-        let span = info_span!("conn", cookie, local = %job.local, remote = %job.remote, pid, fd, role = ?job.role);
-        let provider = self.provider.clone();
+        let span = info_span!("conn", cookie, local = %job.local, remote = %job.remote, pid, fd, role = ?job.role, provider = %provider.name);
         let done = done.clone();
         tokio::spawn(
             async move {
@@ -309,11 +402,16 @@ impl Agent {
         self.activity += 1;
         let Outcome {
             cookie,
+            provider,
             socket,
             result,
         } = outcome;
+        let label = ProviderLabel {
+            provider: provider.clone(),
+        };
+        self.metrics.provider_in_flight.get_or_create(&label).dec();
         let pending = self.pending.remove(&cookie);
-        let span = info_span!("conn", cookie);
+        let span = info_span!("conn", cookie, provider = %provider);
         let _enter = span.enter();
         match result {
             Ok(installed) => {
@@ -329,6 +427,38 @@ impl Agent {
                     self.stats
                         .key_micros
                         .push(installed.key_time.as_micros() as u64);
+                    self.metrics.protected.get_or_create(&label).inc();
+                    if let Some(est) = pending.as_ref().and_then(|p| p.established) {
+                        let role = if est.role == role::CLIENT {
+                            Role::Client
+                        } else {
+                            Role::Server
+                        };
+                        self.metrics
+                            .key_seconds
+                            .get_or_create(&ProviderRoleLabels {
+                                provider: provider.clone(),
+                                role: role_name(role),
+                            })
+                            .observe(installed.key_time.as_secs_f64());
+                        let (pid, since) = pending
+                            .as_ref()
+                            .map(|p| (p.owner.map_or(0, |o| o.0), p.since))
+                            .unwrap_or((0, Instant::now()));
+                        self.protected.insert(
+                            cookie,
+                            Protected {
+                                local: est.local(),
+                                remote: est.remote(),
+                                role,
+                                pid,
+                                provider: provider.clone(),
+                                cipher: installed.cipher.to_string(),
+                                key_time: installed.key_time,
+                                since,
+                            },
+                        );
+                    }
                     info!(
                         version = ?installed.version,
                         cipher = %installed.cipher,
@@ -362,6 +492,10 @@ impl Agent {
         force_reset: bool,
     ) {
         *self.stats.failed.entry(reason).or_default() += 1;
+        self.metrics
+            .failed
+            .get_or_create(&ReasonLabel { reason })
+            .inc();
         let reset = force_reset || self.config.failure_policy == FailurePolicy::FailClosed;
         match (socket, reset) {
             (Some(s), true) => {
@@ -369,12 +503,14 @@ impl Agent {
                     error!(error = %e, "cannot reset connection");
                 }
                 self.stats.reset += 1;
+                self.metrics.reset.inc();
                 info!(reason, "connection reset (fail-closed)");
                 // The socket is closed now; let the app through to see ECONNRESET.
                 let _ = self.programs.open_gate(cookie, s);
             }
             (Some(s), false) => {
                 self.stats.passed_plaintext += 1;
+                self.metrics.plaintext.inc();
                 warn!(reason, "connection continues in PLAINTEXT (fail-open)");
                 let _ = self.programs.open_gate(cookie, s);
             }
@@ -442,9 +578,9 @@ impl Agent {
                         warn!(pid, error = %e, "cannot continue held process");
                     }
                     h.continued = true;
-                    self.stats
-                        .held_micros
-                        .push(now.saturating_sub(h.since_ns) / 1000);
+                    let held_ns = now.saturating_sub(h.since_ns);
+                    self.stats.held_micros.push(held_ns / 1000);
+                    self.metrics.gate_hold_seconds.observe(held_ns as f64 / 1e9);
                     debug!(pid, cookie = h.cookie, "held process continued");
                 }
                 Some(_)
@@ -487,6 +623,182 @@ impl Agent {
         info!("released all pending connections and held processes");
     }
 
+    fn on_admin(&mut self, request: AdminRequest) {
+        match request {
+            AdminRequest::Status(reply) => {
+                let _ = reply.send(self.status());
+            }
+            AdminRequest::Connections(reply) => {
+                let _ = reply.send(self.connections());
+            }
+            AdminRequest::ReloadPolicy(reply) => {
+                let _ = reply.send(self.reload_policy());
+            }
+        }
+    }
+
+    fn status(&self) -> pb::StatusResponse {
+        let active = self.providers.active_name();
+        let fallback = self.providers.fallback_name().unwrap_or("").to_owned();
+        let providers = self
+            .providers
+            .all()
+            .map(|p| {
+                let o = p.observed();
+                let label = ProviderLabel {
+                    provider: p.name.clone(),
+                };
+                pb::ProviderStatus {
+                    name: p.name.clone(),
+                    socket: p.socket.display().to_string(),
+                    active: p.name == active,
+                    fallback: p.name == fallback,
+                    health: o.health.as_str().into(),
+                    detail: o.detail.unwrap_or_default(),
+                    implementation: o.info.as_ref().map(|i| i.name.clone()).unwrap_or_default(),
+                    implementation_version: o
+                        .info
+                        .as_ref()
+                        .map(|i| i.version.clone())
+                        .unwrap_or_default(),
+                    health_since_seconds: o.since.elapsed().as_secs(),
+                    requests_in_flight: self
+                        .metrics
+                        .provider_in_flight
+                        .get_or_create(&label)
+                        .get()
+                        .max(0) as u64,
+                    connections_protected: self.metrics.protected.get_or_create(&label).get(),
+                }
+            })
+            .collect();
+        let s = &self.stats;
+        pb::StatusResponse {
+            version: env!("CARGO_PKG_VERSION").into(),
+            node_name: self.config.node_name.clone(),
+            uptime_seconds: self.started.elapsed().as_secs(),
+            active_provider: active,
+            fallback_provider: fallback,
+            providers,
+            bpf_programs: self
+                .programs
+                .attached
+                .iter()
+                .map(|(name, attach)| pb::BpfProgram {
+                    name: name.clone(),
+                    attach: attach.clone(),
+                })
+                .collect(),
+            policy: Some(policy_pb(&self.config.policy)),
+            failure_policy: match self.config.failure_policy {
+                FailurePolicy::FailClosed => "fail-closed",
+                FailurePolicy::FailOpen => "fail-open",
+            }
+            .into(),
+            key_timeout_ms: self.config.provider.timeout_ms,
+            counters: Some(pb::Counters {
+                selected: s.selected,
+                protected: s.protected,
+                failed: s.failed.values().sum(),
+                reset: s.reset,
+                plaintext: s.passed_plaintext,
+                closed_before_keys: s.closed_before_keys,
+                gate_holds: s.gate_stops,
+                pending: self.pending.len() as u64,
+                tracked: (self.pending.len() + self.protected.len()) as u64,
+                ringbuf_drops: s.ringbuf_drops,
+            }),
+            config_file: self.config_path.display().to_string(),
+            bpf_pin_dir: String::new(),
+        }
+    }
+
+    fn connections(&self) -> pb::ListConnectionsResponse {
+        let mut connections: Vec<pb::Connection> = self
+            .pending
+            .iter()
+            .filter_map(|(cookie, p)| {
+                let est = p.established?;
+                Some(pb::Connection {
+                    cookie: *cookie,
+                    local: est.local().to_string(),
+                    remote: est.remote().to_string(),
+                    role: if est.role == role::CLIENT {
+                        "client"
+                    } else {
+                        "server"
+                    }
+                    .into(),
+                    pid: p.owner.map_or(0, |o| o.0),
+                    provider: p.provider.clone().unwrap_or_default(),
+                    cipher: String::new(),
+                    state: if p.provider.is_some() {
+                        "keying"
+                    } else {
+                        "waiting-owner"
+                    }
+                    .into(),
+                    key_ms: 0.0,
+                    age_ms: p.since.elapsed().as_millis() as u64,
+                })
+            })
+            .chain(self.protected.iter().map(|(cookie, c)| pb::Connection {
+                cookie: *cookie,
+                local: c.local.to_string(),
+                remote: c.remote.to_string(),
+                role: role_name(c.role).into(),
+                pid: c.pid,
+                provider: c.provider.clone(),
+                cipher: c.cipher.clone(),
+                state: "protected".into(),
+                key_ms: c.key_time.as_secs_f64() * 1000.0,
+                age_ms: c.since.elapsed().as_millis() as u64,
+            }))
+            .collect();
+        connections.sort_by_key(|c| std::cmp::Reverse(c.age_ms));
+        pb::ListConnectionsResponse { connections }
+    }
+
+    /// Re-reads the config file; only `[policy]` is applied. A file that
+    /// does not load leaves everything as it was.
+    fn reload_policy(&mut self) -> Result<pb::Policy, String> {
+        let fresh = Config::load(&self.config_path).map_err(|e| e.to_string())?;
+        self.programs
+            .write_policy(&fresh.policy)
+            .map_err(|e| e.to_string())?;
+        self.config.policy = fresh.policy;
+        info!(
+            local = self.config.policy.local_cidrs.len(),
+            rules = self.config.policy.rules.len(),
+            "policy reloaded"
+        );
+        Ok(policy_pb(&self.config.policy))
+    }
+
+    /// kTLS counters of every network namespace that holds a protected
+    /// connection (one owner per namespace is read).
+    fn update_ktls_gauges(&mut self) {
+        let mut seen = HashSet::new();
+        let mut texts = Vec::new();
+        for c in self.protected.values() {
+            let Ok(ns) = std::fs::read_link(format!("/proc/{}/ns/net", c.pid)) else {
+                continue;
+            };
+            if seen.insert(ns)
+                && let Ok(t) = std::fs::read_to_string(format!("/proc/{}/net/tls_stat", c.pid))
+            {
+                texts.push(t);
+            }
+        }
+        if let Ok(own) = std::fs::read_link("/proc/self/ns/net")
+            && !seen.contains(&own)
+            && let Ok(t) = std::fs::read_to_string("/proc/self/net/tls_stat")
+        {
+            texts.push(t);
+        }
+        self.metrics.set_tls_stat(texts.iter().map(String::as_str));
+    }
+
     fn write_stats(&mut self) {
         let drops = self.programs.ringbuf_drops();
         if drops > self.stats.ringbuf_drops {
@@ -495,7 +807,11 @@ impl Agent {
                 "BPF ring buffer overflowed: events were lost; their connections stay gated (no plaintext) until they close"
             );
         }
+        self.metrics
+            .ringbuf_drops
+            .inc_by(drops.saturating_sub(self.stats.ringbuf_drops));
         self.stats.ringbuf_drops = drops;
+        self.metrics.pending.set(self.pending.len() as i64);
         let Some(path) = &self.stats_file else { return };
         // Rewrite only after events or outcomes: counting map entries walks
         // the maps key by key, and the samples can be large.
@@ -517,6 +833,54 @@ impl Agent {
                 }
             }
             Err(e) => warn!(error = %e, "cannot encode stats"),
+        }
+    }
+}
+
+fn role_name(role: Role) -> &'static str {
+    match role {
+        Role::Client => "client",
+        Role::Server => "server",
+    }
+}
+
+fn policy_pb(p: &crate::config::PolicySection) -> pb::Policy {
+    pb::Policy {
+        local_cidrs: p.local_cidrs.iter().map(ToString::to_string).collect(),
+        rules: p
+            .rules
+            .iter()
+            .map(|r| pb::Rule {
+                peer_cidrs: r.peer_cidrs.iter().map(ToString::to_string).collect(),
+                ports: r.ports.iter().map(|&p| u32::from(p)).collect(),
+            })
+            .collect(),
+    }
+}
+
+/// Checks every provider's health every `interval` and mirrors it in the
+/// metrics.
+async fn health_loop(providers: Arc<Registry>, metrics: Arc<Metrics>, interval: Duration) {
+    let mut tick = tokio::time::interval(interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        providers
+            .check_health(interval.max(Duration::from_millis(500)))
+            .await;
+        let active = providers.active_name();
+        for p in providers.all() {
+            let label = ProviderLabel {
+                provider: p.name.clone(),
+            };
+            metrics
+                .provider_up
+                .get_or_create(&label)
+                .set(i64::from(p.observed().health == Health::Serving));
+            metrics
+                .provider_active
+                .get_or_create(&label)
+                .set(i64::from(p.name == active));
         }
     }
 }

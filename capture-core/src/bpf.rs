@@ -110,6 +110,8 @@ pub struct Programs {
     stats: Array<MapData, u64>,
     /// Processes never held.
     pub exempt: Exempt,
+    /// What is attached where: (program, attach point), for status.
+    pub attached: Vec<(String, String)>,
 }
 
 impl std::fmt::Debug for Programs {
@@ -174,6 +176,21 @@ impl Programs {
             p.attach().map_err(|e| load(name, e))?;
         }
         info!(cgroup = %cgroup.display(), "BPF programs attached");
+        let attached = std::iter::once((
+            names::SOCKOPS.to_owned(),
+            format!("sockops on cgroup {}", cgroup.display()),
+        ))
+        .chain(
+            names::TRACEPOINTS
+                .iter()
+                .map(|(n, c, t)| ((*n).to_owned(), format!("tracepoint/{c}/{t}"))),
+        )
+        .chain(
+            names::LSM
+                .iter()
+                .map(|(n, h)| ((*n).to_owned(), format!("lsm/{h}"))),
+        )
+        .collect();
 
         Ok(Self {
             events: Some(take(&mut ebpf, names::EVENTS)?),
@@ -186,17 +203,29 @@ impl Programs {
             rule_ports: take(&mut ebpf, names::RULE_PORTS)?,
             stats: take(&mut ebpf, names::STATS)?,
             exempt: Exempt(Arc::new(Mutex::new(take(&mut ebpf, names::EXEMPT)?))),
+            attached,
             _ebpf: ebpf,
         })
     }
 
-    /// Writes the selection policy into the maps (replacing nothing: call once).
+    /// Writes the selection policy into the maps, replacing the previous
+    /// one. New entries go in before stale ones are removed, so a connection
+    /// that starts meanwhile is judged by the old or the new policy (or, for
+    /// a rule whose ports change, briefly their union), never by neither.
+    /// Connections already selected are not affected.
     pub fn write_policy(&mut self, policy: &PolicySection) -> Result<(), BpfError> {
+        let old_local: Vec<Key<Addr16>> = self.local_nets.keys().filter_map(Result::ok).collect();
+        let old_peer: Vec<Key<Addr16>> = self.peer_nets.keys().filter_map(Result::ok).collect();
+        let old_ports: Vec<PortKey> = self.rule_ports.keys().filter_map(Result::ok).collect();
+        let mut local = Vec::new();
+        let mut peer = Vec::new();
+        let mut ports_written = Vec::new();
         for cidr in &policy.local_cidrs {
             let key = Key::new(cidr.mapped_prefix(), mapped(cidr.addr));
             self.local_nets
                 .insert(&key, 1, 0)
                 .map_err(map_err(names::LOCAL_NETS))?;
+            local.push((key.prefix_len(), key.data()));
         }
         for (rule, r) in policy.rules.iter().enumerate() {
             let rule = u32::try_from(rule).unwrap_or(u32::MAX);
@@ -205,6 +234,7 @@ impl Programs {
                 self.peer_nets
                     .insert(&key, rule, 0)
                     .map_err(map_err(names::PEER_NETS))?;
+                peer.push((key.prefix_len(), key.data()));
             }
             let ports: Vec<u16> = if r.ports.is_empty() {
                 vec![0]
@@ -212,9 +242,26 @@ impl Programs {
                 r.ports.clone()
             };
             for port in ports {
+                let key = PortKey { rule, port, pad: 0 };
                 self.rule_ports
-                    .insert(PortKey { rule, port, pad: 0 }, 1, 0)
+                    .insert(key, 1, 0)
                     .map_err(map_err(names::RULE_PORTS))?;
+                ports_written.push((rule, port));
+            }
+        }
+        for k in old_local {
+            if !local.contains(&(k.prefix_len(), k.data())) {
+                let _ = self.local_nets.remove(&k);
+            }
+        }
+        for k in old_peer {
+            if !peer.contains(&(k.prefix_len(), k.data())) {
+                let _ = self.peer_nets.remove(&k);
+            }
+        }
+        for k in old_ports {
+            if !ports_written.contains(&(k.rule, k.port)) {
+                let _ = self.rule_ports.remove(&k);
             }
         }
         Ok(())

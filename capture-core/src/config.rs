@@ -2,6 +2,7 @@
 //! command-line overrides. Unknown keys and bad values are errors that name
 //! the file, line and key; nothing falls back silently.
 
+use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
@@ -76,6 +77,12 @@ impl FromStr for Cidr {
     }
 }
 
+impl std::fmt::Display for Cidr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.addr, self.prefix)
+    }
+}
+
 impl TryFrom<String> for Cidr {
     type Error = String;
     fn try_from(s: String) -> Result<Self, String> {
@@ -83,23 +90,132 @@ impl TryFrom<String> for Cidr {
     }
 }
 
-/// `[provider]`: where keys come from.
+/// `[provider]`: where keys come from. Several providers can be known by
+/// name; one is active (new connections go to it), and an optional fallback
+/// takes over while the active one is unhealthy.
+///
+/// ```toml
+/// [provider]
+/// active = "openssl"
+/// fallback = "boringssl"
+/// [provider.endpoints]
+/// openssl = "/run/tlshub/providers/openssl.sock"
+/// boringssl = "/run/tlshub/providers/boringssl.sock"
+/// ```
+///
+/// `socket = "PATH"` alone is shorthand for one provider named `default`.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ProviderSection {
-    /// The provider's Unix socket.
-    pub socket: PathBuf,
-    /// How long one key request may take before the failure policy applies.
+    /// Shorthand: the one provider's socket (named [`DEFAULT_PROVIDER`]).
+    pub socket: Option<PathBuf>,
+    /// Provider name to Unix socket path.
+    pub endpoints: BTreeMap<String, PathBuf>,
+    /// The provider new connections go to (required with several endpoints).
+    pub active: Option<String>,
+    /// Used while the active provider is unhealthy, if set.
+    pub fallback: Option<String>,
+    /// How long one connection may wait for its keys (including waiting for
+    /// a provider that is restarting) before the failure policy applies.
     pub timeout_ms: u64,
+    /// How often each provider's `grpc.health.v1` status is checked.
+    pub health_interval_ms: u64,
 }
+
+/// The name of the provider given by `provider.socket` or `--provider-socket`.
+pub const DEFAULT_PROVIDER: &str = "default";
 
 impl Default for ProviderSection {
     fn default() -> Self {
         Self {
-            socket: PathBuf::from("/run/tlshub/provider.sock"),
+            socket: None,
+            endpoints: BTreeMap::new(),
+            active: None,
+            fallback: None,
             timeout_ms: 2000,
+            health_interval_ms: 1000,
         }
     }
+}
+
+/// The providers a configuration names, checked.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProviderSet {
+    /// Name to socket.
+    pub endpoints: BTreeMap<String, PathBuf>,
+    /// The active provider at start.
+    pub active: String,
+    /// The fallback provider.
+    pub fallback: Option<String>,
+}
+
+impl ProviderSection {
+    /// The named providers, with `active` and `fallback` checked against them.
+    pub fn resolve(&self) -> Result<ProviderSet, String> {
+        let mut endpoints = self.endpoints.clone();
+        match (&self.socket, endpoints.is_empty()) {
+            (Some(_), false) => {
+                return Err(
+                    "`provider.socket` and `provider.endpoints` are exclusive (socket is shorthand for one provider named `default`)".into(),
+                );
+            }
+            (Some(s), true) => {
+                endpoints.insert(DEFAULT_PROVIDER.into(), s.clone());
+            }
+            (None, true) => {
+                endpoints.insert(
+                    DEFAULT_PROVIDER.into(),
+                    PathBuf::from("/run/tlshub/provider.sock"),
+                );
+            }
+            (None, false) => {}
+        }
+        for name in endpoints.keys() {
+            if !valid_provider_name(name) {
+                return Err(format!(
+                    "`provider.endpoints.{name}`: a provider name is 1 to 32 characters of a-z, 0-9, `-` and `_`"
+                ));
+            }
+        }
+        let active = match (&self.active, endpoints.len()) {
+            (Some(a), _) => a.clone(),
+            (None, 1) => endpoints.keys().next().cloned().unwrap_or_default(),
+            (None, _) => {
+                return Err(
+                    "`provider.active` must name one of `provider.endpoints` when there are several".into(),
+                );
+            }
+        };
+        if !endpoints.contains_key(&active) {
+            return Err(format!(
+                "`provider.active` = \"{active}\" is not in `provider.endpoints` ({})",
+                endpoints.keys().cloned().collect::<Vec<_>>().join(", ")
+            ));
+        }
+        if let Some(f) = &self.fallback {
+            if !endpoints.contains_key(f) {
+                return Err(format!(
+                    "`provider.fallback` = \"{f}\" is not in `provider.endpoints`"
+                ));
+            }
+            if *f == active {
+                return Err("`provider.fallback` is the active provider".into());
+            }
+        }
+        Ok(ProviderSet {
+            endpoints,
+            active,
+            fallback: self.fallback.clone(),
+        })
+    }
+}
+
+/// Provider names appear in metrics labels and logs: short and plain.
+pub fn valid_provider_name(name: &str) -> bool {
+    (1..=32).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
 }
 
 /// One selection rule: peers in these CIDRs, on these server ports.
@@ -141,6 +257,41 @@ impl Default for BpfSection {
     }
 }
 
+/// `[admin]`: the administration API (`tlshubctl`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminSection {
+    /// Its Unix socket, created mode 0600 (root only).
+    pub socket: PathBuf,
+}
+
+impl Default for AdminSection {
+    fn default() -> Self {
+        Self {
+            socket: PathBuf::from("/run/tlshub/admin.sock"),
+        }
+    }
+}
+
+/// `[metrics]`: the Prometheus text endpoint (`GET /metrics`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsSection {
+    /// Serve metrics at all.
+    pub enabled: bool,
+    /// Address and port to listen on; loopback unless you mean otherwise.
+    pub listen: std::net::SocketAddr,
+}
+
+impl Default for MetricsSection {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            listen: std::net::SocketAddr::from(([127, 0, 0, 1], 9464)),
+        }
+    }
+}
+
 /// The whole file.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -159,6 +310,12 @@ pub struct Config {
     /// BPF attachment.
     #[serde(default)]
     pub bpf: BpfSection,
+    /// Administration API.
+    #[serde(default)]
+    pub admin: AdminSection,
+    /// Prometheus endpoint.
+    #[serde(default)]
+    pub metrics: MetricsSection,
 }
 
 impl Config {
@@ -185,6 +342,12 @@ impl Config {
         if config.provider.timeout_ms == 0 {
             return Err(invalid("`provider.timeout_ms` must be above 0".into()));
         }
+        if config.provider.health_interval_ms == 0 {
+            return Err(invalid(
+                "`provider.health_interval_ms` must be above 0".into(),
+            ));
+        }
+        config.provider.resolve().map_err(invalid)?;
         if config.policy.local_cidrs.is_empty() != config.policy.rules.is_empty() {
             return Err(invalid(
                 "`policy.local_cidrs` and `policy.rules` must both be set (or both empty: protect nothing)".into(),
@@ -245,6 +408,45 @@ ports = [8443]
         assert!(e.contains("line 10"), "{e}");
         assert!(e.contains("peer_cidrs"), "{e}");
         assert!(e.contains("prefix length"), "{e}");
+    }
+
+    #[test]
+    fn providers_by_name_with_active_and_fallback() {
+        let two = GOOD.replace(
+            "socket = \"/run/tlshub/openssl.sock\"",
+            "active = \"openssl\"\nfallback = \"boringssl\"\n[provider.endpoints]\nopenssl = \"/run/o.sock\"\nboringssl = \"/run/b.sock\"",
+        );
+        let set = parse(&two).unwrap().provider.resolve().unwrap();
+        assert_eq!(set.active, "openssl");
+        assert_eq!(set.fallback.as_deref(), Some("boringssl"));
+        assert_eq!(set.endpoints["boringssl"], PathBuf::from("/run/b.sock"));
+        let one = parse(GOOD).unwrap().provider.resolve().unwrap();
+        assert_eq!(one.active, DEFAULT_PROVIDER);
+        for (bad, says) in [
+            ("active = \"openssl\"", "nope"),
+            ("fallback = \"boringssl\"", "fallback = \"x\""),
+            ("fallback = \"boringssl\"", "fallback = \"openssl\""),
+            (
+                "openssl = \"/run/o.sock\"",
+                "\"Open SSL\" = \"/run/o.sock\"",
+            ),
+        ] {
+            let text = if says == "nope" {
+                two.replace(bad, "")
+            } else {
+                two.replace(bad, says)
+            };
+            let e = parse(&text).map(|_| ()).unwrap_err().to_string();
+            assert!(
+                e.contains("/etc/tlshub/core.toml") && e.contains("provider"),
+                "{bad}: {e}"
+            );
+        }
+        let both = two.replace(
+            "[provider.endpoints]",
+            "socket = \"/x\"\n[provider.endpoints]",
+        );
+        assert!(parse(&both).is_err());
     }
 
     #[test]

@@ -6,10 +6,13 @@ use std::net::SocketAddr;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::time::{Duration, Instant};
 
-use tlshub_provider_sdk::client::{ClientError, ProviderClient};
+use std::sync::Arc;
+
+use tlshub_provider_sdk::client::ClientError;
 use tlshub_provider_sdk::socket::{socket_cookie, take_fd};
 use tlshub_provider_sdk::{CipherSuite, KeyRequest, Role, SocketHandle, TlsVersion};
 
+use crate::providers::Provider;
 use crate::sys::{self, KtlsStep};
 
 /// Everything needed to key one connection.
@@ -126,6 +129,8 @@ impl KeyingError {
 pub struct Outcome {
     /// The job's cookie.
     pub cookie: u64,
+    /// The provider the job used.
+    pub provider: String,
     /// The core's duplicate of the socket, when it was found.
     pub socket: Option<OwnedFd>,
     /// What happened.
@@ -180,30 +185,40 @@ pub fn find_socket(pid: u32, fd: i32, cookie: u64) -> Result<OwnedFd, KeyingErro
     Err(gone)
 }
 
-/// Runs one job to its end.
-pub async fn run(job: Job, provider: ProviderClient) -> Outcome {
+/// Whether a process accepts connections on `path` now.
+async fn listening(path: &std::path::Path) -> bool {
+    tokio::net::UnixStream::connect(path).await.is_ok()
+}
+
+/// How often a job asks again while its provider is unavailable (e.g.
+/// restarting), until the job's deadline.
+const PROVIDER_RETRY: Duration = Duration::from_millis(100);
+
+/// Runs one job to its end on `provider`. A provider that is not running
+/// (its socket is gone or refuses) is waited for until the key timeout: a
+/// provider restart shorter than the timeout costs the connection only the
+/// wait.
+pub async fn run(job: Job, provider: Arc<Provider>) -> Outcome {
     let cookie = job.cookie;
+    let name = provider.name.clone();
+    let outcome = |socket, result| Outcome {
+        cookie,
+        provider: name.clone(),
+        socket,
+        result,
+    };
+    let deadline = Instant::now() + job.timeout;
     let (pid, fd) = (job.pid, job.fd);
     let found = tokio::task::spawn_blocking(move || find_socket(pid, fd, cookie)).await;
     let socket = match found {
         Ok(Ok(s)) => s,
-        Ok(Err(e)) => {
-            return Outcome {
-                cookie,
-                socket: None,
-                result: Err(e),
-            };
-        }
+        Ok(Err(e)) => return outcome(None, Err(e)),
         Err(join) => {
             let source = std::io::Error::other(join.to_string());
-            return Outcome {
-                cookie,
-                socket: None,
-                result: Err(KeyingError::TakeSocket { pid, fd, source }),
-            };
+            return outcome(None, Err(KeyingError::TakeSocket { pid, fd, source }));
         }
     };
-    let request = KeyRequest {
+    let mut request = KeyRequest {
         socket_cookie: cookie,
         role: job.role,
         local: job.local,
@@ -218,14 +233,29 @@ pub async fn run(job: Job, provider: ProviderClient) -> Outcome {
         timeout: job.timeout,
     };
     let started = Instant::now();
-    let keys = match provider.keys(&request).await {
-        Ok(k) => k,
-        Err(e) => {
-            return Outcome {
-                cookie,
-                socket: Some(socket),
-                result: Err(e.into()),
-            };
+    let keys = loop {
+        request.timeout = deadline.saturating_duration_since(Instant::now());
+        match provider.client().keys(&request).await {
+            Ok(k) => break k,
+            // Retry only while nothing listens on the provider's socket: the
+            // request cannot be running in a live provider then. A live
+            // provider's UNAVAILABLE is final (a second attempt could start
+            // a second handshake on the same connection).
+            Err(e) if e.reason() == "unavailable" && !listening(&provider.socket).await => {
+                tracing::debug!(provider = %provider.name, error = %e, "provider not running; waiting for it");
+                loop {
+                    if deadline.saturating_duration_since(Instant::now()) <= PROVIDER_RETRY {
+                        return outcome(Some(socket), Err(e.into()));
+                    }
+                    tokio::time::sleep(PROVIDER_RETRY).await;
+                    if listening(&provider.socket).await {
+                        // A fresh channel: the old one saw the provider die.
+                        provider.reconnect();
+                        break;
+                    }
+                }
+            }
+            Err(e) => return outcome(Some(socket), Err(e.into())),
         }
     };
     let key_time = started.elapsed();
@@ -239,9 +269,5 @@ pub async fn run(job: Job, provider: ProviderClient) -> Outcome {
             key_time,
         })
         .map_err(|(step, source)| KeyingError::Install { step, source });
-    Outcome {
-        cookie,
-        socket: Some(socket),
-        result,
-    }
+    outcome(Some(socket), result)
 }

@@ -2,10 +2,13 @@
 //! connections through a provider and installs kTLS on them.
 #![deny(unsafe_code)]
 
+mod admin;
 mod agent;
 mod bpf;
 mod config;
 mod keying;
+mod metrics;
+mod providers;
 #[expect(
     unsafe_code,
     reason = "syscalls on application sockets; SAFETY comments inside"
@@ -28,9 +31,16 @@ struct Args {
     /// Configuration file (TOML).
     #[arg(long, short, default_value = "/etc/tlshub/core.toml")]
     config: PathBuf,
-    /// Override `provider.socket`.
+    /// Use one provider at this socket (named `default`), instead of the
+    /// config's `[provider]` socket or endpoints.
     #[arg(long)]
     provider_socket: Option<PathBuf>,
+    /// Override `admin.socket`.
+    #[arg(long)]
+    admin_socket: Option<PathBuf>,
+    /// Override `metrics.listen` (ADDR:PORT).
+    #[arg(long)]
+    metrics_listen: Option<std::net::SocketAddr>,
     /// Override `provider.timeout_ms`.
     #[arg(long)]
     key_timeout_ms: Option<u64>,
@@ -60,7 +70,16 @@ fn main() -> ExitCode {
         }
     };
     if let Some(s) = args.provider_socket {
-        config.provider.socket = s;
+        config.provider.socket = Some(s);
+        config.provider.endpoints.clear();
+        config.provider.active = None;
+        config.provider.fallback = None;
+    }
+    if let Some(s) = args.admin_socket {
+        config.admin.socket = s;
+    }
+    if let Some(l) = args.metrics_listen {
+        config.metrics.listen = l;
     }
     if let Some(t) = args.key_timeout_ms.filter(|t| *t > 0) {
         config.provider.timeout_ms = t;
@@ -98,14 +117,55 @@ fn main() -> ExitCode {
                 }
             }
         };
-        let agent = match agent::Agent::start(config, args.stats_file, keylog).await {
+        let metrics = std::sync::Arc::new(metrics::Metrics::new());
+        let admin_socket = config.admin.socket.clone();
+        let metrics_config = config.metrics.clone();
+        let agent = match agent::Agent::start(
+            config,
+            args.config.clone(),
+            metrics.clone(),
+            args.stats_file,
+            keylog,
+        ) {
             Ok(a) => a,
             Err(e) => {
                 tracing::error!(error = %error_chain(&e), "cannot start");
                 return ExitCode::FAILURE;
             }
         };
-        match agent.run(tlshub_provider_sdk::server::shutdown_signal()).await {
+        let (admin_tx, admin_rx) = tokio::sync::mpsc::channel(16);
+        let service = admin::AdminService::new(admin_tx, agent.providers(), metrics.clone());
+        let admin_task = match admin::serve(admin_socket.clone(), service) {
+            Ok(t) => t,
+            Err(e) => {
+                tracing::error!(error = %error_chain(&e), "cannot serve the admin API");
+                return ExitCode::FAILURE;
+            }
+        };
+        let metrics_task = if metrics_config.enabled {
+            match metrics::serve(metrics_config.listen, metrics).await {
+                Ok(t) => Some(t),
+                Err(e) => {
+                    tracing::error!(error = %error_chain(&e), "cannot serve metrics");
+                    return ExitCode::FAILURE;
+                }
+            }
+        } else {
+            None
+        };
+        // systemd Type=notify: ready once programs are attached and the
+        // admin and metrics endpoints listen (no-op outside systemd).
+        let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
+        let result = agent
+            .run(admin_rx, tlshub_provider_sdk::server::shutdown_signal())
+            .await;
+        let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
+        admin_task.abort();
+        if let Some(t) = metrics_task {
+            t.abort();
+        }
+        let _ = std::fs::remove_file(&admin_socket);
+        match result {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 tracing::error!(error = %error_chain(&e), "event loop failed");

@@ -257,7 +257,7 @@ pub async fn serve_until<P: Provider>(
     });
 
     let allowed_uid = options.allowed_uid;
-    let incoming = async_stream_of(listener, allowed_uid);
+    let incoming = allowed_connections(listener, allowed_uid);
     let info = provider.info();
     info!(
         name = %info.name,
@@ -278,8 +278,10 @@ pub async fn serve_until<P: Provider>(
     Ok(result?)
 }
 
-/// Accepted connections from allowed peers; others are dropped with a warning.
-fn async_stream_of(
+/// Accepted connections from root or `allowed_uid` (by `SO_PEERCRED`);
+/// others are dropped with a warning. For any Unix-socket gRPC server that
+/// must answer only privileged callers.
+pub fn allowed_connections(
     listener: UnixListener,
     allowed_uid: Option<u32>,
 ) -> impl tokio_stream::Stream<Item = io::Result<UnixStream>> {

@@ -26,6 +26,8 @@ const BINARIES: &[&str] = &[
     "tlshub-provider-boringssl",
     "tlshub-standin",
     "tlshub-conformance",
+    "tlshub-loadgen",
+    "tlshubctl",
 ];
 /// Host tools copied in with their libraries.
 const TOOLS: &[&str] = &["ip", "ss", "tcpdump"];
@@ -192,6 +194,8 @@ fn build_binaries() -> Result<PathBuf> {
         "provider-boringssl",
         "-p",
         "tlshub-vm-tests",
+        "-p",
+        "tlshub-admin",
         "--bins",
     ]))?;
     // The SDK's example provider, which the conformance scenario also runs.
@@ -320,7 +324,13 @@ pub fn run_mode(mode: &str, filter: Option<&str>) -> Result<()> {
         "demo" => Duration::from_secs(15 * 60),
         _ => Duration::from_secs(60 * 60),
     };
-    let mut append = format!("console=ttyS0 quiet panic=-1 oops=panic tlshub.mode={mode}");
+    // A kernel bug must end the run at once with its backtrace on the
+    // serial console, not spin until the timeout: soft lockups, hung tasks
+    // and RCU stalls panic, and `panic=-1` + `-no-reboot` stop qemu.
+    let mut append = format!(
+        "console=ttyS0 quiet panic=-1 oops=panic softlockup_panic=1 \
+         hung_task_panic=1 rcupdate.rcu_cpu_stall_panic=1 tlshub.mode={mode}"
+    );
     if let Some(f) = filter {
         append.push_str(&format!(" tlshub.filter={f}"));
     }

@@ -27,7 +27,8 @@ fn main() {
         _ => scenarios::TESTS
             .iter()
             .copied()
-            .filter(|(n, _)| filter.is_empty() || n.contains(&filter))
+            // Several filters separated by commas: a scenario runs if any matches.
+            .filter(|(n, _)| filter.is_empty() || filter.split(',').any(|f| n.contains(f)))
             .collect(),
     };
     println!("TLSHUB-PLAN {}", list.len());
@@ -52,16 +53,21 @@ fn main() {
                     "{RESULT_PREFIX} {name} FAIL ({secs:.1}s) {}",
                     why.replace('\n', "\n    ")
                 );
-                for log in [
-                    "node-a-core",
-                    "node-a-provider",
-                    "node-b-core",
-                    "node-b-provider",
-                ] {
-                    let tail = tlshub_vm_tests::vm::process::tail(std::path::Path::new(&format!(
-                        "/tmp/logs/{log}.log"
-                    )));
-                    println!("--- {log} (tail) ---\n{tail}");
+                // Every agent log of the scenario (cores, providers, stand-ins).
+                let mut logs: Vec<_> = std::fs::read_dir("/tmp/logs")
+                    .map(|d| d.flatten().map(|e| e.path()).collect())
+                    .unwrap_or_default();
+                logs.sort();
+                for log in logs.iter().filter(|l| {
+                    l.file_name()
+                        .is_some_and(|n| n.to_string_lossy().starts_with("node-"))
+                }) {
+                    let warnings = tlshub_vm_tests::vm::process::warnings(log);
+                    if !warnings.is_empty() {
+                        println!("--- {} (warnings) ---\n{warnings}", log.display());
+                    }
+                    let tail = tlshub_vm_tests::vm::process::tail(log);
+                    println!("--- {} (tail) ---\n{tail}", log.display());
                 }
             }
         }

@@ -5,4 +5,5 @@
 pub mod node;
 pub mod process;
 pub mod scenarios;
+pub mod service;
 pub mod topology;

@@ -25,13 +25,29 @@ pub enum ProviderKind {
     Missing,
 }
 
+impl ProviderKind {
+    /// The provider's name in the core's `[provider.endpoints]`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::OpenSsl => "openssl",
+            Self::BoringSsl => "boringssl",
+            Self::TlsHub => "tlshub",
+            Self::ExamplePsk => "psk",
+            Self::Bad(_) => "bad",
+            Self::Missing => "missing",
+        }
+    }
+}
+
 /// How a node is configured.
 #[derive(Debug, Clone)]
 pub struct NodeSpec {
     /// `a` or `b`.
     pub name: &'static str,
-    /// Provider.
+    /// The active provider at start.
     pub provider: ProviderKind,
+    /// More providers the core knows by name (started too), for switching.
+    pub also: Vec<ProviderKind>,
     /// `fail-closed` or `fail-open`.
     pub failure_policy: &'static str,
     /// Provider timeout.
@@ -48,6 +64,7 @@ impl NodeSpec {
         Self {
             name,
             provider: ProviderKind::OpenSsl,
+            also: Vec::new(),
             failure_policy: "fail-closed",
             key_timeout_ms: 2000,
             suite: "TLS_AES_128_GCM_SHA256",
@@ -64,7 +81,8 @@ pub struct Node {
     /// Runtime directory.
     pub dir: PathBuf,
     core: Option<Proc>,
-    provider: Option<Proc>,
+    /// Provider processes by name (`None` for a provider that is missing).
+    providers: Vec<(ProviderKind, Option<Proc>)>,
     standin: Option<Proc>,
 }
 
@@ -92,132 +110,34 @@ impl Node {
         } else {
             (pod_b, pod_a)
         };
-        let socket = dir.join("provider.sock");
+        let kinds: Vec<ProviderKind> = std::iter::once(spec.provider)
+            .chain(spec.also.iter().copied())
+            .collect();
+        let endpoints: String = kinds
+            .iter()
+            .map(|k| {
+                format!(
+                    "{} = \"{}\"\n",
+                    k.name(),
+                    dir.join(format!("provider-{}.sock", k.name())).display()
+                )
+            })
+            .collect();
+        let metrics_port = if n == "a" { 9464 } else { 9465 };
         let core_toml = format!(
-            "node_name = \"node-{n}\"\nfailure_policy = \"{}\"\n\n[provider]\nsocket = \"{}\"\ntimeout_ms = {}\n\n[policy]\nlocal_cidrs = [{local}]\n[[policy.rules]]\npeer_cidrs = [{peer}]\nports = [{PROTECTED_PORT}]\n",
+            "node_name = \"node-{n}\"\nfailure_policy = \"{}\"\n\n[provider]\nactive = \"{}\"\ntimeout_ms = {}\nhealth_interval_ms = 500\n[provider.endpoints]\n{endpoints}\n[admin]\nsocket = \"{}\"\n\n[metrics]\nlisten = \"127.0.0.1:{metrics_port}\"\n\n[policy]\nlocal_cidrs = [{local}]\n[[policy.rules]]\npeer_cidrs = [{peer}]\nports = [{PROTECTED_PORT}]\n",
             spec.failure_policy,
-            socket.display(),
-            spec.key_timeout_ms
+            spec.provider.name(),
+            spec.key_timeout_ms,
+            dir.join("admin.sock").display(),
         );
         std::fs::write(dir.join("core.toml"), core_toml).map_err(|e| e.to_string())?;
-        let provider_toml = format!(
-            "socket = \"{}\"\n[tls]\nca = \"/etc/tlshub/certs/ca.pem\"\ncert = \"/etc/tlshub/certs/node-{n}.pem\"\nkey = \"/etc/tlshub/certs/node-{n}.key\"\ncipher_suites = [\"{}\"]\ngroups = [\"X25519\"]\n",
-            socket.display(),
-            spec.suite
-        );
-        std::fs::write(dir.join("provider.toml"), provider_toml).map_err(|e| e.to_string())?;
-
-        let plog = PathBuf::from(format!("/tmp/logs/node-{n}-provider.log"));
         let mut standin = None;
-        let provider = match spec.provider {
-            ProviderKind::OpenSsl | ProviderKind::BoringSsl => {
-                let binary = if spec.provider == ProviderKind::OpenSsl {
-                    "tlshub-provider-openssl"
-                } else {
-                    "tlshub-provider-boringssl"
-                };
-                let cfg = dir.join("provider.toml");
-                let mut p = Proc::spawn(
-                    &format!("provider-{n}"),
-                    None,
-                    &[binary, "--config", &cfg.to_string_lossy()],
-                    &plog,
-                )?;
-                p.wait_for_log("provider serving", Duration::from_secs(20))?;
-                Some(p)
-            }
-            ProviderKind::TlsHub => {
-                let (node_ip, port_id) = if n == "a" {
-                    ("10.99.0.1", "4001")
-                } else {
-                    ("10.99.0.2", "4002")
-                };
-                let pods = dir.join("pods");
-                std::fs::write(&pods, "10.0.1.0/24 10.99.0.1\n10.0.2.0/24 10.99.0.2\n")
-                    .map_err(|e| e.to_string())?;
-                let certs = |f: &str| format!("/etc/tlshub/certs/node-{n}.{f}");
-                let slog = PathBuf::from(format!("/tmp/logs/node-{n}-standin.log"));
-                let mut s = Proc::spawn(
-                    &format!("standin-{n}"),
-                    Some(&format!("node-{n}")),
-                    &[
-                        "tlshub-standin",
-                        "--port-id",
-                        port_id,
-                        "--node-ip",
-                        node_ip,
-                        "--pod-map",
-                        &pods.to_string_lossy(),
-                        "--ca",
-                        "/etc/tlshub/certs/ca.pem",
-                        "--cert",
-                        &certs("pem"),
-                        "--key",
-                        &certs("key"),
-                        "--lifetime-ms",
-                        &spec.standin_lifetime_ms.to_string(),
-                    ],
-                    &slog,
-                )?;
-                s.wait_for_log("standin: module", Duration::from_secs(20))?;
-                standin = Some(s);
-                let cfg = dir.join("provider-tlshub.toml");
-                std::fs::write(
-                    &cfg,
-                    format!(
-                        "socket = \"{}\"\npod_map = \"{}\"\n[module]\nprotocol = 2\nport_id = {port_id}\nlayout = \"v2\"\ntimeout_ms = 3000\n",
-                        socket.display(),
-                        pods.display()
-                    ),
-                )
-                .map_err(|e| e.to_string())?;
-                let mut p = Proc::spawn(
-                    &format!("provider-{n}"),
-                    Some(&format!("node-{n}")),
-                    &["tlshub-provider-tlshub", "--config", &cfg.to_string_lossy()],
-                    &plog,
-                )?;
-                p.wait_for_log("provider serving", Duration::from_secs(20))?;
-                Some(p)
-            }
-            ProviderKind::ExamplePsk => {
-                let psk = PathBuf::from("/run/tlshub/cluster.psk");
-                if !psk.exists() {
-                    std::fs::write(&psk, random_32()?).map_err(|e| e.to_string())?;
-                }
-                let mut p = Proc::spawn(
-                    &format!("provider-{n}"),
-                    None,
-                    &[
-                        "psk-provider",
-                        "--psk",
-                        &psk.to_string_lossy(),
-                        "--socket",
-                        &socket.to_string_lossy(),
-                    ],
-                    &plog,
-                )?;
-                p.wait_for_log("provider serving", Duration::from_secs(20))?;
-                Some(p)
-            }
-            ProviderKind::Bad(mode) => {
-                let mut p = Proc::spawn(
-                    &format!("bad-provider-{n}"),
-                    None,
-                    &[
-                        "tlshub-bad-provider",
-                        "--socket",
-                        &socket.to_string_lossy(),
-                        "--mode",
-                        mode,
-                    ],
-                    &plog,
-                )?;
-                p.wait_for_log("bad provider", Duration::from_secs(20))?;
-                Some(p)
-            }
-            ProviderKind::Missing => None,
-        };
+        let mut providers = Vec::new();
+        for kind in kinds {
+            let p = spawn_provider(&spec, &dir, kind, &mut standin)?;
+            providers.push((kind, p));
+        }
         let clog = PathBuf::from(format!("/tmp/logs/node-{n}-core.log"));
         let cfg = dir.join("core.toml");
         let stats = dir.join("stats.json");
@@ -241,7 +161,7 @@ impl Node {
             spec,
             dir,
             core: Some(core),
-            provider,
+            providers,
             standin,
         })
     }
@@ -279,6 +199,114 @@ impl Node {
             .unwrap_or_default()
     }
 
+    /// The core's pid (0 when it is not running).
+    pub fn core_pid(&self) -> u32 {
+        self.core.as_ref().map_or(0, Proc::pid)
+    }
+
+    /// The socket of one of this node's providers.
+    pub fn provider_socket(&self, kind: ProviderKind) -> PathBuf {
+        self.dir.join(format!("provider-{}.sock", kind.name()))
+    }
+
+    /// Runs `tlshubctl --json ARGS` against this node's core and parses
+    /// its answer.
+    pub fn ctl(&self, args: &[&str]) -> Result<serde_json::Value, String> {
+        let socket = self.dir.join("admin.sock");
+        let mut argv = vec![
+            "tlshubctl",
+            "--socket",
+            socket.to_str().unwrap_or(""),
+            "--json",
+        ];
+        argv.extend_from_slice(args);
+        let out = super::process::command(None, &argv)
+            .output()
+            .map_err(|e| format!("cannot run tlshubctl: {e}"))?;
+        if !out.status.success() {
+            return Err(format!(
+                "tlshubctl {args:?} on node {}: {}{}",
+                self.spec.name,
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ));
+        }
+        serde_json::from_slice(&out.stdout)
+            .map_err(|e| format!("tlshubctl {args:?}: not JSON ({e})"))
+    }
+
+    /// The core's Prometheus endpoint's text.
+    pub fn metrics(&self) -> Result<String, String> {
+        use std::io::{Read, Write};
+        let port = if self.spec.name == "a" { 9464 } else { 9465 };
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", port))
+            .map_err(|e| format!("metrics of node {}: {e}", self.spec.name))?;
+        s.set_read_timeout(Some(Duration::from_secs(10)))
+            .map_err(|e| e.to_string())?;
+        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .map_err(|e| e.to_string())?;
+        let mut text = String::new();
+        s.read_to_string(&mut text).map_err(|e| e.to_string())?;
+        if !text.starts_with("HTTP/1.1 200") {
+            return Err(format!("metrics of node {}: {text}", self.spec.name));
+        }
+        Ok(text)
+    }
+
+    /// Kills one provider with SIGKILL (no cleanup: its socket file stays).
+    pub fn kill_provider(&mut self, kind: ProviderKind) {
+        for (k, p) in &mut self.providers {
+            if *k == kind
+                && let Some(p) = p.as_mut()
+            {
+                p.signal(9);
+                let _ = p.wait(Duration::from_secs(10));
+            }
+        }
+    }
+
+    /// The `/proc` state letters of a provider process, sampled every 100 ms
+    /// for `span` (`T` = stopped: it would be held by the gate).
+    pub fn provider_states(&self, kind: ProviderKind, span: Duration) -> String {
+        let pid = self
+            .providers
+            .iter()
+            .find(|(k, _)| *k == kind)
+            .and_then(|(_, p)| p.as_ref().map(Proc::pid))
+            .unwrap_or(0);
+        let until = std::time::Instant::now() + span;
+        let mut out = String::new();
+        while std::time::Instant::now() < until {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+            out.push(
+                stat.rsplit_once(')')
+                    .and_then(|(_, r)| r.trim_start().chars().next())
+                    .unwrap_or('?'),
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        out
+    }
+
+    /// Starts a provider again after [`Node::kill_provider`].
+    pub fn restart_provider(&mut self, kind: ProviderKind) -> Result<(), String> {
+        let spec = self.spec.clone();
+        let dir = self.dir.clone();
+        let mut standin = None;
+        let p = spawn_provider(&spec, &dir, kind, &mut standin)?;
+        for (k, slot) in &mut self.providers {
+            if *k == kind {
+                *slot = p;
+                return Ok(());
+            }
+        }
+        Err(format!(
+            "node {} has no provider {}",
+            spec.name,
+            kind.name()
+        ))
+    }
+
     /// Stops the core (SIGTERM) and waits for its final stats.
     pub fn stop_core(&mut self) {
         if let Some(mut c) = self.core.take() {
@@ -290,13 +318,149 @@ impl Node {
 impl Drop for Node {
     fn drop(&mut self) {
         self.stop_core();
-        if let Some(mut p) = self.provider.take() {
-            p.stop();
+        for (_, p) in &mut self.providers {
+            if let Some(mut p) = p.take() {
+                p.stop();
+            }
         }
         if let Some(mut s) = self.standin.take() {
             s.stop();
         }
     }
+}
+
+/// Starts one provider of a node (its config file, socket and log named
+/// after the provider), and the TLSHub stand-in for the TLSHub provider.
+fn spawn_provider(
+    spec: &NodeSpec,
+    dir: &std::path::Path,
+    kind: ProviderKind,
+    standin: &mut Option<Proc>,
+) -> Result<Option<Proc>, String> {
+    let n = spec.name;
+    let socket = dir.join(format!("provider-{}.sock", kind.name()));
+    let provider_toml = format!(
+        "socket = \"{}\"\n[tls]\nca = \"/etc/tlshub/certs/ca.pem\"\ncert = \"/etc/tlshub/certs/node-{n}.pem\"\nkey = \"/etc/tlshub/certs/node-{n}.key\"\ncipher_suites = [\"{}\"]\ngroups = [\"X25519\"]\n",
+        socket.display(),
+        spec.suite
+    );
+    std::fs::write(
+        dir.join(format!("provider-{}.toml", kind.name())),
+        provider_toml,
+    )
+    .map_err(|e| e.to_string())?;
+
+    let plog = PathBuf::from(format!("/tmp/logs/node-{n}-provider-{}.log", kind.name()));
+    let provider = match kind {
+        ProviderKind::OpenSsl | ProviderKind::BoringSsl => {
+            let binary = if kind == ProviderKind::OpenSsl {
+                "tlshub-provider-openssl"
+            } else {
+                "tlshub-provider-boringssl"
+            };
+            let cfg = dir.join(format!("provider-{}.toml", kind.name()));
+            let mut p = Proc::spawn(
+                &format!("provider-{n}-{}", kind.name()),
+                None,
+                &[binary, "--config", &cfg.to_string_lossy()],
+                &plog,
+            )?;
+            p.wait_for_log("provider serving", Duration::from_secs(20))?;
+            Some(p)
+        }
+        ProviderKind::TlsHub => {
+            let (node_ip, port_id) = if n == "a" {
+                ("10.99.0.1", "4001")
+            } else {
+                ("10.99.0.2", "4002")
+            };
+            let pods = dir.join("pods");
+            std::fs::write(&pods, "10.0.1.0/24 10.99.0.1\n10.0.2.0/24 10.99.0.2\n")
+                .map_err(|e| e.to_string())?;
+            let certs = |f: &str| format!("/etc/tlshub/certs/node-{n}.{f}");
+            let slog = PathBuf::from(format!("/tmp/logs/node-{n}-standin.log"));
+            let mut s = Proc::spawn(
+                &format!("standin-{n}"),
+                Some(&format!("node-{n}")),
+                &[
+                    "tlshub-standin",
+                    "--port-id",
+                    port_id,
+                    "--node-ip",
+                    node_ip,
+                    "--pod-map",
+                    &pods.to_string_lossy(),
+                    "--ca",
+                    "/etc/tlshub/certs/ca.pem",
+                    "--cert",
+                    &certs("pem"),
+                    "--key",
+                    &certs("key"),
+                    "--lifetime-ms",
+                    &spec.standin_lifetime_ms.to_string(),
+                ],
+                &slog,
+            )?;
+            s.wait_for_log("standin: module", Duration::from_secs(20))?;
+            *standin = Some(s);
+            let cfg = dir.join("provider-tlshub.toml");
+            std::fs::write(
+            &cfg,
+            format!(
+                "socket = \"{}\"\npod_map = \"{}\"\n[module]\nprotocol = 2\nport_id = {port_id}\nlayout = \"v2\"\ntimeout_ms = 3000\n",
+                socket.display(),
+                pods.display()
+            ),
+        )
+        .map_err(|e| e.to_string())?;
+            let mut p = Proc::spawn(
+                &format!("provider-{n}-{}", kind.name()),
+                Some(&format!("node-{n}")),
+                &["tlshub-provider-tlshub", "--config", &cfg.to_string_lossy()],
+                &plog,
+            )?;
+            p.wait_for_log("provider serving", Duration::from_secs(20))?;
+            Some(p)
+        }
+        ProviderKind::ExamplePsk => {
+            let psk = PathBuf::from("/run/tlshub/cluster.psk");
+            if !psk.exists() {
+                std::fs::write(&psk, random_32()?).map_err(|e| e.to_string())?;
+            }
+            let mut p = Proc::spawn(
+                &format!("provider-{n}-{}", kind.name()),
+                None,
+                &[
+                    "psk-provider",
+                    "--psk",
+                    &psk.to_string_lossy(),
+                    "--socket",
+                    &socket.to_string_lossy(),
+                ],
+                &plog,
+            )?;
+            p.wait_for_log("provider serving", Duration::from_secs(20))?;
+            Some(p)
+        }
+        ProviderKind::Bad(mode) => {
+            let mut p = Proc::spawn(
+                &format!("provider-{n}-{}", kind.name()),
+                None,
+                &[
+                    "tlshub-bad-provider",
+                    "--socket",
+                    &socket.to_string_lossy(),
+                    "--mode",
+                    mode,
+                ],
+                &plog,
+            )?;
+            p.wait_for_log("bad provider", Duration::from_secs(20))?;
+            Some(p)
+        }
+        ProviderKind::Missing => None,
+    };
+    Ok(provider)
 }
 
 /// 32 random bytes from /dev/urandom.

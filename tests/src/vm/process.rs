@@ -169,13 +169,69 @@ pub fn tail(path: &Path) -> String {
     lines[lines.len().saturating_sub(25)..].join("\n")
 }
 
+/// The warnings and errors of a log (the first 40), for failure reports:
+/// the tail alone often misses the line that explains a failure.
+pub fn warnings(path: &Path) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text
+        .lines()
+        .filter(|l| l.contains(" WARN ") || l.contains(" ERROR "))
+        .take(40)
+        .collect();
+    lines.join("\n")
+}
+
+/// An application process of a scenario: killed and reaped when dropped, so
+/// a scenario that fails half-way leaves no server holding its port for the
+/// next one.
+#[derive(Debug)]
+pub struct AppChild(Option<Child>);
+
+impl std::ops::Deref for AppChild {
+    type Target = Child;
+    fn deref(&self) -> &Child {
+        self.0
+            .as_ref()
+            .unwrap_or_else(|| unreachable!("taken only by finish"))
+    }
+}
+
+impl std::ops::DerefMut for AppChild {
+    fn deref_mut(&mut self) -> &mut Child {
+        self.0
+            .as_mut()
+            .unwrap_or_else(|| unreachable!("taken only by finish"))
+    }
+}
+
+impl Drop for AppChild {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.0.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// Starts an app in `netns` with its stdout piped (read by [`finish`]) and
+/// stderr discarded.
+pub fn spawn_app(netns: &str, argv: &[&str]) -> Result<AppChild, String> {
+    command(Some(netns), argv)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .map(|c| AppChild(Some(c)))
+        .map_err(|e| format!("cannot start {argv:?}: {e}"))
+}
+
 /// A child whose first stderr line is awaited (servers print "listening").
 pub fn spawn_ready(
     netns: &str,
     argv: &[&str],
     ready: &str,
     timeout: Duration,
-) -> Result<Child, String> {
+) -> Result<AppChild, String> {
     let mut child = command(Some(netns), argv)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -195,7 +251,7 @@ pub fn spawn_ready(
     let until = Instant::now() + timeout;
     loop {
         match rx.recv_timeout(until.saturating_duration_since(Instant::now())) {
-            Ok(l) if l.contains(ready) => return Ok(child),
+            Ok(l) if l.contains(ready) => return Ok(AppChild(Some(child))),
             Ok(_) => {}
             Err(_) => {
                 let _ = child.kill();
@@ -206,7 +262,10 @@ pub fn spawn_ready(
 }
 
 /// Waits for a child with a timeout and returns its stdout.
-pub fn finish(mut child: Child, timeout: Duration) -> Result<String, String> {
+pub fn finish(mut app: AppChild, timeout: Duration) -> Result<String, String> {
+    let Some(mut child) = app.0.take() else {
+        return Err("already finished".into());
+    };
     let until = Instant::now() + timeout;
     loop {
         if child.try_wait().map_err(|e| e.to_string())?.is_some() {

@@ -1,0 +1,302 @@
+//! `tlshubctl`: the administration CLI of a tlshub node (talks to the local
+//! `tlshub-core` over its root-only Unix socket).
+#![forbid(unsafe_code)]
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use tlshub_admin::pb;
+
+const AFTER_HELP: &str = "\
+Examples:
+  tlshubctl status                     what the core runs: providers, health, BPF programs, policy
+  tlshubctl connections                connections waiting for keys or protected now
+  tlshubctl provider list              the configured providers and their health
+  tlshubctl provider use boringssl     new connections go to `boringssl` from now on
+  tlshubctl policy reload              re-read [policy] from the core's config file
+  tlshubctl --json status              any command's answer as JSON
+
+A/B runs across nodes: both ends of a connection must run compatible
+providers; switch every node with one command, e.g.
+  parallel-ssh -h nodes.txt tlshubctl provider use boringssl
+(see the README, \"Comparing providers\").
+
+Exit codes: 0 done, 1 the core refused or failed the request, 2 usage or
+connection error.";
+
+/// Inspect and steer the tlshub node agent (tlshub-core) on this host.
+#[derive(Debug, Parser)]
+#[command(version, about, after_help = AFTER_HELP)]
+struct Args {
+    /// The core's admin socket.
+    #[arg(long, short, global = true, default_value = tlshub_admin::DEFAULT_SOCKET, env = "TLSHUB_ADMIN_SOCKET")]
+    socket: PathBuf,
+    /// Print the answer as JSON (one object) instead of text.
+    #[arg(long, short, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Version, uptime, active provider and each provider's health, BPF
+    /// programs attached, policy and counters.
+    Status,
+    /// Connections the core tracks now: 4-tuple, pid, provider, cipher,
+    /// state (waiting-owner, keying, protected) and time to key.
+    #[command(alias = "conns")]
+    Connections,
+    /// Providers: list them, or choose the active one.
+    #[command(subcommand)]
+    Provider(ProviderCommand),
+    /// The selection policy.
+    #[command(subcommand)]
+    Policy(PolicyCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum ProviderCommand {
+    /// The configured providers, their health and which one is active.
+    List,
+    /// Make NAME the active provider. Connections already keyed and key
+    /// requests in flight are not touched; new connections use NAME.
+    Use {
+        /// A provider name from the core's `[provider.endpoints]`.
+        name: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum PolicyCommand {
+    /// Re-read `[policy]` from the core's configuration file and apply it to
+    /// new connections (a bad file is refused and the old policy stays).
+    Reload,
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("tlshubctl: cannot start runtime: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    runtime.block_on(run(args))
+}
+
+async fn run(args: Args) -> ExitCode {
+    let mut client = match tlshub_admin::connect(&args.socket).await {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("tlshubctl: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let result = match &args.command {
+        Command::Status => client
+            .status(pb::StatusRequest {})
+            .await
+            .map(|r| show(args.json, &r.into_inner(), print_status)),
+        Command::Connections => client
+            .list_connections(pb::ListConnectionsRequest {})
+            .await
+            .map(|r| show(args.json, &r.into_inner(), print_connections)),
+        Command::Provider(ProviderCommand::List) => {
+            client.status(pb::StatusRequest {}).await.map(|r| {
+                let s = r.into_inner();
+                if args.json {
+                    println!("{}", to_json(&s.providers));
+                } else {
+                    print_providers(&s.providers);
+                }
+            })
+        }
+        Command::Provider(ProviderCommand::Use { name }) => client
+            .use_provider(pb::UseProviderRequest { name: name.clone() })
+            .await
+            .map(|r| {
+                show(args.json, &r.into_inner(), |r| {
+                    println!("active provider: {} (was {})", r.active, r.previous);
+                });
+            }),
+        Command::Policy(PolicyCommand::Reload) => client
+            .reload_policy(pb::ReloadPolicyRequest {})
+            .await
+            .map(|r| {
+                show(args.json, &r.into_inner(), |r| {
+                    println!("policy reloaded:");
+                    print_policy(r.policy.as_ref());
+                });
+            }),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(status) => {
+            eprintln!(
+                "tlshubctl: the core answered {:?}: {}",
+                status.code(),
+                status.message()
+            );
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn to_json<T: serde::Serialize>(v: &T) -> String {
+    serde_json::to_string_pretty(v).unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}"))
+}
+
+fn show<T: serde::Serialize>(json: bool, v: &T, text: impl FnOnce(&T)) {
+    if json {
+        println!("{}", to_json(v));
+    } else {
+        text(v);
+    }
+}
+
+fn print_status(s: &pb::StatusResponse) {
+    println!("tlshub-core {} on node {}", s.version, s.node_name);
+    println!("  uptime          {}", duration(s.uptime_seconds));
+    println!("  config          {}", s.config_file);
+    println!(
+        "  failure policy  {} (key timeout {} ms)",
+        s.failure_policy, s.key_timeout_ms
+    );
+    println!(
+        "  active provider {}{}",
+        s.active_provider,
+        if s.fallback_provider.is_empty() {
+            String::new()
+        } else {
+            format!(" (fallback {})", s.fallback_provider)
+        }
+    );
+    println!("providers:");
+    print_providers(&s.providers);
+    println!("BPF programs attached:");
+    for p in &s.bpf_programs {
+        println!("  {:<28} {}", p.name, p.attach);
+    }
+    if !s.bpf_pin_dir.is_empty() {
+        println!("  pinned under {}", s.bpf_pin_dir);
+    }
+    println!("policy:");
+    print_policy(s.policy.as_ref());
+    if let Some(c) = &s.counters {
+        println!("connections:");
+        println!(
+            "  selected {}  protected {}  failed {}  reset {}  plaintext {}  closed-before-keys {}",
+            c.selected, c.protected, c.failed, c.reset, c.plaintext, c.closed_before_keys
+        );
+        println!(
+            "  pending {}  tracked {}  gate holds {}  ring-buffer drops {}",
+            c.pending, c.tracked, c.gate_holds, c.ringbuf_drops
+        );
+    }
+}
+
+fn print_providers(providers: &[pb::ProviderStatus]) {
+    println!(
+        "  {:<2}{:<14} {:<12} {:<10} {:>9} {:>10}  SOCKET / DETAIL",
+        "", "NAME", "HEALTH", "FOR", "IN-FLIGHT", "PROTECTED"
+    );
+    for p in providers {
+        let mark = if p.active {
+            "*"
+        } else if p.fallback {
+            "f"
+        } else {
+            ""
+        };
+        let what = if p.implementation.is_empty() {
+            p.socket.clone()
+        } else {
+            format!(
+                "{} ({} {})",
+                p.socket, p.implementation, p.implementation_version
+            )
+        };
+        println!(
+            "  {:<2}{:<14} {:<12} {:<10} {:>9} {:>10}  {}",
+            mark,
+            p.name,
+            p.health,
+            duration(p.health_since_seconds),
+            p.requests_in_flight,
+            p.connections_protected,
+            what
+        );
+        if !p.detail.is_empty() {
+            println!("  {:<2}{:<14} {}", "", "", p.detail);
+        }
+    }
+    println!("  (* active, f fallback)");
+}
+
+fn print_policy(p: Option<&pb::Policy>) {
+    let Some(p) = p else {
+        println!("  (none)");
+        return;
+    };
+    println!("  local pods      {}", p.local_cidrs.join(", "));
+    for (i, r) in p.rules.iter().enumerate() {
+        let ports = if r.ports.is_empty() {
+            "every port".to_owned()
+        } else {
+            r.ports
+                .iter()
+                .map(u32::to_string)
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        println!(
+            "  rule {i}          peers {} ports {ports}",
+            r.peer_cidrs.join(", ")
+        );
+    }
+}
+
+fn print_connections(r: &pb::ListConnectionsResponse) {
+    println!(
+        "{:<22} {:<22} {:<6} {:>7} {:<10} {:<24} {:<13} {:>9} {:>9}",
+        "LOCAL", "REMOTE", "ROLE", "PID", "PROVIDER", "CIPHER", "STATE", "KEY-MS", "AGE",
+    );
+    for c in &r.connections {
+        println!(
+            "{:<22} {:<22} {:<6} {:>7} {:<10} {:<24} {:<13} {:>9} {:>9}",
+            c.local,
+            c.remote,
+            c.role,
+            c.pid,
+            dash(&c.provider),
+            dash(&c.cipher),
+            c.state,
+            if c.key_ms > 0.0 {
+                format!("{:.1}", c.key_ms)
+            } else {
+                "-".into()
+            },
+            duration(c.age_ms / 1000)
+        );
+    }
+    println!("{} connection(s)", r.connections.len());
+}
+
+fn dash(s: &str) -> &str {
+    if s.is_empty() { "-" } else { s }
+}
+
+fn duration(secs: u64) -> String {
+    match secs {
+        s if s < 120 => format!("{s}s"),
+        s if s < 7200 => format!("{}m", s / 60),
+        s if s < 172_800 => format!("{}h", s / 3600),
+        s => format!("{}d", s / 86_400),
+    }
+}

@@ -1,0 +1,128 @@
+//! The admin API server (`tlshub.admin.v1.Admin`) on a root-only Unix
+//! socket. Switching the provider is answered here directly (the registry
+//! is shared); everything about connections and policy is asked of the
+//! event loop, which owns that state.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use tlshub_admin::pb;
+use tlshub_provider_sdk::server::{ServeError, allowed_connections, bind_private};
+use tokio::sync::{mpsc, oneshot};
+use tonic::{Request, Response, Status};
+use tracing::info;
+
+use crate::agent::AdminRequest;
+use crate::metrics::{Metrics, ProviderLabel};
+use crate::providers::Registry;
+
+/// The service state.
+#[derive(Debug)]
+pub struct AdminService {
+    agent: mpsc::Sender<AdminRequest>,
+    providers: Arc<Registry>,
+    metrics: Arc<Metrics>,
+}
+
+impl AdminService {
+    /// A service that forwards to the event loop through `agent`.
+    pub fn new(
+        agent: mpsc::Sender<AdminRequest>,
+        providers: Arc<Registry>,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        Self {
+            agent,
+            providers,
+            metrics,
+        }
+    }
+
+    async fn ask<T>(
+        &self,
+        make: impl FnOnce(oneshot::Sender<T>) -> AdminRequest,
+    ) -> Result<T, Status> {
+        let (tx, rx) = oneshot::channel();
+        self.agent
+            .send(make(tx))
+            .await
+            .map_err(|_| Status::unavailable("the core is shutting down"))?;
+        rx.await
+            .map_err(|_| Status::unavailable("the core is shutting down"))
+    }
+}
+
+#[tonic::async_trait]
+impl pb::admin_server::Admin for AdminService {
+    async fn status(
+        &self,
+        _: Request<pb::StatusRequest>,
+    ) -> Result<Response<pb::StatusResponse>, Status> {
+        self.ask(AdminRequest::Status).await.map(Response::new)
+    }
+
+    async fn list_connections(
+        &self,
+        _: Request<pb::ListConnectionsRequest>,
+    ) -> Result<Response<pb::ListConnectionsResponse>, Status> {
+        self.ask(AdminRequest::Connections).await.map(Response::new)
+    }
+
+    async fn use_provider(
+        &self,
+        request: Request<pb::UseProviderRequest>,
+    ) -> Result<Response<pb::UseProviderResponse>, Status> {
+        let name = request.into_inner().name;
+        let previous = self
+            .providers
+            .use_provider(&name)
+            .map_err(|e| Status::not_found(e.to_string()))?;
+        self.metrics.provider_switches.inc();
+        for p in self.providers.all() {
+            self.metrics
+                .provider_active
+                .get_or_create(&ProviderLabel {
+                    provider: p.name.clone(),
+                })
+                .set(i64::from(p.name == name));
+        }
+        Ok(Response::new(pb::UseProviderResponse {
+            previous,
+            active: name,
+        }))
+    }
+
+    async fn reload_policy(
+        &self,
+        _: Request<pb::ReloadPolicyRequest>,
+    ) -> Result<Response<pb::ReloadPolicyResponse>, Status> {
+        match self.ask(AdminRequest::ReloadPolicy).await? {
+            Ok(policy) => Ok(Response::new(pb::ReloadPolicyResponse {
+                policy: Some(policy),
+            })),
+            Err(reason) => Err(Status::failed_precondition(format!(
+                "policy not reloaded (the old one stays): {reason}"
+            ))),
+        }
+    }
+}
+
+/// Binds `socket` (mode 0600, root only) and serves until the task is dropped.
+pub fn serve(
+    socket: PathBuf,
+    service: AdminService,
+) -> Result<tokio::task::JoinHandle<()>, ServeError> {
+    let listener = bind_private(&socket, None)?;
+    info!(socket = %socket.display(), "admin API listening");
+    Ok(tokio::spawn(async move {
+        let incoming = allowed_connections(listener, None);
+        let result = tonic::transport::Server::builder()
+            .add_service(pb::admin_server::AdminServer::new(service))
+            .serve_with_incoming(incoming)
+            .await;
+        if let Err(e) = result {
+            tracing::error!(error = %e, "admin API stopped");
+        }
+        let _ = std::fs::remove_file(&socket);
+    }))
+}

@@ -1,0 +1,386 @@
+//! Prometheus metrics and their HTTP endpoint (`GET /metrics`, OpenMetrics
+//! text). Labels take only bounded values: provider names from the config,
+//! roles, a fixed set of failure reasons and kTLS counter names. Nothing
+//! per connection, nothing secret.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use http_body_util::Full;
+use hyper::body::Bytes;
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+use tokio::net::TcpListener;
+use tracing::{debug, info, warn};
+
+/// `provider` label.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ProviderLabel {
+    /// Provider name from the config.
+    pub provider: String,
+}
+
+/// `provider` and `role` labels.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ProviderRoleLabels {
+    /// Provider name from the config.
+    pub provider: String,
+    /// `client` or `server`.
+    pub role: &'static str,
+}
+
+/// `reason` label (a fixed vocabulary from the keying errors).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabel {
+    /// Why.
+    pub reason: &'static str,
+}
+
+/// `counter` label: a `/proc/net/tls_stat` line name.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TlsStatLabel {
+    /// e.g. `TlsCurrTxSw`.
+    pub counter: String,
+}
+
+type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
+
+fn key_histogram() -> Histogram {
+    // 0.5 ms .. ~16 s: TLSHub keys in about a millisecond on hardware,
+    // full handshakes under emulation take tens of milliseconds.
+    Histogram::new(exponential_buckets(0.0005, 2.0, 16))
+}
+
+/// Every metric the core exports.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    /// Selected connections seen.
+    pub selected: Counter,
+    /// Connections with kTLS installed, by provider.
+    pub protected: Family<ProviderLabel, Counter>,
+    /// Connections that could not be keyed, by reason.
+    pub failed: Family<ReasonLabel, Counter>,
+    /// Connections reset under fail-closed.
+    pub reset: Counter,
+    /// Connections let through in plaintext under fail-open.
+    pub plaintext: Counter,
+    /// Connections closed before their keys were in.
+    pub closed_before_keys: Counter,
+    /// Time from asking the provider to having keys, by provider and role.
+    pub key_seconds: HistogramFamily<ProviderRoleLabels>,
+    /// Times the gate stopped a process.
+    pub gate_holds: Counter,
+    /// How long a held process stayed stopped.
+    pub gate_hold_seconds: Histogram,
+    /// Provider health: 1 serving, 0 otherwise.
+    pub provider_up: Family<ProviderLabel, Gauge>,
+    /// 1 for the active provider.
+    pub provider_active: Family<ProviderLabel, Gauge>,
+    /// Key requests running now, by provider.
+    pub provider_in_flight: Family<ProviderLabel, Gauge>,
+    /// Active-provider switches.
+    pub provider_switches: Counter,
+    /// Connections waiting for keys now.
+    pub pending: Gauge,
+    /// Events the BPF ring buffer dropped.
+    pub ringbuf_drops: Counter,
+    /// `/proc/net/tls_stat` summed over the network namespaces of the
+    /// connections this core protects.
+    pub ktls: Family<TlsStatLabel, Gauge>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    /// Creates and registers every metric (prefix `tlshub_`).
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("tlshub");
+        let m = Self {
+            selected: Counter::default(),
+            protected: Family::default(),
+            failed: Family::default(),
+            reset: Counter::default(),
+            plaintext: Counter::default(),
+            closed_before_keys: Counter::default(),
+            key_seconds: Family::new_with_constructor(key_histogram),
+            gate_holds: Counter::default(),
+            gate_hold_seconds: key_histogram(),
+            provider_up: Family::default(),
+            provider_active: Family::default(),
+            provider_in_flight: Family::default(),
+            provider_switches: Counter::default(),
+            pending: Gauge::default(),
+            ringbuf_drops: Counter::default(),
+            ktls: Family::default(),
+            registry: Registry::default(),
+        };
+        registry.register(
+            "connections_selected",
+            "Selected TCP connections seen",
+            m.selected.clone(),
+        );
+        registry.register(
+            "connections_protected",
+            "Connections with kTLS installed, by provider",
+            m.protected.clone(),
+        );
+        registry.register(
+            "connections_failed",
+            "Connections that could not be keyed, by reason",
+            m.failed.clone(),
+        );
+        registry.register(
+            "connections_reset",
+            "Connections reset under fail-closed",
+            m.reset.clone(),
+        );
+        registry.register(
+            "connections_plaintext",
+            "Connections let through in plaintext under fail-open",
+            m.plaintext.clone(),
+        );
+        registry.register(
+            "connections_closed_before_keys",
+            "Connections closed before their keys were installed",
+            m.closed_before_keys.clone(),
+        );
+        registry.register(
+            "connections_pending",
+            "Connections waiting for keys now",
+            m.pending.clone(),
+        );
+        registry.register(
+            "key_duration_seconds",
+            "Time the provider took to produce a connection's keys",
+            m.key_seconds.clone(),
+        );
+        registry.register(
+            "gate_holds",
+            "Times the gate stopped a process before its connection had keys",
+            m.gate_holds.clone(),
+        );
+        registry.register(
+            "gate_hold_duration_seconds",
+            "How long a held process stayed stopped",
+            m.gate_hold_seconds.clone(),
+        );
+        registry.register(
+            "provider_up",
+            "1 when the provider's health check says SERVING",
+            m.provider_up.clone(),
+        );
+        registry.register(
+            "provider_active",
+            "1 for the provider new connections go to",
+            m.provider_active.clone(),
+        );
+        registry.register(
+            "provider_requests_in_flight",
+            "Key requests running now",
+            m.provider_in_flight.clone(),
+        );
+        registry.register(
+            "provider_switches",
+            "Changes of the active provider",
+            m.provider_switches.clone(),
+        );
+        registry.register(
+            "bpf_ringbuf_drops",
+            "Events the BPF ring buffer dropped (their connections stay gated)",
+            m.ringbuf_drops.clone(),
+        );
+        registry.register(
+            "ktls_sockets",
+            "/proc/net/tls_stat counters summed over the protected connections' network namespaces",
+            m.ktls.clone(),
+        );
+        Self { registry, ..m }
+    }
+
+    /// The OpenMetrics text of every metric.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        if let Err(e) = prometheus_client::encoding::text::encode(&mut out, &self.registry) {
+            warn!(error = %e, "cannot encode metrics");
+        }
+        out
+    }
+
+    /// Sets the kTLS gauges from `tls_stat` files' contents.
+    pub fn set_tls_stat<'a>(&self, files: impl IntoIterator<Item = &'a str>) {
+        let mut sums = std::collections::BTreeMap::<String, i64>::new();
+        for text in files {
+            for (name, v) in parse_tls_stat(text) {
+                *sums.entry(name.to_owned()).or_default() += v;
+            }
+        }
+        for (counter, v) in sums {
+            self.ktls.get_or_create(&TlsStatLabel { counter }).set(v);
+        }
+    }
+}
+
+/// `Name   value` lines of `/proc/net/tls_stat`.
+pub fn parse_tls_stat(text: &str) -> impl Iterator<Item = (&str, i64)> {
+    text.lines().filter_map(|l| {
+        let mut it = l.split_whitespace();
+        let name = it.next()?;
+        let v = it.next()?.parse().ok()?;
+        name.starts_with("Tls").then_some((name, v))
+    })
+}
+
+/// Why the metrics endpoint could not start.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot listen for metrics on {addr}: {source}")]
+pub struct ListenError {
+    /// The address.
+    pub addr: SocketAddr,
+    /// Why.
+    #[source]
+    pub source: std::io::Error,
+}
+
+/// Binds `addr` and serves `GET /metrics` until the task is dropped.
+pub async fn serve(
+    addr: SocketAddr,
+    metrics: Arc<Metrics>,
+) -> Result<tokio::task::JoinHandle<()>, ListenError> {
+    let listener = TcpListener::bind(addr)
+        .await
+        .map_err(|source| ListenError { addr, source })?;
+    info!(%addr, "metrics endpoint listening (GET /metrics)");
+    Ok(tokio::spawn(async move {
+        loop {
+            let Ok((stream, peer)) = listener.accept().await else {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            };
+            let metrics = metrics.clone();
+            tokio::spawn(async move {
+                let service =
+                    hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
+                        let metrics = metrics.clone();
+                        async move { Ok::<_, std::convert::Infallible>(answer(&req, &metrics)) }
+                    });
+                let conn = hyper::server::conn::http1::Builder::new()
+                    .timer(hyper_util::rt::TokioTimer::new())
+                    .header_read_timeout(Duration::from_secs(5))
+                    .serve_connection(TokioIo::new(stream), service);
+                if let Err(e) = tokio::time::timeout(Duration::from_secs(30), conn).await {
+                    debug!(%peer, error = %e, "metrics connection timed out");
+                }
+            });
+        }
+    }))
+}
+
+fn answer(req: &Request<hyper::body::Incoming>, metrics: &Metrics) -> Response<Full<Bytes>> {
+    let (status, ctype, body) = match (req.method(), req.uri().path()) {
+        (&Method::GET, "/metrics") => (
+            StatusCode::OK,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            metrics.encode(),
+        ),
+        (&Method::GET, _) => (
+            StatusCode::NOT_FOUND,
+            "text/plain",
+            "only /metrics is served here\n".to_owned(),
+        ),
+        _ => (
+            StatusCode::METHOD_NOT_ALLOWED,
+            "text/plain",
+            "GET only\n".to_owned(),
+        ),
+    };
+    let mut r = Response::new(Full::new(Bytes::from(body)));
+    *r.status_mut() = status;
+    if let Ok(v) = hyper::header::HeaderValue::from_str(ctype) {
+        r.headers_mut().insert(hyper::header::CONTENT_TYPE, v);
+    }
+    r
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_follow_prometheus_conventions_and_labels_are_bounded() {
+        let m = Metrics::new();
+        m.selected.inc();
+        m.protected
+            .get_or_create(&ProviderLabel {
+                provider: "openssl".into(),
+            })
+            .inc();
+        m.key_seconds
+            .get_or_create(&ProviderRoleLabels {
+                provider: "openssl".into(),
+                role: "client",
+            })
+            .observe(0.03);
+        m.failed
+            .get_or_create(&ReasonLabel { reason: "timeout" })
+            .inc();
+        m.set_tls_stat([
+            "TlsCurrTxSw                     \t3\nTlsTxSw 7\nnoise\n",
+            "TlsCurrTxSw 2\n",
+        ]);
+        let text = m.encode();
+        for want in [
+            "tlshub_connections_selected_total 1",
+            "tlshub_connections_protected_total{provider=\"openssl\"} 1",
+            "tlshub_connections_failed_total{reason=\"timeout\"} 1",
+            "tlshub_key_duration_seconds_bucket{le=\"0.032\",provider=\"openssl\",role=\"client\"} 1",
+            "tlshub_ktls_sockets{counter=\"TlsCurrTxSw\"} 5",
+            "tlshub_ktls_sockets{counter=\"TlsTxSw\"} 7",
+            "# EOF",
+        ] {
+            assert!(text.contains(want), "missing {want} in\n{text}");
+        }
+        assert!(!text.contains("cookie"), "no per-connection labels");
+    }
+
+    #[tokio::test]
+    async fn the_endpoint_serves_metrics_and_refuses_other_paths() {
+        let m = Arc::new(Metrics::new());
+        m.selected.inc();
+        let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = probe.local_addr().unwrap();
+        drop(probe);
+        let task = serve(addr, m).await.unwrap();
+        let get = |path: &'static str| async move {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+            s.write_all(
+                format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes(),
+            )
+            .await
+            .unwrap();
+            let mut out = String::new();
+            s.read_to_string(&mut out).await.unwrap();
+            out
+        };
+        let ok = get("/metrics").await;
+        assert!(ok.starts_with("HTTP/1.1 200"), "{ok}");
+        assert!(ok.contains("tlshub_connections_selected_total 1"), "{ok}");
+        assert!(get("/secret").await.starts_with("HTTP/1.1 404"));
+        // A second bind on the same address is a clear error.
+        let e = serve(addr, Arc::new(Metrics::new())).await.unwrap_err();
+        assert!(e.to_string().contains(&addr.to_string()), "{e}");
+        task.abort();
+    }
+}

@@ -1,0 +1,348 @@
+//! `tlshub-loadgen`: steady load for the service scenarios (hot-swap,
+//! restarts). Like `tlshub-testapp` it knows nothing about tlshub.
+//!
+//! The client keeps `--long` connections open for `--duration`, each sending
+//! a `--chunk`-byte piece of its seeded pattern every `--interval-ms` and
+//! checking the server's answer; meanwhile it opens short connections at
+//! `--short-per-sec` (one verified exchange each). The server checks every
+//! byte it receives and answers each piece with the same span of its own
+//! pattern, so both directions are verified and a capture of any flow
+//! decrypts to the pattern from offset 0. One JSON report on stdout.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use clap::{Parser, Subcommand};
+use serde::Serialize;
+use tlshub_vm_tests::pattern::{self, CLIENT_SEED, SERVER_SEED};
+
+#[derive(Debug, Parser)]
+#[command(about)]
+struct Args {
+    #[command(subcommand)]
+    side: Side,
+}
+
+#[derive(Debug, Subcommand)]
+enum Side {
+    /// Serve every connection on its own thread until killed.
+    Server {
+        #[arg(long)]
+        listen: SocketAddr,
+    },
+    /// Generate the load and report.
+    Client {
+        #[arg(long)]
+        connect: SocketAddr,
+        /// Long-lived connections.
+        #[arg(long, default_value_t = 200)]
+        long: u32,
+        /// Seconds of load after the long connections are up.
+        #[arg(long, default_value_t = 60)]
+        duration: u64,
+        /// Bytes per piece.
+        #[arg(long, default_value_t = 512)]
+        chunk: usize,
+        /// Pause between a long connection's pieces.
+        #[arg(long, default_value_t = 1000)]
+        interval_ms: u64,
+        /// New short connections per second.
+        #[arg(long, default_value_t = 4.0)]
+        short_per_sec: f64,
+        /// Bytes each short connection sends (and gets back).
+        #[arg(long, default_value_t = 4096)]
+        short_size: usize,
+    },
+}
+
+/// Reads exactly `buf.len()` bytes.
+fn read_exact(s: &mut TcpStream, buf: &mut [u8]) -> std::io::Result<()> {
+    s.read_exact(buf)
+}
+
+/// One piece: send `n` bytes of `CLIENT_SEED` at `off`, receive and check
+/// `n` bytes of `SERVER_SEED` at `off`.
+fn exchange(s: &mut TcpStream, off: u64, buf: &mut [u8]) -> std::io::Result<()> {
+    pattern::fill(CLIENT_SEED, off, buf);
+    s.write_all(buf)?;
+    read_exact(s, buf)?;
+    pattern::check(SERVER_SEED, off, buf).map_err(|at| {
+        std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("CORRUPT: answer byte {} differs", off + at),
+        )
+    })
+}
+
+fn serve(mut s: TcpStream) {
+    let mut off = 0u64;
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let n = match s.read(&mut buf) {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        if let Err(at) = pattern::check(CLIENT_SEED, off, &buf[..n]) {
+            // The client sees the connection close and reports it.
+            eprintln!(
+                "CORRUPT: byte {} from {:?} differs",
+                off + at,
+                s.peer_addr()
+            );
+            return;
+        }
+        pattern::fill(SERVER_SEED, off, &mut buf[..n]);
+        if s.write_all(&buf[..n]).is_err() {
+            return;
+        }
+        off += n as u64;
+    }
+}
+
+#[derive(Debug, Default, Serialize)]
+struct Report {
+    ok: bool,
+    long_opened: u32,
+    long_broken: u32,
+    long_pieces: u64,
+    long_bytes: u64,
+    short_attempted: u64,
+    short_ok: u64,
+    short_failed: u64,
+    corrupt: u64,
+    /// Milliseconds since the load started, and the error, per failed short
+    /// connection (first 300: the report must fit the pipe buffer).
+    short_failures: Vec<(u64, String)>,
+    /// First errors of broken long connections.
+    long_errors: Vec<String>,
+    /// Start (milliseconds since the load started) and outcome of every
+    /// short connection, in start order (first 1,500).
+    short_log: Vec<(u64, bool)>,
+    /// Short connection setup+exchange p50/p99, milliseconds.
+    short_p50_ms: f64,
+    short_p99_ms: f64,
+    duration_s: f64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    error: Option<String>,
+}
+
+#[derive(Debug, Default)]
+struct Shared {
+    long_pieces: AtomicU64,
+    long_bytes: AtomicU64,
+    corrupt: AtomicU64,
+    short_ok: AtomicU64,
+    failures: Mutex<Vec<(u64, String)>>,
+    log: Mutex<Vec<(u64, bool)>>,
+    latencies: Mutex<Vec<f64>>,
+    long_errors: Mutex<Vec<String>>,
+}
+
+fn describe(e: &std::io::Error) -> String {
+    match e.raw_os_error() {
+        Some(n) => format!("{e} (errno {n})"),
+        None => e.to_string(),
+    }
+}
+
+#[expect(
+    clippy::too_many_arguments,
+    reason = "the client's flags, passed through once"
+)]
+fn client(
+    target: SocketAddr,
+    long: u32,
+    duration: Duration,
+    chunk: usize,
+    interval: Duration,
+    short_per_sec: f64,
+    short_size: usize,
+    r: &mut Report,
+) -> std::io::Result<()> {
+    let shared = Arc::new(Shared::default());
+    // Open the long connections first (each keyed once), with its first piece.
+    let mut longs = Vec::new();
+    for _ in 0..long {
+        let mut s = TcpStream::connect(target)?;
+        s.set_read_timeout(Some(Duration::from_secs(30)))?;
+        let mut buf = vec![0u8; chunk];
+        exchange(&mut s, 0, &mut buf)?;
+        longs.push(s);
+        r.long_opened += 1;
+    }
+    eprintln!("long connections up: {}", r.long_opened);
+    let start = Instant::now();
+    let end = start + duration;
+    let broken = Arc::new(AtomicU64::new(0));
+    std::thread::scope(|scope| {
+        for (i, mut s) in longs.into_iter().enumerate() {
+            let shared = shared.clone();
+            let broken = broken.clone();
+            scope.spawn(move || {
+                let mut buf = vec![0u8; chunk];
+                let mut off = chunk as u64;
+                // Spread the connections over the interval.
+                std::thread::sleep(interval.mul_f64(i as f64 / f64::from(long.max(1))));
+                while Instant::now() < end {
+                    if let Err(e) = exchange(&mut s, off, &mut buf) {
+                        if e.kind() == std::io::ErrorKind::InvalidData {
+                            shared.corrupt.fetch_add(1, Ordering::Relaxed);
+                        }
+                        broken.fetch_add(1, Ordering::Relaxed);
+                        if let Ok(mut l) = shared.long_errors.lock()
+                            && l.len() < 20
+                        {
+                            l.push(format!(
+                                "long {i} at {} ms: {}",
+                                start.elapsed().as_millis(),
+                                describe(&e)
+                            ));
+                        }
+                        return;
+                    }
+                    off += chunk as u64;
+                    shared.long_pieces.fetch_add(1, Ordering::Relaxed);
+                    shared.long_bytes.fetch_add(chunk as u64, Ordering::Relaxed);
+                    std::thread::sleep(interval);
+                }
+            });
+        }
+        // Short connections at a fixed rate, each on its own thread.
+        let gap = Duration::from_secs_f64(1.0 / short_per_sec.max(0.001));
+        let mut next = start;
+        let mut attempted = 0u64;
+        while next < end {
+            let now = Instant::now();
+            if next > now {
+                std::thread::sleep(next - now);
+            }
+            next += gap;
+            attempted += 1;
+            let shared = shared.clone();
+            scope.spawn(move || {
+                let t = Instant::now();
+                let at = start.elapsed().as_millis() as u64;
+                let result = (|| {
+                    let mut s = TcpStream::connect(target)?;
+                    s.set_read_timeout(Some(Duration::from_secs(30)))?;
+                    let mut buf = vec![0u8; short_size];
+                    exchange(&mut s, 0, &mut buf)
+                })();
+                if let Ok(mut l) = shared.log.lock()
+                    && l.len() < 1500
+                {
+                    l.push((at, result.is_ok()));
+                }
+                match result {
+                    Ok(()) => {
+                        shared.short_ok.fetch_add(1, Ordering::Relaxed);
+                        if let Ok(mut l) = shared.latencies.lock() {
+                            l.push(t.elapsed().as_secs_f64() * 1000.0);
+                        }
+                    }
+                    Err(e) => {
+                        if e.kind() == std::io::ErrorKind::InvalidData {
+                            shared.corrupt.fetch_add(1, Ordering::Relaxed);
+                        }
+                        if let Ok(mut f) = shared.failures.lock()
+                            && f.len() < 300
+                        {
+                            f.push((at, describe(&e)));
+                        }
+                    }
+                }
+            });
+        }
+        r.short_attempted = attempted;
+    });
+    r.duration_s = start.elapsed().as_secs_f64();
+    r.long_broken = broken.load(Ordering::Relaxed) as u32;
+    r.long_pieces = shared.long_pieces.load(Ordering::Relaxed);
+    r.long_bytes = shared.long_bytes.load(Ordering::Relaxed);
+    r.short_ok = shared.short_ok.load(Ordering::Relaxed);
+    r.corrupt = shared.corrupt.load(Ordering::Relaxed);
+    r.short_failures = shared
+        .failures
+        .lock()
+        .map(|f| f.clone())
+        .unwrap_or_default();
+    r.short_failed = r.short_attempted - r.short_ok;
+    r.long_errors = shared
+        .long_errors
+        .lock()
+        .map(|l| l.clone())
+        .unwrap_or_default();
+    r.short_log = shared.log.lock().map(|l| l.clone()).unwrap_or_default();
+    r.short_log.sort_unstable();
+    let mut lat = shared
+        .latencies
+        .lock()
+        .map(|l| l.clone())
+        .unwrap_or_default();
+    lat.sort_by(f64::total_cmp);
+    let pick = |p: f64| {
+        lat.get(((lat.len() as f64 - 1.0) * p).round().max(0.0) as usize)
+            .copied()
+            .unwrap_or(0.0)
+    };
+    r.short_p50_ms = pick(0.5);
+    r.short_p99_ms = pick(0.99);
+    Ok(())
+}
+
+fn main() -> std::process::ExitCode {
+    let args = Args::parse();
+    match args.side {
+        Side::Server { listen } => {
+            let l = match TcpListener::bind(listen) {
+                Ok(l) => l,
+                Err(e) => {
+                    eprintln!("cannot listen on {listen}: {e}");
+                    return std::process::ExitCode::FAILURE;
+                }
+            };
+            eprintln!("listening on {listen}");
+            for s in l.incoming().flatten() {
+                std::thread::spawn(move || serve(s));
+            }
+            std::process::ExitCode::SUCCESS
+        }
+        Side::Client {
+            connect,
+            long,
+            duration,
+            chunk,
+            interval_ms,
+            short_per_sec,
+            short_size,
+        } => {
+            let mut r = Report::default();
+            if let Err(e) = client(
+                connect,
+                long,
+                Duration::from_secs(duration),
+                chunk,
+                Duration::from_millis(interval_ms),
+                short_per_sec,
+                short_size,
+                &mut r,
+            ) {
+                r.error = Some(describe(&e));
+            }
+            r.ok = r.error.is_none() && r.long_broken == 0 && r.corrupt == 0;
+            println!(
+                "{}",
+                serde_json::to_string(&r)
+                    .unwrap_or_else(|e| format!("{{\"ok\":false,\"error\":\"{e}\"}}"))
+            );
+            if r.ok {
+                std::process::ExitCode::SUCCESS
+            } else {
+                std::process::ExitCode::FAILURE
+            }
+        }
+    }
+}

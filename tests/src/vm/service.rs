@@ -1,0 +1,510 @@
+//! Scenarios of running tlshub as a service: switching providers under
+//! load and provider restarts, with the admin CLI (`tlshubctl`) and the
+//! Prometheus endpoint as the operator would use them.
+//!
+//! The load (`tlshub-loadgen`): 200 long-lived connections carrying a
+//! verified piece each second both ways, plus new short connections at
+//! [`SHORT_PER_SEC`]. Every byte is checked by the receiving app, and the
+//! capture of the node-to-node wire is checked for plaintext and decrypted.
+
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+use super::node::{Node, NodeSpec, PROTECTED_PORT, ProviderKind};
+use super::process::{AppChild, finish, spawn_ready};
+use super::scenarios::{Capture, check_wire_allowing_unkeyed};
+use super::topology::POD_B;
+
+/// Long-lived connections of the load.
+pub const LONG: u32 = 200;
+
+/// New short connections per second. The slowest provider, OpenSSL, needs
+/// about 75 ms of setup per connection under TCG (`cargo xtask bench`:
+/// p50 75.6 ms, i.e. ~13 connections/s from one sequential client); with
+/// both nodes also serving 200 long connections and the gate stopping the
+/// server process for each new connection, 4/s is the rate it sustains
+/// without its queue growing (measured: short-connection p99 stays far
+/// below the key timeout).
+pub const SHORT_PER_SEC: f64 = 4.0;
+
+/// The load's server in pod-b, stopped when dropped.
+struct LoadServer(#[expect(dead_code, reason = "held for its Drop")] AppChild);
+
+impl LoadServer {
+    fn start() -> Result<Self, String> {
+        let listen = format!("0.0.0.0:{PROTECTED_PORT}");
+        spawn_ready(
+            "pod-b",
+            &["tlshub-loadgen", "server", "--listen", &listen],
+            "listening",
+            Duration::from_secs(10),
+        )
+        .map(Self)
+    }
+}
+
+/// Starts the load's client in pod-a and waits until its long connections
+/// are up; `finish` collects its report.
+fn start_load(seconds: u64) -> Result<AppChild, String> {
+    let connect = format!("{POD_B}:{PROTECTED_PORT}");
+    spawn_ready(
+        "pod-a",
+        &[
+            "tlshub-loadgen",
+            "client",
+            "--connect",
+            &connect,
+            "--long",
+            &LONG.to_string(),
+            "--duration",
+            &seconds.to_string(),
+            "--short-per-sec",
+            &SHORT_PER_SEC.to_string(),
+        ],
+        "long connections up",
+        Duration::from_secs(300),
+    )
+}
+
+fn report(out: &str) -> Result<Value, String> {
+    serde_json::from_str(out.trim()).map_err(|e| format!("load report is not JSON ({e}): {out}"))
+}
+
+/// A counter's value for one label set in Prometheus text (0 if absent).
+pub fn metric(text: &str, name_and_labels: &str) -> f64 {
+    text.lines()
+        .find_map(|l| {
+            l.strip_prefix(name_and_labels)
+                .and_then(|rest| rest.strip_prefix(' '))
+                .and_then(|v| v.trim().parse().ok())
+        })
+        .unwrap_or(0.0)
+}
+
+fn two_providers(name: &'static str, timeout_ms: u64) -> NodeSpec {
+    let mut s = NodeSpec::new(name);
+    s.also = vec![ProviderKind::BoringSsl];
+    s.key_timeout_ms = timeout_ms;
+    s
+}
+
+/// Done-when 1: switching provider back and forth every 5 s under load.
+pub fn hot_swap_under_load() -> Result<String, String> {
+    let a = Node::start(two_providers("a", 5000))?;
+    let b = Node::start(two_providers("b", 5000))?;
+    let cap = Capture::start("hot-swap")?;
+    let _server = LoadServer::start()?;
+    let client = start_load(60)?;
+    let started = Instant::now();
+    let mut switches = 0;
+    let names = ["boringssl", "openssl"];
+    while started.elapsed() < Duration::from_secs(58) {
+        std::thread::sleep(Duration::from_secs(5));
+        let name = names[switches % 2];
+        for n in [&a, &b] {
+            let answer = n.ctl(&["provider", "use", name])?;
+            if answer["active"].as_str() != Some(name) {
+                return Err(format!("tlshubctl provider use {name}: {answer}"));
+            }
+        }
+        switches += 1;
+    }
+    let r = report(&finish(client, Duration::from_secs(180))?)?;
+    let flows = cap.finish()?;
+    if r["ok"].as_bool() != Some(true) || r["short_failed"].as_u64() != Some(0) {
+        return Err(format!("the load saw failures: {r}"));
+    }
+    let wire = check_wire_allowing_unkeyed(&flows, &a, &b, false)?;
+    let short_ok = r["short_ok"].as_u64().unwrap_or(0);
+    let expected = 2 * (u64::from(LONG) + short_ok) as usize;
+    if wire.protected_flows != expected || wire.decrypted != expected {
+        return Err(format!(
+            "{expected} protected flows expected (200 long + {short_ok} short, both ways): {wire:?}"
+        ));
+    }
+    let mut split = Vec::new();
+    for n in [&a, &b] {
+        let text = n.metrics()?;
+        let o = metric(
+            &text,
+            "tlshub_connections_protected_total{provider=\"openssl\"}",
+        );
+        let bs = metric(
+            &text,
+            "tlshub_connections_protected_total{provider=\"boringssl\"}",
+        );
+        if o < 1.0 || bs < 1.0 {
+            return Err(format!(
+                "node {}: the metrics do not show the split (openssl {o}, boringssl {bs})",
+                n.spec.name
+            ));
+        }
+        let failed: f64 = text
+            .lines()
+            .filter(|l| l.starts_with("tlshub_connections_failed_total"))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum();
+        if failed > 0.0 {
+            return Err(format!(
+                "node {}: failed connections in the metrics:\n{text}",
+                n.spec.name
+            ));
+        }
+        split.push(format!("node {} openssl {o} / boringssl {bs}", n.spec.name));
+    }
+    let status = a.ctl(&["status"])?;
+    Ok(format!(
+        "{switches} switches in 60 s; {LONG} long connections ({} verified pieces) and {short_ok} short ones at {SHORT_PER_SEC}/s (p50 {:.0} ms, p99 {:.0} ms): 0 failed, 0 corrupt; wire: {} flows TLS only, all decrypted; protected per provider: {}; active now {}",
+        r["long_pieces"],
+        r["short_p50_ms"].as_f64().unwrap_or(0.0),
+        r["short_p99_ms"].as_f64().unwrap_or(0.0),
+        wire.protected_flows,
+        split.join(", "),
+        status["active_provider"]
+    ))
+}
+
+/// Done-when 2: `kill -9` of a provider under load. A short outage (1 s,
+/// shorter than the key timeout) costs new connections only a wait; a long one
+/// resets the new connections (fail-closed) and nothing else; afterwards
+/// new connections are keyed again without touching the core.
+pub fn provider_kill9_under_load() -> Result<String, String> {
+    // Under TCG a server process held for one connection accepts nothing
+    // else meanwhile, so setups queue; 5 s keeps the unaffected parts of
+    // the run free of timeouts on a loaded host.
+    const TIMEOUT_MS: u64 = 5000;
+    let mut sa = NodeSpec::new("a");
+    sa.key_timeout_ms = TIMEOUT_MS;
+    let mut sb = NodeSpec::new("b");
+    sb.key_timeout_ms = TIMEOUT_MS;
+    let a = Node::start(sa)?;
+    let mut b = Node::start(sb)?;
+    let core_pid_before = b.core_pid();
+    let cap = Capture::start("provider-kill")?;
+    let _server = LoadServer::start()?;
+    let client = start_load(45)?;
+    let t0 = Instant::now();
+    // Outage 1: 1 s, well inside the key timeout.
+    sleep_until(t0, 8);
+    let short_down = t0.elapsed();
+    b.kill_provider(ProviderKind::OpenSsl);
+    std::thread::sleep(Duration::from_secs(1));
+    b.restart_provider(ProviderKind::OpenSsl)?;
+    let short_back = t0.elapsed();
+    let states = b.provider_states(ProviderKind::OpenSsl, Duration::from_secs(4));
+    // Outage 2: 10 s, longer than the key timeout.
+    sleep_until(t0, 20);
+    let long_down = t0.elapsed();
+    b.kill_provider(ProviderKind::OpenSsl);
+    std::thread::sleep(Duration::from_secs(10));
+    b.restart_provider(ProviderKind::OpenSsl)?;
+    let long_up = t0.elapsed();
+    let r = report(&finish(client, Duration::from_secs(180))?)?;
+    let flows = cap.finish()?;
+    if r["long_broken"].as_u64() != Some(0) || r["corrupt"].as_u64() != Some(0) {
+        return Err(format!("established connections were affected: {r}"));
+    }
+    // Where short connections may fail: around each outage, from just
+    // before the kill (handshakes running in the killed provider die with
+    // it) to one key timeout plus 2 s after the restart. Connections that
+    // start in that span wait for the provider, and under TCG the backlog
+    // an outage leaves drains slowly: a server process held for one
+    // connection accepts nothing else meanwhile (the gate stops the whole
+    // process; accept-side keying starts at accept()), so some of them
+    // still time out after the restart (measured and reported below; see
+    // the issue notes). Outside those spans nothing may fail, and after
+    // the second outage at least 90% of new connections, including the
+    // last ones, must be keyed.
+    let failures = r["short_failures"].as_array().cloned().unwrap_or_default();
+    let slack = TIMEOUT_MS + 2000;
+    let around_short = (short_down.as_millis() as u64).saturating_sub(2000)
+        ..=short_back.as_millis() as u64 + slack;
+    let outage =
+        (long_down.as_millis() as u64).saturating_sub(1000)..=long_up.as_millis() as u64 + slack;
+    let mut at_short = 0;
+    let mut in_outage = 0;
+    for f in &failures {
+        let at = f[0].as_u64().unwrap_or(0);
+        let what = f[1].as_str().unwrap_or("");
+        if what.contains("CORRUPT") {
+            return Err(format!("garbage delivered: {what}"));
+        }
+        if around_short.contains(&at) {
+            at_short += 1;
+        } else if outage.contains(&at) {
+            in_outage += 1;
+        } else if at < *outage.start() {
+            return Err(format!(
+                "a short connection failed at {at} ms, outside the 1 s outage's span ({around_short:?} ms) and the long one's ({outage:?} ms): {what}\nrestarted provider's states (100 ms apart): {states}\n{r}"
+            ));
+        }
+    }
+    if in_outage == 0 {
+        return Err(format!(
+            "a 10 s provider outage with a {TIMEOUT_MS} ms key timeout reset nothing: {r}"
+        ));
+    }
+    let after: Vec<bool> = r["short_log"]
+        .as_array()
+        .map(|l| {
+            l.iter()
+                .filter(|e| e[0].as_u64().unwrap_or(0) > *outage.end())
+                .map(|e| e[1].as_bool() == Some(true))
+                .collect()
+        })
+        .unwrap_or_default();
+    let keyed_after = after.iter().filter(|ok| **ok).count();
+    if after.is_empty()
+        || keyed_after * 10 < after.len() * 9
+        || !after.iter().rev().take(3).all(|ok| *ok)
+    {
+        return Err(format!(
+            "after the provider was back, {keyed_after} of {} new connections were keyed: {r}",
+            after.len()
+        ));
+    }
+    let wire = check_wire_allowing_unkeyed(&flows, &a, &b, true)?;
+    let text = b.metrics()?;
+    if b.core_pid() != core_pid_before {
+        return Err("the core was restarted".into());
+    }
+    if metric(&text, "tlshub_provider_up{provider=\"openssl\"}") != 1.0 {
+        return Err(format!("provider not back up in the metrics:\n{text}"));
+    }
+    Ok(format!(
+        "1 s outage: {at_short} connection(s) failed (in flight at the kill, or started within one key timeout + 2 s of the restart); 10 s outage with a {TIMEOUT_MS} ms key timeout: {in_outage} connections reset (fail-closed) in the same span; afterwards {keyed_after} of {} new connections keyed; {LONG} long connections unbroken, {} short ok, 0 corrupt; wire: {} protected flows, no plaintext, {} decrypted, {} never keyed (handshake bytes only); same core pid throughout",
+        after.len(),
+        r["short_ok"],
+        wire.protected_flows,
+        wire.decrypted,
+        wire.unkeyed_flows
+    ))
+}
+
+fn sleep_until(t0: Instant, secs: u64) {
+    let at = t0 + Duration::from_secs(secs);
+    std::thread::sleep(at.saturating_duration_since(Instant::now()));
+}
+
+/// `tlshubctl` as a person uses it: text output of every command, JSON of
+/// every command, a refused switch to an unknown provider, a policy reload
+/// (and a refused bad one), and the root-only socket.
+pub fn admin_cli_and_metrics() -> Result<String, String> {
+    let a = Node::start(two_providers("a", 2000))?;
+    let socket = a.dir.join("admin.sock");
+    let s = socket.to_string_lossy().into_owned();
+    let text = |args: &[&str]| -> Result<String, String> {
+        let mut argv = vec!["tlshubctl", "--socket", &s];
+        argv.extend_from_slice(args);
+        let out = super::process::command(None, &argv)
+            .output()
+            .map_err(|e| e.to_string())?;
+        if !out.status.success() {
+            return Err(format!(
+                "{args:?}: {}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ));
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    };
+    // Wait for the first health checks.
+    let until = Instant::now() + Duration::from_secs(10);
+    loop {
+        let st = a.ctl(&["status"])?;
+        let serving = st["providers"]
+            .as_array()
+            .is_some_and(|p| p.iter().all(|p| p["health"] == "serving"));
+        if serving {
+            break;
+        }
+        if Instant::now() > until {
+            return Err(format!("providers not serving after 10 s: {st}"));
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let status = text(&["status"])?;
+    for want in [
+        "active provider openssl",
+        "boringssl",
+        "serving",
+        "lsm/file_permission",
+        "sockops on cgroup",
+        "10.0.1.0/24",
+        "ports 8443",
+    ] {
+        if !status.contains(want) {
+            return Err(format!("`tlshubctl status` lacks {want:?}:\n{status}"));
+        }
+    }
+    // Protected connections show in the list with provider and cipher.
+    let b = Node::start(NodeSpec::new("b"))?;
+    let _server = LoadServer::start()?;
+    let connect = format!("{POD_B}:{PROTECTED_PORT}");
+    let client = spawn_ready(
+        "pod-a",
+        &[
+            "tlshub-loadgen",
+            "client",
+            "--connect",
+            &connect,
+            "--long",
+            "3",
+            "--duration",
+            "4",
+            "--short-per-sec",
+            "0.01",
+        ],
+        "long connections up",
+        Duration::from_secs(60),
+    )?;
+    let conns = a.ctl(&["connections"])?;
+    let protected: Vec<&Value> = conns["connections"]
+        .as_array()
+        .map(|c| c.iter().filter(|c| c["state"] == "protected").collect())
+        .unwrap_or_default();
+    if protected.len() < 3
+        || !protected.iter().all(|c| {
+            c["provider"] == "openssl" && c["cipher"] == "aes-gcm-128" && c["role"] == "client"
+        })
+    {
+        return Err(format!("connections: {conns}"));
+    }
+    let listing = text(&["connections"])?;
+    if !listing.contains("protected") || !listing.contains(&connect) {
+        return Err(format!("`tlshubctl connections`:\n{listing}"));
+    }
+    let _ = finish(client, Duration::from_secs(60))?;
+    drop(b);
+    let Err(refused) = a.ctl(&["provider", "use", "nosuch"]) else {
+        return Err("switching to an unknown provider was accepted".into());
+    };
+    if !refused.contains("NotFound") || !refused.contains("nosuch") {
+        return Err(format!("unknown provider: {refused}"));
+    }
+    let used = a.ctl(&["provider", "use", "boringssl"])?;
+    if used["previous"] != "openssl" || used["active"] != "boringssl" {
+        return Err(format!("provider use: {used}"));
+    }
+    // Policy reload: a new port is applied; a broken file is refused and
+    // the old policy stays.
+    let cfg = a.dir.join("core.toml");
+    let original = std::fs::read_to_string(&cfg).map_err(|e| e.to_string())?;
+    std::fs::write(
+        &cfg,
+        original.replace("ports = [8443]", "ports = [8443, 8444]"),
+    )
+    .map_err(|e| e.to_string())?;
+    let reloaded = a.ctl(&["policy", "reload"])?;
+    if reloaded["policy"]["rules"][0]["ports"] != serde_json::json!([8443, 8444]) {
+        return Err(format!("policy reload: {reloaded}"));
+    }
+    std::fs::write(&cfg, original.replace("ports = [8443]", "ports = [\"x\"]"))
+        .map_err(|e| e.to_string())?;
+    let Err(bad) = a.ctl(&["policy", "reload"]) else {
+        return Err("a broken policy file was accepted".into());
+    };
+    if !bad.contains("FailedPrecondition") || !bad.contains("core.toml") || !bad.contains("ports") {
+        return Err(format!("a broken policy file: {bad}"));
+    }
+    let still = a.ctl(&["status"])?;
+    if still["policy"]["rules"][0]["ports"] != serde_json::json!([8443, 8444]) {
+        return Err(format!("the old policy did not stay: {still}"));
+    }
+    // Root only: a uid-65534 caller is turned away.
+    let nobody = {
+        use std::os::unix::process::CommandExt;
+        std::process::Command::new("tlshubctl")
+            .args(["--socket", &s, "status"])
+            .uid(65534)
+            .gid(65534)
+            .output()
+            .map_err(|e| e.to_string())?
+    };
+    if nobody.status.success() {
+        return Err("a non-root caller got an answer from the admin API".into());
+    }
+    let metrics = a.metrics()?;
+    for want in [
+        "tlshub_provider_up{provider=\"openssl\"} 1",
+        "tlshub_provider_active{provider=\"boringssl\"} 1",
+        "tlshub_provider_switches_total 1",
+        "# TYPE tlshub_key_duration_seconds histogram",
+        "# TYPE tlshub_gate_hold_duration_seconds histogram",
+    ] {
+        if !metrics.contains(want) {
+            return Err(format!("metrics lack {want:?}:\n{metrics}"));
+        }
+    }
+    let help = text(&["--help"])?;
+    if !help.contains("Examples:") || !help.contains("provider use") {
+        return Err(format!("--help: {help}"));
+    }
+    Ok(format!(
+        "status (text and JSON), connections, provider use (and a refused unknown name), policy reload (and a refused broken file, old policy kept), non-root refused, metrics: {} lines",
+        metrics.lines().count()
+    ))
+}
+
+/// Two nodes whose providers cannot talk to each other (the example PSK
+/// provider, which keys without a handshake, against OpenSSL, which
+/// handshakes over the connection): every connection fails closed in both
+/// orders, no app receives a byte it was not sent, and no plaintext is on
+/// the wire.
+pub fn mismatched_providers_fail_closed() -> Result<String, String> {
+    let mut sa = NodeSpec::new("a");
+    sa.provider = ProviderKind::ExamplePsk;
+    let a = Node::start(sa)?;
+    let b = Node::start(NodeSpec::new("b"))?;
+    let cap = Capture::start("mismatch")?;
+    let mut seen = Vec::new();
+    for mode in ["client-first", "server-first"] {
+        let app = super::scenarios::App {
+            mode,
+            ..super::scenarios::App::exchange(10_000, PROTECTED_PORT)
+        };
+        let (s, c) = super::scenarios::run_pair(&app, &[], Duration::from_secs(60))?;
+        for (side, r) in [("server", &s), ("client", &c)] {
+            if r["ok"].as_bool() == Some(true) {
+                return Err(format!(
+                    "{mode}: the {side} app succeeded across mismatched providers: {r}"
+                ));
+            }
+            let err = r["error"].as_str().unwrap_or("");
+            if err.contains("differs") {
+                return Err(format!("{mode}: the {side} app received garbage: {r}"));
+            }
+            seen.push(format!("{mode} {side}: {err}"));
+        }
+    }
+    let wire = check_wire_allowing_unkeyed(&cap.finish()?, &a, &b, true)?;
+    // Loud: node b's provider or core says why each connection failed.
+    let provider_log =
+        std::fs::read_to_string("/tmp/logs/node-b-provider-openssl.log").unwrap_or_default();
+    let reasons: Vec<String> = provider_log
+        .lines()
+        .chain(b.core_log().lines().collect::<Vec<_>>())
+        .filter(|l| l.contains("key request failed") || l.contains("could not be keyed"))
+        .map(|l| {
+            l.split("error=")
+                .nth(1)
+                .unwrap_or(l)
+                .chars()
+                .take(120)
+                .collect()
+        })
+        .collect();
+    if reasons.len() < 2 {
+        return Err(format!(
+            "node b did not log why the connections failed: {reasons:?}"
+        ));
+    }
+    let reset_b = metric(&b.metrics()?, "tlshub_connections_reset_total");
+    let why = reasons.join(" | ");
+    Ok(format!(
+        "{}; wire: {} protected flows, no plaintext; node b reset {reset_b}; logged: {why}",
+        seen.join("; "),
+        wire.protected_flows
+    ))
+}
