@@ -44,9 +44,15 @@ impl LoadServer {
     }
 }
 
-/// Starts the load's client in pod-a and waits until its long connections
-/// are up; `finish` collects its report.
+/// Starts the load's client in pod-a ([`LONG`] long connections, short ones
+/// at [`SHORT_PER_SEC`]) and waits until its long connections are up;
+/// `finish` collects its report.
 fn start_load(seconds: u64) -> Result<AppChild, String> {
+    start_load_with(LONG, seconds, SHORT_PER_SEC)
+}
+
+/// [`start_load`] with its own numbers.
+fn start_load_with(long: u32, seconds: u64, short_per_sec: f64) -> Result<AppChild, String> {
     let connect = format!("{POD_B}:{PROTECTED_PORT}");
     spawn_ready(
         "pod-a",
@@ -56,11 +62,11 @@ fn start_load(seconds: u64) -> Result<AppChild, String> {
             "--connect",
             &connect,
             "--long",
-            &LONG.to_string(),
+            &long.to_string(),
             "--duration",
             &seconds.to_string(),
             "--short-per-sec",
-            &SHORT_PER_SEC.to_string(),
+            &short_per_sec.to_string(),
         ],
         "long connections up",
         Duration::from_secs(300),
@@ -342,23 +348,7 @@ pub fn admin_cli_and_metrics() -> Result<String, String> {
     let b = Node::start(NodeSpec::new("b"))?;
     let _server = LoadServer::start()?;
     let connect = format!("{POD_B}:{PROTECTED_PORT}");
-    let client = spawn_ready(
-        "pod-a",
-        &[
-            "tlshub-loadgen",
-            "client",
-            "--connect",
-            &connect,
-            "--long",
-            "3",
-            "--duration",
-            "4",
-            "--short-per-sec",
-            "0.01",
-        ],
-        "long connections up",
-        Duration::from_secs(60),
-    )?;
+    let client = start_load_with(3, 4, 0.01)?;
     let conns = a.ctl(&["connections"])?;
     let protected: Vec<&Value> = conns["connections"]
         .as_array()
