@@ -96,6 +96,9 @@ pub struct Stats {
     pub key_micros: Samples,
     /// Events the ring buffer dropped.
     pub ringbuf_drops: u64,
+    /// Gate calls failed (or passed) because no core was alive (counted by
+    /// BPF, also while this core was not running).
+    pub no_core_refusals: u64,
     /// Entries in the pending table now.
     pub pending: usize,
     /// Held processes the core is tracking now.
@@ -173,9 +176,16 @@ struct HeldProc {
     continued: bool,
 }
 
-/// How long a held process may look running before its record is dropped
-/// (it may be between the gate's SIGSTOP and the stop taking effect).
+/// How long a record is kept after its process was continued (a later
+/// stop of that process is someone else's, e.g. job control).
 const HELD_RECORD_GRACE: Duration = Duration::from_secs(1);
+
+/// How long a record is kept while its process has not been seen stopped
+/// yet: between the gate's SIGSTOP and the stop taking effect the process
+/// still looks running, and under a loaded emulator that can last well
+/// over a second. Dropping the record earlier would leave the process
+/// stopped with nobody to continue it.
+const UNSEEN_STOP_GRACE: Duration = Duration::from_secs(10);
 
 impl Agent {
     /// Loads the programs, writes the policy and sets up the providers
@@ -187,7 +197,11 @@ impl Agent {
         stats_file: Option<PathBuf>,
         keylog: Option<keying::KeyLog>,
     ) -> Result<Self, BpfError> {
-        let mut programs = Programs::load_and_attach(&config.bpf.cgroup)?;
+        let mut programs = Programs::load_and_attach(&config.bpf.cgroup, &config.bpf.pin_dir)?;
+        programs.heartbeat(
+            Duration::from_millis(config.bpf.core_restart_grace_ms),
+            config.failure_policy == FailurePolicy::FailOpen,
+        );
         programs.write_policy(&config.policy)?;
         programs.exempt.add(std::process::id());
         let exempt = programs.exempt.clone();
@@ -214,7 +228,7 @@ impl Agent {
             providers = %set.endpoints.keys().cloned().collect::<Vec<_>>().join(","),
             "providers configured"
         );
-        Ok(Self {
+        let mut agent = Self {
             config,
             config_path,
             programs,
@@ -231,7 +245,66 @@ impl Agent {
             activity: 0,
             stats_written_at: None,
             keylog,
-        })
+        };
+        if agent.programs.adopted {
+            agent.adopt();
+        }
+        Ok(agent)
+    }
+
+    /// Takes over from a core that stopped: connections still waiting for
+    /// keys are rebuilt from the `conns` map (which keeps a copy of their
+    /// ESTABLISHED event and owner) and keyed when the loop starts; keyed
+    /// ones are tracked again; owners found stopped get held records so
+    /// the sweep continues them once their connection is decided (their
+    /// HELD events may have gone to the old core).
+    fn adopt(&mut self) {
+        let now = sys::monotonic_ns();
+        let (mut waiting, mut keyed, mut stopped) = (0, 0, 0);
+        for (cookie, conn) in self.programs.all_conns() {
+            let owner = (conn.owner_pid != 0).then_some((conn.owner_pid, conn.owner_fd));
+            if conn.gate == gate::CLOSED {
+                let mut p = Pending::new();
+                p.established = (conn.est.kind == kind::ESTABLISHED).then_some(conn.est);
+                p.owner = owner;
+                self.pending.insert(cookie, p);
+                waiting += 1;
+            } else if conn.est.kind == kind::ESTABLISHED {
+                self.protected.insert(
+                    cookie,
+                    Protected {
+                        local: conn.est.local(),
+                        remote: conn.est.remote(),
+                        role: if conn.role == role::CLIENT {
+                            Role::Client
+                        } else {
+                            Role::Server
+                        },
+                        pid: conn.owner_pid,
+                        provider: "(before restart)".into(),
+                        cipher: String::new(),
+                        key_time: Duration::ZERO,
+                        since: Instant::now(),
+                    },
+                );
+                keyed += 1;
+            }
+            if let Some((pid, _)) = owner
+                && process_state(pid) == Some('T')
+                && let std::collections::hash_map::Entry::Vacant(e) = self.held.entry(pid)
+            {
+                e.insert(HeldProc {
+                    cookie,
+                    since_ns: now,
+                    continued: false,
+                });
+                stopped += 1;
+            }
+        }
+        info!(
+            waiting,
+            keyed, stopped, "adopted the connections of the previous core"
+        );
     }
 
     /// The provider registry (shared with the admin API for switching).
@@ -260,7 +333,14 @@ impl Agent {
         let mut sweep = tokio::time::interval(Duration::from_millis(50));
         let mut report = tokio::time::interval(Duration::from_secs(1));
         tokio::pin!(shutdown);
-        info!(node = %self.config.node_name, policy = ?self.config.failure_policy, "capture-core running");
+        info!(node = %self.config.node_name, policy = ?self.config.failure_policy, adopted = self.programs.adopted, "capture-core running");
+        let adopted: Vec<u64> = self.pending.keys().copied().collect();
+        for cookie in adopted {
+            self.maybe_start(cookie, &done_tx);
+        }
+        self.sweep_due = true;
+        let grace = Duration::from_millis(self.config.bpf.core_restart_grace_ms);
+        let fail_open = self.config.failure_policy == FailurePolicy::FailOpen;
         loop {
             tokio::select! {
                 guard = events.readable_mut() => {
@@ -272,7 +352,10 @@ impl Agent {
                     }
                 }
                 Some(outcome) = done_rx.recv() => self.on_outcome(outcome),
-                _ = sweep.tick() => self.sweep_due = true,
+                _ = sweep.tick() => {
+                    self.sweep_due = true;
+                    self.programs.heartbeat(grace, fail_open);
+                }
                 _ = report.tick() => {
                     self.write_stats();
                     self.update_ktls_gauges();
@@ -291,7 +374,7 @@ impl Agent {
             }
         }
         health.abort();
-        self.release_all();
+        self.hand_over();
         self.stats_written_at = None;
         self.write_stats();
         Ok(())
@@ -552,9 +635,10 @@ impl Agent {
     /// if that hold's connection is no longer pending and the process has
     /// not been continued for it yet, it is continued, exactly once (a later
     /// `T` after that is someone else's stop, e.g. job control). Records are
-    /// forgotten when the process is gone, or once the hold is older than
-    /// [`HELD_RECORD_GRACE`] and the process is no longer waiting on us. A
-    /// new hold brings a fresh record through its event.
+    /// forgotten when the process is gone, [`HELD_RECORD_GRACE`] after it
+    /// was continued, or if it was never seen stopped within
+    /// [`UNSEEN_STOP_GRACE`]. A new hold brings a fresh record through its
+    /// event.
     fn sweep_held(&mut self, states: &HashMap<u32, Option<char>>) {
         let now = sys::monotonic_ns();
         let mut forget = Vec::new();
@@ -584,8 +668,15 @@ impl Agent {
                     debug!(pid, cookie = h.cookie, "held process continued");
                 }
                 Some(_)
-                    if (h.continued || *state != Some('T'))
+                    if h.continued
                         && now.saturating_sub(h.since_ns) > HELD_RECORD_GRACE.as_nanos() as u64 =>
+                {
+                    forget.push(pid);
+                }
+                Some(_)
+                    if !h.continued
+                        && *state != Some('T')
+                        && now.saturating_sub(h.since_ns) > UNSEEN_STOP_GRACE.as_nanos() as u64 =>
                 {
                     forget.push(pid);
                 }
@@ -600,27 +691,18 @@ impl Agent {
         }
     }
 
-    /// At shutdown: the gate goes away with the programs, so connections
-    /// still waiting for keys are reset (fail-closed) or left to continue in
-    /// plaintext (fail-open), and every held process is continued.
-    fn release_all(&mut self) {
-        let cookies: Vec<u64> = self.pending.keys().copied().collect();
-        for cookie in cookies {
-            let Some(p) = self.pending.remove(&cookie) else {
-                continue;
-            };
-            let Some((pid, fd)) = p.owner else { continue };
-            let socket = keying::find_socket(pid, fd, cookie).ok();
-            self.fail(cookie, socket.as_ref(), "core_shutdown", false);
-        }
-        for (pid, _) in self.programs.held() {
-            let _ = sys::continue_process(pid);
-            self.programs.forget_held(pid);
-        }
-        for pid in self.held.keys() {
-            let _ = sys::continue_process(*pid);
-        }
-        info!("released all pending connections and held processes");
+    /// At shutdown the programs stay attached (pinned): connections still
+    /// waiting for keys stay gated for the next core, which adopts them,
+    /// and the gate keeps holding for `core_restart_grace_ms`, then applies
+    /// the failure policy by itself. Processes it stopped stay stopped
+    /// until the next core or `tlshub-core release` continues them.
+    fn hand_over(&mut self) {
+        info!(
+            waiting = self.pending.len(),
+            held = self.held.len(),
+            pin_dir = %self.programs.pin_dir.display(),
+            "stopping; the gate stays attached for the next core (`tlshub-core release` if none comes)"
+        );
     }
 
     fn on_admin(&mut self, request: AdminRequest) {
@@ -709,7 +791,7 @@ impl Agent {
                 ringbuf_drops: s.ringbuf_drops,
             }),
             config_file: self.config_path.display().to_string(),
-            bpf_pin_dir: String::new(),
+            bpf_pin_dir: self.programs.pin_dir.display().to_string(),
         }
     }
 
@@ -811,6 +893,7 @@ impl Agent {
             .ringbuf_drops
             .inc_by(drops.saturating_sub(self.stats.ringbuf_drops));
         self.stats.ringbuf_drops = drops;
+        self.stats.no_core_refusals = self.programs.no_core_refusals();
         self.metrics.pending.set(self.pending.len() as i64);
         let Some(path) = &self.stats_file else { return };
         // Rewrite only after events or outcomes: counting map entries walks
@@ -886,7 +969,7 @@ async fn health_loop(providers: Arc<Registry>, metrics: Arc<Metrics>, interval: 
 }
 
 /// The state letter of `/proc/PID/stat` (`T` = stopped), `None` if gone.
-fn process_state(pid: u32) -> Option<char> {
+pub fn process_state(pid: u32) -> Option<char> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // "pid (comm) S ...": comm may contain spaces and parentheses.
     stat.rsplit_once(')')?.1.trim_start().chars().next()

@@ -2,13 +2,17 @@
 //! to their maps (policy, exemptions, the gate, held processes, stats).
 
 use std::os::fd::AsFd;
+use std::path::Path;
 use std::sync::{Arc, Mutex};
 
 use aya::maps::lpm_trie::{Key, LpmTrie};
 use aya::maps::{Array, HashMap, MapData, RingBuf, SkStorage};
+use aya::programs::links::{FdLink, PinnedLink};
 use aya::programs::{CgroupAttachMode, Lsm, SockOps, TracePoint};
-use aya::{Btf, Ebpf};
-use tlshub_ebpf::{Addr16, Conn, Held, PortKey, SkMark, gate, mapped, names, stat};
+use aya::{Btf, Ebpf, EbpfLoader};
+use tlshub_ebpf::{
+    Addr16, Conn, Control, Held, PortKey, SkMark, gate, mapped, names, no_core, stat,
+};
 use tracing::{debug, info, warn};
 
 use crate::config::PolicySection;
@@ -47,6 +51,28 @@ pub enum BpfError {
         /// Why.
         #[source]
         source: std::io::Error,
+    },
+    /// Pinning programs or maps under the pin directory failed.
+    #[error("cannot pin {what} under {dir}: {reason}")]
+    Pin {
+        /// What.
+        what: String,
+        /// The pin directory.
+        dir: String,
+        /// Why.
+        reason: String,
+    },
+    /// Programs of a different build are pinned there.
+    #[error(
+        "{dir} holds the BPF programs of another tlshub build ({found}; this one is {ours}); run that build's `tlshub-core release` (or this one's `release --detach`, which only removes them) first"
+    )]
+    ForeignPins {
+        /// The pin directory.
+        dir: String,
+        /// The digest found.
+        found: String,
+        /// Ours.
+        ours: String,
     },
     /// A map operation failed.
     #[error("BPF map {map}: {source}")]
@@ -108,8 +134,14 @@ pub struct Programs {
     peer_nets: LpmTrie<MapData, Addr16, u32>,
     rule_ports: HashMap<MapData, PortKey, u8>,
     stats: Array<MapData, u64>,
+    control: Array<MapData, Control>,
     /// Processes never held.
     pub exempt: Exempt,
+    /// Where programs and maps are pinned.
+    pub pin_dir: std::path::PathBuf,
+    /// True when this core found the programs attached by an earlier core
+    /// (restart) and took them over instead of attaching its own.
+    pub adopted: bool,
     /// What is attached where: (program, attach point), for status.
     pub attached: Vec<(String, String)>,
 }
@@ -144,55 +176,222 @@ where
     })
 }
 
+/// SHA-256 of the BPF object this binary carries (hex): which build's
+/// programs are pinned.
+pub fn object_digest() -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(tlshub_ebpf::OBJECT))
+}
+
+/// This build's directory under `pin_dir` (bpffs holds no regular files,
+/// so the build is named by the directory: the first 16 hex digits of the
+/// object's SHA-256). Another build's directory there is an error: its
+/// programs would keep running beside ours.
+fn build_dir(pin_dir: &Path) -> Result<std::path::PathBuf, BpfError> {
+    let ours = object_digest()[..16].to_owned();
+    if let Ok(dir) = std::fs::read_dir(pin_dir) {
+        for e in dir.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if name != ours {
+                return Err(BpfError::ForeignPins {
+                    dir: pin_dir.display().to_string(),
+                    found: name,
+                    ours,
+                });
+            }
+        }
+    }
+    Ok(pin_dir.join(ours))
+}
+
+/// Whether every program's link is pinned in `links_dir`.
+fn links_complete(links_dir: &Path) -> bool {
+    std::iter::once(names::SOCKOPS)
+        .chain(names::TRACEPOINTS.iter().map(|t| t.0))
+        .chain(names::LSM.iter().map(|l| l.0))
+        .all(|p| links_dir.join(p).exists())
+}
+
+/// Loads the object's maps, each pinned as `maps_dir/<name>` (an existing
+/// pin is reused), without loading any program.
+fn load_pinned_maps(maps_dir: &Path) -> Result<Ebpf, BpfError> {
+    let paths: Vec<(&str, std::path::PathBuf)> =
+        names::MAPS.iter().map(|m| (*m, maps_dir.join(m))).collect();
+    let mut loader = EbpfLoader::new();
+    for (name, path) in &paths {
+        loader.map_pin_path(name, path.as_path());
+    }
+    Ok(loader.load(tlshub_ebpf::OBJECT)?)
+}
+
+/// (program, attach point) of every program, for status.
+fn attach_points(cgroup: &Path) -> Vec<(String, String)> {
+    std::iter::once((
+        names::SOCKOPS.to_owned(),
+        format!("sockops on cgroup {}", cgroup.display()),
+    ))
+    .chain(
+        names::TRACEPOINTS
+            .iter()
+            .map(|(n, c, t)| ((*n).to_owned(), format!("tracepoint/{c}/{t}"))),
+    )
+    .chain(
+        names::LSM
+            .iter()
+            .map(|(n, h)| ((*n).to_owned(), format!("lsm/{h}"))),
+    )
+    .collect()
+}
+
+/// Loads and attaches every program, pinning each link as
+/// `links_dir/<program>`.
+fn attach_all(ebpf: &mut Ebpf, cgroup: &Path, links_dir: &Path) -> Result<(), BpfError> {
+    let btf = Btf::from_sys_fs()?;
+    let cg = std::fs::File::open(cgroup).map_err(|source| BpfError::Cgroup {
+        path: cgroup.display().to_string(),
+        source,
+    })?;
+    let load = |program, source| BpfError::Load { program, source };
+    let pin = |program: &str, link: FdLink| {
+        link.pin(links_dir.join(program))
+            .map(drop)
+            .map_err(|e| BpfError::Pin {
+                what: format!("the link of {program}"),
+                dir: links_dir.display().to_string(),
+                reason: e.to_string(),
+            })
+    };
+    let not_pinnable = |program: &str, e: &dyn std::fmt::Display| BpfError::Pin {
+        what: format!("the link of {program} (not a bpf_link)"),
+        dir: links_dir.display().to_string(),
+        reason: e.to_string(),
+    };
+    let not_fd = |program: &'static str| {
+        move |e: aya::programs::ProgramError| BpfError::Load { program, source: e }
+    };
+    {
+        let p: &mut SockOps = program(ebpf, names::SOCKOPS)?;
+        p.load().map_err(|e| load(names::SOCKOPS, e))?;
+        // A bpf_link: the kernel always attaches links as multi (another
+        // core's sockops may sit on the same cgroup); on 6.1 an explicit
+        // BPF_F_ALLOW_MULTI flag on link_create is EINVAL.
+        let id = p
+            .attach(cg.as_fd(), CgroupAttachMode::Single)
+            .map_err(|e| load(names::SOCKOPS, e))?;
+        let link = p.take_link(id).map_err(not_fd(names::SOCKOPS))?;
+        pin(
+            names::SOCKOPS,
+            FdLink::try_from(link).map_err(|e| not_pinnable(names::SOCKOPS, &e))?,
+        )?;
+    }
+    for (name, category, tp) in names::TRACEPOINTS {
+        let p: &mut TracePoint = program(ebpf, name)?;
+        p.load().map_err(|e| load(name, e))?;
+        let id = p.attach(category, tp).map_err(|e| load(name, e))?;
+        let link = p.take_link(id).map_err(not_fd(name))?;
+        pin(
+            name,
+            FdLink::try_from(link).map_err(|e| not_pinnable(name, &e))?,
+        )?;
+    }
+    for (name, hook) in names::LSM {
+        let p: &mut Lsm = program(ebpf, name)?;
+        p.load(hook, &btf).map_err(|e| load(name, e))?;
+        let id = p.attach().map_err(|e| load(name, e))?;
+        let link = p.take_link(id).map_err(not_fd(name))?;
+        pin(name, FdLink::from(link))?;
+    }
+    Ok(())
+}
+
+/// Removes everything pinned under `pin_dir`, of any build: the links
+/// (which detaches the programs once no process holds them) and the maps.
+pub fn unpin_all(pin_dir: &Path) -> std::io::Result<()> {
+    let Ok(builds) = std::fs::read_dir(pin_dir) else {
+        return Ok(());
+    };
+    for build in builds.flatten() {
+        for sub in ["links", "maps"] {
+            if let Ok(dir) = std::fs::read_dir(build.path().join(sub)) {
+                for e in dir.flatten() {
+                    std::fs::remove_file(e.path())?;
+                }
+            }
+            let _ = std::fs::remove_dir(build.path().join(sub));
+        }
+        let _ = std::fs::remove_dir(build.path());
+    }
+    let _ = std::fs::remove_dir(pin_dir);
+    Ok(())
+}
+
 impl Programs {
-    /// Loads the object and attaches sockops to `cgroup`, the tracepoints
-    /// and the LSM gate.
-    pub fn load_and_attach(cgroup: &std::path::Path) -> Result<Self, BpfError> {
-        let mut ebpf = Ebpf::load(tlshub_ebpf::OBJECT)?;
-        let btf = Btf::from_sys_fs()?;
+    /// Loads the object with every map pinned under `pin_dir/maps` and
+    /// attaches sockops to `cgroup`, the tracepoints and the LSM gate, each
+    /// link pinned under `pin_dir/links`, so that the programs and maps
+    /// outlive this process: while no core runs, the gate keeps holding
+    /// (then, after the grace, refusing) and the next core adopts them.
+    ///
+    /// If `pin_dir` already holds this build's programs, they are adopted
+    /// as they are (nothing is detached, not for a moment); another build's
+    /// programs are an error (see [`BpfError::ForeignPins`]).
+    pub fn load_and_attach(cgroup: &Path, pin_dir: &Path) -> Result<Self, BpfError> {
+        let pin_err = |what: &str, reason: String| BpfError::Pin {
+            what: what.to_owned(),
+            dir: pin_dir.display().to_string(),
+            reason,
+        };
+        let root = build_dir(pin_dir)?;
+        let (maps_dir, links_dir) = (root.join("maps"), root.join("links"));
+        let adopted = links_complete(&links_dir);
+        for d in [&maps_dir, &links_dir] {
+            std::fs::create_dir_all(d).map_err(|e| pin_err("directories", e.to_string()))?;
+        }
+        let mut ebpf = load_pinned_maps(&maps_dir)?;
+        let attached = attach_points(cgroup);
+        if adopted {
+            info!(dir = %root.display(), "adopting the BPF programs an earlier core left attached");
+        } else {
+            // A core that died half-way through a fresh start may have
+            // left some links: drop them and attach a complete set.
+            if let Ok(dir) = std::fs::read_dir(&links_dir) {
+                for e in dir.flatten() {
+                    if let Ok(l) = PinnedLink::from_pin(e.path()) {
+                        let _ = l.unpin();
+                    }
+                }
+            }
+            attach_all(&mut ebpf, cgroup, &links_dir)?;
+            info!(cgroup = %cgroup.display(), dir = %root.display(), "BPF programs attached and pinned");
+        }
+        Self::from_loaded(ebpf, &root, adopted, attached)
+    }
 
-        let cg = std::fs::File::open(cgroup).map_err(|source| BpfError::Cgroup {
-            path: cgroup.display().to_string(),
-            source,
-        })?;
-        let load = |program, source| BpfError::Load { program, source };
-        {
-            let p: &mut SockOps = program(&mut ebpf, names::SOCKOPS)?;
-            p.load().map_err(|e| load(names::SOCKOPS, e))?;
-            // A bpf_link: the kernel always attaches links as multi (another
-            // core's sockops may sit on the same cgroup); on 6.1 an explicit
-            // BPF_F_ALLOW_MULTI flag on link_create is EINVAL.
-            p.attach(cg.as_fd(), CgroupAttachMode::Single)
-                .map_err(|e| load(names::SOCKOPS, e))?;
+    /// The maps pinned under `pin_dir` by a core of this build, without
+    /// loading or attaching any program (for `tlshub-core release`).
+    pub fn open_pinned(pin_dir: &Path) -> Result<Self, BpfError> {
+        let root = build_dir(pin_dir)?;
+        if !root.join("maps").join(names::CONNS).exists() {
+            return Err(BpfError::Pin {
+                what: "nothing (no pinned maps of this build)".into(),
+                dir: root.display().to_string(),
+                reason: "not found".into(),
+            });
         }
-        for (name, category, tp) in names::TRACEPOINTS {
-            let p: &mut TracePoint = program(&mut ebpf, name)?;
-            p.load().map_err(|e| load(name, e))?;
-            p.attach(category, tp).map_err(|e| load(name, e))?;
-        }
-        for (name, hook) in names::LSM {
-            let p: &mut Lsm = program(&mut ebpf, name)?;
-            p.load(hook, &btf).map_err(|e| load(name, e))?;
-            p.attach().map_err(|e| load(name, e))?;
-        }
-        info!(cgroup = %cgroup.display(), "BPF programs attached");
-        let attached = std::iter::once((
-            names::SOCKOPS.to_owned(),
-            format!("sockops on cgroup {}", cgroup.display()),
-        ))
-        .chain(
-            names::TRACEPOINTS
-                .iter()
-                .map(|(n, c, t)| ((*n).to_owned(), format!("tracepoint/{c}/{t}"))),
-        )
-        .chain(
-            names::LSM
-                .iter()
-                .map(|(n, h)| ((*n).to_owned(), format!("lsm/{h}"))),
-        )
-        .collect();
+        let ebpf = load_pinned_maps(&root.join("maps"))?;
+        Self::from_loaded(ebpf, &root, true, Vec::new())
+    }
 
+    fn from_loaded(
+        mut ebpf: Ebpf,
+        pin_dir: &Path,
+        adopted: bool,
+        attached: Vec<(String, String)>,
+    ) -> Result<Self, BpfError> {
         Ok(Self {
+            control: take(&mut ebpf, names::CONTROL)?,
+            pin_dir: pin_dir.to_owned(),
+            adopted,
             events: Some(take(&mut ebpf, names::EVENTS)?),
             conns: take(&mut ebpf, names::CONNS)?,
             ino_cookies: take(&mut ebpf, names::INO_COOKIES)?,
@@ -300,6 +499,53 @@ impl Programs {
         Ok(())
     }
 
+    /// Every tracked connection (for adopting them after a restart).
+    pub fn all_conns(&self) -> Vec<(u64, Conn)> {
+        self.conns.iter().filter_map(Result::ok).collect()
+    }
+
+    /// Tells the gate a core is alive now, and what to do once none has
+    /// beaten for `grace`: fail the calls of connections still waiting for
+    /// keys (fail-closed) or let them through (fail-open).
+    pub fn heartbeat(&mut self, grace: std::time::Duration, fail_open: bool) {
+        let c = Control {
+            heartbeat_ns: crate::sys::monotonic_ns(),
+            grace_ns: u64::try_from(grace.as_nanos()).unwrap_or(u64::MAX),
+            no_core: if fail_open {
+                no_core::PASS
+            } else {
+                no_core::REFUSE
+            },
+            pad: 0,
+        };
+        if let Err(e) = self.control.set(0, c, 0) {
+            warn!(error = %e, "cannot write the heartbeat");
+        }
+    }
+
+    /// Tells the gate no core is alive: from now on it applies the failure
+    /// policy itself instead of holding.
+    pub fn no_core(&mut self, fail_open: bool) {
+        let c = Control {
+            heartbeat_ns: 0,
+            grace_ns: 0,
+            no_core: if fail_open {
+                no_core::PASS
+            } else {
+                no_core::REFUSE
+            },
+            pad: 0,
+        };
+        if let Err(e) = self.control.set(0, c, 0) {
+            warn!(error = %e, "cannot write the no-core mode");
+        }
+    }
+
+    /// Gate refusals (or passes) for lack of a core.
+    pub fn no_core_refusals(&self) -> u64 {
+        self.stat(stat::NO_CORE_REFUSALS)
+    }
+
     /// Holds recorded in the map because the ring buffer was full: (tgid, record).
     pub fn held(&self) -> Vec<(u32, Held)> {
         self.held.iter().filter_map(Result::ok).collect()
@@ -333,6 +579,33 @@ impl Programs {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn scratch(name: &str) -> std::path::PathBuf {
+        let d = std::env::temp_dir().join(format!("tlshub-pins-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    }
+
+    /// A pin directory holding another build's programs is refused with a
+    /// message that says what to do; this build's own directory is used.
+    #[test]
+    fn another_builds_pins_are_refused_and_ours_are_used() {
+        let d = scratch("foreign");
+        let ours = build_dir(&d).unwrap();
+        assert_eq!(ours.file_name().unwrap().len(), 16);
+        std::fs::create_dir_all(ours.join("links")).unwrap();
+        assert_eq!(build_dir(&d).unwrap(), ours);
+        assert!(!links_complete(&ours.join("links")));
+        std::fs::create_dir_all(d.join("0123456789abcdef")).unwrap();
+        let e = build_dir(&d).unwrap_err().to_string();
+        assert!(
+            e.contains("another tlshub build") && e.contains("release"),
+            "{e}"
+        );
+        unpin_all(&d).unwrap();
+        assert!(!d.exists(), "unpin_all removes every build's pins");
+    }
 
     /// The object's sockops and tracepoint programs pass this machine's
     /// verifier too (CO-RE against a second kernel). The LSM programs cannot

@@ -247,12 +247,21 @@ pub struct PolicySection {
 pub struct BpfSection {
     /// The cgroup v2 directory the sockops program attaches to.
     pub cgroup: PathBuf,
+    /// Where the programs' links and maps are pinned (on bpffs), so they
+    /// outlive a core restart.
+    pub pin_dir: PathBuf,
+    /// How long the gate keeps holding new connections while no core is
+    /// alive (a restarting core adopts them); after that it applies the
+    /// failure policy by itself instead of stopping processes.
+    pub core_restart_grace_ms: u64,
 }
 
 impl Default for BpfSection {
     fn default() -> Self {
         Self {
             cgroup: PathBuf::from("/sys/fs/cgroup"),
+            pin_dir: PathBuf::from("/sys/fs/bpf/tlshub"),
+            core_restart_grace_ms: 5000,
         }
     }
 }

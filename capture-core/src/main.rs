@@ -9,6 +9,7 @@ mod config;
 mod keying;
 mod metrics;
 mod providers;
+mod release;
 #[expect(
     unsafe_code,
     reason = "syscalls on application sockets; SAFETY comments inside"
@@ -57,6 +58,23 @@ struct Args {
     /// Check the configuration and exit.
     #[arg(long)]
     check_config: bool,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Debug, clap::Subcommand)]
+enum Command {
+    /// For when no core is coming back: apply the failure policy to the
+    /// connections still waiting for keys (reset them, or let them through),
+    /// make the gate stop holding, continue the processes it stopped. The
+    /// programs stay attached (refusing or passing per the policy) unless
+    /// --detach removes them.
+    Release {
+        /// Also detach the programs and remove the pinned maps (new
+        /// connections are then not protected at all).
+        #[arg(long)]
+        detach: bool,
+    },
 }
 
 fn main() -> ExitCode {
@@ -92,6 +110,29 @@ fn main() -> ExitCode {
     if args.check_config {
         println!("{}: OK", args.config.display());
         return ExitCode::SUCCESS;
+    }
+    if let Some(Command::Release { detach }) = args.command {
+        return match release::release(&config, detach) {
+            Ok(r) => {
+                println!(
+                    "released: {} reset, {} let through, {} unreachable, {} processes continued{}",
+                    r.reset,
+                    r.passed,
+                    r.unreachable,
+                    r.continued,
+                    if r.detached {
+                        ", programs detached"
+                    } else {
+                        ""
+                    }
+                );
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("tlshub-core release: {}", error_chain(&e));
+                ExitCode::FAILURE
+            }
+        };
     }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()

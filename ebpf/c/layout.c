@@ -22,8 +22,13 @@ int main(void)
 	S(tlshub_conn);
 	O(tlshub_conn, gate);
 	O(tlshub_conn, role);
+	O(tlshub_conn, est);
+	O(tlshub_conn, owner_pid);
+	O(tlshub_conn, owner_fd);
 	S(tlshub_held);
 	O(tlshub_held, since_ns);
+	S(tlshub_control);
+	O(tlshub_control, no_core);
 	S(tlshub_sk_mark);
 	S(tlshub_lpm_key);
 	O(tlshub_lpm_key, addr);

@@ -27,6 +27,7 @@ char LICENSE[] SEC("license") = "GPL";
 #define AF_INET6 10
 #define EINPROGRESS 115
 #define ERESTARTSYS 512
+#define ECONNRESET 104
 #define SIGSTOP 19
 #define S_IFMT 00170000
 #define S_IFSOCK 0140000
@@ -149,6 +150,13 @@ struct {
 	__type(key, __u32);
 	__type(value, __u64);
 } stats SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct tlshub_control);
+} control SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_RINGBUF);
@@ -303,6 +311,10 @@ established:
 	ev.cookie = cookie;
 	ev.local_isn = skops->snd_nxt - 1;
 	ev.remote_isn = skops->rcv_nxt - 1;
+	ev.ts_ns = bpf_ktime_get_ns();
+	struct tlshub_conn *tracked = bpf_map_lookup_elem(&conns, &cookie);
+	if (tracked)
+		tracked->est = ev;
 	emit(&ev);
 	return 1;
 }
@@ -350,6 +362,8 @@ static __always_inline void report_owner(int fd)
 	__u64 ino = BPF_CORE_READ(inode, i_ino);
 	bpf_map_update_elem(&ino_cookies, &ino, &cookie, BPF_ANY);
 	c->ino = ino;
+	c->owner_pid = bpf_get_current_pid_tgid() >> 32;
+	c->owner_fd = fd;
 
 	struct tlshub_event ev = {
 		.kind = TLSHUB_EV_OWNER,
@@ -420,6 +434,16 @@ static __always_inline int gate(__u64 cookie)
 	__u32 tgid = bpf_get_current_pid_tgid() >> 32;
 	if (bpf_map_lookup_elem(&exempt, &tgid))
 		return 0;
+	/* No core (it stopped and its heartbeat is older than the grace, or
+	 * `tlshub-core release` ran): holding would stop the process with
+	 * nobody to continue it, so apply the failure policy here instead. */
+	__u32 zero = 0;
+	struct tlshub_control *ctl = bpf_map_lookup_elem(&control, &zero);
+	if (ctl && ctl->no_core != TLSHUB_NO_CORE_HOLD &&
+	    (ctl->heartbeat_ns == 0 || bpf_ktime_get_ns() - ctl->heartbeat_ns > ctl->grace_ns)) {
+		stat_inc(TLSHUB_STAT_NO_CORE_REFUSALS);
+		return ctl->no_core == TLSHUB_NO_CORE_PASS ? 0 : -ECONNRESET;
+	}
 	struct tlshub_event ev = {
 		.kind = TLSHUB_EV_HELD,
 		.role = c->role,

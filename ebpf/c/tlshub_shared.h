@@ -19,10 +19,25 @@
 #define TLSHUB_GATE_CLOSED 1 /* hold everyone but exempt processes */
 #define TLSHUB_GATE_OPEN 2   /* keys installed (or policy said let it pass) */
 
+/* What the gate does with a connection still waiting for keys when no core
+ * is alive (struct tlshub_control.no_core). */
+#define TLSHUB_NO_CORE_HOLD 0   /* hold anyway (a core is expected back) */
+#define TLSHUB_NO_CORE_REFUSE 1 /* fail-closed: the call fails, ECONNRESET */
+#define TLSHUB_NO_CORE_PASS 2   /* fail-open: let it through in plaintext */
+
+/* Written by the core: its heartbeat and what to do without it. */
+struct tlshub_control {
+	__u64 heartbeat_ns; /* bpf_ktime_get_ns() clock; 0: no core */
+	__u64 grace_ns;     /* a heartbeat older than this means no core */
+	__u32 no_core;      /* TLSHUB_NO_CORE_* */
+	__u32 pad;
+};
+
 /* Indexes into the stats array. */
 #define TLSHUB_STAT_RINGBUF_DROPS 0
 #define TLSHUB_STAT_GATE_STOPS 1
-#define TLSHUB_STAT_MAX 2
+#define TLSHUB_STAT_NO_CORE_REFUSALS 2
+#define TLSHUB_STAT_MAX 3
 
 struct tlshub_event {
 	__u32 kind;
@@ -46,6 +61,13 @@ struct tlshub_conn {
 	__u64 ino; /* socket inode, 0 until the owner is known */
 	__u32 gate;
 	__u32 role;
+	/* Copies of what the ring buffer reported, so a core that starts
+	 * while connections wait for keys (after a restart) can key them from
+	 * the map alone: the ESTABLISHED event (kind 0 until then) and the
+	 * owner (pid 0 until known). */
+	struct tlshub_event est;
+	__u32 owner_pid;
+	__s32 owner_fd;
 };
 
 /* Per held process, keyed by tgid. */

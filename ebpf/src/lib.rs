@@ -45,10 +45,28 @@ pub mod names {
     pub const STATS: &str = "stats";
     /// Ring buffer.
     pub const EVENTS: &str = "events";
+    /// The core's heartbeat and the no-core policy.
+    pub const CONTROL: &str = "control";
     /// Socket-local storage marks.
     pub const SK_MARKS: &str = "sk_marks";
     /// In-flight connect() fds.
     pub const CONNECT_FDS: &str = "connect_fds";
+    /// Every map of the object (all are pinned, so a restarted core and the
+    /// programs still attached share them).
+    pub const MAPS: [&str; 12] = [
+        CONNS,
+        INO_COOKIES,
+        HELD,
+        EXEMPT,
+        LOCAL_NETS,
+        PEER_NETS,
+        RULE_PORTS,
+        STATS,
+        EVENTS,
+        CONTROL,
+        SK_MARKS,
+        CONNECT_FDS,
+    ];
 }
 
 /// Event kinds (`TLSHUB_EV_*`).
@@ -85,6 +103,33 @@ pub mod stat {
     pub const RINGBUF_DROPS: u32 = 0;
     /// Times the gate stopped a process.
     pub const GATE_STOPS: u32 = 1;
+    /// Calls the gate failed (or passed, fail-open) because no core was alive.
+    pub const NO_CORE_REFUSALS: u32 = 2;
+}
+
+/// `TLSHUB_NO_CORE_*`: what the gate does while no core is alive.
+pub mod no_core {
+    /// Hold anyway (a core is expected back).
+    pub const HOLD: u32 = 0;
+    /// Fail the call with ECONNRESET (fail-closed).
+    pub const REFUSE: u32 = 1;
+    /// Let it through in plaintext (fail-open).
+    pub const PASS: u32 = 2;
+}
+
+/// `struct tlshub_control`: the core's heartbeat and what the gate does
+/// without it.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Control {
+    /// `CLOCK_MONOTONIC` nanoseconds of the core's last beat; 0: no core.
+    pub heartbeat_ns: u64,
+    /// A beat older than this means no core.
+    pub grace_ns: u64,
+    /// One of [`no_core`].
+    pub no_core: u32,
+    /// Padding (zero).
+    pub pad: u32,
 }
 
 /// `struct tlshub_event`.
@@ -180,6 +225,13 @@ pub struct Conn {
     pub gate: u32,
     /// One of [`role`].
     pub role: u32,
+    /// The ESTABLISHED event as reported (`kind` 0 until established), so a
+    /// restarted core can key a waiting connection from the map alone.
+    pub est: Event,
+    /// The owner's pid (0 until known).
+    pub owner_pid: u32,
+    /// The owner's fd at connect/accept.
+    pub owner_fd: i32,
 }
 
 /// `struct tlshub_held`.
@@ -222,6 +274,8 @@ pub struct PortKey {
 unsafe impl aya::Pod for Conn {}
 // SAFETY: as above.
 unsafe impl aya::Pod for Held {}
+// SAFETY: repr(C), integers only, no padding (checked against the C layout).
+unsafe impl aya::Pod for Control {}
 // SAFETY: as above.
 unsafe impl aya::Pod for SkMark {}
 // SAFETY: as above.
@@ -267,6 +321,11 @@ mod tests {
         assert_eq!(size_of::<Conn>(), SIZE_tlshub_conn);
         assert_eq!(offset_of!(Conn, gate), OFF_tlshub_conn_gate);
         assert_eq!(offset_of!(Conn, role), OFF_tlshub_conn_role);
+        assert_eq!(offset_of!(Conn, est), OFF_tlshub_conn_est);
+        assert_eq!(offset_of!(Conn, owner_pid), OFF_tlshub_conn_owner_pid);
+        assert_eq!(offset_of!(Conn, owner_fd), OFF_tlshub_conn_owner_fd);
+        assert_eq!(size_of::<Control>(), SIZE_tlshub_control);
+        assert_eq!(offset_of!(Control, no_core), OFF_tlshub_control_no_core);
         assert_eq!(size_of::<Held>(), SIZE_tlshub_held);
         assert_eq!(offset_of!(Held, since_ns), OFF_tlshub_held_since_ns);
         assert_eq!(size_of::<SkMark>(), SIZE_tlshub_sk_mark);
@@ -304,6 +363,7 @@ mod tests {
             .into_iter()
             .chain(names::TRACEPOINTS.iter().map(|t| t.0))
             .chain(names::LSM.iter().map(|l| l.0))
+            .chain(names::MAPS.iter().copied())
         {
             assert!(text.contains(name), "{name} missing from the BPF object");
         }

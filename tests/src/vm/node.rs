@@ -125,7 +125,7 @@ impl Node {
             .collect();
         let metrics_port = if n == "a" { 9464 } else { 9465 };
         let core_toml = format!(
-            "node_name = \"node-{n}\"\nfailure_policy = \"{}\"\n\n[provider]\nactive = \"{}\"\ntimeout_ms = {}\nhealth_interval_ms = 500\n[provider.endpoints]\n{endpoints}\n[admin]\nsocket = \"{}\"\n\n[metrics]\nlisten = \"127.0.0.1:{metrics_port}\"\n\n[policy]\nlocal_cidrs = [{local}]\n[[policy.rules]]\npeer_cidrs = [{peer}]\nports = [{PROTECTED_PORT}]\n",
+            "node_name = \"node-{n}\"\nfailure_policy = \"{}\"\n\n[provider]\nactive = \"{}\"\ntimeout_ms = {}\nhealth_interval_ms = 500\n[provider.endpoints]\n{endpoints}\n[admin]\nsocket = \"{}\"\n\n[metrics]\nlisten = \"127.0.0.1:{metrics_port}\"\n\n[policy]\nlocal_cidrs = [{local}]\n[[policy.rules]]\npeer_cidrs = [{peer}]\nports = [{PROTECTED_PORT}]\n\n[bpf]\npin_dir = \"/sys/fs/bpf/tlshub-node-{n}\"\n",
             spec.failure_policy,
             spec.provider.name(),
             spec.key_timeout_ms,
@@ -138,25 +138,10 @@ impl Node {
             let p = spawn_provider(&spec, &dir, kind, &mut standin)?;
             providers.push((kind, p));
         }
-        let clog = PathBuf::from(format!("/tmp/logs/node-{n}-core.log"));
-        let cfg = dir.join("core.toml");
-        let stats = dir.join("stats.json");
-        let keys = dir.join("keys.jsonl");
-        let mut core = Proc::spawn(
-            &format!("core-{n}"),
-            None,
-            &[
-                "tlshub-core",
-                "--config",
-                &cfg.to_string_lossy(),
-                "--stats-file",
-                &stats.to_string_lossy(),
-                "--keylog-file",
-                &keys.to_string_lossy(),
-            ],
-            &clog,
-        )?;
-        core.wait_for_log("capture-core running", Duration::from_secs(60))?;
+        // A scenario that failed before its cleanup may have left programs
+        // pinned for this node: start from nothing.
+        let _ = release(n, &dir, true);
+        let core = spawn_core(n, &dir, "core")?;
         Ok(Self {
             spec,
             dir,
@@ -307,6 +292,31 @@ impl Node {
         ))
     }
 
+    /// Kills the core with SIGKILL (its programs stay pinned and attached).
+    pub fn kill_core(&mut self) {
+        if let Some(c) = self.core.as_mut() {
+            c.signal(9);
+            let _ = c.wait(Duration::from_secs(10));
+        }
+    }
+
+    /// Starts the core again (after [`Node::kill_core`] or
+    /// [`Node::stop_core`]); it adopts the pinned programs. Its log is
+    /// `node-X-core-LABEL.log`.
+    pub fn restart_core(&mut self, label: &str) -> Result<(), String> {
+        self.core = Some(spawn_core(
+            self.spec.name,
+            &self.dir,
+            &format!("core-{label}"),
+        )?);
+        Ok(())
+    }
+
+    /// Runs `tlshub-core release [--detach]` for this node and returns its output.
+    pub fn release(&self, detach: bool) -> Result<String, String> {
+        release(self.spec.name, &self.dir, detach)
+    }
+
     /// Stops the core (SIGTERM) and waits for its final stats.
     pub fn stop_core(&mut self) {
         if let Some(mut c) = self.core.take() {
@@ -318,6 +328,11 @@ impl Node {
 impl Drop for Node {
     fn drop(&mut self) {
         self.stop_core();
+        // The programs outlive the core (pinned): remove them so the next
+        // scenario starts from nothing.
+        if let Err(e) = self.release(true) {
+            eprintln!("node {}: {e}", self.spec.name);
+        }
         for (_, p) in &mut self.providers {
             if let Some(mut p) = p.take() {
                 p.stop();
@@ -461,6 +476,54 @@ fn spawn_provider(
         ProviderKind::Missing => None,
     };
     Ok(provider)
+}
+
+/// Starts a node's `tlshub-core` (log `/tmp/logs/node-N-LABEL.log`) and
+/// waits until it runs.
+fn spawn_core(n: &str, dir: &std::path::Path, label: &str) -> Result<Proc, String> {
+    let log = PathBuf::from(format!("/tmp/logs/node-{n}-{label}.log"));
+    let cfg = dir.join("core.toml");
+    let stats = dir.join("stats.json");
+    let keys = dir.join("keys.jsonl");
+    let mut core = Proc::spawn(
+        &format!("core-{n}"),
+        None,
+        &[
+            "tlshub-core",
+            "--config",
+            &cfg.to_string_lossy(),
+            "--stats-file",
+            &stats.to_string_lossy(),
+            "--keylog-file",
+            &keys.to_string_lossy(),
+        ],
+        &log,
+    )?;
+    core.wait_for_log("capture-core running", Duration::from_secs(60))?;
+    Ok(core)
+}
+
+/// `tlshub-core --config DIR/core.toml release [--detach]`.
+fn release(n: &str, dir: &std::path::Path, detach: bool) -> Result<String, String> {
+    let cfg = dir.join("core.toml");
+    let cfg = cfg.to_string_lossy();
+    let mut argv = vec!["tlshub-core", "--config", &cfg, "release"];
+    if detach {
+        argv.push("--detach");
+    }
+    let out = super::process::command(None, &argv)
+        .output()
+        .map_err(|e| format!("cannot run tlshub-core release: {e}"))?;
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    if out.status.success() {
+        Ok(text)
+    } else {
+        Err(format!("node {n}: release failed: {text}"))
+    }
 }
 
 /// 32 random bytes from /dev/urandom.

@@ -169,6 +169,12 @@ pub fn tail(path: &Path) -> String {
     lines[lines.len().saturating_sub(25)..].join("\n")
 }
 
+/// The state letter of `/proc/PID/stat` (`T` = stopped), `None` if gone.
+pub fn state(pid: u32) -> Option<char> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat.rsplit_once(')')?.1.trim_start().chars().next()
+}
+
 /// The warnings and errors of a log (the first 40), for failure reports:
 /// the tail alone often misses the line that explains a failure.
 pub fn warnings(path: &Path) -> String {

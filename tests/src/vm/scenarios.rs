@@ -48,6 +48,11 @@ pub const TESTS: &[Scenario] = &[
         "mismatched_providers_fail_closed",
         super::service::mismatched_providers_fail_closed,
     ),
+    (
+        "core_kill9_under_load",
+        super::service::core_kill9_under_load,
+    ),
+    ("core_gone_release", super::service::core_gone_release),
     ("malformed_config_is_refused", malformed_config),
 ];
 
