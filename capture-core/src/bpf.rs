@@ -508,27 +508,20 @@ impl Programs {
     /// beaten for `grace`: fail the calls of connections still waiting for
     /// keys (fail-closed) or let them through (fail-open).
     pub fn heartbeat(&mut self, grace: std::time::Duration, fail_open: bool) {
-        let c = Control {
-            heartbeat_ns: crate::sys::monotonic_ns(),
-            grace_ns: u64::try_from(grace.as_nanos()).unwrap_or(u64::MAX),
-            no_core: if fail_open {
-                no_core::PASS
-            } else {
-                no_core::REFUSE
-            },
-            pad: 0,
-        };
-        if let Err(e) = self.control.set(0, c, 0) {
-            warn!(error = %e, "cannot write the heartbeat");
-        }
+        let grace_ns = u64::try_from(grace.as_nanos()).unwrap_or(u64::MAX);
+        self.write_control(crate::sys::monotonic_ns(), grace_ns, fail_open);
     }
 
     /// Tells the gate no core is alive: from now on it applies the failure
     /// policy itself instead of holding.
     pub fn no_core(&mut self, fail_open: bool) {
+        self.write_control(0, 0, fail_open);
+    }
+
+    fn write_control(&mut self, heartbeat_ns: u64, grace_ns: u64, fail_open: bool) {
         let c = Control {
-            heartbeat_ns: 0,
-            grace_ns: 0,
+            heartbeat_ns,
+            grace_ns,
             no_core: if fail_open {
                 no_core::PASS
             } else {
@@ -537,7 +530,7 @@ impl Programs {
             pad: 0,
         };
         if let Err(e) = self.control.set(0, c, 0) {
-            warn!(error = %e, "cannot write the no-core mode");
+            warn!(error = %e, "cannot write the gate's control map");
         }
     }
 

@@ -511,19 +511,7 @@ fn release(n: &str, dir: &std::path::Path, detach: bool) -> Result<String, Strin
     if detach {
         argv.push("--detach");
     }
-    let out = super::process::command(None, &argv)
-        .output()
-        .map_err(|e| format!("cannot run tlshub-core release: {e}"))?;
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    if out.status.success() {
-        Ok(text)
-    } else {
-        Err(format!("node {n}: release failed: {text}"))
-    }
+    super::process::run(None, &argv).map_err(|e| format!("node {n}: release failed: {e}"))
 }
 
 /// 32 random bytes from /dev/urandom.

@@ -624,23 +624,26 @@ pub fn core_gone_release() -> Result<String, String> {
         ]
         .map(String::from)
     };
+    let start_client = || {
+        spawn_app(
+            "pod-a",
+            &[
+                "tlshub-testapp",
+                "client",
+                "--connect",
+                &connect,
+                "--mode",
+                "client-first",
+                "--size",
+                "1000",
+            ],
+        )
+    };
     let sargs = server_args("1000");
     let sargv: Vec<&str> = sargs.iter().map(String::as_str).collect();
     let server = spawn_ready("pod-b", &sargv, "listening", Duration::from_secs(10))?;
     let server_pid = server.id();
-    let client = spawn_app(
-        "pod-a",
-        &[
-            "tlshub-testapp",
-            "client",
-            "--connect",
-            &connect,
-            "--mode",
-            "client-first",
-            "--size",
-            "1000",
-        ],
-    )?;
+    let client = start_client()?;
     // With no core, the server's first read is held (within the grace).
     let until = Instant::now() + Duration::from_secs(10);
     while crate::vm::process::state(server_pid) != Some('T') {
@@ -663,19 +666,7 @@ pub fn core_gone_release() -> Result<String, String> {
     // A new connection after the release: refused at once, nobody stopped.
     let server = spawn_ready("pod-b", &sargv, "listening", Duration::from_secs(10))?;
     let started = Instant::now();
-    let client = spawn_app(
-        "pod-a",
-        &[
-            "tlshub-testapp",
-            "client",
-            "--connect",
-            &connect,
-            "--mode",
-            "client-first",
-            "--size",
-            "1000",
-        ],
-    )?;
+    let client = start_client()?;
     let s2 = report(&finish(server, Duration::from_secs(20))?)?;
     let took = started.elapsed();
     let c2 = report(&finish(client, Duration::from_secs(20))?)?;
