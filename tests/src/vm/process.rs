@@ -267,6 +267,26 @@ pub fn spawn_ready(
     }
 }
 
+/// Each thread's state letter and kernel wait channel, e.g.
+/// `pid 812: 812 T do_signal_stop` (for reports of hung apps).
+pub fn where_stuck(pid: u32) -> String {
+    let mut out = format!("pid {pid}:");
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return format!("{out} gone");
+    };
+    for t in tasks.flatten() {
+        let tid = t.file_name().to_string_lossy().into_owned();
+        let tid_num = tid.parse::<u32>().unwrap_or(0);
+        let wchan = std::fs::read_to_string(t.path().join("wchan")).unwrap_or_default();
+        out.push_str(&format!(
+            " {tid} {} {}",
+            state(tid_num).unwrap_or('?'),
+            if wchan.is_empty() { "-" } else { wchan.trim() }
+        ));
+    }
+    out
+}
+
 /// Waits for a child with a timeout and returns its stdout.
 pub fn finish(mut app: AppChild, timeout: Duration) -> Result<String, String> {
     let Some(mut child) = app.0.take() else {
@@ -279,10 +299,13 @@ pub fn finish(mut app: AppChild, timeout: Duration) -> Result<String, String> {
             return Ok(String::from_utf8_lossy(&out.stdout).into_owned());
         }
         if Instant::now() > until {
+            // Where it was stuck, before it is killed: stopped (`T`, held
+            // by the gate and never continued?) or in which kernel call.
+            let stuck = where_stuck(child.id());
             let _ = child.kill();
             let out = child.wait_with_output().map_err(|e| e.to_string())?;
             return Err(format!(
-                "timed out after {timeout:?}; output so far: {}",
+                "timed out after {timeout:?} ({stuck}); output so far: {}",
                 String::from_utf8_lossy(&out.stdout)
             ));
         }
