@@ -173,21 +173,27 @@ pub fn hot_swap_under_load() -> Result<String, String> {
     ))
 }
 
+/// The key timeout of the restart scenarios. Under TCG a server process
+/// held for one connection accepts nothing else meanwhile, so setups
+/// queue; 5 s keeps the unaffected parts of a run free of timeouts on a
+/// loaded host.
+const TIMEOUT_MS: u64 = 5000;
+
+/// Two OpenSSL nodes with the restart scenarios' key timeout.
+fn restart_nodes() -> Result<(Node, Node), String> {
+    let mut sa = NodeSpec::new("a");
+    sa.key_timeout_ms = TIMEOUT_MS;
+    let mut sb = NodeSpec::new("b");
+    sb.key_timeout_ms = TIMEOUT_MS;
+    Ok((Node::start(sa)?, Node::start(sb)?))
+}
+
 /// Done-when 2: `kill -9` of a provider under load. A short outage (1 s,
 /// shorter than the key timeout) costs new connections only a wait; a long one
 /// resets the new connections (fail-closed) and nothing else; afterwards
 /// new connections are keyed again without touching the core.
 pub fn provider_kill9_under_load() -> Result<String, String> {
-    // Under TCG a server process held for one connection accepts nothing
-    // else meanwhile, so setups queue; 5 s keeps the unaffected parts of
-    // the run free of timeouts on a loaded host.
-    const TIMEOUT_MS: u64 = 5000;
-    let mut sa = NodeSpec::new("a");
-    sa.key_timeout_ms = TIMEOUT_MS;
-    let mut sb = NodeSpec::new("b");
-    sb.key_timeout_ms = TIMEOUT_MS;
-    let a = Node::start(sa)?;
-    let mut b = Node::start(sb)?;
+    let (a, mut b) = restart_nodes()?;
     let core_pid_before = b.core_pid();
     let cap = Capture::start("provider-kill")?;
     let _server = LoadServer::start()?;
@@ -510,13 +516,7 @@ pub fn mismatched_providers_fail_closed() -> Result<String, String> {
 /// adopts the connections opened meanwhile from the pinned maps and keys
 /// them. Established connections are untouched, nothing leaves in clear.
 pub fn core_kill9_under_load() -> Result<String, String> {
-    const TIMEOUT_MS: u64 = 5000;
-    let mut sa = NodeSpec::new("a");
-    sa.key_timeout_ms = TIMEOUT_MS;
-    let mut sb = NodeSpec::new("b");
-    sb.key_timeout_ms = TIMEOUT_MS;
-    let a = Node::start(sa)?;
-    let mut b = Node::start(sb)?;
+    let (a, mut b) = restart_nodes()?;
     let cap = Capture::start("core-kill")?;
     let _server = LoadServer::start()?;
     let client = start_load(35)?;
