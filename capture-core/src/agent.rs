@@ -893,7 +893,11 @@ impl Agent {
             .ringbuf_drops
             .inc_by(drops.saturating_sub(self.stats.ringbuf_drops));
         self.stats.ringbuf_drops = drops;
-        self.stats.no_core_refusals = self.programs.no_core_refusals();
+        let no_core = self.programs.no_core_refusals();
+        self.metrics
+            .no_core
+            .inc_by(no_core.saturating_sub(self.stats.no_core_refusals));
+        self.stats.no_core_refusals = no_core;
         self.metrics.pending.set(self.pending.len() as i64);
         let Some(path) = &self.stats_file else { return };
         // Rewrite only after events or outcomes: counting map entries walks

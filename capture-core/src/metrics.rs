@@ -92,6 +92,9 @@ pub struct Metrics {
     pub pending: Gauge,
     /// Events the BPF ring buffer dropped.
     pub ringbuf_drops: Counter,
+    /// Gate calls failed (fail-closed) or passed (fail-open) because no
+    /// core was alive.
+    pub no_core: Counter,
     /// `/proc/net/tls_stat` summed over the network namespaces of the
     /// connections this core protects.
     pub ktls: Family<TlsStatLabel, Gauge>,
@@ -123,6 +126,7 @@ impl Metrics {
             provider_switches: Counter::default(),
             pending: Gauge::default(),
             ringbuf_drops: Counter::default(),
+            no_core: Counter::default(),
             ktls: Family::default(),
             registry: Registry::default(),
         };
@@ -200,6 +204,11 @@ impl Metrics {
             "bpf_ringbuf_drops",
             "Events the BPF ring buffer dropped (their connections stay gated)",
             m.ringbuf_drops.clone(),
+        );
+        registry.register(
+            "gate_no_core",
+            "Calls on connections waiting for keys that the gate failed (fail-closed) or passed (fail-open) because no core was alive",
+            m.no_core.clone(),
         );
         registry.register(
             "ktls_sockets",

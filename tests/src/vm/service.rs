@@ -434,6 +434,7 @@ pub fn admin_cli_and_metrics() -> Result<String, String> {
         "tlshub_provider_switches_total 1",
         "# TYPE tlshub_key_duration_seconds histogram",
         "# TYPE tlshub_gate_hold_duration_seconds histogram",
+        "tlshub_gate_no_core_total 0",
     ] {
         if !metrics.contains(want) {
             return Err(format!("metrics lack {want:?}:\n{metrics}"));
