@@ -149,7 +149,15 @@ pub fn run_pair(
     cargv.extend(args.iter().map(String::as_str));
     cargv.extend_from_slice(extra_client);
     let client = process::spawn_app("pod-a", &cargv)?;
-    let c = finish(client, timeout).map_err(|e| format!("client: {e}"))?;
+    let server_pid = server.id();
+    // A client that times out is reported with where the server was too
+    // (the server is killed when this returns).
+    let c = finish(client, timeout).map_err(|e| {
+        format!(
+            "client: {e}; server then: {}",
+            process::where_stuck(server_pid)
+        )
+    })?;
     let s = finish(server, Duration::from_secs(10)).map_err(|e| format!("server: {e}"));
     Ok((json(&s?)?, json(&c)?))
 }
