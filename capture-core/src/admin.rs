@@ -13,7 +13,7 @@ use tonic::{Request, Response, Status};
 use tracing::info;
 
 use crate::agent::AdminRequest;
-use crate::metrics::{Metrics, ProviderLabel};
+use crate::metrics::Metrics;
 use crate::providers::Registry;
 
 /// The service state.
@@ -78,14 +78,8 @@ impl pb::admin_server::Admin for AdminService {
             .use_provider(&name)
             .map_err(|e| Status::not_found(e.to_string()))?;
         self.metrics.provider_switches.inc();
-        for p in self.providers.all() {
-            self.metrics
-                .provider_active
-                .get_or_create(&ProviderLabel {
-                    provider: p.name.clone(),
-                })
-                .set(i64::from(p.name == name));
-        }
+        self.metrics
+            .set_active_provider(self.providers.all().map(|p| p.name.as_str()), &name);
         Ok(Response::new(pb::UseProviderResponse {
             previous,
             active: name,

@@ -211,14 +211,11 @@ impl Agent {
             .resolve()
             .unwrap_or_else(|e| unreachable!("config checked at load: {e}"));
         let providers = Arc::new(Registry::new(&set, Arc::new(move |pid| exempt.add(pid))));
+        metrics.set_active_provider(providers.all().map(|p| p.name.as_str()), &set.active);
         for p in providers.all() {
             let label = ProviderLabel {
                 provider: p.name.clone(),
             };
-            metrics
-                .provider_active
-                .get_or_create(&label)
-                .set(i64::from(p.name == set.active));
             metrics.provider_up.get_or_create(&label).set(0);
             metrics.protected.get_or_create(&label).inc_by(0);
         }
@@ -955,20 +952,18 @@ async fn health_loop(providers: Arc<Registry>, metrics: Arc<Metrics>, interval: 
         providers
             .check_health(interval.max(Duration::from_millis(500)))
             .await;
-        let active = providers.active_name();
         for p in providers.all() {
-            let label = ProviderLabel {
-                provider: p.name.clone(),
-            };
             metrics
                 .provider_up
-                .get_or_create(&label)
+                .get_or_create(&ProviderLabel {
+                    provider: p.name.clone(),
+                })
                 .set(i64::from(p.observed().health == Health::Serving));
-            metrics
-                .provider_active
-                .get_or_create(&label)
-                .set(i64::from(p.name == active));
         }
+        metrics.set_active_provider(
+            providers.all().map(|p| p.name.as_str()),
+            &providers.active_name(),
+        );
     }
 }
 

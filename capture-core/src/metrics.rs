@@ -227,6 +227,18 @@ impl Metrics {
         out
     }
 
+    /// Marks `active` as the active provider among `names` (1 for it, 0 for
+    /// the others).
+    pub fn set_active_provider<'a>(&self, names: impl IntoIterator<Item = &'a str>, active: &str) {
+        for name in names {
+            self.provider_active
+                .get_or_create(&ProviderLabel {
+                    provider: name.to_owned(),
+                })
+                .set(i64::from(name == active));
+        }
+    }
+
     /// Sets the kTLS gauges from `tls_stat` files' contents.
     pub fn set_tls_stat<'a>(&self, files: impl IntoIterator<Item = &'a str>) {
         let mut sums = std::collections::BTreeMap::<String, i64>::new();
