@@ -258,17 +258,8 @@ pub fn provider_kill9_under_load() -> Result<String, String> {
             "a 10 s provider outage with a {TIMEOUT_MS} ms key timeout reset nothing: {r}"
         ));
     }
-    let after = keyed_after(&r, *outage.end());
-    let keyed_after = after.iter().filter(|ok| **ok).count();
-    if after.is_empty()
-        || keyed_after * 4 < after.len() * 3
-        || !after.iter().rev().take(5).all(|ok| *ok)
-    {
-        return Err(format!(
-            "after the provider was back, {keyed_after} of {} new connections were keyed: {r}",
-            after.len()
-        ));
-    }
+    let (keyed_after, after_total) = recovered(&r, *outage.end(), (3, 4), 5)
+        .map_err(|e| format!("after the provider was back, {e}"))?;
     let wire = check_wire_allowing_unkeyed(&flows, &a, &b, true)?;
     let text = b.metrics()?;
     if b.core_pid() != core_pid_before {
@@ -279,17 +270,20 @@ pub fn provider_kill9_under_load() -> Result<String, String> {
     }
     Ok(format!(
         "1 s outage: {at_short} connection(s) failed (in flight at the kill, or started within one key timeout + 2 s of the restart); 10 s outage with a {TIMEOUT_MS} ms key timeout: {in_outage} connections reset (fail-closed) in the same span; afterwards {keyed_after} of {} new connections keyed; {LONG} long connections unbroken, {} short ok, 0 corrupt; wire: {} protected flows, no plaintext, {} decrypted, {} never keyed (handshake bytes only); same core pid throughout",
-        after.len(),
-        r["short_ok"],
-        wire.protected_flows,
-        wire.decrypted,
-        wire.unkeyed_flows
+        after_total, r["short_ok"], wire.protected_flows, wire.decrypted, wire.unkeyed_flows
     ))
 }
 
-/// Outcomes (keyed or not) of the short connections started after `ms`.
-fn keyed_after(r: &Value, ms: u64) -> Vec<bool> {
-    r["short_log"]
+/// The recovery check of the restart scenarios: of the short connections
+/// started after `ms`, at least `share` (numerator, denominator) and the
+/// last `last` were keyed. Returns (keyed, started).
+fn recovered(
+    r: &Value,
+    ms: u64,
+    share: (usize, usize),
+    last: usize,
+) -> Result<(usize, usize), String> {
+    let after: Vec<bool> = r["short_log"]
         .as_array()
         .map(|l| {
             l.iter()
@@ -297,7 +291,18 @@ fn keyed_after(r: &Value, ms: u64) -> Vec<bool> {
                 .map(|e| e[1].as_bool() == Some(true))
                 .collect()
         })
-        .unwrap_or_default()
+        .unwrap_or_default();
+    let keyed = after.iter().filter(|ok| **ok).count();
+    if after.is_empty()
+        || keyed * share.1 < after.len() * share.0
+        || !after.iter().rev().take(last).all(|ok| *ok)
+    {
+        return Err(format!(
+            "{keyed} of {} new connections were keyed: {r}",
+            after.len()
+        ));
+    }
+    Ok((keyed, after.len()))
 }
 
 fn sleep_until(t0: Instant, secs: u64) {
@@ -404,7 +409,11 @@ pub fn admin_cli_and_metrics() -> Result<String, String> {
     }
     std::fs::write(&cfg, original.replace("ports = [8443]", "ports = [\"x\"]"))
         .map_err(|e| e.to_string())?;
-    let Err(bad) = a.ctl(&["policy", "reload"]) else {
+    let bad = a.ctl(&["policy", "reload"]);
+    // Put the file back before anything can fail: the node's cleanup
+    // (`tlshub-core release --detach`) reads it.
+    std::fs::write(&cfg, &original).map_err(|e| e.to_string())?;
+    let Err(bad) = bad else {
         return Err("a broken policy file was accepted".into());
     };
     if !bad.contains("FailedPrecondition") || !bad.contains("core.toml") || !bad.contains("ports") {
@@ -557,17 +566,8 @@ pub fn core_kill9_under_load() -> Result<String, String> {
             in_span += 1;
         }
     }
-    let after = keyed_after(&r, *span.end());
-    let keyed_later = after.iter().filter(|ok| **ok).count();
-    if after.is_empty()
-        || keyed_later * 10 < after.len() * 9
-        || !after.iter().rev().take(3).all(|ok| *ok)
-    {
-        return Err(format!(
-            "after the restart, {keyed_later} of {} new connections were keyed: {r}",
-            after.len()
-        ));
-    }
+    let (keyed_later, after_total) =
+        recovered(&r, *span.end(), (9, 10), 3).map_err(|e| format!("after the restart, {e}"))?;
     let while_down: Vec<bool> = r["short_log"]
         .as_array()
         .map(|l| {
@@ -594,7 +594,7 @@ pub fn core_kill9_under_load() -> Result<String, String> {
         up.as_secs_f64(),
         adopted.split("INFO").nth(1).unwrap_or(adopted).trim(),
         while_down.len(),
-        after.len(),
+        after_total,
         wire.protected_flows,
         wire.decrypted
     ))
