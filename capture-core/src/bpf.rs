@@ -512,6 +512,16 @@ impl Programs {
         self.write_control(crate::sys::monotonic_ns(), grace_ns, fail_open);
     }
 
+    /// The last heartbeat a core wrote (`CLOCK_MONOTONIC` ns; 0 after a
+    /// release) and the grace it set.
+    pub fn heartbeat_read(&self) -> (u64, std::time::Duration) {
+        self.control
+            .get(&0, 0)
+            .map_or((0, std::time::Duration::ZERO), |c| {
+                (c.heartbeat_ns, std::time::Duration::from_nanos(c.grace_ns))
+            })
+    }
+
     /// Tells the gate no core is alive: from now on it applies the failure
     /// policy itself instead of holding.
     pub fn no_core(&mut self, fail_open: bool) {

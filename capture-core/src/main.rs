@@ -74,6 +74,13 @@ enum Command {
         /// connections are then not protected at all).
         #[arg(long)]
         detach: bool,
+        /// First give a restarting core its grace (`core_restart_grace_ms`)
+        /// to come back: if a core beats again in that time, do nothing.
+        /// This is what the systemd stop hook runs, so that a restart
+        /// (crash or `systemctl restart`) keeps waiting connections and an
+        /// ordinary stop still releases them.
+        #[arg(long)]
+        wait_for_core: bool,
     },
 }
 
@@ -111,9 +118,17 @@ fn main() -> ExitCode {
         println!("{}: OK", args.config.display());
         return ExitCode::SUCCESS;
     }
-    if let Some(Command::Release { detach }) = args.command {
-        return match release::release(&config, detach) {
-            Ok(r) => {
+    if let Some(Command::Release {
+        detach,
+        wait_for_core,
+    }) = args.command
+    {
+        return match release::release(&config, detach, wait_for_core) {
+            Ok(None) => {
+                println!("a core is running again: nothing released");
+                ExitCode::SUCCESS
+            }
+            Ok(Some(r)) => {
                 println!(
                     "released: {} reset, {} let through, {} unreachable, {} processes continued{}",
                     r.reset,

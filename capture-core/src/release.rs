@@ -47,11 +47,22 @@ pub enum ReleaseError {
 }
 
 /// Releases what the pinned programs under `config.bpf.pin_dir` hold.
-pub fn release(config: &Config, detach: bool) -> Result<Released, ReleaseError> {
+/// With `wait_for_core`, first waits out the restart grace and returns
+/// `None` (nothing done) if a core beats again meanwhile.
+pub fn release(
+    config: &Config,
+    detach: bool,
+    wait_for_core: bool,
+) -> Result<Option<Released>, ReleaseError> {
     let dir = &config.bpf.pin_dir;
     let mut done = Released::default();
     match Programs::open_pinned(dir) {
-        Ok(mut programs) => release_open(&mut programs, config, &mut done),
+        Ok(mut programs) => {
+            if wait_for_core && core_came_back(&programs, config) {
+                return Ok(None);
+            }
+            release_open(&mut programs, config, &mut done);
+        }
         // Another build's maps cannot be read with this build's layouts:
         // only removing them is possible.
         Err(e @ BpfError::ForeignPins { .. }) if detach => {
@@ -59,7 +70,9 @@ pub fn release(config: &Config, detach: bool) -> Result<Released, ReleaseError> 
         }
         // Nothing pinned (never started, or already released): removing
         // leftovers is all there is to do.
-        Err(BpfError::Pin { .. }) if detach => {}
+        // With --wait-for-core (the systemd stop hook) the core may have
+        // failed before it pinned anything.
+        Err(BpfError::Pin { .. }) if detach || wait_for_core => {}
         Err(e) => return Err(e.into()),
     }
     if detach {
@@ -74,7 +87,45 @@ pub fn release(config: &Config, detach: bool) -> Result<Released, ReleaseError> 
         detached = done.detached,
         "released"
     );
-    Ok(done)
+    Ok(Some(done))
+}
+
+/// Waits until the last core's grace has run out (true: a core beat again
+/// before that, so it is alive and owns the connections).
+///
+/// Why wait at all: under systemd the stop hook runs on every stop,
+/// including the stop half of a restart. Releasing then would reset the
+/// very connections the restarted core is about to adopt. The grace is the
+/// one the gate itself uses before it stops holding, so after it the
+/// release only finishes what the gate already started.
+fn core_came_back(programs: &Programs, config: &Config) -> bool {
+    let (first, grace) = programs.heartbeat_read();
+    if first == 0 {
+        // Already released (or never beaten): nothing to wait for.
+        return false;
+    }
+    let grace = if grace.is_zero() {
+        std::time::Duration::from_millis(config.bpf.core_restart_grace_ms)
+    } else {
+        grace
+    };
+    let deadline = std::time::Duration::from_nanos(first) + grace;
+    info!(
+        grace_ms = grace.as_millis(),
+        "waiting for a core to come back"
+    );
+    loop {
+        let (beat, _) = programs.heartbeat_read();
+        if beat != 0 && beat != first {
+            info!("a core is beating again; nothing to release");
+            return true;
+        }
+        let now = std::time::Duration::from_nanos(sys::monotonic_ns());
+        if now >= deadline {
+            return false;
+        }
+        std::thread::sleep((deadline - now).min(std::time::Duration::from_millis(100)));
+    }
 }
 
 fn release_open(programs: &mut Programs, config: &Config, done: &mut Released) {

@@ -56,6 +56,6 @@ fn a_missing_file_exits_2() {
 
 #[test]
 fn a_good_file_checks_ok() {
-    let (code, text) = run_with(include_str!("../../deploy/core.example.toml"));
+    let (code, text) = run_with(include_str!("../../deploy/config/core.toml"));
     assert_eq!(code, Some(0), "{text}");
 }

@@ -265,6 +265,9 @@ pub async fn serve_until<P: Provider>(
         socket = %options.socket_path.display(),
         "provider serving"
     );
+    // Under a `Type=notify` unit, started means listening: the core's
+    // first request after `systemctl start` finds the socket.
+    let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
     let result = tonic::transport::Server::builder()
         .add_service(health)
         .add_service(pb::key_provider_server::KeyProviderServer::from_arc(

@@ -9,7 +9,8 @@ use crate::run;
 
 /// Build and VM packages: clang/libbpf for the BPF object, protoc for the
 /// API, OpenSSL headers, qemu and busybox for the VM, iproute2 and tcpdump
-/// for the scenarios, kmod for depmod.
+/// for the scenarios, kmod for depmod, debootstrap/e2fsprogs for the
+/// systemd VM's disk and systemd for `systemd-analyze verify`.
 const PACKAGES: &[&str] = &[
     "clang",
     "llvm",
@@ -29,6 +30,10 @@ const PACKAGES: &[&str] = &[
     "kmod",
     "iproute2",
     "tcpdump",
+    // The systemd VM: a Debian userland, and the units checked on the host.
+    "debootstrap",
+    "e2fsprogs",
+    "systemd",
 ];
 
 fn installed(pkg: &str) -> bool {

@@ -3,6 +3,8 @@
 #![forbid(unsafe_code)]
 
 mod deps;
+mod dist;
+mod systemd_vm;
 mod vm;
 
 use std::process::Command;
@@ -25,21 +27,35 @@ enum Cmd {
     /// The main job: boot the VM, start two nodes, run a protected
     /// client/server exchange and narrate what happened.
     Demo,
-    /// Everything: format and lint checks, host tests, and every VM scenario.
+    /// Everything: format and lint checks, host tests, `systemd-analyze
+    /// verify` of the units, every VM scenario, and the systemd VM.
     Test {
         /// Skip the VM scenarios (host checks only).
         #[arg(long)]
         host_only: bool,
-        /// Only VM scenarios whose name contains this.
+        /// Only VM scenarios whose name contains this (comma-separated
+        /// alternatives; `systemd` selects the systemd VM).
         #[arg(long)]
         filter: Option<String>,
+    },
+    /// Build the install directory and tarball under target/dist
+    /// (binaries, systemd units, example configs, install.sh).
+    Dist,
+    /// Build, then install on this machine with the dist's install.sh
+    /// (through sudo unless root). Arguments after `--` go to install.sh,
+    /// e.g. `cargo xtask install -- --root /tmp/img` or `-- --uninstall`.
+    Install {
+        /// Passed to install.sh.
+        #[arg(last = true)]
+        args: Vec<String>,
     },
     /// Benchmarks in one VM run: setup latency and throughput, plain vs
     /// protected, and gate hold statistics.
     Bench,
-    /// Boot the VM in a mode (test, bench, demo) without the host checks.
+    /// Boot the VM in a mode (test, bench, demo, systemd) without the host
+    /// checks.
     Vm {
-        /// test | bench | demo
+        /// test | bench | demo | systemd
         #[arg(long, default_value = "test")]
         mode: String,
         /// Only scenarios whose name contains this.
@@ -90,6 +106,18 @@ fn host_checks() -> Result<()> {
     Ok(())
 }
 
+/// Whether the systemd VM runs under `filter` (none: yes): an alternative
+/// that is part of its scenario's name selects it.
+fn wants_systemd(filter: Option<&str>) -> bool {
+    filter.is_none_or(|f| f.split(',').any(|f| systemd_vm::SCENARIO.contains(f)))
+}
+
+/// Whether the plain VM runs under `filter`: unless every alternative
+/// names the systemd VM.
+fn wants_plain(filter: Option<&str>) -> bool {
+    filter.is_none_or(|f| f.split(',').any(|f| !f.contains("systemd")))
+}
+
 fn main() -> Result<()> {
     let args = Args::parse();
     match args.cmd {
@@ -99,22 +127,44 @@ fn main() -> Result<()> {
         }
         Cmd::Demo => {
             deps::install()?;
-            vm::run_mode("demo", None)?;
+            vm::run_mode("demo", None, &vm::build_binaries()?)?;
         }
         Cmd::Test { host_only, filter } => {
             deps::install()?;
             host_checks()?;
-            if !host_only {
-                vm::run_mode("test", filter.as_deref())?;
+            if host_only {
+                dist::verify_units(&dist::assemble(&dist::build_product()?)?)?;
+            } else {
+                let bins = vm::build_binaries()?;
+                dist::verify_units(&dist::assemble(&bins)?)?;
+                if wants_plain(filter.as_deref()) {
+                    vm::run_mode("test", filter.as_deref(), &bins)?;
+                }
+                if wants_systemd(filter.as_deref()) {
+                    systemd_vm::run_systemd(&bins)?;
+                }
             }
+        }
+        Cmd::Dist => {
+            deps::install()?;
+            dist::assemble(&dist::build_product()?)?;
+        }
+        Cmd::Install { args } => {
+            deps::install()?;
+            dist::install_here(&args)?;
         }
         Cmd::Bench => {
             deps::install()?;
-            vm::run_mode("bench", None)?;
+            vm::run_mode("bench", None, &vm::build_binaries()?)?;
         }
         Cmd::Vm { mode, filter } => {
             deps::install()?;
-            vm::run_mode(&mode, filter.as_deref())?;
+            let bins = vm::build_binaries()?;
+            if mode == "systemd" {
+                systemd_vm::run_systemd(&bins)?;
+            } else {
+                vm::run_mode(&mode, filter.as_deref(), &bins)?;
+            }
         }
     }
     Ok(())

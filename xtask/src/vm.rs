@@ -32,7 +32,7 @@ const BINARIES: &[&str] = &[
 /// Host tools copied in with their libraries.
 const TOOLS: &[&str] = &["ip", "ss", "tcpdump"];
 /// Kernel module trees copied in (kTLS, its ciphers, veth).
-const MODULE_DIRS: &[&str] = &[
+pub const MODULE_DIRS: &[&str] = &[
     "kernel/crypto",
     "kernel/arch/x86/crypto",
     "kernel/lib",
@@ -103,7 +103,7 @@ fn which(tool: &str) -> Result<PathBuf> {
 }
 
 /// Test PKI: a cluster CA and two node certificates (EC P-256), made once.
-fn certs(dir: &Path) -> Result<()> {
+pub fn certs(dir: &Path) -> Result<()> {
     if dir.join("node-b.key").exists() {
         return Ok(());
     }
@@ -178,7 +178,7 @@ fn certs(dir: &Path) -> Result<()> {
     Ok(())
 }
 
-fn build_binaries() -> Result<PathBuf> {
+pub fn build_binaries() -> Result<PathBuf> {
     println!("== building release binaries");
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     run(Command::new(cargo).current_dir(root()).args([
@@ -313,51 +313,91 @@ fn initramfs(kernel: &Kernel, bins: &Path, work: &Path) -> Result<PathBuf> {
 
 /// Builds everything and boots the VM in `mode`; fails unless every
 /// planned scenario reported PASS.
-pub fn run_mode(mode: &str, filter: Option<&str>) -> Result<()> {
+pub fn run_mode(mode: &str, filter: Option<&str>, bins: &Path) -> Result<()> {
     let kernel = deps::kernel()?;
-    let bins = build_binaries()?;
     let work = root().join("target/vm");
     std::fs::create_dir_all(&work)?;
     println!("== building initramfs");
-    let initrd = initramfs(&kernel, &bins, &work)?;
+    let initrd = initramfs(&kernel, bins, &work)?;
     let timeout = match mode {
         "demo" => Duration::from_secs(15 * 60),
         _ => Duration::from_secs(60 * 60),
     };
-    // A kernel bug must end the run at once with its backtrace on the
-    // serial console, not spin until the timeout: soft lockups, hung tasks
-    // and RCU stalls panic, and `panic=-1` + `-no-reboot` stop qemu.
-    let mut append = format!(
-        "console=ttyS0 quiet panic=-1 oops=panic softlockup_panic=1 \
-         hung_task_panic=1 rcupdate.rcu_cpu_stall_panic=1 tlshub.mode={mode}"
-    );
+    let mut append = format!("tlshub.mode={mode}");
     if let Some(f) = filter {
         append.push_str(&format!(" tlshub.filter={f}"));
     }
-    println!(
-        "== booting {} ({mode}); serial console follows",
-        kernel.version
+    boot(&Boot {
+        kernel: &kernel,
+        initrd: &initrd,
+        disk: None,
+        append: &append,
+        label: mode,
+        timeout,
+    })
+}
+
+/// One qemu boot whose console the runner inside reports on.
+pub struct Boot<'a> {
+    /// The kernel.
+    pub kernel: &'a Kernel,
+    /// The initramfs.
+    pub initrd: &'a Path,
+    /// A raw disk image attached as /dev/vda (virtio), if any.
+    pub disk: Option<&'a Path>,
+    /// Kernel command line after the common part.
+    pub append: &'a str,
+    /// Names the serial log (`target/vm/serial-LABEL.log`).
+    pub label: &'a str,
+    /// The whole run's limit.
+    pub timeout: Duration,
+}
+
+/// Boots qemu (TCG) and follows the serial console: `TLSHUB-PLAN N`, one
+/// `TLSHUB-RESULT name PASS|FAIL ...` per scenario, `TLSHUB-DONE`. Fails
+/// unless every planned scenario passed, on a kernel problem, or at the
+/// timeout.
+pub fn boot(b: &Boot<'_>) -> Result<()> {
+    let work = root().join("target/vm");
+    // A kernel bug must end the run at once with its backtrace on the
+    // serial console, not spin until the timeout: soft lockups, hung tasks
+    // and RCU stalls panic, and `panic=-1` + `-no-reboot` stop qemu.
+    let append = format!(
+        "console=ttyS0 quiet panic=-1 oops=panic softlockup_panic=1 \
+         hung_task_panic=1 rcupdate.rcu_cpu_stall_panic=1 {}",
+        b.append
     );
-    let mut child = Command::new("qemu-system-x86_64")
-        .args([
-            "-accel",
-            "tcg",
-            "-cpu",
-            "max",
-            "-smp",
-            "2",
-            "-m",
-            "3072",
-            "-nographic",
-            "-no-reboot",
-            "-nic",
-            "none",
-        ])
-        .arg("-kernel")
-        .arg(&kernel.vmlinuz)
-        .arg("-initrd")
-        .arg(&initrd)
-        .args(["-append", &append])
+    println!(
+        "== booting {} ({}); serial console follows",
+        b.kernel.version, b.label
+    );
+    let mut qemu = Command::new("qemu-system-x86_64");
+    qemu.args([
+        "-accel",
+        "tcg",
+        "-cpu",
+        "max",
+        "-smp",
+        "2",
+        "-m",
+        "3072",
+        "-nographic",
+        "-no-reboot",
+        "-nic",
+        "none",
+    ])
+    .arg("-kernel")
+    .arg(&b.kernel.vmlinuz)
+    .arg("-initrd")
+    .arg(b.initrd)
+    .args(["-append", &append]);
+    if let Some(disk) = b.disk {
+        qemu.arg("-drive").arg(format!(
+            "file={},format=raw,if=virtio,cache=unsafe",
+            disk.display()
+        ));
+    }
+    let mut child = qemu
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
@@ -384,8 +424,19 @@ pub fn run_mode(mode: &str, filter: Option<&str>) -> Result<()> {
     let mut done = false;
     let mut panic = None;
     let mut log = Vec::new();
+    let serial_log = work.join(format!("serial-{}.log", b.label));
+    // Once the runner is done the results are known: a guest that does not
+    // power off within this is stopped instead of waited for.
+    let mut done_at = None::<Instant>;
     loop {
-        let left = timeout.saturating_sub(started.elapsed());
+        if done_at.is_some_and(|t| t.elapsed() > Duration::from_secs(60)) {
+            println!(
+                "== the guest did not power off 60 s after the runner finished; stopping qemu"
+            );
+            let _ = child.kill();
+            break;
+        }
+        let left = b.timeout.saturating_sub(started.elapsed());
         match rx.recv_timeout(left.min(Duration::from_secs(1))) {
             Ok(line) => {
                 let line = line.trim_end_matches('\r').to_string();
@@ -403,6 +454,7 @@ pub fn run_mode(mode: &str, filter: Option<&str>) -> Result<()> {
                     }
                 } else if line.contains("TLSHUB-DONE") {
                     done = true;
+                    done_at = Some(Instant::now());
                 } else if line.contains("Kernel panic")
                     || line.contains("BUG:")
                     || line.contains("Oops:")
@@ -414,18 +466,19 @@ pub fn run_mode(mode: &str, filter: Option<&str>) -> Result<()> {
             Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
             Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break,
         }
-        if started.elapsed() >= timeout {
+        if started.elapsed() >= b.timeout {
             let _ = child.kill();
             let _ = child.wait();
-            std::fs::write(work.join(format!("serial-{mode}.log")), log.join("\n"))?;
+            std::fs::write(&serial_log, log.join("\n"))?;
             bail!(
-                "VM hung: no end after {timeout:?} ({} results of {plan:?})",
+                "VM hung: no end after {:?} ({} results of {plan:?})",
+                b.timeout,
                 passed.len() + failed.len()
             );
         }
     }
     let _ = child.wait();
-    std::fs::write(work.join(format!("serial-{mode}.log")), log.join("\n"))?;
+    std::fs::write(&serial_log, log.join("\n"))?;
     if let Some(p) = panic {
         bail!("kernel problem in the VM: {p}");
     }
@@ -448,7 +501,8 @@ pub fn run_mode(mode: &str, filter: Option<&str>) -> Result<()> {
         bail!("VM scenarios failed: {}", failed.join(", "));
     }
     println!(
-        "== VM {mode}: {} of {plan} passed in {:.0}s",
+        "== VM {}: {} of {plan} passed in {:.0}s",
+        b.label,
         passed.len(),
         started.elapsed().as_secs_f64()
     );

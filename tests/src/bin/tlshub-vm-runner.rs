@@ -1,11 +1,12 @@
 //! `tlshub-vm-runner`: runs inside the test VM (started by its /init). Builds
 //! the two-node topology, runs the scenarios of the mode given on the
-//! kernel command line (`tlshub.mode=test|bench|demo`, `tlshub.filter=`)
+//! kernel command line (`tlshub.mode=test|bench|demo|systemd`, `tlshub.filter=`)
 //! and prints one `TLSHUB-RESULT` line each, then `TLSHUB-DONE`.
 
 use std::time::Instant;
 
 use tlshub_vm_tests::vm::scenarios::{self, Scenario};
+use tlshub_vm_tests::vm::systemd;
 use tlshub_vm_tests::vm::topology::Topology;
 use tlshub_vm_tests::{DONE_LINE, RESULT_PREFIX};
 
@@ -24,6 +25,11 @@ fn main() {
     let list: Vec<Scenario> = match mode.as_str() {
         "bench" => vec![("bench", scenarios::bench)],
         "demo" => vec![("demo", scenarios::demo)],
+        // The systemd VM (Debian userland, systemd as PID 1).
+        "systemd" => vec![(
+            "systemd_install_units_and_restarts",
+            systemd::systemd_install_units_and_restarts,
+        )],
         _ => scenarios::TESTS
             .iter()
             .copied()

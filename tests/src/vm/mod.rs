@@ -6,4 +6,5 @@ pub mod node;
 pub mod process;
 pub mod scenarios;
 pub mod service;
+pub mod systemd;
 pub mod topology;

@@ -294,6 +294,16 @@ pub fn check_wire_allowing_unkeyed(
     unkeyed_ok: bool,
 ) -> Result<WireReport, String> {
     let keys: Vec<Value> = a.keys().into_iter().chain(b.keys()).collect();
+    check_wire_with_keys(flows, &keys, unkeyed_ok)
+}
+
+/// [`check_wire_allowing_unkeyed`] with the key records of both cores
+/// given directly (for a core the test bed did not start).
+pub fn check_wire_with_keys(
+    flows: &[wire::Flow],
+    keys: &[Value],
+    unkeyed_ok: bool,
+) -> Result<WireReport, String> {
     let find = |local: &std::net::SocketAddr, remote: &std::net::SocketAddr| {
         keys.iter().find(|k| {
             k["local"].as_str() == Some(&local.to_string())

@@ -31,10 +31,10 @@ pub const LONG: u32 = 200;
 pub const SHORT_PER_SEC: f64 = 2.0;
 
 /// The load's server in pod-b, stopped when dropped.
-struct LoadServer(#[expect(dead_code, reason = "held for its Drop")] AppChild);
+pub(super) struct LoadServer(#[expect(dead_code, reason = "held for its Drop")] AppChild);
 
 impl LoadServer {
-    fn start() -> Result<Self, String> {
+    pub(super) fn start() -> Result<Self, String> {
         let listen = format!("0.0.0.0:{PROTECTED_PORT}");
         spawn_ready(
             "pod-b",
@@ -54,7 +54,11 @@ fn start_load(seconds: u64) -> Result<AppChild, String> {
 }
 
 /// [`start_load`] with its own numbers.
-fn start_load_with(long: u32, seconds: u64, short_per_sec: f64) -> Result<AppChild, String> {
+pub(super) fn start_load_with(
+    long: u32,
+    seconds: u64,
+    short_per_sec: f64,
+) -> Result<AppChild, String> {
     let connect = format!("{POD_B}:{PROTECTED_PORT}");
     spawn_ready(
         "pod-a",
@@ -75,7 +79,7 @@ fn start_load_with(long: u32, seconds: u64, short_per_sec: f64) -> Result<AppChi
     )
 }
 
-fn report(out: &str) -> Result<Value, String> {
+pub(super) fn report(out: &str) -> Result<Value, String> {
     serde_json::from_str(out.trim()).map_err(|e| format!("load report is not JSON ({e}): {out}"))
 }
 
@@ -277,7 +281,7 @@ pub fn provider_kill9_under_load() -> Result<String, String> {
 /// The recovery check of the restart scenarios: of the short connections
 /// started after `ms`, at least `share` (numerator, denominator) and the
 /// last `last` were keyed. Returns (keyed, started).
-fn recovered(
+pub(super) fn recovered(
     r: &Value,
     ms: u64,
     share: (usize, usize),
@@ -305,7 +309,7 @@ fn recovered(
     Ok((keyed, after.len()))
 }
 
-fn sleep_until(t0: Instant, secs: u64) {
+pub(super) fn sleep_until(t0: Instant, secs: u64) {
     let at = t0 + Duration::from_secs(secs);
     std::thread::sleep(at.saturating_duration_since(Instant::now()));
 }

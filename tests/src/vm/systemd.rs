@@ -1,0 +1,423 @@
+//! The systemd VM's scenario (`cargo xtask vm --mode systemd`, part of
+//! `cargo xtask test`): a Debian userland with systemd as PID 1, where
+//! node A is installed the documented way (`install.sh` from the
+//! `cargo xtask dist` directory, then `systemctl enable --now`) and node B
+//! is the usual test-bed node. Checks the units' readiness, sandbox and
+//! capabilities, a protected connection, provider and core restarts under
+//! load through systemd, the release hook when the core stops for good,
+//! and uninstalling.
+
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+use super::node::{Node, NodeSpec, PROTECTED_PORT};
+use super::process::{finish, run, spawn_app, spawn_ready, state};
+use super::scenarios::{Capture, check_wire_with_keys};
+use super::service::{LONG, LoadServer, metric, recovered, report, sleep_until, start_load_with};
+use super::topology::POD_B;
+
+/// Where the VM image holds the dist directory and the test PKI.
+const DIST: &str = "/root/tlshub-dist";
+const TEST_CERTS: &str = "/root/test-certs";
+/// The capabilities `tlshub-core.service` documents, as `CapEff` bits:
+/// CAP_KILL 5, CAP_NET_ADMIN 12, CAP_SYS_PTRACE 19, CAP_SYS_ADMIN 21,
+/// CAP_PERFMON 38, CAP_BPF 39.
+const CORE_CAPS: u64 = (1 << 5) | (1 << 12) | (1 << 19) | (1 << 21) | (1 << 38) | (1 << 39);
+/// `tlshub-provider@.service`: CAP_SYS_PTRACE.
+const PROVIDER_CAPS: u64 = 1 << 19;
+/// The key timeout the operator sets in core.toml here (restarts under
+/// TCG load; see `service.rs`).
+const TIMEOUT_MS: u64 = 5000;
+/// The load's length.
+const LOAD_SECS: u64 = 45;
+
+fn sh(cmd: &str) -> Result<String, String> {
+    run(None, &["sh", "-c", cmd])
+}
+
+fn systemctl(args: &[&str]) -> Result<String, String> {
+    let mut argv = vec!["systemctl"];
+    argv.extend_from_slice(args);
+    run(None, &argv)
+}
+
+/// `systemctl show -p PROP --value UNIT`.
+fn unit_prop(unit: &str, prop: &str) -> String {
+    systemctl(&["show", "-p", prop, "--value", unit])
+        .unwrap_or_default()
+        .trim()
+        .to_string()
+}
+
+fn main_pid(unit: &str) -> u32 {
+    unit_prop(unit, "MainPID").parse().unwrap_or(0)
+}
+
+/// A unit's journal, messages only (whatever journalctl printed, even on
+/// failure).
+fn journal(unit: &str) -> String {
+    let _ = run(None, &["journalctl", "--flush"]);
+    match run(None, &["journalctl", "-u", unit, "-o", "cat", "--no-pager"]) {
+        Ok(t) | Err(t) => t,
+    }
+}
+
+/// Waits until `unit` is active with a main pid other than `old`.
+fn wait_restarted(unit: &str, old: u32, timeout: Duration) -> Result<u32, String> {
+    let until = Instant::now() + timeout;
+    loop {
+        let pid = main_pid(unit);
+        if pid != 0 && pid != old && unit_prop(unit, "ActiveState") == "active" {
+            return Ok(pid);
+        }
+        if Instant::now() > until {
+            return Err(format!(
+                "{unit} not active again after {timeout:?} (pid {pid}):\n{}",
+                journal(unit)
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// The effective capabilities and no_new_privs of a process.
+fn caps_of(pid: u32) -> Result<(u64, bool), String> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .map_err(|e| format!("/proc/{pid}/status: {e}"))?;
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .map(str::trim)
+            .unwrap_or("")
+            .to_string()
+    };
+    let eff = u64::from_str_radix(&field("CapEff:"), 16).map_err(|e| e.to_string())?;
+    Ok((eff, field("NoNewPrivs:") == "1"))
+}
+
+/// Stops the installed units and uninstalls when dropped, so that a failed
+/// run leaves nothing attached (the VM powers off afterwards anyway).
+struct Installed;
+
+impl Drop for Installed {
+    fn drop(&mut self) {
+        let _ = sh(&format!("{DIST}/install.sh --uninstall"));
+    }
+}
+
+/// Installs, configures and starts node A as the README says.
+fn install_node_a() -> Result<Installed, String> {
+    let out = sh(&format!("{DIST}/install.sh"))?;
+    if !out.contains("tlshub installed") {
+        return Err(format!("install.sh said: {out}"));
+    }
+    let installed = Installed;
+    for f in [
+        "/usr/local/bin/tlshub-core",
+        "/usr/local/bin/tlshubctl",
+        "/etc/systemd/system/tlshub-core.service",
+        "/etc/systemd/system/tlshub-provider@.service",
+        "/etc/tlshub/core.toml",
+        "/etc/tlshub/provider-openssl.toml",
+        "/etc/modules-load.d/tlshub.conf",
+    ] {
+        if !std::path::Path::new(f).exists() {
+            return Err(format!("install.sh did not install {f}:\n{out}"));
+        }
+    }
+    // On the installed system, as systemd itself sees the units.
+    sh("cd /etc/systemd/system && systemd-analyze verify tlshub-core.service tlshub-core-release.service tlshub-provider@openssl.service tlshub-provider@tlshub.service")
+        .map_err(|e| format!("systemd-analyze verify on the installed units: {e}"))?;
+    // The operator's part: certificates, the key timeout, and (for this
+    // test) the core exporting its keys so the capture can be decrypted.
+    sh(&format!(
+        "cp {TEST_CERTS}/ca.pem {TEST_CERTS}/node-b.* /etc/tlshub/certs/ && \
+         cp {TEST_CERTS}/node-a.pem /etc/tlshub/certs/node.pem && \
+         cp {TEST_CERTS}/node-a.key /etc/tlshub/certs/node.key && \
+         sed -i 's/^timeout_ms = .*/timeout_ms = {TIMEOUT_MS}/' /etc/tlshub/core.toml && \
+         echo 'TLSHUB_CORE_ARGS=--keylog-file /run/tlshub/keys.jsonl' > /etc/default/tlshub-core"
+    ))?;
+    systemctl(&[
+        "enable",
+        "--now",
+        "tlshub-provider@openssl.service",
+        "tlshub-core.service",
+    ])
+    .map_err(|e| {
+        format!(
+            "{e}\n--- journal of tlshub-core.service ---\n{}\n--- tlshub-provider@openssl.service ---\n{}",
+            journal("tlshub-core.service"),
+            journal("tlshub-provider@openssl.service")
+        )
+    })?;
+    Ok(installed)
+}
+
+/// Checks the running units: active (Type=notify: started means ready),
+/// the capability sets and no_new_privs, logs without timestamps, the
+/// admin API and metrics.
+fn check_units() -> Result<String, String> {
+    let mut seen = Vec::new();
+    for (unit, want) in [
+        ("tlshub-core.service", CORE_CAPS),
+        ("tlshub-provider@openssl.service", PROVIDER_CAPS),
+    ] {
+        if unit_prop(unit, "ActiveState") != "active" {
+            return Err(format!("{unit} is not active:\n{}", journal(unit)));
+        }
+        let pid = main_pid(unit);
+        let (eff, nnp) = caps_of(pid)?;
+        if eff != want || !nnp {
+            return Err(format!(
+                "{unit} (pid {pid}): CapEff {eff:x}, want {want:x}; NoNewPrivs {nnp}"
+            ));
+        }
+        seen.push(format!("{unit} CapEff={eff:x}"));
+    }
+    // Why the core needs CAP_SYS_ADMIN (see tlshub-core.service).
+    let paranoid =
+        std::fs::read_to_string("/proc/sys/kernel/perf_event_paranoid").unwrap_or_default();
+    seen.push(format!("perf_event_paranoid={}", paranoid.trim()));
+    let log = journal("tlshub-core.service");
+    let running = log
+        .lines()
+        .find(|l| l.contains("capture-core running"))
+        .ok_or_else(|| format!("the core's journal has no 'capture-core running':\n{log}"))?;
+    // journald stamps lines itself; the core's own line starts with the level.
+    if !running.trim_start().starts_with("INFO") {
+        return Err(format!(
+            "a timestamp or colours in the journal: {running:?}"
+        ));
+    }
+    let status = tlshubctl(&["status"])?;
+    if status["active_provider"].as_str() != Some("openssl") {
+        return Err(format!("tlshubctl status: {status}"));
+    }
+    Ok(seen.join(", "))
+}
+
+/// `tlshubctl --json ARGS` on the installed core (default socket).
+fn tlshubctl(args: &[&str]) -> Result<Value, String> {
+    let mut argv = vec!["tlshubctl", "--json"];
+    argv.extend_from_slice(args);
+    let out = run(None, &argv)?;
+    serde_json::from_str(&out).map_err(|e| format!("tlshubctl {args:?}: {e}: {out}"))
+}
+
+fn metrics_a() -> Result<String, String> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", 9464))
+        .map_err(|e| format!("metrics of the installed core: {e}"))?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))
+        .map_err(|e| e.to_string())?;
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .map_err(|e| e.to_string())?;
+    let mut text = String::new();
+    s.read_to_string(&mut text).map_err(|e| e.to_string())?;
+    Ok(text)
+}
+
+fn keys_a() -> Vec<Value> {
+    std::fs::read_to_string("/run/tlshub/keys.jsonl")
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect()
+}
+
+/// Failures of short connections are allowed only from 2 s before an
+/// event (`at`, ms since the load began) to a key timeout + 2 s after it
+/// came back (`back`).
+fn failures_outside(r: &Value, events: &[(&str, u64, u64)]) -> Option<String> {
+    r["short_failures"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+        .into_iter()
+        .find_map(|f| {
+            let at = f[0].as_u64().unwrap_or(0);
+            let what = f[1].as_str().unwrap_or("").to_string();
+            let explained = events
+                .iter()
+                .any(|(_, from, back)| at + 2000 >= *from && at <= back + TIMEOUT_MS + 2000);
+            (what.contains("CORRUPT") || !explained).then(|| format!("{at} ms: {what}"))
+        })
+}
+
+/// The scenario.
+pub fn systemd_install_units_and_restarts() -> Result<String, String> {
+    let init = std::fs::read_to_string("/proc/1/comm").unwrap_or_default();
+    if init.trim() != "systemd" {
+        return Err(format!("PID 1 is {init:?}, not systemd"));
+    }
+    let installed = install_node_a()?;
+    let units = check_units()?;
+    let mut spec_b = NodeSpec::new("b");
+    spec_b.key_timeout_ms = TIMEOUT_MS;
+    let b = Node::start(spec_b)?;
+
+    // Load, with a provider restart, a provider crash and a core restart
+    // through systemd.
+    let cap = Capture::start("systemd")?;
+    let server = LoadServer::start()?;
+    let client = start_load_with(LONG, LOAD_SECS, super::service::SHORT_PER_SEC)?;
+    let t0 = Instant::now();
+    let ms = |t: Instant| t.duration_since(t0).as_millis() as u64;
+    let provider = "tlshub-provider@openssl.service";
+    let core = "tlshub-core.service";
+    let mut events = Vec::new();
+
+    sleep_until(t0, 8);
+    let (at, old) = (Instant::now(), main_pid(provider));
+    systemctl(&["restart", provider])?;
+    wait_restarted(provider, old, Duration::from_secs(30))?;
+    events.push(("systemctl restart provider", ms(at), ms(Instant::now())));
+
+    sleep_until(t0, 18);
+    let (at, old) = (Instant::now(), main_pid(provider));
+    systemctl(&["kill", "--signal=SIGKILL", provider])?;
+    // Restart=always brings it back; nobody touches the core.
+    wait_restarted(provider, old, Duration::from_secs(30))?;
+    events.push((
+        "kill -9 provider (Restart=always)",
+        ms(at),
+        ms(Instant::now()),
+    ));
+
+    sleep_until(t0, 28);
+    let (at, old) = (Instant::now(), main_pid(core));
+    systemctl(&["restart", core])?;
+    let new_core = wait_restarted(core, old, Duration::from_secs(60))?;
+    events.push(("systemctl restart core", ms(at), ms(Instant::now())));
+
+    let r = report(&finish(client, Duration::from_secs(240))?)?;
+    drop(server);
+    if r["long_broken"].as_u64() != Some(0) || r["corrupt"].as_u64() != Some(0) {
+        return Err(format!("established connections were affected: {r}"));
+    }
+    if let Some(f) = failures_outside(&r, &events) {
+        return Err(format!(
+            "a short connection failed outside the restart spans {events:?}: {f}\n{r}"
+        ));
+    }
+    let last_event = events.iter().map(|e| e.2).max().unwrap_or(0);
+    let (keyed_after, after_total) = recovered(&r, last_event + TIMEOUT_MS + 2000, (9, 10), 3)
+        .map_err(|e| format!("after the restarts, {e}\ncore journal:\n{}", journal(core)))?;
+    let release_log = journal("tlshub-core-release.service");
+    if !release_log.contains("a core is running again: nothing released") {
+        return Err(format!(
+            "the release hook acted on a restart (or did not run):\n{release_log}"
+        ));
+    }
+    if !journal(core).contains("adopted the connections of the previous core") {
+        return Err(format!(
+            "the restarted core adopted nothing:\n{}",
+            journal(core)
+        ));
+    }
+    let text = metrics_a()?;
+    let protected = metric(
+        &text,
+        "tlshub_connections_protected_total{provider=\"openssl\"}",
+    );
+    let up = metric(&text, "tlshub_provider_up{provider=\"openssl\"}");
+    if protected < 1.0 || up != 1.0 {
+        return Err(format!(
+            "metrics after the restarts: protected {protected}, provider up {up}"
+        ));
+    }
+    let flows = cap.finish()?;
+    let keys: Vec<Value> = keys_a().into_iter().chain(b.keys()).collect();
+    let wire = check_wire_with_keys(&flows, &keys, true)?;
+    if wire.decrypted < 2 * LONG as usize {
+        return Err(format!("too few flows decrypted: {wire:?}"));
+    }
+
+    // The core stops for good: a connection held meanwhile is released
+    // by tlshub-core-release.service once the grace is over.
+    let cap = Capture::start("systemd-stop")?;
+    systemctl(&["stop", core])?;
+    let listen = format!("0.0.0.0:{PROTECTED_PORT}");
+    let connect = format!("{POD_B}:{PROTECTED_PORT}");
+    let server = spawn_ready(
+        "pod-b",
+        &[
+            "tlshub-testapp",
+            "server",
+            "--listen",
+            &listen,
+            "--mode",
+            "client-first",
+            "--size",
+            "1000",
+        ],
+        "listening",
+        Duration::from_secs(10),
+    )?;
+    let client = spawn_app(
+        "pod-a",
+        &[
+            "tlshub-testapp",
+            "client",
+            "--connect",
+            &connect,
+            "--mode",
+            "client-first",
+            "--size",
+            "1000",
+        ],
+    )?;
+    let client_pid = client.id();
+    let until = Instant::now() + Duration::from_secs(10);
+    while state(client_pid) != Some('T') {
+        if Instant::now() > until {
+            return Err("the client was never held while the core was stopped".into());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let c = report(&finish(client, Duration::from_secs(30))?)?;
+    drop(server);
+    if c["ok"].as_bool() == Some(true) || !matches!(c["errno"].as_i64(), Some(104 | 32)) {
+        return Err(format!("client after the core stopped: {c}"));
+    }
+    let released = journal("tlshub-core-release.service");
+    let line = released
+        .lines()
+        .rev()
+        .find(|l| l.starts_with("released:"))
+        .ok_or_else(|| format!("tlshub-core-release.service did not release:\n{released}"))?
+        .to_string();
+    if !line.contains("processes continued") || line.contains(" 0 processes continued") {
+        return Err(format!("the release continued nobody: {line}"));
+    }
+    let stop_wire = check_wire_with_keys(&cap.finish()?, &keys, true)?;
+
+    drop(b);
+    drop(installed);
+    if std::path::Path::new("/usr/local/bin/tlshub-core").exists()
+        || std::fs::read_dir("/sys/fs/bpf/tlshub").is_ok_and(|mut d| d.next().is_some())
+    {
+        return Err("install.sh --uninstall left binaries or pins behind".into());
+    }
+    Ok(format!(
+        "install.sh + systemctl enable --now: {units}, NoNewPrivs; {LONG} long connections unbroken, 0 corrupt through {}; short connections: {} ok of {} ({} keyed after the last restart of {after_total}), failures only inside the restart spans; core {new_core} adopted, release hook did nothing on the restart; wire: {} protected flows, {} decrypted, no plaintext; core stopped: client held, then after the restart grace {line}, client errno {}, wire {} protected flows no plaintext; uninstalled",
+        events
+            .iter()
+            .map(|(what, from, to)| format!(
+                "{what} at {:.1}-{:.1} s",
+                *from as f64 / 1000.0,
+                *to as f64 / 1000.0
+            ))
+            .collect::<Vec<_>>()
+            .join(", "),
+        r["short_ok"],
+        r["short_attempted"],
+        keyed_after,
+        wire.protected_flows,
+        wire.decrypted,
+        c["errno"],
+        stop_wire.protected_flows
+    ))
+}
