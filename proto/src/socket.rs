@@ -61,6 +61,26 @@ pub fn socket_cookie(fd: &impl AsRawFd) -> io::Result<u64> {
     Ok(cookie)
 }
 
+/// What the first bytes a handshake provider received on the connection
+/// say about the peer node's provider. Two nodes must run compatible
+/// providers; when they do not, this is what names the mismatch in the
+/// error (and so in both the provider's and the core's log line).
+pub fn describe_peer_start(first: &[u8]) -> &'static str {
+    match first {
+        [] => {
+            "the peer sent nothing: its node runs a key-only provider (such as tlshub or a PSK provider) or no tlshub"
+        }
+        [0x16, 0x03, ..] => "the peer speaks TLS (a handshake provider)",
+        [0x15, 0x03, ..] => "the peer sent a TLS alert (a handshake provider that refused)",
+        [0x17, 0x03, 0x03, ..] => {
+            "the peer sent an encrypted record instead of a handshake: its node runs a key-only provider (such as tlshub or a PSK provider)"
+        }
+        _ => {
+            "the peer sent bytes that are not TLS: its node did not protect this connection (no tlshub there, or fail-open)"
+        }
+    }
+}
+
 /// `Read`/`Write` over a duplicate of the application's socket that never
 /// changes its file status flags: the duplicate shares `O_NONBLOCK` with the
 /// application, so instead of toggling it, every call uses `MSG_DONTWAIT`
@@ -70,12 +90,28 @@ pub fn socket_cookie(fd: &impl AsRawFd) -> io::Result<u64> {
 pub struct SocketIo {
     fd: OwnedFd,
     deadline: Instant,
+    /// The first bytes the peer sent (up to a TLS record header), kept to
+    /// say what the peer runs when a handshake fails.
+    first: Vec<u8>,
 }
+
+/// Bytes of the peer's first record header that [`SocketIo`] keeps.
+const FIRST_BYTES: usize = 5;
 
 impl SocketIo {
     /// Wraps `fd`; every read and write fails with `TimedOut` after `deadline`.
     pub fn new(fd: OwnedFd, deadline: Instant) -> Self {
-        Self { fd, deadline }
+        Self {
+            fd,
+            deadline,
+            first: Vec::new(),
+        }
+    }
+
+    /// What the peer's first bytes say about the provider on its node,
+    /// for the error of a failed handshake (see [`describe_peer_start`]).
+    pub fn peer_start(&self) -> &'static str {
+        describe_peer_start(&self.first)
     }
 
     fn wait(&self, events: libc::c_short) -> io::Result<()> {
@@ -122,7 +158,10 @@ impl io::Read for SocketIo {
                 )
             };
             if n >= 0 {
-                return Ok(n as usize);
+                let n = n as usize;
+                let keep = (FIRST_BYTES - self.first.len()).min(n);
+                self.first.extend_from_slice(&buf[..keep]);
+                return Ok(n);
             }
             let e = io::Error::last_os_error();
             match e.kind() {
@@ -168,12 +207,45 @@ mod tests {
     use super::*;
 
     #[test]
+    fn the_peer_start_names_the_kind_of_provider() {
+        assert!(describe_peer_start(&[]).contains("sent nothing"));
+        assert!(describe_peer_start(&[0x16, 0x03, 0x01, 0, 200]).contains("speaks TLS"));
+        assert!(describe_peer_start(&[0x17, 0x03, 0x03, 0, 40]).contains("key-only provider"));
+        assert!(describe_peer_start(&[0x15, 0x03, 0x03]).contains("alert"));
+        assert!(describe_peer_start(b"GET /").contains("not TLS"));
+    }
+
+    #[test]
     fn take_own_socket_and_compare_cookies() {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let dup = take_fd(std::process::id(), l.as_raw_fd()).unwrap();
         assert_eq!(socket_cookie(&dup).unwrap(), socket_cookie(&l).unwrap());
         let other = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         assert_ne!(socket_cookie(&other).unwrap(), socket_cookie(&l).unwrap());
+    }
+
+    #[test]
+    fn socket_io_keeps_the_peers_first_bytes() {
+        use std::io::{Read, Write};
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut peer = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let (ours, _) = l.accept().unwrap();
+        let mut io = SocketIo::new(
+            OwnedFd::from(ours),
+            Instant::now() + std::time::Duration::from_secs(5),
+        );
+        assert!(io.peer_start().contains("sent nothing"));
+        peer.write_all(&[0x17, 0x03]).unwrap();
+        let mut buf = [0u8; 2];
+        io.read_exact(&mut buf).unwrap();
+        peer.write_all(&[0x03, 0, 9, 1, 2, 3]).unwrap();
+        let mut rest = [0u8; 6];
+        io.read_exact(&mut rest).unwrap();
+        assert!(
+            io.peer_start().contains("key-only provider"),
+            "{}",
+            io.peer_start()
+        );
     }
 
     #[test]

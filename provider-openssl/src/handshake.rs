@@ -180,11 +180,13 @@ fn handshake_error(e: HandshakeError<SocketIo>, budget: Duration) -> ProviderErr
         },
         HandshakeError::Failure(mid) | HandshakeError::WouldBlock(mid) => {
             let err = mid.error();
+            // Names the peer's kind of provider when the two do not match.
+            let peer = mid.get_ref().peer_start();
             if let Some(io) = err.io_error()
                 && io.kind() == std::io::ErrorKind::TimedOut
             {
                 return ProviderError::Timeout {
-                    waiting_for: "the peer's handshake messages".into(),
+                    waiting_for: format!("the peer's handshake messages ({peer})"),
                     millis: budget.as_millis() as u64,
                 };
             }
@@ -195,7 +197,7 @@ fn handshake_error(e: HandshakeError<SocketIo>, budget: Duration) -> ProviderErr
                 };
             }
             ProviderError::Handshake {
-                reason: err.to_string(),
+                reason: format!("{err}; {peer}"),
             }
         }
     }

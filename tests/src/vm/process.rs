@@ -284,6 +284,40 @@ pub fn where_stuck(pid: u32) -> String {
             if wchan.is_empty() { "-" } else { wchan.trim() }
         ));
     }
+    out.push_str(&socket_queues(pid));
+    out
+}
+
+/// The TCP sockets of `pid`'s network namespace that are not listening,
+/// with their send and receive queues (`/proc/PID/net/tcp{,6}`), and the
+/// namespace's kTLS counters: for telling a data-path stall (bytes queued
+/// on one side) from an application wait.
+fn socket_queues(pid: u32) -> String {
+    let mut out = String::new();
+    for file in ["tcp", "tcp6"] {
+        let text = std::fs::read_to_string(format!("/proc/{pid}/net/{file}")).unwrap_or_default();
+        for l in text.lines().skip(1) {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            // local, remote, state (0A = LISTEN), tx_queue:rx_queue
+            if f.len() > 4 && f[3] != "0A" {
+                out.push_str(&format!(
+                    "; {file} {} -> {} st {} tx:rx {}",
+                    f[1], f[2], f[3], f[4]
+                ));
+            }
+        }
+    }
+    let tls = std::fs::read_to_string(format!("/proc/{pid}/net/tls_stat")).unwrap_or_default();
+    let nonzero: Vec<String> = tls
+        .lines()
+        .filter_map(|l| {
+            let (k, v) = l.split_once(char::is_whitespace)?;
+            (v.trim() != "0").then(|| format!("{k}={}", v.trim()))
+        })
+        .collect();
+    if !nonzero.is_empty() {
+        out.push_str(&format!("; tls_stat {}", nonzero.join(" ")));
+    }
     out
 }
 

@@ -516,12 +516,30 @@ pub fn mismatched_providers_fail_closed() -> Result<String, String> {
             "node b did not log why the connections failed: {reasons:?}"
         ));
     }
+    // The core's line names both providers that met: its own (the
+    // connection's span) and the peer's kind (from the provider's error).
+    let met = b
+        .core_log()
+        .lines()
+        .find(|l| {
+            l.contains("could not be keyed")
+                && l.contains("provider=openssl")
+                && l.contains("key-only provider")
+        })
+        .map(String::from)
+        .ok_or_else(|| {
+            format!(
+                "node b's core never said which providers met:\n{}",
+                b.core_log()
+            )
+        })?;
     let reset_b = metric(&b.metrics()?, "tlshub_connections_reset_total");
     let why = reasons.join(" | ");
     Ok(format!(
-        "{}; wire: {} protected flows, no plaintext; node b reset {reset_b}; logged: {why}",
+        "{}; wire: {} protected flows, no plaintext; node b reset {reset_b}; logged: {why}; node b's core: {}",
         seen.join("; "),
-        wire.protected_flows
+        wire.protected_flows,
+        met.split("conn{").nth(1).unwrap_or(&met)
     ))
 }
 
