@@ -152,6 +152,9 @@ pub struct Agent {
     held: HashMap<u32, HeldProc>,
     /// Set when something may have released held processes.
     sweep_due: bool,
+    /// Shutting down: keying already under way finishes, nothing new starts
+    /// (those connections stay gated for the next core).
+    draining: bool,
     stats: Stats,
     stats_file: Option<PathBuf>,
     /// Events and outcomes handled so far, and the count at the last stats write.
@@ -237,6 +240,7 @@ impl Agent {
             held_cookies: HashSet::new(),
             held: HashMap::new(),
             sweep_due: false,
+            draining: false,
             stats: Stats::default(),
             stats_file,
             activity: 0,
@@ -370,6 +374,8 @@ impl Agent {
                 self.sweep_held(&states);
             }
         }
+        self.finish_keying_under_way(&mut events, &mut done_rx, &done_tx, grace, fail_open)
+            .await;
         health.abort();
         self.hand_over();
         self.stats_written_at = None;
@@ -433,7 +439,56 @@ impl Agent {
         }
     }
 
+    /// On SIGTERM, lets the keying already under way finish (up to one key
+    /// timeout) before handing over. Why: a provider handshake in flight
+    /// cannot be resumed by the next core, which would start a second one
+    /// on the same connection and fail it; finished here, a `systemctl
+    /// restart` loses nothing. The heartbeat and the held-process sweep go
+    /// on meanwhile; new connections are left for the next core.
+    async fn finish_keying_under_way(
+        &mut self,
+        events: &mut AsyncFd<aya::maps::RingBuf<aya::maps::MapData>>,
+        done_rx: &mut mpsc::UnboundedReceiver<Outcome>,
+        done_tx: &mpsc::UnboundedSender<Outcome>,
+        grace: Duration,
+        fail_open: bool,
+    ) {
+        self.draining = true;
+        let keying = |a: &Self| a.pending.values().filter(|p| p.provider.is_some()).count();
+        let in_flight = keying(self);
+        if in_flight == 0 {
+            return;
+        }
+        info!(
+            in_flight,
+            "finishing the keying under way before handing over"
+        );
+        let deadline =
+            tokio::time::Instant::now() + self.config.key_timeout() + Duration::from_millis(500);
+        let mut sweep = tokio::time::interval(Duration::from_millis(50));
+        while keying(self) > 0 {
+            tokio::select! {
+                Some(outcome) = done_rx.recv() => self.on_outcome(outcome),
+                _ = sweep.tick() => {
+                    self.programs.heartbeat(grace, fail_open);
+                    let states = self.held_states();
+                    for ev in drain(events.get_mut()) {
+                        self.on_event(ev, done_tx);
+                    }
+                    self.sweep_held(&states);
+                }
+                () = tokio::time::sleep_until(deadline) => {
+                    warn!(left = keying(self), "keying still under way at shutdown; the next core takes it over");
+                    break;
+                }
+            }
+        }
+    }
+
     fn maybe_start(&mut self, cookie: u64, done: &mpsc::UnboundedSender<Outcome>) {
+        if self.draining {
+            return;
+        }
         let Some(p) = self.pending.get_mut(&cookie) else {
             return;
         };

@@ -198,6 +198,17 @@ const PROVIDER_RETRY: Duration = Duration::from_millis(100);
 /// (its socket is gone or refuses) is waited for until the key timeout: a
 /// provider restart shorter than the timeout costs the connection only the
 /// wait.
+/// The time a provider is given out of what is `left` of the key timeout.
+/// Why less than all of it: a provider that gives up at its own deadline
+/// answers with the reason (a handshake provider says what the peer sent,
+/// which names a provider mismatch); the core's own deadline is the hard
+/// limit, and an answer arriving after it carries nothing. A tenth, at
+/// least 200 ms (but at most half), is kept for the answer to travel.
+fn provider_budget(left: Duration) -> Duration {
+    let margin = (left / 10).max(Duration::from_millis(200)).min(left / 2);
+    left - margin
+}
+
 pub async fn run(job: Job, provider: Arc<Provider>) -> Outcome {
     let cookie = job.cookie;
     let name = provider.name.clone();
@@ -234,7 +245,7 @@ pub async fn run(job: Job, provider: Arc<Provider>) -> Outcome {
     };
     let started = Instant::now();
     let keys = loop {
-        request.timeout = deadline.saturating_duration_since(Instant::now());
+        request.timeout = provider_budget(deadline.saturating_duration_since(Instant::now()));
         match provider.client().keys(&request).await {
             Ok(k) => break k,
             // Retry only while nothing listens on the provider's socket: the
@@ -270,4 +281,19 @@ pub async fn run(job: Job, provider: Arc<Provider>) -> Outcome {
         })
         .map_err(|(step, source)| KeyingError::Install { step, source });
     outcome(Some(socket), result)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_provider_gets_the_key_timeout_less_a_margin_for_its_answer() {
+        let ms = Duration::from_millis;
+        assert_eq!(provider_budget(ms(2000)), ms(1800));
+        assert_eq!(provider_budget(ms(5000)), ms(4500));
+        assert_eq!(provider_budget(ms(1000)), ms(800));
+        assert_eq!(provider_budget(ms(300)), ms(150));
+        assert_eq!(provider_budget(Duration::ZERO), Duration::ZERO);
+    }
 }

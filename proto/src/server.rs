@@ -268,6 +268,16 @@ pub async fn serve_until<P: Provider>(
     // Under a `Type=notify` unit, started means listening: the core's
     // first request after `systemctl start` finds the socket.
     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
+    // On shutdown the socket's name goes first, so new connections fail at
+    // once (the core then waits for the next instance) while requests
+    // already received finish. Removing it only at exit could also delete
+    // a successor's socket bound in the meantime.
+    let socket_path = options.socket_path.clone();
+    let shutdown = async move {
+        shutdown.await;
+        let _ = std::fs::remove_file(&socket_path);
+        info!("provider stopping: finishing the requests under way");
+    };
     let result = tonic::transport::Server::builder()
         .add_service(health)
         .add_service(pb::key_provider_server::KeyProviderServer::from_arc(
@@ -276,7 +286,6 @@ pub async fn serve_until<P: Provider>(
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await;
     health_task.abort();
-    let _ = std::fs::remove_file(&options.socket_path);
     info!("provider stopped");
     Ok(result?)
 }

@@ -75,7 +75,8 @@ pub fn read_pcap(data: &[u8]) -> Result<Vec<Flow>, WireError> {
     if linktype != 1 {
         return err(format!("pcap link type {linktype}, want Ethernet (1)"));
     }
-    let mut flows: HashMap<(SocketAddr, SocketAddr), Segments> = HashMap::new();
+    let mut flows: HashMap<(SocketAddr, SocketAddr, usize), Segments> = HashMap::new();
+    let mut generations: HashMap<(SocketAddr, SocketAddr), usize> = HashMap::new();
     let mut order = Vec::new();
     let mut at = 24;
     while at + 16 <= data.len() {
@@ -93,7 +94,19 @@ pub fn read_pcap(data: &[u8]) -> Result<Vec<Flow>, WireError> {
         let Some((src, dst, seq, syn, payload)) = parse_tcp(pkt) else {
             continue;
         };
-        let key = (src, dst);
+        // A SYN with a new ISN on a 4-tuple already seen is a new
+        // connection (a reset one does not hold the port in TIME_WAIT, so
+        // the next connect may get the same one): a new flow, keyed by
+        // generation.
+        let generation = generations.entry((src, dst)).or_insert(0usize);
+        if syn
+            && flows
+                .get(&(src, dst, *generation))
+                .is_some_and(|f: &Segments| f.isn.is_some_and(|i| i != seq) || !f.segs.is_empty())
+        {
+            *generation += 1;
+        }
+        let key = (src, dst, *generation);
         let entry = flows.entry(key).or_insert_with(|| {
             order.push(key);
             Segments::default()
@@ -381,5 +394,75 @@ mod tests {
             Some((23, b"hello".to_vec()))
         );
         assert_eq!(decrypt_tls13("aes-gcm-128", &key, &iv, 2, &rec), None);
+    }
+
+    /// An Ethernet/IPv4/TCP frame from 10.0.1.2:40000 to 10.0.2.2:8443.
+    fn frame(seq: u32, syn: bool, payload: &[u8]) -> Vec<u8> {
+        let mut f = vec![0u8; 12];
+        f.extend_from_slice(&[0x08, 0x00]);
+        let total = (20 + 20 + payload.len()) as u16;
+        f.extend_from_slice(&[
+            0x45,
+            0,
+            (total >> 8) as u8,
+            total as u8,
+            0,
+            0,
+            0,
+            0,
+            64,
+            6,
+            0,
+            0,
+        ]);
+        f.extend_from_slice(&[10, 0, 1, 2, 10, 0, 2, 2]);
+        f.extend_from_slice(&40000u16.to_be_bytes());
+        f.extend_from_slice(&8443u16.to_be_bytes());
+        f.extend_from_slice(&seq.to_be_bytes());
+        f.extend_from_slice(&[
+            0,
+            0,
+            0,
+            0,
+            0x50,
+            if syn { 0x02 } else { 0x18 },
+            0xff,
+            0xff,
+            0,
+            0,
+            0,
+            0,
+        ]);
+        f.extend_from_slice(payload);
+        f
+    }
+
+    fn pcap(frames: &[Vec<u8>]) -> Vec<u8> {
+        let mut p = Vec::new();
+        for v in [0xa1b2_c3d4u32, 0x0004_0002, 0, 0, 65535, 1] {
+            p.extend_from_slice(&v.to_le_bytes());
+        }
+        for f in frames {
+            let len = f.len() as u32;
+            for v in [0u32, 0, len, len] {
+                p.extend_from_slice(&v.to_le_bytes());
+            }
+            p.extend_from_slice(f);
+        }
+        p
+    }
+
+    #[test]
+    fn a_new_syn_on_a_reused_4_tuple_starts_a_new_flow() {
+        let data = pcap(&[
+            frame(1000, true, b""),
+            frame(1001, false, b"first"),
+            // The same 4-tuple again (the first was reset): another ISN.
+            frame(4_000_000_000, true, b""),
+            frame(4_000_000_001, false, b"second"),
+        ]);
+        let flows = read_pcap(&data).unwrap();
+        let bytes: Vec<&[u8]> = flows.iter().map(|f| f.bytes.as_slice()).collect();
+        assert_eq!(bytes, [b"first".as_slice(), b"second".as_slice()]);
     }
 }

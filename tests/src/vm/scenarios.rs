@@ -310,6 +310,14 @@ pub fn check_wire_with_keys(
                 && k["remote"].as_str() == Some(&remote.to_string())
         })
     };
+    let find_all = |local: &std::net::SocketAddr, remote: &std::net::SocketAddr| {
+        keys.iter()
+            .filter(|k| {
+                k["local"].as_str() == Some(&local.to_string())
+                    && k["remote"].as_str() == Some(&remote.to_string())
+            })
+            .collect::<Vec<_>>()
+    };
     let mut r = WireReport::default();
     for f in flows.iter().filter(|f| !f.bytes.is_empty()) {
         let protected = f.src.port() == PROTECTED_PORT || f.dst.port() == PROTECTED_PORT;
@@ -371,26 +379,54 @@ pub fn check_wire_with_keys(
                 f.capture_log
             )
         })?;
-        let sender = find(&f.src, &f.dst)
-            .ok_or_else(|| format!("{} -> {}: no exported key for the sender", f.src, f.dst))?;
-        let receiver = find(&f.dst, &f.src)
-            .ok_or_else(|| format!("{} -> {}: no exported key for the receiver", f.src, f.dst))?;
-        if hexv(&sender["tx_key"]) != hexv(&receiver["rx_key"])
-            || hexv(&sender["tx_iv"]) != hexv(&receiver["rx_iv"])
-        {
+        // A 4-tuple can carry several connections in one capture (a reset
+        // one leaves no TIME_WAIT): the sender's key is the one of its
+        // records under which this flow decrypts.
+        let senders = find_all(&f.src, &f.dst);
+        if senders.is_empty() {
             return Err(format!(
-                "{} -> {}: the two nodes' providers reported different keys",
+                "{} -> {}: no exported key for the sender",
                 f.src, f.dst
             ));
         }
-        let suite = sender["suite"].as_str().unwrap_or("");
-        let plain = wire::decrypt_application_data(
-            &f.bytes,
-            suite,
-            &hexv(&sender["tx_key"]),
-            &hexv(&sender["tx_iv"]),
-        )
-        .map_err(|e| format!("{} -> {}: {e}", f.src, f.dst))?;
+        let mut decrypted = Err(String::new());
+        for sender in &senders {
+            decrypted = wire::decrypt_application_data(
+                &f.bytes,
+                sender["suite"].as_str().unwrap_or(""),
+                &hexv(&sender["tx_key"]),
+                &hexv(&sender["tx_iv"]),
+            )
+            .map(|plain| (plain, *sender))
+            .map_err(|e| format!("{} -> {}: {e}", f.src, f.dst));
+            if decrypted.is_ok() {
+                break;
+            }
+        }
+        let (plain, sender) = match decrypted {
+            Ok(d) => d,
+            // A reset connection's handshake on a reused 4-tuple whose
+            // keys belong to another connection.
+            Err(_)
+                if unkeyed_ok
+                    && senders.len() > 1
+                    && matches!(f.bytes.first(), Some(0x15 | 0x16)) =>
+            {
+                r.unkeyed_flows += 1;
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
+        let receiver_agrees = find_all(&f.dst, &f.src).iter().any(|receiver| {
+            hexv(&sender["tx_key"]) == hexv(&receiver["rx_key"])
+                && hexv(&sender["tx_iv"]) == hexv(&receiver["rx_iv"])
+        });
+        if !receiver_agrees {
+            return Err(format!(
+                "{} -> {}: no key of the receiver matches the sender's (the two nodes' providers reported different keys)",
+                f.src, f.dst
+            ));
+        }
         let seed = if f.dst.port() == PROTECTED_PORT {
             CLIENT_SEED
         } else {
