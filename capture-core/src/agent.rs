@@ -604,8 +604,14 @@ impl Agent {
             }
             Err(e) => {
                 if pending.is_none() {
-                    // Closed while keying: nothing to protect any more.
-                    debug!(error = %e, "keying ended after the socket closed");
+                    // Closed while keying: nothing to protect any more. A
+                    // provider's reason still matters (a mismatched peer
+                    // provider typically makes the peer app close first).
+                    if matches!(e, KeyingError::Provider(_)) {
+                        info!(error = %e, reason = e.reason(), "keying failed; the socket had closed meanwhile");
+                    } else {
+                        debug!(error = %e, "keying ended after the socket closed");
+                    }
                 } else {
                     warn!(error = %e, reason = e.reason(), "connection could not be keyed");
                     let half_installed = matches!(e, KeyingError::Install { .. });

@@ -245,8 +245,9 @@ pub async fn run(job: Job, provider: Arc<Provider>) -> Outcome {
     };
     let started = Instant::now();
     let keys = loop {
-        request.timeout = provider_budget(deadline.saturating_duration_since(Instant::now()));
-        match provider.client().keys(&request).await {
+        let left = deadline.saturating_duration_since(Instant::now());
+        request.timeout = provider_budget(left);
+        match provider.client().keys_waiting(&request, left).await {
             Ok(k) => break k,
             // Retry only while nothing listens on the provider's socket: the
             // request cannot be running in a live provider then. A live

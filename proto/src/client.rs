@@ -56,6 +56,10 @@ impl ClientError {
                 code: tonic::Code::Unavailable,
                 ..
             } => "unavailable",
+            Self::Status {
+                code: tonic::Code::DeadlineExceeded,
+                ..
+            } => "timeout",
             Self::Status { .. } => "error",
             Self::Malformed { .. } => "malformed",
         }
@@ -162,16 +166,28 @@ impl ProviderClient {
     /// `GetConnectionKeys` with a deadline of `request.timeout`; the answer
     /// is validated (lengths, suite, version) before it is returned.
     pub async fn keys(&self, request: &KeyRequest) -> Result<ConnectionKeys, ClientError> {
+        self.keys_waiting(request, request.timeout).await
+    }
+
+    /// [`Self::keys`], waiting up to `wait` (at least `request.timeout`,
+    /// the provider's own budget) so that a provider that gives up at its
+    /// deadline still gets its reason through.
+    pub async fn keys_waiting(
+        &self,
+        request: &KeyRequest,
+        wait: Duration,
+    ) -> Result<ConnectionKeys, ClientError> {
+        let wait = wait.max(request.timeout);
         let mut c = self.inner.clone();
         let mut req = tonic::Request::new(request.to_pb());
-        req.set_timeout(request.timeout);
-        let answer = tokio::time::timeout(request.timeout, c.get_connection_keys(req))
+        req.set_timeout(wait);
+        let answer = tokio::time::timeout(wait, c.get_connection_keys(req))
             .await
-            .map_err(|_| self.timeout(request.timeout))?
+            .map_err(|_| self.timeout(wait))?
             .map_err(|s| match s.code() {
-                tonic::Code::DeadlineExceeded | tonic::Code::Cancelled => {
-                    self.timeout(request.timeout)
-                }
+                // The provider's own timeout, with its reason.
+                tonic::Code::DeadlineExceeded if !s.message().is_empty() => self.status(s),
+                tonic::Code::DeadlineExceeded | tonic::Code::Cancelled => self.timeout(wait),
                 _ => self.status(s),
             })?;
         let mut wire = answer.into_inner();

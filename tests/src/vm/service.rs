@@ -501,7 +501,11 @@ pub fn mismatched_providers_fail_closed() -> Result<String, String> {
     let reasons: Vec<String> = provider_log
         .lines()
         .chain(b.core_log().lines().collect::<Vec<_>>())
-        .filter(|l| l.contains("key request failed") || l.contains("could not be keyed"))
+        .filter(|l| {
+            l.contains("key request failed")
+                || l.contains("could not be keyed")
+                || l.contains("keying failed")
+        })
         .map(|l| {
             l.split("error=")
                 .nth(1)
@@ -522,7 +526,7 @@ pub fn mismatched_providers_fail_closed() -> Result<String, String> {
         .core_log()
         .lines()
         .find(|l| {
-            l.contains("could not be keyed")
+            (l.contains("could not be keyed") || l.contains("keying failed"))
                 && l.contains("provider=openssl")
                 && l.contains("key-only provider")
         })
