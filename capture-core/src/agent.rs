@@ -1036,7 +1036,7 @@ pub fn process_state(pid: u32) -> Option<char> {
 }
 
 /// Reads every record the ring buffer holds now.
-fn drain(ring: &mut aya::maps::RingBuf<aya::maps::MapData>) -> Vec<Event> {
+pub(crate) fn drain(ring: &mut aya::maps::RingBuf<aya::maps::MapData>) -> Vec<Event> {
     let mut batch = Vec::new();
     while let Some(item) = ring.next() {
         match Event::from_bytes(&item) {

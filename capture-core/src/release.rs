@@ -6,7 +6,7 @@
 
 use std::path::{Path, PathBuf};
 
-use tlshub_ebpf::gate;
+use tlshub_ebpf::{gate, kind};
 use tracing::{info, warn};
 
 use crate::bpf::{BpfError, Programs, unpin_all};
@@ -153,15 +153,49 @@ fn release_open(programs: &mut Programs, config: &Config, done: &mut Released) {
             None => done.unreachable += 1,
         }
     }
-    let mut pids: Vec<u32> = conns
-        .iter()
-        .map(|(_, c)| c.owner_pid)
-        .filter(|p| *p != 0)
+    // Processes the gate stopped since the last core left: their HELD
+    // events wait in the ring buffer, which no core read. Their connection
+    // may be gone from `conns` already (the peer reset it), so the events
+    // are the only record of them.
+    let mut gate_stopped: Vec<u32> = programs
+        .events
+        .as_mut()
+        .map(crate::agent::drain)
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|ev| ev.kind == kind::HELD)
+        .map(|ev| ev.pid)
         .chain(programs.held().into_iter().map(|(pid, _)| pid))
         .collect();
-    pids.sort_unstable();
-    pids.dedup();
-    for pid in pids {
+    gate_stopped.sort_unstable();
+    gate_stopped.dedup();
+    let mut owners: Vec<u32> = conns
+        .iter()
+        .map(|(_, c)| c.owner_pid)
+        .filter(|p| *p != 0 && !gate_stopped.contains(p))
+        .collect();
+    owners.sort_unstable();
+    owners.dedup();
+    // A stop the gate sent takes a moment to take effect: wait for it, or a
+    // process stopping just after this look would stay stopped for good.
+    let until = std::time::Instant::now() + std::time::Duration::from_secs(1);
+    for pid in gate_stopped {
+        loop {
+            match crate::agent::process_state(pid) {
+                Some('T') => {
+                    if sys::continue_process(pid).is_ok() {
+                        done.continued += 1;
+                    }
+                    break;
+                }
+                Some(_) if std::time::Instant::now() < until => {
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+                _ => break,
+            }
+        }
+    }
+    for pid in owners {
         if crate::agent::process_state(pid) == Some('T') && sys::continue_process(pid).is_ok() {
             done.continued += 1;
         }

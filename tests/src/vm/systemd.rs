@@ -376,7 +376,12 @@ pub fn systemd_install_units_and_restarts() -> Result<String, String> {
         }
         std::thread::sleep(Duration::from_millis(50));
     }
-    let c = report(&finish(client, Duration::from_secs(30))?)?;
+    let c = report(&finish(client, Duration::from_secs(30)).map_err(|e| {
+        format!(
+            "client held while the core was stopped: {e}\n--- tlshub-core-release.service ---\n{}",
+            journal("tlshub-core-release.service")
+        )
+    })?)?;
     drop(server);
     if c["ok"].as_bool() == Some(true) || !matches!(c["errno"].as_i64(), Some(104 | 32)) {
         return Err(format!("client after the core stopped: {c}"));
