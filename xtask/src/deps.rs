@@ -44,7 +44,8 @@ fn installed(pkg: &str) -> bool {
         .unwrap_or(false)
 }
 
-fn sudo(args: &[&str]) -> Command {
+/// `args` as a command, through sudo unless this runs as root.
+pub fn sudo(args: &[&str]) -> Command {
     let root = Command::new("id")
         .arg("-u")
         .output()

@@ -154,17 +154,8 @@ pub fn verify_units(dist: &Path) -> Result<()> {
 pub fn install_here(extra: &[String]) -> Result<()> {
     let dir = assemble(&build_product()?)?;
     let script = dir.join("install.sh");
-    let root_user = Command::new("id")
-        .arg("-u")
-        .output()
-        .map(|o| o.stdout.starts_with(b"0"))
-        .unwrap_or(false);
-    let mut c = if root_user {
-        Command::new("sh")
-    } else {
-        let mut c = Command::new("sudo");
-        c.arg("sh");
-        c
-    };
-    run(c.arg(script).args(extra))
+    let script = script.to_string_lossy();
+    let mut args = vec!["sh", script.as_ref()];
+    args.extend(extra.iter().map(String::as_str));
+    run(&mut crate::deps::sudo(&args))
 }

@@ -12,7 +12,7 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 
 use crate::deps::{self, Kernel};
-use crate::vm::{Boot, boot};
+use crate::vm::{Boot, boot, pack_initramfs};
 use crate::{root, run};
 
 /// The scenario the systemd VM runs (`tests/src/vm/systemd.rs`).
@@ -120,7 +120,7 @@ fn initramfs(kernel: &Kernel, work: &Path) -> Result<PathBuf> {
         std::fs::create_dir_all(rootfs.join(d))?;
     }
     std::fs::copy("/bin/busybox", rootfs.join("bin/busybox")).context("busybox-static missing")?;
-    copy_modules(
+    crate::vm::copy_modules(
         kernel,
         &rootfs,
         &[
@@ -131,41 +131,8 @@ fn initramfs(kernel: &Kernel, work: &Path) -> Result<PathBuf> {
     std::fs::write(rootfs.join("init"), INIT)?;
     run(Command::new("chmod").arg("755").arg(rootfs.join("init")))?;
     let out = work.join("systemd-initrd.gz");
-    run(Command::new("sh").arg("-c").arg(format!(
-        "cd '{}' && find . -print0 | cpio --null -o -H newc --quiet | gzip -1 > '{}'",
-        rootfs.display(),
-        out.display()
-    )))?;
+    pack_initramfs(&rootfs, &out)?;
     Ok(out)
-}
-
-/// Copies module trees of `kernel` into `rootfs/lib/modules/VERSION` and
-/// runs depmod there.
-fn copy_modules(kernel: &Kernel, rootfs: &Path, trees: &[&str]) -> Result<()> {
-    let moddst = rootfs.join("usr/lib/modules").join(&kernel.version);
-    std::fs::create_dir_all(&moddst)?;
-    if !rootfs.join("lib").exists() {
-        std::os::unix::fs::symlink("usr/lib", rootfs.join("lib"))?;
-    }
-    for f in [
-        "modules.order",
-        "modules.builtin",
-        "modules.builtin.modinfo",
-    ] {
-        std::fs::copy(kernel.modules.join(f), moddst.join(f))?;
-    }
-    for t in trees {
-        let dst = moddst.join(t);
-        std::fs::create_dir_all(dst.parent().context("module parent")?)?;
-        run(Command::new("cp")
-            .arg("-a")
-            .arg(kernel.modules.join(t))
-            .arg(&dst))?;
-    }
-    run(Command::new("depmod")
-        .arg("-b")
-        .arg(rootfs)
-        .arg(&kernel.version))
 }
 
 fn symlink(target: &str, link: &Path) -> Result<()> {
@@ -191,18 +158,8 @@ fn disk_image(kernel: &Kernel, dist: &Path, bins: &Path, work: &Path) -> Result<
     for b in TEST_BINARIES {
         std::fs::copy(bins.join(b), testdir.join(b)).with_context(|| b.to_string())?;
     }
-    let certs = tree.join("root/test-certs");
-    std::fs::create_dir_all(&certs)?;
-    for f in [
-        "ca.pem",
-        "node-a.pem",
-        "node-a.key",
-        "node-b.pem",
-        "node-b.key",
-    ] {
-        std::fs::copy(work.join("certs").join(f), certs.join(f))?;
-    }
-    copy_modules(kernel, &tree, crate::vm::MODULE_DIRS)?;
+    crate::vm::copy_certs(work, &tree.join("root/test-certs"))?;
+    crate::vm::copy_modules(kernel, &tree, crate::vm::MODULE_DIRS)?;
     let units = tree.join("etc/systemd/system");
     std::fs::write(units.join("tlshub-vm-test.service"), TEST_UNIT)?;
     symlink(
@@ -236,7 +193,6 @@ pub fn run_systemd(bins: &Path) -> Result<()> {
     let kernel = deps::kernel()?;
     let work = root().join("target/vm");
     std::fs::create_dir_all(&work)?;
-    crate::vm::certs(&work.join("certs"))?;
     let dist = crate::dist::assemble(bins)?;
     println!("== building the systemd VM disk");
     let image = disk_image(&kernel, &dist, bins, &work)?;

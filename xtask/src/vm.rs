@@ -102,8 +102,26 @@ fn which(tool: &str) -> Result<PathBuf> {
     bail!("{tool} not found (cargo xtask deps installs it)")
 }
 
+/// Makes the test PKI (once, under `work/certs`) and copies the CA and
+/// both nodes' certificates and keys into `dest`.
+pub fn copy_certs(work: &Path, dest: &Path) -> Result<()> {
+    let dir = work.join("certs");
+    certs(&dir)?;
+    std::fs::create_dir_all(dest)?;
+    for f in [
+        "ca.pem",
+        "node-a.pem",
+        "node-a.key",
+        "node-b.pem",
+        "node-b.key",
+    ] {
+        std::fs::copy(dir.join(f), dest.join(f))?;
+    }
+    Ok(())
+}
+
 /// Test PKI: a cluster CA and two node certificates (EC P-256), made once.
-pub fn certs(dir: &Path) -> Result<()> {
+fn certs(dir: &Path) -> Result<()> {
     if dir.join("node-b.key").exists() {
         return Ok(());
     }
@@ -264,36 +282,8 @@ fn initramfs(kernel: &Kernel, bins: &Path, work: &Path) -> Result<PathBuf> {
             std::os::unix::fs::symlink(format!("usr/{link}"), rootfs.join(link))?;
         }
     }
-    let moddst = rootfs.join("lib/modules").join(&kernel.version);
-    std::fs::create_dir_all(&moddst)?;
-    for f in [
-        "modules.order",
-        "modules.builtin",
-        "modules.builtin.modinfo",
-    ] {
-        std::fs::copy(kernel.modules.join(f), moddst.join(f))?;
-    }
-    for d in MODULE_DIRS {
-        let src = kernel.modules.join(d);
-        let dst = moddst.join(d);
-        std::fs::create_dir_all(dst.parent().context("module parent")?)?;
-        run(Command::new("cp").arg("-a").arg(&src).arg(&dst))?;
-    }
-    run(Command::new("depmod")
-        .arg("-b")
-        .arg(&rootfs)
-        .arg(&kernel.version))?;
-    let certdir = work.join("certs");
-    certs(&certdir)?;
-    for f in [
-        "ca.pem",
-        "node-a.pem",
-        "node-a.key",
-        "node-b.pem",
-        "node-b.key",
-    ] {
-        std::fs::copy(certdir.join(f), rootfs.join("etc/tlshub/certs").join(f))?;
-    }
+    copy_modules(kernel, &rootfs, MODULE_DIRS)?;
+    copy_certs(work, &rootfs.join("etc/tlshub/certs"))?;
     std::fs::write(
         rootfs.join("etc/passwd"),
         "root:x:0:0:root:/root:/bin/sh\ntcpdump:x:100:100::/:/bin/false\n",
@@ -303,12 +293,46 @@ fn initramfs(kernel: &Kernel, bins: &Path, work: &Path) -> Result<PathBuf> {
     std::fs::write(&init, INIT)?;
     run(Command::new("chmod").arg("755").arg(&init))?;
     let out = work.join("initrd.gz");
+    pack_initramfs(&rootfs, &out)?;
+    Ok(out)
+}
+
+/// Copies module trees of `kernel` into `rootfs/usr/lib/modules/VERSION`
+/// (with `lib` a link to `usr/lib` if absent) and runs depmod there.
+pub fn copy_modules(kernel: &Kernel, rootfs: &Path, trees: &[&str]) -> Result<()> {
+    let moddst = rootfs.join("usr/lib/modules").join(&kernel.version);
+    std::fs::create_dir_all(&moddst)?;
+    if !rootfs.join("lib").exists() {
+        std::os::unix::fs::symlink("usr/lib", rootfs.join("lib"))?;
+    }
+    for f in [
+        "modules.order",
+        "modules.builtin",
+        "modules.builtin.modinfo",
+    ] {
+        std::fs::copy(kernel.modules.join(f), moddst.join(f))?;
+    }
+    for t in trees {
+        let dst = moddst.join(t);
+        std::fs::create_dir_all(dst.parent().context("module parent")?)?;
+        run(Command::new("cp")
+            .arg("-a")
+            .arg(kernel.modules.join(t))
+            .arg(&dst))?;
+    }
+    run(Command::new("depmod")
+        .arg("-b")
+        .arg(rootfs)
+        .arg(&kernel.version))
+}
+
+/// Packs `dir` as a gzipped newc cpio archive at `out`.
+pub fn pack_initramfs(dir: &Path, out: &Path) -> Result<()> {
     run(Command::new("sh").arg("-c").arg(format!(
         "cd '{}' && find . -print0 | cpio --null -o -H newc --quiet | gzip -1 > '{}'",
-        rootfs.display(),
+        dir.display(),
         out.display()
-    )))?;
-    Ok(out)
+    )))
 }
 
 /// Builds everything and boots the VM in `mode`; fails unless every

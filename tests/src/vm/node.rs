@@ -222,20 +222,8 @@ impl Node {
 
     /// The core's Prometheus endpoint's text.
     pub fn metrics(&self) -> Result<String, String> {
-        use std::io::{Read, Write};
         let port = if self.spec.name == "a" { 9464 } else { 9465 };
-        let mut s = std::net::TcpStream::connect(("127.0.0.1", port))
-            .map_err(|e| format!("metrics of node {}: {e}", self.spec.name))?;
-        s.set_read_timeout(Some(Duration::from_secs(10)))
-            .map_err(|e| e.to_string())?;
-        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-            .map_err(|e| e.to_string())?;
-        let mut text = String::new();
-        s.read_to_string(&mut text).map_err(|e| e.to_string())?;
-        if !text.starts_with("HTTP/1.1 200") {
-            return Err(format!("metrics of node {}: {text}", self.spec.name));
-        }
-        Ok(text)
+        metrics_at(port).map_err(|e| format!("metrics of node {}: {e}", self.spec.name))
     }
 
     /// Kills one provider with SIGKILL (no cleanup: its socket file stays).
@@ -342,6 +330,22 @@ impl Drop for Node {
             s.stop();
         }
     }
+}
+
+/// `GET /metrics` on 127.0.0.1:`port`: the text, if the answer is 200.
+pub fn metrics_at(port: u16) -> Result<String, String> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).map_err(|e| e.to_string())?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))
+        .map_err(|e| e.to_string())?;
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .map_err(|e| e.to_string())?;
+    let mut text = String::new();
+    s.read_to_string(&mut text).map_err(|e| e.to_string())?;
+    if !text.starts_with("HTTP/1.1 200") {
+        return Err(text);
+    }
+    Ok(text)
 }
 
 /// Starts one provider of a node (its config file, socket and log named

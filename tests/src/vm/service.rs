@@ -626,20 +626,13 @@ pub fn core_kill9_under_load() -> Result<String, String> {
     ))
 }
 
-/// If the core does not come back: `tlshub-core release` resets the
-/// connections waiting for keys and continues the processes the gate
-/// stopped; afterwards the gate, still attached, fails new selected
-/// connections' calls at once (fail-closed) instead of stopping anyone.
-pub fn core_gone_release() -> Result<String, String> {
-    use super::process::spawn_app;
-    let a = Node::start(NodeSpec::new("a"))?;
-    let mut b = Node::start(NodeSpec::new("b"))?;
-    let cap = Capture::start("core-gone")?;
-    b.kill_core();
+/// A `tlshub-testapp` server in pod-b for one client-first exchange of
+/// 1,000 bytes on the protected port, listening.
+pub(super) fn exchange_server() -> Result<AppChild, String> {
     let listen = format!("0.0.0.0:{PROTECTED_PORT}");
-    let connect = format!("{POD_B}:{PROTECTED_PORT}");
-    let server_args = |n: &'static str| {
-        [
+    spawn_ready(
+        "pod-b",
+        &[
             "tlshub-testapp",
             "server",
             "--listen",
@@ -647,30 +640,43 @@ pub fn core_gone_release() -> Result<String, String> {
             "--mode",
             "client-first",
             "--size",
-            n,
-        ]
-        .map(String::from)
-    };
-    let start_client = || {
-        spawn_app(
-            "pod-a",
-            &[
-                "tlshub-testapp",
-                "client",
-                "--connect",
-                &connect,
-                "--mode",
-                "client-first",
-                "--size",
-                "1000",
-            ],
-        )
-    };
-    let sargs = server_args("1000");
-    let sargv: Vec<&str> = sargs.iter().map(String::as_str).collect();
-    let server = spawn_ready("pod-b", &sargv, "listening", Duration::from_secs(10))?;
+            "1000",
+        ],
+        "listening",
+        Duration::from_secs(10),
+    )
+}
+
+/// The client of [`exchange_server`], in pod-a (started, not waited for).
+pub(super) fn exchange_client() -> Result<AppChild, String> {
+    let connect = format!("{POD_B}:{PROTECTED_PORT}");
+    super::process::spawn_app(
+        "pod-a",
+        &[
+            "tlshub-testapp",
+            "client",
+            "--connect",
+            &connect,
+            "--mode",
+            "client-first",
+            "--size",
+            "1000",
+        ],
+    )
+}
+
+/// If the core does not come back: `tlshub-core release` resets the
+/// connections waiting for keys and continues the processes the gate
+/// stopped; afterwards the gate, still attached, fails new selected
+/// connections' calls at once (fail-closed) instead of stopping anyone.
+pub fn core_gone_release() -> Result<String, String> {
+    let a = Node::start(NodeSpec::new("a"))?;
+    let mut b = Node::start(NodeSpec::new("b"))?;
+    let cap = Capture::start("core-gone")?;
+    b.kill_core();
+    let server = exchange_server()?;
     let server_pid = server.id();
-    let client = start_client()?;
+    let client = exchange_client()?;
     // With no core, the server's first read is held (within the grace).
     let until = Instant::now() + Duration::from_secs(10);
     while crate::vm::process::state(server_pid) != Some('T') {
@@ -691,9 +697,9 @@ pub fn core_gone_release() -> Result<String, String> {
         }
     }
     // A new connection after the release: refused at once, nobody stopped.
-    let server = spawn_ready("pod-b", &sargv, "listening", Duration::from_secs(10))?;
+    let server = exchange_server()?;
     let started = Instant::now();
-    let client = start_client()?;
+    let client = exchange_client()?;
     let s2 = report(&finish(server, Duration::from_secs(20))?)?;
     let took = started.elapsed();
     let c2 = report(&finish(client, Duration::from_secs(20))?)?;

@@ -11,11 +11,13 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use super::node::{Node, NodeSpec, PROTECTED_PORT};
-use super::process::{finish, run, spawn_app, spawn_ready, state};
+use super::node::{Node, NodeSpec};
+use super::process::{finish, run, state};
 use super::scenarios::{Capture, check_wire_with_keys};
-use super::service::{LONG, LoadServer, metric, recovered, report, sleep_until, start_load_with};
-use super::topology::POD_B;
+use super::service::{
+    LONG, LoadServer, exchange_client, exchange_server, metric, recovered, report, sleep_until,
+    start_load_with,
+};
 
 /// Where the VM image holds the dist directory and the test PKI.
 const DIST: &str = "/root/tlshub-dist";
@@ -207,16 +209,7 @@ fn tlshubctl(args: &[&str]) -> Result<Value, String> {
 }
 
 fn metrics_a() -> Result<String, String> {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", 9464))
-        .map_err(|e| format!("metrics of the installed core: {e}"))?;
-    s.set_read_timeout(Some(Duration::from_secs(10)))
-        .map_err(|e| e.to_string())?;
-    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-        .map_err(|e| e.to_string())?;
-    let mut text = String::new();
-    s.read_to_string(&mut text).map_err(|e| e.to_string())?;
-    Ok(text)
+    super::node::metrics_at(9464).map_err(|e| format!("metrics of the installed core: {e}"))
 }
 
 fn keys_a() -> Vec<Value> {
@@ -349,36 +342,8 @@ pub fn systemd_install_units_and_restarts() -> Result<String, String> {
     // by tlshub-core-release.service once the grace is over.
     let cap = Capture::start("systemd-stop")?;
     systemctl(&["stop", core])?;
-    let listen = format!("0.0.0.0:{PROTECTED_PORT}");
-    let connect = format!("{POD_B}:{PROTECTED_PORT}");
-    let server = spawn_ready(
-        "pod-b",
-        &[
-            "tlshub-testapp",
-            "server",
-            "--listen",
-            &listen,
-            "--mode",
-            "client-first",
-            "--size",
-            "1000",
-        ],
-        "listening",
-        Duration::from_secs(10),
-    )?;
-    let client = spawn_app(
-        "pod-a",
-        &[
-            "tlshub-testapp",
-            "client",
-            "--connect",
-            &connect,
-            "--mode",
-            "client-first",
-            "--size",
-            "1000",
-        ],
-    )?;
+    let server = exchange_server()?;
+    let client = exchange_client()?;
     let client_pid = client.id();
     let until = Instant::now() + Duration::from_secs(10);
     while state(client_pid) != Some('T') {
