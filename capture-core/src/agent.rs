@@ -346,7 +346,7 @@ impl Agent {
             tokio::select! {
                 guard = events.readable_mut() => {
                     let mut guard = guard.map_err(AgentError::Ring)?;
-                    let batch = drain(guard.get_inner_mut());
+                    let batch = crate::bpf::drain_events(guard.get_inner_mut());
                     guard.clear_ready();
                     for ev in batch {
                         self.on_event(ev, &done_tx);
@@ -368,7 +368,7 @@ impl Agent {
                 // Ordering rule (see sweep_held): process states first, then
                 // every event committed up to now, then decide.
                 let states = self.held_states();
-                for ev in drain(events.get_mut()) {
+                for ev in crate::bpf::drain_events(events.get_mut()) {
                     self.on_event(ev, &done_tx);
                 }
                 self.sweep_held(&states);
@@ -472,7 +472,7 @@ impl Agent {
                 _ = sweep.tick() => {
                     self.programs.heartbeat(grace, fail_open);
                     let states = self.held_states();
-                    for ev in drain(events.get_mut()) {
+                    for ev in crate::bpf::drain_events(events.get_mut()) {
                         self.on_event(ev, done_tx);
                     }
                     self.sweep_held(&states);
@@ -1033,16 +1033,4 @@ pub fn process_state(pid: u32) -> Option<char> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // "pid (comm) S ...": comm may contain spaces and parentheses.
     stat.rsplit_once(')')?.1.trim_start().chars().next()
-}
-
-/// Reads every record the ring buffer holds now.
-pub(crate) fn drain(ring: &mut aya::maps::RingBuf<aya::maps::MapData>) -> Vec<Event> {
-    let mut batch = Vec::new();
-    while let Some(item) = ring.next() {
-        match Event::from_bytes(&item) {
-            Ok(ev) => batch.push(ev),
-            Err(e) => error!(error = %e, "bad event from BPF"),
-        }
-    }
-    batch
 }

@@ -579,6 +579,18 @@ impl Programs {
     }
 }
 
+/// Reads every record the ring buffer holds now.
+pub fn drain_events(ring: &mut RingBuf<MapData>) -> Vec<tlshub_ebpf::Event> {
+    let mut batch = Vec::new();
+    while let Some(item) = ring.next() {
+        match tlshub_ebpf::Event::from_bytes(&item) {
+            Ok(ev) => batch.push(ev),
+            Err(e) => tracing::error!(error = %e, "bad event from BPF"),
+        }
+    }
+    batch
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -194,10 +194,6 @@ async fn listening(path: &std::path::Path) -> bool {
 /// restarting), until the job's deadline.
 const PROVIDER_RETRY: Duration = Duration::from_millis(100);
 
-/// Runs one job to its end on `provider`. A provider that is not running
-/// (its socket is gone or refuses) is waited for until the key timeout: a
-/// provider restart shorter than the timeout costs the connection only the
-/// wait.
 /// The time a provider is given out of what is `left` of the key timeout.
 /// Why less than all of it: a provider that gives up at its own deadline
 /// answers with the reason (a handshake provider says what the peer sent,
@@ -209,6 +205,10 @@ fn provider_budget(left: Duration) -> Duration {
     left - margin
 }
 
+/// Runs one job to its end on `provider`. A provider that is not running
+/// (its socket is gone or refuses) is waited for until the key timeout: a
+/// provider restart shorter than the timeout costs the connection only the
+/// wait.
 pub async fn run(job: Job, provider: Arc<Provider>) -> Outcome {
     let cookie = job.cookie;
     let name = provider.name.clone();

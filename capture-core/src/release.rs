@@ -160,7 +160,7 @@ fn release_open(programs: &mut Programs, config: &Config, done: &mut Released) {
     let mut gate_stopped: Vec<u32> = programs
         .events
         .as_mut()
-        .map(crate::agent::drain)
+        .map(crate::bpf::drain_events)
         .unwrap_or_default()
         .into_iter()
         .filter(|ev| ev.kind == kind::HELD)
