@@ -297,14 +297,12 @@ fn initramfs(kernel: &Kernel, bins: &Path, work: &Path) -> Result<PathBuf> {
     Ok(out)
 }
 
-/// Copies module trees of `kernel` into `rootfs/usr/lib/modules/VERSION`
-/// (with `lib` a link to `usr/lib` if absent) and runs depmod there.
+/// Copies module trees of `kernel` into `rootfs/lib/modules/VERSION`
+/// (where depmod and modprobe look; `lib` may be a directory or, in a
+/// merged-/usr Debian root, a link to `usr/lib`) and runs depmod there.
 pub fn copy_modules(kernel: &Kernel, rootfs: &Path, trees: &[&str]) -> Result<()> {
-    let moddst = rootfs.join("usr/lib/modules").join(&kernel.version);
+    let moddst = rootfs.join("lib/modules").join(&kernel.version);
     std::fs::create_dir_all(&moddst)?;
-    if !rootfs.join("lib").exists() {
-        std::os::unix::fs::symlink("usr/lib", rootfs.join("lib"))?;
-    }
     for f in [
         "modules.order",
         "modules.builtin",
