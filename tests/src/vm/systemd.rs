@@ -83,8 +83,9 @@ fn wait_restarted(unit: &str, old: u32, timeout: Duration) -> Result<u32, String
     }
 }
 
-/// The effective capabilities and no_new_privs of a process.
-fn caps_of(pid: u32) -> Result<(u64, bool), String> {
+/// The effective capabilities, no_new_privs, and whether a seccomp filter
+/// (`SystemCallFilter=`) is in force for a process.
+fn caps_of(pid: u32) -> Result<(u64, bool, bool), String> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
         .map_err(|e| format!("/proc/{pid}/status: {e}"))?;
     let field = |name: &str| {
@@ -96,7 +97,7 @@ fn caps_of(pid: u32) -> Result<(u64, bool), String> {
             .to_string()
     };
     let eff = u64::from_str_radix(&field("CapEff:"), 16).map_err(|e| e.to_string())?;
-    Ok((eff, field("NoNewPrivs:") == "1"))
+    Ok((eff, field("NoNewPrivs:") == "1", field("Seccomp:") == "2"))
 }
 
 /// Stops the installed units and uninstalls when dropped, so that a failed
@@ -158,7 +159,7 @@ fn install_node_a() -> Result<Installed, String> {
 }
 
 /// Checks the running units: active (Type=notify: started means ready),
-/// the capability sets and no_new_privs, logs without timestamps, the
+/// the capability sets, no_new_privs and the syscall filter, logs without timestamps, the
 /// admin API and metrics.
 fn check_units() -> Result<String, String> {
     let mut seen = Vec::new();
@@ -170,10 +171,10 @@ fn check_units() -> Result<String, String> {
             return Err(format!("{unit} is not active:\n{}", journal(unit)));
         }
         let pid = main_pid(unit);
-        let (eff, nnp) = caps_of(pid)?;
-        if eff != want || !nnp {
+        let (eff, nnp, seccomp) = caps_of(pid)?;
+        if eff != want || !nnp || !seccomp {
             return Err(format!(
-                "{unit} (pid {pid}): CapEff {eff:x}, want {want:x}; NoNewPrivs {nnp}"
+                "{unit} (pid {pid}): CapEff {eff:x}, want {want:x}; NoNewPrivs {nnp}; seccomp filter {seccomp}"
             ));
         }
         seen.push(format!("{unit} CapEff={eff:x}"));
@@ -373,6 +374,17 @@ pub fn systemd_install_units_and_restarts() -> Result<String, String> {
         return Err(format!("the release continued nobody: {line}"));
     }
     let stop_wire = check_wire_with_keys(&cap.finish()?, &keys, true)?;
+    // What the syscall filter refuses fails with EPERM
+    // (SystemCallErrorNumber): none of it may show in the units' logs.
+    for unit in [core, provider, "tlshub-core-release.service"] {
+        let log = journal(unit);
+        if let Some(l) = log
+            .lines()
+            .find(|l| l.contains("Operation not permitted") || l.contains("os error 1)"))
+        {
+            return Err(format!("{unit} hit EPERM (the syscall filter?): {l}"));
+        }
+    }
 
     drop(b);
     drop(installed);
@@ -382,7 +394,7 @@ pub fn systemd_install_units_and_restarts() -> Result<String, String> {
         return Err("install.sh --uninstall left binaries or pins behind".into());
     }
     Ok(format!(
-        "install.sh + systemctl enable --now: {units}, NoNewPrivs; {LONG} long connections unbroken, 0 corrupt through {}; short connections: {} ok of {} ({} keyed after the last restart of {after_total}), failures only inside the restart spans; core {new_core} adopted, release hook did nothing on the restart; wire: {} protected flows, {} decrypted, no plaintext; core stopped: client held, then after the restart grace {line}, client errno {}, wire {} protected flows no plaintext; uninstalled",
+        "install.sh + systemctl enable --now: {units}, NoNewPrivs, seccomp; {LONG} long connections unbroken, 0 corrupt through {}; short connections: {} ok of {} ({} keyed after the last restart of {after_total}), failures only inside the restart spans; core {new_core} adopted, release hook did nothing on the restart; wire: {} protected flows, {} decrypted, no plaintext; core stopped: client held, then after the restart grace {line}, client errno {}, wire {} protected flows no plaintext; uninstalled",
         events
             .iter()
             .zip(&per_event)
