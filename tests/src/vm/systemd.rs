@@ -159,8 +159,8 @@ fn install_node_a() -> Result<Installed, String> {
 }
 
 /// Checks the running units: active (Type=notify: started means ready),
-/// the capability sets, no_new_privs and the syscall filter, logs without timestamps, the
-/// admin API and metrics.
+/// the capability sets, no_new_privs and the syscall filter, logs without
+/// timestamps, the admin API and metrics.
 fn check_units() -> Result<String, String> {
     let mut seen = Vec::new();
     for (unit, want) in [
