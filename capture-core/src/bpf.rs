@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 use aya::maps::lpm_trie::{Key, LpmTrie};
 use aya::maps::{Array, HashMap, MapData, RingBuf, SkStorage};
 use aya::programs::links::{FdLink, PinnedLink};
-use aya::programs::{CgroupAttachMode, Lsm, SockOps, TracePoint};
+use aya::programs::{CgroupAttachMode, FExit, Lsm, SockOps};
 use aya::{Btf, Ebpf, EbpfLoader};
 use tlshub_ebpf::{
     Addr16, Conn, Control, Held, PortKey, SkMark, gate, mapped, names, no_core, stat,
@@ -207,7 +207,7 @@ fn build_dir(pin_dir: &Path) -> Result<std::path::PathBuf, BpfError> {
 /// Whether every program's link is pinned in `links_dir`.
 fn links_complete(links_dir: &Path) -> bool {
     std::iter::once(names::SOCKOPS)
-        .chain(names::TRACEPOINTS.iter().map(|t| t.0))
+        .chain(names::FEXIT.iter().map(|t| t.0))
         .chain(names::LSM.iter().map(|l| l.0))
         .all(|p| links_dir.join(p).exists())
 }
@@ -231,9 +231,9 @@ fn attach_points(cgroup: &Path) -> Vec<(String, String)> {
         format!("sockops on cgroup {}", cgroup.display()),
     ))
     .chain(
-        names::TRACEPOINTS
+        names::FEXIT
             .iter()
-            .map(|(n, c, t)| ((*n).to_owned(), format!("tracepoint/{c}/{t}"))),
+            .map(|(n, f)| ((*n).to_owned(), format!("fexit/{f}"))),
     )
     .chain(
         names::LSM
@@ -284,15 +284,12 @@ fn attach_all(ebpf: &mut Ebpf, cgroup: &Path, links_dir: &Path) -> Result<(), Bp
             FdLink::try_from(link).map_err(|e| not_pinnable(names::SOCKOPS, &e))?,
         )?;
     }
-    for (name, category, tp) in names::TRACEPOINTS {
-        let p: &mut TracePoint = program(ebpf, name)?;
-        p.load().map_err(|e| load(name, e))?;
-        let id = p.attach(category, tp).map_err(|e| load(name, e))?;
+    for (name, function) in names::FEXIT {
+        let p: &mut FExit = program(ebpf, name)?;
+        p.load(function, &btf).map_err(|e| load(name, e))?;
+        let id = p.attach().map_err(|e| load(name, e))?;
         let link = p.take_link(id).map_err(not_fd(name))?;
-        pin(
-            name,
-            FdLink::try_from(link).map_err(|e| not_pinnable(name, &e))?,
-        )?;
+        pin(name, FdLink::from(link))?;
     }
     for (name, hook) in names::LSM {
         let p: &mut Lsm = program(ebpf, name)?;
@@ -327,7 +324,7 @@ pub fn unpin_all(pin_dir: &Path) -> std::io::Result<()> {
 
 impl Programs {
     /// Loads the object with every map pinned under `pin_dir/maps` and
-    /// attaches sockops to `cgroup`, the tracepoints and the LSM gate, each
+    /// attaches sockops to `cgroup`, the fexit owner programs and the LSM gate, each
     /// link pinned under `pin_dir/links`, so that the programs and maps
     /// outlive this process: while no core runs, the gate keeps holding
     /// (then, after the grace, refusing) and the next core adopts them.
@@ -622,20 +619,15 @@ mod tests {
         assert!(!d.exists(), "unpin_all removes every build's pins");
     }
 
-    /// The object's sockops and tracepoint programs pass this machine's
-    /// verifier too (CO-RE against a second kernel). The LSM programs cannot
-    /// load here (the development kernel refuses BPF LSM); the VM scenarios
-    /// load and exercise all of them.
+    /// The object's sockops program passes this machine's verifier too
+    /// (CO-RE against a second kernel). The fexit and LSM programs cannot
+    /// load here (the development kernel refuses fentry/fexit and BPF LSM);
+    /// the VM scenarios load and exercise all of them.
     #[test]
-    fn sockops_and_tracepoints_load_on_the_host_kernel() {
+    fn sockops_loads_on_the_host_kernel() {
         let mut ebpf =
             Ebpf::load(tlshub_ebpf::OBJECT).expect("object parses and its maps are created");
         let p: &mut SockOps = program(&mut ebpf, names::SOCKOPS).unwrap();
         p.load().expect("sockops passes the verifier");
-        for (name, _, _) in names::TRACEPOINTS {
-            let p: &mut TracePoint = program(&mut ebpf, name).unwrap();
-            p.load()
-                .unwrap_or_else(|e| panic!("{name} does not pass the verifier: {e}"));
-        }
     }
 }

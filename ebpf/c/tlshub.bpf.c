@@ -6,7 +6,8 @@
  * Programs (all attached by capture-core, see ARCHITECTURE.md):
  *   sockops (cgroup v2 root)      select + mark at TCP_CONNECT / PASSIVE_ESTABLISHED,
  *                                 report ESTABLISHED with ISNs, clean up at TCP_CLOSE
- *   tracepoints connect/accept    report the owning pid and fd
+ *   fexit connect/accept          report the owning pid and fd (on the
+ *                                 x86-64 syscall entry points)
  *   lsm socket_sendmsg/recvmsg    the gate for send*()/recv*() (and read/write)
  *   lsm file_permission           the gate for read/write/sendfile/splice on
  *                                 socket files (sendfile and splice bypass
@@ -113,13 +114,6 @@ struct {
 	__type(key, __u32); /* tgid never held: the core and its providers */
 	__type(value, __u8);
 } exempt SEC(".maps");
-
-struct {
-	__uint(type, BPF_MAP_TYPE_LRU_HASH);
-	__uint(max_entries, 8192);
-	__type(key, __u64); /* pid_tgid inside connect() */
-	__type(value, __s32);
-} connect_fds SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
@@ -321,19 +315,11 @@ established:
 
 /* ---- owner: which pid and fd hold the socket ---- */
 
-struct sys_enter_ctx {
-	__u64 common;
-	int nr;
-	int pad;
-	__u64 args[6];
-};
-
-struct sys_exit_ctx {
-	__u64 common;
-	int nr;
-	int pad;
-	long ret;
-};
+/* The syscall entry points take the caller's registers (x86-64 syscall
+ * wrappers, CONFIG_ARCH_HAS_SYSCALL_WRAPPER): the first argument is in di. */
+struct pt_regs {
+	unsigned long di;
+} __pai;
 
 /* Looks fd up in the current task's fd table; if it is a selected socket,
  * records its inode (for the file_permission gate) and reports the owner. */
@@ -375,42 +361,38 @@ static __always_inline void report_owner(int fd)
 	emit(&ev);
 }
 
-SEC("tracepoint/syscalls/sys_enter_connect")
-int tlshub_enter_connect(struct sys_enter_ctx *ctx)
+/* Why fexit on the syscall entry points rather than the syscall
+ * tracepoints: a tracepoint attaches through perf_event_open, which Debian's
+ * kernel.perf_event_paranoid=3 allows only with CAP_SYS_ADMIN; an fexit
+ * program attaches as a bpf_link with CAP_BPF and CAP_PERFMON alone. It sees
+ * the arguments and the return value together, so connect() needs no map
+ * carrying its fd from entry to exit. Why the entry points and not
+ * __sys_connect/__sys_accept4: those may be inlined into their callers in
+ * net/socket.c (an fexit on the out-of-line copy would then never fire);
+ * the entry points are called by the syscall dispatcher, which lives in
+ * another compilation unit. Like the syscall tracepoints, they do not see
+ * io_uring's connect and accept. */
+SEC("fexit/__x64_sys_connect")
+int BPF_PROG(tlshub_exit_connect, const struct pt_regs *regs, long ret)
 {
-	__u64 id = bpf_get_current_pid_tgid();
-	__s32 fd = (__s32)ctx->args[0];
-	bpf_map_update_elem(&connect_fds, &id, &fd, BPF_ANY);
+	if (ret == 0 || ret == -EINPROGRESS)
+		report_owner((int)BPF_CORE_READ(regs, di));
 	return 0;
 }
 
-SEC("tracepoint/syscalls/sys_exit_connect")
-int tlshub_exit_connect(struct sys_exit_ctx *ctx)
+SEC("fexit/__x64_sys_accept4")
+int BPF_PROG(tlshub_exit_accept4, const struct pt_regs *regs, long ret)
 {
-	__u64 id = bpf_get_current_pid_tgid();
-	__s32 *fd = bpf_map_lookup_elem(&connect_fds, &id);
-	if (!fd)
-		return 0;
-	__s32 f = *fd;
-	bpf_map_delete_elem(&connect_fds, &id);
-	if (ctx->ret == 0 || ctx->ret == -EINPROGRESS)
-		report_owner(f);
+	if (ret >= 0)
+		report_owner((int)ret);
 	return 0;
 }
 
-SEC("tracepoint/syscalls/sys_exit_accept4")
-int tlshub_exit_accept4(struct sys_exit_ctx *ctx)
+SEC("fexit/__x64_sys_accept")
+int BPF_PROG(tlshub_exit_accept, const struct pt_regs *regs, long ret)
 {
-	if (ctx->ret >= 0)
-		report_owner((int)ctx->ret);
-	return 0;
-}
-
-SEC("tracepoint/syscalls/sys_exit_accept")
-int tlshub_exit_accept(struct sys_exit_ctx *ctx)
-{
-	if (ctx->ret >= 0)
-		report_owner((int)ctx->ret);
+	if (ret >= 0)
+		report_owner((int)ret);
 	return 0;
 }
 

@@ -14,12 +14,12 @@ pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), 
 pub mod names {
     /// sockops program (cgroup v2 root).
     pub const SOCKOPS: &str = "tlshub_sockops";
-    /// Tracepoint programs: (program, category, tracepoint).
-    pub const TRACEPOINTS: [(&str, &str, &str); 4] = [
-        ("tlshub_enter_connect", "syscalls", "sys_enter_connect"),
-        ("tlshub_exit_connect", "syscalls", "sys_exit_connect"),
-        ("tlshub_exit_accept4", "syscalls", "sys_exit_accept4"),
-        ("tlshub_exit_accept", "syscalls", "sys_exit_accept"),
+    /// fexit programs on the x86-64 syscall entry points: (program,
+    /// kernel function).
+    pub const FEXIT: [(&str, &str); 3] = [
+        ("tlshub_exit_connect", "__x64_sys_connect"),
+        ("tlshub_exit_accept4", "__x64_sys_accept4"),
+        ("tlshub_exit_accept", "__x64_sys_accept"),
     ];
     /// LSM programs: (program, hook).
     pub const LSM: [(&str, &str); 3] = [
@@ -49,11 +49,9 @@ pub mod names {
     pub const CONTROL: &str = "control";
     /// Socket-local storage marks.
     pub const SK_MARKS: &str = "sk_marks";
-    /// In-flight connect() fds.
-    pub const CONNECT_FDS: &str = "connect_fds";
     /// Every map of the object (all are pinned, so a restarted core and the
     /// programs still attached share them).
-    pub const MAPS: [&str; 12] = [
+    pub const MAPS: [&str; 11] = [
         CONNS,
         INO_COOKIES,
         HELD,
@@ -65,7 +63,6 @@ pub mod names {
         EVENTS,
         CONTROL,
         SK_MARKS,
-        CONNECT_FDS,
     ];
 }
 
@@ -361,7 +358,7 @@ mod tests {
         let text = String::from_utf8_lossy(OBJECT);
         for name in [names::SOCKOPS, names::CONNS, names::HELD, names::EVENTS]
             .into_iter()
-            .chain(names::TRACEPOINTS.iter().map(|t| t.0))
+            .chain(names::FEXIT.iter().map(|t| t.0))
             .chain(names::LSM.iter().map(|l| l.0))
             .chain(names::MAPS.iter().copied())
         {

@@ -23,9 +23,9 @@ use super::service::{
 const DIST: &str = "/root/tlshub-dist";
 const TEST_CERTS: &str = "/root/test-certs";
 /// The capabilities `tlshub-core.service` documents, as `CapEff` bits:
-/// CAP_KILL 5, CAP_NET_ADMIN 12, CAP_SYS_PTRACE 19, CAP_SYS_ADMIN 21,
-/// CAP_PERFMON 38, CAP_BPF 39.
-const CORE_CAPS: u64 = (1 << 5) | (1 << 12) | (1 << 19) | (1 << 21) | (1 << 38) | (1 << 39);
+/// CAP_KILL 5, CAP_NET_ADMIN 12, CAP_SYS_PTRACE 19, CAP_PERFMON 38,
+/// CAP_BPF 39 (no CAP_SYS_ADMIN, 21).
+const CORE_CAPS: u64 = (1 << 5) | (1 << 12) | (1 << 19) | (1 << 38) | (1 << 39);
 /// `tlshub-provider@.service`: CAP_SYS_PTRACE.
 const PROVIDER_CAPS: u64 = 1 << 19;
 /// The key timeout the operator sets in core.toml here (restarts under
@@ -179,7 +179,8 @@ fn check_units() -> Result<String, String> {
         }
         seen.push(format!("{unit} CapEff={eff:x}"));
     }
-    // Why the core needs CAP_SYS_ADMIN (see tlshub-core.service).
+    // Why the owner programs are fexit (see tlshub-core.service): under
+    // this setting syscall tracepoints would need CAP_SYS_ADMIN.
     let paranoid =
         std::fs::read_to_string("/proc/sys/kernel/perf_event_paranoid").unwrap_or_default();
     seen.push(format!("perf_event_paranoid={}", paranoid.trim()));
