@@ -1,6 +1,6 @@
 //! `tlshub-vm-runner`: runs inside the test VM (started by its /init). Builds
 //! the two-node topology, runs the scenarios of the mode given on the
-//! kernel command line (`tlshub.mode=test|bench|demo|systemd`, `tlshub.filter=`)
+//! kernel command line (`tlshub.mode=test|bench|demo|systemd|stress`, `tlshub.filter=`)
 //! and prints one `TLSHUB-RESULT` line each, then `TLSHUB-DONE`.
 
 use std::time::Instant;
@@ -25,6 +25,12 @@ fn main() {
     let list: Vec<Scenario> = match mode.as_str() {
         "bench" => vec![("bench", scenarios::bench)],
         "demo" => vec![("demo", scenarios::demo)],
+        // Not part of `cargo xtask test`: repeats a risky operation to hunt
+        // rare kernel or emulator problems.
+        "stress" => vec![(
+            "attach_detach_under_hook_traffic_40_rounds",
+            tlshub_vm_tests::vm::stress::attach_detach_under_hook_traffic_long,
+        )],
         // The systemd VM (Debian userland, systemd as PID 1).
         "systemd" => vec![(
             "systemd_install_units_and_restarts",

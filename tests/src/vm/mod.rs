@@ -6,5 +6,6 @@ pub mod node;
 pub mod process;
 pub mod scenarios;
 pub mod service;
+pub mod stress;
 pub mod systemd;
 pub mod topology;

@@ -18,6 +18,10 @@ pub type Scenario = (&'static str, fn() -> Result<String, String>);
 /// Every scenario of `cargo xtask test`, in order.
 pub const TESTS: &[Scenario] = &[
     ("kernel_has_ktls_and_bpf_lsm", kernel_has_ktls_and_bpf_lsm),
+    (
+        "attach_detach_under_hook_traffic",
+        super::stress::attach_detach_under_hook_traffic_short,
+    ),
     ("exchange_matrix_wire_is_tls_and_decrypts", exchange_matrix),
     ("cipher_suites_aes256_chacha20", cipher_suites),
     ("large_transfers_64mib", large_transfers),
