@@ -267,8 +267,10 @@ pub fn spawn_ready(
     }
 }
 
-/// Each thread's state letter and kernel wait channel, e.g.
-/// `pid 812: 812 T do_signal_stop` (for reports of hung apps).
+/// Each thread's state letter, kernel wait channel and innermost kernel
+/// stack frames, e.g. `pid 812: 812 T do_signal_stop [do_signal_stop <
+/// get_signal < ...]` (for reports of hung apps; a thread that spins shows
+/// `R` and where in the kernel it was).
 pub fn where_stuck(pid: u32) -> String {
     let mut out = format!("pid {pid}:");
     let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
@@ -283,6 +285,17 @@ pub fn where_stuck(pid: u32) -> String {
             state(tid_num).unwrap_or('?'),
             if wchan.is_empty() { "-" } else { wchan.trim() }
         ));
+        // `[<0>] tcp_recvmsg_locked+0x.../0x...` per line; the names suffice.
+        let stack = std::fs::read_to_string(t.path().join("stack")).unwrap_or_default();
+        let frames: Vec<&str> = stack
+            .lines()
+            .filter_map(|l| l.split_whitespace().nth(1))
+            .map(|f| f.split('+').next().unwrap_or(f))
+            .take(8)
+            .collect();
+        if !frames.is_empty() {
+            out.push_str(&format!(" [{}]", frames.join(" < ")));
+        }
     }
     out.push_str(&socket_queues(pid));
     out

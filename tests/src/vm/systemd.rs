@@ -65,6 +65,43 @@ fn journal(unit: &str) -> String {
     }
 }
 
+/// Node A's side of a failed connection, which the runner's log dump
+/// cannot show (its core and provider log to the journal): their warnings
+/// and lifecycle lines with precise times, at most the last 120.
+fn node_a_trouble() -> String {
+    let _ = run(None, &["journalctl", "--flush"]);
+    let all = match run(
+        None,
+        &[
+            "journalctl",
+            "-u",
+            "tlshub-core.service",
+            "-u",
+            "tlshub-provider@openssl.service",
+            "-o",
+            "short-precise",
+            "--no-pager",
+        ],
+    ) {
+        Ok(t) | Err(t) => t,
+    };
+    let lines: Vec<&str> = all
+        .lines()
+        .filter(|l| {
+            [
+                " WARN ", " ERROR ", "adopted", "stopping", "running", "Started", "Stopped",
+            ]
+            .iter()
+            .any(|k| l.contains(k))
+        })
+        .collect();
+    let from = lines.len().saturating_sub(120);
+    format!(
+        "node A journal (warnings and lifecycle):\n{}",
+        lines[from..].join("\n")
+    )
+}
+
 /// Waits until `unit` is active with a main pid other than `old`.
 fn wait_restarted(unit: &str, old: u32, timeout: Duration) -> Result<u32, String> {
     let until = Instant::now() + timeout;
@@ -294,7 +331,10 @@ pub fn systemd_install_units_and_restarts() -> Result<String, String> {
         return Err(format!("established connections were affected: {r}"));
     }
     let per_event = failures_per_event(&r, &events).map_err(|f| {
-        format!("a short connection failed outside the restart spans {events:?}: {f}\n{r}")
+        format!(
+            "a short connection failed outside the restart spans {events:?}: {f}\n{r}\n{}",
+            node_a_trouble()
+        )
     })?;
     // Graceful restarts lose nothing: the core finishes the keying under
     // way before it hands over, a provider drops its socket name first and
@@ -302,8 +342,9 @@ pub fn systemd_install_units_and_restarts() -> Result<String, String> {
     for (i, (what, _, _)) in events.iter().enumerate() {
         if what.starts_with("systemctl restart") && per_event[i] > 0 {
             return Err(format!(
-                "{} short connections failed around the graceful {what}: {r}",
-                per_event[i]
+                "{} short connections failed around the graceful {what}: {r}\n{}",
+                per_event[i],
+                node_a_trouble()
             ));
         }
     }
