@@ -26,7 +26,6 @@ char LICENSE[] SEC("license") = "GPL";
 
 #define AF_INET 2
 #define AF_INET6 10
-#define EINPROGRESS 115
 #define ERESTARTSYS 512
 #define ECONNRESET 104
 #define SIGSTOP 19
@@ -372,11 +371,21 @@ static __always_inline void report_owner(int fd)
  * the entry points are called by the syscall dispatcher, which lives in
  * another compilation unit. Like the syscall tracepoints, they do not see
  * io_uring's connect and accept. */
+/* Why connect() reports its owner whatever it returns: a blocking
+ * connect() that a stop signal interrupts returns -ERESTARTSYS here, and
+ * the gate sends exactly such a signal (SIGSTOP stops every thread of the
+ * process) when another connection of the same process waits for keys. The
+ * socket keeps connecting meanwhile, but its owner would otherwise be known
+ * only when the restarted call returns, after the process is continued: its
+ * client handshake could not start, the peer's provider waited for it in
+ * vain, and the next connections of the process met the same fate (a chain
+ * of timeouts, one key timeout apart, seen after restarts under load).
+ * report_owner acts only on sockets the connect callback selected, so a
+ * connect() that failed for good reports nothing: its socket left conns. */
 SEC("fexit/__x64_sys_connect")
 int BPF_PROG(tlshub_exit_connect, const struct pt_regs *regs, long ret)
 {
-	if (ret == 0 || ret == -EINPROGRESS)
-		report_owner((int)BPF_CORE_READ(regs, di));
+	report_owner((int)BPF_CORE_READ(regs, di));
 	return 0;
 }
 

@@ -204,14 +204,6 @@ pub fn run_systemd(bins: &Path) -> Result<()> {
         append: "tlshub.mode=systemd systemd.show_status=1",
         label: "systemd",
         timeout: Duration::from_secs(20 * 60),
-        // Multi-threaded TCG, unlike the scenario runs (see
-        // `vm::TCG_ONE_THREAD`): with both vCPUs on one host thread, node A's
-        // core left new connections unkeyed until the peer gave up around
-        // `systemctl restart tlshub-core` in 3 of 4 runs (also with a 10 s
-        // key timeout, and with 100 long connections); not yet explained.
-        // This VM attaches programs only a few times, none while hooks are
-        // busy, and it passed every multi-threaded run so far.
-        accel: crate::vm::TCG_MULTI_THREAD,
     });
     let _ = std::fs::remove_file(&image);
     result

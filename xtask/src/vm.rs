@@ -356,12 +356,11 @@ pub fn run_mode(mode: &str, filter: Option<&str>, bins: &Path) -> Result<()> {
         append: &append,
         label: mode,
         timeout,
-        accel: TCG_ONE_THREAD,
     })
 }
 
-/// qemu's TCG with both vCPUs on one host thread, taking turns: what the
-/// scenario runs (test, bench, demo, stress) use.
+/// qemu's TCG with both vCPUs on one host thread, taking turns: what every
+/// boot uses (the scenario runs and the systemd VM).
 ///
 /// Why not qemu's default multi-threaded TCG: there (qemu 7.2) a vCPU that
 /// runs a function while the other vCPU rewrites that function's first
@@ -375,11 +374,6 @@ pub fn run_mode(mode: &str, filter: Option<&str>, bins: &Path) -> Result<()> {
 /// with one thread it passed 40 of 40 rounds. The scenario
 /// `attach_detach_under_hook_traffic` fails if this comes back.
 pub const TCG_ONE_THREAD: &str = "tcg,thread=single";
-
-/// qemu's multi-threaded TCG (one host thread per vCPU): the systemd VM,
-/// which attaches programs only a few times and never under busy hooks;
-/// see `systemd_vm.rs` for why it does not use [`TCG_ONE_THREAD`].
-pub const TCG_MULTI_THREAD: &str = "tcg,thread=multi";
 
 /// One qemu boot whose console the runner inside reports on.
 pub struct Boot<'a> {
@@ -395,8 +389,6 @@ pub struct Boot<'a> {
     pub label: &'a str,
     /// The whole run's limit.
     pub timeout: Duration,
-    /// qemu's `-accel` value: [`TCG_ONE_THREAD`] or [`TCG_MULTI_THREAD`].
-    pub accel: &'a str,
 }
 
 /// Boots qemu (TCG) and follows the serial console: `TLSHUB-PLAN N`, one
@@ -419,7 +411,7 @@ pub fn boot(b: &Boot<'_>) -> Result<()> {
     );
     // `TLSHUB_QEMU_ACCEL` overrides the mode's choice, e.g. `tcg` to
     // reproduce the lockup described at `TCG_ONE_THREAD`.
-    let accel = std::env::var("TLSHUB_QEMU_ACCEL").unwrap_or_else(|_| b.accel.into());
+    let accel = std::env::var("TLSHUB_QEMU_ACCEL").unwrap_or_else(|_| TCG_ONE_THREAD.into());
     let mut qemu = Command::new("qemu-system-x86_64");
     qemu.args([
         "-accel",
