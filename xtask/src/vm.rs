@@ -409,8 +409,8 @@ pub fn boot(b: &Boot<'_>) -> Result<()> {
         "== booting {} ({}); serial console follows",
         b.kernel.version, b.label
     );
-    // `TLSHUB_QEMU_ACCEL` overrides the mode's choice, e.g. `tcg` to
-    // reproduce the lockup described at `TCG_ONE_THREAD`.
+    // `TLSHUB_QEMU_ACCEL` overrides it, e.g. `tcg` to reproduce the lockup
+    // described at `TCG_ONE_THREAD`.
     let accel = std::env::var("TLSHUB_QEMU_ACCEL").unwrap_or_else(|_| TCG_ONE_THREAD.into());
     let mut qemu = Command::new("qemu-system-x86_64");
     qemu.args([
