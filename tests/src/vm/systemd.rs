@@ -268,9 +268,13 @@ fn failures_per_event(r: &Value, events: &[(&str, u64, u64)]) -> Result<Vec<usiz
     for f in r["short_failures"].as_array().cloned().unwrap_or_default() {
         let at = f[0].as_u64().unwrap_or(0);
         let what = f[1].as_str().unwrap_or("");
+        // The latest event whose span (with the same 2 s slack for the two
+        // clocks) holds the failure: spans can overlap, e.g. a failure at
+        // the SIGKILL also lies within a key timeout after the graceful
+        // restart before it, and belongs to the SIGKILL.
         let event = events
             .iter()
-            .position(|(_, from, back)| at + 2000 >= *from && at <= back + TIMEOUT_MS + 2000);
+            .rposition(|(_, from, back)| at + 2000 >= *from && at <= back + TIMEOUT_MS + 2000);
         match event {
             Some(i) if !what.contains("CORRUPT") => per_event[i] += 1,
             _ => return Err(format!("{at} ms: {what}")),
