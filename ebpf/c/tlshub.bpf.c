@@ -256,7 +256,7 @@ int tlshub_sockops(struct bpf_sock_ops *skops)
 	case BPF_SOCK_OPS_TCP_CONNECT_CB:
 		/* Runs inside connect(), before the SYN: select and close the
 		 * gate now. Asking for the cookie here also makes the kernel
-		 * assign it, so sys_exit_connect can read it from the sock. */
+		 * assign it, so the connect fexit can read it from the sock. */
 		cookie = bpf_get_socket_cookie(skops);
 		fill_tuple(skops, &ev);
 		if (selected(&ev, TLSHUB_ROLE_CLIENT))

@@ -56,35 +56,35 @@ fn main_pid(unit: &str) -> u32 {
     unit_prop(unit, "MainPID").parse().unwrap_or(0)
 }
 
-/// A unit's journal, messages only (whatever journalctl printed, even on
-/// failure).
-fn journal(unit: &str) -> String {
+/// `journalctl ARGS --no-pager` after a flush: whatever it printed, even
+/// on failure.
+fn journalctl(args: &[&str]) -> String {
     let _ = run(None, &["journalctl", "--flush"]);
-    match run(None, &["journalctl", "-u", unit, "-o", "cat", "--no-pager"]) {
+    let mut argv = vec!["journalctl"];
+    argv.extend_from_slice(args);
+    argv.push("--no-pager");
+    match run(None, &argv) {
         Ok(t) | Err(t) => t,
     }
+}
+
+/// A unit's journal, messages only.
+fn journal(unit: &str) -> String {
+    journalctl(&["-u", unit, "-o", "cat"])
 }
 
 /// Node A's side of a failed connection, which the runner's log dump
 /// cannot show (its core and provider log to the journal): their warnings
 /// and lifecycle lines with precise times, at most the last 120.
 fn node_a_trouble() -> String {
-    let _ = run(None, &["journalctl", "--flush"]);
-    let all = match run(
-        None,
-        &[
-            "journalctl",
-            "-u",
-            "tlshub-core.service",
-            "-u",
-            "tlshub-provider@openssl.service",
-            "-o",
-            "short-precise",
-            "--no-pager",
-        ],
-    ) {
-        Ok(t) | Err(t) => t,
-    };
+    let all = journalctl(&[
+        "-u",
+        "tlshub-core.service",
+        "-u",
+        "tlshub-provider@openssl.service",
+        "-o",
+        "short-precise",
+    ]);
     let lines: Vec<&str> = all
         .lines()
         .filter(|l| {
