@@ -161,6 +161,8 @@ pub struct Agent {
     activity: u64,
     stats_written_at: Option<u64>,
     keylog: Option<keying::KeyLog>,
+    /// See [`crate::config::KtlsSection::send_buffer_floor`].
+    send_buffer_floor: u32,
 }
 
 impl std::fmt::Debug for Agent {
@@ -228,7 +230,14 @@ impl Agent {
             providers = %set.endpoints.keys().cloned().collect::<Vec<_>>().join(","),
             "providers configured"
         );
+        let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+        let send_buffer_floor = config.ktls.send_buffer_floor(release.trim());
+        info!(
+            kernel = release.trim(),
+            send_buffer_floor, "protected sockets get at least this send buffer (0: untouched)"
+        );
         let mut agent = Self {
+            send_buffer_floor,
             config,
             config_path,
             programs,
@@ -521,6 +530,7 @@ impl Agent {
             node_name: self.config.node_name.clone(),
             timeout: self.config.key_timeout(),
             keylog: self.keylog.clone(),
+            send_buffer_floor: self.send_buffer_floor,
         };
         let span = info_span!("conn", cookie, local = %job.local, remote = %job.remote, pid, fd, role = ?job.role, provider = %provider.name);
         let done = done.clone();

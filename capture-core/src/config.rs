@@ -301,6 +301,60 @@ impl Default for MetricsSection {
     }
 }
 
+/// `[ktls]`: how protected sockets are set up besides their keys.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct KtlsSection {
+    /// Raise each protected socket's send buffer to at least this many
+    /// bytes before kTLS is installed (0: never). Unset: 4 MiB on kernels
+    /// before 6.5, untouched on later ones; see [`Self::send_buffer_floor`].
+    pub send_buffer_floor_bytes: Option<u32>,
+}
+
+/// The send buffer floor on kernels that need one (the largest a send
+/// buffer grows to by itself with the default `net.ipv4.tcp_wmem`).
+pub const DEFAULT_SEND_BUFFER_FLOOR: u32 = 4 << 20;
+
+/// The largest floor accepted (the kernel doubles `SO_SNDBUF` into an int).
+pub const MAX_SEND_BUFFER_FLOOR: u32 = 1 << 30;
+
+impl KtlsSection {
+    /// The floor for a kernel of `release` (`uname -r`, e.g.
+    /// `6.1.0-57-cloud-amd64`).
+    ///
+    /// Why a floor at all: before Linux 6.5, sendfile() and splice() into a
+    /// kTLS socket go through `tls_sw_sendpage`, which hands each finished
+    /// record to TCP with `MSG_SENDPAGE_NOTLAST` while more pages follow, so
+    /// TCP queues it without sending it (up to a GSO size, 64 KiB). When
+    /// the send buffer is full at that point, the kTLS code waits for space
+    /// without pushing what TCP holds: with nothing in flight no ACK ever
+    /// comes, and the application waits forever (measured in the VM on
+    /// 6.1: three records, 49,218 bytes, unsent behind a 46,080-byte send
+    /// buffer). With a send buffer well above 64 KiB the buffer can only be
+    /// full while data is in flight, and each ACK pushes the queue on.
+    /// Linux 6.5 replaced that path (`MSG_SPLICE_PAGES`, which always ends
+    /// in a push).
+    pub fn send_buffer_floor(&self, release: &str) -> u32 {
+        match self.send_buffer_floor_bytes {
+            Some(bytes) => bytes,
+            None if kernel_before(release, (6, 5)) => DEFAULT_SEND_BUFFER_FLOOR,
+            None => 0,
+        }
+    }
+}
+
+/// Whether kernel `release` is older than `major.minor`; an unreadable
+/// release counts as old (the floor is harmless where it is not needed).
+fn kernel_before(release: &str, (major, minor): (u32, u32)) -> bool {
+    let mut parts = release
+        .split(|c: char| !c.is_ascii_digit())
+        .map(|p| p.parse::<u32>().ok());
+    match (parts.next().flatten(), parts.next().flatten()) {
+        (Some(a), Some(b)) => (a, b) < (major, minor),
+        _ => true,
+    }
+}
+
 /// The whole file.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -325,6 +379,9 @@ pub struct Config {
     /// Prometheus endpoint.
     #[serde(default)]
     pub metrics: MetricsSection,
+    /// Socket setup besides keys.
+    #[serde(default)]
+    pub ktls: KtlsSection,
 }
 
 impl Config {
@@ -357,6 +414,15 @@ impl Config {
             ));
         }
         config.provider.resolve().map_err(invalid)?;
+        if config
+            .ktls
+            .send_buffer_floor_bytes
+            .is_some_and(|b| b > MAX_SEND_BUFFER_FLOOR)
+        {
+            return Err(invalid(format!(
+                "`ktls.send_buffer_floor_bytes` must be at most {MAX_SEND_BUFFER_FLOOR}"
+            )));
+        }
         if config.policy.local_cidrs.is_empty() != config.policy.rules.is_empty() {
             return Err(invalid(
                 "`policy.local_cidrs` and `policy.rules` must both be set (or both empty: protect nothing)".into(),
@@ -407,6 +473,46 @@ ports = [8443]
         assert_eq!(c.key_timeout(), Duration::from_secs(2));
         assert_eq!(c.policy.rules[0].peer_cidrs[1].mapped_prefix(), 64);
         assert_eq!(c.policy.local_cidrs[0].mapped_prefix(), 120);
+    }
+
+    #[test]
+    fn the_send_buffer_floor_applies_before_linux_6_5_unless_set() {
+        let c = parse(GOOD).unwrap();
+        assert_eq!(
+            c.ktls.send_buffer_floor("6.1.0-57-cloud-amd64"),
+            DEFAULT_SEND_BUFFER_FLOOR
+        );
+        assert_eq!(
+            c.ktls.send_buffer_floor("5.15.0-91-generic"),
+            DEFAULT_SEND_BUFFER_FLOOR
+        );
+        assert_eq!(
+            c.ktls.send_buffer_floor("6.4.16"),
+            DEFAULT_SEND_BUFFER_FLOOR
+        );
+        assert_eq!(c.ktls.send_buffer_floor("6.5.0"), 0);
+        assert_eq!(c.ktls.send_buffer_floor("6.12.48+deb13-amd64"), 0);
+        assert_eq!(
+            c.ktls.send_buffer_floor("garbage"),
+            DEFAULT_SEND_BUFFER_FLOOR
+        );
+        let off = parse(&format!("{GOOD}\n[ktls]\nsend_buffer_floor_bytes = 0\n")).unwrap();
+        assert_eq!(off.ktls.send_buffer_floor("6.1.0"), 0);
+        let set = parse(&format!(
+            "{GOOD}\n[ktls]\nsend_buffer_floor_bytes = 1048576\n"
+        ))
+        .unwrap();
+        assert_eq!(set.ktls.send_buffer_floor("6.12.0"), 1 << 20);
+        let e = parse(&format!(
+            "{GOOD}\n[ktls]\nsend_buffer_floor_bytes = 2147483648\n"
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("send_buffer_floor_bytes"), "{e}");
+        let e = parse(&format!("{GOOD}\n[ktls]\nsend_buffer_floor = 1\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("send_buffer_floor"), "{e}");
     }
 
     #[test]

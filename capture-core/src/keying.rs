@@ -40,6 +40,9 @@ pub struct Job {
     pub timeout: Duration,
     /// Where to export keys for offline decryption (tests and debugging only).
     pub keylog: Option<KeyLog>,
+    /// The send buffer the socket gets at least (0: left alone); see
+    /// [`crate::config::KtlsSection::send_buffer_floor`].
+    pub send_buffer_floor: u32,
 }
 
 /// An opt-in export of installed keys, one JSON line per connection, so a
@@ -273,6 +276,22 @@ pub async fn run(job: Job, provider: Arc<Provider>) -> Outcome {
     let key_time = started.elapsed();
     if let Some(log) = &job.keylog {
         log.record(&job, &keys);
+    }
+    if job.send_buffer_floor > 0 {
+        // Before kTLS, so that no send through kTLS finds a small buffer. Not
+        // fatal: the connection works, only sendfile()/splice() may stall.
+        match sys::raise_send_buffer(socket.as_fd(), job.send_buffer_floor) {
+            Ok((before, after)) if after < job.send_buffer_floor => {
+                tracing::warn!(
+                    before,
+                    after,
+                    floor = job.send_buffer_floor,
+                    "send buffer raised less than the floor (no CAP_NET_ADMIN, and net.core.wmem_max is lower)"
+                );
+            }
+            Ok((before, after)) => tracing::debug!(before, after, "send buffer"),
+            Err(e) => tracing::warn!(error = %e, "cannot raise the send buffer"),
+        }
     }
     let result = sys::install_ktls(socket.as_fd(), &keys)
         .map(|()| Installed {

@@ -112,6 +112,49 @@ fn set_direction(
     }
 }
 
+/// `getsockopt(SOL_SOCKET, name)` for an int option.
+fn getsockopt_int(fd: BorrowedFd<'_>, name: libc::c_int) -> io::Result<libc::c_int> {
+    let mut value: libc::c_int = 0;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: value and len are live and len holds value's size; the kernel
+    // writes at most len bytes.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            name,
+            (&mut value as *mut libc::c_int).cast(),
+            &mut len,
+        )
+    };
+    if rc == 0 {
+        Ok(value)
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// Raises the socket's send buffer to at least `floor` bytes (what
+/// `getsockopt(SO_SNDBUF)` reports; the kernel doubles what is set). Uses
+/// `SO_SNDBUFFORCE` (CAP_NET_ADMIN, past `net.core.wmem_max`), else
+/// `SO_SNDBUF` (capped at twice `wmem_max`). Returns the size before and
+/// after; a buffer already at the floor is left alone.
+pub fn raise_send_buffer(fd: BorrowedFd<'_>, floor: u32) -> io::Result<(u32, u32)> {
+    let before = getsockopt_int(fd, libc::SO_SNDBUF)?.max(0) as u32;
+    if before >= floor {
+        return Ok((before, before));
+    }
+    let half = (floor / 2).max(1) as libc::c_int;
+    if let Err(e) = setsockopt_raw(fd, libc::SOL_SOCKET, libc::SO_SNDBUFFORCE, &half) {
+        if e.raw_os_error() != Some(libc::EPERM) {
+            return Err(e);
+        }
+        setsockopt_raw(fd, libc::SOL_SOCKET, libc::SO_SNDBUF, &half)?;
+    }
+    let after = getsockopt_int(fd, libc::SO_SNDBUF)?.max(0) as u32;
+    Ok((before, after))
+}
+
 /// Which step of the kTLS installation failed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum KtlsStep {

@@ -61,6 +61,10 @@ enum Cmd {
         /// Only scenarios whose name contains this.
         #[arg(long)]
         filter: Option<String>,
+        /// Runs each selected scenario this many times in one boot (for
+        /// hunting rare failures; every run must pass).
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=1000))]
+        repeat: u32,
     },
 }
 
@@ -127,7 +131,7 @@ fn main() -> Result<()> {
         }
         Cmd::Demo => {
             deps::install()?;
-            vm::run_mode("demo", None, &vm::build_binaries()?)?;
+            vm::run_mode("demo", None, 1, &vm::build_binaries()?)?;
         }
         Cmd::Test { host_only, filter } => {
             deps::install()?;
@@ -138,7 +142,7 @@ fn main() -> Result<()> {
                 let bins = vm::build_binaries()?;
                 dist::verify_units(&dist::assemble(&bins)?)?;
                 if wants_plain(filter.as_deref()) {
-                    vm::run_mode("test", filter.as_deref(), &bins)?;
+                    vm::run_mode("test", filter.as_deref(), 1, &bins)?;
                 }
                 if wants_systemd(filter.as_deref()) {
                     systemd_vm::run_systemd(&bins)?;
@@ -155,15 +159,19 @@ fn main() -> Result<()> {
         }
         Cmd::Bench => {
             deps::install()?;
-            vm::run_mode("bench", None, &vm::build_binaries()?)?;
+            vm::run_mode("bench", None, 1, &vm::build_binaries()?)?;
         }
-        Cmd::Vm { mode, filter } => {
+        Cmd::Vm {
+            mode,
+            filter,
+            repeat,
+        } => {
             deps::install()?;
             let bins = vm::build_binaries()?;
             if mode == "systemd" {
                 systemd_vm::run_systemd(&bins)?;
             } else {
-                vm::run_mode(&mode, filter.as_deref(), &bins)?;
+                vm::run_mode(&mode, filter.as_deref(), repeat, &bins)?;
             }
         }
     }

@@ -333,9 +333,9 @@ pub fn pack_initramfs(dir: &Path, out: &Path) -> Result<()> {
     )))
 }
 
-/// Builds everything and boots the VM in `mode`; fails unless every
-/// planned scenario reported PASS.
-pub fn run_mode(mode: &str, filter: Option<&str>, bins: &Path) -> Result<()> {
+/// Builds everything and boots the VM in `mode`, running each selected
+/// scenario `repeat` times; fails unless every planned run reported PASS.
+pub fn run_mode(mode: &str, filter: Option<&str>, repeat: u32, bins: &Path) -> Result<()> {
     let kernel = deps::kernel()?;
     let work = root().join("target/vm");
     std::fs::create_dir_all(&work)?;
@@ -343,11 +343,14 @@ pub fn run_mode(mode: &str, filter: Option<&str>, bins: &Path) -> Result<()> {
     let initrd = initramfs(&kernel, bins, &work)?;
     let timeout = match mode {
         "demo" => Duration::from_secs(15 * 60),
-        _ => Duration::from_secs(60 * 60),
+        _ => Duration::from_secs(60 * 60) * repeat,
     };
     let mut append = format!("tlshub.mode={mode}");
     if let Some(f) = filter {
         append.push_str(&format!(" tlshub.filter={f}"));
+    }
+    if repeat > 1 {
+        append.push_str(&format!(" tlshub.repeat={repeat}"));
     }
     boot(&Boot {
         kernel: &kernel,

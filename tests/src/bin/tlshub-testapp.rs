@@ -8,7 +8,7 @@ use std::time::Instant;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use serde::Serialize;
-use tlshub_vm_tests::app_io::{Conn, IoMode, RecvMethod, SendMethod};
+use tlshub_vm_tests::app_io::{self, Conn, IoMode, RecvMethod, SendMethod};
 use tlshub_vm_tests::pattern;
 
 #[derive(Debug, Parser)]
@@ -47,6 +47,11 @@ struct Common {
     recv: RecvMethod,
     #[arg(long, value_enum, default_value = "blocking")]
     io: IoMode,
+    /// Set SO_SNDBUF to this before connecting (client) or on the listener
+    /// (server; accepted sockets inherit it), as an application that sizes
+    /// its own buffer does.
+    #[arg(long)]
+    sndbuf: Option<i32>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -94,6 +99,9 @@ struct Report {
     bytes_per_sec: Option<f64>,
     /// fd numbers reused (fd-reuse scenario).
     reused_fds: u32,
+    /// SO_SNDBUF of the last connection after its exchange.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    send_buffer: Option<u32>,
 }
 
 use tlshub_vm_tests::pattern::{CLIENT_SEED, SERVER_SEED};
@@ -131,14 +139,20 @@ fn recv_pattern(c: &mut Conn, common: &Common, seed: u64, r: &mut Report) -> std
 
 fn serve_one(stream: TcpStream, common: &Common, r: &mut Report) -> std::io::Result<()> {
     let mut c = Conn::new(stream, common.io)?;
+    let result = serve_exchange(&mut c, common, r);
+    r.send_buffer = app_io::send_buffer(c.fd()).ok();
+    result
+}
+
+fn serve_exchange(c: &mut Conn, common: &Common, r: &mut Report) -> std::io::Result<()> {
     match common.mode {
         Mode::ClientFirst => {
-            recv_pattern(&mut c, common, CLIENT_SEED, r)?;
-            send_pattern(&mut c, common, SERVER_SEED, r)?;
+            recv_pattern(c, common, CLIENT_SEED, r)?;
+            send_pattern(c, common, SERVER_SEED, r)?;
         }
         Mode::ServerFirst => {
-            send_pattern(&mut c, common, SERVER_SEED, r)?;
-            recv_pattern(&mut c, common, CLIENT_SEED, r)?;
+            send_pattern(c, common, SERVER_SEED, r)?;
+            recv_pattern(c, common, CLIENT_SEED, r)?;
         }
         Mode::Echo => {
             let mut b = [0u8; 1];
@@ -148,7 +162,7 @@ fn serve_one(stream: TcpStream, common: &Common, r: &mut Report) -> std::io::Res
             r.bytes_sent += 1;
         }
         Mode::Throughput => {
-            recv_pattern(&mut c, common, CLIENT_SEED, r)?;
+            recv_pattern(c, common, CLIENT_SEED, r)?;
             c.send_all(common.send, b"k")?;
             r.bytes_sent += 1;
         }
@@ -172,20 +186,34 @@ fn serve_one(stream: TcpStream, common: &Common, r: &mut Report) -> std::io::Res
 
 fn client_one(target: SocketAddr, common: &Common, r: &mut Report) -> std::io::Result<()> {
     let started = Instant::now();
-    let stream = TcpStream::connect(target)?;
+    let stream = match common.sndbuf {
+        Some(bytes) => app_io::connect_with_send_buffer(target, bytes)?,
+        None => TcpStream::connect(target)?,
+    };
     if common.mode == Mode::CloseEarly {
         drop(stream);
         return Ok(());
     }
     let mut c = Conn::new(stream, common.io)?;
+    let result = client_exchange(&mut c, common, r, started);
+    r.send_buffer = app_io::send_buffer(c.fd()).ok();
+    result
+}
+
+fn client_exchange(
+    c: &mut Conn,
+    common: &Common,
+    r: &mut Report,
+    started: Instant,
+) -> std::io::Result<()> {
     match common.mode {
         Mode::ClientFirst => {
-            send_pattern(&mut c, common, CLIENT_SEED, r)?;
-            recv_pattern(&mut c, common, SERVER_SEED, r)?;
+            send_pattern(c, common, CLIENT_SEED, r)?;
+            recv_pattern(c, common, SERVER_SEED, r)?;
         }
         Mode::ServerFirst => {
-            recv_pattern(&mut c, common, SERVER_SEED, r)?;
-            send_pattern(&mut c, common, CLIENT_SEED, r)?;
+            recv_pattern(c, common, SERVER_SEED, r)?;
+            send_pattern(c, common, CLIENT_SEED, r)?;
         }
         Mode::Echo => {
             c.send_all(common.send, b"e")?;
@@ -197,7 +225,7 @@ fn client_one(target: SocketAddr, common: &Common, r: &mut Report) -> std::io::R
         }
         Mode::Throughput => {
             let t = Instant::now();
-            send_pattern(&mut c, common, CLIENT_SEED, r)?;
+            send_pattern(c, common, CLIENT_SEED, r)?;
             let mut b = [0u8; 1];
             c.recv_exact(common.recv, &mut b)?;
             r.bytes_per_sec = Some(common.size as f64 / t.elapsed().as_secs_f64());
@@ -216,6 +244,9 @@ fn run(args: Args, r: &mut Report) -> std::io::Result<()> {
         } => {
             r.role = "server";
             let l = TcpListener::bind(listen)?;
+            if let Some(bytes) = common.sndbuf {
+                app_io::set_send_buffer(std::os::fd::AsRawFd::as_raw_fd(&l), bytes)?;
+            }
             // Tell the runner we are listening.
             eprintln!("listening on {listen}");
             if parallel {

@@ -1,11 +1,12 @@
 //! `tlshub-vm-runner`: runs inside the test VM (started by its /init). Builds
 //! the two-node topology, runs the scenarios of the mode given on the
-//! kernel command line (`tlshub.mode=test|bench|demo|systemd|stress`, `tlshub.filter=`)
-//! and prints one `TLSHUB-RESULT` line each, then `TLSHUB-DONE`.
+//! kernel command line (`tlshub.mode=test|bench|demo|systemd|stress`,
+//! `tlshub.filter=`, `tlshub.repeat=N` to run each of them N times) and
+//! prints one `TLSHUB-RESULT` line per run, then `TLSHUB-DONE`.
 
 use std::time::Instant;
 
-use tlshub_vm_tests::vm::scenarios::{self, Scenario};
+use tlshub_vm_tests::vm::scenarios::{self, Scenario, ScenarioFn};
 use tlshub_vm_tests::vm::systemd;
 use tlshub_vm_tests::vm::topology::Topology;
 use tlshub_vm_tests::{DONE_LINE, RESULT_PREFIX};
@@ -22,6 +23,9 @@ fn main() {
         .or_else(|| cmdline("tlshub.mode"))
         .unwrap_or_else(|| "test".into());
     let filter = cmdline("tlshub.filter").unwrap_or_default();
+    let repeat: usize = cmdline("tlshub.repeat")
+        .and_then(|r| r.parse().ok())
+        .unwrap_or(1);
     let list: Vec<Scenario> = match mode.as_str() {
         "bench" => vec![("bench", scenarios::bench)],
         "demo" => vec![("demo", scenarios::demo)],
@@ -43,18 +47,31 @@ fn main() {
             .filter(|(n, _)| filter.is_empty() || filter.split(',').any(|f| n.contains(f)))
             .collect(),
     };
-    println!("TLSHUB-PLAN {}", list.len());
+    let runs: Vec<(String, ScenarioFn)> = list
+        .iter()
+        .flat_map(|&(name, body)| {
+            (1..=repeat).map(move |i| {
+                let name = if repeat > 1 {
+                    format!("{name}#{i}")
+                } else {
+                    name.to_string()
+                };
+                (name, body)
+            })
+        })
+        .collect();
+    println!("TLSHUB-PLAN {}", runs.len());
     let topology = match Topology::up() {
         Ok(t) => t,
         Err(e) => {
-            for (name, _) in &list {
+            for (name, _) in &runs {
                 println!("{RESULT_PREFIX} {name} FAIL topology: {e}");
             }
             println!("{DONE_LINE}");
             return;
         }
     };
-    for (name, body) in list {
+    for (name, body) in runs {
         let started = Instant::now();
         let result = std::panic::catch_unwind(body).unwrap_or_else(|_| Err("panicked".into()));
         let secs = started.elapsed().as_secs_f64();

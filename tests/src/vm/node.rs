@@ -56,6 +56,8 @@ pub struct NodeSpec {
     pub suite: &'static str,
     /// The TLSHub stand-in's node-secret lifetime (`--lifetime-ms`).
     pub standin_lifetime_ms: u64,
+    /// `[ktls] send_buffer_floor_bytes` (unset: the core's default).
+    pub send_buffer_floor: Option<u32>,
 }
 
 impl NodeSpec {
@@ -69,6 +71,7 @@ impl NodeSpec {
             key_timeout_ms: 2000,
             suite: "TLS_AES_128_GCM_SHA256",
             standin_lifetime_ms: 600_000,
+            send_buffer_floor: None,
         }
     }
 }
@@ -124,13 +127,16 @@ impl Node {
             })
             .collect();
         let metrics_port = if n == "a" { 9464 } else { 9465 };
-        let core_toml = format!(
+        let mut core_toml = format!(
             "node_name = \"node-{n}\"\nfailure_policy = \"{}\"\n\n[provider]\nactive = \"{}\"\ntimeout_ms = {}\nhealth_interval_ms = 500\n[provider.endpoints]\n{endpoints}\n[admin]\nsocket = \"{}\"\n\n[metrics]\nlisten = \"127.0.0.1:{metrics_port}\"\n\n[policy]\nlocal_cidrs = [{local}]\n[[policy.rules]]\npeer_cidrs = [{peer}]\nports = [{PROTECTED_PORT}]\n\n[bpf]\npin_dir = \"/sys/fs/bpf/tlshub-node-{n}\"\n",
             spec.failure_policy,
             spec.provider.name(),
             spec.key_timeout_ms,
             dir.join("admin.sock").display(),
         );
+        if let Some(bytes) = spec.send_buffer_floor {
+            core_toml.push_str(&format!("\n[ktls]\nsend_buffer_floor_bytes = {bytes}\n"));
+        }
         std::fs::write(dir.join("core.toml"), core_toml).map_err(|e| e.to_string())?;
         let mut standin = None;
         let mut providers = Vec::new();

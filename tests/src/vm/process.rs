@@ -270,20 +270,112 @@ pub fn spawn_ready(
 /// Each thread's state letter, kernel wait channel and innermost kernel
 /// stack frames, e.g. `pid 812: 812 T do_signal_stop [do_signal_stop <
 /// get_signal < ...]` (for reports of hung apps; a thread that spins shows
-/// `R` and where in the kernel it was).
+/// `R` and where in the kernel it was), sampled three times 100 ms apart
+/// (a spinning thread shows different frames), then its sockets: queues,
+/// kTLS counters and `ss -tmieo` (TCP windows, memory, timers, the TLS
+/// ULP state).
 pub fn where_stuck(pid: u32) -> String {
-    let mut out = format!("pid {pid}:");
+    if !std::path::Path::new(&format!("/proc/{pid}")).exists() {
+        return format!("pid {pid}: gone");
+    }
+    let mut samples = Vec::new();
+    for i in 0..3 {
+        if i > 0 {
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        samples.push(thread_states(pid));
+    }
+    let mut out = format!("pid {pid}: {}", samples.join(" | then "));
+    out.push_str(&socket_queues(pid));
+    out.push_str(&ss_of(pid));
+    // A thread still running after the samples may spin in the kernel, where
+    // its stack cannot be read: the function tracer shows what it calls.
+    if let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) {
+        for t in tasks.flatten() {
+            let tid: u32 = t.file_name().to_string_lossy().parse().unwrap_or(0);
+            if state(tid) == Some('R') {
+                out.push_str(&format!(
+                    "; kernel functions of {tid}: {}",
+                    traced_calls(tid)
+                ));
+            }
+        }
+    }
+    out
+}
+
+/// The kernel functions thread `tid` called in 50 ms (ftrace's function
+/// tracer), most frequent first: for telling where a spinning thread loops.
+fn traced_calls(tid: u32) -> String {
+    // Mounted by the VM's /init.
+    const T: &str = "/sys/kernel/tracing";
+    let w = |file: &str, v: &str| std::fs::write(format!("{T}/{file}"), v);
+    let set = w("tracing_on", "0")
+        .and_then(|()| w("trace", ""))
+        .and_then(|()| w("set_ftrace_pid", &tid.to_string()))
+        .and_then(|()| w("current_tracer", "function"))
+        .and_then(|()| w("tracing_on", "1"));
+    if let Err(e) = set {
+        return format!("ftrace unavailable: {e}");
+    }
+    std::thread::sleep(Duration::from_millis(50));
+    let _ = w("tracing_on", "0");
+    let trace = std::fs::read_to_string(format!("{T}/trace")).unwrap_or_default();
+    let _ = w("current_tracer", "nop");
+    let _ = w("set_ftrace_pid", "");
+    // `  app-419  [001] .....  123.456: tls_sw_sendpage <-inet_sendpage`
+    let mut counts: std::collections::HashMap<&str, usize> = std::collections::HashMap::new();
+    for l in trace.lines().filter(|l| !l.starts_with('#')) {
+        if let Some(call) = l.split_once(": ").map(|(_, c)| c.trim()) {
+            *counts.entry(call).or_default() += 1;
+        }
+    }
+    let mut top: Vec<_> = counts.into_iter().collect();
+    top.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(b.0)));
+    top.iter()
+        .take(30)
+        .map(|(c, n)| format!("{n}x {c}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// `ss -tmieo` of the sockets in `pid`'s network namespace (not listening).
+fn ss_of(pid: u32) -> String {
+    let ns = run(None, &["ip", "netns", "identify", &pid.to_string()]).unwrap_or_default();
+    let ns = ns.trim();
+    if ns.is_empty() {
+        return String::new();
+    }
+    match run(Some(ns), &["ss", "-tmieoHn", "state", "connected"]) {
+        Ok(text) => format!(
+            "; ss in {ns}: {}",
+            text.split_whitespace().collect::<Vec<_>>().join(" ")
+        ),
+        Err(e) => format!("; ss in {ns} failed: {e}"),
+    }
+}
+
+fn thread_states(pid: u32) -> String {
+    let mut out = String::new();
     let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
-        return format!("{out} gone");
+        return "gone".into();
     };
     for t in tasks.flatten() {
         let tid = t.file_name().to_string_lossy().into_owned();
         let tid_num = tid.parse::<u32>().unwrap_or(0);
         let wchan = std::fs::read_to_string(t.path().join("wchan")).unwrap_or_default();
+        // CPU time so far (ns): growing between samples means it spins.
+        let cpu_ns = std::fs::read_to_string(t.path().join("schedstat")).unwrap_or_default();
+        // The system call it is in: its number and first argument (the fd),
+        // or `running` when in user space.
+        let syscall = std::fs::read_to_string(t.path().join("syscall")).unwrap_or_default();
+        let syscall: Vec<&str> = syscall.split_whitespace().take(2).collect();
         out.push_str(&format!(
-            " {tid} {} {}",
+            " {tid} {} {} cpu {}ns syscall {}",
             state(tid_num).unwrap_or('?'),
-            if wchan.is_empty() { "-" } else { wchan.trim() }
+            if wchan.is_empty() { "-" } else { wchan.trim() },
+            cpu_ns.split_whitespace().next().unwrap_or("?"),
+            syscall.join(" ")
         ));
         // `[<0>] tcp_recvmsg_locked+0x.../0x...` per line; the names suffice.
         let stack = std::fs::read_to_string(t.path().join("stack")).unwrap_or_default();
@@ -297,7 +389,6 @@ pub fn where_stuck(pid: u32) -> String {
             out.push_str(&format!(" [{}]", frames.join(" < ")));
         }
     }
-    out.push_str(&socket_queues(pid));
     out
 }
 
@@ -335,7 +426,18 @@ fn socket_queues(pid: u32) -> String {
 }
 
 /// Waits for a child with a timeout and returns its stdout.
-pub fn finish(mut app: AppChild, timeout: Duration) -> Result<String, String> {
+pub fn finish(app: AppChild, timeout: Duration) -> Result<String, String> {
+    finish_reporting(app, timeout, &[])
+}
+
+/// [`finish`], and on a timeout also where the `peers` (other apps, e.g.
+/// the server of a stuck client) were, taken before the app is killed
+/// (killing it would change what the peers do).
+pub fn finish_reporting(
+    mut app: AppChild,
+    timeout: Duration,
+    peers: &[u32],
+) -> Result<String, String> {
     let Some(mut child) = app.0.take() else {
         return Err("already finished".into());
     };
@@ -348,7 +450,10 @@ pub fn finish(mut app: AppChild, timeout: Duration) -> Result<String, String> {
         if Instant::now() > until {
             // Where it was stuck, before it is killed: stopped (`T`, held
             // by the gate and never continued?) or in which kernel call.
-            let stuck = where_stuck(child.id());
+            let mut stuck = where_stuck(child.id());
+            for peer in peers {
+                stuck.push_str(&format!("; peer then: {}", where_stuck(*peer)));
+            }
             let _ = child.kill();
             let out = child.wait_with_output().map_err(|e| e.to_string())?;
             return Err(format!(

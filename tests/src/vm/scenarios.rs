@@ -13,7 +13,10 @@ use crate::pattern::{CLIENT_SEED, MARKER, SERVER_SEED};
 use crate::wire;
 
 /// A scenario: name and body.
-pub type Scenario = (&'static str, fn() -> Result<String, String>);
+pub type Scenario = (&'static str, ScenarioFn);
+
+/// A scenario's body: a one-line summary, or why it failed.
+pub type ScenarioFn = fn() -> Result<String, String>;
 
 /// Every scenario of `cargo xtask test`, in order.
 pub const TESTS: &[Scenario] = &[
@@ -25,6 +28,10 @@ pub const TESTS: &[Scenario] = &[
     ("exchange_matrix_wire_is_tls_and_decrypts", exchange_matrix),
     ("cipher_suites_aes256_chacha20", cipher_suites),
     ("large_transfers_64mib", large_transfers),
+    (
+        "sendfile_splice_small_send_buffer_no_stall",
+        small_send_buffer_sendpage,
+    ),
     ("ipv6_exchange_wire_is_tls_and_decrypts", ipv6_exchange),
     ("concurrent_keying_200_connections", concurrent_keying),
     ("tlshub_provider_with_standin_module", tlshub_provider),
@@ -156,12 +163,8 @@ pub fn run_pair(
     let server_pid = server.id();
     // A client that times out is reported with where the server was too
     // (the server is killed when this returns).
-    let c = finish(client, timeout).map_err(|e| {
-        format!(
-            "client: {e}; server then: {}",
-            process::where_stuck(server_pid)
-        )
-    })?;
+    let c = process::finish_reporting(client, timeout, &[server_pid])
+        .map_err(|e| format!("{app:?}: client: {e}"))?;
     let s = finish(server, Duration::from_secs(10)).map_err(|e| format!("server: {e}"));
     Ok((json(&s?)?, json(&c)?))
 }
@@ -595,6 +598,70 @@ fn large_transfers() -> Result<String, String> {
         ));
     }
     Ok(format!("64 MiB each way, exact: {}", out.join(", ")))
+}
+
+/// sendfile() and splice() by a client that set a small send buffer
+/// itself (8 KiB): before Linux 6.5 kTLS can stall such a sender for good
+/// (why in `KtlsSection::send_buffer_floor` of the core's config), and the
+/// core's send buffer floor must prevent it. A control run without the
+/// floor reports whether this kernel stalls there (not required: a fixed
+/// kernel would not).
+fn small_send_buffer_sendpage() -> Result<String, String> {
+    let small = ["--sndbuf", "4096"];
+    let app = |send, io| App {
+        size: 4 << 20,
+        send,
+        io,
+        ..App::exchange(1, PROTECTED_PORT)
+    };
+    let mut out = Vec::new();
+    {
+        let (_a, _b) = nodes(NodeSpec::new("a"), NodeSpec::new("b"))?;
+        for (send, io) in [
+            ("sendfile", "blocking"),
+            ("splice", "epoll"),
+            ("sendfile", "epoll"),
+            ("splice", "blocking"),
+        ] {
+            let app = app(send, io);
+            let (s, c) = run_pair(&app, &small, Duration::from_secs(60))?;
+            both_ok(&app, &s, &c)?;
+            let buf = c["send_buffer"].as_u64().unwrap_or(0);
+            if buf < 4 << 20 {
+                return Err(format!(
+                    "{send}/{io}: the client's send buffer is {buf} B after keying, want at least the 4 MiB floor"
+                ));
+            }
+            out.push(format!("{send}/{io}"));
+        }
+    }
+    let mut sa = NodeSpec::new("a");
+    sa.send_buffer_floor = Some(0);
+    let mut sb = NodeSpec::new("b");
+    sb.send_buffer_floor = Some(0);
+    let (_a, _b) = nodes(sa, sb)?;
+    let control = match run_pair(
+        &app("sendfile", "blocking"),
+        &small,
+        Duration::from_secs(15),
+    ) {
+        Ok((s, c)) if ok(&s) && ok(&c) => {
+            "completed (this kernel does not stall there)".to_string()
+        }
+        Ok((s, c)) => {
+            return Err(format!(
+                "control without the floor failed: server {s}, client {c}"
+            ));
+        }
+        Err(e) if e.contains("timed out") => {
+            "stalled for 15 s (the kernel's sendpage stall the floor prevents)".to_string()
+        }
+        Err(e) => return Err(format!("control without the floor failed: {e}")),
+    };
+    Ok(format!(
+        "4 MiB each way from an 8 KiB send buffer, exact: {} (the core raised it to 4 MiB); without the floor, sendfile/blocking {control}",
+        out.join(", ")
+    ))
 }
 
 fn ipv6_exchange() -> Result<String, String> {
