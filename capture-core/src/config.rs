@@ -333,7 +333,9 @@ impl KtlsSection {
     /// buffer). With a send buffer well above 64 KiB the buffer can only be
     /// full while data is in flight, and each ACK pushes the queue on.
     /// Linux 6.5 replaced that path (`MSG_SPLICE_PAGES`, which always ends
-    /// in a push).
+    /// in a push). The floor is applied when the connection is keyed, so
+    /// it overrides a buffer the application sized before connect() or on
+    /// its listener; one it shrinks again after keying is its own.
     pub fn send_buffer_floor(&self, release: &str) -> u32 {
         match self.send_buffer_floor_bytes {
             Some(bytes) => bytes,
