@@ -275,13 +275,13 @@ pub fn spawn_ready(
 /// kTLS counters and `ss -tmieo` (TCP windows, memory, timers, the TLS
 /// ULP state).
 pub fn where_stuck(pid: u32) -> String {
-    if !std::path::Path::new(&format!("/proc/{pid}")).exists() {
+    if !Path::new(&format!("/proc/{pid}")).exists() {
         return format!("pid {pid}: gone");
     }
     let mut samples = Vec::new();
     for i in 0..3 {
         if i > 0 {
-            std::thread::sleep(std::time::Duration::from_millis(100));
+            std::thread::sleep(Duration::from_millis(100));
         }
         samples.push(thread_states(pid));
     }

@@ -1256,6 +1256,20 @@ pub fn bench() -> Result<String, String> {
             ));
         }
     }
+    // What the send buffer floor (`[ktls]`, on by default before Linux 6.5)
+    // costs or gains: the same transfer without it.
+    {
+        let (mut sa, mut sb) = (NodeSpec::new("a"), NodeSpec::new("b"));
+        sa.send_buffer_floor = Some(0);
+        sb.send_buffer_floor = Some(0);
+        let _nodes = nodes(sa, sb)?;
+        let bps = throughput(PROTECTED_PORT)?;
+        lines.push(format!(
+            "throughput openssl without the send buffer floor: {:.1} MB/s; with/without x{:.2}",
+            bps / 1e6,
+            tput["openssl"] / bps.max(1.0)
+        ));
+    }
     let ratio = |a: u64, b: u64| a as f64 / b.max(1) as f64;
     for (label, _) in providers {
         lines.push(format!(
