@@ -63,90 +63,21 @@ fn owned(rc: libc::c_int) -> io::Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(rc) })
 }
 
-/// Sets `SO_SNDBUF` (the kernel doubles it and stops sizing the buffer by
-/// itself), as an application that sizes its own buffer does.
-pub fn set_send_buffer(fd: RawFd, bytes: i32) -> io::Result<()> {
-    // SAFETY: bytes is a live int of the size passed.
-    let rc = unsafe {
-        libc::setsockopt(
-            fd,
-            libc::SOL_SOCKET,
-            libc::SO_SNDBUF,
-            (&bytes as *const i32).cast(),
-            std::mem::size_of::<i32>() as libc::socklen_t,
-        )
-    };
-    if rc < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
-}
-
-/// `getsockopt(SO_SNDBUF)`: the send buffer in bytes.
-pub fn send_buffer(fd: RawFd) -> io::Result<u32> {
-    let mut v: i32 = 0;
-    let mut len = std::mem::size_of::<i32>() as libc::socklen_t;
-    // SAFETY: v and len are live; len holds v's size.
-    let rc = unsafe {
-        libc::getsockopt(
-            fd,
-            libc::SOL_SOCKET,
-            libc::SO_SNDBUF,
-            (&mut v as *mut i32).cast(),
-            &mut len,
-        )
-    };
-    if rc < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(v.max(0) as u32)
-}
-
-/// connect() with `SO_SNDBUF` set on the socket before it connects.
+/// connect() with `SO_SNDBUF` set to `bytes` on the socket before it
+/// connects (the kernel doubles it and stops sizing the buffer by itself),
+/// as an application that sizes its own buffer does.
 pub fn connect_with_send_buffer(
     target: std::net::SocketAddr,
-    bytes: i32,
+    bytes: usize,
 ) -> io::Result<std::net::TcpStream> {
-    let family = if target.is_ipv6() {
-        libc::AF_INET6
-    } else {
-        libc::AF_INET
-    };
-    // SAFETY: plain syscall.
-    let sock = owned(unsafe { libc::socket(family, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) })?;
-    set_send_buffer(sock.as_raw_fd(), bytes)?;
-    // SAFETY: a zeroed sockaddr_storage is valid; it is filled below.
-    let mut storage: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
-    let len = match target {
-        std::net::SocketAddr::V4(a) => {
-            // SAFETY: sockaddr_storage is large enough and aligned for sockaddr_in.
-            let sin = unsafe { &mut *(&mut storage as *mut _ as *mut libc::sockaddr_in) };
-            sin.sin_family = libc::AF_INET as libc::sa_family_t;
-            sin.sin_port = a.port().to_be();
-            sin.sin_addr.s_addr = u32::from(*a.ip()).to_be();
-            std::mem::size_of::<libc::sockaddr_in>()
-        }
-        std::net::SocketAddr::V6(a) => {
-            // SAFETY: sockaddr_storage is large enough and aligned for sockaddr_in6.
-            let sin6 = unsafe { &mut *(&mut storage as *mut _ as *mut libc::sockaddr_in6) };
-            sin6.sin6_family = libc::AF_INET6 as libc::sa_family_t;
-            sin6.sin6_port = a.port().to_be();
-            sin6.sin6_addr.s6_addr = a.ip().octets();
-            std::mem::size_of::<libc::sockaddr_in6>()
-        }
-    };
-    // SAFETY: storage holds a sockaddr of len bytes.
-    let rc = unsafe {
-        libc::connect(
-            sock.as_raw_fd(),
-            (&storage as *const libc::sockaddr_storage).cast(),
-            len as libc::socklen_t,
-        )
-    };
-    if rc < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(std::net::TcpStream::from(sock))
+    let sock = socket2::Socket::new(
+        socket2::Domain::for_address(target),
+        socket2::Type::STREAM,
+        Some(socket2::Protocol::TCP),
+    )?;
+    sock.set_send_buffer_size(bytes)?;
+    sock.connect(&target.into())?;
+    Ok(sock.into())
 }
 
 /// A connected socket and how to drive it.

@@ -51,7 +51,7 @@ struct Common {
     /// (server; accepted sockets inherit it), as an application that sizes
     /// its own buffer does.
     #[arg(long)]
-    sndbuf: Option<i32>,
+    sndbuf: Option<usize>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -101,7 +101,7 @@ struct Report {
     reused_fds: u32,
     /// SO_SNDBUF of the last connection after its exchange.
     #[serde(skip_serializing_if = "Option::is_none")]
-    send_buffer: Option<u32>,
+    send_buffer: Option<usize>,
 }
 
 use tlshub_vm_tests::pattern::{CLIENT_SEED, SERVER_SEED};
@@ -140,8 +140,13 @@ fn recv_pattern(c: &mut Conn, common: &Common, seed: u64, r: &mut Report) -> std
 fn serve_one(stream: TcpStream, common: &Common, r: &mut Report) -> std::io::Result<()> {
     let mut c = Conn::new(stream, common.io)?;
     let result = serve_exchange(&mut c, common, r);
-    r.send_buffer = app_io::send_buffer(c.fd()).ok();
+    r.send_buffer = send_buffer(&c);
     result
+}
+
+/// `getsockopt(SO_SNDBUF)` of the connection.
+fn send_buffer(c: &Conn) -> Option<usize> {
+    socket2::SockRef::from(c.stream()).send_buffer_size().ok()
 }
 
 fn serve_exchange(c: &mut Conn, common: &Common, r: &mut Report) -> std::io::Result<()> {
@@ -196,7 +201,7 @@ fn client_one(target: SocketAddr, common: &Common, r: &mut Report) -> std::io::R
     }
     let mut c = Conn::new(stream, common.io)?;
     let result = client_exchange(&mut c, common, r, started);
-    r.send_buffer = app_io::send_buffer(c.fd()).ok();
+    r.send_buffer = send_buffer(&c);
     result
 }
 
@@ -245,7 +250,7 @@ fn run(args: Args, r: &mut Report) -> std::io::Result<()> {
             r.role = "server";
             let l = TcpListener::bind(listen)?;
             if let Some(bytes) = common.sndbuf {
-                app_io::set_send_buffer(std::os::fd::AsRawFd::as_raw_fd(&l), bytes)?;
+                socket2::SockRef::from(&l).set_send_buffer_size(bytes)?;
             }
             // Tell the runner we are listening.
             eprintln!("listening on {listen}");
