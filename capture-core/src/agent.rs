@@ -28,11 +28,23 @@ use crate::sys;
 #[derive(Debug)]
 struct Pending {
     established: Option<Event>,
+    /// Where to look for the socket: the pid and fd connect()/accept()
+    /// returned (OWNER), or a pid the gate held on it with fd -1 (every
+    /// socket fd of that process is searched for the cookie).
     owner: Option<(u32, i32)>,
     /// The provider asked, once keying started.
     provider: Option<String>,
+    /// Owners tried in vain: the socket was no longer in that process (it
+    /// closed its fd after fork, or passed the socket on).
+    gone_from: Vec<u32>,
     since: Instant,
 }
+
+/// How many processes a connection's socket is looked for in before it is
+/// given up as unreachable (each one that the gate holds on it is a fresh
+/// lead; the bound keeps a misbehaving app from making the core search
+/// forever).
+const MAX_OWNER_SEARCHES: usize = 8;
 
 impl Pending {
     fn new() -> Self {
@@ -40,6 +52,7 @@ impl Pending {
             established: None,
             owner: None,
             provider: None,
+            gone_from: Vec::new(),
             since: Instant::now(),
         }
     }
@@ -90,6 +103,15 @@ pub struct Stats {
     pub gate_stops: u64,
     /// Distinct connections that had a process held.
     pub held_connections: u64,
+    /// Keying searches that took the process from a gate hold (no owner
+    /// known, or the known one no longer had the socket).
+    pub owner_from_hold: u64,
+    /// Keying searches that found the socket gone from the process
+    /// searched (the connection was then looked for elsewhere, or failed).
+    pub socket_gone: u64,
+    /// Connections whose gate was put in its terminal state (calls fail
+    /// with `ECONNRESET`): they could be neither protected nor reset.
+    pub gate_terminal: u64,
     /// Microseconds from stop to continue, per stop.
     pub held_micros: Samples,
     /// Microseconds spent in the provider, per protected connection.
@@ -103,8 +125,8 @@ pub struct Stats {
     pub pending: usize,
     /// Held processes the core is tracking now.
     pub held_tracked: usize,
-    /// BPF map entries now: conns, ino_cookies, held.
-    pub bpf_maps: (usize, usize, usize),
+    /// BPF map entries now: conns, held.
+    pub bpf_maps: (usize, usize),
 }
 
 /// Why the event loop stopped.
@@ -273,6 +295,9 @@ impl Agent {
         let (mut waiting, mut keyed, mut stopped) = (0, 0, 0);
         for (cookie, conn) in self.programs.all_conns() {
             let owner = (conn.owner_pid != 0).then_some((conn.owner_pid, conn.owner_fd));
+            if conn.gate == gate::RESET {
+                continue;
+            }
             if conn.gate == gate::CLOSED {
                 let mut p = Pending::new();
                 p.established = (conn.est.kind == kind::ESTABLISHED).then_some(conn.est);
@@ -361,7 +386,7 @@ impl Agent {
                         self.on_event(ev, &done_tx);
                     }
                 }
-                Some(outcome) = done_rx.recv() => self.on_outcome(outcome),
+                Some(outcome) = done_rx.recv() => self.on_outcome(outcome, &done_tx),
                 _ = sweep.tick() => {
                     self.sweep_due = true;
                     self.programs.heartbeat(grace, fail_open);
@@ -405,7 +430,9 @@ impl Agent {
             }
             kind::OWNER => {
                 let p = self.pending.entry(ev.cookie).or_insert_with(Pending::new);
-                p.owner = Some((ev.pid, ev.fd));
+                if p.provider.is_none() {
+                    p.owner = Some((ev.pid, ev.fd));
+                }
                 self.maybe_start(ev.cookie, done);
             }
             kind::HELD => {
@@ -423,11 +450,7 @@ impl Agent {
                         continued: false,
                     },
                 );
-                // The gate may have been opened between the program's check
-                // and this event; the sweep continues such processes.
-                if !self.pending.contains_key(&ev.cookie) {
-                    self.sweep_due = true;
-                }
+                self.owner_from_hold(ev.cookie, ev.pid, done);
             }
             kind::CLOSED => {
                 self.held_cookies.remove(&ev.cookie);
@@ -445,6 +468,46 @@ impl Agent {
                 self.sweep_due = true;
             }
             other => error!(kind = other, "unknown event kind from BPF"),
+        }
+    }
+
+    /// The gate held `pid` on connection `cookie`: the process holds the
+    /// socket, so it is where keying looks for it when no owner is known
+    /// (no OWNER event: connected or accepted through io_uring or the
+    /// 32-bit entry points, or the OWNER event was lost) or the known one
+    /// no longer has it (closed its fd after fork, passed it on). A hold on
+    /// a connection the core does not track, whose gate is still closed,
+    /// is taken up from the `conns` map (its events were lost). Otherwise
+    /// the gate was opened between the program's check and this event,
+    /// and the sweep continues the process.
+    fn owner_from_hold(&mut self, cookie: u64, pid: u32, done: &mpsc::UnboundedSender<Outcome>) {
+        if !self.pending.contains_key(&cookie) {
+            match self.programs.conn(cookie) {
+                Some(conn) if conn.gate == gate::CLOSED && !self.draining => {
+                    let mut p = Pending::new();
+                    p.established = (conn.est.kind == kind::ESTABLISHED).then_some(conn.est);
+                    info!(
+                        cookie,
+                        pid,
+                        established = p.established.is_some(),
+                        "held on a connection the core did not know of; keying it from the held process"
+                    );
+                    self.pending.insert(cookie, p);
+                }
+                _ => {
+                    self.sweep_due = true;
+                    return;
+                }
+            }
+        }
+        let Some(p) = self.pending.get_mut(&cookie) else {
+            return;
+        };
+        if p.owner.is_none() && p.provider.is_none() {
+            debug!(cookie, pid, "owner taken from the gate's hold");
+            p.owner = Some((pid, -1));
+            self.stats.owner_from_hold += 1;
+            self.maybe_start(cookie, done);
         }
     }
 
@@ -477,7 +540,7 @@ impl Agent {
         let mut sweep = tokio::time::interval(Duration::from_millis(50));
         while keying(self) > 0 {
             tokio::select! {
-                Some(outcome) = done_rx.recv() => self.on_outcome(outcome),
+                Some(outcome) = done_rx.recv() => self.on_outcome(outcome, done_tx),
                 _ = sweep.tick() => {
                     self.programs.heartbeat(grace, fail_open);
                     let states = self.held_states();
@@ -543,7 +606,7 @@ impl Agent {
         );
     }
 
-    fn on_outcome(&mut self, outcome: Outcome) {
+    fn on_outcome(&mut self, outcome: Outcome, done: &mpsc::UnboundedSender<Outcome>) {
         self.activity += 1;
         let Outcome {
             cookie,
@@ -555,6 +618,12 @@ impl Agent {
             provider: provider.clone(),
         };
         self.metrics.provider_in_flight.get_or_create(&label).dec();
+        if let Err(KeyingError::SocketGone { pid, .. }) = &result
+            && self.look_elsewhere(cookie, *pid)
+        {
+            self.maybe_start(cookie, done);
+            return;
+        }
         let pending = self.pending.remove(&cookie);
         let span = info_span!("conn", cookie, provider = %provider);
         let _enter = span.enter();
@@ -633,6 +702,40 @@ impl Agent {
         self.sweep_due = true;
     }
 
+    /// The socket of `cookie` was not in process `gone_pid` any more. Keeps
+    /// the connection pending and looks for it in a process the gate holds
+    /// on it (now, or when one is held next), up to [`MAX_OWNER_SEARCHES`]
+    /// processes; false when there is nothing left to try.
+    fn look_elsewhere(&mut self, cookie: u64, gone_pid: u32) -> bool {
+        let held_on_it: Vec<u32> = self
+            .held
+            .iter()
+            .filter(|(_, h)| h.cookie == cookie)
+            .map(|(&pid, _)| pid)
+            .collect();
+        let Some(p) = self.pending.get_mut(&cookie) else {
+            return false;
+        };
+        p.gone_from.push(gone_pid);
+        self.stats.socket_gone += 1;
+        let next = held_on_it
+            .iter()
+            .copied()
+            .find(|pid| !p.gone_from.contains(pid));
+        // Every process held on it was searched in vain (a held process
+        // makes no new hold to wait for), or too many were.
+        if (next.is_none() && !held_on_it.is_empty()) || p.gone_from.len() >= MAX_OWNER_SEARCHES {
+            return false;
+        }
+        p.provider = None;
+        p.owner = next.map(|pid| (pid, -1));
+        if next.is_some() {
+            self.stats.owner_from_hold += 1;
+        }
+        info!(cookie, gone_from = gone_pid, next = ?next, "socket no longer in its owner; looking for it where the gate holds it");
+        true
+    }
+
     /// Applies the failure policy. A socket with some kTLS state is reset
     /// whatever the policy: it can carry neither plaintext nor records.
     fn fail(
@@ -650,14 +753,25 @@ impl Agent {
         let reset = force_reset || self.config.failure_policy == FailurePolicy::FailClosed;
         match (socket, reset) {
             (Some(s), true) => {
-                if let Err(e) = sys::reset_connection(s.as_fd()) {
-                    error!(error = %e, "cannot reset connection");
-                }
                 self.stats.reset += 1;
                 self.metrics.reset.inc();
-                info!(reason, "connection reset (fail-closed)");
-                // The socket is closed now; let the app through to see ECONNRESET.
-                let _ = self.programs.open_gate(cookie, s);
+                match sys::reset_connection(s.as_fd()) {
+                    Ok(()) => {
+                        info!(reason, "connection reset (fail-closed)");
+                        // The socket is closed now; let the app through to
+                        // see ECONNRESET.
+                        let _ = self.programs.open_gate(cookie, s);
+                    }
+                    Err(e) => {
+                        // E.g. EOPNOTSUPP: current kernels refuse to
+                        // disconnect a socket with the tls ULP. The gate's
+                        // terminal state fails every call of the app
+                        // instead; shutdown() sends the peer a FIN so that
+                        // it does not wait for data either.
+                        let _ = sys::shutdown_both(s.as_fd());
+                        self.terminal_gate(cookie, reason, &e.to_string());
+                    }
+                }
             }
             (Some(s), false) => {
                 self.stats.passed_plaintext += 1;
@@ -665,12 +779,37 @@ impl Agent {
                 warn!(reason, "connection continues in PLAINTEXT (fail-open)");
                 let _ = self.programs.open_gate(cookie, s);
             }
-            (None, _) => {
-                // No handle on the socket: under fail-closed the gate stays
-                // closed (nothing can leak); the app is released when the
-                // socket closes.
-                warn!(reason, "socket not reachable; gate stays closed");
+            (None, true) => {
+                // No handle on the socket: it cannot be reset, so the gate
+                // fails the app's calls from now on (holding it would only
+                // stop and continue it in a loop).
+                self.stats.reset += 1;
+                self.metrics.reset.inc();
+                self.terminal_gate(cookie, reason, "socket not reachable");
             }
+            (None, false) => {
+                self.stats.passed_plaintext += 1;
+                self.metrics.plaintext.inc();
+                warn!(
+                    reason,
+                    "socket not reachable; connection continues in PLAINTEXT (fail-open)"
+                );
+                self.programs.set_gate(cookie, gate::OPEN);
+            }
+        }
+    }
+
+    /// Puts a connection's gate in its terminal state: every call of the
+    /// app on it fails with `ECONNRESET` and nobody is held again.
+    fn terminal_gate(&mut self, cookie: u64, reason: &'static str, why: &str) {
+        if self.programs.set_gate(cookie, gate::RESET) {
+            self.stats.gate_terminal += 1;
+            warn!(
+                reason,
+                why, "connection cannot be reset; its calls now fail with ECONNRESET"
+            );
+        } else {
+            debug!(reason, why, "connection closed before it could be failed");
         }
     }
 

@@ -127,7 +127,6 @@ pub struct Programs {
     /// Ring buffer of events (taken by the event loop).
     pub events: Option<RingBuf<MapData>>,
     conns: HashMap<MapData, u64, Conn>,
-    ino_cookies: HashMap<MapData, u64, u64>,
     held: HashMap<MapData, u32, Held>,
     sk_marks: SkStorage<MapData, SkMark>,
     local_nets: LpmTrie<MapData, Addr16, u32>,
@@ -391,7 +390,6 @@ impl Programs {
             adopted,
             events: Some(take(&mut ebpf, names::EVENTS)?),
             conns: take(&mut ebpf, names::CONNS)?,
-            ino_cookies: take(&mut ebpf, names::INO_COOKIES)?,
             held: take(&mut ebpf, names::HELD)?,
             sk_marks: take(&mut ebpf, names::SK_MARKS)?,
             local_nets: take(&mut ebpf, names::LOCAL_NETS)?,
@@ -490,10 +488,19 @@ impl Programs {
             Err(e) => return Err(map_err(names::CONNS)(e)),
         }
         let _ = self.sk_marks.remove(socket);
-        if conn.ino != 0 {
-            let _ = self.ino_cookies.remove(&conn.ino);
-        }
         Ok(())
+    }
+
+    /// Sets the gate of a tracked connection without touching its socket
+    /// (for a connection the core has no handle on). False when the
+    /// connection is no longer tracked (it closed).
+    pub fn set_gate(&mut self, cookie: u64, state: u32) -> bool {
+        let Some(mut conn) = self.conn(cookie) else {
+            return false;
+        };
+        conn.gate = state;
+        const BPF_EXIST: u64 = 2;
+        self.conns.insert(cookie, conn, BPF_EXIST).is_ok()
     }
 
     /// Every tracked connection (for adopting them after a restart).
@@ -566,13 +573,9 @@ impl Programs {
         self.stat(stat::RINGBUF_DROPS)
     }
 
-    /// Entries in the map sizes that must return to idle: (conns, ino, held).
-    pub fn map_sizes(&self) -> (usize, usize, usize) {
-        (
-            self.conns.keys().count(),
-            self.ino_cookies.keys().count(),
-            self.held.keys().count(),
-        )
+    /// Entries in the maps that must return to idle: (conns, held).
+    pub fn map_sizes(&self) -> (usize, usize) {
+        (self.conns.keys().count(), self.held.keys().count())
     }
 }
 

@@ -217,6 +217,18 @@ pub fn reset_connection(fd: BorrowedFd<'_>) -> io::Result<()> {
     }
 }
 
+/// Shuts both directions of a connection down (FIN to the peer): what is
+/// left when [`reset_connection`] is refused.
+pub fn shutdown_both(fd: BorrowedFd<'_>) -> io::Result<()> {
+    // SAFETY: shutdown takes an fd the caller borrows and a constant.
+    let rc = unsafe { libc::shutdown(fd.as_raw_fd(), libc::SHUT_RDWR) };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
 /// Sends SIGCONT to a process.
 pub fn continue_process(pid: u32) -> io::Result<()> {
     let pid = libc::pid_t::try_from(pid).map_err(|_| io::Error::from_raw_os_error(libc::ESRCH))?;

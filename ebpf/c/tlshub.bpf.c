@@ -11,7 +11,9 @@
  *   lsm socket_sendmsg/recvmsg    the gate for send*()/recv*() (and read/write)
  *   lsm file_permission           the gate for read/write/sendfile/splice on
  *                                 socket files (sendfile and splice bypass
- *                                 socket_sendmsg on 6.1)
+ *                                 socket_sendmsg on 6.1); finds the socket
+ *                                 with bpf_sock_from_file(), so it needs no
+ *                                 owner event
  *
  * Kernel structs are declared locally with preserve_access_index (CO-RE):
  * only the fields used here, relocated against the running kernel's BTF. */
@@ -42,7 +44,6 @@ typedef struct {
 
 struct inode {
 	unsigned short i_mode;
-	unsigned long i_ino;
 } __pai;
 
 struct file {
@@ -91,13 +92,6 @@ struct {
 	__type(key, __u64); /* socket cookie */
 	__type(value, struct tlshub_conn);
 } conns SEC(".maps");
-
-struct {
-	__uint(type, BPF_MAP_TYPE_HASH);
-	__uint(max_entries, 65536);
-	__type(key, __u64);   /* socket inode */
-	__type(value, __u64); /* socket cookie */
-} ino_cookies SEC(".maps");
 
 /* Holds the core could not learn of through the ring buffer (it was full). */
 struct {
@@ -286,10 +280,6 @@ int tlshub_sockops(struct bpf_sock_ops *skops)
 		struct tlshub_conn *c = bpf_map_lookup_elem(&conns, &cookie);
 		if (!c)
 			break;
-		if (c->ino) {
-			__u64 ino = c->ino;
-			bpf_map_delete_elem(&ino_cookies, &ino);
-		}
 		bpf_map_delete_elem(&conns, &cookie);
 		ev.kind = TLSHUB_EV_CLOSED;
 		ev.cookie = cookie;
@@ -321,7 +311,10 @@ struct pt_regs {
 } __pai;
 
 /* Looks fd up in the current task's fd table; if it is a selected socket,
- * records its inode (for the file_permission gate) and reports the owner. */
+ * reports the owner. Only a head start for keying: the gate itself needs
+ * no owner, and a socket that never gets one here (io_uring, the 32-bit
+ * entry points, a socket passed to another process) is keyed from the pid
+ * the gate holds (HELD). */
 static __always_inline void report_owner(int fd)
 {
 	struct task_struct *task = (struct task_struct *)bpf_get_current_task();
@@ -344,9 +337,6 @@ static __always_inline void report_owner(int fd)
 	struct tlshub_conn *c = bpf_map_lookup_elem(&conns, &cookie);
 	if (!c)
 		return;
-	__u64 ino = BPF_CORE_READ(inode, i_ino);
-	bpf_map_update_elem(&ino_cookies, &ino, &cookie, BPF_ANY);
-	c->ino = ino;
 	c->owner_pid = bpf_get_current_pid_tgid() >> 32;
 	c->owner_fd = fd;
 
@@ -420,7 +410,17 @@ int BPF_PROG(tlshub_exit_accept, const struct pt_regs *regs, long ret)
 static __always_inline int gate(__u64 cookie)
 {
 	struct tlshub_conn *c = bpf_map_lookup_elem(&conns, &cookie);
-	if (!c || c->gate != TLSHUB_GATE_CLOSED)
+	if (!c)
+		return 0;
+	/* Terminal: the connection could not be protected and could not be
+	 * reset either (its socket was out of the core's reach, or kTLS was
+	 * partly installed and the kernel refuses to disconnect a socket with
+	 * the tls ULP). Every call fails, no process is stopped, and nothing
+	 * moves until the app closes the socket. Exempt processes too: no
+	 * provider has business on such a socket. */
+	if (c->gate == TLSHUB_GATE_RESET)
+		return -ECONNRESET;
+	if (c->gate != TLSHUB_GATE_CLOSED)
 		return 0;
 	__u32 tgid = bpf_get_current_pid_tgid() >> 32;
 	if (bpf_map_lookup_elem(&exempt, &tgid))
@@ -454,6 +454,8 @@ static __always_inline int gate(__u64 cookie)
 
 static __always_inline int gate_socket(struct socket *sock)
 {
+	if (!sock)
+		return 0;
 	struct sock *sk = sock->sk;
 	if (!sk)
 		return 0;
@@ -480,8 +482,11 @@ int BPF_PROG(tlshub_gate_recvmsg, struct socket *sock, void *msg, int size, int 
 }
 
 /* read()/write() and friends, sendfile() and splice() on socket files.
- * file->private_data is untyped, so socket-local storage is out of reach
- * here; the socket's inode (recorded at connect/accept) finds the cookie. */
+ * bpf_sock_from_file() reaches the socket (and so its socket-local mark)
+ * from any socket file, in whichever process holds it, however it got
+ * there: connect()/accept() through io_uring or the 32-bit entry points,
+ * fd passing, fork. The mode check first keeps the cost for every other
+ * file at one load and compare. */
 SEC("lsm/file_permission")
 int BPF_PROG(tlshub_gate_file, struct file *file, int mask, int ret)
 {
@@ -492,9 +497,5 @@ int BPF_PROG(tlshub_gate_file, struct file *file, int mask, int ret)
 		return 0;
 	if (!(mask & (MAY_READ | MAY_WRITE)))
 		return 0;
-	__u64 ino = inode->i_ino;
-	__u64 *cookie = bpf_map_lookup_elem(&ino_cookies, &ino);
-	if (!cookie)
-		return 0;
-	return gate(*cookie);
+	return gate_socket(bpf_sock_from_file(file));
 }

@@ -18,6 +18,7 @@
 /* Gate states in struct tlshub_conn.gate. */
 #define TLSHUB_GATE_CLOSED 1 /* hold everyone but exempt processes */
 #define TLSHUB_GATE_OPEN 2   /* keys installed (or policy said let it pass) */
+#define TLSHUB_GATE_RESET 3  /* terminal: every call fails with ECONNRESET, nobody is held */
 
 /* What the gate does with a connection still waiting for keys when no core
  * is alive (struct tlshub_control.no_core). */
@@ -58,7 +59,6 @@ struct tlshub_event {
 
 /* Per selected connection, keyed by socket cookie. */
 struct tlshub_conn {
-	__u64 ino; /* socket inode, 0 until the owner is known */
 	__u32 gate;
 	__u32 role;
 	/* Copies of what the ring buffer reported, so a core that starts

@@ -29,8 +29,6 @@ pub mod names {
     ];
     /// Maps.
     pub const CONNS: &str = "conns";
-    /// Socket inode to cookie.
-    pub const INO_COOKIES: &str = "ino_cookies";
     /// Held processes.
     pub const HELD: &str = "held";
     /// Processes never held.
@@ -51,18 +49,8 @@ pub mod names {
     pub const SK_MARKS: &str = "sk_marks";
     /// Every map of the object (all are pinned, so a restarted core and the
     /// programs still attached share them).
-    pub const MAPS: [&str; 11] = [
-        CONNS,
-        INO_COOKIES,
-        HELD,
-        EXEMPT,
-        LOCAL_NETS,
-        PEER_NETS,
-        RULE_PORTS,
-        STATS,
-        EVENTS,
-        CONTROL,
-        SK_MARKS,
+    pub const MAPS: [&str; 10] = [
+        CONNS, HELD, EXEMPT, LOCAL_NETS, PEER_NETS, RULE_PORTS, STATS, EVENTS, CONTROL, SK_MARKS,
     ];
 }
 
@@ -92,6 +80,9 @@ pub mod gate {
     pub const CLOSED: u32 = 1;
     /// Let everyone through.
     pub const OPEN: u32 = 2;
+    /// Terminal: every call fails with `ECONNRESET` and nobody is held (a
+    /// connection that could be neither protected nor reset).
+    pub const RESET: u32 = 3;
 }
 
 /// Indexes into the `stats` array.
@@ -216,8 +207,6 @@ impl Event {
 #[repr(C)]
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Conn {
-    /// Socket inode (0 until the owner is known).
-    pub ino: u64,
     /// One of [`gate`].
     pub gate: u32,
     /// One of [`role`].

@@ -363,3 +363,116 @@ impl Conn {
         Ok(())
     }
 }
+
+/// How an application gets its connected socket.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Via {
+    /// connect(2) / accept(2).
+    Syscall,
+    /// `IORING_OP_CONNECT` / `IORING_OP_ACCEPT`: no connect/accept system
+    /// call at all, so no syscall hook sees the socket's owner.
+    IoUring,
+}
+
+/// Runs one io_uring operation to completion and returns its result.
+fn io_uring_one(entry: &io_uring::squeue::Entry) -> io::Result<i32> {
+    let mut ring = io_uring::IoUring::new(2)?;
+    // SAFETY: everything the entry points to (the socket fd, the address)
+    // is owned by the caller and outlives this call, which waits for the
+    // completion before returning.
+    unsafe { ring.submission().push(entry) }.map_err(io::Error::other)?;
+    ring.submit_and_wait(1)?;
+    let cqe = ring
+        .completion()
+        .next()
+        .ok_or_else(|| io::Error::other("io_uring: no completion"))?;
+    if cqe.result() < 0 {
+        return Err(io::Error::from_raw_os_error(-cqe.result()));
+    }
+    Ok(cqe.result())
+}
+
+/// connect() through io_uring (blocking socket; the completion arrives once
+/// the connection is established).
+pub fn connect_io_uring(target: std::net::SocketAddr) -> io::Result<std::net::TcpStream> {
+    let sock = socket2::Socket::new(
+        socket2::Domain::for_address(target),
+        socket2::Type::STREAM,
+        Some(socket2::Protocol::TCP),
+    )?;
+    let addr = socket2::SockAddr::from(target);
+    let op = io_uring::opcode::Connect::new(
+        io_uring::types::Fd(sock.as_raw_fd()),
+        addr.as_ptr().cast(),
+        addr.len(),
+    )
+    .build();
+    io_uring_one(&op)?;
+    Ok(sock.into())
+}
+
+/// accept() through io_uring.
+pub fn accept_io_uring(l: &std::net::TcpListener) -> io::Result<std::net::TcpStream> {
+    let op = io_uring::opcode::Accept::new(
+        io_uring::types::Fd(l.as_raw_fd()),
+        std::ptr::null_mut(),
+        std::ptr::null_mut(),
+    )
+    .flags(libc::SOCK_CLOEXEC)
+    .build();
+    let fd = io_uring_one(&op)?;
+    Ok(owned(fd)?.into())
+}
+
+/// Hands `sock` to a forked child that runs `body` on it, while the parent
+/// closes its own copy at once (the inetd/sshd pattern: the process that
+/// connected or accepted is not the one that moves the bytes). The child's
+/// result comes back over a pipe as (bytes sent, bytes received) or the
+/// error text. Call only while the process has one thread.
+pub fn in_forked_child(
+    sock: std::net::TcpStream,
+    body: impl FnOnce(std::net::TcpStream) -> io::Result<(u64, u64)>,
+) -> io::Result<(u64, u64)> {
+    use std::io::{Read, Write};
+    let (mut rx, mut tx) = std::os::unix::net::UnixStream::pair()?;
+    // SAFETY: the caller guarantees a single-threaded process, so the child
+    // starts with consistent locks; it leaves through _exit only.
+    let pid = unsafe { libc::fork() };
+    if pid < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    if pid == 0 {
+        drop(rx);
+        let line = match body(sock) {
+            Ok((sent, received)) => format!("ok {sent} {received}"),
+            Err(e) => format!("err {} {e}", e.raw_os_error().unwrap_or(0)),
+        };
+        let _ = tx.write_all(line.as_bytes());
+        drop(tx);
+        // SAFETY: _exit ends the child without running the parent's atexit
+        // handlers or destructors twice.
+        unsafe { libc::_exit(0) };
+    }
+    drop(sock);
+    drop(tx);
+    let mut line = String::new();
+    rx.read_to_string(&mut line)?;
+    let mut status = 0;
+    // SAFETY: waits for the child forked above; status is a live local.
+    unsafe { libc::waitpid(pid, &mut status, 0) };
+    let mut words = line.split_whitespace();
+    match (words.next(), words.next(), words.next()) {
+        (Some("ok"), Some(s), Some(r)) => Ok((s.parse().unwrap_or(0), r.parse().unwrap_or(0))),
+        (Some("err"), Some(errno), _) => {
+            let text = words.collect::<Vec<_>>().join(" ");
+            match errno.parse::<i32>() {
+                Ok(n) if n != 0 => Err(io::Error::from_raw_os_error(n)),
+                _ => Err(io::Error::other(text)),
+            }
+        }
+        _ => Err(io::Error::other(format!(
+            "forked child reported {line:?} (status {status})"
+        ))),
+    }
+}

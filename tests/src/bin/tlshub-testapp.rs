@@ -8,7 +8,7 @@ use std::time::Instant;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use serde::Serialize;
-use tlshub_vm_tests::app_io::{self, Conn, IoMode, RecvMethod, SendMethod};
+use tlshub_vm_tests::app_io::{self, Conn, IoMode, RecvMethod, SendMethod, Via};
 use tlshub_vm_tests::pattern;
 
 #[derive(Debug, Parser)]
@@ -52,6 +52,13 @@ struct Common {
     /// its own buffer does.
     #[arg(long)]
     sndbuf: Option<usize>,
+    /// How the connected socket is obtained (connect/accept or io_uring).
+    #[arg(long, value_enum, default_value = "syscall")]
+    via: Via,
+    /// Hand each connection to a forked child that moves the bytes, while
+    /// the process that connected or accepted closes its copy at once.
+    #[arg(long)]
+    fork: bool,
 }
 
 #[derive(Debug, Subcommand)]
@@ -137,6 +144,33 @@ fn recv_pattern(c: &mut Conn, common: &Common, seed: u64, r: &mut Report) -> std
     Ok(())
 }
 
+/// Runs `exchange` on `stream` here, or in a forked child (`--fork`),
+/// adding its byte counts to `r`.
+fn exchange_maybe_forked(
+    stream: TcpStream,
+    common: &Common,
+    r: &mut Report,
+    exchange: fn(TcpStream, &Common, &mut Report) -> std::io::Result<()>,
+) -> std::io::Result<()> {
+    if !common.fork {
+        return exchange(stream, common, r);
+    }
+    let (sent, received) = app_io::in_forked_child(stream, |s| {
+        let mut one = Report::default();
+        exchange(s, common, &mut one).map(|()| (one.bytes_sent, one.bytes_received))
+    })?;
+    r.bytes_sent += sent;
+    r.bytes_received += received;
+    Ok(())
+}
+
+fn accept(l: &TcpListener, via: Via) -> std::io::Result<TcpStream> {
+    match via {
+        Via::Syscall => l.accept().map(|(s, _)| s),
+        Via::IoUring => app_io::accept_io_uring(l),
+    }
+}
+
 fn serve_one(stream: TcpStream, common: &Common, r: &mut Report) -> std::io::Result<()> {
     let mut c = Conn::new(stream, common.io)?;
     let result = serve_exchange(&mut c, common, r);
@@ -191,26 +225,29 @@ fn serve_exchange(c: &mut Conn, common: &Common, r: &mut Report) -> std::io::Res
 
 fn client_one(target: SocketAddr, common: &Common, r: &mut Report) -> std::io::Result<()> {
     let started = Instant::now();
-    let stream = match common.sndbuf {
-        Some(bytes) => app_io::connect_with_send_buffer(target, bytes)?,
-        None => TcpStream::connect(target)?,
+    let stream = match (common.sndbuf, common.via) {
+        (Some(bytes), _) => app_io::connect_with_send_buffer(target, bytes)?,
+        (None, Via::Syscall) => TcpStream::connect(target)?,
+        (None, Via::IoUring) => app_io::connect_io_uring(target)?,
     };
     if common.mode == Mode::CloseEarly {
         drop(stream);
         return Ok(());
     }
-    let mut c = Conn::new(stream, common.io)?;
-    let result = client_exchange(&mut c, common, r, started);
-    r.send_buffer = send_buffer(&c);
-    result
+    exchange_maybe_forked(stream, common, r, |stream, common, r| {
+        let mut c = Conn::new(stream, common.io)?;
+        let result = client_exchange(&mut c, common, r);
+        r.send_buffer = send_buffer(&c);
+        result
+    })?;
+    if common.mode == Mode::Echo {
+        // Connect start to the echoed byte (the exchange ends with it).
+        r.latency_us.push(started.elapsed().as_micros() as u64);
+    }
+    Ok(())
 }
 
-fn client_exchange(
-    c: &mut Conn,
-    common: &Common,
-    r: &mut Report,
-    started: Instant,
-) -> std::io::Result<()> {
+fn client_exchange(c: &mut Conn, common: &Common, r: &mut Report) -> std::io::Result<()> {
     match common.mode {
         Mode::ClientFirst => {
             send_pattern(c, common, CLIENT_SEED, r)?;
@@ -224,7 +261,6 @@ fn client_exchange(
             c.send_all(common.send, b"e")?;
             let mut b = [0u8; 1];
             c.recv_exact(common.recv, &mut b)?;
-            r.latency_us.push(started.elapsed().as_micros() as u64);
             r.bytes_sent += 1;
             r.bytes_received += 1;
         }
@@ -258,7 +294,7 @@ fn run(args: Args, r: &mut Report) -> std::io::Result<()> {
                 std::thread::scope(|scope| {
                     let mut threads = Vec::new();
                     for _ in 0..common.connections {
-                        let (s, _) = l.accept()?;
+                        let s = accept(&l, common.via)?;
                         let common = &common;
                         threads.push(scope.spawn(move || {
                             let mut one = Report::default();
@@ -277,8 +313,8 @@ fn run(args: Args, r: &mut Report) -> std::io::Result<()> {
                 })?;
             } else {
                 for _ in 0..common.connections {
-                    let (s, _) = l.accept()?;
-                    serve_one(s, &common, r)?;
+                    let s = accept(&l, common.via)?;
+                    exchange_maybe_forked(s, &common, r, serve_one)?;
                     r.connections += 1;
                 }
             }

@@ -65,6 +65,10 @@ pub const TESTS: &[Scenario] = &[
     ),
     ("core_gone_release", super::service::core_gone_release),
     ("malformed_config_is_refused", malformed_config),
+    (
+        "gate_owner_from_hold_io_uring_and_fork",
+        super::gate_edges::owner_from_hold,
+    ),
 ];
 
 /// Options of one application pair.
@@ -86,6 +90,11 @@ pub struct App {
     pub port: u16,
     /// Server address (pod B, IPv4 or IPv6).
     pub server: &'static str,
+    /// --via: how both ends get their socket (syscall or io-uring).
+    pub via: &'static str,
+    /// --fork: both ends hand each connection to a forked child and close
+    /// their own copy.
+    pub fork: bool,
 }
 
 impl App {
@@ -100,6 +109,8 @@ impl App {
             connections: 1,
             port,
             server: POD_B,
+            via: "syscall",
+            fork: false,
         }
     }
 
@@ -119,7 +130,7 @@ impl App {
     }
 
     fn args(&self) -> Vec<String> {
-        vec![
+        let mut args = vec![
             "--mode".into(),
             self.mode.into(),
             "--size".into(),
@@ -132,7 +143,13 @@ impl App {
             self.io.into(),
             "--connections".into(),
             self.connections.to_string(),
-        ]
+            "--via".into(),
+            self.via.into(),
+        ];
+        if self.fork {
+            args.push("--fork".into());
+        }
+        args
     }
 }
 
@@ -457,21 +474,30 @@ pub fn check_wire_with_keys(
 /// Runs `apps` one after another under a capture of the wire, each exact
 /// both ways, then checks the wire: every flow of a protected app is TLS
 /// only and decrypts to the apps' bytes (two flows per protected app).
-fn captured_exchanges(name: &str, a: &Node, b: &Node, apps: &[App]) -> Result<WireReport, String> {
+pub(super) fn captured_exchanges(
+    name: &str,
+    a: &Node,
+    b: &Node,
+    apps: &[App],
+) -> Result<WireReport, String> {
     let cap = Capture::start(name)?;
     for app in apps {
         let (s, c) = run_pair(app, &[], Duration::from_secs(60))?;
         both_ok(app, &s, &c)?;
     }
     let report = check_wire(&cap.finish()?, a, b)?;
-    let protected = apps.iter().filter(|app| app.port == PROTECTED_PORT).count();
+    let protected: usize = apps
+        .iter()
+        .filter(|app| app.port == PROTECTED_PORT)
+        .map(|app| app.connections as usize)
+        .sum();
     if report.protected_flows != 2 * protected || report.decrypted != 2 * protected {
         return Err(format!("{protected} protected connections but {report:?}"));
     }
     Ok(report)
 }
 
-fn nodes(a: NodeSpec, b: NodeSpec) -> Result<(Node, Node), String> {
+pub(super) fn nodes(a: NodeSpec, b: NodeSpec) -> Result<(Node, Node), String> {
     Ok((Node::start(a)?, Node::start(b)?))
 }
 
@@ -581,13 +607,10 @@ fn large_transfers() -> Result<String, String> {
     ] {
         let app = App {
             mode,
-            size: 64 << 20,
             send,
             recv,
             io,
-            connections: 1,
-            port: PROTECTED_PORT,
-            server: POD_B,
+            ..App::exchange(64 << 20, PROTECTED_PORT)
         };
         let t = Instant::now();
         let (s, c) = run_pair(&app, &[], Duration::from_secs(300))?;
@@ -1100,7 +1123,7 @@ fn churn_and_fd_reuse() -> Result<String, String> {
             let s = n.stats().unwrap_or(Value::Null);
             s["pending"].as_u64() == Some(0)
                 && s["held_tracked"].as_u64() == Some(0)
-                && s["bpf_maps"] == serde_json::json!([0, 0, 0])
+                && s["bpf_maps"] == serde_json::json!([0, 0])
         };
         if idle(&a) && idle(&b) {
             break;
