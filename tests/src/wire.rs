@@ -352,9 +352,44 @@ pub fn decrypt_application_data(
     Ok(out)
 }
 
+/// What tcpdump said at its end about packets it did not write: the
+/// packets dropped by the kernel plus those dropped by the interface.
+/// A log without the kernel line is an error too (tcpdump did not finish
+/// cleanly, so its last packets may be missing). Each count is read as a
+/// whole number at the start of its own line, so "10 packets dropped"
+/// is never taken for "0 packets dropped".
+pub fn capture_drops(tcpdump_log: &str) -> Result<u64, WireError> {
+    let count = |suffix: &str| {
+        tcpdump_log.lines().find_map(|l| {
+            let l = l.trim();
+            let n = l.strip_suffix(suffix)?.trim();
+            n.parse::<u64>().ok()
+        })
+    };
+    let kernel = count("packets dropped by kernel")
+        .ok_or_else(|| WireError(format!("tcpdump printed no drop count: {tcpdump_log:?}")))?;
+    // Only printed by tcpdump builds and interfaces that report it.
+    let interface = count("packets dropped by interface").unwrap_or(0);
+    Ok(kernel + interface)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn capture_drops_reads_whole_counts() {
+        let clean = "listening on veth-ab\n12 packets captured\n12 packets received by filter\n0 packets dropped by kernel\n";
+        assert_eq!(capture_drops(clean).unwrap(), 0);
+        // The check this replaces passed this log: it contains the text
+        // "0 packets dropped by kernel".
+        let ten =
+            "12 packets captured\n22 packets received by filter\n10 packets dropped by kernel\n";
+        assert_eq!(capture_drops(ten).unwrap(), 10);
+        let iface = "0 packets dropped by kernel\n3 packets dropped by interface\n";
+        assert_eq!(capture_drops(iface).unwrap(), 3);
+        assert!(capture_drops("tcpdump: killed\n").is_err());
+    }
 
     #[test]
     fn non_tls_is_refused() {

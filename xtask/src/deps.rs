@@ -34,6 +34,8 @@ const PACKAGES: &[&str] = &[
     "debootstrap",
     "e2fsprogs",
     "systemd",
+    // The 6.12 kernel's modules are xz-compressed.
+    "xz-utils",
 ];
 
 fn installed(pkg: &str) -> bool {
@@ -88,19 +90,65 @@ pub struct Kernel {
     pub version: String,
 }
 
-/// Fetches (once) the Debian cloud kernel and unpacks it under target/vm-cache.
-pub fn kernel() -> Result<Kernel> {
+/// A Debian cloud kernel line the VM scenarios run on: its name (`cargo
+/// xtask test --kernel NAME`), the metapackage that names its current
+/// build, and the prefix of that build's package name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KernelLine {
+    /// "6.1" or "6.12".
+    pub name: &'static str,
+    meta: &'static str,
+    prefix: &'static str,
+}
+
+/// Every kernel line tested: bookworm's own 6.1, and the 6.12 that
+/// bookworm-security packages (the kernel of trixie-based nodes).
+pub const KERNEL_LINES: &[KernelLine] = &[
+    KernelLine {
+        name: "6.1",
+        meta: "linux-image-cloud-amd64",
+        prefix: "linux-image-6.1.",
+    },
+    KernelLine {
+        name: "6.12",
+        meta: "linux-image-6.12-cloud-amd64",
+        prefix: "linux-image-6.12.",
+    },
+];
+
+/// The kernel lines named by `--kernel` (`all`, or a comma-separated list).
+pub fn kernel_lines(spec: &str) -> Result<Vec<KernelLine>> {
+    if spec == "all" {
+        return Ok(KERNEL_LINES.to_vec());
+    }
+    spec.split(',')
+        .map(|name| {
+            KERNEL_LINES
+                .iter()
+                .find(|l| l.name == name.trim())
+                .copied()
+                .with_context(|| {
+                    let known: Vec<&str> = KERNEL_LINES.iter().map(|l| l.name).collect();
+                    format!("unknown kernel {name:?}; known: all, {}", known.join(", "))
+                })
+        })
+        .collect()
+}
+
+/// Fetches (once) the Debian cloud kernel of `line` and unpacks it under
+/// target/vm-cache.
+pub fn kernel(line: KernelLine) -> Result<Kernel> {
     let cache = crate::root().join("target/vm-cache");
     std::fs::create_dir_all(&cache)?;
     let out = Command::new("apt-cache")
-        .args(["depends", "linux-image-cloud-amd64"])
+        .args(["depends", line.meta])
         .output()
         .context("apt-cache")?;
     let text = String::from_utf8_lossy(&out.stdout);
     let pkg = text
         .lines()
         .filter_map(|l| l.trim().strip_prefix("Depends: "))
-        .find(|p| p.starts_with("linux-image-") && p.ends_with("-cloud-amd64"))
+        .find(|p| p.starts_with(line.prefix) && p.ends_with("-cloud-amd64"))
         .map(str::to_owned);
     // Reuse an unpacked kernel when the package index is unavailable.
     let pkg = match pkg {
@@ -109,8 +157,8 @@ pub fn kernel() -> Result<Kernel> {
             let found = std::fs::read_dir(&cache)?
                 .flatten()
                 .map(|e| e.file_name().to_string_lossy().into_owned())
-                .find(|n| n.starts_with("linux-image-") && !n.ends_with(".deb"));
-            found.context("cannot resolve linux-image-cloud-amd64 (run apt-get update)")?
+                .find(|n| n.starts_with(line.prefix) && !n.ends_with(".deb"));
+            found.with_context(|| format!("cannot resolve {} (run apt-get update)", line.meta))?
         }
     };
     let dir = cache.join(&pkg);

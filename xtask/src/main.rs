@@ -22,7 +22,7 @@ struct Args {
 
 #[derive(Debug, Subcommand)]
 enum Cmd {
-    /// Install the Debian packages and fetch the VM kernel (idempotent).
+    /// Install the Debian packages and fetch the VM kernels (idempotent).
     Deps,
     /// The main job: boot the VM, start two nodes, run a protected
     /// client/server exchange and narrate what happened.
@@ -37,6 +37,10 @@ enum Cmd {
         /// alternatives; `systemd` selects the systemd VM).
         #[arg(long)]
         filter: Option<String>,
+        /// The kernels the VM scenarios run on: all, or a comma-separated
+        /// list of 6.1, 6.12 (the systemd VM always runs bookworm's 6.1).
+        #[arg(long, default_value = "all")]
+        kernel: String,
     },
     /// Build the install directory and tarball under target/dist
     /// (binaries, systemd units, example configs, install.sh).
@@ -65,6 +69,10 @@ enum Cmd {
         /// hunting rare failures; every run must pass).
         #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=1000))]
         repeat: u32,
+        /// The kernels: all, or a comma-separated list of 6.1, 6.12 (test
+        /// mode; the other modes take the first one named).
+        #[arg(long, default_value = "6.1")]
+        kernel: String,
     },
 }
 
@@ -127,14 +135,22 @@ fn main() -> Result<()> {
     match args.cmd {
         Cmd::Deps => {
             deps::install()?;
-            deps::kernel()?;
+            for line in deps::KERNEL_LINES {
+                deps::kernel(*line)?;
+            }
         }
         Cmd::Demo => {
             deps::install()?;
-            vm::run_mode("demo", None, 1, &vm::build_binaries()?)?;
+            let bins = vm::build_binaries()?;
+            vm::run_mode("demo", deps::KERNEL_LINES[0], None, 1, &bins)?;
         }
-        Cmd::Test { host_only, filter } => {
+        Cmd::Test {
+            host_only,
+            filter,
+            kernel,
+        } => {
             deps::install()?;
+            let kernels = deps::kernel_lines(&kernel)?;
             host_checks()?;
             if host_only {
                 dist::verify_units(&dist::assemble(&dist::build_product()?)?)?;
@@ -142,7 +158,9 @@ fn main() -> Result<()> {
                 let bins = vm::build_binaries()?;
                 dist::verify_units(&dist::assemble(&bins)?)?;
                 if wants_plain(filter.as_deref()) {
-                    vm::run_mode("test", filter.as_deref(), 1, &bins)?;
+                    for line in kernels {
+                        vm::run_mode("test", line, filter.as_deref(), 1, &bins)?;
+                    }
                 }
                 if wants_systemd(filter.as_deref()) {
                     systemd_vm::run_systemd(&bins)?;
@@ -159,19 +177,26 @@ fn main() -> Result<()> {
         }
         Cmd::Bench => {
             deps::install()?;
-            vm::run_mode("bench", None, 1, &vm::build_binaries()?)?;
+            let bins = vm::build_binaries()?;
+            vm::run_mode("bench", deps::KERNEL_LINES[0], None, 1, &bins)?;
         }
         Cmd::Vm {
             mode,
             filter,
             repeat,
+            kernel,
         } => {
             deps::install()?;
+            let kernels = deps::kernel_lines(&kernel)?;
             let bins = vm::build_binaries()?;
             if mode == "systemd" {
                 systemd_vm::run_systemd(&bins)?;
+            } else if mode == "test" {
+                for line in kernels {
+                    vm::run_mode(&mode, line, filter.as_deref(), repeat, &bins)?;
+                }
             } else {
-                vm::run_mode(&mode, filter.as_deref(), repeat, &bins)?;
+                vm::run_mode(&mode, kernels[0], filter.as_deref(), repeat, &bins)?;
             }
         }
     }

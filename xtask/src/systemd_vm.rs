@@ -190,7 +190,8 @@ pub fn run_systemd(bins: &Path) -> Result<()> {
     if !Path::new("/usr/sbin/debootstrap").exists() {
         bail!("debootstrap missing (cargo xtask deps installs it)");
     }
-    let kernel = deps::kernel()?;
+    // bookworm's own kernel, the one a debootstrapped bookworm runs.
+    let kernel = deps::kernel(deps::KERNEL_LINES[0])?;
     let work = root().join("target/vm");
     std::fs::create_dir_all(&work)?;
     let dist = crate::dist::assemble(bins)?;

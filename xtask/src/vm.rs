@@ -311,13 +311,23 @@ pub fn copy_modules(kernel: &Kernel, rootfs: &Path, trees: &[&str]) -> Result<()
         std::fs::copy(kernel.modules.join(f), moddst.join(f))?;
     }
     for t in trees {
-        let dst = moddst.join(t);
+        // A single module is named by its .ko; 6.12 ships it as .ko.xz.
+        let t = match kernel.modules.join(t).exists() {
+            true => t.to_string(),
+            false => format!("{t}.xz"),
+        };
+        let dst = moddst.join(&t);
         std::fs::create_dir_all(dst.parent().context("module parent")?)?;
         run(Command::new("cp")
             .arg("-a")
-            .arg(kernel.modules.join(t))
+            .arg(kernel.modules.join(&t))
             .arg(&dst))?;
     }
+    // Kernels from 6.12 on ship their modules xz-compressed; decompressed
+    // here, they load with busybox's modprobe like 6.1's.
+    run(Command::new("find")
+        .arg(&moddst)
+        .args(["-name", "*.ko.xz", "-exec", "unxz", "-f", "{}", "+"]))?;
     run(Command::new("depmod")
         .arg("-b")
         .arg(rootfs)
@@ -335,8 +345,14 @@ pub fn pack_initramfs(dir: &Path, out: &Path) -> Result<()> {
 
 /// Builds everything and boots the VM in `mode`, running each selected
 /// scenario `repeat` times; fails unless every planned run reported PASS.
-pub fn run_mode(mode: &str, filter: Option<&str>, repeat: u32, bins: &Path) -> Result<()> {
-    let kernel = deps::kernel()?;
+pub fn run_mode(
+    mode: &str,
+    kernel: deps::KernelLine,
+    filter: Option<&str>,
+    repeat: u32,
+    bins: &Path,
+) -> Result<()> {
+    let kernel = deps::kernel(kernel)?;
     let work = root().join("target/vm");
     std::fs::create_dir_all(&work)?;
     println!("== building initramfs");
