@@ -121,6 +121,9 @@ pub struct Stats {
     /// Gate calls failed (or passed) because no core was alive (counted by
     /// BPF, also while this core was not running).
     pub no_core_refusals: u64,
+    /// TCP Fast Open sends to selected destinations refused with
+    /// `EOPNOTSUPP` (counted by BPF).
+    pub fastopen_refused: u64,
     /// Entries in the pending table now.
     pub pending: usize,
     /// Held processes the core is tracking now.
@@ -1093,7 +1096,7 @@ impl Agent {
         if drops > self.stats.ringbuf_drops {
             error!(
                 lost = drops - self.stats.ringbuf_drops,
-                "BPF ring buffer overflowed: events were lost; their connections stay gated (no plaintext) until they close"
+                "BPF ring buffer overflowed: events were lost; their connections stay gated (no plaintext) until the gate holds their app, which names it for keying"
             );
         }
         self.metrics
@@ -1105,6 +1108,14 @@ impl Agent {
             .no_core
             .inc_by(no_core.saturating_sub(self.stats.no_core_refusals));
         self.stats.no_core_refusals = no_core;
+        let fastopen = self.programs.stat(tlshub_ebpf::stat::FASTOPEN_REFUSED);
+        if fastopen != self.stats.fastopen_refused {
+            self.metrics
+                .fastopen_refused
+                .inc_by(fastopen.saturating_sub(self.stats.fastopen_refused));
+            self.stats.fastopen_refused = fastopen;
+            self.activity += 1;
+        }
         self.metrics.pending.set(self.pending.len() as i64);
         let Some(path) = &self.stats_file else { return };
         // Rewrite only after events or outcomes: counting map entries walks

@@ -95,6 +95,8 @@ pub struct Metrics {
     /// Gate calls failed (fail-closed) or passed (fail-open) because no
     /// core was alive.
     pub no_core: Counter,
+    /// TCP Fast Open sends to selected destinations the gate refused.
+    pub fastopen_refused: Counter,
     /// `/proc/net/tls_stat` summed over the network namespaces of the
     /// connections this core protects.
     pub ktls: Family<TlsStatLabel, Gauge>,
@@ -127,6 +129,7 @@ impl Metrics {
             pending: Gauge::default(),
             ringbuf_drops: Counter::default(),
             no_core: Counter::default(),
+            fastopen_refused: Counter::default(),
             ktls: Family::default(),
             registry: Registry::default(),
         };
@@ -202,13 +205,18 @@ impl Metrics {
         );
         registry.register(
             "bpf_ringbuf_drops",
-            "Events the BPF ring buffer dropped (their connections stay gated)",
+            "Events the BPF ring buffer dropped (their connections stay gated until the gate holds their app)",
             m.ringbuf_drops.clone(),
         );
         registry.register(
             "gate_no_core",
             "Calls on connections waiting for keys that the gate failed (fail-closed) or passed (fail-open) because no core was alive",
             m.no_core.clone(),
+        );
+        registry.register(
+            "gate_fastopen_refused",
+            "TCP Fast Open sends to selected destinations that the gate refused with EOPNOTSUPP (the app falls back to connect)",
+            m.fastopen_refused.clone(),
         );
         registry.register(
             "ktls_sockets",

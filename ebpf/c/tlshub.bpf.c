@@ -35,6 +35,11 @@ char LICENSE[] SEC("license") = "GPL";
 #define S_IFSOCK 0140000
 #define MAY_WRITE 0x2
 #define MAY_READ 0x4
+#define EOPNOTSUPP 95
+#define IPPROTO_TCP 6
+#define MSG_FASTOPEN 0x20000000
+#define TCP_SYN_SENT 2
+#define TCP_CLOSE 7
 
 #define __pai __attribute__((preserve_access_index))
 
@@ -51,13 +56,45 @@ struct file {
 	void *private_data;
 } __pai;
 
+struct in6_addr {
+	__u8 s6_addr[16];
+} __pai;
+
 struct sock_common {
+	__be32 skc_daddr;
+	__be32 skc_rcv_saddr;
+	__be16 skc_dport;
+	__u16 skc_num;
+	unsigned short skc_family;
+	volatile unsigned char skc_state;
+	struct in6_addr skc_v6_daddr;
+	struct in6_addr skc_v6_rcv_saddr;
 	tlshub_atomic64_t skc_cookie;
 } __pai;
 
 struct sock {
 	struct sock_common __sk_common;
+	__u16 sk_protocol;
 } __pai;
+
+struct msghdr {
+	void *msg_name;
+	int msg_namelen;
+	unsigned int msg_flags;
+} __pai;
+
+struct sockaddr_in {
+	unsigned short sin_family;
+	__be16 sin_port;
+	__be32 sin_addr;
+} __attribute__((packed));
+
+struct sockaddr_in6 {
+	unsigned short sin6_family;
+	__be16 sin6_port;
+	__be32 sin6_flowinfo;
+	__u8 sin6_addr[16];
+} __attribute__((packed));
 
 struct socket {
 	struct sock *sk;
@@ -197,8 +234,19 @@ static __always_inline void fill_tuple(struct bpf_sock_ops *skops, struct tlshub
 	}
 }
 
+static __always_inline int addr_unspecified(const __u8 *a)
+{
+	__u64 hi, lo;
+	__builtin_memcpy(&hi, a, 8);
+	__builtin_memcpy(&lo, a + 8, 8);
+	/* :: and ::ffff:0.0.0.0 */
+	return hi == 0 && (lo == 0 || lo == bpf_htonl(0xffff) + 0ULL);
+}
+
 /* The policy: the local address is one of this node's pods, the peer is in
- * a selected CIDR, and the server port is one that rule selects (or any). */
+ * a selected CIDR, and the server port is one that rule selects (or any).
+ * An unspecified local address (a socket not bound yet, see fastopen())
+ * counts as one of this node's pods: the safe answer. */
 static __always_inline int selected(struct tlshub_event *ev, __u32 role)
 {
 	struct tlshub_lpm_key key = { .prefixlen = 128 };
@@ -206,7 +254,7 @@ static __always_inline int selected(struct tlshub_event *ev, __u32 role)
 	if (ev->family != AF_INET && ev->family != AF_INET6)
 		return 0;
 	__builtin_memcpy(key.addr, ev->local_addr, 16);
-	if (!bpf_map_lookup_elem(&local_nets, &key))
+	if (!addr_unspecified(ev->local_addr) && !bpf_map_lookup_elem(&local_nets, &key))
 		return 0;
 	__builtin_memcpy(key.addr, ev->remote_addr, 16);
 	__u32 *rule = bpf_map_lookup_elem(&peer_nets, &key);
@@ -465,12 +513,89 @@ static __always_inline int gate_socket(struct socket *sock)
 	return gate(mark->cookie);
 }
 
+/* TCP Fast Open would put data on the wire before the gate can hold it:
+ * sendto(MSG_FASTOPEN) on an unconnected socket queues its data in the
+ * same call that connects (in the SYN with a cached cookie, right after
+ * the handshake without one), and a socket whose connect() was deferred by
+ * TCP_FASTOPEN_CONNECT (a cookie was cached) sends its first write in the
+ * SYN. Both pass this hook before TCP_CONNECT_CB can select and mark the
+ * socket. So an unmarked socket's send that is about to connect, to a
+ * destination the policy selects, is refused with EOPNOTSUPP: what the
+ * kernel answers when client Fast Open is off, so an app that uses Fast
+ * Open falls back to connect() and send(), which the gate covers.
+ *
+ * Which sends are about to connect: MSG_FASTOPEN on a socket in TCP_CLOSE
+ * (the destination is the message's address; the local one is unknown
+ * unless the socket was bound, and counts as selected), and any send on a
+ * socket in SYN_SENT that is not marked (a connect() that was not deferred
+ * passed TCP_CONNECT_CB, which marks a selected socket; an unmarked one in
+ * SYN_SENT to a selected destination is a deferred Fast Open connect). */
+static __always_inline int fastopen_refused(struct sock *sk, struct msghdr *msg)
+{
+	struct tlshub_event ev = {};
+
+	if (!sk)
+		return 0;
+	unsigned char state = sk->__sk_common.skc_state;
+	unsigned short family = sk->__sk_common.skc_family;
+
+	if (sk->sk_protocol != IPPROTO_TCP || (family != AF_INET && family != AF_INET6))
+		return 0;
+	if (state == TCP_CLOSE && (msg->msg_flags & MSG_FASTOPEN)) {
+		void *name = msg->msg_name;
+		unsigned short dfam = 0;
+		if (!name || bpf_probe_read_kernel(&dfam, sizeof(dfam), name))
+			return 0;
+		if (dfam == AF_INET) {
+			struct sockaddr_in sin;
+			if (bpf_probe_read_kernel(&sin, sizeof(sin), name))
+				return 0;
+			v4_mapped(ev.remote_addr, sin.sin_addr);
+			ev.remote_port = bpf_ntohs(sin.sin_port);
+		} else if (dfam == AF_INET6) {
+			struct sockaddr_in6 sin6;
+			if (bpf_probe_read_kernel(&sin6, sizeof(sin6), name))
+				return 0;
+			__builtin_memcpy(ev.remote_addr, sin6.sin6_addr, 16);
+			ev.remote_port = bpf_ntohs(sin6.sin6_port);
+		} else {
+			return 0;
+		}
+		if (family == AF_INET)
+			v4_mapped(ev.local_addr, sk->__sk_common.skc_rcv_saddr);
+		else
+			bpf_probe_read_kernel(ev.local_addr, 16, &sk->__sk_common.skc_v6_rcv_saddr);
+	} else if (state == TCP_SYN_SENT) {
+		if (family == AF_INET) {
+			v4_mapped(ev.local_addr, sk->__sk_common.skc_rcv_saddr);
+			v4_mapped(ev.remote_addr, sk->__sk_common.skc_daddr);
+		} else {
+			bpf_probe_read_kernel(ev.local_addr, 16, &sk->__sk_common.skc_v6_rcv_saddr);
+			bpf_probe_read_kernel(ev.remote_addr, 16, &sk->__sk_common.skc_v6_daddr);
+		}
+		ev.remote_port = bpf_ntohs(sk->__sk_common.skc_dport);
+	} else {
+		return 0;
+	}
+	ev.family = AF_INET6; /* addresses are v4-mapped or v6 from here on */
+	if (!selected(&ev, TLSHUB_ROLE_CLIENT))
+		return 0;
+	stat_inc(TLSHUB_STAT_FASTOPEN_REFUSED);
+	return -EOPNOTSUPP;
+}
+
 SEC("lsm/socket_sendmsg")
-int BPF_PROG(tlshub_gate_sendmsg, struct socket *sock, void *msg, int size, int ret)
+int BPF_PROG(tlshub_gate_sendmsg, struct socket *sock, struct msghdr *msg, int size, int ret)
 {
 	if (ret)
 		return ret;
-	return gate_socket(sock);
+	struct sock *sk = sock->sk;
+	if (!sk)
+		return 0;
+	struct tlshub_sk_mark *mark = bpf_sk_storage_get(&sk_marks, sk, 0, 0);
+	if (mark)
+		return gate(mark->cookie);
+	return fastopen_refused(sk, msg);
 }
 
 SEC("lsm/socket_recvmsg")

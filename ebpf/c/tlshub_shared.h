@@ -38,7 +38,8 @@ struct tlshub_control {
 #define TLSHUB_STAT_RINGBUF_DROPS 0
 #define TLSHUB_STAT_GATE_STOPS 1
 #define TLSHUB_STAT_NO_CORE_REFUSALS 2
-#define TLSHUB_STAT_MAX 3
+#define TLSHUB_STAT_FASTOPEN_REFUSED 3 /* TCP Fast Open sends refused (EOPNOTSUPP) */
+#define TLSHUB_STAT_MAX 4
 
 struct tlshub_event {
 	__u32 kind;

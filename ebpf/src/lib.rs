@@ -93,6 +93,8 @@ pub mod stat {
     pub const GATE_STOPS: u32 = 1;
     /// Calls the gate failed (or passed, fail-open) because no core was alive.
     pub const NO_CORE_REFUSALS: u32 = 2;
+    /// TCP Fast Open sends to selected destinations refused (`EOPNOTSUPP`).
+    pub const FASTOPEN_REFUSED: u32 = 3;
 }
 
 /// `TLSHUB_NO_CORE_*`: what the gate does while no core is alive.

@@ -113,6 +113,11 @@ pub fn read_pcap(data: &[u8]) -> Result<Vec<Flow>, WireError> {
         });
         if syn {
             entry.isn = Some(seq);
+            // TCP Fast Open: data in the SYN starts one past the ISN. Left
+            // out, a SYN carrying plaintext would never be checked.
+            if !payload.is_empty() {
+                entry.segs.push((seq.wrapping_add(1), payload.to_vec()));
+            }
         } else if !payload.is_empty() {
             entry.segs.push((seq, payload.to_vec()));
         }
@@ -499,5 +504,14 @@ mod tests {
         let flows = read_pcap(&data).unwrap();
         let bytes: Vec<&[u8]> = flows.iter().map(|f| f.bytes.as_slice()).collect();
         assert_eq!(bytes, [b"first".as_slice(), b"second".as_slice()]);
+    }
+
+    #[test]
+    fn data_in_a_syn_is_part_of_the_flow() {
+        // A Fast Open SYN carries the first bytes; the rest follows.
+        let data = pcap(&[frame(500, true, b"TFO "), frame(505, false, b"rest")]);
+        let flows = read_pcap(&data).unwrap();
+        assert_eq!(flows.len(), 1);
+        assert_eq!(flows[0].bytes, b"TFO rest");
     }
 }

@@ -8,7 +8,7 @@ use std::time::Instant;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use serde::Serialize;
-use tlshub_vm_tests::app_io::{self, Conn, IoMode, RecvMethod, SendMethod, Via};
+use tlshub_vm_tests::app_io::{self, Conn, FastOpen, IoMode, RecvMethod, SendMethod, Via};
 use tlshub_vm_tests::pattern;
 
 #[derive(Debug, Parser)]
@@ -59,6 +59,10 @@ struct Common {
     /// the process that connected or accepted closes its copy at once.
     #[arg(long)]
     fork: bool,
+    /// Client: send the first bytes with TCP Fast Open (client-first mode);
+    /// a send refused with EOPNOTSUPP falls back to connect() and send().
+    #[arg(long, value_enum, default_value = "off")]
+    fastopen: FastOpen,
 }
 
 #[derive(Debug, Subcommand)]
@@ -106,6 +110,10 @@ struct Report {
     bytes_per_sec: Option<f64>,
     /// fd numbers reused (fd-reuse scenario).
     reused_fds: u32,
+    /// What became of Fast Open's first bytes: "sent" with the connecting
+    /// call, or "refused" (EOPNOTSUPP; the client fell back to connect()).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    fastopen: Option<&'static str>,
     /// SO_SNDBUF of the last connection after its exchange.
     #[serde(skip_serializing_if = "Option::is_none")]
     send_buffer: Option<usize>,
@@ -114,7 +122,18 @@ struct Report {
 use tlshub_vm_tests::pattern::{CLIENT_SEED, SERVER_SEED};
 
 fn send_pattern(c: &mut Conn, common: &Common, seed: u64, r: &mut Report) -> std::io::Result<()> {
-    let mut off = 0u64;
+    send_pattern_from(c, common, seed, r, 0)
+}
+
+/// The pattern from byte `from` on (the bytes before went out already).
+fn send_pattern_from(
+    c: &mut Conn,
+    common: &Common,
+    seed: u64,
+    r: &mut Report,
+    from: u64,
+) -> std::io::Result<()> {
+    let mut off = from;
     let mut buf = vec![0u8; common.size.min(1 << 20)];
     while (off as usize) < common.size {
         let n = buf.len().min(common.size - off as usize);
@@ -225,6 +244,9 @@ fn serve_exchange(c: &mut Conn, common: &Common, r: &mut Report) -> std::io::Res
 
 fn client_one(target: SocketAddr, common: &Common, r: &mut Report) -> std::io::Result<()> {
     let started = Instant::now();
+    if common.fastopen != FastOpen::Off {
+        return client_fastopen(target, common, r);
+    }
     let stream = match (common.sndbuf, common.via) {
         (Some(bytes), _) => app_io::connect_with_send_buffer(target, bytes)?,
         (None, Via::Syscall) => TcpStream::connect(target)?,
@@ -244,6 +266,26 @@ fn client_one(target: SocketAddr, common: &Common, r: &mut Report) -> std::io::R
         // Connect start to the echoed byte (the exchange ends with it).
         r.latency_us.push(started.elapsed().as_micros() as u64);
     }
+    Ok(())
+}
+
+/// A client-first exchange whose first bytes go out with Fast Open.
+fn client_fastopen(target: SocketAddr, common: &Common, r: &mut Report) -> std::io::Result<()> {
+    if common.mode != Mode::ClientFirst {
+        return Err(std::io::Error::other(
+            "--fastopen needs --mode client-first",
+        ));
+    }
+    let mut first = vec![0u8; common.size.min(1000)];
+    pattern::fill(CLIENT_SEED, 0, &mut first);
+    let (stream, sent) = app_io::connect_fastopen(target, common.fastopen, &first)?;
+    r.fastopen = Some(if sent.is_some() { "sent" } else { "refused" });
+    let sent = sent.unwrap_or(0) as u64;
+    r.bytes_sent += sent;
+    let mut c = Conn::new(stream, common.io)?;
+    send_pattern_from(&mut c, common, CLIENT_SEED, r, sent)?;
+    recv_pattern(&mut c, common, SERVER_SEED, r)?;
+    r.send_buffer = send_buffer(&c);
     Ok(())
 }
 

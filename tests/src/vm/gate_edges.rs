@@ -1,8 +1,21 @@
 //! The gate's edges: sockets that reach an application some other way than
 //! a connect()/accept() system call in the process that then uses them.
 
-use super::node::{NodeSpec, PLAIN_PORT, PROTECTED_PORT};
-use super::scenarios::{App, captured_exchanges, nodes, tls_stat};
+use std::time::Duration;
+
+use super::node::{Node, NodeSpec, PLAIN_PORT, PROTECTED_PORT};
+use super::process;
+use super::scenarios::{
+    App, Capture, both_ok, captured_exchanges, check_wire, nodes, run_pair, tls_stat,
+};
+
+/// A counter of a node's core stats file (0 when absent).
+fn stat(n: &Node, key: &str) -> u64 {
+    n.stats()
+        .ok()
+        .and_then(|s| s[key].as_u64())
+        .unwrap_or_default()
+}
 
 /// Sockets whose owner no syscall hook reports, or reports wrongly, are
 /// gated and then keyed from the process the gate holds:
@@ -72,12 +85,6 @@ pub fn owner_from_hold() -> Result<String, String> {
     if report.plain_flows_with_marker == 0 {
         return Err("the control flow's plaintext was not seen: the capture is blind".into());
     }
-    let stat = |n: &super::node::Node, k: &str| {
-        n.stats()
-            .ok()
-            .and_then(|s| s[k].as_u64())
-            .unwrap_or_default()
-    };
     // Each io_uring connection has two ends, one per node, and neither
     // had an OWNER event: both were found from a hold.
     let from_hold = [stat(&a, "owner_from_hold"), stat(&b, "owner_from_hold")];
@@ -95,5 +102,113 @@ pub fn owner_from_hold() -> Result<String, String> {
     Ok(format!(
         "{protected} connections (io_uring, fork handoff, both) exact both ways; {} flows TLS-only and decrypted; control flow plain; keyed from a hold: a {} b {}; socket gone from the first owner: a {} b {}",
         report.protected_flows, from_hold[0], from_hold[1], gone[0], gone[1]
+    ))
+}
+
+/// `TcpExt` counter `name` of network namespace `netns` (/proc/net/netstat).
+fn tcp_ext(netns: &str, name: &str) -> u64 {
+    let text = process::run(Some(netns), &["cat", "/proc/net/netstat"]).unwrap_or_default();
+    let mut lines = text.lines().filter(|l| l.starts_with("TcpExt:"));
+    let (Some(names), Some(values)) = (lines.next(), lines.next()) else {
+        return 0;
+    };
+    names
+        .split_whitespace()
+        .zip(values.split_whitespace())
+        .find(|(n, _)| *n == name)
+        .and_then(|(_, v)| v.parse().ok())
+        .unwrap_or(0)
+}
+
+/// Server-side Fast Open in pod-b (`net.ipv4.tcp_fastopen` = 0x403:
+/// client, server, and no `TCP_FASTOPEN` needed on the listener), back to
+/// the default (1, client only) when dropped.
+struct ServerFastOpen;
+
+impl ServerFastOpen {
+    fn enable() -> Result<Self, String> {
+        process::run(
+            Some("pod-b"),
+            &["sh", "-c", "echo 1027 > /proc/sys/net/ipv4/tcp_fastopen"],
+        )?;
+        Ok(Self)
+    }
+}
+
+impl Drop for ServerFastOpen {
+    fn drop(&mut self) {
+        let _ = process::run(
+            Some("pod-b"),
+            &["sh", "-c", "echo 1 > /proc/sys/net/ipv4/tcp_fastopen"],
+        );
+    }
+}
+
+/// TCP Fast Open (client Fast Open is on by default in every namespace)
+/// would carry the app's first bytes before the gate could hold it. To a
+/// selected destination the gate refuses it with EOPNOTSUPP and the client
+/// falls back to connect(), which is protected; to an unselected one it
+/// works and the control flows carry the marker in clear:
+/// - `sendto(MSG_FASTOPEN)` (sends right after the handshake without a
+///   cookie, in the SYN with one);
+/// - `TCP_FASTOPEN_CONNECT` with a cookie cached for the server (pod-b's
+///   server Fast Open on; the first plain connection gets the cookie, the
+///   second puts its data in the SYN: `TCPFastOpenActive` must grow), so
+///   connect() returns without a SYN and the first write would carry it.
+pub fn fast_open() -> Result<String, String> {
+    let (a, b) = nodes(NodeSpec::new("a"), NodeSpec::new("b"))?;
+    let refused_before = stat(&a, "fastopen_refused");
+    let cap = Capture::start("fastopen")?;
+    let run = |port, how: &str, want: &str| -> Result<(), String> {
+        let app = App::exchange(20_000, port);
+        let (s, c) = run_pair(&app, &["--fastopen", how], Duration::from_secs(60))?;
+        both_ok(&app, &s, &c)?;
+        if c["fastopen"].as_str() != Some(want) {
+            return Err(format!(
+                "--fastopen {how} to port {port}: the client reports {}, want {want}",
+                c["fastopen"]
+            ));
+        }
+        Ok(())
+    };
+    run(PLAIN_PORT, "sendto", "sent")?;
+    run(PROTECTED_PORT, "sendto", "refused")?;
+    let in_syn = {
+        let _server = ServerFastOpen::enable()?;
+        let before = tcp_ext("pod-a", "TCPFastOpenActive");
+        run(PLAIN_PORT, "connect", "sent")?;
+        run(PLAIN_PORT, "connect", "sent")?;
+        let in_syn = tcp_ext("pod-a", "TCPFastOpenActive") - before;
+        if in_syn == 0 {
+            return Err(
+                "no Fast Open SYN carried data to the plain port: the cookie case was not exercised"
+                    .into(),
+            );
+        }
+        run(PROTECTED_PORT, "connect", "refused")?;
+        in_syn
+    };
+    let report = check_wire(&cap.finish()?, &a, &b)?;
+    if report.protected_flows != 4 || report.decrypted != 4 {
+        return Err(format!(
+            "2 protected connections (the fallbacks) but {report:?}"
+        ));
+    }
+    if report.plain_flows_with_marker < 3 {
+        return Err(format!(
+            "{} plain flows showed the marker, want the 3 Fast Open controls: the capture is blind",
+            report.plain_flows_with_marker
+        ));
+    }
+    // The stats file is rewritten once a second.
+    std::thread::sleep(Duration::from_millis(1500));
+    let refused = stat(&a, "fastopen_refused") - refused_before;
+    if refused != 2 {
+        return Err(format!(
+            "node a counted {refused} Fast Open refusals, want 2"
+        ));
+    }
+    Ok(format!(
+        "sendto(MSG_FASTOPEN) and TCP_FASTOPEN_CONNECT (cookie cached, {in_syn} plain SYN(s) carried data) to the protected port refused with EOPNOTSUPP, fell back, exact, 4 flows decrypted; the same calls to the plain port sent their data in clear (controls)"
     ))
 }

@@ -69,6 +69,10 @@ pub const TESTS: &[Scenario] = &[
         "gate_owner_from_hold_io_uring_and_fork",
         super::gate_edges::owner_from_hold,
     ),
+    (
+        "gate_tcp_fast_open_refused_and_falls_back",
+        super::gate_edges::fast_open,
+    ),
 ];
 
 /// Options of one application pair.
@@ -190,7 +194,7 @@ fn ok(v: &Value) -> bool {
     v["ok"].as_bool() == Some(true)
 }
 
-fn both_ok(app: &App, s: &Value, c: &Value) -> Result<(), String> {
+pub(super) fn both_ok(app: &App, s: &Value, c: &Value) -> Result<(), String> {
     if ok(s) && ok(c) {
         Ok(())
     } else {
