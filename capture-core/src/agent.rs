@@ -328,7 +328,7 @@ impl Agent {
                 keyed += 1;
             }
             if let Some((pid, _)) = owner
-                && process_state(pid) == Some('T')
+                && crate::procfs::state(pid) == Some('T')
                 && let std::collections::hash_map::Entry::Vacant(e) = self.held.entry(pid)
             {
                 e.insert(HeldProc {
@@ -833,7 +833,7 @@ impl Agent {
         }
         self.held
             .keys()
-            .map(|&pid| (pid, process_state(pid)))
+            .map(|&pid| (pid, crate::procfs::state(pid)))
             .collect()
     }
 
@@ -1186,11 +1186,4 @@ async fn health_loop(providers: Arc<Registry>, metrics: Arc<Metrics>, interval: 
             &providers.active_name(),
         );
     }
-}
-
-/// The state letter of `/proc/PID/stat` (`T` = stopped), `None` if gone.
-pub fn process_state(pid: u32) -> Option<char> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // "pid (comm) S ...": comm may contain spaces and parentheses.
-    stat.rsplit_once(')')?.1.trim_start().chars().next()
 }

@@ -93,7 +93,7 @@ fn map_err(map: &'static str) -> impl FnOnce(aya::maps::MapError) -> BpfError {
 /// Shared with the provider client's connect hook, which adds the provider's
 /// pid before its first request can reach the gate.
 #[derive(Clone)]
-pub struct Exempt(Arc<Mutex<HashMap<MapData, u32, u8>>>);
+pub struct Exempt(Arc<Mutex<HashMap<MapData, u32, u64>>>);
 
 impl std::fmt::Debug for Exempt {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -102,19 +102,28 @@ impl std::fmt::Debug for Exempt {
 }
 
 impl Exempt {
-    /// Exempts `pid`, dropping entries of processes that no longer exist.
+    /// Exempts process `pid`, dropping entries of processes that exited
+    /// (gone, or their pid now names a later process).
     pub fn add(&self, pid: u32) {
         let Ok(mut map) = self.0.lock() else { return };
         let gone: Vec<u32> = map
-            .keys()
+            .iter()
             .filter_map(Result::ok)
-            .filter(|p| !std::path::Path::new(&format!("/proc/{p}")).exists())
+            .filter(|(p, start)| crate::procfs::start_ticks(*p) != Some(*start))
+            .map(|(p, _)| p)
             .collect();
         for p in gone {
             let _ = map.remove(&p);
         }
-        match map.insert(pid, 1, 0) {
-            Ok(()) => debug!(pid, "process exempt from the gate"),
+        // The entry names the process, not only its pid: the gate checks
+        // the caller's start time too, so a process that gets this pid
+        // after the provider exited is not let through.
+        let Some(start) = crate::procfs::start_ticks(pid) else {
+            warn!(pid, "cannot exempt process from the gate: it is gone");
+            return;
+        };
+        match map.insert(pid, start, 0) {
+            Ok(()) => debug!(pid, start, "process exempt from the gate"),
             Err(e) => warn!(pid, error = %e, "cannot exempt process from the gate"),
         }
     }

@@ -8,6 +8,7 @@ mod bpf;
 mod config;
 mod keying;
 mod metrics;
+mod procfs;
 mod providers;
 mod release;
 #[expect(

@@ -181,7 +181,7 @@ fn release_open(programs: &mut Programs, config: &Config, done: &mut Released) {
     let until = std::time::Instant::now() + std::time::Duration::from_secs(1);
     for pid in gate_stopped {
         loop {
-            match crate::agent::process_state(pid) {
+            match crate::procfs::state(pid) {
                 Some('T') => {
                     if sys::continue_process(pid).is_ok() {
                         done.continued += 1;
@@ -196,7 +196,7 @@ fn release_open(programs: &mut Programs, config: &Config, done: &mut Released) {
         }
     }
     for pid in owners {
-        if crate::agent::process_state(pid) == Some('T') && sys::continue_process(pid).is_ok() {
+        if crate::procfs::state(pid) == Some('T') && sys::continue_process(pid).is_ok() {
             done.continued += 1;
         }
     }

@@ -112,6 +112,8 @@ struct files_struct {
 
 struct task_struct {
 	struct files_struct *files;
+	struct task_struct *group_leader;
+	__u64 start_boottime;
 } __pai;
 
 /* ---- maps ---- */
@@ -141,8 +143,8 @@ struct {
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(max_entries, 64);
-	__type(key, __u32); /* tgid never held: the core and its providers */
-	__type(value, __u8);
+	__type(key, __u32);   /* tgid never held: the core and its providers */
+	__type(value, __u64); /* its start, in USER_HZ ticks since boot */
 } exempt SEC(".maps");
 
 struct {
@@ -445,6 +447,21 @@ int BPF_PROG(tlshub_exit_accept, const struct pt_regs *regs, long ret)
 
 /* ---- the gate ---- */
 
+/* Whether the calling process is the one the core exempted under this
+ * pid: the entry holds the process's start time (/proc/PID/stat field 22,
+ * USER_HZ ticks since boot, from the group leader's start_boottime), so a
+ * later process that gets the pid of an exited provider is held like any
+ * other. */
+static __always_inline int exempt_process(__u32 tgid)
+{
+	__u64 *start = bpf_map_lookup_elem(&exempt, &tgid);
+	if (!start)
+		return 0;
+	struct task_struct *task = (struct task_struct *)bpf_get_current_task();
+	__u64 boot_ns = BPF_CORE_READ(task, group_leader, start_boottime);
+	return boot_ns / TLSHUB_NS_PER_USER_HZ_TICK == *start;
+}
+
 /* Holds the calling process if the connection's gate is closed: reports
  * it (HELD event), stops its thread group with SIGSTOP and makes the system
  * call restart (-ERESTARTSYS) once it is continued, so the same call runs
@@ -471,7 +488,7 @@ static __always_inline int gate(__u64 cookie)
 	if (c->gate != TLSHUB_GATE_CLOSED)
 		return 0;
 	__u32 tgid = bpf_get_current_pid_tgid() >> 32;
-	if (bpf_map_lookup_elem(&exempt, &tgid))
+	if (exempt_process(tgid))
 		return 0;
 	/* No core (it stopped and its heartbeat is older than the grace, or
 	 * `tlshub-core release` ran): holding would stop the process with

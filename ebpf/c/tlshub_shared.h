@@ -34,6 +34,10 @@ struct tlshub_control {
 	__u32 pad;
 };
 
+/* Nanoseconds per clock tick of /proc/PID/stat's start time (USER_HZ is
+ * 100 on x86-64); the exempt map's values are in these ticks. */
+#define TLSHUB_NS_PER_USER_HZ_TICK 10000000ULL
+
 /* Indexes into the stats array. */
 #define TLSHUB_STAT_RINGBUF_DROPS 0
 #define TLSHUB_STAT_GATE_STOPS 1

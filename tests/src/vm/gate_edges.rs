@@ -212,3 +212,84 @@ pub fn fast_open() -> Result<String, String> {
         "sendto(MSG_FASTOPEN) and TCP_FASTOPEN_CONNECT (cookie cached, {in_syn} plain SYN(s) carried data) to the protected port refused with EOPNOTSUPP, fell back, exact, 4 flows decrypted; the same calls to the plain port sent their data in clear (controls)"
     ))
 }
+
+/// An exemption names a process, not a pid: a process that gets the pid of
+/// an exited provider is held like any other. Node A's provider is killed
+/// (its pid stays in the core's exempt map until another provider
+/// connects); a client started with exactly that pid (through
+/// `/proc/sys/kernel/ns_last_pid`) sends the marker to the protected port.
+/// It must be held (the provider is gone, so fail-closed resets it at the
+/// key timeout) and the wire must not carry its bytes; a plain control
+/// connection in the same capture must.
+pub fn exempt_pid_reuse() -> Result<String, String> {
+    use super::node::ProviderKind;
+    use super::scenarios::{json, ok, pod_b_addr};
+    let (mut a, b) = nodes(NodeSpec::new("a"), NodeSpec::new("b"))?;
+    let provider_pid = a.provider_pid(ProviderKind::OpenSsl);
+    if provider_pid < 2 {
+        return Err(format!("node a's provider pid is {provider_pid}"));
+    }
+    let cap = Capture::start("pid-reuse")?;
+    let server = process::spawn_ready(
+        "pod-b",
+        &[
+            "tlshub-testapp",
+            "server",
+            "--listen",
+            &format!("0.0.0.0:{PROTECTED_PORT}"),
+            "--size",
+            "10000",
+        ],
+        "listening",
+        Duration::from_secs(10),
+    )?;
+    a.kill_provider(ProviderKind::OpenSsl);
+    let held_before = stat(&a, "gate_stops");
+    // The client shell waits a second before it becomes the test app, so
+    // a try that got another pid is killed before it connects.
+    let client_cmd = format!(
+        "sleep 1; exec tlshub-testapp client --connect {} --size 10000",
+        pod_b_addr(PROTECTED_PORT)
+    );
+    let mut client = None;
+    for _ in 0..200 {
+        std::fs::write(
+            "/proc/sys/kernel/ns_last_pid",
+            (provider_pid - 1).to_string(),
+        )
+        .map_err(|e| format!("ns_last_pid: {e}"))?;
+        let c = process::spawn_app("pod-a", &["sh", "-c", &client_cmd])?;
+        if c.id() == provider_pid {
+            client = Some(c);
+            break;
+        }
+    }
+    let client = client.ok_or(format!(
+        "no client got pid {provider_pid} in 200 tries (other processes took it)"
+    ))?;
+    let c = json(&process::finish(client, Duration::from_secs(30))?)?;
+    drop(server);
+    let control = App::exchange(10_000, PLAIN_PORT);
+    let (s2, c2) = run_pair(&control, &[], Duration::from_secs(30))?;
+    both_ok(&control, &s2, &c2)?;
+    // The protected connection was reset before keys: no keys to check it
+    // against, and no marker may have crossed.
+    let report = super::scenarios::check_wire_allowing_unkeyed(&cap.finish()?, &a, &b, true)?;
+    if ok(&c) {
+        return Err(format!(
+            "the client with the dead provider's pid {provider_pid} completed an exchange with no provider: it was let through ({c})"
+        ));
+    }
+    if report.plain_flows_with_marker == 0 {
+        return Err("the control flow's plaintext was not seen: the capture is blind".into());
+    }
+    std::thread::sleep(Duration::from_millis(1500));
+    let held = stat(&a, "gate_stops") - held_before;
+    if held == 0 {
+        return Err("the client with the reused pid was never held".into());
+    }
+    Ok(format!(
+        "a client with the killed provider's pid {provider_pid} was held {held} time(s) and failed closed ({}); no marker on the protected port, the plain control showed it",
+        c["error"].as_str().unwrap_or("")
+    ))
+}

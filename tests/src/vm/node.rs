@@ -244,15 +244,19 @@ impl Node {
         }
     }
 
-    /// The `/proc` state letters of a provider process, sampled every 100 ms
-    /// for `span` (`T` = stopped: it would be held by the gate).
-    pub fn provider_states(&self, kind: ProviderKind, span: Duration) -> String {
-        let pid = self
-            .providers
+    /// The pid of a provider process (0 when it is not running).
+    pub fn provider_pid(&self, kind: ProviderKind) -> u32 {
+        self.providers
             .iter()
             .find(|(k, _)| *k == kind)
             .and_then(|(_, p)| p.as_ref().map(Proc::pid))
-            .unwrap_or(0);
+            .unwrap_or(0)
+    }
+
+    /// The `/proc` state letters of a provider process, sampled every 100 ms
+    /// for `span` (`T` = stopped: it would be held by the gate).
+    pub fn provider_states(&self, kind: ProviderKind, span: Duration) -> String {
+        let pid = self.provider_pid(kind);
         let until = std::time::Instant::now() + span;
         let mut out = String::new();
         while std::time::Instant::now() < until {

@@ -73,6 +73,10 @@ pub const TESTS: &[Scenario] = &[
         "gate_tcp_fast_open_refused_and_falls_back",
         super::gate_edges::fast_open,
     ),
+    (
+        "gate_exempt_pid_reused_is_held",
+        super::gate_edges::exempt_pid_reuse,
+    ),
 ];
 
 /// Options of one application pair.
@@ -157,13 +161,19 @@ impl App {
     }
 }
 
-fn json(s: &str) -> Result<Value, String> {
+/// The JSON report an app printed last.
+pub(super) fn json(s: &str) -> Result<Value, String> {
     let line = s
         .lines()
         .rev()
         .find(|l| l.starts_with('{'))
         .ok_or_else(|| format!("no report in {s:?}"))?;
     serde_json::from_str(line).map_err(|e| format!("bad report {line:?}: {e}"))
+}
+
+/// Server address and port of pod B for `port` (IPv4).
+pub(super) fn pod_b_addr(port: u16) -> String {
+    format!("{POD_B}:{port}")
 }
 
 /// Runs server in pod-b and client in pod-a; returns both reports.
@@ -190,7 +200,7 @@ pub fn run_pair(
     Ok((json(&s?)?, json(&c)?))
 }
 
-fn ok(v: &Value) -> bool {
+pub(super) fn ok(v: &Value) -> bool {
     v["ok"].as_bool() == Some(true)
 }
 
