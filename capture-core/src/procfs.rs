@@ -4,7 +4,7 @@
 /// spaces and parentheses, so the split starts at the last ')').
 fn stat_fields(pid: u32) -> Option<Vec<String>> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    Some(parse_after_comm(&stat)?)
+    parse_after_comm(&stat)
 }
 
 fn parse_after_comm(stat: &str) -> Option<Vec<String>> {
