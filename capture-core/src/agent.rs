@@ -116,6 +116,8 @@ pub struct Stats {
     pub held_micros: Samples,
     /// Microseconds spent in the provider, per protected connection.
     pub key_micros: Samples,
+    /// Events read from the ring buffer (all kinds).
+    pub events_received: u64,
     /// Events the ring buffer dropped.
     pub ringbuf_drops: u64,
     /// Gate calls failed (or passed) because no core was alive (counted by
@@ -422,6 +424,7 @@ impl Agent {
 
     fn on_event(&mut self, ev: Event, done: &mpsc::UnboundedSender<Outcome>) {
         self.activity += 1;
+        self.stats.events_received += 1;
         match ev.kind {
             kind::ESTABLISHED => {
                 self.stats.selected += 1;

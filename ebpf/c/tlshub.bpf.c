@@ -387,7 +387,14 @@ static __always_inline void report_owner(int fd)
 	struct tlshub_conn *c = bpf_map_lookup_elem(&conns, &cookie);
 	if (!c)
 		return;
-	c->owner_pid = bpf_get_current_pid_tgid() >> 32;
+	/* Once per owner, and only while keys are awaited: an app calling
+	 * connect() in a loop on its socket (EISCONN, EALREADY) would
+	 * otherwise fill the node-wide ring buffer, and other connections'
+	 * events would be lost. */
+	__u32 tgid = bpf_get_current_pid_tgid() >> 32;
+	if (c->gate != TLSHUB_GATE_CLOSED || (c->owner_pid == tgid && c->owner_fd == fd))
+		return;
+	c->owner_pid = tgid;
 	c->owner_fd = fd;
 
 	struct tlshub_event ev = {

@@ -63,6 +63,11 @@ struct Common {
     /// a send refused with EOPNOTSUPP falls back to connect() and send().
     #[arg(long, value_enum, default_value = "off")]
     fastopen: FastOpen,
+    /// Client: after the exchange, call connect() this many times more on
+    /// the connected socket (each fails with EISCONN), as a hostile app
+    /// flooding the node's event path would.
+    #[arg(long, default_value_t = 0)]
+    connect_again: u32,
 }
 
 #[derive(Debug, Subcommand)]
@@ -114,12 +119,34 @@ struct Report {
     /// call, or "refused" (EOPNOTSUPP; the client fell back to connect()).
     #[serde(skip_serializing_if = "Option::is_none")]
     fastopen: Option<&'static str>,
+    /// connect() calls on connected sockets that failed with EISCONN
+    /// (`--connect-again`).
+    #[serde(skip_serializing_if = "is_zero")]
+    eisconn: u64,
     /// SO_SNDBUF of the last connection after its exchange.
     #[serde(skip_serializing_if = "Option::is_none")]
     send_buffer: Option<usize>,
 }
 
 use tlshub_vm_tests::pattern::{CLIENT_SEED, SERVER_SEED};
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
+}
+
+/// `--connect-again`: connect() on the connected socket, `times` times.
+fn connect_again(c: &Conn, times: u32, r: &mut Report) -> std::io::Result<()> {
+    let peer = c.stream().peer_addr()?;
+    let sock = socket2::SockRef::from(c.stream());
+    for _ in 0..times {
+        match sock.connect(&peer.into()) {
+            Err(e) if e.raw_os_error() == Some(libc::EISCONN) => r.eisconn += 1,
+            Err(e) => return Err(e),
+            Ok(()) => {}
+        }
+    }
+    Ok(())
+}
 
 fn send_pattern(c: &mut Conn, common: &Common, seed: u64, r: &mut Report) -> std::io::Result<()> {
     send_pattern_from(c, common, seed, r, 0)
@@ -258,7 +285,8 @@ fn client_one(target: SocketAddr, common: &Common, r: &mut Report) -> std::io::R
     }
     exchange_maybe_forked(stream, common, r, |stream, common, r| {
         let mut c = Conn::new(stream, common.io)?;
-        let result = client_exchange(&mut c, common, r);
+        let result = client_exchange(&mut c, common, r)
+            .and_then(|()| connect_again(&c, common.connect_again, r));
         r.send_buffer = send_buffer(&c);
         result
     })?;
@@ -303,6 +331,12 @@ fn client_exchange(c: &mut Conn, common: &Common, r: &mut Report) -> std::io::Re
             c.send_all(common.send, b"e")?;
             let mut b = [0u8; 1];
             c.recv_exact(common.recv, &mut b)?;
+            if &b != b"e" {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::InvalidData,
+                    format!("the echo came back as {:#04x}, not 'e'", b[0]),
+                ));
+            }
             r.bytes_sent += 1;
             r.bytes_received += 1;
         }

@@ -293,3 +293,106 @@ pub fn exempt_pid_reuse() -> Result<String, String> {
         c["error"].as_str().unwrap_or("")
     ))
 }
+
+/// One app that calls connect() on its keyed socket 200,000 times (each
+/// fails with EISCONN; every call reaches the connect hook) next to 100
+/// ordinary connections from 4 other clients: the hook reports an owner
+/// once per socket and owner, so the node's event ring buffer loses
+/// nothing and every ordinary connection is keyed.
+pub fn event_flood() -> Result<String, String> {
+    use super::scenarios::{json, ok, pod_b_addr};
+    const FLOOD: u32 = 200_000;
+    let (a, b) = nodes(NodeSpec::new("a"), NodeSpec::new("b"))?;
+    let (clients, each) = (4u32, 25u32);
+    let listen = format!("0.0.0.0:{PROTECTED_PORT}");
+    let connect = pod_b_addr(PROTECTED_PORT);
+    let total = (clients * each + 1).to_string();
+    let server = process::spawn_ready(
+        "pod-b",
+        &[
+            "tlshub-testapp",
+            "server",
+            "--parallel",
+            "--listen",
+            &listen,
+            "--mode",
+            "echo",
+            "--connections",
+            &total,
+        ],
+        "listening",
+        Duration::from_secs(10),
+    )?;
+    let started = std::time::Instant::now();
+    let flood_n = FLOOD.to_string();
+    let flooder = process::spawn_app(
+        "pod-a",
+        &[
+            "tlshub-testapp",
+            "client",
+            "--connect",
+            &connect,
+            "--mode",
+            "echo",
+            "--connect-again",
+            &flood_n,
+        ],
+    )?;
+    let each_s = each.to_string();
+    let mut normal = Vec::new();
+    for _ in 0..clients {
+        normal.push(process::spawn_app(
+            "pod-a",
+            &[
+                "tlshub-testapp",
+                "client",
+                "--connect",
+                &connect,
+                "--mode",
+                "echo",
+                "--connections",
+                &each_s,
+            ],
+        )?);
+    }
+    for child in normal {
+        let c = json(&process::finish(child, Duration::from_secs(300))?)?;
+        if !ok(&c) {
+            return Err(format!("an ordinary client failed next to the flood: {c}"));
+        }
+    }
+    let f = json(&process::finish(flooder, Duration::from_secs(300))?)?;
+    let elapsed = started.elapsed();
+    if !ok(&f) || f["eisconn"].as_u64() != Some(u64::from(FLOOD)) {
+        return Err(format!(
+            "the flooding client did not make its {FLOOD} calls: {f}"
+        ));
+    }
+    let s = json(&process::finish(server, Duration::from_secs(30))?)?;
+    if !ok(&s) {
+        return Err(format!("server: {s}"));
+    }
+    std::thread::sleep(Duration::from_millis(1500));
+    let want = u64::from(clients * each + 1);
+    for (n, name) in [(&a, "a"), (&b, "b")] {
+        let (drops, protected) = (stat(n, "ringbuf_drops"), stat(n, "protected"));
+        if drops != 0 || protected < want {
+            return Err(format!(
+                "node {name}: {drops} ring buffer drops, {protected} protected (want 0 and {want})"
+            ));
+        }
+    }
+    // Per connection: ESTABLISHED, OWNER, a few holds, CLOSED. The flood
+    // itself must not show: 200,000 calls would be 200,000 OWNER events.
+    let events = stat(&a, "events_received");
+    if events > 20 * want {
+        return Err(format!(
+            "node a read {events} events for {want} connections: the connect() flood reached the ring buffer"
+        ));
+    }
+    Ok(format!(
+        "{FLOOD} connect() calls on one keyed socket next to {} ordinary connections: all {want} keyed on both nodes, 0 ring buffer drops, node a read {events} events, {:.1} s",
+        clients * each,
+        elapsed.as_secs_f64()
+    ))
+}

@@ -77,6 +77,10 @@ pub const TESTS: &[Scenario] = &[
         "gate_exempt_pid_reused_is_held",
         super::gate_edges::exempt_pid_reuse,
     ),
+    (
+        "gate_event_flood_from_one_app",
+        super::gate_edges::event_flood,
+    ),
 ];
 
 /// Options of one application pair.
