@@ -126,6 +126,9 @@ pub struct Stats {
     /// TCP Fast Open sends to selected destinations refused with
     /// `EOPNOTSUPP` (counted by BPF).
     pub fastopen_refused: u64,
+    /// Selected connections failed closed because the `conns` map was full
+    /// (counted by BPF).
+    pub map_full: u64,
     /// Entries in the pending table now.
     pub pending: usize,
     /// Held processes the core is tracking now.
@@ -229,7 +232,11 @@ impl Agent {
         stats_file: Option<PathBuf>,
         keylog: Option<keying::KeyLog>,
     ) -> Result<Self, BpfError> {
-        let mut programs = Programs::load_and_attach(&config.bpf.cgroup, &config.bpf.pin_dir)?;
+        let mut programs = Programs::load_and_attach(
+            &config.bpf.cgroup,
+            &config.bpf.pin_dir,
+            config.bpf.max_connections,
+        )?;
         programs.heartbeat(
             Duration::from_millis(config.bpf.core_restart_grace_ms),
             config.failure_policy == FailurePolicy::FailOpen,
@@ -1111,13 +1118,31 @@ impl Agent {
             .no_core
             .inc_by(no_core.saturating_sub(self.stats.no_core_refusals));
         self.stats.no_core_refusals = no_core;
-        let fastopen = self.programs.stat(tlshub_ebpf::stat::FASTOPEN_REFUSED);
-        if fastopen != self.stats.fastopen_refused {
-            self.metrics
-                .fastopen_refused
-                .inc_by(fastopen.saturating_sub(self.stats.fastopen_refused));
-            self.stats.fastopen_refused = fastopen;
-            self.activity += 1;
+        // Counted by BPF: carried into the stats and metrics here.
+        for (index, seen, counter) in [
+            (
+                tlshub_ebpf::stat::FASTOPEN_REFUSED,
+                &mut self.stats.fastopen_refused,
+                &self.metrics.fastopen_refused,
+            ),
+            (
+                tlshub_ebpf::stat::MAP_FULL,
+                &mut self.stats.map_full,
+                &self.metrics.map_full,
+            ),
+        ] {
+            let now = self.programs.stat(index);
+            if now != *seen {
+                if index == tlshub_ebpf::stat::MAP_FULL {
+                    error!(
+                        failed = now.saturating_sub(*seen),
+                        "the conns map is full ([bpf] max_connections): new selected connections fail closed"
+                    );
+                }
+                counter.inc_by(now.saturating_sub(*seen));
+                *seen = now;
+                self.activity += 1;
+            }
         }
         self.metrics.pending.set(self.pending.len() as i64);
         let Some(path) = &self.stats_file else { return };

@@ -222,10 +222,15 @@ fn links_complete(links_dir: &Path) -> bool {
 
 /// Loads the object's maps, each pinned as `maps_dir/<name>` (an existing
 /// pin is reused), without loading any program.
-fn load_pinned_maps(maps_dir: &Path) -> Result<Ebpf, BpfError> {
+/// `max_connections` sizes `conns` when it is created here (a pinned one
+/// keeps its size).
+fn load_pinned_maps(maps_dir: &Path, max_connections: Option<u32>) -> Result<Ebpf, BpfError> {
     let paths: Vec<(&str, std::path::PathBuf)> =
         names::MAPS.iter().map(|m| (*m, maps_dir.join(m))).collect();
     let mut loader = EbpfLoader::new();
+    if let Some(n) = max_connections {
+        loader.map_max_entries(names::CONNS, n);
+    }
     for (name, path) in &paths {
         loader.map_pin_path(name, path.as_path());
     }
@@ -340,7 +345,11 @@ impl Programs {
     /// If `pin_dir` already holds this build's programs, they are adopted
     /// as they are (nothing is detached, not for a moment); another build's
     /// programs are an error (see [`BpfError::ForeignPins`]).
-    pub fn load_and_attach(cgroup: &Path, pin_dir: &Path) -> Result<Self, BpfError> {
+    pub fn load_and_attach(
+        cgroup: &Path,
+        pin_dir: &Path,
+        max_connections: u32,
+    ) -> Result<Self, BpfError> {
         let pin_err = |what: &str, reason: String| BpfError::Pin {
             what: what.to_owned(),
             dir: pin_dir.display().to_string(),
@@ -352,7 +361,7 @@ impl Programs {
         for d in [&maps_dir, &links_dir] {
             std::fs::create_dir_all(d).map_err(|e| pin_err("directories", e.to_string()))?;
         }
-        let mut ebpf = load_pinned_maps(&maps_dir)?;
+        let mut ebpf = load_pinned_maps(&maps_dir, Some(max_connections))?;
         let attached = attach_points(cgroup);
         if adopted {
             info!(dir = %root.display(), "adopting the BPF programs an earlier core left attached");
@@ -383,7 +392,7 @@ impl Programs {
                 reason: "not found".into(),
             });
         }
-        let ebpf = load_pinned_maps(&root.join("maps"))?;
+        let ebpf = load_pinned_maps(&root.join("maps"), None)?;
         Self::from_loaded(ebpf, &root, true, Vec::new())
     }
 

@@ -254,7 +254,18 @@ pub struct BpfSection {
     /// alive (a restarting core adopts them); after that it applies the
     /// failure policy by itself instead of stopping processes.
     pub core_restart_grace_ms: u64,
+    /// Entries of the `conns` map: selected connections open at the same
+    /// time on this node (waiting for keys or keyed). A selected
+    /// connection that finds it full fails closed: its app's calls fail
+    /// with `ECONNRESET` (counted as `tlshub_gate_map_full_total`). Each
+    /// entry is a 96-byte value plus its key and the hash table's element
+    /// header (about 150 bytes, computed, not measured). Takes effect when
+    /// the programs are loaded, not on an adopting restart.
+    pub max_connections: u32,
 }
+
+/// The most `[bpf] max_connections` accepts (about 2.4 GiB of entries).
+pub const MAX_CONNECTIONS_LIMIT: u32 = 16 << 20;
 
 impl Default for BpfSection {
     fn default() -> Self {
@@ -262,6 +273,7 @@ impl Default for BpfSection {
             cgroup: PathBuf::from("/sys/fs/cgroup"),
             pin_dir: PathBuf::from("/sys/fs/bpf/tlshub"),
             core_restart_grace_ms: 5000,
+            max_connections: 65_536,
         }
     }
 }
@@ -426,6 +438,11 @@ impl Config {
                 "`ktls.send_buffer_floor_bytes` must be at most {MAX_SEND_BUFFER_FLOOR}"
             )));
         }
+        if !(1..=MAX_CONNECTIONS_LIMIT).contains(&config.bpf.max_connections) {
+            return Err(invalid(format!(
+                "`bpf.max_connections` must be between 1 and {MAX_CONNECTIONS_LIMIT}"
+            )));
+        }
         if config.policy.local_cidrs.is_empty() != config.policy.rules.is_empty() {
             return Err(invalid(
                 "`policy.local_cidrs` and `policy.rules` must both be set (or both empty: protect nothing)".into(),
@@ -526,6 +543,17 @@ ports = [8443]
         assert!(e.contains("line 10"), "{e}");
         assert!(e.contains("peer_cidrs"), "{e}");
         assert!(e.contains("prefix length"), "{e}");
+    }
+
+    #[test]
+    fn max_connections_is_bounded() {
+        assert_eq!(parse(GOOD).unwrap().bpf.max_connections, 65_536);
+        let set = |n: &str| format!("{GOOD}\n[bpf]\nmax_connections = {n}\n");
+        assert_eq!(parse(&set("16")).unwrap().bpf.max_connections, 16);
+        for bad in ["0", "20000000"] {
+            let e = parse(&set(bad)).unwrap_err().to_string();
+            assert!(e.contains("bpf.max_connections"), "{e}");
+        }
     }
 
     #[test]

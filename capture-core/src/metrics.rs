@@ -97,6 +97,8 @@ pub struct Metrics {
     pub no_core: Counter,
     /// TCP Fast Open sends to selected destinations the gate refused.
     pub fastopen_refused: Counter,
+    /// Selected connections failed closed because `conns` was full.
+    pub map_full: Counter,
     /// `/proc/net/tls_stat` summed over the network namespaces of the
     /// connections this core protects.
     pub ktls: Family<TlsStatLabel, Gauge>,
@@ -130,6 +132,7 @@ impl Metrics {
             ringbuf_drops: Counter::default(),
             no_core: Counter::default(),
             fastopen_refused: Counter::default(),
+            map_full: Counter::default(),
             ktls: Family::default(),
             registry: Registry::default(),
         };
@@ -217,6 +220,11 @@ impl Metrics {
             "gate_fastopen_refused",
             "TCP Fast Open sends to selected destinations that the gate refused with EOPNOTSUPP (the app falls back to connect)",
             m.fastopen_refused.clone(),
+        );
+        registry.register(
+            "gate_map_full",
+            "Selected connections failed closed (calls fail with ECONNRESET) because the conns map was full ([bpf] max_connections)",
+            m.map_full.clone(),
         );
         registry.register(
             "ktls_sockets",

@@ -36,6 +36,7 @@ char LICENSE[] SEC("license") = "GPL";
 #define MAY_WRITE 0x2
 #define MAY_READ 0x4
 #define EOPNOTSUPP 95
+#define EEXIST 17
 #define IPPROTO_TCP 6
 #define MSG_FASTOPEN 0x20000000
 #define TCP_SYN_SENT 2
@@ -270,19 +271,31 @@ static __always_inline int selected(struct tlshub_event *ev, __u32 role)
 }
 
 /* Marks a newly selected socket: socket-local storage (read by the socket
- * LSM hooks) and the conns entry holding the gate state, gate closed. */
+ * LSM hooks) and the conns entry holding the gate state, gate closed.
+ * When conns is full the socket is still marked, with cookie 0, which the
+ * gate refuses for good (ECONNRESET): capacity never means plaintext. */
 static __always_inline int track(struct bpf_sock_ops *skops, __u64 cookie, __u32 role)
 {
 	struct tlshub_conn conn = { .gate = TLSHUB_GATE_CLOSED, .role = role };
-	if (bpf_map_update_elem(&conns, &cookie, &conn, BPF_NOEXIST))
+	long err = bpf_map_update_elem(&conns, &cookie, &conn, BPF_NOEXIST);
+	if (err == -EEXIST)
 		return 0;
 	struct bpf_sock *sk = skops->sk;
-	if (!sk)
+	if (!sk) {
+		if (!err)
+			bpf_map_delete_elem(&conns, &cookie);
 		return 0;
+	}
 	struct tlshub_sk_mark *mark =
 		bpf_sk_storage_get(&sk_marks, sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
 	if (!mark) {
-		bpf_map_delete_elem(&conns, &cookie);
+		if (!err)
+			bpf_map_delete_elem(&conns, &cookie);
+		return 0;
+	}
+	if (err) {
+		mark->cookie = 0;
+		stat_inc(TLSHUB_STAT_MAP_FULL);
 		return 0;
 	}
 	mark->cookie = cookie;
@@ -481,6 +494,9 @@ static __always_inline int exempt_process(__u32 tgid)
  * is therefore harmless: the next sweep continues the process again. */
 static __always_inline int gate(__u64 cookie)
 {
+	/* Selected, but conns was full (see track()): never let it through. */
+	if (cookie == 0)
+		return -ECONNRESET;
 	struct tlshub_conn *c = bpf_map_lookup_elem(&conns, &cookie);
 	if (!c)
 		return 0;

@@ -43,7 +43,8 @@ struct tlshub_control {
 #define TLSHUB_STAT_GATE_STOPS 1
 #define TLSHUB_STAT_NO_CORE_REFUSALS 2
 #define TLSHUB_STAT_FASTOPEN_REFUSED 3 /* TCP Fast Open sends refused (EOPNOTSUPP) */
-#define TLSHUB_STAT_MAX 4
+#define TLSHUB_STAT_MAP_FULL 4 /* selected sockets failed closed: conns was full */
+#define TLSHUB_STAT_MAX 5
 
 struct tlshub_event {
 	__u32 kind;
@@ -81,7 +82,8 @@ struct tlshub_held {
 	__u64 since_ns;
 };
 
-/* Socket-local storage: marks a selected socket from the first moment. */
+/* Socket-local storage: marks a selected socket from the first moment.
+ * cookie 0: selected but untracked (conns was full); the gate refuses it. */
 struct tlshub_sk_mark {
 	__u64 cookie;
 };

@@ -95,6 +95,8 @@ pub mod stat {
     pub const NO_CORE_REFUSALS: u32 = 2;
     /// TCP Fast Open sends to selected destinations refused (`EOPNOTSUPP`).
     pub const FASTOPEN_REFUSED: u32 = 3;
+    /// Selected sockets failed closed because `conns` was full.
+    pub const MAP_FULL: u32 = 4;
 }
 
 /// `TLSHUB_NO_CORE_*`: what the gate does while no core is alive.

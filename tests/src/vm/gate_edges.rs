@@ -396,3 +396,56 @@ pub fn event_flood() -> Result<String, String> {
         elapsed.as_secs_f64()
     ))
 }
+
+/// Capacity never means plaintext: node A's `conns` map holds 16 entries
+/// (`[bpf] max_connections = 16`), 16 long-lived keyed connections fill
+/// it, and every short connection opened meanwhile must fail closed (its
+/// app's calls fail with `ECONNRESET`, counted as `map_full`) with no
+/// marker on the wire, while the long ones keep working. Once they close,
+/// a new connection is keyed again. A plain control flow shows the marker.
+pub fn conns_map_full() -> Result<String, String> {
+    use super::service::{LoadServer, report, start_load_with};
+    const MAX: u32 = 16;
+    let mut sa = NodeSpec::new("a");
+    sa.max_connections = Some(MAX);
+    let (a, b) = nodes(sa, NodeSpec::new("b"))?;
+    let cap = Capture::start("map-full")?;
+    let server = LoadServer::start()?;
+    let client = start_load_with(MAX, 6, 2.0)?;
+    let r = report(&process::finish(client, Duration::from_secs(120))?)?;
+    drop(server);
+    let attempted = r["short_attempted"].as_u64().unwrap_or(0);
+    if r["long_opened"].as_u64() != Some(u64::from(MAX))
+        || r["long_broken"].as_u64() != Some(0)
+        || r["corrupt"].as_u64() != Some(0)
+    {
+        return Err(format!("the {MAX} long connections were affected: {r}"));
+    }
+    if attempted == 0 || r["short_ok"].as_u64() != Some(0) {
+        return Err(format!(
+            "with the map full, short connections must all fail closed: {r}"
+        ));
+    }
+    let control = App::exchange(10_000, PLAIN_PORT);
+    let (s, c) = run_pair(&control, &[], Duration::from_secs(30))?;
+    both_ok(&control, &s, &c)?;
+    // The long connections are closed now: there is room again.
+    let after = App::exchange(10_000, PROTECTED_PORT);
+    let (s, c) = run_pair(&after, &[], Duration::from_secs(30))?;
+    both_ok(&after, &s, &c)?;
+    let wire = super::scenarios::check_wire_allowing_unkeyed(&cap.finish()?, &a, &b, true)?;
+    if wire.plain_flows_with_marker == 0 {
+        return Err("the control flow's plaintext was not seen: the capture is blind".into());
+    }
+    std::thread::sleep(Duration::from_millis(1500));
+    let full = stat(&a, "map_full");
+    if full < attempted {
+        return Err(format!(
+            "node a counted {full} map-full failures for {attempted} short connections"
+        ));
+    }
+    Ok(format!(
+        "conns of {MAX} entries full with {MAX} keyed long connections: {attempted} short connections failed closed (map_full {full}), no marker on the wire ({} protected flows, {} decrypted), long ones unbroken; after they closed a new connection was keyed",
+        wire.protected_flows, wire.decrypted
+    ))
+}

@@ -58,6 +58,8 @@ pub struct NodeSpec {
     pub standin_lifetime_ms: u64,
     /// `[ktls] send_buffer_floor_bytes` (unset: the core's default).
     pub send_buffer_floor: Option<u32>,
+    /// `[bpf] max_connections` (unset: the core's default).
+    pub max_connections: Option<u32>,
 }
 
 impl NodeSpec {
@@ -72,6 +74,7 @@ impl NodeSpec {
             suite: "TLS_AES_128_GCM_SHA256",
             standin_lifetime_ms: 600_000,
             send_buffer_floor: None,
+            max_connections: None,
         }
     }
 }
@@ -128,11 +131,14 @@ impl Node {
             .collect();
         let metrics_port = if n == "a" { 9464 } else { 9465 };
         let mut core_toml = format!(
-            "node_name = \"node-{n}\"\nfailure_policy = \"{}\"\n\n[provider]\nactive = \"{}\"\ntimeout_ms = {}\nhealth_interval_ms = 500\n[provider.endpoints]\n{endpoints}\n[admin]\nsocket = \"{}\"\n\n[metrics]\nlisten = \"127.0.0.1:{metrics_port}\"\n\n[policy]\nlocal_cidrs = [{local}]\n[[policy.rules]]\npeer_cidrs = [{peer}]\nports = [{PROTECTED_PORT}]\n\n[bpf]\npin_dir = \"/sys/fs/bpf/tlshub-node-{n}\"\n",
+            "node_name = \"node-{n}\"\nfailure_policy = \"{}\"\n\n[provider]\nactive = \"{}\"\ntimeout_ms = {}\nhealth_interval_ms = 500\n[provider.endpoints]\n{endpoints}\n[admin]\nsocket = \"{}\"\n\n[metrics]\nlisten = \"127.0.0.1:{metrics_port}\"\n\n[policy]\nlocal_cidrs = [{local}]\n[[policy.rules]]\npeer_cidrs = [{peer}]\nports = [{PROTECTED_PORT}]\n\n[bpf]\npin_dir = \"/sys/fs/bpf/tlshub-node-{n}\"\n{}",
             spec.failure_policy,
             spec.provider.name(),
             spec.key_timeout_ms,
             dir.join("admin.sock").display(),
+            spec.max_connections
+                .map(|n| format!("max_connections = {n}\n"))
+                .unwrap_or_default(),
         );
         if let Some(bytes) = spec.send_buffer_floor {
             core_toml.push_str(&format!("\n[ktls]\nsend_buffer_floor_bytes = {bytes}\n"));

@@ -81,6 +81,10 @@ pub const TESTS: &[Scenario] = &[
         "gate_event_flood_from_one_app",
         super::gate_edges::event_flood,
     ),
+    (
+        "gate_conns_map_full_fails_closed",
+        super::gate_edges::conns_map_full,
+    ),
 ];
 
 /// Options of one application pair.
