@@ -6,7 +6,7 @@ use std::time::Duration;
 use super::node::{Node, NodeSpec, PLAIN_PORT, PROTECTED_PORT};
 use super::process;
 use super::scenarios::{
-    App, Capture, both_ok, captured_exchanges, check_wire, nodes, run_pair, tls_stat,
+    App, Capture, both_ok, captured_exchanges, check_wire, nodes, run_pair, with_ktls_sockets,
 };
 
 /// A counter of a node's core stats file (0 when absent).
@@ -70,18 +70,9 @@ pub fn owner_from_hold() -> Result<String, String> {
         .filter(|x| x.port == PROTECTED_PORT)
         .map(|x| u64::from(x.connections))
         .sum();
-    let before = tls_stat(&["pod-a", "pod-b"]);
-    let report = captured_exchanges("owner-from-hold", &a, &b, &apps)?;
-    let after = tls_stat(&["pod-a", "pod-b"]);
-    let delta = |k: &str| after.get(k).copied().unwrap_or(0) - before.get(k).copied().unwrap_or(0);
-    if delta("TlsTxSw") != 2 * protected || delta("TlsRxSw") != 2 * protected {
-        return Err(format!(
-            "tls_stat: TlsTxSw +{} TlsRxSw +{}, want +{} each",
-            delta("TlsTxSw"),
-            delta("TlsRxSw"),
-            2 * protected
-        ));
-    }
+    let report = with_ktls_sockets(2 * protected, || {
+        captured_exchanges("owner-from-hold", &a, &b, &apps)
+    })?;
     if report.plain_flows_with_marker == 0 {
         return Err("the control flow's plaintext was not seen: the capture is blind".into());
     }
@@ -323,25 +314,9 @@ pub fn event_flood() -> Result<String, String> {
         "listening",
         Duration::from_secs(10),
     )?;
-    let started = std::time::Instant::now();
-    let flood_n = FLOOD.to_string();
-    let flooder = process::spawn_app(
-        "pod-a",
-        &[
-            "tlshub-testapp",
-            "client",
-            "--connect",
-            &connect,
-            "--mode",
-            "echo",
-            "--connect-again",
-            &flood_n,
-        ],
-    )?;
-    let each_s = each.to_string();
-    let mut normal = Vec::new();
-    for _ in 0..clients {
-        normal.push(process::spawn_app(
+    let echo_client = |flag: &str, n: u32| {
+        let n = n.to_string();
+        process::spawn_app(
             "pod-a",
             &[
                 "tlshub-testapp",
@@ -350,10 +325,16 @@ pub fn event_flood() -> Result<String, String> {
                 &connect,
                 "--mode",
                 "echo",
-                "--connections",
-                &each_s,
+                flag,
+                &n,
             ],
-        )?);
+        )
+    };
+    let started = std::time::Instant::now();
+    let flooder = echo_client("--connect-again", FLOOD)?;
+    let mut normal = Vec::new();
+    for _ in 0..clients {
+        normal.push(echo_client("--connections", each)?);
     }
     for child in normal {
         let c = json(&process::finish(child, Duration::from_secs(300))?)?;

@@ -242,6 +242,27 @@ fn parse_tls_stat(text: &str) -> HashMap<String, u64> {
         .collect()
 }
 
+/// Runs `body` and checks that exactly `sockets` kTLS sockets got TX and RX
+/// meanwhile (`tls_stat` of both pods; both ends of a connection are in
+/// this one kernel, so a protected connection counts twice).
+pub fn with_ktls_sockets<T>(
+    sockets: u64,
+    body: impl FnOnce() -> Result<T, String>,
+) -> Result<T, String> {
+    let before = tls_stat(&["pod-a", "pod-b"]);
+    let out = body()?;
+    let after = tls_stat(&["pod-a", "pod-b"]);
+    let delta = |k: &str| after.get(k).copied().unwrap_or(0) - before.get(k).copied().unwrap_or(0);
+    if delta("TlsTxSw") != sockets || delta("TlsRxSw") != sockets {
+        return Err(format!(
+            "tls_stat: TlsTxSw +{} TlsRxSw +{}, want +{sockets} each",
+            delta("TlsTxSw"),
+            delta("TlsRxSw"),
+        ));
+    }
+    Ok(out)
+}
+
 /// tcpdump on the wire between the nodes; stopped and read by [`Capture::finish`].
 #[derive(Debug)]
 pub struct Capture {
@@ -565,19 +586,9 @@ fn exchange_matrix() -> Result<String, String> {
     let runs = apps.len();
     // One unselected connection in the same capture: it must stay plain.
     apps.push(App::exchange(10_000, PLAIN_PORT));
-    let before = tls_stat(&["pod-a", "pod-b"]);
-    let report = captured_exchanges("matrix", &a, &b, &apps)?;
-    let after = tls_stat(&["pod-a", "pod-b"]);
-    let delta = |k: &str| after.get(k).copied().unwrap_or(0) - before.get(k).copied().unwrap_or(0);
-    // Both ends of every protected connection are in this one kernel.
-    if delta("TlsTxSw") != 2 * runs as u64 || delta("TlsRxSw") != 2 * runs as u64 {
-        return Err(format!(
-            "tls_stat: TlsTxSw +{} TlsRxSw +{}, want +{} each",
-            delta("TlsTxSw"),
-            delta("TlsRxSw"),
-            2 * runs
-        ));
-    }
+    let report = with_ktls_sockets(2 * runs as u64, || {
+        captured_exchanges("matrix", &a, &b, &apps)
+    })?;
     if report.plain_flows_with_marker == 0 {
         return Err(
             "the unselected connection's plaintext was not seen: the capture is blind".into(),
