@@ -807,7 +807,9 @@ impl Agent {
                     reason,
                     "socket not reachable; connection continues in PLAINTEXT (fail-open)"
                 );
-                self.programs.set_gate(cookie, gate::OPEN);
+                if let Err(e) = self.programs.set_gate(cookie, gate::OPEN) {
+                    error!(error = %e, "cannot open the gate");
+                }
             }
         }
     }
@@ -815,14 +817,16 @@ impl Agent {
     /// Puts a connection's gate in its terminal state: every call of the
     /// app on it fails with `ECONNRESET` and nobody is held again.
     fn terminal_gate(&mut self, cookie: u64, reason: &'static str, why: &str) {
-        if self.programs.set_gate(cookie, gate::RESET) {
-            self.stats.gate_terminal += 1;
-            warn!(
-                reason,
-                why, "connection cannot be reset; its calls now fail with ECONNRESET"
-            );
-        } else {
-            debug!(reason, why, "connection closed before it could be failed");
+        match self.programs.set_gate(cookie, gate::RESET) {
+            Ok(true) => {
+                self.stats.gate_terminal += 1;
+                warn!(
+                    reason,
+                    why, "connection cannot be reset; its calls now fail with ECONNRESET"
+                );
+            }
+            Ok(false) => debug!(reason, why, "connection closed before it could be failed"),
+            Err(e) => error!(reason, why, error = %e, "cannot put the gate in its terminal state"),
         }
     }
 
@@ -1118,26 +1122,28 @@ impl Agent {
             .no_core
             .inc_by(no_core.saturating_sub(self.stats.no_core_refusals));
         self.stats.no_core_refusals = no_core;
-        // Counted by BPF: carried into the stats and metrics here.
-        for (index, seen, counter) in [
+        // Counted by BPF: carried into the stats and metrics here, with an
+        // error logged where growth means trouble.
+        for (index, seen, counter, alarm) in [
             (
                 tlshub_ebpf::stat::FASTOPEN_REFUSED,
                 &mut self.stats.fastopen_refused,
                 &self.metrics.fastopen_refused,
+                None,
             ),
             (
                 tlshub_ebpf::stat::MAP_FULL,
                 &mut self.stats.map_full,
                 &self.metrics.map_full,
+                Some(
+                    "the conns map is full ([bpf] max_connections): new selected connections fail closed",
+                ),
             ),
         ] {
             let now = self.programs.stat(index);
             if now != *seen {
-                if index == tlshub_ebpf::stat::MAP_FULL {
-                    error!(
-                        failed = now.saturating_sub(*seen),
-                        "the conns map is full ([bpf] max_connections): new selected connections fail closed"
-                    );
+                if let Some(alarm) = alarm {
+                    error!(failed = now.saturating_sub(*seen), "{alarm}");
                 }
                 counter.inc_by(now.saturating_sub(*seen));
                 *seen = now;

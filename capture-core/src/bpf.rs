@@ -484,41 +484,37 @@ impl Programs {
         self.conns.get(&cookie, 0).ok()
     }
 
-    /// Opens the gate of a connection and removes the per-socket lookups
-    /// (socket-local mark, inode entry) so that its later sends and receives
-    /// cost the gate one failed lookup. `socket` is the core's duplicate.
+    /// Opens the gate of a connection and removes its socket-local mark so
+    /// that its later sends and receives cost the gate one failed lookup.
+    /// `socket` is the core's duplicate.
     pub fn open_gate(
         &mut self,
         cookie: u64,
         socket: &impl std::os::fd::AsRawFd,
     ) -> Result<(), BpfError> {
-        let Some(mut conn) = self.conn(cookie) else {
-            return Ok(());
-        };
-        conn.gate = gate::OPEN;
-        // Replacing the value is atomic for readers: the BPF side either sees
-        // the old element (gate closed) or the new one (open).
-        const BPF_EXIST: u64 = 2;
-        match self.conns.insert(cookie, conn, BPF_EXIST) {
-            Ok(()) => {}
-            // Closed in the meantime: nothing left to open.
-            Err(_) if self.conn(cookie).is_none() => return Ok(()),
-            Err(e) => return Err(map_err(names::CONNS)(e)),
+        if self.set_gate(cookie, gate::OPEN)? {
+            let _ = self.sk_marks.remove(socket);
         }
-        let _ = self.sk_marks.remove(socket);
         Ok(())
     }
 
-    /// Sets the gate of a tracked connection without touching its socket
-    /// (for a connection the core has no handle on). False when the
+    /// Sets the gate of a tracked connection (without its socket: also for
+    /// a connection the core has no handle on). `Ok(false)` when the
     /// connection is no longer tracked (it closed).
-    pub fn set_gate(&mut self, cookie: u64, state: u32) -> bool {
+    pub fn set_gate(&mut self, cookie: u64, state: u32) -> Result<bool, BpfError> {
         let Some(mut conn) = self.conn(cookie) else {
-            return false;
+            return Ok(false);
         };
         conn.gate = state;
+        // Replacing the value is atomic for readers: the BPF side either sees
+        // the old element or the new one.
         const BPF_EXIST: u64 = 2;
-        self.conns.insert(cookie, conn, BPF_EXIST).is_ok()
+        match self.conns.insert(cookie, conn, BPF_EXIST) {
+            Ok(()) => Ok(true),
+            // Closed in the meantime: nothing left to set.
+            Err(_) if self.conn(cookie).is_none() => Ok(false),
+            Err(e) => Err(map_err(names::CONNS)(e)),
+        }
     }
 
     /// Every tracked connection (for adopting them after a restart).

@@ -32,7 +32,8 @@ pub struct Job {
     pub remote_isn: u32,
     /// Owning process.
     pub pid: u32,
-    /// fd in the owning process (as of connect/accept).
+    /// fd in the owning process (as of connect/accept; -1 when the owner
+    /// came from a gate hold, which names no fd).
     pub fd: i32,
     /// This node.
     pub node_name: String,
@@ -153,13 +154,17 @@ pub struct Installed {
 
 /// Takes fd `fd` of `pid` and checks it is the socket with `cookie`. fd
 /// numbers are reused, so when it is not, every other socket fd of the
-/// process is checked (the app may have dup2()ed it elsewhere).
+/// process is checked (the app may have dup2()ed it elsewhere). A negative
+/// `fd` (the owner came from a gate hold, which names no fd) goes straight
+/// to that search.
 pub fn find_socket(pid: u32, fd: i32, cookie: u64) -> Result<OwnedFd, KeyingError> {
-    match take_fd(pid, fd) {
-        Ok(s) if socket_cookie(&s).ok() == Some(cookie) => return Ok(s),
-        Ok(_) => {}
-        Err(e) if e.raw_os_error() == Some(libc::EBADF) => {}
-        Err(source) => return Err(KeyingError::TakeSocket { pid, fd, source }),
+    if fd >= 0 {
+        match take_fd(pid, fd) {
+            Ok(s) if socket_cookie(&s).ok() == Some(cookie) => return Ok(s),
+            Ok(_) => {}
+            Err(e) if e.raw_os_error() == Some(libc::EBADF) => {}
+            Err(source) => return Err(KeyingError::TakeSocket { pid, fd, source }),
+        }
     }
     let gone = KeyingError::SocketGone { cookie, pid, fd };
     let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {

@@ -13,7 +13,7 @@
  *                                 socket files (sendfile and splice bypass
  *                                 socket_sendmsg on 6.1); finds the socket
  *                                 with bpf_sock_from_file(), so it needs no
- *                                 owner event
+ *                                 OWNER event
  *
  * Kernel structs are declared locally with preserve_access_index (CO-RE):
  * only the fields used here, relocated against the running kernel's BTF. */

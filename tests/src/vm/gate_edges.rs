@@ -291,12 +291,11 @@ pub fn exempt_pid_reuse() -> Result<String, String> {
 /// once per socket and owner, so the node's event ring buffer loses
 /// nothing and every ordinary connection is keyed.
 pub fn event_flood() -> Result<String, String> {
-    use super::scenarios::{json, ok, pod_b_addr};
+    use super::scenarios::{json, ok};
     const FLOOD: u32 = 200_000;
     let (a, b) = nodes(NodeSpec::new("a"), NodeSpec::new("b"))?;
     let (clients, each) = (4u32, 25u32);
     let listen = format!("0.0.0.0:{PROTECTED_PORT}");
-    let connect = pod_b_addr(PROTECTED_PORT);
     let total = (clients * each + 1).to_string();
     let server = process::spawn_ready(
         "pod-b",
@@ -315,20 +314,7 @@ pub fn event_flood() -> Result<String, String> {
         Duration::from_secs(10),
     )?;
     let echo_client = |flag: &str, n: u32| {
-        let n = n.to_string();
-        process::spawn_app(
-            "pod-a",
-            &[
-                "tlshub-testapp",
-                "client",
-                "--connect",
-                &connect,
-                "--mode",
-                "echo",
-                flag,
-                &n,
-            ],
-        )
+        super::scenarios::spawn_client(PROTECTED_PORT, &["--mode", "echo", flag, &n.to_string()])
     };
     let started = std::time::Instant::now();
     let flooder = echo_client("--connect-again", FLOOD)?;

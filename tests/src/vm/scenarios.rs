@@ -184,6 +184,15 @@ pub(super) fn pod_b_addr(port: u16) -> String {
     format!("{POD_B}:{port}")
 }
 
+/// Starts `tlshub-testapp client` in pod-a against pod B's `port` (IPv4),
+/// `args` following (started, not waited for).
+pub(super) fn spawn_client(port: u16, args: &[&str]) -> Result<process::AppChild, String> {
+    let connect = pod_b_addr(port);
+    let mut argv = vec!["tlshub-testapp", "client", "--connect", &connect];
+    argv.extend_from_slice(args);
+    process::spawn_app("pod-a", &argv)
+}
+
 /// Runs server in pod-b and client in pod-a; returns both reports.
 pub fn run_pair(
     app: &App,

@@ -651,19 +651,9 @@ pub(super) fn exchange_server() -> Result<AppChild, String> {
 
 /// The client of [`exchange_server`], in pod-a (started, not waited for).
 pub(super) fn exchange_client() -> Result<AppChild, String> {
-    let connect = format!("{POD_B}:{PROTECTED_PORT}");
-    super::process::spawn_app(
-        "pod-a",
-        &[
-            "tlshub-testapp",
-            "client",
-            "--connect",
-            &connect,
-            "--mode",
-            "client-first",
-            "--size",
-            "1000",
-        ],
+    super::scenarios::spawn_client(
+        PROTECTED_PORT,
+        &["--mode", "client-first", "--size", "1000"],
     )
 }
 
