@@ -1,5 +1,5 @@
 //! The TLSHub module's netlink messages, byte for byte as described in
-//! `shared/notes/tlshub-netlink.md`: requests in layout v1 or v2, replies
+//! `provider-tlshub/PROTOCOL.md`: requests in layout v1 or v2, replies
 //! checked by type and length before anything is believed.
 
 use std::net::{Ipv4Addr, SocketAddrV4};

@@ -5,7 +5,7 @@
 //! both export the same 32-byte node secret, from which each derives the
 //! per-4-tuple master key the module would hand out.
 //!
-//! Behaviour (see `shared/notes/tlshub-netlink.md`): INIT answers a log line
+//! Behaviour (see `provider-tlshub/PROTOCOL.md`): INIT answers a log line
 //! and 0x07; START answers log lines and 0x01 (first handshake with that
 //! node), 0x02 (a later one), 0x05 (already connected) or 0x03 (failed);
 //! FETCH answers 0x06 with status 0 and the key, -1 before any handshake
