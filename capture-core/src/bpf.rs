@@ -605,6 +605,52 @@ pub fn drain_events(ring: &mut RingBuf<MapData>) -> Vec<tlshub_ebpf::Event> {
     batch
 }
 
+/// The state machine's kernel: these maps, and the syscalls on the core's
+/// socket duplicates and on held processes.
+impl crate::state::Kernel for Programs {
+    type Socket = std::os::fd::OwnedFd;
+
+    fn conn(&self, cookie: u64) -> Option<Conn> {
+        Programs::conn(self, cookie)
+    }
+
+    fn open_gate(&mut self, cookie: u64, socket: &Self::Socket) -> Result<(), BpfError> {
+        Programs::open_gate(self, cookie, socket)
+    }
+
+    fn set_gate(&mut self, cookie: u64, state: u32) -> Result<bool, BpfError> {
+        Programs::set_gate(self, cookie, state)
+    }
+
+    fn reset(&mut self, socket: &Self::Socket) -> std::io::Result<()> {
+        crate::sys::reset_connection(std::os::fd::AsFd::as_fd(socket))
+    }
+
+    fn shutdown(&mut self, socket: &Self::Socket) {
+        let _ = crate::sys::shutdown_both(std::os::fd::AsFd::as_fd(socket));
+    }
+
+    fn take_held_overflow(&mut self) -> Vec<(u32, Held)> {
+        let held = self.held();
+        for (pid, _) in &held {
+            self.forget_held(*pid);
+        }
+        held
+    }
+
+    fn process_state(&self, pid: u32) -> Option<char> {
+        crate::procfs::state(pid)
+    }
+
+    fn continue_process(&mut self, pid: u32) -> std::io::Result<()> {
+        crate::sys::continue_process(pid)
+    }
+
+    fn now_ns(&self) -> u64 {
+        crate::sys::monotonic_ns()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

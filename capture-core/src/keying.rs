@@ -18,6 +18,8 @@ use crate::sys::{self, KtlsStep};
 /// Everything needed to key one connection.
 #[derive(Debug, Clone)]
 pub struct Job {
+    /// Its number, returned in the [`Outcome`].
+    pub id: u64,
     /// Socket cookie.
     pub cookie: u64,
     /// Our side's role.
@@ -128,15 +130,18 @@ impl KeyingError {
     }
 }
 
-/// The result of a job, sent back to the event loop.
+/// The result of a job, sent back to the event loop. `S` is the core's
+/// handle on the socket (a fake one in the state machine's tests).
 #[derive(Debug)]
-pub struct Outcome {
+pub struct Outcome<S = OwnedFd> {
+    /// The job, as numbered by [`crate::state::Start`].
+    pub job: u64,
     /// The job's cookie.
     pub cookie: u64,
     /// The provider the job used.
     pub provider: String,
     /// The core's duplicate of the socket, when it was found.
-    pub socket: Option<OwnedFd>,
+    pub socket: Option<S>,
     /// What happened.
     pub result: Result<Installed, KeyingError>,
 }
@@ -220,7 +225,9 @@ fn provider_budget(left: Duration) -> Duration {
 pub async fn run(job: Job, provider: Arc<Provider>) -> Outcome {
     let cookie = job.cookie;
     let name = provider.name.clone();
+    let id = job.id;
     let outcome = |socket, result| Outcome {
+        job: id,
         cookie,
         provider: name.clone(),
         socket,

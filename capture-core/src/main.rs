@@ -11,6 +11,7 @@ mod metrics;
 mod procfs;
 mod providers;
 mod release;
+mod state;
 #[expect(
     unsafe_code,
     reason = "syscalls on application sockets; SAFETY comments inside"
@@ -131,10 +132,10 @@ fn main() -> ExitCode {
             }
             Ok(Some(r)) => {
                 println!(
-                    "released: {} reset, {} let through, {} unreachable, {} processes continued{}",
+                    "released: {} reset, {} let through, {} failing with ECONNRESET, {} processes continued{}",
                     r.reset,
                     r.passed,
-                    r.unreachable,
+                    r.terminal,
                     r.continued,
                     if r.detached {
                         ", programs detached"

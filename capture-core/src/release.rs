@@ -11,6 +11,7 @@ use tracing::{info, warn};
 
 use crate::bpf::{BpfError, Programs, unpin_all};
 use crate::config::{Config, FailurePolicy};
+use crate::state::{Failed, apply_failure};
 use crate::{keying, sys};
 
 /// What a release did.
@@ -20,9 +21,10 @@ pub struct Released {
     pub reset: usize,
     /// Waiting connections let through (fail-open).
     pub passed: usize,
-    /// Waiting connections whose socket could not be reached (not yet
-    /// accepted, or closed): the gate refuses (fail-closed) or passes them.
-    pub unreachable: usize,
+    /// Waiting connections put in the gate's terminal state (every call
+    /// fails with `ECONNRESET`): the socket could not be reached (not yet
+    /// accepted, or passed on) or refused the reset.
+    pub terminal: usize,
     /// Stopped processes continued.
     pub continued: usize,
     /// Programs and maps removed.
@@ -82,7 +84,7 @@ pub fn release(
     info!(
         reset = done.reset,
         passed = done.passed,
-        unreachable = done.unreachable,
+        terminal = done.terminal,
         continued = done.continued,
         detached = done.detached,
         "released"
@@ -141,16 +143,17 @@ fn release_open(programs: &mut Programs, config: &Config, done: &mut Released) {
         let socket = (conn.owner_pid != 0)
             .then(|| keying::find_socket(conn.owner_pid, conn.owner_fd, *cookie).ok())
             .flatten();
-        match socket {
-            Some(s) if !fail_open => match sys::reset_connection(std::os::fd::AsFd::as_fd(&s)) {
-                Ok(()) => done.reset += 1,
-                Err(e) => {
-                    warn!(cookie, error = %e, "cannot reset");
-                    done.unreachable += 1;
-                }
-            },
-            Some(_) => done.passed += 1,
-            None => done.unreachable += 1,
+        match apply_failure(
+            programs,
+            *cookie,
+            socket.as_ref(),
+            config.failure_policy,
+            false,
+        ) {
+            Failed::Reset => done.reset += 1,
+            Failed::Terminal => done.terminal += 1,
+            Failed::PassedPlaintext => done.passed += 1,
+            Failed::Closed => {}
         }
     }
     // Processes the gate stopped since the last core left: their HELD

@@ -1,0 +1,935 @@
+//! The core's per-connection state machine, apart from I/O: BPF events and
+//! keying outcomes go in; decisions come out, as calls on a [`Kernel`]
+//! (open a gate, reset a socket, continue a process) and as keying jobs to
+//! start ([`Start`]). The event loop in `agent.rs` owns the I/O (the ring
+//! buffer, the provider calls, the admin API); `release.rs` shares the
+//! failure policy ([`apply_failure`]). The unit tests at the bottom drive
+//! the orderings the kernel can produce against a fake kernel.
+
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+use tlshub_ebpf::{Conn, Event, Held, gate, kind, role};
+use tlshub_provider_sdk::Role;
+use tracing::{debug, error, info, warn};
+
+use crate::bpf::BpfError;
+use crate::config::FailurePolicy;
+use crate::keying::{Installed, KeyingError, Outcome};
+use crate::metrics::{Metrics, ProviderLabel, ProviderRoleLabels, ReasonLabel};
+
+/// What the state machine needs from the kernel. `Programs` (with the
+/// core's socket duplicates) is the real one; the tests fake it.
+pub trait Kernel {
+    /// The core's handle on an app's socket.
+    type Socket;
+    /// A connection's `conns` entry, `None` once its socket closed.
+    fn conn(&self, cookie: u64) -> Option<Conn>;
+    /// Opens the gate of a keyed connection.
+    fn open_gate(&mut self, cookie: u64, socket: &Self::Socket) -> Result<(), BpfError>;
+    /// Sets a connection's gate without its socket; `Ok(false)` if it closed.
+    fn set_gate(&mut self, cookie: u64, state: u32) -> Result<bool, BpfError>;
+    /// Resets the connection (the peer sees RST, the app `ECONNRESET`).
+    fn reset(&mut self, socket: &Self::Socket) -> std::io::Result<()>;
+    /// `shutdown(SHUT_RDWR)`: a FIN to the peer when a reset is refused.
+    fn shutdown(&mut self, socket: &Self::Socket);
+    /// Holds the gate recorded in its `held` map (the ring buffer was
+    /// full), removed from the map as they are taken.
+    fn take_held_overflow(&mut self) -> Vec<(u32, Held)>;
+    /// The `/proc` state letter of a process (`T`: stopped), `None` if gone.
+    fn process_state(&self, pid: u32) -> Option<char>;
+    /// Sends `SIGCONT`.
+    fn continue_process(&mut self, pid: u32) -> std::io::Result<()>;
+    /// `CLOCK_MONOTONIC` now, in ns (the clock of BPF timestamps).
+    fn now_ns(&self) -> u64;
+}
+
+/// A keying job the state machine decided to start. The event loop picks
+/// the provider, tells the table its name ([`ConnTable::keying_with`]) and
+/// runs the job; its [`Outcome`] carries `job` back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Start {
+    /// Identifies this job among every job of the core's life.
+    pub job: u64,
+    /// Socket cookie.
+    pub cookie: u64,
+    /// The connection's ESTABLISHED event (tuple, ISNs, role).
+    pub established: Event,
+    /// Where to look for the socket.
+    pub pid: u32,
+    /// The fd in `pid`, or -1 (search every socket fd of `pid`).
+    pub fd: i32,
+}
+
+/// A selected connection that is not keyed yet.
+#[derive(Debug)]
+pub struct Pending {
+    /// Its ESTABLISHED event, once seen.
+    pub established: Option<Event>,
+    /// Where to look for the socket: the pid and fd connect()/accept()
+    /// returned (OWNER), or a pid the gate held on it with fd -1 (every
+    /// socket fd of that process is searched for the cookie).
+    pub owner: Option<(u32, i32)>,
+    /// The keying job running for it, if any.
+    pub job: Option<u64>,
+    /// The provider asked, once keying started.
+    pub provider: Option<String>,
+    /// Owners tried in vain: the socket was no longer in that process (it
+    /// closed its fd after fork, or passed the socket on).
+    gone_from: Vec<u32>,
+    /// Since when it is pending.
+    pub since: Instant,
+}
+
+impl Pending {
+    fn new() -> Self {
+        Self {
+            established: None,
+            owner: None,
+            job: None,
+            provider: None,
+            gone_from: Vec::new(),
+            since: Instant::now(),
+        }
+    }
+}
+
+/// A connection with kTLS installed, tracked until it closes (for the
+/// admin API's connection list; its keys live only in the kernel).
+#[derive(Debug)]
+pub struct Protected {
+    /// Local address.
+    pub local: SocketAddr,
+    /// Remote address.
+    pub remote: SocketAddr,
+    /// This side's role.
+    pub role: Role,
+    /// The process it was keyed from (0: unknown).
+    pub pid: u32,
+    /// The provider that keyed it.
+    pub provider: String,
+    /// The installed cipher suite.
+    pub cipher: String,
+    /// Time spent in the provider.
+    pub key_time: Duration,
+    /// Since when it is tracked.
+    pub since: Instant,
+}
+
+/// A process the gate stopped.
+#[derive(Debug, Clone, Copy)]
+struct HeldProc {
+    cookie: u64,
+    since_ns: u64,
+    continued: bool,
+}
+
+/// How many processes a connection's socket is looked for in before it is
+/// given up as unreachable (each one that the gate holds on it is a fresh
+/// lead; the bound keeps a misbehaving app from making the core search
+/// forever).
+const MAX_OWNER_SEARCHES: usize = 8;
+
+/// How long a record is kept after its process was continued (a later
+/// stop of that process is someone else's, e.g. job control).
+const HELD_RECORD_GRACE: Duration = Duration::from_secs(1);
+
+/// How long a record is kept while its process has not been seen stopped
+/// yet: between the gate's SIGSTOP and the stop taking effect the process
+/// still looks running, and under a loaded emulator that can last well
+/// over a second. Dropping the record earlier would leave the process
+/// stopped with nobody to continue it.
+const UNSEEN_STOP_GRACE: Duration = Duration::from_secs(10);
+
+/// Counters and samples, written to the stats file.
+#[derive(Debug, Default, Serialize)]
+pub struct Stats {
+    /// Selected connections seen (ESTABLISHED events).
+    pub selected: u64,
+    /// Connections keyed and installed.
+    pub protected: u64,
+    /// Failed connections by reason.
+    pub failed: HashMap<&'static str, u64>,
+    /// Connections reset under fail-closed.
+    pub reset: u64,
+    /// Connections passed in plaintext under fail-open.
+    pub passed_plaintext: u64,
+    /// Closed before they were keyed.
+    pub closed_before_keys: u64,
+    /// Times the gate stopped a process (HELD events).
+    pub gate_stops: u64,
+    /// Distinct connections that had a process held.
+    pub held_connections: u64,
+    /// Keying searches that took the process from a gate hold (no owner
+    /// known, or the known one no longer had the socket).
+    pub owner_from_hold: u64,
+    /// Keying searches that found the socket gone from the process
+    /// searched (the connection was then looked for elsewhere, or failed).
+    pub socket_gone: u64,
+    /// Connections whose gate was put in its terminal state (calls fail
+    /// with `ECONNRESET`): they could be neither protected nor reset.
+    pub gate_terminal: u64,
+    /// Keying results that arrived for a connection the socket no longer
+    /// carries (it was disconnected and connected again meanwhile).
+    pub stale_outcomes: u64,
+    /// Microseconds from stop to continue, per stop.
+    pub held_micros: Samples,
+    /// Microseconds spent in the provider, per protected connection.
+    pub key_micros: Samples,
+    /// Events read from the ring buffer (all kinds).
+    pub events_received: u64,
+    /// Events the ring buffer dropped.
+    pub ringbuf_drops: u64,
+    /// Gate calls failed (or passed) because no core was alive (counted by
+    /// BPF, also while this core was not running).
+    pub no_core_refusals: u64,
+    /// TCP Fast Open sends to selected destinations refused with
+    /// `EOPNOTSUPP` (counted by BPF).
+    pub fastopen_refused: u64,
+    /// Selected connections failed closed because the `conns` map was full
+    /// (counted by BPF).
+    pub map_full: u64,
+    /// Entries in the pending table now.
+    pub pending: usize,
+    /// Held processes the core is tracking now.
+    pub held_tracked: usize,
+    /// BPF map entries now: conns, held.
+    pub bpf_maps: (usize, usize),
+}
+
+/// The most recent [`Samples::CAP`] measurements, so a long-running core's
+/// stats stay bounded.
+#[derive(Debug, Default, Serialize)]
+#[serde(transparent)]
+pub struct Samples(std::collections::VecDeque<u64>);
+
+impl Samples {
+    /// How many samples are kept.
+    pub const CAP: usize = 100_000;
+
+    fn push(&mut self, v: u64) {
+        if self.0.len() == Self::CAP {
+            self.0.pop_front();
+        }
+        self.0.push_back(v);
+    }
+}
+
+/// What [`apply_failure`] did with a connection that could not be keyed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Failed {
+    /// Reset: the peer got an RST, the app gets `ECONNRESET`.
+    Reset,
+    /// The gate's terminal state: every call fails with `ECONNRESET`
+    /// (the reset was refused, or there was no socket to reset).
+    Terminal,
+    /// Let through in plaintext (fail-open).
+    PassedPlaintext,
+    /// The connection closed before anything could be done.
+    Closed,
+}
+
+/// Applies the failure policy to a connection that cannot be keyed. A
+/// socket with some kTLS state (`force_reset`) is reset whatever the
+/// policy: it can carry neither plaintext nor records. Shared by the event
+/// loop and `tlshub-core release`.
+pub fn apply_failure<K: Kernel>(
+    k: &mut K,
+    cookie: u64,
+    socket: Option<&K::Socket>,
+    policy: FailurePolicy,
+    force_reset: bool,
+) -> Failed {
+    let reset = force_reset || policy == FailurePolicy::FailClosed;
+    match (socket, reset) {
+        (Some(s), true) => match k.reset(s) {
+            Ok(()) => {
+                // The socket is closed now; let the app through to see
+                // ECONNRESET.
+                let _ = k.open_gate(cookie, s);
+                Failed::Reset
+            }
+            Err(e) => {
+                // E.g. EOPNOTSUPP: current kernels refuse to disconnect a
+                // socket with the tls ULP. The gate's terminal state fails
+                // every call of the app instead; shutdown() sends the peer
+                // a FIN so that it does not wait for data either.
+                k.shutdown(s);
+                terminal_gate(k, cookie, &e.to_string())
+            }
+        },
+        // No handle on the socket: it cannot be reset, so the gate fails
+        // the app's calls from now on (holding it would only stop and
+        // continue it in a loop).
+        (None, true) => terminal_gate(k, cookie, "socket not reachable"),
+        (Some(s), false) => match k.open_gate(cookie, s) {
+            Ok(()) => Failed::PassedPlaintext,
+            Err(e) => {
+                error!(cookie, error = %e, "cannot open the gate");
+                Failed::PassedPlaintext
+            }
+        },
+        (None, false) => match k.set_gate(cookie, gate::OPEN) {
+            Ok(true) => Failed::PassedPlaintext,
+            Ok(false) => Failed::Closed,
+            Err(e) => {
+                error!(cookie, error = %e, "cannot open the gate");
+                Failed::PassedPlaintext
+            }
+        },
+    }
+}
+
+/// Puts a connection's gate in its terminal state: every call of the app
+/// on it fails with `ECONNRESET` and nobody is held again.
+fn terminal_gate<K: Kernel>(k: &mut K, cookie: u64, why: &str) -> Failed {
+    match k.set_gate(cookie, gate::RESET) {
+        Ok(true) => {
+            warn!(
+                cookie,
+                why, "connection cannot be reset; its calls now fail with ECONNRESET"
+            );
+            Failed::Terminal
+        }
+        Ok(false) => {
+            debug!(cookie, why, "connection closed before it could be failed");
+            Failed::Closed
+        }
+        Err(e) => {
+            error!(cookie, why, error = %e, "cannot put the gate in its terminal state");
+            Failed::Terminal
+        }
+    }
+}
+
+fn role_of(est: &Event) -> Role {
+    if est.role == role::CLIENT {
+        Role::Client
+    } else {
+        Role::Server
+    }
+}
+
+/// Whether two ESTABLISHED events describe the same connection (a socket
+/// that was disconnected and connected again keeps its cookie but gets a
+/// new handshake, so new ISNs and a new timestamp).
+fn same_connection(a: &Event, b: &Event) -> bool {
+    a.ts_ns == b.ts_ns && a.local_isn == b.local_isn && a.remote_isn == b.remote_isn
+}
+
+/// Every connection the core tracks and every process the gate stopped.
+#[derive(Debug)]
+pub struct ConnTable {
+    policy: FailurePolicy,
+    metrics: Arc<Metrics>,
+    pending: HashMap<u64, Pending>,
+    protected: HashMap<u64, Protected>,
+    held_cookies: HashSet<u64>,
+    /// Processes the gate stopped, by pid, from HELD events (and the BPF
+    /// `held` map when the ring buffer overflowed).
+    held: HashMap<u32, HeldProc>,
+    /// Jobs still running for a connection the socket no longer carries
+    /// (it closed, or was disconnected), by cookie. A new connection on
+    /// the same socket waits for them, so that one socket never has two
+    /// jobs at once.
+    stale_jobs: HashMap<u64, Vec<u64>>,
+    next_job: u64,
+    starts: Vec<Start>,
+    /// Set when something may have released held processes.
+    sweep_due: bool,
+    /// Shutting down: keying already under way finishes, nothing new starts
+    /// (those connections stay gated for the next core).
+    draining: bool,
+    stats: Stats,
+    /// Events and outcomes handled so far.
+    activity: u64,
+}
+
+impl ConnTable {
+    /// An empty table applying `policy` to connections that cannot be keyed.
+    pub fn new(policy: FailurePolicy, metrics: Arc<Metrics>) -> Self {
+        Self {
+            policy,
+            metrics,
+            pending: HashMap::new(),
+            protected: HashMap::new(),
+            held_cookies: HashSet::new(),
+            held: HashMap::new(),
+            stale_jobs: HashMap::new(),
+            next_job: 1,
+            starts: Vec::new(),
+            sweep_due: false,
+            draining: false,
+            stats: Stats::default(),
+            activity: 0,
+        }
+    }
+
+    /// Connections waiting for keys.
+    pub fn pending(&self) -> &HashMap<u64, Pending> {
+        &self.pending
+    }
+
+    /// Connections keyed and still open.
+    pub fn protected(&self) -> &HashMap<u64, Protected> {
+        &self.protected
+    }
+
+    /// Processes held now (as far as the core knows).
+    pub fn held_count(&self) -> usize {
+        self.held.len()
+    }
+
+    /// The counters.
+    pub fn stats(&self) -> &Stats {
+        &self.stats
+    }
+
+    /// The counters, for the event loop's BPF-side figures.
+    pub fn stats_mut(&mut self) -> &mut Stats {
+        &mut self.stats
+    }
+
+    /// Events and outcomes handled so far (the stats file is rewritten
+    /// only when this moved).
+    pub fn activity(&self) -> u64 {
+        self.activity
+    }
+
+    /// Counts something worth a stats rewrite that the table did not see.
+    pub fn touch(&mut self) {
+        self.activity += 1;
+    }
+
+    /// Keying jobs started by the last calls, to be run by the caller.
+    pub fn take_starts(&mut self) -> Vec<Start> {
+        std::mem::take(&mut self.starts)
+    }
+
+    /// Records which provider runs a started job.
+    pub fn keying_with(&mut self, cookie: u64, provider: &str) {
+        if let Some(p) = self.pending.get_mut(&cookie) {
+            p.provider = Some(provider.to_owned());
+        }
+    }
+
+    /// Whether a sweep of held processes is due (and clears it).
+    pub fn take_sweep_due(&mut self) -> bool {
+        std::mem::take(&mut self.sweep_due)
+    }
+
+    /// Asks for a sweep at the next opportunity.
+    pub fn sweep_soon(&mut self) {
+        self.sweep_due = true;
+    }
+
+    /// Stops starting jobs: the ones running finish, the rest stay gated
+    /// for the next core.
+    pub fn drain(&mut self) {
+        self.draining = true;
+    }
+
+    /// Jobs running now.
+    pub fn keying(&self) -> usize {
+        self.pending.values().filter(|p| p.job.is_some()).count()
+    }
+
+    /// Takes over from a core that stopped: connections still waiting for
+    /// keys are rebuilt from the `conns` map (which keeps a copy of their
+    /// ESTABLISHED event and owner) and keyed; keyed ones are tracked
+    /// again; owners found stopped get held records so the sweep continues
+    /// them once their connection is decided (their HELD events may have
+    /// gone to the old core).
+    pub fn adopt<K: Kernel>(&mut self, k: &K, conns: Vec<(u64, Conn)>) {
+        let now = k.now_ns();
+        let (mut waiting, mut keyed, mut stopped) = (0, 0, 0);
+        for (cookie, conn) in conns {
+            let owner = (conn.owner_pid != 0).then_some((conn.owner_pid, conn.owner_fd));
+            if conn.gate == gate::RESET {
+                continue;
+            }
+            if conn.gate == gate::CLOSED {
+                let mut p = Pending::new();
+                p.established = (conn.est.kind == kind::ESTABLISHED).then_some(conn.est);
+                p.owner = owner;
+                self.pending.insert(cookie, p);
+                waiting += 1;
+            } else if conn.est.kind == kind::ESTABLISHED {
+                self.protected.insert(
+                    cookie,
+                    Protected {
+                        local: conn.est.local(),
+                        remote: conn.est.remote(),
+                        role: role_of(&conn.est),
+                        pid: conn.owner_pid,
+                        provider: "(before restart)".into(),
+                        cipher: String::new(),
+                        key_time: Duration::ZERO,
+                        since: Instant::now(),
+                    },
+                );
+                keyed += 1;
+            }
+            if let Some((pid, _)) = owner
+                && k.process_state(pid) == Some('T')
+                && let std::collections::hash_map::Entry::Vacant(e) = self.held.entry(pid)
+            {
+                e.insert(HeldProc {
+                    cookie,
+                    since_ns: now,
+                    continued: false,
+                });
+                stopped += 1;
+            }
+        }
+        info!(
+            waiting,
+            keyed, stopped, "adopted the connections of the previous core"
+        );
+        let cookies: Vec<u64> = self.pending.keys().copied().collect();
+        for cookie in cookies {
+            self.maybe_start(cookie);
+        }
+        self.sweep_due = true;
+    }
+
+    /// One event from the ring buffer.
+    pub fn on_event<K: Kernel>(&mut self, k: &K, ev: Event) {
+        self.activity += 1;
+        self.stats.events_received += 1;
+        match ev.kind {
+            kind::ESTABLISHED => {
+                self.stats.selected += 1;
+                self.metrics.selected.inc();
+                debug!(cookie = ev.cookie, local = %ev.local(), remote = %ev.remote(), "selected connection established");
+                if let Some(p) = self.pending.get(&ev.cookie)
+                    && p.established.is_some_and(|e| !same_connection(&e, &ev))
+                {
+                    // The socket carries a new connection, and the CLOSED
+                    // event of its last one was lost: that one's state
+                    // (and owner) no longer applies.
+                    self.forget_pending(ev.cookie);
+                }
+                let p = self.pending.entry(ev.cookie).or_insert_with(Pending::new);
+                p.established = Some(ev);
+                self.maybe_start(ev.cookie);
+            }
+            kind::OWNER => {
+                let p = self.pending.entry(ev.cookie).or_insert_with(Pending::new);
+                if p.job.is_none() {
+                    p.owner = Some((ev.pid, ev.fd));
+                }
+                self.maybe_start(ev.cookie);
+            }
+            kind::HELD => {
+                self.stats.gate_stops += 1;
+                self.metrics.gate_holds.inc();
+                if self.held_cookies.insert(ev.cookie) {
+                    self.stats.held_connections += 1;
+                }
+                debug!(cookie = ev.cookie, pid = ev.pid, "gate holds process");
+                self.held.insert(
+                    ev.pid,
+                    HeldProc {
+                        cookie: ev.cookie,
+                        since_ns: ev.ts_ns,
+                        continued: false,
+                    },
+                );
+                self.owner_from_hold(k, ev.cookie, ev.pid);
+            }
+            kind::CLOSED => {
+                self.held_cookies.remove(&ev.cookie);
+                self.protected.remove(&ev.cookie);
+                if let Some(p) = self.forget_pending(ev.cookie) {
+                    self.stats.closed_before_keys += 1;
+                    self.metrics.closed_before_keys.inc();
+                    debug!(
+                        cookie = ev.cookie,
+                        provider = p.provider.as_deref().unwrap_or(""),
+                        "closed before keys"
+                    );
+                }
+                // A process held on a socket that closed must run again.
+                self.sweep_due = true;
+            }
+            other => error!(kind = other, "unknown event kind from BPF"),
+        }
+    }
+
+    /// Removes a pending connection; a job still running for it becomes
+    /// stale (its outcome must not be applied to what the socket carries
+    /// next).
+    fn forget_pending(&mut self, cookie: u64) -> Option<Pending> {
+        let p = self.pending.remove(&cookie)?;
+        if let Some(job) = p.job {
+            self.stale_jobs.entry(cookie).or_default().push(job);
+        }
+        Some(p)
+    }
+
+    /// The gate held `pid` on connection `cookie`: the process holds the
+    /// socket, so it is where keying looks for it when no owner is known
+    /// (no OWNER event: connected or accepted through io_uring or the
+    /// 32-bit entry points, or the OWNER event was lost) or the known one
+    /// no longer has it (closed its fd after fork, passed it on). A hold on
+    /// a connection the core does not track, whose gate is still closed,
+    /// is taken up from the `conns` map (its events were lost). Otherwise
+    /// the gate was opened between the program's check and this event,
+    /// and the sweep continues the process.
+    fn owner_from_hold<K: Kernel>(&mut self, k: &K, cookie: u64, pid: u32) {
+        if !self.pending.contains_key(&cookie) {
+            match k.conn(cookie) {
+                Some(conn) if conn.gate == gate::CLOSED && !self.draining => {
+                    let mut p = Pending::new();
+                    p.established = (conn.est.kind == kind::ESTABLISHED).then_some(conn.est);
+                    info!(
+                        cookie,
+                        pid,
+                        established = p.established.is_some(),
+                        "held on a connection the core did not know of; keying it from the held process"
+                    );
+                    self.pending.insert(cookie, p);
+                }
+                _ => {
+                    self.sweep_due = true;
+                    return;
+                }
+            }
+        }
+        let Some(p) = self.pending.get_mut(&cookie) else {
+            return;
+        };
+        if p.owner.is_none() && p.job.is_none() {
+            debug!(cookie, pid, "owner taken from the gate's hold");
+            p.owner = Some((pid, -1));
+            self.stats.owner_from_hold += 1;
+            self.maybe_start(cookie);
+        }
+    }
+
+    fn maybe_start(&mut self, cookie: u64) {
+        if self.draining || self.stale_jobs.contains_key(&cookie) {
+            return;
+        }
+        let Some(p) = self.pending.get_mut(&cookie) else {
+            return;
+        };
+        let (Some(established), Some((pid, fd)), None) = (p.established, p.owner, p.job) else {
+            return;
+        };
+        let job = self.next_job;
+        self.next_job += 1;
+        p.job = Some(job);
+        self.starts.push(Start {
+            job,
+            cookie,
+            established,
+            pid,
+            fd,
+        });
+    }
+
+    /// A keying job ended.
+    pub fn on_outcome<K: Kernel>(&mut self, k: &mut K, outcome: Outcome<K::Socket>) {
+        self.activity += 1;
+        self.sweep_due = true;
+        let Outcome {
+            job,
+            cookie,
+            provider,
+            socket,
+            result,
+        } = outcome;
+        let current = self
+            .pending
+            .get(&cookie)
+            .is_some_and(|p| p.job == Some(job));
+        if !current {
+            self.on_stale_outcome(k, job, cookie, socket.as_ref(), &result);
+            return;
+        }
+        if let Err(KeyingError::SocketGone { pid, .. }) = &result
+            && self.look_elsewhere(cookie, *pid)
+        {
+            self.maybe_start(cookie);
+            return;
+        }
+        let pending = self.pending.remove(&cookie);
+        let label = ProviderLabel {
+            provider: provider.clone(),
+        };
+        match result {
+            Ok(installed) => {
+                let opened = match &socket {
+                    Some(s) => k.open_gate(cookie, s),
+                    None => Ok(()),
+                };
+                if let Err(e) = opened {
+                    error!(cookie, error = %e, "cannot open the gate; resetting");
+                    self.fail(k, cookie, socket.as_ref(), "gate_open", true);
+                    return;
+                }
+                self.stats.protected += 1;
+                self.stats
+                    .key_micros
+                    .push(installed.key_time.as_micros() as u64);
+                self.metrics.protected.get_or_create(&label).inc();
+                if let Some(p) = &pending
+                    && let Some(est) = p.established
+                {
+                    let role = role_of(&est);
+                    self.metrics
+                        .key_seconds
+                        .get_or_create(&ProviderRoleLabels {
+                            provider: provider.clone(),
+                            role: role_name(role),
+                        })
+                        .observe(installed.key_time.as_secs_f64());
+                    self.protected.insert(
+                        cookie,
+                        Protected {
+                            local: est.local(),
+                            remote: est.remote(),
+                            role,
+                            pid: p.owner.map_or(0, |o| o.0),
+                            provider: provider.clone(),
+                            cipher: installed.cipher.to_string(),
+                            key_time: installed.key_time,
+                            since: p.since,
+                        },
+                    );
+                }
+                info!(
+                    cookie,
+                    provider,
+                    version = ?installed.version,
+                    cipher = %installed.cipher,
+                    key_ms = installed.key_time.as_secs_f64() * 1000.0,
+                    "kTLS installed"
+                );
+            }
+            Err(e) => {
+                warn!(cookie, provider, error = %e, reason = e.reason(), "connection could not be keyed");
+                let half_installed = matches!(e, KeyingError::Install { .. });
+                self.fail(k, cookie, socket.as_ref(), e.reason(), half_installed);
+            }
+        }
+    }
+
+    /// The outcome of a job whose connection is gone from the table: it
+    /// closed while keying, or the socket was disconnected and carries a
+    /// new connection now. Keys it installed belong to the old connection,
+    /// so a socket that carries a new one is reset (it cannot carry those
+    /// records); the new connection's own job starts once this one is out
+    /// of the way.
+    fn on_stale_outcome<K: Kernel>(
+        &mut self,
+        k: &mut K,
+        job: u64,
+        cookie: u64,
+        socket: Option<&K::Socket>,
+        result: &Result<Installed, KeyingError>,
+    ) {
+        if let Some(jobs) = self.stale_jobs.get_mut(&cookie) {
+            jobs.retain(|j| *j != job);
+            if jobs.is_empty() {
+                self.stale_jobs.remove(&cookie);
+            }
+        }
+        if !self.pending.contains_key(&cookie) {
+            // Closed while keying: nothing to protect any more. A
+            // provider's reason still matters (a mismatched peer provider
+            // typically makes the peer app close first).
+            match result {
+                Err(e @ KeyingError::Provider(_)) => {
+                    info!(cookie, error = %e, reason = e.reason(), "keying failed; the socket had closed meanwhile");
+                }
+                _ => debug!(cookie, job, "keying ended after the connection closed"),
+            }
+            return;
+        }
+        self.stats.stale_outcomes += 1;
+        if result.is_ok() {
+            warn!(
+                cookie,
+                job, "keys for a previous connection of this socket were installed; resetting"
+            );
+            self.pending.remove(&cookie);
+            self.fail(k, cookie, socket, "stale_keys", true);
+        } else {
+            debug!(
+                cookie,
+                job, "a previous connection's keying ended; keying the new one"
+            );
+            self.maybe_start(cookie);
+        }
+    }
+
+    /// The socket of `cookie` was not in process `gone_pid` any more. Keeps
+    /// the connection pending and looks for it in a process the gate holds
+    /// on it (now, or when one is held next), up to [`MAX_OWNER_SEARCHES`]
+    /// processes; false when there is nothing left to try.
+    fn look_elsewhere(&mut self, cookie: u64, gone_pid: u32) -> bool {
+        let held_on_it: Vec<u32> = self
+            .held
+            .iter()
+            .filter(|(_, h)| h.cookie == cookie)
+            .map(|(&pid, _)| pid)
+            .collect();
+        let Some(p) = self.pending.get_mut(&cookie) else {
+            return false;
+        };
+        p.gone_from.push(gone_pid);
+        self.stats.socket_gone += 1;
+        let next = held_on_it
+            .iter()
+            .copied()
+            .find(|pid| !p.gone_from.contains(pid));
+        // Every process held on it was searched in vain (a held process
+        // makes no new hold to wait for), or too many were.
+        if (next.is_none() && !held_on_it.is_empty()) || p.gone_from.len() >= MAX_OWNER_SEARCHES {
+            return false;
+        }
+        p.job = None;
+        p.provider = None;
+        p.owner = next.map(|pid| (pid, -1));
+        if next.is_some() {
+            self.stats.owner_from_hold += 1;
+        }
+        info!(cookie, gone_from = gone_pid, next = ?next, "socket no longer in its owner; looking for it where the gate holds it");
+        true
+    }
+
+    /// Applies the failure policy and counts it.
+    fn fail<K: Kernel>(
+        &mut self,
+        k: &mut K,
+        cookie: u64,
+        socket: Option<&K::Socket>,
+        reason: &'static str,
+        force_reset: bool,
+    ) {
+        *self.stats.failed.entry(reason).or_default() += 1;
+        self.metrics
+            .failed
+            .get_or_create(&ReasonLabel { reason })
+            .inc();
+        match apply_failure(k, cookie, socket, self.policy, force_reset) {
+            Failed::Reset => {
+                self.stats.reset += 1;
+                self.metrics.reset.inc();
+                info!(cookie, reason, "connection reset (fail-closed)");
+            }
+            Failed::Terminal => {
+                self.stats.reset += 1;
+                self.stats.gate_terminal += 1;
+                self.metrics.reset.inc();
+            }
+            Failed::PassedPlaintext => {
+                self.stats.passed_plaintext += 1;
+                self.metrics.plaintext.inc();
+                warn!(
+                    cookie,
+                    reason, "connection continues in PLAINTEXT (fail-open)"
+                );
+            }
+            Failed::Closed => {}
+        }
+    }
+
+    /// The `/proc` state of every held process, read *before* the ring
+    /// buffer is drained for a sweep. Overflow records from the `held` map
+    /// are adopted first.
+    pub fn held_states<K: Kernel>(&mut self, k: &mut K) -> HashMap<u32, Option<char>> {
+        for (pid, h) in k.take_held_overflow() {
+            self.held.insert(
+                pid,
+                HeldProc {
+                    cookie: h.cookie,
+                    since_ns: h.since_ns,
+                    continued: false,
+                },
+            );
+        }
+        self.held
+            .keys()
+            .map(|&pid| (pid, k.process_state(pid)))
+            .collect()
+    }
+
+    /// Continues held processes whose connection no longer needs them held.
+    ///
+    /// The gate commits a HELD event before its SIGSTOP takes effect, and
+    /// `states` was read before the last drain of the ring buffer. So a
+    /// process seen stopped (`T`) here was stopped by a hold the core knows:
+    /// if that hold's connection is no longer pending and the process has
+    /// not been continued for it yet, it is continued, exactly once (a later
+    /// `T` after that is someone else's stop, e.g. job control). Records are
+    /// forgotten when the process is gone, [`HELD_RECORD_GRACE`] after it
+    /// was continued, or if it was never seen stopped within
+    /// [`UNSEEN_STOP_GRACE`]. A new hold brings a fresh record through its
+    /// event.
+    pub fn sweep_held<K: Kernel>(&mut self, k: &mut K, states: &HashMap<u32, Option<char>>) {
+        let now = k.now_ns();
+        let mut forget = Vec::new();
+        for (&pid, h) in &mut self.held {
+            let still_gated = self.pending.contains_key(&h.cookie)
+                && k.conn(h.cookie).is_some_and(|c| c.gate == gate::CLOSED);
+            // Records added by this drain are decided on the next sweep.
+            let Some(state) = states.get(&pid) else {
+                continue;
+            };
+            if still_gated {
+                continue;
+            }
+            match state {
+                None => forget.push(pid),
+                Some('T') if !h.continued => {
+                    if let Err(e) = k.continue_process(pid) {
+                        warn!(pid, error = %e, "cannot continue held process");
+                    }
+                    h.continued = true;
+                    let held_ns = now.saturating_sub(h.since_ns);
+                    self.stats.held_micros.push(held_ns / 1000);
+                    self.metrics.gate_hold_seconds.observe(held_ns as f64 / 1e9);
+                    debug!(pid, cookie = h.cookie, "held process continued");
+                }
+                Some(_)
+                    if h.continued
+                        && now.saturating_sub(h.since_ns) > HELD_RECORD_GRACE.as_nanos() as u64 =>
+                {
+                    forget.push(pid);
+                }
+                Some(_)
+                    if !h.continued
+                        && *state != Some('T')
+                        && now.saturating_sub(h.since_ns) > UNSEEN_STOP_GRACE.as_nanos() as u64 =>
+                {
+                    forget.push(pid);
+                }
+                Some(_) => {}
+            }
+        }
+        if !forget.is_empty() {
+            self.activity += 1;
+        }
+        for pid in forget {
+            self.held.remove(&pid);
+        }
+    }
+}
+
+/// The admin API's and the metrics' name of a role.
+pub fn role_name(role: Role) -> &'static str {
+    match role {
+        Role::Client => "client",
+        Role::Server => "server",
+    }
+}
+
+#[cfg(test)]
+mod tests;

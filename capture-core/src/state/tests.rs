@@ -1,0 +1,622 @@
+//! The orderings the kernel and the keying jobs can produce, against a fake
+//! kernel: every decision the table makes is a call on [`FakeKernel`],
+//! which records it.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tlshub_ebpf::{Conn, Event, Held, gate, kind, role};
+use tlshub_provider_sdk::{CipherSuite, TlsVersion};
+
+use super::*;
+use crate::config::FailurePolicy;
+use crate::keying::{Installed, KeyingError, Outcome};
+use crate::metrics::Metrics;
+use crate::sys::KtlsStep;
+
+const COOKIE: u64 = 42;
+const PID: u32 = 700;
+
+/// The core's handle on a socket: the cookie of the socket it names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct FakeSocket(u64);
+
+/// Connections by cookie, process states by pid, and every action taken.
+#[derive(Debug, Default)]
+struct FakeKernel {
+    conns: HashMap<u64, Conn>,
+    states: HashMap<u32, char>,
+    overflow: Vec<(u32, Held)>,
+    /// `reset()` fails (as it does with the tls ULP on current kernels).
+    refuse_reset: bool,
+    now: u64,
+    resets: Vec<u64>,
+    shutdowns: Vec<u64>,
+    continued: Vec<u32>,
+}
+
+impl FakeKernel {
+    fn gate(&self, cookie: u64) -> Option<u32> {
+        self.conns.get(&cookie).map(|c| c.gate)
+    }
+
+    /// sockops at connect()/accept: a tracked connection, gate closed.
+    fn track(&mut self, cookie: u64, est: Event) {
+        self.conns.insert(
+            cookie,
+            Conn {
+                gate: gate::CLOSED,
+                role: est.role,
+                est,
+                ..Conn::default()
+            },
+        );
+    }
+}
+
+impl Kernel for FakeKernel {
+    type Socket = FakeSocket;
+
+    fn conn(&self, cookie: u64) -> Option<Conn> {
+        self.conns.get(&cookie).copied()
+    }
+
+    fn open_gate(&mut self, cookie: u64, socket: &FakeSocket) -> Result<(), BpfError> {
+        assert_eq!(socket.0, cookie, "a gate opened with another socket");
+        self.set_gate(cookie, gate::OPEN).map(drop)
+    }
+
+    fn set_gate(&mut self, cookie: u64, state: u32) -> Result<bool, BpfError> {
+        Ok(self
+            .conns
+            .get_mut(&cookie)
+            .map(|c| c.gate = state)
+            .is_some())
+    }
+
+    fn reset(&mut self, socket: &FakeSocket) -> std::io::Result<()> {
+        if self.refuse_reset {
+            return Err(std::io::Error::from_raw_os_error(libc::EOPNOTSUPP));
+        }
+        self.resets.push(socket.0);
+        Ok(())
+    }
+
+    fn shutdown(&mut self, socket: &FakeSocket) {
+        self.shutdowns.push(socket.0);
+    }
+
+    fn take_held_overflow(&mut self) -> Vec<(u32, Held)> {
+        std::mem::take(&mut self.overflow)
+    }
+
+    fn process_state(&self, pid: u32) -> Option<char> {
+        self.states.get(&pid).copied()
+    }
+
+    fn continue_process(&mut self, pid: u32) -> std::io::Result<()> {
+        self.continued.push(pid);
+        self.states.insert(pid, 'S');
+        Ok(())
+    }
+
+    fn now_ns(&self) -> u64 {
+        self.now
+    }
+}
+
+fn table(policy: FailurePolicy) -> ConnTable {
+    ConnTable::new(policy, Arc::new(Metrics::new()))
+}
+
+/// An ESTABLISHED event; `generation` tells connections of one socket apart.
+fn established(cookie: u64, generation: u32) -> Event {
+    Event {
+        kind: kind::ESTABLISHED,
+        role: role::CLIENT,
+        cookie,
+        ts_ns: 1_000 + u64::from(generation),
+        local_isn: 100 + generation,
+        remote_isn: 200 + generation,
+        family: 10,
+        local_port: 40_000,
+        remote_port: 8443,
+        local_addr: [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 10, 0, 1, 2],
+        remote_addr: [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 10, 0, 2, 2],
+        ..Event::default()
+    }
+}
+
+fn owner(cookie: u64, pid: u32, fd: i32) -> Event {
+    Event {
+        kind: kind::OWNER,
+        cookie,
+        pid,
+        fd,
+        ..Event::default()
+    }
+}
+
+fn held(cookie: u64, pid: u32, ts_ns: u64) -> Event {
+    Event {
+        kind: kind::HELD,
+        cookie,
+        pid,
+        ts_ns,
+        ..Event::default()
+    }
+}
+
+fn closed(cookie: u64) -> Event {
+    Event {
+        kind: kind::CLOSED,
+        cookie,
+        ..Event::default()
+    }
+}
+
+fn installed() -> Result<Installed, KeyingError> {
+    Ok(Installed {
+        version: TlsVersion::Tls13,
+        cipher: CipherSuite::Aes128Gcm,
+        key_time: Duration::from_millis(3),
+    })
+}
+
+fn provider_refused() -> Result<Installed, KeyingError> {
+    Err(KeyingError::TakeSocket {
+        pid: PID,
+        fd: 3,
+        source: std::io::Error::from_raw_os_error(libc::EPERM),
+    })
+}
+
+fn outcome(start: &Start, result: Result<Installed, KeyingError>) -> Outcome<FakeSocket> {
+    Outcome {
+        job: start.job,
+        cookie: start.cookie,
+        provider: "fake".into(),
+        socket: Some(FakeSocket(start.cookie)),
+        result,
+    }
+}
+
+/// The job did not find the socket in `pid` (no socket duplicate).
+fn socket_gone(start: &Start, pid: u32) -> Outcome<FakeSocket> {
+    Outcome {
+        socket: None,
+        ..outcome(
+            start,
+            Err(KeyingError::SocketGone {
+                cookie: start.cookie,
+                pid,
+                fd: start.fd,
+            }),
+        )
+    }
+}
+
+/// The one job started by the last calls.
+fn one_start(t: &mut ConnTable) -> Start {
+    let starts = t.take_starts();
+    assert_eq!(starts.len(), 1, "expected exactly one job: {starts:?}");
+    starts[0]
+}
+
+fn no_start(t: &mut ConnTable) {
+    let starts = t.take_starts();
+    assert!(starts.is_empty(), "expected no job: {starts:?}");
+}
+
+/// A sweep as the event loop runs it (states read first).
+fn sweep(t: &mut ConnTable, k: &mut FakeKernel) {
+    let states = t.held_states(k);
+    t.sweep_held(k, &states);
+}
+
+/// A client connection tracked, established and owned: its job started.
+fn keying(t: &mut ConnTable, k: &mut FakeKernel, cookie: u64) -> Start {
+    let est = established(cookie, 0);
+    k.track(cookie, est);
+    t.on_event(k, est);
+    t.on_event(k, owner(cookie, PID, 3));
+    one_start(t)
+}
+
+#[test]
+fn a_job_starts_once_both_established_and_owner_are_known_in_either_order() {
+    for owner_first in [false, true] {
+        let (mut t, mut k) = (table(FailurePolicy::FailClosed), FakeKernel::default());
+        let est = established(COOKIE, 0);
+        k.track(COOKIE, est);
+        let events = if owner_first {
+            [owner(COOKIE, PID, 3), est]
+        } else {
+            [est, owner(COOKIE, PID, 3)]
+        };
+        t.on_event(&k, events[0]);
+        no_start(&mut t);
+        t.on_event(&k, events[1]);
+        let s = one_start(&mut t);
+        assert_eq!(
+            (s.cookie, s.pid, s.fd, s.established),
+            (COOKIE, PID, 3, est)
+        );
+        // A second OWNER (another connect() call) starts nothing more.
+        t.on_event(&k, owner(COOKIE, PID, 3));
+        no_start(&mut t);
+    }
+}
+
+#[test]
+fn installed_keys_open_the_gate_and_the_connection_is_tracked_as_protected() {
+    let (mut t, mut k) = (table(FailurePolicy::FailClosed), FakeKernel::default());
+    let s = keying(&mut t, &mut k, COOKIE);
+    t.on_outcome(&mut k, outcome(&s, installed()));
+    assert_eq!(k.gate(COOKIE), Some(gate::OPEN));
+    assert!(t.pending().is_empty());
+    assert_eq!(t.protected()[&COOKIE].pid, PID);
+    assert_eq!(t.stats().protected, 1);
+    t.on_event(&k, closed(COOKIE));
+    assert!(t.protected().is_empty());
+}
+
+#[test]
+fn a_connection_closed_while_keying_is_left_alone_when_its_job_ends() {
+    let (mut t, mut k) = (table(FailurePolicy::FailClosed), FakeKernel::default());
+    let s = keying(&mut t, &mut k, COOKIE);
+    k.conns.remove(&COOKIE);
+    t.on_event(&k, closed(COOKIE));
+    assert_eq!(t.stats().closed_before_keys, 1);
+    for result in [installed(), provider_refused()] {
+        t.on_outcome(&mut k, outcome(&s, result));
+    }
+    assert!(t.protected().is_empty() && t.pending().is_empty());
+    assert!(k.resets.is_empty(), "nothing to reset: {:?}", k.resets);
+    assert_eq!(t.stats().failed.values().sum::<u64>(), 0);
+    no_start(&mut t);
+}
+
+#[test]
+fn a_held_process_is_continued_once_after_its_connection_is_keyed_and_not_before() {
+    let (mut t, mut k) = (table(FailurePolicy::FailClosed), FakeKernel::default());
+    let s = keying(&mut t, &mut k, COOKIE);
+    t.on_event(&k, held(COOKIE, PID, 0));
+    k.states.insert(PID, 'T');
+    sweep(&mut t, &mut k);
+    assert!(k.continued.is_empty(), "continued while still gated");
+    t.on_outcome(&mut k, outcome(&s, installed()));
+    assert!(t.take_sweep_due());
+    sweep(&mut t, &mut k);
+    assert_eq!(k.continued, [PID]);
+    // Stopped again by someone else (job control): not ours to continue.
+    k.states.insert(PID, 'T');
+    sweep(&mut t, &mut k);
+    assert_eq!(k.continued, [PID]);
+}
+
+#[test]
+fn a_hold_that_raced_the_gate_opening_is_continued() {
+    let (mut t, mut k) = (table(FailurePolicy::FailClosed), FakeKernel::default());
+    let s = keying(&mut t, &mut k, COOKIE);
+    t.on_outcome(&mut k, outcome(&s, installed()));
+    // The program read the gate closed just before it opened.
+    t.on_event(&k, held(COOKIE, PID + 1, 0));
+    no_start(&mut t);
+    // The stop takes effect after the first sweep read the state.
+    k.states.insert(PID + 1, 'R');
+    sweep(&mut t, &mut k);
+    assert!(k.continued.is_empty());
+    k.states.insert(PID + 1, 'T');
+    sweep(&mut t, &mut k);
+    assert_eq!(k.continued, [PID + 1]);
+}
+
+#[test]
+fn a_stop_that_never_shows_is_forgotten_after_the_grace_and_a_gone_process_at_once() {
+    let (mut t, mut k) = (table(FailurePolicy::FailClosed), FakeKernel::default());
+    k.states.insert(PID, 'R');
+    t.on_event(&k, held(COOKIE, PID, 0));
+    t.on_event(&k, held(COOKIE, PID + 1, 0));
+    sweep(&mut t, &mut k);
+    assert_eq!(t.held_count(), 1, "the gone process is forgotten");
+    k.now = UNSEEN_STOP_GRACE.as_nanos() as u64 + 1;
+    sweep(&mut t, &mut k);
+    assert_eq!(t.held_count(), 0);
+    assert!(k.continued.is_empty());
+}
+
+#[test]
+fn a_hold_on_a_connection_whose_events_were_lost_keys_it_from_the_held_process() {
+    let (mut t, mut k) = (table(FailurePolicy::FailClosed), FakeKernel::default());
+    let est = established(COOKIE, 0);
+    k.track(COOKIE, est);
+    // ESTABLISHED and OWNER were dropped by a full ring buffer.
+    t.on_event(&k, held(COOKIE, PID, 0));
+    let s = one_start(&mut t);
+    assert_eq!((s.pid, s.fd, s.established), (PID, -1, est));
+    assert_eq!(t.stats().owner_from_hold, 1);
+}
+
+#[test]
+fn holds_recorded_in_the_map_when_the_ring_buffer_was_full_are_continued_too() {
+    let (mut t, mut k) = (table(FailurePolicy::FailClosed), FakeKernel::default());
+    k.overflow.push((
+        PID,
+        Held {
+            cookie: COOKIE,
+            since_ns: 0,
+        },
+    ));
+    k.states.insert(PID, 'T');
+    sweep(&mut t, &mut k);
+    assert_eq!(k.continued, [PID], "no connection pending: continue");
+}
+
+#[test]
+fn a_hold_names_the_owner_when_connect_and_accept_reported_none() {
+    let (mut t, mut k) = (table(FailurePolicy::FailClosed), FakeKernel::default());
+    let est = established(COOKIE, 0);
+    k.track(COOKIE, est);
+    t.on_event(&k, est);
+    no_start(&mut t);
+    t.on_event(&k, held(COOKIE, PID, 0));
+    let s = one_start(&mut t);
+    assert_eq!((s.pid, s.fd), (PID, -1));
+}
+
+#[test]
+fn a_socket_gone_from_its_owner_is_looked_for_in_the_processes_held_on_it() {
+    let (mut t, mut k) = (table(FailurePolicy::FailClosed), FakeKernel::default());
+    let s = keying(&mut t, &mut k, COOKIE);
+    t.on_event(&k, held(COOKIE, PID + 1, 0));
+    no_start(&mut t);
+    t.on_outcome(&mut k, socket_gone(&s, PID));
+    let again = one_start(&mut t);
+    assert_eq!((again.pid, again.fd), (PID + 1, -1));
+    assert_ne!(again.job, s.job);
+    // Gone from there too, and nobody else holds it: failed closed.
+    t.on_outcome(&mut k, socket_gone(&again, PID + 1));
+    no_start(&mut t);
+    assert_eq!(k.gate(COOKIE), Some(gate::RESET));
+    assert_eq!(t.stats().gate_terminal, 1);
+}
+
+#[test]
+fn a_socket_gone_with_nobody_held_waits_for_the_next_hold() {
+    let (mut t, mut k) = (table(FailurePolicy::FailClosed), FakeKernel::default());
+    let s = keying(&mut t, &mut k, COOKIE);
+    t.on_outcome(&mut k, socket_gone(&s, PID));
+    no_start(&mut t);
+    assert_eq!(k.gate(COOKIE), Some(gate::CLOSED));
+    t.on_event(&k, held(COOKIE, PID + 2, 0));
+    assert_eq!(one_start(&mut t).pid, PID + 2);
+}
+
+#[test]
+fn the_failure_policy_decides_what_a_failed_connection_becomes() {
+    struct Case {
+        policy: FailurePolicy,
+        result: fn() -> Result<Installed, KeyingError>,
+        reachable: bool,
+        refuse_reset: bool,
+        gate_after: u32,
+        reset: bool,
+    }
+    let half_installed = || {
+        Err(KeyingError::Install {
+            step: KtlsStep::Transmit,
+            source: std::io::Error::from_raw_os_error(libc::EINVAL),
+        })
+    };
+    let cases = [
+        // Fail-closed: reset, and the app sees ECONNRESET through an open gate.
+        (
+            FailurePolicy::FailClosed,
+            provider_refused as fn() -> _,
+            true,
+            false,
+            gate::OPEN,
+            true,
+        ),
+        // The reset is refused (tls ULP): terminal gate, FIN to the peer.
+        (
+            FailurePolicy::FailClosed,
+            provider_refused,
+            true,
+            true,
+            gate::RESET,
+            false,
+        ),
+        // No socket to reset: terminal gate, nobody held again.
+        (
+            FailurePolicy::FailClosed,
+            provider_refused,
+            false,
+            false,
+            gate::RESET,
+            false,
+        ),
+        // Fail-open lets a clean socket through in plaintext.
+        (
+            FailurePolicy::FailOpen,
+            provider_refused,
+            true,
+            false,
+            gate::OPEN,
+            false,
+        ),
+        (
+            FailurePolicy::FailOpen,
+            provider_refused,
+            false,
+            false,
+            gate::OPEN,
+            false,
+        ),
+        // Half-installed kTLS is reset whatever the policy.
+        (
+            FailurePolicy::FailOpen,
+            half_installed,
+            true,
+            false,
+            gate::OPEN,
+            true,
+        ),
+        (
+            FailurePolicy::FailOpen,
+            half_installed,
+            true,
+            true,
+            gate::RESET,
+            false,
+        ),
+    ]
+    .map(
+        |(policy, result, reachable, refuse_reset, gate_after, reset)| Case {
+            policy,
+            result,
+            reachable,
+            refuse_reset,
+            gate_after,
+            reset,
+        },
+    );
+    for (i, c) in cases.iter().enumerate() {
+        let (mut t, mut k) = (table(c.policy), FakeKernel::default());
+        k.refuse_reset = c.refuse_reset;
+        let s = keying(&mut t, &mut k, COOKIE);
+        let mut o = outcome(&s, (c.result)());
+        if !c.reachable {
+            o.socket = None;
+        }
+        t.on_outcome(&mut k, o);
+        assert_eq!(k.gate(COOKIE), Some(c.gate_after), "case {i}");
+        assert_eq!(
+            k.resets == [COOKIE],
+            c.reset,
+            "case {i}: resets {:?}",
+            k.resets
+        );
+        assert_eq!(
+            k.shutdowns == [COOKIE],
+            c.refuse_reset,
+            "case {i}: a refused reset sends a FIN"
+        );
+        assert_eq!(t.stats().failed.values().sum::<u64>(), 1, "case {i}");
+        assert!(t.pending().is_empty(), "case {i}");
+    }
+}
+
+#[test]
+fn a_result_for_a_previous_connection_of_the_socket_is_never_applied_to_the_next() {
+    // connect(), disconnect (connect(AF_UNSPEC)), connect() again: one
+    // cookie, two connections, while the first one's job still runs.
+    let (mut t, mut k) = (table(FailurePolicy::FailClosed), FakeKernel::default());
+    let first = keying(&mut t, &mut k, COOKIE);
+    k.conns.remove(&COOKIE);
+    t.on_event(&k, closed(COOKIE));
+    let second = established(COOKIE, 1);
+    k.track(COOKIE, second);
+    t.on_event(&k, second);
+    t.on_event(&k, owner(COOKIE, PID, 3));
+    // One job per socket at a time: the new one waits for the old one.
+    no_start(&mut t);
+    // The old job installed its keys: they are on whatever the socket
+    // carries now, which is the second connection. It must not be opened.
+    t.on_outcome(&mut k, outcome(&first, installed()));
+    assert_eq!(k.resets, [COOKIE]);
+    assert_eq!(t.stats().stale_outcomes, 1);
+    assert_eq!(*t.stats().failed.get("stale_keys").unwrap_or(&0), 1);
+    assert!(t.protected().is_empty());
+    no_start(&mut t);
+}
+
+#[test]
+fn a_failed_job_of_a_previous_connection_lets_the_next_one_be_keyed() {
+    let (mut t, mut k) = (table(FailurePolicy::FailClosed), FakeKernel::default());
+    let first = keying(&mut t, &mut k, COOKIE);
+    // The CLOSED event was lost: only a new ESTABLISHED tells.
+    let second = established(COOKIE, 1);
+    k.track(COOKIE, second);
+    t.on_event(&k, second);
+    t.on_event(&k, owner(COOKIE, PID, 3));
+    no_start(&mut t);
+    t.on_outcome(&mut k, outcome(&first, provider_refused()));
+    assert!(k.resets.is_empty(), "the new connection is not failed");
+    let next = one_start(&mut t);
+    assert_eq!(next.established, second);
+    t.on_outcome(&mut k, outcome(&next, installed()));
+    assert_eq!(k.gate(COOKIE), Some(gate::OPEN));
+    assert_eq!(t.stats().protected, 1);
+}
+
+#[test]
+fn an_established_event_seen_twice_for_one_connection_changes_nothing() {
+    let (mut t, mut k) = (table(FailurePolicy::FailClosed), FakeKernel::default());
+    let s = keying(&mut t, &mut k, COOKIE);
+    t.on_event(&k, s.established);
+    no_start(&mut t);
+    t.on_outcome(&mut k, outcome(&s, installed()));
+    assert_eq!(k.gate(COOKIE), Some(gate::OPEN));
+}
+
+#[test]
+fn a_restarted_core_adopts_waiting_and_keyed_connections_and_their_stopped_owners() {
+    let (mut t, mut k) = (table(FailurePolicy::FailClosed), FakeKernel::default());
+    let est = established(COOKIE, 0);
+    let waiting = Conn {
+        gate: gate::CLOSED,
+        role: role::CLIENT,
+        est,
+        owner_pid: PID,
+        owner_fd: 3,
+    };
+    let keyed = Conn {
+        gate: gate::OPEN,
+        est: established(COOKIE + 1, 0),
+        owner_pid: PID + 1,
+        ..waiting
+    };
+    let failed = Conn {
+        gate: gate::RESET,
+        ..waiting
+    };
+    k.conns.insert(COOKIE, waiting);
+    k.conns.insert(COOKIE + 1, keyed);
+    k.conns.insert(COOKIE + 2, failed);
+    k.states.insert(PID, 'T');
+    let conns = k.conns.iter().map(|(c, v)| (*c, *v)).collect();
+    t.adopt(&k, conns);
+    let s = one_start(&mut t);
+    assert_eq!((s.cookie, s.pid, s.fd), (COOKIE, PID, 3));
+    assert!(t.protected().contains_key(&(COOKIE + 1)));
+    assert_eq!(t.pending().len(), 1);
+    sweep(&mut t, &mut k);
+    assert!(k.continued.is_empty(), "its connection still waits");
+    t.on_outcome(&mut k, outcome(&s, installed()));
+    sweep(&mut t, &mut k);
+    assert_eq!(k.continued, [PID]);
+}
+
+#[test]
+fn a_draining_core_starts_nothing_new_but_finishes_what_runs() {
+    let (mut t, mut k) = (table(FailurePolicy::FailClosed), FakeKernel::default());
+    let s = keying(&mut t, &mut k, COOKIE);
+    t.drain();
+    assert_eq!(t.keying(), 1);
+    let est = established(COOKIE + 1, 0);
+    k.track(COOKIE + 1, est);
+    t.on_event(&k, est);
+    t.on_event(&k, owner(COOKIE + 1, PID, 4));
+    t.on_event(&k, held(COOKIE + 5, PID, 0));
+    no_start(&mut t);
+    t.on_outcome(&mut k, outcome(&s, installed()));
+    assert_eq!(t.keying(), 0);
+    assert_eq!(
+        k.gate(COOKIE + 1),
+        Some(gate::CLOSED),
+        "left for the next core"
+    );
+}
