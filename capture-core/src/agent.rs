@@ -546,6 +546,12 @@ impl Agent {
                     "the conns map is full ([bpf] max_connections): new selected connections fail closed",
                 ),
             ),
+            (
+                tlshub_ebpf::stat::FIN_DEFERRED,
+                &mut stats.fin_deferred,
+                &self.metrics.fin_deferred,
+                None,
+            ),
         ] {
             let now = self.programs.stat(index);
             if now != *seen {

@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 use aya::maps::lpm_trie::{Key, LpmTrie};
 use aya::maps::{Array, HashMap, MapData, RingBuf, SkStorage};
 use aya::programs::links::{FdLink, PinnedLink};
-use aya::programs::{CgroupAttachMode, FExit, Lsm, SockOps};
+use aya::programs::{CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, FExit, Lsm, SockOps};
 use aya::{Btf, Ebpf, EbpfLoader};
 use tlshub_ebpf::{
     Addr16, Conn, Control, Held, PortKey, SkMark, gate, mapped, names, no_core, stat,
@@ -214,7 +214,8 @@ fn build_dir(pin_dir: &Path) -> Result<std::path::PathBuf, BpfError> {
 
 /// Whether every program's link is pinned in `links_dir`.
 fn links_complete(links_dir: &Path) -> bool {
-    std::iter::once(names::SOCKOPS)
+    [names::SOCKOPS, names::DEFER_FIN]
+        .into_iter()
         .chain(names::FEXIT.iter().map(|t| t.0))
         .chain(names::LSM.iter().map(|l| l.0))
         .all(|p| links_dir.join(p).exists())
@@ -239,10 +240,17 @@ fn load_pinned_maps(maps_dir: &Path, max_connections: Option<u32>) -> Result<Ebp
 
 /// (program, attach point) of every program, for status.
 fn attach_points(cgroup: &Path) -> Vec<(String, String)> {
-    std::iter::once((
-        names::SOCKOPS.to_owned(),
-        format!("sockops on cgroup {}", cgroup.display()),
-    ))
+    [
+        (
+            names::SOCKOPS.to_owned(),
+            format!("sockops on cgroup {}", cgroup.display()),
+        ),
+        (
+            names::DEFER_FIN.to_owned(),
+            format!("cgroup_skb/ingress on cgroup {}", cgroup.display()),
+        ),
+    ]
+    .into_iter()
     .chain(
         names::FEXIT
             .iter()
@@ -295,6 +303,22 @@ fn attach_all(ebpf: &mut Ebpf, cgroup: &Path, links_dir: &Path) -> Result<(), Bp
         pin(
             names::SOCKOPS,
             FdLink::try_from(link).map_err(|e| not_pinnable(names::SOCKOPS, &e))?,
+        )?;
+    }
+    {
+        let p: &mut CgroupSkb = program(ebpf, names::DEFER_FIN)?;
+        p.load().map_err(|e| load(names::DEFER_FIN, e))?;
+        let id = p
+            .attach(
+                cg.as_fd(),
+                CgroupSkbAttachType::Ingress,
+                CgroupAttachMode::Single,
+            )
+            .map_err(|e| load(names::DEFER_FIN, e))?;
+        let link = p.take_link(id).map_err(not_fd(names::DEFER_FIN))?;
+        pin(
+            names::DEFER_FIN,
+            FdLink::try_from(link).map_err(|e| not_pinnable(names::DEFER_FIN, &e))?,
         )?;
     }
     for (name, function) in names::FEXIT {

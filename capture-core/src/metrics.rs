@@ -99,6 +99,8 @@ pub struct Metrics {
     pub fastopen_refused: Counter,
     /// Selected connections failed closed because `conns` was full.
     pub map_full: Counter,
+    /// Peer FINs dropped because they arrived before this side's keys.
+    pub fin_deferred: Counter,
     /// `/proc/net/tls_stat` summed over the network namespaces of the
     /// connections this core protects.
     pub ktls: Family<TlsStatLabel, Gauge>,
@@ -133,6 +135,7 @@ impl Metrics {
             no_core: Counter::default(),
             fastopen_refused: Counter::default(),
             map_full: Counter::default(),
+            fin_deferred: Counter::default(),
             ktls: Family::default(),
             registry: Registry::default(),
         };
@@ -225,6 +228,11 @@ impl Metrics {
             "gate_map_full",
             "Selected connections failed closed (calls fail with ECONNRESET) because the conns map was full ([bpf] max_connections)",
             m.map_full.clone(),
+        );
+        registry.register(
+            "gate_fin_deferred",
+            "Segments with a peer's FIN dropped (the peer retransmits them) because they arrived before this side's keys were installed",
+            m.fin_deferred.clone(),
         );
         registry.register(
             "ktls_sockets",

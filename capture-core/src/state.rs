@@ -192,6 +192,9 @@ pub struct Stats {
     /// Selected connections failed closed because the `conns` map was full
     /// (counted by BPF).
     pub map_full: u64,
+    /// Peer FIN segments dropped because they arrived before this side's
+    /// keys (counted by BPF; the peer retransmits them).
+    pub fin_deferred: u64,
     /// Entries in the pending table now.
     pub pending: usize,
     /// Held processes the core is tracking now.

@@ -9,6 +9,9 @@
  *   fexit connect/accept          report the owning pid and fd (on the
  *                                 x86-64 syscall entry points)
  *   lsm socket_sendmsg/recvmsg    the gate for send*()/recv*() (and read/write)
+ *   lsm socket_shutdown           the gate for shutdown() (a FIN before keys)
+ *   cgroup_skb ingress            defers a peer's FIN that arrives before
+ *                                 this side's keys (CLOSE_WAIT refuses kTLS)
  *   lsm file_permission           the gate for read/write/sendfile/splice on
  *                                 socket files (sendfile and splice bypass
  *                                 socket_sendmsg on 6.1); finds the socket
@@ -41,6 +44,9 @@ char LICENSE[] SEC("license") = "GPL";
 #define MSG_FASTOPEN 0x20000000
 #define TCP_SYN_SENT 2
 #define TCP_CLOSE 7
+#define ETH_P_IP 0x0800
+#define ETH_P_IPV6 0x86DD
+#define TCPHDR_FIN 0x01
 
 #define __pai __attribute__((preserve_access_index))
 
@@ -663,4 +669,60 @@ int BPF_PROG(tlshub_gate_file, struct file *file, int mask, int ret)
 	if (!(mask & (MAY_READ | MAY_WRITE)))
 		return 0;
 	return gate_socket(bpf_sock_from_file(file));
+}
+
+/* shutdown() before keys would send a FIN that ends the connection the
+ * providers are about to key (the peer's socket goes to CLOSE_WAIT, where
+ * the kernel refuses the tls ULP), so it is held like a send. */
+SEC("lsm/socket_shutdown")
+int BPF_PROG(tlshub_gate_shutdown, struct socket *sock, int how, int ret)
+{
+	if (ret)
+		return ret;
+	return gate_socket(sock);
+}
+
+/* A peer's FIN that arrives before this side's keys would put the socket
+ * in CLOSE_WAIT, and tls_init() accepts only ESTABLISHED sockets: the
+ * install would fail with ENOTCONN and the connection be reset, losing
+ * the request a client wrote just before it half-closed (`nc -N`, HTTP/1.0
+ * clients). So while a selected socket's gate is closed, an arriving
+ * segment with FIN is dropped before TCP sees it; the peer retransmits it
+ * (tail loss probe, then RTO, at least 200 ms) and the retransmission finds
+ * the keys in. Data before the FIN in the same segment comes again with
+ * it. Segments without FIN, and every other socket, pass untouched. */
+SEC("cgroup_skb/ingress")
+int tlshub_defer_fin(struct __sk_buff *skb)
+{
+	struct bpf_sock *sk = skb->sk;
+	if (!sk)
+		return 1;
+	sk = bpf_sk_fullsock(sk);
+	if (!sk || sk->protocol != IPPROTO_TCP)
+		return 1;
+	struct tlshub_sk_mark *mark = bpf_sk_storage_get(&sk_marks, sk, 0, 0);
+	if (!mark || !mark->cookie)
+		return 1;
+	struct tlshub_conn *c = bpf_map_lookup_elem(&conns, &mark->cookie);
+	if (!c || c->gate != TLSHUB_GATE_CLOSED)
+		return 1;
+	/* skb data starts at the network header here. */
+	__u32 tcp_off;
+	__u8 b;
+	if (skb->protocol == bpf_htons(ETH_P_IP)) {
+		if (bpf_skb_load_bytes(skb, 0, &b, 1))
+			return 1;
+		tcp_off = (b & 0x0f) * 4;
+	} else if (skb->protocol == bpf_htons(ETH_P_IPV6)) {
+		/* TCP right after the fixed header (no extension headers). */
+		if (bpf_skb_load_bytes(skb, 6, &b, 1) || b != IPPROTO_TCP)
+			return 1;
+		tcp_off = 40;
+	} else {
+		return 1;
+	}
+	if (bpf_skb_load_bytes(skb, tcp_off + 13, &b, 1) || !(b & TCPHDR_FIN))
+		return 1;
+	stat_inc(TLSHUB_STAT_FIN_DEFERRED);
+	return 0;
 }

@@ -44,7 +44,8 @@ struct tlshub_control {
 #define TLSHUB_STAT_NO_CORE_REFUSALS 2
 #define TLSHUB_STAT_FASTOPEN_REFUSED 3 /* TCP Fast Open sends refused (EOPNOTSUPP) */
 #define TLSHUB_STAT_MAP_FULL 4 /* selected sockets failed closed: conns was full */
-#define TLSHUB_STAT_MAX 5
+#define TLSHUB_STAT_FIN_DEFERRED 5 /* peer FINs dropped while the gate was closed */
+#define TLSHUB_STAT_MAX 6
 
 struct tlshub_event {
 	__u32 kind;

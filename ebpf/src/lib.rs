@@ -22,11 +22,15 @@ pub mod names {
         ("tlshub_exit_accept", "__x64_sys_accept"),
     ];
     /// LSM programs: (program, hook).
-    pub const LSM: [(&str, &str); 3] = [
+    pub const LSM: [(&str, &str); 4] = [
         ("tlshub_gate_sendmsg", "socket_sendmsg"),
         ("tlshub_gate_recvmsg", "socket_recvmsg"),
         ("tlshub_gate_file", "file_permission"),
+        ("tlshub_gate_shutdown", "socket_shutdown"),
     ];
+    /// cgroup_skb ingress program (cgroup v2 root): defers a peer's FIN
+    /// that arrives before this side's keys.
+    pub const DEFER_FIN: &str = "tlshub_defer_fin";
     /// Maps.
     pub const CONNS: &str = "conns";
     /// Held processes.
@@ -97,6 +101,9 @@ pub mod stat {
     pub const FASTOPEN_REFUSED: u32 = 3;
     /// Selected sockets failed closed because `conns` was full.
     pub const MAP_FULL: u32 = 4;
+    /// Peer FIN segments dropped (to be retransmitted) because they
+    /// arrived before this side's keys.
+    pub const FIN_DEFERRED: u32 = 5;
 }
 
 /// `TLSHUB_NO_CORE_*`: what the gate does while no core is alive.
@@ -349,11 +356,17 @@ mod tests {
     #[test]
     fn the_object_has_every_program_and_map() {
         let text = String::from_utf8_lossy(OBJECT);
-        for name in [names::SOCKOPS, names::CONNS, names::HELD, names::EVENTS]
-            .into_iter()
-            .chain(names::FEXIT.iter().map(|t| t.0))
-            .chain(names::LSM.iter().map(|l| l.0))
-            .chain(names::MAPS.iter().copied())
+        for name in [
+            names::SOCKOPS,
+            names::DEFER_FIN,
+            names::CONNS,
+            names::HELD,
+            names::EVENTS,
+        ]
+        .into_iter()
+        .chain(names::FEXIT.iter().map(|t| t.0))
+        .chain(names::LSM.iter().map(|l| l.0))
+        .chain(names::MAPS.iter().copied())
         {
             assert!(text.contains(name), "{name} missing from the BPF object");
         }

@@ -31,6 +31,10 @@ enum Mode {
     Throughput,
     /// The client closes right after connect() (churn; nothing is sent).
     CloseEarly,
+    /// The client sends `size` bytes and half-closes at once
+    /// (`shutdown(SHUT_WR)`, like `nc -N` or an HTTP/1.0 client); the
+    /// server reads to EOF, then answers `size` bytes and closes.
+    HalfClose,
 }
 
 #[derive(Debug, clap::Args)]
@@ -136,6 +140,10 @@ fn is_zero(n: &u64) -> bool {
 
 /// `--connect-again`: connect() on the connected socket, `times` times.
 fn connect_again(c: &Conn, times: u32, r: &mut Report) -> std::io::Result<()> {
+    if times == 0 {
+        // getpeername() fails on a socket whose connection ended.
+        return Ok(());
+    }
     let peer = c.stream().peer_addr()?;
     let sock = socket2::SockRef::from(c.stream());
     for _ in 0..times {
@@ -260,6 +268,12 @@ fn serve_exchange(c: &mut Conn, common: &Common, r: &mut Report) -> std::io::Res
                 }
             }
         }
+        Mode::HalfClose => {
+            recv_pattern(c, common, CLIENT_SEED, r)?;
+            expect_eof(c, common)?;
+            send_pattern(c, common, SERVER_SEED, r)?;
+            return Ok(());
+        }
     }
     // Wait for the peer to finish reading, then close.
     let mut b = [0u8; 1];
@@ -348,8 +362,27 @@ fn client_exchange(c: &mut Conn, common: &Common, r: &mut Report) -> std::io::Re
             r.bytes_per_sec = Some(common.size as f64 / t.elapsed().as_secs_f64());
         }
         Mode::CloseEarly => {}
+        Mode::HalfClose => {
+            send_pattern(c, common, CLIENT_SEED, r)?;
+            c.stream().shutdown(std::net::Shutdown::Write)?;
+            recv_pattern(c, common, SERVER_SEED, r)?;
+            expect_eof(c, common)?;
+        }
     }
     Ok(())
+}
+
+/// The next read finds the end of the stream (the peer closed or
+/// half-closed after exactly what was expected).
+fn expect_eof(c: &mut Conn, common: &Common) -> std::io::Result<()> {
+    let mut b = [0u8; 1];
+    match c.recv_some(common.recv, &mut b)? {
+        0 => Ok(()),
+        _ => Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            "more bytes than the peer should have sent",
+        )),
+    }
 }
 
 fn run(args: Args, r: &mut Report) -> std::io::Result<()> {

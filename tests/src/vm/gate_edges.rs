@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use super::node::{Node, NodeSpec, PLAIN_PORT, PROTECTED_PORT};
+use super::node::{Node, NodeSpec, PLAIN_PORT, PROTECTED_PORT, ProviderKind};
 use super::process;
 use super::scenarios::{
     App, Capture, both_ok, captured_exchanges, check_wire, nodes, run_pair, with_ktls_sockets,
@@ -15,6 +15,19 @@ fn stat(n: &Node, key: &str) -> u64 {
         .ok()
         .and_then(|s| s[key].as_u64())
         .unwrap_or_default()
+}
+
+/// A counter of a node's core stats once it reached `want`, or its value
+/// after 3 s (the stats file is rewritten once a second).
+fn stat_reaching(n: &Node, key: &str, want: u64) -> u64 {
+    let deadline = std::time::Instant::now() + Duration::from_secs(3);
+    loop {
+        let v = stat(n, key);
+        if v >= want || std::time::Instant::now() > deadline {
+            return v;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }
 
 /// Sockets whose owner no syscall hook reports, or reports wrongly, are
@@ -415,4 +428,69 @@ pub fn conns_map_full() -> Result<String, String> {
         "conns of {MAX} entries full with {MAX} keyed long connections: {attempted} short connections failed closed (map_full {full}), no marker on the wire ({} protected flows, {} decrypted), long ones unbroken; after they closed a new connection was keyed",
         wire.protected_flows, wire.decrypted
     ))
+}
+
+/// A client that writes its request and half-closes at once
+/// (`shutdown(SHUT_WR)`, like `nc -N` or an HTTP/1.0 client), and a server
+/// that reads to EOF and then answers. Two races meet here: the client's
+/// FIN must not leave before its keys (it would end the handshake), and
+/// the FIN must not reach the server's socket before the server's keys are
+/// in (a socket in CLOSE_WAIT cannot take the `tls` ULP: `ENOTCONN`, and
+/// the connection would be reset with the answer lost). Run with a
+/// handshake provider (OpenSSL: the client side is keyed first, so its
+/// FIN races the server's install) and a key-only one (TLSHub).
+pub fn half_close() -> Result<String, String> {
+    let mut summary = Vec::new();
+    for provider in [ProviderKind::OpenSsl, ProviderKind::TlsHub] {
+        let spec = |name| NodeSpec {
+            provider,
+            ..NodeSpec::new(name)
+        };
+        let (a, b) = nodes(spec("a"), spec("b"))?;
+        let half = |size, connections, io| App {
+            mode: "half-close",
+            connections,
+            io,
+            ..App::exchange(size, PROTECTED_PORT)
+        };
+        let apps = [
+            half(4096, 20, "blocking"),
+            half(1 << 20, 2, "epoll"),
+            // The control: unselected, so its marker must be seen in clear.
+            App {
+                mode: "half-close",
+                ..App::exchange(10_000, PLAIN_PORT)
+            },
+        ];
+        let report = captured_exchanges(&format!("half-close-{provider:?}"), &a, &b, &apps)?;
+        if report.plain_flows_with_marker == 0 {
+            return Err("the control flow's plaintext was not seen: the capture is blind".into());
+        }
+        // shutdown() before any byte: held until keys like a send (else
+        // its FIN would end the handshake a handshake provider runs on the
+        // socket). No app bytes, so judged by the cores' counts.
+        let before = [
+            stat_reaching(&a, "protected", 22),
+            stat_reaching(&b, "protected", 22),
+        ];
+        let empty = half(0, 5, "blocking");
+        let (s, c) = run_pair(&empty, &[], Duration::from_secs(60))?;
+        both_ok(&empty, &s, &c)?;
+        let after = [
+            stat_reaching(&a, "protected", before[0] + 5),
+            stat_reaching(&b, "protected", before[1] + 5),
+        ];
+        if after[0] < before[0] + 5 || after[1] < before[1] + 5 {
+            return Err(format!(
+                "{provider:?}: 5 connections shut down before keys, protected a {}..{} b {}..{}",
+                before[0], after[0], before[1], after[1]
+            ));
+        }
+        let fins = [stat(&a, "fin_deferred"), stat(&b, "fin_deferred")];
+        summary.push(format!(
+            "{provider:?}: 22 connections exact, {} flows decrypted, 5 shut down before keys all keyed, FINs deferred a {} b {}",
+            report.decrypted, fins[0], fins[1]
+        ));
+    }
+    Ok(summary.join("; "))
 }

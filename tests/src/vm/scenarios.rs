@@ -85,6 +85,7 @@ pub const TESTS: &[Scenario] = &[
         "gate_conns_map_full_fails_closed",
         super::gate_edges::conns_map_full,
     ),
+    ("gate_half_close_before_keys", super::gate_edges::half_close),
 ];
 
 /// Options of one application pair.
@@ -213,7 +214,8 @@ pub fn run_pair(
     // (the server is killed when this returns).
     let c = process::finish_reporting(client, timeout, &[server_pid])
         .map_err(|e| format!("{app:?}: client: {e}"))?;
-    let s = finish(server, Duration::from_secs(10)).map_err(|e| format!("server: {e}"));
+    let s = finish(server, Duration::from_secs(10))
+        .map_err(|e| format!("{app:?}: server: {e}; the client said: {}", c.trim()));
     Ok((json(&s?)?, json(&c)?))
 }
 
