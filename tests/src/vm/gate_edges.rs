@@ -6,8 +6,10 @@ use std::time::Duration;
 use super::node::{Node, NodeSpec, PLAIN_PORT, PROTECTED_PORT, ProviderKind};
 use super::process;
 use super::scenarios::{
-    App, Capture, both_ok, captured_exchanges, check_wire, nodes, run_pair, with_ktls_sockets,
+    App, Capture, both_ok, captured_exchanges, captured_exchanges_on, check_wire, nodes, run_pair,
+    with_ktls_sockets,
 };
+use super::topology::{POD_A2, POD_A2_IF};
 
 /// A counter of a node's core stats file (0 when absent).
 fn stat(n: &Node, key: &str) -> u64 {
@@ -493,4 +495,65 @@ pub fn half_close() -> Result<String, String> {
         ));
     }
     Ok(summary.join("; "))
+}
+
+/// Two pods on one node (pod-a and pod-a2 on node a), both ends keyed by
+/// the same core and provider, whose two keying jobs (client and server)
+/// meet in one provider. Node a's policy lists its own pods among the
+/// selected peers; the plain port between the same pods is the control
+/// (the policy leaves it plain). Captured on pod-a2's link, which carries
+/// exactly the same-node traffic; run with OpenSSL and with TLSHub.
+pub fn same_node() -> Result<String, String> {
+    let mut summary = Vec::new();
+    for provider in [ProviderKind::OpenSsl, ProviderKind::TlsHub] {
+        let a_spec = NodeSpec {
+            provider,
+            same_node: true,
+            ..NodeSpec::new("a")
+        };
+        let (a, b) = nodes(
+            a_spec,
+            NodeSpec {
+                provider,
+                ..NodeSpec::new("b")
+            },
+        )?;
+        let local = |mode, size, io, port| App {
+            mode,
+            io,
+            server: POD_A2,
+            server_pod: "pod-a2",
+            connections: 3,
+            ..App::exchange(size, port)
+        };
+        let apps = [
+            local("client-first", 1 << 20, "blocking", PROTECTED_PORT),
+            local("server-first", 4096, "epoll", PROTECTED_PORT),
+            local("half-close", 4096, "blocking", PROTECTED_PORT),
+            local("client-first", 10_000, "blocking", PLAIN_PORT),
+        ];
+        let report =
+            captured_exchanges_on(&format!("same-node-{provider:?}"), POD_A2_IF, &a, &b, &apps)?;
+        if report.plain_flows_with_marker == 0 {
+            return Err("the control flow's plaintext was not seen: the capture is blind".into());
+        }
+        // Both ends of every protected connection were keyed by node a.
+        let keyed = stat_reaching(&a, "protected", 18);
+        if keyed < 18 {
+            return Err(format!(
+                "{provider:?}: node a protected {keyed} ends of 9 same-node connections, want 18"
+            ));
+        }
+        if stat(&b, "selected") != 0 {
+            return Err("node b selected same-node traffic of node a".into());
+        }
+        summary.push(format!(
+            "{provider:?}: 9 connections exact, {} flows decrypted, both ends keyed by node a ({keyed})",
+            report.decrypted
+        ));
+    }
+    Ok(format!(
+        "{}; the plain port stayed plain",
+        summary.join("; ")
+    ))
 }

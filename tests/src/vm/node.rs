@@ -60,6 +60,9 @@ pub struct NodeSpec {
     pub send_buffer_floor: Option<u32>,
     /// `[bpf] max_connections` (unset: the core's default).
     pub max_connections: Option<u32>,
+    /// Node a only: pod-a2 is one of its pods too, and its policy selects
+    /// traffic between its own pods (same-node traffic).
+    pub same_node: bool,
 }
 
 impl NodeSpec {
@@ -75,6 +78,7 @@ impl NodeSpec {
             standin_lifetime_ms: 600_000,
             send_buffer_floor: None,
             max_connections: None,
+            same_node: false,
         }
     }
 }
@@ -111,10 +115,13 @@ impl Node {
             r#""10.0.1.0/24", "fd00:1::/64""#,
             r#""10.0.2.0/24", "fd00:2::/64""#,
         );
-        let (local, peer) = if n == "a" {
-            (pod_a, pod_b)
-        } else {
-            (pod_b, pod_a)
+        let (local, peer) = match (n, spec.same_node) {
+            ("a", false) => (pod_a.to_owned(), pod_b.to_owned()),
+            ("a", true) => (
+                format!(r#"{pod_a}, "10.0.3.0/24""#),
+                format!(r#"{pod_b}, {pod_a}, "10.0.3.0/24""#),
+            ),
+            _ => (pod_b.to_owned(), pod_a.to_owned()),
         };
         let kinds: Vec<ProviderKind> = std::iter::once(spec.provider)
             .chain(spec.also.iter().copied())
@@ -410,8 +417,11 @@ fn spawn_provider(
                 ("10.99.0.2", "4002")
             };
             let pods = dir.join("pods");
-            std::fs::write(&pods, "10.0.1.0/24 10.99.0.1\n10.0.2.0/24 10.99.0.2\n")
-                .map_err(|e| e.to_string())?;
+            std::fs::write(
+                &pods,
+                "10.0.1.0/24 10.99.0.1\n10.0.3.0/24 10.99.0.1\n10.0.2.0/24 10.99.0.2\n",
+            )
+            .map_err(|e| e.to_string())?;
             let certs = |f: &str| format!("/etc/tlshub/certs/node-{n}.{f}");
             let slog = PathBuf::from(format!("/tmp/logs/node-{n}-standin.log"));
             let mut s = Proc::spawn(

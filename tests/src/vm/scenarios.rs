@@ -86,6 +86,7 @@ pub const TESTS: &[Scenario] = &[
         super::gate_edges::conns_map_full,
     ),
     ("gate_half_close_before_keys", super::gate_edges::half_close),
+    ("gate_same_node_pods", super::gate_edges::same_node),
 ];
 
 /// Options of one application pair.
@@ -105,8 +106,10 @@ pub struct App {
     pub connections: u32,
     /// Server port.
     pub port: u16,
-    /// Server address (pod B, IPv4 or IPv6).
+    /// Server address (pod B, IPv4 or IPv6, or pod-a2).
     pub server: &'static str,
+    /// The server's network namespace (`pod-b`, or `pod-a2` on node a).
+    pub server_pod: &'static str,
     /// --via: how both ends get their socket (syscall or io-uring).
     pub via: &'static str,
     /// --fork: both ends hand each connection to a forked child and close
@@ -126,6 +129,7 @@ impl App {
             connections: 1,
             port,
             server: POD_B,
+            server_pod: "pod-b",
             via: "syscall",
             fork: false,
         }
@@ -194,7 +198,7 @@ pub(super) fn spawn_client(port: u16, args: &[&str]) -> Result<process::AppChild
     process::spawn_app("pod-a", &argv)
 }
 
-/// Runs server in pod-b and client in pod-a; returns both reports.
+/// Runs server in `app.server_pod` and client in pod-a; returns both reports.
 pub fn run_pair(
     app: &App,
     extra_client: &[&str],
@@ -204,7 +208,7 @@ pub fn run_pair(
     let args = app.args();
     let mut sargv = vec!["tlshub-testapp", "server", "--listen", &listen];
     sargv.extend(args.iter().map(String::as_str));
-    let server = spawn_ready("pod-b", &sargv, "listening", Duration::from_secs(10))?;
+    let server = spawn_ready(app.server_pod, &sargv, "listening", Duration::from_secs(10))?;
     let mut cargv = vec!["tlshub-testapp", "client", "--connect", &connect];
     cargv.extend(args.iter().map(String::as_str));
     cargv.extend_from_slice(extra_client);
@@ -284,6 +288,11 @@ pub struct Capture {
 impl Capture {
     /// Starts capturing TCP on the node-to-node veth.
     pub fn start(name: &str) -> Result<Self, String> {
+        Self::start_on(name, WIRE_IF)
+    }
+
+    /// Starts capturing TCP on interface `iface` of `node-a`.
+    pub fn start_on(name: &str, iface: &str) -> Result<Self, String> {
         let path = format!("/tmp/{name}.pcap");
         let _ = std::fs::remove_file(&path);
         let log = std::path::PathBuf::from(format!("/tmp/logs/tcpdump-{name}.log"));
@@ -296,7 +305,7 @@ impl Capture {
                 "tcpdump",
                 "--immediate-mode",
                 "-i",
-                WIRE_IF,
+                iface,
                 "-s",
                 "0",
                 "-B",
@@ -536,7 +545,19 @@ pub(super) fn captured_exchanges(
     b: &Node,
     apps: &[App],
 ) -> Result<WireReport, String> {
-    let cap = Capture::start(name)?;
+    captured_exchanges_on(name, WIRE_IF, a, b, apps)
+}
+
+/// [`captured_exchanges`] with the capture on interface `iface` of
+/// `node-a`.
+pub(super) fn captured_exchanges_on(
+    name: &str,
+    iface: &str,
+    a: &Node,
+    b: &Node,
+    apps: &[App],
+) -> Result<WireReport, String> {
+    let cap = Capture::start_on(name, iface)?;
     for app in apps {
         let (s, c) = run_pair(app, &[], Duration::from_secs(60))?;
         both_ok(app, &s, &c)?;

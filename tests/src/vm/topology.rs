@@ -3,6 +3,8 @@
 //!
 //! ```text
 //!  pod-a 10.0.1.2 --pa/ap-- node-a 10.99.0.1 --ab/ba-- 10.99.0.2 node-b --bp/pb-- 10.0.2.2 pod-b
+//!                             |
+//!  pod-a2 10.0.3.2 --pc/cp----+  (a second pod on node a, for same-node traffic)
 //! ```
 //!
 //! Cores and providers run in the root namespace (they need no network);
@@ -15,12 +17,17 @@ use super::process::run;
 pub const POD_A: &str = "10.0.1.2";
 /// Pod B's address.
 pub const POD_B: &str = "10.0.2.2";
+/// The second pod on node a (same-node traffic; its link is `cp` in `node-a`).
+pub const POD_A2: &str = "10.0.3.2";
+/// Node a's end of pod-a2's link: every byte between pod-a and pod-a2
+/// crosses it, and nothing else does.
+pub const POD_A2_IF: &str = "cp";
 /// Pod B's IPv6 address.
 pub const POD_B6: &str = "fd00:2::2";
 /// The node-to-node interface, in `node-a`.
 pub const WIRE_IF: &str = "ab";
 /// Namespace names.
-pub const NAMESPACES: [&str; 4] = ["node-a", "node-b", "pod-a", "pod-b"];
+pub const NAMESPACES: [&str; 5] = ["node-a", "node-b", "pod-a", "pod-b", "pod-a2"];
 
 /// The topology; removed when dropped.
 #[derive(Debug)]
@@ -38,6 +45,7 @@ impl Topology {
             ("ab", "node-a", "ba", "node-b"),
             ("pa", "pod-a", "ap", "node-a"),
             ("pb", "pod-b", "bp", "node-b"),
+            ("pc", "pod-a2", "cp", "node-a"),
         ] {
             run(
                 None,
@@ -53,6 +61,8 @@ impl Topology {
             ("pod-a", "10.0.1.2/24", "pa"),
             ("node-b", "10.0.2.1/24", "bp"),
             ("pod-b", "10.0.2.2/24", "pb"),
+            ("node-a", "10.0.3.1/24", "cp"),
+            ("pod-a2", "10.0.3.2/24", "pc"),
         ] {
             run(Some(ns), &["ip", "addr", "add", addr, "dev", dev])?;
             run(Some(ns), &["ip", "link", "set", dev, "up"])?;
@@ -64,6 +74,10 @@ impl Topology {
         run(
             Some("pod-b"),
             &["ip", "route", "add", "default", "via", "10.0.2.1"],
+        )?;
+        run(
+            Some("pod-a2"),
+            &["ip", "route", "add", "default", "via", "10.0.3.1"],
         )?;
         run(
             Some("node-a"),
@@ -113,6 +127,8 @@ impl Topology {
         }
         run(Some("pod-a"), &["ping", "-c", "1", "-W", "5", POD_B])
             .map_err(|e| format!("pods cannot reach each other: {e}"))?;
+        run(Some("pod-a"), &["ping", "-c", "1", "-W", "5", POD_A2])
+            .map_err(|e| format!("pods on one node cannot reach each other: {e}"))?;
         run(Some("pod-a"), &["ping", "-c", "1", "-W", "5", POD_B6])
             .map_err(|e| format!("pods cannot reach each other over IPv6: {e}"))?;
         Ok(t)
