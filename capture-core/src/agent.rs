@@ -552,6 +552,18 @@ impl Agent {
                 &self.metrics.fin_deferred,
                 None,
             ),
+            (
+                tlshub_ebpf::stat::REPAIR_REFUSED,
+                &mut stats.repair_refused,
+                &self.metrics.repair_refused,
+                None,
+            ),
+            (
+                tlshub_ebpf::stat::ZEROCOPY_RECEIVE_REFUSED,
+                &mut stats.zerocopy_receive_refused,
+                &self.metrics.zerocopy_receive_refused,
+                None,
+            ),
         ] {
             let now = self.programs.stat(index);
             if now != *seen {

@@ -101,6 +101,10 @@ pub struct Metrics {
     pub map_full: Counter,
     /// Peer FINs dropped because they arrived before this side's keys.
     pub fin_deferred: Counter,
+    /// Sockets connected in TCP repair mode to selected peers, refused.
+    pub repair_refused: Counter,
+    /// `TCP_ZEROCOPY_RECEIVE` refused on gated or kTLS sockets.
+    pub zerocopy_receive_refused: Counter,
     /// `/proc/net/tls_stat` summed over the network namespaces of the
     /// connections this core protects.
     pub ktls: Family<TlsStatLabel, Gauge>,
@@ -136,6 +140,8 @@ impl Metrics {
             fastopen_refused: Counter::default(),
             map_full: Counter::default(),
             fin_deferred: Counter::default(),
+            repair_refused: Counter::default(),
+            zerocopy_receive_refused: Counter::default(),
             ktls: Family::default(),
             registry: Registry::default(),
         };
@@ -233,6 +239,16 @@ impl Metrics {
             "gate_fin_deferred",
             "Segments with a peer's FIN dropped (the peer retransmits them) because they arrived before this side's keys were installed",
             m.fin_deferred.clone(),
+        );
+        registry.register(
+            "gate_repair_refused",
+            "Sockets put in TCP repair mode that then connected to a selected peer, refused for good (their ISNs are the app's, so they are never keyed)",
+            m.repair_refused.clone(),
+        );
+        registry.register(
+            "gate_zerocopy_receive_refused",
+            "TCP_ZEROCOPY_RECEIVE calls refused with EOPNOTSUPP on selected sockets before keys and on kTLS sockets",
+            m.zerocopy_receive_refused.clone(),
         );
         registry.register(
             "ktls_sockets",

@@ -195,6 +195,12 @@ pub struct Stats {
     /// Peer FIN segments dropped because they arrived before this side's
     /// keys (counted by BPF; the peer retransmits them).
     pub fin_deferred: u64,
+    /// Sockets connected in TCP repair mode to selected peers, refused
+    /// (counted by BPF).
+    pub repair_refused: u64,
+    /// `TCP_ZEROCOPY_RECEIVE` calls refused on gated or kTLS sockets
+    /// (counted by BPF).
+    pub zerocopy_receive_refused: u64,
     /// Entries in the pending table now.
     pub pending: usize,
     /// Held processes the core is tracking now.

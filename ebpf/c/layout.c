@@ -30,6 +30,7 @@ int main(void)
 	S(tlshub_control);
 	O(tlshub_control, no_core);
 	S(tlshub_sk_mark);
+	O(tlshub_sk_mark, flags);
 	S(tlshub_lpm_key);
 	O(tlshub_lpm_key, addr);
 	S(tlshub_port_key);

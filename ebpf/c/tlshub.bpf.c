@@ -47,6 +47,10 @@ char LICENSE[] SEC("license") = "GPL";
 #define ETH_P_IP 0x0800
 #define ETH_P_IPV6 0x86DD
 #define TCPHDR_FIN 0x01
+#define EPERM 1
+#define SOL_TCP 6
+#define TCP_REPAIR 19
+#define TCP_ZEROCOPY_RECEIVE 35
 
 #define __pai __attribute__((preserve_access_index))
 
@@ -106,6 +110,14 @@ struct sockaddr_in6 {
 struct socket {
 	struct sock *sk;
 	struct file *file;
+} __pai;
+
+struct tcp_ulp_ops {
+	char name[16];
+} __pai;
+
+struct inet_connection_sock {
+	const struct tcp_ulp_ops *icsk_ulp_ops;
 } __pai;
 
 struct fdtable {
@@ -278,8 +290,8 @@ static __always_inline int selected(struct tlshub_event *ev, __u32 role)
 
 /* Marks a newly selected socket: socket-local storage (read by the socket
  * LSM hooks) and the conns entry holding the gate state, gate closed.
- * When conns is full the socket is still marked, with cookie 0, which the
- * gate refuses for good (ECONNRESET): capacity never means plaintext. */
+ * When conns is full the socket is still marked, as refused, and the gate
+ * fails it for good (ECONNRESET): capacity never means plaintext. */
 static __always_inline int track(struct bpf_sock_ops *skops, __u64 cookie, __u32 role)
 {
 	struct tlshub_conn conn = { .gate = TLSHUB_GATE_CLOSED, .role = role };
@@ -299,8 +311,20 @@ static __always_inline int track(struct bpf_sock_ops *skops, __u64 cookie, __u32
 			bpf_map_delete_elem(&conns, &cookie);
 		return 0;
 	}
+	if (mark->flags & TLSHUB_MARK_REPAIR) {
+		/* Connected in repair mode: no SYN was exchanged, and the ISNs
+		 * are whatever the app set, so a key-only provider could be made
+		 * to derive another connection's keys. Never keyed: refused. */
+		if (!err)
+			bpf_map_delete_elem(&conns, &cookie);
+		mark->cookie = 0;
+		mark->flags |= TLSHUB_MARK_REFUSED;
+		stat_inc(TLSHUB_STAT_REPAIR_REFUSED);
+		return 0;
+	}
 	if (err) {
 		mark->cookie = 0;
+		mark->flags |= TLSHUB_MARK_REFUSED;
 		stat_inc(TLSHUB_STAT_MAP_FULL);
 		return 0;
 	}
@@ -500,9 +524,6 @@ static __always_inline int exempt_process(__u32 tgid)
  * is therefore harmless: the next sweep continues the process again. */
 static __always_inline int gate(__u64 cookie)
 {
-	/* Selected, but conns was full (see track()): never let it through. */
-	if (cookie == 0)
-		return -ECONNRESET;
 	struct tlshub_conn *c = bpf_map_lookup_elem(&conns, &cookie);
 	if (!c)
 		return 0;
@@ -546,6 +567,18 @@ static __always_inline int gate(__u64 cookie)
 	return -ERESTARTSYS;
 }
 
+/* The gate for a socket's mark: refused for good (conns was full, or
+ * repair mode; see track()), the connection's gate, or nothing (a mark
+ * with no cookie is a repair-mode socket that was never selected). */
+static __always_inline int gate_mark(struct tlshub_sk_mark *mark)
+{
+	if (mark->flags & TLSHUB_MARK_REFUSED)
+		return -ECONNRESET;
+	if (!mark->cookie)
+		return 0;
+	return gate(mark->cookie);
+}
+
 static __always_inline int gate_socket(struct socket *sock)
 {
 	if (!sock)
@@ -556,7 +589,7 @@ static __always_inline int gate_socket(struct socket *sock)
 	struct tlshub_sk_mark *mark = bpf_sk_storage_get(&sk_marks, sk, 0, 0);
 	if (!mark)
 		return 0;
-	return gate(mark->cookie);
+	return gate_mark(mark);
 }
 
 /* TCP Fast Open would put data on the wire before the gate can hold it:
@@ -639,8 +672,8 @@ int BPF_PROG(tlshub_gate_sendmsg, struct socket *sock, struct msghdr *msg, int s
 	if (!sk)
 		return 0;
 	struct tlshub_sk_mark *mark = bpf_sk_storage_get(&sk_marks, sk, 0, 0);
-	if (mark)
-		return gate(mark->cookie);
+	if (mark && (mark->cookie || (mark->flags & TLSHUB_MARK_REFUSED)))
+		return gate_mark(mark);
 	return fastopen_refused(sk, msg);
 }
 
@@ -724,5 +757,64 @@ int tlshub_defer_fin(struct __sk_buff *skb)
 	if (bpf_skb_load_bytes(skb, tcp_off + 13, &b, 1) || !(b & TCPHDR_FIN))
 		return 1;
 	stat_inc(TLSHUB_STAT_FIN_DEFERRED);
+	return 0;
+}
+
+/* TCP repair mode (CAP_NET_ADMIN; CRIU uses it) lets the app choose a
+ * socket's sequence numbers and connect without a handshake. On a
+ * selected socket it is refused (EPERM); a socket that enters it before it
+ * connects is marked, and if it then connects to a selected peer it is
+ * refused for good (see track()). Other sockets are untouched. */
+SEC("lsm/socket_setsockopt")
+int BPF_PROG(tlshub_gate_setsockopt, struct socket *sock, int level, int optname, int ret)
+{
+	if (ret)
+		return ret;
+	if (level != SOL_TCP || optname != TCP_REPAIR)
+		return 0;
+	struct sock *sk = sock->sk;
+	if (!sk)
+		return 0;
+	struct tlshub_sk_mark *mark = bpf_sk_storage_get(&sk_marks, sk, 0, 0);
+	if (mark && mark->cookie)
+		return -EPERM;
+	mark = bpf_sk_storage_get(&sk_marks, sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
+	if (!mark)
+		return -EPERM;
+	mark->flags |= TLSHUB_MARK_REPAIR;
+	return 0;
+}
+
+/* Whether the socket has the tls ULP (kTLS installed or being installed). */
+static __always_inline int has_tls_ulp(struct sock *sk)
+{
+	const struct tcp_ulp_ops *ops =
+		BPF_CORE_READ((struct inet_connection_sock *)sk, icsk_ulp_ops);
+	char name[4] = {};
+	if (!ops || bpf_probe_read_kernel(name, sizeof(name), &ops->name))
+		return 0;
+	return name[0] == 't' && name[1] == 'l' && name[2] == 's' && name[3] == 0;
+}
+
+/* TCP_ZEROCOPY_RECEIVE maps the TCP receive queue into the app's memory:
+ * it bypasses recvmsg (and so the gate) and, on a kTLS socket, kTLS too
+ * (the app would take raw records out from under the record parser). It
+ * fails with EOPNOTSUPP on a selected socket whose keys are not in and on
+ * any socket with the tls ULP; the app falls back to recv(). */
+SEC("lsm/socket_getsockopt")
+int BPF_PROG(tlshub_gate_getsockopt, struct socket *sock, int level, int optname, int ret)
+{
+	if (ret)
+		return ret;
+	if (level != SOL_TCP || optname != TCP_ZEROCOPY_RECEIVE)
+		return 0;
+	struct sock *sk = sock->sk;
+	if (!sk)
+		return 0;
+	struct tlshub_sk_mark *mark = bpf_sk_storage_get(&sk_marks, sk, 0, 0);
+	if ((mark && (mark->cookie || (mark->flags & TLSHUB_MARK_REFUSED))) || has_tls_ulp(sk)) {
+		stat_inc(TLSHUB_STAT_ZEROCOPY_RECEIVE_REFUSED);
+		return -EOPNOTSUPP;
+	}
 	return 0;
 }

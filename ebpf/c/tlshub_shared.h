@@ -45,7 +45,9 @@ struct tlshub_control {
 #define TLSHUB_STAT_FASTOPEN_REFUSED 3 /* TCP Fast Open sends refused (EOPNOTSUPP) */
 #define TLSHUB_STAT_MAP_FULL 4 /* selected sockets failed closed: conns was full */
 #define TLSHUB_STAT_FIN_DEFERRED 5 /* peer FINs dropped while the gate was closed */
-#define TLSHUB_STAT_MAX 6
+#define TLSHUB_STAT_REPAIR_REFUSED 6 /* repair-mode sockets to selected peers refused */
+#define TLSHUB_STAT_ZEROCOPY_RECEIVE_REFUSED 7 /* TCP_ZEROCOPY_RECEIVE on gated or kTLS sockets */
+#define TLSHUB_STAT_MAX 8
 
 struct tlshub_event {
 	__u32 kind;
@@ -83,11 +85,21 @@ struct tlshub_held {
 	__u64 since_ns;
 };
 
-/* Socket-local storage: marks a selected socket from the first moment.
- * cookie 0: selected but untracked (conns was full); the gate refuses it. */
+/* Socket-local storage: marks a selected socket from the first moment
+ * (cookie), and a socket that was put in TCP repair mode before it was
+ * selected (flags only, cookie 0). */
 struct tlshub_sk_mark {
 	__u64 cookie;
+	__u32 flags; /* TLSHUB_MARK_* */
+	__u32 pad;
 };
+
+/* The socket was in TCP repair mode before it was selected: its sequence
+ * numbers (and so the keys a key-only provider derives) are the app's. */
+#define TLSHUB_MARK_REPAIR 1
+/* Selected but refused for good (conns was full, or repair mode): every
+ * call fails with ECONNRESET. */
+#define TLSHUB_MARK_REFUSED 2
 
 /* LPM key: prefix length over a 16-byte address (IPv4 mapped). */
 struct tlshub_lpm_key {

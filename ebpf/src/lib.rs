@@ -22,11 +22,13 @@ pub mod names {
         ("tlshub_exit_accept", "__x64_sys_accept"),
     ];
     /// LSM programs: (program, hook).
-    pub const LSM: [(&str, &str); 4] = [
+    pub const LSM: [(&str, &str); 6] = [
         ("tlshub_gate_sendmsg", "socket_sendmsg"),
         ("tlshub_gate_recvmsg", "socket_recvmsg"),
         ("tlshub_gate_file", "file_permission"),
         ("tlshub_gate_shutdown", "socket_shutdown"),
+        ("tlshub_gate_setsockopt", "socket_setsockopt"),
+        ("tlshub_gate_getsockopt", "socket_getsockopt"),
     ];
     /// cgroup_skb ingress program (cgroup v2 root): defers a peer's FIN
     /// that arrives before this side's keys.
@@ -104,6 +106,11 @@ pub mod stat {
     /// Peer FIN segments dropped (to be retransmitted) because they
     /// arrived before this side's keys.
     pub const FIN_DEFERRED: u32 = 5;
+    /// Sockets put in TCP repair mode before they connected to a selected
+    /// peer, refused (every call fails with `ECONNRESET`).
+    pub const REPAIR_REFUSED: u32 = 6;
+    /// `TCP_ZEROCOPY_RECEIVE` refused on a gated or kTLS socket.
+    pub const ZEROCOPY_RECEIVE_REFUSED: u32 = 7;
 }
 
 /// `TLSHUB_NO_CORE_*`: what the gate does while no core is alive.
@@ -245,8 +252,12 @@ pub struct Held {
 #[repr(C)]
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct SkMark {
-    /// The socket's cookie.
+    /// The socket's cookie (0: not selected, or refused).
     pub cookie: u64,
+    /// `TLSHUB_MARK_*`.
+    pub flags: u32,
+    /// Padding (zero).
+    pub pad: u32,
 }
 
 /// `struct tlshub_lpm_key` without the prefix length (aya's `lpm_trie::Key`
@@ -326,6 +337,7 @@ mod tests {
         assert_eq!(size_of::<Held>(), SIZE_tlshub_held);
         assert_eq!(offset_of!(Held, since_ns), OFF_tlshub_held_since_ns);
         assert_eq!(size_of::<SkMark>(), SIZE_tlshub_sk_mark);
+        assert_eq!(offset_of!(SkMark, flags), OFF_tlshub_sk_mark_flags);
         assert_eq!(size_of::<Addr16>() + 4, SIZE_tlshub_lpm_key);
         assert_eq!(OFF_tlshub_lpm_key_addr, 4);
         assert_eq!(size_of::<PortKey>(), SIZE_tlshub_port_key);

@@ -555,3 +555,170 @@ pub fn connect_fastopen(
         Err(e) => Err(e),
     }
 }
+
+/// An unusual socket call that `tlshub-testapp probe` makes on a fresh
+/// connection, to see what the gate and kTLS make of it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Probe {
+    /// `send(MSG_OOB)` of the payload.
+    Oob,
+    /// `SO_ZEROCOPY`, then `send(MSG_ZEROCOPY)` of the payload.
+    Zerocopy,
+    /// `getsockopt(TCP_ZEROCOPY_RECEIVE)` right after connect(), and again
+    /// after a one-byte write (which waits for the keys).
+    ZerocopyReceive,
+    /// `TCP_REPAIR` on, connect() (no handshake in repair mode),
+    /// `TCP_REPAIR` off, then `write()` of the payload.
+    Repair,
+}
+
+/// One step of a probe and its errno (0: it succeeded).
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ProbeStep {
+    /// What was called.
+    pub call: &'static str,
+    /// Its errno, 0 on success.
+    pub errno: i32,
+}
+
+fn step(call: &'static str, r: io::Result<usize>) -> ProbeStep {
+    ProbeStep {
+        call,
+        errno: r.err().map_or(0, |e| e.raw_os_error().unwrap_or(-1)),
+    }
+}
+
+fn set_int(
+    fd: RawFd,
+    level: libc::c_int,
+    name: libc::c_int,
+    value: libc::c_int,
+) -> io::Result<usize> {
+    // SAFETY: value is a live c_int and its size is passed.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd,
+            level,
+            name,
+            (&raw const value).cast(),
+            size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    cvt(rc as isize)
+}
+
+/// `TCP_ZEROCOPY_RECEIVE` with an empty request (`struct
+/// tcp_zerocopy_receive` is 64 bytes on the tested kernels; all zero asks
+/// for nothing to be mapped).
+fn zerocopy_receive(fd: RawFd) -> io::Result<usize> {
+    const TCP_ZEROCOPY_RECEIVE: libc::c_int = 35;
+    let mut zc = [0u8; 64];
+    let mut len = zc.len() as libc::socklen_t;
+    // SAFETY: zc is a live, writable buffer of len bytes.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd,
+            libc::IPPROTO_TCP,
+            TCP_ZEROCOPY_RECEIVE,
+            zc.as_mut_ptr().cast(),
+            &mut len,
+        )
+    };
+    cvt(rc as isize)
+}
+
+fn send_flags(fd: RawFd, payload: &[u8], flags: libc::c_int) -> io::Result<usize> {
+    // SAFETY: payload is a live slice; fd is open.
+    cvt(unsafe {
+        libc::send(
+            fd,
+            payload.as_ptr().cast(),
+            payload.len(),
+            flags | libc::MSG_NOSIGNAL,
+        )
+    })
+}
+
+/// Runs `probe` against `target` with `payload`; every step is reported,
+/// the first failing one ends the probe. The connection is closed after.
+pub fn probe(target: std::net::SocketAddr, probe: Probe, payload: &[u8]) -> Vec<ProbeStep> {
+    let mut steps = Vec::new();
+    if probe == Probe::Repair {
+        const TCP_REPAIR: libc::c_int = 19;
+        let sock = match socket2::Socket::new(
+            socket2::Domain::for_address(target),
+            socket2::Type::STREAM,
+            None,
+        ) {
+            Ok(s) => s,
+            Err(e) => return vec![step("socket", Err(e))],
+        };
+        let fd = sock.as_raw_fd();
+        let write = || {
+            // SAFETY: payload is a live slice; fd is open.
+            cvt(unsafe { libc::write(fd, payload.as_ptr().cast(), payload.len()) })
+        };
+        let calls: [(&'static str, &dyn Fn() -> io::Result<usize>); 4] = [
+            ("setsockopt(TCP_REPAIR, 1)", &|| {
+                set_int(fd, libc::IPPROTO_TCP, TCP_REPAIR, 1)
+            }),
+            ("connect", &|| sock.connect(&target.into()).map(|()| 0)),
+            ("setsockopt(TCP_REPAIR, 0)", &|| {
+                set_int(fd, libc::IPPROTO_TCP, TCP_REPAIR, 0)
+            }),
+            ("write", &write),
+        ];
+        // In order, until one fails.
+        for (call, f) in calls {
+            let s = step(call, f());
+            let failed = s.errno != 0;
+            steps.push(s);
+            if failed {
+                break;
+            }
+        }
+        return steps;
+    }
+    let stream = match std::net::TcpStream::connect(target) {
+        Ok(s) => s,
+        Err(e) => return vec![step("connect", Err(e))],
+    };
+    let fd = stream.as_raw_fd();
+    match probe {
+        Probe::Oob => steps.push(step(
+            "send(MSG_OOB)",
+            send_flags(fd, payload, libc::MSG_OOB),
+        )),
+        Probe::Zerocopy => {
+            const SO_ZEROCOPY: libc::c_int = 60;
+            const MSG_ZEROCOPY: libc::c_int = 0x400_0000;
+            let s = step(
+                "setsockopt(SO_ZEROCOPY)",
+                set_int(fd, libc::SOL_SOCKET, SO_ZEROCOPY, 1),
+            );
+            let ok = s.errno == 0;
+            steps.push(s);
+            if ok {
+                steps.push(step(
+                    "send(MSG_ZEROCOPY)",
+                    send_flags(fd, payload, MSG_ZEROCOPY),
+                ));
+            }
+        }
+        Probe::ZerocopyReceive => {
+            steps.push(step(
+                "getsockopt(TCP_ZEROCOPY_RECEIVE) before keys",
+                zerocopy_receive(fd),
+            ));
+            // The payload's first byte: what the wire check expects.
+            steps.push(step("write 1 byte", send_flags(fd, &payload[..1], 0)));
+            steps.push(step(
+                "getsockopt(TCP_ZEROCOPY_RECEIVE) after keys",
+                zerocopy_receive(fd),
+            ));
+        }
+        Probe::Repair => unreachable!("handled above"),
+    }
+    steps
+}

@@ -98,6 +98,16 @@ enum Side {
         #[command(flatten)]
         common: Common,
     },
+    /// Connect and make one unusual socket call (MSG_OOB, MSG_ZEROCOPY,
+    /// TCP_ZEROCOPY_RECEIVE, TCP repair mode) with the pattern's first
+    /// 4,096 bytes (the marker first); each step's errno is reported and
+    /// `ok` is true when every step succeeded.
+    Probe {
+        #[arg(long)]
+        connect: SocketAddr,
+        #[arg(long, value_enum)]
+        what: app_io::Probe,
+    },
 }
 
 #[derive(Debug, Default, Serialize)]
@@ -130,6 +140,9 @@ struct Report {
     /// SO_SNDBUF of the last connection after its exchange.
     #[serde(skip_serializing_if = "Option::is_none")]
     send_buffer: Option<usize>,
+    /// `probe`: each call and its errno.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    probe: Vec<app_io::ProbeStep>,
 }
 
 use tlshub_vm_tests::pattern::{CLIENT_SEED, SERVER_SEED};
@@ -453,6 +466,15 @@ fn run(args: Args, r: &mut Report) -> std::io::Result<()> {
                     client_one(connect, &common, r)?;
                 }
                 r.connections += 1;
+            }
+        }
+        Side::Probe { connect, what } => {
+            r.role = "probe";
+            let mut payload = vec![0u8; 4096];
+            pattern::fill(CLIENT_SEED, 0, &mut payload);
+            r.probe = app_io::probe(connect, what, &payload);
+            if let Some(failed) = r.probe.iter().find(|s| s.errno != 0) {
+                return Err(std::io::Error::from_raw_os_error(failed.errno));
             }
         }
     }

@@ -557,3 +557,143 @@ pub fn same_node() -> Result<String, String> {
         summary.join("; ")
     ))
 }
+
+/// `tlshub-testapp probe --what WHAT` from pod-a to pod-b's `port`: the
+/// errno of each step (0: it succeeded).
+fn probe(what: &str, port: u16) -> Result<Vec<(String, i64)>, String> {
+    let target = format!("{}:{port}", super::topology::POD_B);
+    let argv = [
+        "tlshub-testapp",
+        "probe",
+        "--connect",
+        &target,
+        "--what",
+        what,
+    ];
+    let out = process::command(Some("pod-a"), &argv)
+        .output()
+        .map_err(|e| format!("cannot run {argv:?}: {e}"))?;
+    let report = super::scenarios::json(&String::from_utf8_lossy(&out.stdout))?;
+    let steps = report["probe"]
+        .as_array()
+        .ok_or_else(|| format!("probe {what}: no steps in {report}"))?;
+    Ok(steps
+        .iter()
+        .map(|s| {
+            (
+                s["call"].as_str().unwrap_or_default().to_owned(),
+                s["errno"].as_i64().unwrap_or(-1),
+            )
+        })
+        .collect())
+}
+
+/// The rest of the socket API on selected sockets, each made by
+/// `tlshub-testapp probe` with a payload that starts with the marker:
+/// - `send(MSG_OOB)` and `send(MSG_ZEROCOPY)` are held until the keys are
+///   in, then kTLS refuses them (`EOPNOTSUPP`): a clean error, no byte
+///   out; to the plain port they succeed and the marker is on the wire
+///   (the controls);
+/// - `getsockopt(TCP_ZEROCOPY_RECEIVE)`, which would map the raw receive
+///   queue into the app past both the gate and kTLS, fails with
+///   `EOPNOTSUPP` before the keys and after; on the plain port it does not;
+/// - a socket put in TCP repair mode and connected (no handshake; its
+///   sequence numbers are the app's) to a selected peer is never
+///   selected for keying: its write fails with `ECONNRESET`
+///   (`repair_refused` counts it, `selected` does not move), and no marker
+///   crosses.
+pub fn unusual_socket_calls() -> Result<String, String> {
+    const EOPNOTSUPP: i64 = 95;
+    const ECONNRESET: i64 = 104;
+    let (a, b) = nodes(NodeSpec::new("a"), NodeSpec::new("b"))?;
+    let mut servers = Vec::new();
+    for port in [PROTECTED_PORT, PLAIN_PORT] {
+        let listen = format!("0.0.0.0:{port}");
+        let argv = [
+            "tlshub-testapp",
+            "server",
+            "--listen",
+            &listen,
+            "--mode",
+            "close-early",
+            "--parallel",
+            "--connections",
+            "100",
+        ];
+        servers.push(process::spawn_ready(
+            "pod-b",
+            &argv,
+            "listening",
+            Duration::from_secs(10),
+        )?);
+    }
+    let cap = Capture::start("unusual-socket-calls")?;
+    let mut seen = Vec::new();
+    let errno_of = |steps: &[(String, i64)], call: &str| {
+        steps
+            .iter()
+            .find(|(c, _)| c.starts_with(call))
+            .map_or(-1, |s| s.1)
+    };
+    for (what, call) in [("oob", "send(MSG_OOB)"), ("zerocopy", "send(MSG_ZEROCOPY)")] {
+        let protected = probe(what, PROTECTED_PORT)?;
+        let plain = probe(what, PLAIN_PORT)?;
+        if errno_of(&protected, call) != EOPNOTSUPP || errno_of(&plain, call) != 0 {
+            return Err(format!(
+                "{call}: protected {protected:?} (want EOPNOTSUPP), plain {plain:?} (want success)"
+            ));
+        }
+        seen.push(format!("{call} EOPNOTSUPP"));
+    }
+    let zc = "getsockopt(TCP_ZEROCOPY_RECEIVE)";
+    let protected = probe("zerocopy-receive", PROTECTED_PORT)?;
+    let plain = probe("zerocopy-receive", PLAIN_PORT)?;
+    let refused = protected
+        .iter()
+        .filter(|(c, e)| c.starts_with(zc) && *e == EOPNOTSUPP)
+        .count();
+    if refused != 2 || plain.iter().any(|(_, e)| *e == EOPNOTSUPP) {
+        return Err(format!(
+            "{zc}: protected {protected:?} (want EOPNOTSUPP before and after keys), plain {plain:?} (want no EOPNOTSUPP)"
+        ));
+    }
+    seen.push(format!("{zc} EOPNOTSUPP before and after keys"));
+    let selected_before = stat_reaching(&a, "selected", 3);
+    let repair = probe("repair", PROTECTED_PORT)?;
+    if errno_of(&repair, "connect") != 0 || errno_of(&repair, "write") != ECONNRESET {
+        return Err(format!(
+            "repair mode to the protected port: {repair:?} (want connect 0, write ECONNRESET)"
+        ));
+    }
+    let refused = stat_reaching(&a, "repair_refused", 1);
+    let selected_after = stat(&a, "selected");
+    if refused != 1 || selected_after != selected_before {
+        return Err(format!(
+            "repair mode: repair_refused {refused} (want 1), selected {selected_before} -> {selected_after} (want unchanged)"
+        ));
+    }
+    let plain_repair = probe("repair", PLAIN_PORT)?;
+    if errno_of(&plain_repair, "connect") != 0 {
+        return Err(format!("repair mode to the plain port: {plain_repair:?}"));
+    }
+    seen.push("repair-mode socket refused, never keyed".into());
+    drop(servers);
+    let report = super::scenarios::check_wire_allowing_unkeyed(&cap.finish()?, &a, &b, true)?;
+    if report.plain_flows_with_marker < 2 {
+        return Err(format!(
+            "the plain controls' marker was seen in {} flows, want at least 2: the capture is blind",
+            report.plain_flows_with_marker
+        ));
+    }
+    let zc_refused = [
+        stat(&a, "zerocopy_receive_refused"),
+        stat(&b, "zerocopy_receive_refused"),
+    ];
+    Ok(format!(
+        "{}; no marker in {} protected flows, the plain controls showed it; zerocopy receive refused a {} b {}",
+        seen.join(", "),
+        report.protected_flows,
+        zc_refused[0],
+        zc_refused[1]
+    ))
+}
