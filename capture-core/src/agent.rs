@@ -509,6 +509,12 @@ impl Agent {
     }
 
     fn write_stats(&mut self) {
+        if self.programs.ringbuf_drops() > self.table.stats().ringbuf_drops {
+            // Before the drop count is taken over below: events were lost,
+            // so the map is read for the connections they were about.
+            let conns = self.programs.all_conns();
+            self.table.reconcile(conns);
+        }
         let pending = self.table.pending().len();
         let held = self.table.held_count();
         let mut moved = false;
@@ -517,7 +523,7 @@ impl Agent {
         if drops > stats.ringbuf_drops {
             error!(
                 lost = drops - stats.ringbuf_drops,
-                "BPF ring buffer overflowed: events were lost; their connections stay gated (no plaintext) until the gate holds their app, which names it for keying"
+                "BPF ring buffer overflowed: events were lost; their connections are taken up from the conns map (gated meanwhile, no plaintext)"
             );
         }
         self.metrics

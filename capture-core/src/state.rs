@@ -175,6 +175,9 @@ pub struct Stats {
     /// Keying results that arrived for a connection the socket no longer
     /// carries (it was disconnected and connected again meanwhile).
     pub stale_outcomes: u64,
+    /// Connections the core learnt of, or learnt had closed, only by
+    /// reading the `conns` map after the ring buffer lost events.
+    pub reconciled: u64,
     /// Microseconds from stop to continue, per stop.
     pub held_micros: Samples,
     /// Microseconds spent in the provider, per protected connection.
@@ -503,6 +506,62 @@ impl ConnTable {
             self.maybe_start(cookie);
         }
         self.sweep_due = true;
+    }
+
+    /// Brings the table in line with the `conns` map after the ring buffer
+    /// lost events: a connection still waiting for keys that the table
+    /// does not know is taken up (its ESTABLISHED event and owner are in
+    /// the map) and keyed; one the table waits for or tracks as protected
+    /// that the map no longer has closed meanwhile. Without this, a
+    /// connection whose events were lost would wait until its app does
+    /// I/O (the hold names it), and one that never does would stay
+    /// pending. `conns` must be read just before the call (events read
+    /// before it are in the table, and their connections were in the map
+    /// when they were emitted).
+    pub fn reconcile(&mut self, conns: Vec<(u64, Conn)>) {
+        let present: HashSet<u64> = conns.iter().map(|(c, _)| *c).collect();
+        let gone: Vec<u64> = self
+            .pending
+            .keys()
+            .chain(self.protected.keys())
+            .filter(|c| !present.contains(c))
+            .copied()
+            .collect();
+        let mut found = Vec::new();
+        for (cookie, conn) in conns {
+            if conn.gate != gate::CLOSED || self.pending.contains_key(&cookie) {
+                continue;
+            }
+            let mut p = Pending::new();
+            p.established = (conn.est.kind == kind::ESTABLISHED).then_some(conn.est);
+            p.owner = (conn.owner_pid != 0).then_some((conn.owner_pid, conn.owner_fd));
+            self.pending.insert(cookie, p);
+            found.push(cookie);
+        }
+        for cookie in &gone {
+            self.protected.remove(cookie);
+            self.held_cookies.remove(cookie);
+            if self.forget_pending(*cookie).is_some() {
+                self.stats.closed_before_keys += 1;
+                self.metrics.closed_before_keys.inc();
+            }
+        }
+        if gone.is_empty() && found.is_empty() {
+            return;
+        }
+        self.activity += 1;
+        self.stats.reconciled += (gone.len() + found.len()) as u64;
+        self.sweep_due = true;
+        warn!(
+            waiting = found.len(),
+            closed = gone.len(),
+            "connections whose events were lost, found in the conns map"
+        );
+        if !self.draining {
+            for cookie in found {
+                self.maybe_start(cookie);
+            }
+        }
     }
 
     /// One event from the ring buffer.

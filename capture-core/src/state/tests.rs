@@ -620,3 +620,44 @@ fn a_draining_core_starts_nothing_new_but_finishes_what_runs() {
         "left for the next core"
     );
 }
+
+#[test]
+fn after_lost_events_the_conns_map_brings_waiting_connections_in_and_closed_ones_out() {
+    let (mut t, mut k) = (table(FailurePolicy::FailClosed), FakeKernel::default());
+    // Known and keyed, but its CLOSED event was lost.
+    let keyed = keying(&mut t, &mut k, COOKIE);
+    t.on_outcome(&mut k, outcome(&keyed, installed()));
+    k.conns.remove(&COOKIE);
+    // Known and waiting for its owner, but its CLOSED event was lost.
+    let est = established(COOKIE + 1, 0);
+    t.on_event(&k, est);
+    // Waiting in the map; both its ESTABLISHED and OWNER events were lost.
+    let lost = established(COOKIE + 2, 0);
+    k.track(COOKIE + 2, lost);
+    let c = k.conns.get_mut(&(COOKIE + 2)).expect("tracked");
+    (c.owner_pid, c.owner_fd) = (PID, 7);
+    // Keyed and in the map: nothing to do.
+    let open = established(COOKIE + 3, 0);
+    k.track(COOKIE + 3, open);
+    k.conns.get_mut(&(COOKIE + 3)).expect("tracked").gate = gate::OPEN;
+    no_start(&mut t);
+    let conns = k.conns.iter().map(|(c, v)| (*c, *v)).collect();
+    t.reconcile(conns);
+    let s = one_start(&mut t);
+    assert_eq!(
+        (s.cookie, s.pid, s.fd, s.established),
+        (COOKIE + 2, PID, 7, lost)
+    );
+    assert!(
+        t.protected().is_empty(),
+        "the closed keyed one is forgotten"
+    );
+    assert_eq!(t.pending().len(), 1);
+    assert_eq!(t.stats().reconciled, 3);
+    assert_eq!(t.stats().closed_before_keys, 1);
+    // A second look changes nothing.
+    let conns = k.conns.iter().map(|(c, v)| (*c, *v)).collect();
+    t.reconcile(conns);
+    no_start(&mut t);
+    assert_eq!(t.stats().reconciled, 3);
+}
