@@ -391,19 +391,35 @@ pub async fn run(t: &Target) -> Vec<Check> {
         });
     }
     let mut failed = Vec::new();
+    // Every key seen, either direction: two connections sharing one would
+    // let one decrypt the other (compared as bytes, never printed).
+    let mut keys = std::collections::HashSet::new();
+    let mut repeated = 0;
     while let Some(r) = set.join_next().await {
         match r {
-            Ok(Ok(_)) => {}
+            Ok(Ok(k)) => {
+                for key in [k.transmit.key.clone(), k.receive.key.clone()] {
+                    if !keys.insert(key) {
+                        repeated += 1;
+                    }
+                }
+            }
             Ok(Err(e)) => failed.push(e),
             Err(e) => failed.push(format!("task: {e}")),
         }
+    }
+    if repeated > 0 {
+        failed.push(format!(
+            "{repeated} keys repeated across the {n} connections (each must have its own two)"
+        ));
     }
     push(
         "concurrent_requests",
         if failed.is_empty() {
             Ok(format!(
-                "{n} connections keyed concurrently by both nodes in {:.1} s",
-                started.elapsed().as_secs_f64()
+                "{n} connections keyed concurrently by both nodes in {:.1} s, all {} keys distinct",
+                started.elapsed().as_secs_f64(),
+                keys.len()
             ))
         } else {
             Err(format!(

@@ -32,6 +32,11 @@ enum Side {
     Server {
         #[arg(long)]
         listen: SocketAddr,
+        /// Append a line here for every connection whose bytes arrived
+        /// corrupt (the client only sees the connection close, which a
+        /// restart scenario may tolerate; the test bed fails on this file).
+        #[arg(long)]
+        corruption_log: Option<std::path::PathBuf>,
     },
     /// Generate the load and report.
     Client {
@@ -72,12 +77,12 @@ fn exchange(s: &mut TcpStream, off: u64, buf: &mut [u8]) -> std::io::Result<()> 
     pattern::check(SERVER_SEED, off, buf).map_err(|at| {
         std::io::Error::new(
             std::io::ErrorKind::InvalidData,
-            format!("CORRUPT: answer byte {} differs", off + at),
+            format!("CORRUPT: answer byte {at} differs"),
         )
     })
 }
 
-fn serve(mut s: TcpStream) {
+fn serve(mut s: TcpStream, corruption_log: Option<&std::path::Path>) {
     let mut off = 0u64;
     let mut buf = vec![0u8; 64 * 1024];
     loop {
@@ -86,12 +91,18 @@ fn serve(mut s: TcpStream) {
             Ok(n) => n,
         };
         if let Err(at) = pattern::check(CLIENT_SEED, off, &buf[..n]) {
-            // The client sees the connection close and reports it.
-            eprintln!(
-                "CORRUPT: byte {} from {:?} differs",
-                off + at,
-                s.peer_addr()
-            );
+            // The client sees the connection close; the log says why.
+            // `at` is the offset in the stream.
+            let line = format!("CORRUPT: byte {at} from {:?} differs\n", s.peer_addr());
+            eprint!("{line}");
+            if let Some(path) = corruption_log {
+                use std::io::Write as _;
+                let _ = std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(path)
+                    .and_then(|mut f| f.write_all(line.as_bytes()));
+            }
             return;
         }
         pattern::fill(SERVER_SEED, off, &mut buf[..n]);
@@ -296,7 +307,10 @@ fn client(
 fn main() -> std::process::ExitCode {
     let args = Args::parse();
     match args.side {
-        Side::Server { listen } => {
+        Side::Server {
+            listen,
+            corruption_log,
+        } => {
             let l = match TcpListener::bind(listen) {
                 Ok(l) => l,
                 Err(e) => {
@@ -305,8 +319,10 @@ fn main() -> std::process::ExitCode {
                 }
             };
             eprintln!("listening on {listen}");
+            let log = std::sync::Arc::new(corruption_log);
             for s in l.incoming().flatten() {
-                std::thread::spawn(move || serve(s));
+                let log = log.clone();
+                std::thread::spawn(move || serve(s, log.as_deref()));
             }
             std::process::ExitCode::SUCCESS
         }

@@ -193,12 +193,22 @@ fn send_pattern_from(
     Ok(())
 }
 
+/// Receives the peer's `size` bytes, checking every piece as it arrives:
+/// bytes received just before an error (a reset) are judged too, so
+/// garbage followed by a reset is reported as corruption, not as an
+/// ordinary failure.
 fn recv_pattern(c: &mut Conn, common: &Common, seed: u64, r: &mut Report) -> std::io::Result<()> {
     let mut off = 0u64;
     let mut buf = vec![0u8; common.size.min(1 << 20)];
     while (off as usize) < common.size {
-        let n = buf.len().min(common.size - off as usize);
-        c.recv_exact(common.recv, &mut buf[..n])?;
+        let want = buf.len().min(common.size - off as usize);
+        let n = c.recv_some(common.recv, &mut buf[..want])?;
+        if n == 0 {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                format!("stream ended after {off} of {} bytes", common.size),
+            ));
+        }
         if let Err(bad) = pattern::check(seed, off, &buf[..n]) {
             return Err(std::io::Error::new(
                 std::io::ErrorKind::InvalidData,

@@ -33,12 +33,24 @@ pub const SHORT_PER_SEC: f64 = 2.0;
 /// The load's server in pod-b, stopped when dropped.
 pub(super) struct LoadServer(#[expect(dead_code, reason = "held for its Drop")] AppChild);
 
+/// Where the load server records connections whose bytes arrived corrupt;
+/// [`report`] fails the run if it has anything.
+const LOAD_CORRUPTION_LOG: &str = "/tmp/logs/loadgen-corrupt.log";
+
 impl LoadServer {
     pub(super) fn start() -> Result<Self, String> {
         let listen = format!("0.0.0.0:{PROTECTED_PORT}");
+        let _ = std::fs::remove_file(LOAD_CORRUPTION_LOG);
         spawn_ready(
             "pod-b",
-            &["tlshub-loadgen", "server", "--listen", &listen],
+            &[
+                "tlshub-loadgen",
+                "server",
+                "--listen",
+                &listen,
+                "--corruption-log",
+                LOAD_CORRUPTION_LOG,
+            ],
             "listening",
             Duration::from_secs(10),
         )
@@ -79,7 +91,18 @@ pub(super) fn start_load_with(
     )
 }
 
+/// An app's JSON report; fails if the load server saw corrupt bytes (it
+/// closes such a connection, which the client alone cannot tell from a
+/// failure a restart scenario tolerates).
 pub(super) fn report(out: &str) -> Result<Value, String> {
+    if let Ok(corrupt) = std::fs::read_to_string(LOAD_CORRUPTION_LOG)
+        && !corrupt.trim().is_empty()
+    {
+        return Err(format!(
+            "the load server received corrupt bytes: {}",
+            corrupt.trim()
+        ));
+    }
     serde_json::from_str(out.trim()).map_err(|e| format!("load report is not JSON ({e}): {out}"))
 }
 

@@ -77,6 +77,7 @@ fn attach_detach_under_hook_traffic(rounds: usize) -> Result<String, String> {
     let started = Instant::now();
     let mut result = Ok(());
     for round in 0..rounds {
+        let ops_before = ops.load(Ordering::Relaxed);
         let a = Node::start(NodeSpec::new("a"));
         let b = Node::start(NodeSpec::new("b"));
         if let Err(e) = a.as_ref().and(b.as_ref()) {
@@ -85,6 +86,14 @@ fn attach_detach_under_hook_traffic(rounds: usize) -> Result<String, String> {
         }
         std::thread::sleep(Duration::from_millis(200));
         drop((a, b));
+        // The point is hook traffic during attach and detach: a round
+        // without any proves nothing.
+        if ops.load(Ordering::Relaxed) == ops_before {
+            result = Err(format!(
+                "round {round}: the writer threads made no call while the programs were attached and detached"
+            ));
+            break;
+        }
         println!(
             "attach/detach: round {} of {rounds} done at {:.0} s",
             round + 1,
@@ -94,8 +103,10 @@ fn attach_detach_under_hook_traffic(rounds: usize) -> Result<String, String> {
     stop.store(true, Ordering::Relaxed);
     // Wake the accepting thread.
     let _ = TcpStream::connect(addr);
-    for w in workers {
-        let _ = w.join();
+    for (i, w) in workers.into_iter().enumerate() {
+        if w.join().is_err() && result.is_ok() {
+            result = Err(format!("worker thread {i} panicked"));
+        }
     }
     result?;
     Ok(format!(
