@@ -1031,6 +1031,36 @@ fn expect_reset(c: &Value) -> Result<(), String> {
     Ok(())
 }
 
+/// The server of a connection that was failed closed: it must have failed
+/// too, with no byte received (garbage followed by a reset would show as
+/// a byte that "differs").
+fn expect_server_failed_clean(s: &Value) -> Result<(), String> {
+    let error = s["error"].as_str().unwrap_or_default();
+    if ok(s) || s["bytes_received"].as_u64() != Some(0) || error.contains("differs") {
+        return Err(format!(
+            "server should have failed with nothing received, got {s}"
+        ));
+    }
+    Ok(())
+}
+
+/// A plain exchange under the same capture: its marker must be seen, or
+/// the capture proves nothing about the protected flows.
+pub(super) fn plain_control() -> Result<(), String> {
+    let app = App::exchange(1000, PLAIN_PORT);
+    let (s, c) = run_pair(&app, &[], Duration::from_secs(30))?;
+    both_ok(&app, &s, &c)
+}
+
+/// [`check_wire`] plus the control's marker.
+fn check_wire_with_control(flows: &[wire::Flow], a: &Node, b: &Node) -> Result<WireReport, String> {
+    let report = check_wire(flows, a, b)?;
+    if report.plain_flows_with_marker == 0 {
+        return Err("the plain control's marker was not seen: the capture is blind".into());
+    }
+    Ok(report)
+}
+
 fn stat(node: &Node, path: &[&str]) -> u64 {
     let mut v = node.stats().unwrap_or(Value::Null);
     for p in path {
@@ -1050,11 +1080,13 @@ fn fail_closed_provider_missing() -> Result<String, String> {
             mode,
             ..App::exchange(100, PROTECTED_PORT)
         };
-        let (_s, c) = run_pair(&app, &[], Duration::from_secs(30))?;
+        let (s, c) = run_pair(&app, &[], Duration::from_secs(30))?;
         expect_reset(&c)?;
+        expect_server_failed_clean(&s)?;
         results.push(format!("{mode}: errno {}", c["errno"]));
     }
-    let report = check_wire(&cap.finish()?, &a, &b)?;
+    plain_control()?;
+    let report = check_wire_with_control(&cap.finish()?, &a, &b)?;
     std::thread::sleep(Duration::from_millis(1200));
     // Core A waits for its provider until the key timeout; core B's
     // handshake times out at the same moment. Whichever resets first, each
@@ -1107,14 +1139,16 @@ fn provider_hangs() -> Result<String, String> {
     let (a, b) = nodes(sa, NodeSpec::new("b"))?;
     let cap = Capture::start("hang")?;
     let t = Instant::now();
-    let (_s, c) = run_pair(
+    let (s, c) = run_pair(
         &App::exchange(100, PROTECTED_PORT),
         &[],
         Duration::from_secs(30),
     )?;
     let took = t.elapsed();
     expect_reset(&c)?;
-    check_wire(&cap.finish()?, &a, &b)?;
+    expect_server_failed_clean(&s)?;
+    plain_control()?;
+    check_wire_with_control(&cap.finish()?, &a, &b)?;
     if took > Duration::from_secs(6) {
         return Err(format!("reset took {took:?} with a 1 s key timeout"));
     }
@@ -1136,13 +1170,15 @@ fn provider_malformed() -> Result<String, String> {
         sa.provider = ProviderKind::Bad(mode);
         let (a, b) = nodes(sa, NodeSpec::new("b"))?;
         let cap = Capture::start("malformed")?;
-        let (_s, c) = run_pair(
+        let (s, c) = run_pair(
             &App::exchange(100, PROTECTED_PORT),
             &[],
             Duration::from_secs(30),
         )?;
         expect_reset(&c)?;
-        check_wire(&cap.finish()?, &a, &b)?;
+        expect_server_failed_clean(&s)?;
+        plain_control()?;
+        check_wire_with_control(&cap.finish()?, &a, &b)?;
         std::thread::sleep(Duration::from_millis(1200));
         if stat(&a, &["failed", "malformed"]) == 0 {
             return Err(format!("{mode}: not counted as malformed: {:?}", a.stats()));

@@ -517,7 +517,11 @@ pub fn mismatched_providers_fail_closed() -> Result<String, String> {
             seen.push(format!("{mode} {side}: {err}"));
         }
     }
+    super::scenarios::plain_control()?;
     let wire = check_wire_allowing_unkeyed(&cap.finish()?, &a, &b, true)?;
+    if wire.plain_flows_with_marker == 0 {
+        return Err("the plain control's marker was not seen: the capture is blind".into());
+    }
     // Loud: node b's provider or core says why each connection failed.
     let provider_log =
         std::fs::read_to_string("/tmp/logs/node-b-provider-openssl.log").unwrap_or_default();
@@ -721,7 +725,11 @@ pub fn core_gone_release() -> Result<String, String> {
     if s2["ok"].as_bool() == Some(true) || s2["errno"].as_i64() != Some(104) {
         return Err(format!("server after release: {s2}"));
     }
+    super::scenarios::plain_control()?;
     let wire = check_wire_allowing_unkeyed(&cap.finish()?, &a, &b, true)?;
+    if wire.plain_flows_with_marker == 0 {
+        return Err("the plain control's marker was not seen: the capture is blind".into());
+    }
     Ok(format!(
         "held server continued by release ({}); both apps got ECONNRESET/EPIPE; a new connection afterwards failed in {:.1} s without a stop (server errno 104, client {}); wire: {} protected flows, no plaintext",
         released.trim(),
