@@ -717,7 +717,7 @@ impl ConnTable {
             .get(&cookie)
             .is_some_and(|p| p.job == Some(job));
         if !current {
-            self.on_stale_outcome(k, job, cookie, socket.as_ref(), &result);
+            self.on_stale_outcome(k, job, cookie, &provider, socket.as_ref(), &result);
             return;
         }
         if let Err(KeyingError::SocketGone { pid, .. }) = &result
@@ -773,7 +773,7 @@ impl ConnTable {
                 }
                 info!(
                     cookie,
-                    provider,
+                    provider = %provider,
                     version = ?installed.version,
                     cipher = %installed.cipher,
                     key_ms = installed.key_time.as_secs_f64() * 1000.0,
@@ -781,7 +781,7 @@ impl ConnTable {
                 );
             }
             Err(e) => {
-                warn!(cookie, provider, error = %e, reason = e.reason(), "connection could not be keyed");
+                warn!(cookie, provider = %provider, error = %e, reason = e.reason(), "connection could not be keyed");
                 let half_installed = matches!(e, KeyingError::Install { .. });
                 self.fail(k, cookie, socket.as_ref(), e.reason(), half_installed);
             }
@@ -799,6 +799,7 @@ impl ConnTable {
         k: &mut K,
         job: u64,
         cookie: u64,
+        provider: &str,
         socket: Option<&K::Socket>,
         result: &Result<Installed, KeyingError>,
     ) {
@@ -814,7 +815,7 @@ impl ConnTable {
             // typically makes the peer app close first).
             match result {
                 Err(e @ KeyingError::Provider(_)) => {
-                    info!(cookie, error = %e, reason = e.reason(), "keying failed; the socket had closed meanwhile");
+                    info!(cookie, provider = %provider, error = %e, reason = e.reason(), "keying failed; the socket had closed meanwhile");
                 }
                 _ => debug!(cookie, job, "keying ended after the connection closed"),
             }
