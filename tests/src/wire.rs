@@ -311,9 +311,21 @@ pub fn decrypt_tls13(
     Some((ty, plain))
 }
 
+/// How many encrypted records a TLS 1.3 handshake flight may put before
+/// the application data (EncryptedExtensions, Certificate split over
+/// several records, CertificateVerify, Finished).
+const MAX_ENCRYPTED_HANDSHAKE_RECORDS: usize = 16;
+
 /// Decrypts the application data of one direction: records before the first
 /// one that opens with the application key at sequence 0 are the handshake;
 /// every record after it must decrypt, in order, as application data.
+///
+/// Skipping is allowed only where a handshake is on the wire: a flow that
+/// begins with a handshake record (0x16) may have up to
+/// [`MAX_ENCRYPTED_HANDSHAKE_RECORDS`] encrypted handshake records first.
+/// A flow without one (a key-only provider's connection) must decrypt from
+/// its first record; otherwise records under wrong keys would be skipped
+/// and the flow would pass as one that carried no data.
 pub fn decrypt_application_data(
     stream: &[u8],
     suite: &str,
@@ -321,14 +333,32 @@ pub fn decrypt_application_data(
     iv: &[u8],
 ) -> Result<Vec<u8>, WireError> {
     let records = tls_records(stream)?;
+    let handshake = records.first().is_some_and(|r| r.content_type == 22);
+    let mut skipped = 0;
     let mut seq = None::<u64>;
     let mut out = Vec::new();
     for (i, rec) in records.iter().enumerate() {
         match seq {
             None => {
-                if rec.content_type == 23
-                    && let Some((ty, p)) = decrypt_tls13(suite, key, iv, 0, rec)
-                {
+                let opened = if rec.content_type == 23 {
+                    decrypt_tls13(suite, key, iv, 0, rec)
+                } else {
+                    None
+                };
+                if rec.content_type == 23 && opened.is_none() {
+                    skipped += 1;
+                    if !handshake || skipped > MAX_ENCRYPTED_HANDSHAKE_RECORDS {
+                        return err(format!(
+                            "record {i} does not decrypt with the reported key, and {}",
+                            if handshake {
+                                "too many records before it did not either"
+                            } else {
+                                "no handshake precedes it"
+                            }
+                        ));
+                    }
+                }
+                if let Some((ty, p)) = opened {
                     if ty != 23 {
                         return err(format!(
                             "record {i}: inner type {ty}, expected application data"
@@ -401,6 +431,26 @@ mod tests {
         assert!(tls_records(b"GET / HTTP/1.1\r\n").is_err());
         assert!(tls_records(&[23, 3, 3, 0, 4, 1, 2]).is_err());
         assert_eq!(tls_records(&[23, 3, 3, 0, 2, 1, 2]).unwrap().len(), 1);
+    }
+
+    #[test]
+    fn records_under_other_keys_are_refused_unless_a_handshake_precedes_them() {
+        // One application data record of garbage: without a handshake in
+        // front, it cannot be an encrypted handshake record.
+        let garbage = [
+            23, 3, 3, 0, 20, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19,
+        ];
+        let (key, iv) = ([7u8; 16], [9u8; 12]);
+        assert!(decrypt_application_data(&garbage, "aes-gcm-128", &key, &iv).is_err());
+        // After a ClientHello-like record it may be (and yields nothing).
+        let with_hello = [[22, 3, 1, 0, 1, 1].as_slice(), &garbage].concat();
+        assert_eq!(
+            decrypt_application_data(&with_hello, "aes-gcm-128", &key, &iv).unwrap(),
+            Vec::<u8>::new()
+        );
+        // But not 17 of them.
+        let many = [[22, 3, 1, 0, 1, 1].as_slice(), &garbage.repeat(17)].concat();
+        assert!(decrypt_application_data(&many, "aes-gcm-128", &key, &iv).is_err());
     }
 
     #[test]
