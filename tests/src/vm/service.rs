@@ -242,6 +242,8 @@ pub fn provider_kill9_under_load() -> Result<String, String> {
     b.restart_provider(ProviderKind::OpenSsl)?;
     let long_up = t0.elapsed();
     let r = report(&finish(client, Duration::from_secs(180))?)?;
+    // The capture sees the plain port too: its marker proves it saw the wire.
+    super::scenarios::plain_control()?;
     let flows = cap.finish()?;
     if r["long_broken"].as_u64() != Some(0) || r["corrupt"].as_u64() != Some(0) {
         return Err(format!("established connections were affected: {r}"));
@@ -288,6 +290,9 @@ pub fn provider_kill9_under_load() -> Result<String, String> {
     let (keyed_after, after_total) = recovered(&r, *outage.end(), (3, 4), 5)
         .map_err(|e| format!("after the provider was back, {e}"))?;
     let wire = check_wire_allowing_unkeyed(&flows, &a, &b, true)?;
+    if wire.plain_flows_with_marker == 0 {
+        return Err("the plain control's marker was not seen: the capture is blind".into());
+    }
     let text = b.metrics()?;
     if b.core_pid() != core_pid_before {
         return Err("the core was restarted".into());
@@ -610,6 +615,8 @@ pub fn core_kill9_under_load() -> Result<String, String> {
             ));
         }
     }
+    // The capture sees the plain port too: its marker proves it saw the wire.
+    super::scenarios::plain_control()?;
     let flows = cap.finish()?;
     if r["long_broken"].as_u64() != Some(0) || r["corrupt"].as_u64() != Some(0) {
         return Err(format!("established connections were affected: {r}"));
@@ -643,6 +650,9 @@ pub fn core_kill9_under_load() -> Result<String, String> {
     let (keyed_later, after_total) =
         recovered(&r, *span.end(), (9, 10), 3).map_err(|e| format!("after the restart, {e}"))?;
     let wire = check_wire_allowing_unkeyed(&flows, &a, &b, true)?;
+    if wire.plain_flows_with_marker == 0 {
+        return Err("the plain control's marker was not seen: the capture is blind".into());
+    }
     Ok(format!(
         "core B killed at {:.1} s, restarted at {:.1} s ({}); {LONG} long connections unbroken, 0 corrupt; all {opened_down} connections opened while it was down (one client process each) keyed after it returned; {in_span} short failures in the restart span [{}], afterwards {keyed_later} of {} keyed; wire: {} protected flows, no plaintext, {} decrypted",
         down.as_secs_f64(),
