@@ -327,9 +327,14 @@ fn role_of(est: &Event) -> Role {
 
 /// Whether two ESTABLISHED events describe the same connection (a socket
 /// that was disconnected and connected again keeps its cookie but gets a
-/// new handshake, so new ISNs and a new timestamp).
+/// new handshake, so new ISNs). Not by timestamp: the copy in `conns` and
+/// the ring buffer's event are stamped separately.
 fn same_connection(a: &Event, b: &Event) -> bool {
-    a.ts_ns == b.ts_ns && a.local_isn == b.local_isn && a.remote_isn == b.remote_isn
+    a.local_isn == b.local_isn
+        && a.remote_isn == b.remote_isn
+        && a.local_port == b.local_port
+        && a.remote_port == b.remote_port
+        && a.remote_addr == b.remote_addr
 }
 
 /// Every connection the core tracks and every process the gate stopped.

@@ -756,6 +756,32 @@ int tlshub_defer_fin(struct __sk_buff *skb)
 	}
 	if (bpf_skb_load_bytes(skb, tcp_off + 13, &b, 1) || !(b & TCPHDR_FIN))
 		return 1;
+	/* A bare FIN at the very start of the peer's stream (it never sent a
+	 * byte: an app that connected and closed, a health check, a peer
+	 * whose keying was abandoned) has nothing to deliver: let it through,
+	 * so that a handshake waiting on this connection fails at once rather
+	 * than at the key timeout (a server that accepts one connection at a
+	 * time would otherwise spend a key timeout on each). */
+	if (c->est.kind == TLSHUB_EV_ESTABLISHED) {
+		__u32 seq;
+		__u16 ip_len;
+		__u8 doff;
+		if (bpf_skb_load_bytes(skb, tcp_off + 4, &seq, 4) ||
+		    bpf_skb_load_bytes(skb, tcp_off + 12, &doff, 1))
+			return 1;
+		if (skb->protocol == bpf_htons(ETH_P_IP)) {
+			if (bpf_skb_load_bytes(skb, 2, &ip_len, 2))
+				return 1;
+			ip_len = bpf_ntohs(ip_len) - tcp_off; /* TCP header + payload */
+		} else {
+			if (bpf_skb_load_bytes(skb, 4, &ip_len, 2))
+				return 1;
+			ip_len = bpf_ntohs(ip_len); /* after the fixed header */
+		}
+		__u16 tcp_hdr = (doff >> 4) * 4;
+		if (ip_len <= tcp_hdr && bpf_ntohl(seq) == c->est.remote_isn + 1)
+			return 1;
+	}
 	stat_inc(TLSHUB_STAT_FIN_DEFERRED);
 	return 0;
 }

@@ -470,27 +470,35 @@ pub fn half_close() -> Result<String, String> {
         }
         // shutdown() before any byte: held until keys like a send (else
         // its FIN would end the handshake a handshake provider runs on the
-        // socket). No app bytes, so judged by the cores' counts.
+        // socket). No app bytes, so judged by the cores' counts. Only with
+        // a handshake provider: with a key-only one nothing precedes such
+        // a client's FIN, which the server side lets through (a bare FIN
+        // at the start of the stream; see ARCHITECTURE.md), so it may be
+        // reset.
+        let empty_ones = if provider == ProviderKind::OpenSsl { 5 } else { 0 };
         let before = [
             stat_reaching(&a, "protected", 22),
             stat_reaching(&b, "protected", 22),
         ];
-        let empty = half(0, 5, "blocking");
-        let (s, c) = run_pair(&empty, &[], Duration::from_secs(60))?;
-        both_ok(&empty, &s, &c)?;
+        if empty_ones > 0 {
+            let empty = half(0, empty_ones, "blocking");
+            let (s, c) = run_pair(&empty, &[], Duration::from_secs(60))?;
+            both_ok(&empty, &s, &c)?;
+        }
+        let want = u64::from(empty_ones);
         let after = [
-            stat_reaching(&a, "protected", before[0] + 5),
-            stat_reaching(&b, "protected", before[1] + 5),
+            stat_reaching(&a, "protected", before[0] + want),
+            stat_reaching(&b, "protected", before[1] + want),
         ];
-        if after[0] < before[0] + 5 || after[1] < before[1] + 5 {
+        if after[0] < before[0] + want || after[1] < before[1] + want {
             return Err(format!(
-                "{provider:?}: 5 connections shut down before keys, protected a {}..{} b {}..{}",
+                "{provider:?}: {empty_ones} connections shut down before keys, protected a {}..{} b {}..{}",
                 before[0], after[0], before[1], after[1]
             ));
         }
         let fins = [stat(&a, "fin_deferred"), stat(&b, "fin_deferred")];
         summary.push(format!(
-            "{provider:?}: 22 connections exact, {} flows decrypted, 5 shut down before keys all keyed, FINs deferred a {} b {}",
+            "{provider:?}: 22 connections exact, {} flows decrypted, {empty_ones} shut down before keys all keyed, FINs deferred a {} b {}",
             report.decrypted, fins[0], fins[1]
         ));
     }
