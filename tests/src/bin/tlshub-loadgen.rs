@@ -93,7 +93,11 @@ fn serve(mut s: TcpStream, corruption_log: Option<&std::path::Path>) {
         if let Err(at) = pattern::check(CLIENT_SEED, off, &buf[..n]) {
             // The client sees the connection close; the log says why.
             // `at` is the offset in the stream.
-            let line = format!("CORRUPT: byte {at} from {:?} differs\n", s.peer_addr());
+            let first: String = buf[..n.min(8)].iter().map(|b| format!("{b:02x}")).collect();
+            let line = format!(
+                "CORRUPT: byte {at} from {:?} differs ({n} bytes read, starting {first})\n",
+                s.peer_addr()
+            );
             eprint!("{line}");
             if let Some(path) = corruption_log {
                 use std::io::Write as _;

@@ -475,7 +475,11 @@ pub fn half_close() -> Result<String, String> {
         // a client's FIN, which the server side lets through (a bare FIN
         // at the start of the stream; see ARCHITECTURE.md), so it may be
         // reset.
-        let empty_ones = if provider == ProviderKind::OpenSsl { 5 } else { 0 };
+        let empty_ones = if provider == ProviderKind::OpenSsl {
+            5
+        } else {
+            0
+        };
         let before = [
             stat_reaching(&a, "protected", 22),
             stat_reaching(&b, "protected", 22),
