@@ -346,8 +346,18 @@ int tlshub_sockops(struct bpf_sock_ops *skops)
 		 * assign it, so the connect fexit can read it from the sock. */
 		cookie = bpf_get_socket_cookie(skops);
 		fill_tuple(skops, &ev);
-		if (selected(&ev, TLSHUB_ROLE_CLIENT))
+		if (selected(&ev, TLSHUB_ROLE_CLIENT)) {
 			track(skops, cookie, TLSHUB_ROLE_CLIENT);
+		} else if (skops->sk) {
+			/* A socket that was selected, disconnected before its keys
+			 * and now connects somewhere unselected: its old mark would
+			 * refuse it (see gate()); a repair mark stays. */
+			struct tlshub_sk_mark *old = bpf_sk_storage_get(&sk_marks, skops->sk, 0, 0);
+			if (old && old->cookie) {
+				old->cookie = 0;
+				old->flags &= TLSHUB_MARK_REPAIR;
+			}
+		}
 		break;
 	case BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB:
 		cookie = bpf_get_socket_cookie(skops);
@@ -525,8 +535,12 @@ static __always_inline int exempt_process(__u32 tgid)
 static __always_inline int gate(__u64 cookie)
 {
 	struct tlshub_conn *c = bpf_map_lookup_elem(&conns, &cookie);
+	/* Marked but no longer tracked: the connection ended (TCP_CLOSE, e.g.
+	 * the peer reset it) before it was keyed, since keying removes the
+	 * mark. What is still in its receive queue is the peer's handshake
+	 * or records, never for the app: fail every call. */
 	if (!c)
-		return 0;
+		return -ECONNRESET;
 	/* Terminal: the connection could not be protected and could not be
 	 * reset either (its socket was out of the core's reach, or kTLS was
 	 * partly installed and the kernel refuses to disconnect a socket with
