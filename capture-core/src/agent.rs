@@ -509,7 +509,9 @@ impl Agent {
     }
 
     fn write_stats(&mut self) {
-        if self.programs.ringbuf_drops() > self.table.stats().ringbuf_drops {
+        // Read once: the drops reconciled below are exactly the ones recorded.
+        let drops = self.programs.ringbuf_drops();
+        if drops > self.table.stats().ringbuf_drops {
             // Before the drop count is taken over below: events were lost,
             // so the map is read for the connections they were about.
             let conns = self.programs.all_conns();
@@ -519,7 +521,6 @@ impl Agent {
         let held = self.table.held_count();
         let mut moved = false;
         let stats = self.table.stats_mut();
-        let drops = self.programs.ringbuf_drops();
         if drops > stats.ringbuf_drops {
             error!(
                 lost = drops - stats.ringbuf_drops,
