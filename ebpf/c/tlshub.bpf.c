@@ -288,6 +288,14 @@ static __always_inline int selected(struct tlshub_event *ev, __u32 role)
 	return bpf_map_lookup_elem(&rule_ports, &pk) != 0;
 }
 
+/* Whether a socket's mark puts it under the gate: selected (a cookie) or
+ * refused for good. A mark with neither is a repair-mode socket that was
+ * never selected. */
+static __always_inline int mark_gates(const struct tlshub_sk_mark *mark)
+{
+	return mark && (mark->cookie || (mark->flags & TLSHUB_MARK_REFUSED));
+}
+
 /* Marks a newly selected socket: socket-local storage (read by the socket
  * LSM hooks) and the conns entry holding the gate state, gate closed.
  * When conns is full the socket is still marked, as refused, and the gate
@@ -329,6 +337,7 @@ static __always_inline int track(struct bpf_sock_ops *skops, __u64 cookie, __u32
 		return 0;
 	}
 	mark->cookie = cookie;
+	mark->flags &= ~TLSHUB_MARK_REFUSED; /* refused on an earlier connect */
 	bpf_sock_ops_cb_flags_set(skops, skops->bpf_sock_ops_cb_flags | BPF_SOCK_OPS_STATE_CB_FLAG);
 	return 1;
 }
@@ -349,11 +358,12 @@ int tlshub_sockops(struct bpf_sock_ops *skops)
 		if (selected(&ev, TLSHUB_ROLE_CLIENT)) {
 			track(skops, cookie, TLSHUB_ROLE_CLIENT);
 		} else if (skops->sk) {
-			/* A socket that was selected, disconnected before its keys
-			 * and now connects somewhere unselected: its old mark would
-			 * refuse it (see gate()); a repair mark stays. */
+			/* A socket that was selected (or refused), disconnected
+			 * before its keys and now connects somewhere unselected:
+			 * its old mark would refuse it (see gate()); a repair mark
+			 * stays. */
 			struct tlshub_sk_mark *old = bpf_sk_storage_get(&sk_marks, skops->sk, 0, 0);
-			if (old && old->cookie) {
+			if (mark_gates(old)) {
 				old->cookie = 0;
 				old->flags &= TLSHUB_MARK_REPAIR;
 			}
@@ -686,7 +696,7 @@ int BPF_PROG(tlshub_gate_sendmsg, struct socket *sock, struct msghdr *msg, int s
 	if (!sk)
 		return 0;
 	struct tlshub_sk_mark *mark = bpf_sk_storage_get(&sk_marks, sk, 0, 0);
-	if (mark && (mark->cookie || (mark->flags & TLSHUB_MARK_REFUSED)))
+	if (mark_gates(mark))
 		return gate_mark(mark);
 	return fastopen_refused(sk, msg);
 }
@@ -852,7 +862,7 @@ int BPF_PROG(tlshub_gate_getsockopt, struct socket *sock, int level, int optname
 	if (!sk)
 		return 0;
 	struct tlshub_sk_mark *mark = bpf_sk_storage_get(&sk_marks, sk, 0, 0);
-	if ((mark && (mark->cookie || (mark->flags & TLSHUB_MARK_REFUSED))) || has_tls_ulp(sk)) {
+	if (mark_gates(mark) || has_tls_ulp(sk)) {
 		stat_inc(TLSHUB_STAT_ZEROCOPY_RECEIVE_REFUSED);
 		return -EOPNOTSUPP;
 	}

@@ -425,17 +425,35 @@ pub fn accept_io_uring(l: &std::net::TcpListener) -> io::Result<std::net::TcpStr
     Ok(owned(fd)?.into())
 }
 
-/// Hands `sock` to a forked child that runs `body` on it, while the parent
-/// closes its own copy at once (the inetd/sshd pattern: the process that
-/// connected or accepted is not the one that moves the bytes). The child's
-/// result comes back over a pipe as (bytes sent, bytes received) or the
-/// error text. Call only while the process has one thread.
-pub fn in_forked_child(
+/// How a connection reaches the process that moves its bytes. Each way
+/// other than `none` leaves the OWNER event naming a process that no longer
+/// has the socket, so the core must find it in the process the gate holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Handoff {
+    /// The process that connected or accepted moves the bytes.
+    None,
+    /// A forked child inherits the socket, and the parent closes its copy
+    /// at once (the inetd/sshd pattern).
+    Fork,
+    /// A forked child closes the socket it inherited, puts another file at
+    /// that descriptor number, and receives the socket through
+    /// `SCM_RIGHTS` (at another number); the parent closes its copy once
+    /// it has sent it (an acceptor feeding a worker).
+    ScmRights,
+}
+
+/// Hands `sock` to a forked child as `how` says, and runs `body` on it
+/// there, while the parent closes its own copy. The child's result comes
+/// back over a Unix socket as (bytes sent, bytes received) or the error
+/// text. Call only while the process has one thread.
+pub fn in_child(
     sock: std::net::TcpStream,
+    how: Handoff,
     body: impl FnOnce(std::net::TcpStream) -> io::Result<(u64, u64)>,
 ) -> io::Result<(u64, u64)> {
     use std::io::{Read, Write};
-    let (mut rx, mut tx) = std::os::unix::net::UnixStream::pair()?;
+    let (mut parent_end, mut child_end) = std::os::unix::net::UnixStream::pair()?;
     // SAFETY: the caller guarantees a single-threaded process, so the child
     // starts with consistent locks; it leaves through _exit only.
     let pid = unsafe { libc::fork() };
@@ -443,21 +461,37 @@ pub fn in_forked_child(
         return Err(io::Error::last_os_error());
     }
     if pid == 0 {
-        drop(rx);
-        let line = match body(sock) {
+        drop(parent_end);
+        let run = || -> io::Result<(u64, u64)> {
+            let sock = match how {
+                Handoff::ScmRights => {
+                    drop(sock);
+                    // Takes the descriptor number the socket had: a core that
+                    // looked the socket up by number here would find this.
+                    let _placeholder = std::fs::File::open("/dev/null")?;
+                    receive_socket(&child_end)?
+                }
+                Handoff::Fork | Handoff::None => sock,
+            };
+            body(sock)
+        };
+        let line = match run() {
             Ok((sent, received)) => format!("ok {sent} {received}"),
             Err(e) => format!("err {} {e}", e.raw_os_error().unwrap_or(0)),
         };
-        let _ = tx.write_all(line.as_bytes());
-        drop(tx);
+        let _ = child_end.write_all(line.as_bytes());
+        drop(child_end);
         // SAFETY: _exit ends the child without running the parent's atexit
         // handlers or destructors twice.
         unsafe { libc::_exit(0) };
     }
+    drop(child_end);
+    if how == Handoff::ScmRights {
+        send_socket(&parent_end, &sock)?;
+    }
     drop(sock);
-    drop(tx);
     let mut line = String::new();
-    rx.read_to_string(&mut line)?;
+    parent_end.read_to_string(&mut line)?;
     let mut status = 0;
     // SAFETY: waits for the child forked above; status is a live local.
     unsafe { libc::waitpid(pid, &mut status, 0) };
@@ -472,9 +506,49 @@ pub fn in_forked_child(
             }
         }
         _ => Err(io::Error::other(format!(
-            "forked child reported {line:?} (status {status})"
+            "child reported {line:?} (status {status})"
         ))),
     }
+}
+
+/// Sends `sock` over `via` as an `SCM_RIGHTS` message (one byte of data).
+fn send_socket(via: &std::os::unix::net::UnixStream, sock: &std::net::TcpStream) -> io::Result<()> {
+    use rustix::net::{SendAncillaryBuffer, SendAncillaryMessage, SendFlags};
+    let mut space = [std::mem::MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(1))];
+    let mut control = SendAncillaryBuffer::new(&mut space);
+    let fds = [std::os::fd::AsFd::as_fd(sock)];
+    if !control.push(SendAncillaryMessage::ScmRights(&fds)) {
+        return Err(io::Error::other("SCM_RIGHTS message does not fit"));
+    }
+    rustix::net::sendmsg(
+        via,
+        &[io::IoSlice::new(b"s")],
+        &mut control,
+        SendFlags::empty(),
+    )?;
+    Ok(())
+}
+
+/// Receives the socket [`send_socket`] sent over `via`.
+fn receive_socket(via: &std::os::unix::net::UnixStream) -> io::Result<std::net::TcpStream> {
+    use rustix::net::{RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags};
+    let mut space = [std::mem::MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(1))];
+    let mut control = RecvAncillaryBuffer::new(&mut space);
+    let mut byte = [0u8; 1];
+    rustix::net::recvmsg(
+        via,
+        &mut [io::IoSliceMut::new(&mut byte)],
+        &mut control,
+        RecvFlags::CMSG_CLOEXEC,
+    )?;
+    for msg in control.drain() {
+        if let RecvAncillaryMessage::ScmRights(mut fds) = msg
+            && let Some(fd) = fds.next()
+        {
+            return Ok(std::net::TcpStream::from(fd));
+        }
+    }
+    Err(io::Error::other("no socket in the SCM_RIGHTS message"))
 }
 
 /// Whether and how a client uses TCP Fast Open for its first bytes.

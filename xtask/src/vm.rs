@@ -510,7 +510,9 @@ pub fn boot(b: &Boot<'_>) -> Result<()> {
                     if verdict == "PASS" {
                         passed.push(name)
                     } else {
-                        failed.push(name)
+                        // The whole line: CI shows only the end of the
+                        // output, so the reason must be repeated there.
+                        failed.push(r.chars().take(2000).collect::<String>())
                     }
                 } else if line.contains("TLSHUB-DONE") {
                     done = true;
@@ -558,7 +560,11 @@ pub fn boot(b: &Boot<'_>) -> Result<()> {
         );
     }
     if !failed.is_empty() {
-        bail!("VM scenarios failed: {}", failed.join(", "));
+        bail!(
+            "{} VM scenario(s) failed:\n{}",
+            failed.len(),
+            failed.join("\n")
+        );
     }
     println!(
         "== VM {}: {} of {plan} passed in {:.0}s",

@@ -59,10 +59,11 @@ struct Common {
     /// How the connected socket is obtained (connect/accept or io_uring).
     #[arg(long, value_enum, default_value = "syscall")]
     via: Via,
-    /// Hand each connection to a forked child that moves the bytes, while
-    /// the process that connected or accepted closes its copy at once.
-    #[arg(long)]
-    fork: bool,
+    /// Hand each connection to another process that moves the bytes (see
+    /// `Handoff`), while the process that connected or accepted closes its
+    /// copy.
+    #[arg(long, value_enum, default_value = "none")]
+    handoff: app_io::Handoff,
     /// Client: send the first bytes with TCP Fast Open (client-first mode);
     /// a send refused with EOPNOTSUPP falls back to connect() and send().
     #[arg(long, value_enum, default_value = "off")]
@@ -221,18 +222,19 @@ fn recv_pattern(c: &mut Conn, common: &Common, seed: u64, r: &mut Report) -> std
     Ok(())
 }
 
-/// Runs `exchange` on `stream` here, or in a forked child (`--fork`),
+/// Runs `exchange` on `stream` here, or in a child it is handed to
+/// (`--handoff`),
 /// adding its byte counts to `r`.
-fn exchange_maybe_forked(
+fn exchange_maybe_handed_off(
     stream: TcpStream,
     common: &Common,
     r: &mut Report,
     exchange: fn(TcpStream, &Common, &mut Report) -> std::io::Result<()>,
 ) -> std::io::Result<()> {
-    if !common.fork {
+    if common.handoff == app_io::Handoff::None {
         return exchange(stream, common, r);
     }
-    let (sent, received) = app_io::in_forked_child(stream, |s| {
+    let (sent, received) = app_io::in_child(stream, common.handoff, |s| {
         let mut one = Report::default();
         exchange(s, common, &mut one).map(|()| (one.bytes_sent, one.bytes_received))
     })?;
@@ -320,7 +322,7 @@ fn client_one(target: SocketAddr, common: &Common, r: &mut Report) -> std::io::R
         drop(stream);
         return Ok(());
     }
-    exchange_maybe_forked(stream, common, r, |stream, common, r| {
+    exchange_maybe_handed_off(stream, common, r, |stream, common, r| {
         let mut c = Conn::new(stream, common.io)?;
         let result = client_exchange(&mut c, common, r)
             .and_then(|()| connect_again(&c, common.connect_again, r));
@@ -446,7 +448,7 @@ fn run(args: Args, r: &mut Report) -> std::io::Result<()> {
             } else {
                 for _ in 0..common.connections {
                     let s = accept(&l, common.via)?;
-                    exchange_maybe_forked(s, &common, r, serve_one)?;
+                    exchange_maybe_handed_off(s, &common, r, serve_one)?;
                     r.connections += 1;
                 }
             }

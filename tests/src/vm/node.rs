@@ -178,6 +178,30 @@ impl Node {
         serde_json::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))
     }
 
+    /// One counter of the core's stats (a path such as `["failed",
+    /// "timeout"]` for a nested one), 0 when absent or unreadable.
+    pub fn stat(&self, path: &[&str]) -> u64 {
+        let mut v = self.stats().unwrap_or_default();
+        for p in path {
+            v = v[*p].take();
+        }
+        v.as_u64().unwrap_or(0)
+    }
+
+    /// A counter once it reached `want`, or its value after 5 s: the core
+    /// rewrites its stats file once a second, and later still when its
+    /// loop is busy (TCG).
+    pub fn stat_reaching(&self, path: &[&str], want: u64) -> u64 {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        loop {
+            let v = self.stat(path);
+            if v >= want || std::time::Instant::now() > deadline {
+                return v;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+    }
+
     /// Exported keys, one JSON value per connection.
     pub fn keys(&self) -> Vec<serde_json::Value> {
         std::fs::read_to_string(self.dir.join("keys.jsonl"))

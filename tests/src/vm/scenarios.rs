@@ -116,9 +116,9 @@ pub struct App {
     pub server_pod: &'static str,
     /// --via: how both ends get their socket (syscall or io-uring).
     pub via: &'static str,
-    /// --fork: both ends hand each connection to a forked child and close
-    /// their own copy.
-    pub fork: bool,
+    /// --handoff: how both ends hand each connection to another process
+    /// (`none`, `fork`, `scm-rights`).
+    pub handoff: &'static str,
 }
 
 impl App {
@@ -135,7 +135,7 @@ impl App {
             server: POD_B,
             server_pod: "pod-b",
             via: "syscall",
-            fork: false,
+            handoff: "none",
         }
     }
 
@@ -155,7 +155,7 @@ impl App {
     }
 
     fn args(&self) -> Vec<String> {
-        let mut args = vec![
+        vec![
             "--mode".into(),
             self.mode.into(),
             "--size".into(),
@@ -170,11 +170,9 @@ impl App {
             self.connections.to_string(),
             "--via".into(),
             self.via.into(),
-        ];
-        if self.fork {
-            args.push("--fork".into());
-        }
-        args
+            "--handoff".into(),
+            self.handoff.into(),
+        ]
     }
 }
 
@@ -816,7 +814,18 @@ fn ipv6_exchange() -> Result<String, String> {
 /// connections each against a server that serves every connection on its
 /// own thread.
 fn concurrent_keying() -> Result<String, String> {
-    let (a, b) = nodes(NodeSpec::new("a"), NodeSpec::new("b"))?;
+    // Why a longer key timeout than the default 2 s: the server's keying
+    // starts only when it accepts, and every hold stops the whole server
+    // process (its accept loop too) for one handshake, so under TCG the
+    // eighth of eight simultaneous connections was accepted after the
+    // client's handshake had waited 1.6 s and was reset (ARCHITECTURE.md,
+    // "Data flow", step 4). This scenario is about correctness under
+    // concurrency; the latency is the benchmark's.
+    let spec = |name| NodeSpec {
+        key_timeout_ms: 10_000,
+        ..NodeSpec::new(name)
+    };
+    let (a, b) = nodes(spec("a"), spec("b"))?;
     let (clients, each) = (8u32, 25u32);
     let total = clients * each;
     let app = App {
@@ -864,8 +873,11 @@ fn concurrent_keying() -> Result<String, String> {
         return Err(format!("server: {s}"));
     }
     let took = started.elapsed().as_secs_f64();
-    std::thread::sleep(Duration::from_millis(1200));
-    let (pa, pb) = (stat(&a, &["protected"]), stat(&b, &["protected"]));
+    let want = u64::from(total);
+    let (pa, pb) = (
+        a.stat_reaching(&["protected"], want),
+        b.stat_reaching(&["protected"], want),
+    );
     if pa != u64::from(total) || pb != u64::from(total) {
         return Err(format!("protected A {pa} B {pb}, want {total} each"));
     }
@@ -1061,14 +1073,6 @@ fn check_wire_with_control(flows: &[wire::Flow], a: &Node, b: &Node) -> Result<W
     Ok(report)
 }
 
-fn stat(node: &Node, path: &[&str]) -> u64 {
-    let mut v = node.stats().unwrap_or(Value::Null);
-    for p in path {
-        v = v[*p].clone();
-    }
-    v.as_u64().unwrap_or(0)
-}
-
 fn fail_closed_provider_missing() -> Result<String, String> {
     let mut sa = NodeSpec::new("a");
     sa.provider = ProviderKind::Missing;
@@ -1091,7 +1095,7 @@ fn fail_closed_provider_missing() -> Result<String, String> {
     // Core A waits for its provider until the key timeout; core B's
     // handshake times out at the same moment. Whichever resets first, each
     // connection is reset once.
-    let resets = stat(&a, &["reset"]) + stat(&b, &["reset"]);
+    let resets = a.stat(&["reset"]) + b.stat(&["reset"]);
     if resets < 2 {
         return Err(format!("cores A and B reset {resets} connections, want 2"));
     }
@@ -1123,7 +1127,7 @@ fn fail_open_provider_missing() -> Result<String, String> {
         return Err("fail-open connection did not carry plaintext".into());
     }
     std::thread::sleep(Duration::from_millis(1200));
-    let passed = stat(&a, &["passed_plaintext"]);
+    let passed = a.stat(&["passed_plaintext"]);
     if passed == 0 {
         return Err("core A did not count the plaintext connection".into());
     }
@@ -1153,7 +1157,7 @@ fn provider_hangs() -> Result<String, String> {
         return Err(format!("reset took {took:?} with a 1 s key timeout"));
     }
     std::thread::sleep(Duration::from_millis(1200));
-    let timeouts = stat(&a, &["failed", "timeout"]);
+    let timeouts = a.stat(&["failed", "timeout"]);
     if timeouts == 0 {
         return Err(format!("core A did not count a timeout: {:?}", a.stats()));
     }
@@ -1180,7 +1184,7 @@ fn provider_malformed() -> Result<String, String> {
         plain_control()?;
         check_wire_with_control(&cap.finish()?, &a, &b)?;
         std::thread::sleep(Duration::from_millis(1200));
-        if stat(&a, &["failed", "malformed"]) == 0 {
+        if a.stat(&["failed", "malformed"]) == 0 {
             return Err(format!("{mode}: not counted as malformed: {:?}", a.stats()));
         }
         let log = a.core_log();
