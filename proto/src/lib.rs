@@ -11,6 +11,7 @@
 
 pub mod client;
 pub mod error;
+pub mod handshake;
 pub mod handshake_config;
 pub mod runtime;
 pub mod server;

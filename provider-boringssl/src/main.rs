@@ -30,6 +30,6 @@ fn main() -> ExitCode {
         &args.config,
         args.socket,
         "/run/tlshub/provider-boringssl.sock",
-        handshake::BoringSslProvider::new,
+        tlshub_provider_sdk::handshake::HandshakeProvider::<handshake::BoringSsl>::new,
     )
 }

@@ -1,9 +1,8 @@
-//! The provider: a TLS 1.3 handshake with OpenSSL over the application's
-//! own connection, mutual authentication by node certificates, and the
-//! application traffic secrets turned into kTLS keys.
+//! OpenSSL under the SDK's handshake driver
+//! ([`tlshub_provider_sdk::handshake`]): the context built from `[tls]`
+//! and one handshake.
 
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
 
 use openssl::ex_data::Index;
 use openssl::ssl::{
@@ -11,66 +10,27 @@ use openssl::ssl::{
     SslSessionCacheMode, SslVerifyMode, SslVersion,
 };
 use openssl::x509::X509VerifyResult;
-use tlshub_provider_sdk::socket::SocketIo;
-use tlshub_provider_sdk::socket::take_fd;
-use tlshub_provider_sdk::tls13::{TrafficSecrets, suite_by_name};
-use tlshub_provider_sdk::{
-    CipherSuite, ConnectionKeys, KeyRequest, Provider, ProviderError, ProviderInfo, Role,
-    TlsVersion,
-};
-
+use tlshub_provider_sdk::Role;
+use tlshub_provider_sdk::handshake::{HandshakeFailure, Negotiated, SetupError, TlsLibrary, setup};
 use tlshub_provider_sdk::handshake_config::TlsSection;
+use tlshub_provider_sdk::socket::SocketIo;
+use tlshub_provider_sdk::tls13::TrafficSecrets;
 
-/// The OpenSSL provider.
-pub struct OpenSslProvider {
+/// OpenSSL's context, with the slot where each session's secret sink hangs.
+pub struct OpenSsl {
     context: SslContext,
     secrets_index: Index<Ssl, Arc<Mutex<TrafficSecrets>>>,
 }
 
-impl std::fmt::Debug for OpenSslProvider {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("OpenSslProvider")
+impl TlsLibrary for OpenSsl {
+    const NAME: &'static str = "openssl";
+    const SELECTS_TLS13_SUITES: bool = true;
+
+    fn version() -> String {
+        openssl::version::version().into()
     }
-}
 
-/// Why the TLS context could not be built from the configuration.
-#[derive(Debug, thiserror::Error)]
-pub enum SetupError {
-    /// OpenSSL refused a setting or file.
-    #[error("cannot {action}: {source}")]
-    OpenSsl {
-        /// What was being configured.
-        action: String,
-        /// OpenSSL's error stack.
-        #[source]
-        source: openssl::error::ErrorStack,
-    },
-    /// A configured suite that kTLS cannot install.
-    #[error(
-        "cipher suite {suite} cannot be used with kTLS (use TLS_AES_128_GCM_SHA256, TLS_AES_256_GCM_SHA384 or TLS_CHACHA20_POLY1305_SHA256)"
-    )]
-    UnsupportedSuite {
-        /// The configured name.
-        suite: String,
-    },
-}
-
-fn setup<T>(
-    action: impl Into<String>,
-    r: Result<T, openssl::error::ErrorStack>,
-) -> Result<T, SetupError> {
-    r.map_err(|source| SetupError::OpenSsl {
-        action: action.into(),
-        source,
-    })
-}
-
-impl OpenSslProvider {
-    /// Builds the TLS context: TLS 1.3 only, the configured suites and
-    /// groups, node certificate and key, peer certificate required and
-    /// verified against the cluster CA, no session tickets (a ticket
-    /// arriving after kTLS is installed would break the application's read).
-    pub fn new(tls: &TlsSection) -> Result<Self, SetupError> {
+    fn new(tls: &TlsSection) -> Result<Self, SetupError> {
         let mut b = setup(
             "create TLS context",
             SslContextBuilder::new(SslMethod::tls()),
@@ -83,11 +43,6 @@ impl OpenSslProvider {
             "pin TLS 1.3",
             b.set_max_proto_version(Some(SslVersion::TLS1_3)),
         )?;
-        for s in &tls.cipher_suites {
-            if suite_by_name(s).is_none() {
-                return Err(SetupError::UnsupportedSuite { suite: s.clone() });
-            }
-        }
         setup(
             "set cipher suites",
             b.set_ciphersuites(&tls.cipher_suites.join(":")),
@@ -114,9 +69,8 @@ impl OpenSslProvider {
             "allocate ex_data index",
             Ssl::new_ex_index::<Arc<Mutex<TrafficSecrets>>>(),
         )?;
-        let idx = secrets_index;
         b.set_keylog_callback(move |ssl, line| {
-            if let Some(secrets) = ssl.ex_data(idx)
+            if let Some(secrets) = ssl.ex_data(secrets_index)
                 && let Ok(mut s) = secrets.lock()
             {
                 s.record(line);
@@ -128,302 +82,51 @@ impl OpenSslProvider {
         })
     }
 
-    /// Runs the handshake on the socket (blocking; call from a blocking thread).
-    fn handshake(&self, request: &KeyRequest) -> Result<ConnectionKeys, ProviderError> {
-        let handle = request
-            .socket
-            .ok_or_else(|| ProviderError::InvalidRequest {
-                reason: "this provider handshakes over the connection and needs `socket`".into(),
-            })?;
-        let fd = take_fd(handle.pid, handle.fd).map_err(|source| ProviderError::Socket {
-            pid: handle.pid,
-            fd: handle.fd,
-            source,
-        })?;
-        // Leave a margin so the answer reaches the core before its deadline.
-        let budget = request.timeout.mul_f64(0.9).max(Duration::from_millis(10));
-        let io = SocketIo::new(fd, Instant::now() + budget);
-        let internal = |what: &str, e: openssl::error::ErrorStack| ProviderError::Internal {
-            reason: format!("{what}: {e}"),
-        };
-        let mut ssl = Ssl::new(&self.context).map_err(|e| internal("create session", e))?;
-        let secrets = Arc::new(Mutex::new(TrafficSecrets::default()));
-        ssl.set_ex_data(self.secrets_index, Arc::clone(&secrets));
-        let result = match request.role {
+    fn handshake(
+        &self,
+        role: Role,
+        io: &mut SocketIo,
+        secrets: &Arc<Mutex<TrafficSecrets>>,
+    ) -> Result<Negotiated, HandshakeFailure> {
+        let mut ssl =
+            Ssl::new(&self.context).map_err(|e| HandshakeFailure::Session(e.to_string()))?;
+        ssl.set_ex_data(self.secrets_index, Arc::clone(secrets));
+        let stream = match role {
             Role::Client => ssl.connect(io),
             Role::Server => ssl.accept(io),
-        };
-        let stream = result.map_err(|e| handshake_error(e, budget))?;
-        let ssl = stream.ssl();
-        // Nothing past the last handshake message may sit in OpenSSL's
-        // buffers: those bytes belong to the application's first records.
-        if ssl.pending() != 0 {
-            return Err(ProviderError::Handshake {
-                reason: format!("{} bytes read past the handshake", ssl.pending()),
-            });
         }
-        let name = ssl.current_cipher().map(|c| c.name()).unwrap_or("none");
-        let suite = suite_by_name(name).ok_or_else(|| ProviderError::Handshake {
-            reason: format!("negotiated {name}, which kTLS cannot take"),
-        })?;
-        let secrets = secrets.lock().map_err(|_| ProviderError::Internal {
-            reason: "secret lock poisoned".into(),
-        })?;
-        secrets.connection_keys(request.role, suite)
+        .map_err(failure)?;
+        let ssl = stream.ssl();
+        Ok(Negotiated {
+            suite: ssl
+                .current_cipher()
+                .map_or("none", |c| c.name())
+                .to_string(),
+            buffered: ssl.pending(),
+        })
     }
 }
 
-fn handshake_error(e: HandshakeError<SocketIo>, budget: Duration) -> ProviderError {
+fn failure(e: HandshakeError<&mut SocketIo>) -> HandshakeFailure {
     match e {
-        HandshakeError::SetupFailure(stack) => ProviderError::Internal {
-            reason: stack.to_string(),
-        },
+        HandshakeError::SetupFailure(stack) => HandshakeFailure::Session(stack.to_string()),
         HandshakeError::Failure(mid) | HandshakeError::WouldBlock(mid) => {
             let err = mid.error();
-            // Names the peer's kind of provider when the two do not match.
-            let peer = mid.get_ref().peer_start();
             if let Some(io) = err.io_error()
                 && io.kind() == std::io::ErrorKind::TimedOut
             {
-                return ProviderError::Timeout {
-                    waiting_for: format!("the peer's handshake messages ({peer})"),
-                    millis: budget.as_millis() as u64,
-                };
+                return HandshakeFailure::TimedOut;
             }
             let verify = mid.ssl().verify_result();
             if verify != X509VerifyResult::OK {
-                return ProviderError::PeerAuthentication {
-                    reason: verify.error_string().into(),
-                };
+                return HandshakeFailure::PeerRejected(verify.error_string().into());
             }
-            ProviderError::Handshake {
-                reason: format!("{err}; {peer}"),
-            }
-        }
-    }
-}
-
-impl Provider for OpenSslProvider {
-    fn info(&self) -> ProviderInfo {
-        ProviderInfo {
-            name: "openssl".into(),
-            version: format!(
-                "{} ({})",
-                env!("CARGO_PKG_VERSION"),
-                openssl::version::version()
-            ),
-            tls_versions: vec![TlsVersion::Tls13],
-            cipher_suites: vec![
-                CipherSuite::Aes128Gcm,
-                CipherSuite::Aes256Gcm,
-                CipherSuite::Chacha20Poly1305,
-            ],
-            needs_socket: true,
-        }
-    }
-
-    async fn keys(&self, request: KeyRequest) -> Result<ConnectionKeys, ProviderError> {
-        // The handshake blocks (poll on the socket); keep it off the runtime.
-        let this = self.shallow();
-        tokio::task::spawn_blocking(move || this.handshake(&request))
-            .await
-            .map_err(|e| ProviderError::Internal {
-                reason: format!("handshake thread: {e}"),
-            })?
-    }
-}
-
-impl OpenSslProvider {
-    /// A cheap copy sharing the same context (SslContext is reference counted).
-    fn shallow(&self) -> Self {
-        Self {
-            context: self.context.clone(),
-            secrets_index: self.secrets_index,
+            HandshakeFailure::Failed(err.to_string())
         }
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use super::*;
-    use std::os::fd::AsRawFd;
-    use tlshub_provider_sdk::SocketHandle;
-
-    use openssl::asn1::Asn1Time;
-    use openssl::hash::MessageDigest;
-    use openssl::pkey::{PKey, Private};
-    use openssl::x509::extension::{BasicConstraints, SubjectAlternativeName};
-    use openssl::x509::{X509, X509NameBuilder};
-
-    fn cert(cn: &str, issuer: Option<(&X509, &PKey<Private>)>) -> (X509, PKey<Private>) {
-        let key = PKey::ec_gen("prime256v1").unwrap();
-        let mut name = X509NameBuilder::new().unwrap();
-        name.append_entry_by_text("CN", cn).unwrap();
-        let name = name.build();
-        let mut b = X509::builder().unwrap();
-        b.set_version(2).unwrap();
-        b.set_subject_name(&name).unwrap();
-        b.set_pubkey(&key).unwrap();
-        b.set_not_before(&Asn1Time::days_from_now(0).unwrap())
-            .unwrap();
-        b.set_not_after(&Asn1Time::days_from_now(1).unwrap())
-            .unwrap();
-        let serial = openssl::bn::BigNum::from_u32(rand_u32())
-            .unwrap()
-            .to_asn1_integer()
-            .unwrap();
-        b.set_serial_number(&serial).unwrap();
-        match issuer {
-            None => {
-                b.set_issuer_name(&name).unwrap();
-                b.append_extension(BasicConstraints::new().critical().ca().build().unwrap())
-                    .unwrap();
-                b.sign(&key, MessageDigest::sha256()).unwrap();
-            }
-            Some((ca, ca_key)) => {
-                b.set_issuer_name(ca.subject_name()).unwrap();
-                let san = SubjectAlternativeName::new()
-                    .dns(cn)
-                    .build(&b.x509v3_context(Some(ca), None))
-                    .unwrap();
-                b.append_extension(san).unwrap();
-                b.sign(ca_key, MessageDigest::sha256()).unwrap();
-            }
-        }
-        (b.build(), key)
-    }
-
-    fn rand_u32() -> u32 {
-        let mut b = [0u8; 4];
-        openssl::rand::rand_bytes(&mut b).unwrap();
-        u32::from_le_bytes(b) >> 1
-    }
-
-    fn node(
-        dir: &std::path::Path,
-        name: &str,
-        ca: &X509,
-        ca_key: &PKey<Private>,
-        suite: &str,
-    ) -> OpenSslProvider {
-        let (c, k) = cert(name, Some((ca, ca_key)));
-        let (cp, kp, cap) = (
-            dir.join(format!("{name}.pem")),
-            dir.join(format!("{name}.key")),
-            dir.join("ca.pem"),
-        );
-        std::fs::write(&cp, c.to_pem().unwrap()).unwrap();
-        std::fs::write(&kp, k.private_key_to_pem_pkcs8().unwrap()).unwrap();
-        std::fs::write(&cap, ca.to_pem().unwrap()).unwrap();
-        OpenSslProvider::new(&TlsSection {
-            ca: cap,
-            cert: cp,
-            key: kp,
-            cipher_suites: vec![suite.into()],
-            groups: vec!["X25519".into()],
-        })
-        .unwrap()
-    }
-
-    fn request(role: Role, fd: i32) -> KeyRequest {
-        KeyRequest {
-            socket_cookie: 1,
-            role,
-            local: "127.0.0.1:1".parse().unwrap(),
-            remote: "127.0.0.1:2".parse().unwrap(),
-            local_isn: 0,
-            remote_isn: 0,
-            node_name: "n".into(),
-            socket: Some(SocketHandle {
-                pid: std::process::id(),
-                fd,
-            }),
-            timeout: Duration::from_secs(5),
-        }
-    }
-
-    fn run_pair(
-        client: &OpenSslProvider,
-        server: &OpenSslProvider,
-    ) -> (
-        Result<ConnectionKeys, ProviderError>,
-        Result<ConnectionKeys, ProviderError>,
-    ) {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let c = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
-        let (s, _) = l.accept().unwrap();
-        // The client side is non-blocking, like an epoll application's socket.
-        c.set_nonblocking(true).unwrap();
-        std::thread::scope(|scope| {
-            let cr = scope.spawn(|| client.handshake(&request(Role::Client, c.as_raw_fd())));
-            let sr = server.handshake(&request(Role::Server, s.as_raw_fd()));
-            (cr.join().unwrap(), sr)
-        })
-    }
-
-    #[test]
-    fn two_nodes_derive_matching_keys_for_every_suite() {
-        let dir = std::env::temp_dir().join(format!("tlshub-openssl-test-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let (ca, ca_key) = cert("tlshub test CA", None);
-        for (suite, want) in [
-            ("TLS_AES_128_GCM_SHA256", CipherSuite::Aes128Gcm),
-            ("TLS_AES_256_GCM_SHA384", CipherSuite::Aes256Gcm),
-            (
-                "TLS_CHACHA20_POLY1305_SHA256",
-                CipherSuite::Chacha20Poly1305,
-            ),
-        ] {
-            let a = node(&dir, "node-a", &ca, &ca_key, suite);
-            let b = node(&dir, "node-b", &ca, &ca_key, suite);
-            let (c, s) = run_pair(&a, &b);
-            let (c, s) = (c.unwrap(), s.unwrap());
-            assert_eq!(c.cipher_suite, want);
-            assert_eq!(c.transmit, s.receive);
-            assert_eq!(c.receive, s.transmit);
-            assert_ne!(c.transmit, c.receive);
-            c.validate().unwrap();
-            // A second connection between the same nodes gets fresh keys.
-            let (c2, _) = run_pair(&a, &b);
-            assert_ne!(c2.unwrap().transmit, c.transmit);
-        }
-        std::fs::remove_dir_all(&dir).unwrap();
-    }
-
-    #[test]
-    fn a_node_from_another_ca_is_refused() {
-        let dir = std::env::temp_dir().join(format!("tlshub-openssl-test2-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let (ca, ca_key) = cert("tlshub test CA", None);
-        let a = node(&dir, "node-a", &ca, &ca_key, "TLS_AES_128_GCM_SHA256");
-        let dir2 = dir.join("other");
-        std::fs::create_dir_all(&dir2).unwrap();
-        let (ca2, ca2_key) = cert("rogue CA", None);
-        let rogue = node(&dir2, "rogue", &ca2, &ca2_key, "TLS_AES_128_GCM_SHA256");
-        let (c, s) = run_pair(&rogue, &a);
-        assert!(c.is_err() && s.is_err());
-        let codes = [c.unwrap_err().code(), s.unwrap_err().code()];
-        assert!(codes.contains(&tonic_code_unauthenticated()), "{codes:?}");
-        std::fs::remove_dir_all(&dir).unwrap();
-    }
-
-    fn tonic_code_unauthenticated() -> tonic::Code {
-        tonic::Code::Unauthenticated
-    }
-
-    #[test]
-    fn a_silent_peer_times_out() {
-        let dir = std::env::temp_dir().join(format!("tlshub-openssl-test3-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let (ca, ca_key) = cert("tlshub test CA", None);
-        let a = node(&dir, "node-a", &ca, &ca_key, "TLS_AES_128_GCM_SHA256");
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let c = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
-        let _s = l.accept().unwrap();
-        let mut req = request(Role::Client, c.as_raw_fd());
-        req.timeout = Duration::from_millis(300);
-        let e = a.handshake(&req).unwrap_err();
-        assert!(matches!(e, ProviderError::Timeout { .. }), "{e}");
-        std::fs::remove_dir_all(&dir).unwrap();
-    }
+    tlshub_provider_sdk::tls_library_tests!(super::OpenSsl);
 }

@@ -30,6 +30,6 @@ fn main() -> ExitCode {
         &args.config,
         args.socket,
         "/run/tlshub/provider-openssl.sock",
-        handshake::OpenSslProvider::new,
+        tlshub_provider_sdk::handshake::HandshakeProvider::<handshake::OpenSsl>::new,
     )
 }

@@ -1,0 +1,352 @@
+//! The provider that runs a TLS 1.3 handshake over the application's own
+//! connection, written once for every TLS library.
+//!
+//! [`HandshakeProvider`] owns what does not depend on the library: taking
+//! the socket, the deadline (a little less than the core's key timeout, so
+//! that the answer reaches the core with the reason), the key-log secret
+//! capture, the "nothing buffered past the handshake" check, the accepted
+//! cipher suites, the mapping to [`ProviderError`] and the name of the
+//! peer's kind of provider when the two nodes do not match. A library
+//! ([`TlsLibrary`]) only builds its context from `[tls]` and runs one
+//! handshake. `tlshub-provider-openssl` and `tlshub-provider-boringssl` are
+//! this driver over OpenSSL and BoringSSL; they stay separate binaries
+//! because the two libraries export the same C symbols.
+
+#[cfg(feature = "test-support")]
+pub mod library_tests;
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use crate::handshake_config::TlsSection;
+use crate::socket::{SocketIo, take_fd};
+use crate::tls13::{TrafficSecrets, suite_by_name};
+use crate::{
+    CipherSuite, ConnectionKeys, KeyRequest, Provider, ProviderError, ProviderInfo, Role,
+    TlsVersion,
+};
+
+/// One TLS library under [`HandshakeProvider`].
+pub trait TlsLibrary: Send + Sync + Sized + 'static {
+    /// The provider's name in [`ProviderInfo`] (`openssl`, `boringssl`).
+    const NAME: &'static str;
+
+    /// Whether the library lets the configuration choose TLS 1.3 cipher
+    /// suites. When it does not (BoringSSL), the driver refuses a
+    /// handshake that ends on a suite outside `cipher_suites` after the
+    /// fact.
+    const SELECTS_TLS13_SUITES: bool;
+
+    /// The library's version, for [`ProviderInfo`].
+    fn version() -> String;
+
+    /// Builds the library's context from `[tls]`: TLS 1.3 only, the
+    /// configured suites (where the library can) and groups, the node's
+    /// certificate and key, the peer's certificate required and verified
+    /// against the cluster CA, and no session tickets (a ticket arriving
+    /// after kTLS is installed would land in the application's first read).
+    /// The suite names are already checked.
+    fn new(tls: &TlsSection) -> Result<Self, SetupError>;
+
+    /// Runs one handshake as `role` over `io`, handing every key-log line
+    /// (NSS format) to `secrets`.
+    fn handshake(
+        &self,
+        role: Role,
+        io: &mut SocketIo,
+        secrets: &Arc<Mutex<TrafficSecrets>>,
+    ) -> Result<Negotiated, HandshakeFailure>;
+}
+
+/// What a finished handshake negotiated.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Negotiated {
+    /// The cipher suite's IANA name (`TLS_AES_128_GCM_SHA256`).
+    pub suite: String,
+    /// Bytes the library read past the handshake and holds: they belong to
+    /// the application's first records, so anything but 0 fails.
+    pub buffered: usize,
+}
+
+/// Why a library's handshake failed, in the terms the driver maps to
+/// [`ProviderError`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HandshakeFailure {
+    /// The library could not start a session (not the peer's doing).
+    Session(String),
+    /// The I/O deadline passed while waiting for the peer.
+    TimedOut,
+    /// The peer's certificate arrived and failed verification.
+    PeerRejected(String),
+    /// Any other failure, in the library's words.
+    Failed(String),
+}
+
+/// Why the TLS context could not be built from the configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum SetupError {
+    /// The library refused a setting or file.
+    #[error("cannot {action}: {source}")]
+    Library {
+        /// What was being configured.
+        action: String,
+        /// The library's error.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    /// A configured suite that kTLS cannot install.
+    #[error(
+        "cipher suite {suite} cannot be used with kTLS (use TLS_AES_128_GCM_SHA256, TLS_AES_256_GCM_SHA384 or TLS_CHACHA20_POLY1305_SHA256)"
+    )]
+    UnsupportedSuite {
+        /// The configured name.
+        suite: String,
+    },
+}
+
+/// Maps a library call's error to [`SetupError::Library`], naming `action`.
+pub fn setup<T, E>(action: impl Into<String>, r: Result<T, E>) -> Result<T, SetupError>
+where
+    E: std::error::Error + Send + Sync + 'static,
+{
+    r.map_err(|e| SetupError::Library {
+        action: action.into(),
+        source: Box::new(e),
+    })
+}
+
+/// The share of the core's key timeout a handshake may use; the rest is
+/// for the answer to reach the core, so that the core logs the provider's
+/// reason (what the peer sent) rather than its own deadline.
+const DEADLINE_SHARE: f64 = 0.9;
+
+/// A [`Provider`] that handshakes over the application's connection with
+/// the TLS library `L`.
+pub struct HandshakeProvider<L> {
+    library: Arc<L>,
+    accepted: Arc<[CipherSuite]>,
+}
+
+impl<L> Clone for HandshakeProvider<L> {
+    fn clone(&self) -> Self {
+        Self {
+            library: Arc::clone(&self.library),
+            accepted: Arc::clone(&self.accepted),
+        }
+    }
+}
+
+impl<L: TlsLibrary> std::fmt::Debug for HandshakeProvider<L> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HandshakeProvider")
+            .field("library", &L::NAME)
+            .field("accepted", &self.accepted)
+            .finish()
+    }
+}
+
+impl<L: TlsLibrary> HandshakeProvider<L> {
+    /// Checks `[tls]`'s suites and builds the library's context.
+    pub fn new(tls: &TlsSection) -> Result<Self, SetupError> {
+        let accepted = tls
+            .cipher_suites
+            .iter()
+            .map(|s| {
+                suite_by_name(s).ok_or_else(|| SetupError::UnsupportedSuite { suite: s.clone() })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Self {
+            library: Arc::new(L::new(tls)?),
+            accepted: accepted.into(),
+        })
+    }
+
+    /// Runs the handshake for `request` (blocking: it polls the socket).
+    pub fn handshake(&self, request: &KeyRequest) -> Result<ConnectionKeys, ProviderError> {
+        let handle = request
+            .socket
+            .ok_or_else(|| ProviderError::InvalidRequest {
+                reason: "this provider handshakes over the connection and needs `socket`".into(),
+            })?;
+        let fd = take_fd(handle.pid, handle.fd).map_err(|source| ProviderError::Socket {
+            pid: handle.pid,
+            fd: handle.fd,
+            source,
+        })?;
+        let budget = request
+            .timeout
+            .mul_f64(DEADLINE_SHARE)
+            .max(Duration::from_millis(10));
+        let mut io = SocketIo::new(fd, Instant::now() + budget);
+        let secrets = Arc::new(Mutex::new(TrafficSecrets::default()));
+        let negotiated = self
+            .library
+            .handshake(request.role, &mut io, &secrets)
+            .map_err(|failure| {
+                // Names the peer's kind of provider when the two do not match.
+                let peer = io.peer_start();
+                match failure {
+                    HandshakeFailure::Session(reason) => ProviderError::Internal {
+                        reason: format!("create session: {reason}"),
+                    },
+                    HandshakeFailure::TimedOut => ProviderError::Timeout {
+                        waiting_for: format!("the peer's handshake messages ({peer})"),
+                        millis: u64::try_from(budget.as_millis()).unwrap_or(u64::MAX),
+                    },
+                    HandshakeFailure::PeerRejected(reason) => {
+                        ProviderError::PeerAuthentication { reason }
+                    }
+                    HandshakeFailure::Failed(reason) => ProviderError::Handshake {
+                        reason: format!("{reason}; {peer}"),
+                    },
+                }
+            })?;
+        self.keys_of(request.role, &negotiated, &secrets)
+    }
+
+    /// The connection's keys from a finished handshake, after the checks
+    /// that do not depend on the library.
+    fn keys_of(
+        &self,
+        role: Role,
+        negotiated: &Negotiated,
+        secrets: &Mutex<TrafficSecrets>,
+    ) -> Result<ConnectionKeys, ProviderError> {
+        if negotiated.buffered != 0 {
+            return Err(ProviderError::Handshake {
+                reason: format!("{} bytes read past the handshake", negotiated.buffered),
+            });
+        }
+        let name = &negotiated.suite;
+        let suite = suite_by_name(name).ok_or_else(|| ProviderError::Handshake {
+            reason: format!("negotiated {name}, which kTLS cannot take"),
+        })?;
+        if !self.accepted.contains(&suite) {
+            return Err(ProviderError::Handshake {
+                reason: format!("negotiated {name}, which `cipher_suites` does not accept"),
+            });
+        }
+        let secrets = secrets.lock().map_err(|_| ProviderError::Internal {
+            reason: "secret lock poisoned".into(),
+        })?;
+        secrets.connection_keys(role, suite)
+    }
+}
+
+impl<L: TlsLibrary> Provider for HandshakeProvider<L> {
+    fn info(&self) -> ProviderInfo {
+        ProviderInfo {
+            name: L::NAME.into(),
+            version: format!("{} ({})", env!("CARGO_PKG_VERSION"), L::version()),
+            tls_versions: vec![TlsVersion::Tls13],
+            cipher_suites: self.accepted.to_vec(),
+            needs_socket: true,
+        }
+    }
+
+    async fn keys(&self, request: KeyRequest) -> Result<ConnectionKeys, ProviderError> {
+        // The handshake blocks (poll on the socket); keep it off the runtime.
+        let this = self.clone();
+        tokio::task::spawn_blocking(move || this.handshake(&request))
+            .await
+            .map_err(|e| ProviderError::Internal {
+                reason: format!("handshake thread: {e}"),
+            })?
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A library that must never be reached: for the checks the driver
+    /// makes before and after the library runs.
+    struct Unreachable;
+
+    impl TlsLibrary for Unreachable {
+        const NAME: &'static str = "unreachable";
+        const SELECTS_TLS13_SUITES: bool = true;
+        fn version() -> String {
+            "0".into()
+        }
+        fn new(_: &TlsSection) -> Result<Self, SetupError> {
+            Ok(Self)
+        }
+        fn handshake(
+            &self,
+            _: Role,
+            _: &mut SocketIo,
+            _: &Arc<Mutex<TrafficSecrets>>,
+        ) -> Result<Negotiated, HandshakeFailure> {
+            panic!("the library was reached")
+        }
+    }
+
+    fn tls(suites: &[&str]) -> TlsSection {
+        TlsSection {
+            ca: "ca.pem".into(),
+            cert: "c.pem".into(),
+            key: "c.key".into(),
+            cipher_suites: suites.iter().map(|s| s.to_string()).collect(),
+            groups: vec!["X25519".into()],
+        }
+    }
+
+    #[test]
+    fn a_suite_ktls_cannot_take_is_a_setup_error() {
+        let e =
+            HandshakeProvider::<Unreachable>::new(&tls(&["TLS_AES_128_CCM_SHA256"])).unwrap_err();
+        assert!(
+            matches!(&e, SetupError::UnsupportedSuite { suite } if suite == "TLS_AES_128_CCM_SHA256"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn after_the_handshake_buffered_bytes_and_unaccepted_suites_fail() {
+        let p = HandshakeProvider::<Unreachable>::new(&tls(&["TLS_AES_256_GCM_SHA384"])).unwrap();
+        assert_eq!(p.info().cipher_suites, vec![CipherSuite::Aes256Gcm]);
+        let secrets = Mutex::new(TrafficSecrets::default());
+        let cases = [
+            (
+                "TLS_AES_256_GCM_SHA384",
+                7,
+                "7 bytes read past the handshake",
+            ),
+            ("TLS_AES_128_GCM_SHA256", 0, "does not accept"),
+            ("TLS_AES_128_CCM_SHA256", 0, "kTLS cannot take"),
+        ];
+        for (suite, buffered, want) in cases {
+            let n = Negotiated {
+                suite: suite.into(),
+                buffered,
+            };
+            match p.keys_of(Role::Client, &n, &secrets) {
+                Err(ProviderError::Handshake { reason }) => {
+                    assert!(reason.contains(want), "{suite}: {reason}")
+                }
+                other => panic!("{suite}: {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn a_request_without_a_socket_is_invalid() {
+        let p = HandshakeProvider::<Unreachable>::new(&tls(&["TLS_AES_128_GCM_SHA256"])).unwrap();
+        let request = KeyRequest {
+            socket_cookie: 1,
+            role: Role::Client,
+            local: "127.0.0.1:1".parse().unwrap(),
+            remote: "127.0.0.1:2".parse().unwrap(),
+            local_isn: 0,
+            remote_isn: 0,
+            node_name: "n".into(),
+            socket: None,
+            timeout: Duration::from_secs(1),
+        };
+        assert!(matches!(
+            p.handshake(&request),
+            Err(ProviderError::InvalidRequest { .. })
+        ));
+    }
+}

@@ -1,0 +1,348 @@
+//! One test body per behaviour of [`HandshakeProvider`], run against every
+//! [`TlsLibrary`]: a library crate's tests call
+//! [`tls_library_tests!`](crate::tls_library_tests) with its library type,
+//! as rustls runs one API test body per crypto provider. Certificates come
+//! from the `openssl` command (not a library, so the BoringSSL tests do not
+//! link OpenSSL).
+#![expect(
+    clippy::unwrap_used,
+    reason = "test bodies: a failure panics, with the value, in the calling test"
+)]
+
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use super::{HandshakeProvider, TlsLibrary};
+use crate::handshake_config::TlsSection;
+use crate::{CipherSuite, ConnectionKeys, KeyRequest, ProviderError, Role, SocketHandle};
+
+/// A throwaway PKI in a temporary directory: a cluster CA, node
+/// certificates it signs, and a second ("rogue") CA. Removed on drop.
+#[derive(Debug)]
+pub struct TestPki {
+    dir: PathBuf,
+}
+
+impl TestPki {
+    /// Makes the directory and both CAs.
+    pub fn new(tag: &str) -> Self {
+        let dir = std::env::temp_dir().join(format!(
+            "tlshub-{tag}-{}-{:?}",
+            std::process::id(),
+            std::thread::current().id()
+        ));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let pki = Self { dir };
+        pki.ca("ca");
+        pki.ca("rogue-ca");
+        pki
+    }
+
+    fn openssl(&self, args: &[&str]) {
+        let out = Command::new("openssl")
+            .args(args)
+            .current_dir(&self.dir)
+            .output()
+            .expect("the openssl command (Debian package openssl)");
+        assert!(
+            out.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    fn ca(&self, name: &str) {
+        let key = format!("{name}.key");
+        self.openssl(&[
+            "genpkey",
+            "-algorithm",
+            "EC",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-out",
+            &key,
+        ]);
+        self.openssl(&[
+            "req",
+            "-x509",
+            "-new",
+            "-key",
+            &key,
+            "-subj",
+            &format!("/CN=tlshub test {name}"),
+            "-days",
+            "1",
+            "-out",
+            &format!("{name}.pem"),
+        ]);
+    }
+
+    /// `[tls]` for node `name` with a certificate signed by the cluster CA
+    /// (or by the rogue CA when `rogue`), offering `suites`.
+    pub fn node(&self, name: &str, rogue: bool, suites: &[&str]) -> TlsSection {
+        let ca = if rogue { "rogue-ca" } else { "ca" };
+        let (key, csr, cert, ext) = (
+            format!("{name}.key"),
+            format!("{name}.csr"),
+            format!("{name}.pem"),
+            format!("{name}.ext"),
+        );
+        self.openssl(&[
+            "genpkey",
+            "-algorithm",
+            "EC",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-out",
+            &key,
+        ]);
+        self.openssl(&[
+            "req",
+            "-new",
+            "-key",
+            &key,
+            "-subj",
+            &format!("/CN={name}"),
+            "-out",
+            &csr,
+        ]);
+        std::fs::write(
+            self.dir.join(&ext),
+            format!("subjectAltName=DNS:{name}\nextendedKeyUsage=serverAuth,clientAuth\n"),
+        )
+        .unwrap();
+        self.openssl(&[
+            "x509",
+            "-req",
+            "-in",
+            &csr,
+            "-CA",
+            &format!("{ca}.pem"),
+            "-CAkey",
+            &format!("{ca}.key"),
+            "-CAcreateserial",
+            "-days",
+            "1",
+            "-extfile",
+            &ext,
+            "-out",
+            &cert,
+        ]);
+        TlsSection {
+            // Every node trusts the cluster CA, the rogue one too: only its
+            // own certificate is from elsewhere.
+            ca: self.path("ca.pem"),
+            cert: self.path(&cert),
+            key: self.path(&key),
+            cipher_suites: suites.iter().map(|s| s.to_string()).collect(),
+            groups: vec!["X25519".into()],
+        }
+    }
+
+    fn path(&self, file: &str) -> PathBuf {
+        self.dir.join(file)
+    }
+
+    /// The directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+}
+
+impl Drop for TestPki {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// The three suites kTLS installs, with their IANA names.
+const SUITES: [(&str, CipherSuite); 3] = [
+    ("TLS_AES_128_GCM_SHA256", CipherSuite::Aes128Gcm),
+    ("TLS_AES_256_GCM_SHA384", CipherSuite::Aes256Gcm),
+    (
+        "TLS_CHACHA20_POLY1305_SHA256",
+        CipherSuite::Chacha20Poly1305,
+    ),
+];
+
+fn request(role: Role, fd: i32, timeout: Duration) -> KeyRequest {
+    KeyRequest {
+        socket_cookie: 1,
+        role,
+        local: "127.0.0.1:1".parse().unwrap(),
+        remote: "127.0.0.1:2".parse().unwrap(),
+        local_isn: 0,
+        remote_isn: 0,
+        node_name: "n".into(),
+        socket: Some(SocketHandle {
+            pid: std::process::id(),
+            fd,
+        }),
+        timeout,
+    }
+}
+
+type Pair = (
+    Result<ConnectionKeys, ProviderError>,
+    Result<ConnectionKeys, ProviderError>,
+);
+
+/// Handshakes `client` against `server` over a fresh loopback connection,
+/// the client's socket non-blocking like an epoll application's.
+fn run_pair<L: TlsLibrary>(client: &HandshakeProvider<L>, server: &HandshakeProvider<L>) -> Pair {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let c = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
+    let (s, _) = l.accept().unwrap();
+    c.set_nonblocking(true).unwrap();
+    let timeout = Duration::from_secs(5);
+    std::thread::scope(|scope| {
+        let cr = scope.spawn(|| client.handshake(&request(Role::Client, c.as_raw_fd(), timeout)));
+        let sr = server.handshake(&request(Role::Server, s.as_raw_fd(), timeout));
+        (cr.join().unwrap(), sr)
+    })
+}
+
+fn assert_matching(pair: Pair) -> ConnectionKeys {
+    let (c, s) = (pair.0.unwrap(), pair.1.unwrap());
+    assert_eq!(c.cipher_suite, s.cipher_suite);
+    assert_eq!(c.transmit, s.receive);
+    assert_eq!(c.receive, s.transmit);
+    assert_ne!(c.transmit, c.receive);
+    c.validate().unwrap();
+    c
+}
+
+/// Two nodes with every suite agree on keys, and a second connection gets
+/// fresh ones. Each suite alone: a library that selects TLS 1.3 suites
+/// negotiates it; one that cannot either happens to negotiate it or is
+/// refused by the driver, never installed with another suite.
+pub fn two_nodes_derive_matching_keys<L: TlsLibrary>() {
+    let pki = TestPki::new(&format!("{}-keys", L::NAME));
+    let all = SUITES.map(|(n, _)| n);
+    let a = HandshakeProvider::<L>::new(&pki.node("node-a", false, &all)).unwrap();
+    let b = HandshakeProvider::<L>::new(&pki.node("node-b", false, &all)).unwrap();
+    let first = assert_matching(run_pair(&a, &b));
+    let second = assert_matching(run_pair(&a, &b));
+    assert_ne!(first.transmit, second.transmit);
+    let mut refused = 0;
+    for (name, suite) in SUITES {
+        let a = HandshakeProvider::<L>::new(&pki.node("node-a", false, &[name])).unwrap();
+        let b = HandshakeProvider::<L>::new(&pki.node("node-b", false, &[name])).unwrap();
+        match run_pair(&a, &b) {
+            (Ok(c), Ok(s)) => {
+                assert_eq!(c.cipher_suite, suite, "{name}");
+                assert_matching((Ok(c), Ok(s)));
+            }
+            (Err(ProviderError::Handshake { reason }), _) if !L::SELECTS_TLS13_SUITES => {
+                assert!(reason.contains("does not accept"), "{name}: {reason}");
+                refused += 1;
+            }
+            other => panic!("{name}: {other:?}"),
+        }
+    }
+    // A library that cannot select negotiates its own preference every
+    // time, so each configuration but one is refused.
+    let want = if L::SELECTS_TLS13_SUITES {
+        0
+    } else {
+        SUITES.len() - 1
+    };
+    assert_eq!(refused, want);
+}
+
+/// A node whose certificate another CA signed (and which itself trusts the
+/// cluster CA) is refused by the node that verifies it, as an
+/// authentication failure, whichever side it is on. The rogue side itself
+/// may finish its handshake; its peer's refusal makes the core reset the
+/// connection.
+pub fn a_node_from_another_ca_is_refused<L: TlsLibrary>() {
+    let pki = TestPki::new(&format!("{}-rogue", L::NAME));
+    let suites = ["TLS_AES_128_GCM_SHA256"];
+    let a = HandshakeProvider::<L>::new(&pki.node("node-a", false, &suites)).unwrap();
+    let rogue = HandshakeProvider::<L>::new(&pki.node("rogue", true, &suites)).unwrap();
+    let (_, server) = run_pair(&rogue, &a);
+    let (client, _) = run_pair(&a, &rogue);
+    for (side, result) in [("server", server), ("client", client)] {
+        match result {
+            Err(ProviderError::PeerAuthentication { .. }) => {}
+            other => panic!("node a as {side}: {other:?}"),
+        }
+    }
+}
+
+/// A peer that sends nothing: a timeout inside the request's timeout that
+/// says the peer's node runs a key-only provider or no tlshub.
+pub fn a_silent_peer_times_out<L: TlsLibrary>() {
+    let pki = TestPki::new(&format!("{}-silent", L::NAME));
+    let a = HandshakeProvider::<L>::new(&pki.node("node-a", false, &["TLS_AES_128_GCM_SHA256"]))
+        .unwrap();
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let c = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
+    let _s = l.accept().unwrap();
+    let timeout = Duration::from_millis(300);
+    let started = std::time::Instant::now();
+    let e = a
+        .handshake(&request(Role::Client, c.as_raw_fd(), timeout))
+        .unwrap_err();
+    assert!(started.elapsed() < timeout, "{:?}", started.elapsed());
+    match e {
+        ProviderError::Timeout { waiting_for, .. } => {
+            assert!(waiting_for.contains("sent nothing"), "{waiting_for}")
+        }
+        other => panic!("{other}"),
+    }
+}
+
+/// A peer whose node runs a key-only provider sends an encrypted record
+/// where a handshake was due: the error names that.
+pub fn a_key_only_peer_is_named<L: TlsLibrary>() {
+    use std::io::Write;
+    let pki = TestPki::new(&format!("{}-keyonly", L::NAME));
+    let b = HandshakeProvider::<L>::new(&pki.node("node-b", false, &["TLS_AES_128_GCM_SHA256"]))
+        .unwrap();
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let mut c = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
+    let (s, _) = l.accept().unwrap();
+    // An application-data record, as kTLS with keys from elsewhere sends.
+    c.write_all(&[0x17, 0x03, 0x03, 0x00, 0x05, 1, 2, 3, 4, 5])
+        .unwrap();
+    let e = b
+        .handshake(&request(
+            Role::Server,
+            s.as_raw_fd(),
+            Duration::from_secs(5),
+        ))
+        .unwrap_err();
+    match e {
+        ProviderError::Handshake { reason } => {
+            assert!(reason.contains("key-only provider"), "{reason}")
+        }
+        other => panic!("{other}"),
+    }
+}
+
+/// The test functions of this module, as `#[test]`s for the
+/// [`TlsLibrary`] `$library`.
+#[macro_export]
+macro_rules! tls_library_tests {
+    ($library:ty) => {
+        $crate::tls_library_tests!(
+            $library:
+            two_nodes_derive_matching_keys,
+            a_node_from_another_ca_is_refused,
+            a_silent_peer_times_out,
+            a_key_only_peer_is_named
+        );
+    };
+    ($library:ty: $($name:ident),+) => {
+        $(
+            #[test]
+            fn $name() {
+                $crate::handshake::library_tests::$name::<$library>();
+            }
+        )+
+    };
+}
