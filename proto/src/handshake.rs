@@ -255,6 +255,139 @@ impl<L: TlsLibrary> Provider for HandshakeProvider<L> {
     }
 }
 
+/// Defines `$library`, a [`TlsLibrary`] over a crate of the OpenSSL API
+/// family (the `openssl` crate, or its fork `boring`, given as `$ssl`),
+/// whose context setup and handshake are the same calls in both:
+/// - the context: TLS 1.3 only, the cluster CA, the node's certificate
+///   chain and key (checked to match), the peer's certificate required,
+///   no session tickets and no session cache, and a key-log callback that
+///   hands each line to the session's [`TrafficSecrets`](crate::tls13::TrafficSecrets);
+/// - one handshake, with the negotiated suite and the bytes held past it;
+/// - its failures: the I/O deadline, a refused peer certificate, or the
+///   library's error text.
+///
+/// What differs is passed in: `configure`, a
+/// `fn(&mut $ssl::ssl::SslContextBuilder, &TlsSection) -> Result<(), SetupError>`
+/// that sets the suites, groups and ticket count as the library can, and
+/// `rejected`, a `fn(&$ssl::ssl::SslRef) -> Option<String>` that says
+/// why the peer's certificate was refused, if it was received and refused.
+#[macro_export]
+macro_rules! openssl_family_library {
+    (
+        $(#[$meta:meta])*
+        $library:ident over $ssl:ident {
+            name: $name:literal,
+            selects_tls13_suites: $selects:literal,
+            configure: $configure:path,
+            rejected: $rejected:path $(,)?
+        }
+    ) => {
+        $(#[$meta])*
+        pub struct $library {
+            context: $ssl::ssl::SslContext,
+            secrets_index: $ssl::ex_data::Index<
+                $ssl::ssl::Ssl,
+                ::std::sync::Arc<::std::sync::Mutex<$crate::tls13::TrafficSecrets>>,
+            >,
+        }
+
+        impl $crate::handshake::TlsLibrary for $library {
+            const NAME: &'static str = $name;
+            const SELECTS_TLS13_SUITES: bool = $selects;
+
+            fn version() -> String {
+                $ssl::version::version().into()
+            }
+
+            fn new(
+                tls: &$crate::handshake_config::TlsSection,
+            ) -> Result<Self, $crate::handshake::SetupError> {
+                use $crate::handshake::setup;
+                use $ssl::ssl::{
+                    Ssl, SslContextBuilder, SslFiletype, SslMethod, SslOptions,
+                    SslSessionCacheMode, SslVerifyMode, SslVersion,
+                };
+                let mut b = setup("create TLS context", SslContextBuilder::new(SslMethod::tls()))?;
+                setup("pin TLS 1.3", b.set_min_proto_version(Some(SslVersion::TLS1_3)))?;
+                setup("pin TLS 1.3", b.set_max_proto_version(Some(SslVersion::TLS1_3)))?;
+                $configure(&mut b, tls)?;
+                setup(format!("load CA {}", tls.ca.display()), b.set_ca_file(&tls.ca))?;
+                setup(
+                    format!("load certificate {}", tls.cert.display()),
+                    b.set_certificate_chain_file(&tls.cert),
+                )?;
+                setup(
+                    format!("load key {}", tls.key.display()),
+                    b.set_private_key_file(&tls.key, SslFiletype::PEM),
+                )?;
+                setup("match key and certificate", b.check_private_key())?;
+                b.set_verify(SslVerifyMode::PEER | SslVerifyMode::FAIL_IF_NO_PEER_CERT);
+                // A ticket arriving after kTLS is installed would land in the
+                // application's first read.
+                b.set_options(SslOptions::NO_TICKET);
+                b.set_session_cache_mode(SslSessionCacheMode::OFF);
+                let secrets_index = setup(
+                    "allocate ex_data index",
+                    Ssl::new_ex_index::<
+                        ::std::sync::Arc<::std::sync::Mutex<$crate::tls13::TrafficSecrets>>,
+                    >(),
+                )?;
+                b.set_keylog_callback(move |ssl, line| {
+                    if let Some(secrets) = ssl.ex_data(secrets_index)
+                        && let Ok(mut s) = secrets.lock()
+                    {
+                        s.record(line);
+                    }
+                });
+                Ok(Self {
+                    context: b.build(),
+                    secrets_index,
+                })
+            }
+
+            fn handshake(
+                &self,
+                role: $crate::Role,
+                io: &mut $crate::socket::SocketIo,
+                secrets: &::std::sync::Arc<::std::sync::Mutex<$crate::tls13::TrafficSecrets>>,
+            ) -> Result<$crate::handshake::Negotiated, $crate::handshake::HandshakeFailure> {
+                use $crate::handshake::HandshakeFailure;
+                use $ssl::ssl::{HandshakeError, Ssl};
+                let mut ssl = Ssl::new(&self.context)
+                    .map_err(|e| HandshakeFailure::Session(e.to_string()))?;
+                ssl.set_ex_data(self.secrets_index, ::std::sync::Arc::clone(secrets));
+                let result = match role {
+                    $crate::Role::Client => ssl.connect(io),
+                    $crate::Role::Server => ssl.accept(io),
+                };
+                let stream = result.map_err(|e| match e {
+                    HandshakeError::SetupFailure(stack) => {
+                        HandshakeFailure::Session(stack.to_string())
+                    }
+                    HandshakeError::Failure(mid) | HandshakeError::WouldBlock(mid) => {
+                        let err = mid.error();
+                        if err
+                            .io_error()
+                            .is_some_and(|io| io.kind() == ::std::io::ErrorKind::TimedOut)
+                        {
+                            HandshakeFailure::TimedOut
+                        } else if let Some(reason) = $rejected(mid.ssl()) {
+                            HandshakeFailure::PeerRejected(reason)
+                        } else {
+                            HandshakeFailure::Failed(err.to_string())
+                        }
+                    }
+                })?;
+                let ssl = stream.ssl();
+                Ok($crate::handshake::Negotiated {
+                    suite: ssl.current_cipher().map_or("none", |c| c.name()).to_string(),
+                    buffered: ssl.pending(),
+                })
+            }
+        }
+    };
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

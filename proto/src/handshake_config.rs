@@ -17,6 +17,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
+use crate::handshake::{HandshakeProvider, TlsLibrary};
 use crate::runtime::{ConfigError, load_toml};
 
 /// `[tls]`: the node's identity and the pinned handshake parameters.
@@ -72,41 +73,63 @@ impl HandshakeProviderConfig {
     }
 }
 
-/// The body of a handshake provider's `main`: load `config_path`, pick the
-/// socket (`socket_override`, else the file's `socket`, else
-/// `default_socket`), build the provider from `[tls]`, and [`run`](crate::run)
-/// it. Configuration errors exit with code 2, naming the file.
-pub fn provider_main<P, E>(
-    program: &str,
-    config_path: &Path,
-    socket_override: Option<PathBuf>,
-    default_socket: &str,
-    build: impl FnOnce(&TlsSection) -> Result<P, E>,
-) -> std::process::ExitCode
-where
-    P: crate::Provider,
-    E: std::fmt::Display,
-{
+/// The command line of a handshake provider.
+#[derive(Debug, clap::Parser)]
+struct Args {
+    /// Configuration file (TOML).
+    #[arg(long, short)]
+    config: PathBuf,
+    /// Override the file's `socket`.
+    #[arg(long)]
+    socket: Option<PathBuf>,
+}
+
+/// The whole `main` of the handshake provider over the TLS library `L`,
+/// named `tlshub-provider-NAME` after [`TlsLibrary::NAME`]: parse the
+/// command line (`--config`, default `/etc/tlshub/provider-NAME.toml`;
+/// `--socket`), load the file, pick the socket (`--socket`, else the
+/// file's `socket`, else `/run/tlshub/provider-NAME.sock`), build the
+/// provider from `[tls]`, and [`run`](crate::run) it. Configuration errors
+/// exit with code 2, naming the file.
+pub fn handshake_provider_main<L: TlsLibrary>() -> std::process::ExitCode {
+    use clap::{CommandFactory, FromArgMatches};
+    let program = format!("tlshub-provider-{}", L::NAME);
+    let command = Args::command()
+        .name(program.clone())
+        .version(env!("CARGO_PKG_VERSION"))
+        .about(format!(
+            "tlshub key provider: a mutually authenticated TLS 1.3 handshake over the application's own connection with {}, whose traffic keys the core installs in kTLS.",
+            L::NAME
+        ))
+        .mut_arg("config", |a| {
+            a.required(false)
+                .default_value(format!("/etc/tlshub/provider-{}.toml", L::NAME))
+        });
+    let args = match Args::from_arg_matches(&command.get_matches()) {
+        Ok(a) => a,
+        Err(e) => e.exit(),
+    };
     crate::runtime::init_logging();
-    let config = match HandshakeProviderConfig::load(config_path) {
+    let config = match HandshakeProviderConfig::load(&args.config) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("{program}: {e}");
             return std::process::ExitCode::from(2);
         }
     };
-    let socket_path = socket_override
+    let socket_path = args
+        .socket
         .or(config.socket)
-        .unwrap_or_else(|| PathBuf::from(default_socket));
-    let provider = match build(&config.tls) {
+        .unwrap_or_else(|| PathBuf::from(format!("/run/tlshub/provider-{}.sock", L::NAME)));
+    let provider = match HandshakeProvider::<L>::new(&config.tls) {
         Ok(p) => p,
         Err(e) => {
-            eprintln!("{program}: {}: {e}", config_path.display());
+            eprintln!("{program}: {}: {e}", args.config.display());
             return std::process::ExitCode::from(2);
         }
     };
     crate::run(
-        program,
+        &program,
         provider,
         crate::ServeOptions {
             socket_path,

@@ -1,130 +1,38 @@
-//! BoringSSL under the SDK's handshake driver
-//! ([`tlshub_provider_sdk::handshake`]): the context built from `[tls]`
-//! and one handshake. BoringSSL cannot choose TLS 1.3 cipher suites, so
-//! the driver refuses a handshake that ends outside `cipher_suites`.
+//! BoringSSL as a [`TlsLibrary`](tlshub_provider_sdk::handshake::TlsLibrary)
+//! of the SDK's handshake driver: what BoringSSL sets differently from
+//! OpenSSL. The rest is the OpenSSL API family's, written once in
+//! [`openssl_family_library!`](tlshub_provider_sdk::openssl_family_library).
 
-use std::sync::{Arc, Mutex};
-
-use boring::ex_data::Index;
-use boring::ssl::{
-    HandshakeError, Ssl, SslContext, SslContextBuilder, SslFiletype, SslMethod, SslOptions,
-    SslSessionCacheMode, SslVerifyMode, SslVersion,
-};
-use tlshub_provider_sdk::Role;
-use tlshub_provider_sdk::handshake::{HandshakeFailure, Negotiated, SetupError, TlsLibrary, setup};
+use boring::ssl::{SslContextBuilder, SslRef};
+use tlshub_provider_sdk::handshake::{SetupError, setup};
 use tlshub_provider_sdk::handshake_config::TlsSection;
-use tlshub_provider_sdk::socket::SocketIo;
-use tlshub_provider_sdk::tls13::TrafficSecrets;
 
-/// BoringSSL's context, with the slot where each session's secret sink
-/// hangs.
-pub struct BoringSsl {
-    context: SslContext,
-    secrets_index: Index<Ssl, Arc<Mutex<TrafficSecrets>>>,
-}
-
-impl TlsLibrary for BoringSsl {
-    const NAME: &'static str = "boringssl";
-    const SELECTS_TLS13_SUITES: bool = false;
-
-    fn version() -> String {
-        boring::version::version().into()
-    }
-
-    fn new(tls: &TlsSection) -> Result<Self, SetupError> {
-        let mut b = setup(
-            "create TLS context",
-            SslContextBuilder::new(SslMethod::tls()),
-        )?;
-        setup(
-            "pin TLS 1.3",
-            b.set_min_proto_version(Some(SslVersion::TLS1_3)),
-        )?;
-        setup(
-            "pin TLS 1.3",
-            b.set_max_proto_version(Some(SslVersion::TLS1_3)),
-        )?;
-        setup("set groups", b.set_curves_list(&tls.groups.join(":")))?;
-        setup(
-            format!("load CA {}", tls.ca.display()),
-            b.set_ca_file(&tls.ca),
-        )?;
-        setup(
-            format!("load certificate {}", tls.cert.display()),
-            b.set_certificate_chain_file(&tls.cert),
-        )?;
-        setup(
-            format!("load key {}", tls.key.display()),
-            b.set_private_key_file(&tls.key, SslFiletype::PEM),
-        )?;
-        setup("match key and certificate", b.check_private_key())?;
-        b.set_verify(SslVerifyMode::PEER | SslVerifyMode::FAIL_IF_NO_PEER_CERT);
-        // SSL_OP_NO_TICKET: BoringSSL then sends no TLS 1.3 NewSessionTicket.
-        b.set_options(SslOptions::NO_TICKET);
-        b.set_session_cache_mode(SslSessionCacheMode::OFF);
-        let secrets_index = setup(
-            "allocate ex_data index",
-            Ssl::new_ex_index::<Arc<Mutex<TrafficSecrets>>>(),
-        )?;
-        b.set_keylog_callback(move |ssl, line| {
-            if let Some(secrets) = ssl.ex_data(secrets_index)
-                && let Ok(mut s) = secrets.lock()
-            {
-                s.record(line);
-            }
-        });
-        Ok(Self {
-            context: b.build(),
-            secrets_index,
-        })
-    }
-
-    fn handshake(
-        &self,
-        role: Role,
-        io: &mut SocketIo,
-        secrets: &Arc<Mutex<TrafficSecrets>>,
-    ) -> Result<Negotiated, HandshakeFailure> {
-        let mut ssl =
-            Ssl::new(&self.context).map_err(|e| HandshakeFailure::Session(e.to_string()))?;
-        ssl.set_ex_data(self.secrets_index, Arc::clone(secrets));
-        let stream = match role {
-            Role::Client => ssl.connect(io),
-            Role::Server => ssl.accept(io),
-        }
-        .map_err(failure)?;
-        let ssl = stream.ssl();
-        Ok(Negotiated {
-            suite: ssl
-                .current_cipher()
-                .map_or("none", |c| c.name())
-                .to_string(),
-            buffered: ssl.pending(),
-        })
+tlshub_provider_sdk::openssl_family_library! {
+    /// BoringSSL's TLS context and the slot where each session's secrets go.
+    BoringSsl over boring {
+        name: "boringssl",
+        // BoringSSL has no TLS 1.3 suite selection: the driver refuses a
+        // handshake that ends outside `cipher_suites`.
+        selects_tls13_suites: false,
+        configure: configure,
+        rejected: rejected,
     }
 }
 
-fn failure(e: HandshakeError<&mut SocketIo>) -> HandshakeFailure {
-    match e {
-        HandshakeError::SetupFailure(stack) => HandshakeFailure::Session(stack.to_string()),
-        HandshakeError::Failure(mid) | HandshakeError::WouldBlock(mid) => {
-            let err = mid.error();
-            if let Some(io) = err.io_error()
-                && io.kind() == std::io::ErrorKind::TimedOut
-            {
-                return HandshakeFailure::TimedOut;
-            }
-            // BoringSSL reports a verification error even when no
-            // certificate was verified; only a received, rejected
-            // certificate is an authentication failure.
-            if mid.ssl().peer_certificate().is_some()
-                && let Err(verify) = mid.ssl().verify_result()
-            {
-                return HandshakeFailure::PeerRejected(verify.error_string().into());
-            }
-            HandshakeFailure::Failed(err.to_string())
-        }
-    }
+/// The groups. With `SSL_OP_NO_TICKET` (set for the whole family)
+/// BoringSSL sends no TLS 1.3 NewSessionTicket.
+fn configure(b: &mut SslContextBuilder, tls: &TlsSection) -> Result<(), SetupError> {
+    setup("set groups", b.set_curves_list(&tls.groups.join(":")))
+}
+
+/// The verification failure of the peer's certificate, if one was
+/// received: BoringSSL reports a verification error even when no
+/// certificate was verified.
+fn rejected(ssl: &SslRef) -> Option<String> {
+    ssl.peer_certificate()?;
+    ssl.verify_result()
+        .err()
+        .map(|verify| verify.error_string().into())
 }
 
 #[cfg(test)]

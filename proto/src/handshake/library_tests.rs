@@ -190,12 +190,18 @@ type Pair = (
     Result<ConnectionKeys, ProviderError>,
 );
 
-/// Handshakes `client` against `server` over a fresh loopback connection,
-/// the client's socket non-blocking like an epoll application's.
-fn run_pair<L: TlsLibrary>(client: &HandshakeProvider<L>, server: &HandshakeProvider<L>) -> Pair {
+/// A fresh loopback connection: (client end, server end).
+fn loopback() -> (std::net::TcpStream, std::net::TcpStream) {
     let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let c = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
     let (s, _) = l.accept().unwrap();
+    (c, s)
+}
+
+/// Handshakes `client` against `server` over a fresh loopback connection,
+/// the client's socket non-blocking like an epoll application's.
+fn run_pair<L: TlsLibrary>(client: &HandshakeProvider<L>, server: &HandshakeProvider<L>) -> Pair {
+    let (c, s) = loopback();
     c.set_nonblocking(true).unwrap();
     let timeout = Duration::from_secs(5);
     std::thread::scope(|scope| {
@@ -279,9 +285,7 @@ pub fn a_silent_peer_times_out<L: TlsLibrary>() {
     let pki = TestPki::new(&format!("{}-silent", L::NAME));
     let a = HandshakeProvider::<L>::new(&pki.node("node-a", false, &["TLS_AES_128_GCM_SHA256"]))
         .unwrap();
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let c = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
-    let _s = l.accept().unwrap();
+    let (c, _s) = loopback();
     let timeout = Duration::from_millis(300);
     let started = std::time::Instant::now();
     let e = a
@@ -303,9 +307,7 @@ pub fn a_key_only_peer_is_named<L: TlsLibrary>() {
     let pki = TestPki::new(&format!("{}-keyonly", L::NAME));
     let b = HandshakeProvider::<L>::new(&pki.node("node-b", false, &["TLS_AES_128_GCM_SHA256"]))
         .unwrap();
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let mut c = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
-    let (s, _) = l.accept().unwrap();
+    let (mut c, s) = loopback();
     // An application-data record, as kTLS with keys from elsewhere sends.
     c.write_all(&[0x17, 0x03, 0x03, 0x00, 0x05, 1, 2, 3, 4, 5])
         .unwrap();
@@ -322,6 +324,53 @@ pub fn a_key_only_peer_is_named<L: TlsLibrary>() {
         }
         other => panic!("{other}"),
     }
+}
+
+/// The provider binary at `binary` (`env!("CARGO_BIN_EXE_...")` in a
+/// provider's integration test) refuses bad configuration with exit code 2
+/// and a message naming the file and what is wrong: an unknown key (with
+/// its line), a missing file, a suite kTLS cannot take.
+pub fn bad_configuration_exits_2(binary: &str) {
+    let dir = TestPki::new("cli");
+    let run_with = |name: &str, config: &str| {
+        let path = dir.dir().join(name);
+        std::fs::write(&path, config).unwrap();
+        let out = Command::new(binary)
+            .arg("--config")
+            .arg(&path)
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (code, text) = run_with(
+        "a.toml",
+        "[tls]\nca = \"/x\"\ncert = \"/y\"\nkey = \"/z\"\ngroup = [\"X25519\"]\n",
+    );
+    assert_eq!(code, Some(2), "{text}");
+    assert!(
+        text.contains("a.toml")
+            && text.contains("line 5")
+            && text.contains("unknown field `group`"),
+        "{text}"
+    );
+    let (code, text) = run_with(
+        "b.toml",
+        "[tls]\nca = \"/nonexistent/ca.pem\"\ncert = \"/y\"\nkey = \"/z\"\n",
+    );
+    assert_eq!(code, Some(2), "{text}");
+    assert!(
+        text.contains("b.toml") && text.contains("/nonexistent/ca.pem"),
+        "{text}"
+    );
+    let (code, text) = run_with(
+        "c.toml",
+        "[tls]\nca = \"/x\"\ncert = \"/y\"\nkey = \"/z\"\ncipher_suites = [\"TLS_AES_128_CCM_8_SHA256\"]\n",
+    );
+    assert_eq!(code, Some(2), "{text}");
+    assert!(text.contains("TLS_AES_128_CCM_8_SHA256"), "{text}");
 }
 
 /// The test functions of this module, as `#[test]`s for the

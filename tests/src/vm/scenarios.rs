@@ -1381,6 +1381,22 @@ pub fn bench() -> Result<String, String> {
         ("boringssl", ProviderKind::BoringSsl),
         ("tlshub", ProviderKind::TlsHub),
     ];
+    // Before any core ran (nothing attached): what the programs cost the
+    // traffic they do not select is the step from this to "plain" below,
+    // measured with both nodes' programs attached.
+    {
+        let (n, p50, p99) = setup_latency(PLAIN_PORT, conns)?;
+        setup.insert("no tlshub", (p50, p99));
+        lines.push(format!(
+            "setup plain, no tlshub loaded: n={n} p50={p50}us p99={p99}us"
+        ));
+        let bps = throughput(PLAIN_PORT)?;
+        tput.insert("no tlshub", bps);
+        lines.push(format!(
+            "throughput plain, no tlshub loaded: {:.1} MB/s (64 MiB, one stream)",
+            bps / 1e6
+        ));
+    }
     for (label, kind) in providers {
         let (mut sa, mut sb) = (NodeSpec::new("a"), NodeSpec::new("b"));
         sa.provider = kind;
@@ -1440,6 +1456,12 @@ pub fn bench() -> Result<String, String> {
         ));
     }
     let ratio = |a: u64, b: u64| a as f64 / b.max(1) as f64;
+    lines.push(format!(
+        "ratios plain (unselected, tlshub loaded)/no tlshub: setup p50 x{:.2} p99 x{:.2}; throughput x{:.2}",
+        ratio(setup["plain"].0, setup["no tlshub"].0),
+        ratio(setup["plain"].1, setup["no tlshub"].1),
+        tput["plain"] / tput["no tlshub"].max(1.0)
+    ));
     for (label, _) in providers {
         lines.push(format!(
             "ratios {label}/plain: setup p50 x{:.1} p99 x{:.1}; throughput x{:.2}",
