@@ -27,7 +27,7 @@ pub enum ConfigError {
 }
 
 /// What happens to a connection whose keys cannot be installed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default, clap::ValueEnum)]
 #[serde(rename_all = "kebab-case")]
 pub enum FailurePolicy {
     /// Reset the connection; the application sees ECONNRESET and no byte

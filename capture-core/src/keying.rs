@@ -268,7 +268,7 @@ pub async fn run(job: Job, provider: Arc<Provider>) -> Outcome {
             // request cannot be running in a live provider then. A live
             // provider's UNAVAILABLE is final (a second attempt could start
             // a second handshake on the same connection).
-            Err(e) if e.reason() == "unavailable" && !listening(&provider.socket).await => {
+            Err(e) if e.is_unavailable() && !listening(&provider.socket).await => {
                 tracing::debug!(provider = %provider.name, error = %e, "provider not running; waiting for it");
                 loop {
                     if deadline.saturating_duration_since(Instant::now()) <= PROVIDER_RETRY {

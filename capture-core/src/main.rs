@@ -48,8 +48,8 @@ struct Args {
     #[arg(long)]
     key_timeout_ms: Option<u64>,
     /// Override `failure_policy`.
-    #[arg(long, value_parser = ["fail-closed", "fail-open"])]
-    failure_policy: Option<String>,
+    #[arg(long, value_enum)]
+    failure_policy: Option<FailurePolicy>,
     /// Write counters and samples as JSON to this file every second and at exit.
     #[arg(long)]
     stats_file: Option<PathBuf>,
@@ -111,10 +111,8 @@ fn main() -> ExitCode {
     if let Some(t) = args.key_timeout_ms.filter(|t| *t > 0) {
         config.provider.timeout_ms = t;
     }
-    match args.failure_policy.as_deref() {
-        Some("fail-open") => config.failure_policy = FailurePolicy::FailOpen,
-        Some("fail-closed") => config.failure_policy = FailurePolicy::FailClosed,
-        _ => {}
+    if let Some(p) = args.failure_policy {
+        config.failure_policy = p;
     }
     if args.check_config {
         println!("{}: OK", args.config.display());

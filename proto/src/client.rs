@@ -48,6 +48,18 @@ pub enum ClientError {
 }
 
 impl ClientError {
+    /// Whether the call ended with `UNAVAILABLE`: the provider's socket did
+    /// not answer, or a live provider said it cannot serve now.
+    pub fn is_unavailable(&self) -> bool {
+        matches!(
+            self,
+            Self::Status {
+                code: tonic::Code::Unavailable,
+                ..
+            }
+        )
+    }
+
     /// A short label for metrics and logs.
     pub fn reason(&self) -> &'static str {
         match self {

@@ -59,9 +59,9 @@ enum Cmd {
     /// Boot the VM in a mode (test, bench, demo, systemd) without the host
     /// checks.
     Vm {
-        /// test | bench | demo | systemd
-        #[arg(long, default_value = "test")]
-        mode: String,
+        /// What the VM runs.
+        #[arg(long, value_enum, default_value_t = VmMode::Test)]
+        mode: VmMode,
         /// Only scenarios whose name contains this.
         #[arg(long)]
         filter: Option<String>,
@@ -74,6 +74,35 @@ enum Cmd {
         #[arg(long, default_value = "6.1")]
         kernel: String,
     },
+}
+
+/// What a VM boot runs (`cargo xtask vm --mode`); the in-VM runner reads
+/// the same names from the kernel command line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum VmMode {
+    /// The scenarios of `cargo xtask test`.
+    Test,
+    /// The benchmark.
+    Bench,
+    /// The narrated demo.
+    Demo,
+    /// Attach and detach under hook traffic, 40 rounds.
+    Stress,
+    /// The systemd VM (Debian userland, systemd as PID 1).
+    Systemd,
+}
+
+impl VmMode {
+    /// The name on the command line and the kernel command line.
+    fn name(self) -> &'static str {
+        match self {
+            Self::Test => "test",
+            Self::Bench => "bench",
+            Self::Demo => "demo",
+            Self::Stress => "stress",
+            Self::Systemd => "systemd",
+        }
+    }
 }
 
 /// Runs a command, failing with its name if it fails.
@@ -189,14 +218,16 @@ fn main() -> Result<()> {
             deps::install()?;
             let kernels = deps::kernel_lines(&kernel)?;
             let bins = vm::build_binaries()?;
-            if mode == "systemd" {
-                systemd_vm::run_systemd(&bins)?;
-            } else if mode == "test" {
-                for line in kernels {
-                    vm::run_mode(&mode, line, filter.as_deref(), repeat, &bins)?;
+            match mode {
+                VmMode::Systemd => systemd_vm::run_systemd(&bins)?,
+                VmMode::Test => {
+                    for line in kernels {
+                        vm::run_mode(mode.name(), line, filter.as_deref(), repeat, &bins)?;
+                    }
                 }
-            } else {
-                vm::run_mode(&mode, kernels[0], filter.as_deref(), repeat, &bins)?;
+                VmMode::Bench | VmMode::Demo | VmMode::Stress => {
+                    vm::run_mode(mode.name(), kernels[0], filter.as_deref(), repeat, &bins)?
+                }
             }
         }
     }

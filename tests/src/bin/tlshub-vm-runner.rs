@@ -27,8 +27,8 @@ fn main() {
         .and_then(|r| r.parse().ok())
         .unwrap_or(1);
     let list: Vec<Scenario> = match mode.as_str() {
-        "bench" => vec![("bench", scenarios::bench)],
-        "demo" => vec![("demo", scenarios::demo)],
+        "bench" => vec![("bench", tlshub_vm_tests::vm::bench::bench)],
+        "demo" => vec![("demo", tlshub_vm_tests::vm::bench::demo)],
         // Not part of `cargo xtask test`: repeats a risky operation to hunt
         // rare kernel or emulator problems.
         "stress" => vec![(
@@ -40,12 +40,20 @@ fn main() {
             "systemd_install_units_and_restarts",
             systemd::systemd_install_units_and_restarts,
         )],
-        _ => scenarios::TESTS
+        "test" => scenarios::TESTS
             .iter()
             .copied()
             // Several filters separated by commas: a scenario runs if any matches.
             .filter(|(n, _)| filter.is_empty() || filter.split(',').any(|f| n.contains(f)))
             .collect(),
+        other => {
+            println!("TLSHUB-PLAN 1");
+            println!(
+                "{RESULT_PREFIX} mode FAIL unknown mode {other:?} (test, bench, demo, stress, systemd)"
+            );
+            println!("{DONE_LINE}");
+            return;
+        }
     };
     let runs: Vec<(String, ScenarioFn)> = list
         .iter()

@@ -5,11 +5,11 @@ use std::time::Duration;
 
 use super::node::{NodeSpec, PLAIN_PORT, PROTECTED_PORT, ProviderKind};
 use super::process;
-use super::scenarios::{
-    App, Capture, both_ok, captured_exchanges, captured_exchanges_on, check_wire, nodes, run_pair,
-    with_ktls_sockets,
-};
+use super::support::{App, both_ok, nodes, run_pair};
 use super::topology::{POD_A2, POD_A2_IF};
+use super::wire_check::{
+    Capture, captured_exchanges, captured_exchanges_on, check_wire, with_ktls_sockets,
+};
 
 /// Sockets whose owner no syscall hook reports, or reports wrongly, are
 /// gated and then keyed from the process the gate holds:
@@ -210,7 +210,7 @@ pub fn fast_open() -> Result<String, String> {
 /// connection in the same capture must.
 pub fn exempt_pid_reuse() -> Result<String, String> {
     use super::node::ProviderKind;
-    use super::scenarios::{json, ok, pod_b_addr};
+    use super::support::{json, ok, pod_b_addr};
     let (mut a, b) = nodes(NodeSpec::new("a"), NodeSpec::new("b"))?;
     let provider_pid = a.provider_pid(ProviderKind::OpenSsl);
     if provider_pid < 2 {
@@ -261,7 +261,7 @@ pub fn exempt_pid_reuse() -> Result<String, String> {
     both_ok(&control, &s2, &c2)?;
     // The protected connection was reset before keys: no keys to check it
     // against, and no marker may have crossed.
-    let report = super::scenarios::check_wire_allowing_unkeyed(&cap.finish()?, &a, &b, true)?;
+    let report = super::wire_check::check_wire_allowing_unkeyed(&cap.finish()?, &a, &b, true)?;
     if ok(&c) {
         return Err(format!(
             "the client with the dead provider's pid {provider_pid} completed an exchange with no provider: it was let through ({c})"
@@ -287,7 +287,7 @@ pub fn exempt_pid_reuse() -> Result<String, String> {
 /// once per socket and owner, so the node's event ring buffer loses
 /// nothing and every ordinary connection is keyed.
 pub fn event_flood() -> Result<String, String> {
-    use super::scenarios::{json, ok};
+    use super::support::{json, ok};
     const FLOOD: u32 = 200_000;
     let (a, b) = nodes(NodeSpec::new("a"), NodeSpec::new("b"))?;
     let (clients, each) = (4u32, 25u32);
@@ -310,7 +310,7 @@ pub fn event_flood() -> Result<String, String> {
         Duration::from_secs(10),
     )?;
     let echo_client = |flag: &str, n: u32| {
-        super::scenarios::spawn_client(PROTECTED_PORT, &["--mode", "echo", flag, &n.to_string()])
+        super::support::spawn_client(PROTECTED_PORT, &["--mode", "echo", flag, &n.to_string()])
     };
     let started = std::time::Instant::now();
     let flooder = echo_client("--connect-again", FLOOD)?;
@@ -396,7 +396,7 @@ pub fn conns_map_full() -> Result<String, String> {
     let after = App::exchange(10_000, PROTECTED_PORT);
     let (s, c) = run_pair(&after, &[], Duration::from_secs(30))?;
     both_ok(&after, &s, &c)?;
-    let wire = super::scenarios::check_wire_allowing_unkeyed(&cap.finish()?, &a, &b, true)?;
+    let wire = super::wire_check::check_wire_allowing_unkeyed(&cap.finish()?, &a, &b, true)?;
     if wire.plain_flows_with_marker == 0 {
         return Err("the control flow's plaintext was not seen: the capture is blind".into());
     }
@@ -566,7 +566,7 @@ fn probe(what: &str, port: u16) -> Result<Vec<(String, i64)>, String> {
     let out = process::command(Some("pod-a"), &argv)
         .output()
         .map_err(|e| format!("cannot run {argv:?}: {e}"))?;
-    let report = super::scenarios::json(&String::from_utf8_lossy(&out.stdout))?;
+    let report = super::support::json(&String::from_utf8_lossy(&out.stdout))?;
     let steps = report["probe"]
         .as_array()
         .ok_or_else(|| format!("probe {what}: no steps in {report}"))?;
@@ -671,7 +671,7 @@ pub fn unusual_socket_calls() -> Result<String, String> {
     }
     seen.push("repair-mode socket refused, never keyed".into());
     drop(servers);
-    let report = super::scenarios::check_wire_allowing_unkeyed(&cap.finish()?, &a, &b, true)?;
+    let report = super::wire_check::check_wire_allowing_unkeyed(&cap.finish()?, &a, &b, true)?;
     if report.plain_flows_with_marker < 2 {
         return Err(format!(
             "the plain controls' marker was seen in {} flows, want at least 2: the capture is blind",

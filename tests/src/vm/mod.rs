@@ -2,11 +2,17 @@
 //! Only meaningful inside the VM that `cargo xtask vm` boots (it needs kTLS,
 //! the BPF LSM and root); on the host these modules only compile.
 
+pub mod bench;
+pub mod exchange;
+pub mod failure;
 pub mod gate_edges;
 pub mod node;
 pub mod process;
+pub mod providers;
 pub mod scenarios;
 pub mod service;
 pub mod stress;
+pub mod support;
 pub mod systemd;
 pub mod topology;
+pub mod wire_check;

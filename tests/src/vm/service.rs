@@ -13,8 +13,8 @@ use serde_json::Value;
 
 use super::node::{Node, NodeSpec, PROTECTED_PORT, ProviderKind};
 use super::process::{AppChild, finish, spawn_ready};
-use super::scenarios::{Capture, check_wire_allowing_unkeyed};
 use super::topology::POD_B;
+use super::wire_check::{Capture, check_wire_allowing_unkeyed};
 
 /// Long-lived connections of the load.
 pub const LONG: u32 = 200;
@@ -252,7 +252,7 @@ pub fn provider_kill9_under_load() -> Result<String, String> {
     let out = finish(client, Duration::from_secs(180))?;
     let r = report(&out)?;
     // The capture sees the plain port too: its marker proves it saw the wire.
-    super::scenarios::plain_control()?;
+    super::wire_check::plain_control()?;
     let flows = cap.finish()?;
     if r["long_broken"].as_u64() != Some(0) || r["corrupt"].as_u64() != Some(0) {
         return Err(format!("established connections were affected: {r}"));
@@ -513,11 +513,11 @@ pub fn mismatched_providers_fail_closed() -> Result<String, String> {
     let cap = Capture::start("mismatch")?;
     let mut seen = Vec::new();
     for mode in ["client-first", "server-first"] {
-        let app = super::scenarios::App {
+        let app = super::support::App {
             mode,
-            ..super::scenarios::App::exchange(10_000, PROTECTED_PORT)
+            ..super::support::App::exchange(10_000, PROTECTED_PORT)
         };
-        let (s, c) = super::scenarios::run_pair(&app, &[], Duration::from_secs(60))?;
+        let (s, c) = super::support::run_pair(&app, &[], Duration::from_secs(60))?;
         for (side, r) in [("server", &s), ("client", &c)] {
             if r["ok"].as_bool() == Some(true) {
                 return Err(format!(
@@ -531,7 +531,7 @@ pub fn mismatched_providers_fail_closed() -> Result<String, String> {
             seen.push(format!("{mode} {side}: {err}"));
         }
     }
-    super::scenarios::plain_control()?;
+    super::wire_check::plain_control()?;
     let wire = check_wire_allowing_unkeyed(&cap.finish()?, &a, &b, true)?;
     if wire.plain_flows_with_marker == 0 {
         return Err("the plain control's marker was not seen: the capture is blind".into());
@@ -625,7 +625,7 @@ pub fn core_kill9_under_load() -> Result<String, String> {
         }
     }
     // The capture sees the plain port too: its marker proves it saw the wire.
-    super::scenarios::plain_control()?;
+    super::wire_check::plain_control()?;
     let flows = cap.finish()?;
     if r["long_broken"].as_u64() != Some(0) || r["corrupt"].as_u64() != Some(0) {
         return Err(format!("established connections were affected: {r}"));
@@ -697,7 +697,7 @@ pub(super) fn exchange_server() -> Result<AppChild, String> {
 
 /// The client of [`exchange_server`], in pod-a (started, not waited for).
 pub(super) fn exchange_client() -> Result<AppChild, String> {
-    super::scenarios::spawn_client(
+    super::support::spawn_client(
         PROTECTED_PORT,
         &["--mode", "client-first", "--size", "1000"],
     )
@@ -744,7 +744,7 @@ pub fn core_gone_release() -> Result<String, String> {
     if s2["ok"].as_bool() == Some(true) || s2["errno"].as_i64() != Some(104) {
         return Err(format!("server after release: {s2}"));
     }
-    super::scenarios::plain_control()?;
+    super::wire_check::plain_control()?;
     let wire = check_wire_allowing_unkeyed(&cap.finish()?, &a, &b, true)?;
     if wire.plain_flows_with_marker == 0 {
         return Err("the plain control's marker was not seen: the capture is blind".into());

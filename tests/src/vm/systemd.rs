@@ -13,11 +13,11 @@ use serde_json::Value;
 
 use super::node::{Node, NodeSpec};
 use super::process::{finish, run, state};
-use super::scenarios::{Capture, check_wire_with_keys};
 use super::service::{
     LONG, LoadServer, exchange_client, exchange_server, metric, recovered, report, sleep_until,
     start_load_with,
 };
+use super::wire_check::{Capture, check_wire_with_keys};
 
 /// Where the VM image holds the dist directory and the test PKI.
 const DIST: &str = "/root/tlshub-dist";

@@ -1,0 +1,202 @@
+//! What every scenario uses: the test app's options and runs, reading
+//! its reports, starting the nodes, and the expectations of a connection
+//! that was failed closed.
+
+use std::time::Duration;
+
+use serde_json::Value;
+
+use super::node::{Node, NodeSpec};
+use super::process::{self, finish, spawn_ready};
+use super::topology::POD_B;
+
+/// Options of one application pair.
+#[derive(Debug, Clone)]
+pub struct App {
+    /// testapp --mode
+    pub mode: &'static str,
+    /// --size
+    pub size: usize,
+    /// --send
+    pub send: &'static str,
+    /// --recv
+    pub recv: &'static str,
+    /// --io
+    pub io: &'static str,
+    /// --connections
+    pub connections: u32,
+    /// Server port.
+    pub port: u16,
+    /// Server address (pod B, IPv4 or IPv6, or pod-a2).
+    pub server: &'static str,
+    /// The server's network namespace (`pod-b`, or `pod-a2` on node a).
+    pub server_pod: &'static str,
+    /// --via: how both ends get their socket (syscall or io-uring).
+    pub via: &'static str,
+    /// --handoff: how both ends hand each connection to another process
+    /// (`none`, `fork`, `scm-rights`).
+    pub handoff: &'static str,
+}
+
+impl App {
+    /// One client-first exchange of `size` bytes with write/read, blocking.
+    pub fn exchange(size: usize, port: u16) -> Self {
+        Self {
+            mode: "client-first",
+            size,
+            send: "write",
+            recv: "read",
+            io: "blocking",
+            connections: 1,
+            port,
+            server: POD_B,
+            server_pod: "pod-b",
+            via: "syscall",
+            handoff: "none",
+        }
+    }
+
+    /// The server's listen address (any, in the server's family) and the
+    /// client's connect address.
+    pub fn addresses(&self) -> (String, String) {
+        match self.server.parse::<std::net::IpAddr>() {
+            Ok(ip) if ip.is_ipv6() => (
+                format!("[::]:{}", self.port),
+                format!("[{ip}]:{}", self.port),
+            ),
+            _ => (
+                format!("0.0.0.0:{}", self.port),
+                format!("{}:{}", self.server, self.port),
+            ),
+        }
+    }
+
+    /// The test app's flags for these options (both sides take the same).
+    pub fn args(&self) -> Vec<String> {
+        vec![
+            "--mode".into(),
+            self.mode.into(),
+            "--size".into(),
+            self.size.to_string(),
+            "--send".into(),
+            self.send.into(),
+            "--recv".into(),
+            self.recv.into(),
+            "--io".into(),
+            self.io.into(),
+            "--connections".into(),
+            self.connections.to_string(),
+            "--via".into(),
+            self.via.into(),
+            "--handoff".into(),
+            self.handoff.into(),
+        ]
+    }
+}
+
+/// The JSON report an app printed last.
+pub fn json(s: &str) -> Result<Value, String> {
+    let line = s
+        .lines()
+        .rev()
+        .find(|l| l.starts_with('{'))
+        .ok_or_else(|| format!("no report in {s:?}"))?;
+    serde_json::from_str(line).map_err(|e| format!("bad report {line:?}: {e}"))
+}
+
+/// Server address and port of pod B for `port` (IPv4).
+pub fn pod_b_addr(port: u16) -> String {
+    format!("{POD_B}:{port}")
+}
+
+/// Starts `tlshub-testapp client` in pod-a against pod B's `port` (IPv4),
+/// `args` following (started, not waited for).
+pub fn spawn_client(port: u16, args: &[&str]) -> Result<process::AppChild, String> {
+    let connect = pod_b_addr(port);
+    let mut argv = vec!["tlshub-testapp", "client", "--connect", &connect];
+    argv.extend_from_slice(args);
+    process::spawn_app("pod-a", &argv)
+}
+
+/// Runs server in `app.server_pod` and client in pod-a; returns both reports.
+pub fn run_pair(
+    app: &App,
+    extra_client: &[&str],
+    timeout: Duration,
+) -> Result<(Value, Value), String> {
+    let (listen, connect) = app.addresses();
+    let args = app.args();
+    let mut sargv = vec!["tlshub-testapp", "server", "--listen", &listen];
+    sargv.extend(args.iter().map(String::as_str));
+    let server = spawn_ready(app.server_pod, &sargv, "listening", Duration::from_secs(10))?;
+    let mut cargv = vec!["tlshub-testapp", "client", "--connect", &connect];
+    cargv.extend(args.iter().map(String::as_str));
+    cargv.extend_from_slice(extra_client);
+    let client = process::spawn_app("pod-a", &cargv)?;
+    let server_pid = server.id();
+    // A client that times out is reported with where the server was too
+    // (the server is killed when this returns).
+    let c = process::finish_reporting(client, timeout, &[server_pid])
+        .map_err(|e| format!("{app:?}: client: {e}"))?;
+    let s = finish(server, Duration::from_secs(10))
+        .map_err(|e| format!("{app:?}: server: {e}; the client said: {}", c.trim()));
+    Ok((json(&s?)?, json(&c)?))
+}
+
+pub fn ok(v: &Value) -> bool {
+    v["ok"].as_bool() == Some(true)
+}
+
+pub fn both_ok(app: &App, s: &Value, c: &Value) -> Result<(), String> {
+    if ok(s) && ok(c) {
+        Ok(())
+    } else {
+        Err(format!("{app:?}: server {s}, client {c}"))
+    }
+}
+
+/// Starts both nodes.
+pub fn nodes(a: NodeSpec, b: NodeSpec) -> Result<(Node, Node), String> {
+    Ok((Node::start(a)?, Node::start(b)?))
+}
+
+pub fn expect_reset(c: &Value) -> Result<(), String> {
+    let errno = c["errno"].as_i64();
+    // ECONNRESET (104) or EPIPE (32), both from the reset; never success.
+    if ok(c) || !matches!(errno, Some(104) | Some(32)) {
+        return Err(format!("client should have been reset, got {c}"));
+    }
+    Ok(())
+}
+
+/// The server of a connection that was failed closed: it must have failed
+/// too, with no byte received (garbage followed by a reset would show as
+/// a byte that "differs").
+pub fn expect_server_failed_clean(s: &Value) -> Result<(), String> {
+    let error = s["error"].as_str().unwrap_or_default();
+    if ok(s) || s["bytes_received"].as_u64() != Some(0) || error.contains("differs") {
+        return Err(format!(
+            "server should have failed with nothing received, got {s}"
+        ));
+    }
+    Ok(())
+}
+
+/// (major, minor) of the running kernel.
+pub fn kernel_version() -> (u32, u32) {
+    let release = process::run(None, &["uname", "-r"]).unwrap_or_default();
+    let mut parts = release
+        .trim()
+        .split(|c: char| !c.is_ascii_digit())
+        .map(|p| p.parse::<u32>().unwrap_or(0));
+    (parts.next().unwrap_or(0), parts.next().unwrap_or(0))
+}
+
+/// Percentile of a sorted slice.
+pub fn percentile(sorted: &[u64], p: f64) -> u64 {
+    if sorted.is_empty() {
+        return 0;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}

@@ -1,0 +1,375 @@
+//! What the wire and the kernel show: `tls_stat` counters, the capture
+//! between the nodes, and the checks that protected flows are TLS only and
+//! decrypt while unselected ones stay plain.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use serde_json::Value;
+
+use super::node::{Node, PLAIN_PORT, PROTECTED_PORT};
+use super::process::{self, Proc};
+use super::support::*;
+use super::topology::WIRE_IF;
+use crate::pattern::{CLIENT_SEED, MARKER, SERVER_SEED};
+use crate::wire;
+
+/// `/proc/net/tls_stat` of network namespace `netns` (the counters are per
+/// namespace), summed over the given namespaces.
+pub fn tls_stat(namespaces: &[&str]) -> HashMap<String, u64> {
+    let mut sum = HashMap::new();
+    for ns in namespaces {
+        let text = process::run(Some(ns), &["cat", "/proc/net/tls_stat"]).unwrap_or_default();
+        for (k, v) in parse_tls_stat(&text) {
+            *sum.entry(k).or_insert(0) += v;
+        }
+    }
+    sum
+}
+
+pub fn parse_tls_stat(text: &str) -> HashMap<String, u64> {
+    text.lines()
+        .filter_map(|l| {
+            let mut it = l.split_whitespace();
+            Some((it.next()?.to_string(), it.next()?.parse().ok()?))
+        })
+        .collect()
+}
+
+/// Runs `body` and checks that exactly `sockets` kTLS sockets got TX and RX
+/// meanwhile (`tls_stat` of both pods; both ends of a connection are in
+/// this one kernel, so a protected connection counts twice).
+pub fn with_ktls_sockets<T>(
+    sockets: u64,
+    body: impl FnOnce() -> Result<T, String>,
+) -> Result<T, String> {
+    let before = tls_stat(&["pod-a", "pod-b"]);
+    let out = body()?;
+    let after = tls_stat(&["pod-a", "pod-b"]);
+    let delta = |k: &str| after.get(k).copied().unwrap_or(0) - before.get(k).copied().unwrap_or(0);
+    if delta("TlsTxSw") != sockets || delta("TlsRxSw") != sockets {
+        return Err(format!(
+            "tls_stat: TlsTxSw +{} TlsRxSw +{}, want +{sockets} each",
+            delta("TlsTxSw"),
+            delta("TlsRxSw"),
+        ));
+    }
+    Ok(out)
+}
+
+/// tcpdump on the wire between the nodes; stopped and read by [`Capture::finish`].
+#[derive(Debug)]
+pub struct Capture {
+    proc: Proc,
+    path: String,
+}
+
+impl Capture {
+    /// Starts capturing TCP on the node-to-node veth.
+    pub fn start(name: &str) -> Result<Self, String> {
+        Self::start_on(name, WIRE_IF)
+    }
+
+    /// Starts capturing TCP on interface `iface` of `node-a`.
+    pub fn start_on(name: &str, iface: &str) -> Result<Self, String> {
+        let path = format!("/tmp/{name}.pcap");
+        let _ = std::fs::remove_file(&path);
+        let log = std::path::PathBuf::from(format!("/tmp/logs/tcpdump-{name}.log"));
+        let mut proc = Proc::spawn(
+            "tcpdump",
+            Some("node-a"),
+            // --immediate-mode: with TPACKET_V3 blocks, packets still in the
+            // current block at SIGINT would otherwise never reach the file.
+            &[
+                "tcpdump",
+                "--immediate-mode",
+                "-i",
+                iface,
+                "-s",
+                "0",
+                "-B",
+                "65536",
+                "-U",
+                "-Z",
+                "root",
+                "-w",
+                &path,
+                "tcp",
+            ],
+            &log,
+        )?;
+        proc.wait_for_log("listening on", Duration::from_secs(20))?;
+        Ok(Self { proc, path })
+    }
+
+    /// Stops it and returns the flows.
+    pub fn finish(mut self) -> Result<Vec<wire::Flow>, String> {
+        std::thread::sleep(Duration::from_millis(300));
+        self.proc.signal(2);
+        let _ = self.proc.wait(Duration::from_secs(10));
+        let log = process::tail(&self.proc.log);
+        match wire::capture_drops(&log) {
+            Ok(0) => {}
+            Ok(n) => return Err(format!("tcpdump dropped {n} packets: {log}")),
+            Err(e) => return Err(format!("{e} (the capture may be incomplete)")),
+        }
+        let data = std::fs::read(&self.path).map_err(|e| format!("{}: {e}", self.path))?;
+        let _ = std::fs::remove_file(&self.path);
+        let mut flows = wire::read_pcap(&data).map_err(|e| format!("{e} (tcpdump: {log})"))?;
+        for f in &mut flows {
+            f.capture_log = log.clone();
+        }
+        Ok(flows)
+    }
+}
+
+/// What the wire check found.
+#[derive(Debug, Default)]
+pub struct WireReport {
+    /// Protected flows with payload.
+    pub protected_flows: usize,
+    /// Of those, decrypted and matched to the apps' bytes.
+    pub decrypted: usize,
+    /// Application bytes recovered by decryption.
+    pub plaintext_bytes: usize,
+    /// Unselected flows that carried the marker in clear (the capture sees plaintext when there is some).
+    pub plain_flows_with_marker: usize,
+    /// Protected flows that were never keyed (reset under fail-closed):
+    /// no marker, and nothing but TLS handshake bytes from a provider.
+    pub unkeyed_flows: usize,
+}
+
+pub fn hexv(v: &Value) -> Vec<u8> {
+    v.as_str()
+        .and_then(|s| hex::decode(s).ok())
+        .unwrap_or_default()
+}
+
+/// Checks every flow: protected ones carry only TLS records, no marker,
+/// and decrypt (with the keys the sender's core exported, which must equal
+/// the receiver core's) into the apps' pattern; unselected ones are plain.
+pub fn check_wire(flows: &[wire::Flow], a: &Node, b: &Node) -> Result<WireReport, String> {
+    check_wire_allowing_unkeyed(flows, a, b, false)
+}
+
+/// [`check_wire`], where protected flows without exported keys (connections
+/// a failure policy reset before keys) are allowed if they carry no marker
+/// and start like TLS (a provider's handshake) or carry nothing at all.
+pub fn check_wire_allowing_unkeyed(
+    flows: &[wire::Flow],
+    a: &Node,
+    b: &Node,
+    unkeyed_ok: bool,
+) -> Result<WireReport, String> {
+    let keys: Vec<Value> = a.keys().into_iter().chain(b.keys()).collect();
+    check_wire_with_keys(flows, &keys, unkeyed_ok)
+}
+
+/// [`check_wire_allowing_unkeyed`] with the key records of both cores
+/// given directly (for a core the test bed did not start).
+pub fn check_wire_with_keys(
+    flows: &[wire::Flow],
+    keys: &[Value],
+    unkeyed_ok: bool,
+) -> Result<WireReport, String> {
+    let find = |local: &std::net::SocketAddr, remote: &std::net::SocketAddr| {
+        keys.iter().find(|k| {
+            k["local"].as_str() == Some(&local.to_string())
+                && k["remote"].as_str() == Some(&remote.to_string())
+        })
+    };
+    let find_all = |local: &std::net::SocketAddr, remote: &std::net::SocketAddr| {
+        keys.iter()
+            .filter(|k| {
+                k["local"].as_str() == Some(&local.to_string())
+                    && k["remote"].as_str() == Some(&remote.to_string())
+            })
+            .collect::<Vec<_>>()
+    };
+    let mut r = WireReport::default();
+    for f in flows.iter().filter(|f| !f.bytes.is_empty()) {
+        let protected = f.src.port() == PROTECTED_PORT || f.dst.port() == PROTECTED_PORT;
+        if !protected {
+            if wire::contains(&f.bytes, MARKER) {
+                r.plain_flows_with_marker += 1;
+            }
+            continue;
+        }
+        r.protected_flows += 1;
+        if wire::contains(&f.bytes, MARKER) {
+            return Err(format!(
+                "PLAINTEXT on the wire: {} -> {} carries the marker",
+                f.src, f.dst
+            ));
+        }
+        if unkeyed_ok && (find(&f.src, &f.dst).is_none() || find(&f.dst, &f.src).is_none()) {
+            match find(&f.src, &f.dst) {
+                // Keyed on the sending side only: what it sent must be
+                // records under its keys, decrypting to the app's bytes.
+                Some(sender) if f.bytes.first() == Some(&0x17) => {
+                    let plain = wire::decrypt_application_data(
+                        &f.bytes,
+                        sender["suite"].as_str().unwrap_or(""),
+                        &hexv(&sender["tx_key"]),
+                        &hexv(&sender["tx_iv"]),
+                    )
+                    .map_err(|e| format!("{} -> {} (sender keyed only): {e}", f.src, f.dst))?;
+                    let seed = if f.dst.port() == PROTECTED_PORT {
+                        CLIENT_SEED
+                    } else {
+                        SERVER_SEED
+                    };
+                    crate::pattern::check(seed, 0, &plain).map_err(|at| {
+                        format!("{} -> {}: decrypted byte {at} differs", f.src, f.dst)
+                    })?;
+                }
+                // Otherwise a provider's TLS handshake record (0x16) or
+                // alert (0x15) starts it.
+                _ if matches!(f.bytes.first(), Some(0x15 | 0x16)) => {}
+                _ => {
+                    return Err(format!(
+                        "{} -> {}: never keyed on both ends, yet carries {} bytes that are neither records under the sender's keys nor a TLS handshake",
+                        f.src,
+                        f.dst,
+                        f.bytes.len()
+                    ));
+                }
+            }
+            r.unkeyed_flows += 1;
+            continue;
+        }
+        wire::tls_records(&f.bytes).map_err(|e| {
+            format!(
+                "{} -> {}: not TLS: {e} ({} bytes captured; tcpdump: {})",
+                f.src,
+                f.dst,
+                f.bytes.len(),
+                f.capture_log
+            )
+        })?;
+        // A 4-tuple can carry several connections in one capture (a reset
+        // one leaves no TIME_WAIT): the sender's key is the one of its
+        // records under which this flow decrypts.
+        let senders = find_all(&f.src, &f.dst);
+        if senders.is_empty() {
+            return Err(format!(
+                "{} -> {}: no exported key for the sender",
+                f.src, f.dst
+            ));
+        }
+        let mut decrypted = Err(String::new());
+        for sender in &senders {
+            decrypted = wire::decrypt_application_data(
+                &f.bytes,
+                sender["suite"].as_str().unwrap_or(""),
+                &hexv(&sender["tx_key"]),
+                &hexv(&sender["tx_iv"]),
+            )
+            .map(|plain| (plain, *sender))
+            .map_err(|e| format!("{} -> {}: {e}", f.src, f.dst));
+            if decrypted.is_ok() {
+                break;
+            }
+        }
+        let (plain, sender) = match decrypted {
+            Ok(d) => d,
+            // A reset connection's handshake on a reused 4-tuple whose
+            // keys belong to another connection.
+            Err(_)
+                if unkeyed_ok
+                    && senders.len() > 1
+                    && matches!(f.bytes.first(), Some(0x15 | 0x16)) =>
+            {
+                r.unkeyed_flows += 1;
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
+        let receiver_agrees = find_all(&f.dst, &f.src).iter().any(|receiver| {
+            hexv(&sender["tx_key"]) == hexv(&receiver["rx_key"])
+                && hexv(&sender["tx_iv"]) == hexv(&receiver["rx_iv"])
+        });
+        if !receiver_agrees {
+            return Err(format!(
+                "{} -> {}: no key of the receiver matches the sender's (the two nodes' providers reported different keys)",
+                f.src, f.dst
+            ));
+        }
+        let seed = if f.dst.port() == PROTECTED_PORT {
+            CLIENT_SEED
+        } else {
+            SERVER_SEED
+        };
+        if plain.is_empty() {
+            continue;
+        }
+        crate::pattern::check(seed, 0, &plain).map_err(|at| {
+            format!(
+                "{} -> {}: decrypted byte {at} is not what the app sent",
+                f.src, f.dst
+            )
+        })?;
+        r.decrypted += 1;
+        r.plaintext_bytes += plain.len();
+    }
+    Ok(r)
+}
+
+/// Runs `apps` one after another under a capture of the wire, each exact
+/// both ways, then checks the wire: every flow of a protected app is TLS
+/// only and decrypts to the apps' bytes (two flows per protected app).
+pub fn captured_exchanges(
+    name: &str,
+    a: &Node,
+    b: &Node,
+    apps: &[App],
+) -> Result<WireReport, String> {
+    captured_exchanges_on(name, WIRE_IF, a, b, apps)
+}
+
+/// [`captured_exchanges`] with the capture on interface `iface` of
+/// `node-a`.
+pub fn captured_exchanges_on(
+    name: &str,
+    iface: &str,
+    a: &Node,
+    b: &Node,
+    apps: &[App],
+) -> Result<WireReport, String> {
+    let cap = Capture::start_on(name, iface)?;
+    for app in apps {
+        let (s, c) = run_pair(app, &[], Duration::from_secs(60))?;
+        both_ok(app, &s, &c)?;
+    }
+    let report = check_wire(&cap.finish()?, a, b)?;
+    let protected: usize = apps
+        .iter()
+        .filter(|app| app.port == PROTECTED_PORT)
+        .map(|app| app.connections as usize)
+        .sum();
+    if report.protected_flows != 2 * protected || report.decrypted != 2 * protected {
+        return Err(format!("{protected} protected connections but {report:?}"));
+    }
+    Ok(report)
+}
+
+/// A plain exchange under the same capture: its marker must be seen, or
+/// the capture proves nothing about the protected flows.
+pub fn plain_control() -> Result<(), String> {
+    let app = App::exchange(1000, PLAIN_PORT);
+    let (s, c) = run_pair(&app, &[], Duration::from_secs(30))?;
+    both_ok(&app, &s, &c)
+}
+
+/// [`check_wire`] plus the control's marker.
+pub fn check_wire_with_control(
+    flows: &[wire::Flow],
+    a: &Node,
+    b: &Node,
+) -> Result<WireReport, String> {
+    let report = check_wire(flows, a, b)?;
+    if report.plain_flows_with_marker == 0 {
+        return Err("the plain control's marker was not seen: the capture is blind".into());
+    }
+    Ok(report)
+}
