@@ -57,26 +57,16 @@ pub struct KeyLog(pub std::sync::Arc<std::sync::Mutex<std::fs::File>>);
 impl KeyLog {
     fn record(&self, job: &Job, keys: &tlshub_provider_sdk::ConnectionKeys) {
         use std::io::Write;
-        let line = format!(
-            "{{\"cookie\":{},\"local\":\"{}\",\"remote\":\"{}\",\"version\":\"{:?}\",\"suite\":\"{}\",\"tx_key\":\"{}\",\"tx_iv\":\"{}\",\"rx_key\":\"{}\",\"rx_iv\":\"{}\"}}\n",
-            job.cookie,
-            job.local,
-            job.remote,
-            keys.version,
-            keys.cipher_suite,
-            hex(&keys.transmit.key),
-            hex(&keys.transmit.iv),
-            hex(&keys.receive.key),
-            hex(&keys.receive.iv),
-        );
+        let record =
+            tlshub_provider_sdk::keylog::KeyLogRecord::new(job.cookie, job.local, job.remote, keys);
+        let Ok(mut line) = serde_json::to_string(&record) else {
+            return;
+        };
+        line.push('\n');
         if let Ok(mut f) = self.0.lock() {
             let _ = f.write_all(line.as_bytes());
         }
     }
-}
-
-fn hex(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
 /// Why a connection could not be keyed.

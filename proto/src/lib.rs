@@ -13,6 +13,7 @@ pub mod client;
 pub mod error;
 pub mod handshake;
 pub mod handshake_config;
+pub mod keylog;
 pub mod runtime;
 pub mod server;
 pub mod socket;

@@ -229,10 +229,7 @@ pub fn demo() -> Result<String, String> {
         for k in n.keys() {
             say(&format!(
                 "{name}: selected connection {} -> {} keyed by provider openssl: {} {} (keys installed with kTLS, not shown)",
-                k["local"].as_str().unwrap_or(""),
-                k["remote"].as_str().unwrap_or(""),
-                k["version"].as_str().unwrap_or(""),
-                k["suite"].as_str().unwrap_or("")
+                k.local, k.remote, k.version, k.suite
             ));
         }
         if let Some(line) = n.core_log().lines().find(|l| l.contains("kTLS installed")) {

@@ -81,7 +81,7 @@ pub fn cipher_suites() -> Result<String, String> {
             ..App::exchange(200_000, PROTECTED_PORT)
         };
         captured_exchanges("suites", &a, &b, &[app])?;
-        let name = a.first_key_field("suite");
+        let name = a.first_key_suite();
         if name != ktls {
             return Err(format!("{suite} installed as {name:?}, want {ktls}"));
         }
@@ -218,7 +218,11 @@ pub fn ipv6_exchange() -> Result<String, String> {
         ..App::exchange(100_000, PROTECTED_PORT)
     });
     captured_exchanges("ipv6", &a, &b, &apps)?;
-    let local = a.first_key_field("local");
+    let local = a
+        .keys()
+        .first()
+        .map(|k| k.local.to_string())
+        .unwrap_or_default();
     if !local.starts_with("[fd00:1::2]") {
         return Err(format!(
             "key export names {local}, not the IPv6 pod address"

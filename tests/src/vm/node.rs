@@ -3,6 +3,7 @@
 
 use std::path::PathBuf;
 use std::time::Duration;
+use tlshub_provider_sdk::keylog::KeyLogRecord;
 
 use super::process::Proc;
 
@@ -202,20 +203,16 @@ impl Node {
         }
     }
 
-    /// Exported keys, one JSON value per connection.
-    pub fn keys(&self) -> Vec<serde_json::Value> {
-        std::fs::read_to_string(self.dir.join("keys.jsonl"))
-            .unwrap_or_default()
-            .lines()
-            .filter_map(|l| serde_json::from_str(l).ok())
-            .collect()
+    /// Exported keys, one record per connection.
+    pub fn keys(&self) -> Vec<KeyLogRecord> {
+        read_keylog(&self.dir.join("keys.jsonl"))
     }
 
-    /// A field of the first exported key record ("" if none).
-    pub fn first_key_field(&self, field: &str) -> String {
+    /// The cipher of the first exported key, or "" when none.
+    pub fn first_key_suite(&self) -> String {
         self.keys()
             .first()
-            .and_then(|k| k[field].as_str().map(String::from))
+            .map(|k| k.suite.clone())
             .unwrap_or_default()
     }
 
@@ -576,4 +573,17 @@ fn random_32() -> Result<Vec<u8>, String> {
         .and_then(|mut f| f.read_exact(&mut b))
         .map_err(|e| format!("/dev/urandom: {e}"))?;
     Ok(b)
+}
+
+/// The key records in a core's key log at `path` (none when it is missing);
+/// a line that does not parse is a failure of the test, not skipped.
+pub fn read_keylog(path: &std::path::Path) -> Vec<KeyLogRecord> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .map(|l| {
+            serde_json::from_str(l)
+                .unwrap_or_else(|e| panic!("{}: bad key log line {l:?}: {e}", path.display()))
+        })
+        .collect()
 }

@@ -54,7 +54,7 @@ pub fn tlshub_expiry() -> Result<String, String> {
         ));
     }
     let (ka, kb) = (a.keys(), b.keys());
-    if ka.len() != 2 || kb.len() != 2 || ka[0]["tx_key"] == ka[1]["tx_key"] {
+    if ka.len() != 2 || kb.len() != 2 || ka[0].tx_key == ka[1].tx_key {
         return Err(format!(
             "expected two keyed connections with different keys, got {} and {}",
             ka.len(),
@@ -90,7 +90,7 @@ pub fn boringssl_interop() -> Result<String, String> {
             ..App::exchange(100_000, PROTECTED_PORT)
         });
         captured_exchanges("interop", &a, &b, &apps).map_err(|e| format!("{label}: {e}"))?;
-        out.push(format!("{label} ({})", a.first_key_field("suite")));
+        out.push(format!("{label} ({})", a.first_key_suite()));
     }
     Ok(format!(
         "exact both ways, TLS-only and decrypted: {}",

@@ -8,6 +8,7 @@
 //! and uninstalling.
 
 use std::time::{Duration, Instant};
+use tlshub_provider_sdk::keylog::KeyLogRecord;
 
 use serde_json::Value;
 
@@ -251,12 +252,8 @@ fn metrics_a() -> Result<String, String> {
     super::node::metrics_at(9464).map_err(|e| format!("metrics of the installed core: {e}"))
 }
 
-fn keys_a() -> Vec<Value> {
-    std::fs::read_to_string("/run/tlshub/keys.jsonl")
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|l| serde_json::from_str(l).ok())
-        .collect()
+fn keys_a() -> Vec<KeyLogRecord> {
+    super::node::read_keylog(std::path::Path::new("/run/tlshub/keys.jsonl"))
 }
 
 /// Failures of short connections are allowed only from 2 s before an
@@ -379,7 +376,7 @@ pub fn systemd_install_units_and_restarts() -> Result<String, String> {
         ));
     }
     let flows = cap.finish()?;
-    let keys: Vec<Value> = keys_a().into_iter().chain(b.keys()).collect();
+    let keys: Vec<KeyLogRecord> = keys_a().into_iter().chain(b.keys()).collect();
     let wire = check_wire_with_keys(&flows, &keys, true)?;
     if wire.decrypted < 2 * LONG as usize {
         return Err(format!("too few flows decrypted: {wire:?}"));

@@ -4,8 +4,7 @@
 
 use std::collections::HashMap;
 use std::time::Duration;
-
-use serde_json::Value;
+use tlshub_provider_sdk::keylog::KeyLogRecord;
 
 use super::node::{Node, PLAIN_PORT, PROTECTED_PORT};
 use super::process::{self, Proc};
@@ -139,12 +138,6 @@ pub struct WireReport {
     pub unkeyed_flows: usize,
 }
 
-pub fn hexv(v: &Value) -> Vec<u8> {
-    v.as_str()
-        .and_then(|s| hex::decode(s).ok())
-        .unwrap_or_default()
-}
-
 /// Checks every flow: protected ones carry only TLS records, no marker,
 /// and decrypt (with the keys the sender's core exported, which must equal
 /// the receiver core's) into the apps' pattern; unselected ones are plain.
@@ -161,7 +154,7 @@ pub fn check_wire_allowing_unkeyed(
     b: &Node,
     unkeyed_ok: bool,
 ) -> Result<WireReport, String> {
-    let keys: Vec<Value> = a.keys().into_iter().chain(b.keys()).collect();
+    let keys: Vec<KeyLogRecord> = a.keys().into_iter().chain(b.keys()).collect();
     check_wire_with_keys(flows, &keys, unkeyed_ok)
 }
 
@@ -169,21 +162,16 @@ pub fn check_wire_allowing_unkeyed(
 /// given directly (for a core the test bed did not start).
 pub fn check_wire_with_keys(
     flows: &[wire::Flow],
-    keys: &[Value],
+    keys: &[KeyLogRecord],
     unkeyed_ok: bool,
 ) -> Result<WireReport, String> {
     let find = |local: &std::net::SocketAddr, remote: &std::net::SocketAddr| {
-        keys.iter().find(|k| {
-            k["local"].as_str() == Some(&local.to_string())
-                && k["remote"].as_str() == Some(&remote.to_string())
-        })
+        keys.iter()
+            .find(|k| k.local == *local && k.remote == *remote)
     };
     let find_all = |local: &std::net::SocketAddr, remote: &std::net::SocketAddr| {
         keys.iter()
-            .filter(|k| {
-                k["local"].as_str() == Some(&local.to_string())
-                    && k["remote"].as_str() == Some(&remote.to_string())
-            })
+            .filter(|k| k.local == *local && k.remote == *remote)
             .collect::<Vec<_>>()
     };
     let mut r = WireReport::default();
@@ -209,9 +197,9 @@ pub fn check_wire_with_keys(
                 Some(sender) if f.bytes.first() == Some(&0x17) => {
                     let plain = wire::decrypt_application_data(
                         &f.bytes,
-                        sender["suite"].as_str().unwrap_or(""),
-                        &hexv(&sender["tx_key"]),
-                        &hexv(&sender["tx_iv"]),
+                        &sender.suite,
+                        &sender.tx_key,
+                        &sender.tx_iv,
                     )
                     .map_err(|e| format!("{} -> {} (sender keyed only): {e}", f.src, f.dst))?;
                     let seed = if f.dst.port() == PROTECTED_PORT {
@@ -261,9 +249,9 @@ pub fn check_wire_with_keys(
         for sender in &senders {
             decrypted = wire::decrypt_application_data(
                 &f.bytes,
-                sender["suite"].as_str().unwrap_or(""),
-                &hexv(&sender["tx_key"]),
-                &hexv(&sender["tx_iv"]),
+                &sender.suite,
+                &sender.tx_key,
+                &sender.tx_iv,
             )
             .map(|plain| (plain, *sender))
             .map_err(|e| format!("{} -> {}: {e}", f.src, f.dst));
@@ -285,10 +273,9 @@ pub fn check_wire_with_keys(
             }
             Err(e) => return Err(e),
         };
-        let receiver_agrees = find_all(&f.dst, &f.src).iter().any(|receiver| {
-            hexv(&sender["tx_key"]) == hexv(&receiver["rx_key"])
-                && hexv(&sender["tx_iv"]) == hexv(&receiver["rx_iv"])
-        });
+        let receiver_agrees = find_all(&f.dst, &f.src)
+            .iter()
+            .any(|receiver| sender.tx_key == receiver.rx_key && sender.tx_iv == receiver.rx_iv);
         if !receiver_agrees {
             return Err(format!(
                 "{} -> {}: no key of the receiver matches the sender's (the two nodes' providers reported different keys)",
