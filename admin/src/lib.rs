@@ -4,6 +4,8 @@
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
 
+pub mod stats;
+
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 

@@ -11,7 +11,6 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use serde::Serialize;
 use tlshub_ebpf::{Conn, Event, Held, gate, kind, role};
 use tlshub_provider_sdk::Role;
 use tracing::{debug, error, info, warn};
@@ -144,91 +143,7 @@ const HELD_RECORD_GRACE: Duration = Duration::from_secs(1);
 /// stopped with nobody to continue it.
 const UNSEEN_STOP_GRACE: Duration = Duration::from_secs(10);
 
-/// Counters and samples, written to the stats file.
-#[derive(Debug, Default, Serialize)]
-pub struct Stats {
-    /// Selected connections seen (ESTABLISHED events).
-    pub selected: u64,
-    /// Connections keyed and installed.
-    pub protected: u64,
-    /// Failed connections by reason.
-    pub failed: HashMap<&'static str, u64>,
-    /// Connections reset under fail-closed.
-    pub reset: u64,
-    /// Connections passed in plaintext under fail-open.
-    pub passed_plaintext: u64,
-    /// Closed before they were keyed.
-    pub closed_before_keys: u64,
-    /// Times the gate stopped a process (HELD events).
-    pub gate_stops: u64,
-    /// Distinct connections that had a process held.
-    pub held_connections: u64,
-    /// Keying searches that took the process from a gate hold (no owner
-    /// known, or the known one no longer had the socket).
-    pub owner_from_hold: u64,
-    /// Keying searches that found the socket gone from the process
-    /// searched (the connection was then looked for elsewhere, or failed).
-    pub socket_gone: u64,
-    /// Connections whose gate was put in its terminal state (calls fail
-    /// with `ECONNRESET`): they could be neither protected nor reset.
-    pub gate_terminal: u64,
-    /// Keying results that arrived for a connection the socket no longer
-    /// carries (it was disconnected and connected again meanwhile).
-    pub stale_outcomes: u64,
-    /// Connections the core learnt of, or learnt had closed, only by
-    /// reading the `conns` map after the ring buffer lost events.
-    pub reconciled: u64,
-    /// Microseconds from stop to continue, per stop.
-    pub held_micros: Samples,
-    /// Microseconds spent in the provider, per protected connection.
-    pub key_micros: Samples,
-    /// Events read from the ring buffer (all kinds).
-    pub events_received: u64,
-    /// Events the ring buffer dropped.
-    pub ringbuf_drops: u64,
-    /// Gate calls failed (or passed) because no core was alive (counted by
-    /// BPF, also while this core was not running).
-    pub no_core_refusals: u64,
-    /// TCP Fast Open sends to selected destinations refused with
-    /// `EOPNOTSUPP` (counted by BPF).
-    pub fastopen_refused: u64,
-    /// Selected connections failed closed because the `conns` map was full
-    /// (counted by BPF).
-    pub map_full: u64,
-    /// Peer FIN segments dropped because they arrived before this side's
-    /// keys (counted by BPF; the peer retransmits them).
-    pub fin_deferred: u64,
-    /// Sockets connected in TCP repair mode to selected peers, refused
-    /// (counted by BPF).
-    pub repair_refused: u64,
-    /// `TCP_ZEROCOPY_RECEIVE` calls refused on gated or kTLS sockets
-    /// (counted by BPF).
-    pub zerocopy_receive_refused: u64,
-    /// Entries in the pending table now.
-    pub pending: usize,
-    /// Held processes the core is tracking now.
-    pub held_tracked: usize,
-    /// BPF map entries now: conns, held.
-    pub bpf_maps: (usize, usize),
-}
-
-/// The most recent [`Samples::CAP`] measurements, so a long-running core's
-/// stats stay bounded.
-#[derive(Debug, Default, Serialize)]
-#[serde(transparent)]
-pub struct Samples(std::collections::VecDeque<u64>);
-
-impl Samples {
-    /// How many samples are kept.
-    pub const CAP: usize = 100_000;
-
-    fn push(&mut self, v: u64) {
-        if self.0.len() == Self::CAP {
-            self.0.pop_front();
-        }
-        self.0.push_back(v);
-    }
-}
+pub use tlshub_admin::stats::Stats;
 
 /// What [`apply_failure`] did with a connection that could not be keyed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -887,7 +802,7 @@ impl ConnTable {
         reason: &'static str,
         force_reset: bool,
     ) {
-        *self.stats.failed.entry(reason).or_default() += 1;
+        self.stats.record_failure(reason);
         self.metrics
             .failed
             .get_or_create(&ReasonLabel { reason })

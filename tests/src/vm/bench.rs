@@ -47,15 +47,6 @@ pub fn throughput(port: u16) -> Result<f64, String> {
     Ok(c["bytes_per_sec"].as_f64().unwrap_or(0.0))
 }
 
-pub fn sorted_samples(stats: &Value, field: &str) -> Vec<u64> {
-    let mut v: Vec<u64> = stats[field]
-        .as_array()
-        .map(|a| a.iter().filter_map(Value::as_u64).collect())
-        .unwrap_or_default();
-    v.sort_unstable();
-    v
-}
-
 /// `cargo xtask bench`: setup latency and throughput for plain TCP and for
 /// each provider, and how often and how long the gate held a process, all
 /// in one VM run.
@@ -113,15 +104,12 @@ pub fn bench() -> Result<String, String> {
         std::thread::sleep(Duration::from_millis(1500));
         for (name, node) in [("A (client)", &a), ("B (server)", &b)] {
             let s = node.stats()?;
-            let (held, key) = (
-                sorted_samples(&s, "held_micros"),
-                sorted_samples(&s, "key_micros"),
-            );
+            let (held, key) = (s.held_micros.sorted(), s.key_micros.sorted());
             lines.push(format!(
                 "{label} node {name}: protected={} held_connections={} stops={} held p50={}us p99={}us; provider key time p50={}us p99={}us",
-                s["protected"],
-                s["held_connections"],
-                s["gate_stops"],
+                s.protected,
+                s.held_connections,
+                s.gate_stops,
                 percentile(&held, 0.5),
                 percentile(&held, 0.99),
                 percentile(&key, 0.5),

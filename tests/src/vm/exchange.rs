@@ -298,8 +298,8 @@ pub fn concurrent_keying() -> Result<String, String> {
     let took = started.elapsed().as_secs_f64();
     let want = u64::from(total);
     let (pa, pb) = (
-        a.stat_reaching(&["protected"], want),
-        b.stat_reaching(&["protected"], want),
+        a.stat_reaching(|s| s.protected, want),
+        b.stat_reaching(|s| s.protected, want),
     );
     if pa != u64::from(total) || pb != u64::from(total) {
         return Err(format!("protected A {pa} B {pb}, want {total} each"));

@@ -4,8 +4,6 @@
 
 use std::time::{Duration, Instant};
 
-use serde_json::Value;
-
 use super::node::{Node, NodeSpec, PLAIN_PORT, PROTECTED_PORT, ProviderKind};
 use super::process::{self, finish, spawn_ready};
 use super::support::*;
@@ -36,7 +34,7 @@ pub fn fail_closed_provider_missing() -> Result<String, String> {
     // Core A waits for its provider until the key timeout; core B's
     // handshake times out at the same moment. Whichever resets first, each
     // connection is reset once.
-    let resets = a.stat(&["reset"]) + b.stat(&["reset"]);
+    let resets = a.stat(|s| s.reset) + b.stat(|s| s.reset);
     if resets < 2 {
         return Err(format!("cores A and B reset {resets} connections, want 2"));
     }
@@ -68,7 +66,7 @@ pub fn fail_open_provider_missing() -> Result<String, String> {
         return Err("fail-open connection did not carry plaintext".into());
     }
     std::thread::sleep(Duration::from_millis(1200));
-    let passed = a.stat(&["passed_plaintext"]);
+    let passed = a.stat(|s| s.passed_plaintext);
     if passed == 0 {
         return Err("core A did not count the plaintext connection".into());
     }
@@ -98,7 +96,7 @@ pub fn provider_hangs() -> Result<String, String> {
         return Err(format!("reset took {took:?} with a 1 s key timeout"));
     }
     std::thread::sleep(Duration::from_millis(1200));
-    let timeouts = a.stat(&["failed", "timeout"]);
+    let timeouts = a.stat(|s| s.failures("timeout"));
     if timeouts == 0 {
         return Err(format!("core A did not count a timeout: {:?}", a.stats()));
     }
@@ -125,7 +123,7 @@ pub fn provider_malformed() -> Result<String, String> {
         plain_control()?;
         check_wire_with_control(&cap.finish()?, &a, &b)?;
         std::thread::sleep(Duration::from_millis(1200));
-        if a.stat(&["failed", "malformed"]) == 0 {
+        if a.stat(|s| s.failures("malformed")) == 0 {
             return Err(format!("{mode}: not counted as malformed: {:?}", a.stats()));
         }
         let log = a.core_log();
@@ -207,10 +205,8 @@ pub fn churn_and_fd_reuse() -> Result<String, String> {
     loop {
         std::thread::sleep(Duration::from_millis(1500));
         let idle = |n: &Node| {
-            let s = n.stats().unwrap_or(Value::Null);
-            s["pending"].as_u64() == Some(0)
-                && s["held_tracked"].as_u64() == Some(0)
-                && s["bpf_maps"] == serde_json::json!([0, 0])
+            n.stats()
+                .is_ok_and(|s| s.pending == 0 && s.held_tracked == 0 && s.bpf_maps == (0, 0))
         };
         if idle(&a) && idle(&b) {
             break;
@@ -218,17 +214,15 @@ pub fn churn_and_fd_reuse() -> Result<String, String> {
         if Instant::now() > until {
             return Err(format!(
                 "not idle after churn: A {:?} B {:?}",
-                a.stats()
-                    .map(|s| (s["pending"].clone(), s["bpf_maps"].clone())),
-                b.stats()
-                    .map(|s| (s["pending"].clone(), s["bpf_maps"].clone()))
+                a.stats().map(|s| (s.pending, s.bpf_maps)),
+                b.stats().map(|s| (s.pending, s.bpf_maps))
             ));
         }
     }
     let sa = a.stats()?;
     Ok(format!(
         "2,000 selected connections (1,000 closed at once, 900 keyed, 100 closed at once in fd reuse) plus 100 plain ones that reused {reused} of their fd numbers, all exact and plain; core A: selected {} protected {} closed-before-keys {}; maps and tables back to 0 on both nodes",
-        sa["selected"], sa["protected"], sa["closed_before_keys"]
+        sa.selected, sa.protected, sa.closed_before_keys
     ))
 }
 

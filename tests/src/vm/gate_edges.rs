@@ -74,15 +74,15 @@ pub fn owner_from_hold() -> Result<String, String> {
     }
     // Each io_uring connection has two ends, one per node, and neither
     // had an OWNER event: both were found from a hold.
-    let from_hold = [a.stat(&["owner_from_hold"]), b.stat(&["owner_from_hold"])];
+    let from_hold = [a.stat(|s| s.owner_from_hold), b.stat(|s| s.owner_from_hold)];
     if from_hold.iter().any(|&n| n < uring_conns) {
         return Err(format!(
             "keyed from a hold: node a {}, node b {}; want at least {uring_conns} each (the io_uring connections)",
             from_hold[0], from_hold[1]
         ));
     }
-    let gone = [a.stat(&["socket_gone"]), b.stat(&["socket_gone"])];
-    let terminal = [a.stat(&["gate_terminal"]), b.stat(&["gate_terminal"])];
+    let gone = [a.stat(|s| s.socket_gone), b.stat(|s| s.socket_gone)];
+    let terminal = [a.stat(|s| s.gate_terminal), b.stat(|s| s.gate_terminal)];
     if terminal != [0, 0] {
         return Err(format!("gates put in the terminal state: {terminal:?}"));
     }
@@ -144,7 +144,7 @@ impl Drop for ServerFastOpen {
 ///   connect() returns without a SYN and the first write would carry it.
 pub fn fast_open() -> Result<String, String> {
     let (a, b) = nodes(NodeSpec::new("a"), NodeSpec::new("b"))?;
-    let refused_before = a.stat(&["fastopen_refused"]);
+    let refused_before = a.stat(|s| s.fastopen_refused);
     let cap = Capture::start("fastopen")?;
     let run = |port, how: &str, want: &str| -> Result<(), String> {
         let app = App::exchange(20_000, port);
@@ -189,7 +189,7 @@ pub fn fast_open() -> Result<String, String> {
     }
     // The stats file is rewritten once a second.
     std::thread::sleep(Duration::from_millis(1500));
-    let refused = a.stat(&["fastopen_refused"]) - refused_before;
+    let refused = a.stat(|s| s.fastopen_refused) - refused_before;
     if refused != 2 {
         return Err(format!(
             "node a counted {refused} Fast Open refusals, want 2"
@@ -231,7 +231,7 @@ pub fn exempt_pid_reuse() -> Result<String, String> {
         Duration::from_secs(10),
     )?;
     a.kill_provider(ProviderKind::OpenSsl);
-    let held_before = a.stat(&["gate_stops"]);
+    let held_before = a.stat(|s| s.gate_stops);
     // The client shell waits a second before it becomes the test app, so
     // a try that got another pid is killed before it connects.
     let client_cmd = format!(
@@ -271,7 +271,7 @@ pub fn exempt_pid_reuse() -> Result<String, String> {
         return Err("the control flow's plaintext was not seen: the capture is blind".into());
     }
     std::thread::sleep(Duration::from_millis(1500));
-    let held = a.stat(&["gate_stops"]) - held_before;
+    let held = a.stat(|s| s.gate_stops) - held_before;
     if held == 0 {
         return Err("the client with the reused pid was never held".into());
     }
@@ -338,7 +338,7 @@ pub fn event_flood() -> Result<String, String> {
     std::thread::sleep(Duration::from_millis(1500));
     let want = u64::from(clients * each + 1);
     for (n, name) in [(&a, "a"), (&b, "b")] {
-        let (drops, protected) = (n.stat(&["ringbuf_drops"]), n.stat(&["protected"]));
+        let (drops, protected) = (n.stat(|s| s.ringbuf_drops), n.stat(|s| s.protected));
         if drops != 0 || protected < want {
             return Err(format!(
                 "node {name}: {drops} ring buffer drops, {protected} protected (want 0 and {want})"
@@ -347,7 +347,7 @@ pub fn event_flood() -> Result<String, String> {
     }
     // Per connection: ESTABLISHED, OWNER, a few holds, CLOSED. The flood
     // itself must not show: 200,000 calls would be 200,000 OWNER events.
-    let events = a.stat(&["events_received"]);
+    let events = a.stat(|s| s.events_received);
     if events > 20 * want {
         return Err(format!(
             "node a read {events} events for {want} connections: the connect() flood reached the ring buffer"
@@ -401,7 +401,7 @@ pub fn conns_map_full() -> Result<String, String> {
         return Err("the control flow's plaintext was not seen: the capture is blind".into());
     }
     std::thread::sleep(Duration::from_millis(1500));
-    let full = a.stat(&["map_full"]);
+    let full = a.stat(|s| s.map_full);
     if full < attempted {
         return Err(format!(
             "node a counted {full} map-full failures for {attempted} short connections"
@@ -462,8 +462,8 @@ pub fn half_close() -> Result<String, String> {
             0
         };
         let before = [
-            a.stat_reaching(&["protected"], 22),
-            b.stat_reaching(&["protected"], 22),
+            a.stat_reaching(|s| s.protected, 22),
+            b.stat_reaching(|s| s.protected, 22),
         ];
         if empty_ones > 0 {
             let empty = half(0, empty_ones, "blocking");
@@ -472,8 +472,8 @@ pub fn half_close() -> Result<String, String> {
         }
         let want = u64::from(empty_ones);
         let after = [
-            a.stat_reaching(&["protected"], before[0] + want),
-            b.stat_reaching(&["protected"], before[1] + want),
+            a.stat_reaching(|s| s.protected, before[0] + want),
+            b.stat_reaching(|s| s.protected, before[1] + want),
         ];
         if after[0] < before[0] + want || after[1] < before[1] + want {
             return Err(format!(
@@ -481,7 +481,7 @@ pub fn half_close() -> Result<String, String> {
                 before[0], after[0], before[1], after[1]
             ));
         }
-        let fins = [a.stat(&["fin_deferred"]), b.stat(&["fin_deferred"])];
+        let fins = [a.stat(|s| s.fin_deferred), b.stat(|s| s.fin_deferred)];
         summary.push(format!(
             "{provider:?}: 22 connections exact, {} flows decrypted, {empty_ones} shut down before keys all keyed, FINs deferred a {} b {}",
             report.decrypted, fins[0], fins[1]
@@ -531,13 +531,13 @@ pub fn same_node() -> Result<String, String> {
             return Err("the control flow's plaintext was not seen: the capture is blind".into());
         }
         // Both ends of every protected connection were keyed by node a.
-        let keyed = a.stat_reaching(&["protected"], 18);
+        let keyed = a.stat_reaching(|s| s.protected, 18);
         if keyed < 18 {
             return Err(format!(
                 "{provider:?}: node a protected {keyed} ends of 9 same-node connections, want 18"
             ));
         }
-        if b.stat(&["selected"]) != 0 {
+        if b.stat(|s| s.selected) != 0 {
             return Err("node b selected same-node traffic of node a".into());
         }
         summary.push(format!(
@@ -651,15 +651,15 @@ pub fn unusual_socket_calls() -> Result<String, String> {
         ));
     }
     seen.push(format!("{zc} EOPNOTSUPP before and after keys"));
-    let selected_before = a.stat_reaching(&["selected"], 3);
+    let selected_before = a.stat_reaching(|s| s.selected, 3);
     let repair = probe("repair", PROTECTED_PORT)?;
     if errno_of(&repair, "connect") != 0 || errno_of(&repair, "write") != ECONNRESET {
         return Err(format!(
             "repair mode to the protected port: {repair:?} (want connect 0, write ECONNRESET)"
         ));
     }
-    let refused = a.stat_reaching(&["repair_refused"], 1);
-    let selected_after = a.stat(&["selected"]);
+    let refused = a.stat_reaching(|s| s.repair_refused, 1);
+    let selected_after = a.stat(|s| s.selected);
     if refused != 1 || selected_after != selected_before {
         return Err(format!(
             "repair mode: repair_refused {refused} (want 1), selected {selected_before} -> {selected_after} (want unchanged)"
@@ -679,8 +679,8 @@ pub fn unusual_socket_calls() -> Result<String, String> {
         ));
     }
     let zc_refused = [
-        a.stat(&["zerocopy_receive_refused"]),
-        b.stat(&["zerocopy_receive_refused"]),
+        a.stat(|s| s.zerocopy_receive_refused),
+        b.stat(|s| s.zerocopy_receive_refused),
     ];
     Ok(format!(
         "{}; no marker in {} protected flows, the plain controls showed it; zerocopy receive refused a {} b {}",

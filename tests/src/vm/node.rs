@@ -3,6 +3,7 @@
 
 use std::path::PathBuf;
 use std::time::Duration;
+use tlshub_admin::stats::Stats;
 use tlshub_provider_sdk::keylog::KeyLogRecord;
 
 use super::process::Proc;
@@ -172,30 +173,26 @@ impl Node {
     }
 
     /// The core's latest stats.
-    pub fn stats(&self) -> Result<serde_json::Value, String> {
+    pub fn stats(&self) -> Result<Stats, String> {
         let path = self.dir.join("stats.json");
         let text =
             std::fs::read_to_string(&path).map_err(|e| format!("{}: {e}", path.display()))?;
         serde_json::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))
     }
 
-    /// One counter of the core's stats (a path such as `["failed",
-    /// "timeout"]` for a nested one), 0 when absent or unreadable.
-    pub fn stat(&self, path: &[&str]) -> u64 {
-        let mut v = self.stats().unwrap_or_default();
-        for p in path {
-            v = v[*p].take();
-        }
-        v.as_u64().unwrap_or(0)
+    /// One figure of the core's stats (`|s| s.protected`), 0 when the file
+    /// is missing or unreadable.
+    pub fn stat(&self, figure: impl Fn(&Stats) -> u64) -> u64 {
+        self.stats().map(|s| figure(&s)).unwrap_or(0)
     }
 
-    /// A counter once it reached `want`, or its value after 5 s: the core
+    /// A figure once it reached `want`, or its value after 5 s: the core
     /// rewrites its stats file once a second, and later still when its
     /// loop is busy (TCG).
-    pub fn stat_reaching(&self, path: &[&str], want: u64) -> u64 {
+    pub fn stat_reaching(&self, figure: impl Fn(&Stats) -> u64, want: u64) -> u64 {
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
         loop {
-            let v = self.stat(path);
+            let v = self.stat(&figure);
             if v >= want || std::time::Instant::now() > deadline {
                 return v;
             }

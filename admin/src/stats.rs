@@ -1,0 +1,114 @@
+//! The core's stats file (`tlshub-core --stats-file`): counters and
+//! samples, rewritten every second as one JSON object. The core writes a
+//! [`Stats`] and the test bed and the benchmark read it back as the same
+//! type.
+
+use std::collections::{BTreeMap, VecDeque};
+
+use serde::{Deserialize, Serialize};
+
+/// Counters and samples, written to the stats file.
+#[derive(Debug, Default, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Stats {
+    /// Selected connections seen (ESTABLISHED events).
+    pub selected: u64,
+    /// Connections keyed and installed.
+    pub protected: u64,
+    /// Failed connections by reason.
+    pub failed: BTreeMap<String, u64>,
+    /// Connections reset under fail-closed.
+    pub reset: u64,
+    /// Connections passed in plaintext under fail-open.
+    pub passed_plaintext: u64,
+    /// Closed before they were keyed.
+    pub closed_before_keys: u64,
+    /// Times the gate stopped a process (HELD events).
+    pub gate_stops: u64,
+    /// Distinct connections that had a process held.
+    pub held_connections: u64,
+    /// Keying searches that took the process from a gate hold (no owner
+    /// known, or the known one no longer had the socket).
+    pub owner_from_hold: u64,
+    /// Keying searches that found the socket gone from the process
+    /// searched (the connection was then looked for elsewhere, or failed).
+    pub socket_gone: u64,
+    /// Connections whose gate was put in its terminal state (calls fail
+    /// with `ECONNRESET`): they could be neither protected nor reset.
+    pub gate_terminal: u64,
+    /// Keying results that arrived for a connection the socket no longer
+    /// carries (it was disconnected and connected again meanwhile).
+    pub stale_outcomes: u64,
+    /// Connections the core learnt of, or learnt had closed, only by
+    /// reading the `conns` map after the ring buffer lost events.
+    pub reconciled: u64,
+    /// Microseconds from stop to continue, per stop.
+    pub held_micros: Samples,
+    /// Microseconds spent in the provider, per protected connection.
+    pub key_micros: Samples,
+    /// Events read from the ring buffer (all kinds).
+    pub events_received: u64,
+    /// Events the ring buffer dropped.
+    pub ringbuf_drops: u64,
+    /// Gate calls failed (or passed) because no core was alive (counted by
+    /// BPF, also while this core was not running).
+    pub no_core_refusals: u64,
+    /// TCP Fast Open sends to selected destinations refused with
+    /// `EOPNOTSUPP` (counted by BPF).
+    pub fastopen_refused: u64,
+    /// Selected connections failed closed because the `conns` map was full
+    /// (counted by BPF).
+    pub map_full: u64,
+    /// Peer FIN segments dropped because they arrived before this side's
+    /// keys (counted by BPF; the peer retransmits them).
+    pub fin_deferred: u64,
+    /// Sockets connected in TCP repair mode to selected peers, refused
+    /// (counted by BPF).
+    pub repair_refused: u64,
+    /// `TCP_ZEROCOPY_RECEIVE` calls refused on gated or kTLS sockets
+    /// (counted by BPF).
+    pub zerocopy_receive_refused: u64,
+    /// Entries in the pending table now.
+    pub pending: usize,
+    /// Held processes the core is tracking now.
+    pub held_tracked: usize,
+    /// BPF map entries now: conns, held.
+    pub bpf_maps: (usize, usize),
+}
+
+impl Stats {
+    /// Counts a connection that failed for `reason`.
+    pub fn record_failure(&mut self, reason: &str) {
+        *self.failed.entry(reason.to_string()).or_default() += 1;
+    }
+
+    /// Connections that failed for `reason`.
+    pub fn failures(&self, reason: &str) -> u64 {
+        self.failed.get(reason).copied().unwrap_or(0)
+    }
+}
+
+/// The most recent [`Samples::CAP`] measurements, so a long-running core's
+/// stats stay bounded.
+#[derive(Debug, Default, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Samples(VecDeque<u64>);
+
+impl Samples {
+    /// How many samples are kept.
+    pub const CAP: usize = 100_000;
+
+    /// Adds a measurement, dropping the oldest beyond [`Self::CAP`].
+    pub fn push(&mut self, v: u64) {
+        if self.0.len() == Self::CAP {
+            self.0.pop_front();
+        }
+        self.0.push_back(v);
+    }
+
+    /// The measurements, smallest first (for percentiles).
+    pub fn sorted(&self) -> Vec<u64> {
+        let mut v: Vec<u64> = self.0.iter().copied().collect();
+        v.sort_unstable();
+        v
+    }
+}
