@@ -54,8 +54,8 @@ impl TestPki {
         );
     }
 
-    fn ca(&self, name: &str) {
-        let key = format!("{name}.key");
+    /// A new EC P-256 private key in `file`.
+    fn p256_key(&self, file: &str) {
         self.openssl(&[
             "genpkey",
             "-algorithm",
@@ -63,8 +63,13 @@ impl TestPki {
             "-pkeyopt",
             "ec_paramgen_curve:P-256",
             "-out",
-            &key,
+            file,
         ]);
+    }
+
+    fn ca(&self, name: &str) {
+        let key = format!("{name}.key");
+        self.p256_key(&key);
         self.openssl(&[
             "req",
             "-x509",
@@ -90,15 +95,7 @@ impl TestPki {
             format!("{name}.pem"),
             format!("{name}.ext"),
         );
-        self.openssl(&[
-            "genpkey",
-            "-algorithm",
-            "EC",
-            "-pkeyopt",
-            "ec_paramgen_curve:P-256",
-            "-out",
-            &key,
-        ]);
+        self.p256_key(&key);
         self.openssl(&[
             "req",
             "-new",
