@@ -254,6 +254,7 @@ impl Agent {
             self.table.on_event(&self.programs, ev);
         }
         self.table.sweep_held(&mut self.programs, &states);
+        self.programs.untrack_opened();
     }
 
     /// Runs the keying jobs the table decided on.

@@ -11,7 +11,7 @@ use aya::programs::links::{FdLink, PinnedLink};
 use aya::programs::{CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, FExit, Lsm, SockOps};
 use aya::{Btf, Ebpf, EbpfLoader};
 use tlshub_ebpf::{
-    Addr16, Conn, Control, Held, PortKey, SkMark, gate, mapped, names, no_core, stat,
+    Addr16, Conn, Control, Held, PortKey, SkMark, gate, mapped, mark, names, no_core, stat,
 };
 use tracing::{debug, info, warn};
 
@@ -152,7 +152,14 @@ pub struct Programs {
     pub adopted: bool,
     /// What is attached where: (program, attach point), for status.
     pub attached: Vec<(String, String)>,
+    /// Connections whose gate was opened for good, oldest first, until
+    /// their `conns` entries are removed.
+    opened: std::collections::VecDeque<(std::time::Instant, u64)>,
 }
+
+/// How long after its gate opened a connection's `conns` entry is removed
+/// (see [`Programs::untrack_opened`]).
+pub const UNTRACK_DELAY: std::time::Duration = std::time::Duration::from_millis(100);
 
 impl std::fmt::Debug for Programs {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -440,6 +447,7 @@ impl Programs {
             stats: take(&mut ebpf, names::STATS)?,
             exempt: Exempt(Arc::new(Mutex::new(take(&mut ebpf, names::EXEMPT)?))),
             attached,
+            opened: std::collections::VecDeque::new(),
             _ebpf: ebpf,
         })
     }
@@ -508,18 +516,52 @@ impl Programs {
         self.conns.get(&cookie, 0).ok()
     }
 
-    /// Opens the gate of a connection and removes its socket-local mark so
-    /// that its later sends and receives cost the gate one failed lookup.
-    /// `socket` is the core's duplicate.
+    /// Opens the gate of a connection for good (keyed, or let through by
+    /// fail-open) and stops tracking it: its mark becomes "open" (no
+    /// cookie, so the gate passes it after one lookup; its close is still
+    /// reported) and its `conns` entry goes, a little later
+    /// ([`Programs::untrack_opened`]), so that an open connection costs
+    /// no entry however long it stays open. `socket` is the core's
+    /// duplicate.
     pub fn open_gate(
         &mut self,
         cookie: u64,
         socket: &impl std::os::fd::AsRawFd,
     ) -> Result<(), BpfError> {
-        if self.set_gate(cookie, gate::OPEN)? {
-            let _ = self.sk_marks.remove(socket);
+        if !self.set_gate(cookie, gate::OPEN)? {
+            return Ok(());
         }
+        let open = SkMark {
+            cookie: 0,
+            flags: mark::OPEN,
+            pad: 0,
+        };
+        self.sk_marks
+            .insert(socket, open, 0)
+            .map_err(map_err(names::SK_MARKS))?;
+        self.opened.push_back((std::time::Instant::now(), cookie));
         Ok(())
+    }
+
+    /// Removes the `conns` entries of connections whose gate was opened at
+    /// least [`UNTRACK_DELAY`] ago. Why not at once: a gate check that
+    /// read the socket's old mark (with the cookie) just before it was
+    /// replaced looks the cookie up next, and without the entry it would
+    /// fail the call with `ECONNRESET`. BPF programs run to completion in
+    /// microseconds (these are not sleepable), so after the delay no check
+    /// can still hold the old mark. An entry that is gone already (the
+    /// socket closed meanwhile, and the close was reported from it) is
+    /// skipped.
+    pub fn untrack_opened(&mut self) {
+        while let Some(&(at, cookie)) = self.opened.front() {
+            if at.elapsed() < UNTRACK_DELAY {
+                break;
+            }
+            self.opened.pop_front();
+            if self.conn(cookie).is_some_and(|c| c.gate == gate::OPEN) {
+                let _ = self.conns.remove(&cookie);
+            }
+        }
     }
 
     /// Sets the gate of a tracked connection (without its socket: also for

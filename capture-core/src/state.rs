@@ -371,13 +371,18 @@ impl ConnTable {
 
     /// Takes over from a core that stopped: connections still waiting for
     /// keys are rebuilt from the `conns` map (which keeps a copy of their
-    /// ESTABLISHED event and owner) and keyed; keyed ones are tracked
-    /// again; owners found stopped get held records so the sweep continues
-    /// them once their connection is decided (their HELD events may have
-    /// gone to the old core).
+    /// ESTABLISHED event and owner) and keyed; owners found stopped get
+    /// held records so the sweep continues them once their connection is
+    /// decided (their HELD events may have gone to the old core).
+    /// Connections the old core keyed are not in the map (an open gate
+    /// needs no entry), so they are not listed as protected by this core;
+    /// the kernel keeps them, and their closes are reported as usual. An
+    /// entry whose gate is open is one the old core let through without
+    /// its socket (fail-open) or had just keyed: left alone until it
+    /// closes.
     pub fn adopt<K: Kernel>(&mut self, k: &K, conns: Vec<(u64, Conn)>) {
         let now = k.now_ns();
-        let (mut waiting, mut keyed, mut stopped) = (0, 0, 0);
+        let (mut waiting, mut open, mut stopped) = (0, 0, 0);
         for (cookie, conn) in conns {
             let owner = (conn.owner_pid != 0).then_some((conn.owner_pid, conn.owner_fd));
             if conn.gate == gate::RESET {
@@ -389,21 +394,8 @@ impl ConnTable {
                 p.owner = owner;
                 self.pending.insert(cookie, p);
                 waiting += 1;
-            } else if conn.est.kind == kind::ESTABLISHED {
-                self.protected.insert(
-                    cookie,
-                    Protected {
-                        local: conn.est.local(),
-                        remote: conn.est.remote(),
-                        role: role_of(&conn.est),
-                        pid: conn.owner_pid,
-                        provider: "(before restart)".into(),
-                        cipher: String::new(),
-                        key_time: Duration::ZERO,
-                        since: Instant::now(),
-                    },
-                );
-                keyed += 1;
+            } else {
+                open += 1;
             }
             if let Some((pid, _)) = owner
                 && k.process_state(pid) == Some('T')
@@ -419,7 +411,7 @@ impl ConnTable {
         }
         info!(
             waiting,
-            keyed, stopped, "adopted the connections of the previous core"
+            open, stopped, "adopted the connections of the previous core"
         );
         let cookies: Vec<u64> = self.pending.keys().copied().collect();
         for cookie in cookies {
@@ -431,8 +423,10 @@ impl ConnTable {
     /// Brings the table in line with the `conns` map after the ring buffer
     /// lost events: a connection still waiting for keys that the table
     /// does not know is taken up (its ESTABLISHED event and owner are in
-    /// the map) and keyed; one the table waits for or tracks as protected
-    /// that the map no longer has closed meanwhile. Without this, a
+    /// the map) and keyed; one the table waits for that the map no longer
+    /// has closed meanwhile. Protected connections have no entry, so a
+    /// lost CLOSED event of one leaves it listed until the core restarts
+    /// (the ring buffer drop counter says that this happened). Without this, a
     /// connection whose events were lost would wait until its app does
     /// I/O (the hold names it), and one that never does would stay
     /// pending. `conns` must be read just before the call (events read
@@ -443,7 +437,6 @@ impl ConnTable {
         let gone: Vec<u64> = self
             .pending
             .keys()
-            .chain(self.protected.keys())
             .filter(|c| !present.contains(c))
             .copied()
             .collect();
@@ -459,7 +452,6 @@ impl ConnTable {
             found.push(cookie);
         }
         for cookie in &gone {
-            self.protected.remove(cookie);
             self.held_cookies.remove(cookie);
             if self.forget_pending(*cookie).is_some() {
                 self.stats.closed_before_keys += 1;

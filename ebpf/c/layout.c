@@ -1,10 +1,12 @@
-/* Prints the sizes and offsets of the shared structs as Rust constants.
+/* Prints the sizes and offsets of the shared structs, and the values of the
+ * constants user space writes into the maps, as Rust constants.
  * Built and run on the host by ebpf/build.rs. */
 #include <stddef.h>
 #include <stdio.h>
 #include "tlshub_shared.h"
 
 #define S(t) printf("pub const SIZE_%s: usize = %zu;\n", #t, sizeof(struct t))
+#define V(c) printf("pub const %s: u32 = %u;\n", #c, (unsigned)(c))
 #define O(t, f) printf("pub const OFF_%s_%s: usize = %zu;\n", #t, #f, offsetof(struct t, f))
 
 int main(void)
@@ -35,5 +37,11 @@ int main(void)
 	O(tlshub_lpm_key, addr);
 	S(tlshub_port_key);
 	O(tlshub_port_key, port);
+	V(TLSHUB_GATE_CLOSED);
+	V(TLSHUB_GATE_OPEN);
+	V(TLSHUB_GATE_RESET);
+	V(TLSHUB_MARK_REPAIR);
+	V(TLSHUB_MARK_REFUSED);
+	V(TLSHUB_MARK_OPEN);
 	return 0;
 }

@@ -390,10 +390,17 @@ int tlshub_sockops(struct bpf_sock_ops *skops)
 		if (skops->args[1] != BPF_TCP_CLOSE)
 			break;
 		cookie = bpf_get_socket_cookie(skops);
-		struct tlshub_conn *c = bpf_map_lookup_elem(&conns, &cookie);
-		if (!c)
-			break;
-		bpf_map_delete_elem(&conns, &cookie);
+		if (bpf_map_lookup_elem(&conns, &cookie)) {
+			bpf_map_delete_elem(&conns, &cookie);
+		} else {
+			/* Opened for good: the core removed its entry (see
+			 * TLSHUB_MARK_OPEN). */
+			struct tlshub_sk_mark *m =
+				skops->sk ? bpf_sk_storage_get(&sk_marks, skops->sk, 0, 0) : 0;
+			if (!m || !(m->flags & TLSHUB_MARK_OPEN))
+				break;
+			m->flags &= ~TLSHUB_MARK_OPEN;
+		}
 		ev.kind = TLSHUB_EV_CLOSED;
 		ev.cookie = cookie;
 		emit(&ev);
@@ -546,8 +553,8 @@ static __always_inline int gate(__u64 cookie)
 {
 	struct tlshub_conn *c = bpf_map_lookup_elem(&conns, &cookie);
 	/* Marked but no longer tracked: the connection ended (TCP_CLOSE, e.g.
-	 * the peer reset it) before it was keyed, since keying removes the
-	 * mark. What is still in its receive queue is the peer's handshake
+	 * the peer reset it) before it was keyed, since keying clears the
+	 * mark's cookie before it removes the entry. What is still in its receive queue is the peer's handshake
 	 * or records, never for the app: fail every call. */
 	if (!c)
 		return -ECONNRESET;

@@ -86,8 +86,9 @@ struct tlshub_held {
 };
 
 /* Socket-local storage: marks a selected socket from the first moment
- * (cookie), and a socket that was put in TCP repair mode before it was
- * selected (flags only, cookie 0). */
+ * (cookie), a socket that was put in TCP repair mode before it was
+ * selected (flags only, cookie 0), and one whose gate the core opened for good
+ * (flags only: it costs no conns entry while it stays open). */
 struct tlshub_sk_mark {
 	__u64 cookie;
 	__u32 flags; /* TLSHUB_MARK_* */
@@ -100,6 +101,11 @@ struct tlshub_sk_mark {
 /* Selected but refused for good (conns was full, or repair mode): every
  * call fails with ECONNRESET. */
 #define TLSHUB_MARK_REFUSED 2
+/* Open for good (keys installed, or let through by fail-open): the core
+ * removed the conns entry, since the gate has nothing left to decide;
+ * the socket's TCP_CLOSE is still reported (once), so the core's list of
+ * protected connections stays exact. */
+#define TLSHUB_MARK_OPEN 4
 
 /* LPM key: prefix length over a 16-byte address (IPv4 mapped). */
 struct tlshub_lpm_key {

@@ -91,6 +91,17 @@ pub mod gate {
     pub const RESET: u32 = 3;
 }
 
+/// Flags of a socket's mark (`TLSHUB_MARK_*`, [`SkMark::flags`]).
+pub mod mark {
+    /// Put in TCP repair mode before it was selected.
+    pub const REPAIR: u32 = 1;
+    /// Selected but refused for good: every call fails with `ECONNRESET`.
+    pub const REFUSED: u32 = 2;
+    /// The gate is open for good (keyed, or let through by fail-open) and
+    /// the `conns` entry removed; the socket's close is still reported.
+    pub const OPEN: u32 = 4;
+}
+
 /// Indexes into the `stats` array.
 pub mod stat {
     /// Events lost because the ring buffer was full.
@@ -315,7 +326,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn rust_mirrors_match_the_c_layout() {
+    fn rust_mirrors_match_the_c_layout_and_constants() {
         assert_eq!(size_of::<Event>(), SIZE_tlshub_event);
         assert_eq!(offset_of!(Event, cookie), OFF_tlshub_event_cookie);
         assert_eq!(offset_of!(Event, ts_ns), OFF_tlshub_event_ts_ns);
@@ -342,6 +353,14 @@ mod tests {
         assert_eq!(OFF_tlshub_lpm_key_addr, 4);
         assert_eq!(size_of::<PortKey>(), SIZE_tlshub_port_key);
         assert_eq!(offset_of!(PortKey, port), OFF_tlshub_port_key_port);
+        assert_eq!(
+            [gate::CLOSED, gate::OPEN, gate::RESET],
+            [TLSHUB_GATE_CLOSED, TLSHUB_GATE_OPEN, TLSHUB_GATE_RESET]
+        );
+        assert_eq!(
+            [mark::REPAIR, mark::REFUSED, mark::OPEN],
+            [TLSHUB_MARK_REPAIR, TLSHUB_MARK_REFUSED, TLSHUB_MARK_OPEN]
+        );
     }
 
     #[test]

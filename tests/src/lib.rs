@@ -5,6 +5,8 @@
 //! - `tlshub-vm-runner` (src/bin): builds the two-node topology and runs the
 //!   scenarios, reporting each result on the serial console.
 //! - `tlshub-bad-provider` (src/bin): a provider that misbehaves on purpose.
+//! - `tlshub-hold` (src/bin): opens and holds as many connections as asked
+//!   (the capacity run), reporting a [`hold::HoldReport`].
 //! - [`pattern`], [`wire`]: the byte pattern the apps exchange and the
 //!   packet-capture checks (no plaintext, TLS records, decryption).
 //!
@@ -12,6 +14,7 @@
 
 pub mod app_io;
 pub mod conformance;
+pub mod hold;
 pub mod pattern;
 pub mod vm;
 pub mod wire;

@@ -56,8 +56,8 @@ enum Cmd {
     /// Benchmarks in one VM run: setup latency and throughput, plain vs
     /// protected, and gate hold statistics.
     Bench,
-    /// Boot the VM in a mode (test, bench, demo, systemd) without the host
-    /// checks.
+    /// Boot the VM in a mode (test, bench, demo, stress, capacity, systemd)
+    /// without the host checks.
     Vm {
         /// What the VM runs.
         #[arg(long, value_enum, default_value_t = VmMode::Test)]
@@ -73,6 +73,9 @@ enum Cmd {
         /// mode; the other modes take the first one named).
         #[arg(long, default_value = "6.1")]
         kernel: String,
+        /// Capacity mode: protected connections to open and hold at once.
+        #[arg(long, default_value_t = 100_000)]
+        connections: u64,
     },
 }
 
@@ -88,6 +91,9 @@ enum VmMode {
     Demo,
     /// Attach and detach under hook traffic, 40 rounds.
     Stress,
+    /// Open and hold `--connections` protected connections on one node
+    /// (in a VM with more memory), then check a new one is still keyed.
+    Capacity,
     /// The systemd VM (Debian userland, systemd as PID 1).
     Systemd,
 }
@@ -100,6 +106,7 @@ impl VmMode {
             Self::Bench => "bench",
             Self::Demo => "demo",
             Self::Stress => "stress",
+            Self::Capacity => "capacity",
             Self::Systemd => "systemd",
         }
     }
@@ -171,7 +178,7 @@ fn main() -> Result<()> {
         Cmd::Demo => {
             deps::install()?;
             let bins = vm::build_binaries()?;
-            vm::run_mode("demo", deps::KERNEL_LINES[0], None, 1, &bins)?;
+            vm::run_mode(&vm::Run::new("demo"), deps::KERNEL_LINES[0], &bins)?;
         }
         Cmd::Test {
             host_only,
@@ -188,7 +195,14 @@ fn main() -> Result<()> {
                 dist::verify_units(&dist::assemble(&bins)?)?;
                 if wants_plain(filter.as_deref()) {
                     for line in kernels {
-                        vm::run_mode("test", line, filter.as_deref(), 1, &bins)?;
+                        vm::run_mode(
+                            &vm::Run {
+                                filter: filter.clone(),
+                                ..vm::Run::new("test")
+                            },
+                            line,
+                            &bins,
+                        )?;
                     }
                 }
                 if wants_systemd(filter.as_deref()) {
@@ -207,26 +221,34 @@ fn main() -> Result<()> {
         Cmd::Bench => {
             deps::install()?;
             let bins = vm::build_binaries()?;
-            vm::run_mode("bench", deps::KERNEL_LINES[0], None, 1, &bins)?;
+            vm::run_mode(&vm::Run::new("bench"), deps::KERNEL_LINES[0], &bins)?;
         }
         Cmd::Vm {
             mode,
             filter,
             repeat,
             kernel,
+            connections,
         } => {
             deps::install()?;
             let kernels = deps::kernel_lines(&kernel)?;
             let bins = vm::build_binaries()?;
+            let mut run = vm::Run::new(mode.name());
+            run.filter = filter;
+            run.repeat = repeat;
+            if mode == VmMode::Capacity {
+                run.connections = Some(connections);
+                run.memory_mib = vm::CAPACITY_MEMORY_MIB;
+            }
             match mode {
                 VmMode::Systemd => systemd_vm::run_systemd(&bins)?,
                 VmMode::Test => {
                     for line in kernels {
-                        vm::run_mode(mode.name(), line, filter.as_deref(), repeat, &bins)?;
+                        vm::run_mode(&run, line, &bins)?;
                     }
                 }
-                VmMode::Bench | VmMode::Demo | VmMode::Stress => {
-                    vm::run_mode(mode.name(), kernels[0], filter.as_deref(), repeat, &bins)?
+                VmMode::Bench | VmMode::Demo | VmMode::Stress | VmMode::Capacity => {
+                    vm::run_mode(&run, kernels[0], &bins)?
                 }
             }
         }

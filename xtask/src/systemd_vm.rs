@@ -205,6 +205,7 @@ pub fn run_systemd(bins: &Path) -> Result<()> {
         append: "tlshub.mode=systemd systemd.show_status=1",
         label: "systemd",
         timeout: Duration::from_secs(20 * 60),
+        memory_mib: crate::vm::MEMORY_MIB,
     });
     let _ = std::fs::remove_file(&image);
     result

@@ -27,6 +27,7 @@ const BINARIES: &[&str] = &[
     "tlshub-standin",
     "tlshub-conformance",
     "tlshub-loadgen",
+    "tlshub-hold",
     "tlshubctl",
 ];
 /// Host tools copied in with their libraries.
@@ -343,38 +344,72 @@ pub fn pack_initramfs(dir: &Path, out: &Path) -> Result<()> {
     )))
 }
 
-/// Builds everything and boots the VM in `mode`, running each selected
-/// scenario `repeat` times; fails unless every planned run reported PASS.
-pub fn run_mode(
-    mode: &str,
-    kernel: deps::KernelLine,
-    filter: Option<&str>,
-    repeat: u32,
-    bins: &Path,
-) -> Result<()> {
+/// What one VM boot runs.
+#[derive(Debug, Clone)]
+pub struct Run {
+    /// The runner's mode (`tlshub.mode=`).
+    pub mode: &'static str,
+    /// Only scenarios whose name contains one of these (comma-separated).
+    pub filter: Option<String>,
+    /// Runs of each selected scenario.
+    pub repeat: u32,
+    /// Capacity mode: connections to hold (`tlshub.connections=`).
+    pub connections: Option<u64>,
+    /// The VM's memory.
+    pub memory_mib: u32,
+}
+
+/// The VM's memory for every mode but capacity.
+pub const MEMORY_MIB: u32 = 3072;
+/// The capacity mode's memory: 100,000 connections are 200,000 kTLS
+/// sockets in one VM (both nodes' ends).
+pub const CAPACITY_MEMORY_MIB: u32 = 12288;
+
+impl Run {
+    /// One run of every scenario of `mode`, with the usual memory.
+    pub fn new(mode: &'static str) -> Self {
+        Self {
+            mode,
+            filter: None,
+            repeat: 1,
+            connections: None,
+            memory_mib: MEMORY_MIB,
+        }
+    }
+}
+
+/// Builds everything and boots the VM for `run`; fails unless every
+/// planned scenario run reported PASS.
+pub fn run_mode(run: &Run, kernel: deps::KernelLine, bins: &Path) -> Result<()> {
     let kernel = deps::kernel(kernel)?;
     let work = root().join("target/vm");
     std::fs::create_dir_all(&work)?;
     println!("== building initramfs");
     let initrd = initramfs(&kernel, bins, &work)?;
-    let timeout = match mode {
+    let timeout = match run.mode {
         "demo" => Duration::from_secs(15 * 60),
-        _ => Duration::from_secs(60 * 60) * repeat,
+        // The capacity run opens its connections one after another.
+        "capacity" => Duration::from_secs(3 * 60 * 60),
+        _ => Duration::from_secs(60 * 60) * run.repeat,
     };
-    let mut append = format!("tlshub.mode={mode}");
-    if let Some(f) = filter {
+    let mut append = format!("tlshub.mode={}", run.mode);
+    if let Some(f) = &run.filter {
         append.push_str(&format!(" tlshub.filter={f}"));
     }
-    if repeat > 1 {
-        append.push_str(&format!(" tlshub.repeat={repeat}"));
+    if run.repeat > 1 {
+        append.push_str(&format!(" tlshub.repeat={}", run.repeat));
+    }
+    if let Some(n) = run.connections {
+        append.push_str(&format!(" tlshub.connections={n}"));
     }
     boot(&Boot {
         kernel: &kernel,
         initrd: &initrd,
         disk: None,
         append: &append,
-        label: mode,
+        label: run.mode,
         timeout,
+        memory_mib: run.memory_mib,
     })
 }
 
@@ -408,6 +443,8 @@ pub struct Boot<'a> {
     pub label: &'a str,
     /// The whole run's limit.
     pub timeout: Duration,
+    /// The VM's memory.
+    pub memory_mib: u32,
 }
 
 /// Boots qemu (TCG) and follows the serial console: `TLSHUB-PLAN N`, one
@@ -440,7 +477,7 @@ pub fn boot(b: &Boot<'_>) -> Result<()> {
         "-smp",
         "2",
         "-m",
-        "3072",
+        &b.memory_mib.to_string(),
         "-nographic",
         "-no-reboot",
         "-nic",

@@ -2,7 +2,7 @@
 //! kernel: every decision the table makes is a call on [`FakeKernel`],
 //! which records it.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -34,11 +34,16 @@ struct FakeKernel {
     resets: Vec<u64>,
     shutdowns: Vec<u64>,
     continued: Vec<u32>,
+    /// Connections whose gate was opened for good with their socket: like
+    /// the real kernel side, their `conns` entries are gone.
+    opened: HashSet<u64>,
 }
 
 impl FakeKernel {
+    /// The connection's gate (`OPEN` also once its entry is gone).
     fn gate(&self, cookie: u64) -> Option<u32> {
-        self.conns.get(&cookie).map(|c| c.gate)
+        let opened = self.opened.contains(&cookie).then_some(gate::OPEN);
+        self.conns.get(&cookie).map(|c| c.gate).or(opened)
     }
 
     /// sockops at connect()/accept: a tracked connection, gate closed.
@@ -64,7 +69,11 @@ impl Kernel for FakeKernel {
 
     fn open_gate(&mut self, cookie: u64, socket: &FakeSocket) -> Result<(), BpfError> {
         assert_eq!(socket.0, cookie, "a gate opened with another socket");
-        self.set_gate(cookie, gate::OPEN).map(drop)
+        if self.set_gate(cookie, gate::OPEN)? {
+            self.conns.remove(&cookie);
+            self.opened.insert(cookie);
+        }
+        Ok(())
     }
 
     fn set_gate(&mut self, cookie: u64, state: u32) -> Result<bool, BpfError> {
@@ -568,7 +577,7 @@ fn an_established_event_seen_twice_for_one_connection_changes_nothing() {
 }
 
 #[test]
-fn a_restarted_core_adopts_waiting_and_keyed_connections_and_their_stopped_owners() {
+fn a_restarted_core_adopts_waiting_connections_and_their_stopped_owners_and_leaves_open_ones() {
     let (mut t, mut k) = (table(FailurePolicy::FailClosed), FakeKernel::default());
     let est = established(COOKIE, 0);
     let waiting = Conn {
@@ -578,7 +587,9 @@ fn a_restarted_core_adopts_waiting_and_keyed_connections_and_their_stopped_owner
         owner_pid: PID,
         owner_fd: 3,
     };
-    let keyed = Conn {
+    // Let through by fail-open without its socket (a keyed one has no
+    // entry): not protected, and nothing to do.
+    let open = Conn {
         gate: gate::OPEN,
         est: established(COOKIE + 1, 0),
         owner_pid: PID + 1,
@@ -589,14 +600,14 @@ fn a_restarted_core_adopts_waiting_and_keyed_connections_and_their_stopped_owner
         ..waiting
     };
     k.conns.insert(COOKIE, waiting);
-    k.conns.insert(COOKIE + 1, keyed);
+    k.conns.insert(COOKIE + 1, open);
     k.conns.insert(COOKIE + 2, failed);
     k.states.insert(PID, 'T');
     let conns = k.conns.iter().map(|(c, v)| (*c, *v)).collect();
     t.adopt(&k, conns);
     let s = one_start(&mut t);
     assert_eq!((s.cookie, s.pid, s.fd), (COOKIE, PID, 3));
-    assert!(t.protected().contains_key(&(COOKIE + 1)));
+    assert!(t.protected().is_empty());
     assert_eq!(t.pending().len(), 1);
     sweep(&mut t, &mut k);
     assert!(k.continued.is_empty(), "its connection still waits");
@@ -629,10 +640,11 @@ fn a_draining_core_starts_nothing_new_but_finishes_what_runs() {
 #[test]
 fn after_lost_events_the_conns_map_brings_waiting_connections_in_and_closed_ones_out() {
     let (mut t, mut k) = (table(FailurePolicy::FailClosed), FakeKernel::default());
-    // Known and keyed, but its CLOSED event was lost.
+    // Keyed: no entry in the map, and still protected (only its CLOSED
+    // event can say otherwise).
     let keyed = keying(&mut t, &mut k, COOKIE);
     t.on_outcome(&mut k, outcome(&keyed, installed()));
-    k.conns.remove(&COOKIE);
+    assert!(k.conns.is_empty(), "a keyed connection keeps no entry");
     // Known and waiting for its owner, but its CLOSED event was lost.
     let est = established(COOKIE + 1, 0);
     t.on_event(&k, est);
@@ -641,7 +653,7 @@ fn after_lost_events_the_conns_map_brings_waiting_connections_in_and_closed_ones
     k.track(COOKIE + 2, lost);
     let c = k.conns.get_mut(&(COOKIE + 2)).expect("tracked");
     (c.owner_pid, c.owner_fd) = (PID, 7);
-    // Keyed and in the map: nothing to do.
+    // Let through by fail-open, in the map: nothing to do.
     let open = established(COOKIE + 3, 0);
     k.track(COOKIE + 3, open);
     k.conns.get_mut(&(COOKIE + 3)).expect("tracked").gate = gate::OPEN;
@@ -654,15 +666,18 @@ fn after_lost_events_the_conns_map_brings_waiting_connections_in_and_closed_ones
         (COOKIE + 2, PID, 7, lost)
     );
     assert!(
-        t.protected().is_empty(),
-        "the closed keyed one is forgotten"
+        t.protected().contains_key(&COOKIE),
+        "the keyed one is not taken for closed"
     );
     assert_eq!(t.pending().len(), 1);
-    assert_eq!(t.stats().reconciled, 3);
+    assert_eq!(t.stats().reconciled, 2);
     assert_eq!(t.stats().closed_before_keys, 1);
     // A second look changes nothing.
     let conns = k.conns.iter().map(|(c, v)| (*c, *v)).collect();
     t.reconcile(conns);
     no_start(&mut t);
-    assert_eq!(t.stats().reconciled, 3);
+    assert_eq!(t.stats().reconciled, 2);
+    // Its close is still reported, from its mark.
+    t.on_event(&k, closed(COOKIE));
+    assert!(t.protected().is_empty());
 }

@@ -1,21 +1,16 @@
 //! `tlshub-vm-runner`: runs inside the test VM (started by its /init). Builds
 //! the two-node topology, runs the scenarios of the mode given on the
-//! kernel command line (`tlshub.mode=test|bench|demo|systemd|stress`,
+//! kernel command line (`tlshub.mode=test|bench|demo|systemd|stress|capacity`,
 //! `tlshub.filter=`, `tlshub.repeat=N` to run each of them N times) and
 //! prints one `TLSHUB-RESULT` line per run, then `TLSHUB-DONE`.
 
 use std::time::Instant;
 
 use tlshub_vm_tests::vm::scenarios::{self, Scenario, ScenarioFn};
+use tlshub_vm_tests::vm::support::cmdline;
 use tlshub_vm_tests::vm::systemd;
 use tlshub_vm_tests::vm::topology::Topology;
 use tlshub_vm_tests::{DONE_LINE, RESULT_PREFIX};
-
-fn cmdline(key: &str) -> Option<String> {
-    let line = std::fs::read_to_string("/proc/cmdline").ok()?;
-    line.split_whitespace()
-        .find_map(|w| w.strip_prefix(&format!("{key}=")).map(String::from))
-}
 
 fn main() {
     let mode = std::env::args()
@@ -35,6 +30,12 @@ fn main() {
             "attach_detach_under_hook_traffic_40_rounds",
             tlshub_vm_tests::vm::stress::attach_detach_under_hook_traffic_long,
         )],
+        // Not part of `cargo xtask test` either: opens and holds
+        // `tlshub.connections` protected connections.
+        "capacity" => vec![(
+            "capacity_protected_connections_held_at_once",
+            tlshub_vm_tests::vm::capacity::capacity,
+        )],
         // The systemd VM (Debian userland, systemd as PID 1).
         "systemd" => vec![(
             "systemd_install_units_and_restarts",
@@ -49,7 +50,7 @@ fn main() {
         other => {
             println!("TLSHUB-PLAN 1");
             println!(
-                "{RESULT_PREFIX} mode FAIL unknown mode {other:?} (test, bench, demo, stress, systemd)"
+                "{RESULT_PREFIX} mode FAIL unknown mode {other:?} (test, bench, demo, stress, capacity, systemd)"
             );
             println!("{DONE_LINE}");
             return;

@@ -360,39 +360,107 @@ pub fn event_flood() -> Result<String, String> {
     ))
 }
 
-/// Capacity never means plaintext: node A's `conns` map holds 16 entries
-/// (`[bpf] max_connections = 16`), 16 long-lived keyed connections fill
-/// it, and every short connection opened meanwhile must fail closed (its
-/// app's calls fail with `ECONNRESET`, counted as `map_full`) with no
-/// marker on the wire, while the long ones keep working. Once they close,
-/// a new connection is keyed again. A plain control flow shows the marker.
+/// Capacity never means plaintext, and open connections cost no capacity.
+/// Node A's `conns` map holds 16 entries (`[bpf] max_connections = 16`).
+///
+/// 1. Keyed connections keep no entry: 48 long-lived connections (three
+///    times the map) are keyed and stay open while short ones are opened
+///    at 2/s, and every one of them is keyed too (`map_full` stays 0).
+/// 2. Connections waiting for keys do: with node A's provider hanging (10 s
+///    key timeout), 16 clients fill the map, and each further one must fail
+///    closed at once (its app's calls fail with `ECONNRESET`, counted as
+///    `map_full`), with no marker on the wire. The 16 are reset at the key
+///    timeout; then a new connection is keyed again. A plain control flow
+///    shows the marker.
 pub fn conns_map_full() -> Result<String, String> {
     use super::service::{LoadServer, report, start_load_with};
+    use super::support::{expect_reset, json, spawn_client};
     const MAX: u32 = 16;
+    const LONG: u32 = 3 * MAX;
+    // 1. Keyed connections leave the map.
     let mut sa = NodeSpec::new("a");
     sa.max_connections = Some(MAX);
-    let (a, b) = nodes(sa, NodeSpec::new("b"))?;
-    let cap = Capture::start("map-full")?;
+    let (a, b) = nodes(sa.clone(), NodeSpec::new("b"))?;
     let server = LoadServer::start()?;
-    let client = start_load_with(MAX, 6, 2.0)?;
+    let client = start_load_with(LONG, 6, 2.0)?;
+    // All long ones are keyed and open now; the map holds only what waits.
+    std::thread::sleep(Duration::from_millis(1500));
+    let entries_while_open = a.stat(|s| s.bpf_maps.0 as u64);
     let r = report(&process::finish(client, Duration::from_secs(120))?)?;
     drop(server);
     let attempted = r["short_attempted"].as_u64().unwrap_or(0);
-    if r["long_opened"].as_u64() != Some(u64::from(MAX))
+    if r["long_opened"].as_u64() != Some(u64::from(LONG))
         || r["long_broken"].as_u64() != Some(0)
         || r["corrupt"].as_u64() != Some(0)
+        || attempted == 0
+        || r["short_ok"].as_u64() != Some(attempted)
     {
-        return Err(format!("the {MAX} long connections were affected: {r}"));
-    }
-    if attempted == 0 || r["short_ok"].as_u64() != Some(0) {
         return Err(format!(
-            "with the map full, short connections must all fail closed: {r}"
+            "{LONG} keyed connections open must leave room in a map of {MAX}: {r}"
         ));
     }
+    let keyed = a.stat_reaching(|s| s.protected, u64::from(LONG) + attempted);
+    let full = a.stat(|s| s.map_full);
+    if keyed < u64::from(LONG) + attempted || full != 0 || entries_while_open >= u64::from(MAX) {
+        return Err(format!(
+            "node a: {keyed} keyed (want {}), map_full {full}, {entries_while_open} conns entries with the long ones open",
+            u64::from(LONG) + attempted
+        ));
+    }
+    drop((a, b));
+
+    // 2. Waiting connections fill it, and the next ones fail closed.
+    sa.provider = ProviderKind::Bad("hang");
+    sa.key_timeout_ms = 10_000;
+    let mut sb = NodeSpec::new("b");
+    // Node b must not reset the connections first (its provider waits for
+    // a handshake that node a never starts).
+    sb.key_timeout_ms = 30_000;
+    let (a, b) = nodes(sa, sb)?;
+    let cap = Capture::start("map-full")?;
+    let server = LoadServer::start()?;
+    let size = ["--size", "100"];
+    let mut waiting = Vec::new();
+    for _ in 0..MAX {
+        waiting.push(spawn_client(PROTECTED_PORT, &size)?);
+    }
+    let filled = a.stat_reaching(|s| s.bpf_maps.0 as u64, u64::from(MAX));
+    if filled < u64::from(MAX) {
+        return Err(format!(
+            "{MAX} clients waiting for keys filled {filled} of {MAX} conns entries"
+        ));
+    }
+    const OVER: u32 = 4;
+    let t = std::time::Instant::now();
+    for i in 0..OVER {
+        let c = json(&process::finish(
+            spawn_client(PROTECTED_PORT, &size)?,
+            Duration::from_secs(60),
+        )?)?;
+        expect_reset(&c).map_err(|e| format!("client {i} over a full map: {e}"))?;
+    }
+    let refused_in = t.elapsed();
+    if refused_in > Duration::from_secs(8) {
+        return Err(format!(
+            "{OVER} clients over a full map took {refused_in:?} to fail: they waited instead of failing at once"
+        ));
+    }
+    for (i, c) in waiting.into_iter().enumerate() {
+        let c = json(&process::finish(c, Duration::from_secs(60))?)?;
+        expect_reset(&c).map_err(|e| format!("waiting client {i}: {e}"))?;
+    }
+    drop(server);
+    let full = a.stat_reaching(|s| s.map_full, u64::from(OVER));
+    if full < u64::from(OVER) {
+        return Err(format!(
+            "node a counted {full} map-full failures for {OVER} clients over a full map"
+        ));
+    }
+    drop((a, b));
+    let (a, b) = nodes(NodeSpec::new("a"), NodeSpec::new("b"))?;
     let control = App::exchange(10_000, PLAIN_PORT);
     let (s, c) = run_pair(&control, &[], Duration::from_secs(30))?;
     both_ok(&control, &s, &c)?;
-    // The long connections are closed now: there is room again.
     let after = App::exchange(10_000, PROTECTED_PORT);
     let (s, c) = run_pair(&after, &[], Duration::from_secs(30))?;
     both_ok(&after, &s, &c)?;
@@ -400,16 +468,11 @@ pub fn conns_map_full() -> Result<String, String> {
     if wire.plain_flows_with_marker == 0 {
         return Err("the control flow's plaintext was not seen: the capture is blind".into());
     }
-    std::thread::sleep(Duration::from_millis(1500));
-    let full = a.stat(|s| s.map_full);
-    if full < attempted {
-        return Err(format!(
-            "node a counted {full} map-full failures for {attempted} short connections"
-        ));
-    }
     Ok(format!(
-        "conns of {MAX} entries full with {MAX} keyed long connections: {attempted} short connections failed closed (map_full {full}), no marker on the wire ({} protected flows, {} decrypted), long ones unbroken; after they closed a new connection was keyed",
-        wire.protected_flows, wire.decrypted
+        "conns of {MAX} entries: {LONG} keyed long connections open and {attempted} short ones keyed meanwhile ({entries_while_open} entries in use, map_full 0); {MAX} connections waiting for keys filled it and {OVER} more failed closed in {:.1} s (map_full {full}), the {MAX} reset at the key timeout; no marker on the wire ({} protected flows, {} decrypted); then a new connection was keyed",
+        refused_in.as_secs_f64(),
+        wire.protected_flows,
+        wire.decrypted
     ))
 }
 

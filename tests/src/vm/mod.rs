@@ -3,6 +3,7 @@
 //! the BPF LSM and root); on the host these modules only compile.
 
 pub mod bench;
+pub mod capacity;
 pub mod exchange;
 pub mod failure;
 pub mod gate_edges;

@@ -182,6 +182,14 @@ pub fn expect_server_failed_clean(s: &Value) -> Result<(), String> {
     Ok(())
 }
 
+/// A `key=value` word of the kernel command line (the xtask passes the
+/// runner's options this way).
+pub fn cmdline(key: &str) -> Option<String> {
+    let line = std::fs::read_to_string("/proc/cmdline").ok()?;
+    line.split_whitespace()
+        .find_map(|w| w.strip_prefix(&format!("{key}=")).map(String::from))
+}
+
 /// (major, minor) of the running kernel.
 pub fn kernel_version() -> (u32, u32) {
     let release = process::run(None, &["uname", "-r"]).unwrap_or_default();

@@ -1,0 +1,182 @@
+//! How many protected connections one node holds open at once
+//! (`cargo xtask vm --mode capacity --connections N`, not part of `cargo
+//! xtask test`: under TCG the connections are keyed at tens per second).
+
+use std::time::Duration;
+
+use crate::hold::HoldReport;
+
+use super::node::{NodeSpec, PROTECTED_PORT, ProviderKind};
+use super::process;
+use super::support::{cmdline, nodes};
+use super::topology::{POD_B, POD_B6};
+
+/// Connections when the kernel command line names none.
+const DEFAULT_CONNECTIONS: u64 = 100_000;
+/// The client stops opening after this long and reports what it reached
+/// (the xtask gives the whole boot 3 hours).
+const OPEN_DEADLINE: Duration = Duration::from_secs(150 * 60);
+/// How long the client holds them all open while the figures are read.
+const HOLD: Duration = Duration::from_secs(30);
+
+/// Memory figures of the VM and of node a's core.
+#[derive(Debug, Clone, Copy)]
+struct Memory {
+    /// `MemAvailable`, KiB.
+    available_kib: u64,
+    /// `Slab`, KiB.
+    slab_kib: u64,
+    /// Node a's core, `VmRSS`, KiB.
+    core_rss_kib: u64,
+}
+
+/// A `/proc`-style "Key:   value kB" field.
+fn kib(text: &str, key: &str) -> u64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(key)?.strip_prefix(':'))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
+}
+
+fn memory(core_pid: u32) -> Memory {
+    let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+    let status = std::fs::read_to_string(format!("/proc/{core_pid}/status")).unwrap_or_default();
+    Memory {
+        available_kib: kib(&meminfo, "MemAvailable"),
+        slab_kib: kib(&meminfo, "Slab"),
+        core_rss_kib: kib(&status, "VmRSS"),
+    }
+}
+
+/// Runs `tlshub-hold` with room for a million fds.
+fn hold_argv(args: &str) -> Vec<String> {
+    vec![
+        "sh".into(),
+        "-c".into(),
+        format!("ulimit -n 1048576 && exec tlshub-hold {args}"),
+    ]
+}
+
+/// Opens `tlshub.connections` (default 100,000) protected connections from
+/// pod-a to pod-b, half over IPv4 and half over IPv6 (one client address
+/// has 64,512 ports per destination), keyed by the TLSHub provider (the
+/// cheapest keying), one after another, and holds them all; then checks
+/// that every one still carries exact bytes both ways, that node a's
+/// `conns` map holds (almost) nothing for them, and that a new connection
+/// is keyed. Reports the rate and what memory the connections cost.
+pub fn capacity() -> Result<String, String> {
+    let count = cmdline("tlshub.connections")
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(DEFAULT_CONNECTIONS);
+    let spec = |name| NodeSpec {
+        provider: ProviderKind::TlsHub,
+        ..NodeSpec::new(name)
+    };
+    let (a, b) = nodes(spec("a"), spec("b"))?;
+    process::run(
+        Some("pod-a"),
+        &["sysctl", "-w", "net.ipv4.ip_local_port_range=1024 65535"],
+    )?;
+    let before = memory(a.core_pid());
+    let listen = format!("server --listen [::]:{PROTECTED_PORT}");
+    let server_argv = hold_argv(&listen);
+    let server_argv: Vec<&str> = server_argv.iter().map(String::as_str).collect();
+    let _server =
+        process::spawn_ready("pod-b", &server_argv, "listening", Duration::from_secs(10))?;
+    let client_args = format!(
+        "client --connect {POD_B}:{PROTECTED_PORT} --connect [{POD_B6}]:{PROTECTED_PORT} --count {count} --deadline-secs {} --hold-secs {}",
+        OPEN_DEADLINE.as_secs(),
+        HOLD.as_secs()
+    );
+    let client_argv = hold_argv(&client_args);
+    let client_argv: Vec<&str> = client_argv.iter().map(String::as_str).collect();
+    let client = process::spawn_ready(
+        "pod-a",
+        &client_argv,
+        "holding",
+        OPEN_DEADLINE + Duration::from_secs(600),
+    )?;
+    // All open (or as many as it reached): read the figures while they are.
+    std::thread::sleep(Duration::from_secs(3));
+    let holding = memory(a.core_pid());
+    let entries = a.stat(|s| s.bpf_maps.0 as u64);
+    let one_more = hold_argv(&format!(
+        "client --connect {POD_B}:{PROTECTED_PORT} --count 1"
+    ));
+    let one_more: Vec<&str> = one_more.iter().map(String::as_str).collect();
+    let extra: HoldReport = report(&process::finish(
+        process::spawn_app("pod-a", &one_more)?,
+        Duration::from_secs(60),
+    )?)?;
+    let r: HoldReport = report(&process::finish(client, HOLD + Duration::from_secs(600))?)?;
+    let keyed = [a.stat(|s| s.protected), b.stat(|s| s.protected)];
+    let figures = summary(&r, &before, &holding, entries, keyed);
+    if !r.complete() {
+        return Err(format!("reached less than asked: {figures}; report {r:?}"));
+    }
+    if !extra.complete() {
+        return Err(format!(
+            "with {} open, a new connection failed: {extra:?}; {figures}",
+            r.opened
+        ));
+    }
+    if keyed.iter().any(|&k| k < r.opened + 1) || entries > 100 {
+        return Err(format!(
+            "keyed on a and b {keyed:?} (want {} each), conns entries {entries}: {figures}",
+            r.opened + 1
+        ));
+    }
+    drop((a, b));
+    Ok(figures)
+}
+
+fn report(out: &str) -> Result<HoldReport, String> {
+    let line = out
+        .lines()
+        .rev()
+        .find(|l| l.starts_with('{'))
+        .ok_or_else(|| format!("no report from tlshub-hold: {out:?}"))?;
+    serde_json::from_str(line).map_err(|e| format!("bad tlshub-hold report ({e}): {line}"))
+}
+
+fn summary(
+    r: &HoldReport,
+    before: &Memory,
+    holding: &Memory,
+    entries: u64,
+    keyed: [u64; 2],
+) -> String {
+    let n = r.opened.max(1);
+    let used = before.available_kib.saturating_sub(holding.available_kib);
+    let slab = holding.slab_kib.saturating_sub(before.slab_kib);
+    format!(
+        "{} of {} connections open at once ({} IPv4, {} IPv6), opened in {:.0} s ({:.1}/s), {} still exact both ways after all were open; keyed by node a {} and node b {}; node a's conns map held {entries} entries meanwhile; VM memory in use +{} MiB ({:.1} KiB per connection, both ends of each in this VM; slab +{:.1} KiB), node a's core RSS {} -> {} MiB",
+        r.opened,
+        r.wanted,
+        r.opened.div_ceil(2),
+        r.opened / 2,
+        r.open_seconds,
+        r.opened as f64 / r.open_seconds.max(0.001),
+        r.still_working,
+        keyed[0],
+        keyed[1],
+        used / 1024,
+        used as f64 / n as f64,
+        slab as f64 / n as f64,
+        before.core_rss_kib / 1024,
+        holding.core_rss_kib / 1024,
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::kib;
+
+    #[test]
+    fn proc_fields_in_kib_are_read_by_exact_key() {
+        let text = "MemTotal:       3000 kB\nMemAvailable:   1234 kB\nSlab: 77 kB\n";
+        assert_eq!(kib(text, "MemAvailable"), 1234);
+        assert_eq!(kib(text, "Slab"), 77);
+        assert_eq!(kib(text, "Mem"), 0);
+    }
+}
