@@ -32,10 +32,10 @@ const PROVIDER_CAPS: u64 = 1 << 19;
 /// The key timeout the operator sets in core.toml here (restarts under
 /// TCG load; see `service.rs`). Why 8 s: a connection opened while the
 /// core restarts waits for the new core, and its peer's handshake provider
-/// gives up at 81% of the key timeout (the core keeps a tenth for the
-/// answer, the handshake driver another tenth); under TCG a graceful core
-/// restart left node a without a core for 3.9 s, and with 5 s the peer
-/// gave up at 4.04 s, just before the new core came.
+/// gives up at 90% of the key timeout (the core keeps a tenth for the
+/// answer; until the handshake driver stopped cutting another tenth, 81%);
+/// under TCG a graceful core restart left node a without a core for 3.9 s,
+/// and with 5 s the peer gave up at 4.04 s, just before the new core came.
 const TIMEOUT_MS: u64 = 8000;
 /// The load's length. Why 60 s: the last event, the core's restart, starts
 /// at 28 s, and under TCG the old core's drain (up to a key timeout) plus
