@@ -72,6 +72,10 @@ impl ClientError {
                 code: tonic::Code::DeadlineExceeded,
                 ..
             } => "timeout",
+            Self::Status {
+                code: tonic::Code::Cancelled,
+                ..
+            } => "cancelled",
             Self::Status { .. } => "error",
             Self::Malformed { .. } => "malformed",
         }
@@ -199,7 +203,21 @@ impl ProviderClient {
             .map_err(|s| match s.code() {
                 // The provider's own timeout, with its reason.
                 tonic::Code::DeadlineExceeded if !s.message().is_empty() => self.status(s),
-                tonic::Code::DeadlineExceeded | tonic::Code::Cancelled => self.timeout(wait),
+                tonic::Code::DeadlineExceeded => self.timeout(wait),
+                // The call ended early, not at the deadline: the provider
+                // dropped it (it stopped, or crashed) before answering.
+                tonic::Code::Cancelled => ClientError::Status {
+                    path: self.path.clone(),
+                    code: s.code(),
+                    message: format!(
+                        "the provider dropped the request before answering (did it stop?){}",
+                        if s.message().is_empty() {
+                            String::new()
+                        } else {
+                            format!(": {}", s.message())
+                        }
+                    ),
+                },
                 _ => self.status(s),
             })?;
         let mut wire = answer.into_inner();
