@@ -36,6 +36,10 @@ const PACKAGES: &[&str] = &[
     "systemd",
     // The 6.12 kernel's modules are xz-compressed.
     "xz-utils",
+    // The alternatives the benchmark compares with: WireGuard between the
+    // nodes, and a TLS-terminating proxy pair.
+    "wireguard-tools",
+    "stunnel4",
 ];
 
 fn installed(pkg: &str) -> bool {

@@ -31,7 +31,7 @@ const BINARIES: &[&str] = &[
     "tlshubctl",
 ];
 /// Host tools copied in with their libraries.
-const TOOLS: &[&str] = &["ip", "ss", "tcpdump"];
+const TOOLS: &[&str] = &["ip", "ss", "tcpdump", "wg", "stunnel4"];
 /// Kernel module trees copied in (kTLS, its ciphers, veth).
 pub const MODULE_DIRS: &[&str] = &[
     "kernel/crypto",
@@ -42,6 +42,10 @@ pub const MODULE_DIRS: &[&str] = &[
     "kernel/net/ipv4/inet_diag.ko",
     "kernel/net/ipv4/tcp_diag.ko",
     "kernel/drivers/net/veth.ko",
+    // WireGuard, the benchmark's node-to-node alternative.
+    "kernel/drivers/net/wireguard",
+    "kernel/net/ipv4/udp_tunnel.ko",
+    "kernel/net/ipv6/ip6_udp_tunnel.ko",
 ];
 
 const INIT: &str = r#"#!/bin/busybox sh

@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+use super::alternatives::{PROXY_LOCAL, PROXY_LOCAL_PORT, ProxyPair, WG_POD_B, WireGuard};
 use super::node::{NodeSpec, PLAIN_PORT, PROTECTED_PORT, ProviderKind};
 use super::process::{self, finish, spawn_ready};
 use super::support::*;
@@ -21,13 +22,15 @@ pub fn latencies(c: &Value) -> Vec<u64> {
     v
 }
 
-/// Connect-to-first-echoed-byte over `conns` sequential connections:
-/// (samples, p50, p99) in microseconds.
-pub fn setup_latency(port: u16, conns: u32) -> Result<(usize, u64, u64), String> {
+/// Connect-to-first-echoed-byte over `conns` sequential connections to
+/// `target` (an [`App`] naming the server, port and any proxy): (samples,
+/// p50, p99) in microseconds.
+pub fn setup_latency(target: &App, conns: u32) -> Result<(usize, u64, u64), String> {
     let app = App {
         mode: "echo",
         connections: conns,
-        ..App::exchange(1, port)
+        size: 1,
+        ..target.clone()
     };
     let (s, c) = run_pair(&app, &[], Duration::from_secs(1800))?;
     both_ok(&app, &s, &c)?;
@@ -35,46 +38,89 @@ pub fn setup_latency(port: u16, conns: u32) -> Result<(usize, u64, u64), String>
     Ok((l.len(), percentile(&l, 0.5), percentile(&l, 0.99)))
 }
 
-/// One stream of 64 MiB, bytes per second.
-pub fn throughput(port: u16) -> Result<f64, String> {
+/// One stream of 64 MiB to `target`, bytes per second.
+pub fn throughput(target: &App) -> Result<f64, String> {
     let app = App {
         mode: "throughput",
         size: 64 << 20,
-        ..App::exchange(1, port)
+        ..target.clone()
     };
     let (s, c) = run_pair(&app, &[], Duration::from_secs(600))?;
     both_ok(&app, &s, &c)?;
     Ok(c["bytes_per_sec"].as_f64().unwrap_or(0.0))
 }
 
-/// `cargo xtask bench`: setup latency and throughput for plain TCP and for
-/// each provider, and how often and how long the gate held a process, all
-/// in one VM run.
+/// Setup latency and throughput figures by label, and the report lines.
+#[derive(Debug, Default)]
+struct Figures {
+    setup: HashMap<&'static str, (u64, u64)>,
+    tput: HashMap<&'static str, f64>,
+    lines: Vec<String>,
+}
+
+impl Figures {
+    /// Measures setup latency (`conns` connections) and throughput to
+    /// `target` under `label`.
+    fn measure(&mut self, label: &'static str, target: &App, conns: u32) -> Result<(), String> {
+        let (n, p50, p99) = setup_latency(target, conns)?;
+        self.setup.insert(label, (p50, p99));
+        self.lines
+            .push(format!("setup {label}: n={n} p50={p50}us p99={p99}us"));
+        let bps = throughput(target)?;
+        self.tput.insert(label, bps);
+        self.lines.push(format!(
+            "throughput {label}: {:.1} MB/s (64 MiB, one stream)",
+            bps / 1e6
+        ));
+        Ok(())
+    }
+
+    /// `label` against `base`: setup p50 and p99, throughput.
+    fn ratios(&mut self, label: &str, base: &str) {
+        let ratio = |a: u64, b: u64| a as f64 / b.max(1) as f64;
+        let (s, b) = (self.setup[label], self.setup[base]);
+        self.lines.push(format!(
+            "ratios {label}/{base}: setup p50 x{:.2} p99 x{:.2}; throughput x{:.2}",
+            ratio(s.0, b.0),
+            ratio(s.1, b.1),
+            self.tput[label] / self.tput[base].max(1.0)
+        ));
+    }
+}
+
+/// `cargo xtask bench`: setup latency and throughput for plain TCP, for the
+/// alternatives (WireGuard between the nodes, a stunnel pair) and for each
+/// provider, and how often and how long the gate held a process, all in
+/// one VM run.
 pub fn bench() -> Result<String, String> {
     let conns = 1000;
-    let mut lines = Vec::new();
-    let mut setup = HashMap::new();
-    let mut tput = HashMap::new();
+    let mut f = Figures::default();
     let providers = [
         ("openssl", ProviderKind::OpenSsl),
         ("boringssl", ProviderKind::BoringSsl),
         ("tlshub", ProviderKind::TlsHub),
     ];
-    // Before any core ran (nothing attached): what the programs cost the
-    // traffic they do not select is the step from this to "plain" below,
-    // measured with both nodes' programs attached.
+    let plain = App::exchange(1, PLAIN_PORT);
+    // Before any core ran (nothing attached): plain TCP as it is without
+    // tlshub, and the alternatives between the same pods. What the
+    // programs cost the traffic they do not select is the step from "no
+    // tlshub" to "plain" below, measured with both nodes' programs attached.
+    f.measure("no tlshub", &plain, conns)?;
     {
-        let (n, p50, p99) = setup_latency(PLAIN_PORT, conns)?;
-        setup.insert("no tlshub", (p50, p99));
-        lines.push(format!(
-            "setup plain, no tlshub loaded: n={n} p50={p50}us p99={p99}us"
-        ));
-        let bps = throughput(PLAIN_PORT)?;
-        tput.insert("no tlshub", bps);
-        lines.push(format!(
-            "throughput plain, no tlshub loaded: {:.1} MB/s (64 MiB, one stream)",
-            bps / 1e6
-        ));
+        let _tunnel = WireGuard::up()?;
+        let through_tunnel = App {
+            server: WG_POD_B,
+            ..plain.clone()
+        };
+        f.measure("wireguard", &through_tunnel, conns)?;
+    }
+    {
+        let _proxies = ProxyPair::start()?;
+        let through_proxies = App {
+            proxy: Some((PROXY_LOCAL, PROXY_LOCAL_PORT)),
+            ..plain.clone()
+        };
+        f.measure("stunnel", &through_proxies, conns)?;
     }
     for (label, kind) in providers {
         let (mut sa, mut sb) = (NodeSpec::new("a"), NodeSpec::new("b"));
@@ -82,30 +128,14 @@ pub fn bench() -> Result<String, String> {
         sb.provider = kind;
         let (a, b) = nodes(sa, sb)?;
         if label == "openssl" {
-            let (n, p50, p99) = setup_latency(PLAIN_PORT, conns)?;
-            setup.insert("plain", (p50, p99));
-            lines.push(format!("setup plain: n={n} p50={p50}us p99={p99}us"));
-            let bps = throughput(PLAIN_PORT)?;
-            tput.insert("plain", bps);
-            lines.push(format!(
-                "throughput plain: {:.1} MB/s (64 MiB, one stream)",
-                bps / 1e6
-            ));
+            f.measure("plain", &plain, conns)?;
         }
-        let (n, p50, p99) = setup_latency(PROTECTED_PORT, conns)?;
-        setup.insert(label, (p50, p99));
-        lines.push(format!("setup {label}: n={n} p50={p50}us p99={p99}us"));
-        let bps = throughput(PROTECTED_PORT)?;
-        tput.insert(label, bps);
-        lines.push(format!(
-            "throughput {label}: {:.1} MB/s (64 MiB, one stream)",
-            bps / 1e6
-        ));
+        f.measure(label, &App::exchange(1, PROTECTED_PORT), conns)?;
         std::thread::sleep(Duration::from_millis(1500));
         for (name, node) in [("A (client)", &a), ("B (server)", &b)] {
             let s = node.stats()?;
             let (held, key) = (s.held_micros.sorted(), s.key_micros.sorted());
-            lines.push(format!(
+            f.lines.push(format!(
                 "{label} node {name}: protected={} held_connections={} stops={} held p50={}us p99={}us; provider key time p50={}us p99={}us",
                 s.protected,
                 s.held_connections,
@@ -124,39 +154,27 @@ pub fn bench() -> Result<String, String> {
         sa.send_buffer_floor = Some(0);
         sb.send_buffer_floor = Some(0);
         let _nodes = nodes(sa, sb)?;
-        let bps = throughput(PROTECTED_PORT)?;
-        lines.push(format!(
+        let bps = throughput(&App::exchange(1, PROTECTED_PORT))?;
+        f.lines.push(format!(
             "throughput openssl without the send buffer floor: {:.1} MB/s; with/without x{:.2}",
             bps / 1e6,
-            tput["openssl"] / bps.max(1.0)
+            f.tput["openssl"] / bps.max(1.0)
         ));
     }
-    let ratio = |a: u64, b: u64| a as f64 / b.max(1) as f64;
-    lines.push(format!(
-        "ratios plain (unselected, tlshub loaded)/no tlshub: setup p50 x{:.2} p99 x{:.2}; throughput x{:.2}",
-        ratio(setup["plain"].0, setup["no tlshub"].0),
-        ratio(setup["plain"].1, setup["no tlshub"].1),
-        tput["plain"] / tput["no tlshub"].max(1.0)
-    ));
+    f.ratios("plain", "no tlshub");
+    for label in ["wireguard", "stunnel"] {
+        f.ratios(label, "no tlshub");
+    }
     for (label, _) in providers {
-        lines.push(format!(
-            "ratios {label}/plain: setup p50 x{:.1} p99 x{:.1}; throughput x{:.2}",
-            ratio(setup[label].0, setup["plain"].0),
-            ratio(setup[label].1, setup["plain"].1),
-            tput[label] / tput["plain"].max(1.0)
-        ));
+        f.ratios(label, "plain");
     }
-    for label in ["boringssl", "tlshub"] {
-        lines.push(format!(
-            "ratios {label}/openssl: setup p50 x{:.2} p99 x{:.2}",
-            ratio(setup[label].0, setup["openssl"].0),
-            ratio(setup[label].1, setup["openssl"].1)
-        ));
+    for label in ["boringssl", "tlshub", "stunnel"] {
+        f.ratios(label, "openssl");
     }
-    for l in &lines {
+    for l in &f.lines {
         println!("TLSHUB-BENCH {l}");
     }
-    Ok(lines.join(" | "))
+    Ok(f.lines.join(" | "))
 }
 
 /// `cargo xtask demo`: one protected exchange, narrated.

@@ -8,7 +8,7 @@ use crate::hold::HoldReport;
 
 use super::node::{NodeSpec, PROTECTED_PORT, ProviderKind};
 use super::process;
-use super::support::{cmdline, nodes};
+use super::support::{cmdline, last_report, nodes};
 use super::topology::{POD_B, POD_B6};
 
 /// Connections when the kernel command line names none.
@@ -104,11 +104,11 @@ pub fn capacity() -> Result<String, String> {
         "client --connect {POD_B}:{PROTECTED_PORT} --count 1"
     ));
     let one_more: Vec<&str> = one_more.iter().map(String::as_str).collect();
-    let extra: HoldReport = report(&process::finish(
+    let extra: HoldReport = last_report(&process::finish(
         process::spawn_app("pod-a", &one_more)?,
         Duration::from_secs(60),
     )?)?;
-    let r: HoldReport = report(&process::finish(client, HOLD + Duration::from_secs(600))?)?;
+    let r: HoldReport = last_report(&process::finish(client, HOLD + Duration::from_secs(600))?)?;
     let keyed = [a.stat(|s| s.protected), b.stat(|s| s.protected)];
     let figures = summary(&r, &before, &holding, entries, keyed);
     if !r.complete() {
@@ -128,15 +128,6 @@ pub fn capacity() -> Result<String, String> {
     }
     drop((a, b));
     Ok(figures)
-}
-
-fn report(out: &str) -> Result<HoldReport, String> {
-    let line = out
-        .lines()
-        .rev()
-        .find(|l| l.starts_with('{'))
-        .ok_or_else(|| format!("no report from tlshub-hold: {out:?}"))?;
-    serde_json::from_str(line).map_err(|e| format!("bad tlshub-hold report ({e}): {line}"))
 }
 
 fn summary(

@@ -366,7 +366,7 @@ pub fn event_flood() -> Result<String, String> {
 /// 1. Keyed connections keep no entry: 48 long-lived connections (three
 ///    times the map) are keyed and stay open while short ones are opened
 ///    at 2/s, and every one of them is keyed too (`map_full` stays 0).
-/// 2. Connections waiting for keys do: with node A's provider hanging (10 s
+/// 2. Connections waiting for keys do: with node A's provider hanging (20 s
 ///    key timeout), 16 clients fill the map, and each further one must fail
 ///    closed at once (its app's calls fail with `ECONNRESET`, counted as
 ///    `map_full`), with no marker on the wire. The 16 are reset at the key
@@ -410,12 +410,14 @@ pub fn conns_map_full() -> Result<String, String> {
     drop((a, b));
 
     // 2. Waiting connections fill it, and the next ones fail closed.
+    // Long enough for 16 client processes to start and connect under TCG
+    // (on 6.12 that took more than 5 s) before the first is reset.
     sa.provider = ProviderKind::Bad("hang");
-    sa.key_timeout_ms = 10_000;
+    sa.key_timeout_ms = 20_000;
     let mut sb = NodeSpec::new("b");
     // Node b must not reset the connections first (its provider waits for
     // a handshake that node a never starts).
-    sb.key_timeout_ms = 30_000;
+    sb.key_timeout_ms = 40_000;
     let (a, b) = nodes(sa, sb)?;
     let cap = Capture::start("map-full")?;
     let server = LoadServer::start()?;
@@ -424,7 +426,11 @@ pub fn conns_map_full() -> Result<String, String> {
     for _ in 0..MAX {
         waiting.push(spawn_client(PROTECTED_PORT, &size)?);
     }
-    let filled = a.stat_reaching(|s| s.bpf_maps.0 as u64, u64::from(MAX));
+    let filled = a.stat_reaching_in(
+        |s| s.bpf_maps.0 as u64,
+        u64::from(MAX),
+        Duration::from_secs(15),
+    );
     if filled < u64::from(MAX) {
         return Err(format!(
             "{MAX} clients waiting for keys filled {filled} of {MAX} conns entries"

@@ -2,6 +2,7 @@
 //! Only meaningful inside the VM that `cargo xtask vm` boots (it needs kTLS,
 //! the BPF LSM and root); on the host these modules only compile.
 
+pub mod alternatives;
 pub mod bench;
 pub mod capacity;
 pub mod exchange;

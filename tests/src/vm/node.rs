@@ -190,7 +190,17 @@ impl Node {
     /// rewrites its stats file once a second, and later still when its
     /// loop is busy (TCG).
     pub fn stat_reaching(&self, figure: impl Fn(&Stats) -> u64, want: u64) -> u64 {
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        self.stat_reaching_in(figure, want, std::time::Duration::from_secs(5))
+    }
+
+    /// [`Self::stat_reaching`], waiting up to `wait`.
+    pub fn stat_reaching_in(
+        &self,
+        figure: impl Fn(&Stats) -> u64,
+        want: u64,
+        wait: std::time::Duration,
+    ) -> u64 {
+        let deadline = std::time::Instant::now() + wait;
         loop {
             let v = self.stat(&figure);
             if v >= want || std::time::Instant::now() > deadline {

@@ -36,6 +36,9 @@ pub struct App {
     /// --handoff: how both ends hand each connection to another process
     /// (`none`, `fork`, `scm-rights`).
     pub handoff: &'static str,
+    /// Where the client connects instead of the server: a local proxy
+    /// (host, port) that forwards to it.
+    pub proxy: Option<(&'static str, u16)>,
 }
 
 impl App {
@@ -53,12 +56,16 @@ impl App {
             server_pod: "pod-b",
             via: "syscall",
             handoff: "none",
+            proxy: None,
         }
     }
 
     /// The server's listen address (any, in the server's family) and the
     /// client's connect address.
     pub fn addresses(&self) -> (String, String) {
+        if let Some((host, port)) = self.proxy {
+            return (format!("0.0.0.0:{}", self.port), format!("{host}:{port}"));
+        }
         match self.server.parse::<std::net::IpAddr>() {
             Ok(ip) if ip.is_ipv6() => (
                 format!("[::]:{}", self.port),
@@ -96,6 +103,11 @@ impl App {
 
 /// The JSON report an app printed last.
 pub fn json(s: &str) -> Result<Value, String> {
+    last_report(s)
+}
+
+/// The report an app printed last, as its type.
+pub fn last_report<T: serde::de::DeserializeOwned>(s: &str) -> Result<T, String> {
     let line = s
         .lines()
         .rev()
