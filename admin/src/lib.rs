@@ -5,6 +5,7 @@
 #![deny(missing_docs)]
 
 pub mod stats;
+pub mod tls_stat;
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;

@@ -281,26 +281,12 @@ impl Metrics {
 
     /// Sets the kTLS gauges from `tls_stat` files' contents.
     pub fn set_tls_stat<'a>(&self, files: impl IntoIterator<Item = &'a str>) {
-        let mut sums = std::collections::BTreeMap::<String, i64>::new();
-        for text in files {
-            for (name, v) in parse_tls_stat(text) {
-                *sums.entry(name.to_owned()).or_default() += v;
-            }
-        }
-        for (counter, v) in sums {
-            self.ktls.get_or_create(&TlsStatLabel { counter }).set(v);
+        for (counter, v) in tlshub_admin::tls_stat::sum(files) {
+            self.ktls
+                .get_or_create(&TlsStatLabel { counter })
+                .set(i64::try_from(v).unwrap_or(i64::MAX));
         }
     }
-}
-
-/// `Name   value` lines of `/proc/net/tls_stat`.
-pub fn parse_tls_stat(text: &str) -> impl Iterator<Item = (&str, i64)> {
-    text.lines().filter_map(|l| {
-        let mut it = l.split_whitespace();
-        let name = it.next()?;
-        let v = it.next()?.parse().ok()?;
-        name.starts_with("Tls").then_some((name, v))
-    })
 }
 
 /// Why the metrics endpoint could not start.

@@ -13,25 +13,15 @@ use super::topology::WIRE_IF;
 use crate::pattern::{CLIENT_SEED, MARKER, SERVER_SEED};
 use crate::wire;
 
-/// `/proc/net/tls_stat` of network namespace `netns` (the counters are per
-/// namespace), summed over the given namespaces.
+/// `/proc/net/tls_stat` of the given network namespaces (the counters are
+/// per namespace), summed.
 pub fn tls_stat(namespaces: &[&str]) -> HashMap<String, u64> {
-    let mut sum = HashMap::new();
-    for ns in namespaces {
-        let text = process::run(Some(ns), &["cat", "/proc/net/tls_stat"]).unwrap_or_default();
-        for (k, v) in parse_tls_stat(&text) {
-            *sum.entry(k).or_insert(0) += v;
-        }
-    }
-    sum
-}
-
-pub fn parse_tls_stat(text: &str) -> HashMap<String, u64> {
-    text.lines()
-        .filter_map(|l| {
-            let mut it = l.split_whitespace();
-            Some((it.next()?.to_string(), it.next()?.parse().ok()?))
-        })
+    let texts: Vec<String> = namespaces
+        .iter()
+        .map(|ns| process::run(Some(ns), &["cat", "/proc/net/tls_stat"]).unwrap_or_default())
+        .collect();
+    tlshub_admin::tls_stat::sum(texts.iter().map(String::as_str))
+        .into_iter()
         .collect()
 }
 
