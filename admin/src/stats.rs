@@ -7,8 +7,10 @@ use std::collections::{BTreeMap, VecDeque};
 
 use serde::{Deserialize, Serialize};
 
-/// Counters and samples, written to the stats file.
+/// Counters and samples, written to the stats file. A field the file
+/// lacks (written by an older core) reads as zero.
 #[derive(Debug, Default, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct Stats {
     /// Selected connections seen (ESTABLISHED events).
     pub selected: u64,
@@ -110,5 +112,16 @@ impl Samples {
         let mut v: Vec<u64> = self.0.iter().copied().collect();
         v.sort_unstable();
         v
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Stats;
+
+    #[test]
+    fn a_file_from_an_older_core_reads_with_zeros_for_what_it_lacks() {
+        let s: Stats = serde_json::from_str(r#"{"selected": 3, "protected": 2}"#).unwrap();
+        assert_eq!((s.selected, s.protected, s.reset), (3, 2, 0));
     }
 }
