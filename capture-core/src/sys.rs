@@ -1,5 +1,7 @@
 //! The system calls the core makes on application sockets: kTLS
-//! installation, reset, and signals. All of the core's `unsafe` is here.
+//! installation, reset, and signals. rustix makes most of them; the
+//! core's only `unsafe`, here, is the `setsockopt` of the kTLS structs
+//! (and of `TCP_ULP`), which it does not cover.
 
 use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd};
@@ -112,47 +114,27 @@ fn set_direction(
     }
 }
 
-/// `getsockopt(SOL_SOCKET, name)` for an int option.
-fn getsockopt_int(fd: BorrowedFd<'_>, name: libc::c_int) -> io::Result<libc::c_int> {
-    let mut value: libc::c_int = 0;
-    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
-    // SAFETY: value and len are live and len holds value's size; the kernel
-    // writes at most len bytes.
-    let rc = unsafe {
-        libc::getsockopt(
-            fd.as_raw_fd(),
-            libc::SOL_SOCKET,
-            name,
-            (&mut value as *mut libc::c_int).cast(),
-            &mut len,
-        )
-    };
-    if rc == 0 {
-        Ok(value)
-    } else {
-        Err(io::Error::last_os_error())
-    }
-}
-
 /// Raises the socket's send buffer to at least `floor` bytes (what
 /// `getsockopt(SO_SNDBUF)` reports; the kernel doubles what is set). Uses
 /// `SO_SNDBUFFORCE` (CAP_NET_ADMIN, past `net.core.wmem_max`), else
 /// `SO_SNDBUF` (capped at twice `wmem_max`). Returns the size before and
 /// after; a buffer already at the floor is left alone.
 pub fn raise_send_buffer(fd: BorrowedFd<'_>, floor: u32) -> io::Result<(u32, u32)> {
-    let before = getsockopt_int(fd, libc::SO_SNDBUF)?.max(0) as u32;
+    use rustix::net::sockopt;
+    let size =
+        |fd| sockopt::socket_send_buffer_size(fd).map(|n| u32::try_from(n).unwrap_or(u32::MAX));
+    let before = size(fd)?;
     if before >= floor {
         return Ok((before, before));
     }
-    let half = (floor / 2).max(1) as libc::c_int;
-    if let Err(e) = setsockopt_raw(fd, libc::SOL_SOCKET, libc::SO_SNDBUFFORCE, &half) {
-        if e.raw_os_error() != Some(libc::EPERM) {
-            return Err(e);
-        }
-        setsockopt_raw(fd, libc::SOL_SOCKET, libc::SO_SNDBUF, &half)?;
+    // rustix sets what it is given; the kernel doubles it.
+    let half = (floor / 2).max(1) as usize;
+    match sockopt::set_socket_send_buffer_size_force(fd, half) {
+        Ok(()) => {}
+        Err(rustix::io::Errno::PERM) => sockopt::set_socket_send_buffer_size(fd, half)?,
+        Err(e) => return Err(e.into()),
     }
-    let after = getsockopt_int(fd, libc::SO_SNDBUF)?.max(0) as u32;
-    Ok((before, after))
+    Ok((before, size(fd)?))
 }
 
 /// Which step of the kTLS installation failed.
@@ -173,20 +155,8 @@ pub fn install_ktls(
     fd: BorrowedFd<'_>,
     keys: &ConnectionKeys,
 ) -> Result<(), (KtlsStep, io::Error)> {
-    // SAFETY: the pointer is to the 3 bytes "tls" (a static C string) and
-    // the length passed is 3; the kernel copies them.
-    let rc = unsafe {
-        libc::setsockopt(
-            fd.as_raw_fd(),
-            libc::IPPROTO_TCP,
-            libc::TCP_ULP,
-            c"tls".as_ptr().cast(),
-            3,
-        )
-    };
-    if rc != 0 {
-        return Err((KtlsStep::Ulp, io::Error::last_os_error()));
-    }
+    // The ULP's name, without its NUL (the kernel takes the length given).
+    setsockopt_raw(fd, libc::IPPROTO_TCP, libc::TCP_ULP, b"tls").map_err(|e| (KtlsStep::Ulp, e))?;
     set_direction(fd, TLS_TX, keys.version, keys.cipher_suite, &keys.transmit)
         .map_err(|e| (KtlsStep::Transmit, e))?;
     set_direction(fd, TLS_RX, keys.version, keys.cipher_suite, &keys.receive)
@@ -198,57 +168,30 @@ pub fn install_ktls(
 /// sends RST for an established connection and sets `ECONNRESET` as the
 /// socket error the application sees next.
 pub fn reset_connection(fd: BorrowedFd<'_>) -> io::Result<()> {
-    let addr = libc::sockaddr {
-        sa_family: libc::AF_UNSPEC as libc::sa_family_t,
-        sa_data: [0; 14],
-    };
-    // SAFETY: addr is a live sockaddr of the given size.
-    let rc = unsafe {
-        libc::connect(
-            fd.as_raw_fd(),
-            &addr,
-            std::mem::size_of::<libc::sockaddr>() as libc::socklen_t,
-        )
-    };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
-    }
+    Ok(rustix::net::connect_unspec(fd)?)
 }
 
 /// Shuts both directions of a connection down (FIN to the peer): what is
 /// left when [`reset_connection`] is refused.
 pub fn shutdown_both(fd: BorrowedFd<'_>) -> io::Result<()> {
-    // SAFETY: shutdown takes an fd the caller borrows and a constant.
-    let rc = unsafe { libc::shutdown(fd.as_raw_fd(), libc::SHUT_RDWR) };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
-    }
+    Ok(rustix::net::shutdown(fd, rustix::net::Shutdown::Both)?)
 }
 
 /// Sends SIGCONT to a process.
 pub fn continue_process(pid: u32) -> io::Result<()> {
-    let pid = libc::pid_t::try_from(pid).map_err(|_| io::Error::from_raw_os_error(libc::ESRCH))?;
-    // SAFETY: kill takes plain integers.
-    let rc = unsafe { libc::kill(pid, libc::SIGCONT) };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
-    }
+    let pid = i32::try_from(pid)
+        .ok()
+        .and_then(rustix::process::Pid::from_raw)
+        .ok_or_else(|| io::Error::from_raw_os_error(libc::ESRCH))?;
+    Ok(rustix::process::kill_process(
+        pid,
+        rustix::process::Signal::CONT,
+    )?)
 }
 
 /// The monotonic clock in nanoseconds (the clock of `bpf_ktime_get_ns`).
 pub fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: ts is a live timespec.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    let ts = rustix::time::clock_gettime(rustix::time::ClockId::Monotonic);
     u64::try_from(ts.tv_sec).unwrap_or(0) * 1_000_000_000 + u64::try_from(ts.tv_nsec).unwrap_or(0)
 }
 

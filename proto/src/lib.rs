@@ -7,6 +7,7 @@
 //! credential check, health reporting, graceful shutdown and the mapping of
 //! [`ProviderError`] to gRPC status codes. `PROVIDER_GUIDE.md` (next to this
 //! crate) walks through writing, testing and deploying one.
+#![forbid(unsafe_code)]
 #![deny(missing_docs)]
 
 pub mod client;

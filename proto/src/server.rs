@@ -108,12 +108,10 @@ pub fn bind_private(path: &Path, allowed_uid: Option<u32>) -> Result<UnixListene
     }
     let tmp = path.with_extension(format!("tmp.{}", std::process::id()));
     let _ = std::fs::remove_file(&tmp);
-    // SAFETY: umask only swaps the process file-creation mask; it is
-    // restored right after bind.
-    let old = unsafe { libc::umask(0o077) };
+    // Created owner-only: the mask is swapped for the bind and restored.
+    let old = rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o077));
     let bound = std::os::unix::net::UnixListener::bind(&tmp);
-    // SAFETY: as above.
-    unsafe { libc::umask(old) };
+    rustix::process::umask(old);
     let listener = bound.map_err(|e| err("bind", e))?;
     if let Some(uid) = allowed_uid {
         std::os::unix::fs::chown(&tmp, Some(uid), None).map_err(|e| err("chown", e))?;

@@ -1,19 +1,22 @@
 //! Taking another process's socket with `pidfd_open` + `pidfd_getfd`,
 //! reading its kernel identity, and doing I/O on it for a handshake
-//! ([`SocketIo`]). The SDK's `unsafe` lives here (and one `umask` in the
-//! server).
+//! ([`SocketIo`]), through rustix's typed system calls.
 
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, OwnedFd};
 use std::time::Instant;
+
+use rustix::event::{PollFd, PollFlags, Timespec};
+use rustix::net::{RecvFlags, SendFlags};
+use rustix::process::{Pid, PidfdFlags, PidfdGetfdFlags};
 
 /// Opens a pidfd for `pid`.
 pub fn pidfd_open(pid: u32) -> io::Result<OwnedFd> {
-    let pid = libc::pid_t::try_from(pid).map_err(|_| io::Error::from_raw_os_error(libc::ESRCH))?;
-    // SAFETY: pidfd_open takes a pid and flags and returns a new fd or -1;
-    // no memory is passed.
-    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
-    owned_from_syscall(fd)
+    let pid = i32::try_from(pid)
+        .ok()
+        .and_then(Pid::from_raw)
+        .ok_or_else(|| io::Error::from_raw_os_error(libc::ESRCH))?;
+    Ok(rustix::process::pidfd_open(pid, PidfdFlags::empty())?)
 }
 
 /// Duplicates fd number `fd` of the process behind `pidfd` into this
@@ -21,9 +24,11 @@ pub fn pidfd_open(pid: u32) -> io::Result<OwnedFd> {
 /// `CAP_SYS_PTRACE`). The duplicate shares the open file description,
 /// including `O_NONBLOCK`, with the original.
 pub fn pidfd_getfd(pidfd: &OwnedFd, fd: i32) -> io::Result<OwnedFd> {
-    // SAFETY: pidfd_getfd takes two fds and flags and returns a new fd or -1.
-    let new = unsafe { libc::syscall(libc::SYS_pidfd_getfd, pidfd.as_raw_fd(), fd, 0) };
-    owned_from_syscall(new)
+    Ok(rustix::process::pidfd_getfd(
+        pidfd,
+        fd,
+        PidfdGetfdFlags::empty(),
+    )?)
 }
 
 /// `pidfd_getfd(pidfd_open(pid), fd)`.
@@ -31,34 +36,10 @@ pub fn take_fd(pid: u32, fd: i32) -> io::Result<OwnedFd> {
     pidfd_getfd(&pidfd_open(pid)?, fd)
 }
 
-fn owned_from_syscall(ret: libc::c_long) -> io::Result<OwnedFd> {
-    if ret < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    let raw = i32::try_from(ret).map_err(|_| io::Error::from_raw_os_error(libc::EBADF))?;
-    // SAFETY: the syscall returned a fresh fd that nothing else owns.
-    Ok(unsafe { OwnedFd::from_raw_fd(raw) })
-}
-
 /// The kernel's socket cookie (`SO_COOKIE`), a 64-bit id that, unlike an
 /// fd number, is never reused while the machine runs.
-pub fn socket_cookie(fd: &impl AsRawFd) -> io::Result<u64> {
-    let mut cookie: u64 = 0;
-    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
-    // SAFETY: cookie and len point to live, correctly sized locals.
-    let rc = unsafe {
-        libc::getsockopt(
-            fd.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_COOKIE,
-            (&raw mut cookie).cast(),
-            &raw mut len,
-        )
-    };
-    if rc != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(cookie)
+pub fn socket_cookie(fd: &impl AsFd) -> io::Result<u64> {
+    Ok(rustix::net::sockopt::socket_cookie(fd)?)
 }
 
 /// What the first bytes a handshake provider received on the connection
@@ -114,7 +95,7 @@ impl SocketIo {
         describe_peer_start(&self.first)
     }
 
-    fn wait(&self, events: libc::c_short) -> io::Result<()> {
+    fn wait(&self, events: PollFlags) -> io::Result<()> {
         loop {
             let left = self.deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
@@ -123,23 +104,16 @@ impl SocketIo {
                     "handshake deadline passed",
                 ));
             }
-            let mut pfd = libc::pollfd {
-                fd: self.fd.as_raw_fd(),
-                events,
-                revents: 0,
-            };
-            let ms = libc::c_int::try_from(left.as_millis().max(1)).unwrap_or(libc::c_int::MAX);
-            // SAFETY: pfd is one live pollfd.
-            let rc = unsafe { libc::poll(&mut pfd, 1, ms) };
-            match rc {
-                0 => continue,
-                n if n > 0 => return Ok(()),
-                _ => {
-                    let e = io::Error::last_os_error();
-                    if e.kind() != io::ErrorKind::Interrupted {
-                        return Err(e);
-                    }
-                }
+            let mut fds = [PollFd::new(&self.fd, events)];
+            let timeout = Timespec::try_from(left).unwrap_or(Timespec {
+                tv_sec: i64::MAX,
+                tv_nsec: 0,
+            });
+            match rustix::event::poll(&mut fds, Some(&timeout)) {
+                Ok(0) => continue,
+                Ok(_) => return Ok(()),
+                Err(rustix::io::Errno::INTR) => {}
+                Err(e) => return Err(e.into()),
             }
         }
     }
@@ -148,26 +122,15 @@ impl SocketIo {
 impl io::Read for SocketIo {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         loop {
-            // SAFETY: buf is a live, writable slice of buf.len() bytes.
-            let n = unsafe {
-                libc::recv(
-                    self.fd.as_raw_fd(),
-                    buf.as_mut_ptr().cast(),
-                    buf.len(),
-                    libc::MSG_DONTWAIT,
-                )
-            };
-            if n >= 0 {
-                let n = n as usize;
-                let keep = (FIRST_BYTES - self.first.len()).min(n);
-                self.first.extend_from_slice(&buf[..keep]);
-                return Ok(n);
-            }
-            let e = io::Error::last_os_error();
-            match e.kind() {
-                io::ErrorKind::WouldBlock => self.wait(libc::POLLIN)?,
-                io::ErrorKind::Interrupted => {}
-                _ => return Err(e),
+            match rustix::net::recv(&self.fd, &mut *buf, RecvFlags::DONTWAIT) {
+                Ok((n, _)) => {
+                    let keep = (FIRST_BYTES - self.first.len()).min(n);
+                    self.first.extend_from_slice(&buf[..keep]);
+                    return Ok(n);
+                }
+                Err(rustix::io::Errno::AGAIN) => self.wait(PollFlags::IN)?,
+                Err(rustix::io::Errno::INTR) => {}
+                Err(e) => return Err(e.into()),
             }
         }
     }
@@ -176,23 +139,11 @@ impl io::Read for SocketIo {
 impl io::Write for SocketIo {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         loop {
-            // SAFETY: buf is a live slice of buf.len() bytes.
-            let n = unsafe {
-                libc::send(
-                    self.fd.as_raw_fd(),
-                    buf.as_ptr().cast(),
-                    buf.len(),
-                    libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
-                )
-            };
-            if n >= 0 {
-                return Ok(n as usize);
-            }
-            let e = io::Error::last_os_error();
-            match e.kind() {
-                io::ErrorKind::WouldBlock => self.wait(libc::POLLOUT)?,
-                io::ErrorKind::Interrupted => {}
-                _ => return Err(e),
+            match rustix::net::send(&self.fd, buf, SendFlags::DONTWAIT | SendFlags::NOSIGNAL) {
+                Ok(n) => return Ok(n),
+                Err(rustix::io::Errno::AGAIN) => self.wait(PollFlags::OUT)?,
+                Err(rustix::io::Errno::INTR) => {}
+                Err(e) => return Err(e.into()),
             }
         }
     }
@@ -205,6 +156,7 @@ impl io::Write for SocketIo {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::fd::AsRawFd;
 
     #[test]
     fn the_peer_start_names_the_kind_of_provider() {
