@@ -486,16 +486,20 @@ impl Agent {
     }
 
     /// kTLS counters of every network namespace that holds a protected
-    /// connection (one owner per namespace is read).
+    /// connection (one owner per namespace is read). Once a second, so it
+    /// looks at each owning process once, not at each connection: a
+    /// process may hold tens of thousands.
     fn update_ktls_gauges(&mut self) {
+        let pids: std::collections::BTreeSet<u32> =
+            self.table.protected().values().map(|c| c.pid).collect();
         let mut seen = HashSet::new();
         let mut texts = Vec::new();
-        for c in self.table.protected().values() {
-            let Ok(ns) = std::fs::read_link(format!("/proc/{}/ns/net", c.pid)) else {
+        for pid in pids {
+            let Ok(ns) = std::fs::read_link(format!("/proc/{pid}/ns/net")) else {
                 continue;
             };
             if seen.insert(ns)
-                && let Ok(t) = std::fs::read_to_string(format!("/proc/{}/net/tls_stat", c.pid))
+                && let Ok(t) = std::fs::read_to_string(format!("/proc/{pid}/net/tls_stat"))
             {
                 texts.push(t);
             }

@@ -90,12 +90,19 @@ pub fn capacity() -> Result<String, String> {
     );
     let client_argv = hold_argv(&client_args);
     let client_argv: Vec<&str> = client_argv.iter().map(String::as_str).collect();
-    let client = process::spawn_ready(
-        "pod-a",
-        &client_argv,
-        "holding",
-        OPEN_DEADLINE + Duration::from_secs(600),
-    )?;
+    let log = std::path::PathBuf::from("/tmp/logs/hold-client.log");
+    let mut client = process::Proc::spawn("hold-client", Some("pod-a"), &client_argv, &log)?;
+    let give_up = std::time::Instant::now() + OPEN_DEADLINE + Duration::from_secs(600);
+    // Progress on the console every minute, until all are open.
+    while let Err(e) = client.wait_for_log("holding", Duration::from_secs(60)) {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        if text.lines().any(|l| l.starts_with('{')) || std::time::Instant::now() > give_up {
+            return Err(format!("tlshub-hold client: {e}"));
+        }
+        if let Some(line) = text.lines().rev().find(|l| l.starts_with("opened")) {
+            println!("capacity: {line}");
+        }
+    }
     // All open (or as many as it reached): read the figures while they are.
     std::thread::sleep(Duration::from_secs(3));
     let holding = memory(a.core_pid());
@@ -108,7 +115,8 @@ pub fn capacity() -> Result<String, String> {
         process::spawn_app("pod-a", &one_more)?,
         Duration::from_secs(60),
     )?)?;
-    let r: HoldReport = last_report(&process::finish(client, HOLD + Duration::from_secs(600))?)?;
+    client.wait(HOLD + Duration::from_secs(600))?;
+    let r: HoldReport = last_report(&std::fs::read_to_string(&log).unwrap_or_default())?;
     let keyed = [a.stat(|s| s.protected), b.stat(|s| s.protected)];
     let figures = summary(&r, &before, &holding, entries, keyed);
     if !r.complete() {
