@@ -254,8 +254,8 @@ pub struct BpfSection {
     /// alive (a restarting core adopts them); after that it applies the
     /// failure policy by itself instead of stopping processes.
     pub core_restart_grace_ms: u64,
-    /// Entries of the `conns` map: selected connections open at the same
-    /// time on this node (waiting for keys or keyed). A selected
+    /// Entries of the `conns` map: selected connections waiting for keys
+    /// at the same time on this node (a keyed one keeps no entry). A selected
     /// connection that finds it full fails closed: its app's calls fail
     /// with `ECONNRESET` (counted as `tlshub_gate_map_full_total`). Each
     /// entry is a 96-byte value plus its key and the hash table's element
