@@ -554,8 +554,9 @@ static __always_inline int gate(__u64 cookie)
 	struct tlshub_conn *c = bpf_map_lookup_elem(&conns, &cookie);
 	/* Marked but no longer tracked: the connection ended (TCP_CLOSE, e.g.
 	 * the peer reset it) before it was keyed, since keying clears the
-	 * mark's cookie before it removes the entry. What is still in its receive queue is the peer's handshake
-	 * or records, never for the app: fail every call. */
+	 * mark's cookie before it removes the entry. What is still in its
+	 * receive queue is the peer's handshake or records, never for the
+	 * app: fail every call. */
 	if (!c)
 		return -ECONNRESET;
 	/* Terminal: the connection could not be protected and could not be

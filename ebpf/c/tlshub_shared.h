@@ -87,8 +87,8 @@ struct tlshub_held {
 
 /* Socket-local storage: marks a selected socket from the first moment
  * (cookie), a socket that was put in TCP repair mode before it was
- * selected (flags only, cookie 0), and one whose gate the core opened for good
- * (flags only: it costs no conns entry while it stays open). */
+ * selected (flags only, cookie 0), and one whose gate the core opened for
+ * good (flags only: it costs no conns entry while it stays open). */
 struct tlshub_sk_mark {
 	__u64 cookie;
 	__u32 flags; /* TLSHUB_MARK_* */
