@@ -50,6 +50,28 @@ pub fn throughput(target: &App) -> Result<f64, String> {
     Ok(c["bytes_per_sec"].as_f64().unwrap_or(0.0))
 }
 
+/// Single bytes the byte loop copies.
+const BYTE_LOOP_BYTES: u64 = 200_000;
+
+/// The median of three runs of `dd bs=1` copying [`BYTE_LOOP_BYTES`] from
+/// `/dev/zero` to `/dev/null`, in seconds: one read and one write per byte,
+/// each through the `file_permission` hook that the gate attaches to every
+/// file of the node (it returns at once for a file that is not a socket).
+fn byte_loop_seconds() -> Result<f64, String> {
+    let count = format!("count={BYTE_LOOP_BYTES}");
+    let mut runs = Vec::new();
+    for _ in 0..3 {
+        let t = Instant::now();
+        process::run(
+            None,
+            &["dd", "if=/dev/zero", "of=/dev/null", "bs=1", &count],
+        )?;
+        runs.push(t.elapsed().as_secs_f64());
+    }
+    runs.sort_by(f64::total_cmp);
+    Ok(runs[1])
+}
+
 /// Setup latency and throughput figures by label, and the report lines.
 #[derive(Debug, Default)]
 struct Figures {
@@ -106,6 +128,7 @@ pub fn bench() -> Result<String, String> {
     // programs cost the traffic they do not select is the step from "no
     // tlshub" to "plain" below, measured with both nodes' programs attached.
     f.measure("no tlshub", &plain, conns)?;
+    let loop_none = byte_loop_seconds()?;
     {
         let _tunnel = WireGuard::up()?;
         let through_tunnel = App {
@@ -129,6 +152,11 @@ pub fn bench() -> Result<String, String> {
         let (a, b) = nodes(sa, sb)?;
         if label == "openssl" {
             f.measure("plain", &plain, conns)?;
+            let loop_loaded = byte_loop_seconds()?;
+            f.lines.push(format!(
+                "byte loop (dd bs=1, {BYTE_LOOP_BYTES} bytes /dev/zero -> /dev/null, median of 3): no tlshub {loop_none:.2} s, tlshub loaded {loop_loaded:.2} s, x{:.2}",
+                loop_loaded / loop_none.max(0.001)
+            ));
         }
         f.measure(label, &App::exchange(1, PROTECTED_PORT), conns)?;
         std::thread::sleep(Duration::from_millis(1500));
