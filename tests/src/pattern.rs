@@ -37,6 +37,17 @@ pub fn check(seed: u64, offset: u64, buf: &[u8]) -> Result<(), u64> {
     }
 }
 
+/// A server's answer to a piece of the client's stream at `offset`: checks
+/// that `buf` is the client's bytes there and replaces them, in place, with
+/// the server's bytes over the same span (the load servers answer every
+/// piece this way, so both directions are verified). `Err`: the first
+/// offset that differs; `buf` is then left as received.
+pub fn answer(offset: u64, buf: &mut [u8]) -> Result<(), u64> {
+    check(CLIENT_SEED, offset, buf)?;
+    fill(SERVER_SEED, offset, buf);
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -53,5 +64,19 @@ mod tests {
         whole[9000] ^= 1;
         assert_eq!(check(7, 0, &whole), Err(9000));
         assert!(check(8, 0, &part).is_err());
+    }
+
+    #[test]
+    fn an_answer_replaces_the_client_span_with_the_server_span() {
+        let mut piece = vec![0u8; 100];
+        fill(CLIENT_SEED, 4000, &mut piece);
+        assert_eq!(answer(4000, &mut piece), Ok(()));
+        assert!(check(SERVER_SEED, 4000, &piece).is_ok());
+        let mut wrong = vec![0u8; 10];
+        fill(CLIENT_SEED, 0, &mut wrong);
+        wrong[3] ^= 1;
+        let received = wrong.clone();
+        assert_eq!(answer(0, &mut wrong), Err(3));
+        assert_eq!(wrong, received);
     }
 }

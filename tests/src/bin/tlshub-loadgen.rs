@@ -90,7 +90,7 @@ fn serve(mut s: TcpStream, corruption_log: Option<&std::path::Path>) {
             Ok(0) | Err(_) => return,
             Ok(n) => n,
         };
-        if let Err(at) = pattern::check(CLIENT_SEED, off, &buf[..n]) {
+        if let Err(at) = pattern::answer(off, &mut buf[..n]) {
             // The client sees the connection close; the log says why.
             // `at` is the offset in the stream.
             let first: String = buf[..n.min(8)].iter().map(|b| format!("{b:02x}")).collect();
@@ -109,7 +109,6 @@ fn serve(mut s: TcpStream, corruption_log: Option<&std::path::Path>) {
             }
             return;
         }
-        pattern::fill(SERVER_SEED, off, &mut buf[..n]);
         if s.write_all(&buf[..n]).is_err() {
             return;
         }

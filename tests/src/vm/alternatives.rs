@@ -24,6 +24,14 @@ pub const PROXY_LOCAL_PORT: u16 = 19100;
 /// [`PLAIN_PORT`] on pod-b's loopback.
 const PROXY_REMOTE_PORT: u16 = 9443;
 const WG_PORT: &str = "51820";
+/// (namespace, address, interface) of the pods' and nodes' tunnel-path
+/// addresses, added on the existing pod links.
+const WG_ADDRESSES: [(&str, &str, &str); 4] = [
+    ("node-a", "10.0.21.1/24", "ap"),
+    ("pod-a", "10.0.21.2/24", "pa"),
+    ("node-b", "10.0.22.1/24", "bp"),
+    ("pod-b", "10.0.22.2/24", "pb"),
+];
 
 /// WireGuard between node-a and node-b for pod addresses of their own
 /// ([`WG_POD_A`], [`WG_POD_B`]); removed when dropped.
@@ -36,12 +44,7 @@ impl WireGuard {
     pub fn up() -> Result<Self, String> {
         run(None, &["modprobe", "wireguard"])?;
         let guard = WireGuard;
-        for (ns, addr, dev) in [
-            ("node-a", "10.0.21.1/24", "ap"),
-            ("pod-a", "10.0.21.2/24", "pa"),
-            ("node-b", "10.0.22.1/24", "bp"),
-            ("pod-b", "10.0.22.2/24", "pb"),
-        ] {
+        for (ns, addr, dev) in WG_ADDRESSES {
             run(Some(ns), &["ip", "addr", "add", addr, "dev", dev])?;
         }
         // The pods use their tunnel address as the source towards the other.
@@ -109,12 +112,7 @@ impl Drop for WireGuard {
         for ns in ["node-a", "node-b"] {
             let _ = run(Some(ns), &["ip", "link", "del", "wg0"]);
         }
-        for (ns, addr, dev) in [
-            ("node-a", "10.0.21.1/24", "ap"),
-            ("pod-a", "10.0.21.2/24", "pa"),
-            ("node-b", "10.0.22.1/24", "bp"),
-            ("pod-b", "10.0.22.2/24", "pb"),
-        ] {
+        for (ns, addr, dev) in WG_ADDRESSES {
             let _ = run(Some(ns), &["ip", "addr", "del", addr, "dev", dev]);
         }
     }
