@@ -204,6 +204,10 @@ impl ProviderClient {
                 // The provider's own timeout, with its reason.
                 tonic::Code::DeadlineExceeded if !s.message().is_empty() => self.status(s),
                 tonic::Code::DeadlineExceeded => self.timeout(wait),
+                // tonic's own client-side deadline (the grpc-timeout set
+                // above) ends the call as CANCELLED with a `TimeoutExpired`
+                // source; that is our timeout, not the provider's doing.
+                tonic::Code::Cancelled if is_client_deadline(&s) => self.timeout(wait),
                 // The call ended early, not at the deadline: the provider
                 // dropped it (it stopped, or crashed) before answering.
                 tonic::Code::Cancelled => ClientError::Status {
@@ -235,4 +239,17 @@ impl ProviderClient {
             source,
         })
     }
+}
+
+/// Whether tonic ended the call at its client-side deadline: its status is
+/// CANCELLED with a [`tonic::TimeoutExpired`] in the source chain.
+fn is_client_deadline(status: &tonic::Status) -> bool {
+    let mut source = std::error::Error::source(status);
+    while let Some(e) = source {
+        if e.is::<tonic::TimeoutExpired>() {
+            return true;
+        }
+        source = e.source();
+    }
+    false
 }

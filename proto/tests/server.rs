@@ -188,6 +188,26 @@ async fn a_missing_provider_is_unavailable() {
     assert_eq!(e.reason(), "unavailable", "{e}");
 }
 
+/// A provider process that stopped (SIGSTOP, a hung runtime): its socket
+/// accepts connections and nothing answers. The client must report its own
+/// deadline as a timeout, not as a request the provider dropped.
+#[tokio::test]
+async fn a_provider_that_never_answers_is_a_timeout() {
+    let path = temp_socket("silent");
+    let _listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+    let client = ProviderClient::new(&path, None);
+    let mut req = request("10.0.1.2:40000");
+    req.timeout = Duration::from_millis(300);
+    let started = std::time::Instant::now();
+    let e = client.keys(&req).await.unwrap_err();
+    assert_eq!(e.reason(), "timeout", "{e:?}");
+    assert!(
+        matches!(e, ClientError::Timeout { millis: 300, .. }),
+        "{e:?}"
+    );
+    assert!(started.elapsed() >= Duration::from_millis(290), "{e:?}");
+}
+
 #[test]
 fn stale_sockets_are_replaced_and_other_files_are_not() {
     let path = temp_socket("stale");
