@@ -69,6 +69,12 @@ pub struct Stats {
     /// `TCP_ZEROCOPY_RECEIVE` calls refused on gated or kTLS sockets
     /// (counted by BPF).
     pub zerocopy_receive_refused: u64,
+    /// Connections whose app the gate answered `EAGAIN` (non-blocking
+    /// socket, keys not in yet) at least once, instead of stopping it.
+    pub gate_waits: u64,
+    /// Calls on non-blocking sockets the gate answered `EAGAIN`, retries
+    /// included (counted by BPF).
+    pub gate_eagain: u64,
     /// Entries in the pending table now.
     pub pending: usize,
     /// Held processes the core is tracking now.

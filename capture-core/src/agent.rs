@@ -60,6 +60,8 @@ pub struct Agent {
     keylog: Option<keying::KeyLog>,
     /// See [`crate::config::KtlsSection::send_buffer_floor`].
     send_buffer_floor: u32,
+    /// Whether the gate was seen to know kTLS's receive method.
+    gate_knows_ktls: bool,
 }
 
 impl std::fmt::Debug for Agent {
@@ -121,6 +123,7 @@ impl Agent {
         let table = ConnTable::new(config.failure_policy, metrics.clone());
         let mut agent = Self {
             send_buffer_floor,
+            gate_knows_ktls: false,
             config,
             config_path,
             programs,
@@ -311,6 +314,10 @@ impl Agent {
             .dec();
         // The socket duplicate is dropped when the table is done with it.
         self.table.on_outcome(&mut self.programs, outcome);
+        if !self.gate_knows_ktls && self.programs.knows_ktls() {
+            self.gate_knows_ktls = true;
+            info!("the gate learned kTLS's receive method from the first keyed socket");
+        }
     }
 
     /// At shutdown the programs stay attached (pinned): connections still
@@ -574,6 +581,12 @@ impl Agent {
                 tlshub_ebpf::stat::ZEROCOPY_RECEIVE_REFUSED,
                 &mut stats.zerocopy_receive_refused,
                 &self.metrics.zerocopy_receive_refused,
+                None,
+            ),
+            (
+                tlshub_ebpf::stat::GATE_EAGAIN,
+                &mut stats.gate_eagain,
+                &self.metrics.gate_eagain,
                 None,
             ),
         ] {

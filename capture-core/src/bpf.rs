@@ -143,6 +143,7 @@ pub struct Programs {
     rule_ports: HashMap<MapData, PortKey, u8>,
     stats: Array<MapData, u64>,
     control: Array<MapData, Control>,
+    ktls_recvmsg: Array<MapData, u64>,
     /// Processes never held.
     pub exempt: Exempt,
     /// Where programs and maps are pinned.
@@ -445,6 +446,7 @@ impl Programs {
             peer_nets: take(&mut ebpf, names::PEER_NETS)?,
             rule_ports: take(&mut ebpf, names::RULE_PORTS)?,
             stats: take(&mut ebpf, names::STATS)?,
+            ktls_recvmsg: take(&mut ebpf, names::KTLS_RECVMSG)?,
             exempt: Exempt(Arc::new(Mutex::new(take(&mut ebpf, names::EXEMPT)?))),
             attached,
             opened: std::collections::VecDeque::new(),
@@ -648,6 +650,13 @@ impl Programs {
         self.stats.get(&index, 0).unwrap_or(0)
     }
 
+    /// Whether the gate learned kTLS's receive method (from the first
+    /// socket keyed), so that it counts a socket as open once its receive
+    /// keys are in (see `ktls_on()` in the BPF source).
+    pub fn knows_ktls(&self) -> bool {
+        self.ktls_recvmsg.get(&0, 0).is_ok_and(|m| m != 0)
+    }
+
     /// Events lost to a full ring buffer.
     pub fn ringbuf_drops(&self) -> u64 {
         self.stat(stat::RINGBUF_DROPS)
@@ -681,7 +690,13 @@ impl crate::state::Kernel for Programs {
     }
 
     fn open_gate(&mut self, cookie: u64, socket: &Self::Socket) -> Result<(), BpfError> {
-        Programs::open_gate(self, cookie, socket)
+        Programs::open_gate(self, cookie, socket)?;
+        // An event loop the gate told EAGAIN waits for readiness that
+        // opening the gate does not signal.
+        if let Err(e) = crate::sys::wake_waiters(std::os::fd::AsFd::as_fd(socket)) {
+            tracing::debug!(cookie, error = %e, "cannot wake the socket's waiters");
+        }
+        Ok(())
     }
 
     fn set_gate(&mut self, cookie: u64, state: u32) -> Result<bool, BpfError> {

@@ -105,6 +105,10 @@ pub struct Metrics {
     pub repair_refused: Counter,
     /// `TCP_ZEROCOPY_RECEIVE` refused on gated or kTLS sockets.
     pub zerocopy_receive_refused: Counter,
+    /// Connections whose app the gate answered EAGAIN instead of stopping.
+    pub gate_waits: Counter,
+    /// Calls the gate answered EAGAIN, retries included.
+    pub gate_eagain: Counter,
     /// `/proc/net/tls_stat` summed over the network namespaces of the
     /// connections this core protects.
     pub ktls: Family<TlsStatLabel, Gauge>,
@@ -142,6 +146,8 @@ impl Metrics {
             fin_deferred: Counter::default(),
             repair_refused: Counter::default(),
             zerocopy_receive_refused: Counter::default(),
+            gate_waits: Counter::default(),
+            gate_eagain: Counter::default(),
             ktls: Family::default(),
             registry: Registry::default(),
         };
@@ -249,6 +255,16 @@ impl Metrics {
             "gate_zerocopy_receive_refused",
             "TCP_ZEROCOPY_RECEIVE calls refused with EOPNOTSUPP on selected sockets before keys and on kTLS sockets",
             m.zerocopy_receive_refused.clone(),
+        );
+        registry.register(
+            "gate_waits",
+            "Selected connections whose app (a non-blocking socket) the gate answered EAGAIN before its keys were in, instead of stopping it",
+            m.gate_waits.clone(),
+        );
+        registry.register(
+            "gate_eagain",
+            "Calls on non-blocking selected sockets the gate answered EAGAIN, retries included (a level-triggered event loop retries until the keys are in)",
+            m.gate_eagain.clone(),
         );
         registry.register(
             "ktls_sockets",

@@ -135,6 +135,9 @@ fn release_open(programs: &mut Programs, config: &Config, done: &mut Released) {
     // From now on the gate applies the failure policy itself: a heartbeat
     // of 0 means no core.
     programs.no_core(fail_open);
+    // Its shutdown() of a connection it cannot reset must pass the gate's
+    // terminal state (see apply_failure).
+    programs.exempt.add(std::process::id());
     let conns = programs.all_conns();
     for (cookie, conn) in &conns {
         if conn.gate != gate::CLOSED {

@@ -182,10 +182,16 @@ pub fn apply_failure<K: Kernel>(
             Err(e) => {
                 // E.g. EOPNOTSUPP: current kernels refuse to disconnect a
                 // socket with the tls ULP. The gate's terminal state fails
-                // every call of the app instead; shutdown() sends the peer
-                // a FIN so that it does not wait for data either.
+                // every call of the app instead; shutdown() then sends the
+                // peer a FIN so that it does not wait for data either, and
+                // wakes every waiter on the socket (an event loop the gate
+                // told EAGAIN) to find the terminal state. In this order:
+                // a waiter woken before the state is set would be told
+                // EAGAIN again and never woken. The gate lets the exempt
+                // caller's shutdown() through the terminal state.
+                let failed = terminal_gate(k, cookie, &e.to_string());
                 k.shutdown(s);
-                terminal_gate(k, cookie, &e.to_string())
+                failed
             }
         },
         // No handle on the socket: it cannot be reset, so the gate fails
@@ -521,6 +527,19 @@ impl ConnTable {
                 );
                 self.owner_from_hold(k, ev.cookie, ev.pid);
             }
+            kind::WAITING => {
+                // Nobody is stopped: the app was told EAGAIN and waits for
+                // readiness, which kTLS (readers) and the core's wakeup
+                // after opening the gate (writers) give it.
+                self.stats.gate_waits += 1;
+                self.metrics.gate_waits.inc();
+                debug!(
+                    cookie = ev.cookie,
+                    pid = ev.pid,
+                    "gate answered EAGAIN (non-blocking socket)"
+                );
+                self.owner_from_hold(k, ev.cookie, ev.pid);
+            }
             kind::CLOSED => {
                 self.held_cookies.remove(&ev.cookie);
                 self.protected.remove(&ev.cookie);
@@ -551,8 +570,8 @@ impl ConnTable {
         Some(p)
     }
 
-    /// The gate held `pid` on connection `cookie`: the process holds the
-    /// socket, so it is where keying looks for it when no owner is known
+    /// The gate held `pid` on connection `cookie`, or answered it EAGAIN:
+    /// the process holds the socket, so it is where keying looks for it when no owner is known
     /// (no OWNER event: connected or accepted through io_uring or the
     /// 32-bit entry points, or the OWNER event was lost) or the known one
     /// no longer has it (closed its fd after fork, passed it on). A hold on

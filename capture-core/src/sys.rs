@@ -1,7 +1,7 @@
 //! The system calls the core makes on application sockets: kTLS
-//! installation, reset, and signals. rustix makes most of them; the
-//! core's only `unsafe`, here, is the `setsockopt` of the kTLS structs
-//! (and of `TCP_ULP`), which it does not cover.
+//! installation, wakeups, reset, and signals. rustix makes most of them;
+//! the core's only `unsafe`, here, is `setsockopt`/`getsockopt` of what it
+//! does not cover (the kTLS structs, `TCP_ULP`, the two low-water marks).
 
 use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd};
@@ -79,6 +79,43 @@ fn setsockopt_raw<T>(
     } else {
         Err(io::Error::last_os_error())
     }
+}
+
+fn getsockopt_int(fd: BorrowedFd<'_>, level: libc::c_int, name: libc::c_int) -> io::Result<i32> {
+    let mut value: libc::c_int = 0;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: value and len are live locals of the sizes passed; the kernel
+    // writes at most len bytes.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd.as_raw_fd(),
+            level,
+            name,
+            (&mut value as *mut libc::c_int).cast(),
+            &mut len,
+        )
+    };
+    if rc == 0 {
+        Ok(value)
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// Wakes whoever waits for readiness on the socket, after its gate opened:
+/// an event loop that the gate answered `EAGAIN` waits for an event that
+/// kTLS installation does not give by itself. Each option is written back
+/// with the value it has, which changes nothing but calls the socket's
+/// callback:
+/// - `TCP_NOTSENT_LOWAT` calls `sk_write_space`: writers (`EPOLLOUT`);
+/// - `SO_RCVLOWAT` calls `sk_data_ready` if data is waiting: readers of a
+///   connection let through in plaintext. (With kTLS, installing the
+///   receive key already woke a reader for a queued record.)
+pub fn wake_waiters(fd: BorrowedFd<'_>) -> io::Result<()> {
+    let notsent = getsockopt_int(fd, libc::IPPROTO_TCP, libc::TCP_NOTSENT_LOWAT)?;
+    setsockopt_raw(fd, libc::IPPROTO_TCP, libc::TCP_NOTSENT_LOWAT, &notsent)?;
+    let rcvlowat = getsockopt_int(fd, libc::SOL_SOCKET, libc::SO_RCVLOWAT)?;
+    setsockopt_raw(fd, libc::SOL_SOCKET, libc::SO_RCVLOWAT, &rcvlowat)
 }
 
 fn set_direction(
@@ -161,6 +198,11 @@ pub fn install_ktls(
         .map_err(|e| (KtlsStep::Transmit, e))?;
     set_direction(fd, TLS_RX, keys.version, keys.cipher_suite, &keys.receive)
         .map_err(|e| (KtlsStep::Receive, e))?;
+    // Shows the gate what kTLS's receive method is: its getsockopt hook
+    // records it from the first socket asked (the answer itself, and an
+    // EINVAL for the short buffer, do not matter). The gate then counts a
+    // socket as open from the moment its receive keys are in.
+    let _ = getsockopt_int(fd, SOL_TLS, TLS_RX);
     Ok(())
 }
 
@@ -179,12 +221,8 @@ pub fn shutdown_both(fd: BorrowedFd<'_>) -> io::Result<()> {
 
 /// Sends SIGCONT to a process.
 pub fn continue_process(pid: u32) -> io::Result<()> {
-    let pid = i32::try_from(pid)
-        .ok()
-        .and_then(rustix::process::Pid::from_raw)
-        .ok_or_else(|| io::Error::from_raw_os_error(libc::ESRCH))?;
     Ok(rustix::process::kill_process(
-        pid,
+        tlshub_provider_sdk::socket::pid(pid)?,
         rustix::process::Signal::CONT,
     )?)
 }
@@ -220,6 +258,28 @@ mod tests {
         assert_eq!(info.salt, [0, 1, 2, 3]);
         assert_eq!(info.iv, [4, 5, 6, 7, 8, 9, 10, 11]);
         assert_eq!(info.rec_seq, [0, 0, 0, 0, 0, 0, 0, 1]);
+    }
+
+    #[test]
+    fn waking_waiters_changes_no_option() {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let c = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let fd = c.as_fd();
+        let get = |level, name| getsockopt_int(fd, level, name).unwrap();
+        let before = [
+            get(libc::IPPROTO_TCP, libc::TCP_NOTSENT_LOWAT),
+            get(libc::SOL_SOCKET, libc::SO_RCVLOWAT),
+            get(libc::SOL_SOCKET, libc::SO_RCVBUF),
+            get(libc::SOL_SOCKET, libc::SO_SNDBUF),
+        ];
+        wake_waiters(fd).unwrap();
+        let after = [
+            get(libc::IPPROTO_TCP, libc::TCP_NOTSENT_LOWAT),
+            get(libc::SOL_SOCKET, libc::SO_RCVLOWAT),
+            get(libc::SOL_SOCKET, libc::SO_RCVBUF),
+            get(libc::SOL_SOCKET, libc::SO_SNDBUF),
+        ];
+        assert_eq!(before, after);
     }
 
     #[test]

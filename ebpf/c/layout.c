@@ -27,6 +27,7 @@ int main(void)
 	O(tlshub_conn, est);
 	O(tlshub_conn, owner_pid);
 	O(tlshub_conn, owner_fd);
+	O(tlshub_conn, waiting_pid);
 	S(tlshub_held);
 	O(tlshub_held, since_ns);
 	S(tlshub_control);
@@ -43,5 +44,8 @@ int main(void)
 	V(TLSHUB_MARK_REPAIR);
 	V(TLSHUB_MARK_REFUSED);
 	V(TLSHUB_MARK_OPEN);
+	V(TLSHUB_EV_WAITING);
+	V(TLSHUB_STAT_GATE_EAGAIN);
+	V(TLSHUB_STAT_MAX);
 	return 0;
 }

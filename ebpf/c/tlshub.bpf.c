@@ -51,6 +51,11 @@ char LICENSE[] SEC("license") = "GPL";
 #define SOL_TCP 6
 #define TCP_REPAIR 19
 #define TCP_ZEROCOPY_RECEIVE 35
+#define TCP_ULP 31
+#define SOL_TLS 282
+#define TLS_RX 2
+#define EAGAIN 11
+#define O_NONBLOCK 04000
 
 #define __pai __attribute__((preserve_access_index))
 
@@ -65,10 +70,16 @@ struct inode {
 struct file {
 	struct inode *f_inode;
 	void *private_data;
+	unsigned int f_flags;
 } __pai;
 
 struct in6_addr {
 	__u8 s6_addr[16];
+} __pai;
+
+/* Only the method kTLS replaces when receive keys go in; see ktls_on(). */
+struct proto {
+	void *recvmsg;
 } __pai;
 
 struct sock_common {
@@ -81,6 +92,7 @@ struct sock_common {
 	struct in6_addr skc_v6_daddr;
 	struct in6_addr skc_v6_rcv_saddr;
 	tlshub_atomic64_t skc_cookie;
+	struct proto *skc_prot;
 } __pai;
 
 struct sock {
@@ -207,6 +219,15 @@ struct {
 	__uint(type, BPF_MAP_TYPE_RINGBUF);
 	__uint(max_entries, 1 << 20);
 } events SEC(".maps");
+
+/* kTLS's receive method (`tls_sw_recvmsg`), learned from a socket the core
+ * installed kTLS on; 0 until then. See ktls_on(). */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__type(key, __u32);
+	__type(value, __u64);
+	__uint(max_entries, 1);
+} ktls_recvmsg SEC(".maps");
 
 /* ---- helpers ---- */
 
@@ -524,6 +545,66 @@ int BPF_PROG(tlshub_exit_accept, const struct pt_regs *regs, long ret)
 
 /* ---- the gate ---- */
 
+/* Whether the socket has the tls ULP (kTLS installed or being installed). */
+static __always_inline int has_tls_ulp(struct sock *sk)
+{
+	const struct tcp_ulp_ops *ops =
+		BPF_CORE_READ((struct inet_connection_sock *)sk, icsk_ulp_ops);
+	char name[4] = {};
+	if (!ops || bpf_probe_read_kernel(name, sizeof(name), &ops->name))
+		return 0;
+	return name[0] == 't' && name[1] == 'l' && name[2] == 's' && name[3] == 0;
+}
+
+static __always_inline int exempt_process(__u32 tgid);
+
+/* Whether the core's kTLS installation is complete: the socket's receive
+ * method is kTLS's. kTLS swaps sk_prot when each direction's keys go in;
+ * the core installs TX first and RX last, and nobody else may install
+ * kTLS on a gated socket (see the setsockopt hook), so kTLS's recvmsg
+ * means both directions are on.
+ *
+ * Why the gate needs it: installing RX wakes a reader that waits for a
+ * full record already queued, from inside the TLS_RX setsockopt, before
+ * the core can open the gate. A non-blocking reader that wakes then and is
+ * told EAGAIN again gets no second wakeup (kTLS signals a parsed record
+ * once). So a closed gate counts as open from the moment kTLS is on.
+ *
+ * Why the exact method and not "other than TCP's": a socket in a sockmap
+ * (another BPF user, such as a sidecar accelerator) has TCP's methods
+ * replaced already, and the tls ULP alone, before any key, would then
+ * look like kTLS and open the gate to plaintext sends. The address of
+ * tls_sw_recvmsg is learned from the first socket the core installed
+ * (learn_ktls_recvmsg()); until then this says no, which only leaves that
+ * reader's race open. */
+static __always_inline int ktls_on(struct sock *sk)
+{
+	__u32 zero = 0;
+	__u64 *known = bpf_map_lookup_elem(&ktls_recvmsg, &zero);
+	if (!known || !*known)
+		return 0;
+	struct proto *prot = BPF_CORE_READ(sk, __sk_common.skc_prot);
+	return prot && (__u64)BPF_CORE_READ(prot, recvmsg) == *known;
+}
+
+/* The core asks `getsockopt(SOL_TLS, TLS_RX)` on each socket right after
+ * it installed kTLS on it: the first time, the socket's receive method
+ * (kTLS's) is recorded for ktls_on(). Only exempt callers (the core, the
+ * providers) and sockets with the tls ULP count. */
+static __always_inline void learn_ktls_recvmsg(struct sock *sk)
+{
+	__u32 zero = 0;
+	__u64 *known = bpf_map_lookup_elem(&ktls_recvmsg, &zero);
+	if (!known || *known || !has_tls_ulp(sk))
+		return;
+	if (!exempt_process(bpf_get_current_pid_tgid() >> 32))
+		return;
+	struct proto *prot = BPF_CORE_READ(sk, __sk_common.skc_prot);
+	if (prot)
+		*known = (__u64)BPF_CORE_READ(prot, recvmsg);
+}
+
+
 /* Whether the calling process is the one the core exempted under this
  * pid: the entry holds the process's start time (/proc/PID/stat field 22,
  * USER_HZ ticks since boot, from the group leader's start_boottime), so a
@@ -539,17 +620,42 @@ static __always_inline int exempt_process(__u32 tgid)
 	return boot_ns / TLSHUB_NS_PER_USER_HZ_TICK == *start;
 }
 
-/* Holds the calling process if the connection's gate is closed: reports
- * it (HELD event), stops its thread group with SIGSTOP and makes the system
- * call restart (-ERESTARTSYS) once it is continued, so the same call runs
- * again after the keys are in and no byte moved in between.
+/* Whether no core is alive: it never beat, or its last heartbeat is older
+ * than the grace. The heartbeat is read once, before the clock: the core
+ * writes it concurrently, and a heartbeat written after the clock was read
+ * is newer than "now"; subtracting it would wrap around to a huge age and
+ * fail a live core's connections (a level-triggered event loop retrying
+ * on EAGAIN calls the gate often enough to hit that window). */
+static __always_inline int core_gone(struct tlshub_control *ctl)
+{
+	__u64 beat = *(volatile __u64 *)&ctl->heartbeat_ns;
+	if (beat == 0)
+		return 1;
+	__u64 now = bpf_ktime_get_ns();
+	return now > beat && now - beat > ctl->grace_ns;
+}
+
+/* What the gate does with a call on a connection whose gate is closed:
+ *
+ * - A non-blocking socket (O_NONBLOCK on its file, as event loops set it)
+ *   is answered EAGAIN and nobody is stopped: the app waits for readiness
+ *   as for any socket. The first such answer per connection is reported
+ *   (WAITING event) so the core can find the socket in that process if it
+ *   knows no owner. The core wakes waiting writers after it opens the gate
+ *   (kTLS installation does not); readers are woken by kTLS itself when a
+ *   record is ready, and ktls_on() makes sure they find the gate open.
+ *
+ * - Any other call holds the calling process: it is reported (HELD
+ *   event), its thread group is stopped with SIGSTOP and the system call
+ *   restarts (-ERESTARTSYS) once it is continued, so the same call runs
+ *   again after the keys are in and no byte moved in between.
  *
  * Why nothing stays stopped: the core learns of every hold from the HELD
  * event (or, if the ring buffer is full, from the `held` map written here
  * instead) and keeps continuing a stopped process until its connection is
  * no longer pending. An event that is read before the signal takes effect
  * is therefore harmless: the next sweep continues the process again. */
-static __always_inline int gate(__u64 cookie)
+static __always_inline int gate(struct sock *sk, __u64 cookie, int nonblock)
 {
 	struct tlshub_conn *c = bpf_map_lookup_elem(&conns, &cookie);
 	/* Marked but no longer tracked: the connection ended (TCP_CLOSE, e.g.
@@ -567,7 +673,7 @@ static __always_inline int gate(__u64 cookie)
 	 * provider has business on such a socket. */
 	if (c->gate == TLSHUB_GATE_RESET)
 		return -ECONNRESET;
-	if (c->gate != TLSHUB_GATE_CLOSED)
+	if (c->gate != TLSHUB_GATE_CLOSED || ktls_on(sk))
 		return 0;
 	__u32 tgid = bpf_get_current_pid_tgid() >> 32;
 	if (exempt_process(tgid))
@@ -577,10 +683,26 @@ static __always_inline int gate(__u64 cookie)
 	 * nobody to continue it, so apply the failure policy here instead. */
 	__u32 zero = 0;
 	struct tlshub_control *ctl = bpf_map_lookup_elem(&control, &zero);
-	if (ctl && ctl->no_core != TLSHUB_NO_CORE_HOLD &&
-	    (ctl->heartbeat_ns == 0 || bpf_ktime_get_ns() - ctl->heartbeat_ns > ctl->grace_ns)) {
+	if (ctl && ctl->no_core != TLSHUB_NO_CORE_HOLD && core_gone(ctl)) {
 		stat_inc(TLSHUB_STAT_NO_CORE_REFUSALS);
 		return ctl->no_core == TLSHUB_NO_CORE_PASS ? 0 : -ECONNRESET;
+	}
+	if (nonblock) {
+		stat_inc(TLSHUB_STAT_GATE_EAGAIN);
+		/* Once per connection (a level-triggered loop retries thousands
+		 * of times a second); two threads racing here report twice,
+		 * which the core tolerates. */
+		if (!c->waiting_pid) {
+			c->waiting_pid = tgid;
+			struct tlshub_event wait = {
+				.kind = TLSHUB_EV_WAITING,
+				.role = c->role,
+				.cookie = cookie,
+				.pid = tgid,
+			};
+			emit(&wait);
+		}
+		return -EAGAIN;
 	}
 	struct tlshub_event ev = {
 		.kind = TLSHUB_EV_HELD,
@@ -602,16 +724,27 @@ static __always_inline int gate(__u64 cookie)
 /* The gate for a socket's mark: refused for good (conns was full, or
  * repair mode; see track()), the connection's gate, or nothing (a mark
  * with no cookie is a repair-mode socket that was never selected). */
-static __always_inline int gate_mark(struct tlshub_sk_mark *mark)
+static __always_inline int gate_mark(struct sock *sk, struct tlshub_sk_mark *mark, int nonblock)
 {
 	if (mark->flags & TLSHUB_MARK_REFUSED)
 		return -ECONNRESET;
 	if (!mark->cookie)
 		return 0;
-	return gate(mark->cookie);
+	return gate(sk, mark->cookie, nonblock);
 }
 
-static __always_inline int gate_socket(struct socket *sock)
+/* Whether the app made this socket non-blocking (an event loop's socket):
+ * then the gate answers EAGAIN instead of stopping it. Only the file's
+ * flag counts, not a call's MSG_DONTWAIT: io_uring issues every request
+ * on a blocking socket with MSG_DONTWAIT first and, told EAGAIN, polls and
+ * retries, which would spin for as long as the gate is closed. */
+static __always_inline int socket_nonblocking(struct socket *sock)
+{
+	struct file *file = sock->file;
+	return file && (file->f_flags & O_NONBLOCK);
+}
+
+static __always_inline int gate_socket(struct socket *sock, int nonblock)
 {
 	if (!sock)
 		return 0;
@@ -621,7 +754,7 @@ static __always_inline int gate_socket(struct socket *sock)
 	struct tlshub_sk_mark *mark = bpf_sk_storage_get(&sk_marks, sk, 0, 0);
 	if (!mark)
 		return 0;
-	return gate_mark(mark);
+	return gate_mark(sk, mark, nonblock);
 }
 
 /* TCP Fast Open would put data on the wire before the gate can hold it:
@@ -705,7 +838,7 @@ int BPF_PROG(tlshub_gate_sendmsg, struct socket *sock, struct msghdr *msg, int s
 		return 0;
 	struct tlshub_sk_mark *mark = bpf_sk_storage_get(&sk_marks, sk, 0, 0);
 	if (mark_gates(mark))
-		return gate_mark(mark);
+		return gate_mark(sk, mark, socket_nonblocking(sock));
 	return fastopen_refused(sk, msg);
 }
 
@@ -714,7 +847,7 @@ int BPF_PROG(tlshub_gate_recvmsg, struct socket *sock, void *msg, int size, int 
 {
 	if (ret)
 		return ret;
-	return gate_socket(sock);
+	return gate_socket(sock, socket_nonblocking(sock));
 }
 
 /* read()/write() and friends, sendfile() and splice() on socket files.
@@ -733,18 +866,29 @@ int BPF_PROG(tlshub_gate_file, struct file *file, int mask, int ret)
 		return 0;
 	if (!(mask & (MAY_READ | MAY_WRITE)))
 		return 0;
-	return gate_socket(bpf_sock_from_file(file));
+	return gate_socket(bpf_sock_from_file(file), file->f_flags & O_NONBLOCK);
 }
 
 /* shutdown() before keys would send a FIN that ends the connection the
  * providers are about to key (the peer's socket goes to CLOSE_WAIT, where
- * the kernel refuses the tls ULP), so it is held like a send. */
+ * the kernel refuses the tls ULP), so it is held like a send. Held even
+ * on a non-blocking socket: shutdown() has no EAGAIN that apps expect. */
 SEC("lsm/socket_shutdown")
 int BPF_PROG(tlshub_gate_shutdown, struct socket *sock, int how, int ret)
 {
 	if (ret)
 		return ret;
-	return gate_socket(sock);
+	struct sock *sk = sock->sk;
+	if (!sk)
+		return 0;
+	struct tlshub_sk_mark *mark = bpf_sk_storage_get(&sk_marks, sk, 0, 0);
+	if (!mark_gates(mark))
+		return 0;
+	/* The core's shutdown() of a connection it could not reset runs after
+	 * it set the terminal state, which refuses everyone else. */
+	if (exempt_process(bpf_get_current_pid_tgid() >> 32))
+		return 0;
+	return gate_mark(sk, mark, 0);
 }
 
 /* A peer's FIN that arrives before this side's keys would put the socket
@@ -822,18 +966,25 @@ int tlshub_defer_fin(struct __sk_buff *skb)
  * socket's sequence numbers and connect without a handshake. On a
  * selected socket it is refused (EPERM); a socket that enters it before it
  * connects is marked, and if it then connects to a selected peer it is
- * refused for good (see track()). Other sockets are untouched. */
+ * refused for good (see track()). Other sockets are untouched.
+ *
+ * The tls ULP and kTLS keys (TCP_ULP, SOL_TLS) on a socket under the gate
+ * are the core's to install: anyone else is refused (EPERM), since the
+ * gate opens once kTLS is on (see ktls_on()). */
 SEC("lsm/socket_setsockopt")
 int BPF_PROG(tlshub_gate_setsockopt, struct socket *sock, int level, int optname, int ret)
 {
 	if (ret)
 		return ret;
-	if (level != SOL_TCP || optname != TCP_REPAIR)
+	int ktls = (level == SOL_TCP && optname == TCP_ULP) || level == SOL_TLS;
+	if (!ktls && (level != SOL_TCP || optname != TCP_REPAIR))
 		return 0;
 	struct sock *sk = sock->sk;
 	if (!sk)
 		return 0;
 	struct tlshub_sk_mark *mark = bpf_sk_storage_get(&sk_marks, sk, 0, 0);
+	if (ktls)
+		return mark_gates(mark) && !exempt_process(bpf_get_current_pid_tgid() >> 32) ? -EPERM : 0;
 	if (mark && mark->cookie)
 		return -EPERM;
 	mark = bpf_sk_storage_get(&sk_marks, sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
@@ -841,17 +992,6 @@ int BPF_PROG(tlshub_gate_setsockopt, struct socket *sock, int level, int optname
 		return -EPERM;
 	mark->flags |= TLSHUB_MARK_REPAIR;
 	return 0;
-}
-
-/* Whether the socket has the tls ULP (kTLS installed or being installed). */
-static __always_inline int has_tls_ulp(struct sock *sk)
-{
-	const struct tcp_ulp_ops *ops =
-		BPF_CORE_READ((struct inet_connection_sock *)sk, icsk_ulp_ops);
-	char name[4] = {};
-	if (!ops || bpf_probe_read_kernel(name, sizeof(name), &ops->name))
-		return 0;
-	return name[0] == 't' && name[1] == 'l' && name[2] == 's' && name[3] == 0;
 }
 
 /* TCP_ZEROCOPY_RECEIVE maps the TCP receive queue into the app's memory:
@@ -864,10 +1004,14 @@ int BPF_PROG(tlshub_gate_getsockopt, struct socket *sock, int level, int optname
 {
 	if (ret)
 		return ret;
-	if (level != SOL_TCP || optname != TCP_ZEROCOPY_RECEIVE)
-		return 0;
 	struct sock *sk = sock->sk;
 	if (!sk)
+		return 0;
+	if (level == SOL_TLS && optname == TLS_RX) {
+		learn_ktls_recvmsg(sk);
+		return 0;
+	}
+	if (level != SOL_TCP || optname != TCP_ZEROCOPY_RECEIVE)
 		return 0;
 	struct tlshub_sk_mark *mark = bpf_sk_storage_get(&sk_marks, sk, 0, 0);
 	if (mark_gates(mark) || has_tls_ulp(sk)) {

@@ -11,6 +11,8 @@
 #define TLSHUB_EV_OWNER 2       /* connect()/accept() returned its fd in pid */
 #define TLSHUB_EV_HELD 3        /* the gate stopped pid on a closed socket */
 #define TLSHUB_EV_CLOSED 4      /* the selected socket reached TCP_CLOSE */
+#define TLSHUB_EV_WAITING 5     /* the gate answered EAGAIN to pid (non-blocking
+                                 * socket); once per connection */
 
 #define TLSHUB_ROLE_CLIENT 1
 #define TLSHUB_ROLE_SERVER 2
@@ -47,7 +49,8 @@ struct tlshub_control {
 #define TLSHUB_STAT_FIN_DEFERRED 5 /* peer FINs dropped while the gate was closed */
 #define TLSHUB_STAT_REPAIR_REFUSED 6 /* repair-mode sockets to selected peers refused */
 #define TLSHUB_STAT_ZEROCOPY_RECEIVE_REFUSED 7 /* TCP_ZEROCOPY_RECEIVE on gated or kTLS sockets */
-#define TLSHUB_STAT_MAX 8
+#define TLSHUB_STAT_GATE_EAGAIN 8 /* calls on non-blocking sockets answered EAGAIN */
+#define TLSHUB_STAT_MAX 9
 
 struct tlshub_event {
 	__u32 kind;
@@ -77,6 +80,10 @@ struct tlshub_conn {
 	struct tlshub_event est;
 	__u32 owner_pid;
 	__s32 owner_fd;
+	/* The first process the gate answered EAGAIN (0: none yet); set by
+	 * the gate so that it reports a waiting connection only once. */
+	__u32 waiting_pid;
+	__u32 pad;
 };
 
 /* Per held process, keyed by tgid. */

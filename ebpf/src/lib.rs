@@ -53,10 +53,22 @@ pub mod names {
     pub const CONTROL: &str = "control";
     /// Socket-local storage marks.
     pub const SK_MARKS: &str = "sk_marks";
+    /// kTLS's receive method, learned from the first socket the core keyed.
+    pub const KTLS_RECVMSG: &str = "ktls_recvmsg";
     /// Every map of the object (all are pinned, so a restarted core and the
     /// programs still attached share them).
-    pub const MAPS: [&str; 10] = [
-        CONNS, HELD, EXEMPT, LOCAL_NETS, PEER_NETS, RULE_PORTS, STATS, EVENTS, CONTROL, SK_MARKS,
+    pub const MAPS: [&str; 11] = [
+        CONNS,
+        HELD,
+        EXEMPT,
+        LOCAL_NETS,
+        PEER_NETS,
+        RULE_PORTS,
+        STATS,
+        EVENTS,
+        CONTROL,
+        SK_MARKS,
+        KTLS_RECVMSG,
     ];
 }
 
@@ -70,6 +82,9 @@ pub mod kind {
     pub const HELD: u32 = 3;
     /// The socket reached TCP_CLOSE.
     pub const CLOSED: u32 = 4;
+    /// The gate answered `EAGAIN` to a process on a non-blocking socket
+    /// (nobody stopped); reported once per connection.
+    pub const WAITING: u32 = 5;
 }
 
 /// Roles (`TLSHUB_ROLE_*`).
@@ -122,6 +137,11 @@ pub mod stat {
     pub const REPAIR_REFUSED: u32 = 6;
     /// `TCP_ZEROCOPY_RECEIVE` refused on a gated or kTLS socket.
     pub const ZEROCOPY_RECEIVE_REFUSED: u32 = 7;
+    /// Calls on non-blocking sockets the gate answered `EAGAIN` (every
+    /// retry counts: a level-triggered loop retries until the keys are in).
+    pub const GATE_EAGAIN: u32 = 8;
+    /// Length of the `stats` array.
+    pub const COUNT: u32 = 9;
 }
 
 /// `TLSHUB_NO_CORE_*`: what the gate does while no core is alive.
@@ -247,6 +267,10 @@ pub struct Conn {
     pub owner_pid: u32,
     /// The owner's fd at connect/accept.
     pub owner_fd: i32,
+    /// The first process the gate answered `EAGAIN` (0: none yet).
+    pub waiting_pid: u32,
+    /// Padding.
+    pub pad: u32,
 }
 
 /// `struct tlshub_held`.
@@ -343,6 +367,7 @@ mod tests {
         assert_eq!(offset_of!(Conn, est), OFF_tlshub_conn_est);
         assert_eq!(offset_of!(Conn, owner_pid), OFF_tlshub_conn_owner_pid);
         assert_eq!(offset_of!(Conn, owner_fd), OFF_tlshub_conn_owner_fd);
+        assert_eq!(offset_of!(Conn, waiting_pid), OFF_tlshub_conn_waiting_pid);
         assert_eq!(size_of::<Control>(), SIZE_tlshub_control);
         assert_eq!(offset_of!(Control, no_core), OFF_tlshub_control_no_core);
         assert_eq!(size_of::<Held>(), SIZE_tlshub_held);
@@ -360,6 +385,10 @@ mod tests {
         assert_eq!(
             [mark::REPAIR, mark::REFUSED, mark::OPEN],
             [TLSHUB_MARK_REPAIR, TLSHUB_MARK_REFUSED, TLSHUB_MARK_OPEN]
+        );
+        assert_eq!(
+            [kind::WAITING, stat::GATE_EAGAIN, stat::COUNT],
+            [TLSHUB_EV_WAITING, TLSHUB_STAT_GATE_EAGAIN, TLSHUB_STAT_MAX]
         );
     }
 

@@ -10,13 +10,21 @@ use rustix::event::{PollFd, PollFlags, Timespec};
 use rustix::net::{RecvFlags, SendFlags};
 use rustix::process::{Pid, PidfdFlags, PidfdGetfdFlags};
 
-/// Opens a pidfd for `pid`.
-pub fn pidfd_open(pid: u32) -> io::Result<OwnedFd> {
-    let pid = i32::try_from(pid)
+/// A process id as the kernel reports it (BPF events, `SO_PEERCRED`,
+/// requests): 0 or one past `i32::MAX` names no process (`ESRCH`).
+pub fn pid(pid: u32) -> io::Result<Pid> {
+    i32::try_from(pid)
         .ok()
         .and_then(Pid::from_raw)
-        .ok_or_else(|| io::Error::from_raw_os_error(libc::ESRCH))?;
-    Ok(rustix::process::pidfd_open(pid, PidfdFlags::empty())?)
+        .ok_or_else(|| io::Error::from_raw_os_error(libc::ESRCH))
+}
+
+/// Opens a pidfd for `pid`.
+pub fn pidfd_open(pid: u32) -> io::Result<OwnedFd> {
+    Ok(rustix::process::pidfd_open(
+        self::pid(pid)?,
+        PidfdFlags::empty(),
+    )?)
 }
 
 /// Duplicates fd number `fd` of the process behind `pidfd` into this
@@ -165,6 +173,14 @@ mod tests {
         assert!(describe_peer_start(&[0x17, 0x03, 0x03, 0, 40]).contains("key-only provider"));
         assert!(describe_peer_start(&[0x15, 0x03, 0x03]).contains("alert"));
         assert!(describe_peer_start(b"GET /").contains("not TLS"));
+    }
+
+    #[test]
+    fn pids_that_name_no_process_are_esrch() {
+        for bad in [0, u32::MAX, 1 << 31] {
+            assert_eq!(pid(bad).unwrap_err().raw_os_error(), Some(libc::ESRCH));
+        }
+        assert_eq!(pid(1).unwrap().as_raw_nonzero().get(), 1);
     }
 
     #[test]

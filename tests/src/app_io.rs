@@ -37,14 +37,21 @@ pub enum RecvMethod {
     Splice,
 }
 
-/// Blocking calls, or a non-blocking socket driven by epoll.
+/// Blocking calls, or a non-blocking socket driven by an event loop.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
-#[serde(rename_all = "lowercase")]
+#[serde(rename_all = "kebab-case")]
 pub enum IoMode {
     /// Blocking socket.
     Blocking,
-    /// O_NONBLOCK + epoll_wait.
+    /// O_NONBLOCK + level-triggered epoll: the socket is registered for
+    /// the one event awaited, and removed after it.
     Epoll,
+    /// O_NONBLOCK + edge-triggered epoll (`EPOLLET`), registered once for
+    /// reads and writes, as tokio, Go and nginx do: a readiness edge that
+    /// nobody signals is a hang.
+    EpollEdge,
+    /// O_NONBLOCK + poll(2).
+    Poll,
 }
 
 fn cvt(rc: isize) -> io::Result<usize> {
@@ -96,14 +103,34 @@ pub struct Conn {
 impl Conn {
     /// Wraps a connected stream; in epoll mode it is made non-blocking.
     pub fn new(sock: std::net::TcpStream, mode: IoMode) -> io::Result<Self> {
+        if mode != IoMode::Blocking {
+            sock.set_nonblocking(true)?;
+        }
         let epoll = match mode {
-            IoMode::Blocking => None,
-            IoMode::Epoll => {
-                sock.set_nonblocking(true)?;
+            IoMode::Blocking | IoMode::Poll => None,
+            IoMode::Epoll | IoMode::EpollEdge => {
                 // SAFETY: plain syscall.
                 Some(owned(unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) })?)
             }
         };
+        if let (IoMode::EpollEdge, Some(ep)) = (mode, &epoll) {
+            let mut ev = libc::epoll_event {
+                events: (libc::EPOLLIN | libc::EPOLLOUT | libc::EPOLLRDHUP | libc::EPOLLET) as u32,
+                u64: 0,
+            };
+            // SAFETY: ev is live; the fds are open.
+            let rc = unsafe {
+                libc::epoll_ctl(
+                    ep.as_raw_fd(),
+                    libc::EPOLL_CTL_ADD,
+                    sock.as_raw_fd(),
+                    &mut ev,
+                )
+            };
+            if rc < 0 {
+                return Err(io::Error::last_os_error());
+            }
+        }
         Ok(Self {
             sock,
             mode,
@@ -124,37 +151,68 @@ impl Conn {
         &self.sock
     }
 
+    /// Waits until the socket is ready for `events` (`EPOLLIN`/`EPOLLOUT`);
+    /// edge-triggered: until the next edge of any event.
     fn wait(&self, events: u32) -> io::Result<()> {
-        let Some(ep) = &self.epoll else { return Ok(()) };
-        let mut ev = libc::epoll_event { events, u64: 0 };
-        // SAFETY: ev is live; the fds are open.
-        let rc =
-            unsafe { libc::epoll_ctl(ep.as_raw_fd(), libc::EPOLL_CTL_ADD, self.fd(), &mut ev) };
-        if rc < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        let mut out = [libc::epoll_event { events: 0, u64: 0 }];
         // Longer than any scenario's wait for an app, so that a stall is
         // reported by the harness with where both ends were, not by the app.
+        const WAIT_MS: libc::c_int = 120_000;
+        let timed_out = |what: &str| {
+            io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("{what}: 120 s without readiness"),
+            )
+        };
+        if self.mode == IoMode::Poll {
+            // POLLIN and POLLOUT have the values of EPOLLIN and EPOLLOUT.
+            let mut pfd = libc::pollfd {
+                fd: self.fd(),
+                events: events as libc::c_short,
+                revents: 0,
+            };
+            return loop {
+                // SAFETY: pfd is a live array of one pollfd.
+                let n = unsafe { libc::poll(&mut pfd, 1, WAIT_MS) };
+                if n < 0 && io::Error::last_os_error().kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                break match n {
+                    0 => Err(timed_out("poll")),
+                    n if n < 0 => Err(io::Error::last_os_error()),
+                    _ => Ok(()),
+                };
+            };
+        }
+        let Some(ep) = &self.epoll else { return Ok(()) };
+        let edge = self.mode == IoMode::EpollEdge;
+        let mut ev = libc::epoll_event { events, u64: 0 };
+        if !edge {
+            // SAFETY: ev is live; the fds are open.
+            let rc =
+                unsafe { libc::epoll_ctl(ep.as_raw_fd(), libc::EPOLL_CTL_ADD, self.fd(), &mut ev) };
+            if rc < 0 {
+                return Err(io::Error::last_os_error());
+            }
+        }
+        let mut out = [libc::epoll_event { events: 0, u64: 0 }];
         let r = loop {
             // SAFETY: out is a live array of one event.
-            let n = unsafe { libc::epoll_wait(ep.as_raw_fd(), out.as_mut_ptr(), 1, 120_000) };
+            let n = unsafe { libc::epoll_wait(ep.as_raw_fd(), out.as_mut_ptr(), 1, WAIT_MS) };
             if n < 0 && io::Error::last_os_error().kind() == io::ErrorKind::Interrupted {
                 continue;
             }
             break if n == 0 {
-                Err(io::Error::new(
-                    io::ErrorKind::TimedOut,
-                    "epoll_wait: 120 s without readiness",
-                ))
+                Err(timed_out("epoll_wait"))
             } else if n < 0 {
                 Err(io::Error::last_os_error())
             } else {
                 Ok(())
             };
         };
-        // SAFETY: as above; removing the registration again.
-        unsafe { libc::epoll_ctl(ep.as_raw_fd(), libc::EPOLL_CTL_DEL, self.fd(), &mut ev) };
+        if !edge {
+            // SAFETY: as above; removing the registration again.
+            unsafe { libc::epoll_ctl(ep.as_raw_fd(), libc::EPOLL_CTL_DEL, self.fd(), &mut ev) };
+        }
         r
     }
 
@@ -163,7 +221,9 @@ impl Conn {
         loop {
             match op() {
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock && self.mode == IoMode::Epoll => {
+                Err(e)
+                    if e.kind() == io::ErrorKind::WouldBlock && self.mode != IoMode::Blocking =>
+                {
                     self.wait(events)?;
                 }
                 r => return r,
@@ -172,7 +232,7 @@ impl Conn {
     }
 
     fn splice_flags(&self) -> u32 {
-        let nonblock = if self.mode == IoMode::Epoll {
+        let nonblock = if self.mode != IoMode::Blocking {
             libc::SPLICE_F_NONBLOCK
         } else {
             0

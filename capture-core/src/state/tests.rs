@@ -33,6 +33,9 @@ struct FakeKernel {
     now: u64,
     resets: Vec<u64>,
     shutdowns: Vec<u64>,
+    /// The gate each `shutdown()` found: it must come after the terminal
+    /// state, or a waiter it wakes is told EAGAIN again.
+    gate_at_shutdown: Vec<Option<u32>>,
     continued: Vec<u32>,
     /// Connections whose gate was opened for good with their socket: like
     /// the real kernel side, their `conns` entries are gone.
@@ -94,6 +97,7 @@ impl Kernel for FakeKernel {
 
     fn shutdown(&mut self, socket: &FakeSocket) {
         self.shutdowns.push(socket.0);
+        self.gate_at_shutdown.push(self.gate(socket.0));
     }
 
     fn take_held_overflow(&mut self) -> Vec<(u32, Held)> {
@@ -153,6 +157,15 @@ fn held(cookie: u64, pid: u32, ts_ns: u64) -> Event {
         cookie,
         pid,
         ts_ns,
+        ..Event::default()
+    }
+}
+
+fn waiting(cookie: u64, pid: u32) -> Event {
+    Event {
+        kind: kind::WAITING,
+        cookie,
+        pid,
         ..Event::default()
     }
 }
@@ -376,6 +389,24 @@ fn a_hold_names_the_owner_when_connect_and_accept_reported_none() {
 }
 
 #[test]
+fn an_eagain_answer_names_the_owner_and_stops_nobody() {
+    let (mut t, mut k) = (table(FailurePolicy::FailClosed), FakeKernel::default());
+    let est = established(COOKIE, 0);
+    k.track(COOKIE, est);
+    t.on_event(&k, est);
+    no_start(&mut t);
+    t.on_event(&k, waiting(COOKIE, PID));
+    let s = one_start(&mut t);
+    assert_eq!((s.pid, s.fd), (PID, -1));
+    assert_eq!(t.held_count(), 0, "nobody to continue");
+    assert_eq!((t.stats().gate_waits, t.stats().gate_stops), (1, 0));
+    t.on_outcome(&mut k, outcome(&s, installed()));
+    sweep(&mut t, &mut k);
+    assert!(k.continued.is_empty(), "{:?}", k.continued);
+    assert_eq!(k.gate(COOKIE), Some(gate::OPEN));
+}
+
+#[test]
 fn a_socket_gone_from_its_owner_is_looked_for_in_the_processes_held_on_it() {
     let (mut t, mut k) = (table(FailurePolicy::FailClosed), FakeKernel::default());
     let s = keying(&mut t, &mut k, COOKIE);
@@ -513,6 +544,13 @@ fn the_failure_policy_decides_what_a_failed_connection_becomes() {
             c.refuse_reset,
             "case {i}: a refused reset sends a FIN"
         );
+        if c.refuse_reset {
+            assert_eq!(
+                k.gate_at_shutdown,
+                [Some(gate::RESET)],
+                "case {i}: the FIN (and the wakeup) after the terminal state"
+            );
+        }
         assert_eq!(t.stats().failed.values().sum::<u64>(), 1, "case {i}");
         assert!(t.pending().is_empty(), "case {i}");
     }
@@ -586,6 +624,7 @@ fn a_restarted_core_adopts_waiting_connections_and_their_stopped_owners_and_leav
         est,
         owner_pid: PID,
         owner_fd: 3,
+        ..Default::default()
     };
     // Let through by fail-open without its socket (a keyed one has no
     // entry): not protected, and nothing to do.

@@ -174,6 +174,7 @@ pub fn bench() -> Result<String, String> {
                 percentile(&key, 0.99)
             ));
         }
+        event_loop_setup(&mut f, label, &a, &b, conns)?;
     }
     // What the send buffer floor (`[ktls]`, on by default before Linux 6.5)
     // costs or gains: the same transfer without it.
@@ -203,6 +204,40 @@ pub fn bench() -> Result<String, String> {
         println!("TLSHUB-BENCH {l}");
     }
     Ok(f.lines.join(" | "))
+}
+
+/// Setup latency with both apps in an edge-triggered epoll loop
+/// (non-blocking sockets: the gate answers `EAGAIN` instead of stopping),
+/// against the blocking apps' figure for the same provider, and how many
+/// processes the gate stopped and how many connections it answered
+/// `EAGAIN` meanwhile, per node.
+fn event_loop_setup(
+    f: &mut Figures,
+    label: &'static str,
+    a: &super::node::Node,
+    b: &super::node::Node,
+    conns: u32,
+) -> Result<(), String> {
+    let counts = |n: &super::node::Node| n.stats().map(|s| (s.gate_stops, s.gate_waits));
+    let before = (counts(a)?, counts(b)?);
+    let app = App {
+        io: "epoll-edge",
+        ..App::exchange(1, PROTECTED_PORT)
+    };
+    let (n, p50, p99) = setup_latency(&app, conns)?;
+    std::thread::sleep(Duration::from_millis(1500));
+    let after = (counts(a)?, counts(b)?);
+    let (blocking50, blocking99) = f.setup[label];
+    f.lines.push(format!(
+        "setup {label} event loop (epoll-edge both ends): n={n} p50={p50}us p99={p99}us, x{:.2} p50 and x{:.2} p99 of blocking apps; stops a {} b {}, connections answered EAGAIN a {} b {}",
+        p50 as f64 / blocking50.max(1) as f64,
+        p99 as f64 / blocking99.max(1) as f64,
+        after.0.0.saturating_sub(before.0.0),
+        after.1.0.saturating_sub(before.1.0),
+        after.0.1.saturating_sub(before.0.1),
+        after.1.1.saturating_sub(before.1.1),
+    ));
+    Ok(())
 }
 
 /// `cargo xtask demo`: one protected exchange, narrated.

@@ -1,7 +1,7 @@
 //! The index of the kernel scenarios: each returns `Ok(summary)` or
 //! `Err(why)`, and the runner prints one result line per scenario. The
 //! bodies live by topic (`exchange`, `providers`, `failure`, `service`,
-//! `gate_edges`, `stress`); what they share is in `support` and
+//! `gate_edges`, `event_loops`, `stress`); what they share is in `support` and
 //! `wire_check`. tests/README.md says how to add one.
 
 /// A scenario: name and body.
@@ -127,5 +127,17 @@ pub const TESTS: &[Scenario] = &[
     (
         "gate_oob_zerocopy_repair",
         super::gate_edges::unusual_socket_calls,
+    ),
+    (
+        "gate_event_loops_are_never_stopped",
+        super::event_loops::never_stopped,
+    ),
+    (
+        "gate_tokio_server_never_stopped",
+        super::event_loops::tokio_server_never_stopped,
+    ),
+    (
+        "gate_edge_reader_with_records_queued",
+        super::event_loops::edge_reader_with_records_queued,
     ),
 ];

@@ -1,0 +1,215 @@
+//! Event loops under the gate: a non-blocking socket whose keys are not in
+//! is answered `EAGAIN` (nobody is stopped), and the app must be woken
+//! once they are, with every kind of readiness wait.
+
+use std::time::{Duration, Instant};
+
+use super::node::{Node, NodeSpec, PLAIN_PORT, PROTECTED_PORT, ProviderKind};
+use super::process;
+use super::support::*;
+use super::wire_check::*;
+
+/// Level-triggered epoll, edge-triggered epoll and poll(2), both orders,
+/// 1 byte and 1 MiB, with the OpenSSL provider (its in-band handshake
+/// keeps every app's first call waiting): every connection's app on both
+/// nodes is answered EAGAIN and woken, and no process is stopped.
+pub fn never_stopped() -> Result<String, String> {
+    let (a, b) = nodes(NodeSpec::new("a"), NodeSpec::new("b"))?;
+    let mut apps = Vec::new();
+    for io in ["epoll-edge", "epoll", "poll"] {
+        for (mode, size, send, recv) in [
+            ("client-first", 1, "write", "read"),
+            ("server-first", 1 << 20, "sendmsg", "recv"),
+            ("client-first", 1 << 20, "writev", "recvmsg"),
+            ("server-first", 1, "send", "read"),
+        ] {
+            apps.push(App {
+                mode,
+                size,
+                send,
+                recv,
+                io,
+                ..App::exchange(1, PROTECTED_PORT)
+            });
+        }
+    }
+    let conns = apps.len() as u64;
+    apps.push(App::exchange(10_000, PLAIN_PORT));
+    let report = with_ktls_sockets(2 * conns, || {
+        captured_exchanges("event-loops", &a, &b, &apps)
+    })
+    .map_err(|e| format!("{e}; node a: {}; node b: {}", trouble(&a), trouble(&b)))?;
+    if report.plain_flows_with_marker == 0 {
+        return Err("the control flow's plaintext was not seen: the capture is blind".into());
+    }
+    let waits = [
+        a.stat_reaching(|s| s.gate_waits, conns),
+        b.stat_reaching(|s| s.gate_waits, conns),
+    ];
+    let stops = [a.stat(|s| s.gate_stops), b.stat(|s| s.gate_stops)];
+    let eagain = [a.stat(|s| s.gate_eagain), b.stat(|s| s.gate_eagain)];
+    if stops != [0, 0] || waits != [conns, conns] {
+        return Err(format!(
+            "{conns} connections: processes stopped a {} b {}, connections answered EAGAIN a {} b {} (want 0 stopped, all answered)",
+            stops[0], stops[1], waits[0], waits[1]
+        ));
+    }
+    Ok(format!(
+        "{conns} connections (epoll level and edge, poll; both orders; 1 B and 1 MiB) exact both ways; {} flows TLS-only and decrypted; control plain; 0 processes stopped; every app answered EAGAIN and woken (calls answered EAGAIN: a {} b {})",
+        report.protected_flows, eagain[0], eagain[1]
+    ))
+}
+
+/// A real event-loop runtime: `tlshub-hold server` is a tokio
+/// current-thread runtime serving every connection from one thread (as
+/// `epoll` with `EPOLLET`); 20 blocking clients open a connection each,
+/// exchange exact bytes, and keep it open while the next ones come. The
+/// server's node must stop nobody, and its runtime must have been told
+/// `EAGAIN` and woken; the clients' node stops its blocking clients.
+pub fn tokio_server_never_stopped() -> Result<String, String> {
+    const COUNT: u64 = 20;
+    let (a, b) = nodes(NodeSpec::new("a"), NodeSpec::new("b"))?;
+    let listen = format!("0.0.0.0:{PROTECTED_PORT}");
+    let _server = process::spawn_ready(
+        "pod-b",
+        &["tlshub-hold", "server", "--listen", &listen],
+        "listening",
+        Duration::from_secs(10),
+    )?;
+    let connect = format!("{}:{PROTECTED_PORT}", super::topology::POD_B);
+    let count = COUNT.to_string();
+    let out = process::finish(
+        process::spawn_app(
+            "pod-a",
+            &[
+                "tlshub-hold",
+                "client",
+                "--connect",
+                &connect,
+                "--count",
+                &count,
+            ],
+        )?,
+        Duration::from_secs(120),
+    )?;
+    let r: crate::hold::HoldReport = last_report(&out)?;
+    if !r.complete() {
+        return Err(format!("tlshub-hold client: {r:?}"));
+    }
+    let keyed = b.stat_reaching(|s| s.protected, COUNT);
+    let stops = b.stat(|s| s.gate_stops);
+    let waits = b.stat(|s| s.gate_waits);
+    if keyed != COUNT || stops != 0 || waits == 0 {
+        return Err(format!(
+            "node b (the tokio server's): {keyed} of {COUNT} keyed, {stops} processes stopped, {waits} connections answered EAGAIN (want all keyed, 0 stopped, some answered)"
+        ));
+    }
+    Ok(format!(
+        "{COUNT} connections to a tokio server exact both ways and still working after all were open; server node: 0 processes stopped, {waits} connections answered EAGAIN and woken; client node (blocking clients): {} stops",
+        a.stat(|s| s.gate_stops)
+    ))
+}
+
+/// The race in which an edge-triggered reader loses its only wakeup: the
+/// peer's records are already queued when this side's receive key goes
+/// in, so kTLS signals them once, from inside the installation, before
+/// the core opens the gate. The reader's node has its provider stopped for
+/// 1.5 s so that the records are surely queued first; then the other way
+/// round. Both must read every byte, and nobody is stopped.
+pub fn edge_reader_with_records_queued() -> Result<String, String> {
+    let spec = |name| {
+        let mut s = NodeSpec::new(name);
+        s.provider = ProviderKind::ExamplePsk;
+        s.key_timeout_ms = 5000;
+        s
+    };
+    let (a, b) = nodes(spec("a"), spec("b"))?;
+    let mut out = Vec::new();
+    for (mode, reader_node, reader) in [
+        ("server-first", &a, "client"),
+        ("client-first", &b, "server"),
+    ] {
+        let app = App {
+            mode,
+            io: "epoll-edge",
+            ..App::exchange(200_000, PROTECTED_PORT)
+        };
+        let (took, result) =
+            with_provider_stopped(reader_node, Duration::from_millis(1500), || {
+                let t = Instant::now();
+                let r = run_pair(&app, &[], Duration::from_secs(60));
+                (t.elapsed(), r)
+            });
+        let (s, c) = result?;
+        both_ok(&app, &s, &c)?;
+        if took < Duration::from_millis(1400) {
+            return Err(format!(
+                "{mode}: done in {took:?}, before the reader's provider was continued: the records were not queued first"
+            ));
+        }
+        out.push(format!(
+            "{mode}: the {reader} read 200,000 bytes queued before its keys ({:.1}s)",
+            took.as_secs_f64()
+        ));
+    }
+    let stops = [a.stat(|s| s.gate_stops), b.stat(|s| s.gate_stops)];
+    // Each reader was told EAGAIN (its keys were 1.5 s late); a writer may
+    // find its keys in already.
+    let waits = [
+        a.stat_reaching(|s| s.gate_waits, 1),
+        b.stat_reaching(|s| s.gate_waits, 1),
+    ];
+    if stops != [0, 0] || waits.contains(&0) {
+        return Err(format!(
+            "processes stopped a {} b {}, connections answered EAGAIN a {} b {} (want 0 stopped, at least 1 answered each)",
+            stops[0], stops[1], waits[0], waits[1]
+        ));
+    }
+    // What closes the race: the gate counts a socket as open once kTLS's
+    // receive method is on it, which it learns from the first keyed socket.
+    for (name, node) in [("a", &a), ("b", &b)] {
+        if !node
+            .core_log()
+            .contains("the gate learned kTLS's receive method")
+        {
+            return Err(format!(
+                "node {name}'s gate did not learn kTLS's receive method"
+            ));
+        }
+    }
+    Ok(format!(
+        "{}; 0 processes stopped; both gates learned kTLS's receive method",
+        out.join("; ")
+    ))
+}
+
+/// Runs `f` while `node`'s provider is stopped (SIGSTOP), continuing it
+/// after `stopped_for` whatever `f` does.
+fn with_provider_stopped<T>(node: &Node, stopped_for: Duration, f: impl FnOnce() -> T) -> T {
+    let pid = node.provider_pid(ProviderKind::ExamplePsk).to_string();
+    let _ = process::run(None, &["kill", "-STOP", &pid]);
+    std::thread::scope(|scope| {
+        scope.spawn(|| {
+            std::thread::sleep(stopped_for);
+            let _ = process::run(None, &["kill", "-CONT", &pid]);
+        });
+        f()
+    })
+}
+
+/// The core's last warnings and failures, for a failure message.
+fn trouble(node: &Node) -> String {
+    let log = node.core_log();
+    let lines: Vec<&str> = log
+        .lines()
+        .filter(|l| {
+            !l.contains("KEY EXPORT")
+                && (l.contains("WARN") || l.contains("ERROR") || l.contains("failed"))
+        })
+        .collect();
+    format!(
+        "{} (stats {:?})",
+        lines[lines.len().saturating_sub(4)..].join(" | "),
+        node.stats()
+    )
+}
