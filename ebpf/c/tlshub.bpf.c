@@ -604,7 +604,6 @@ static __always_inline void learn_ktls_recvmsg(struct sock *sk)
 		*known = (__u64)BPF_CORE_READ(prot, recvmsg);
 }
 
-
 /* Whether the calling process is the one the core exempted under this
  * pid: the entry holds the process's start time (/proc/PID/stat field 22,
  * USER_HZ ticks since boot, from the group leader's start_boottime), so a
