@@ -192,14 +192,7 @@ pub fn check_wire_with_keys(
                         &sender.tx_iv,
                     )
                     .map_err(|e| format!("{} -> {} (sender keyed only): {e}", f.src, f.dst))?;
-                    let seed = if f.dst.port() == PROTECTED_PORT {
-                        CLIENT_SEED
-                    } else {
-                        SERVER_SEED
-                    };
-                    crate::pattern::check(seed, 0, &plain).map_err(|at| {
-                        format!("{} -> {}: decrypted byte {at} differs", f.src, f.dst)
-                    })?;
+                    check_app_bytes(f, &plain, " (sender keyed only)")?;
                 }
                 // Otherwise a provider's TLS handshake record (0x16) or
                 // alert (0x15) starts it.
@@ -266,11 +259,6 @@ pub fn check_wire_with_keys(
         let receiver_agrees = find_all(&f.dst, &f.src)
             .iter()
             .any(|receiver| sender.tx_key == receiver.rx_key && sender.tx_iv == receiver.rx_iv);
-        let seed = if f.dst.port() == PROTECTED_PORT {
-            CLIENT_SEED
-        } else {
-            SERVER_SEED
-        };
         if !receiver_agrees {
             if !unkeyed_ok {
                 return Err(format!(
@@ -284,28 +272,35 @@ pub fn check_wire_with_keys(
             // handshake never installed this side, and its successor
             // reset the connection. The sender's records must still
             // decrypt to the app's bytes.
-            crate::pattern::check(seed, 0, &plain).map_err(|at| {
-                format!(
-                    "{} -> {} (sender keyed only): decrypted byte {at} differs",
-                    f.src, f.dst
-                )
-            })?;
+            check_app_bytes(f, &plain, " (sender keyed only)")?;
             r.unkeyed_flows += 1;
             continue;
         }
         if plain.is_empty() {
             continue;
         }
-        crate::pattern::check(seed, 0, &plain).map_err(|at| {
-            format!(
-                "{} -> {}: decrypted byte {at} is not what the app sent",
-                f.src, f.dst
-            )
-        })?;
+        check_app_bytes(f, &plain, "")?;
         r.decrypted += 1;
         r.plaintext_bytes += plain.len();
     }
     Ok(r)
+}
+
+/// Checks that `plain`, decrypted from flow `f`, is what its app sends from
+/// offset 0: the client's pattern toward the protected port, the server's
+/// back. `how` tags the error with how the flow was keyed.
+fn check_app_bytes(f: &wire::Flow, plain: &[u8], how: &str) -> Result<(), String> {
+    let seed = if f.dst.port() == PROTECTED_PORT {
+        CLIENT_SEED
+    } else {
+        SERVER_SEED
+    };
+    crate::pattern::check(seed, 0, plain).map_err(|at| {
+        format!(
+            "{} -> {}{how}: decrypted byte {at} is not what the app sent",
+            f.src, f.dst
+        )
+    })
 }
 
 /// Runs `apps` one after another under a capture of the wire, each exact
