@@ -166,6 +166,21 @@ fn wants_plain(filter: Option<&str>) -> bool {
     filter.is_none_or(|f| f.split(',').any(|f| !f.contains("systemd")))
 }
 
+/// One lane per kernel line, each running `run`'s scenarios.
+fn test_lanes<'a>(
+    run: &'a vm::Run,
+    kernels: &[deps::KernelLine],
+    bins: &'a std::path::Path,
+) -> Vec<vm::Lane<'a>> {
+    kernels
+        .iter()
+        .map(|&line| vm::Lane {
+            name: line.name.to_string(),
+            steps: vec![Box::new(move || vm::run_mode(run, line, bins)) as vm::Step<'a>],
+        })
+        .collect()
+}
+
 fn main() -> Result<()> {
     let args = Args::parse();
     match args.cmd {
@@ -193,21 +208,28 @@ fn main() -> Result<()> {
             } else {
                 let bins = vm::build_binaries()?;
                 dist::verify_units(&dist::assemble(&bins)?)?;
-                if wants_plain(filter.as_deref()) {
-                    for line in kernels {
-                        vm::run_mode(
-                            &vm::Run {
-                                filter: filter.clone(),
-                                ..vm::Run::new("test")
-                            },
-                            line,
-                            &bins,
-                        )?;
+                let run = vm::Run {
+                    filter: filter.clone(),
+                    ..vm::Run::new("test")
+                };
+                let kernels = match wants_plain(filter.as_deref()) {
+                    true => kernels,
+                    false => Vec::new(),
+                };
+                let mut lanes = test_lanes(&run, &kernels, &bins);
+                if wants_systemd(filter.as_deref()) {
+                    let systemd: vm::Step<'_> = Box::new(|| systemd_vm::run_systemd(&bins));
+                    // The last lane (6.12's in a full run) is the shorter
+                    // one, so the systemd VM follows it.
+                    match lanes.last_mut() {
+                        Some(lane) => lane.steps.push(systemd),
+                        None => lanes.push(vm::Lane {
+                            name: "systemd".into(),
+                            steps: vec![systemd],
+                        }),
                     }
                 }
-                if wants_systemd(filter.as_deref()) {
-                    systemd_vm::run_systemd(&bins)?;
-                }
+                vm::run_lanes(lanes)?;
             }
         }
         Cmd::Dist => {
@@ -242,11 +264,7 @@ fn main() -> Result<()> {
             }
             match mode {
                 VmMode::Systemd => systemd_vm::run_systemd(&bins)?,
-                VmMode::Test => {
-                    for line in kernels {
-                        vm::run_mode(&run, line, &bins)?;
-                    }
-                }
+                VmMode::Test => vm::run_lanes(test_lanes(&run, &kernels, &bins))?,
                 VmMode::Bench | VmMode::Demo | VmMode::Stress | VmMode::Capacity => {
                     vm::run_mode(&run, kernels[0], &bins)?
                 }

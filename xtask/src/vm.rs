@@ -237,8 +237,9 @@ pub fn build_binaries() -> Result<PathBuf> {
     Ok(root().join("target/release"))
 }
 
-fn initramfs(kernel: &Kernel, bins: &Path, work: &Path) -> Result<PathBuf> {
-    let rootfs = work.join("rootfs");
+/// Builds the initramfs in `dir`; the test PKI comes from `work/certs`.
+fn initramfs(kernel: &Kernel, bins: &Path, work: &Path, dir: &Path) -> Result<PathBuf> {
+    let rootfs = dir.join("rootfs");
     let _ = std::fs::remove_dir_all(&rootfs);
     for d in [
         "bin",
@@ -297,7 +298,7 @@ fn initramfs(kernel: &Kernel, bins: &Path, work: &Path) -> Result<PathBuf> {
     let init = rootfs.join("init");
     std::fs::write(&init, INIT)?;
     run(Command::new("chmod").arg("755").arg(&init))?;
-    let out = work.join("initrd.gz");
+    let out = dir.join("initrd.gz");
     pack_initramfs(&rootfs, &out)?;
     Ok(out)
 }
@@ -384,12 +385,17 @@ impl Run {
 
 /// Builds everything and boots the VM for `run`; fails unless every
 /// planned scenario run reported PASS.
-pub fn run_mode(run: &Run, kernel: deps::KernelLine, bins: &Path) -> Result<()> {
-    let kernel = deps::kernel(kernel)?;
+pub fn run_mode(run: &Run, line: deps::KernelLine, bins: &Path) -> Result<()> {
+    let kernel = deps::kernel(line)?;
     let work = root().join("target/vm");
-    std::fs::create_dir_all(&work)?;
-    println!("== building initramfs");
-    let initrd = initramfs(&kernel, bins, &work)?;
+    // Each (mode, kernel) builds its initramfs in a directory of its own, so
+    // that lanes (`run_lanes`) can build theirs at the same time.
+    let label = format!("{}-{}", run.mode, line.name);
+    let dir = work.join(&label);
+    std::fs::create_dir_all(&dir)?;
+    certs(&work.join("certs"))?;
+    println!("== building initramfs ({label})");
+    let initrd = initramfs(&kernel, bins, &work, &dir)?;
     let timeout = match run.mode {
         "demo" => Duration::from_secs(15 * 60),
         // The capacity run opens its connections one after another.
@@ -411,10 +417,65 @@ pub fn run_mode(run: &Run, kernel: deps::KernelLine, bins: &Path) -> Result<()> 
         initrd: &initrd,
         disk: None,
         append: &append,
-        label: run.mode,
+        label: &label,
         timeout,
         memory_mib: run.memory_mib,
     })
+}
+
+/// One step of a lane: a VM boot that fails unless its scenarios passed.
+pub type Step<'a> = Box<dyn FnOnce() -> Result<()> + Send + 'a>;
+
+/// VM boots that run one after another, next to other lanes.
+pub struct Lane<'a> {
+    /// Names the lane in the summary.
+    pub name: String,
+    /// The boots, in order; a failed one does not stop the next.
+    pub steps: Vec<Step<'a>>,
+}
+
+/// Runs the lanes side by side and fails naming every boot that failed.
+///
+/// Why this is safe for the scenarios' timing: every boot runs qemu's TCG
+/// on one host thread (`TCG_ONE_THREAD`), so two lanes on a two-core host
+/// each get a core of their own, as one boot alone does. The guest clock is
+/// the host's, so a lane's scenarios see the same speed either way.
+pub fn run_lanes(lanes: Vec<Lane<'_>>) -> Result<()> {
+    // Made once before the lanes start, so that two boots never race to
+    // create it.
+    certs(&root().join("target/vm/certs"))?;
+    let started = Instant::now();
+    let failures: Vec<String> = std::thread::scope(|scope| {
+        let handles: Vec<_> = lanes
+            .into_iter()
+            .map(|lane| {
+                scope.spawn(move || {
+                    let mut failed = Vec::new();
+                    for step in lane.steps {
+                        if let Err(e) = step() {
+                            failed.push(format!("lane {}: {e:#}", lane.name));
+                        }
+                    }
+                    failed
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .flat_map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| vec!["a lane's thread panicked".to_string()])
+            })
+            .collect()
+    });
+    if !failures.is_empty() {
+        bail!("{}", failures.join("\n"));
+    }
+    println!(
+        "== every VM lane passed in {:.0}s",
+        started.elapsed().as_secs_f64()
+    );
+    Ok(())
 }
 
 /// qemu's TCG with both vCPUs on one host thread, taking turns: what every
@@ -541,7 +602,8 @@ pub fn boot(b: &Boot<'_>) -> Result<()> {
         match rx.recv_timeout(left.min(Duration::from_secs(1))) {
             Ok(line) => {
                 let line = line.trim_end_matches('\r').to_string();
-                println!("{line}");
+                // Lanes boot side by side; the label says whose line it is.
+                println!("[{}] {line}", b.label);
                 if let Some(n) = line.strip_prefix("TLSHUB-PLAN ") {
                     plan = n.trim().parse().ok();
                 } else if let Some(r) = line.strip_prefix("TLSHUB-RESULT ") {
