@@ -21,6 +21,11 @@ pub enum SendMethod {
     Sendfile,
     /// splice(2) from a pipe
     Splice,
+    /// `IORING_OP_SEND`. A completion with `EINTR` is submitted again, as
+    /// Rust's `write_all` and most io_uring apps retry it (counted in
+    /// [`URING_INTERRUPTED`]); `EAGAIN` on a blocking socket is an error.
+    #[serde(rename = "io-uring")]
+    IoUring,
 }
 
 /// How bytes are received.
@@ -35,6 +40,9 @@ pub enum RecvMethod {
     Recvmsg,
     /// splice(2) into a pipe, then read(2) from it
     Splice,
+    /// `IORING_OP_RECV`; retried like [`SendMethod::IoUring`].
+    #[serde(rename = "io-uring")]
+    IoUring,
 }
 
 /// Blocking calls, or a non-blocking socket driven by an event loop.
@@ -352,6 +360,16 @@ impl Conn {
                 }
                 Ok(n)
             }
+            SendMethod::IoUring => {
+                let op = io_uring::opcode::Send::new(
+                    io_uring::types::Fd(fd),
+                    chunk.as_ptr(),
+                    chunk.len() as u32,
+                )
+                .flags(libc::MSG_NOSIGNAL)
+                .build();
+                self.retry(out, || io_uring_data(&op))
+            }
         }
     }
 
@@ -404,6 +422,15 @@ impl Conn {
                 }
                 Ok(n)
             }
+            RecvMethod::IoUring => {
+                let op = io_uring::opcode::Recv::new(
+                    io_uring::types::Fd(fd),
+                    buf.as_mut_ptr(),
+                    buf.len() as u32,
+                )
+                .build();
+                self.retry(inn, || io_uring_data(&op))
+            }
         }
     }
 
@@ -433,6 +460,119 @@ pub enum Via {
     /// `IORING_OP_CONNECT` / `IORING_OP_ACCEPT`: no connect/accept system
     /// call at all, so no syscall hook sees the socket's owner.
     IoUring,
+    /// The 32-bit system call entry (`int $0x80`, `socketcall`), which any
+    /// x86-64 process may use: not the 64-bit connect/accept entry points
+    /// the owner hooks watch. IPv4 only.
+    Int80,
+}
+
+/// `socketcall(call, args)` through the 32-bit entry (`int $0x80`), with
+/// its argument words in memory below 4 GiB (`MAP_32BIT`), since that
+/// entry sees 32-bit pointers only.
+fn socketcall_int80(call: u32, args: [u32; 3], sockaddr: Option<&[u8]>) -> io::Result<i32> {
+    const SYS_SOCKETCALL_32: i32 = 102;
+    // SAFETY: a fresh private anonymous mapping; checked below.
+    let low = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            4096,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_32BIT,
+            -1,
+            0,
+        )
+    };
+    if low == libc::MAP_FAILED {
+        return Err(io::Error::last_os_error());
+    }
+    let words = low.cast::<u32>();
+    let mut args = args;
+    if let Some(addr) = sockaddr {
+        // The address goes after the three argument words; the second word
+        // points at it.
+        let at = low as usize + 64;
+        // SAFETY: the mapping is 4096 bytes; addr is at most 128 bytes.
+        unsafe { std::ptr::copy_nonoverlapping(addr.as_ptr(), at as *mut u8, addr.len()) };
+        args[1] = at as u32;
+    }
+    // SAFETY: three u32 words at the start of the mapping.
+    unsafe { std::ptr::copy_nonoverlapping(args.as_ptr(), words, 3) };
+    let ret: i32;
+    // SAFETY: the 32-bit socketcall reads three words at `words` (below
+    // 4 GiB) and the address they point to. rbx is reserved by LLVM, so the
+    // call number goes through a scratch register and back.
+    unsafe {
+        std::arch::asm!(
+            "xchg {call:r}, rbx",
+            "int 0x80",
+            "xchg {call:r}, rbx",
+            call = inout(reg) u64::from(call) => _,
+            inlateout("eax") SYS_SOCKETCALL_32 => ret,
+            in("ecx") words as u32,
+            // Kernels before 4.17 cleared these on this entry.
+            out("r8") _,
+            out("r9") _,
+            out("r10") _,
+            out("r11") _,
+        );
+    }
+    // SAFETY: the mapping made above, no longer used.
+    unsafe { libc::munmap(low, 4096) };
+    if ret < 0 {
+        return Err(io::Error::from_raw_os_error(-ret));
+    }
+    Ok(ret)
+}
+
+/// connect() through the 32-bit entry (see [`Via::Int80`]).
+pub fn connect_int80(target: std::net::SocketAddr) -> io::Result<std::net::TcpStream> {
+    const SYS_CONNECT: u32 = 3;
+    let std::net::SocketAddr::V4(v4) = target else {
+        return Err(io::Error::new(
+            io::ErrorKind::Unsupported,
+            "int80: IPv4 only",
+        ));
+    };
+    let sock = socket2::Socket::new(
+        socket2::Domain::IPV4,
+        socket2::Type::STREAM,
+        Some(socket2::Protocol::TCP),
+    )?;
+    let mut addr = [0u8; 16];
+    addr[..2].copy_from_slice(&(libc::AF_INET as u16).to_ne_bytes());
+    addr[2..4].copy_from_slice(&v4.port().to_be_bytes());
+    addr[4..8].copy_from_slice(&v4.ip().octets());
+    socketcall_int80(
+        SYS_CONNECT,
+        [sock.as_raw_fd() as u32, 0, addr.len() as u32],
+        Some(&addr),
+    )?;
+    Ok(sock.into())
+}
+
+/// accept() through the 32-bit entry (see [`Via::Int80`]).
+pub fn accept_int80(l: &std::net::TcpListener) -> io::Result<std::net::TcpStream> {
+    const SYS_ACCEPT: u32 = 5;
+    let fd = socketcall_int80(SYS_ACCEPT, [l.as_raw_fd() as u32, 0, 0], None)?;
+    Ok(owned(fd)?.into())
+}
+
+/// io_uring completions that failed with `EINTR` (and were submitted
+/// again) in this process: the gate's hold interrupts a request, since
+/// io_uring does not restart one that a signal interrupted.
+pub static URING_INTERRUPTED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// Runs one data operation through io_uring and submits it again while it
+/// completes with `EINTR`, counting each.
+fn io_uring_data(entry: &io_uring::squeue::Entry) -> io::Result<usize> {
+    loop {
+        match io_uring_one(entry) {
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {
+                URING_INTERRUPTED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+            r => return r.map(|n| n as usize),
+        }
+    }
 }
 
 /// Runs one io_uring operation to completion and returns its result.
@@ -442,7 +582,18 @@ fn io_uring_one(entry: &io_uring::squeue::Entry) -> io::Result<i32> {
     // is owned by the caller and outlives this call, which waits for the
     // completion before returning.
     unsafe { ring.submission().push(entry) }.map_err(io::Error::other)?;
-    ring.submit_and_wait(1)?;
+    // A signal (the gate's stop and continue) may end the wait early; the
+    // operation itself was submitted once and is waited for again, never
+    // resubmitted, so its completion is the one the kernel gave.
+    loop {
+        match ring.submit_and_wait(1) {
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            r => {
+                r?;
+                break;
+            }
+        }
+    }
     let cqe = ring
         .completion()
         .next()

@@ -138,6 +138,10 @@ struct Report {
     /// (`--connect-again`).
     #[serde(skip_serializing_if = "is_zero")]
     eisconn: u64,
+    /// io_uring data requests that completed with EINTR and were submitted
+    /// again (`--send io-uring`, `--recv io-uring`).
+    #[serde(skip_serializing_if = "is_zero")]
+    uring_interrupted: u64,
     /// SO_SNDBUF of the last connection after its exchange.
     #[serde(skip_serializing_if = "Option::is_none")]
     send_buffer: Option<usize>,
@@ -247,6 +251,7 @@ fn accept(l: &TcpListener, via: Via) -> std::io::Result<TcpStream> {
     match via {
         Via::Syscall => l.accept().map(|(s, _)| s),
         Via::IoUring => app_io::accept_io_uring(l),
+        Via::Int80 => app_io::accept_int80(l),
     }
 }
 
@@ -317,6 +322,7 @@ fn client_one(target: SocketAddr, common: &Common, r: &mut Report) -> std::io::R
         (Some(bytes), _) => app_io::connect_with_send_buffer(target, bytes)?,
         (None, Via::Syscall) => TcpStream::connect(target)?,
         (None, Via::IoUring) => app_io::connect_io_uring(target)?,
+        (None, Via::Int80) => app_io::connect_int80(target)?,
     };
     if common.mode == Mode::CloseEarly {
         drop(stream);
@@ -502,6 +508,7 @@ fn main() -> std::process::ExitCode {
         report.errno = e.raw_os_error();
     }
     report.ok = result.is_ok();
+    report.uring_interrupted = app_io::URING_INTERRUPTED.load(std::sync::atomic::Ordering::Relaxed);
     println!(
         "{}",
         serde_json::to_string(&report)

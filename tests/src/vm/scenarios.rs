@@ -1,8 +1,9 @@
 //! The index of the kernel scenarios: each returns `Ok(summary)` or
 //! `Err(why)`, and the runner prints one result line per scenario. The
 //! bodies live by topic (`exchange`, `providers`, `failure`, `service`,
-//! `gate_edges`, `event_loops`, `stress`); what they share is in `support` and
-//! `wire_check`. tests/README.md says how to add one.
+//! `gate_paths`, `gate_edges`, `gate_abuse`, `event_loops`, `stress`); what
+//! they share is in `support` and `wire_check`. tests/README.md says how to
+//! add one.
 
 /// A scenario: name and body.
 pub type Scenario = (&'static str, ScenarioFn);
@@ -87,7 +88,7 @@ pub const TESTS: &[Scenario] = &[
     ),
     (
         "provider_kill9_under_load",
-        super::service::provider_kill9_under_load,
+        super::restarts::provider_kill9_under_load,
     ),
     (
         "mismatched_providers_fail_closed",
@@ -95,16 +96,16 @@ pub const TESTS: &[Scenario] = &[
     ),
     (
         "core_kill9_under_load",
-        super::service::core_kill9_under_load,
+        super::restarts::core_kill9_under_load,
     ),
-    ("core_gone_release", super::service::core_gone_release),
+    ("core_gone_release", super::restarts::core_gone_release),
     (
         "malformed_config_is_refused",
         super::failure::malformed_config,
     ),
     (
         "gate_owner_from_hold_io_uring_and_fork",
-        super::gate_edges::owner_from_hold,
+        super::gate_paths::owner_from_hold,
     ),
     (
         "gate_tcp_fast_open_refused_and_falls_back",
@@ -112,21 +113,25 @@ pub const TESTS: &[Scenario] = &[
     ),
     (
         "gate_exempt_pid_reused_is_held",
-        super::gate_edges::exempt_pid_reuse,
+        super::gate_abuse::exempt_pid_reuse,
     ),
     (
         "gate_event_flood_from_one_app",
-        super::gate_edges::event_flood,
+        super::gate_abuse::event_flood,
     ),
     (
         "gate_conns_map_full_fails_closed",
-        super::gate_edges::conns_map_full,
+        super::gate_abuse::conns_map_full,
     ),
     ("gate_half_close_before_keys", super::gate_edges::half_close),
     ("gate_same_node_pods", super::gate_edges::same_node),
     (
         "gate_oob_zerocopy_repair",
         super::gate_edges::unusual_socket_calls,
+    ),
+    (
+        "gate_io_uring_send_recv",
+        super::gate_paths::uring_send_recv,
     ),
     (
         "gate_event_loops_are_never_stopped",

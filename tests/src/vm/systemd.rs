@@ -14,10 +14,8 @@ use serde_json::Value;
 
 use super::node::{Node, NodeSpec};
 use super::process::{finish, run, state};
-use super::service::{
-    LONG, LoadServer, exchange_client, exchange_server, metric, recovered, report, sleep_until,
-    start_load_with,
-};
+use super::restarts::{exchange_client, exchange_server, recovered, sleep_until};
+use super::service::{LONG, LoadServer, metric, report, start_load_with};
 use super::wire_check::{Capture, check_wire_with_keys};
 
 /// Where the VM image holds the dist directory and the test PKI.

@@ -126,6 +126,10 @@ pub struct WireReport {
     /// Protected flows that were never keyed (reset under fail-closed):
     /// no marker, and nothing but TLS handshake bytes from a provider.
     pub unkeyed_flows: usize,
+    /// io_uring requests that completed with `EINTR` (the gate's hold)
+    /// and were submitted again, summed over the apps' reports
+    /// (`captured_exchanges` only).
+    pub uring_interrupted: u64,
 }
 
 /// Checks every flow: protected ones carry only TLS records, no marker,
@@ -325,11 +329,17 @@ pub fn captured_exchanges_on(
     apps: &[App],
 ) -> Result<WireReport, String> {
     let cap = Capture::start_on(name, iface)?;
+    let mut uring_interrupted = 0;
     for app in apps {
         let (s, c) = run_pair(app, &[], Duration::from_secs(60))?;
         both_ok(app, &s, &c)?;
+        uring_interrupted += [&s, &c]
+            .iter()
+            .map(|r| r["uring_interrupted"].as_u64().unwrap_or(0))
+            .sum::<u64>();
     }
-    let report = check_wire(&cap.finish()?, a, b)?;
+    let mut report = check_wire(&cap.finish()?, a, b)?;
+    report.uring_interrupted = uring_interrupted;
     let protected: usize = apps
         .iter()
         .filter(|app| app.port == PROTECTED_PORT)

@@ -1,0 +1,291 @@
+//! No app can get around the gate or wedge the node with numbers: a pid
+//! reused after an exempt provider, a flood of events from one socket, and
+//! a full connection map.
+
+use std::time::Duration;
+
+use super::node::{NodeSpec, PLAIN_PORT, PROTECTED_PORT, ProviderKind};
+use super::process;
+use super::support::{App, both_ok, nodes, run_pair};
+use super::wire_check::Capture;
+
+/// An exemption names a process, not a pid: a process that gets the pid of
+/// an exited provider is held like any other. Node A's provider is killed
+/// (its pid stays in the core's exempt map until another provider
+/// connects); a client started with exactly that pid (through
+/// `/proc/sys/kernel/ns_last_pid`) sends the marker to the protected port.
+/// It must be held (the provider is gone, so fail-closed resets it at the
+/// key timeout) and the wire must not carry its bytes; a plain control
+/// connection in the same capture must.
+pub fn exempt_pid_reuse() -> Result<String, String> {
+    use super::support::{json, ok, pod_b_addr};
+    let (mut a, b) = nodes(NodeSpec::new("a"), NodeSpec::new("b"))?;
+    let provider_pid = a.provider_pid(ProviderKind::OpenSsl);
+    if provider_pid < 2 {
+        return Err(format!("node a's provider pid is {provider_pid}"));
+    }
+    let cap = Capture::start("pid-reuse")?;
+    let server = process::spawn_ready(
+        "pod-b",
+        &[
+            "tlshub-testapp",
+            "server",
+            "--listen",
+            &format!("0.0.0.0:{PROTECTED_PORT}"),
+            "--size",
+            "10000",
+        ],
+        "listening",
+        Duration::from_secs(10),
+    )?;
+    a.kill_provider(ProviderKind::OpenSsl);
+    let held_before = a.stat(|s| s.gate_stops);
+    // The client shell waits a second before it becomes the test app, so
+    // a try that got another pid is killed before it connects.
+    let client_cmd = format!(
+        "sleep 1; exec tlshub-testapp client --connect {} --size 10000",
+        pod_b_addr(PROTECTED_PORT)
+    );
+    let mut client = None;
+    for _ in 0..200 {
+        std::fs::write(
+            "/proc/sys/kernel/ns_last_pid",
+            (provider_pid - 1).to_string(),
+        )
+        .map_err(|e| format!("ns_last_pid: {e}"))?;
+        let c = process::spawn_app("pod-a", &["sh", "-c", &client_cmd])?;
+        if c.id() == provider_pid {
+            client = Some(c);
+            break;
+        }
+    }
+    let client = client.ok_or(format!(
+        "no client got pid {provider_pid} in 200 tries (other processes took it)"
+    ))?;
+    let c = json(&process::finish(client, Duration::from_secs(30))?)?;
+    drop(server);
+    let control = App::exchange(10_000, PLAIN_PORT);
+    let (s2, c2) = run_pair(&control, &[], Duration::from_secs(30))?;
+    both_ok(&control, &s2, &c2)?;
+    // The protected connection was reset before keys: no keys to check it
+    // against, and no marker may have crossed.
+    let report = super::wire_check::check_wire_allowing_unkeyed(&cap.finish()?, &a, &b, true)?;
+    if ok(&c) {
+        return Err(format!(
+            "the client with the dead provider's pid {provider_pid} completed an exchange with no provider: it was let through ({c})"
+        ));
+    }
+    if report.plain_flows_with_marker == 0 {
+        return Err("the control flow's plaintext was not seen: the capture is blind".into());
+    }
+    std::thread::sleep(Duration::from_millis(1500));
+    let held = a.stat(|s| s.gate_stops) - held_before;
+    if held == 0 {
+        return Err("the client with the reused pid was never held".into());
+    }
+    Ok(format!(
+        "a client with the killed provider's pid {provider_pid} was held {held} time(s) and failed closed ({}); no marker on the protected port, the plain control showed it",
+        c["error"].as_str().unwrap_or("")
+    ))
+}
+
+/// One app that calls connect() on its keyed socket 200,000 times (each
+/// fails with EISCONN; every call reaches the connect hook) next to 100
+/// ordinary connections from 4 other clients: the hook reports an owner
+/// once per socket and owner, so the node's event ring buffer loses
+/// nothing and every ordinary connection is keyed.
+pub fn event_flood() -> Result<String, String> {
+    use super::support::{json, ok};
+    const FLOOD: u32 = 200_000;
+    let (a, b) = nodes(NodeSpec::new("a"), NodeSpec::new("b"))?;
+    let (clients, each) = (4u32, 25u32);
+    let listen = format!("0.0.0.0:{PROTECTED_PORT}");
+    let total = (clients * each + 1).to_string();
+    let server = process::spawn_ready(
+        "pod-b",
+        &[
+            "tlshub-testapp",
+            "server",
+            "--parallel",
+            "--listen",
+            &listen,
+            "--mode",
+            "echo",
+            "--connections",
+            &total,
+        ],
+        "listening",
+        Duration::from_secs(10),
+    )?;
+    let echo_client = |flag: &str, n: u32| {
+        super::support::spawn_client(PROTECTED_PORT, &["--mode", "echo", flag, &n.to_string()])
+    };
+    let started = std::time::Instant::now();
+    let flooder = echo_client("--connect-again", FLOOD)?;
+    let mut normal = Vec::new();
+    for _ in 0..clients {
+        normal.push(echo_client("--connections", each)?);
+    }
+    for child in normal {
+        let c = json(&process::finish(child, Duration::from_secs(300))?)?;
+        if !ok(&c) {
+            return Err(format!("an ordinary client failed next to the flood: {c}"));
+        }
+    }
+    let f = json(&process::finish(flooder, Duration::from_secs(300))?)?;
+    let elapsed = started.elapsed();
+    if !ok(&f) || f["eisconn"].as_u64() != Some(u64::from(FLOOD)) {
+        return Err(format!(
+            "the flooding client did not make its {FLOOD} calls: {f}"
+        ));
+    }
+    let s = json(&process::finish(server, Duration::from_secs(30))?)?;
+    if !ok(&s) {
+        return Err(format!("server: {s}"));
+    }
+    std::thread::sleep(Duration::from_millis(1500));
+    let want = u64::from(clients * each + 1);
+    for (n, name) in [(&a, "a"), (&b, "b")] {
+        let (drops, protected) = (n.stat(|s| s.ringbuf_drops), n.stat(|s| s.protected));
+        if drops != 0 || protected < want {
+            return Err(format!(
+                "node {name}: {drops} ring buffer drops, {protected} protected (want 0 and {want})"
+            ));
+        }
+    }
+    // Per connection: ESTABLISHED, OWNER, a few holds, CLOSED. The flood
+    // itself must not show: 200,000 calls would be 200,000 OWNER events.
+    let events = a.stat(|s| s.events_received);
+    if events > 20 * want {
+        return Err(format!(
+            "node a read {events} events for {want} connections: the connect() flood reached the ring buffer"
+        ));
+    }
+    Ok(format!(
+        "{FLOOD} connect() calls on one keyed socket next to {} ordinary connections: all {want} keyed on both nodes, 0 ring buffer drops, node a read {events} events, {:.1} s",
+        clients * each,
+        elapsed.as_secs_f64()
+    ))
+}
+
+/// Capacity never means plaintext, and open connections cost no capacity.
+/// Node A's `conns` map holds 16 entries (`[bpf] max_connections = 16`).
+///
+/// 1. Keyed connections keep no entry: 48 long-lived connections (three
+///    times the map) are keyed and stay open while short ones are opened
+///    at 2/s, and every one of them is keyed too (`map_full` stays 0).
+/// 2. Connections waiting for keys do: with node A's provider hanging (20 s
+///    key timeout), 16 clients fill the map, and each further one must fail
+///    closed at once (its app's calls fail with `ECONNRESET`, counted as
+///    `map_full`), with no marker on the wire. The 16 are reset at the key
+///    timeout; then a new connection is keyed again. A plain control flow
+///    shows the marker.
+pub fn conns_map_full() -> Result<String, String> {
+    use super::service::{LoadServer, report, start_load_with};
+    use super::support::{expect_reset, json, spawn_client};
+    const MAX: u32 = 16;
+    const LONG: u32 = 3 * MAX;
+    // 1. Keyed connections leave the map.
+    let mut sa = NodeSpec::new("a");
+    sa.max_connections = Some(MAX);
+    let (a, b) = nodes(sa.clone(), NodeSpec::new("b"))?;
+    let server = LoadServer::start()?;
+    let client = start_load_with(LONG, 6, 2.0)?;
+    // All long ones are keyed and open now; the map holds only what waits.
+    std::thread::sleep(Duration::from_millis(1500));
+    let entries_while_open = a.stat(|s| s.bpf_maps.0 as u64);
+    let r = report(&process::finish(client, Duration::from_secs(120))?)?;
+    drop(server);
+    let attempted = r["short_attempted"].as_u64().unwrap_or(0);
+    if r["long_opened"].as_u64() != Some(u64::from(LONG))
+        || r["long_broken"].as_u64() != Some(0)
+        || r["corrupt"].as_u64() != Some(0)
+        || attempted == 0
+        || r["short_ok"].as_u64() != Some(attempted)
+    {
+        return Err(format!(
+            "{LONG} keyed connections open must leave room in a map of {MAX}: {r}"
+        ));
+    }
+    let keyed = a.stat_reaching(|s| s.protected, u64::from(LONG) + attempted);
+    let full = a.stat(|s| s.map_full);
+    if keyed < u64::from(LONG) + attempted || full != 0 || entries_while_open >= u64::from(MAX) {
+        return Err(format!(
+            "node a: {keyed} keyed (want {}), map_full {full}, {entries_while_open} conns entries with the long ones open",
+            u64::from(LONG) + attempted
+        ));
+    }
+    drop((a, b));
+
+    // 2. Waiting connections fill it, and the next ones fail closed.
+    // Long enough for 16 client processes to start and connect under TCG
+    // (on 6.12 that took more than 5 s) before the first is reset.
+    sa.provider = ProviderKind::Bad("hang");
+    sa.key_timeout_ms = 20_000;
+    let mut sb = NodeSpec::new("b");
+    // Node b must not reset the connections first (its provider waits for
+    // a handshake that node a never starts).
+    sb.key_timeout_ms = 40_000;
+    let (a, b) = nodes(sa, sb)?;
+    let cap = Capture::start("map-full")?;
+    let server = LoadServer::start()?;
+    let size = ["--size", "100"];
+    let mut waiting = Vec::new();
+    for _ in 0..MAX {
+        waiting.push(spawn_client(PROTECTED_PORT, &size)?);
+    }
+    let filled = a.stat_reaching_in(
+        |s| s.bpf_maps.0 as u64,
+        u64::from(MAX),
+        Duration::from_secs(15),
+    );
+    if filled < u64::from(MAX) {
+        return Err(format!(
+            "{MAX} clients waiting for keys filled {filled} of {MAX} conns entries"
+        ));
+    }
+    const OVER: u32 = 4;
+    let t = std::time::Instant::now();
+    for i in 0..OVER {
+        let c = json(&process::finish(
+            spawn_client(PROTECTED_PORT, &size)?,
+            Duration::from_secs(60),
+        )?)?;
+        expect_reset(&c).map_err(|e| format!("client {i} over a full map: {e}"))?;
+    }
+    let refused_in = t.elapsed();
+    if refused_in > Duration::from_secs(8) {
+        return Err(format!(
+            "{OVER} clients over a full map took {refused_in:?} to fail: they waited instead of failing at once"
+        ));
+    }
+    for (i, c) in waiting.into_iter().enumerate() {
+        let c = json(&process::finish(c, Duration::from_secs(60))?)?;
+        expect_reset(&c).map_err(|e| format!("waiting client {i}: {e}"))?;
+    }
+    drop(server);
+    let full = a.stat_reaching(|s| s.map_full, u64::from(OVER));
+    if full < u64::from(OVER) {
+        return Err(format!(
+            "node a counted {full} map-full failures for {OVER} clients over a full map"
+        ));
+    }
+    drop((a, b));
+    let (a, b) = nodes(NodeSpec::new("a"), NodeSpec::new("b"))?;
+    let control = App::exchange(10_000, PLAIN_PORT);
+    let (s, c) = run_pair(&control, &[], Duration::from_secs(30))?;
+    both_ok(&control, &s, &c)?;
+    let after = App::exchange(10_000, PROTECTED_PORT);
+    let (s, c) = run_pair(&after, &[], Duration::from_secs(30))?;
+    both_ok(&after, &s, &c)?;
+    let wire = super::wire_check::check_wire_allowing_unkeyed(&cap.finish()?, &a, &b, true)?;
+    if wire.plain_flows_with_marker == 0 {
+        return Err("the control flow's plaintext was not seen: the capture is blind".into());
+    }
+    Ok(format!(
+        "conns of {MAX} entries: {LONG} keyed long connections open and {attempted} short ones keyed meanwhile ({entries_while_open} entries in use, map_full 0); {MAX} connections waiting for keys filled it and {OVER} more failed closed in {:.1} s (map_full {full}), the {MAX} reset at the key timeout; no marker on the wire ({} protected flows, {} decrypted); then a new connection was keyed",
+        refused_in.as_secs_f64(),
+        wire.protected_flows,
+        wire.decrypted
+    ))
+}

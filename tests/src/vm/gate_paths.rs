@@ -1,0 +1,153 @@
+//! Paths to the socket other than connect()/accept() and read()/write() in
+//! the process that made it: sockets connected or accepted through
+//! io_uring or handed to another process, and bytes moved by io_uring's own
+//! SEND and RECV. The gate holds each (the mark is on the socket), and the
+//! core keys each from the process the gate holds.
+
+use super::node::{NodeSpec, PLAIN_PORT, PROTECTED_PORT};
+use super::support::{App, nodes};
+use super::wire_check::{captured_exchanges, with_ktls_sockets};
+
+/// Sockets whose owner no syscall hook reports, or reports wrongly, are
+/// gated and then keyed from the process the gate holds:
+/// - connected and accepted through io_uring or through the 32-bit entry
+///   (`int $0x80`; no 64-bit connect/accept system call: no OWNER event at
+///   all), sending with sendfile() and splice(), which on 6.1 pass only the
+///   `file_permission` gate;
+/// - handed to a forked child by the process that connected or accepted,
+///   which closes its own copy at once (the inetd/sshd pattern; the OWNER
+///   event names the parent, which may no longer have the socket when the
+///   core looks);
+/// - both at once.
+///
+/// Every protected flow must decrypt, a plain control flow must show its
+/// marker, and the io_uring and 32-bit connections must have been keyed from a hold
+/// (proving the path under test ran).
+pub fn owner_from_hold() -> Result<String, String> {
+    let (a, b) = nodes(NodeSpec::new("a"), NodeSpec::new("b"))?;
+    let unwatched = |via, mode, send, recv, io| App {
+        mode,
+        send,
+        recv,
+        io,
+        via,
+        ..App::exchange(1 << 20, PROTECTED_PORT)
+    };
+    let handed = |handoff, mode, send, recv, via| App {
+        mode,
+        send,
+        recv,
+        via,
+        handoff,
+        connections: 3,
+        ..App::exchange(100_000, PROTECTED_PORT)
+    };
+    let apps = [
+        unwatched("io-uring", "client-first", "sendfile", "splice", "blocking"),
+        unwatched("io-uring", "server-first", "splice", "read", "epoll"),
+        unwatched("io-uring", "client-first", "write", "recv", "epoll"),
+        unwatched("int80", "client-first", "sendfile", "read", "blocking"),
+        unwatched("int80", "server-first", "splice", "recv", "epoll"),
+        handed("fork", "client-first", "sendfile", "read", "syscall"),
+        handed("fork", "server-first", "write", "splice", "syscall"),
+        handed("fork", "client-first", "splice", "recvmsg", "io-uring"),
+        handed("scm-rights", "client-first", "sendfile", "read", "syscall"),
+        handed("scm-rights", "server-first", "write", "recv", "io-uring"),
+        // The control: unselected, so its marker must be seen in clear.
+        App::exchange(10_000, PLAIN_PORT),
+    ];
+    // Connections whose connect/accept no owner hook sees.
+    let unwatched_conns: u64 = apps
+        .iter()
+        .filter(|x| x.port == PROTECTED_PORT && x.via != "syscall")
+        .map(|x| u64::from(x.connections))
+        .sum();
+    let protected: u64 = apps
+        .iter()
+        .filter(|x| x.port == PROTECTED_PORT)
+        .map(|x| u64::from(x.connections))
+        .sum();
+    let report = with_ktls_sockets(2 * protected, || {
+        captured_exchanges("owner-from-hold", &a, &b, &apps)
+    })?;
+    if report.plain_flows_with_marker == 0 {
+        return Err("the control flow's plaintext was not seen: the capture is blind".into());
+    }
+    // Each such connection has two ends, one per node, and neither had an
+    // OWNER event: both were found from a hold.
+    let from_hold = [a.stat(|s| s.owner_from_hold), b.stat(|s| s.owner_from_hold)];
+    if from_hold.iter().any(|&n| n < unwatched_conns) {
+        return Err(format!(
+            "keyed from a hold: node a {}, node b {}; want at least {unwatched_conns} each (the io_uring and 32-bit connections)",
+            from_hold[0], from_hold[1]
+        ));
+    }
+    let gone = [a.stat(|s| s.socket_gone), b.stat(|s| s.socket_gone)];
+    let terminal = [a.stat(|s| s.gate_terminal), b.stat(|s| s.gate_terminal)];
+    if terminal != [0, 0] {
+        return Err(format!("gates put in the terminal state: {terminal:?}"));
+    }
+    Ok(format!(
+        "{protected} connections (io_uring, int $0x80, fork handoff, SCM_RIGHTS handoff, io_uring and fork) exact both ways; {} flows TLS-only and decrypted; control flow plain; keyed from a hold: a {} b {}; socket gone from the first owner: a {} b {}",
+        report.protected_flows, from_hold[0], from_hold[1], gone[0], gone[1]
+    ))
+}
+
+/// Apps that move every byte with io_uring SEND and RECV, on blocking
+/// sockets (the common io_uring use) and on non-blocking ones, connected
+/// with connect()/accept() and through io_uring, both orders, 1 B and
+/// 1 MiB: exact bytes both ways. A blocking app's request that meets the
+/// closed gate completes with `EINTR` once the app is continued (io_uring
+/// does not restart a request a signal interrupted), and the test app
+/// submits it again as Rust's `write_all` would; any other error
+/// completion fails. Both nodes must have held an io_uring app (the path
+/// under test ran), every protected flow must decrypt, and a plain control
+/// flow must show its marker.
+pub fn uring_send_recv() -> Result<String, String> {
+    let (a, b) = nodes(NodeSpec::new("a"), NodeSpec::new("b"))?;
+    let uring = |mode, size, io, via| App {
+        mode,
+        size,
+        send: "io-uring",
+        recv: "io-uring",
+        io,
+        via,
+        ..App::exchange(size, PROTECTED_PORT)
+    };
+    let apps = [
+        uring("client-first", 1, "blocking", "syscall"),
+        uring("server-first", 1 << 20, "blocking", "syscall"),
+        uring("client-first", 1 << 20, "blocking", "io-uring"),
+        uring("server-first", 1, "blocking", "io-uring"),
+        uring("client-first", 100_000, "epoll", "syscall"),
+        uring("server-first", 100_000, "epoll-edge", "io-uring"),
+        // The control: unselected, so its marker must be seen in clear.
+        App::exchange(10_000, PLAIN_PORT),
+    ];
+    let protected = apps.iter().filter(|x| x.port == PROTECTED_PORT).count() as u64;
+    let report = with_ktls_sockets(2 * protected, || {
+        captured_exchanges("io-uring-send-recv", &a, &b, &apps)
+    })?;
+    if report.plain_flows_with_marker == 0 {
+        return Err("the control flow's plaintext was not seen: the capture is blind".into());
+    }
+    let stops = [a.stat(|s| s.gate_stops), b.stat(|s| s.gate_stops)];
+    let eagain = [a.stat(|s| s.gate_eagain), b.stat(|s| s.gate_eagain)];
+    let terminal = [a.stat(|s| s.gate_terminal), b.stat(|s| s.gate_terminal)];
+    if terminal != [0, 0] {
+        return Err(format!("gates put in the terminal state: {terminal:?}"));
+    }
+    // The provider's in-band handshake keeps every app's first request
+    // waiting, so each node held its blocking io_uring apps, and each hold
+    // interrupted a request.
+    if stops.contains(&0) || report.uring_interrupted == 0 {
+        return Err(format!(
+            "processes stopped: a {} b {}; io_uring requests interrupted: {}; want some of each (the blocking io_uring apps' first requests)",
+            stops[0], stops[1], report.uring_interrupted
+        ));
+    }
+    Ok(format!(
+        "{protected} connections moving every byte with io_uring SEND/RECV (blocking and non-blocking sockets; connect/accept and io_uring; both orders) exact both ways (interrupted requests submitted again); {} flows TLS-only and decrypted; control plain; processes stopped a {} b {}; io_uring requests interrupted {}; calls answered EAGAIN a {} b {}",
+        report.protected_flows, stops[0], stops[1], report.uring_interrupted, eagain[0], eagain[1]
+    ))
+}
