@@ -436,10 +436,10 @@ pub struct Lane<'a> {
 
 /// Runs the lanes side by side and fails naming every boot that failed.
 ///
-/// Why this is safe for the scenarios' timing: every boot runs qemu's TCG
-/// on one host thread (`TCG_ONE_THREAD`), so two lanes on a two-core host
-/// each get a core of their own, as one boot alone does. The guest clock is
-/// the host's, so a lane's scenarios see the same speed either way.
+/// Every boot runs qemu's TCG on one host thread (`TCG_ONE_THREAD`), so two
+/// lanes on a two-core host each get a core. They still slow each other
+/// down by about a third (tests/README.md, "Running"), which the
+/// scenarios tolerate and the systemd VM's restart timing does not.
 pub fn run_lanes(lanes: Vec<Lane<'_>>) -> Result<()> {
     // Made once before the lanes start, so that two boots never race to
     // create it.
