@@ -62,6 +62,8 @@ pub struct Agent {
     send_buffer_floor: u32,
     /// Whether the gate was seen to know kTLS's receive method.
     gate_knows_ktls: bool,
+    /// The `conns` map as keying jobs read it.
+    conns: Arc<crate::bpf::ConnsReader>,
 }
 
 impl std::fmt::Debug for Agent {
@@ -121,7 +123,9 @@ impl Agent {
             send_buffer_floor, "protected sockets get at least this send buffer (0: untouched)"
         );
         let table = ConnTable::new(config.failure_policy, metrics.clone());
+        let conns = Arc::new(programs.conns_reader()?);
         let mut agent = Self {
+            conns,
             send_buffer_floor,
             gate_knows_ktls: false,
             config,
@@ -292,6 +296,7 @@ impl Agent {
                 timeout: self.config.key_timeout(),
                 keylog: self.keylog.clone(),
                 send_buffer_floor: self.send_buffer_floor,
+                conns: self.conns.clone(),
             };
             let span = info_span!("conn", cookie = job.cookie, local = %job.local, remote = %job.remote, pid = job.pid, fd = job.fd, role = ?job.role, provider = %provider.name);
             let done = done.clone();

@@ -129,6 +129,25 @@ impl Exempt {
     }
 }
 
+/// A handle of its own on the pinned `conns` map, for keying jobs: right
+/// before installing keys a job checks that the socket still carries the
+/// connection it keyed (see [`crate::keying::Job::carried_by`]).
+pub struct ConnsReader(HashMap<MapData, u64, Conn>);
+
+impl std::fmt::Debug for ConnsReader {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ConnsReader")
+    }
+}
+
+impl ConnsReader {
+    /// The connection `cookie` is waiting for keys on, as the map holds it
+    /// now (none: the socket's connection ended, or it was keyed).
+    pub fn conn(&self, cookie: u64) -> Option<Conn> {
+        self.0.get(&cookie, 0).ok()
+    }
+}
+
 /// The loaded and attached programs and the maps the core uses.
 pub struct Programs {
     /// Keeps programs and links alive; dropping it detaches everything.
@@ -516,6 +535,15 @@ impl Programs {
     /// The gate state of a connection, `None` once the socket closed.
     pub fn conn(&self, cookie: u64) -> Option<Conn> {
         self.conns.get(&cookie, 0).ok()
+    }
+
+    /// A second handle on `conns` (opened from its pin), for keying jobs.
+    pub fn conns_reader(&self) -> Result<ConnsReader, BpfError> {
+        let path = self.pin_dir.join("maps").join(names::CONNS);
+        let data = MapData::from_pin(&path).map_err(map_err(names::CONNS))?;
+        let map =
+            HashMap::try_from(aya::maps::Map::HashMap(data)).map_err(map_err(names::CONNS))?;
+        Ok(ConnsReader(map))
     }
 
     /// Opens the gate of a connection for good (keyed, or let through by

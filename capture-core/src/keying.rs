@@ -12,6 +12,9 @@ use tlshub_provider_sdk::client::ClientError;
 use tlshub_provider_sdk::socket::{socket_cookie, take_fd};
 use tlshub_provider_sdk::{CipherSuite, KeyRequest, Role, SocketHandle, TlsVersion};
 
+use tlshub_ebpf::{Conn, kind};
+
+use crate::bpf::ConnsReader;
 use crate::providers::Provider;
 use crate::sys::{self, KtlsStep};
 
@@ -46,6 +49,28 @@ pub struct Job {
     /// The send buffer the socket gets at least (0: left alone); see
     /// [`crate::config::KtlsSection::send_buffer_floor`].
     pub send_buffer_floor: u32,
+    /// The node's `conns` map, read right before the keys go in.
+    pub conns: Arc<ConnsReader>,
+}
+
+impl Job {
+    /// Whether `now`, the socket's `conns` entry right before the keys go
+    /// in, is still the connection this job keyed: the same ISNs both ways.
+    /// A socket disconnected meanwhile has no entry (`TCP_CLOSE` removed
+    /// it), and one connected again has its new connection's ISNs.
+    pub fn carried_by(&self, now: Option<&Conn>) -> bool {
+        is_connection(now, self.local_isn, self.remote_isn)
+    }
+}
+
+/// Whether the `conns` entry `now` is the established connection with these
+/// ISNs.
+fn is_connection(now: Option<&Conn>, local_isn: u32, remote_isn: u32) -> bool {
+    now.is_some_and(|c| {
+        c.est.kind == kind::ESTABLISHED
+            && c.est.local_isn == local_isn
+            && c.est.remote_isn == remote_isn
+    })
 }
 
 /// An opt-in export of installed keys, one JSON line per connection, so a
@@ -97,6 +122,14 @@ pub enum KeyingError {
     /// The provider did not produce usable keys.
     #[error(transparent)]
     Provider(#[from] ClientError),
+    /// The socket no longer carries the connection the job is for (it was
+    /// disconnected, and maybe connected again, before the provider was
+    /// asked or while it worked); nothing was installed.
+    #[error("socket {cookie} no longer carries the connection these keys are for")]
+    Reconnected {
+        /// Cookie.
+        cookie: u64,
+    },
     /// The kernel refused a kTLS step.
     #[error("kTLS {step:?} failed: {source}")]
     Install {
@@ -114,6 +147,7 @@ impl KeyingError {
         match self {
             Self::SocketGone { .. } => "socket_gone",
             Self::TakeSocket { .. } => "take_socket",
+            Self::Reconnected { .. } => "reconnected",
             Self::Provider(e) => e.reason(),
             Self::Install { .. } => "ktls_install",
         }
@@ -234,6 +268,13 @@ pub async fn run(job: Job, provider: Arc<Provider>) -> Outcome {
             return outcome(None, Err(KeyingError::TakeSocket { pid, fd, source }));
         }
     };
+    // An app may disconnect the socket and connect it again (same cookie)
+    // before the job gets here: a handshake provider would then run this
+    // connection's handshake on the new one and use up the peer's, so the
+    // new connection's own job would find a peer that is keyed already.
+    if !job.carried_by(job.conns.conn(cookie).as_ref()) {
+        return outcome(Some(socket), Err(KeyingError::Reconnected { cookie }));
+    }
     let mut request = KeyRequest {
         socket_cookie: cookie,
         role: job.role,
@@ -295,6 +336,14 @@ pub async fn run(job: Job, provider: Arc<Provider>) -> Outcome {
             Err(e) => tracing::warn!(error = %e, "cannot raise the send buffer"),
         }
     }
+    // Again, since the provider took milliseconds or more: keys for the
+    // old connection on the new one would open the gate (kTLS is on) and
+    // send the app's bytes under a key the new peer does not have. A
+    // reconnect between this check and the install remains possible
+    // (microseconds); the state machine resets such a socket.
+    if !job.carried_by(job.conns.conn(cookie).as_ref()) {
+        return outcome(Some(socket), Err(KeyingError::Reconnected { cookie }));
+    }
     let result = sys::install_ktls(socket.as_fd(), &keys)
         .map(|()| Installed {
             version: keys.version,
@@ -308,6 +357,28 @@ pub async fn run(job: Job, provider: Arc<Provider>) -> Outcome {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn keys_go_only_on_the_connection_they_were_made_for() {
+        let conn = |kind, local_isn, remote_isn| Conn {
+            est: tlshub_ebpf::Event {
+                kind,
+                local_isn,
+                remote_isn,
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        let same = conn(kind::ESTABLISHED, 7, 9);
+        assert!(is_connection(Some(&same), 7, 9));
+        // Disconnected: TCP_CLOSE removed the entry.
+        assert!(!is_connection(None, 7, 9));
+        // Connected again: new ISNs (either one differing is enough).
+        assert!(!is_connection(Some(&conn(kind::ESTABLISHED, 8, 9)), 7, 9));
+        assert!(!is_connection(Some(&conn(kind::ESTABLISHED, 7, 10)), 7, 9));
+        // Connecting again, not established yet.
+        assert!(!is_connection(Some(&conn(0, 7, 9)), 7, 9));
+    }
 
     #[test]
     fn a_provider_gets_the_key_timeout_less_a_margin_for_its_answer() {

@@ -657,6 +657,23 @@ impl ConnTable {
             self.maybe_start(cookie);
             return;
         }
+        if let Err(KeyingError::Reconnected { .. }) = &result {
+            // The job saw the socket's connection end (or be replaced)
+            // before this table read the events that say so, and installed
+            // nothing. Those events decide what comes next, in order: a
+            // CLOSED forgets the connection, the new connection's
+            // ESTABLISHED starts its own job (the owner still holds the
+            // socket).
+            if let Some(p) = self.pending.get_mut(&cookie) {
+                p.job = None;
+                p.established = None;
+            }
+            debug!(
+                cookie,
+                job, "the socket no longer carries the connection keyed; waiting for its events"
+            );
+            return;
+        }
         let pending = self.pending.remove(&cookie);
         let label = ProviderLabel {
             provider: provider.clone(),

@@ -451,6 +451,27 @@ impl Conn {
     }
 }
 
+/// Disconnects a connected socket (`connect()` to an `AF_UNSPEC`
+/// address): its connection ends (the peer gets a reset) and the socket can
+/// connect again, keeping its cookie.
+pub fn disconnect(sock: &socket2::Socket) -> io::Result<()> {
+    // SAFETY: a zeroed sockaddr is a valid AF_UNSPEC (0) address.
+    let mut addr: libc::sockaddr = unsafe { std::mem::zeroed() };
+    addr.sa_family = libc::AF_UNSPEC as libc::sa_family_t;
+    // SAFETY: addr is a live sockaddr of the given length; the fd is open.
+    let rc = unsafe {
+        libc::connect(
+            sock.as_raw_fd(),
+            &addr,
+            std::mem::size_of::<libc::sockaddr>() as libc::socklen_t,
+        )
+    };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// How an application gets its connected socket.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
 #[serde(rename_all = "kebab-case")]

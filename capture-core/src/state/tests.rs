@@ -599,6 +599,59 @@ fn a_failed_job_of_a_previous_connection_lets_the_next_one_be_keyed() {
     assert_eq!(t.stats().protected, 1);
 }
 
+/// The job saw the socket's connection replaced (no install) before the
+/// table read the events that say so.
+fn reconnected(start: &Start) -> Outcome<FakeSocket> {
+    outcome(
+        start,
+        Err(KeyingError::Reconnected {
+            cookie: start.cookie,
+        }),
+    )
+}
+
+#[test]
+fn keys_found_to_be_for_a_replaced_connection_wait_for_its_events_and_fail_nothing() {
+    for closed_event_lost in [false, true] {
+        let (mut t, mut k) = (table(FailurePolicy::FailClosed), FakeKernel::default());
+        let first = keying(&mut t, &mut k, COOKIE);
+        // The job's check ran after the app reconnected; the table has not
+        // read the CLOSED and ESTABLISHED events yet.
+        let second = established(COOKIE, 1);
+        k.track(COOKIE, second);
+        t.on_outcome(&mut k, reconnected(&first));
+        assert!(k.resets.is_empty(), "nothing fails: {:?}", k.resets);
+        assert!(t.stats().failed.is_empty());
+        no_start(&mut t);
+        if !closed_event_lost {
+            t.on_event(&k, closed(COOKIE));
+        }
+        t.on_event(&k, second);
+        t.on_event(&k, owner(COOKIE, PID, 3));
+        let next = one_start(&mut t);
+        assert_eq!(
+            next.established, second,
+            "closed event lost: {closed_event_lost}"
+        );
+        t.on_outcome(&mut k, outcome(&next, installed()));
+        assert_eq!(k.gate(COOKIE), Some(gate::OPEN));
+        assert_eq!(t.stats().protected, 1);
+    }
+}
+
+#[test]
+fn keys_found_to_be_for_a_closed_connection_leave_it_to_its_closed_event() {
+    let (mut t, mut k) = (table(FailurePolicy::FailClosed), FakeKernel::default());
+    let first = keying(&mut t, &mut k, COOKIE);
+    k.conns.remove(&COOKIE);
+    t.on_outcome(&mut k, reconnected(&first));
+    assert!(k.resets.is_empty());
+    t.on_event(&k, closed(COOKIE));
+    assert!(t.pending().is_empty());
+    assert_eq!(t.stats().closed_before_keys, 1);
+    no_start(&mut t);
+}
+
 #[test]
 fn an_established_event_seen_twice_for_one_connection_changes_nothing() {
     let (mut t, mut k) = (table(FailurePolicy::FailClosed), FakeKernel::default());

@@ -73,6 +73,15 @@ struct Common {
     /// flooding the node's event path would.
     #[arg(long, default_value_t = 0)]
     connect_again: u32,
+    /// Client: connect, disconnect at once with `connect(AF_UNSPEC)` (the
+    /// keys of that first connection are still being made) and connect
+    /// the same socket again, then run the exchange on it. An attempt that
+    /// fails cleanly (an I/O error, not wrong bytes) is counted and tried
+    /// again, up to three times `connections` in all. Server: serve every
+    /// connection that comes until none has come for 5 s, counting those
+    /// that fail (the disconnected first ones).
+    #[arg(long)]
+    reconnect: bool,
 }
 
 #[derive(Debug, Subcommand)]
@@ -142,6 +151,15 @@ struct Report {
     /// again (`--send io-uring`, `--recv io-uring`).
     #[serde(skip_serializing_if = "is_zero")]
     uring_interrupted: u64,
+    /// `--reconnect`: attempts (client) or connections (server) that ended
+    /// in a clean I/O error.
+    #[serde(skip_serializing_if = "is_zero")]
+    failed_cleanly: u64,
+    /// `--reconnect`, client: attempts whose `connect(AF_UNSPEC)` was
+    /// refused (the socket was keyed already: the tls ULP cannot be
+    /// disconnected), so the exchange ran on the first connection.
+    #[serde(skip_serializing_if = "is_zero")]
+    disconnect_refused: u64,
     /// SO_SNDBUF of the last connection after its exchange.
     #[serde(skip_serializing_if = "Option::is_none")]
     send_buffer: Option<usize>,
@@ -313,6 +331,73 @@ fn serve_exchange(c: &mut Conn, common: &Common, r: &mut Report) -> std::io::Res
     Ok(())
 }
 
+/// Whether an exchange failed in a way that shows corrupt data rather than
+/// a connection that ended.
+fn corrupt(e: &std::io::Error) -> bool {
+    e.kind() == std::io::ErrorKind::InvalidData
+}
+
+/// `--reconnect`, server: serves connections one after another until none
+/// comes for 5 s (less than the harness waits for a server once its
+/// client is done); a connection that fails cleanly is counted, one with
+/// wrong bytes fails the run.
+fn serve_until_idle(l: &TcpListener, common: &Common, r: &mut Report) -> std::io::Result<()> {
+    socket2::SockRef::from(l).set_read_timeout(Some(std::time::Duration::from_secs(5)))?;
+    loop {
+        let s = match l.accept() {
+            Ok((s, _)) => s,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Ok(()),
+            Err(e) => return Err(e),
+        };
+        let mut one = Report::default();
+        match serve_one(s, common, &mut one) {
+            Ok(()) => {
+                r.connections += 1;
+                r.bytes_sent += one.bytes_sent;
+                r.bytes_received += one.bytes_received;
+            }
+            Err(e) if corrupt(&e) => return Err(e),
+            Err(_) => r.failed_cleanly += 1,
+        }
+    }
+}
+
+/// `--reconnect`, client: one exchange on a socket that was connected,
+/// disconnected and connected again, tried until it succeeds (attempts
+/// that fail cleanly are counted), three times in all at most.
+fn client_reconnecting(target: SocketAddr, common: &Common, r: &mut Report) -> std::io::Result<()> {
+    let mut last = None;
+    for _ in 0..3 {
+        let sock = socket2::Socket::new(
+            socket2::Domain::for_address(target),
+            socket2::Type::STREAM,
+            Some(socket2::Protocol::TCP),
+        )?;
+        sock.connect(&target.into())?;
+        match app_io::disconnect(&sock) {
+            Ok(()) => sock.connect(&target.into())?,
+            Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => r.disconnect_refused += 1,
+            Err(e) => return Err(e),
+        }
+        let mut one = Report::default();
+        let result = Conn::new(sock.into(), common.io)
+            .and_then(|mut c| client_exchange(&mut c, common, &mut one));
+        match result {
+            Ok(()) => {
+                r.bytes_sent += one.bytes_sent;
+                r.bytes_received += one.bytes_received;
+                return Ok(());
+            }
+            Err(e) if corrupt(&e) => return Err(e),
+            Err(e) => {
+                r.failed_cleanly += 1;
+                last = Some(e);
+            }
+        }
+    }
+    Err(last.unwrap_or_else(|| std::io::Error::other("no attempt")))
+}
+
 fn client_one(target: SocketAddr, common: &Common, r: &mut Report) -> std::io::Result<()> {
     let started = Instant::now();
     if common.fastopen != FastOpen::Off {
@@ -430,7 +515,9 @@ fn run(args: Args, r: &mut Report) -> std::io::Result<()> {
             }
             // Tell the runner we are listening.
             eprintln!("listening on {listen}");
-            if parallel {
+            if common.reconnect {
+                serve_until_idle(&l, &common, r)?;
+            } else if parallel {
                 std::thread::scope(|scope| {
                     let mut threads = Vec::new();
                     for _ in 0..common.connections {
@@ -480,6 +567,8 @@ fn run(args: Args, r: &mut Report) -> std::io::Result<()> {
                     let mut c = Conn::new(second, common.io)?;
                     send_pattern(&mut c, &common, CLIENT_SEED, r)?;
                     recv_pattern(&mut c, &common, SERVER_SEED, r)?;
+                } else if common.reconnect {
+                    client_reconnecting(connect, &common, r)?;
                 } else {
                     client_one(connect, &common, r)?;
                 }

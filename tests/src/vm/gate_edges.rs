@@ -7,7 +7,9 @@ use super::node::{NodeSpec, PLAIN_PORT, PROTECTED_PORT, ProviderKind};
 use super::process;
 use super::support::{App, both_ok, nodes, run_pair};
 use super::topology::{POD_A2, POD_A2_IF};
-use super::wire_check::{Capture, captured_exchanges, captured_exchanges_on, check_wire};
+use super::wire_check::{
+    Capture, captured_exchanges, captured_exchanges_on, check_wire, check_wire_allowing_unkeyed,
+};
 
 /// `TcpExt` counter `name` of network namespace `netns` (/proc/net/netstat).
 fn tcp_ext(netns: &str, name: &str) -> u64 {
@@ -253,6 +255,64 @@ pub fn same_node() -> Result<String, String> {
         "{}; the plain port stayed plain",
         summary.join("; ")
     ))
+}
+
+/// One socket, several connections: each client connects, disconnects at
+/// once with `connect(AF_UNSPEC)` while the first connection's keys are
+/// being made, connects the same socket (same cookie) again and runs its
+/// exchange there (`tlshub-testapp --reconnect`). Keys made for the first
+/// connection must never protect the second: every exchange that completes
+/// is exact, an attempt may only fail cleanly (an I/O error; the test app
+/// then tries a fresh socket, three times at most), no marker crosses on a
+/// protected flow, every keyed flow decrypts with the keys of its own
+/// connection, and a plain control shows its marker. Node a must have
+/// selected at least two connections per client socket (so the reconnects
+/// happened on selected sockets). Run with OpenSSL (the first connection's
+/// handshake is on the wire when it is cut) and TLSHub (keys from the
+/// first connection's ISNs are ready within milliseconds).
+pub fn reconnect_during_keying() -> Result<String, String> {
+    const CLIENTS: u32 = 6;
+    let mut summary = Vec::new();
+    for provider in [ProviderKind::OpenSsl, ProviderKind::TlsHub] {
+        let spec = |name| NodeSpec {
+            provider,
+            ..NodeSpec::new(name)
+        };
+        let (a, b) = nodes(spec("a"), spec("b"))?;
+        let cap = Capture::start(&format!("reconnect-{provider:?}"))?;
+        let app = App {
+            reconnect: true,
+            connections: CLIENTS,
+            ..App::exchange(100_000, PROTECTED_PORT)
+        };
+        let (server, client) = run_pair(&app, &[], Duration::from_secs(120))?;
+        both_ok(&app, &server, &client)?;
+        let control = App::exchange(10_000, PLAIN_PORT);
+        let (s, c) = run_pair(&control, &[], Duration::from_secs(60))?;
+        both_ok(&control, &s, &c)?;
+        let wire = check_wire_allowing_unkeyed(&cap.finish()?, &a, &b, true)?;
+        if wire.plain_flows_with_marker == 0 {
+            return Err("the control flow's plaintext was not seen: the capture is blind".into());
+        }
+        let selected = a.stat(|s| s.selected);
+        let refused = client["disconnect_refused"].as_u64().unwrap_or(0);
+        if selected < 2 * u64::from(CLIENTS) - refused {
+            return Err(format!(
+                "{provider:?}: node a selected {selected} connections for {CLIENTS} reconnecting clients ({refused} disconnects refused); want two per client"
+            ));
+        }
+        summary.push(format!(
+            "{provider:?}: {CLIENTS} exchanges exact after reconnecting ({} attempts failed cleanly, {refused} disconnects refused as already keyed); server connections failed cleanly {}; {} flows decrypted, {} unkeyed; stale keying results a {} b {}; failures a {:?}",
+            client["failed_cleanly"].as_u64().unwrap_or(0),
+            server["failed_cleanly"].as_u64().unwrap_or(0),
+            wire.decrypted,
+            wire.unkeyed_flows,
+            a.stat(|s| s.stale_outcomes),
+            b.stat(|s| s.stale_outcomes),
+            a.stats().map(|s| s.failed).unwrap_or_default(),
+        ));
+    }
+    Ok(format!("{}; the control stayed plain", summary.join("; ")))
 }
 
 /// `tlshub-testapp probe --what WHAT` from pod-a to pod-b's `port`: the

@@ -126,6 +126,10 @@ pub const TESTS: &[Scenario] = &[
     ("gate_half_close_before_keys", super::gate_edges::half_close),
     ("gate_same_node_pods", super::gate_edges::same_node),
     (
+        "gate_reconnect_during_keying",
+        super::gate_edges::reconnect_during_keying,
+    ),
+    (
         "gate_oob_zerocopy_repair",
         super::gate_edges::unusual_socket_calls,
     ),

@@ -39,6 +39,9 @@ pub struct App {
     /// Where the client connects instead of the server: a local proxy
     /// (host, port) that forwards to it.
     pub proxy: Option<(&'static str, u16)>,
+    /// --reconnect (both ends): each client socket is connected,
+    /// disconnected and connected again before its exchange.
+    pub reconnect: bool,
 }
 
 impl App {
@@ -57,6 +60,7 @@ impl App {
             via: "syscall",
             handoff: "none",
             proxy: None,
+            reconnect: false,
         }
     }
 
@@ -80,7 +84,7 @@ impl App {
 
     /// The test app's flags for these options (both sides take the same).
     pub fn args(&self) -> Vec<String> {
-        vec![
+        let mut args = vec![
             "--mode".into(),
             self.mode.into(),
             "--size".into(),
@@ -97,7 +101,11 @@ impl App {
             self.via.into(),
             "--handoff".into(),
             self.handoff.into(),
-        ]
+        ];
+        if self.reconnect {
+            args.push("--reconnect".into());
+        }
+        args
     }
 }
 
