@@ -68,11 +68,10 @@ pub fn capacity() -> Result<String, String> {
     let count = cmdline("tlshub.connections")
         .and_then(|n| n.parse().ok())
         .unwrap_or(DEFAULT_CONNECTIONS);
-    let spec = |name| NodeSpec {
-        provider: ProviderKind::TlsHub,
-        ..NodeSpec::new(name)
-    };
-    let (a, b) = nodes(spec("a"), spec("b"))?;
+    let (a, b) = nodes(
+        NodeSpec::with_provider("a", ProviderKind::TlsHub),
+        NodeSpec::with_provider("b", ProviderKind::TlsHub),
+    )?;
     process::run(
         Some("pod-a"),
         &["sysctl", "-w", "net.ipv4.ip_local_port_range=1024 65535"],

@@ -131,11 +131,10 @@ pub fn fast_open() -> Result<String, String> {
 pub fn half_close() -> Result<String, String> {
     let mut summary = Vec::new();
     for provider in [ProviderKind::OpenSsl, ProviderKind::TlsHub] {
-        let spec = |name| NodeSpec {
-            provider,
-            ..NodeSpec::new(name)
-        };
-        let (a, b) = nodes(spec("a"), spec("b"))?;
+        let (a, b) = nodes(
+            NodeSpec::with_provider("a", provider),
+            NodeSpec::with_provider("b", provider),
+        )?;
         let half = |size, connections, io| App {
             mode: "half-close",
             connections,
@@ -206,17 +205,10 @@ pub fn same_node() -> Result<String, String> {
     let mut summary = Vec::new();
     for provider in [ProviderKind::OpenSsl, ProviderKind::TlsHub] {
         let a_spec = NodeSpec {
-            provider,
             same_node: true,
-            ..NodeSpec::new("a")
+            ..NodeSpec::with_provider("a", provider)
         };
-        let (a, b) = nodes(
-            a_spec,
-            NodeSpec {
-                provider,
-                ..NodeSpec::new("b")
-            },
-        )?;
+        let (a, b) = nodes(a_spec, NodeSpec::with_provider("b", provider))?;
         let local = |mode, size, io, port| App {
             mode,
             io,
@@ -274,11 +266,10 @@ pub fn reconnect_during_keying() -> Result<String, String> {
     const CLIENTS: u32 = 6;
     let mut summary = Vec::new();
     for provider in [ProviderKind::OpenSsl, ProviderKind::TlsHub] {
-        let spec = |name| NodeSpec {
-            provider,
-            ..NodeSpec::new(name)
-        };
-        let (a, b) = nodes(spec("a"), spec("b"))?;
+        let (a, b) = nodes(
+            NodeSpec::with_provider("a", provider),
+            NodeSpec::with_provider("b", provider),
+        )?;
         let cap = Capture::start(&format!("reconnect-{provider:?}"))?;
         let app = App {
             reconnect: true,

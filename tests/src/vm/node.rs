@@ -83,6 +83,14 @@ impl NodeSpec {
             same_node: false,
         }
     }
+
+    /// The default with `provider`.
+    pub fn with_provider(name: &'static str, provider: ProviderKind) -> Self {
+        Self {
+            provider,
+            ..Self::new(name)
+        }
+    }
 }
 
 /// A running node agent; both processes stop when dropped (core first).
