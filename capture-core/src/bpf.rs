@@ -129,9 +129,10 @@ impl Exempt {
     }
 }
 
-/// A handle of its own on the pinned `conns` map, for keying jobs: right
-/// before installing keys a job checks that the socket still carries the
-/// connection it keyed (see [`crate::keying::Job::carried_by`]).
+/// A handle of its own on the pinned `conns` map, for keying jobs: before
+/// asking the provider and before installing keys a job checks that the
+/// socket still carries its connection (see
+/// [`crate::keying::Job::carried_by`]).
 pub struct ConnsReader(HashMap<MapData, u64, Conn>);
 
 impl std::fmt::Debug for ConnsReader {

@@ -49,13 +49,14 @@ pub struct Job {
     /// The send buffer the socket gets at least (0: left alone); see
     /// [`crate::config::KtlsSection::send_buffer_floor`].
     pub send_buffer_floor: u32,
-    /// The node's `conns` map, read right before the keys go in.
+    /// The node's `conns` map, read before the provider is asked and again
+    /// before the keys go in.
     pub conns: Arc<ConnsReader>,
 }
 
 impl Job {
-    /// Whether `now`, the socket's `conns` entry right before the keys go
-    /// in, is still the connection this job keyed: the same ISNs both ways.
+    /// Whether `now`, the socket's `conns` entry as read by the job, is
+    /// still the connection this job keys: the same ISNs both ways.
     /// A socket disconnected meanwhile has no entry (`TCP_CLOSE` removed
     /// it), and one connected again has its new connection's ISNs.
     pub fn carried_by(&self, now: Option<&Conn>) -> bool {
@@ -125,7 +126,7 @@ pub enum KeyingError {
     /// The socket no longer carries the connection the job is for (it was
     /// disconnected, and maybe connected again, before the provider was
     /// asked or while it worked); nothing was installed.
-    #[error("socket {cookie} no longer carries the connection these keys are for")]
+    #[error("socket {cookie} no longer carries the connection this keying job is for")]
     Reconnected {
         /// Cookie.
         cookie: u64,
