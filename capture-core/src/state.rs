@@ -448,18 +448,7 @@ impl ConnTable {
             .collect();
         let mut found = Vec::new();
         for (cookie, conn) in conns {
-            if conn.gate != gate::CLOSED {
-                continue;
-            }
-            if let Some(p) = self.pending.get_mut(&cookie) {
-                // A connection whose job found the socket reconnected waits
-                // for the new connection's ESTABLISHED event; if that was
-                // among the lost ones, the map has it.
-                if p.established.is_none() && p.job.is_none() && conn.est.kind == kind::ESTABLISHED
-                {
-                    p.established = Some(conn.est);
-                    found.push(cookie);
-                }
+            if conn.gate != gate::CLOSED || self.pending.contains_key(&cookie) {
                 continue;
             }
             let mut p = Pending::new();

@@ -640,20 +640,6 @@ fn keys_found_to_be_for_a_replaced_connection_wait_for_its_events_and_fail_nothi
 }
 
 #[test]
-fn a_reconnect_whose_established_event_was_lost_is_found_in_the_map() {
-    let (mut t, mut k) = (table(FailurePolicy::FailClosed), FakeKernel::default());
-    let first = keying(&mut t, &mut k, COOKIE);
-    let second = established(COOKIE, 1);
-    k.track(COOKIE, second);
-    t.on_outcome(&mut k, reconnected(&first));
-    // The ring buffer lost the CLOSED and ESTABLISHED events.
-    t.reconcile(k.conns.iter().map(|(c, v)| (*c, *v)).collect());
-    let next = one_start(&mut t);
-    assert_eq!(next.established, second);
-    assert_eq!(t.stats().reconciled, 1);
-}
-
-#[test]
 fn keys_found_to_be_for_a_closed_connection_leave_it_to_its_closed_event() {
     let (mut t, mut k) = (table(FailurePolicy::FailClosed), FakeKernel::default());
     let first = keying(&mut t, &mut k, COOKIE);
