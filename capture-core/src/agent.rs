@@ -297,6 +297,7 @@ impl Agent {
                 keylog: self.keylog.clone(),
                 send_buffer_floor: self.send_buffer_floor,
                 conns: self.conns.clone(),
+                established: est,
             };
             let span = info_span!("conn", cookie = job.cookie, local = %job.local, remote = %job.remote, pid = job.pid, fd = job.fd, role = ?job.role, provider = %provider.name);
             let done = done.clone();

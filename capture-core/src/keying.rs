@@ -12,10 +12,11 @@ use tlshub_provider_sdk::client::ClientError;
 use tlshub_provider_sdk::socket::{socket_cookie, take_fd};
 use tlshub_provider_sdk::{CipherSuite, KeyRequest, Role, SocketHandle, TlsVersion};
 
-use tlshub_ebpf::{Conn, kind};
+use tlshub_ebpf::{Conn, Event, kind};
 
 use crate::bpf::ConnsReader;
 use crate::providers::Provider;
+use crate::state::same_connection;
 use crate::sys::{self, KtlsStep};
 
 /// Everything needed to key one connection.
@@ -52,26 +53,25 @@ pub struct Job {
     /// The node's `conns` map, read before the provider is asked and again
     /// before the keys go in.
     pub conns: Arc<ConnsReader>,
+    /// The connection's ESTABLISHED event, which the fields above come
+    /// from; compared with the `conns` entry by [`Job::carried_by`].
+    pub established: Event,
 }
 
 impl Job {
     /// Whether `now`, the socket's `conns` entry as read by the job, is
-    /// still the connection this job keys: the same ISNs both ways.
-    /// A socket disconnected meanwhile has no entry (`TCP_CLOSE` removed
-    /// it), and one connected again has its new connection's ISNs.
+    /// still the connection this job keys (see
+    /// [`crate::state::same_connection`]). A socket disconnected meanwhile
+    /// has no entry (`TCP_CLOSE` removed it), and one connected again has
+    /// its new connection's ISNs.
     pub fn carried_by(&self, now: Option<&Conn>) -> bool {
-        is_connection(now, self.local_isn, self.remote_isn)
+        is_connection(now, &self.established)
     }
 }
 
-/// Whether the `conns` entry `now` is the established connection with these
-/// ISNs.
-fn is_connection(now: Option<&Conn>, local_isn: u32, remote_isn: u32) -> bool {
-    now.is_some_and(|c| {
-        c.est.kind == kind::ESTABLISHED
-            && c.est.local_isn == local_isn
-            && c.est.remote_isn == remote_isn
-    })
+/// Whether the `conns` entry `now` is the established connection `est`.
+fn is_connection(now: Option<&Conn>, est: &Event) -> bool {
+    now.is_some_and(|c| c.est.kind == kind::ESTABLISHED && same_connection(&c.est, est))
 }
 
 /// An opt-in export of installed keys, one JSON line per connection, so a
@@ -361,24 +361,25 @@ mod tests {
 
     #[test]
     fn keys_go_only_on_the_connection_they_were_made_for() {
-        let conn = |kind, local_isn, remote_isn| Conn {
-            est: tlshub_ebpf::Event {
-                kind,
-                local_isn,
-                remote_isn,
-                ..Default::default()
-            },
+        let est = |kind, local_isn, remote_isn| Event {
+            kind,
+            local_isn,
+            remote_isn,
             ..Default::default()
         };
-        let same = conn(kind::ESTABLISHED, 7, 9);
-        assert!(is_connection(Some(&same), 7, 9));
+        let conn = |kind, local_isn, remote_isn| Conn {
+            est: est(kind, local_isn, remote_isn),
+            ..Default::default()
+        };
+        let job = est(kind::ESTABLISHED, 7, 9);
+        assert!(is_connection(Some(&conn(kind::ESTABLISHED, 7, 9)), &job));
         // Disconnected: TCP_CLOSE removed the entry.
-        assert!(!is_connection(None, 7, 9));
+        assert!(!is_connection(None, &job));
         // Connected again: new ISNs (either one differing is enough).
-        assert!(!is_connection(Some(&conn(kind::ESTABLISHED, 8, 9)), 7, 9));
-        assert!(!is_connection(Some(&conn(kind::ESTABLISHED, 7, 10)), 7, 9));
+        assert!(!is_connection(Some(&conn(kind::ESTABLISHED, 8, 9)), &job));
+        assert!(!is_connection(Some(&conn(kind::ESTABLISHED, 7, 10)), &job));
         // Connecting again, not established yet.
-        assert!(!is_connection(Some(&conn(0, 7, 9)), 7, 9));
+        assert!(!is_connection(Some(&conn(0, 7, 9)), &job));
     }
 
     #[test]

@@ -250,7 +250,7 @@ fn role_of(est: &Event) -> Role {
 /// that was disconnected and connected again keeps its cookie but gets a
 /// new handshake, so new ISNs). Not by timestamp: the copy in `conns` and
 /// the ring buffer's event are stamped separately.
-fn same_connection(a: &Event, b: &Event) -> bool {
+pub fn same_connection(a: &Event, b: &Event) -> bool {
     a.local_isn == b.local_isn
         && a.remote_isn == b.remote_isn
         && a.local_port == b.local_port
