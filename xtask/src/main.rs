@@ -166,19 +166,25 @@ fn wants_plain(filter: Option<&str>) -> bool {
     filter.is_none_or(|f| f.split(',').any(|f| !f.contains("systemd")))
 }
 
-/// One lane per kernel line, each running `run`'s scenarios.
+/// One lane per kernel line, each running `run`'s scenarios. The kernels
+/// are fetched here, one after the other, before any lane starts, so that
+/// lanes on a clean clone never download and unpack into the kernel cache
+/// (`target/vm-cache`) at the same time.
 fn test_lanes<'a>(
     run: &'a vm::Run,
     kernels: &[deps::KernelLine],
     bins: &'a std::path::Path,
-) -> Vec<vm::Lane<'a>> {
-    kernels
+) -> Result<Vec<vm::Lane<'a>>> {
+    for line in kernels {
+        deps::kernel(*line)?;
+    }
+    Ok(kernels
         .iter()
         .map(|&line| vm::Lane {
             name: line.name.to_string(),
             steps: vec![Box::new(move || vm::run_mode(run, line, bins)) as vm::Step<'a>],
         })
-        .collect()
+        .collect())
 }
 
 fn main() -> Result<()> {
@@ -216,7 +222,7 @@ fn main() -> Result<()> {
                     true => kernels,
                     false => Vec::new(),
                 };
-                let lanes = vm::run_lanes(test_lanes(&run, &kernels, &bins));
+                let lanes = vm::run_lanes(test_lanes(&run, &kernels, &bins)?);
                 // The systemd VM runs alone, after the lanes: it measures
                 // how long a core restart leaves new connections waiting,
                 // and next to another boot the restart took twice as long
@@ -261,7 +267,7 @@ fn main() -> Result<()> {
             }
             match mode {
                 VmMode::Systemd => systemd_vm::run_systemd(&bins)?,
-                VmMode::Test => vm::run_lanes(test_lanes(&run, &kernels, &bins))?,
+                VmMode::Test => vm::run_lanes(test_lanes(&run, &kernels, &bins)?)?,
                 VmMode::Bench | VmMode::Demo | VmMode::Stress | VmMode::Capacity => {
                     vm::run_mode(&run, kernels[0], &bins)?
                 }
