@@ -296,11 +296,14 @@ pub async fn run(job: Job, provider: Arc<Provider>) -> Outcome {
         request.timeout = provider_budget(left);
         match provider.client().keys_waiting(&request, left).await {
             Ok(k) => break k,
-            // Retry only while nothing listens on the provider's socket: the
-            // request cannot be running in a live provider then. A live
-            // provider's UNAVAILABLE is final (a second attempt could start
-            // a second handshake on the same connection).
-            Err(e) if e.is_unavailable() && !listening(&provider.socket).await => {
+            // Retry only when no provider can be running the request: it
+            // was never sent (the provider was stopping), or nothing listens
+            // on the provider's socket. A live provider's UNAVAILABLE is
+            // final (a second attempt could start a second handshake on the
+            // same connection).
+            Err(e)
+                if e.is_unavailable() && (e.never_sent() || !listening(&provider.socket).await) =>
+            {
                 tracing::debug!(provider = %provider.name, error = %e, "provider not running; waiting for it");
                 loop {
                     if deadline.saturating_duration_since(Instant::now()) <= PROVIDER_RETRY {

@@ -36,6 +36,14 @@ pub enum ClientError {
         /// The message.
         message: String,
     },
+    /// The request was never sent: the provider was closing the connection
+    /// (a graceful stop: it finishes only the requests it received), so no
+    /// provider runs it and it can be sent again to the next instance.
+    #[error("provider at {path} is stopping; the request was not sent")]
+    NotSent {
+        /// The socket.
+        path: PathBuf,
+    },
     /// The answer was malformed.
     #[error("provider at {path} answered malformed keys: {source}")]
     Malformed {
@@ -53,17 +61,25 @@ impl ClientError {
     pub fn is_unavailable(&self) -> bool {
         matches!(
             self,
-            Self::Status {
-                code: tonic::Code::Unavailable,
-                ..
-            }
+            Self::NotSent { .. }
+                | Self::Status {
+                    code: tonic::Code::Unavailable,
+                    ..
+                }
         )
+    }
+
+    /// Whether the request certainly reached no provider, so that sending
+    /// it again cannot start a second handshake on the same connection.
+    pub fn never_sent(&self) -> bool {
+        matches!(self, Self::NotSent { .. })
     }
 
     /// A short label for metrics and logs.
     pub fn reason(&self) -> &'static str {
         match self {
             Self::Timeout { .. } => "timeout",
+            Self::NotSent { .. } => "unavailable",
             Self::Status {
                 code: tonic::Code::Unavailable,
                 ..
@@ -208,6 +224,14 @@ impl ProviderClient {
                 // above) ends the call as CANCELLED with a `TimeoutExpired`
                 // source; that is our timeout, not the provider's doing.
                 tonic::Code::Cancelled if is_client_deadline(&s) => self.timeout(wait),
+                // hyper cancels a request it never sent because the
+                // connection was closing: a provider that stops gracefully
+                // says so (HTTP/2 GOAWAY) and finishes only what it had
+                // received. Nobody runs this request, so it is as
+                // retryable as a provider that is not running.
+                tonic::Code::Cancelled if never_sent(&s) => ClientError::NotSent {
+                    path: self.path.clone(),
+                },
                 // The call ended early, not at the deadline: the provider
                 // dropped it (it stopped, or crashed) before answering.
                 tonic::Code::Cancelled => ClientError::Status {
@@ -239,6 +263,24 @@ impl ProviderClient {
             source,
         })
     }
+}
+
+/// Whether hyper gave up on the call before sending it: its status is
+/// CANCELLED with a canceled [`hyper::Error`] in the source chain (the
+/// connection was closing, or closed with the request still queued).
+/// A request the provider dropped after receiving it ends otherwise: with
+/// an HTTP/2 reset or a transport error.
+fn never_sent(status: &tonic::Status) -> bool {
+    let mut source = std::error::Error::source(status);
+    while let Some(e) = source {
+        if e.downcast_ref::<hyper::Error>()
+            .is_some_and(hyper::Error::is_canceled)
+        {
+            return true;
+        }
+        source = e.source();
+    }
+    false
 }
 
 /// Whether tonic ended the call at its client-side deadline: its status is

@@ -295,3 +295,69 @@ async fn uid_65534_client() {
         (want, got) => panic!("expected {want}, got {got:?}"),
     }
 }
+
+/// Answers fixed keys once `release` is notified.
+struct Gated {
+    release: std::sync::Arc<tokio::sync::Notify>,
+}
+
+impl Provider for Gated {
+    fn info(&self) -> ProviderInfo {
+        Fixed { broken: false }.info()
+    }
+
+    async fn keys(&self, request: KeyRequest) -> Result<ConnectionKeys, ProviderError> {
+        self.release.notified().await;
+        Fixed { broken: false }.keys(request).await
+    }
+}
+
+/// A provider stopping gracefully (SIGTERM, `systemctl restart`) finishes
+/// the requests it received, and a request the client sends on the same
+/// channel after the provider said it is closing reaches nobody: that must
+/// be UNAVAILABLE (retry at the next instance), not CANCELLED (a request
+/// the provider dropped, which the core must not retry).
+#[tokio::test]
+async fn a_request_after_a_graceful_stop_began_is_unavailable() {
+    let path = temp_socket("draining");
+    let release = std::sync::Arc::new(tokio::sync::Notify::new());
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let options = ServeOptions {
+        socket_path: path.clone(),
+        allowed_uid: None,
+    };
+    let provider = Gated {
+        release: release.clone(),
+    };
+    let server = tokio::spawn(async move {
+        serve_until(provider, options, async {
+            let _ = rx.await;
+        })
+        .await
+    });
+    for _ in 0..200 {
+        if path.exists() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let client = ProviderClient::new(&path, None);
+    client.info(Duration::from_secs(2)).await.unwrap();
+    let in_flight = {
+        let client = client.clone();
+        tokio::spawn(async move { client.keys(&request("10.0.1.2:40000")).await })
+    };
+    // The first request is in the provider before the stop begins.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    drop(tx);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let late = client.keys(&request("10.0.1.2:40001")).await;
+    release.notify_one();
+    let first = in_flight.await.unwrap();
+    assert!(first.is_ok(), "the request under way finishes: {first:?}");
+    match late {
+        Err(e) if e.is_unavailable() && e.never_sent() => {}
+        other => panic!("a request sent after the stop began must be UNAVAILABLE, got {other:?}"),
+    }
+    server.await.unwrap().unwrap();
+}
