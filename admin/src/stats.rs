@@ -69,6 +69,10 @@ pub struct Stats {
     /// `TCP_ZEROCOPY_RECEIVE` calls refused on gated or kTLS sockets
     /// (counted by BPF).
     pub zerocopy_receive_refused: u64,
+    /// Selected connections refused for good because their socket had no
+    /// room left for the gate's mark (the app filled its option memory;
+    /// counted by BPF).
+    pub unmarked_refused: u64,
     /// Connections whose app the gate answered `EAGAIN` (non-blocking
     /// socket, keys not in yet) at least once, instead of stopping it.
     pub gate_waits: u64,

@@ -590,6 +590,14 @@ impl Agent {
                 None,
             ),
             (
+                tlshub_ebpf::stat::UNMARKED_REFUSED,
+                &mut stats.unmarked_refused,
+                &self.metrics.unmarked_refused,
+                Some(
+                    "a selected connection was refused: its socket had no room for the gate's mark (the app filled its option memory)",
+                ),
+            ),
+            (
                 tlshub_ebpf::stat::GATE_EAGAIN,
                 &mut stats.gate_eagain,
                 &self.metrics.gate_eagain,

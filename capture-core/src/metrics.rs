@@ -105,6 +105,8 @@ pub struct Metrics {
     pub repair_refused: Counter,
     /// `TCP_ZEROCOPY_RECEIVE` refused on gated or kTLS sockets.
     pub zerocopy_receive_refused: Counter,
+    /// Selected connections refused because their mark could not be created.
+    pub unmarked_refused: Counter,
     /// Connections whose app the gate answered EAGAIN instead of stopping.
     pub gate_waits: Counter,
     /// Calls the gate answered EAGAIN, retries included.
@@ -146,6 +148,7 @@ impl Metrics {
             fin_deferred: Counter::default(),
             repair_refused: Counter::default(),
             zerocopy_receive_refused: Counter::default(),
+            unmarked_refused: Counter::default(),
             gate_waits: Counter::default(),
             gate_eagain: Counter::default(),
             ktls: Family::default(),
@@ -255,6 +258,11 @@ impl Metrics {
             "gate_zerocopy_receive_refused",
             "TCP_ZEROCOPY_RECEIVE calls refused with EOPNOTSUPP on selected sockets before keys and on kTLS sockets",
             m.zerocopy_receive_refused.clone(),
+        );
+        registry.register(
+            "gate_unmarked_refused",
+            "Selected connections refused for good (calls fail with ECONNRESET) because their socket had no room for the gate's mark: the app had filled the socket's option memory (net.core.optmem_max)",
+            m.unmarked_refused.clone(),
         );
         registry.register(
             "gate_waits",

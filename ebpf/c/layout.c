@@ -28,6 +28,7 @@ int main(void)
 	O(tlshub_conn, owner_pid);
 	O(tlshub_conn, owner_fd);
 	O(tlshub_conn, waiting_pid);
+	O(tlshub_conn, flags);
 	S(tlshub_held);
 	O(tlshub_held, since_ns);
 	S(tlshub_control);
@@ -46,6 +47,8 @@ int main(void)
 	V(TLSHUB_MARK_OPEN);
 	V(TLSHUB_EV_WAITING);
 	V(TLSHUB_STAT_GATE_EAGAIN);
+	V(TLSHUB_STAT_UNMARKED_REFUSED);
+	V(TLSHUB_CONN_UNMARKED);
 	V(TLSHUB_STAT_MAX);
 	return 0;
 }

@@ -229,6 +229,15 @@ struct {
 	__uint(max_entries, 1);
 } ktls_recvmsg SEC(".maps");
 
+/* How many conns entries are TLSHUB_CONN_UNMARKED (see track()): while
+ * there are none, the gate never looks a socket up by its cookie. */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__type(key, __u32);
+	__type(value, __u64);
+	__uint(max_entries, 1);
+} unmarked_conns SEC(".maps");
+
 /* ---- helpers ---- */
 
 static __always_inline void stat_inc(__u32 idx)
@@ -336,8 +345,23 @@ static __always_inline int track(struct bpf_sock_ops *skops, __u64 cookie, __u32
 	struct tlshub_sk_mark *mark =
 		bpf_sk_storage_get(&sk_marks, sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
 	if (!mark) {
-		if (!err)
-			bpf_map_delete_elem(&conns, &cookie);
+		/* No room for the mark: socket-local storage is charged to the
+		 * socket's option memory (net.core.optmem_max), which the app
+		 * can fill first (TCP_MD5SIG keys, a socket filter). Without a
+		 * mark the gate would not know the socket, so it stays in conns,
+		 * refused for good, and the gate finds it by its cookie. */
+		if (err)
+			return 0;
+		conn.gate = TLSHUB_GATE_RESET;
+		conn.flags = TLSHUB_CONN_UNMARKED;
+		bpf_map_update_elem(&conns, &cookie, &conn, BPF_EXIST);
+		__u32 zero = 0;
+		__u64 *unmarked = bpf_map_lookup_elem(&unmarked_conns, &zero);
+		if (unmarked)
+			__sync_fetch_and_add(unmarked, 1);
+		stat_inc(TLSHUB_STAT_UNMARKED_REFUSED);
+		/* Its TCP_CLOSE removes the entry and the count. */
+		bpf_sock_ops_cb_flags_set(skops, skops->bpf_sock_ops_cb_flags | BPF_SOCK_OPS_STATE_CB_FLAG);
 		return 0;
 	}
 	if (mark->flags & TLSHUB_MARK_REPAIR) {
@@ -390,13 +414,16 @@ int tlshub_sockops(struct bpf_sock_ops *skops)
 			}
 		}
 		break;
-	case BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB:
+	case BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB: {
 		cookie = bpf_get_socket_cookie(skops);
-		if (!bpf_map_lookup_elem(&conns, &cookie))
+		/* Refused at connect (gate RESET): nothing for the core to key. */
+		struct tlshub_conn *c = bpf_map_lookup_elem(&conns, &cookie);
+		if (!c || c->gate != TLSHUB_GATE_CLOSED)
 			break;
 		ev.kind = TLSHUB_EV_ESTABLISHED;
 		ev.role = TLSHUB_ROLE_CLIENT;
 		goto established;
+	}
 	case BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB:
 		/* Runs in softirq when the 3-way handshake completes, before
 		 * accept() can return this socket: the gate is closed first. */
@@ -411,8 +438,15 @@ int tlshub_sockops(struct bpf_sock_ops *skops)
 		if (skops->args[1] != BPF_TCP_CLOSE)
 			break;
 		cookie = bpf_get_socket_cookie(skops);
-		if (bpf_map_lookup_elem(&conns, &cookie)) {
-			bpf_map_delete_elem(&conns, &cookie);
+		struct tlshub_conn *closed = bpf_map_lookup_elem(&conns, &cookie);
+		if (closed) {
+			int unmarked = closed->flags & TLSHUB_CONN_UNMARKED;
+			if (!bpf_map_delete_elem(&conns, &cookie) && unmarked) {
+				__u32 zero = 0;
+				__u64 *n = bpf_map_lookup_elem(&unmarked_conns, &zero);
+				if (n)
+					__sync_fetch_and_add(n, -1);
+			}
 		} else {
 			/* Opened for good: the core removed its entry (see
 			 * TLSHUB_MARK_OPEN). */
@@ -743,6 +777,29 @@ static __always_inline int socket_nonblocking(struct socket *sock)
 	return file && (file->f_flags & O_NONBLOCK);
 }
 
+/* The gate for a socket without a mark: a selected one whose mark could
+ * not be created (see track()) is refused; any other passes. One array
+ * read while no such socket exists. */
+static __always_inline int gate_unmarked(struct sock *sk)
+{
+	__u32 zero = 0;
+	__u64 *unmarked = bpf_map_lookup_elem(&unmarked_conns, &zero);
+	if (!unmarked || !*unmarked)
+		return 0;
+	__u64 cookie = BPF_CORE_READ(sk, __sk_common.skc_cookie.counter);
+	if (!cookie)
+		return 0;
+	struct tlshub_conn *c = bpf_map_lookup_elem(&conns, &cookie);
+	if (c && (c->flags & TLSHUB_CONN_UNMARKED)) {
+		/* A real branch: folded into branchless arithmetic (what clang
+		 * does with the plain condition), the return value has no range
+		 * the 6.12 verifier accepts for an LSM program ([-4095, 0]). */
+		asm volatile("" ::: "memory");
+		return -ECONNRESET;
+	}
+	return 0;
+}
+
 static __always_inline int gate_socket(struct socket *sock, int nonblock)
 {
 	if (!sock)
@@ -752,7 +809,7 @@ static __always_inline int gate_socket(struct socket *sock, int nonblock)
 		return 0;
 	struct tlshub_sk_mark *mark = bpf_sk_storage_get(&sk_marks, sk, 0, 0);
 	if (!mark)
-		return 0;
+		return gate_unmarked(sk);
 	return gate_mark(sk, mark, nonblock);
 }
 
@@ -838,6 +895,11 @@ int BPF_PROG(tlshub_gate_sendmsg, struct socket *sock, struct msghdr *msg, int s
 	struct tlshub_sk_mark *mark = bpf_sk_storage_get(&sk_marks, sk, 0, 0);
 	if (mark_gates(mark))
 		return gate_mark(sk, mark, socket_nonblocking(sock));
+	if (!mark) {
+		int unmarked = gate_unmarked(sk);
+		if (unmarked)
+			return unmarked;
+	}
 	return fastopen_refused(sk, msg);
 }
 

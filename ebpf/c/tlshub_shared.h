@@ -50,7 +50,8 @@ struct tlshub_control {
 #define TLSHUB_STAT_REPAIR_REFUSED 6 /* repair-mode sockets to selected peers refused */
 #define TLSHUB_STAT_ZEROCOPY_RECEIVE_REFUSED 7 /* TCP_ZEROCOPY_RECEIVE on gated or kTLS sockets */
 #define TLSHUB_STAT_GATE_EAGAIN 8 /* calls on non-blocking sockets answered EAGAIN */
-#define TLSHUB_STAT_MAX 9
+#define TLSHUB_STAT_UNMARKED_REFUSED 9 /* selected sockets refused: no room for their mark */
+#define TLSHUB_STAT_MAX 10
 
 struct tlshub_event {
 	__u32 kind;
@@ -83,8 +84,13 @@ struct tlshub_conn {
 	/* The first process the gate answered EAGAIN (0: none yet); set by
 	 * the gate so that it reports a waiting connection only once. */
 	__u32 waiting_pid;
-	__u32 pad;
+	__u32 flags; /* TLSHUB_CONN_* */
 };
+
+/* Selected, but its socket-local mark could not be created (the app had
+ * filled the socket's option memory, see track()): the gate state is
+ * TLSHUB_GATE_RESET and the gate finds the entry by the socket's cookie. */
+#define TLSHUB_CONN_UNMARKED 1
 
 /* Per held process, keyed by tgid. */
 struct tlshub_held {

@@ -55,9 +55,11 @@ pub mod names {
     pub const SK_MARKS: &str = "sk_marks";
     /// kTLS's receive method, learned from the first socket the core keyed.
     pub const KTLS_RECVMSG: &str = "ktls_recvmsg";
+    /// How many `conns` entries are [`super::conn::UNMARKED`].
+    pub const UNMARKED_CONNS: &str = "unmarked_conns";
     /// Every map of the object (all are pinned, so a restarted core and the
     /// programs still attached share them).
-    pub const MAPS: [&str; 11] = [
+    pub const MAPS: [&str; 12] = [
         CONNS,
         HELD,
         EXEMPT,
@@ -69,6 +71,7 @@ pub mod names {
         CONTROL,
         SK_MARKS,
         KTLS_RECVMSG,
+        UNMARKED_CONNS,
     ];
 }
 
@@ -106,6 +109,14 @@ pub mod gate {
     pub const RESET: u32 = 3;
 }
 
+/// Flags of a `conns` entry (`TLSHUB_CONN_*`, [`Conn::flags`]).
+pub mod conn {
+    /// Selected, but the socket's mark could not be created (the app had
+    /// filled its option memory): refused for good (gate [`super::gate::RESET`]),
+    /// found by the gate through the socket's cookie.
+    pub const UNMARKED: u32 = 1;
+}
+
 /// Flags of a socket's mark (`TLSHUB_MARK_*`, [`SkMark::flags`]).
 pub mod mark {
     /// Put in TCP repair mode before it was selected.
@@ -140,8 +151,11 @@ pub mod stat {
     /// Calls on non-blocking sockets the gate answered `EAGAIN` (every
     /// retry counts: a level-triggered loop retries until the keys are in).
     pub const GATE_EAGAIN: u32 = 8;
+    /// Selected sockets refused because their mark could not be created
+    /// (see [`super::conn::UNMARKED`]).
+    pub const UNMARKED_REFUSED: u32 = 9;
     /// Length of the `stats` array.
-    pub const COUNT: u32 = 9;
+    pub const COUNT: u32 = 10;
 }
 
 /// `TLSHUB_NO_CORE_*`: what the gate does while no core is alive.
@@ -269,8 +283,8 @@ pub struct Conn {
     pub owner_fd: i32,
     /// The first process the gate answered `EAGAIN` (0: none yet).
     pub waiting_pid: u32,
-    /// Padding.
-    pub pad: u32,
+    /// `TLSHUB_CONN_*` ([`conn`]).
+    pub flags: u32,
 }
 
 /// `struct tlshub_held`.
@@ -368,6 +382,7 @@ mod tests {
         assert_eq!(offset_of!(Conn, owner_pid), OFF_tlshub_conn_owner_pid);
         assert_eq!(offset_of!(Conn, owner_fd), OFF_tlshub_conn_owner_fd);
         assert_eq!(offset_of!(Conn, waiting_pid), OFF_tlshub_conn_waiting_pid);
+        assert_eq!(offset_of!(Conn, flags), OFF_tlshub_conn_flags);
         assert_eq!(size_of::<Control>(), SIZE_tlshub_control);
         assert_eq!(offset_of!(Control, no_core), OFF_tlshub_control_no_core);
         assert_eq!(size_of::<Held>(), SIZE_tlshub_held);
@@ -387,8 +402,20 @@ mod tests {
             [TLSHUB_MARK_REPAIR, TLSHUB_MARK_REFUSED, TLSHUB_MARK_OPEN]
         );
         assert_eq!(
-            [kind::WAITING, stat::GATE_EAGAIN, stat::COUNT],
-            [TLSHUB_EV_WAITING, TLSHUB_STAT_GATE_EAGAIN, TLSHUB_STAT_MAX]
+            [
+                kind::WAITING,
+                stat::GATE_EAGAIN,
+                stat::UNMARKED_REFUSED,
+                stat::COUNT,
+                conn::UNMARKED
+            ],
+            [
+                TLSHUB_EV_WAITING,
+                TLSHUB_STAT_GATE_EAGAIN,
+                TLSHUB_STAT_UNMARKED_REFUSED,
+                TLSHUB_STAT_MAX,
+                TLSHUB_CONN_UNMARKED
+            ]
         );
     }
 

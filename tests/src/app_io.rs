@@ -877,6 +877,10 @@ pub enum Probe {
     /// `TCP_REPAIR` on, connect() (no handshake in repair mode),
     /// `TCP_REPAIR` off, then `write()` of the payload.
     Repair,
+    /// `TCP_MD5SIG` keys for unrelated addresses until the kernel refuses
+    /// one with `ENOMEM` (the socket's option memory, `net.core.optmem_max`,
+    /// is full), then connect() and `write()` of the payload.
+    FullOptionMemory,
 }
 
 /// One step of a probe and its errno (0: it succeeded).
@@ -912,6 +916,53 @@ fn set_int(
         )
     };
     cvt(rc as isize)
+}
+
+/// `struct tcp_md5sig` (include/uapi/linux/tcp.h).
+#[repr(C)]
+struct TcpMd5Sig {
+    addr: libc::sockaddr_storage,
+    flags: u8,
+    prefixlen: u8,
+    keylen: u16,
+    ifindex: libc::c_int,
+    key: [u8; 80],
+}
+
+/// Adds `TCP_MD5SIG` keys for addresses in 240.0.0.0/4 (reserved, never a
+/// peer) until one is refused; returns that error (`ENOMEM` once the
+/// socket's option memory is full), or an error if every key fitted.
+fn fill_option_memory(fd: RawFd) -> io::Error {
+    for i in 0u32..20_000 {
+        // SAFETY: all-zero is a valid sockaddr_storage and key.
+        let mut sig: TcpMd5Sig = unsafe { std::mem::zeroed() };
+        let sin = libc::sockaddr_in {
+            sin_family: libc::AF_INET as libc::sa_family_t,
+            sin_port: 0,
+            sin_addr: libc::in_addr {
+                s_addr: u32::to_be(0xf000_0000 | (i + 1)),
+            },
+            sin_zero: [0; 8],
+        };
+        // SAFETY: sockaddr_in fits in sockaddr_storage; both are plain data.
+        unsafe { std::ptr::write((&raw mut sig.addr).cast::<libc::sockaddr_in>(), sin) };
+        sig.keylen = 16;
+        sig.key[..16].fill(0x5a);
+        // SAFETY: sig is a live struct tcp_md5sig and its size is passed.
+        let rc = unsafe {
+            libc::setsockopt(
+                fd,
+                libc::IPPROTO_TCP,
+                libc::TCP_MD5SIG,
+                (&raw const sig).cast(),
+                size_of::<TcpMd5Sig>() as libc::socklen_t,
+            )
+        };
+        if rc != 0 {
+            return io::Error::last_os_error();
+        }
+    }
+    io::Error::other("20,000 TCP_MD5SIG keys fitted in the option memory")
 }
 
 /// `TCP_ZEROCOPY_RECEIVE` with an empty request (`struct
@@ -950,6 +1001,28 @@ fn send_flags(fd: RawFd, payload: &[u8], flags: libc::c_int) -> io::Result<usize
 /// the first failing one ends the probe. The connection is closed after.
 pub fn probe(target: std::net::SocketAddr, probe: Probe, payload: &[u8]) -> Vec<ProbeStep> {
     let mut steps = Vec::new();
+    if probe == Probe::FullOptionMemory {
+        let sock = match socket2::Socket::new(
+            socket2::Domain::for_address(target),
+            socket2::Type::STREAM,
+            None,
+        ) {
+            Ok(s) => s,
+            Err(e) => return vec![step("socket", Err(e))],
+        };
+        let fd = sock.as_raw_fd();
+        steps.push(step(
+            "setsockopt(TCP_MD5SIG) until refused",
+            Err(fill_option_memory(fd)),
+        ));
+        let s = step("connect", sock.connect(&target.into()).map(|()| 0));
+        let connected = s.errno == 0;
+        steps.push(s);
+        if connected {
+            steps.push(step("write", send_flags(fd, payload, 0)));
+        }
+        return steps;
+    }
     if probe == Probe::Repair {
         const TCP_REPAIR: libc::c_int = 19;
         let sock = match socket2::Socket::new(
@@ -1024,7 +1097,7 @@ pub fn probe(target: std::net::SocketAddr, probe: Probe, payload: &[u8]) -> Vec<
                 zerocopy_receive(fd),
             ));
         }
-        Probe::Repair => unreachable!("handled above"),
+        Probe::Repair | Probe::FullOptionMemory => unreachable!("handled above"),
     }
     steps
 }

@@ -349,7 +349,12 @@ fn probe(what: &str, port: u16) -> Result<Vec<(String, i64)>, String> {
 ///   sequence numbers are the app's) to a selected peer is never
 ///   selected for keying: its write fails with `ECONNRESET`
 ///   (`repair_refused` counts it, `selected` does not move), and no marker
-///   crosses.
+///   crosses;
+/// - a socket whose option memory the app filled (`TCP_MD5SIG` keys for
+///   other addresses until `ENOMEM`) before it connects to a selected peer
+///   has no room for the gate's socket-local mark: its write fails with
+///   `ECONNRESET` (`unmarked_refused` counts it); to the plain port the
+///   same socket works.
 pub fn unusual_socket_calls() -> Result<String, String> {
     const EOPNOTSUPP: i64 = 95;
     const ECONNRESET: i64 = 104;
@@ -425,6 +430,34 @@ pub fn unusual_socket_calls() -> Result<String, String> {
         return Err(format!("repair mode to the plain port: {plain_repair:?}"));
     }
     seen.push("repair-mode socket refused, never keyed".into());
+    // Socket-local storage is charged to the socket's option memory, so a
+    // socket whose app filled it first gets no mark: refused for good,
+    // found by its cookie. The plain port's write is the control (the
+    // filling itself breaks nothing).
+    const ENOMEM: i64 = 12;
+    let fill = "setsockopt(TCP_MD5SIG)";
+    let full = probe("full-option-memory", PROTECTED_PORT)?;
+    if errno_of(&full, fill) != ENOMEM
+        || errno_of(&full, "connect") != 0
+        || errno_of(&full, "write") != ECONNRESET
+    {
+        return Err(format!(
+            "full option memory to the protected port: {full:?} (want ENOMEM filling, connect 0, write ECONNRESET)"
+        ));
+    }
+    let unmarked = a.stat_reaching(|s| s.unmarked_refused, 1);
+    if unmarked != 1 {
+        return Err(format!(
+            "full option memory: unmarked_refused {unmarked} (want 1)"
+        ));
+    }
+    let plain_full = probe("full-option-memory", PLAIN_PORT)?;
+    if errno_of(&plain_full, fill) != ENOMEM || errno_of(&plain_full, "write") != 0 {
+        return Err(format!(
+            "full option memory to the plain port: {plain_full:?} (want ENOMEM filling, then the write)"
+        ));
+    }
+    seen.push("socket with its option memory full refused (no room for the mark)".into());
     drop(servers);
     let report = super::wire_check::check_wire_allowing_unkeyed(&cap.finish()?, &a, &b, true)?;
     if report.plain_flows_with_marker < 2 {

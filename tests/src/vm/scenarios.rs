@@ -130,7 +130,7 @@ pub const TESTS: &[Scenario] = &[
         super::gate_edges::reconnect_during_keying,
     ),
     (
-        "gate_oob_zerocopy_repair",
+        "gate_unusual_socket_calls",
         super::gate_edges::unusual_socket_calls,
     ),
     (
