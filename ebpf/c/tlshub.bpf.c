@@ -34,6 +34,14 @@ char LICENSE[] SEC("license") = "GPL";
 #define ERESTARTSYS 512
 #define ECONNRESET 104
 #define SIGSTOP 19
+#define SIGPIPE 13
+#define EPIPE 32
+#define ENETUNREACH 101
+#define ECONNABORTED 103
+#define ETIMEDOUT 110
+#define ECONNREFUSED 111
+#define EHOSTUNREACH 113
+#define MSG_NOSIGNAL 0x4000
 #define S_IFMT 00170000
 #define S_IFSOCK 0140000
 #define MAY_WRITE 0x2
@@ -98,6 +106,7 @@ struct sock_common {
 struct sock {
 	struct sock_common __sk_common;
 	__u16 sk_protocol;
+	int sk_err;
 } __pai;
 
 struct msghdr {
@@ -884,6 +893,54 @@ static __always_inline int fastopen_refused(struct sock *sk, struct msghdr *msg)
 	return -EOPNOTSUPP;
 }
 
+/* A send on an unconnected TCP socket (TCP_CLOSE) fails inside TCP: with
+ * the socket's pending error, else EPIPE and SIGPIPE. But the socket hooks
+ * run before TCP takes the socket lock, and the mark is made inside
+ * connect() under that lock: if another thread's connect() to a selected
+ * peer takes the lock between this hook and TCP, the send finds the
+ * socket connecting, waits for the handshake and goes out in clear, past
+ * a gate that saw no mark. So the gate gives such a send TCP's own answer
+ * here, as if it had come before the connect() (a valid order of two
+ * racing calls). Fast Open sends (refused above, or passed to an
+ * unselected peer) and repair mode (CRIU fills an unconnected socket's
+ * queues) keep TCP's path; so do errors other than the usual ones below
+ * (the verifier needs each answer's value), which only a socket whose
+ * last connect failed in an unusual way carries. Unlike TCP, the pending
+ * error is not cleared. */
+static __always_inline int unconnected_send(struct sock *sk, struct tlshub_sk_mark *mark,
+					    unsigned int flags)
+{
+	unsigned short family = sk->__sk_common.skc_family;
+
+	if (sk->__sk_common.skc_state != TCP_CLOSE || sk->sk_protocol != IPPROTO_TCP ||
+	    (family != AF_INET && family != AF_INET6) || (flags & MSG_FASTOPEN) ||
+	    (mark && (mark->flags & TLSHUB_MARK_REPAIR)))
+		return 0;
+	switch (BPF_CORE_READ(sk, sk_err)) {
+	case 0:
+		break;
+	case ECONNREFUSED:
+		return -ECONNREFUSED;
+	case ECONNRESET:
+		return -ECONNRESET;
+	case ETIMEDOUT:
+		return -ETIMEDOUT;
+	case EHOSTUNREACH:
+		return -EHOSTUNREACH;
+	case ENETUNREACH:
+		return -ENETUNREACH;
+	case ECONNABORTED:
+		return -ECONNABORTED;
+	case EPIPE:
+		return -EPIPE;
+	default:
+		return 0;
+	}
+	if (!(flags & MSG_NOSIGNAL))
+		bpf_send_signal_thread(SIGPIPE);
+	return -EPIPE;
+}
+
 SEC("lsm/socket_sendmsg")
 int BPF_PROG(tlshub_gate_sendmsg, struct socket *sock, struct msghdr *msg, int size, int ret)
 {
@@ -900,7 +957,10 @@ int BPF_PROG(tlshub_gate_sendmsg, struct socket *sock, struct msghdr *msg, int s
 		if (unmarked)
 			return unmarked;
 	}
-	return fastopen_refused(sk, msg);
+	int fastopen = fastopen_refused(sk, msg);
+	if (fastopen)
+		return fastopen;
+	return unconnected_send(sk, mark, msg->msg_flags);
 }
 
 SEC("lsm/socket_recvmsg")
@@ -927,7 +987,17 @@ int BPF_PROG(tlshub_gate_file, struct file *file, int mask, int ret)
 		return 0;
 	if (!(mask & (MAY_READ | MAY_WRITE)))
 		return 0;
-	return gate_socket(bpf_sock_from_file(file), file->f_flags & O_NONBLOCK);
+	struct socket *sock = bpf_sock_from_file(file);
+	int gated = gate_socket(sock, file->f_flags & O_NONBLOCK);
+	if (gated || !(mask & MAY_WRITE) || !sock || !sock->sk)
+		return gated;
+	/* write(), sendfile() and splice() to a socket that is not
+	 * connected: see unconnected_send() (no flags: TCP raises SIGPIPE). */
+	struct sock *sk = sock->sk;
+	struct tlshub_sk_mark *mark = bpf_sk_storage_get(&sk_marks, sk, 0, 0);
+	if (mark_gates(mark))
+		return 0;
+	return unconnected_send(sk, mark, 0);
 }
 
 /* shutdown() before keys would send a FIN that ends the connection the

@@ -881,6 +881,58 @@ pub enum Probe {
     /// one with `ENOMEM` (the socket's option memory, `net.core.optmem_max`,
     /// is full), then connect() and `write()` of the payload.
     FullOptionMemory,
+    /// [`RACE_ATTEMPTS`] sockets, each with a second thread that sends the
+    /// payload over and over (`EPIPE`: not connected) while the first
+    /// connects it, until a send is answered otherwise: a send that passed
+    /// the gate before connect() could otherwise wait for the handshake
+    /// and go out in clear.
+    SendRacingConnect,
+}
+
+/// How many sockets [`Probe::SendRacingConnect`] races.
+pub const RACE_ATTEMPTS: usize = 30;
+
+/// One [`Probe::SendRacingConnect`] attempt: the connect() and the first
+/// send that was not answered `EPIPE`.
+fn send_racing_connect(target: std::net::SocketAddr, payload: &[u8]) -> [ProbeStep; 2] {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    let sock = match socket2::Socket::new(
+        socket2::Domain::for_address(target),
+        socket2::Type::STREAM,
+        None,
+    ) {
+        Ok(s) => s,
+        Err(e) => {
+            let failed = step("socket", Err(e));
+            return [failed.clone(), failed];
+        }
+    };
+    let fd = sock.as_raw_fd();
+    let tries = AtomicU32::new(0);
+    std::thread::scope(|scope| {
+        let sender = scope.spawn(|| {
+            loop {
+                let r = send_flags(fd, payload, 0);
+                match &r {
+                    Err(e) if e.raw_os_error() == Some(libc::EPIPE) => {
+                        // Not connected yet; keep the sends coming.
+                        tries.fetch_add(1, Ordering::Relaxed);
+                    }
+                    _ => break step("send racing connect", r),
+                }
+            }
+        });
+        // Connect once the sender is spinning.
+        while tries.load(Ordering::Relaxed) < 3 && !sender.is_finished() {
+            std::hint::spin_loop();
+        }
+        let connected = step("connect", sock.connect(&target.into()).map(|()| 0));
+        let sent = sender.join().unwrap_or(ProbeStep {
+            call: "send racing connect",
+            errno: -1,
+        });
+        [connected, sent]
+    })
 }
 
 /// One step of a probe and its errno (0: it succeeded).
@@ -1001,6 +1053,12 @@ fn send_flags(fd: RawFd, payload: &[u8], flags: libc::c_int) -> io::Result<usize
 /// the first failing one ends the probe. The connection is closed after.
 pub fn probe(target: std::net::SocketAddr, probe: Probe, payload: &[u8]) -> Vec<ProbeStep> {
     let mut steps = Vec::new();
+    if probe == Probe::SendRacingConnect {
+        for _ in 0..RACE_ATTEMPTS {
+            steps.extend(send_racing_connect(target, payload));
+        }
+        return steps;
+    }
     if probe == Probe::FullOptionMemory {
         let sock = match socket2::Socket::new(
             socket2::Domain::for_address(target),
@@ -1097,7 +1155,9 @@ pub fn probe(target: std::net::SocketAddr, probe: Probe, payload: &[u8]) -> Vec<
                 zerocopy_receive(fd),
             ));
         }
-        Probe::Repair | Probe::FullOptionMemory => unreachable!("handled above"),
+        Probe::Repair | Probe::FullOptionMemory | Probe::SendRacingConnect => {
+            unreachable!("handled above")
+        }
     }
     steps
 }

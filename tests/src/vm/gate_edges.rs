@@ -354,7 +354,12 @@ fn probe(what: &str, port: u16) -> Result<Vec<(String, i64)>, String> {
 ///   other addresses until `ENOMEM`) before it connects to a selected peer
 ///   has no room for the gate's socket-local mark: its write fails with
 ///   `ECONNRESET` (`unmarked_refused` counts it); to the plain port the
-///   same socket works.
+///   same socket works;
+/// - a second thread that sends on a socket over and over while the first
+///   connects it to a selected peer gets `EPIPE` until the socket is marked,
+///   then is held until the keys (or refused with `EOPNOTSUPP` if it finds
+///   the socket connecting but not marked yet): no send that passed the
+///   gate unconnected may wait for the handshake and go out in clear.
 pub fn unusual_socket_calls() -> Result<String, String> {
     const EOPNOTSUPP: i64 = 95;
     const ECONNRESET: i64 = 104;
@@ -458,6 +463,43 @@ pub fn unusual_socket_calls() -> Result<String, String> {
         ));
     }
     seen.push("socket with its option memory full refused (no room for the mark)".into());
+    // Sends racing connect() from another thread: each must end sent
+    // after the keys (0) or refused before the mark (EOPNOTSUPP, a send
+    // that found the socket connecting and unmarked); the wire check below
+    // finds any that went out in clear.
+    let racing = |port| -> Result<(Vec<i64>, Vec<i64>), String> {
+        let steps = probe("send-racing-connect", port)?;
+        let of = |call: &str| {
+            steps
+                .iter()
+                .filter(|(c, _)| c == call)
+                .map(|(_, e)| *e)
+                .collect::<Vec<_>>()
+        };
+        Ok((of("connect"), of("send racing connect")))
+    };
+    let (connects, sends) = racing(PROTECTED_PORT)?;
+    let attempts = crate::app_io::RACE_ATTEMPTS;
+    if connects.len() != attempts
+        || sends.len() != attempts
+        || connects.iter().any(|e| *e != 0)
+        || sends.iter().any(|e| *e != 0 && *e != EOPNOTSUPP)
+    {
+        return Err(format!(
+            "sends racing connect() to the protected port: connect errnos {connects:?}, send errnos {sends:?} (want {attempts} each, connects 0, sends 0 or EOPNOTSUPP)"
+        ));
+    }
+    let (plain_connects, plain_sends) = racing(PLAIN_PORT)?;
+    if plain_connects.iter().chain(&plain_sends).any(|e| *e != 0) {
+        return Err(format!(
+            "sends racing connect() to the plain port: connect errnos {plain_connects:?}, send errnos {plain_sends:?} (want 0)"
+        ));
+    }
+    seen.push(format!(
+        "{attempts} sends racing connect(): {} sent after the keys, {} refused before the mark",
+        sends.iter().filter(|e| **e == 0).count(),
+        sends.iter().filter(|e| **e == EOPNOTSUPP).count()
+    ));
     drop(servers);
     let report = super::wire_check::check_wire_allowing_unkeyed(&cap.finish()?, &a, &b, true)?;
     if report.plain_flows_with_marker < 2 {
