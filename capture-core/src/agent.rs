@@ -556,57 +556,11 @@ impl Agent {
         stats.no_core_refusals = no_core;
         // Counted by BPF: carried into the stats and metrics here, with an
         // error logged where growth means trouble.
-        for (index, seen, counter, alarm) in [
-            (
-                tlshub_ebpf::stat::FASTOPEN_REFUSED,
-                &mut stats.fastopen_refused,
-                &self.metrics.fastopen_refused,
-                None,
-            ),
-            (
-                tlshub_ebpf::stat::MAP_FULL,
-                &mut stats.map_full,
-                &self.metrics.map_full,
-                Some(
-                    "the conns map is full ([bpf] max_connections): new selected connections fail closed",
-                ),
-            ),
-            (
-                tlshub_ebpf::stat::FIN_DEFERRED,
-                &mut stats.fin_deferred,
-                &self.metrics.fin_deferred,
-                None,
-            ),
-            (
-                tlshub_ebpf::stat::REPAIR_REFUSED,
-                &mut stats.repair_refused,
-                &self.metrics.repair_refused,
-                None,
-            ),
-            (
-                tlshub_ebpf::stat::ZEROCOPY_RECEIVE_REFUSED,
-                &mut stats.zerocopy_receive_refused,
-                &self.metrics.zerocopy_receive_refused,
-                None,
-            ),
-            (
-                tlshub_ebpf::stat::UNMARKED_REFUSED,
-                &mut stats.unmarked_refused,
-                &self.metrics.unmarked_refused,
-                Some(
-                    "a selected connection was refused: its socket had no room for the gate's mark (the app filled its option memory)",
-                ),
-            ),
-            (
-                tlshub_ebpf::stat::GATE_EAGAIN,
-                &mut stats.gate_eagain,
-                &self.metrics.gate_eagain,
-                None,
-            ),
-        ] {
-            let now = self.programs.stat(index);
+        for (c, counter) in crate::metrics::BPF_COUNTERS.iter().zip(&self.metrics.bpf) {
+            let now = self.programs.stat(c.index);
+            let seen = (c.field)(stats);
             if now != *seen {
-                if let Some(alarm) = alarm {
+                if let Some(alarm) = c.alarm {
                     error!(failed = now.saturating_sub(*seen), "{alarm}");
                 }
                 counter.inc_by(now.saturating_sub(*seen));

@@ -17,6 +17,8 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
+use tlshub_admin::stats::Stats;
+use tlshub_ebpf::stat;
 use tokio::net::TcpListener;
 use tracing::{debug, info, warn};
 
@@ -58,6 +60,81 @@ fn key_histogram() -> Histogram {
     Histogram::new(exponential_buckets(0.0005, 2.0, 16))
 }
 
+/// A counter the BPF programs keep in their `stats` map, which the core
+/// carries into its stats file and its metrics.
+#[derive(Debug)]
+pub struct BpfCounter {
+    /// Index in the `stats` map.
+    pub index: u32,
+    /// Metric name (`tlshub_` before it, `_total` after).
+    pub metric: &'static str,
+    /// Metric help.
+    pub help: &'static str,
+    /// Logged as an error each time the counter grows (growth means
+    /// trouble).
+    pub alarm: Option<&'static str>,
+    /// The [`Stats`] field that mirrors it.
+    pub field: fn(&mut Stats) -> &mut u64,
+}
+
+/// Every BPF counter the core mirrors (besides the ring buffer's drops and
+/// the no-core refusals, which it reads on their own): one row each.
+pub const BPF_COUNTERS: [BpfCounter; 7] = [
+    BpfCounter {
+        index: stat::FASTOPEN_REFUSED,
+        metric: "gate_fastopen_refused",
+        help: "TCP Fast Open sends to selected destinations that the gate refused with EOPNOTSUPP (the app falls back to connect)",
+        alarm: None,
+        field: |s| &mut s.fastopen_refused,
+    },
+    BpfCounter {
+        index: stat::MAP_FULL,
+        metric: "gate_map_full",
+        help: "Selected connections failed closed (calls fail with ECONNRESET) because the conns map was full ([bpf] max_connections)",
+        alarm: Some(
+            "the conns map is full ([bpf] max_connections): new selected connections fail closed",
+        ),
+        field: |s| &mut s.map_full,
+    },
+    BpfCounter {
+        index: stat::FIN_DEFERRED,
+        metric: "gate_fin_deferred",
+        help: "Segments with a peer's FIN dropped (the peer retransmits them) because they arrived before this side's keys were installed",
+        alarm: None,
+        field: |s| &mut s.fin_deferred,
+    },
+    BpfCounter {
+        index: stat::REPAIR_REFUSED,
+        metric: "gate_repair_refused",
+        help: "Sockets put in TCP repair mode that then connected to a selected peer, refused for good (their ISNs are the app's, so they are never keyed)",
+        alarm: None,
+        field: |s| &mut s.repair_refused,
+    },
+    BpfCounter {
+        index: stat::ZEROCOPY_RECEIVE_REFUSED,
+        metric: "gate_zerocopy_receive_refused",
+        help: "TCP_ZEROCOPY_RECEIVE calls refused with EOPNOTSUPP on selected sockets before keys and on kTLS sockets",
+        alarm: None,
+        field: |s| &mut s.zerocopy_receive_refused,
+    },
+    BpfCounter {
+        index: stat::UNMARKED_REFUSED,
+        metric: "gate_unmarked_refused",
+        help: "Selected connections refused for good (calls fail with ECONNRESET) because their socket had no room for the gate's mark: the app had filled the socket's option memory (net.core.optmem_max)",
+        alarm: Some(
+            "a selected connection was refused: its socket had no room for the gate's mark (the app filled its option memory)",
+        ),
+        field: |s| &mut s.unmarked_refused,
+    },
+    BpfCounter {
+        index: stat::GATE_EAGAIN,
+        metric: "gate_eagain",
+        help: "Calls on non-blocking selected sockets the gate answered EAGAIN, retries included (a level-triggered event loop retries until the keys are in)",
+        alarm: None,
+        field: |s| &mut s.gate_eagain,
+    },
+];
+
 /// Every metric the core exports.
 #[derive(Debug)]
 pub struct Metrics {
@@ -95,22 +172,10 @@ pub struct Metrics {
     /// Gate calls failed (fail-closed) or passed (fail-open) because no
     /// core was alive.
     pub no_core: Counter,
-    /// TCP Fast Open sends to selected destinations the gate refused.
-    pub fastopen_refused: Counter,
-    /// Selected connections failed closed because `conns` was full.
-    pub map_full: Counter,
-    /// Peer FINs dropped because they arrived before this side's keys.
-    pub fin_deferred: Counter,
-    /// Sockets connected in TCP repair mode to selected peers, refused.
-    pub repair_refused: Counter,
-    /// `TCP_ZEROCOPY_RECEIVE` refused on gated or kTLS sockets.
-    pub zerocopy_receive_refused: Counter,
-    /// Selected connections refused because their mark could not be created.
-    pub unmarked_refused: Counter,
     /// Connections whose app the gate answered EAGAIN instead of stopping.
     pub gate_waits: Counter,
-    /// Calls the gate answered EAGAIN, retries included.
-    pub gate_eagain: Counter,
+    /// The counters of [`BPF_COUNTERS`], in that order.
+    pub bpf: Vec<Counter>,
     /// `/proc/net/tls_stat` summed over the network namespaces of the
     /// connections this core protects.
     pub ktls: Family<TlsStatLabel, Gauge>,
@@ -143,14 +208,8 @@ impl Metrics {
             pending: Gauge::default(),
             ringbuf_drops: Counter::default(),
             no_core: Counter::default(),
-            fastopen_refused: Counter::default(),
-            map_full: Counter::default(),
-            fin_deferred: Counter::default(),
-            repair_refused: Counter::default(),
-            zerocopy_receive_refused: Counter::default(),
-            unmarked_refused: Counter::default(),
             gate_waits: Counter::default(),
-            gate_eagain: Counter::default(),
+            bpf: BPF_COUNTERS.iter().map(|_| Counter::default()).collect(),
             ktls: Family::default(),
             registry: Registry::default(),
         };
@@ -235,45 +294,13 @@ impl Metrics {
             m.no_core.clone(),
         );
         registry.register(
-            "gate_fastopen_refused",
-            "TCP Fast Open sends to selected destinations that the gate refused with EOPNOTSUPP (the app falls back to connect)",
-            m.fastopen_refused.clone(),
-        );
-        registry.register(
-            "gate_map_full",
-            "Selected connections failed closed (calls fail with ECONNRESET) because the conns map was full ([bpf] max_connections)",
-            m.map_full.clone(),
-        );
-        registry.register(
-            "gate_fin_deferred",
-            "Segments with a peer's FIN dropped (the peer retransmits them) because they arrived before this side's keys were installed",
-            m.fin_deferred.clone(),
-        );
-        registry.register(
-            "gate_repair_refused",
-            "Sockets put in TCP repair mode that then connected to a selected peer, refused for good (their ISNs are the app's, so they are never keyed)",
-            m.repair_refused.clone(),
-        );
-        registry.register(
-            "gate_zerocopy_receive_refused",
-            "TCP_ZEROCOPY_RECEIVE calls refused with EOPNOTSUPP on selected sockets before keys and on kTLS sockets",
-            m.zerocopy_receive_refused.clone(),
-        );
-        registry.register(
-            "gate_unmarked_refused",
-            "Selected connections refused for good (calls fail with ECONNRESET) because their socket had no room for the gate's mark: the app had filled the socket's option memory (net.core.optmem_max)",
-            m.unmarked_refused.clone(),
-        );
-        registry.register(
             "gate_waits",
             "Selected connections whose app (a non-blocking socket) the gate answered EAGAIN before its keys were in, instead of stopping it",
             m.gate_waits.clone(),
         );
-        registry.register(
-            "gate_eagain",
-            "Calls on non-blocking selected sockets the gate answered EAGAIN, retries included (a level-triggered event loop retries until the keys are in)",
-            m.gate_eagain.clone(),
-        );
+        for (c, counter) in BPF_COUNTERS.iter().zip(&m.bpf) {
+            registry.register(c.metric, c.help, counter.clone());
+        }
         registry.register(
             "ktls_sockets",
             "/proc/net/tls_stat counters summed over the protected connections' network namespaces",
@@ -387,6 +414,35 @@ fn answer(req: &Request<hyper::body::Incoming>, metrics: &Metrics) -> Response<F
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_bpf_counter_is_exported_once_and_mirrored_in_its_own_stats_field() {
+        let m = Metrics::new();
+        let mut stats = Stats::default();
+        let mut indexes = std::collections::BTreeSet::new();
+        for (i, (c, counter)) in BPF_COUNTERS.iter().zip(&m.bpf).enumerate() {
+            assert!(c.index < stat::COUNT && indexes.insert(c.index), "{c:?}");
+            counter.inc_by(i as u64 + 1);
+            *(c.field)(&mut stats) = i as u64 + 1;
+        }
+        assert_eq!(m.bpf.len(), BPF_COUNTERS.len());
+        let text = m.encode();
+        let json = serde_json::to_value(&stats).unwrap();
+        for (i, c) in BPF_COUNTERS.iter().enumerate() {
+            let line = format!("tlshub_{}_total {}", c.metric, i + 1);
+            assert!(text.contains(&line), "{line} not in:\n{text}");
+            let in_stats = json
+                .as_object()
+                .unwrap()
+                .values()
+                .filter(|v| v.as_u64() == Some(i as u64 + 1))
+                .count();
+            assert_eq!(
+                in_stats, 1,
+                "{c:?}: its value in exactly one stats field: {json}"
+            );
+        }
+    }
 
     #[test]
     fn names_follow_prometheus_conventions_and_labels_are_bounded() {

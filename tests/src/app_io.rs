@@ -892,15 +892,20 @@ pub enum Probe {
 /// How many sockets [`Probe::SendRacingConnect`] races.
 pub const RACE_ATTEMPTS: usize = 30;
 
+/// An unconnected TCP socket of `target`'s family.
+fn tcp_socket(target: std::net::SocketAddr) -> io::Result<socket2::Socket> {
+    socket2::Socket::new(
+        socket2::Domain::for_address(target),
+        socket2::Type::STREAM,
+        None,
+    )
+}
+
 /// One [`Probe::SendRacingConnect`] attempt: the connect() and the first
 /// send that was not answered `EPIPE`.
 fn send_racing_connect(target: std::net::SocketAddr, payload: &[u8]) -> [ProbeStep; 2] {
     use std::sync::atomic::{AtomicU32, Ordering};
-    let sock = match socket2::Socket::new(
-        socket2::Domain::for_address(target),
-        socket2::Type::STREAM,
-        None,
-    ) {
+    let sock = match tcp_socket(target) {
         Ok(s) => s,
         Err(e) => {
             let failed = step("socket", Err(e));
@@ -1060,11 +1065,7 @@ pub fn probe(target: std::net::SocketAddr, probe: Probe, payload: &[u8]) -> Vec<
         return steps;
     }
     if probe == Probe::FullOptionMemory {
-        let sock = match socket2::Socket::new(
-            socket2::Domain::for_address(target),
-            socket2::Type::STREAM,
-            None,
-        ) {
+        let sock = match tcp_socket(target) {
             Ok(s) => s,
             Err(e) => return vec![step("socket", Err(e))],
         };
@@ -1083,11 +1084,7 @@ pub fn probe(target: std::net::SocketAddr, probe: Probe, payload: &[u8]) -> Vec<
     }
     if probe == Probe::Repair {
         const TCP_REPAIR: libc::c_int = 19;
-        let sock = match socket2::Socket::new(
-            socket2::Domain::for_address(target),
-            socket2::Type::STREAM,
-            None,
-        ) {
+        let sock = match tcp_socket(target) {
             Ok(s) => s,
             Err(e) => return vec![step("socket", Err(e))],
         };
