@@ -24,26 +24,25 @@ use crate::sys::{self, KtlsStep};
 pub struct Job {
     /// Its number, returned in the [`Outcome`].
     pub id: u64,
-    /// Socket cookie.
+    /// The socket's cookie: its key in the BPF maps.
     pub cookie: u64,
-    /// Our side's role.
+    /// Whether this side connected (client) or accepted (server).
     pub role: Role,
-    /// Local address.
     pub local: SocketAddr,
-    /// Remote address.
     pub remote: SocketAddr,
-    /// Local ISN.
+    /// This side's initial sequence number (key-only providers derive
+    /// keys from both ISNs and the 4-tuple).
     pub local_isn: u32,
-    /// Remote ISN.
     pub remote_isn: u32,
-    /// Owning process.
+    /// The process the socket is taken from (`pidfd_getfd`).
     pub pid: u32,
     /// fd in the owning process (as of connect/accept; -1 when the owner
     /// came from a gate hold, which names no fd).
     pub fd: i32,
-    /// This node.
+    /// This node's name, passed to the provider.
     pub node_name: String,
-    /// Provider deadline.
+    /// The key timeout: the provider's budget plus the margin for its
+    /// answer (see `provider_budget`).
     pub timeout: Duration,
     /// Where to export keys for offline decryption (tests and debugging only).
     pub keylog: Option<KeyLog>,
@@ -102,21 +101,18 @@ pub enum KeyingError {
     /// number now names something else and no other fd holds the socket).
     #[error("socket {cookie} is gone from pid {pid} (fd {fd} and all other fds checked)")]
     SocketGone {
-        /// Cookie.
         cookie: u64,
-        /// Owner.
+        /// The process searched.
         pid: u32,
-        /// Original fd.
+        /// The fd number it had at connect/accept (-1: none known).
         fd: i32,
     },
     /// pidfd_open/pidfd_getfd failed.
     #[error("cannot take fd {fd} of pid {pid}: {source}")]
     TakeSocket {
-        /// Owner.
         pid: u32,
-        /// fd.
         fd: i32,
-        /// Why.
+        /// The system call's error.
         #[source]
         source: std::io::Error,
     },
@@ -127,16 +123,13 @@ pub enum KeyingError {
     /// disconnected, and maybe connected again, before the provider was
     /// asked or while it worked); nothing was installed.
     #[error("socket {cookie} no longer carries the connection this keying job is for")]
-    Reconnected {
-        /// Cookie.
-        cookie: u64,
-    },
+    Reconnected { cookie: u64 },
     /// The kernel refused a kTLS step.
     #[error("kTLS {step:?} failed: {source}")]
     Install {
-        /// Which step.
+        /// The step the kernel refused (the ones before it are in).
         step: KtlsStep,
-        /// Why.
+        /// The kernel's error.
         #[source]
         source: std::io::Error,
     },

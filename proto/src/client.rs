@@ -21,19 +21,20 @@ pub enum ClientError {
     /// No answer within the deadline.
     #[error("provider at {path} did not answer within {millis} ms")]
     Timeout {
-        /// The socket.
+        /// The provider's socket.
         path: PathBuf,
-        /// The deadline.
+        /// How long the client waited.
         millis: u64,
     },
     /// The provider answered with an error status (or could not be reached).
     #[error("provider at {path} returned {code:?}: {message}")]
     Status {
-        /// The socket.
+        /// The provider's socket.
         path: PathBuf,
-        /// The gRPC code.
+        /// The status the provider, or tonic for a transport failure,
+        /// ended the call with.
         code: tonic::Code,
-        /// The message.
+        /// The provider's message, or the transport's description.
         message: String,
     },
     /// The request was never sent: the provider was closing the connection
@@ -41,15 +42,15 @@ pub enum ClientError {
     /// provider runs it and it can be sent again to the next instance.
     #[error("provider at {path} is stopping; the request was not sent")]
     NotSent {
-        /// The socket.
+        /// The provider's socket.
         path: PathBuf,
     },
     /// The answer was malformed.
     #[error("provider at {path} answered malformed keys: {source}")]
     Malformed {
-        /// The socket.
+        /// The provider's socket.
         path: PathBuf,
-        /// What is wrong.
+        /// The first check the answer failed.
         #[source]
         source: WireError,
     },
