@@ -17,7 +17,8 @@ use tlshub_ebpf::{Conn, Event, kind};
 use crate::bpf::ConnsReader;
 use crate::providers::Provider;
 use crate::state::same_connection;
-use crate::sys::{self, KtlsStep};
+use crate::sys;
+use tlshub_ktls::KtlsStep;
 
 /// Everything needed to key one connection.
 #[derive(Debug, Clone)]

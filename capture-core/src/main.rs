@@ -1,6 +1,6 @@
 //! `tlshub-core`: the node agent. Loads the eBPF programs, keys selected
 //! connections through a provider and installs kTLS on them.
-#![deny(unsafe_code)]
+#![forbid(unsafe_code)]
 
 mod admin;
 mod agent;
@@ -12,10 +12,6 @@ mod procfs;
 mod providers;
 mod release;
 mod state;
-#[expect(
-    unsafe_code,
-    reason = "syscalls on application sockets; SAFETY comments inside"
-)]
 mod sys;
 
 use std::path::PathBuf;

@@ -1158,3 +1158,30 @@ pub fn probe(target: std::net::SocketAddr, probe: Probe, payload: &[u8]) -> Vec<
     }
     steps
 }
+
+/// The fixed keys of `tlshub-testapp --ktls-fixed-key` (TLS 1.3,
+/// AES-128-GCM, record sequence 0): the client sends under one key and the
+/// server under the other, so the two ends' keys mirror each other.
+pub fn fixed_ktls_keys(client: bool) -> tlshub_provider_sdk::ConnectionKeys {
+    use tlshub_provider_sdk::{CipherSuite, ConnectionKeys, DirectionKeys, TlsVersion};
+    let direction = |b: u8| DirectionKeys {
+        key: vec![b; 16],
+        iv: vec![b.wrapping_add(0x10); 12],
+        record_sequence: 0,
+    };
+    let (tx, rx) = if client { (0x11, 0x12) } else { (0x12, 0x11) };
+    ConnectionKeys {
+        version: TlsVersion::Tls13,
+        cipher_suite: CipherSuite::Aes128Gcm,
+        transmit: direction(tx),
+        receive: direction(rx),
+    }
+}
+
+/// Installs [`fixed_ktls_keys`] on a connected socket: kTLS without any
+/// agent or handshake, the data path's ceiling in the benchmark.
+pub fn install_fixed_ktls(stream: &std::net::TcpStream, client: bool) -> io::Result<()> {
+    use std::os::fd::AsFd;
+    tlshub_ktls::install(stream.as_fd(), &fixed_ktls_keys(client))
+        .map_err(|(step, e)| io::Error::new(e.kind(), format!("kTLS {step:?}: {e}")))
+}

@@ -13,7 +13,7 @@ use super::*;
 use crate::config::FailurePolicy;
 use crate::keying::{Installed, KeyingError, Outcome};
 use crate::metrics::Metrics;
-use crate::sys::KtlsStep;
+use tlshub_ktls::KtlsStep;
 
 const COOKIE: u64 = 42;
 const PID: u32 = 700;

@@ -82,6 +82,11 @@ struct Common {
     /// that fail (the disconnected first ones).
     #[arg(long)]
     reconnect: bool,
+    /// Install kTLS with a fixed key on each connection before its
+    /// exchange (both ends must): kTLS with no agent and no handshake, the
+    /// benchmark's data-path ceiling.
+    #[arg(long)]
+    ktls_fixed_key: bool,
 }
 
 #[derive(Debug, Subcommand)]
@@ -274,6 +279,9 @@ fn accept(l: &TcpListener, via: Via) -> std::io::Result<TcpStream> {
 }
 
 fn serve_one(stream: TcpStream, common: &Common, r: &mut Report) -> std::io::Result<()> {
+    if common.ktls_fixed_key {
+        app_io::install_fixed_ktls(&stream, false)?;
+    }
     let mut c = Conn::new(stream, common.io)?;
     let result = serve_exchange(&mut c, common, r);
     r.send_buffer = send_buffer(&c);
@@ -409,6 +417,9 @@ fn client_one(target: SocketAddr, common: &Common, r: &mut Report) -> std::io::R
         (None, Via::IoUring) => app_io::connect_io_uring(target)?,
         (None, Via::Int80) => app_io::connect_int80(target)?,
     };
+    if common.ktls_fixed_key {
+        app_io::install_fixed_ktls(&stream, true)?;
+    }
     if common.mode == Mode::CloseEarly {
         drop(stream);
         return Ok(());

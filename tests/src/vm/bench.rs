@@ -110,8 +110,9 @@ impl Figures {
     }
 }
 
-/// `cargo xtask bench`: setup latency and throughput for plain TCP, for the
-/// alternatives (WireGuard between the nodes, a stunnel pair) and for each
+/// `cargo xtask bench`: setup latency and throughput for plain TCP, for
+/// kTLS with a fixed key and no agent (the ceiling), for the alternatives
+/// (WireGuard between the nodes, a stunnel pair) and for each
 /// provider, and how often and how long the gate held a process, all in
 /// one VM run.
 pub fn bench() -> Result<String, String> {
@@ -129,6 +130,14 @@ pub fn bench() -> Result<String, String> {
     // tlshub" to "plain" below, measured with both nodes' programs attached.
     f.measure("no tlshub", &plain, conns)?;
     let loop_none = byte_loop_seconds()?;
+    // kTLS with a fixed key installed by the apps themselves, no agent and
+    // no handshake: the data path's ceiling (tlshub adds nothing after the
+    // keys are in, so its streams should match this).
+    let raw_ktls = App {
+        ktls_fixed_key: true,
+        ..plain.clone()
+    };
+    f.measure("raw ktls", &raw_ktls, conns)?;
     {
         let _tunnel = WireGuard::up()?;
         let through_tunnel = App {
@@ -191,11 +200,12 @@ pub fn bench() -> Result<String, String> {
         ));
     }
     f.ratios("plain", "no tlshub");
-    for label in ["wireguard", "stunnel"] {
+    for label in ["raw ktls", "wireguard", "stunnel"] {
         f.ratios(label, "no tlshub");
     }
     for (label, _) in providers {
         f.ratios(label, "plain");
+        f.ratios(label, "raw ktls");
     }
     for label in ["boringssl", "tlshub", "stunnel"] {
         f.ratios(label, "openssl");

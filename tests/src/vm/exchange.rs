@@ -18,7 +18,77 @@ pub fn kernel_has_ktls_and_bpf_lsm() -> Result<String, String> {
         return Err("/proc/net/tls_stat missing: tls module not loaded".into());
     }
     let uname = process::run(None, &["uname", "-r"])?;
-    Ok(format!("kernel {} lsm={}", uname.trim(), lsm.trim()))
+    let fixed = fixed_key_ktls()?;
+    Ok(format!(
+        "kernel {} lsm={}; {fixed}",
+        uname.trim(),
+        lsm.trim()
+    ))
+}
+
+/// kTLS with a fixed key on both ends and no agent (`tlshub-testapp
+/// --ktls-fixed-key`, the benchmark's data-path ceiling) on the plain
+/// port: exact bytes both ways, and each direction on the wire is records
+/// that decrypt under the sender's fixed key to what its app sent.
+fn fixed_key_ktls() -> Result<String, String> {
+    use crate::app_io::fixed_ktls_keys;
+    use crate::pattern::{CLIENT_SEED, MARKER, SERVER_SEED};
+    let app = App {
+        ktls_fixed_key: true,
+        ..App::exchange(100_000, PLAIN_PORT)
+    };
+    let cap = Capture::start("fixed-key-ktls")?;
+    let (server, client) = run_pair(&app, &[], Duration::from_secs(60))?;
+    if !ok(&server) || !ok(&client) {
+        return Err(format!(
+            "fixed-key kTLS exchange: server {server}, client {client}"
+        ));
+    }
+    let flows = cap.finish()?;
+    let mut checked = 0;
+    for f in flows.iter().filter(|f| !f.bytes.is_empty()) {
+        if crate::wire::contains(&f.bytes, MARKER) {
+            return Err(format!(
+                "fixed-key kTLS: {} -> {} carries the marker",
+                f.src, f.dst
+            ));
+        }
+        let from_client = f.dst.port() == PLAIN_PORT;
+        let keys = fixed_ktls_keys(from_client).transmit;
+        let plain =
+            crate::wire::decrypt_application_data(&f.bytes, "aes-gcm-128", &keys.key, &keys.iv)
+                .map_err(|e| format!("fixed-key kTLS: {} -> {}: {e}", f.src, f.dst))?;
+        let seed = if from_client {
+            CLIENT_SEED
+        } else {
+            SERVER_SEED
+        };
+        crate::pattern::check(seed, 0, &plain).map_err(|at| {
+            format!(
+                "fixed-key kTLS: {} -> {}: decrypted byte {at} is not what the app sent",
+                f.src, f.dst
+            )
+        })?;
+        if plain.len() < app.size {
+            return Err(format!(
+                "fixed-key kTLS: {} -> {}: {} bytes decrypted, want {}",
+                f.src,
+                f.dst,
+                plain.len(),
+                app.size
+            ));
+        }
+        checked += 1;
+    }
+    if checked != 2 {
+        return Err(format!(
+            "fixed-key kTLS: {checked} flows with bytes captured, want 2"
+        ));
+    }
+    Ok(format!(
+        "fixed-key kTLS without an agent: {} bytes each way exact, both flows decrypt under the fixed keys",
+        app.size
+    ))
 }
 
 /// Every send method with every receive method in rotation, blocking and

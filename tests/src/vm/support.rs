@@ -42,6 +42,8 @@ pub struct App {
     /// --reconnect (both ends): each client socket is connected,
     /// disconnected and connected again before its exchange.
     pub reconnect: bool,
+    /// --ktls-fixed-key (both ends): kTLS with a fixed key, no agent.
+    pub ktls_fixed_key: bool,
 }
 
 impl App {
@@ -61,6 +63,7 @@ impl App {
             handoff: "none",
             proxy: None,
             reconnect: false,
+            ktls_fixed_key: false,
         }
     }
 
@@ -104,6 +107,9 @@ impl App {
         ];
         if self.reconnect {
             args.push("--reconnect".into());
+        }
+        if self.ktls_fixed_key {
+            args.push("--ktls-fixed-key".into());
         }
         args
     }

@@ -63,6 +63,7 @@ impl Capture {
     pub fn start_on(name: &str, iface: &str) -> Result<Self, String> {
         let path = format!("/tmp/{name}.pcap");
         let _ = std::fs::remove_file(&path);
+        std::fs::create_dir_all("/tmp/logs").map_err(|e| e.to_string())?;
         let log = std::path::PathBuf::from(format!("/tmp/logs/tcpdump-{name}.log"));
         let mut proc = Proc::spawn(
             "tcpdump",
