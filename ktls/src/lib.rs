@@ -149,6 +149,9 @@ fn set_direction(
 /// Which step of the kTLS installation failed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum KtlsStep {
+    /// The keys themselves ([`ConnectionKeys::validate`]): nothing was
+    /// installed.
+    Keys,
     /// `setsockopt(TCP_ULP, "tls")`.
     Ulp,
     /// `setsockopt(SOL_TLS, TLS_TX)`.
@@ -157,10 +160,17 @@ pub enum KtlsStep {
     Receive,
 }
 
-/// Installs kTLS on the socket: the ULP, then TX and RX keys. The keys must
-/// have passed [`ConnectionKeys::validate`]. On error the socket may be
-/// half-installed; the caller must reset it.
+/// Installs kTLS on the socket: the ULP, then TX and RX keys. Keys that
+/// fail [`ConnectionKeys::validate`] are refused before anything is
+/// installed (`InvalidInput`); after that, on error the socket may be
+/// half-installed and the caller must reset it.
 pub fn install(fd: BorrowedFd<'_>, keys: &ConnectionKeys) -> Result<(), (KtlsStep, io::Error)> {
+    keys.validate().map_err(|e| {
+        (
+            KtlsStep::Keys,
+            io::Error::new(io::ErrorKind::InvalidInput, e),
+        )
+    })?;
     // The ULP's name, without its NUL (the kernel takes the length given).
     set_option(fd, libc::IPPROTO_TCP, libc::TCP_ULP, b"tls").map_err(|e| (KtlsStep::Ulp, e))?;
     set_direction(fd, TLS_TX, keys.version, keys.cipher_suite, &keys.transmit)
@@ -173,6 +183,30 @@ pub fn install(fd: BorrowedFd<'_>, keys: &ConnectionKeys) -> Result<(), (KtlsSte
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn keys_of_the_wrong_length_are_refused_before_anything_is_installed() {
+        use std::os::fd::AsFd;
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let c = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let direction = |len| DirectionKeys {
+            key: vec![1; len],
+            iv: vec![2; 12],
+            record_sequence: 0,
+        };
+        let keys = ConnectionKeys {
+            version: TlsVersion::Tls13,
+            cipher_suite: CipherSuite::Aes128Gcm,
+            transmit: direction(5),
+            receive: direction(16),
+        };
+        let (step, e) = install(c.as_fd(), &keys).unwrap_err();
+        assert_eq!(step, KtlsStep::Keys);
+        assert_eq!(e.kind(), io::ErrorKind::InvalidInput);
+        // No ULP went on: the socket still takes one.
+        let ulp = set_option(c.as_fd(), libc::IPPROTO_TCP, libc::TCP_ULP, b"xyz");
+        assert_ne!(ulp.unwrap_err().raw_os_error(), Some(libc::EEXIST));
+    }
 
     #[test]
     fn crypto_info_layouts_match_linux_tls_h() {
