@@ -31,9 +31,9 @@ pub enum ConnectError {
         "cannot connect to the tlshub core at {path}: {source} (is tlshub-core running, and are you root?)"
     )]
     Connect {
-        /// The socket.
+        /// The core's admin socket.
         path: PathBuf,
-        /// Why.
+        /// The transport's error (no socket there, permission denied, ...).
         #[source]
         source: tonic::transport::Error,
     },

@@ -23,9 +23,9 @@ pub enum BpfError {
     /// The object could not be parsed or a program failed to load.
     #[error("cannot load BPF program {program}: {source}")]
     Load {
-        /// The program.
+        /// The program's name in the object.
         program: &'static str,
-        /// Why.
+        /// aya's error, with the verifier's log when it refused.
         #[source]
         source: aya::programs::ProgramError,
     },
@@ -46,20 +46,21 @@ pub enum BpfError {
     /// The cgroup directory could not be opened.
     #[error("cannot open cgroup {path}: {source}")]
     Cgroup {
-        /// The directory.
+        /// The cgroup directory (`[bpf] cgroup`).
         path: String,
-        /// Why.
+        /// The open's error.
         #[source]
         source: std::io::Error,
     },
     /// Pinning programs or maps under the pin directory failed.
     #[error("cannot pin {what} under {dir}: {reason}")]
     Pin {
-        /// What.
+        /// The program or map being pinned.
         what: String,
         /// The pin directory.
         dir: String,
-        /// Why.
+        /// What went wrong, as text (from several error types: aya's pin
+        /// errors, link conversions, a missing pin).
         reason: String,
     },
     /// Programs of a different build are pinned there.
@@ -77,9 +78,9 @@ pub enum BpfError {
     /// A map operation failed.
     #[error("BPF map {map}: {source}")]
     Map {
-        /// The map.
+        /// The map's name.
         map: &'static str,
-        /// Why.
+        /// aya's error.
         #[source]
         source: aya::maps::MapError,
     },

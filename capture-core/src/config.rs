@@ -21,7 +21,7 @@ pub enum ConfigError {
     Invalid {
         /// The file.
         path: PathBuf,
-        /// What is wrong.
+        /// Which keys disagree, and how.
         reason: String,
     },
 }

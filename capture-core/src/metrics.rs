@@ -41,7 +41,7 @@ pub struct ProviderRoleLabels {
 /// `reason` label (a fixed vocabulary from the keying errors).
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ReasonLabel {
-    /// Why.
+    /// [`crate::keying::KeyingError::reason`] or a state machine's reason.
     pub reason: &'static str,
 }
 
@@ -344,9 +344,9 @@ impl Metrics {
 #[derive(Debug, thiserror::Error)]
 #[error("cannot listen for metrics on {addr}: {source}")]
 pub struct ListenError {
-    /// The address.
+    /// The `[metrics] listen` address.
     pub addr: SocketAddr,
-    /// Why.
+    /// The bind's error.
     #[source]
     pub source: std::io::Error,
 }

@@ -42,7 +42,7 @@ pub enum ReleaseError {
     Unpin {
         /// The pin directory.
         dir: PathBuf,
-        /// Why.
+        /// The removal's error.
         #[source]
         source: std::io::Error,
     },

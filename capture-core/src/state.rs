@@ -100,9 +100,9 @@ impl Pending {
 /// admin API's connection list; its keys live only in the kernel).
 #[derive(Debug)]
 pub struct Protected {
-    /// Local address.
+    /// This side's address and port.
     pub local: SocketAddr,
-    /// Remote address.
+    /// The peer's address and port.
     pub remote: SocketAddr,
     /// This side's role.
     pub role: Role,

@@ -209,7 +209,7 @@ pub struct Event {
     pub local_port: u16,
     /// Host order.
     pub remote_port: u16,
-    /// Padding.
+    /// Zero (keeps the addresses 4-byte aligned, as in C).
     pub pad: u16,
     /// IPv4 is mapped (`::ffff:a.b.c.d`).
     pub local_addr: [u8; 16],

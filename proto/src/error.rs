@@ -52,7 +52,7 @@ pub enum ProviderError {
     /// A dependency of the provider (kernel module, daemon) is not available.
     #[error("unavailable: {reason}")]
     Unavailable {
-        /// Why.
+        /// What is missing, for the log and the core's error message.
         reason: String,
     },
     /// A bug or unexpected state inside the provider.

@@ -11,9 +11,9 @@ pub enum ConfigError {
     /// The file cannot be read.
     #[error("cannot read config file {path}: {source}")]
     Read {
-        /// The file.
+        /// The config file.
         path: PathBuf,
-        /// Why.
+        /// The read's error.
         #[source]
         source: std::io::Error,
     },

@@ -14,9 +14,9 @@ pub enum PodMapError {
     /// Unreadable.
     #[error("cannot read pod-to-node map {path}: {source}")]
     Read {
-        /// The file.
+        /// The map file.
         path: PathBuf,
-        /// Why.
+        /// The read's error.
         #[source]
         source: std::io::Error,
     },
@@ -27,7 +27,7 @@ pub enum PodMapError {
         path: PathBuf,
         /// 1-based line number.
         line: usize,
-        /// What is wrong.
+        /// What is wrong with the line.
         reason: String,
     },
 }
