@@ -809,6 +809,14 @@ static __always_inline int gate_unmarked(struct sock *sk)
 	return 0;
 }
 
+/* The gate for socket `sk` whose mark (possibly none) was looked up. */
+static __always_inline int gate_sk(struct sock *sk, struct tlshub_sk_mark *mark, int nonblock)
+{
+	if (!mark)
+		return gate_unmarked(sk);
+	return gate_mark(sk, mark, nonblock);
+}
+
 static __always_inline int gate_socket(struct socket *sock, int nonblock)
 {
 	if (!sock)
@@ -816,10 +824,7 @@ static __always_inline int gate_socket(struct socket *sock, int nonblock)
 	struct sock *sk = sock->sk;
 	if (!sk)
 		return 0;
-	struct tlshub_sk_mark *mark = bpf_sk_storage_get(&sk_marks, sk, 0, 0);
-	if (!mark)
-		return gate_unmarked(sk);
-	return gate_mark(sk, mark, nonblock);
+	return gate_sk(sk, bpf_sk_storage_get(&sk_marks, sk, 0, 0), nonblock);
 }
 
 /* TCP Fast Open would put data on the wire before the gate can hold it:
@@ -988,15 +993,18 @@ int BPF_PROG(tlshub_gate_file, struct file *file, int mask, int ret)
 	if (!(mask & (MAY_READ | MAY_WRITE)))
 		return 0;
 	struct socket *sock = bpf_sock_from_file(file);
-	int gated = gate_socket(sock, file->f_flags & O_NONBLOCK);
-	if (gated || !(mask & MAY_WRITE) || !sock || !sock->sk)
+	if (!sock)
+		return 0;
+	struct sock *sk = sock->sk;
+	if (!sk)
+		return 0;
+	/* One lookup of the mark for the gate and the unconnected check. */
+	struct tlshub_sk_mark *mark = bpf_sk_storage_get(&sk_marks, sk, 0, 0);
+	int gated = gate_sk(sk, mark, file->f_flags & O_NONBLOCK);
+	if (gated || !(mask & MAY_WRITE) || mark_gates(mark))
 		return gated;
 	/* write(), sendfile() and splice() to a socket that is not
 	 * connected: see unconnected_send() (no flags: TCP raises SIGPIPE). */
-	struct sock *sk = sock->sk;
-	struct tlshub_sk_mark *mark = bpf_sk_storage_get(&sk_marks, sk, 0, 0);
-	if (mark_gates(mark))
-		return 0;
 	return unconnected_send(sk, mark, 0);
 }
 

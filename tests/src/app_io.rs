@@ -989,7 +989,7 @@ struct TcpMd5Sig {
 /// Adds `TCP_MD5SIG` keys for addresses in 240.0.0.0/4 (reserved, never a
 /// peer) until one is refused; returns that error (`ENOMEM` once the
 /// socket's option memory is full), or an error if every key fitted.
-fn fill_option_memory(fd: RawFd) -> io::Error {
+fn fill_option_memory(fd: std::os::fd::BorrowedFd<'_>) -> io::Error {
     for i in 0u32..20_000 {
         // SAFETY: all-zero is a valid sockaddr_storage and key.
         let mut sig: TcpMd5Sig = unsafe { std::mem::zeroed() };
@@ -1005,18 +1005,8 @@ fn fill_option_memory(fd: RawFd) -> io::Error {
         unsafe { std::ptr::write((&raw mut sig.addr).cast::<libc::sockaddr_in>(), sin) };
         sig.keylen = 16;
         sig.key[..16].fill(0x5a);
-        // SAFETY: sig is a live struct tcp_md5sig and its size is passed.
-        let rc = unsafe {
-            libc::setsockopt(
-                fd,
-                libc::IPPROTO_TCP,
-                libc::TCP_MD5SIG,
-                (&raw const sig).cast(),
-                size_of::<TcpMd5Sig>() as libc::socklen_t,
-            )
-        };
-        if rc != 0 {
-            return io::Error::last_os_error();
+        if let Err(e) = tlshub_ktls::set_option(fd, libc::IPPROTO_TCP, libc::TCP_MD5SIG, &sig) {
+            return e;
         }
     }
     io::Error::other("20,000 TCP_MD5SIG keys fitted in the option memory")
@@ -1072,7 +1062,7 @@ pub fn probe(target: std::net::SocketAddr, probe: Probe, payload: &[u8]) -> Vec<
         let fd = sock.as_raw_fd();
         steps.push(step(
             "setsockopt(TCP_MD5SIG) until refused",
-            Err(fill_option_memory(fd)),
+            Err(fill_option_memory(std::os::fd::AsFd::as_fd(&sock))),
         ));
         let s = step("connect", sock.connect(&target.into()).map(|()| 0));
         let connected = s.errno == 0;
