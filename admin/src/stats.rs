@@ -73,6 +73,9 @@ pub struct Stats {
     /// room left for the gate's mark (the app filled its option memory;
     /// counted by BPF).
     pub unmarked_refused: u64,
+    /// `shutdown()` calls on protected sockets held until kTLS's unsent
+    /// records were in TCP, every stop counted (counted by BPF).
+    pub unsent_holds: u64,
     /// Connections whose app the gate answered `EAGAIN` (non-blocking
     /// socket, keys not in yet) at least once, instead of stopping it.
     pub gate_waits: u64,

@@ -79,7 +79,7 @@ pub struct BpfCounter {
 
 /// Every BPF counter the core mirrors (besides the ring buffer's drops and
 /// the no-core refusals, which it reads on their own): one row each.
-pub const BPF_COUNTERS: [BpfCounter; 7] = [
+pub const BPF_COUNTERS: [BpfCounter; 8] = [
     BpfCounter {
         index: stat::FASTOPEN_REFUSED,
         metric: "gate_fastopen_refused",
@@ -132,6 +132,13 @@ pub const BPF_COUNTERS: [BpfCounter; 7] = [
         help: "Calls on non-blocking selected sockets the gate answered EAGAIN, retries included (a level-triggered event loop retries until the keys are in)",
         alarm: None,
         field: |s| &mut s.gate_eagain,
+    },
+    BpfCounter {
+        index: stat::UNSENT_HOLDS,
+        metric: "gate_unsent_holds",
+        help: "Times a shutdown() on a protected socket was held until kTLS had handed its last encrypted records to TCP (else its FIN would overtake them and the peer would read a short stream)",
+        alarm: None,
+        field: |s| &mut s.unsent_holds,
     },
 ];
 

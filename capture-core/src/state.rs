@@ -124,6 +124,20 @@ struct HeldProc {
     cookie: u64,
     since_ns: u64,
     continued: bool,
+    reason: HoldReason,
+}
+
+/// Why the gate stopped a process.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum HoldReason {
+    /// A call on a selected socket before its keys (HELD): continued once
+    /// the connection is no longer pending; counted in the hold times.
+    Keys,
+    /// A `shutdown()` on a keyed socket while kTLS still had records TCP
+    /// had not taken (UNSENT_HELD): continued by the next periodic sweep,
+    /// and the restarted call looks again. Not a key wait, so not in the
+    /// hold times.
+    Unsent,
 }
 
 /// How many processes a connection's socket is looked for in before it is
@@ -411,6 +425,7 @@ impl ConnTable {
                     cookie,
                     since_ns: now,
                     continued: false,
+                    reason: HoldReason::Keys,
                 });
                 stopped += 1;
             }
@@ -523,9 +538,29 @@ impl ConnTable {
                         cookie: ev.cookie,
                         since_ns: ev.ts_ns,
                         continued: false,
+                        reason: HoldReason::Keys,
                     },
                 );
                 self.owner_from_hold(k, ev.cookie, ev.pid);
+            }
+            kind::UNSENT_HELD => {
+                // No sweep_due: continuing at once would mostly find the
+                // records still waiting for TCP's buffer to drain and stop
+                // the process again; the periodic sweep paces the retries.
+                debug!(
+                    cookie = ev.cookie,
+                    pid = ev.pid,
+                    "shutdown held until kTLS's unsent records are in TCP"
+                );
+                self.held.insert(
+                    ev.pid,
+                    HeldProc {
+                        cookie: ev.cookie,
+                        since_ns: ev.ts_ns,
+                        continued: false,
+                        reason: HoldReason::Unsent,
+                    },
+                );
             }
             kind::WAITING => {
                 // Nobody is stopped: the app was told EAGAIN and waits for
@@ -869,6 +904,9 @@ impl ConnTable {
                     cookie: h.cookie,
                     since_ns: h.since_ns,
                     continued: false,
+                    // The map does not say why; either kind is continued
+                    // once its cookie is not pending.
+                    reason: HoldReason::Keys,
                 },
             );
         }
@@ -910,10 +948,12 @@ impl ConnTable {
                         warn!(pid, error = %e, "cannot continue held process");
                     }
                     h.continued = true;
-                    let held_ns = now.saturating_sub(h.since_ns);
-                    self.stats.held_micros.push(held_ns / 1000);
-                    self.metrics.gate_hold_seconds.observe(held_ns as f64 / 1e9);
-                    debug!(pid, cookie = h.cookie, "held process continued");
+                    if h.reason == HoldReason::Keys {
+                        let held_ns = now.saturating_sub(h.since_ns);
+                        self.stats.held_micros.push(held_ns / 1000);
+                        self.metrics.gate_hold_seconds.observe(held_ns as f64 / 1e9);
+                    }
+                    debug!(pid, cookie = h.cookie, reason = ?h.reason, "held process continued");
                 }
                 Some(_)
                     if h.continued

@@ -36,6 +36,7 @@ char LICENSE[] SEC("license") = "GPL";
 #define SIGSTOP 19
 #define SIGPIPE 13
 #define EPIPE 32
+#define SHUT_RD 0
 #define ENETUNREACH 101
 #define ECONNABORTED 103
 #define ETIMEDOUT 110
@@ -139,6 +140,14 @@ struct tcp_ulp_ops {
 
 struct inet_connection_sock {
 	const struct tcp_ulp_ops *icsk_ulp_ops;
+	void *icsk_ulp_data;
+} __pai;
+
+/* kTLS's per-socket state (include/net/tls.h; in vmlinux BTF although
+ * tls is a module, through the inline helpers built-in code uses): only
+ * the record TCP took part of, see ktls_unsent(). */
+struct tls_context {
+	void *partially_sent_record;
 } __pai;
 
 struct fdtable {
@@ -1008,10 +1017,62 @@ int BPF_PROG(tlshub_gate_file, struct file *file, int mask, int ret)
 	return unconnected_send(sk, mark, 0);
 }
 
+/* Whether kTLS holds an encrypted record that TCP took only part of, or
+ * none of. kTLS accepts a write once the record is encrypted and pushes it
+ * into TCP; when TCP runs out of room in the middle of a record, the rest
+ * waits in kTLS's own queue (partially_sent_record, with any records
+ * after it) until TCP's buffer drains, and the write has already returned.
+ * TCP's shutdown() knows nothing of that queue: its FIN goes after what TCP
+ * holds, kTLS's later push fails with EPIPE, and the peer reads a short
+ * stream. (kTLS pushes records strictly in order, so a waiting record
+ * always sets partially_sent_record.) The field is found through vmlinux
+ * BTF; without it nothing is held. */
+static __always_inline int ktls_unsent(struct sock *sk)
+{
+	if (!bpf_core_field_exists(((struct tls_context *)0)->partially_sent_record))
+		return 0;
+	if (!ktls_on(sk))
+		return 0;
+	struct tls_context *ctx =
+		BPF_CORE_READ((struct inet_connection_sock *)sk, icsk_ulp_data);
+	return ctx && BPF_CORE_READ(ctx, partially_sent_record);
+}
+
+/* Holds the caller until kTLS's unsent records are in TCP (see
+ * ktls_unsent()): stopped like the gate's hold, reported as UNSENT_HELD
+ * (or in the `held` map if the ring buffer is full), and continued by the
+ * core's next sweep; the restarted call looks again. kTLS pushes the rest
+ * by itself as TCP's buffer drains. Without a core nobody would continue
+ * the process, so the call passes. */
+static __always_inline int hold_until_sent(struct sock *sk)
+{
+	__u32 zero = 0;
+	struct tlshub_control *ctl = bpf_map_lookup_elem(&control, &zero);
+	if (!ctl || core_gone(ctl))
+		return 0;
+	__u32 tgid = bpf_get_current_pid_tgid() >> 32;
+	struct tlshub_event ev = {
+		.kind = TLSHUB_EV_UNSENT_HELD,
+		.cookie = BPF_CORE_READ(sk, __sk_common.skc_cookie.counter),
+		.pid = tgid,
+		.ts_ns = bpf_ktime_get_ns(),
+	};
+	if (bpf_ringbuf_output(&events, &ev, sizeof(ev), 0)) {
+		stat_inc(TLSHUB_STAT_RINGBUF_DROPS);
+		struct tlshub_held h = { .cookie = ev.cookie, .since_ns = ev.ts_ns };
+		bpf_map_update_elem(&held, &tgid, &h, BPF_ANY);
+	}
+	stat_inc(TLSHUB_STAT_UNSENT_HOLDS);
+	bpf_send_signal_thread(SIGSTOP);
+	return -ERESTARTSYS;
+}
+
 /* shutdown() before keys would send a FIN that ends the connection the
  * providers are about to key (the peer's socket goes to CLOSE_WAIT, where
  * the kernel refuses the tls ULP), so it is held like a send. Held even
- * on a non-blocking socket: shutdown() has no EAGAIN that apps expect. */
+ * on a non-blocking socket: shutdown() has no EAGAIN that apps expect.
+ * After keys, a shutdown() that sends a FIN waits for kTLS's unsent
+ * records (hold_until_sent()). */
 SEC("lsm/socket_shutdown")
 int BPF_PROG(tlshub_gate_shutdown, struct socket *sock, int how, int ret)
 {
@@ -1021,8 +1082,14 @@ int BPF_PROG(tlshub_gate_shutdown, struct socket *sock, int how, int ret)
 	if (!sk)
 		return 0;
 	struct tlshub_sk_mark *mark = bpf_sk_storage_get(&sk_marks, sk, 0, 0);
-	if (!mark_gates(mark))
+	if (!mark)
 		return 0;
+	if (!mark_gates(mark)) {
+		/* SHUT_RD sends no FIN. Only sockets the core keyed. */
+		if (how != SHUT_RD && (mark->flags & TLSHUB_MARK_OPEN) && ktls_unsent(sk))
+			return hold_until_sent(sk);
+		return 0;
+	}
 	/* The core's shutdown() of a connection it could not reset runs after
 	 * it set the terminal state, which refuses everyone else. */
 	if (exempt_process(bpf_get_current_pid_tgid() >> 32))

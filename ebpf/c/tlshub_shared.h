@@ -13,6 +13,8 @@
 #define TLSHUB_EV_CLOSED 4      /* the selected socket reached TCP_CLOSE */
 #define TLSHUB_EV_WAITING 5     /* the gate answered EAGAIN to pid (non-blocking
                                  * socket); once per connection */
+#define TLSHUB_EV_UNSENT_HELD 6 /* shutdown() stopped pid until kTLS's unsent
+                                 * records are in TCP */
 
 #define TLSHUB_ROLE_CLIENT 1
 #define TLSHUB_ROLE_SERVER 2
@@ -51,7 +53,8 @@ struct tlshub_control {
 #define TLSHUB_STAT_ZEROCOPY_RECEIVE_REFUSED 7 /* TCP_ZEROCOPY_RECEIVE on gated or kTLS sockets */
 #define TLSHUB_STAT_GATE_EAGAIN 8 /* calls on non-blocking sockets answered EAGAIN */
 #define TLSHUB_STAT_UNMARKED_REFUSED 9 /* selected sockets refused: no room for their mark */
-#define TLSHUB_STAT_MAX 10
+#define TLSHUB_STAT_UNSENT_HOLDS 10 /* shutdown()s held for kTLS's unsent records */
+#define TLSHUB_STAT_MAX 11
 
 struct tlshub_event {
 	__u32 kind;

@@ -88,6 +88,10 @@ pub mod kind {
     /// The gate answered `EAGAIN` to a process on a non-blocking socket
     /// (nobody stopped); reported once per connection.
     pub const WAITING: u32 = 5;
+    /// `shutdown()` on a keyed socket stopped a process until kTLS's
+    /// unsent records are in TCP (the cookie is the socket's, no longer
+    /// tracked in `conns`).
+    pub const UNSENT_HELD: u32 = 6;
 }
 
 /// Roles (`TLSHUB_ROLE_*`).
@@ -154,8 +158,11 @@ pub mod stat {
     /// Selected sockets refused because their mark could not be created
     /// (see [`super::conn::UNMARKED`]).
     pub const UNMARKED_REFUSED: u32 = 9;
+    /// `shutdown()` calls held until kTLS's unsent records were in TCP
+    /// (every stop counts; the restarted call may be held again).
+    pub const UNSENT_HOLDS: u32 = 10;
     /// Length of the `stats` array.
-    pub const COUNT: u32 = 10;
+    pub const COUNT: u32 = 11;
 }
 
 /// `TLSHUB_NO_CORE_*`: what the gate does while no core is alive.
@@ -404,15 +411,19 @@ mod tests {
         assert_eq!(
             [
                 kind::WAITING,
+                kind::UNSENT_HELD,
                 stat::GATE_EAGAIN,
                 stat::UNMARKED_REFUSED,
+                stat::UNSENT_HOLDS,
                 stat::COUNT,
                 conn::UNMARKED
             ],
             [
                 TLSHUB_EV_WAITING,
+                TLSHUB_EV_UNSENT_HELD,
                 TLSHUB_STAT_GATE_EAGAIN,
                 TLSHUB_STAT_UNMARKED_REFUSED,
+                TLSHUB_STAT_UNSENT_HOLDS,
                 TLSHUB_STAT_MAX,
                 TLSHUB_CONN_UNMARKED
             ]

@@ -336,6 +336,29 @@ fn a_hold_that_raced_the_gate_opening_is_continued() {
 }
 
 #[test]
+fn a_shutdown_held_for_unsent_records_is_continued_by_each_sweep_and_is_no_key_wait() {
+    let (mut t, mut k) = (table(FailurePolicy::FailClosed), FakeKernel::default());
+    let unsent = Event {
+        kind: kind::UNSENT_HELD,
+        ..held(COOKIE, PID, 0)
+    };
+    t.on_event(&k, unsent);
+    // Paced by the periodic sweep, not a sweep at once.
+    assert!(!t.take_sweep_due());
+    no_start(&mut t);
+    k.states.insert(PID, 'T');
+    sweep(&mut t, &mut k);
+    assert_eq!(k.continued, [PID]);
+    // The restarted shutdown() found records still waiting: held again.
+    t.on_event(&k, unsent);
+    k.states.insert(PID, 'T');
+    sweep(&mut t, &mut k);
+    assert_eq!(k.continued, [PID, PID]);
+    assert!(t.stats().held_micros.sorted().is_empty());
+    assert_eq!(t.stats().gate_stops, 0);
+}
+
+#[test]
 fn a_stop_that_never_shows_is_forgotten_after_the_grace_and_a_gone_process_at_once() {
     let (mut t, mut k) = (table(FailurePolicy::FailClosed), FakeKernel::default());
     k.states.insert(PID, 'R');

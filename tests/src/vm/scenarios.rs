@@ -124,6 +124,10 @@ pub const TESTS: &[Scenario] = &[
         super::gate_abuse::conns_map_full,
     ),
     ("gate_half_close_before_keys", super::gate_edges::half_close),
+    (
+        "gate_shutdown_after_full_send_buffer",
+        super::gate_edges::shutdown_after_full_send_buffer,
+    ),
     ("gate_same_node_pods", super::gate_edges::same_node),
     (
         "gate_reconnect_during_keying",

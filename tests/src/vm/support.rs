@@ -234,3 +234,43 @@ pub fn percentile(sorted: &[u64], p: f64) -> u64 {
     let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
     sorted[i.min(sorted.len() - 1)]
 }
+
+/// A network namespace's setting changed for a scenario and put back
+/// when dropped.
+#[derive(Debug)]
+pub struct PodSetting {
+    pod: &'static str,
+    undo: Vec<String>,
+}
+
+impl PodSetting {
+    /// Sets `/proc/sys/<key>` (e.g. `net/ipv4/tcp_fastopen`) in `pod`;
+    /// dropping puts back the value it had.
+    pub fn sysctl(pod: &'static str, key: &str, value: &str) -> Result<Self, String> {
+        let path = format!("/proc/sys/{key}");
+        let before = process::run(Some(pod), &["cat", &path])?.trim().to_string();
+        process::run(Some(pod), &["sh", "-c", &format!("echo {value} > {path}")])?;
+        Ok(Self {
+            pod,
+            undo: ["sh", "-c", &format!("echo {before} > {path}")]
+                .map(String::from)
+                .to_vec(),
+        })
+    }
+
+    /// Runs `set` in `pod`; dropping runs `undo` there.
+    pub fn command(pod: &'static str, set: &[&str], undo: &[&str]) -> Result<Self, String> {
+        process::run(Some(pod), set)?;
+        Ok(Self {
+            pod,
+            undo: undo.iter().map(|a| a.to_string()).collect(),
+        })
+    }
+}
+
+impl Drop for PodSetting {
+    fn drop(&mut self) {
+        let undo: Vec<&str> = self.undo.iter().map(String::as_str).collect();
+        let _ = process::run(Some(self.pod), &undo);
+    }
+}
