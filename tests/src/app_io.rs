@@ -3,7 +3,7 @@
 //! `tlshub-testapp`; this is the test bed's `unsafe`, all of it plain libc.
 
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
 
 /// How bytes are sent.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
@@ -833,20 +833,12 @@ pub fn connect_fastopen(
             })
         }
         FastOpen::Connect => {
-            let one: libc::c_int = 1;
-            // SAFETY: one is a live c_int of the given size.
-            let rc = unsafe {
-                libc::setsockopt(
-                    fd,
-                    libc::IPPROTO_TCP,
-                    libc::TCP_FASTOPEN_CONNECT,
-                    (&raw const one).cast(),
-                    std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-                )
-            };
-            if rc < 0 {
-                return Err(io::Error::last_os_error());
-            }
+            tlshub_ktls::set_option(
+                sock.as_fd(),
+                libc::IPPROTO_TCP,
+                libc::TCP_FASTOPEN_CONNECT,
+                &1 as &libc::c_int,
+            )?;
             sock.connect(&target.into())?;
             // SAFETY: first is live for the call.
             cvt(unsafe { libc::send(fd, first.as_ptr().cast(), first.len(), libc::MSG_NOSIGNAL) })
@@ -956,23 +948,14 @@ fn step(call: &'static str, r: io::Result<usize>) -> ProbeStep {
     }
 }
 
+/// `setsockopt()` of a C `int`, as the probes count a call (0 on success).
 fn set_int(
-    fd: RawFd,
+    fd: std::os::fd::BorrowedFd<'_>,
     level: libc::c_int,
     name: libc::c_int,
     value: libc::c_int,
 ) -> io::Result<usize> {
-    // SAFETY: value is a live c_int and its size is passed.
-    let rc = unsafe {
-        libc::setsockopt(
-            fd,
-            level,
-            name,
-            (&raw const value).cast(),
-            size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
-    cvt(rc as isize)
+    tlshub_ktls::set_option(fd, level, name, &value).map(|()| 0)
 }
 
 /// `struct tcp_md5sig` (include/uapi/linux/tcp.h).
@@ -1079,17 +1062,18 @@ pub fn probe(target: std::net::SocketAddr, probe: Probe, payload: &[u8]) -> Vec<
             Err(e) => return vec![step("socket", Err(e))],
         };
         let fd = sock.as_raw_fd();
+        let bfd = sock.as_fd();
         let write = || {
             // SAFETY: payload is a live slice; fd is open.
             cvt(unsafe { libc::write(fd, payload.as_ptr().cast(), payload.len()) })
         };
         let calls: [(&'static str, &dyn Fn() -> io::Result<usize>); 4] = [
             ("setsockopt(TCP_REPAIR, 1)", &|| {
-                set_int(fd, libc::IPPROTO_TCP, TCP_REPAIR, 1)
+                set_int(bfd, libc::IPPROTO_TCP, TCP_REPAIR, 1)
             }),
             ("connect", &|| sock.connect(&target.into()).map(|()| 0)),
             ("setsockopt(TCP_REPAIR, 0)", &|| {
-                set_int(fd, libc::IPPROTO_TCP, TCP_REPAIR, 0)
+                set_int(bfd, libc::IPPROTO_TCP, TCP_REPAIR, 0)
             }),
             ("write", &write),
         ];
@@ -1119,7 +1103,7 @@ pub fn probe(target: std::net::SocketAddr, probe: Probe, payload: &[u8]) -> Vec<
             const MSG_ZEROCOPY: libc::c_int = 0x400_0000;
             let s = step(
                 "setsockopt(SO_ZEROCOPY)",
-                set_int(fd, libc::SOL_SOCKET, SO_ZEROCOPY, 1),
+                set_int(stream.as_fd(), libc::SOL_SOCKET, SO_ZEROCOPY, 1),
             );
             let ok = s.errno == 0;
             steps.push(s);
