@@ -15,7 +15,7 @@ use tokio::sync::{mpsc, oneshot};
 use tracing::{Instrument, error, info, info_span, warn};
 
 use crate::bpf::{BpfError, Programs};
-use crate::config::{Config, FailurePolicy};
+use crate::config::{Config, FailurePolicy, ProviderSet};
 use crate::keying::{self, Job, Outcome};
 use crate::metrics::{Metrics, ProviderLabel};
 use crate::providers::{Health, Registry};
@@ -79,6 +79,7 @@ impl Agent {
     /// (nothing connects to them until the first health check or key request).
     pub fn start(
         config: Config,
+        set: &ProviderSet,
         config_path: PathBuf,
         metrics: Arc<Metrics>,
         stats_file: Option<PathBuf>,
@@ -96,12 +97,7 @@ impl Agent {
         programs.write_policy(&config.policy)?;
         programs.exempt.add(std::process::id());
         let exempt = programs.exempt.clone();
-        // Checked when the config was loaded.
-        let set = config
-            .provider
-            .resolve()
-            .unwrap_or_else(|e| unreachable!("config checked at load: {e}"));
-        let providers = Arc::new(Registry::new(&set, Arc::new(move |pid| exempt.add(pid))));
+        let providers = Arc::new(Registry::new(set, Arc::new(move |pid| exempt.add(pid))));
         metrics.set_active_provider(providers.all().map(|p| p.name.as_str()), &set.active);
         for p in providers.all() {
             let label = ProviderLabel {

@@ -110,6 +110,15 @@ fn main() -> ExitCode {
     if let Some(p) = args.failure_policy {
         config.failure_policy = p;
     }
+    // The named providers as the flags left them (the file's were checked
+    // when it loaded; `--provider-socket` replaces them).
+    let providers = match config.provider.resolve() {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("tlshub-core: {}: {e}", args.config.display());
+            return ExitCode::from(2);
+        }
+    };
     if args.check_config {
         println!("{}: OK", args.config.display());
         return ExitCode::SUCCESS;
@@ -174,6 +183,7 @@ fn main() -> ExitCode {
         let metrics_config = config.metrics.clone();
         let agent = match agent::Agent::start(
             config,
+            &providers,
             args.config.clone(),
             metrics.clone(),
             args.stats_file,
