@@ -76,6 +76,9 @@ pub struct Stats {
     /// `shutdown()` calls on protected sockets held until kTLS's unsent
     /// records were in TCP, every stop counted (counted by BPF).
     pub unsent_holds: u64,
+    /// `shutdown()` calls let through after the socket's unsent-records
+    /// hold lasted 5 s (the peer stopped reading; counted by BPF).
+    pub unsent_expired: u64,
     /// Connections whose app the gate answered `EAGAIN` (non-blocking
     /// socket, keys not in yet) at least once, instead of stopping it.
     pub gate_waits: u64,

@@ -566,7 +566,7 @@ impl Programs {
         let open = SkMark {
             cookie: 0,
             flags: mark::OPEN,
-            pad: 0,
+            unsent_since_ms: 0,
         };
         self.sk_marks
             .insert(socket, open, 0)

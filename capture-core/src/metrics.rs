@@ -79,7 +79,7 @@ pub struct BpfCounter {
 
 /// Every BPF counter the core mirrors (besides the ring buffer's drops and
 /// the no-core refusals, which it reads on their own): one row each.
-pub const BPF_COUNTERS: [BpfCounter; 8] = [
+pub const BPF_COUNTERS: [BpfCounter; 9] = [
     BpfCounter {
         index: stat::FASTOPEN_REFUSED,
         metric: "gate_fastopen_refused",
@@ -139,6 +139,15 @@ pub const BPF_COUNTERS: [BpfCounter; 8] = [
         help: "Times a shutdown() on a protected socket was held until kTLS had handed its last encrypted records to TCP (else its FIN would overtake them and the peer would read a short stream)",
         alarm: None,
         field: |s| &mut s.unsent_holds,
+    },
+    BpfCounter {
+        index: stat::UNSENT_EXPIRED,
+        metric: "gate_unsent_expired",
+        help: "shutdown() calls let through although kTLS still had records TCP had not taken, because the socket's shutdown had been held for 5 s (the peer stopped reading); the peer may read a short stream, as without tlshub",
+        alarm: Some(
+            "a shutdown() was let through after 5 s with kTLS records still unsent (the peer stopped reading): the peer may read a short stream",
+        ),
+        field: |s| &mut s.unsent_expired,
     },
 ];
 

@@ -1042,20 +1042,32 @@ static __always_inline int ktls_unsent(struct sock *sk)
  * ktls_unsent()): stopped like the gate's hold, reported as UNSENT_HELD
  * (or in the `held` map if the ring buffer is full), and continued by the
  * core's next sweep; the restarted call looks again. kTLS pushes the rest
- * by itself as TCP's buffer drains. Without a core nobody would continue
- * the process, so the call passes. */
-static __always_inline int hold_until_sent(struct sock *sk)
+ * by itself as TCP's buffer drains. Bounded per socket: once its first
+ * such hold is TLSHUB_UNSENT_HOLD_MAX_MS old (the peer stopped reading),
+ * the call passes, as it would without tlshub. Without a core nobody would
+ * continue the process, so the call passes too. */
+static __always_inline int hold_until_sent(struct sock *sk, struct tlshub_sk_mark *mark)
 {
 	__u32 zero = 0;
 	struct tlshub_control *ctl = bpf_map_lookup_elem(&control, &zero);
 	if (!ctl || core_gone(ctl))
 		return 0;
+	__u64 now_ns = bpf_ktime_get_ns();
+	/* Milliseconds in 32 bits wrap every 49 days; the unsigned difference
+	 * is still the elapsed time. The low bit keeps 0 meaning "never". */
+	__u32 now_ms = (__u32)(now_ns / 1000000ULL) | 1;
+	if (!mark->unsent_since_ms) {
+		mark->unsent_since_ms = now_ms;
+	} else if (now_ms - mark->unsent_since_ms > TLSHUB_UNSENT_HOLD_MAX_MS) {
+		stat_inc(TLSHUB_STAT_UNSENT_EXPIRED);
+		return 0;
+	}
 	__u32 tgid = bpf_get_current_pid_tgid() >> 32;
 	struct tlshub_event ev = {
 		.kind = TLSHUB_EV_UNSENT_HELD,
 		.cookie = BPF_CORE_READ(sk, __sk_common.skc_cookie.counter),
 		.pid = tgid,
-		.ts_ns = bpf_ktime_get_ns(),
+		.ts_ns = now_ns,
 	};
 	if (bpf_ringbuf_output(&events, &ev, sizeof(ev), 0)) {
 		stat_inc(TLSHUB_STAT_RINGBUF_DROPS);
@@ -1087,7 +1099,7 @@ int BPF_PROG(tlshub_gate_shutdown, struct socket *sock, int how, int ret)
 	if (!mark_gates(mark)) {
 		/* SHUT_RD sends no FIN. Only sockets the core keyed. */
 		if (how != SHUT_RD && (mark->flags & TLSHUB_MARK_OPEN) && ktls_unsent(sk))
-			return hold_until_sent(sk);
+			return hold_until_sent(sk, mark);
 		return 0;
 	}
 	/* The core's shutdown() of a connection it could not reset runs after

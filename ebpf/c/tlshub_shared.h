@@ -54,7 +54,8 @@ struct tlshub_control {
 #define TLSHUB_STAT_GATE_EAGAIN 8 /* calls on non-blocking sockets answered EAGAIN */
 #define TLSHUB_STAT_UNMARKED_REFUSED 9 /* selected sockets refused: no room for their mark */
 #define TLSHUB_STAT_UNSENT_HOLDS 10 /* shutdown()s held for kTLS's unsent records */
-#define TLSHUB_STAT_MAX 11
+#define TLSHUB_STAT_UNSENT_EXPIRED 11 /* shutdown()s let through after TLSHUB_UNSENT_HOLD_MAX_MS */
+#define TLSHUB_STAT_MAX 12
 
 struct tlshub_event {
 	__u32 kind;
@@ -108,8 +109,15 @@ struct tlshub_held {
 struct tlshub_sk_mark {
 	__u64 cookie;
 	__u32 flags; /* TLSHUB_MARK_* */
-	__u32 pad;
+	/* When a shutdown() was first held for kTLS's unsent records
+	 * (bpf_ktime_get_ns() in ms, wrapping, the low bit set); 0: never. */
+	__u32 unsent_since_ms;
 };
+
+/* How long shutdown()s on one socket are held for kTLS's unsent records
+ * before they pass anyway (a peer that stops reading would otherwise keep
+ * the app stopped). */
+#define TLSHUB_UNSENT_HOLD_MAX_MS 5000
 
 /* The socket was in TCP repair mode before it was selected: its sequence
  * numbers (and so the keys a key-only provider derives) are the app's. */

@@ -161,9 +161,17 @@ pub mod stat {
     /// `shutdown()` calls held until kTLS's unsent records were in TCP
     /// (every stop counts; the restarted call may be held again).
     pub const UNSENT_HOLDS: u32 = 10;
+    /// `shutdown()` calls let through although kTLS still had unsent
+    /// records, because the socket's first such hold was
+    /// [`super::UNSENT_HOLD_MAX_MS`] old (the peer stopped reading).
+    pub const UNSENT_EXPIRED: u32 = 11;
     /// Length of the `stats` array.
-    pub const COUNT: u32 = 11;
+    pub const COUNT: u32 = 12;
 }
+
+/// `TLSHUB_UNSENT_HOLD_MAX_MS`: how long `shutdown()`s on one socket are
+/// held for kTLS's unsent records before they pass anyway.
+pub const UNSENT_HOLD_MAX_MS: u32 = 5000;
 
 /// `TLSHUB_NO_CORE_*`: what the gate does while no core is alive.
 pub mod no_core {
@@ -312,8 +320,10 @@ pub struct SkMark {
     pub cookie: u64,
     /// `TLSHUB_MARK_*`.
     pub flags: u32,
-    /// Padding (zero).
-    pub pad: u32,
+    /// When a `shutdown()` was first held for kTLS's unsent records
+    /// (`bpf_ktime_get_ns()` in ms, wrapping, low bit set); 0: never
+    /// (BPF's).
+    pub unsent_since_ms: u32,
 }
 
 /// `struct tlshub_lpm_key` without the prefix length (aya's `lpm_trie::Key`
@@ -396,6 +406,10 @@ mod tests {
         assert_eq!(offset_of!(Held, since_ns), OFF_tlshub_held_since_ns);
         assert_eq!(size_of::<SkMark>(), SIZE_tlshub_sk_mark);
         assert_eq!(offset_of!(SkMark, flags), OFF_tlshub_sk_mark_flags);
+        assert_eq!(
+            offset_of!(SkMark, unsent_since_ms),
+            OFF_tlshub_sk_mark_unsent_since_ms
+        );
         assert_eq!(size_of::<Addr16>() + 4, SIZE_tlshub_lpm_key);
         assert_eq!(OFF_tlshub_lpm_key_addr, 4);
         assert_eq!(size_of::<PortKey>(), SIZE_tlshub_port_key);
@@ -415,6 +429,8 @@ mod tests {
                 stat::GATE_EAGAIN,
                 stat::UNMARKED_REFUSED,
                 stat::UNSENT_HOLDS,
+                stat::UNSENT_EXPIRED,
+                UNSENT_HOLD_MAX_MS,
                 stat::COUNT,
                 conn::UNMARKED
             ],
@@ -424,6 +440,8 @@ mod tests {
                 TLSHUB_STAT_GATE_EAGAIN,
                 TLSHUB_STAT_UNMARKED_REFUSED,
                 TLSHUB_STAT_UNSENT_HOLDS,
+                TLSHUB_STAT_UNSENT_EXPIRED,
+                TLSHUB_UNSENT_HOLD_MAX_MS,
                 TLSHUB_STAT_MAX,
                 TLSHUB_CONN_UNMARKED
             ]

@@ -35,6 +35,12 @@ enum Mode {
     /// (`shutdown(SHUT_WR)`, like `nc -N` or an HTTP/1.0 client); the
     /// server reads to EOF, then answers `size` bytes and closes.
     HalfClose,
+    /// The client writes until its socket is full (one blocking write,
+    /// then non-blocking ones until none is possible for a second) and
+    /// half-closes, timing the `shutdown()`; the server reads nothing for
+    /// 12 s, then reads to the end without checking (a peer that stops
+    /// reading).
+    FillHalfClose,
 }
 
 #[derive(Debug, clap::Args)]
@@ -165,6 +171,9 @@ struct Report {
     /// disconnected), so the exchange ran on the first connection.
     #[serde(skip_serializing_if = "is_zero")]
     disconnect_refused: u64,
+    /// `--mode fill-half-close`, client: how long `shutdown()` took.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    shutdown_ms: Option<u64>,
     /// SO_SNDBUF of the last connection after its exchange.
     #[serde(skip_serializing_if = "Option::is_none")]
     send_buffer: Option<usize>,
@@ -315,7 +324,10 @@ fn serve_exchange(c: &mut Conn, common: &Common, r: &mut Report) -> std::io::Res
             c.send_all(common.send, b"k")?;
             r.bytes_sent += 1;
         }
-        Mode::CloseEarly => {
+        Mode::CloseEarly | Mode::FillHalfClose => {
+            if common.mode == Mode::FillHalfClose {
+                std::thread::sleep(std::time::Duration::from_secs(12));
+            }
             let mut b = [0u8; 64];
             // Read until the client's close (EOF or reset); nothing else.
             while let Ok(n) = c.recv_some(common.recv, &mut b) {
@@ -333,7 +345,7 @@ fn serve_exchange(c: &mut Conn, common: &Common, r: &mut Report) -> std::io::Res
     }
     // Wait for the peer to finish reading, then close.
     let mut b = [0u8; 1];
-    if common.mode != Mode::CloseEarly {
+    if !matches!(common.mode, Mode::CloseEarly | Mode::FillHalfClose) {
         let _ = c.recv_some(RecvMethod::Read, &mut b);
     }
     Ok(())
@@ -495,7 +507,47 @@ fn client_exchange(c: &mut Conn, common: &Common, r: &mut Report) -> std::io::Re
             recv_pattern(c, common, SERVER_SEED, r)?;
             expect_eof(c, common)?;
         }
+        Mode::FillHalfClose => fill_then_half_close(c.stream(), r)?,
     }
+    Ok(())
+}
+
+/// `--mode fill-half-close`, client: one small blocking write (held until
+/// the keys are in), then non-blocking writes for as long as the socket
+/// becomes writable again within a second (the peer's receive buffer
+/// fills, since it reads nothing), then `shutdown(SHUT_WR)`, timed.
+fn fill_then_half_close(s: &TcpStream, r: &mut Report) -> std::io::Result<()> {
+    use rustix::event::{PollFd, PollFlags, Timespec};
+    use std::io::Write;
+    // Small: a blocking write the peer's window cannot take would wait
+    // for the peer to read.
+    let mut first = [0u8; 1024];
+    let mut w = s;
+    pattern::fill(CLIENT_SEED, 0, &mut first);
+    w.write_all(&first)?;
+    r.bytes_sent += first.len() as u64;
+    let mut chunk = vec![0u8; 16 << 10];
+    s.set_nonblocking(true)?;
+    let second = Timespec {
+        tv_sec: 1,
+        tv_nsec: 0,
+    };
+    loop {
+        pattern::fill(CLIENT_SEED, r.bytes_sent, &mut chunk);
+        match w.write(&chunk) {
+            Ok(n) => r.bytes_sent += n as u64,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                let mut fds = [PollFd::new(s, PollFlags::OUT)];
+                if rustix::event::poll(&mut fds, Some(&second))? == 0 {
+                    break;
+                }
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    let t = Instant::now();
+    s.shutdown(std::net::Shutdown::Write)?;
+    r.shutdown_ms = Some(t.elapsed().as_millis() as u64);
     Ok(())
 }
 

@@ -227,6 +227,12 @@ pub fn shutdown_after_full_send_buffer() -> Result<String, String> {
         let (s, c) = run_pair(&protected, &[], Duration::from_secs(120))?;
         both_ok(&protected, &s, &c)?;
         let holds = a.stat_reaching(|s| s.unsent_holds, before + 1) - before;
+        let expired = a.stat(|s| s.unsent_expired);
+        if expired > 0 {
+            return Err(format!(
+                "{expired} shutdown() hold(s) expired although pod-b reads everything"
+            ));
+        }
         if holds > 0 {
             return Ok(format!(
                 "{} protected connections of 4 MiB each way exact, {holds} shutdown() hold(s) for kTLS's unsent records; {control}",
@@ -236,6 +242,46 @@ pub fn shutdown_after_full_send_buffer() -> Result<String, String> {
     }
     Err(format!(
         "40 connections exact but no shutdown() was held for unsent records: the scenario no longer makes kTLS leave records behind ({control})"
+    ))
+}
+
+/// The bound on that hold: a client fills its socket towards a server
+/// that reads nothing for 12 s until no write succeeds for a second, and
+/// half-closes (`tlshub-testapp --mode fill-half-close`). kTLS's last record cannot reach TCP while
+/// the peer's window is closed, so the `shutdown()` is held, and after
+/// 5 s (`TLSHUB_UNSENT_HOLD_MAX_MS`) it must pass: a peer that stops
+/// reading must not keep the app stopped. Small segments,
+/// `tcp_notsent_lowat` = 4 KiB in pod-a and an 8 KiB receive buffer in
+/// pod-b make the last record span TCP's limit.
+pub fn shutdown_hold_is_bounded() -> Result<String, String> {
+    let (a, _b) = nodes(NodeSpec::new("a"), NodeSpec::new("b"))?;
+    let _lowat = PodSetting::sysctl("pod-a", "net/ipv4/tcp_notsent_lowat", "4096")?;
+    let _small_gso = PodSetting::command(
+        "pod-a",
+        &["ip", "link", "set", "pa", "gso_max_size", "4096"],
+        &["ip", "link", "set", "pa", "gso_max_size", "65536"],
+    )?;
+    let _small_window = PodSetting::sysctl("pod-b", "net/ipv4/tcp_rmem", "4096 8192 8192")?;
+    let app = App {
+        mode: "fill-half-close",
+        ..App::exchange(1, PROTECTED_PORT)
+    };
+    let before = [a.stat(|s| s.unsent_holds), a.stat(|s| s.unsent_expired)];
+    let (_s, c) = run_pair(&app, &[], Duration::from_secs(120))?;
+    if !ok(&c) {
+        return Err(format!("the client failed: {c}"));
+    }
+    let ms = c["shutdown_ms"].as_u64().unwrap_or(0);
+    let expired = a.stat_reaching(|s| s.unsent_expired, before[1] + 1) - before[1];
+    let holds = a.stat(|s| s.unsent_holds) - before[0];
+    if expired != 1 || !(5_000..11_000).contains(&ms) {
+        return Err(format!(
+            "shutdown() took {ms} ms with {holds} hold(s) and {expired} expired; want one expiry after 5 to 11 s (client {c})"
+        ));
+    }
+    Ok(format!(
+        "{} bytes written to a peer that reads nothing; shutdown() held {ms} ms ({holds} stops), then let through and counted expired",
+        c["bytes_sent"]
     ))
 }
 

@@ -128,6 +128,10 @@ pub const TESTS: &[Scenario] = &[
         "gate_shutdown_after_full_send_buffer",
         super::gate_edges::shutdown_after_full_send_buffer,
     ),
+    (
+        "gate_shutdown_hold_is_bounded",
+        super::gate_edges::shutdown_hold_is_bounded,
+    ),
     ("gate_same_node_pods", super::gate_edges::same_node),
     (
         "gate_reconnect_during_keying",
