@@ -127,6 +127,18 @@ struct HeldProc {
     reason: HoldReason,
 }
 
+impl HeldProc {
+    /// A hold reported at `since_ns`, not continued yet.
+    fn new(cookie: u64, since_ns: u64, reason: HoldReason) -> Self {
+        Self {
+            cookie,
+            since_ns,
+            continued: false,
+            reason,
+        }
+    }
+}
+
 /// Why the gate stopped a process.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum HoldReason {
@@ -421,12 +433,7 @@ impl ConnTable {
                 && k.process_state(pid) == Some('T')
                 && let std::collections::hash_map::Entry::Vacant(e) = self.held.entry(pid)
             {
-                e.insert(HeldProc {
-                    cookie,
-                    since_ns: now,
-                    continued: false,
-                    reason: HoldReason::Keys,
-                });
+                e.insert(HeldProc::new(cookie, now, HoldReason::Keys));
                 stopped += 1;
             }
         }
@@ -532,15 +539,8 @@ impl ConnTable {
                     self.stats.held_connections += 1;
                 }
                 debug!(cookie = ev.cookie, pid = ev.pid, "gate holds process");
-                self.held.insert(
-                    ev.pid,
-                    HeldProc {
-                        cookie: ev.cookie,
-                        since_ns: ev.ts_ns,
-                        continued: false,
-                        reason: HoldReason::Keys,
-                    },
-                );
+                self.held
+                    .insert(ev.pid, HeldProc::new(ev.cookie, ev.ts_ns, HoldReason::Keys));
                 self.owner_from_hold(k, ev.cookie, ev.pid);
             }
             kind::UNSENT_HELD => {
@@ -554,12 +554,7 @@ impl ConnTable {
                 );
                 self.held.insert(
                     ev.pid,
-                    HeldProc {
-                        cookie: ev.cookie,
-                        since_ns: ev.ts_ns,
-                        continued: false,
-                        reason: HoldReason::Unsent,
-                    },
+                    HeldProc::new(ev.cookie, ev.ts_ns, HoldReason::Unsent),
                 );
             }
             kind::WAITING => {
@@ -900,14 +895,9 @@ impl ConnTable {
         for (pid, h) in k.take_held_overflow() {
             self.held.insert(
                 pid,
-                HeldProc {
-                    cookie: h.cookie,
-                    since_ns: h.since_ns,
-                    continued: false,
-                    // The map does not say why; either kind is continued
-                    // once its cookie is not pending.
-                    reason: HoldReason::Keys,
-                },
+                // The map does not say why; either kind is continued once
+                // its cookie is not pending.
+                HeldProc::new(h.cookie, h.since_ns, HoldReason::Keys),
             );
         }
         self.held

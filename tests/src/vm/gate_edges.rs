@@ -173,6 +173,17 @@ pub fn half_close() -> Result<String, String> {
     Ok(summary.join("; "))
 }
 
+/// pod-a's link sends segments of at most 4 KiB (`gso_max_size`; the
+/// default is 64 KiB) until dropped, so a kTLS record spans several and
+/// TCP checks for room in the middle of one.
+fn small_segments_from_pod_a() -> Result<PodSetting, String> {
+    PodSetting::command(
+        "pod-a",
+        &["ip", "link", "set", "pa", "gso_max_size", "4096"],
+        &["ip", "link", "set", "pa", "gso_max_size", "65536"],
+    )
+}
+
 /// Non-blocking clients that write 4 MiB each and half-close at once,
 /// after their keys are in. kTLS takes a write as soon as it has
 /// encrypted the record; a record TCP has no room for waits in kTLS's own
@@ -194,11 +205,7 @@ pub fn half_close() -> Result<String, String> {
 pub fn shutdown_after_full_send_buffer() -> Result<String, String> {
     let (a, _b) = nodes(NodeSpec::new("a"), NodeSpec::new("b"))?;
     let _lowat = PodSetting::sysctl("pod-a", "net/ipv4/tcp_notsent_lowat", "16384")?;
-    let _small_gso = PodSetting::command(
-        "pod-a",
-        &["ip", "link", "set", "pa", "gso_max_size", "4096"],
-        &["ip", "link", "set", "pa", "gso_max_size", "65536"],
-    )?;
+    let _small_segments = small_segments_from_pod_a()?;
     let _slow_reader = PodSetting::sysctl("pod-b", "net/ipv4/tcp_rmem", "4096 32768 32768")?;
     let app = |port, ktls_fixed_key| App {
         mode: "half-close",
@@ -256,11 +263,7 @@ pub fn shutdown_after_full_send_buffer() -> Result<String, String> {
 pub fn shutdown_hold_is_bounded() -> Result<String, String> {
     let (a, _b) = nodes(NodeSpec::new("a"), NodeSpec::new("b"))?;
     let _lowat = PodSetting::sysctl("pod-a", "net/ipv4/tcp_notsent_lowat", "4096")?;
-    let _small_gso = PodSetting::command(
-        "pod-a",
-        &["ip", "link", "set", "pa", "gso_max_size", "4096"],
-        &["ip", "link", "set", "pa", "gso_max_size", "65536"],
-    )?;
+    let _small_segments = small_segments_from_pod_a()?;
     let _small_window = PodSetting::sysctl("pod-b", "net/ipv4/tcp_rmem", "4096 8192 8192")?;
     let app = App {
         mode: "fill-half-close",
