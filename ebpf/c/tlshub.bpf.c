@@ -686,6 +686,23 @@ static __always_inline int core_gone(struct tlshub_control *ctl)
 	return now > beat && now - beat > ctl->grace_ns;
 }
 
+/* Stops the calling process (a hold) and reports it as `ev` (its pid is
+ * the caller's tgid); if the ring buffer is full, the hold goes into the
+ * `held` map instead, where the core's sweep finds it. Counted in `stat`.
+ * The call restarts once the core continues the process. */
+static __always_inline int stop_caller(struct tlshub_event *ev, __u32 stat)
+{
+	if (bpf_ringbuf_output(&events, ev, sizeof(*ev), 0)) {
+		stat_inc(TLSHUB_STAT_RINGBUF_DROPS);
+		struct tlshub_held h = { .cookie = ev->cookie, .since_ns = ev->ts_ns };
+		__u32 tgid = ev->pid;
+		bpf_map_update_elem(&held, &tgid, &h, BPF_ANY);
+	}
+	stat_inc(stat);
+	bpf_send_signal_thread(SIGSTOP);
+	return -ERESTARTSYS;
+}
+
 /* What the gate does with a call on a connection whose gate is closed:
  *
  * - A non-blocking socket (O_NONBLOCK on its file, as event loops set it)
@@ -762,14 +779,7 @@ static __always_inline int gate(struct sock *sk, __u64 cookie, int nonblock)
 		.pid = tgid,
 		.ts_ns = bpf_ktime_get_ns(),
 	};
-	if (bpf_ringbuf_output(&events, &ev, sizeof(ev), 0)) {
-		stat_inc(TLSHUB_STAT_RINGBUF_DROPS);
-		struct tlshub_held h = { .cookie = cookie, .since_ns = ev.ts_ns };
-		bpf_map_update_elem(&held, &tgid, &h, BPF_ANY);
-	}
-	stat_inc(TLSHUB_STAT_GATE_STOPS);
-	bpf_send_signal_thread(SIGSTOP);
-	return -ERESTARTSYS;
+	return stop_caller(&ev, TLSHUB_STAT_GATE_STOPS);
 }
 
 /* The gate for a socket's mark: refused for good (conns was full, or
@@ -1069,14 +1079,7 @@ static __always_inline int hold_until_sent(struct sock *sk, struct tlshub_sk_mar
 		.pid = tgid,
 		.ts_ns = now_ns,
 	};
-	if (bpf_ringbuf_output(&events, &ev, sizeof(ev), 0)) {
-		stat_inc(TLSHUB_STAT_RINGBUF_DROPS);
-		struct tlshub_held h = { .cookie = ev.cookie, .since_ns = ev.ts_ns };
-		bpf_map_update_elem(&held, &tgid, &h, BPF_ANY);
-	}
-	stat_inc(TLSHUB_STAT_UNSENT_HOLDS);
-	bpf_send_signal_thread(SIGSTOP);
-	return -ERESTARTSYS;
+	return stop_caller(&ev, TLSHUB_STAT_UNSENT_HOLDS);
 }
 
 /* shutdown() before keys would send a FIN that ends the connection the

@@ -227,7 +227,8 @@ pub fn shutdown_after_full_send_buffer() -> Result<String, String> {
         )
     };
     // About one connection in five leaves a record behind here, so the
-    // runs go on (up to 4 of 10 connections) until a shutdown() was held.
+    // rounds go on (up to 4 of 10 connections each) until a shutdown() was
+    // held.
     let protected = app(PROTECTED_PORT, false);
     let before = a.stat(|s| s.unsent_holds);
     for run in 1..=4 {
@@ -254,10 +255,11 @@ pub fn shutdown_after_full_send_buffer() -> Result<String, String> {
 
 /// The bound on that hold: a client fills its socket towards a server
 /// that reads nothing for 12 s until no write succeeds for a second, and
-/// half-closes (`tlshub-testapp --mode fill-half-close`). kTLS's last record cannot reach TCP while
-/// the peer's window is closed, so the `shutdown()` is held, and after
-/// 5 s (`TLSHUB_UNSENT_HOLD_MAX_MS`) it must pass: a peer that stops
-/// reading must not keep the app stopped. Small segments,
+/// half-closes (`tlshub-testapp --mode fill-half-close`). kTLS's last
+/// record cannot reach TCP while the peer's window is closed, so the
+/// `shutdown()` is held, and after 5 s (`TLSHUB_UNSENT_HOLD_MAX_MS`) it
+/// must pass: a peer that stops reading must not keep the app stopped.
+/// Small segments,
 /// `tcp_notsent_lowat` = 4 KiB in pod-a and an 8 KiB receive buffer in
 /// pod-b make the last record span TCP's limit.
 pub fn shutdown_hold_is_bounded() -> Result<String, String> {
