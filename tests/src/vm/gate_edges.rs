@@ -203,7 +203,7 @@ fn small_segments_from_pod_a() -> Result<PodSetting, String> {
 /// the control: it shows whether this kernel loses the record without
 /// the gate (reported, not required).
 pub fn shutdown_after_full_send_buffer() -> Result<String, String> {
-    let (a, _b) = nodes(NodeSpec::new("a"), NodeSpec::new("b"))?;
+    let (a, b) = nodes(NodeSpec::new("a"), NodeSpec::new("b"))?;
     let _lowat = PodSetting::sysctl("pod-a", "net/ipv4/tcp_notsent_lowat", "16384")?;
     let _small_segments = small_segments_from_pod_a()?;
     let _slow_reader = PodSetting::sysctl("pod-b", "net/ipv4/tcp_rmem", "4096 32768 32768")?;
@@ -228,28 +228,47 @@ pub fn shutdown_after_full_send_buffer() -> Result<String, String> {
     };
     // About one connection in five leaves a record behind here, so the
     // rounds go on (up to 4 of 10 connections each) until a shutdown() was
-    // held.
+    // held. Captured on the node link, with a plain exchange as the
+    // capture's control: every protected flow must carry only TLS records
+    // that decrypt to the apps' bytes.
     let protected = app(PROTECTED_PORT, false);
     let before = a.stat(|s| s.unsent_holds);
-    for run in 1..=4 {
+    let cap = Capture::start("shutdown-after-full-send-buffer")?;
+    let plain = App::exchange(10_000, PLAIN_PORT);
+    let (s, c) = run_pair(&plain, &[], Duration::from_secs(60))?;
+    both_ok(&plain, &s, &c)?;
+    let mut rounds = 0;
+    let mut holds = 0;
+    while rounds < 4 && holds == 0 {
+        rounds += 1;
         let (s, c) = run_pair(&protected, &[], Duration::from_secs(120))?;
         both_ok(&protected, &s, &c)?;
-        let holds = a.stat_reaching(|s| s.unsent_holds, before + 1) - before;
-        let expired = a.stat(|s| s.unsent_expired);
-        if expired > 0 {
-            return Err(format!(
-                "{expired} shutdown() hold(s) expired although pod-b reads everything"
-            ));
-        }
-        if holds > 0 {
-            return Ok(format!(
-                "{} protected connections of 4 MiB each way exact, {holds} shutdown() hold(s) for kTLS's unsent records; {control}",
-                run * 10
-            ));
-        }
+        holds = a.stat_reaching(|s| s.unsent_holds, before + 1) - before;
     }
-    Err(format!(
-        "40 connections exact but no shutdown() was held for unsent records: the scenario no longer makes kTLS leave records behind ({control})"
+    let report = check_wire(&cap.finish()?, &a, &b)?;
+    let expired = a.stat(|s| s.unsent_expired);
+    if expired > 0 {
+        return Err(format!(
+            "{expired} shutdown() hold(s) expired although pod-b reads everything"
+        ));
+    }
+    if holds == 0 {
+        return Err(format!(
+            "40 connections exact but no shutdown() was held for unsent records: the scenario no longer makes kTLS leave records behind ({control})"
+        ));
+    }
+    let connections = rounds * 10;
+    if report.plain_flows_with_marker == 0 {
+        return Err("the control flow's plaintext was not seen: the capture is blind".into());
+    }
+    if report.protected_flows != 2 * connections || report.decrypted != 2 * connections {
+        return Err(format!(
+            "{connections} protected connections but {report:?}"
+        ));
+    }
+    Ok(format!(
+        "{connections} protected connections of 4 MiB each way exact, {holds} shutdown() hold(s) for kTLS's unsent records, {} flows TLS-only and decrypted; {control}",
+        report.decrypted
     ))
 }
 
