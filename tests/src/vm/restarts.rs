@@ -77,8 +77,8 @@ pub fn provider_kill9_under_load() -> Result<String, String> {
     // an outage leaves drains slowly: a server process held for one
     // connection accepts nothing else meanwhile (the gate stops the whole
     // process; accept-side keying starts at accept()), so some of them
-    // still time out after the restart (measured and reported below; see
-    // the issue notes). Outside those spans nothing may fail before the
+    // still time out after the restart (measured and reported below).
+    // Outside those spans nothing may fail before the
     // second outage; after it, see below.
     let failures = r["short_failures"].as_array().cloned().unwrap_or_default();
     let slack = TIMEOUT_MS + 2000;
