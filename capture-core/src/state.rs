@@ -284,6 +284,18 @@ pub fn same_connection(a: &Event, b: &Event) -> bool {
         && a.remote_addr == b.remote_addr
 }
 
+/// A count the core keeps both as a stats-file field and as an unlabelled
+/// metric ([`ConnTable::tally`] bumps the pair).
+#[derive(Clone, Copy, Debug)]
+enum Tally {
+    Selected,
+    ClosedBeforeKeys,
+    GateStop,
+    GateWait,
+    Reset,
+    PassedPlaintext,
+}
+
 /// Every connection the core tracks and every process the gate stopped.
 #[derive(Debug)]
 pub struct ConnTable {
@@ -482,8 +494,7 @@ impl ConnTable {
         for cookie in &gone {
             self.held_cookies.remove(cookie);
             if self.forget_pending(*cookie).is_some() {
-                self.stats.closed_before_keys += 1;
-                self.metrics.closed_before_keys.inc();
+                self.tally(Tally::ClosedBeforeKeys);
             }
         }
         if gone.is_empty() && found.is_empty() {
@@ -510,8 +521,7 @@ impl ConnTable {
         self.stats.events_received += 1;
         match ev.kind {
             kind::ESTABLISHED => {
-                self.stats.selected += 1;
-                self.metrics.selected.inc();
+                self.tally(Tally::Selected);
                 debug!(cookie = ev.cookie, local = %ev.local(), remote = %ev.remote(), "selected connection established");
                 if let Some(p) = self.pending.get(&ev.cookie)
                     && p.established.is_some_and(|e| !same_connection(&e, &ev))
@@ -533,8 +543,7 @@ impl ConnTable {
                 self.maybe_start(ev.cookie);
             }
             kind::HELD => {
-                self.stats.gate_stops += 1;
-                self.metrics.gate_holds.inc();
+                self.tally(Tally::GateStop);
                 if self.held_cookies.insert(ev.cookie) {
                     self.stats.held_connections += 1;
                 }
@@ -561,8 +570,7 @@ impl ConnTable {
                 // Nobody is stopped: the app was told EAGAIN and waits for
                 // readiness, which kTLS (readers) and the core's wakeup
                 // after opening the gate (writers) give it.
-                self.stats.gate_waits += 1;
-                self.metrics.gate_waits.inc();
+                self.tally(Tally::GateWait);
                 debug!(
                     cookie = ev.cookie,
                     pid = ev.pid,
@@ -574,8 +582,7 @@ impl ConnTable {
                 self.held_cookies.remove(&ev.cookie);
                 self.protected.remove(&ev.cookie);
                 if let Some(p) = self.forget_pending(ev.cookie) {
-                    self.stats.closed_before_keys += 1;
-                    self.metrics.closed_before_keys.inc();
+                    self.tally(Tally::ClosedBeforeKeys);
                     debug!(
                         cookie = ev.cookie,
                         provider = p.provider.as_deref().unwrap_or(""),
@@ -592,6 +599,23 @@ impl ConnTable {
     /// Removes a pending connection; a job still running for it becomes
     /// stale (its outcome must not be applied to what the socket carries
     /// next).
+    /// Counts `t` in the stats file and in its metric at once, so the two
+    /// never disagree.
+    fn tally(&mut self, t: Tally) {
+        let m = &self.metrics;
+        let s = &mut self.stats;
+        let (field, metric) = match t {
+            Tally::Selected => (&mut s.selected, &m.selected),
+            Tally::ClosedBeforeKeys => (&mut s.closed_before_keys, &m.closed_before_keys),
+            Tally::GateStop => (&mut s.gate_stops, &m.gate_holds),
+            Tally::GateWait => (&mut s.gate_waits, &m.gate_waits),
+            Tally::Reset => (&mut s.reset, &m.reset),
+            Tally::PassedPlaintext => (&mut s.passed_plaintext, &m.plaintext),
+        };
+        *field += 1;
+        metric.inc();
+    }
+
     fn forget_pending(&mut self, cookie: u64) -> Option<Pending> {
         let p = self.pending.remove(&cookie)?;
         if let Some(job) = p.job {
@@ -867,18 +891,15 @@ impl ConnTable {
             .inc();
         match apply_failure(k, cookie, socket, self.policy, force_reset) {
             Failed::Reset => {
-                self.stats.reset += 1;
-                self.metrics.reset.inc();
+                self.tally(Tally::Reset);
                 info!(cookie, reason, "connection reset (fail-closed)");
             }
             Failed::Terminal => {
-                self.stats.reset += 1;
+                self.tally(Tally::Reset);
                 self.stats.gate_terminal += 1;
-                self.metrics.reset.inc();
             }
             Failed::PassedPlaintext => {
-                self.stats.passed_plaintext += 1;
-                self.metrics.plaintext.inc();
+                self.tally(Tally::PassedPlaintext);
                 warn!(
                     cookie,
                     reason, "connection continues in PLAINTEXT (fail-open)"

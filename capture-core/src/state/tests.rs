@@ -796,3 +796,47 @@ fn after_lost_events_the_conns_map_brings_waiting_connections_in_and_closed_ones
     t.on_event(&k, closed(COOKIE));
     assert!(t.protected().is_empty());
 }
+
+#[test]
+fn every_count_in_the_stats_file_equals_its_metric() {
+    let metrics = Arc::new(Metrics::new());
+    let mut k = FakeKernel::default();
+    let mut closed_t = ConnTable::new(FailurePolicy::FailClosed, metrics.clone());
+    // Held, waited on, then keyed; closed before keys; failed and reset.
+    let s = keying(&mut closed_t, &mut k, 1);
+    closed_t.on_event(&k, held(1, PID, 5));
+    closed_t.on_event(&k, waiting(1, PID + 1));
+    closed_t.on_outcome(&mut k, outcome(&s, installed()));
+    let est = established(2, 0);
+    k.track(2, est);
+    closed_t.on_event(&k, est);
+    k.conns.remove(&2);
+    closed_t.on_event(&k, closed(2));
+    let s = keying(&mut closed_t, &mut k, 3);
+    closed_t.on_outcome(&mut k, outcome(&s, provider_refused()));
+    // One let through in plaintext by a fail-open table on the same metrics.
+    let mut open_t = ConnTable::new(FailurePolicy::FailOpen, metrics.clone());
+    let s = keying(&mut open_t, &mut k, 4);
+    open_t.on_outcome(&mut k, outcome(&s, provider_refused()));
+
+    let text = metrics.encode();
+    let (c, o) = (closed_t.stats(), open_t.stats());
+    for (metric, stat) in [
+        ("connections_selected", c.selected + o.selected),
+        (
+            "connections_closed_before_keys",
+            c.closed_before_keys + o.closed_before_keys,
+        ),
+        ("gate_holds", c.gate_stops + o.gate_stops),
+        ("gate_waits", c.gate_waits + o.gate_waits),
+        ("connections_reset", c.reset + o.reset),
+        (
+            "connections_plaintext",
+            c.passed_plaintext + o.passed_plaintext,
+        ),
+    ] {
+        assert!(stat > 0, "{metric}: the sequence above counts it");
+        let line = format!("tlshub_{metric}_total {stat}\n");
+        assert!(text.contains(&line), "{line:?} not in\n{text}");
+    }
+}
