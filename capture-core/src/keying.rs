@@ -181,7 +181,19 @@ pub struct Installed {
 /// process is checked (the app may have dup2()ed it elsewhere). A negative
 /// `fd` (the owner came from a gate hold, which names no fd) goes straight
 /// to that search.
-pub fn find_socket(pid: u32, fd: i32, cookie: u64) -> Result<OwnedFd, KeyingError> {
+///
+/// The search costs a few syscalls per fd of the process, so it runs only
+/// while `connected()` says the connection is still there. Why: the usual
+/// reason for a reused fd number is that the app closed a connection that
+/// failed or that its peer reset, and a server holding 100,000 sockets
+/// would otherwise read all of them for each such connection (measured by
+/// the capacity run: most of the core's time went into such searches).
+pub fn find_socket(
+    pid: u32,
+    fd: i32,
+    cookie: u64,
+    connected: impl Fn() -> bool,
+) -> Result<OwnedFd, KeyingError> {
     if fd >= 0 {
         match take_fd(pid, fd) {
             Ok(s) if socket_cookie(&s).ok() == Some(cookie) => return Ok(s),
@@ -189,6 +201,9 @@ pub fn find_socket(pid: u32, fd: i32, cookie: u64) -> Result<OwnedFd, KeyingErro
             Err(e) if e.raw_os_error() == Some(libc::EBADF) => {}
             Err(source) => return Err(KeyingError::TakeSocket { pid, fd, source }),
         }
+    }
+    if !connected() {
+        return Err(KeyingError::Reconnected { cookie });
     }
     let gone = KeyingError::SocketGone { cookie, pid, fd };
     let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
@@ -254,7 +269,13 @@ pub async fn run(job: Job, provider: Arc<Provider>) -> Outcome {
     };
     let deadline = Instant::now() + job.timeout;
     let (pid, fd) = (job.pid, job.fd);
-    let found = tokio::task::spawn_blocking(move || find_socket(pid, fd, cookie)).await;
+    let (conns, established) = (job.conns.clone(), job.established);
+    let found = tokio::task::spawn_blocking(move || {
+        find_socket(pid, fd, cookie, || {
+            is_connection(conns.conn(cookie).as_ref(), &established)
+        })
+    })
+    .await;
     let socket = match found {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => return outcome(None, Err(e)),
@@ -377,6 +398,30 @@ mod tests {
         assert!(!is_connection(Some(&conn(kind::ESTABLISHED, 7, 10)), &job));
         // Connecting again, not established yet.
         assert!(!is_connection(Some(&conn(0, 7, 9)), &job));
+    }
+
+    #[test]
+    fn a_socket_behind_a_reused_fd_number_is_searched_for_only_while_connected() {
+        use std::os::fd::AsRawFd;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let wanted = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let other = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let cookie = socket_cookie(&wanted).unwrap();
+        let (pid, wrong_fd) = (std::process::id(), other.as_raw_fd());
+        // Ended: no search, and the job's answer says the connection is gone.
+        let searched = std::cell::Cell::new(false);
+        let ended = find_socket(pid, wrong_fd, cookie, || {
+            searched.set(true);
+            false
+        });
+        assert!(matches!(ended, Err(KeyingError::Reconnected { .. })), "{ended:?}");
+        assert!(searched.get());
+        // Still there: the search finds it under its own number.
+        let found = find_socket(pid, wrong_fd, cookie, || true).unwrap();
+        assert_eq!(socket_cookie(&found).unwrap(), cookie);
+        // The right number needs no search at all.
+        let direct = find_socket(pid, wanted.as_raw_fd(), cookie, || unreachable!()).unwrap();
+        assert_eq!(socket_cookie(&direct).unwrap(), cookie);
     }
 
     #[test]

@@ -143,8 +143,9 @@ fn release_open(programs: &mut Programs, config: &Config, done: &mut Released) {
         if conn.gate != gate::CLOSED {
             continue;
         }
+        // `conns` was just read: the connection is there to search for.
         let socket = (conn.owner_pid != 0)
-            .then(|| keying::find_socket(conn.owner_pid, conn.owner_fd, *cookie).ok())
+            .then(|| keying::find_socket(conn.owner_pid, conn.owner_fd, *cookie, || true).ok())
             .flatten();
         match apply_failure(
             programs,

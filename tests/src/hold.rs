@@ -28,8 +28,12 @@ pub struct HoldReport {
 }
 
 impl HoldReport {
-    /// Everything asked for was opened, and every connection still worked.
+    /// Everything asked for was opened without one failed attempt, and
+    /// every connection still worked.
     pub fn complete(&self) -> bool {
-        self.opened == self.wanted && self.still_working == self.opened && self.corrupt == 0
+        self.opened == self.wanted
+            && self.failed == 0
+            && self.still_working == self.opened
+            && self.corrupt == 0
     }
 }

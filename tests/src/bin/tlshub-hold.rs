@@ -56,6 +56,9 @@ enum Side {
 }
 
 /// One piece at `off`: send the client pattern, check the server's.
+/// The client logs its progress every this many connections.
+const PROGRESS_EVERY: u64 = 500;
+
 fn exchange(s: &mut TcpStream, off: u64) -> std::io::Result<Result<(), u64>> {
     let mut buf = [0u8; PIECE];
     pattern::fill(CLIENT_SEED, off, &mut buf);
@@ -93,11 +96,12 @@ fn client(connect: &[SocketAddr], count: u64, deadline: Duration, hold: Duration
                 open.push(s);
                 r.opened += 1;
                 failed_in_a_row = 0;
-                if r.opened.is_multiple_of(1000) {
+                if r.opened.is_multiple_of(PROGRESS_EVERY) {
                     eprintln!(
-                        "opened {} in {:.1} s",
+                        "opened {} in {:.1} s, {} attempts failed",
                         r.opened,
-                        start.elapsed().as_secs_f64()
+                        start.elapsed().as_secs_f64(),
+                        r.failed
                     );
                 }
             }
