@@ -596,9 +596,6 @@ impl ConnTable {
         }
     }
 
-    /// Removes a pending connection; a job still running for it becomes
-    /// stale (its outcome must not be applied to what the socket carries
-    /// next).
     /// Counts `t` in the stats file and in its metric at once, so the two
     /// never disagree.
     fn tally(&mut self, t: Tally) {
@@ -616,6 +613,9 @@ impl ConnTable {
         metric.inc();
     }
 
+    /// Removes a pending connection; a job still running for it becomes
+    /// stale (its outcome must not be applied to what the socket carries
+    /// next).
     fn forget_pending(&mut self, cookie: u64) -> Option<Pending> {
         let p = self.pending.remove(&cookie)?;
         if let Some(job) = p.job {
