@@ -18,6 +18,11 @@ pub struct Stats {
     pub protected: u64,
     /// Failed connections by reason.
     pub failed: BTreeMap<String, u64>,
+    /// Of those, connections whose keys were ready before any process was
+    /// known to hold the socket (the provider needs no socket, so keying
+    /// started at establishment; on the accepting side, before
+    /// `accept()` returned).
+    pub keyed_before_owner: u64,
     /// Connections reset under fail-closed.
     pub reset: u64,
     /// Connections passed in plaintext under fail-open.
@@ -125,7 +130,13 @@ impl Samples {
 
     /// The measurements, smallest first (for percentiles).
     pub fn sorted(&self) -> Vec<u64> {
-        let mut v: Vec<u64> = self.0.iter().copied().collect();
+        self.newest(self.0.len())
+    }
+
+    /// The `n` most recent measurements, smallest first: one run's share
+    /// of a core's samples.
+    pub fn newest(&self, n: usize) -> Vec<u64> {
+        let mut v: Vec<u64> = self.0.iter().rev().take(n).copied().collect();
         v.sort_unstable();
         v
     }
@@ -134,6 +145,17 @@ impl Samples {
 #[cfg(test)]
 mod tests {
     use super::Stats;
+
+    #[test]
+    fn the_newest_samples_are_the_last_pushed_smallest_first() {
+        let mut s = super::Samples::default();
+        for v in [5, 1, 9, 3] {
+            s.push(v);
+        }
+        assert_eq!(s.newest(2), [3, 9]);
+        assert_eq!(s.newest(10), [1, 3, 5, 9]);
+        assert_eq!(s.sorted(), [1, 3, 5, 9]);
+    }
 
     #[test]
     fn a_file_from_an_older_core_reads_with_zeros_for_what_it_lacks() {

@@ -2,7 +2,7 @@
 //! applies their outcome (gate open, reset, resume), and releases held
 //! processes.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -64,6 +64,9 @@ pub struct Agent {
     gate_knows_ktls: bool,
     /// The `conns` map as keying jobs read it.
     conns: Arc<crate::bpf::ConnsReader>,
+    /// Jobs started before their owner was known, by job number: where
+    /// the owner is sent once the table learns it.
+    owner_senders: HashMap<u64, tokio::sync::watch::Sender<Option<(u32, i32)>>>,
 }
 
 impl std::fmt::Debug for Agent {
@@ -122,6 +125,7 @@ impl Agent {
         let conns = Arc::new(programs.conns_reader()?);
         let mut agent = Self {
             conns,
+            owner_senders: HashMap::new(),
             send_buffer_floor,
             gate_knows_ktls: false,
             config,
@@ -199,6 +203,10 @@ impl Agent {
                 self.sweep(&mut events);
             }
             self.start_jobs(&done_tx);
+            // For the events of the next round.
+            let active = self.providers.choose();
+            self.table
+                .set_key_before_owner(active.keys_without_socket());
         }
         self.finish_keying_under_way(&mut events, &mut done_rx, grace, fail_open)
             .await;
@@ -223,6 +231,9 @@ impl Agent {
         fail_open: bool,
     ) {
         self.table.drain();
+        // Jobs keyed from establishment that still wait for an owner stop
+        // waiting: their connections stay gated for the next core.
+        self.owner_senders.clear();
         let in_flight = self.table.keying();
         if in_flight == 0 {
             return;
@@ -240,6 +251,8 @@ impl Agent {
                 _ = sweep.tick() => {
                     self.programs.heartbeat(grace, fail_open);
                     self.sweep(events);
+                    // Nothing waits for these any more; only emptied.
+                    self.table.take_owner_updates();
                 }
                 () = tokio::time::sleep_until(deadline) => {
                     warn!(left = self.table.keying(), "keying still under way at shutdown; the next core takes it over");
@@ -274,6 +287,10 @@ impl Agent {
                 })
                 .inc();
             let est = start.established;
+            let (owner_tx, owner_rx) = tokio::sync::watch::channel(start.owner);
+            if start.owner.is_none() {
+                self.owner_senders.insert(start.job, owner_tx);
+            }
             let job = Job {
                 id: start.job,
                 cookie: start.cookie,
@@ -286,8 +303,7 @@ impl Agent {
                 remote: est.remote(),
                 local_isn: est.local_isn,
                 remote_isn: est.remote_isn,
-                pid: start.pid,
-                fd: start.fd,
+                owner: owner_rx,
                 node_name: self.config.node_name.clone(),
                 timeout: self.config.key_timeout(),
                 keylog: self.keylog.clone(),
@@ -295,7 +311,7 @@ impl Agent {
                 conns: self.conns.clone(),
                 established: est,
             };
-            let span = info_span!("conn", cookie = job.cookie, local = %job.local, remote = %job.remote, pid = job.pid, fd = job.fd, role = ?job.role, provider = %provider.name);
+            let span = info_span!("conn", cookie = job.cookie, local = %job.local, remote = %job.remote, owner = ?start.owner, role = ?job.role, provider = %provider.name);
             let done = done.clone();
             tokio::spawn(
                 async move {
@@ -304,6 +320,22 @@ impl Agent {
                 }
                 .instrument(span),
             );
+        }
+        self.route_owner_updates();
+    }
+
+    /// Passes owners found (or given up on) to the jobs that started
+    /// before their owner was known.
+    fn route_owner_updates(&mut self) {
+        for update in self.table.take_owner_updates() {
+            // Dropping the sender after the send is fine: the job reads the
+            // last value first. Dropping it without one tells the job to
+            // stop waiting.
+            if let Some(tx) = self.owner_senders.remove(&update.job)
+                && let Some(owner) = update.owner
+            {
+                let _ = tx.send(Some(owner));
+            }
         }
     }
 
@@ -314,6 +346,7 @@ impl Agent {
                 provider: outcome.provider.clone(),
             })
             .dec();
+        self.owner_senders.remove(&outcome.job);
         // The socket duplicate is dropped when the table is done with it.
         self.table.on_outcome(&mut self.programs, outcome);
         if !self.gate_knows_ktls && self.programs.knows_ktls() {

@@ -35,11 +35,14 @@ pub struct Job {
     /// keys from both ISNs and the 4-tuple).
     pub local_isn: u32,
     pub remote_isn: u32,
-    /// The process the socket is taken from (`pidfd_getfd`).
-    pub pid: u32,
-    /// fd in the owning process (as of connect/accept; -1 when the owner
-    /// came from a gate hold, which names no fd).
-    pub fd: i32,
+    /// Where the socket is taken from (`pidfd_getfd`): the pid and the fd
+    /// (as of connect/accept; -1 when the owner came from a gate hold,
+    /// which names no fd). `None` while no process is known to hold it: a
+    /// job for a provider that needs no socket starts at establishment,
+    /// before `accept()` returns, and the event loop sends the owner here
+    /// once it is known, or closes the channel when the connection ended
+    /// first or the core is stopping.
+    pub owner: tokio::sync::watch::Receiver<Option<(u32, i32)>>,
     /// This node's name, passed to the provider.
     pub node_name: String,
     /// The key timeout: the provider's budget plus the margin for its
@@ -125,6 +128,11 @@ pub enum KeyingError {
     /// asked or while it worked); nothing was installed.
     #[error("socket {cookie} no longer carries the connection this keying job is for")]
     Reconnected { cookie: u64 },
+    /// Keys were ready but no process was known to hold the socket before
+    /// the connection ended or the core began to stop; nothing was
+    /// installed.
+    #[error("no process took socket {cookie} before its connection ended or the core stopped")]
+    NoOwner { cookie: u64 },
     /// The kernel refused a kTLS step.
     #[error("kTLS {step:?} failed: {source}")]
     Install {
@@ -143,6 +151,7 @@ impl KeyingError {
             Self::SocketGone { .. } => "socket_gone",
             Self::TakeSocket { .. } => "take_socket",
             Self::Reconnected { .. } => "reconnected",
+            Self::NoOwner { .. } => "no_owner",
             Self::Provider(e) => e.reason(),
             Self::Install { .. } => "ktls_install",
         }
@@ -174,6 +183,9 @@ pub struct Installed {
     pub cipher: CipherSuite,
     /// Time spent in the provider.
     pub key_time: Duration,
+    /// The keys were ready before any process was known to hold the socket
+    /// (keyed from establishment, installed when `accept()` returned).
+    pub keyed_before_owner: bool,
 }
 
 /// Takes fd `fd` of `pid` and checks it is the socket with `cookie`. fd
@@ -252,10 +264,28 @@ fn provider_budget(left: Duration) -> Duration {
     left - margin
 }
 
+/// [`find_socket`] off the async runtime, searching only while the job's
+/// connection is still in `conns`.
+async fn take_socket(job: &Job, pid: u32, fd: i32) -> Result<OwnedFd, KeyingError> {
+    let (conns, established, cookie) = (job.conns.clone(), job.established, job.cookie);
+    let found = tokio::task::spawn_blocking(move || {
+        find_socket(pid, fd, cookie, || {
+            is_connection(conns.conn(cookie).as_ref(), &established)
+        })
+    })
+    .await;
+    found.unwrap_or_else(|join| {
+        let source = std::io::Error::other(join.to_string());
+        Err(KeyingError::TakeSocket { pid, fd, source })
+    })
+}
+
 /// Runs one job to its end on `provider`. A provider that is not running
 /// (its socket is gone or refuses) is waited for until the key timeout: a
 /// provider restart shorter than the timeout costs the connection only the
-/// wait.
+/// wait. A job started before its owner was known asks the provider first
+/// and then waits for the owner (see [`Job::owner`]), with no deadline:
+/// the connection stays gated meanwhile, as it would with no job.
 pub async fn run(job: Job, provider: Arc<Provider>) -> Outcome {
     let cookie = job.cookie;
     let name = provider.name.clone();
@@ -268,28 +298,32 @@ pub async fn run(job: Job, provider: Arc<Provider>) -> Outcome {
         result,
     };
     let deadline = Instant::now() + job.timeout;
-    let (pid, fd) = (job.pid, job.fd);
-    let (conns, established) = (job.conns.clone(), job.established);
-    let found = tokio::task::spawn_blocking(move || {
-        find_socket(pid, fd, cookie, || {
-            is_connection(conns.conn(cookie).as_ref(), &established)
-        })
-    })
-    .await;
-    let socket = match found {
-        Ok(Ok(s)) => s,
-        Ok(Err(e)) => return outcome(None, Err(e)),
-        Err(join) => {
-            let source = std::io::Error::other(join.to_string());
-            return outcome(None, Err(KeyingError::TakeSocket { pid, fd, source }));
+    let mut owner = job.owner.clone();
+    // With the owner known, the socket is taken first: a handshake provider
+    // needs it, and a socket that is gone costs no provider call.
+    let mut first_owner = *owner.borrow_and_update();
+    if first_owner.is_none() && !provider.keys_without_socket() {
+        // Started from establishment, but the provider chosen for it (the
+        // active one changed, or the fallback stands in) needs the socket.
+        match owner.wait_for(Option::is_some).await.map(|o| *o) {
+            Ok(Some(o)) => first_owner = Some(o),
+            _ => return outcome(None, Err(KeyingError::NoOwner { cookie })),
         }
-    };
-    // An app may disconnect the socket and connect it again (same cookie)
-    // before the job gets here: a handshake provider would then run this
-    // connection's handshake on the new one and use up the peer's, so the
-    // new connection's own job would find a peer that is keyed already.
-    if !job.carried_by(job.conns.conn(cookie).as_ref()) {
-        return outcome(Some(socket), Err(KeyingError::Reconnected { cookie }));
+    }
+    let mut socket = None;
+    if let Some((pid, fd)) = first_owner {
+        match take_socket(&job, pid, fd).await {
+            Ok(s) => socket = Some(s),
+            Err(e) => return outcome(None, Err(e)),
+        }
+        // An app may disconnect the socket and connect it again (same
+        // cookie) before the job gets here: a handshake provider would then
+        // run this connection's handshake on the new one and use up the
+        // peer's, so the new connection's own job would find a peer that is
+        // keyed already.
+        if !job.carried_by(job.conns.conn(cookie).as_ref()) {
+            return outcome(socket, Err(KeyingError::Reconnected { cookie }));
+        }
     }
     let mut request = KeyRequest {
         socket_cookie: cookie,
@@ -299,9 +333,9 @@ pub async fn run(job: Job, provider: Arc<Provider>) -> Outcome {
         local_isn: job.local_isn,
         remote_isn: job.remote_isn,
         node_name: job.node_name.clone(),
-        socket: Some(SocketHandle {
+        socket: socket.as_ref().map(|s| SocketHandle {
             pid: std::process::id(),
-            fd: socket.as_raw_fd(),
+            fd: s.as_raw_fd(),
         }),
         timeout: job.timeout,
     };
@@ -322,7 +356,7 @@ pub async fn run(job: Job, provider: Arc<Provider>) -> Outcome {
                 tracing::debug!(provider = %provider.name, error = %e, "provider not running; waiting for it");
                 loop {
                     if deadline.saturating_duration_since(Instant::now()) <= PROVIDER_RETRY {
-                        return outcome(Some(socket), Err(e.into()));
+                        return outcome(socket, Err(e.into()));
                     }
                     tokio::time::sleep(PROVIDER_RETRY).await;
                     if listening(&provider.socket).await {
@@ -332,13 +366,35 @@ pub async fn run(job: Job, provider: Arc<Provider>) -> Outcome {
                     }
                 }
             }
-            Err(e) => return outcome(Some(socket), Err(e.into())),
+            Err(e) => return outcome(socket, Err(e.into())),
         }
     };
     let key_time = started.elapsed();
     if let Some(log) = &job.keylog {
         log.record(&job, &keys);
     }
+    // Ready before the job knew where the socket is (not merely asked
+    // before: the owner may have come while the provider worked).
+    let keyed_before_owner = socket.is_none() && owner.borrow().is_none();
+    let socket = match socket {
+        Some(s) => s,
+        None => {
+            // Keyed from establishment: wait, with no deadline of its own,
+            // for the app to accept (or connect() to return): an accept
+            // queue may hold a connection for long, and the connection
+            // keeps its gate closed meanwhile, as it would without a job.
+            // Copied out at once: the channel's guard must not be held
+            // across the search below.
+            let known = owner.wait_for(Option::is_some).await.map(|o| *o);
+            let Ok(Some((pid, fd))) = known else {
+                return outcome(None, Err(KeyingError::NoOwner { cookie }));
+            };
+            match take_socket(&job, pid, fd).await {
+                Ok(s) => s,
+                Err(e) => return outcome(None, Err(e)),
+            }
+        }
+    };
     if job.send_buffer_floor > 0 {
         // Before kTLS, so that no send through kTLS finds a small buffer. Not
         // fatal: the connection works, only sendfile()/splice() may stall.
@@ -368,6 +424,7 @@ pub async fn run(job: Job, provider: Arc<Provider>) -> Outcome {
             version: keys.version,
             cipher: keys.cipher_suite,
             key_time,
+            keyed_before_owner,
         })
         .map_err(|(step, source)| KeyingError::Install { step, source });
     outcome(Some(socket), result)
@@ -414,7 +471,10 @@ mod tests {
             searched.set(true);
             false
         });
-        assert!(matches!(ended, Err(KeyingError::Reconnected { .. })), "{ended:?}");
+        assert!(
+            matches!(ended, Err(KeyingError::Reconnected { .. })),
+            "{ended:?}"
+        );
         assert!(searched.get());
         // Still there: the search finds it under its own number.
         let found = find_socket(pid, wrong_fd, cookie, || true).unwrap();

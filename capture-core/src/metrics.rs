@@ -159,6 +159,9 @@ pub struct Metrics {
     pub selected: Counter,
     /// Connections with kTLS installed, by provider.
     pub protected: Family<ProviderLabel, Counter>,
+    /// Protected connections whose keys were ready before any process was
+    /// known to hold the socket.
+    pub keyed_before_owner: Counter,
     /// Connections that could not be keyed, by reason.
     pub failed: Family<ReasonLabel, Counter>,
     /// Connections reset under fail-closed.
@@ -210,6 +213,7 @@ impl Metrics {
         let m = Self {
             selected: Counter::default(),
             protected: Family::default(),
+            keyed_before_owner: Counter::default(),
             failed: Family::default(),
             reset: Counter::default(),
             plaintext: Counter::default(),
@@ -238,6 +242,11 @@ impl Metrics {
             "connections_protected",
             "Connections with kTLS installed, by provider",
             m.protected.clone(),
+        );
+        registry.register(
+            "connections_keyed_before_owner",
+            "Protected connections whose keys were ready before any process was known to hold the socket (keyed from establishment by a provider that needs no socket)",
+            m.keyed_before_owner.clone(),
         );
         registry.register(
             "connections_failed",

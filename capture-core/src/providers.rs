@@ -92,6 +92,17 @@ impl Provider {
         tracing::debug!(provider = %self.name, "new channel to the provider");
     }
 
+    /// Whether its last `GetInfo` said it keys from the connection's
+    /// identity alone (`needs_socket: false`), so that keying may start
+    /// before any process is known to hold the socket. False while that is
+    /// not known.
+    pub fn keys_without_socket(&self) -> bool {
+        self.observed
+            .lock()
+            .map(|o| o.info.as_ref().is_some_and(|i| !i.needs_socket))
+            .unwrap_or(false)
+    }
+
     /// A snapshot of its health.
     pub fn observed(&self) -> Observed {
         self.observed

@@ -57,10 +57,22 @@ pub struct Start {
     pub cookie: u64,
     /// The connection's ESTABLISHED event (tuple, ISNs, role).
     pub established: Event,
-    /// Where to look for the socket.
-    pub pid: u32,
-    /// The fd in `pid`, or -1 (search every socket fd of `pid`).
-    pub fd: i32,
+    /// Where to look for the socket: a pid and the fd in it, or -1 (search
+    /// every socket fd of the pid). `None`: not known yet, and the provider
+    /// needs no socket, so keying starts now and the owner follows as an
+    /// [`OwnerUpdate`].
+    pub owner: Option<(u32, i32)>,
+}
+
+/// For a job started before its owner was known: the owner once known, or
+/// `None` when the job should stop waiting (the connection closed or was
+/// replaced). The event loop passes it to the job.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OwnerUpdate {
+    /// The job, as numbered by its [`Start`].
+    pub job: u64,
+    /// Pid and fd (-1: search every socket fd), or `None`: stop waiting.
+    pub owner: Option<(u32, i32)>,
 }
 
 /// A selected connection that is not keyed yet.
@@ -294,6 +306,7 @@ enum Tally {
     GateWait,
     Reset,
     PassedPlaintext,
+    KeyedBeforeOwner,
 }
 
 /// Every connection the core tracks and every process the gate stopped.
@@ -314,6 +327,10 @@ pub struct ConnTable {
     stale_jobs: HashMap<u64, Vec<u64>>,
     next_job: u64,
     starts: Vec<Start>,
+    owner_updates: Vec<OwnerUpdate>,
+    /// The active provider needs no socket: key from ESTABLISHED alone,
+    /// before the owner is known (set by the event loop).
+    key_before_owner: bool,
     /// Set when something may have released held processes.
     sweep_due: bool,
     /// Shutting down: keying already under way finishes, nothing new starts
@@ -337,6 +354,8 @@ impl ConnTable {
             stale_jobs: HashMap::new(),
             next_job: 1,
             starts: Vec::new(),
+            owner_updates: Vec::new(),
+            key_before_owner: false,
             sweep_due: false,
             draining: false,
             stats: Stats::default(),
@@ -383,6 +402,20 @@ impl ConnTable {
     /// Keying jobs started by the last calls, to be run by the caller.
     pub fn take_starts(&mut self) -> Vec<Start> {
         std::mem::take(&mut self.starts)
+    }
+
+    /// Owners found (or given up on) since the last call, for jobs started
+    /// before their owner was known. Take after [`Self::take_starts`]: an
+    /// update may be for a job started by the same calls.
+    pub fn take_owner_updates(&mut self) -> Vec<OwnerUpdate> {
+        std::mem::take(&mut self.owner_updates)
+    }
+
+    /// Whether the active provider keys without the socket: then a job
+    /// starts at ESTABLISHED, before any process is known to hold the
+    /// socket (on the accepting side, before `accept()` returns).
+    pub fn set_key_before_owner(&mut self, yes: bool) {
+        self.key_before_owner = yes;
     }
 
     /// Records which provider runs a started job.
@@ -537,8 +570,17 @@ impl ConnTable {
             }
             kind::OWNER => {
                 let p = self.pending.entry(ev.cookie).or_insert_with(Pending::new);
-                if p.job.is_none() {
-                    p.owner = Some((ev.pid, ev.fd));
+                match (p.job, p.owner) {
+                    (None, _) => p.owner = Some((ev.pid, ev.fd)),
+                    // A job keying from establishment waits for this.
+                    (Some(job), None) => {
+                        p.owner = Some((ev.pid, ev.fd));
+                        self.owner_updates.push(OwnerUpdate {
+                            job,
+                            owner: p.owner,
+                        });
+                    }
+                    (Some(_), Some(_)) => {}
                 }
                 self.maybe_start(ev.cookie);
             }
@@ -608,6 +650,7 @@ impl ConnTable {
             Tally::GateWait => (&mut s.gate_waits, &m.gate_waits),
             Tally::Reset => (&mut s.reset, &m.reset),
             Tally::PassedPlaintext => (&mut s.passed_plaintext, &m.plaintext),
+            Tally::KeyedBeforeOwner => (&mut s.keyed_before_owner, &m.keyed_before_owner),
         };
         *field += 1;
         metric.inc();
@@ -620,6 +663,10 @@ impl ConnTable {
         let p = self.pending.remove(&cookie)?;
         if let Some(job) = p.job {
             self.stale_jobs.entry(cookie).or_default().push(job);
+            if p.owner.is_none() {
+                // It may be waiting for an owner that will never come.
+                self.owner_updates.push(OwnerUpdate { job, owner: None });
+            }
         }
         Some(p)
     }
@@ -656,11 +703,18 @@ impl ConnTable {
         let Some(p) = self.pending.get_mut(&cookie) else {
             return;
         };
-        if p.owner.is_none() && p.job.is_none() {
+        if p.owner.is_none() {
             debug!(cookie, pid, "owner taken from the gate's hold");
             p.owner = Some((pid, -1));
             self.stats.owner_from_hold += 1;
-            self.maybe_start(cookie);
+            match p.job {
+                // A job keying from establishment waits for this.
+                Some(job) => self.owner_updates.push(OwnerUpdate {
+                    job,
+                    owner: p.owner,
+                }),
+                None => self.maybe_start(cookie),
+            }
         }
     }
 
@@ -671,9 +725,12 @@ impl ConnTable {
         let Some(p) = self.pending.get_mut(&cookie) else {
             return;
         };
-        let (Some(established), Some((pid, fd)), None) = (p.established, p.owner, p.job) else {
+        let (Some(established), None) = (p.established, p.job) else {
             return;
         };
+        if p.owner.is_none() && !self.key_before_owner {
+            return;
+        }
         let job = self.next_job;
         self.next_job += 1;
         p.job = Some(job);
@@ -681,8 +738,7 @@ impl ConnTable {
             job,
             cookie,
             established,
-            pid,
-            fd,
+            owner: p.owner,
         });
     }
 
@@ -709,6 +765,20 @@ impl ConnTable {
             && self.look_elsewhere(cookie, *pid)
         {
             self.maybe_start(cookie);
+            return;
+        }
+        if let Err(KeyingError::NoOwner { .. }) = &result {
+            // Stopped waiting for an owner while the connection is still
+            // pending: the core is stopping (its connections stay gated
+            // for the next core).
+            if let Some(p) = self.pending.get_mut(&cookie) {
+                p.job = None;
+                p.provider = None;
+            }
+            debug!(
+                cookie,
+                job, "keys were ready but no owner came before the core began to stop"
+            );
             return;
         }
         if let Err(KeyingError::Reconnected { .. }) = &result {
@@ -744,6 +814,9 @@ impl ConnTable {
                     return;
                 }
                 self.stats.protected += 1;
+                if installed.keyed_before_owner {
+                    self.tally(Tally::KeyedBeforeOwner);
+                }
                 self.stats
                     .key_micros
                     .push(installed.key_time.as_micros() as u64);

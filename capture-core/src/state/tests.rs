@@ -183,6 +183,7 @@ fn installed() -> Result<Installed, KeyingError> {
         version: TlsVersion::Tls13,
         cipher: CipherSuite::Aes128Gcm,
         key_time: Duration::from_millis(3),
+        keyed_before_owner: false,
     })
 }
 
@@ -213,7 +214,7 @@ fn socket_gone(start: &Start, pid: u32) -> Outcome<FakeSocket> {
             Err(KeyingError::SocketGone {
                 cookie: start.cookie,
                 pid,
-                fd: start.fd,
+                fd: start.owner.map_or(-1, |o| o.1),
             }),
         )
     }
@@ -262,8 +263,8 @@ fn a_job_starts_once_both_established_and_owner_are_known_in_either_order() {
         t.on_event(&k, events[1]);
         let s = one_start(&mut t);
         assert_eq!(
-            (s.cookie, s.pid, s.fd, s.established),
-            (COOKIE, PID, 3, est)
+            (s.cookie, s.owner, s.established),
+            (COOKIE, Some((PID, 3)), est)
         );
         // A second OWNER (another connect() call) starts nothing more.
         t.on_event(&k, owner(COOKIE, PID, 3));
@@ -380,7 +381,7 @@ fn a_hold_on_a_connection_whose_events_were_lost_keys_it_from_the_held_process()
     // ESTABLISHED and OWNER were dropped by a full ring buffer.
     t.on_event(&k, held(COOKIE, PID, 0));
     let s = one_start(&mut t);
-    assert_eq!((s.pid, s.fd, s.established), (PID, -1, est));
+    assert_eq!((s.owner, s.established), (Some((PID, -1)), est));
     assert_eq!(t.stats().owner_from_hold, 1);
 }
 
@@ -408,7 +409,7 @@ fn a_hold_names_the_owner_when_connect_and_accept_reported_none() {
     no_start(&mut t);
     t.on_event(&k, held(COOKIE, PID, 0));
     let s = one_start(&mut t);
-    assert_eq!((s.pid, s.fd), (PID, -1));
+    assert_eq!(s.owner, Some((PID, -1)));
 }
 
 #[test]
@@ -420,7 +421,7 @@ fn an_eagain_answer_names_the_owner_and_stops_nobody() {
     no_start(&mut t);
     t.on_event(&k, waiting(COOKIE, PID));
     let s = one_start(&mut t);
-    assert_eq!((s.pid, s.fd), (PID, -1));
+    assert_eq!(s.owner, Some((PID, -1)));
     assert_eq!(t.held_count(), 0, "nobody to continue");
     assert_eq!((t.stats().gate_waits, t.stats().gate_stops), (1, 0));
     t.on_outcome(&mut k, outcome(&s, installed()));
@@ -437,7 +438,7 @@ fn a_socket_gone_from_its_owner_is_looked_for_in_the_processes_held_on_it() {
     no_start(&mut t);
     t.on_outcome(&mut k, socket_gone(&s, PID));
     let again = one_start(&mut t);
-    assert_eq!((again.pid, again.fd), (PID + 1, -1));
+    assert_eq!(again.owner, Some((PID + 1, -1)));
     assert_ne!(again.job, s.job);
     // Gone from there too, and nobody else holds it: failed closed.
     t.on_outcome(&mut k, socket_gone(&again, PID + 1));
@@ -454,7 +455,7 @@ fn a_socket_gone_with_nobody_held_waits_for_the_next_hold() {
     no_start(&mut t);
     assert_eq!(k.gate(COOKIE), Some(gate::CLOSED));
     t.on_event(&k, held(COOKIE, PID + 2, 0));
-    assert_eq!(one_start(&mut t).pid, PID + 2);
+    assert_eq!(one_start(&mut t).owner, Some((PID + 2, -1)));
 }
 
 #[test]
@@ -721,7 +722,7 @@ fn a_restarted_core_adopts_waiting_connections_and_their_stopped_owners_and_leav
     let conns = k.conns.iter().map(|(c, v)| (*c, *v)).collect();
     t.adopt(&k, conns);
     let s = one_start(&mut t);
-    assert_eq!((s.cookie, s.pid, s.fd), (COOKIE, PID, 3));
+    assert_eq!((s.cookie, s.owner), (COOKIE, Some((PID, 3))));
     assert!(t.protected().is_empty());
     assert_eq!(t.pending().len(), 1);
     sweep(&mut t, &mut k);
@@ -777,8 +778,8 @@ fn after_lost_events_the_conns_map_brings_waiting_connections_in_and_closed_ones
     t.reconcile(conns);
     let s = one_start(&mut t);
     assert_eq!(
-        (s.cookie, s.pid, s.fd, s.established),
-        (COOKIE + 2, PID, 7, lost)
+        (s.cookie, s.owner, s.established),
+        (COOKIE + 2, Some((PID, 7)), lost)
     );
     assert!(
         t.protected().contains_key(&COOKIE),
@@ -839,4 +840,114 @@ fn every_count_in_the_stats_file_equals_its_metric() {
         let line = format!("tlshub_{metric}_total {stat}\n");
         assert!(text.contains(&line), "{line:?} not in\n{text}");
     }
+}
+
+/// A table whose active provider keys without the socket.
+fn keying_before_owner() -> (ConnTable, FakeKernel) {
+    let mut t = table(FailurePolicy::FailClosed);
+    t.set_key_before_owner(true);
+    (t, FakeKernel::default())
+}
+
+#[test]
+fn a_provider_needing_no_socket_starts_at_establishment_and_the_owner_follows() {
+    let (mut t, mut k) = keying_before_owner();
+    let est = established(COOKIE, 0);
+    k.track(COOKIE, est);
+    t.on_event(&k, est);
+    let s = one_start(&mut t);
+    assert_eq!((s.cookie, s.owner), (COOKIE, None));
+    assert!(t.take_owner_updates().is_empty());
+    // accept() returns: the job gets its owner; nothing new starts.
+    t.on_event(&k, owner(COOKIE, PID, 5));
+    no_start(&mut t);
+    assert_eq!(
+        t.take_owner_updates(),
+        [OwnerUpdate {
+            job: s.job,
+            owner: Some((PID, 5))
+        }]
+    );
+    // A second OWNER, or a hold, changes nothing for that job.
+    t.on_event(&k, owner(COOKIE, PID + 1, 6));
+    t.on_event(&k, held(COOKIE, PID, 9));
+    assert!(t.take_owner_updates().is_empty());
+    no_start(&mut t);
+}
+
+#[test]
+fn without_an_owner_event_the_first_hold_names_the_owner_of_a_job_keying_from_establishment() {
+    let (mut t, mut k) = keying_before_owner();
+    let est = established(COOKIE, 0);
+    k.track(COOKIE, est);
+    t.on_event(&k, est);
+    let s = one_start(&mut t);
+    t.on_event(&k, waiting(COOKIE, PID));
+    assert_eq!(
+        t.take_owner_updates(),
+        [OwnerUpdate {
+            job: s.job,
+            owner: Some((PID, -1))
+        }]
+    );
+    assert_eq!(t.stats().owner_from_hold, 1);
+}
+
+#[test]
+fn a_connection_that_closes_before_its_owner_is_known_stops_its_job_waiting() {
+    let (mut t, mut k) = keying_before_owner();
+    let est = established(COOKIE, 0);
+    k.track(COOKIE, est);
+    t.on_event(&k, est);
+    let s = one_start(&mut t);
+    k.conns.remove(&COOKIE);
+    t.on_event(&k, closed(COOKIE));
+    assert_eq!(
+        t.take_owner_updates(),
+        [OwnerUpdate {
+            job: s.job,
+            owner: None
+        }]
+    );
+    // Its answer is stale: nothing is reset, nothing counted as failed.
+    let no_owner = Err(KeyingError::NoOwner { cookie: COOKIE });
+    t.on_outcome(&mut k, outcome(&s, no_owner));
+    assert!(k.resets.is_empty() && t.pending().is_empty());
+    assert_eq!(t.stats().failed.values().sum::<u64>(), 0);
+    assert_eq!(t.stats().closed_before_keys, 1);
+}
+
+#[test]
+fn a_job_told_to_stop_waiting_at_shutdown_leaves_its_connection_gated_for_the_next_core() {
+    let (mut t, mut k) = keying_before_owner();
+    let est = established(COOKIE, 0);
+    k.track(COOKIE, est);
+    t.on_event(&k, est);
+    let s = one_start(&mut t);
+    t.drain();
+    let no_owner = Err(KeyingError::NoOwner { cookie: COOKIE });
+    t.on_outcome(&mut k, outcome(&s, no_owner));
+    assert_eq!(t.keying(), 0, "nothing left to wait for");
+    assert!(t.pending().contains_key(&COOKIE), "still pending");
+    assert_eq!(k.gate(COOKIE), Some(gate::CLOSED));
+    assert!(k.resets.is_empty());
+    assert_eq!(t.stats().failed.values().sum::<u64>(), 0);
+    no_start(&mut t);
+}
+
+#[test]
+fn keys_ready_before_the_owner_are_counted_when_installed() {
+    let (mut t, mut k) = keying_before_owner();
+    let est = established(COOKIE, 0);
+    k.track(COOKIE, est);
+    t.on_event(&k, est);
+    let s = one_start(&mut t);
+    t.on_event(&k, owner(COOKIE, PID, 5));
+    let early = Ok(Installed {
+        keyed_before_owner: true,
+        ..installed().unwrap()
+    });
+    t.on_outcome(&mut k, outcome(&s, early));
+    assert_eq!(k.gate(COOKIE), Some(gate::OPEN));
+    assert_eq!((t.stats().protected, t.stats().keyed_before_owner), (1, 1));
 }

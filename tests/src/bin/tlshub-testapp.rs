@@ -93,6 +93,11 @@ struct Common {
     /// benchmark's data-path ceiling.
     #[arg(long)]
     ktls_fixed_key: bool,
+    /// Server (one connection after another): wait this long before each
+    /// `accept()`, as a busy server whose accept queue holds connections
+    /// does. The client ignores it.
+    #[arg(long, default_value_t = 0)]
+    accept_delay_ms: u64,
 }
 
 #[derive(Debug, Subcommand)]
@@ -603,6 +608,7 @@ fn run(args: Args, r: &mut Report) -> std::io::Result<()> {
                 })?;
             } else {
                 for _ in 0..common.connections {
+                    std::thread::sleep(std::time::Duration::from_millis(common.accept_delay_ms));
                     let s = accept(&l, common.via)?;
                     exchange_maybe_handed_off(s, &common, r, serve_one)?;
                     r.connections += 1;

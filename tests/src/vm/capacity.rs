@@ -84,7 +84,14 @@ pub fn capacity() -> Result<String, String> {
     )?;
     process::run(
         Some("pod-b"),
-        &["ip", "addr", "add", &format!("{POD_B_SECOND}/24"), "dev", "pb"],
+        &[
+            "ip",
+            "addr",
+            "add",
+            &format!("{POD_B_SECOND}/24"),
+            "dev",
+            "pb",
+        ],
     )?;
     let before = memory(a.core_pid());
     let listen = format!("server --listen [::]:{PROTECTED_PORT}");

@@ -47,6 +47,10 @@ pub const TESTS: &[Scenario] = &[
         super::providers::tlshub_provider,
     ),
     (
+        "key_only_providers_key_before_accept",
+        super::providers::keys_before_accept,
+    ),
+    (
         "tlshub_expired_node_secret_rehandshakes",
         super::providers::tlshub_expiry,
     ),

@@ -44,6 +44,8 @@ pub struct App {
     pub reconnect: bool,
     /// --ktls-fixed-key (both ends): kTLS with a fixed key, no agent.
     pub ktls_fixed_key: bool,
+    /// --accept-delay-ms (server): wait before each accept().
+    pub accept_delay_ms: u64,
 }
 
 impl App {
@@ -64,6 +66,7 @@ impl App {
             proxy: None,
             reconnect: false,
             ktls_fixed_key: false,
+            accept_delay_ms: 0,
         }
     }
 
@@ -110,6 +113,10 @@ impl App {
         }
         if self.ktls_fixed_key {
             args.push("--ktls-fixed-key".into());
+        }
+        if self.accept_delay_ms > 0 {
+            args.push("--accept-delay-ms".into());
+            args.push(self.accept_delay_ms.to_string());
         }
         args
     }
@@ -226,7 +233,7 @@ pub fn kernel_version() -> (u32, u32) {
     (parts.next().unwrap_or(0), parts.next().unwrap_or(0))
 }
 
-/// Percentile of a sorted slice.
+/// Percentile `p` (a fraction: 0.5 is the median) of a sorted slice.
 pub fn percentile(sorted: &[u64], p: f64) -> u64 {
     if sorted.is_empty() {
         return 0;
