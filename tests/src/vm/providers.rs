@@ -34,7 +34,7 @@ pub fn tlshub_provider() -> Result<String, String> {
 }
 
 /// Key-only providers key from establishment: a blocking server accepts
-/// each of its connections 500 ms after it arrived, and its node's keys
+/// each of its connections 1.5 s after it arrived, and its node's keys
 /// are ready before `accept()` returns (every server-side connection
 /// counted `keyed_before_owner`), for the TLSHub provider and the SDK's
 /// example; exact bytes, TLS-only wire that decrypts. One connection
@@ -52,7 +52,7 @@ pub fn keys_before_accept() -> Result<String, String> {
         let first = App::exchange(100, PROTECTED_PORT);
         let late = App {
             connections: CONNECTIONS as u32,
-            accept_delay_ms: 500,
+            accept_delay_ms: 1500,
             ..App::exchange(10_000, PROTECTED_PORT)
         };
         captured_exchanges(&format!("first-{}", kind.name()), &a, &b, &[first])?;
