@@ -280,6 +280,25 @@ async fn take_socket(job: &Job, pid: u32, fd: i32) -> Result<OwnedFd, KeyingErro
     })
 }
 
+/// For a job keyed from establishment: waits, with no deadline of its own,
+/// for the app to accept (or its `connect()` to return), then takes the
+/// socket. Why no deadline: an accept queue may hold a connection for
+/// long, and the connection keeps its gate closed meanwhile, as it would
+/// with no job. [`KeyingError::NoOwner`] once the event loop stops the
+/// wait (the connection ended, or the core is stopping).
+async fn socket_of_owner(
+    job: &Job,
+    owner: &mut tokio::sync::watch::Receiver<Option<(u32, i32)>>,
+) -> Result<OwnedFd, KeyingError> {
+    // Copied out at once: the channel's guard must not be held across the
+    // search.
+    let known = owner.wait_for(Option::is_some).await.map(|o| *o);
+    let Ok(Some((pid, fd))) = known else {
+        return Err(KeyingError::NoOwner { cookie: job.cookie });
+    };
+    take_socket(job, pid, fd).await
+}
+
 /// Runs one job to its end on `provider`. A provider that is not running
 /// (its socket is gone or refuses) is waited for until the key timeout: a
 /// provider restart shorter than the timeout costs the connection only the
@@ -340,11 +359,11 @@ pub async fn run(job: Job, provider: Arc<Provider>) -> Outcome {
         timeout: job.timeout,
     };
     let started = Instant::now();
-    let keys = loop {
+    let asked = 'asking: loop {
         let left = deadline.saturating_duration_since(Instant::now());
         request.timeout = provider_budget(left);
         match provider.client().keys_waiting(&request, left).await {
-            Ok(k) => break k,
+            Ok(k) => break Ok(k),
             // Retry only when no provider can be running the request: it
             // was never sent (the provider was stopping), or nothing listens
             // on the provider's socket. A live provider's UNAVAILABLE is
@@ -356,7 +375,7 @@ pub async fn run(job: Job, provider: Arc<Provider>) -> Outcome {
                 tracing::debug!(provider = %provider.name, error = %e, "provider not running; waiting for it");
                 loop {
                     if deadline.saturating_duration_since(Instant::now()) <= PROVIDER_RETRY {
-                        return outcome(socket, Err(e.into()));
+                        break 'asking Err(KeyingError::from(e));
                     }
                     tokio::time::sleep(PROVIDER_RETRY).await;
                     if listening(&provider.socket).await {
@@ -366,7 +385,20 @@ pub async fn run(job: Job, provider: Arc<Provider>) -> Outcome {
                     }
                 }
             }
-            Err(e) => return outcome(socket, Err(e.into())),
+            Err(e) => break Err(e.into()),
+        }
+    };
+    let keys = match asked {
+        Ok(keys) => keys,
+        Err(e) => {
+            // Failed before the owner was known: the socket is still taken
+            // once a process holds it, so that fail-closed resets the
+            // connection (the peer sees RST) as it does for any other.
+            let socket = match socket {
+                Some(s) => Some(s),
+                None => socket_of_owner(&job, &mut owner).await.ok(),
+            };
+            return outcome(socket, Err(e));
         }
     };
     let key_time = started.elapsed();
@@ -378,22 +410,10 @@ pub async fn run(job: Job, provider: Arc<Provider>) -> Outcome {
     let keyed_before_owner = socket.is_none() && owner.borrow().is_none();
     let socket = match socket {
         Some(s) => s,
-        None => {
-            // Keyed from establishment: wait, with no deadline of its own,
-            // for the app to accept (or connect() to return): an accept
-            // queue may hold a connection for long, and the connection
-            // keeps its gate closed meanwhile, as it would without a job.
-            // Copied out at once: the channel's guard must not be held
-            // across the search below.
-            let known = owner.wait_for(Option::is_some).await.map(|o| *o);
-            let Ok(Some((pid, fd))) = known else {
-                return outcome(None, Err(KeyingError::NoOwner { cookie }));
-            };
-            match take_socket(&job, pid, fd).await {
-                Ok(s) => s,
-                Err(e) => return outcome(None, Err(e)),
-            }
-        }
+        None => match socket_of_owner(&job, &mut owner).await {
+            Ok(s) => s,
+            Err(e) => return outcome(None, Err(e)),
+        },
     };
     if job.send_buffer_floor > 0 {
         // Before kTLS, so that no send through kTLS finds a small buffer. Not
