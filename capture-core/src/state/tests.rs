@@ -842,20 +842,21 @@ fn every_count_in_the_stats_file_equals_its_metric() {
     }
 }
 
-/// A table whose active provider keys without the socket.
-fn keying_before_owner() -> (ConnTable, FakeKernel) {
-    let mut t = table(FailurePolicy::FailClosed);
+/// A table whose active provider keys without the socket, and the job it
+/// started for a connection established with no owner known yet.
+fn keying_before_owner() -> (ConnTable, FakeKernel, Start) {
+    let (mut t, mut k) = (table(FailurePolicy::FailClosed), FakeKernel::default());
     t.set_key_before_owner(true);
-    (t, FakeKernel::default())
-}
-
-#[test]
-fn a_provider_needing_no_socket_starts_at_establishment_and_the_owner_follows() {
-    let (mut t, mut k) = keying_before_owner();
     let est = established(COOKIE, 0);
     k.track(COOKIE, est);
     t.on_event(&k, est);
     let s = one_start(&mut t);
+    (t, k, s)
+}
+
+#[test]
+fn a_provider_needing_no_socket_starts_at_establishment_and_the_owner_follows() {
+    let (mut t, k, s) = keying_before_owner();
     assert_eq!((s.cookie, s.owner), (COOKIE, None));
     assert!(t.take_owner_updates().is_empty());
     // accept() returns: the job gets its owner; nothing new starts.
@@ -877,11 +878,7 @@ fn a_provider_needing_no_socket_starts_at_establishment_and_the_owner_follows() 
 
 #[test]
 fn without_an_owner_event_the_first_hold_names_the_owner_of_a_job_keying_from_establishment() {
-    let (mut t, mut k) = keying_before_owner();
-    let est = established(COOKIE, 0);
-    k.track(COOKIE, est);
-    t.on_event(&k, est);
-    let s = one_start(&mut t);
+    let (mut t, k, s) = keying_before_owner();
     t.on_event(&k, waiting(COOKIE, PID));
     assert_eq!(
         t.take_owner_updates(),
@@ -895,11 +892,7 @@ fn without_an_owner_event_the_first_hold_names_the_owner_of_a_job_keying_from_es
 
 #[test]
 fn a_connection_that_closes_before_its_owner_is_known_stops_its_job_waiting() {
-    let (mut t, mut k) = keying_before_owner();
-    let est = established(COOKIE, 0);
-    k.track(COOKIE, est);
-    t.on_event(&k, est);
-    let s = one_start(&mut t);
+    let (mut t, mut k, s) = keying_before_owner();
     k.conns.remove(&COOKIE);
     t.on_event(&k, closed(COOKIE));
     assert_eq!(
@@ -919,11 +912,7 @@ fn a_connection_that_closes_before_its_owner_is_known_stops_its_job_waiting() {
 
 #[test]
 fn a_job_told_to_stop_waiting_at_shutdown_leaves_its_connection_gated_for_the_next_core() {
-    let (mut t, mut k) = keying_before_owner();
-    let est = established(COOKIE, 0);
-    k.track(COOKIE, est);
-    t.on_event(&k, est);
-    let s = one_start(&mut t);
+    let (mut t, mut k, s) = keying_before_owner();
     t.drain();
     let no_owner = Err(KeyingError::NoOwner { cookie: COOKIE });
     t.on_outcome(&mut k, outcome(&s, no_owner));
@@ -937,11 +926,7 @@ fn a_job_told_to_stop_waiting_at_shutdown_leaves_its_connection_gated_for_the_ne
 
 #[test]
 fn keys_ready_before_the_owner_are_counted_when_installed() {
-    let (mut t, mut k) = keying_before_owner();
-    let est = established(COOKIE, 0);
-    k.track(COOKIE, est);
-    t.on_event(&k, est);
-    let s = one_start(&mut t);
+    let (mut t, mut k, s) = keying_before_owner();
     t.on_event(&k, owner(COOKIE, PID, 5));
     let early = Ok(Installed {
         keyed_before_owner: true,
