@@ -296,6 +296,7 @@ async fn socket_of_owner(
     let Ok(Some((pid, fd))) = known else {
         return Err(KeyingError::NoOwner { cookie: job.cookie });
     };
+    tracing::debug!(pid, fd, "owner known; taking the socket");
     take_socket(job, pid, fd).await
 }
 
