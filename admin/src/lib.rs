@@ -26,17 +26,42 @@ pub const DEFAULT_SOCKET: &str = "/run/tlshub/admin.sock";
 /// Why the admin API could not be reached.
 #[derive(Debug, thiserror::Error)]
 pub enum ConnectError {
-    /// The socket does not accept connections.
-    #[error(
-        "cannot connect to the tlshub core at {path}: {source} (is tlshub-core running, and are you root?)"
-    )]
+    /// Nothing listens at the path: no socket file, or a stale one that
+    /// refuses connections (the core is not running).
+    #[error("no tlshub-core is listening at {path} ({reason}): is tlshub-core running?")]
+    NoCore {
+        /// The core's admin socket.
+        path: PathBuf,
+        /// "no such socket" or "connection refused".
+        reason: &'static str,
+    },
+    /// The socket is there but this user may not use it (root only).
+    #[error("not permitted to use {path}: the admin socket is root-only")]
+    NotPermitted {
+        /// The core's admin socket.
+        path: PathBuf,
+    },
+    /// Any other failure to connect.
+    #[error("cannot connect to the tlshub core at {path}: {source}")]
     Connect {
         /// The core's admin socket.
         path: PathBuf,
-        /// The transport's error (no socket there, permission denied, ...).
+        /// The transport's error.
         #[source]
         source: tonic::transport::Error,
     },
+}
+
+/// The first I/O error in `e`'s chain of causes.
+fn io_error_kind(e: &(dyn std::error::Error + 'static)) -> Option<std::io::ErrorKind> {
+    let mut cause = Some(e);
+    while let Some(c) = cause {
+        if let Some(io) = c.downcast_ref::<std::io::Error>() {
+            return Some(io.kind());
+        }
+        cause = c.source();
+    }
+    None
 }
 
 /// Connects to the admin API at `path`.
@@ -49,9 +74,20 @@ pub async fn connect(path: &Path) -> Result<pb::admin_client::AdminClient<Channe
             async move { Ok::<_, std::io::Error>(TokioIo::new(UnixStream::connect(&socket).await?)) }
         }))
         .await
-        .map_err(|source| ConnectError::Connect {
-            path: path.to_owned(),
-            source,
+        .map_err(|source| {
+            let path = path.to_owned();
+            match io_error_kind(&source) {
+                Some(std::io::ErrorKind::NotFound) => ConnectError::NoCore {
+                    path,
+                    reason: "no such socket",
+                },
+                Some(std::io::ErrorKind::ConnectionRefused) => ConnectError::NoCore {
+                    path,
+                    reason: "connection refused",
+                },
+                Some(std::io::ErrorKind::PermissionDenied) => ConnectError::NotPermitted { path },
+                _ => ConnectError::Connect { path, source },
+            }
         })?;
     Ok(pb::admin_client::AdminClient::new(channel))
 }

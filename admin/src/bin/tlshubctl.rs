@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use tlshub_admin::pb;
+use tlshub_admin::{ConnectError, pb};
 
 const AFTER_HELP: &str = "\
 Examples:
@@ -22,8 +22,53 @@ providers; switch every node with one command, e.g.
   parallel-ssh -h nodes.txt tlshubctl provider use boringssl
 (see the README, \"Comparing providers\").
 
-Exit codes: 0 done, 1 the core refused or failed the request, 2 usage or
-connection error.";
+Exit codes:
+  0  done (for status: the active provider is serving and BPF programs are attached)
+  1  the core refused or failed the request
+  2  usage error
+  3  no core: nothing listens at the admin socket (not running, or a stale socket)
+  4  not permitted: the admin socket is root-only (or the core refused this user)
+  5  status only: the core answered but is degraded (the active provider is not
+     serving, or no BPF program is attached)
+  6  any other failure to reach the core
+With --json, an error is printed on stdout as {\"error\": {\"kind\": ..., \"message\": ...}}
+as well.";
+
+/// What the exit status says (documented in `--help`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Exit {
+    Done = 0,
+    Refused = 1,
+    NoCore = 3,
+    NotPermitted = 4,
+    Degraded = 5,
+    Unreachable = 6,
+}
+
+impl Exit {
+    /// The `kind` of a JSON error.
+    fn kind(self) -> &'static str {
+        match self {
+            Self::Done => "done",
+            Self::Refused => "refused",
+            Self::NoCore => "no-core",
+            Self::NotPermitted => "not-permitted",
+            Self::Degraded => "degraded",
+            Self::Unreachable => "unreachable",
+        }
+    }
+
+    /// Says why on stderr (and as JSON on stdout with `--json`), then
+    /// exits so.
+    fn report(self, json: bool, message: &str) -> ExitCode {
+        eprintln!("tlshubctl: {message}");
+        if json {
+            let error = serde_json::json!({"error": {"kind": self.kind(), "message": message}});
+            println!("{error}");
+        }
+        ExitCode::from(self as u8)
+    }
+}
 
 /// Inspect and steer the tlshub node agent (tlshub-core) on this host.
 #[derive(Debug, Parser)]
@@ -32,7 +77,8 @@ struct Args {
     /// The core's admin socket.
     #[arg(long, short, global = true, default_value = tlshub_admin::DEFAULT_SOCKET, env = "TLSHUB_ADMIN_SOCKET")]
     socket: PathBuf,
-    /// Print the answer as JSON (one object) instead of text.
+    /// Print the answer as JSON instead of text: one object (`provider
+    /// list`: an array of providers), or an error object.
     #[arg(long, short, global = true)]
     json: bool,
     #[command(subcommand)]
@@ -83,8 +129,7 @@ fn main() -> ExitCode {
     {
         Ok(r) => r,
         Err(e) => {
-            eprintln!("tlshubctl: cannot start runtime: {e}");
-            return ExitCode::from(2);
+            return Exit::Unreachable.report(args.json, &format!("cannot start runtime: {e}"));
         }
     };
     runtime.block_on(run(args))
@@ -94,15 +139,24 @@ async fn run(args: Args) -> ExitCode {
     let mut client = match tlshub_admin::connect(&args.socket).await {
         Ok(c) => c,
         Err(e) => {
-            eprintln!("tlshubctl: {e}");
-            return ExitCode::from(2);
+            let exit = match e {
+                ConnectError::NoCore { .. } => Exit::NoCore,
+                ConnectError::NotPermitted { .. } => Exit::NotPermitted,
+                ConnectError::Connect { .. } => Exit::Unreachable,
+            };
+            return exit.report(args.json, &e.to_string());
         }
     };
+    let mut exit = Exit::Done;
     let result = match &args.command {
-        Command::Status => client
-            .status(pb::StatusRequest {})
-            .await
-            .map(|r| show(args.json, &r.into_inner(), print_status)),
+        Command::Status => client.status(pb::StatusRequest {}).await.map(|r| {
+            let status = r.into_inner();
+            show(args.json, &status, print_status);
+            if let Some(why) = degraded(&status) {
+                eprintln!("tlshubctl: degraded: {why}");
+                exit = Exit::Degraded;
+            }
+        }),
         Command::Connections => client
             .list_connections(pb::ListConnectionsRequest {})
             .await
@@ -136,16 +190,42 @@ async fn run(args: Args) -> ExitCode {
             }),
     };
     match result {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(()) => ExitCode::from(exit as u8),
         Err(status) => {
-            eprintln!(
-                "tlshubctl: the core answered {:?}: {}",
+            let exit = if status.code() == tonic::Code::PermissionDenied {
+                Exit::NotPermitted
+            } else {
+                Exit::Refused
+            };
+            let message = format!(
+                "the core answered {:?}: {}",
                 status.code(),
                 status.message()
             );
-            ExitCode::from(1)
+            exit.report(args.json, &message)
         }
     }
+}
+
+/// Why a core's status counts as degraded, if it does: its active
+/// provider is not serving, or no BPF program is attached.
+fn degraded(s: &pb::StatusResponse) -> Option<String> {
+    if s.bpf_programs.is_empty() {
+        return Some("no BPF program is attached".into());
+    }
+    let active = s.providers.iter().find(|p| p.active)?;
+    (active.health != "serving").then(|| {
+        format!(
+            "the active provider {} is {}{}",
+            active.name,
+            active.health,
+            if active.detail.is_empty() {
+                String::new()
+            } else {
+                format!(" ({})", active.detail)
+            }
+        )
+    })
 }
 
 fn to_json<T: serde::Serialize>(v: &T) -> String {

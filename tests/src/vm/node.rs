@@ -250,8 +250,22 @@ impl Node {
     }
 
     /// Runs `tlshubctl --json ARGS` against this node's core and parses
-    /// its answer.
+    /// its answer. A degraded `status` (exit 5: the active provider is not
+    /// serving) is still the status.
     pub fn ctl(&self, args: &[&str]) -> Result<serde_json::Value, String> {
+        self.ctl_with_exit(args)
+            .and_then(|(code, answer)| match code {
+                0 | DEGRADED => Ok(answer),
+                _ => Err(format!(
+                    "tlshubctl {args:?} on node {} exited {code}: {answer}",
+                    self.spec.name
+                )),
+            })
+    }
+
+    /// `tlshubctl --json ARGS` against this node's core: its exit code and
+    /// its JSON answer (an error object when it failed).
+    pub fn ctl_with_exit(&self, args: &[&str]) -> Result<(i32, serde_json::Value), String> {
         let socket = self.dir.join("admin.sock");
         let mut argv = vec![
             "tlshubctl",
@@ -263,16 +277,15 @@ impl Node {
         let out = super::process::command(None, &argv)
             .output()
             .map_err(|e| format!("cannot run tlshubctl: {e}"))?;
-        if !out.status.success() {
-            return Err(format!(
-                "tlshubctl {args:?} on node {}: {}{}",
-                self.spec.name,
+        let code = out.status.code().unwrap_or(-1);
+        let answer = serde_json::from_slice(&out.stdout).map_err(|e| {
+            format!(
+                "tlshubctl {args:?} exited {code}: not JSON ({e}): {}{}",
                 String::from_utf8_lossy(&out.stdout),
                 String::from_utf8_lossy(&out.stderr)
-            ));
-        }
-        serde_json::from_slice(&out.stdout)
-            .map_err(|e| format!("tlshubctl {args:?}: not JSON ({e})"))
+            )
+        })?;
+        Ok((code, answer))
     }
 
     /// The core's Prometheus endpoint's text.
@@ -543,6 +556,9 @@ fn spawn_provider(
     };
     Ok(provider)
 }
+
+/// `tlshubctl status`'s exit code when the core answered but is degraded.
+pub const DEGRADED: i32 = 5;
 
 /// Starts a node's `tlshub-core` (log `/tmp/logs/node-N-LABEL.log`) and
 /// waits until it runs.

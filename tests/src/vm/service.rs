@@ -283,11 +283,10 @@ pub fn admin_cli_and_metrics() -> Result<String, String> {
     }
     let _ = finish(client, Duration::from_secs(60))?;
     drop(b);
-    let Err(refused) = a.ctl(&["provider", "use", "nosuch"]) else {
-        return Err("switching to an unknown provider was accepted".into());
-    };
-    if !refused.contains("NotFound") || !refused.contains("nosuch") {
-        return Err(format!("unknown provider: {refused}"));
+    let (code, refused) = a.ctl_with_exit(&["provider", "use", "nosuch"])?;
+    let message = refused["error"]["message"].as_str().unwrap_or("");
+    if code != 1 || !message.contains("NotFound") || !message.contains("nosuch") {
+        return Err(format!("unknown provider: exit {code}, {refused}"));
     }
     let used = a.ctl(&["provider", "use", "boringssl"])?;
     if used["previous"] != "openssl" || used["active"] != "boringssl" {
@@ -318,6 +317,25 @@ pub fn admin_cli_and_metrics() -> Result<String, String> {
     if !bad.contains("FailedPrecondition") || !bad.contains("core.toml") || !bad.contains("ports") {
         return Err(format!("a broken policy file: {bad}"));
     }
+    // The exit codes a health check relies on: serving 0; the active
+    // provider down 5 (degraded), with the status still printed.
+    let (serving, _) = a.ctl_with_exit(&["status"])?;
+    let boringssl = a.provider_pid(ProviderKind::BoringSsl).to_string();
+    super::process::run(None, &["kill", "-9", &boringssl])?;
+    let until = Instant::now() + Duration::from_secs(10);
+    let (down, status) = loop {
+        let (code, status) = a.ctl_with_exit(&["status"])?;
+        if code != 0 || Instant::now() > until {
+            break (code, status);
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    if serving != 0 || down != super::node::DEGRADED || status["active_provider"] != "boringssl" {
+        return Err(format!(
+            "status exit codes: serving {serving}, active provider killed {down} (want 0 and {}): {status}",
+            super::node::DEGRADED
+        ));
+    }
     let still = a.ctl(&["status"])?;
     if still["policy"]["rules"][0]["ports"] != serde_json::json!([8443, 8444]) {
         return Err(format!("the old policy did not stay: {still}"));
@@ -332,8 +350,12 @@ pub fn admin_cli_and_metrics() -> Result<String, String> {
             .output()
             .map_err(|e| e.to_string())?
     };
-    if nobody.status.success() {
-        return Err("a non-root caller got an answer from the admin API".into());
+    if nobody.status.code() != Some(4) {
+        return Err(format!(
+            "a non-root caller: want exit 4 (not permitted), got {:?}: {}",
+            nobody.status.code(),
+            String::from_utf8_lossy(&nobody.stderr)
+        ));
     }
     let metrics = a.metrics()?;
     for want in [
@@ -353,7 +375,7 @@ pub fn admin_cli_and_metrics() -> Result<String, String> {
         return Err(format!("--help: {help}"));
     }
     Ok(format!(
-        "status (text and JSON), connections, provider use (and a refused unknown name), policy reload (and a refused broken file, old policy kept), non-root refused, metrics: {} lines",
+        "status (text and JSON; exit 0 serving, 5 with the active provider killed), connections, provider use (and a refused unknown name, exit 1), policy reload (and a refused broken file, old policy kept), non-root refused (exit 4), metrics: {} lines",
         metrics.lines().count()
     ))
 }

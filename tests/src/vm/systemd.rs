@@ -268,12 +268,24 @@ fn check_units() -> Result<String, String> {
     Ok(seen.join(", "))
 }
 
-/// `tlshubctl --json ARGS` on the installed core (default socket).
+/// `tlshubctl --json ARGS` on the installed core (default socket). A
+/// degraded `status` (exit 5) is still the status.
 fn tlshubctl(args: &[&str]) -> Result<Value, String> {
     let mut argv = vec!["tlshubctl", "--json"];
     argv.extend_from_slice(args);
-    let out = run(None, &argv)?;
-    serde_json::from_str(&out).map_err(|e| format!("tlshubctl {args:?}: {e}: {out}"))
+    let out = super::process::command(None, &argv)
+        .output()
+        .map_err(|e| format!("cannot run tlshubctl: {e}"))?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    match out.status.code() {
+        Some(0 | super::node::DEGRADED) => {
+            serde_json::from_str(&text).map_err(|e| format!("tlshubctl {args:?}: {e}: {text}"))
+        }
+        code => Err(format!(
+            "tlshubctl {args:?} exited {code:?}: {text}{}",
+            String::from_utf8_lossy(&out.stderr)
+        )),
+    }
 }
 
 fn metrics_a() -> Result<String, String> {
