@@ -280,9 +280,9 @@ async fn take_socket(job: &Job, pid: u32, fd: i32) -> Result<OwnedFd, KeyingErro
     })
 }
 
-/// For a job keyed from establishment: waits, with no deadline of its own,
-/// for the app to accept (or its `connect()` to return), then takes the
-/// socket. Why no deadline: an accept queue may hold a connection for
+/// Takes the socket from its owner, first waiting for the owner if it is
+/// not known yet (a job keyed from establishment): with no deadline of its
+/// own, until the app accepts (or its `connect()` returns). Why no deadline: an accept queue may hold a connection for
 /// long, and the connection keeps its gate closed meanwhile, as it would
 /// with no job. [`KeyingError::NoOwner`] once the event loop stops the
 /// wait (the connection ended, or the core is stopping).
@@ -296,7 +296,7 @@ async fn socket_of_owner(
     let Ok(Some((pid, fd))) = known else {
         return Err(KeyingError::NoOwner { cookie: job.cookie });
     };
-    tracing::debug!(pid, fd, "owner known; taking the socket");
+    tracing::debug!(pid, fd, "taking the socket from its owner");
     take_socket(job, pid, fd).await
 }
 
@@ -319,20 +319,14 @@ pub async fn run(job: Job, provider: Arc<Provider>) -> Outcome {
     };
     let deadline = Instant::now() + job.timeout;
     let mut owner = job.owner.clone();
-    // With the owner known, the socket is taken first: a handshake provider
-    // needs it, and a socket that is gone costs no provider call.
-    let mut first_owner = *owner.borrow_and_update();
-    if first_owner.is_none() && !provider.keys_without_socket() {
-        // Started from establishment, but the provider chosen for it (the
-        // active one changed, or the fallback stands in) needs the socket.
-        match owner.wait_for(Option::is_some).await.map(|o| *o) {
-            Ok(Some(o)) => first_owner = Some(o),
-            _ => return outcome(None, Err(KeyingError::NoOwner { cookie })),
-        }
-    }
+    // The socket is taken first when the owner is known already, and when
+    // the provider needs the socket (a job started from establishment whose
+    // provider changed since, or a fallback that stands in, waits for the
+    // owner here): a handshake provider needs it, and a socket that is gone
+    // costs no provider call.
     let mut socket = None;
-    if let Some((pid, fd)) = first_owner {
-        match take_socket(&job, pid, fd).await {
+    if owner.borrow_and_update().is_some() || !provider.keys_without_socket() {
+        match socket_of_owner(&job, &mut owner).await {
             Ok(s) => socket = Some(s),
             Err(e) => return outcome(None, Err(e)),
         }

@@ -777,7 +777,7 @@ impl ConnTable {
             }
             debug!(
                 cookie,
-                job, "keys were ready but no owner came before the core began to stop"
+                job, "the job stopped waiting for an owner: the core is stopping"
             );
             return;
         }
