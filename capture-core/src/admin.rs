@@ -14,7 +14,10 @@ use tracing::info;
 
 use crate::agent::AdminRequest;
 use crate::metrics::Metrics;
-use crate::providers::Registry;
+use crate::providers::{Registry, SwitchError};
+
+/// How long `provider use` waits for the new provider's health answer.
+const SWITCH_HEALTH_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// The service state.
 #[derive(Debug)]
@@ -72,11 +75,15 @@ impl pb::admin_server::Admin for AdminService {
         &self,
         request: Request<pb::UseProviderRequest>,
     ) -> Result<Response<pb::UseProviderResponse>, Status> {
-        let name = request.into_inner().name;
+        let pb::UseProviderRequest { name, force } = request.into_inner();
         let previous = self
             .providers
-            .use_provider(&name)
-            .map_err(|e| Status::not_found(e.to_string()))?;
+            .use_provider(&name, force, SWITCH_HEALTH_TIMEOUT)
+            .await
+            .map_err(|e| match e {
+                SwitchError::Unknown { .. } => Status::not_found(e.to_string()),
+                SwitchError::NotServing { .. } => Status::failed_precondition(e.to_string()),
+            })?;
         self.metrics.provider_switches.inc();
         self.metrics
             .set_active_provider(self.providers.all().map(|p| p.name.as_str()), &name);

@@ -100,8 +100,15 @@ impl Agent {
         programs.write_policy(&config.policy)?;
         programs.exempt.add(std::process::id());
         let exempt = programs.exempt.clone();
-        let providers = Arc::new(Registry::new(set, Arc::new(move |pid| exempt.add(pid))));
-        metrics.set_active_provider(providers.all().map(|p| p.name.as_str()), &set.active);
+        let providers = Arc::new(Registry::new(
+            set,
+            Arc::new(move |pid| exempt.add(pid)),
+            Some(config.provider.switch_file.clone()),
+        ));
+        metrics.set_active_provider(
+            providers.all().map(|p| p.name.as_str()),
+            &providers.active_name(),
+        );
         for p in providers.all() {
             let label = ProviderLabel {
                 provider: p.name.clone(),
@@ -110,7 +117,8 @@ impl Agent {
             metrics.protected.get_or_create(&label).inc_by(0);
         }
         info!(
-            active = %set.active,
+            active = %providers.active_name(),
+            configured_active = %set.active,
             fallback = set.fallback.as_deref().unwrap_or(""),
             providers = %set.endpoints.keys().cloned().collect::<Vec<_>>().join(","),
             "providers configured"

@@ -120,6 +120,10 @@ pub struct ProviderSection {
     pub timeout_ms: u64,
     /// How often each provider's `grpc.health.v1` status is checked.
     pub health_interval_ms: u64,
+    /// Where `tlshubctl provider use` records a switch, so that a restarted
+    /// core keeps it (the default, under `/run`, lasts until the next boot;
+    /// editing `active` here overrides an earlier switch).
+    pub switch_file: PathBuf,
 }
 
 /// The name of the provider given by `provider.socket` or `--provider-socket`.
@@ -134,6 +138,7 @@ impl Default for ProviderSection {
             fallback: None,
             timeout_ms: 2000,
             health_interval_ms: 1000,
+            switch_file: PathBuf::from("/run/tlshub/active-provider.json"),
         }
     }
 }

@@ -2,9 +2,14 @@
 //! health. Switching the active provider affects only connections keyed
 //! afterwards: a keying job takes its provider when it starts and finishes
 //! on it, and installed connections live in the kernel.
+//!
+//! A switch is recorded in a small file (`[provider] switch_file`) so that
+//! a restarted core, on purpose or by `Restart=on-failure`, keeps it. The
+//! record names the configured provider it overrode: once the
+//! configuration's `active` is edited, the configuration wins again.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
@@ -142,6 +147,15 @@ impl Provider {
 /// Why the active provider cannot be changed.
 #[derive(Debug, thiserror::Error)]
 pub enum SwitchError {
+    /// The provider did not answer its health check with SERVING (and the
+    /// switch was not forced).
+    #[error("provider `{name}` is not serving ({detail}); switch with --force to use it anyway")]
+    NotServing {
+        /// The name asked for.
+        name: String,
+        /// What its health check said.
+        detail: String,
+    },
     /// No provider has that name.
     #[error("no provider named `{name}` (configured: {known})")]
     Unknown {
@@ -158,13 +172,134 @@ pub struct Registry {
     providers: BTreeMap<String, Arc<Provider>>,
     active: RwLock<String>,
     fallback: Option<String>,
+    /// The configuration's `active`, which a recorded switch overrides.
+    configured: String,
+    /// Where switches are recorded, if anywhere.
+    switch_file: Option<PathBuf>,
+}
+
+/// A switch made by `tlshubctl provider use`, as recorded for the next core
+/// (written and read only here).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct RecordedSwitch {
+    /// The provider switched to.
+    pub active: String,
+    /// The configuration's `active` at the time: if the configuration now
+    /// names another, it was edited since, and it wins.
+    pub configured: String,
+}
+
+/// Why a recorded switch is not used.
+#[derive(Debug, thiserror::Error)]
+pub enum RecordError {
+    /// The file exists but cannot be read.
+    #[error("cannot read {}: {source}", path.display())]
+    Read {
+        /// The switch file.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// The file is not a recorded switch.
+    #[error("{} is not a recorded switch: {source}", path.display())]
+    Parse {
+        /// The switch file.
+        path: PathBuf,
+        /// The JSON error.
+        source: serde_json::Error,
+    },
+    /// It names a provider the configuration no longer has.
+    #[error("{} names provider `{name}`, which is not configured", path.display())]
+    Unknown {
+        /// The switch file.
+        path: PathBuf,
+        /// The recorded name.
+        name: String,
+    },
+    /// It cannot be written.
+    #[error("cannot record the switch in {}: {source}", path.display())]
+    Write {
+        /// The switch file.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+}
+
+/// The active provider a recorded switch asks for, if it still applies:
+/// the file exists, names a configured provider, and was made against the
+/// configuration's current `active`. `Ok(None)`: no switch, or the
+/// configuration was edited since (then the stale record is removed).
+pub fn recorded_switch(set: &ProviderSet, path: &Path) -> Result<Option<String>, RecordError> {
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(source) => {
+            return Err(RecordError::Read {
+                path: path.into(),
+                source,
+            });
+        }
+    };
+    let record: RecordedSwitch =
+        serde_json::from_str(&text).map_err(|source| RecordError::Parse {
+            path: path.into(),
+            source,
+        })?;
+    if record.configured != set.active {
+        info!(
+            file = %path.display(),
+            recorded = %record.active,
+            was_configured = %record.configured,
+            configured = %set.active,
+            "the configuration's active provider changed since the recorded switch: the configuration wins"
+        );
+        let _ = std::fs::remove_file(path);
+        return Ok(None);
+    }
+    if !set.endpoints.contains_key(&record.active) {
+        return Err(RecordError::Unknown {
+            path: path.into(),
+            name: record.active,
+        });
+    }
+    Ok(Some(record.active))
+}
+
+/// Records that `active` overrides the configuration's `configured` (the
+/// file is replaced whole, by rename), or removes the record when they are
+/// the same.
+fn record_switch(path: &Path, active: &str, configured: &str) -> Result<(), RecordError> {
+    let write = || -> std::io::Result<()> {
+        if active == configured {
+            return match std::fs::remove_file(path) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+                _ => Ok(()),
+            };
+        }
+        let record = RecordedSwitch {
+            active: active.into(),
+            configured: configured.into(),
+        };
+        let json = serde_json::to_vec(&record).map_err(std::io::Error::other)?;
+        let tmp = path.with_extension("tmp");
+        std::fs::write(&tmp, json)?;
+        std::fs::rename(&tmp, path)
+    };
+    write().map_err(|source| RecordError::Write {
+        path: path.into(),
+        source,
+    })
 }
 
 impl Registry {
     /// Clients for every provider in `set` (nothing connects yet); `hook`
     /// gets each provider's pid on every new connection to it, so it can be
-    /// exempted from the gate before its first request.
-    pub fn new(set: &ProviderSet, hook: PeerHook) -> Self {
+    /// exempted from the gate before its first request. The active one is
+    /// `set.active`, or the switch recorded in `switch_file` while it still
+    /// applies (see [`recorded_switch`]; an unusable record is logged and
+    /// ignored).
+    pub fn new(set: &ProviderSet, hook: PeerHook, switch_file: Option<PathBuf>) -> Self {
         let providers = set
             .endpoints
             .iter()
@@ -184,10 +319,24 @@ impl Registry {
                 (name.clone(), Arc::new(p))
             })
             .collect();
+        let recorded = switch_file
+            .as_deref()
+            .map(|path| recorded_switch(set, path))
+            .transpose()
+            .unwrap_or_else(|e| {
+                warn!(error = %e, configured = %set.active, "recorded provider switch ignored");
+                None
+            })
+            .flatten();
+        if let Some(active) = &recorded {
+            info!(active = %active, configured = %set.active, "active provider restored from the recorded switch");
+        }
         Self {
             providers,
-            active: RwLock::new(set.active.clone()),
+            active: RwLock::new(recorded.unwrap_or_else(|| set.active.clone())),
             fallback: set.fallback.clone(),
+            configured: set.active.clone(),
+            switch_file,
         }
     }
 
@@ -209,10 +358,17 @@ impl Registry {
         self.fallback.as_deref()
     }
 
-    /// Makes `name` the active provider for connections keyed from now on.
-    /// Returns the previous one.
-    pub fn use_provider(&self, name: &str) -> Result<String, SwitchError> {
-        if !self.providers.contains_key(name) {
+    /// Makes `name` the active provider for connections keyed from now on,
+    /// and records the switch for the next core. Unless `force`, the
+    /// provider must answer a health check now (within `timeout`) with
+    /// SERVING. Returns the previous one.
+    pub async fn use_provider(
+        &self,
+        name: &str,
+        force: bool,
+        timeout: Duration,
+    ) -> Result<String, SwitchError> {
+        let Some(provider) = self.providers.get(name) else {
             return Err(SwitchError::Unknown {
                 name: name.into(),
                 known: self
@@ -222,10 +378,34 @@ impl Registry {
                     .collect::<Vec<_>>()
                     .join(", "),
             });
+        };
+        // Asked now rather than read from the last periodic check, which
+        // may be a health interval old.
+        let health = provider.client().healthy(timeout).await;
+        if !matches!(health, Ok(true)) {
+            let detail = match health {
+                Ok(_) => "health: NOT_SERVING".to_owned(),
+                Err(e) => e.to_string(),
+            };
+            if !force {
+                return Err(SwitchError::NotServing {
+                    name: name.into(),
+                    detail,
+                });
+            }
+            warn!(provider = name, detail = %detail, "switching to a provider that is not serving (forced)");
         }
-        let mut active = self.active.write().unwrap_or_else(|p| p.into_inner());
-        let previous = std::mem::replace(&mut *active, name.to_owned());
+        let previous = {
+            let mut active = self.active.write().unwrap_or_else(|p| p.into_inner());
+            std::mem::replace(&mut *active, name.to_owned())
+        };
         info!(provider = name, previous = %previous, "active provider switched");
+        if let Some(path) = &self.switch_file
+            && let Err(e) = record_switch(path, name, &self.configured)
+        {
+            // The switch holds for this core; only a restart would lose it.
+            tracing::error!(error = %e, provider = name, "the switch is not recorded: a restarted core will use the configured provider");
+        }
         Ok(previous)
     }
 
@@ -292,7 +472,11 @@ mod tests {
     use super::*;
 
     fn registry() -> Registry {
-        let set = ProviderSet {
+        Registry::new(&registry_set(), Arc::new(|_| {}), None)
+    }
+
+    fn registry_set() -> ProviderSet {
+        ProviderSet {
             endpoints: [
                 ("a".to_string(), PathBuf::from("/nonexistent/a.sock")),
                 ("b".to_string(), PathBuf::from("/nonexistent/b.sock")),
@@ -301,19 +485,103 @@ mod tests {
             .collect(),
             active: "a".into(),
             fallback: Some("b".into()),
-        };
-        Registry::new(&set, Arc::new(|_| {}))
+        }
     }
+
+    const NOW: Duration = Duration::from_millis(200);
 
     #[tokio::test]
     async fn switching_changes_the_choice_and_unknown_names_are_refused() {
         let r = registry();
         assert_eq!(r.choose().name, "a");
-        assert_eq!(r.use_provider("b").unwrap(), "a");
+        assert_eq!(r.use_provider("b", true, NOW).await.unwrap(), "a");
         assert_eq!(r.choose().name, "b");
-        let e = r.use_provider("c").unwrap_err().to_string();
+        let e = r.use_provider("c", true, NOW).await.unwrap_err();
+        assert!(matches!(e, SwitchError::Unknown { .. }), "{e}");
+        let e = e.to_string();
         assert!(e.contains("`c`") && e.contains("a, b"), "{e}");
         assert_eq!(r.active_name(), "b");
+    }
+
+    #[tokio::test]
+    async fn a_provider_that_does_not_answer_serving_needs_force() {
+        let r = registry();
+        // Even if the last periodic check said serving: asked again now.
+        r.get("b").unwrap().set(Health::Serving, None, None);
+        let e = r.use_provider("b", false, NOW).await.unwrap_err();
+        assert!(matches!(e, SwitchError::NotServing { .. }), "{e}");
+        assert!(e.to_string().contains("--force"), "{e}");
+        assert_eq!(r.active_name(), "a");
+        assert_eq!(r.use_provider("b", true, NOW).await.unwrap(), "a");
+        assert_eq!(r.active_name(), "b");
+    }
+
+    /// A fresh directory for one test's switch file.
+    fn switch_dir(test: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("tlshub-switch-{test}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    }
+
+    fn registry_recording(file: &Path, configured: &str) -> Registry {
+        let mut set = registry_set();
+        set.active = configured.into();
+        set.fallback = None;
+        Registry::new(&set, Arc::new(|_| {}), Some(file.to_owned()))
+    }
+
+    #[tokio::test]
+    async fn a_recorded_switch_survives_a_restart_until_the_configuration_changes() {
+        let file = switch_dir("survives").join("active-provider.json");
+        let r = registry_recording(&file, "a");
+        r.use_provider("b", true, NOW).await.unwrap();
+        // The next core, same configuration: the switch holds.
+        assert_eq!(registry_recording(&file, "a").active_name(), "b");
+        // Switched back to the configured one: nothing left to record.
+        let r = registry_recording(&file, "a");
+        r.use_provider("a", true, NOW).await.unwrap();
+        assert!(!file.exists());
+        assert_eq!(registry_recording(&file, "a").active_name(), "a");
+        // The configuration's `active` edited after a switch: it wins, and
+        // the stale record goes.
+        registry_recording(&file, "a")
+            .use_provider("b", true, NOW)
+            .await
+            .unwrap();
+        assert_eq!(registry_recording(&file, "b").active_name(), "b");
+        assert!(!file.exists());
+        assert_eq!(registry_recording(&file, "a").active_name(), "a");
+    }
+
+    #[tokio::test]
+    async fn an_unusable_record_is_refused_by_kind_and_the_configuration_used() {
+        let dir = switch_dir("unusable");
+        let file = dir.join("active-provider.json");
+        let set = registry_set();
+        assert!(matches!(recorded_switch(&set, &file), Ok(None)));
+        std::fs::write(&file, "not json").unwrap();
+        assert!(matches!(
+            recorded_switch(&set, &file),
+            Err(RecordError::Parse { .. })
+        ));
+        assert_eq!(registry_recording(&file, "a").active_name(), "a");
+        let gone = RecordedSwitch {
+            active: "removed".into(),
+            configured: "a".into(),
+        };
+        std::fs::write(&file, serde_json::to_vec(&gone).unwrap()).unwrap();
+        assert!(matches!(
+            recorded_switch(&set, &file),
+            Err(RecordError::Unknown { .. })
+        ));
+        assert_eq!(registry_recording(&file, "a").active_name(), "a");
+        assert!(matches!(
+            recorded_switch(&set, &dir),
+            Err(RecordError::Read { .. })
+        ));
+        let e = record_switch(&dir.join("missing/x.json"), "b", "a").unwrap_err();
+        assert!(matches!(e, RecordError::Write { .. }), "{e}");
     }
 
     #[tokio::test]

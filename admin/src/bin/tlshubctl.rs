@@ -14,6 +14,8 @@ Examples:
   tlshubctl connections                connections waiting for keys or protected now
   tlshubctl provider list              the configured providers and their health
   tlshubctl provider use boringssl     new connections go to `boringssl` from now on
+                                       (refused unless it is serving; --force; kept by a
+                                       restarted core until `active` is edited in its config)
   tlshubctl policy reload              re-read [policy] from the core's config file
   tlshubctl --json status              any command's answer as JSON
 
@@ -107,10 +109,16 @@ enum ProviderCommand {
     /// The configured providers, their health and which one is active.
     List,
     /// Make NAME the active provider. Connections already keyed and key
-    /// requests in flight are not touched; new connections use NAME.
+    /// requests in flight are not touched; new connections use NAME. The
+    /// core asks NAME's health first and refuses (exit 1) unless it is
+    /// serving. The switch is recorded and kept by a restarted core, until
+    /// the configuration's `active` is edited.
     Use {
         /// A provider name from the core's `[provider.endpoints]`.
         name: String,
+        /// Switch even to a provider that is not serving.
+        #[arg(long)]
+        force: bool,
     },
 }
 
@@ -171,8 +179,11 @@ async fn run(args: Args) -> ExitCode {
                 }
             })
         }
-        Command::Provider(ProviderCommand::Use { name }) => client
-            .use_provider(pb::UseProviderRequest { name: name.clone() })
+        Command::Provider(ProviderCommand::Use { name, force }) => client
+            .use_provider(pb::UseProviderRequest {
+                name: name.clone(),
+                force: *force,
+            })
             .await
             .map(|r| {
                 show(args.json, &r.into_inner(), |r| {

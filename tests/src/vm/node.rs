@@ -148,10 +148,11 @@ impl Node {
             .collect();
         let metrics_port = if n == "a" { 9464 } else { 9465 };
         let mut core_toml = format!(
-            "node_name = \"node-{n}\"\nfailure_policy = \"{}\"\n\n[provider]\nactive = \"{}\"\ntimeout_ms = {}\nhealth_interval_ms = 500\n[provider.endpoints]\n{endpoints}\n[admin]\nsocket = \"{}\"\n\n[metrics]\nlisten = \"127.0.0.1:{metrics_port}\"\n\n[policy]\nlocal_cidrs = [{local}]\n[[policy.rules]]\npeer_cidrs = [{peer}]\nports = [{PROTECTED_PORT}]\n\n[bpf]\npin_dir = \"/sys/fs/bpf/tlshub-node-{n}\"\n{}",
+            "node_name = \"node-{n}\"\nfailure_policy = \"{}\"\n\n[provider]\nactive = \"{}\"\ntimeout_ms = {}\nhealth_interval_ms = 500\nswitch_file = \"{}\"\n[provider.endpoints]\n{endpoints}\n[admin]\nsocket = \"{}\"\n\n[metrics]\nlisten = \"127.0.0.1:{metrics_port}\"\n\n[policy]\nlocal_cidrs = [{local}]\n[[policy.rules]]\npeer_cidrs = [{peer}]\nports = [{PROTECTED_PORT}]\n\n[bpf]\npin_dir = \"/sys/fs/bpf/tlshub-node-{n}\"\n{}",
             spec.failure_policy,
             spec.provider.name(),
             spec.key_timeout_ms,
+            dir.join("active-provider.json").display(),
             dir.join("admin.sock").display(),
             spec.max_connections
                 .map(|n| format!("max_connections = {n}\n"))
