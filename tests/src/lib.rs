@@ -7,6 +7,9 @@
 //! - `tlshub-bad-provider` (src/bin): a provider that misbehaves on purpose.
 //! - `tlshub-hold` (src/bin): opens and holds as many connections as asked
 //!   (the capacity run), reporting a [`hold::HoldReport`].
+//! - `tlshub-loadgen` (src/bin): long connections and new ones at a fixed
+//!   rate (the service scenarios, the benchmark's collateral stall),
+//!   reporting a [`load::LoadReport`].
 //! - [`pattern`], [`wire`]: the byte pattern the apps exchange and the
 //!   packet-capture checks (no plaintext, TLS records, decryption).
 //!
@@ -15,6 +18,7 @@
 pub mod app_io;
 pub mod conformance;
 pub mod hold;
+pub mod load;
 pub mod pattern;
 pub mod vm;
 pub mod wire;

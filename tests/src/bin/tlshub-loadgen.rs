@@ -7,7 +7,10 @@
 //! `--short-per-sec` (one verified exchange each). The server checks every
 //! byte it receives and answers each piece with the same span of its own
 //! pattern, so both directions are verified and a capture of any flow
-//! decrypts to the pattern from offset 0. One JSON report on stdout.
+//! decrypts to the pattern from offset 0. One JSON report on stdout (a
+//! [`LoadReport`]), with the round-trip times of the long connections'
+//! pieces, before and after `--busy-from-s` (the benchmark's collateral
+//! stall: another process opens connections from then on).
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -16,7 +19,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use clap::{Parser, Subcommand};
-use serde::Serialize;
+use tlshub_vm_tests::load::{LoadReport, RoundTrips};
 use tlshub_vm_tests::pattern::{self, CLIENT_SEED, SERVER_SEED};
 
 #[derive(Debug, Parser)]
@@ -54,9 +57,15 @@ enum Side {
         /// Pause between a long connection's pieces.
         #[arg(long, default_value_t = 1000)]
         interval_ms: u64,
-        /// New short connections per second.
+        /// New short connections per second (0: none).
         #[arg(long, default_value_t = 4.0)]
         short_per_sec: f64,
+        /// Report the long connections' round trips in two sets: those
+        /// that start before this many seconds of load, and those that
+        /// start from one second after it (the caller starts other load
+        /// then; the second between is left out).
+        #[arg(long)]
+        busy_from_s: Option<f64>,
         /// Bytes each short connection sends (and gets back).
         #[arg(long, default_value_t = 4096)]
         short_size: usize,
@@ -116,33 +125,6 @@ fn serve(mut s: TcpStream, corruption_log: Option<&std::path::Path>) {
     }
 }
 
-#[derive(Debug, Default, Serialize)]
-struct Report {
-    ok: bool,
-    long_opened: u32,
-    long_broken: u32,
-    long_pieces: u64,
-    long_bytes: u64,
-    short_attempted: u64,
-    short_ok: u64,
-    short_failed: u64,
-    corrupt: u64,
-    /// Milliseconds since the load started, and the error, per failed short
-    /// connection (first 300: the report must fit the pipe buffer).
-    short_failures: Vec<(u64, String)>,
-    /// First errors of broken long connections.
-    long_errors: Vec<String>,
-    /// Start (milliseconds since the load started) and outcome of every
-    /// short connection, in start order (first 1,500).
-    short_log: Vec<(u64, bool)>,
-    /// Short connection setup+exchange p50/p99, milliseconds.
-    short_p50_ms: f64,
-    short_p99_ms: f64,
-    duration_s: f64,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    error: Option<String>,
-}
-
 #[derive(Debug, Default)]
 struct Shared {
     long_pieces: AtomicU64,
@@ -153,6 +135,8 @@ struct Shared {
     log: Mutex<Vec<(u64, bool)>>,
     latencies: Mutex<Vec<f64>>,
     long_errors: Mutex<Vec<String>>,
+    /// Round trips of long connections' pieces, microseconds: quiet, busy.
+    rtt: Mutex<(Vec<u64>, Vec<u64>)>,
 }
 
 fn describe(e: &std::io::Error) -> String {
@@ -174,7 +158,8 @@ fn client(
     interval: Duration,
     short_per_sec: f64,
     short_size: usize,
-    r: &mut Report,
+    busy_from: Option<Duration>,
+    r: &mut LoadReport,
 ) -> std::io::Result<()> {
     let shared = Arc::new(Shared::default());
     // Open the long connections first (each keyed once), with its first piece.
@@ -198,10 +183,14 @@ fn client(
             scope.spawn(move || {
                 let mut buf = vec![0u8; chunk];
                 let mut off = chunk as u64;
+                let (mut quiet, mut busy) = (Vec::new(), Vec::new());
                 // Spread the connections over the interval.
                 std::thread::sleep(interval.mul_f64(i as f64 / f64::from(long.max(1))));
                 while Instant::now() < end {
-                    if let Err(e) = exchange(&mut s, off, &mut buf) {
+                    let sent = start.elapsed();
+                    let result = exchange(&mut s, off, &mut buf);
+                    let micros = (start.elapsed() - sent).as_micros() as u64;
+                    if let Err(e) = result {
                         if e.kind() == std::io::ErrorKind::InvalidData {
                             shared.corrupt.fetch_add(1, Ordering::Relaxed);
                         }
@@ -215,12 +204,21 @@ fn client(
                                 describe(&e)
                             ));
                         }
-                        return;
+                        break;
+                    }
+                    match busy_from {
+                        Some(b) if sent >= b + Duration::from_secs(1) => busy.push(micros),
+                        Some(b) if sent >= b => {}
+                        _ => quiet.push(micros),
                     }
                     off += chunk as u64;
                     shared.long_pieces.fetch_add(1, Ordering::Relaxed);
                     shared.long_bytes.fetch_add(chunk as u64, Ordering::Relaxed);
                     std::thread::sleep(interval);
+                }
+                if let Ok(mut rtt) = shared.rtt.lock() {
+                    rtt.0.extend(quiet);
+                    rtt.1.extend(busy);
                 }
             });
         }
@@ -228,7 +226,7 @@ fn client(
         let gap = Duration::from_secs_f64(1.0 / short_per_sec.max(0.001));
         let mut next = start;
         let mut attempted = 0u64;
-        while next < end {
+        while short_per_sec > 0.0 && next < end {
             let now = Instant::now();
             if next > now {
                 std::thread::sleep(next - now);
@@ -291,6 +289,10 @@ fn client(
         .unwrap_or_default();
     r.short_log = shared.log.lock().map(|l| l.clone()).unwrap_or_default();
     r.short_log.sort_unstable();
+    if let Ok(mut rtt) = shared.rtt.lock() {
+        r.rtt_quiet = RoundTrips::of(std::mem::take(&mut rtt.0));
+        r.rtt_busy = RoundTrips::of(std::mem::take(&mut rtt.1));
+    }
     let mut lat = shared
         .latencies
         .lock()
@@ -337,8 +339,9 @@ fn main() -> std::process::ExitCode {
             interval_ms,
             short_per_sec,
             short_size,
+            busy_from_s,
         } => {
-            let mut r = Report::default();
+            let mut r = LoadReport::default();
             if let Err(e) = client(
                 connect,
                 long,
@@ -347,6 +350,7 @@ fn main() -> std::process::ExitCode {
                 Duration::from_millis(interval_ms),
                 short_per_sec,
                 short_size,
+                busy_from_s.map(Duration::from_secs_f64),
                 &mut r,
             ) {
                 r.error = Some(describe(&e));

@@ -22,7 +22,17 @@ fn main() {
         .and_then(|r| r.parse().ok())
         .unwrap_or(1);
     let list: Vec<Scenario> = match mode.as_str() {
-        "bench" => vec![("bench", tlshub_vm_tests::vm::bench::bench)],
+        // `tlshub.filter` picks parts, as for the tests.
+        "bench" => [
+            ("bench", tlshub_vm_tests::vm::bench::bench as ScenarioFn),
+            (
+                "collateral_stall",
+                tlshub_vm_tests::vm::bench::collateral_stall,
+            ),
+        ]
+        .into_iter()
+        .filter(|(n, _)| filter.is_empty() || filter.split(',').any(|f| n.contains(f)))
+        .collect(),
         "demo" => vec![("demo", tlshub_vm_tests::vm::bench::demo)],
         // Not part of `cargo xtask test`: repeats a risky operation to hunt
         // rare kernel or emulator problems.

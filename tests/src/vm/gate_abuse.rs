@@ -196,12 +196,12 @@ pub fn conns_map_full() -> Result<String, String> {
     let entries_while_open = a.stat(|s| s.bpf_maps.0 as u64);
     let r = report(&process::finish(client, Duration::from_secs(120))?)?;
     drop(server);
-    let attempted = r["short_attempted"].as_u64().unwrap_or(0);
-    if r["long_opened"].as_u64() != Some(u64::from(LONG))
-        || r["long_broken"].as_u64() != Some(0)
-        || r["corrupt"].as_u64() != Some(0)
+    let attempted = r.short_attempted;
+    if r.long_opened != LONG
+        || r.long_broken != 0
+        || r.corrupt != 0
         || attempted == 0
-        || r["short_ok"].as_u64() != Some(attempted)
+        || r.short_ok != attempted
     {
         return Err(format!(
             "{LONG} keyed connections open must leave room in a map of {MAX}: {r}"

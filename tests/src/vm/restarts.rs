@@ -4,11 +4,12 @@
 
 use std::time::{Duration, Instant};
 
-use serde_json::Value;
+use crate::load::LoadReport;
 
 use super::node::{Node, NodeSpec, PROTECTED_PORT, ProviderKind};
 use super::process::{AppChild, finish, spawn_ready};
 use super::service::{LONG, LoadServer, metric, report, start_load, start_load_with};
+use super::support::json;
 use super::wire_check::{Capture, check_wire_allowing_unkeyed};
 
 /// The key timeout of the restart scenarios. Under TCG a server process
@@ -67,7 +68,7 @@ pub fn provider_kill9_under_load() -> Result<String, String> {
     // The capture sees the plain port too: its marker proves it saw the wire.
     super::wire_check::plain_control()?;
     let flows = cap.finish()?;
-    if r["long_broken"].as_u64() != Some(0) || r["corrupt"].as_u64() != Some(0) {
+    if r.long_broken != 0 || r.corrupt != 0 {
         return Err(format!("established connections were affected: {r}"));
     }
     // Where short connections may fail: around each outage, from just
@@ -80,7 +81,7 @@ pub fn provider_kill9_under_load() -> Result<String, String> {
     // still time out after the restart (measured and reported below).
     // Outside those spans nothing may fail before the
     // second outage; after it, see below.
-    let failures = r["short_failures"].as_array().cloned().unwrap_or_default();
+    let failures = &r.short_failures;
     let slack = TIMEOUT_MS + 2000;
     let around_short = (short_down.as_millis() as u64).saturating_sub(2000)
         ..=short_back.as_millis() as u64 + slack;
@@ -88,9 +89,8 @@ pub fn provider_kill9_under_load() -> Result<String, String> {
         (long_down.as_millis() as u64).saturating_sub(1000)..=long_up.as_millis() as u64 + slack;
     let mut at_short = 0;
     let mut in_outage = 0;
-    for f in &failures {
-        let at = f[0].as_u64().unwrap_or(0);
-        let what = f[1].as_str().unwrap_or("");
+    for (at, what) in failures {
+        let at = *at;
         if what.contains("CORRUPT") {
             return Err(format!("garbage delivered: {what}"));
         }
@@ -124,7 +124,7 @@ pub fn provider_kill9_under_load() -> Result<String, String> {
     }
     Ok(format!(
         "1 s outage: {at_short} connection(s) failed (in flight at the kill, or started within one key timeout + 2 s of the restart); 10 s outage with a {TIMEOUT_MS} ms key timeout: {in_outage} connections reset (fail-closed) in the same span; afterwards {keyed_after} of {} new connections keyed; {LONG} long connections unbroken, {} short ok, 0 corrupt; wire: {} protected flows, no plaintext, {} decrypted, {} never keyed (handshake bytes only); same core pid throughout",
-        after_total, r["short_ok"], wire.protected_flows, wire.decrypted, wire.unkeyed_flows
+        after_total, r.short_ok, wire.protected_flows, wire.decrypted, wire.unkeyed_flows
     ))
 }
 
@@ -132,20 +132,17 @@ pub fn provider_kill9_under_load() -> Result<String, String> {
 /// started after `ms`, at least `share` (numerator, denominator) and the
 /// last `last` were keyed. Returns (keyed, started).
 pub(super) fn recovered(
-    r: &Value,
+    r: &LoadReport,
     ms: u64,
     share: (usize, usize),
     last: usize,
 ) -> Result<(usize, usize), String> {
-    let after: Vec<bool> = r["short_log"]
-        .as_array()
-        .map(|l| {
-            l.iter()
-                .filter(|e| e[0].as_u64().unwrap_or(0) > ms)
-                .map(|e| e[1].as_bool() == Some(true))
-                .collect()
-        })
-        .unwrap_or_default();
+    let after: Vec<bool> = r
+        .short_log
+        .iter()
+        .filter(|(at, _)| *at > ms)
+        .map(|(_, ok)| *ok)
+        .collect();
     let keyed = after.iter().filter(|ok| **ok).count();
     if after.is_empty()
         || keyed * share.1 < after.len() * share.0
@@ -194,7 +191,7 @@ pub fn core_kill9_under_load() -> Result<String, String> {
     let opened_down = while_down.len();
     for (i, c) in while_down.into_iter().enumerate() {
         let one = report(&finish(c, Duration::from_secs(60))?)?;
-        if one["short_ok"].as_u64() != Some(1) || one["corrupt"].as_u64() != Some(0) {
+        if one.short_ok != 1 || one.corrupt != 0 {
             return Err(format!(
                 "connection {i} opened while the core was down was not keyed after it returned at {up:?}: {one}"
             ));
@@ -203,7 +200,7 @@ pub fn core_kill9_under_load() -> Result<String, String> {
     // The capture sees the plain port too: its marker proves it saw the wire.
     super::wire_check::plain_control()?;
     let flows = cap.finish()?;
-    if r["long_broken"].as_u64() != Some(0) || r["corrupt"].as_u64() != Some(0) {
+    if r.long_broken != 0 || r.corrupt != 0 {
         return Err(format!("established connections were affected: {r}"));
     }
     let log = std::fs::read_to_string("/tmp/logs/node-b-core-restarted.log").unwrap_or_default();
@@ -219,9 +216,7 @@ pub fn core_kill9_under_load() -> Result<String, String> {
         ..=up.as_millis() as u64 + CORE_KILL_TIMEOUT_MS + 2000;
     let mut in_span = 0;
     let mut span_failures = Vec::new();
-    for f in r["short_failures"].as_array().cloned().unwrap_or_default() {
-        let at = f[0].as_u64().unwrap_or(0);
-        let what = f[1].as_str().unwrap_or("");
+    for (at, what) in r.short_failures.iter().cloned() {
         if what.contains("CORRUPT") || at < *span.start() {
             return Err(format!(
                 "a short connection failed at {at} ms, before the core was killed at {down:?}: {what}\n{r}"
@@ -300,8 +295,8 @@ pub fn core_gone_release() -> Result<String, String> {
         std::thread::sleep(Duration::from_millis(50));
     }
     let released = b.release(false)?;
-    let s = report(&finish(server, Duration::from_secs(20))?)?;
-    let c = report(&finish(client, Duration::from_secs(20))?)?;
+    let s = json(&finish(server, Duration::from_secs(20))?)?;
+    let c = json(&finish(client, Duration::from_secs(20))?)?;
     // ECONNRESET, or EPIPE for a client that writes after the reset.
     for (side, v) in [("server", &s), ("client", &c)] {
         if v["ok"].as_bool() == Some(true) || !matches!(v["errno"].as_i64(), Some(104 | 32)) {
@@ -314,9 +309,9 @@ pub fn core_gone_release() -> Result<String, String> {
     let server = exchange_server()?;
     let started = Instant::now();
     let client = exchange_client()?;
-    let s2 = report(&finish(server, Duration::from_secs(20))?)?;
+    let s2 = json(&finish(server, Duration::from_secs(20))?)?;
     let took = started.elapsed();
-    let c2 = report(&finish(client, Duration::from_secs(20))?)?;
+    let c2 = json(&finish(client, Duration::from_secs(20))?)?;
     if s2["ok"].as_bool() == Some(true) || s2["errno"].as_i64() != Some(104) {
         return Err(format!("server after release: {s2}"));
     }

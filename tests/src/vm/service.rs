@@ -12,6 +12,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+use crate::load::LoadReport;
+
 use super::node::{Node, NodeSpec, PROTECTED_PORT, ProviderKind};
 use super::process::{AppChild, finish, spawn_ready};
 use super::topology::POD_B;
@@ -92,10 +94,10 @@ pub(super) fn start_load_with(
     )
 }
 
-/// An app's JSON report; fails if the load server saw corrupt bytes (it
-/// closes such a connection, which the client alone cannot tell from a
-/// failure a restart scenario tolerates).
-pub(super) fn report(out: &str) -> Result<Value, String> {
+/// The load client's report; fails if the load server saw corrupt bytes
+/// (it closes such a connection, which the client alone cannot tell from
+/// a failure a restart scenario tolerates).
+pub(super) fn report(out: &str) -> Result<LoadReport, String> {
     let corrupt = load_corruption();
     if !corrupt.is_empty() {
         return Err(format!(
@@ -103,7 +105,7 @@ pub(super) fn report(out: &str) -> Result<Value, String> {
             corrupt.join("; ")
         ));
     }
-    serde_json::from_str(out.trim()).map_err(|e| format!("load report is not JSON ({e}): {out}"))
+    super::support::last_report(out)
 }
 
 /// The load server's corruption records so far.
@@ -156,11 +158,11 @@ pub fn hot_swap_under_load() -> Result<String, String> {
     }
     let r = report(&finish(client, Duration::from_secs(180))?)?;
     let flows = cap.finish()?;
-    if r["ok"].as_bool() != Some(true) || r["short_failed"].as_u64() != Some(0) {
+    if !r.ok || r.short_failed != 0 {
         return Err(format!("the load saw failures: {r}"));
     }
     let wire = check_wire_allowing_unkeyed(&flows, &a, &b, false)?;
-    let short_ok = r["short_ok"].as_u64().unwrap_or(0);
+    let short_ok = r.short_ok;
     let expected = 2 * (u64::from(LONG) + short_ok) as usize;
     if wire.protected_flows != expected || wire.decrypted != expected {
         return Err(format!(
@@ -200,9 +202,9 @@ pub fn hot_swap_under_load() -> Result<String, String> {
     let status = a.ctl(&["status"])?;
     Ok(format!(
         "{switches} switches in 60 s; {LONG} long connections ({} verified pieces) and {short_ok} short ones at {SHORT_PER_SEC}/s (p50 {:.0} ms, p99 {:.0} ms): 0 failed, 0 corrupt; wire: {} flows TLS only, all decrypted; protected per provider: {}; active now {}",
-        r["long_pieces"],
-        r["short_p50_ms"].as_f64().unwrap_or(0.0),
-        r["short_p99_ms"].as_f64().unwrap_or(0.0),
+        r.long_pieces,
+        r.short_p50_ms,
+        r.short_p99_ms,
         wire.protected_flows,
         split.join(", "),
         status["active_provider"]
@@ -213,7 +215,7 @@ pub fn hot_swap_under_load() -> Result<String, String> {
 /// every command, a refused switch to an unknown provider, a policy reload
 /// (and a refused bad one), and the root-only socket.
 pub fn admin_cli_and_metrics() -> Result<String, String> {
-    let a = Node::start(two_providers("a", 2000))?;
+    let mut a = Node::start(two_providers("a", 2000))?;
     let socket = a.dir.join("admin.sock");
     let s = socket.to_string_lossy().into_owned();
     let text = |args: &[&str]| -> Result<String, String> {
@@ -340,6 +342,19 @@ pub fn admin_cli_and_metrics() -> Result<String, String> {
     if still["policy"]["rules"][0]["ports"] != serde_json::json!([8443, 8444]) {
         return Err(format!("the old policy did not stay: {still}"));
     }
+    // A switch to a provider that is down is refused unless forced.
+    a.ctl(&["provider", "use", "openssl"])?;
+    let (code, refused) = a.ctl_with_exit(&["provider", "use", "boringssl"])?;
+    let message = refused["error"]["message"].as_str().unwrap_or("");
+    if code != 1 || !message.contains("FailedPrecondition") || !message.contains("--force") {
+        return Err(format!(
+            "a switch to a killed provider: want exit 1 and a refusal naming --force, got {code}: {refused}"
+        ));
+    }
+    let forced = a.ctl(&["provider", "use", "boringssl", "--force"])?;
+    if forced["active"] != "boringssl" {
+        return Err(format!("provider use --force: {forced}"));
+    }
     // Root only: a uid-65534 caller is turned away.
     let nobody = {
         use std::os::unix::process::CommandExt;
@@ -361,7 +376,7 @@ pub fn admin_cli_and_metrics() -> Result<String, String> {
     for want in [
         "tlshub_provider_up{provider=\"openssl\"} 1",
         "tlshub_provider_active{provider=\"boringssl\"} 1",
-        "tlshub_provider_switches_total 1",
+        "tlshub_provider_switches_total 3",
         "# TYPE tlshub_key_duration_seconds histogram",
         "# TYPE tlshub_gate_hold_duration_seconds histogram",
         "tlshub_gate_no_core_total 0",
@@ -374,8 +389,27 @@ pub fn admin_cli_and_metrics() -> Result<String, String> {
     if !help.contains("Examples:") || !help.contains("provider use") {
         return Err(format!("--help: {help}"));
     }
+    // The switch outlives the core: a restarted core keeps boringssl
+    // although the configuration says openssl.
+    a.stop_core();
+    a.restart_core("restarted")?;
+    let until = Instant::now() + Duration::from_secs(30);
+    let restarted = loop {
+        match a.ctl(&["status"]) {
+            Ok(st) => break st,
+            Err(e) if Instant::now() > until => {
+                return Err(format!("the restarted core does not answer: {e}"));
+            }
+            Err(_) => std::thread::sleep(Duration::from_millis(200)),
+        }
+    };
+    if restarted["active_provider"] != "boringssl" {
+        return Err(format!(
+            "the restarted core did not keep the switch to boringssl: {restarted}"
+        ));
+    }
     Ok(format!(
-        "status (text and JSON; exit 0 serving, 5 with the active provider killed), connections, provider use (and a refused unknown name, exit 1), policy reload (and a refused broken file, old policy kept), non-root refused (exit 4), metrics: {} lines",
+        "status (text and JSON; exit 0 serving, 5 with the active provider killed), connections, provider use (and a refused unknown name, exit 1; a killed provider refused, exit 1, then forced; the switch kept by a restarted core), policy reload (and a refused broken file, old policy kept), non-root refused (exit 4), metrics: {} lines",
         metrics.lines().count()
     ))
 }

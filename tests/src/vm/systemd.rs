@@ -12,10 +12,13 @@ use tlshub_provider_sdk::keylog::KeyLogRecord;
 
 use serde_json::Value;
 
+use crate::load::LoadReport;
+
 use super::node::{Node, NodeSpec};
 use super::process::{finish, run, state};
 use super::restarts::{exchange_client, exchange_server, recovered, sleep_until};
 use super::service::{LONG, LoadServer, metric, report, start_load_with};
+use super::support::json;
 use super::wire_check::{Capture, check_wire_with_keys};
 
 /// Where the VM image holds the dist directory and the test PKI.
@@ -300,11 +303,9 @@ fn keys_a() -> Vec<KeyLogRecord> {
 /// event (`from`, ms since the load began) to a key timeout + 2 s after it
 /// came back (`back`). Returns the failures per event, or the first one no
 /// event explains.
-fn failures_per_event(r: &Value, events: &[(&str, u64, u64)]) -> Result<Vec<usize>, String> {
+fn failures_per_event(r: &LoadReport, events: &[(&str, u64, u64)]) -> Result<Vec<usize>, String> {
     let mut per_event = vec![0; events.len()];
-    for f in r["short_failures"].as_array().cloned().unwrap_or_default() {
-        let at = f[0].as_u64().unwrap_or(0);
-        let what = f[1].as_str().unwrap_or("");
+    for (at, what) in r.short_failures.iter().cloned() {
         // The latest event whose span (with the same 2 s slack for the two
         // clocks) holds the failure: spans can overlap, e.g. a failure at
         // the SIGKILL also lies within a key timeout after the graceful
@@ -368,7 +369,7 @@ pub fn systemd_install_units_and_restarts() -> Result<String, String> {
 
     let r = report(&finish(client, Duration::from_secs(240))?)?;
     drop(server);
-    if r["long_broken"].as_u64() != Some(0) || r["corrupt"].as_u64() != Some(0) {
+    if r.long_broken != 0 || r.corrupt != 0 {
         return Err(format!("established connections were affected: {r}"));
     }
     let per_event = failures_per_event(&r, &events).map_err(|f| {
@@ -444,7 +445,7 @@ pub fn systemd_install_units_and_restarts() -> Result<String, String> {
         }
         std::thread::sleep(Duration::from_millis(50));
     }
-    let c = report(&finish(client, Duration::from_secs(30)).map_err(|e| {
+    let c = json(&finish(client, Duration::from_secs(30)).map_err(|e| {
         format!(
             "client held while the core was stopped: {e}\n--- tlshub-core-release.service ---\n{}",
             journal("tlshub-core-release.service")
@@ -496,8 +497,8 @@ pub fn systemd_install_units_and_restarts() -> Result<String, String> {
             ))
             .collect::<Vec<_>>()
             .join(", "),
-        r["short_ok"],
-        r["short_attempted"],
+        r.short_ok,
+        r.short_attempted,
         keyed_after,
         wire.protected_flows,
         wire.decrypted,
