@@ -26,6 +26,10 @@ pub enum SendMethod {
     /// [`URING_INTERRUPTED`]); `EAGAIN` on a blocking socket is an error.
     #[serde(rename = "io-uring")]
     IoUring,
+    /// `IORING_OP_WRITE` on the socket (the file path: `file_permission`,
+    /// then the socket's `write_iter`); retried like [`Self::IoUring`].
+    #[serde(rename = "io-uring-write")]
+    IoUringWrite,
 }
 
 /// How bytes are received.
@@ -43,6 +47,9 @@ pub enum RecvMethod {
     /// `IORING_OP_RECV`; retried like [`SendMethod::IoUring`].
     #[serde(rename = "io-uring")]
     IoUring,
+    /// `IORING_OP_READ` on the socket; retried like [`SendMethod::IoUring`].
+    #[serde(rename = "io-uring-read")]
+    IoUringRead,
 }
 
 /// Blocking calls, or a non-blocking socket driven by an event loop.
@@ -370,6 +377,17 @@ impl Conn {
                 .build();
                 self.retry(out, || io_uring_data(&op))
             }
+            SendMethod::IoUringWrite => {
+                // Offset 0 on a socket, which is not seekable: "the
+                // current position".
+                let op = io_uring::opcode::Write::new(
+                    io_uring::types::Fd(fd),
+                    chunk.as_ptr(),
+                    chunk.len() as u32,
+                )
+                .build();
+                self.retry(out, || io_uring_data(&op))
+            }
         }
     }
 
@@ -424,6 +442,15 @@ impl Conn {
             }
             RecvMethod::IoUring => {
                 let op = io_uring::opcode::Recv::new(
+                    io_uring::types::Fd(fd),
+                    buf.as_mut_ptr(),
+                    buf.len() as u32,
+                )
+                .build();
+                self.retry(inn, || io_uring_data(&op))
+            }
+            RecvMethod::IoUringRead => {
+                let op = io_uring::opcode::Read::new(
                     io_uring::types::Fd(fd),
                     buf.as_mut_ptr(),
                     buf.len() as u32,

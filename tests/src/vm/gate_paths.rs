@@ -93,8 +93,9 @@ pub fn owner_from_hold() -> Result<String, String> {
     ))
 }
 
-/// Apps that move every byte with io_uring SEND and RECV, on blocking
-/// sockets (the common io_uring use) and on non-blocking ones, connected
+/// Apps that move every byte with io_uring SEND and RECV (and two with
+/// WRITE and READ, which reach the gate through `file_permission`), on
+/// blocking sockets (the common io_uring use) and on non-blocking ones, connected
 /// with connect()/accept() and through io_uring, both orders, 1 B and
 /// 1 MiB: exact bytes both ways. A blocking app's request that meets the
 /// closed gate completes with `EINTR` once the app is continued (io_uring
@@ -121,6 +122,16 @@ pub fn uring_send_recv() -> Result<String, String> {
         uring("server-first", 1, "blocking", "io-uring"),
         uring("client-first", 100_000, "epoll", "syscall"),
         uring("server-first", 100_000, "epoll-edge", "io-uring"),
+        App {
+            send: "io-uring-write",
+            recv: "io-uring-read",
+            ..uring("client-first", 1 << 20, "blocking", "syscall")
+        },
+        App {
+            send: "io-uring-write",
+            recv: "io-uring-read",
+            ..uring("server-first", 100_000, "epoll-edge", "io-uring")
+        },
         // The control: unselected, so its marker must be seen in clear.
         App::exchange(10_000, PLAIN_PORT),
     ];
@@ -147,7 +158,7 @@ pub fn uring_send_recv() -> Result<String, String> {
         ));
     }
     Ok(format!(
-        "{protected} connections moving every byte with io_uring SEND/RECV (blocking and non-blocking sockets; connect/accept and io_uring; both orders) exact both ways (interrupted requests submitted again); {} flows TLS-only and decrypted; control plain; processes stopped a {} b {}; io_uring requests interrupted {}; calls answered EAGAIN a {} b {}",
+        "{protected} connections moving every byte with io_uring SEND/RECV or WRITE/READ (blocking and non-blocking sockets; connect/accept and io_uring; both orders) exact both ways (interrupted requests submitted again); {} flows TLS-only and decrypted; control plain; processes stopped a {} b {}; io_uring requests interrupted {}; calls answered EAGAIN a {} b {}",
         report.protected_flows, stops[0], stops[1], report.uring_interrupted, eagain[0], eagain[1]
     ))
 }
