@@ -42,34 +42,44 @@ enum Side {
         corruption_log: Option<std::path::PathBuf>,
     },
     /// Generate the load and report.
-    Client {
-        #[arg(long)]
-        connect: SocketAddr,
-        /// Long-lived connections.
-        #[arg(long, default_value_t = 200)]
-        long: u32,
-        /// Seconds of load after the long connections are up.
-        #[arg(long, default_value_t = 60)]
-        duration: u64,
-        /// Bytes per piece.
-        #[arg(long, default_value_t = 512)]
-        chunk: usize,
-        /// Pause between a long connection's pieces.
-        #[arg(long, default_value_t = 1000)]
-        interval_ms: u64,
-        /// New short connections per second (0: none).
-        #[arg(long, default_value_t = 4.0)]
-        short_per_sec: f64,
-        /// Report the long connections' round trips in two sets: those
-        /// that start before this many seconds of load, and those that
-        /// start from one second after it (the caller starts other load
-        /// then; the second between is left out).
-        #[arg(long)]
-        busy_from_s: Option<f64>,
-        /// Bytes each short connection sends (and gets back).
-        #[arg(long, default_value_t = 4096)]
-        short_size: usize,
-    },
+    Client(ClientArgs),
+}
+
+/// The client's load.
+#[derive(Debug, clap::Args)]
+struct ClientArgs {
+    #[arg(long)]
+    connect: SocketAddr,
+    /// Long-lived connections.
+    #[arg(long, default_value_t = 200)]
+    long: u32,
+    /// Seconds of load after the long connections are up.
+    #[arg(long, default_value_t = 60)]
+    duration: u64,
+    /// Bytes per piece.
+    #[arg(long, default_value_t = 512)]
+    chunk: usize,
+    /// Pause between a long connection's pieces.
+    #[arg(long, default_value_t = 1000)]
+    interval_ms: u64,
+    /// New short connections per second (0: none), each started on time
+    /// whether or not the earlier ones have finished (open loop).
+    #[arg(long, default_value_t = 4.0)]
+    short_per_sec: f64,
+    /// Instead of a rate: this many workers, each opening one short
+    /// connection after another for the whole run (closed loop: the rate
+    /// is what the path sustains with this many clients at once).
+    #[arg(long, default_value_t = 0)]
+    workers: u32,
+    /// Report the long connections' round trips in two sets: those
+    /// that start before this many seconds of load, and those that
+    /// start from one second after it (the caller starts other load
+    /// then; the second between is left out).
+    #[arg(long)]
+    busy_from_s: Option<f64>,
+    /// Bytes each short connection sends (and gets back).
+    #[arg(long, default_value_t = 4096)]
+    short_size: usize,
 }
 
 /// Reads exactly `buf.len()` bytes.
@@ -130,6 +140,7 @@ struct Shared {
     long_pieces: AtomicU64,
     long_bytes: AtomicU64,
     corrupt: AtomicU64,
+    short_attempted: AtomicU64,
     short_ok: AtomicU64,
     failures: Mutex<Vec<(u64, String)>>,
     log: Mutex<Vec<(u64, bool)>>,
@@ -146,21 +157,56 @@ fn describe(e: &std::io::Error) -> String {
     }
 }
 
-#[expect(
-    clippy::too_many_arguments,
-    reason = "the client's flags, passed through once"
-)]
-fn client(
-    target: SocketAddr,
-    long: u32,
-    duration: Duration,
-    chunk: usize,
-    interval: Duration,
-    short_per_sec: f64,
-    short_size: usize,
-    busy_from: Option<Duration>,
-    r: &mut LoadReport,
-) -> std::io::Result<()> {
+/// One short connection: connect, one verified exchange of `size` bytes,
+/// close; its outcome and time go into `shared`.
+fn short_connection(target: SocketAddr, size: usize, start: Instant, shared: &Shared) {
+    shared.short_attempted.fetch_add(1, Ordering::Relaxed);
+    let t = Instant::now();
+    let at = start.elapsed().as_millis() as u64;
+    let result = (|| {
+        let mut s = TcpStream::connect(target)?;
+        s.set_read_timeout(Some(Duration::from_secs(30)))?;
+        let mut buf = vec![0u8; size];
+        exchange(&mut s, 0, &mut buf)
+    })();
+    if let Ok(mut l) = shared.log.lock()
+        && l.len() < 1500
+    {
+        l.push((at, result.is_ok()));
+    }
+    match result {
+        Ok(()) => {
+            shared.short_ok.fetch_add(1, Ordering::Relaxed);
+            if let Ok(mut l) = shared.latencies.lock() {
+                l.push(t.elapsed().as_secs_f64() * 1000.0);
+            }
+        }
+        Err(e) => {
+            if e.kind() == std::io::ErrorKind::InvalidData {
+                shared.corrupt.fetch_add(1, Ordering::Relaxed);
+            }
+            if let Ok(mut f) = shared.failures.lock()
+                && f.len() < 300
+            {
+                f.push((at, describe(&e)));
+            }
+        }
+    }
+}
+
+fn client(args: &ClientArgs, r: &mut LoadReport) -> std::io::Result<()> {
+    let ClientArgs {
+        connect: target,
+        long,
+        chunk,
+        short_per_sec,
+        workers,
+        short_size,
+        ..
+    } = *args;
+    let duration = Duration::from_secs(args.duration);
+    let interval = Duration::from_millis(args.interval_ms);
+    let busy_from = args.busy_from_s.map(Duration::from_secs_f64);
     let shared = Arc::new(Shared::default());
     // Open the long connections first (each keyed once), with its first piece.
     let mut longs = Vec::new();
@@ -222,54 +268,29 @@ fn client(
                 }
             });
         }
-        // Short connections at a fixed rate, each on its own thread.
+        // Short connections: a fixed number of workers one after another,
+        // or at a fixed rate, each on its own thread.
+        for _ in 0..workers {
+            let shared = shared.clone();
+            scope.spawn(move || {
+                while Instant::now() < end {
+                    short_connection(target, short_size, start, &shared);
+                }
+            });
+        }
         let gap = Duration::from_secs_f64(1.0 / short_per_sec.max(0.001));
         let mut next = start;
-        let mut attempted = 0u64;
-        while short_per_sec > 0.0 && next < end {
+        while workers == 0 && short_per_sec > 0.0 && next < end {
             let now = Instant::now();
             if next > now {
                 std::thread::sleep(next - now);
             }
             next += gap;
-            attempted += 1;
             let shared = shared.clone();
-            scope.spawn(move || {
-                let t = Instant::now();
-                let at = start.elapsed().as_millis() as u64;
-                let result = (|| {
-                    let mut s = TcpStream::connect(target)?;
-                    s.set_read_timeout(Some(Duration::from_secs(30)))?;
-                    let mut buf = vec![0u8; short_size];
-                    exchange(&mut s, 0, &mut buf)
-                })();
-                if let Ok(mut l) = shared.log.lock()
-                    && l.len() < 1500
-                {
-                    l.push((at, result.is_ok()));
-                }
-                match result {
-                    Ok(()) => {
-                        shared.short_ok.fetch_add(1, Ordering::Relaxed);
-                        if let Ok(mut l) = shared.latencies.lock() {
-                            l.push(t.elapsed().as_secs_f64() * 1000.0);
-                        }
-                    }
-                    Err(e) => {
-                        if e.kind() == std::io::ErrorKind::InvalidData {
-                            shared.corrupt.fetch_add(1, Ordering::Relaxed);
-                        }
-                        if let Ok(mut f) = shared.failures.lock()
-                            && f.len() < 300
-                        {
-                            f.push((at, describe(&e)));
-                        }
-                    }
-                }
-            });
+            scope.spawn(move || short_connection(target, short_size, start, &shared));
         }
-        r.short_attempted = attempted;
     });
+    r.short_attempted = shared.short_attempted.load(Ordering::Relaxed);
     r.duration_s = start.elapsed().as_secs_f64();
     r.long_broken = broken.load(Ordering::Relaxed) as u32;
     r.long_pieces = shared.long_pieces.load(Ordering::Relaxed);
@@ -331,28 +352,9 @@ fn main() -> std::process::ExitCode {
             }
             std::process::ExitCode::SUCCESS
         }
-        Side::Client {
-            connect,
-            long,
-            duration,
-            chunk,
-            interval_ms,
-            short_per_sec,
-            short_size,
-            busy_from_s,
-        } => {
+        Side::Client(args) => {
             let mut r = LoadReport::default();
-            if let Err(e) = client(
-                connect,
-                long,
-                Duration::from_secs(duration),
-                chunk,
-                Duration::from_millis(interval_ms),
-                short_per_sec,
-                short_size,
-                busy_from_s.map(Duration::from_secs_f64),
-                &mut r,
-            ) {
+            if let Err(e) = client(&args, &mut r) {
                 r.error = Some(describe(&e));
             }
             r.ok = r.error.is_none() && r.long_broken == 0 && r.corrupt == 0;

@@ -29,6 +29,7 @@ fn main() {
                 "collateral_stall",
                 tlshub_vm_tests::vm::bench::collateral_stall,
             ),
+            ("concurrency", tlshub_vm_tests::vm::bench::concurrency),
         ]
         .into_iter()
         .filter(|(n, _)| filter.is_empty() || filter.split(',').any(|f| n.contains(f)))

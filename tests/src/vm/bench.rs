@@ -9,7 +9,8 @@ use serde_json::Value;
 use crate::load::LoadReport;
 
 use super::alternatives::{PROXY_LOCAL, PROXY_LOCAL_PORT, ProxyPair, WG_POD_B, WireGuard};
-use super::node::{NodeSpec, PLAIN_PORT, PROTECTED_PORT, ProviderKind};
+use super::capacity::CpuSample;
+use super::node::{Node, NodeSpec, PLAIN_PORT, PROTECTED_PORT, ProviderKind};
 use super::process::{self, finish, spawn_ready};
 use super::support::*;
 use super::topology::POD_B;
@@ -515,6 +516,98 @@ pub fn collateral_stall() -> Result<String, String> {
         for kind in kinds {
             report(label, kind, stall_run(POD_B, kind, Some(&b))?);
         }
+    }
+    Ok(lines.join(" | "))
+}
+
+/// Clients at once in the concurrency part.
+const CONCURRENCY: [u32; 3] = [1, 8, 64];
+/// Seconds each concurrency level runs.
+const CONCURRENCY_S: u64 = 10;
+
+/// `bench` part three, concurrency: new connections (connect, 64 bytes
+/// each way, close) opened back to back by 1, 8 and 64 clients at once
+/// (threads of one blocking client process in pod-a, against a
+/// thread-per-connection server in pod-b) for [`CONCURRENCY_S`] seconds:
+/// the rate sustained and the setup latency, with no tlshub, through
+/// WireGuard and with each provider, how many times the gate stopped a
+/// process on each node, and where the VM's CPU time went per connection
+/// (idle near 0: the emulated CPU, not the gate, sets the rate).
+pub fn concurrency() -> Result<String, String> {
+    let mut lines = Vec::new();
+    let mut level = |label: &str, server_addr: &str, nodes: Option<(&Node, &Node)>| {
+        let _server = StallServer::Threads.start()?;
+        let connect = format!("{server_addr}:{PROTECTED_PORT}");
+        for clients in CONCURRENCY {
+            let stops = |n: &Node| n.stats().map(|s| s.gate_stops);
+            let before = nodes
+                .map(|(a, b)| Ok::<_, String>((stops(a)?, stops(b)?)))
+                .transpose()?;
+            let cpu = CpuSample::now();
+            let load = spawn_ready(
+                "pod-a",
+                &[
+                    "tlshub-loadgen",
+                    "client",
+                    "--connect",
+                    &connect,
+                    "--long",
+                    "0",
+                    "--workers",
+                    &clients.to_string(),
+                    "--duration",
+                    &CONCURRENCY_S.to_string(),
+                    "--short-size",
+                    "64",
+                ],
+                "long connections up",
+                Duration::from_secs(60),
+            )?;
+            let r: LoadReport = last_report(&finish(load, Duration::from_secs(120))?)?;
+            let cpu = CpuSample::now().since(&cpu, r.short_ok);
+            if !r.ok || r.short_ok == 0 || r.short_failed != 0 {
+                return Err(format!("{label}, {clients} clients: {r}"));
+            }
+            std::thread::sleep(Duration::from_millis(500));
+            let after = nodes
+                .map(|(a, b)| Ok::<_, String>((stops(a)?, stops(b)?)))
+                .transpose()?;
+            let mut line = format!(
+                "concurrency {label}, {clients} clients: {:.1} connections/s ({} in {:.1} s), setup p50 {:.1} ms p99 {:.1} ms",
+                r.short_ok as f64 / r.duration_s.max(0.001),
+                r.short_ok,
+                r.duration_s,
+                r.short_p50_ms,
+                r.short_p99_ms,
+            );
+            if let (Some(b), Some(a)) = (before, after) {
+                line.push_str(&format!(
+                    "; processes stopped: client node {}, server node {}",
+                    a.0.saturating_sub(b.0),
+                    a.1.saturating_sub(b.1)
+                ));
+            }
+            line.push_str(&format!("; CPU ms per connection: {cpu}"));
+            println!("TLSHUB-BENCH {line}");
+            lines.push(line);
+        }
+        Ok::<_, String>(())
+    };
+    level("no tlshub", POD_B, None)?;
+    {
+        let _tunnel = WireGuard::up()?;
+        level("wireguard", WG_POD_B, None)?;
+    }
+    for (label, provider) in [
+        ("openssl", ProviderKind::OpenSsl),
+        ("boringssl", ProviderKind::BoringSsl),
+        ("tlshub", ProviderKind::TlsHub),
+    ] {
+        let (mut sa, mut sb) = (NodeSpec::new("a"), NodeSpec::new("b"));
+        sa.provider = provider;
+        sb.provider = provider;
+        let (a, b) = nodes(sa, sb)?;
+        level(label, POD_B, Some((&a, &b)))?;
     }
     Ok(lines.join(" | "))
 }

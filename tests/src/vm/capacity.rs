@@ -172,7 +172,7 @@ pub fn capacity() -> Result<String, String> {
 
 /// CPU time so far: the machine's (`/proc/stat`) and each command's, with
 /// kernel threads' names cut at the `/` (`kworker/0:1` is `kworker`).
-struct CpuSample {
+pub(super) struct CpuSample {
     /// user, system, softirq, idle (ticks).
     machine: [u64; 4],
     /// user + system ticks by command.
@@ -180,7 +180,7 @@ struct CpuSample {
 }
 
 impl CpuSample {
-    fn now() -> Self {
+    pub(super) fn now() -> Self {
         let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
         let cpu: Vec<u64> = stat
             .lines()
@@ -208,7 +208,7 @@ impl CpuSample {
 
     /// Milliseconds per connection for `n` connections since `before`: the
     /// machine's, then the commands that used the most.
-    fn since(&self, before: &Self, n: u64) -> String {
+    pub(super) fn since(&self, before: &Self, n: u64) -> String {
         // USER_HZ is 100 on x86-64: a tick is 10 ms.
         let per = |ticks: u64| ticks as f64 * 10.0 / n.max(1) as f64;
         let d = |i: usize| per(self.machine[i].saturating_sub(before.machine[i]));
