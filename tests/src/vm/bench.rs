@@ -535,7 +535,10 @@ const CONCURRENCY_S: u64 = 10;
 /// (idle near 0: the emulated CPU, not the gate, sets the rate).
 pub fn concurrency() -> Result<String, String> {
     let mut lines = Vec::new();
-    let mut level = |label: &str, server_addr: &str, nodes: Option<(&Node, &Node)>| {
+    let level = |lines: &mut Vec<String>,
+                 label: &str,
+                 server_addr: &str,
+                 nodes: Option<(&Node, &Node)>| {
         let _server = StallServer::Threads.start()?;
         let connect = format!("{server_addr}:{PROTECTED_PORT}");
         for clients in CONCURRENCY {
@@ -593,10 +596,10 @@ pub fn concurrency() -> Result<String, String> {
         }
         Ok::<_, String>(())
     };
-    level("no tlshub", POD_B, None)?;
+    level(&mut lines, "no tlshub", POD_B, None)?;
     {
         let _tunnel = WireGuard::up()?;
-        level("wireguard", WG_POD_B, None)?;
+        level(&mut lines, "wireguard", WG_POD_B, None)?;
     }
     for (label, provider) in [
         ("openssl", ProviderKind::OpenSsl),
@@ -607,7 +610,17 @@ pub fn concurrency() -> Result<String, String> {
         sa.provider = provider;
         sb.provider = provider;
         let (a, b) = nodes(sa, sb)?;
-        level(label, POD_B, Some((&a, &b)))?;
+        // What the agents cost with nothing to do: CPU per second over
+        // 10 s with both nodes up and no connection.
+        let cpu = CpuSample::now();
+        std::thread::sleep(Duration::from_secs(10));
+        let idle = format!(
+            "idle {label}, both nodes up, no connections: CPU ms per second: {}",
+            CpuSample::now().since(&cpu, 10)
+        );
+        println!("TLSHUB-BENCH {idle}");
+        lines.push(idle);
+        level(&mut lines, label, POD_B, Some((&a, &b)))?;
     }
     Ok(lines.join(" | "))
 }
