@@ -432,6 +432,7 @@ impl Agent {
             node_name: self.config.node_name.clone(),
             uptime_seconds: self.started.elapsed().as_secs(),
             active_provider: active,
+            configured_provider: self.providers.configured_name().to_owned(),
             fallback_provider: fallback,
             providers,
             bpf_programs: self

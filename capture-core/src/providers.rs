@@ -353,6 +353,11 @@ impl Registry {
             .unwrap_or_else(|p| p.into_inner().clone())
     }
 
+    /// The configuration's `active`, which a switch overrides.
+    pub fn configured_name(&self) -> &str {
+        &self.configured
+    }
+
     /// The fallback's name.
     pub fn fallback_name(&self) -> Option<&str> {
         self.fallback.as_deref()

@@ -260,8 +260,16 @@ fn print_status(s: &pb::StatusResponse) {
         s.failure_policy, s.key_timeout_ms
     );
     println!(
-        "  active provider {}{}",
+        "  active provider {}{}{}",
         s.active_provider,
+        if s.configured_provider.is_empty() || s.configured_provider == s.active_provider {
+            String::new()
+        } else {
+            format!(
+                " (switched by `provider use`; the configuration says {})",
+                s.configured_provider
+            )
+        },
         if s.fallback_provider.is_empty() {
             String::new()
         } else {

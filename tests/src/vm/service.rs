@@ -403,9 +403,17 @@ pub fn admin_cli_and_metrics() -> Result<String, String> {
             Err(_) => std::thread::sleep(Duration::from_millis(200)),
         }
     };
-    if restarted["active_provider"] != "boringssl" {
+    // Degraded (boringssl is still down, exit 5), but printed.
+    let status_text = super::process::command(None, &["tlshubctl", "--socket", &s, "status"])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default();
+    if restarted["active_provider"] != "boringssl"
+        || restarted["configured_provider"] != "openssl"
+        || !status_text.contains("switched by `provider use`; the configuration says openssl")
+    {
         return Err(format!(
-            "the restarted core did not keep the switch to boringssl: {restarted}"
+            "the restarted core did not keep the switch to boringssl, or its status does not say so: {restarted}\n{status_text}"
         ));
     }
     Ok(format!(
