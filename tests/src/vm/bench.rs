@@ -529,7 +529,7 @@ const CONCURRENCY_S: u64 = 10;
 /// each way, close) opened back to back by 1, 8 and 64 clients at once
 /// (threads of one blocking client process in pod-a, against a
 /// thread-per-connection server in pod-b) for [`CONCURRENCY_S`] seconds:
-/// the rate sustained and the setup latency, with no tlshub, through
+/// the rate sustained, the connections that failed, and the setup latency, with no tlshub, through
 /// WireGuard and with each provider, how many times the gate stopped a
 /// process on each node, and where the VM's CPU time went per connection
 /// (idle near 0: the emulated CPU, not the gate, sets the rate).
@@ -568,7 +568,10 @@ pub fn concurrency() -> Result<String, String> {
             )?;
             let r: LoadReport = last_report(&finish(load, Duration::from_secs(120))?)?;
             let cpu = CpuSample::now().since(&cpu, r.short_ok);
-            if !r.ok || r.short_ok == 0 || r.short_failed != 0 {
+            // A connection that fails (its keys took longer than the key
+            // timeout on the saturated emulated CPU, say) is a result, not
+            // a broken run: it is reported. Corrupt bytes are not.
+            if !r.ok || r.short_ok == 0 {
                 return Err(format!("{label}, {clients} clients: {r}"));
             }
             std::thread::sleep(Duration::from_millis(500));
@@ -576,10 +579,11 @@ pub fn concurrency() -> Result<String, String> {
                 .map(|(a, b)| Ok::<_, String>((stops(a)?, stops(b)?)))
                 .transpose()?;
             let mut line = format!(
-                "concurrency {label}, {clients} clients: {:.1} connections/s ({} in {:.1} s), setup p50 {:.1} ms p99 {:.1} ms",
+                "concurrency {label}, {clients} clients: {:.1} connections/s ({} in {:.1} s, {} failed), setup p50 {:.1} ms p99 {:.1} ms",
                 r.short_ok as f64 / r.duration_s.max(0.001),
                 r.short_ok,
                 r.duration_s,
+                r.short_failed,
                 r.short_p50_ms,
                 r.short_p99_ms,
             );
