@@ -12,6 +12,7 @@ use super::alternatives::{PROXY_LOCAL, PROXY_LOCAL_PORT, ProxyPair, WG_POD_B, Wi
 use super::capacity::CpuSample;
 use super::node::{Node, NodeSpec, PLAIN_PORT, PROTECTED_PORT, ProviderKind};
 use super::process::{self, finish, spawn_ready};
+use super::service::spawn_load_client;
 use super::support::*;
 use super::topology::POD_B;
 use super::wire_check::*;
@@ -75,6 +76,21 @@ fn byte_loop_seconds() -> Result<f64, String> {
     Ok(runs[1])
 }
 
+/// The providers the benchmark measures, by the label its lines use.
+const PROVIDERS: [(&str, ProviderKind); 3] = [
+    ("openssl", ProviderKind::OpenSsl),
+    ("boringssl", ProviderKind::BoringSsl),
+    ("tlshub", ProviderKind::TlsHub),
+];
+
+/// Both nodes, each running `provider` (stopped when dropped).
+fn nodes_with(provider: ProviderKind) -> Result<(Node, Node), String> {
+    let (mut sa, mut sb) = (NodeSpec::new("a"), NodeSpec::new("b"));
+    sa.provider = provider;
+    sb.provider = provider;
+    nodes(sa, sb)
+}
+
 /// Setup latency and throughput figures by label, and the report lines.
 #[derive(Debug, Default)]
 struct Figures {
@@ -121,11 +137,6 @@ impl Figures {
 pub fn bench() -> Result<String, String> {
     let conns = 1000;
     let mut f = Figures::default();
-    let providers = [
-        ("openssl", ProviderKind::OpenSsl),
-        ("boringssl", ProviderKind::BoringSsl),
-        ("tlshub", ProviderKind::TlsHub),
-    ];
     let plain = App::exchange(1, PLAIN_PORT);
     // Before any core ran (nothing attached): plain TCP as it is without
     // tlshub, and the alternatives between the same pods. What the
@@ -157,11 +168,8 @@ pub fn bench() -> Result<String, String> {
         };
         f.measure("stunnel", &through_proxies, conns)?;
     }
-    for (label, kind) in providers {
-        let (mut sa, mut sb) = (NodeSpec::new("a"), NodeSpec::new("b"));
-        sa.provider = kind;
-        sb.provider = kind;
-        let (a, b) = nodes(sa, sb)?;
+    for (label, kind) in PROVIDERS {
+        let (a, b) = nodes_with(kind)?;
         if label == "openssl" {
             f.measure("plain", &plain, conns)?;
             let loop_loaded = byte_loop_seconds()?;
@@ -206,7 +214,7 @@ pub fn bench() -> Result<String, String> {
     for label in ["raw ktls", "wireguard", "stunnel"] {
         f.ratios(label, "no tlshub");
     }
-    for (label, _) in providers {
+    for (label, _) in PROVIDERS {
         f.ratios(label, "plain");
         f.ratios(label, "raw ktls");
     }
@@ -227,11 +235,11 @@ pub fn bench() -> Result<String, String> {
 fn event_loop_setup(
     f: &mut Figures,
     label: &'static str,
-    a: &super::node::Node,
-    b: &super::node::Node,
+    a: &Node,
+    b: &Node,
     conns: u32,
 ) -> Result<(), String> {
-    let counts = |n: &super::node::Node| n.stats().map(|s| (s.gate_stops, s.gate_waits));
+    let counts = |n: &Node| n.stats().map(|s| (s.gate_stops, s.gate_waits));
     let before = (counts(a)?, counts(b)?);
     let app = App {
         io: "epoll-edge",
@@ -393,21 +401,11 @@ type StallRun = (LoadReport, LoadReport, Option<(u64, u64)>);
 fn stall_run(
     server_addr: &str,
     kind: StallServer,
-    server_node: Option<&super::node::Node>,
+    server_node: Option<&Node>,
 ) -> Result<StallRun, String> {
-    let gate = |n: &super::node::Node| n.stats().map(|s| (s.gate_stops, s.gate_waits));
+    let gate = |n: &Node| n.stats().map(|s| (s.gate_stops, s.gate_waits));
     let _server = kind.start()?;
-    let connect = format!("{server_addr}:{PROTECTED_PORT}");
-    let client = |args: &[&str]| {
-        let mut argv = vec!["tlshub-loadgen", "client", "--connect", &connect];
-        argv.extend(args);
-        spawn_ready(
-            "pod-a",
-            &argv,
-            "long connections up",
-            Duration::from_secs(300),
-        )
-    };
+    let client = |args: &[&str]| spawn_load_client(server_addr, args);
     let long = client(&[
         "--long",
         &STALL_LONG.to_string(),
@@ -504,15 +502,8 @@ pub fn collateral_stall() -> Result<String, String> {
             report("wireguard", kind, stall_run(WG_POD_B, kind, None)?);
         }
     }
-    for (label, provider) in [
-        ("openssl", ProviderKind::OpenSsl),
-        ("boringssl", ProviderKind::BoringSsl),
-        ("tlshub", ProviderKind::TlsHub),
-    ] {
-        let (mut sa, mut sb) = (NodeSpec::new("a"), NodeSpec::new("b"));
-        sa.provider = provider;
-        sb.provider = provider;
-        let (_a, b) = nodes(sa, sb)?;
+    for (label, provider) in PROVIDERS {
+        let (_a, b) = nodes_with(provider)?;
         for kind in kinds {
             report(label, kind, stall_run(POD_B, kind, Some(&b))?);
         }
@@ -540,20 +531,15 @@ pub fn concurrency() -> Result<String, String> {
                  server_addr: &str,
                  nodes: Option<(&Node, &Node)>| {
         let _server = StallServer::Threads.start()?;
-        let connect = format!("{server_addr}:{PROTECTED_PORT}");
         for clients in CONCURRENCY {
             let stops = |n: &Node| n.stats().map(|s| s.gate_stops);
             let before = nodes
                 .map(|(a, b)| Ok::<_, String>((stops(a)?, stops(b)?)))
                 .transpose()?;
             let cpu = CpuSample::now();
-            let load = spawn_ready(
-                "pod-a",
+            let load = spawn_load_client(
+                server_addr,
                 &[
-                    "tlshub-loadgen",
-                    "client",
-                    "--connect",
-                    &connect,
                     "--long",
                     "0",
                     "--workers",
@@ -563,8 +549,6 @@ pub fn concurrency() -> Result<String, String> {
                     "--short-size",
                     "64",
                 ],
-                "long connections up",
-                Duration::from_secs(60),
             )?;
             let r: LoadReport = last_report(&finish(load, Duration::from_secs(120))?)?;
             let cpu = CpuSample::now().since(&cpu, r.short_ok);
@@ -605,15 +589,8 @@ pub fn concurrency() -> Result<String, String> {
         let _tunnel = WireGuard::up()?;
         level(&mut lines, "wireguard", WG_POD_B, None)?;
     }
-    for (label, provider) in [
-        ("openssl", ProviderKind::OpenSsl),
-        ("boringssl", ProviderKind::BoringSsl),
-        ("tlshub", ProviderKind::TlsHub),
-    ] {
-        let (mut sa, mut sb) = (NodeSpec::new("a"), NodeSpec::new("b"));
-        sa.provider = provider;
-        sb.provider = provider;
-        let (a, b) = nodes(sa, sb)?;
+    for (label, provider) in PROVIDERS {
+        let (a, b) = nodes_with(provider)?;
         // What the agents cost with nothing to do: CPU per second over
         // 10 s with both nodes up and no connection.
         let cpu = CpuSample::now();

@@ -74,14 +74,9 @@ pub(super) fn start_load_with(
     seconds: u64,
     short_per_sec: f64,
 ) -> Result<AppChild, String> {
-    let connect = format!("{POD_B}:{PROTECTED_PORT}");
-    spawn_ready(
-        "pod-a",
+    spawn_load_client(
+        POD_B,
         &[
-            "tlshub-loadgen",
-            "client",
-            "--connect",
-            &connect,
             "--long",
             &long.to_string(),
             "--duration",
@@ -89,6 +84,20 @@ pub(super) fn start_load_with(
             "--short-per-sec",
             &short_per_sec.to_string(),
         ],
+    )
+}
+
+/// Starts `tlshub-loadgen client` in pod-a against `server` (an address
+/// in pod-b) on the protected port with `args`, and waits until its long
+/// connections are up (at once without any); `finish` collects its
+/// [`LoadReport`].
+pub(super) fn spawn_load_client(server: &str, args: &[&str]) -> Result<AppChild, String> {
+    let connect = format!("{server}:{PROTECTED_PORT}");
+    let mut argv = vec!["tlshub-loadgen", "client", "--connect", &connect];
+    argv.extend_from_slice(args);
+    spawn_ready(
+        "pod-a",
+        &argv,
         "long connections up",
         Duration::from_secs(300),
     )
