@@ -190,9 +190,11 @@ impl Agent {
         let fail_open = self.config.failure_policy == FailurePolicy::FailOpen;
         // The held-process sweep and the heartbeat run every SWEEP_EVERY
         // while anything is pending, held or recently opened; with nothing
-        // to do only the heartbeat is due, well within the grace, so an
-        // idle core wakes a few times a second instead of twenty.
-        let idle_every = (grace / 4).clamp(SWEEP_EVERY, Duration::from_secs(1));
+        // to do only the heartbeat is due, so an idle core wakes twice a
+        // second instead of twenty. A tenth of the grace at most: a core
+        // that dies idle leaves the gate holding for at least nine tenths
+        // of the grace (a graceful stop beats once more on its way out).
+        let idle_every = (grace / 10).clamp(SWEEP_EVERY, Duration::from_millis(500));
         let mut next_sweep = tokio::time::Instant::now() + SWEEP_EVERY;
         loop {
             tokio::select! {
@@ -232,6 +234,9 @@ impl Agent {
         self.finish_keying_under_way(&mut events, &mut done_rx, grace, fail_open)
             .await;
         health.abort();
+        // The grace the next core (or the release) gets counts from now,
+        // not from the last idle beat.
+        self.programs.heartbeat(grace, fail_open);
         self.hand_over();
         self.stats_written_at = None;
         self.write_stats();
