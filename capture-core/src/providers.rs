@@ -144,6 +144,10 @@ impl Provider {
     }
 }
 
+/// What a provider that answers its health check with NOT_SERVING is said
+/// to be doing, in the status and in a refused switch.
+const NOT_SERVING: &str = "health: NOT_SERVING";
+
 /// Why the active provider cannot be changed.
 #[derive(Debug, thiserror::Error)]
 pub enum SwitchError {
@@ -386,12 +390,12 @@ impl Registry {
         };
         // Asked now rather than read from the last periodic check, which
         // may be a health interval old.
-        let health = provider.client().healthy(timeout).await;
-        if !matches!(health, Ok(true)) {
-            let detail = match health {
-                Ok(_) => "health: NOT_SERVING".to_owned(),
-                Err(e) => e.to_string(),
-            };
+        let not_serving = match provider.client().healthy(timeout).await {
+            Ok(true) => None,
+            Ok(false) => Some(NOT_SERVING.to_owned()),
+            Err(e) => Some(e.to_string()),
+        };
+        if let Some(detail) = not_serving {
             if !force {
                 return Err(SwitchError::NotServing {
                     name: name.into(),
@@ -400,11 +404,11 @@ impl Registry {
             }
             warn!(provider = name, detail = %detail, "switching to a provider that is not serving (forced)");
         }
-        let previous = {
-            let mut active = self.active.write().unwrap_or_else(|p| p.into_inner());
-            std::mem::replace(&mut *active, name.to_owned())
-        };
+        let mut active = self.active.write().unwrap_or_else(|p| p.into_inner());
+        let previous = std::mem::replace(&mut *active, name.to_owned());
         info!(provider = name, previous = %previous, "active provider switched");
+        // Recorded under the lock: two switches at once are recorded in the
+        // order they apply, so the file names the provider that stays active.
         if let Some(path) = &self.switch_file
             && let Err(e) = record_switch(path, name, &self.configured)
         {
@@ -453,7 +457,7 @@ impl Registry {
                     };
                     p.set(Health::Serving, info, None);
                 }
-                Ok(false) => p.set(Health::NotServing, None, Some("health: NOT_SERVING".into())),
+                Ok(false) => p.set(Health::NotServing, None, Some(NOT_SERVING.into())),
                 Err(e) => {
                     if was != Health::Unreachable {
                         p.reconnect();
