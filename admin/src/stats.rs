@@ -84,6 +84,10 @@ pub struct Stats {
     /// `shutdown()` calls let through after the socket's unsent-records
     /// hold lasted 5 s (the peer stopped reading; counted by BPF).
     pub unsent_expired: u64,
+    /// Calls failed with `EINTR` instead of a hold, because neither the
+    /// event ring buffer nor the `held` map had room to record it (counted
+    /// by BPF).
+    pub hold_unrecorded: u64,
     /// Connections whose app the gate answered `EAGAIN` (non-blocking
     /// socket, keys not in yet) at least once, instead of stopping it.
     pub gate_waits: u64,

@@ -95,7 +95,11 @@ impl Agent {
         let mut programs = Programs::load_and_attach(
             &config.bpf.cgroup,
             &config.bpf.pin_dir,
-            config.bpf.max_connections,
+            crate::bpf::MapSizes {
+                connections: config.bpf.max_connections,
+                held_processes: config.bpf.max_held_processes,
+                event_buffer_bytes: config.bpf.event_buffer_bytes,
+            },
         )?;
         programs.heartbeat(
             Duration::from_millis(config.bpf.core_restart_grace_ms),

@@ -250,16 +250,28 @@ fn links_complete(links_dir: &Path) -> bool {
         .all(|p| links_dir.join(p).exists())
 }
 
+/// The sizes of the maps the configuration sets (`[bpf]`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MapSizes {
+    /// `conns` entries (`max_connections`).
+    pub connections: u32,
+    /// `held` entries (`max_held_processes`).
+    pub held_processes: u32,
+    /// The `events` ring buffer's bytes (`event_buffer_bytes`).
+    pub event_buffer_bytes: u32,
+}
+
 /// Loads the object's maps, each pinned as `maps_dir/<name>` (an existing
 /// pin is reused), without loading any program.
-/// `max_connections` sizes `conns` when it is created here (a pinned one
-/// keeps its size).
-fn load_pinned_maps(maps_dir: &Path, max_connections: Option<u32>) -> Result<Ebpf, BpfError> {
+/// `sizes` applies to the maps created here (a pinned one keeps its size).
+fn load_pinned_maps(maps_dir: &Path, sizes: Option<MapSizes>) -> Result<Ebpf, BpfError> {
     let paths: Vec<(&str, std::path::PathBuf)> =
         names::MAPS.iter().map(|m| (*m, maps_dir.join(m))).collect();
     let mut loader = EbpfLoader::new();
-    if let Some(n) = max_connections {
-        loader.map_max_entries(names::CONNS, n);
+    if let Some(n) = sizes {
+        loader.map_max_entries(names::CONNS, n.connections);
+        loader.map_max_entries(names::HELD, n.held_processes);
+        loader.map_max_entries(names::EVENTS, n.event_buffer_bytes);
     }
     for (name, path) in &paths {
         loader.map_pin_path(name, path.as_path());
@@ -401,7 +413,7 @@ impl Programs {
     pub fn load_and_attach(
         cgroup: &Path,
         pin_dir: &Path,
-        max_connections: u32,
+        sizes: MapSizes,
     ) -> Result<Self, BpfError> {
         let pin_err = |what: &str, reason: String| BpfError::Pin {
             what: what.to_owned(),
@@ -414,7 +426,7 @@ impl Programs {
         for d in [&maps_dir, &links_dir] {
             std::fs::create_dir_all(d).map_err(|e| pin_err("directories", e.to_string()))?;
         }
-        let mut ebpf = load_pinned_maps(&maps_dir, Some(max_connections))?;
+        let mut ebpf = load_pinned_maps(&maps_dir, Some(sizes))?;
         let attached = attach_points(cgroup);
         if adopted {
             info!(dir = %root.display(), "adopting the BPF programs an earlier core left attached");

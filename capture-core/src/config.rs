@@ -267,10 +267,29 @@ pub struct BpfSection {
     /// header (about 150 bytes, computed, not measured). Takes effect when
     /// the programs are loaded, not on an adopting restart.
     pub max_connections: u32,
+    /// Entries of the `held` map: processes the gate can have stopped at
+    /// once whose hold the event ring buffer had no room to report (the
+    /// core's sweep finds them there). When both are full, the gate fails
+    /// the call with `EINTR` instead of stopping the process (counted as
+    /// `tlshub_gate_hold_unrecorded_total`); apps retry interrupted calls.
+    /// Each entry is about 70 bytes. Takes effect when the programs are
+    /// loaded, not on an adopting restart.
+    pub max_held_processes: u32,
+    /// Size of the ring buffer that carries the gate's events to the core
+    /// (each event takes 80 bytes): a power of two, at least 4,096 (a
+    /// page). Events that find it full are recovered from the maps, holds
+    /// from the `held` map. Takes effect when the programs are loaded, not
+    /// on an adopting restart.
+    pub event_buffer_bytes: u32,
 }
 
 /// The most `[bpf] max_connections` accepts (about 2.4 GiB of entries).
 pub const MAX_CONNECTIONS_LIMIT: u32 = 16 << 20;
+/// The most `[bpf] max_held_processes` accepts (the kernel's highest
+/// `pid_max`).
+pub const MAX_HELD_PROCESSES_LIMIT: u32 = 4 << 20;
+/// The bounds of `[bpf] event_buffer_bytes` (a page, and 256 MiB).
+pub const EVENT_BUFFER_BYTES_RANGE: std::ops::RangeInclusive<u32> = 4096..=(256 << 20);
 
 impl Default for BpfSection {
     fn default() -> Self {
@@ -279,6 +298,8 @@ impl Default for BpfSection {
             pin_dir: PathBuf::from("/sys/fs/bpf/tlshub"),
             core_restart_grace_ms: 5000,
             max_connections: 65_536,
+            max_held_processes: 16_384,
+            event_buffer_bytes: 1 << 20,
         }
     }
 }
@@ -448,6 +469,19 @@ impl Config {
                 "`bpf.max_connections` must be between 1 and {MAX_CONNECTIONS_LIMIT}"
             )));
         }
+        if !(1..=MAX_HELD_PROCESSES_LIMIT).contains(&config.bpf.max_held_processes) {
+            return Err(invalid(format!(
+                "`bpf.max_held_processes` must be between 1 and {MAX_HELD_PROCESSES_LIMIT}"
+            )));
+        }
+        let events = config.bpf.event_buffer_bytes;
+        if !events.is_power_of_two() || !EVENT_BUFFER_BYTES_RANGE.contains(&events) {
+            return Err(invalid(format!(
+                "`bpf.event_buffer_bytes` must be a power of two from {} to {}",
+                EVENT_BUFFER_BYTES_RANGE.start(),
+                EVENT_BUFFER_BYTES_RANGE.end()
+            )));
+        }
         if config.policy.local_cidrs.is_empty() != config.policy.rules.is_empty() {
             return Err(invalid(
                 "`policy.local_cidrs` and `policy.rules` must both be set (or both empty: protect nothing)".into(),
@@ -558,6 +592,30 @@ ports = [8443]
         for bad in ["0", "20000000"] {
             let e = parse(&set(bad)).unwrap_err().to_string();
             assert!(e.contains("bpf.max_connections"), "{e}");
+        }
+    }
+
+    #[test]
+    fn held_processes_and_event_buffer_are_bounded() {
+        let good = parse(GOOD).unwrap().bpf;
+        assert_eq!(
+            (good.max_held_processes, good.event_buffer_bytes),
+            (16_384, 1 << 20)
+        );
+        let set = |k: &str, n: &str| format!("{GOOD}\n[bpf]\n{k} = {n}\n");
+        let ok = parse(&set("max_held_processes", "2")).unwrap().bpf;
+        assert_eq!(ok.max_held_processes, 2);
+        let ok = parse(&set("event_buffer_bytes", "4096")).unwrap().bpf;
+        assert_eq!(ok.event_buffer_bytes, 4096);
+        for (key, bad) in [
+            ("max_held_processes", "0"),
+            ("max_held_processes", "5000000"),
+            ("event_buffer_bytes", "2048"),
+            ("event_buffer_bytes", "12288"),
+            ("event_buffer_bytes", "536870912"),
+        ] {
+            let e = parse(&set(key, bad)).unwrap_err().to_string();
+            assert!(e.contains(&format!("bpf.{key}")), "{key} = {bad}: {e}");
         }
     }
 

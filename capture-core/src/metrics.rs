@@ -79,7 +79,7 @@ pub struct BpfCounter {
 
 /// Every BPF counter the core mirrors (besides the ring buffer's drops and
 /// the no-core refusals, which it reads on their own): one row each.
-pub const BPF_COUNTERS: [BpfCounter; 9] = [
+pub const BPF_COUNTERS: [BpfCounter; 10] = [
     BpfCounter {
         index: stat::FASTOPEN_REFUSED,
         metric: "gate_fastopen_refused",
@@ -148,6 +148,15 @@ pub const BPF_COUNTERS: [BpfCounter; 9] = [
             "a shutdown() was let through after 5 s with kTLS records still unsent (the peer stopped reading): the peer may read a short stream",
         ),
         field: |s| &mut s.unsent_expired,
+    },
+    BpfCounter {
+        index: stat::HOLD_UNRECORDED,
+        metric: "gate_hold_unrecorded",
+        help: "Calls on selected sockets the gate failed with EINTR instead of holding their process, because neither the event ring buffer nor the held map ([bpf] max_held_processes) had room to record the hold; apps retry interrupted calls",
+        alarm: Some(
+            "the gate could not record a hold (event buffer and held map full): calls fail with EINTR until the core catches up ([bpf] event_buffer_bytes, max_held_processes)",
+        ),
+        field: |s| &mut s.hold_unrecorded,
     },
 ];
 

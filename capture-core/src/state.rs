@@ -984,7 +984,10 @@ impl ConnTable {
 
     /// The `/proc` state of every held process, read *before* the ring
     /// buffer is drained for a sweep. Overflow records from the `held` map
-    /// are adopted first.
+    /// are adopted first, and name their process as the socket's owner as
+    /// a HELD event does: the hold may be all that is known of it (its
+    /// OWNER event was lost with it), and a connection without an owner
+    /// would stay gated, its process stopped, for good.
     pub fn held_states<K: Kernel>(&mut self, k: &mut K) -> HashMap<u32, Option<char>> {
         for (pid, h) in k.take_held_overflow() {
             self.held.insert(
@@ -993,6 +996,9 @@ impl ConnTable {
                 // its cookie is not pending.
                 HeldProc::new(h.cookie, h.since_ns, HoldReason::Keys),
             );
+            // An unsent-records hold is on a keyed connection: neither
+            // pending nor in `conns`, so this only makes a sweep due.
+            self.owner_from_hold(k, h.cookie, pid);
         }
         self.held
             .keys()

@@ -32,6 +32,7 @@ char LICENSE[] SEC("license") = "GPL";
 #define AF_INET 2
 #define AF_INET6 10
 #define ERESTARTSYS 512
+#define EINTR 4
 #define ECONNRESET 104
 #define SIGSTOP 19
 #define SIGPIPE 13
@@ -181,10 +182,11 @@ struct {
 	__type(value, struct tlshub_conn);
 } conns SEC(".maps");
 
-/* Holds the core could not learn of through the ring buffer (it was full). */
+/* Holds the core could not learn of through the ring buffer (it was full).
+ * Sized by the core from `[bpf] max_held_processes`. */
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
-	__uint(max_entries, 4096);
+	__uint(max_entries, 16384);
 	__type(key, __u32); /* tgid */
 	__type(value, struct tlshub_held);
 } held SEC(".maps");
@@ -233,6 +235,7 @@ struct {
 	__type(value, struct tlshub_control);
 } control SEC(".maps");
 
+/* Sized by the core from `[bpf] event_buffer_bytes`. */
 struct {
 	__uint(type, BPF_MAP_TYPE_RINGBUF);
 	__uint(max_entries, 1 << 20);
@@ -689,14 +692,25 @@ static __always_inline int core_gone(struct tlshub_control *ctl)
 /* Stops the calling process (a hold) and reports it as `ev` (its pid is
  * the caller's tgid); if the ring buffer is full, the hold goes into the
  * `held` map instead, where the core's sweep finds it. Counted in `stat`.
- * The call restarts once the core continues the process. */
+ * The call restarts once the core continues the process.
+ *
+ * If the `held` map is full too, a stopped process would be recorded
+ * nowhere and nobody would continue it: the call fails with EINTR instead
+ * and nobody is stopped (counted). No byte moved, and an app retries an
+ * interrupted call (Rust's and Go's I/O do by themselves) until the core
+ * has caught up and a hold can be recorded again. */
 static __always_inline int stop_caller(struct tlshub_event *ev, __u32 stat)
 {
 	if (bpf_ringbuf_output(&events, ev, sizeof(*ev), 0)) {
 		stat_inc(TLSHUB_STAT_RINGBUF_DROPS);
 		struct tlshub_held h = { .cookie = ev->cookie, .since_ns = ev->ts_ns };
 		__u32 tgid = ev->pid;
-		bpf_map_update_elem(&held, &tgid, &h, BPF_ANY);
+		/* Replacing this process's own entry always succeeds: a full
+		 * preallocated hash map keeps spare elements for updates. */
+		if (bpf_map_update_elem(&held, &tgid, &h, BPF_ANY)) {
+			stat_inc(TLSHUB_STAT_HOLD_UNRECORDED);
+			return -EINTR;
+		}
 	}
 	stat_inc(stat);
 	bpf_send_signal_thread(SIGSTOP);

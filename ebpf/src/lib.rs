@@ -165,8 +165,13 @@ pub mod stat {
     /// records, because the socket's first such hold was
     /// [`super::UNSENT_HOLD_MAX_MS`] old (the peer stopped reading).
     pub const UNSENT_EXPIRED: u32 = 11;
+    /// Calls the gate failed with `EINTR` instead of holding their
+    /// process, because neither the ring buffer nor the `held` map had
+    /// room to record the hold (a process recorded nowhere would stay
+    /// stopped).
+    pub const HOLD_UNRECORDED: u32 = 12;
     /// Length of the `stats` array.
-    pub const COUNT: u32 = 12;
+    pub const COUNT: u32 = 13;
 }
 
 /// `TLSHUB_UNSENT_HOLD_MAX_MS`: how long `shutdown()`s on one socket are
@@ -430,6 +435,7 @@ mod tests {
                 stat::UNMARKED_REFUSED,
                 stat::UNSENT_HOLDS,
                 stat::UNSENT_EXPIRED,
+                stat::HOLD_UNRECORDED,
                 UNSENT_HOLD_MAX_MS,
                 stat::COUNT,
                 conn::UNMARKED
@@ -441,6 +447,7 @@ mod tests {
                 TLSHUB_STAT_UNMARKED_REFUSED,
                 TLSHUB_STAT_UNSENT_HOLDS,
                 TLSHUB_STAT_UNSENT_EXPIRED,
+                TLSHUB_STAT_HOLD_UNRECORDED,
                 TLSHUB_UNSENT_HOLD_MAX_MS,
                 TLSHUB_STAT_MAX,
                 TLSHUB_CONN_UNMARKED

@@ -401,6 +401,45 @@ fn holds_recorded_in_the_map_when_the_ring_buffer_was_full_are_continued_too() {
 }
 
 #[test]
+fn a_hold_recorded_only_in_the_map_names_the_owner() {
+    // The OWNER and HELD events were both lost: the `held` map's record is
+    // all that says where the socket is. Without it the connection would
+    // wait for an owner, its process stopped, for good.
+    for key_before_owner in [false, true] {
+        let (mut t, mut k) = (table(FailurePolicy::FailClosed), FakeKernel::default());
+        t.set_key_before_owner(key_before_owner);
+        let est = established(COOKIE, 0);
+        k.track(COOKIE, est);
+        t.on_event(&k, est);
+        let early = t.take_starts();
+        k.overflow.push((
+            PID,
+            Held {
+                cookie: COOKIE,
+                since_ns: 0,
+            },
+        ));
+        k.states.insert(PID, 'T');
+        sweep(&mut t, &mut k);
+        if key_before_owner {
+            assert_eq!(early.len(), 1);
+            assert_eq!(
+                t.take_owner_updates(),
+                [OwnerUpdate {
+                    job: early[0].job,
+                    owner: Some((PID, -1))
+                }]
+            );
+        } else {
+            assert!(early.is_empty());
+            assert_eq!(one_start(&mut t).owner, Some((PID, -1)));
+        }
+        assert_eq!(t.stats().owner_from_hold, 1);
+        assert!(k.continued.is_empty(), "still gated: stays held");
+    }
+}
+
+#[test]
 fn a_hold_names_the_owner_when_connect_and_accept_reported_none() {
     let (mut t, mut k) = (table(FailurePolicy::FailClosed), FakeKernel::default());
     let est = established(COOKIE, 0);

@@ -168,6 +168,108 @@ pub fn event_flood() -> Result<String, String> {
     ))
 }
 
+/// A hold is never lost, not even when nothing has room to record it.
+/// Node A's core is paused (SIGSTOP) with a ring buffer of one page (about
+/// 50 events), a `held` map of 2 entries and a restart grace long enough
+/// that its gate keeps holding. 40 clients then connect and send 10,000
+/// bytes each: their events fill the buffer, the next 2 holds go to the
+/// map, and every later blocking send must fail with `EINTR` (the test app
+/// retries it, as Rust's I/O does) instead of stopping a process that
+/// nobody would continue. Once the core runs again, every exchange must end
+/// exact and keyed on both nodes, with no marker on the wire (a plain
+/// control flow shows it) and two decrypted flows per client.
+pub fn hold_unrecorded() -> Result<String, String> {
+    use super::support::{json, ok, spawn_client};
+    use super::wire_check::check_wire_with_control;
+    const CLIENTS: u32 = 40;
+    const HELD_MAP: u64 = 2;
+    let mut sa = NodeSpec::new("a");
+    sa.provider = ProviderKind::ExamplePsk;
+    sa.bpf = vec![
+        ("event_buffer_bytes", 4096),
+        ("max_held_processes", HELD_MAP),
+        ("core_restart_grace_ms", 300_000),
+    ];
+    // The example provider derives keys from a shared secret and talks to
+    // no peer: node b keys its side on its own while node a's core is
+    // paused. Its key timeout is long: up to 40 processes spin on EINTR
+    // meanwhile, and the emulated CPU is slow to answer.
+    let mut sb = NodeSpec::new("b");
+    sb.provider = ProviderKind::ExamplePsk;
+    sb.key_timeout_ms = 60_000;
+    let (a, b) = nodes(sa, sb)?;
+    let cap = Capture::start("hold-unrecorded")?;
+    let server = process::spawn_ready(
+        "pod-b",
+        &[
+            "tlshub-testapp",
+            "server",
+            "--parallel",
+            "--listen",
+            &format!("0.0.0.0:{PROTECTED_PORT}"),
+            "--connections",
+            &CLIENTS.to_string(),
+            "--size",
+            "10000",
+        ],
+        "listening",
+        Duration::from_secs(10),
+    )?;
+    let paused_for = {
+        let paused = a.pause_core();
+        let t = std::time::Instant::now();
+        let mut clients = Vec::new();
+        for _ in 0..CLIENTS {
+            clients.push(spawn_client(PROTECTED_PORT, &["--size", "10000"])?);
+        }
+        // Long enough for every client to connect and send under TCG
+        // (three events or more each: the buffer takes about 50).
+        std::thread::sleep(Duration::from_secs(8));
+        drop(paused);
+        let paused_for = t.elapsed();
+        for (i, c) in clients.into_iter().enumerate() {
+            let c = json(&process::finish(c, Duration::from_secs(120))?)?;
+            if !ok(&c) {
+                return Err(format!("client {i} after the paused core: {c}"));
+            }
+        }
+        paused_for
+    };
+    let s = json(&process::finish(server, Duration::from_secs(60))?)?;
+    if !ok(&s) {
+        return Err(format!("server: {s}"));
+    }
+    let want = u64::from(CLIENTS);
+    let keyed = [
+        a.stat_reaching(|s| s.protected, want),
+        b.stat_reaching(|s| s.protected, want),
+    ];
+    let (drops, unrecorded) = (a.stat(|s| s.ringbuf_drops), a.stat(|s| s.hold_unrecorded));
+    if keyed.iter().any(|k| *k < want) || drops == 0 || unrecorded == 0 {
+        return Err(format!(
+            "keyed {keyed:?} (want {want} on both nodes), node a: {drops} ring buffer drops, {unrecorded} calls answered EINTR (want both above 0: the buffers did not fill)"
+        ));
+    }
+    let control = App::exchange(10_000, PLAIN_PORT);
+    let (s2, c2) = run_pair(&control, &[], Duration::from_secs(30))?;
+    both_ok(&control, &s2, &c2)?;
+    let wire = check_wire_with_control(&cap.finish()?, &a, &b)?;
+    // One flow each way per connection, every one decrypted.
+    let flows = 2 * CLIENTS as usize;
+    if wire.protected_flows != flows || wire.decrypted != flows {
+        return Err(format!(
+            "{} protected flows ({} decrypted) on the wire for {CLIENTS} connections (want {flows})",
+            wire.protected_flows, wire.decrypted
+        ));
+    }
+    Ok(format!(
+        "core paused {:.1} s with a 4 KiB event buffer and {HELD_MAP} held entries: {CLIENTS} clients all exact and keyed on both nodes after it resumed; {drops} events dropped, {unrecorded} calls answered EINTR instead of an unrecorded stop; no marker on the wire ({} protected flows, {} decrypted)",
+        paused_for.as_secs_f64(),
+        wire.protected_flows,
+        wire.decrypted
+    ))
+}
+
 /// Capacity never means plaintext, and open connections cost no capacity.
 /// Node A's `conns` map holds 16 entries (`[bpf] max_connections = 16`).
 ///
@@ -187,7 +289,7 @@ pub fn conns_map_full() -> Result<String, String> {
     const LONG: u32 = 3 * MAX;
     // 1. Keyed connections leave the map.
     let mut sa = NodeSpec::new("a");
-    sa.max_connections = Some(MAX);
+    sa.bpf.push(("max_connections", u64::from(MAX)));
     let (a, b) = nodes(sa.clone(), NodeSpec::new("b"))?;
     let server = LoadServer::start()?;
     let client = start_load_with(LONG, 6, 2.0)?;

@@ -8,6 +8,18 @@ use tlshub_provider_sdk::keylog::KeyLogRecord;
 
 use super::process::Proc;
 
+/// A node's core stopped by [`Node::pause_core`]; continued on drop.
+#[derive(Debug)]
+pub struct CorePaused<'a>(&'a Node);
+
+impl Drop for CorePaused<'_> {
+    fn drop(&mut self) {
+        if let Some(c) = &self.0.core {
+            c.signal(libc::SIGCONT);
+        }
+    }
+}
+
 /// Which provider a node runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ProviderKind {
@@ -60,8 +72,9 @@ pub struct NodeSpec {
     pub standin_lifetime_ms: u64,
     /// `[ktls] send_buffer_floor_bytes` (unset: the core's default).
     pub send_buffer_floor: Option<u32>,
-    /// `[bpf] max_connections` (unset: the core's default).
-    pub max_connections: Option<u32>,
+    /// More `[bpf]` settings (`("max_connections", 16)`); unset ones keep
+    /// the core's defaults.
+    pub bpf: Vec<(&'static str, u64)>,
     /// Node a only: pod-a2 is one of its pods too, and its policy selects
     /// traffic between its own pods (same-node traffic).
     pub same_node: bool,
@@ -79,7 +92,7 @@ impl NodeSpec {
             suite: "TLS_AES_128_GCM_SHA256",
             standin_lifetime_ms: 600_000,
             send_buffer_floor: None,
-            max_connections: None,
+            bpf: Vec::new(),
             same_node: false,
         }
     }
@@ -154,9 +167,10 @@ impl Node {
             spec.key_timeout_ms,
             dir.join("active-provider.json").display(),
             dir.join("admin.sock").display(),
-            spec.max_connections
-                .map(|n| format!("max_connections = {n}\n"))
-                .unwrap_or_default(),
+            spec.bpf
+                .iter()
+                .map(|(key, value)| format!("{key} = {value}\n"))
+                .collect::<String>(),
         );
         if let Some(bytes) = spec.send_buffer_floor {
             core_toml.push_str(&format!("\n[ktls]\nsend_buffer_floor_bytes = {bytes}\n"));
@@ -351,6 +365,16 @@ impl Node {
             spec.name,
             kind.name()
         ))
+    }
+
+    /// Stops the core with SIGSTOP until the guard is dropped (SIGCONT): it
+    /// reads no event and beats no heartbeat meanwhile, while its programs
+    /// keep gating.
+    pub fn pause_core(&self) -> CorePaused<'_> {
+        if let Some(c) = &self.core {
+            c.signal(libc::SIGSTOP);
+        }
+        CorePaused(self)
     }
 
     /// Kills the core with SIGKILL (its programs stay pinned and attached).

@@ -127,6 +127,10 @@ pub const TESTS: &[Scenario] = &[
         "gate_conns_map_full_fails_closed",
         super::gate_abuse::conns_map_full,
     ),
+    (
+        "gate_hold_unrecorded_answers_eintr",
+        super::gate_abuse::hold_unrecorded,
+    ),
     ("gate_half_close_before_keys", super::gate_edges::half_close),
     (
         "gate_shutdown_after_full_send_buffer",
