@@ -454,6 +454,19 @@ impl Agent {
                         .get()
                         .max(0) as u64,
                     connections_protected: self.metrics.protected.get_or_create(&label).get(),
+                    credentials: o
+                        .info
+                        .as_ref()
+                        .map(|i| {
+                            i.credentials
+                                .iter()
+                                .map(|c| pb::ProviderCredential {
+                                    name: c.name.clone(),
+                                    not_after_unix_seconds: c.not_after_unix_seconds,
+                                })
+                                .collect()
+                        })
+                        .unwrap_or_default(),
                 }
             })
             .collect();
@@ -694,12 +707,16 @@ async fn health_loop(providers: Arc<Registry>, metrics: Arc<Metrics>, interval: 
             .check_health(interval.max(Duration::from_millis(500)))
             .await;
         for p in providers.all() {
+            let observed = p.observed();
             metrics
                 .provider_up
                 .get_or_create(&ProviderLabel {
                     provider: p.name.clone(),
                 })
-                .set(i64::from(p.observed().health == Health::Serving));
+                .set(i64::from(observed.health == Health::Serving));
+            if let Some(info) = &observed.info {
+                metrics.set_credentials(&p.name, &info.credentials);
+            }
         }
         metrics.set_active_provider(
             providers.all().map(|p| p.name.as_str()),

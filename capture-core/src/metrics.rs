@@ -45,6 +45,15 @@ pub struct ReasonLabel {
     pub reason: &'static str,
 }
 
+/// `provider` and `credential` labels.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CredentialLabels {
+    /// Provider name from the config.
+    pub provider: String,
+    /// What the provider calls it (`certificate /etc/tlshub/certs/node.pem`).
+    pub credential: String,
+}
+
 /// `counter` label: a `/proc/net/tls_stat` line name.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct TlsStatLabel {
@@ -191,6 +200,10 @@ pub struct Metrics {
     pub provider_active: Family<ProviderLabel, Gauge>,
     /// Key requests running now, by provider.
     pub provider_in_flight: Family<ProviderLabel, Gauge>,
+    /// When each provider's credentials expire (Unix seconds).
+    pub credential_expiry: Family<CredentialLabels, Gauge>,
+    /// The credentials each provider named last (to drop stale gauges).
+    credential_names: std::sync::Mutex<std::collections::HashMap<String, Vec<String>>>,
     /// Active-provider switches.
     pub provider_switches: Counter,
     /// Connections waiting for keys now.
@@ -231,6 +244,8 @@ impl Metrics {
             gate_holds: Counter::default(),
             gate_hold_seconds: key_histogram(),
             provider_up: Family::default(),
+            credential_expiry: Family::default(),
+            credential_names: std::sync::Mutex::default(),
             provider_active: Family::default(),
             provider_in_flight: Family::default(),
             provider_switches: Counter::default(),
@@ -303,6 +318,11 @@ impl Metrics {
             m.provider_up.clone(),
         );
         registry.register(
+            "provider_credential_expiry_timestamp_seconds",
+            "When the provider's credential (its node certificate) expires, in seconds since the Unix epoch, as the provider last said (it reloads changed files by itself)",
+            m.credential_expiry.clone(),
+        );
+        registry.register(
             "provider_active",
             "1 for the provider new connections go to",
             m.provider_active.clone(),
@@ -362,6 +382,31 @@ impl Metrics {
                 })
                 .set(i64::from(name == active));
         }
+    }
+
+    /// Sets `provider`'s credential expiry gauges to what it said last,
+    /// dropping those of credentials it no longer names.
+    pub fn set_credentials(&self, provider: &str, credentials: &[tlshub_provider_sdk::Credential]) {
+        let label = |credential: &str| CredentialLabels {
+            provider: provider.to_owned(),
+            credential: credential.to_owned(),
+        };
+        let mut named = self
+            .credential_names
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        let now: Vec<String> = credentials.iter().map(|c| c.name.clone()).collect();
+        if let Some(before) = named.get(provider) {
+            for gone in before.iter().filter(|b| !now.contains(b)) {
+                self.credential_expiry.remove(&label(gone));
+            }
+        }
+        for c in credentials {
+            self.credential_expiry
+                .get_or_create(&label(&c.name))
+                .set(c.not_after_unix_seconds);
+        }
+        named.insert(provider.to_owned(), now);
     }
 
     /// Sets the kTLS gauges from `tls_stat` files' contents.
@@ -513,6 +558,29 @@ mod tests {
             assert!(text.contains(want), "missing {want} in\n{text}");
         }
         assert!(!text.contains("cookie"), "no per-connection labels");
+    }
+
+    #[test]
+    fn credential_expiry_follows_what_the_provider_says_and_drops_stale_names() {
+        use tlshub_provider_sdk::Credential;
+        let m = Metrics::new();
+        let cert = |name: &str, t: i64| Credential {
+            name: name.into(),
+            not_after_unix_seconds: t,
+        };
+        m.set_credentials("openssl", &[cert("certificate /a.pem", 1_900_000_000)]);
+        m.set_credentials("openssl", &[cert("certificate /b.pem", 1_950_000_000)]);
+        let text = m.encode();
+        let line = |name: &str, t: i64| {
+            format!(
+                "tlshub_provider_credential_expiry_timestamp_seconds{{provider=\"openssl\",credential=\"certificate {name}\"}} {t}"
+            )
+        };
+        assert!(text.contains(&line("/b.pem", 1_950_000_000)), "{text}");
+        assert!(
+            !text.contains("/a.pem"),
+            "a stale credential stays exported:\n{text}"
+        );
     }
 
     #[tokio::test]

@@ -443,18 +443,15 @@ impl Registry {
         primary.clone()
     }
 
-    /// Checks every provider's health once; on a change to serving, asks
-    /// for its info too.
+    /// Checks every provider's health once, and asks a serving one for its
+    /// info too: what it says of its credentials changes when it reloads
+    /// them.
     pub async fn check_health(&self, timeout: Duration) {
         let checks = self.providers.values().map(|p| async move {
             let was = p.observed().health;
             match p.client().healthy(timeout).await {
                 Ok(true) => {
-                    let info = if was == Health::Serving {
-                        None
-                    } else {
-                        p.client().info(timeout).await.ok()
-                    };
+                    let info = p.client().info(timeout).await.ok();
                     p.set(Health::Serving, info, None);
                 }
                 Ok(false) => p.set(Health::NotServing, None, Some(NOT_SERVING.into())),

@@ -12,19 +12,23 @@
 //! this driver over OpenSSL and BoringSSL; they stay separate binaries
 //! because the two libraries export the same C symbols.
 
+pub mod files;
 #[cfg(feature = "test-support")]
 pub mod library_tests;
 
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant, SystemTime};
+
+use tracing::{error, info, warn};
 
 use crate::handshake_config::TlsSection;
 use crate::socket::{SocketIo, take_fd};
 use crate::tls13::{TrafficSecrets, suite_by_name};
 use crate::{
-    CipherSuite, ConnectionKeys, KeyRequest, Provider, ProviderError, ProviderInfo, Role,
-    TlsVersion,
+    CipherSuite, ConnectionKeys, Credential, KeyRequest, Provider, ProviderError, ProviderInfo,
+    Role, TlsVersion,
 };
+use files::{FilesStamp, certificate_credential};
 
 /// One TLS library under [`HandshakeProvider`].
 pub trait TlsLibrary: Send + Sync + Sized + 'static {
@@ -102,6 +106,9 @@ pub enum SetupError {
         /// The configured name.
         suite: String,
     },
+    /// The node certificate's expiry could not be read.
+    #[error(transparent)]
+    Certificate(#[from] files::CertificateError),
 }
 
 /// Maps a library call's error to [`SetupError::Library`], naming `action`.
@@ -115,18 +122,64 @@ where
     })
 }
 
+/// The library context built from one version of the files, with what
+/// was read from them.
+struct Loaded<L> {
+    library: Arc<L>,
+    credential: Credential,
+    /// The files as they were just before they were read.
+    files: FilesStamp,
+}
+
+impl<L: TlsLibrary> Loaded<L> {
+    /// Reads the files of `tls` and builds the context.
+    fn load(tls: &TlsSection) -> Result<Self, SetupError> {
+        let files = FilesStamp::of(tls);
+        let library = Arc::new(L::new(tls)?);
+        let credential = certificate_credential(&tls.cert)?;
+        Ok(Self {
+            library,
+            credential,
+            files,
+        })
+    }
+}
+
+/// What [`HandshakeProvider::reload`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Reload {
+    /// The files are as they were loaded (and no reload was forced).
+    Unchanged,
+    /// New files are in use for new handshakes.
+    Reloaded,
+    /// The new files do not load: the old ones stay in use. Given once per
+    /// version of the files.
+    Refused(String),
+    /// The same refused files are still there.
+    StillRefused,
+}
+
 /// A [`Provider`] that handshakes over the application's connection with
 /// the TLS library `L`.
 pub struct HandshakeProvider<L> {
-    library: Arc<L>,
+    /// The context new handshakes use; one under way keeps its own `Arc`.
+    loaded: Arc<RwLock<Arc<Loaded<L>>>>,
     accepted: Arc<[CipherSuite]>,
+    tls: Arc<TlsSection>,
+    /// The files that were refused last (not reported again).
+    refused: Arc<Mutex<Option<FilesStamp>>>,
+    /// When the expiry warning was last logged.
+    warned: Arc<Mutex<Option<Instant>>>,
 }
 
 impl<L> Clone for HandshakeProvider<L> {
     fn clone(&self) -> Self {
         Self {
-            library: Arc::clone(&self.library),
+            loaded: Arc::clone(&self.loaded),
             accepted: Arc::clone(&self.accepted),
+            tls: Arc::clone(&self.tls),
+            refused: Arc::clone(&self.refused),
+            warned: Arc::clone(&self.warned),
         }
     }
 }
@@ -140,6 +193,9 @@ impl<L: TlsLibrary> std::fmt::Debug for HandshakeProvider<L> {
     }
 }
 
+/// How often the expiry warning is repeated while it applies.
+const EXPIRY_WARNING_EVERY: Duration = Duration::from_secs(3600);
+
 impl<L: TlsLibrary> HandshakeProvider<L> {
     /// Checks `[tls]`'s suites and builds the library's context.
     pub fn new(tls: &TlsSection) -> Result<Self, SetupError> {
@@ -150,10 +206,102 @@ impl<L: TlsLibrary> HandshakeProvider<L> {
                 suite_by_name(s).ok_or_else(|| SetupError::UnsupportedSuite { suite: s.clone() })
             })
             .collect::<Result<Vec<_>, _>>()?;
-        Ok(Self {
-            library: Arc::new(L::new(tls)?),
+        let this = Self {
+            loaded: Arc::new(RwLock::new(Arc::new(Loaded::load(tls)?))),
             accepted: accepted.into(),
-        })
+            tls: Arc::new(tls.clone()),
+            refused: Arc::new(Mutex::new(None)),
+            warned: Arc::new(Mutex::new(None)),
+        };
+        this.warn_if_expiring();
+        Ok(this)
+    }
+
+    /// The context new handshakes use now.
+    fn current(&self) -> Arc<Loaded<L>> {
+        match self.loaded.read() {
+            Ok(l) => Arc::clone(&l),
+            // A panic while swapping cannot leave a half-written Arc.
+            Err(poisoned) => Arc::clone(&poisoned.into_inner()),
+        }
+    }
+
+    /// The node certificate in use now.
+    pub fn credential(&self) -> Credential {
+        self.current().credential.clone()
+    }
+
+    /// Re-reads the CA, certificate and key if a file changed since they
+    /// were loaded, or in any case when `forced` (`SIGHUP`). New handshakes
+    /// use the new files; one under way finishes with the old ones. Files
+    /// that do not load leave the old ones in use. Logs what it did, and
+    /// the expiry warning when it is due.
+    pub fn reload(&self, forced: bool) -> Reload {
+        let now = FilesStamp::of(&self.tls);
+        let outcome = if !forced && now == self.current().files {
+            Reload::Unchanged
+        } else if !forced && self.refused.lock().is_ok_and(|r| r.as_ref() == Some(&now)) {
+            Reload::StillRefused
+        } else {
+            match Loaded::<L>::load(&self.tls) {
+                Ok(new) => {
+                    info!(
+                        cert = %self.tls.cert.display(),
+                        not_after = new.credential.not_after_unix_seconds,
+                        forced,
+                        "TLS files reloaded: new handshakes use them"
+                    );
+                    let new = Arc::new(new);
+                    match self.loaded.write() {
+                        Ok(mut l) => *l = new,
+                        Err(poisoned) => *poisoned.into_inner() = new,
+                    }
+                    if let Ok(mut r) = self.refused.lock() {
+                        *r = None;
+                    }
+                    Reload::Reloaded
+                }
+                Err(e) => {
+                    error!(
+                        error = %e,
+                        cert = %self.tls.cert.display(),
+                        "new TLS files refused: handshakes keep using the ones loaded before"
+                    );
+                    if let Ok(mut r) = self.refused.lock() {
+                        *r = Some(now);
+                    }
+                    Reload::Refused(e.to_string())
+                }
+            }
+        };
+        self.warn_if_expiring();
+        outcome
+    }
+
+    /// Logs a warning if the certificate in use expires within
+    /// `expiry_warning_days`, at most every [`EXPIRY_WARNING_EVERY`] (and
+    /// after every reload).
+    fn warn_if_expiring(&self) {
+        let c = self.credential();
+        let now = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
+        let left = c.not_after_unix_seconds.saturating_sub(now);
+        if left > i64::from(self.tls.expiry_warning_days) * 86_400 {
+            return;
+        }
+        let Ok(mut warned) = self.warned.lock() else {
+            return;
+        };
+        if warned.is_some_and(|w| w.elapsed() < EXPIRY_WARNING_EVERY) {
+            return;
+        }
+        *warned = Some(Instant::now());
+        if left <= 0 {
+            error!(credential = %c.name, not_after = c.not_after_unix_seconds, "the node certificate has EXPIRED: peers refuse this node's handshakes");
+        } else {
+            warn!(credential = %c.name, not_after = c.not_after_unix_seconds, days_left = left / 86_400, "the node certificate expires soon: replace the file (it is reloaded by itself)");
+        }
     }
 
     /// Runs the handshake for `request` (blocking: it polls the socket).
@@ -176,6 +324,7 @@ impl<L: TlsLibrary> HandshakeProvider<L> {
         let mut io = SocketIo::new(fd, Instant::now() + budget);
         let secrets = Arc::new(Mutex::new(TrafficSecrets::default()));
         let negotiated = self
+            .current()
             .library
             .handshake(request.role, &mut io, &secrets)
             .map_err(|failure| {
@@ -237,7 +386,14 @@ impl<L: TlsLibrary> Provider for HandshakeProvider<L> {
             tls_versions: vec![TlsVersion::Tls13],
             cipher_suites: self.accepted.to_vec(),
             needs_socket: true,
+            credentials: vec![self.credential()],
         }
+    }
+
+    async fn reload(&self, forced: bool) {
+        // Reading files and building a context blocks.
+        let this = self.clone();
+        let _ = tokio::task::spawn_blocking(move || this.reload(forced)).await;
     }
 
     async fn keys(&self, request: KeyRequest) -> Result<ConnectionKeys, ProviderError> {
@@ -414,10 +570,12 @@ mod tests {
     fn tls(suites: &[&str]) -> TlsSection {
         TlsSection {
             ca: "ca.pem".into(),
-            cert: "c.pem".into(),
+            // Read for its expiry only (the library here loads nothing).
+            cert: concat!(env!("CARGO_MANIFEST_DIR"), "/testdata/cert-until-2126.pem").into(),
             key: "c.key".into(),
             cipher_suites: suites.iter().map(|s| s.to_string()).collect(),
             groups: vec!["X25519".into()],
+            expiry_warning_days: 30,
         }
     }
 

@@ -11,7 +11,13 @@
 //! key = "/etc/tlshub/certs/node.key"
 //! cipher_suites = ["TLS_AES_128_GCM_SHA256"]
 //! groups = ["X25519"]
+//! expiry_warning_days = 30               # optional
 //! ```
+//!
+//! The provider re-reads the CA, certificate and key when one of the files
+//! changes (checked every 2 s) and on `SIGHUP`: new handshakes use the new
+//! files, handshakes under way finish with the old ones, and files that do
+//! not load are refused with a log line while the old ones stay in use.
 
 use std::path::{Path, PathBuf};
 
@@ -38,6 +44,14 @@ pub struct TlsSection {
     /// Key-exchange groups in preference order (`X25519`, `P-256`, ...).
     #[serde(default = "default_groups")]
     pub groups: Vec<String>,
+    /// From how many days before the node certificate expires the provider
+    /// warns in its log (at start, at each reload and every hour).
+    #[serde(default = "default_expiry_warning_days")]
+    pub expiry_warning_days: u32,
+}
+
+fn default_expiry_warning_days() -> u32 {
+    30
 }
 
 fn default_suites() -> Vec<String> {

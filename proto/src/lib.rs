@@ -22,10 +22,10 @@ pub mod tls13;
 pub mod types;
 
 pub use error::ProviderError;
-pub use server::{Provider, ServeOptions, run, serve};
+pub use server::{Provider, RELOAD_CHECK_EVERY, ServeOptions, run, serve};
 pub use types::{
-    CipherSuite, ConnectionId, ConnectionKeys, DirectionKeys, Endpoint, KeyRequest, ProviderInfo,
-    Role, SocketHandle, TlsVersion,
+    CipherSuite, ConnectionId, ConnectionKeys, Credential, DirectionKeys, Endpoint, KeyRequest,
+    ProviderInfo, Role, SocketHandle, TlsVersion,
 };
 
 /// The API version this SDK speaks.

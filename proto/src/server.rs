@@ -33,7 +33,22 @@ pub trait Provider: Send + Sync + 'static {
     fn healthy(&self) -> impl Future<Output = bool> + Send {
         async { true }
     }
+
+    /// Re-reads the provider's files (certificates, maps) if they changed
+    /// since they were loaded, or in any case when `forced`. The SDK calls
+    /// it every [`RELOAD_CHECK_EVERY`] and, `forced`, on `SIGHUP`
+    /// (`systemctl reload`). The provider logs what it did; files that do
+    /// not load must leave the old ones in use. The default has nothing to
+    /// reload.
+    fn reload(&self, forced: bool) -> impl Future<Output = ()> + Send {
+        let _ = forced;
+        async {}
+    }
 }
+
+/// How often the SDK asks a provider to look for changed files
+/// ([`Provider::reload`]).
+pub const RELOAD_CHECK_EVERY: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// Where and for whom the server listens.
 #[derive(Debug, Clone)]
@@ -254,6 +269,38 @@ pub async fn serve_until<P: Provider>(
         }
     });
 
+    let reload_provider = Arc::clone(&provider);
+    let reload_task = tokio::spawn(async move {
+        use tokio::signal::unix::{SignalKind, signal};
+        // Without a handler SIGHUP would end the process (`systemctl
+        // reload` sends it).
+        let mut hup = match signal(SignalKind::hangup()) {
+            Ok(s) => Some(s),
+            Err(e) => {
+                warn!(error = %e, "cannot handle SIGHUP: files are reloaded on change only");
+                None
+            }
+        };
+        let mut every = tokio::time::interval(RELOAD_CHECK_EVERY);
+        every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        every.tick().await;
+        loop {
+            let forced = tokio::select! {
+                _ = every.tick() => false,
+                Some(()) = async {
+                    match hup.as_mut() {
+                        Some(h) => h.recv().await,
+                        None => std::future::pending().await,
+                    }
+                } => true,
+            };
+            if forced {
+                info!("SIGHUP: reloading");
+            }
+            reload_provider.reload(forced).await;
+        }
+    });
+
     let allowed_uid = options.allowed_uid;
     let incoming = allowed_connections(listener, allowed_uid);
     let info = provider.info();
@@ -284,6 +331,7 @@ pub async fn serve_until<P: Provider>(
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await;
     health_task.abort();
+    reload_task.abort();
     info!("provider stopped");
     Ok(result?)
 }

@@ -204,6 +204,17 @@ pub struct ProviderInfo {
     pub cipher_suites: Vec<CipherSuite>,
     /// Whether it handshakes over the application's connection.
     pub needs_socket: bool,
+    /// What it holds that expires (its certificate), as loaded now.
+    pub credentials: Vec<Credential>,
+}
+
+/// A credential a provider holds, with its expiry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Credential {
+    /// What it is (`certificate /etc/tlshub/certs/node.pem`).
+    pub name: String,
+    /// Its expiry (a certificate's notAfter), seconds since the Unix epoch.
+    pub not_after_unix_seconds: i64,
 }
 
 /// A wire message that does not make a valid SDK value.
@@ -485,6 +496,14 @@ impl ProviderInfo {
                 .map(|c| c.to_pb() as i32)
                 .collect(),
             needs_socket: self.needs_socket,
+            credentials: self
+                .credentials
+                .iter()
+                .map(|c| pb::Credential {
+                    name: c.name.clone(),
+                    not_after_unix_seconds: c.not_after_unix_seconds,
+                })
+                .collect(),
         }
     }
 
@@ -510,6 +529,14 @@ impl ProviderInfo {
                 .map(|c| CipherSuite::from_pb("cipher_suites", c))
                 .collect::<Result<_, _>>()?,
             needs_socket: i.needs_socket,
+            credentials: i
+                .credentials
+                .into_iter()
+                .map(|c| Credential {
+                    name: c.name,
+                    not_after_unix_seconds: c.not_after_unix_seconds,
+                })
+                .collect(),
         })
     }
 }

@@ -166,6 +166,17 @@ impl WatchedPodMap {
         Ok(true)
     }
 
+    /// Re-reads the file whatever its modification time (`SIGHUP`). On
+    /// error the previous map stays in force.
+    pub fn reload(&mut self) -> Result<(), PodMapError> {
+        let modified = std::fs::metadata(&self.path)
+            .and_then(|m| m.modified())
+            .ok();
+        self.map = PodMap::load(&self.path)?;
+        self.modified = modified;
+        Ok(())
+    }
+
     /// The map in force.
     pub fn map(&self) -> &PodMap {
         &self.map

@@ -9,7 +9,7 @@ use tlshub_provider_sdk::{
     CipherSuite, ConnectionKeys, KeyRequest, Provider, ProviderError, ProviderInfo, Role,
     TlsVersion,
 };
-use tracing::warn;
+use tracing::{info, warn};
 
 use crate::codec::Layout;
 use crate::module::{ModuleConfig, ModuleError, ModulePool, Target};
@@ -94,6 +94,20 @@ fn module_error(e: ModuleError) -> ProviderError {
 }
 
 impl Provider for TlsHubProvider {
+    /// `SIGHUP` re-reads the pod-to-node map; a changed file is also
+    /// picked up by the next request that needs it.
+    async fn reload(&self, forced: bool) {
+        let Some(pods) = &self.pods else { return };
+        if !forced {
+            return;
+        }
+        let Ok(mut pods) = pods.lock() else { return };
+        match pods.reload() {
+            Ok(()) => info!("pod-to-node map reloaded"),
+            Err(e) => warn!(error = %e, "pod-to-node map reload failed; keeping the previous map"),
+        }
+    }
+
     fn info(&self) -> ProviderInfo {
         ProviderInfo {
             name: "tlshub".into(),
@@ -101,6 +115,7 @@ impl Provider for TlsHubProvider {
             tls_versions: vec![TlsVersion::Tls13],
             cipher_suites: vec![self.suite],
             needs_socket: false,
+            credentials: Vec::new(),
         }
     }
 

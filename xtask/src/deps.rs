@@ -34,6 +34,8 @@ const PACKAGES: &[&str] = &[
     "debootstrap",
     "e2fsprogs",
     "systemd",
+    // /bin/kill: the providers' ExecReload, checked by systemd-analyze.
+    "procps",
     // The 6.12 kernel's modules are xz-compressed.
     "xz-utils",
     // The alternatives the benchmark compares with: WireGuard between the

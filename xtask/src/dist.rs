@@ -110,8 +110,8 @@ pub fn verify_units(dist: &Path) -> Result<()> {
         .arg(&scratch)
         .stdout(std::process::Stdio::null()))?;
     // `--root` looks everything up inside the scratch root: give it the
-    // host's system units (sysinit.target, ...) and systemctl, which the
-    // core's stop hook runs.
+    // host's system units (sysinit.target, ...), systemctl, which the
+    // core's stop hook runs, and kill, which the providers' reload runs.
     std::fs::create_dir_all(scratch.join("usr/lib/systemd"))?;
     std::fs::create_dir_all(scratch.join("bin"))?;
     run(Command::new("cp")
@@ -119,6 +119,7 @@ pub fn verify_units(dist: &Path) -> Result<()> {
         .arg(scratch.join("usr/lib/systemd/")))?;
     std::fs::copy("/usr/bin/systemctl", scratch.join("bin/systemctl"))
         .context("systemctl (package systemd)")?;
+    std::fs::copy("/bin/kill", scratch.join("bin/kill")).context("/bin/kill (package procps)")?;
     let units = scratch.join("etc/systemd/system");
     let out = Command::new("systemd-analyze")
         .arg("verify")

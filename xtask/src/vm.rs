@@ -119,15 +119,21 @@ pub fn copy_certs(work: &Path, dest: &Path) -> Result<()> {
         "node-a.key",
         "node-b.pem",
         "node-b.key",
+        "node-a-renewed.pem",
+        "node-a-rogue.pem",
+        "node-a-rogue.key",
     ] {
         std::fs::copy(dir.join(f), dest.join(f))?;
     }
     Ok(())
 }
 
-/// Test PKI: a cluster CA and two node certificates (EC P-256), made once.
+/// Test PKI, made once: a cluster CA and two node certificates (EC P-256,
+/// 10 years); a renewal of node a's (its key, 30 days); and node a's
+/// certificate and key from another ("rogue") CA, for the certificate
+/// reload scenario.
 fn certs(dir: &Path) -> Result<()> {
-    if dir.join("node-b.key").exists() {
+    if dir.join("node-a-rogue.pem").exists() {
         return Ok(());
     }
     std::fs::create_dir_all(dir)?;
@@ -198,6 +204,81 @@ fn certs(dir: &Path) -> Result<()> {
             &format!("{node}.pem"),
         ])?;
     }
+    ossl(&[
+        "x509",
+        "-req",
+        "-in",
+        "node-a.csr",
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-days",
+        "30",
+        "-extfile",
+        "node-a.ext",
+        "-out",
+        "node-a-renewed.pem",
+    ])?;
+    ossl(&[
+        "ecparam",
+        "-name",
+        "prime256v1",
+        "-genkey",
+        "-noout",
+        "-out",
+        "rogue-ca.key",
+    ])?;
+    ossl(&[
+        "req",
+        "-x509",
+        "-new",
+        "-key",
+        "rogue-ca.key",
+        "-subj",
+        "/CN=tlshub test rogue CA",
+        "-days",
+        "3650",
+        "-out",
+        "rogue-ca.pem",
+    ])?;
+    ossl(&[
+        "genpkey",
+        "-algorithm",
+        "EC",
+        "-pkeyopt",
+        "ec_paramgen_curve:P-256",
+        "-out",
+        "node-a-rogue.key",
+    ])?;
+    ossl(&[
+        "req",
+        "-new",
+        "-key",
+        "node-a-rogue.key",
+        "-subj",
+        "/CN=node-a",
+        "-out",
+        "node-a-rogue.csr",
+    ])?;
+    ossl(&[
+        "x509",
+        "-req",
+        "-in",
+        "node-a-rogue.csr",
+        "-CA",
+        "rogue-ca.pem",
+        "-CAkey",
+        "rogue-ca.key",
+        "-CAcreateserial",
+        "-days",
+        "3650",
+        "-extfile",
+        "node-a.ext",
+        "-out",
+        "node-a-rogue.pem",
+    ])?;
     Ok(())
 }
 

@@ -334,8 +334,37 @@ fn print_providers(providers: &[pb::ProviderStatus]) {
         if !p.detail.is_empty() {
             println!("  {:<2}{:<14} {}", "", "", p.detail);
         }
+        for c in &p.credentials {
+            println!(
+                "  {:<2}{:<14} {}",
+                "",
+                "",
+                credential_line(c, std::time::SystemTime::now())
+            );
+        }
     }
     println!("  (* active, f fallback)");
+}
+
+/// "certificate PATH expires DATE (in N days)", or "EXPIRED DATE".
+fn credential_line(c: &pb::ProviderCredential, now: std::time::SystemTime) -> String {
+    let unix = |t: std::time::SystemTime| {
+        t.duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+    };
+    let at = std::time::UNIX_EPOCH
+        + std::time::Duration::from_secs(u64::try_from(c.not_after_unix_seconds).unwrap_or(0));
+    let date = httpdate::fmt_http_date(at);
+    let left = c.not_after_unix_seconds.saturating_sub(unix(now));
+    if left <= 0 {
+        format!("{} EXPIRED {date}", c.name)
+    } else {
+        format!(
+            "{} expires {date} (in {})",
+            c.name,
+            duration(left.unsigned_abs())
+        )
+    }
 }
 
 fn print_policy(p: Option<&pb::Policy>) {
@@ -397,5 +426,29 @@ fn duration(secs: u64) -> String {
         s if s < 7200 => format!("{}m", s / 60),
         s if s < 172_800 => format!("{}h", s / 3600),
         s => format!("{}d", s / 86_400),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_credential_shows_its_date_and_what_is_left() {
+        let c = pb::ProviderCredential {
+            name: "certificate /n.pem".into(),
+            // Thu, 01 Jan 2032 00:00:00 GMT
+            not_after_unix_seconds: 1_956_528_000,
+        };
+        let day = std::time::Duration::from_secs(86_400);
+        let at = std::time::UNIX_EPOCH + std::time::Duration::from_secs(1_956_528_000);
+        assert_eq!(
+            credential_line(&c, at - 30 * day),
+            "certificate /n.pem expires Thu, 01 Jan 2032 00:00:00 GMT (in 30d)"
+        );
+        assert_eq!(
+            credential_line(&c, at + day),
+            "certificate /n.pem EXPIRED Thu, 01 Jan 2032 00:00:00 GMT"
+        );
     }
 }

@@ -136,6 +136,7 @@ impl TestPki {
             key: self.path(&key),
             cipher_suites: suites.iter().map(|s| s.to_string()).collect(),
             groups: vec!["X25519".into()],
+            expiry_warning_days: 30,
         }
     }
 
@@ -276,6 +277,42 @@ pub fn a_node_from_another_ca_is_refused<L: TlsLibrary>() {
     }
 }
 
+/// Files replaced while the provider runs. A broken certificate is refused
+/// once (and not reported again while it stays), and the old files keep
+/// serving handshakes. A certificate and key from another CA are taken:
+/// new handshakes use them, so the peer refuses them. The credential is
+/// always the loaded certificate's notAfter, and a forced reload
+/// (`SIGHUP`) reloads unchanged files.
+pub fn changed_files_are_reloaded_and_broken_ones_refused<L: TlsLibrary>() {
+    use super::Reload;
+    use super::files::certificate_credential;
+    let pki = TestPki::new(&format!("{}-reload", L::NAME));
+    let suites = ["TLS_AES_128_GCM_SHA256"];
+    let tls_a = pki.node("node-a", false, &suites);
+    let a = HandshakeProvider::<L>::new(&tls_a).unwrap();
+    let b = HandshakeProvider::<L>::new(&pki.node("node-b", false, &suites)).unwrap();
+    assert_eq!(a.reload(false), Reload::Unchanged);
+    let first = certificate_credential(&tls_a.cert).unwrap();
+    assert_eq!(a.credential(), first);
+    assert_eq!(crate::Provider::info(&a).credentials, vec![first.clone()]);
+
+    std::fs::write(&tls_a.cert, b"not a certificate").unwrap();
+    assert!(matches!(a.reload(false), Reload::Refused(_)));
+    assert_eq!(a.reload(false), Reload::StillRefused);
+    assert_eq!(a.credential(), first);
+    assert_matching(run_pair(&a, &b));
+
+    pki.node("node-a", true, &suites);
+    assert_eq!(a.reload(false), Reload::Reloaded);
+    assert_eq!(a.credential(), certificate_credential(&tls_a.cert).unwrap());
+    match run_pair(&a, &b).1 {
+        Err(ProviderError::PeerAuthentication { .. }) => {}
+        other => panic!("node b must refuse node a's new certificate: {other:?}"),
+    }
+    assert_eq!(a.reload(false), Reload::Unchanged);
+    assert_eq!(a.reload(true), Reload::Reloaded);
+}
+
 /// A peer that sends nothing: a timeout at the request's timeout (within
 /// the margin the core waits beyond it, at least 200 ms) that says the
 /// peer's node runs a key-only provider or no tlshub.
@@ -384,6 +421,7 @@ macro_rules! tls_library_tests {
             $library:
             two_nodes_derive_matching_keys,
             a_node_from_another_ca_is_refused,
+            changed_files_are_reloaded_and_broken_ones_refused,
             a_silent_peer_times_out,
             a_key_only_peer_is_named
         );

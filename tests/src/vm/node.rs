@@ -8,6 +8,11 @@ use tlshub_provider_sdk::keylog::KeyLogRecord;
 
 use super::process::Proc;
 
+/// The test PKI in the VM (made by the xtask): `ca.pem`, `node-a.pem`
+/// and `.key`, `node-b.*`; `node-a-renewed.pem` (node a's key, the cluster
+/// CA, 30 days); `node-a-rogue.pem` and `.key` (another CA).
+pub const CERTS: &str = "/etc/tlshub/certs";
+
 /// A node's core stopped by [`Node::pause_core`]; continued on drop.
 #[derive(Debug)]
 pub struct CorePaused<'a>(&'a Node);
@@ -259,6 +264,22 @@ impl Node {
         self.core.as_ref().map_or(0, Proc::pid)
     }
 
+    /// The node certificate and key its handshake providers load (the
+    /// node's own copies; they reload them when they change).
+    pub fn provider_credentials(&self) -> (PathBuf, PathBuf) {
+        (self.dir.join("node.pem"), self.dir.join("node.key"))
+    }
+
+    /// The log of one of this node's providers.
+    pub fn provider_log(&self, kind: ProviderKind) -> String {
+        std::fs::read_to_string(format!(
+            "/tmp/logs/node-{}-provider-{}.log",
+            self.spec.name,
+            kind.name()
+        ))
+        .unwrap_or_default()
+    }
+
     /// The socket of one of this node's providers.
     pub fn provider_socket(&self, kind: ProviderKind) -> PathBuf {
         self.dir.join(format!("provider-{}.sock", kind.name()))
@@ -455,9 +476,18 @@ fn spawn_provider(
 ) -> Result<Option<Proc>, String> {
     let n = spec.name;
     let socket = dir.join(format!("provider-{}.sock", kind.name()));
+    // The node's own copy, which a scenario may replace (the providers
+    // reload it) without touching the other scenarios' files.
+    let (cert, key) = (dir.join("node.pem"), dir.join("node.key"));
+    for (from, to) in [("pem", &cert), ("key", &key)] {
+        std::fs::copy(format!("{CERTS}/node-{n}.{from}"), to)
+            .map_err(|e| format!("{}: {e}", to.display()))?;
+    }
     let provider_toml = format!(
-        "socket = \"{}\"\n[tls]\nca = \"/etc/tlshub/certs/ca.pem\"\ncert = \"/etc/tlshub/certs/node-{n}.pem\"\nkey = \"/etc/tlshub/certs/node-{n}.key\"\ncipher_suites = [\"{}\"]\ngroups = [\"X25519\"]\n",
+        "socket = \"{}\"\n[tls]\nca = \"{CERTS}/ca.pem\"\ncert = \"{}\"\nkey = \"{}\"\ncipher_suites = [\"{}\"]\ngroups = [\"X25519\"]\n",
         socket.display(),
+        cert.display(),
+        key.display(),
         spec.suite
     );
     std::fs::write(

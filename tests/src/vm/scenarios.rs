@@ -59,6 +59,10 @@ pub const TESTS: &[Scenario] = &[
         super::providers::boringssl_interop,
     ),
     (
+        "provider_certificate_reload_under_load",
+        super::providers::certificate_reload,
+    ),
+    (
         "conformance_suite_all_providers",
         super::providers::conformance_all,
     ),

@@ -344,6 +344,22 @@ pub fn systemd_install_units_and_restarts() -> Result<String, String> {
     let core = "tlshub-core.service";
     let mut events = Vec::new();
 
+    // `systemctl reload` re-reads the certificate files (SIGHUP) and must
+    // not end the provider.
+    sleep_until(t0, 4);
+    let (at, old) = (Instant::now(), main_pid(provider));
+    systemctl(&["reload", provider])?;
+    std::thread::sleep(Duration::from_secs(1));
+    if main_pid(provider) != old || unit_prop(provider, "ActiveState") != "active" {
+        return Err(format!(
+            "systemctl reload ended the provider (MainPID {old} -> {}, {})",
+            main_pid(provider),
+            unit_prop(provider, "ActiveState")
+        ));
+    }
+    // Not an event: a connection that fails around it fails the run.
+    let reload_ms = ms(Instant::now()) - ms(at);
+
     sleep_until(t0, 8);
     let (at, old) = (Instant::now(), main_pid(provider));
     systemctl(&["restart", provider])?;
@@ -486,7 +502,7 @@ pub fn systemd_install_units_and_restarts() -> Result<String, String> {
         return Err("install.sh --uninstall left binaries or pins behind".into());
     }
     Ok(format!(
-        "install.sh + systemctl enable --now: {units}, NoNewPrivs, seccomp; {LONG} long connections unbroken, 0 corrupt through {}; short connections: {} ok of {} ({} keyed after the last restart of {after_total}), failures only inside the restart spans; core {new_core} adopted, release hook did nothing on the restart; wire: {} protected flows, {} decrypted, no plaintext; core stopped: client held, then after the restart grace {line}, client errno {}, wire {} protected flows no plaintext; uninstalled",
+        "install.sh + systemctl enable --now: {units}, NoNewPrivs, seccomp; systemctl reload provider in {reload_ms} ms, same process; {LONG} long connections unbroken, 0 corrupt through {}; short connections: {} ok of {} ({} keyed after the last restart of {after_total}), failures only inside the restart spans; core {new_core} adopted, release hook did nothing on the restart; wire: {} protected flows, {} decrypted, no plaintext; core stopped: client held, then after the restart grace {line}, client errno {}, wire {} protected flows no plaintext; uninstalled",
         events
             .iter()
             .zip(&per_event)
