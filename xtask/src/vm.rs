@@ -138,30 +138,7 @@ fn certs(dir: &Path) -> Result<()> {
     }
     std::fs::create_dir_all(dir)?;
     let ossl = |args: &[&str]| run(Command::new("openssl").args(args).current_dir(dir));
-    ossl(&[
-        "ecparam",
-        "-name",
-        "prime256v1",
-        "-genkey",
-        "-noout",
-        "-out",
-        "ca.key",
-    ])?;
-    ossl(&[
-        "req",
-        "-x509",
-        "-new",
-        "-key",
-        "ca.key",
-        "-subj",
-        "/CN=tlshub test cluster CA",
-        "-days",
-        "3650",
-        "-out",
-        "ca.pem",
-    ])?;
-    for node in ["node-a", "node-b"] {
-        let key = format!("{node}.key");
+    let key = |file: &str| {
         ossl(&[
             "genpkey",
             "-algorithm",
@@ -169,117 +146,79 @@ fn certs(dir: &Path) -> Result<()> {
             "-pkeyopt",
             "ec_paramgen_curve:P-256",
             "-out",
-            &key,
-        ])?;
+            file,
+        ])
+    };
+    let ca = |name: &str, subject: &str| {
+        key(&format!("{name}.key"))?;
         ossl(&[
             "req",
+            "-x509",
             "-new",
             "-key",
-            &key,
+            &format!("{name}.key"),
             "-subj",
-            &format!("/CN={node}"),
+            subject,
+            "-days",
+            "3650",
             "-out",
-            &format!("{node}.csr"),
-        ])?;
-        let ext = dir.join(format!("{node}.ext"));
-        std::fs::write(
-            &ext,
-            format!("subjectAltName=DNS:{node}\nextendedKeyUsage=serverAuth,clientAuth\n"),
-        )?;
+            &format!("{name}.pem"),
+        ])
+    };
+    // `csr` for node `node` signed by `ca`, valid `days`, into `out`.
+    let sign = |node: &str, csr: &str, ca: &str, days: &str, out: &str| {
         ossl(&[
             "x509",
             "-req",
             "-in",
-            &format!("{node}.csr"),
+            csr,
             "-CA",
-            "ca.pem",
+            &format!("{ca}.pem"),
             "-CAkey",
-            "ca.key",
+            &format!("{ca}.key"),
             "-CAcreateserial",
             "-days",
-            "3650",
+            days,
             "-extfile",
-            &ext.to_string_lossy(),
+            &format!("{node}.ext"),
             "-out",
-            &format!("{node}.pem"),
-        ])?;
+            out,
+        ])
+    };
+    // A key and a signing request for `node` (CN and SAN `node`).
+    let request = |node: &str, key_file: &str, csr: &str| {
+        key(key_file)?;
+        ossl(&[
+            "req",
+            "-new",
+            "-key",
+            key_file,
+            "-subj",
+            &format!("/CN={node}"),
+            "-out",
+            csr,
+        ])
+    };
+    ca("ca", "/CN=tlshub test cluster CA")?;
+    for node in ["node-a", "node-b"] {
+        std::fs::write(
+            dir.join(format!("{node}.ext")),
+            format!("subjectAltName=DNS:{node}\nextendedKeyUsage=serverAuth,clientAuth\n"),
+        )?;
+        let csr = format!("{node}.csr");
+        request(node, &format!("{node}.key"), &csr)?;
+        sign(node, &csr, "ca", "3650", &format!("{node}.pem"))?;
     }
-    ossl(&[
-        "x509",
-        "-req",
-        "-in",
-        "node-a.csr",
-        "-CA",
-        "ca.pem",
-        "-CAkey",
-        "ca.key",
-        "-CAcreateserial",
-        "-days",
-        "30",
-        "-extfile",
-        "node-a.ext",
-        "-out",
-        "node-a-renewed.pem",
-    ])?;
-    ossl(&[
-        "ecparam",
-        "-name",
-        "prime256v1",
-        "-genkey",
-        "-noout",
-        "-out",
-        "rogue-ca.key",
-    ])?;
-    ossl(&[
-        "req",
-        "-x509",
-        "-new",
-        "-key",
-        "rogue-ca.key",
-        "-subj",
-        "/CN=tlshub test rogue CA",
-        "-days",
-        "3650",
-        "-out",
-        "rogue-ca.pem",
-    ])?;
-    ossl(&[
-        "genpkey",
-        "-algorithm",
-        "EC",
-        "-pkeyopt",
-        "ec_paramgen_curve:P-256",
-        "-out",
-        "node-a-rogue.key",
-    ])?;
-    ossl(&[
-        "req",
-        "-new",
-        "-key",
-        "node-a-rogue.key",
-        "-subj",
-        "/CN=node-a",
-        "-out",
+    sign("node-a", "node-a.csr", "ca", "30", "node-a-renewed.pem")?;
+    ca("rogue-ca", "/CN=tlshub test rogue CA")?;
+    request("node-a", "node-a-rogue.key", "node-a-rogue.csr")?;
+    sign(
+        "node-a",
         "node-a-rogue.csr",
-    ])?;
-    ossl(&[
-        "x509",
-        "-req",
-        "-in",
-        "node-a-rogue.csr",
-        "-CA",
-        "rogue-ca.pem",
-        "-CAkey",
-        "rogue-ca.key",
-        "-CAcreateserial",
-        "-days",
+        "rogue-ca",
         "3650",
-        "-extfile",
-        "node-a.ext",
-        "-out",
         "node-a-rogue.pem",
-    ])?;
-    Ok(())
+    )
 }
 
 pub fn build_binaries() -> Result<PathBuf> {

@@ -25,19 +25,7 @@ pub fn exempt_pid_reuse() -> Result<String, String> {
         return Err(format!("node a's provider pid is {provider_pid}"));
     }
     let cap = Capture::start("pid-reuse")?;
-    let server = process::spawn_ready(
-        "pod-b",
-        &[
-            "tlshub-testapp",
-            "server",
-            "--listen",
-            &format!("0.0.0.0:{PROTECTED_PORT}"),
-            "--size",
-            "10000",
-        ],
-        "listening",
-        Duration::from_secs(10),
-    )?;
+    let server = super::support::spawn_server(PROTECTED_PORT, &["--size", "10000"])?;
     a.kill_provider(ProviderKind::OpenSsl);
     let held_before = a.stat(|s| s.gate_stops);
     // The client shell waits a second before it becomes the test app, so
@@ -99,23 +87,10 @@ pub fn event_flood() -> Result<String, String> {
     const FLOOD: u32 = 200_000;
     let (a, b) = nodes(NodeSpec::new("a"), NodeSpec::new("b"))?;
     let (clients, each) = (4u32, 25u32);
-    let listen = format!("0.0.0.0:{PROTECTED_PORT}");
     let total = (clients * each + 1).to_string();
-    let server = process::spawn_ready(
-        "pod-b",
-        &[
-            "tlshub-testapp",
-            "server",
-            "--parallel",
-            "--listen",
-            &listen,
-            "--mode",
-            "echo",
-            "--connections",
-            &total,
-        ],
-        "listening",
-        Duration::from_secs(10),
+    let server = super::support::spawn_server(
+        PROTECTED_PORT,
+        &["--parallel", "--mode", "echo", "--connections", &total],
     )?;
     let echo_client = |flag: &str, n: u32| {
         super::support::spawn_client(PROTECTED_PORT, &["--mode", "echo", flag, &n.to_string()])
@@ -199,21 +174,15 @@ pub fn hold_unrecorded() -> Result<String, String> {
     sb.key_timeout_ms = 60_000;
     let (a, b) = nodes(sa, sb)?;
     let cap = Capture::start("hold-unrecorded")?;
-    let server = process::spawn_ready(
-        "pod-b",
+    let server = super::support::spawn_server(
+        PROTECTED_PORT,
         &[
-            "tlshub-testapp",
-            "server",
             "--parallel",
-            "--listen",
-            &format!("0.0.0.0:{PROTECTED_PORT}"),
             "--connections",
             &CLIENTS.to_string(),
             "--size",
             "10000",
         ],
-        "listening",
-        Duration::from_secs(10),
     )?;
     let paused_for = {
         let paused = a.pause_core();

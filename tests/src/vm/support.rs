@@ -151,6 +151,20 @@ pub fn spawn_client(port: u16, args: &[&str]) -> Result<process::AppChild, Strin
     process::spawn_app("pod-a", &argv)
 }
 
+/// Starts `tlshub-testapp server` in pod-b listening on `port` (all
+/// addresses), `args` following, and waits until it listens.
+pub fn spawn_server(port: u16, args: &[&str]) -> Result<process::AppChild, String> {
+    let listen = format!("0.0.0.0:{port}");
+    let mut argv = vec!["tlshub-testapp", "server", "--listen", &listen];
+    argv.extend_from_slice(args);
+    process::spawn_ready(
+        "pod-b",
+        &argv,
+        "listening",
+        std::time::Duration::from_secs(10),
+    )
+}
+
 /// Runs server in `app.server_pod` and client in pod-a; returns both reports.
 pub fn run_pair(
     app: &App,
