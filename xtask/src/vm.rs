@@ -122,6 +122,9 @@ pub fn copy_certs(work: &Path, dest: &Path) -> Result<()> {
         "node-a-renewed.pem",
         "node-a-rogue.pem",
         "node-a-rogue.key",
+        "rogue-ca.pem",
+        "node-b-rogue.pem",
+        "node-b-rogue.key",
     ] {
         std::fs::copy(dir.join(f), dest.join(f))?;
     }
@@ -129,11 +132,11 @@ pub fn copy_certs(work: &Path, dest: &Path) -> Result<()> {
 }
 
 /// Test PKI, made once: a cluster CA and two node certificates (EC P-256,
-/// 10 years); a renewal of node a's (its key, 30 days); and node a's
-/// certificate and key from another ("rogue") CA, for the certificate
-/// reload scenario.
+/// 10 years); a renewal of node a's (its key, 30 days); and a second
+/// ("rogue") CA with a certificate and key for each node, for the
+/// certificate reload and CA rotation scenarios.
 fn certs(dir: &Path) -> Result<()> {
-    if dir.join("node-a-rogue.pem").exists() {
+    if dir.join("node-b-rogue.pem").exists() {
         return Ok(());
     }
     std::fs::create_dir_all(dir)?;
@@ -211,14 +214,12 @@ fn certs(dir: &Path) -> Result<()> {
     }
     sign("node-a", "node-a.csr", "ca", "30", "node-a-renewed.pem")?;
     ca("rogue-ca", "/CN=tlshub test rogue CA")?;
-    request("node-a", "node-a-rogue.key", "node-a-rogue.csr")?;
-    sign(
-        "node-a",
-        "node-a-rogue.csr",
-        "rogue-ca",
-        "3650",
-        "node-a-rogue.pem",
-    )
+    for node in ["node-a", "node-b"] {
+        let csr = format!("{node}-rogue.csr");
+        request(node, &format!("{node}-rogue.key"), &csr)?;
+        sign(node, &csr, "rogue-ca", "3650", &format!("{node}-rogue.pem"))?;
+    }
+    Ok(())
 }
 
 pub fn build_binaries() -> Result<PathBuf> {

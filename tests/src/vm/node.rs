@@ -10,8 +10,28 @@ use super::process::Proc;
 
 /// The test PKI in the VM (made by the xtask): `ca.pem`, `node-a.pem`
 /// and `.key`, `node-b.*`; `node-a-renewed.pem` (node a's key, the cluster
-/// CA, 30 days); `node-a-rogue.pem` and `.key` (another CA).
+/// CA, 30 days); `rogue-ca.pem`, a second CA nobody trusts unless a
+/// scenario adds it, and `node-a-rogue.*` and `node-b-rogue.*` from it.
 pub const CERTS: &str = "/etc/tlshub/certs";
+
+/// A node's handshake providers' files (see [`Node::provider_files`]).
+#[derive(Debug, Clone)]
+pub struct ProviderFiles {
+    /// The CAs trusted for peers' certificates.
+    pub ca: PathBuf,
+    /// The node's certificate.
+    pub cert: PathBuf,
+    /// Its key.
+    pub key: PathBuf,
+}
+
+fn provider_files(dir: &std::path::Path) -> ProviderFiles {
+    ProviderFiles {
+        ca: dir.join("ca.pem"),
+        cert: dir.join("node.pem"),
+        key: dir.join("node.key"),
+    }
+}
 
 /// A node's core stopped by [`Node::pause_core`]; continued on drop.
 #[derive(Debug)]
@@ -264,10 +284,10 @@ impl Node {
         self.core.as_ref().map_or(0, Proc::pid)
     }
 
-    /// The node certificate and key its handshake providers load (the
-    /// node's own copies; they reload them when they change).
-    pub fn provider_credentials(&self) -> (PathBuf, PathBuf) {
-        (self.dir.join("node.pem"), self.dir.join("node.key"))
+    /// The CA, certificate and key files its handshake providers load
+    /// (the node's own copies; they reload them when they change).
+    pub fn provider_files(&self) -> ProviderFiles {
+        provider_files(&self.dir)
     }
 
     /// The log of one of this node's providers.
@@ -476,18 +496,23 @@ fn spawn_provider(
 ) -> Result<Option<Proc>, String> {
     let n = spec.name;
     let socket = dir.join(format!("provider-{}.sock", kind.name()));
-    // The node's own copy, which a scenario may replace (the providers
-    // reload it) without touching the other scenarios' files.
-    let (cert, key) = (dir.join("node.pem"), dir.join("node.key"));
-    for (from, to) in [("pem", &cert), ("key", &key)] {
-        std::fs::copy(format!("{CERTS}/node-{n}.{from}"), to)
+    // The node's own copies, which a scenario may replace (the providers
+    // reload them) without touching the other scenarios' files.
+    let files = provider_files(dir);
+    for (from, to) in [
+        ("ca.pem".to_owned(), &files.ca),
+        (format!("node-{n}.pem"), &files.cert),
+        (format!("node-{n}.key"), &files.key),
+    ] {
+        std::fs::copy(format!("{CERTS}/{from}"), to)
             .map_err(|e| format!("{}: {e}", to.display()))?;
     }
     let provider_toml = format!(
-        "socket = \"{}\"\n[tls]\nca = \"{CERTS}/ca.pem\"\ncert = \"{}\"\nkey = \"{}\"\ncipher_suites = [\"{}\"]\ngroups = [\"X25519\"]\n",
+        "socket = \"{}\"\n[tls]\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\ncipher_suites = [\"{}\"]\ngroups = [\"X25519\"]\n",
         socket.display(),
-        cert.display(),
-        key.display(),
+        files.ca.display(),
+        files.cert.display(),
+        files.key.display(),
         spec.suite
     );
     std::fs::write(

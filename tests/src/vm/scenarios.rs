@@ -63,6 +63,10 @@ pub const TESTS: &[Scenario] = &[
         super::providers::certificate_reload,
     ),
     (
+        "provider_ca_rotation_without_restart",
+        super::providers::ca_rotation,
+    ),
+    (
         "conformance_suite_all_providers",
         super::providers::conformance_all,
     ),
