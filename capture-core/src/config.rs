@@ -3,9 +3,7 @@
 //! the file, line and key; nothing falls back silently.
 
 use std::collections::BTreeMap;
-use std::net::IpAddr;
 use std::path::{Path, PathBuf};
-use std::str::FromStr;
 use std::time::Duration;
 
 use serde::Deserialize;
@@ -38,57 +36,7 @@ pub enum FailurePolicy {
     FailOpen,
 }
 
-/// An address prefix, `10.0.1.0/24` or `fd00::/64`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(try_from = "String")]
-pub struct Cidr {
-    /// The address.
-    pub addr: IpAddr,
-    /// Prefix length in the address's own family.
-    pub prefix: u8,
-}
-
-impl Cidr {
-    /// Prefix length over the 16-byte mapped form the BPF maps use.
-    pub fn mapped_prefix(&self) -> u32 {
-        match self.addr {
-            IpAddr::V4(_) => 96 + u32::from(self.prefix),
-            IpAddr::V6(_) => u32::from(self.prefix),
-        }
-    }
-}
-
-impl FromStr for Cidr {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        let (a, p) = s
-            .split_once('/')
-            .ok_or_else(|| format!("`{s}` is not a CIDR (want ADDR/LEN)"))?;
-        let addr: IpAddr = a
-            .parse()
-            .map_err(|_| format!("`{a}` is not an IP address"))?;
-        let max = if addr.is_ipv4() { 32 } else { 128 };
-        let prefix: u8 = p
-            .parse()
-            .ok()
-            .filter(|p| *p <= max)
-            .ok_or_else(|| format!("`{p}` is not a prefix length (0..={max})"))?;
-        Ok(Self { addr, prefix })
-    }
-}
-
-impl std::fmt::Display for Cidr {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}/{}", self.addr, self.prefix)
-    }
-}
-
-impl TryFrom<String> for Cidr {
-    type Error = String;
-    fn try_from(s: String) -> Result<Self, String> {
-        s.parse()
-    }
-}
+pub use tlshub_provider_sdk::cidr::Cidr;
 
 /// `[provider]`: where keys come from. Several providers can be known by
 /// name; one is active (new connections go to it), and an optional fallback

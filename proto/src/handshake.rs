@@ -15,6 +15,7 @@
 pub mod files;
 #[cfg(feature = "test-support")]
 pub mod library_tests;
+pub mod node_map;
 
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant, SystemTime};
@@ -70,6 +71,8 @@ pub struct Negotiated {
     /// Bytes the library read past the handshake and holds: they belong to
     /// the application's first records, so anything but 0 fails.
     pub buffered: usize,
+    /// The peer's (verified) certificate, DER.
+    pub peer_certificate: Option<Vec<u8>>,
 }
 
 /// Why a library's handshake failed, in the terms the driver maps to
@@ -109,6 +112,9 @@ pub enum SetupError {
     /// The node certificate's expiry could not be read.
     #[error(transparent)]
     Certificate(#[from] files::CertificateError),
+    /// The node map does not load.
+    #[error(transparent)]
+    NodeMap(#[from] crate::runtime::ConfigError),
 }
 
 /// Maps a library call's error to [`SetupError::Library`], naming `action`.
@@ -127,6 +133,8 @@ where
 struct Loaded<L> {
     library: Arc<L>,
     credential: Credential,
+    /// `[tls] node_map`, when set.
+    nodes: Option<node_map::NodeMap>,
     /// The files as they were just before they were read.
     files: FilesStamp,
 }
@@ -137,9 +145,15 @@ impl<L: TlsLibrary> Loaded<L> {
         let files = FilesStamp::of(tls);
         let library = Arc::new(L::new(tls)?);
         let credential = certificate_credential(&tls.cert)?;
+        let nodes = tls
+            .node_map
+            .as_deref()
+            .map(node_map::NodeMap::load)
+            .transpose()?;
         Ok(Self {
             library,
             credential,
+            nodes,
             files,
         })
     }
@@ -323,8 +337,8 @@ impl<L: TlsLibrary> HandshakeProvider<L> {
         let budget = request.timeout.max(Duration::from_millis(10));
         let mut io = SocketIo::new(fd, Instant::now() + budget);
         let secrets = Arc::new(Mutex::new(TrafficSecrets::default()));
-        let negotiated = self
-            .current()
+        let loaded = self.current();
+        let negotiated = loaded
             .library
             .handshake(request.role, &mut io, &secrets)
             .map_err(|failure| {
@@ -346,6 +360,9 @@ impl<L: TlsLibrary> HandshakeProvider<L> {
                     },
                 }
             })?;
+        if let Some(nodes) = &loaded.nodes {
+            peer_is_its_node(nodes, request.remote.ip(), &negotiated)?;
+        }
         self.keys_of(request.role, &negotiated, &secrets)
     }
 
@@ -376,6 +393,36 @@ impl<L: TlsLibrary> HandshakeProvider<L> {
         })?;
         secrets.connection_keys(role, suite)
     }
+}
+
+/// Whether the peer's certificate names the node whose pods include
+/// `remote` (`[tls] node_map`): a node with a valid certificate must not
+/// stand in for another. A refusal is logged with both names.
+fn peer_is_its_node(
+    nodes: &node_map::NodeMap,
+    remote: std::net::IpAddr,
+    negotiated: &Negotiated,
+) -> Result<(), ProviderError> {
+    let refuse = |reason: String| {
+        error!(peer = %remote, %reason, "peer refused: its certificate is not its node's");
+        Err(ProviderError::PeerAuthentication { reason })
+    };
+    let Some(expected) = nodes.node_of(remote) else {
+        return refuse(format!(
+            "{remote} is in no node's pod_cidrs of the node map"
+        ));
+    };
+    let names = match negotiated.peer_certificate.as_deref().map(files::dns_names) {
+        Some(Ok(names)) => names,
+        Some(Err(e)) => return refuse(format!("the peer's certificate does not parse: {e}")),
+        None => return refuse("the peer sent no certificate".into()),
+    };
+    if names.iter().any(|n| n == expected) {
+        return Ok(());
+    }
+    refuse(format!(
+        "the peer's certificate names {names:?}, but {remote} belongs to node {expected}"
+    ))
 }
 
 impl<L: TlsLibrary> Provider for HandshakeProvider<L> {
@@ -534,6 +581,7 @@ macro_rules! openssl_family_library {
                 Ok($crate::handshake::Negotiated {
                     suite: ssl.current_cipher().map_or("none", |c| c.name()).to_string(),
                     buffered: ssl.pending(),
+                    peer_certificate: ssl.peer_certificate().and_then(|c| c.to_der().ok()),
                 })
             }
         }
@@ -576,6 +624,7 @@ mod tests {
             cipher_suites: suites.iter().map(|s| s.to_string()).collect(),
             groups: vec!["X25519".into()],
             expiry_warning_days: 30,
+            node_map: None,
         }
     }
 
@@ -607,6 +656,7 @@ mod tests {
             let n = Negotiated {
                 suite: suite.into(),
                 buffered,
+                peer_certificate: None,
             };
             match p.keys_of(Role::Client, &n, &secrets) {
                 Err(ProviderError::Handshake { reason }) => {

@@ -12,6 +12,7 @@
 //! cipher_suites = ["TLS_AES_128_GCM_SHA256"]
 //! groups = ["X25519"]
 //! expiry_warning_days = 30               # optional
+//! node_map = "/etc/tlshub/nodes.toml"    # optional: check the peer's node
 //! ```
 //!
 //! The provider re-reads the CA, certificate and key when one of the files
@@ -48,6 +49,13 @@ pub struct TlsSection {
     /// warns in its log (at start, at each reload and every hour).
     #[serde(default = "default_expiry_warning_days")]
     pub expiry_warning_days: u32,
+    /// The cluster's nodes and their pod CIDRs (see
+    /// [`crate::handshake::node_map`]). When set, the peer's certificate
+    /// must name (as a subjectAltName DNS name) the node whose pods include
+    /// the peer's address, or the handshake fails closed; when unset, any
+    /// certificate the CA signed is accepted. Reloaded with the other files.
+    #[serde(default)]
+    pub node_map: Option<PathBuf>,
 }
 
 fn default_expiry_warning_days() -> u32 {
@@ -155,6 +163,17 @@ pub fn handshake_provider_main<L: TlsLibrary>() -> std::process::ExitCode {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_shipped_configurations_parse() {
+        for text in [
+            include_str!("../../deploy/config/provider-openssl.toml"),
+            include_str!("../../deploy/config/provider-boringssl.toml"),
+        ] {
+            let c: HandshakeProviderConfig = toml::from_str(text).unwrap();
+            assert_eq!(c.tls.expiry_warning_days, 30);
+        }
+    }
 
     #[test]
     fn missing_tls_section_names_the_key() {

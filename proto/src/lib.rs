@@ -10,6 +10,7 @@
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
 
+pub mod cidr;
 pub mod client;
 pub mod error;
 pub mod handshake;

@@ -125,6 +125,8 @@ pub fn copy_certs(work: &Path, dest: &Path) -> Result<()> {
         "rogue-ca.pem",
         "node-b-rogue.pem",
         "node-b-rogue.key",
+        "node-c.pem",
+        "node-c.key",
     ] {
         std::fs::copy(dir.join(f), dest.join(f))?;
     }
@@ -134,9 +136,10 @@ pub fn copy_certs(work: &Path, dest: &Path) -> Result<()> {
 /// Test PKI, made once: a cluster CA and two node certificates (EC P-256,
 /// 10 years); a renewal of node a's (its key, 30 days); and a second
 /// ("rogue") CA with a certificate and key for each node, for the
-/// certificate reload and CA rotation scenarios.
+/// certificate reload and CA rotation scenarios; and a third node's
+/// (`node-c`, cluster CA).
 fn certs(dir: &Path) -> Result<()> {
-    if dir.join("node-b-rogue.pem").exists() {
+    if dir.join("node-c.pem").exists() {
         return Ok(());
     }
     std::fs::create_dir_all(dir)?;
@@ -219,7 +222,14 @@ fn certs(dir: &Path) -> Result<()> {
         request(node, &format!("{node}-rogue.key"), &csr)?;
         sign(node, &csr, "rogue-ca", "3650", &format!("{node}-rogue.pem"))?;
     }
-    Ok(())
+    // A valid certificate of a third node, which must not stand in for
+    // node a.
+    std::fs::write(
+        dir.join("node-c.ext"),
+        "subjectAltName=DNS:node-c\nextendedKeyUsage=serverAuth,clientAuth\n",
+    )?;
+    request("node-c", "node-c.key", "node-c.csr")?;
+    sign("node-c", "node-c.csr", "ca", "3650", "node-c.pem")
 }
 
 pub fn build_binaries() -> Result<PathBuf> {

@@ -20,7 +20,8 @@ struct FileStamp {
     inode: u64,
 }
 
-/// The stamps of the CA, certificate and key files (`None`: unreadable).
+/// The stamps of the CA, certificate, key and node map files (`None`:
+/// unreadable).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FilesStamp(Vec<Option<FileStamp>>);
 
@@ -29,16 +30,22 @@ impl FilesStamp {
     pub fn of(tls: &TlsSection) -> Self {
         use std::os::unix::fs::MetadataExt;
         Self(
-            [&tls.ca, &tls.cert, &tls.key]
-                .into_iter()
-                .map(|p| {
-                    std::fs::metadata(p).ok().map(|m| FileStamp {
-                        modified: m.modified().ok(),
-                        len: m.len(),
-                        inode: m.ino(),
-                    })
+            [
+                Some(&tls.ca),
+                Some(&tls.cert),
+                Some(&tls.key),
+                tls.node_map.as_ref(),
+            ]
+            .into_iter()
+            .flatten()
+            .map(|p| {
+                std::fs::metadata(p).ok().map(|m| FileStamp {
+                    modified: m.modified().ok(),
+                    len: m.len(),
+                    inode: m.ino(),
                 })
-                .collect(),
+            })
+            .collect(),
         )
     }
 }
@@ -83,6 +90,29 @@ pub fn certificate_credential(path: &Path) -> Result<Credential, CertificateErro
         name: format!("certificate {}", path.display()),
         not_after_unix_seconds: i64::try_from(not_after.as_secs()).unwrap_or(i64::MAX),
     })
+}
+
+/// The DNS names (subjectAltName) of a DER certificate.
+pub fn dns_names(der: &[u8]) -> Result<Vec<String>, String> {
+    use x509_cert::der::Decode;
+    use x509_cert::ext::pkix::SubjectAltName;
+    use x509_cert::ext::pkix::name::GeneralName;
+    let cert = Certificate::from_der(der).map_err(|e| e.to_string())?;
+    let san = cert
+        .tbs_certificate
+        .get::<SubjectAltName>()
+        .map_err(|e| e.to_string())?;
+    Ok(san
+        .map(|(_, san)| {
+            san.0
+                .into_iter()
+                .filter_map(|n| match n {
+                    GeneralName::DnsName(d) => Some(d.to_string()),
+                    _ => None,
+                })
+                .collect()
+        })
+        .unwrap_or_default())
 }
 
 /// The first `-----BEGIN ...-----` to `-----END ...-----` block of a chain

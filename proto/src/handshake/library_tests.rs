@@ -137,6 +137,7 @@ impl TestPki {
             cipher_suites: suites.iter().map(|s| s.to_string()).collect(),
             groups: vec!["X25519".into()],
             expiry_warning_days: 30,
+            node_map: None,
         }
     }
 
@@ -313,6 +314,53 @@ pub fn changed_files_are_reloaded_and_broken_ones_refused<L: TlsLibrary>() {
     assert_eq!(a.reload(true), Reload::Reloaded);
 }
 
+/// With a node map, the peer's certificate must name the node that owns
+/// the peer's address (every request here comes from 127.0.0.1, which the
+/// map gives to node b): node b is accepted, node c (a valid certificate
+/// of the same CA) is refused, the reason naming both nodes, and an
+/// address in no node's CIDRs is refused too.
+pub fn a_peer_must_be_the_node_of_its_address<L: TlsLibrary>() {
+    let pki = TestPki::new(&format!("{}-nodes", L::NAME));
+    let suites = ["TLS_AES_128_GCM_SHA256"];
+    let map = pki.dir().join("nodes.toml");
+    std::fs::write(
+        &map,
+        "[[node]]\nname = \"node-b\"\npod_cidrs = [\"127.0.0.0/8\"]\n",
+    )
+    .unwrap();
+    let mut tls_a = pki.node("node-a", false, &suites);
+    tls_a.node_map = Some(map.clone());
+    let a = HandshakeProvider::<L>::new(&tls_a).unwrap();
+    let b = HandshakeProvider::<L>::new(&pki.node("node-b", false, &suites)).unwrap();
+    let c = HandshakeProvider::<L>::new(&pki.node("node-c", false, &suites)).unwrap();
+    assert_matching(run_pair(&a, &b));
+    assert_matching(run_pair(&b, &a));
+    for (side, result) in [
+        ("client", run_pair(&a, &c).0),
+        ("server", run_pair(&c, &a).1),
+    ] {
+        match result {
+            Err(ProviderError::PeerAuthentication { reason }) => assert!(
+                reason.contains("node-c") && reason.contains("node-b"),
+                "node a as {side}: {reason}"
+            ),
+            other => panic!("node a as {side} must refuse node c: {other:?}"),
+        }
+    }
+    std::fs::write(
+        &map,
+        "[[node]]\nname = \"node-b\"\npod_cidrs = [\"10.0.0.0/8\"]\n",
+    )
+    .unwrap();
+    assert_eq!(a.reload(false), super::Reload::Reloaded);
+    match run_pair(&a, &b).0 {
+        Err(ProviderError::PeerAuthentication { reason }) => {
+            assert!(reason.contains("no node"), "{reason}")
+        }
+        other => panic!("an address of no node must be refused: {other:?}"),
+    }
+}
+
 /// A peer that sends nothing: a timeout at the request's timeout (within
 /// the margin the core waits beyond it, at least 200 ms) that says the
 /// peer's node runs a key-only provider or no tlshub.
@@ -422,6 +470,7 @@ macro_rules! tls_library_tests {
             two_nodes_derive_matching_keys,
             a_node_from_another_ca_is_refused,
             changed_files_are_reloaded_and_broken_ones_refused,
+            a_peer_must_be_the_node_of_its_address,
             a_silent_peer_times_out,
             a_key_only_peer_is_named
         );

@@ -11,7 +11,8 @@ use super::process::Proc;
 /// The test PKI in the VM (made by the xtask): `ca.pem`, `node-a.pem`
 /// and `.key`, `node-b.*`; `node-a-renewed.pem` (node a's key, the cluster
 /// CA, 30 days); `rogue-ca.pem`, a second CA nobody trusts unless a
-/// scenario adds it, and `node-a-rogue.*` and `node-b-rogue.*` from it.
+/// scenario adds it, and `node-a-rogue.*` and `node-b-rogue.*` from it;
+/// `node-c.*`, a third node's (cluster CA).
 pub const CERTS: &str = "/etc/tlshub/certs";
 
 /// A node's handshake providers' files (see [`Node::provider_files`]).
@@ -23,6 +24,9 @@ pub struct ProviderFiles {
     pub cert: PathBuf,
     /// Its key.
     pub key: PathBuf,
+    /// The node map ([`NODE_MAP`]): a peer's certificate must name the
+    /// node of its address.
+    pub node_map: PathBuf,
 }
 
 fn provider_files(dir: &std::path::Path) -> ProviderFiles {
@@ -30,8 +34,12 @@ fn provider_files(dir: &std::path::Path) -> ProviderFiles {
         ca: dir.join("ca.pem"),
         cert: dir.join("node.pem"),
         key: dir.join("node.key"),
+        node_map: dir.join("nodes.toml"),
     }
 }
+
+/// The test bed's node map: node a has pod-a (and pod-a2), node b pod-b.
+const NODE_MAP: &str = "[[node]]\nname = \"node-a\"\npod_cidrs = [\"10.0.1.0/24\", \"fd00:1::/64\", \"10.0.3.0/24\"]\n\n[[node]]\nname = \"node-b\"\npod_cidrs = [\"10.0.2.0/24\", \"fd00:2::/64\"]\n";
 
 /// A node's core stopped by [`Node::pause_core`]; continued on drop.
 #[derive(Debug)]
@@ -507,12 +515,14 @@ fn spawn_provider(
         std::fs::copy(format!("{CERTS}/{from}"), to)
             .map_err(|e| format!("{}: {e}", to.display()))?;
     }
+    std::fs::write(&files.node_map, NODE_MAP).map_err(|e| e.to_string())?;
     let provider_toml = format!(
-        "socket = \"{}\"\n[tls]\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\ncipher_suites = [\"{}\"]\ngroups = [\"X25519\"]\n",
+        "socket = \"{}\"\n[tls]\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\nnode_map = \"{}\"\ncipher_suites = [\"{}\"]\ngroups = [\"X25519\"]\n",
         socket.display(),
         files.ca.display(),
         files.cert.display(),
         files.key.display(),
+        files.node_map.display(),
         spec.suite
     );
     std::fs::write(

@@ -381,6 +381,50 @@ fn wait_reloaded(node: &super::node::Node, before: usize) -> Result<(), String> 
     Ok(())
 }
 
+/// A node holding a valid certificate of the cluster CA cannot stand in
+/// for another: both nodes' providers have the node map (pod-a's addresses
+/// are node a's), and node a's provider is given node c's certificate and
+/// key. A new connection must fail on both ends with nothing received,
+/// node b's provider must log the refusal naming node c and node a, and
+/// with node a's own certificate back a new connection must be keyed.
+pub fn peer_must_be_its_node() -> Result<String, String> {
+    let (a, b) = nodes(NodeSpec::new("a"), NodeSpec::new("b"))?;
+    let exchange = App::exchange(10_000, PROTECTED_PORT);
+    let (s, c) = run_pair(&exchange, &[], Duration::from_secs(30))?;
+    both_ok(&exchange, &s, &c).map_err(|e| format!("with the node map: {e}"))?;
+    let fa = a.provider_files();
+    let before = reloads(&a);
+    replace_file(&fa.key, &read_pki("node-c.key")?)?;
+    replace_file(&fa.cert, &read_pki("node-c.pem")?)?;
+    wait_reloaded(&a, before)?;
+    let (s, c) = run_pair(&exchange, &[], Duration::from_secs(30))?;
+    expect_server_failed_clean(&s).map_err(|e| format!("node c's certificate: {e}"))?;
+    if ok(&c) || c["bytes_received"].as_u64() != Some(0) {
+        return Err(format!(
+            "with node c's certificate the client must fail with nothing received: {c}"
+        ));
+    }
+    let line = b
+        .provider_log(ProviderKind::OpenSsl)
+        .lines()
+        .find(|l| l.contains("its certificate is not its node's"))
+        .map(str::to_owned)
+        .ok_or("node b's provider logged no refusal")?;
+    if !(line.contains("node-c") && line.contains("node-a")) {
+        return Err(format!("the refusal must name both nodes: {line}"));
+    }
+    let before = reloads(&a);
+    replace_file(&fa.key, &read_pki("node-a.key")?)?;
+    replace_file(&fa.cert, &read_pki("node-a.pem")?)?;
+    wait_reloaded(&a, before)?;
+    let (s, c) = run_pair(&exchange, &[], Duration::from_secs(30))?;
+    both_ok(&exchange, &s, &c).map_err(|e| format!("with node a's certificate back: {e}"))?;
+    Ok(format!(
+        "node c's valid certificate on node a refused by node b ({}); node a's own certificate keyed again",
+        line.split("reason=").nth(1).unwrap_or(&line).trim()
+    ))
+}
+
 /// Rotating the cluster CA without a flag day, each step a file change
 /// the providers pick up by themselves (no restart), an exchange after
 /// each: (1) both nodes trust the old and the new CA (one CA file with

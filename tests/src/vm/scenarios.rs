@@ -67,6 +67,10 @@ pub const TESTS: &[Scenario] = &[
         super::providers::ca_rotation,
     ),
     (
+        "provider_peer_must_be_its_node",
+        super::providers::peer_must_be_its_node,
+    ),
+    (
         "conformance_suite_all_providers",
         super::providers::conformance_all,
     ),
