@@ -49,6 +49,19 @@ impl FakeKernel {
         self.conns.get(&cookie).map(|c| c.gate).or(opened)
     }
 
+    /// The gate stopped `pid` on `cookie` and, the ring buffer being
+    /// full, recorded the hold in the `held` map only.
+    fn hold_in_map(&mut self, cookie: u64, pid: u32) {
+        self.overflow.push((
+            pid,
+            Held {
+                cookie,
+                since_ns: 0,
+            },
+        ));
+        self.states.insert(pid, 'T');
+    }
+
     /// sockops at connect()/accept: a tracked connection, gate closed.
     fn track(&mut self, cookie: u64, est: Event) {
         self.conns.insert(
@@ -388,14 +401,7 @@ fn a_hold_on_a_connection_whose_events_were_lost_keys_it_from_the_held_process()
 #[test]
 fn holds_recorded_in_the_map_when_the_ring_buffer_was_full_are_continued_too() {
     let (mut t, mut k) = (table(FailurePolicy::FailClosed), FakeKernel::default());
-    k.overflow.push((
-        PID,
-        Held {
-            cookie: COOKIE,
-            since_ns: 0,
-        },
-    ));
-    k.states.insert(PID, 'T');
+    k.hold_in_map(COOKIE, PID);
     sweep(&mut t, &mut k);
     assert_eq!(k.continued, [PID], "no connection pending: continue");
 }
@@ -412,14 +418,7 @@ fn a_hold_recorded_only_in_the_map_names_the_owner() {
         k.track(COOKIE, est);
         t.on_event(&k, est);
         let early = t.take_starts();
-        k.overflow.push((
-            PID,
-            Held {
-                cookie: COOKIE,
-                since_ns: 0,
-            },
-        ));
-        k.states.insert(PID, 'T');
+        k.hold_in_map(COOKIE, PID);
         sweep(&mut t, &mut k);
         if key_before_owner {
             assert_eq!(early.len(), 1);
