@@ -111,6 +111,10 @@ pub struct NodeSpec {
     /// Node a only: pod-a2 is one of its pods too, and its policy selects
     /// traffic between its own pods (same-node traffic).
     pub same_node: bool,
+    /// Whether its handshake providers check the peer's node against the
+    /// test bed's node map ([`NODE_MAP`]; on unless a scenario handshakes
+    /// over addresses that are no node's, as the conformance suite does).
+    pub node_map: bool,
 }
 
 impl NodeSpec {
@@ -127,6 +131,7 @@ impl NodeSpec {
             send_buffer_floor: None,
             bpf: Vec::new(),
             same_node: false,
+            node_map: true,
         }
     }
 
@@ -515,14 +520,18 @@ fn spawn_provider(
         std::fs::copy(format!("{CERTS}/{from}"), to)
             .map_err(|e| format!("{}: {e}", to.display()))?;
     }
-    std::fs::write(&files.node_map, NODE_MAP).map_err(|e| e.to_string())?;
+    let node_map = if spec.node_map {
+        std::fs::write(&files.node_map, NODE_MAP).map_err(|e| e.to_string())?;
+        format!("node_map = \"{}\"\n", files.node_map.display())
+    } else {
+        String::new()
+    };
     let provider_toml = format!(
-        "socket = \"{}\"\n[tls]\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\nnode_map = \"{}\"\ncipher_suites = [\"{}\"]\ngroups = [\"X25519\"]\n",
+        "socket = \"{}\"\n[tls]\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n{node_map}cipher_suites = [\"{}\"]\ngroups = [\"X25519\"]\n",
         socket.display(),
         files.ca.display(),
         files.cert.display(),
         files.key.display(),
-        files.node_map.display(),
         spec.suite
     );
     std::fs::write(
