@@ -275,6 +275,27 @@ fn load_pinned_maps(maps_dir: &Path, sizes: Option<MapSizes>) -> Result<Ebpf, Bp
     }
     for (name, path) in &paths {
         loader.map_pin_path(name, path.as_path());
+        // A pinned map is reused with the size it was created with. The
+        // loader must be told that size: it maps a ring buffer with the
+        // size it was given, and the kernel refuses (EINVAL) a mapping of
+        // another size than the map's.
+        if let Ok(pinned) = aya::maps::MapInfo::from_pin(path) {
+            let configured = match *name {
+                names::CONNS => sizes.map(|n| n.connections),
+                names::HELD => sizes.map(|n| n.held_processes),
+                names::EVENTS => sizes.map(|n| n.event_buffer_bytes),
+                _ => None,
+            };
+            if configured.is_some_and(|c| c != pinned.max_entries()) {
+                tracing::info!(
+                    map = *name,
+                    pinned = pinned.max_entries(),
+                    configured = configured.unwrap_or(0),
+                    "a pinned map keeps its size until the programs are detached (`tlshub-core release --detach`)"
+                );
+            }
+            loader.map_max_entries(name, pinned.max_entries());
+        }
     }
     Ok(loader.load(tlshub_ebpf::OBJECT)?)
 }

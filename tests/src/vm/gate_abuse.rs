@@ -172,7 +172,7 @@ pub fn hold_unrecorded() -> Result<String, String> {
     let mut sb = NodeSpec::new("b");
     sb.provider = ProviderKind::ExamplePsk;
     sb.key_timeout_ms = 60_000;
-    let (a, b) = nodes(sa, sb)?;
+    let (mut a, b) = nodes(sa, sb)?;
     let cap = Capture::start("hold-unrecorded")?;
     let server = super::support::spawn_server(
         PROTECTED_PORT,
@@ -231,8 +231,17 @@ pub fn hold_unrecorded() -> Result<String, String> {
             wire.protected_flows, wire.decrypted
         ));
     }
+    // The pinned maps keep their small sizes: a core adopting them and a
+    // release (which loads them with the object's sizes) must open them
+    // as they are (the kernel refuses to map a ring buffer at another
+    // size), or the next core cannot start and the pins cannot be removed.
+    a.kill_core();
+    a.restart_core("adopting")?;
+    a.kill_core();
+    a.release(true)
+        .map_err(|e| format!("release with a 4 KiB pinned event buffer: {e}"))?;
     Ok(format!(
-        "core paused {:.1} s with a 4 KiB event buffer and {HELD_MAP} held entries: {CLIENTS} clients all exact and keyed on both nodes after it resumed; {drops} events dropped, {unrecorded} calls answered EINTR instead of an unrecorded stop; no marker on the wire ({} protected flows, {} decrypted)",
+        "core paused {:.1} s with a 4 KiB event buffer and {HELD_MAP} held entries: {CLIENTS} clients all exact and keyed on both nodes after it resumed; {drops} events dropped, {unrecorded} calls answered EINTR instead of an unrecorded stop; no marker on the wire ({} protected flows, {} decrypted); the small pinned maps adopted by a new core and released",
         paused_for.as_secs_f64(),
         wire.protected_flows,
         wire.decrypted
