@@ -3,7 +3,8 @@
 //! test apps it knows nothing about tlshub.
 //!
 //! The client opens `--count` connections one after another, round-robin
-//! over the `--connect` addresses, each with one verified 32-byte exchange;
+//! over the `--connect` addresses, each with one verified 32-byte exchange
+//! (with `--own-ports`, from a local port it binds itself);
 //! once all are open it exchanges 32 more bytes on every one, holds them
 //! for `--hold-secs` and prints a [`HoldReport`] as JSON on stdout. The
 //! server answers every piece with the same span of its own pattern (as
@@ -52,6 +53,14 @@ enum Side {
         /// How long to hold them all open before reporting.
         #[arg(long, default_value_t = 0)]
         hold_secs: u64,
+        /// Bind each socket's local port itself (`SO_REUSEADDR`, ports
+        /// 1024 to 65535 in turn for each destination) instead of leaving
+        /// it to `connect()`: once every port of the range has been used
+        /// towards some destination, the kernel's own choice searches the
+        /// range for a free 4-tuple at every `connect()`, which made the
+        /// client's CPU per connection grow tenfold past 64,500 open.
+        #[arg(long)]
+        own_ports: bool,
     },
 }
 
@@ -67,7 +76,39 @@ fn exchange(s: &mut TcpStream, off: u64) -> std::io::Result<Result<(), u64>> {
     Ok(pattern::check(SERVER_SEED, off, &buf))
 }
 
-fn client(connect: &[SocketAddr], count: u64, deadline: Duration, hold: Duration) -> HoldReport {
+/// The first local port `--own-ports` binds; the range ends at 65535.
+const FIRST_OWN_PORT: u64 = 1024;
+
+/// Connects to `to`, from local port `port` (bound with `SO_REUSEADDR`,
+/// which lets connected sockets share a local port) or from one the kernel
+/// chooses.
+fn connect_from(to: SocketAddr, port: Option<u16>) -> std::io::Result<TcpStream> {
+    let Some(port) = port else {
+        return TcpStream::connect(to);
+    };
+    let s = socket2::Socket::new(
+        socket2::Domain::for_address(to),
+        socket2::Type::STREAM,
+        Some(socket2::Protocol::TCP),
+    )?;
+    s.set_reuse_address(true)?;
+    let any: std::net::IpAddr = if to.is_ipv4() {
+        std::net::Ipv4Addr::UNSPECIFIED.into()
+    } else {
+        std::net::Ipv6Addr::UNSPECIFIED.into()
+    };
+    s.bind(&SocketAddr::new(any, port).into())?;
+    s.connect(&to.into())?;
+    Ok(s.into())
+}
+
+fn client(
+    connect: &[SocketAddr],
+    count: u64,
+    deadline: Duration,
+    hold: Duration,
+    own_ports: bool,
+) -> HoldReport {
     let mut r = HoldReport {
         wanted: count,
         ..HoldReport::default()
@@ -85,9 +126,16 @@ fn client(connect: &[SocketAddr], count: u64, deadline: Duration, hold: Duration
             r.stopped_early = Some(format!("{GIVE_UP_AFTER} failures in a row"));
             break;
         }
-        let addr = connect[(i % connect.len() as u64) as usize];
+        let destinations = connect.len() as u64;
+        let addr = connect[(i % destinations) as usize];
+        // The n-th connection to each destination gets the n-th port of the
+        // range, so every 4-tuple is new until the range wraps.
+        let port = own_ports.then(|| {
+            let span = u64::from(u16::MAX) + 1 - FIRST_OWN_PORT;
+            u16::try_from(FIRST_OWN_PORT + (i / destinations) % span).unwrap_or(u16::MAX)
+        });
         i += 1;
-        let opened = TcpStream::connect(addr).and_then(|mut s| {
+        let opened = connect_from(addr, port).and_then(|mut s| {
             s.set_read_timeout(Some(Duration::from_secs(60)))?;
             exchange(&mut s, 0).map(|checked| (s, checked))
         });
@@ -119,7 +167,7 @@ fn client(connect: &[SocketAddr], count: u64, deadline: Duration, hold: Duration
                 failed_in_a_row += 1;
                 if r.first_errors.len() < 10 {
                     r.first_errors
-                        .push(format!("to {addr} after {} open: {e}", r.opened));
+                        .push(format!("to {addr} from port {port:?} after {} open: {e}", r.opened));
                 }
             }
         }
@@ -195,12 +243,14 @@ fn main() -> std::process::ExitCode {
             count,
             deadline_secs,
             hold_secs,
+            own_ports,
         } => {
             let r = client(
                 &connect,
                 count,
                 Duration::from_secs(deadline_secs),
                 Duration::from_secs(hold_secs),
+                own_ports,
             );
             match serde_json::to_string(&r) {
                 Ok(json) => println!("{json}"),
