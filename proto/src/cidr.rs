@@ -17,6 +17,12 @@ pub struct Cidr {
 }
 
 impl Cidr {
+    /// The prefix of `addr` alone (`/32` or `/128`).
+    pub fn host(addr: IpAddr) -> Self {
+        let prefix = if addr.is_ipv4() { 32 } else { 128 };
+        Self { addr, prefix }
+    }
+
     /// Whether `ip` is inside (an IPv4-mapped IPv6 address counts as its
     /// IPv4 address).
     pub fn contains(&self, ip: IpAddr) -> bool {

@@ -15,7 +15,6 @@
 pub mod files;
 #[cfg(feature = "test-support")]
 pub mod library_tests;
-pub mod node_map;
 
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant, SystemTime};
@@ -134,7 +133,7 @@ struct Loaded<L> {
     library: Arc<L>,
     credential: Credential,
     /// `[tls] node_map`, when set.
-    nodes: Option<node_map::NodeMap>,
+    nodes: Option<crate::node_map::NodeMap>,
     /// The files as they were just before they were read.
     files: FilesStamp,
 }
@@ -148,7 +147,7 @@ impl<L: TlsLibrary> Loaded<L> {
         let nodes = tls
             .node_map
             .as_deref()
-            .map(node_map::NodeMap::load)
+            .map(crate::node_map::NodeMap::load)
             .transpose()?;
         Ok(Self {
             library,
@@ -399,7 +398,7 @@ impl<L: TlsLibrary> HandshakeProvider<L> {
 /// `remote` (`[tls] node_map`): a node with a valid certificate must not
 /// stand in for another. A refusal is logged with both names.
 fn peer_is_its_node(
-    nodes: &node_map::NodeMap,
+    nodes: &crate::node_map::NodeMap,
     remote: std::net::IpAddr,
     negotiated: &Negotiated,
 ) -> Result<(), ProviderError> {

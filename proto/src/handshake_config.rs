@@ -50,7 +50,7 @@ pub struct TlsSection {
     #[serde(default = "default_expiry_warning_days")]
     pub expiry_warning_days: u32,
     /// The cluster's nodes and their pod CIDRs (see
-    /// [`crate::handshake::node_map`]). When set, the peer's certificate
+    /// [`crate::node_map`]). When set, the peer's certificate
     /// must name (as a subjectAltName DNS name) the node whose pods include
     /// the peer's address, or the handshake fails closed; when unset, any
     /// certificate the CA signed is accepted. Reloaded with the other files.

@@ -11,8 +11,8 @@
 //!   sockets (one request in flight per socket);
 //! - [`schedule`]: per-connection, per-direction kTLS keys derived from the
 //!   master key (the derivation and its test vectors are documented there);
-//! - [`pod_map`]: the pod-to-node mapping file for layout v2, reloaded when
-//!   it changes;
+//! - [`pod_map`]: the pod-to-node mapping for layout v2, from the cluster's
+//!   node map or a pod map file, reloaded when it changes;
 //! - [`provider`]: the SDK provider tying them together; IPv6 connections
 //!   get a clear "not supported by TLSHub" error.
 //!

@@ -9,6 +9,7 @@ use std::time::Duration;
 use clap::Parser;
 use provider_tlshub::codec::Layout;
 use provider_tlshub::module::ModuleConfig;
+use provider_tlshub::pod_map::MapFormat;
 use provider_tlshub::provider::TlsHubProvider;
 use serde::Deserialize;
 use tlshub_provider_sdk::runtime::{init_logging, load_toml};
@@ -32,7 +33,12 @@ struct Config {
     allowed_uid: Option<u32>,
     #[serde(default)]
     module: ModuleSection,
-    /// Pod-to-node map (required for layout v2).
+    /// The cluster's node map (TOML, each node with its `address`), for
+    /// layout v2; or `pod_map`.
+    #[serde(default)]
+    node_map: Option<PathBuf>,
+    /// A pod-to-node map of `POD_IP[/LEN] NODE_IPV4` lines, for layout v2
+    /// instead of `node_map`.
     #[serde(default)]
     pod_map: Option<PathBuf>,
     /// kTLS cipher for the derived keys.
@@ -69,12 +75,25 @@ enum LayoutName {
     V2,
 }
 
+/// The names the kernel prints (`CipherSuite::name`); serde's kebab-case
+/// would make `aes-gcm128` of `AesGcm128`, which the shipped example did
+/// not match.
 #[derive(Debug, Clone, Copy, Deserialize)]
-#[serde(rename_all = "kebab-case")]
 enum SuiteName {
+    #[serde(rename = "aes-gcm-128")]
     AesGcm128,
+    #[serde(rename = "aes-gcm-256")]
     AesGcm256,
+    #[serde(rename = "chacha20-poly1305")]
     Chacha20Poly1305,
+}
+
+fn suite(name: SuiteName) -> CipherSuite {
+    match name {
+        SuiteName::AesGcm128 => CipherSuite::Aes128Gcm,
+        SuiteName::AesGcm256 => CipherSuite::Aes256Gcm,
+        SuiteName::Chacha20Poly1305 => CipherSuite::Chacha20Poly1305,
+    }
 }
 
 fn default_socket() -> PathBuf {
@@ -99,9 +118,21 @@ fn main() -> ExitCode {
         LayoutName::V1 => Layout::V1,
         LayoutName::V2 => Layout::V2,
     };
-    if layout == Layout::V2 && config.pod_map.is_none() {
+    let pods = match (&config.node_map, &config.pod_map) {
+        (Some(_), Some(_)) => {
+            eprintln!(
+                "tlshub-provider-tlshub: {}: set `node_map` or `pod_map`, not both",
+                args.config.display()
+            );
+            return ExitCode::from(2);
+        }
+        (Some(path), None) => Some((path.as_path(), MapFormat::NodeMap)),
+        (None, Some(path)) => Some((path.as_path(), MapFormat::Lines)),
+        (None, None) => None,
+    };
+    if layout == Layout::V2 && pods.is_none() {
         eprintln!(
-            "tlshub-provider-tlshub: {}: layout v2 needs `pod_map`",
+            "tlshub-provider-tlshub: {}: layout v2 needs `node_map` (or `pod_map`)",
             args.config.display()
         );
         return ExitCode::from(2);
@@ -113,12 +144,8 @@ fn main() -> ExitCode {
         timeout: Duration::from_millis(config.module.timeout_ms.max(1)),
         max_sockets: config.module.max_sockets.max(1),
     };
-    let suite = match config.cipher_suite {
-        SuiteName::AesGcm128 => CipherSuite::Aes128Gcm,
-        SuiteName::AesGcm256 => CipherSuite::Aes256Gcm,
-        SuiteName::Chacha20Poly1305 => CipherSuite::Chacha20Poly1305,
-    };
-    let provider = match TlsHubProvider::new(module, config.pod_map.as_deref(), suite) {
+    let suite = suite(config.cipher_suite);
+    let provider = match TlsHubProvider::new(module, pods, suite) {
         Ok(p) => p,
         Err(e) => {
             eprintln!("tlshub-provider-tlshub: {e}");
@@ -130,4 +157,28 @@ fn main() -> ExitCode {
         allowed_uid: config.allowed_uid,
     };
     run("tlshub-provider-tlshub", provider, options)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_shipped_config_reads_the_node_map() {
+        let c: Config =
+            toml::from_str(include_str!("../../deploy/config/provider-tlshub.toml")).unwrap();
+        assert_eq!(
+            c.node_map.as_deref(),
+            Some(std::path::Path::new("/etc/tlshub/nodes.toml"))
+        );
+        assert!(c.pod_map.is_none());
+        assert!(matches!(c.cipher_suite, SuiteName::AesGcm128));
+        for (name, layout) in [("aes-gcm-256", "v1"), ("chacha20-poly1305", "v2")] {
+            let c: Config = toml::from_str(&format!(
+                "cipher_suite = \"{name}\"\n[module]\nlayout = \"{layout}\"\n"
+            ))
+            .unwrap();
+            assert_eq!(suite(c.cipher_suite).name(), name);
+        }
+    }
 }

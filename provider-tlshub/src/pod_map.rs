@@ -1,12 +1,22 @@
 //! The pod-to-node mapping: which node hosts a pod address, needed for
-//! request layout v2. One entry per line, `POD_IP_OR_CIDR NODE_IP`; `#`
-//! starts a comment; blank lines are ignored. The most specific entry wins.
-//! A malformed line is an error that names the file and line; the caller
-//! keeps its previous map when a reload fails.
+//! request layout v2. It comes from one of two files:
+//! - the cluster's node map (`node_map`), the TOML file the handshake
+//!   providers read too ([`tlshub_provider_sdk::node_map`]), in which every
+//!   node needs its IPv4 `address`;
+//! - a pod map (`pod_map`): one entry per line, `POD_IP_OR_CIDR NODE_IP`;
+//!   `#` starts a comment; blank lines are ignored.
+//!
+//! The most specific entry wins. A malformed line or node is an error that
+//! names the file and the line or node; the caller keeps its previous map
+//! when a reload fails.
 
 use std::net::{IpAddr, Ipv4Addr};
 use std::path::{Path, PathBuf};
 use std::time::SystemTime;
+
+use tlshub_provider_sdk::cidr::Cidr;
+use tlshub_provider_sdk::node_map::NodeMap;
+use tlshub_provider_sdk::runtime::ConfigError;
 
 /// A mapping file that cannot be used.
 #[derive(Debug, thiserror::Error)]
@@ -30,44 +40,43 @@ pub enum PodMapError {
         /// What is wrong with the line.
         reason: String,
     },
+    /// A node map that does not parse (the error names file, line and key).
+    #[error(transparent)]
+    NodeMap(#[from] ConfigError),
+    /// A node of the node map without an IPv4 `address`.
+    #[error("{path}: node `{node}` needs an IPv4 `address` for layout v2 (it has {address})")]
+    NodeAddress {
+        /// The file.
+        path: PathBuf,
+        /// The node's name.
+        node: String,
+        /// What it has instead (`none` or the address).
+        address: String,
+    },
 }
 
+/// Which file format a map is read from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct Entry {
-    net: IpAddr,
-    prefix: u8,
-    node: Ipv4Addr,
+pub enum MapFormat {
+    /// `POD_IP[/LEN] NODE_IPV4` lines (`pod_map`).
+    Lines,
+    /// The cluster's node map (`node_map`).
+    NodeMap,
 }
 
-fn masked(ip: IpAddr, prefix: u8) -> IpAddr {
-    match ip {
-        IpAddr::V4(a) => {
-            let m = if prefix == 0 {
-                0
-            } else {
-                u32::MAX << (32 - u32::from(prefix))
-            };
-            IpAddr::V4(Ipv4Addr::from(u32::from(a) & m))
-        }
-        IpAddr::V6(a) => {
-            let m = if prefix == 0 {
-                0
-            } else {
-                u128::MAX << (128 - u32::from(prefix))
-            };
-            IpAddr::V6((u128::from(a) & m).into())
-        }
-    }
-}
-
-/// A parsed mapping.
+/// A parsed mapping: pod prefixes and their node, most specific first.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct PodMap {
-    entries: Vec<Entry>,
+    entries: Vec<(Cidr, Ipv4Addr)>,
 }
 
 impl PodMap {
-    /// Parses the text of `path`.
+    fn sorted(mut entries: Vec<(Cidr, Ipv4Addr)>) -> Self {
+        entries.sort_by_key(|(c, _)| std::cmp::Reverse(c.mapped_prefix()));
+        Self { entries }
+    }
+
+    /// Parses the lines of `path`.
     pub fn parse(path: &Path, text: &str) -> Result<Self, PodMapError> {
         let mut entries = Vec::new();
         for (i, raw) in text.lines().enumerate() {
@@ -84,51 +93,57 @@ impl PodMap {
             let [pod, node] = fields[..] else {
                 return Err(err(format!("{} fields", fields.len())));
             };
-            let (addr, prefix) = match pod.split_once('/') {
-                Some((a, p)) => (a, Some(p)),
-                None => (pod, None),
-            };
-            let net: IpAddr = addr
-                .parse()
-                .map_err(|_| err(format!("`{addr}` is not an IP address")))?;
-            let max = if net.is_ipv4() { 32 } else { 128 };
-            let prefix = match prefix {
-                None => max,
-                Some(p) => p
-                    .parse()
-                    .ok()
-                    .filter(|p| *p <= max)
-                    .ok_or_else(|| err(format!("`{p}` is not a prefix length")))?,
+            // A bare address is the prefix of that one address.
+            let pod: Cidr = match pod.parse::<IpAddr>() {
+                Ok(ip) => Cidr::host(ip),
+                Err(_) => pod.parse().map_err(err)?,
             };
             let node: Ipv4Addr = node
                 .parse()
                 .map_err(|_| err(format!("`{node}` is not a node IPv4 address")))?;
-            entries.push(Entry {
-                net: masked(net, prefix),
-                prefix,
-                node,
-            });
+            entries.push((pod, node));
         }
-        // Most specific first.
-        entries.sort_by_key(|e| std::cmp::Reverse(e.prefix));
-        Ok(Self { entries })
+        Ok(Self::sorted(entries))
     }
 
-    /// Reads and parses `path`.
-    pub fn load(path: &Path) -> Result<Self, PodMapError> {
-        let text = std::fs::read_to_string(path).map_err(|source| PodMapError::Read {
-            path: path.to_owned(),
-            source,
-        })?;
-        Self::parse(path, &text)
+    /// The mapping of a node map read from `path`: every node's pod CIDRs
+    /// to its `address`, which must be IPv4 (the module's request carries
+    /// an IPv4 node address).
+    pub fn from_node_map(path: &Path, map: &NodeMap) -> Result<Self, PodMapError> {
+        let mut entries = Vec::new();
+        for node in &map.nodes {
+            let Some(IpAddr::V4(address)) = node.address else {
+                return Err(PodMapError::NodeAddress {
+                    path: path.to_owned(),
+                    node: node.name.clone(),
+                    address: node.address.map_or("none".into(), |a| a.to_string()),
+                });
+            };
+            entries.extend(node.pod_cidrs.iter().map(|c| (*c, address)));
+        }
+        Ok(Self::sorted(entries))
+    }
+
+    /// Reads and parses `path` in `format`.
+    pub fn load(path: &Path, format: MapFormat) -> Result<Self, PodMapError> {
+        match format {
+            MapFormat::Lines => {
+                let text = std::fs::read_to_string(path).map_err(|source| PodMapError::Read {
+                    path: path.to_owned(),
+                    source,
+                })?;
+                Self::parse(path, &text)
+            }
+            MapFormat::NodeMap => Self::from_node_map(path, &NodeMap::load(path)?),
+        }
     }
 
     /// The node hosting `pod`.
     pub fn node_of(&self, pod: IpAddr) -> Option<Ipv4Addr> {
         self.entries
             .iter()
-            .find(|e| e.net.is_ipv4() == pod.is_ipv4() && masked(pod, e.prefix) == e.net)
-            .map(|e| e.node)
+            .find(|(c, _)| c.contains(pod))
+            .map(|(_, node)| *node)
     }
 }
 
@@ -136,18 +151,20 @@ impl PodMap {
 #[derive(Debug)]
 pub struct WatchedPodMap {
     path: PathBuf,
+    format: MapFormat,
     modified: Option<SystemTime>,
     map: PodMap,
 }
 
 impl WatchedPodMap {
     /// Loads `path` (an error here is fatal to the caller's start-up).
-    pub fn open(path: &Path) -> Result<Self, PodMapError> {
+    pub fn open(path: &Path, format: MapFormat) -> Result<Self, PodMapError> {
         let modified = std::fs::metadata(path).and_then(|m| m.modified()).ok();
         Ok(Self {
             path: path.to_owned(),
+            format,
             modified,
-            map: PodMap::load(path)?,
+            map: PodMap::load(path, format)?,
         })
     }
 
@@ -160,7 +177,7 @@ impl WatchedPodMap {
         if modified == self.modified {
             return Ok(false);
         }
-        let map = PodMap::load(&self.path)?;
+        let map = PodMap::load(&self.path, self.format)?;
         self.map = map;
         self.modified = modified;
         Ok(true)
@@ -172,7 +189,7 @@ impl WatchedPodMap {
         let modified = std::fs::metadata(&self.path)
             .and_then(|m| m.modified())
             .ok();
-        self.map = PodMap::load(&self.path)?;
+        self.map = PodMap::load(&self.path, self.format)?;
         self.modified = modified;
         Ok(())
     }
@@ -229,12 +246,69 @@ mod tests {
     }
 
     #[test]
+    fn the_node_map_gives_each_pod_cidr_its_node_address() {
+        let path = Path::new("/etc/tlshub/nodes.toml");
+        let nodes = |text: &str| toml::from_str::<NodeMap>(text).unwrap();
+        let m = PodMap::from_node_map(
+            path,
+            &nodes(
+                "[[node]]\nname = \"a\"\naddress = \"192.168.0.1\"\npod_cidrs = [\"10.0.0.0/16\"]\n\
+                 [[node]]\nname = \"b\"\naddress = \"192.168.0.2\"\npod_cidrs = [\"10.0.2.0/24\", \"fd00:2::/64\"]\n",
+            ),
+        )
+        .unwrap();
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        assert_eq!(
+            m.node_of(ip("10.0.1.9")),
+            Some("192.168.0.1".parse().unwrap())
+        );
+        assert_eq!(
+            m.node_of(ip("10.0.2.9")),
+            Some("192.168.0.2".parse().unwrap())
+        );
+        assert_eq!(
+            m.node_of(ip("fd00:2::9")),
+            Some("192.168.0.2".parse().unwrap())
+        );
+        assert_eq!(m.node_of(ip("10.1.0.1")), None);
+        let e = PodMap::from_node_map(
+            path,
+            &nodes("[[node]]\nname = \"c\"\npod_cidrs = [\"10.0.3.0/24\"]\n"),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("nodes.toml") && e.contains("`c`") && e.contains("none"),
+            "{e}"
+        );
+        let e = PodMap::from_node_map(
+            path,
+            &nodes("[[node]]\nname = \"c\"\naddress = \"fd00::1\"\npod_cidrs = []\n"),
+        )
+        .unwrap_err();
+        assert!(matches!(e, PodMapError::NodeAddress { .. }), "{e}");
+    }
+
+    #[test]
+    fn the_shipped_node_map_serves_layout_v2() {
+        let m = PodMap::from_node_map(
+            Path::new("nodes.toml"),
+            &toml::from_str(include_str!("../../deploy/config/nodes.toml")).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(
+            m.node_of("10.0.2.7".parse().unwrap()),
+            Some("192.168.0.2".parse().unwrap())
+        );
+    }
+
+    #[test]
     fn reload_on_change_keeps_the_old_map_on_error() {
         let dir = std::env::temp_dir().join(format!("tlshub-podmap-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("pods");
         std::fs::write(&path, "10.0.1.0/24 192.168.0.1\n").unwrap();
-        let mut w = WatchedPodMap::open(&path).unwrap();
+        let mut w = WatchedPodMap::open(&path, MapFormat::Lines).unwrap();
         assert!(!w.refresh().unwrap());
         std::thread::sleep(std::time::Duration::from_millis(20));
         std::fs::write(&path, "10.0.1.0/24 192.168.0.3\n").unwrap();

@@ -13,7 +13,7 @@ use tracing::{info, warn};
 
 use crate::codec::Layout;
 use crate::module::{ModuleConfig, ModuleError, ModulePool, Target};
-use crate::pod_map::{PodMapError, WatchedPodMap};
+use crate::pod_map::{MapFormat, PodMapError, WatchedPodMap};
 use crate::schedule::{ConnectionId, derive};
 
 /// The TLSHub provider.
@@ -26,13 +26,17 @@ pub struct TlsHubProvider {
 }
 
 impl TlsHubProvider {
-    /// A provider for `module`; `pods` is required for layout v2.
+    /// A provider for `module`; `pods` (the map file and its format) is
+    /// required for layout v2.
     pub fn new(
         module: ModuleConfig,
-        pods: Option<&Path>,
+        pods: Option<(&Path, MapFormat)>,
         suite: CipherSuite,
     ) -> Result<Self, PodMapError> {
-        let pods = pods.map(WatchedPodMap::open).transpose()?.map(Mutex::new);
+        let pods = pods
+            .map(|(path, format)| WatchedPodMap::open(path, format))
+            .transpose()?
+            .map(Mutex::new);
         Ok(Self {
             layout: module.layout,
             pool: ModulePool::new(module),

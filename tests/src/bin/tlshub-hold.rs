@@ -166,8 +166,10 @@ fn client(
                 r.failed += 1;
                 failed_in_a_row += 1;
                 if r.first_errors.len() < 10 {
-                    r.first_errors
-                        .push(format!("to {addr} from port {port:?} after {} open: {e}", r.opened));
+                    r.first_errors.push(format!(
+                        "to {addr} from port {port:?} after {} open: {e}",
+                        r.opened
+                    ));
                 }
             }
         }

@@ -26,7 +26,7 @@ use openssl::ssl::{
     Ssl, SslContext, SslContextBuilder, SslFiletype, SslMethod, SslVerifyMode, SslVersion,
 };
 use provider_tlshub::codec::{self, reply_type};
-use provider_tlshub::pod_map::PodMap;
+use provider_tlshub::pod_map::{MapFormat, PodMap};
 use tlshub_provider_sdk::tls13::{Hash, hkdf_expand_label};
 
 #[derive(Debug, Parser)]
@@ -191,7 +191,7 @@ fn handshake(
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let pods = PodMap::load(&args.pod_map)?;
+    let pods = PodMap::load(&args.pod_map, MapFormat::Lines)?;
     let ctx = context(&args)?;
     let state = Arc::new(Mutex::new(State::default()));
     serve_peers(&args, ctx.clone(), Arc::clone(&state))?;

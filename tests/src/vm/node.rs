@@ -38,8 +38,9 @@ fn provider_files(dir: &std::path::Path) -> ProviderFiles {
     }
 }
 
-/// The test bed's node map: node a has pod-a (and pod-a2), node b pod-b.
-const NODE_MAP: &str = "[[node]]\nname = \"node-a\"\npod_cidrs = [\"10.0.1.0/24\", \"fd00:1::/64\", \"10.0.3.0/24\"]\n\n[[node]]\nname = \"node-b\"\npod_cidrs = [\"10.0.2.0/24\", \"fd00:2::/64\"]\n";
+/// The test bed's node map: node a has pod-a (and pod-a2), node b pod-b;
+/// their addresses are the ones the TLSHub stand-ins play the module at.
+const NODE_MAP: &str = "[[node]]\nname = \"node-a\"\naddress = \"10.99.0.1\"\npod_cidrs = [\"10.0.1.0/24\", \"fd00:1::/64\", \"10.0.3.0/24\"]\n\n[[node]]\nname = \"node-b\"\naddress = \"10.99.0.2\"\npod_cidrs = [\"10.0.2.0/24\", \"fd00:2::/64\"]\n";
 
 /// A node's core stopped by [`Node::pause_core`]; continued on drop.
 #[derive(Debug)]
@@ -596,16 +597,22 @@ fn spawn_provider(
             )?;
             s.wait_for_log("standin: module", Duration::from_secs(20))?;
             *standin = Some(s);
+            // The provider reads the node map the handshake providers
+            // read; the stand-in, playing the module, its own pod map.
+            let node_map = &files.node_map;
             let cfg = dir.join("provider-tlshub.toml");
-            std::fs::write(
-            &cfg,
-            format!(
-                "socket = \"{}\"\npod_map = \"{}\"\n[module]\nprotocol = 2\nport_id = {port_id}\nlayout = \"v2\"\ntimeout_ms = 3000\n",
-                socket.display(),
-                pods.display()
-            ),
-        )
-        .map_err(|e| e.to_string())?;
+            std::fs::write(node_map, NODE_MAP)
+                .and_then(|()| {
+                    std::fs::write(
+                        &cfg,
+                        format!(
+                            "socket = \"{}\"\nnode_map = \"{}\"\n[module]\nprotocol = 2\nport_id = {port_id}\nlayout = \"v2\"\ntimeout_ms = 3000\n",
+                            socket.display(),
+                            node_map.display()
+                        ),
+                    )
+                })
+                .map_err(|e| e.to_string())?;
             let mut p = Proc::spawn(
                 &format!("provider-{n}-{}", kind.name()),
                 Some(&format!("node-{n}")),

@@ -385,6 +385,19 @@ fn wait_reloaded(node: &super::node::Node, before: usize) -> Result<(), String> 
     Ok(())
 }
 
+/// Replaces files of `node`'s OpenSSL provider, in order, and waits until
+/// the provider reloaded them.
+fn change_files(
+    node: &super::node::Node,
+    files: &[(&std::path::Path, Vec<u8>)],
+) -> Result<(), String> {
+    let before = reloads(node);
+    for (path, bytes) in files {
+        replace_file(path, bytes)?;
+    }
+    wait_reloaded(node, before)
+}
+
 /// A node holding a valid certificate of the cluster CA cannot stand in
 /// for another: both nodes' providers have the node map (pod-a's addresses
 /// are node a's), and node a's provider is given node c's certificate and
@@ -397,10 +410,13 @@ pub fn peer_must_be_its_node() -> Result<String, String> {
     let (s, c) = run_pair(&exchange, &[], Duration::from_secs(30))?;
     both_ok(&exchange, &s, &c).map_err(|e| format!("with the node map: {e}"))?;
     let fa = a.provider_files();
-    let before = reloads(&a);
-    replace_file(&fa.key, &read_pki("node-c.key")?)?;
-    replace_file(&fa.cert, &read_pki("node-c.pem")?)?;
-    wait_reloaded(&a, before)?;
+    change_files(
+        &a,
+        &[
+            (&fa.key, read_pki("node-c.key")?),
+            (&fa.cert, read_pki("node-c.pem")?),
+        ],
+    )?;
     let (s, c) = run_pair(&exchange, &[], Duration::from_secs(30))?;
     expect_server_failed_clean(&s).map_err(|e| format!("node c's certificate: {e}"))?;
     if ok(&c) || c["bytes_received"].as_u64() != Some(0) {
@@ -417,10 +433,13 @@ pub fn peer_must_be_its_node() -> Result<String, String> {
     if !(line.contains("node-c") && line.contains("node-a")) {
         return Err(format!("the refusal must name both nodes: {line}"));
     }
-    let before = reloads(&a);
-    replace_file(&fa.key, &read_pki("node-a.key")?)?;
-    replace_file(&fa.cert, &read_pki("node-a.pem")?)?;
-    wait_reloaded(&a, before)?;
+    change_files(
+        &a,
+        &[
+            (&fa.key, read_pki("node-a.key")?),
+            (&fa.cert, read_pki("node-a.pem")?),
+        ],
+    )?;
     let (s, c) = run_pair(&exchange, &[], Duration::from_secs(30))?;
     both_ok(&exchange, &s, &c).map_err(|e| format!("with node a's certificate back: {e}"))?;
     Ok(format!(
@@ -445,14 +464,7 @@ pub fn ca_rotation() -> Result<String, String> {
         let (s, c) = run_pair(&exchange, &[], Duration::from_secs(30))?;
         both_ok(&exchange, &s, &c).map_err(|e| format!("{step}: {e}"))
     };
-    // Changes files of one node and waits until its provider took them.
-    let change = |node: &super::node::Node, what: &[(&std::path::Path, Vec<u8>)]| {
-        let before = reloads(node);
-        for (path, bytes) in what {
-            replace_file(path, bytes)?;
-        }
-        wait_reloaded(node, before)
-    };
+    let change = change_files;
     let (fa, fb) = (a.provider_files(), b.provider_files());
     let both_cas = [read_pki("ca.pem")?, read_pki("rogue-ca.pem")?].concat();
     run("before")?;

@@ -1,10 +1,13 @@
-//! Which node owns which pod addresses, so that a handshake provider can
-//! tell whether the peer's certificate names the node that owns the
-//! peer's address (`[tls] node_map`):
+//! Which node owns which pod addresses: one file for every provider of a
+//! node. A handshake provider checks that the peer's certificate names the
+//! node that owns the peer's address (`[tls] node_map`); the TLSHub
+//! provider finds the address of the node that hosts the server pod
+//! (`node_map`, layout v2):
 //!
 //! ```toml
 //! [[node]]
 //! name = "node-a"                           # the DNS name in its certificate
+//! address = "192.168.0.1"                   # the node's own address
 //! pod_cidrs = ["10.0.1.0/24", "fd00:1::/64"]
 //! ```
 
@@ -22,6 +25,10 @@ use crate::runtime::{ConfigError, load_toml};
 pub struct Node {
     /// Its name: a DNS name (subjectAltName) of its certificate.
     pub name: String,
+    /// The node's own address, as the TLSHub kernel module addresses the
+    /// node (needed only by the TLSHub provider's layout v2).
+    #[serde(default)]
+    pub address: Option<IpAddr>,
     /// The addresses of its pods.
     pub pod_cidrs: Vec<Cidr>,
 }
@@ -42,13 +49,18 @@ impl NodeMap {
     }
 
     /// The node whose pods include `ip` (the longest prefix wins).
-    pub fn node_of(&self, ip: IpAddr) -> Option<&str> {
+    pub fn node_for(&self, ip: IpAddr) -> Option<&Node> {
         self.nodes
             .iter()
             .flat_map(|n| n.pod_cidrs.iter().map(move |c| (c, n)))
             .filter(|(c, _)| c.contains(ip))
             .max_by_key(|(c, _)| c.mapped_prefix())
-            .map(|(_, n)| n.name.as_str())
+            .map(|(_, n)| n)
+    }
+
+    /// The name of [`Self::node_for`].
+    pub fn node_of(&self, ip: IpAddr) -> Option<&str> {
+        self.node_for(ip).map(|n| n.name.as_str())
     }
 }
 
@@ -72,9 +84,13 @@ mod tests {
 
     #[test]
     fn the_shipped_example_parses() {
-        let map: NodeMap =
-            toml::from_str(include_str!("../../../deploy/config/nodes.toml")).unwrap();
+        let map: NodeMap = toml::from_str(include_str!("../../deploy/config/nodes.toml")).unwrap();
         assert_eq!(map.node_of("10.0.2.7".parse().unwrap()), Some("node-b"));
+        let b = map.node_for("10.0.2.7".parse().unwrap()).unwrap();
+        assert!(
+            b.address.is_some(),
+            "the example gives every node its address"
+        );
     }
 
     #[test]
