@@ -326,6 +326,61 @@ fn attach_points(cgroup: &Path) -> Vec<(String, String)> {
     .collect()
 }
 
+/// A program's name and whether the kernel loaded it.
+pub type ProgramLoad = (&'static str, Result<(), BpfError>);
+
+/// Loads every program of this build's object into the kernel without
+/// attaching or pinning anything (all of it is freed on return): whether
+/// this kernel accepts them, for `tlshub-core check`. One result per
+/// program, or the object's own load error.
+pub fn try_load_programs() -> Result<Vec<ProgramLoad>, BpfError> {
+    let mut ebpf = EbpfLoader::new().load(tlshub_ebpf::OBJECT)?;
+    let btf = Btf::from_sys_fs()?;
+    let mut results = Vec::new();
+    let mut record = |name: &'static str, r: Result<(), BpfError>| results.push((name, r));
+    record(
+        names::SOCKOPS,
+        program::<SockOps>(&mut ebpf, names::SOCKOPS).and_then(|p| {
+            p.load().map_err(|source| BpfError::Load {
+                program: names::SOCKOPS,
+                source,
+            })
+        }),
+    );
+    record(
+        names::DEFER_FIN,
+        program::<CgroupSkb>(&mut ebpf, names::DEFER_FIN).and_then(|p| {
+            p.load().map_err(|source| BpfError::Load {
+                program: names::DEFER_FIN,
+                source,
+            })
+        }),
+    );
+    for (name, function) in names::FEXIT {
+        record(
+            name,
+            program::<FExit>(&mut ebpf, name).and_then(|p| {
+                p.load(function, &btf).map_err(|source| BpfError::Load {
+                    program: name,
+                    source,
+                })
+            }),
+        );
+    }
+    for (name, hook) in names::LSM {
+        record(
+            name,
+            program::<Lsm>(&mut ebpf, name).and_then(|p| {
+                p.load(hook, &btf).map_err(|source| BpfError::Load {
+                    program: name,
+                    source,
+                })
+            }),
+        );
+    }
+    Ok(results)
+}
+
 /// Loads and attaches every program, pinning each link as
 /// `links_dir/<program>`.
 fn attach_all(ebpf: &mut Ebpf, cgroup: &Path, links_dir: &Path) -> Result<(), BpfError> {

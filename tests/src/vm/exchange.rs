@@ -18,11 +18,41 @@ pub fn kernel_has_ktls_and_bpf_lsm() -> Result<String, String> {
         return Err("/proc/net/tls_stat missing: tls module not loaded".into());
     }
     let uname = process::run(None, &["uname", "-r"])?;
+    let check = core_check()?;
     let fixed = fixed_key_ktls()?;
     Ok(format!(
-        "kernel {} lsm={}; {fixed}",
+        "kernel {} lsm={}; tlshub-core check: {check}; {fixed}",
         uname.trim(),
         lsm.trim()
+    ))
+}
+
+/// `tlshub-core check` (with the defaults, as on a fresh host) must find
+/// every requirement met on this kernel, and exit 0.
+fn core_check() -> Result<String, String> {
+    use tlshub_admin::preflight::{NAMES, Report};
+    let text = process::run(
+        None,
+        &[
+            "tlshub-core",
+            "check",
+            "--json",
+            "--config",
+            "/nonexistent.toml",
+        ],
+    )
+    .map_err(|e| format!("tlshub-core check: {e}"))?;
+    let json = text.find('{').map_or("", |at| &text[at..]);
+    let report: Report =
+        serde_json::from_str(json).map_err(|e| format!("tlshub-core check: {e}: {text}"))?;
+    let names: Vec<&str> = report.checks.iter().map(|c| c.name.as_str()).collect();
+    if names != NAMES || !report.ok() {
+        return Err(format!("tlshub-core check: {text}"));
+    }
+    Ok(format!(
+        "all {} met ({})",
+        NAMES.len(),
+        report.get("BPF programs").map_or("", |c| c.found.as_str())
     ))
 }
 

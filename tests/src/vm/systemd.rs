@@ -224,6 +224,12 @@ fn install_node_a() -> Result<Installed, String> {
             journal("tlshub-provider@openssl.service")
         )
     })?;
+    // The preflight an operator runs, on the installed configuration.
+    let check = sh("/usr/local/bin/tlshub-core check")
+        .map_err(|e| format!("tlshub-core check on the installed host: {e}"))?;
+    if !check.contains("this host can run tlshub-core") {
+        return Err(format!("tlshub-core check: {check}"));
+    }
     Ok(installed)
 }
 
