@@ -111,10 +111,11 @@ if [ "$live" = yes ]; then
     systemctl daemon-reload
 fi
 if [ -z "$root" ]; then
-    # What the kernel must offer; say so now rather than at the first connection.
-    modprobe tls 2>/dev/null || echo "warning: cannot load the kernel TLS module (tls): this kernel has no kTLS" >&2
-    if [ -r /sys/kernel/security/lsm ] && ! grep -qw bpf /sys/kernel/security/lsm; then
-        echo "warning: the BPF LSM is not enabled (/sys/kernel/security/lsm: $(cat /sys/kernel/security/lsm)); add 'lsm=...,bpf' to the kernel command line" >&2
+    # What the host must offer; say so now rather than at the first connection.
+    modprobe tls 2>/dev/null || true
+    if ! report=$("$bindir/tlshub-core" --config /etc/tlshub/core.toml check 2>&1); then
+        echo "warning: this host cannot run tlshub-core as it is ('tlshub-core check' says):" >&2
+        echo "$report" | grep -A1 '^MISSING' >&2
     fi
 fi
 

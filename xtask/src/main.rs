@@ -2,6 +2,7 @@
 //! runs everything. See `cargo xtask --help` and tests/README.md.
 #![forbid(unsafe_code)]
 
+mod deb;
 mod deps;
 mod dist;
 mod systemd_vm;
@@ -45,6 +46,10 @@ enum Cmd {
     /// Build the install directory and tarball under target/dist
     /// (binaries, systemd units, example configs, install.sh).
     Dist,
+    /// Build the Debian package target/dist/tlshub_VERSION_amd64.deb (the
+    /// dist's binaries, units, configs as conffiles, --help texts; prerm
+    /// stops the units and detaches the BPF programs).
+    Deb,
     /// Build, then install on this machine with the dist's install.sh
     /// (through sudo unless root). Arguments after `--` go to install.sh,
     /// e.g. `cargo xtask install -- --root /tmp/img` or `-- --uninstall`.
@@ -210,10 +215,14 @@ fn main() -> Result<()> {
             let kernels = deps::kernel_lines(&kernel)?;
             host_checks()?;
             if host_only {
-                dist::verify_units(&dist::assemble(&dist::build_product()?)?)?;
+                let dist = dist::assemble(&dist::build_product()?)?;
+                dist::verify_units(&dist)?;
+                deb::build(&dist)?;
             } else {
                 let bins = vm::build_binaries()?;
-                dist::verify_units(&dist::assemble(&bins)?)?;
+                let dist = dist::assemble(&bins)?;
+                dist::verify_units(&dist)?;
+                deb::build(&dist)?;
                 let run = vm::Run {
                     filter: filter.clone(),
                     ..vm::Run::new("test")
@@ -238,6 +247,10 @@ fn main() -> Result<()> {
         Cmd::Dist => {
             deps::install()?;
             dist::assemble(&dist::build_product()?)?;
+        }
+        Cmd::Deb => {
+            deps::install()?;
+            deb::build(&dist::assemble(&dist::build_product()?)?)?;
         }
         Cmd::Install { args } => {
             deps::install()?;

@@ -142,9 +142,15 @@ fn symlink(target: &str, link: &Path) -> Result<()> {
 }
 
 /// The disk image: the cached Debian root plus the dist directory (at
-/// `/root/tlshub-dist`), the test tools, the test PKI, the kernel modules
+/// `/root/tlshub-dist`), the package (`/root/tlshub.deb`), the test tools, the test PKI, the kernel modules
 /// the scenarios load, and the test unit.
-fn disk_image(kernel: &Kernel, dist: &Path, bins: &Path, work: &Path) -> Result<PathBuf> {
+fn disk_image(
+    kernel: &Kernel,
+    dist: &Path,
+    deb: &Path,
+    bins: &Path,
+    work: &Path,
+) -> Result<PathBuf> {
     let base = debian_root()?;
     let tree = work.join("systemd-root");
     let _ = std::fs::remove_dir_all(&tree);
@@ -153,6 +159,7 @@ fn disk_image(kernel: &Kernel, dist: &Path, bins: &Path, work: &Path) -> Result<
         .arg("-a")
         .arg(dist)
         .arg(tree.join("root/tlshub-dist")))?;
+    std::fs::copy(deb, tree.join("root/tlshub.deb")).context("the package")?;
     let testdir = tree.join("usr/local/lib/tlshub-test");
     std::fs::create_dir_all(&testdir)?;
     for b in TEST_BINARIES {
@@ -195,8 +202,9 @@ pub fn run_systemd(bins: &Path) -> Result<()> {
     let work = root().join("target/vm");
     std::fs::create_dir_all(&work)?;
     let dist = crate::dist::assemble(bins)?;
+    let deb = crate::deb::build(&dist)?;
     println!("== building the systemd VM disk");
-    let image = disk_image(&kernel, &dist, bins, &work)?;
+    let image = disk_image(&kernel, &dist, &deb, bins, &work)?;
     let initrd = initramfs(&kernel, &work)?;
     let result = boot(&Boot {
         kernel: &kernel,

@@ -5,7 +5,7 @@
 //! is the usual test-bed node. Checks the units' readiness, sandbox and
 //! capabilities, a protected connection, provider and core restarts under
 //! load through systemd, the release hook when the core stops for good,
-//! and uninstalling.
+//! and uninstalling; then the Debian package, installed and purged.
 
 use std::time::{Duration, Instant};
 use tlshub_provider_sdk::keylog::KeyLogRecord;
@@ -200,9 +200,21 @@ fn install_node_a() -> Result<Installed, String> {
     // On the installed system, as systemd itself sees the units.
     sh("cd /etc/systemd/system && systemd-analyze verify tlshub-core.service tlshub-core-release.service tlshub-provider@openssl.service tlshub-provider@tlshub.service")
         .map_err(|e| format!("systemd-analyze verify on the installed units: {e}"))?;
-    // The operator's part: certificates, the key timeout and restart
-    // grace, and (for this test) the core exporting its keys so the
-    // capture can be decrypted.
+    configure_node_a()?;
+    enable_node_a()?;
+    // The preflight an operator runs, on the installed configuration.
+    let check = sh("/usr/local/bin/tlshub-core check")
+        .map_err(|e| format!("tlshub-core check on the installed host: {e}"))?;
+    if !check.contains("this host can run tlshub-core") {
+        return Err(format!("tlshub-core check: {check}"));
+    }
+    Ok(installed)
+}
+
+/// The operator's part after installing: certificates, the key timeout
+/// and restart grace, and (for this test) the core exporting its keys so
+/// the capture can be decrypted.
+fn configure_node_a() -> Result<(), String> {
     sh(&format!(
         "cp {TEST_CERTS}/ca.pem {TEST_CERTS}/node-b.* /etc/tlshub/certs/ && \
          cp {TEST_CERTS}/node-a.pem /etc/tlshub/certs/node.pem && \
@@ -210,7 +222,12 @@ fn install_node_a() -> Result<Installed, String> {
          sed -i -e 's/^timeout_ms = .*/timeout_ms = {TIMEOUT_MS}/' \
              -e 's/^core_restart_grace_ms = .*/core_restart_grace_ms = {GRACE_MS}/' /etc/tlshub/core.toml && \
          echo 'TLSHUB_CORE_ARGS=--keylog-file /run/tlshub/keys.jsonl' > /etc/default/tlshub-core"
-    ))?;
+    ))
+    .map(drop)
+}
+
+/// `systemctl enable --now` of the OpenSSL provider and the core.
+fn enable_node_a() -> Result<(), String> {
     systemctl(&[
         "enable",
         "--now",
@@ -223,14 +240,83 @@ fn install_node_a() -> Result<Installed, String> {
             journal("tlshub-core.service"),
             journal("tlshub-provider@openssl.service")
         )
-    })?;
-    // The preflight an operator runs, on the installed configuration.
-    let check = sh("/usr/local/bin/tlshub-core check")
-        .map_err(|e| format!("tlshub-core check on the installed host: {e}"))?;
-    if !check.contains("this host can run tlshub-core") {
-        return Err(format!("tlshub-core check: {check}"));
+    })
+    .map(drop)
+}
+
+/// The package instead of `install.sh`, on the host `install.sh
+/// --uninstall` just left (its configuration removed, as on a fresh
+/// host): `apt-get install ./tlshub_*.deb` puts the binaries in /usr/bin,
+/// the units in /usr/lib/systemd/system and the configuration as
+/// conffiles; then the same operator's part, `tlshub-core check`,
+/// `systemctl enable --now`, `tlshubctl status` and a protected exchange
+/// with node b; then `apt-get purge`, after which no binary, unit, pin or
+/// configuration file of the package may be left.
+fn deb_install_and_purge() -> Result<String, String> {
+    sh("rm -rf /etc/tlshub /etc/default/tlshub-core")?;
+    let out = sh("DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends /root/tlshub.deb")
+        .map_err(|e| format!("apt-get install ./tlshub.deb: {e}"))?;
+    for f in [
+        "/usr/bin/tlshub-core",
+        "/usr/bin/tlshubctl",
+        "/usr/lib/systemd/system/tlshub-core.service",
+        "/usr/lib/systemd/system/tlshub-provider@.service",
+        "/etc/tlshub/core.toml",
+        "/etc/modules-load.d/tlshub.conf",
+    ] {
+        if !std::path::Path::new(f).exists() {
+            return Err(format!("the package did not install {f}:\n{out}"));
+        }
     }
-    Ok(installed)
+    let conffiles = sh("dpkg-query -W -f='${Conffiles}' tlshub")?;
+    if !conffiles.contains("/etc/tlshub/core.toml") {
+        return Err(format!("core.toml is not a conffile: {conffiles}"));
+    }
+    configure_node_a()?;
+    let check =
+        sh("tlshub-core check").map_err(|e| format!("tlshub-core check after the package: {e}"))?;
+    enable_node_a()?;
+    let status = tlshubctl(&["status"])?;
+    let exchange = super::support::App::exchange(10_000, super::node::PROTECTED_PORT);
+    let (s, c) = super::support::run_pair(&exchange, &[], Duration::from_secs(30))?;
+    super::support::both_ok(&exchange, &s, &c).map_err(|e| {
+        format!(
+            "a protected exchange with the package's core: {e}\n{}",
+            journal("tlshub-core.service")
+        )
+    })?;
+    let protected = metric(
+        &metrics_a()?,
+        "tlshub_connections_protected_total{provider=\"openssl\"}",
+    );
+    if protected < 1.0 {
+        return Err(format!(
+            "the package's core protected nothing; status {status}"
+        ));
+    }
+    sh("DEBIAN_FRONTEND=noninteractive apt-get purge -y tlshub")
+        .map_err(|e| format!("apt-get purge tlshub: {e}"))?;
+    let left: Vec<&str> = [
+        "/usr/bin/tlshub-core",
+        "/usr/lib/systemd/system/tlshub-core.service",
+        "/etc/tlshub/core.toml",
+        "/etc/modules-load.d/tlshub.conf",
+        "/etc/systemd/system/multi-user.target.wants/tlshub-core.service",
+    ]
+    .into_iter()
+    .filter(|f| std::path::Path::new(f).exists() || std::path::Path::new(f).is_symlink())
+    .collect();
+    let pins = std::fs::read_dir("/sys/fs/bpf/tlshub").is_ok_and(|mut d| d.next().is_some());
+    if !left.is_empty() || pins {
+        return Err(format!("apt-get purge left {left:?}, pins left: {pins}"));
+    }
+    if systemctl(&["is-active", "tlshub-core.service"]).is_ok() {
+        return Err("tlshub-core.service still active after the purge".into());
+    }
+    Ok(format!(
+        "package: installed, {} check lines all ok, exchange protected ({protected} keyed), purged with nothing left",
+        check.lines().filter(|l| l.starts_with("ok")).count()
+    ))
 }
 
 /// Checks the running units: active (Type=notify: started means ready),
@@ -500,15 +586,16 @@ pub fn systemd_install_units_and_restarts() -> Result<String, String> {
         }
     }
 
-    drop(b);
     drop(installed);
     if std::path::Path::new("/usr/local/bin/tlshub-core").exists()
         || std::fs::read_dir("/sys/fs/bpf/tlshub").is_ok_and(|mut d| d.next().is_some())
     {
         return Err("install.sh --uninstall left binaries or pins behind".into());
     }
+    let package = deb_install_and_purge()?;
+    drop(b);
     Ok(format!(
-        "install.sh + systemctl enable --now: {units}, NoNewPrivs, seccomp; systemctl reload provider in {reload_ms} ms, same process; {LONG} long connections unbroken, 0 corrupt through {}; short connections: {} ok of {} ({} keyed after the last restart of {after_total}), failures only inside the restart spans; core {new_core} adopted, release hook did nothing on the restart; wire: {} protected flows, {} decrypted, no plaintext; core stopped: client held, then after the restart grace {line}, client errno {}, wire {} protected flows no plaintext; uninstalled",
+        "install.sh + systemctl enable --now: {units}, NoNewPrivs, seccomp; systemctl reload provider in {reload_ms} ms, same process; {LONG} long connections unbroken, 0 corrupt through {}; short connections: {} ok of {} ({} keyed after the last restart of {after_total}), failures only inside the restart spans; core {new_core} adopted, release hook did nothing on the restart; wire: {} protected flows, {} decrypted, no plaintext; core stopped: client held, then after the restart grace {line}, client errno {}, wire {} protected flows no plaintext; uninstalled; {package}",
         events
             .iter()
             .zip(&per_event)
