@@ -41,9 +41,10 @@ struct Args {
     /// Override `metrics.listen` (ADDR:PORT).
     #[arg(long)]
     metrics_listen: Option<std::net::SocketAddr>,
-    /// Override `provider.timeout_ms`.
-    #[arg(long)]
-    key_timeout_ms: Option<u64>,
+    /// Override `provider.timeout_ms`, the key timeout (one name for the
+    /// setting: the flag is the config key).
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    provider_timeout_ms: Option<u64>,
     /// Override `failure_policy`.
     #[arg(long, value_enum)]
     failure_policy: Option<FailurePolicy>,
@@ -136,7 +137,7 @@ fn main() -> ExitCode {
     if let Some(l) = args.metrics_listen {
         config.metrics.listen = l;
     }
-    if let Some(t) = args.key_timeout_ms.filter(|t| *t > 0) {
+    if let Some(t) = args.provider_timeout_ms {
         config.provider.timeout_ms = t;
     }
     if let Some(p) = args.failure_policy {

@@ -59,3 +59,33 @@ fn a_good_file_checks_ok() {
     let (code, text) = run_with(include_str!("../../deploy/config/core.toml"));
     assert_eq!(code, Some(0), "{text}");
 }
+
+#[test]
+fn the_key_timeout_flag_is_named_as_its_config_key_and_refuses_zero() {
+    let run = |value: &str| {
+        Command::new(env!("CARGO_BIN_EXE_tlshub-core"))
+            .args([
+                "--config",
+                "/nonexistent.toml",
+                "--provider-timeout-ms",
+                value,
+            ])
+            .arg("--check-config")
+            .output()
+            .expect("run tlshub-core")
+    };
+    let zero = run("0");
+    assert_eq!(zero.status.code(), Some(2));
+    assert!(
+        String::from_utf8_lossy(&zero.stderr).contains("--provider-timeout-ms"),
+        "{}",
+        String::from_utf8_lossy(&zero.stderr)
+    );
+    // A good value gets past the flags to the (missing) file.
+    let good = run("1500");
+    assert!(
+        String::from_utf8_lossy(&good.stderr).contains("/nonexistent.toml"),
+        "{}",
+        String::from_utf8_lossy(&good.stderr)
+    );
+}
