@@ -93,6 +93,8 @@ install -m 0644 "$here/modules-load.conf" "$root/etc/modules-load.d/tlshub.conf"
 for d in "$here"/doc/*; do
     install -m 0644 "$d" "$docdir/"
 done
+install -d -m 0755 "$docdir/grafana"
+install -m 0644 "$here"/grafana/*.json "$docdir/grafana/"
 
 # Configuration: examples always, the live files only if absent.
 install -d -m 0755 "$root/etc/tlshub"

@@ -38,12 +38,19 @@ pub struct ProviderRoleLabels {
     pub role: &'static str,
 }
 
-/// `reason` label (a fixed vocabulary from the keying errors).
+/// `provider` and `reason` labels (reasons are a fixed vocabulary from
+/// the keying errors).
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct ReasonLabel {
+pub struct ProviderReasonLabels {
+    /// Provider name from the config.
+    pub provider: String,
     /// [`crate::keying::KeyingError::reason`] or a state machine's reason.
     pub reason: &'static str,
 }
+
+/// The `provider` label of a hold whose connection no provider was keying
+/// yet (its job starts once its owner is known).
+pub const UNASSIGNED: &str = "unassigned";
 
 /// `provider` and `credential` labels.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -180,8 +187,8 @@ pub struct Metrics {
     /// Protected connections whose keys were ready before any process was
     /// known to hold the socket.
     pub keyed_before_owner: Counter,
-    /// Connections that could not be keyed, by reason.
-    pub failed: Family<ReasonLabel, Counter>,
+    /// Connections that could not be keyed, by provider and reason.
+    pub failed: Family<ProviderReasonLabels, Counter>,
     /// Connections reset under fail-closed.
     pub reset: Counter,
     /// Connections let through in plaintext under fail-open.
@@ -190,10 +197,12 @@ pub struct Metrics {
     pub closed_before_keys: Counter,
     /// Time from asking the provider to having keys, by provider and role.
     pub key_seconds: HistogramFamily<ProviderRoleLabels>,
-    /// Times the gate stopped a process.
-    pub gate_holds: Counter,
-    /// How long a held process stayed stopped.
-    pub gate_hold_seconds: Histogram,
+    /// Times the gate stopped a process, by the provider keying its
+    /// connection ([`UNASSIGNED`] before one was).
+    pub gate_holds: Family<ProviderLabel, Counter>,
+    /// How long a held process stayed stopped, by the provider that keyed
+    /// its connection.
+    pub gate_hold_seconds: HistogramFamily<ProviderLabel>,
     /// Provider health: 1 serving, 0 otherwise.
     pub provider_up: Family<ProviderLabel, Gauge>,
     /// 1 for the active provider.
@@ -241,8 +250,8 @@ impl Metrics {
             plaintext: Counter::default(),
             closed_before_keys: Counter::default(),
             key_seconds: Family::new_with_constructor(key_histogram),
-            gate_holds: Counter::default(),
-            gate_hold_seconds: key_histogram(),
+            gate_holds: Family::default(),
+            gate_hold_seconds: Family::new_with_constructor(key_histogram),
             provider_up: Family::default(),
             credential_expiry: Family::default(),
             credential_names: std::sync::Mutex::default(),
@@ -274,7 +283,7 @@ impl Metrics {
         );
         registry.register(
             "connections_failed",
-            "Connections that could not be keyed, by reason",
+            "Connections that could not be keyed, by provider and reason",
             m.failed.clone(),
         );
         registry.register(
@@ -304,12 +313,12 @@ impl Metrics {
         );
         registry.register(
             "gate_holds",
-            "Times the gate stopped a process before its connection had keys",
+            "Times the gate stopped a process before its connection had keys, by the provider keying it (unassigned: none yet)",
             m.gate_holds.clone(),
         );
         registry.register(
             "gate_hold_duration_seconds",
-            "How long a held process stayed stopped",
+            "How long a held process stayed stopped, by the provider that keyed its connection",
             m.gate_hold_seconds.clone(),
         );
         registry.register(
@@ -539,7 +548,10 @@ mod tests {
             })
             .observe(0.03);
         m.failed
-            .get_or_create(&ReasonLabel { reason: "timeout" })
+            .get_or_create(&ProviderReasonLabels {
+                provider: "openssl".into(),
+                reason: "timeout",
+            })
             .inc();
         m.set_tls_stat([
             "TlsCurrTxSw                     \t3\nTlsTxSw 7\nnoise\n",
@@ -549,7 +561,7 @@ mod tests {
         for want in [
             "tlshub_connections_selected_total 1",
             "tlshub_connections_protected_total{provider=\"openssl\"} 1",
-            "tlshub_connections_failed_total{reason=\"timeout\"} 1",
+            "tlshub_connections_failed_total{provider=\"openssl\",reason=\"timeout\"} 1",
             "tlshub_key_duration_seconds_bucket{le=\"0.032\",provider=\"openssl\",role=\"client\"} 1",
             "tlshub_ktls_sockets{counter=\"TlsCurrTxSw\"} 5",
             "tlshub_ktls_sockets{counter=\"TlsTxSw\"} 7",
@@ -558,6 +570,100 @@ mod tests {
             assert!(text.contains(want), "missing {want} in\n{text}");
         }
         assert!(!text.contains("cookie"), "no per-connection labels");
+    }
+
+    /// Every series name the core can export: from the `# TYPE` lines,
+    /// with the suffixes each type's samples carry. A labelled family is
+    /// encoded only once it has a series, so each gets one here.
+    fn exported_series() -> std::collections::BTreeSet<String> {
+        let m = Metrics::new();
+        let p = || ProviderLabel {
+            provider: "openssl".into(),
+        };
+        m.protected.get_or_create(&p()).inc();
+        m.failed
+            .get_or_create(&ProviderReasonLabels {
+                provider: "openssl".into(),
+                reason: "timeout",
+            })
+            .inc();
+        m.key_seconds
+            .get_or_create(&ProviderRoleLabels {
+                provider: "openssl".into(),
+                role: "client",
+            })
+            .observe(0.01);
+        m.gate_holds.get_or_create(&p()).inc();
+        m.gate_hold_seconds.get_or_create(&p()).observe(0.01);
+        m.provider_up.get_or_create(&p()).set(1);
+        m.provider_active.get_or_create(&p()).set(1);
+        m.provider_in_flight.get_or_create(&p()).set(0);
+        m.set_credentials(
+            "openssl",
+            &[tlshub_provider_sdk::Credential {
+                name: "certificate".into(),
+                not_after_unix_seconds: 1,
+            }],
+        );
+        m.set_tls_stat(["TlsCurrTxSw 1\n"]);
+        let mut names = std::collections::BTreeSet::new();
+        for line in m.encode().lines() {
+            let Some(rest) = line.strip_prefix("# TYPE ") else {
+                continue;
+            };
+            let mut parts = rest.split_whitespace();
+            let (Some(name), Some(kind)) = (parts.next(), parts.next()) else {
+                continue;
+            };
+            let suffixes: &[&str] = match kind {
+                "counter" => &["_total"],
+                "histogram" => &["_bucket", "_sum", "_count"],
+                _ => &[""],
+            };
+            names.extend(suffixes.iter().map(|s| format!("{name}{s}")));
+        }
+        names
+    }
+
+    #[test]
+    fn the_grafana_dashboard_queries_only_metrics_the_core_exports() {
+        let dashboard: serde_json::Value =
+            serde_json::from_str(include_str!("../../deploy/grafana/tlshub-dashboard.json"))
+                .expect("the dashboard is JSON");
+        let exported = exported_series();
+        assert!(exported.contains("tlshub_gate_holds_total"), "{exported:?}");
+        let mut queried = std::collections::BTreeSet::new();
+        let panels = dashboard["panels"].as_array().expect("panels");
+        for panel in panels {
+            for target in panel["targets"].as_array().expect("targets") {
+                let expr = target["expr"].as_str().expect("expr");
+                let mut rest = expr;
+                while let Some(at) = rest.find("tlshub_") {
+                    let name: String = rest[at..]
+                        .chars()
+                        .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                        .collect();
+                    rest = &rest[at + name.len()..];
+                    queried.insert(name);
+                }
+            }
+        }
+        let unknown: Vec<&String> = queried.iter().filter(|q| !exported.contains(*q)).collect();
+        assert!(
+            unknown.is_empty(),
+            "the dashboard queries {unknown:?}, which the core does not export"
+        );
+        // The per-provider comparison is the dashboard's point.
+        for want in [
+            "tlshub_connections_protected_total",
+            "tlshub_key_duration_seconds_bucket",
+            "tlshub_connections_failed_total",
+            "tlshub_gate_holds_total",
+            "tlshub_gate_hold_duration_seconds_bucket",
+            "tlshub_provider_credential_expiry_timestamp_seconds",
+        ] {
+            assert!(queried.contains(want), "the dashboard does not show {want}");
+        }
     }
 
     #[test]

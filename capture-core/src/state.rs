@@ -18,7 +18,9 @@ use tracing::{debug, error, info, warn};
 use crate::bpf::BpfError;
 use crate::config::FailurePolicy;
 use crate::keying::{Installed, KeyingError, Outcome};
-use crate::metrics::{Metrics, ProviderLabel, ProviderRoleLabels, ReasonLabel};
+use crate::metrics::{
+    Metrics, ProviderLabel, ProviderReasonLabels, ProviderRoleLabels, UNASSIGNED,
+};
 
 /// What the state machine needs from the kernel. `Programs` (with the
 /// core's socket duplicates) is the real one; the tests fake it.
@@ -296,13 +298,26 @@ pub fn same_connection(a: &Event, b: &Event) -> bool {
         && a.remote_addr == b.remote_addr
 }
 
+/// The provider keying (or that keyed) `cookie`'s connection, for metric
+/// labels; [`UNASSIGNED`] before one was chosen.
+fn provider_of(
+    pending: &HashMap<u64, Pending>,
+    protected: &HashMap<u64, Protected>,
+    cookie: u64,
+) -> String {
+    pending
+        .get(&cookie)
+        .and_then(|p| p.provider.clone())
+        .or_else(|| protected.get(&cookie).map(|p| p.provider.clone()))
+        .unwrap_or_else(|| UNASSIGNED.to_owned())
+}
+
 /// A count the core keeps both as a stats-file field and as an unlabelled
 /// metric ([`ConnTable::tally`] bumps the pair).
 #[derive(Clone, Copy, Debug)]
 enum Tally {
     Selected,
     ClosedBeforeKeys,
-    GateStop,
     GateWait,
     Reset,
     PassedPlaintext,
@@ -585,7 +600,12 @@ impl ConnTable {
                 self.maybe_start(ev.cookie);
             }
             kind::HELD => {
-                self.tally(Tally::GateStop);
+                self.stats.gate_stops += 1;
+                let provider = provider_of(&self.pending, &self.protected, ev.cookie);
+                self.metrics
+                    .gate_holds
+                    .get_or_create(&ProviderLabel { provider })
+                    .inc();
                 if self.held_cookies.insert(ev.cookie) {
                     self.stats.held_connections += 1;
                 }
@@ -646,7 +666,6 @@ impl ConnTable {
         let (field, metric) = match t {
             Tally::Selected => (&mut s.selected, &m.selected),
             Tally::ClosedBeforeKeys => (&mut s.closed_before_keys, &m.closed_before_keys),
-            Tally::GateStop => (&mut s.gate_stops, &m.gate_holds),
             Tally::GateWait => (&mut s.gate_waits, &m.gate_waits),
             Tally::Reset => (&mut s.reset, &m.reset),
             Tally::PassedPlaintext => (&mut s.passed_plaintext, &m.plaintext),
@@ -810,7 +829,7 @@ impl ConnTable {
                 };
                 if let Err(e) = opened {
                     error!(cookie, error = %e, "cannot open the gate; resetting");
-                    self.fail(k, cookie, socket.as_ref(), "gate_open", true);
+                    self.fail(k, cookie, socket.as_ref(), &provider, "gate_open", true);
                     return;
                 }
                 self.stats.protected += 1;
@@ -858,7 +877,14 @@ impl ConnTable {
             Err(e) => {
                 warn!(cookie, provider = %provider, error = %e, reason = e.reason(), "connection could not be keyed");
                 let half_installed = matches!(e, KeyingError::Install { .. });
-                self.fail(k, cookie, socket.as_ref(), e.reason(), half_installed);
+                self.fail(
+                    k,
+                    cookie,
+                    socket.as_ref(),
+                    &provider,
+                    e.reason(),
+                    half_installed,
+                );
             }
         }
     }
@@ -903,7 +929,7 @@ impl ConnTable {
                 job, "keys for a previous connection of this socket were installed; resetting"
             );
             self.pending.remove(&cookie);
-            self.fail(k, cookie, socket, "stale_keys", true);
+            self.fail(k, cookie, socket, provider, "stale_keys", true);
         } else {
             debug!(
                 cookie,
@@ -948,19 +974,24 @@ impl ConnTable {
         true
     }
 
-    /// Applies the failure policy and counts it.
+    /// Applies the failure policy and counts it (by `provider`, the one
+    /// whose job failed).
     fn fail<K: Kernel>(
         &mut self,
         k: &mut K,
         cookie: u64,
         socket: Option<&K::Socket>,
+        provider: &str,
         reason: &'static str,
         force_reset: bool,
     ) {
         self.stats.record_failure(reason);
         self.metrics
             .failed
-            .get_or_create(&ReasonLabel { reason })
+            .get_or_create(&ProviderReasonLabels {
+                provider: provider.to_owned(),
+                reason,
+            })
             .inc();
         match apply_failure(k, cookie, socket, self.policy, force_reset) {
             Failed::Reset => {
@@ -1041,7 +1072,11 @@ impl ConnTable {
                     if h.reason == HoldReason::Keys {
                         let held_ns = now.saturating_sub(h.since_ns);
                         self.stats.held_micros.push(held_ns / 1000);
-                        self.metrics.gate_hold_seconds.observe(held_ns as f64 / 1e9);
+                        let provider = provider_of(&self.pending, &self.protected, h.cookie);
+                        self.metrics
+                            .gate_hold_seconds
+                            .get_or_create(&ProviderLabel { provider })
+                            .observe(held_ns as f64 / 1e9);
                     }
                     debug!(pid, cookie = h.cookie, reason = ?h.reason, "held process continued");
                 }

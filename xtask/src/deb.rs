@@ -31,6 +31,7 @@ pub const MUST_HOLD: &[&str] = &[
     "./etc/tlshub/nodes.toml",
     "./etc/modules-load.d/tlshub.conf",
     "./usr/share/doc/tlshub/help/tlshub-core.txt",
+    "./usr/share/doc/tlshub/grafana/tlshub-dashboard.json",
 ];
 
 /// The package file for this version.

@@ -61,6 +61,7 @@ pub fn assemble(bins: &Path) -> Result<PathBuf> {
         "config",
         "doc",
         "systemd/tlshub-provider@tlshub.service.d",
+        "grafana",
     ] {
         std::fs::create_dir_all(dir.join(d))?;
     }
@@ -72,6 +73,7 @@ pub fn assemble(bins: &Path) -> Result<PathBuf> {
     }
     copy_tree(&deploy.join("systemd"), &dir.join("systemd"))?;
     copy_tree(&deploy.join("config"), &dir.join("config"))?;
+    copy_tree(&deploy.join("grafana"), &dir.join("grafana"))?;
     for f in ["install.sh", "modules-load.conf"] {
         std::fs::copy(deploy.join(f), dir.join(f)).with_context(|| format!("deploy/{f}"))?;
     }

@@ -866,7 +866,6 @@ fn every_count_in_the_stats_file_equals_its_metric() {
             "connections_closed_before_keys",
             c.closed_before_keys + o.closed_before_keys,
         ),
-        ("gate_holds", c.gate_stops + o.gate_stops),
         ("gate_waits", c.gate_waits + o.gate_waits),
         ("connections_reset", c.reset + o.reset),
         (
@@ -878,6 +877,23 @@ fn every_count_in_the_stats_file_equals_its_metric() {
         let line = format!("tlshub_{metric}_total {stat}\n");
         assert!(text.contains(&line), "{line:?} not in\n{text}");
     }
+    // Holds and failures are labelled by provider: their sums match too.
+    let sum = |prefix: &str| -> u64 {
+        text.lines()
+            .filter(|l| l.starts_with(prefix))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+            .sum()
+    };
+    let holds = c.gate_stops + o.gate_stops;
+    assert!(holds > 0, "the sequence above holds");
+    assert_eq!(sum("tlshub_gate_holds_total{provider="), holds, "{text}");
+    let failed: u64 = c.failed.values().chain(o.failed.values()).sum();
+    assert!(failed > 0);
+    assert_eq!(
+        sum("tlshub_connections_failed_total{provider="),
+        failed,
+        "{text}"
+    );
 }
 
 /// A table whose active provider keys without the socket, and the job it
