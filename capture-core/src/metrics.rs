@@ -1,16 +1,12 @@
-//! Prometheus metrics and their HTTP endpoint (`GET /metrics`, OpenMetrics
-//! text). Labels take only bounded values: provider names from the config,
+//! Prometheus metrics, served at `GET /metrics` by the SDK's endpoint
+//! (`tlshub_provider_sdk::metrics::serve_http`, which the providers use
+//! too). Labels take only bounded values: provider names from the config,
 //! roles, a fixed set of failure reasons and kTLS counter names. Nothing
 //! per connection, nothing secret.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
 
-use http_body_util::Full;
-use hyper::body::Bytes;
-use hyper::{Method, Request, Response, StatusCode};
-use hyper_util::rt::TokioIo;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -19,8 +15,7 @@ use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 use tlshub_admin::stats::Stats;
 use tlshub_ebpf::stat;
-use tokio::net::TcpListener;
-use tracing::{debug, info, warn};
+pub use tlshub_provider_sdk::metrics::ListenError;
 
 /// `provider` label.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -374,11 +369,7 @@ impl Metrics {
 
     /// The OpenMetrics text of every metric.
     pub fn encode(&self) -> String {
-        let mut out = String::new();
-        if let Err(e) = prometheus_client::encoding::text::encode(&mut out, &self.registry) {
-            warn!(error = %e, "cannot encode metrics");
-        }
-        out
+        tlshub_provider_sdk::metrics::encode(&self.registry)
     }
 
     /// Marks `active` as the active provider among `names` (1 for it, 0 for
@@ -428,75 +419,15 @@ impl Metrics {
     }
 }
 
-/// Why the metrics endpoint could not start.
-#[derive(Debug, thiserror::Error)]
-#[error("cannot listen for metrics on {addr}: {source}")]
-pub struct ListenError {
-    /// The `[metrics] listen` address.
-    pub addr: SocketAddr,
-    /// The bind's error.
-    #[source]
-    pub source: std::io::Error,
-}
-
-/// Binds `addr` and serves `GET /metrics` until the task is dropped.
+/// Binds `addr` and serves `GET /metrics` until the task is aborted.
 pub async fn serve(
     addr: SocketAddr,
     metrics: Arc<Metrics>,
 ) -> Result<tokio::task::JoinHandle<()>, ListenError> {
-    let listener = TcpListener::bind(addr)
-        .await
-        .map_err(|source| ListenError { addr, source })?;
-    info!(%addr, "metrics endpoint listening (GET /metrics)");
-    Ok(tokio::spawn(async move {
-        loop {
-            let Ok((stream, peer)) = listener.accept().await else {
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                continue;
-            };
-            let metrics = metrics.clone();
-            tokio::spawn(async move {
-                let service =
-                    hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
-                        let metrics = metrics.clone();
-                        async move { Ok::<_, std::convert::Infallible>(answer(&req, &metrics)) }
-                    });
-                let conn = hyper::server::conn::http1::Builder::new()
-                    .timer(hyper_util::rt::TokioTimer::new())
-                    .header_read_timeout(Duration::from_secs(5))
-                    .serve_connection(TokioIo::new(stream), service);
-                if let Err(e) = tokio::time::timeout(Duration::from_secs(30), conn).await {
-                    debug!(%peer, error = %e, "metrics connection timed out");
-                }
-            });
-        }
-    }))
-}
-
-fn answer(req: &Request<hyper::body::Incoming>, metrics: &Metrics) -> Response<Full<Bytes>> {
-    let (status, ctype, body) = match (req.method(), req.uri().path()) {
-        (&Method::GET, "/metrics") => (
-            StatusCode::OK,
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-            metrics.encode(),
-        ),
-        (&Method::GET, _) => (
-            StatusCode::NOT_FOUND,
-            "text/plain",
-            "only /metrics is served here\n".to_owned(),
-        ),
-        _ => (
-            StatusCode::METHOD_NOT_ALLOWED,
-            "text/plain",
-            "GET only\n".to_owned(),
-        ),
-    };
-    let mut r = Response::new(Full::new(Bytes::from(body)));
-    *r.status_mut() = status;
-    if let Ok(v) = hyper::header::HeaderValue::from_str(ctype) {
-        r.headers_mut().insert(hyper::header::CONTENT_TYPE, v);
-    }
-    r
+    let encode: tlshub_provider_sdk::metrics::Encoder = Arc::new(move || metrics.encode());
+    Ok(tlshub_provider_sdk::metrics::serve_http(addr, encode)
+        .await?
+        .1)
 }
 
 #[cfg(test)]

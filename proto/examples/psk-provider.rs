@@ -133,6 +133,7 @@ fn main() -> ExitCode {
         ServeOptions {
             socket_path: socket,
             allowed_uid: None,
+            metrics_listen: None,
         },
     )
 }

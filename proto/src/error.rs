@@ -64,6 +64,20 @@ pub enum ProviderError {
 }
 
 impl ProviderError {
+    /// A short name of the variant, for metric labels and logs.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::InvalidRequest { .. } => "invalid_request",
+            Self::Unsupported { .. } => "unsupported",
+            Self::PeerAuthentication { .. } => "peer_authentication",
+            Self::Handshake { .. } => "handshake",
+            Self::Timeout { .. } => "timeout",
+            Self::Socket { .. } => "socket",
+            Self::Unavailable { .. } => "unavailable",
+            Self::Internal { .. } => "internal",
+        }
+    }
+
     /// The gRPC code this error travels as.
     pub fn code(&self) -> Code {
         match self {
@@ -112,5 +126,9 @@ mod tests {
         codes.sort_unstable();
         codes.dedup();
         assert_eq!(codes.len(), errors.len());
+        let mut kinds: Vec<&str> = errors.iter().map(ProviderError::kind).collect();
+        kinds.sort_unstable();
+        kinds.dedup();
+        assert_eq!(kinds.len(), errors.len());
     }
 }

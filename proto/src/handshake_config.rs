@@ -5,6 +5,7 @@
 //! ```toml
 //! socket = "/run/tlshub/provider.sock"   # optional
 //! allowed_uid = 990                      # optional
+//! metrics_listen = "127.0.0.1:9470"      # optional: GET /metrics
 //! [tls]
 //! ca = "/etc/tlshub/certs/ca.pem"
 //! cert = "/etc/tlshub/certs/node.pem"
@@ -84,6 +85,10 @@ pub struct HandshakeProviderConfig {
     /// Besides root, the uid allowed to call.
     #[serde(default)]
     pub allowed_uid: Option<u32>,
+    /// Where to serve the key request metrics (`GET /metrics`); unset:
+    /// not served.
+    #[serde(default)]
+    pub metrics_listen: Option<std::net::SocketAddr>,
     /// Handshake parameters.
     pub tls: TlsSection,
 }
@@ -156,6 +161,7 @@ pub fn handshake_provider_main<L: TlsLibrary>() -> std::process::ExitCode {
         crate::ServeOptions {
             socket_path,
             allowed_uid: config.allowed_uid,
+            metrics_listen: config.metrics_listen,
         },
     )
 }

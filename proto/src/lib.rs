@@ -16,6 +16,7 @@ pub mod error;
 pub mod handshake;
 pub mod handshake_config;
 pub mod keylog;
+pub mod metrics;
 pub mod node_map;
 pub mod runtime;
 pub mod server;

@@ -13,6 +13,7 @@ use tonic::{Request, Response, Status};
 use tracing::{Instrument, info, info_span, warn};
 
 use crate::error::ProviderError;
+use crate::metrics::KeyRequestMetrics;
 use crate::pb;
 use crate::types::{ConnectionKeys, KeyRequest, ProviderInfo};
 
@@ -59,6 +60,9 @@ pub struct ServeOptions {
     /// Besides root, the one uid allowed to call (checked with
     /// `SO_PEERCRED` on every connection).
     pub allowed_uid: Option<u32>,
+    /// Where to serve the key request metrics (`GET /metrics`,
+    /// [`crate::metrics::KeyRequestMetrics`]); `None`: not served.
+    pub metrics_listen: Option<std::net::SocketAddr>,
 }
 
 /// Why the server could not start or stopped.
@@ -90,6 +94,9 @@ pub enum ServeError {
     /// The gRPC server failed.
     #[error("gRPC server failed: {0}")]
     Transport(#[from] tonic::transport::Error),
+    /// The metrics endpoint could not listen.
+    #[error(transparent)]
+    Metrics(#[from] crate::metrics::ListenError),
 }
 
 /// Binds the socket so that nobody but the owner can connect before it is
@@ -150,6 +157,7 @@ fn peer_allowed(stream: &UnixStream, allowed_uid: Option<u32>) -> bool {
 
 struct Service<P> {
     provider: Arc<P>,
+    metrics: Arc<KeyRequestMetrics>,
 }
 
 #[tonic::async_trait]
@@ -165,11 +173,19 @@ impl<P: Provider> pb::key_provider_server::KeyProvider for Service<P> {
         &self,
         request: Request<pb::ConnectionKeysRequest>,
     ) -> Result<Response<pb::ConnectionKeys>, Status> {
-        let request = KeyRequest::from_pb(request.into_inner()).map_err(|e| {
-            Status::from(ProviderError::InvalidRequest {
-                reason: e.to_string(),
-            })
-        })?;
+        let started = std::time::Instant::now();
+        let _in_flight = self.metrics.started();
+        let request = match KeyRequest::from_pb(request.into_inner()) {
+            Ok(r) => r,
+            Err(e) => {
+                let e = ProviderError::InvalidRequest {
+                    reason: e.to_string(),
+                };
+                self.metrics.finished(None, Err(&e), started.elapsed());
+                return Err(e.into());
+            }
+        };
+        let role = request.role;
         let span = info_span!(
             "keys",
             cookie = request.socket_cookie,
@@ -178,17 +194,20 @@ impl<P: Provider> pb::key_provider_server::KeyProvider for Service<P> {
             remote = %request.remote,
         );
         async {
-            let started = std::time::Instant::now();
             let result = self.provider.keys(request).await;
+            let result = result.and_then(|keys| match keys.validate() {
+                Ok(()) => Ok(keys),
+                Err(e) => {
+                    warn!(error = %e, "provider produced invalid keys");
+                    Err(ProviderError::Internal {
+                        reason: e.to_string(),
+                    })
+                }
+            });
+            self.metrics
+                .finished(Some(role), result.as_ref().map(drop), started.elapsed());
             match result {
                 Ok(keys) => {
-                    if let Err(e) = keys.validate() {
-                        warn!(error = %e, "provider produced invalid keys");
-                        return Err(ProviderError::Internal {
-                            reason: e.to_string(),
-                        }
-                        .into());
-                    }
                     info!(
                         cipher = %keys.cipher_suite,
                         micros = started.elapsed().as_micros() as u64,
@@ -248,6 +267,16 @@ pub async fn serve_until<P: Provider>(
 ) -> Result<(), ServeError> {
     let provider = Arc::new(provider);
     let listener = bind_private(&options.socket_path, options.allowed_uid)?;
+    let metrics = Arc::new(KeyRequestMetrics::new());
+    let metrics_task = match options.metrics_listen {
+        Some(addr) => {
+            let encode = Arc::clone(&metrics);
+            let (_, task) =
+                crate::metrics::serve_http(addr, Arc::new(move || encode.encode())).await?;
+            Some(task)
+        }
+        None => None,
+    };
     let (reporter, health) = tonic_health::server::health_reporter();
     type Server<P> = pb::key_provider_server::KeyProviderServer<Service<P>>;
     reporter.set_serving::<Server<P>>().await;
@@ -326,12 +355,15 @@ pub async fn serve_until<P: Provider>(
     let result = tonic::transport::Server::builder()
         .add_service(health)
         .add_service(pb::key_provider_server::KeyProviderServer::from_arc(
-            Arc::new(Service { provider }),
+            Arc::new(Service { provider, metrics }),
         ))
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await;
     health_task.abort();
     reload_task.abort();
+    if let Some(t) = metrics_task {
+        t.abort();
+    }
     info!("provider stopped");
     Ok(result?)
 }

@@ -89,11 +89,21 @@ async fn start_for(
     path: &Path,
     allowed_uid: Option<u32>,
 ) -> tokio::sync::oneshot::Sender<()> {
+    start_with(
+        provider,
+        ServeOptions {
+            socket_path: path.to_owned(),
+            allowed_uid,
+            metrics_listen: None,
+        },
+    )
+    .await
+}
+
+/// Serves `provider` with `options` until the returned sender is dropped.
+async fn start_with(provider: Fixed, options: ServeOptions) -> tokio::sync::oneshot::Sender<()> {
+    let path = options.socket_path.clone();
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-    let options = ServeOptions {
-        socket_path: path.to_owned(),
-        allowed_uid,
-    };
     tokio::spawn(async move {
         serve_until(provider, options, async {
             let _ = rx.await;
@@ -162,6 +172,55 @@ async fn keys_info_errors_and_socket_lifecycle() {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     assert!(!path.exists(), "socket removed at shutdown");
+}
+
+/// `GET` of `path` on `addr` over plain HTTP/1.0: the whole response.
+async fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(format!("GET {path} HTTP/1.0\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.unwrap();
+    out
+}
+
+/// With `metrics_listen`, the SDK serves the key request metrics: requests
+/// by result (ok or the error's kind), their duration by role, requests
+/// in flight.
+#[tokio::test]
+async fn key_request_metrics_are_served_when_asked() {
+    let path = temp_socket("metrics");
+    // A free port: bound, read, released (the server binds it again).
+    let addr = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let _stop = start_with(
+        Fixed { broken: false },
+        ServeOptions {
+            socket_path: path.clone(),
+            allowed_uid: None,
+            metrics_listen: Some(addr),
+        },
+    )
+    .await;
+    let client = ProviderClient::new(&path, None);
+    client.keys(&request("10.0.1.2:40000")).await.unwrap();
+    client.keys(&request("10.0.1.2:40001")).await.unwrap();
+    client.keys(&request("[fd00::1]:1")).await.unwrap_err();
+    let text = http_get(addr, "/metrics").await;
+    for want in [
+        "200 OK",
+        "tlshub_keyprovider_requests_total{result=\"ok\"} 2",
+        "tlshub_keyprovider_requests_total{result=\"unsupported\"} 1",
+        "tlshub_keyprovider_request_duration_seconds_count{role=\"client\",result=\"ok\"} 2",
+        "tlshub_keyprovider_requests_in_flight 0",
+    ] {
+        assert!(text.contains(want), "missing {want} in\n{text}");
+    }
+    assert!(http_get(addr, "/").await.contains("404"));
 }
 
 #[tokio::test]
@@ -326,6 +385,7 @@ async fn a_request_after_a_graceful_stop_began_is_unavailable() {
     let options = ServeOptions {
         socket_path: path.clone(),
         allowed_uid: None,
+        metrics_listen: None,
     };
     let provider = Gated {
         release: release.clone(),

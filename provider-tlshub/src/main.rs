@@ -31,6 +31,9 @@ struct Config {
     socket: PathBuf,
     #[serde(default)]
     allowed_uid: Option<u32>,
+    /// Where to serve the key request metrics (`GET /metrics`).
+    #[serde(default)]
+    metrics_listen: Option<std::net::SocketAddr>,
     #[serde(default)]
     module: ModuleSection,
     /// The cluster's node map (TOML, each node with its `address`), for
@@ -155,6 +158,7 @@ fn main() -> ExitCode {
     let options = ServeOptions {
         socket_path: config.socket,
         allowed_uid: config.allowed_uid,
+        metrics_listen: config.metrics_listen,
     };
     run("tlshub-provider-tlshub", provider, options)
 }

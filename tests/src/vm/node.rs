@@ -364,6 +364,13 @@ impl Node {
         metrics_at(port).map_err(|e| format!("metrics of node {}: {e}", self.spec.name))
     }
 
+    /// The metrics a handshake provider serves itself (the SDK's key
+    /// request metrics).
+    pub fn provider_metrics(&self, kind: ProviderKind) -> Result<String, String> {
+        metrics_at(provider_metrics_port(self.spec.name, kind))
+            .map_err(|e| format!("metrics of node {}'s {}: {e}", self.spec.name, kind.name()))
+    }
+
     /// Kills one provider with SIGKILL (no cleanup: its socket file stays).
     pub fn kill_provider(&mut self, kind: ProviderKind) {
         for (k, p) in &mut self.providers {
@@ -485,6 +492,13 @@ impl Drop for Node {
 }
 
 /// `GET /metrics` on 127.0.0.1:`port`: the text, if the answer is 200.
+/// Where a node's handshake provider serves its own metrics
+/// (`metrics_listen`; the providers run in the root namespace).
+fn provider_metrics_port(node: &str, kind: ProviderKind) -> u16 {
+    let base = if node == "a" { 9470 } else { 9480 };
+    base + u16::from(kind == ProviderKind::BoringSsl)
+}
+
 pub fn metrics_at(port: u16) -> Result<String, String> {
     use std::io::{Read, Write};
     let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).map_err(|e| e.to_string())?;
@@ -528,8 +542,9 @@ fn spawn_provider(
         String::new()
     };
     let provider_toml = format!(
-        "socket = \"{}\"\n[tls]\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n{node_map}cipher_suites = [\"{}\"]\ngroups = [\"X25519\"]\n",
+        "socket = \"{}\"\nmetrics_listen = \"127.0.0.1:{}\"\n[tls]\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n{node_map}cipher_suites = [\"{}\"]\ngroups = [\"X25519\"]\n",
         socket.display(),
+        provider_metrics_port(n, kind),
         files.ca.display(),
         files.cert.display(),
         files.key.display(),
