@@ -158,19 +158,7 @@ impl<L: TlsLibrary> Loaded<L> {
     }
 }
 
-/// What [`HandshakeProvider::reload`] did.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Reload {
-    /// The files are as they were loaded (and no reload was forced).
-    Unchanged,
-    /// New files are in use for new handshakes.
-    Reloaded,
-    /// The new files do not load: the old ones stay in use. Given once per
-    /// version of the files.
-    Refused(String),
-    /// The same refused files are still there.
-    StillRefused,
-}
+pub use crate::server::Reload;
 
 /// A [`Provider`] that handshakes over the application's connection with
 /// the TLS library `L`.
@@ -436,10 +424,12 @@ impl<L: TlsLibrary> Provider for HandshakeProvider<L> {
         }
     }
 
-    async fn reload(&self, forced: bool) {
+    async fn reload(&self, forced: bool) -> Reload {
         // Reading files and building a context blocks.
         let this = self.clone();
-        let _ = tokio::task::spawn_blocking(move || this.reload(forced)).await;
+        tokio::task::spawn_blocking(move || this.reload(forced))
+            .await
+            .unwrap_or_else(|e| Reload::Refused(format!("reload thread: {e}")))
     }
 
     async fn keys(&self, request: KeyRequest) -> Result<ConnectionKeys, ProviderError> {

@@ -25,7 +25,7 @@ pub mod tls13;
 pub mod types;
 
 pub use error::ProviderError;
-pub use server::{Provider, RELOAD_CHECK_EVERY, ServeOptions, run, serve};
+pub use server::{Provider, RELOAD_CHECK_EVERY, Reload, ServeOptions, run, serve};
 pub use types::{
     CipherSuite, ConnectionId, ConnectionKeys, Credential, DirectionKeys, Endpoint, KeyRequest,
     ProviderInfo, Role, SocketHandle, TlsVersion,

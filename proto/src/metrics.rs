@@ -1,6 +1,6 @@
 //! Prometheus metrics: the HTTP endpoint (`GET /metrics`, OpenMetrics
 //! text) that the core and every provider built on the SDK serve, and the
-//! key request metrics the SDK keeps for a provider ([`KeyRequestMetrics`],
+//! metrics the SDK keeps for a provider ([`ProviderMetrics`],
 //! on when [`crate::ServeOptions::metrics_listen`] is set).
 
 use std::net::SocketAddr;
@@ -143,19 +143,21 @@ fn duration_histogram() -> Histogram {
     Histogram::new(exponential_buckets(0.0005, 2.0, 16))
 }
 
-/// What the SDK counts for a provider, per key request (names prefixed
-/// `tlshub_keyprovider_`): requests by result, their duration (for a
-/// handshake provider, the handshake's time) by role and result, and the
-/// requests in flight.
+/// What the SDK counts for a provider (names prefixed
+/// `tlshub_keyprovider_`): key requests by result, their duration (for a
+/// handshake provider, the handshake's time) by role and result, the
+/// requests in flight, and its file reloads ([`crate::Provider::reload`]).
 #[derive(Debug)]
-pub struct KeyRequestMetrics {
+pub struct ProviderMetrics {
     requests: Family<ResultLabel, Counter>,
     duration: HistogramFamily<RoleResultLabels>,
     in_flight: Gauge,
+    reloads: Family<ResultLabel, Counter>,
+    files_refused: Gauge,
     registry: Registry,
 }
 
-impl Default for KeyRequestMetrics {
+impl Default for ProviderMetrics {
     fn default() -> Self {
         Self::new()
     }
@@ -171,7 +173,7 @@ impl Drop for InFlight {
     }
 }
 
-impl KeyRequestMetrics {
+impl ProviderMetrics {
     /// Creates and registers the metrics.
     pub fn new() -> Self {
         let mut registry = Registry::with_prefix("tlshub_keyprovider");
@@ -179,6 +181,8 @@ impl KeyRequestMetrics {
             requests: Family::default(),
             duration: Family::new_with_constructor(duration_histogram),
             in_flight: Gauge::default(),
+            reloads: Family::default(),
+            files_refused: Gauge::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -195,6 +199,16 @@ impl KeyRequestMetrics {
             "requests_in_flight",
             "Key requests being answered now",
             m.in_flight.clone(),
+        );
+        registry.register(
+            "reloads",
+            "Changed files the provider took (reloaded) or refused (the old ones stay in use)",
+            m.reloads.clone(),
+        );
+        registry.register(
+            "files_refused",
+            "1 while the provider's files on disk are ones it refused (it runs on the ones it loaded before)",
+            m.files_refused.clone(),
         );
         Self { registry, ..m }
     }
@@ -222,6 +236,29 @@ impl KeyRequestMetrics {
             .observe(took.as_secs_f64());
     }
 
+    /// Records what a reload did.
+    pub fn reloaded(&self, outcome: &crate::server::Reload) {
+        use crate::server::Reload;
+        match outcome {
+            Reload::Unchanged => {}
+            Reload::Reloaded => {
+                self.reloads
+                    .get_or_create(&ResultLabel { result: "reloaded" })
+                    .inc();
+                self.files_refused.set(0);
+            }
+            Reload::Refused(_) => {
+                self.reloads
+                    .get_or_create(&ResultLabel { result: "refused" })
+                    .inc();
+                self.files_refused.set(1);
+            }
+            Reload::StillRefused => {
+                self.files_refused.set(1);
+            }
+        }
+    }
+
     /// The OpenMetrics text.
     pub fn encode(&self) -> String {
         encode(&self.registry)
@@ -234,7 +271,7 @@ mod tests {
 
     #[test]
     fn requests_are_counted_by_result_and_timed_by_role() {
-        let m = KeyRequestMetrics::new();
+        let m = ProviderMetrics::new();
         let guard = m.started();
         assert!(
             m.encode()
@@ -247,6 +284,11 @@ mod tests {
             millis: 1,
         };
         m.finished(Some(Role::Server), Err(&timeout), Duration::from_secs(1));
+        m.reloaded(&crate::server::Reload::Refused("bad".into()));
+        m.reloaded(&crate::server::Reload::StillRefused);
+        assert!(m.encode().contains("tlshub_keyprovider_files_refused 1"));
+        m.reloaded(&crate::server::Reload::Reloaded);
+        m.reloaded(&crate::server::Reload::Unchanged);
         let text = m.encode();
         for want in [
             "tlshub_keyprovider_requests_in_flight 0",
@@ -254,6 +296,9 @@ mod tests {
             "tlshub_keyprovider_requests_total{result=\"timeout\"} 1",
             "tlshub_keyprovider_request_duration_seconds_count{role=\"client\",result=\"ok\"} 1",
             "tlshub_keyprovider_request_duration_seconds_count{role=\"server\",result=\"timeout\"} 1",
+            "tlshub_keyprovider_reloads_total{result=\"refused\"} 1",
+            "tlshub_keyprovider_reloads_total{result=\"reloaded\"} 1",
+            "tlshub_keyprovider_files_refused 0",
         ] {
             assert!(text.contains(want), "missing {want} in\n{text}");
         }

@@ -13,7 +13,7 @@ use tonic::{Request, Response, Status};
 use tracing::{Instrument, info, info_span, warn};
 
 use crate::error::ProviderError;
-use crate::metrics::KeyRequestMetrics;
+use crate::metrics::ProviderMetrics;
 use crate::pb;
 use crate::types::{ConnectionKeys, KeyRequest, ProviderInfo};
 
@@ -38,13 +38,27 @@ pub trait Provider: Send + Sync + 'static {
     /// Re-reads the provider's files (certificates, maps) if they changed
     /// since they were loaded, or in any case when `forced`. The SDK calls
     /// it every [`RELOAD_CHECK_EVERY`] and, `forced`, on `SIGHUP`
-    /// (`systemctl reload`). The provider logs what it did; files that do
-    /// not load must leave the old ones in use. The default has nothing to
-    /// reload.
-    fn reload(&self, forced: bool) -> impl Future<Output = ()> + Send {
+    /// (`systemctl reload`), and counts what it says in the provider's
+    /// metrics. The provider logs what it did; files that do not load must
+    /// leave the old ones in use. The default has nothing to reload.
+    fn reload(&self, forced: bool) -> impl Future<Output = Reload> + Send {
         let _ = forced;
-        async {}
+        async { Reload::Unchanged }
     }
+}
+
+/// What [`Provider::reload`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Reload {
+    /// The files are as they were loaded (and no reload was forced).
+    Unchanged,
+    /// New files are in use for new requests.
+    Reloaded,
+    /// The new files do not load: the old ones stay in use. Given once per
+    /// version of the files.
+    Refused(String),
+    /// The same refused files are still there.
+    StillRefused,
 }
 
 /// How often the SDK asks a provider to look for changed files
@@ -61,7 +75,7 @@ pub struct ServeOptions {
     /// `SO_PEERCRED` on every connection).
     pub allowed_uid: Option<u32>,
     /// Where to serve the key request metrics (`GET /metrics`,
-    /// [`crate::metrics::KeyRequestMetrics`]); `None`: not served.
+    /// [`crate::metrics::ProviderMetrics`]); `None`: not served.
     pub metrics_listen: Option<std::net::SocketAddr>,
 }
 
@@ -157,7 +171,7 @@ fn peer_allowed(stream: &UnixStream, allowed_uid: Option<u32>) -> bool {
 
 struct Service<P> {
     provider: Arc<P>,
-    metrics: Arc<KeyRequestMetrics>,
+    metrics: Arc<ProviderMetrics>,
 }
 
 #[tonic::async_trait]
@@ -267,7 +281,7 @@ pub async fn serve_until<P: Provider>(
 ) -> Result<(), ServeError> {
     let provider = Arc::new(provider);
     let listener = bind_private(&options.socket_path, options.allowed_uid)?;
-    let metrics = Arc::new(KeyRequestMetrics::new());
+    let metrics = Arc::new(ProviderMetrics::new());
     let metrics_task = match options.metrics_listen {
         Some(addr) => {
             let encode = Arc::clone(&metrics);
@@ -299,6 +313,7 @@ pub async fn serve_until<P: Provider>(
     });
 
     let reload_provider = Arc::clone(&provider);
+    let reload_metrics = Arc::clone(&metrics);
     let reload_task = tokio::spawn(async move {
         use tokio::signal::unix::{SignalKind, signal};
         // Without a handler SIGHUP would end the process (`systemctl
@@ -326,7 +341,8 @@ pub async fn serve_until<P: Provider>(
             if forced {
                 info!("SIGHUP: reloading");
             }
-            reload_provider.reload(forced).await;
+            let outcome = reload_provider.reload(forced).await;
+            reload_metrics.reloaded(&outcome);
         }
     });
 

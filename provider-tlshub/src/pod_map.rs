@@ -153,6 +153,9 @@ pub struct WatchedPodMap {
     path: PathBuf,
     format: MapFormat,
     modified: Option<SystemTime>,
+    /// The modification time of the file version that was refused last
+    /// (`Some(None)`: a file without one), so it is refused once.
+    refused: Option<Option<SystemTime>>,
     map: PodMap,
 }
 
@@ -164,23 +167,23 @@ impl WatchedPodMap {
             path: path.to_owned(),
             format,
             modified,
+            refused: None,
             map: PodMap::load(path, format)?,
         })
     }
 
     /// Re-reads the file if its modification time changed. On error the
-    /// previous map stays in force and the error is returned for logging.
+    /// previous map stays in force and the error is returned for logging,
+    /// once per version of the file (it then counts as unchanged, see
+    /// [`Self::is_refused`]).
     pub fn refresh(&mut self) -> Result<bool, PodMapError> {
         let modified = std::fs::metadata(&self.path)
             .and_then(|m| m.modified())
             .ok();
-        if modified == self.modified {
+        if modified == self.modified || self.refused == Some(modified) {
             return Ok(false);
         }
-        let map = PodMap::load(&self.path, self.format)?;
-        self.map = map;
-        self.modified = modified;
-        Ok(true)
+        self.load(modified).map(|()| true)
     }
 
     /// Re-reads the file whatever its modification time (`SIGHUP`). On
@@ -189,9 +192,28 @@ impl WatchedPodMap {
         let modified = std::fs::metadata(&self.path)
             .and_then(|m| m.modified())
             .ok();
-        self.map = PodMap::load(&self.path, self.format)?;
-        self.modified = modified;
-        Ok(())
+        self.load(modified)
+    }
+
+    fn load(&mut self, modified: Option<SystemTime>) -> Result<(), PodMapError> {
+        match PodMap::load(&self.path, self.format) {
+            Ok(map) => {
+                self.map = map;
+                self.modified = modified;
+                self.refused = None;
+                Ok(())
+            }
+            Err(e) => {
+                self.refused = Some(modified);
+                Err(e)
+            }
+        }
+    }
+
+    /// Whether the file on disk is one that was refused (the map in force
+    /// is an older one).
+    pub fn is_refused(&self) -> bool {
+        self.refused.is_some()
     }
 
     /// The map in force.
@@ -333,6 +355,9 @@ mod tests {
             .set_modified(t2)
             .unwrap();
         assert!(w.refresh().is_err());
+        // Refused once: the same broken version is not reported again.
+        assert!(!w.refresh().unwrap());
+        assert!(w.is_refused());
         assert_eq!(
             w.map().node_of("10.0.1.1".parse().unwrap()),
             Some("192.168.0.3".parse().unwrap())

@@ -7,7 +7,7 @@ use std::sync::Mutex;
 
 use tlshub_provider_sdk::{
     CipherSuite, ConnectionKeys, KeyRequest, Provider, ProviderError, ProviderInfo, Role,
-    TlsVersion,
+    TlsVersion, server::Reload,
 };
 use tracing::{info, warn};
 
@@ -100,15 +100,29 @@ fn module_error(e: ModuleError) -> ProviderError {
 impl Provider for TlsHubProvider {
     /// `SIGHUP` re-reads the pod-to-node map; a changed file is also
     /// picked up by the next request that needs it.
-    async fn reload(&self, forced: bool) {
-        let Some(pods) = &self.pods else { return };
-        if !forced {
-            return;
-        }
-        let Ok(mut pods) = pods.lock() else { return };
-        match pods.reload() {
-            Ok(()) => info!("pod-to-node map reloaded"),
-            Err(e) => warn!(error = %e, "pod-to-node map reload failed; keeping the previous map"),
+    async fn reload(&self, forced: bool) -> Reload {
+        let Some(pods) = &self.pods else {
+            return Reload::Unchanged;
+        };
+        let Ok(mut pods) = pods.lock() else {
+            return Reload::Refused("pod map lock poisoned".into());
+        };
+        let reloaded = if forced {
+            pods.reload().map(|()| true)
+        } else {
+            pods.refresh()
+        };
+        match reloaded {
+            Ok(false) if pods.is_refused() => Reload::StillRefused,
+            Ok(false) => Reload::Unchanged,
+            Ok(true) => {
+                info!(forced, "pod-to-node map reloaded");
+                Reload::Reloaded
+            }
+            Err(e) => {
+                warn!(error = %e, "pod-to-node map reload failed; keeping the previous map");
+                Reload::Refused(e.to_string())
+            }
         }
     }
 

@@ -296,6 +296,14 @@ pub fn certificate_reload() -> Result<String, String> {
             reported()?
         ));
     }
+    let own = a.provider_metrics(ProviderKind::OpenSsl)?;
+    if !own.contains("tlshub_keyprovider_files_refused 1")
+        || metric(&own, "tlshub_keyprovider_reloads_total{result=\"refused\"}") != 1.0
+    {
+        return Err(format!(
+            "the provider's metrics do not show the refused file once:\n{own}"
+        ));
+    }
     std::thread::sleep(Duration::from_secs(4));
     // 3.
     let renewed_pem = read("node-a-renewed.pem")?;
@@ -303,6 +311,17 @@ pub fn certificate_reload() -> Result<String, String> {
     let renewed = expiry_of(&cert)?;
     let took = wait_for(renewed)?;
     let days = (original - renewed) / 86_400;
+    let own = a.provider_metrics(ProviderKind::OpenSsl)?;
+    if !own.contains("tlshub_keyprovider_files_refused 0")
+        || metric(
+            &own,
+            "tlshub_keyprovider_reloads_total{result=\"reloaded\"}",
+        ) < 1.0
+    {
+        return Err(format!(
+            "the provider's metrics do not show the renewal taken:\n{own}"
+        ));
+    }
     // 4.
     let r = report(&process::finish(load, Duration::from_secs(120))?)?;
     drop(server);

@@ -8,8 +8,9 @@ use crate::load::LoadReport;
 
 use super::node::{Node, NodeSpec, PROTECTED_PORT, ProviderKind};
 use super::process::{AppChild, finish, spawn_ready};
-use super::service::{LONG, LoadServer, metric, report, start_load, start_load_with};
+use super::service::{LONG, LoadServer, report, start_load, start_load_with};
 use super::support::json;
+use super::support::metric;
 use super::wire_check::{Capture, check_wire_allowing_unkeyed};
 
 /// The key timeout of the restart scenarios. Under TCG a server process

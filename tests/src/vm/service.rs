@@ -16,6 +16,7 @@ use crate::load::LoadReport;
 
 use super::node::{Node, NodeSpec, PROTECTED_PORT, ProviderKind};
 use super::process::{AppChild, finish, spawn_ready};
+use super::support::metric;
 use super::topology::POD_B;
 use super::wire_check::{Capture, check_wire_allowing_unkeyed};
 
@@ -124,17 +125,6 @@ fn load_corruption() -> Vec<String> {
         .lines()
         .map(String::from)
         .collect()
-}
-
-/// A counter's value for one label set in Prometheus text (0 if absent).
-pub fn metric(text: &str, name_and_labels: &str) -> f64 {
-    text.lines()
-        .find_map(|l| {
-            l.strip_prefix(name_and_labels)
-                .and_then(|rest| rest.strip_prefix(' '))
-                .and_then(|v| v.trim().parse().ok())
-        })
-        .unwrap_or(0.0)
 }
 
 fn two_providers(name: &'static str, timeout_ms: u64) -> NodeSpec {

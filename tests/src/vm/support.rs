@@ -295,3 +295,14 @@ impl Drop for PodSetting {
         let _ = process::run(Some(self.pod), &undo);
     }
 }
+
+/// A counter's value for one label set in Prometheus text (0 if absent).
+pub fn metric(text: &str, name_and_labels: &str) -> f64 {
+    text.lines()
+        .find_map(|l| {
+            l.strip_prefix(name_and_labels)
+                .and_then(|rest| rest.strip_prefix(' '))
+                .and_then(|v| v.trim().parse().ok())
+        })
+        .unwrap_or(0.0)
+}

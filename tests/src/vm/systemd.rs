@@ -17,8 +17,9 @@ use crate::load::LoadReport;
 use super::node::{Node, NodeSpec};
 use super::process::{finish, run, state};
 use super::restarts::{exchange_client, exchange_server, recovered, sleep_until};
-use super::service::{LONG, LoadServer, metric, report, start_load_with};
+use super::service::{LONG, LoadServer, report, start_load_with};
 use super::support::json;
+use super::support::metric;
 use super::wire_check::{Capture, check_wire_with_keys};
 
 /// Where the VM image holds the dist directory and the test PKI.
