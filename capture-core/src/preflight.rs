@@ -369,6 +369,13 @@ mod tests {
 
     const ALL_CAPS: u64 = 0x1ff_ffff_ffff;
 
+    /// The remedy of the check `name` (which must have one).
+    fn remedy<'a>(r: &'a Report, name: &str) -> &'a str {
+        r.get(name)
+            .and_then(|c| c.remedy.as_deref())
+            .unwrap_or_else(|| panic!("{name} has no remedy: {}", render(r)))
+    }
+
     /// Debian's 6.1 cloud kernel in the test VM, as root.
     fn debian_vm() -> Facts {
         Facts {
@@ -427,22 +434,8 @@ mod tests {
             .map(|c| c.name.as_str())
             .collect();
         assert_eq!(failed, ["kernel TLS", "BPF LSM", "BPF programs"]);
-        let lsm = r.get("BPF LSM").unwrap();
-        assert!(
-            lsm.remedy
-                .as_deref()
-                .unwrap()
-                .contains("lsm=lockdown,capability,landlock,bpf"),
-            "{lsm:?}"
-        );
-        assert!(
-            r.get("kernel TLS")
-                .unwrap()
-                .remedy
-                .as_deref()
-                .unwrap()
-                .contains("CONFIG_TLS")
-        );
+        assert!(remedy(&r, "BPF LSM").contains("lsm=lockdown,capability,landlock,bpf"));
+        assert!(remedy(&r, "kernel TLS").contains("CONFIG_TLS"));
         assert_eq!(
             r.get("BPF programs").unwrap().found,
             "3 of 4 refused; tlshub_exit_connect, tlshub_gate_file: EPERM; tlshub_gate_sendmsg: verifier: R1 invalid mem access"
@@ -515,14 +508,7 @@ mod tests {
             tls_loaded: false,
             ..debian_vm()
         });
-        assert!(
-            r.get("kernel TLS")
-                .unwrap()
-                .remedy
-                .as_deref()
-                .unwrap()
-                .starts_with("modprobe tls")
-        );
+        assert!(remedy(&r, "kernel TLS").starts_with("modprobe tls"));
         let r = assess(&Facts {
             capabilities: 0,
             programs: None,
