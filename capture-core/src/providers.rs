@@ -119,10 +119,17 @@ impl Provider {
     fn set(&self, health: Health, info: Option<ProviderInfo>, detail: Option<String>) {
         let mut o = self.observed.lock().unwrap_or_else(|p| p.into_inner());
         if o.health != health {
+            // A GetInfo that timed out under load keeps the version said
+            // before.
+            let version = info
+                .as_ref()
+                .or(o.info.as_ref())
+                .map_or("unknown", |i| i.version.as_str())
+                .to_owned();
             match health {
                 Health::Serving => info!(
                     provider = %self.name,
-                    version = info.as_ref().map(|i| i.version.as_str()).unwrap_or("?"),
+                    version = %version,
                     socket = %self.socket.display(),
                     "provider serving"
                 ),
