@@ -12,10 +12,12 @@ use tlshub_admin::pb;
 use tlshub_admin::pb::admin_server::{Admin, AdminServer};
 use tonic::{Request, Response, Status};
 
-/// A core whose status says what the test wants.
+/// A core whose status says what the test wants; it lists `connections`,
+/// or refuses the caller when there are none.
 struct FakeCore {
     health: &'static str,
     programs: usize,
+    connections: Vec<pb::Connection>,
 }
 
 #[tonic::async_trait]
@@ -46,7 +48,12 @@ impl Admin for FakeCore {
         &self,
         _: Request<pb::ListConnectionsRequest>,
     ) -> Result<Response<pb::ListConnectionsResponse>, Status> {
-        Err(Status::permission_denied("not root"))
+        if self.connections.is_empty() {
+            return Err(Status::permission_denied("not root"));
+        }
+        Ok(Response::new(pb::ListConnectionsResponse {
+            connections: self.connections.clone(),
+        }))
     }
 
     async fn use_provider(
@@ -158,7 +165,14 @@ fn a_usage_error_is_2() {
 fn status_says_degraded_when_the_active_provider_is_down_or_no_program_is_attached() {
     for (health, programs, want) in [("serving", 3, 0), ("unreachable", 3, 5), ("serving", 0, 5)] {
         let dir = TempDir::new(&format!("status-{health}-{programs}"));
-        let socket = serve(&dir, FakeCore { health, programs });
+        let socket = serve(
+            &dir,
+            FakeCore {
+                health,
+                programs,
+                connections: Vec::new(),
+            },
+        );
         let o = tlshubctl(&socket, &["status"]);
         assert_eq!(code(&o), want, "{health} {programs}: {}", stderr(&o));
         let o = tlshubctl(&socket, &["--json", "status"]);
@@ -176,6 +190,7 @@ fn a_refused_request_is_1_and_a_refused_user_is_4() {
         FakeCore {
             health: "serving",
             programs: 1,
+            connections: Vec::new(),
         },
     );
     let o = tlshubctl(&socket, &["provider", "use", "nope"]);
@@ -189,4 +204,44 @@ fn a_refused_request_is_1_and_a_refused_user_is_4() {
     assert_eq!(code(&o), 4, "{}", stderr(&o));
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(v["error"]["kind"], "not-permitted", "{v}");
+}
+
+#[test]
+fn the_connections_table_fits_ipv6_addresses() {
+    let dir = TempDir::new("table");
+    let connection = |local: &str, remote: &str| pb::Connection {
+        local: local.into(),
+        remote: remote.into(),
+        role: "client".into(),
+        pid: 4242,
+        provider: "openssl".into(),
+        cipher: "aes-gcm-128".into(),
+        state: "protected".into(),
+        key_ms: 12.5,
+        age_ms: 61_000,
+        ..Default::default()
+    };
+    let socket = serve(
+        &dir,
+        FakeCore {
+            health: "serving",
+            programs: 1,
+            connections: vec![
+                connection("10.0.1.2:40000", "10.0.2.2:8443"),
+                connection("[fd00:1:2:3:4:5:6:7]:40001", "[fd00:2:2:3:4:5:6:7]:8443"),
+            ],
+        },
+    );
+    let o = tlshubctl(&socket, &["connections"]);
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    let text = String::from_utf8_lossy(&o.stdout).into_owned();
+    let lines: Vec<&str> = text.lines().collect();
+    // Every row's REMOTE and ROLE start where the header's do.
+    let at = |line: &str, what: &str| line.find(what).unwrap();
+    let (remote, role) = (at(lines[0], "REMOTE"), at(lines[0], "ROLE"));
+    assert_eq!(at(lines[1], "10.0.2.2:8443"), remote, "{text}");
+    assert_eq!(at(lines[2], "[fd00:2:2:3:4:5:6:7]:8443"), remote, "{text}");
+    assert_eq!(at(lines[1], "client"), role, "{text}");
+    assert_eq!(at(lines[2], "client"), role, "{text}");
+    assert!(text.ends_with("2 connection(s)\n"), "{text}");
 }

@@ -390,29 +390,46 @@ fn print_policy(p: Option<&pb::Policy>) {
     }
 }
 
+/// A table for people: columns as wide as their widest cell (IPv6
+/// addresses included), no borders, the given columns right-aligned.
+fn table(header: &[&str], right_aligned: &[usize]) -> comfy_table::Table {
+    let mut t = comfy_table::Table::new();
+    t.load_preset(comfy_table::presets::NOTHING)
+        .set_content_arrangement(comfy_table::ContentArrangement::Disabled)
+        .set_header(header.to_vec());
+    for &i in right_aligned {
+        if let Some(c) = t.column_mut(i) {
+            c.set_cell_alignment(comfy_table::CellAlignment::Right);
+        }
+    }
+    t
+}
+
 fn print_connections(r: &pb::ListConnectionsResponse) {
-    println!(
-        "{:<22} {:<22} {:<6} {:>7} {:<10} {:<24} {:<13} {:>9} {:>9}",
-        "LOCAL", "REMOTE", "ROLE", "PID", "PROVIDER", "CIPHER", "STATE", "KEY-MS", "AGE",
+    let mut t = table(
+        &[
+            "LOCAL", "REMOTE", "ROLE", "PID", "PROVIDER", "CIPHER", "STATE", "KEY-MS", "AGE",
+        ],
+        &[3, 7, 8],
     );
     for c in &r.connections {
-        println!(
-            "{:<22} {:<22} {:<6} {:>7} {:<10} {:<24} {:<13} {:>9} {:>9}",
-            c.local,
-            c.remote,
-            c.role,
-            c.pid,
-            dash(&c.provider),
-            dash(&c.cipher),
-            c.state,
+        t.add_row(vec![
+            c.local.clone(),
+            c.remote.clone(),
+            c.role.clone(),
+            c.pid.to_string(),
+            dash(&c.provider).to_owned(),
+            dash(&c.cipher).to_owned(),
+            c.state.clone(),
             if c.key_ms > 0.0 {
                 format!("{:.1}", c.key_ms)
             } else {
                 "-".into()
             },
-            duration(c.age_ms / 1000)
-        );
+            duration(c.age_ms / 1000),
+        ]);
     }
+    println!("{t}");
     println!("{} connection(s)", r.connections.len());
 }
 
