@@ -280,7 +280,8 @@ pub async fn serve_until<P: Provider>(
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), ServeError> {
     let provider = Arc::new(provider);
-    let listener = bind_private(&options.socket_path, options.allowed_uid)?;
+    // The metrics endpoint first: if its address is taken, nothing is left
+    // behind (no socket file).
     let metrics = Arc::new(ProviderMetrics::new());
     let metrics_task = match options.metrics_listen {
         Some(addr) => {
@@ -290,6 +291,15 @@ pub async fn serve_until<P: Provider>(
             Some(task)
         }
         None => None,
+    };
+    let listener = match bind_private(&options.socket_path, options.allowed_uid) {
+        Ok(l) => l,
+        Err(e) => {
+            if let Some(t) = metrics_task {
+                t.abort();
+            }
+            return Err(e);
+        }
     };
     let (reporter, health) = tonic_health::server::health_reporter();
     type Server<P> = pb::key_provider_server::KeyProviderServer<Service<P>>;

@@ -223,6 +223,24 @@ async fn key_request_metrics_are_served_when_asked() {
     assert!(http_get(addr, "/").await.contains("404"));
 }
 
+/// A metrics address already in use is an error before anything else, and
+/// leaves no socket file behind.
+#[tokio::test]
+async fn a_taken_metrics_address_is_refused_leaving_no_socket() {
+    let path = temp_socket("metrics-taken");
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let options = ServeOptions {
+        socket_path: path.clone(),
+        allowed_uid: None,
+        metrics_listen: Some(taken.local_addr().unwrap()),
+    };
+    match serve_until(Fixed { broken: false }, options, std::future::pending()).await {
+        Err(ServeError::Metrics(e)) => assert_eq!(e.addr, taken.local_addr().unwrap()),
+        other => panic!("expected a metrics error, got {other:?}"),
+    }
+    assert!(!path.exists(), "no socket file left");
+}
+
 #[tokio::test]
 async fn invalid_keys_from_a_provider_become_internal() {
     let path = temp_socket("invalid");
