@@ -185,19 +185,19 @@ fn install_node_a() -> Result<Installed, String> {
         return Err(format!("install.sh said: {out}"));
     }
     let installed = Installed;
-    for f in [
-        "/usr/local/bin/tlshub-core",
-        "/usr/local/bin/tlshubctl",
-        "/etc/systemd/system/tlshub-core.service",
-        "/etc/systemd/system/tlshub-provider@.service",
-        "/etc/tlshub/core.toml",
-        "/etc/tlshub/provider-openssl.toml",
-        "/etc/modules-load.d/tlshub.conf",
-    ] {
-        if !std::path::Path::new(f).exists() {
-            return Err(format!("install.sh did not install {f}:\n{out}"));
-        }
-    }
+    expect_installed(
+        "install.sh",
+        &[
+            "/usr/local/bin/tlshub-core",
+            "/usr/local/bin/tlshubctl",
+            "/etc/systemd/system/tlshub-core.service",
+            "/etc/systemd/system/tlshub-provider@.service",
+            "/etc/tlshub/core.toml",
+            "/etc/tlshub/provider-openssl.toml",
+            "/etc/modules-load.d/tlshub.conf",
+        ],
+        &out,
+    )?;
     // On the installed system, as systemd itself sees the units.
     sh("cd /etc/systemd/system && systemd-analyze verify tlshub-core.service tlshub-core-release.service tlshub-provider@openssl.service tlshub-provider@tlshub.service")
         .map_err(|e| format!("systemd-analyze verify on the installed units: {e}"))?;
@@ -210,6 +210,15 @@ fn install_node_a() -> Result<Installed, String> {
         return Err(format!("tlshub-core check: {check}"));
     }
     Ok(installed)
+}
+
+/// Fails unless every one of `files` exists after `installer` ran (which
+/// said `out`).
+fn expect_installed(installer: &str, files: &[&str], out: &str) -> Result<(), String> {
+    match files.iter().find(|f| !std::path::Path::new(f).exists()) {
+        Some(f) => Err(format!("{installer} did not install {f}:\n{out}")),
+        None => Ok(()),
+    }
 }
 
 /// The operator's part after installing: certificates, the key timeout
@@ -257,18 +266,18 @@ fn deb_install_and_purge() -> Result<String, String> {
     sh("rm -rf /etc/tlshub /etc/default/tlshub-core")?;
     let out = sh("DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends /root/tlshub.deb")
         .map_err(|e| format!("apt-get install ./tlshub.deb: {e}"))?;
-    for f in [
-        "/usr/bin/tlshub-core",
-        "/usr/bin/tlshubctl",
-        "/usr/lib/systemd/system/tlshub-core.service",
-        "/usr/lib/systemd/system/tlshub-provider@.service",
-        "/etc/tlshub/core.toml",
-        "/etc/modules-load.d/tlshub.conf",
-    ] {
-        if !std::path::Path::new(f).exists() {
-            return Err(format!("the package did not install {f}:\n{out}"));
-        }
-    }
+    expect_installed(
+        "the package",
+        &[
+            "/usr/bin/tlshub-core",
+            "/usr/bin/tlshubctl",
+            "/usr/lib/systemd/system/tlshub-core.service",
+            "/usr/lib/systemd/system/tlshub-provider@.service",
+            "/etc/tlshub/core.toml",
+            "/etc/modules-load.d/tlshub.conf",
+        ],
+        &out,
+    )?;
     let conffiles = sh("dpkg-query -W -f='${Conffiles}' tlshub")?;
     if !conffiles.contains("/etc/tlshub/core.toml") {
         return Err(format!("core.toml is not a conffile: {conffiles}"));
