@@ -28,12 +28,23 @@ impl Admin for FakeCore {
     ) -> Result<Response<pb::StatusResponse>, Status> {
         Ok(Response::new(pb::StatusResponse {
             active_provider: "openssl".into(),
-            providers: vec![pb::ProviderStatus {
+            providers: std::iter::once(pb::ProviderStatus {
                 name: "openssl".into(),
                 active: true,
                 health: self.health.into(),
+                socket: "/run/tlshub/providers/openssl.sock".into(),
                 ..Default::default()
-            }],
+            })
+            // With connections to list, a provider whose name is longer
+            // than a fixed column would be, for the table test.
+            .chain((!self.connections.is_empty()).then(|| pb::ProviderStatus {
+                name: "boringssl-canary-eu-west".into(),
+                health: "not-serving".into(),
+                socket: "/run/tlshub/providers/canary.sock".into(),
+                detail: "health: NOT_SERVING".into(),
+                ..Default::default()
+            }))
+            .collect(),
             bpf_programs: (0..self.programs)
                 .map(|i| pb::BpfProgram {
                     name: format!("p{i}"),
@@ -244,4 +255,23 @@ fn the_connections_table_fits_ipv6_addresses() {
     assert_eq!(at(lines[1], "client"), role, "{text}");
     assert_eq!(at(lines[2], "client"), role, "{text}");
     assert!(text.ends_with("2 connection(s)\n"), "{text}");
+
+    // The providers' table too: a long name keeps HEALTH in its column.
+    let o = tlshubctl(&socket, &["status"]);
+    let text = String::from_utf8_lossy(&o.stdout).into_owned();
+    let header = text.lines().find(|l| l.contains("HEALTH")).unwrap();
+    let health = at(header, "HEALTH");
+    let row = |name: &str| text.lines().find(|l| l.contains(name)).unwrap();
+    assert_eq!(at(row("openssl.sock"), "serving"), health, "{text}");
+    assert_eq!(
+        at(row("boringssl-canary-eu-west"), "not-serving"),
+        health,
+        "{text}"
+    );
+    let detail = row("health: NOT_SERVING");
+    assert_eq!(
+        at(detail, "health: NOT_SERVING"),
+        at(header, "SOCKET / DETAIL"),
+        "{text}"
+    );
 }

@@ -301,10 +301,22 @@ fn print_status(s: &pb::StatusResponse) {
 }
 
 fn print_providers(providers: &[pb::ProviderStatus]) {
-    println!(
-        "  {:<2}{:<14} {:<12} {:<10} {:>9} {:>10}  SOCKET / DETAIL",
-        "", "NAME", "HEALTH", "FOR", "IN-FLIGHT", "PROTECTED"
+    let mut t = table(
+        &[
+            "",
+            "NAME",
+            "HEALTH",
+            "FOR",
+            "IN-FLIGHT",
+            "PROTECTED",
+            "SOCKET / DETAIL",
+        ],
+        &[4, 5],
     );
+    // A line under a provider: only the last column.
+    let note = |t: &mut comfy_table::Table, text: String| {
+        t.add_row(vec![String::new(); 6].into_iter().chain([text]));
+    };
     for p in providers {
         let mark = if p.active {
             "*"
@@ -321,27 +333,24 @@ fn print_providers(providers: &[pb::ProviderStatus]) {
                 p.socket, p.implementation, p.implementation_version
             )
         };
-        println!(
-            "  {:<2}{:<14} {:<12} {:<10} {:>9} {:>10}  {}",
-            mark,
-            p.name,
-            p.health,
+        t.add_row(vec![
+            mark.to_owned(),
+            p.name.clone(),
+            p.health.clone(),
             duration(p.health_since_seconds),
-            p.requests_in_flight,
-            p.connections_protected,
-            what
-        );
+            p.requests_in_flight.to_string(),
+            p.connections_protected.to_string(),
+            what,
+        ]);
         if !p.detail.is_empty() {
-            println!("  {:<2}{:<14} {}", "", "", p.detail);
+            note(&mut t, p.detail.clone());
         }
         for c in &p.credentials {
-            println!(
-                "  {:<2}{:<14} {}",
-                "",
-                "",
-                credential_line(c, std::time::SystemTime::now())
-            );
+            note(&mut t, credential_line(c, std::time::SystemTime::now()));
         }
+    }
+    for line in t.to_string().lines() {
+        println!(" {}", line.trim_end());
     }
     println!("  (* active, f fallback)");
 }
