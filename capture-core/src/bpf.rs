@@ -336,55 +336,47 @@ pub type ProgramLoad = (&'static str, Result<(), BpfError>);
 pub fn try_load_programs() -> Result<Vec<ProgramLoad>, BpfError> {
     let mut ebpf = EbpfLoader::new().load(tlshub_ebpf::OBJECT)?;
     let btf = Btf::from_sys_fs()?;
-    let mut results = Vec::new();
-    let mut record = |name: &'static str, r: Result<(), BpfError>| results.push((name, r));
-    record(
-        names::SOCKOPS,
-        program::<SockOps>(&mut ebpf, names::SOCKOPS).and_then(|p| {
-            p.load().map_err(|source| BpfError::Load {
-                program: names::SOCKOPS,
-                source,
-            })
-        }),
-    );
-    record(
-        names::DEFER_FIN,
-        program::<CgroupSkb>(&mut ebpf, names::DEFER_FIN).and_then(|p| {
-            p.load().map_err(|source| BpfError::Load {
-                program: names::DEFER_FIN,
-                source,
-            })
-        }),
-    );
-    for (name, function) in names::FEXIT {
-        record(
-            name,
-            program::<FExit>(&mut ebpf, name).and_then(|p| {
-                p.load(function, &btf).map_err(|source| BpfError::Load {
-                    program: name,
-                    source,
-                })
-            }),
-        );
-    }
-    for (name, hook) in names::LSM {
-        record(
-            name,
-            program::<Lsm>(&mut ebpf, name).and_then(|p| {
-                p.load(hook, &btf).map_err(|source| BpfError::Load {
-                    program: name,
-                    source,
-                })
-            }),
-        );
-    }
-    Ok(results)
+    Ok(load_each(&mut ebpf, &btf))
 }
 
-/// Loads and attaches every program, pinning each link as
-/// `links_dir/<program>`.
+/// Loads every program of `ebpf` into the kernel, in the order they are
+/// attached, each whatever became of the ones before.
+fn load_each(ebpf: &mut Ebpf, btf: &Btf) -> Vec<ProgramLoad> {
+    let load = |program| move |source| BpfError::Load { program, source };
+    let mut results = Vec::new();
+    results.push((
+        names::SOCKOPS,
+        program::<SockOps>(ebpf, names::SOCKOPS)
+            .and_then(|p| p.load().map_err(load(names::SOCKOPS))),
+    ));
+    results.push((
+        names::DEFER_FIN,
+        program::<CgroupSkb>(ebpf, names::DEFER_FIN)
+            .and_then(|p| p.load().map_err(load(names::DEFER_FIN))),
+    ));
+    for (name, function) in names::FEXIT {
+        results.push((
+            name,
+            program::<FExit>(ebpf, name).and_then(|p| p.load(function, btf).map_err(load(name))),
+        ));
+    }
+    for (name, hook) in names::LSM {
+        results.push((
+            name,
+            program::<Lsm>(ebpf, name).and_then(|p| p.load(hook, btf).map_err(load(name))),
+        ));
+    }
+    results
+}
+
+/// Loads every program, then attaches each, pinning each link as
+/// `links_dir/<program>` (a program the kernel refuses stops it before
+/// anything is attached).
 fn attach_all(ebpf: &mut Ebpf, cgroup: &Path, links_dir: &Path) -> Result<(), BpfError> {
     let btf = Btf::from_sys_fs()?;
+    for (_, loaded) in load_each(ebpf, &btf) {
+        loaded?;
+    }
     let cg = std::fs::File::open(cgroup).map_err(|source| BpfError::Cgroup {
         path: cgroup.display().to_string(),
         source,
@@ -409,7 +401,6 @@ fn attach_all(ebpf: &mut Ebpf, cgroup: &Path, links_dir: &Path) -> Result<(), Bp
     };
     {
         let p: &mut SockOps = program(ebpf, names::SOCKOPS)?;
-        p.load().map_err(|e| load(names::SOCKOPS, e))?;
         // A bpf_link: the kernel always attaches links as multi (another
         // core's sockops may sit on the same cgroup); on 6.1 an explicit
         // BPF_F_ALLOW_MULTI flag on link_create is EINVAL.
@@ -424,7 +415,6 @@ fn attach_all(ebpf: &mut Ebpf, cgroup: &Path, links_dir: &Path) -> Result<(), Bp
     }
     {
         let p: &mut CgroupSkb = program(ebpf, names::DEFER_FIN)?;
-        p.load().map_err(|e| load(names::DEFER_FIN, e))?;
         let id = p
             .attach(
                 cg.as_fd(),
@@ -438,16 +428,14 @@ fn attach_all(ebpf: &mut Ebpf, cgroup: &Path, links_dir: &Path) -> Result<(), Bp
             FdLink::try_from(link).map_err(|e| not_pinnable(names::DEFER_FIN, &e))?,
         )?;
     }
-    for (name, function) in names::FEXIT {
+    for (name, _) in names::FEXIT {
         let p: &mut FExit = program(ebpf, name)?;
-        p.load(function, &btf).map_err(|e| load(name, e))?;
         let id = p.attach().map_err(|e| load(name, e))?;
         let link = p.take_link(id).map_err(not_fd(name))?;
         pin(name, FdLink::from(link))?;
     }
-    for (name, hook) in names::LSM {
+    for (name, _) in names::LSM {
         let p: &mut Lsm = program(ebpf, name)?;
-        p.load(hook, &btf).map_err(|e| load(name, e))?;
         let id = p.attach().map_err(|e| load(name, e))?;
         let link = p.take_link(id).map_err(not_fd(name))?;
         pin(name, FdLink::from(link))?;
