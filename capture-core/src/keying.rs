@@ -359,9 +359,10 @@ pub async fn run(job: Job, provider: Arc<Provider>) -> Outcome {
         request.timeout = provider_budget(left);
         match provider.client().keys_waiting(&request, left).await {
             Ok(k) => break Ok(k),
-            // Retry only when no provider can be running the request: it
-            // was never sent (the provider was stopping), or nothing listens
-            // on the provider's socket. A live provider's UNAVAILABLE is
+            // Retry only when no provider can be running the request: no
+            // provider read it (nothing listened, or a stopping provider's
+            // GOAWAY refused it; see `ClientError::NotSent`), or nothing
+            // listens on the provider's socket now. A live provider's UNAVAILABLE is
             // final (a second attempt could start a second handshake on the
             // same connection).
             Err(e)

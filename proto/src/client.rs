@@ -37,10 +37,11 @@ pub enum ClientError {
         /// The provider's message, or the transport's description.
         message: String,
     },
-    /// The request was never sent: the provider was closing the connection
-    /// (a graceful stop: it finishes only the requests it received), so no
-    /// provider runs it and it can be sent again to the next instance.
-    #[error("provider at {path} is stopping; the request was not sent")]
+    /// No provider runs the request, so it can be sent again to the next
+    /// instance: nothing listened on the socket, or the provider was
+    /// closing the connection (a graceful stop finishes only the requests
+    /// it received) and the request was not sent or was refused unread.
+    #[error("provider at {path} is not running or stopping; the request reached no provider")]
     NotSent {
         /// The provider's socket.
         path: PathBuf,
@@ -225,12 +226,12 @@ impl ProviderClient {
                 // above) ends the call as CANCELLED with a `TimeoutExpired`
                 // source; that is our timeout, not the provider's doing.
                 tonic::Code::Cancelled if is_client_deadline(&s) => self.timeout(wait),
-                // hyper cancels a request it never sent because the
-                // connection was closing: a provider that stops gracefully
-                // says so (HTTP/2 GOAWAY) and finishes only what it had
-                // received. Nobody runs this request, so it is as
-                // retryable as a provider that is not running.
-                tonic::Code::Cancelled if never_sent(&s) => ClientError::NotSent {
+                // Whatever the code: a request no provider reads ends as
+                // UNAVAILABLE (nothing listens), CANCELLED (hyper never sent
+                // it) or INTERNAL (refused by a GOAWAY); see [`never_sent`].
+                // Nobody runs it, so it is as retryable as a provider that
+                // is not running.
+                _ if never_sent(&s) => ClientError::NotSent {
                     path: self.path.clone(),
                 },
                 // The call ended early, not at the deadline: the provider
@@ -266,22 +267,42 @@ impl ProviderClient {
     }
 }
 
-/// Whether hyper gave up on the call before sending it: its status is
-/// CANCELLED with a canceled [`hyper::Error`] in the source chain (the
-/// connection was closing, or closed with the request still queued).
-/// A request the provider dropped after receiving it ends otherwise: with
-/// an HTTP/2 reset or a transport error.
+/// Whether the call certainly reached no provider code, judged by the
+/// transport error tonic keeps as the status's source (a status the
+/// provider sent has none):
+/// - tonic's [`tonic::ConnectError`]: nothing accepted the connection;
+/// - a canceled [`hyper::Error`]: hyper never sent the request (the
+///   connection was closing, or closed with the request still queued);
+/// - an [`h2::Error`] that is the peer's GOAWAY with `NO_ERROR` applied to
+///   this stream: a graceful stop announces the last stream it will
+///   process, and h2 fails only the streams above it with this error
+///   (RFC 9113 §6.8: they "were not processed"). A request sent while the
+///   GOAWAY was on its way ends so; tonic calls it INTERNAL;
+/// - a remote `REFUSED_STREAM` reset (RFC 9113 §8.7: not processed).
+///
+/// A request the provider dropped after reading it (it crashed, or closed
+/// the connection) ends with an I/O error, or with CANCELLED carrying no
+/// such source, and is not counted here.
 fn never_sent(status: &tonic::Status) -> bool {
     let mut source = std::error::Error::source(status);
     while let Some(e) = source {
-        if e.downcast_ref::<hyper::Error>()
-            .is_some_and(hyper::Error::is_canceled)
+        if e.is::<tonic::ConnectError>()
+            || e.downcast_ref::<hyper::Error>()
+                .is_some_and(hyper::Error::is_canceled)
+            || e.downcast_ref::<h2::Error>().is_some_and(refused_unread)
         {
             return true;
         }
         source = e.source();
     }
     false
+}
+
+/// An h2 stream error that says the peer never processed the stream.
+fn refused_unread(e: &h2::Error) -> bool {
+    let refused = e.is_reset() && e.reason() == Some(h2::Reason::REFUSED_STREAM);
+    let above_goaway = e.is_go_away() && e.reason() == Some(h2::Reason::NO_ERROR);
+    e.is_remote() && (refused || above_goaway)
 }
 
 /// Whether tonic ended the call at its client-side deadline: its status is

@@ -264,6 +264,8 @@ async fn a_missing_provider_is_unavailable() {
     let client = ProviderClient::new(&path, None);
     let e = client.keys(&request("10.0.1.2:40000")).await.unwrap_err();
     assert_eq!(e.reason(), "unavailable", "{e}");
+    // Nothing listened, so no provider read it: it may be sent again.
+    assert!(e.never_sent(), "{e:?}");
 }
 
 /// A provider process that stopped (SIGSTOP, a hung runtime): its socket
@@ -439,4 +441,118 @@ async fn a_request_after_a_graceful_stop_began_is_unavailable() {
         other => panic!("a request sent after the stop began must be UNAVAILABLE, got {other:?}"),
     }
     server.await.unwrap().unwrap();
+}
+
+/// How the stand-in HTTP/2 server below answers the first request.
+#[derive(Clone, Copy, Debug)]
+enum Answer {
+    /// GOAWAY naming stream 0 as the last it processes (a graceful stop
+    /// whose GOAWAY crossed the request).
+    GoAwayBelow,
+    /// RST_STREAM with REFUSED_STREAM.
+    RefusedStream,
+    /// RST_STREAM with INTERNAL_ERROR: the server read the request.
+    InternalReset,
+    /// The connection closes after the request arrived (a crash).
+    Close,
+}
+
+/// One HTTP/2 frame: a 9-byte header and the payload.
+fn h2_frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+    let len = u32::try_from(payload.len()).unwrap().to_be_bytes();
+    let mut f = vec![len[1], len[2], len[3], kind, flags];
+    f.extend_from_slice(&stream.to_be_bytes());
+    f.extend_from_slice(payload);
+    f
+}
+
+/// Serves one connection at `path` in raw HTTP/2 frames until the client's
+/// first request arrives, then answers it with `answer`.
+async fn refusing_server(path: &Path, answer: Answer) -> tokio::task::JoinHandle<()> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    const SETTINGS: u8 = 0x4;
+    const HEADERS: u8 = 0x1;
+    const RST_STREAM: u8 = 0x3;
+    const GOAWAY: u8 = 0x7;
+    let listener = tokio::net::UnixListener::bind(path).unwrap();
+    tokio::spawn(async move {
+        let (mut s, _) = listener.accept().await.unwrap();
+        let mut preface = [0u8; 24];
+        s.read_exact(&mut preface).await.unwrap();
+        assert_eq!(&preface[..3], b"PRI", "not an HTTP/2 client preface");
+        s.write_all(&h2_frame(SETTINGS, 0, 0, &[])).await.unwrap();
+        let stream = loop {
+            let mut head = [0u8; 9];
+            s.read_exact(&mut head).await.unwrap();
+            let len = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
+            let mut payload = vec![0u8; len];
+            s.read_exact(&mut payload).await.unwrap();
+            let stream = u32::from_be_bytes([head[5], head[6], head[7], head[8]]) & 0x7fff_ffff;
+            match head[3] {
+                SETTINGS if head[4] & 0x1 == 0 => {
+                    s.write_all(&h2_frame(SETTINGS, 0x1, 0, &[])).await.unwrap();
+                }
+                HEADERS => break stream,
+                _ => {}
+            }
+        };
+        let code = |c: u32| c.to_be_bytes();
+        match answer {
+            Answer::GoAwayBelow => {
+                let mut payload = 0u32.to_be_bytes().to_vec();
+                payload.extend_from_slice(&code(0x0));
+                s.write_all(&h2_frame(GOAWAY, 0, 0, &payload))
+                    .await
+                    .unwrap();
+            }
+            Answer::RefusedStream => {
+                s.write_all(&h2_frame(RST_STREAM, 0, stream, &code(0x7)))
+                    .await
+                    .unwrap();
+            }
+            Answer::InternalReset => {
+                s.write_all(&h2_frame(RST_STREAM, 0, stream, &code(0x2)))
+                    .await
+                    .unwrap();
+            }
+            Answer::Close => return,
+        }
+        // Held open until the client is done with it.
+        let mut rest = Vec::new();
+        let _ = s.read_to_end(&mut rest).await;
+    })
+}
+
+/// The core sends a request again to the next provider instance only when
+/// no provider code can have read it. HTTP/2 says so for a stream above a
+/// GOAWAY's last stream and for a REFUSED_STREAM reset; a request the
+/// provider read and then dropped (a reset, a crash) must not be sent again
+/// (a handshake provider may have started on the connection). A graceful
+/// stop's GOAWAY crossing a request ended as a final INTERNAL error before,
+/// and cost the connection at a `systemctl restart` of the provider.
+#[tokio::test]
+async fn a_request_refused_unread_may_be_sent_again_and_one_dropped_may_not() {
+    for (answer, unread) in [
+        (Answer::GoAwayBelow, true),
+        (Answer::RefusedStream, true),
+        (Answer::InternalReset, false),
+        (Answer::Close, false),
+    ] {
+        let path = temp_socket(&format!("refusing-{answer:?}"));
+        let server = refusing_server(&path, answer).await;
+        let client = ProviderClient::new(&path, None);
+        let result = client.keys(&request("10.0.1.2:40000")).await;
+        match result {
+            Err(e) if e.never_sent() == unread && e.is_unavailable() == unread => {}
+            other => panic!("{answer:?}: expected never_sent = {unread}, got {other:?}"),
+        }
+        drop(client);
+        // The server ends when the client's connection closes; its own
+        // panics (a frame it did not expect) surface here.
+        match tokio::time::timeout(Duration::from_secs(5), server).await {
+            Ok(joined) => joined.unwrap(),
+            Err(_) => panic!("{answer:?}: the client kept the connection open"),
+        }
+        let _ = std::fs::remove_file(&path);
+    }
 }
