@@ -13,6 +13,7 @@
 pub mod cidr;
 pub mod client;
 pub mod error;
+pub mod file_stamp;
 pub mod handshake;
 pub mod handshake_config;
 pub mod keylog;

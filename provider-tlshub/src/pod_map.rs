@@ -12,9 +12,9 @@
 
 use std::net::{IpAddr, Ipv4Addr};
 use std::path::{Path, PathBuf};
-use std::time::SystemTime;
 
 use tlshub_provider_sdk::cidr::Cidr;
+use tlshub_provider_sdk::file_stamp::FileStamp;
 use tlshub_provider_sdk::node_map::NodeMap;
 use tlshub_provider_sdk::runtime::ConfigError;
 
@@ -152,59 +152,54 @@ impl PodMap {
 pub struct WatchedPodMap {
     path: PathBuf,
     format: MapFormat,
-    modified: Option<SystemTime>,
-    /// The modification time of the file version that was refused last
-    /// (`Some(None)`: a file without one), so it is refused once.
-    refused: Option<Option<SystemTime>>,
+    loaded: Option<FileStamp>,
+    /// The version of the file that was refused last (`Some(None)`: an
+    /// unreadable file), so it is refused once.
+    refused: Option<Option<FileStamp>>,
     map: PodMap,
 }
 
 impl WatchedPodMap {
     /// Loads `path` (an error here is fatal to the caller's start-up).
     pub fn open(path: &Path, format: MapFormat) -> Result<Self, PodMapError> {
-        let modified = std::fs::metadata(path).and_then(|m| m.modified()).ok();
+        let loaded = FileStamp::of(path);
         Ok(Self {
             path: path.to_owned(),
             format,
-            modified,
+            loaded,
             refused: None,
             map: PodMap::load(path, format)?,
         })
     }
 
-    /// Re-reads the file if its modification time changed. On error the
+    /// Re-reads the file if it changed (see [`FileStamp`]). On error the
     /// previous map stays in force and the error is returned for logging,
     /// once per version of the file (it then counts as unchanged, see
     /// [`Self::is_refused`]).
     pub fn refresh(&mut self) -> Result<bool, PodMapError> {
-        let modified = std::fs::metadata(&self.path)
-            .and_then(|m| m.modified())
-            .ok();
-        if modified == self.modified || self.refused == Some(modified) {
+        let now = FileStamp::of(&self.path);
+        if now == self.loaded || self.refused == Some(now) {
             return Ok(false);
         }
-        self.load(modified).map(|()| true)
+        self.load(now).map(|()| true)
     }
 
-    /// Re-reads the file whatever its modification time (`SIGHUP`). On
-    /// error the previous map stays in force.
+    /// Re-reads the file whether or not it changed (`SIGHUP`). On error
+    /// the previous map stays in force.
     pub fn reload(&mut self) -> Result<(), PodMapError> {
-        let modified = std::fs::metadata(&self.path)
-            .and_then(|m| m.modified())
-            .ok();
-        self.load(modified)
+        self.load(FileStamp::of(&self.path))
     }
 
-    fn load(&mut self, modified: Option<SystemTime>) -> Result<(), PodMapError> {
+    fn load(&mut self, stamp: Option<FileStamp>) -> Result<(), PodMapError> {
         match PodMap::load(&self.path, self.format) {
             Ok(map) => {
                 self.map = map;
-                self.modified = modified;
+                self.loaded = stamp;
                 self.refused = None;
                 Ok(())
             }
             Err(e) => {
-                self.refused = Some(modified);
+                self.refused = Some(stamp);
                 Err(e)
             }
         }
@@ -225,6 +220,7 @@ impl WatchedPodMap {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::SystemTime;
 
     #[test]
     fn longest_prefix_wins_and_comments_are_ignored() {

@@ -2,23 +2,13 @@
 //! were loaded, and when the node's certificate expires.
 
 use std::path::{Path, PathBuf};
-use std::time::SystemTime;
 
 use x509_cert::Certificate;
 use x509_cert::der::DecodePem;
 
+use crate::file_stamp::FileStamp;
 use crate::handshake_config::TlsSection;
 use crate::types::Credential;
-
-/// What identifies one version of a file: a file replaced by a rename
-/// (or a Kubernetes secret's symlink swap) has another inode, one
-/// rewritten in place another modification time or length.
-#[derive(Debug, Clone, PartialEq, Eq)]
-struct FileStamp {
-    modified: Option<SystemTime>,
-    len: u64,
-    inode: u64,
-}
 
 /// The stamps of the CA, certificate, key and node map files (`None`:
 /// unreadable).
@@ -28,7 +18,6 @@ pub struct FilesStamp(Vec<Option<FileStamp>>);
 impl FilesStamp {
     /// The files of `tls` as they are now.
     pub fn of(tls: &TlsSection) -> Self {
-        use std::os::unix::fs::MetadataExt;
         Self(
             [
                 Some(&tls.ca),
@@ -38,13 +27,7 @@ impl FilesStamp {
             ]
             .into_iter()
             .flatten()
-            .map(|p| {
-                std::fs::metadata(p).ok().map(|m| FileStamp {
-                    modified: m.modified().ok(),
-                    len: m.len(),
-                    inode: m.ino(),
-                })
-            })
+            .map(|p| FileStamp::of(p))
             .collect(),
         )
     }
