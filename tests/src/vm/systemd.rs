@@ -304,6 +304,7 @@ fn deb_install_and_purge() -> Result<String, String> {
             "the package's core protected nothing; status {status}"
         ));
     }
+    let upgraded = upgrade_in_place(&exchange)?;
     sh("DEBIAN_FRONTEND=noninteractive apt-get purge -y tlshub")
         .map_err(|e| format!("apt-get purge tlshub: {e}"))?;
     let left: Vec<&str> = [
@@ -324,9 +325,52 @@ fn deb_install_and_purge() -> Result<String, String> {
         return Err("tlshub-core.service still active after the purge".into());
     }
     Ok(format!(
-        "package: installed, {} check lines all ok, exchange protected ({protected} keyed), purged with nothing left",
+        "package: installed, {} check lines all ok, exchange protected ({protected} keyed), {upgraded}, purged with nothing left",
         check.lines().filter(|l| l.starts_with("ok")).count()
     ))
+}
+
+/// The package installed again over itself, which runs what an upgrade
+/// runs (`prerm upgrade`, the files, `postinst configure OLD`): the enabled
+/// units must be running again as new processes, the node's edited
+/// conffile kept, and `exchange` protected again.
+fn upgrade_in_place(exchange: &super::support::App) -> Result<String, String> {
+    let units = ["tlshub-core.service", "tlshub-provider@openssl.service"];
+    let before: Vec<u32> = units.iter().map(|u| main_pid(u)).collect();
+    let out = sh("DEBIAN_FRONTEND=noninteractive dpkg -i /root/tlshub.deb")
+        .map_err(|e| format!("dpkg -i over the installed package: {e}"))?;
+    for (unit, old) in units.iter().zip(&before) {
+        let pid = main_pid(unit);
+        if unit_prop(unit, "ActiveState") != "active" || pid == *old || pid == 0 {
+            return Err(format!(
+                "after the upgrade {unit} is {} with MainPID {pid} (was {old}):\n{out}\n{}",
+                unit_prop(unit, "ActiveState"),
+                journal(unit)
+            ));
+        }
+    }
+    let config = std::fs::read_to_string("/etc/tlshub/core.toml").unwrap_or_default();
+    if !config.contains(&format!("timeout_ms = {TIMEOUT_MS}")) {
+        return Err(format!(
+            "the upgrade replaced the node's edited core.toml:\n{config}"
+        ));
+    }
+    let (s, c) = super::support::run_pair(exchange, &[], Duration::from_secs(30))?;
+    super::support::both_ok(exchange, &s, &c).map_err(|e| {
+        format!(
+            "a protected exchange after the upgrade: {e}\n{}",
+            journal("tlshub-core.service")
+        )
+    })?;
+    // The restarted core counts from 0: this exchange is its first.
+    let protected = metric(
+        &metrics_a()?,
+        "tlshub_connections_protected_total{provider=\"openssl\"}",
+    );
+    if protected < 1.0 {
+        return Err("the upgraded core protected nothing".into());
+    }
+    Ok("upgraded in place (units restarted as new processes, edited core.toml kept, exchange protected again)".into())
 }
 
 /// Checks the running units: active (Type=notify: started means ready),
