@@ -2,6 +2,7 @@
 //! runs everything. See `cargo xtask --help` and tests/README.md.
 #![forbid(unsafe_code)]
 
+mod bench_report;
 mod deb;
 mod deps;
 mod dist;
@@ -58,9 +59,22 @@ enum Cmd {
         #[arg(last = true)]
         args: Vec<String>,
     },
-    /// Benchmarks in one VM run: setup latency and throughput, plain vs
-    /// protected, and gate hold statistics.
-    Bench,
+    /// Benchmarks in one VM run (Linux 6.1): plain TCP, raw kTLS,
+    /// WireGuard, a stunnel pair and each provider side by side (setup,
+    /// throughput, gate holds, collateral stall, concurrency,
+    /// request/response, eight streams); figures also written to
+    /// `target/bench/figures-6.1.{json,csv,md}`.
+    Bench {
+        /// An earlier run's `figures-<kernel>.json`: print each figure
+        /// of this run next to it, with the ratio.
+        #[arg(long)]
+        compare: Option<std::path::PathBuf>,
+        /// Only a small subset, for use while developing (a few minutes):
+        /// setup, request/response and one stream for plain TCP, raw kTLS
+        /// and each provider, with smaller samples (its own part, `quick`).
+        #[arg(long)]
+        quick: bool,
+    },
     /// Boot the VM in a mode (test, bench, demo, stress, capacity, systemd)
     /// without the host checks.
     Vm {
@@ -81,6 +95,10 @@ enum Cmd {
         /// Capacity mode: protected connections to open and hold at once.
         #[arg(long, default_value_t = 100_000)]
         connections: u64,
+        /// Bench mode: an earlier run's `figures-<kernel>.json` to print
+        /// this run's figures against.
+        #[arg(long)]
+        compare: Option<std::path::PathBuf>,
     },
 }
 
@@ -90,7 +108,8 @@ enum Cmd {
 enum VmMode {
     /// The scenarios of `cargo xtask test`.
     Test,
-    /// The benchmark.
+    /// The benchmark's parts (`--filter` picks some); their figures are
+    /// written to `target/bench/figures-<kernel>.{json,csv,md}`.
     Bench,
     /// The narrated demo.
     Demo,
@@ -256,10 +275,15 @@ fn main() -> Result<()> {
             deps::install()?;
             dist::install_here(&args)?;
         }
-        Cmd::Bench => {
+        Cmd::Bench { compare, quick } => {
             deps::install()?;
             let bins = vm::build_binaries()?;
-            vm::run_mode(&vm::Run::new("bench"), deps::KERNEL_LINES[0], &bins)?;
+            let mut run = vm::Run::new("bench");
+            run.compare = compare;
+            if quick {
+                run.filter = Some("quick".into());
+            }
+            vm::run_mode(&run, deps::KERNEL_LINES[0], &bins)?;
         }
         Cmd::Vm {
             mode,
@@ -267,6 +291,7 @@ fn main() -> Result<()> {
             repeat,
             kernel,
             connections,
+            compare,
         } => {
             deps::install()?;
             let kernels = deps::kernel_lines(&kernel)?;
@@ -274,6 +299,7 @@ fn main() -> Result<()> {
             let mut run = vm::Run::new(mode.name());
             run.filter = filter;
             run.repeat = repeat;
+            run.compare = compare;
             if mode == VmMode::Capacity {
                 run.connections = Some(connections);
                 run.memory_mib = vm::CAPACITY_MEMORY_MIB;

@@ -393,6 +393,8 @@ pub struct Run {
     pub connections: Option<u64>,
     /// The VM's memory.
     pub memory_mib: u32,
+    /// Bench mode: an earlier run's figures to print this run's against.
+    pub compare: Option<PathBuf>,
 }
 
 /// The VM's memory for every mode but capacity.
@@ -410,6 +412,7 @@ impl Run {
             repeat: 1,
             connections: None,
             memory_mib: MEMORY_MIB,
+            compare: None,
         }
     }
 }
@@ -443,7 +446,7 @@ pub fn run_mode(run: &Run, line: deps::KernelLine, bins: &Path) -> Result<()> {
     if let Some(n) = run.connections {
         append.push_str(&format!(" tlshub.connections={n}"));
     }
-    boot(&Boot {
+    let booted = boot(&Boot {
         kernel: &kernel,
         initrd: &initrd,
         disk: None,
@@ -451,7 +454,12 @@ pub fn run_mode(run: &Run, line: deps::KernelLine, bins: &Path) -> Result<()> {
         label: &label,
         timeout,
         memory_mib: run.memory_mib,
-    })
+    });
+    if run.mode == "bench" {
+        // Also after a failed part: the figures measured before it count.
+        crate::bench_report::write(&label, line.name, run.compare.as_deref())?;
+    }
+    booted
 }
 
 /// One step of a lane: a VM boot that fails unless its scenarios passed.

@@ -29,6 +29,10 @@ enum Mode {
     Echo,
     /// The client sends `size` bytes, the server answers one byte (throughput).
     Throughput,
+    /// `size` transactions on the one connection: the client sends one
+    /// byte, the server echoes it, the client waits for it before the next
+    /// (netperf's TCP_RR with one-byte messages).
+    Rr,
     /// The client closes right after connect() (churn; nothing is sent).
     CloseEarly,
     /// The client sends `size` bytes and half-closes at once
@@ -98,22 +102,24 @@ struct Common {
     /// does. The client ignores it.
     #[arg(long, default_value_t = 0)]
     accept_delay_ms: u64,
+    /// All `connections` at once, each on its own thread (the server
+    /// accepts the next at once); otherwise one after another.
+    #[arg(long)]
+    parallel: bool,
 }
 
 #[derive(Debug, Subcommand)]
 enum Side {
-    /// Accept `connections` connections, one after another.
+    /// Accept `connections` connections (one after another, or all at
+    /// once with `--parallel`).
     Server {
         #[arg(long)]
         listen: SocketAddr,
-        /// Serve each accepted connection on its own thread, accepting the
-        /// next one at once (many clients at the same time).
-        #[arg(long)]
-        parallel: bool,
         #[command(flatten)]
         common: Common,
     },
-    /// Open `connections` connections, one after another.
+    /// Open `connections` connections (one after another, or all at once
+    /// with `--parallel`).
     Client {
         #[arg(long)]
         connect: SocketAddr,
@@ -147,12 +153,17 @@ struct Report {
     error: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     errno: Option<i32>,
-    /// Connect start to first echoed byte, microseconds, per connection (echo mode).
+    /// Microseconds: connect start to first echoed byte per connection
+    /// (echo mode), or send to echo per transaction (rr mode).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     latency_us: Vec<u64>,
-    /// Bytes per second of the transfer (throughput mode).
+    /// Bytes per second of the transfer (throughput mode); with
+    /// `--parallel`, all connections' bytes over the slowest one's time.
     #[serde(skip_serializing_if = "Option::is_none")]
     bytes_per_sec: Option<f64>,
+    /// Transactions per second (rr mode).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    transactions_per_sec: Option<f64>,
     /// fd numbers reused (fd-reuse scenario).
     reused_fds: u32,
     /// What became of Fast Open's first bytes: "sent" with the connecting
@@ -329,6 +340,16 @@ fn serve_exchange(c: &mut Conn, common: &Common, r: &mut Report) -> std::io::Res
             c.send_all(common.send, b"k")?;
             r.bytes_sent += 1;
         }
+        Mode::Rr => {
+            for i in 0..common.size as u64 {
+                let mut b = [0u8; 1];
+                c.recv_exact(common.recv, &mut b)?;
+                check_rr_byte(i, b[0])?;
+                c.send_all(common.send, &b)?;
+            }
+            r.bytes_received += common.size as u64;
+            r.bytes_sent += common.size as u64;
+        }
         Mode::CloseEarly | Mode::FillHalfClose => {
             if common.mode == Mode::FillHalfClose {
                 std::thread::sleep(std::time::Duration::from_secs(12));
@@ -354,6 +375,20 @@ fn serve_exchange(c: &mut Conn, common: &Common, r: &mut Report) -> std::io::Res
         let _ = c.recv_some(RecvMethod::Read, &mut b);
     }
     Ok(())
+}
+
+/// Transaction `i`'s byte in rr mode: the client pattern's byte `i`.
+fn check_rr_byte(i: u64, got: u8) -> std::io::Result<()> {
+    let mut want = [0u8; 1];
+    pattern::fill(CLIENT_SEED, i, &mut want);
+    if got == want[0] {
+        Ok(())
+    } else {
+        Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("transaction {i}: got {got:#04x}, sent {:#04x}", want[0]),
+        ))
+    }
 }
 
 /// Whether an exchange failed in a way that shows corrupt data rather than
@@ -455,6 +490,43 @@ fn client_one(target: SocketAddr, common: &Common, r: &mut Report) -> std::io::R
     Ok(())
 }
 
+/// `--parallel`, client: all `connections` at once, one thread each; the
+/// reports are added up, and a throughput is all the bytes over the
+/// slowest connection's transfer time.
+fn client_parallel(target: SocketAddr, common: &Common, r: &mut Report) -> std::io::Result<()> {
+    let ones = std::thread::scope(|scope| {
+        let threads: Vec<_> = (0..common.connections)
+            .map(|_| {
+                scope.spawn(move || {
+                    let mut one = Report::default();
+                    client_one(target, common, &mut one).map(|()| one)
+                })
+            })
+            .collect();
+        threads
+            .into_iter()
+            .map(|t| {
+                t.join()
+                    .map_err(|_| std::io::Error::other("client thread panicked"))?
+            })
+            .collect::<std::io::Result<Vec<Report>>>()
+    })?;
+    let mut slowest: f64 = 0.0;
+    for one in ones {
+        r.connections += 1;
+        r.bytes_sent += one.bytes_sent;
+        r.bytes_received += one.bytes_received;
+        r.latency_us.extend(one.latency_us);
+        if let Some(bps) = one.bytes_per_sec {
+            slowest = slowest.max(common.size as f64 / bps.max(1.0));
+        }
+    }
+    if common.mode == Mode::Throughput && slowest > 0.0 {
+        r.bytes_per_sec = Some((common.size as u64 * u64::from(r.connections)) as f64 / slowest);
+    }
+    Ok(())
+}
+
 /// A client-first exchange whose first bytes go out with Fast Open.
 fn client_fastopen(target: SocketAddr, common: &Common, r: &mut Report) -> std::io::Result<()> {
     if common.mode != Mode::ClientFirst {
@@ -504,6 +576,22 @@ fn client_exchange(c: &mut Conn, common: &Common, r: &mut Report) -> std::io::Re
             let mut b = [0u8; 1];
             c.recv_exact(common.recv, &mut b)?;
             r.bytes_per_sec = Some(common.size as f64 / t.elapsed().as_secs_f64());
+        }
+        Mode::Rr => {
+            r.latency_us.reserve(common.size);
+            let t = Instant::now();
+            for i in 0..common.size as u64 {
+                let mut b = [0u8; 1];
+                pattern::fill(CLIENT_SEED, i, &mut b);
+                let sent = Instant::now();
+                c.send_all(common.send, &b)?;
+                c.recv_exact(common.recv, &mut b)?;
+                r.latency_us.push(sent.elapsed().as_micros() as u64);
+                check_rr_byte(i, b[0])?;
+            }
+            r.transactions_per_sec = Some(common.size as f64 / t.elapsed().as_secs_f64());
+            r.bytes_sent += common.size as u64;
+            r.bytes_received += common.size as u64;
         }
         Mode::CloseEarly => {}
         Mode::HalfClose => {
@@ -571,11 +659,7 @@ fn expect_eof(c: &mut Conn, common: &Common) -> std::io::Result<()> {
 
 fn run(args: Args, r: &mut Report) -> std::io::Result<()> {
     match args.side {
-        Side::Server {
-            listen,
-            parallel,
-            common,
-        } => {
+        Side::Server { listen, common } => {
             r.role = "server";
             let l = TcpListener::bind(listen)?;
             if let Some(bytes) = common.sndbuf {
@@ -585,7 +669,7 @@ fn run(args: Args, r: &mut Report) -> std::io::Result<()> {
             eprintln!("listening on {listen}");
             if common.reconnect {
                 serve_until_idle(&l, &common, r)?;
-            } else if parallel {
+            } else if common.parallel {
                 std::thread::scope(|scope| {
                     let mut threads = Vec::new();
                     for _ in 0..common.connections {
@@ -621,6 +705,9 @@ fn run(args: Args, r: &mut Report) -> std::io::Result<()> {
             common,
         } => {
             r.role = "client";
+            if common.parallel {
+                return client_parallel(connect, &common, r);
+            }
             for _ in 0..common.connections {
                 if let Some(other) = reuse_fd_to {
                     // Open a selected connection and close it at once, then

@@ -30,9 +30,22 @@ fn main() {
                 tlshub_vm_tests::vm::bench::collateral_stall,
             ),
             ("concurrency", tlshub_vm_tests::vm::bench::concurrency),
+            (
+                "request_response_and_streams",
+                tlshub_vm_tests::vm::bench::request_response_and_streams,
+            ),
+            ("quick", tlshub_vm_tests::vm::bench::quick),
         ]
         .into_iter()
-        .filter(|(n, _)| filter.is_empty() || filter.split(',').any(|f| n.contains(f)))
+        // `quick` repeats a few of the others with smaller samples: only
+        // when asked for by name (`cargo xtask bench --quick`).
+        .filter(|(n, _)| {
+            if filter.is_empty() {
+                *n != "quick"
+            } else {
+                filter.split(',').any(|f| n.contains(f))
+            }
+        })
         .collect(),
         "demo" => vec![("demo", tlshub_vm_tests::vm::bench::demo)],
         // Not part of `cargo xtask test`: repeats a risky operation to hunt

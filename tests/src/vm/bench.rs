@@ -5,6 +5,7 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
+use tlshub_bench_report::{Figure, Unit};
 
 use crate::load::LoadReport;
 
@@ -16,6 +17,15 @@ use super::service::spawn_load_client;
 use super::support::*;
 use super::topology::POD_B;
 use super::wire_check::*;
+
+/// Prints one figure for `cargo xtask bench`, which collects them from
+/// the console into `target/bench/` (see `tlshub_bench_report`).
+fn record(part: &str, subject: &str, measure: &str, value: f64, unit: Unit) {
+    match Figure::new(part, subject, measure, value, unit).line() {
+        Ok(line) => println!("{line}"),
+        Err(e) => println!("TLSHUB-BENCH figure not recorded: {e}"),
+    }
+}
 
 pub fn latencies(c: &Value) -> Vec<u64> {
     let mut v: Vec<u64> = c["latency_us"]
@@ -44,9 +54,14 @@ pub fn setup_latency(target: &App, conns: u32) -> Result<(usize, u64, u64), Stri
 
 /// One stream of 64 MiB to `target`, bytes per second.
 pub fn throughput(target: &App) -> Result<f64, String> {
+    stream_of(target, 64 << 20)
+}
+
+/// One stream of `bytes` to `target`, bytes per second.
+fn stream_of(target: &App, bytes: usize) -> Result<f64, String> {
     let app = App {
         mode: "throughput",
-        size: 64 << 20,
+        size: bytes,
         ..target.clone()
     };
     let (s, c) = run_pair(&app, &[], Duration::from_secs(600))?;
@@ -104,10 +119,19 @@ impl Figures {
     /// `target` under `label`.
     fn measure(&mut self, label: &'static str, target: &App, conns: u32) -> Result<(), String> {
         let (n, p50, p99) = setup_latency(target, conns)?;
+        record("bench", label, "setup p50", p50 as f64, Unit::Microseconds);
+        record("bench", label, "setup p99", p99 as f64, Unit::Microseconds);
         self.setup.insert(label, (p50, p99));
         self.lines
             .push(format!("setup {label}: n={n} p50={p50}us p99={p99}us"));
         let bps = throughput(target)?;
+        record(
+            "bench",
+            label,
+            "throughput, one stream",
+            bps,
+            Unit::BytesPerSecond,
+        );
         self.tput.insert(label, bps);
         self.lines.push(format!(
             "throughput {label}: {:.1} MB/s (64 MiB, one stream)",
@@ -183,6 +207,22 @@ pub fn bench() -> Result<String, String> {
         for (name, node) in [("A (client)", &a), ("B (server)", &b)] {
             let s = node.stats()?;
             let (held, key) = (s.held_micros.sorted(), s.key_micros.sorted());
+            let side = if name.starts_with('A') {
+                "client"
+            } else {
+                "server"
+            };
+            for (what, sorted) in [("key time", &key), ("gate held", &held)] {
+                for (p, q) in [("p50", 0.5), ("p99", 0.99)] {
+                    record(
+                        "bench",
+                        label,
+                        &format!("{what} {p}, {side} node"),
+                        percentile(sorted, q) as f64,
+                        Unit::Microseconds,
+                    );
+                }
+            }
             f.lines.push(format!(
                 "{label} node {name}: protected={} held_connections={} stops={} held p50={}us p99={}us; provider key time p50={}us p99={}us",
                 s.protected,
@@ -248,6 +288,20 @@ fn event_loop_setup(
     let (n, p50, p99) = setup_latency(&app, conns)?;
     std::thread::sleep(Duration::from_millis(1500));
     let after = (counts(a)?, counts(b)?);
+    record(
+        "bench",
+        label,
+        "setup p50, event loop",
+        p50 as f64,
+        Unit::Microseconds,
+    );
+    record(
+        "bench",
+        label,
+        "setup p99, event loop",
+        p99 as f64,
+        Unit::Microseconds,
+    );
     let (blocking50, blocking99) = f.setup[label];
     f.lines.push(format!(
         "setup {label} event loop (epoll-edge both ends): n={n} p50={p50}us p99={p99}us, x{:.2} p50 and x{:.2} p99 of blocking apps; stops a {} b {}, connections answered EAGAIN a {} b {}",
@@ -464,6 +518,21 @@ pub fn collateral_stall() -> Result<String, String> {
     let mut lines = Vec::new();
     let mut report = |label: &str, kind: StallServer, (long, new, gate): StallRun| {
         let (q, b) = (long.rtt_quiet, long.rtt_busy);
+        for (what, value) in [
+            ("quiet p50", q.p50_us),
+            ("quiet p99", q.p99_us),
+            ("busy p50", b.p50_us),
+            ("busy p99", b.p99_us),
+            ("busy p99.9", b.p999_us),
+        ] {
+            record(
+                "collateral_stall",
+                label,
+                &format!("{}, {what}", kind.name()),
+                value as f64,
+                Unit::Microseconds,
+            );
+        }
         let mut line = format!(
             "stall {label}, {}: round trips quiet n={} p50={}us p99={}us p99.9={}us max={}us; busy n={} p50={}us p99={}us p99.9={}us max={}us; busy/quiet p50 x{:.2} p99 x{:.2} p99.9 x{:.2}; new connections {} ok, setup p50 {:.1} ms p99 {:.1} ms",
             kind.name(),
@@ -562,14 +631,26 @@ pub fn concurrency() -> Result<String, String> {
             let after = nodes
                 .map(|(a, b)| Ok::<_, String>((stops(a)?, stops(b)?)))
                 .transpose()?;
+            let rate = r.short_ok as f64 / r.duration_s.max(0.001);
+            record(
+                "concurrency",
+                label,
+                &format!("{clients} clients: connections"),
+                rate,
+                Unit::PerSecond,
+            );
+            for (p, ms) in [("p50", r.short_p50_ms), ("p99", r.short_p99_ms)] {
+                record(
+                    "concurrency",
+                    label,
+                    &format!("{clients} clients: setup {p}"),
+                    ms,
+                    Unit::Milliseconds,
+                );
+            }
             let mut line = format!(
                 "concurrency {label}, {clients} clients: {:.1} connections/s ({} in {:.1} s, {} failed), setup p50 {:.1} ms p99 {:.1} ms",
-                r.short_ok as f64 / r.duration_s.max(0.001),
-                r.short_ok,
-                r.duration_s,
-                r.short_failed,
-                r.short_p50_ms,
-                r.short_p99_ms,
+                rate, r.short_ok, r.duration_s, r.short_failed, r.short_p50_ms, r.short_p99_ms,
             );
             if let (Some(b), Some(a)) = (before, after) {
                 line.push_str(&format!(
@@ -602,6 +683,210 @@ pub fn concurrency() -> Result<String, String> {
         println!("TLSHUB-BENCH {idle}");
         lines.push(idle);
         level(&mut lines, label, POD_B, Some((&a, &b)))?;
+    }
+    Ok(lines.join(" | "))
+}
+
+/// `transactions` one-byte request/response transactions on one
+/// connection to `target` (`tlshub-testapp --mode rr`): the rate and the
+/// sorted round trips in microseconds, each recorded as `part`'s figures
+/// for `label`.
+fn request_response(
+    part: &str,
+    label: &str,
+    target: &App,
+    transactions: usize,
+) -> Result<(f64, Vec<u64>), String> {
+    let rr = App {
+        mode: "rr",
+        size: transactions,
+        ..target.clone()
+    };
+    let (s, c) = run_pair(&rr, &[], Duration::from_secs(600))?;
+    both_ok(&rr, &s, &c)?;
+    let l = latencies(&c);
+    if l.len() != transactions {
+        return Err(format!(
+            "{label}: {} round trips timed, not {transactions}",
+            l.len()
+        ));
+    }
+    let tps = c["transactions_per_sec"].as_f64().unwrap_or(0.0);
+    record(part, label, "rr transactions", tps, Unit::PerSecond);
+    for (p, q) in [("p50", 0.5), ("p99", 0.99), ("p99.9", 0.999)] {
+        record(
+            part,
+            label,
+            &format!("rr round trip {p}"),
+            percentile(&l, q) as f64,
+            Unit::Microseconds,
+        );
+    }
+    Ok((tps, l))
+}
+
+/// `cargo xtask bench --quick`, for use while developing (a few minutes
+/// in the VM): setup p50/p99 over 200 sequential connections, 2,000
+/// request/response transactions and one 16 MiB stream, for plain TCP,
+/// raw kTLS and each provider. Its own part: its smaller samples are not
+/// comparable with the full parts' figures.
+pub fn quick() -> Result<String, String> {
+    const PART: &str = "quick";
+    let mut lines = Vec::new();
+    let mut measure = |label: &str, target: &App| -> Result<(), String> {
+        let (n, p50, p99) = setup_latency(target, 200)?;
+        record(PART, label, "setup p50", p50 as f64, Unit::Microseconds);
+        record(PART, label, "setup p99", p99 as f64, Unit::Microseconds);
+        let (tps, _) = request_response(PART, label, target, 2000)?;
+        let bps = stream_of(target, 16 << 20)?;
+        record(PART, label, "one stream", bps, Unit::BytesPerSecond);
+        let line = format!(
+            "quick {label}: setup n={n} p50={p50}us p99={p99}us; {tps:.0} transactions/s; one stream {:.1} MB/s",
+            bps / 1e6
+        );
+        println!("TLSHUB-BENCH {line}");
+        lines.push(line);
+        Ok(())
+    };
+    let plain = App::exchange(1, PLAIN_PORT);
+    measure("no tlshub", &plain)?;
+    measure(
+        "raw ktls",
+        &App {
+            ktls_fixed_key: true,
+            ..plain.clone()
+        },
+    )?;
+    for (label, kind) in PROVIDERS {
+        let _nodes = nodes_with(kind)?;
+        measure(label, &App::exchange(1, PROTECTED_PORT))?;
+    }
+    Ok(lines.join(" | "))
+}
+
+/// Transactions per peer in [`request_response_and_streams`].
+const RR_TRANSACTIONS: usize = 5000;
+/// Streams at once, and bytes each, in [`request_response_and_streams`].
+const STREAMS: u32 = 8;
+const STREAM_BYTES: usize = 8 << 20;
+
+/// Established connections: the request/response rate on one connection
+/// ([`RR_TRANSACTIONS`] one-byte transactions, like netperf's TCP_RR: the
+/// client sends a byte and waits for its echo before the next) with its
+/// round trip p50/p99/p99.9, and [`STREAMS`] streams at once
+/// ([`STREAM_BYTES`] each, thread-per-connection apps), for plain TCP, raw
+/// kTLS, WireGuard, the stunnel pair and each provider, in one boot. What
+/// tlshub adds after the keys are in: nothing but kTLS, so its figures
+/// should match raw kTLS's.
+pub fn request_response_and_streams() -> Result<String, String> {
+    let mut lines = Vec::new();
+    // Label -> (transactions/s, round trip p99, streams bytes/s).
+    let mut figures: HashMap<&'static str, (f64, u64, f64)> = HashMap::new();
+    let mut measure = |label: &'static str, target: &App| -> Result<(), String> {
+        const PART: &str = "request_response_and_streams";
+        let (tps, l) = request_response(PART, label, target, RR_TRANSACTIONS)?;
+        let line = format!(
+            "rr {label}: {tps:.0} transactions/s, round trip p50={}us p99={}us p99.9={}us (n={})",
+            percentile(&l, 0.5),
+            percentile(&l, 0.99),
+            percentile(&l, 0.999),
+            l.len()
+        );
+        println!("TLSHUB-BENCH {line}");
+        lines.push(line);
+        let streams = App {
+            mode: "throughput",
+            size: STREAM_BYTES,
+            connections: STREAMS,
+            parallel: true,
+            ..target.clone()
+        };
+        let (s, c) = run_pair(&streams, &[], Duration::from_secs(900))?;
+        both_ok(&streams, &s, &c)?;
+        let bps = c["bytes_per_sec"].as_f64().unwrap_or(0.0);
+        record(
+            PART,
+            label,
+            &format!("{STREAMS} streams in all"),
+            bps,
+            Unit::BytesPerSecond,
+        );
+        let line = format!(
+            "streams {label}: {STREAMS} at once, {:.1} MB/s in all ({} MiB each)",
+            bps / 1e6,
+            STREAM_BYTES >> 20
+        );
+        println!("TLSHUB-BENCH {line}");
+        lines.push(line);
+        figures.insert(label, (tps, percentile(&l, 0.99), bps));
+        Ok(())
+    };
+    let plain = App::exchange(1, PLAIN_PORT);
+    measure("no tlshub", &plain)?;
+    measure(
+        "raw ktls",
+        &App {
+            ktls_fixed_key: true,
+            ..plain.clone()
+        },
+    )?;
+    {
+        let _tunnel = WireGuard::up()?;
+        measure(
+            "wireguard",
+            &App {
+                server: WG_POD_B,
+                ..plain.clone()
+            },
+        )?;
+    }
+    {
+        let _proxies = ProxyPair::start()?;
+        measure(
+            "stunnel",
+            &App {
+                proxy: Some((PROXY_LOCAL, PROXY_LOCAL_PORT)),
+                ..plain.clone()
+            },
+        )?;
+    }
+    for (label, kind) in PROVIDERS {
+        let _nodes = nodes_with(kind)?;
+        if label == "openssl" {
+            // The programs attached and the agents running, the
+            // connection unselected: what the hooks (and the idle agents)
+            // cost traffic they do not protect; and raw kTLS under the
+            // same conditions, the ceiling the providers' connections
+            // should reach once keyed.
+            measure("plain", &plain)?;
+            measure(
+                "raw ktls loaded",
+                &App {
+                    ktls_fixed_key: true,
+                    ..plain.clone()
+                },
+            )?;
+        }
+        measure(label, &App::exchange(1, PROTECTED_PORT))?;
+    }
+    let mut ratios = |label: &str, base: &str| {
+        let (l, b) = (figures[label], figures[base]);
+        let line = format!(
+            "ratios {label}/{base}: transactions/s x{:.2}, round trip p99 x{:.2}, {STREAMS} streams x{:.2}",
+            l.0 / b.0.max(1.0),
+            l.1 as f64 / b.1.max(1) as f64,
+            l.2 / b.2.max(1.0)
+        );
+        println!("TLSHUB-BENCH {line}");
+        lines.push(line);
+    };
+    for label in ["raw ktls", "wireguard", "stunnel", "plain"] {
+        ratios(label, "no tlshub");
+    }
+    ratios("raw ktls loaded", "raw ktls");
+    for (label, _) in PROVIDERS {
+        ratios(label, "raw ktls");
+        ratios(label, "raw ktls loaded");
     }
     Ok(lines.join(" | "))
 }

@@ -46,6 +46,8 @@ pub struct App {
     pub ktls_fixed_key: bool,
     /// --accept-delay-ms (server): wait before each accept().
     pub accept_delay_ms: u64,
+    /// --parallel (both ends): all `connections` at once.
+    pub parallel: bool,
 }
 
 impl App {
@@ -67,6 +69,7 @@ impl App {
             reconnect: false,
             ktls_fixed_key: false,
             accept_delay_ms: 0,
+            parallel: false,
         }
     }
 
@@ -117,6 +120,9 @@ impl App {
         if self.accept_delay_ms > 0 {
             args.push("--accept-delay-ms".into());
             args.push(self.accept_delay_ms.to_string());
+        }
+        if self.parallel {
+            args.push("--parallel".into());
         }
         args
     }

@@ -1,0 +1,393 @@
+#![forbid(unsafe_code)]
+//! The benchmark's figures as typed records. The VM benchmark
+//! (`tlshub-vm-tests`) prints each figure as one console line
+//! ([`Figure::line`]); `cargo xtask bench` reads them back from the serial
+//! log ([`Report::from_console`]) and writes them as JSON, CSV and Markdown
+//! tables. One type on both sides, so a figure cannot change shape on the
+//! way.
+
+use std::fmt::Write as _;
+
+use serde::{Deserialize, Serialize};
+
+/// What starts a figure's console line; the JSON record follows.
+pub const LINE_PREFIX: &str = "TLSHUB-FIGURE ";
+
+/// Why a report could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum ReportError {
+    /// A figure line whose record does not parse.
+    #[error("console line {line}: not a figure record: {source}")]
+    Malformed {
+        /// 1-based line number in the console log.
+        line: usize,
+        /// What serde said.
+        #[source]
+        source: serde_json::Error,
+    },
+    /// A figure whose value is not a finite number.
+    #[error("{part} / {subject} / {measure}: the value is not a finite number")]
+    NotFinite {
+        /// The figure's part.
+        part: String,
+        /// The figure's subject.
+        subject: String,
+        /// The figure's measure.
+        measure: String,
+    },
+    /// JSON encoding failed.
+    #[error("cannot encode: {0}")]
+    Encode(#[from] serde_json::Error),
+}
+
+/// The unit of a figure's value, which also says how it is printed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Unit {
+    /// Microseconds (printed in ms from 1,000 µs).
+    Microseconds,
+    /// Milliseconds.
+    Milliseconds,
+    /// Events per second (connections, transactions).
+    PerSecond,
+    /// Bytes per second (printed in MB/s).
+    BytesPerSecond,
+    /// A count.
+    Count,
+}
+
+impl Unit {
+    /// `value` for a table cell.
+    pub fn format(self, value: f64) -> String {
+        match self {
+            Self::Microseconds if value >= 1000.0 => format!("{:.2} ms", value / 1000.0),
+            Self::Microseconds => format!("{value:.0} µs"),
+            Self::Milliseconds => format!("{value:.1} ms"),
+            Self::PerSecond if value < 100.0 => format!("{value:.1}/s"),
+            Self::PerSecond => format!("{value:.0}/s"),
+            Self::BytesPerSecond => format!("{:.1} MB/s", value / 1e6),
+            Self::Count => format!("{value:.0}"),
+        }
+    }
+}
+
+/// One measured figure.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Figure {
+    /// The benchmark part that measured it (`bench`, `concurrency`, ...).
+    pub part: String,
+    /// What it was measured on: a peer (`no tlshub`, `raw ktls`,
+    /// `wireguard`, `stunnel`, `plain`) or a provider.
+    pub subject: String,
+    /// The quantity, e.g. `setup p99` or `rr transactions`.
+    pub measure: String,
+    /// The value, in `unit`.
+    pub value: f64,
+    /// The value's unit.
+    pub unit: Unit,
+}
+
+impl Figure {
+    /// A figure; `value` in `unit`.
+    pub fn new(part: &str, subject: &str, measure: &str, value: f64, unit: Unit) -> Self {
+        Self {
+            part: part.into(),
+            subject: subject.into(),
+            measure: measure.into(),
+            value,
+            unit,
+        }
+    }
+
+    /// The console line that carries it. A value that is not a finite
+    /// number is refused (JSON has no NaN).
+    pub fn line(&self) -> Result<String, ReportError> {
+        if !self.value.is_finite() {
+            return Err(ReportError::NotFinite {
+                part: self.part.clone(),
+                subject: self.subject.clone(),
+                measure: self.measure.clone(),
+            });
+        }
+        Ok(format!("{LINE_PREFIX}{}", serde_json::to_string(self)?))
+    }
+}
+
+/// The figures of one benchmark run.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Report {
+    /// The kernel the VM ran (`6.1`, `6.12`).
+    pub kernel: String,
+    /// The commit the run was built from (`git describe --always
+    /// --dirty`), when known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub commit: Option<String>,
+    /// The host CPU model that emulated the VM, when known: absolute
+    /// figures mean nothing across hosts (and little across runs).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu: Option<String>,
+    /// The figures in the order they were measured.
+    pub figures: Vec<Figure>,
+}
+
+impl Report {
+    /// The figures in a console log (anything before [`LINE_PREFIX`] on a
+    /// line, such as a runner's label, is ignored; lines without it are
+    /// skipped). A figure line that does not parse is an error.
+    pub fn from_console(kernel: &str, console: &str) -> Result<Self, ReportError> {
+        let mut figures = Vec::new();
+        for (i, line) in console.lines().enumerate() {
+            let Some(at) = line.find(LINE_PREFIX) else {
+                continue;
+            };
+            let record = line[at + LINE_PREFIX.len()..].trim_end_matches('\r');
+            let figure = serde_json::from_str(record).map_err(|source| ReportError::Malformed {
+                line: i + 1,
+                source,
+            })?;
+            figures.push(figure);
+        }
+        Ok(Self {
+            kernel: kernel.into(),
+            commit: None,
+            cpu: None,
+            figures,
+        })
+    }
+
+    /// Each figure of this run that `old` has too (same part, subject and
+    /// measure), as a Markdown table: old value, new value and new/old.
+    /// Figures only one run has are counted below the table. Nothing is
+    /// judged: under emulation, runs of the same build differ by tens of
+    /// percent (README, "Measurements").
+    pub fn compare(&self, old: &Report) -> String {
+        let key = |f: &Figure| (f.part.clone(), f.subject.clone(), f.measure.clone());
+        let mut out = format!(
+            "| part | subject | measure | old ({}) | new ({}) | new/old |\n|---|---|---|---|---|---|\n",
+            old.commit.as_deref().unwrap_or("?"),
+            self.commit.as_deref().unwrap_or("?")
+        );
+        let mut matched = 0;
+        for new in &self.figures {
+            let Some(was) = old.figures.iter().rev().find(|f| key(f) == key(new)) else {
+                continue;
+            };
+            matched += 1;
+            let ratio = if was.value == 0.0 {
+                "-".to_string()
+            } else {
+                format!("x{:.2}", new.value / was.value)
+            };
+            let _ = writeln!(
+                out,
+                "| {} | {} | {} | {} | {} | {ratio} |",
+                new.part,
+                new.subject,
+                new.measure,
+                was.unit.format(was.value),
+                new.unit.format(new.value)
+            );
+        }
+        let only_new = self.figures.len() - matched;
+        let only_old = old
+            .figures
+            .iter()
+            .filter(|f| !self.figures.iter().any(|n| key(n) == key(f)))
+            .count();
+        let _ = writeln!(
+            out,
+            "\n{matched} figures in both runs; {only_new} only in the new one, {only_old} only in the old one."
+        );
+        out
+    }
+
+    /// One row per figure: `part,subject,measure,value,unit`.
+    pub fn to_csv(&self) -> String {
+        let mut out = String::from("kernel,part,subject,measure,value,unit\n");
+        for f in &self.figures {
+            let unit = serde_json::to_value(f.unit)
+                .ok()
+                .and_then(|v| v.as_str().map(String::from))
+                .unwrap_or_default();
+            let _ = writeln!(
+                out,
+                "{},{},{},{},{},{}",
+                csv_field(&self.kernel),
+                csv_field(&f.part),
+                csv_field(&f.subject),
+                csv_field(&f.measure),
+                f.value,
+                unit
+            );
+        }
+        out
+    }
+
+    /// A Markdown table per part: a row per measure and a column per
+    /// subject, both in the order first measured; a cell with no figure
+    /// is empty.
+    pub fn to_markdown(&self) -> String {
+        let mut out = String::new();
+        for part in first_seen(self.figures.iter().map(|f| f.part.as_str())) {
+            let figures: Vec<&Figure> = self.figures.iter().filter(|f| f.part == part).collect();
+            let subjects = first_seen(figures.iter().map(|f| f.subject.as_str()));
+            let measures = first_seen(figures.iter().map(|f| f.measure.as_str()));
+            let _ = writeln!(out, "### {part} (Linux {})\n", self.kernel);
+            let _ = writeln!(out, "| | {} |", subjects.join(" | "));
+            let _ = writeln!(out, "|---|{}", "---|".repeat(subjects.len()));
+            for measure in &measures {
+                let cells: Vec<String> = subjects
+                    .iter()
+                    .map(|s| {
+                        // The last figure wins if a part measured one twice.
+                        figures
+                            .iter()
+                            .rev()
+                            .find(|f| f.subject == *s && f.measure == *measure)
+                            .map(|f| f.unit.format(f.value))
+                            .unwrap_or_default()
+                    })
+                    .collect();
+                let _ = writeln!(out, "| {measure} | {} |", cells.join(" | "));
+            }
+            out.push('\n');
+        }
+        out
+    }
+}
+
+/// The distinct items in the order they first appear.
+fn first_seen<'a>(items: impl Iterator<Item = &'a str>) -> Vec<&'a str> {
+    let mut seen: Vec<&str> = Vec::new();
+    for i in items {
+        if !seen.contains(&i) {
+            seen.push(i);
+        }
+    }
+    seen
+}
+
+/// A CSV field, quoted when it holds a comma, a quote or a line break.
+fn csv_field(s: &str) -> String {
+    if s.contains([',', '"', '\n']) {
+        format!("\"{}\"", s.replace('"', "\"\""))
+    } else {
+        s.to_string()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn figure(subject: &str, measure: &str, value: f64, unit: Unit) -> Figure {
+        Figure::new("rr", subject, measure, value, unit)
+    }
+
+    #[test]
+    fn figures_come_back_from_a_console_log_as_they_were_written() {
+        let written = vec![
+            figure("no tlshub", "transactions", 2457.0, Unit::PerSecond),
+            figure("openssl", "round trip p99", 3696.0, Unit::Microseconds),
+        ];
+        let mut console = String::from("[    1.0] booting\nTLSHUB-BENCH a human line\n");
+        for f in &written {
+            console.push_str(&format!("[bench-6.1] {}\r\n", f.line().unwrap()));
+        }
+        let report = Report::from_console("6.1", &console).unwrap();
+        assert_eq!(report.figures, written);
+        assert_eq!(report.kernel, "6.1");
+    }
+
+    #[test]
+    fn a_broken_figure_line_is_an_error_naming_its_line() {
+        let console = "ok\nTLSHUB-FIGURE {\"part\":\"rr\"}\n";
+        match Report::from_console("6.1", console) {
+            Err(ReportError::Malformed { line: 2, .. }) => {}
+            other => panic!("want a malformed line 2, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_value_that_is_not_a_number_is_refused_before_it_is_written() {
+        let f = figure("x", "y", f64::NAN, Unit::Count);
+        assert!(matches!(f.line(), Err(ReportError::NotFinite { .. })));
+    }
+
+    #[test]
+    fn markdown_has_a_column_per_subject_and_a_row_per_measure_with_gaps_empty() {
+        let report = Report {
+            kernel: "6.12".into(),
+            commit: None,
+            cpu: None,
+            figures: vec![
+                figure("no tlshub", "transactions", 2457.0, Unit::PerSecond),
+                figure("no tlshub", "8 streams", 22.9e6, Unit::BytesPerSecond),
+                figure("openssl", "transactions", 12.34, Unit::PerSecond),
+                figure("openssl", "round trip p99", 3696.0, Unit::Microseconds),
+            ],
+        };
+        let md = report.to_markdown();
+        let want = "### rr (Linux 6.12)\n\n\
+                    | | no tlshub | openssl |\n\
+                    |---|---|---|\n\
+                    | transactions | 2457/s | 12.3/s |\n\
+                    | 8 streams | 22.9 MB/s |  |\n\
+                    | round trip p99 |  | 3.70 ms |\n\n";
+        assert_eq!(md, want);
+    }
+
+    #[test]
+    fn csv_quotes_fields_that_need_it() {
+        let report = Report {
+            kernel: "6.1".into(),
+            commit: None,
+            cpu: None,
+            figures: vec![figure("a, \"b\"", "p50", 1.5, Unit::Milliseconds)],
+        };
+        assert_eq!(
+            report.to_csv(),
+            "kernel,part,subject,measure,value,unit\n6.1,rr,\"a, \"\"b\"\"\",p50,1.5,milliseconds\n"
+        );
+    }
+
+    #[test]
+    fn a_comparison_pairs_figures_by_part_subject_and_measure() {
+        let run = |commit: &str, figures| Report {
+            kernel: "6.1".into(),
+            commit: Some(commit.into()),
+            cpu: None,
+            figures,
+        };
+        let old = run(
+            "aaa",
+            vec![
+                figure("openssl", "transactions", 1000.0, Unit::PerSecond),
+                figure("openssl", "gone", 1.0, Unit::Count),
+            ],
+        );
+        let new = run(
+            "bbb",
+            vec![
+                figure("openssl", "transactions", 1500.0, Unit::PerSecond),
+                figure("tlshub", "transactions", 900.0, Unit::PerSecond),
+            ],
+        );
+        let table = new.compare(&old);
+        assert!(
+            table.contains("| rr | openssl | transactions | 1000/s | 1500/s | x1.50 |"),
+            "{table}"
+        );
+        assert!(table.contains("old (aaa) | new (bbb)"), "{table}");
+        assert!(
+            table.contains("1 figures in both runs; 1 only in the new one, 1 only in the old one."),
+            "{table}"
+        );
+    }
+
+    #[test]
+    fn a_report_without_commit_or_cpu_still_reads() {
+        let r: Report = serde_json::from_str(r#"{"kernel":"6.1","figures":[]}"#).unwrap();
+        assert_eq!((r.commit, r.cpu), (None, None));
+    }
+}
