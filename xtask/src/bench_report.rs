@@ -4,7 +4,7 @@
 use std::path::Path;
 
 use anyhow::{Context, Result};
-use tlshub_bench_report::Report;
+use tlshub_bench_report::{Figure, Report};
 
 use crate::root;
 
@@ -18,6 +18,11 @@ pub fn write(label: &str, kernel: &str, compare: Option<&Path>) -> Result<()> {
         .with_context(|| format!("cannot read {}", serial.display()))?;
     let mut report = Report::from_console(kernel, &console)
         .with_context(|| format!("in {}", serial.display()))?;
+    // Read before this run's files are written: `compare` may be the path
+    // they replace (the previous run's).
+    let old = compare
+        .map(|path| load(path).map(|old| (path, old)))
+        .transpose()?;
     report.commit = commit();
     report.cpu = cpu_model();
     if report.figures.is_empty() {
@@ -32,23 +37,30 @@ pub fn write(label: &str, kernel: &str, compare: Option<&Path>) -> Result<()> {
     std::fs::write(file("json"), serde_json::to_string_pretty(&report)?)?;
     std::fs::write(file("csv"), report.to_csv())?;
     std::fs::write(file("md"), &markdown)?;
+    for part in report.parts() {
+        chart(&report, part, &dir.join(format!("{part}-{kernel}.svg")))?;
+    }
     println!(
-        "== {} figures written to {}/figures-{kernel}.{{json,csv,md}}\n\n{markdown}",
+        "== {} figures written to {}/figures-{kernel}.{{json,csv,md}}, charts to <part>-{kernel}.svg\n\n{markdown}",
         report.figures.len(),
         dir.display()
     );
-    if let Some(old) = compare {
-        let text = std::fs::read_to_string(old)
-            .with_context(|| format!("cannot read {}", old.display()))?;
-        let old_report: Report = serde_json::from_str(&text)
-            .with_context(|| format!("{} is not a figures file", old.display()))?;
+    if let Some((path, old)) = old {
         println!(
             "== this run against {}\n\n{}",
-            old.display(),
-            report.compare(&old_report)
+            path.display(),
+            report.compare(&old)
         );
     }
     Ok(())
+}
+
+/// An earlier run's figures (`figures-<kernel>.json`). Also called before
+/// a run, so that a bad `--compare` fails at once rather than after it.
+pub fn load(path: &Path) -> Result<Report> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    serde_json::from_str(&text).with_context(|| format!("{} is not a figures file", path.display()))
 }
 
 /// `git describe --always --dirty` of the work tree, if git can say.
@@ -70,4 +82,91 @@ fn cpu_model() -> Option<String> {
         .find_map(|l| l.strip_prefix("model name"))
         .and_then(|rest| rest.split_once(':'))
         .map(|(_, model)| model.trim().to_string())
+}
+
+/// Bar charts of `part`'s figures as one SVG: a small chart per measure,
+/// a bar per subject (in the order measured), each labelled with its
+/// value as the tables print it.
+pub fn chart(report: &Report, part: &str, path: &Path) -> Result<()> {
+    use plotters::prelude::*;
+    use plotters::style::text_anchor::{HPos, Pos, VPos};
+
+    let (subjects, measures) = (report.subjects(part), report.measures(part));
+    const COLUMNS: usize = 2;
+    let rows = measures.len().div_ceil(COLUMNS).max(1);
+    let (width, cell_height) = (1200u32, 300u32);
+    let area = SVGBackend::new(path, (width, cell_height * rows as u32 + 40)).into_drawing_area();
+    area.fill(&WHITE).map_err(draw_error)?;
+    let title = format!(
+        "{part}, Linux {} ({}; emulated: compare within one run only)",
+        report.kernel,
+        report.commit.as_deref().unwrap_or("unknown commit")
+    );
+    let area = area
+        .titled(&title, ("sans-serif", 20))
+        .map_err(draw_error)?;
+    if subjects.is_empty() {
+        return Ok(());
+    }
+    let cells = area.split_evenly((rows, COLUMNS));
+    for (cell, measure) in cells.iter().zip(&measures) {
+        let bars: Vec<(usize, &Figure)> = subjects
+            .iter()
+            .enumerate()
+            .filter_map(|(i, s)| report.figure(part, s, measure).map(|f| (i, f)))
+            .collect();
+        let top = bars.iter().map(|(_, f)| f.value).fold(0.0, f64::max) * 1.15;
+        let mut chart = ChartBuilder::on(cell)
+            .caption(*measure, ("sans-serif", 16))
+            .margin(8)
+            .x_label_area_size(28)
+            .y_label_area_size(0)
+            // An integer range includes its end: one segment per subject.
+            .build_cartesian_2d(
+                (0..subjects.len().saturating_sub(1)).into_segmented(),
+                0.0..top.max(1.0),
+            )
+            .map_err(draw_error)?;
+        chart
+            .configure_mesh()
+            .disable_y_axis()
+            .disable_mesh()
+            .x_labels(subjects.len())
+            .x_label_style(("sans-serif", 11))
+            .x_label_formatter(&|x| match x {
+                SegmentValue::CenterOf(i) => {
+                    subjects.get(*i).map(|s| (*s).into()).unwrap_or_default()
+                }
+                _ => String::new(),
+            })
+            .draw()
+            .map_err(draw_error)?;
+        chart
+            .draw_series(
+                Histogram::vertical(&chart)
+                    .margin(12)
+                    .style(BLUE.mix(0.6).filled())
+                    .data(bars.iter().map(|(i, f)| (*i, f.value))),
+            )
+            .map_err(draw_error)?;
+        chart
+            .draw_series(bars.iter().map(|(i, f)| {
+                Text::new(
+                    f.unit.format(f.value),
+                    (SegmentValue::CenterOf(*i), f.value + top * 0.02),
+                    ("sans-serif", 11)
+                        .into_font()
+                        .color(&BLACK)
+                        .pos(Pos::new(HPos::Center, VPos::Bottom)),
+                )
+            }))
+            .map_err(draw_error)?;
+    }
+    area.present().map_err(draw_error)?;
+    Ok(())
+}
+
+/// plotters' error (generic over the backend) as text.
+fn draw_error(e: impl std::fmt::Display) -> anyhow::Error {
+    anyhow::anyhow!("cannot draw the chart: {e}")
 }

@@ -75,6 +75,16 @@ enum Cmd {
         #[arg(long)]
         quick: bool,
     },
+    /// Print a saved run's figures (`target/bench/figures-<kernel>.json`)
+    /// as Markdown tables and draw its SVG charts, one per part: how the
+    /// README's measurement tables and `docs/bench/` are made.
+    BenchReport {
+        /// The figures file.
+        file: std::path::PathBuf,
+        /// Where the charts go.
+        #[arg(long, default_value = "target/bench")]
+        charts: std::path::PathBuf,
+    },
     /// Boot the VM in a mode (test, bench, demo, stress, capacity, systemd)
     /// without the host checks.
     Vm {
@@ -276,6 +286,9 @@ fn main() -> Result<()> {
             dist::install_here(&args)?;
         }
         Cmd::Bench { compare, quick } => {
+            if let Some(path) = &compare {
+                bench_report::load(path)?;
+            }
             deps::install()?;
             let bins = vm::build_binaries()?;
             let mut run = vm::Run::new("bench");
@@ -285,6 +298,16 @@ fn main() -> Result<()> {
             }
             vm::run_mode(&run, deps::KERNEL_LINES[0], &bins)?;
         }
+        Cmd::BenchReport { file, charts } => {
+            let report = bench_report::load(&file)?;
+            std::fs::create_dir_all(&charts)?;
+            for part in report.parts() {
+                let svg = charts.join(format!("{part}-{}.svg", report.kernel));
+                bench_report::chart(&report, part, &svg)?;
+                eprintln!("== chart: {}", svg.display());
+            }
+            print!("{}", report.to_markdown());
+        }
         Cmd::Vm {
             mode,
             filter,
@@ -293,6 +316,9 @@ fn main() -> Result<()> {
             connections,
             compare,
         } => {
+            if let Some(path) = &compare {
+                bench_report::load(path)?;
+            }
             deps::install()?;
             let kernels = deps::kernel_lines(&kernel)?;
             let bins = vm::build_binaries()?;

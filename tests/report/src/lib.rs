@@ -201,6 +201,34 @@ impl Report {
         out
     }
 
+    /// The parts, in the order first measured.
+    pub fn parts(&self) -> Vec<&str> {
+        first_seen(self.figures.iter().map(|f| f.part.as_str()))
+    }
+
+    /// `part`'s subjects (columns), in the order first measured.
+    pub fn subjects<'a>(&'a self, part: &str) -> Vec<&'a str> {
+        first_seen(self.of(part).map(|f| f.subject.as_str()))
+    }
+
+    /// `part`'s measures (rows), in the order first measured.
+    pub fn measures<'a>(&'a self, part: &str) -> Vec<&'a str> {
+        first_seen(self.of(part).map(|f| f.measure.as_str()))
+    }
+
+    /// The figure of `part` for `subject` and `measure`; the last one if a
+    /// part measured it twice.
+    pub fn figure<'a>(&'a self, part: &str, subject: &str, measure: &str) -> Option<&'a Figure> {
+        self.of(part)
+            .filter(|f| f.subject == subject && f.measure == measure)
+            .last()
+    }
+
+    fn of<'a>(&'a self, part: &str) -> impl Iterator<Item = &'a Figure> {
+        let part = part.to_owned();
+        self.figures.iter().filter(move |f| f.part == part)
+    }
+
     /// One row per figure: `part,subject,measure,value,unit`.
     pub fn to_csv(&self) -> String {
         let mut out = String::from("kernel,part,subject,measure,value,unit\n");
@@ -228,10 +256,9 @@ impl Report {
     /// is empty.
     pub fn to_markdown(&self) -> String {
         let mut out = String::new();
-        for part in first_seen(self.figures.iter().map(|f| f.part.as_str())) {
-            let figures: Vec<&Figure> = self.figures.iter().filter(|f| f.part == part).collect();
-            let subjects = first_seen(figures.iter().map(|f| f.subject.as_str()));
-            let measures = first_seen(figures.iter().map(|f| f.measure.as_str()));
+        for part in self.parts() {
+            let subjects = self.subjects(part);
+            let measures = self.measures(part);
             let _ = writeln!(out, "### {part} (Linux {})\n", self.kernel);
             let _ = writeln!(out, "| | {} |", subjects.join(" | "));
             let _ = writeln!(out, "|---|{}", "---|".repeat(subjects.len()));
@@ -239,11 +266,7 @@ impl Report {
                 let cells: Vec<String> = subjects
                     .iter()
                     .map(|s| {
-                        // The last figure wins if a part measured one twice.
-                        figures
-                            .iter()
-                            .rev()
-                            .find(|f| f.subject == *s && f.measure == *measure)
+                        self.figure(part, s, measure)
                             .map(|f| f.unit.format(f.value))
                             .unwrap_or_default()
                     })
