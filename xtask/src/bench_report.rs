@@ -12,7 +12,14 @@ use crate::root;
 /// `target/vm`) on kernel line `kernel`, writes
 /// `target/bench/figures-<kernel>.{json,csv,md}` and prints the tables,
 /// and this run against `compare` (an earlier run's JSON) if given.
-pub fn write(label: &str, kernel: &str, compare: Option<&Path>) -> Result<()> {
+/// `commit` names the build the run measured (read before the build: the
+/// tree may change during a run).
+pub fn write(
+    label: &str,
+    kernel: &str,
+    commit: Option<String>,
+    compare: Option<&Path>,
+) -> Result<()> {
     let serial = root().join(format!("target/vm/serial-{label}.log"));
     let console = std::fs::read_to_string(&serial)
         .with_context(|| format!("cannot read {}", serial.display()))?;
@@ -23,7 +30,7 @@ pub fn write(label: &str, kernel: &str, compare: Option<&Path>) -> Result<()> {
     let old = compare
         .map(|path| load(path).map(|old| (path, old)))
         .transpose()?;
-    report.commit = commit();
+    report.commit = commit;
     report.cpu = cpu_model();
     if report.figures.is_empty() {
         println!("== no benchmark figures in {}", serial.display());
@@ -64,7 +71,7 @@ pub fn load(path: &Path) -> Result<Report> {
 }
 
 /// `git describe --always --dirty` of the work tree, if git can say.
-fn commit() -> Option<String> {
+pub fn commit() -> Option<String> {
     let out = std::process::Command::new("git")
         .args(["describe", "--always", "--dirty"])
         .current_dir(root())

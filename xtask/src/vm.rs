@@ -446,6 +446,8 @@ pub fn run_mode(run: &Run, line: deps::KernelLine, bins: &Path) -> Result<()> {
     if let Some(n) = run.connections {
         append.push_str(&format!(" tlshub.connections={n}"));
     }
+    // The build the run measures (the tree may change while it runs).
+    let commit = crate::bench_report::commit();
     let booted = boot(&Boot {
         kernel: &kernel,
         initrd: &initrd,
@@ -457,7 +459,7 @@ pub fn run_mode(run: &Run, line: deps::KernelLine, bins: &Path) -> Result<()> {
     });
     if run.mode == "bench" {
         // Also after a failed part: the figures measured before it count.
-        crate::bench_report::write(&label, line.name, run.compare.as_deref())?;
+        crate::bench_report::write(&label, line.name, commit, run.compare.as_deref())?;
     }
     booted
 }

@@ -85,6 +85,22 @@ pub struct Figure {
     pub value: f64,
     /// The value's unit.
     pub unit: Unit,
+    /// When the figure was measured more than once in the run: `value`
+    /// is the median and this the range, the run-to-run spread that
+    /// [`Report::compare`] judges a change against.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub spread: Option<Spread>,
+}
+
+/// The range of a figure measured several times in one run.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Spread {
+    /// The lowest of the repetitions.
+    pub min: f64,
+    /// The highest.
+    pub max: f64,
+    /// How many repetitions.
+    pub runs: u32,
 }
 
 impl Figure {
@@ -96,7 +112,30 @@ impl Figure {
             measure: measure.into(),
             value,
             unit,
+            spread: None,
         }
+    }
+
+    /// A figure measured once per entry of `values`: the median (the
+    /// lower middle one for an even count) with the range as its spread.
+    /// `None` for no values.
+    pub fn repeated(
+        part: &str,
+        subject: &str,
+        measure: &str,
+        values: &[f64],
+        unit: Unit,
+    ) -> Option<Self> {
+        let mut sorted = values.to_vec();
+        sorted.sort_by(f64::total_cmp);
+        let median = *sorted.get((sorted.len().checked_sub(1)?) / 2)?;
+        let mut f = Self::new(part, subject, measure, median, unit);
+        f.spread = Some(Spread {
+            min: sorted[0],
+            max: sorted[sorted.len() - 1],
+            runs: u32::try_from(sorted.len()).unwrap_or(u32::MAX),
+        });
+        Some(f)
     }
 
     /// The console line that carries it. A value that is not a finite
@@ -157,13 +196,15 @@ impl Report {
 
     /// Each figure of this run that `old` has too (same part, subject and
     /// measure), as a Markdown table: old value, new value and new/old.
-    /// Figures only one run has are counted below the table. Nothing is
-    /// judged: under emulation, runs of the same build differ by tens of
-    /// percent (README, "Measurements").
+    /// Where the old figure was measured several times, a new value
+    /// inside its spread is marked "within spread" and one outside it
+    /// "outside"; figures measured once are not judged (under emulation,
+    /// runs of one build differ by tens of percent). Figures only one run
+    /// has are counted below the table.
     pub fn compare(&self, old: &Report) -> String {
         let key = |f: &Figure| (f.part.clone(), f.subject.clone(), f.measure.clone());
         let mut out = format!(
-            "| part | subject | measure | old ({}) | new ({}) | new/old |\n|---|---|---|---|---|---|\n",
+            "| part | subject | measure | old ({}) | new ({}) | new/old | |\n|---|---|---|---|---|---|---|\n",
             old.commit.as_deref().unwrap_or("?"),
             self.commit.as_deref().unwrap_or("?")
         );
@@ -178,9 +219,16 @@ impl Report {
             } else {
                 format!("x{:.2}", new.value / was.value)
             };
+            let verdict = match was.spread {
+                Some(s) if (s.min..=s.max).contains(&new.value) => {
+                    format!("within spread ({} runs)", s.runs)
+                }
+                Some(s) => format!("outside spread ({} runs)", s.runs),
+                None => String::new(),
+            };
             let _ = writeln!(
                 out,
-                "| {} | {} | {} | {} | {} | {ratio} |",
+                "| {} | {} | {} | {} | {} | {ratio} | {verdict} |",
                 new.part,
                 new.subject,
                 new.measure,
@@ -398,7 +446,7 @@ mod tests {
         );
         let table = new.compare(&old);
         assert!(
-            table.contains("| rr | openssl | transactions | 1000/s | 1500/s | x1.50 |"),
+            table.contains("| rr | openssl | transactions | 1000/s | 1500/s | x1.50 |  |"),
             "{table}"
         );
         assert!(table.contains("old (aaa) | new (bbb)"), "{table}");
@@ -412,5 +460,42 @@ mod tests {
     fn a_report_without_commit_or_cpu_still_reads() {
         let r: Report = serde_json::from_str(r#"{"kernel":"6.1","figures":[]}"#).unwrap();
         assert_eq!((r.commit, r.cpu), (None, None));
+    }
+
+    #[test]
+    fn a_repeated_figure_is_the_median_with_its_range_and_judges_a_comparison() {
+        let f = Figure::repeated(
+            "rr",
+            "openssl",
+            "tps",
+            &[900.0, 1200.0, 1000.0],
+            Unit::PerSecond,
+        )
+        .unwrap();
+        assert_eq!(f.value, 1000.0);
+        assert_eq!(
+            f.spread,
+            Some(Spread {
+                min: 900.0,
+                max: 1200.0,
+                runs: 3
+            })
+        );
+        assert!(Figure::repeated("rr", "x", "y", &[], Unit::Count).is_none());
+        let run = |figures| Report {
+            kernel: "6.1".into(),
+            commit: None,
+            cpu: None,
+            figures,
+        };
+        let old = run(vec![f]);
+        let inside = run(vec![figure("openssl", "tps", 1100.0, Unit::PerSecond)]);
+        let outside = run(vec![figure("openssl", "tps", 1300.0, Unit::PerSecond)]);
+        assert!(inside.compare(&old).contains("| within spread (3 runs) |"));
+        assert!(
+            outside
+                .compare(&old)
+                .contains("| outside spread (3 runs) |")
+        );
     }
 }

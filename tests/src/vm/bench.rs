@@ -697,6 +697,22 @@ fn request_response(
     target: &App,
     transactions: usize,
 ) -> Result<(f64, Vec<u64>), String> {
+    let (tps, l) = rr_once(label, target, transactions)?;
+    record(part, label, "rr transactions", tps, Unit::PerSecond);
+    for (p, q) in [("p50", 0.5), ("p99", 0.99), ("p99.9", 0.999)] {
+        record(
+            part,
+            label,
+            &format!("rr round trip {p}"),
+            percentile(&l, q) as f64,
+            Unit::Microseconds,
+        );
+    }
+    Ok((tps, l))
+}
+
+/// [`request_response`] without recording anything.
+fn rr_once(label: &str, target: &App, transactions: usize) -> Result<(f64, Vec<u64>), String> {
     let rr = App {
         mode: "rr",
         size: transactions,
@@ -712,21 +728,26 @@ fn request_response(
         ));
     }
     let tps = c["transactions_per_sec"].as_f64().unwrap_or(0.0);
-    record(part, label, "rr transactions", tps, Unit::PerSecond);
-    for (p, q) in [("p50", 0.5), ("p99", 0.99), ("p99.9", 0.999)] {
-        record(
-            part,
-            label,
-            &format!("rr round trip {p}"),
-            percentile(&l, q) as f64,
-            Unit::Microseconds,
-        );
-    }
     Ok((tps, l))
 }
 
+/// Repetitions of each measurement in [`quick`].
+const QUICK_RUNS: usize = 3;
+
+/// Prints a figure measured once per entry of `values` (the median, with
+/// the range as its spread; see [`Figure::repeated`]).
+fn record_repeated(part: &str, subject: &str, measure: &str, values: &[f64], unit: Unit) {
+    match Figure::repeated(part, subject, measure, values, unit).map(|f| f.line()) {
+        Some(Ok(line)) => println!("{line}"),
+        Some(Err(e)) => println!("TLSHUB-BENCH figure not recorded: {e}"),
+        None => println!("TLSHUB-BENCH figure not recorded: {subject} {measure}: no values"),
+    }
+}
+
 /// `cargo xtask bench --quick`, for use while developing (a few minutes
-/// in the VM): setup p50/p99 over 200 sequential connections, 2,000
+/// in the VM), each measurement [`QUICK_RUNS`] times so that its figures
+/// carry their run-to-run spread (which `--compare` judges changes
+/// against): setup p50/p99 over 100 sequential connections, 2,000
 /// request/response transactions and one 16 MiB stream, for plain TCP,
 /// raw kTLS and each provider. Its own part: its smaller samples are not
 /// comparable with the full parts' figures.
@@ -734,16 +755,39 @@ pub fn quick() -> Result<String, String> {
     const PART: &str = "quick";
     let mut lines = Vec::new();
     let mut measure = |label: &str, target: &App| -> Result<(), String> {
-        let (n, p50, p99) = setup_latency(target, 200)?;
-        record(PART, label, "setup p50", p50 as f64, Unit::Microseconds);
-        record(PART, label, "setup p99", p99 as f64, Unit::Microseconds);
-        let (tps, _) = request_response(PART, label, target, 2000)?;
-        let bps = stream_of(target, 16 << 20)?;
-        record(PART, label, "one stream", bps, Unit::BytesPerSecond);
-        let line = format!(
-            "quick {label}: setup n={n} p50={p50}us p99={p99}us; {tps:.0} transactions/s; one stream {:.1} MB/s",
-            bps / 1e6
-        );
+        let mut runs: [Vec<f64>; 6] = Default::default();
+        for _ in 0..QUICK_RUNS {
+            let (_, p50, p99) = setup_latency(target, 100)?;
+            let (tps, l) = rr_once(label, target, 2000)?;
+            let bps = stream_of(target, 16 << 20)?;
+            let values = [
+                p50 as f64,
+                p99 as f64,
+                tps,
+                percentile(&l, 0.5) as f64,
+                percentile(&l, 0.99) as f64,
+                bps,
+            ];
+            for (run, v) in runs.iter_mut().zip(values) {
+                run.push(v);
+            }
+        }
+        let names = [
+            ("setup p50", Unit::Microseconds),
+            ("setup p99", Unit::Microseconds),
+            ("rr transactions", Unit::PerSecond),
+            ("rr round trip p50", Unit::Microseconds),
+            ("rr round trip p99", Unit::Microseconds),
+            ("one stream", Unit::BytesPerSecond),
+        ];
+        let mut line = format!("quick {label} (min to max of {QUICK_RUNS} runs):");
+        for ((name, unit), values) in names.iter().zip(&runs) {
+            record_repeated(PART, label, name, values, *unit);
+            let (lo, hi) = values
+                .iter()
+                .fold((f64::MAX, f64::MIN), |(lo, hi), v| (lo.min(*v), hi.max(*v)));
+            line.push_str(&format!(" {name} {lo:.0} to {hi:.0};"));
+        }
         println!("TLSHUB-BENCH {line}");
         lines.push(line);
         Ok(())
