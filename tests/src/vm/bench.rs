@@ -106,6 +106,52 @@ fn nodes_with(provider: ProviderKind) -> Result<(Node, Node), String> {
     nodes(sa, sb)
 }
 
+/// A part's way of measuring one peer: its label and the app to aim at.
+type Measure<'a> = dyn FnMut(&'static str, &App) -> Result<(), String> + 'a;
+
+/// The baselines every part measures first, before any core ran (nothing
+/// attached): plain TCP as it is without tlshub ("no tlshub") and kTLS
+/// with a fixed key installed by the apps themselves, no agent and no
+/// handshake ("raw ktls": the data path's ceiling; tlshub adds nothing
+/// after the keys are in).
+fn baselines(measure: &mut Measure<'_>) -> Result<(), String> {
+    let plain = App::exchange(1, PLAIN_PORT);
+    measure("no tlshub", &plain)?;
+    measure("raw ktls", &raw_ktls(&plain))
+}
+
+/// `app` with kTLS installed by both apps with a fixed key.
+fn raw_ktls(app: &App) -> App {
+    App {
+        ktls_fixed_key: true,
+        ..app.clone()
+    }
+}
+
+/// The alternatives between the same pods, with no tlshub: WireGuard
+/// between the nodes and the stunnel pair, each up only while measured.
+fn alternatives(measure: &mut Measure<'_>) -> Result<(), String> {
+    let plain = App::exchange(1, PLAIN_PORT);
+    {
+        let _tunnel = WireGuard::up()?;
+        measure(
+            "wireguard",
+            &App {
+                server: WG_POD_B,
+                ..plain.clone()
+            },
+        )?;
+    }
+    let _proxies = ProxyPair::start()?;
+    measure(
+        "stunnel",
+        &App {
+            proxy: Some((PROXY_LOCAL, PROXY_LOCAL_PORT)),
+            ..plain
+        },
+    )
+}
+
 /// Setup latency and throughput figures by label, and the report lines.
 #[derive(Debug, Default)]
 struct Figures {
@@ -162,36 +208,13 @@ pub fn bench() -> Result<String, String> {
     let conns = 1000;
     let mut f = Figures::default();
     let plain = App::exchange(1, PLAIN_PORT);
-    // Before any core ran (nothing attached): plain TCP as it is without
-    // tlshub, and the alternatives between the same pods. What the
-    // programs cost the traffic they do not select is the step from "no
-    // tlshub" to "plain" below, measured with both nodes' programs attached.
-    f.measure("no tlshub", &plain, conns)?;
+    // Before any core ran, like the baselines and the alternatives. What
+    // the programs cost the traffic they do not select is the step from
+    // "no tlshub" to "plain" below, measured with both nodes' programs
+    // attached.
     let loop_none = byte_loop_seconds()?;
-    // kTLS with a fixed key installed by the apps themselves, no agent and
-    // no handshake: the data path's ceiling (tlshub adds nothing after the
-    // keys are in, so its streams should match this).
-    let raw_ktls = App {
-        ktls_fixed_key: true,
-        ..plain.clone()
-    };
-    f.measure("raw ktls", &raw_ktls, conns)?;
-    {
-        let _tunnel = WireGuard::up()?;
-        let through_tunnel = App {
-            server: WG_POD_B,
-            ..plain.clone()
-        };
-        f.measure("wireguard", &through_tunnel, conns)?;
-    }
-    {
-        let _proxies = ProxyPair::start()?;
-        let through_proxies = App {
-            proxy: Some((PROXY_LOCAL, PROXY_LOCAL_PORT)),
-            ..plain.clone()
-        };
-        f.measure("stunnel", &through_proxies, conns)?;
-    }
+    baselines(&mut |label, app| f.measure(label, app, conns))?;
+    alternatives(&mut |label, app| f.measure(label, app, conns))?;
     for (label, kind) in PROVIDERS {
         let (a, b) = nodes_with(kind)?;
         if label == "openssl" {
@@ -792,15 +815,7 @@ pub fn quick() -> Result<String, String> {
         lines.push(line);
         Ok(())
     };
-    let plain = App::exchange(1, PLAIN_PORT);
-    measure("no tlshub", &plain)?;
-    measure(
-        "raw ktls",
-        &App {
-            ktls_fixed_key: true,
-            ..plain.clone()
-        },
-    )?;
+    baselines(&mut measure)?;
     for (label, kind) in PROVIDERS {
         let _nodes = nodes_with(kind)?;
         measure(label, &App::exchange(1, PROTECTED_PORT))?;
@@ -865,35 +880,9 @@ pub fn request_response_and_streams() -> Result<String, String> {
         figures.insert(label, (tps, percentile(&l, 0.99), bps));
         Ok(())
     };
+    baselines(&mut measure)?;
+    alternatives(&mut measure)?;
     let plain = App::exchange(1, PLAIN_PORT);
-    measure("no tlshub", &plain)?;
-    measure(
-        "raw ktls",
-        &App {
-            ktls_fixed_key: true,
-            ..plain.clone()
-        },
-    )?;
-    {
-        let _tunnel = WireGuard::up()?;
-        measure(
-            "wireguard",
-            &App {
-                server: WG_POD_B,
-                ..plain.clone()
-            },
-        )?;
-    }
-    {
-        let _proxies = ProxyPair::start()?;
-        measure(
-            "stunnel",
-            &App {
-                proxy: Some((PROXY_LOCAL, PROXY_LOCAL_PORT)),
-                ..plain.clone()
-            },
-        )?;
-    }
     for (label, kind) in PROVIDERS {
         let _nodes = nodes_with(kind)?;
         if label == "openssl" {
@@ -903,13 +892,7 @@ pub fn request_response_and_streams() -> Result<String, String> {
             // same conditions, the ceiling the providers' connections
             // should reach once keyed.
             measure("plain", &plain)?;
-            measure(
-                "raw ktls loaded",
-                &App {
-                    ktls_fixed_key: true,
-                    ..plain.clone()
-                },
-            )?;
+            measure("raw ktls loaded", &raw_ktls(&plain))?;
         }
         measure(label, &App::exchange(1, PROTECTED_PORT))?;
     }

@@ -288,17 +288,7 @@ fn deb_install_and_purge() -> Result<String, String> {
     enable_node_a()?;
     let status = tlshubctl(&["status"])?;
     let exchange = super::support::App::exchange(10_000, super::node::PROTECTED_PORT);
-    let (s, c) = super::support::run_pair(&exchange, &[], Duration::from_secs(30))?;
-    super::support::both_ok(&exchange, &s, &c).map_err(|e| {
-        format!(
-            "a protected exchange with the package's core: {e}\n{}",
-            journal("tlshub-core.service")
-        )
-    })?;
-    let protected = metric(
-        &metrics_a()?,
-        "tlshub_connections_protected_total{provider=\"openssl\"}",
-    );
+    let protected = exchange_keyed(&exchange, "with the package's core")?;
     if protected < 1.0 {
         return Err(format!(
             "the package's core protected nothing; status {status}"
@@ -330,6 +320,23 @@ fn deb_install_and_purge() -> Result<String, String> {
     ))
 }
 
+/// Runs `exchange` between pod-a and pod-b (exact bytes both ways) and
+/// returns how many connections node a's core has protected with OpenSSL
+/// since it started; `when` names the moment in errors.
+fn exchange_keyed(exchange: &super::support::App, when: &str) -> Result<f64, String> {
+    let (s, c) = super::support::run_pair(exchange, &[], Duration::from_secs(30))?;
+    super::support::both_ok(exchange, &s, &c).map_err(|e| {
+        format!(
+            "a protected exchange {when}: {e}\n{}",
+            journal("tlshub-core.service")
+        )
+    })?;
+    Ok(metric(
+        &metrics_a()?,
+        "tlshub_connections_protected_total{provider=\"openssl\"}",
+    ))
+}
+
 /// The package installed again over itself, which runs what an upgrade
 /// runs (`prerm upgrade`, the files, `postinst configure OLD`): the enabled
 /// units must be running again as new processes, the node's edited
@@ -355,19 +362,8 @@ fn upgrade_in_place(exchange: &super::support::App) -> Result<String, String> {
             "the upgrade replaced the node's edited core.toml:\n{config}"
         ));
     }
-    let (s, c) = super::support::run_pair(exchange, &[], Duration::from_secs(30))?;
-    super::support::both_ok(exchange, &s, &c).map_err(|e| {
-        format!(
-            "a protected exchange after the upgrade: {e}\n{}",
-            journal("tlshub-core.service")
-        )
-    })?;
     // The restarted core counts from 0: this exchange is its first.
-    let protected = metric(
-        &metrics_a()?,
-        "tlshub_connections_protected_total{provider=\"openssl\"}",
-    );
-    if protected < 1.0 {
+    if exchange_keyed(exchange, "after the upgrade")? < 1.0 {
         return Err("the upgraded core protected nothing".into());
     }
     Ok("upgraded in place (units restarted as new processes, edited core.toml kept, exchange protected again)".into())
