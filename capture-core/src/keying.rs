@@ -362,9 +362,9 @@ pub async fn run(job: Job, provider: Arc<Provider>) -> Outcome {
             // Retry only when no provider can be running the request: no
             // provider read it (nothing listened, or a stopping provider's
             // GOAWAY refused it; see `ClientError::NotSent`), or nothing
-            // listens on the provider's socket now. A live provider's UNAVAILABLE is
-            // final (a second attempt could start a second handshake on the
-            // same connection).
+            // listens on the provider's socket now. A live provider's
+            // UNAVAILABLE is final (a second attempt could start a second
+            // handshake on the same connection).
             Err(e)
                 if e.is_unavailable() && (e.never_sent() || !listening(&provider.socket).await) =>
             {
