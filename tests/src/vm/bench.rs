@@ -884,7 +884,7 @@ pub fn request_response_and_streams() -> Result<String, String> {
     alternatives(&mut measure)?;
     let plain = App::exchange(1, PLAIN_PORT);
     for (label, kind) in PROVIDERS {
-        let _nodes = nodes_with(kind)?;
+        let (mut a, mut b) = nodes_with(kind)?;
         if label == "openssl" {
             // The programs attached and the agents running, the
             // connection unselected: what the hooks (and the idle agents)
@@ -895,6 +895,17 @@ pub fn request_response_and_streams() -> Result<String, String> {
             measure("raw ktls loaded", &raw_ktls(&plain))?;
         }
         measure(label, &App::exchange(1, PROTECTED_PORT))?;
+        if label == "openssl" {
+            // The same unselected connection with the programs still
+            // attached (a core that stops leaves them for the next one)
+            // but no agent running: the hooks' share of "plain"'s cost,
+            // apart from the agents' wakeups.
+            for node in [&mut a, &mut b] {
+                node.stop_core();
+                node.kill_provider(kind);
+            }
+            measure("plain, programs only", &plain)?;
+        }
     }
     let mut ratios = |label: &str, base: &str| {
         let (l, b) = (figures[label], figures[base]);
@@ -907,7 +918,13 @@ pub fn request_response_and_streams() -> Result<String, String> {
         println!("TLSHUB-BENCH {line}");
         lines.push(line);
     };
-    for label in ["raw ktls", "wireguard", "stunnel", "plain"] {
+    for label in [
+        "raw ktls",
+        "wireguard",
+        "stunnel",
+        "plain",
+        "plain, programs only",
+    ] {
         ratios(label, "no tlshub");
     }
     ratios("raw ktls loaded", "raw ktls");
