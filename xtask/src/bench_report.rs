@@ -1,5 +1,6 @@
 //! The benchmark's figures, read back from a bench boot's serial log and
-//! written as JSON, CSV and Markdown tables under `target/bench/`.
+//! written as JSON, CSV, Markdown tables and SVG charts under
+//! `target/bench/`.
 
 use std::path::Path;
 
@@ -12,7 +13,7 @@ use crate::root;
 /// `target/vm`) on kernel line `kernel`, writes
 /// `target/bench/figures-<kernel>.{json,csv,md}` and prints the tables,
 /// and this run against `compare` (an earlier run's JSON) if given.
-/// `commit` names the build the run measured (read before the build: the
+/// `commit` names the build the run measured (read before the boot: the
 /// tree may change during a run).
 pub fn write(
     label: &str,

@@ -459,7 +459,13 @@ pub fn run_mode(run: &Run, line: deps::KernelLine, bins: &Path) -> Result<()> {
     });
     if run.mode == "bench" {
         // Also after a failed part: the figures measured before it count.
-        crate::bench_report::write(&label, line.name, commit, run.compare.as_deref())?;
+        // The boot's own failure is the one reported.
+        let written = crate::bench_report::write(&label, line.name, commit, run.compare.as_deref());
+        match (&booted, written) {
+            (Ok(()), written) => written?,
+            (Err(_), Err(e)) => println!("== benchmark figures not written: {e:#}"),
+            (Err(_), Ok(())) => {}
+        }
     }
     booted
 }

@@ -277,23 +277,34 @@ impl Report {
         self.figures.iter().filter(move |f| f.part == part)
     }
 
-    /// One row per figure: `part,subject,measure,value,unit`.
+    /// One row per figure, with the run's kernel, commit and CPU on every
+    /// row: `kernel,commit,cpu,part,subject,measure,value,unit,min,max,runs`
+    /// (the last three empty for a figure measured once).
     pub fn to_csv(&self) -> String {
-        let mut out = String::from("kernel,part,subject,measure,value,unit\n");
+        let mut out =
+            String::from("kernel,commit,cpu,part,subject,measure,value,unit,min,max,runs\n");
+        let run = [
+            csv_field(&self.kernel),
+            csv_field(self.commit.as_deref().unwrap_or_default()),
+            csv_field(self.cpu.as_deref().unwrap_or_default()),
+        ]
+        .join(",");
         for f in &self.figures {
             let unit = serde_json::to_value(f.unit)
                 .ok()
                 .and_then(|v| v.as_str().map(String::from))
                 .unwrap_or_default();
+            let spread = f
+                .spread
+                .map(|s| format!("{},{},{}", s.min, s.max, s.runs))
+                .unwrap_or_else(|| ",,".into());
             let _ = writeln!(
                 out,
-                "{},{},{},{},{},{}",
-                csv_field(&self.kernel),
+                "{run},{},{},{},{},{unit},{spread}",
                 csv_field(&f.part),
                 csv_field(&f.subject),
                 csv_field(&f.measure),
                 f.value,
-                unit
             );
         }
         out
@@ -410,15 +421,19 @@ mod tests {
 
     #[test]
     fn csv_quotes_fields_that_need_it() {
+        let repeated =
+            Figure::repeated("rr", "x", "tps", &[1.0, 3.0, 2.0], Unit::PerSecond).unwrap();
         let report = Report {
             kernel: "6.1".into(),
-            commit: None,
-            cpu: None,
-            figures: vec![figure("a, \"b\"", "p50", 1.5, Unit::Milliseconds)],
+            commit: Some("abc".into()),
+            cpu: Some("AMD EPYC, 2 cores".into()),
+            figures: vec![figure("a, \"b\"", "p50", 1.5, Unit::Milliseconds), repeated],
         };
         assert_eq!(
             report.to_csv(),
-            "kernel,part,subject,measure,value,unit\n6.1,rr,\"a, \"\"b\"\"\",p50,1.5,milliseconds\n"
+            "kernel,commit,cpu,part,subject,measure,value,unit,min,max,runs\n\
+             6.1,abc,\"AMD EPYC, 2 cores\",rr,\"a, \"\"b\"\"\",p50,1.5,milliseconds,,,\n\
+             6.1,abc,\"AMD EPYC, 2 cores\",rr,x,tps,2,per_second,1,3,3\n"
         );
     }
 
