@@ -36,6 +36,14 @@ pub fn latencies(c: &Value) -> Vec<u64> {
     v
 }
 
+/// Runs `app` (server in pod-b, client in pod-a) within `timeout` and
+/// returns the client's report; either side failing is an error.
+fn client_report(app: &App, timeout: Duration) -> Result<Value, String> {
+    let (s, c) = run_pair(app, &[], timeout)?;
+    both_ok(app, &s, &c)?;
+    Ok(c)
+}
+
 /// Connect-to-first-echoed-byte over `conns` sequential connections to
 /// `target` (an [`App`] naming the server, port and any proxy): (samples,
 /// p50, p99) in microseconds.
@@ -46,9 +54,7 @@ pub fn setup_latency(target: &App, conns: u32) -> Result<(usize, u64, u64), Stri
         size: 1,
         ..target.clone()
     };
-    let (s, c) = run_pair(&app, &[], Duration::from_secs(1800))?;
-    both_ok(&app, &s, &c)?;
-    let l = latencies(&c);
+    let l = latencies(&client_report(&app, Duration::from_secs(1800))?);
     Ok((l.len(), percentile(&l, 0.5), percentile(&l, 0.99)))
 }
 
@@ -64,8 +70,7 @@ fn stream_of(target: &App, bytes: usize) -> Result<f64, String> {
         size: bytes,
         ..target.clone()
     };
-    let (s, c) = run_pair(&app, &[], Duration::from_secs(600))?;
-    both_ok(&app, &s, &c)?;
+    let c = client_report(&app, Duration::from_secs(600))?;
     Ok(c["bytes_per_sec"].as_f64().unwrap_or(0.0))
 }
 
@@ -741,8 +746,7 @@ fn rr_once(label: &str, target: &App, transactions: usize) -> Result<(f64, Vec<u
         size: transactions,
         ..target.clone()
     };
-    let (s, c) = run_pair(&rr, &[], Duration::from_secs(600))?;
-    both_ok(&rr, &s, &c)?;
+    let c = client_report(&rr, Duration::from_secs(600))?;
     let l = latencies(&c);
     if l.len() != transactions {
         return Err(format!(
@@ -860,8 +864,7 @@ pub fn request_response_and_streams() -> Result<String, String> {
             parallel: true,
             ..target.clone()
         };
-        let (s, c) = run_pair(&streams, &[], Duration::from_secs(900))?;
-        both_ok(&streams, &s, &c)?;
+        let c = client_report(&streams, Duration::from_secs(900))?;
         let bps = c["bytes_per_sec"].as_f64().unwrap_or(0.0);
         record(
             PART,
