@@ -2,7 +2,7 @@
 //! written as JSON, CSV, Markdown tables and SVG charts under
 //! `target/bench/`.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 use tlshub_bench_report::{Figure, Report};
@@ -12,25 +12,21 @@ use crate::root;
 /// Reads the figures of the bench boot `label` (its serial log under
 /// `target/vm`) on kernel line `kernel`, writes
 /// `target/bench/figures-<kernel>.{json,csv,md}` and prints the tables,
-/// and this run against `compare` (an earlier run's JSON) if given.
+/// and this run against `compare` (an earlier run's file and figures) if
+/// given.
 /// `commit` names the build the run measured (read before the boot: the
 /// tree may change during a run).
 pub fn write(
     label: &str,
     kernel: &str,
     commit: Option<String>,
-    compare: Option<&Path>,
+    compare: Option<(&Path, &Report)>,
 ) -> Result<()> {
     let serial = root().join(format!("target/vm/serial-{label}.log"));
     let console = std::fs::read_to_string(&serial)
         .with_context(|| format!("cannot read {}", serial.display()))?;
     let mut report = Report::from_console(kernel, &console)
         .with_context(|| format!("in {}", serial.display()))?;
-    // Read before this run's files are written: `compare` may be the path
-    // they replace (the previous run's).
-    let old = compare
-        .map(|path| load(path).map(|old| (path, old)))
-        .transpose()?;
     report.commit = commit;
     report.cpu = cpu_model();
     if report.figures.is_empty() {
@@ -53,18 +49,24 @@ pub fn write(
         report.figures.len(),
         dir.display()
     );
-    if let Some((path, old)) = old {
+    if let Some((path, old)) = compare {
         println!(
             "== this run against {}\n\n{}",
             path.display(),
-            report.compare(&old)
+            report.compare(old)
         );
     }
     Ok(())
 }
 
-/// An earlier run's figures (`figures-<kernel>.json`). Also called before
-/// a run, so that a bad `--compare` fails at once rather than after it.
+/// `--compare`'s file with its figures, read before the run: a bad file
+/// fails at once rather than after it, and the file may be the one the
+/// run replaces (the previous run's).
+pub fn load_compare(path: Option<PathBuf>) -> Result<Option<(PathBuf, Report)>> {
+    path.map(|p| load(&p).map(|report| (p, report))).transpose()
+}
+
+/// An earlier run's figures (`figures-<kernel>.json`).
 pub fn load(path: &Path) -> Result<Report> {
     let text =
         std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;

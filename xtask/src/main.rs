@@ -286,9 +286,7 @@ fn main() -> Result<()> {
             dist::install_here(&args)?;
         }
         Cmd::Bench { compare, quick } => {
-            if let Some(path) = &compare {
-                bench_report::load(path)?;
-            }
+            let compare = bench_report::load_compare(compare)?;
             deps::install()?;
             let bins = vm::build_binaries()?;
             let mut run = vm::Run::new("bench");
@@ -316,9 +314,7 @@ fn main() -> Result<()> {
             connections,
             compare,
         } => {
-            if let Some(path) = &compare {
-                bench_report::load(path)?;
-            }
+            let compare = bench_report::load_compare(compare)?;
             deps::install()?;
             let kernels = deps::kernel_lines(&kernel)?;
             let bins = vm::build_binaries()?;

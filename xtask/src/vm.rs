@@ -393,8 +393,9 @@ pub struct Run {
     pub connections: Option<u64>,
     /// The VM's memory.
     pub memory_mib: u32,
-    /// Bench mode: an earlier run's figures to print this run's against.
-    pub compare: Option<PathBuf>,
+    /// Bench mode: an earlier run's figures (its file and its contents)
+    /// to print this run's against.
+    pub compare: Option<(PathBuf, tlshub_bench_report::Report)>,
 }
 
 /// The VM's memory for every mode but capacity.
@@ -460,7 +461,11 @@ pub fn run_mode(run: &Run, line: deps::KernelLine, bins: &Path) -> Result<()> {
     if run.mode == "bench" {
         // Also after a failed part: the figures measured before it count.
         // The boot's own failure is the one reported.
-        let written = crate::bench_report::write(&label, line.name, commit, run.compare.as_deref());
+        let compare = run
+            .compare
+            .as_ref()
+            .map(|(path, old)| (path.as_path(), old));
+        let written = crate::bench_report::write(&label, line.name, commit, compare);
         match (&booted, written) {
             (Ok(()), written) => written?,
             (Err(_), Err(e)) => println!("== benchmark figures not written: {e:#}"),
