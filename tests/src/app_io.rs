@@ -906,7 +906,26 @@ pub enum Probe {
     /// the gate before connect() could otherwise wait for the handshake
     /// and go out in clear.
     SendRacingConnect,
+    /// One socket connected twice: to `--connect` (a selected peer; the
+    /// scenario makes this connection refused) and a write of the payload;
+    /// then disconnected (`connect(AF_UNSPEC)`), and, once `--go-file`
+    /// exists if one is given, connected to `--then` for an exchange of the
+    /// payload. See [`refused_then_reconnect`].
+    RefusedThenReconnect,
 }
+
+/// Where [`Probe::RefusedThenReconnect`] reconnects, and when.
+#[derive(Debug, Clone)]
+pub struct Reconnect {
+    /// A peer that echoes like `tlshub-loadgen server`.
+    pub then: std::net::SocketAddr,
+    /// If given, the reconnect waits until this file exists (at most
+    /// [`GO_FILE_WAIT`]).
+    pub go_file: Option<std::path::PathBuf>,
+}
+
+/// How long [`Probe::RefusedThenReconnect`] waits for its go file.
+pub const GO_FILE_WAIT: std::time::Duration = std::time::Duration::from_secs(120);
 
 /// How many sockets [`Probe::SendRacingConnect`] races.
 pub const RACE_ATTEMPTS: usize = 30;
@@ -1054,10 +1073,90 @@ fn send_flags(fd: RawFd, payload: &[u8], flags: libc::c_int) -> io::Result<usize
     })
 }
 
+/// Writes `payload` (the client pattern from offset 0) and reads the same
+/// length back, which must be the server pattern from offset 0 (what
+/// `tlshub-loadgen server` answers); `EBADMSG` if it is not.
+fn echo_exchange(sock: &socket2::Socket, payload: &[u8]) -> io::Result<usize> {
+    use std::io::{Read, Write};
+    let mut s = sock;
+    s.write_all(payload)?;
+    let mut back = vec![0u8; payload.len()];
+    s.read_exact(&mut back)?;
+    let mut want = vec![0u8; payload.len()];
+    crate::pattern::fill(crate::pattern::SERVER_SEED, 0, &mut want);
+    if back != want {
+        return Err(io::Error::from_raw_os_error(libc::EBADMSG));
+    }
+    Ok(payload.len())
+}
+
+/// [`Probe::RefusedThenReconnect`]: a socket refused by the gate (its mark
+/// says so) must not stay refused once it is disconnected and connected
+/// again: to an unselected peer it works in clear, and to a selected one
+/// with room to track it, it is keyed. The refused write is expected to
+/// fail; from the disconnect on, the first failing step ends the probe.
+pub fn refused_then_reconnect(
+    target: std::net::SocketAddr,
+    again: &Reconnect,
+    payload: &[u8],
+) -> Vec<ProbeStep> {
+    let sock = match tcp_socket(target) {
+        Ok(s) => s,
+        Err(e) => return vec![step("socket", Err(e))],
+    };
+    let mut steps = vec![step("connect", sock.connect(&target.into()).map(|()| 0))];
+    if steps[0].errno != 0 {
+        return steps;
+    }
+    steps.push(step("write", send_flags(sock.as_raw_fd(), payload, 0)));
+    let wait_go = || {
+        let deadline = std::time::Instant::now() + GO_FILE_WAIT;
+        while again.go_file.as_ref().is_some_and(|f| !f.exists()) {
+            if std::time::Instant::now() > deadline {
+                return Err(io::Error::from(io::ErrorKind::TimedOut));
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        Ok(0)
+    };
+    let calls: [(&'static str, &dyn Fn() -> io::Result<usize>); 4] = [
+        ("disconnect", &|| disconnect(&sock).map(|()| 0)),
+        ("wait for the go file", &wait_go),
+        ("connect again", &|| {
+            sock.connect(&again.then.into()).map(|()| 0)
+        }),
+        ("exchange", &|| echo_exchange(&sock, payload).map(|_| 0)),
+    ];
+    for (call, f) in calls {
+        let s = step(call, f());
+        let failed = s.errno != 0;
+        steps.push(s);
+        if failed {
+            break;
+        }
+    }
+    steps
+}
+
 /// Runs `probe` against `target` with `payload`; every step is reported,
 /// the first failing one ends the probe. The connection is closed after.
-pub fn probe(target: std::net::SocketAddr, probe: Probe, payload: &[u8]) -> Vec<ProbeStep> {
+/// [`Probe::RefusedThenReconnect`] needs `again`.
+pub fn probe(
+    target: std::net::SocketAddr,
+    probe: Probe,
+    again: Option<&Reconnect>,
+    payload: &[u8],
+) -> Vec<ProbeStep> {
     let mut steps = Vec::new();
+    if probe == Probe::RefusedThenReconnect {
+        return match again {
+            Some(again) => refused_then_reconnect(target, again, payload),
+            None => vec![step(
+                "--then",
+                Err(io::Error::from_raw_os_error(libc::EINVAL)),
+            )],
+        };
+    }
     if probe == Probe::SendRacingConnect {
         for _ in 0..RACE_ATTEMPTS {
             steps.extend(send_racing_connect(target, payload));
@@ -1153,7 +1252,10 @@ pub fn probe(target: std::net::SocketAddr, probe: Probe, payload: &[u8]) -> Vec<
                 zerocopy_receive(fd),
             ));
         }
-        Probe::Repair | Probe::FullOptionMemory | Probe::SendRacingConnect => {
+        Probe::Repair
+        | Probe::FullOptionMemory
+        | Probe::SendRacingConnect
+        | Probe::RefusedThenReconnect => {
             unreachable!("handled above")
         }
     }

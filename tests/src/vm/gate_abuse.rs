@@ -260,9 +260,16 @@ pub fn hold_unrecorded() -> Result<String, String> {
 ///    `map_full`), with no marker on the wire. The 16 are reset at the key
 ///    timeout; then a new connection is keyed again. A plain control flow
 ///    shows the marker.
+/// 3. A refused socket is not refused for good once it moves on: two of
+///    the sockets refused over the full map are disconnected
+///    (`connect(AF_UNSPEC)`) and connected again. One goes to the plain
+///    port at once: its exchange is exact and in clear. The other waits
+///    until the map has room again and node A's provider is switched to a
+///    working one, then goes back to the protected port: it is keyed,
+///    exact bytes, a flow that decrypts.
 pub fn conns_map_full() -> Result<String, String> {
     use super::service::{LoadServer, report, start_load_with};
-    use super::support::{expect_reset, json, spawn_client};
+    use super::support::{self, expect_reset, json, pod_b_addr, spawn_client};
     const MAX: u32 = 16;
     const LONG: u32 = 3 * MAX;
     // 1. Keyed connections leave the map.
@@ -301,6 +308,7 @@ pub fn conns_map_full() -> Result<String, String> {
     // Long enough for 16 client processes to start and connect under TCG
     // (on 6.12 that took more than 5 s) before the first is reset.
     sa.provider = ProviderKind::Bad("hang");
+    sa.also = vec![ProviderKind::OpenSsl];
     sa.key_timeout_ms = 20_000;
     let mut sb = NodeSpec::new("b");
     // Node b must not reset the connections first (its provider waits for
@@ -324,6 +332,30 @@ pub fn conns_map_full() -> Result<String, String> {
             "{MAX} clients waiting for keys filled {filled} of {MAX} conns entries"
         ));
     }
+    // 3. Their first connections are two more over the full map.
+    let plain_server = LoadServer::start_on(PLAIN_PORT)?;
+    let go_file = std::path::Path::new("/tmp/refused-then-reconnect.go");
+    let _ = std::fs::remove_file(go_file);
+    let reconnecting = |port: u16, wait: bool| {
+        let (target, then) = (pod_b_addr(PROTECTED_PORT), pod_b_addr(port));
+        let mut argv = vec![
+            "tlshub-testapp".to_owned(),
+            "probe".into(),
+            "--what".into(),
+            "refused-then-reconnect".into(),
+            "--connect".into(),
+            target,
+            "--then".into(),
+            then,
+        ];
+        if wait {
+            argv.extend(["--go-file".into(), go_file.to_string_lossy().into_owned()]);
+        }
+        let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
+        process::spawn_app("pod-a", &argv)
+    };
+    let to_plain = reconnecting(PLAIN_PORT, false)?;
+    let to_protected = reconnecting(PROTECTED_PORT, true)?;
     const OVER: u32 = 4;
     let t = std::time::Instant::now();
     for i in 0..OVER {
@@ -343,13 +375,64 @@ pub fn conns_map_full() -> Result<String, String> {
         let c = json(&process::finish(c, Duration::from_secs(60))?)?;
         expect_reset(&c).map_err(|e| format!("waiting client {i}: {e}"))?;
     }
-    drop(server);
-    let full = a.stat_reaching(|s| s.map_full, u64::from(OVER));
-    if full < u64::from(OVER) {
+    const PROBES: u64 = 2;
+    let full = a.stat_reaching(|s| s.map_full, u64::from(OVER) + PROBES);
+    if full < u64::from(OVER) + PROBES {
         return Err(format!(
-            "node a counted {full} map-full failures for {OVER} clients over a full map"
+            "node a counted {full} map-full failures for {OVER} clients and {PROBES} probes over a full map"
         ));
     }
+    const ECONNRESET: i64 = 104;
+    let probe_as_wanted = |child, what: &str| -> Result<(), String> {
+        let steps = support::probe_steps(&process::finish(child, Duration::from_secs(90))?)?;
+        let want = [
+            ("connect", 0),
+            ("write", ECONNRESET),
+            ("disconnect", 0),
+            ("wait for the go file", 0),
+            ("connect again", 0),
+            ("exchange", 0),
+        ];
+        if steps.len() != want.len()
+            || steps
+                .iter()
+                .zip(want)
+                .any(|((c, e), (wc, we))| c != wc || *e != we)
+        {
+            return Err(format!(
+                "a socket refused over the full map, then connected to {what}: {steps:?}, want {want:?}"
+            ));
+        }
+        Ok(())
+    };
+    probe_as_wanted(to_plain, "the plain port")?;
+    // 3, continued: room again, and a provider that keys.
+    let free = a.stat_reaching_in(
+        |s| u64::from(MAX).saturating_sub(s.bpf_maps.0 as u64),
+        u64::from(MAX),
+        Duration::from_secs(15),
+    );
+    if free < u64::from(MAX) {
+        return Err(format!(
+            "{} conns entries still in use after every waiting client was reset",
+            u64::from(MAX) - free
+        ));
+    }
+    a.ctl(&["provider", "use", "openssl"])?;
+    let keyed_before = a.stat(|s| s.protected);
+    std::fs::write(go_file, b"go").map_err(|e| format!("cannot write {go_file:?}: {e}"))?;
+    let waited = probe_as_wanted(to_protected, "the protected port again");
+    let _ = std::fs::remove_file(go_file);
+    waited?;
+    let keyed_again = a.stat_reaching(|s| s.protected, keyed_before + 1) - keyed_before;
+    if keyed_again != 1 {
+        return Err(format!(
+            "the refused socket connected to the protected port again: node a keyed {keyed_again} connections, want 1"
+        ));
+    }
+    drop((server, plain_server));
+    // Read before the nodes go: the next ones start with empty key logs.
+    let mut keys: Vec<_> = a.keys().into_iter().chain(b.keys()).collect();
     drop((a, b));
     let (a, b) = nodes(NodeSpec::new("a"), NodeSpec::new("b"))?;
     let control = App::exchange(10_000, PLAIN_PORT);
@@ -358,12 +441,24 @@ pub fn conns_map_full() -> Result<String, String> {
     let after = App::exchange(10_000, PROTECTED_PORT);
     let (s, c) = run_pair(&after, &[], Duration::from_secs(30))?;
     both_ok(&after, &s, &c)?;
-    let wire = super::wire_check::check_wire_allowing_unkeyed(&cap.finish()?, &a, &b, true)?;
-    if wire.plain_flows_with_marker == 0 {
-        return Err("the control flow's plaintext was not seen: the capture is blind".into());
+    keys.extend(a.keys().into_iter().chain(b.keys()));
+    let wire = super::wire_check::check_wire_with_keys(&cap.finish()?, &keys, true)?;
+    // The probe's plain exchange and the control.
+    if wire.plain_flows_with_marker < 2 {
+        return Err(format!(
+            "the plain flows' marker was seen in {} flows, want 2: the capture is blind",
+            wire.plain_flows_with_marker
+        ));
+    }
+    // The refused socket's keyed reconnect and the last exchange.
+    if wire.decrypted < 2 {
+        return Err(format!(
+            "{} protected flows decrypted, want 2 (the reconnected socket's and the last exchange's)",
+            wire.decrypted
+        ));
     }
     Ok(format!(
-        "conns of {MAX} entries: {LONG} keyed long connections open and {attempted} short ones keyed meanwhile ({entries_while_open} entries in use, map_full 0); {MAX} connections waiting for keys filled it and {OVER} more failed closed in {:.1} s (map_full {full}), the {MAX} reset at the key timeout; no marker on the wire ({} protected flows, {} decrypted); then a new connection was keyed",
+        "conns of {MAX} entries: {LONG} keyed long connections open and {attempted} short ones keyed meanwhile ({entries_while_open} entries in use, map_full 0); {MAX} connections waiting for keys filled it and {OVER} more failed closed in {:.1} s (map_full {full}, with the probes'), the {MAX} reset at the key timeout; refused sockets connected again worked in clear to the plain port and were keyed on the protected one; no marker on the wire ({} protected flows, {} decrypted); then a new connection was keyed",
         refused_in.as_secs_f64(),
         wire.protected_flows,
         wire.decrypted

@@ -435,19 +435,7 @@ fn probe(what: &str, port: u16) -> Result<Vec<(String, i64)>, String> {
     let out = process::command(Some("pod-a"), &argv)
         .output()
         .map_err(|e| format!("cannot run {argv:?}: {e}"))?;
-    let report = super::support::json(&String::from_utf8_lossy(&out.stdout))?;
-    let steps = report["probe"]
-        .as_array()
-        .ok_or_else(|| format!("probe {what}: no steps in {report}"))?;
-    Ok(steps
-        .iter()
-        .map(|s| {
-            (
-                s["call"].as_str().unwrap_or_default().to_owned(),
-                s["errno"].as_i64().unwrap_or(-1),
-            )
-        })
-        .collect())
+    super::support::probe_steps(&String::from_utf8_lossy(&out.stdout))
 }
 
 /// The rest of the socket API on selected sockets, each made by

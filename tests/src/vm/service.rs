@@ -42,8 +42,14 @@ pub(super) struct LoadServer(#[expect(dead_code, reason = "held for its Drop")] 
 const LOAD_CORRUPTION_LOG: &str = "/tmp/logs/loadgen-corrupt.log";
 
 impl LoadServer {
+    /// On the protected port.
     pub(super) fn start() -> Result<Self, String> {
-        let listen = format!("0.0.0.0:{PROTECTED_PORT}");
+        Self::start_on(PROTECTED_PORT)
+    }
+
+    /// On `port`; a second one on another port shares the corruption log.
+    pub(super) fn start_on(port: u16) -> Result<Self, String> {
+        let listen = format!("0.0.0.0:{port}");
         let _ = std::fs::remove_file(LOAD_CORRUPTION_LOG);
         spawn_ready(
             "pod-b",

@@ -157,6 +157,24 @@ pub fn spawn_client(port: u16, args: &[&str]) -> Result<process::AppChild, Strin
     process::spawn_app("pod-a", &argv)
 }
 
+/// The steps of a `tlshub-testapp probe` report: each call and its errno
+/// (0: it succeeded).
+pub fn probe_steps(report: &str) -> Result<Vec<(String, i64)>, String> {
+    let report = json(report)?;
+    let steps = report["probe"]
+        .as_array()
+        .ok_or_else(|| format!("no probe steps in {report}"))?;
+    Ok(steps
+        .iter()
+        .map(|s| {
+            (
+                s["call"].as_str().unwrap_or_default().to_owned(),
+                s["errno"].as_i64().unwrap_or(-1),
+            )
+        })
+        .collect())
+}
+
 /// Starts `tlshub-testapp server` in pod-b listening on `port` (all
 /// addresses), `args` following, and waits until it listens.
 pub fn spawn_server(port: u16, args: &[&str]) -> Result<process::AppChild, String> {
