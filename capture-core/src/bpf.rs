@@ -270,6 +270,7 @@ fn load_pinned_maps(maps_dir: &Path, sizes: Option<MapSizes>) -> Result<Ebpf, Bp
     let mut loader = EbpfLoader::new();
     if let Some(n) = sizes {
         loader.map_max_entries(names::CONNS, n.connections);
+        loader.map_max_entries(names::CONNECTING_OWNERS, n.connections);
         loader.map_max_entries(names::HELD, n.held_processes);
         loader.map_max_entries(names::EVENTS, n.event_buffer_bytes);
     }
@@ -281,7 +282,7 @@ fn load_pinned_maps(maps_dir: &Path, sizes: Option<MapSizes>) -> Result<Ebpf, Bp
         // another size than the map's.
         if let Ok(pinned) = aya::maps::MapInfo::from_pin(path) {
             let configured = match *name {
-                names::CONNS => sizes.map(|n| n.connections),
+                names::CONNS | names::CONNECTING_OWNERS => sizes.map(|n| n.connections),
                 names::HELD => sizes.map(|n| n.held_processes),
                 names::EVENTS => sizes.map(|n| n.event_buffer_bytes),
                 _ => None,

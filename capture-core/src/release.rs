@@ -170,7 +170,7 @@ fn release_open(programs: &mut Programs, config: &Config, done: &mut Released) {
         .map(crate::bpf::drain_events)
         .unwrap_or_default()
         .into_iter()
-        .filter(|ev| ev.kind == kind::HELD)
+        .filter(|ev| matches!(ev.kind, kind::HELD | kind::HELD_CONNECTING))
         .map(|ev| ev.pid)
         .chain(programs.held().into_iter().map(|(pid, _)| pid))
         .collect();

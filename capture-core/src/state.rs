@@ -95,6 +95,11 @@ pub struct Pending {
     gone_from: Vec<u32>,
     /// Since when it is pending.
     pub since: Instant,
+    /// When the gate last held a process on it while it was still
+    /// connecting (`HELD_CONNECTING`; no `conns` entry until the peer
+    /// answers). While set and younger than [`CONNECTING_HOLD_MAX`], and
+    /// until ESTABLISHED, its held processes stay stopped.
+    connecting_held: Option<Instant>,
 }
 
 impl Pending {
@@ -106,9 +111,26 @@ impl Pending {
             provider: None,
             gone_from: Vec::new(),
             since: Instant::now(),
+            connecting_held: None,
         }
     }
+
+    /// Whether its held processes must stay stopped although it has no
+    /// `conns` entry: it is still connecting.
+    fn held_while_connecting(&self) -> bool {
+        self.established.is_none()
+            && self
+                .connecting_held
+                .is_some_and(|t| t.elapsed() < CONNECTING_HOLD_MAX)
+    }
 }
+
+/// How long a process held on a connecting socket stays stopped without
+/// news of it. Its peer's answer (ESTABLISHED) or the end of the connect
+/// (CLOSED) normally comes first: the kernel gives up a connect after
+/// about 127 s with the default `tcp_syn_retries`. If that event was lost,
+/// the process is continued after this and, still connecting, held again.
+pub const CONNECTING_HOLD_MAX: std::time::Duration = std::time::Duration::from_secs(150);
 
 /// A connection with kTLS installed, tracked until it closes (for the
 /// admin API's connection list; its keys live only in the kernel).
@@ -581,6 +603,7 @@ impl ConnTable {
                 }
                 let p = self.pending.entry(ev.cookie).or_insert_with(Pending::new);
                 p.established = Some(ev);
+                p.connecting_held = None;
                 self.maybe_start(ev.cookie);
             }
             kind::OWNER => {
@@ -599,7 +622,7 @@ impl ConnTable {
                 }
                 self.maybe_start(ev.cookie);
             }
-            kind::HELD => {
+            kind::HELD | kind::HELD_CONNECTING => {
                 self.stats.gate_stops += 1;
                 let provider = provider_of(&self.pending, &self.protected, ev.cookie);
                 self.metrics
@@ -612,6 +635,9 @@ impl ConnTable {
                 debug!(cookie = ev.cookie, pid = ev.pid, "gate holds process");
                 self.held
                     .insert(ev.pid, HeldProc::new(ev.cookie, ev.ts_ns, HoldReason::Keys));
+                if ev.kind == kind::HELD_CONNECTING {
+                    self.held_while_connecting(ev.cookie, ev.pid);
+                }
                 self.owner_from_hold(k, ev.cookie, ev.pid);
             }
             kind::UNSENT_HELD => {
@@ -734,6 +760,23 @@ impl ConnTable {
                 }),
                 None => self.maybe_start(cookie),
             }
+        }
+    }
+
+    /// The gate held `pid` on connection `cookie` before its peer answered:
+    /// the connection has no `conns` entry yet, so it is pending from now
+    /// on, and the process stays stopped until ESTABLISHED (then keyed as
+    /// usual) or CLOSED.
+    fn held_while_connecting(&mut self, cookie: u64, pid: u32) {
+        if self.draining {
+            return;
+        }
+        let p = self.pending.entry(cookie).or_insert_with(|| {
+            debug!(cookie, pid, "held on a connection still connecting");
+            Pending::new()
+        });
+        if p.established.is_none() {
+            p.connecting_held = Some(Instant::now());
         }
     }
 
@@ -1053,8 +1096,10 @@ impl ConnTable {
         let now = k.now_ns();
         let mut forget = Vec::new();
         for (&pid, h) in &mut self.held {
-            let still_gated = self.pending.contains_key(&h.cookie)
-                && k.conn(h.cookie).is_some_and(|c| c.gate == gate::CLOSED);
+            let still_gated = self.pending.get(&h.cookie).is_some_and(|p| {
+                p.held_while_connecting()
+                    || k.conn(h.cookie).is_some_and(|c| c.gate == gate::CLOSED)
+            });
             // Records added by this drain are decided on the next sweep.
             let Some(state) = states.get(&pid) else {
                 continue;

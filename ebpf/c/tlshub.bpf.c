@@ -182,6 +182,19 @@ struct {
 	__type(value, struct tlshub_conn);
 } conns SEC(".maps");
 
+/* Selected sockets still connecting (SYN_SENT), by cookie: their owner
+ * (pid and fd, from the connect() fexit) until the peer answers and the
+ * conns entry is made. Least recently used entries give way, so a flood of
+ * connects to black-holed addresses can only cost other connecting sockets
+ * this head start (the core then finds the socket from the gate's hold or
+ * EAGAIN), never their protection. Sized by the core like conns. */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 65536);
+	__type(key, __u64); /* socket cookie */
+	__type(value, struct tlshub_owner);
+} connecting_owners SEC(".maps");
+
 /* Holds the core could not learn of through the ring buffer (it was full).
  * Sized by the core from `[bpf] max_held_processes`. */
 struct {
@@ -347,13 +360,42 @@ static __always_inline int mark_gates(const struct tlshub_sk_mark *mark)
 	return mark && (mark->cookie || (mark->flags & TLSHUB_MARK_REFUSED));
 }
 
-/* Marks a newly selected socket: socket-local storage (read by the socket
- * LSM hooks) and the conns entry holding the gate state, gate closed.
- * When conns is full the socket is still marked, as refused, and the gate
- * fails it for good (ECONNRESET): capacity never means plaintext. */
-static __always_inline int track(struct bpf_sock_ops *skops, __u64 cookie, __u32 role)
+/* Refuses a selected socket for good: its mark says so, and the gate
+ * fails every call on it with ECONNRESET (no hold, nothing for the core). */
+static __always_inline void refuse(struct tlshub_sk_mark *mark, __u32 stat)
 {
-	struct tlshub_conn conn = { .gate = TLSHUB_GATE_CLOSED, .role = role };
+	mark->cookie = 0;
+	mark->flags = (mark->flags & ~TLSHUB_MARK_CONNECTING) | TLSHUB_MARK_REFUSED;
+	stat_inc(stat);
+}
+
+/* A selected socket with no room for its mark: socket-local storage is
+ * charged to the socket's option memory (net.core.optmem_max), which the
+ * app can fill first (TCP_MD5SIG keys, a socket filter). Without a mark
+ * the gate would not know the socket, so its new conns entry (`conn`) is
+ * refused for good, and the gate finds it by its cookie. */
+static __always_inline void track_unmarked(struct bpf_sock_ops *skops, __u64 cookie,
+					   struct tlshub_conn *conn)
+{
+	conn->gate = TLSHUB_GATE_RESET;
+	conn->flags = TLSHUB_CONN_UNMARKED;
+	bpf_map_update_elem(&conns, &cookie, conn, BPF_EXIST);
+	__u32 zero = 0;
+	__u64 *unmarked = bpf_map_lookup_elem(&unmarked_conns, &zero);
+	if (unmarked)
+		__sync_fetch_and_add(unmarked, 1);
+	stat_inc(TLSHUB_STAT_UNMARKED_REFUSED);
+	/* Its TCP_CLOSE removes the entry and the count. */
+	bpf_sock_ops_cb_flags_set(skops, skops->bpf_sock_ops_cb_flags | BPF_SOCK_OPS_STATE_CB_FLAG);
+}
+
+/* Marks a newly accepted selected socket: socket-local storage (read by
+ * the socket LSM hooks) and the conns entry holding the gate state, gate
+ * closed. When conns is full the socket is still marked, as refused, and
+ * the gate fails it for good (ECONNRESET): capacity never means plaintext. */
+static __always_inline int track_passive(struct bpf_sock_ops *skops, __u64 cookie)
+{
+	struct tlshub_conn conn = { .gate = TLSHUB_GATE_CLOSED, .role = TLSHUB_ROLE_SERVER };
 	long err = bpf_map_update_elem(&conns, &cookie, &conn, BPF_NOEXIST);
 	if (err == -EEXIST)
 		return 0;
@@ -366,45 +408,76 @@ static __always_inline int track(struct bpf_sock_ops *skops, __u64 cookie, __u32
 	struct tlshub_sk_mark *mark =
 		bpf_sk_storage_get(&sk_marks, sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
 	if (!mark) {
-		/* No room for the mark: socket-local storage is charged to the
-		 * socket's option memory (net.core.optmem_max), which the app
-		 * can fill first (TCP_MD5SIG keys, a socket filter). Without a
-		 * mark the gate would not know the socket, so it stays in conns,
-		 * refused for good, and the gate finds it by its cookie. */
-		if (err)
-			return 0;
-		conn.gate = TLSHUB_GATE_RESET;
-		conn.flags = TLSHUB_CONN_UNMARKED;
-		bpf_map_update_elem(&conns, &cookie, &conn, BPF_EXIST);
-		__u32 zero = 0;
-		__u64 *unmarked = bpf_map_lookup_elem(&unmarked_conns, &zero);
-		if (unmarked)
-			__sync_fetch_and_add(unmarked, 1);
-		stat_inc(TLSHUB_STAT_UNMARKED_REFUSED);
-		/* Its TCP_CLOSE removes the entry and the count. */
-		bpf_sock_ops_cb_flags_set(skops, skops->bpf_sock_ops_cb_flags | BPF_SOCK_OPS_STATE_CB_FLAG);
+		if (!err)
+			track_unmarked(skops, cookie, &conn);
 		return 0;
+	}
+	if (err) {
+		refuse(mark, TLSHUB_STAT_MAP_FULL);
+		return 0;
+	}
+	mark->cookie = cookie;
+	mark->flags &= ~TLSHUB_MARK_REFUSED;
+	bpf_sock_ops_cb_flags_set(skops, skops->bpf_sock_ops_cb_flags | BPF_SOCK_OPS_STATE_CB_FLAG);
+	return 1;
+}
+
+/* Marks a socket selected at connect() as connecting: a mark with its
+ * cookie and TLSHUB_MARK_CONNECTING, gate closed, but no conns entry yet
+ * (track() makes it when the peer answers). Why: an app can connect()
+ * as fast as it likes to selected addresses where nobody answers, and each
+ * such socket sits in SYN_SENT for about two minutes; with an entry each,
+ * one unprivileged process could fill conns and make every other selected
+ * connection on the node fail closed. The socket-local mark is charged to
+ * the socket itself, so connecting costs nothing shared. */
+static __always_inline void track_connecting(struct bpf_sock_ops *skops, __u64 cookie)
+{
+	struct bpf_sock *sk = skops->sk;
+	if (!sk)
+		return;
+	struct tlshub_sk_mark *mark =
+		bpf_sk_storage_get(&sk_marks, sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
+	if (!mark) {
+		/* No mark, so the gate can find it only by its cookie. */
+		struct tlshub_conn conn = { .gate = TLSHUB_GATE_CLOSED, .role = TLSHUB_ROLE_CLIENT };
+		if (!bpf_map_update_elem(&conns, &cookie, &conn, BPF_NOEXIST))
+			track_unmarked(skops, cookie, &conn);
+		return;
 	}
 	if (mark->flags & TLSHUB_MARK_REPAIR) {
 		/* Connected in repair mode: no SYN was exchanged, and the ISNs
 		 * are whatever the app set, so a key-only provider could be made
 		 * to derive another connection's keys. Never keyed: refused. */
-		if (!err)
-			bpf_map_delete_elem(&conns, &cookie);
-		mark->cookie = 0;
-		mark->flags |= TLSHUB_MARK_REFUSED;
-		stat_inc(TLSHUB_STAT_REPAIR_REFUSED);
-		return 0;
-	}
-	if (err) {
-		mark->cookie = 0;
-		mark->flags |= TLSHUB_MARK_REFUSED;
-		stat_inc(TLSHUB_STAT_MAP_FULL);
-		return 0;
+		refuse(mark, TLSHUB_STAT_REPAIR_REFUSED);
+		return;
 	}
 	mark->cookie = cookie;
-	mark->flags &= ~TLSHUB_MARK_REFUSED; /* refused on an earlier connect */
+	/* Refused on an earlier connect: this one is judged afresh. */
+	mark->flags = (mark->flags & ~TLSHUB_MARK_REFUSED) | TLSHUB_MARK_CONNECTING;
+	struct tlshub_owner unknown = {};
+	bpf_map_update_elem(&connecting_owners, &cookie, &unknown, BPF_ANY);
 	bpf_sock_ops_cb_flags_set(skops, skops->bpf_sock_ops_cb_flags | BPF_SOCK_OPS_STATE_CB_FLAG);
+}
+
+/* At ACTIVE_ESTABLISHED: the conns entry of a connecting socket (see
+ * track_connecting()) whose peer answered, the end of its connecting
+ * state, and in *owner the owner connect() recorded (pid 0: none). Returns
+ * 0 if conns is full: then it is refused for good. */
+static __always_inline int track(struct tlshub_sk_mark *mark, __u64 cookie,
+				 struct tlshub_owner *owner)
+{
+	struct tlshub_conn conn = { .gate = TLSHUB_GATE_CLOSED, .role = TLSHUB_ROLE_CLIENT };
+	long err = bpf_map_update_elem(&conns, &cookie, &conn, BPF_NOEXIST);
+	struct tlshub_owner *known = bpf_map_lookup_elem(&connecting_owners, &cookie);
+	if (known) {
+		*owner = *known;
+		bpf_map_delete_elem(&connecting_owners, &cookie);
+	}
+	if (err && err != -EEXIST) {
+		refuse(mark, TLSHUB_STAT_MAP_FULL);
+		return 0;
+	}
+	mark->flags &= ~(TLSHUB_MARK_CONNECTING | TLSHUB_MARK_HELD_CONNECTING);
 	return 1;
 }
 
@@ -412,6 +485,7 @@ SEC("sockops")
 int tlshub_sockops(struct bpf_sock_ops *skops)
 {
 	struct tlshub_event ev = {};
+	struct tlshub_owner owner = {};
 	__u64 cookie;
 
 	switch (skops->op) {
@@ -422,7 +496,7 @@ int tlshub_sockops(struct bpf_sock_ops *skops)
 		cookie = bpf_get_socket_cookie(skops);
 		fill_tuple(skops, &ev);
 		if (selected(&ev, TLSHUB_ROLE_CLIENT)) {
-			track(skops, cookie, TLSHUB_ROLE_CLIENT);
+			track_connecting(skops, cookie);
 		} else if (skops->sk) {
 			/* A socket that was selected (or refused), disconnected
 			 * before its keys and now connects somewhere unselected:
@@ -430,6 +504,7 @@ int tlshub_sockops(struct bpf_sock_ops *skops)
 			 * stays. */
 			struct tlshub_sk_mark *old = bpf_sk_storage_get(&sk_marks, skops->sk, 0, 0);
 			if (mark_gates(old)) {
+				bpf_map_delete_elem(&connecting_owners, &cookie);
 				old->cookie = 0;
 				old->flags &= TLSHUB_MARK_REPAIR;
 			}
@@ -437,7 +512,26 @@ int tlshub_sockops(struct bpf_sock_ops *skops)
 		break;
 	case BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB: {
 		cookie = bpf_get_socket_cookie(skops);
-		/* Refused at connect (gate RESET): nothing for the core to key. */
+		/* The peer answered: a connecting socket gets its entry now
+		 * (track_connecting()), and its owner if connect() knew it. */
+		if (skops->sk) {
+			struct tlshub_sk_mark *mark =
+				bpf_sk_storage_get(&sk_marks, skops->sk, 0, 0);
+			if (mark && (mark->flags & TLSHUB_MARK_CONNECTING) && mark->cookie == cookie) {
+				int held = mark->flags & TLSHUB_MARK_HELD_CONNECTING;
+				if (!track(mark, cookie, &owner)) {
+					/* Refused: a process held while it
+					 * connected has nothing to wait for. */
+					if (held) {
+						ev.kind = TLSHUB_EV_CLOSED;
+						ev.cookie = cookie;
+						emit(&ev);
+					}
+					break;
+				}
+			}
+		}
+		/* Refused (gate RESET, or conns full): nothing for the core to key. */
 		struct tlshub_conn *c = bpf_map_lookup_elem(&conns, &cookie);
 		if (!c || c->gate != TLSHUB_GATE_CLOSED)
 			break;
@@ -450,7 +544,7 @@ int tlshub_sockops(struct bpf_sock_ops *skops)
 		 * accept() can return this socket: the gate is closed first. */
 		cookie = bpf_get_socket_cookie(skops);
 		fill_tuple(skops, &ev);
-		if (!selected(&ev, TLSHUB_ROLE_SERVER) || !track(skops, cookie, TLSHUB_ROLE_SERVER))
+		if (!selected(&ev, TLSHUB_ROLE_SERVER) || !track_passive(skops, cookie))
 			break;
 		ev.kind = TLSHUB_EV_ESTABLISHED;
 		ev.role = TLSHUB_ROLE_SERVER;
@@ -469,13 +563,18 @@ int tlshub_sockops(struct bpf_sock_ops *skops)
 					__sync_fetch_and_add(n, -1);
 			}
 		} else {
+			/* Closed while connecting (nobody answered): only its
+			 * owner was recorded. */
+			bpf_map_delete_elem(&connecting_owners, &cookie);
 			/* Opened for good: the core removed its entry (see
 			 * TLSHUB_MARK_OPEN). */
 			struct tlshub_sk_mark *m =
 				skops->sk ? bpf_sk_storage_get(&sk_marks, skops->sk, 0, 0) : 0;
-			if (!m || !(m->flags & TLSHUB_MARK_OPEN))
+			if (!m || !(m->flags & (TLSHUB_MARK_OPEN | TLSHUB_MARK_HELD_CONNECTING)))
 				break;
-			m->flags &= ~TLSHUB_MARK_OPEN;
+			/* ... or a process was held while it connected (the
+			 * core waits for this to continue it). */
+			m->flags &= ~(TLSHUB_MARK_OPEN | TLSHUB_MARK_HELD_CONNECTING);
 		}
 		ev.kind = TLSHUB_EV_CLOSED;
 		ev.cookie = cookie;
@@ -495,6 +594,20 @@ established:
 	if (tracked)
 		tracked->est = ev;
 	emit(&ev);
+	/* After ESTABLISHED, as the core expects: the owner a connect() that
+	 * returned before the peer answered (EINPROGRESS) left behind. */
+	if (tracked && owner.pid) {
+		tracked->owner_pid = owner.pid;
+		tracked->owner_fd = owner.fd;
+		struct tlshub_event own = {
+			.kind = TLSHUB_EV_OWNER,
+			.role = TLSHUB_ROLE_CLIENT,
+			.cookie = cookie,
+			.pid = owner.pid,
+			.fd = owner.fd,
+		};
+		emit(&own);
+	}
 	return 1;
 }
 
@@ -531,8 +644,16 @@ static __always_inline void report_owner(int fd)
 	if (!cookie)
 		return;
 	struct tlshub_conn *c = bpf_map_lookup_elem(&conns, &cookie);
-	if (!c)
+	if (!c) {
+		/* Still connecting (EINPROGRESS, or interrupted): kept for
+		 * when the peer answers (see connecting_owners). No event. */
+		struct tlshub_owner *connecting = bpf_map_lookup_elem(&connecting_owners, &cookie);
+		if (connecting) {
+			connecting->pid = bpf_get_current_pid_tgid() >> 32;
+			connecting->fd = fd;
+		}
 		return;
+	}
 	/* Once per owner, and only while keys are awaited: an app calling
 	 * connect() in a loop on its socket (EISCONN, EALREADY) would
 	 * otherwise fill the node-wide ring buffer, and other connections'
@@ -737,26 +858,33 @@ static __always_inline int stop_caller(struct tlshub_event *ev, __u32 stat)
  * instead) and keeps continuing a stopped process until its connection is
  * no longer pending. An event that is read before the signal takes effect
  * is therefore harmless: the next sweep continues the process again. */
-static __always_inline int gate(struct sock *sk, __u64 cookie, int nonblock)
+static __always_inline int gate(struct sock *sk, struct tlshub_sk_mark *mark, int nonblock)
 {
+	__u64 cookie = mark->cookie;
 	struct tlshub_conn *c = bpf_map_lookup_elem(&conns, &cookie);
-	/* Marked but no longer tracked: the connection ended (TCP_CLOSE, e.g.
-	 * the peer reset it) before it was keyed, since keying clears the
-	 * mark's cookie before it removes the entry. What is still in its
-	 * receive queue is the peer's handshake or records, never for the
-	 * app: fail every call. */
-	if (!c)
+	if (c) {
+		/* Terminal: the connection could not be protected and could
+		 * not be reset either (its socket was out of the core's reach,
+		 * or kTLS was partly installed and the kernel refuses to
+		 * disconnect a socket with the tls ULP). Every call fails, no
+		 * process is stopped, and nothing moves until the app closes
+		 * the socket. Exempt processes too: no provider has business on
+		 * such a socket. */
+		if (c->gate == TLSHUB_GATE_RESET)
+			return -ECONNRESET;
+		if (c->gate != TLSHUB_GATE_CLOSED || ktls_on(sk))
+			return 0;
+	} else if (!(mark->flags & TLSHUB_MARK_CONNECTING) ||
+		   sk->__sk_common.skc_state == TCP_CLOSE) {
+		/* Marked but no longer tracked: the connection ended (TCP_CLOSE,
+		 * e.g. the peer reset it, or its connect failed) before it was
+		 * keyed, since keying clears the mark's cookie before it removes
+		 * the entry. What is still in its receive queue is the peer's
+		 * handshake or records, never for the app: fail every call. */
 		return -ECONNRESET;
-	/* Terminal: the connection could not be protected and could not be
-	 * reset either (its socket was out of the core's reach, or kTLS was
-	 * partly installed and the kernel refuses to disconnect a socket with
-	 * the tls ULP). Every call fails, no process is stopped, and nothing
-	 * moves until the app closes the socket. Exempt processes too: no
-	 * provider has business on such a socket. */
-	if (c->gate == TLSHUB_GATE_RESET)
-		return -ECONNRESET;
-	if (c->gate != TLSHUB_GATE_CLOSED || ktls_on(sk))
-		return 0;
+	}
+	/* Otherwise still connecting (no entry until the peer answers, see
+	 * track_connecting()): the gate is closed. */
 	__u32 tgid = bpf_get_current_pid_tgid() >> 32;
 	if (exempt_process(tgid))
 		return 0;
@@ -769,7 +897,12 @@ static __always_inline int gate(struct sock *sk, __u64 cookie, int nonblock)
 		stat_inc(TLSHUB_STAT_NO_CORE_REFUSALS);
 		return ctl->no_core == TLSHUB_NO_CORE_PASS ? 0 : -ECONNRESET;
 	}
-	if (nonblock) {
+	if (nonblock && !c) {
+		/* TCP's own answer in SYN_SENT, and TCP's own wakeup follows
+		 * when the peer answers; by then the socket has its entry. */
+		return -EAGAIN;
+	}
+	if (nonblock && c) {
 		stat_inc(TLSHUB_STAT_GATE_EAGAIN);
 		/* Once per connection (a level-triggered loop retries thousands
 		 * of times a second); two threads racing here report twice,
@@ -788,11 +921,25 @@ static __always_inline int gate(struct sock *sk, __u64 cookie, int nonblock)
 	}
 	struct tlshub_event ev = {
 		.kind = TLSHUB_EV_HELD,
-		.role = c->role,
+		.role = TLSHUB_ROLE_CLIENT,
 		.cookie = cookie,
 		.pid = tgid,
 		.ts_ns = bpf_ktime_get_ns(),
 	};
+	if (c) {
+		ev.role = c->role;
+	} else {
+		/* A blocking call on a connecting socket waits, as it would in
+		 * TCP, but stopped: the core keeps the process stopped until the
+		 * peer answers (then keys it as usual) or the connect ends
+		 * (CLOSED, see the sockops program). Why not make the entry
+		 * here: an update of conns from this hook can race the peer's
+		 * answer on the same CPU, whose update in the sockops program
+		 * then fails with EBUSY (the hash map's per-CPU lock guard),
+		 * which would refuse the connection. */
+		ev.kind = TLSHUB_EV_HELD_CONNECTING;
+		mark->flags |= TLSHUB_MARK_HELD_CONNECTING;
+	}
 	return stop_caller(&ev, TLSHUB_STAT_GATE_STOPS);
 }
 
@@ -805,7 +952,7 @@ static __always_inline int gate_mark(struct sock *sk, struct tlshub_sk_mark *mar
 		return -ECONNRESET;
 	if (!mark->cookie)
 		return 0;
-	return gate(sk, mark->cookie, nonblock);
+	return gate(sk, mark, nonblock);
 }
 
 /* Whether the app made this socket non-blocking (an event loop's socket):

@@ -15,6 +15,9 @@
                                  * socket); once per connection */
 #define TLSHUB_EV_UNSENT_HELD 6 /* shutdown() stopped pid until kTLS's unsent
                                  * records are in TCP */
+#define TLSHUB_EV_HELD_CONNECTING 7 /* the gate stopped pid on a selected
+                                     * socket still connecting (no conns
+                                     * entry until the peer answers) */
 
 #define TLSHUB_ROLE_CLIENT 1
 #define TLSHUB_ROLE_SERVER 2
@@ -131,6 +134,22 @@ struct tlshub_sk_mark {
  * the socket's TCP_CLOSE is still reported (once), so the core's list of
  * protected connections stays exact. */
 #define TLSHUB_MARK_OPEN 4
+/* Selected at connect() and not answered yet (SYN_SENT): it has no conns
+ * entry until the peer answers (ACTIVE_ESTABLISHED), so a connection that
+ * no peer answers (a black-holed address) costs no shared capacity. See
+ * track_connecting(). */
+#define TLSHUB_MARK_CONNECTING 8
+/* The gate held a process on it while it was connecting (HELD_CONNECTING):
+ * its TCP_CLOSE, or its refusal at ACTIVE_ESTABLISHED, is reported as
+ * CLOSED so the core continues the process. */
+#define TLSHUB_MARK_HELD_CONNECTING 16
+
+/* The owner of a selected socket that is still connecting (see
+ * connecting_owners): what its conns entry gets when the peer answers. */
+struct tlshub_owner {
+	__u32 pid; /* 0: not known yet */
+	__s32 fd;
+};
 
 /* LPM key: prefix length over a 16-byte address (IPv4 mapped). */
 struct tlshub_lpm_key {

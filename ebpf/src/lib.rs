@@ -57,10 +57,14 @@ pub mod names {
     pub const KTLS_RECVMSG: &str = "ktls_recvmsg";
     /// How many `conns` entries are [`super::conn::UNMARKED`].
     pub const UNMARKED_CONNS: &str = "unmarked_conns";
+    /// Owners of selected sockets still connecting (an LRU hash, sized
+    /// like [`CONNS`]).
+    pub const CONNECTING_OWNERS: &str = "connecting_owners";
     /// Every map of the object (all are pinned, so a restarted core and the
     /// programs still attached share them).
-    pub const MAPS: [&str; 12] = [
+    pub const MAPS: [&str; 13] = [
         CONNS,
+        CONNECTING_OWNERS,
         HELD,
         EXEMPT,
         LOCAL_NETS,
@@ -92,6 +96,10 @@ pub mod kind {
     /// unsent records are in TCP (the cookie is the socket's, no longer
     /// tracked in `conns`).
     pub const UNSENT_HELD: u32 = 6;
+    /// The gate stopped a process on a selected socket still connecting:
+    /// it has no `conns` entry until the peer answers, and its close (or
+    /// refusal) is reported as [`CLOSED`].
+    pub const HELD_CONNECTING: u32 = 7;
 }
 
 /// Roles (`TLSHUB_ROLE_*`).
@@ -130,6 +138,11 @@ pub mod mark {
     /// The gate is open for good (keyed, or let through by fail-open) and
     /// the `conns` entry removed; the socket's close is still reported.
     pub const OPEN: u32 = 4;
+    /// Selected at `connect()` and not answered yet: no `conns` entry
+    /// until the peer answers (BPF's).
+    pub const CONNECTING: u32 = 8;
+    /// A process was held on it while it was connecting (BPF's).
+    pub const HELD_CONNECTING: u32 = 16;
 }
 
 /// Indexes into the `stats` array.
@@ -424,8 +437,22 @@ mod tests {
             [TLSHUB_GATE_CLOSED, TLSHUB_GATE_OPEN, TLSHUB_GATE_RESET]
         );
         assert_eq!(
-            [mark::REPAIR, mark::REFUSED, mark::OPEN],
-            [TLSHUB_MARK_REPAIR, TLSHUB_MARK_REFUSED, TLSHUB_MARK_OPEN]
+            [
+                mark::REPAIR,
+                mark::REFUSED,
+                mark::OPEN,
+                mark::CONNECTING,
+                mark::HELD_CONNECTING,
+                kind::HELD_CONNECTING
+            ],
+            [
+                TLSHUB_MARK_REPAIR,
+                TLSHUB_MARK_REFUSED,
+                TLSHUB_MARK_OPEN,
+                TLSHUB_MARK_CONNECTING,
+                TLSHUB_MARK_HELD_CONNECTING,
+                TLSHUB_EV_HELD_CONNECTING
+            ]
         );
         assert_eq!(
             [

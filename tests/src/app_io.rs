@@ -912,19 +912,27 @@ pub enum Probe {
     /// exists if one is given, connected to `--then` for an exchange of the
     /// payload. See [`refused_then_reconnect`].
     RefusedThenReconnect,
+    /// [`CONNECT_FLOOD`] non-blocking sockets connecting to `--connect` (a
+    /// selected address where nobody answers), one send on each (TCP's
+    /// answer in `SYN_SENT` is `EAGAIN`), held until `--go-file` exists.
+    ConnectFlood,
 }
 
-/// Where [`Probe::RefusedThenReconnect`] reconnects, and when.
-#[derive(Debug, Clone)]
-pub struct Reconnect {
-    /// A peer that echoes like `tlshub-loadgen server`.
-    pub then: std::net::SocketAddr,
-    /// If given, the reconnect waits until this file exists (at most
+/// How many sockets [`Probe::ConnectFlood`] leaves connecting.
+pub const CONNECT_FLOOD: usize = 64;
+
+/// What some probes need besides the target.
+#[derive(Debug, Clone, Default)]
+pub struct ProbeOptions {
+    /// [`Probe::RefusedThenReconnect`]: where the socket connects again (a
+    /// peer that echoes like `tlshub-loadgen server`).
+    pub then: Option<std::net::SocketAddr>,
+    /// The probe's last step waits until this file exists (at most
     /// [`GO_FILE_WAIT`]).
     pub go_file: Option<std::path::PathBuf>,
 }
 
-/// How long [`Probe::RefusedThenReconnect`] waits for its go file.
+/// How long a probe waits for its go file.
 pub const GO_FILE_WAIT: std::time::Duration = std::time::Duration::from_secs(120);
 
 /// How many sockets [`Probe::SendRacingConnect`] races.
@@ -1097,7 +1105,7 @@ fn echo_exchange(sock: &socket2::Socket, payload: &[u8]) -> io::Result<usize> {
 /// fail; from the disconnect on, the first failing step ends the probe.
 pub fn refused_then_reconnect(
     target: std::net::SocketAddr,
-    again: &Reconnect,
+    again: &ProbeOptions,
     payload: &[u8],
 ) -> Vec<ProbeStep> {
     let sock = match tcp_socket(target) {
@@ -1109,22 +1117,18 @@ pub fn refused_then_reconnect(
         return steps;
     }
     steps.push(step("write", send_flags(sock.as_raw_fd(), payload, 0)));
-    let wait_go = || {
-        let deadline = std::time::Instant::now() + GO_FILE_WAIT;
-        while again.go_file.as_ref().is_some_and(|f| !f.exists()) {
-            if std::time::Instant::now() > deadline {
-                return Err(io::Error::from(io::ErrorKind::TimedOut));
-            }
-            std::thread::sleep(std::time::Duration::from_millis(100));
-        }
-        Ok(0)
+    let wait_go = || wait_for_go(again.go_file.as_deref());
+    let Some(then) = again.then else {
+        steps.push(step(
+            "--then",
+            Err(io::Error::from_raw_os_error(libc::EINVAL)),
+        ));
+        return steps;
     };
     let calls: [(&'static str, &dyn Fn() -> io::Result<usize>); 4] = [
         ("disconnect", &|| disconnect(&sock).map(|()| 0)),
         ("wait for the go file", &wait_go),
-        ("connect again", &|| {
-            sock.connect(&again.then.into()).map(|()| 0)
-        }),
+        ("connect again", &|| sock.connect(&then.into()).map(|()| 0)),
         ("exchange", &|| echo_exchange(&sock, payload).map(|_| 0)),
     ];
     for (call, f) in calls {
@@ -1138,24 +1142,76 @@ pub fn refused_then_reconnect(
     steps
 }
 
+/// Waits until `go_file` exists (at once without one), at most
+/// [`GO_FILE_WAIT`].
+fn wait_for_go(go_file: Option<&std::path::Path>) -> io::Result<usize> {
+    let deadline = std::time::Instant::now() + GO_FILE_WAIT;
+    while go_file.is_some_and(|f| !f.exists()) {
+        if std::time::Instant::now() > deadline {
+            return Err(io::Error::from(io::ErrorKind::TimedOut));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    Ok(0)
+}
+
+/// [`Probe::ConnectFlood`]: three steps, each with the first errno that
+/// was not the expected one (0 if all were): the connects (`EINPROGRESS`
+/// expected), the sends (`EAGAIN` expected) and the wait for the go file.
+fn connect_flood(
+    target: std::net::SocketAddr,
+    go_file: Option<&std::path::Path>,
+    payload: &[u8],
+) -> Vec<ProbeStep> {
+    let mut sockets = Vec::new();
+    let mut connects = 0;
+    for _ in 0..CONNECT_FLOOD {
+        let sock = match tcp_socket(target).and_then(|s| s.set_nonblocking(true).map(|()| s)) {
+            Ok(s) => s,
+            Err(e) => return vec![step("socket", Err(e))],
+        };
+        match sock.connect(&target.into()) {
+            Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {}
+            Err(e) => connects = e.raw_os_error().unwrap_or(-1),
+            Ok(()) => connects = -1,
+        }
+        sockets.push(sock);
+    }
+    let mut sends = 0;
+    for sock in &sockets {
+        match send_flags(sock.as_raw_fd(), payload, 0) {
+            Err(e) if e.raw_os_error() == Some(libc::EAGAIN) => {}
+            Err(e) => sends = e.raw_os_error().unwrap_or(-1),
+            Ok(_) => sends = -1,
+        }
+    }
+    vec![
+        ProbeStep {
+            call: "connects in progress",
+            errno: connects,
+        },
+        ProbeStep {
+            call: "sends answered EAGAIN",
+            errno: sends,
+        },
+        step("wait for the go file", wait_for_go(go_file)),
+    ]
+}
+
 /// Runs `probe` against `target` with `payload`; every step is reported,
 /// the first failing one ends the probe. The connection is closed after.
-/// [`Probe::RefusedThenReconnect`] needs `again`.
 pub fn probe(
     target: std::net::SocketAddr,
     probe: Probe,
-    again: Option<&Reconnect>,
+    options: &ProbeOptions,
     payload: &[u8],
 ) -> Vec<ProbeStep> {
     let mut steps = Vec::new();
     if probe == Probe::RefusedThenReconnect {
-        return match again {
-            Some(again) => refused_then_reconnect(target, again, payload),
-            None => vec![step(
-                "--then",
-                Err(io::Error::from_raw_os_error(libc::EINVAL)),
-            )],
-        };
+        return refused_then_reconnect(target, options, payload);
+    }
+    if probe == Probe::ConnectFlood {
+        return connect_flood(target, options.go_file.as_deref(), payload);
     }
     if probe == Probe::SendRacingConnect {
         for _ in 0..RACE_ATTEMPTS {
@@ -1255,7 +1311,8 @@ pub fn probe(
         Probe::Repair
         | Probe::FullOptionMemory
         | Probe::SendRacingConnect
-        | Probe::RefusedThenReconnect => {
+        | Probe::RefusedThenReconnect
+        | Probe::ConnectFlood => {
             unreachable!("handled above")
         }
     }

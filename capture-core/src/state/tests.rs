@@ -174,6 +174,14 @@ fn held(cookie: u64, pid: u32, ts_ns: u64) -> Event {
     }
 }
 
+/// The gate held `pid` on a socket still connecting (no `conns` entry).
+fn held_connecting(cookie: u64, pid: u32) -> Event {
+    Event {
+        kind: kind::HELD_CONNECTING,
+        ..held(cookie, pid, 0)
+    }
+}
+
 fn waiting(cookie: u64, pid: u32) -> Event {
     Event {
         kind: kind::WAITING,
@@ -330,6 +338,56 @@ fn a_held_process_is_continued_once_after_its_connection_is_keyed_and_not_before
     k.states.insert(PID, 'T');
     sweep(&mut t, &mut k);
     assert_eq!(k.continued, [PID]);
+}
+
+#[test]
+fn a_process_held_while_its_socket_connects_stays_stopped_until_the_peer_answers_then_is_keyed() {
+    let (mut t, mut k) = (table(FailurePolicy::FailClosed), FakeKernel::default());
+    // No conns entry yet: a plain HELD here would be continued at once.
+    t.on_event(&k, held_connecting(COOKIE, PID));
+    k.states.insert(PID, 'T');
+    sweep(&mut t, &mut k);
+    sweep(&mut t, &mut k);
+    assert!(k.continued.is_empty(), "continued while still connecting");
+    no_start(&mut t);
+    // The peer answers: the entry is made and ESTABLISHED reported; the
+    // held process names the owner.
+    let est = established(COOKIE, 0);
+    k.track(COOKIE, est);
+    t.on_event(&k, est);
+    let s = one_start(&mut t);
+    assert_eq!(s.owner, Some((PID, -1)));
+    sweep(&mut t, &mut k);
+    assert!(k.continued.is_empty(), "continued before the keys");
+    t.on_outcome(&mut k, outcome(&s, installed()));
+    sweep(&mut t, &mut k);
+    assert_eq!(k.continued, [PID]);
+}
+
+#[test]
+fn a_process_held_while_its_socket_connects_is_continued_when_the_connect_ends() {
+    let (mut t, mut k) = (table(FailurePolicy::FailClosed), FakeKernel::default());
+    t.on_event(&k, held_connecting(COOKIE, PID));
+    k.states.insert(PID, 'T');
+    sweep(&mut t, &mut k);
+    assert!(k.continued.is_empty());
+    // The connect failed (or was refused at the peer's answer).
+    t.on_event(&k, closed(COOKIE));
+    sweep(&mut t, &mut k);
+    assert_eq!(k.continued, [PID]);
+    assert!(t.pending().is_empty());
+    no_start(&mut t);
+}
+
+#[test]
+fn a_hold_on_an_unknown_connection_without_an_entry_is_continued() {
+    let (mut t, mut k) = (table(FailurePolicy::FailClosed), FakeKernel::default());
+    // A plain HELD whose entry is gone: the gate was decided meanwhile.
+    t.on_event(&k, held(COOKIE, PID, 0));
+    k.states.insert(PID, 'T');
+    sweep(&mut t, &mut k);
+    assert_eq!(k.continued, [PID]);
+    assert!(t.pending().is_empty());
 }
 
 #[test]

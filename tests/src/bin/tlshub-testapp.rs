@@ -131,7 +131,8 @@ enum Side {
         common: Common,
     },
     /// Connect and make one unusual socket call (MSG_OOB, MSG_ZEROCOPY,
-    /// TCP_ZEROCOPY_RECEIVE, TCP repair mode, reconnects) with the
+    /// TCP_ZEROCOPY_RECEIVE, TCP repair mode, reconnects, a flood of
+    /// connects nobody answers) with the
     /// pattern's first 4,096 bytes (the marker first); each step's errno is
     /// reported and `ok` is true when every step succeeded.
     Probe {
@@ -142,8 +143,8 @@ enum Side {
         /// `refused-then-reconnect`: where the socket connects again.
         #[arg(long, required_if_eq("what", "refused-then-reconnect"))]
         then: Option<SocketAddr>,
-        /// `refused-then-reconnect`: connect again only once this file
-        /// exists.
+        /// `refused-then-reconnect`, `connect-flood`: the last step waits
+        /// until this file exists.
         #[arg(long)]
         go_file: Option<std::path::PathBuf>,
     },
@@ -747,8 +748,8 @@ fn run(args: Args, r: &mut Report) -> std::io::Result<()> {
             r.role = "probe";
             let mut payload = vec![0u8; 4096];
             pattern::fill(CLIENT_SEED, 0, &mut payload);
-            let again = then.map(|then| app_io::Reconnect { then, go_file });
-            r.probe = app_io::probe(connect, what, again.as_ref(), &payload);
+            let options = app_io::ProbeOptions { then, go_file };
+            r.probe = app_io::probe(connect, what, &options, &payload);
             if let Some(failed) = r.probe.iter().find(|s| s.errno != 0) {
                 return Err(std::io::Error::from_raw_os_error(failed.errno));
             }

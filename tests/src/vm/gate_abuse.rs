@@ -464,3 +464,94 @@ pub fn conns_map_full() -> Result<String, String> {
         wire.decrypted
     ))
 }
+
+/// Connecting costs no shared capacity: a connection that no peer answers
+/// has no `conns` entry, so one app cannot fill the map by connecting to
+/// selected addresses where nobody answers (each such socket sits in
+/// `SYN_SENT` for about two minutes) and make every other selected
+/// connection on the node fail closed. Node A's map holds 16 entries; an
+/// app in pod-a leaves 64 non-blocking sockets connecting to a selected
+/// address that node B black-holes, and one send on each gets TCP's own
+/// `EAGAIN`. Meanwhile node A's `conns` map stays empty, three protected
+/// exchanges are keyed (`map_full` stays 0) and a plain control shows its
+/// marker on the wire, where no protected flow may.
+pub fn connect_flood() -> Result<String, String> {
+    use super::support::{self, PodSetting};
+    use crate::app_io::CONNECT_FLOOD;
+    const MAX: u32 = 16;
+    const BLACK_HOLE: &str = "10.0.2.77";
+    let mut sa = NodeSpec::new("a");
+    sa.bpf.push(("max_connections", u64::from(MAX)));
+    let (a, b) = nodes(sa, NodeSpec::new("b"))?;
+    let host = format!("{BLACK_HOLE}/32");
+    let _black_hole = PodSetting::command(
+        "node-b",
+        &["ip", "route", "add", "blackhole", &host],
+        &["ip", "route", "del", "blackhole", &host],
+    )?;
+    let cap = Capture::start("connect-flood")?;
+    let go_file = std::path::Path::new("/tmp/connect-flood.go");
+    let _ = std::fs::remove_file(go_file);
+    let target = format!("{BLACK_HOLE}:{PROTECTED_PORT}");
+    let go = go_file.to_string_lossy();
+    let flood = process::spawn_app(
+        "pod-a",
+        &[
+            "tlshub-testapp",
+            "probe",
+            "--what",
+            "connect-flood",
+            "--connect",
+            &target,
+            "--go-file",
+            &go,
+        ],
+    )?;
+    let connecting = || {
+        process::run(Some("pod-a"), &["ss", "-Htn", "state", "syn-sent"])
+            .map(|out| out.lines().filter(|l| l.contains(BLACK_HOLE)).count())
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let mut seen = connecting()?;
+    while seen < CONNECT_FLOOD && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(200));
+        seen = connecting()?;
+    }
+    let entries = a.stat(|s| s.bpf_maps.0 as u64);
+    for port in [PROTECTED_PORT, PROTECTED_PORT, PROTECTED_PORT, PLAIN_PORT] {
+        let app = App::exchange(10_000, port);
+        let (s, c) = run_pair(&app, &[], Duration::from_secs(30))?;
+        both_ok(&app, &s, &c)?;
+    }
+    let still = connecting()?;
+    std::fs::write(go_file, b"go").map_err(|e| format!("cannot write {go_file:?}: {e}"))?;
+    let steps = support::probe_steps(&process::finish(flood, Duration::from_secs(30))?)?;
+    let _ = std::fs::remove_file(go_file);
+    if seen < CONNECT_FLOOD || still < CONNECT_FLOOD {
+        return Err(format!(
+            "{seen} then {still} sockets connecting to {BLACK_HOLE}, want {CONNECT_FLOOD}: the black hole did not hold them"
+        ));
+    }
+    if steps.iter().any(|(_, e)| *e != 0) {
+        return Err(format!(
+            "the flood's connects and sends: {steps:?} (want EINPROGRESS and EAGAIN throughout)"
+        ));
+    }
+    let full = a.stat(|s| s.map_full);
+    if entries != 0 || full != 0 {
+        return Err(format!(
+            "with {CONNECT_FLOOD} sockets connecting: {entries} conns entries (want 0), map_full {full} (want 0)"
+        ));
+    }
+    let wire = super::wire_check::check_wire_allowing_unkeyed(&cap.finish()?, &a, &b, true)?;
+    if wire.plain_flows_with_marker == 0 || wire.decrypted < 3 {
+        return Err(format!(
+            "wire: plain flows with the marker {}, decrypted {} (want at least 1 and 3)",
+            wire.plain_flows_with_marker, wire.decrypted
+        ));
+    }
+    Ok(format!(
+        "{CONNECT_FLOOD} sockets connecting to a black hole next to a map of {MAX}: 0 conns entries, their sends EAGAIN; 3 protected exchanges keyed meanwhile (map_full 0, {} flows decrypted), the plain control showed its marker",
+        wire.decrypted
+    ))
+}

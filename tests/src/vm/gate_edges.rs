@@ -432,10 +432,11 @@ fn probe(what: &str, port: u16) -> Result<Vec<(String, i64)>, String> {
         "--what",
         what,
     ];
-    let out = process::command(Some("pod-a"), &argv)
-        .output()
-        .map_err(|e| format!("cannot run {argv:?}: {e}"))?;
-    super::support::probe_steps(&String::from_utf8_lossy(&out.stdout))
+    // A probe whose call hangs (held and never continued) fails the
+    // scenario with where it was stuck, instead of hanging the VM.
+    let out = process::finish(process::spawn_app("pod-a", &argv)?, Duration::from_secs(90))
+        .map_err(|e| format!("probe {what} to port {port}: {e}"))?;
+    super::support::probe_steps(&out)
 }
 
 /// The rest of the socket API on selected sockets, each made by

@@ -140,6 +140,10 @@ pub const TESTS: &[Scenario] = &[
         super::gate_abuse::conns_map_full,
     ),
     (
+        "gate_connect_flood_costs_no_capacity",
+        super::gate_abuse::connect_flood,
+    ),
+    (
         "gate_hold_unrecorded_answers_eintr",
         super::gate_abuse::hold_unrecorded,
     ),
