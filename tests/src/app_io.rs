@@ -948,9 +948,10 @@ fn tcp_socket(target: std::net::SocketAddr) -> io::Result<socket2::Socket> {
 }
 
 /// One [`Probe::SendRacingConnect`] attempt: the connect() and the first
-/// send that was not answered `EPIPE`.
+/// send that was not answered `EPIPE` (or the first after connect()
+/// returned: a connect that failed leaves the socket unconnected for good).
 fn send_racing_connect(target: std::net::SocketAddr, payload: &[u8]) -> [ProbeStep; 2] {
-    use std::sync::atomic::{AtomicU32, Ordering};
+    use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
     let sock = match tcp_socket(target) {
         Ok(s) => s,
         Err(e) => {
@@ -960,12 +961,14 @@ fn send_racing_connect(target: std::net::SocketAddr, payload: &[u8]) -> [ProbeSt
     };
     let fd = sock.as_raw_fd();
     let tries = AtomicU32::new(0);
+    let connect_returned = AtomicBool::new(false);
     std::thread::scope(|scope| {
         let sender = scope.spawn(|| {
             loop {
+                let after_connect = connect_returned.load(Ordering::Acquire);
                 let r = send_flags(fd, payload, 0);
                 match &r {
-                    Err(e) if e.raw_os_error() == Some(libc::EPIPE) => {
+                    Err(e) if e.raw_os_error() == Some(libc::EPIPE) && !after_connect => {
                         // Not connected yet; keep the sends coming.
                         tries.fetch_add(1, Ordering::Relaxed);
                     }
@@ -978,6 +981,7 @@ fn send_racing_connect(target: std::net::SocketAddr, payload: &[u8]) -> [ProbeSt
             std::hint::spin_loop();
         }
         let connected = step("connect", sock.connect(&target.into()).map(|()| 0));
+        connect_returned.store(true, Ordering::Release);
         let sent = sender.join().unwrap_or(ProbeStep {
             call: "send racing connect",
             errno: -1,
@@ -1131,6 +1135,15 @@ pub fn refused_then_reconnect(
         ("connect again", &|| sock.connect(&then.into()).map(|()| 0)),
         ("exchange", &|| echo_exchange(&sock, payload).map(|_| 0)),
     ];
+    run_in_order(&mut steps, &calls);
+    steps
+}
+
+/// Makes `calls` in order, each a step, until one fails.
+fn run_in_order(
+    steps: &mut Vec<ProbeStep>,
+    calls: &[(&'static str, &dyn Fn() -> io::Result<usize>)],
+) {
     for (call, f) in calls {
         let s = step(call, f());
         let failed = s.errno != 0;
@@ -1139,7 +1152,6 @@ pub fn refused_then_reconnect(
             break;
         }
     }
-    steps
 }
 
 /// Waits until `go_file` exists (at once without one), at most
@@ -1259,15 +1271,7 @@ pub fn probe(
             }),
             ("write", &write),
         ];
-        // In order, until one fails.
-        for (call, f) in calls {
-            let s = step(call, f());
-            let failed = s.errno != 0;
-            steps.push(s);
-            if failed {
-                break;
-            }
-        }
+        run_in_order(&mut steps, &calls);
         return steps;
     }
     let stream = match std::net::TcpStream::connect(target) {
