@@ -157,7 +157,8 @@ impl Agent {
         };
         if agent.programs.adopted {
             let conns = agent.programs.all_conns();
-            agent.table.adopt(&agent.programs, conns);
+            let connecting = agent.programs.connecting_owners();
+            agent.table.adopt(&agent.programs, conns, connecting);
         }
         Ok(agent)
     }

@@ -11,7 +11,7 @@ use aya::programs::links::{FdLink, PinnedLink};
 use aya::programs::{CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, FExit, Lsm, SockOps};
 use aya::{Btf, Ebpf, EbpfLoader};
 use tlshub_ebpf::{
-    Addr16, Conn, Control, Held, PortKey, SkMark, gate, mapped, mark, names, no_core, stat,
+    Addr16, Conn, Control, Held, Owner, PortKey, SkMark, gate, mapped, mark, names, no_core, stat,
 };
 use tracing::{debug, info, warn};
 
@@ -158,6 +158,7 @@ pub struct Programs {
     pub events: Option<RingBuf<MapData>>,
     conns: HashMap<MapData, u64, Conn>,
     held: HashMap<MapData, u32, Held>,
+    connecting_owners: HashMap<MapData, u64, Owner>,
     sk_marks: SkStorage<MapData, SkMark>,
     local_nets: LpmTrie<MapData, Addr16, u32>,
     peer_nets: LpmTrie<MapData, Addr16, u32>,
@@ -539,6 +540,7 @@ impl Programs {
             events: Some(take(&mut ebpf, names::EVENTS)?),
             conns: take(&mut ebpf, names::CONNS)?,
             held: take(&mut ebpf, names::HELD)?,
+            connecting_owners: take(&mut ebpf, names::CONNECTING_OWNERS)?,
             sk_marks: take(&mut ebpf, names::SK_MARKS)?,
             local_nets: take(&mut ebpf, names::LOCAL_NETS)?,
             peer_nets: take(&mut ebpf, names::PEER_NETS)?,
@@ -750,6 +752,15 @@ impl Programs {
     /// Holds recorded in the map because the ring buffer was full: (tgid, record).
     pub fn held(&self) -> Vec<(u32, Held)> {
         self.held.iter().filter_map(Result::ok).collect()
+    }
+
+    /// Owners `connect()` recorded for selected sockets still connecting
+    /// (cookie, owner); pid 0 where none was recorded yet.
+    pub fn connecting_owners(&self) -> Vec<(u64, Owner)> {
+        self.connecting_owners
+            .iter()
+            .filter_map(Result::ok)
+            .collect()
     }
 
     /// Forgets a held record.

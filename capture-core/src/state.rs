@@ -488,13 +488,23 @@ impl ConnTable {
     /// ESTABLISHED event and owner) and keyed; owners found stopped get
     /// held records so the sweep continues them once their connection is
     /// decided (their HELD events may have gone to the old core).
+    /// Processes found stopped that own a socket still connecting
+    /// (`connecting`, from the map `connecting_owners`) get held records
+    /// too: the old core may have held them (`HELD_CONNECTING`), and no
+    /// `conns` entry names them yet; the sweep continues them, and a call
+    /// still connecting is held again, this time for this core.
     /// Connections the old core keyed are not in the map (an open gate
     /// needs no entry), so they are not listed as protected by this core;
     /// the kernel keeps them, and their closes are reported as usual. An
     /// entry whose gate is open is one the old core let through without
     /// its socket (fail-open) or had just keyed: left alone until it
     /// closes.
-    pub fn adopt<K: Kernel>(&mut self, k: &K, conns: Vec<(u64, Conn)>) {
+    pub fn adopt<K: Kernel>(
+        &mut self,
+        k: &K,
+        conns: Vec<(u64, Conn)>,
+        connecting: Vec<(u64, tlshub_ebpf::Owner)>,
+    ) {
         let now = k.now_ns();
         let (mut waiting, mut open, mut stopped) = (0, 0, 0);
         for (cookie, conn) in conns {
@@ -514,6 +524,15 @@ impl ConnTable {
             if let Some((pid, _)) = owner
                 && k.process_state(pid) == Some('T')
                 && let std::collections::hash_map::Entry::Vacant(e) = self.held.entry(pid)
+            {
+                e.insert(HeldProc::new(cookie, now, HoldReason::Keys));
+                stopped += 1;
+            }
+        }
+        for (cookie, owner) in connecting {
+            if owner.pid != 0
+                && k.process_state(owner.pid) == Some('T')
+                && let std::collections::hash_map::Entry::Vacant(e) = self.held.entry(owner.pid)
             {
                 e.insert(HeldProc::new(cookie, now, HoldReason::Keys));
                 stopped += 1;

@@ -29,6 +29,8 @@ int main(void)
 	O(tlshub_conn, owner_fd);
 	O(tlshub_conn, waiting_pid);
 	O(tlshub_conn, flags);
+	S(tlshub_owner);
+	O(tlshub_owner, fd);
 	S(tlshub_held);
 	O(tlshub_held, since_ns);
 	S(tlshub_control);

@@ -330,6 +330,17 @@ pub struct Held {
     pub since_ns: u64,
 }
 
+/// `struct tlshub_owner`: the owner `connect()` recorded for a selected
+/// socket still connecting (map `connecting_owners`).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Owner {
+    /// Its tgid (0: not known yet).
+    pub pid: u32,
+    /// The fd `connect()` was called on.
+    pub fd: i32,
+}
+
 /// `struct tlshub_sk_mark`.
 #[repr(C)]
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -372,6 +383,8 @@ unsafe impl aya::Pod for Control {}
 unsafe impl aya::Pod for SkMark {}
 // SAFETY: as above.
 unsafe impl aya::Pod for PortKey {}
+// SAFETY: as above.
+unsafe impl aya::Pod for Owner {}
 
 /// Sizes and offsets as the C compiler laid them out.
 #[doc(hidden)]
@@ -421,6 +434,8 @@ mod tests {
         assert_eq!(size_of::<Control>(), SIZE_tlshub_control);
         assert_eq!(offset_of!(Control, no_core), OFF_tlshub_control_no_core);
         assert_eq!(size_of::<Held>(), SIZE_tlshub_held);
+        assert_eq!(size_of::<Owner>(), SIZE_tlshub_owner);
+        assert_eq!(offset_of!(Owner, fd), OFF_tlshub_owner_fd);
         assert_eq!(offset_of!(Held, since_ns), OFF_tlshub_held_since_ns);
         assert_eq!(size_of::<SkMark>(), SIZE_tlshub_sk_mark);
         assert_eq!(offset_of!(SkMark, flags), OFF_tlshub_sk_mark_flags);

@@ -816,7 +816,7 @@ fn a_restarted_core_adopts_waiting_connections_and_their_stopped_owners_and_leav
     k.conns.insert(COOKIE + 2, failed);
     k.states.insert(PID, 'T');
     let conns = k.conns.iter().map(|(c, v)| (*c, *v)).collect();
-    t.adopt(&k, conns);
+    t.adopt(&k, conns, Vec::new());
     let s = one_start(&mut t);
     assert_eq!((s.cookie, s.owner), (COOKIE, Some((PID, 3))));
     assert!(t.protected().is_empty());
@@ -826,6 +826,34 @@ fn a_restarted_core_adopts_waiting_connections_and_their_stopped_owners_and_leav
     t.on_outcome(&mut k, outcome(&s, installed()));
     sweep(&mut t, &mut k);
     assert_eq!(k.continued, [PID]);
+}
+
+#[test]
+fn an_adopting_core_continues_a_process_stopped_on_a_socket_still_connecting() {
+    let (mut t, mut k) = (table(FailurePolicy::FailClosed), FakeKernel::default());
+    // The old core held PID (HELD_CONNECTING) and stopped: no conns entry
+    // names the process, only the owner connect() recorded.
+    k.states.insert(PID, 'T');
+    k.states.insert(PID + 1, 'R');
+    let connecting = vec![
+        (COOKIE, tlshub_ebpf::Owner { pid: PID, fd: 3 }),
+        // Running: nothing to do. Unknown owner: nobody to look at.
+        (
+            COOKIE + 1,
+            tlshub_ebpf::Owner {
+                pid: PID + 1,
+                fd: 4,
+            },
+        ),
+        (COOKIE + 2, tlshub_ebpf::Owner { pid: 0, fd: 0 }),
+    ];
+    t.adopt(&k, Vec::new(), connecting);
+    no_start(&mut t);
+    sweep(&mut t, &mut k);
+    // Continued at once: its call runs again and, still connecting, is
+    // held again and reported to this core.
+    assert_eq!(k.continued, [PID]);
+    assert!(t.pending().is_empty());
 }
 
 #[test]
