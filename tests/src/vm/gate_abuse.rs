@@ -269,7 +269,7 @@ pub fn hold_unrecorded() -> Result<String, String> {
 ///    exact bytes, a flow that decrypts.
 pub fn conns_map_full() -> Result<String, String> {
     use super::service::{LoadServer, report, start_load_with};
-    use super::support::{self, expect_reset, json, pod_b_addr, spawn_client};
+    use super::support::{self, GoFile, expect_reset, json, pod_b_addr, spawn_client, spawn_probe};
     const MAX: u32 = 16;
     const LONG: u32 = 3 * MAX;
     // 1. Keyed connections leave the map.
@@ -334,25 +334,14 @@ pub fn conns_map_full() -> Result<String, String> {
     }
     // 3. Their first connections are two more over the full map.
     let plain_server = LoadServer::start_on(PLAIN_PORT)?;
-    let go_file = std::path::Path::new("/tmp/refused-then-reconnect.go");
-    let _ = std::fs::remove_file(go_file);
+    let go_file = GoFile::new("/tmp/refused-then-reconnect.go");
     let reconnecting = |port: u16, wait: bool| {
         let (target, then) = (pod_b_addr(PROTECTED_PORT), pod_b_addr(port));
-        let mut argv = vec![
-            "tlshub-testapp".to_owned(),
-            "probe".into(),
-            "--what".into(),
-            "refused-then-reconnect".into(),
-            "--connect".into(),
-            target,
-            "--then".into(),
-            then,
-        ];
+        let mut args = vec!["--then", &then];
         if wait {
-            argv.extend(["--go-file".into(), go_file.to_string_lossy().into_owned()]);
+            args.extend(["--go-file", go_file.path()]);
         }
-        let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
-        process::spawn_app("pod-a", &argv)
+        spawn_probe("refused-then-reconnect", &target, &args)
     };
     let to_plain = reconnecting(PLAIN_PORT, false)?;
     let to_protected = reconnecting(PROTECTED_PORT, true)?;
@@ -420,10 +409,8 @@ pub fn conns_map_full() -> Result<String, String> {
     }
     a.ctl(&["provider", "use", "openssl"])?;
     let keyed_before = a.stat(|s| s.protected);
-    std::fs::write(go_file, b"go").map_err(|e| format!("cannot write {go_file:?}: {e}"))?;
-    let waited = probe_as_wanted(to_protected, "the protected port again");
-    let _ = std::fs::remove_file(go_file);
-    waited?;
+    go_file.go()?;
+    probe_as_wanted(to_protected, "the protected port again")?;
     let keyed_again = a.stat_reaching(|s| s.protected, keyed_before + 1) - keyed_before;
     if keyed_again != 1 {
         return Err(format!(
@@ -490,23 +477,9 @@ pub fn connect_flood() -> Result<String, String> {
         &["ip", "route", "del", "blackhole", &host],
     )?;
     let cap = Capture::start("connect-flood")?;
-    let go_file = std::path::Path::new("/tmp/connect-flood.go");
-    let _ = std::fs::remove_file(go_file);
+    let go_file = support::GoFile::new("/tmp/connect-flood.go");
     let target = format!("{BLACK_HOLE}:{PROTECTED_PORT}");
-    let go = go_file.to_string_lossy();
-    let flood = process::spawn_app(
-        "pod-a",
-        &[
-            "tlshub-testapp",
-            "probe",
-            "--what",
-            "connect-flood",
-            "--connect",
-            &target,
-            "--go-file",
-            &go,
-        ],
-    )?;
+    let flood = support::spawn_probe("connect-flood", &target, &["--go-file", go_file.path()])?;
     let connecting = || {
         process::run(Some("pod-a"), &["ss", "-Htn", "state", "syn-sent"])
             .map(|out| out.lines().filter(|l| l.contains(BLACK_HOLE)).count())
@@ -524,9 +497,8 @@ pub fn connect_flood() -> Result<String, String> {
         both_ok(&app, &s, &c)?;
     }
     let still = connecting()?;
-    std::fs::write(go_file, b"go").map_err(|e| format!("cannot write {go_file:?}: {e}"))?;
+    go_file.go()?;
     let steps = support::probe_steps(&process::finish(flood, Duration::from_secs(30))?)?;
-    let _ = std::fs::remove_file(go_file);
     if seen < CONNECT_FLOOD || still < CONNECT_FLOOD {
         return Err(format!(
             "{seen} then {still} sockets connecting to {BLACK_HOLE}, want {CONNECT_FLOOD}: the black hole did not hold them"

@@ -423,18 +423,11 @@ pub fn reconnect_during_keying() -> Result<String, String> {
 /// `tlshub-testapp probe --what WHAT` from pod-a to pod-b's `port`: the
 /// errno of each step (0: it succeeded).
 fn probe(what: &str, port: u16) -> Result<Vec<(String, i64)>, String> {
-    let target = format!("{}:{port}", super::topology::POD_B);
-    let argv = [
-        "tlshub-testapp",
-        "probe",
-        "--connect",
-        &target,
-        "--what",
-        what,
-    ];
+    let target = super::support::pod_b_addr(port);
     // A probe whose call hangs (held and never continued) fails the
     // scenario with where it was stuck, instead of hanging the VM.
-    let out = process::finish(process::spawn_app("pod-a", &argv)?, Duration::from_secs(90))
+    let probe = super::support::spawn_probe(what, &target, &[])?;
+    let out = process::finish(probe, Duration::from_secs(90))
         .map_err(|e| format!("probe {what} to port {port}: {e}"))?;
     super::support::probe_steps(&out)
 }

@@ -157,6 +157,51 @@ pub fn spawn_client(port: u16, args: &[&str]) -> Result<process::AppChild, Strin
     process::spawn_app("pod-a", &argv)
 }
 
+/// Starts `tlshub-testapp probe --what WHAT --connect TARGET` in pod-a,
+/// `args` following (started, not waited for; see [`probe_steps`]).
+pub fn spawn_probe(what: &str, target: &str, args: &[&str]) -> Result<process::AppChild, String> {
+    let mut argv = vec![
+        "tlshub-testapp",
+        "probe",
+        "--what",
+        what,
+        "--connect",
+        target,
+    ];
+    argv.extend_from_slice(args);
+    process::spawn_app("pod-a", &argv)
+}
+
+/// A file whose existence tells a probe started with `--go-file` to take
+/// its last step: absent when made, written by [`GoFile::go`], removed
+/// when dropped.
+#[derive(Debug)]
+pub struct GoFile(&'static str);
+
+impl GoFile {
+    /// At `path`, removed first (a run that failed may have left it).
+    pub fn new(path: &'static str) -> Self {
+        let _ = std::fs::remove_file(path);
+        Self(path)
+    }
+
+    /// The path, for `--go-file`.
+    pub fn path(&self) -> &'static str {
+        self.0
+    }
+
+    /// Lets the probe go on.
+    pub fn go(&self) -> Result<(), String> {
+        std::fs::write(self.0, b"go").map_err(|e| format!("cannot write {}: {e}", self.0))
+    }
+}
+
+impl Drop for GoFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(self.0);
+    }
+}
+
 /// The steps of a `tlshub-testapp probe` report: each call and its errno
 /// (0: it succeeded).
 pub fn probe_steps(report: &str) -> Result<Vec<(String, i64)>, String> {
