@@ -131,9 +131,9 @@ pub const BPF_COUNTERS: [BpfCounter; 10] = [
     BpfCounter {
         index: stat::UNMARKED_REFUSED,
         metric: "gate_unmarked_refused",
-        help: "Selected connections refused for good (calls fail with ECONNRESET) because their socket had no room for the gate's mark: the app had filled the socket's option memory (net.core.optmem_max)",
+        help: "Selected connections refused because their socket had no room for the gate's mark (net.core.optmem_max): connect() failed with ENOBUFS (the app had filled the socket's option memory), or an accepted socket's calls fail with ECONNRESET",
         alarm: Some(
-            "a selected connection was refused: its socket had no room for the gate's mark (the app filled its option memory)",
+            "a selected connection was refused: its socket had no room for the gate's mark (its option memory is full)",
         ),
         field: |s| &mut s.unmarked_refused,
     },

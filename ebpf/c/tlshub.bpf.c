@@ -50,6 +50,7 @@ char LICENSE[] SEC("license") = "GPL";
 #define MAY_READ 0x4
 #define EOPNOTSUPP 95
 #define EEXIST 17
+#define ENOBUFS 105
 #define IPPROTO_TCP 6
 #define MSG_FASTOPEN 0x20000000
 #define TCP_SYN_SENT 2
@@ -369,11 +370,15 @@ static __always_inline void refuse(struct tlshub_sk_mark *mark, __u32 stat)
 	stat_inc(stat);
 }
 
-/* A selected socket with no room for its mark: socket-local storage is
- * charged to the socket's option memory (net.core.optmem_max), which the
- * app can fill first (TCP_MD5SIG keys, a socket filter). Without a mark
- * the gate would not know the socket, so its new conns entry (`conn`) is
- * refused for good, and the gate finds it by its cookie. */
+/* A selected socket with no room for its mark (socket-local storage is
+ * charged to the socket's option memory, net.core.optmem_max). An app's
+ * connect() never gets here: tlshub_gate_connect() makes the mark first or
+ * refuses the connect. What is left: an accepted socket on a node whose
+ * optmem_max is set below a mark's size (its option memory starts empty,
+ * and the app cannot reach it before it is established), and connects
+ * from inside the kernel, which skip the LSM hook. Without a mark the gate
+ * would not know the socket, so its new conns entry (`conn`) is refused
+ * for good, and the gate finds it by its cookie. */
 static __always_inline void track_unmarked(struct bpf_sock_ops *skops, __u64 cookie,
 					   struct tlshub_conn *conn)
 {
@@ -438,7 +443,9 @@ static __always_inline void track_connecting(struct bpf_sock_ops *skops, __u64 c
 	struct tlshub_sk_mark *mark =
 		bpf_sk_storage_get(&sk_marks, sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
 	if (!mark) {
-		/* No mark, so the gate can find it only by its cookie. */
+		/* No mark (a connect from inside the kernel, see
+		 * track_unmarked()), so the gate can find it only by its
+		 * cookie. */
 		struct tlshub_conn conn = { .gate = TLSHUB_GATE_CLOSED, .role = TLSHUB_ROLE_CLIENT };
 		if (!bpf_map_update_elem(&conns, &cookie, &conn, BPF_NOEXIST))
 			track_unmarked(skops, cookie, &conn);
@@ -1007,6 +1014,47 @@ static __always_inline int gate_socket(struct socket *sock, int nonblock)
 	return gate_sk(sk, bpf_sk_storage_get(&sk_marks, sk, 0, 0), nonblock);
 }
 
+/* The destination in a sockaddr the kernel copied from the app (connect(),
+ * sendto()) into ev: remote address (v4-mapped) and port. Returns 0 for
+ * any family but AF_INET and AF_INET6 (AF_UNSPEC disconnects). The
+ * kernel's copy is a sockaddr_storage, so reading a whole sockaddr_in6
+ * stays inside it whatever length the app passed. */
+static __always_inline int dest_from_sockaddr(void *name, struct tlshub_event *ev)
+{
+	unsigned short dfam = 0;
+
+	if (!name || bpf_probe_read_kernel(&dfam, sizeof(dfam), name))
+		return 0;
+	if (dfam == AF_INET) {
+		struct sockaddr_in sin;
+		if (bpf_probe_read_kernel(&sin, sizeof(sin), name))
+			return 0;
+		v4_mapped(ev->remote_addr, sin.sin_addr);
+		ev->remote_port = bpf_ntohs(sin.sin_port);
+		return 1;
+	}
+	if (dfam == AF_INET6) {
+		struct sockaddr_in6 sin6;
+		if (bpf_probe_read_kernel(&sin6, sizeof(sin6), name))
+			return 0;
+		__builtin_memcpy(ev->remote_addr, sin6.sin6_addr, 16);
+		ev->remote_port = bpf_ntohs(sin6.sin6_port);
+		return 1;
+	}
+	return 0;
+}
+
+/* The address socket sk is bound to into ev's local address (unspecified
+ * if none: selected() counts that as one of this node's pods). */
+static __always_inline void local_from_sk(struct sock *sk, unsigned short family,
+					  struct tlshub_event *ev)
+{
+	if (family == AF_INET)
+		v4_mapped(ev->local_addr, sk->__sk_common.skc_rcv_saddr);
+	else
+		bpf_probe_read_kernel(ev->local_addr, 16, &sk->__sk_common.skc_v6_rcv_saddr);
+}
+
 /* TCP Fast Open would put data on the wire before the gate can hold it:
  * sendto(MSG_FASTOPEN) on an unconnected socket queues its data in the
  * same call that connects (in the SYN with a cached cookie, right after
@@ -1036,29 +1084,9 @@ static __always_inline int fastopen_refused(struct sock *sk, struct msghdr *msg)
 	if (sk->sk_protocol != IPPROTO_TCP || (family != AF_INET && family != AF_INET6))
 		return 0;
 	if (state == TCP_CLOSE && (msg->msg_flags & MSG_FASTOPEN)) {
-		void *name = msg->msg_name;
-		unsigned short dfam = 0;
-		if (!name || bpf_probe_read_kernel(&dfam, sizeof(dfam), name))
+		if (!dest_from_sockaddr(msg->msg_name, &ev))
 			return 0;
-		if (dfam == AF_INET) {
-			struct sockaddr_in sin;
-			if (bpf_probe_read_kernel(&sin, sizeof(sin), name))
-				return 0;
-			v4_mapped(ev.remote_addr, sin.sin_addr);
-			ev.remote_port = bpf_ntohs(sin.sin_port);
-		} else if (dfam == AF_INET6) {
-			struct sockaddr_in6 sin6;
-			if (bpf_probe_read_kernel(&sin6, sizeof(sin6), name))
-				return 0;
-			__builtin_memcpy(ev.remote_addr, sin6.sin6_addr, 16);
-			ev.remote_port = bpf_ntohs(sin6.sin6_port);
-		} else {
-			return 0;
-		}
-		if (family == AF_INET)
-			v4_mapped(ev.local_addr, sk->__sk_common.skc_rcv_saddr);
-		else
-			bpf_probe_read_kernel(ev.local_addr, 16, &sk->__sk_common.skc_v6_rcv_saddr);
+		local_from_sk(sk, family, &ev);
 	} else if (state == TCP_SYN_SENT) {
 		if (family == AF_INET) {
 			v4_mapped(ev.local_addr, sk->__sk_common.skc_rcv_saddr);
@@ -1124,6 +1152,47 @@ static __always_inline int unconnected_send(struct sock *sk, struct tlshub_sk_ma
 	if (!(flags & MSG_NOSIGNAL))
 		bpf_send_signal_thread(SIGPIPE);
 	return -EPIPE;
+}
+
+/* The mark of a socket that connects to a selected peer is made here,
+ * before connect() starts, rather than at TCP_CONNECT_CB. The mark is
+ * socket-local storage, charged to the socket's option memory
+ * (net.core.optmem_max), which an app can fill first (TCP_MD5SIG keys, a
+ * socket filter); a socket with no room for it is refused here with
+ * ENOBUFS (no buffer space: the app sees its connect() fail before any
+ * byte moved). Made at TCP_CONNECT_CB, the mark could only be missing, and
+ * the socket was then tracked by its cookie alone (see track_unmarked()):
+ * that takes a conns entry while it connects, and with conns full it is
+ * impossible, so the socket went out in clear. Which destinations: those
+ * the policy selects, an unbound socket's local address counting as one
+ * of this node's pods (the route picks it later), so the mark is made for
+ * every socket TCP_CONNECT_CB can select. Every way to connect() passes
+ * this hook (the system call, its 32-bit entry, io_uring); Fast Open's
+ * sendto() does not, and is refused for selected destinations (see
+ * fastopen_refused()). */
+SEC("lsm/socket_connect")
+int BPF_PROG(tlshub_gate_connect, struct socket *sock, struct sockaddr *address, int addrlen,
+	     int ret)
+{
+	if (ret)
+		return ret;
+	struct sock *sk = sock->sk;
+	if (!sk || sk->sk_protocol != IPPROTO_TCP)
+		return 0;
+	unsigned short family = sk->__sk_common.skc_family;
+	if (family != AF_INET && family != AF_INET6)
+		return 0;
+	struct tlshub_event ev = {};
+	if (!dest_from_sockaddr(address, &ev))
+		return 0;
+	local_from_sk(sk, family, &ev);
+	ev.family = AF_INET6; /* addresses are v4-mapped or v6 */
+	if (!selected(&ev, TLSHUB_ROLE_CLIENT))
+		return 0;
+	if (bpf_sk_storage_get(&sk_marks, sk, 0, BPF_SK_STORAGE_GET_F_CREATE))
+		return 0;
+	stat_inc(TLSHUB_STAT_UNMARKED_REFUSED);
+	return -ENOBUFS;
 }
 
 SEC("lsm/socket_sendmsg")

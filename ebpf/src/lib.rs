@@ -22,7 +22,8 @@ pub mod names {
         ("tlshub_exit_accept", "__x64_sys_accept"),
     ];
     /// LSM programs: (program, hook).
-    pub const LSM: [(&str, &str); 6] = [
+    pub const LSM: [(&str, &str); 7] = [
+        ("tlshub_gate_connect", "socket_connect"),
         ("tlshub_gate_sendmsg", "socket_sendmsg"),
         ("tlshub_gate_recvmsg", "socket_recvmsg"),
         ("tlshub_gate_file", "file_permission"),
@@ -168,8 +169,9 @@ pub mod stat {
     /// Calls on non-blocking sockets the gate answered `EAGAIN` (every
     /// retry counts: a level-triggered loop retries until the keys are in).
     pub const GATE_EAGAIN: u32 = 8;
-    /// Selected sockets refused because their mark could not be created
-    /// (see [`super::conn::UNMARKED`]).
+    /// Selected sockets refused because their mark could not be created:
+    /// at connect() (`ENOBUFS`), or tracked by cookie (see
+    /// [`super::conn::UNMARKED`]).
     pub const UNMARKED_REFUSED: u32 = 9;
     /// `shutdown()` calls held until kTLS's unsent records were in TCP
     /// (every stop counts; the restarted call may be held again).

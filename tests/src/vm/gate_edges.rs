@@ -448,9 +448,10 @@ fn probe(what: &str, port: u16) -> Result<Vec<(String, i64)>, String> {
 ///   crosses;
 /// - a socket whose option memory the app filled (`TCP_MD5SIG` keys for
 ///   other addresses until `ENOMEM`) before it connects to a selected peer
-///   has no room for the gate's socket-local mark: its write fails with
-///   `ECONNRESET` (`unmarked_refused` counts it); to the plain port the
-///   same socket works;
+///   has no room for the gate's socket-local mark: its connect() fails with
+///   `ENOBUFS` (`unmarked_refused` counts it); to the plain port the
+///   same socket works; and an accepted socket with no room for its mark
+///   is refused (see [`accepted_without_room_for_the_mark`]);
 /// - a second thread that sends on a socket over and over while the first
 ///   connects it to a selected peer gets `EPIPE` until the socket is marked,
 ///   then is held until the keys (or refused with `EOPNOTSUPP` if it finds
@@ -532,18 +533,20 @@ pub fn unusual_socket_calls() -> Result<String, String> {
     }
     seen.push("repair-mode socket refused, never keyed".into());
     // Socket-local storage is charged to the socket's option memory, so a
-    // socket whose app filled it first gets no mark: refused for good,
-    // found by its cookie. The plain port's write is the control (the
-    // filling itself breaks nothing).
+    // socket whose app filled it first has no room for the gate's mark:
+    // its connect() to a selected peer is refused before any byte moves.
+    // The plain port's write is the control (the filling itself breaks
+    // nothing).
     const ENOMEM: i64 = 12;
+    const ENOBUFS: i64 = 105;
     let fill = "setsockopt(TCP_MD5SIG)";
     let full = probe("full-option-memory", PROTECTED_PORT)?;
     if errno_of(&full, fill) != ENOMEM
-        || errno_of(&full, "connect") != 0
-        || errno_of(&full, "write") != ECONNRESET
+        || errno_of(&full, "connect") != ENOBUFS
+        || full.iter().any(|(c, _)| c == "write")
     {
         return Err(format!(
-            "full option memory to the protected port: {full:?} (want ENOMEM filling, connect 0, write ECONNRESET)"
+            "full option memory to the protected port: {full:?} (want ENOMEM filling, connect ENOBUFS, no write)"
         ));
     }
     let unmarked = a.stat_reaching(|s| s.unmarked_refused, 1);
@@ -558,7 +561,7 @@ pub fn unusual_socket_calls() -> Result<String, String> {
             "full option memory to the plain port: {plain_full:?} (want ENOMEM filling, then the write)"
         ));
     }
-    seen.push("socket with its option memory full refused (no room for the mark)".into());
+    seen.push("connect() of a socket with its option memory full refused with ENOBUFS (no room for the mark)".into());
     // Sends racing connect() from another thread: each must end sent
     // after the keys (0) or refused before the mark (EOPNOTSUPP, a send
     // that found the socket connecting and unmarked); the wire check below
@@ -597,6 +600,7 @@ pub fn unusual_socket_calls() -> Result<String, String> {
         sends.iter().filter(|e| **e == EOPNOTSUPP).count()
     ));
     drop(servers);
+    seen.push(accepted_without_room_for_the_mark(&b)?);
     let report = super::wire_check::check_wire_allowing_unkeyed(&cap.finish()?, &a, &b, true)?;
     if report.plain_flows_with_marker < 2 {
         return Err(format!(
@@ -615,4 +619,48 @@ pub fn unusual_socket_calls() -> Result<String, String> {
         zc_refused[0],
         zc_refused[1]
     ))
+}
+
+/// The accepting side of a socket with no room for the gate's mark. An
+/// accepted socket's option memory starts empty and its app cannot reach
+/// it before the socket is established, so only a node whose
+/// `net.core.optmem_max` is below a mark's size gets there: pod-b's is set
+/// to 0. The socket is then found by its cookie and refused: the server
+/// writes first, and its write must fail with `ECONNRESET` (without the
+/// refusal its marker crosses in clear, which the caller's wire check
+/// finds). `optmem_max` is per network namespace from 6.8; on 6.1 it is
+/// global, so the client's own connect() would be refused first
+/// (`ENOBUFS`) and the accepting side is not reached.
+fn accepted_without_room_for_the_mark(b: &super::node::Node) -> Result<String, String> {
+    const ECONNRESET: i64 = 104;
+    if super::support::kernel_version() < (6, 8) {
+        return Ok(
+            "accepted socket with no room for its mark: not reachable on this kernel (net.core.optmem_max is global before 6.8)"
+                .into(),
+        );
+    }
+    let before = b.stat(|s| s.unmarked_refused);
+    let no_option_memory = PodSetting::sysctl("pod-b", "net/core/optmem_max", "0")?;
+    let app = App {
+        mode: "server-first",
+        ..App::exchange(4096, PROTECTED_PORT)
+    };
+    let (server, client) = run_pair(&app, &[], Duration::from_secs(60))?;
+    drop(no_option_memory);
+    if ok(&server) || server["errno"].as_i64() != Some(ECONNRESET) || ok(&client) {
+        return Err(format!(
+            "accepted socket with no room for its mark: server {server} (want its write to fail with ECONNRESET), client {client} (want a failure)"
+        ));
+    }
+    super::support::expect_server_failed_clean(&server)?;
+    let refused = b.stat_reaching(|s| s.unmarked_refused, before + 1);
+    if refused != before + 1 {
+        return Err(format!(
+            "accepted socket with no room for its mark: node b's unmarked_refused {before} -> {refused} (want one more)"
+        ));
+    }
+    Ok(
+        "accepted socket with no room for its mark (pod-b's optmem_max 0) refused with ECONNRESET"
+            .into(),
+    )
 }
