@@ -22,9 +22,3 @@ pub mod load;
 pub mod pattern;
 pub mod vm;
 pub mod wire;
-
-/// The line prefix the runner prints for each scenario result; the host
-/// side (`cargo xtask vm`) parses it from the serial console.
-pub const RESULT_PREFIX: &str = "TLSHUB-RESULT";
-/// Printed once when every scenario has reported.
-pub const DONE_LINE: &str = "TLSHUB-DONE";

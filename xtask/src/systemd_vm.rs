@@ -218,3 +218,29 @@ pub fn run_systemd(bins: &Path) -> Result<()> {
     let _ = std::fs::remove_file(&image);
     result
 }
+
+#[cfg(test)]
+mod tests {
+    use tlshub_bench_report::console::{ConsoleLine, Verdict};
+
+    /// The /init's fallback speaks the runner's protocol (the xtask reads
+    /// it with the same codec), so a boot failure ends the run with its
+    /// reason.
+    #[test]
+    fn the_init_fallback_prints_lines_the_xtask_reads() {
+        let lines: Vec<ConsoleLine> = super::INIT
+            .lines()
+            .filter_map(|l| l.trim().strip_prefix("echo \""))
+            .filter_map(|l| l.strip_suffix('"'))
+            .map(|l| ConsoleLine::parse(&l.replace("$*", "cannot load virtio_pci")).unwrap())
+            .collect();
+        assert_eq!(lines.len(), 3, "{lines:?}");
+        assert_eq!(lines[0], ConsoleLine::Plan(1));
+        assert!(
+            matches!(&lines[1], ConsoleLine::Result(r) if r.verdict == Verdict::Fail && r.detail == "cannot load virtio_pci"),
+            "{:?}",
+            lines[1]
+        );
+        assert_eq!(lines[2], ConsoleLine::Done);
+    }
+}

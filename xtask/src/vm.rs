@@ -12,6 +12,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 
+use tlshub_bench_report::console::{ConsoleLine, Verdict};
+
 use crate::deps::{self, Kernel};
 use crate::{root, run};
 
@@ -656,25 +658,27 @@ pub fn boot(b: &Boot<'_>) -> Result<()> {
                 let line = line.trim_end_matches('\r').to_string();
                 // Lanes boot side by side; the label says whose line it is.
                 println!("[{}] {line}", b.label);
-                if let Some(n) = line.strip_prefix("TLSHUB-PLAN ") {
-                    plan = n.trim().parse().ok();
-                } else if let Some(r) = line.strip_prefix("TLSHUB-RESULT ") {
-                    let mut it = r.splitn(3, ' ');
-                    let (name, verdict) =
-                        (it.next().unwrap_or("").to_string(), it.next().unwrap_or(""));
-                    if verdict == "PASS" {
-                        passed.push(name)
-                    } else {
-                        // The whole line: CI shows only the end of the
-                        // output, so the reason must be repeated there.
-                        failed.push(r.chars().take(2000).collect::<String>())
+                match ConsoleLine::parse(&line) {
+                    Ok(ConsoleLine::Plan(n)) => plan = Some(n),
+                    Ok(ConsoleLine::Result(r)) if r.verdict == Verdict::Pass => passed.push(r.name),
+                    // The whole line: CI shows only the end of the output,
+                    // so the reason must be repeated there.
+                    Ok(ConsoleLine::Result(r)) => failed.push(
+                        format!("{} {}", r.name, r.detail)
+                            .chars()
+                            .take(2000)
+                            .collect::<String>(),
+                    ),
+                    Ok(ConsoleLine::Done) => {
+                        done = true;
+                        done_at = Some(Instant::now());
                     }
-                } else if line.contains("TLSHUB-DONE") {
-                    done = true;
-                    done_at = Some(Instant::now());
-                } else if line.contains("Kernel panic")
-                    || line.contains("BUG:")
-                    || line.contains("Oops:")
+                    // A protocol line that does not parse counts as a
+                    // failure, never as a pass.
+                    Err(e) => failed.push(e.to_string()),
+                    Ok(ConsoleLine::Other) => {}
+                }
+                if line.contains("Kernel panic") || line.contains("BUG:") || line.contains("Oops:")
                 {
                     panic.get_or_insert(line.clone());
                 }
@@ -708,18 +712,17 @@ pub fn boot(b: &Boot<'_>) -> Result<()> {
     if plan == 0 {
         bail!("no scenario matched");
     }
-    if passed.len() + failed.len() != plan {
-        bail!(
-            "{plan} scenarios planned, {} reported",
-            passed.len() + failed.len()
-        );
-    }
+    // Failures first: a malformed result line is one, and it also makes
+    // the count below come out wrong.
     if !failed.is_empty() {
         bail!(
             "{} VM scenario(s) failed:\n{}",
             failed.len(),
             failed.join("\n")
         );
+    }
+    if passed.len() != plan {
+        bail!("{plan} scenarios planned, {} reported", passed.len());
     }
     println!(
         "== VM {}: {} of {plan} passed in {:.0}s",

@@ -4,7 +4,10 @@
 //! ([`Figure::line`]); `cargo xtask bench` reads them back from the serial
 //! log ([`Report::from_console`]) and writes them as JSON, CSV and Markdown
 //! tables. One type on both sides, so a figure cannot change shape on the
-//! way.
+//! way. [`console`] is the rest of what the runner prints for the xtask:
+//! the plan, each scenario's result, the end.
+
+pub mod console;
 
 use std::fmt::Write as _;
 

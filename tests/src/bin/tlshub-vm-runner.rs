@@ -6,11 +6,11 @@
 
 use std::time::Instant;
 
+use tlshub_bench_report::console::{DONE_LINE, PLAN_PREFIX, ScenarioResult, Verdict};
 use tlshub_vm_tests::vm::scenarios::{self, Scenario, ScenarioFn};
 use tlshub_vm_tests::vm::support::cmdline;
 use tlshub_vm_tests::vm::systemd;
 use tlshub_vm_tests::vm::topology::Topology;
-use tlshub_vm_tests::{DONE_LINE, RESULT_PREFIX};
 
 fn main() {
     let mode = std::env::args()
@@ -72,10 +72,16 @@ fn main() {
             .filter(|(n, _)| filter.is_empty() || filter.split(',').any(|f| n.contains(f)))
             .collect(),
         other => {
-            println!("TLSHUB-PLAN 1");
-            println!(
-                "{RESULT_PREFIX} mode FAIL unknown mode {other:?} (test, bench, demo, stress, capacity, systemd)"
-            );
+            println!("{PLAN_PREFIX}1");
+            let unknown = ScenarioResult {
+                name: "mode".into(),
+                verdict: Verdict::Fail,
+                seconds: None,
+                detail: format!(
+                    "unknown mode {other:?} (test, bench, demo, stress, capacity, systemd)"
+                ),
+            };
+            println!("{unknown}");
             println!("{DONE_LINE}");
             return;
         }
@@ -93,12 +99,18 @@ fn main() {
             })
         })
         .collect();
-    println!("TLSHUB-PLAN {}", runs.len());
+    println!("{PLAN_PREFIX}{}", runs.len());
     let topology = match Topology::up() {
         Ok(t) => t,
         Err(e) => {
             for (name, _) in &runs {
-                println!("{RESULT_PREFIX} {name} FAIL topology: {e}");
+                let failed = ScenarioResult {
+                    name: name.clone(),
+                    verdict: Verdict::Fail,
+                    seconds: None,
+                    detail: format!("topology: {e}"),
+                };
+                println!("{failed}");
             }
             println!("{DONE_LINE}");
             return;
@@ -107,30 +119,37 @@ fn main() {
     for (name, body) in runs {
         let started = Instant::now();
         let result = std::panic::catch_unwind(body).unwrap_or_else(|_| Err("panicked".into()));
-        let secs = started.elapsed().as_secs_f64();
-        match result {
-            Ok(summary) => println!("{RESULT_PREFIX} {name} PASS ({secs:.1}s) {summary}"),
-            Err(why) => {
-                println!(
-                    "{RESULT_PREFIX} {name} FAIL ({secs:.1}s) {}",
-                    why.replace('\n', "\n    ")
-                );
-                // Every agent log of the scenario (cores, providers, stand-ins).
-                let mut logs: Vec<_> = std::fs::read_dir("/tmp/logs")
-                    .map(|d| d.flatten().map(|e| e.path()).collect())
-                    .unwrap_or_default();
-                logs.sort();
-                for log in logs.iter().filter(|l| {
-                    l.file_name()
-                        .is_some_and(|n| n.to_string_lossy().starts_with("node-"))
-                }) {
-                    let warnings = tlshub_vm_tests::vm::process::warnings(log);
-                    if !warnings.is_empty() {
-                        println!("--- {} (warnings) ---\n{warnings}", log.display());
-                    }
-                    let tail = tlshub_vm_tests::vm::process::tail(log);
-                    println!("--- {} (tail) ---\n{tail}", log.display());
+        let seconds = Some(started.elapsed().as_secs_f64());
+        let (verdict, detail) = match result {
+            Ok(summary) => (Verdict::Pass, summary),
+            Err(why) => (Verdict::Fail, why),
+        };
+        let failed = verdict == Verdict::Fail;
+        println!(
+            "{}",
+            ScenarioResult {
+                name,
+                verdict,
+                seconds,
+                detail
+            }
+        );
+        if failed {
+            // Every agent log of the scenario (cores, providers, stand-ins).
+            let mut logs: Vec<_> = std::fs::read_dir("/tmp/logs")
+                .map(|d| d.flatten().map(|e| e.path()).collect())
+                .unwrap_or_default();
+            logs.sort();
+            for log in logs.iter().filter(|l| {
+                l.file_name()
+                    .is_some_and(|n| n.to_string_lossy().starts_with("node-"))
+            }) {
+                let warnings = tlshub_vm_tests::vm::process::warnings(log);
+                if !warnings.is_empty() {
+                    println!("--- {} (warnings) ---\n{warnings}", log.display());
                 }
+                let tail = tlshub_vm_tests::vm::process::tail(log);
+                println!("--- {} (tail) ---\n{tail}", log.display());
             }
         }
         let _ = std::fs::remove_dir_all("/tmp/logs");
