@@ -4,6 +4,7 @@
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
 
+pub mod ab;
 pub mod preflight;
 pub mod stats;
 pub mod tls_stat;

@@ -13,11 +13,41 @@ use tlshub_admin::pb::admin_server::{Admin, AdminServer};
 use tonic::{Request, Response, Status};
 
 /// A core whose status says what the test wants; it lists `connections`,
-/// or refuses the caller when there are none.
+/// or refuses the caller when there are none. `openssl` and `boringssl`
+/// can be made active (any other name is unknown), and while one is, each
+/// `ListOutcomes` finds twelve more connections keyed by it.
+#[derive(Default)]
 struct FakeCore {
     health: &'static str,
     programs: usize,
     connections: Vec<pb::Connection>,
+    switching: std::sync::Mutex<Switching>,
+}
+
+/// The fake core's active provider, every `UseProvider` call (name,
+/// force) and the outcomes recorded so far.
+#[derive(Debug)]
+struct Switching {
+    active: String,
+    calls: Vec<(String, bool)>,
+    outcomes: Vec<pb::Outcome>,
+}
+
+impl Default for Switching {
+    fn default() -> Self {
+        Self {
+            active: "openssl".into(),
+            calls: Vec::new(),
+            // From before a run: never counted.
+            outcomes: vec![pb::Outcome {
+                seq: 1,
+                kind: pb::OutcomeKind::Failed as i32,
+                provider: "openssl".into(),
+                reason: "timeout".into(),
+                ..Default::default()
+            }],
+        }
+    }
 }
 
 #[tonic::async_trait]
@@ -27,7 +57,7 @@ impl Admin for FakeCore {
         _: Request<pb::StatusRequest>,
     ) -> Result<Response<pb::StatusResponse>, Status> {
         Ok(Response::new(pb::StatusResponse {
-            active_provider: "openssl".into(),
+            active_provider: self.switching.lock().unwrap().active.clone(),
             providers: std::iter::once(pb::ProviderStatus {
                 name: "openssl".into(),
                 active: true,
@@ -71,10 +101,50 @@ impl Admin for FakeCore {
         &self,
         r: Request<pb::UseProviderRequest>,
     ) -> Result<Response<pb::UseProviderResponse>, Status> {
-        Err(Status::not_found(format!(
-            "no provider named {}",
-            r.into_inner().name
-        )))
+        let pb::UseProviderRequest { name, force } = r.into_inner();
+        if name != "openssl" && name != "boringssl" {
+            return Err(Status::not_found(format!("no provider named {name}")));
+        }
+        let mut sw = self.switching.lock().unwrap();
+        sw.calls.push((name.clone(), force));
+        let previous = std::mem::replace(&mut sw.active, name.clone());
+        Ok(Response::new(pb::UseProviderResponse {
+            previous,
+            active: name,
+        }))
+    }
+
+    async fn list_outcomes(
+        &self,
+        r: Request<pb::ListOutcomesRequest>,
+    ) -> Result<Response<pb::ListOutcomesResponse>, Status> {
+        let after = r.into_inner().after;
+        let mut sw = self.switching.lock().unwrap();
+        // Traffic: twelve connections keyed by the active provider
+        // (boringssl twice as fast), spread so that the medians differ.
+        for _ in 0..12 {
+            let seq = sw.outcomes.len() as u64 + 1;
+            let base = if sw.active == "boringssl" { 10.0 } else { 20.0 };
+            let provider = sw.active.clone();
+            sw.outcomes.push(pb::Outcome {
+                seq,
+                kind: pb::OutcomeKind::Keyed as i32,
+                provider,
+                role: "client".into(),
+                ms: base + (seq % 5) as f64,
+                ..Default::default()
+            });
+        }
+        Ok(Response::new(pb::ListOutcomesResponse {
+            outcomes: sw
+                .outcomes
+                .iter()
+                .filter(|o| o.seq > after)
+                .cloned()
+                .collect(),
+            more: false,
+            lost: 0,
+        }))
     }
 
     async fn reload_policy(
@@ -122,6 +192,11 @@ fn stderr(o: &Output) -> String {
 
 /// Serves `core` at `dir/admin.sock` on a thread of its own.
 fn serve(dir: &TempDir, core: FakeCore) -> PathBuf {
+    serve_shared(dir, std::sync::Arc::new(core))
+}
+
+/// [`serve`], keeping a handle on the core's state.
+fn serve_shared(dir: &TempDir, core: std::sync::Arc<FakeCore>) -> PathBuf {
     let path = dir.0.join("admin.sock");
     let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
     listener.set_nonblocking(true).unwrap();
@@ -134,7 +209,7 @@ fn serve(dir: &TempDir, core: FakeCore) -> PathBuf {
             let listener = tokio::net::UnixListener::from_std(listener).unwrap();
             let incoming = tokio_stream::wrappers::UnixListenerStream::new(listener);
             tonic::transport::Server::builder()
-                .add_service(AdminServer::new(core))
+                .add_service(AdminServer::from_arc(core))
                 .serve_with_incoming(incoming)
                 .await
                 .unwrap();
@@ -182,6 +257,7 @@ fn status_says_degraded_when_the_active_provider_is_down_or_no_program_is_attach
                 health,
                 programs,
                 connections: Vec::new(),
+                ..Default::default()
             },
         );
         let o = tlshubctl(&socket, &["status"]);
@@ -202,6 +278,7 @@ fn a_refused_request_is_1_and_a_refused_user_is_4() {
             health: "serving",
             programs: 1,
             connections: Vec::new(),
+            ..Default::default()
         },
     );
     let o = tlshubctl(&socket, &["provider", "use", "nope"]);
@@ -241,6 +318,7 @@ fn the_connections_table_fits_ipv6_addresses() {
                 connection("10.0.1.2:40000", "10.0.2.2:8443"),
                 connection("[fd00:1:2:3:4:5:6:7]:40001", "[fd00:2:2:3:4:5:6:7]:8443"),
             ],
+            ..Default::default()
         },
     );
     let o = tlshubctl(&socket, &["connections"]);
@@ -274,4 +352,99 @@ fn the_connections_table_fits_ipv6_addresses() {
         at(header, "SOCKET / DETAIL"),
         "{text}"
     );
+}
+
+fn serving_core(dir: &TempDir) -> (std::sync::Arc<FakeCore>, PathBuf) {
+    let core = std::sync::Arc::new(FakeCore {
+        health: "serving",
+        programs: 1,
+        ..Default::default()
+    });
+    let socket = serve_shared(dir, std::sync::Arc::clone(&core));
+    (core, socket)
+}
+
+#[test]
+fn ab_alternates_the_providers_restores_the_first_and_compares_them() {
+    let dir = TempDir::new("ab");
+    let (core, socket) = serving_core(&dir);
+    let o = tlshubctl(
+        &socket,
+        &[
+            "--json",
+            "ab",
+            "openssl",
+            "boringssl",
+            "--duration",
+            "5s",
+            "--switch-every",
+            "1s",
+        ],
+    );
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let calls = core.switching.lock().unwrap().calls.clone();
+    // A, B, A, B, A, then the original back (forced).
+    let names: Vec<&str> = calls.iter().map(|(n, _)| n.as_str()).collect();
+    assert_eq!(
+        names,
+        [
+            "openssl",
+            "boringssl",
+            "openssl",
+            "boringssl",
+            "openssl",
+            "openssl"
+        ],
+        "{v}"
+    );
+    assert!(calls.last().unwrap().1, "the restore is forced");
+    assert_eq!(v["restored"], "openssl");
+    assert_eq!(v["interrupted"], false);
+    assert_eq!(v["switches"], 5);
+    let keyed = |i: usize| v["providers"][i]["keyed"].as_u64().unwrap();
+    assert!(keyed(0) >= 30 && keyed(1) >= 20, "{v}");
+    // The failure recorded before the run is not counted.
+    assert_eq!(v["providers"][0]["failed"], serde_json::json!({}), "{v}");
+    let verdicts = v["verdicts"].to_string();
+    assert!(
+        verdicts.contains("key time p50: boringssl is faster than openssl by 10"),
+        "{verdicts}"
+    );
+    assert!(
+        verdicts.contains("gate hold p50: too few samples"),
+        "{verdicts}"
+    );
+}
+
+#[test]
+fn ab_interrupted_restores_the_original_provider_and_exits_130() {
+    let dir = TempDir::new("ab-int");
+    let (core, socket) = serving_core(&dir);
+    core.switching.lock().unwrap().active = "boringssl".into();
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_tlshubctl"))
+        .arg("--socket")
+        .arg(&socket)
+        .args(["ab", "openssl", "boringssl", "--duration", "1h"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Until the run switched to A.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while core.switching.lock().unwrap().calls.is_empty() {
+        assert!(std::time::Instant::now() < deadline, "ab never switched");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    let pid = rustix::process::Pid::from_raw(i32::try_from(child.id()).unwrap()).unwrap();
+    rustix::process::kill_process(pid, rustix::process::Signal::INT).unwrap();
+    let o = child.wait_with_output().unwrap();
+    assert_eq!(code(&o), 130, "{}", stderr(&o));
+    let sw = core.switching.lock().unwrap();
+    assert_eq!(sw.active, "boringssl", "restored: {:?}", sw.calls);
+    assert_eq!(sw.calls.last().unwrap(), &("boringssl".to_owned(), true));
+    let text = String::from_utf8_lossy(&o.stdout).into_owned();
+    assert!(text.contains("interrupted; boringssl restored"), "{text}");
+    assert!(text.contains("KEY P50 MS (95% CI)"), "{text}");
 }

@@ -71,6 +71,16 @@ impl pb::admin_server::Admin for AdminService {
         self.ask(AdminRequest::Connections).await.map(Response::new)
     }
 
+    async fn list_outcomes(
+        &self,
+        request: Request<pb::ListOutcomesRequest>,
+    ) -> Result<Response<pb::ListOutcomesResponse>, Status> {
+        let after = request.into_inner().after;
+        self.ask(|reply| AdminRequest::Outcomes(after, reply))
+            .await
+            .map(Response::new)
+    }
+
     async fn use_provider(
         &self,
         request: Request<pb::UseProviderRequest>,

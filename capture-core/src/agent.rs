@@ -18,12 +18,16 @@ use crate::bpf::{BpfError, Programs};
 use crate::config::{Config, FailurePolicy, ProviderSet};
 use crate::keying::{self, Job, Outcome};
 use crate::metrics::{Metrics, ProviderLabel};
+use crate::outcomes::OutcomeKind;
 use crate::providers::{Health, Registry};
 use crate::state::{ConnTable, role_name};
 
 /// How often held processes are swept (continued once their connection is
 /// no longer pending) and the heartbeat written, while there is work.
 const SWEEP_EVERY: Duration = Duration::from_millis(50);
+
+/// The most outcomes one `ListOutcomes` answer carries (about 0.5 MB).
+const OUTCOMES_PER_ANSWER: usize = 10_000;
 
 /// A request from the admin API, answered by the event loop (which owns
 /// the state it asks about).
@@ -35,6 +39,8 @@ pub enum AdminRequest {
     Connections(oneshot::Sender<pb::ListConnectionsResponse>),
     /// `ReloadPolicy`: the answer is the new policy or why the file was refused.
     ReloadPolicy(oneshot::Sender<Result<pb::Policy, String>>),
+    /// `ListOutcomes` after this sequence number.
+    Outcomes(u64, oneshot::Sender<pb::ListOutcomesResponse>),
 }
 
 /// Why the event loop stopped.
@@ -420,6 +426,46 @@ impl Agent {
             AdminRequest::ReloadPolicy(reply) => {
                 let _ = reply.send(self.reload_policy());
             }
+            AdminRequest::Outcomes(after, reply) => {
+                let _ = reply.send(self.outcomes(after));
+            }
+        }
+    }
+
+    /// At most [`OUTCOMES_PER_ANSWER`] outcomes after `after`.
+    fn outcomes(&self, after: u64) -> pb::ListOutcomesResponse {
+        let since = self.table.outcomes().since(after, OUTCOMES_PER_ANSWER);
+        let outcomes = since
+            .outcomes
+            .into_iter()
+            .map(|o| {
+                let mut out = pb::Outcome {
+                    seq: o.seq,
+                    provider: o.provider.to_string(),
+                    ..Default::default()
+                };
+                match o.kind {
+                    OutcomeKind::Keyed { role, key } => {
+                        out.set_kind(pb::OutcomeKind::Keyed);
+                        out.role = role.into();
+                        out.ms = key.as_secs_f64() * 1000.0;
+                    }
+                    OutcomeKind::Failed { reason } => {
+                        out.set_kind(pb::OutcomeKind::Failed);
+                        out.reason = reason.into();
+                    }
+                    OutcomeKind::Held { held } => {
+                        out.set_kind(pb::OutcomeKind::Held);
+                        out.ms = held.as_secs_f64() * 1000.0;
+                    }
+                }
+                out
+            })
+            .collect();
+        pb::ListOutcomesResponse {
+            outcomes,
+            more: since.more,
+            lost: since.lost,
         }
     }
 

@@ -8,6 +8,7 @@ mod bpf;
 mod config;
 mod keying;
 mod metrics;
+mod outcomes;
 mod preflight;
 mod procfs;
 mod providers;

@@ -21,6 +21,7 @@ use crate::keying::{Installed, KeyingError, Outcome};
 use crate::metrics::{
     Metrics, ProviderLabel, ProviderReasonLabels, ProviderRoleLabels, UNASSIGNED,
 };
+use crate::outcomes::{OutcomeKind, OutcomeLog};
 
 /// What the state machine needs from the kernel. `Programs` (with the
 /// core's socket duplicates) is the real one; the tests fake it.
@@ -374,6 +375,8 @@ pub struct ConnTable {
     /// (those connections stay gated for the next core).
     draining: bool,
     stats: Stats,
+    /// Each connection's outcome, for `ListOutcomes`.
+    outcomes: OutcomeLog,
     /// Events and outcomes handled so far.
     activity: u64,
 }
@@ -396,6 +399,7 @@ impl ConnTable {
             sweep_due: false,
             draining: false,
             stats: Stats::default(),
+            outcomes: OutcomeLog::default(),
             activity: 0,
         }
     }
@@ -408,6 +412,11 @@ impl ConnTable {
     /// Connections keyed and still open.
     pub fn protected(&self) -> &HashMap<u64, Protected> {
         &self.protected
+    }
+
+    /// The recent outcomes of connections (keyed, failed, held).
+    pub fn outcomes(&self) -> &OutcomeLog {
+        &self.outcomes
     }
 
     /// Processes held now (as far as the core knows).
@@ -906,6 +915,13 @@ impl ConnTable {
                     && let Some(est) = p.established
                 {
                     let role = role_of(&est);
+                    self.outcomes.record(
+                        &provider,
+                        OutcomeKind::Keyed {
+                            role: role_name(role),
+                            key: installed.key_time,
+                        },
+                    );
                     self.metrics
                         .key_seconds
                         .get_or_create(&ProviderRoleLabels {
@@ -1048,6 +1064,8 @@ impl ConnTable {
         force_reset: bool,
     ) {
         self.stats.record_failure(reason);
+        self.outcomes
+            .record(provider, OutcomeKind::Failed { reason });
         self.metrics
             .failed
             .get_or_create(&ProviderReasonLabels {
@@ -1137,6 +1155,12 @@ impl ConnTable {
                         let held_ns = now.saturating_sub(h.since_ns);
                         self.stats.held_micros.push(held_ns / 1000);
                         let provider = provider_of(&self.pending, &self.protected, h.cookie);
+                        self.outcomes.record(
+                            &provider,
+                            OutcomeKind::Held {
+                                held: Duration::from_nanos(held_ns),
+                            },
+                        );
                         self.metrics
                             .gate_hold_seconds
                             .get_or_create(&ProviderLabel { provider })

@@ -4,6 +4,7 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::{Duration, Instant};
 
 use clap::{Parser, Subcommand};
 use tlshub_admin::{ConnectError, pb};
@@ -17,11 +18,15 @@ Examples:
                                        (refused unless it is serving; --force; kept by a
                                        restarted core until `active` is edited in its config)
   tlshubctl policy reload              re-read [policy] from the core's config file
+  tlshubctl ab openssl boringssl --duration 10m --switch-every 30s
+                                       alternate the two providers on this node, then
+                                       compare them on its own traffic
   tlshubctl --json status              any command's answer as JSON
 
 A/B runs across nodes: both ends of a connection must run compatible
 providers; switch every node with one command, e.g.
   parallel-ssh -h nodes.txt tlshubctl provider use boringssl
+or run `tlshubctl ab` on every node at once with the same arguments
 (see the README, \"Comparing providers\").
 
 Exit codes:
@@ -33,6 +38,8 @@ Exit codes:
   5  status only: the core answered but is degraded (the active provider is not
      serving, or no BPF program is attached)
   6  any other failure to reach the core
+  130  ab only: interrupted (SIGINT or SIGTERM); the original provider was
+     restored and what was measured so far is printed
 With --json, an error is printed on stdout as {\"error\": {\"kind\": ..., \"message\": ...}}
 as well.";
 
@@ -45,6 +52,7 @@ enum Exit {
     NotPermitted = 4,
     Degraded = 5,
     Unreachable = 6,
+    Interrupted = 130,
 }
 
 impl Exit {
@@ -57,6 +65,7 @@ impl Exit {
             Self::NotPermitted => "not-permitted",
             Self::Degraded => "degraded",
             Self::Unreachable => "unreachable",
+            Self::Interrupted => "interrupted",
         }
     }
 
@@ -102,6 +111,27 @@ enum Command {
     /// The selection policy.
     #[command(subcommand)]
     Policy(PolicyCommand),
+    /// Compare providers A and B on this node's own traffic: make A, then
+    /// B, then A ... the active provider, each for `--switch-every`, for
+    /// `--duration` in all; then restore the provider that was active
+    /// (also on SIGINT or SIGTERM, exit 130) and print, per provider, the
+    /// connections keyed, failures by reason, key time and gate hold
+    /// p50/p99 with 95% confidence intervals, and whether B differs from A
+    /// at p50 (a bootstrap interval of the difference). Each connection
+    /// counts for the provider that keyed it, whenever that finished.
+    /// Both ends of a connection must run compatible providers.
+    Ab {
+        /// Provider A (a name from `provider list`).
+        a: String,
+        /// Provider B.
+        b: String,
+        /// How long to run in all (`90s`, `10m`, `1h`).
+        #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
+        duration: Duration,
+        /// How long each provider stays active before the other takes over.
+        #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+        switch_every: Duration,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -131,6 +161,19 @@ enum PolicyCommand {
 
 fn main() -> ExitCode {
     let args = Args::parse();
+    if let Command::Ab {
+        a, b, switch_every, ..
+    } = &args.command
+    {
+        if a == b {
+            eprintln!("tlshubctl: ab needs two different providers (got {a} twice)");
+            return ExitCode::from(2);
+        }
+        if switch_every.is_zero() {
+            eprintln!("tlshubctl: --switch-every must be more than 0");
+            return ExitCode::from(2);
+        }
+    }
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -190,6 +233,21 @@ async fn run(args: Args) -> ExitCode {
                     println!("active provider: {} (was {})", r.active, r.previous);
                 });
             }),
+        Command::Ab {
+            a,
+            b,
+            duration,
+            switch_every,
+        } => match ab(&mut client, a, b, *duration, *switch_every).await {
+            Ok(run) => {
+                show(args.json, &run, print_ab);
+                if run.interrupted {
+                    exit = Exit::Interrupted;
+                }
+                Ok(())
+            }
+            Err(e) => Err(e),
+        },
         Command::Policy(PolicyCommand::Reload) => client
             .reload_policy(pb::ReloadPolicyRequest {})
             .await
@@ -215,6 +273,217 @@ async fn run(args: Args) -> ExitCode {
             );
             exit.report(args.json, &message)
         }
+    }
+}
+
+/// What `tlshubctl ab` did and measured.
+#[derive(Debug, serde::Serialize)]
+struct AbRun {
+    a: String,
+    b: String,
+    seconds: f64,
+    switch_every_seconds: f64,
+    /// How many times the active provider was set (the first included).
+    switches: u32,
+    /// Stopped early by SIGINT or SIGTERM.
+    interrupted: bool,
+    /// The provider active before the run, active again after it.
+    restored: String,
+    /// Outcomes the core no longer kept when they were asked for (a gap
+    /// in the sample).
+    lost: u64,
+    #[serde(flatten)]
+    report: tlshub_admin::ab::AbReport,
+}
+
+type AdminClient = pb::admin_client::AdminClient<tonic::transport::Channel>;
+
+/// Outcomes after `*cursor` (every page), fed to `sample`; moves the
+/// cursor. Returns how many were no longer kept.
+async fn drain_outcomes(
+    client: &mut AdminClient,
+    cursor: &mut u64,
+    mut sample: Option<&mut tlshub_admin::ab::AbSample>,
+) -> Result<u64, tonic::Status> {
+    let mut lost = 0;
+    loop {
+        let page = client
+            .list_outcomes(pb::ListOutcomesRequest { after: *cursor })
+            .await?
+            .into_inner();
+        lost += page.lost;
+        for o in &page.outcomes {
+            if let Some(s) = sample.as_deref_mut() {
+                s.add(o);
+            }
+            *cursor = o.seq;
+        }
+        if !page.more || page.outcomes.is_empty() {
+            return Ok(lost);
+        }
+    }
+}
+
+/// Resolves on SIGINT or SIGTERM (never, if neither can be watched).
+async fn interrupted() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match (
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::terminate()),
+    ) {
+        (Ok(mut int), Ok(mut term)) => {
+            tokio::select! {
+                _ = int.recv() => {}
+                _ = term.recv() => {}
+            }
+        }
+        _ => std::future::pending().await,
+    }
+}
+
+/// Alternates `a` and `b` as the active provider, collecting the core's
+/// outcomes, then restores the provider that was active.
+async fn ab(
+    client: &mut AdminClient,
+    a: &str,
+    b: &str,
+    duration: Duration,
+    switch_every: Duration,
+) -> Result<AbRun, tonic::Status> {
+    let original = client
+        .status(pb::StatusRequest {})
+        .await?
+        .into_inner()
+        .active_provider;
+    // Only what happens from now on counts.
+    let mut cursor = 0;
+    drain_outcomes(client, &mut cursor, None).await?;
+    let mut sample = tlshub_admin::ab::AbSample::new(a, b);
+    let stop = interrupted();
+    tokio::pin!(stop);
+    let started = Instant::now();
+    let (mut switches, mut lost, mut was_interrupted) = (0u32, 0, false);
+    let mut measured = Ok(());
+    'run: while started.elapsed() < duration {
+        let name = if switches % 2 == 0 { a } else { b };
+        if let Err(e) = client
+            .use_provider(pb::UseProviderRequest {
+                name: name.to_owned(),
+                force: false,
+            })
+            .await
+        {
+            measured = Err(e);
+            break;
+        }
+        switches += 1;
+        let period_end = (started + duration).min(Instant::now() + switch_every);
+        while Instant::now() < period_end {
+            let tick = period_end.saturating_duration_since(Instant::now());
+            tokio::select! {
+                () = &mut stop => {
+                    was_interrupted = true;
+                    break 'run;
+                }
+                () = tokio::time::sleep(tick.min(Duration::from_secs(1))) => {}
+            }
+            match drain_outcomes(client, &mut cursor, Some(&mut sample)).await {
+                Ok(n) => lost += n,
+                Err(e) => {
+                    measured = Err(e);
+                    break 'run;
+                }
+            }
+        }
+    }
+    // Restore first, whatever happened; a provider that stopped serving
+    // meanwhile is restored too (it was the operator's choice).
+    let restored = client
+        .use_provider(pb::UseProviderRequest {
+            name: original.clone(),
+            force: true,
+        })
+        .await;
+    measured?;
+    restored?;
+    // Keys requested before the restore and answered since count too.
+    lost += drain_outcomes(client, &mut cursor, Some(&mut sample)).await?;
+    Ok(AbRun {
+        a: a.to_owned(),
+        b: b.to_owned(),
+        seconds: started.elapsed().as_secs_f64(),
+        switch_every_seconds: switch_every.as_secs_f64(),
+        switches,
+        interrupted: was_interrupted,
+        restored: original,
+        lost,
+        report: sample.report(),
+    })
+}
+
+fn print_ab(run: &AbRun) {
+    use tlshub_admin::ab::{Estimate, Quantiles};
+    let ms = |e: Option<Estimate>| match e {
+        None => "-".to_owned(),
+        Some(Estimate {
+            ms,
+            low_ms: Some(lo),
+            high_ms: Some(hi),
+        }) => format!("{ms:.1} ({lo:.1}-{hi:.1})"),
+        Some(e) => format!("{:.1}", e.ms),
+    };
+    println!(
+        "A/B on this node: {} and {}, {:.0} s, {} switch(es) every {:.0} s{}; {} restored",
+        run.a,
+        run.b,
+        run.seconds,
+        run.switches,
+        run.switch_every_seconds,
+        if run.interrupted { ", interrupted" } else { "" },
+        run.restored
+    );
+    let mut t = table(
+        &[
+            "PROVIDER",
+            "KEYED",
+            "FAILED",
+            "KEY P50 MS (95% CI)",
+            "KEY P99 MS (95% CI)",
+            "HOLDS",
+            "HOLD P50 MS (95% CI)",
+            "HOLD P99 MS (95% CI)",
+        ],
+        &[1, 2, 5],
+    );
+    for p in &run.report.providers {
+        let q = |q: &Quantiles| (ms(q.p50), ms(q.p99));
+        let ((k50, k99), (h50, h99)) = (q(&p.key_time), q(&p.gate_hold));
+        t.add_row(vec![
+            p.provider.clone(),
+            p.keyed.to_string(),
+            p.failed.values().sum::<u64>().to_string(),
+            k50,
+            k99,
+            p.gate_hold.count.to_string(),
+            h50,
+            h99,
+        ]);
+    }
+    println!("{t}");
+    for p in &run.report.providers {
+        if !p.failed.is_empty() {
+            let reasons: Vec<String> = p.failed.iter().map(|(r, n)| format!("{r} {n}")).collect();
+            println!("failures of {}: {}", p.provider, reasons.join(", "));
+        }
+    }
+    if run.lost > 0 {
+        println!(
+            "{} outcome(s) were gone from the core before they were read: the sample has a gap",
+            run.lost
+        );
+    }
+    for v in &run.report.verdicts {
+        println!("{v}");
     }
 }
 

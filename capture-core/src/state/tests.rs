@@ -307,6 +307,59 @@ fn installed_keys_open_the_gate_and_the_connection_is_tracked_as_protected() {
 }
 
 #[test]
+fn each_connection_leaves_one_outcome_per_event_named_by_its_provider() {
+    use crate::outcomes::OutcomeKind;
+    let (mut t, mut k) = (table(FailurePolicy::FailClosed), FakeKernel::default());
+    // Keyed, with its process held meanwhile: KEYED, then HELD when the
+    // sweep continues it.
+    let s = keying(&mut t, &mut k, COOKIE);
+    k.now = 5_000_000;
+    t.on_event(&k, held(COOKIE, PID, 1_000_000));
+    k.states.insert(PID, 'T');
+    t.on_outcome(&mut k, outcome(&s, installed()));
+    sweep(&mut t, &mut k);
+    // Another refused by the provider: FAILED with the reason.
+    let other = keying(&mut t, &mut k, COOKIE + 1);
+    t.on_outcome(&mut k, outcome(&other, provider_refused()));
+    let since = t.outcomes().since(0, 10);
+    let kinds: Vec<_> = since
+        .outcomes
+        .iter()
+        .map(|o| (o.seq, &*o.provider, o.kind.clone()))
+        .collect();
+    assert_eq!(
+        kinds,
+        [
+            (
+                1,
+                "fake",
+                OutcomeKind::Keyed {
+                    role: "client",
+                    key: Duration::from_millis(3)
+                }
+            ),
+            (
+                2,
+                "fake",
+                OutcomeKind::Held {
+                    held: Duration::from_millis(4)
+                }
+            ),
+            (
+                3,
+                "fake",
+                OutcomeKind::Failed {
+                    reason: "take_socket"
+                }
+            ),
+        ]
+    );
+    // Closing a keyed connection adds nothing.
+    t.on_event(&k, closed(COOKIE));
+    assert_eq!(t.outcomes().since(3, 10).outcomes, []);
+}
+
+#[test]
 fn a_connection_closed_while_keying_is_left_alone_when_its_job_ends() {
     let (mut t, mut k) = (table(FailurePolicy::FailClosed), FakeKernel::default());
     let s = keying(&mut t, &mut k, COOKIE);

@@ -102,6 +102,7 @@ pub const TESTS: &[Scenario] = &[
         "hot_swap_providers_under_load_60s",
         super::service::hot_swap_under_load,
     ),
+    ("tlshubctl_ab_under_load", super::service::ab_under_load),
     (
         "provider_kill9_under_load",
         super::restarts::provider_kill9_under_load,

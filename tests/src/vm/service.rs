@@ -238,6 +238,144 @@ pub fn hot_swap_under_load() -> Result<String, String> {
     ))
 }
 
+/// `tlshubctl ab` as the README says to run it: on both nodes at once,
+/// under load, OpenSSL against BoringSSL (which interoperate, so the nodes
+/// need not switch in step). Each run must switch 6 times in 30 s, find
+/// connections keyed by both providers and none failed, count no more
+/// than the core's metrics did meanwhile (and miss no more than the
+/// load's rate allows between reading the metrics and the run's start),
+/// and leave OpenSSL active. Then a run with BoringSSL as A is
+/// interrupted with SIGINT: it must exit 130, print what it measured,
+/// and restore OpenSSL. The load must see no failure.
+pub fn ab_under_load() -> Result<String, String> {
+    let a = Node::start(two_providers("a", 5000))?;
+    let b = Node::start(two_providers("b", 5000))?;
+    let _server = LoadServer::start()?;
+    let client = start_load_with(40, 50, 4.0)?;
+    std::thread::sleep(Duration::from_secs(3));
+    let keyed = |n: &Node| -> Result<f64, String> {
+        let text = n.metrics()?;
+        Ok(["openssl", "boringssl"]
+            .iter()
+            .map(|p| {
+                metric(
+                    &text,
+                    &format!("tlshub_connections_protected_total{{provider=\"{p}\"}}"),
+                )
+            })
+            .sum())
+    };
+    let before = [keyed(&a)?, keyed(&b)?];
+    let args = [
+        "ab",
+        "openssl",
+        "boringssl",
+        "--duration",
+        "30s",
+        "--switch-every",
+        "5s",
+    ];
+    let (run_a, run_b) = std::thread::scope(|s| {
+        let on_a = s.spawn(|| a.ctl_with_exit(&args));
+        let on_b = s.spawn(|| b.ctl_with_exit(&args));
+        (on_a.join(), on_b.join())
+    });
+    let after = [keyed(&a)?, keyed(&b)?];
+    let mut seen = Vec::new();
+    for (i, (n, run)) in [(&a, run_a), (&b, run_b)].into_iter().enumerate() {
+        let (code, run) = run.map_err(|_| "a tlshubctl thread panicked".to_string())??;
+        let name = &n.spec.name;
+        let counts: Vec<u64> = (0..2)
+            .map(|p| run["providers"][p]["keyed"].as_u64().unwrap_or(0))
+            .collect();
+        let failed = run["providers"].as_array().map_or(0, |ps| {
+            ps.iter()
+                .filter_map(|p| p["failed"].as_object())
+                .map(|f| f.len())
+                .sum::<usize>()
+        });
+        let total = (counts[0] + counts[1]) as f64;
+        let delta = after[i] - before[i];
+        // The load's short connections between reading the metrics and
+        // the run's first read (well under 2 s here), both roles.
+        let slack = 2.0 * 2.0 * 4.0;
+        if code != 0
+            || run["switches"] != 6
+            || run["restored"] != "openssl"
+            || counts.contains(&0)
+            || failed != 0
+            || total > delta
+            || delta - total > slack
+            || run["verdicts"].as_array().map_or(0, Vec::len) != 2
+        {
+            return Err(format!(
+                "node {name}: tlshubctl ab exited {code} (want 0, 6 switches, openssl restored, both providers keyed, none failed, {total} within {delta} - {slack} of the metrics, 2 verdicts): {run}"
+            ));
+        }
+        let active = n.ctl(&["status"])?["active_provider"].clone();
+        if active != "openssl" {
+            return Err(format!("node {name}: active after ab: {active}"));
+        }
+        seen.push(format!(
+            "node {name}: openssl {} / boringssl {} keyed of {delta} (metrics), {}",
+            counts[0],
+            counts[1],
+            run["verdicts"][0].as_str().unwrap_or("")
+        ));
+    }
+    // Interrupted: BoringSSL is active when SIGINT comes.
+    let socket = a.dir.join("admin.sock");
+    let socket = socket.to_string_lossy();
+    let interrupted = super::process::command(
+        None,
+        &[
+            "tlshubctl",
+            "--socket",
+            &socket,
+            "ab",
+            "boringssl",
+            "openssl",
+            "--duration",
+            "10m",
+        ],
+    )
+    .stdout(std::process::Stdio::piped())
+    .stderr(std::process::Stdio::piped())
+    .spawn()
+    .map_err(|e| format!("cannot run tlshubctl ab: {e}"))?;
+    std::thread::sleep(Duration::from_secs(6));
+    let during = a.ctl(&["status"])?["active_provider"].clone();
+    let pid = rustix::process::Pid::from_raw(i32::try_from(interrupted.id()).unwrap_or(0))
+        .ok_or("tlshubctl has no pid")?;
+    rustix::process::kill_process(pid, rustix::process::Signal::INT)
+        .map_err(|e| format!("cannot interrupt tlshubctl ab: {e}"))?;
+    let out = interrupted
+        .wait_with_output()
+        .map_err(|e| format!("tlshubctl ab: {e}"))?;
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let active = a.ctl(&["status"])?["active_provider"].clone();
+    if during != "boringssl"
+        || out.status.code() != Some(130)
+        || active != "openssl"
+        || !text.contains("interrupted; openssl restored")
+    {
+        return Err(format!(
+            "interrupted ab: active during the run {during} (want boringssl), exit {:?} (want 130), active after {active} (want openssl); it printed: {text}{}",
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr)
+        ));
+    }
+    let r = report(&finish(client, Duration::from_secs(180))?)?;
+    if !r.ok || r.short_failed != 0 {
+        return Err(format!("the load saw failures: {r}"));
+    }
+    Ok(format!(
+        "{}; SIGINT: exit 130, openssl restored; the load: {} short connections, 0 failed",
+        seen.join("; "),
+        r.short_ok
+    ))
+}
+
 /// `tlshubctl` as a person uses it: text output of every command, JSON of
 /// every command, a refused switch to an unknown provider, a policy reload
 /// (and a refused bad one), and the root-only socket.
