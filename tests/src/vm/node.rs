@@ -367,8 +367,18 @@ impl Node {
     /// The metrics a handshake provider serves itself (the SDK's key
     /// request metrics).
     pub fn provider_metrics(&self, kind: ProviderKind) -> Result<String, String> {
-        metrics_at(provider_metrics_port(self.spec.name, kind))
-            .map_err(|e| format!("metrics of node {}'s {}: {e}", self.spec.name, kind.name()))
+        let port = provider_metrics_port(self.spec.name, kind);
+        let fetched = if kind == ProviderKind::TlsHub {
+            // It runs in the node's namespace (netlink to the module is
+            // per namespace), and so does its metrics endpoint.
+            super::process::run(
+                Some(&format!("node-{}", self.spec.name)),
+                &["wget", "-qO-", &format!("http://127.0.0.1:{port}/metrics")],
+            )
+        } else {
+            metrics_at(port)
+        };
+        fetched.map_err(|e| format!("metrics of node {}'s {}: {e}", self.spec.name, kind.name()))
     }
 
     /// Kills one provider with SIGKILL (no cleanup: its socket file stays).
@@ -496,7 +506,11 @@ impl Drop for Node {
 /// (`metrics_listen`; the providers run in the root namespace).
 fn provider_metrics_port(node: &str, kind: ProviderKind) -> u16 {
     let base = if node == "a" { 9470 } else { 9480 };
-    base + u16::from(kind == ProviderKind::BoringSsl)
+    base + match kind {
+        ProviderKind::BoringSsl => 1,
+        ProviderKind::TlsHub => 2,
+        _ => 0,
+    }
 }
 
 pub fn metrics_at(port: u16) -> Result<String, String> {
@@ -621,8 +635,9 @@ fn spawn_provider(
                     std::fs::write(
                         &cfg,
                         format!(
-                            "socket = \"{}\"\nnode_map = \"{}\"\n[module]\nprotocol = 2\nport_id = {port_id}\nlayout = \"v2\"\ntimeout_ms = 3000\n",
+                            "socket = \"{}\"\nmetrics_listen = \"127.0.0.1:{}\"\nnode_map = \"{}\"\n[module]\nprotocol = 2\nport_id = {port_id}\nlayout = \"v2\"\ntimeout_ms = 3000\n",
                             socket.display(),
+                            provider_metrics_port(n, kind),
                             node_map.display()
                         ),
                     )

@@ -27,8 +27,30 @@ pub fn tlshub_provider() -> Result<String, String> {
             "no node-level handshake seen by node B's stand-in: {standin}"
         ));
     }
+    // The provider's own metrics (the SDK's, `metrics_listen`) agree with
+    // the core's: every key it was asked for answered, none failed.
+    for n in [&a, &b] {
+        let core = metric(
+            &n.metrics()?,
+            "tlshub_connections_protected_total{provider=\"tlshub\"}",
+        );
+        let own = n.provider_metrics(ProviderKind::TlsHub)?;
+        let answered = metric(&own, "tlshub_keyprovider_requests_total{result=\"ok\"}");
+        let failed: f64 = own
+            .lines()
+            .filter(|l| l.starts_with("tlshub_keyprovider_requests_total{"))
+            .filter(|l| !l.contains("result=\"ok\""))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum();
+        if core < 2.0 || answered < core || failed > 0.0 {
+            return Err(format!(
+                "node {}: the TLSHub provider's metrics say {answered} answered, {failed} failed; the core keyed {core}:\n{own}",
+                n.spec.name
+            ));
+        }
+    }
     Ok(format!(
-        "2 connections keyed from the stand-in module's per-4-tuple master key (node handshake 10.99.0.1 -> 10.99.0.2); {} flows TLS-only and decrypted",
+        "2 connections keyed from the stand-in module's per-4-tuple master key (node handshake 10.99.0.1 -> 10.99.0.2); {} flows TLS-only and decrypted; the provider's own metrics agree with the core's",
         report.decrypted
     ))
 }
