@@ -101,6 +101,10 @@ pub fn chart(report: &Report, part: &str, path: &Path) -> Result<()> {
     use plotters::prelude::*;
     use plotters::style::text_anchor::{HPos, Pos, VPos};
 
+    if part.ends_with(tlshub_bench_report::CDF_PART_SUFFIX) {
+        return cdf_chart(report, part, path);
+    }
+
     let (subjects, measures) = (report.subjects(part), report.measures(part));
     const COLUMNS: usize = 2;
     let rows = measures.len().div_ceil(COLUMNS).max(1);
@@ -172,6 +176,92 @@ pub fn chart(report: &Report, part: &str, path: &Path) -> Result<()> {
             }))
             .map_err(draw_error)?;
     }
+    area.present().map_err(draw_error)?;
+    Ok(())
+}
+
+/// A distribution part (see `tlshub_bench_report::CDF_FRACTIONS`) as one
+/// SVG: a line per subject through its points, latency on a log scale
+/// across, the fraction of connections up.
+fn cdf_chart(report: &Report, part: &str, path: &Path) -> Result<()> {
+    use plotters::prelude::*;
+
+    let subjects = report.subjects(part);
+    let lines: Vec<(&str, Vec<(f64, f64)>)> = subjects
+        .iter()
+        .map(|s| {
+            let mut points: Vec<(f64, f64)> = report
+                .measures(part)
+                .into_iter()
+                .filter_map(|m| {
+                    let fraction = tlshub_bench_report::cdf_fraction(m)?;
+                    // Microseconds to milliseconds.
+                    Some((report.figure(part, s, m)?.value / 1000.0, fraction))
+                })
+                .collect();
+            points.sort_by(|a, b| a.1.total_cmp(&b.1));
+            (*s, points)
+        })
+        .collect();
+    let values = lines.iter().flat_map(|(_, p)| p.iter().map(|(ms, _)| *ms));
+    let (lo, hi) = values.fold((f64::MAX, f64::MIN), |(lo, hi), v| (lo.min(v), hi.max(v)));
+    let area = SVGBackend::new(path, (1200, 700)).into_drawing_area();
+    area.fill(&WHITE).map_err(draw_error)?;
+    if lines.iter().all(|(_, p)| p.is_empty()) {
+        return Ok(());
+    }
+    let title = format!(
+        "{part}: connect to first echoed byte, Linux {} ({}; emulated: compare within one run only)",
+        report.kernel,
+        report.commit.as_deref().unwrap_or("unknown commit")
+    );
+    let mut chart = ChartBuilder::on(&area)
+        .caption(title, ("sans-serif", 18))
+        .margin(16)
+        .x_label_area_size(40)
+        .y_label_area_size(50)
+        .build_cartesian_2d(((lo * 0.8).max(0.001)..hi * 1.25).log_scale(), 0.0..1.0)
+        .map_err(draw_error)?;
+    chart
+        .configure_mesh()
+        .x_desc("setup latency (ms, log scale)")
+        .y_desc("fraction of connections")
+        .draw()
+        .map_err(draw_error)?;
+    // Ten colours that stay apart on white (matplotlib's "tab10").
+    const COLOURS: [(u8, u8, u8); 10] = [
+        (31, 119, 180),
+        (255, 127, 14),
+        (44, 160, 44),
+        (214, 39, 40),
+        (148, 103, 189),
+        (140, 86, 75),
+        (227, 119, 194),
+        (127, 127, 127),
+        (188, 189, 34),
+        (23, 190, 207),
+    ];
+    for (i, (subject, points)) in lines.iter().enumerate() {
+        let (r, g, b) = COLOURS[i % COLOURS.len()];
+        let colour = RGBColor(r, g, b);
+        chart
+            .draw_series(LineSeries::new(
+                points.iter().copied(),
+                colour.stroke_width(2),
+            ))
+            .map_err(draw_error)?
+            .label(*subject)
+            .legend(move |(x, y)| {
+                PathElement::new(vec![(x, y), (x + 20, y)], colour.stroke_width(2))
+            });
+    }
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::LowerRight)
+        .background_style(WHITE.mix(0.8))
+        .border_style(BLACK)
+        .draw()
+        .map_err(draw_error)?;
     area.present().map_err(draw_error)?;
     Ok(())
 }

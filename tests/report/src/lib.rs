@@ -74,6 +74,30 @@ impl Unit {
     }
 }
 
+/// The fractions at which a distribution part records its points: the
+/// figure `p99.9` of such a part is the value below which 99.9% of the
+/// samples fall.
+pub const CDF_FRACTIONS: [f64; 14] = [
+    0.01, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 0.999,
+];
+
+/// What ends the name of a part whose figures are points of a cumulative
+/// distribution (one figure per [`CDF_FRACTIONS`] entry and subject), which
+/// is charted as a CDF rather than as bars.
+pub const CDF_PART_SUFFIX: &str = "_cdf";
+
+/// The measure name of the point at `fraction` (`0.999` is `p99.9`).
+pub fn cdf_measure(fraction: f64) -> String {
+    let percent = format!("{:.1}", fraction * 100.0);
+    format!("p{}", percent.trim_end_matches(".0"))
+}
+
+/// The fraction a distribution point's measure name stands for.
+pub fn cdf_fraction(measure: &str) -> Option<f64> {
+    let percent: f64 = measure.strip_prefix('p')?.parse().ok()?;
+    (0.0..=100.0).contains(&percent).then_some(percent / 100.0)
+}
+
 /// One measured figure.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Figure {
@@ -363,6 +387,20 @@ fn csv_field(s: &str) -> String {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn a_distribution_point_is_named_by_its_percentage_and_read_back() {
+        let names: Vec<String> = CDF_FRACTIONS.iter().map(|f| cdf_measure(*f)).collect();
+        assert_eq!(names[0], "p1");
+        assert_eq!(names[6], "p50");
+        assert_eq!(names[13], "p99.9");
+        for (f, name) in CDF_FRACTIONS.iter().zip(&names) {
+            assert!((cdf_fraction(name).unwrap() - f).abs() < 1e-9, "{name}");
+        }
+        assert_eq!(cdf_fraction("setup p50"), None);
+        assert_eq!(cdf_fraction("p120"), None);
+    }
+
     use super::*;
 
     fn figure(subject: &str, measure: &str, value: f64, unit: Unit) -> Figure {

@@ -45,17 +45,36 @@ fn client_report(app: &App, timeout: Duration) -> Result<Value, String> {
 }
 
 /// Connect-to-first-echoed-byte over `conns` sequential connections to
-/// `target` (an [`App`] naming the server, port and any proxy): (samples,
-/// p50, p99) in microseconds.
-pub fn setup_latency(target: &App, conns: u32) -> Result<(usize, u64, u64), String> {
+/// `target` (an [`App`] naming the server, port and any proxy), in
+/// microseconds, sorted.
+pub fn setup_latencies(target: &App, conns: u32) -> Result<Vec<u64>, String> {
     let app = App {
         mode: "echo",
         connections: conns,
         size: 1,
         ..target.clone()
     };
-    let l = latencies(&client_report(&app, Duration::from_secs(1800))?);
+    Ok(latencies(&client_report(&app, Duration::from_secs(1800))?))
+}
+
+/// [`setup_latencies`] as (samples, p50, p99).
+pub fn setup_latency(target: &App, conns: u32) -> Result<(usize, u64, u64), String> {
+    let l = setup_latencies(target, conns)?;
     Ok((l.len(), percentile(&l, 0.5), percentile(&l, 0.99)))
+}
+
+/// Records sorted setup latencies `l` of `subject` as the points of
+/// `part`'s distribution (see `tlshub_bench_report::CDF_FRACTIONS`).
+fn record_cdf(part: &str, subject: &str, l: &[u64]) {
+    for fraction in tlshub_bench_report::CDF_FRACTIONS {
+        record(
+            part,
+            subject,
+            &tlshub_bench_report::cdf_measure(fraction),
+            percentile(l, fraction) as f64,
+            Unit::Microseconds,
+        );
+    }
 }
 
 /// One stream of 64 MiB to `target`, bytes per second.
@@ -169,7 +188,9 @@ impl Figures {
     /// Measures setup latency (`conns` connections) and throughput to
     /// `target` under `label`.
     fn measure(&mut self, label: &'static str, target: &App, conns: u32) -> Result<(), String> {
-        let (n, p50, p99) = setup_latency(target, conns)?;
+        let l = setup_latencies(target, conns)?;
+        let (n, p50, p99) = (l.len(), percentile(&l, 0.5), percentile(&l, 0.99));
+        record_cdf("setup_cdf", label, &l);
         record("bench", label, "setup p50", p50 as f64, Unit::Microseconds);
         record("bench", label, "setup p99", p99 as f64, Unit::Microseconds);
         self.setup.insert(label, (p50, p99));
@@ -783,8 +804,11 @@ pub fn quick() -> Result<String, String> {
     let mut lines = Vec::new();
     let mut measure = |label: &str, target: &App| -> Result<(), String> {
         let mut runs: [Vec<f64>; 6] = Default::default();
+        let mut pooled = Vec::new();
         for _ in 0..QUICK_RUNS {
-            let (_, p50, p99) = setup_latency(target, 100)?;
+            let l = setup_latencies(target, 100)?;
+            let (p50, p99) = (percentile(&l, 0.5), percentile(&l, 0.99));
+            pooled.extend(l);
             let (tps, l) = rr_once(label, target, 2000)?;
             let bps = stream_of(target, 16 << 20)?;
             let values = [
@@ -799,6 +823,8 @@ pub fn quick() -> Result<String, String> {
                 run.push(v);
             }
         }
+        pooled.sort_unstable();
+        record_cdf("quick_setup_cdf", label, &pooled);
         let names = [
             ("setup p50", Unit::Microseconds),
             ("setup p99", Unit::Microseconds),
