@@ -84,6 +84,10 @@ enum Cmd {
         /// Where the charts go.
         #[arg(long, default_value = "target/bench")]
         charts: std::path::PathBuf,
+        /// Print each other subject's figure with its ratio to this
+        /// subject's (e.g. `"no tlshub"`).
+        #[arg(long)]
+        against: Option<String>,
     },
     /// Boot the VM in a mode (test, bench, demo, stress, capacity, systemd)
     /// without the host checks.
@@ -296,7 +300,11 @@ fn main() -> Result<()> {
             }
             vm::run_mode(&run, deps::KERNEL_LINES[0], &bins)?;
         }
-        Cmd::BenchReport { file, charts } => {
+        Cmd::BenchReport {
+            file,
+            charts,
+            against,
+        } => {
             let report = bench_report::load(&file)?;
             std::fs::create_dir_all(&charts)?;
             for part in report.parts() {
@@ -304,7 +312,7 @@ fn main() -> Result<()> {
                 bench_report::chart(&report, part, &svg)?;
                 eprintln!("== chart: {}", svg.display());
             }
-            print!("{}", report.to_markdown());
+            print!("{}", report.to_markdown_against(against.as_deref()));
         }
         Cmd::Vm {
             mode,

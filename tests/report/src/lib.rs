@@ -341,6 +341,13 @@ impl Report {
     /// subject, both in the order first measured; a cell with no figure
     /// is empty.
     pub fn to_markdown(&self) -> String {
+        self.to_markdown_against(None)
+    }
+
+    /// [`Self::to_markdown`], with each other subject's cell followed by
+    /// its ratio to `base`'s figure of the same measure (`(x1.31)`), where
+    /// `base` has one.
+    pub fn to_markdown_against(&self, base: Option<&str>) -> String {
         let mut out = String::new();
         for part in self.parts() {
             let subjects = self.subjects(part);
@@ -349,12 +356,19 @@ impl Report {
             let _ = writeln!(out, "| | {} |", subjects.join(" | "));
             let _ = writeln!(out, "|---|{}", "---|".repeat(subjects.len()));
             for measure in &measures {
+                let against = base.and_then(|b| self.figure(part, b, measure));
                 let cells: Vec<String> = subjects
                     .iter()
                     .map(|s| {
-                        self.figure(part, s, measure)
-                            .map(|f| f.unit.format(f.value))
-                            .unwrap_or_default()
+                        let Some(f) = self.figure(part, s, measure) else {
+                            return String::new();
+                        };
+                        match against {
+                            Some(b) if Some(*s) != base && b.value > 0.0 => {
+                                format!("{} ({})", f.unit.format(f.value), ratio(f.value / b.value))
+                            }
+                            _ => f.unit.format(f.value),
+                        }
                     })
                     .collect();
                 let _ = writeln!(out, "| {measure} | {} |", cells.join(" | "));
@@ -362,6 +376,17 @@ impl Report {
             out.push('\n');
         }
         out
+    }
+}
+
+/// A ratio as the tables print it: two decimals below 10, then fewer.
+fn ratio(r: f64) -> String {
+    if r < 10.0 {
+        format!("x{r:.2}")
+    } else if r < 100.0 {
+        format!("x{r:.1}")
+    } else {
+        format!("x{r:.0}")
     }
 }
 
@@ -387,6 +412,38 @@ fn csv_field(s: &str) -> String {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn a_table_against_a_subject_puts_each_other_cell_s_ratio_next_to_it() {
+        let mut r = Report::from_console("6.1", "").unwrap();
+        for (subject, v) in [
+            ("no tlshub", 2000.0),
+            ("openssl", 92_000.0),
+            ("raw ktls", 3000.0),
+        ] {
+            r.figures.push(Figure::new(
+                "bench",
+                subject,
+                "setup p50",
+                v,
+                Unit::Microseconds,
+            ));
+        }
+        r.figures.push(Figure::new(
+            "bench",
+            "openssl",
+            "key time",
+            50.0,
+            Unit::Milliseconds,
+        ));
+        let md = r.to_markdown_against(Some("no tlshub"));
+        assert!(
+            md.contains("| setup p50 | 2.00 ms | 92.00 ms (x46.0) | 3.00 ms (x1.50) |"),
+            "{md}"
+        );
+        // No base figure for the measure: no ratio.
+        assert!(md.contains("| key time |  | 50.0 ms |  |"), "{md}");
+    }
 
     #[test]
     fn a_distribution_point_is_named_by_its_percentage_and_read_back() {
