@@ -145,6 +145,17 @@ impl NodeSpec {
     }
 }
 
+/// A provider's key requests by its own metrics ([`Node::provider_requests`]).
+#[derive(Debug)]
+pub struct ProviderRequests {
+    /// Answered with keys.
+    pub answered: f64,
+    /// Answered otherwise (any result but `ok`).
+    pub failed: f64,
+    /// The whole metrics text, for a failure message.
+    pub text: String,
+}
+
 /// A running node agent; both processes stop when dropped (core first).
 #[derive(Debug)]
 pub struct Node {
@@ -379,6 +390,25 @@ impl Node {
             metrics_at(port)
         };
         fetched.map_err(|e| format!("metrics of node {}'s {}: {e}", self.spec.name, kind.name()))
+    }
+
+    /// What a provider's own metrics say of the key requests it served:
+    /// answered, failed (any other result), and the metrics text.
+    pub fn provider_requests(&self, kind: ProviderKind) -> Result<ProviderRequests, String> {
+        let text = self.provider_metrics(kind)?;
+        let answered =
+            super::support::metric(&text, "tlshub_keyprovider_requests_total{result=\"ok\"}");
+        let failed = text
+            .lines()
+            .filter(|l| l.starts_with("tlshub_keyprovider_requests_total{"))
+            .filter(|l| !l.contains("result=\"ok\""))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum();
+        Ok(ProviderRequests {
+            answered,
+            failed,
+            text,
+        })
     }
 
     /// Kills one provider with SIGKILL (no cleanup: its socket file stays).

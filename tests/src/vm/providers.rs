@@ -34,18 +34,11 @@ pub fn tlshub_provider() -> Result<String, String> {
             &n.metrics()?,
             "tlshub_connections_protected_total{provider=\"tlshub\"}",
         );
-        let own = n.provider_metrics(ProviderKind::TlsHub)?;
-        let answered = metric(&own, "tlshub_keyprovider_requests_total{result=\"ok\"}");
-        let failed: f64 = own
-            .lines()
-            .filter(|l| l.starts_with("tlshub_keyprovider_requests_total{"))
-            .filter(|l| !l.contains("result=\"ok\""))
-            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-            .sum();
-        if core < 2.0 || answered < core || failed > 0.0 {
+        let own = n.provider_requests(ProviderKind::TlsHub)?;
+        if core < 2.0 || own.answered < core || own.failed > 0.0 {
             return Err(format!(
-                "node {}: the TLSHub provider's metrics say {answered} answered, {failed} failed; the core keyed {core}:\n{own}",
-                n.spec.name
+                "node {}: the TLSHub provider's metrics say {} answered, {} failed; the core keyed {core}:\n{}",
+                n.spec.name, own.answered, own.failed, own.text
             ));
         }
     }

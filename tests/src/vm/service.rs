@@ -205,14 +205,11 @@ pub fn hot_swap_under_load() -> Result<String, String> {
         // Each provider's own metrics (the SDK's, `metrics_listen`) agree
         // with the core's: as many keys answered, none failed.
         for (kind, core_count) in [(ProviderKind::OpenSsl, o), (ProviderKind::BoringSsl, bs)] {
-            let own = n.provider_metrics(kind)?;
-            let answered = metric(&own, "tlshub_keyprovider_requests_total{result=\"ok\"}");
-            let failed: f64 = own
-                .lines()
-                .filter(|l| l.starts_with("tlshub_keyprovider_requests_total{"))
-                .filter(|l| !l.contains("result=\"ok\""))
-                .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-                .sum();
+            let super::node::ProviderRequests {
+                answered,
+                failed,
+                text: own,
+            } = n.provider_requests(kind)?;
             if answered < core_count
                 || failed > 0.0
                 || !own.contains("tlshub_keyprovider_request_duration_seconds_bucket")
