@@ -324,20 +324,36 @@ async fn drain_outcomes(
     }
 }
 
-/// Resolves on SIGINT or SIGTERM (never, if neither can be watched).
-async fn interrupted() {
-    use tokio::signal::unix::{SignalKind, signal};
-    match (
-        signal(SignalKind::interrupt()),
-        signal(SignalKind::terminate()),
-    ) {
-        (Ok(mut int), Ok(mut term)) => {
-            tokio::select! {
-                _ = int.recv() => {}
-                _ = term.recv() => {}
-            }
+/// SIGINT and SIGTERM, caught from the moment this is made: one that
+/// arrives before [`Interrupts::recv`] is awaited (during a request to
+/// the core, say) is kept for it instead of ending the process with the
+/// provider switched and not restored.
+struct Interrupts(Option<(tokio::signal::unix::Signal, tokio::signal::unix::Signal)>);
+
+impl Interrupts {
+    fn catch() -> Self {
+        use tokio::signal::unix::{SignalKind, signal};
+        match (
+            signal(SignalKind::interrupt()),
+            signal(SignalKind::terminate()),
+        ) {
+            (Ok(int), Ok(term)) => Self(Some((int, term))),
+            _ => Self(None),
         }
-        _ => std::future::pending().await,
+    }
+
+    /// Resolves on the next SIGINT or SIGTERM (never, if they could not
+    /// be caught). Cancel-safe: a signal is not lost to a dropped call.
+    async fn recv(&mut self) {
+        match &mut self.0 {
+            Some((int, term)) => {
+                tokio::select! {
+                    _ = int.recv() => {}
+                    _ = term.recv() => {}
+                }
+            }
+            None => std::future::pending().await,
+        }
     }
 }
 
@@ -350,6 +366,7 @@ async fn ab(
     duration: Duration,
     switch_every: Duration,
 ) -> Result<AbRun, tonic::Status> {
+    let mut interrupts = Interrupts::catch();
     let original = client
         .status(pb::StatusRequest {})
         .await?
@@ -359,8 +376,6 @@ async fn ab(
     let mut cursor = 0;
     drain_outcomes(client, &mut cursor, None).await?;
     let mut sample = tlshub_admin::ab::AbSample::new(a, b);
-    let stop = interrupted();
-    tokio::pin!(stop);
     let started = Instant::now();
     let (mut switches, mut lost, mut was_interrupted) = (0u32, 0, false);
     let mut measured = Ok(());
@@ -381,7 +396,7 @@ async fn ab(
         while Instant::now() < period_end {
             let tick = period_end.saturating_duration_since(Instant::now());
             tokio::select! {
-                () = &mut stop => {
+                () = interrupts.recv() => {
                     was_interrupted = true;
                     break 'run;
                 }
