@@ -109,18 +109,10 @@ impl OutcomeLog {
     pub fn since(&self, after: u64, max: usize) -> Since {
         let first = self.kept.front().map_or(self.last + 1, |o| o.seq);
         let lost = first.saturating_sub(after.saturating_add(1));
-        let skip = after.saturating_add(1).saturating_sub(first);
-        let available = self
-            .kept
-            .len()
-            .saturating_sub(usize::try_from(skip).unwrap_or(usize::MAX));
-        let outcomes: Vec<Outcome> = self
-            .kept
-            .iter()
-            .skip(usize::try_from(skip).unwrap_or(usize::MAX))
-            .take(max)
-            .cloned()
-            .collect();
+        let skip =
+            usize::try_from(after.saturating_add(1).saturating_sub(first)).unwrap_or(usize::MAX);
+        let available = self.kept.len().saturating_sub(skip);
+        let outcomes: Vec<Outcome> = self.kept.iter().skip(skip).take(max).cloned().collect();
         Since {
             more: available > outcomes.len(),
             outcomes,

@@ -60,7 +60,13 @@ pub fn setup_latencies(target: &App, conns: u32) -> Result<Vec<u64>, String> {
 /// [`setup_latencies`] as (samples, p50, p99).
 pub fn setup_latency(target: &App, conns: u32) -> Result<(usize, u64, u64), String> {
     let l = setup_latencies(target, conns)?;
-    Ok((l.len(), percentile(&l, 0.5), percentile(&l, 0.99)))
+    let (p50, p99) = p50_p99(&l);
+    Ok((l.len(), p50, p99))
+}
+
+/// (p50, p99) of sorted latencies.
+fn p50_p99(l: &[u64]) -> (u64, u64) {
+    (percentile(l, 0.5), percentile(l, 0.99))
 }
 
 /// Records sorted setup latencies `l` of `subject` as the points of
@@ -189,7 +195,7 @@ impl Figures {
     /// `target` under `label`.
     fn measure(&mut self, label: &'static str, target: &App, conns: u32) -> Result<(), String> {
         let l = setup_latencies(target, conns)?;
-        let (n, p50, p99) = (l.len(), percentile(&l, 0.5), percentile(&l, 0.99));
+        let (n, (p50, p99)) = (l.len(), p50_p99(&l));
         record_cdf("setup_cdf", label, &l);
         record("bench", label, "setup p50", p50 as f64, Unit::Microseconds);
         record("bench", label, "setup p99", p99 as f64, Unit::Microseconds);
@@ -807,7 +813,7 @@ pub fn quick() -> Result<String, String> {
         let mut pooled = Vec::new();
         for _ in 0..QUICK_RUNS {
             let l = setup_latencies(target, 100)?;
-            let (p50, p99) = (percentile(&l, 0.5), percentile(&l, 0.99));
+            let (p50, p99) = p50_p99(&l);
             pooled.extend(l);
             let (tps, l) = rr_once(label, target, 2000)?;
             let bps = stream_of(target, 16 << 20)?;
