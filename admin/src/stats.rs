@@ -27,6 +27,10 @@ pub struct Stats {
     pub reset: u64,
     /// Connections passed in plaintext under fail-open.
     pub passed_plaintext: u64,
+    /// Connections to a service address whose real destination (read from
+    /// the node's connection tracking table) no rule selects: let through
+    /// as plain, by policy.
+    pub service_plain: u64,
     /// Closed before they were keyed.
     pub closed_before_keys: u64,
     /// Times the gate stopped a process (HELD events).

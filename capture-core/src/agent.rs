@@ -16,7 +16,8 @@ use tracing::{Instrument, error, info, info_span, warn};
 
 use crate::bpf::{BpfError, Programs};
 use crate::config::{Config, FailurePolicy, ProviderSet};
-use crate::keying::{self, Job, Outcome};
+use crate::conntrack::Conntrack;
+use crate::keying::{self, Job, Outcome, ServiceLookup};
 use crate::metrics::{Metrics, ProviderLabel};
 use crate::outcomes::OutcomeKind;
 use crate::providers::{Health, Registry};
@@ -54,6 +55,18 @@ pub enum AgentError {
     RingTaken,
 }
 
+/// Why the core cannot start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// Loading, attaching or adopting the BPF programs failed.
+    #[error(transparent)]
+    Bpf(#[from] BpfError),
+    /// `[policy] service_cidrs` is set but the connection tracking table
+    /// cannot be read.
+    #[error("service addresses are configured, but: {0}")]
+    Conntrack(#[from] crate::conntrack::ConntrackError),
+}
+
 /// The running core.
 pub struct Agent {
     config: Config,
@@ -77,6 +90,11 @@ pub struct Agent {
     /// Jobs started before their owner was known, by job number: where
     /// the owner is sent once the table learns it.
     owner_senders: HashMap<u64, tokio::sync::watch::Sender<Option<(u32, i32)>>>,
+    /// The policy as keying jobs judge service backends with it.
+    policy: Arc<crate::config::PolicySection>,
+    /// The node's connection tracking table, opened once service
+    /// addresses are configured.
+    conntrack: Option<Arc<Conntrack>>,
 }
 
 impl std::fmt::Debug for Agent {
@@ -97,7 +115,10 @@ impl Agent {
         metrics: Arc<Metrics>,
         stats_file: Option<PathBuf>,
         keylog: Option<keying::KeyLog>,
-    ) -> Result<Self, BpfError> {
+    ) -> Result<Self, StartError> {
+        // Before anything is attached: a core that would fail every
+        // service connection does not start.
+        let conntrack = open_conntrack(&config, None)?;
         let mut programs = Programs::load_and_attach(
             &config.bpf.cgroup,
             &config.bpf.pin_dir,
@@ -146,6 +167,8 @@ impl Agent {
         let table = ConnTable::new(config.failure_policy, metrics.clone());
         let conns = Arc::new(programs.conns_reader()?);
         let mut agent = Self {
+            policy: Arc::new(config.policy.clone()),
+            conntrack,
             conns,
             owner_senders: HashMap::new(),
             send_buffer_floor,
@@ -167,6 +190,16 @@ impl Agent {
             agent.table.adopt(&agent.programs, conns, connecting);
         }
         Ok(agent)
+    }
+
+    /// What a job needs to route a connection to a service address, for a
+    /// connecting side whose `remote` is one (`None` for any other).
+    fn service_lookup(&self, role: u32, remote: std::net::SocketAddr) -> Option<ServiceLookup> {
+        let conntrack = self.conntrack.clone()?;
+        (role == role::CLIENT && self.policy.is_service(remote)).then(|| ServiceLookup {
+            conntrack,
+            policy: self.policy.clone(),
+        })
     }
 
     /// The provider registry (shared with the admin API for switching).
@@ -356,6 +389,7 @@ impl Agent {
                 send_buffer_floor: self.send_buffer_floor,
                 conns: self.conns.clone(),
                 established: est,
+                service: self.service_lookup(est.role, est.remote()),
             };
             let span = info_span!("conn", cookie = job.cookie, local = %job.local, remote = %job.remote, owner = ?start.owner, role = ?job.role, provider = %provider.name);
             let done = done.clone();
@@ -615,9 +649,21 @@ impl Agent {
     /// does not load leaves everything as it was.
     fn reload_policy(&mut self) -> Result<pb::Policy, String> {
         let fresh = Config::load(&self.config_path).map_err(|e| e.to_string())?;
+        // Service addresses need the table before the maps select them
+        // (`[conntrack]` itself is read at startup only).
+        let conntrack = open_conntrack(
+            &Config {
+                conntrack: self.config.conntrack.clone(),
+                ..fresh.clone()
+            },
+            self.conntrack.clone(),
+        )
+        .map_err(|e| format!("service addresses are configured, but: {e}"))?;
         self.programs
             .write_policy(&fresh.policy)
             .map_err(|e| e.to_string())?;
+        self.conntrack = conntrack;
+        self.policy = Arc::new(fresh.policy.clone());
         self.config.policy = fresh.policy;
         info!(
             local = self.config.policy.local_cidrs.len(),
@@ -740,7 +786,32 @@ fn policy_pb(p: &crate::config::PolicySection) -> pb::Policy {
                 ports: r.ports.iter().map(|&p| u32::from(p)).collect(),
             })
             .collect(),
+        service_cidrs: p.service_cidrs.iter().map(ToString::to_string).collect(),
+        service_ports: p.service_ports.iter().map(|&p| u32::from(p)).collect(),
     }
+}
+
+/// The connection tracking table for `config`'s service addresses: `open`
+/// if there is one already, a new one (checked with a lookup) if service
+/// addresses are configured, else `None`.
+fn open_conntrack(
+    config: &Config,
+    open: Option<Arc<Conntrack>>,
+) -> Result<Option<Arc<Conntrack>>, crate::conntrack::ConntrackError> {
+    if config.policy.service_cidrs.is_empty() {
+        return Ok(None);
+    }
+    if open.is_some() {
+        return Ok(open);
+    }
+    let table = Conntrack::open(config.conntrack.netns.as_deref())?;
+    table.check()?;
+    info!(
+        netns = %config.conntrack.netns.as_deref().map_or("(own)".into(), |p| p.display().to_string()),
+        services = config.policy.service_cidrs.len(),
+        "service translations are read from the connection tracking table"
+    );
+    Ok(Some(Arc::new(table)))
 }
 
 /// Checks every provider's health every `interval` and mirrors it in the

@@ -15,7 +15,7 @@ use tlshub_ebpf::{
 };
 use tracing::{debug, info, warn};
 
-use crate::config::PolicySection;
+use crate::config::{Cidr, PolicySection};
 
 /// Why the programs could not be loaded, attached or used.
 #[derive(Debug, thiserror::Error)]
@@ -162,6 +162,7 @@ pub struct Programs {
     sk_marks: SkStorage<MapData, SkMark>,
     local_nets: LpmTrie<MapData, Addr16, u32>,
     peer_nets: LpmTrie<MapData, Addr16, u32>,
+    service_nets: LpmTrie<MapData, Addr16, u32>,
     rule_ports: HashMap<MapData, PortKey, u8>,
     stats: Array<MapData, u64>,
     control: Array<MapData, Control>,
@@ -178,6 +179,29 @@ pub struct Programs {
     /// Connections whose gate was opened for good, oldest first, until
     /// their `conns` entries are removed.
     opened: std::collections::VecDeque<(std::time::Instant, u64)>,
+}
+
+/// Makes `map` hold exactly `wanted` (prefix and value): the new entries
+/// go in first, then the stale ones are removed (see
+/// [`Programs::write_policy`]).
+fn replace_prefixes(
+    map: &mut LpmTrie<MapData, Addr16, u32>,
+    name: &'static str,
+    wanted: &[(&Cidr, u32)],
+) -> Result<(), BpfError> {
+    let old: Vec<Key<Addr16>> = map.keys().filter_map(Result::ok).collect();
+    let mut written = Vec::new();
+    for (cidr, value) in wanted {
+        let key = Key::new(cidr.mapped_prefix(), mapped(cidr.addr));
+        map.insert(&key, value, 0).map_err(map_err(name))?;
+        written.push((key.prefix_len(), key.data()));
+    }
+    for k in old {
+        if !written.contains(&(k.prefix_len(), k.data())) {
+            let _ = map.remove(&k);
+        }
+    }
+    Ok(())
 }
 
 /// How long after its gate opened a connection's `conns` entry is removed
@@ -544,6 +568,7 @@ impl Programs {
             sk_marks: take(&mut ebpf, names::SK_MARKS)?,
             local_nets: take(&mut ebpf, names::LOCAL_NETS)?,
             peer_nets: take(&mut ebpf, names::PEER_NETS)?,
+            service_nets: take(&mut ebpf, names::SERVICE_NETS)?,
             rule_ports: take(&mut ebpf, names::RULE_PORTS)?,
             stats: take(&mut ebpf, names::STATS)?,
             ktls_recvmsg: take(&mut ebpf, names::KTLS_RECVMSG)?,
@@ -560,34 +585,28 @@ impl Programs {
     /// a rule whose ports change, briefly their union), never by neither.
     /// Connections already selected are not affected.
     pub fn write_policy(&mut self, policy: &PolicySection) -> Result<(), BpfError> {
-        let old_local: Vec<Key<Addr16>> = self.local_nets.keys().filter_map(Result::ok).collect();
-        let old_peer: Vec<Key<Addr16>> = self.peer_nets.keys().filter_map(Result::ok).collect();
         let old_ports: Vec<PortKey> = self.rule_ports.keys().filter_map(Result::ok).collect();
-        let mut local = Vec::new();
-        let mut peer = Vec::new();
         let mut ports_written = Vec::new();
-        for cidr in &policy.local_cidrs {
-            let key = Key::new(cidr.mapped_prefix(), mapped(cidr.addr));
-            self.local_nets
-                .insert(&key, 1, 0)
-                .map_err(map_err(names::LOCAL_NETS))?;
-            local.push((key.prefix_len(), key.data()));
-        }
+        let local: Vec<(&Cidr, u32)> = policy.local_cidrs.iter().map(|c| (c, 1)).collect();
+        let mut peer = Vec::new();
+        let mut rule_ports: Vec<(u32, &[u16])> = Vec::new();
         for (rule, r) in policy.rules.iter().enumerate() {
             let rule = u32::try_from(rule).unwrap_or(u32::MAX);
-            for cidr in &r.peer_cidrs {
-                let key = Key::new(cidr.mapped_prefix(), mapped(cidr.addr));
-                self.peer_nets
-                    .insert(&key, rule, 0)
-                    .map_err(map_err(names::PEER_NETS))?;
-                peer.push((key.prefix_len(), key.data()));
-            }
-            let ports: Vec<u16> = if r.ports.is_empty() {
-                vec![0]
-            } else {
-                r.ports.clone()
-            };
-            for port in ports {
+            peer.extend(r.peer_cidrs.iter().map(|c| (c, rule)));
+            rule_ports.push((rule, &r.ports));
+        }
+        let service: Vec<(&Cidr, u32)> = policy
+            .service_cidrs
+            .iter()
+            .map(|c| (c, tlshub_ebpf::SERVICE_RULE))
+            .collect();
+        if !service.is_empty() {
+            rule_ports.push((tlshub_ebpf::SERVICE_RULE, &policy.service_ports));
+        }
+        // Ports first, so that a prefix never points at a rule without them.
+        for (rule, ports) in rule_ports {
+            let ports = if ports.is_empty() { &[0][..] } else { ports };
+            for &port in ports {
                 let key = PortKey { rule, port, pad: 0 };
                 self.rule_ports
                     .insert(key, 1, 0)
@@ -595,16 +614,9 @@ impl Programs {
                 ports_written.push((rule, port));
             }
         }
-        for k in old_local {
-            if !local.contains(&(k.prefix_len(), k.data())) {
-                let _ = self.local_nets.remove(&k);
-            }
-        }
-        for k in old_peer {
-            if !peer.contains(&(k.prefix_len(), k.data())) {
-                let _ = self.peer_nets.remove(&k);
-            }
-        }
+        replace_prefixes(&mut self.local_nets, names::LOCAL_NETS, &local)?;
+        replace_prefixes(&mut self.peer_nets, names::PEER_NETS, &peer)?;
+        replace_prefixes(&mut self.service_nets, names::SERVICE_NETS, &service)?;
         for k in old_ports {
             if !ports_written.contains(&(k.rule, k.port)) {
                 let _ = self.rule_ports.remove(&k);

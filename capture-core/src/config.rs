@@ -3,6 +3,7 @@
 //! the file, line and key; nothing falls back silently.
 
 use std::collections::BTreeMap;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -192,6 +193,66 @@ pub struct PolicySection {
     pub local_cidrs: Vec<Cidr>,
     /// Selection rules; a connection is selected if any rule matches.
     pub rules: Vec<Rule>,
+    /// Service virtual addresses that the node translates (DNAT, as
+    /// kube-proxy does) to pods elsewhere. A connect from a local pod to
+    /// one of them is held from its first byte like a selected one; at
+    /// establishment the core reads the real destination from the node's
+    /// connection tracking table (see [`ConntrackSection`]) and keys the
+    /// connection if the rules select that destination, or lets it through
+    /// as plain if they do not.
+    pub service_cidrs: Vec<Cidr>,
+    /// The service ports held that way (the port the client connects to,
+    /// before translation); empty means every port.
+    pub service_ports: Vec<u16>,
+}
+
+impl PolicySection {
+    /// Whether a connection from `local` to `remote` (this side connecting)
+    /// is selected, judged exactly as the sockops program judges it: the
+    /// local address is one of this node's pods, the longest `peer_cidrs`
+    /// prefix holding `remote` belongs to a rule (the last one, when two
+    /// rules list the same prefix, as the map keeps the last write), and
+    /// that rule takes `remote`'s port.
+    pub fn selects_client(&self, local: SocketAddr, remote: SocketAddr) -> bool {
+        if !self.local_cidrs.iter().any(|c| c.contains(local.ip())) {
+            return false;
+        }
+        let mut best: Option<(u32, &Rule)> = None;
+        for rule in &self.rules {
+            for cidr in rule.peer_cidrs.iter().filter(|c| c.contains(remote.ip())) {
+                let len = cidr.mapped_prefix();
+                if best.is_none_or(|(b, _)| len >= b) {
+                    best = Some((len, rule));
+                }
+            }
+        }
+        best.is_some_and(|(_, r)| r.ports.is_empty() || r.ports.contains(&remote.port()))
+    }
+
+    /// Whether `remote` is a service address this policy holds (see
+    /// [`PolicySection::service_cidrs`]) and no rule names it as a peer
+    /// (a peer rule comes first, in the sockops program too).
+    pub fn is_service(&self, remote: SocketAddr) -> bool {
+        self.service_cidrs.iter().any(|c| c.contains(remote.ip()))
+            && (self.service_ports.is_empty() || self.service_ports.contains(&remote.port()))
+            && !self
+                .rules
+                .iter()
+                .any(|r| r.peer_cidrs.iter().any(|c| c.contains(remote.ip())))
+    }
+}
+
+/// `[conntrack]`: where the core reads service translations (see
+/// [`PolicySection::service_cidrs`]).
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct ConntrackSection {
+    /// The network namespace whose connection tracking table holds the
+    /// service translation: a file such as `/run/netns/NAME` or
+    /// `/proc/PID/ns/net`. Unset: the core's own, which is the node's (where
+    /// kube-proxy's rules live). Test beds whose nodes are namespaces name
+    /// the node's here.
+    pub netns: Option<PathBuf>,
 }
 
 /// `[bpf]`: where programs attach.
@@ -371,6 +432,9 @@ pub struct Config {
     /// Socket setup besides keys.
     #[serde(default)]
     pub ktls: KtlsSection,
+    /// Where service translations are read.
+    #[serde(default)]
+    pub conntrack: ConntrackSection,
 }
 
 impl Config {
@@ -442,6 +506,13 @@ impl Config {
             .position(|r| r.peer_cidrs.is_empty())
         {
             return Err(invalid(format!("`policy.rules[{r}].peer_cidrs` is empty")));
+        }
+        if config.policy.rules.is_empty()
+            && (!config.policy.service_cidrs.is_empty() || !config.policy.service_ports.is_empty())
+        {
+            return Err(invalid(
+                "`policy.service_cidrs` and `policy.service_ports` need `policy.rules` (they select only through a rule)".into(),
+            ));
         }
         Ok(config)
     }
@@ -604,6 +675,57 @@ ports = [8443]
             "socket = \"/x\"\n[provider.endpoints]",
         );
         assert!(parse(&both).is_err());
+    }
+
+    #[test]
+    fn the_shipped_configuration_parses_with_and_without_its_commented_keys() {
+        let shipped = include_str!("../../deploy/config/core.toml");
+        let c = parse(shipped).unwrap();
+        assert!(c.policy.service_cidrs.is_empty() && c.conntrack.netns.is_none());
+        // Every commented `key = value` line is a valid key where it stands.
+        let uncommented: String = shipped
+            .lines()
+            .map(|l| match l.strip_prefix("# ") {
+                Some(kv) if kv.contains(" = ") && !kv.contains(':') => kv,
+                _ => l,
+            })
+            .collect::<Vec<_>>()
+            .join("\n");
+        let c = parse(&uncommented).unwrap_or_else(|e| panic!("{e}\n{uncommented}"));
+        assert_eq!(c.policy.service_cidrs.len(), 1);
+        assert_eq!(c.policy.service_ports, [443]);
+        assert!(c.conntrack.netns.is_some());
+    }
+
+    #[test]
+    fn the_policy_judges_a_connecting_side_as_the_sockops_program_does() {
+        let c = parse(&GOOD.replace(
+            "local_cidrs = [\"10.0.1.0/24\"]",
+            "local_cidrs = [\"10.0.1.0/24\"]\nservice_cidrs = [\"10.96.0.0/12\"]\nservice_ports = [80]",
+        ))
+        .unwrap();
+        let p = &c.policy;
+        let sa = |s: &str| s.parse::<SocketAddr>().unwrap();
+        assert!(p.selects_client(sa("10.0.1.2:1"), sa("10.0.2.2:8443")));
+        assert!(p.selects_client(sa("10.0.1.2:1"), sa("[fd00:2::2]:8443")));
+        assert!(!p.selects_client(sa("10.0.1.2:1"), sa("10.0.2.2:80")));
+        assert!(!p.selects_client(sa("10.0.9.2:1"), sa("10.0.2.2:8443")));
+        assert!(p.is_service(sa("10.96.0.10:80")));
+        assert!(!p.is_service(sa("10.96.0.10:81")));
+        assert!(!p.is_service(sa("10.0.2.2:80")));
+        // The longest prefix decides, as in the LPM map: a narrower rule
+        // without the port unselects a wider one's.
+        let narrow =
+            format!("{GOOD}\n[[policy.rules]]\npeer_cidrs = [\"10.0.2.128/25\"]\nports = [9000]\n");
+        let p = parse(&narrow).unwrap().policy;
+        assert!(p.selects_client(sa("10.0.1.2:1"), sa("10.0.2.2:8443")));
+        assert!(!p.selects_client(sa("10.0.1.2:1"), sa("10.0.2.200:8443")));
+        assert!(p.selects_client(sa("10.0.1.2:1"), sa("10.0.2.200:9000")));
+        // Service addresses select only through rules.
+        let e = parse("node_name = \"a\"\n[policy]\nservice_cidrs = [\"10.96.0.0/12\"]\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("service_cidrs"), "{e}");
     }
 
     #[test]

@@ -15,7 +15,10 @@ use tlshub_provider_sdk::{CipherSuite, KeyRequest, Role, SocketHandle, TlsVersio
 use tlshub_ebpf::{Conn, Event, kind};
 
 use crate::bpf::ConnsReader;
+use crate::config::PolicySection;
+use crate::conntrack::Conntrack;
 use crate::providers::Provider;
+use crate::service::{ServiceError, ServiceRoute};
 use crate::state::same_connection;
 use crate::sys;
 use tlshub_ktls::KtlsStep;
@@ -59,6 +62,38 @@ pub struct Job {
     /// The connection's ESTABLISHED event, which the fields above come
     /// from; compared with the `conns` entry by [`Job::carried_by`].
     pub established: Event,
+    /// Set when `remote` is a service address: where to read its real
+    /// destination before anything else (see [`crate::service`]).
+    pub service: Option<ServiceLookup>,
+}
+
+/// What a job needs to route a connection to a service address.
+#[derive(Debug, Clone)]
+pub struct ServiceLookup {
+    /// The node's connection tracking table.
+    pub conntrack: Arc<Conntrack>,
+    /// The policy that judges the backend (as of the job's start).
+    pub policy: Arc<PolicySection>,
+}
+
+impl ServiceLookup {
+    /// Reads the translation of `local` -> `service` and decides (off the
+    /// async runtime: the lookup is a blocking netlink round trip).
+    async fn route(
+        &self,
+        local: SocketAddr,
+        service: SocketAddr,
+    ) -> Result<ServiceRoute, ServiceError> {
+        let this = self.clone();
+        let looked = tokio::task::spawn_blocking(move || this.conntrack.lookup(local, service))
+            .await
+            .unwrap_or_else(|join| {
+                Err(crate::conntrack::ConntrackError::Io(std::io::Error::other(
+                    join.to_string(),
+                )))
+            })?;
+        crate::service::route(&self.policy, local, service, looked)
+    }
 }
 
 impl Job {
@@ -133,6 +168,9 @@ pub enum KeyingError {
     /// installed.
     #[error("no process took socket {cookie} before its connection ended or the core stopped")]
     NoOwner { cookie: u64 },
+    /// A connection to a service address could not be routed.
+    #[error(transparent)]
+    Service(#[from] ServiceError),
     /// The kernel refused a kTLS step.
     #[error("kTLS {step:?} failed: {source}")]
     Install {
@@ -153,6 +191,7 @@ impl KeyingError {
             Self::Reconnected { .. } => "reconnected",
             Self::NoOwner { .. } => "no_owner",
             Self::Provider(e) => e.reason(),
+            Self::Service(e) => e.reason(),
             Self::Install { .. } => "ktls_install",
         }
     }
@@ -171,7 +210,20 @@ pub struct Outcome<S = OwnedFd> {
     /// The core's duplicate of the socket, when it was found.
     pub socket: Option<S>,
     /// What happened.
-    pub result: Result<Installed, KeyingError>,
+    pub result: Result<Done, KeyingError>,
+}
+
+/// How a job ended well.
+#[derive(Debug, Clone, Copy)]
+pub enum Done {
+    /// kTLS is in.
+    Installed(Installed),
+    /// A connection to a service address whose backend no rule selects:
+    /// nothing to key, the gate is to open as plain.
+    Plain {
+        /// The translated destination.
+        backend: SocketAddr,
+    },
 }
 
 /// What was installed.
@@ -186,6 +238,9 @@ pub struct Installed {
     /// The keys were ready before any process was known to hold the socket
     /// (keyed from establishment, installed when `accept()` returned).
     pub keyed_before_owner: bool,
+    /// The backend, for a connection to a service address (its remote end
+    /// as keyed).
+    pub backend: Option<SocketAddr>,
 }
 
 /// Takes fd `fd` of `pid` and checks it is the socket with `cookie`. fd
@@ -306,7 +361,7 @@ async fn socket_of_owner(
 /// wait. A job started before its owner was known asks the provider first
 /// and then waits for the owner (see [`Job::owner`]), with no deadline:
 /// the connection stays gated meanwhile, as it would with no job.
-pub async fn run(job: Job, provider: Arc<Provider>) -> Outcome {
+pub async fn run(mut job: Job, provider: Arc<Provider>) -> Outcome {
     let cookie = job.cookie;
     let name = provider.name.clone();
     let id = job.id;
@@ -319,6 +374,28 @@ pub async fn run(job: Job, provider: Arc<Provider>) -> Outcome {
     };
     let deadline = Instant::now() + job.timeout;
     let mut owner = job.owner.clone();
+    // A service address first: its real destination decides whether there
+    // is anything to key, and is the remote end the provider keys with.
+    let mut backend = None;
+    if let Some(lookup) = job.service.take() {
+        let ended = match lookup.route(job.local, job.remote).await {
+            Ok(ServiceRoute::Keyed { backend: b }) => {
+                tracing::debug!(service = %job.remote, backend = %b, "service address translated to a selected backend");
+                job.remote = b;
+                backend = Some(b);
+                None
+            }
+            Ok(ServiceRoute::Plain { backend }) => Some(Ok(Done::Plain { backend })),
+            Err(e) => Some(Err(KeyingError::from(e))),
+        };
+        if let Some(result) = ended {
+            // Plain, or not routable: either way the gate's next step
+            // needs the socket (to wake an event loop that was told
+            // EAGAIN, or to reset it under fail-closed).
+            let socket = socket_of_owner(&job, &mut owner).await.ok();
+            return outcome(socket, result);
+        }
+    }
     // The socket is taken first when the owner is known already, and when
     // the provider needs the socket (a job started from establishment whose
     // provider changed since, or a fallback that stands in, waits for the
@@ -436,11 +513,14 @@ pub async fn run(job: Job, provider: Arc<Provider>) -> Outcome {
         return outcome(Some(socket), Err(KeyingError::Reconnected { cookie }));
     }
     let result = sys::install_ktls(socket.as_fd(), &keys)
-        .map(|()| Installed {
-            version: keys.version,
-            cipher: keys.cipher_suite,
-            key_time,
-            keyed_before_owner,
+        .map(|()| {
+            Done::Installed(Installed {
+                version: keys.version,
+                cipher: keys.cipher_suite,
+                key_time,
+                keyed_before_owner,
+                backend,
+            })
         })
         .map_err(|(step, source)| KeyingError::Install { step, source });
     outcome(Some(socket), result)

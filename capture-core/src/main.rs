@@ -6,6 +6,7 @@ mod admin;
 mod agent;
 mod bpf;
 mod config;
+mod conntrack;
 mod keying;
 mod metrics;
 mod outcomes;
@@ -13,6 +14,7 @@ mod preflight;
 mod procfs;
 mod providers;
 mod release;
+mod service;
 mod state;
 mod sys;
 

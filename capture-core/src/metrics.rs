@@ -188,6 +188,9 @@ pub struct Metrics {
     pub reset: Counter,
     /// Connections let through in plaintext under fail-open.
     pub plaintext: Counter,
+    /// Connections to a service address whose backend no rule selects, let
+    /// through as plain by policy.
+    pub service_plain: Counter,
     /// Connections closed before their keys were in.
     pub closed_before_keys: Counter,
     /// Time from asking the provider to having keys, by provider and role.
@@ -243,6 +246,7 @@ impl Metrics {
             failed: Family::default(),
             reset: Counter::default(),
             plaintext: Counter::default(),
+            service_plain: Counter::default(),
             closed_before_keys: Counter::default(),
             key_seconds: Family::new_with_constructor(key_histogram),
             gate_holds: Family::default(),
@@ -290,6 +294,11 @@ impl Metrics {
             "connections_plaintext",
             "Connections let through in plaintext under fail-open",
             m.plaintext.clone(),
+        );
+        registry.register(
+            "connections_service_plain",
+            "Connections to a service address whose backend (read from the connection tracking table) no rule selects, let through as plain by policy",
+            m.service_plain.clone(),
         );
         registry.register(
             "connections_closed_before_keys",

@@ -17,7 +17,7 @@ use tracing::{debug, error, info, warn};
 
 use crate::bpf::BpfError;
 use crate::config::FailurePolicy;
-use crate::keying::{Installed, KeyingError, Outcome};
+use crate::keying::{Done, KeyingError, Outcome};
 use crate::metrics::{
     Metrics, ProviderLabel, ProviderReasonLabels, ProviderRoleLabels, UNASSIGNED,
 };
@@ -261,21 +261,24 @@ pub fn apply_failure<K: Kernel>(
         // the app's calls from now on (holding it would only stop and
         // continue it in a loop).
         (None, true) => terminal_gate(k, cookie, "socket not reachable"),
-        (Some(s), false) => match k.open_gate(cookie, s) {
-            Ok(()) => Failed::PassedPlaintext,
-            Err(e) => {
-                error!(cookie, error = %e, "cannot open the gate");
-                Failed::PassedPlaintext
-            }
-        },
-        (None, false) => match k.set_gate(cookie, gate::OPEN) {
-            Ok(true) => Failed::PassedPlaintext,
-            Ok(false) => Failed::Closed,
-            Err(e) => {
-                error!(cookie, error = %e, "cannot open the gate");
-                Failed::PassedPlaintext
-            }
-        },
+        (socket, false) => open_plain(k, cookie, socket),
+    }
+}
+
+/// Opens a connection's gate with no keys: its bytes go as they are.
+/// [`Failed::Closed`] if it closed first.
+fn open_plain<K: Kernel>(k: &mut K, cookie: u64, socket: Option<&K::Socket>) -> Failed {
+    let opened = match socket {
+        Some(s) => k.open_gate(cookie, s).map(|()| true),
+        None => k.set_gate(cookie, gate::OPEN),
+    };
+    match opened {
+        Ok(true) => Failed::PassedPlaintext,
+        Ok(false) => Failed::Closed,
+        Err(e) => {
+            error!(cookie, error = %e, "cannot open the gate");
+            Failed::PassedPlaintext
+        }
     }
 }
 
@@ -345,6 +348,7 @@ enum Tally {
     Reset,
     PassedPlaintext,
     KeyedBeforeOwner,
+    ServicePlain,
 }
 
 /// Every connection the core tracks and every process the gate stopped.
@@ -724,6 +728,7 @@ impl ConnTable {
             Tally::Reset => (&mut s.reset, &m.reset),
             Tally::PassedPlaintext => (&mut s.passed_plaintext, &m.plaintext),
             Tally::KeyedBeforeOwner => (&mut s.keyed_before_owner, &m.keyed_before_owner),
+            Tally::ServicePlain => (&mut s.service_plain, &m.service_plain),
         };
         *field += 1;
         metric.inc();
@@ -893,7 +898,15 @@ impl ConnTable {
             provider: provider.clone(),
         };
         match result {
-            Ok(installed) => {
+            Ok(Done::Plain { backend }) => {
+                // Policy, not failure: the connection went to a service
+                // address whose backend no rule selects.
+                if open_plain(k, cookie, socket.as_ref()) == Failed::PassedPlaintext {
+                    self.tally(Tally::ServicePlain);
+                    info!(cookie, %backend, "service connection to an unselected backend; let through as plain");
+                }
+            }
+            Ok(Done::Installed(installed)) => {
                 let opened = match &socket {
                     Some(s) => k.open_gate(cookie, s),
                     None => Ok(()),
@@ -933,7 +946,7 @@ impl ConnTable {
                         cookie,
                         Protected {
                             local: est.local(),
-                            remote: est.remote(),
+                            remote: installed.backend.unwrap_or_else(|| est.remote()),
                             role,
                             pid: p.owner.map_or(0, |o| o.0),
                             provider: provider.clone(),
@@ -980,7 +993,7 @@ impl ConnTable {
         cookie: u64,
         provider: &str,
         socket: Option<&K::Socket>,
-        result: &Result<Installed, KeyingError>,
+        result: &Result<Done, KeyingError>,
     ) {
         if let Some(jobs) = self.stale_jobs.get_mut(&cookie) {
             jobs.retain(|j| *j != job);
@@ -1001,7 +1014,7 @@ impl ConnTable {
             return;
         }
         self.stats.stale_outcomes += 1;
-        if result.is_ok() {
+        if matches!(result, Ok(Done::Installed(_))) {
             warn!(
                 cookie,
                 job, "keys for a previous connection of this socket were installed; resetting"

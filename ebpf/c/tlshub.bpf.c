@@ -228,6 +228,19 @@ struct {
 	__type(value, __u32); /* rule id */
 } peer_nets SEC(".maps");
 
+/* Service virtual addresses (DNAT by the node, as kube-proxy does): a
+ * connect to one is selected like a peer, under TLSHUB_SERVICE_RULE's
+ * ports, and the core decides at ESTABLISHED from the node's connection
+ * tracking table whether the real destination is selected (keyed) or not
+ * (let through as plain). */
+struct {
+	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(max_entries, 1024);
+	__type(key, struct tlshub_lpm_key);
+	__type(value, __u32); /* TLSHUB_SERVICE_RULE */
+} service_nets SEC(".maps");
+
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(max_entries, 4096);
@@ -332,7 +345,10 @@ static __always_inline int addr_unspecified(const __u8 *a)
 /* The policy: the local address is one of this node's pods, the peer is in
  * a selected CIDR, and the server port is one that rule selects (or any).
  * An unspecified local address (a socket not bound yet, see fastopen())
- * counts as one of this node's pods: the safe answer. */
+ * counts as one of this node's pods: the safe answer. A connecting side
+ * whose peer no rule names but that is a service address (service_nets)
+ * is selected too, under the service ports: its real destination is known
+ * only after the node's DNAT, so the core judges it at ESTABLISHED. */
 static __always_inline int selected(struct tlshub_event *ev, __u32 role)
 {
 	struct tlshub_lpm_key key = { .prefixlen = 128 };
@@ -344,6 +360,8 @@ static __always_inline int selected(struct tlshub_event *ev, __u32 role)
 		return 0;
 	__builtin_memcpy(key.addr, ev->remote_addr, 16);
 	__u32 *rule = bpf_map_lookup_elem(&peer_nets, &key);
+	if (!rule && role == TLSHUB_ROLE_CLIENT)
+		rule = bpf_map_lookup_elem(&service_nets, &key);
 	if (!rule)
 		return 0;
 	struct tlshub_port_key pk = { .rule = *rule, .port = 0 };

@@ -157,6 +157,10 @@ struct tlshub_lpm_key {
 	__u8 addr[16];
 };
 
+/* The rule id under which rule_ports lists the service ports (see
+ * service_nets in tlshub.bpf.c); peer rules are numbered from 0. */
+#define TLSHUB_SERVICE_RULE 0xfffffffeU
+
 /* Which server ports a peer rule selects; port 0 means any. */
 struct tlshub_port_key {
 	__u32 rule;

@@ -44,7 +44,11 @@ pub mod names {
     pub const LOCAL_NETS: &str = "local_nets";
     /// Selected peer CIDRs.
     pub const PEER_NETS: &str = "peer_nets";
-    /// Selected server ports per rule.
+    /// Service virtual-address CIDRs (selected at connect, judged by the
+    /// core after the node's DNAT).
+    pub const SERVICE_NETS: &str = "service_nets";
+    /// Selected server ports per rule (the service ports under
+    /// [`super::SERVICE_RULE`]).
     pub const RULE_PORTS: &str = "rule_ports";
     /// Counters.
     pub const STATS: &str = "stats";
@@ -63,13 +67,14 @@ pub mod names {
     pub const CONNECTING_OWNERS: &str = "connecting_owners";
     /// Every map of the object (all are pinned, so a restarted core and the
     /// programs still attached share them).
-    pub const MAPS: [&str; 13] = [
+    pub const MAPS: [&str; 14] = [
         CONNS,
         CONNECTING_OWNERS,
         HELD,
         EXEMPT,
         LOCAL_NETS,
         PEER_NETS,
+        SERVICE_NETS,
         RULE_PORTS,
         STATS,
         EVENTS,
@@ -361,6 +366,10 @@ pub struct SkMark {
 /// adds it).
 pub type Addr16 = [u8; 16];
 
+/// The rule id under which `rule_ports` lists the service ports
+/// (`TLSHUB_SERVICE_RULE`); peer rules are numbered from 0.
+pub const SERVICE_RULE: u32 = 0xffff_fffe;
+
 /// `struct tlshub_port_key`.
 #[repr(C)]
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
@@ -497,6 +506,7 @@ mod tests {
                 TLSHUB_CONN_UNMARKED
             ]
         );
+        assert_eq!(SERVICE_RULE, TLSHUB_SERVICE_RULE);
     }
 
     #[test]

@@ -42,6 +42,8 @@ const PACKAGES: &[&str] = &[
     // nodes, and a TLS-terminating proxy pair.
     "wireguard-tools",
     "stunnel4",
+    // Service NAT in the VM (the DNAT scenarios).
+    "nftables",
 ];
 
 fn installed(pkg: &str) -> bool {

@@ -33,7 +33,7 @@ const BINARIES: &[&str] = &[
     "tlshubctl",
 ];
 /// Host tools copied in with their libraries.
-const TOOLS: &[&str] = &["ip", "ss", "tcpdump", "wg", "stunnel4"];
+const TOOLS: &[&str] = &["ip", "ss", "tcpdump", "wg", "stunnel4", "nft"];
 /// Kernel module trees copied in (kTLS, its ciphers, veth).
 pub const MODULE_DIRS: &[&str] = &[
     "kernel/crypto",
@@ -48,6 +48,11 @@ pub const MODULE_DIRS: &[&str] = &[
     "kernel/drivers/net/wireguard",
     "kernel/net/ipv4/udp_tunnel.ko",
     "kernel/net/ipv6/ip6_udp_tunnel.ko",
+    // nftables NAT and connection tracking (with ctnetlink, which the core
+    // reads service translations from), for the DNAT scenarios.
+    "kernel/net/netfilter",
+    "kernel/net/ipv4/netfilter",
+    "kernel/net/ipv6/netfilter",
 ];
 
 const INIT: &str = r#"#!/bin/busybox sh

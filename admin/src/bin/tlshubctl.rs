@@ -665,20 +665,30 @@ fn print_policy(p: Option<&pb::Policy>) {
         println!("  (none)");
         return;
     };
-    println!("  local pods      {}", p.local_cidrs.join(", "));
-    for (i, r) in p.rules.iter().enumerate() {
-        let ports = if r.ports.is_empty() {
+    let ports = |ports: &[u32]| {
+        if ports.is_empty() {
             "every port".to_owned()
         } else {
-            r.ports
+            ports
                 .iter()
                 .map(u32::to_string)
                 .collect::<Vec<_>>()
                 .join(", ")
-        };
+        }
+    };
+    println!("  local pods      {}", p.local_cidrs.join(", "));
+    for (i, r) in p.rules.iter().enumerate() {
         println!(
-            "  rule {i}          peers {} ports {ports}",
-            r.peer_cidrs.join(", ")
+            "  rule {i}          peers {} ports {}",
+            r.peer_cidrs.join(", "),
+            ports(&r.ports)
+        );
+    }
+    if !p.service_cidrs.is_empty() {
+        println!(
+            "  services        {} ports {} (judged by their backend)",
+            p.service_cidrs.join(", "),
+            ports(&p.service_ports)
         );
     }
 }

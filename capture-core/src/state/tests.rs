@@ -11,7 +11,7 @@ use tlshub_provider_sdk::{CipherSuite, TlsVersion};
 
 use super::*;
 use crate::config::FailurePolicy;
-use crate::keying::{Installed, KeyingError, Outcome};
+use crate::keying::{Done, Installed, KeyingError, Outcome};
 use crate::metrics::Metrics;
 use tlshub_ktls::KtlsStep;
 
@@ -199,16 +199,21 @@ fn closed(cookie: u64) -> Event {
     }
 }
 
-fn installed() -> Result<Installed, KeyingError> {
-    Ok(Installed {
+fn installed_keys() -> Installed {
+    Installed {
         version: TlsVersion::Tls13,
         cipher: CipherSuite::Aes128Gcm,
         key_time: Duration::from_millis(3),
         keyed_before_owner: false,
-    })
+        backend: None,
+    }
 }
 
-fn provider_refused() -> Result<Installed, KeyingError> {
+fn installed() -> Result<Done, KeyingError> {
+    Ok(Done::Installed(installed_keys()))
+}
+
+fn provider_refused() -> Result<Done, KeyingError> {
     Err(KeyingError::TakeSocket {
         pid: PID,
         fd: 3,
@@ -216,7 +221,7 @@ fn provider_refused() -> Result<Installed, KeyingError> {
     })
 }
 
-fn outcome(start: &Start, result: Result<Installed, KeyingError>) -> Outcome<FakeSocket> {
+fn outcome(start: &Start, result: Result<Done, KeyingError>) -> Outcome<FakeSocket> {
     Outcome {
         job: start.job,
         cookie: start.cookie,
@@ -611,7 +616,7 @@ fn a_socket_gone_with_nobody_held_waits_for_the_next_hold() {
 fn the_failure_policy_decides_what_a_failed_connection_becomes() {
     struct Case {
         policy: FailurePolicy,
-        result: fn() -> Result<Installed, KeyingError>,
+        result: fn() -> Result<Done, KeyingError>,
         reachable: bool,
         refuse_reset: bool,
         gate_after: u32,
@@ -1121,11 +1126,71 @@ fn a_job_told_to_stop_waiting_at_shutdown_leaves_its_connection_gated_for_the_ne
 fn keys_ready_before_the_owner_are_counted_when_installed() {
     let (mut t, mut k, s) = keying_before_owner();
     t.on_event(&k, owner(COOKIE, PID, 5));
-    let early = Ok(Installed {
+    let early = Ok(Done::Installed(Installed {
         keyed_before_owner: true,
-        ..installed().unwrap()
-    });
+        ..installed_keys()
+    }));
     t.on_outcome(&mut k, outcome(&s, early));
     assert_eq!(k.gate(COOKIE), Some(gate::OPEN));
     assert_eq!((t.stats().protected, t.stats().keyed_before_owner), (1, 1));
+}
+
+#[test]
+fn a_service_connection_to_an_unselected_backend_opens_plain_under_either_policy() {
+    for policy in [FailurePolicy::FailClosed, FailurePolicy::FailOpen] {
+        let (mut t, mut k) = (table(policy), FakeKernel::default());
+        let s = keying(&mut t, &mut k, COOKIE);
+        let backend = "10.0.9.9:80".parse().unwrap();
+        t.on_outcome(&mut k, outcome(&s, Ok(Done::Plain { backend })));
+        assert_eq!(k.gate(COOKIE), Some(gate::OPEN), "{policy:?}");
+        assert!(k.resets.is_empty());
+        let st = t.stats();
+        // Policy, not failure: neither failed, nor plaintext by fail-open,
+        // nor protected.
+        assert_eq!(
+            (
+                st.service_plain,
+                st.protected,
+                st.passed_plaintext,
+                st.failed.len()
+            ),
+            (1, 0, 0, 0),
+            "{policy:?}"
+        );
+        assert!(t.pending().is_empty() && t.protected().is_empty());
+    }
+}
+
+#[test]
+fn a_service_connection_that_cannot_be_routed_fails_by_the_policy() {
+    use crate::service::ServiceError;
+    for (policy, reset) in [
+        (FailurePolicy::FailClosed, true),
+        (FailurePolicy::FailOpen, false),
+    ] {
+        let (mut t, mut k) = (table(policy), FakeKernel::default());
+        let s = keying(&mut t, &mut k, COOKIE);
+        let untranslated = ServiceError::Untranslated {
+            local: "10.0.1.2:4000".parse().unwrap(),
+            service: "10.96.0.10:80".parse().unwrap(),
+        };
+        t.on_outcome(&mut k, outcome(&s, Err(untranslated.into())));
+        assert_eq!(k.resets == [COOKIE], reset, "{policy:?}");
+        assert_eq!(t.stats().failed.get("service_untranslated"), Some(&1));
+        assert_eq!(t.stats().service_plain, 0);
+    }
+}
+
+#[test]
+fn a_service_connection_keyed_with_its_backend_is_listed_with_the_backend() {
+    let (mut t, mut k) = (table(FailurePolicy::FailClosed), FakeKernel::default());
+    let s = keying(&mut t, &mut k, COOKIE);
+    let backend = "10.0.2.2:8443".parse().unwrap();
+    let keyed = Done::Installed(Installed {
+        backend: Some(backend),
+        ..installed_keys()
+    });
+    t.on_outcome(&mut k, outcome(&s, Ok(keyed)));
+    assert_eq!(t.protected()[&COOKIE].remote, backend);
+    assert_eq!(t.stats().protected, 1);
 }

@@ -5,6 +5,7 @@
 pub mod alternatives;
 pub mod bench;
 pub mod capacity;
+pub mod dnat;
 pub mod event_loops;
 pub mod exchange;
 pub mod failure;

@@ -116,6 +116,10 @@ pub struct NodeSpec {
     /// test bed's node map ([`NODE_MAP`]; on unless a scenario handshakes
     /// over addresses that are no node's, as the conformance suite does).
     pub node_map: bool,
+    /// `[policy] service_cidrs` (empty: none); the translation is read in
+    /// the node's own namespace (`[conntrack] netns`), where the test bed's
+    /// DNAT rules are.
+    pub service_cidrs: Vec<&'static str>,
 }
 
 impl NodeSpec {
@@ -133,6 +137,7 @@ impl NodeSpec {
             bpf: Vec::new(),
             same_node: false,
             node_map: true,
+            service_cidrs: Vec::new(),
         }
     }
 
@@ -210,8 +215,18 @@ impl Node {
             })
             .collect();
         let metrics_port = if n == "a" { 9464 } else { 9465 };
+        let services = if spec.service_cidrs.is_empty() {
+            String::new()
+        } else {
+            let cidrs: Vec<String> = spec
+                .service_cidrs
+                .iter()
+                .map(|c| format!("\"{c}\""))
+                .collect();
+            format!("service_cidrs = [{}]\n", cidrs.join(", "))
+        };
         let mut core_toml = format!(
-            "node_name = \"node-{n}\"\nfailure_policy = \"{}\"\n\n[provider]\nactive = \"{}\"\ntimeout_ms = {}\nhealth_interval_ms = 500\nswitch_file = \"{}\"\n[provider.endpoints]\n{endpoints}\n[admin]\nsocket = \"{}\"\n\n[metrics]\nlisten = \"127.0.0.1:{metrics_port}\"\n\n[policy]\nlocal_cidrs = [{local}]\n[[policy.rules]]\npeer_cidrs = [{peer}]\nports = [{PROTECTED_PORT}]\n\n[bpf]\npin_dir = \"/sys/fs/bpf/tlshub-node-{n}\"\n{}",
+            "node_name = \"node-{n}\"\nfailure_policy = \"{}\"\n\n[provider]\nactive = \"{}\"\ntimeout_ms = {}\nhealth_interval_ms = 500\nswitch_file = \"{}\"\n[provider.endpoints]\n{endpoints}\n[admin]\nsocket = \"{}\"\n\n[metrics]\nlisten = \"127.0.0.1:{metrics_port}\"\n\n[policy]\nlocal_cidrs = [{local}]\n{services}[[policy.rules]]\npeer_cidrs = [{peer}]\nports = [{PROTECTED_PORT}]\n\n[bpf]\npin_dir = \"/sys/fs/bpf/tlshub-node-{n}\"\n{}",
             spec.failure_policy,
             spec.provider.name(),
             spec.key_timeout_ms,
@@ -224,6 +239,9 @@ impl Node {
         );
         if let Some(bytes) = spec.send_buffer_floor {
             core_toml.push_str(&format!("\n[ktls]\nsend_buffer_floor_bytes = {bytes}\n"));
+        }
+        if !spec.service_cidrs.is_empty() {
+            core_toml.push_str(&format!("\n[conntrack]\nnetns = \"/run/netns/node-{n}\"\n"));
         }
         std::fs::write(dir.join("core.toml"), core_toml).map_err(|e| e.to_string())?;
         let mut standin = None;

@@ -1,7 +1,7 @@
 //! The index of the kernel scenarios: each returns `Ok(summary)` or
 //! `Err(why)`, and the runner prints one result line per scenario. The
 //! bodies live by topic (`exchange`, `providers`, `failure`, `service`,
-//! `gate_paths`, `gate_edges`, `gate_abuse`, `event_loops`, `stress`); what
+//! `gate_paths`, `gate_edges`, `gate_abuse`, `dnat`, `event_loops`, `stress`); what
 //! they share is in `support` and `wire_check`. tests/README.md says how to
 //! add one.
 
@@ -158,6 +158,14 @@ pub const TESTS: &[Scenario] = &[
         super::gate_edges::shutdown_hold_is_bounded,
     ),
     ("gate_same_node_pods", super::gate_edges::same_node),
+    (
+        "service_dnat_to_selected_backend_all_providers",
+        super::dnat::to_a_selected_backend,
+    ),
+    (
+        "service_dnat_unselected_plain_and_source_nat_refused",
+        super::dnat::unselected_backend_plain_and_source_nat_refused,
+    ),
     (
         "gate_reconnect_during_keying",
         super::gate_edges::reconnect_during_keying,

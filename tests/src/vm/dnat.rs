@@ -1,0 +1,213 @@
+//! Services: a client connects to a virtual address that node a translates
+//! (DNAT in its prerouting, as kube-proxy does) to a pod on node b. The
+//! client's socket names the virtual address, so only the core's lookup in
+//! node a's connection tracking table tells where it goes.
+
+use std::time::Duration;
+
+use super::node::{Node, NodeSpec, PLAIN_PORT, PROTECTED_PORT, ProviderKind};
+use super::process;
+use super::support::{App, both_ok, expect_reset, expect_server_failed_clean, nodes, run_pair};
+use super::topology::POD_B;
+use super::wire_check::{Capture, captured_exchanges, check_wire};
+
+/// The service range node a's policy holds.
+const SERVICE_CIDR: &str = "10.96.0.0/12";
+/// Translated to pod b's protected port.
+const TO_PROTECTED: &str = "10.96.0.10";
+/// Translated to pod b's plain port (no rule selects it).
+const TO_PLAIN: &str = "10.96.0.11";
+/// Translated to pod b's protected port, and masqueraded on the way out
+/// (node b sees node a's address, which it does not select).
+const TO_PROTECTED_MASQUERADED: &str = "10.96.0.12";
+/// The port every service address listens on.
+const SERVICE_PORT: u16 = 80;
+
+/// node a's nftables NAT table for the three service addresses; deleted
+/// when dropped.
+struct ServiceNat;
+
+impl ServiceNat {
+    fn install() -> Result<Self, String> {
+        let rules = format!(
+            "table ip tlshub_test_nat {{
+  chain prerouting {{
+    type nat hook prerouting priority dstnat;
+    ip daddr {TO_PROTECTED} tcp dport {SERVICE_PORT} dnat to {POD_B}:{PROTECTED_PORT}
+    ip daddr {TO_PLAIN} tcp dport {SERVICE_PORT} dnat to {POD_B}:{PLAIN_PORT}
+    ip daddr {TO_PROTECTED_MASQUERADED} tcp dport {SERVICE_PORT} dnat to {POD_B}:{PROTECTED_PORT}
+  }}
+  chain postrouting {{
+    type nat hook postrouting priority srcnat;
+    ct original ip daddr {TO_PROTECTED_MASQUERADED} masquerade
+  }}
+}}
+"
+        );
+        let path = "/tmp/tlshub-test-nat.nft";
+        std::fs::write(path, rules).map_err(|e| format!("{path}: {e}"))?;
+        let guard = ServiceNat;
+        process::run(Some("node-a"), &["nft", "-f", path])
+            .map_err(|e| format!("cannot install node a's service NAT: {e}"))?;
+        Ok(guard)
+    }
+}
+
+impl Drop for ServiceNat {
+    fn drop(&mut self) {
+        let _ = process::run(
+            Some("node-a"),
+            &["nft", "delete", "table", "ip", "tlshub_test_nat"],
+        );
+    }
+}
+
+/// Node a holds the service range; node b is as usual (it sees the
+/// backend's own address as its local end).
+fn service_nodes(provider: ProviderKind) -> Result<(Node, Node), String> {
+    nodes(
+        NodeSpec {
+            service_cidrs: vec![SERVICE_CIDR],
+            ..NodeSpec::with_provider("a", provider)
+        },
+        NodeSpec::with_provider("b", provider),
+    )
+}
+
+/// A client-first exchange to `service` (port 80) that node a translates
+/// to pod b's `port`.
+fn via_service(service: &'static str, port: u16, size: usize, io: &'static str) -> App {
+    App {
+        proxy: Some((service, SERVICE_PORT)),
+        io,
+        connections: 2,
+        ..App::exchange(size, port)
+    }
+}
+
+/// The issue's reproduction, with every provider: a client in pod a
+/// connects to a service address translated to pod b's protected port and
+/// writes first (blocking, and an epoll loop). Before this, the client side
+/// did not select it, its first bytes crossed in clear, and node b's core
+/// reset the connection. Now every exchange is exact, the wire between the
+/// nodes carries only TLS that decrypts with the keys both cores exported
+/// for the translated tuple (so a key-only provider keyed both ends from
+/// the same tuple), node a lists the backend as the remote end (in its key log), and a plain
+/// control (directly to the plain port) shows its marker.
+pub fn to_a_selected_backend() -> Result<String, String> {
+    load_nat_modules()?;
+    let _nat = ServiceNat::install()?;
+    let mut summary = Vec::new();
+    for provider in [
+        ProviderKind::OpenSsl,
+        ProviderKind::BoringSsl,
+        ProviderKind::TlsHub,
+    ] {
+        let (a, b) = service_nodes(provider)?;
+        let apps = [
+            via_service(TO_PROTECTED, PROTECTED_PORT, 100_000, "blocking"),
+            via_service(TO_PROTECTED, PROTECTED_PORT, 4096, "epoll"),
+            App::exchange(1000, PLAIN_PORT),
+        ];
+        let report = captured_exchanges(&format!("dnat-{provider:?}"), &a, &b, &apps)?;
+        if report.plain_flows_with_marker == 0 {
+            return Err("the control flow's plaintext was not seen: the capture is blind".into());
+        }
+        let keyed = a.stat_reaching(|s| s.protected, 4);
+        if keyed != 4 {
+            return Err(format!(
+                "{provider:?}: node a protected {keyed} of 4 service connections"
+            ));
+        }
+        // Keyed with the backend as the remote end (the wire check found
+        // each flow's keys by the translated tuple already).
+        let backend: std::net::SocketAddr = format!("{POD_B}:{PROTECTED_PORT}")
+            .parse()
+            .map_err(|e| format!("{e}"))?;
+        let keys = a.keys();
+        if keys.len() != 4 || keys.iter().any(|k| k.remote != backend) {
+            let remotes: Vec<String> = keys.iter().map(|k| k.remote.to_string()).collect();
+            return Err(format!(
+                "{provider:?}: node a keyed remote ends {remotes:?}, want {backend} four times"
+            ));
+        }
+        summary.push(format!(
+            "{provider:?}: 4 exact, {} flows decrypted",
+            report.decrypted
+        ));
+    }
+    Ok(format!(
+        "{}; every service connection keyed with its backend, the control stayed plain",
+        summary.join("; ")
+    ))
+}
+
+/// The two other outcomes of a service connection, under one capture:
+/// - translated to a port no rule selects: held until node a's core read
+///   the translation, then let through as plain (exact both ways, its
+///   marker on the wire, counted as `service_plain`, nothing keyed);
+/// - translated to the protected port but masqueraded on the way (node b
+///   sees node a's address, so the two ends cannot agree on the
+///   connection): refused before any byte left (the client is reset, the
+///   server receives nothing, no marker on the wire, counted as failed with
+///   `service_source_nat`).
+pub fn unselected_backend_plain_and_source_nat_refused() -> Result<String, String> {
+    load_nat_modules()?;
+    let _nat = ServiceNat::install()?;
+    let (a, b) = service_nodes(ProviderKind::OpenSsl)?;
+    let cap = Capture::start("dnat-plain-snat")?;
+    let plain = via_service(TO_PLAIN, PLAIN_PORT, 10_000, "blocking");
+    let (s, c) = run_pair(&plain, &[], Duration::from_secs(60))?;
+    both_ok(&plain, &s, &c)?;
+    let epoll_plain = via_service(TO_PLAIN, PLAIN_PORT, 4096, "epoll");
+    let (s, c) = run_pair(&epoll_plain, &[], Duration::from_secs(60))?;
+    both_ok(&epoll_plain, &s, &c)?;
+    let masqueraded = App {
+        connections: 1,
+        ..via_service(TO_PROTECTED_MASQUERADED, PROTECTED_PORT, 4096, "blocking")
+    };
+    let (s, c) = run_pair(&masqueraded, &[], Duration::from_secs(60))?;
+    expect_reset(&c)?;
+    expect_server_failed_clean(&s)?;
+    let report = check_wire(&cap.finish()?, &a, &b)?;
+    if report.plain_flows_with_marker < 4 {
+        return Err(format!(
+            "4 plain service connections, but {} flows showed their marker: {report:?}",
+            report.plain_flows_with_marker
+        ));
+    }
+    let plain_count = a.stat_reaching(|s| s.service_plain, 4);
+    let stats = a.stats()?;
+    let refused = stats.failed.get("service_source_nat").copied().unwrap_or(0);
+    if plain_count != 4 || refused != 1 || stats.protected != 0 {
+        return Err(format!(
+            "node a: service_plain {plain_count} (want 4), source NAT refusals {refused} (want 1), protected {} (want 0); failed {:?}",
+            stats.protected, stats.failed
+        ));
+    }
+    let metrics = a.metrics()?;
+    if !metrics.contains("tlshub_connections_service_plain_total 4") {
+        return Err(format!(
+            "metrics lack the 4 plain service connections:\n{metrics}"
+        ));
+    }
+    Ok(format!(
+        "4 connections to an unselected backend exact and plain (marker in {} flows); the masqueraded one reset before a byte left",
+        report.plain_flows_with_marker
+    ))
+}
+
+/// The NAT and conntrack modules (nft would load most on demand; the
+/// core's ctnetlink lookups need `nf_conntrack_netlink` before it starts).
+fn load_nat_modules() -> Result<(), String> {
+    for m in [
+        "nf_conntrack_netlink",
+        "nft_chain_nat",
+        "nft_nat",
+        "nft_masq",
+        "nft_ct",
+    ] {
+        process::run(None, &["modprobe", m]).map_err(|e| format!("modprobe {m}: {e}"))?;
+    }
+    Ok(())
+}
