@@ -31,6 +31,10 @@ pub struct Stats {
     /// the node's connection tracking table) no rule selects: let through
     /// as plain, by policy.
     pub service_plain: u64,
+    /// Connections whose rule is opportunistic and whose other end did not
+    /// announce tlshub in the TCP handshake: let through as plain, by
+    /// policy.
+    pub peer_silent_plain: u64,
     /// Closed before they were keyed.
     pub closed_before_keys: u64,
     /// Times the gate stopped a process (HELD events).

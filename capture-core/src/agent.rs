@@ -17,7 +17,7 @@ use tracing::{Instrument, error, info, info_span, warn};
 use crate::bpf::{BpfError, Programs};
 use crate::config::{Config, FailurePolicy, ProviderSet};
 use crate::conntrack::Conntrack;
-use crate::keying::{self, Job, Outcome, ServiceLookup};
+use crate::keying::{self, Job, Outcome};
 use crate::metrics::{Metrics, ProviderLabel};
 use crate::outcomes::OutcomeKind;
 use crate::providers::{Health, Registry};
@@ -192,14 +192,11 @@ impl Agent {
         Ok(agent)
     }
 
-    /// What a job needs to route a connection to a service address, for a
-    /// connecting side whose `remote` is one (`None` for any other).
-    fn service_lookup(&self, role: u32, remote: std::net::SocketAddr) -> Option<ServiceLookup> {
-        let conntrack = self.conntrack.clone()?;
-        (role == role::CLIENT && self.policy.is_service(remote)).then(|| ServiceLookup {
-            conntrack,
-            policy: self.policy.clone(),
-        })
+    /// The connection tracking table, for a connecting side whose `remote`
+    /// is a service address (`None` for any other).
+    fn service_table(&self, role: u32, remote: std::net::SocketAddr) -> Option<Arc<Conntrack>> {
+        let table = self.conntrack.clone()?;
+        (role == role::CLIENT && self.policy.is_service(remote)).then_some(table)
     }
 
     /// The provider registry (shared with the admin API for switching).
@@ -389,7 +386,8 @@ impl Agent {
                 send_buffer_floor: self.send_buffer_floor,
                 conns: self.conns.clone(),
                 established: est,
-                service: self.service_lookup(est.role, est.remote()),
+                service: self.service_table(est.role, est.remote()),
+                policy: self.policy.clone(),
             };
             let span = info_span!("conn", cookie = job.cookie, local = %job.local, remote = %job.remote, owner = ?start.owner, role = ?job.role, provider = %provider.name);
             let done = done.clone();
@@ -784,6 +782,11 @@ fn policy_pb(p: &crate::config::PolicySection) -> pb::Policy {
             .map(|r| pb::Rule {
                 peer_cidrs: r.peer_cidrs.iter().map(ToString::to_string).collect(),
                 ports: r.ports.iter().map(|&p| u32::from(p)).collect(),
+                mode: match r.mode {
+                    crate::config::RuleMode::Strict => "strict",
+                    crate::config::RuleMode::Opportunistic => "opportunistic",
+                }
+                .into(),
             })
             .collect(),
         service_cidrs: p.service_cidrs.iter().map(ToString::to_string).collect(),

@@ -182,6 +182,25 @@ pub struct Rule {
     /// port on the accepting side); empty means every port.
     #[serde(default)]
     pub ports: Vec<u16>,
+    /// What a connection this rule selects becomes when the other end did
+    /// not announce in the TCP handshake that its node selects it too.
+    #[serde(default)]
+    pub mode: RuleMode,
+}
+
+/// A rule's answer to a peer that did not announce tlshub in the TCP
+/// handshake (its node runs no tlshub, an older one, or does not select
+/// the connection).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum RuleMode {
+    /// Protected or failed by the failure policy, whatever the peer said.
+    #[default]
+    Strict,
+    /// Protected when the peer announced; plain (counted per peer) when it
+    /// did not. For rollouts: nothing breaks, and nothing is protected
+    /// against an on-path attacker who strips the option.
+    Opportunistic,
 }
 
 /// `[policy]`: which connections are protected.
@@ -207,15 +226,21 @@ pub struct PolicySection {
 }
 
 impl PolicySection {
-    /// Whether a connection from `local` to `remote` (this side connecting)
-    /// is selected, judged exactly as the sockops program judges it: the
-    /// local address is one of this node's pods, the longest `peer_cidrs`
-    /// prefix holding `remote` belongs to a rule (the last one, when two
-    /// rules list the same prefix, as the map keeps the last write), and
-    /// that rule takes `remote`'s port.
-    pub fn selects_client(&self, local: SocketAddr, remote: SocketAddr) -> bool {
+    /// The rule that selects a connection between `local` (this side) and
+    /// `remote`, judged exactly as the sockops program judges it: the local
+    /// address is one of this node's pods, the longest `peer_cidrs` prefix
+    /// holding `remote` belongs to a rule (the last one, when two rules list
+    /// the same prefix, as the map keeps the last write), and that rule
+    /// takes the server port (`remote`'s when this side connects, `local`'s
+    /// when it accepts). `None`: not selected.
+    pub fn rule_for(
+        &self,
+        connecting: bool,
+        local: SocketAddr,
+        remote: SocketAddr,
+    ) -> Option<&Rule> {
         if !self.local_cidrs.iter().any(|c| c.contains(local.ip())) {
-            return false;
+            return None;
         }
         let mut best: Option<(u32, &Rule)> = None;
         for rule in &self.rules {
@@ -226,7 +251,19 @@ impl PolicySection {
                 }
             }
         }
-        best.is_some_and(|(_, r)| r.ports.is_empty() || r.ports.contains(&remote.port()))
+        let port = if connecting {
+            remote.port()
+        } else {
+            local.port()
+        };
+        best.map(|(_, r)| r)
+            .filter(|r| r.ports.is_empty() || r.ports.contains(&port))
+    }
+
+    /// Whether a connection from `local` to `remote` (this side
+    /// connecting) is selected ([`PolicySection::rule_for`]).
+    pub fn selects_client(&self, local: SocketAddr, remote: SocketAddr) -> bool {
+        self.rule_for(true, local, remote).is_some()
     }
 
     /// Whether `remote` is a service address this policy holds (see
@@ -721,6 +758,35 @@ ports = [8443]
         assert!(p.selects_client(sa("10.0.1.2:1"), sa("10.0.2.2:8443")));
         assert!(!p.selects_client(sa("10.0.1.2:1"), sa("10.0.2.200:8443")));
         assert!(p.selects_client(sa("10.0.1.2:1"), sa("10.0.2.200:9000")));
+        // The accepting side's server port is its own; a rule's mode
+        // comes with it (strict unless it says otherwise).
+        assert!(
+            p.rule_for(false, sa("10.0.1.2:9000"), sa("10.0.2.200:5555"))
+                .is_some()
+        );
+        assert!(
+            p.rule_for(false, sa("10.0.1.2:8443"), sa("10.0.2.200:5555"))
+                .is_none()
+        );
+        assert_eq!(
+            p.rule_for(true, sa("10.0.1.2:1"), sa("10.0.2.2:8443"))
+                .map(|r| r.mode),
+            Some(RuleMode::Strict)
+        );
+        let opportunistic =
+            parse(&GOOD.replace("ports = [8443]", "ports = [8443]\nmode = \"opportunistic\""))
+                .unwrap();
+        assert_eq!(
+            opportunistic
+                .policy
+                .rule_for(true, sa("10.0.1.2:1"), sa("10.0.2.2:8443"))
+                .map(|r| r.mode),
+            Some(RuleMode::Opportunistic)
+        );
+        let e = parse(&GOOD.replace("ports = [8443]", "ports = [8443]\nmode = \"maybe\""))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("mode"), "{e}");
         // Service addresses select only through rules.
         let e = parse("node_name = \"a\"\n[policy]\nservice_cidrs = [\"10.96.0.0/12\"]\n")
             .unwrap_err()

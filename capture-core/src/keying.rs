@@ -12,10 +12,10 @@ use tlshub_provider_sdk::client::ClientError;
 use tlshub_provider_sdk::socket::{socket_cookie, take_fd};
 use tlshub_provider_sdk::{CipherSuite, KeyRequest, Role, SocketHandle, TlsVersion};
 
-use tlshub_ebpf::{Conn, Event, kind};
+use tlshub_ebpf::{Conn, Event, kind, peer};
 
 use crate::bpf::ConnsReader;
-use crate::config::PolicySection;
+use crate::config::{PolicySection, RuleMode};
 use crate::conntrack::Conntrack;
 use crate::providers::Provider;
 use crate::service::{ServiceError, ServiceRoute};
@@ -62,30 +62,22 @@ pub struct Job {
     /// The connection's ESTABLISHED event, which the fields above come
     /// from; compared with the `conns` entry by [`Job::carried_by`].
     pub established: Event,
-    /// Set when `remote` is a service address: where to read its real
-    /// destination before anything else (see [`crate::service`]).
-    pub service: Option<ServiceLookup>,
-}
-
-/// What a job needs to route a connection to a service address.
-#[derive(Debug, Clone)]
-pub struct ServiceLookup {
-    /// The node's connection tracking table.
-    pub conntrack: Arc<Conntrack>,
-    /// The policy that judges the backend (as of the job's start).
+    /// Set when `remote` is a service address: the node's connection
+    /// tracking table, where its real destination is read before anything
+    /// else (see [`crate::service`]).
+    pub service: Option<Arc<Conntrack>>,
+    /// The policy as of the job's start: it judges a service's backend, and
+    /// the rule's mode decides what a silent peer means.
     pub policy: Arc<PolicySection>,
 }
 
-impl ServiceLookup {
-    /// Reads the translation of `local` -> `service` and decides (off the
-    /// async runtime: the lookup is a blocking netlink round trip).
-    async fn route(
-        &self,
-        local: SocketAddr,
-        service: SocketAddr,
-    ) -> Result<ServiceRoute, ServiceError> {
-        let this = self.clone();
-        let looked = tokio::task::spawn_blocking(move || this.conntrack.lookup(local, service))
+impl Job {
+    /// Reads the translation of this connection to a service address and
+    /// decides (off the async runtime: the lookup is a blocking netlink
+    /// round trip).
+    async fn route(&self, table: Arc<Conntrack>) -> Result<ServiceRoute, ServiceError> {
+        let (local, service) = (self.local, self.remote);
+        let looked = tokio::task::spawn_blocking(move || table.lookup(local, service))
             .await
             .unwrap_or_else(|join| {
                 Err(crate::conntrack::ConntrackError::Io(std::io::Error::other(
@@ -94,9 +86,18 @@ impl ServiceLookup {
             })?;
         crate::service::route(&self.policy, local, service, looked)
     }
-}
 
-impl Job {
+    /// Whether the connection goes on as plain because the other end did
+    /// not announce tlshub in the TCP handshake and the rule that selects
+    /// it is opportunistic.
+    fn plain_for_silent_peer(&self) -> bool {
+        self.established.peer == peer::SILENT
+            && self
+                .policy
+                .rule_for(self.role == Role::Client, self.local, self.remote)
+                .is_some_and(|r| r.mode == RuleMode::Opportunistic)
+    }
+
     /// Whether `now`, the socket's `conns` entry as read by the job, is
     /// still the connection this job keys (see
     /// [`crate::state::same_connection`]). A socket disconnected meanwhile
@@ -218,12 +219,23 @@ pub struct Outcome<S = OwnedFd> {
 pub enum Done {
     /// kTLS is in.
     Installed(Installed),
-    /// A connection to a service address whose backend no rule selects:
-    /// nothing to key, the gate is to open as plain.
+    /// Nothing to key, by policy: the gate is to open as plain.
     Plain {
-        /// The translated destination.
-        backend: SocketAddr,
+        /// The other end (for a service address, its backend).
+        remote: SocketAddr,
+        /// Which policy said so.
+        why: PlainWhy,
     },
+}
+
+/// Why a selected connection goes on as plain.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PlainWhy {
+    /// It went to a service address whose backend no rule selects.
+    ServiceBackendUnselected,
+    /// Its rule is opportunistic and the other end did not announce tlshub
+    /// in the TCP handshake.
+    PeerSilent,
 }
 
 /// What was installed.
@@ -377,24 +389,34 @@ pub async fn run(mut job: Job, provider: Arc<Provider>) -> Outcome {
     // A service address first: its real destination decides whether there
     // is anything to key, and is the remote end the provider keys with.
     let mut backend = None;
-    if let Some(lookup) = job.service.take() {
-        let ended = match lookup.route(job.local, job.remote).await {
+    let mut ended = None;
+    if let Some(table) = job.service.take() {
+        ended = match job.route(table).await {
             Ok(ServiceRoute::Keyed { backend: b }) => {
                 tracing::debug!(service = %job.remote, backend = %b, "service address translated to a selected backend");
                 job.remote = b;
                 backend = Some(b);
                 None
             }
-            Ok(ServiceRoute::Plain { backend }) => Some(Ok(Done::Plain { backend })),
+            Ok(ServiceRoute::Plain { backend }) => Some(Ok(Done::Plain {
+                remote: backend,
+                why: PlainWhy::ServiceBackendUnselected,
+            })),
             Err(e) => Some(Err(KeyingError::from(e))),
         };
-        if let Some(result) = ended {
-            // Plain, or not routable: either way the gate's next step
-            // needs the socket (to wake an event loop that was told
-            // EAGAIN, or to reset it under fail-closed).
-            let socket = socket_of_owner(&job, &mut owner).await.ok();
-            return outcome(socket, result);
-        }
+    }
+    if ended.is_none() && job.plain_for_silent_peer() {
+        ended = Some(Ok(Done::Plain {
+            remote: job.remote,
+            why: PlainWhy::PeerSilent,
+        }));
+    }
+    if let Some(result) = ended {
+        // Plain, or not routable: either way the gate's next step needs the
+        // socket (to wake an event loop that was told EAGAIN, or to reset
+        // it under fail-closed).
+        let socket = socket_of_owner(&job, &mut owner).await.ok();
+        return outcome(socket, result);
     }
     // The socket is taken first when the owner is known already, and when
     // the provider needs the socket (a job started from establishment whose

@@ -24,6 +24,13 @@ pub struct ProviderLabel {
     pub provider: String,
 }
 
+/// `peer` label: the other end's address (IPv4 unmapped).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PeerLabel {
+    /// The address.
+    pub peer: String,
+}
+
 /// `provider` and `role` labels.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ProviderRoleLabels {
@@ -191,6 +198,10 @@ pub struct Metrics {
     /// Connections to a service address whose backend no rule selects, let
     /// through as plain by policy.
     pub service_plain: Counter,
+    /// Connections let through as plain because their rule is
+    /// opportunistic and the other end did not announce tlshub, by peer
+    /// address.
+    pub peer_silent_plain: Family<PeerLabel, Counter>,
     /// Connections closed before their keys were in.
     pub closed_before_keys: Counter,
     /// Time from asking the provider to having keys, by provider and role.
@@ -247,6 +258,7 @@ impl Metrics {
             reset: Counter::default(),
             plaintext: Counter::default(),
             service_plain: Counter::default(),
+            peer_silent_plain: Family::default(),
             closed_before_keys: Counter::default(),
             key_seconds: Family::new_with_constructor(key_histogram),
             gate_holds: Family::default(),
@@ -299,6 +311,11 @@ impl Metrics {
             "connections_service_plain",
             "Connections to a service address whose backend (read from the connection tracking table) no rule selects, let through as plain by policy",
             m.service_plain.clone(),
+        );
+        registry.register(
+            "connections_plain_peer_silent",
+            "Connections of opportunistic rules whose other end did not announce tlshub in the TCP handshake, let through as plain, by peer address",
+            m.peer_silent_plain.clone(),
         );
         registry.register(
             "connections_closed_before_keys",

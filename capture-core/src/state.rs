@@ -17,9 +17,9 @@ use tracing::{debug, error, info, warn};
 
 use crate::bpf::BpfError;
 use crate::config::FailurePolicy;
-use crate::keying::{Done, KeyingError, Outcome};
+use crate::keying::{Done, KeyingError, Outcome, PlainWhy};
 use crate::metrics::{
-    Metrics, ProviderLabel, ProviderReasonLabels, ProviderRoleLabels, UNASSIGNED,
+    Metrics, PeerLabel, ProviderLabel, ProviderReasonLabels, ProviderRoleLabels, UNASSIGNED,
 };
 use crate::outcomes::{OutcomeKind, OutcomeLog};
 
@@ -898,12 +898,25 @@ impl ConnTable {
             provider: provider.clone(),
         };
         match result {
-            Ok(Done::Plain { backend }) => {
-                // Policy, not failure: the connection went to a service
-                // address whose backend no rule selects.
+            Ok(Done::Plain { remote, why }) => {
+                // Policy, not failure.
                 if open_plain(k, cookie, socket.as_ref()) == Failed::PassedPlaintext {
-                    self.tally(Tally::ServicePlain);
-                    info!(cookie, %backend, "service connection to an unselected backend; let through as plain");
+                    match why {
+                        PlainWhy::ServiceBackendUnselected => {
+                            self.tally(Tally::ServicePlain);
+                            info!(cookie, backend = %remote, "service connection to an unselected backend; let through as plain");
+                        }
+                        PlainWhy::PeerSilent => {
+                            self.stats.peer_silent_plain += 1;
+                            self.metrics
+                                .peer_silent_plain
+                                .get_or_create(&PeerLabel {
+                                    peer: remote.ip().to_canonical().to_string(),
+                                })
+                                .inc();
+                            info!(cookie, peer = %remote, "the peer did not announce tlshub and the rule is opportunistic; let through as plain");
+                        }
+                    }
                 }
             }
             Ok(Done::Installed(installed)) => {

@@ -62,5 +62,8 @@ int main(void)
 	V(TLSHUB_CONN_UNMARKED);
 	V(TLSHUB_STAT_MAX);
 	V(TLSHUB_SERVICE_RULE);
+	V(TLSHUB_PEER_SILENT);
+	V(TLSHUB_PEER_ANNOUNCED);
+	O(tlshub_event, peer);
 	return 0;
 }

@@ -58,6 +58,11 @@ char LICENSE[] SEC("license") = "GPL";
 #define ETH_P_IP 0x0800
 #define ETH_P_IPV6 0x86DD
 #define TCPHDR_FIN 0x01
+#define TCPHDR_SYN 0x02
+#define TCPHDR_ACK 0x10
+/* A connecting side's sockops flags while it announces (announce()): a
+ * listener's, and so an accepted socket's, have the first only. */
+#define ANNOUNCE_FLAGS (BPF_SOCK_OPS_WRITE_HDR_OPT_CB_FLAG | BPF_SOCK_OPS_PARSE_ALL_HDR_OPT_CB_FLAG)
 #define EPERM 1
 #define SOL_TCP 6
 #define TCP_REPAIR 19
@@ -481,7 +486,9 @@ static __always_inline void track_connecting(struct bpf_sock_ops *skops, __u64 c
 	mark->flags = (mark->flags & ~TLSHUB_MARK_REFUSED) | TLSHUB_MARK_CONNECTING;
 	struct tlshub_owner unknown = {};
 	bpf_map_update_elem(&connecting_owners, &cookie, &unknown, BPF_ANY);
-	bpf_sock_ops_cb_flags_set(skops, skops->bpf_sock_ops_cb_flags | BPF_SOCK_OPS_STATE_CB_FLAG);
+	/* ... and announce it (see announce()). */
+	bpf_sock_ops_cb_flags_set(skops, skops->bpf_sock_ops_cb_flags | BPF_SOCK_OPS_STATE_CB_FLAG |
+						 ANNOUNCE_FLAGS);
 }
 
 /* At ACTIVE_ESTABLISHED: the conns entry of a connecting socket (see
@@ -506,6 +513,88 @@ static __always_inline int track(struct tlshub_sk_mark *mark, __u64 cookie,
 	return 1;
 }
 
+/* ---- the handshake announcement: the tlshub TCP option ----
+ *
+ * Each side learns during the TCP handshake whether the other side's node
+ * selected the connection too, before any app byte can move and with no
+ * timeout. A connecting side that selects a connection puts the option in
+ * its SYN and in everything it sends until it receives a packet after the
+ * handshake (so a lost final ACK, or a server answering with SYN cookies,
+ * still finds it in whatever ACK completes the handshake). A listening
+ * side answers in its SYN-ACK a SYN that carried it, if it selects the
+ * connection too. ESTABLISHED reports what came (struct tlshub_event.peer);
+ * the core decides what a silent peer means (opportunistic rules: plain).
+ *
+ * Flags: a connecting side gets ANNOUNCE_FLAGS at TCP_CONNECT_CB (the
+ * parse callback never runs before ESTABLISHED, and its first run ends the
+ * announcement). Every listener gets the write flag at TCP_LISTEN_CB, to
+ * answer; its accepted sockets inherit it, and it tells at
+ * PASSIVE_ESTABLISHED_CB whether the listener could have answered (one
+ * that listened before the programs were attached could not, so its
+ * client saw a silent peer and this side reports the same). An accepted
+ * socket drops it at its first packet out, not at PASSIVE_ESTABLISHED_CB:
+ * where two cores' programs share a kernel (the test bed), the first one's
+ * drop would hide it from the second. Only the program that marked a
+ * socket writes on it, so two programs never write twice. */
+
+struct tlshub_tcpopt {
+	__u8 kind;
+	__u8 len;
+	__u16 exid; /* network order */
+};
+
+/* Whether the packet the program runs for (flags 0), or the SYN it
+ * answers (BPF_LOAD_HDR_OPT_TCP_SYN, at a SYN-ACK), carries the option. */
+static __always_inline __u16 announced_in(struct bpf_sock_ops *skops, __u64 flags)
+{
+	struct tlshub_tcpopt opt = {
+		.kind = TLSHUB_TCPOPT_KIND,
+		.len = TLSHUB_TCPOPT_LEN,
+		.exid = bpf_htons(TLSHUB_TCPOPT_EXID),
+	};
+	return bpf_load_hdr_opt(skops, &opt, sizeof(opt), flags) > 0 ? TLSHUB_PEER_ANNOUNCED
+								     : TLSHUB_PEER_SILENT;
+}
+
+/* HDR_OPT_LEN_CB and WRITE_HDR_OPT_CB: room for the option, then the
+ * option, on a listener's SYN-ACK that answers an announcing SYN it
+ * selects, and on the packets of a connecting side this program selected
+ * (marked) until its keys are in; an accepted socket's inherited flag is
+ * dropped here. */
+static __always_inline void announce(struct bpf_sock_ops *skops)
+{
+	if ((skops->skb_tcp_flags & (TCPHDR_SYN | TCPHDR_ACK)) == (TCPHDR_SYN | TCPHDR_ACK)) {
+		if (!announced_in(skops, BPF_LOAD_HDR_OPT_TCP_SYN))
+			return;
+		struct tlshub_event ev = {};
+		fill_tuple(skops, &ev);
+		if (!selected(&ev, TLSHUB_ROLE_SERVER))
+			return;
+	} else if (!(skops->bpf_sock_ops_cb_flags & BPF_SOCK_OPS_PARSE_ALL_HDR_OPT_CB_FLAG)) {
+		/* An accepted socket: nothing to write. */
+		bpf_sock_ops_cb_flags_set(skops, skops->bpf_sock_ops_cb_flags &
+							 ~BPF_SOCK_OPS_WRITE_HDR_OPT_CB_FLAG);
+		return;
+	} else {
+		struct bpf_sock *sk = skops->sk;
+		if (!sk)
+			return;
+		struct tlshub_sk_mark *mark = bpf_sk_storage_get(&sk_marks, sk, 0, 0);
+		if (!mark || !mark->cookie)
+			return;
+	}
+	if (skops->op == BPF_SOCK_OPS_HDR_OPT_LEN_CB) {
+		bpf_reserve_hdr_opt(skops, TLSHUB_TCPOPT_LEN, 0);
+		return;
+	}
+	struct tlshub_tcpopt opt = {
+		.kind = TLSHUB_TCPOPT_KIND,
+		.len = TLSHUB_TCPOPT_LEN,
+		.exid = bpf_htons(TLSHUB_TCPOPT_EXID),
+	};
+	bpf_store_hdr_opt(skops, &opt, sizeof(opt), 0);
+}
+
 SEC("sockops")
 int tlshub_sockops(struct bpf_sock_ops *skops)
 {
@@ -514,6 +603,22 @@ int tlshub_sockops(struct bpf_sock_ops *skops)
 	__u64 cookie;
 
 	switch (skops->op) {
+	case BPF_SOCK_OPS_TCP_LISTEN_CB:
+		/* Listeners answer announcing SYNs (announce()); accepted
+		 * sockets inherit the flag and drop it at establishment. */
+		bpf_sock_ops_cb_flags_set(skops, skops->bpf_sock_ops_cb_flags |
+							 BPF_SOCK_OPS_WRITE_HDR_OPT_CB_FLAG);
+		break;
+	case BPF_SOCK_OPS_HDR_OPT_LEN_CB:
+	case BPF_SOCK_OPS_WRITE_HDR_OPT_CB:
+		announce(skops);
+		break;
+	case BPF_SOCK_OPS_PARSE_HDR_OPT_CB:
+		/* A connecting side got a packet after the handshake (never
+		 * called before ESTABLISHED): the peer has completed it, so the
+		 * announcement has done its work. */
+		bpf_sock_ops_cb_flags_set(skops, skops->bpf_sock_ops_cb_flags & ~ANNOUNCE_FLAGS);
+		break;
 	case BPF_SOCK_OPS_TCP_CONNECT_CB:
 		/* Runs inside connect(), before the SYN: select and close the
 		 * gate now. Asking for the cookie here also makes the kernel
@@ -537,6 +642,9 @@ int tlshub_sockops(struct bpf_sock_ops *skops)
 		break;
 	case BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB: {
 		cookie = bpf_get_socket_cookie(skops);
+		/* Announced (announce()): did the SYN-ACK answer? */
+		if (skops->bpf_sock_ops_cb_flags & BPF_SOCK_OPS_PARSE_ALL_HDR_OPT_CB_FLAG)
+			ev.peer = announced_in(skops, 0);
 		/* The peer answered: a connecting socket gets its entry now
 		 * (track_connecting()), and its owner if connect() knew it. */
 		if (skops->sk) {
@@ -568,9 +676,15 @@ int tlshub_sockops(struct bpf_sock_ops *skops)
 		/* Runs in softirq when the 3-way handshake completes, before
 		 * accept() can return this socket: the gate is closed first. */
 		cookie = bpf_get_socket_cookie(skops);
+		/* Inherited from the listener: whether it could answer (see
+		 * announce()). */
+		int answering = skops->bpf_sock_ops_cb_flags & BPF_SOCK_OPS_WRITE_HDR_OPT_CB_FLAG;
 		fill_tuple(skops, &ev);
 		if (!selected(&ev, TLSHUB_ROLE_SERVER) || !track_passive(skops, cookie))
 			break;
+		/* The ACK that completed the handshake: did the client announce? */
+		if (answering)
+			ev.peer = announced_in(skops, 0);
 		ev.kind = TLSHUB_EV_ESTABLISHED;
 		ev.role = TLSHUB_ROLE_SERVER;
 		goto established;

@@ -19,6 +19,18 @@
                                      * socket still connecting (no conns
                                      * entry until the peer answers) */
 
+/* struct tlshub_event.peer at ESTABLISHED: whether the other end announced
+ * in the TCP handshake that its node selected the connection too (the
+ * tlshub TCP option, see announce_*() in tlshub.bpf.c). */
+#define TLSHUB_PEER_SILENT 0    /* no option: no tlshub there, or not selected */
+#define TLSHUB_PEER_ANNOUNCED 1 /* the option came */
+
+/* The tlshub TCP option: experimental kind 254 with a 16-bit experiment
+ * identifier (RFC 6994), nothing else (4 bytes). */
+#define TLSHUB_TCPOPT_KIND 254
+#define TLSHUB_TCPOPT_LEN 4
+#define TLSHUB_TCPOPT_EXID 0x544c /* "TL" */
+
 #define TLSHUB_ROLE_CLIENT 1
 #define TLSHUB_ROLE_SERVER 2
 
@@ -73,7 +85,7 @@ struct tlshub_event {
 	__u16 family; /* AF_INET or AF_INET6 */
 	__u16 local_port;  /* host order */
 	__u16 remote_port; /* host order */
-	__u16 pad;
+	__u16 peer;        /* ESTABLISHED: TLSHUB_PEER_* */
 	__u8 local_addr[16]; /* IPv4 as ::ffff:a.b.c.d */
 	__u8 remote_addr[16];
 };

@@ -108,6 +108,15 @@ pub mod kind {
     pub const HELD_CONNECTING: u32 = 7;
 }
 
+/// What the other end said in the TCP handshake (`TLSHUB_PEER_*`).
+pub mod peer {
+    /// No tlshub option: its node runs no tlshub, or does not select the
+    /// connection.
+    pub const SILENT: u16 = 0;
+    /// The option came: its node selected the connection too.
+    pub const ANNOUNCED: u16 = 1;
+}
+
 /// Roles (`TLSHUB_ROLE_*`).
 pub mod role {
     /// connect() side.
@@ -249,8 +258,9 @@ pub struct Event {
     pub local_port: u16,
     /// Host order.
     pub remote_port: u16,
-    /// Zero (keeps the addresses 4-byte aligned, as in C).
-    pub pad: u16,
+    /// ESTABLISHED: whether the other end announced, in the TCP handshake,
+    /// that its node selected the connection too (one of [`peer`]).
+    pub peer: u16,
     /// IPv4 is mapped (`::ffff:a.b.c.d`).
     pub local_addr: [u8; 16],
     /// IPv4 is mapped.
@@ -507,6 +517,11 @@ mod tests {
             ]
         );
         assert_eq!(SERVICE_RULE, TLSHUB_SERVICE_RULE);
+        assert_eq!(offset_of!(Event, peer), OFF_tlshub_event_peer);
+        assert_eq!(
+            [u32::from(peer::SILENT), u32::from(peer::ANNOUNCED)],
+            [TLSHUB_PEER_SILENT, TLSHUB_PEER_ANNOUNCED]
+        );
     }
 
     #[test]

@@ -679,9 +679,10 @@ fn print_policy(p: Option<&pb::Policy>) {
     println!("  local pods      {}", p.local_cidrs.join(", "));
     for (i, r) in p.rules.iter().enumerate() {
         println!(
-            "  rule {i}          peers {} ports {}",
+            "  rule {i}          peers {} ports {} ({})",
             r.peer_cidrs.join(", "),
-            ports(&r.ports)
+            ports(&r.ports),
+            if r.mode.is_empty() { "strict" } else { &r.mode }
         );
     }
     if !p.service_cidrs.is_empty() {

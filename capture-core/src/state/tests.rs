@@ -11,7 +11,7 @@ use tlshub_provider_sdk::{CipherSuite, TlsVersion};
 
 use super::*;
 use crate::config::FailurePolicy;
-use crate::keying::{Done, Installed, KeyingError, Outcome};
+use crate::keying::{Done, Installed, KeyingError, Outcome, PlainWhy};
 use crate::metrics::Metrics;
 use tlshub_ktls::KtlsStep;
 
@@ -1140,8 +1140,11 @@ fn a_service_connection_to_an_unselected_backend_opens_plain_under_either_policy
     for policy in [FailurePolicy::FailClosed, FailurePolicy::FailOpen] {
         let (mut t, mut k) = (table(policy), FakeKernel::default());
         let s = keying(&mut t, &mut k, COOKIE);
-        let backend = "10.0.9.9:80".parse().unwrap();
-        t.on_outcome(&mut k, outcome(&s, Ok(Done::Plain { backend })));
+        let plain = Done::Plain {
+            remote: "10.0.9.9:80".parse().unwrap(),
+            why: PlainWhy::ServiceBackendUnselected,
+        };
+        t.on_outcome(&mut k, outcome(&s, Ok(plain)));
         assert_eq!(k.gate(COOKIE), Some(gate::OPEN), "{policy:?}");
         assert!(k.resets.is_empty());
         let st = t.stats();
@@ -1193,4 +1196,32 @@ fn a_service_connection_keyed_with_its_backend_is_listed_with_the_backend() {
     t.on_outcome(&mut k, outcome(&s, Ok(keyed)));
     assert_eq!(t.protected()[&COOKIE].remote, backend);
     assert_eq!(t.stats().protected, 1);
+}
+
+#[test]
+fn a_silent_peer_of_an_opportunistic_rule_opens_plain_and_is_counted_by_peer() {
+    let (mut t, mut k) = (table(FailurePolicy::FailClosed), FakeKernel::default());
+    let s = keying(&mut t, &mut k, COOKIE);
+    let plain = Done::Plain {
+        remote: "[::ffff:10.0.2.2]:8443".parse().unwrap(),
+        why: PlainWhy::PeerSilent,
+    };
+    t.on_outcome(&mut k, outcome(&s, Ok(plain)));
+    assert_eq!(k.gate(COOKIE), Some(gate::OPEN));
+    assert!(k.resets.is_empty());
+    let st = t.stats();
+    assert_eq!(
+        (
+            st.peer_silent_plain,
+            st.service_plain,
+            st.protected,
+            st.failed.len()
+        ),
+        (1, 0, 0, 0)
+    );
+    let text = t.metrics.encode();
+    assert!(
+        text.contains(r#"tlshub_connections_plain_peer_silent_total{peer="10.0.2.2"} 1"#),
+        "{text}"
+    );
 }

@@ -176,9 +176,13 @@ pub fn unselected_backend_plain_and_source_nat_refused() -> Result<String, Strin
             report.plain_flows_with_marker
         ));
     }
+    // The stats file is rewritten once a second: wait for both counts.
     let plain_count = a.stat_reaching(|s| s.service_plain, 4);
+    let refused = a.stat_reaching(
+        |s| s.failed.get("service_source_nat").copied().unwrap_or(0),
+        1,
+    );
     let stats = a.stats()?;
-    let refused = stats.failed.get("service_source_nat").copied().unwrap_or(0);
     if plain_count != 4 || refused != 1 || stats.protected != 0 {
         return Err(format!(
             "node a: service_plain {plain_count} (want 4), source NAT refusals {refused} (want 1), protected {} (want 0); failed {:?}",

@@ -16,6 +16,7 @@ pub mod node;
 pub mod process;
 pub mod providers;
 pub mod restarts;
+pub mod rollout;
 pub mod scenarios;
 pub mod service;
 pub mod stress;

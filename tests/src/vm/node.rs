@@ -120,6 +120,8 @@ pub struct NodeSpec {
     /// the node's own namespace (`[conntrack] netns`), where the test bed's
     /// DNAT rules are.
     pub service_cidrs: Vec<&'static str>,
+    /// The rule's `mode` (`strict` or `opportunistic`).
+    pub rule_mode: &'static str,
 }
 
 impl NodeSpec {
@@ -138,6 +140,7 @@ impl NodeSpec {
             same_node: false,
             node_map: true,
             service_cidrs: Vec::new(),
+            rule_mode: "strict",
         }
     }
 
@@ -226,12 +229,13 @@ impl Node {
             format!("service_cidrs = [{}]\n", cidrs.join(", "))
         };
         let mut core_toml = format!(
-            "node_name = \"node-{n}\"\nfailure_policy = \"{}\"\n\n[provider]\nactive = \"{}\"\ntimeout_ms = {}\nhealth_interval_ms = 500\nswitch_file = \"{}\"\n[provider.endpoints]\n{endpoints}\n[admin]\nsocket = \"{}\"\n\n[metrics]\nlisten = \"127.0.0.1:{metrics_port}\"\n\n[policy]\nlocal_cidrs = [{local}]\n{services}[[policy.rules]]\npeer_cidrs = [{peer}]\nports = [{PROTECTED_PORT}]\n\n[bpf]\npin_dir = \"/sys/fs/bpf/tlshub-node-{n}\"\n{}",
+            "node_name = \"node-{n}\"\nfailure_policy = \"{}\"\n\n[provider]\nactive = \"{}\"\ntimeout_ms = {}\nhealth_interval_ms = 500\nswitch_file = \"{}\"\n[provider.endpoints]\n{endpoints}\n[admin]\nsocket = \"{}\"\n\n[metrics]\nlisten = \"127.0.0.1:{metrics_port}\"\n\n[policy]\nlocal_cidrs = [{local}]\n{services}[[policy.rules]]\npeer_cidrs = [{peer}]\nports = [{PROTECTED_PORT}]\nmode = \"{}\"\n\n[bpf]\npin_dir = \"/sys/fs/bpf/tlshub-node-{n}\"\n{}",
             spec.failure_policy,
             spec.provider.name(),
             spec.key_timeout_ms,
             dir.join("active-provider.json").display(),
             dir.join("admin.sock").display(),
+            spec.rule_mode,
             spec.bpf
                 .iter()
                 .map(|(key, value)| format!("{key} = {value}\n"))

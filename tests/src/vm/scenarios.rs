@@ -1,7 +1,7 @@
 //! The index of the kernel scenarios: each returns `Ok(summary)` or
 //! `Err(why)`, and the runner prints one result line per scenario. The
 //! bodies live by topic (`exchange`, `providers`, `failure`, `service`,
-//! `gate_paths`, `gate_edges`, `gate_abuse`, `dnat`, `event_loops`, `stress`); what
+//! `gate_paths`, `gate_edges`, `gate_abuse`, `dnat`, `rollout`, `event_loops`, `stress`); what
 //! they share is in `support` and `wire_check`. tests/README.md says how to
 //! add one.
 
@@ -165,6 +165,14 @@ pub const TESTS: &[Scenario] = &[
     (
         "service_dnat_unselected_plain_and_source_nat_refused",
         super::dnat::unselected_backend_plain_and_source_nat_refused,
+    ),
+    (
+        "rollout_opportunistic_peer_without_tlshub",
+        super::rollout::opportunistic_peer_without_tlshub,
+    ),
+    (
+        "rollout_opportunistic_both_nodes_protect",
+        super::rollout::opportunistic_both_nodes_protect,
     ),
     (
         "gate_reconnect_during_keying",
