@@ -782,11 +782,7 @@ fn policy_pb(p: &crate::config::PolicySection) -> pb::Policy {
             .map(|r| pb::Rule {
                 peer_cidrs: r.peer_cidrs.iter().map(ToString::to_string).collect(),
                 ports: r.ports.iter().map(|&p| u32::from(p)).collect(),
-                mode: match r.mode {
-                    crate::config::RuleMode::Strict => "strict",
-                    crate::config::RuleMode::Opportunistic => "opportunistic",
-                }
-                .into(),
+                mode: r.mode.as_str().into(),
             })
             .collect(),
         service_cidrs: p.service_cidrs.iter().map(ToString::to_string).collect(),

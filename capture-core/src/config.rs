@@ -203,6 +203,16 @@ pub enum RuleMode {
     Opportunistic,
 }
 
+impl RuleMode {
+    /// Its name in the configuration file.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Strict => "strict",
+            Self::Opportunistic => "opportunistic",
+        }
+    }
+}
+
 /// `[policy]`: which connections are protected.
 #[derive(Debug, Clone, Deserialize, Default)]
 #[serde(deny_unknown_fields, default)]
@@ -783,6 +793,14 @@ ports = [8443]
                 .map(|r| r.mode),
             Some(RuleMode::Opportunistic)
         );
+        // The names the admin API reports are the ones the file takes.
+        for mode in [RuleMode::Strict, RuleMode::Opportunistic] {
+            let text = GOOD.replace(
+                "ports = [8443]",
+                &format!("ports = [8443]\nmode = \"{}\"", mode.as_str()),
+            );
+            assert_eq!(parse(&text).unwrap().policy.rules[0].mode, mode);
+        }
         let e = parse(&GOOD.replace("ports = [8443]", "ports = [8443]\nmode = \"maybe\""))
             .unwrap_err()
             .to_string();

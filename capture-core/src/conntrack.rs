@@ -189,17 +189,7 @@ fn encode_get(seq: u32, source: SocketAddr, destination: SocketAddr) -> Vec<u8> 
     } else {
         NetfilterProtoFamily::IPv6
     };
-    let tuple = vec![
-        Tuple::Ip(vec![
-            IPTuple::SourceAddress(source.ip()),
-            IPTuple::DestinationAddress(destination.ip()),
-        ]),
-        Tuple::Proto(vec![
-            ProtoTuple::Protocol(Protocol::Tcp),
-            ProtoTuple::SourcePort(source.port()),
-            ProtoTuple::DestinationPort(destination.port()),
-        ]),
-    ];
+    let tuple = tcp_tuple(source, destination);
     let mut header = NetlinkHeader::default();
     header.flags = NLM_F_REQUEST;
     header.sequence_number = seq;
@@ -214,6 +204,21 @@ fn encode_get(seq: u32, source: SocketAddr, destination: SocketAddr) -> Vec<u8> 
     let mut buf = vec![0; message.buffer_len()];
     message.serialize(&mut buf);
     buf
+}
+
+/// The tuple attributes of a TCP connection from `source` to `destination`.
+fn tcp_tuple(source: SocketAddr, destination: SocketAddr) -> Vec<Tuple> {
+    vec![
+        Tuple::Ip(vec![
+            IPTuple::SourceAddress(source.ip()),
+            IPTuple::DestinationAddress(destination.ip()),
+        ]),
+        Tuple::Proto(vec![
+            ProtoTuple::Protocol(Protocol::Tcp),
+            ProtoTuple::SourcePort(source.port()),
+            ProtoTuple::DestinationPort(destination.port()),
+        ]),
+    ]
 }
 
 /// The answer to lookup `seq` in one datagram: `Some(Ok(None))` when the
@@ -323,19 +328,6 @@ mod tests {
         orig: (SocketAddr, SocketAddr),
         reply: (SocketAddr, SocketAddr),
     ) -> Vec<u8> {
-        let tuple = |(s, d): (SocketAddr, SocketAddr)| {
-            vec![
-                Tuple::Ip(vec![
-                    IPTuple::SourceAddress(s.ip()),
-                    IPTuple::DestinationAddress(d.ip()),
-                ]),
-                Tuple::Proto(vec![
-                    ProtoTuple::Protocol(Protocol::Tcp),
-                    ProtoTuple::SourcePort(s.port()),
-                    ProtoTuple::DestinationPort(d.port()),
-                ]),
-            ]
-        };
         let mut header = NetlinkHeader::default();
         header.sequence_number = seq;
         let mut m = NetlinkMessage::new(
@@ -343,8 +335,8 @@ mod tests {
             NetlinkPayload::from(NetfilterMessage::new(
                 NetfilterHeader::new(NetfilterProtoFamily::IPv4, 0, 0),
                 ConntrackMessage::New(vec![
-                    ConntrackAttribute::CtaTupleOrig(tuple(orig)),
-                    ConntrackAttribute::CtaTupleReply(tuple(reply)),
+                    ConntrackAttribute::CtaTupleOrig(tcp_tuple(orig.0, orig.1)),
+                    ConntrackAttribute::CtaTupleReply(tcp_tuple(reply.0, reply.1)),
                 ]),
             )),
         );
