@@ -893,6 +893,23 @@ impl ConnTable {
             );
             return;
         }
+        if matches!(result, Ok(Done::Plain { .. })) && !self.still_carried(k, cookie) {
+            // The socket was disconnected and connected again after the job
+            // decided (its new ESTABLISHED not read yet): the decision was
+            // for the old connection, and opening the gate now would let
+            // the new one's bytes out in plain. Its own events decide what
+            // comes next, as for `Reconnected`.
+            if let Some(p) = self.pending.get_mut(&cookie) {
+                p.job = None;
+                p.established = None;
+            }
+            debug!(
+                cookie,
+                job,
+                "the socket no longer carries the connection judged plain; waiting for its events"
+            );
+            return;
+        }
         let pending = self.pending.remove(&cookie);
         let label = ProviderLabel {
             provider: provider.clone(),
@@ -991,6 +1008,17 @@ impl ConnTable {
                 );
             }
         }
+    }
+
+    /// Whether the socket still carries the connection `cookie`'s pending
+    /// job was started for (its `conns` entry has that connection's
+    /// ESTABLISHED event).
+    fn still_carried<K: Kernel>(&self, k: &K, cookie: u64) -> bool {
+        let Some(est) = self.pending.get(&cookie).and_then(|p| p.established) else {
+            return false;
+        };
+        k.conn(cookie)
+            .is_some_and(|c| c.est.kind == kind::ESTABLISHED && same_connection(&c.est, &est))
     }
 
     /// The outcome of a job whose connection is gone from the table: it

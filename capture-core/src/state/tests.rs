@@ -1225,3 +1225,28 @@ fn a_silent_peer_of_an_opportunistic_rule_opens_plain_and_is_counted_by_peer() {
         "{text}"
     );
 }
+
+#[test]
+fn a_plain_decision_is_not_applied_to_the_next_connection_of_a_reconnected_socket() {
+    let (mut t, mut k) = (table(FailurePolicy::FailClosed), FakeKernel::default());
+    let s = keying(&mut t, &mut k, COOKIE);
+    // Disconnected and connected again: the entry has the new connection
+    // (new ISNs), whose ESTABLISHED the table has not read yet.
+    let next = established(COOKIE, 1);
+    k.track(COOKIE, next);
+    let plain = Done::Plain {
+        remote: "10.0.2.2:8443".parse().unwrap(),
+        why: PlainWhy::PeerSilent,
+    };
+    t.on_outcome(&mut k, outcome(&s, Ok(plain)));
+    assert_eq!(
+        k.gate(COOKIE),
+        Some(gate::CLOSED),
+        "the new connection's gate opened"
+    );
+    assert_eq!(t.stats().peer_silent_plain, 0);
+    // Its own ESTABLISHED starts its own job.
+    t.on_event(&k, next);
+    let again = one_start(&mut t);
+    assert_eq!(again.established, next);
+}
