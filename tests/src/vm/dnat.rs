@@ -8,7 +8,7 @@ use std::time::Duration;
 use super::node::{Node, NodeSpec, PLAIN_PORT, PROTECTED_PORT, ProviderKind};
 use super::process;
 use super::support::{App, both_ok, expect_reset, expect_server_failed_clean, nodes, run_pair};
-use super::topology::POD_B;
+use super::topology::{POD_B, POD_B6};
 use super::wire_check::{Capture, captured_exchanges, check_wire};
 
 /// The service range node a's policy holds.
@@ -22,6 +22,12 @@ const TO_PLAIN: &str = "10.96.0.11";
 const TO_PROTECTED_MASQUERADED: &str = "10.96.0.12";
 /// The port every service address listens on.
 const SERVICE_PORT: u16 = 80;
+/// The IPv6 service range node a's policy holds.
+const SERVICE_CIDR6: &str = "fd00:96::/64";
+/// Translated to pod b's IPv6 address, protected port.
+const TO_PROTECTED6: &str = "fd00:96::10";
+/// The same as a host in an address with a port.
+const TO_PROTECTED6_HOST: &str = "[fd00:96::10]";
 
 /// node a's nftables NAT table for the three service addresses; deleted
 /// when dropped.
@@ -42,6 +48,12 @@ impl ServiceNat {
     ct original ip daddr {TO_PROTECTED_MASQUERADED} masquerade
   }}
 }}
+table ip6 tlshub_test_nat6 {{
+  chain prerouting {{
+    type nat hook prerouting priority dstnat;
+    ip6 daddr {TO_PROTECTED6} tcp dport {SERVICE_PORT} dnat to [{POD_B6}]:{PROTECTED_PORT}
+  }}
+}}
 "
         );
         let path = "/tmp/tlshub-test-nat.nft";
@@ -55,10 +67,9 @@ impl ServiceNat {
 
 impl Drop for ServiceNat {
     fn drop(&mut self) {
-        let _ = process::run(
-            Some("node-a"),
-            &["nft", "delete", "table", "ip", "tlshub_test_nat"],
-        );
+        for (family, table) in [("ip", "tlshub_test_nat"), ("ip6", "tlshub_test_nat6")] {
+            let _ = process::run(Some("node-a"), &["nft", "delete", "table", family, table]);
+        }
     }
 }
 
@@ -67,7 +78,7 @@ impl Drop for ServiceNat {
 fn service_nodes(provider: ProviderKind) -> Result<(Node, Node), String> {
     nodes(
         NodeSpec {
-            service_cidrs: vec![SERVICE_CIDR],
+            service_cidrs: vec![SERVICE_CIDR, SERVICE_CIDR6],
             ..NodeSpec::with_provider("a", provider)
         },
         NodeSpec::with_provider("b", provider),
@@ -87,7 +98,8 @@ fn via_service(service: &'static str, port: u16, size: usize, io: &'static str) 
 
 /// The issue's reproduction, with every provider: a client in pod a
 /// connects to a service address translated to pod b's protected port and
-/// writes first (blocking, and an epoll loop). Before this, the client side
+/// writes first (blocking, an epoll loop, and over IPv6 but with TLSHub,
+/// whose provider keys IPv4 only). Before this, the client side
 /// did not select it, its first bytes crossed in clear, and node b's core
 /// reset the connection. Now every exchange is exact, the wire between the
 /// nodes carries only TLS that decrypts with the keys both cores exported
@@ -104,35 +116,61 @@ pub fn to_a_selected_backend() -> Result<String, String> {
         ProviderKind::TlsHub,
     ] {
         let (a, b) = service_nodes(provider)?;
-        let apps = [
+        let mut apps = vec![
             via_service(TO_PROTECTED, PROTECTED_PORT, 100_000, "blocking"),
             via_service(TO_PROTECTED, PROTECTED_PORT, 4096, "epoll"),
             App::exchange(1000, PLAIN_PORT),
         ];
-        let report = captured_exchanges(&format!("dnat-{provider:?}"), &a, &b, &apps)?;
+        // The TLSHub provider keys IPv4 only (its module's protocol).
+        let over_ipv6 = usize::from(provider != ProviderKind::TlsHub);
+        if over_ipv6 == 1 {
+            apps.push(App {
+                server: POD_B6,
+                proxy: Some((TO_PROTECTED6_HOST, SERVICE_PORT)),
+                ..App::exchange(10_000, PROTECTED_PORT)
+            });
+        }
+        let want = 4 + over_ipv6;
+        let report = captured_exchanges(&format!("dnat-{provider:?}"), &a, &b, &apps)
+            .map_err(|e| format!("{provider:?}: {e}; node a's core said: {}", warnings(&a)))?;
         if report.plain_flows_with_marker == 0 {
             return Err("the control flow's plaintext was not seen: the capture is blind".into());
         }
-        let keyed = a.stat_reaching(|s| s.protected, 4);
-        if keyed != 4 {
+        let keyed = a.stat_reaching(|s| s.protected, want as u64);
+        if keyed != want as u64 {
             return Err(format!(
-                "{provider:?}: node a protected {keyed} of 4 service connections"
+                "{provider:?}: node a protected {keyed} of {want} service connections"
             ));
         }
         // Keyed with the backend as the remote end (the wire check found
         // each flow's keys by the translated tuple already).
-        let backend: std::net::SocketAddr = format!("{POD_B}:{PROTECTED_PORT}")
-            .parse()
-            .map_err(|e| format!("{e}"))?;
+        let backends: [std::net::SocketAddr; 2] = [
+            (
+                POD_B
+                    .parse::<std::net::IpAddr>()
+                    .map_err(|e| e.to_string())?,
+                PROTECTED_PORT,
+            )
+                .into(),
+            (
+                POD_B6
+                    .parse::<std::net::IpAddr>()
+                    .map_err(|e| e.to_string())?,
+                PROTECTED_PORT,
+            )
+                .into(),
+        ];
         let keys = a.keys();
-        if keys.len() != 4 || keys.iter().any(|k| k.remote != backend) {
+        let count = |b: &std::net::SocketAddr| keys.iter().filter(|k| k.remote == *b).count();
+        if keys.len() != want || count(&backends[0]) != 4 || count(&backends[1]) != over_ipv6 {
             let remotes: Vec<String> = keys.iter().map(|k| k.remote.to_string()).collect();
             return Err(format!(
-                "{provider:?}: node a keyed remote ends {remotes:?}, want {backend} four times"
+                "{provider:?}: node a keyed remote ends {remotes:?}, want {} four times and {} {over_ipv6} time(s)",
+                backends[0], backends[1]
             ));
         }
         summary.push(format!(
-            "{provider:?}: 4 exact, {} flows decrypted",
+            "{provider:?}: {want} exact ({over_ipv6} over IPv6), {} flows decrypted",
             report.decrypted
         ));
     }
@@ -199,6 +237,16 @@ pub fn unselected_backend_plain_and_source_nat_refused() -> Result<String, Strin
         "4 connections to an unselected backend exact and plain (marker in {} flows); the masqueraded one reset before a byte left",
         report.plain_flows_with_marker
     ))
+}
+
+/// The warnings and errors in a node's core log (why a service connection
+/// failed).
+fn warnings(node: &Node) -> String {
+    node.core_log()
+        .lines()
+        .filter(|l| l.contains("WARN") || l.contains("ERROR"))
+        .collect::<Vec<_>>()
+        .join(" | ")
 }
 
 /// The NAT and conntrack modules (nft would load most on demand; the

@@ -76,10 +76,7 @@ impl App {
     /// The server's listen address (any, in the server's family) and the
     /// client's connect address.
     pub fn addresses(&self) -> (String, String) {
-        if let Some((host, port)) = self.proxy {
-            return (format!("0.0.0.0:{}", self.port), format!("{host}:{port}"));
-        }
-        match self.server.parse::<std::net::IpAddr>() {
+        let (listen, connect) = match self.server.parse::<std::net::IpAddr>() {
             Ok(ip) if ip.is_ipv6() => (
                 format!("[::]:{}", self.port),
                 format!("[{ip}]:{}", self.port),
@@ -88,6 +85,10 @@ impl App {
                 format!("0.0.0.0:{}", self.port),
                 format!("{}:{}", self.server, self.port),
             ),
+        };
+        match self.proxy {
+            Some((host, port)) => (listen, format!("{host}:{port}")),
+            None => (listen, connect),
         }
     }
 
