@@ -202,6 +202,9 @@ pub struct Metrics {
     /// opportunistic and the other end did not announce tlshub, by peer
     /// address.
     pub peer_silent_plain: Family<PeerLabel, Counter>,
+    /// The peers [`Metrics::peer_silent_plain`] has a series for (at most
+    /// [`MAX_PEER_SERIES`]).
+    silent_peers: std::sync::Mutex<std::collections::HashSet<String>>,
     /// Connections closed before their keys were in.
     pub closed_before_keys: Counter,
     /// Time from asking the provider to having keys, by provider and role.
@@ -240,6 +243,12 @@ pub struct Metrics {
     pub ktls: Family<TlsStatLabel, Gauge>,
 }
 
+/// How many peers get a series of their own in
+/// `tlshub_connections_plain_peer_silent_total`; later ones are counted
+/// under `peer="other"`, so that a rollout across a large cluster cannot
+/// grow the scrape without bound.
+pub const MAX_PEER_SERIES: usize = 1024;
+
 impl Default for Metrics {
     fn default() -> Self {
         Self::new()
@@ -247,6 +256,22 @@ impl Default for Metrics {
 }
 
 impl Metrics {
+    /// Counts a connection let through as plain because `peer` did not
+    /// announce tlshub (see [`MAX_PEER_SERIES`]).
+    pub fn count_silent_peer(&self, peer: std::net::IpAddr) {
+        let peer = peer.to_canonical().to_string();
+        let label = match self.silent_peers.lock() {
+            Ok(mut seen) if seen.contains(&peer) || seen.len() < MAX_PEER_SERIES => {
+                seen.insert(peer.clone());
+                peer
+            }
+            _ => "other".to_owned(),
+        };
+        self.peer_silent_plain
+            .get_or_create(&PeerLabel { peer: label })
+            .inc();
+    }
+
     /// Creates and registers every metric (prefix `tlshub_`).
     pub fn new() -> Self {
         let mut registry = Registry::with_prefix("tlshub");
@@ -259,6 +284,7 @@ impl Metrics {
             plaintext: Counter::default(),
             service_plain: Counter::default(),
             peer_silent_plain: Family::default(),
+            silent_peers: std::sync::Mutex::default(),
             closed_before_keys: Counter::default(),
             key_seconds: Family::new_with_constructor(key_histogram),
             gate_holds: Family::default(),
@@ -458,6 +484,30 @@ pub async fn serve(
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn silent_peers_get_a_series_each_up_to_the_limit_then_share_one() {
+        let m = Metrics::new();
+        let first: std::net::IpAddr = "::ffff:10.0.2.2".parse().unwrap();
+        m.count_silent_peer(first);
+        m.count_silent_peer(first);
+        for i in 1..MAX_PEER_SERIES + 5 {
+            m.count_silent_peer(std::net::IpAddr::from([10, 1, (i >> 8) as u8, i as u8]));
+        }
+        // A peer seen before the limit keeps its own series.
+        m.count_silent_peer(first);
+        let text = m.encode();
+        assert!(
+            text.contains(r#"tlshub_connections_plain_peer_silent_total{peer="10.0.2.2"} 3"#),
+            "{text}"
+        );
+        assert!(text.contains(r#"tlshub_connections_plain_peer_silent_total{peer="other"} 5"#));
+        let series = text
+            .lines()
+            .filter(|l| l.starts_with("tlshub_connections_plain_peer_silent_total{"))
+            .count();
+        assert_eq!(series, MAX_PEER_SERIES + 1);
+    }
+
     use super::*;
 
     #[test]

@@ -19,7 +19,7 @@ use crate::bpf::BpfError;
 use crate::config::FailurePolicy;
 use crate::keying::{Done, KeyingError, Outcome, PlainWhy};
 use crate::metrics::{
-    Metrics, PeerLabel, ProviderLabel, ProviderReasonLabels, ProviderRoleLabels, UNASSIGNED,
+    Metrics, ProviderLabel, ProviderReasonLabels, ProviderRoleLabels, UNASSIGNED,
 };
 use crate::outcomes::{OutcomeKind, OutcomeLog};
 
@@ -925,12 +925,7 @@ impl ConnTable {
                         }
                         PlainWhy::PeerSilent => {
                             self.stats.peer_silent_plain += 1;
-                            self.metrics
-                                .peer_silent_plain
-                                .get_or_create(&PeerLabel {
-                                    peer: remote.ip().to_canonical().to_string(),
-                                })
-                                .inc();
+                            self.metrics.count_silent_peer(remote.ip());
                             info!(cookie, peer = %remote, "the peer did not announce tlshub and the rule is opportunistic; let through as plain");
                         }
                     }
