@@ -613,6 +613,7 @@ mod tests {
             }],
         );
         m.set_tls_stat(["TlsCurrTxSw 1\n"]);
+        m.count_silent_peer(std::net::IpAddr::from([10, 0, 2, 2]));
         let mut names = std::collections::BTreeSet::new();
         for line in m.encode().lines() {
             let Some(rest) = line.strip_prefix("# TYPE ") else {
@@ -668,6 +669,9 @@ mod tests {
             "tlshub_gate_holds_total",
             "tlshub_gate_hold_duration_seconds_bucket",
             "tlshub_provider_credential_expiry_timestamp_seconds",
+            // What is plain by policy (services, rollouts).
+            "tlshub_connections_service_plain_total",
+            "tlshub_connections_plain_peer_silent_total",
         ] {
             assert!(queried.contains(want), "the dashboard does not show {want}");
         }
