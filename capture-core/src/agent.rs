@@ -585,6 +585,8 @@ impl Agent {
                 pending: self.table.pending().len() as u64,
                 tracked: (self.table.pending().len() + self.table.protected().len()) as u64,
                 ringbuf_drops: s.ringbuf_drops,
+                service_plain: s.service_plain,
+                peer_silent_plain: s.peer_silent_plain,
             }),
             config_file: self.config_path.display().to_string(),
             bpf_pin_dir: self.programs.pin_dir.display().to_string(),

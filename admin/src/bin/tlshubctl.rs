@@ -577,6 +577,12 @@ fn print_status(s: &pb::StatusResponse) {
             "  selected {}  protected {}  failed {}  reset {}  plaintext {}  closed-before-keys {}",
             c.selected, c.protected, c.failed, c.reset, c.plaintext, c.closed_before_keys
         );
+        if c.service_plain + c.peer_silent_plain > 0 {
+            println!(
+                "  plain by policy: unselected service backends {}  silent peers (opportunistic) {}",
+                c.service_plain, c.peer_silent_plain
+            );
+        }
         println!(
             "  pending {}  tracked {}  gate holds {}  ring-buffer drops {}",
             c.pending, c.tracked, c.gate_holds, c.ringbuf_drops

@@ -94,6 +94,10 @@ pub fn opportunistic_peer_without_tlshub() -> Result<String, String> {
             stats.failed, stats.protected
         ));
     }
+    let status = a.ctl(&["status"])?;
+    if status["counters"]["peer_silent_plain"].as_u64() != Some(2) {
+        return Err(format!("`tlshubctl status` does not count the 2: {status}"));
+    }
     // No key timeout (2 s) was waited for.
     let limit = Duration::from_millis(1500);
     if out_took > limit || in_took > limit {
