@@ -605,7 +605,8 @@ int tlshub_sockops(struct bpf_sock_ops *skops)
 	switch (skops->op) {
 	case BPF_SOCK_OPS_TCP_LISTEN_CB:
 		/* Listeners answer announcing SYNs (announce()); accepted
-		 * sockets inherit the flag and drop it at establishment. */
+		 * sockets inherit the flag and drop it at their first packet
+		 * out. */
 		bpf_sock_ops_cb_flags_set(skops, skops->bpf_sock_ops_cb_flags |
 							 BPF_SOCK_OPS_WRITE_HDR_OPT_CB_FLAG);
 		break;
