@@ -118,7 +118,7 @@ impl Agent {
     ) -> Result<Self, StartError> {
         // Before anything is attached: a core that would fail every
         // service connection does not start.
-        let conntrack = open_conntrack(&config, None)?;
+        let conntrack = open_conntrack(&config.policy, &config.conntrack, None)?;
         let mut programs = Programs::load_and_attach(
             &config.bpf.cgroup,
             &config.bpf.pin_dir,
@@ -652,13 +652,11 @@ impl Agent {
         // Service addresses need the table before the maps select them
         // (`[conntrack]` itself is read at startup only).
         let conntrack = open_conntrack(
-            &Config {
-                conntrack: self.config.conntrack.clone(),
-                ..fresh.clone()
-            },
+            &fresh.policy,
+            &self.config.conntrack,
             self.conntrack.clone(),
         )
-        .map_err(|e| format!("service addresses are configured, but: {e}"))?;
+        .map_err(|e| StartError::from(e).to_string())?;
         self.programs
             .write_policy(&fresh.policy)
             .map_err(|e| e.to_string())?;
@@ -792,24 +790,25 @@ fn policy_pb(p: &crate::config::PolicySection) -> pb::Policy {
     }
 }
 
-/// The connection tracking table for `config`'s service addresses: `open`
+/// The connection tracking table for `policy`'s service addresses: `open`
 /// if there is one already, a new one (checked with a lookup) if service
 /// addresses are configured, else `None`.
 fn open_conntrack(
-    config: &Config,
+    policy: &crate::config::PolicySection,
+    table_at: &crate::config::ConntrackSection,
     open: Option<Arc<Conntrack>>,
 ) -> Result<Option<Arc<Conntrack>>, crate::conntrack::ConntrackError> {
-    if config.policy.service_cidrs.is_empty() {
+    if policy.service_cidrs.is_empty() {
         return Ok(None);
     }
     if open.is_some() {
         return Ok(open);
     }
-    let table = Conntrack::open(config.conntrack.netns.as_deref())?;
+    let table = Conntrack::open(table_at.netns.as_deref())?;
     table.check()?;
     info!(
-        netns = %config.conntrack.netns.as_deref().map_or("(own)".into(), |p| p.display().to_string()),
-        services = config.policy.service_cidrs.len(),
+        netns = %table_at.netns.as_deref().map_or("(own)".into(), |p| p.display().to_string()),
+        services = policy.service_cidrs.len(),
         "service translations are read from the connection tracking table"
     );
     Ok(Some(Arc::new(table)))

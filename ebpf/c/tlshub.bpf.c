@@ -543,15 +543,22 @@ struct tlshub_tcpopt {
 	__u16 exid; /* network order */
 };
 
-/* Whether the packet the program runs for (flags 0), or the SYN it
- * answers (BPF_LOAD_HDR_OPT_TCP_SYN, at a SYN-ACK), carries the option. */
-static __always_inline __u16 announced_in(struct bpf_sock_ops *skops, __u64 flags)
+/* The option as written, and as searched for (kind and experiment ID). */
+static __always_inline struct tlshub_tcpopt tlshub_tcpopt(void)
 {
 	struct tlshub_tcpopt opt = {
 		.kind = TLSHUB_TCPOPT_KIND,
 		.len = TLSHUB_TCPOPT_LEN,
 		.exid = bpf_htons(TLSHUB_TCPOPT_EXID),
 	};
+	return opt;
+}
+
+/* Whether the packet the program runs for (flags 0), or the SYN it
+ * answers (BPF_LOAD_HDR_OPT_TCP_SYN, at a SYN-ACK), carries the option. */
+static __always_inline __u16 announced_in(struct bpf_sock_ops *skops, __u64 flags)
+{
+	struct tlshub_tcpopt opt = tlshub_tcpopt();
 	return bpf_load_hdr_opt(skops, &opt, sizeof(opt), flags) > 0 ? TLSHUB_PEER_ANNOUNCED
 								     : TLSHUB_PEER_SILENT;
 }
@@ -587,11 +594,7 @@ static __always_inline void announce(struct bpf_sock_ops *skops)
 		bpf_reserve_hdr_opt(skops, TLSHUB_TCPOPT_LEN, 0);
 		return;
 	}
-	struct tlshub_tcpopt opt = {
-		.kind = TLSHUB_TCPOPT_KIND,
-		.len = TLSHUB_TCPOPT_LEN,
-		.exid = bpf_htons(TLSHUB_TCPOPT_EXID),
-	};
+	struct tlshub_tcpopt opt = tlshub_tcpopt();
 	bpf_store_hdr_opt(skops, &opt, sizeof(opt), 0);
 }
 

@@ -213,6 +213,14 @@ fn installed() -> Result<Done, KeyingError> {
     Ok(Done::Installed(installed_keys()))
 }
 
+/// Nothing to key, by policy: the gate opens as plain.
+fn plain(remote: &str, why: PlainWhy) -> Result<Done, KeyingError> {
+    Ok(Done::Plain {
+        remote: remote.parse().unwrap(),
+        why,
+    })
+}
+
 fn provider_refused() -> Result<Done, KeyingError> {
     Err(KeyingError::TakeSocket {
         pid: PID,
@@ -1140,11 +1148,10 @@ fn a_service_connection_to_an_unselected_backend_opens_plain_under_either_policy
     for policy in [FailurePolicy::FailClosed, FailurePolicy::FailOpen] {
         let (mut t, mut k) = (table(policy), FakeKernel::default());
         let s = keying(&mut t, &mut k, COOKIE);
-        let plain = Done::Plain {
-            remote: "10.0.9.9:80".parse().unwrap(),
-            why: PlainWhy::ServiceBackendUnselected,
-        };
-        t.on_outcome(&mut k, outcome(&s, Ok(plain)));
+        t.on_outcome(
+            &mut k,
+            outcome(&s, plain("10.0.9.9:80", PlainWhy::ServiceBackendUnselected)),
+        );
         assert_eq!(k.gate(COOKIE), Some(gate::OPEN), "{policy:?}");
         assert!(k.resets.is_empty());
         let st = t.stats();
@@ -1202,11 +1209,10 @@ fn a_service_connection_keyed_with_its_backend_is_listed_with_the_backend() {
 fn a_silent_peer_of_an_opportunistic_rule_opens_plain_and_is_counted_by_peer() {
     let (mut t, mut k) = (table(FailurePolicy::FailClosed), FakeKernel::default());
     let s = keying(&mut t, &mut k, COOKIE);
-    let plain = Done::Plain {
-        remote: "[::ffff:10.0.2.2]:8443".parse().unwrap(),
-        why: PlainWhy::PeerSilent,
-    };
-    t.on_outcome(&mut k, outcome(&s, Ok(plain)));
+    t.on_outcome(
+        &mut k,
+        outcome(&s, plain("[::ffff:10.0.2.2]:8443", PlainWhy::PeerSilent)),
+    );
     assert_eq!(k.gate(COOKIE), Some(gate::OPEN));
     assert!(k.resets.is_empty());
     let st = t.stats();
@@ -1234,11 +1240,10 @@ fn a_plain_decision_is_not_applied_to_the_next_connection_of_a_reconnected_socke
     // (new ISNs), whose ESTABLISHED the table has not read yet.
     let next = established(COOKIE, 1);
     k.track(COOKIE, next);
-    let plain = Done::Plain {
-        remote: "10.0.2.2:8443".parse().unwrap(),
-        why: PlainWhy::PeerSilent,
-    };
-    t.on_outcome(&mut k, outcome(&s, Ok(plain)));
+    t.on_outcome(
+        &mut k,
+        outcome(&s, plain("10.0.2.2:8443", PlainWhy::PeerSilent)),
+    );
     assert_eq!(
         k.gate(COOKIE),
         Some(gate::CLOSED),

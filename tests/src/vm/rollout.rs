@@ -9,8 +9,10 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 
 use super::node::{Node, NodeSpec, PROTECTED_PORT};
-use super::process::{self, finish, spawn_app, spawn_ready};
-use super::support::{App, both_ok, expect_reset, json, nodes, ok, run_pair};
+use super::support::{
+    App, both_ok, expect_reset, finish_app_server, json, nodes, ok, run_app_client, run_pair,
+    start_app_server,
+};
 use super::topology::{POD_A, POD_B};
 use super::wire_check::{Capture, captured_exchanges};
 use crate::pattern::MARKER;
@@ -24,28 +26,24 @@ fn opportunistic(name: &'static str) -> NodeSpec {
 }
 
 /// One client-first exchange on the protected port with the server in
-/// `server_pod` at `server` and the client in `client_pod`.
+/// `server_pod` at `server` and the client in `client_pod`; both reports
+/// and how long the client took.
 fn exchange_between(
-    server_pod: &str,
-    server: &str,
+    server_pod: &'static str,
+    server: &'static str,
     client_pod: &str,
     size: usize,
 ) -> Result<(Value, Value, Duration), String> {
-    let app = App::exchange(size, PROTECTED_PORT);
-    let args = app.args();
-    let listen = format!("0.0.0.0:{PROTECTED_PORT}");
-    let mut sargv = vec!["tlshub-testapp", "server", "--listen", &listen];
-    sargv.extend(args.iter().map(String::as_str));
-    let srv = spawn_ready(server_pod, &sargv, "listening", Duration::from_secs(10))?;
-    let connect = format!("{server}:{PROTECTED_PORT}");
-    let mut cargv = vec!["tlshub-testapp", "client", "--connect", &connect];
-    cargv.extend(args.iter().map(String::as_str));
+    let app = App {
+        server,
+        server_pod,
+        ..App::exchange(size, PROTECTED_PORT)
+    };
+    let srv = start_app_server(&app)?;
     let started = Instant::now();
-    let client = spawn_app(client_pod, &cargv)?;
-    let c = finish(client, Duration::from_secs(60))?;
+    let c = run_app_client(&app, client_pod, &[], Duration::from_secs(60), srv.id())?;
     let took = started.elapsed();
-    let s = finish(srv, Duration::from_secs(10))?;
-    Ok((json(&s)?, json(&c)?, took))
+    Ok((finish_app_server(&app, srv, &c)?, json(&c)?, took))
 }
 
 /// Flows on the protected port that carry the marker in clear.
@@ -156,21 +154,11 @@ pub fn opportunistic_both_nodes_protect() -> Result<String, String> {
     drop((a, b));
     // A listener from before node b's programs.
     let app = App::exchange(10_000, PROTECTED_PORT);
-    let args = app.args();
-    let listen = format!("0.0.0.0:{PROTECTED_PORT}");
-    let mut sargv = vec!["tlshub-testapp", "server", "--listen", &listen];
-    sargv.extend(args.iter().map(String::as_str));
-    let srv = spawn_ready("pod-b", &sargv, "listening", Duration::from_secs(10))?;
+    let srv = start_app_server(&app)?;
     let (a, b) = nodes(opportunistic("a"), opportunistic("b"))?;
-    let connect = format!("{POD_B}:{PROTECTED_PORT}");
-    let mut cargv = vec!["tlshub-testapp", "client", "--connect", &connect];
-    cargv.extend(args.iter().map(String::as_str));
-    let c = json(&finish(
-        spawn_app("pod-a", &cargv)?,
-        Duration::from_secs(60),
-    )?)?;
-    let s = json(&process::finish(srv, Duration::from_secs(10))?)?;
-    both_ok(&app, &s, &c)?;
+    let c = run_app_client(&app, "pod-a", &[], Duration::from_secs(60), srv.id())?;
+    let s = finish_app_server(&app, srv, &c)?;
+    both_ok(&app, &s, &json(&c)?)?;
     let (pa, pb) = (
         a.stat_reaching(|s| s.peer_silent_plain, 1),
         b.stat_reaching(|s| s.peer_silent_plain, 1),

@@ -235,29 +235,53 @@ pub fn spawn_server(port: u16, args: &[&str]) -> Result<process::AppChild, Strin
     )
 }
 
+/// Starts `app`'s server in `app.server_pod` and waits until it listens.
+pub fn start_app_server(app: &App) -> Result<process::AppChild, String> {
+    let (listen, _) = app.addresses();
+    let args = app.args();
+    let mut sargv = vec!["tlshub-testapp", "server", "--listen", &listen];
+    sargv.extend(args.iter().map(String::as_str));
+    spawn_ready(app.server_pod, &sargv, "listening", Duration::from_secs(10))
+}
+
+/// Runs `app`'s client in `pod`, `extra` flags following, until it ends;
+/// its output. One that times out is reported with where `server` (the
+/// server's pid) was too.
+pub fn run_app_client(
+    app: &App,
+    pod: &str,
+    extra: &[&str],
+    timeout: Duration,
+    server: u32,
+) -> Result<String, String> {
+    let (_, connect) = app.addresses();
+    let args = app.args();
+    let mut cargv = vec!["tlshub-testapp", "client", "--connect", &connect];
+    cargv.extend(args.iter().map(String::as_str));
+    cargv.extend_from_slice(extra);
+    let client = process::spawn_app(pod, &cargv)?;
+    process::finish_reporting(client, timeout, &[server])
+        .map_err(|e| format!("{app:?}: client: {e}"))
+}
+
+/// The server's report once the client ended (the client's output `c`
+/// names what the client saw when the server fails).
+pub fn finish_app_server(app: &App, server: process::AppChild, c: &str) -> Result<Value, String> {
+    let s = finish(server, Duration::from_secs(10))
+        .map_err(|e| format!("{app:?}: server: {e}; the client said: {}", c.trim()))?;
+    json(&s)
+}
+
 /// Runs server in `app.server_pod` and client in pod-a; returns both reports.
 pub fn run_pair(
     app: &App,
     extra_client: &[&str],
     timeout: Duration,
 ) -> Result<(Value, Value), String> {
-    let (listen, connect) = app.addresses();
-    let args = app.args();
-    let mut sargv = vec!["tlshub-testapp", "server", "--listen", &listen];
-    sargv.extend(args.iter().map(String::as_str));
-    let server = spawn_ready(app.server_pod, &sargv, "listening", Duration::from_secs(10))?;
-    let mut cargv = vec!["tlshub-testapp", "client", "--connect", &connect];
-    cargv.extend(args.iter().map(String::as_str));
-    cargv.extend_from_slice(extra_client);
-    let client = process::spawn_app("pod-a", &cargv)?;
-    let server_pid = server.id();
-    // A client that times out is reported with where the server was too
-    // (the server is killed when this returns).
-    let c = process::finish_reporting(client, timeout, &[server_pid])
-        .map_err(|e| format!("{app:?}: client: {e}"))?;
-    let s = finish(server, Duration::from_secs(10))
-        .map_err(|e| format!("{app:?}: server: {e}; the client said: {}", c.trim()));
-    Ok((json(&s?)?, json(&c)?))
+    let server = start_app_server(app)?;
+    // The server is killed when this returns.
+    let c = run_app_client(app, "pod-a", extra_client, timeout, server.id())?;
+    Ok((finish_app_server(app, server, &c)?, json(&c)?))
 }
 
 pub fn ok(v: &Value) -> bool {
