@@ -35,6 +35,10 @@ pub struct Stats {
     /// announce tlshub in the TCP handshake: let through as plain, by
     /// policy.
     pub peer_silent_plain: u64,
+    /// Connections whose rule is opportunistic and whose other end was
+    /// silent although it had announced tlshub before: keyed as under a
+    /// strict rule (protected or failed closed), never plain.
+    pub known_peer_silent: u64,
     /// Closed before they were keyed.
     pub closed_before_keys: u64,
     /// Times the gate stopped a process (HELD events).

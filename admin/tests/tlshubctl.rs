@@ -153,6 +153,45 @@ impl Admin for FakeCore {
     ) -> Result<Response<pb::ReloadPolicyResponse>, Status> {
         Err(Status::unimplemented("not here"))
     }
+
+    /// One announced node and one silent address.
+    async fn list_peers(
+        &self,
+        _: Request<pb::ListPeersRequest>,
+    ) -> Result<Response<pb::ListPeersResponse>, Status> {
+        Ok(Response::new(pb::ListPeersResponse {
+            peers: vec![
+                pb::Peer {
+                    peer: "node-b".into(),
+                    announced: true,
+                    first_announced_unix: 1_700_000_000,
+                    protected: 12,
+                    known_peer_silent: 2,
+                    ..Default::default()
+                },
+                pb::Peer {
+                    peer: "fd00:2:0:0:0:0:0:7".into(),
+                    plain: 3,
+                    ..Default::default()
+                },
+            ],
+            file: "/var/lib/tlshub/peers.json".into(),
+        }))
+    }
+
+    /// Only `node-b` is remembered; `all` forgets it too.
+    async fn forget_peers(
+        &self,
+        r: Request<pb::ForgetPeersRequest>,
+    ) -> Result<Response<pb::ForgetPeersResponse>, Status> {
+        let r = r.into_inner();
+        let forgotten = if r.all || r.peers.iter().any(|p| p == "node-b") {
+            vec!["node-b".into()]
+        } else {
+            Vec::new()
+        };
+        Ok(Response::new(pb::ForgetPeersResponse { forgotten }))
+    }
 }
 
 /// A directory removed when dropped.
@@ -447,4 +486,39 @@ fn ab_interrupted_restores_the_original_provider_and_exits_130() {
     let text = String::from_utf8_lossy(&o.stdout).into_owned();
     assert!(text.contains("interrupted; boringssl restored"), "{text}");
     assert!(text.contains("KEY P50 MS (95% CI)"), "{text}");
+}
+
+#[test]
+fn peers_are_listed_and_forgetting_needs_names_or_all_but_not_both() {
+    let dir = TempDir::new("peers");
+    let (_, socket) = serving_core(&dir);
+    let o = tlshubctl(&socket, &["peers"]);
+    let text = String::from_utf8_lossy(&o.stdout).into_owned();
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    let row = text
+        .lines()
+        .find(|l| l.trim_start().starts_with("node-b"))
+        .unwrap();
+    let cells: Vec<&str> = row.split_whitespace().collect();
+    // PEER ANNOUNCED SINCE(n, "ago") LAST PROTECTED PLAIN KNOWN-SILENT
+    assert_eq!(
+        (cells[1], cells[4], cells[5], cells[6], cells[7]),
+        ("yes", "-", "12", "0", "2"),
+        "{text}"
+    );
+    assert!(
+        text.contains("2 peer(s), 1 announced tlshub (kept in /var/lib/tlshub/peers.json)"),
+        "{text}"
+    );
+    let o = tlshubctl(&socket, &["--json", "peers", "forget", "node-b", "node-c"]);
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    let answer: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(answer["forgotten"], serde_json::json!(["node-b"]));
+    assert_eq!(code(&tlshubctl(&socket, &["peers", "forget"])), 2);
+    assert_eq!(
+        code(&tlshubctl(&socket, &["peers", "forget", "node-b", "--all"])),
+        2
+    );
+    let o = tlshubctl(&socket, &["peers", "forget", "--all"]);
+    assert!(String::from_utf8_lossy(&o.stdout).contains("forgotten: node-b"));
 }

@@ -14,6 +14,7 @@ use tracing::info;
 
 use crate::agent::AdminRequest;
 use crate::metrics::Metrics;
+use crate::peers::PeerMemory;
 use crate::providers::{Registry, SwitchError};
 
 /// How long `provider use` waits for the new provider's health answer.
@@ -25,6 +26,7 @@ pub struct AdminService {
     agent: mpsc::Sender<AdminRequest>,
     providers: Arc<Registry>,
     metrics: Arc<Metrics>,
+    peers: Arc<PeerMemory>,
 }
 
 impl AdminService {
@@ -33,11 +35,13 @@ impl AdminService {
         agent: mpsc::Sender<AdminRequest>,
         providers: Arc<Registry>,
         metrics: Arc<Metrics>,
+        peers: Arc<PeerMemory>,
     ) -> Self {
         Self {
             agent,
             providers,
             metrics,
+            peers,
         }
     }
 
@@ -101,6 +105,51 @@ impl pb::admin_server::Admin for AdminService {
             previous,
             active: name,
         }))
+    }
+
+    async fn list_peers(
+        &self,
+        _: Request<pb::ListPeersRequest>,
+    ) -> Result<Response<pb::ListPeersResponse>, Status> {
+        let peers = self
+            .peers
+            .list()
+            .into_iter()
+            .map(|(peer, e)| pb::Peer {
+                peer,
+                announced: e.first_announced_unix.is_some(),
+                first_announced_unix: e.first_announced_unix.unwrap_or(0),
+                last_announced_unix: e.last_announced_unix.unwrap_or(0),
+                protected: e.protected,
+                plain: e.plain,
+                known_peer_silent: e.known_peer_silent,
+            })
+            .collect();
+        Ok(Response::new(pb::ListPeersResponse {
+            peers,
+            file: self.peers.file().display().to_string(),
+        }))
+    }
+
+    async fn forget_peers(
+        &self,
+        request: Request<pb::ForgetPeersRequest>,
+    ) -> Result<Response<pb::ForgetPeersResponse>, Status> {
+        let pb::ForgetPeersRequest { peers, all } = request.into_inner();
+        if all != peers.is_empty() {
+            return Err(Status::invalid_argument(
+                "name the peers to forget, or ask for all of them, not both",
+            ));
+        }
+        let forgotten = self.peers.forget(&peers).map_err(|e| {
+            Status::internal(format!(
+                "forgotten until the core restarts, but not written: {e}"
+            ))
+        })?;
+        self.metrics
+            .peers_announced
+            .set(self.peers.announced_count() as i64);
+        Ok(Response::new(pb::ForgetPeersResponse { forgotten }))
     }
 
     async fn reload_policy(

@@ -20,6 +20,7 @@ use crate::conntrack::Conntrack;
 use crate::keying::{self, Job, Outcome};
 use crate::metrics::{Metrics, ProviderLabel};
 use crate::outcomes::OutcomeKind;
+use crate::peers::PeerMemory;
 use crate::providers::{Health, Registry};
 use crate::state::{ConnTable, role_name};
 
@@ -65,6 +66,9 @@ pub enum StartError {
     /// cannot be read.
     #[error("service addresses are configured, but: {0}")]
     Conntrack(#[from] crate::conntrack::ConntrackError),
+    /// `[peers]`: the remembered peers cannot be read or kept.
+    #[error(transparent)]
+    Peers(#[from] crate::peers::PeersError),
 }
 
 /// The running core.
@@ -95,6 +99,12 @@ pub struct Agent {
     /// The node's connection tracking table, opened once service
     /// addresses are configured.
     conntrack: Option<Arc<Conntrack>>,
+    /// The peers that announced tlshub (see [`crate::peers`]).
+    peers: Arc<PeerMemory>,
+    /// Whether a silent peer was remembered when the connection's
+    /// `ESTABLISHED` was read (by cookie; taken by its job). See
+    /// [`Agent::note_announcement`].
+    peer_remembered: HashMap<u64, bool>,
 }
 
 impl std::fmt::Debug for Agent {
@@ -119,6 +129,10 @@ impl Agent {
         // Before anything is attached: a core that would fail every
         // service connection does not start.
         let conntrack = open_conntrack(&config.policy, &config.conntrack, None)?;
+        let peers = Arc::new(PeerMemory::open(
+            &config.peers.file,
+            config.peers.node_map.as_deref(),
+        )?);
         let mut programs = Programs::load_and_attach(
             &config.bpf.cgroup,
             &config.bpf.pin_dir,
@@ -169,6 +183,8 @@ impl Agent {
         let mut agent = Self {
             policy: Arc::new(config.policy.clone()),
             conntrack,
+            peers,
+            peer_remembered: HashMap::new(),
             conns,
             owner_senders: HashMap::new(),
             send_buffer_floor,
@@ -197,6 +213,12 @@ impl Agent {
     fn service_table(&self, role: u32, remote: std::net::SocketAddr) -> Option<Arc<Conntrack>> {
         let table = self.conntrack.clone()?;
         (role == role::CLIENT && self.policy.is_service(remote)).then_some(table)
+    }
+
+    /// The remembered peers (shared with the admin API, which lists and
+    /// forgets them).
+    pub fn peers(&self) -> Arc<PeerMemory> {
+        self.peers.clone()
     }
 
     /// The provider registry (shared with the admin API for switching).
@@ -244,6 +266,7 @@ impl Agent {
                     let batch = crate::bpf::drain_events(guard.get_inner_mut());
                     guard.clear_ready();
                     for ev in batch {
+                        self.note_announcement(&ev);
                         self.table.on_event(&self.programs, ev);
                     }
                 }
@@ -343,10 +366,38 @@ impl Agent {
     fn sweep(&mut self, events: &mut AsyncFd<aya::maps::RingBuf<aya::maps::MapData>>) {
         let states = self.table.held_states(&mut self.programs);
         for ev in crate::bpf::drain_events(events.get_mut()) {
+            self.note_announcement(&ev);
             self.table.on_event(&self.programs, ev);
         }
         self.table.sweep_held(&mut self.programs, &states);
         self.programs.untrack_opened();
+    }
+
+    /// What a connection's handshake says about its peer, taken as its
+    /// `ESTABLISHED` is read, in the order the node saw the handshakes, and
+    /// not when its job runs (a server's job may wait for `accept()`): an
+    /// announcing peer is remembered at once, and a silent one is checked
+    /// against the memory as it was then. So the two nodes of one
+    /// connection that teaches them about each other judge every later
+    /// connection alike. A service address's backend is not known yet: its
+    /// job does both once it is.
+    fn note_announcement(&mut self, ev: &tlshub_ebpf::Event) {
+        if ev.kind != tlshub_ebpf::kind::ESTABLISHED {
+            return;
+        }
+        let remote = ev.remote();
+        if ev.role == role::CLIENT && self.policy.is_service(remote) {
+            self.peer_remembered.remove(&ev.cookie);
+            return;
+        }
+        let remembered = if ev.peer == tlshub_ebpf::peer::ANNOUNCED {
+            self.peers.announced(remote.ip());
+            false
+        } else {
+            self.peers.remembers(remote.ip())
+        };
+        // A socket connected again replaces its entry.
+        self.peer_remembered.insert(ev.cookie, remembered);
     }
 
     /// Runs the keying jobs the table decided on.
@@ -388,6 +439,11 @@ impl Agent {
                 established: est,
                 service: self.service_table(est.role, est.remote()),
                 policy: self.policy.clone(),
+                peers: self.peers.clone(),
+                // `None` for a connection whose event this core did not read
+                // (adopted from a previous core, or taken up from the map
+                // after lost events): its job asks the memory.
+                peer_remembered: self.peer_remembered.remove(&start.cookie),
             };
             let span = info_span!("conn", cookie = job.cookie, local = %job.local, remote = %job.remote, owner = ?start.owner, role = ?job.role, provider = %provider.name);
             let done = done.clone();
@@ -587,6 +643,8 @@ impl Agent {
                 ringbuf_drops: s.ringbuf_drops,
                 service_plain: s.service_plain,
                 peer_silent_plain: s.peer_silent_plain,
+                known_peer_silent: s.known_peer_silent,
+                peers_announced: self.peers.announced_count() as u64,
             }),
             config_file: self.config_path.display().to_string(),
             bpf_pin_dir: self.programs.pin_dir.display().to_string(),
@@ -645,7 +703,8 @@ impl Agent {
         pb::ListConnectionsResponse { connections }
     }
 
-    /// Re-reads the config file; only `[policy]` is applied. A file that
+    /// Re-reads the config file; only `[policy]` (and `[peers] node_map`)
+    /// is applied. A file that
     /// does not load leaves everything as it was.
     fn reload_policy(&mut self) -> Result<pb::Policy, String> {
         let fresh = Config::load(&self.config_path).map_err(|e| e.to_string())?;
@@ -657,9 +716,14 @@ impl Agent {
             self.conntrack.clone(),
         )
         .map_err(|e| StartError::from(e).to_string())?;
+        // Read before the maps change, so that a bad node map leaves
+        // everything as it was.
+        let nodes = crate::peers::load_node_map(fresh.peers.node_map.as_deref())
+            .map_err(|e| StartError::from(e).to_string())?;
         self.programs
             .write_policy(&fresh.policy)
             .map_err(|e| e.to_string())?;
+        self.peers.set_node_map(nodes);
         self.conntrack = conntrack;
         self.policy = Arc::new(fresh.policy.clone());
         self.config.policy = fresh.policy;
@@ -744,6 +808,23 @@ impl Agent {
                 moved = true;
             }
         }
+        // Counted by the keying jobs, in the peer memory.
+        let refused = self.peers.known_peer_silent_total();
+        if refused != stats.known_peer_silent {
+            self.metrics
+                .known_peer_silent
+                .inc_by(refused.saturating_sub(stats.known_peer_silent));
+            stats.known_peer_silent = refused;
+            moved = true;
+        }
+        self.metrics
+            .peers_announced
+            .set(self.peers.announced_count() as i64);
+        // Connections that closed before a job took their entry.
+        let waiting = self.table.pending();
+        self.peer_remembered
+            .retain(|cookie, _| waiting.contains_key(cookie));
+        let stats = self.table.stats_mut();
         stats.pending = pending;
         stats.held_tracked = held;
         if moved {
@@ -760,11 +841,7 @@ impl Agent {
         self.table.stats_mut().bpf_maps = self.programs.map_sizes();
         match serde_json::to_vec(self.table.stats()) {
             Ok(bytes) => {
-                let tmp = path.with_extension("tmp");
-                if std::fs::write(&tmp, bytes)
-                    .and_then(|()| std::fs::rename(&tmp, path))
-                    .is_err()
-                {
+                if crate::files::replace(path, &bytes).is_err() {
                     warn!(path = %path.display(), "cannot write stats file");
                 }
             }

@@ -302,6 +302,32 @@ pub struct ConntrackSection {
     pub netns: Option<PathBuf>,
 }
 
+/// `[peers]`: the peers that announced tlshub in a TCP handshake, which an
+/// opportunistic rule never lets through as plain again (see
+/// [`crate::peers`]).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PeersSection {
+    /// Where they are kept across restarts and reboots (read at startup,
+    /// written when a peer first announces or is forgotten). Its directory
+    /// is made if missing; a core that cannot write here does not start.
+    pub file: PathBuf,
+    /// The cluster's node map (the file the providers read): when set, a
+    /// peer is the node that owns the address, so one announcement covers
+    /// every pod of that node. Unset: each address on its own. Re-read by
+    /// `policy reload`.
+    pub node_map: Option<PathBuf>,
+}
+
+impl Default for PeersSection {
+    fn default() -> Self {
+        Self {
+            file: PathBuf::from("/var/lib/tlshub/peers.json"),
+            node_map: None,
+        }
+    }
+}
+
 /// `[bpf]`: where programs attach.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -482,6 +508,9 @@ pub struct Config {
     /// Where service translations are read.
     #[serde(default)]
     pub conntrack: ConntrackSection,
+    /// Where the peers that announced tlshub are remembered.
+    #[serde(default)]
+    pub peers: PeersSection,
 }
 
 impl Config {

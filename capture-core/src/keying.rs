@@ -17,6 +17,7 @@ use tlshub_ebpf::{Conn, Event, kind, peer};
 use crate::bpf::ConnsReader;
 use crate::config::{PolicySection, RuleMode};
 use crate::conntrack::Conntrack;
+use crate::peers::{Counted, PeerMemory, Verdict};
 use crate::providers::Provider;
 use crate::service::{ServiceError, ServiceRoute};
 use crate::state::same_connection;
@@ -69,6 +70,15 @@ pub struct Job {
     /// The policy as of the job's start: it judges a service's backend, and
     /// the rule's mode decides what a silent peer means.
     pub policy: Arc<PolicySection>,
+    /// The peers that announced tlshub before: a silent peer found here
+    /// is a downgrade.
+    pub peers: Arc<PeerMemory>,
+    /// Whether the peer, silent, was remembered when `established` was
+    /// read (the event loop records announcements then, in the order the
+    /// handshakes came). `None`: not known then (a service address, whose
+    /// backend is learnt by the job; a connection adopted from a previous
+    /// core): asked of `peers` now.
+    pub peer_remembered: Option<bool>,
 }
 
 impl Job {
@@ -87,15 +97,43 @@ impl Job {
         crate::service::route(&self.policy, local, service, looked)
     }
 
-    /// Whether the connection goes on as plain because the other end did
-    /// not announce tlshub in the TCP handshake and the rule that selects
-    /// it is opportunistic.
+    /// What the handshake's announcement means for this connection (with
+    /// `remote` the backend, for a service address): an announcing peer is
+    /// remembered; a silent one under an opportunistic rule lets the
+    /// connection through as plain (`true`), unless it announced before,
+    /// which makes the silence a downgrade: keyed as under a strict rule.
     fn plain_for_silent_peer(&self) -> bool {
-        self.established.peer == peer::SILENT
+        let ip = self.remote.ip();
+        let announced_now = self.established.peer == peer::ANNOUNCED;
+        // Asked only when it matters: the rule lookup walks the policy.
+        let opportunistic = !announced_now
             && self
                 .policy
                 .rule_for(self.role == Role::Client, self.local, self.remote)
-                .is_some_and(|r| r.mode == RuleMode::Opportunistic)
+                .is_some_and(|r| r.mode == RuleMode::Opportunistic);
+        let remembered = opportunistic
+            && self
+                .peer_remembered
+                .unwrap_or_else(|| self.peers.remembers(ip));
+        match crate::peers::verdict(announced_now, opportunistic, remembered) {
+            Verdict::Remember => self.peers.announced(ip),
+            Verdict::Key => {}
+            Verdict::KnownPeerSilent => {
+                self.peers.count(ip, Counted::KnownPeerSilent);
+                // Not a warning: every connection to a listener older than
+                // its node's programs looks the same. A real downgrade
+                // fails its keying, which is logged as a failure.
+                tracing::info!(
+                    peer = %self.peers.peer_of(ip),
+                    "peer known to run tlshub was silent (a listener older than its node's programs, the option stripped on the way, or its tlshub gone): keyed as under a strict rule, not plain"
+                );
+            }
+            Verdict::Plain => {
+                self.peers.count(ip, Counted::Plain);
+                return true;
+            }
+        }
+        false
     }
 
     /// Whether `now`, the socket's `conns` entry as read by the job, is
@@ -536,6 +574,7 @@ pub async fn run(mut job: Job, provider: Arc<Provider>) -> Outcome {
     }
     let result = sys::install_ktls(socket.as_fd(), &keys)
         .map(|()| {
+            job.peers.count(job.remote.ip(), Counted::Protected);
             Done::Installed(Installed {
                 version: keys.version,
                 cipher: keys.cipher_suite,

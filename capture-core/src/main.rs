@@ -7,9 +7,11 @@ mod agent;
 mod bpf;
 mod config;
 mod conntrack;
+mod files;
 mod keying;
 mod metrics;
 mod outcomes;
+mod peers;
 mod preflight;
 mod procfs;
 mod providers;
@@ -232,7 +234,12 @@ fn main() -> ExitCode {
             }
         };
         let (admin_tx, admin_rx) = tokio::sync::mpsc::channel(16);
-        let service = admin::AdminService::new(admin_tx, agent.providers(), metrics.clone());
+        let service = admin::AdminService::new(
+            admin_tx,
+            agent.providers(),
+            metrics.clone(),
+            agent.peers(),
+        );
         let admin_task = match admin::serve(admin_socket.clone(), service) {
             Ok(t) => t,
             Err(e) => {

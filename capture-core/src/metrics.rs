@@ -205,6 +205,11 @@ pub struct Metrics {
     /// The peers [`Metrics::peer_silent_plain`] has a series for (at most
     /// [`MAX_PEER_SERIES`]).
     silent_peers: std::sync::Mutex<std::collections::HashSet<String>>,
+    /// Connections whose peer was silent although it had announced tlshub
+    /// before, keyed as under a strict rule instead of going plain.
+    pub known_peer_silent: Counter,
+    /// Peers remembered as having announced tlshub.
+    pub peers_announced: Gauge,
     /// Connections closed before their keys were in.
     pub closed_before_keys: Counter,
     /// Time from asking the provider to having keys, by provider and role.
@@ -285,6 +290,8 @@ impl Metrics {
             service_plain: Counter::default(),
             peer_silent_plain: Family::default(),
             silent_peers: std::sync::Mutex::default(),
+            known_peer_silent: Counter::default(),
+            peers_announced: Gauge::default(),
             closed_before_keys: Counter::default(),
             key_seconds: Family::new_with_constructor(key_histogram),
             gate_holds: Family::default(),
@@ -342,6 +349,16 @@ impl Metrics {
             "connections_plain_peer_silent",
             "Connections of opportunistic rules whose other end did not announce tlshub in the TCP handshake, let through as plain, by peer address",
             m.peer_silent_plain.clone(),
+        );
+        registry.register(
+            "connections_known_peer_silent",
+            "Connections of opportunistic rules whose peer had announced tlshub before but was silent in this handshake, keyed as under a strict rule instead of going plain",
+            m.known_peer_silent.clone(),
+        );
+        registry.register(
+            "peers_announced",
+            "Peers (nodes, or addresses without a node map) remembered as having announced tlshub",
+            m.peers_announced.clone(),
         );
         registry.register(
             "connections_closed_before_keys",

@@ -293,9 +293,7 @@ fn record_switch(path: &Path, active: &str, configured: &str) -> Result<(), Reco
             configured: configured.into(),
         };
         let json = serde_json::to_vec(&record).map_err(std::io::Error::other)?;
-        let tmp = path.with_extension("tmp");
-        std::fs::write(&tmp, json)?;
-        std::fs::rename(&tmp, path)
+        crate::files::replace(path, &json)
     };
     write().map_err(|source| RecordError::Write {
         path: path.into(),

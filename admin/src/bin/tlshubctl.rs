@@ -18,6 +18,10 @@ Examples:
                                        (refused unless it is serving; --force; kept by a
                                        restarted core until `active` is edited in its config)
   tlshubctl policy reload              re-read [policy] from the core's config file
+  tlshubctl peers                      peers seen: announced tlshub or not, connections
+                                       protected, plain, silent though known (keyed)
+  tlshubctl peers forget node-b        node-b left the rollout for good: opportunistic
+                                       rules may let it through as plain again
   tlshubctl ab openssl boringssl --duration 10m --switch-every 30s
                                        alternate the two providers on this node, then
                                        compare them on its own traffic
@@ -111,6 +115,18 @@ enum Command {
     /// The selection policy.
     #[command(subcommand)]
     Policy(PolicyCommand),
+    /// The peers seen in selected connections (nodes with `[peers]
+    /// node_map`, else addresses): whether each announced tlshub in a TCP
+    /// handshake, and its connections protected, let through as plain
+    /// (silent under an opportunistic rule) and silent although known to
+    /// run tlshub (keyed as under a strict rule: a listener older than its
+    /// node's programs, the option stripped on the way, or its tlshub gone)
+    /// (silent after announcing: keyed as under a strict rule). With no
+    /// subcommand: `list`.
+    Peers {
+        #[command(subcommand)]
+        action: Option<PeersCommand>,
+    },
     /// Compare providers A and B on this node's own traffic: make A, then
     /// B, then A ... the active provider, each for `--switch-every`, for
     /// `--duration` in all; then restore the provider that was active
@@ -157,6 +173,24 @@ enum PolicyCommand {
     /// Re-read `[policy]` from the core's configuration file and apply it to
     /// new connections (a bad file is refused and the old policy stays).
     Reload,
+}
+
+#[derive(Debug, Subcommand)]
+enum PeersCommand {
+    /// Every peer, by name.
+    List,
+    /// Forget that peers announced tlshub (for a node that left the
+    /// rollout for good): an opportunistic rule may let them through as
+    /// plain again. The core keeps announced peers across restarts
+    /// otherwise.
+    Forget {
+        /// Names or addresses as `peers list` shows them.
+        #[arg(required_unless_present = "all", conflicts_with = "all")]
+        peers: Vec<String>,
+        /// Every announced peer.
+        #[arg(long)]
+        all: bool,
+    },
 }
 
 fn main() -> ExitCode {
@@ -248,6 +282,29 @@ async fn run(args: Args) -> ExitCode {
             }
             Err(e) => Err(e),
         },
+        Command::Peers {
+            action: None | Some(PeersCommand::List),
+        } => client
+            .list_peers(pb::ListPeersRequest {})
+            .await
+            .map(|r| show(args.json, &r.into_inner(), print_peers)),
+        Command::Peers {
+            action: Some(PeersCommand::Forget { peers, all }),
+        } => client
+            .forget_peers(pb::ForgetPeersRequest {
+                peers: peers.clone(),
+                all: *all,
+            })
+            .await
+            .map(|r| {
+                show(args.json, &r.into_inner(), |r| {
+                    if r.forgotten.is_empty() {
+                        println!("no such announced peer: nothing forgotten");
+                    } else {
+                        println!("forgotten: {}", r.forgotten.join(", "));
+                    }
+                });
+            }),
         Command::Policy(PolicyCommand::Reload) => client
             .reload_policy(pb::ReloadPolicyRequest {})
             .await
@@ -583,6 +640,12 @@ fn print_status(s: &pb::StatusResponse) {
                 c.service_plain, c.peer_silent_plain
             );
         }
+        if c.peers_announced + c.known_peer_silent > 0 {
+            println!(
+                "  peers that announced tlshub {}  silent though known (keyed) {}  (tlshubctl peers)",
+                c.peers_announced, c.known_peer_silent
+            );
+        }
         println!(
             "  pending {}  tracked {}  gate holds {}  ring-buffer drops {}",
             c.pending, c.tracked, c.gate_holds, c.ringbuf_drops
@@ -741,6 +804,49 @@ fn print_connections(r: &pb::ListConnectionsResponse) {
     }
     println!("{t}");
     println!("{} connection(s)", r.connections.len());
+}
+
+fn print_peers(r: &pb::ListPeersResponse) {
+    let mut t = table(
+        &[
+            "PEER",
+            "ANNOUNCED",
+            "SINCE",
+            "LAST",
+            "PROTECTED",
+            "PLAIN",
+            "KNOWN-SILENT",
+        ],
+        &[4, 5, 6],
+    );
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let ago = |t: u64| {
+        if t == 0 {
+            "-".to_owned()
+        } else {
+            format!("{} ago", duration(now.saturating_sub(t)))
+        }
+    };
+    for p in &r.peers {
+        t.add_row(vec![
+            p.peer.clone(),
+            if p.announced { "yes" } else { "no" }.to_owned(),
+            ago(p.first_announced_unix),
+            ago(p.last_announced_unix),
+            p.protected.to_string(),
+            p.plain.to_string(),
+            p.known_peer_silent.to_string(),
+        ]);
+    }
+    println!("{t}");
+    let announced = r.peers.iter().filter(|p| p.announced).count();
+    println!(
+        "{} peer(s), {announced} announced tlshub (kept in {})",
+        r.peers.len(),
+        r.file
+    );
 }
 
 fn dash(s: &str) -> &str {

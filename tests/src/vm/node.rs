@@ -122,6 +122,8 @@ pub struct NodeSpec {
     pub service_cidrs: Vec<&'static str>,
     /// The rule's `mode` (`strict` or `opportunistic`).
     pub rule_mode: &'static str,
+    /// Ports the rule selects besides [`PROTECTED_PORT`].
+    pub also_ports: Vec<u16>,
 }
 
 impl NodeSpec {
@@ -141,6 +143,7 @@ impl NodeSpec {
             node_map: true,
             service_cidrs: Vec::new(),
             rule_mode: "strict",
+            also_ports: Vec::new(),
         }
     }
 
@@ -229,12 +232,16 @@ impl Node {
             format!("service_cidrs = [{}]\n", cidrs.join(", "))
         };
         let mut core_toml = format!(
-            "node_name = \"node-{n}\"\nfailure_policy = \"{}\"\n\n[provider]\nactive = \"{}\"\ntimeout_ms = {}\nhealth_interval_ms = 500\nswitch_file = \"{}\"\n[provider.endpoints]\n{endpoints}\n[admin]\nsocket = \"{}\"\n\n[metrics]\nlisten = \"127.0.0.1:{metrics_port}\"\n\n[policy]\nlocal_cidrs = [{local}]\n{services}[[policy.rules]]\npeer_cidrs = [{peer}]\nports = [{PROTECTED_PORT}]\nmode = \"{}\"\n\n[bpf]\npin_dir = \"/sys/fs/bpf/tlshub-node-{n}\"\n{}",
+            "node_name = \"node-{n}\"\nfailure_policy = \"{}\"\n\n[provider]\nactive = \"{}\"\ntimeout_ms = {}\nhealth_interval_ms = 500\nswitch_file = \"{}\"\n[provider.endpoints]\n{endpoints}\n[admin]\nsocket = \"{}\"\n\n[metrics]\nlisten = \"127.0.0.1:{metrics_port}\"\n\n[policy]\nlocal_cidrs = [{local}]\n{services}[[policy.rules]]\npeer_cidrs = [{peer}]\nports = [{PROTECTED_PORT}{}]\nmode = \"{}\"\n\n[bpf]\npin_dir = \"/sys/fs/bpf/tlshub-node-{n}\"\n{}",
             spec.failure_policy,
             spec.provider.name(),
             spec.key_timeout_ms,
             dir.join("active-provider.json").display(),
             dir.join("admin.sock").display(),
+            spec.also_ports
+                .iter()
+                .map(|p| format!(", {p}"))
+                .collect::<String>(),
             spec.rule_mode,
             spec.bpf
                 .iter()
@@ -246,6 +253,16 @@ impl Node {
         }
         if !spec.service_cidrs.is_empty() {
             core_toml.push_str(&format!("\n[conntrack]\nnetns = \"/run/netns/node-{n}\"\n"));
+        }
+        // The announced peers, by node when the test bed's node map is on.
+        core_toml.push_str(&format!(
+            "\n[peers]\nfile = \"{}\"\n",
+            dir.join("peers.json").display()
+        ));
+        if spec.node_map {
+            let map = dir.join("core-nodes.toml");
+            std::fs::write(&map, NODE_MAP).map_err(|e| e.to_string())?;
+            core_toml.push_str(&format!("node_map = \"{}\"\n", map.display()));
         }
         std::fs::write(dir.join("core.toml"), core_toml).map_err(|e| e.to_string())?;
         let mut standin = None;
@@ -518,6 +535,23 @@ impl Node {
             &self.dir,
             &format!("core-{label}"),
         )?);
+        Ok(())
+    }
+
+    /// Makes the rule's mode `mode` in the node's configuration and applies
+    /// it with `tlshubctl policy reload`, as an operator finishing a
+    /// rollout does.
+    pub fn set_rule_mode(&mut self, mode: &'static str) -> Result<(), String> {
+        let path = self.dir.join("core.toml");
+        let text = std::fs::read_to_string(&path).map_err(|e| e.to_string())?;
+        let was = format!("mode = \"{}\"", self.spec.rule_mode);
+        if !text.contains(&was) {
+            return Err(format!("{} has no `{was}`", path.display()));
+        }
+        let text = text.replace(&was, &format!("mode = \"{mode}\""));
+        std::fs::write(&path, text).map_err(|e| e.to_string())?;
+        self.ctl(&["policy", "reload"])?;
+        self.spec.rule_mode = mode;
         Ok(())
     }
 

@@ -9,9 +9,11 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 
 use super::node::{Node, NodeSpec, PROTECTED_PORT};
+use super::process::finish;
+use super::service::{self, LoadServer, spawn_load_client};
 use super::support::{
-    App, both_ok, expect_reset, finish_app_server, json, nodes, ok, run_app_client, run_pair,
-    start_app_server,
+    App, both_ok, expect_reset, expect_server_failed_clean, finish_app_server, json, nodes, ok,
+    run_app_client, run_pair, start_app_server,
 };
 use super::topology::{POD_A, POD_B};
 use super::wire_check::{Capture, captured_exchanges};
@@ -152,13 +154,21 @@ pub fn opportunistic_both_nodes_protect() -> Result<String, String> {
         ));
     }
     drop((a, b));
-    // A listener from before node b's programs.
-    let app = App::exchange(10_000, PROTECTED_PORT);
-    let srv = start_app_server(&app)?;
+    // A listener from before node b's programs, taking two connections.
+    let old = App {
+        connections: 2,
+        ..App::exchange(10_000, PROTECTED_PORT)
+    };
+    let one = App::exchange(10_000, PROTECTED_PORT);
+    let srv = start_app_server(&old)?;
     let (a, b) = nodes(opportunistic("a"), opportunistic("b"))?;
-    let c = run_app_client(&app, "pod-a", &[], Duration::from_secs(60), srv.id())?;
-    let s = finish_app_server(&app, srv, &c)?;
-    both_ok(&app, &s, &json(&c)?)?;
+    let cap = Capture::start("rollout-old-listener")?;
+    // Neither node has heard the other yet: both ends see a silent peer.
+    let c = run_app_client(&one, "pod-a", &[], Duration::from_secs(60), srv.id())?;
+    let c = json(&c)?;
+    if !ok(&c) {
+        return Err(format!("old listener, first connection: client {c}"));
+    }
     let (pa, pb) = (
         a.stat_reaching(|s| s.peer_silent_plain, 1),
         b.stat_reaching(|s| s.peer_silent_plain, 1),
@@ -170,8 +180,199 @@ pub fn opportunistic_both_nodes_protect() -> Result<String, String> {
             b.stats().map(|s| s.failed).unwrap_or_default()
         ));
     }
+    // The nodes hear each other on a new listener (pod-b to pod-a) ...
+    let (s2, c2, _) = exchange_between("pod-a", POD_A, "pod-b", 10_000)?;
+    if !ok(&s2) || !ok(&c2) {
+        return Err(format!("pod-b -> pod-a: server {s2}, client {c2}"));
+    }
+    // ... so the old listener's second connection is a silence between two
+    // nodes that announced: both key it (by node: pod-b's address itself
+    // never announced, its node did), and it is protected, not plain.
+    let c = run_app_client(&one, "pod-a", &[], Duration::from_secs(60), srv.id())?;
+    let s = finish_app_server(&old, srv, &c)?;
+    both_ok(&old, &s, &json(&c)?)?;
+    let flows = cap.finish()?;
+    let plain = plain_protected_port_flows(&flows);
+    let refused = (
+        a.stat_reaching(|s| s.known_peer_silent, 1),
+        b.stat_reaching(|s| s.known_peer_silent, 1),
+    );
+    // The first connection, both directions; nothing after it.
+    if plain != 2 || refused != (1, 1) || a.stat(|s| s.peer_silent_plain) != 1 {
+        return Err(format!(
+            "old listener after both nodes announced: {plain} flows with the marker in clear (want 2, the first connection's), silent though known {refused:?} (want 1 each), plain a {}; failed a {:?} b {:?}",
+            a.stat(|s| s.peer_silent_plain),
+            a.stats().map(|s| s.failed).unwrap_or_default(),
+            b.stats().map(|s| s.failed).unwrap_or_default()
+        ));
+    }
     Ok(format!(
-        "{} flows decrypted, none plain; a listener older than its node's programs: both ends plain, exact",
+        "{} flows decrypted, none plain; a listener older than its node's programs: both ends plain while neither node had heard the other, protected (both keyed) once they had",
         report.decrypted
+    ))
+}
+
+/// Flows sent from `addr` (any port) that carry the marker in clear.
+fn plain_flows_from(flows: &[wire::Flow], addr: &str) -> usize {
+    flows
+        .iter()
+        .filter(|f| f.src.ip().to_string() == addr)
+        .filter(|f| wire::contains(&f.bytes, MARKER))
+        .count()
+}
+
+/// A downgrade: both nodes opportunistic, and they have heard each other.
+/// Then node b's tlshub goes away (its core stops and its programs are
+/// detached: it stops answering the option). Node a remembers that b
+/// announced, also across a restart of its own core, so the silence does
+/// not make anything plain: a connection from pod-a is reset and one to
+/// pod-a fails with nothing read, and no byte of pod-a's crosses in clear
+/// (pod-b's client, with no tlshub, sends in clear: the control that the
+/// capture sees). `tlshubctl peers` shows b and the refusals; once the
+/// operator forgets b, the connection goes plain again.
+pub fn downgrade_refused() -> Result<String, String> {
+    let (mut a, mut b) = nodes(opportunistic("a"), opportunistic("b"))?;
+    let (s, c, _) = exchange_between("pod-b", POD_B, "pod-a", 10_000)?;
+    if !ok(&s) || !ok(&c) || a.stat_reaching(|s| s.protected, 1) != 1 {
+        return Err(format!("first exchange: server {s}, client {c}"));
+    }
+    // What a remembers survives its own restart.
+    a.kill_core();
+    a.restart_core("after-kill")?;
+    b.stop_core();
+    b.release(true)?;
+    let cap = Capture::start("rollout-downgrade")?;
+    let (s_out, c_out, _) = exchange_between("pod-b", POD_B, "pod-a", 10_000)?;
+    let (s_in, c_in, _) = exchange_between("pod-a", POD_A, "pod-b", 10_000)?;
+    let flows = cap.finish()?;
+    expect_reset(&c_out)
+        .map_err(|e| format!("pod-a -> pod-b after b's tlshub left: {e}; server {s_out}"))?;
+    expect_server_failed_clean(&s_in)
+        .map_err(|e| format!("pod-b -> pod-a after b's tlshub left: {e}; client {c_in}"))?;
+    let from_a = plain_flows_from(&flows, POD_A);
+    let from_b = plain_flows_from(&flows, POD_B);
+    if from_a != 0 || from_b == 0 {
+        return Err(format!(
+            "flows with the marker in clear: {from_a} from pod-a (want 0), {from_b} from pod-b (want at least 1: its client has no tlshub; 0 means the capture is blind)"
+        ));
+    }
+    let refused = a.stat_reaching(|s| s.known_peer_silent, 2);
+    if refused != 2 || a.stat(|s| s.peer_silent_plain) != 0 {
+        return Err(format!(
+            "node a: silent though known {refused} (want 2), plain {} (want 0)",
+            a.stat(|s| s.peer_silent_plain)
+        ));
+    }
+    let peers = a.ctl(&["peers"])?;
+    let node_b = peers["peers"]
+        .as_array()
+        .and_then(|p| p.iter().find(|p| p["peer"] == "node-b"))
+        .cloned()
+        .unwrap_or_default();
+    if node_b["announced"] != true || node_b["known_peer_silent"].as_u64() != Some(2) {
+        return Err(format!("`tlshubctl peers` on node a: {peers}"));
+    }
+    // The operator says b left for good: plain again, at once.
+    let forgot = a.ctl(&["peers", "forget", "node-b"])?;
+    if forgot["forgotten"] != serde_json::json!(["node-b"]) {
+        return Err(format!("`tlshubctl peers forget node-b`: {forgot}"));
+    }
+    let (s, c, took) = exchange_between("pod-b", POD_B, "pod-a", 10_000)?;
+    if !ok(&s) || !ok(&c) || a.stat_reaching(|s| s.peer_silent_plain, 1) != 1 {
+        return Err(format!("after forgetting node-b: server {s}, client {c}"));
+    }
+    Ok(format!(
+        "after node b's tlshub left: pod-a's connections reset / failed clean, none of pod-a's bytes in clear, 2 silent known-peer connections keyed, not plain (remembered across a core restart); forgotten by the operator: plain in {} ms",
+        took.as_millis()
+    ))
+}
+
+/// A rollout as an operator does it, under load: a load client in pod-a
+/// (10 long-lived connections and 2 new ones a second, every byte checked
+/// both ways) against a server in pod-b that was listening before either
+/// node ran tlshub. Node a gets tlshub with opportunistic rules, then node
+/// b; the two nodes hear each other on a new listener; then node a's
+/// rules become strict, then node b's (`policy reload`). No connection of
+/// the load may fail or carry a wrong byte at any step. Before the lesson
+/// the new connections are plain (a silent old listener, both ends agree);
+/// after it both nodes key them (each remembers the other), so the
+/// capture from then on shows no new connection in clear, while the long
+/// connections from before tlshub still carry their marker (the control).
+pub fn upgrade_in_turn_under_load() -> Result<String, String> {
+    /// The new listener's port, which the rules select too.
+    const LESSON_PORT: u16 = 8444;
+    let spec = |name| NodeSpec {
+        also_ports: vec![LESSON_PORT],
+        ..opportunistic(name)
+    };
+    let _server = LoadServer::start()?;
+    let load = spawn_load_client(
+        POD_B,
+        &["--long", "10", "--duration", "45", "--short-per-sec", "2"],
+    )?;
+    let pause = || std::thread::sleep(Duration::from_secs(3));
+    pause();
+    let mut a = Node::start(spec("a"))?;
+    pause();
+    let mut b = Node::start(spec("b"))?;
+    pause();
+    let plain_before = a.stat_reaching(|s| s.peer_silent_plain, 1);
+    if plain_before == 0 {
+        return Err(format!(
+            "no new connection went plain while the nodes had not heard each other (node a: {:?})",
+            a.stats()?
+        ));
+    }
+    let lesson = App::exchange(10_000, LESSON_PORT);
+    let (s, c) = run_pair(&lesson, &[], Duration::from_secs(60))?;
+    both_ok(&lesson, &s, &c)?;
+    let cap = Capture::start("rollout-upgrade")?;
+    pause();
+    a.set_rule_mode("strict")?;
+    pause();
+    b.set_rule_mode("strict")?;
+    let out = finish(load, Duration::from_secs(180))?;
+    let flows = cap.finish()?;
+    let report = service::report(&out)?;
+    if !report.ok || report.short_failed != 0 || report.long_broken != 0 || report.corrupt != 0 {
+        return Err(format!(
+            "the load failed during the rollout: {} of {} new connections failed ({:?}), {} long ones broke ({:?}), {} corrupt",
+            report.short_failed,
+            report.short_attempted,
+            report.short_failures,
+            report.long_broken,
+            report.long_errors,
+            report.corrupt
+        ));
+    }
+    let (fa, fb) = (a.stats()?.failed, b.stats()?.failed);
+    let keyed = (
+        a.stat(|s| s.known_peer_silent),
+        b.stat(|s| s.known_peer_silent),
+    );
+    if !fa.is_empty() || !fb.is_empty() || keyed.0 < 5 || keyed.1 < 5 {
+        return Err(format!(
+            "failed a {fa:?} b {fb:?}; old-listener connections keyed after the lesson: a {}, b {} (want at least 5 each)",
+            keyed.0, keyed.1
+        ));
+    }
+    // New connections (their SYN captured) after the lesson: none in clear.
+    let new_plain = flows
+        .iter()
+        .filter(|f| f.saw_syn && (f.src.port() == PROTECTED_PORT || f.dst.port() == PROTECTED_PORT))
+        .filter(|f| wire::contains(&f.bytes, MARKER))
+        .count();
+    let old_plain = flows
+        .iter()
+        .filter(|f| !f.saw_syn && wire::contains(&f.bytes, MARKER))
+        .count();
+    if new_plain != 0 || old_plain == 0 {
+        return Err(format!(
+            "after the lesson: {new_plain} new flows on the protected port carried the marker (want 0); {old_plain} flows of connections from before tlshub did (want some: the capture is blind otherwise)"
+        ));
+    }
+    Ok(format!(
+        "{} new connections and {} long ones, none failed; {plain_before}+ plain while the nodes had not heard each other, then keyed by both ({} on a, {} on b), through both strict switches",
+        report.short_ok, report.long_opened, keyed.0, keyed.1
     ))
 }

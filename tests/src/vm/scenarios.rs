@@ -175,6 +175,14 @@ pub const TESTS: &[Scenario] = &[
         super::rollout::opportunistic_both_nodes_protect,
     ),
     (
+        "rollout_downgrade_refused",
+        super::rollout::downgrade_refused,
+    ),
+    (
+        "rollout_upgrade_in_turn_under_load",
+        super::rollout::upgrade_in_turn_under_load,
+    ),
+    (
         "gate_reconnect_during_keying",
         super::gate_edges::reconnect_during_keying,
     ),
