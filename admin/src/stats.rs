@@ -35,6 +35,10 @@ pub struct Stats {
     /// announce tlshub in the TCP handshake: let through as plain, by
     /// policy.
     pub peer_silent_plain: u64,
+    /// Connections whose rule is opportunistic and whose other end
+    /// announced a keying protocol this node's provider does not speak
+    /// (and never a compatible one before): let through as plain.
+    pub peer_incompatible_plain: u64,
     /// Connections whose rule is opportunistic and whose other end was
     /// silent although it had announced tlshub before: keyed as under a
     /// strict rule (protected or failed closed), never plain.

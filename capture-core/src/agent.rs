@@ -273,6 +273,10 @@ impl Agent {
                 Some(outcome) = done_rx.recv() => self.on_outcome(outcome),
                 () = tokio::time::sleep_until(next_sweep) => {
                     self.table.sweep_soon();
+                    // The keying protocol new connections announce: the
+                    // provider they go to now (known after its first
+                    // health check; 0, "not said", before).
+                    self.programs.set_keying(self.providers.choose().keying_id());
                     self.programs.heartbeat(grace, fail_open);
                     next_sweep = tokio::time::Instant::now() + idle_every;
                 }
@@ -390,7 +394,11 @@ impl Agent {
             self.peer_remembered.remove(&ev.cookie);
             return;
         }
-        let remembered = if ev.peer == tlshub_ebpf::peer::ANNOUNCED {
+        // Only a keying protocol this node's provider speaks makes a peer
+        // one to remember (see `peers::verdict`).
+        let own = self.providers.choose().keying_id();
+        let heard = crate::peers::Heard::from_event(ev.peer, ev.peer_keying, own);
+        let remembered = if heard == crate::peers::Heard::Announced {
             self.peers.announced(remote.ip());
             false
         } else {
@@ -644,6 +652,7 @@ impl Agent {
                 service_plain: s.service_plain,
                 peer_silent_plain: s.peer_silent_plain,
                 known_peer_silent: s.known_peer_silent,
+                peer_incompatible_plain: s.peer_incompatible_plain,
                 peers_announced: self.peers.announced_count() as u64,
             }),
             config_file: self.config_path.display().to_string(),

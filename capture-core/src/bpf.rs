@@ -179,6 +179,9 @@ pub struct Programs {
     /// Connections whose gate was opened for good, oldest first, until
     /// their `conns` entries are removed.
     opened: std::collections::VecDeque<(std::time::Instant, u64)>,
+    /// The keying byte the TCP option announces (written with every
+    /// heartbeat; see [`Programs::set_keying`]).
+    keying: u8,
 }
 
 /// Makes `map` hold exactly `wanted` (prefix and value): the new entries
@@ -575,6 +578,7 @@ impl Programs {
             exempt: Exempt(Arc::new(Mutex::new(take(&mut ebpf, names::EXEMPT)?))),
             attached,
             opened: std::collections::VecDeque::new(),
+            keying: 0,
             _ebpf: ebpf,
         })
     }
@@ -724,6 +728,12 @@ impl Programs {
         self.write_control(crate::sys::monotonic_ns(), grace_ns, fail_open);
     }
 
+    /// Announces `keying` (the active provider's `keying_id`) in the TCP
+    /// option of new selected connections from the next heartbeat on.
+    pub fn set_keying(&mut self, keying: u8) {
+        self.keying = keying;
+    }
+
     /// The last heartbeat a core wrote (`CLOCK_MONOTONIC` ns; 0 after a
     /// release) and the grace it set.
     pub fn heartbeat_read(&self) -> (u64, std::time::Duration) {
@@ -749,7 +759,7 @@ impl Programs {
             } else {
                 no_core::REFUSE
             },
-            pad: 0,
+            keying: u32::from(self.keying),
         };
         if let Err(e) = self.control.set(0, c, 0) {
             warn!(error = %e, "cannot write the gate's control map");

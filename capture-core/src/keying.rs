@@ -12,12 +12,12 @@ use tlshub_provider_sdk::client::ClientError;
 use tlshub_provider_sdk::socket::{socket_cookie, take_fd};
 use tlshub_provider_sdk::{CipherSuite, KeyRequest, Role, SocketHandle, TlsVersion};
 
-use tlshub_ebpf::{Conn, Event, kind, peer};
+use tlshub_ebpf::{Conn, Event, kind};
 
 use crate::bpf::ConnsReader;
 use crate::config::{PolicySection, RuleMode};
 use crate::conntrack::Conntrack;
-use crate::peers::{Counted, PeerMemory, Verdict};
+use crate::peers::{Counted, Heard, PeerMemory, Verdict};
 use crate::providers::Provider;
 use crate::service::{ServiceError, ServiceRoute};
 use crate::state::same_connection;
@@ -98,24 +98,38 @@ impl Job {
     }
 
     /// What the handshake's announcement means for this connection (with
-    /// `remote` the backend, for a service address): an announcing peer is
-    /// remembered; a silent one under an opportunistic rule lets the
-    /// connection through as plain (`true`), unless it announced before,
-    /// which makes the silence a downgrade: keyed as under a strict rule.
-    fn plain_for_silent_peer(&self) -> bool {
+    /// `remote` the backend, for a service address), against `own`, the
+    /// keying byte of the provider the job uses: `None` to key it, else how
+    /// it ends without keys. An announcing, compatible peer is remembered;
+    /// a silent one under an opportunistic rule goes plain unless it
+    /// announced before (then it is keyed as under a strict rule); one that
+    /// announced another keying protocol goes plain under an opportunistic
+    /// rule if never heard before, and fails at once otherwise.
+    fn judge_peer(&self, own: u8) -> Option<Result<Done, KeyingError>> {
         let ip = self.remote.ip();
-        let announced_now = self.established.peer == peer::ANNOUNCED;
+        let est = &self.established;
+        let heard = Heard::from_event(est.peer, est.peer_keying, own);
+        if heard != Heard::Silent {
+            self.peers.saw_keying(ip, est.peer_keying);
+        }
         // Asked only when it matters: the rule lookup walks the policy.
-        let opportunistic = !announced_now
+        let opportunistic = heard != Heard::Announced
             && self
                 .policy
                 .rule_for(self.role == Role::Client, self.local, self.remote)
                 .is_some_and(|r| r.mode == RuleMode::Opportunistic);
-        let remembered = opportunistic
+        let remembered = heard != Heard::Announced
             && self
                 .peer_remembered
                 .unwrap_or_else(|| self.peers.remembers(ip));
-        match crate::peers::verdict(announced_now, opportunistic, remembered) {
+        let plain = |why| {
+            self.peers.count(ip, Counted::Plain);
+            Some(Ok(Done::Plain {
+                remote: self.remote,
+                why,
+            }))
+        };
+        match crate::peers::verdict(heard, opportunistic, remembered) {
             Verdict::Remember => self.peers.announced(ip),
             Verdict::Key => {}
             Verdict::KnownPeerSilent => {
@@ -128,12 +142,17 @@ impl Job {
                     "peer known to run tlshub was silent (a listener older than its node's programs, the option stripped on the way, or its tlshub gone): keyed as under a strict rule, not plain"
                 );
             }
-            Verdict::Plain => {
-                self.peers.count(ip, Counted::Plain);
-                return true;
+            Verdict::Plain => return plain(PlainWhy::PeerSilent),
+            Verdict::PlainIncompatible => return plain(PlainWhy::PeerIncompatible),
+            Verdict::Incompatible => {
+                self.peers.count(ip, Counted::Incompatible);
+                return Some(Err(KeyingError::IncompatiblePeer {
+                    theirs: est.peer_keying,
+                    ours: own,
+                }));
             }
         }
-        false
+        None
     }
 
     /// Whether `now`, the socket's `conns` entry as read by the job, is
@@ -210,6 +229,18 @@ pub enum KeyingError {
     /// A connection to a service address could not be routed.
     #[error(transparent)]
     Service(#[from] ServiceError),
+    /// The other end announced, in the TCP handshake, a keying protocol
+    /// this node's provider does not speak (strict rule, or a peer that
+    /// announced a compatible one before): no provider can key it.
+    #[error(
+        "the peer's provider speaks another keying protocol (its announced byte {theirs:#04x}, this node's provider {ours:#04x}): both nodes must run providers of the same keying protocol (`tlshubctl provider list`)"
+    )]
+    IncompatiblePeer {
+        /// The peer's keying byte.
+        theirs: u8,
+        /// This node's provider's keying byte.
+        ours: u8,
+    },
     /// The kernel refused a kTLS step.
     #[error("kTLS {step:?} failed: {source}")]
     Install {
@@ -231,6 +262,7 @@ impl KeyingError {
             Self::NoOwner { .. } => "no_owner",
             Self::Provider(e) => e.reason(),
             Self::Service(e) => e.reason(),
+            Self::IncompatiblePeer { .. } => "keying_mismatch",
             Self::Install { .. } => "ktls_install",
         }
     }
@@ -274,6 +306,9 @@ pub enum PlainWhy {
     /// Its rule is opportunistic and the other end did not announce tlshub
     /// in the TCP handshake.
     PeerSilent,
+    /// Its rule is opportunistic and the other end announced a keying
+    /// protocol this node's provider does not speak.
+    PeerIncompatible,
 }
 
 /// What was installed.
@@ -443,11 +478,8 @@ pub async fn run(mut job: Job, provider: Arc<Provider>) -> Outcome {
             Err(e) => Some(Err(KeyingError::from(e))),
         };
     }
-    if ended.is_none() && job.plain_for_silent_peer() {
-        ended = Some(Ok(Done::Plain {
-            remote: job.remote,
-            why: PlainWhy::PeerSilent,
-        }));
+    if ended.is_none() {
+        ended = job.judge_peer(provider.keying_id());
     }
     if let Some(result) = ended {
         // Plain, or not routable: either way the gate's next step needs the

@@ -205,6 +205,10 @@ pub struct Metrics {
     /// The peers [`Metrics::peer_silent_plain`] has a series for (at most
     /// [`MAX_PEER_SERIES`]).
     silent_peers: std::sync::Mutex<std::collections::HashSet<String>>,
+    /// Connections let through as plain because their rule is
+    /// opportunistic and the other end's provider speaks another keying
+    /// protocol.
+    pub peer_incompatible_plain: Counter,
     /// Connections whose peer was silent although it had announced tlshub
     /// before, keyed as under a strict rule instead of going plain.
     pub known_peer_silent: Counter,
@@ -291,6 +295,7 @@ impl Metrics {
             peer_silent_plain: Family::default(),
             silent_peers: std::sync::Mutex::default(),
             known_peer_silent: Counter::default(),
+            peer_incompatible_plain: Counter::default(),
             peers_announced: Gauge::default(),
             closed_before_keys: Counter::default(),
             key_seconds: Family::new_with_constructor(key_histogram),
@@ -349,6 +354,11 @@ impl Metrics {
             "connections_plain_peer_silent",
             "Connections of opportunistic rules whose other end did not announce tlshub in the TCP handshake, let through as plain, by peer address",
             m.peer_silent_plain.clone(),
+        );
+        registry.register(
+            "connections_plain_peer_incompatible",
+            "Connections of opportunistic rules whose other end announced a keying protocol this node's provider does not speak, let through as plain",
+            m.peer_incompatible_plain.clone(),
         );
         registry.register(
             "connections_known_peer_silent",
@@ -689,6 +699,8 @@ mod tests {
             // What is plain by policy (services, rollouts).
             "tlshub_connections_service_plain_total",
             "tlshub_connections_plain_peer_silent_total",
+            "tlshub_connections_plain_peer_incompatible_total",
+            "tlshub_connections_known_peer_silent_total",
         ] {
             assert!(queried.contains(want), "the dashboard does not show {want}");
         }

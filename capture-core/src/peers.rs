@@ -71,6 +71,12 @@ pub struct PeerEntry {
     /// Connections on which it was silent although it had announced
     /// before, keyed as under a strict rule instead of going plain.
     pub known_peer_silent: u64,
+    /// Connections failed at once because it announced another keying
+    /// protocol (strict rule, or remembered as compatible before).
+    pub incompatible: u64,
+    /// The keying byte it last announced (0: not said), since this core
+    /// started.
+    pub keying: Option<u8>,
 }
 
 /// What [`PeerTable::announced`] did.
@@ -93,6 +99,8 @@ pub enum Counted {
     Plain,
     /// [`PeerEntry::known_peer_silent`].
     KnownPeerSilent,
+    /// [`PeerEntry::incompatible`].
+    Incompatible,
 }
 
 /// The peers, by name (no I/O).
@@ -158,20 +166,34 @@ impl PeerTable {
             .is_some_and(|e| e.first_announced_unix.is_some())
     }
 
-    /// Adds one to `peer`'s `what`. A peer never announced gets counters
-    /// of its own only while fewer than [`MAX_SILENT`] such peers have them.
-    pub fn count(&mut self, peer: &str, what: Counted) {
+    /// `peer`'s entry, made if missing: a peer never announced gets one
+    /// only while fewer than [`MAX_SILENT`] such peers have one.
+    fn entry(&mut self, peer: &str) -> Option<&mut PeerEntry> {
         let silent = self.peers.len() - self.announced;
-        let entry = match self.peers.get_mut(peer) {
-            Some(e) => e,
-            None if silent < MAX_SILENT => self.peers.entry(peer.to_owned()).or_default(),
-            None => return,
+        if !self.peers.contains_key(peer) && silent >= MAX_SILENT {
+            return None;
+        }
+        Some(self.peers.entry(peer.to_owned()).or_default())
+    }
+
+    /// Adds one to `peer`'s `what`.
+    pub fn count(&mut self, peer: &str, what: Counted) {
+        let Some(entry) = self.entry(peer) else {
+            return;
         };
         *match what {
             Counted::Protected => &mut entry.protected,
             Counted::Plain => &mut entry.plain,
             Counted::KnownPeerSilent => &mut entry.known_peer_silent,
+            Counted::Incompatible => &mut entry.incompatible,
         } += 1;
+    }
+
+    /// Notes the keying byte `peer` announced.
+    pub fn saw_keying(&mut self, peer: &str, keying: u8) {
+        if let Some(entry) = self.entry(peer) {
+            entry.keying = Some(keying);
+        }
     }
 
     /// Forgets that `peer` announced (its counters stay). Whether it had.
@@ -207,11 +229,48 @@ impl PeerTable {
     }
 }
 
+/// What the handshake's TCP option said about the peer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Heard {
+    /// No option.
+    Silent,
+    /// The option, with a keying protocol this node's provider speaks too
+    /// (or one side's not said).
+    Announced,
+    /// The option, with another keying protocol: the two providers cannot
+    /// key the connection together.
+    AnnouncedIncompatible,
+}
+
+impl Heard {
+    /// From an `ESTABLISHED` event's `peer` and `peer_keying`, against the
+    /// keying byte of this node's provider (`own`). 0 on either side is
+    /// "not said", which does not conflict.
+    pub fn from_event(peer: u8, peer_keying: u8, own: u8) -> Self {
+        match peer {
+            tlshub_ebpf::peer::ANNOUNCED if peer_keying != 0 && own != 0 && peer_keying != own => {
+                Self::AnnouncedIncompatible
+            }
+            tlshub_ebpf::peer::ANNOUNCED => Self::Announced,
+            _ => Self::Silent,
+        }
+    }
+}
+
 /// What one connection's handshake means for it and for the memory.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Verdict {
-    /// The peer announced: remember it, and key the connection.
+    /// The peer announced, compatible: remember it, and key the connection.
     Remember,
+    /// It announced another keying protocol under an opportunistic rule,
+    /// and it never announced a compatible one before: plain (the two
+    /// providers cannot key it).
+    PlainIncompatible,
+    /// It announced another keying protocol under a strict rule, or was
+    /// remembered as compatible before (a rewritten option must not make
+    /// anything plain): fail the connection now, without asking the
+    /// provider (it could only time out).
+    Incompatible,
     /// Silent under a strict rule: key it (the failure policy applies if
     /// the peer cannot key).
     Key,
@@ -222,15 +281,17 @@ pub enum Verdict {
     Plain,
 }
 
-/// The judgement, given whether the peer announced in this handshake,
-/// whether the connection's rule is opportunistic, and whether the peer
-/// announced before.
-pub fn verdict(announced_now: bool, opportunistic: bool, remembered: bool) -> Verdict {
-    match (announced_now, opportunistic, remembered) {
-        (true, _, _) => Verdict::Remember,
-        (false, false, _) => Verdict::Key,
-        (false, true, true) => Verdict::KnownPeerSilent,
-        (false, true, false) => Verdict::Plain,
+/// The judgement, given what this handshake said, whether the
+/// connection's rule is opportunistic, and whether the peer announced a
+/// compatible keying protocol before.
+pub fn verdict(heard: Heard, opportunistic: bool, remembered: bool) -> Verdict {
+    match (heard, opportunistic, remembered) {
+        (Heard::Announced, _, _) => Verdict::Remember,
+        (Heard::AnnouncedIncompatible, true, false) => Verdict::PlainIncompatible,
+        (Heard::AnnouncedIncompatible, _, _) => Verdict::Incompatible,
+        (Heard::Silent, false, _) => Verdict::Key,
+        (Heard::Silent, true, true) => Verdict::KnownPeerSilent,
+        (Heard::Silent, true, false) => Verdict::Plain,
     }
 }
 
@@ -409,6 +470,12 @@ impl PeerMemory {
         lock(&self.table).count(&peer, what);
     }
 
+    /// Notes the keying byte the peer at `ip` announced.
+    pub fn saw_keying(&self, ip: IpAddr, keying: u8) {
+        let peer = self.peer_of(ip);
+        lock(&self.table).saw_keying(&peer, keying);
+    }
+
     /// Forgets `peers` (names or addresses; every peer when empty). Returns
     /// the ones that were remembered.
     pub fn forget(&self, peers: &[String]) -> Result<Vec<String>, PeersError> {
@@ -490,23 +557,47 @@ mod tests {
     }
 
     #[test]
-    fn only_a_silent_peer_never_heard_under_an_opportunistic_rule_goes_plain() {
-        for now in [false, true] {
+    fn only_an_opportunistic_rule_with_a_peer_never_heard_goes_plain() {
+        use Heard::*;
+        for heard in [Silent, Announced, AnnouncedIncompatible] {
             for opportunistic in [false, true] {
                 for remembered in [false, true] {
-                    let v = verdict(now, opportunistic, remembered);
-                    let plain = !now && opportunistic && !remembered;
+                    let v = verdict(heard, opportunistic, remembered);
+                    let plain = heard != Announced && opportunistic && !remembered;
                     assert_eq!(
-                        v == Verdict::Plain,
+                        matches!(v, Verdict::Plain | Verdict::PlainIncompatible),
                         plain,
-                        "{now} {opportunistic} {remembered}"
+                        "{heard:?} {opportunistic} {remembered}: {v:?}"
                     );
-                    assert_eq!(v == Verdict::Remember, now);
+                    assert_eq!(v == Verdict::Remember, heard == Announced);
                 }
             }
         }
-        assert_eq!(verdict(false, true, true), Verdict::KnownPeerSilent);
-        assert_eq!(verdict(false, false, true), Verdict::Key);
+        assert_eq!(verdict(Silent, true, true), Verdict::KnownPeerSilent);
+        assert_eq!(verdict(Silent, false, true), Verdict::Key);
+        // Another keying protocol: strict fails at once, and so does a
+        // remembered peer (the byte may have been rewritten on the way).
+        assert_eq!(
+            verdict(AnnouncedIncompatible, false, false),
+            Verdict::Incompatible
+        );
+        assert_eq!(
+            verdict(AnnouncedIncompatible, true, true),
+            Verdict::Incompatible
+        );
+    }
+
+    #[test]
+    fn keying_bytes_conflict_only_when_both_are_said_and_differ() {
+        use tlshub_ebpf::peer::{ANNOUNCED, SILENT};
+        assert_eq!(Heard::from_event(ANNOUNCED, 7, 7), Heard::Announced);
+        assert_eq!(Heard::from_event(ANNOUNCED, 0, 7), Heard::Announced);
+        assert_eq!(Heard::from_event(ANNOUNCED, 7, 0), Heard::Announced);
+        assert_eq!(
+            Heard::from_event(ANNOUNCED, 7, 9),
+            Heard::AnnouncedIncompatible
+        );
+        assert_eq!(Heard::from_event(SILENT, 7, 9), Heard::Silent);
     }
 
     #[test]

@@ -108,6 +108,19 @@ impl Provider {
             .unwrap_or(false)
     }
 
+    /// The one-byte form of the keying protocol its last `GetInfo` named
+    /// (`keying_id`; 0 while not known, or not said).
+    pub fn keying_id(&self) -> u8 {
+        self.observed
+            .lock()
+            .map(|o| {
+                o.info
+                    .as_ref()
+                    .map_or(0, |i| tlshub_provider_sdk::keying_id(&i.keying))
+            })
+            .unwrap_or(0)
+    }
+
     /// A snapshot of its health.
     pub fn observed(&self) -> Observed {
         self.observed

@@ -349,6 +349,7 @@ enum Tally {
     PassedPlaintext,
     KeyedBeforeOwner,
     ServicePlain,
+    PeerIncompatiblePlain,
 }
 
 /// Every connection the core tracks and every process the gate stopped.
@@ -729,6 +730,9 @@ impl ConnTable {
             Tally::PassedPlaintext => (&mut s.passed_plaintext, &m.plaintext),
             Tally::KeyedBeforeOwner => (&mut s.keyed_before_owner, &m.keyed_before_owner),
             Tally::ServicePlain => (&mut s.service_plain, &m.service_plain),
+            Tally::PeerIncompatiblePlain => {
+                (&mut s.peer_incompatible_plain, &m.peer_incompatible_plain)
+            }
         };
         *field += 1;
         metric.inc();
@@ -927,6 +931,10 @@ impl ConnTable {
                             self.stats.peer_silent_plain += 1;
                             self.metrics.count_silent_peer(remote.ip());
                             info!(cookie, peer = %remote, "the peer did not announce tlshub and the rule is opportunistic; let through as plain");
+                        }
+                        PlainWhy::PeerIncompatible => {
+                            self.tally(Tally::PeerIncompatiblePlain);
+                            info!(cookie, peer = %remote, "the peer's provider speaks another keying protocol and the rule is opportunistic; let through as plain");
                         }
                     }
                 }

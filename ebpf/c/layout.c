@@ -35,6 +35,8 @@ int main(void)
 	O(tlshub_held, since_ns);
 	S(tlshub_control);
 	O(tlshub_control, no_core);
+	O(tlshub_control, keying);
+	O(tlshub_event, peer_keying);
 	S(tlshub_sk_mark);
 	O(tlshub_sk_mark, flags);
 	S(tlshub_lpm_key);

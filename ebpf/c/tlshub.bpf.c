@@ -541,26 +541,42 @@ struct tlshub_tcpopt {
 	__u8 kind;
 	__u8 len;
 	__u16 exid; /* network order */
+	__u8 keying;
+	__u8 room[3]; /* the search buffer is 8 bytes: an option up to 8 fits */
 };
 
-/* The option as written, and as searched for (kind and experiment ID). */
-static __always_inline struct tlshub_tcpopt tlshub_tcpopt(void)
+/* The option to search for: kind and experiment ID, with the length byte
+ * saying how long the ID is (bpf_load_hdr_opt()'s convention for
+ * experimental kinds). */
+static __always_inline struct tlshub_tcpopt tlshub_tcpopt_search(void)
 {
 	struct tlshub_tcpopt opt = {
 		.kind = TLSHUB_TCPOPT_KIND,
-		.len = TLSHUB_TCPOPT_LEN,
+		.len = TLSHUB_TCPOPT_SEARCH_LEN,
 		.exid = bpf_htons(TLSHUB_TCPOPT_EXID),
 	};
 	return opt;
 }
 
-/* Whether the packet the program runs for (flags 0), or the SYN it
- * answers (BPF_LOAD_HDR_OPT_TCP_SYN, at a SYN-ACK), carries the option. */
+/* What the packet the program runs for (flags 0), or the SYN it answers
+ * (BPF_LOAD_HDR_OPT_TCP_SYN, at a SYN-ACK), announced: TLSHUB_PEER_* in
+ * the low byte and the peer's keying byte in the high one (0 when its
+ * option has none). */
 static __always_inline __u16 announced_in(struct bpf_sock_ops *skops, __u64 flags)
 {
-	struct tlshub_tcpopt opt = tlshub_tcpopt();
-	return bpf_load_hdr_opt(skops, &opt, sizeof(opt), flags) > 0 ? TLSHUB_PEER_ANNOUNCED
-								     : TLSHUB_PEER_SILENT;
+	struct tlshub_tcpopt opt = tlshub_tcpopt_search();
+	long len = bpf_load_hdr_opt(skops, &opt, sizeof(opt), flags);
+	if (len <= 0)
+		return TLSHUB_PEER_SILENT;
+	__u16 keying = len >= TLSHUB_TCPOPT_LEN ? opt.keying : 0;
+	return TLSHUB_PEER_ANNOUNCED | (keying << 8);
+}
+
+/* Fills the event's peer fields from announced_in(). */
+static __always_inline void set_peer(struct tlshub_event *ev, __u16 announced)
+{
+	ev->peer = announced & 0xff;
+	ev->peer_keying = announced >> 8;
 }
 
 /* HDR_OPT_LEN_CB and WRITE_HDR_OPT_CB: room for the option, then the
@@ -594,8 +610,12 @@ static __always_inline void announce(struct bpf_sock_ops *skops)
 		bpf_reserve_hdr_opt(skops, TLSHUB_TCPOPT_LEN, 0);
 		return;
 	}
-	struct tlshub_tcpopt opt = tlshub_tcpopt();
-	bpf_store_hdr_opt(skops, &opt, sizeof(opt), 0);
+	__u32 zero = 0;
+	struct tlshub_control *ctl = bpf_map_lookup_elem(&control, &zero);
+	struct tlshub_tcpopt opt = tlshub_tcpopt_search();
+	opt.len = TLSHUB_TCPOPT_LEN;
+	opt.keying = ctl ? ctl->keying & 0xff : 0;
+	bpf_store_hdr_opt(skops, &opt, TLSHUB_TCPOPT_LEN, 0);
 }
 
 SEC("sockops")
@@ -648,7 +668,7 @@ int tlshub_sockops(struct bpf_sock_ops *skops)
 		cookie = bpf_get_socket_cookie(skops);
 		/* Announced (announce()): did the SYN-ACK answer? */
 		if (skops->bpf_sock_ops_cb_flags & BPF_SOCK_OPS_PARSE_ALL_HDR_OPT_CB_FLAG)
-			ev.peer = announced_in(skops, 0);
+			set_peer(&ev, announced_in(skops, 0));
 		/* The peer answered: a connecting socket gets its entry now
 		 * (track_connecting()), and its owner if connect() knew it. */
 		if (skops->sk) {
@@ -688,7 +708,7 @@ int tlshub_sockops(struct bpf_sock_ops *skops)
 			break;
 		/* The ACK that completed the handshake: did the client announce? */
 		if (answering)
-			ev.peer = announced_in(skops, 0);
+			set_peer(&ev, announced_in(skops, 0));
 		ev.kind = TLSHUB_EV_ESTABLISHED;
 		ev.role = TLSHUB_ROLE_SERVER;
 		goto established;

@@ -26,9 +26,12 @@
 #define TLSHUB_PEER_ANNOUNCED 1 /* the option came */
 
 /* The tlshub TCP option: experimental kind 254 with a 16-bit experiment
- * identifier (RFC 6994), nothing else (4 bytes). */
+ * identifier (RFC 6994), then one byte: the keying protocol of the node's
+ * active provider (keying_id() in the provider SDK; 0: not said). 5 bytes,
+ * which the kernel pads to 8 with NOPs. */
 #define TLSHUB_TCPOPT_KIND 254
-#define TLSHUB_TCPOPT_LEN 4
+#define TLSHUB_TCPOPT_LEN 5
+#define TLSHUB_TCPOPT_SEARCH_LEN 4 /* kind, length and ID: what is searched for */
 #define TLSHUB_TCPOPT_EXID 0x544c /* "TL" */
 
 #define TLSHUB_ROLE_CLIENT 1
@@ -50,7 +53,7 @@ struct tlshub_control {
 	__u64 heartbeat_ns; /* bpf_ktime_get_ns() clock; 0: no core */
 	__u64 grace_ns;     /* a heartbeat older than this means no core */
 	__u32 no_core;      /* TLSHUB_NO_CORE_* */
-	__u32 pad;
+	__u32 keying;       /* the byte this node announces (low 8 bits) */
 };
 
 /* Nanoseconds per clock tick of /proc/PID/stat's start time (USER_HZ is
@@ -85,7 +88,8 @@ struct tlshub_event {
 	__u16 family; /* AF_INET or AF_INET6 */
 	__u16 local_port;  /* host order */
 	__u16 remote_port; /* host order */
-	__u16 peer;        /* ESTABLISHED: TLSHUB_PEER_* */
+	__u8 peer;         /* ESTABLISHED: TLSHUB_PEER_* */
+	__u8 peer_keying;  /* ESTABLISHED: the keying byte it announced (0: none) */
 	__u8 local_addr[16]; /* IPv4 as ::ffff:a.b.c.d */
 	__u8 remote_addr[16];
 };

@@ -112,9 +112,9 @@ pub mod kind {
 pub mod peer {
     /// No tlshub option: its node runs no tlshub, or does not select the
     /// connection.
-    pub const SILENT: u16 = 0;
+    pub const SILENT: u8 = 0;
     /// The option came: its node selected the connection too.
-    pub const ANNOUNCED: u16 = 1;
+    pub const ANNOUNCED: u8 = 1;
 }
 
 /// Roles (`TLSHUB_ROLE_*`).
@@ -228,8 +228,9 @@ pub struct Control {
     pub grace_ns: u64,
     /// One of [`no_core`].
     pub no_core: u32,
-    /// Padding (zero).
-    pub pad: u32,
+    /// The keying byte this node announces in the tlshub TCP option (its
+    /// active provider's `keying_id`; 0: not said).
+    pub keying: u32,
 }
 
 /// `struct tlshub_event`.
@@ -260,7 +261,10 @@ pub struct Event {
     pub remote_port: u16,
     /// ESTABLISHED: whether the other end announced, in the TCP handshake,
     /// that its node selected the connection too (one of [`peer`]).
-    pub peer: u16,
+    pub peer: u8,
+    /// ESTABLISHED, announced: the keying byte the other end announced
+    /// (its provider's `keying_id`; 0: not said).
+    pub peer_keying: u8,
     /// IPv4 is mapped (`::ffff:a.b.c.d`).
     pub local_addr: [u8; 16],
     /// IPv4 is mapped.
@@ -454,6 +458,8 @@ mod tests {
         assert_eq!(offset_of!(Conn, flags), OFF_tlshub_conn_flags);
         assert_eq!(size_of::<Control>(), SIZE_tlshub_control);
         assert_eq!(offset_of!(Control, no_core), OFF_tlshub_control_no_core);
+        assert_eq!(offset_of!(Control, keying), OFF_tlshub_control_keying);
+        assert_eq!(offset_of!(Event, peer_keying), OFF_tlshub_event_peer_keying);
         assert_eq!(size_of::<Held>(), SIZE_tlshub_held);
         assert_eq!(size_of::<Owner>(), SIZE_tlshub_owner);
         assert_eq!(offset_of!(Owner, fd), OFF_tlshub_owner_fd);

@@ -68,6 +68,8 @@ impl Provider for PskProvider {
             tls_versions: vec![TlsVersion::Tls13],
             cipher_suites: vec![CipherSuite::Aes128Gcm],
             needs_socket: false,
+            // Only another node running this example can key with it.
+            keying: "example-psk".into(),
             credentials: Vec::new(),
         }
     }

@@ -420,6 +420,7 @@ impl<L: TlsLibrary> Provider for HandshakeProvider<L> {
             tls_versions: vec![TlsVersion::Tls13],
             cipher_suites: self.accepted.to_vec(),
             needs_socket: true,
+            keying: crate::KEYING_TLS13_HANDSHAKE.into(),
             credentials: vec![self.credential()],
         }
     }

@@ -28,8 +28,8 @@ pub mod types;
 pub use error::ProviderError;
 pub use server::{Provider, RELOAD_CHECK_EVERY, Reload, ServeOptions, run, serve};
 pub use types::{
-    CipherSuite, ConnectionId, ConnectionKeys, Credential, DirectionKeys, Endpoint, KeyRequest,
-    ProviderInfo, Role, SocketHandle, TlsVersion,
+    CipherSuite, ConnectionId, ConnectionKeys, Credential, DirectionKeys, Endpoint,
+    KEYING_TLS13_HANDSHAKE, KeyRequest, ProviderInfo, Role, SocketHandle, TlsVersion, keying_id,
 };
 
 /// The API version this SDK speaks.

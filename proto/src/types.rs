@@ -206,6 +206,28 @@ pub struct ProviderInfo {
     pub needs_socket: bool,
     /// What it holds that expires (its certificate), as loaded now.
     pub credentials: Vec<Credential>,
+    /// The keying protocol it speaks (see [`keying_id`]); empty: not said.
+    pub keying: String,
+}
+
+/// The keying protocol of the TLS 1.3 handshake providers (OpenSSL,
+/// BoringSSL): a full handshake over the application's connection.
+pub const KEYING_TLS13_HANDSHAKE: &str = "tls13-handshake";
+
+/// The one-byte form of a keying protocol name, which the core announces
+/// in the TCP handshake: 0 for an empty name (not said), else 1 to 255 from
+/// a 32-bit FNV-1a hash of the name. Two different names can share a byte
+/// (1 in 255): the check then lets them meet, and their keying fails as it
+/// would without the check.
+pub fn keying_id(keying: &str) -> u8 {
+    if keying.is_empty() {
+        return 0;
+    }
+    let hash = keying.bytes().fold(0x811c_9dc5_u32, |h, b| {
+        (h ^ u32::from(b)).wrapping_mul(0x0100_0193)
+    });
+    // 1..=255: never 0, which means "not said".
+    (hash % 255) as u8 + 1
 }
 
 /// A credential a provider holds, with its expiry.
@@ -496,6 +518,7 @@ impl ProviderInfo {
                 .map(|c| c.to_pb() as i32)
                 .collect(),
             needs_socket: self.needs_socket,
+            keying: self.keying.clone(),
             credentials: self
                 .credentials
                 .iter()
@@ -529,6 +552,7 @@ impl ProviderInfo {
                 .map(|c| CipherSuite::from_pb("cipher_suites", c))
                 .collect::<Result<_, _>>()?,
             needs_socket: i.needs_socket,
+            keying: i.keying,
             credentials: i
                 .credentials
                 .into_iter()
@@ -544,6 +568,21 @@ impl ProviderInfo {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_keying_name_is_one_byte_never_zero_and_the_providers_differ() {
+        assert_eq!(keying_id(""), 0);
+        let ids: Vec<u8> = [KEYING_TLS13_HANDSHAKE, "tlshub-module", "example-psk"]
+            .iter()
+            .map(|k| keying_id(k))
+            .collect();
+        assert!(ids.iter().all(|&i| i != 0), "{ids:?}");
+        assert!(
+            ids[0] != ids[1] && ids[1] != ids[2] && ids[0] != ids[2],
+            "{ids:?}"
+        );
+        assert_eq!(keying_id("tlshub-module"), ids[1], "stable");
+    }
 
     fn keys(suite: CipherSuite, tx_len: usize) -> ConnectionKeys {
         ConnectionKeys {

@@ -29,6 +29,7 @@ impl Provider for Fixed {
             tls_versions: vec![TlsVersion::Tls13],
             cipher_suites: vec![CipherSuite::Aes128Gcm],
             needs_socket: false,
+            keying: String::new(),
             credentials: Vec::new(),
         }
     }

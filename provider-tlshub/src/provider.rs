@@ -133,6 +133,8 @@ impl Provider for TlsHubProvider {
             tls_versions: vec![TlsVersion::Tls13],
             cipher_suites: vec![self.suite],
             needs_socket: false,
+            // Keys from the TLSHub kernel module on both nodes.
+            keying: "tlshub-module".into(),
             credentials: Vec::new(),
         }
     }

@@ -634,10 +634,10 @@ fn print_status(s: &pb::StatusResponse) {
             "  selected {}  protected {}  failed {}  reset {}  plaintext {}  closed-before-keys {}",
             c.selected, c.protected, c.failed, c.reset, c.plaintext, c.closed_before_keys
         );
-        if c.service_plain + c.peer_silent_plain > 0 {
+        if c.service_plain + c.peer_silent_plain + c.peer_incompatible_plain > 0 {
             println!(
-                "  plain by policy: unselected service backends {}  silent peers (opportunistic) {}",
-                c.service_plain, c.peer_silent_plain
+                "  plain by policy: unselected service backends {}  silent peers (opportunistic) {}  peers of another keying protocol (opportunistic) {}",
+                c.service_plain, c.peer_silent_plain, c.peer_incompatible_plain
             );
         }
         if c.peers_announced + c.known_peer_silent > 0 {
@@ -813,11 +813,12 @@ fn print_peers(r: &pb::ListPeersResponse) {
             "ANNOUNCED",
             "SINCE",
             "LAST",
+            "KEYING",
             "PROTECTED",
             "PLAIN",
             "KNOWN-SILENT",
         ],
-        &[4, 5, 6],
+        &[5, 6, 7],
     );
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -835,6 +836,7 @@ fn print_peers(r: &pb::ListPeersResponse) {
             if p.announced { "yes" } else { "no" }.to_owned(),
             ago(p.first_announced_unix),
             ago(p.last_announced_unix),
+            dash(&p.keying).to_owned(),
             p.protected.to_string(),
             p.plain.to_string(),
             p.known_peer_silent.to_string(),

@@ -41,6 +41,7 @@ impl pb::key_provider_server::KeyProvider for Bad {
             tls_versions: vec![pb::TlsVersion::TlsVersion13 as i32],
             cipher_suites: vec![pb::CipherSuite::Aes128Gcm as i32],
             needs_socket: false,
+            keying: String::new(),
             credentials: Vec::new(),
         }))
     }

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use super::node::{Node, NodeSpec, PROTECTED_PORT};
+use super::node::{Node, NodeSpec, PROTECTED_PORT, ProviderKind};
 use super::process::finish;
 use super::service::{self, LoadServer, spawn_load_client};
 use super::support::{
@@ -46,6 +46,14 @@ fn exchange_between(
     let c = run_app_client(&app, client_pod, &[], Duration::from_secs(60), srv.id())?;
     let took = started.elapsed();
     Ok((finish_app_server(&app, srv, &c)?, json(&c)?, took))
+}
+
+/// Waits until freshly started nodes announce their providers' keying
+/// protocol: the core learns it from the provider's first health check and
+/// writes it with its next heartbeat (at most 500 ms later); until then it
+/// announces "not said", which checks nothing.
+pub(super) fn settle_keying() {
+    std::thread::sleep(Duration::from_millis(1500));
 }
 
 /// Flows on the protected port that carry the marker in clear.
@@ -374,5 +382,68 @@ pub fn upgrade_in_turn_under_load() -> Result<String, String> {
     Ok(format!(
         "{} new connections and {} long ones, none failed; {plain_before}+ plain while the nodes had not heard each other, then keyed by both ({} on a, {} on b), through both strict switches",
         report.short_ok, report.long_opened, keyed.0, keyed.1
+    ))
+}
+
+/// Both nodes opportunistic, but their providers speak different keying
+/// protocols (the example PSK provider on node a, OpenSSL on node b): the
+/// option tells each node the other's, so a connection goes through as
+/// plain at once in both directions (exact, the marker on the wire, no key
+/// timeout, no provider asked), counted on both nodes, and `tlshubctl
+/// peers` shows the peer's keying protocol. Nothing is remembered: an
+/// incompatible peer is not one that could protect the connection.
+pub fn opportunistic_incompatible_providers_plain() -> Result<String, String> {
+    let mut sa = opportunistic("a");
+    sa.provider = ProviderKind::ExamplePsk;
+    let (a, b) = nodes(sa, opportunistic("b"))?;
+    settle_keying();
+    let cap = Capture::start("rollout-incompatible")?;
+    let (s, c, out_took) = exchange_between("pod-b", POD_B, "pod-a", 10_000)?;
+    if !ok(&s) || !ok(&c) {
+        return Err(format!("pod-a -> pod-b: server {s}, client {c}"));
+    }
+    let (s, c, in_took) = exchange_between("pod-a", POD_A, "pod-b", 10_000)?;
+    if !ok(&s) || !ok(&c) {
+        return Err(format!("pod-b -> pod-a: server {s}, client {c}"));
+    }
+    let plain = plain_protected_port_flows(&cap.finish()?);
+    let counted = (
+        a.stat_reaching(|s| s.peer_incompatible_plain, 2),
+        b.stat_reaching(|s| s.peer_incompatible_plain, 2),
+    );
+    if plain < 4 || counted != (2, 2) {
+        return Err(format!(
+            "{plain} flows with the marker (want 4), plain for another keying protocol a/b {counted:?} (want 2 each); failed a {:?} b {:?}",
+            a.stats().map(|s| s.failed).unwrap_or_default(),
+            b.stats().map(|s| s.failed).unwrap_or_default()
+        ));
+    }
+    let limit = Duration::from_millis(1500);
+    if out_took > limit || in_took > limit {
+        return Err(format!(
+            "plain exchanges took {out_took:?} and {in_took:?}: as long as a key timeout"
+        ));
+    }
+    let asked = b.provider_requests(ProviderKind::OpenSsl)?;
+    if asked.answered + asked.failed > 0.0 {
+        return Err(format!("node b's provider was asked for keys: {asked:?}"));
+    }
+    let peers = b.ctl(&["peers"])?;
+    let node_a = peers["peers"]
+        .as_array()
+        .and_then(|p| p.iter().find(|p| p["peer"] == "node-a"))
+        .cloned()
+        .unwrap_or_default();
+    if node_a["announced"] != false
+        || node_a["plain"].as_u64() != Some(2)
+        || node_a["keying"].as_str().is_none_or(str::is_empty)
+    {
+        return Err(format!("`tlshubctl peers` on node b: {peers}"));
+    }
+    Ok(format!(
+        "2 connections between nodes of different keying protocols plain at once ({} ms out, {} ms in), counted on both nodes; node b's peers: node-a keying {}",
+        out_took.as_millis(),
+        in_took.as_millis(),
+        node_a["keying"]
     ))
 }

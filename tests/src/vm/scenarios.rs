@@ -179,6 +179,10 @@ pub const TESTS: &[Scenario] = &[
         super::rollout::downgrade_refused,
     ),
     (
+        "rollout_opportunistic_incompatible_providers_plain",
+        super::rollout::opportunistic_incompatible_providers_plain,
+    ),
+    (
         "rollout_upgrade_in_turn_under_load",
         super::rollout::upgrade_in_turn_under_load,
     ),

@@ -586,14 +586,18 @@ pub fn admin_cli_and_metrics() -> Result<String, String> {
 
 /// Two nodes whose providers cannot talk to each other (the example PSK
 /// provider, which keys without a handshake, against OpenSSL, which
-/// handshakes over the connection): every connection fails closed in both
-/// orders, no app receives a byte it was not sent, and no plaintext is on
-/// the wire.
+/// handshakes over the connection): each node's provider says which keying
+/// protocol it speaks, the nodes announce it in the TCP handshake, and
+/// under strict rules every connection fails at once (reason
+/// `keying_mismatch`, well inside the key timeout, no provider asked) in
+/// both orders; no app receives a byte it was not sent, and no plaintext
+/// is on the wire.
 pub fn mismatched_providers_fail_closed() -> Result<String, String> {
     let mut sa = NodeSpec::new("a");
     sa.provider = ProviderKind::ExamplePsk;
     let a = Node::start(sa)?;
     let b = Node::start(NodeSpec::new("b"))?;
+    super::rollout::settle_keying();
     let cap = Capture::start("mismatch")?;
     let mut seen = Vec::new();
     for mode in ["client-first", "server-first"] {
@@ -620,52 +624,45 @@ pub fn mismatched_providers_fail_closed() -> Result<String, String> {
     if wire.plain_flows_with_marker == 0 {
         return Err("the plain control's marker was not seen: the capture is blind".into());
     }
-    // Loud: node b's provider or core says why each connection failed.
-    let provider_log =
-        std::fs::read_to_string("/tmp/logs/node-b-provider-openssl.log").unwrap_or_default();
-    let reasons: Vec<String> = provider_log
-        .lines()
-        .chain(b.core_log().lines().collect::<Vec<_>>())
-        .filter(|l| {
-            l.contains("key request failed")
-                || l.contains("could not be keyed")
-                || l.contains("keying failed")
-        })
-        .map(|l| {
-            l.split("error=")
-                .nth(1)
-                .unwrap_or(l)
-                .chars()
-                .take(120)
-                .collect()
-        })
-        .collect();
-    if reasons.len() < 2 {
+    // Loud, and at once: every connection was failed for the keying
+    // mismatch the handshake announced, by at least one core (the other
+    // may find it reset by then: closed before keys), and nothing failed
+    // for another reason.
+    let mismatch = |n: &Node| n.stat(|s| s.failed.get("keying_mismatch").copied().unwrap_or(0));
+    // The stats files are rewritten once a second.
+    let waited = Instant::now();
+    while mismatch(&a) + mismatch(&b) < 2 && waited.elapsed() < Duration::from_secs(5) {
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let (ma, mb) = (mismatch(&a), mismatch(&b));
+    let (fa, fb) = (a.stats()?.failed, b.stats()?.failed);
+    let only_mismatch =
+        |f: &std::collections::BTreeMap<String, u64>| f.keys().all(|k| k == "keying_mismatch");
+    if ma + mb < 2 || !only_mismatch(&fa) || !only_mismatch(&fb) {
         return Err(format!(
-            "node b did not log why the connections failed: {reasons:?}"
+            "keying_mismatch failures: node a {ma}, node b {mb} (want 2 or more together); failed a {fa:?} b {fb:?}"
         ));
     }
-    // The core's line names both providers that met: its own (the
-    // connection's span) and the peer's kind (from the provider's error).
     let met = b
         .core_log()
         .lines()
-        .find(|l| {
-            (l.contains("could not be keyed") || l.contains("keying failed"))
-                && l.contains("provider=openssl")
-                && l.contains("key-only provider")
-        })
+        .find(|l| l.contains("provider=openssl") && l.contains("another keying protocol"))
         .map(String::from)
         .ok_or_else(|| {
             format!(
-                "node b's core never said which providers met:\n{}",
+                "node b's core never said that the peer's provider speaks another keying protocol:\n{}",
                 b.core_log()
             )
         })?;
+    let asked = b.provider_requests(ProviderKind::OpenSsl)?;
+    if asked.answered + asked.failed > 0.0 {
+        return Err(format!(
+            "node b's provider was asked for keys ({asked:?}): the mismatch was known from the handshake"
+        ));
+    }
     let reset_b = metric(&b.metrics()?, "tlshub_connections_reset_total");
-    let why = reasons.join(" | ");
     Ok(format!(
-        "{}; wire: {} protected flows, no plaintext; node b reset {reset_b}; logged: {why}; node b's core: {}",
+        "{}; wire: {} protected flows, no plaintext; keying_mismatch a {ma} b {mb}, node b reset {reset_b}, its provider never asked; node b's core: {}",
         seen.join("; "),
         wire.protected_flows,
         met.split("conn{").nth(1).unwrap_or(&met)
