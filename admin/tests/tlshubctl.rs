@@ -168,6 +168,7 @@ impl Admin for FakeCore {
                     protected: 12,
                     known_peer_silent: 2,
                     keying: "tls13-handshake".into(),
+                    mode: "opportunistic".into(),
                     ..Default::default()
                 },
                 pb::Peer {
@@ -501,12 +502,12 @@ fn peers_are_listed_and_forgetting_needs_names_or_all_but_not_both() {
         .find(|l| l.trim_start().starts_with("node-b"))
         .unwrap();
     let cells: Vec<&str> = row.split_whitespace().collect();
-    // PEER ANNOUNCED SINCE(n, "ago") LAST KEYING PROTECTED PLAIN KNOWN-SILENT
+    // PEER ANNOUNCED SINCE(n, "ago") LAST MODE KEYING PROTECTED PLAIN KNOWN-SILENT
     // SINCE is "<n>d ago": two cells, skipped.
     assert_eq!(cells[1], "yes", "{text}");
     assert_eq!(
         cells[4..],
-        ["-", "tls13-handshake", "12", "0", "2"],
+        ["-", "opportunistic", "tls13-handshake", "12", "0", "2"],
         "{text}"
     );
     assert!(

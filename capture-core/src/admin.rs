@@ -111,39 +111,7 @@ impl pb::admin_server::Admin for AdminService {
         &self,
         _: Request<pb::ListPeersRequest>,
     ) -> Result<Response<pb::ListPeersResponse>, Status> {
-        // A keying byte by the name of the configured provider that
-        // speaks it.
-        let names: Vec<(u8, String)> = self
-            .providers
-            .all()
-            .filter_map(|p| p.observed().info.map(|i| i.keying))
-            .filter(|k| !k.is_empty())
-            .map(|k| (tlshub_provider_sdk::keying_id(&k), k))
-            .collect();
-        let keying_name = |id: u8| match names.iter().find(|(i, _)| *i == id) {
-            _ if id == 0 => String::new(),
-            Some((_, name)) => name.clone(),
-            None => format!("{id:#04x}"),
-        };
-        let peers = self
-            .peers
-            .list()
-            .into_iter()
-            .map(|(peer, e)| pb::Peer {
-                keying: e.keying.map(keying_name).unwrap_or_default(),
-                peer,
-                announced: e.first_announced_unix.is_some(),
-                first_announced_unix: e.first_announced_unix.unwrap_or(0),
-                last_announced_unix: e.last_announced_unix.unwrap_or(0),
-                protected: e.protected,
-                plain: e.plain,
-                known_peer_silent: e.known_peer_silent,
-            })
-            .collect();
-        Ok(Response::new(pb::ListPeersResponse {
-            peers,
-            file: self.peers.file().display().to_string(),
-        }))
+        self.ask(AdminRequest::Peers).await.map(Response::new)
     }
 
     async fn forget_peers(

@@ -43,6 +43,9 @@ pub enum AdminRequest {
     ReloadPolicy(oneshot::Sender<Result<pb::Policy, String>>),
     /// `ListOutcomes` after this sequence number.
     Outcomes(u64, oneshot::Sender<pb::ListOutcomesResponse>),
+    /// `ListPeers` (the event loop holds the policy that gives each peer's
+    /// mode).
+    Peers(oneshot::Sender<pb::ListPeersResponse>),
 }
 
 /// Why the event loop stopped.
@@ -519,6 +522,9 @@ impl Agent {
             AdminRequest::Connections(reply) => {
                 let _ = reply.send(self.connections());
             }
+            AdminRequest::Peers(reply) => {
+                let _ = reply.send(self.peers_pb());
+            }
             AdminRequest::ReloadPolicy(reply) => {
                 let _ = reply.send(self.reload_policy());
             }
@@ -657,6 +663,48 @@ impl Agent {
             }),
             config_file: self.config_path.display().to_string(),
             bpf_pin_dir: self.programs.pin_dir.display().to_string(),
+        }
+    }
+
+    /// Every peer known, with the mode of the rule that judges it now and
+    /// its keying byte by the name of the configured provider that speaks
+    /// it (in hex when none does).
+    fn peers_pb(&self) -> pb::ListPeersResponse {
+        let names: Vec<(u8, String)> = self
+            .providers
+            .all()
+            .filter_map(|p| p.observed().info.map(|i| i.keying))
+            .filter(|k| !k.is_empty())
+            .map(|k| (tlshub_provider_sdk::keying_id(&k), k))
+            .collect();
+        let keying_name = |id: u8| match names.iter().find(|(i, _)| *i == id) {
+            _ if id == 0 => String::new(),
+            Some((_, name)) => name.clone(),
+            None => format!("{id:#04x}"),
+        };
+        let peers = self
+            .peers
+            .list()
+            .into_iter()
+            .map(|(peer, e)| pb::Peer {
+                peer,
+                announced: e.first_announced_unix.is_some(),
+                first_announced_unix: e.first_announced_unix.unwrap_or(0),
+                last_announced_unix: e.last_announced_unix.unwrap_or(0),
+                protected: e.protected,
+                plain: e.plain,
+                known_peer_silent: e.known_peer_silent,
+                keying: e.keying.map(keying_name).unwrap_or_default(),
+                mode: e
+                    .address
+                    .and_then(|ip| self.policy.peer_rule(ip))
+                    .map(|r| r.mode.as_str().to_owned())
+                    .unwrap_or_default(),
+            })
+            .collect();
+        pb::ListPeersResponse {
+            peers,
+            file: self.peers.file().display().to_string(),
         }
     }
 

@@ -252,22 +252,29 @@ impl PolicySection {
         if !self.local_cidrs.iter().any(|c| c.contains(local.ip())) {
             return None;
         }
+        let port = if connecting {
+            remote.port()
+        } else {
+            local.port()
+        };
+        self.peer_rule(remote.ip())
+            .filter(|r| r.ports.is_empty() || r.ports.contains(&port))
+    }
+
+    /// The rule whose `peer_cidrs` hold `peer` with the longest prefix (the
+    /// last one on equal prefixes), whatever the port: the rule that judges
+    /// connections with `peer` on its ports.
+    pub fn peer_rule(&self, peer: std::net::IpAddr) -> Option<&Rule> {
         let mut best: Option<(u32, &Rule)> = None;
         for rule in &self.rules {
-            for cidr in rule.peer_cidrs.iter().filter(|c| c.contains(remote.ip())) {
+            for cidr in rule.peer_cidrs.iter().filter(|c| c.contains(peer)) {
                 let len = cidr.mapped_prefix();
                 if best.is_none_or(|(b, _)| len >= b) {
                     best = Some((len, rule));
                 }
             }
         }
-        let port = if connecting {
-            remote.port()
-        } else {
-            local.port()
-        };
         best.map(|(_, r)| r)
-            .filter(|r| r.ports.is_empty() || r.ports.contains(&port))
     }
 
     /// Whether a connection from `local` to `remote` (this side

@@ -77,6 +77,9 @@ pub struct PeerEntry {
     /// The keying byte it last announced (0: not said), since this core
     /// started.
     pub keying: Option<u8>,
+    /// The address it was last seen at (for a node: one of its pods),
+    /// since this core started.
+    pub address: Option<IpAddr>,
 }
 
 /// What [`PeerTable::announced`] did.
@@ -193,6 +196,13 @@ impl PeerTable {
     pub fn saw_keying(&mut self, peer: &str, keying: u8) {
         if let Some(entry) = self.entry(peer) {
             entry.keying = Some(keying);
+        }
+    }
+
+    /// Notes where `peer` was seen (an entry it has already).
+    fn seen_at(&mut self, peer: &str, ip: IpAddr) {
+        if let Some(e) = self.peers.get_mut(peer) {
+            e.address = Some(ip);
         }
     }
 
@@ -440,7 +450,12 @@ impl PeerMemory {
     /// remembered until the core stops).
     pub fn announced(&self, ip: IpAddr) {
         let peer = self.peer_of(ip);
-        let done = lock(&self.table).announced(&peer, now_unix());
+        let done = {
+            let mut table = lock(&self.table);
+            let done = table.announced(&peer, now_unix());
+            table.seen_at(&peer, ip.to_canonical());
+            done
+        };
         match done {
             Announced::Known => {}
             Announced::New => {
@@ -467,7 +482,9 @@ impl PeerMemory {
     /// Adds one to the peer's `what`.
     pub fn count(&self, ip: IpAddr, what: Counted) {
         let peer = self.peer_of(ip);
-        lock(&self.table).count(&peer, what);
+        let mut table = lock(&self.table);
+        table.count(&peer, what);
+        table.seen_at(&peer, ip.to_canonical());
     }
 
     /// Notes the keying byte the peer at `ip` announced.

@@ -117,7 +117,8 @@ enum Command {
     Policy(PolicyCommand),
     /// The peers seen in selected connections (nodes with `[peers]
     /// node_map`, else addresses): whether each announced tlshub in a TCP
-    /// handshake, and its connections protected, let through as plain
+    /// handshake, the mode of the rule that judges it, the keying protocol
+    /// it announced, and its connections protected, let through as plain
     /// (silent under an opportunistic rule) and silent although known to
     /// run tlshub (keyed as under a strict rule: a listener older than its
     /// node's programs, the option stripped on the way, or its tlshub gone)
@@ -813,12 +814,13 @@ fn print_peers(r: &pb::ListPeersResponse) {
             "ANNOUNCED",
             "SINCE",
             "LAST",
+            "MODE",
             "KEYING",
             "PROTECTED",
             "PLAIN",
             "KNOWN-SILENT",
         ],
-        &[5, 6, 7],
+        &[6, 7, 8],
     );
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -836,6 +838,7 @@ fn print_peers(r: &pb::ListPeersResponse) {
             if p.announced { "yes" } else { "no" }.to_owned(),
             ago(p.first_announced_unix),
             ago(p.last_announced_unix),
+            dash(&p.mode).to_owned(),
             dash(&p.keying).to_owned(),
             p.protected.to_string(),
             p.plain.to_string(),

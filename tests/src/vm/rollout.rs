@@ -277,7 +277,10 @@ pub fn downgrade_refused() -> Result<String, String> {
         .and_then(|p| p.iter().find(|p| p["peer"] == "node-b"))
         .cloned()
         .unwrap_or_default();
-    if node_b["announced"] != true || node_b["known_peer_silent"].as_u64() != Some(2) {
+    if node_b["announced"] != true
+        || node_b["known_peer_silent"].as_u64() != Some(2)
+        || node_b["mode"] != "opportunistic"
+    {
         return Err(format!("`tlshubctl peers` on node a: {peers}"));
     }
     // The operator says b left for good: plain again, at once.
@@ -436,6 +439,7 @@ pub fn opportunistic_incompatible_providers_plain() -> Result<String, String> {
         .unwrap_or_default();
     if node_a["announced"] != false
         || node_a["plain"].as_u64() != Some(2)
+        || node_a["mode"] != "opportunistic"
         || node_a["keying"].as_str().is_none_or(str::is_empty)
     {
         return Err(format!("`tlshubctl peers` on node b: {peers}"));
