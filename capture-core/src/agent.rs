@@ -761,8 +761,7 @@ impl Agent {
     }
 
     /// Re-reads the config file; only `[policy]` (and `[peers] node_map`)
-    /// is applied. A file that
-    /// does not load leaves everything as it was.
+    /// is applied. A file that does not load leaves everything as it was.
     fn reload_policy(&mut self) -> Result<pb::Policy, String> {
         let fresh = Config::load(&self.config_path).map_err(|e| e.to_string())?;
         // Service addresses need the table before the maps select them

@@ -56,6 +56,18 @@ pub(super) fn settle_keying() {
     std::thread::sleep(Duration::from_millis(1500));
 }
 
+/// `name`'s row in `tlshubctl peers` on `node` (null when absent), and
+/// the whole answer.
+fn peer_row(node: &Node, name: &str) -> Result<(Value, Value), String> {
+    let peers = node.ctl(&["peers"])?;
+    let row = peers["peers"]
+        .as_array()
+        .and_then(|p| p.iter().find(|p| p["peer"] == name))
+        .cloned()
+        .unwrap_or_default();
+    Ok((row, peers))
+}
+
 /// Flows on the protected port that carry the marker in clear.
 fn plain_protected_port_flows(flows: &[wire::Flow]) -> usize {
     flows
@@ -271,12 +283,7 @@ pub fn downgrade_refused() -> Result<String, String> {
             a.stat(|s| s.peer_silent_plain)
         ));
     }
-    let peers = a.ctl(&["peers"])?;
-    let node_b = peers["peers"]
-        .as_array()
-        .and_then(|p| p.iter().find(|p| p["peer"] == "node-b"))
-        .cloned()
-        .unwrap_or_default();
+    let (node_b, peers) = peer_row(&a, "node-b")?;
     if node_b["announced"] != true
         || node_b["known_peer_silent"].as_u64() != Some(2)
         || node_b["mode"] != "opportunistic"
@@ -431,12 +438,7 @@ pub fn opportunistic_incompatible_providers_plain() -> Result<String, String> {
     if asked.answered + asked.failed > 0.0 {
         return Err(format!("node b's provider was asked for keys: {asked:?}"));
     }
-    let peers = b.ctl(&["peers"])?;
-    let node_a = peers["peers"]
-        .as_array()
-        .and_then(|p| p.iter().find(|p| p["peer"] == "node-a"))
-        .cloned()
-        .unwrap_or_default();
+    let (node_a, peers) = peer_row(&b, "node-a")?;
     if node_a["announced"] != false
         || node_a["plain"].as_u64() != Some(2)
         || node_a["mode"] != "opportunistic"
