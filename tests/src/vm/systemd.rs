@@ -295,6 +295,12 @@ fn deb_install_and_purge() -> Result<String, String> {
         ));
     }
     let upgraded = upgrade_in_place(&exchange)?;
+    // The unit's StateDirectory: where the core keeps the peers that
+    // announced tlshub ([peers] file's default), writable under
+    // ProtectSystem=strict.
+    if !std::path::Path::new("/var/lib/tlshub/peers.json").exists() {
+        return Err("the package's core did not write /var/lib/tlshub/peers.json".into());
+    }
     sh("DEBIAN_FRONTEND=noninteractive apt-get purge -y tlshub")
         .map_err(|e| format!("apt-get purge tlshub: {e}"))?;
     let left: Vec<&str> = [
@@ -303,6 +309,7 @@ fn deb_install_and_purge() -> Result<String, String> {
         "/etc/tlshub/core.toml",
         "/etc/modules-load.d/tlshub.conf",
         "/etc/systemd/system/multi-user.target.wants/tlshub-core.service",
+        "/var/lib/tlshub",
     ]
     .into_iter()
     .filter(|f| std::path::Path::new(f).exists() || std::path::Path::new(f).is_symlink())
