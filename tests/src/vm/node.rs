@@ -167,6 +167,13 @@ pub struct ProviderRequests {
     pub text: String,
 }
 
+impl ProviderRequests {
+    /// Whether the provider was asked for keys at all.
+    pub fn any(&self) -> bool {
+        self.answered + self.failed > 0.0
+    }
+}
+
 /// A running node agent; both processes stop when dropped (core first).
 #[derive(Debug)]
 pub struct Node {
