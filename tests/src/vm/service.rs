@@ -643,15 +643,19 @@ pub fn mismatched_providers_fail_closed() -> Result<String, String> {
             "keying_mismatch failures: node a {ma}, node b {mb} (want 2 or more together); failed a {fa:?} b {fb:?}"
         ));
     }
-    let met = b
-        .core_log()
+    // Said by the core that failed first (the other may have found the
+    // connection reset), naming its own provider.
+    let logs = format!("{}\n{}", a.core_log(), b.core_log());
+    let met = logs
         .lines()
-        .find(|l| l.contains("provider=openssl") && l.contains("another keying protocol"))
+        .find(|l| {
+            (l.contains("provider=openssl") || l.contains("provider=psk"))
+                && l.contains("another keying protocol")
+        })
         .map(String::from)
         .ok_or_else(|| {
             format!(
-                "node b's core never said that the peer's provider speaks another keying protocol:\n{}",
-                b.core_log()
+                "neither core said that the peer's provider speaks another keying protocol:\n{logs}"
             )
         })?;
     let asked = b.provider_requests(ProviderKind::OpenSsl)?;
@@ -662,7 +666,7 @@ pub fn mismatched_providers_fail_closed() -> Result<String, String> {
     }
     let reset_b = metric(&b.metrics()?, "tlshub_connections_reset_total");
     Ok(format!(
-        "{}; wire: {} protected flows, no plaintext; keying_mismatch a {ma} b {mb}, node b reset {reset_b}, its provider never asked; node b's core: {}",
+        "{}; wire: {} protected flows, no plaintext; keying_mismatch a {ma} b {mb}, node b reset {reset_b}, its provider never asked; logged: {}",
         seen.join("; "),
         wire.protected_flows,
         met.split("conn{").nth(1).unwrap_or(&met)
