@@ -129,9 +129,7 @@ impl pb::admin_server::Admin for AdminService {
                 "forgotten until the core restarts, but not written: {e}"
             ))
         })?;
-        self.metrics
-            .peers_announced
-            .set(self.peers.announced_count() as i64);
+        // The gauge follows with the next stats tick (once a second).
         Ok(Response::new(pb::ForgetPeersResponse { forgotten }))
     }
 

@@ -77,7 +77,7 @@ pub struct Job {
     /// read (the event loop records announcements then, in the order the
     /// handshakes came). `None`: not known then (a service address, whose
     /// backend is learnt by the job; a connection adopted from a previous
-    /// core): asked of `peers` now.
+    /// core): asked of `peers` now, and an announcement recorded now.
     pub peer_remembered: Option<bool>,
 }
 
@@ -130,8 +130,10 @@ impl Job {
             }))
         };
         match crate::peers::verdict(heard, opportunistic, remembered) {
-            Verdict::Remember => self.peers.announced(ip),
-            Verdict::Key => {}
+            // The event loop recorded it already when it read the event;
+            // a service backend or an adopted connection it could not.
+            Verdict::Remember if self.peer_remembered.is_none() => self.peers.announced(ip),
+            Verdict::Remember | Verdict::Key => {}
             Verdict::KnownPeerSilent => {
                 self.peers.count(ip, Counted::KnownPeerSilent);
                 // Not a warning: every connection to a listener older than

@@ -219,10 +219,10 @@ impl PeerTable {
         had
     }
 
-    /// Forgets every announcement; how many there were.
-    pub fn forget_all(&mut self) -> usize {
+    /// Forgets every announcement; the peers that had announced.
+    pub fn forget_all(&mut self) -> Vec<String> {
         let names: Vec<String> = self.peers.keys().cloned().collect();
-        names.iter().filter(|p| self.forget(p)).count()
+        names.into_iter().filter(|p| self.forget(p)).collect()
     }
 
     /// Every peer with what is known of it, by name.
@@ -499,14 +499,7 @@ impl PeerMemory {
         let forgotten = {
             let mut table = lock(&self.table);
             if peers.is_empty() {
-                let all: Vec<String> = table
-                    .list()
-                    .into_iter()
-                    .filter(|(_, e)| e.first_announced_unix.is_some())
-                    .map(|(p, _)| p)
-                    .collect();
-                table.forget_all();
-                all
+                table.forget_all()
             } else {
                 peers.iter().filter(|p| table.forget(p)).cloned().collect()
             }

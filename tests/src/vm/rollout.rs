@@ -68,6 +68,37 @@ fn peer_row(node: &Node, name: &str) -> Result<(Value, Value), String> {
     Ok((row, peers))
 }
 
+/// One exchange of `size` bytes from pod-a to pod-b's protected port and
+/// one back, both exact, under a capture named `label`: the flows and how
+/// long each exchange took.
+fn exact_both_ways(
+    label: &str,
+    size: usize,
+) -> Result<(Vec<wire::Flow>, Duration, Duration), String> {
+    let cap = Capture::start(label)?;
+    let (s, c, out_took) = exchange_between("pod-b", POD_B, "pod-a", size)?;
+    if !ok(&s) || !ok(&c) {
+        return Err(format!("pod-a -> pod-b: server {s}, client {c}"));
+    }
+    let (s, c, in_took) = exchange_between("pod-a", POD_A, "pod-b", size)?;
+    if !ok(&s) || !ok(&c) {
+        return Err(format!("pod-b -> pod-a: server {s}, client {c}"));
+    }
+    Ok((cap.finish()?, out_took, in_took))
+}
+
+/// Plain decided at once: neither exchange waited anything like the test
+/// bed's key timeout (2 s).
+fn no_key_timeout_waited(out_took: Duration, in_took: Duration) -> Result<(), String> {
+    let limit = Duration::from_millis(1500);
+    if out_took > limit || in_took > limit {
+        return Err(format!(
+            "plain exchanges took {out_took:?} and {in_took:?}: as long as a key timeout"
+        ));
+    }
+    Ok(())
+}
+
 /// Flows on the protected port that carry the marker in clear.
 fn plain_protected_port_flows(flows: &[wire::Flow]) -> usize {
     flows
@@ -84,16 +115,7 @@ fn plain_protected_port_flows(flows: &[wire::Flow]) -> usize {
 /// default), the same connection is failed closed (reset) as before.
 pub fn opportunistic_peer_without_tlshub() -> Result<String, String> {
     let a = Node::start(opportunistic("a"))?;
-    let cap = Capture::start("rollout-silent")?;
-    let (s, c, out_took) = exchange_between("pod-b", POD_B, "pod-a", 100_000)?;
-    if !ok(&s) || !ok(&c) {
-        return Err(format!("pod-a -> pod-b: server {s}, client {c}"));
-    }
-    let (s, c, in_took) = exchange_between("pod-a", POD_A, "pod-b", 100_000)?;
-    if !ok(&s) || !ok(&c) {
-        return Err(format!("pod-b -> pod-a: server {s}, client {c}"));
-    }
-    let flows = cap.finish()?;
+    let (flows, out_took, in_took) = exact_both_ways("rollout-silent", 100_000)?;
     let plain = plain_protected_port_flows(&flows);
     if plain < 4 {
         return Err(format!(
@@ -118,13 +140,7 @@ pub fn opportunistic_peer_without_tlshub() -> Result<String, String> {
     if status["counters"]["peer_silent_plain"].as_u64() != Some(2) {
         return Err(format!("`tlshubctl status` does not count the 2: {status}"));
     }
-    // No key timeout (2 s) was waited for.
-    let limit = Duration::from_millis(1500);
-    if out_took > limit || in_took > limit {
-        return Err(format!(
-            "plain exchanges took {out_took:?} and {in_took:?}: as long as a key timeout"
-        ));
-    }
+    no_key_timeout_waited(out_took, in_took)?;
     drop(a);
     // The same with the rule strict: failed closed, as before.
     let a = Node::start(NodeSpec::new("a"))?;
@@ -407,16 +423,8 @@ pub fn opportunistic_incompatible_providers_plain() -> Result<String, String> {
     sa.provider = ProviderKind::ExamplePsk;
     let (a, b) = nodes(sa, opportunistic("b"))?;
     settle_keying();
-    let cap = Capture::start("rollout-incompatible")?;
-    let (s, c, out_took) = exchange_between("pod-b", POD_B, "pod-a", 10_000)?;
-    if !ok(&s) || !ok(&c) {
-        return Err(format!("pod-a -> pod-b: server {s}, client {c}"));
-    }
-    let (s, c, in_took) = exchange_between("pod-a", POD_A, "pod-b", 10_000)?;
-    if !ok(&s) || !ok(&c) {
-        return Err(format!("pod-b -> pod-a: server {s}, client {c}"));
-    }
-    let plain = plain_protected_port_flows(&cap.finish()?);
+    let (flows, out_took, in_took) = exact_both_ways("rollout-incompatible", 10_000)?;
+    let plain = plain_protected_port_flows(&flows);
     let counted = (
         a.stat_reaching(|s| s.peer_incompatible_plain, 2),
         b.stat_reaching(|s| s.peer_incompatible_plain, 2),
@@ -428,12 +436,7 @@ pub fn opportunistic_incompatible_providers_plain() -> Result<String, String> {
             b.stats().map(|s| s.failed).unwrap_or_default()
         ));
     }
-    let limit = Duration::from_millis(1500);
-    if out_took > limit || in_took > limit {
-        return Err(format!(
-            "plain exchanges took {out_took:?} and {in_took:?}: as long as a key timeout"
-        ));
-    }
+    no_key_timeout_waited(out_took, in_took)?;
     let asked = b.provider_requests(ProviderKind::OpenSsl)?;
     if asked.any() {
         return Err(format!("node b's provider was asked for keys: {asked:?}"));
