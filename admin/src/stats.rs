@@ -81,6 +81,9 @@ pub struct Stats {
     /// Selected connections failed closed because the `conns` map was full
     /// (counted by BPF).
     pub map_full: u64,
+    /// Selected connections failed closed because the `conns` map was
+    /// busy (`EBUSY`) when they were established (counted by BPF).
+    pub map_busy: u64,
     /// Peer FIN segments dropped because they arrived before this side's
     /// keys (counted by BPF; the peer retransmits them).
     pub fin_deferred: u64,

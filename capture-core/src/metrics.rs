@@ -97,7 +97,7 @@ pub struct BpfCounter {
 
 /// Every BPF counter the core mirrors (besides the ring buffer's drops and
 /// the no-core refusals, which it reads on their own): one row each.
-pub const BPF_COUNTERS: [BpfCounter; 10] = [
+pub const BPF_COUNTERS: [BpfCounter; 11] = [
     BpfCounter {
         index: stat::FASTOPEN_REFUSED,
         metric: "gate_fastopen_refused",
@@ -113,6 +113,15 @@ pub const BPF_COUNTERS: [BpfCounter; 10] = [
             "the conns map is full ([bpf] max_connections): new selected connections fail closed",
         ),
         field: |s| &mut s.map_full,
+    },
+    BpfCounter {
+        index: stat::MAP_BUSY,
+        metric: "gate_map_busy",
+        help: "Selected connections failed closed (calls fail with ECONNRESET) because the conns map was busy when they were established (EBUSY: another update of it on the same CPU, which the packet's processing interrupted); not a capacity problem",
+        alarm: Some(
+            "a selected connection failed closed: the conns map was busy (EBUSY) when it was established",
+        ),
+        field: |s| &mut s.map_busy,
     },
     BpfCounter {
         index: stat::FIN_DEFERRED,

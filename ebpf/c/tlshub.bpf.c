@@ -50,6 +50,7 @@ char LICENSE[] SEC("license") = "GPL";
 #define MAY_READ 0x4
 #define EOPNOTSUPP 95
 #define EEXIST 17
+#define EBUSY 16
 #define ENOBUFS 105
 #define IPPROTO_TCP 6
 #define MSG_FASTOPEN 0x20000000
@@ -386,6 +387,18 @@ static __always_inline int mark_gates(const struct tlshub_sk_mark *mark)
 
 /* Refuses a selected socket for good: its mark says so, and the gate
  * fails every call on it with ECONNRESET (no hold, nothing for the core). */
+/* Which counter a failed conns update is refused under: the map was full
+ * (E2BIG), or busy (EBUSY: the hash map's per-CPU guard against re-entry,
+ * when this program runs in a softirq that interrupted another update of
+ * conns on the same CPU between the guard and the bucket lock; the window
+ * is open on kernels that take the guard before disabling interrupts).
+ * Either way the connection fails closed; the two are told apart so that
+ * an operator is not told to raise max_connections for the second. */
+static __always_inline __u32 map_refusal(long err)
+{
+	return err == -EBUSY ? TLSHUB_STAT_MAP_BUSY : TLSHUB_STAT_MAP_FULL;
+}
+
 static __always_inline void refuse(struct tlshub_sk_mark *mark, __u32 stat)
 {
 	mark->cookie = 0;
@@ -441,7 +454,7 @@ static __always_inline int track_passive(struct bpf_sock_ops *skops, __u64 cooki
 		return 0;
 	}
 	if (err) {
-		refuse(mark, TLSHUB_STAT_MAP_FULL);
+		refuse(mark, map_refusal(err));
 		return 0;
 	}
 	mark->cookie = cookie;
@@ -506,7 +519,7 @@ static __always_inline int track(struct tlshub_sk_mark *mark, __u64 cookie,
 		bpf_map_delete_elem(&connecting_owners, &cookie);
 	}
 	if (err && err != -EEXIST) {
-		refuse(mark, TLSHUB_STAT_MAP_FULL);
+		refuse(mark, map_refusal(err));
 		return 0;
 	}
 	mark->flags &= ~(TLSHUB_MARK_CONNECTING | TLSHUB_MARK_HELD_CONNECTING);

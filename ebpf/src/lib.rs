@@ -199,8 +199,12 @@ pub mod stat {
     /// room to record the hold (a process recorded nowhere would stay
     /// stopped).
     pub const HOLD_UNRECORDED: u32 = 12;
+    /// Selected sockets failed closed because an update of `conns` found
+    /// the hash map busy (`EBUSY`: another update of it on the same CPU,
+    /// interrupted by the packet that established this connection).
+    pub const MAP_BUSY: u32 = 13;
     /// Length of the `stats` array.
-    pub const COUNT: u32 = 13;
+    pub const COUNT: u32 = 14;
 }
 
 /// `TLSHUB_UNSENT_HOLD_MAX_MS`: how long `shutdown()`s on one socket are
@@ -505,6 +509,7 @@ mod tests {
                 stat::UNSENT_HOLDS,
                 stat::UNSENT_EXPIRED,
                 stat::HOLD_UNRECORDED,
+                stat::MAP_BUSY,
                 UNSENT_HOLD_MAX_MS,
                 stat::COUNT,
                 conn::UNMARKED
@@ -517,6 +522,7 @@ mod tests {
                 TLSHUB_STAT_UNSENT_HOLDS,
                 TLSHUB_STAT_UNSENT_EXPIRED,
                 TLSHUB_STAT_HOLD_UNRECORDED,
+                TLSHUB_STAT_MAP_BUSY,
                 TLSHUB_UNSENT_HOLD_MAX_MS,
                 TLSHUB_STAT_MAX,
                 TLSHUB_CONN_UNMARKED

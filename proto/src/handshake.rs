@@ -15,6 +15,7 @@
 pub mod files;
 #[cfg(feature = "test-support")]
 pub mod library_tests;
+pub mod node_pair;
 
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant, SystemTime};
@@ -114,6 +115,9 @@ pub enum SetupError {
     /// The node map does not load.
     #[error(transparent)]
     NodeMap(#[from] crate::runtime::ConfigError),
+    /// Node-pair keying cannot start with this configuration.
+    #[error("node-pair keying: {0}")]
+    NodePair(String),
 }
 
 /// Maps a library call's error to [`SetupError::Library`], naming `action`.
@@ -171,6 +175,8 @@ pub struct HandshakeProvider<L> {
     refused: Arc<Mutex<Option<FilesStamp>>>,
     /// When the expiry warning was last logged.
     warned: Arc<Mutex<Option<Instant>>>,
+    /// Set in node-pair mode (`[tls] keying = "node-pair"`).
+    node_pair: Option<node_pair::NodePair<L>>,
 }
 
 impl<L> Clone for HandshakeProvider<L> {
@@ -181,6 +187,7 @@ impl<L> Clone for HandshakeProvider<L> {
             tls: Arc::clone(&self.tls),
             refused: Arc::clone(&self.refused),
             warned: Arc::clone(&self.warned),
+            node_pair: self.node_pair.clone(),
         }
     }
 }
@@ -198,8 +205,18 @@ impl<L: TlsLibrary> std::fmt::Debug for HandshakeProvider<L> {
 const EXPIRY_WARNING_EVERY: Duration = Duration::from_secs(3600);
 
 impl<L: TlsLibrary> HandshakeProvider<L> {
-    /// Checks `[tls]`'s suites and builds the library's context.
+    /// Checks `[tls]`'s suites and builds the library's context, for
+    /// in-band keying.
     pub fn new(tls: &TlsSection) -> Result<Self, SetupError> {
+        Self::with_keying(tls, None)
+    }
+
+    /// Like [`Self::new`], in node-pair mode when `node_pair` is given
+    /// (then [`Self::start`] must run before the first request).
+    pub fn with_keying(
+        tls: &TlsSection,
+        node_pair: Option<node_pair::NodePairSection>,
+    ) -> Result<Self, SetupError> {
         let accepted = tls
             .cipher_suites
             .iter()
@@ -207,15 +224,42 @@ impl<L: TlsLibrary> HandshakeProvider<L> {
                 suite_by_name(s).ok_or_else(|| SetupError::UnsupportedSuite { suite: s.clone() })
             })
             .collect::<Result<Vec<_>, _>>()?;
+        let loaded = Arc::new(RwLock::new(Arc::new(Loaded::load(tls)?)));
+        let accepted: Arc<[CipherSuite]> = accepted.into();
+        let node_pair = node_pair
+            .map(|section| {
+                node_pair::NodePair::new(
+                    section,
+                    Arc::clone(&loaded),
+                    Arc::clone(&accepted),
+                    &tls.cert,
+                )
+            })
+            .transpose()?;
         let this = Self {
-            loaded: Arc::new(RwLock::new(Arc::new(Loaded::load(tls)?))),
-            accepted: accepted.into(),
+            loaded,
+            accepted,
             tls: Arc::new(tls.clone()),
             refused: Arc::new(Mutex::new(None)),
             warned: Arc::new(Mutex::new(None)),
+            node_pair,
         };
         this.warn_if_expiring();
         Ok(this)
+    }
+
+    /// The node-pair sessions, in node-pair mode.
+    pub fn node_pair(&self) -> Option<&node_pair::NodePair<L>> {
+        self.node_pair.as_ref()
+    }
+
+    /// In node-pair mode, binds the session port and starts the sessions
+    /// (in the current Tokio runtime); nothing otherwise.
+    pub async fn start(&self) -> std::io::Result<()> {
+        match &self.node_pair {
+            Some(n) => n.start().await,
+            None => Ok(()),
+        }
     }
 
     /// The context new handshakes use now.
@@ -419,8 +463,12 @@ impl<L: TlsLibrary> Provider for HandshakeProvider<L> {
             version: format!("{} ({})", env!("CARGO_PKG_VERSION"), L::version()),
             tls_versions: vec![TlsVersion::Tls13],
             cipher_suites: self.accepted.to_vec(),
-            needs_socket: true,
-            keying: crate::KEYING_TLS13_HANDSHAKE.into(),
+            needs_socket: self.node_pair.is_none(),
+            keying: if self.node_pair.is_some() {
+                crate::KEYING_TLS13_NODE_PAIR.into()
+            } else {
+                crate::KEYING_TLS13_HANDSHAKE.into()
+            },
             credentials: vec![self.credential()],
         }
     }
@@ -434,6 +482,9 @@ impl<L: TlsLibrary> Provider for HandshakeProvider<L> {
     }
 
     async fn keys(&self, request: KeyRequest) -> Result<ConnectionKeys, ProviderError> {
+        if let Some(n) = &self.node_pair {
+            return n.keys(request).await;
+        }
         // The handshake blocks (poll on the socket); keep it off the runtime.
         let this = self.clone();
         tokio::task::spawn_blocking(move || this.handshake(&request))

@@ -6,6 +6,7 @@
 //! socket = "/run/tlshub/provider.sock"   # optional
 //! allowed_uid = 990                      # optional
 //! metrics_listen = "127.0.0.1:9470"      # optional: GET /metrics
+//! keying = "in-band"                     # or "node-pair" (then [node_pair])
 //! [tls]
 //! ca = "/etc/tlshub/certs/ca.pem"
 //! cert = "/etc/tlshub/certs/node.pem"
@@ -13,7 +14,12 @@
 //! cipher_suites = ["TLS_AES_128_GCM_SHA256"]
 //! groups = ["X25519"]
 //! expiry_warning_days = 30               # optional
-//! node_map = "/etc/tlshub/nodes.toml"    # optional: check the peer's node
+//! node_map = "/etc/tlshub/nodes.toml"    # optional (required for node-pair)
+//! [node_pair]                            # optional, with keying = "node-pair"
+//! listen = "0.0.0.0:7446"
+//! port = 7446                            # the port every node listens on
+//! lifetime_seconds = 3600
+//! drain_seconds = 30
 //! ```
 //!
 //! The provider re-reads the CA, certificate and key when one of the files
@@ -25,6 +31,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
+use crate::handshake::node_pair::NodePairSection;
 use crate::handshake::{HandshakeProvider, TlsLibrary};
 use crate::runtime::{ConfigError, load_toml};
 
@@ -89,8 +96,31 @@ pub struct HandshakeProviderConfig {
     /// not served.
     #[serde(default)]
     pub metrics_listen: Option<std::net::SocketAddr>,
+    /// How connections are keyed.
+    #[serde(default)]
+    pub keying: Keying,
     /// Handshake parameters.
     pub tls: TlsSection,
+    /// The node-pair sessions (with `keying = "node-pair"`).
+    #[serde(default)]
+    pub node_pair: Option<NodePairSection>,
+}
+
+/// How a handshake provider keys connections.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Keying {
+    /// A full TLS 1.3 handshake over each application connection, before
+    /// its first byte: each connection has its own handshake and forward
+    /// secrecy, at the cost of a handshake per connection.
+    #[default]
+    InBand,
+    /// One TLS 1.3 session per node pair on the providers' own connection;
+    /// each connection's keys are exported from it with the connection's
+    /// identity. Nothing crosses the application's connection, and no
+    /// round trip is spent per connection; a connection's secrecy is that
+    /// of the session (replaced every `lifetime_seconds`).
+    NodePair,
 }
 
 impl HandshakeProviderConfig {
@@ -148,22 +178,36 @@ pub fn handshake_provider_main<L: TlsLibrary>() -> std::process::ExitCode {
         .socket
         .or(config.socket)
         .unwrap_or_else(|| PathBuf::from(format!("/run/tlshub/provider-{}.sock", L::NAME)));
-    let provider = match HandshakeProvider::<L>::new(&config.tls) {
+    if config.node_pair.is_some() && config.keying != Keying::NodePair {
+        eprintln!(
+            "{program}: {}: [node_pair] is set, but `keying` is not \"node-pair\"",
+            args.config.display()
+        );
+        return std::process::ExitCode::from(2);
+    }
+    let node_pair =
+        (config.keying == Keying::NodePair).then(|| config.node_pair.unwrap_or_default());
+    let provider = match HandshakeProvider::<L>::with_keying(&config.tls, node_pair) {
         Ok(p) => p,
         Err(e) => {
             eprintln!("{program}: {}: {e}", args.config.display());
             return std::process::ExitCode::from(2);
         }
     };
-    crate::run(
-        &program,
-        provider,
-        crate::ServeOptions {
-            socket_path,
-            allowed_uid: config.allowed_uid,
-            metrics_listen: config.metrics_listen,
-        },
-    )
+    let options = crate::ServeOptions {
+        socket_path,
+        allowed_uid: config.allowed_uid,
+        metrics_listen: config.metrics_listen,
+    };
+    crate::server::block_on(&program, async move {
+        provider
+            .start()
+            .await
+            .map_err(|e| format!("node-pair sessions: {e}"))?;
+        crate::serve(provider, options)
+            .await
+            .map_err(|e| e.to_string())
+    })
 }
 
 #[cfg(test)]
@@ -178,7 +222,29 @@ mod tests {
         ] {
             let c: HandshakeProviderConfig = toml::from_str(text).unwrap();
             assert_eq!(c.tls.expiry_warning_days, 30);
+            assert_eq!(c.keying, Keying::InBand);
         }
+    }
+
+    #[test]
+    fn node_pair_settings_parse_with_defaults() {
+        let c: HandshakeProviderConfig = toml::from_str(
+            "keying = \"node-pair\"\n[tls]\nca = \"a\"\ncert = \"b\"\nkey = \"c\"\n[node_pair]\nport = 9000\n",
+        )
+        .unwrap();
+        assert_eq!(c.keying, Keying::NodePair);
+        let n = c.node_pair.unwrap();
+        assert_eq!(
+            (n.port, n.lifetime_seconds, n.drain_seconds),
+            (9000, 3600, 30)
+        );
+        assert_eq!(n.listen.port(), 7446);
+        let e = toml::from_str::<HandshakeProviderConfig>(
+            "keying = \"node_pair\"\n[tls]\nca = \"a\"\ncert = \"b\"\nkey = \"c\"\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("keying") && e.contains("node-pair"), "{e}");
     }
 
     #[test]

@@ -254,6 +254,18 @@ pub fn run<P: Provider>(
     provider: P,
     options: ServeOptions,
 ) -> std::process::ExitCode {
+    block_on(program, async move {
+        serve(provider, options).await.map_err(|e| e.to_string())
+    })
+}
+
+/// Runs `main` on a new multi-threaded Tokio runtime: a provider's whole
+/// `main` after its configuration is read (see [`run`]). An error is
+/// printed after `program` and exits 1.
+pub fn block_on(
+    program: &str,
+    main: impl Future<Output = Result<(), String>>,
+) -> std::process::ExitCode {
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -264,7 +276,7 @@ pub fn run<P: Provider>(
             return std::process::ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(serve(provider, options)) {
+    match runtime.block_on(main) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("{program}: {e}");

@@ -97,6 +97,11 @@ impl SocketIo {
         }
     }
 
+    /// The socket back, for what follows the handshake.
+    pub fn into_fd(self) -> OwnedFd {
+        self.fd
+    }
+
     /// What the peer's first bytes say about the provider on its node,
     /// for the error of a failed handshake (see [`describe_peer_start`]).
     pub fn peer_start(&self) -> &'static str {

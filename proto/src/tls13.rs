@@ -120,6 +120,41 @@ pub fn traffic_keys(suite: CipherSuite, secret: &[u8]) -> Result<DirectionKeys, 
     Ok(keys)
 }
 
+/// The TLS 1.3 exporter (RFC 8446 section 7.5) from a session's
+/// `exporter_master_secret`:
+/// `HKDF-Expand-Label(Derive-Secret(secret, label, ""), "exporter", Hash(context), out.len())`.
+/// This is what `SSL_export_keying_material` computes for TLS 1.3 (an
+/// absent context is the empty one), so two libraries that hold the same
+/// session export the same bytes.
+pub fn export(
+    hash: Hash,
+    exporter_master_secret: &[u8],
+    label: &[u8],
+    context: &[u8],
+    out: &mut [u8],
+) -> Result<(), ExpandError> {
+    use sha2::Digest;
+    let (empty_hash, context_hash) = match hash {
+        Hash::Sha256 => (
+            Sha256::digest(b"").to_vec(),
+            Sha256::digest(context).to_vec(),
+        ),
+        Hash::Sha384 => (
+            Sha384::digest(b"").to_vec(),
+            Sha384::digest(context).to_vec(),
+        ),
+    };
+    let mut derived = Zeroizing::new(vec![0; hash.output_len()]);
+    hkdf_expand_label(
+        hash,
+        exporter_master_secret,
+        label,
+        &empty_hash,
+        &mut derived,
+    )?;
+    hkdf_expand_label(hash, &derived, b"exporter", &context_hash, out)
+}
+
 /// The kTLS suite of a TLS 1.3 cipher suite by its IANA name
 /// (`TLS_AES_128_GCM_SHA256`, ...); `None` for suites kTLS cannot take.
 pub fn suite_by_name(name: &str) -> Option<CipherSuite> {
@@ -138,6 +173,7 @@ pub fn suite_by_name(name: &str) -> Option<CipherSuite> {
 pub struct TrafficSecrets {
     client: Option<Zeroizing<Vec<u8>>>,
     server: Option<Zeroizing<Vec<u8>>>,
+    exporter: Option<Zeroizing<Vec<u8>>>,
 }
 
 impl std::fmt::Debug for TrafficSecrets {
@@ -145,13 +181,15 @@ impl std::fmt::Debug for TrafficSecrets {
         f.debug_struct("TrafficSecrets")
             .field("client", &self.client.is_some())
             .field("server", &self.server.is_some())
+            .field("exporter", &self.exporter.is_some())
             .finish()
     }
 }
 
 impl TrafficSecrets {
-    /// Takes one key-log line; keeps `CLIENT_TRAFFIC_SECRET_0` and
-    /// `SERVER_TRAFFIC_SECRET_0`, ignores everything else.
+    /// Takes one key-log line; keeps `CLIENT_TRAFFIC_SECRET_0`,
+    /// `SERVER_TRAFFIC_SECRET_0` and `EXPORTER_SECRET`, ignores everything
+    /// else.
     pub fn record(&mut self, line: &str) {
         let mut parts = line.split(' ');
         let (Some(label), Some(_random), Some(hex)) = (parts.next(), parts.next(), parts.next())
@@ -164,8 +202,14 @@ impl TrafficSecrets {
         match label {
             "CLIENT_TRAFFIC_SECRET_0" => self.client = Some(secret),
             "SERVER_TRAFFIC_SECRET_0" => self.server = Some(secret),
+            "EXPORTER_SECRET" => self.exporter = Some(secret),
             _ => {}
         }
+    }
+
+    /// The session's `exporter_master_secret`, for [`export`].
+    pub fn exporter_secret(&self) -> Option<&[u8]> {
+        self.exporter.as_deref().map(Vec::as_slice)
     }
 
     /// The connection's kTLS keys for `role`, starting at record 0.

@@ -214,6 +214,10 @@ pub struct ProviderInfo {
 /// BoringSSL): a full handshake over the application's connection.
 pub const KEYING_TLS13_HANDSHAKE: &str = "tls13-handshake";
 
+/// The keying protocol of the TLS 1.3 handshake providers in node-pair
+/// mode: keys exported from one session per node pair.
+pub const KEYING_TLS13_NODE_PAIR: &str = "tls13-node-pair";
+
 /// The one-byte form of a keying protocol name, which the core announces
 /// in the TCP handshake: 0 for an empty name (not said), else 1 to 255 from
 /// a 32-bit FNV-1a hash of the name. Two different names can share a byte

@@ -58,6 +58,16 @@ pub enum CertificateError {
 /// The node certificate (the first one in the chain file at `path`) as a
 /// [`Credential`]: its name and its notAfter.
 pub fn certificate_credential(path: &Path) -> Result<Credential, CertificateError> {
+    let cert = first_certificate(path)?;
+    let not_after = cert.tbs_certificate.validity.not_after.to_unix_duration();
+    Ok(Credential {
+        name: format!("certificate {}", path.display()),
+        not_after_unix_seconds: i64::try_from(not_after.as_secs()).unwrap_or(i64::MAX),
+    })
+}
+
+/// The first certificate of a PEM file.
+fn first_certificate(path: &Path) -> Result<Certificate, CertificateError> {
     let pem = std::fs::read(path).map_err(|source| CertificateError::Read {
         path: path.to_owned(),
         source,
@@ -67,12 +77,20 @@ pub fn certificate_credential(path: &Path) -> Result<Credential, CertificateErro
         reason,
     };
     let first = first_pem_block(&pem).ok_or_else(|| parse("no PEM block".into()))?;
-    let cert = Certificate::from_pem(first).map_err(|e| parse(e.to_string()))?;
-    let not_after = cert.tbs_certificate.validity.not_after.to_unix_duration();
-    Ok(Credential {
-        name: format!("certificate {}", path.display()),
-        not_after_unix_seconds: i64::try_from(not_after.as_secs()).unwrap_or(i64::MAX),
-    })
+    Certificate::from_pem(first).map_err(|e| parse(e.to_string()))
+}
+
+/// The DNS names (subjectAltName) of the first certificate of a PEM file.
+pub fn certificate_dns_names(path: &Path) -> Result<Vec<String>, CertificateError> {
+    use x509_cert::der::Encode;
+    let parse = |reason: String| CertificateError::Parse {
+        path: path.to_owned(),
+        reason,
+    };
+    let der = first_certificate(path)?
+        .to_der()
+        .map_err(|e| parse(e.to_string()))?;
+    dns_names(&der).map_err(parse)
 }
 
 /// The DNS names (subjectAltName) of a DER certificate.

@@ -460,6 +460,170 @@ pub fn bad_configuration_exits_2(binary: &str) {
     assert!(text.contains("TLS_AES_128_CCM_8_SHA256"), "{text}");
 }
 
+fn node_pair_request(role: Role, local: &str, remote: &str, isns: (u32, u32)) -> KeyRequest {
+    KeyRequest {
+        socket_cookie: 1,
+        role,
+        local: local.parse().unwrap(),
+        remote: remote.parse().unwrap(),
+        local_isn: isns.0,
+        remote_isn: isns.1,
+        node_name: "n".into(),
+        socket: None,
+        timeout: Duration::from_secs(5),
+    }
+}
+
+/// Node-pair mode between two providers on loopback (node a at
+/// 127.0.0.1, node b at 127.0.0.2, their pods in 127.0.1.0/24 and
+/// 127.0.2.0/24): both ends of a connection get matching keys with no
+/// socket, either way and in either order of the two requests, while the
+/// session is replaced every 2 s (three generations at least); keys
+/// change with the generation; two
+/// pods of one node are keyed too; an address of no node is refused.
+pub fn node_pair_sessions_key_both_ways_across_rotations<L: TlsLibrary>() {
+    use super::node_pair::NodePairSection;
+    use crate::Provider;
+    let pki = TestPki::new(&format!("{}-node-pair", L::NAME));
+    let suites = ["TLS_AES_128_GCM_SHA256"];
+    let map = pki.dir().join("nodes.toml");
+    std::fs::write(
+        &map,
+        "[[node]]\nname = \"node-a\"\naddress = \"127.0.0.1\"\npod_cidrs = [\"127.0.1.0/24\"]\n\
+         [[node]]\nname = \"node-b\"\naddress = \"127.0.0.2\"\npod_cidrs = [\"127.0.2.0/24\"]\n",
+    )
+    .unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let provider = |name: &str, ip: &str| {
+        let mut tls = pki.node(name, false, &suites);
+        tls.node_map = Some(map.clone());
+        let section = NodePairSection {
+            listen: format!("{ip}:{port}").parse().unwrap(),
+            port,
+            lifetime_seconds: 2,
+            drain_seconds: 1,
+        };
+        HandshakeProvider::<L>::with_keying(&tls, Some(section)).unwrap()
+    };
+    let (a, b) = (
+        provider("node-a", "127.0.0.1"),
+        provider("node-b", "127.0.0.2"),
+    );
+    let info = a.info();
+    assert!(!info.needs_socket);
+    assert_eq!(info.keying, crate::KEYING_TLS13_NODE_PAIR);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        a.start().await.unwrap();
+        b.start().await.unwrap();
+        let pair = |client: &HandshakeProvider<L>,
+                    server: &HandshakeProvider<L>,
+                    from: String,
+                    to: String,
+                    isns: (u32, u32),
+                    server_first: bool| {
+            let (client, server) = (client.clone(), server.clone());
+            async move {
+                let c = node_pair_request(Role::Client, &from, &to, isns);
+                let s = node_pair_request(Role::Server, &to, &from, (isns.1, isns.0));
+                let (c, s) = if server_first {
+                    let s = tokio::spawn(async move { server.keys(s).await });
+                    tokio::task::yield_now().await;
+                    let c = client.keys(c).await;
+                    (c, s.await.unwrap())
+                } else {
+                    let c = tokio::spawn(async move { client.keys(c).await });
+                    let s = server.keys(s).await;
+                    (c.await.unwrap(), s)
+                };
+                assert_matching((c, s))
+            }
+        };
+        let first = pair(
+            &a,
+            &b,
+            "127.0.1.5:40000".into(),
+            "127.0.2.5:8443".into(),
+            (7, 9),
+            false,
+        )
+        .await;
+        // Five seconds of connections both ways, through two replacements.
+        let start = std::time::Instant::now();
+        let mut n = 0u32;
+        let mut seen = std::collections::HashSet::new();
+        while start.elapsed() < Duration::from_secs(5) {
+            seen.extend(a.node_pair().unwrap().generations("node-b"));
+            n += 1;
+            let port = 1024 + (n % 60_000) as u16;
+            pair(
+                &a,
+                &b,
+                format!("127.0.1.5:{port}"),
+                "127.0.2.5:8443".into(),
+                (n, !n),
+                n.is_multiple_of(2),
+            )
+            .await;
+            pair(
+                &b,
+                &a,
+                format!("127.0.2.6:{port}"),
+                "127.0.1.6:80".into(),
+                (!n, n),
+                n.is_multiple_of(3),
+            )
+            .await;
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(n > 20, "{n} rounds");
+        assert!(seen.len() >= 3, "{} generations in 5 s", seen.len());
+        // The first connection's identity, keyed again by its client now:
+        // a later generation, other keys.
+        let again = a
+            .keys(node_pair_request(
+                Role::Client,
+                "127.0.1.5:40000",
+                "127.0.2.5:8443",
+                (7, 9),
+            ))
+            .await
+            .unwrap();
+        assert_ne!(first.transmit, again.transmit, "a new generation, new keys");
+        // Two pods of node a.
+        pair(
+            &a,
+            &a,
+            "127.0.1.5:40001".into(),
+            "127.0.1.7:8443".into(),
+            (1, 2),
+            false,
+        )
+        .await;
+        match a
+            .keys(node_pair_request(
+                Role::Client,
+                "127.0.1.5:1",
+                "192.0.2.1:80",
+                (1, 2),
+            ))
+            .await
+        {
+            Err(ProviderError::PeerAuthentication { reason }) => {
+                assert!(reason.contains("no node"), "{reason}")
+            }
+            other => panic!("an address of no node must be refused: {other:?}"),
+        }
+    });
+}
+
 /// The test functions of this module, as `#[test]`s for the
 /// [`TlsLibrary`] `$library`.
 #[macro_export]
@@ -472,7 +636,8 @@ macro_rules! tls_library_tests {
             changed_files_are_reloaded_and_broken_ones_refused,
             a_peer_must_be_the_node_of_its_address,
             a_silent_peer_times_out,
-            a_key_only_peer_is_named
+            a_key_only_peer_is_named,
+            node_pair_sessions_key_both_ways_across_rotations
         );
     };
     ($library:ty: $($name:ident),+) => {

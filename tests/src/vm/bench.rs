@@ -121,19 +121,52 @@ fn byte_loop_seconds() -> Result<f64, String> {
     Ok(runs[1])
 }
 
-/// The providers the benchmark measures, by the label its lines use.
-const PROVIDERS: [(&str, ProviderKind); 3] = [
-    ("openssl", ProviderKind::OpenSsl),
-    ("boringssl", ProviderKind::BoringSsl),
-    ("tlshub", ProviderKind::TlsHub),
+/// A provider set-up the benchmark measures.
+#[derive(Debug, Clone, Copy)]
+struct Measured {
+    /// The label its lines use.
+    label: &'static str,
+    kind: ProviderKind,
+    /// A handshake provider in node-pair mode ([`NodeSpec::node_pair`]).
+    node_pair: bool,
+}
+
+/// The providers the benchmark measures.
+const PROVIDERS: [Measured; 4] = [
+    Measured {
+        label: "openssl",
+        kind: ProviderKind::OpenSsl,
+        node_pair: false,
+    },
+    Measured {
+        label: "openssl node-pair",
+        kind: ProviderKind::OpenSsl,
+        node_pair: true,
+    },
+    Measured {
+        label: "boringssl",
+        kind: ProviderKind::BoringSsl,
+        node_pair: false,
+    },
+    Measured {
+        label: "tlshub",
+        kind: ProviderKind::TlsHub,
+        node_pair: false,
+    },
 ];
 
 /// Both nodes, each running `provider` (stopped when dropped).
-fn nodes_with(provider: ProviderKind) -> Result<(Node, Node), String> {
-    let (mut sa, mut sb) = (NodeSpec::new("a"), NodeSpec::new("b"));
-    sa.provider = provider;
-    sb.provider = provider;
-    nodes(sa, sb)
+fn nodes_with(provider: Measured) -> Result<(Node, Node), String> {
+    let spec = |name| NodeSpec {
+        node_pair: provider.node_pair,
+        ..NodeSpec::with_provider(name, provider.kind)
+    };
+    let nodes = nodes(spec("a"), spec("b"))?;
+    if provider.node_pair {
+        // The first connection would wait for the session otherwise.
+        std::thread::sleep(Duration::from_secs(2));
+    }
+    Ok(nodes)
 }
 
 /// A part's way of measuring one peer: its label and the app to aim at.
@@ -247,8 +280,9 @@ pub fn bench() -> Result<String, String> {
     let loop_none = byte_loop_seconds()?;
     baselines(&mut |label, app| f.measure(label, app, conns))?;
     alternatives(&mut |label, app| f.measure(label, app, conns))?;
-    for (label, kind) in PROVIDERS {
-        let (a, b) = nodes_with(kind)?;
+    for provider in PROVIDERS {
+        let label = provider.label;
+        let (a, b) = nodes_with(provider)?;
         if label == "openssl" {
             f.measure("plain", &plain, conns)?;
             let loop_loaded = byte_loop_seconds()?;
@@ -309,11 +343,11 @@ pub fn bench() -> Result<String, String> {
     for label in ["raw ktls", "wireguard", "stunnel"] {
         f.ratios(label, "no tlshub");
     }
-    for (label, _) in PROVIDERS {
+    for Measured { label, .. } in PROVIDERS {
         f.ratios(label, "plain");
         f.ratios(label, "raw ktls");
     }
-    for label in ["boringssl", "tlshub", "stunnel"] {
+    for label in ["openssl node-pair", "boringssl", "tlshub", "stunnel"] {
         f.ratios(label, "openssl");
     }
     for l in &f.lines {
@@ -626,7 +660,8 @@ pub fn collateral_stall() -> Result<String, String> {
             report("wireguard", kind, stall_run(WG_POD_B, kind, None)?);
         }
     }
-    for (label, provider) in PROVIDERS {
+    for provider in PROVIDERS {
+        let label = provider.label;
         let (_a, b) = nodes_with(provider)?;
         for kind in kinds {
             report(label, kind, stall_run(POD_B, kind, Some(&b))?);
@@ -725,7 +760,8 @@ pub fn concurrency() -> Result<String, String> {
         let _tunnel = WireGuard::up()?;
         level(&mut lines, "wireguard", WG_POD_B, None)?;
     }
-    for (label, provider) in PROVIDERS {
+    for provider in PROVIDERS {
+        let label = provider.label;
         let (a, b) = nodes_with(provider)?;
         // What the agents cost with nothing to do: CPU per second over
         // 10 s with both nodes up and no connection.
@@ -852,8 +888,9 @@ pub fn quick() -> Result<String, String> {
         Ok(())
     };
     baselines(&mut measure)?;
-    for (label, kind) in PROVIDERS {
-        let _nodes = nodes_with(kind)?;
+    for provider in PROVIDERS {
+        let label = provider.label;
+        let _nodes = nodes_with(provider)?;
         measure(label, &App::exchange(1, PROTECTED_PORT))?;
     }
     Ok(lines.join(" | "))
@@ -918,8 +955,9 @@ pub fn request_response_and_streams() -> Result<String, String> {
     baselines(&mut measure)?;
     alternatives(&mut measure)?;
     let plain = App::exchange(1, PLAIN_PORT);
-    for (label, kind) in PROVIDERS {
-        let (mut a, mut b) = nodes_with(kind)?;
+    for provider in PROVIDERS {
+        let (label, kind) = (provider.label, provider.kind);
+        let (mut a, mut b) = nodes_with(provider)?;
         if label == "openssl" {
             // The programs attached and the agents running, the
             // connection unselected: what the hooks (and the idle agents)
@@ -963,7 +1001,7 @@ pub fn request_response_and_streams() -> Result<String, String> {
         ratios(label, "no tlshub");
     }
     ratios("raw ktls loaded", "raw ktls");
-    for (label, _) in PROVIDERS {
+    for Measured { label, .. } in PROVIDERS {
         ratios(label, "raw ktls");
         ratios(label, "raw ktls loaded");
     }

@@ -13,6 +13,7 @@ pub mod gate_abuse;
 pub mod gate_edges;
 pub mod gate_paths;
 pub mod node;
+pub mod node_pair;
 pub mod process;
 pub mod providers;
 pub mod restarts;

@@ -124,6 +124,14 @@ pub struct NodeSpec {
     pub rule_mode: &'static str,
     /// Ports the rule selects besides [`PROTECTED_PORT`].
     pub also_ports: Vec<u16>,
+    /// Its OpenSSL or BoringSSL provider keys in node-pair mode
+    /// (`keying = "node-pair"`): it then runs in the node's namespace and
+    /// keeps its session with the other node's provider over the wire
+    /// between the nodes, at the node map's addresses.
+    pub node_pair: bool,
+    /// Its node-pair sessions' `lifetime_seconds` (each replaced session
+    /// is drained for 2 s).
+    pub node_pair_lifetime_seconds: u64,
 }
 
 impl NodeSpec {
@@ -144,6 +152,8 @@ impl NodeSpec {
             service_cidrs: Vec::new(),
             rule_mode: "strict",
             also_ports: Vec::new(),
+            node_pair: false,
+            node_pair_lifetime_seconds: 3600,
         }
     }
 
@@ -425,9 +435,10 @@ impl Node {
     /// request metrics).
     pub fn provider_metrics(&self, kind: ProviderKind) -> Result<String, String> {
         let port = provider_metrics_port(self.spec.name, kind);
-        let fetched = if kind == ProviderKind::TlsHub {
+        let fetched = if in_node_namespace(&self.spec, kind) {
             // It runs in the node's namespace (netlink to the module is
-            // per namespace), and so does its metrics endpoint.
+            // per namespace; node-pair sessions cross the node's link),
+            // and so does its metrics endpoint.
             super::process::run(
                 Some(&format!("node-{}", self.spec.name)),
                 &["wget", "-qO-", &format!("http://127.0.0.1:{port}/metrics")],
@@ -621,6 +632,27 @@ pub fn metrics_at(port: u16) -> Result<String, String> {
     Ok(text)
 }
 
+/// Whether a node's provider runs in the node's network namespace rather
+/// than the root one: the TLSHub provider (netlink to the module is per
+/// namespace) and a handshake provider in node-pair mode (its session
+/// crosses the link between the nodes).
+fn in_node_namespace(spec: &NodeSpec, kind: ProviderKind) -> bool {
+    kind == ProviderKind::TlsHub
+        || (spec.node_pair && matches!(kind, ProviderKind::OpenSsl | ProviderKind::BoringSsl))
+}
+
+/// The port node-pair sessions use (the providers' default).
+pub const NODE_PAIR_PORT: u16 = 7446;
+
+/// A test bed node's own address, on the link between the nodes.
+fn node_ip(node: &str) -> &'static str {
+    if node == "a" {
+        "10.99.0.1"
+    } else {
+        "10.99.0.2"
+    }
+}
+
 /// Starts one provider of a node (its config file, socket and log named
 /// after the provider), and the TLSHub stand-in for the TLSHub provider.
 fn spawn_provider(
@@ -648,8 +680,21 @@ fn spawn_provider(
     } else {
         String::new()
     };
+    let node_pair = in_node_namespace(spec, kind) && kind != ProviderKind::TlsHub;
+    let (keying, node_pair_section) = if node_pair {
+        (
+            "keying = \"node-pair\"\n".to_owned(),
+            format!(
+                "[node_pair]\nlisten = \"{}:{NODE_PAIR_PORT}\"\nlifetime_seconds = {}\ndrain_seconds = 2\n",
+                node_ip(n),
+                spec.node_pair_lifetime_seconds
+            ),
+        )
+    } else {
+        (String::new(), String::new())
+    };
     let provider_toml = format!(
-        "socket = \"{}\"\nmetrics_listen = \"127.0.0.1:{}\"\n[tls]\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n{node_map}cipher_suites = [\"{}\"]\ngroups = [\"X25519\"]\n",
+        "socket = \"{}\"\nmetrics_listen = \"127.0.0.1:{}\"\n{keying}[tls]\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n{node_map}cipher_suites = [\"{}\"]\ngroups = [\"X25519\"]\n{node_pair_section}",
         socket.display(),
         provider_metrics_port(n, kind),
         files.ca.display(),
@@ -672,21 +717,32 @@ fn spawn_provider(
                 "tlshub-provider-boringssl"
             };
             let cfg = dir.join(format!("provider-{}.toml", kind.name()));
+            let netns = node_pair.then(|| format!("node-{n}"));
+            let cfg = cfg.to_string_lossy();
+            // Node-pair sessions log each dial at debug, for the failure
+            // dumps.
+            let argv: Vec<&str> = if node_pair {
+                vec![
+                    "env",
+                    "RUST_LOG=info,tlshub_provider_sdk::handshake::node_pair=debug",
+                    binary,
+                    "--config",
+                    &cfg,
+                ]
+            } else {
+                vec![binary, "--config", &cfg]
+            };
             let mut p = Proc::spawn(
                 &format!("provider-{n}-{}", kind.name()),
-                None,
-                &[binary, "--config", &cfg.to_string_lossy()],
+                netns.as_deref(),
+                &argv,
                 &plog,
             )?;
             p.wait_for_log("provider serving", Duration::from_secs(20))?;
             Some(p)
         }
         ProviderKind::TlsHub => {
-            let (node_ip, port_id) = if n == "a" {
-                ("10.99.0.1", "4001")
-            } else {
-                ("10.99.0.2", "4002")
-            };
+            let (node_ip, port_id) = (node_ip(n), if n == "a" { "4001" } else { "4002" });
             let pods = dir.join("pods");
             std::fs::write(
                 &pods,

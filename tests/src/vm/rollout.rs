@@ -4,7 +4,7 @@
 //! connection with a silent peer through as plain at once, a strict one
 //! keeps failing it closed.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde_json::Value;
 
@@ -12,8 +12,8 @@ use super::node::{Node, NodeSpec, PROTECTED_PORT, ProviderKind};
 use super::process::finish;
 use super::service::{self, LoadServer, spawn_load_client};
 use super::support::{
-    App, both_ok, expect_reset, expect_server_failed_clean, finish_app_server, json, nodes, ok,
-    run_app_client, run_pair, start_app_server,
+    App, both_ok, exchange_between, expect_reset, expect_server_failed_clean, finish_app_server,
+    json, nodes, ok, run_app_client, run_pair, settle_keying, start_app_server,
 };
 use super::topology::{POD_A, POD_B};
 use super::wire_check::{Capture, captured_exchanges};
@@ -25,35 +25,6 @@ fn opportunistic(name: &'static str) -> NodeSpec {
         rule_mode: "opportunistic",
         ..NodeSpec::new(name)
     }
-}
-
-/// One client-first exchange on the protected port with the server in
-/// `server_pod` at `server` and the client in `client_pod`; both reports
-/// and how long the client took.
-fn exchange_between(
-    server_pod: &'static str,
-    server: &'static str,
-    client_pod: &str,
-    size: usize,
-) -> Result<(Value, Value, Duration), String> {
-    let app = App {
-        server,
-        server_pod,
-        ..App::exchange(size, PROTECTED_PORT)
-    };
-    let srv = start_app_server(&app)?;
-    let started = Instant::now();
-    let c = run_app_client(&app, client_pod, &[], Duration::from_secs(60), srv.id())?;
-    let took = started.elapsed();
-    Ok((finish_app_server(&app, srv, &c)?, json(&c)?, took))
-}
-
-/// Waits until freshly started nodes announce their providers' keying
-/// protocol: the core learns it from the provider's first health check and
-/// writes it with its next heartbeat (at most 500 ms later); until then it
-/// announces "not said", which checks nothing.
-pub(super) fn settle_keying() {
-    std::thread::sleep(Duration::from_millis(1500));
 }
 
 /// `name`'s row in `tlshubctl peers` on `node` (null when absent), and

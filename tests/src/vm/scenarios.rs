@@ -1,7 +1,7 @@
 //! The index of the kernel scenarios: each returns `Ok(summary)` or
 //! `Err(why)`, and the runner prints one result line per scenario. The
 //! bodies live by topic (`exchange`, `providers`, `failure`, `service`,
-//! `gate_paths`, `gate_edges`, `gate_abuse`, `dnat`, `rollout`, `event_loops`, `stress`); what
+//! `gate_paths`, `gate_edges`, `gate_abuse`, `dnat`, `rollout`, `node_pair`, `event_loops`, `stress`); what
 //! they share is in `support` and `wire_check`. tests/README.md says how to
 //! add one.
 
@@ -57,6 +57,14 @@ pub const TESTS: &[Scenario] = &[
     (
         "boringssl_and_openssl_interoperate",
         super::providers::boringssl_interop,
+    ),
+    (
+        "node_pair_openssl_boringssl_both_ways",
+        super::node_pair::openssl_boringssl_both_ways,
+    ),
+    (
+        "node_pair_sessions_replaced_and_restarted",
+        super::node_pair::sessions_replaced_and_restarted,
     ),
     (
         "provider_certificate_reload_under_load",

@@ -597,7 +597,7 @@ pub fn mismatched_providers_fail_closed() -> Result<String, String> {
     sa.provider = ProviderKind::ExamplePsk;
     let a = Node::start(sa)?;
     let b = Node::start(NodeSpec::new("b"))?;
-    super::rollout::settle_keying();
+    super::support::settle_keying();
     let cap = Capture::start("mismatch")?;
     let mut seen = Vec::new();
     for mode in ["client-first", "server-first"] {

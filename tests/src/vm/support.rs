@@ -2,11 +2,11 @@
 //! its reports, starting the nodes, and the expectations of a connection
 //! that was failed closed.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use super::node::{Node, NodeSpec};
+use super::node::{Node, NodeSpec, PROTECTED_PORT};
 use super::process::{self, finish, spawn_ready};
 use super::topology::POD_B;
 
@@ -399,4 +399,33 @@ pub fn metric(text: &str, name_and_labels: &str) -> f64 {
                 .and_then(|v| v.trim().parse().ok())
         })
         .unwrap_or(0.0)
+}
+
+/// One client-first exchange on the protected port with the server in
+/// `server_pod` at `server` and the client in `client_pod`; both reports
+/// and how long the client took.
+pub fn exchange_between(
+    server_pod: &'static str,
+    server: &'static str,
+    client_pod: &str,
+    size: usize,
+) -> Result<(Value, Value, Duration), String> {
+    let app = App {
+        server,
+        server_pod,
+        ..App::exchange(size, PROTECTED_PORT)
+    };
+    let srv = start_app_server(&app)?;
+    let started = Instant::now();
+    let c = run_app_client(&app, client_pod, &[], Duration::from_secs(60), srv.id())?;
+    let took = started.elapsed();
+    Ok((finish_app_server(&app, srv, &c)?, json(&c)?, took))
+}
+
+/// Waits until freshly started nodes announce their providers' keying
+/// protocol: the core learns it from the provider's first health check and
+/// writes it with its next heartbeat (at most 500 ms later); until then it
+/// announces "not said", which checks nothing.
+pub fn settle_keying() {
+    std::thread::sleep(Duration::from_millis(1500));
 }
