@@ -39,6 +39,9 @@ const PROVIDER_CAPS: u64 = 1 << 19;
 /// under TCG a graceful core restart left node a without a core for 3.9 s,
 /// and with 5 s the peer gave up at 4.04 s, just before the new core came.
 const TIMEOUT_MS: u64 = 8000;
+/// Where node a's provider serves its metrics: the shipped example's
+/// `metrics_listen`, uncommented by [`configure_node_a`].
+const PROVIDER_METRICS_PORT: u16 = 9470;
 /// The restart grace the operator sets in core.toml here
 /// (`core_restart_grace_ms`; default 5 s): how long the gate keeps holding
 /// while no core runs before it applies the failure policy by itself. Why
@@ -222,8 +225,9 @@ fn expect_installed(installer: &str, files: &[&str], out: &str) -> Result<(), St
 }
 
 /// The operator's part after installing: certificates, the key timeout
-/// and restart grace, and (for this test) the core exporting its keys so
-/// the capture can be decrypted.
+/// and restart grace, the provider's own metrics endpoint (a TCP socket,
+/// which the unit's address families must allow), and (for this test) the
+/// core exporting its keys so the capture can be decrypted.
 fn configure_node_a() -> Result<(), String> {
     sh(&format!(
         "cp {TEST_CERTS}/ca.pem {TEST_CERTS}/node-b.* /etc/tlshub/certs/ && \
@@ -231,12 +235,15 @@ fn configure_node_a() -> Result<(), String> {
          cp {TEST_CERTS}/node-a.key /etc/tlshub/certs/node.key && \
          sed -i -e 's/^timeout_ms = .*/timeout_ms = {TIMEOUT_MS}/' \
              -e 's/^core_restart_grace_ms = .*/core_restart_grace_ms = {GRACE_MS}/' /etc/tlshub/core.toml && \
+         sed -i -e 's/^# metrics_listen = /metrics_listen = /' /etc/tlshub/provider-openssl.toml && \
          echo 'TLSHUB_CORE_ARGS=--keylog-file /run/tlshub/keys.jsonl' > /etc/default/tlshub-core"
     ))
     .map(drop)
 }
 
-/// `systemctl enable --now` of the OpenSSL provider and the core.
+/// `systemctl enable --now` of the OpenSSL provider and the core; the
+/// provider must then serve its metrics on the TCP address configured
+/// (under the unit's `RestrictAddressFamilies`).
 fn enable_node_a() -> Result<(), String> {
     systemctl(&[
         "enable",
@@ -244,6 +251,15 @@ fn enable_node_a() -> Result<(), String> {
         "tlshub-provider@openssl.service",
         "tlshub-core.service",
     ])
+    .and_then(|_| {
+        let metrics = super::node::metrics_at(PROVIDER_METRICS_PORT)
+            .map_err(|e| format!("the provider's metrics under its unit: {e}"))?;
+        if metrics.contains("tlshub_keyprovider_requests_in_flight") {
+            Ok(String::new())
+        } else {
+            Err(format!("the provider's metrics under its unit: {metrics}"))
+        }
+    })
     .map_err(|e| {
         format!(
             "{e}\n--- journal of tlshub-core.service ---\n{}\n--- tlshub-provider@openssl.service ---\n{}",
