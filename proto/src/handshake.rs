@@ -481,6 +481,12 @@ impl<L: TlsLibrary> Provider for HandshakeProvider<L> {
             .unwrap_or_else(|e| Reload::Refused(format!("reload thread: {e}")))
     }
 
+    fn register_metrics(&self, registry: &mut prometheus_client::registry::Registry) {
+        if let Some(n) = &self.node_pair {
+            n.register_metrics(registry);
+        }
+    }
+
     async fn keys(&self, request: KeyRequest) -> Result<ConnectionKeys, ProviderError> {
         if let Some(n) = &self.node_pair {
             return n.keys(request).await;

@@ -259,6 +259,12 @@ impl ProviderMetrics {
         }
     }
 
+    /// The registry, for a provider's own metrics
+    /// ([`crate::Provider::register_metrics`]).
+    pub fn registry_mut(&mut self) -> &mut Registry {
+        &mut self.registry
+    }
+
     /// The OpenMetrics text.
     pub fn encode(&self) -> String {
         encode(&self.registry)

@@ -45,6 +45,14 @@ pub trait Provider: Send + Sync + 'static {
         let _ = forced;
         async { Reload::Unchanged }
     }
+
+    /// Registers the provider's own metrics next to the SDK's (served on
+    /// `metrics_listen`, prefixed `tlshub_keyprovider_`), once, before
+    /// serving. The provider keeps the handles and updates them. The
+    /// default has none.
+    fn register_metrics(&self, registry: &mut prometheus_client::registry::Registry) {
+        let _ = registry;
+    }
 }
 
 /// What [`Provider::reload`] did.
@@ -294,7 +302,9 @@ pub async fn serve_until<P: Provider>(
     let provider = Arc::new(provider);
     // The metrics endpoint first: if its address is taken, nothing is left
     // behind (no socket file).
-    let metrics = Arc::new(ProviderMetrics::new());
+    let mut metrics = ProviderMetrics::new();
+    provider.register_metrics(metrics.registry_mut());
+    let metrics = Arc::new(metrics);
     let metrics_task = match options.metrics_listen {
         Some(addr) => {
             let encode = Arc::clone(&metrics);

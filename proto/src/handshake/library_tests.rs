@@ -460,6 +460,17 @@ pub fn bad_configuration_exits_2(binary: &str) {
     assert!(text.contains("TLS_AES_128_CCM_8_SHA256"), "{text}");
 }
 
+/// One sample's value in OpenMetrics text (`name{labels}`), if present.
+fn sample(text: &str, name_and_labels: &str) -> Option<f64> {
+    text.lines().find_map(|l| {
+        l.strip_prefix(name_and_labels)?
+            .strip_prefix(' ')?
+            .trim()
+            .parse()
+            .ok()
+    })
+}
+
 fn node_pair_request(role: Role, local: &str, remote: &str, isns: (u32, u32)) -> KeyRequest {
     KeyRequest {
         socket_cookie: 1,
@@ -597,6 +608,23 @@ pub fn node_pair_sessions_key_both_ways_across_rotations<L: TlsLibrary>() {
             .await
             .unwrap();
         assert_ne!(first.transmit, again.transmit, "a new generation, new keys");
+        // What an operator sees: one or two generations held with node b
+        // (two while a replacement drains), and every session counted.
+        let mut registry = prometheus_client::registry::Registry::with_prefix("tlshub_keyprovider");
+        a.register_metrics(&mut registry);
+        let text = crate::metrics::encode(&registry);
+        let gauge = sample(
+            &text,
+            "tlshub_keyprovider_node_pair_generations{peer=\"node-b\"}",
+        );
+        let sessions = sample(
+            &text,
+            "tlshub_keyprovider_node_pair_sessions_total{peer=\"node-b\"}",
+        );
+        assert!(
+            matches!(gauge, Some(1.0 | 2.0)) && sessions.is_some_and(|n| n >= 3.0),
+            "{text}"
+        );
         // Two pods of node a.
         pair(
             &a,

@@ -25,6 +25,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
 use serde::Deserialize;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::OwnedWriteHalf;
@@ -133,8 +137,25 @@ impl Writer {
     }
 }
 
+/// The `peer` label of the node-pair metrics: the peer node's name.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PeerLabel {
+    peer: String,
+}
+
+/// What an operator sees of the sessions (`tlshub_keyprovider_node_pair_*`).
+#[derive(Clone, Default)]
+struct SessionMetrics {
+    /// Generations held per peer: 0 means no session, so connections
+    /// to that node wait and fail at their key timeout.
+    generations: Family<PeerLabel, Gauge>,
+    /// Sessions set up per peer (each replacement counts).
+    sessions: Family<PeerLabel, Counter>,
+}
+
 struct Shared<L> {
     section: NodePairSection,
+    metrics: SessionMetrics,
     loaded: Arc<RwLock<Arc<Loaded<L>>>>,
     accepted: Arc<[CipherSuite]>,
     /// This node's name: the node map's node that its certificate names.
@@ -213,6 +234,7 @@ impl<L: TlsLibrary> NodePair<L> {
         Ok(Self {
             shared: Arc::new(Shared {
                 section,
+                metrics: SessionMetrics::default(),
                 loaded,
                 accepted,
                 own,
@@ -228,6 +250,33 @@ impl<L: TlsLibrary> NodePair<L> {
     /// This node's name in the node map.
     pub fn own(&self) -> &str {
         &self.shared.own
+    }
+
+    /// Registers `node_pair_generations{peer}` and
+    /// `node_pair_sessions_total{peer}`.
+    pub fn register_metrics(&self, registry: &mut prometheus_client::registry::Registry) {
+        let m = &self.shared.metrics;
+        registry.register(
+            "node_pair_generations",
+            "Node-pair session generations held with each peer node (0: no session, so connections with that node fail at their key timeout; 2 while a replacement drains)",
+            m.generations.clone(),
+        );
+        registry.register(
+            "node_pair_sessions",
+            "Node-pair sessions set up with each peer node (every replacement counts)",
+            m.sessions.clone(),
+        );
+    }
+
+    /// Mirrors what is held with `peer` into the gauge.
+    fn count_generations(&self, peer: &str, held: usize) {
+        self.shared
+            .metrics
+            .generations
+            .get_or_create(&PeerLabel {
+                peer: peer.to_owned(),
+            })
+            .set(i64::try_from(held).unwrap_or(i64::MAX));
     }
 
     /// The ids of the generations held with `peer`, oldest first.
@@ -256,8 +305,10 @@ impl<L: TlsLibrary> NodePair<L> {
             .flat_map(|m| m.nodes.iter())
             .map(|n| n.name.clone())
             .collect();
-        for peer in peers {
-            self.ensure_dialer(&peer);
+        for peer in peers.iter().filter(|p| **p != self.shared.own) {
+            // Known and not connected yet: 0, not absent.
+            self.count_generations(peer, 0);
+            self.ensure_dialer(peer);
         }
         Ok(())
     }
@@ -367,6 +418,7 @@ impl<L: TlsLibrary> NodePair<L> {
             let mut peers = lock(&self.shared.peers);
             let p = peers.entry(peer.to_owned()).or_default();
             p.state.remove(session);
+            self.count_generations(peer, p.state.generations());
             p.writers.remove(&session)
         };
         self.shared.changed.notify_waiters();
@@ -511,7 +563,13 @@ impl<L: TlsLibrary> NodePair<L> {
             let p = peers.entry(peer.clone()).or_default();
             p.state.add(session, Arc::clone(&generation));
             p.writers.insert(session, Arc::clone(&writer));
+            self.count_generations(&peer, p.state.generations());
         }
+        self.shared
+            .metrics
+            .sessions
+            .get_or_create(&PeerLabel { peer: peer.clone() })
+            .inc();
         self.shared.changed.notify_waiters();
         // The dialer's Ready, only now that it holds the generation: the
         // acceptor then keys connecting sides from it, and answers with its

@@ -57,7 +57,7 @@ fn wait_sessions(
 /// application's connection); the session's own flow carries the
 /// connections' notices; the plain control shows its marker; the
 /// providers answered every request, none failed, and hold one session
-/// each.
+/// each, which their metrics say too.
 pub fn openssl_boringssl_both_ways() -> Result<String, String> {
     let mut out = Vec::new();
     for (ka, kb) in [
@@ -124,6 +124,28 @@ fn interop(ka: ProviderKind, kb: ProviderKind) -> Result<String, String> {
                 own.answered,
                 own.failed,
                 n.stats()?.failed
+            ));
+        }
+        // What an operator sees: one generation held with the other node,
+        // one session set up.
+        let other = if n.spec.name == "a" {
+            "node-b"
+        } else {
+            "node-a"
+        };
+        let text = own.text;
+        let generations = metric(
+            &text,
+            &format!("tlshub_keyprovider_node_pair_generations{{peer=\"{other}\"}}"),
+        );
+        let set_up = metric(
+            &text,
+            &format!("tlshub_keyprovider_node_pair_sessions_total{{peer=\"{other}\"}}"),
+        );
+        if (generations, set_up) != (1.0, 1.0) {
+            return Err(format!(
+                "node {}: node-pair metrics say {generations} generations and {set_up} sessions with {other}, want 1 and 1:\n{text}",
+                n.spec.name
             ));
         }
         if sessions_up(n, kind) != 1 {
