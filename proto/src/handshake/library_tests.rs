@@ -493,79 +493,16 @@ fn node_pair_request(role: Role, local: &str, remote: &str, isns: (u32, u32)) ->
 /// change with the generation; two
 /// pods of one node are keyed too; an address of no node is refused.
 pub fn node_pair_sessions_key_both_ways_across_rotations<L: TlsLibrary>() {
-    use super::node_pair::NodePairSection;
     use crate::Provider;
-    let pki = TestPki::new(&format!("{}-node-pair", L::NAME));
-    let suites = ["TLS_AES_128_GCM_SHA256"];
-    let map = pki.dir().join("nodes.toml");
-    std::fs::write(
-        &map,
-        "[[node]]\nname = \"node-a\"\naddress = \"127.0.0.1\"\npod_cidrs = [\"127.0.1.0/24\"]\n\
-         [[node]]\nname = \"node-b\"\naddress = \"127.0.0.2\"\npod_cidrs = [\"127.0.2.0/24\"]\n",
-    )
-    .unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let provider = |name: &str, ip: &str| {
-        let mut tls = pki.node(name, false, &suites);
-        tls.node_map = Some(map.clone());
-        let section = NodePairSection {
-            listen: format!("{ip}:{port}").parse().unwrap(),
-            port,
-            lifetime_seconds: 2,
-            drain_seconds: 1,
-        };
-        HandshakeProvider::<L>::with_keying(&tls, Some(section)).unwrap()
-    };
-    let (a, b) = (
-        provider("node-a", "127.0.0.1"),
-        provider("node-b", "127.0.0.2"),
-    );
+    let bed = NodePairBed::<L>::new("node-pair", 2);
+    let (a, b) = (&bed.a, &bed.b);
     let info = a.info();
     assert!(!info.needs_socket);
     assert_eq!(info.keying, crate::KEYING_TLS13_NODE_PAIR);
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    runtime.block_on(async {
+    bed.runtime.block_on(async {
         a.start().await.unwrap();
         b.start().await.unwrap();
-        let pair = |client: &HandshakeProvider<L>,
-                    server: &HandshakeProvider<L>,
-                    from: String,
-                    to: String,
-                    isns: (u32, u32),
-                    server_first: bool| {
-            let (client, server) = (client.clone(), server.clone());
-            async move {
-                let c = node_pair_request(Role::Client, &from, &to, isns);
-                let s = node_pair_request(Role::Server, &to, &from, (isns.1, isns.0));
-                let (c, s) = if server_first {
-                    let s = tokio::spawn(async move { server.keys(s).await });
-                    tokio::task::yield_now().await;
-                    let c = client.keys(c).await;
-                    (c, s.await.unwrap())
-                } else {
-                    let c = tokio::spawn(async move { client.keys(c).await });
-                    let s = server.keys(s).await;
-                    (c.await.unwrap(), s)
-                };
-                assert_matching((c, s))
-            }
-        };
-        let first = pair(
-            &a,
-            &b,
-            "127.0.1.5:40000".into(),
-            "127.0.2.5:8443".into(),
-            (7, 9),
-            false,
-        )
-        .await;
+        let first = keyed_pair(a, b, "127.0.1.5:40000", "127.0.2.5:8443", (7, 9), false).await;
         // Five seconds of connections both ways, through two replacements.
         let start = std::time::Instant::now();
         let mut n = 0u32;
@@ -574,20 +511,20 @@ pub fn node_pair_sessions_key_both_ways_across_rotations<L: TlsLibrary>() {
             seen.extend(a.node_pair().unwrap().generations("node-b"));
             n += 1;
             let port = 1024 + (n % 60_000) as u16;
-            pair(
-                &a,
-                &b,
-                format!("127.0.1.5:{port}"),
-                "127.0.2.5:8443".into(),
+            keyed_pair(
+                a,
+                b,
+                &format!("127.0.1.5:{port}"),
+                "127.0.2.5:8443",
                 (n, !n),
                 n.is_multiple_of(2),
             )
             .await;
-            pair(
-                &b,
-                &a,
-                format!("127.0.2.6:{port}"),
-                "127.0.1.6:80".into(),
+            keyed_pair(
+                b,
+                a,
+                &format!("127.0.2.6:{port}"),
+                "127.0.1.6:80",
                 (!n, n),
                 n.is_multiple_of(3),
             )
@@ -610,31 +547,13 @@ pub fn node_pair_sessions_key_both_ways_across_rotations<L: TlsLibrary>() {
         assert_ne!(first.transmit, again.transmit, "a new generation, new keys");
         // What an operator sees: one or two generations held with node b
         // (two while a replacement drains), and every session counted.
-        let mut registry = prometheus_client::registry::Registry::with_prefix("tlshub_keyprovider");
-        a.register_metrics(&mut registry);
-        let text = crate::metrics::encode(&registry);
-        let gauge = sample(
-            &text,
-            "tlshub_keyprovider_node_pair_generations{peer=\"node-b\"}",
-        );
-        let sessions = sample(
-            &text,
-            "tlshub_keyprovider_node_pair_sessions_total{peer=\"node-b\"}",
-        );
+        let (gauge, sessions) = node_pair_metrics(a, "node-b");
         assert!(
             matches!(gauge, Some(1.0 | 2.0)) && sessions.is_some_and(|n| n >= 3.0),
-            "{text}"
+            "{gauge:?} {sessions:?}"
         );
         // Two pods of node a.
-        pair(
-            &a,
-            &a,
-            "127.0.1.5:40001".into(),
-            "127.0.1.7:8443".into(),
-            (1, 2),
-            false,
-        )
-        .await;
+        keyed_pair(a, a, "127.0.1.5:40001", "127.0.1.7:8443", (1, 2), false).await;
         match a
             .keys(node_pair_request(
                 Role::Client,
@@ -652,6 +571,176 @@ pub fn node_pair_sessions_key_both_ways_across_rotations<L: TlsLibrary>() {
     });
 }
 
+/// A replacement that cannot be set up (node b now presents node c's
+/// certificate, valid but not node b's) leaves the session there: for
+/// three lifetimes of failed dials, connections both ways are still keyed
+/// from it and one generation stays held; with node b's certificate back,
+/// the next replacement succeeds.
+pub fn node_pair_failed_replacement_keeps_the_session<L: TlsLibrary>() {
+    let bed = NodePairBed::<L>::new("node-pair-failing", 1);
+    let (a, b) = (&bed.a, &bed.b);
+    let node_c = bed.pki.node("node-c", false, &["TLS_AES_128_GCM_SHA256"]);
+    bed.runtime.block_on(async {
+        a.start().await.unwrap();
+        b.start().await.unwrap();
+        keyed_pair(a, b, "127.0.1.5:1000", "127.0.2.5:8443", (1, 2), false).await;
+        let (_, before) = node_pair_metrics(a, "node-b");
+        // Node c's files where node b's are, picked up by b's next reload.
+        let own = (bed.b_tls.cert.clone(), bed.b_tls.key.clone());
+        let saved = (
+            std::fs::read(&own.0).unwrap(),
+            std::fs::read(&own.1).unwrap(),
+        );
+        std::fs::copy(&node_c.key, &own.1).unwrap();
+        std::fs::copy(&node_c.cert, &own.0).unwrap();
+        assert_eq!(b.reload(true), super::Reload::Reloaded);
+        for n in 0..30u32 {
+            keyed_pair(
+                a,
+                b,
+                &format!("127.0.1.5:{}", 2000 + n),
+                "127.0.2.5:8443",
+                (n, !n),
+                false,
+            )
+            .await;
+            keyed_pair(
+                b,
+                a,
+                &format!("127.0.2.5:{}", 2000 + n),
+                "127.0.1.5:8443",
+                (!n, n),
+                true,
+            )
+            .await;
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let (gauge, during) = node_pair_metrics(a, "node-b");
+        assert_eq!(
+            (gauge, during),
+            (Some(1.0), before),
+            "no replacement while they fail"
+        );
+        std::fs::write(&own.1, &saved.1).unwrap();
+        std::fs::write(&own.0, &saved.0).unwrap();
+        assert_eq!(b.reload(true), super::Reload::Reloaded);
+        let deadline = std::time::Instant::now() + Duration::from_secs(15);
+        while node_pair_metrics(a, "node-b").1 == before {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no new session with node b's certificate back"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        keyed_pair(a, b, "127.0.1.5:3000", "127.0.2.5:8443", (3, 4), true).await;
+    });
+}
+
+/// Two node-pair providers on loopback: node a at 127.0.0.1, node b at
+/// 127.0.0.2, their pods in 127.0.1.0/24 and 127.0.2.0/24, sessions
+/// replaced every `lifetime` seconds (1 s drain).
+struct NodePairBed<L: TlsLibrary> {
+    a: HandshakeProvider<L>,
+    b: HandshakeProvider<L>,
+    b_tls: TlsSection,
+    runtime: tokio::runtime::Runtime,
+    pki: TestPki,
+}
+
+impl<L: TlsLibrary> NodePairBed<L> {
+    fn new(tag: &str, lifetime: u64) -> Self {
+        use super::node_pair::NodePairSection;
+        let pki = TestPki::new(&format!("{}-{tag}", L::NAME));
+        let map = pki.dir().join("nodes.toml");
+        std::fs::write(
+            &map,
+            "[[node]]\nname = \"node-a\"\naddress = \"127.0.0.1\"\npod_cidrs = [\"127.0.1.0/24\"]\n\
+             [[node]]\nname = \"node-b\"\naddress = \"127.0.0.2\"\npod_cidrs = [\"127.0.2.0/24\"]\n",
+        )
+        .unwrap();
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let tls_of = |name: &str| {
+            let mut tls = pki.node(name, false, &["TLS_AES_128_GCM_SHA256"]);
+            tls.node_map = Some(map.clone());
+            tls
+        };
+        let provider = |tls: &TlsSection, ip: &str| {
+            let section = NodePairSection {
+                listen: format!("{ip}:{port}").parse().unwrap(),
+                port,
+                lifetime_seconds: lifetime,
+                drain_seconds: 1,
+            };
+            HandshakeProvider::<L>::with_keying(tls, Some(section)).unwrap()
+        };
+        let (a_tls, b_tls) = (tls_of("node-a"), tls_of("node-b"));
+        Self {
+            a: provider(&a_tls, "127.0.0.1"),
+            b: provider(&b_tls, "127.0.0.2"),
+            b_tls,
+            runtime: tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+                .unwrap(),
+            pki,
+        }
+    }
+}
+
+/// `client` and `server` key one connection from `from` to `to` (both
+/// requests at once, the server's first if `server_first`); the keys
+/// must match.
+async fn keyed_pair<L: TlsLibrary>(
+    client: &HandshakeProvider<L>,
+    server: &HandshakeProvider<L>,
+    from: &str,
+    to: &str,
+    isns: (u32, u32),
+    server_first: bool,
+) -> ConnectionKeys {
+    use crate::Provider;
+    let c = node_pair_request(Role::Client, from, to, isns);
+    let s = node_pair_request(Role::Server, to, from, (isns.1, isns.0));
+    let (client, server) = (client.clone(), server.clone());
+    let (c, s) = if server_first {
+        let s = tokio::spawn(async move { server.keys(s).await });
+        tokio::task::yield_now().await;
+        let c = client.keys(c).await;
+        (c, s.await.unwrap())
+    } else {
+        let c = tokio::spawn(async move { client.keys(c).await });
+        let s = server.keys(s).await;
+        (c.await.unwrap(), s)
+    };
+    assert_matching((c, s))
+}
+
+/// `node_pair_generations` and `node_pair_sessions_total` of `provider`
+/// for `peer`, from its registered metrics.
+fn node_pair_metrics<L: TlsLibrary>(
+    provider: &HandshakeProvider<L>,
+    peer: &str,
+) -> (Option<f64>, Option<f64>) {
+    use crate::Provider;
+    let mut registry = prometheus_client::registry::Registry::with_prefix("tlshub_keyprovider");
+    provider.register_metrics(&mut registry);
+    let text = crate::metrics::encode(&registry);
+    (
+        sample(
+            &text,
+            &format!("tlshub_keyprovider_node_pair_generations{{peer=\"{peer}\"}}"),
+        ),
+        sample(
+            &text,
+            &format!("tlshub_keyprovider_node_pair_sessions_total{{peer=\"{peer}\"}}"),
+        ),
+    )
+}
+
 /// The test functions of this module, as `#[test]`s for the
 /// [`TlsLibrary`] `$library`.
 #[macro_export]
@@ -665,7 +754,8 @@ macro_rules! tls_library_tests {
             a_peer_must_be_the_node_of_its_address,
             a_silent_peer_times_out,
             a_key_only_peer_is_named,
-            node_pair_sessions_key_both_ways_across_rotations
+            node_pair_sessions_key_both_ways_across_rotations,
+            node_pair_failed_replacement_keeps_the_session
         );
     };
     ($library:ty: $($name:ident),+) => {

@@ -391,19 +391,28 @@ impl<L: TlsLibrary> NodePair<L> {
     }
 
     /// Ends a replaced session once its replacement is usable and the
-    /// drain time has passed.
+    /// drain time has passed. Until a replacement is usable (the dialer
+    /// keeps trying), the old session keeps keying: a failed replacement
+    /// must not leave the pair with no session at all.
     async fn retire(self, peer: String, session: SessionId) {
-        let deadline = Instant::now() + HANDSHAKE_TIMEOUT * 3;
-        // Wait for a newer usable session (or give up and close anyway).
         loop {
             let notified = self.shared.changed.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
-            let newer = lock(&self.shared.peers)
-                .get(&peer)
-                .and_then(|p| p.state.for_client())
-                .is_some_and(|(s, _)| s != session);
-            if newer || Instant::now() >= deadline {
+            let (newer, still_held) = {
+                let peers = lock(&self.shared.peers);
+                let p = peers.get(&peer);
+                (
+                    p.and_then(|p| p.state.for_client())
+                        .is_some_and(|(s, _)| s != session),
+                    p.is_some_and(|p| p.state.is_usable(session)),
+                )
+            };
+            if !still_held {
+                // It ended by itself meanwhile.
+                return;
+            }
+            if newer {
                 break;
             }
             let _ = tokio::time::timeout(Duration::from_secs(1), notified).await;
