@@ -740,10 +740,26 @@ impl<L: TlsLibrary> NodePair<L> {
                         writer.lock().await.send(&notice).await
                     })
                     .await;
-                    if !matches!(sent, Ok(Ok(()))) {
-                        // The peer needs it only while it holds two
-                        // generations; without it that side times out.
-                        debug!(%peer, "node-pair notice not sent");
+                    // The accepting side keys only from the notice: without
+                    // it, this connection cannot be keyed there, so it
+                    // fails here now rather than at the peer's timeout.
+                    match sent {
+                        Ok(Ok(())) => {}
+                        Ok(Err(e)) => {
+                            return Err(ProviderError::Unavailable {
+                                reason: format!(
+                                    "cannot tell node {peer} which node-pair session keyed this connection: {e}"
+                                ),
+                            });
+                        }
+                        Err(_) => {
+                            return Err(ProviderError::Unavailable {
+                                reason: format!(
+                                    "cannot tell node {peer} which node-pair session keyed this connection: the session did not take the notice within {} ms",
+                                    NOTICE_WRITE_TIMEOUT.as_millis()
+                                ),
+                            });
+                        }
                     }
                 }
                 return Ok(keys);

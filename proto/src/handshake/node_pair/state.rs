@@ -133,8 +133,8 @@ impl PeerState {
 
     /// The peer's notice: it keyed `identity` from `id`. Notices older than
     /// [`NOTICE_TTL`] are dropped; beyond [`MAX_NOTICES`] the new one is
-    /// (its connection then waits for nothing and fails at its timeout if
-    /// it needed it). False if it was dropped.
+    /// (its connection's accepting side then fails at its key timeout).
+    /// False if it was dropped.
     pub fn note(&mut self, identity: [u8; IDENTITY_LEN], id: GenerationId, now: Instant) -> bool {
         if self.notices.len() >= MAX_NOTICES {
             self.notices
