@@ -264,11 +264,7 @@ impl<L: TlsLibrary> HandshakeProvider<L> {
 
     /// The context new handshakes use now.
     fn current(&self) -> Arc<Loaded<L>> {
-        match self.loaded.read() {
-            Ok(l) => Arc::clone(&l),
-            // A panic while swapping cannot leave a half-written Arc.
-            Err(poisoned) => Arc::clone(&poisoned.into_inner()),
-        }
+        current_of(&self.loaded)
     }
 
     /// The node certificate in use now.
@@ -405,25 +401,45 @@ impl<L: TlsLibrary> HandshakeProvider<L> {
         negotiated: &Negotiated,
         secrets: &Mutex<TrafficSecrets>,
     ) -> Result<ConnectionKeys, ProviderError> {
-        if negotiated.buffered != 0 {
-            return Err(ProviderError::Handshake {
-                reason: format!("{} bytes read past the handshake", negotiated.buffered),
-            });
-        }
-        let name = &negotiated.suite;
-        let suite = suite_by_name(name).ok_or_else(|| ProviderError::Handshake {
-            reason: format!("negotiated {name}, which kTLS cannot take"),
-        })?;
-        if !self.accepted.contains(&suite) {
-            return Err(ProviderError::Handshake {
-                reason: format!("negotiated {name}, which `cipher_suites` does not accept"),
-            });
-        }
+        let suite = checked_suite(negotiated, &self.accepted)
+            .map_err(|reason| ProviderError::Handshake { reason })?;
         let secrets = secrets.lock().map_err(|_| ProviderError::Internal {
             reason: "secret lock poisoned".into(),
         })?;
         secrets.connection_keys(role, suite)
     }
+}
+
+/// The context in `loaded` now (in-band handshakes and node-pair sessions
+/// alike).
+fn current_of<L>(loaded: &RwLock<Arc<Loaded<L>>>) -> Arc<Loaded<L>> {
+    match loaded.read() {
+        Ok(l) => Arc::clone(&l),
+        // A panic while swapping cannot leave a half-written Arc.
+        Err(poisoned) => Arc::clone(&poisoned.into_inner()),
+    }
+}
+
+/// The kTLS suite a finished handshake may be installed with, or why not:
+/// nothing buffered past the handshake (those bytes belong to the
+/// application's records, or to the session's messages), and a suite kTLS
+/// takes and `cipher_suites` accepts.
+fn checked_suite(negotiated: &Negotiated, accepted: &[CipherSuite]) -> Result<CipherSuite, String> {
+    if negotiated.buffered != 0 {
+        return Err(format!(
+            "{} bytes read past the handshake",
+            negotiated.buffered
+        ));
+    }
+    let name = &negotiated.suite;
+    let suite =
+        suite_by_name(name).ok_or_else(|| format!("negotiated {name}, which kTLS cannot take"))?;
+    if !accepted.contains(&suite) {
+        return Err(format!(
+            "negotiated {name}, which `cipher_suites` does not accept"
+        ));
+    }
+    Ok(suite)
 }
 
 /// Whether the peer's certificate names the node whose pods include

@@ -38,7 +38,7 @@ use tracing::{debug, info, warn};
 
 use super::{HandshakeFailure, Loaded, TlsLibrary, files};
 use crate::socket::SocketIo;
-use crate::tls13::{TrafficSecrets, suite_by_name};
+use crate::tls13::TrafficSecrets;
 use crate::{CipherSuite, ConnectionId, ConnectionKeys, KeyRequest, ProviderError, Role};
 use keys::Generation;
 use state::{PeerState, ServerChoice, SessionId};
@@ -208,7 +208,7 @@ impl<L: TlsLibrary> NodePair<L> {
         accepted: Arc<[CipherSuite]>,
         cert: &std::path::Path,
     ) -> Result<Self, super::SetupError> {
-        let current = Arc::clone(&lock_read(&loaded));
+        let current = super::current_of(&loaded);
         let Some(nodes) = &current.nodes else {
             return Err(super::SetupError::NodePair(
                 "`keying = \"node-pair\"` needs `[tls] node_map`: it says which node owns a peer's address and where that node is".into(),
@@ -314,7 +314,7 @@ impl<L: TlsLibrary> NodePair<L> {
     }
 
     fn current(&self) -> Arc<Loaded<L>> {
-        Arc::clone(&lock_read(&self.shared.loaded))
+        super::current_of(&self.shared.loaded)
     }
 
     /// Whether this node dials `peer` (its name sorts first).
@@ -493,20 +493,8 @@ impl<L: TlsLibrary> NodePair<L> {
                 HandshakeFailure::PeerRejected(r) => format!("peer certificate refused: {r}"),
             })
         })?;
-        if negotiated.buffered != 0 {
-            return Err(SessionError::Handshake(format!(
-                "{} bytes read past the handshake",
-                negotiated.buffered
-            )));
-        }
-        let suite = suite_by_name(&negotiated.suite)
-            .filter(|s| self.shared.accepted.contains(s))
-            .ok_or_else(|| {
-                SessionError::Handshake(format!(
-                    "negotiated {}, which `cipher_suites` does not accept",
-                    negotiated.suite
-                ))
-            })?;
+        let suite = super::checked_suite(&negotiated, &self.shared.accepted)
+            .map_err(SessionError::Handshake)?;
         let names = negotiated
             .peer_certificate
             .as_deref()
@@ -701,7 +689,6 @@ impl<L: TlsLibrary> NodePair<L> {
         if peer == self.shared.own {
             return derive(&self.shared.local);
         }
-        self.ensure_dialer(&peer);
         loop {
             let notified = self.shared.changed.notified();
             tokio::pin!(notified);
@@ -764,6 +751,9 @@ impl<L: TlsLibrary> NodePair<L> {
                 }
                 return Ok(keys);
             }
+            // A peer with no session yet may be one added to the node map
+            // since start: its dialer starts now (a no-op once it runs).
+            self.ensure_dialer(&peer);
             if tokio::time::timeout_at(deadline, notified).await.is_err() {
                 let held = lock(&self.shared.peers)
                     .get(&peer)
@@ -781,10 +771,6 @@ impl<L: TlsLibrary> NodePair<L> {
             }
         }
     }
-}
-
-fn lock_read<T>(l: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
-    l.read().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// A fresh secret one hash long, from the kernel's random source.
