@@ -68,6 +68,9 @@ pub struct Stats {
     pub held_micros: Samples,
     /// Microseconds spent in the provider, per protected connection.
     pub key_micros: Samples,
+    /// Where each protected connection's setup time went: microseconds
+    /// from the kernel's `ESTABLISHED` to each [`Stage`], per side.
+    pub stages: StageSamples,
     /// Events read from the ring buffer (all kinds).
     pub events_received: u64,
     /// Events the ring buffer dropped.
@@ -133,6 +136,104 @@ impl Stats {
     }
 }
 
+/// A point in keying one connection, in the order they normally come.
+/// Each is measured from the connection's `ESTABLISHED` as the kernel
+/// stamped it (`CLOCK_MONOTONIC`, the clock of BPF timestamps), so their
+/// differences are where setup time goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Stage {
+    /// The core read the `ESTABLISHED` event from the ring buffer.
+    EventRead,
+    /// The core learnt which process holds the socket (its `OWNER` event,
+    /// or the gate holding that process). 0 when known before
+    /// `ESTABLISHED` (a non-blocking `connect()` returns first).
+    OwnerKnown,
+    /// The keying job began to run (a task on the core's runtime).
+    JobStarted,
+    /// The core had its duplicate of the socket (`pidfd_getfd`). For a job
+    /// keying from establishment whose keys came before the owner, after
+    /// [`Stage::ProviderAnswered`].
+    SocketTaken,
+    /// The key request went to the provider.
+    ProviderAsked,
+    /// The provider's keys arrived.
+    ProviderAnswered,
+    /// kTLS was installed on the socket.
+    Installed,
+    /// The gate was opened (the event loop had the job's outcome).
+    GateOpened,
+    /// A process the gate had stopped for the keys was continued (one
+    /// sample per process continued).
+    AppContinued,
+}
+
+impl Stage {
+    /// Every stage, in order.
+    pub const ALL: [Stage; 9] = [
+        Stage::EventRead,
+        Stage::OwnerKnown,
+        Stage::JobStarted,
+        Stage::SocketTaken,
+        Stage::ProviderAsked,
+        Stage::ProviderAnswered,
+        Stage::Installed,
+        Stage::GateOpened,
+        Stage::AppContinued,
+    ];
+
+    /// The metric label and stats key (`event_read`, ...).
+    pub fn name(self) -> &'static str {
+        match self {
+            Stage::EventRead => "event_read",
+            Stage::OwnerKnown => "owner_known",
+            Stage::JobStarted => "job_started",
+            Stage::SocketTaken => "socket_taken",
+            Stage::ProviderAsked => "provider_asked",
+            Stage::ProviderAnswered => "provider_answered",
+            Stage::Installed => "installed",
+            Stage::GateOpened => "gate_opened",
+            Stage::AppContinued => "app_continued",
+        }
+    }
+}
+
+/// Per side, microseconds from `ESTABLISHED` to each [`Stage`], the most
+/// recent [`StageSamples::CAP`] of each. Fewer than [`Samples::CAP`]: the
+/// stats file is rewritten every second, and nine stages per side at the
+/// full cap would make it ten times larger.
+#[derive(Debug, Default, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct StageSamples {
+    /// The connecting side's.
+    pub client: BTreeMap<Stage, Samples>,
+    /// The accepting side's.
+    pub server: BTreeMap<Stage, Samples>,
+}
+
+impl StageSamples {
+    /// How many samples each stage keeps.
+    pub const CAP: usize = 10_000;
+
+    /// Adds `micros` for `stage` on the client (`client`) or server side.
+    pub fn push(&mut self, client: bool, stage: Stage, micros: u64) {
+        let side = if client {
+            &mut self.client
+        } else {
+            &mut self.server
+        };
+        side.entry(stage)
+            .or_default()
+            .push_within(micros, Self::CAP);
+    }
+
+    /// One side's samples of `stage` (empty if none).
+    pub fn of(&self, client: bool, stage: Stage) -> Samples {
+        let side = if client { &self.client } else { &self.server };
+        side.get(&stage).cloned().unwrap_or_default()
+    }
+}
+
 /// The most recent [`Samples::CAP`] measurements, so a long-running core's
 /// stats stay bounded.
 #[derive(Debug, Default, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -145,10 +246,25 @@ impl Samples {
 
     /// Adds a measurement, dropping the oldest beyond [`Self::CAP`].
     pub fn push(&mut self, v: u64) {
-        if self.0.len() == Self::CAP {
+        self.push_within(v, Self::CAP);
+    }
+
+    /// Adds a measurement, keeping at most `cap`.
+    pub fn push_within(&mut self, v: u64, cap: usize) {
+        while self.0.len() >= cap.max(1) {
             self.0.pop_front();
         }
         self.0.push_back(v);
+    }
+
+    /// How many measurements are kept.
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// Whether none is kept.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
     }
 
     /// The measurements, smallest first (for percentiles).
@@ -178,6 +294,30 @@ mod tests {
         assert_eq!(s.newest(2), [3, 9]);
         assert_eq!(s.newest(10), [1, 3, 5, 9]);
         assert_eq!(s.sorted(), [1, 3, 5, 9]);
+    }
+
+    #[test]
+    fn stage_samples_are_kept_per_side_and_bounded_and_read_back_by_name() {
+        let mut s = Stats::default();
+        for v in 0..(super::StageSamples::CAP as u64 + 5) {
+            s.stages.push(true, super::Stage::GateOpened, v);
+        }
+        s.stages.push(false, super::Stage::EventRead, 7);
+        let client = s.stages.of(true, super::Stage::GateOpened);
+        assert_eq!(client.len(), super::StageSamples::CAP);
+        assert_eq!(client.newest(1), [super::StageSamples::CAP as u64 + 4]);
+        assert!(s.stages.of(false, super::Stage::GateOpened).is_empty());
+        let json = serde_json::to_string(&s).unwrap();
+        assert!(json.contains(r#""server":{"event_read":[7]}"#), "{json}");
+        let back: Stats = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, s);
+        for stage in super::Stage::ALL {
+            assert_eq!(
+                serde_json::to_value(stage).unwrap(),
+                stage.name(),
+                "the stats key and the metric label are one name"
+            );
+        }
     }
 
     #[test]

@@ -7,6 +7,8 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use futures_util::FutureExt;
+use futures_util::stream::{FuturesUnordered, StreamExt};
 use tlshub_admin::pb;
 use tlshub_ebpf::role;
 use tlshub_provider_sdk::Role;
@@ -17,7 +19,7 @@ use tracing::{Instrument, error, info, info_span, warn};
 use crate::bpf::{BpfError, Programs};
 use crate::config::{Config, FailurePolicy, ProviderSet};
 use crate::conntrack::Conntrack;
-use crate::keying::{self, Job, Outcome};
+use crate::keying::{self, Job, KeyingError, Outcome};
 use crate::metrics::{Metrics, ProviderLabel};
 use crate::outcomes::OutcomeKind;
 use crate::peers::PeerMemory;
@@ -27,6 +29,13 @@ use crate::state::{ConnTable, role_name};
 /// How often held processes are swept (continued once their connection is
 /// no longer pending) and the heartbeat written, while there is work.
 const SWEEP_EVERY: Duration = Duration::from_millis(50);
+
+/// A keying job, polled by the event loop's own task (see
+/// [`Agent::start_jobs`]).
+type JobFuture = std::pin::Pin<Box<dyn std::future::Future<Output = Outcome> + Send>>;
+
+/// The keying jobs under way.
+type Jobs = FuturesUnordered<JobFuture>;
 
 /// The most outcomes one `ListOutcomes` answer carries (about 0.5 MB).
 const OUTCOMES_PER_ANSWER: usize = 10_000;
@@ -240,7 +249,7 @@ impl Agent {
             self.metrics.clone(),
             Duration::from_millis(self.config.provider.health_interval_ms),
         ));
-        let (done_tx, mut done_rx) = mpsc::unbounded_channel::<Outcome>();
+        let mut jobs = Jobs::new();
         let ring = self.programs.events.take().ok_or(AgentError::RingTaken)?;
         #[expect(
             deprecated,
@@ -250,7 +259,7 @@ impl Agent {
         let mut report = tokio::time::interval(Duration::from_secs(1));
         tokio::pin!(shutdown);
         info!(node = %self.config.node_name, policy = ?self.config.failure_policy, adopted = self.programs.adopted, "capture-core running");
-        self.start_jobs(&done_tx);
+        self.start_jobs(&mut jobs);
         self.table.sweep_soon();
         let grace = Duration::from_millis(self.config.bpf.core_restart_grace_ms);
         let fail_open = self.config.failure_policy == FailurePolicy::FailOpen;
@@ -273,7 +282,7 @@ impl Agent {
                         self.table.on_event(&self.programs, ev);
                     }
                 }
-                Some(outcome) = done_rx.recv() => self.on_outcome(outcome),
+                Some(outcome) = jobs.next() => self.on_outcome(outcome),
                 () = tokio::time::sleep_until(next_sweep) => {
                     self.table.sweep_soon();
                     // The keying protocol new connections announce: the
@@ -293,7 +302,7 @@ impl Agent {
             if self.table.take_sweep_due() {
                 self.sweep(&mut events);
             }
-            self.start_jobs(&done_tx);
+            self.start_jobs(&mut jobs);
             if self.has_work() {
                 next_sweep = next_sweep.min(tokio::time::Instant::now() + SWEEP_EVERY);
             }
@@ -302,7 +311,7 @@ impl Agent {
             self.table
                 .set_key_before_owner(active.keys_without_socket());
         }
-        self.finish_keying_under_way(&mut events, &mut done_rx, grace, fail_open)
+        self.finish_keying_under_way(&mut events, &mut jobs, grace, fail_open)
             .await;
         health.abort();
         // The grace the next core (or the release) gets counts from now,
@@ -323,7 +332,7 @@ impl Agent {
     async fn finish_keying_under_way(
         &mut self,
         events: &mut AsyncFd<aya::maps::RingBuf<aya::maps::MapData>>,
-        done_rx: &mut mpsc::UnboundedReceiver<Outcome>,
+        jobs: &mut Jobs,
         grace: Duration,
         fail_open: bool,
     ) {
@@ -344,7 +353,7 @@ impl Agent {
         let mut sweep = tokio::time::interval(SWEEP_EVERY);
         while self.table.keying() > 0 {
             tokio::select! {
-                Some(outcome) = done_rx.recv() => self.on_outcome(outcome),
+                Some(outcome) = jobs.next() => self.on_outcome(outcome),
                 _ = sweep.tick() => {
                     self.programs.heartbeat(grace, fail_open);
                     self.sweep(events);
@@ -411,8 +420,17 @@ impl Agent {
         self.peer_remembered.insert(ev.cookie, remembered);
     }
 
-    /// Runs the keying jobs the table decided on.
-    fn start_jobs(&mut self, done: &mpsc::UnboundedSender<Outcome>) {
+    /// Adds the keying jobs the table decided on to `jobs`, which the
+    /// event loop polls in its own task. Why not a task each: the hop to
+    /// a new task at the start and back to the event loop with the
+    /// outcome cost about a millisecond each of every connection's setup
+    /// in the benchmark's VM (the `job_started` and `gate_opened` stages),
+    /// and a job awaits the provider almost all of its life. What a job
+    /// does between its awaits is a few system calls; its slow parts
+    /// (searching a process's fds, a conntrack lookup) run on blocking
+    /// threads. A job that panics fails its connection (`internal`)
+    /// instead of taking the event loop with it.
+    fn start_jobs(&mut self, jobs: &mut Jobs) {
         for start in self.table.take_starts() {
             // The provider is chosen now and kept for this connection: a
             // switch later affects only connections that start keying after it.
@@ -457,14 +475,9 @@ impl Agent {
                 peer_remembered: self.peer_remembered.remove(&start.cookie),
             };
             let span = info_span!("conn", cookie = job.cookie, local = %job.local, remote = %job.remote, owner = ?start.owner, role = ?job.role, provider = %provider.name);
-            let done = done.clone();
-            tokio::spawn(
-                async move {
-                    let outcome = keying::run(job, provider).await;
-                    let _ = done.send(outcome);
-                }
-                .instrument(span),
-            );
+            let (id, cookie, name) = (job.id, job.cookie, provider.name.clone());
+            let run = failing_on_panic(keying::run(job, provider), id, cookie, name);
+            jobs.push(Box::pin(run.instrument(span)));
         }
         self.route_owner_updates();
     }
@@ -947,6 +960,27 @@ fn open_conntrack(
     Ok(Some(Arc::new(table)))
 }
 
+/// `run`, job `id` on `cookie` with provider `name`, whose panic becomes
+/// an outcome failed with [`KeyingError::Panicked`].
+fn failing_on_panic(
+    run: impl std::future::Future<Output = Outcome>,
+    id: u64,
+    cookie: u64,
+    name: String,
+) -> impl std::future::Future<Output = Outcome> {
+    std::panic::AssertUnwindSafe(run)
+        .catch_unwind()
+        .map(move |ran| {
+            ran.unwrap_or_else(|_| Outcome {
+                job: id,
+                cookie,
+                provider: name,
+                socket: None,
+                result: Err(KeyingError::Panicked),
+            })
+        })
+}
+
 /// Checks every provider's health every `interval` and mirrors it in the
 /// metrics.
 async fn health_loop(providers: Arc<Registry>, metrics: Arc<Metrics>, interval: Duration) {
@@ -972,6 +1006,56 @@ async fn health_loop(providers: Arc<Registry>, metrics: Arc<Metrics>, interval: 
         metrics.set_active_provider(
             providers.all().map(|p| p.name.as_str()),
             &providers.active_name(),
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_job_that_panics_fails_its_connection_and_the_others_go_on() {
+        let mut jobs = Jobs::new();
+        jobs.push(Box::pin(failing_on_panic(
+            async { panic!("a bug in a job") },
+            1,
+            42,
+            "openssl".into(),
+        )));
+        jobs.push(Box::pin(failing_on_panic(
+            async {
+                Outcome {
+                    job: 2,
+                    cookie: 43,
+                    provider: "openssl".into(),
+                    socket: None,
+                    result: Err(KeyingError::NoOwner { cookie: 43 }),
+                }
+            },
+            2,
+            43,
+            "openssl".into(),
+        )));
+        let mut ended = Vec::new();
+        while let Some(o) = jobs.next().await {
+            ended.push((
+                o.job,
+                o.cookie,
+                o.provider,
+                o.result.map_err(|e| e.reason()),
+            ));
+        }
+        ended.sort_by_key(|e| e.0);
+        assert!(
+            matches!(
+                &ended[..],
+                [
+                    (1, 42, p, Err("internal")),
+                    (2, 43, _, Err("no_owner"))
+                ] if p == "openssl"
+            ),
+            "{ended:?}"
         );
     }
 }

@@ -243,6 +243,10 @@ pub enum KeyingError {
         /// This node's provider's keying byte.
         ours: u8,
     },
+    /// The job panicked (a bug; the panic is printed on stderr): the
+    /// connection is failed by policy rather than left gated for good.
+    #[error("the keying job panicked (a bug in tlshub-core; the panic message is on its stderr)")]
+    Panicked,
     /// The kernel refused a kTLS step.
     #[error("kTLS {step:?} failed: {source}")]
     Install {
@@ -266,6 +270,7 @@ impl KeyingError {
             Self::Service(e) => e.reason(),
             Self::IncompatiblePeer { .. } => "keying_mismatch",
             Self::Install { .. } => "ktls_install",
+            Self::Panicked => "internal",
         }
     }
 }
@@ -328,6 +333,26 @@ pub struct Installed {
     /// The backend, for a connection to a service address (its remote end
     /// as keyed).
     pub backend: Option<SocketAddr>,
+    /// When the job passed each of its stages.
+    pub timeline: JobTimeline,
+}
+
+/// When a job passed each of its stages, in ns of `CLOCK_MONOTONIC` (the
+/// clock of the BPF timestamps the state machine measures them from; see
+/// [`tlshub_admin::stats::Stage`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct JobTimeline {
+    /// The job's task began to run.
+    pub started: u64,
+    /// The core had its duplicate of the socket.
+    pub socket_taken: u64,
+    /// The key request went out (the last attempt's, if the provider was
+    /// waited for).
+    pub asked: u64,
+    /// The keys arrived.
+    pub answered: u64,
+    /// kTLS was installed.
+    pub installed: u64,
 }
 
 /// Takes fd `fd` of `pid` and checks it is the socket with `cookie`. fd
@@ -348,14 +373,35 @@ pub fn find_socket(
     cookie: u64,
     connected: impl Fn() -> bool,
 ) -> Result<OwnedFd, KeyingError> {
-    if fd >= 0 {
-        match take_fd(pid, fd) {
-            Ok(s) if socket_cookie(&s).ok() == Some(cookie) => return Ok(s),
-            Ok(_) => {}
-            Err(e) if e.raw_os_error() == Some(libc::EBADF) => {}
-            Err(source) => return Err(KeyingError::TakeSocket { pid, fd, source }),
-        }
+    match take_by_number(pid, fd, cookie)? {
+        Some(s) => Ok(s),
+        None => search_socket(pid, fd, cookie, connected),
     }
+}
+
+/// Takes fd `fd` of `pid` if it is the socket with `cookie` (two system
+/// calls); `None` if the number names something else, nothing, or is
+/// negative (no number known).
+fn take_by_number(pid: u32, fd: i32, cookie: u64) -> Result<Option<OwnedFd>, KeyingError> {
+    if fd < 0 {
+        return Ok(None);
+    }
+    match take_fd(pid, fd) {
+        Ok(s) if socket_cookie(&s).ok() == Some(cookie) => Ok(Some(s)),
+        Ok(_) => Ok(None),
+        Err(e) if e.raw_os_error() == Some(libc::EBADF) => Ok(None),
+        Err(source) => Err(KeyingError::TakeSocket { pid, fd, source }),
+    }
+}
+
+/// The search half of [`find_socket`]: every socket fd of `pid` but
+/// `fd`, while `connected()`.
+fn search_socket(
+    pid: u32,
+    fd: i32,
+    cookie: u64,
+    connected: impl Fn() -> bool,
+) -> Result<OwnedFd, KeyingError> {
     if !connected() {
         return Err(KeyingError::Reconnected { cookie });
     }
@@ -406,12 +452,20 @@ fn provider_budget(left: Duration) -> Duration {
     left - margin
 }
 
-/// [`find_socket`] off the async runtime, searching only while the job's
-/// connection is still in `conns`.
+/// [`find_socket`], searching only while the job's connection is still
+/// in `conns`. The usual case, the fd number still naming the socket, is
+/// two system calls and runs on the job's task; only a search of the
+/// process's fds goes to a blocking thread. Why not all of it there: the
+/// hop to that thread was a millisecond or two of every connection's
+/// setup in the benchmark's VM (the `socket_taken` stage).
 async fn take_socket(job: &Job, pid: u32, fd: i32) -> Result<OwnedFd, KeyingError> {
-    let (conns, established, cookie) = (job.conns.clone(), job.established, job.cookie);
+    let cookie = job.cookie;
+    if let Some(s) = take_by_number(pid, fd, cookie)? {
+        return Ok(s);
+    }
+    let (conns, established) = (job.conns.clone(), job.established);
     let found = tokio::task::spawn_blocking(move || {
-        find_socket(pid, fd, cookie, || {
+        search_socket(pid, fd, cookie, || {
             is_connection(conns.conn(cookie).as_ref(), &established)
         })
     })
@@ -449,6 +503,10 @@ async fn socket_of_owner(
 /// and then waits for the owner (see [`Job::owner`]), with no deadline:
 /// the connection stays gated meanwhile, as it would with no job.
 pub async fn run(mut job: Job, provider: Arc<Provider>) -> Outcome {
+    let mut timeline = JobTimeline {
+        started: sys::monotonic_ns(),
+        ..JobTimeline::default()
+    };
     let cookie = job.cookie;
     let name = provider.name.clone();
     let id = job.id;
@@ -501,6 +559,7 @@ pub async fn run(mut job: Job, provider: Arc<Provider>) -> Outcome {
             Ok(s) => socket = Some(s),
             Err(e) => return outcome(None, Err(e)),
         }
+        timeline.socket_taken = sys::monotonic_ns();
         // An app may disconnect the socket and connect it again (same
         // cookie) before the job gets here: a handshake provider would then
         // run this connection's handshake on the new one and use up the
@@ -528,6 +587,7 @@ pub async fn run(mut job: Job, provider: Arc<Provider>) -> Outcome {
     let asked = 'asking: loop {
         let left = deadline.saturating_duration_since(Instant::now());
         request.timeout = provider_budget(left);
+        timeline.asked = sys::monotonic_ns();
         match provider.client().keys_waiting(&request, left).await {
             Ok(k) => break Ok(k),
             // Retry only when no provider can be running the request: no
@@ -569,6 +629,7 @@ pub async fn run(mut job: Job, provider: Arc<Provider>) -> Outcome {
         }
     };
     let key_time = started.elapsed();
+    timeline.answered = sys::monotonic_ns();
     if let Some(log) = &job.keylog {
         log.record(&job, &keys);
     }
@@ -578,7 +639,10 @@ pub async fn run(mut job: Job, provider: Arc<Provider>) -> Outcome {
     let socket = match socket {
         Some(s) => s,
         None => match socket_of_owner(&job, &mut owner).await {
-            Ok(s) => s,
+            Ok(s) => {
+                timeline.socket_taken = sys::monotonic_ns();
+                s
+            }
             Err(e) => return outcome(None, Err(e)),
         },
     };
@@ -608,6 +672,7 @@ pub async fn run(mut job: Job, provider: Arc<Provider>) -> Outcome {
     }
     let result = sys::install_ktls(socket.as_fd(), &keys)
         .map(|()| {
+            timeline.installed = sys::monotonic_ns();
             job.peers.count(job.remote.ip(), Counted::Protected);
             Done::Installed(Installed {
                 version: keys.version,
@@ -615,6 +680,7 @@ pub async fn run(mut job: Job, provider: Arc<Provider>) -> Outcome {
                 key_time,
                 keyed_before_owner,
                 backend,
+                timeline,
             })
         })
         .map_err(|(step, source)| KeyingError::Install { step, source });

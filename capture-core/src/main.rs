@@ -192,7 +192,17 @@ fn main() -> ExitCode {
             }
         };
     }
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
+    // One thread for everything async: the event loop (which polls the
+    // keying jobs itself), the provider clients' connections, the admin
+    // and metrics endpoints. Why not a worker pool: each wakeup that
+    // crossed threads (the ring buffer's readiness noticed by a worker and
+    // handed to the thread running the event loop; a provider's answer read
+    // by one thread for a job polled by another) was a millisecond or more
+    // of every connection's setup in the benchmark's VM (ARCHITECTURE.md,
+    // "Where setup time goes"). The work between awaits is a few system
+    // calls per connection; what can take long (a search of a process's
+    // fds, a conntrack lookup) runs on blocking threads.
+    let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
     {

@@ -40,6 +40,17 @@ pub struct ProviderRoleLabels {
     pub role: &'static str,
 }
 
+/// `provider`, `role` and `stage` labels.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StageLabels {
+    /// Provider name from the config.
+    pub provider: String,
+    /// `client` or `server`.
+    pub role: &'static str,
+    /// [`tlshub_admin::stats::Stage::name`].
+    pub stage: &'static str,
+}
+
 /// `provider` and `reason` labels (reasons are a fixed vocabulary from
 /// the keying errors).
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -76,6 +87,12 @@ fn key_histogram() -> Histogram {
     // 0.5 ms .. ~16 s: TLSHub keys in about a millisecond on hardware,
     // full handshakes under emulation take tens of milliseconds.
     Histogram::new(exponential_buckets(0.0005, 2.0, 16))
+}
+
+fn stage_histogram() -> Histogram {
+    // 50 us .. ~1.6 s: the first stages (the event read, the job's start)
+    // take tens of microseconds on hardware.
+    Histogram::new(exponential_buckets(0.00005, 2.0, 16))
 }
 
 /// A counter the BPF programs keep in their `stats` map, which the core
@@ -227,6 +244,9 @@ pub struct Metrics {
     pub closed_before_keys: Counter,
     /// Time from asking the provider to having keys, by provider and role.
     pub key_seconds: HistogramFamily<ProviderRoleLabels>,
+    /// Time from a protected connection's `ESTABLISHED` to each stage of
+    /// its keying, by provider, role and stage.
+    pub stage_seconds: HistogramFamily<StageLabels>,
     /// Times the gate stopped a process, by the provider keying its
     /// connection ([`UNASSIGNED`] before one was).
     pub gate_holds: Family<ProviderLabel, Counter>,
@@ -308,6 +328,7 @@ impl Metrics {
             peers_announced: Gauge::default(),
             closed_before_keys: Counter::default(),
             key_seconds: Family::new_with_constructor(key_histogram),
+            stage_seconds: Family::new_with_constructor(stage_histogram),
             gate_holds: Family::default(),
             gate_hold_seconds: Family::new_with_constructor(key_histogram),
             provider_up: Family::default(),
@@ -393,6 +414,11 @@ impl Metrics {
             "key_duration_seconds",
             "Time the provider took to produce a connection's keys",
             m.key_seconds.clone(),
+        );
+        registry.register(
+            "connection_stage_seconds",
+            "Time from a protected connection's ESTABLISHED (kernel timestamp) to each stage of its keying: event_read, owner_known, job_started, socket_taken, provider_asked, provider_answered, installed, gate_opened, app_continued",
+            m.stage_seconds.clone(),
         );
         registry.register(
             "gate_holds",
@@ -638,6 +664,13 @@ mod tests {
             .observe(0.01);
         m.gate_holds.get_or_create(&p()).inc();
         m.gate_hold_seconds.get_or_create(&p()).observe(0.01);
+        m.stage_seconds
+            .get_or_create(&StageLabels {
+                provider: "openssl".into(),
+                role: "client",
+                stage: "gate_opened",
+            })
+            .observe(0.01);
         m.provider_up.get_or_create(&p()).set(1);
         m.provider_active.get_or_create(&p()).set(1);
         m.provider_in_flight.get_or_create(&p()).set(0);

@@ -11,6 +11,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use tlshub_admin::stats::Stage;
 use tlshub_ebpf::{Conn, Event, Held, gate, kind, role};
 use tlshub_provider_sdk::Role;
 use tracing::{debug, error, info, warn};
@@ -19,7 +20,7 @@ use crate::bpf::BpfError;
 use crate::config::FailurePolicy;
 use crate::keying::{Done, KeyingError, Outcome, PlainWhy};
 use crate::metrics::{
-    Metrics, ProviderLabel, ProviderReasonLabels, ProviderRoleLabels, UNASSIGNED,
+    Metrics, ProviderLabel, ProviderReasonLabels, ProviderRoleLabels, StageLabels, UNASSIGNED,
 };
 use crate::outcomes::{OutcomeKind, OutcomeLog};
 
@@ -91,6 +92,10 @@ pub struct Pending {
     pub job: Option<u64>,
     /// The provider asked, once keying started.
     pub provider: Option<String>,
+    /// When the core read its `ESTABLISHED` event and learnt its owner
+    /// (ns, `CLOCK_MONOTONIC`; 0: not yet, or not this core).
+    read_ns: u64,
+    owner_ns: u64,
     /// Owners tried in vain: the socket was no longer in that process (it
     /// closed its fd after fork, or passed the socket on).
     gone_from: Vec<u32>,
@@ -110,6 +115,8 @@ impl Pending {
             owner: None,
             job: None,
             provider: None,
+            read_ns: 0,
+            owner_ns: 0,
             gone_from: Vec::new(),
             since: Instant::now(),
             connecting_held: None,
@@ -153,6 +160,9 @@ pub struct Protected {
     pub key_time: Duration,
     /// Since when it is tracked.
     pub since: Instant,
+    /// When the kernel stamped its `ESTABLISHED` (ns, `CLOCK_MONOTONIC`):
+    /// what [`Stage::AppContinued`] is measured from.
+    established_ns: u64,
 }
 
 /// A process the gate stopped.
@@ -636,11 +646,15 @@ impl ConnTable {
                 }
                 let p = self.pending.entry(ev.cookie).or_insert_with(Pending::new);
                 p.established = Some(ev);
+                p.read_ns = k.now_ns();
                 p.connecting_held = None;
                 self.maybe_start(ev.cookie);
             }
             kind::OWNER => {
                 let p = self.pending.entry(ev.cookie).or_insert_with(Pending::new);
+                if p.owner.is_none() {
+                    p.owner_ns = k.now_ns();
+                }
                 match (p.job, p.owner) {
                     (None, _) => p.owner = Some((ev.pid, ev.fd)),
                     // A job keying from establishment waits for this.
@@ -788,6 +802,7 @@ impl ConnTable {
         if p.owner.is_none() {
             debug!(cookie, pid, "owner taken from the gate's hold");
             p.owner = Some((pid, -1));
+            p.owner_ns = k.now_ns();
             self.stats.owner_from_hold += 1;
             match p.job {
                 // A job keying from establishment waits for this.
@@ -950,6 +965,7 @@ impl ConnTable {
                     return;
                 }
                 self.stats.protected += 1;
+                let opened_ns = k.now_ns();
                 if installed.keyed_before_owner {
                     self.tally(Tally::KeyedBeforeOwner);
                 }
@@ -961,6 +977,23 @@ impl ConnTable {
                     && let Some(est) = p.established
                 {
                     let role = role_of(&est);
+                    record_stages(
+                        &mut self.stats,
+                        &self.metrics,
+                        &provider,
+                        role,
+                        est.ts_ns,
+                        &[
+                            (Stage::EventRead, p.read_ns),
+                            (Stage::OwnerKnown, p.owner_ns),
+                            (Stage::JobStarted, installed.timeline.started),
+                            (Stage::SocketTaken, installed.timeline.socket_taken),
+                            (Stage::ProviderAsked, installed.timeline.asked),
+                            (Stage::ProviderAnswered, installed.timeline.answered),
+                            (Stage::Installed, installed.timeline.installed),
+                            (Stage::GateOpened, opened_ns),
+                        ],
+                    );
                     self.outcomes.record(
                         &provider,
                         OutcomeKind::Keyed {
@@ -986,6 +1019,7 @@ impl ConnTable {
                             cipher: installed.cipher.to_string(),
                             key_time: installed.key_time,
                             since: p.since,
+                            established_ns: est.ts_ns,
                         },
                     );
                 }
@@ -1209,6 +1243,16 @@ impl ConnTable {
                     }
                     h.continued = true;
                     if h.reason == HoldReason::Keys {
+                        if let Some(c) = self.protected.get(&h.cookie) {
+                            record_stages(
+                                &mut self.stats,
+                                &self.metrics,
+                                &c.provider,
+                                c.role,
+                                c.established_ns,
+                                &[(Stage::AppContinued, now)],
+                            );
+                        }
                         let held_ns = now.saturating_sub(h.since_ns);
                         self.stats.held_micros.push(held_ns / 1000);
                         let provider = provider_of(&self.pending, &self.protected, h.cookie);
@@ -1247,6 +1291,39 @@ impl ConnTable {
         for pid in forget {
             self.held.remove(&pid);
         }
+    }
+}
+
+/// Records when a protected connection passed each of `stages` (ns,
+/// `CLOCK_MONOTONIC`; 0: not passed, or not seen by this core), as the
+/// time since its `ESTABLISHED` at `established_ns`, in the stats file and
+/// the metrics. A stage passed before `ESTABLISHED` (an owner known from a
+/// non-blocking `connect()`) counts as 0.
+fn record_stages(
+    stats: &mut Stats,
+    metrics: &Metrics,
+    provider: &str,
+    role: Role,
+    established_ns: u64,
+    stages: &[(Stage, u64)],
+) {
+    if established_ns == 0 {
+        return;
+    }
+    for &(stage, at_ns) in stages {
+        if at_ns == 0 {
+            continue;
+        }
+        let after = at_ns.saturating_sub(established_ns);
+        stats.stages.push(role == Role::Client, stage, after / 1000);
+        metrics
+            .stage_seconds
+            .get_or_create(&StageLabels {
+                provider: provider.to_string(),
+                role: role_name(role),
+                stage: stage.name(),
+            })
+            .observe(after as f64 / 1e9);
     }
 }
 

@@ -11,7 +11,7 @@ use tlshub_provider_sdk::{CipherSuite, TlsVersion};
 
 use super::*;
 use crate::config::FailurePolicy;
-use crate::keying::{Done, Installed, KeyingError, Outcome, PlainWhy};
+use crate::keying::{Done, Installed, JobTimeline, KeyingError, Outcome, PlainWhy};
 use crate::metrics::Metrics;
 use tlshub_ktls::KtlsStep;
 
@@ -206,6 +206,7 @@ fn installed_keys() -> Installed {
         key_time: Duration::from_millis(3),
         keyed_before_owner: false,
         backend: None,
+        timeline: JobTimeline::default(),
     }
 }
 
@@ -317,6 +318,89 @@ fn installed_keys_open_the_gate_and_the_connection_is_tracked_as_protected() {
     assert_eq!(t.stats().protected, 1);
     t.on_event(&k, closed(COOKIE));
     assert!(t.protected().is_empty());
+}
+
+#[test]
+fn each_stage_of_a_protected_connection_is_timed_from_its_established() {
+    use tlshub_admin::stats::Stage;
+    let (mut t, mut k) = (table(FailurePolicy::FailClosed), FakeKernel::default());
+    // ESTABLISHED stamped by the kernel at 1 us (`established`'s ts_ns),
+    // read 9 us later; the owner known at 20 us.
+    let est = established(COOKIE, 0);
+    k.track(COOKIE, est);
+    k.now = 10_000;
+    t.on_event(&k, est);
+    k.now = 21_000;
+    t.on_event(&k, owner(COOKIE, PID, 3));
+    let s = one_start(&mut t);
+    k.now = 900_000;
+    t.on_event(&k, held(COOKIE, PID, 800_000));
+    k.states.insert(PID, 'T');
+    let timeline = JobTimeline {
+        started: 31_000,
+        socket_taken: 41_000,
+        asked: 51_000,
+        answered: 501_000,
+        installed: 601_000,
+    };
+    k.now = 1_001_000;
+    t.on_outcome(
+        &mut k,
+        outcome(
+            &s,
+            Ok(Done::Installed(Installed {
+                timeline,
+                ..installed_keys()
+            })),
+        ),
+    );
+    k.now = 2_001_000;
+    sweep(&mut t, &mut k);
+    assert_eq!(k.continued, [PID]);
+    let at = |stage| t.stats().stages.of(true, stage).sorted();
+    let micros: Vec<_> = Stage::ALL.into_iter().map(at).collect();
+    assert_eq!(
+        micros,
+        [
+            vec![9],
+            vec![20],
+            vec![30],
+            vec![40],
+            vec![50],
+            vec![500],
+            vec![600],
+            vec![1000],
+            vec![2000]
+        ]
+    );
+    assert!(
+        Stage::ALL
+            .iter()
+            .all(|&st| t.stats().stages.of(false, st).is_empty())
+    );
+    let text = t.metrics.encode();
+    let line = "tlshub_connection_stage_seconds_count{provider=\"fake\",role=\"client\",stage=\"app_continued\"} 1";
+    assert!(text.contains(line), "{line} not in:\n{text}");
+}
+
+#[test]
+fn a_stage_not_passed_or_passed_before_established_is_not_a_huge_figure() {
+    use tlshub_admin::stats::Stage;
+    let (mut t, mut k) = (table(FailurePolicy::FailClosed), FakeKernel::default());
+    // The owner is known before ESTABLISHED (a non-blocking connect()
+    // returned first), and the job never took the socket itself (0).
+    let est = established(COOKIE, 0);
+    k.track(COOKIE, est);
+    k.now = 500;
+    t.on_event(&k, owner(COOKIE, PID, 3));
+    k.now = 5_000;
+    t.on_event(&k, est);
+    let s = one_start(&mut t);
+    t.on_outcome(&mut k, outcome(&s, installed()));
+    let st = &t.stats().stages;
+    assert_eq!(st.of(true, Stage::OwnerKnown).sorted(), [0]);
+    assert!(st.of(true, Stage::SocketTaken).is_empty());
+    assert_eq!(st.of(true, Stage::GateOpened).sorted(), [4]);
 }
 
 #[test]

@@ -264,6 +264,87 @@ impl Figures {
     }
 }
 
+/// Where a provider's connections' setup time went on `node`, the
+/// `client` (connecting) or accepting side: p50 and p99 of the time from
+/// `ESTABLISHED` to each keying stage (see `tlshub_admin::stats::Stage`),
+/// over every connection the node protected (its core is fresh for each
+/// provider). Then the provider's round trip as the core saw it (mean of
+/// `provider_answered` less mean of `provider_asked`) against the
+/// provider's own time for its answers (the mean of its
+/// `tlshub_keyprovider_request_duration_seconds`): the difference is the
+/// transport and the scheduling of both processes. Recorded as the
+/// figures of `part`; returns the report line.
+fn stage_breakdown(
+    part: &str,
+    provider: Measured,
+    node: &Node,
+    client: bool,
+) -> Result<String, String> {
+    use tlshub_admin::stats::Stage;
+    let label = provider.label;
+    let side = if client { "client" } else { "server" };
+    let stats = node.stats()?;
+    let mut line = format!("stages {label} {side} node (p50/p99 ms after ESTABLISHED, samples):");
+    for stage in Stage::ALL {
+        let sorted = stats.stages.of(client, stage).sorted();
+        if sorted.is_empty() {
+            line.push_str(&format!(" {} -;", stage.name()));
+            continue;
+        }
+        let (p50, p99) = (percentile(&sorted, 0.5), percentile(&sorted, 0.99));
+        for (p, v) in [("p50", p50), ("p99", p99)] {
+            record(
+                part,
+                &format!("{label}, {side}"),
+                &format!("{} {p}", stage.name()),
+                v as f64,
+                Unit::Microseconds,
+            );
+        }
+        line.push_str(&format!(
+            " {} {:.2}/{:.2} ({});",
+            stage.name(),
+            p50 as f64 / 1000.0,
+            p99 as f64 / 1000.0,
+            sorted.len()
+        ));
+    }
+    let mean = |stage| {
+        let v = stats.stages.of(client, stage).sorted();
+        v.iter().sum::<u64>() as f64 / v.len().max(1) as f64
+    };
+    let round_trip = mean(Stage::ProviderAnswered) - mean(Stage::ProviderAsked);
+    let own = node.provider_metrics(provider.kind)?;
+    let series = |what| {
+        metric(
+            &own,
+            &format!(
+                "tlshub_keyprovider_request_duration_seconds_{what}{{role=\"{side}\",result=\"ok\"}}"
+            ),
+        )
+    };
+    let own_mean = series("sum") * 1e6 / series("count").max(1.0);
+    for (measure, v) in [
+        ("provider round trip mean", round_trip),
+        ("provider's own time mean", own_mean),
+    ] {
+        record(
+            part,
+            &format!("{label}, {side}"),
+            measure,
+            v,
+            Unit::Microseconds,
+        );
+    }
+    line.push_str(&format!(
+        " provider round trip mean {:.2} ms, of which the provider's own time {:.2} ms;",
+        round_trip / 1000.0,
+        own_mean / 1000.0
+    ));
+    println!("TLSHUB-BENCH {line}");
+    Ok(line)
+}
+
 /// `cargo xtask bench`: setup latency and throughput for plain TCP, for
 /// kTLS with a fixed key and no agent (the ceiling), for the alternatives
 /// (WireGuard between the nodes, a stunnel pair) and for each
@@ -323,6 +404,10 @@ pub fn bench() -> Result<String, String> {
                 percentile(&key, 0.99)
             ));
         }
+        // Before the event-loop run: the blocking apps' connections only.
+        f.lines.push(stage_breakdown("stages", provider, &a, true)?);
+        f.lines
+            .push(stage_breakdown("stages", provider, &b, false)?);
         event_loop_setup(&mut f, label, &a, &b, conns)?;
     }
     // What the send buffer floor (`[ktls]`, on by default before Linux 6.5)
@@ -888,11 +973,17 @@ pub fn quick() -> Result<String, String> {
         Ok(())
     };
     baselines(&mut measure)?;
+    let mut stages = Vec::new();
     for provider in PROVIDERS {
         let label = provider.label;
-        let _nodes = nodes_with(provider)?;
+        let (a, b) = nodes_with(provider)?;
         measure(label, &App::exchange(1, PROTECTED_PORT))?;
+        // The stats file is rewritten once a second.
+        std::thread::sleep(Duration::from_millis(1500));
+        stages.push(stage_breakdown("quick_stages", provider, &a, true)?);
+        stages.push(stage_breakdown("quick_stages", provider, &b, false)?);
     }
+    lines.extend(stages);
     Ok(lines.join(" | "))
 }
 
