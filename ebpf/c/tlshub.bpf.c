@@ -1511,7 +1511,7 @@ int BPF_PROG(tlshub_gate_shutdown, struct socket *sock, int how, int ret)
 	return gate_mark(sk, mark, 0);
 }
 
-/* A peer's FIN that arrives before this side's keys would put the socket
+/* A peer's FIN that arrives before this side's keys are in would put the socket
  * in CLOSE_WAIT, and tls_init() accepts only ESTABLISHED sockets: the
  * install would fail with ENOTCONN and the connection be reset, losing
  * the request a client wrote just before it half-closed (`nc -N`, HTTP/1.0
@@ -1578,6 +1578,15 @@ int tlshub_defer_fin(struct __sk_buff *skb)
 		if (ip_len <= tcp_hdr && bpf_ntohl(seq) == c->est.remote_isn + 1)
 			return 1;
 	}
+	/* kTLS is on already and only the core's opening of the gate is to
+	 * come (the gate lets the app through meanwhile, see ktls_on()): the
+	 * FIN can no longer keep kTLS out, and it is most likely the peer's
+	 * close after this side's answer. Deferring it would cost the peer a
+	 * retransmission timeout (seen as a 200 ms setup tail of event-loop
+	 * servers keyed from establishment, one connection in five deferred). */
+	struct tcp_sock *tp = bpf_skc_to_tcp_sock(sk);
+	if (tp && ktls_on((struct sock *)tp))
+		return 1;
 	stat_inc(TLSHUB_STAT_FIN_DEFERRED);
 	return 0;
 }

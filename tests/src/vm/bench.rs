@@ -267,26 +267,53 @@ impl Figures {
 /// Where a provider's connections' setup time went on `node`, the
 /// `client` (connecting) or accepting side: p50 and p99 of the time from
 /// `ESTABLISHED` to each keying stage (see `tlshub_admin::stats::Stage`),
-/// over every connection the node protected (its core is fresh for each
-/// provider). Then the provider's round trip as the core saw it (mean of
+/// over the samples of each stage the node's core recorded since `since`
+/// (a stats snapshot taken before the run; `None`: every sample, and the
+/// core is fresh for each provider). `label` names the run (the
+/// provider's label, or more). Then the provider's round trip as the core saw it (mean of
 /// `provider_answered` less mean of `provider_asked`) against the
 /// provider's own time for its answers (the mean of its
 /// `tlshub_keyprovider_request_duration_seconds`): the difference is the
-/// transport and the scheduling of both processes. Recorded as the
+/// transport and the scheduling of both processes (only for every
+/// connection: the provider's histogram has no window). Recorded as the
 /// figures of `part`; returns the report line.
 fn stage_breakdown(
     part: &str,
+    label: &str,
     provider: Measured,
     node: &Node,
     client: bool,
+    since: Option<&tlshub_admin::stats::Stats>,
 ) -> Result<String, String> {
-    use tlshub_admin::stats::Stage;
-    let label = provider.label;
+    use tlshub_admin::stats::{Stage, StageSamples};
     let side = if client { "client" } else { "server" };
     let stats = node.stats()?;
-    let mut line = format!("stages {label} {side} node (p50/p99 ms after ESTABLISHED, samples):");
+    let mut line = format!(
+        "stages {label} {side} node (p50/p99 ms after ESTABLISHED, samples; FINs deferred so far {}, gate EAGAIN answers so far {}):",
+        stats.fin_deferred, stats.gate_eagain
+    );
+    // The samples of `stage` since the snapshot. A stage with none (no
+    // process was held in an event-loop run) shows none, not older ones.
+    let window = |stage| {
+        let now = stats.stages.of(client, stage);
+        let new = since.map_or(now.len(), |before| {
+            now.len()
+                .saturating_sub(before.stages.of(client, stage).len())
+        });
+        now.newest(new)
+    };
+    if since.is_some_and(|before| {
+        Stage::ALL
+            .iter()
+            .any(|&st| before.stages.of(client, st).len() >= StageSamples::CAP)
+    }) {
+        return Err(format!(
+            "{label}: more than {} samples of a stage before the run, so the run's own cannot be told apart",
+            StageSamples::CAP
+        ));
+    }
     for stage in Stage::ALL {
-        let sorted = stats.stages.of(client, stage).sorted();
+        let sorted = window(stage);
         if sorted.is_empty() {
             line.push_str(&format!(" {} -;", stage.name()));
             continue;
@@ -309,38 +336,42 @@ fn stage_breakdown(
             sorted.len()
         ));
     }
-    let mean = |stage| {
-        let v = stats.stages.of(client, stage).sorted();
-        v.iter().sum::<u64>() as f64 / v.len().max(1) as f64
-    };
-    let round_trip = mean(Stage::ProviderAnswered) - mean(Stage::ProviderAsked);
-    let own = node.provider_metrics(provider.kind)?;
-    let series = |what| {
-        metric(
-            &own,
-            &format!(
-                "tlshub_keyprovider_request_duration_seconds_{what}{{role=\"{side}\",result=\"ok\"}}"
-            ),
-        )
-    };
-    let own_mean = series("sum") * 1e6 / series("count").max(1.0);
-    for (measure, v) in [
-        ("provider round trip mean", round_trip),
-        ("provider's own time mean", own_mean),
-    ] {
-        record(
-            part,
-            &format!("{label}, {side}"),
-            measure,
-            v,
-            Unit::Microseconds,
-        );
+    // The provider's histogram covers all its answers, so only a
+    // breakdown of every connection is set against it.
+    if since.is_none() {
+        let mean = |stage| {
+            let v = window(stage);
+            v.iter().sum::<u64>() as f64 / v.len().max(1) as f64
+        };
+        let round_trip = mean(Stage::ProviderAnswered) - mean(Stage::ProviderAsked);
+        let own = node.provider_metrics(provider.kind)?;
+        let series = |what| {
+            metric(
+                &own,
+                &format!(
+                    "tlshub_keyprovider_request_duration_seconds_{what}{{role=\"{side}\",result=\"ok\"}}"
+                ),
+            )
+        };
+        let own_mean = series("sum") * 1e6 / series("count").max(1.0);
+        for (measure, v) in [
+            ("provider round trip mean", round_trip),
+            ("provider's own time mean", own_mean),
+        ] {
+            record(
+                part,
+                &format!("{label}, {side}"),
+                measure,
+                v,
+                Unit::Microseconds,
+            );
+        }
+        line.push_str(&format!(
+            " provider round trip mean {:.2} ms, of which the provider's own time {:.2} ms;",
+            round_trip / 1000.0,
+            own_mean / 1000.0
+        ));
     }
-    line.push_str(&format!(
-        " provider round trip mean {:.2} ms, of which the provider's own time {:.2} ms;",
-        round_trip / 1000.0,
-        own_mean / 1000.0
-    ));
     println!("TLSHUB-BENCH {line}");
     Ok(line)
 }
@@ -405,10 +436,11 @@ pub fn bench() -> Result<String, String> {
             ));
         }
         // Before the event-loop run: the blocking apps' connections only.
-        f.lines.push(stage_breakdown("stages", provider, &a, true)?);
-        f.lines
-            .push(stage_breakdown("stages", provider, &b, false)?);
-        event_loop_setup(&mut f, label, &a, &b, conns)?;
+        for (node, client) in [(&a, true), (&b, false)] {
+            let line = stage_breakdown("stages", label, provider, node, client, None)?;
+            f.lines.push(line);
+        }
+        event_loop_setup(&mut f, provider, &a, &b, conns)?;
     }
     // What the send buffer floor (`[ktls]`, on by default before Linux 6.5)
     // costs or gains: the same transfer without it.
@@ -443,25 +475,28 @@ pub fn bench() -> Result<String, String> {
 
 /// Setup latency with both apps in an edge-triggered epoll loop
 /// (non-blocking sockets: the gate answers `EAGAIN` instead of stopping),
-/// against the blocking apps' figure for the same provider, and how many
+/// against the blocking apps' figure for the same provider, its stages
+/// (see [`stage_breakdown`]), and how many
 /// processes the gate stopped and how many connections it answered
 /// `EAGAIN` meanwhile, per node.
 fn event_loop_setup(
     f: &mut Figures,
-    label: &'static str,
+    provider: Measured,
     a: &Node,
     b: &Node,
     conns: u32,
 ) -> Result<(), String> {
-    let counts = |n: &Node| n.stats().map(|s| (s.gate_stops, s.gate_waits));
-    let before = (counts(a)?, counts(b)?);
+    let label = provider.label;
+    let snapshot = (a.stats()?, b.stats()?);
+    let counts = |s: &tlshub_admin::stats::Stats| (s.gate_stops, s.gate_waits);
+    let before = (counts(&snapshot.0), counts(&snapshot.1));
     let app = App {
         io: "epoll-edge",
         ..App::exchange(1, PROTECTED_PORT)
     };
     let (n, p50, p99) = setup_latency(&app, conns)?;
     std::thread::sleep(Duration::from_millis(1500));
-    let after = (counts(a)?, counts(b)?);
+    let after = (counts(&a.stats()?), counts(&b.stats()?));
     record(
         "bench",
         label,
@@ -486,6 +521,11 @@ fn event_loop_setup(
         after.0.1.saturating_sub(before.0.1),
         after.1.1.saturating_sub(before.1.1),
     ));
+    let event_loop = format!("{label} event loop");
+    for (node, client, since) in [(a, true, &snapshot.0), (b, false, &snapshot.1)] {
+        let line = stage_breakdown("stages", &event_loop, provider, node, client, Some(since))?;
+        f.lines.push(line);
+    }
     Ok(())
 }
 
@@ -980,12 +1020,49 @@ pub fn quick() -> Result<String, String> {
         measure(label, &App::exchange(1, PROTECTED_PORT))?;
         // The stats file is rewritten once a second.
         std::thread::sleep(Duration::from_millis(1500));
-        stages.push(stage_breakdown("quick_stages", provider, &a, true)?);
-        stages.push(stage_breakdown("quick_stages", provider, &b, false)?);
+        for (node, client) in [(&a, true), (&b, false)] {
+            let line = stage_breakdown("quick_stages", label, provider, node, client, None)?;
+            stages.push(line);
+        }
+        // The same with both apps in an edge-triggered epoll loop (the gate
+        // answers them EAGAIN): where an event loop's setup time goes.
+        let epoll = App {
+            io: "epoll-edge",
+            ..App::exchange(1, PROTECTED_PORT)
+        };
+        let before = (a.stats()?, b.stats()?);
+        let (n, p50, p99) = setup_latency(&epoll, QUICK_EVENT_LOOP_CONNS)?;
+        for (measure, v) in [
+            ("setup p50, event loop", p50),
+            ("setup p99, event loop", p99),
+        ] {
+            record(PART, label, measure, v as f64, Unit::Microseconds);
+        }
+        let line = format!(
+            "quick {label} event loop (epoll-edge both ends): n={n} setup p50 {p50} p99 {p99}"
+        );
+        println!("TLSHUB-BENCH {line}");
+        stages.push(line);
+        std::thread::sleep(Duration::from_millis(1500));
+        let event_loop = format!("{label} event loop");
+        for (node, client, before) in [(&a, true, &before.0), (&b, false, &before.1)] {
+            let line = stage_breakdown(
+                "quick_stages",
+                &event_loop,
+                provider,
+                node,
+                client,
+                Some(before),
+            )?;
+            stages.push(line);
+        }
     }
     lines.extend(stages);
     Ok(lines.join(" | "))
 }
+
+/// Connections of the event-loop setup run per provider in [`quick`].
+const QUICK_EVENT_LOOP_CONNS: u32 = 100;
 
 /// Transactions per peer in [`request_response_and_streams`].
 const RR_TRANSACTIONS: usize = 5000;

@@ -218,4 +218,8 @@ pub const TESTS: &[Scenario] = &[
         "gate_edge_reader_with_records_queued",
         super::event_loops::edge_reader_with_records_queued,
     ),
+    (
+        "gate_event_loop_close_after_answer_not_deferred",
+        super::event_loops::close_after_answer_not_deferred,
+    ),
 ];
