@@ -3,8 +3,9 @@
 //! 3,000 times in a row, and prints the round trip's p50 and p99. The
 //! provider is served as the SDK serves every provider (a multi-threaded
 //! runtime, on its own thread here instead of its own process); the client
-//! is timed on a multi-threaded runtime and on a current-thread runtime
-//! (as `tlshub-core` runs it).
+//! is timed over gRPC on a multi-threaded and on a current-thread runtime,
+//! and over the keys stream on a current-thread runtime (as `tlshub-core`
+//! runs it).
 //!
 //! ```sh
 //! cargo run --release -p tlshub-provider-sdk --example round-trip
@@ -54,14 +55,22 @@ impl Provider for Instant0 {
 
 const ROUNDS: usize = 3000;
 
-/// `ROUNDS` sequential requests to `socket` on `runtime`; sorted
-/// microseconds.
+/// `ROUNDS` sequential requests to `socket` on `runtime`, over the keys
+/// stream or gRPC; sorted microseconds.
 fn time_requests(
     runtime: &tokio::runtime::Runtime,
     socket: &Path,
+    keys_stream: bool,
 ) -> Result<Vec<u64>, Box<dyn Error>> {
     runtime.block_on(async {
-        let client = ProviderClient::new(socket, None);
+        let mut client = ProviderClient::new(socket, None);
+        if !keys_stream {
+            client = client.grpc_only();
+        }
+        client.info(Duration::from_secs(2)).await?;
+        if client.uses_keys_stream() != keys_stream {
+            return Err("the provider did not offer its keys stream".into());
+        }
         let request = KeyRequest {
             socket_cookie: 9,
             role: Role::Client,
@@ -113,23 +122,32 @@ fn main() -> Result<(), Box<dyn Error>> {
         }
         std::thread::sleep(Duration::from_millis(10));
     }
-    for (name, runtime) in [
+    for (name, runtime, keys_stream) in [
         (
-            "multi-threaded",
+            "gRPC, client on a multi-threaded runtime",
             tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .build()?,
+            false,
         ),
         (
-            "current-thread",
+            "gRPC, client on a current-thread runtime",
             tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()?,
+            false,
+        ),
+        (
+            "keys stream, client on a current-thread runtime",
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?,
+            true,
         ),
     ] {
-        let took = time_requests(&runtime, &socket)?;
+        let took = time_requests(&runtime, &socket, keys_stream)?;
         println!(
-            "client on a {name} runtime: round trip p50 {} us, p99 {} us ({ROUNDS} requests)",
+            "{name}: round trip p50 {} us, p99 {} us ({ROUNDS} requests)",
             took[ROUNDS / 2],
             took[ROUNDS * 99 / 100]
         );

@@ -100,12 +100,18 @@ impl ClientError {
     }
 }
 
-/// A lazily connecting client; cheap to clone.
+/// A lazily connecting client; cheap to clone. Key requests go over the
+/// provider's keys stream ([`crate::keys_stream`]) once its `GetInfo` said
+/// it serves one, and over gRPC otherwise (and again whenever the stream
+/// cannot be reached, until the next `GetInfo` says it serves one).
 #[derive(Clone)]
 pub struct ProviderClient {
     path: PathBuf,
     channel: Channel,
     inner: pb::key_provider_client::KeyProviderClient<Channel>,
+    /// `None`: gRPC only ([`Self::grpc_only`]).
+    stream: Option<Arc<crate::keys_stream::Client>>,
+    use_stream: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl std::fmt::Debug for ProviderClient {
@@ -120,6 +126,10 @@ impl ProviderClient {
     /// A client for the provider at `path`. Nothing is connected until the
     /// first call; lost connections are re-established on later calls.
     pub fn new(path: &Path, on_connect: Option<PeerHook>) -> Self {
+        let stream = Some(Arc::new(crate::keys_stream::Client::new(
+            crate::keys_stream::socket_path(path),
+            on_connect.clone(),
+        )));
         let socket = path.to_owned();
         // The URI is required by tonic but unused: the connector dials the socket.
         let channel = Endpoint::from_static("http://provider.invalid")
@@ -141,7 +151,24 @@ impl ProviderClient {
             path: path.to_owned(),
             inner: pb::key_provider_client::KeyProviderClient::new(channel.clone()),
             channel,
+            stream,
+            use_stream: Arc::default(),
         }
+    }
+
+    /// This client, sending key requests over gRPC whatever the provider
+    /// serves (the conformance suite and the tests check both transports).
+    pub fn grpc_only(mut self) -> Self {
+        self.stream = None;
+        self.use_stream = Arc::default();
+        self
+    }
+
+    /// Whether key requests go over the keys stream now (the last
+    /// `GetInfo` said the provider serves one, and it could be reached
+    /// since).
+    pub fn uses_keys_stream(&self) -> bool {
+        self.use_stream.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// The raw gRPC client, for sending requests the SDK types cannot
@@ -183,8 +210,13 @@ impl ProviderClient {
         let answer = tokio::time::timeout(timeout, c.get_info(pb::GetInfoRequest {}))
             .await
             .map_err(|_| self.timeout(timeout))?
-            .map_err(|s| self.status(s))?;
-        ProviderInfo::from_pb(answer.into_inner()).map_err(|source| ClientError::Malformed {
+            .map_err(|s| self.status(s))?
+            .into_inner();
+        self.use_stream.store(
+            answer.keys_stream && self.stream.is_some(),
+            std::sync::atomic::Ordering::Relaxed,
+        );
+        ProviderInfo::from_pb(answer).map_err(|source| ClientError::Malformed {
             path: self.path.clone(),
             source,
         })
@@ -212,59 +244,110 @@ impl ProviderClient {
         wait: Duration,
     ) -> Result<ConnectionKeys, ClientError> {
         let wait = wait.max(request.timeout);
+        if let Some(stream) = self.stream.as_ref().filter(|_| self.uses_keys_stream()) {
+            use crate::keys_stream::StreamError;
+            match stream.request(request.to_pb(), wait).await {
+                Ok(answer) => return self.streamed(answer, wait),
+                // The stream cannot be reached (a provider without one, or
+                // none at all): gRPC, which says which, until the next
+                // `GetInfo`.
+                Err(StreamError::NotSent(_)) => self
+                    .use_stream
+                    .store(false, std::sync::atomic::Ordering::Relaxed),
+                Err(StreamError::Closed) => return Err(self.dropped(String::new())),
+                Err(StreamError::Timeout) => return Err(self.timeout(wait)),
+            }
+        }
         let mut c = self.inner.clone();
         let mut req = tonic::Request::new(request.to_pb());
         req.set_timeout(wait);
         let answer = tokio::time::timeout(wait, c.get_connection_keys(req))
             .await
             .map_err(|_| self.timeout(wait))?
-            .map_err(|s| match s.code() {
-                // The provider's own timeout, with its reason.
-                tonic::Code::DeadlineExceeded if !s.message().is_empty() => self.status(s),
-                tonic::Code::DeadlineExceeded => self.timeout(wait),
-                // tonic's own client-side deadline (the grpc-timeout set
-                // above) ends the call as CANCELLED with a `TimeoutExpired`
-                // source; that is our timeout, not the provider's doing.
-                tonic::Code::Cancelled if is_client_deadline(&s) => self.timeout(wait),
-                // Whatever the code: a request no provider reads ends as
-                // UNAVAILABLE (nothing listens), CANCELLED (hyper never sent
-                // it) or INTERNAL (refused by a GOAWAY); see [`never_sent`].
-                // Nobody runs it, so it is as retryable as a provider that
-                // is not running.
-                _ if never_sent(&s) => ClientError::NotSent {
-                    path: self.path.clone(),
-                },
-                // The call ended early, not at the deadline: the provider
-                // dropped it (it stopped, or crashed) before answering.
-                tonic::Code::Cancelled => ClientError::Status {
-                    path: self.path.clone(),
-                    code: s.code(),
-                    message: format!(
-                        "the provider dropped the request before answering (did it stop?){}",
-                        if s.message().is_empty() {
-                            String::new()
-                        } else {
-                            format!(": {}", s.message())
-                        }
-                    ),
-                },
-                _ => self.status(s),
-            })?;
-        let mut wire = answer.into_inner();
-        let result = ConnectionKeys::from_pb(wire.clone());
-        // The wire copy held the key bytes too.
-        for d in [wire.transmit.as_mut(), wire.receive.as_mut()]
-            .into_iter()
-            .flatten()
-        {
-            zeroize::Zeroize::zeroize(&mut d.key);
-            zeroize::Zeroize::zeroize(&mut d.iv);
-        }
-        result.map_err(|source| ClientError::Malformed {
-            path: self.path.clone(),
-            source,
-        })
+            .map_err(|s| self.error_of(s, wait))?;
+        checked_keys(&self.path, answer.into_inner())
     }
+
+    /// A keys stream answer as the gRPC call's would be.
+    fn streamed(
+        &self,
+        answer: pb::KeysStreamResponse,
+        wait: Duration,
+    ) -> Result<ConnectionKeys, ClientError> {
+        if answer.code == tonic::Code::Ok as i32 {
+            return match answer.keys {
+                Some(keys) => checked_keys(&self.path, keys),
+                None => Err(ClientError::Malformed {
+                    path: self.path.clone(),
+                    source: WireError::Missing { field: "keys" },
+                }),
+            };
+        }
+        if answer.not_run {
+            return Err(ClientError::NotSent {
+                path: self.path.clone(),
+            });
+        }
+        let status = tonic::Status::new(tonic::Code::from(answer.code), answer.message);
+        Err(self.error_of(status, wait))
+    }
+
+    /// The call ended early, not at the deadline: the provider dropped it
+    /// (it stopped, or crashed) before answering.
+    fn dropped(&self, message: String) -> ClientError {
+        ClientError::Status {
+            path: self.path.clone(),
+            code: tonic::Code::Cancelled,
+            message: format!(
+                "the provider dropped the request before answering (did it stop?){}",
+                if message.is_empty() {
+                    String::new()
+                } else {
+                    format!(": {message}")
+                }
+            ),
+        }
+    }
+
+    /// What a key request's error status means, after waiting `wait`.
+    fn error_of(&self, s: tonic::Status, wait: Duration) -> ClientError {
+        match s.code() {
+            // The provider's own timeout, with its reason.
+            tonic::Code::DeadlineExceeded if !s.message().is_empty() => self.status(s),
+            tonic::Code::DeadlineExceeded => self.timeout(wait),
+            // tonic's own client-side deadline (the grpc-timeout set
+            // above) ends the call as CANCELLED with a `TimeoutExpired`
+            // source; that is our timeout, not the provider's doing.
+            tonic::Code::Cancelled if is_client_deadline(&s) => self.timeout(wait),
+            // Whatever the code: a request no provider reads ends as
+            // UNAVAILABLE (nothing listens), CANCELLED (hyper never sent
+            // it) or INTERNAL (refused by a GOAWAY); see [`never_sent`].
+            // Nobody runs it, so it is as retryable as a provider that
+            // is not running.
+            _ if never_sent(&s) => ClientError::NotSent {
+                path: self.path.clone(),
+            },
+            tonic::Code::Cancelled => self.dropped(s.message().to_owned()),
+            _ => self.status(s),
+        }
+    }
+}
+
+/// Keys from the wire, checked; the wire copy's key bytes are zeroed.
+fn checked_keys(path: &Path, mut wire: pb::ConnectionKeys) -> Result<ConnectionKeys, ClientError> {
+    let result = ConnectionKeys::from_pb(wire.clone());
+    // The wire copy held the key bytes too.
+    for d in [wire.transmit.as_mut(), wire.receive.as_mut()]
+        .into_iter()
+        .flatten()
+    {
+        zeroize::Zeroize::zeroize(&mut d.key);
+        zeroize::Zeroize::zeroize(&mut d.iv);
+    }
+    result.map_err(|source| ClientError::Malformed {
+        path: path.to_owned(),
+        source,
+    })
 }
 
 /// Whether the call certainly reached no provider code, judged by the

@@ -17,6 +17,7 @@ pub mod file_stamp;
 pub mod handshake;
 pub mod handshake_config;
 pub mod keylog;
+pub mod keys_stream;
 pub mod metrics;
 pub mod node_map;
 pub mod runtime;

@@ -177,27 +177,22 @@ fn peer_allowed(stream: &UnixStream, allowed_uid: Option<u32>) -> bool {
     }
 }
 
-struct Service<P> {
+/// The provider behind both transports: gRPC and the keys stream.
+pub(crate) struct Service<P> {
     provider: Arc<P>,
     metrics: Arc<ProviderMetrics>,
 }
 
-#[tonic::async_trait]
-impl<P: Provider> pb::key_provider_server::KeyProvider for Service<P> {
-    async fn get_info(
+impl<P: Provider> Service<P> {
+    /// One key request, whichever transport brought it: checked, timed,
+    /// counted and logged alike.
+    pub(crate) async fn answer(
         &self,
-        _: Request<pb::GetInfoRequest>,
-    ) -> Result<Response<pb::ProviderInfo>, Status> {
-        Ok(Response::new(self.provider.info().to_pb()))
-    }
-
-    async fn get_connection_keys(
-        &self,
-        request: Request<pb::ConnectionKeysRequest>,
-    ) -> Result<Response<pb::ConnectionKeys>, Status> {
+        request: pb::ConnectionKeysRequest,
+    ) -> Result<pb::ConnectionKeys, Status> {
         let started = std::time::Instant::now();
         let _in_flight = self.metrics.started();
-        let request = match KeyRequest::from_pb(request.into_inner()) {
+        let request = match KeyRequest::from_pb(request) {
             Ok(r) => r,
             Err(e) => {
                 let e = ProviderError::InvalidRequest {
@@ -235,7 +230,7 @@ impl<P: Provider> pb::key_provider_server::KeyProvider for Service<P> {
                         micros = started.elapsed().as_micros() as u64,
                         "keys issued"
                     );
-                    Ok(Response::new(keys.to_pb()))
+                    Ok(keys.to_pb())
                 }
                 Err(e) => {
                     warn!(error = %e, code = ?e.code(), "key request failed");
@@ -245,6 +240,25 @@ impl<P: Provider> pb::key_provider_server::KeyProvider for Service<P> {
         }
         .instrument(span)
         .await
+    }
+}
+
+#[tonic::async_trait]
+impl<P: Provider> pb::key_provider_server::KeyProvider for Service<P> {
+    async fn get_info(
+        &self,
+        _: Request<pb::GetInfoRequest>,
+    ) -> Result<Response<pb::ProviderInfo>, Status> {
+        let mut info = self.provider.info().to_pb();
+        info.keys_stream = true;
+        Ok(Response::new(info))
+    }
+
+    async fn get_connection_keys(
+        &self,
+        request: Request<pb::ConnectionKeysRequest>,
+    ) -> Result<Response<pb::ConnectionKeys>, Status> {
+        self.answer(request.into_inner()).await.map(Response::new)
     }
 }
 
@@ -314,7 +328,10 @@ pub async fn serve_until<P: Provider>(
         }
         None => None,
     };
-    let listener = match bind_private(&options.socket_path, options.allowed_uid) {
+    let keys_path = crate::keys_stream::socket_path(&options.socket_path);
+    let listeners = bind_private(&options.socket_path, options.allowed_uid)
+        .and_then(|l| bind_private(&keys_path, options.allowed_uid).map(|k| (l, k)));
+    let (listener, keys_listener) = match listeners {
         Ok(l) => l,
         Err(e) => {
             if let Some(t) = metrics_task {
@@ -379,8 +396,13 @@ pub async fn serve_until<P: Provider>(
     });
 
     let allowed_uid = options.allowed_uid;
+    let service = Arc::new(Service { provider, metrics });
+    let keys_stream = crate::keys_stream::Server::start(
+        allowed_connections(keys_listener, allowed_uid),
+        Arc::clone(&service),
+    );
     let incoming = allowed_connections(listener, allowed_uid);
-    let info = provider.info();
+    let info = service.provider.info();
     info!(
         name = %info.name,
         version = %info.version,
@@ -395,18 +417,24 @@ pub async fn serve_until<P: Provider>(
     // already received finish. Removing it only at exit could also delete
     // a successor's socket bound in the meantime.
     let socket_path = options.socket_path.clone();
+    let stopping = keys_stream.stopping();
     let shutdown = async move {
         shutdown.await;
         let _ = std::fs::remove_file(&socket_path);
+        let _ = std::fs::remove_file(crate::keys_stream::socket_path(&socket_path));
+        stopping.stop();
         info!("provider stopping: finishing the requests under way");
     };
     let result = tonic::transport::Server::builder()
         .add_service(health)
         .add_service(pb::key_provider_server::KeyProviderServer::from_arc(
-            Arc::new(Service { provider, metrics }),
+            service,
         ))
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await;
+    // The keys stream's requests under way finish too (each is bounded by
+    // its own deadline).
+    keys_stream.finished().await;
     health_task.abort();
     reload_task.abort();
     if let Some(t) = metrics_task {

@@ -523,6 +523,8 @@ impl ProviderInfo {
                 .collect(),
             needs_socket: self.needs_socket,
             keying: self.keying.clone(),
+            // Set by the SDK's server, which serves the stream.
+            keys_stream: false,
             credentials: self
                 .credentials
                 .iter()

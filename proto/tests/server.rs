@@ -49,8 +49,9 @@ impl Provider for Fixed {
                 iv: vec![2; 12],
                 record_sequence: 0,
             },
+            // From the request, so that answers can be told apart.
             receive: DirectionKeys {
-                key: vec![3; 16],
+                key: vec![(request.local.port() % 251) as u8; 16],
                 iv: vec![4; 12],
                 record_sequence: 0,
             },
@@ -121,16 +122,65 @@ async fn start_with(provider: Fixed, options: ServeOptions) -> tokio::sync::ones
     tx
 }
 
+/// The two ways a key request travels: over gRPC, and over the keys
+/// stream the SDK's server also serves. Every test that asks for keys
+/// runs over each.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Transport {
+    Grpc,
+    KeysStream,
+}
+
+const TRANSPORTS: [Transport; 2] = [Transport::Grpc, Transport::KeysStream];
+
+/// A client for `path` that sends key requests over `transport` (checked
+/// after its first `GetInfo`).
+fn client_over(
+    transport: Transport,
+    path: &Path,
+    hook: Option<tlshub_provider_sdk::client::PeerHook>,
+) -> ProviderClient {
+    let client = ProviderClient::new(path, hook);
+    match transport {
+        Transport::Grpc => client.grpc_only(),
+        Transport::KeysStream => client,
+    }
+}
+
+/// `client_over` after its `GetInfo`, which turns the keys stream on.
+async fn ready_client(transport: Transport, path: &Path) -> ProviderClient {
+    let client = client_over(transport, path, None);
+    client.info(Duration::from_secs(2)).await.unwrap();
+    assert_eq!(
+        client.uses_keys_stream(),
+        transport == Transport::KeysStream,
+        "{transport:?}"
+    );
+    client
+}
+
 #[tokio::test]
 async fn keys_info_errors_and_socket_lifecycle() {
-    let path = temp_socket("lifecycle");
+    for transport in TRANSPORTS {
+        keys_info_errors_and_socket_lifecycle_over(transport).await;
+    }
+}
+
+async fn keys_info_errors_and_socket_lifecycle_over(transport: Transport) {
+    let path = temp_socket(&format!("lifecycle-{transport:?}"));
     let stop = start(Fixed { broken: false }, &path).await;
-    let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
-    assert_eq!(mode, 0o600, "socket must be private");
+    for p in [
+        path.clone(),
+        tlshub_provider_sdk::keys_stream::socket_path(&path),
+    ] {
+        let mode = std::fs::metadata(&p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600, "{} must be private", p.display());
+    }
 
     let pid = std::sync::Arc::new(std::sync::Mutex::new(None));
     let seen = pid.clone();
-    let client = ProviderClient::new(
+    let client = client_over(
+        transport,
         &path,
         Some(std::sync::Arc::new(move |p| {
             *seen.lock().unwrap() = Some(p)
@@ -138,6 +188,10 @@ async fn keys_info_errors_and_socket_lifecycle() {
     );
     let info = client.info(Duration::from_secs(2)).await.unwrap();
     assert_eq!(info.name, "fixed");
+    assert_eq!(
+        client.uses_keys_stream(),
+        transport == Transport::KeysStream
+    );
     assert!(
         client.healthy(Duration::from_secs(2)).await.unwrap(),
         "grpc.health.v1 says SERVING"
@@ -166,13 +220,87 @@ async fn keys_info_errors_and_socket_lifecycle() {
     }
 
     drop(stop);
+    let keys_path = tlshub_provider_sdk::keys_stream::socket_path(&path);
     for _ in 0..200 {
-        if !path.exists() {
+        if !path.exists() && !keys_path.exists() {
             break;
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     assert!(!path.exists(), "socket removed at shutdown");
+    assert!(
+        !keys_path.exists(),
+        "keys stream socket removed at shutdown"
+    );
+}
+
+/// A provider whose keys stream cannot be reached (an older one at the
+/// same path that still says it serves one, a removed socket) is asked
+/// over gRPC instead, at once, and the stream is used again once a
+/// `GetInfo` says so.
+#[tokio::test]
+async fn a_keys_stream_that_cannot_be_reached_falls_back_to_grpc() {
+    let path = temp_socket("stream-gone");
+    let _stop = start(Fixed { broken: false }, &path).await;
+    let client = ready_client(Transport::KeysStream, &path).await;
+    std::fs::remove_file(tlshub_provider_sdk::keys_stream::socket_path(&path)).unwrap();
+    let keys = client.keys(&request("10.0.1.2:40000")).await.unwrap();
+    assert_eq!(keys.transmit.key, vec![1; 16]);
+    assert!(!client.uses_keys_stream(), "gRPC until the next GetInfo");
+    client.info(Duration::from_secs(2)).await.unwrap();
+    assert!(client.uses_keys_stream());
+}
+
+/// A hostile local caller on the keys stream (a length beyond the limit,
+/// bytes that are no message) loses its own connection; the provider keeps
+/// serving everyone else.
+#[tokio::test]
+async fn a_bad_message_on_the_keys_stream_closes_only_that_connection() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let path = temp_socket("stream-bad");
+    let _stop = start(Fixed { broken: false }, &path).await;
+    let keys_path = tlshub_provider_sdk::keys_stream::socket_path(&path);
+    let good = ready_client(Transport::KeysStream, &path).await;
+    for bad in [
+        (u32::MAX).to_le_bytes().to_vec(),
+        [&5u32.to_le_bytes()[..], &[0xff; 5]].concat(),
+    ] {
+        let mut s = tokio::net::UnixStream::connect(&keys_path).await.unwrap();
+        s.write_all(&bad).await.unwrap();
+        let mut rest = Vec::new();
+        let read = tokio::time::timeout(Duration::from_secs(2), s.read_to_end(&mut rest)).await;
+        assert!(
+            matches!(read, Ok(Ok(0)) | Ok(Err(_))),
+            "closed without an answer: {read:?} {rest:?}"
+        );
+        let keys = good.keys(&request("10.0.1.2:40000")).await.unwrap();
+        assert_eq!(keys.transmit.key, vec![1; 16]);
+    }
+    assert!(good.uses_keys_stream());
+}
+
+/// Many requests under way at once on one keys stream connection, each
+/// answered with its own keys (the provider echoes the port into the key).
+#[tokio::test]
+async fn concurrent_requests_on_the_keys_stream_get_their_own_answers() {
+    let path = temp_socket("stream-many");
+    let _stop = start(Fixed { broken: false }, &path).await;
+    let client = ready_client(Transport::KeysStream, &path).await;
+    let mut tasks = Vec::new();
+    for port in 40_000..40_200u16 {
+        let client = client.clone();
+        tasks.push(tokio::spawn(async move {
+            let keys = client
+                .keys(&request(&format!("10.0.1.2:{port}")))
+                .await
+                .unwrap();
+            (port, keys.receive.key.clone())
+        }));
+    }
+    for t in tasks {
+        let (port, key) = t.await.unwrap();
+        assert_eq!(key, vec![(port % 251) as u8; 16], "port {port}");
+    }
 }
 
 /// `GET` of `path` on `addr` over plain HTTP/1.0: the whole response.
@@ -326,7 +454,12 @@ async fn only_root_and_the_allowed_uid_are_served() {
     for (allowed, expect) in [(None, "refused"), (Some(65534), "served")] {
         let path = temp_socket(expect);
         let stop = start_for(Fixed { broken: false }, &path, allowed).await;
-        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o666)).unwrap();
+        for p in [
+            path.clone(),
+            tlshub_provider_sdk::keys_stream::socket_path(&path),
+        ] {
+            std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o666)).unwrap();
+        }
         std::fs::set_permissions(
             path.parent().unwrap(),
             std::fs::Permissions::from_mode(0o755),
@@ -367,12 +500,33 @@ async fn uid_65534_client() {
     // SAFETY: getuid has no preconditions.
     let uid = unsafe { libc::getuid() };
     assert_eq!(uid, 65534);
-    let result = ProviderClient::new(&path, None)
-        .info(Duration::from_secs(2))
-        .await;
+    let client = ProviderClient::new(&path, None);
+    let result = client.info(Duration::from_secs(2)).await;
     match (expect.as_str(), result) {
-        ("refused", Err(e)) => println!("client was refused: {e}"),
-        ("served", Ok(info)) => println!("client was served by {}", info.name),
+        ("refused", Err(e)) => {
+            // The keys stream refuses it too: a request gets no answer.
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            let keys_path = tlshub_provider_sdk::keys_stream::socket_path(&path);
+            let mut s = tokio::net::UnixStream::connect(&keys_path).await.unwrap();
+            let _ = s.write_all(&[2, 0, 0, 0, 8, 1]).await;
+            let mut answer = Vec::new();
+            let read =
+                tokio::time::timeout(Duration::from_secs(2), s.read_to_end(&mut answer)).await;
+            assert!(
+                matches!(read, Ok(Ok(0)) | Ok(Err(_))),
+                "the keys stream answered a refused caller: {read:?} {answer:?}"
+            );
+            println!("client was refused: {e}");
+        }
+        ("served", Ok(info)) => {
+            let keys = client.keys(&request("10.0.1.2:40000")).await.unwrap();
+            assert!(client.uses_keys_stream());
+            assert_eq!(keys.transmit.key, vec![1; 16]);
+            println!(
+                "client was served by {} (keys over the keys stream)",
+                info.name
+            );
+        }
         (want, got) => panic!("expected {want}, got {got:?}"),
     }
 }
@@ -400,7 +554,13 @@ impl Provider for Gated {
 /// the provider dropped, which the core must not retry).
 #[tokio::test]
 async fn a_request_after_a_graceful_stop_began_is_unavailable() {
-    let path = temp_socket("draining");
+    for transport in TRANSPORTS {
+        a_request_after_a_graceful_stop_began_is_unavailable_over(transport).await;
+    }
+}
+
+async fn a_request_after_a_graceful_stop_began_is_unavailable_over(transport: Transport) {
+    let path = temp_socket(&format!("draining-{transport:?}"));
     let release = std::sync::Arc::new(tokio::sync::Notify::new());
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
     let options = ServeOptions {
@@ -423,8 +583,7 @@ async fn a_request_after_a_graceful_stop_began_is_unavailable() {
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    let client = ProviderClient::new(&path, None);
-    client.info(Duration::from_secs(2)).await.unwrap();
+    let client = ready_client(transport, &path).await;
     let in_flight = {
         let client = client.clone();
         tokio::spawn(async move { client.keys(&request("10.0.1.2:40000")).await })

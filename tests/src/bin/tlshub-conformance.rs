@@ -1,6 +1,9 @@
 //! `tlshub-conformance`: runs the provider conformance suite against two
 //! running provider instances (node A and node B) and prints one line per
 //! check; exits non-zero if any check fails. See `proto/PROVIDER_GUIDE.md`.
+//! The suite runs once over gRPC and, if the provider offers its keys
+//! stream (every provider built on the SDK does), once more over it: the
+//! same checks, the same answers expected.
 
 use std::net::IpAddr;
 use std::path::PathBuf;
@@ -35,26 +38,57 @@ struct Args {
 #[tokio::main]
 async fn main() -> ExitCode {
     let args = Args::parse();
-    let target = Target {
-        a: ProviderClient::new(&args.node_a, None),
-        b: ProviderClient::new(&args.node_b, None),
-        client_ip: args.client_ip,
-        server_ip: args.server_ip,
-        concurrency: args.concurrency,
-    };
-    let checks = run(&target).await;
-    let mut failed = 0;
-    for c in &checks {
-        match &c.result {
-            Ok(what) => println!("CONFORMANCE PASS {} {what}", c.name),
-            Err(why) => {
-                failed += 1;
-                println!("CONFORMANCE FAIL {} {why}", c.name);
+    let (mut failed, mut total) = (0, 0);
+    for transport in ["grpc", "keys-stream"] {
+        let client = |path| {
+            let c = ProviderClient::new(path, None);
+            if transport == "grpc" {
+                c.grpc_only()
+            } else {
+                c
+            }
+        };
+        let target = Target {
+            a: client(&args.node_a),
+            b: client(&args.node_b),
+            client_ip: args.client_ip,
+            server_ip: args.server_ip,
+            concurrency: args.concurrency,
+        };
+        let stream = transport == "keys-stream";
+        if stream {
+            let offered = target
+                .a
+                .info(std::time::Duration::from_secs(5))
+                .await
+                .is_ok()
+                && target.a.uses_keys_stream();
+            if !offered {
+                println!("CONFORMANCE the provider offers no keys stream: gRPC only");
+                break;
+            }
+        }
+        let checks = run(&target).await;
+        total += checks.len();
+        if stream && !(target.a.uses_keys_stream() && target.b.uses_keys_stream()) {
+            failed += 1;
+            total += 1;
+            println!(
+                "CONFORMANCE FAIL [{transport}] keys_stream_reachable a request could not reach the keys stream the provider offers (the client fell back to gRPC)"
+            );
+        }
+        for c in &checks {
+            match &c.result {
+                Ok(what) => println!("CONFORMANCE PASS [{transport}] {} {what}", c.name),
+                Err(why) => {
+                    failed += 1;
+                    println!("CONFORMANCE FAIL [{transport}] {} {why}", c.name);
+                }
             }
         }
     }
-    println!("CONFORMANCE {} checks, {failed} failed", checks.len());
-    if failed == 0 && !checks.is_empty() {
+    println!("CONFORMANCE {total} checks, {failed} failed");
+    if failed == 0 && total > 0 {
         ExitCode::SUCCESS
     } else {
         ExitCode::FAILURE
