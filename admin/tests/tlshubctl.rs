@@ -63,6 +63,9 @@ impl Admin for FakeCore {
                 active: true,
                 health: self.health.into(),
                 socket: "/run/tlshub/providers/openssl.sock".into(),
+                implementation: "tlshub-provider-openssl".into(),
+                implementation_version: "0.1.0".into(),
+                key_transport: "keys-stream".into(),
                 ..Default::default()
             })
             // With connections to list, a provider whose name is longer
@@ -382,6 +385,10 @@ fn the_connections_table_fits_ipv6_addresses() {
     let health = at(header, "HEALTH");
     let row = |name: &str| text.lines().find(|l| l.contains(name)).unwrap();
     assert_eq!(at(row("openssl.sock"), "serving"), health, "{text}");
+    assert!(
+        row("openssl.sock").contains("(tlshub-provider-openssl 0.1.0, keys over keys-stream)"),
+        "how key requests reach the provider: {text}"
+    );
     assert_eq!(
         at(row("boringssl-canary-eu-west"), "not-serving"),
         health,

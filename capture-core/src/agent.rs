@@ -616,6 +616,12 @@ impl Agent {
                         .get()
                         .max(0) as u64,
                     connections_protected: self.metrics.protected.get_or_create(&label).get(),
+                    key_transport: if p.client().uses_keys_stream() {
+                        "keys-stream"
+                    } else {
+                        "grpc"
+                    }
+                    .into(),
                     credentials: o
                         .info
                         .as_ref()

@@ -337,13 +337,7 @@ impl ProviderClient {
 fn checked_keys(path: &Path, mut wire: pb::ConnectionKeys) -> Result<ConnectionKeys, ClientError> {
     let result = ConnectionKeys::from_pb(wire.clone());
     // The wire copy held the key bytes too.
-    for d in [wire.transmit.as_mut(), wire.receive.as_mut()]
-        .into_iter()
-        .flatten()
-    {
-        zeroize::Zeroize::zeroize(&mut d.key);
-        zeroize::Zeroize::zeroize(&mut d.iv);
-    }
+    crate::types::zeroize_wire(&mut wire);
     result.map_err(|source| ClientError::Malformed {
         path: path.to_owned(),
         source,

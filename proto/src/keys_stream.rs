@@ -233,13 +233,7 @@ async fn serve_connection<P: Provider>(
             // The answer held keys (its encoded bytes are gone with the
             // writer's buffer, as gRPC's are with HTTP/2's).
             if let Some(mut keys) = response.keys {
-                for d in [keys.transmit.as_mut(), keys.receive.as_mut()]
-                    .into_iter()
-                    .flatten()
-                {
-                    zeroize::Zeroize::zeroize(&mut d.key);
-                    zeroize::Zeroize::zeroize(&mut d.iv);
-                }
+                crate::types::zeroize_wire(&mut keys);
             }
             state.in_flight.fetch_sub(1, Ordering::SeqCst);
             state.changed.notify_waiters();

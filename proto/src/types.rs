@@ -508,6 +508,19 @@ impl ConnectionKeys {
     }
 }
 
+/// Zeroes the key and IV bytes of a wire copy of keys (the checked
+/// [`ConnectionKeys`] zeroize themselves on drop; the protobuf form does
+/// not).
+pub(crate) fn zeroize_wire(keys: &mut pb::ConnectionKeys) {
+    for d in [keys.transmit.as_mut(), keys.receive.as_mut()]
+        .into_iter()
+        .flatten()
+    {
+        zeroize::Zeroize::zeroize(&mut d.key);
+        zeroize::Zeroize::zeroize(&mut d.iv);
+    }
+}
+
 impl ProviderInfo {
     /// The wire form.
     pub fn to_pb(&self) -> pb::ProviderInfo {

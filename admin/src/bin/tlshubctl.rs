@@ -683,8 +683,15 @@ fn print_providers(providers: &[pb::ProviderStatus]) {
             p.socket.clone()
         } else {
             format!(
-                "{} ({} {})",
-                p.socket, p.implementation, p.implementation_version
+                "{} ({} {}, keys over {})",
+                p.socket,
+                p.implementation,
+                p.implementation_version,
+                if p.key_transport.is_empty() {
+                    "grpc"
+                } else {
+                    &p.key_transport
+                }
             )
         };
         t.add_row(vec![

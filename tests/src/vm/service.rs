@@ -415,6 +415,9 @@ pub fn admin_cli_and_metrics() -> Result<String, String> {
         "active provider openssl",
         "boringssl",
         "serving",
+        // Both are built on the SDK, so key requests take their keys
+        // stream once their GetInfo said so.
+        "keys over keys-stream",
         "lsm/file_permission",
         "sockops on cgroup",
         "10.0.1.0/24",
