@@ -15,6 +15,22 @@ use crate::types::{ConnectionKeys, KeyRequest, ProviderInfo, WireError};
 /// Called with the provider's pid (from `SO_PEERCRED`) on every new connection.
 pub type PeerHook = Arc<dyn Fn(u32) + Send + Sync>;
 
+/// Connects to a provider's socket at `path` and tells `on_connect` the
+/// provider's pid (`SO_PEERCRED`): the gRPC channel's and the keys
+/// stream's connections alike.
+pub(crate) async fn connect(
+    path: &Path,
+    on_connect: Option<&PeerHook>,
+) -> std::io::Result<UnixStream> {
+    let stream = UnixStream::connect(path).await?;
+    if let (Some(hook), Ok(cred)) = (on_connect, stream.peer_cred())
+        && let Some(pid) = cred.pid().and_then(|p| u32::try_from(p).ok())
+    {
+        hook(pid);
+    }
+    Ok(stream)
+}
+
 /// Why a call to a provider did not produce usable keys.
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
@@ -138,13 +154,7 @@ impl ProviderClient {
                 let socket = socket.clone();
                 let hook = on_connect.clone();
                 async move {
-                    let stream = UnixStream::connect(&socket).await?;
-                    if let (Some(hook), Ok(cred)) = (hook, stream.peer_cred())
-                        && let Some(pid) = cred.pid().and_then(|p| u32::try_from(p).ok())
-                    {
-                        hook(pid);
-                    }
-                    Ok::<_, std::io::Error>(TokioIo::new(stream))
+                    Ok::<_, std::io::Error>(TokioIo::new(connect(&socket, hook.as_ref()).await?))
                 }
             }));
         Self {

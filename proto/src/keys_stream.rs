@@ -305,12 +305,7 @@ impl Client {
         if let Some(c) = slot.as_ref().filter(|c| c.open.load(Ordering::SeqCst)) {
             return Ok(Arc::clone(c));
         }
-        let stream = UnixStream::connect(&self.path).await?;
-        if let (Some(hook), Ok(cred)) = (&self.on_connect, stream.peer_cred())
-            && let Some(pid) = cred.pid().and_then(|p| u32::try_from(p).ok())
-        {
-            hook(pid);
-        }
+        let stream = crate::client::connect(&self.path, self.on_connect.as_ref()).await?;
         let (mut reader, writer) = stream.into_split();
         let waiting: Waiting = Arc::default();
         let open = Arc::new(AtomicBool::new(true));
