@@ -177,6 +177,15 @@ fn peer_allowed(stream: &UnixStream, allowed_uid: Option<u32>) -> bool {
     }
 }
 
+/// How long the SDK lets a provider's `keys` run: the request's timeout
+/// and a twentieth of it (at most 100 ms). Why the extra: a provider that
+/// keeps to `request.timeout` itself answers first, with its own reason;
+/// the core waits longer still (at least 200 ms, or as long again for a
+/// timeout under 400 ms), so this answer also reaches it.
+pub(crate) fn answer_deadline(timeout: Duration) -> Duration {
+    timeout + (timeout / 20).min(Duration::from_millis(100))
+}
+
 /// The provider behind both transports: gRPC and the keys stream.
 pub(crate) struct Service<P> {
     provider: Arc<P>,
@@ -210,8 +219,18 @@ impl<P: Provider> Service<P> {
             local = %request.local,
             remote = %request.remote,
         );
+        let deadline = answer_deadline(request.timeout);
         async {
-            let result = self.provider.keys(request).await;
+            let result = match tokio::time::timeout(deadline, self.provider.keys(request)).await {
+                Ok(result) => result,
+                // Dropping the provider's future cancels its work (and
+                // closes a socket it took), as gRPC does when the core
+                // gives up; the keys stream would otherwise let it run on.
+                Err(_) => Err(ProviderError::Timeout {
+                    waiting_for: "the provider's answer (cancelled by the SDK)".into(),
+                    millis: u64::try_from(deadline.as_millis()).unwrap_or(u64::MAX),
+                }),
+            };
             let result = result.and_then(|keys| match keys.validate() {
                 Ok(()) => Ok(keys),
                 Err(e) => {

@@ -547,6 +547,92 @@ impl Provider for Gated {
     }
 }
 
+/// Never answers; records when its future is dropped (cancelled).
+struct Stuck {
+    cancelled: std::sync::Arc<tokio::sync::Notify>,
+}
+
+/// Notifies when dropped.
+struct NotifyOnDrop(std::sync::Arc<tokio::sync::Notify>);
+
+impl Drop for NotifyOnDrop {
+    fn drop(&mut self) {
+        self.0.notify_one();
+    }
+}
+
+impl Provider for Stuck {
+    fn info(&self) -> ProviderInfo {
+        Fixed { broken: false }.info()
+    }
+
+    async fn keys(&self, _: KeyRequest) -> Result<ConnectionKeys, ProviderError> {
+        let _guard = NotifyOnDrop(self.cancelled.clone());
+        std::future::pending().await
+    }
+}
+
+/// A provider whose `keys` overruns the request's timeout is cancelled by
+/// the SDK (its future dropped) and the caller gets DEADLINE_EXCEEDED with
+/// the reason, before its own deadline: over gRPC and over the keys
+/// stream, where nothing else would stop it.
+#[tokio::test]
+async fn keys_that_overrun_the_request_timeout_are_cancelled() {
+    for transport in TRANSPORTS {
+        let path = temp_socket(&format!("overrun-{transport:?}"));
+        let cancelled = std::sync::Arc::new(tokio::sync::Notify::new());
+        let provider = Stuck {
+            cancelled: cancelled.clone(),
+        };
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let options = ServeOptions {
+            socket_path: path.clone(),
+            allowed_uid: None,
+            metrics_listen: None,
+        };
+        tokio::spawn(async move {
+            serve_until(provider, options, async {
+                let _ = rx.await;
+            })
+            .await
+            .unwrap();
+        });
+        for _ in 0..200 {
+            if path.exists() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let client = ready_client(transport, &path).await;
+        let mut req = request("10.0.1.2:40000");
+        req.timeout = Duration::from_millis(400);
+        let started = std::time::Instant::now();
+        // The client waits a second, as the core waits past the budget it
+        // gives the provider.
+        let e = client
+            .keys_waiting(&req, Duration::from_secs(1))
+            .await
+            .unwrap_err();
+        let took = started.elapsed();
+        assert!(
+            matches!(
+                &e,
+                ClientError::Status { code: tonic::Code::DeadlineExceeded, message, .. }
+                    if message.contains("cancelled by the SDK")
+            ),
+            "{transport:?}: {e:?}"
+        );
+        assert!(
+            took >= Duration::from_millis(400) && took < Duration::from_millis(900),
+            "{transport:?}: answered after {took:?}"
+        );
+        tokio::time::timeout(Duration::from_secs(1), cancelled.notified())
+            .await
+            .unwrap_or_else(|_| panic!("{transport:?}: the provider's future was not dropped"));
+        drop(tx);
+    }
+}
+
 /// A provider stopping gracefully (SIGTERM, `systemctl restart`) finishes
 /// the requests it received, and a request the client sends on the same
 /// channel after the provider said it is closing reaches nobody: that must
