@@ -635,6 +635,24 @@ impl Agent {
                                 .collect()
                         })
                         .unwrap_or_default(),
+                    peer_sessions: o
+                        .info
+                        .as_ref()
+                        .map(|i| {
+                            i.peer_sessions
+                                .iter()
+                                .map(|s| pb::PeerSession {
+                                    peer: s.peer.clone(),
+                                    generations: s.generations,
+                                    up_since_unix_seconds: s.up_since_unix_seconds,
+                                    renew_at_unix_seconds: s.renew_at_unix_seconds,
+                                    sessions_total: s.sessions_total,
+                                    last_error: s.last_error.clone(),
+                                    last_error_unix_seconds: s.last_error_unix_seconds,
+                                })
+                                .collect()
+                        })
+                        .unwrap_or_default(),
                 }
             })
             .collect();

@@ -71,6 +71,7 @@ impl Provider for PskProvider {
             // Only another node running this example can key with it.
             keying: "example-psk".into(),
             credentials: Vec::new(),
+            peer_sessions: Vec::new(),
         }
     }
 

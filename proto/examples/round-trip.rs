@@ -35,6 +35,7 @@ impl Provider for Instant0 {
             needs_socket: false,
             keying: String::new(),
             credentials: Vec::new(),
+            peer_sessions: Vec::new(),
         }
     }
 

@@ -486,6 +486,11 @@ impl<L: TlsLibrary> Provider for HandshakeProvider<L> {
                 crate::KEYING_TLS13_HANDSHAKE.into()
             },
             credentials: vec![self.credential()],
+            peer_sessions: self
+                .node_pair
+                .as_ref()
+                .map(node_pair::NodePair::sessions)
+                .unwrap_or_default(),
         }
     }
 

@@ -30,8 +30,8 @@ pub use error::ProviderError;
 pub use server::{Provider, RELOAD_CHECK_EVERY, Reload, ServeOptions, run, serve};
 pub use types::{
     CipherSuite, ConnectionId, ConnectionKeys, Credential, DirectionKeys, Endpoint,
-    KEYING_TLS13_HANDSHAKE, KEYING_TLS13_NODE_PAIR, KeyRequest, ProviderInfo, Role, SocketHandle,
-    TlsVersion, keying_id,
+    KEYING_TLS13_HANDSHAKE, KEYING_TLS13_NODE_PAIR, KeyRequest, PeerSession, ProviderInfo, Role,
+    SocketHandle, TlsVersion, keying_id,
 };
 
 /// The API version this SDK speaks.

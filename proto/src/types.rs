@@ -208,6 +208,59 @@ pub struct ProviderInfo {
     pub credentials: Vec<Credential>,
     /// The keying protocol it speaks (see [`keying_id`]); empty: not said.
     pub keying: String,
+    /// A node-pair provider's sessions, one per peer node; empty for
+    /// others. `tlshubctl status` shows them.
+    pub peer_sessions: Vec<PeerSession>,
+}
+
+/// The sessions a node-pair provider keeps with one peer node (see the
+/// proto's `PeerSession`). Times are seconds since the Unix epoch, 0 for
+/// none.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PeerSession {
+    /// The peer node's name.
+    pub peer: String,
+    /// Session generations held: 0 means connections with that node fail
+    /// at their key timeout; 2 while a replacement drains.
+    pub generations: u32,
+    /// When the newest session came up.
+    pub up_since_unix_seconds: i64,
+    /// When this node replaces it (it dials the peer); 0 when the peer
+    /// dials and so decides.
+    pub renew_at_unix_seconds: i64,
+    /// Sessions set up since the provider started (replacements count).
+    pub sessions_total: u64,
+    /// Why the last attempt failed, if it did after the newest session
+    /// came up; empty otherwise.
+    pub last_error: String,
+    /// When that attempt failed.
+    pub last_error_unix_seconds: i64,
+}
+
+impl PeerSession {
+    fn to_pb(&self) -> pb::PeerSession {
+        pb::PeerSession {
+            peer: self.peer.clone(),
+            generations: self.generations,
+            up_since_unix_seconds: self.up_since_unix_seconds,
+            renew_at_unix_seconds: self.renew_at_unix_seconds,
+            sessions_total: self.sessions_total,
+            last_error: self.last_error.clone(),
+            last_error_unix_seconds: self.last_error_unix_seconds,
+        }
+    }
+
+    fn from_pb(p: pb::PeerSession) -> Self {
+        Self {
+            peer: p.peer,
+            generations: p.generations,
+            up_since_unix_seconds: p.up_since_unix_seconds,
+            renew_at_unix_seconds: p.renew_at_unix_seconds,
+            sessions_total: p.sessions_total,
+            last_error: p.last_error,
+            last_error_unix_seconds: p.last_error_unix_seconds,
+        }
+    }
 }
 
 /// The keying protocol of the TLS 1.3 handshake providers (OpenSSL,
@@ -546,6 +599,7 @@ impl ProviderInfo {
                     not_after_unix_seconds: c.not_after_unix_seconds,
                 })
                 .collect(),
+            peer_sessions: self.peer_sessions.iter().map(PeerSession::to_pb).collect(),
         }
     }
 
@@ -579,6 +633,11 @@ impl ProviderInfo {
                     name: c.name,
                     not_after_unix_seconds: c.not_after_unix_seconds,
                 })
+                .collect(),
+            peer_sessions: i
+                .peer_sessions
+                .into_iter()
+                .map(PeerSession::from_pb)
                 .collect(),
         })
     }

@@ -31,6 +31,7 @@ impl Provider for Fixed {
             needs_socket: false,
             keying: String::new(),
             credentials: Vec::new(),
+            peer_sessions: Vec::new(),
         }
     }
 

@@ -136,6 +136,7 @@ impl Provider for TlsHubProvider {
             // Keys from the TLSHub kernel module on both nodes.
             keying: "tlshub-module".into(),
             credentials: Vec::new(),
+            peer_sessions: Vec::new(),
         }
     }
 

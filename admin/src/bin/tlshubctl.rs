@@ -709,11 +709,58 @@ fn print_providers(providers: &[pb::ProviderStatus]) {
         for c in &p.credentials {
             note(&mut t, credential_line(c, std::time::SystemTime::now()));
         }
+        for session in &p.peer_sessions {
+            note(
+                &mut t,
+                peer_session_line(session, std::time::SystemTime::now()),
+            );
+        }
     }
     for line in t.to_string().lines() {
         println!(" {}", line.trim_end());
     }
     println!("  (* active, f fallback)");
+}
+
+/// A node-pair provider's sessions with one peer node, as `wg show` shows
+/// a peer: "session with NODE up 12m (1 generation, 5 set up), renewed in
+/// 48m" (or "the peer renews it"), or "session with NODE: NONE, its
+/// connections fail", and the last failed attempt after either.
+fn peer_session_line(s: &pb::PeerSession, now: std::time::SystemTime) -> String {
+    let now = now
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
+    let ago = |t: i64| duration(now.saturating_sub(t).unsigned_abs());
+    let mut line = if s.generations == 0 {
+        format!("session with {}: NONE, its connections fail", s.peer)
+    } else {
+        let renew = if s.renew_at_unix_seconds == 0 {
+            "the peer renews it".to_owned()
+        } else if s.renew_at_unix_seconds <= now {
+            "being renewed".to_owned()
+        } else {
+            format!(
+                "renewed in {}",
+                duration((s.renew_at_unix_seconds - now).unsigned_abs())
+            )
+        };
+        format!(
+            "session with {} up {} ({} generation{}, {} set up), {renew}",
+            s.peer,
+            ago(s.up_since_unix_seconds),
+            s.generations,
+            if s.generations == 1 { "" } else { "s" },
+            s.sessions_total,
+        )
+    };
+    if !s.last_error.is_empty() {
+        line.push_str(&format!(
+            "; last attempt failed {} ago: {}",
+            ago(s.last_error_unix_seconds),
+            s.last_error
+        ));
+    }
+    line
 }
 
 /// "certificate PATH expires DATE (in N days)", or "EXPIRED DATE".
@@ -894,6 +941,42 @@ mod tests {
         assert_eq!(
             credential_line(&c, at + day),
             "certificate /n.pem EXPIRED Thu, 01 Jan 2032 00:00:00 GMT"
+        );
+    }
+
+    #[test]
+    fn a_peer_session_shows_its_age_renewal_and_last_failure() {
+        let now = std::time::UNIX_EPOCH + std::time::Duration::from_secs(1_956_528_000);
+        let up = pb::PeerSession {
+            peer: "node-b".into(),
+            generations: 1,
+            up_since_unix_seconds: 1_956_528_000 - 720,
+            renew_at_unix_seconds: 1_956_528_000 + 2_880,
+            sessions_total: 5,
+            ..Default::default()
+        };
+        assert_eq!(
+            peer_session_line(&up, now),
+            "session with node-b up 12m (1 generation, 5 set up), renewed in 48m"
+        );
+        let accepted = pb::PeerSession {
+            generations: 2,
+            renew_at_unix_seconds: 0,
+            ..up.clone()
+        };
+        assert_eq!(
+            peer_session_line(&accepted, now),
+            "session with node-b up 12m (2 generations, 5 set up), the peer renews it"
+        );
+        let down = pb::PeerSession {
+            generations: 0,
+            last_error: "connection refused".into(),
+            last_error_unix_seconds: 1_956_528_000 - 3,
+            ..up
+        };
+        assert_eq!(
+            peer_session_line(&down, now),
+            "session with node-b: NONE, its connections fail; last attempt failed 3s ago: connection refused"
         );
     }
 }

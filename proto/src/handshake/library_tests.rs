@@ -552,6 +552,42 @@ pub fn node_pair_sessions_key_both_ways_across_rotations<L: TlsLibrary>() {
             matches!(gauge, Some(1.0 | 2.0)) && sessions.is_some_and(|n| n >= 3.0),
             "{gauge:?} {sessions:?}"
         );
+        // The same in the provider's info (`tlshubctl status`): exactly one
+        // of the two dials, and only it knows when the session is renewed
+        // (its lifetime, 2 s, after it came up).
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs() as i64;
+        let (in_a, in_b) = (a.info().peer_sessions, b.info().peer_sessions);
+        let mut dialers = 0;
+        for (list, peer) in [(&in_a, "node-b"), (&in_b, "node-a")] {
+            let [s] = list.as_slice() else {
+                panic!("one peer each: {list:?}")
+            };
+            assert_eq!(s.peer, peer, "{s:?}");
+            assert!(matches!(s.generations, 1 | 2), "{s:?}");
+            assert!(s.sessions_total >= 3, "{s:?}");
+            assert!((now - 3..=now).contains(&s.up_since_unix_seconds), "{s:?}");
+            assert!(
+                s.last_error.is_empty() && s.last_error_unix_seconds == 0,
+                "{s:?}"
+            );
+            if s.renew_at_unix_seconds != 0 {
+                dialers += 1;
+                assert_eq!(
+                    s.renew_at_unix_seconds - s.up_since_unix_seconds,
+                    2,
+                    "{s:?}"
+                );
+            }
+        }
+        assert_eq!(dialers, 1, "{in_a:?} {in_b:?}");
+        // Read after the metric, so never fewer.
+        assert!(
+            sessions.is_some_and(|m| in_a[0].sessions_total as f64 >= m),
+            "the info counts what the metric does: {in_a:?} {sessions:?}"
+        );
         // Two pods of node a.
         keyed_pair(a, a, "127.0.1.5:40001", "127.0.1.7:8443", (1, 2), false).await;
         match a
@@ -577,6 +613,7 @@ pub fn node_pair_sessions_key_both_ways_across_rotations<L: TlsLibrary>() {
 /// from it and one generation stays held; with node b's certificate back,
 /// the next replacement succeeds.
 pub fn node_pair_failed_replacement_keeps_the_session<L: TlsLibrary>() {
+    use crate::Provider;
     let bed = NodePairBed::<L>::new("node-pair-failing", 1);
     let (a, b) = (&bed.a, &bed.b);
     let node_c = bed.pki.node("node-c", false, &["TLS_AES_128_GCM_SHA256"]);
@@ -620,6 +657,14 @@ pub fn node_pair_failed_replacement_keeps_the_session<L: TlsLibrary>() {
             (gauge, during),
             (Some(1.0), before),
             "no replacement while they fail"
+        );
+        // The dialer shows why, with the session still up.
+        let [shown] = a.info().peer_sessions.try_into().unwrap();
+        assert!(
+            shown.generations == 1
+                && !shown.last_error.is_empty()
+                && shown.last_error_unix_seconds >= shown.up_since_unix_seconds,
+            "{shown:?}"
         );
         std::fs::write(&own.1, &saved.1).unwrap();
         std::fs::write(&own.0, &saved.0).unwrap();

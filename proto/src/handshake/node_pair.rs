@@ -23,7 +23,7 @@ use std::net::SocketAddr;
 use std::os::fd::OwnedFd;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -39,7 +39,9 @@ use tracing::{debug, info, warn};
 use super::{HandshakeFailure, Loaded, TlsLibrary, files};
 use crate::socket::SocketIo;
 use crate::tls13::TrafficSecrets;
-use crate::{CipherSuite, ConnectionId, ConnectionKeys, KeyRequest, ProviderError, Role};
+use crate::{
+    CipherSuite, ConnectionId, ConnectionKeys, KeyRequest, PeerSession, ProviderError, Role,
+};
 use keys::Generation;
 use state::{PeerState, ServerChoice, SessionId};
 use wire::{Message, Opener, Sealer};
@@ -123,6 +125,21 @@ pub enum SessionError {
 struct Peer {
     state: PeerState,
     writers: HashMap<SessionId, Arc<tokio::sync::Mutex<Writer>>>,
+    /// What [`NodePair::sessions`] reports besides the generations.
+    seen: PeerSeen,
+}
+
+/// The history of one peer's sessions that an operator is shown.
+#[derive(Default)]
+struct PeerSeen {
+    /// When the newest session came up.
+    up_since: Option<SystemTime>,
+    /// When this node replaces the newest session (it dials the peer).
+    renew_at: Option<SystemTime>,
+    /// Sessions set up since start.
+    total: u64,
+    /// The last failed attempt since the newest session came up.
+    last_error: Option<(String, SystemTime)>,
 }
 
 struct Writer {
@@ -279,6 +296,33 @@ impl<L: TlsLibrary> NodePair<L> {
             .set(i64::try_from(held).unwrap_or(i64::MAX));
     }
 
+    /// Every peer node this provider has held a session with or tried to
+    /// dial, by name: what `tlshubctl status` shows.
+    pub fn sessions(&self) -> Vec<PeerSession> {
+        let unix = |t: Option<SystemTime>| {
+            t.and_then(|t| t.duration_since(SystemTime::UNIX_EPOCH).ok())
+                .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+        };
+        let peers = lock(&self.shared.peers);
+        let mut out: Vec<PeerSession> = peers
+            .iter()
+            .map(|(name, p)| {
+                let (last_error, failed_at) = p.seen.last_error.clone().unzip();
+                PeerSession {
+                    peer: name.clone(),
+                    generations: u32::try_from(p.state.generations()).unwrap_or(u32::MAX),
+                    up_since_unix_seconds: unix(p.seen.up_since),
+                    renew_at_unix_seconds: unix(p.seen.renew_at),
+                    sessions_total: p.seen.total,
+                    last_error: last_error.unwrap_or_default(),
+                    last_error_unix_seconds: unix(failed_at),
+                }
+            })
+            .collect();
+        out.sort_by(|a, b| a.peer.cmp(&b.peer));
+        out
+    }
+
     /// The ids of the generations held with `peer`, oldest first.
     pub fn generations(&self, peer: &str) -> Vec<keys::GenerationId> {
         lock(&self.shared.peers)
@@ -382,6 +426,11 @@ impl<L: TlsLibrary> NodePair<L> {
                 }
                 Err(e) => {
                     warn!(%peer, %target, error = %e, "node-pair session: cannot set up; retrying");
+                    lock(&self.shared.peers)
+                        .entry(peer.clone())
+                        .or_default()
+                        .seen
+                        .last_error = Some((e.to_string(), SystemTime::now()));
                     tokio::time::sleep(backoff).await;
                     backoff = (backoff * 2).min(MAX_BACKOFF);
                 }
@@ -560,6 +609,14 @@ impl<L: TlsLibrary> NodePair<L> {
             let p = peers.entry(peer.clone()).or_default();
             p.state.add(session, Arc::clone(&generation));
             p.writers.insert(session, Arc::clone(&writer));
+            let now = SystemTime::now();
+            p.seen = PeerSeen {
+                up_since: Some(now),
+                renew_at: dialer
+                    .then(|| now + Duration::from_secs(self.shared.section.lifetime_seconds)),
+                total: p.seen.total + 1,
+                last_error: None,
+            };
             self.count_generations(&peer, p.state.generations());
         }
         self.shared

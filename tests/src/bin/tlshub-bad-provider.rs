@@ -43,6 +43,7 @@ impl pb::key_provider_server::KeyProvider for Bad {
             needs_socket: false,
             keying: String::new(),
             credentials: Vec::new(),
+            peer_sessions: Vec::new(),
             keys_stream: false,
         }))
     }

@@ -27,6 +27,32 @@ fn sessions_up(node: &Node, kind: ProviderKind) -> usize {
         .count()
 }
 
+/// The active provider's session with `peer` as `tlshubctl status`
+/// shows it, waited for up to 5 s (the core asks the provider at every
+/// health check).
+fn peer_session_shown(n: &Node, peer: &str) -> Result<serde_json::Value, String> {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let status = n.ctl(&["status"])?;
+        let shown = status["providers"]
+            .as_array()
+            .and_then(|ps| ps.iter().find(|p| p["active"] == true))
+            .and_then(|p| p["peer_sessions"].as_array())
+            .and_then(|ss| ss.iter().find(|s| s["peer"] == peer))
+            .cloned();
+        if let Some(s) = shown {
+            return Ok(s);
+        }
+        if Instant::now() > deadline {
+            return Err(format!(
+                "node {}: `tlshubctl status` shows no session with {peer}: {status}",
+                n.spec.name
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
 /// Waits up to 20 s for both providers to log at least `want` sessions.
 fn wait_sessions(
     a: (&Node, ProviderKind),
@@ -154,6 +180,21 @@ fn interop(ka: ProviderKind, kb: ProviderKind) -> Result<String, String> {
                 n.spec.name,
                 sessions_up(n, kind),
                 n.provider_log(kind)
+            ));
+        }
+        // And `tlshubctl status` shows it: only the dialer (a) knows when
+        // it renews the session.
+        let shown = peer_session_shown(n, other)?;
+        let dialer = n.spec.name == "a";
+        if shown["generations"] != 1
+            || shown["sessions_total"] != 1
+            || shown["up_since_unix_seconds"].as_i64().unwrap_or(0) == 0
+            || (shown["renew_at_unix_seconds"].as_i64().unwrap_or(0) != 0) != dialer
+            || shown["last_error"] != ""
+        {
+            return Err(format!(
+                "node {}: `tlshubctl status` shows the session with {other} as {shown} (dialer: {dialer})",
+                n.spec.name
             ));
         }
     }
