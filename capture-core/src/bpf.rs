@@ -182,6 +182,41 @@ pub struct Programs {
     /// The keying byte the TCP option announces (written with every
     /// heartbeat; see [`Programs::set_keying`]).
     keying: u8,
+    /// When the `held` map is next worth reading.
+    held_map: HeldMapCheck,
+}
+
+/// How often the `held` map is read whatever the drop counter says.
+const HELD_MAP_RECHECK: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// When the `held` map is worth reading. A hold goes there only when the
+/// ring buffer was full, which BPF counts as a drop just before it writes
+/// the map. Why not read it at every sweep: reading a hash map walks all
+/// its buckets (16,384 by default) even when it is empty, and with a sweep
+/// after every keying outcome that was a twentieth of the core's CPU in
+/// the benchmark's VM (`cargo xtask vm --mode profile`).
+#[derive(Debug, Default)]
+pub struct HeldMapCheck {
+    drops_at_last_read: Option<u64>,
+    last_read: Option<std::time::Instant>,
+}
+
+impl HeldMapCheck {
+    /// Whether to read the map now, given the drop counter: when it moved
+    /// since the last read, and once a second whatever it says (a read
+    /// between BPF's count and its write sees the count but not the
+    /// record, which the next read a second later finds).
+    pub fn due(&mut self, drops: u64, now: std::time::Instant) -> bool {
+        let due = self.drops_at_last_read != Some(drops)
+            || self
+                .last_read
+                .is_none_or(|t| now.duration_since(t) >= HELD_MAP_RECHECK);
+        if due {
+            self.drops_at_last_read = Some(drops);
+            self.last_read = Some(now);
+        }
+        due
+    }
 }
 
 /// Makes `map` hold exactly `wanted` (prefix and value): the new entries
@@ -579,6 +614,7 @@ impl Programs {
             attached,
             opened: std::collections::VecDeque::new(),
             keying: 0,
+            held_map: HeldMapCheck::default(),
             _ebpf: ebpf,
         })
     }
@@ -857,6 +893,10 @@ impl crate::state::Kernel for Programs {
     }
 
     fn take_held_overflow(&mut self) -> Vec<(u32, Held)> {
+        let drops = self.ringbuf_drops();
+        if !self.held_map.due(drops, std::time::Instant::now()) {
+            return Vec::new();
+        }
         let held = self.held();
         for (pid, _) in &held {
             self.forget_held(*pid);
@@ -880,6 +920,25 @@ impl crate::state::Kernel for Programs {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_held_map_is_read_when_drops_moved_and_once_a_second() {
+        let mut check = HeldMapCheck::default();
+        let t0 = std::time::Instant::now();
+        let ms = std::time::Duration::from_millis;
+        assert!(
+            check.due(0, t0),
+            "the first sweep reads it (an earlier core's holds)"
+        );
+        assert!(!check.due(0, t0 + ms(50)), "no drop: not read");
+        assert!(check.due(1, t0 + ms(100)), "a drop: read");
+        assert!(!check.due(1, t0 + ms(150)));
+        assert!(
+            check.due(1, t0 + ms(1100)),
+            "a second after the last read, whatever the counter says"
+        );
+        assert!(!check.due(1, t0 + ms(1150)));
+    }
 
     fn scratch(name: &str) -> std::path::PathBuf {
         let d = std::env::temp_dir().join(format!("tlshub-pins-{name}-{}", std::process::id()));

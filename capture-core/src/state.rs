@@ -1202,9 +1202,18 @@ impl ConnTable {
             // pending nor in `conns`, so this only makes a sweep due.
             self.owner_from_hold(k, h.cookie, pid);
         }
+        // Only a process that may be continued now needs its state: one not
+        // continued yet whose connection is no longer gated. Why not every
+        // held one: a read of `/proc/PID/stat` is most of what a sweep
+        // costs, and the sweep after every keying outcome read each
+        // process held in the last second (a quarter of the core's CPU in
+        // the benchmark's VM, `cargo xtask vm --mode profile`). A record
+        // that this sweep's events ungate is decided on the next sweep.
+        let k = &*k;
         self.held
-            .keys()
-            .map(|&pid| (pid, k.process_state(pid)))
+            .iter()
+            .filter(|(_, h)| !h.continued && !still_gated(&self.pending, k, h.cookie))
+            .map(|(&pid, _)| (pid, k.process_state(pid)))
             .collect()
     }
 
@@ -1224,20 +1233,24 @@ impl ConnTable {
         let now = k.now_ns();
         let mut forget = Vec::new();
         for (&pid, h) in &mut self.held {
-            let still_gated = self.pending.get(&h.cookie).is_some_and(|p| {
-                p.held_while_connecting()
-                    || k.conn(h.cookie).is_some_and(|c| c.gate == gate::CLOSED)
-            });
-            // Records added by this drain are decided on the next sweep.
+            if h.continued {
+                // Its state no longer matters, only its age.
+                if now.saturating_sub(h.since_ns) > HELD_RECORD_GRACE.as_nanos() as u64 {
+                    forget.push(pid);
+                }
+                continue;
+            }
+            // Records added or ungated by this drain (and so not read by
+            // `held_states`) are decided on the next sweep.
             let Some(state) = states.get(&pid) else {
                 continue;
             };
-            if still_gated {
+            if still_gated(&self.pending, k, h.cookie) {
                 continue;
             }
             match state {
                 None => forget.push(pid),
-                Some('T') if !h.continued => {
+                Some('T') => {
                     if let Err(e) = k.continue_process(pid) {
                         warn!(pid, error = %e, "cannot continue held process");
                     }
@@ -1269,17 +1282,7 @@ impl ConnTable {
                     }
                     debug!(pid, cookie = h.cookie, reason = ?h.reason, "held process continued");
                 }
-                Some(_)
-                    if h.continued
-                        && now.saturating_sub(h.since_ns) > HELD_RECORD_GRACE.as_nanos() as u64 =>
-                {
-                    forget.push(pid);
-                }
-                Some(_)
-                    if !h.continued
-                        && *state != Some('T')
-                        && now.saturating_sub(h.since_ns) > UNSEEN_STOP_GRACE.as_nanos() as u64 =>
-                {
+                Some(_) if now.saturating_sub(h.since_ns) > UNSEEN_STOP_GRACE.as_nanos() as u64 => {
                     forget.push(pid);
                 }
                 Some(_) => {}
@@ -1292,6 +1295,14 @@ impl ConnTable {
             self.held.remove(&pid);
         }
     }
+}
+
+/// Whether a held process's connection still keeps it held: keys awaited
+/// behind a closed gate, or the socket still connecting.
+fn still_gated<K: Kernel>(pending: &HashMap<u64, Pending>, k: &K, cookie: u64) -> bool {
+    pending.get(&cookie).is_some_and(|p| {
+        p.held_while_connecting() || k.conn(cookie).is_some_and(|c| c.gate == gate::CLOSED)
+    })
 }
 
 /// Records when a protected connection passed each of `stages` (ns,

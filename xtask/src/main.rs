@@ -134,6 +134,10 @@ enum VmMode {
     Capacity,
     /// The systemd VM (Debian userland, systemd as PID 1).
     Systemd,
+    /// Where the core's CPU goes: `perf record` on one node's core while
+    /// 300 connections are keyed (TLSHub provider), then `perf report`
+    /// (needs `perf` on this machine: Debian's `linux-perf`).
+    Profile,
 }
 
 impl VmMode {
@@ -146,6 +150,7 @@ impl VmMode {
             Self::Stress => "stress",
             Self::Capacity => "capacity",
             Self::Systemd => "systemd",
+            Self::Profile => "profile",
         }
     }
 }
@@ -337,9 +342,11 @@ fn main() -> Result<()> {
             match mode {
                 VmMode::Systemd => systemd_vm::run_systemd(&bins)?,
                 VmMode::Test => vm::run_lanes(test_lanes(&run, &kernels, &bins)?)?,
-                VmMode::Bench | VmMode::Demo | VmMode::Stress | VmMode::Capacity => {
-                    vm::run_mode(&run, kernels[0], &bins)?
-                }
+                VmMode::Bench
+                | VmMode::Demo
+                | VmMode::Stress
+                | VmMode::Capacity
+                | VmMode::Profile => vm::run_mode(&run, kernels[0], &bins)?,
             }
         }
     }

@@ -276,7 +276,14 @@ pub fn build_binaries() -> Result<PathBuf> {
 }
 
 /// Builds the initramfs in `dir`; the test PKI comes from `work/certs`.
-fn initramfs(kernel: &Kernel, bins: &Path, work: &Path, dir: &Path) -> Result<PathBuf> {
+/// `profile`: with `perf`, and binaries keep their symbols.
+fn initramfs(
+    kernel: &Kernel,
+    bins: &Path,
+    work: &Path,
+    dir: &Path,
+    profile: bool,
+) -> Result<PathBuf> {
     let rootfs = dir.join("rootfs");
     let _ = std::fs::remove_dir_all(&rootfs);
     for d in [
@@ -300,9 +307,11 @@ fn initramfs(kernel: &Kernel, bins: &Path, work: &Path, dir: &Path) -> Result<Pa
     for b in BINARIES {
         let src = bins.join(b);
         copy_with_libs(&src, &rootfs, &Path::new("/bin").join(b), &mut libs)?;
-        let _ = Command::new("strip")
-            .arg(rootfs.join("bin").join(b))
-            .status();
+        if !profile {
+            let _ = Command::new("strip")
+                .arg(rootfs.join("bin").join(b))
+                .status();
+        }
     }
     copy_with_libs(
         &bins.join("examples/psk-provider"),
@@ -312,6 +321,10 @@ fn initramfs(kernel: &Kernel, bins: &Path, work: &Path, dir: &Path) -> Result<Pa
     )?;
     for t in TOOLS {
         let p = which(t)?;
+        copy_with_libs(&p, &rootfs, &p, &mut libs)?;
+    }
+    if profile {
+        let p = which("perf").context("the profile mode needs perf: apt-get install linux-perf")?;
         copy_with_libs(&p, &rootfs, &p, &mut libs)?;
     }
     for lib in &libs {
@@ -437,7 +450,7 @@ pub fn run_mode(run: &Run, line: deps::KernelLine, bins: &Path) -> Result<()> {
     std::fs::create_dir_all(&dir)?;
     certs(&work.join("certs"))?;
     println!("== building initramfs ({label})");
-    let initrd = initramfs(&kernel, bins, &work, &dir)?;
+    let initrd = initramfs(&kernel, bins, &work, &dir, run.mode == "profile")?;
     let timeout = match run.mode {
         "demo" => Duration::from_secs(15 * 60),
         // The capacity run opens its connections one after another.

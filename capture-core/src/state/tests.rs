@@ -37,6 +37,8 @@ struct FakeKernel {
     /// state, or a waiter it wakes is told EAGAIN again.
     gate_at_shutdown: Vec<Option<u32>>,
     continued: Vec<u32>,
+    /// Process states read (each a `/proc` read in the real core).
+    state_reads: std::cell::Cell<u32>,
     /// Connections whose gate was opened for good with their socket: like
     /// the real kernel side, their `conns` entries are gone.
     opened: HashSet<u64>,
@@ -118,6 +120,7 @@ impl Kernel for FakeKernel {
     }
 
     fn process_state(&self, pid: u32) -> Option<char> {
+        self.state_reads.set(self.state_reads.get() + 1);
         self.states.get(&pid).copied()
     }
 
@@ -488,6 +491,43 @@ fn a_held_process_is_continued_once_after_its_connection_is_keyed_and_not_before
     k.states.insert(PID, 'T');
     sweep(&mut t, &mut k);
     assert_eq!(k.continued, [PID]);
+}
+
+/// A sweep reads the state of a held process only when it may continue
+/// it: not while its connection is gated, and not once continued (the
+/// record is then forgotten by age alone).
+#[test]
+fn a_sweep_reads_a_process_state_only_when_it_may_continue_it() {
+    let (mut t, mut k) = (table(FailurePolicy::FailClosed), FakeKernel::default());
+    let s = keying(&mut t, &mut k, COOKIE);
+    t.on_event(&k, held(COOKIE, PID, 0));
+    k.states.insert(PID, 'T');
+    for _ in 0..3 {
+        sweep(&mut t, &mut k);
+    }
+    assert_eq!(k.state_reads.get(), 0, "gated: nothing to decide");
+    t.on_outcome(&mut k, outcome(&s, installed()));
+    sweep(&mut t, &mut k);
+    assert_eq!(
+        (k.continued.as_slice(), k.state_reads.get()),
+        ([PID].as_slice(), 1)
+    );
+    for _ in 0..3 {
+        sweep(&mut t, &mut k);
+    }
+    assert_eq!(
+        k.state_reads.get(),
+        1,
+        "continued: its state no longer matters"
+    );
+    assert_eq!(t.held_count(), 1);
+    k.now = HELD_RECORD_GRACE.as_nanos() as u64 + 1;
+    sweep(&mut t, &mut k);
+    assert_eq!(
+        (t.held_count(), k.state_reads.get()),
+        (0, 1),
+        "forgotten by age"
+    );
 }
 
 #[test]

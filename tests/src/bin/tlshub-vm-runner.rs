@@ -60,6 +60,8 @@ fn main() {
             "capacity_protected_connections_held_at_once",
             tlshub_vm_tests::vm::capacity::capacity,
         )],
+        // Not a test: where the core's CPU goes (`perf report`).
+        "profile" => vec![("profile_core", tlshub_vm_tests::vm::profile::profile_core)],
         // The systemd VM (Debian userland, systemd as PID 1).
         "systemd" => vec![(
             "systemd_install_units_and_restarts",

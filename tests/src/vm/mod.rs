@@ -15,6 +15,7 @@ pub mod gate_paths;
 pub mod node;
 pub mod node_pair;
 pub mod process;
+pub mod profile;
 pub mod providers;
 pub mod restarts;
 pub mod rollout;
