@@ -159,6 +159,9 @@ const PROVIDERS: [Measured; 4] = [
 fn nodes_with(provider: Measured) -> Result<(Node, Node), String> {
     let spec = |name| NodeSpec {
         node_pair: provider.node_pair,
+        // As installed: no key log (a debugging aid that costs every
+        // connection a write).
+        key_log: false,
         ..NodeSpec::with_provider(name, provider.kind)
     };
     let nodes = nodes(spec("a"), spec("b"))?;

@@ -132,6 +132,10 @@ pub struct NodeSpec {
     /// Its node-pair sessions' `lifetime_seconds` (each replaced session
     /// is drained for 2 s).
     pub node_pair_lifetime_seconds: u64,
+    /// The core writes every connection's keys to `keys.jsonl`
+    /// (`--keylog-file`), so the wire can be decrypted. Off in the
+    /// benchmark, which measures the core as installed (no key log).
+    pub key_log: bool,
 }
 
 impl NodeSpec {
@@ -154,6 +158,7 @@ impl NodeSpec {
             also_ports: Vec::new(),
             node_pair: false,
             node_pair_lifetime_seconds: 3600,
+            key_log: true,
         }
     }
 
@@ -291,7 +296,7 @@ impl Node {
         // A scenario that failed before its cleanup may have left programs
         // pinned for this node: start from nothing.
         let _ = release(n, &dir, true);
-        let core = spawn_core(n, &dir, "core")?;
+        let core = spawn_core(n, &dir, "core", spec.key_log)?;
         Ok(Self {
             spec,
             dir,
@@ -552,6 +557,7 @@ impl Node {
             self.spec.name,
             &self.dir,
             &format!("core-{label}"),
+            self.spec.key_log,
         )?);
         Ok(())
     }
@@ -847,25 +853,16 @@ pub const DEGRADED: i32 = 5;
 
 /// Starts a node's `tlshub-core` (log `/tmp/logs/node-N-LABEL.log`) and
 /// waits until it runs.
-fn spawn_core(n: &str, dir: &std::path::Path, label: &str) -> Result<Proc, String> {
+fn spawn_core(n: &str, dir: &std::path::Path, label: &str, key_log: bool) -> Result<Proc, String> {
     let log = PathBuf::from(format!("/tmp/logs/node-{n}-{label}.log"));
-    let cfg = dir.join("core.toml");
-    let stats = dir.join("stats.json");
-    let keys = dir.join("keys.jsonl");
-    let mut core = Proc::spawn(
-        &format!("core-{n}"),
-        None,
-        &[
-            "tlshub-core",
-            "--config",
-            &cfg.to_string_lossy(),
-            "--stats-file",
-            &stats.to_string_lossy(),
-            "--keylog-file",
-            &keys.to_string_lossy(),
-        ],
-        &log,
-    )?;
+    let cfg = dir.join("core.toml").to_string_lossy().into_owned();
+    let stats = dir.join("stats.json").to_string_lossy().into_owned();
+    let keys = dir.join("keys.jsonl").to_string_lossy().into_owned();
+    let mut argv = vec!["tlshub-core", "--config", &cfg, "--stats-file", &stats];
+    if key_log {
+        argv.extend(["--keylog-file", keys.as_str()]);
+    }
+    let mut core = Proc::spawn(&format!("core-{n}"), None, &argv, &log)?;
     core.wait_for_log("capture-core running", Duration::from_secs(60))?;
     Ok(core)
 }

@@ -29,10 +29,12 @@ fn cpu_ticks(pid: u32) -> u64 {
 
 /// Profiles node a's core (see the module's comment).
 pub fn profile_core() -> Result<String, String> {
-    let (a, _b) = nodes(
-        NodeSpec::with_provider("a", ProviderKind::TlsHub),
-        NodeSpec::with_provider("b", ProviderKind::TlsHub),
-    )?;
+    // As installed: no key log.
+    let spec = |name| NodeSpec {
+        key_log: false,
+        ..NodeSpec::with_provider(name, ProviderKind::TlsHub)
+    };
+    let (a, _b) = nodes(spec("a"), spec("b"))?;
     settle_keying();
     let pid = a.core_pid();
     let data = "/tmp/perf-core-a.data";
