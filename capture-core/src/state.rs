@@ -1225,8 +1225,8 @@ impl ConnTable {
     /// if that hold's connection is no longer pending and the process has
     /// not been continued for it yet, it is continued, exactly once (a later
     /// `T` after that is someone else's stop, e.g. job control). Records are
-    /// forgotten when the process is gone, [`HELD_RECORD_GRACE`] after it
-    /// was continued, or if it was never seen stopped within
+    /// forgotten [`HELD_RECORD_GRACE`] after the hold once continued, and
+    /// otherwise when the process is gone or was never seen stopped within
     /// [`UNSEEN_STOP_GRACE`]. A new hold brings a fresh record through its
     /// event.
     pub fn sweep_held<K: Kernel>(&mut self, k: &mut K, states: &HashMap<u32, Option<char>>) {

@@ -104,7 +104,10 @@ async fn start_for(
 }
 
 /// Serves `provider` with `options` until the returned sender is dropped.
-async fn start_with(provider: Fixed, options: ServeOptions) -> tokio::sync::oneshot::Sender<()> {
+async fn start_with(
+    provider: impl Provider + 'static,
+    options: ServeOptions,
+) -> tokio::sync::oneshot::Sender<()> {
     let path = options.socket_path.clone();
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
     tokio::spawn(async move {
@@ -585,25 +588,15 @@ async fn keys_that_overrun_the_request_timeout_are_cancelled() {
         let provider = Stuck {
             cancelled: cancelled.clone(),
         };
-        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-        let options = ServeOptions {
-            socket_path: path.clone(),
-            allowed_uid: None,
-            metrics_listen: None,
-        };
-        tokio::spawn(async move {
-            serve_until(provider, options, async {
-                let _ = rx.await;
-            })
-            .await
-            .unwrap();
-        });
-        for _ in 0..200 {
-            if path.exists() {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        let stop = start_with(
+            provider,
+            ServeOptions {
+                socket_path: path.clone(),
+                allowed_uid: None,
+                metrics_listen: None,
+            },
+        )
+        .await;
         let client = ready_client(transport, &path).await;
         let mut req = request("10.0.1.2:40000");
         req.timeout = Duration::from_millis(400);
@@ -630,7 +623,7 @@ async fn keys_that_overrun_the_request_timeout_are_cancelled() {
         tokio::time::timeout(Duration::from_secs(1), cancelled.notified())
             .await
             .unwrap_or_else(|_| panic!("{transport:?}: the provider's future was not dropped"));
-        drop(tx);
+        drop(stop);
     }
 }
 
