@@ -810,7 +810,9 @@ const CONCURRENCY_S: u64 = 10;
 /// the rate sustained, the connections that failed, and the setup latency, with no tlshub, through
 /// WireGuard and with each provider, how many times the gate stopped a
 /// process on each node, and where the VM's CPU time went per connection
-/// (idle near 0: the emulated CPU, not the gate, sets the rate).
+/// (idle near 0: the emulated CPU, not the gate, sets the rate). The
+/// cores' and the providers' CPU per connection (both nodes together),
+/// and per second while idle, are figures of their own.
 pub fn concurrency() -> Result<String, String> {
     let mut lines = Vec::new();
     let level = |lines: &mut Vec<String>,
@@ -838,7 +840,20 @@ pub fn concurrency() -> Result<String, String> {
                 ],
             )?;
             let r: LoadReport = last_report(&finish(load, Duration::from_secs(120))?)?;
-            let cpu = CpuSample::now().since(&cpu, r.short_ok);
+            let cpu_after = CpuSample::now();
+            if nodes.is_some() {
+                // Both nodes' processes of each kind together, per connection.
+                for (who, command) in [("core", "tlshub-core"), ("provider", "tlshub-provider")] {
+                    record(
+                        "concurrency",
+                        label,
+                        &format!("{clients} clients: {who} CPU per connection"),
+                        cpu_after.command_ms(&cpu, r.short_ok, command),
+                        Unit::Milliseconds,
+                    );
+                }
+            }
+            let cpu = cpu_after.since(&cpu, r.short_ok);
             // A connection that fails (its keys took longer than the key
             // timeout on the saturated emulated CPU, say) is a result, not
             // a broken run: it is reported. Corrupt bytes are not.
@@ -895,9 +910,19 @@ pub fn concurrency() -> Result<String, String> {
         // 10 s with both nodes up and no connection.
         let cpu = CpuSample::now();
         std::thread::sleep(Duration::from_secs(10));
+        let cpu_after = CpuSample::now();
+        for (who, command) in [("core", "tlshub-core"), ("provider", "tlshub-provider")] {
+            record(
+                "concurrency",
+                label,
+                &format!("idle: {who} CPU per second"),
+                cpu_after.command_ms(&cpu, 10, command),
+                Unit::Milliseconds,
+            );
+        }
         let idle = format!(
             "idle {label}, both nodes up, no connections: CPU ms per second: {}",
-            CpuSample::now().since(&cpu, 10)
+            cpu_after.since(&cpu, 10)
         );
         println!("TLSHUB-BENCH {idle}");
         lines.push(idle);

@@ -244,6 +244,16 @@ impl CpuSample {
             top.join(", ")
         )
     }
+
+    /// Milliseconds of CPU per unit (connection, second) for `n` of them
+    /// since `before`, used by processes named `command` (all of them:
+    /// both nodes' cores are one `tlshub-core`).
+    pub(super) fn command_ms(&self, before: &Self, n: u64, command: &str) -> f64 {
+        let now = self.by_command.get(command).copied().unwrap_or(0);
+        let was = before.by_command.get(command).copied().unwrap_or(0);
+        // USER_HZ is 100 on x86-64: a tick is 10 ms.
+        now.saturating_sub(was) as f64 * 10.0 / n.max(1) as f64
+    }
 }
 
 /// A `/proc/PID/stat` line's command (cut at `/`) and user + system ticks.
