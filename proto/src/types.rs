@@ -191,8 +191,10 @@ fn mapped(a: SocketAddr) -> [u8; 16] {
     }
 }
 
-/// A provider's description of itself.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// A provider's description of itself. `Default` so that a provider can
+/// end its literal with `..Default::default()` and keep compiling when a
+/// later SDK adds a field (as it added `peer_sessions`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ProviderInfo {
     /// Short name (`openssl`, `tlshub`, ...).
     pub name: String,
