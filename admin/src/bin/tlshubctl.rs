@@ -727,9 +727,7 @@ fn print_providers(providers: &[pb::ProviderStatus]) {
 /// 48m" (or "the peer renews it"), or "session with NODE: NONE, its
 /// connections fail", and the last failed attempt after either.
 fn peer_session_line(s: &pb::PeerSession, now: std::time::SystemTime) -> String {
-    let now = now
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
+    let now = unix_seconds(now);
     let ago = |t: i64| duration(now.saturating_sub(t).unsigned_abs());
     let mut line = if s.generations == 0 {
         format!("session with {}: NONE, its connections fail", s.peer)
@@ -763,16 +761,18 @@ fn peer_session_line(s: &pb::PeerSession, now: std::time::SystemTime) -> String 
     line
 }
 
+/// Seconds since the Unix epoch (0 before it), as the admin API's times.
+fn unix_seconds(t: std::time::SystemTime) -> i64 {
+    t.duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+}
+
 /// "certificate PATH expires DATE (in N days)", or "EXPIRED DATE".
 fn credential_line(c: &pb::ProviderCredential, now: std::time::SystemTime) -> String {
-    let unix = |t: std::time::SystemTime| {
-        t.duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
-    };
     let at = std::time::UNIX_EPOCH
         + std::time::Duration::from_secs(u64::try_from(c.not_after_unix_seconds).unwrap_or(0));
     let date = httpdate::fmt_http_date(at);
-    let left = c.not_after_unix_seconds.saturating_sub(unix(now));
+    let left = c.not_after_unix_seconds.saturating_sub(unix_seconds(now));
     if left <= 0 {
         format!("{} EXPIRED {date}", c.name)
     } else {

@@ -842,16 +842,9 @@ pub fn concurrency() -> Result<String, String> {
             let r: LoadReport = last_report(&finish(load, Duration::from_secs(120))?)?;
             let cpu_after = CpuSample::now();
             if nodes.is_some() {
-                // Both nodes' processes of each kind together, per connection.
-                for (who, command) in [("core", "tlshub-core"), ("provider", "tlshub-provider")] {
-                    record(
-                        "concurrency",
-                        label,
-                        &format!("{clients} clients: {who} CPU per connection"),
-                        cpu_after.command_ms(&cpu, r.short_ok, command),
-                        Unit::Milliseconds,
-                    );
-                }
+                record_agents_cpu(label, &cpu_after, &cpu, r.short_ok, |who| {
+                    format!("{clients} clients: {who} CPU per connection")
+                });
             }
             let cpu = cpu_after.since(&cpu, r.short_ok);
             // A connection that fails (its keys took longer than the key
@@ -911,15 +904,9 @@ pub fn concurrency() -> Result<String, String> {
         let cpu = CpuSample::now();
         std::thread::sleep(Duration::from_secs(10));
         let cpu_after = CpuSample::now();
-        for (who, command) in [("core", "tlshub-core"), ("provider", "tlshub-provider")] {
-            record(
-                "concurrency",
-                label,
-                &format!("idle: {who} CPU per second"),
-                cpu_after.command_ms(&cpu, 10, command),
-                Unit::Milliseconds,
-            );
-        }
+        record_agents_cpu(label, &cpu_after, &cpu, 10, |who| {
+            format!("idle: {who} CPU per second")
+        });
         let idle = format!(
             "idle {label}, both nodes up, no connections: CPU ms per second: {}",
             cpu_after.since(&cpu, 10)
@@ -929,6 +916,27 @@ pub fn concurrency() -> Result<String, String> {
         level(&mut lines, label, POD_B, Some((&a, &b)))?;
     }
     Ok(lines.join(" | "))
+}
+
+/// Records the cores' and the providers' CPU (both nodes' processes of
+/// each kind together) per unit, over `n` units since `before`, as
+/// concurrency figures of `label` named by `measure("core" | "provider")`.
+fn record_agents_cpu(
+    label: &str,
+    after: &CpuSample,
+    before: &CpuSample,
+    n: u64,
+    measure: impl Fn(&str) -> String,
+) {
+    for (who, command) in [("core", "tlshub-core"), ("provider", "tlshub-provider")] {
+        record(
+            "concurrency",
+            label,
+            &measure(who),
+            after.command_ms(before, n, command),
+            Unit::Milliseconds,
+        );
+    }
 }
 
 /// `transactions` one-byte request/response transactions on one

@@ -217,8 +217,7 @@ impl CpuSample {
     /// Milliseconds per connection for `n` connections since `before`: the
     /// machine's, then the commands that used the most.
     pub(super) fn since(&self, before: &Self, n: u64) -> String {
-        // USER_HZ is 100 on x86-64: a tick is 10 ms.
-        let per = |ticks: u64| ticks as f64 * 10.0 / n.max(1) as f64;
+        let per = |ticks: u64| ms_per(ticks, n);
         let d = |i: usize| per(self.machine[i].saturating_sub(before.machine[i]));
         let mut commands: Vec<(u64, &String)> = self
             .by_command
@@ -251,13 +250,18 @@ impl CpuSample {
     pub(super) fn command_ms(&self, before: &Self, n: u64, command: &str) -> f64 {
         let now = self.by_command.get(command).copied().unwrap_or(0);
         let was = before.by_command.get(command).copied().unwrap_or(0);
-        // USER_HZ is 100 on x86-64: a tick is 10 ms.
-        now.saturating_sub(was) as f64 * 10.0 / n.max(1) as f64
+        ms_per(now.saturating_sub(was), n)
     }
 }
 
+/// Milliseconds of CPU per unit for `ticks` of it over `n` units. USER_HZ
+/// is 100 on x86-64: a tick is 10 ms.
+pub(super) fn ms_per(ticks: u64, n: u64) -> f64 {
+    ticks as f64 * 10.0 / n.max(1) as f64
+}
+
 /// A `/proc/PID/stat` line's command (cut at `/`) and user + system ticks.
-fn command_ticks(stat: &str) -> Option<(String, u64)> {
+pub(super) fn command_ticks(stat: &str) -> Option<(String, u64)> {
     let (head, tail) = stat.rsplit_once(')')?;
     let name = head.split_once('(')?.1;
     let name = name.split('/').next().unwrap_or(name).to_string();

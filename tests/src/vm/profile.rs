@@ -6,6 +6,7 @@
 use std::path::Path;
 use std::time::Duration;
 
+use super::capacity::{command_ticks, ms_per};
 use super::node::{NodeSpec, PROTECTED_PORT, ProviderKind};
 use super::process::{Proc, command};
 use super::support::*;
@@ -16,15 +17,7 @@ const CONNECTIONS: u32 = 300;
 /// User and system ticks of `pid` so far.
 fn cpu_ticks(pid: u32) -> u64 {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let after = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
-    let fields: Vec<&str> = after.split_whitespace().collect();
-    let field = |i: usize| {
-        fields
-            .get(i)
-            .and_then(|f| f.parse::<u64>().ok())
-            .unwrap_or(0)
-    };
-    field(11) + field(12)
+    command_ticks(&stat).map_or(0, |(_, ticks)| ticks)
 }
 
 /// Profiles node a's core (see the module's comment).
@@ -84,12 +77,11 @@ pub fn profile_core() -> Result<String, String> {
             })
             .unwrap_or_else(|e| format!("perf report: {e}"))
     };
-    // Ticks are 10 ms (USER_HZ 100).
     Ok(format!(
-        "{CONNECTIONS} connections in {:.1} s; core a used {} ms of CPU, {:.2} ms per connection\n== by dso\n{}\n== by symbol, with what it calls\n{}\n== the core's own functions, with their callees\n{}",
+        "{CONNECTIONS} connections in {:.1} s; core a used {:.0} ms of CPU, {:.2} ms per connection\n== by dso\n{}\n== by symbol, with what it calls\n{}\n== the core's own functions, with their callees\n{}",
         took.as_secs_f64(),
-        ticks * 10,
-        (ticks * 10) as f64 / f64::from(CONNECTIONS),
+        ms_per(ticks, 1),
+        ms_per(ticks, u64::from(CONNECTIONS)),
         report(&["--no-children", "-g", "none", "--sort", "dso"]),
         report(&[
             "--children",
