@@ -172,18 +172,36 @@ struct HeldProc {
     since_ns: u64,
     continued: bool,
     reason: HoldReason,
+    stop: Stop,
 }
 
 impl HeldProc {
     /// A hold reported at `since_ns`, not continued yet.
-    fn new(cookie: u64, since_ns: u64, reason: HoldReason) -> Self {
+    fn new(cookie: u64, since_ns: u64, reason: HoldReason, stop: Stop) -> Self {
         Self {
             cookie,
             since_ns,
             continued: false,
             reason,
+            stop,
         }
     }
+}
+
+/// What the core knows of a hold's `SIGSTOP` when it learns of the hold.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stop {
+    /// Queued or taken: the gate commits a hold's event only after it
+    /// queued the signal, and adoption finds the process stopped. A
+    /// `SIGCONT` sent now ends the stop either way (the kernel drops stop
+    /// signals still pending when `SIGCONT` is sent), so the process is
+    /// continued without a look at `/proc`.
+    Queued,
+    /// Maybe not queued yet: the `held` map's record is written before the
+    /// signal (see the gate's `stop_caller`). A `SIGCONT` sent before the
+    /// signal would be lost and the process would stay stopped, so it is
+    /// continued only once seen stopped (`T` in `/proc/PID/stat`).
+    Unconfirmed,
 }
 
 /// Why the gate stopped a process.
@@ -209,11 +227,11 @@ const MAX_OWNER_SEARCHES: usize = 8;
 /// stop of that process is someone else's, e.g. job control).
 const HELD_RECORD_GRACE: Duration = Duration::from_secs(1);
 
-/// How long a record is kept while its process has not been seen stopped
-/// yet: between the gate's SIGSTOP and the stop taking effect the process
-/// still looks running, and under a loaded emulator that can last well
-/// over a second. Dropping the record earlier would leave the process
-/// stopped with nobody to continue it.
+/// How long a record of an [`Stop::Unconfirmed`] stop is kept while its
+/// process has not been seen stopped yet: between the gate's SIGSTOP and
+/// the stop taking effect the process still looks running, and under a
+/// loaded emulator that can last well over a second. Dropping the record
+/// earlier would leave the process stopped with nobody to continue it.
 const UNSEEN_STOP_GRACE: Duration = Duration::from_secs(10);
 
 pub use tlshub_admin::stats::Stats;
@@ -549,7 +567,7 @@ impl ConnTable {
                 && k.process_state(pid) == Some('T')
                 && let std::collections::hash_map::Entry::Vacant(e) = self.held.entry(pid)
             {
-                e.insert(HeldProc::new(cookie, now, HoldReason::Keys));
+                e.insert(HeldProc::new(cookie, now, HoldReason::Keys, Stop::Queued));
                 stopped += 1;
             }
         }
@@ -558,7 +576,7 @@ impl ConnTable {
                 && k.process_state(owner.pid) == Some('T')
                 && let std::collections::hash_map::Entry::Vacant(e) = self.held.entry(owner.pid)
             {
-                e.insert(HeldProc::new(cookie, now, HoldReason::Keys));
+                e.insert(HeldProc::new(cookie, now, HoldReason::Keys, Stop::Queued));
                 stopped += 1;
             }
         }
@@ -680,8 +698,10 @@ impl ConnTable {
                     self.stats.held_connections += 1;
                 }
                 debug!(cookie = ev.cookie, pid = ev.pid, "gate holds process");
-                self.held
-                    .insert(ev.pid, HeldProc::new(ev.cookie, ev.ts_ns, HoldReason::Keys));
+                self.held.insert(
+                    ev.pid,
+                    HeldProc::new(ev.cookie, ev.ts_ns, HoldReason::Keys, Stop::Queued),
+                );
                 if ev.kind == kind::HELD_CONNECTING {
                     self.held_while_connecting(ev.cookie, ev.pid);
                 }
@@ -698,7 +718,7 @@ impl ConnTable {
                 );
                 self.held.insert(
                     ev.pid,
-                    HeldProc::new(ev.cookie, ev.ts_ns, HoldReason::Unsent),
+                    HeldProc::new(ev.cookie, ev.ts_ns, HoldReason::Unsent, Stop::Queued),
                 );
             }
             kind::WAITING => {
@@ -1023,7 +1043,11 @@ impl ConnTable {
                         },
                     );
                 }
-                info!(
+                // Debug, not info: a line per connection was 4 to 5% of
+                // the core's CPU per connection under `cargo xtask vm
+                // --mode profile`, and floods the journal of a busy node;
+                // the metrics and `tlshubctl` count keyed connections.
+                debug!(
                     cookie,
                     provider = %provider,
                     version = ?installed.version,
@@ -1184,51 +1208,57 @@ impl ConnTable {
         }
     }
 
-    /// The `/proc` state of every held process, read *before* the ring
-    /// buffer is drained for a sweep. Overflow records from the `held` map
-    /// are adopted first, and name their process as the socket's owner as
-    /// a HELD event does: the hold may be all that is known of it (its
-    /// OWNER event was lost with it), and a connection without an owner
-    /// would stay gated, its process stopped, for good.
+    /// The `/proc` state of the held processes whose stop is
+    /// [`Stop::Unconfirmed`], read *before* the ring buffer is drained for
+    /// a sweep. Overflow records from the `held` map are adopted first,
+    /// and name their process as the socket's owner as a HELD event does:
+    /// the hold may be all that is known of it (its OWNER event was lost
+    /// with it), and a connection without an owner would stay gated, its
+    /// process stopped, for good.
     pub fn held_states<K: Kernel>(&mut self, k: &mut K) -> HashMap<u32, Option<char>> {
         for (pid, h) in k.take_held_overflow() {
             self.held.insert(
                 pid,
                 // The map does not say why; either kind is continued once
                 // its cookie is not pending.
-                HeldProc::new(h.cookie, h.since_ns, HoldReason::Keys),
+                HeldProc::new(h.cookie, h.since_ns, HoldReason::Keys, Stop::Unconfirmed),
             );
             // An unsent-records hold is on a keyed connection: neither
             // pending nor in `conns`, so this only makes a sweep due.
             self.owner_from_hold(k, h.cookie, pid);
         }
-        // Only a process that may be continued now needs its state: one not
-        // continued yet whose connection is no longer gated. Why not every
-        // held one: a read of `/proc/PID/stat` is most of what a sweep
-        // costs, and the sweep after every keying outcome read each
-        // process held in the last second (a quarter of the core's CPU in
-        // the benchmark's VM, `cargo xtask vm --mode profile`). A record
-        // that this sweep's events ungate is decided on the next sweep.
+        // Only an unconfirmed stop that may be continued now needs its
+        // process's state: not continued yet, connection no longer gated.
+        // Why so few: a read of `/proc/PID/stat` was most of what a sweep
+        // cost (a quarter of the core's CPU when every held process was
+        // read at every sweep, and still a tenth when each was read once,
+        // in the benchmark's VM, `cargo xtask vm --mode profile`). A
+        // record that this sweep's events ungate is decided on the next
+        // sweep.
         let k = &*k;
         self.held
             .iter()
-            .filter(|(_, h)| !h.continued && !still_gated(&self.pending, k, h.cookie))
+            .filter(|(_, h)| {
+                h.stop == Stop::Unconfirmed
+                    && !h.continued
+                    && !still_gated(&self.pending, k, h.cookie)
+            })
             .map(|(&pid, _)| (pid, k.process_state(pid)))
             .collect()
     }
 
     /// Continues held processes whose connection no longer needs them held.
     ///
-    /// The gate commits a HELD event before its SIGSTOP takes effect, and
-    /// `states` was read before the last drain of the ring buffer. So a
-    /// process seen stopped (`T`) here was stopped by a hold the core knows:
-    /// if that hold's connection is no longer pending and the process has
-    /// not been continued for it yet, it is continued, exactly once (a later
-    /// `T` after that is someone else's stop, e.g. job control). Records are
-    /// forgotten [`HELD_RECORD_GRACE`] after the hold once continued, and
-    /// otherwise when the process is gone or was never seen stopped within
-    /// [`UNSEEN_STOP_GRACE`]. A new hold brings a fresh record through its
-    /// event.
+    /// A hold whose connection is no longer pending is continued, exactly
+    /// once (a stop after that is someone else's, e.g. job control). A
+    /// [`Stop::Queued`] one at once. An [`Stop::Unconfirmed`] one once
+    /// `states` shows it stopped (`T`): `states` was read before the last
+    /// drain of the ring buffer, so a process seen stopped there was
+    /// stopped by a hold the core knows. Records are forgotten
+    /// [`HELD_RECORD_GRACE`] after the hold once continued, and otherwise
+    /// when the process is gone or (unconfirmed) was never seen stopped
+    /// within [`UNSEEN_STOP_GRACE`]. A new hold brings a fresh record
+    /// through its event.
     pub fn sweep_held<K: Kernel>(&mut self, k: &mut K, states: &HashMap<u32, Option<char>>) {
         let now = k.now_ns();
         let mut forget = Vec::new();
@@ -1240,10 +1270,14 @@ impl ConnTable {
                 }
                 continue;
             }
-            // Records added or ungated by this drain (and so not read by
-            // `held_states`) are decided on the next sweep.
-            let Some(state) = states.get(&pid) else {
-                continue;
+            let state = match h.stop {
+                Stop::Queued => Some('T'),
+                // Records added or ungated by this drain (and so not read
+                // by `held_states`) are decided on the next sweep.
+                Stop::Unconfirmed => match states.get(&pid) {
+                    Some(state) => *state,
+                    None => continue,
+                },
             };
             if still_gated(&self.pending, k, h.cookie) {
                 continue;
@@ -1251,8 +1285,15 @@ impl ConnTable {
             match state {
                 None => forget.push(pid),
                 Some('T') => {
-                    if let Err(e) = k.continue_process(pid) {
-                        warn!(pid, error = %e, "cannot continue held process");
+                    match k.continue_process(pid) {
+                        Ok(()) => {}
+                        Err(e) if e.raw_os_error() == Some(libc::ESRCH) => {
+                            // Gone (killed while stopped, say): nothing to
+                            // continue or to time.
+                            forget.push(pid);
+                            continue;
+                        }
+                        Err(e) => warn!(pid, error = %e, "cannot continue held process"),
                     }
                     h.continued = true;
                     if h.reason == HoldReason::Keys {

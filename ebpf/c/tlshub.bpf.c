@@ -991,6 +991,18 @@ static __always_inline int core_gone(struct tlshub_control *ctl)
  * `held` map instead, where the core's sweep finds it. Counted in `stat`.
  * The call restarts once the core continues the process.
  *
+ * The order is the contract with the core. A HELD event is committed only
+ * after the SIGSTOP is queued: the slot is reserved first, the signal is
+ * sent (in process context, as every hook that holds runs, the helper
+ * queues it before it returns), and the slot is submitted last. So any
+ * SIGCONT the core sends for the event comes after the stop is queued and
+ * either cancels it (the kernel removes pending stop signals when SIGCONT
+ * is sent) or wakes the stopped process; the core needs no look at
+ * /proc to know the stop was taken. The `held` map fallback is written
+ * before the signal (an update can fail, and a stop recorded nowhere
+ * would never end), so the core continues such a hold only once it sees
+ * the process stopped.
+ *
  * If the `held` map is full too, a stopped process would be recorded
  * nowhere and nobody would continue it: the call fails with EINTR instead
  * and nobody is stopped (counted). No byte moved, and an app retries an
@@ -998,16 +1010,22 @@ static __always_inline int core_gone(struct tlshub_control *ctl)
  * has caught up and a hold can be recorded again. */
 static __always_inline int stop_caller(struct tlshub_event *ev, __u32 stat)
 {
-	if (bpf_ringbuf_output(&events, ev, sizeof(*ev), 0)) {
-		stat_inc(TLSHUB_STAT_RINGBUF_DROPS);
-		struct tlshub_held h = { .cookie = ev->cookie, .since_ns = ev->ts_ns };
-		__u32 tgid = ev->pid;
-		/* Replacing this process's own entry always succeeds: a full
-		 * preallocated hash map keeps spare elements for updates. */
-		if (bpf_map_update_elem(&held, &tgid, &h, BPF_ANY)) {
-			stat_inc(TLSHUB_STAT_HOLD_UNRECORDED);
-			return -EINTR;
-		}
+	struct tlshub_event *slot = bpf_ringbuf_reserve(&events, sizeof(*ev), 0);
+	if (slot) {
+		__builtin_memcpy(slot, ev, sizeof(*ev));
+		stat_inc(stat);
+		bpf_send_signal_thread(SIGSTOP);
+		bpf_ringbuf_submit(slot, 0);
+		return -ERESTARTSYS;
+	}
+	stat_inc(TLSHUB_STAT_RINGBUF_DROPS);
+	struct tlshub_held h = { .cookie = ev->cookie, .since_ns = ev->ts_ns };
+	__u32 tgid = ev->pid;
+	/* Replacing this process's own entry always succeeds: a full
+	 * preallocated hash map keeps spare elements for updates. */
+	if (bpf_map_update_elem(&held, &tgid, &h, BPF_ANY)) {
+		stat_inc(TLSHUB_STAT_HOLD_UNRECORDED);
+		return -EINTR;
 	}
 	stat_inc(stat);
 	bpf_send_signal_thread(SIGSTOP);
@@ -1031,9 +1049,9 @@ static __always_inline int stop_caller(struct tlshub_event *ev, __u32 stat)
  *
  * Why nothing stays stopped: the core learns of every hold from the HELD
  * event (or, if the ring buffer is full, from the `held` map written here
- * instead) and keeps continuing a stopped process until its connection is
- * no longer pending. An event that is read before the signal takes effect
- * is therefore harmless: the next sweep continues the process again. */
+ * instead) and continues the process once its connection is no longer
+ * pending; stop_caller() orders the signal and the report so that the
+ * continue can never come before the stop. */
 static __always_inline int gate(struct sock *sk, struct tlshub_sk_mark *mark, int nonblock)
 {
 	__u64 cookie = mark->cookie;

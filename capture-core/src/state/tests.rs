@@ -124,7 +124,11 @@ impl Kernel for FakeKernel {
         self.states.get(&pid).copied()
     }
 
+    /// A process exists while it has a state.
     fn continue_process(&mut self, pid: u32) -> std::io::Result<()> {
+        if !self.states.contains_key(&pid) {
+            return Err(std::io::Error::from_raw_os_error(libc::ESRCH));
+        }
         self.continued.push(pid);
         self.states.insert(pid, 'S');
         Ok(())
@@ -493,15 +497,45 @@ fn a_held_process_is_continued_once_after_its_connection_is_keyed_and_not_before
     assert_eq!(k.continued, [PID]);
 }
 
-/// A sweep reads the state of a held process only when it may continue
-/// it: not while its connection is gated, and not once continued (the
-/// record is then forgotten by age alone).
+/// A hold reported by an event is continued without a look at `/proc`:
+/// the gate commits the event only after its SIGSTOP is queued, so the
+/// SIGCONT cannot come first. Even a process not stopped yet is
+/// continued (the SIGCONT cancels the pending stop).
 #[test]
-fn a_sweep_reads_a_process_state_only_when_it_may_continue_it() {
+fn a_hold_reported_by_an_event_is_continued_without_reading_its_state() {
     let (mut t, mut k) = (table(FailurePolicy::FailClosed), FakeKernel::default());
     let s = keying(&mut t, &mut k, COOKIE);
     t.on_event(&k, held(COOKIE, PID, 0));
-    k.states.insert(PID, 'T');
+    k.states.insert(PID, 'R');
+    for _ in 0..3 {
+        sweep(&mut t, &mut k);
+    }
+    t.on_outcome(&mut k, outcome(&s, installed()));
+    sweep(&mut t, &mut k);
+    assert_eq!(
+        (k.continued.as_slice(), k.state_reads.get()),
+        ([PID].as_slice(), 0)
+    );
+    for _ in 0..3 {
+        sweep(&mut t, &mut k);
+    }
+    assert_eq!(k.continued, [PID], "continued once");
+    assert_eq!(t.held_count(), 1);
+    k.now = HELD_RECORD_GRACE.as_nanos() as u64 + 1;
+    sweep(&mut t, &mut k);
+    assert_eq!(t.held_count(), 0, "forgotten by age");
+    assert_eq!(k.state_reads.get(), 0);
+}
+
+/// A hold found only in the `held` map (written before its SIGSTOP) has
+/// its process's state read only when it may be continued: not while its
+/// connection is gated, and not once continued (the record is then
+/// forgotten by age alone).
+#[test]
+fn a_sweep_reads_the_state_of_a_map_hold_only_when_it_may_continue_it() {
+    let (mut t, mut k) = (table(FailurePolicy::FailClosed), FakeKernel::default());
+    let s = keying(&mut t, &mut k, COOKIE);
+    k.hold_in_map(COOKIE, PID);
     for _ in 0..3 {
         sweep(&mut t, &mut k);
     }
@@ -585,10 +619,23 @@ fn a_hold_that_raced_the_gate_opening_is_continued() {
     let (mut t, mut k) = (table(FailurePolicy::FailClosed), FakeKernel::default());
     let s = keying(&mut t, &mut k, COOKIE);
     t.on_outcome(&mut k, outcome(&s, installed()));
-    // The program read the gate closed just before it opened.
+    // The program read the gate closed just before it opened; its stop
+    // is queued, not taken yet.
     t.on_event(&k, held(COOKIE, PID + 1, 0));
     no_start(&mut t);
-    // The stop takes effect after the first sweep read the state.
+    k.states.insert(PID + 1, 'R');
+    sweep(&mut t, &mut k);
+    assert_eq!(k.continued, [PID + 1]);
+}
+
+#[test]
+fn a_map_hold_that_raced_the_gate_opening_is_continued_once_seen_stopped() {
+    let (mut t, mut k) = (table(FailurePolicy::FailClosed), FakeKernel::default());
+    let s = keying(&mut t, &mut k, COOKIE);
+    t.on_outcome(&mut k, outcome(&s, installed()));
+    k.hold_in_map(COOKIE, PID + 1);
+    // The map is written before the SIGSTOP: not stopped at the first
+    // sweep, and a SIGCONT then would be lost.
     k.states.insert(PID + 1, 'R');
     sweep(&mut t, &mut k);
     assert!(k.continued.is_empty());
@@ -621,17 +668,31 @@ fn a_shutdown_held_for_unsent_records_is_continued_by_each_sweep_and_is_no_key_w
 }
 
 #[test]
-fn a_stop_that_never_shows_is_forgotten_after_the_grace_and_a_gone_process_at_once() {
+fn a_map_stop_that_never_shows_is_forgotten_after_the_grace_and_a_gone_process_at_once() {
     let (mut t, mut k) = (table(FailurePolicy::FailClosed), FakeKernel::default());
+    k.hold_in_map(COOKIE, PID);
+    k.hold_in_map(COOKIE, PID + 1);
     k.states.insert(PID, 'R');
-    t.on_event(&k, held(COOKIE, PID, 0));
-    t.on_event(&k, held(COOKIE, PID + 1, 0));
+    k.states.remove(&(PID + 1));
     sweep(&mut t, &mut k);
     assert_eq!(t.held_count(), 1, "the gone process is forgotten");
     k.now = UNSEEN_STOP_GRACE.as_nanos() as u64 + 1;
     sweep(&mut t, &mut k);
     assert_eq!(t.held_count(), 0);
     assert!(k.continued.is_empty());
+}
+
+#[test]
+fn an_event_hold_of_a_process_gone_is_forgotten_at_once() {
+    let (mut t, mut k) = (table(FailurePolicy::FailClosed), FakeKernel::default());
+    t.on_event(&k, held(COOKIE, PID, 0));
+    sweep(&mut t, &mut k);
+    assert_eq!(t.held_count(), 0);
+    assert!(k.continued.is_empty());
+    assert!(
+        t.stats().held_micros.sorted().is_empty(),
+        "no hold time for it"
+    );
 }
 
 #[test]

@@ -161,7 +161,7 @@ fn nodes_with(provider: Measured) -> Result<(Node, Node), String> {
         node_pair: provider.node_pair,
         // As installed: no key log (a debugging aid that costs every
         // connection a write).
-        key_log: false,
+        diagnostics: false,
         ..NodeSpec::with_provider(name, provider.kind)
     };
     let nodes = nodes(spec("a"), spec("b"))?;

@@ -132,10 +132,13 @@ pub struct NodeSpec {
     /// Its node-pair sessions' `lifetime_seconds` (each replaced session
     /// is drained for 2 s).
     pub node_pair_lifetime_seconds: u64,
-    /// The core writes every connection's keys to `keys.jsonl`
-    /// (`--keylog-file`), so the wire can be decrypted. Off in the
-    /// benchmark, which measures the core as installed (no key log).
-    pub key_log: bool,
+    /// Test-bed diagnostics: the core writes every connection's keys to
+    /// `keys.jsonl` (`--keylog-file`), so the wire can be decrypted, and
+    /// logs its per-connection lines (`tlshub_core::state` at debug: each
+    /// connection keyed, each hold), for the scenarios' failure dumps.
+    /// Off in the benchmark and the profile, which measure the core as
+    /// installed.
+    pub diagnostics: bool,
 }
 
 impl NodeSpec {
@@ -158,7 +161,7 @@ impl NodeSpec {
             also_ports: Vec::new(),
             node_pair: false,
             node_pair_lifetime_seconds: 3600,
-            key_log: true,
+            diagnostics: true,
         }
     }
 
@@ -296,7 +299,7 @@ impl Node {
         // A scenario that failed before its cleanup may have left programs
         // pinned for this node: start from nothing.
         let _ = release(n, &dir, true);
-        let core = spawn_core(n, &dir, "core", spec.key_log)?;
+        let core = spawn_core(n, &dir, "core", spec.diagnostics)?;
         Ok(Self {
             spec,
             dir,
@@ -557,7 +560,7 @@ impl Node {
             self.spec.name,
             &self.dir,
             &format!("core-{label}"),
-            self.spec.key_log,
+            self.spec.diagnostics,
         )?);
         Ok(())
     }
@@ -853,13 +856,22 @@ pub const DEGRADED: i32 = 5;
 
 /// Starts a node's `tlshub-core` (log `/tmp/logs/node-N-LABEL.log`) and
 /// waits until it runs.
-fn spawn_core(n: &str, dir: &std::path::Path, label: &str, key_log: bool) -> Result<Proc, String> {
+fn spawn_core(
+    n: &str,
+    dir: &std::path::Path,
+    label: &str,
+    diagnostics: bool,
+) -> Result<Proc, String> {
     let log = PathBuf::from(format!("/tmp/logs/node-{n}-{label}.log"));
     let cfg = dir.join("core.toml").to_string_lossy().into_owned();
     let stats = dir.join("stats.json").to_string_lossy().into_owned();
     let keys = dir.join("keys.jsonl").to_string_lossy().into_owned();
-    let mut argv = vec!["tlshub-core", "--config", &cfg, "--stats-file", &stats];
-    if key_log {
+    let mut argv = vec![];
+    if diagnostics {
+        argv.extend(["env", "RUST_LOG=info,tlshub_core::state=debug"]);
+    }
+    argv.extend(["tlshub-core", "--config", &cfg, "--stats-file", &stats]);
+    if diagnostics {
         argv.extend(["--keylog-file", keys.as_str()]);
     }
     let mut core = Proc::spawn(&format!("core-{n}"), None, &argv, &log)?;

@@ -24,7 +24,7 @@ fn cpu_ticks(pid: u32) -> u64 {
 pub fn profile_core() -> Result<String, String> {
     // As installed: no key log.
     let spec = |name| NodeSpec {
-        key_log: false,
+        diagnostics: false,
         ..NodeSpec::with_provider(name, ProviderKind::TlsHub)
     };
     let (a, _b) = nodes(spec("a"), spec("b"))?;
