@@ -135,8 +135,9 @@ enum VmMode {
     /// The systemd VM (Debian userland, systemd as PID 1).
     Systemd,
     /// Where the core's CPU goes: `perf record` on one node's core while
-    /// 300 connections are keyed (TLSHub provider), then `perf report`
-    /// (needs `perf` on this machine: Debian's `linux-perf`).
+    /// 300 connections are keyed (TLSHub provider) and then for 20 s idle,
+    /// with `perf report` of each (needs `perf` on this machine: Debian's
+    /// `linux-perf`).
     Profile,
 }
 

@@ -1,7 +1,9 @@
 //! `cargo xtask vm --mode profile`: where the core's CPU goes while it keys
-//! connections. Not a test: it prints `perf report` for node a's core
-//! (the connecting side) over 300 sequential connections keyed by the
-//! TLSHub provider with the stand-in, and the core's CPU per connection.
+//! connections, and while it is idle. Not a test: it prints `perf report`
+//! for node a's core (the connecting side) over 300 sequential connections
+//! keyed by the TLSHub provider with the stand-in, with the core's CPU per
+//! connection, then over 20 s without connections, with the core's and
+//! the provider's CPU per second.
 
 use std::path::Path;
 use std::time::Duration;
@@ -20,17 +22,13 @@ fn cpu_ticks(pid: u32) -> u64 {
     command_ticks(&stat).map_or(0, |(_, ticks)| ticks)
 }
 
-/// Profiles node a's core (see the module's comment).
-pub fn profile_core() -> Result<String, String> {
-    // As installed: no key log.
-    let spec = |name| NodeSpec {
-        diagnostics: false,
-        ..NodeSpec::with_provider(name, ProviderKind::TlsHub)
-    };
-    let (a, _b) = nodes(spec("a"), spec("b"))?;
-    settle_keying();
-    let pid = a.core_pid();
-    let data = "/tmp/perf-core-a.data";
+/// `perf record` on `pid` while `work` runs (after 2 s to settle); the
+/// process's CPU ticks during `work` and what `work` returned.
+fn recorded<T>(
+    pid: u32,
+    data: &str,
+    work: impl FnOnce() -> Result<T, String>,
+) -> Result<(u64, T), String> {
     let mut perf = Proc::spawn(
         "perf",
         None,
@@ -48,60 +46,106 @@ pub fn profile_core() -> Result<String, String> {
             "-o",
             data,
         ],
-        Path::new("/tmp/logs/perf-record.log"),
+        Path::new(&format!("{data}.log")),
     )?;
     std::thread::sleep(Duration::from_secs(2));
     let before = cpu_ticks(pid);
-    let app = super::support::App {
-        connections: CONNECTIONS,
-        ..App::exchange(100, PROTECTED_PORT)
-    };
-    let started = std::time::Instant::now();
-    let (s, c) = run_pair(&app, &[], Duration::from_secs(600))?;
-    let took = started.elapsed();
-    both_ok(&app, &s, &c)?;
+    let out = work()?;
     let ticks = cpu_ticks(pid) - before;
     perf.signal(2);
     perf.wait(Duration::from_secs(60))?;
-    let report = |args: &[&str]| -> String {
-        let mut argv = vec!["perf", "report", "-i", data, "--stdio", "--no-inline"];
-        argv.extend_from_slice(args);
-        command(None, &argv)
-            .output()
-            .map(|o| {
-                format!(
-                    "{}{}",
-                    String::from_utf8_lossy(&o.stdout),
-                    String::from_utf8_lossy(&o.stderr)
-                )
-            })
-            .unwrap_or_else(|e| format!("perf report: {e}"))
-    };
-    Ok(format!(
-        "{CONNECTIONS} connections in {:.1} s; core a used {:.0} ms of CPU, {:.2} ms per connection\n== by dso\n{}\n== by symbol, with what it calls\n{}\n== the core's own functions, with their callees\n{}",
-        took.as_secs_f64(),
-        ms_per(ticks, 1),
-        ms_per(ticks, u64::from(CONNECTIONS)),
-        report(&["--no-children", "-g", "none", "--sort", "dso"]),
-        report(&[
+    Ok((ticks, out))
+}
+
+/// `perf report --stdio` of `data` with `args`.
+fn report(data: &str, args: &[&str]) -> String {
+    let mut argv = vec!["perf", "report", "-i", data, "--stdio", "--no-inline"];
+    argv.extend_from_slice(args);
+    command(None, &argv)
+        .output()
+        .map(|o| {
+            format!(
+                "{}{}",
+                String::from_utf8_lossy(&o.stdout),
+                String::from_utf8_lossy(&o.stderr)
+            )
+        })
+        .unwrap_or_else(|e| format!("perf report: {e}"))
+}
+
+/// Symbols by inclusive share, down to `limit` percent.
+fn by_symbol(data: &str, limit: &str) -> String {
+    report(
+        data,
+        &[
             "--children",
             "-g",
             "none",
             "--sort",
             "sym",
             "--percent-limit",
-            "3"
-        ]),
-        report(&[
-            "--children",
-            "-g",
-            "caller,2,callee,function,percent",
-            "--sort",
-            "sym",
-            "--symbol-filter",
-            "tlshub_",
-            "--percent-limit",
-            "4"
-        ])
+            limit,
+        ],
+    )
+}
+
+/// How long the idle core is profiled.
+const IDLE: Duration = Duration::from_secs(20);
+
+/// Profiles node a's core (see the module's comment): keying, then idle.
+pub fn profile_core() -> Result<String, String> {
+    // As installed: no key log.
+    let spec = |name| NodeSpec {
+        diagnostics: false,
+        ..NodeSpec::with_provider(name, ProviderKind::TlsHub)
+    };
+    let (a, _b) = nodes(spec("a"), spec("b"))?;
+    settle_keying();
+    let pid = a.core_pid();
+    let busy = "/tmp/perf-core-a.data";
+    let (ticks, took) = recorded(pid, busy, || {
+        let app = super::support::App {
+            connections: CONNECTIONS,
+            ..App::exchange(100, PROTECTED_PORT)
+        };
+        let started = std::time::Instant::now();
+        let (s, c) = run_pair(&app, &[], Duration::from_secs(600))?;
+        both_ok(&app, &s, &c)?;
+        Ok(started.elapsed())
+    })?;
+    // Idle: what the core does when no connection comes (its timers, the
+    // providers' health checks), per second.
+    let idle = "/tmp/perf-core-a-idle.data";
+    let provider = a.provider_pid(ProviderKind::TlsHub);
+    let (idle_ticks, provider_ticks) = recorded(pid, idle, || {
+        let before = cpu_ticks(provider);
+        std::thread::sleep(IDLE);
+        Ok(cpu_ticks(provider) - before)
+    })?;
+    Ok(format!(
+        "{CONNECTIONS} connections in {:.1} s; core a used {:.0} ms of CPU, {:.2} ms per connection; idle for {} s: core a {:.1} ms of CPU per second (its provider {:.1})\n== by dso\n{}\n== by symbol, with what it calls\n{}\n== the core's own functions, with their callees\n{}\n== idle, by symbol\n{}",
+        took.as_secs_f64(),
+        ms_per(ticks, 1),
+        ms_per(ticks, u64::from(CONNECTIONS)),
+        IDLE.as_secs(),
+        ms_per(idle_ticks, IDLE.as_secs()),
+        ms_per(provider_ticks, IDLE.as_secs()),
+        report(busy, &["--no-children", "-g", "none", "--sort", "dso"]),
+        by_symbol(busy, "3"),
+        report(
+            busy,
+            &[
+                "--children",
+                "-g",
+                "caller,2,callee,function,percent",
+                "--sort",
+                "sym",
+                "--symbol-filter",
+                "tlshub_",
+                "--percent-limit",
+                "4"
+            ]
+        ),
+        by_symbol(idle, "2"),
     ))
 }
