@@ -80,6 +80,11 @@ struct ClientArgs {
     /// Bytes each short connection sends (and gets back).
     #[arg(long, default_value_t = 4096)]
     short_size: usize,
+    /// The `--workers` are tasks of one tokio event loop on one thread
+    /// (non-blocking sockets, as an event-loop client's are) instead of
+    /// threads on blocking sockets. Needs `--workers` and `--long 0`.
+    #[arg(long)]
+    event_loop: bool,
 }
 
 /// Reads exactly `buf.len()` bytes.
@@ -93,12 +98,7 @@ fn exchange(s: &mut TcpStream, off: u64, buf: &mut [u8]) -> std::io::Result<()> 
     pattern::fill(CLIENT_SEED, off, buf);
     s.write_all(buf)?;
     read_exact(s, buf)?;
-    pattern::check(SERVER_SEED, off, buf).map_err(|at| {
-        std::io::Error::new(
-            std::io::ErrorKind::InvalidData,
-            format!("CORRUPT: answer byte {at} differs"),
-        )
-    })
+    pattern::check(SERVER_SEED, off, buf).map_err(corrupt_answer)
 }
 
 fn serve(mut s: TcpStream, corruption_log: Option<&std::path::Path>) {
@@ -162,13 +162,45 @@ fn describe(e: &std::io::Error) -> String {
 fn short_connection(target: SocketAddr, size: usize, start: Instant, shared: &Shared) {
     shared.short_attempted.fetch_add(1, Ordering::Relaxed);
     let t = Instant::now();
-    let at = start.elapsed().as_millis() as u64;
     let result = (|| {
         let mut s = TcpStream::connect(target)?;
         s.set_read_timeout(Some(Duration::from_secs(30)))?;
         let mut buf = vec![0u8; size];
         exchange(&mut s, 0, &mut buf)
     })();
+    short_ended(shared, start, t, result);
+}
+
+/// [`short_connection`] on the event loop: the same exchange with tokio's
+/// non-blocking sockets.
+async fn short_connection_async(target: SocketAddr, size: usize, start: Instant, shared: &Shared) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    shared.short_attempted.fetch_add(1, Ordering::Relaxed);
+    let t = Instant::now();
+    let result = tokio::time::timeout(Duration::from_secs(30), async {
+        let mut s = tokio::net::TcpStream::connect(target).await?;
+        let mut buf = vec![0u8; size];
+        pattern::fill(CLIENT_SEED, 0, &mut buf);
+        s.write_all(&buf).await?;
+        s.read_exact(&mut buf).await?;
+        pattern::check(SERVER_SEED, 0, &buf).map_err(corrupt_answer)
+    })
+    .await
+    .unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into()));
+    short_ended(shared, start, t, result);
+}
+
+/// A short connection's answer differed from the server's pattern at `at`.
+fn corrupt_answer(at: u64) -> std::io::Error {
+    std::io::Error::new(
+        std::io::ErrorKind::InvalidData,
+        format!("CORRUPT: answer byte {at} differs"),
+    )
+}
+
+/// Records a short connection started at `t` (`start` is the run's).
+fn short_ended(shared: &Shared, start: Instant, t: Instant, result: std::io::Result<()>) {
+    let at = t.duration_since(start).as_millis() as u64;
     if let Ok(mut l) = shared.log.lock()
         && l.len() < 1500
     {
@@ -204,6 +236,12 @@ fn client(args: &ClientArgs, r: &mut LoadReport) -> std::io::Result<()> {
         short_size,
         ..
     } = *args;
+    if args.event_loop && (workers == 0 || long > 0) {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "--event-loop needs --workers and --long 0",
+        ));
+    }
     let duration = Duration::from_secs(args.duration);
     let interval = Duration::from_millis(args.interval_ms);
     let busy_from = args.busy_from_s.map(Duration::from_secs_f64);
@@ -268,9 +306,35 @@ fn client(args: &ClientArgs, r: &mut LoadReport) -> std::io::Result<()> {
                 }
             });
         }
-        // Short connections: a fixed number of workers one after another,
-        // or at a fixed rate, each on its own thread.
-        for _ in 0..workers {
+        // Short connections: a fixed number of workers one after another
+        // (threads, or tasks of one event loop), or at a fixed rate, each
+        // on its own thread.
+        if args.event_loop {
+            let shared = shared.clone();
+            scope.spawn(move || {
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .expect("a tokio runtime");
+                rt.block_on(async {
+                    let tasks: Vec<_> = (0..workers)
+                        .map(|_| {
+                            let shared = shared.clone();
+                            tokio::spawn(async move {
+                                while Instant::now() < end {
+                                    short_connection_async(target, short_size, start, &shared)
+                                        .await;
+                                }
+                            })
+                        })
+                        .collect();
+                    for t in tasks {
+                        let _ = t.await;
+                    }
+                });
+            });
+        }
+        for _ in 0..workers * u32::from(!args.event_loop) {
             let shared = shared.clone();
             scope.spawn(move || {
                 while Instant::now() < end {

@@ -705,8 +705,9 @@ fn stall_run(
     ])?;
     let long: LoadReport = last_report(&finish(long, Duration::from_secs(120))?)?;
     let new: LoadReport = last_report(&finish(new, Duration::from_secs(120))?)?;
-    // The last new connection's keys may be counted a moment late.
-    std::thread::sleep(Duration::from_millis(500));
+    // The last new connection's keys may be counted a moment late (the
+    // stats file is rewritten once a second).
+    std::thread::sleep(Duration::from_millis(1500));
     let after = server_node.map(gate).transpose()?;
     let gate = before
         .zip(after)
@@ -800,13 +801,47 @@ pub fn collateral_stall() -> Result<String, String> {
 
 /// Clients at once in the concurrency part.
 const CONCURRENCY: [u32; 3] = [1, 8, 64];
+/// Event-loop clients at once in the concurrency part (one client is the
+/// sequential case, which the threads' level 1 measures).
+const EVENT_LOOP_CONCURRENCY: [u32; 2] = [8, 64];
 /// Seconds each concurrency level runs.
 const CONCURRENCY_S: u64 = 10;
+
+/// The apps of a concurrency level.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ConcurrentApps {
+    /// Threads of one client process on blocking sockets against a
+    /// thread-per-connection server: the gate stops whole processes.
+    Threads,
+    /// Tasks of one client's event loop against an event-loop server,
+    /// both on non-blocking sockets: the gate answers `EAGAIN`.
+    EventLoops,
+}
+
+impl ConcurrentApps {
+    /// The levels (clients at once).
+    fn levels(self) -> &'static [u32] {
+        match self {
+            Self::Threads => &CONCURRENCY,
+            Self::EventLoops => &EVENT_LOOP_CONCURRENCY,
+        }
+    }
+
+    /// How `clients` of them are named in figures.
+    fn clients(self, clients: u32) -> String {
+        match self {
+            Self::Threads => format!("{clients} clients"),
+            Self::EventLoops => format!("{clients} event-loop clients"),
+        }
+    }
+}
 
 /// `bench` part three, concurrency: new connections (connect, 64 bytes
 /// each way, close) opened back to back by 1, 8 and 64 clients at once
 /// (threads of one blocking client process in pod-a, against a
-/// thread-per-connection server in pod-b) for [`CONCURRENCY_S`] seconds:
+/// thread-per-connection server in pod-b), and by 8 and 64 tasks of one
+/// event-loop client against an event-loop server (no tlshub and each
+/// provider), for [`CONCURRENCY_S`] seconds:
 /// the rate sustained, the connections that failed, and the setup latency, with no tlshub, through
 /// WireGuard and with each provider, how many times the gate stopped a
 /// process on each node, and where the VM's CPU time went per connection
@@ -814,36 +849,53 @@ const CONCURRENCY_S: u64 = 10;
 /// cores' and the providers' CPU per connection (both nodes together),
 /// and per second while idle, are figures of their own.
 pub fn concurrency() -> Result<String, String> {
+    // Each level leaves thousands of client sockets in TIME_WAIT for 60 s,
+    // all to the one server address, and connect()'s search for a free
+    // port walks past them: without reuse the later levels paid for the
+    // earlier ones (64 event-loop clients with no tlshub, run after four
+    // levels, made 155 connections/s with a third of the CPU idle, against
+    // 385/s for 8). Reusing TIME_WAIT ports (TCP timestamps keep it
+    // safe) is what busy clients configure.
+    let _reuse = PodSetting::sysctl("pod-a", "net/ipv4/tcp_tw_reuse", "1")?;
     let mut lines = Vec::new();
     let level = |lines: &mut Vec<String>,
                  label: &str,
                  server_addr: &str,
-                 nodes: Option<(&Node, &Node)>| {
-        let _server = StallServer::Threads.start()?;
-        for clients in CONCURRENCY {
+                 nodes: Option<(&Node, &Node)>,
+                 apps: ConcurrentApps| {
+        let _server = match apps {
+            ConcurrentApps::Threads => StallServer::Threads,
+            ConcurrentApps::EventLoops => StallServer::EventLoop,
+        }
+        .start()?;
+        for &clients in apps.levels() {
+            let named = apps.clients(clients);
             let stops = |n: &Node| n.stats().map(|s| s.gate_stops);
             let before = nodes
                 .map(|(a, b)| Ok::<_, String>((stops(a)?, stops(b)?)))
                 .transpose()?;
             let cpu = CpuSample::now();
-            let load = spawn_load_client(
-                server_addr,
-                &[
-                    "--long",
-                    "0",
-                    "--workers",
-                    &clients.to_string(),
-                    "--duration",
-                    &CONCURRENCY_S.to_string(),
-                    "--short-size",
-                    "64",
-                ],
-            )?;
+            let workers = clients.to_string();
+            let duration = CONCURRENCY_S.to_string();
+            let mut args = vec![
+                "--long",
+                "0",
+                "--workers",
+                &workers,
+                "--duration",
+                &duration,
+                "--short-size",
+                "64",
+            ];
+            if apps == ConcurrentApps::EventLoops {
+                args.push("--event-loop");
+            }
+            let load = spawn_load_client(server_addr, &args)?;
             let r: LoadReport = last_report(&finish(load, Duration::from_secs(120))?)?;
             let cpu_after = CpuSample::now();
             if nodes.is_some() {
                 record_agents_cpu(label, &cpu_after, &cpu, r.short_ok, |who| {
-                    format!("{clients} clients: {who} CPU per connection")
+                    format!("{named}: {who} CPU per connection")
                 });
             }
             let cpu = cpu_after.since(&cpu, r.short_ok);
@@ -851,9 +903,11 @@ pub fn concurrency() -> Result<String, String> {
             // timeout on the saturated emulated CPU, say) is a result, not
             // a broken run: it is reported. Corrupt bytes are not.
             if !r.ok || r.short_ok == 0 {
-                return Err(format!("{label}, {clients} clients: {r}"));
+                return Err(format!("{label}, {named}: {r}"));
             }
-            std::thread::sleep(Duration::from_millis(500));
+            // The stats file is rewritten once a second: a shorter wait
+            // left the last holds of a level to the next one's count.
+            std::thread::sleep(Duration::from_millis(1500));
             let after = nodes
                 .map(|(a, b)| Ok::<_, String>((stops(a)?, stops(b)?)))
                 .transpose()?;
@@ -861,7 +915,7 @@ pub fn concurrency() -> Result<String, String> {
             record(
                 "concurrency",
                 label,
-                &format!("{clients} clients: connections"),
+                &format!("{named}: connections"),
                 rate,
                 Unit::PerSecond,
             );
@@ -869,13 +923,13 @@ pub fn concurrency() -> Result<String, String> {
                 record(
                     "concurrency",
                     label,
-                    &format!("{clients} clients: setup {p}"),
+                    &format!("{named}: setup {p}"),
                     ms,
                     Unit::Milliseconds,
                 );
             }
             let mut line = format!(
-                "concurrency {label}, {clients} clients: {:.1} connections/s ({} in {:.1} s, {} failed), setup p50 {:.1} ms p99 {:.1} ms",
+                "concurrency {label}, {named}: {:.1} connections/s ({} in {:.1} s, {} failed), setup p50 {:.1} ms p99 {:.1} ms",
                 rate, r.short_ok, r.duration_s, r.short_failed, r.short_p50_ms, r.short_p99_ms,
             );
             if let (Some(b), Some(a)) = (before, after) {
@@ -891,10 +945,18 @@ pub fn concurrency() -> Result<String, String> {
         }
         Ok::<_, String>(())
     };
-    level(&mut lines, "no tlshub", POD_B, None)?;
+    for apps in [ConcurrentApps::Threads, ConcurrentApps::EventLoops] {
+        level(&mut lines, "no tlshub", POD_B, None, apps)?;
+    }
     {
         let _tunnel = WireGuard::up()?;
-        level(&mut lines, "wireguard", WG_POD_B, None)?;
+        level(
+            &mut lines,
+            "wireguard",
+            WG_POD_B,
+            None,
+            ConcurrentApps::Threads,
+        )?;
     }
     for provider in PROVIDERS {
         let label = provider.label;
@@ -913,7 +975,9 @@ pub fn concurrency() -> Result<String, String> {
         );
         println!("TLSHUB-BENCH {idle}");
         lines.push(idle);
-        level(&mut lines, label, POD_B, Some((&a, &b)))?;
+        for apps in [ConcurrentApps::Threads, ConcurrentApps::EventLoops] {
+            level(&mut lines, label, POD_B, Some((&a, &b)), apps)?;
+        }
     }
     Ok(lines.join(" | "))
 }
