@@ -334,7 +334,8 @@ fn client(args: &ClientArgs, r: &mut LoadReport) -> std::io::Result<()> {
                 });
             });
         }
-        for _ in 0..workers * u32::from(!args.event_loop) {
+        let thread_workers = if args.event_loop { 0 } else { workers };
+        for _ in 0..thread_workers {
             let shared = shared.clone();
             scope.spawn(move || {
                 while Instant::now() < end {

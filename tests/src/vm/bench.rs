@@ -626,19 +626,23 @@ const STALL_NEW_PER_SEC: f64 = 2.0;
 const STALL_QUIET_S: u64 = 15;
 const STALL_BUSY_S: u64 = 15;
 
-/// The server holding the established connections, in pod-b.
-#[derive(Debug, Clone, Copy)]
-enum StallServer {
+/// How the apps use their sockets: the server in pod-b (holding the
+/// established connections in the collateral stall) and, in the
+/// concurrency part, the client in pod-a too.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum AppStyle {
     /// `tlshub-loadgen server`: a thread per connection on blocking
-    /// sockets, as thread-per-connection servers are; the gate stops the
-    /// whole process for a new connection's keys.
+    /// sockets, as thread-per-connection servers are (the concurrency
+    /// part's clients: threads of one process); the gate stops the whole
+    /// process for a new connection's keys.
     Threads,
-    /// `tlshub-hold server`: one tokio event loop on non-blocking sockets;
-    /// the gate answers `EAGAIN`.
+    /// `tlshub-hold server`: one tokio event loop on non-blocking sockets
+    /// (the concurrency part's clients: tasks of one event loop,
+    /// `tlshub-loadgen client --event-loop`); the gate answers `EAGAIN`.
     EventLoop,
 }
 
-impl StallServer {
+impl AppStyle {
     fn name(self) -> &'static str {
         match self {
             Self::Threads => "thread-per-connection server",
@@ -671,7 +675,7 @@ type StallRun = (LoadReport, LoadReport, Option<(u64, u64)>);
 /// `server_node` (if tlshub runs).
 fn stall_run(
     server_addr: &str,
-    kind: StallServer,
+    kind: AppStyle,
     server_node: Option<&Node>,
 ) -> Result<StallRun, String> {
     let gate = |n: &Node| n.stats().map(|s| (s.gate_stops, s.gate_waits));
@@ -734,7 +738,7 @@ fn stall_run(
 /// or answered it `EAGAIN` while busy.
 pub fn collateral_stall() -> Result<String, String> {
     let mut lines = Vec::new();
-    let mut report = |label: &str, kind: StallServer, (long, new, gate): StallRun| {
+    let mut report = |label: &str, kind: AppStyle, (long, new, gate): StallRun| {
         let (q, b) = (long.rtt_quiet, long.rtt_busy);
         for (what, value) in [
             ("quiet p50", q.p50_us),
@@ -779,7 +783,7 @@ pub fn collateral_stall() -> Result<String, String> {
         println!("TLSHUB-BENCH {line}");
         lines.push(line);
     };
-    let kinds = [StallServer::Threads, StallServer::EventLoop];
+    let kinds = [AppStyle::Threads, AppStyle::EventLoop];
     for kind in kinds {
         report("no tlshub", kind, stall_run(POD_B, kind, None)?);
     }
@@ -799,42 +803,13 @@ pub fn collateral_stall() -> Result<String, String> {
     Ok(lines.join(" | "))
 }
 
-/// Clients at once in the concurrency part.
+/// Clients at once in the concurrency part (threads).
 const CONCURRENCY: [u32; 3] = [1, 8, 64];
 /// Event-loop clients at once in the concurrency part (one client is the
 /// sequential case, which the threads' level 1 measures).
 const EVENT_LOOP_CONCURRENCY: [u32; 2] = [8, 64];
 /// Seconds each concurrency level runs.
 const CONCURRENCY_S: u64 = 10;
-
-/// The apps of a concurrency level.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum ConcurrentApps {
-    /// Threads of one client process on blocking sockets against a
-    /// thread-per-connection server: the gate stops whole processes.
-    Threads,
-    /// Tasks of one client's event loop against an event-loop server,
-    /// both on non-blocking sockets: the gate answers `EAGAIN`.
-    EventLoops,
-}
-
-impl ConcurrentApps {
-    /// The levels (clients at once).
-    fn levels(self) -> &'static [u32] {
-        match self {
-            Self::Threads => &CONCURRENCY,
-            Self::EventLoops => &EVENT_LOOP_CONCURRENCY,
-        }
-    }
-
-    /// How `clients` of them are named in figures.
-    fn clients(self, clients: u32) -> String {
-        match self {
-            Self::Threads => format!("{clients} clients"),
-            Self::EventLoops => format!("{clients} event-loop clients"),
-        }
-    }
-}
 
 /// `bench` part three, concurrency: new connections (connect, 64 bytes
 /// each way, close) opened back to back by 1, 8 and 64 clients at once
@@ -862,14 +837,17 @@ pub fn concurrency() -> Result<String, String> {
                  label: &str,
                  server_addr: &str,
                  nodes: Option<(&Node, &Node)>,
-                 apps: ConcurrentApps| {
-        let _server = match apps {
-            ConcurrentApps::Threads => StallServer::Threads,
-            ConcurrentApps::EventLoops => StallServer::EventLoop,
-        }
-        .start()?;
-        for &clients in apps.levels() {
-            let named = apps.clients(clients);
+                 apps: AppStyle| {
+        let _server = apps.start()?;
+        let levels: &[u32] = match apps {
+            AppStyle::Threads => &CONCURRENCY,
+            AppStyle::EventLoop => &EVENT_LOOP_CONCURRENCY,
+        };
+        for &clients in levels {
+            let named = match apps {
+                AppStyle::Threads => format!("{clients} clients"),
+                AppStyle::EventLoop => format!("{clients} event-loop clients"),
+            };
             let stops = |n: &Node| n.stats().map(|s| s.gate_stops);
             let before = nodes
                 .map(|(a, b)| Ok::<_, String>((stops(a)?, stops(b)?)))
@@ -887,7 +865,7 @@ pub fn concurrency() -> Result<String, String> {
                 "--short-size",
                 "64",
             ];
-            if apps == ConcurrentApps::EventLoops {
+            if apps == AppStyle::EventLoop {
                 args.push("--event-loop");
             }
             let load = spawn_load_client(server_addr, &args)?;
@@ -945,18 +923,12 @@ pub fn concurrency() -> Result<String, String> {
         }
         Ok::<_, String>(())
     };
-    for apps in [ConcurrentApps::Threads, ConcurrentApps::EventLoops] {
+    for apps in [AppStyle::Threads, AppStyle::EventLoop] {
         level(&mut lines, "no tlshub", POD_B, None, apps)?;
     }
     {
         let _tunnel = WireGuard::up()?;
-        level(
-            &mut lines,
-            "wireguard",
-            WG_POD_B,
-            None,
-            ConcurrentApps::Threads,
-        )?;
+        level(&mut lines, "wireguard", WG_POD_B, None, AppStyle::Threads)?;
     }
     for provider in PROVIDERS {
         let label = provider.label;
@@ -975,7 +947,7 @@ pub fn concurrency() -> Result<String, String> {
         );
         println!("TLSHUB-BENCH {idle}");
         lines.push(idle);
-        for apps in [ConcurrentApps::Threads, ConcurrentApps::EventLoops] {
+        for apps in [AppStyle::Threads, AppStyle::EventLoop] {
             level(&mut lines, label, POD_B, Some((&a, &b)), apps)?;
         }
     }
