@@ -190,7 +190,8 @@ impl Agent {
             kernel = release.trim(),
             send_buffer_floor, "protected sockets get at least this send buffer (0: untouched)"
         );
-        let table = ConnTable::new(config.failure_policy, metrics.clone());
+        let mut table = ConnTable::new(config.failure_policy, metrics.clone());
+        table.set_process_bound(config.bpf.process_bound());
         let conns = Arc::new(programs.conns_reader()?);
         let mut agent = Self {
             policy: Arc::new(config.policy.clone()),
@@ -473,6 +474,7 @@ impl Agent {
                 // (adopted from a previous core, or taken up from the map
                 // after lost events): its job asks the memory.
                 peer_remembered: self.peer_remembered.remove(&start.cookie),
+                over_bound: start.over_bound,
             };
             let span = info_span!("conn", cookie = job.cookie, local = %job.local, remote = %job.remote, owner = ?start.owner, role = ?job.role, provider = %provider.name);
             let (id, cookie, name) = (job.id, job.cookie, provider.name.clone());

@@ -356,6 +356,14 @@ pub struct BpfSection {
     /// header (about 150 bytes, computed, not measured). Takes effect when
     /// the programs are loaded, not on an adopting restart.
     pub max_connections: u32,
+    /// Of those, how many one process's connections may take at once: a
+    /// connection whose process already has this many waiting for keys is
+    /// reset at once (whatever the failure policy), counted as a failure
+    /// with reason `process_bound`. So one app whose peers answer but never
+    /// let a connection be keyed cannot make every other app's new
+    /// connections fail. Unset: a quarter of `max_connections`. Takes
+    /// effect when the core starts.
+    pub max_connections_per_process: Option<u32>,
     /// Entries of the `held` map: processes the gate can have stopped at
     /// once whose hold the event ring buffer had no room to report (the
     /// core's sweep finds them there). When both are full, the gate fails
@@ -370,6 +378,15 @@ pub struct BpfSection {
     /// from the `held` map. Takes effect when the programs are loaded, not
     /// on an adopting restart.
     pub event_buffer_bytes: u32,
+}
+
+impl BpfSection {
+    /// `max_connections_per_process`, or its default (a quarter of
+    /// `max_connections`, at least 1).
+    pub fn process_bound(&self) -> u32 {
+        self.max_connections_per_process
+            .unwrap_or((self.max_connections / 4).max(1))
+    }
 }
 
 /// The most `[bpf] max_connections` accepts (about 2.4 GiB of entries).
@@ -387,6 +404,7 @@ impl Default for BpfSection {
             pin_dir: PathBuf::from("/sys/fs/bpf/tlshub"),
             core_restart_grace_ms: 5000,
             max_connections: 65_536,
+            max_connections_per_process: None,
             max_held_processes: 16_384,
             event_buffer_bytes: 1 << 20,
         }
@@ -564,6 +582,16 @@ impl Config {
                 "`bpf.max_connections` must be between 1 and {MAX_CONNECTIONS_LIMIT}"
             )));
         }
+        if config
+            .bpf
+            .max_connections_per_process
+            .is_some_and(|n| !(1..=config.bpf.max_connections).contains(&n))
+        {
+            return Err(invalid(format!(
+                "`bpf.max_connections_per_process` must be between 1 and `bpf.max_connections` ({})",
+                config.bpf.max_connections
+            )));
+        }
         if !(1..=MAX_HELD_PROCESSES_LIMIT).contains(&config.bpf.max_held_processes) {
             return Err(invalid(format!(
                 "`bpf.max_held_processes` must be between 1 and {MAX_HELD_PROCESSES_LIMIT}"
@@ -694,6 +722,23 @@ ports = [8443]
         for bad in ["0", "20000000"] {
             let e = parse(&set(bad)).unwrap_err().to_string();
             assert!(e.contains("bpf.max_connections"), "{e}");
+        }
+    }
+
+    #[test]
+    fn connections_per_process_default_to_a_quarter_and_stay_within_the_map() {
+        assert_eq!(parse(GOOD).unwrap().bpf.process_bound(), 16_384);
+        let set = |extra: &str| format!("{GOOD}\n[bpf]\nmax_connections = 16\n{extra}");
+        assert_eq!(parse(&set("")).unwrap().bpf.process_bound(), 4);
+        let tiny = format!("{GOOD}\n[bpf]\nmax_connections = 2\n");
+        assert_eq!(parse(&tiny).unwrap().bpf.process_bound(), 1);
+        let ok = parse(&set("max_connections_per_process = 16")).unwrap().bpf;
+        assert_eq!(ok.process_bound(), 16);
+        for bad in ["0", "17"] {
+            let e = parse(&set(&format!("max_connections_per_process = {bad}")))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("bpf.max_connections_per_process"), "{bad}: {e}");
         }
     }
 

@@ -79,6 +79,9 @@ pub struct Job {
     /// backend is learnt by the job; a connection adopted from a previous
     /// core): asked of `peers` now, and an announcement recorded now.
     pub peer_remembered: Option<bool>,
+    /// Set when the connection's process is over its bound: the job takes
+    /// the socket (to reset it) and asks no provider.
+    pub over_bound: Option<OverProcessBound>,
 }
 
 impl Job {
@@ -231,6 +234,10 @@ pub enum KeyingError {
     /// A connection to a service address could not be routed.
     #[error(transparent)]
     Service(#[from] ServiceError),
+    /// Its process already had as many connections keying as one process
+    /// may ([`OverProcessBound`]): refused without asking a provider.
+    #[error(transparent)]
+    OverProcessBound(#[from] OverProcessBound),
     /// The other end announced, in the TCP handshake, a keying protocol
     /// this node's provider does not speak (strict rule, or a peer that
     /// announced a compatible one before): no provider can key it.
@@ -268,11 +275,30 @@ impl KeyingError {
             Self::NoOwner { .. } => "no_owner",
             Self::Provider(e) => e.reason(),
             Self::Service(e) => e.reason(),
+            Self::OverProcessBound(_) => "process_bound",
             Self::IncompatiblePeer { .. } => "keying_mismatch",
             Self::Install { .. } => "ktls_install",
             Self::Panicked => "internal",
         }
     }
+}
+
+/// A connection refused because its process already had `max` connections
+/// waiting for keys (`[bpf] max_connections_per_process`). Each one holds
+/// an entry of the node's `conns` map until it is keyed, so without this
+/// bound one process whose peers answer but never let a connection be
+/// keyed could fill the map and make every other app's new selected
+/// connections fail. The job resets the connection whatever the failure
+/// policy: capacity never means plaintext.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "process {pid} already has {max} connections waiting for keys, the most one process may have ([bpf] max_connections_per_process)"
+)]
+pub struct OverProcessBound {
+    /// The process (its connections' owner).
+    pub pid: u32,
+    /// The bound.
+    pub max: u32,
 }
 
 /// The result of a job, sent back to the event loop. `S` is the core's
@@ -519,6 +545,10 @@ pub async fn run(mut job: Job, provider: Arc<Provider>) -> Outcome {
     };
     let deadline = Instant::now() + job.timeout;
     let mut owner = job.owner.clone();
+    if let Some(over) = job.over_bound {
+        let socket = socket_of_owner(&job, &mut owner).await.ok();
+        return outcome(socket, Err(over.into()));
+    }
     // A service address first: its real destination decides whether there
     // is anything to key, and is the remote end the provider keys with.
     let mut backend = None;

@@ -18,7 +18,7 @@ use tracing::{debug, error, info, warn};
 
 use crate::bpf::BpfError;
 use crate::config::FailurePolicy;
-use crate::keying::{Done, KeyingError, Outcome, PlainWhy};
+use crate::keying::{Done, KeyingError, Outcome, OverProcessBound, PlainWhy};
 use crate::metrics::{
     Metrics, ProviderLabel, ProviderReasonLabels, ProviderRoleLabels, StageLabels, UNASSIGNED,
 };
@@ -66,6 +66,9 @@ pub struct Start {
     /// needs no socket, so keying starts now and the owner follows as an
     /// [`OwnerUpdate`].
     pub owner: Option<(u32, i32)>,
+    /// Set when the owner already has as many connections keying as one
+    /// process may: the job is to reset the connection, not key it.
+    pub over_bound: Option<OverProcessBound>,
 }
 
 /// For a job started before its owner was known: the owner once known, or
@@ -397,6 +400,13 @@ pub struct ConnTable {
     /// jobs at once.
     stale_jobs: HashMap<u64, Vec<u64>>,
     next_job: u64,
+    /// The most jobs with a known owner that one process may have running
+    /// (see [`ConnTable::set_process_bound`]).
+    max_keying_per_process: u32,
+    /// The owner's pid of each running job counted against the bound.
+    job_owners: HashMap<u64, u32>,
+    /// How many running jobs each of those pids has.
+    keying_per_process: HashMap<u32, u32>,
     starts: Vec<Start>,
     owner_updates: Vec<OwnerUpdate>,
     /// The active provider needs no socket: key from ESTABLISHED alone,
@@ -426,6 +436,9 @@ impl ConnTable {
             held: HashMap::new(),
             stale_jobs: HashMap::new(),
             next_job: 1,
+            max_keying_per_process: u32::MAX,
+            job_owners: HashMap::new(),
+            keying_per_process: HashMap::new(),
             starts: Vec::new(),
             owner_updates: Vec::new(),
             key_before_owner: false,
@@ -495,6 +508,16 @@ impl ConnTable {
     /// socket (on the accepting side, before `accept()` returns).
     pub fn set_key_before_owner(&mut self, yes: bool) {
         self.key_before_owner = yes;
+    }
+
+    /// Bounds what one process can cost the node: a connection whose
+    /// owner already has `max` jobs running (each a connection waiting for
+    /// keys, so an entry of the `conns` map) gets a job that resets it
+    /// instead ([`Start::over_bound`]). Jobs started before their owner was
+    /// known (key-only providers, from establishment) are not counted:
+    /// they wait for no peer. Unbounded until set.
+    pub fn set_process_bound(&mut self, max: u32) {
+        self.max_keying_per_process = max;
     }
 
     /// Records which provider runs a started job.
@@ -868,12 +891,52 @@ impl ConnTable {
         let job = self.next_job;
         self.next_job += 1;
         p.job = Some(job);
+        let owner = p.owner;
+        let over_bound = owner.and_then(|(pid, _)| self.count_job(job, pid));
+        if let Some(over) = over_bound {
+            debug!(
+                cookie,
+                pid = over.pid,
+                max = over.max,
+                "process over its bound of connections keying; refusing this one"
+            );
+        }
         self.starts.push(Start {
             job,
             cookie,
             established,
-            owner: p.owner,
+            owner,
+            over_bound,
         });
+    }
+
+    /// Counts `job` against its owner `pid`'s bound, or returns why it
+    /// cannot be (then it is not counted: it resets its connection at
+    /// once).
+    fn count_job(&mut self, job: u64, pid: u32) -> Option<OverProcessBound> {
+        let running = self.keying_per_process.entry(pid).or_default();
+        if *running >= self.max_keying_per_process {
+            return Some(OverProcessBound {
+                pid,
+                max: self.max_keying_per_process,
+            });
+        }
+        *running += 1;
+        self.job_owners.insert(job, pid);
+        None
+    }
+
+    /// A job ended: it no longer counts against its owner's bound.
+    fn uncount_job(&mut self, job: u64) {
+        let Some(pid) = self.job_owners.remove(&job) else {
+            return;
+        };
+        if let Some(running) = self.keying_per_process.get_mut(&pid) {
+            *running -= 1;
+            if *running == 0 {
+                self.keying_per_process.remove(&pid);
+            }
+        }
     }
 
     /// A keying job ended.
@@ -887,6 +950,7 @@ impl ConnTable {
             socket,
             result,
         } = outcome;
+        self.uncount_job(job);
         let current = self
             .pending
             .get(&cookie)
@@ -1058,14 +1122,19 @@ impl ConnTable {
             }
             Err(e) => {
                 warn!(cookie, provider = %provider, error = %e, reason = e.reason(), "connection could not be keyed");
-                let half_installed = matches!(e, KeyingError::Install { .. });
+                // A socket with some kTLS state can carry neither plaintext
+                // nor records; and capacity never means plaintext.
+                let force_reset = matches!(
+                    e,
+                    KeyingError::Install { .. } | KeyingError::OverProcessBound(_)
+                );
                 self.fail(
                     k,
                     cookie,
                     socket.as_ref(),
                     &provider,
                     e.reason(),
-                    half_installed,
+                    force_reset,
                 );
             }
         }

@@ -916,7 +916,17 @@ pub enum Probe {
     /// selected address where nobody answers), one send on each (TCP's
     /// answer in `SYN_SENT` is `EAGAIN`), held until `--go-file` exists.
     ConnectFlood,
+    /// [`MANY_WAITING`] connections of one process to `--connect` (a
+    /// selected peer that accepts none of them, so none can be keyed), each
+    /// connected in turn and left non-blocking; once `--go-file` exists,
+    /// one send of the payload on each, reported as a step of its own:
+    /// `EAGAIN` (still waiting for keys) or `ECONNRESET`/`EPIPE` (the
+    /// connection was reset).
+    ManyWaiting,
 }
+
+/// How many connections [`Probe::ManyWaiting`] opens.
+pub const MANY_WAITING: usize = 24;
 
 /// How many sockets [`Probe::ConnectFlood`] leaves connecting.
 pub const CONNECT_FLOOD: usize = 64;
@@ -1210,6 +1220,35 @@ fn connect_flood(
     ]
 }
 
+/// [`Probe::ManyWaiting`]: a "connect" step per connection, the wait for
+/// the go file, then a "send" step per connection.
+fn many_waiting(
+    target: std::net::SocketAddr,
+    go_file: Option<&std::path::Path>,
+    payload: &[u8],
+) -> Vec<ProbeStep> {
+    let mut steps = Vec::new();
+    let mut sockets = Vec::new();
+    for _ in 0..MANY_WAITING {
+        match std::net::TcpStream::connect(target).and_then(|s| s.set_nonblocking(true).map(|()| s))
+        {
+            Ok(s) => {
+                steps.push(step("connect", Ok(0)));
+                sockets.push(s);
+            }
+            Err(e) => {
+                steps.push(step("connect", Err(e)));
+                return steps;
+            }
+        }
+    }
+    steps.push(step("wait for the go file", wait_for_go(go_file)));
+    for s in &sockets {
+        steps.push(step("send", send_flags(s.as_raw_fd(), payload, 0)));
+    }
+    steps
+}
+
 /// Runs `probe` against `target` with `payload`; every step is reported,
 /// the first failing one ends the probe. The connection is closed after.
 pub fn probe(
@@ -1224,6 +1263,9 @@ pub fn probe(
     }
     if probe == Probe::ConnectFlood {
         return connect_flood(target, options.go_file.as_deref(), payload);
+    }
+    if probe == Probe::ManyWaiting {
+        return many_waiting(target, options.go_file.as_deref(), payload);
     }
     if probe == Probe::SendRacingConnect {
         for _ in 0..RACE_ATTEMPTS {
@@ -1316,7 +1358,8 @@ pub fn probe(
         | Probe::FullOptionMemory
         | Probe::SendRacingConnect
         | Probe::RefusedThenReconnect
-        | Probe::ConnectFlood => {
+        | Probe::ConnectFlood
+        | Probe::ManyWaiting => {
             unreachable!("handled above")
         }
     }

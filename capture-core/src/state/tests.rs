@@ -805,6 +805,58 @@ fn a_socket_gone_with_nobody_held_waits_for_the_next_hold() {
     assert_eq!(one_start(&mut t).owner, Some((PID + 2, -1)));
 }
 
+/// Connection `cookie` established and owned by `pid`: the job it started.
+fn keying_for(t: &mut ConnTable, k: &mut FakeKernel, cookie: u64, pid: u32) -> Start {
+    let est = established(cookie, 0);
+    k.track(cookie, est);
+    t.on_event(k, est);
+    t.on_event(k, owner(cookie, pid, 3));
+    one_start(t)
+}
+
+#[test]
+fn a_process_over_its_bound_has_its_next_connections_refused_and_no_other() {
+    let (mut t, mut k) = (table(FailurePolicy::FailOpen), FakeKernel::default());
+    t.set_process_bound(2);
+    let first = keying_for(&mut t, &mut k, 1, PID);
+    let second = keying_for(&mut t, &mut k, 2, PID);
+    assert_eq!((first.over_bound, second.over_bound), (None, None));
+    // The third of one process is refused; another process's first is not.
+    let third = keying_for(&mut t, &mut k, 3, PID);
+    let want = OverProcessBound { pid: PID, max: 2 };
+    assert_eq!(third.over_bound, Some(want));
+    assert_eq!(keying_for(&mut t, &mut k, 4, PID + 1).over_bound, None);
+    // The refusal's job resets its connection, fail-open or not, and is not
+    // counted: a fourth one is refused as well.
+    t.on_outcome(&mut k, outcome(&third, Err(want.into())));
+    assert_eq!(k.resets, [3]);
+    assert_eq!(t.stats().failures("process_bound"), 1);
+    assert_eq!(keying_for(&mut t, &mut k, 5, PID).over_bound, Some(want));
+    // A job that ends makes room, whether it keyed its connection or the
+    // connection closed meanwhile (a stale outcome).
+    t.on_outcome(&mut k, outcome(&first, installed()));
+    assert_eq!(keying_for(&mut t, &mut k, 6, PID).over_bound, None);
+    t.on_event(&k, closed(2));
+    t.on_outcome(&mut k, outcome(&second, installed()));
+    let seventh = keying_for(&mut t, &mut k, 7, PID);
+    assert_eq!(seventh.over_bound, None);
+    assert_eq!(keying_for(&mut t, &mut k, 8, PID).over_bound, Some(want));
+}
+
+#[test]
+fn a_job_started_before_its_owner_is_not_counted_against_the_bound() {
+    let (mut t, mut k) = (table(FailurePolicy::FailClosed), FakeKernel::default());
+    t.set_process_bound(1);
+    t.set_key_before_owner(true);
+    let est = established(1, 0);
+    k.track(1, est);
+    t.on_event(&k, est);
+    let early = one_start(&mut t);
+    assert_eq!((early.owner, early.over_bound), (None, None));
+    t.on_event(&k, owner(1, PID, 3));
+    assert_eq!(keying_for(&mut t, &mut k, 2, PID).over_bound, None);
+}
+
 #[test]
 fn the_failure_policy_decides_what_a_failed_connection_becomes() {
     struct Case {
@@ -821,6 +873,7 @@ fn the_failure_policy_decides_what_a_failed_connection_becomes() {
             source: std::io::Error::from_raw_os_error(libc::EINVAL),
         })
     };
+    let over_bound = || Err(KeyingError::from(OverProcessBound { pid: PID, max: 1 }));
     let cases = [
         // Fail-closed: reset, and the app sees ECONNRESET through an open gate.
         (
@@ -880,6 +933,24 @@ fn the_failure_policy_decides_what_a_failed_connection_becomes() {
             half_installed,
             true,
             true,
+            gate::RESET,
+            false,
+        ),
+        // So is a connection over its process's bound: capacity never
+        // means plaintext.
+        (
+            FailurePolicy::FailOpen,
+            over_bound,
+            true,
+            false,
+            gate::OPEN,
+            true,
+        ),
+        (
+            FailurePolicy::FailOpen,
+            over_bound,
+            false,
+            false,
             gate::RESET,
             false,
         ),

@@ -132,7 +132,7 @@ enum Side {
     },
     /// Connect and make one unusual socket call (MSG_OOB, MSG_ZEROCOPY,
     /// TCP_ZEROCOPY_RECEIVE, TCP repair mode, reconnects, a flood of
-    /// connects nobody answers) with the
+    /// connects nobody answers, many connections waiting for keys) with the
     /// pattern's first 4,096 bytes (the marker first); each step's errno is
     /// reported and `ok` is true when every step succeeded.
     Probe {
@@ -143,8 +143,8 @@ enum Side {
         /// `refused-then-reconnect`: where the socket connects again.
         #[arg(long, required_if_eq("what", "refused-then-reconnect"))]
         then: Option<SocketAddr>,
-        /// `refused-then-reconnect`, `connect-flood`: the last step waits
-        /// until this file exists.
+        /// `refused-then-reconnect`, `connect-flood`, `many-waiting`: the
+        /// last step waits until this file exists.
         #[arg(long)]
         go_file: Option<std::path::PathBuf>,
     },

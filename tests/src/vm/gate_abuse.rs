@@ -1,6 +1,7 @@
 //! No app can get around the gate or wedge the node with numbers: a pid
-//! reused after an exempt provider, a flood of events from one socket, and
-//! a full connection map.
+//! reused after an exempt provider, a flood of events from one socket, a
+//! full connection map, connects nobody answers, and one process with many
+//! connections waiting for keys.
 
 use std::time::Duration;
 
@@ -275,6 +276,9 @@ pub fn conns_map_full() -> Result<String, String> {
     // 1. Keyed connections leave the map.
     let mut sa = NodeSpec::new("a");
     sa.bpf.push(("max_connections", u64::from(MAX)));
+    // One process (the load client) may use the whole map: this scenario
+    // is about the map, `process_bound` about the bound.
+    sa.bpf.push(("max_connections_per_process", u64::from(MAX)));
     let (a, b) = nodes(sa.clone(), NodeSpec::new("b"))?;
     let server = LoadServer::start()?;
     let client = start_load_with(LONG, 6, 2.0)?;
@@ -525,5 +529,103 @@ pub fn connect_flood() -> Result<String, String> {
     Ok(format!(
         "{CONNECT_FLOOD} sockets connecting to a black hole next to a map of {MAX}: 0 conns entries, their sends EAGAIN; 3 protected exchanges keyed meanwhile (map_full 0, {} flows decrypted), the plain control showed its marker",
         wire.decrypted
+    ))
+}
+
+/// What one process can cost the node is bounded: its connections waiting
+/// for keys at once (each an entry of the `conns` map) are at most
+/// `[bpf] max_connections_per_process`, and its next ones are reset at
+/// once, so one app whose peers answer but never let a connection be keyed
+/// cannot make every other app's connections fail. Node A allows 8 per
+/// process; an app in pod-a opens 24 connections to a selected port whose
+/// server never accepts (node B's provider waits for the socket, so node
+/// A's handshakes wait for the key timeout, 30 s). 16 must be refused at
+/// once (failure reason `process_bound`, their sends `ECONNRESET` or
+/// `EPIPE`, even though node A fails open) while 8 wait (`EAGAIN`);
+/// meanwhile another process's exchange is keyed, exact both ways. No
+/// marker on the wire; a plain control flow shows it.
+pub fn process_bound() -> Result<String, String> {
+    use super::support::{self, spawn_server};
+    use crate::app_io::MANY_WAITING;
+    const BOUND: u64 = 8;
+    const NEVER_ACCEPTED_PORT: u16 = 8450;
+    const ECONNRESET: i64 = 104;
+    const EPIPE: i64 = 32;
+    const EAGAIN: i64 = 11;
+    let mut sa = NodeSpec::new("a");
+    sa.bpf.push(("max_connections_per_process", BOUND));
+    sa.key_timeout_ms = 30_000;
+    // Capacity never means plaintext, whatever the policy.
+    sa.failure_policy = "fail-open";
+    sa.also_ports = vec![NEVER_ACCEPTED_PORT];
+    let mut sb = NodeSpec::new("b");
+    sb.key_timeout_ms = 60_000;
+    sb.also_ports = vec![NEVER_ACCEPTED_PORT];
+    let (a, b) = nodes(sa, sb)?;
+    let cap = Capture::start("process-bound")?;
+    let _never_accepting = spawn_server(
+        NEVER_ACCEPTED_PORT,
+        &["--accept-delay-ms", "300000", "--connections", "1"],
+    )?;
+    let go_file = support::GoFile::new("/tmp/process-bound.go");
+    let target = support::pod_b_addr(NEVER_ACCEPTED_PORT);
+    let many = support::spawn_probe("many-waiting", &target, &["--go-file", go_file.path()])?;
+    let over = (MANY_WAITING as u64) - BOUND;
+    let refused = a.stat_reaching_in(
+        |s| s.failures("process_bound"),
+        over,
+        Duration::from_secs(20),
+    );
+    // Another process is not bounded by the first one's connections.
+    let keyed_before = a.stat(|s| s.protected);
+    let app = App::exchange(10_000, PROTECTED_PORT);
+    let (s, c) = run_pair(&app, &[], Duration::from_secs(30))?;
+    both_ok(&app, &s, &c)?;
+    let keyed = a.stat_reaching(|s| s.protected, keyed_before + 1) - keyed_before;
+    let control = App::exchange(10_000, PLAIN_PORT);
+    let (s, c) = run_pair(&control, &[], Duration::from_secs(30))?;
+    both_ok(&control, &s, &c)?;
+    let refused_after = a.stat(|s| s.failures("process_bound"));
+    go_file.go()?;
+    let steps = support::probe_steps(&process::finish(many, Duration::from_secs(30))?)?;
+    let connects = steps
+        .iter()
+        .filter(|(c, e)| c == "connect" && *e == 0)
+        .count();
+    let sends: Vec<i64> = steps
+        .iter()
+        .filter(|(c, _)| c == "send")
+        .map(|(_, e)| *e)
+        .collect();
+    let waiting = sends.iter().filter(|e| **e == EAGAIN).count() as u64;
+    let reset = sends
+        .iter()
+        .filter(|e| matches!(**e, ECONNRESET | EPIPE))
+        .count() as u64;
+    if connects != MANY_WAITING || sends.len() != MANY_WAITING {
+        return Err(format!(
+            "the app's {MANY_WAITING} connections: {steps:?} (want every connect and send reported)"
+        ));
+    }
+    if refused != over || refused_after != over || waiting != BOUND || reset != over {
+        return Err(format!(
+            "one process with {MANY_WAITING} connections waiting, {BOUND} allowed: node a refused {refused} then {refused_after} (want {over}); its sends: {waiting} EAGAIN (want {BOUND}), {reset} reset (want {over}); all: {sends:?}"
+        ));
+    }
+    if keyed != 1 {
+        return Err(format!(
+            "another process's exchange next to the bounded one: node a keyed {keyed}, want 1"
+        ));
+    }
+    let wire = super::wire_check::check_wire_allowing_unkeyed(&cap.finish()?, &a, &b, true)?;
+    if wire.plain_flows_with_marker == 0 || wire.decrypted < 1 {
+        return Err(format!(
+            "wire: plain flows with the marker {}, decrypted {} (want at least 1 and 1)",
+            wire.plain_flows_with_marker, wire.decrypted
+        ));
+    }
+    Ok(format!(
+        "one process with {MANY_WAITING} connections waiting for keys and a bound of {BOUND}: {over} refused at once under fail-open (sends reset), {BOUND} waited (EAGAIN); another process's exchange was keyed meanwhile; no marker on the wire ({} protected flows, {} decrypted), the plain control showed it",
+        wire.protected_flows, wire.decrypted
     ))
 }

@@ -153,6 +153,10 @@ pub const TESTS: &[Scenario] = &[
         super::gate_abuse::connect_flood,
     ),
     (
+        "gate_one_process_bounded_others_keyed",
+        super::gate_abuse::process_bound,
+    ),
+    (
         "gate_hold_unrecorded_answers_eintr",
         super::gate_abuse::hold_unrecorded,
     ),
