@@ -10,6 +10,7 @@ pub mod event_loops;
 pub mod exchange;
 pub mod failure;
 pub mod gate_abuse;
+pub mod gate_capacity;
 pub mod gate_edges;
 pub mod gate_paths;
 pub mod node;

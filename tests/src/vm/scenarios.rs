@@ -1,7 +1,7 @@
 //! The index of the kernel scenarios: each returns `Ok(summary)` or
 //! `Err(why)`, and the runner prints one result line per scenario. The
 //! bodies live by topic (`exchange`, `providers`, `failure`, `service`,
-//! `gate_paths`, `gate_edges`, `gate_abuse`, `dnat`, `rollout`, `node_pair`, `event_loops`, `stress`); what
+//! `gate_paths`, `gate_edges`, `gate_abuse`, `gate_capacity`, `dnat`, `rollout`, `node_pair`, `event_loops`, `stress`); what
 //! they share is in `support` and `wire_check`. tests/README.md says how to
 //! add one.
 
@@ -146,15 +146,15 @@ pub const TESTS: &[Scenario] = &[
     ),
     (
         "gate_conns_map_full_fails_closed",
-        super::gate_abuse::conns_map_full,
+        super::gate_capacity::conns_map_full,
     ),
     (
         "gate_connect_flood_costs_no_capacity",
-        super::gate_abuse::connect_flood,
+        super::gate_capacity::connect_flood,
     ),
     (
         "gate_one_process_bounded_others_keyed",
-        super::gate_abuse::process_bound,
+        super::gate_capacity::process_bound,
     ),
     (
         "gate_hold_unrecorded_answers_eintr",

@@ -1,0 +1,391 @@
+//! What one app can cost the node's shared capacity: a full connection map
+//! fails closed, connects nobody answers take no entry, and one process's
+//! connections waiting for keys are bounded.
+
+use std::time::Duration;
+
+use super::node::{NodeSpec, PLAIN_PORT, PROTECTED_PORT, ProviderKind};
+use super::process;
+use super::support::{App, both_ok, nodes, run_pair};
+use super::wire_check::Capture;
+
+/// Capacity never means plaintext, and open connections cost no capacity.
+/// Node A's `conns` map holds 16 entries (`[bpf] max_connections = 16`).
+///
+/// 1. Keyed connections keep no entry: 48 long-lived connections (three
+///    times the map) are keyed and stay open while short ones are opened
+///    at 2/s, and every one of them is keyed too (`map_full` stays 0).
+/// 2. Connections waiting for keys do: with node A's provider hanging (20 s
+///    key timeout), 16 clients fill the map, and each further one must fail
+///    closed at once (its app's calls fail with `ECONNRESET`, counted as
+///    `map_full`), with no marker on the wire. The 16 are reset at the key
+///    timeout; then a new connection is keyed again. A plain control flow
+///    shows the marker.
+/// 3. A refused socket is not refused for good once it moves on: two of
+///    the sockets refused over the full map are disconnected
+///    (`connect(AF_UNSPEC)`) and connected again. One goes to the plain
+///    port at once: its exchange is exact and in clear. The other waits
+///    until the map has room again and node A's provider is switched to a
+///    working one, then goes back to the protected port: it is keyed,
+///    exact bytes, a flow that decrypts.
+pub fn conns_map_full() -> Result<String, String> {
+    use super::service::{LoadServer, report, start_load_with};
+    use super::support::{self, GoFile, expect_reset, json, pod_b_addr, spawn_client, spawn_probe};
+    const MAX: u32 = 16;
+    const LONG: u32 = 3 * MAX;
+    // 1. Keyed connections leave the map.
+    let mut sa = NodeSpec::new("a");
+    sa.bpf.push(("max_connections", u64::from(MAX)));
+    // One process (the load client) may use the whole map: this scenario
+    // is about the map, `process_bound` about the bound.
+    sa.bpf.push(("max_connections_per_process", u64::from(MAX)));
+    let (a, b) = nodes(sa.clone(), NodeSpec::new("b"))?;
+    let server = LoadServer::start()?;
+    let client = start_load_with(LONG, 6, 2.0)?;
+    // All long ones are keyed and open now; the map holds only what waits.
+    std::thread::sleep(Duration::from_millis(1500));
+    let entries_while_open = a.stat(|s| s.bpf_maps.0 as u64);
+    let r = report(&process::finish(client, Duration::from_secs(120))?)?;
+    drop(server);
+    let attempted = r.short_attempted;
+    if r.long_opened != LONG
+        || r.long_broken != 0
+        || r.corrupt != 0
+        || attempted == 0
+        || r.short_ok != attempted
+    {
+        return Err(format!(
+            "{LONG} keyed connections open must leave room in a map of {MAX}: {r}"
+        ));
+    }
+    let keyed = a.stat_reaching(|s| s.protected, u64::from(LONG) + attempted);
+    let full = a.stat(|s| s.map_full);
+    if keyed < u64::from(LONG) + attempted || full != 0 || entries_while_open >= u64::from(MAX) {
+        return Err(format!(
+            "node a: {keyed} keyed (want {}), map_full {full}, {entries_while_open} conns entries with the long ones open",
+            u64::from(LONG) + attempted
+        ));
+    }
+    drop((a, b));
+
+    // 2. Waiting connections fill it, and the next ones fail closed.
+    // Long enough for 16 client processes to start and connect under TCG
+    // (on 6.12 that took more than 5 s) before the first is reset.
+    sa.provider = ProviderKind::Bad("hang");
+    sa.also = vec![ProviderKind::OpenSsl];
+    sa.key_timeout_ms = 20_000;
+    let mut sb = NodeSpec::new("b");
+    // Node b must not reset the connections first (its provider waits for
+    // a handshake that node a never starts).
+    sb.key_timeout_ms = 40_000;
+    let (a, b) = nodes(sa, sb)?;
+    let cap = Capture::start("map-full")?;
+    let server = LoadServer::start()?;
+    let size = ["--size", "100"];
+    let mut waiting = Vec::new();
+    for _ in 0..MAX {
+        waiting.push(spawn_client(PROTECTED_PORT, &size)?);
+    }
+    let filled = a.stat_reaching_in(
+        |s| s.bpf_maps.0 as u64,
+        u64::from(MAX),
+        Duration::from_secs(15),
+    );
+    if filled < u64::from(MAX) {
+        return Err(format!(
+            "{MAX} clients waiting for keys filled {filled} of {MAX} conns entries"
+        ));
+    }
+    // 3. Their first connections are two more over the full map.
+    let plain_server = LoadServer::start_on(PLAIN_PORT)?;
+    let go_file = GoFile::new("/tmp/refused-then-reconnect.go");
+    let reconnecting = |port: u16, wait: bool| {
+        let (target, then) = (pod_b_addr(PROTECTED_PORT), pod_b_addr(port));
+        let mut args = vec!["--then", &then];
+        if wait {
+            args.extend(["--go-file", go_file.path()]);
+        }
+        spawn_probe("refused-then-reconnect", &target, &args)
+    };
+    let to_plain = reconnecting(PLAIN_PORT, false)?;
+    let to_protected = reconnecting(PROTECTED_PORT, true)?;
+    const OVER: u32 = 4;
+    let t = std::time::Instant::now();
+    for i in 0..OVER {
+        let c = json(&process::finish(
+            spawn_client(PROTECTED_PORT, &size)?,
+            Duration::from_secs(60),
+        )?)?;
+        expect_reset(&c).map_err(|e| format!("client {i} over a full map: {e}"))?;
+    }
+    let refused_in = t.elapsed();
+    if refused_in > Duration::from_secs(8) {
+        return Err(format!(
+            "{OVER} clients over a full map took {refused_in:?} to fail: they waited instead of failing at once"
+        ));
+    }
+    for (i, c) in waiting.into_iter().enumerate() {
+        let c = json(&process::finish(c, Duration::from_secs(60))?)?;
+        expect_reset(&c).map_err(|e| format!("waiting client {i}: {e}"))?;
+    }
+    const PROBES: u64 = 2;
+    let full = a.stat_reaching(|s| s.map_full, u64::from(OVER) + PROBES);
+    if full < u64::from(OVER) + PROBES {
+        return Err(format!(
+            "node a counted {full} map-full failures for {OVER} clients and {PROBES} probes over a full map"
+        ));
+    }
+    const ECONNRESET: i64 = 104;
+    let probe_as_wanted = |child, what: &str| -> Result<(), String> {
+        let steps = support::probe_steps(&process::finish(child, Duration::from_secs(90))?)?;
+        let want = [
+            ("connect", 0),
+            ("write", ECONNRESET),
+            ("disconnect", 0),
+            ("wait for the go file", 0),
+            ("connect again", 0),
+            ("exchange", 0),
+        ];
+        if steps.len() != want.len()
+            || steps
+                .iter()
+                .zip(want)
+                .any(|((c, e), (wc, we))| c != wc || *e != we)
+        {
+            return Err(format!(
+                "a socket refused over the full map, then connected to {what}: {steps:?}, want {want:?}"
+            ));
+        }
+        Ok(())
+    };
+    probe_as_wanted(to_plain, "the plain port")?;
+    // 3, continued: room again, and a provider that keys.
+    let free = a.stat_reaching_in(
+        |s| u64::from(MAX).saturating_sub(s.bpf_maps.0 as u64),
+        u64::from(MAX),
+        Duration::from_secs(15),
+    );
+    if free < u64::from(MAX) {
+        return Err(format!(
+            "{} conns entries still in use after every waiting client was reset",
+            u64::from(MAX) - free
+        ));
+    }
+    a.ctl(&["provider", "use", "openssl"])?;
+    let keyed_before = a.stat(|s| s.protected);
+    go_file.go()?;
+    probe_as_wanted(to_protected, "the protected port again")?;
+    let keyed_again = a.stat_reaching(|s| s.protected, keyed_before + 1) - keyed_before;
+    if keyed_again != 1 {
+        return Err(format!(
+            "the refused socket connected to the protected port again: node a keyed {keyed_again} connections, want 1"
+        ));
+    }
+    drop((server, plain_server));
+    // Read before the nodes go: the next ones start with empty key logs.
+    let mut keys: Vec<_> = a.keys().into_iter().chain(b.keys()).collect();
+    drop((a, b));
+    let (a, b) = nodes(NodeSpec::new("a"), NodeSpec::new("b"))?;
+    let control = App::exchange(10_000, PLAIN_PORT);
+    let (s, c) = run_pair(&control, &[], Duration::from_secs(30))?;
+    both_ok(&control, &s, &c)?;
+    let after = App::exchange(10_000, PROTECTED_PORT);
+    let (s, c) = run_pair(&after, &[], Duration::from_secs(30))?;
+    both_ok(&after, &s, &c)?;
+    keys.extend(a.keys().into_iter().chain(b.keys()));
+    let wire = super::wire_check::check_wire_with_keys(&cap.finish()?, &keys, true)?;
+    // The probe's plain exchange and the control.
+    if wire.plain_flows_with_marker < 2 {
+        return Err(format!(
+            "the plain flows' marker was seen in {} flows, want 2: the capture is blind",
+            wire.plain_flows_with_marker
+        ));
+    }
+    // The refused socket's keyed reconnect and the last exchange.
+    if wire.decrypted < 2 {
+        return Err(format!(
+            "{} protected flows decrypted, want 2 (the reconnected socket's and the last exchange's)",
+            wire.decrypted
+        ));
+    }
+    Ok(format!(
+        "conns of {MAX} entries: {LONG} keyed long connections open and {attempted} short ones keyed meanwhile ({entries_while_open} entries in use, map_full 0); {MAX} connections waiting for keys filled it and {OVER} more failed closed in {:.1} s (map_full {full}, with the probes'), the {MAX} reset at the key timeout; refused sockets connected again worked in clear to the plain port and were keyed on the protected one; no marker on the wire ({} protected flows, {} decrypted); then a new connection was keyed",
+        refused_in.as_secs_f64(),
+        wire.protected_flows,
+        wire.decrypted
+    ))
+}
+
+/// Connecting costs no shared capacity: a connection that no peer answers
+/// has no `conns` entry, so one app cannot fill the map by connecting to
+/// selected addresses where nobody answers (each such socket sits in
+/// `SYN_SENT` for about two minutes) and make every other selected
+/// connection on the node fail closed. Node A's map holds 16 entries; an
+/// app in pod-a leaves 64 non-blocking sockets connecting to a selected
+/// address that node B black-holes, and one send on each gets TCP's own
+/// `EAGAIN`. Meanwhile node A's `conns` map stays empty, three protected
+/// exchanges are keyed (`map_full` stays 0) and a plain control shows its
+/// marker on the wire, where no protected flow may.
+pub fn connect_flood() -> Result<String, String> {
+    use super::support::{self, PodSetting};
+    use crate::app_io::CONNECT_FLOOD;
+    const MAX: u32 = 16;
+    const BLACK_HOLE: &str = "10.0.2.77";
+    let mut sa = NodeSpec::new("a");
+    sa.bpf.push(("max_connections", u64::from(MAX)));
+    let (a, b) = nodes(sa, NodeSpec::new("b"))?;
+    let host = format!("{BLACK_HOLE}/32");
+    let _black_hole = PodSetting::command(
+        "node-b",
+        &["ip", "route", "add", "blackhole", &host],
+        &["ip", "route", "del", "blackhole", &host],
+    )?;
+    let cap = Capture::start("connect-flood")?;
+    let go_file = support::GoFile::new("/tmp/connect-flood.go");
+    let target = format!("{BLACK_HOLE}:{PROTECTED_PORT}");
+    let flood = support::spawn_probe("connect-flood", &target, &["--go-file", go_file.path()])?;
+    let connecting = || {
+        process::run(Some("pod-a"), &["ss", "-Htn", "state", "syn-sent"])
+            .map(|out| out.lines().filter(|l| l.contains(BLACK_HOLE)).count())
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let mut seen = connecting()?;
+    while seen < CONNECT_FLOOD && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(200));
+        seen = connecting()?;
+    }
+    let entries = a.stat(|s| s.bpf_maps.0 as u64);
+    for port in [PROTECTED_PORT, PROTECTED_PORT, PROTECTED_PORT, PLAIN_PORT] {
+        let app = App::exchange(10_000, port);
+        let (s, c) = run_pair(&app, &[], Duration::from_secs(30))?;
+        both_ok(&app, &s, &c)?;
+    }
+    let still = connecting()?;
+    go_file.go()?;
+    let steps = support::probe_steps(&process::finish(flood, Duration::from_secs(30))?)?;
+    if seen < CONNECT_FLOOD || still < CONNECT_FLOOD {
+        return Err(format!(
+            "{seen} then {still} sockets connecting to {BLACK_HOLE}, want {CONNECT_FLOOD}: the black hole did not hold them"
+        ));
+    }
+    if steps.iter().any(|(_, e)| *e != 0) {
+        return Err(format!(
+            "the flood's connects and sends: {steps:?} (want EINPROGRESS and EAGAIN throughout)"
+        ));
+    }
+    let full = a.stat(|s| s.map_full);
+    if entries != 0 || full != 0 {
+        return Err(format!(
+            "with {CONNECT_FLOOD} sockets connecting: {entries} conns entries (want 0), map_full {full} (want 0)"
+        ));
+    }
+    let wire = super::wire_check::check_wire_allowing_unkeyed(&cap.finish()?, &a, &b, true)?;
+    if wire.plain_flows_with_marker == 0 || wire.decrypted < 3 {
+        return Err(format!(
+            "wire: plain flows with the marker {}, decrypted {} (want at least 1 and 3)",
+            wire.plain_flows_with_marker, wire.decrypted
+        ));
+    }
+    Ok(format!(
+        "{CONNECT_FLOOD} sockets connecting to a black hole next to a map of {MAX}: 0 conns entries, their sends EAGAIN; 3 protected exchanges keyed meanwhile (map_full 0, {} flows decrypted), the plain control showed its marker",
+        wire.decrypted
+    ))
+}
+
+/// What one process can cost the node is bounded: its connections waiting
+/// for keys at once (each an entry of the `conns` map) are at most
+/// `[bpf] max_connections_per_process`, and its next ones are reset at
+/// once, so one app whose peers answer but never let a connection be keyed
+/// cannot make every other app's connections fail. Node A allows 8 per
+/// process; an app in pod-a opens 24 connections to a selected port whose
+/// server never accepts (node B's provider waits for the socket, so node
+/// A's handshakes wait for the key timeout, 30 s). 16 must be refused at
+/// once (failure reason `process_bound`, their sends `ECONNRESET` or
+/// `EPIPE`, even though node A fails open) while 8 wait (`EAGAIN`);
+/// meanwhile another process's exchange is keyed, exact both ways. No
+/// marker on the wire; a plain control flow shows it.
+pub fn process_bound() -> Result<String, String> {
+    use super::support::{self, spawn_server};
+    use crate::app_io::MANY_WAITING;
+    const BOUND: u64 = 8;
+    const NEVER_ACCEPTED_PORT: u16 = 8450;
+    const ECONNRESET: i64 = 104;
+    const EPIPE: i64 = 32;
+    const EAGAIN: i64 = 11;
+    let mut sa = NodeSpec::new("a");
+    sa.bpf.push(("max_connections_per_process", BOUND));
+    sa.key_timeout_ms = 30_000;
+    // Capacity never means plaintext, whatever the policy.
+    sa.failure_policy = "fail-open";
+    sa.also_ports = vec![NEVER_ACCEPTED_PORT];
+    let mut sb = NodeSpec::new("b");
+    sb.key_timeout_ms = 60_000;
+    sb.also_ports = vec![NEVER_ACCEPTED_PORT];
+    let (a, b) = nodes(sa, sb)?;
+    let cap = Capture::start("process-bound")?;
+    let _never_accepting = spawn_server(
+        NEVER_ACCEPTED_PORT,
+        &["--accept-delay-ms", "300000", "--connections", "1"],
+    )?;
+    let go_file = support::GoFile::new("/tmp/process-bound.go");
+    let target = support::pod_b_addr(NEVER_ACCEPTED_PORT);
+    let many = support::spawn_probe("many-waiting", &target, &["--go-file", go_file.path()])?;
+    let over = (MANY_WAITING as u64) - BOUND;
+    let refused = a.stat_reaching_in(
+        |s| s.failures("process_bound"),
+        over,
+        Duration::from_secs(20),
+    );
+    // Another process is not bounded by the first one's connections.
+    let keyed_before = a.stat(|s| s.protected);
+    let app = App::exchange(10_000, PROTECTED_PORT);
+    let (s, c) = run_pair(&app, &[], Duration::from_secs(30))?;
+    both_ok(&app, &s, &c)?;
+    let keyed = a.stat_reaching(|s| s.protected, keyed_before + 1) - keyed_before;
+    let control = App::exchange(10_000, PLAIN_PORT);
+    let (s, c) = run_pair(&control, &[], Duration::from_secs(30))?;
+    both_ok(&control, &s, &c)?;
+    let refused_after = a.stat(|s| s.failures("process_bound"));
+    go_file.go()?;
+    let steps = support::probe_steps(&process::finish(many, Duration::from_secs(30))?)?;
+    let connects = steps
+        .iter()
+        .filter(|(c, e)| c == "connect" && *e == 0)
+        .count();
+    let sends: Vec<i64> = steps
+        .iter()
+        .filter(|(c, _)| c == "send")
+        .map(|(_, e)| *e)
+        .collect();
+    let waiting = sends.iter().filter(|e| **e == EAGAIN).count() as u64;
+    let reset = sends
+        .iter()
+        .filter(|e| matches!(**e, ECONNRESET | EPIPE))
+        .count() as u64;
+    if connects != MANY_WAITING || sends.len() != MANY_WAITING {
+        return Err(format!(
+            "the app's {MANY_WAITING} connections: {steps:?} (want every connect and send reported)"
+        ));
+    }
+    if refused != over || refused_after != over || waiting != BOUND || reset != over {
+        return Err(format!(
+            "one process with {MANY_WAITING} connections waiting, {BOUND} allowed: node a refused {refused} then {refused_after} (want {over}); its sends: {waiting} EAGAIN (want {BOUND}), {reset} reset (want {over}); all: {sends:?}"
+        ));
+    }
+    if keyed != 1 {
+        return Err(format!(
+            "another process's exchange next to the bounded one: node a keyed {keyed}, want 1"
+        ));
+    }
+    let wire = super::wire_check::check_wire_allowing_unkeyed(&cap.finish()?, &a, &b, true)?;
+    if wire.plain_flows_with_marker == 0 || wire.decrypted < 1 {
+        return Err(format!(
+            "wire: plain flows with the marker {}, decrypted {} (want at least 1 and 1)",
+            wire.plain_flows_with_marker, wire.decrypted
+        ));
+    }
+    Ok(format!(
+        "one process with {MANY_WAITING} connections waiting for keys and a bound of {BOUND}: {over} refused at once under fail-open (sends reset), {BOUND} waited (EAGAIN); another process's exchange was keyed meanwhile; no marker on the wire ({} protected flows, {} decrypted), the plain control showed it",
+        wire.protected_flows, wire.decrypted
+    ))
+}
