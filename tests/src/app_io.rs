@@ -993,7 +993,7 @@ fn send_racing_connect(target: std::net::SocketAddr, payload: &[u8]) -> [ProbeSt
         let connected = step("connect", sock.connect(&target.into()).map(|()| 0));
         connect_returned.store(true, Ordering::Release);
         let sent = sender.join().unwrap_or(ProbeStep {
-            call: "send racing connect",
+            call: "send racing connect".into(),
             errno: -1,
         });
         [connected, sent]
@@ -1001,17 +1001,17 @@ fn send_racing_connect(target: std::net::SocketAddr, payload: &[u8]) -> [ProbeSt
 }
 
 /// One step of a probe and its errno (0: it succeeded).
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct ProbeStep {
     /// What was called.
-    pub call: &'static str,
+    pub call: std::borrow::Cow<'static, str>,
     /// Its errno, 0 on success.
     pub errno: i32,
 }
 
 fn step(call: &'static str, r: io::Result<usize>) -> ProbeStep {
     ProbeStep {
-        call,
+        call: call.into(),
         errno: r.err().map_or(0, |e| e.raw_os_error().unwrap_or(-1)),
     }
 }
@@ -1209,11 +1209,11 @@ fn connect_flood(
     }
     vec![
         ProbeStep {
-            call: "connects in progress",
+            call: "connects in progress".into(),
             errno: connects,
         },
         ProbeStep {
-            call: "sends answered EAGAIN",
+            call: "sends answered EAGAIN".into(),
             errno: sends,
         },
         step("wait for the go file", wait_for_go(go_file)),

@@ -16,6 +16,7 @@
 //! `tests/README.md` explains how to add a scenario.
 
 pub mod app_io;
+pub mod app_report;
 pub mod conformance;
 pub mod hold;
 pub mod load;

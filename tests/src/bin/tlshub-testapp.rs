@@ -9,6 +9,7 @@ use std::time::Instant;
 use clap::{Parser, Subcommand, ValueEnum};
 use serde::Serialize;
 use tlshub_vm_tests::app_io::{self, Conn, FastOpen, IoMode, RecvMethod, SendMethod, Via};
+use tlshub_vm_tests::app_report::{AppReport, AppRole, FastOpenOutcome};
 use tlshub_vm_tests::pattern;
 
 #[derive(Debug, Parser)]
@@ -150,70 +151,10 @@ enum Side {
     },
 }
 
-#[derive(Debug, Default, Serialize)]
-struct Report {
-    ok: bool,
-    role: &'static str,
-    connections: u32,
-    bytes_sent: u64,
-    bytes_received: u64,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    error: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    errno: Option<i32>,
-    /// Microseconds: connect start to first echoed byte per connection
-    /// (echo mode), or send to echo per transaction (rr mode).
-    #[serde(skip_serializing_if = "Vec::is_empty")]
-    latency_us: Vec<u64>,
-    /// Bytes per second of the transfer (throughput mode); with
-    /// `--parallel`, all connections' bytes over the slowest one's time.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    bytes_per_sec: Option<f64>,
-    /// Transactions per second (rr mode).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    transactions_per_sec: Option<f64>,
-    /// fd numbers reused (fd-reuse scenario).
-    reused_fds: u32,
-    /// What became of Fast Open's first bytes: "sent" with the connecting
-    /// call, or "refused" (EOPNOTSUPP; the client fell back to connect()).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    fastopen: Option<&'static str>,
-    /// connect() calls on connected sockets that failed with EISCONN
-    /// (`--connect-again`).
-    #[serde(skip_serializing_if = "is_zero")]
-    eisconn: u64,
-    /// io_uring data requests that completed with EINTR and were submitted
-    /// again (`--send io-uring`, `--recv io-uring`).
-    #[serde(skip_serializing_if = "is_zero")]
-    uring_interrupted: u64,
-    /// `--reconnect`: attempts (client) or connections (server) that ended
-    /// in a clean I/O error.
-    #[serde(skip_serializing_if = "is_zero")]
-    failed_cleanly: u64,
-    /// `--reconnect`, client: attempts whose `connect(AF_UNSPEC)` was
-    /// refused (the socket was keyed already: the tls ULP cannot be
-    /// disconnected), so the exchange ran on the first connection.
-    #[serde(skip_serializing_if = "is_zero")]
-    disconnect_refused: u64,
-    /// `--mode fill-half-close`, client: how long `shutdown()` took.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    shutdown_ms: Option<u64>,
-    /// SO_SNDBUF of the last connection after its exchange.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    send_buffer: Option<usize>,
-    /// `probe`: each call and its errno.
-    #[serde(skip_serializing_if = "Vec::is_empty")]
-    probe: Vec<app_io::ProbeStep>,
-}
-
 use tlshub_vm_tests::pattern::{CLIENT_SEED, SERVER_SEED};
 
-fn is_zero(n: &u64) -> bool {
-    *n == 0
-}
-
 /// `--connect-again`: connect() on the connected socket, `times` times.
-fn connect_again(c: &Conn, times: u32, r: &mut Report) -> std::io::Result<()> {
+fn connect_again(c: &Conn, times: u32, r: &mut AppReport) -> std::io::Result<()> {
     if times == 0 {
         // getpeername() fails on a socket whose connection ended.
         return Ok(());
@@ -230,7 +171,12 @@ fn connect_again(c: &Conn, times: u32, r: &mut Report) -> std::io::Result<()> {
     Ok(())
 }
 
-fn send_pattern(c: &mut Conn, common: &Common, seed: u64, r: &mut Report) -> std::io::Result<()> {
+fn send_pattern(
+    c: &mut Conn,
+    common: &Common,
+    seed: u64,
+    r: &mut AppReport,
+) -> std::io::Result<()> {
     send_pattern_from(c, common, seed, r, 0)
 }
 
@@ -239,7 +185,7 @@ fn send_pattern_from(
     c: &mut Conn,
     common: &Common,
     seed: u64,
-    r: &mut Report,
+    r: &mut AppReport,
     from: u64,
 ) -> std::io::Result<()> {
     let mut off = from;
@@ -258,7 +204,12 @@ fn send_pattern_from(
 /// bytes received just before an error (a reset) are judged too, so
 /// garbage followed by a reset is reported as corruption, not as an
 /// ordinary failure.
-fn recv_pattern(c: &mut Conn, common: &Common, seed: u64, r: &mut Report) -> std::io::Result<()> {
+fn recv_pattern(
+    c: &mut Conn,
+    common: &Common,
+    seed: u64,
+    r: &mut AppReport,
+) -> std::io::Result<()> {
     let mut off = 0u64;
     let mut buf = vec![0u8; common.size.min(1 << 20)];
     while (off as usize) < common.size {
@@ -288,14 +239,14 @@ fn recv_pattern(c: &mut Conn, common: &Common, seed: u64, r: &mut Report) -> std
 fn exchange_maybe_handed_off(
     stream: TcpStream,
     common: &Common,
-    r: &mut Report,
-    exchange: fn(TcpStream, &Common, &mut Report) -> std::io::Result<()>,
+    r: &mut AppReport,
+    exchange: fn(TcpStream, &Common, &mut AppReport) -> std::io::Result<()>,
 ) -> std::io::Result<()> {
     if common.handoff == app_io::Handoff::None {
         return exchange(stream, common, r);
     }
     let (sent, received) = app_io::in_child(stream, common.handoff, |s| {
-        let mut one = Report::default();
+        let mut one = AppReport::default();
         exchange(s, common, &mut one).map(|()| (one.bytes_sent, one.bytes_received))
     })?;
     r.bytes_sent += sent;
@@ -311,7 +262,7 @@ fn accept(l: &TcpListener, via: Via) -> std::io::Result<TcpStream> {
     }
 }
 
-fn serve_one(stream: TcpStream, common: &Common, r: &mut Report) -> std::io::Result<()> {
+fn serve_one(stream: TcpStream, common: &Common, r: &mut AppReport) -> std::io::Result<()> {
     if common.ktls_fixed_key {
         app_io::install_fixed_ktls(&stream, false)?;
     }
@@ -326,7 +277,7 @@ fn send_buffer(c: &Conn) -> Option<usize> {
     socket2::SockRef::from(c.stream()).send_buffer_size().ok()
 }
 
-fn serve_exchange(c: &mut Conn, common: &Common, r: &mut Report) -> std::io::Result<()> {
+fn serve_exchange(c: &mut Conn, common: &Common, r: &mut AppReport) -> std::io::Result<()> {
     match common.mode {
         Mode::ClientFirst => {
             recv_pattern(c, common, CLIENT_SEED, r)?;
@@ -409,7 +360,7 @@ fn corrupt(e: &std::io::Error) -> bool {
 /// comes for 5 s (less than the harness waits for a server once its
 /// client is done); a connection that fails cleanly is counted, one with
 /// wrong bytes fails the run.
-fn serve_until_idle(l: &TcpListener, common: &Common, r: &mut Report) -> std::io::Result<()> {
+fn serve_until_idle(l: &TcpListener, common: &Common, r: &mut AppReport) -> std::io::Result<()> {
     socket2::SockRef::from(l).set_read_timeout(Some(std::time::Duration::from_secs(5)))?;
     loop {
         let s = match l.accept() {
@@ -417,7 +368,7 @@ fn serve_until_idle(l: &TcpListener, common: &Common, r: &mut Report) -> std::io
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Ok(()),
             Err(e) => return Err(e),
         };
-        let mut one = Report::default();
+        let mut one = AppReport::default();
         match serve_one(s, common, &mut one) {
             Ok(()) => {
                 r.connections += 1;
@@ -433,7 +384,11 @@ fn serve_until_idle(l: &TcpListener, common: &Common, r: &mut Report) -> std::io
 /// `--reconnect`, client: one exchange on a socket that was connected,
 /// disconnected and connected again, tried until it succeeds (attempts
 /// that fail cleanly are counted), three times in all at most.
-fn client_reconnecting(target: SocketAddr, common: &Common, r: &mut Report) -> std::io::Result<()> {
+fn client_reconnecting(
+    target: SocketAddr,
+    common: &Common,
+    r: &mut AppReport,
+) -> std::io::Result<()> {
     let mut last = None;
     for _ in 0..3 {
         let sock = socket2::Socket::new(
@@ -447,7 +402,7 @@ fn client_reconnecting(target: SocketAddr, common: &Common, r: &mut Report) -> s
             Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => r.disconnect_refused += 1,
             Err(e) => return Err(e),
         }
-        let mut one = Report::default();
+        let mut one = AppReport::default();
         let result = Conn::new(sock.into(), common.io)
             .and_then(|mut c| client_exchange(&mut c, common, &mut one));
         match result {
@@ -466,7 +421,7 @@ fn client_reconnecting(target: SocketAddr, common: &Common, r: &mut Report) -> s
     Err(last.unwrap_or_else(|| std::io::Error::other("no attempt")))
 }
 
-fn client_one(target: SocketAddr, common: &Common, r: &mut Report) -> std::io::Result<()> {
+fn client_one(target: SocketAddr, common: &Common, r: &mut AppReport) -> std::io::Result<()> {
     let started = Instant::now();
     if common.fastopen != FastOpen::Off {
         return client_fastopen(target, common, r);
@@ -501,12 +456,12 @@ fn client_one(target: SocketAddr, common: &Common, r: &mut Report) -> std::io::R
 /// `--parallel`, client: all `connections` at once, one thread each; the
 /// reports are added up, and a throughput is all the bytes over the
 /// slowest connection's transfer time.
-fn client_parallel(target: SocketAddr, common: &Common, r: &mut Report) -> std::io::Result<()> {
+fn client_parallel(target: SocketAddr, common: &Common, r: &mut AppReport) -> std::io::Result<()> {
     let ones = std::thread::scope(|scope| {
         let threads: Vec<_> = (0..common.connections)
             .map(|_| {
                 scope.spawn(move || {
-                    let mut one = Report::default();
+                    let mut one = AppReport::default();
                     client_one(target, common, &mut one).map(|()| one)
                 })
             })
@@ -517,7 +472,7 @@ fn client_parallel(target: SocketAddr, common: &Common, r: &mut Report) -> std::
                 t.join()
                     .map_err(|_| std::io::Error::other("client thread panicked"))?
             })
-            .collect::<std::io::Result<Vec<Report>>>()
+            .collect::<std::io::Result<Vec<AppReport>>>()
     })?;
     let mut slowest: f64 = 0.0;
     for one in ones {
@@ -536,7 +491,7 @@ fn client_parallel(target: SocketAddr, common: &Common, r: &mut Report) -> std::
 }
 
 /// A client-first exchange whose first bytes go out with Fast Open.
-fn client_fastopen(target: SocketAddr, common: &Common, r: &mut Report) -> std::io::Result<()> {
+fn client_fastopen(target: SocketAddr, common: &Common, r: &mut AppReport) -> std::io::Result<()> {
     if common.mode != Mode::ClientFirst {
         return Err(std::io::Error::other(
             "--fastopen needs --mode client-first",
@@ -545,7 +500,11 @@ fn client_fastopen(target: SocketAddr, common: &Common, r: &mut Report) -> std::
     let mut first = vec![0u8; common.size.min(1000)];
     pattern::fill(CLIENT_SEED, 0, &mut first);
     let (stream, sent) = app_io::connect_fastopen(target, common.fastopen, &first)?;
-    r.fastopen = Some(if sent.is_some() { "sent" } else { "refused" });
+    r.fastopen = Some(if sent.is_some() {
+        FastOpenOutcome::Sent
+    } else {
+        FastOpenOutcome::Refused
+    });
     let sent = sent.unwrap_or(0) as u64;
     r.bytes_sent += sent;
     let mut c = Conn::new(stream, common.io)?;
@@ -555,7 +514,7 @@ fn client_fastopen(target: SocketAddr, common: &Common, r: &mut Report) -> std::
     Ok(())
 }
 
-fn client_exchange(c: &mut Conn, common: &Common, r: &mut Report) -> std::io::Result<()> {
+fn client_exchange(c: &mut Conn, common: &Common, r: &mut AppReport) -> std::io::Result<()> {
     match common.mode {
         Mode::ClientFirst => {
             send_pattern(c, common, CLIENT_SEED, r)?;
@@ -617,7 +576,7 @@ fn client_exchange(c: &mut Conn, common: &Common, r: &mut Report) -> std::io::Re
 /// the keys are in), then non-blocking writes for as long as the socket
 /// becomes writable again within a second (the peer's receive buffer
 /// fills, since it reads nothing), then `shutdown(SHUT_WR)`, timed.
-fn fill_then_half_close(s: &TcpStream, r: &mut Report) -> std::io::Result<()> {
+fn fill_then_half_close(s: &TcpStream, r: &mut AppReport) -> std::io::Result<()> {
     use rustix::event::{PollFd, PollFlags, Timespec};
     use std::io::Write;
     // Small: a blocking write the peer's window cannot take would wait
@@ -665,10 +624,10 @@ fn expect_eof(c: &mut Conn, common: &Common) -> std::io::Result<()> {
     }
 }
 
-fn run(args: Args, r: &mut Report) -> std::io::Result<()> {
+fn run(args: Args, r: &mut AppReport) -> std::io::Result<()> {
     match args.side {
         Side::Server { listen, common } => {
-            r.role = "server";
+            r.role = AppRole::Server;
             let l = TcpListener::bind(listen)?;
             if let Some(bytes) = common.sndbuf {
                 socket2::SockRef::from(&l).set_send_buffer_size(bytes)?;
@@ -684,7 +643,7 @@ fn run(args: Args, r: &mut Report) -> std::io::Result<()> {
                         let s = accept(&l, common.via)?;
                         let common = &common;
                         threads.push(scope.spawn(move || {
-                            let mut one = Report::default();
+                            let mut one = AppReport::default();
                             serve_one(s, common, &mut one).map(|()| one)
                         }));
                     }
@@ -712,7 +671,7 @@ fn run(args: Args, r: &mut Report) -> std::io::Result<()> {
             reuse_fd_to,
             common,
         } => {
-            r.role = "client";
+            r.role = AppRole::Client;
             if common.parallel {
                 return client_parallel(connect, &common, r);
             }
@@ -745,7 +704,7 @@ fn run(args: Args, r: &mut Report) -> std::io::Result<()> {
             then,
             go_file,
         } => {
-            r.role = "probe";
+            r.role = AppRole::Probe;
             let mut payload = vec![0u8; 4096];
             pattern::fill(CLIENT_SEED, 0, &mut payload);
             let options = app_io::ProbeOptions { then, go_file };
@@ -760,7 +719,7 @@ fn run(args: Args, r: &mut Report) -> std::io::Result<()> {
 
 fn main() -> std::process::ExitCode {
     let args = Args::parse();
-    let mut report = Report::default();
+    let mut report = AppReport::default();
     let result = run(args, &mut report);
     if let Err(e) = &result {
         report.error = Some(e.to_string());

@@ -4,9 +4,9 @@
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use serde_json::Value;
 use tlshub_bench_report::{Figure, Unit};
 
+use crate::app_report::AppReport;
 use crate::load::LoadReport;
 
 use super::alternatives::{PROXY_LOCAL, PROXY_LOCAL_PORT, ProxyPair, WG_POD_B, WireGuard};
@@ -27,18 +27,15 @@ fn record(part: &str, subject: &str, measure: &str, value: f64, unit: Unit) {
     }
 }
 
-pub fn latencies(c: &Value) -> Vec<u64> {
-    let mut v: Vec<u64> = c["latency_us"]
-        .as_array()
-        .map(|a| a.iter().filter_map(Value::as_u64).collect())
-        .unwrap_or_default();
+pub fn latencies(c: &AppReport) -> Vec<u64> {
+    let mut v = c.latency_us.clone();
     v.sort_unstable();
     v
 }
 
 /// Runs `app` (server in pod-b, client in pod-a) within `timeout` and
 /// returns the client's report; either side failing is an error.
-fn client_report(app: &App, timeout: Duration) -> Result<Value, String> {
+fn client_report(app: &App, timeout: Duration) -> Result<AppReport, String> {
     let (s, c) = run_pair(app, &[], timeout)?;
     both_ok(app, &s, &c)?;
     Ok(c)
@@ -96,7 +93,7 @@ fn stream_of(target: &App, bytes: usize) -> Result<f64, String> {
         ..target.clone()
     };
     let c = client_report(&app, Duration::from_secs(600))?;
-    Ok(c["bytes_per_sec"].as_f64().unwrap_or(0.0))
+    Ok(c.bytes_per_sec.unwrap_or(0.0))
 }
 
 /// Single bytes the byte loop copies.
@@ -572,8 +569,8 @@ pub fn demo() -> Result<String, String> {
         }
         std::thread::sleep(Duration::from_millis(20));
     }
-    let c = json(&finish(client, Duration::from_secs(120))?)?;
-    let s = json(&finish(server, Duration::from_secs(30))?)?;
+    let c = app_report(&finish(client, Duration::from_secs(120))?)?;
+    let s = app_report(&finish(server, Duration::from_secs(30))?)?;
     both_ok(&app, &s, &c)?;
     say("the kernel's own view of the client socket during the transfer (ss -tni):");
     for l in ss.lines() {
@@ -604,7 +601,7 @@ pub fn demo() -> Result<String, String> {
     ));
     say(&format!(
         "apps: client sent {} and received {} bytes, all verified",
-        c["bytes_sent"], c["bytes_received"]
+        c.bytes_sent, c.bytes_received
     ));
     Ok("demo exchange protected end to end".into())
 }
@@ -1014,7 +1011,7 @@ fn rr_once(label: &str, target: &App, transactions: usize) -> Result<(f64, Vec<u
             l.len()
         ));
     }
-    let tps = c["transactions_per_sec"].as_f64().unwrap_or(0.0);
+    let tps = c.transactions_per_sec.unwrap_or(0.0);
     Ok((tps, l))
 }
 
@@ -1174,7 +1171,7 @@ pub fn request_response_and_streams() -> Result<String, String> {
             ..target.clone()
         };
         let c = client_report(&streams, Duration::from_secs(900))?;
-        let bps = c["bytes_per_sec"].as_f64().unwrap_or(0.0);
+        let bps = c.bytes_per_sec.unwrap_or(0.0);
         record(
             PART,
             label,

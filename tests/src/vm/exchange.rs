@@ -69,7 +69,7 @@ fn fixed_key_ktls() -> Result<String, String> {
     };
     let cap = Capture::start("fixed-key-ktls")?;
     let (server, client) = run_pair(&app, &[], Duration::from_secs(60))?;
-    if !ok(&server) || !ok(&client) {
+    if !server.ok || !client.ok {
         return Err(format!(
             "fixed-key kTLS exchange: server {server}, client {client}"
         ));
@@ -261,7 +261,7 @@ pub fn small_send_buffer_sendpage() -> Result<String, String> {
             let app = app(send, io);
             let (s, c) = run_pair(&app, &small, Duration::from_secs(60))?;
             both_ok(&app, &s, &c)?;
-            let buf = c["send_buffer"].as_u64().unwrap_or(0);
+            let buf = c.send_buffer.unwrap_or(0);
             if floored && buf < 4 << 20 {
                 return Err(format!(
                     "{send}/{io}: the client's send buffer is {buf} B after keying, want at least the 4 MiB floor"
@@ -291,9 +291,7 @@ pub fn small_send_buffer_sendpage() -> Result<String, String> {
         &small,
         Duration::from_secs(15),
     ) {
-        Ok((s, c)) if ok(&s) && ok(&c) => {
-            "completed (this kernel does not stall there)".to_string()
-        }
+        Ok((s, c)) if s.ok && c.ok => "completed (this kernel does not stall there)".to_string(),
         Ok((s, c)) => {
             return Err(format!(
                 "control without the floor failed: server {s}, client {c}"
@@ -386,13 +384,13 @@ pub fn concurrent_keying() -> Result<String, String> {
         children.push(process::spawn_app("pod-a", &cargv)?);
     }
     for child in children {
-        let c = json(&finish(child, Duration::from_secs(300))?)?;
-        if !ok(&c) {
+        let c = app_report(&finish(child, Duration::from_secs(300))?)?;
+        if !c.ok {
             return Err(format!("a concurrent client failed: {c}"));
         }
     }
-    let s = json(&finish(server, Duration::from_secs(60))?)?;
-    if !ok(&s) || s["connections"].as_u64() != Some(u64::from(total)) {
+    let s = app_report(&finish(server, Duration::from_secs(60))?)?;
+    if !s.ok || s.connections != total {
         return Err(format!("server: {s}"));
     }
     let took = started.elapsed().as_secs_f64();

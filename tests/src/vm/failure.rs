@@ -26,7 +26,7 @@ pub fn fail_closed_provider_missing() -> Result<String, String> {
         let (s, c) = run_pair(&app, &[], Duration::from_secs(30))?;
         expect_reset(&c)?;
         expect_server_failed_clean(&s)?;
-        results.push(format!("{mode}: errno {}", c["errno"]));
+        results.push(format!("{mode}: errno {}", c.errno.unwrap_or(0)));
     }
     plain_control()?;
     let report = check_wire_with_control(&cap.finish()?, &a, &b)?;
@@ -156,7 +156,7 @@ pub fn churn_and_fd_reuse() -> Result<String, String> {
         ..App::exchange(1, PROTECTED_PORT)
     };
     let (s, c) = run_pair(&early, &[], Duration::from_secs(600))?;
-    if !ok(&c) {
+    if !c.ok {
         return Err(format!("close-early client: {c}"));
     }
     let _ = s;
@@ -192,11 +192,11 @@ pub fn churn_and_fd_reuse() -> Result<String, String> {
     };
     let other = format!("{POD_B}:{PLAIN_PORT}");
     let (_s, c) = run_pair(&reuse, &["--reuse-fd-to", &other], Duration::from_secs(300))?;
-    let ps = json(&finish(plain_server, Duration::from_secs(30))?)?;
-    if !ok(&c) || !ok(&ps) {
+    let ps = app_report(&finish(plain_server, Duration::from_secs(30))?)?;
+    if !c.ok || !ps.ok {
         return Err(format!("fd reuse: client {c}, plain server {ps}"));
     }
-    let reused = c["reused_fds"].as_u64().unwrap_or(0);
+    let reused = c.reused_fds;
     if reused == 0 {
         return Err("the fd number was never reused; the scenario proved nothing".into());
     }

@@ -19,7 +19,7 @@ use super::wire_check::Capture;
 /// key timeout) and the wire must not carry its bytes; a plain control
 /// connection in the same capture must.
 pub fn exempt_pid_reuse() -> Result<String, String> {
-    use super::support::{json, ok, pod_b_addr};
+    use super::support::{app_report, pod_b_addr};
     let (mut a, b) = nodes(NodeSpec::new("a"), NodeSpec::new("b"))?;
     let provider_pid = a.provider_pid(ProviderKind::OpenSsl);
     if provider_pid < 2 {
@@ -51,7 +51,7 @@ pub fn exempt_pid_reuse() -> Result<String, String> {
     let client = client.ok_or(format!(
         "no client got pid {provider_pid} in 200 tries (other processes took it)"
     ))?;
-    let c = json(&process::finish(client, Duration::from_secs(30))?)?;
+    let c = app_report(&process::finish(client, Duration::from_secs(30))?)?;
     drop(server);
     let control = App::exchange(10_000, PLAIN_PORT);
     let (s2, c2) = run_pair(&control, &[], Duration::from_secs(30))?;
@@ -59,7 +59,7 @@ pub fn exempt_pid_reuse() -> Result<String, String> {
     // The protected connection was reset before keys: no keys to check it
     // against, and no marker may have crossed.
     let report = super::wire_check::check_wire_allowing_unkeyed(&cap.finish()?, &a, &b, true)?;
-    if ok(&c) {
+    if c.ok {
         return Err(format!(
             "the client with the dead provider's pid {provider_pid} completed an exchange with no provider: it was let through ({c})"
         ));
@@ -74,7 +74,7 @@ pub fn exempt_pid_reuse() -> Result<String, String> {
     }
     Ok(format!(
         "a client with the killed provider's pid {provider_pid} was held {held} time(s) and failed closed ({}); no marker on the protected port, the plain control showed it",
-        c["error"].as_str().unwrap_or("")
+        c.error.as_deref().unwrap_or("")
     ))
 }
 
@@ -84,7 +84,7 @@ pub fn exempt_pid_reuse() -> Result<String, String> {
 /// once per socket and owner, so the node's event ring buffer loses
 /// nothing and every ordinary connection is keyed.
 pub fn event_flood() -> Result<String, String> {
-    use super::support::{json, ok};
+    use super::support::app_report;
     const FLOOD: u32 = 200_000;
     let (a, b) = nodes(NodeSpec::new("a"), NodeSpec::new("b"))?;
     let (clients, each) = (4u32, 25u32);
@@ -103,20 +103,20 @@ pub fn event_flood() -> Result<String, String> {
         normal.push(echo_client("--connections", each)?);
     }
     for child in normal {
-        let c = json(&process::finish(child, Duration::from_secs(300))?)?;
-        if !ok(&c) {
+        let c = app_report(&process::finish(child, Duration::from_secs(300))?)?;
+        if !c.ok {
             return Err(format!("an ordinary client failed next to the flood: {c}"));
         }
     }
-    let f = json(&process::finish(flooder, Duration::from_secs(300))?)?;
+    let f = app_report(&process::finish(flooder, Duration::from_secs(300))?)?;
     let elapsed = started.elapsed();
-    if !ok(&f) || f["eisconn"].as_u64() != Some(u64::from(FLOOD)) {
+    if !f.ok || f.eisconn != u64::from(FLOOD) {
         return Err(format!(
             "the flooding client did not make its {FLOOD} calls: {f}"
         ));
     }
-    let s = json(&process::finish(server, Duration::from_secs(30))?)?;
-    if !ok(&s) {
+    let s = app_report(&process::finish(server, Duration::from_secs(30))?)?;
+    if !s.ok {
         return Err(format!("server: {s}"));
     }
     std::thread::sleep(Duration::from_millis(1500));
@@ -155,7 +155,7 @@ pub fn event_flood() -> Result<String, String> {
 /// exact and keyed on both nodes, with no marker on the wire (a plain
 /// control flow shows it) and two decrypted flows per client.
 pub fn hold_unrecorded() -> Result<String, String> {
-    use super::support::{json, ok, spawn_client};
+    use super::support::{app_report, spawn_client};
     use super::wire_check::check_wire_with_control;
     const CLIENTS: u32 = 40;
     const HELD_MAP: u64 = 2;
@@ -198,15 +198,15 @@ pub fn hold_unrecorded() -> Result<String, String> {
         drop(paused);
         let paused_for = t.elapsed();
         for (i, c) in clients.into_iter().enumerate() {
-            let c = json(&process::finish(c, Duration::from_secs(120))?)?;
-            if !ok(&c) {
+            let c = app_report(&process::finish(c, Duration::from_secs(120))?)?;
+            if !c.ok {
                 return Err(format!("client {i} after the paused core: {c}"));
             }
         }
         paused_for
     };
-    let s = json(&process::finish(server, Duration::from_secs(60))?)?;
-    if !ok(&s) {
+    let s = app_report(&process::finish(server, Duration::from_secs(60))?)?;
+    if !s.ok {
         return Err(format!("server: {s}"));
     }
     let want = u64::from(CLIENTS);

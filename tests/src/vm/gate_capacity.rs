@@ -30,7 +30,9 @@ use super::wire_check::Capture;
 ///    exact bytes, a flow that decrypts.
 pub fn conns_map_full() -> Result<String, String> {
     use super::service::{LoadServer, report, start_load_with};
-    use super::support::{self, GoFile, expect_reset, json, pod_b_addr, spawn_client, spawn_probe};
+    use super::support::{
+        self, GoFile, app_report, expect_reset, pod_b_addr, spawn_client, spawn_probe,
+    };
     const MAX: u32 = 16;
     const LONG: u32 = 3 * MAX;
     // 1. Keyed connections leave the map.
@@ -112,7 +114,7 @@ pub fn conns_map_full() -> Result<String, String> {
     const OVER: u32 = 4;
     let t = std::time::Instant::now();
     for i in 0..OVER {
-        let c = json(&process::finish(
+        let c = app_report(&process::finish(
             spawn_client(PROTECTED_PORT, &size)?,
             Duration::from_secs(60),
         )?)?;
@@ -125,7 +127,7 @@ pub fn conns_map_full() -> Result<String, String> {
         ));
     }
     for (i, c) in waiting.into_iter().enumerate() {
-        let c = json(&process::finish(c, Duration::from_secs(60))?)?;
+        let c = app_report(&process::finish(c, Duration::from_secs(60))?)?;
         expect_reset(&c).map_err(|e| format!("waiting client {i}: {e}"))?;
     }
     const PROBES: u64 = 2;

@@ -3,9 +3,11 @@
 
 use std::time::Duration;
 
+use crate::app_report::FastOpenOutcome;
+
 use super::node::{NodeSpec, PLAIN_PORT, PROTECTED_PORT, ProviderKind};
 use super::process;
-use super::support::{App, PodSetting, both_ok, nodes, ok, run_pair};
+use super::support::{App, PodSetting, both_ok, nodes, run_pair};
 use super::topology::{POD_A2, POD_A2_IF};
 use super::wire_check::{
     Capture, captured_exchanges, captured_exchanges_on, check_wire, check_wire_allowing_unkeyed,
@@ -41,27 +43,27 @@ pub fn fast_open() -> Result<String, String> {
     let (a, b) = nodes(NodeSpec::new("a"), NodeSpec::new("b"))?;
     let refused_before = a.stat(|s| s.fastopen_refused);
     let cap = Capture::start("fastopen")?;
-    let run = |port, how: &str, want: &str| -> Result<(), String> {
+    let run = |port, how: &str, want: FastOpenOutcome| -> Result<(), String> {
         let app = App::exchange(20_000, port);
         let (s, c) = run_pair(&app, &["--fastopen", how], Duration::from_secs(60))?;
         both_ok(&app, &s, &c)?;
-        if c["fastopen"].as_str() != Some(want) {
+        if c.fastopen != Some(want) {
             return Err(format!(
-                "--fastopen {how} to port {port}: the client reports {}, want {want}",
-                c["fastopen"]
+                "--fastopen {how} to port {port}: the client reports {:?}, want {want:?}",
+                c.fastopen
             ));
         }
         Ok(())
     };
-    run(PLAIN_PORT, "sendto", "sent")?;
-    run(PROTECTED_PORT, "sendto", "refused")?;
+    run(PLAIN_PORT, "sendto", FastOpenOutcome::Sent)?;
+    run(PROTECTED_PORT, "sendto", FastOpenOutcome::Refused)?;
     let in_syn = {
         // Server-side Fast Open in pod-b (0x403: client, server, and no
         // `TCP_FASTOPEN` needed on the listener); the default is 1.
         let _server = PodSetting::sysctl("pod-b", "net/ipv4/tcp_fastopen", "1027")?;
         let before = tcp_ext("pod-a", "TCPFastOpenActive");
-        run(PLAIN_PORT, "connect", "sent")?;
-        run(PLAIN_PORT, "connect", "sent")?;
+        run(PLAIN_PORT, "connect", FastOpenOutcome::Sent)?;
+        run(PLAIN_PORT, "connect", FastOpenOutcome::Sent)?;
         let in_syn = tcp_ext("pod-a", "TCPFastOpenActive") - before;
         if in_syn == 0 {
             return Err(
@@ -69,7 +71,7 @@ pub fn fast_open() -> Result<String, String> {
                     .into(),
             );
         }
-        run(PROTECTED_PORT, "connect", "refused")?;
+        run(PROTECTED_PORT, "connect", FastOpenOutcome::Refused)?;
         in_syn
     };
     let report = check_wire(&cap.finish()?, &a, &b)?;
@@ -216,14 +218,14 @@ pub fn shutdown_after_full_send_buffer() -> Result<String, String> {
     };
     let control = app(PLAIN_PORT, true);
     let (s, c) = run_pair(&control, &[], Duration::from_secs(120))?;
-    let control = if ok(&s) && ok(&c) {
+    let control = if s.ok && c.ok {
         "kTLS alone (fixed key, no agent) lost nothing in 10 connections".to_string()
     } else {
         format!(
             "kTLS alone (fixed key, no agent) lost the end of a connection after {} exact: the peer read \"{}\", the writer got \"{}\"",
-            s["connections"].as_u64().unwrap_or(0),
-            s["error"].as_str().unwrap_or(""),
-            c["error"].as_str().unwrap_or("")
+            s.connections,
+            s.error.as_deref().unwrap_or(""),
+            c.error.as_deref().unwrap_or("")
         )
     };
     // About one connection in five leaves a record behind here, so the
@@ -292,10 +294,10 @@ pub fn shutdown_hold_is_bounded() -> Result<String, String> {
     };
     let before = [a.stat(|s| s.unsent_holds), a.stat(|s| s.unsent_expired)];
     let (_s, c) = run_pair(&app, &[], Duration::from_secs(120))?;
-    if !ok(&c) {
+    if !c.ok {
         return Err(format!("the client failed: {c}"));
     }
-    let ms = c["shutdown_ms"].as_u64().unwrap_or(0);
+    let ms = c.shutdown_ms.unwrap_or(0);
     let expired = a.stat_reaching(|s| s.unsent_expired, before[1] + 1) - before[1];
     let holds = a.stat(|s| s.unsent_holds) - before[0];
     if expired != 1 || !(5_000..11_000).contains(&ms) {
@@ -305,7 +307,7 @@ pub fn shutdown_hold_is_bounded() -> Result<String, String> {
     }
     Ok(format!(
         "{} bytes written to a peer that reads nothing; shutdown() held {ms} ms ({holds} stops), then let through and counted expired",
-        c["bytes_sent"]
+        c.bytes_sent
     ))
 }
 
@@ -400,7 +402,7 @@ pub fn reconnect_during_keying() -> Result<String, String> {
             return Err("the control flow's plaintext was not seen: the capture is blind".into());
         }
         let selected = a.stat(|s| s.selected);
-        let refused = client["disconnect_refused"].as_u64().unwrap_or(0);
+        let refused = client.disconnect_refused;
         if selected < 2 * u64::from(CLIENTS) - refused {
             return Err(format!(
                 "{provider:?}: node a selected {selected} connections for {CLIENTS} reconnecting clients ({refused} disconnects refused); want two per client"
@@ -408,8 +410,8 @@ pub fn reconnect_during_keying() -> Result<String, String> {
         }
         summary.push(format!(
             "{provider:?}: {CLIENTS} exchanges exact after reconnecting ({} attempts failed cleanly, {refused} disconnects refused as already keyed); server connections failed cleanly {}; {} flows decrypted, {} unkeyed; stale keying results a {} b {}; failures a {:?}",
-            client["failed_cleanly"].as_u64().unwrap_or(0),
-            server["failed_cleanly"].as_u64().unwrap_or(0),
+            client.failed_cleanly,
+            server.failed_cleanly,
             wire.decrypted,
             wire.unkeyed_flows,
             a.stat(|s| s.stale_outcomes),
@@ -632,7 +634,6 @@ pub fn unusual_socket_calls() -> Result<String, String> {
 /// global, so the client's own connect() would be refused first
 /// (`ENOBUFS`) and the accepting side is not reached.
 fn accepted_without_room_for_the_mark(b: &super::node::Node) -> Result<String, String> {
-    const ECONNRESET: i64 = 104;
     if super::support::kernel_version() < (6, 8) {
         return Ok(
             "accepted socket with no room for its mark: not reachable on this kernel (net.core.optmem_max is global before 6.8)"
@@ -647,7 +648,7 @@ fn accepted_without_room_for_the_mark(b: &super::node::Node) -> Result<String, S
     };
     let (server, client) = run_pair(&app, &[], Duration::from_secs(60))?;
     drop(no_option_memory);
-    if ok(&server) || server["errno"].as_i64() != Some(ECONNRESET) || ok(&client) {
+    if server.ok || server.errno != Some(libc::ECONNRESET) || client.ok {
         return Err(format!(
             "accepted socket with no room for its mark: server {server} (want its write to fail with ECONNRESET), client {client} (want a failure)"
         ));

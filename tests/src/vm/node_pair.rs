@@ -109,7 +109,7 @@ fn interop(ka: ProviderKind, kb: ProviderKind) -> Result<String, String> {
         both_ok(&app, &s, &c)?;
     }
     let (s, c, _) = exchange_between("pod-a", POD_A, "pod-b", 100_000)?;
-    if !ok(&s) || !ok(&c) {
+    if !s.ok || !c.ok {
         return Err(format!("pod-b -> pod-a: server {s}, client {c}"));
     }
     plain_control()?;

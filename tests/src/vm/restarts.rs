@@ -9,7 +9,7 @@ use crate::load::LoadReport;
 use super::node::{Node, NodeSpec, PROTECTED_PORT, ProviderKind};
 use super::process::{AppChild, finish, spawn_ready};
 use super::service::{LONG, LoadServer, report, start_load, start_load_with};
-use super::support::json;
+use super::support::app_report;
 use super::support::metric;
 use super::wire_check::{Capture, check_wire_allowing_unkeyed};
 
@@ -296,24 +296,21 @@ pub fn core_gone_release() -> Result<String, String> {
         std::thread::sleep(Duration::from_millis(50));
     }
     let released = b.release(false)?;
-    let s = json(&finish(server, Duration::from_secs(20))?)?;
-    let c = json(&finish(client, Duration::from_secs(20))?)?;
+    let s = app_report(&finish(server, Duration::from_secs(20))?)?;
+    let c = app_report(&finish(client, Duration::from_secs(20))?)?;
     // ECONNRESET, or EPIPE for a client that writes after the reset.
     for (side, v) in [("server", &s), ("client", &c)] {
-        if v["ok"].as_bool() == Some(true) || !matches!(v["errno"].as_i64(), Some(104 | 32)) {
-            return Err(format!(
-                "{side} after release: {v} (release said: {released})"
-            ));
-        }
+        super::support::expect_reset(v)
+            .map_err(|e| format!("{side} after release: {e} (release said: {released})"))?;
     }
     // A new connection after the release: refused at once, nobody stopped.
     let server = exchange_server()?;
     let started = Instant::now();
     let client = exchange_client()?;
-    let s2 = json(&finish(server, Duration::from_secs(20))?)?;
+    let s2 = app_report(&finish(server, Duration::from_secs(20))?)?;
     let took = started.elapsed();
-    let c2 = json(&finish(client, Duration::from_secs(20))?)?;
-    if s2["ok"].as_bool() == Some(true) || s2["errno"].as_i64() != Some(104) {
+    let c2 = app_report(&finish(client, Duration::from_secs(20))?)?;
+    if s2.ok || s2.errno != Some(libc::ECONNRESET) {
         return Err(format!("server after release: {s2}"));
     }
     super::wire_check::plain_control()?;
@@ -325,7 +322,7 @@ pub fn core_gone_release() -> Result<String, String> {
         "held server continued by release ({}); both apps got ECONNRESET/EPIPE; a new connection afterwards failed in {:.1} s without a stop (server errno 104, client {}); wire: {} protected flows, no plaintext",
         released.trim(),
         took.as_secs_f64(),
-        c2["errno"],
+        c2.errno.unwrap_or(0),
         wire.protected_flows
     ))
 }

@@ -12,8 +12,8 @@ use super::node::{Node, NodeSpec, PROTECTED_PORT, ProviderKind};
 use super::process::finish;
 use super::service::{self, LoadServer, spawn_load_client};
 use super::support::{
-    App, both_ok, exchange_between, expect_reset, expect_server_failed_clean, finish_app_server,
-    json, nodes, ok, run_app_client, run_pair, settle_keying, start_app_server,
+    App, app_report, both_ok, exchange_between, expect_reset, expect_server_failed_clean,
+    finish_app_server, nodes, run_app_client, run_pair, settle_keying, start_app_server,
 };
 use super::topology::{POD_A, POD_B};
 use super::wire_check::{Capture, captured_exchanges};
@@ -48,11 +48,11 @@ fn exact_both_ways(
 ) -> Result<(Vec<wire::Flow>, Duration, Duration), String> {
     let cap = Capture::start(label)?;
     let (s, c, out_took) = exchange_between("pod-b", POD_B, "pod-a", size)?;
-    if !ok(&s) || !ok(&c) {
+    if !s.ok || !c.ok {
         return Err(format!("pod-a -> pod-b: server {s}, client {c}"));
     }
     let (s, c, in_took) = exchange_between("pod-a", POD_A, "pod-b", size)?;
-    if !ok(&s) || !ok(&c) {
+    if !s.ok || !c.ok {
         return Err(format!("pod-b -> pod-a: server {s}, client {c}"));
     }
     Ok((cap.finish()?, out_took, in_took))
@@ -172,8 +172,8 @@ pub fn opportunistic_both_nodes_protect() -> Result<String, String> {
     let cap = Capture::start("rollout-old-listener")?;
     // Neither node has heard the other yet: both ends see a silent peer.
     let c = run_app_client(&one, "pod-a", &[], Duration::from_secs(60), srv.id())?;
-    let c = json(&c)?;
-    if !ok(&c) {
+    let c = app_report(&c)?;
+    if !c.ok {
         return Err(format!("old listener, first connection: client {c}"));
     }
     let (pa, pb) = (
@@ -189,7 +189,7 @@ pub fn opportunistic_both_nodes_protect() -> Result<String, String> {
     }
     // The nodes hear each other on a new listener (pod-b to pod-a) ...
     let (s2, c2, _) = exchange_between("pod-a", POD_A, "pod-b", 10_000)?;
-    if !ok(&s2) || !ok(&c2) {
+    if !s2.ok || !c2.ok {
         return Err(format!("pod-b -> pod-a: server {s2}, client {c2}"));
     }
     // ... so the old listener's second connection is a silence between two
@@ -197,7 +197,7 @@ pub fn opportunistic_both_nodes_protect() -> Result<String, String> {
     // never announced, its node did), and it is protected, not plain.
     let c = run_app_client(&one, "pod-a", &[], Duration::from_secs(60), srv.id())?;
     let s = finish_app_server(&old, srv, &c)?;
-    both_ok(&old, &s, &json(&c)?)?;
+    both_ok(&old, &s, &app_report(&c)?)?;
     let flows = cap.finish()?;
     let plain = plain_protected_port_flows(&flows);
     let refused = (
@@ -240,7 +240,7 @@ fn plain_flows_from(flows: &[wire::Flow], addr: &str) -> usize {
 pub fn downgrade_refused() -> Result<String, String> {
     let (mut a, mut b) = nodes(opportunistic("a"), opportunistic("b"))?;
     let (s, c, _) = exchange_between("pod-b", POD_B, "pod-a", 10_000)?;
-    if !ok(&s) || !ok(&c) || a.stat_reaching(|s| s.protected, 1) != 1 {
+    if !s.ok || !c.ok || a.stat_reaching(|s| s.protected, 1) != 1 {
         return Err(format!("first exchange: server {s}, client {c}"));
     }
     // What a remembers survives its own restart.
@@ -283,7 +283,7 @@ pub fn downgrade_refused() -> Result<String, String> {
         return Err(format!("`tlshubctl peers forget node-b`: {forgot}"));
     }
     let (s, c, took) = exchange_between("pod-b", POD_B, "pod-a", 10_000)?;
-    if !ok(&s) || !ok(&c) || a.stat_reaching(|s| s.peer_silent_plain, 1) != 1 {
+    if !s.ok || !c.ok || a.stat_reaching(|s| s.peer_silent_plain, 1) != 1 {
         return Err(format!("after forgetting node-b: server {s}, client {c}"));
     }
     Ok(format!(

@@ -610,12 +610,12 @@ pub fn mismatched_providers_fail_closed() -> Result<String, String> {
         };
         let (s, c) = super::support::run_pair(&app, &[], Duration::from_secs(60))?;
         for (side, r) in [("server", &s), ("client", &c)] {
-            if r["ok"].as_bool() == Some(true) {
+            if r.ok {
                 return Err(format!(
                     "{mode}: the {side} app succeeded across mismatched providers: {r}"
                 ));
             }
-            let err = r["error"].as_str().unwrap_or("");
+            let err = r.error.as_deref().unwrap_or("");
             if err.contains("differs") {
                 return Err(format!("{mode}: the {side} app received garbage: {r}"));
             }

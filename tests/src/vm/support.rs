@@ -4,7 +4,7 @@
 
 use std::time::{Duration, Instant};
 
-use serde_json::Value;
+use crate::app_report::AppReport;
 
 use super::node::{Node, NodeSpec, PROTECTED_PORT};
 use super::process::{self, finish, spawn_ready};
@@ -129,8 +129,8 @@ impl App {
     }
 }
 
-/// The JSON report an app printed last.
-pub fn json(s: &str) -> Result<Value, String> {
+/// The report `tlshub-testapp` printed last.
+pub fn app_report(s: &str) -> Result<AppReport, String> {
     last_report(s)
 }
 
@@ -206,18 +206,14 @@ impl Drop for GoFile {
 /// The steps of a `tlshub-testapp probe` report: each call and its errno
 /// (0: it succeeded).
 pub fn probe_steps(report: &str) -> Result<Vec<(String, i64)>, String> {
-    let report = json(report)?;
-    let steps = report["probe"]
-        .as_array()
-        .ok_or_else(|| format!("no probe steps in {report}"))?;
-    Ok(steps
-        .iter()
-        .map(|s| {
-            (
-                s["call"].as_str().unwrap_or_default().to_owned(),
-                s["errno"].as_i64().unwrap_or(-1),
-            )
-        })
+    let report = app_report(report)?;
+    if report.probe.is_empty() {
+        return Err(format!("no probe steps in {report}"));
+    }
+    Ok(report
+        .probe
+        .into_iter()
+        .map(|s| (s.call.into_owned(), i64::from(s.errno)))
         .collect())
 }
 
@@ -266,10 +262,14 @@ pub fn run_app_client(
 
 /// The server's report once the client ended (the client's output `c`
 /// names what the client saw when the server fails).
-pub fn finish_app_server(app: &App, server: process::AppChild, c: &str) -> Result<Value, String> {
+pub fn finish_app_server(
+    app: &App,
+    server: process::AppChild,
+    c: &str,
+) -> Result<AppReport, String> {
     let s = finish(server, Duration::from_secs(10))
         .map_err(|e| format!("{app:?}: server: {e}; the client said: {}", c.trim()))?;
-    json(&s)
+    app_report(&s)
 }
 
 /// Runs server in `app.server_pod` and client in pod-a; returns both reports.
@@ -277,19 +277,16 @@ pub fn run_pair(
     app: &App,
     extra_client: &[&str],
     timeout: Duration,
-) -> Result<(Value, Value), String> {
+) -> Result<(AppReport, AppReport), String> {
     let server = start_app_server(app)?;
     // The server is killed when this returns.
     let c = run_app_client(app, "pod-a", extra_client, timeout, server.id())?;
-    Ok((finish_app_server(app, server, &c)?, json(&c)?))
+    Ok((finish_app_server(app, server, &c)?, app_report(&c)?))
 }
 
-pub fn ok(v: &Value) -> bool {
-    v["ok"].as_bool() == Some(true)
-}
-
-pub fn both_ok(app: &App, s: &Value, c: &Value) -> Result<(), String> {
-    if ok(s) && ok(c) {
+/// Both ends' exchanges were exact, or an error naming both reports.
+pub fn both_ok(app: &App, s: &AppReport, c: &AppReport) -> Result<(), String> {
+    if s.ok && c.ok {
         Ok(())
     } else {
         Err(format!("{app:?}: server {s}, client {c}"))
@@ -301,10 +298,9 @@ pub fn nodes(a: NodeSpec, b: NodeSpec) -> Result<(Node, Node), String> {
     Ok((Node::start(a)?, Node::start(b)?))
 }
 
-pub fn expect_reset(c: &Value) -> Result<(), String> {
-    let errno = c["errno"].as_i64();
-    // ECONNRESET (104) or EPIPE (32), both from the reset; never success.
-    if ok(c) || !matches!(errno, Some(104) | Some(32)) {
+pub fn expect_reset(c: &AppReport) -> Result<(), String> {
+    // ECONNRESET or EPIPE, both from the reset; never success.
+    if c.ok || !matches!(c.errno, Some(libc::ECONNRESET | libc::EPIPE)) {
         return Err(format!("client should have been reset, got {c}"));
     }
     Ok(())
@@ -313,9 +309,9 @@ pub fn expect_reset(c: &Value) -> Result<(), String> {
 /// The server of a connection that was failed closed: it must have failed
 /// too, with no byte received (garbage followed by a reset would show as
 /// a byte that "differs").
-pub fn expect_server_failed_clean(s: &Value) -> Result<(), String> {
-    let error = s["error"].as_str().unwrap_or_default();
-    if ok(s) || s["bytes_received"].as_u64() != Some(0) || error.contains("differs") {
+pub fn expect_server_failed_clean(s: &AppReport) -> Result<(), String> {
+    let error = s.error.as_deref().unwrap_or_default();
+    if s.ok || s.bytes_received != 0 || error.contains("differs") {
         return Err(format!(
             "server should have failed with nothing received, got {s}"
         ));
@@ -409,7 +405,7 @@ pub fn exchange_between(
     server: &'static str,
     client_pod: &str,
     size: usize,
-) -> Result<(Value, Value, Duration), String> {
+) -> Result<(AppReport, AppReport, Duration), String> {
     let app = App {
         server,
         server_pod,
@@ -419,7 +415,7 @@ pub fn exchange_between(
     let started = Instant::now();
     let c = run_app_client(&app, client_pod, &[], Duration::from_secs(60), srv.id())?;
     let took = started.elapsed();
-    Ok((finish_app_server(&app, srv, &c)?, json(&c)?, took))
+    Ok((finish_app_server(&app, srv, &c)?, app_report(&c)?, took))
 }
 
 /// Waits until freshly started nodes announce their providers' keying

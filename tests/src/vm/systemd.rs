@@ -18,7 +18,7 @@ use super::node::{Node, NodeSpec};
 use super::process::{finish, run, state};
 use super::restarts::{exchange_client, exchange_server, recovered, sleep_until};
 use super::service::{LONG, LoadServer, report, start_load_with};
-use super::support::json;
+use super::support::app_report;
 use super::support::metric;
 use super::wire_check::{Capture, check_wire_with_keys};
 
@@ -631,16 +631,14 @@ pub fn systemd_install_units_and_restarts() -> Result<String, String> {
         }
         std::thread::sleep(Duration::from_millis(50));
     }
-    let c = json(&finish(client, Duration::from_secs(30)).map_err(|e| {
+    let c = app_report(&finish(client, Duration::from_secs(30)).map_err(|e| {
         format!(
             "client held while the core was stopped: {e}\n--- tlshub-core-release.service ---\n{}",
             journal("tlshub-core-release.service")
         )
     })?)?;
     drop(server);
-    if c["ok"].as_bool() == Some(true) || !matches!(c["errno"].as_i64(), Some(104 | 32)) {
-        return Err(format!("client after the core stopped: {c}"));
-    }
+    super::support::expect_reset(&c).map_err(|e| format!("client after the core stopped: {e}"))?;
     let released = journal("tlshub-core-release.service");
     let line = released
         .lines()
@@ -689,7 +687,7 @@ pub fn systemd_install_units_and_restarts() -> Result<String, String> {
         keyed_after,
         wire.protected_flows,
         wire.decrypted,
-        c["errno"],
+        c.errno.unwrap_or(0),
         stop_wire.protected_flows
     ))
 }

@@ -334,10 +334,7 @@ pub fn captured_exchanges_on(
     for app in apps {
         let (s, c) = run_pair(app, &[], Duration::from_secs(60))?;
         both_ok(app, &s, &c)?;
-        uring_interrupted += [&s, &c]
-            .iter()
-            .map(|r| r["uring_interrupted"].as_u64().unwrap_or(0))
-            .sum::<u64>();
+        uring_interrupted += [&s, &c].iter().map(|r| r.uring_interrupted).sum::<u64>();
     }
     let mut report = check_wire(&cap.finish()?, a, b)?;
     report.uring_interrupted = uring_interrupted;
