@@ -6,7 +6,7 @@
 
 use std::collections::BTreeMap;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::pb;
 
@@ -66,7 +66,7 @@ impl AbSample {
 
 /// A quantile and its 95% confidence interval (none below
 /// [`MIN_SAMPLES`], or when the sample cannot bound it).
-#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct Estimate {
     /// The sample quantile (ms).
     pub ms: f64,
@@ -77,7 +77,7 @@ pub struct Estimate {
 }
 
 /// p50 and p99 of one measure.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct Quantiles {
     /// How many samples.
     pub count: usize,
@@ -88,7 +88,7 @@ pub struct Quantiles {
 }
 
 /// One provider's figures.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ProviderFigures {
     /// The provider.
     pub provider: String,
@@ -103,7 +103,7 @@ pub struct ProviderFigures {
 }
 
 /// B's median minus A's, with a 95% bootstrap interval.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Difference {
     /// What is compared (`key time p50`).
     pub measure: String,
@@ -117,8 +117,33 @@ pub struct Difference {
     pub verdict: String,
 }
 
+/// What `tlshubctl ab` did and measured (its `--json` output).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AbRun {
+    /// Provider A.
+    pub a: String,
+    /// Provider B.
+    pub b: String,
+    /// How long it ran.
+    pub seconds: f64,
+    /// How often it switched between A and B.
+    pub switch_every_seconds: f64,
+    /// How many times the active provider was set (the first included).
+    pub switches: u32,
+    /// Stopped early by SIGINT or SIGTERM.
+    pub interrupted: bool,
+    /// The provider active before the run, active again after it.
+    pub restored: String,
+    /// Outcomes the core no longer kept when they were asked for (a gap
+    /// in the sample).
+    pub lost: u64,
+    /// The figures and their comparison.
+    #[serde(flatten)]
+    pub report: AbReport,
+}
+
 /// Everything `tlshubctl ab` reports.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct AbReport {
     /// A's figures, then B's.
     pub providers: Vec<ProviderFigures>,

@@ -22,6 +22,49 @@ pub mod pb {
     tonic::include_proto!("tlshub.admin.v1");
 }
 
+/// What `tlshubctl --json` prints on stdout instead of an answer when a
+/// command fails; its exit status says the same ([`CtlErrorKind::exit_code`]).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct CtlFailure {
+    /// Why.
+    pub error: CtlError,
+}
+
+/// A failed `tlshubctl` command.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct CtlError {
+    /// What kind of failure.
+    pub kind: CtlErrorKind,
+    /// What happened, for people.
+    pub message: String,
+}
+
+/// How a `tlshubctl` command failed, each with its own exit status.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum CtlErrorKind {
+    /// The core answered with an error (exit 1).
+    Refused,
+    /// Nothing listens at the admin socket (exit 3).
+    NoCore,
+    /// The admin socket is root-only, or the core refused this user (exit 4).
+    NotPermitted,
+    /// Any other failure to reach the core (exit 6).
+    Unreachable,
+}
+
+impl CtlErrorKind {
+    /// `tlshubctl`'s exit status for it.
+    pub fn exit_code(self) -> u8 {
+        match self {
+            Self::Refused => 1,
+            Self::NoCore => 3,
+            Self::NotPermitted => 4,
+            Self::Unreachable => 6,
+        }
+    }
+}
+
 /// The default socket of the admin API.
 pub const DEFAULT_SOCKET: &str = "/run/tlshub/admin.sock";
 

@@ -8,8 +8,10 @@
 use std::path::{Path, PathBuf};
 use std::process::Output;
 
+use tlshub_admin::ab::AbRun;
 use tlshub_admin::pb;
 use tlshub_admin::pb::admin_server::{Admin, AdminServer};
+use tlshub_admin::{CtlErrorKind, CtlFailure};
 use tonic::{Request, Response, Status};
 
 /// A core whose status says what the test wants; it lists `connections`,
@@ -271,8 +273,8 @@ fn no_socket_is_no_core_with_the_cause_and_a_json_error() {
     assert!(stderr(&o).contains("no such socket"), "{}", stderr(&o));
     let o = tlshubctl(&missing, &["--json", "status"]);
     assert_eq!(code(&o), 3);
-    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
-    assert_eq!(v["error"]["kind"], "no-core", "{v}");
+    let v: CtlFailure = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v.error.kind, CtlErrorKind::NoCore, "{v:?}");
 }
 
 #[test]
@@ -308,8 +310,8 @@ fn status_says_degraded_when_the_active_provider_is_down_or_no_program_is_attach
         assert_eq!(code(&o), want, "{health} {programs}: {}", stderr(&o));
         let o = tlshubctl(&socket, &["--json", "status"]);
         assert_eq!(code(&o), want);
-        let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
-        assert_eq!(v["active_provider"], "openssl", "the status itself: {v}");
+        let v: pb::StatusResponse = serde_json::from_slice(&o.stdout).unwrap();
+        assert_eq!(v.active_provider, "openssl", "the status itself: {v:?}");
     }
 }
 
@@ -334,8 +336,8 @@ fn a_refused_request_is_1_and_a_refused_user_is_4() {
     );
     let o = tlshubctl(&socket, &["--json", "connections"]);
     assert_eq!(code(&o), 4, "{}", stderr(&o));
-    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
-    assert_eq!(v["error"]["kind"], "not-permitted", "{v}");
+    let v: CtlFailure = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v.error.kind, CtlErrorKind::NotPermitted, "{v:?}");
 }
 
 #[test]
@@ -430,7 +432,7 @@ fn ab_alternates_the_providers_restores_the_first_and_compares_them() {
         ],
     );
     assert_eq!(code(&o), 0, "{}", stderr(&o));
-    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let v: AbRun = serde_json::from_slice(&o.stdout).unwrap();
     let calls = core.switching.lock().unwrap().calls.clone();
     // A, B, A, B, A, then the original back (forced).
     let names: Vec<&str> = calls.iter().map(|(n, _)| n.as_str()).collect();
@@ -444,17 +446,17 @@ fn ab_alternates_the_providers_restores_the_first_and_compares_them() {
             "openssl",
             "openssl"
         ],
-        "{v}"
+        "{v:?}"
     );
     assert!(calls.last().unwrap().1, "the restore is forced");
-    assert_eq!(v["restored"], "openssl");
-    assert_eq!(v["interrupted"], false);
-    assert_eq!(v["switches"], 5);
-    let keyed = |i: usize| v["providers"][i]["keyed"].as_u64().unwrap();
-    assert!(keyed(0) >= 30 && keyed(1) >= 20, "{v}");
+    assert_eq!(v.restored, "openssl");
+    assert!(!v.interrupted);
+    assert_eq!(v.switches, 5);
+    let keyed = |i: usize| v.report.providers[i].keyed;
+    assert!(keyed(0) >= 30 && keyed(1) >= 20, "{v:?}");
     // The failure recorded before the run is not counted.
-    assert_eq!(v["providers"][0]["failed"], serde_json::json!({}), "{v}");
-    let verdicts = v["verdicts"].to_string();
+    assert!(v.report.providers[0].failed.is_empty(), "{v:?}");
+    let verdicts = v.report.verdicts.join("\n");
     assert!(
         verdicts.contains("key time p50: boringssl is faster than openssl by 10"),
         "{verdicts}"
@@ -523,8 +525,8 @@ fn peers_are_listed_and_forgetting_needs_names_or_all_but_not_both() {
     );
     let o = tlshubctl(&socket, &["--json", "peers", "forget", "node-b", "node-c"]);
     assert_eq!(code(&o), 0, "{}", stderr(&o));
-    let answer: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
-    assert_eq!(answer["forgotten"], serde_json::json!(["node-b"]));
+    let answer: pb::ForgetPeersResponse = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(answer.forgotten, ["node-b"]);
     assert_eq!(code(&tlshubctl(&socket, &["peers", "forget"])), 2);
     assert_eq!(
         code(&tlshubctl(&socket, &["peers", "forget", "node-b", "--all"])),

@@ -7,7 +7,8 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use clap::{Parser, Subcommand};
-use tlshub_admin::{ConnectError, pb};
+use tlshub_admin::ab::AbRun;
+use tlshub_admin::{ConnectError, CtlError, CtlErrorKind, CtlFailure, pb};
 
 const AFTER_HELP: &str = "\
 Examples:
@@ -47,42 +48,29 @@ Exit codes:
 With --json, an error is printed on stdout as {\"error\": {\"kind\": ..., \"message\": ...}}
 as well.";
 
-/// What the exit status says (documented in `--help`).
+/// What the exit status says when the command did its work (documented
+/// in `--help`; failures have theirs from [`CtlErrorKind::exit_code`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Exit {
     Done = 0,
-    Refused = 1,
-    NoCore = 3,
-    NotPermitted = 4,
     Degraded = 5,
-    Unreachable = 6,
     Interrupted = 130,
 }
 
-impl Exit {
-    /// The `kind` of a JSON error.
-    fn kind(self) -> &'static str {
-        match self {
-            Self::Done => "done",
-            Self::Refused => "refused",
-            Self::NoCore => "no-core",
-            Self::NotPermitted => "not-permitted",
-            Self::Degraded => "degraded",
-            Self::Unreachable => "unreachable",
-            Self::Interrupted => "interrupted",
-        }
+/// Says why on stderr (and as JSON on stdout with `--json`), then exits
+/// with `kind`'s status.
+fn fail(kind: CtlErrorKind, json: bool, message: &str) -> ExitCode {
+    eprintln!("tlshubctl: {message}");
+    if json {
+        let failure = CtlFailure {
+            error: CtlError {
+                kind,
+                message: message.to_owned(),
+            },
+        };
+        println!("{}", serde_json::to_string(&failure).unwrap_or_default());
     }
-
-    /// Says why on stderr (and as JSON on stdout with `--json`), then
-    /// exits so.
-    fn report(self, json: bool, message: &str) -> ExitCode {
-        eprintln!("tlshubctl: {message}");
-        if json {
-            let error = serde_json::json!({"error": {"kind": self.kind(), "message": message}});
-            println!("{error}");
-        }
-        ExitCode::from(self as u8)
-    }
+    ExitCode::from(kind.exit_code())
 }
 
 /// Inspect and steer the tlshub node agent (tlshub-core) on this host.
@@ -215,7 +203,11 @@ fn main() -> ExitCode {
     {
         Ok(r) => r,
         Err(e) => {
-            return Exit::Unreachable.report(args.json, &format!("cannot start runtime: {e}"));
+            return fail(
+                CtlErrorKind::Unreachable,
+                args.json,
+                &format!("cannot start runtime: {e}"),
+            );
         }
     };
     runtime.block_on(run(args))
@@ -225,12 +217,12 @@ async fn run(args: Args) -> ExitCode {
     let mut client = match tlshub_admin::connect(&args.socket).await {
         Ok(c) => c,
         Err(e) => {
-            let exit = match e {
-                ConnectError::NoCore { .. } => Exit::NoCore,
-                ConnectError::NotPermitted { .. } => Exit::NotPermitted,
-                ConnectError::Connect { .. } => Exit::Unreachable,
+            let kind = match e {
+                ConnectError::NoCore { .. } => CtlErrorKind::NoCore,
+                ConnectError::NotPermitted { .. } => CtlErrorKind::NotPermitted,
+                ConnectError::Connect { .. } => CtlErrorKind::Unreachable,
             };
-            return exit.report(args.json, &e.to_string());
+            return fail(kind, args.json, &e.to_string());
         }
     };
     let mut exit = Exit::Done;
@@ -319,39 +311,19 @@ async fn run(args: Args) -> ExitCode {
     match result {
         Ok(()) => ExitCode::from(exit as u8),
         Err(status) => {
-            let exit = if status.code() == tonic::Code::PermissionDenied {
-                Exit::NotPermitted
+            let kind = if status.code() == tonic::Code::PermissionDenied {
+                CtlErrorKind::NotPermitted
             } else {
-                Exit::Refused
+                CtlErrorKind::Refused
             };
             let message = format!(
                 "the core answered {:?}: {}",
                 status.code(),
                 status.message()
             );
-            exit.report(args.json, &message)
+            fail(kind, args.json, &message)
         }
     }
-}
-
-/// What `tlshubctl ab` did and measured.
-#[derive(Debug, serde::Serialize)]
-struct AbRun {
-    a: String,
-    b: String,
-    seconds: f64,
-    switch_every_seconds: f64,
-    /// How many times the active provider was set (the first included).
-    switches: u32,
-    /// Stopped early by SIGINT or SIGTERM.
-    interrupted: bool,
-    /// The provider active before the run, active again after it.
-    restored: String,
-    /// Outcomes the core no longer kept when they were asked for (a gap
-    /// in the sample).
-    lost: u64,
-    #[serde(flatten)]
-    report: tlshub_admin::ab::AbReport,
 }
 
 type AdminClient = pb::admin_client::AdminClient<tonic::transport::Channel>;

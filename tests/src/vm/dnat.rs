@@ -233,9 +233,11 @@ pub fn unselected_backend_plain_and_source_nat_refused() -> Result<String, Strin
             "metrics lack the 4 plain service connections:\n{metrics}"
         ));
     }
-    let status = a.ctl(&["status"])?;
-    if status["counters"]["service_plain"].as_u64() != Some(4) {
-        return Err(format!("`tlshubctl status` does not count the 4: {status}"));
+    let status = a.status()?;
+    if status.counters.as_ref().map(|c| c.service_plain) != Some(4) {
+        return Err(format!(
+            "`tlshubctl status` does not count the 4: {status:?}"
+        ));
     }
     Ok(format!(
         "4 connections to an unselected backend exact and plain (marker in {} flows); the masqueraded one reset before a byte left",

@@ -173,7 +173,7 @@ pub fn conns_map_full() -> Result<String, String> {
             u64::from(MAX) - free
         ));
     }
-    a.ctl(&["provider", "use", "openssl"])?;
+    a.use_provider("openssl")?;
     let keyed_before = a.stat(|s| s.protected);
     go_file.go()?;
     probe_as_wanted(to_protected, "the protected port again")?;

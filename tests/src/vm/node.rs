@@ -1,9 +1,12 @@
 //! One node's agent: a provider process and a `tlshub-core` process, with
 //! their configuration files, sockets, logs, stats and key export.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
+
+use serde::de::DeserializeOwned;
 use tlshub_admin::stats::Stats;
+use tlshub_admin::{CtlError, CtlFailure, pb};
 use tlshub_provider_sdk::keylog::KeyLogRecord;
 
 use super::process::Proc;
@@ -394,43 +397,37 @@ impl Node {
         self.dir.join(format!("provider-{}.sock", kind.name()))
     }
 
-    /// Runs `tlshubctl --json ARGS` against this node's core and parses
-    /// its answer. A degraded `status` (exit 5: the active provider is not
-    /// serving) is still the status.
-    pub fn ctl(&self, args: &[&str]) -> Result<serde_json::Value, String> {
-        self.ctl_with_exit(args)
-            .and_then(|(code, answer)| match code {
-                0 | DEGRADED => Ok(answer),
-                _ => Err(format!(
-                    "tlshubctl {args:?} on node {} exited {code}: {answer}",
-                    self.spec.name
-                )),
-            })
+    /// `tlshubctl --json ARGS` against this node's core, its answer read as
+    /// `T` (the admin API message the command prints). A degraded `status`
+    /// (exit 5: the active provider is not serving) is still the status.
+    pub fn ctl<T: DeserializeOwned>(&self, args: &[&str]) -> Result<T, String> {
+        let (code, answer) = self.ctl_with_exit(args)?;
+        answer.map_err(|e| {
+            format!(
+                "tlshubctl {args:?} on node {} exited {code}: {e:?}",
+                self.spec.name
+            )
+        })
     }
 
-    /// `tlshubctl --json ARGS` against this node's core: its exit code and
-    /// its JSON answer (an error object when it failed).
-    pub fn ctl_with_exit(&self, args: &[&str]) -> Result<(i32, serde_json::Value), String> {
+    /// `tlshub status` of this node's core.
+    pub fn status(&self) -> Result<pb::StatusResponse, String> {
+        self.ctl(&["status"])
+    }
+
+    /// `tlshubctl provider use NAME` on this node's core.
+    pub fn use_provider(&self, name: &str) -> Result<pb::UseProviderResponse, String> {
+        self.ctl(&["provider", "use", name])
+    }
+
+    /// `tlshubctl --json ARGS` against this node's core: its exit code, and
+    /// its answer or the failure it printed instead.
+    pub fn ctl_with_exit<T: DeserializeOwned>(
+        &self,
+        args: &[&str],
+    ) -> Result<(i32, Result<T, CtlError>), String> {
         let socket = self.dir.join("admin.sock");
-        let mut argv = vec![
-            "tlshubctl",
-            "--socket",
-            socket.to_str().unwrap_or(""),
-            "--json",
-        ];
-        argv.extend_from_slice(args);
-        let out = super::process::command(None, &argv)
-            .output()
-            .map_err(|e| format!("cannot run tlshubctl: {e}"))?;
-        let code = out.status.code().unwrap_or(-1);
-        let answer = serde_json::from_slice(&out.stdout).map_err(|e| {
-            format!(
-                "tlshubctl {args:?} exited {code}: not JSON ({e}): {}{}",
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr)
-            )
-        })?;
-        Ok((code, answer))
+        tlshubctl(Some(&socket), args)
     }
 
     /// The core's Prometheus endpoint's text.
@@ -577,7 +574,7 @@ impl Node {
         }
         let text = text.replace(&was, &format!("mode = \"{mode}\""));
         std::fs::write(&path, text).map_err(|e| e.to_string())?;
-        self.ctl(&["policy", "reload"])?;
+        self.ctl::<pb::ReloadPolicyResponse>(&["policy", "reload"])?;
         self.spec.rule_mode = mode;
         Ok(())
     }
@@ -853,6 +850,41 @@ fn spawn_provider(
 
 /// `tlshubctl status`'s exit code when the core answered but is degraded.
 pub const DEGRADED: i32 = 5;
+
+/// `tlshubctl --json ARGS` against the core at `socket` (the default one
+/// when `None`): its exit code, and its answer read as `T` (exit 0, or
+/// [`DEGRADED`]; `tlshubctl ab` interrupted exits 130 with its answer too)
+/// or the failure it printed instead.
+pub fn tlshubctl<T: DeserializeOwned>(
+    socket: Option<&Path>,
+    args: &[&str],
+) -> Result<(i32, Result<T, CtlError>), String> {
+    let socket = socket.map(|s| s.to_string_lossy().into_owned());
+    let mut argv = vec!["tlshubctl", "--json"];
+    if let Some(s) = &socket {
+        argv.extend(["--socket", s]);
+    }
+    argv.extend_from_slice(args);
+    let out = super::process::command(None, &argv)
+        .output()
+        .map_err(|e| format!("cannot run tlshubctl: {e}"))?;
+    let code = out.status.code().unwrap_or(-1);
+    let unreadable = |e: serde_json::Error| {
+        format!(
+            "tlshubctl {args:?} exited {code}: not its JSON ({e}): {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    };
+    const INTERRUPTED: i32 = 130;
+    let answer = match code {
+        0 | DEGRADED | INTERRUPTED => Ok(serde_json::from_slice(&out.stdout).map_err(unreadable)?),
+        _ => Err(serde_json::from_slice::<CtlFailure>(&out.stdout)
+            .map_err(unreadable)?
+            .error),
+    };
+    Ok((code, answer))
+}
 
 /// Starts a node's `tlshub-core` (log `/tmp/logs/node-N-LABEL.log`) and
 /// waits until it runs.

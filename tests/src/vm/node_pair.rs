@@ -12,6 +12,7 @@ use super::support::*;
 use super::topology::POD_A;
 use super::wire_check::*;
 use crate::wire;
+use tlshub_admin::pb;
 
 fn node_pair(name: &'static str, provider: ProviderKind) -> NodeSpec {
     NodeSpec {
@@ -30,22 +31,22 @@ fn sessions_up(node: &Node, kind: ProviderKind) -> usize {
 /// The active provider's session with `peer` as `tlshubctl status`
 /// shows it, waited for up to 5 s (the core asks the provider at every
 /// health check).
-fn peer_session_shown(n: &Node, peer: &str) -> Result<serde_json::Value, String> {
+fn peer_session_shown(n: &Node, peer: &str) -> Result<pb::PeerSession, String> {
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
-        let status = n.ctl(&["status"])?;
-        let shown = status["providers"]
-            .as_array()
-            .and_then(|ps| ps.iter().find(|p| p["active"] == true))
-            .and_then(|p| p["peer_sessions"].as_array())
-            .and_then(|ss| ss.iter().find(|s| s["peer"] == peer))
+        let status = n.status()?;
+        let shown = status
+            .providers
+            .iter()
+            .find(|p| p.active)
+            .and_then(|p| p.peer_sessions.iter().find(|s| s.peer == peer))
             .cloned();
         if let Some(s) = shown {
             return Ok(s);
         }
         if Instant::now() > deadline {
             return Err(format!(
-                "node {}: `tlshubctl status` shows no session with {peer}: {status}",
+                "node {}: `tlshubctl status` shows no session with {peer}: {status:?}",
                 n.spec.name
             ));
         }
@@ -186,14 +187,14 @@ fn interop(ka: ProviderKind, kb: ProviderKind) -> Result<String, String> {
         // it renews the session.
         let shown = peer_session_shown(n, other)?;
         let dialer = n.spec.name == "a";
-        if shown["generations"] != 1
-            || shown["sessions_total"] != 1
-            || shown["up_since_unix_seconds"].as_i64().unwrap_or(0) == 0
-            || (shown["renew_at_unix_seconds"].as_i64().unwrap_or(0) != 0) != dialer
-            || shown["last_error"] != ""
+        if shown.generations != 1
+            || shown.sessions_total != 1
+            || shown.up_since_unix_seconds == 0
+            || (shown.renew_at_unix_seconds != 0) != dialer
+            || !shown.last_error.is_empty()
         {
             return Err(format!(
-                "node {}: `tlshubctl status` shows the session with {other} as {shown} (dialer: {dialer})",
+                "node {}: `tlshubctl status` shows the session with {other} as {shown:?} (dialer: {dialer})",
                 n.spec.name
             ));
         }

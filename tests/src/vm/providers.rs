@@ -256,10 +256,13 @@ pub fn certificate_reload() -> Result<String, String> {
     };
     // What tlshubctl and the metrics say node a's provider holds.
     let reported = || -> Result<(i64, i64), String> {
-        let s = a.ctl(&["status"])?;
-        let status = s["providers"][0]["credentials"][0]["not_after_unix_seconds"]
-            .as_i64()
-            .ok_or(format!("no credential in the status: {s}"))?;
+        let s = a.status()?;
+        let status = s
+            .providers
+            .first()
+            .and_then(|p| p.credentials.first())
+            .map(|c| c.not_after_unix_seconds)
+            .ok_or(format!("no credential in the status: {s:?}"))?;
         let metrics = a.metrics()?;
         let metric = metrics
             .lines()

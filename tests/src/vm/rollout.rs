@@ -6,7 +6,7 @@
 
 use std::time::Duration;
 
-use serde_json::Value;
+use tlshub_admin::pb;
 
 use super::node::{Node, NodeSpec, PROTECTED_PORT, ProviderKind};
 use super::process::finish;
@@ -27,13 +27,14 @@ fn opportunistic(name: &'static str) -> NodeSpec {
     }
 }
 
-/// `name`'s row in `tlshubctl peers` on `node` (null when absent), and
-/// the whole answer.
-fn peer_row(node: &Node, name: &str) -> Result<(Value, Value), String> {
-    let peers = node.ctl(&["peers"])?;
-    let row = peers["peers"]
-        .as_array()
-        .and_then(|p| p.iter().find(|p| p["peer"] == name))
+/// `name`'s row in `tlshubctl peers` on `node` (all defaults when
+/// absent), and the whole answer.
+fn peer_row(node: &Node, name: &str) -> Result<(pb::Peer, pb::ListPeersResponse), String> {
+    let peers: pb::ListPeersResponse = node.ctl(&["peers"])?;
+    let row = peers
+        .peers
+        .iter()
+        .find(|p| p.peer == name)
         .cloned()
         .unwrap_or_default();
     Ok((row, peers))
@@ -107,9 +108,11 @@ pub fn opportunistic_peer_without_tlshub() -> Result<String, String> {
             stats.failed, stats.protected
         ));
     }
-    let status = a.ctl(&["status"])?;
-    if status["counters"]["peer_silent_plain"].as_u64() != Some(2) {
-        return Err(format!("`tlshubctl status` does not count the 2: {status}"));
+    let status = a.status()?;
+    if status.counters.as_ref().map(|c| c.peer_silent_plain) != Some(2) {
+        return Err(format!(
+            "`tlshubctl status` does not count the 2: {status:?}"
+        ));
     }
     no_key_timeout_waited(out_took, in_took)?;
     drop(a);
@@ -271,16 +274,13 @@ pub fn downgrade_refused() -> Result<String, String> {
         ));
     }
     let (node_b, peers) = peer_row(&a, "node-b")?;
-    if node_b["announced"] != true
-        || node_b["known_peer_silent"].as_u64() != Some(2)
-        || node_b["mode"] != "opportunistic"
-    {
-        return Err(format!("`tlshubctl peers` on node a: {peers}"));
+    if !node_b.announced || node_b.known_peer_silent != 2 || node_b.mode != "opportunistic" {
+        return Err(format!("`tlshubctl peers` on node a: {peers:?}"));
     }
     // The operator says b left for good: plain again, at once.
-    let forgot = a.ctl(&["peers", "forget", "node-b"])?;
-    if forgot["forgotten"] != serde_json::json!(["node-b"]) {
-        return Err(format!("`tlshubctl peers forget node-b`: {forgot}"));
+    let forgot: pb::ForgetPeersResponse = a.ctl(&["peers", "forget", "node-b"])?;
+    if forgot.forgotten != ["node-b"] {
+        return Err(format!("`tlshubctl peers forget node-b`: {forgot:?}"));
     }
     let (s, c, took) = exchange_between("pod-b", POD_B, "pod-a", 10_000)?;
     if !s.ok || !c.ok || a.stat_reaching(|s| s.peer_silent_plain, 1) != 1 {
@@ -413,17 +413,17 @@ pub fn opportunistic_incompatible_providers_plain() -> Result<String, String> {
         return Err(format!("node b's provider was asked for keys: {asked:?}"));
     }
     let (node_a, peers) = peer_row(&b, "node-a")?;
-    if node_a["announced"] != false
-        || node_a["plain"].as_u64() != Some(2)
-        || node_a["mode"] != "opportunistic"
-        || node_a["keying"].as_str().is_none_or(str::is_empty)
+    if node_a.announced
+        || node_a.plain != 2
+        || node_a.mode != "opportunistic"
+        || node_a.keying.is_empty()
     {
-        return Err(format!("`tlshubctl peers` on node b: {peers}"));
+        return Err(format!("`tlshubctl peers` on node b: {peers:?}"));
     }
     Ok(format!(
         "2 connections between nodes of different keying protocols plain at once ({} ms out, {} ms in), counted on both nodes; node b's peers: node-a keying {}",
         out_took.as_millis(),
         in_took.as_millis(),
-        node_a["keying"]
+        node_a.keying
     ))
 }

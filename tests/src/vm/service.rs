@@ -10,7 +10,8 @@
 
 use std::time::{Duration, Instant};
 
-use serde_json::Value;
+use tlshub_admin::ab::AbRun;
+use tlshub_admin::{CtlErrorKind, pb};
 
 use crate::load::LoadReport;
 
@@ -154,9 +155,9 @@ pub fn hot_swap_under_load() -> Result<String, String> {
         std::thread::sleep(Duration::from_secs(5));
         let name = names[switches % 2];
         for n in [&a, &b] {
-            let answer = n.ctl(&["provider", "use", name])?;
-            if answer["active"].as_str() != Some(name) {
-                return Err(format!("tlshubctl provider use {name}: {answer}"));
+            let answer = n.use_provider(name)?;
+            if answer.active != name {
+                return Err(format!("tlshubctl provider use {name}: {answer:?}"));
             }
         }
         switches += 1;
@@ -223,7 +224,7 @@ pub fn hot_swap_under_load() -> Result<String, String> {
         }
         split.push(format!("node {} openssl {o} / boringssl {bs}", n.spec.name));
     }
-    let status = a.ctl(&["status"])?;
+    let status = a.status()?;
     Ok(format!(
         "{switches} switches in 60 s; {LONG} long connections ({} verified pieces) and {short_ok} short ones at {SHORT_PER_SEC}/s (p50 {:.0} ms, p99 {:.0} ms): 0 failed, 0 corrupt; wire: {} flows TLS only, all decrypted; protected per provider: {}; active now {}",
         r.long_pieces,
@@ -231,7 +232,7 @@ pub fn hot_swap_under_load() -> Result<String, String> {
         r.short_p99_ms,
         wire.protected_flows,
         split.join(", "),
-        status["active_provider"]
+        status.active_provider
     ))
 }
 
@@ -273,8 +274,8 @@ pub fn ab_under_load() -> Result<String, String> {
         "5s",
     ];
     let (run_a, run_b) = std::thread::scope(|s| {
-        let on_a = s.spawn(|| a.ctl_with_exit(&args));
-        let on_b = s.spawn(|| b.ctl_with_exit(&args));
+        let on_a = s.spawn(|| a.ctl_with_exit::<AbRun>(&args));
+        let on_b = s.spawn(|| b.ctl_with_exit::<AbRun>(&args));
         (on_a.join(), on_b.join())
     });
     let after = [keyed(&a)?, keyed(&b)?];
@@ -282,34 +283,30 @@ pub fn ab_under_load() -> Result<String, String> {
     for (i, (n, run)) in [(&a, run_a), (&b, run_b)].into_iter().enumerate() {
         let (code, run) = run.map_err(|_| "a tlshubctl thread panicked".to_string())??;
         let name = &n.spec.name;
+        let run = run.map_err(|e| format!("node {name}: tlshubctl ab exited {code}: {e:?}"))?;
         let counts: Vec<u64> = (0..2)
-            .map(|p| run["providers"][p]["keyed"].as_u64().unwrap_or(0))
+            .map(|p| run.report.providers.get(p).map_or(0, |f| f.keyed))
             .collect();
-        let failed = run["providers"].as_array().map_or(0, |ps| {
-            ps.iter()
-                .filter_map(|p| p["failed"].as_object())
-                .map(|f| f.len())
-                .sum::<usize>()
-        });
+        let failed: usize = run.report.providers.iter().map(|p| p.failed.len()).sum();
         let total = (counts[0] + counts[1]) as f64;
         let delta = after[i] - before[i];
         // The load's short connections between reading the metrics and
         // the run's first read (well under 2 s here), both roles.
         let slack = 2.0 * 2.0 * 4.0;
         if code != 0
-            || run["switches"] != 6
-            || run["restored"] != "openssl"
+            || run.switches != 6
+            || run.restored != "openssl"
             || counts.contains(&0)
             || failed != 0
             || total > delta
             || delta - total > slack
-            || run["verdicts"].as_array().map_or(0, Vec::len) != 2
+            || run.report.verdicts.len() != 2
         {
             return Err(format!(
-                "node {name}: tlshubctl ab exited {code} (want 0, 6 switches, openssl restored, both providers keyed, none failed, {total} within {delta} - {slack} of the metrics, 2 verdicts): {run}"
+                "node {name}: tlshubctl ab exited {code} (want 0, 6 switches, openssl restored, both providers keyed, none failed, {total} within {delta} - {slack} of the metrics, 2 verdicts): {run:?}"
             ));
         }
-        let active = n.ctl(&["status"])?["active_provider"].clone();
+        let active = n.status()?.active_provider;
         if active != "openssl" {
             return Err(format!("node {name}: active after ab: {active}"));
         }
@@ -317,7 +314,7 @@ pub fn ab_under_load() -> Result<String, String> {
             "node {name}: openssl {} / boringssl {} keyed of {delta} (metrics), {}",
             counts[0],
             counts[1],
-            run["verdicts"][0].as_str().unwrap_or("")
+            run.report.verdicts.first().map_or("", String::as_str)
         ));
     }
     // Interrupted: BoringSSL is active when SIGINT comes.
@@ -341,7 +338,7 @@ pub fn ab_under_load() -> Result<String, String> {
     .spawn()
     .map_err(|e| format!("cannot run tlshubctl ab: {e}"))?;
     std::thread::sleep(Duration::from_secs(6));
-    let during = a.ctl(&["status"])?["active_provider"].clone();
+    let during = a.status()?.active_provider;
     let pid = rustix::process::Pid::from_raw(i32::try_from(interrupted.id()).unwrap_or(0))
         .ok_or("tlshubctl has no pid")?;
     rustix::process::kill_process(pid, rustix::process::Signal::INT)
@@ -350,7 +347,7 @@ pub fn ab_under_load() -> Result<String, String> {
         .wait_with_output()
         .map_err(|e| format!("tlshubctl ab: {e}"))?;
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    let active = a.ctl(&["status"])?["active_provider"].clone();
+    let active = a.status()?.active_provider;
     if during != "boringssl"
         || out.status.code() != Some(130)
         || active != "openssl"
@@ -398,15 +395,12 @@ pub fn admin_cli_and_metrics() -> Result<String, String> {
     // Wait for the first health checks.
     let until = Instant::now() + Duration::from_secs(10);
     loop {
-        let st = a.ctl(&["status"])?;
-        let serving = st["providers"]
-            .as_array()
-            .is_some_and(|p| p.iter().all(|p| p["health"] == "serving"));
-        if serving {
+        let st = a.status()?;
+        if st.providers.iter().all(|p| p.health == "serving") {
             break;
         }
         if Instant::now() > until {
-            return Err(format!("providers not serving after 10 s: {st}"));
+            return Err(format!("providers not serving after 10 s: {st:?}"));
         }
         std::thread::sleep(Duration::from_millis(200));
     }
@@ -432,17 +426,18 @@ pub fn admin_cli_and_metrics() -> Result<String, String> {
     let _server = LoadServer::start()?;
     let connect = format!("{POD_B}:{PROTECTED_PORT}");
     let client = start_load_with(3, 4, 0.01)?;
-    let conns = a.ctl(&["connections"])?;
-    let protected: Vec<&Value> = conns["connections"]
-        .as_array()
-        .map(|c| c.iter().filter(|c| c["state"] == "protected").collect())
-        .unwrap_or_default();
+    let conns: pb::ListConnectionsResponse = a.ctl(&["connections"])?;
+    let protected: Vec<&pb::Connection> = conns
+        .connections
+        .iter()
+        .filter(|c| c.state == "protected")
+        .collect();
     if protected.len() < 3
-        || !protected.iter().all(|c| {
-            c["provider"] == "openssl" && c["cipher"] == "aes-gcm-128" && c["role"] == "client"
-        })
+        || !protected
+            .iter()
+            .all(|c| c.provider == "openssl" && c.cipher == "aes-gcm-128" && c.role == "client")
     {
-        return Err(format!("connections: {conns}"));
+        return Err(format!("connections: {conns:?}"));
     }
     let listing = text(&["connections"])?;
     if !listing.contains("protected") || !listing.contains(&connect) {
@@ -450,14 +445,20 @@ pub fn admin_cli_and_metrics() -> Result<String, String> {
     }
     let _ = finish(client, Duration::from_secs(60))?;
     drop(b);
-    let (code, refused) = a.ctl_with_exit(&["provider", "use", "nosuch"])?;
-    let message = refused["error"]["message"].as_str().unwrap_or("");
-    if code != 1 || !message.contains("NotFound") || !message.contains("nosuch") {
-        return Err(format!("unknown provider: exit {code}, {refused}"));
+    let (code, refused) =
+        a.ctl_with_exit::<pb::UseProviderResponse>(&["provider", "use", "nosuch"])?;
+    if code != 1
+        || !refused.as_ref().is_err_and(|e| {
+            e.kind == CtlErrorKind::Refused
+                && e.message.contains("NotFound")
+                && e.message.contains("nosuch")
+        })
+    {
+        return Err(format!("unknown provider: exit {code}, {refused:?}"));
     }
-    let used = a.ctl(&["provider", "use", "boringssl"])?;
-    if used["previous"] != "openssl" || used["active"] != "boringssl" {
-        return Err(format!("provider use: {used}"));
+    let used = a.use_provider("boringssl")?;
+    if used.previous != "openssl" || used.active != "boringssl" {
+        return Err(format!("provider use: {used:?}"));
     }
     // Policy reload: a new port is applied; a broken file is refused and
     // the old policy stays.
@@ -468,13 +469,13 @@ pub fn admin_cli_and_metrics() -> Result<String, String> {
         original.replace("ports = [8443]", "ports = [8443, 8444]"),
     )
     .map_err(|e| e.to_string())?;
-    let reloaded = a.ctl(&["policy", "reload"])?;
-    if reloaded["policy"]["rules"][0]["ports"] != serde_json::json!([8443, 8444]) {
-        return Err(format!("policy reload: {reloaded}"));
+    let reloaded: pb::ReloadPolicyResponse = a.ctl(&["policy", "reload"])?;
+    if first_rule_ports(reloaded.policy.as_ref()) != [8443, 8444] {
+        return Err(format!("policy reload: {reloaded:?}"));
     }
     std::fs::write(&cfg, original.replace("ports = [8443]", "ports = [\"x\"]"))
         .map_err(|e| e.to_string())?;
-    let bad = a.ctl(&["policy", "reload"]);
+    let bad = a.ctl::<pb::ReloadPolicyResponse>(&["policy", "reload"]);
     // Put the file back before anything can fail: the node's cleanup
     // (`tlshub-core release --detach`) reads it.
     std::fs::write(&cfg, &original).map_err(|e| e.to_string())?;
@@ -486,39 +487,41 @@ pub fn admin_cli_and_metrics() -> Result<String, String> {
     }
     // The exit codes a health check relies on: serving 0; the active
     // provider down 5 (degraded), with the status still printed.
-    let (serving, _) = a.ctl_with_exit(&["status"])?;
+    let (serving, _) = a.ctl_with_exit::<pb::StatusResponse>(&["status"])?;
     let boringssl = a.provider_pid(ProviderKind::BoringSsl).to_string();
     super::process::run(None, &["kill", "-9", &boringssl])?;
     let until = Instant::now() + Duration::from_secs(10);
     let (down, status) = loop {
-        let (code, status) = a.ctl_with_exit(&["status"])?;
+        let (code, status) = a.ctl_with_exit::<pb::StatusResponse>(&["status"])?;
         if code != 0 || Instant::now() > until {
             break (code, status);
         }
         std::thread::sleep(Duration::from_millis(200));
     };
-    if serving != 0 || down != super::node::DEGRADED || status["active_provider"] != "boringssl" {
+    let active = status.as_ref().map(|s| s.active_provider.as_str());
+    if serving != 0 || down != super::node::DEGRADED || active != Ok("boringssl") {
         return Err(format!(
-            "status exit codes: serving {serving}, active provider killed {down} (want 0 and {}): {status}",
+            "status exit codes: serving {serving}, active provider killed {down} (want 0 and {}): {status:?}",
             super::node::DEGRADED
         ));
     }
-    let still = a.ctl(&["status"])?;
-    if still["policy"]["rules"][0]["ports"] != serde_json::json!([8443, 8444]) {
-        return Err(format!("the old policy did not stay: {still}"));
+    let still = a.status()?;
+    if first_rule_ports(still.policy.as_ref()) != [8443, 8444] {
+        return Err(format!("the old policy did not stay: {still:?}"));
     }
     // A switch to a provider that is down is refused unless forced.
-    a.ctl(&["provider", "use", "openssl"])?;
-    let (code, refused) = a.ctl_with_exit(&["provider", "use", "boringssl"])?;
-    let message = refused["error"]["message"].as_str().unwrap_or("");
+    a.use_provider("openssl")?;
+    let (code, refused) =
+        a.ctl_with_exit::<pb::UseProviderResponse>(&["provider", "use", "boringssl"])?;
+    let message = refused.as_ref().err().map_or("", |e| e.message.as_str());
     if code != 1 || !message.contains("FailedPrecondition") || !message.contains("--force") {
         return Err(format!(
-            "a switch to a killed provider: want exit 1 and a refusal naming --force, got {code}: {refused}"
+            "a switch to a killed provider: want exit 1 and a refusal naming --force, got {code}: {refused:?}"
         ));
     }
-    let forced = a.ctl(&["provider", "use", "boringssl", "--force"])?;
-    if forced["active"] != "boringssl" {
-        return Err(format!("provider use --force: {forced}"));
+    let forced: pb::UseProviderResponse = a.ctl(&["provider", "use", "boringssl", "--force"])?;
+    if forced.active != "boringssl" {
+        return Err(format!("provider use --force: {forced:?}"));
     }
     // Root only: a uid-65534 caller is turned away.
     let nobody = {
@@ -560,7 +563,7 @@ pub fn admin_cli_and_metrics() -> Result<String, String> {
     a.restart_core("restarted")?;
     let until = Instant::now() + Duration::from_secs(30);
     let restarted = loop {
-        match a.ctl(&["status"]) {
+        match a.status() {
             Ok(st) => break st,
             Err(e) if Instant::now() > until => {
                 return Err(format!("the restarted core does not answer: {e}"));
@@ -573,12 +576,12 @@ pub fn admin_cli_and_metrics() -> Result<String, String> {
         .output()
         .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
         .unwrap_or_default();
-    if restarted["active_provider"] != "boringssl"
-        || restarted["configured_provider"] != "openssl"
+    if restarted.active_provider != "boringssl"
+        || restarted.configured_provider != "openssl"
         || !status_text.contains("switched by `provider use`; the configuration says openssl")
     {
         return Err(format!(
-            "the restarted core did not keep the switch to boringssl, or its status does not say so: {restarted}\n{status_text}"
+            "the restarted core did not keep the switch to boringssl, or its status does not say so: {restarted:?}\n{status_text}"
         ));
     }
     Ok(format!(
@@ -674,4 +677,12 @@ pub fn mismatched_providers_fail_closed() -> Result<String, String> {
         wire.protected_flows,
         met.split("conn{").nth(1).unwrap_or(&met)
     ))
+}
+
+/// The ports of a policy's first rule (none without a policy or rule).
+fn first_rule_ports(policy: Option<&pb::Policy>) -> Vec<u32> {
+    policy
+        .and_then(|p| p.rules.first())
+        .map(|r| r.ports.clone())
+        .unwrap_or_default()
 }

@@ -10,7 +10,7 @@
 use std::time::{Duration, Instant};
 use tlshub_provider_sdk::keylog::KeyLogRecord;
 
-use serde_json::Value;
+use tlshub_admin::pb;
 
 use crate::load::LoadReport;
 
@@ -302,12 +302,12 @@ fn deb_install_and_purge() -> Result<String, String> {
     let check =
         sh("tlshub-core check").map_err(|e| format!("tlshub-core check after the package: {e}"))?;
     enable_node_a()?;
-    let status = tlshubctl(&["status"])?;
+    let status = installed_status()?;
     let exchange = super::support::App::exchange(10_000, super::node::PROTECTED_PORT);
     let protected = exchange_keyed(&exchange, "with the package's core")?;
     if protected < 1.0 {
         return Err(format!(
-            "the package's core protected nothing; status {status}"
+            "the package's core protected nothing; status {status:?}"
         ));
     }
     let upgraded = upgrade_in_place(&exchange)?;
@@ -429,30 +429,19 @@ fn check_units() -> Result<String, String> {
             "a timestamp or colours in the journal: {running:?}"
         ));
     }
-    let status = tlshubctl(&["status"])?;
-    if status["active_provider"].as_str() != Some("openssl") {
-        return Err(format!("tlshubctl status: {status}"));
+    let status = installed_status()?;
+    if status.active_provider != "openssl" {
+        return Err(format!("tlshubctl status: {status:?}"));
     }
     Ok(seen.join(", "))
 }
 
-/// `tlshubctl --json ARGS` on the installed core (default socket). A
-/// degraded `status` (exit 5) is still the status.
-fn tlshubctl(args: &[&str]) -> Result<Value, String> {
-    let mut argv = vec!["tlshubctl", "--json"];
-    argv.extend_from_slice(args);
-    let out = super::process::command(None, &argv)
-        .output()
-        .map_err(|e| format!("cannot run tlshubctl: {e}"))?;
-    let text = String::from_utf8_lossy(&out.stdout);
-    match out.status.code() {
-        Some(0 | super::node::DEGRADED) => {
-            serde_json::from_str(&text).map_err(|e| format!("tlshubctl {args:?}: {e}: {text}"))
-        }
-        code => Err(format!(
-            "tlshubctl {args:?} exited {code:?}: {text}{}",
-            String::from_utf8_lossy(&out.stderr)
-        )),
+/// `tlshubctl status` of the installed core (default socket). A degraded
+/// status (exit 5) is still the status.
+fn installed_status() -> Result<pb::StatusResponse, String> {
+    match super::node::tlshubctl(None, &["status"])? {
+        (_, Ok(status)) => Ok(status),
+        (code, Err(e)) => Err(format!("tlshubctl status exited {code}: {e:?}")),
     }
 }
 
