@@ -102,10 +102,7 @@ pub struct AppReport {
 /// As the app printed it (one JSON line), for failure messages.
 impl fmt::Display for AppReport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match serde_json::to_string(self) {
-            Ok(line) => f.write_str(&line),
-            Err(_) => write!(f, "{self:?}"),
-        }
+        crate::fmt_report(self, f)
     }
 }
 

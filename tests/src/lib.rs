@@ -10,6 +10,7 @@
 //! - `tlshub-loadgen` (src/bin): long connections and new ones at a fixed
 //!   rate (the service scenarios, the benchmark's collateral stall),
 //!   reporting a [`load::LoadReport`].
+//! - `tlshub-testapp` reports an [`app_report::AppReport`].
 //! - [`pattern`], [`wire`]: the byte pattern the apps exchange and the
 //!   packet-capture checks (no plaintext, TLS records, decryption).
 //!
@@ -23,3 +24,15 @@ pub mod load;
 pub mod pattern;
 pub mod vm;
 pub mod wire;
+
+/// Writes a tool's report as the one JSON line the tool printed (its
+/// `Debug` form if it cannot be serialized), for failure messages.
+pub fn fmt_report<T: serde::Serialize + std::fmt::Debug>(
+    report: &T,
+    f: &mut std::fmt::Formatter<'_>,
+) -> std::fmt::Result {
+    match serde_json::to_string(report) {
+        Ok(line) => f.write_str(&line),
+        Err(_) => write!(f, "{report:?}"),
+    }
+}

@@ -69,10 +69,7 @@ impl RoundTrips {
 impl std::fmt::Display for LoadReport {
     /// The report as the JSON the tool printed, for error messages.
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match serde_json::to_string(self) {
-            Ok(s) => f.write_str(&s),
-            Err(_) => write!(f, "{self:?}"),
-        }
+        crate::fmt_report(self, f)
     }
 }
 

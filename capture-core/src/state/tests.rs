@@ -280,12 +280,19 @@ fn sweep(t: &mut ConnTable, k: &mut FakeKernel) {
     t.sweep_held(k, &states);
 }
 
-/// A client connection tracked, established and owned: its job started.
+/// A client connection tracked, established and owned by [`PID`]: its job
+/// started.
 fn keying(t: &mut ConnTable, k: &mut FakeKernel, cookie: u64) -> Start {
+    keying_for(t, k, cookie, PID)
+}
+
+/// Connection `cookie` tracked, established and owned by `pid`: its job
+/// started.
+fn keying_for(t: &mut ConnTable, k: &mut FakeKernel, cookie: u64, pid: u32) -> Start {
     let est = established(cookie, 0);
     k.track(cookie, est);
     t.on_event(k, est);
-    t.on_event(k, owner(cookie, PID, 3));
+    t.on_event(k, owner(cookie, pid, 3));
     one_start(t)
 }
 
@@ -803,15 +810,6 @@ fn a_socket_gone_with_nobody_held_waits_for_the_next_hold() {
     assert_eq!(k.gate(COOKIE), Some(gate::CLOSED));
     t.on_event(&k, held(COOKIE, PID + 2, 0));
     assert_eq!(one_start(&mut t).owner, Some((PID + 2, -1)));
-}
-
-/// Connection `cookie` established and owned by `pid`: the job it started.
-fn keying_for(t: &mut ConnTable, k: &mut FakeKernel, cookie: u64, pid: u32) -> Start {
-    let est = established(cookie, 0);
-    k.track(cookie, est);
-    t.on_event(k, est);
-    t.on_event(k, owner(cookie, pid, 3));
-    one_start(t)
 }
 
 #[test]
