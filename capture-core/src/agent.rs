@@ -2,7 +2,7 @@
 //! applies their outcome (gate open, reset, resume), and releases held
 //! processes.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -117,6 +117,9 @@ pub struct Agent {
     /// `ESTABLISHED` was read (by cookie; taken by its job). See
     /// [`Agent::note_announcement`].
     peer_remembered: HashMap<u64, bool>,
+    /// The protected connections' processes the kTLS gauges' sources were
+    /// resolved for (`None`: not yet).
+    tls_stat_pids: Option<BTreeSet<u32>>,
 }
 
 impl std::fmt::Debug for Agent {
@@ -198,6 +201,7 @@ impl Agent {
             conntrack,
             peers,
             peer_remembered: HashMap::new(),
+            tls_stat_pids: None,
             conns,
             owner_senders: HashMap::new(),
             send_buffer_floor,
@@ -295,7 +299,7 @@ impl Agent {
                 }
                 _ = report.tick() => {
                     self.write_stats();
-                    self.update_ktls_gauges();
+                    self.update_tls_stat_sources();
                 }
                 Some(request) = admin.recv() => self.on_admin(request),
                 () = &mut shutdown => break,
@@ -834,28 +838,32 @@ impl Agent {
     /// connection (one owner per namespace is read). Once a second, so it
     /// looks at each owning process once, not at each connection: a
     /// process may hold tens of thousands.
-    fn update_ktls_gauges(&mut self) {
-        let pids: std::collections::BTreeSet<u32> =
-            self.table.protected().values().map(|c| c.pid).collect();
+    /// Points the kTLS gauges at one `tls_stat` file per network namespace
+    /// of the protected connections' processes (and the core's own), read
+    /// at each scrape. Resolved only when the set of those processes
+    /// changed: an idle core reads nothing.
+    fn update_tls_stat_sources(&mut self) {
+        let pids: BTreeSet<u32> = self.table.protected().values().map(|c| c.pid).collect();
+        if self.tls_stat_pids.as_ref() == Some(&pids) {
+            return;
+        }
         let mut seen = HashSet::new();
-        let mut texts = Vec::new();
-        for pid in pids {
+        let mut sources = Vec::new();
+        for pid in &pids {
             let Ok(ns) = std::fs::read_link(format!("/proc/{pid}/ns/net")) else {
                 continue;
             };
-            if seen.insert(ns)
-                && let Ok(t) = std::fs::read_to_string(format!("/proc/{pid}/net/tls_stat"))
-            {
-                texts.push(t);
+            if seen.insert(ns) {
+                sources.push(PathBuf::from(format!("/proc/{pid}/net/tls_stat")));
             }
         }
         if let Ok(own) = std::fs::read_link("/proc/self/ns/net")
             && !seen.contains(&own)
-            && let Ok(t) = std::fs::read_to_string("/proc/self/net/tls_stat")
         {
-            texts.push(t);
+            sources.push(PathBuf::from("/proc/self/net/tls_stat"));
         }
-        self.metrics.set_tls_stat(texts.iter().map(String::as_str));
+        self.metrics.set_tls_stat_sources(sources);
+        self.tls_stat_pids = Some(pids);
     }
 
     fn write_stats(&mut self) {

@@ -279,6 +279,10 @@ pub struct Metrics {
     /// `/proc/net/tls_stat` summed over the network namespaces of the
     /// connections this core protects.
     pub ktls: Family<TlsStatLabel, Gauge>,
+    /// The `tls_stat` files [`Metrics::scrape`] sums: one per network
+    /// namespace of the protected connections (see
+    /// [`Metrics::set_tls_stat_sources`]).
+    tls_stat_sources: std::sync::Mutex<Vec<std::path::PathBuf>>,
 }
 
 /// How many peers get a series of their own in
@@ -343,6 +347,7 @@ impl Metrics {
             gate_waits: Counter::default(),
             bpf: BPF_COUNTERS.iter().map(|_| Counter::default()).collect(),
             ktls: Family::default(),
+            tls_stat_sources: std::sync::Mutex::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -486,6 +491,31 @@ impl Metrics {
         tlshub_provider_sdk::metrics::encode(&self.registry)
     }
 
+    /// What `GET /metrics` answers: the kTLS gauges read from their
+    /// sources now, then every metric. Why at the scrape: reading the
+    /// files costs system calls per network namespace, and a scrape comes
+    /// every 15 s or so where a timer would read them every second.
+    pub fn scrape(&self) -> String {
+        let sources = self
+            .tls_stat_sources
+            .lock()
+            .map(|s| s.clone())
+            .unwrap_or_default();
+        let texts: Vec<String> = sources
+            .iter()
+            .filter_map(|path| std::fs::read_to_string(path).ok())
+            .collect();
+        self.set_tls_stat(texts.iter().map(String::as_str));
+        self.encode()
+    }
+
+    /// The `tls_stat` files the kTLS gauges sum at each scrape.
+    pub fn set_tls_stat_sources(&self, paths: Vec<std::path::PathBuf>) {
+        if let Ok(mut sources) = self.tls_stat_sources.lock() {
+            *sources = paths;
+        }
+    }
+
     /// Marks `active` as the active provider among `names` (1 for it, 0 for
     /// the others).
     pub fn set_active_provider<'a>(&self, names: impl IntoIterator<Item = &'a str>, active: &str) {
@@ -538,7 +568,7 @@ pub async fn serve(
     addr: SocketAddr,
     metrics: Arc<Metrics>,
 ) -> Result<tokio::task::JoinHandle<()>, ListenError> {
-    let encode: tlshub_provider_sdk::metrics::Encoder = Arc::new(move || metrics.encode());
+    let encode: tlshub_provider_sdk::metrics::Encoder = Arc::new(move || metrics.scrape());
     Ok(tlshub_provider_sdk::metrics::serve_http(addr, encode)
         .await?
         .1)
@@ -639,6 +669,40 @@ mod tests {
             assert!(text.contains(want), "missing {want} in\n{text}");
         }
         assert!(!text.contains("cookie"), "no per-connection labels");
+    }
+
+    #[test]
+    fn a_scrape_reads_the_tls_stat_sources_of_the_moment() {
+        let dir = std::env::temp_dir().join(format!("tlshub-scrape-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let (one, two) = (dir.join("one"), dir.join("two"));
+        std::fs::write(&one, "TlsCurrTxSw 3\n").unwrap();
+        std::fs::write(&two, "TlsCurrTxSw 2\n").unwrap();
+        let m = Metrics::new();
+        // A source that cannot be read (its process exited) is left out.
+        m.set_tls_stat_sources(vec![one.clone(), two, dir.join("gone")]);
+        let sockets = |text: &str| {
+            text.lines()
+                .find(|l| l.starts_with("tlshub_ktls_sockets{counter=\"TlsCurrTxSw\"}"))
+                .map(str::to_owned)
+        };
+        assert_eq!(
+            sockets(&m.scrape()).as_deref(),
+            Some("tlshub_ktls_sockets{counter=\"TlsCurrTxSw\"} 5")
+        );
+        std::fs::write(&one, "TlsCurrTxSw 4\n").unwrap();
+        m.set_tls_stat_sources(vec![one]);
+        assert_eq!(
+            sockets(&m.scrape()).as_deref(),
+            Some("tlshub_ktls_sockets{counter=\"TlsCurrTxSw\"} 4")
+        );
+        // encode() alone reads nothing.
+        std::fs::write(dir.join("one"), "TlsCurrTxSw 9\n").unwrap();
+        assert_eq!(
+            sockets(&m.encode()).as_deref(),
+            Some("tlshub_ktls_sockets{counter=\"TlsCurrTxSw\"} 4")
+        );
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     /// Every series name the core can export: from the `# TYPE` lines,

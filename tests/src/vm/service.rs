@@ -439,6 +439,21 @@ pub fn admin_cli_and_metrics() -> Result<String, String> {
     {
         return Err(format!("connections: {conns:?}"));
     }
+    // The kTLS gauges, read at the scrape from the protected connections'
+    // network namespaces (resolved within a second of their keys).
+    let until = Instant::now() + Duration::from_secs(5);
+    let ktls_sockets = loop {
+        let n = metric(&a.metrics()?, "tlshub_ktls_sockets{counter=\"TlsCurrTxSw\"}");
+        if n >= 3.0 || Instant::now() > until {
+            break n;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    if ktls_sockets < 3.0 {
+        return Err(format!(
+            "tlshub_ktls_sockets{{counter=\"TlsCurrTxSw\"}} is {ktls_sockets} with 3 protected connections open"
+        ));
+    }
     let listing = text(&["connections"])?;
     if !listing.contains("protected") || !listing.contains(&connect) {
         return Err(format!("`tlshubctl connections`:\n{listing}"));
