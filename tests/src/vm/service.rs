@@ -443,7 +443,10 @@ pub fn admin_cli_and_metrics() -> Result<String, String> {
     // network namespaces (resolved within a second of their keys).
     let until = Instant::now() + Duration::from_secs(5);
     let ktls_sockets = loop {
-        let n = metric(&a.metrics()?, "tlshub_ktls_sockets{counter=\"TlsCurrTxSw\"}");
+        let n = metric(
+            &a.metrics()?,
+            "tlshub_ktls_sockets{counter=\"TlsCurrTxSw\"}",
+        );
         if n >= 3.0 || Instant::now() > until {
             break n;
         }
