@@ -33,6 +33,7 @@ pub fn conns_map_full() -> Result<String, String> {
     use super::support::{
         self, GoFile, app_report, expect_reset, pod_b_addr, spawn_client, spawn_probe,
     };
+    use libc::ECONNRESET;
     const MAX: u32 = 16;
     const LONG: u32 = 3 * MAX;
     // 1. Keyed connections leave the map.
@@ -137,7 +138,6 @@ pub fn conns_map_full() -> Result<String, String> {
             "node a counted {full} map-full failures for {OVER} clients and {PROBES} probes over a full map"
         ));
     }
-    const ECONNRESET: i64 = 104;
     let probe_as_wanted = |child, what: &str| -> Result<(), String> {
         let steps = support::probe_steps(&process::finish(child, Duration::from_secs(90))?)?;
         let want = [
@@ -311,9 +311,7 @@ pub fn process_bound() -> Result<String, String> {
     use crate::app_io::MANY_WAITING;
     const BOUND: u64 = 8;
     const NEVER_ACCEPTED_PORT: u16 = 8450;
-    const ECONNRESET: i64 = 104;
-    const EPIPE: i64 = 32;
-    const EAGAIN: i64 = 11;
+    use libc::{EAGAIN, ECONNRESET, EPIPE};
     let mut sa = NodeSpec::new("a");
     sa.bpf.push(("max_connections_per_process", BOUND));
     sa.key_timeout_ms = 30_000;
@@ -354,7 +352,7 @@ pub fn process_bound() -> Result<String, String> {
         .iter()
         .filter(|(c, e)| c == "connect" && *e == 0)
         .count();
-    let sends: Vec<i64> = steps
+    let sends: Vec<i32> = steps
         .iter()
         .filter(|(c, _)| c == "send")
         .map(|(_, e)| *e)

@@ -424,7 +424,7 @@ pub fn reconnect_during_keying() -> Result<String, String> {
 
 /// `tlshub-testapp probe --what WHAT` from pod-a to pod-b's `port`: the
 /// errno of each step (0: it succeeded).
-fn probe(what: &str, port: u16) -> Result<Vec<(String, i64)>, String> {
+fn probe(what: &str, port: u16) -> Result<Vec<(String, i32)>, String> {
     let target = super::support::pod_b_addr(port);
     // A probe whose call hangs (held and never continued) fails the
     // scenario with where it was stuck, instead of hanging the VM.
@@ -460,8 +460,7 @@ fn probe(what: &str, port: u16) -> Result<Vec<(String, i64)>, String> {
 ///   the socket connecting but not marked yet): no send that passed the
 ///   gate unconnected may wait for the handshake and go out in clear.
 pub fn unusual_socket_calls() -> Result<String, String> {
-    const EOPNOTSUPP: i64 = 95;
-    const ECONNRESET: i64 = 104;
+    use libc::{ECONNRESET, EOPNOTSUPP};
     let (a, b) = nodes(NodeSpec::new("a"), NodeSpec::new("b"))?;
     let mut servers = Vec::new();
     for port in [PROTECTED_PORT, PLAIN_PORT] {
@@ -486,7 +485,7 @@ pub fn unusual_socket_calls() -> Result<String, String> {
     }
     let cap = Capture::start("unusual-socket-calls")?;
     let mut seen = Vec::new();
-    let errno_of = |steps: &[(String, i64)], call: &str| {
+    let errno_of = |steps: &[(String, i32)], call: &str| {
         steps
             .iter()
             .find(|(c, _)| c.starts_with(call))
@@ -539,8 +538,7 @@ pub fn unusual_socket_calls() -> Result<String, String> {
     // its connect() to a selected peer is refused before any byte moves.
     // The plain port's write is the control (the filling itself breaks
     // nothing).
-    const ENOMEM: i64 = 12;
-    const ENOBUFS: i64 = 105;
+    use libc::{ENOBUFS, ENOMEM};
     let fill = "setsockopt(TCP_MD5SIG)";
     let full = probe("full-option-memory", PROTECTED_PORT)?;
     if errno_of(&full, fill) != ENOMEM
@@ -568,7 +566,7 @@ pub fn unusual_socket_calls() -> Result<String, String> {
     // after the keys (0) or refused before the mark (EOPNOTSUPP, a send
     // that found the socket connecting and unmarked); the wire check below
     // finds any that went out in clear.
-    let racing = |port| -> Result<(Vec<i64>, Vec<i64>), String> {
+    let racing = |port| -> Result<(Vec<i32>, Vec<i32>), String> {
         let steps = probe("send-racing-connect", port)?;
         let of = |call: &str| {
             steps

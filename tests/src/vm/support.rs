@@ -205,7 +205,7 @@ impl Drop for GoFile {
 
 /// The steps of a `tlshub-testapp probe` report: each call and its errno
 /// (0: it succeeded).
-pub fn probe_steps(report: &str) -> Result<Vec<(String, i64)>, String> {
+pub fn probe_steps(report: &str) -> Result<Vec<(String, i32)>, String> {
     let report = app_report(report)?;
     if report.probe.is_empty() {
         return Err(format!("no probe steps in {report}"));
@@ -213,7 +213,7 @@ pub fn probe_steps(report: &str) -> Result<Vec<(String, i64)>, String> {
     Ok(report
         .probe
         .into_iter()
-        .map(|s| (s.call.into_owned(), i64::from(s.errno)))
+        .map(|s| (s.call.into_owned(), s.errno))
         .collect())
 }
 
