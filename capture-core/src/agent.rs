@@ -194,7 +194,7 @@ impl Agent {
             send_buffer_floor, "protected sockets get at least this send buffer (0: untouched)"
         );
         let mut table = ConnTable::new(config.failure_policy, metrics.clone());
-        table.set_process_bound(config.bpf.process_bound());
+        table.set_bounds(config.bpf.process_bound(), config.bpf.cgroup_bound());
         let conns = Arc::new(programs.conns_reader()?);
         let mut agent = Self {
             policy: Arc::new(config.policy.clone()),

@@ -352,8 +352,8 @@ pub struct BpfSection {
     /// at the same time on this node (a keyed one keeps no entry). A selected
     /// connection that finds it full fails closed: its app's calls fail
     /// with `ECONNRESET` (counted as `tlshub_gate_map_full_total`). Each
-    /// entry is a 96-byte value plus its key and the hash table's element
-    /// header (about 150 bytes, computed, not measured). Takes effect when
+    /// entry is a 120-byte value plus its key and the hash table's element
+    /// header (about 180 bytes, computed, not measured). Takes effect when
     /// the programs are loaded, not on an adopting restart.
     pub max_connections: u32,
     /// Of those, how many one process's connections may take at once: a
@@ -364,6 +364,14 @@ pub struct BpfSection {
     /// connections fail. Unset: a quarter of `max_connections`. Takes
     /// effect when the core starts.
     pub max_connections_per_process: Option<u32>,
+    /// The same bound for all the processes of one cgroup (v2) together, so
+    /// that an app cannot escape the bound per process by forking: a pod's
+    /// or a service's processes share one. A connection whose owner's
+    /// cgroup is not known (its owner came from the `held` map or an old
+    /// core) counts against its process only. Reason `cgroup_bound`.
+    /// Unset: a quarter of `max_connections`. Takes effect when the core
+    /// starts.
+    pub max_connections_per_cgroup: Option<u32>,
     /// Entries of the `held` map: processes the gate can have stopped at
     /// once whose hold the event ring buffer had no room to report (the
     /// core's sweep finds them there). When both are full, the gate fails
@@ -373,7 +381,7 @@ pub struct BpfSection {
     /// loaded, not on an adopting restart.
     pub max_held_processes: u32,
     /// Size of the ring buffer that carries the gate's events to the core
-    /// (each event takes 80 bytes): a power of two, at least 4,096 (a
+    /// (each event takes 96 bytes with its record header): a power of two, at least 4,096 (a
     /// page). Events that find it full are recovered from the maps, holds
     /// from the `held` map. Takes effect when the programs are loaded, not
     /// on an adopting restart.
@@ -385,11 +393,22 @@ impl BpfSection {
     /// `max_connections`, at least 1).
     pub fn process_bound(&self) -> u32 {
         self.max_connections_per_process
-            .unwrap_or((self.max_connections / 4).max(1))
+            .unwrap_or(self.default_bound())
+    }
+
+    /// `max_connections_per_cgroup`, or its default (a quarter of
+    /// `max_connections`, at least 1).
+    pub fn cgroup_bound(&self) -> u32 {
+        self.max_connections_per_cgroup
+            .unwrap_or(self.default_bound())
+    }
+
+    fn default_bound(&self) -> u32 {
+        (self.max_connections / 4).max(1)
     }
 }
 
-/// The most `[bpf] max_connections` accepts (about 2.4 GiB of entries).
+/// The most `[bpf] max_connections` accepts (about 2.9 GiB of entries).
 pub const MAX_CONNECTIONS_LIMIT: u32 = 16 << 20;
 /// The most `[bpf] max_held_processes` accepts (the kernel's highest
 /// `pid_max`).
@@ -405,6 +424,7 @@ impl Default for BpfSection {
             core_restart_grace_ms: 5000,
             max_connections: 65_536,
             max_connections_per_process: None,
+            max_connections_per_cgroup: None,
             max_held_processes: 16_384,
             event_buffer_bytes: 1 << 20,
         }
@@ -582,15 +602,22 @@ impl Config {
                 "`bpf.max_connections` must be between 1 and {MAX_CONNECTIONS_LIMIT}"
             )));
         }
-        if config
-            .bpf
-            .max_connections_per_process
-            .is_some_and(|n| !(1..=config.bpf.max_connections).contains(&n))
-        {
-            return Err(invalid(format!(
-                "`bpf.max_connections_per_process` must be between 1 and `bpf.max_connections` ({})",
-                config.bpf.max_connections
-            )));
+        for (key, bound) in [
+            (
+                "max_connections_per_process",
+                config.bpf.max_connections_per_process,
+            ),
+            (
+                "max_connections_per_cgroup",
+                config.bpf.max_connections_per_cgroup,
+            ),
+        ] {
+            if bound.is_some_and(|n| !(1..=config.bpf.max_connections).contains(&n)) {
+                return Err(invalid(format!(
+                    "`bpf.{key}` must be between 1 and `bpf.max_connections` ({})",
+                    config.bpf.max_connections
+                )));
+            }
         }
         if !(1..=MAX_HELD_PROCESSES_LIMIT).contains(&config.bpf.max_held_processes) {
             return Err(invalid(format!(
@@ -726,19 +753,32 @@ ports = [8443]
     }
 
     #[test]
-    fn connections_per_process_default_to_a_quarter_and_stay_within_the_map() {
-        assert_eq!(parse(GOOD).unwrap().bpf.process_bound(), 16_384);
+    fn connections_per_process_and_cgroup_default_to_a_quarter_and_stay_within_the_map() {
+        let good = parse(GOOD).unwrap().bpf;
+        assert_eq!(
+            (good.process_bound(), good.cgroup_bound()),
+            (16_384, 16_384)
+        );
         let set = |extra: &str| format!("{GOOD}\n[bpf]\nmax_connections = 16\n{extra}");
-        assert_eq!(parse(&set("")).unwrap().bpf.process_bound(), 4);
-        let tiny = format!("{GOOD}\n[bpf]\nmax_connections = 2\n");
-        assert_eq!(parse(&tiny).unwrap().bpf.process_bound(), 1);
-        let ok = parse(&set("max_connections_per_process = 16")).unwrap().bpf;
-        assert_eq!(ok.process_bound(), 16);
-        for bad in ["0", "17"] {
-            let e = parse(&set(&format!("max_connections_per_process = {bad}")))
-                .unwrap_err()
-                .to_string();
-            assert!(e.contains("bpf.max_connections_per_process"), "{bad}: {e}");
+        let small = parse(&set("")).unwrap().bpf;
+        assert_eq!((small.process_bound(), small.cgroup_bound()), (4, 4));
+        let tiny = parse(&format!("{GOOD}\n[bpf]\nmax_connections = 2\n"))
+            .unwrap()
+            .bpf;
+        assert_eq!((tiny.process_bound(), tiny.cgroup_bound()), (1, 1));
+        let ok = parse(&set(
+            "max_connections_per_process = 16\nmax_connections_per_cgroup = 9",
+        ))
+        .unwrap()
+        .bpf;
+        assert_eq!((ok.process_bound(), ok.cgroup_bound()), (16, 9));
+        for key in ["max_connections_per_process", "max_connections_per_cgroup"] {
+            for bad in ["0", "17"] {
+                let e = parse(&set(&format!("{key} = {bad}")))
+                    .unwrap_err()
+                    .to_string();
+                assert!(e.contains(&format!("bpf.{key}")), "{key} = {bad}: {e}");
+            }
         }
     }
 

@@ -79,9 +79,9 @@ pub struct Job {
     /// backend is learnt by the job; a connection adopted from a previous
     /// core): asked of `peers` now, and an announcement recorded now.
     pub peer_remembered: Option<bool>,
-    /// Set when the connection's process is over its bound: the job takes
-    /// the socket (to reset it) and asks no provider.
-    pub over_bound: Option<OverProcessBound>,
+    /// Set when the connection's process or cgroup is over its bound: the
+    /// job takes the socket (to reset it) and asks no provider.
+    pub over_bound: Option<OverBound>,
 }
 
 impl Job {
@@ -234,10 +234,10 @@ pub enum KeyingError {
     /// A connection to a service address could not be routed.
     #[error(transparent)]
     Service(#[from] ServiceError),
-    /// Its process already had as many connections keying as one process
-    /// may ([`OverProcessBound`]): refused without asking a provider.
+    /// Its process or cgroup already had as many connections keying as it
+    /// may ([`OverBound`]): refused without asking a provider.
     #[error(transparent)]
-    OverProcessBound(#[from] OverProcessBound),
+    OverBound(#[from] OverBound),
     /// The other end announced, in the TCP handshake, a keying protocol
     /// this node's provider does not speak (strict rule, or a peer that
     /// announced a compatible one before): no provider can key it.
@@ -275,7 +275,8 @@ impl KeyingError {
             Self::NoOwner { .. } => "no_owner",
             Self::Provider(e) => e.reason(),
             Self::Service(e) => e.reason(),
-            Self::OverProcessBound(_) => "process_bound",
+            Self::OverBound(OverBound::Process { .. }) => "process_bound",
+            Self::OverBound(OverBound::Cgroup { .. }) => "cgroup_bound",
             Self::IncompatiblePeer { .. } => "keying_mismatch",
             Self::Install { .. } => "ktls_install",
             Self::Panicked => "internal",
@@ -283,22 +284,39 @@ impl KeyingError {
     }
 }
 
-/// A connection refused because its process already had `max` connections
-/// waiting for keys (`[bpf] max_connections_per_process`). Each one holds
-/// an entry of the node's `conns` map until it is keyed, so without this
-/// bound one process whose peers answer but never let a connection be
-/// keyed could fill the map and make every other app's new selected
-/// connections fail. The job resets the connection whatever the failure
-/// policy: capacity never means plaintext.
+/// A connection refused because its process, or its process's cgroup,
+/// already had as many connections waiting for keys as it may (`[bpf]
+/// max_connections_per_process` and `max_connections_per_cgroup`). Each
+/// one holds an entry of the node's `conns` map until it is keyed, so
+/// without these bounds one app whose peers answer but never let a
+/// connection be keyed could fill the map and make every other app's new
+/// selected connections fail. The job resets the connection whatever the
+/// failure policy: capacity never means plaintext.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-#[error(
-    "process {pid} already has {max} connections waiting for keys, the most one process may have ([bpf] max_connections_per_process)"
-)]
-pub struct OverProcessBound {
-    /// The process (its connections' owner).
-    pub pid: u32,
-    /// The bound.
-    pub max: u32,
+pub enum OverBound {
+    /// The owner process is at its bound.
+    #[error(
+        "process {pid} already has {max} connections waiting for keys, the most one process may have ([bpf] max_connections_per_process)"
+    )]
+    Process {
+        /// The process (its connections' owner).
+        pid: u32,
+        /// The bound.
+        max: u32,
+    },
+    /// The owner's cgroup is at its bound (its other processes have the
+    /// rest).
+    #[error(
+        "cgroup {cgroup} (of process {pid}) already has {max} connections waiting for keys, the most one cgroup may have ([bpf] max_connections_per_cgroup)"
+    )]
+    Cgroup {
+        /// The cgroup v2 id (the inode number of its directory).
+        cgroup: u64,
+        /// The process whose connection was refused.
+        pid: u32,
+        /// The bound.
+        max: u32,
+    },
 }
 
 /// The result of a job, sent back to the event loop. `S` is the core's

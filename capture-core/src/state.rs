@@ -18,7 +18,7 @@ use tracing::{debug, error, info, warn};
 
 use crate::bpf::BpfError;
 use crate::config::FailurePolicy;
-use crate::keying::{Done, KeyingError, Outcome, OverProcessBound, PlainWhy};
+use crate::keying::{Done, KeyingError, Outcome, OverBound, PlainWhy};
 use crate::metrics::{
     Metrics, ProviderLabel, ProviderReasonLabels, ProviderRoleLabels, StageLabels, UNASSIGNED,
 };
@@ -66,9 +66,9 @@ pub struct Start {
     /// needs no socket, so keying starts now and the owner follows as an
     /// [`OwnerUpdate`].
     pub owner: Option<(u32, i32)>,
-    /// Set when the owner already has as many connections keying as one
-    /// process may: the job is to reset the connection, not key it.
-    pub over_bound: Option<OverProcessBound>,
+    /// Set when the owner, or its cgroup, already has as many connections
+    /// keying as it may: the job is to reset the connection, not key it.
+    pub over_bound: Option<OverBound>,
 }
 
 /// For a job started before its owner was known: the owner once known, or
@@ -91,6 +91,9 @@ pub struct Pending {
     /// returned (OWNER), or a pid the gate held on it with fd -1 (every
     /// socket fd of that process is searched for the cookie).
     pub owner: Option<(u32, i32)>,
+    /// The owner's cgroup v2 id, as the gate saw it in the owner's context
+    /// (0: not known); what [`KeyingBounds`] counts its job against.
+    pub owner_cgroup: u64,
     /// The keying job running for it, if any.
     pub job: Option<u64>,
     /// The provider asked, once keying started.
@@ -116,6 +119,7 @@ impl Pending {
         Self {
             established: None,
             owner: None,
+            owner_cgroup: 0,
             job: None,
             provider: None,
             read_ns: 0,
@@ -383,6 +387,82 @@ enum Tally {
     PeerIncompatiblePlain,
 }
 
+/// How many keying jobs each process and each cgroup has running, against
+/// their bounds (`[bpf] max_connections_per_process` and
+/// `max_connections_per_cgroup`). A job counts from its start until its
+/// outcome; a job whose owner's cgroup is not known counts against its
+/// process only.
+#[derive(Debug)]
+struct KeyingBounds {
+    max_per_process: u32,
+    max_per_cgroup: u32,
+    /// The owner's pid and cgroup (0: not counted) of each counted job.
+    jobs: HashMap<u64, (u32, u64)>,
+    per_process: HashMap<u32, u32>,
+    per_cgroup: HashMap<u64, u32>,
+}
+
+impl Default for KeyingBounds {
+    fn default() -> Self {
+        Self {
+            max_per_process: u32::MAX,
+            max_per_cgroup: u32::MAX,
+            jobs: HashMap::new(),
+            per_process: HashMap::new(),
+            per_cgroup: HashMap::new(),
+        }
+    }
+}
+
+impl KeyingBounds {
+    /// Counts `job` against `pid` and `cgroup`, or says which bound it is
+    /// over (then it is not counted: it resets its connection at once).
+    fn count(&mut self, job: u64, pid: u32, cgroup: u64) -> Result<(), OverBound> {
+        let of_process = self.per_process.get(&pid).copied().unwrap_or(0);
+        if of_process >= self.max_per_process {
+            return Err(OverBound::Process {
+                pid,
+                max: self.max_per_process,
+            });
+        }
+        let of_cgroup = self.per_cgroup.get(&cgroup).copied().unwrap_or(0);
+        if cgroup != 0 && of_cgroup >= self.max_per_cgroup {
+            return Err(OverBound::Cgroup {
+                cgroup,
+                pid,
+                max: self.max_per_cgroup,
+            });
+        }
+        *self.per_process.entry(pid).or_default() += 1;
+        if cgroup != 0 {
+            *self.per_cgroup.entry(cgroup).or_default() += 1;
+        }
+        self.jobs.insert(job, (pid, cgroup));
+        Ok(())
+    }
+
+    /// A job ended: it no longer counts.
+    fn uncount(&mut self, job: u64) {
+        let Some((pid, cgroup)) = self.jobs.remove(&job) else {
+            return;
+        };
+        release(&mut self.per_process, pid);
+        if cgroup != 0 {
+            release(&mut self.per_cgroup, cgroup);
+        }
+    }
+}
+
+/// One less for `key`, forgetting it at zero.
+fn release<K: std::hash::Hash + Eq>(counts: &mut HashMap<K, u32>, key: K) {
+    if let std::collections::hash_map::Entry::Occupied(mut e) = counts.entry(key) {
+        *e.get_mut() -= 1;
+        if *e.get() == 0 {
+            e.remove();
+        }
+    }
+}
+
 /// Every connection the core tracks and every process the gate stopped.
 #[derive(Debug)]
 pub struct ConnTable {
@@ -400,13 +480,8 @@ pub struct ConnTable {
     /// jobs at once.
     stale_jobs: HashMap<u64, Vec<u64>>,
     next_job: u64,
-    /// The most jobs with a known owner that one process may have running
-    /// (see [`ConnTable::set_process_bound`]).
-    max_keying_per_process: u32,
-    /// The owner's pid of each running job counted against the bound.
-    job_owners: HashMap<u64, u32>,
-    /// How many running jobs each of those pids has.
-    keying_per_process: HashMap<u32, u32>,
+    /// Running jobs counted against their owner's bounds.
+    bounds: KeyingBounds,
     starts: Vec<Start>,
     owner_updates: Vec<OwnerUpdate>,
     /// The active provider needs no socket: key from ESTABLISHED alone,
@@ -436,9 +511,7 @@ impl ConnTable {
             held: HashMap::new(),
             stale_jobs: HashMap::new(),
             next_job: 1,
-            max_keying_per_process: u32::MAX,
-            job_owners: HashMap::new(),
-            keying_per_process: HashMap::new(),
+            bounds: KeyingBounds::default(),
             starts: Vec::new(),
             owner_updates: Vec::new(),
             key_before_owner: false,
@@ -510,14 +583,16 @@ impl ConnTable {
         self.key_before_owner = yes;
     }
 
-    /// Bounds what one process can cost the node: a connection whose
-    /// owner already has `max` jobs running (each a connection waiting for
+    /// Bounds what one process, and one cgroup's processes together, can
+    /// cost the node: a connection whose owner (or the owner's cgroup)
+    /// already has that many jobs running (each a connection waiting for
     /// keys, so an entry of the `conns` map) gets a job that resets it
     /// instead ([`Start::over_bound`]). Jobs started before their owner was
     /// known (key-only providers, from establishment) are not counted:
     /// they wait for no peer. Unbounded until set.
-    pub fn set_process_bound(&mut self, max: u32) {
-        self.max_keying_per_process = max;
+    pub fn set_bounds(&mut self, per_process: u32, per_cgroup: u32) {
+        self.bounds.max_per_process = per_process;
+        self.bounds.max_per_cgroup = per_cgroup;
     }
 
     /// Records which provider runs a started job.
@@ -581,6 +656,7 @@ impl ConnTable {
                 let mut p = Pending::new();
                 p.established = (conn.est.kind == kind::ESTABLISHED).then_some(conn.est);
                 p.owner = owner;
+                p.owner_cgroup = conn.owner_cgroup;
                 self.pending.insert(cookie, p);
                 waiting += 1;
             } else {
@@ -642,6 +718,7 @@ impl ConnTable {
             let mut p = Pending::new();
             p.established = (conn.est.kind == kind::ESTABLISHED).then_some(conn.est);
             p.owner = (conn.owner_pid != 0).then_some((conn.owner_pid, conn.owner_fd));
+            p.owner_cgroup = conn.owner_cgroup;
             self.pending.insert(cookie, p);
             found.push(cookie);
         }
@@ -697,10 +774,14 @@ impl ConnTable {
                     p.owner_ns = k.now_ns();
                 }
                 match (p.job, p.owner) {
-                    (None, _) => p.owner = Some((ev.pid, ev.fd)),
+                    (None, _) => {
+                        p.owner = Some((ev.pid, ev.fd));
+                        p.owner_cgroup = ev.cgroup;
+                    }
                     // A job keying from establishment waits for this.
                     (Some(job), None) => {
                         p.owner = Some((ev.pid, ev.fd));
+                        p.owner_cgroup = ev.cgroup;
                         self.owner_updates.push(OwnerUpdate {
                             job,
                             owner: p.owner,
@@ -728,7 +809,7 @@ impl ConnTable {
                 if ev.kind == kind::HELD_CONNECTING {
                     self.held_while_connecting(ev.cookie, ev.pid);
                 }
-                self.owner_from_hold(k, ev.cookie, ev.pid);
+                self.owner_from_hold(k, ev.cookie, ev.pid, ev.cgroup);
             }
             kind::UNSENT_HELD => {
                 // No sweep_due: continuing at once would mostly find the
@@ -754,7 +835,7 @@ impl ConnTable {
                     pid = ev.pid,
                     "gate answered EAGAIN (non-blocking socket)"
                 );
-                self.owner_from_hold(k, ev.cookie, ev.pid);
+                self.owner_from_hold(k, ev.cookie, ev.pid, ev.cgroup);
             }
             kind::CLOSED => {
                 self.held_cookies.remove(&ev.cookie);
@@ -819,7 +900,7 @@ impl ConnTable {
     /// is taken up from the `conns` map (its events were lost). Otherwise
     /// the gate was opened between the program's check and this event,
     /// and the sweep continues the process.
-    fn owner_from_hold<K: Kernel>(&mut self, k: &K, cookie: u64, pid: u32) {
+    fn owner_from_hold<K: Kernel>(&mut self, k: &K, cookie: u64, pid: u32, cgroup: u64) {
         if !self.pending.contains_key(&cookie) {
             match k.conn(cookie) {
                 Some(conn) if conn.gate == gate::CLOSED && !self.draining => {
@@ -845,6 +926,7 @@ impl ConnTable {
         if p.owner.is_none() {
             debug!(cookie, pid, "owner taken from the gate's hold");
             p.owner = Some((pid, -1));
+            p.owner_cgroup = cgroup;
             p.owner_ns = k.now_ns();
             self.stats.owner_from_hold += 1;
             match p.job {
@@ -891,15 +973,10 @@ impl ConnTable {
         let job = self.next_job;
         self.next_job += 1;
         p.job = Some(job);
-        let owner = p.owner;
-        let over_bound = owner.and_then(|(pid, _)| self.count_job(job, pid));
+        let (owner, cgroup) = (p.owner, p.owner_cgroup);
+        let over_bound = owner.and_then(|(pid, _)| self.bounds.count(job, pid, cgroup).err());
         if let Some(over) = over_bound {
-            debug!(
-                cookie,
-                pid = over.pid,
-                max = over.max,
-                "process over its bound of connections keying; refusing this one"
-            );
+            debug!(cookie, %over, "refusing a connection over its bound");
         }
         self.starts.push(Start {
             job,
@@ -908,35 +985,6 @@ impl ConnTable {
             owner,
             over_bound,
         });
-    }
-
-    /// Counts `job` against its owner `pid`'s bound, or returns why it
-    /// cannot be (then it is not counted: it resets its connection at
-    /// once).
-    fn count_job(&mut self, job: u64, pid: u32) -> Option<OverProcessBound> {
-        let running = self.keying_per_process.entry(pid).or_default();
-        if *running >= self.max_keying_per_process {
-            return Some(OverProcessBound {
-                pid,
-                max: self.max_keying_per_process,
-            });
-        }
-        *running += 1;
-        self.job_owners.insert(job, pid);
-        None
-    }
-
-    /// A job ended: it no longer counts against its owner's bound.
-    fn uncount_job(&mut self, job: u64) {
-        let Some(pid) = self.job_owners.remove(&job) else {
-            return;
-        };
-        if let Some(running) = self.keying_per_process.get_mut(&pid) {
-            *running -= 1;
-            if *running == 0 {
-                self.keying_per_process.remove(&pid);
-            }
-        }
     }
 
     /// A keying job ended.
@@ -950,7 +998,7 @@ impl ConnTable {
             socket,
             result,
         } = outcome;
-        self.uncount_job(job);
+        self.bounds.uncount(job);
         let current = self
             .pending
             .get(&cookie)
@@ -1124,10 +1172,8 @@ impl ConnTable {
                 warn!(cookie, provider = %provider, error = %e, reason = e.reason(), "connection could not be keyed");
                 // A socket with some kTLS state can carry neither plaintext
                 // nor records; and capacity never means plaintext.
-                let force_reset = matches!(
-                    e,
-                    KeyingError::Install { .. } | KeyingError::OverProcessBound(_)
-                );
+                let force_reset =
+                    matches!(e, KeyingError::Install { .. } | KeyingError::OverBound(_));
                 self.fail(
                     k,
                     cookie,
@@ -1229,6 +1275,8 @@ impl ConnTable {
         p.job = None;
         p.provider = None;
         p.owner = next.map(|pid| (pid, -1));
+        // Not kept per held process: the next job counts per process only.
+        p.owner_cgroup = 0;
         if next.is_some() {
             self.stats.owner_from_hold += 1;
         }
@@ -1294,7 +1342,8 @@ impl ConnTable {
             );
             // An unsent-records hold is on a keyed connection: neither
             // pending nor in `conns`, so this only makes a sweep due.
-            self.owner_from_hold(k, h.cookie, pid);
+            // The map does not say the cgroup: counted per process only.
+            self.owner_from_hold(k, h.cookie, pid, 0);
         }
         // Only an unconfirmed stop that may be continued now needs its
         // process's state: not continued yet, connection no longer gated.

@@ -68,5 +68,8 @@ int main(void)
 	V(TLSHUB_PEER_SILENT);
 	V(TLSHUB_PEER_ANNOUNCED);
 	O(tlshub_event, peer);
+	O(tlshub_event, cgroup);
+	O(tlshub_conn, owner_cgroup);
+	O(tlshub_owner, cgroup);
 	return 0;
 }

@@ -775,12 +775,14 @@ established:
 	if (tracked && owner.pid) {
 		tracked->owner_pid = owner.pid;
 		tracked->owner_fd = owner.fd;
+		tracked->owner_cgroup = owner.cgroup;
 		struct tlshub_event own = {
 			.kind = TLSHUB_EV_OWNER,
 			.role = TLSHUB_ROLE_CLIENT,
 			.cookie = cookie,
 			.pid = owner.pid,
 			.fd = owner.fd,
+			.cgroup = owner.cgroup,
 		};
 		emit(&own);
 	}
@@ -827,6 +829,7 @@ static __always_inline void report_owner(int fd)
 		if (connecting) {
 			connecting->pid = bpf_get_current_pid_tgid() >> 32;
 			connecting->fd = fd;
+			connecting->cgroup = bpf_get_current_cgroup_id();
 		}
 		return;
 	}
@@ -837,15 +840,18 @@ static __always_inline void report_owner(int fd)
 	__u32 tgid = bpf_get_current_pid_tgid() >> 32;
 	if (c->gate != TLSHUB_GATE_CLOSED || (c->owner_pid == tgid && c->owner_fd == fd))
 		return;
+	__u64 cgroup = bpf_get_current_cgroup_id();
 	c->owner_pid = tgid;
 	c->owner_fd = fd;
+	c->owner_cgroup = cgroup;
 
 	struct tlshub_event ev = {
 		.kind = TLSHUB_EV_OWNER,
 		.role = c->role,
 		.cookie = cookie,
-		.pid = bpf_get_current_pid_tgid() >> 32,
+		.pid = tgid,
 		.fd = fd,
+		.cgroup = cgroup,
 	};
 	emit(&ev);
 }
@@ -1108,6 +1114,7 @@ static __always_inline int gate(struct sock *sk, struct tlshub_sk_mark *mark, in
 				.role = c->role,
 				.cookie = cookie,
 				.pid = tgid,
+				.cgroup = bpf_get_current_cgroup_id(),
 			};
 			emit(&wait);
 		}
@@ -1119,6 +1126,7 @@ static __always_inline int gate(struct sock *sk, struct tlshub_sk_mark *mark, in
 		.cookie = cookie,
 		.pid = tgid,
 		.ts_ns = bpf_ktime_get_ns(),
+		.cgroup = bpf_get_current_cgroup_id(),
 	};
 	if (c) {
 		ev.role = c->role;

@@ -93,6 +93,10 @@ struct tlshub_event {
 	__u8 peer_keying;  /* ESTABLISHED: the keying byte it announced (0: none) */
 	__u8 local_addr[16]; /* IPv4 as ::ffff:a.b.c.d */
 	__u8 remote_addr[16];
+	/* OWNER, HELD, HELD_CONNECTING, WAITING: the cgroup (v2 id) of the
+	 * process in pid, taken in its context; 0: not known. The core bounds
+	 * the connections waiting for keys per cgroup with it. */
+	__u64 cgroup;
 };
 
 /* Per selected connection, keyed by socket cookie. */
@@ -110,6 +114,7 @@ struct tlshub_conn {
 	 * the gate so that it reports a waiting connection only once. */
 	__u32 waiting_pid;
 	__u32 flags; /* TLSHUB_CONN_* */
+	__u64 owner_cgroup; /* the owner's cgroup (0: not known) */
 };
 
 /* Selected, but its socket-local mark could not be created (the app had
@@ -166,6 +171,7 @@ struct tlshub_sk_mark {
 struct tlshub_owner {
 	__u32 pid; /* 0: not known yet */
 	__s32 fd;
+	__u64 cgroup; /* its cgroup v2 id */
 };
 
 /* LPM key: prefix length over a 16-byte address (IPv4 mapped). */

@@ -273,6 +273,9 @@ pub struct Event {
     pub local_addr: [u8; 16],
     /// IPv4 is mapped.
     pub remote_addr: [u8; 16],
+    /// OWNER, HELD, HELD_CONNECTING, WAITING: the cgroup v2 id of the
+    /// process in `pid`, taken in its context (0: not known).
+    pub cgroup: u64,
 }
 
 /// A ring-buffer record of the wrong size.
@@ -343,6 +346,8 @@ pub struct Conn {
     pub waiting_pid: u32,
     /// `TLSHUB_CONN_*` ([`conn`]).
     pub flags: u32,
+    /// The owner's cgroup v2 id (0: not known).
+    pub owner_cgroup: u64,
 }
 
 /// `struct tlshub_held`.
@@ -364,6 +369,8 @@ pub struct Owner {
     pub pid: u32,
     /// The fd `connect()` was called on.
     pub fd: i32,
+    /// Its cgroup v2 id.
+    pub cgroup: u64,
 }
 
 /// `struct tlshub_sk_mark`.
@@ -467,6 +474,9 @@ mod tests {
         assert_eq!(size_of::<Held>(), SIZE_tlshub_held);
         assert_eq!(size_of::<Owner>(), SIZE_tlshub_owner);
         assert_eq!(offset_of!(Owner, fd), OFF_tlshub_owner_fd);
+        assert_eq!(offset_of!(Owner, cgroup), OFF_tlshub_owner_cgroup);
+        assert_eq!(offset_of!(Event, cgroup), OFF_tlshub_event_cgroup);
+        assert_eq!(offset_of!(Conn, owner_cgroup), OFF_tlshub_conn_owner_cgroup);
         assert_eq!(offset_of!(Held, since_ns), OFF_tlshub_held_since_ns);
         assert_eq!(size_of::<SkMark>(), SIZE_tlshub_sk_mark);
         assert_eq!(offset_of!(SkMark, flags), OFF_tlshub_sk_mark_flags);

@@ -289,10 +289,21 @@ fn keying(t: &mut ConnTable, k: &mut FakeKernel, cookie: u64) -> Start {
 /// Connection `cookie` tracked, established and owned by `pid`: its job
 /// started.
 fn keying_for(t: &mut ConnTable, k: &mut FakeKernel, cookie: u64, pid: u32) -> Start {
+    keying_in(t, k, cookie, pid, 0)
+}
+
+/// [`keying_for`] with the owner in `cgroup` (0: not known).
+fn keying_in(t: &mut ConnTable, k: &mut FakeKernel, cookie: u64, pid: u32, cgroup: u64) -> Start {
     let est = established(cookie, 0);
     k.track(cookie, est);
     t.on_event(k, est);
-    t.on_event(k, owner(cookie, pid, 3));
+    t.on_event(
+        k,
+        Event {
+            cgroup,
+            ..owner(cookie, pid, 3)
+        },
+    );
     one_start(t)
 }
 
@@ -815,13 +826,13 @@ fn a_socket_gone_with_nobody_held_waits_for_the_next_hold() {
 #[test]
 fn a_process_over_its_bound_has_its_next_connections_refused_and_no_other() {
     let (mut t, mut k) = (table(FailurePolicy::FailOpen), FakeKernel::default());
-    t.set_process_bound(2);
+    t.set_bounds(2, u32::MAX);
     let first = keying_for(&mut t, &mut k, 1, PID);
     let second = keying_for(&mut t, &mut k, 2, PID);
     assert_eq!((first.over_bound, second.over_bound), (None, None));
     // The third of one process is refused; another process's first is not.
     let third = keying_for(&mut t, &mut k, 3, PID);
-    let want = OverProcessBound { pid: PID, max: 2 };
+    let want = OverBound::Process { pid: PID, max: 2 };
     assert_eq!(third.over_bound, Some(want));
     assert_eq!(keying_for(&mut t, &mut k, 4, PID + 1).over_bound, None);
     // The refusal's job resets its connection, fail-open or not, and is not
@@ -842,9 +853,102 @@ fn a_process_over_its_bound_has_its_next_connections_refused_and_no_other() {
 }
 
 #[test]
+fn a_cgroup_over_its_bound_has_its_processes_next_connections_refused_and_no_other() {
+    const CGROUP: u64 = 4242;
+    let (mut t, mut k) = (table(FailurePolicy::FailOpen), FakeKernel::default());
+    t.set_bounds(2, 3);
+    // Two processes of one cgroup share its 3; each is within its own 2.
+    let first = keying_in(&mut t, &mut k, 1, PID, CGROUP);
+    assert_eq!(keying_in(&mut t, &mut k, 2, PID, CGROUP).over_bound, None);
+    assert_eq!(
+        keying_in(&mut t, &mut k, 3, PID + 1, CGROUP).over_bound,
+        None
+    );
+    let fourth = keying_in(&mut t, &mut k, 4, PID + 1, CGROUP);
+    let want = OverBound::Cgroup {
+        cgroup: CGROUP,
+        pid: PID + 1,
+        max: 3,
+    };
+    assert_eq!(fourth.over_bound, Some(want));
+    // Reset whatever the policy, under its own reason.
+    t.on_outcome(&mut k, outcome(&fourth, Err(want.into())));
+    assert_eq!(k.resets, [4]);
+    assert_eq!(
+        (
+            t.stats().failures("cgroup_bound"),
+            t.stats().failures("process_bound")
+        ),
+        (1, 0)
+    );
+    // The process bound still comes first.
+    assert_eq!(
+        keying_in(&mut t, &mut k, 5, PID, CGROUP).over_bound,
+        Some(OverBound::Process { pid: PID, max: 2 })
+    );
+    // Another cgroup, and an owner whose cgroup is not known, are not
+    // counted against it.
+    assert_eq!(
+        keying_in(&mut t, &mut k, 6, PID + 2, CGROUP + 1).over_bound,
+        None
+    );
+    assert_eq!(keying_in(&mut t, &mut k, 7, PID + 3, 0).over_bound, None);
+    // An owner known from a hold counts against the hold's cgroup.
+    let est = established(8, 0);
+    k.track(8, est);
+    t.on_event(&k, est);
+    t.on_event(
+        &k,
+        Event {
+            cgroup: CGROUP,
+            ..held(8, PID + 4, 0)
+        },
+    );
+    let from_hold = one_start(&mut t);
+    assert_eq!(from_hold.owner, Some((PID + 4, -1)));
+    assert!(
+        matches!(
+            from_hold.over_bound,
+            Some(OverBound::Cgroup { cgroup: CGROUP, .. })
+        ),
+        "{from_hold:?}"
+    );
+    // A job that ends makes room in the cgroup.
+    t.on_outcome(&mut k, outcome(&first, installed()));
+    assert_eq!(
+        keying_in(&mut t, &mut k, 9, PID + 4, CGROUP).over_bound,
+        None
+    );
+    assert!(
+        keying_in(&mut t, &mut k, 10, PID + 5, CGROUP)
+            .over_bound
+            .is_some()
+    );
+    // A connection found in the map (its events lost) counts against the
+    // cgroup the map recorded with its owner.
+    let lost = Conn {
+        gate: gate::CLOSED,
+        est: established(11, 0),
+        owner_pid: PID + 6,
+        owner_fd: 3,
+        owner_cgroup: CGROUP,
+        ..Conn::default()
+    };
+    t.reconcile(vec![(11, lost)]);
+    let found = one_start(&mut t);
+    assert!(
+        matches!(
+            found.over_bound,
+            Some(OverBound::Cgroup { cgroup: CGROUP, .. })
+        ),
+        "{found:?}"
+    );
+}
+
+#[test]
 fn a_job_started_before_its_owner_is_not_counted_against_the_bound() {
     let (mut t, mut k) = (table(FailurePolicy::FailClosed), FakeKernel::default());
-    t.set_process_bound(1);
+    t.set_bounds(1, 1);
     t.set_key_before_owner(true);
     let est = established(1, 0);
     k.track(1, est);
@@ -871,7 +975,7 @@ fn the_failure_policy_decides_what_a_failed_connection_becomes() {
             source: std::io::Error::from_raw_os_error(libc::EINVAL),
         })
     };
-    let over_bound = || Err(KeyingError::from(OverProcessBound { pid: PID, max: 1 }));
+    let over_bound = || Err(KeyingError::from(OverBound::Process { pid: PID, max: 1 }));
     let cases = [
         // Fail-closed: reset, and the app sees ECONNRESET through an open gate.
         (
@@ -1156,16 +1260,24 @@ fn an_adopting_core_continues_a_process_stopped_on_a_socket_still_connecting() {
     k.states.insert(PID, 'T');
     k.states.insert(PID + 1, 'R');
     let connecting = vec![
-        (COOKIE, tlshub_ebpf::Owner { pid: PID, fd: 3 }),
+        (
+            COOKIE,
+            tlshub_ebpf::Owner {
+                pid: PID,
+                fd: 3,
+                cgroup: 0,
+            },
+        ),
         // Running: nothing to do. Unknown owner: nobody to look at.
         (
             COOKIE + 1,
             tlshub_ebpf::Owner {
                 pid: PID + 1,
                 fd: 4,
+                cgroup: 0,
             },
         ),
-        (COOKIE + 2, tlshub_ebpf::Owner { pid: 0, fd: 0 }),
+        (COOKIE + 2, tlshub_ebpf::Owner::default()),
     ];
     t.adopt(&k, Vec::new(), connecting);
     no_start(&mut t);

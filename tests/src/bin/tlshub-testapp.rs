@@ -148,6 +148,10 @@ enum Side {
         /// last step waits until this file exists.
         #[arg(long)]
         go_file: Option<std::path::PathBuf>,
+        /// Move this process into the cgroup (v2) at this directory first
+        /// (its pid written to `cgroup.procs`).
+        #[arg(long)]
+        cgroup: Option<std::path::PathBuf>,
     },
 }
 
@@ -703,8 +707,12 @@ fn run(args: Args, r: &mut AppReport) -> std::io::Result<()> {
             what,
             then,
             go_file,
+            cgroup,
         } => {
             r.role = AppRole::Probe;
+            if let Some(dir) = cgroup {
+                std::fs::write(dir.join("cgroup.procs"), std::process::id().to_string())?;
+            }
             let mut payload = vec![0u8; 4096];
             pattern::fill(CLIENT_SEED, 0, &mut payload);
             let options = app_io::ProbeOptions { then, go_file };

@@ -146,7 +146,7 @@ pub fn event_flood() -> Result<String, String> {
 
 /// A hold is never lost, not even when nothing has room to record it.
 /// Node A's core is paused (SIGSTOP) with a ring buffer of one page (about
-/// 50 events), a `held` map of 2 entries and a restart grace long enough
+/// 40 events), a `held` map of 2 entries and a restart grace long enough
 /// that its gate keeps holding. 40 clients then connect and send 10,000
 /// bytes each: their events fill the buffer, the next 2 holds go to the
 /// map, and every later blocking send must fail with `EINTR` (the test app
@@ -193,7 +193,7 @@ pub fn hold_unrecorded() -> Result<String, String> {
             clients.push(spawn_client(PROTECTED_PORT, &["--size", "10000"])?);
         }
         // Long enough for every client to connect and send under TCG
-        // (three events or more each: the buffer takes about 50).
+        // (three events or more each: the buffer takes about 40).
         std::thread::sleep(Duration::from_secs(8));
         drop(paused);
         let paused_for = t.elapsed();

@@ -40,8 +40,9 @@ pub fn conns_map_full() -> Result<String, String> {
     let mut sa = NodeSpec::new("a");
     sa.bpf.push(("max_connections", u64::from(MAX)));
     // One process (the load client) may use the whole map: this scenario
-    // is about the map, `process_bound` about the bound.
+    // is about the map, `process_and_cgroup_bound` about the bounds.
     sa.bpf.push(("max_connections_per_process", u64::from(MAX)));
+    sa.bpf.push(("max_connections_per_cgroup", u64::from(MAX)));
     let (a, b) = nodes(sa.clone(), NodeSpec::new("b"))?;
     let server = LoadServer::start()?;
     let client = start_load_with(LONG, 6, 2.0)?;
@@ -294,27 +295,34 @@ pub fn connect_flood() -> Result<String, String> {
     ))
 }
 
-/// What one process can cost the node is bounded: its connections waiting
-/// for keys at once (each an entry of the `conns` map) are at most
-/// `[bpf] max_connections_per_process`, and its next ones are reset at
-/// once, so one app whose peers answer but never let a connection be keyed
-/// cannot make every other app's connections fail. Node A allows 8 per
-/// process; an app in pod-a opens 24 connections to a selected port whose
-/// server never accepts (node B's provider waits for the socket, so node
-/// A's handshakes wait for the key timeout, 30 s). 16 must be refused at
-/// once (failure reason `process_bound`, their sends `ECONNRESET` or
-/// `EPIPE`, even though node A fails open) while 8 wait (`EAGAIN`);
-/// meanwhile another process's exchange is keyed, exact both ways. No
-/// marker on the wire; a plain control flow shows it.
-pub fn process_bound() -> Result<String, String> {
-    use super::support::{self, spawn_server};
+/// What one process, and one cgroup's processes together, can cost the
+/// node is bounded: their connections waiting for keys at once (each an
+/// entry of the `conns` map) are at most `[bpf]
+/// max_connections_per_process` and `max_connections_per_cgroup`, and the
+/// next ones are reset at once, so one app whose peers answer but never
+/// let a connection be keyed cannot make every other app's connections
+/// fail, not even by forking. Node A allows 8 per process and 12 per
+/// cgroup. Two processes in one cgroup of their own each open 24
+/// connections to a selected port whose server never accepts (node B's
+/// provider waits for the socket, so node A's handshakes wait for the key
+/// timeout, 45 s): the first has 8 waiting and 16 refused at once
+/// (`process_bound`), the second, started after, 4 waiting and 20 refused
+/// (`cgroup_bound`), although node A fails open (their sends `ECONNRESET`
+/// or `EPIPE`; the waiting ones `EAGAIN`). Meanwhile a process outside
+/// that cgroup has an exchange keyed, exact both ways. No marker on the
+/// wire; a plain control flow shows it.
+pub fn process_and_cgroup_bound() -> Result<String, String> {
+    use super::support::{self, TestCgroup, spawn_server};
     use crate::app_io::MANY_WAITING;
-    const BOUND: u64 = 8;
+    const PER_PROCESS: u64 = 8;
+    const PER_CGROUP: u64 = 12;
     const NEVER_ACCEPTED_PORT: u16 = 8450;
     use libc::{EAGAIN, ECONNRESET, EPIPE};
     let mut sa = NodeSpec::new("a");
-    sa.bpf.push(("max_connections_per_process", BOUND));
-    sa.key_timeout_ms = 30_000;
+    sa.bpf.push(("max_connections_per_process", PER_PROCESS));
+    sa.bpf.push(("max_connections_per_cgroup", PER_CGROUP));
+    // Long enough for both apps' connections to still wait at their sends.
+    sa.key_timeout_ms = 45_000;
     // Capacity never means plaintext, whatever the policy.
     sa.failure_policy = "fail-open";
     sa.also_ports = vec![NEVER_ACCEPTED_PORT];
@@ -327,16 +335,29 @@ pub fn process_bound() -> Result<String, String> {
         NEVER_ACCEPTED_PORT,
         &["--accept-delay-ms", "300000", "--connections", "1"],
     )?;
+    let cgroup = TestCgroup::new("/tmp/tlshub-cgroup2", "bounded-app")?;
     let go_file = support::GoFile::new("/tmp/process-bound.go");
     let target = support::pod_b_addr(NEVER_ACCEPTED_PORT);
-    let many = support::spawn_probe("many-waiting", &target, &["--go-file", go_file.path()])?;
-    let over = (MANY_WAITING as u64) - BOUND;
-    let refused = a.stat_reaching_in(
+    let probe_args = ["--go-file", go_file.path(), "--cgroup", cgroup.dir()];
+    let all = MANY_WAITING as u64;
+    // The first process: its own bound.
+    let first = support::spawn_probe("many-waiting", &target, &probe_args)?;
+    let over_process = all - PER_PROCESS;
+    let refused_first = a.stat_reaching_in(
         |s| s.failures("process_bound"),
-        over,
+        over_process,
         Duration::from_secs(20),
     );
-    // Another process is not bounded by the first one's connections.
+    // The second, in the same cgroup: what the cgroup has left.
+    let second = support::spawn_probe("many-waiting", &target, &probe_args)?;
+    let second_waits = PER_CGROUP - PER_PROCESS;
+    let over_cgroup = all - second_waits;
+    let refused_second = a.stat_reaching_in(
+        |s| s.failures("cgroup_bound"),
+        over_cgroup,
+        Duration::from_secs(20),
+    );
+    // A process in another cgroup is not bounded by their connections.
     let keyed_before = a.stat(|s| s.protected);
     let app = App::exchange(10_000, PROTECTED_PORT);
     let (s, c) = run_pair(&app, &[], Duration::from_secs(30))?;
@@ -345,36 +366,50 @@ pub fn process_bound() -> Result<String, String> {
     let control = App::exchange(10_000, PLAIN_PORT);
     let (s, c) = run_pair(&control, &[], Duration::from_secs(30))?;
     both_ok(&control, &s, &c)?;
-    let refused_after = a.stat(|s| s.failures("process_bound"));
+    let refused_after = (
+        a.stat(|s| s.failures("process_bound")),
+        a.stat(|s| s.failures("cgroup_bound")),
+    );
     go_file.go()?;
-    let steps = support::probe_steps(&process::finish(many, Duration::from_secs(30))?)?;
-    let connects = steps
-        .iter()
-        .filter(|(c, e)| c == "connect" && *e == 0)
-        .count();
-    let sends: Vec<i32> = steps
-        .iter()
-        .filter(|(c, _)| c == "send")
-        .map(|(_, e)| *e)
-        .collect();
-    let waiting = sends.iter().filter(|e| **e == EAGAIN).count() as u64;
-    let reset = sends
-        .iter()
-        .filter(|e| matches!(**e, ECONNRESET | EPIPE))
-        .count() as u64;
-    if connects != MANY_WAITING || sends.len() != MANY_WAITING {
-        return Err(format!(
-            "the app's {MANY_WAITING} connections: {steps:?} (want every connect and send reported)"
-        ));
+    let mut sends_of = Vec::new();
+    for (which, probe) in [("first", first), ("second", second)] {
+        let steps = support::probe_steps(&process::finish(probe, Duration::from_secs(30))?)?;
+        let connects = steps
+            .iter()
+            .filter(|(c, e)| c == "connect" && *e == 0)
+            .count();
+        let sends: Vec<i32> = steps
+            .iter()
+            .filter(|(c, _)| c == "send")
+            .map(|(_, e)| *e)
+            .collect();
+        if connects != MANY_WAITING || sends.len() != MANY_WAITING {
+            return Err(format!(
+                "the {which} app's {MANY_WAITING} connections: {steps:?} (want every connect and send reported)"
+            ));
+        }
+        let waiting = sends.iter().filter(|e| **e == EAGAIN).count() as u64;
+        let reset = sends
+            .iter()
+            .filter(|e| matches!(**e, ECONNRESET | EPIPE))
+            .count() as u64;
+        sends_of.push((waiting, reset, sends));
     }
-    if refused != over || refused_after != over || waiting != BOUND || reset != over {
+    let want = [(PER_PROCESS, over_process), (second_waits, over_cgroup)];
+    let got: Vec<(u64, u64)> = sends_of.iter().map(|(w, r, _)| (*w, *r)).collect();
+    if refused_first != over_process
+        || refused_second != over_cgroup
+        || refused_after != (over_process, over_cgroup)
+        || got != want
+    {
         return Err(format!(
-            "one process with {MANY_WAITING} connections waiting, {BOUND} allowed: node a refused {refused} then {refused_after} (want {over}); its sends: {waiting} EAGAIN (want {BOUND}), {reset} reset (want {over}); all: {sends:?}"
+            "two processes of one cgroup with {MANY_WAITING} connections waiting each, {PER_PROCESS} allowed per process and {PER_CGROUP} per cgroup: node a refused {refused_first} (process) then {refused_second} (cgroup), {refused_after:?} after (want {over_process} and {over_cgroup}); their sends (EAGAIN, reset): {got:?} (want {want:?}); all: {:?}",
+            sends_of.iter().map(|(_, _, s)| s).collect::<Vec<_>>()
         ));
     }
     if keyed != 1 {
         return Err(format!(
-            "another process's exchange next to the bounded one: node a keyed {keyed}, want 1"
+            "another process's exchange next to the bounded ones: node a keyed {keyed}, want 1"
         ));
     }
     let wire = super::wire_check::check_wire_allowing_unkeyed(&cap.finish()?, &a, &b, true)?;
@@ -384,8 +419,9 @@ pub fn process_bound() -> Result<String, String> {
             wire.plain_flows_with_marker, wire.decrypted
         ));
     }
+    drop(cgroup);
     Ok(format!(
-        "one process with {MANY_WAITING} connections waiting for keys and a bound of {BOUND}: {over} refused at once under fail-open (sends reset), {BOUND} waited (EAGAIN); another process's exchange was keyed meanwhile; no marker on the wire ({} protected flows, {} decrypted), the plain control showed it",
+        "two processes of one cgroup with {MANY_WAITING} connections waiting for keys each, bounds {PER_PROCESS} per process and {PER_CGROUP} per cgroup: the first had {over_process} refused at once (process_bound), the second {over_cgroup} (cgroup_bound), under fail-open (sends reset), {PER_PROCESS} and {second_waits} waited (EAGAIN); another process's exchange was keyed meanwhile; no marker on the wire ({} protected flows, {} decrypted), the plain control showed it",
         wire.protected_flows, wire.decrypted
     ))
 }

@@ -153,8 +153,8 @@ pub const TESTS: &[Scenario] = &[
         super::gate_capacity::connect_flood,
     ),
     (
-        "gate_one_process_bounded_others_keyed",
-        super::gate_capacity::process_bound,
+        "gate_process_and_cgroup_bounded_others_keyed",
+        super::gate_capacity::process_and_cgroup_bound,
     ),
     (
         "gate_hold_unrecorded_answers_eintr",

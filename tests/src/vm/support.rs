@@ -386,6 +386,48 @@ impl Drop for PodSetting {
     }
 }
 
+/// A cgroup (v2) of its own that apps in a pod can join (`tlshub-testapp
+/// probe --cgroup`). `ip netns exec` mounts a fresh sysfs over `/sys`,
+/// which hides `/sys/fs/cgroup` from the apps it starts, so the hierarchy
+/// is mounted a second time outside `/sys` (the same hierarchy, so the
+/// same cgroup ids). Removed and unmounted when dropped; its processes
+/// must have ended by then.
+#[derive(Debug)]
+pub struct TestCgroup {
+    mount: &'static str,
+    dir: String,
+}
+
+impl TestCgroup {
+    /// Mounts the hierarchy at `mount` and makes the cgroup `name` in it.
+    pub fn new(mount: &'static str, name: &str) -> Result<Self, String> {
+        std::fs::create_dir_all(mount).map_err(|e| format!("mkdir {mount}: {e}"))?;
+        process::run(None, &["mount", "-t", "cgroup2", "cgroup2", mount])?;
+        let guard = Self {
+            mount,
+            dir: format!("{mount}/{name}"),
+        };
+        match std::fs::create_dir(&guard.dir) {
+            // Left by a run that failed before its guard dropped.
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+            r => r.map_err(|e| format!("mkdir {}: {e}", guard.dir))?,
+        }
+        Ok(guard)
+    }
+
+    /// Its directory, for `--cgroup`.
+    pub fn dir(&self) -> &str {
+        &self.dir
+    }
+}
+
+impl Drop for TestCgroup {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir(&self.dir);
+        let _ = process::run(None, &["umount", self.mount]);
+    }
+}
+
 /// A counter's value for one label set in Prometheus text (0 if absent).
 pub fn metric(text: &str, name_and_labels: &str) -> f64 {
     text.lines()
