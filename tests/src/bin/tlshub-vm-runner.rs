@@ -61,7 +61,13 @@ fn main() {
             tlshub_vm_tests::vm::capacity::capacity,
         )],
         // Not a test: where the core's CPU goes (`perf report`).
-        "profile" => vec![("profile_core", tlshub_vm_tests::vm::profile::profile_core)],
+        "profile" => vec![
+            ("profile_core", tlshub_vm_tests::vm::profile::profile_core),
+            (
+                "profile_openssl_provider",
+                tlshub_vm_tests::vm::profile::profile_openssl_provider,
+            ),
+        ],
         // The systemd VM (Debian userland, systemd as PID 1).
         "systemd" => vec![(
             "systemd_install_units_and_restarts",

@@ -197,20 +197,9 @@ pub fn conns_map_full() -> Result<String, String> {
     both_ok(&after, &s, &c)?;
     keys.extend(a.keys().into_iter().chain(b.keys()));
     let wire = super::wire_check::check_wire_with_keys(&cap.finish()?, &keys, true)?;
-    // The probe's plain exchange and the control.
-    if wire.plain_flows_with_marker < 2 {
-        return Err(format!(
-            "the plain flows' marker was seen in {} flows, want 2: the capture is blind",
-            wire.plain_flows_with_marker
-        ));
-    }
-    // The refused socket's keyed reconnect and the last exchange.
-    if wire.decrypted < 2 {
-        return Err(format!(
-            "{} protected flows decrypted, want 2 (the reconnected socket's and the last exchange's)",
-            wire.decrypted
-        ));
-    }
+    // Plain: the probe's exchange and the control; decrypted: the refused
+    // socket's keyed reconnect and the last exchange.
+    wire.expect_at_least(2, 2)?;
     Ok(format!(
         "conns of {MAX} entries: {LONG} keyed long connections open and {attempted} short ones keyed meanwhile ({entries_while_open} entries in use, map_full 0); {MAX} connections waiting for keys filled it and {OVER} more failed closed in {:.1} s (map_full {full}, with the probes'), the {MAX} reset at the key timeout; refused sockets connected again worked in clear to the plain port and were keyed on the protected one; no marker on the wire ({} protected flows, {} decrypted); then a new connection was keyed",
         refused_in.as_secs_f64(),
@@ -283,12 +272,7 @@ pub fn connect_flood() -> Result<String, String> {
         ));
     }
     let wire = super::wire_check::check_wire_allowing_unkeyed(&cap.finish()?, &a, &b, true)?;
-    if wire.plain_flows_with_marker == 0 || wire.decrypted < 3 {
-        return Err(format!(
-            "wire: plain flows with the marker {}, decrypted {} (want at least 1 and 3)",
-            wire.plain_flows_with_marker, wire.decrypted
-        ));
-    }
+    wire.expect_at_least(1, 3)?;
     Ok(format!(
         "{CONNECT_FLOOD} sockets connecting to a black hole next to a map of {MAX}: 0 conns entries, their sends EAGAIN; 3 protected exchanges keyed meanwhile (map_full 0, {} flows decrypted), the plain control showed its marker",
         wire.decrypted
@@ -413,12 +397,7 @@ pub fn process_and_cgroup_bound() -> Result<String, String> {
         ));
     }
     let wire = super::wire_check::check_wire_allowing_unkeyed(&cap.finish()?, &a, &b, true)?;
-    if wire.plain_flows_with_marker == 0 || wire.decrypted < 1 {
-        return Err(format!(
-            "wire: plain flows with the marker {}, decrypted {} (want at least 1 and 1)",
-            wire.plain_flows_with_marker, wire.decrypted
-        ));
-    }
+    wire.expect_at_least(1, 1)?;
     drop(cgroup);
     Ok(format!(
         "two processes of one cgroup with {MANY_WAITING} connections waiting for keys each, bounds {PER_PROCESS} per process and {PER_CGROUP} per cgroup: the first had {over_process} refused at once (process_bound), the second {over_cgroup} (cgroup_bound), under fail-open (sends reset), {PER_PROCESS} and {second_waits} waited (EAGAIN); another process's exchange was keyed meanwhile; no marker on the wire ({} protected flows, {} decrypted), the plain control showed it",

@@ -1,9 +1,11 @@
 //! `cargo xtask vm --mode profile`: where the core's CPU goes while it keys
-//! connections, and while it is idle. Not a test: it prints `perf report`
-//! for node a's core (the connecting side) over 300 sequential connections
-//! keyed by the TLSHub provider with the stand-in, with the core's CPU per
-//! connection, then over 20 s without connections, with the core's and
-//! the provider's CPU per second.
+//! connections, and while it is idle, and where a handshake provider's
+//! goes. Not a test: it prints `perf report` for node a's core (the
+//! connecting side) over 300 sequential connections keyed by the TLSHub
+//! provider with the stand-in, with the core's CPU per connection, then
+//! over 20 s without connections, with the core's and the provider's CPU
+//! per second; then for node a's OpenSSL provider (in-band handshakes)
+//! over 60 connections, with its CPU per connection.
 
 use std::path::Path;
 use std::time::Duration;
@@ -91,6 +93,41 @@ fn by_symbol(data: &str, limit: &str) -> String {
 
 /// How long the idle core is profiled.
 const IDLE: Duration = Duration::from_secs(20);
+
+/// The connections a handshake provider is profiled over.
+const HANDSHAKES: u32 = 60;
+
+/// Profiles node a's OpenSSL provider (in-band: a full handshake per
+/// connection over the app's own connection) while it keys
+/// [`HANDSHAKES`] sequential connections.
+pub fn profile_openssl_provider() -> Result<String, String> {
+    let spec = |name| NodeSpec {
+        diagnostics: false,
+        ..NodeSpec::with_provider(name, ProviderKind::OpenSsl)
+    };
+    let (a, _b) = nodes(spec("a"), spec("b"))?;
+    settle_keying();
+    let pid = a.provider_pid(ProviderKind::OpenSsl);
+    let data = "/tmp/perf-openssl-a.data";
+    let (ticks, took) = recorded(pid, data, || {
+        let app = App {
+            connections: HANDSHAKES,
+            ..App::exchange(100, PROTECTED_PORT)
+        };
+        let started = std::time::Instant::now();
+        let (s, c) = run_pair(&app, &[], Duration::from_secs(600))?;
+        both_ok(&app, &s, &c)?;
+        Ok(started.elapsed())
+    })?;
+    Ok(format!(
+        "{HANDSHAKES} connections in {:.1} s; node a's OpenSSL provider used {:.0} ms of CPU, {:.2} ms per connection\n== by dso\n{}\n== by symbol, with what it calls\n{}",
+        took.as_secs_f64(),
+        ms_per(ticks, 1),
+        ms_per(ticks, u64::from(HANDSHAKES)),
+        report(data, &["--no-children", "-g", "none", "--sort", "dso"]),
+        by_symbol(data, "2"),
+    ))
+}
 
 /// Profiles node a's core (see the module's comment): keying, then idle.
 pub fn profile_core() -> Result<String, String> {

@@ -133,6 +133,23 @@ pub struct WireReport {
     pub uring_interrupted: u64,
 }
 
+impl WireReport {
+    /// Fails unless at least `controls` unselected flows showed the marker
+    /// in clear and at least `decrypted` protected flows decrypted. With
+    /// fewer markers the capture was blind (it saw no plaintext where there
+    /// was some), so that it saw none on the protected flows proves
+    /// nothing.
+    pub fn expect_at_least(&self, controls: usize, decrypted: usize) -> Result<(), String> {
+        if self.plain_flows_with_marker < controls || self.decrypted < decrypted {
+            return Err(format!(
+                "wire: {} unselected flows showed the marker and {} protected flows decrypted, want at least {controls} and {decrypted} (fewer markers: the capture is blind): {self:?}",
+                self.plain_flows_with_marker, self.decrypted
+            ));
+        }
+        Ok(())
+    }
+}
+
 /// Checks every flow: protected ones carry only TLS records, no marker,
 /// and decrypt (with the keys the sender's core exported, which must equal
 /// the receiver core's) into the apps' pattern; unselected ones are plain.
@@ -364,8 +381,26 @@ pub fn check_wire_with_control(
     b: &Node,
 ) -> Result<WireReport, String> {
     let report = check_wire(flows, a, b)?;
-    if report.plain_flows_with_marker == 0 {
-        return Err("the plain control's marker was not seen: the capture is blind".into());
-    }
+    report.expect_at_least(1, 0)?;
     Ok(report)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::WireReport;
+
+    #[test]
+    fn a_blind_capture_or_too_few_decrypted_flows_fail_the_wire_expectation() {
+        let seen = |markers, decrypted| WireReport {
+            plain_flows_with_marker: markers,
+            decrypted,
+            ..WireReport::default()
+        };
+        assert!(seen(2, 3).expect_at_least(2, 3).is_ok());
+        assert!(seen(1, 0).expect_at_least(1, 0).is_ok());
+        // No plaintext seen where a control sent some: blind.
+        assert!(seen(0, 3).expect_at_least(1, 3).is_err());
+        assert!(seen(2, 3).expect_at_least(3, 0).is_err());
+        assert!(seen(1, 2).expect_at_least(1, 3).is_err());
+    }
 }
