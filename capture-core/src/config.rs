@@ -367,8 +367,10 @@ pub struct BpfSection {
     /// The same bound for all the processes of one cgroup (v2) together, so
     /// that an app cannot escape the bound per process by forking: a pod's
     /// or a service's processes share one. A connection whose owner's
-    /// cgroup is not known (its owner came from the `held` map or an old
-    /// core) counts against its process only. Reason `cgroup_bound`.
+    /// cgroup is not known (its owner came from the `held` map), or whose
+    /// owner is in the root cgroup (where every process is on a host that
+    /// does not give processes cgroups of their own), counts against its
+    /// process only. Reason `cgroup_bound`.
     /// Unset: a quarter of `max_connections`. Takes effect when the core
     /// starts.
     pub max_connections_per_cgroup: Option<u32>,

@@ -390,13 +390,13 @@ enum Tally {
 /// How many keying jobs each process and each cgroup has running, against
 /// their bounds (`[bpf] max_connections_per_process` and
 /// `max_connections_per_cgroup`). A job counts from its start until its
-/// outcome; a job whose owner's cgroup is not known counts against its
-/// process only.
+/// outcome; a job whose owner's cgroup is not known, or is the root
+/// cgroup, counts against its process only.
 #[derive(Debug)]
 struct KeyingBounds {
     max_per_process: u32,
     max_per_cgroup: u32,
-    /// The owner's pid and cgroup (0: not counted) of each counted job.
+    /// The owner's pid and cgroup of each counted job.
     jobs: HashMap<u64, (u32, u64)>,
     per_process: HashMap<u32, u32>,
     per_cgroup: HashMap<u64, u32>,
@@ -426,7 +426,7 @@ impl KeyingBounds {
             });
         }
         let of_cgroup = self.per_cgroup.get(&cgroup).copied().unwrap_or(0);
-        if cgroup != 0 && of_cgroup >= self.max_per_cgroup {
+        if bounded_as_group(cgroup) && of_cgroup >= self.max_per_cgroup {
             return Err(OverBound::Cgroup {
                 cgroup,
                 pid,
@@ -434,7 +434,7 @@ impl KeyingBounds {
             });
         }
         *self.per_process.entry(pid).or_default() += 1;
-        if cgroup != 0 {
+        if bounded_as_group(cgroup) {
             *self.per_cgroup.entry(cgroup).or_default() += 1;
         }
         self.jobs.insert(job, (pid, cgroup));
@@ -447,10 +447,22 @@ impl KeyingBounds {
             return;
         };
         release(&mut self.per_process, pid);
-        if cgroup != 0 {
+        if bounded_as_group(cgroup) {
             release(&mut self.per_cgroup, cgroup);
         }
     }
+}
+
+/// The cgroup v2 id of the root cgroup (on 64-bit kernels a cgroup's id is
+/// its directory's inode number, and the root's is 1).
+const ROOT_CGROUP: u64 = 1;
+
+/// Whether jobs of processes in `cgroup` are bounded together. Not the
+/// root cgroup: where processes are not put in cgroups of their own (a
+/// host with the hybrid cgroup v1 layout, or without systemd), every
+/// process is there, and its bound would be one for the whole node.
+fn bounded_as_group(cgroup: u64) -> bool {
+    cgroup > ROOT_CGROUP
 }
 
 /// One less for `key`, forgetting it at zero.

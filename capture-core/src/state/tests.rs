@@ -893,6 +893,11 @@ fn a_cgroup_over_its_bound_has_its_processes_next_connections_refused_and_no_oth
         None
     );
     assert_eq!(keying_in(&mut t, &mut k, 7, PID + 3, 0).over_bound, None);
+    // The root cgroup is not bounded as a group (where processes are not
+    // in cgroups of their own, every one is there): per process only.
+    for (cookie, pid) in (20..24).zip(PID + 10..) {
+        assert_eq!(keying_in(&mut t, &mut k, cookie, pid, 1).over_bound, None);
+    }
     // An owner known from a hold counts against the hold's cgroup.
     let est = established(8, 0);
     k.track(8, est);

@@ -320,6 +320,13 @@ pub fn process_and_cgroup_bound() -> Result<String, String> {
         &["--accept-delay-ms", "300000", "--connections", "1"],
     )?;
     let cgroup = TestCgroup::new("/tmp/tlshub-cgroup2", "bounded-app")?;
+    // The core leaves the root cgroup unbounded as a group by this id.
+    let root = cgroup.root_id()?;
+    if root != 1 {
+        return Err(format!(
+            "the root cgroup's id is {root}, the core takes it to be 1"
+        ));
+    }
     let go_file = support::GoFile::new("/tmp/process-bound.go");
     let target = support::pod_b_addr(NEVER_ACCEPTED_PORT);
     let probe_args = ["--go-file", go_file.path(), "--cgroup", cgroup.dir()];

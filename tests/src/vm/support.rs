@@ -419,6 +419,16 @@ impl TestCgroup {
     pub fn dir(&self) -> &str {
         &self.dir
     }
+
+    /// The root cgroup's id: the inode number of the hierarchy's root
+    /// directory (what `bpf_get_current_cgroup_id()` returns for a process
+    /// there).
+    pub fn root_id(&self) -> Result<u64, String> {
+        use std::os::unix::fs::MetadataExt;
+        std::fs::metadata(self.mount)
+            .map(|m| m.ino())
+            .map_err(|e| format!("stat {}: {e}", self.mount))
+    }
 }
 
 impl Drop for TestCgroup {
