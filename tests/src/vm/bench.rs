@@ -118,6 +118,20 @@ fn byte_loop_seconds() -> Result<f64, String> {
     Ok(runs[1])
 }
 
+/// [`byte_loop_seconds`], recorded as the figure "byte loop" of `subject`
+/// in `part`.
+fn byte_loop_recorded(part: &str, subject: &str) -> Result<f64, String> {
+    let seconds = byte_loop_seconds()?;
+    record(
+        part,
+        subject,
+        "byte loop",
+        seconds * 1000.0,
+        Unit::Milliseconds,
+    );
+    Ok(seconds)
+}
+
 /// A provider set-up the benchmark measures.
 #[derive(Debug, Clone, Copy)]
 struct Measured {
@@ -181,6 +195,26 @@ fn baselines(measure: &mut Measure<'_>) -> Result<(), String> {
     let plain = App::exchange(1, PLAIN_PORT);
     measure("no tlshub", &plain)?;
     measure("raw ktls", &raw_ktls(&plain))
+}
+
+/// Leaves both nodes' programs attached (a core that stops leaves them
+/// for the next one) with no agent running: the core stopped and the
+/// provider `kind` killed, so that a measurement of unselected traffic
+/// then shows what the hooks cost it, apart from the agents' wakeups.
+/// Both nodes share this VM's kernel, so every socket call and every
+/// read and write runs both nodes' programs: twice what one node's kernel
+/// runs. [`one_node_programs`] leaves one set.
+fn programs_only(nodes: [&mut Node; 2], kind: ProviderKind) {
+    for node in nodes {
+        node.stop_core();
+        node.kill_provider(kind);
+    }
+}
+
+/// After [`programs_only`]: detaches `node`'s programs, so that the other
+/// node's alone run, as on a real node whose kernel runs one set.
+fn one_node_programs(node: &Node) -> Result<(), String> {
+    node.release(true).map(drop)
 }
 
 /// `app` with kTLS installed by both apps with a fixed key.
@@ -389,15 +423,15 @@ pub fn bench() -> Result<String, String> {
     // the programs cost the traffic they do not select is the step from
     // "no tlshub" to "plain" below, measured with both nodes' programs
     // attached.
-    let loop_none = byte_loop_seconds()?;
+    let loop_none = byte_loop_recorded("bench", "no tlshub")?;
     baselines(&mut |label, app| f.measure(label, app, conns))?;
     alternatives(&mut |label, app| f.measure(label, app, conns))?;
     for provider in PROVIDERS {
         let label = provider.label;
-        let (a, b) = nodes_with(provider)?;
+        let (mut a, mut b) = nodes_with(provider)?;
         if label == "openssl" {
             f.measure("plain", &plain, conns)?;
-            let loop_loaded = byte_loop_seconds()?;
+            let loop_loaded = byte_loop_recorded("bench", "plain")?;
             f.lines.push(format!(
                 "byte loop (dd bs=1, {BYTE_LOOP_BYTES} bytes /dev/zero -> /dev/null, median of 3): no tlshub {loop_none:.2} s, tlshub loaded {loop_loaded:.2} s, x{:.2}",
                 loop_loaded / loop_none.max(0.001)
@@ -441,6 +475,21 @@ pub fn bench() -> Result<String, String> {
             f.lines.push(line);
         }
         event_loop_setup(&mut f, provider, &a, &b, conns)?;
+        if label == "openssl" {
+            // Unselected connections and the byte loop again with no agent
+            // running: what the hooks cost, apart from the agents' wakeups.
+            programs_only([&mut a, &mut b], provider.kind);
+            f.measure("plain, programs only", &plain, conns)?;
+            let loop_programs = byte_loop_recorded("bench", "plain, programs only")?;
+            one_node_programs(&b)?;
+            f.measure("plain, one node's programs", &plain, conns)?;
+            let loop_one_node = byte_loop_recorded("bench", "plain, one node's programs")?;
+            f.lines.push(format!(
+                "byte loop with no agent running: both nodes' programs {loop_programs:.2} s, x{:.2} no tlshub; one node's {loop_one_node:.2} s, x{:.2}",
+                loop_programs / loop_none.max(0.001),
+                loop_one_node / loop_none.max(0.001)
+            ));
+        }
     }
     // What the send buffer floor (`[ktls]`, on by default before Linux 6.5)
     // costs or gains: the same transfer without it.
@@ -457,6 +506,8 @@ pub fn bench() -> Result<String, String> {
         ));
     }
     f.ratios("plain", "no tlshub");
+    f.ratios("plain, programs only", "no tlshub");
+    f.ratios("plain, one node's programs", "no tlshub");
     for label in ["raw ktls", "wireguard", "stunnel"] {
         f.ratios(label, "no tlshub");
     }
@@ -1081,11 +1132,17 @@ pub fn quick() -> Result<String, String> {
         lines.push(line);
         Ok(())
     };
+    let loop_none = byte_loop_recorded(PART, "no tlshub")?;
     baselines(&mut measure)?;
     let mut stages = Vec::new();
+    let plain = App::exchange(1, PLAIN_PORT);
     for provider in PROVIDERS {
         let label = provider.label;
-        let (a, b) = nodes_with(provider)?;
+        let (mut a, mut b) = nodes_with(provider)?;
+        if label == "openssl" {
+            // Unselected connections with the agents running.
+            measure("plain", &plain)?;
+        }
         measure(label, &App::exchange(1, PROTECTED_PORT))?;
         // The stats file is rewritten once a second.
         std::thread::sleep(Duration::from_millis(1500));
@@ -1123,6 +1180,29 @@ pub fn quick() -> Result<String, String> {
                 client,
                 Some(before),
             )?;
+            stages.push(line);
+        }
+        if label == "openssl" {
+            // And with no agent running: the hooks' share of "plain"'s
+            // cost, with both nodes' programs and with one node's.
+            programs_only([&mut a, &mut b], provider.kind);
+            measure("plain, programs only", &plain)?;
+            let loop_both = byte_loop_recorded(PART, "plain, programs only")?;
+            one_node_programs(&b)?;
+            measure("plain, one node's programs", &plain)?;
+            let loop_one = byte_loop_recorded(PART, "plain, one node's programs")?;
+            // And with none, at this point of the run: the first "no
+            // tlshub" came before everything else (no TIME_WAIT sockets
+            // of earlier measurements yet, a fresh page cache).
+            one_node_programs(&a)?;
+            measure("no tlshub, later", &plain)?;
+            let loop_later = byte_loop_recorded(PART, "no tlshub, later")?;
+            let line = format!(
+                "quick byte loop (dd bs=1, {BYTE_LOOP_BYTES} bytes, median of 3): no tlshub {loop_none:.2} s (later {loop_later:.2} s), both nodes' programs x{:.2}, one node's x{:.2}",
+                loop_both / loop_none.max(0.001),
+                loop_one / loop_none.max(0.001)
+            );
+            println!("TLSHUB-BENCH {line}");
             stages.push(line);
         }
     }
@@ -1206,15 +1286,12 @@ pub fn request_response_and_streams() -> Result<String, String> {
         }
         measure(label, &App::exchange(1, PROTECTED_PORT))?;
         if label == "openssl" {
-            // The same unselected connection with the programs still
-            // attached (a core that stops leaves them for the next one)
-            // but no agent running: the hooks' share of "plain"'s cost,
-            // apart from the agents' wakeups.
-            for node in [&mut a, &mut b] {
-                node.stop_core();
-                node.kill_provider(kind);
-            }
+            // The same unselected connection with no agent running: the
+            // hooks' share of "plain"'s cost.
+            programs_only([&mut a, &mut b], kind);
             measure("plain, programs only", &plain)?;
+            one_node_programs(&b)?;
+            measure("plain, one node's programs", &plain)?;
         }
     }
     let mut ratios = |label: &str, base: &str| {
@@ -1234,6 +1311,7 @@ pub fn request_response_and_streams() -> Result<String, String> {
         "stunnel",
         "plain",
         "plain, programs only",
+        "plain, one node's programs",
     ] {
         ratios(label, "no tlshub");
     }
