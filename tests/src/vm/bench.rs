@@ -132,6 +132,112 @@ fn byte_loop_recorded(part: &str, subject: &str) -> Result<f64, String> {
     Ok(seconds)
 }
 
+/// One BPF program's run counters (`/proc/PID/fdinfo` of a program fd,
+/// counted while `kernel.bpf_stats_enabled` is 1).
+#[derive(Debug, Clone, Default)]
+struct ProgramRuns {
+    name: String,
+    run_time_ns: u64,
+    run_cnt: u64,
+}
+
+/// The run counters of the BPF programs whose fds the processes `pids`
+/// hold, by program id. Names come from `/proc/kallsyms`
+/// (`bpf_prog_<tag>_<name>`), since fdinfo gives only the tag.
+fn program_runs(pids: &[u32]) -> HashMap<u64, ProgramRuns> {
+    let names: HashMap<String, String> = std::fs::read_to_string("/proc/kallsyms")
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| {
+            let symbol = l.split_whitespace().nth(2)?;
+            let (tag, name) = symbol.strip_prefix("bpf_prog_")?.split_once('_')?;
+            Some((tag.to_owned(), name.to_owned()))
+        })
+        .collect();
+    let mut runs = HashMap::new();
+    for pid in pids {
+        let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+            continue;
+        };
+        for fd in fds.flatten() {
+            let is_program = std::fs::read_link(fd.path())
+                .is_ok_and(|target| target.to_string_lossy() == "anon_inode:bpf-prog");
+            if !is_program {
+                continue;
+            }
+            let info = std::fs::read_to_string(format!(
+                "/proc/{pid}/fdinfo/{}",
+                fd.file_name().to_string_lossy()
+            ))
+            .unwrap_or_default();
+            let field = |key: &str| {
+                info.lines()
+                    .find_map(|l| l.strip_prefix(key)?.strip_prefix(':'))
+                    .map(str::trim)
+                    .unwrap_or_default()
+                    .to_owned()
+            };
+            let Ok(id) = field("prog_id").parse::<u64>() else {
+                continue;
+            };
+            let tag = field("prog_tag");
+            runs.insert(
+                id,
+                ProgramRuns {
+                    name: names.get(&tag).cloned().unwrap_or(tag),
+                    run_time_ns: field("run_time_ns").parse().unwrap_or(0),
+                    run_cnt: field("run_cnt").parse().unwrap_or(0),
+                },
+            );
+        }
+    }
+    runs
+}
+
+/// What each of the cores' BPF programs cost `conns` connections of
+/// `app` (setup and one echoed byte): runs per connection and time per
+/// run, summed over both nodes' programs (both run in this VM's kernel),
+/// the costliest first. The kernel counts only while
+/// `kernel.bpf_stats_enabled` is 1, which adds two clock reads per run, so
+/// the connections are not timed meanwhile.
+fn hook_costs(cores: &[u32], app: &App, conns: u32) -> Result<Vec<String>, String> {
+    const STATS: &str = "/proc/sys/kernel/bpf_stats_enabled";
+    std::fs::write(STATS, "1").map_err(|e| format!("{STATS}: {e}"))?;
+    let before = program_runs(cores);
+    let run = setup_latencies(app, conns);
+    let after = program_runs(cores);
+    let _ = std::fs::write(STATS, "0");
+    run?;
+    let mut by_name: HashMap<String, (u64, u64)> = HashMap::new();
+    for (id, a) in &after {
+        let b = before.get(id).cloned().unwrap_or_default();
+        let sum = by_name.entry(a.name.clone()).or_default();
+        sum.0 += a.run_time_ns.saturating_sub(b.run_time_ns);
+        sum.1 += a.run_cnt.saturating_sub(b.run_cnt);
+    }
+    if by_name.is_empty() {
+        return Err(format!("no BPF program fds in the cores {cores:?}"));
+    }
+    let mut costs: Vec<(String, u64, u64)> = by_name
+        .into_iter()
+        .filter(|(_, (_, runs))| *runs > 0)
+        .map(|(name, (ns, runs))| (name, ns, runs))
+        .collect();
+    costs.sort_by_key(|c| std::cmp::Reverse(c.1));
+    let n = u64::from(conns).max(1);
+    Ok(costs
+        .into_iter()
+        .map(|(name, ns, runs)| {
+            format!(
+                "{name}: {:.1} runs and {:.1} us per connection, {} ns per run",
+                runs as f64 / n as f64,
+                ns as f64 / n as f64 / 1000.0,
+                ns / runs.max(1)
+            )
+        })
+        .collect())
+}
+
 /// A provider set-up the benchmark measures.
 #[derive(Debug, Clone, Copy)]
 struct Measured {
@@ -1140,8 +1246,16 @@ pub fn quick() -> Result<String, String> {
         let label = provider.label;
         let (mut a, mut b) = nodes_with(provider)?;
         if label == "openssl" {
-            // Unselected connections with the agents running.
+            // Unselected connections with the agents running, and what
+            // each hook costs them.
             measure("plain", &plain)?;
+            let costs = hook_costs(&[a.core_pid(), b.core_pid()], &plain, 300)?;
+            let line = format!(
+                "quick hooks on unselected connections (both nodes' programs, 300 connections): {}",
+                costs.join("; ")
+            );
+            println!("TLSHUB-BENCH {line}");
+            stages.push(line);
         }
         measure(label, &App::exchange(1, PROTECTED_PORT))?;
         // The stats file is rewritten once a second.
