@@ -331,6 +331,9 @@ fn load_pinned_maps(maps_dir: &Path, sizes: Option<MapSizes>) -> Result<Ebpf, Bp
     let paths: Vec<(&str, std::path::PathBuf)> =
         names::MAPS.iter().map(|m| (*m, maps_dir.join(m))).collect();
     let mut loader = EbpfLoader::new();
+    // aya has no type for task storage (`selected_connects`), which only
+    // the programs use: created and pinned like the rest.
+    loader.allow_unsupported_maps();
     if let Some(n) = sizes {
         loader.map_max_entries(names::CONNS, n.connections);
         loader.map_max_entries(names::CONNECTING_OWNERS, n.connections);
@@ -398,7 +401,9 @@ pub type ProgramLoad = (&'static str, Result<(), BpfError>);
 /// this kernel accepts them, for `tlshub-core check`. One result per
 /// program, or the object's own load error.
 pub fn try_load_programs() -> Result<Vec<ProgramLoad>, BpfError> {
-    let mut ebpf = EbpfLoader::new().load(tlshub_ebpf::OBJECT)?;
+    let mut ebpf = EbpfLoader::new()
+        .allow_unsupported_maps()
+        .load(tlshub_ebpf::OBJECT)?;
     let btf = Btf::from_sys_fs()?;
     Ok(load_each(&mut ebpf, &btf))
 }

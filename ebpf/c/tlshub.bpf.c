@@ -202,6 +202,34 @@ struct {
 	__type(value, struct tlshub_owner);
 } connecting_owners SEC(".maps");
 
+/* Threads inside a connect() whose destination the policy may select
+ * (set by tlshub_gate_connect, taken by the connect fexit), so that the
+ * fexit walks the caller's fd table only for them: for every other
+ * connect() the walk was most of what the programs cost an unselected
+ * connection. A flag left behind (a connect the fexit never sees, from
+ * io_uring) costs the thread's next connect() one walk. */
+struct {
+	__uint(type, BPF_MAP_TYPE_TASK_STORAGE);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, int);
+	__type(value, __u32);
+} selected_connects SEC(".maps");
+
+/* When the last selected connection was established on the accepting side
+ * (bpf_ktime_get_ns(); one entry): the accept fexits walk the fd table only
+ * within TLSHUB_ACCEPT_WALK_WINDOW_NS of it, so a node without selected
+ * incoming connections pays no walk per accept(). Which connection an
+ * accept() dequeues is known only after the walk; a selected one accepted
+ * later than that after its establishment has no OWNER event and is keyed
+ * from the process the gate holds at its first call, as one accepted
+ * through io_uring is. */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, __u64);
+} passive_selected_ns SEC(".maps");
+
 /* Holds the core could not learn of through the ring buffer (it was full).
  * Sized by the core from `[bpf] max_held_processes`. */
 struct {
@@ -719,6 +747,10 @@ int tlshub_sockops(struct bpf_sock_ops *skops)
 		fill_tuple(skops, &ev);
 		if (!selected(&ev, TLSHUB_ROLE_SERVER) || !track_passive(skops, cookie))
 			break;
+		__u32 zero = 0;
+		__u64 *passive = bpf_map_lookup_elem(&passive_selected_ns, &zero);
+		if (passive)
+			*passive = bpf_ktime_get_ns();
 		/* The ACK that completed the handshake: did the client announce? */
 		if (answering)
 			set_peer(&ev, announced_in(skops, 0));
@@ -881,14 +913,29 @@ static __always_inline void report_owner(int fd)
 SEC("fexit/__x64_sys_connect")
 int BPF_PROG(tlshub_exit_connect, const struct pt_regs *regs, long ret)
 {
+	__u32 *may_select =
+		bpf_task_storage_get(&selected_connects, bpf_get_current_task_btf(), 0, 0);
+	if (!may_select || !*may_select)
+		return 0;
+	*may_select = 0;
 	report_owner((int)BPF_CORE_READ(regs, di));
 	return 0;
+}
+
+/* Whether an accept() may have dequeued a selected connection (see
+ * passive_selected_ns). */
+static __always_inline int accept_may_select(void)
+{
+	__u32 zero = 0;
+	__u64 *passive = bpf_map_lookup_elem(&passive_selected_ns, &zero);
+	return passive && *passive &&
+	       bpf_ktime_get_ns() - *passive < TLSHUB_ACCEPT_WALK_WINDOW_NS;
 }
 
 SEC("fexit/__x64_sys_accept4")
 int BPF_PROG(tlshub_exit_accept4, const struct pt_regs *regs, long ret)
 {
-	if (ret >= 0)
+	if (ret >= 0 && accept_may_select())
 		report_owner((int)ret);
 	return 0;
 }
@@ -896,7 +943,7 @@ int BPF_PROG(tlshub_exit_accept4, const struct pt_regs *regs, long ret)
 SEC("fexit/__x64_sys_accept")
 int BPF_PROG(tlshub_exit_accept, const struct pt_regs *regs, long ret)
 {
-	if (ret >= 0)
+	if (ret >= 0 && accept_may_select())
 		report_owner((int)ret);
 	return 0;
 }
@@ -1384,6 +1431,11 @@ int BPF_PROG(tlshub_gate_connect, struct socket *sock, struct sockaddr *address,
 	ev.family = AF_INET6; /* addresses are v4-mapped or v6 */
 	if (!selected(&ev, TLSHUB_ROLE_CLIENT))
 		return 0;
+	/* For the connect fexit (see selected_connects). */
+	__u32 *may_select = bpf_task_storage_get(&selected_connects, bpf_get_current_task_btf(), 0,
+						 BPF_LOCAL_STORAGE_GET_F_CREATE);
+	if (may_select)
+		*may_select = 1;
 	if (bpf_sk_storage_get(&sk_marks, sk, 0, BPF_SK_STORAGE_GET_F_CREATE))
 		return 0;
 	stat_inc(TLSHUB_STAT_UNMARKED_REFUSED);

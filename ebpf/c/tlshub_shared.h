@@ -60,6 +60,11 @@ struct tlshub_control {
  * 100 on x86-64); the exempt map's values are in these ticks. */
 #define TLSHUB_NS_PER_USER_HZ_TICK 10000000ULL
 
+/* How long after the last selected connection was established on the
+ * accepting side the accept fexits look for their owner (see
+ * passive_selected_ns in tlshub.bpf.c): 30 s. */
+#define TLSHUB_ACCEPT_WALK_WINDOW_NS (30ULL * 1000000000ULL)
+
 /* Indexes into the stats array. */
 #define TLSHUB_STAT_RINGBUF_DROPS 0
 #define TLSHUB_STAT_GATE_STOPS 1

@@ -65,9 +65,14 @@ pub mod names {
     /// Owners of selected sockets still connecting (an LRU hash, sized
     /// like [`CONNS`]).
     pub const CONNECTING_OWNERS: &str = "connecting_owners";
+    /// Threads inside a `connect()` the policy may select (task storage).
+    pub const SELECTED_CONNECTS: &str = "selected_connects";
+    /// When the last selected connection was established on the accepting
+    /// side.
+    pub const PASSIVE_SELECTED_NS: &str = "passive_selected_ns";
     /// Every map of the object (all are pinned, so a restarted core and the
     /// programs still attached share them).
-    pub const MAPS: [&str; 14] = [
+    pub const MAPS: [&str; 16] = [
         CONNS,
         CONNECTING_OWNERS,
         HELD,
@@ -82,6 +87,8 @@ pub mod names {
         SK_MARKS,
         KTLS_RECVMSG,
         UNMARKED_CONNS,
+        SELECTED_CONNECTS,
+        PASSIVE_SELECTED_NS,
     ];
 }
 
