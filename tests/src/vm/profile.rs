@@ -11,7 +11,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use super::capacity::{command_ticks, ms_per};
-use super::node::{NodeSpec, PROTECTED_PORT, ProviderKind};
+use super::node::{Node, NodeSpec, PROTECTED_PORT, ProviderKind};
 use super::process::{Proc, command};
 use super::support::*;
 
@@ -97,28 +97,37 @@ const IDLE: Duration = Duration::from_secs(20);
 /// The connections a handshake provider is profiled over.
 const HANDSHAKES: u32 = 60;
 
+/// Both nodes with `provider`, as installed (no key log), keying settled.
+fn profiled_nodes(provider: ProviderKind) -> Result<(Node, Node), String> {
+    let spec = |name| NodeSpec {
+        diagnostics: false,
+        ..NodeSpec::with_provider(name, provider)
+    };
+    let nodes = nodes(spec("a"), spec("b"))?;
+    settle_keying();
+    Ok(nodes)
+}
+
+/// `connections` sequential exchanges of 100 bytes between the pods, timed.
+fn exchanges(connections: u32) -> Result<Duration, String> {
+    let app = App {
+        connections,
+        ..App::exchange(100, PROTECTED_PORT)
+    };
+    let started = std::time::Instant::now();
+    let (s, c) = run_pair(&app, &[], Duration::from_secs(600))?;
+    both_ok(&app, &s, &c)?;
+    Ok(started.elapsed())
+}
+
 /// Profiles node a's OpenSSL provider (in-band: a full handshake per
 /// connection over the app's own connection) while it keys
 /// [`HANDSHAKES`] sequential connections.
 pub fn profile_openssl_provider() -> Result<String, String> {
-    let spec = |name| NodeSpec {
-        diagnostics: false,
-        ..NodeSpec::with_provider(name, ProviderKind::OpenSsl)
-    };
-    let (a, _b) = nodes(spec("a"), spec("b"))?;
-    settle_keying();
+    let (a, _b) = profiled_nodes(ProviderKind::OpenSsl)?;
     let pid = a.provider_pid(ProviderKind::OpenSsl);
     let data = "/tmp/perf-openssl-a.data";
-    let (ticks, took) = recorded(pid, data, || {
-        let app = App {
-            connections: HANDSHAKES,
-            ..App::exchange(100, PROTECTED_PORT)
-        };
-        let started = std::time::Instant::now();
-        let (s, c) = run_pair(&app, &[], Duration::from_secs(600))?;
-        both_ok(&app, &s, &c)?;
-        Ok(started.elapsed())
-    })?;
+    let (ticks, took) = recorded(pid, data, || exchanges(HANDSHAKES))?;
     Ok(format!(
         "{HANDSHAKES} connections in {:.1} s; node a's OpenSSL provider used {:.0} ms of CPU, {:.2} ms per connection\n== by dso\n{}\n== by symbol, with what it calls\n{}",
         took.as_secs_f64(),
@@ -131,25 +140,10 @@ pub fn profile_openssl_provider() -> Result<String, String> {
 
 /// Profiles node a's core (see the module's comment): keying, then idle.
 pub fn profile_core() -> Result<String, String> {
-    // As installed: no key log.
-    let spec = |name| NodeSpec {
-        diagnostics: false,
-        ..NodeSpec::with_provider(name, ProviderKind::TlsHub)
-    };
-    let (a, _b) = nodes(spec("a"), spec("b"))?;
-    settle_keying();
+    let (a, _b) = profiled_nodes(ProviderKind::TlsHub)?;
     let pid = a.core_pid();
     let busy = "/tmp/perf-core-a.data";
-    let (ticks, took) = recorded(pid, busy, || {
-        let app = super::support::App {
-            connections: CONNECTIONS,
-            ..App::exchange(100, PROTECTED_PORT)
-        };
-        let started = std::time::Instant::now();
-        let (s, c) = run_pair(&app, &[], Duration::from_secs(600))?;
-        both_ok(&app, &s, &c)?;
-        Ok(started.elapsed())
-    })?;
+    let (ticks, took) = recorded(pid, busy, || exchanges(CONNECTIONS))?;
     // Idle: what the core does when no connection comes (its timers, the
     // providers' health checks), per second.
     let idle = "/tmp/perf-core-a-idle.data";
