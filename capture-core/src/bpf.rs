@@ -324,16 +324,22 @@ pub struct MapSizes {
     pub event_buffer_bytes: u32,
 }
 
+/// A loader for this build's object. aya has no type for task storage
+/// (`selected_connects`), which only the programs use: it is allowed as an
+/// unsupported map, created and pinned like the rest.
+fn object_loader() -> EbpfLoader<'static> {
+    let mut loader = EbpfLoader::new();
+    loader.allow_unsupported_maps();
+    loader
+}
+
 /// Loads the object's maps, each pinned as `maps_dir/<name>` (an existing
 /// pin is reused), without loading any program.
 /// `sizes` applies to the maps created here (a pinned one keeps its size).
 fn load_pinned_maps(maps_dir: &Path, sizes: Option<MapSizes>) -> Result<Ebpf, BpfError> {
     let paths: Vec<(&str, std::path::PathBuf)> =
         names::MAPS.iter().map(|m| (*m, maps_dir.join(m))).collect();
-    let mut loader = EbpfLoader::new();
-    // aya has no type for task storage (`selected_connects`), which only
-    // the programs use: created and pinned like the rest.
-    loader.allow_unsupported_maps();
+    let mut loader = object_loader();
     if let Some(n) = sizes {
         loader.map_max_entries(names::CONNS, n.connections);
         loader.map_max_entries(names::CONNECTING_OWNERS, n.connections);
@@ -401,9 +407,7 @@ pub type ProgramLoad = (&'static str, Result<(), BpfError>);
 /// this kernel accepts them, for `tlshub-core check`. One result per
 /// program, or the object's own load error.
 pub fn try_load_programs() -> Result<Vec<ProgramLoad>, BpfError> {
-    let mut ebpf = EbpfLoader::new()
-        .allow_unsupported_maps()
-        .load(tlshub_ebpf::OBJECT)?;
+    let mut ebpf = object_loader().load(tlshub_ebpf::OBJECT)?;
     let btf = Btf::from_sys_fs()?;
     Ok(load_each(&mut ebpf, &btf))
 }
@@ -978,8 +982,9 @@ mod tests {
     /// the VM scenarios load and exercise all of them.
     #[test]
     fn sockops_loads_on_the_host_kernel() {
-        let mut ebpf =
-            Ebpf::load(tlshub_ebpf::OBJECT).expect("object parses and its maps are created");
+        let mut ebpf = object_loader()
+            .load(tlshub_ebpf::OBJECT)
+            .expect("object parses and its maps are created");
         let p: &mut SockOps = program(&mut ebpf, names::SOCKOPS).unwrap();
         p.load().expect("sockops passes the verifier");
     }
