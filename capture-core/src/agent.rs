@@ -834,10 +834,6 @@ impl Agent {
         Ok(policy_pb(&self.config.policy))
     }
 
-    /// kTLS counters of every network namespace that holds a protected
-    /// connection (one owner per namespace is read). Once a second, so it
-    /// looks at each owning process once, not at each connection: a
-    /// process may hold tens of thousands.
     /// Points the kTLS gauges at one `tls_stat` file per network namespace
     /// of the protected connections' processes (and the core's own), read
     /// at each scrape. Resolved only when the set of those processes

@@ -410,7 +410,7 @@ impl Node {
         })
     }
 
-    /// `tlshub status` of this node's core.
+    /// `tlshubctl status` of this node's core.
     pub fn status(&self) -> Result<pb::StatusResponse, String> {
         self.ctl(&["status"])
     }
