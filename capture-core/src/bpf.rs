@@ -219,6 +219,45 @@ impl HeldMapCheck {
     }
 }
 
+/// What `rule_ports` holds for `policy`, as (rule id, port): each peer
+/// rule's server ports under its number, the service ports under
+/// [`tlshub_ebpf::SERVICE_RULE`] when there are service CIDRs, and every
+/// peer rule's ports together under [`tlshub_ebpf::LISTEN_RULE`] (the
+/// listeners that answer the announcement). Port 0 is "any port".
+fn rule_port_keys(policy: &PolicySection) -> Vec<(u32, u16)> {
+    let any = |ports: &[u16]| {
+        if ports.is_empty() {
+            vec![0]
+        } else {
+            ports.to_vec()
+        }
+    };
+    let mut keys = Vec::new();
+    let mut listen = Vec::new();
+    for (rule, r) in policy.rules.iter().enumerate() {
+        let rule = u32::try_from(rule).unwrap_or(u32::MAX);
+        for port in any(&r.ports) {
+            keys.push((rule, port));
+            if !listen.contains(&port) {
+                listen.push(port);
+            }
+        }
+    }
+    if !policy.service_cidrs.is_empty() {
+        keys.extend(
+            any(&policy.service_ports)
+                .into_iter()
+                .map(|p| (tlshub_ebpf::SERVICE_RULE, p)),
+        );
+    }
+    // Any port covers the others: one entry.
+    if listen.contains(&0) {
+        listen = vec![0];
+    }
+    keys.extend(listen.into_iter().map(|p| (tlshub_ebpf::LISTEN_RULE, p)));
+    keys
+}
+
 /// Makes `map` hold exactly `wanted` (prefix and value): the new entries
 /// go in first, then the stale ones are removed (see
 /// [`Programs::write_policy`]).
@@ -638,30 +677,22 @@ impl Programs {
         let mut ports_written = Vec::new();
         let local: Vec<(&Cidr, u32)> = policy.local_cidrs.iter().map(|c| (c, 1)).collect();
         let mut peer = Vec::new();
-        let mut rule_ports: Vec<(u32, &[u16])> = Vec::new();
         for (rule, r) in policy.rules.iter().enumerate() {
             let rule = u32::try_from(rule).unwrap_or(u32::MAX);
             peer.extend(r.peer_cidrs.iter().map(|c| (c, rule)));
-            rule_ports.push((rule, &r.ports));
         }
         let service: Vec<(&Cidr, u32)> = policy
             .service_cidrs
             .iter()
             .map(|c| (c, tlshub_ebpf::SERVICE_RULE))
             .collect();
-        if !service.is_empty() {
-            rule_ports.push((tlshub_ebpf::SERVICE_RULE, &policy.service_ports));
-        }
         // Ports first, so that a prefix never points at a rule without them.
-        for (rule, ports) in rule_ports {
-            let ports = if ports.is_empty() { &[0][..] } else { ports };
-            for &port in ports {
-                let key = PortKey { rule, port, pad: 0 };
-                self.rule_ports
-                    .insert(key, 1, 0)
-                    .map_err(map_err(names::RULE_PORTS))?;
-                ports_written.push((rule, port));
-            }
+        for (rule, port) in rule_port_keys(policy) {
+            let key = PortKey { rule, port, pad: 0 };
+            self.rule_ports
+                .insert(key, 1, 0)
+                .map_err(map_err(names::RULE_PORTS))?;
+            ports_written.push((rule, port));
         }
         replace_prefixes(&mut self.local_nets, names::LOCAL_NETS, &local)?;
         replace_prefixes(&mut self.peer_nets, names::PEER_NETS, &peer)?;
@@ -947,6 +978,60 @@ mod tests {
             "a second after the last read, whatever the counter says"
         );
         assert!(!check.due(1, t0 + ms(1150)));
+    }
+
+    fn policy(text: &str) -> PolicySection {
+        toml::from_str(text).unwrap()
+    }
+
+    /// Listeners answer the announcement only on ports some peer rule
+    /// selects; "any port" in one rule makes it every listener. Service
+    /// ports are a connecting side's only and open no listener.
+    #[test]
+    fn listeners_answer_on_every_peer_rules_ports_and_no_others() {
+        use tlshub_ebpf::{LISTEN_RULE, SERVICE_RULE};
+        let two_rules = policy(
+            r#"
+service_cidrs = ["10.96.0.0/12"]
+service_ports = [80]
+[[rules]]
+peer_cidrs = ["10.0.2.0/24"]
+ports = [8443, 9000]
+[[rules]]
+peer_cidrs = ["10.0.3.0/24"]
+ports = [9000, 7000]
+"#,
+        );
+        assert_eq!(
+            rule_port_keys(&two_rules),
+            [
+                (0, 8443),
+                (0, 9000),
+                (1, 9000),
+                (1, 7000),
+                (SERVICE_RULE, 80),
+                (LISTEN_RULE, 8443),
+                (LISTEN_RULE, 9000),
+                (LISTEN_RULE, 7000),
+            ]
+        );
+        let any_port = policy(
+            r#"
+[[rules]]
+peer_cidrs = ["10.0.2.0/24"]
+ports = [8443]
+[[rules]]
+peer_cidrs = ["10.0.3.0/24"]
+"#,
+        );
+        assert_eq!(
+            rule_port_keys(&any_port),
+            [(0, 8443), (1, 0), (LISTEN_RULE, 0)]
+        );
+        assert!(
+            rule_port_keys(&policy("")).is_empty(),
+            "no rule, no listener"
+        );
     }
 
     fn scratch(name: &str) -> std::path::PathBuf {

@@ -389,19 +389,33 @@ static __always_inline int selected(struct tlshub_event *ev, __u32 role)
 
 	if (ev->family != AF_INET && ev->family != AF_INET6)
 		return 0;
-	__builtin_memcpy(key.addr, ev->local_addr, 16);
-	if (!addr_unspecified(ev->local_addr) && !bpf_map_lookup_elem(&local_nets, &key))
-		return 0;
+	/* The peer first: most connections a node makes or takes are
+	 * between its own pods and peers no rule names, and this way they
+	 * cost one lookup fewer. */
 	__builtin_memcpy(key.addr, ev->remote_addr, 16);
 	__u32 *rule = bpf_map_lookup_elem(&peer_nets, &key);
 	if (!rule && role == TLSHUB_ROLE_CLIENT)
 		rule = bpf_map_lookup_elem(&service_nets, &key);
 	if (!rule)
 		return 0;
+	__builtin_memcpy(key.addr, ev->local_addr, 16);
+	if (!addr_unspecified(ev->local_addr) && !bpf_map_lookup_elem(&local_nets, &key))
+		return 0;
 	struct tlshub_port_key pk = { .rule = *rule, .port = 0 };
 	if (bpf_map_lookup_elem(&rule_ports, &pk))
 		return 1;
 	pk.port = role == TLSHUB_ROLE_CLIENT ? ev->remote_port : ev->local_port;
+	return bpf_map_lookup_elem(&rule_ports, &pk) != 0;
+}
+
+/* Whether a listener on `port` may accept a connection the policy selects:
+ * some peer rule selects the port, or any port (TLSHUB_LISTEN_RULE). */
+static __always_inline int listen_port_selected(__u32 port)
+{
+	struct tlshub_port_key pk = { .rule = TLSHUB_LISTEN_RULE, .port = 0 };
+	if (bpf_map_lookup_elem(&rule_ports, &pk))
+		return 1;
+	pk.port = (__u16)port;
 	return bpf_map_lookup_elem(&rule_ports, &pk) != 0;
 }
 
@@ -670,9 +684,13 @@ int tlshub_sockops(struct bpf_sock_ops *skops)
 	case BPF_SOCK_OPS_TCP_LISTEN_CB:
 		/* Listeners answer announcing SYNs (announce()); accepted
 		 * sockets inherit the flag and drop it at their first packet
-		 * out. */
-		bpf_sock_ops_cb_flags_set(skops, skops->bpf_sock_ops_cb_flags |
-							 BPF_SOCK_OPS_WRITE_HDR_OPT_CB_FLAG);
+		 * out. Only listeners on a port some rule selects: the flag
+		 * costs a callback per SYN-ACK and one per accepted socket,
+		 * and a listener whose port is selected later answers nothing,
+		 * as one older than the programs. */
+		if (listen_port_selected(skops->local_port))
+			bpf_sock_ops_cb_flags_set(skops, skops->bpf_sock_ops_cb_flags |
+								 BPF_SOCK_OPS_WRITE_HDR_OPT_CB_FLAG);
 		break;
 	case BPF_SOCK_OPS_HDR_OPT_LEN_CB:
 	case BPF_SOCK_OPS_WRITE_HDR_OPT_CB:

@@ -189,6 +189,11 @@ struct tlshub_lpm_key {
  * service_nets in tlshub.bpf.c); peer rules are numbered from 0. */
 #define TLSHUB_SERVICE_RULE 0xfffffffeU
 
+/* The rule id under which rule_ports lists every port any peer rule
+ * selects (port 0: some rule selects any port): the listeners that get
+ * the header-option callbacks (see TCP_LISTEN_CB in tlshub.bpf.c). */
+#define TLSHUB_LISTEN_RULE 0xfffffffdU
+
 /* Which server ports a peer rule selects; port 0 means any. */
 struct tlshub_port_key {
 	__u32 rule;

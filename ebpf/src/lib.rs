@@ -48,7 +48,7 @@ pub mod names {
     /// core after the node's DNAT).
     pub const SERVICE_NETS: &str = "service_nets";
     /// Selected server ports per rule (the service ports under
-    /// [`super::SERVICE_RULE`]).
+    /// [`super::SERVICE_RULE`], every rule's under [`super::LISTEN_RULE`]).
     pub const RULE_PORTS: &str = "rule_ports";
     /// Counters.
     pub const STATS: &str = "stats";
@@ -402,6 +402,12 @@ pub type Addr16 = [u8; 16];
 /// (`TLSHUB_SERVICE_RULE`); peer rules are numbered from 0.
 pub const SERVICE_RULE: u32 = 0xffff_fffe;
 
+/// The rule id under which `rule_ports` lists every port any peer rule
+/// selects, 0 when some rule selects any port (`TLSHUB_LISTEN_RULE`):
+/// only listeners on these ports get the header-option callbacks that
+/// answer a peer's announcement.
+pub const LISTEN_RULE: u32 = 0xffff_fffd;
+
 /// `struct tlshub_port_key`.
 #[repr(C)]
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
@@ -546,6 +552,7 @@ mod tests {
             ]
         );
         assert_eq!(SERVICE_RULE, TLSHUB_SERVICE_RULE);
+        assert_eq!(LISTEN_RULE, TLSHUB_LISTEN_RULE);
         assert_eq!(offset_of!(Event, peer), OFF_tlshub_event_peer);
         assert_eq!(
             [u32::from(peer::SILENT), u32::from(peer::ANNOUNCED)],

@@ -5,10 +5,11 @@
 //! certificates of tlshub's handshake providers.
 
 use std::path::PathBuf;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use super::node::PLAIN_PORT;
 use super::process::{Proc, run};
+use super::support::wait_for;
 use super::topology::POD_B;
 
 /// Pod a's address on the WireGuard path.
@@ -169,19 +170,18 @@ impl ProxyPair {
 
 /// Waits until something listens on `port` in `ns`.
 fn wait_listening(ns: &str, port: u16, log: &std::path::Path) -> Result<(), String> {
-    let until = Instant::now() + Duration::from_secs(10);
     let filter = format!("sport = :{port}");
-    loop {
-        let out = run(Some(ns), &["ss", "-Hltn", &filter]).unwrap_or_default();
-        if !out.trim().is_empty() {
-            return Ok(());
-        }
-        if Instant::now() > until {
-            return Err(format!(
-                "nothing listens on port {port} in {ns}: {}",
-                super::process::tail(log)
-            ));
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    wait_for(
+        Duration::from_secs(10),
+        Duration::from_millis(100),
+        || run(Some(ns), &["ss", "-Hltn", &filter]).unwrap_or_default(),
+        |out| !out.trim().is_empty(),
+    )
+    .map(drop)
+    .map_err(|_| {
+        format!(
+            "nothing listens on port {port} in {ns}: {}",
+            super::process::tail(log)
+        )
+    })
 }

@@ -713,19 +713,20 @@ pub fn demo() -> Result<String, String> {
         "app: an unmodified client in pod-a connects and writes 16 MiB at once; the server in pod-b answers with 16 MiB",
     );
     let client = process::spawn_app("pod-a", &cargv)?;
-    let until = Instant::now() + Duration::from_secs(30);
-    let mut ss = String::new();
-    while Instant::now() < until {
-        ss = process::run(
-            Some("pod-a"),
-            &["ss", "-tni", "state", "established", "( dport = :8443 )"],
-        )
-        .unwrap_or_default();
-        if ss.contains("tls") {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    // Shown as it was last seen, kTLS on or not.
+    let ss = wait_for(
+        Duration::from_secs(30),
+        Duration::from_millis(20),
+        || {
+            process::run(
+                Some("pod-a"),
+                &["ss", "-tni", "state", "established", "( dport = :8443 )"],
+            )
+            .unwrap_or_default()
+        },
+        |ss| ss.contains("tls"),
+    )
+    .unwrap_or_else(|last| last);
     let c = app_report(&finish(client, Duration::from_secs(120))?)?;
     let s = app_report(&finish(server, Duration::from_secs(30))?)?;
     both_ok(&app, &s, &c)?;

@@ -201,23 +201,23 @@ pub fn churn_and_fd_reuse() -> Result<String, String> {
         return Err("the fd number was never reused; the scenario proved nothing".into());
     }
     // Everything closed: state must return to idle (allow TIME_WAIT-free settle).
-    let until = Instant::now() + Duration::from_secs(20);
-    loop {
-        std::thread::sleep(Duration::from_millis(1500));
-        let idle = |n: &Node| {
-            n.stats()
-                .is_ok_and(|s| s.pending == 0 && s.held_tracked == 0 && s.bpf_maps == (0, 0))
-        };
-        if idle(&a) && idle(&b) {
-            break;
-        }
-        if Instant::now() > until {
-            return Err(format!(
-                "not idle after churn: A {:?} B {:?}",
-                a.stats().map(|s| (s.pending, s.bpf_maps)),
-                b.stats().map(|s| (s.pending, s.bpf_maps))
-            ));
-        }
+    let idle = |n: &Node| {
+        n.stats()
+            .is_ok_and(|s| s.pending == 0 && s.held_tracked == 0 && s.bpf_maps == (0, 0))
+    };
+    if wait_for(
+        Duration::from_secs(20),
+        Duration::from_millis(500),
+        || idle(&a) && idle(&b),
+        |&idle| idle,
+    )
+    .is_err()
+    {
+        return Err(format!(
+            "not idle after churn: A {:?} B {:?}",
+            a.stats().map(|s| (s.pending, s.bpf_maps)),
+            b.stats().map(|s| (s.pending, s.bpf_maps))
+        ));
     }
     let sa = a.stats()?;
     Ok(format!(

@@ -240,12 +240,13 @@ pub fn connect_flood() -> Result<String, String> {
         process::run(Some("pod-a"), &["ss", "-Htn", "state", "syn-sent"])
             .map(|out| out.lines().filter(|l| l.contains(BLACK_HOLE)).count())
     };
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    let mut seen = connecting()?;
-    while seen < CONNECT_FLOOD && std::time::Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(200));
-        seen = connecting()?;
-    }
+    let seen = support::wait_for(
+        Duration::from_secs(20),
+        Duration::from_millis(200),
+        connecting,
+        |n| n.as_ref().map_or(true, |&n| n >= CONNECT_FLOOD),
+    )
+    .unwrap_or_else(|last| last)?;
     let entries = a.stat(|s| s.bpf_maps.0 as u64);
     for port in [PROTECTED_PORT, PROTECTED_PORT, PROTECTED_PORT, PLAIN_PORT] {
         let app = App::exchange(10_000, port);

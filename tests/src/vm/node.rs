@@ -340,14 +340,13 @@ impl Node {
         want: u64,
         wait: std::time::Duration,
     ) -> u64 {
-        let deadline = std::time::Instant::now() + wait;
-        loop {
-            let v = self.stat(&figure);
-            if v >= want || std::time::Instant::now() > deadline {
-                return v;
-            }
-            std::thread::sleep(std::time::Duration::from_millis(100));
-        }
+        super::support::wait_for(
+            wait,
+            Duration::from_millis(100),
+            || self.stat(&figure),
+            |&v| v >= want,
+        )
+        .unwrap_or_else(|last| last)
     }
 
     /// Exported keys, one record per connection.
@@ -576,6 +575,26 @@ impl Node {
         std::fs::write(&path, text).map_err(|e| e.to_string())?;
         self.ctl::<pb::ReloadPolicyResponse>(&["policy", "reload"])?;
         self.spec.rule_mode = mode;
+        Ok(())
+    }
+
+    /// Adds `port` to the rule's ports in the node's configuration and
+    /// applies it with `tlshubctl policy reload`.
+    pub fn select_port_too(&mut self, port: u16) -> Result<(), String> {
+        let path = self.dir.join("core.toml");
+        let text = std::fs::read_to_string(&path).map_err(|e| e.to_string())?;
+        let ports = |also: &[u16]| {
+            let also: String = also.iter().map(|p| format!(", {p}")).collect();
+            format!("ports = [{PROTECTED_PORT}{also}]")
+        };
+        let was = ports(&self.spec.also_ports);
+        if !text.contains(&was) {
+            return Err(format!("{} has no `{was}`", path.display()));
+        }
+        self.spec.also_ports.push(port);
+        let text = text.replace(&was, &ports(&self.spec.also_ports));
+        std::fs::write(&path, text).map_err(|e| e.to_string())?;
+        self.ctl::<pb::ReloadPolicyResponse>(&["policy", "reload"])?;
         Ok(())
     }
 

@@ -11,6 +11,7 @@ use super::service::{self, LoadServer};
 use super::support::*;
 use super::topology::POD_A;
 use super::wire_check::*;
+use crate::app_report::AppReport;
 use crate::wire;
 use tlshub_admin::pb;
 
@@ -32,25 +33,25 @@ fn sessions_up(node: &Node, kind: ProviderKind) -> usize {
 /// shows it, waited for up to 5 s (the core asks the provider at every
 /// health check).
 fn peer_session_shown(n: &Node, peer: &str) -> Result<pb::PeerSession, String> {
-    let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
-        let status = n.status()?;
-        let shown = status
+    let shown = |status: &pb::StatusResponse| {
+        status
             .providers
             .iter()
             .find(|p| p.active)
             .and_then(|p| p.peer_sessions.iter().find(|s| s.peer == peer))
-            .cloned();
-        if let Some(s) = shown {
-            return Ok(s);
-        }
-        if Instant::now() > deadline {
-            return Err(format!(
-                "node {}: `tlshubctl status` shows no session with {peer}: {status:?}",
-                n.spec.name
-            ));
-        }
-        std::thread::sleep(Duration::from_millis(200));
+            .cloned()
+    };
+    match wait_for(
+        Duration::from_secs(5),
+        Duration::from_millis(200),
+        || n.status(),
+        |status| status.as_ref().map_or(true, |s| shown(s).is_some()),
+    ) {
+        Ok(status) => Ok(shown(&status?).unwrap_or_default()),
+        Err(status) => Err(format!(
+            "node {}: `tlshubctl status` shows no session with {peer}: {:?}",
+            n.spec.name, status?
+        )),
     }
 }
 
@@ -60,19 +61,19 @@ fn wait_sessions(
     b: (&Node, ProviderKind),
     want: usize,
 ) -> Result<(), String> {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while sessions_up(a.0, a.1) < want || sessions_up(b.0, b.1) < want {
-        if Instant::now() > deadline {
-            return Err(format!(
-                "node-pair sessions up: a {}, b {} (want {want} each); node a's provider:\n{}",
-                sessions_up(a.0, a.1),
-                sessions_up(b.0, b.1),
-                a.0.provider_log(a.1)
-            ));
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    }
-    Ok(())
+    wait_for(
+        Duration::from_secs(20),
+        Duration::from_millis(200),
+        || (sessions_up(a.0, a.1), sessions_up(b.0, b.1)),
+        |&(up_a, up_b)| up_a >= want && up_b >= want,
+    )
+    .map(drop)
+    .map_err(|(up_a, up_b)| {
+        format!(
+            "node-pair sessions up: a {up_a}, b {up_b} (want {want} each); node a's provider:\n{}",
+            a.0.provider_log(a.1)
+        )
+    })
 }
 
 /// OpenSSL and BoringSSL in node-pair mode, each as the dialing node (a,
@@ -325,18 +326,20 @@ pub fn sessions_replaced_and_restarted() -> Result<String, String> {
         // The core finds the provider again and the dialer sets up a new
         // session; the first connection may wait for either.
         let app = App::exchange(10_000, PROTECTED_PORT);
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            let (s, c) = run_pair(&app, &[], Duration::from_secs(60))?;
-            if both_ok(&app, &s, &c).is_ok() {
-                break;
-            }
-            if Instant::now() > deadline {
-                return Err(format!(
-                    "no connection keyed within 30 s of restarting the {which}'s provider: server {s}, client {c}"
-                ));
-            }
-            std::thread::sleep(Duration::from_millis(500));
+        let keyed = |pair: &Result<(AppReport, AppReport), String>| {
+            pair.as_ref()
+                .map_or(true, |(s, c)| both_ok(&app, s, c).is_ok())
+        };
+        if let Err(pair) = wait_for(
+            Duration::from_secs(30),
+            Duration::from_millis(500),
+            || run_pair(&app, &[], Duration::from_secs(60)),
+            keyed,
+        ) {
+            let (s, c) = pair?;
+            return Err(format!(
+                "no connection keyed within 30 s of restarting the {which}'s provider: server {s}, client {c}"
+            ));
         }
         restarts.push(format!("{which} {:.1} s", started.elapsed().as_secs_f64()));
     }

@@ -284,12 +284,8 @@ pub fn core_gone_release() -> Result<String, String> {
     let server_pid = server.id();
     let client = exchange_client()?;
     // With no core, the server's first read is held (within the grace).
-    let until = Instant::now() + Duration::from_secs(10);
-    while crate::vm::process::state(server_pid) != Some('T') {
-        if Instant::now() > until {
-            return Err("the server app was never held while the core was down".into());
-        }
-        std::thread::sleep(Duration::from_millis(50));
+    if !super::support::stopped_within_10s(server_pid) {
+        return Err("the server app was never held while the core was down".into());
     }
     let released = b.release(false)?;
     let s = app_report(&finish(server, Duration::from_secs(20))?)?;

@@ -7,6 +7,7 @@
 use std::time::Duration;
 
 use tlshub_admin::pb;
+use tlshub_admin::stats::Stats;
 
 use super::node::{Node, NodeSpec, PROTECTED_PORT, ProviderKind};
 use super::process::finish;
@@ -71,13 +72,22 @@ fn no_key_timeout_waited(out_took: Duration, in_took: Duration) -> Result<(), St
     Ok(())
 }
 
-/// Flows on the protected port that carry the marker in clear.
-fn plain_protected_port_flows(flows: &[wire::Flow]) -> usize {
+/// Flows on `port` (either end) that carry the marker in clear.
+fn plain_flows_on(flows: &[wire::Flow], port: u16) -> usize {
     flows
         .iter()
-        .filter(|f| f.src.port() == PROTECTED_PORT || f.dst.port() == PROTECTED_PORT)
+        .filter(|f| f.src.port() == port || f.dst.port() == port)
         .filter(|f| wire::contains(&f.bytes, MARKER))
         .count()
+}
+
+/// A figure of both nodes' stats, each waited for until it reaches `want`
+/// (see [`Node::stat_reaching`]).
+fn both_reaching(a: &Node, b: &Node, figure: impl Fn(&Stats) -> u64, want: u64) -> (u64, u64) {
+    (
+        a.stat_reaching(&figure, want),
+        b.stat_reaching(&figure, want),
+    )
 }
 
 /// Node b runs no tlshub. With node a's rule opportunistic, a connection
@@ -88,7 +98,7 @@ fn plain_protected_port_flows(flows: &[wire::Flow]) -> usize {
 pub fn opportunistic_peer_without_tlshub() -> Result<String, String> {
     let a = Node::start(opportunistic("a"))?;
     let (flows, out_took, in_took) = exact_both_ways("rollout-silent", 100_000)?;
-    let plain = plain_protected_port_flows(&flows);
+    let plain = plain_flows_on(&flows, PROTECTED_PORT);
     if plain < 4 {
         return Err(format!(
             "{plain} flows on the protected port showed the marker, want 4 (two connections, both directions): the connections were not plain, or the capture is blind"
@@ -177,10 +187,7 @@ pub fn opportunistic_both_nodes_protect() -> Result<String, String> {
     if !c.ok {
         return Err(format!("old listener, first connection: client {c}"));
     }
-    let (pa, pb) = (
-        a.stat_reaching(|s| s.peer_silent_plain, 1),
-        b.stat_reaching(|s| s.peer_silent_plain, 1),
-    );
+    let (pa, pb) = both_reaching(&a, &b, |s| s.peer_silent_plain, 1);
     if (pa, pb) != (1, 1) {
         return Err(format!(
             "old listener: both ends should agree on plain, got node a {pa}, node b {pb}; failed a {:?} b {:?}",
@@ -200,11 +207,8 @@ pub fn opportunistic_both_nodes_protect() -> Result<String, String> {
     let s = finish_app_server(&old, srv, &c)?;
     both_ok(&old, &s, &app_report(&c)?)?;
     let flows = cap.finish()?;
-    let plain = plain_protected_port_flows(&flows);
-    let refused = (
-        a.stat_reaching(|s| s.known_peer_silent, 1),
-        b.stat_reaching(|s| s.known_peer_silent, 1),
-    );
+    let plain = plain_flows_on(&flows, PROTECTED_PORT);
+    let refused = both_reaching(&a, &b, |s| s.known_peer_silent, 1);
     // The first connection, both directions; nothing after it.
     if plain != 2 || refused != (1, 1) || a.stat(|s| s.peer_silent_plain) != 1 {
         return Err(format!(
@@ -218,6 +222,51 @@ pub fn opportunistic_both_nodes_protect() -> Result<String, String> {
         "{} flows decrypted, none plain; a listener older than its node's programs: both ends plain while neither node had heard the other, protected (both keyed) once they had",
         report.decrypted
     ))
+}
+
+/// Only listeners on ports the rules select answer the option (they alone
+/// get the header callback, at `listen()`), so a server that listened
+/// before a policy edit selected its port is silent like one older than
+/// the programs: both ends agree on plain while the nodes have not heard
+/// each other, exact both ways. The same server listening again answers,
+/// and its connection is protected (TLS only on the wire).
+pub fn listener_older_than_its_port_selection() -> Result<String, String> {
+    const LATE_PORT: u16 = 8444;
+    let (mut a, mut b) = nodes(opportunistic("a"), opportunistic("b"))?;
+    let app = App::exchange(10_000, LATE_PORT);
+    let srv = start_app_server(&app)?;
+    a.select_port_too(LATE_PORT)?;
+    b.select_port_too(LATE_PORT)?;
+    let cap = Capture::start("rollout-late-port")?;
+    let c = run_app_client(&app, "pod-a", &[], Duration::from_secs(60), srv.id())?;
+    let s = finish_app_server(&app, srv, &c)?;
+    both_ok(&app, &s, &app_report(&c)?)?;
+    let plain = both_reaching(&a, &b, |s| s.peer_silent_plain, 1);
+    if plain != (1, 1) {
+        return Err(format!(
+            "a listener from before its port was selected: both ends should agree on plain, got node a {}, node b {}; failed a {:?} b {:?}",
+            plain.0,
+            plain.1,
+            a.stats().map(|s| s.failed).unwrap_or_default(),
+            b.stats().map(|s| s.failed).unwrap_or_default()
+        ));
+    }
+    // Listening again, after the edit: the listener answers.
+    let (s, c) = run_pair(&app, &[], Duration::from_secs(60))?;
+    both_ok(&app, &s, &c)?;
+    let flows = cap.finish()?;
+    let in_clear = plain_flows_on(&flows, LATE_PORT);
+    let protected = both_reaching(&a, &b, |s| s.protected, 1);
+    if in_clear != 2 || protected != (1, 1) || a.stat(|s| s.peer_silent_plain) != 1 {
+        return Err(format!(
+            "the server listening again: {in_clear} flows with the marker in clear (want 2, the first connection's), protected {protected:?} (want 1 each), plain on node a {}",
+            a.stat(|s| s.peer_silent_plain)
+        ));
+    }
+    Ok(
+        "a listener older than its port's selection: silent, plain on both ends; listening again: announced and protected"
+            .into(),
+    )
 }
 
 /// Flows sent from `addr` (any port) that carry the marker in clear.
@@ -393,7 +442,7 @@ pub fn opportunistic_incompatible_providers_plain() -> Result<String, String> {
     let (a, b) = nodes(sa, opportunistic("b"))?;
     settle_keying();
     let (flows, out_took, in_took) = exact_both_ways("rollout-incompatible", 10_000)?;
-    let plain = plain_protected_port_flows(&flows);
+    let plain = plain_flows_on(&flows, PROTECTED_PORT);
     let counted = (
         a.stat_reaching(|s| s.peer_incompatible_plain, 2),
         b.stat_reaching(|s| s.peer_incompatible_plain, 2),

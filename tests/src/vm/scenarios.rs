@@ -187,6 +187,10 @@ pub const TESTS: &[Scenario] = &[
         super::rollout::opportunistic_both_nodes_protect,
     ),
     (
+        "rollout_listener_older_than_its_port_selection",
+        super::rollout::listener_older_than_its_port_selection,
+    ),
+    (
         "rollout_downgrade_refused",
         super::rollout::downgrade_refused,
     ),

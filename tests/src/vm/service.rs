@@ -17,7 +17,7 @@ use crate::load::LoadReport;
 
 use super::node::{Node, NodeSpec, PROTECTED_PORT, ProviderKind};
 use super::process::{AppChild, finish, spawn_ready};
-use super::support::metric;
+use super::support::{metric, wait_for};
 use super::topology::POD_B;
 use super::wire_check::{Capture, check_wire_allowing_unkeyed};
 
@@ -393,16 +393,17 @@ pub fn admin_cli_and_metrics() -> Result<String, String> {
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     };
     // Wait for the first health checks.
-    let until = Instant::now() + Duration::from_secs(10);
-    loop {
-        let st = a.status()?;
-        if st.providers.iter().all(|p| p.health == "serving") {
-            break;
-        }
-        if Instant::now() > until {
-            return Err(format!("providers not serving after 10 s: {st:?}"));
-        }
-        std::thread::sleep(Duration::from_millis(200));
+    if let Err(st) = wait_for(
+        Duration::from_secs(10),
+        Duration::from_millis(200),
+        || a.status(),
+        |st| {
+            st.as_ref().map_or(true, |st| {
+                st.providers.iter().all(|p| p.health == "serving")
+            })
+        },
+    ) {
+        return Err(format!("providers not serving after 10 s: {:?}", st?));
     }
     let status = text(&["status"])?;
     for want in [
@@ -441,17 +442,16 @@ pub fn admin_cli_and_metrics() -> Result<String, String> {
     }
     // The kTLS gauges, read at the scrape from the protected connections'
     // network namespaces (resolved within a second of their keys).
-    let until = Instant::now() + Duration::from_secs(5);
-    let ktls_sockets = loop {
-        let n = metric(
-            &a.metrics()?,
-            "tlshub_ktls_sockets{counter=\"TlsCurrTxSw\"}",
-        );
-        if n >= 3.0 || Instant::now() > until {
-            break n;
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    };
+    let ktls_sockets = wait_for(
+        Duration::from_secs(5),
+        Duration::from_millis(200),
+        || {
+            a.metrics()
+                .map(|text| metric(&text, "tlshub_ktls_sockets{counter=\"TlsCurrTxSw\"}"))
+        },
+        |n| n.as_ref().map_or(true, |&n| n >= 3.0),
+    )
+    .unwrap_or_else(|last| last)?;
     if ktls_sockets < 3.0 {
         return Err(format!(
             "tlshub_ktls_sockets{{counter=\"TlsCurrTxSw\"}} is {ktls_sockets} with 3 protected connections open"
@@ -508,14 +508,13 @@ pub fn admin_cli_and_metrics() -> Result<String, String> {
     let (serving, _) = a.ctl_with_exit::<pb::StatusResponse>(&["status"])?;
     let boringssl = a.provider_pid(ProviderKind::BoringSsl).to_string();
     super::process::run(None, &["kill", "-9", &boringssl])?;
-    let until = Instant::now() + Duration::from_secs(10);
-    let (down, status) = loop {
-        let (code, status) = a.ctl_with_exit::<pb::StatusResponse>(&["status"])?;
-        if code != 0 || Instant::now() > until {
-            break (code, status);
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    };
+    let (down, status) = wait_for(
+        Duration::from_secs(10),
+        Duration::from_millis(200),
+        || a.ctl_with_exit::<pb::StatusResponse>(&["status"]),
+        |answer| answer.as_ref().map_or(true, |(code, _)| *code != 0),
+    )
+    .unwrap_or_else(|last| last)?;
     let active = status.as_ref().map(|s| s.active_provider.as_str());
     if serving != 0 || down != super::node::DEGRADED || active != Ok("boringssl") {
         return Err(format!(
@@ -579,16 +578,14 @@ pub fn admin_cli_and_metrics() -> Result<String, String> {
     // although the configuration says openssl.
     a.stop_core();
     a.restart_core("restarted")?;
-    let until = Instant::now() + Duration::from_secs(30);
-    let restarted = loop {
-        match a.status() {
-            Ok(st) => break st,
-            Err(e) if Instant::now() > until => {
-                return Err(format!("the restarted core does not answer: {e}"));
-            }
-            Err(_) => std::thread::sleep(Duration::from_millis(200)),
-        }
-    };
+    let restarted = wait_for(
+        Duration::from_secs(30),
+        Duration::from_millis(200),
+        || a.status(),
+        Result::is_ok,
+    )
+    .unwrap_or_else(|last| last)
+    .map_err(|e| format!("the restarted core does not answer: {e}"))?;
     // Degraded (boringssl is still down, exit 5), but printed.
     let status_text = super::process::command(None, &["tlshubctl", "--socket", &s, "status"])
         .output()

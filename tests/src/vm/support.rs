@@ -477,3 +477,78 @@ pub fn exchange_between(
 pub fn settle_keying() {
     std::thread::sleep(Duration::from_millis(1500));
 }
+
+/// Asks `probe` every `every` until its answer satisfies `done` or
+/// `within` has passed: `Ok` with the answer that satisfied it, `Err` with
+/// the last one. It asks at least once, and once more after the deadline,
+/// so a slow probe never costs the last look.
+pub fn wait_for<T>(
+    within: Duration,
+    every: Duration,
+    mut probe: impl FnMut() -> T,
+    done: impl Fn(&T) -> bool,
+) -> Result<T, T> {
+    let until = Instant::now() + within;
+    loop {
+        let expired = Instant::now() > until;
+        let answer = probe();
+        if done(&answer) {
+            return Ok(answer);
+        }
+        if expired {
+            return Err(answer);
+        }
+        std::thread::sleep(every);
+    }
+}
+
+/// Whether process `pid` was stopped (`T` in `/proc`: held by the gate)
+/// within 10 s.
+pub fn stopped_within_10s(pid: u32) -> bool {
+    wait_for(
+        Duration::from_secs(10),
+        Duration::from_millis(50),
+        || process::state(pid),
+        |&state| state == Some('T'),
+    )
+    .is_ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wait_for_returns_the_first_answer_that_is_done_or_the_last_one() {
+        let ms = Duration::from_millis;
+        let mut n = 0;
+        let done = wait_for(
+            ms(1000),
+            ms(1),
+            || {
+                n += 1;
+                n
+            },
+            |&n| n == 3,
+        );
+        assert_eq!(done, Ok(3));
+        let mut asked = 0;
+        let started = Instant::now();
+        let late = wait_for(
+            ms(30),
+            ms(5),
+            || {
+                asked += 1;
+                asked
+            },
+            |_| false,
+        );
+        assert!(started.elapsed() >= ms(30));
+        assert_eq!(
+            late,
+            Err(asked),
+            "the last answer, asked after the deadline"
+        );
+        assert!(asked >= 2);
+    }
+}

@@ -15,11 +15,11 @@ use tlshub_admin::pb;
 use crate::load::LoadReport;
 
 use super::node::{Node, NodeSpec};
-use super::process::{finish, run, state};
+use super::process::{finish, run};
 use super::restarts::{exchange_client, exchange_server, recovered, sleep_until};
 use super::service::{LONG, LoadServer, report, start_load_with};
 use super::support::app_report;
-use super::support::metric;
+use super::support::{metric, wait_for};
 use super::wire_check::{Capture, check_wire_with_keys};
 
 /// Where the VM image holds the dist directory and the test PKI.
@@ -138,20 +138,18 @@ fn node_a_trouble() -> String {
 
 /// Waits until `unit` is active with a main pid other than `old`.
 fn wait_restarted(unit: &str, old: u32, timeout: Duration) -> Result<u32, String> {
-    let until = Instant::now() + timeout;
-    loop {
-        let pid = main_pid(unit);
-        if pid != 0 && pid != old && unit_prop(unit, "ActiveState") == "active" {
-            return Ok(pid);
-        }
-        if Instant::now() > until {
-            return Err(format!(
-                "{unit} not active again after {timeout:?} (pid {pid}):\n{}",
-                journal(unit)
-            ));
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    wait_for(
+        timeout,
+        Duration::from_millis(100),
+        || main_pid(unit),
+        |&pid| pid != 0 && pid != old && unit_prop(unit, "ActiveState") == "active",
+    )
+    .map_err(|pid| {
+        format!(
+            "{unit} not active again after {timeout:?} (pid {pid}):\n{}",
+            journal(unit)
+        )
+    })
 }
 
 /// The effective capabilities, no_new_privs, and whether a seccomp filter
@@ -613,12 +611,8 @@ pub fn systemd_install_units_and_restarts() -> Result<String, String> {
     let server = exchange_server()?;
     let client = exchange_client()?;
     let client_pid = client.id();
-    let until = Instant::now() + Duration::from_secs(10);
-    while state(client_pid) != Some('T') {
-        if Instant::now() > until {
-            return Err("the client was never held while the core was stopped".into());
-        }
-        std::thread::sleep(Duration::from_millis(50));
+    if !super::support::stopped_within_10s(client_pid) {
+        return Err("the client was never held while the core was stopped".into());
     }
     let c = app_report(&finish(client, Duration::from_secs(30)).map_err(|e| {
         format!(
