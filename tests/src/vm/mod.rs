@@ -2,14 +2,17 @@
 //! Only meaningful inside the VM that `cargo xtask vm` boots (it needs kTLS,
 //! the BPF LSM and root); on the host these modules only compile.
 
+pub mod admin;
 pub mod alternatives;
 pub mod bench;
 pub mod capacity;
+pub mod credentials;
 pub mod dnat;
 pub mod event_loops;
 pub mod exchange;
 pub mod failure;
 pub mod gate_abuse;
+pub mod gate_calls;
 pub mod gate_capacity;
 pub mod gate_edges;
 pub mod gate_paths;

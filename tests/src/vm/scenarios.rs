@@ -1,7 +1,9 @@
 //! The index of the kernel scenarios: each returns `Ok(summary)` or
 //! `Err(why)`, and the runner prints one result line per scenario. The
-//! bodies live by topic (`exchange`, `providers`, `failure`, `service`,
-//! `gate_paths`, `gate_edges`, `gate_abuse`, `gate_capacity`, `dnat`, `rollout`, `node_pair`, `event_loops`, `stress`); what
+//! bodies live by topic (`exchange`, `providers`, `credentials`,
+//! `failure`, `service`, `admin`, `restarts`, `gate_paths`, `gate_edges`,
+//! `gate_calls`, `gate_abuse`, `gate_capacity`, `dnat`, `rollout`,
+//! `node_pair`, `event_loops`, `stress`); what
 //! they share is in `support` and `wire_check`. tests/README.md says how to
 //! add one.
 
@@ -68,15 +70,15 @@ pub const TESTS: &[Scenario] = &[
     ),
     (
         "provider_certificate_reload_under_load",
-        super::providers::certificate_reload,
+        super::credentials::certificate_reload,
     ),
     (
         "provider_ca_rotation_without_restart",
-        super::providers::ca_rotation,
+        super::credentials::ca_rotation,
     ),
     (
         "provider_peer_must_be_its_node",
-        super::providers::peer_must_be_its_node,
+        super::credentials::peer_must_be_its_node,
     ),
     (
         "conformance_suite_all_providers",
@@ -102,10 +104,7 @@ pub const TESTS: &[Scenario] = &[
         "close_early_fd_reuse_and_idle_maps",
         super::failure::churn_and_fd_reuse,
     ),
-    (
-        "admin_cli_and_metrics",
-        super::service::admin_cli_and_metrics,
-    ),
+    ("admin_cli_and_metrics", super::admin::admin_cli_and_metrics),
     (
         "hot_swap_providers_under_load_60s",
         super::service::hot_swap_under_load,
@@ -208,7 +207,7 @@ pub const TESTS: &[Scenario] = &[
     ),
     (
         "gate_unusual_socket_calls",
-        super::gate_edges::unusual_socket_calls,
+        super::gate_calls::unusual_socket_calls,
     ),
     (
         "gate_io_uring_send_recv",
