@@ -71,6 +71,13 @@ async fn read_message(r: &mut (impl AsyncRead + Unpin)) -> io::Result<Option<Vec
     Ok(Some(buf))
 }
 
+/// The `id` of a provider's last message on a connection: `not_run`, it
+/// says that the provider reads nothing more there, so every request on
+/// it that has no answer was not run (the core sent it while the provider
+/// was closing) and may go to the next instance. The core numbers its
+/// requests from 1.
+pub const CLOSING_ID: u64 = 0;
+
 /// What the server tracks across its connections.
 #[derive(Debug, Default)]
 struct ServerState {
@@ -79,8 +86,32 @@ struct ServerState {
     stopping: AtomicBool,
     /// Requests under way.
     in_flight: AtomicUsize,
-    /// Signalled when `in_flight` drops or `stopping` is set.
+    /// Connections not closed yet (each closes with [`CLOSING_ID`] once
+    /// the provider stops and no request is under way).
+    connections: AtomicUsize,
+    /// Signalled when `in_flight` or `connections` drops or `stopping` is
+    /// set.
     changed: Notify,
+    /// Signalled when `stopping` is set, and only then: what waits for the
+    /// stop is not woken by every answer.
+    stop_signal: Notify,
+}
+
+/// Counts one connection in [`ServerState::connections`] until dropped.
+struct Counted(Arc<ServerState>);
+
+impl Counted {
+    fn new(state: &Arc<ServerState>) -> Self {
+        state.connections.fetch_add(1, Ordering::SeqCst);
+        Self(Arc::clone(state))
+    }
+}
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        self.0.connections.fetch_sub(1, Ordering::SeqCst);
+        self.0.changed.notify_waiters();
+    }
 }
 
 /// The serving half, started by [`crate::server::serve_until`].
@@ -98,6 +129,7 @@ impl Stopping {
     /// is accepted.
     pub(crate) fn stop(&self) {
         self.0.stopping.store(true, Ordering::SeqCst);
+        self.0.stop_signal.notify_waiters();
         self.0.changed.notify_waiters();
     }
 }
@@ -120,10 +152,14 @@ impl Server {
                 };
                 match next {
                     Some(Ok(stream)) => {
+                        // Counted before the task runs, so that
+                        // `finished` cannot miss it.
+                        let counted = Counted::new(&accepting);
                         tokio::spawn(serve_connection(
                             stream,
                             Arc::clone(&service),
                             Arc::clone(&accepting),
+                            counted,
                         ));
                     }
                     Some(Err(e)) => warn!(error = %e, "keys stream: cannot accept"),
@@ -139,11 +175,14 @@ impl Server {
         Stopping(Arc::clone(&self.state))
     }
 
-    /// Completes once no request is under way (after [`Stopping::stop`]).
+    /// Completes once no request is under way and every connection has
+    /// closed (after [`Stopping::stop`]).
     pub(crate) async fn finished(&self) {
         loop {
             let changed = self.state.changed.notified();
-            if self.state.in_flight.load(Ordering::SeqCst) == 0 {
+            if self.state.in_flight.load(Ordering::SeqCst) == 0
+                && self.state.connections.load(Ordering::SeqCst) == 0
+            {
                 return;
             }
             changed.await;
@@ -151,32 +190,70 @@ impl Server {
     }
 }
 
-/// Completes once `state` is stopping.
-async fn stopped(state: &ServerState) {
+/// Completes once `state` is stopping and no request is under way: a
+/// connection then closes.
+async fn drained(state: &ServerState) {
+    stopped(state).await;
     loop {
         let changed = state.changed.notified();
-        if state.stopping.load(Ordering::SeqCst) {
+        if state.in_flight.load(Ordering::SeqCst) == 0 {
             return;
         }
         changed.await;
     }
 }
 
+/// Completes once `state` is stopping.
+async fn stopped(state: &ServerState) {
+    loop {
+        let signal = state.stop_signal.notified();
+        if state.stopping.load(Ordering::SeqCst) {
+            return;
+        }
+        signal.await;
+    }
+}
+
 /// One connection: reads requests, runs each as its own task (a
 /// handshake may take long, and the others must not wait for it), and
 /// writes the answers as they come. A malformed message ends the
-/// connection (the core then fails its requests under way).
+/// connection (the core then fails its requests under way). Once the
+/// provider stops and nothing is under way, it stops reading and closes
+/// with [`CLOSING_ID`], so that a request the core sent meanwhile is
+/// known not to have run.
 async fn serve_connection<P: Provider>(
     stream: UnixStream,
     service: Arc<Service<P>>,
     state: Arc<ServerState>,
+    _counted: Counted,
 ) {
     let (mut reader, writer) = stream.into_split();
     // Each request's task writes its answer itself (a writer task would be
     // one more wakeup per answer, which costs as much as the rest here).
     let answers = Arc::new(tokio::sync::Mutex::new(writer));
     loop {
-        let message = match read_message(&mut reader).await {
+        let read = tokio::select! {
+            read = read_message(&mut reader) => read,
+            () = drained(&state) => {
+                // A request cut off half-read here was not run either.
+                let closing = framed(&pb::KeysStreamResponse {
+                    id: CLOSING_ID,
+                    code: tonic::Code::Unavailable as i32,
+                    message: "the provider stopped reading this connection; a request without an answer was not run".into(),
+                    not_run: true,
+                    ..Default::default()
+                });
+                // Bounded: a core that reads nothing must not hold the
+                // provider's exit.
+                let _ = tokio::time::timeout(
+                    Duration::from_secs(1),
+                    async { answers.lock().await.write_all(&closing).await },
+                )
+                .await;
+                break;
+            }
+        };
+        let message = match read {
             Ok(Some(m)) => m,
             Ok(None) => break,
             Err(e) => {
@@ -311,11 +388,16 @@ impl Client {
         let open = Arc::new(AtomicBool::new(true));
         let (for_reader, open_for_reader) = (Arc::clone(&waiting), Arc::clone(&open));
         tokio::spawn(async move {
+            let mut closing = None;
             while let Ok(Some(message)) = read_message(&mut reader).await {
                 let Ok(answer) = pb::KeysStreamResponse::decode(message.as_slice()) else {
                     warn!("keys stream: the provider sent a bad message; closing");
                     break;
                 };
+                if answer.id == CLOSING_ID {
+                    closing = Some(answer);
+                    break;
+                }
                 let to = for_reader
                     .lock()
                     .unwrap_or_else(PoisonError::into_inner)
@@ -324,12 +406,22 @@ impl Client {
                     let _ = to.send(answer);
                 }
             }
+            // Before the requests still waiting are answered: one that
+            // registers later sees the connection closed (see `request`).
             open_for_reader.store(false, Ordering::SeqCst);
-            // Every request still waiting learns that no answer comes.
-            for_reader
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .clear();
+            let waiting =
+                std::mem::take(&mut *for_reader.lock().unwrap_or_else(PoisonError::into_inner));
+            // Closed by the provider's last word: none of them was run.
+            // Otherwise (a crash, or a broken stream) each learns that no
+            // answer comes, and the provider may have started it.
+            if let Some(closing) = closing {
+                for (id, to) in waiting {
+                    let _ = to.send(pb::KeysStreamResponse {
+                        id,
+                        ..closing.clone()
+                    });
+                }
+            }
         });
         let c = Arc::new(Connection {
             writer: tokio::sync::Mutex::new(writer),
@@ -363,6 +455,15 @@ impl Client {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .insert(id, tx);
+        // The reader closes the connection before it answers those waiting,
+        // so a request registered after that is caught here, unsent.
+        if !c.open.load(Ordering::SeqCst) {
+            forget();
+            return Err(StreamError::NotSent(io::Error::new(
+                io::ErrorKind::ConnectionAborted,
+                "the provider closed the keys stream",
+            )));
+        }
         let bytes = framed(&pb::KeysStreamRequest {
             id,
             request: Some(request),
@@ -393,6 +494,54 @@ impl Client {
                 forget();
                 Err(StreamError::Timeout)
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A request the provider never read, on a connection it closed with
+    /// its last word ([`CLOSING_ID`]), comes back `not_run` (for the next
+    /// instance); on a connection that just ends (a crash) it is
+    /// [`StreamError::Closed`]: the provider may have started it.
+    #[tokio::test]
+    async fn a_request_left_unread_is_not_run_only_after_the_last_word() {
+        for last_word in [true, false] {
+            let dir = std::env::temp_dir().join(format!(
+                "tlshub-keys-stream-{}-{last_word}",
+                std::process::id()
+            ));
+            let _ = std::fs::remove_dir_all(&dir);
+            std::fs::create_dir_all(&dir).unwrap();
+            let path = dir.join("p.sock.keys");
+            let listener = tokio::net::UnixListener::bind(&path).unwrap();
+            let provider = tokio::spawn(async move {
+                let (mut s, _) = listener.accept().await.unwrap();
+                // The request arrives; the provider stops without running it.
+                read_message(&mut s).await.unwrap().unwrap();
+                if last_word {
+                    let closing = framed(&pb::KeysStreamResponse {
+                        id: CLOSING_ID,
+                        code: tonic::Code::Unavailable as i32,
+                        not_run: true,
+                        ..Default::default()
+                    });
+                    s.write_all(&closing).await.unwrap();
+                }
+            });
+            let client = Client::new(path, None);
+            let answer = client
+                .request(pb::ConnectionKeysRequest::default(), Duration::from_secs(5))
+                .await;
+            provider.await.unwrap();
+            match (last_word, answer) {
+                (true, Ok(a)) if a.not_run && a.id == 1 => {}
+                (false, Err(StreamError::Closed)) => {}
+                (_, other) => panic!("last word {last_word}: {other:?}"),
+            }
+            let _ = std::fs::remove_dir_all(&dir);
         }
     }
 }

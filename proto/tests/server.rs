@@ -683,6 +683,98 @@ async fn a_request_after_a_graceful_stop_began_is_unavailable_over(transport: Tr
     server.await.unwrap().unwrap();
 }
 
+/// Writes one keys stream message (its length, then the protobuf).
+async fn write_framed(s: &mut tokio::net::UnixStream, m: &impl prost::Message) {
+    use tokio::io::AsyncWriteExt;
+    let body = m.encode_to_vec();
+    let mut bytes = u32::try_from(body.len()).unwrap().to_le_bytes().to_vec();
+    bytes.extend_from_slice(&body);
+    s.write_all(&bytes).await.unwrap();
+}
+
+/// The next keys stream answer, or `None` at the end of the stream.
+async fn read_framed(
+    s: &mut tokio::net::UnixStream,
+) -> Option<tlshub_provider_sdk::pb::KeysStreamResponse> {
+    use prost::Message;
+    use tokio::io::AsyncReadExt;
+    let mut len = [0u8; 4];
+    s.read_exact(&mut len).await.ok()?;
+    let mut body = vec![0u8; u32::from_le_bytes(len) as usize];
+    s.read_exact(&mut body).await.unwrap();
+    Some(tlshub_provider_sdk::pb::KeysStreamResponse::decode(body.as_slice()).unwrap())
+}
+
+/// A provider stopping gracefully ends each keys stream connection with
+/// its last word (id 0, `not_run`) once the requests under way are
+/// answered, and reads nothing after it: the core then knows that a
+/// request it sent meanwhile was not run, and sends it to the next
+/// instance instead of failing its connection. Here: a request under way
+/// when the stop begins is answered with keys, one sent during the stop is
+/// answered `not_run`, then the last word, then the end of the stream.
+#[tokio::test]
+async fn a_stopping_provider_closes_each_keys_stream_with_its_last_word() {
+    use tlshub_provider_sdk::pb::KeysStreamRequest;
+    let path = temp_socket("closing-word");
+    let release = std::sync::Arc::new(tokio::sync::Notify::new());
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let options = ServeOptions {
+        socket_path: path.clone(),
+        allowed_uid: None,
+        metrics_listen: None,
+    };
+    let provider = Gated {
+        release: release.clone(),
+    };
+    let server = tokio::spawn(async move {
+        serve_until(provider, options, async {
+            let _ = rx.await;
+        })
+        .await
+    });
+    let keys_path = tlshub_provider_sdk::keys_stream::socket_path(&path);
+    for _ in 0..200 {
+        if keys_path.exists() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let mut s = tokio::net::UnixStream::connect(&keys_path).await.unwrap();
+    let ask = |id| KeysStreamRequest {
+        id,
+        request: Some(request("10.0.1.2:40000").to_pb()),
+    };
+    write_framed(&mut s, &ask(1)).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    drop(tx);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    write_framed(&mut s, &ask(2)).await;
+    let refused = tokio::time::timeout(Duration::from_secs(5), read_framed(&mut s))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        refused.id == 2 && refused.not_run,
+        "a request during the stop: {refused:?}"
+    );
+    release.notify_one();
+    let mut rest = Vec::new();
+    while let Some(m) = tokio::time::timeout(Duration::from_secs(5), read_framed(&mut s))
+        .await
+        .expect("the provider closes the stream")
+    {
+        rest.push(m);
+    }
+    let ids: Vec<(u64, bool)> = rest.iter().map(|m| (m.id, m.not_run)).collect();
+    assert_eq!(
+        ids,
+        [(1, false), (0, true)],
+        "the request under way answered, then the last word, then the end"
+    );
+    assert!(rest[0].keys.is_some(), "{:?}", rest[0]);
+    server.await.unwrap().unwrap();
+}
+
 /// How the stand-in HTTP/2 server below answers the first request.
 #[derive(Clone, Copy, Debug)]
 enum Answer {
