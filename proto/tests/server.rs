@@ -551,6 +551,34 @@ impl Provider for Gated {
     }
 }
 
+/// A [`Gated`] provider served at `path` until the sender is dropped:
+/// the notify that releases its requests, the stop, and the server.
+fn serve_gated(
+    path: &Path,
+) -> (
+    std::sync::Arc<tokio::sync::Notify>,
+    tokio::sync::oneshot::Sender<()>,
+    tokio::task::JoinHandle<Result<(), ServeError>>,
+) {
+    let release = std::sync::Arc::new(tokio::sync::Notify::new());
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let options = ServeOptions {
+        socket_path: path.to_owned(),
+        allowed_uid: None,
+        metrics_listen: None,
+    };
+    let provider = Gated {
+        release: release.clone(),
+    };
+    let server = tokio::spawn(async move {
+        serve_until(provider, options, async {
+            let _ = rx.await;
+        })
+        .await
+    });
+    (release, tx, server)
+}
+
 /// Never answers; records when its future is dropped (cancelled).
 struct Stuck {
     cancelled: std::sync::Arc<tokio::sync::Notify>,
@@ -641,22 +669,7 @@ async fn a_request_after_a_graceful_stop_began_is_unavailable() {
 
 async fn a_request_after_a_graceful_stop_began_is_unavailable_over(transport: Transport) {
     let path = temp_socket(&format!("draining-{transport:?}"));
-    let release = std::sync::Arc::new(tokio::sync::Notify::new());
-    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-    let options = ServeOptions {
-        socket_path: path.clone(),
-        allowed_uid: None,
-        metrics_listen: None,
-    };
-    let provider = Gated {
-        release: release.clone(),
-    };
-    let server = tokio::spawn(async move {
-        serve_until(provider, options, async {
-            let _ = rx.await;
-        })
-        .await
-    });
+    let (release, tx, server) = serve_gated(&path);
     for _ in 0..200 {
         if path.exists() {
             break;
@@ -716,22 +729,7 @@ async fn read_framed(
 async fn a_stopping_provider_closes_each_keys_stream_with_its_last_word() {
     use tlshub_provider_sdk::pb::KeysStreamRequest;
     let path = temp_socket("closing-word");
-    let release = std::sync::Arc::new(tokio::sync::Notify::new());
-    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-    let options = ServeOptions {
-        socket_path: path.clone(),
-        allowed_uid: None,
-        metrics_listen: None,
-    };
-    let provider = Gated {
-        release: release.clone(),
-    };
-    let server = tokio::spawn(async move {
-        serve_until(provider, options, async {
-            let _ = rx.await;
-        })
-        .await
-    });
+    let (release, tx, server) = serve_gated(&path);
     let keys_path = tlshub_provider_sdk::keys_stream::socket_path(&path);
     for _ in 0..200 {
         if keys_path.exists() {
