@@ -376,6 +376,18 @@ static __always_inline int addr_unspecified(const __u8 *a)
 	return hi == 0 && (lo == 0 || lo == bpf_htonl(0xffff) + 0ULL);
 }
 
+/* Whether `rule_ports` lists `port` under `rule`, or any port (port 0).
+ * TLSHUB_LISTEN_RULE's ports are every peer rule's: the listeners that may
+ * accept a connection the policy selects. */
+static __always_inline int rule_selects_port(__u32 rule, __u16 port)
+{
+	struct tlshub_port_key pk = { .rule = rule, .port = 0 };
+	if (bpf_map_lookup_elem(&rule_ports, &pk))
+		return 1;
+	pk.port = port;
+	return bpf_map_lookup_elem(&rule_ports, &pk) != 0;
+}
+
 /* The policy: the local address is one of this node's pods, the peer is in
  * a selected CIDR, and the server port is one that rule selects (or any).
  * An unspecified local address (a socket not bound yet, see fastopen())
@@ -401,22 +413,8 @@ static __always_inline int selected(struct tlshub_event *ev, __u32 role)
 	__builtin_memcpy(key.addr, ev->local_addr, 16);
 	if (!addr_unspecified(ev->local_addr) && !bpf_map_lookup_elem(&local_nets, &key))
 		return 0;
-	struct tlshub_port_key pk = { .rule = *rule, .port = 0 };
-	if (bpf_map_lookup_elem(&rule_ports, &pk))
-		return 1;
-	pk.port = role == TLSHUB_ROLE_CLIENT ? ev->remote_port : ev->local_port;
-	return bpf_map_lookup_elem(&rule_ports, &pk) != 0;
-}
-
-/* Whether a listener on `port` may accept a connection the policy selects:
- * some peer rule selects the port, or any port (TLSHUB_LISTEN_RULE). */
-static __always_inline int listen_port_selected(__u32 port)
-{
-	struct tlshub_port_key pk = { .rule = TLSHUB_LISTEN_RULE, .port = 0 };
-	if (bpf_map_lookup_elem(&rule_ports, &pk))
-		return 1;
-	pk.port = (__u16)port;
-	return bpf_map_lookup_elem(&rule_ports, &pk) != 0;
+	return rule_selects_port(*rule,
+				 role == TLSHUB_ROLE_CLIENT ? ev->remote_port : ev->local_port);
 }
 
 /* Whether a socket's mark puts it under the gate: selected (a cookie) or
@@ -688,7 +686,7 @@ int tlshub_sockops(struct bpf_sock_ops *skops)
 		 * costs a callback per SYN-ACK and one per accepted socket,
 		 * and a listener whose port is selected later answers nothing,
 		 * as one older than the programs. */
-		if (listen_port_selected(skops->local_port))
+		if (rule_selects_port(TLSHUB_LISTEN_RULE, (__u16)skops->local_port))
 			bpf_sock_ops_cb_flags_set(skops, skops->bpf_sock_ops_cb_flags |
 								 BPF_SOCK_OPS_WRITE_HDR_OPT_CB_FLAG);
 		break;
