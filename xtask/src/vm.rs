@@ -593,9 +593,14 @@ pub fn boot(b: &Boot<'_>) -> Result<()> {
     // A kernel bug must end the run at once with its backtrace on the
     // serial console, not spin until the timeout: soft lockups, hung tasks
     // and RCU stalls panic, and `panic=-1` + `-no-reboot` stop qemu.
+    // `tsc=reliable`: under TCG the 6.1 kernel otherwise picks the HPET as
+    // its clocksource (6.12 picks the TSC by itself), and then every clock
+    // read, by an app, the core's runtime or a BPF program, is a system
+    // call and an emulated device access, where real hosts read the TSC or
+    // kvm-clock in user space (tests/README.md, "What is in the VM").
     let append = format!(
         "console=ttyS0 quiet panic=-1 oops=panic softlockup_panic=1 \
-         hung_task_panic=1 rcupdate.rcu_cpu_stall_panic=1 {}",
+         hung_task_panic=1 rcupdate.rcu_cpu_stall_panic=1 tsc=reliable {}",
         b.append
     );
     println!(

@@ -4,7 +4,8 @@
 //! connecting side) over 300 sequential connections keyed by the TLSHub
 //! provider with the stand-in, with the core's CPU per connection, then
 //! over 20 s without connections, with the core's and the provider's CPU
-//! per second; then for node a's OpenSSL provider (in-band handshakes)
+//! per second, and its system calls over 100 more connections; then for
+//! node a's OpenSSL provider (in-band handshakes)
 //! over 60 connections, with its CPU per connection.
 
 use std::path::Path;
@@ -57,6 +58,38 @@ fn recorded<T>(
     perf.signal(2);
     perf.wait(Duration::from_secs(60))?;
     Ok((ticks, out))
+}
+
+/// The connections the system-call census counts over.
+const CENSUS: u32 = 100;
+
+/// `perf trace --summary` of `pid` while [`CENSUS`] sequential exchanges
+/// run: its system calls by name, with counts (divide by [`CENSUS`] for
+/// calls per connection). Why count them: under TCG a system call's
+/// return to user space is where the sampling timer's ticks land, so the
+/// profile spreads their cost over whatever made them; the census says
+/// which calls a connection costs.
+fn syscall_census(pid: u32) -> Result<String, String> {
+    let out = "/tmp/trace-core-a.txt";
+    let mut trace = Proc::spawn(
+        "perf-trace",
+        None,
+        &[
+            "perf",
+            "trace",
+            "--summary",
+            "-p",
+            &pid.to_string(),
+            "-o",
+            out,
+        ],
+        Path::new("/tmp/trace-core-a.log"),
+    )?;
+    std::thread::sleep(Duration::from_secs(2));
+    exchanges(CENSUS)?;
+    trace.signal(2);
+    trace.wait(Duration::from_secs(60))?;
+    Ok(std::fs::read_to_string(out).unwrap_or_else(|e| format!("{out}: {e}")))
 }
 
 /// `perf report --stdio` of `data` with `args`.
@@ -153,8 +186,9 @@ pub fn profile_core() -> Result<String, String> {
         std::thread::sleep(IDLE);
         Ok(cpu_ticks(provider) - before)
     })?;
+    let census = syscall_census(pid)?;
     Ok(format!(
-        "{CONNECTIONS} connections in {:.1} s; core a used {:.0} ms of CPU, {:.2} ms per connection; idle for {} s: core a {:.1} ms of CPU per second (its provider {:.1})\n== by dso\n{}\n== by symbol, with what it calls\n{}\n== the core's own functions, with their callees\n{}\n== idle, by symbol\n{}",
+        "{CONNECTIONS} connections in {:.1} s; core a used {:.0} ms of CPU, {:.2} ms per connection; idle for {} s: core a {:.1} ms of CPU per second (its provider {:.1})\n== system calls over {CENSUS} connections\n{census}\n== by dso\n{}\n== by symbol, with what it calls\n{}\n== the core's own functions, with their callees\n{}\n== idle, by symbol\n{}",
         took.as_secs_f64(),
         ms_per(ticks, 1),
         ms_per(ticks, u64::from(CONNECTIONS)),
