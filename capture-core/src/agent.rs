@@ -479,6 +479,7 @@ impl Agent {
                 // after lost events): its job asks the memory.
                 peer_remembered: self.peer_remembered.remove(&start.cookie),
                 over_bound: start.over_bound,
+                show_ktls_to_gate: !self.gate_knows_ktls,
             };
             let span = info_span!("conn", cookie = job.cookie, local = %job.local, remote = %job.remote, owner = ?start.owner, role = ?job.role, provider = %provider.name);
             let (id, cookie, name) = (job.id, job.cookie, provider.name.clone());

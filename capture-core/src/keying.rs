@@ -82,6 +82,10 @@ pub struct Job {
     /// Set when the connection's process or cgroup is over its bound: the
     /// job takes the socket (to reset it) and asks no provider.
     pub over_bound: Option<OverBound>,
+    /// Whether the gate still has to learn kTLS's receive method from a
+    /// keyed socket (see [`sys::install_ktls`]); false once it knows, which
+    /// saves every later connection a system call.
+    pub show_ktls_to_gate: bool,
 }
 
 impl Job {
@@ -718,7 +722,7 @@ pub async fn run(mut job: Job, provider: Arc<Provider>) -> Outcome {
     if !job.carried_by(job.conns.conn(cookie).as_ref()) {
         return outcome(Some(socket), Err(KeyingError::Reconnected { cookie }));
     }
-    let result = sys::install_ktls(socket.as_fd(), &keys)
+    let result = sys::install_ktls(socket.as_fd(), &keys, job.show_ktls_to_gate)
         .map(|()| {
             timeline.installed = sys::monotonic_ns();
             job.peers.count(job.remote.ip(), Counted::Protected);

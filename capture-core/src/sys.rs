@@ -9,18 +9,21 @@ use std::os::fd::BorrowedFd;
 use tlshub_ktls::{KtlsStep, SOL_TLS, TLS_RX, get_int_option, set_option};
 use tlshub_provider_sdk::ConnectionKeys;
 
-/// Installs kTLS on the socket ([`tlshub_ktls::install`]), then shows the
-/// gate what kTLS's receive method is: its getsockopt hook records it from
-/// the first socket asked (the answer itself, and an `EINVAL` for the short
-/// buffer, do not matter). The gate then counts a socket as open from the
-/// moment its receive keys are in. On error the socket may be
-/// half-installed; the caller must reset it.
+/// Installs kTLS on the socket ([`tlshub_ktls::install`]), then, if
+/// `show_gate`, shows the gate what kTLS's receive method is: its
+/// getsockopt hook records it from the first socket asked (the answer
+/// itself, and an `EINVAL` for the short buffer, do not matter). The gate
+/// then counts a socket as open from the moment its receive keys are in.
+/// On error the socket may be half-installed; the caller must reset it.
 pub fn install_ktls(
     fd: BorrowedFd<'_>,
     keys: &ConnectionKeys,
+    show_gate: bool,
 ) -> Result<(), (KtlsStep, io::Error)> {
     tlshub_ktls::install(fd, keys)?;
-    let _ = get_int_option(fd, SOL_TLS, TLS_RX);
+    if show_gate {
+        let _ = get_int_option(fd, SOL_TLS, TLS_RX);
+    }
     Ok(())
 }
 

@@ -329,11 +329,28 @@ static __always_inline void stat_inc(__u32 idx)
 		__sync_fetch_and_add(v, 1);
 }
 
-static __always_inline void emit(struct tlshub_event *ev)
+/* Every event wakes the core (FORCE_WAKEUP), except the close of a
+ * connection whose gate is open for good, which emit_quietly() leaves for
+ * the core's next wakeup or sweep (within its heartbeat, 500 ms at most):
+ * nothing waits for it, and it was a wakeup of the core per connection.
+ * Why every other event must force: the ring buffer's default wakes the
+ * reader only when it has read everything before the new record, so after
+ * a quiet record nothing would wake it. */
+static __always_inline void emit_flags(struct tlshub_event *ev, __u64 flags)
 {
 	ev->ts_ns = bpf_ktime_get_ns();
-	if (bpf_ringbuf_output(&events, ev, sizeof(*ev), 0))
+	if (bpf_ringbuf_output(&events, ev, sizeof(*ev), flags))
 		stat_inc(TLSHUB_STAT_RINGBUF_DROPS);
+}
+
+static __always_inline void emit(struct tlshub_event *ev)
+{
+	emit_flags(ev, BPF_RB_FORCE_WAKEUP);
+}
+
+static __always_inline void emit_quietly(struct tlshub_event *ev)
+{
+	emit_flags(ev, BPF_RB_NO_WAKEUP);
 }
 
 static __always_inline void v4_mapped(__u8 *out, __u32 addr_be)
@@ -778,8 +795,11 @@ int tlshub_sockops(struct bpf_sock_ops *skops)
 			break;
 		cookie = bpf_get_socket_cookie(skops);
 		struct tlshub_conn *closed = bpf_map_lookup_elem(&conns, &cookie);
+		/* Whether the core may hear of this close late (see emit()). */
+		int quiet = 0;
 		if (closed) {
 			int unmarked = closed->flags & TLSHUB_CONN_UNMARKED;
+			quiet = closed->gate == TLSHUB_GATE_OPEN;
 			if (!bpf_map_delete_elem(&conns, &cookie) && unmarked) {
 				__u32 zero = 0;
 				__u64 *n = bpf_map_lookup_elem(&unmarked_conns, &zero);
@@ -798,11 +818,15 @@ int tlshub_sockops(struct bpf_sock_ops *skops)
 				break;
 			/* ... or a process was held while it connected (the
 			 * core waits for this to continue it). */
+			quiet = !(m->flags & TLSHUB_MARK_HELD_CONNECTING);
 			m->flags &= ~(TLSHUB_MARK_OPEN | TLSHUB_MARK_HELD_CONNECTING);
 		}
 		ev.kind = TLSHUB_EV_CLOSED;
 		ev.cookie = cookie;
-		emit(&ev);
+		if (quiet)
+			emit_quietly(&ev);
+		else
+			emit(&ev);
 		break;
 	}
 	return 1;
@@ -1084,7 +1108,7 @@ static __always_inline int stop_caller(struct tlshub_event *ev, __u32 stat)
 		__builtin_memcpy(slot, ev, sizeof(*ev));
 		stat_inc(stat);
 		bpf_send_signal_thread(SIGSTOP);
-		bpf_ringbuf_submit(slot, 0);
+		bpf_ringbuf_submit(slot, BPF_RB_FORCE_WAKEUP);
 		return -ERESTARTSYS;
 	}
 	stat_inc(TLSHUB_STAT_RINGBUF_DROPS);
