@@ -219,6 +219,16 @@ impl HeldMapCheck {
     }
 }
 
+/// The policy's rules with the id the maps know each by (its index; the
+/// values of `peer_nets` and the `rule` of `rule_ports` keys).
+fn rules_by_id(policy: &PolicySection) -> impl Iterator<Item = (u32, &crate::config::Rule)> {
+    policy
+        .rules
+        .iter()
+        .enumerate()
+        .map(|(i, r)| (u32::try_from(i).unwrap_or(u32::MAX), r))
+}
+
 /// What `rule_ports` holds for `policy`, as (rule id, port): each peer
 /// rule's server ports under its number, the service ports under
 /// [`tlshub_ebpf::SERVICE_RULE`] when there are service CIDRs, and every
@@ -234,8 +244,7 @@ fn rule_port_keys(policy: &PolicySection) -> Vec<(u32, u16)> {
     };
     let mut keys = Vec::new();
     let mut listen = Vec::new();
-    for (rule, r) in policy.rules.iter().enumerate() {
-        let rule = u32::try_from(rule).unwrap_or(u32::MAX);
+    for (rule, r) in rules_by_id(policy) {
         for port in any(&r.ports) {
             keys.push((rule, port));
             if !listen.contains(&port) {
@@ -677,8 +686,7 @@ impl Programs {
         let mut ports_written = Vec::new();
         let local: Vec<(&Cidr, u32)> = policy.local_cidrs.iter().map(|c| (c, 1)).collect();
         let mut peer = Vec::new();
-        for (rule, r) in policy.rules.iter().enumerate() {
-            let rule = u32::try_from(rule).unwrap_or(u32::MAX);
+        for (rule, r) in rules_by_id(policy) {
             peer.extend(r.peer_cidrs.iter().map(|c| (c, rule)));
         }
         let service: Vec<(&Cidr, u32)> = policy
