@@ -11,6 +11,7 @@
 //!   rate (the service scenarios, the benchmark's collateral stall),
 //!   reporting a [`load::LoadReport`].
 //! - `tlshub-testapp` reports an [`app_report::AppReport`].
+//! - [`panics`]: a scenario that panics fails with the panic's reason.
 //! - [`pattern`], [`wire`]: the byte pattern the apps exchange and the
 //!   packet-capture checks (no plaintext, TLS records, decryption).
 //!
@@ -21,6 +22,7 @@ pub mod app_report;
 pub mod conformance;
 pub mod hold;
 pub mod load;
+pub mod panics;
 pub mod pattern;
 pub mod vm;
 pub mod wire;

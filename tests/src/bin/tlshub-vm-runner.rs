@@ -13,6 +13,7 @@ use tlshub_vm_tests::vm::systemd;
 use tlshub_vm_tests::vm::topology::Topology;
 
 fn main() {
+    tlshub_vm_tests::panics::record_panics();
     let mode = std::env::args()
         .nth(1)
         .or_else(|| cmdline("tlshub.mode"))
@@ -66,6 +67,10 @@ fn main() {
             (
                 "profile_openssl_provider",
                 tlshub_vm_tests::vm::profile::profile_openssl_provider,
+            ),
+            (
+                "profile_tlshub_provider",
+                tlshub_vm_tests::vm::profile::profile_tlshub_provider,
             ),
         ],
         // The systemd VM (Debian userland, systemd as PID 1).
@@ -126,7 +131,7 @@ fn main() {
     };
     for (name, body) in runs {
         let started = Instant::now();
-        let result = std::panic::catch_unwind(body).unwrap_or_else(|_| Err("panicked".into()));
+        let result = tlshub_vm_tests::panics::failing_on_panic(body);
         let seconds = Some(started.elapsed().as_secs_f64());
         let (verdict, detail) = match result {
             Ok(summary) => (Verdict::Pass, summary),

@@ -4,9 +4,9 @@
 //! connecting side) over 300 sequential connections keyed by the TLSHub
 //! provider with the stand-in, with the core's CPU per connection, then
 //! over 20 s without connections, with the core's and the provider's CPU
-//! per second, and its system calls over 100 more connections; then for
-//! node a's OpenSSL provider (in-band handshakes)
-//! over 60 connections, with its CPU per connection.
+//! per second, and its system calls over 100 more connections; then node
+//! a's OpenSSL provider (in-band handshakes) over 60 connections and its
+//! TLSHub provider over 300, each with its CPU per connection.
 
 use std::path::Path;
 use std::time::Duration;
@@ -153,22 +153,35 @@ fn exchanges(connections: u32) -> Result<Duration, String> {
     Ok(started.elapsed())
 }
 
+/// Profiles node a's `kind` provider (`label` in the summary) while it
+/// keys `connections` sequential connections.
+fn profile_provider(kind: ProviderKind, label: &str, connections: u32) -> Result<String, String> {
+    let (a, _b) = profiled_nodes(kind)?;
+    let pid = a.provider_pid(kind);
+    let data = format!("/tmp/perf-{label}-a.data");
+    let (ticks, took) = recorded(pid, &data, || exchanges(connections))?;
+    Ok(format!(
+        "{connections} connections in {:.1} s; node a's {label} provider used {:.0} ms of CPU, {:.2} ms per connection\n== by dso\n{}\n== by symbol, with what it calls\n{}",
+        took.as_secs_f64(),
+        ms_per(ticks, 1),
+        ms_per(ticks, u64::from(connections)),
+        report(&data, &["--no-children", "-g", "none", "--sort", "dso"]),
+        by_symbol(&data, "2"),
+    ))
+}
+
 /// Profiles node a's OpenSSL provider (in-band: a full handshake per
 /// connection over the app's own connection) while it keys
 /// [`HANDSHAKES`] sequential connections.
 pub fn profile_openssl_provider() -> Result<String, String> {
-    let (a, _b) = profiled_nodes(ProviderKind::OpenSsl)?;
-    let pid = a.provider_pid(ProviderKind::OpenSsl);
-    let data = "/tmp/perf-openssl-a.data";
-    let (ticks, took) = recorded(pid, data, || exchanges(HANDSHAKES))?;
-    Ok(format!(
-        "{HANDSHAKES} connections in {:.1} s; node a's OpenSSL provider used {:.0} ms of CPU, {:.2} ms per connection\n== by dso\n{}\n== by symbol, with what it calls\n{}",
-        took.as_secs_f64(),
-        ms_per(ticks, 1),
-        ms_per(ticks, u64::from(HANDSHAKES)),
-        report(data, &["--no-children", "-g", "none", "--sort", "dso"]),
-        by_symbol(data, "2"),
-    ))
+    profile_provider(ProviderKind::OpenSsl, "OpenSSL", HANDSHAKES)
+}
+
+/// Profiles node a's TLSHub provider (keys from the module, here the
+/// stand-in, over netlink) while it keys [`CONNECTIONS`] sequential
+/// connections.
+pub fn profile_tlshub_provider() -> Result<String, String> {
+    profile_provider(ProviderKind::TlsHub, "TLSHub", CONNECTIONS)
 }
 
 /// Profiles node a's core (see the module's comment): keying, then idle.
