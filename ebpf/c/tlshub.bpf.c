@@ -332,7 +332,7 @@ static __always_inline void stat_inc(__u32 idx)
 /* Every event wakes the core (FORCE_WAKEUP), except the close of a
  * connection whose gate is open for good, which emit_quietly() leaves for
  * the core's next wakeup or sweep (within its heartbeat, 500 ms at most):
- * nothing waits for it, and it was a wakeup of the core per connection.
+ * nothing waits for it, and it could cost the core a wakeup per connection.
  * Why every other event must force: the ring buffer's default wakes the
  * reader only when it has read everything before the new record, so after
  * a quiet record nothing would wake it. */
