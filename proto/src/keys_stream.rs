@@ -78,6 +78,19 @@ async fn read_message(r: &mut (impl AsyncRead + Unpin)) -> io::Result<Option<Vec
 /// requests from 1.
 pub const CLOSING_ID: u64 = 0;
 
+/// The provider's last message on a connection ([`CLOSING_ID`]), framed.
+fn last_word() -> Vec<u8> {
+    framed(&pb::KeysStreamResponse {
+        id: CLOSING_ID,
+        code: tonic::Code::Unavailable as i32,
+        message:
+            "the provider stopped reading this connection; a request without an answer was not run"
+                .into(),
+        not_run: true,
+        ..Default::default()
+    })
+}
+
 /// What the server tracks across its connections.
 #[derive(Debug, Default)]
 struct ServerState {
@@ -178,11 +191,20 @@ impl Server {
     /// Completes once no request is under way and every connection has
     /// closed (after [`Stopping::stop`]).
     pub(crate) async fn finished(&self) {
+        self.state
+            .changed_until(|s| {
+                s.in_flight.load(Ordering::SeqCst) == 0 && s.connections.load(Ordering::SeqCst) == 0
+            })
+            .await;
+    }
+}
+
+impl ServerState {
+    /// Completes once `done` holds, checked again at every `changed`.
+    async fn changed_until(&self, done: impl Fn(&Self) -> bool) {
         loop {
-            let changed = self.state.changed.notified();
-            if self.state.in_flight.load(Ordering::SeqCst) == 0
-                && self.state.connections.load(Ordering::SeqCst) == 0
-            {
+            let changed = self.changed.notified();
+            if done(self) {
                 return;
             }
             changed.await;
@@ -194,13 +216,9 @@ impl Server {
 /// connection then closes.
 async fn drained(state: &ServerState) {
     stopped(state).await;
-    loop {
-        let changed = state.changed.notified();
-        if state.in_flight.load(Ordering::SeqCst) == 0 {
-            return;
-        }
-        changed.await;
-    }
+    state
+        .changed_until(|s| s.in_flight.load(Ordering::SeqCst) == 0)
+        .await;
 }
 
 /// Completes once `state` is stopping.
@@ -236,13 +254,7 @@ async fn serve_connection<P: Provider>(
             read = read_message(&mut reader) => read,
             () = drained(&state) => {
                 // A request cut off half-read here was not run either.
-                let closing = framed(&pb::KeysStreamResponse {
-                    id: CLOSING_ID,
-                    code: tonic::Code::Unavailable as i32,
-                    message: "the provider stopped reading this connection; a request without an answer was not run".into(),
-                    not_run: true,
-                    ..Default::default()
-                });
+                let closing = last_word();
                 // Bounded: a core that reads nothing must not hold the
                 // provider's exit.
                 let _ = tokio::time::timeout(
@@ -522,13 +534,7 @@ mod tests {
                 // The request arrives; the provider stops without running it.
                 read_message(&mut s).await.unwrap().unwrap();
                 if last_word {
-                    let closing = framed(&pb::KeysStreamResponse {
-                        id: CLOSING_ID,
-                        code: tonic::Code::Unavailable as i32,
-                        not_run: true,
-                        ..Default::default()
-                    });
-                    s.write_all(&closing).await.unwrap();
+                    s.write_all(&super::last_word()).await.unwrap();
                 }
             });
             let client = Client::new(path, None);

@@ -25,32 +25,20 @@ fn cpu_ticks(pid: u32) -> u64 {
     command_ticks(&stat).map_or(0, |(_, ticks)| ticks)
 }
 
-/// `perf record` on `pid` while `work` runs (after 2 s to settle); the
-/// process's CPU ticks during `work` and what `work` returned.
-fn recorded<T>(
+/// `perf ARGS -p PID` (log at `log`) while `work` runs, after 2 s to
+/// settle, then stopped with SIGINT; the process's CPU ticks during
+/// `work` and what `work` returned.
+fn under_perf<T>(
+    args: &[&str],
     pid: u32,
-    data: &str,
+    log: &str,
     work: impl FnOnce() -> Result<T, String>,
 ) -> Result<(u64, T), String> {
-    let mut perf = Proc::spawn(
-        "perf",
-        None,
-        &[
-            "perf",
-            "record",
-            "-e",
-            "cpu-clock",
-            "-F",
-            "999",
-            "--call-graph",
-            "dwarf,16384",
-            "-p",
-            &pid.to_string(),
-            "-o",
-            data,
-        ],
-        Path::new(&format!("{data}.log")),
-    )?;
+    let pid_arg = pid.to_string();
+    let mut argv = vec!["perf"];
+    argv.extend_from_slice(args);
+    argv.extend(["-p", pid_arg.as_str()]);
+    let mut perf = Proc::spawn("perf", None, &argv, Path::new(log))?;
     std::thread::sleep(Duration::from_secs(2));
     let before = cpu_ticks(pid);
     let out = work()?;
@@ -58,6 +46,26 @@ fn recorded<T>(
     perf.signal(2);
     perf.wait(Duration::from_secs(60))?;
     Ok((ticks, out))
+}
+
+/// `perf record` on `pid` into `data` while `work` runs ([`under_perf`]).
+fn recorded<T>(
+    pid: u32,
+    data: &str,
+    work: impl FnOnce() -> Result<T, String>,
+) -> Result<(u64, T), String> {
+    let args = [
+        "record",
+        "-e",
+        "cpu-clock",
+        "-F",
+        "999",
+        "--call-graph",
+        "dwarf,16384",
+        "-o",
+        data,
+    ];
+    under_perf(&args, pid, &format!("{data}.log"), work)
 }
 
 /// The connections the system-call census counts over.
@@ -71,24 +79,12 @@ const CENSUS: u32 = 100;
 /// which calls a connection costs.
 fn syscall_census(pid: u32) -> Result<String, String> {
     let out = "/tmp/trace-core-a.txt";
-    let mut trace = Proc::spawn(
-        "perf-trace",
-        None,
-        &[
-            "perf",
-            "trace",
-            "--summary",
-            "-p",
-            &pid.to_string(),
-            "-o",
-            out,
-        ],
-        Path::new("/tmp/trace-core-a.log"),
+    under_perf(
+        &["trace", "--summary", "-o", out],
+        pid,
+        "/tmp/trace-core-a.log",
+        || exchanges(CENSUS),
     )?;
-    std::thread::sleep(Duration::from_secs(2));
-    exchanges(CENSUS)?;
-    trace.signal(2);
-    trace.wait(Duration::from_secs(60))?;
     Ok(std::fs::read_to_string(out).unwrap_or_else(|e| format!("{out}: {e}")))
 }
 
