@@ -121,6 +121,14 @@ impl Provider {
             .unwrap_or(0)
     }
 
+    /// Its health as last checked (without copying the rest of what was
+    /// observed: this is read for every connection).
+    pub fn health(&self) -> Health {
+        self.observed
+            .lock()
+            .map_or_else(|p| p.into_inner().health, |o| o.health)
+    }
+
     /// A snapshot of its health.
     pub fn observed(&self) -> Observed {
         self.observed
@@ -440,25 +448,27 @@ impl Registry {
     /// fallback while the active one is known to be down and the fallback
     /// is serving.
     pub fn choose(&self) -> Arc<Provider> {
-        let active = self.active_name();
-        let primary = self
-            .providers
-            .get(&active)
-            .or_else(|| self.providers.values().next());
+        let primary = {
+            let active = self
+                .active
+                .read()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            self.providers
+                .get(active.as_str())
+                .or_else(|| self.providers.values().next())
+                .cloned()
+        };
         let Some(primary) = primary else {
             unreachable!("a registry always has at least one provider (checked by the config)")
         };
-        let down = matches!(
-            primary.observed().health,
-            Health::Unreachable | Health::NotServing
-        );
+        let down = matches!(primary.health(), Health::Unreachable | Health::NotServing);
         if down
             && let Some(f) = self.fallback.as_ref().and_then(|f| self.providers.get(f))
-            && f.observed().health == Health::Serving
+            && f.health() == Health::Serving
         {
             return f.clone();
         }
-        primary.clone()
+        primary
     }
 
     /// Checks every provider's health once, and asks a serving one for its
@@ -466,7 +476,7 @@ impl Registry {
     /// them.
     pub async fn check_health(&self, timeout: Duration) {
         let checks = self.providers.values().map(|p| async move {
-            let was = p.observed().health;
+            let was = p.health();
             match p.client().healthy(timeout).await {
                 Ok(true) => {
                     let info = p.client().info(timeout).await.ok();

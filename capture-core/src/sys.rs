@@ -59,11 +59,15 @@ pub fn raise_send_buffer(fd: BorrowedFd<'_>, floor: u32) -> io::Result<(u32, u32
     // rustix sets what it is given; the kernel doubles it.
     let half = (floor / 2).max(1) as usize;
     match sockopt::set_socket_send_buffer_size_force(fd, half) {
-        Ok(()) => {}
-        Err(rustix::io::Errno::PERM) => sockopt::set_socket_send_buffer_size(fd, half)?,
-        Err(e) => return Err(e.into()),
+        // Forced, the size is exactly the doubled value (no cap to read
+        // back; this runs for every connection on kernels before 6.5).
+        Ok(()) => Ok((before, (floor / 2).max(1).saturating_mul(2))),
+        Err(rustix::io::Errno::PERM) => {
+            sockopt::set_socket_send_buffer_size(fd, half)?;
+            Ok((before, size(fd)?))
+        }
+        Err(e) => Err(e.into()),
     }
-    Ok((before, size(fd)?))
 }
 
 /// Resets the connection: `connect(AF_UNSPEC)` makes TCP disconnect, which

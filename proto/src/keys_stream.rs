@@ -127,10 +127,12 @@ impl Drop for Counted {
     }
 }
 
-/// The serving half, started by [`crate::server::serve_until`].
+/// The serving half, started by [`crate::server::serve_until`]. Dropping
+/// it closes the listener.
 #[derive(Debug)]
 pub(crate) struct Server {
     state: Arc<ServerState>,
+    accepting: tokio::task::JoinHandle<()>,
 }
 
 /// Tells a [`Server`] that the provider is stopping.
@@ -138,8 +140,9 @@ pub(crate) struct Server {
 pub(crate) struct Stopping(Arc<ServerState>);
 
 impl Stopping {
-    /// From now on new requests are answered `not_run` and no connection
-    /// is accepted.
+    /// From now on new requests are answered `not_run`, and every
+    /// connection, old or new, ends with the last word once no request is
+    /// under way.
     pub(crate) fn stop(&self) {
         self.0.stopping.store(true, Ordering::SeqCst);
         self.0.stop_signal.notify_waiters();
@@ -149,38 +152,40 @@ impl Stopping {
 
 impl Server {
     /// Serves `service` to every connection `incoming` yields (callers
-    /// checked already).
+    /// checked already), until dropped.
+    ///
+    /// Connections are accepted while the provider stops too: the socket's
+    /// name is gone by then, but a connection the core made just before
+    /// may still wait in the listener's backlog. Closing the listener would
+    /// reset it, and the core could not tell a request it wrote there from
+    /// one a crashed provider had read; accepted, it is answered `not_run`
+    /// and gets the last word like any other.
     pub(crate) fn start<P: Provider>(
         incoming: impl Stream<Item = io::Result<UnixStream>> + Send + 'static,
         service: Arc<Service<P>>,
     ) -> Self {
         let state = Arc::new(ServerState::default());
-        let accepting = Arc::clone(&state);
-        tokio::spawn(async move {
+        let for_loop = Arc::clone(&state);
+        let accepting = tokio::spawn(async move {
             let mut incoming = std::pin::pin!(incoming);
-            loop {
-                let next = tokio::select! {
-                    next = incoming.next() => next,
-                    () = stopped(&accepting) => return,
-                };
+            while let Some(next) = incoming.next().await {
                 match next {
-                    Some(Ok(stream)) => {
+                    Ok(stream) => {
                         // Counted before the task runs, so that
                         // `finished` cannot miss it.
-                        let counted = Counted::new(&accepting);
+                        let counted = Counted::new(&for_loop);
                         tokio::spawn(serve_connection(
                             stream,
                             Arc::clone(&service),
-                            Arc::clone(&accepting),
+                            Arc::clone(&for_loop),
                             counted,
                         ));
                     }
-                    Some(Err(e)) => warn!(error = %e, "keys stream: cannot accept"),
-                    None => return,
+                    Err(e) => warn!(error = %e, "keys stream: cannot accept"),
                 }
             }
         });
-        Self { state }
+        Self { state, accepting }
     }
 
     /// The handle that stops it.
@@ -196,6 +201,12 @@ impl Server {
                 s.in_flight.load(Ordering::SeqCst) == 0 && s.connections.load(Ordering::SeqCst) == 0
             })
             .await;
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.accepting.abort();
     }
 }
 
@@ -245,7 +256,10 @@ async fn serve_connection<P: Provider>(
     state: Arc<ServerState>,
     _counted: Counted,
 ) {
-    let (mut reader, writer) = stream.into_split();
+    let (reader, writer) = stream.into_split();
+    // Buffered: a message's length and body, and any messages behind it,
+    // come in one read (three system calls per message became two).
+    let mut reader = tokio::io::BufReader::new(reader);
     // Each request's task writes its answer itself (a writer task would be
     // one more wakeup per answer, which costs as much as the rest here).
     let answers = Arc::new(tokio::sync::Mutex::new(writer));
@@ -395,7 +409,9 @@ impl Client {
             return Ok(Arc::clone(c));
         }
         let stream = crate::client::connect(&self.path, self.on_connect.as_ref()).await?;
-        let (mut reader, writer) = stream.into_split();
+        let (reader, writer) = stream.into_split();
+        // Buffered, as the server's reader is.
+        let mut reader = tokio::io::BufReader::new(reader);
         let waiting: Waiting = Arc::default();
         let open = Arc::new(AtomicBool::new(true));
         let (for_reader, open_for_reader) = (Arc::clone(&waiting), Arc::clone(&open));

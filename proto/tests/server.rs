@@ -773,6 +773,75 @@ async fn a_stopping_provider_closes_each_keys_stream_with_its_last_word() {
     server.await.unwrap().unwrap();
 }
 
+/// A keys stream connection the core made just as the provider began to
+/// stop waits in the listener's backlog, unaccepted. It must still be
+/// served to the end (its request answered `not_run`, then the last word),
+/// not reset with the listener: the core could not tell a request written
+/// there from one a crashed provider had read, and would fail its
+/// connection instead of sending it to the next instance. Whether the
+/// server sees the backlog or the stop first is up to the scheduler, so
+/// the race is run several times (with the listener closed at the stop,
+/// the first round failed in each of 10 runs).
+#[tokio::test]
+async fn a_keys_stream_connection_in_the_backlog_at_the_stop_is_served_to_the_end() {
+    use std::io::Write;
+    use tlshub_provider_sdk::pb::KeysStreamRequest;
+    for round in 0..8 {
+        let path = temp_socket(&format!("backlog-{round}"));
+        let (release, tx, server) = serve_gated(&path);
+        let keys_path = tlshub_provider_sdk::keys_stream::socket_path(&path);
+        for _ in 0..200 {
+            if keys_path.exists() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let ask = |id| KeysStreamRequest {
+            id,
+            request: Some(request("10.0.1.2:40000").to_pb()),
+        };
+        let frame = |m: &KeysStreamRequest| {
+            use prost::Message;
+            let body = m.encode_to_vec();
+            let mut bytes = u32::try_from(body.len()).unwrap().to_le_bytes().to_vec();
+            bytes.extend_from_slice(&body);
+            bytes
+        };
+        // A request under way keeps the provider from finishing.
+        let mut first = tokio::net::UnixStream::connect(&keys_path).await.unwrap();
+        write_framed(&mut first, &ask(1)).await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        // Without yielding to the server: a connection into the backlog,
+        // its request, and the stop.
+        let mut late = std::os::unix::net::UnixStream::connect(&keys_path).unwrap();
+        late.write_all(&frame(&ask(2))).unwrap();
+        drop(tx);
+        let mut late = tokio::net::UnixStream::from_std({
+            late.set_nonblocking(true).unwrap();
+            late
+        })
+        .unwrap();
+        let refused = tokio::time::timeout(Duration::from_secs(5), read_framed(&mut late))
+            .await
+            .expect("an answer");
+        assert!(
+            matches!(&refused, Some(r) if r.id == 2 && r.not_run),
+            "round {round}: the request in the backlog: {refused:?}"
+        );
+        release.notify_one();
+        let last = tokio::time::timeout(Duration::from_secs(5), read_framed(&mut late))
+            .await
+            .expect("the last word");
+        assert!(
+            matches!(&last, Some(r) if r.id == 0 && r.not_run),
+            "round {round}: {last:?}"
+        );
+        let answered = read_framed(&mut first).await.expect("the first answer");
+        assert!(answered.id == 1 && answered.keys.is_some(), "{answered:?}");
+        server.await.unwrap().unwrap();
+    }
+}
+
 /// How the stand-in HTTP/2 server below answers the first request.
 #[derive(Clone, Copy, Debug)]
 enum Answer {
