@@ -269,9 +269,10 @@ impl Agent {
         let grace = Duration::from_millis(self.config.bpf.core_restart_grace_ms);
         let fail_open = self.config.failure_policy == FailurePolicy::FailOpen;
         // The held-process sweep and the heartbeat run every SWEEP_EVERY
-        // while anything is pending, held or recently opened; with nothing
-        // to do only the heartbeat is due, so an idle core wakes twice a
-        // second instead of twenty. A tenth of the grace at most: a core
+        // while anything is pending or held; with nothing to do only the
+        // heartbeat is due, so an idle core wakes twice a second instead
+        // of twenty. The `conns` entries of opened connections are removed
+        // by whichever sweep comes next (see `has_work`). A tenth of the grace at most: a core
         // that dies idle leaves the gate holding for at least nine tenths
         // of the grace (a graceful stop beats once more on its way out).
         let idle_every = (grace / 10).clamp(SWEEP_EVERY, Duration::from_millis(500));
@@ -373,13 +374,17 @@ impl Agent {
         }
     }
 
-    /// Whether the periodic sweep has anything to look at: connections
-    /// waiting for keys, held processes, or opened connections whose
-    /// `conns` entries are still to be removed.
+    /// Whether the periodic sweep must come soon: connections waiting for
+    /// keys, or held processes still to be continued. Not what only waits
+    /// to be forgotten or removed (a continued hold's record, kept for a
+    /// second; the `conns` entries of opened connections, [`UNTRACK_DELAY`]):
+    /// any later sweep does that (after the next outcome, or at the idle
+    /// heartbeat). Ticking every [`SWEEP_EVERY`] for them cost a core that
+    /// keyed one connection a second about 45 wakeups per connection.
+    ///
+    /// [`UNTRACK_DELAY`]: crate::bpf::UNTRACK_DELAY
     fn has_work(&self) -> bool {
-        !self.table.pending().is_empty()
-            || self.table.held_count() > 0
-            || self.programs.opened_waiting()
+        !self.table.pending().is_empty() || self.table.holds_to_continue()
     }
 
     /// Ordering rule (see [`ConnTable::sweep_held`]): process states

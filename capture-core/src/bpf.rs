@@ -754,11 +754,6 @@ impl Programs {
         Ok(())
     }
 
-    /// Whether opened connections still wait for [`Programs::untrack_opened`].
-    pub fn opened_waiting(&self) -> bool {
-        !self.opened.is_empty()
-    }
-
     /// Removes the `conns` entries of connections whose gate was opened at
     /// least [`UNTRACK_DELAY`] ago. Why not at once: a gate check that
     /// read the socket's old mark (with the cookie) just before it was

@@ -555,6 +555,13 @@ impl ConnTable {
         self.held.len()
     }
 
+    /// Whether a held process is still to be continued (a record kept
+    /// only for its age, [`HELD_RECORD_GRACE`], needs no sweep soon: any
+    /// later one forgets it).
+    pub fn holds_to_continue(&self) -> bool {
+        self.held.values().any(|h| !h.continued)
+    }
+
     /// The counters.
     pub fn stats(&self) -> &Stats {
         &self.stats

@@ -539,6 +539,7 @@ fn a_hold_reported_by_an_event_is_continued_without_reading_its_state() {
     }
     assert_eq!(k.continued, [PID], "continued once");
     assert_eq!(t.held_count(), 1);
+    assert!(!t.holds_to_continue(), "kept for its age only");
     k.now = HELD_RECORD_GRACE.as_nanos() as u64 + 1;
     sweep(&mut t, &mut k);
     assert_eq!(t.held_count(), 0, "forgotten by age");

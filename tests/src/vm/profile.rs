@@ -4,7 +4,8 @@
 //! connecting side) over 300 sequential connections keyed by the TLSHub
 //! provider with the stand-in, with the core's CPU per connection, then
 //! over 20 s without connections, with the core's and the provider's CPU
-//! per second, and its system calls over 100 more connections; then node
+//! per second, and its system calls over 100 more connections and over 10
+//! connections one a second (against as long idle); then node
 //! a's OpenSSL provider (in-band handshakes) over 60 connections and its
 //! TLSHub provider over 300, each with its CPU per connection.
 
@@ -137,6 +138,44 @@ fn profiled_nodes(provider: ProviderKind) -> Result<(Node, Node), String> {
     Ok(nodes)
 }
 
+/// Connections of the sparse census, one a second.
+const SPARSE: u32 = 10;
+
+/// [`syscall_census`] of `pid` at one connection a second, [`SPARSE`]
+/// times, and over as long with no connection: what a connection costs a
+/// core that is otherwise idle (its wakeups and their system calls, the
+/// idle run's subtracted), where the dense census measures a core that
+/// always has work. Timers matter here: anything that ticks for a while
+/// after each connection shows up once per connection.
+fn sparse_census(pid: u32) -> Result<String, String> {
+    let span = Duration::from_secs(u64::from(SPARSE));
+    let summary = |name: &str, work: &dyn Fn() -> Result<(), String>| {
+        let out = format!("/tmp/trace-core-a-{name}.txt");
+        under_perf(
+            &["trace", "--summary", "-o", &out],
+            pid,
+            &format!("/tmp/trace-core-a-{name}.log"),
+            work,
+        )?;
+        Ok::<_, String>(std::fs::read_to_string(&out).unwrap_or_else(|e| format!("{out}: {e}")))
+    };
+    let sparse = summary("sparse", &|| {
+        for _ in 0..SPARSE {
+            let took = exchanges(1)?;
+            std::thread::sleep(Duration::from_secs(1).saturating_sub(took));
+        }
+        Ok(())
+    })?;
+    let idle = summary("sparse-idle", &|| {
+        std::thread::sleep(span);
+        Ok(())
+    })?;
+    Ok(format!(
+        "{SPARSE} connections, one a second:\n{sparse}\nthe same {} s with no connection:\n{idle}",
+        span.as_secs()
+    ))
+}
+
 /// `connections` sequential exchanges of 100 bytes between the pods, timed.
 fn exchanges(connections: u32) -> Result<Duration, String> {
     let app = App {
@@ -196,8 +235,9 @@ pub fn profile_core() -> Result<String, String> {
         Ok(cpu_ticks(provider) - before)
     })?;
     let census = syscall_census(pid)?;
+    let sparse = sparse_census(pid)?;
     Ok(format!(
-        "{CONNECTIONS} connections in {:.1} s; core a used {:.0} ms of CPU, {:.2} ms per connection; idle for {} s: core a {:.1} ms of CPU per second (its provider {:.1})\n== system calls over {CENSUS} connections\n{census}\n== by dso\n{}\n== by symbol, with what it calls\n{}\n== the core's own functions, with their callees\n{}\n== idle, by symbol\n{}",
+        "{CONNECTIONS} connections in {:.1} s; core a used {:.0} ms of CPU, {:.2} ms per connection; idle for {} s: core a {:.1} ms of CPU per second (its provider {:.1})\n== system calls over {CENSUS} connections\n{census}\n== system calls at one connection a second\n{sparse}\n== by dso\n{}\n== by symbol, with what it calls\n{}\n== the core's own functions, with their callees\n{}\n== idle, by symbol\n{}",
         took.as_secs_f64(),
         ms_per(ticks, 1),
         ms_per(ticks, u64::from(CONNECTIONS)),
