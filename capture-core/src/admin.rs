@@ -20,6 +20,10 @@ use crate::providers::{Registry, SwitchError};
 /// How long `provider use` waits for the new provider's health answer.
 const SWITCH_HEALTH_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
 
+/// How long `Status` waits for each provider's current `GetInfo` before
+/// it shows what the provider said last.
+const STATUS_INFO_TIMEOUT: std::time::Duration = std::time::Duration::from_millis(500);
+
 /// The service state.
 #[derive(Debug)]
 pub struct AdminService {
@@ -65,6 +69,10 @@ impl pb::admin_server::Admin for AdminService {
         &self,
         _: Request<pb::StatusRequest>,
     ) -> Result<Response<pb::StatusResponse>, Status> {
+        // The health checks ask `GetInfo` only now and then; a person or a
+        // script asking for the status gets what the providers say now
+        // (their certificates, their node-pair sessions).
+        self.providers.refresh_info(STATUS_INFO_TIMEOUT).await;
         self.ask(AdminRequest::Status).await.map(Response::new)
     }
 

@@ -51,8 +51,10 @@ pub struct Observed {
     pub health: Health,
     /// Since when.
     pub since: Instant,
-    /// What `GetInfo` said when it last became healthy.
+    /// What `GetInfo` said last (see [`INFO_REFRESH_EVERY`]).
     pub info: Option<ProviderInfo>,
+    /// When `info` was asked for.
+    pub info_at: Option<Instant>,
     /// The last error, when not serving.
     pub detail: Option<String>,
 }
@@ -167,10 +169,33 @@ impl Provider {
         }
         if info.is_some() {
             o.info = info;
+            o.info_at = Some(Instant::now());
         }
         o.detail = detail;
     }
+
+    /// Whether a health check that found it serving should ask `GetInfo`
+    /// again: it was not serving before (it may be another build now), its
+    /// info is unknown or older than [`INFO_REFRESH_EVERY`], or key
+    /// requests do not go over its keys stream now (a provider without
+    /// one, or one whose stream connection ended: a restart between two
+    /// checks ends it, and only `GetInfo` turns the stream back on).
+    fn info_due(&self, was: Health, client: &ProviderClient) -> bool {
+        let o = self.observed.lock().unwrap_or_else(|p| p.into_inner());
+        was != Health::Serving
+            || !client.uses_keys_stream()
+            || o.info_at
+                .is_none_or(|at| at.elapsed() >= INFO_REFRESH_EVERY)
+    }
 }
+
+/// How old a serving provider's `GetInfo` answer may get before a health
+/// check asks again (what changes meanwhile: its credentials after a
+/// reload, which the expiry metric shows at most this late; its
+/// node-pair sessions). `tlshubctl status` asks afresh
+/// ([`Registry::refresh_info`]). Asking at every check doubled the
+/// calls an idle core and provider made for the checks.
+pub const INFO_REFRESH_EVERY: Duration = Duration::from_secs(10);
 
 /// What a provider that answers its health check with NOT_SERVING is said
 /// to be doing, in the status and in a refused switch.
@@ -343,6 +368,7 @@ impl Registry {
                         health: Health::Unknown,
                         since: Instant::now(),
                         info: None,
+                        info_at: None,
                         detail: None,
                     }),
                 };
@@ -477,9 +503,14 @@ impl Registry {
     pub async fn check_health(&self, timeout: Duration) {
         let checks = self.providers.values().map(|p| async move {
             let was = p.health();
-            match p.client().healthy(timeout).await {
+            let client = p.client();
+            match client.healthy(timeout).await {
                 Ok(true) => {
-                    let info = p.client().info(timeout).await.ok();
+                    let info = if p.info_due(was, &client) {
+                        client.info(timeout).await.ok()
+                    } else {
+                        None
+                    };
                     p.set(Health::Serving, info, None);
                 }
                 Ok(false) => p.set(Health::NotServing, None, Some(NOT_SERVING.into())),
@@ -492,6 +523,25 @@ impl Registry {
             }
         });
         futures_util::future::join_all(checks).await;
+    }
+
+    /// Asks every serving provider's `GetInfo` now (all at once, each
+    /// within `timeout`), so that what `tlshubctl status` shows next is
+    /// current rather than up to [`INFO_REFRESH_EVERY`] old. A provider
+    /// that does not answer keeps what it said before.
+    pub async fn refresh_info(&self, timeout: Duration) {
+        let asks = self
+            .providers
+            .values()
+            .filter(|p| p.health() == Health::Serving)
+            .map(|p| async move {
+                if let Ok(info) = p.client().info(timeout).await {
+                    let mut o = p.observed.lock().unwrap_or_else(|e| e.into_inner());
+                    o.info = Some(info);
+                    o.info_at = Some(Instant::now());
+                }
+            });
+        futures_util::future::join_all(asks).await;
     }
 
     /// A provider by name.

@@ -30,8 +30,8 @@ fn sessions_up(node: &Node, kind: ProviderKind) -> usize {
 }
 
 /// The active provider's session with `peer` as `tlshubctl status`
-/// shows it, waited for up to 5 s (the core asks the provider at every
-/// health check).
+/// shows it, waited for up to 5 s (the status asks the provider afresh;
+/// the session may still be coming up).
 fn peer_session_shown(n: &Node, peer: &str) -> Result<pb::PeerSession, String> {
     let shown = |status: &pb::StatusResponse| {
         status
