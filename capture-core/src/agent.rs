@@ -269,12 +269,12 @@ impl Agent {
         let grace = Duration::from_millis(self.config.bpf.core_restart_grace_ms);
         let fail_open = self.config.failure_policy == FailurePolicy::FailOpen;
         // The held-process sweep and the heartbeat run every SWEEP_EVERY
-        // while anything is pending or held; with nothing to do only the
-        // heartbeat is due, so an idle core wakes twice a second instead
-        // of twenty. The `conns` entries of opened connections are removed
-        // by whichever sweep comes next (see `has_work`). A tenth of the grace at most: a core
-        // that dies idle leaves the gate holding for at least nine tenths
-        // of the grace (a graceful stop beats once more on its way out).
+        // while a connection waits for keys or a held process is to be
+        // continued (see `has_work`); with nothing to do only the heartbeat
+        // is due, so an idle core wakes twice a second instead of twenty.
+        // A tenth of the grace at most: a core that dies idle leaves the
+        // gate holding for at least nine tenths of the grace (a graceful
+        // stop beats once more on its way out).
         let idle_every = (grace / 10).clamp(SWEEP_EVERY, Duration::from_millis(500));
         let mut next_sweep = tokio::time::Instant::now() + SWEEP_EVERY;
         loop {

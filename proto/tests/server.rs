@@ -696,13 +696,48 @@ async fn a_request_after_a_graceful_stop_began_is_unavailable_over(transport: Tr
     server.await.unwrap().unwrap();
 }
 
-/// Writes one keys stream message (its length, then the protobuf).
-async fn write_framed(s: &mut tokio::net::UnixStream, m: &impl prost::Message) {
-    use tokio::io::AsyncWriteExt;
+/// One keys stream message's bytes (its length, then the protobuf).
+fn framed(m: &impl prost::Message) -> Vec<u8> {
     let body = m.encode_to_vec();
     let mut bytes = u32::try_from(body.len()).unwrap().to_le_bytes().to_vec();
     bytes.extend_from_slice(&body);
-    s.write_all(&bytes).await.unwrap();
+    bytes
+}
+
+/// Writes one keys stream message.
+async fn write_framed(s: &mut tokio::net::UnixStream, m: &impl prost::Message) {
+    use tokio::io::AsyncWriteExt;
+    s.write_all(&framed(m)).await.unwrap();
+}
+
+/// A key request on the keys stream, numbered `id`.
+fn ask(id: u64) -> tlshub_provider_sdk::pb::KeysStreamRequest {
+    tlshub_provider_sdk::pb::KeysStreamRequest {
+        id,
+        request: Some(request("10.0.1.2:40000").to_pb()),
+    }
+}
+
+/// [`serve_gated`] at the socket `name`, once its keys stream listens;
+/// also the keys stream's path.
+async fn serve_gated_stream(
+    name: &str,
+) -> (
+    std::sync::Arc<tokio::sync::Notify>,
+    tokio::sync::oneshot::Sender<()>,
+    tokio::task::JoinHandle<Result<(), ServeError>>,
+    PathBuf,
+) {
+    let path = temp_socket(name);
+    let (release, tx, server) = serve_gated(&path);
+    let keys_path = tlshub_provider_sdk::keys_stream::socket_path(&path);
+    for _ in 0..200 {
+        if keys_path.exists() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    (release, tx, server, keys_path)
 }
 
 /// The next keys stream answer, or `None` at the end of the stream.
@@ -727,21 +762,8 @@ async fn read_framed(
 /// answered `not_run`, then the last word, then the end of the stream.
 #[tokio::test]
 async fn a_stopping_provider_closes_each_keys_stream_with_its_last_word() {
-    use tlshub_provider_sdk::pb::KeysStreamRequest;
-    let path = temp_socket("closing-word");
-    let (release, tx, server) = serve_gated(&path);
-    let keys_path = tlshub_provider_sdk::keys_stream::socket_path(&path);
-    for _ in 0..200 {
-        if keys_path.exists() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    let (release, tx, server, keys_path) = serve_gated_stream("closing-word").await;
     let mut s = tokio::net::UnixStream::connect(&keys_path).await.unwrap();
-    let ask = |id| KeysStreamRequest {
-        id,
-        request: Some(request("10.0.1.2:40000").to_pb()),
-    };
     write_framed(&mut s, &ask(1)).await;
     tokio::time::sleep(Duration::from_millis(200)).await;
     drop(tx);
@@ -785,28 +807,9 @@ async fn a_stopping_provider_closes_each_keys_stream_with_its_last_word() {
 #[tokio::test]
 async fn a_keys_stream_connection_in_the_backlog_at_the_stop_is_served_to_the_end() {
     use std::io::Write;
-    use tlshub_provider_sdk::pb::KeysStreamRequest;
     for round in 0..8 {
-        let path = temp_socket(&format!("backlog-{round}"));
-        let (release, tx, server) = serve_gated(&path);
-        let keys_path = tlshub_provider_sdk::keys_stream::socket_path(&path);
-        for _ in 0..200 {
-            if keys_path.exists() {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        let ask = |id| KeysStreamRequest {
-            id,
-            request: Some(request("10.0.1.2:40000").to_pb()),
-        };
-        let frame = |m: &KeysStreamRequest| {
-            use prost::Message;
-            let body = m.encode_to_vec();
-            let mut bytes = u32::try_from(body.len()).unwrap().to_le_bytes().to_vec();
-            bytes.extend_from_slice(&body);
-            bytes
-        };
+        let (release, tx, server, keys_path) =
+            serve_gated_stream(&format!("backlog-{round}")).await;
         // A request under way keeps the provider from finishing.
         let mut first = tokio::net::UnixStream::connect(&keys_path).await.unwrap();
         write_framed(&mut first, &ask(1)).await;
@@ -814,7 +817,7 @@ async fn a_keys_stream_connection_in_the_backlog_at_the_stop_is_served_to_the_en
         // Without yielding to the server: a connection into the backlog,
         // its request, and the stop.
         let mut late = std::os::unix::net::UnixStream::connect(&keys_path).unwrap();
-        late.write_all(&frame(&ask(2))).unwrap();
+        late.write_all(&framed(&ask(2))).unwrap();
         drop(tx);
         let mut late = tokio::net::UnixStream::from_std({
             late.set_nonblocking(true).unwrap();
