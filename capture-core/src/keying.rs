@@ -1,6 +1,6 @@
 //! Keying one connection: take the application's socket, make sure it is
-//! the right one, ask the provider, install kTLS. Runs as its own task so
-//! the event loop never waits on a provider.
+//! the right one, ask the provider, install kTLS. Each is a future the
+//! event loop polls beside the others, so it never waits on a provider.
 
 use std::net::SocketAddr;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
@@ -10,6 +10,8 @@ use std::sync::Arc;
 
 use tlshub_provider_sdk::client::ClientError;
 use tlshub_provider_sdk::socket::{socket_cookie, take_fd};
+
+use crate::pidfds::PIDFDS;
 use tlshub_provider_sdk::{CipherSuite, KeyRequest, Role, SocketHandle, TlsVersion};
 
 use tlshub_ebpf::{Conn, Event, kind};
@@ -428,13 +430,14 @@ pub fn find_socket(
 }
 
 /// Takes fd `fd` of `pid` if it is the socket with `cookie` (two system
-/// calls); `None` if the number names something else, nothing, or is
-/// negative (no number known).
+/// calls, and a `pidfd_open` for a process not taken from lately);
+/// `None` if the number names something else, nothing, or is negative
+/// (no number known).
 fn take_by_number(pid: u32, fd: i32, cookie: u64) -> Result<Option<OwnedFd>, KeyingError> {
     if fd < 0 {
         return Ok(None);
     }
-    match take_fd(pid, fd) {
+    match PIDFDS.take(pid, fd) {
         Ok(s) if socket_cookie(&s).ok() == Some(cookie) => Ok(Some(s)),
         Ok(_) => Ok(None),
         Err(e) if e.raw_os_error() == Some(libc::EBADF) => Ok(None),

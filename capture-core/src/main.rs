@@ -12,6 +12,7 @@ mod keying;
 mod metrics;
 mod outcomes;
 mod peers;
+mod pidfds;
 mod preflight;
 mod procfs;
 mod providers;
