@@ -9,9 +9,7 @@ use std::time::{Duration, Instant};
 use std::sync::Arc;
 
 use tlshub_provider_sdk::client::ClientError;
-use tlshub_provider_sdk::socket::{socket_cookie, take_fd};
-
-use crate::pidfds::PIDFDS;
+use tlshub_provider_sdk::socket::socket_cookie;
 use tlshub_provider_sdk::{CipherSuite, KeyRequest, Role, SocketHandle, TlsVersion};
 
 use tlshub_ebpf::{Conn, Event, kind};
@@ -20,6 +18,7 @@ use crate::bpf::ConnsReader;
 use crate::config::{PolicySection, RuleMode};
 use crate::conntrack::Conntrack;
 use crate::peers::{Counted, Heard, PeerMemory, Verdict};
+use crate::pidfds::PIDFDS;
 use crate::providers::Provider;
 use crate::service::{ServiceError, ServiceRoute};
 use crate::state::same_connection;
@@ -474,7 +473,7 @@ fn search_socket(
         if !is_socket || other == fd {
             continue;
         }
-        if let Ok(s) = take_fd(pid, other)
+        if let Ok(s) = PIDFDS.take(pid, other)
             && socket_cookie(&s).ok() == Some(cookie)
         {
             return Ok(s);

@@ -59,6 +59,14 @@ pub struct Observed {
     pub detail: Option<String>,
 }
 
+impl Observed {
+    /// Keeps what `GetInfo` answered just now.
+    fn took(&mut self, info: ProviderInfo) {
+        self.info = Some(info);
+        self.info_at = Some(Instant::now());
+    }
+}
+
 /// One named provider.
 pub struct Provider {
     /// Its name from the configuration.
@@ -167,9 +175,8 @@ impl Provider {
             o.health = health;
             o.since = Instant::now();
         }
-        if info.is_some() {
-            o.info = info;
-            o.info_at = Some(Instant::now());
+        if let Some(info) = info {
+            o.took(info);
         }
         o.detail = detail;
     }
@@ -536,9 +543,10 @@ impl Registry {
             .filter(|p| p.health() == Health::Serving)
             .map(|p| async move {
                 if let Ok(info) = p.client().info(timeout).await {
-                    let mut o = p.observed.lock().unwrap_or_else(|e| e.into_inner());
-                    o.info = Some(info);
-                    o.info_at = Some(Instant::now());
+                    p.observed
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .took(info);
                 }
             });
         futures_util::future::join_all(asks).await;

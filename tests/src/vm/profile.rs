@@ -79,14 +79,24 @@ const CENSUS: u32 = 100;
 /// profile spreads their cost over whatever made them; the census says
 /// which calls a connection costs.
 fn syscall_census(pid: u32) -> Result<String, String> {
-    let out = "/tmp/trace-core-a.txt";
+    trace_summary(pid, "dense", || exchanges(CENSUS).map(drop))
+}
+
+/// `perf trace --summary` of `pid` while `work` runs ([`under_perf`];
+/// its files are `/tmp/trace-core-a-NAME.*`).
+fn trace_summary(
+    pid: u32,
+    name: &str,
+    work: impl FnOnce() -> Result<(), String>,
+) -> Result<String, String> {
+    let out = format!("/tmp/trace-core-a-{name}.txt");
     under_perf(
-        &["trace", "--summary", "-o", out],
+        &["trace", "--summary", "-o", &out],
         pid,
-        "/tmp/trace-core-a.log",
-        || exchanges(CENSUS),
+        &format!("/tmp/trace-core-a-{name}.log"),
+        work,
     )?;
-    Ok(std::fs::read_to_string(out).unwrap_or_else(|e| format!("{out}: {e}")))
+    Ok(std::fs::read_to_string(&out).unwrap_or_else(|e| format!("{out}: {e}")))
 }
 
 /// `perf report --stdio` of `data` with `args`.
@@ -149,24 +159,14 @@ const SPARSE: u32 = 10;
 /// after each connection shows up once per connection.
 fn sparse_census(pid: u32) -> Result<String, String> {
     let span = Duration::from_secs(u64::from(SPARSE));
-    let summary = |name: &str, work: &dyn Fn() -> Result<(), String>| {
-        let out = format!("/tmp/trace-core-a-{name}.txt");
-        under_perf(
-            &["trace", "--summary", "-o", &out],
-            pid,
-            &format!("/tmp/trace-core-a-{name}.log"),
-            work,
-        )?;
-        Ok::<_, String>(std::fs::read_to_string(&out).unwrap_or_else(|e| format!("{out}: {e}")))
-    };
-    let sparse = summary("sparse", &|| {
+    let sparse = trace_summary(pid, "sparse", || {
         for _ in 0..SPARSE {
             let took = exchanges(1)?;
             std::thread::sleep(Duration::from_secs(1).saturating_sub(took));
         }
         Ok(())
     })?;
-    let idle = summary("sparse-idle", &|| {
+    let idle = trace_summary(pid, "sparse-idle", || {
         std::thread::sleep(span);
         Ok(())
     })?;
