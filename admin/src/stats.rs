@@ -81,6 +81,10 @@ pub struct Stats {
     /// TCP Fast Open sends to selected destinations refused with
     /// `EOPNOTSUPP` (counted by BPF).
     pub fastopen_refused: u64,
+    /// Multipath TCP connections refused where the policy selects them:
+    /// `connect()` answered `EOPNOTSUPP`, or an accepted (or extra) path
+    /// whose MPTCP socket fails every call (counted by BPF).
+    pub mptcp_refused: u64,
     /// Selected connections failed closed because the `conns` map was full
     /// (counted by BPF).
     pub map_full: u64,

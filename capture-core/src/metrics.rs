@@ -114,13 +114,20 @@ pub struct BpfCounter {
 
 /// Every BPF counter the core mirrors (besides the ring buffer's drops and
 /// the no-core refusals, which it reads on their own): one row each.
-pub const BPF_COUNTERS: [BpfCounter; 11] = [
+pub const BPF_COUNTERS: [BpfCounter; 12] = [
     BpfCounter {
         index: stat::FASTOPEN_REFUSED,
         metric: "gate_fastopen_refused",
         help: "TCP Fast Open sends to selected destinations that the gate refused with EOPNOTSUPP (the app falls back to connect)",
         alarm: None,
         field: |s| &mut s.fastopen_refused,
+    },
+    BpfCounter {
+        index: stat::MPTCP_REFUSED,
+        metric: "gate_mptcp_refused",
+        help: "Multipath TCP connections refused where the policy selects them (kTLS cannot be installed on an MPTCP socket): connect() answered EOPNOTSUPP (an app may fall back to TCP), or a path that was accepted or added anyway, whose MPTCP socket then fails every call with ECONNRESET; MPTCP Fast Open sends count under gate_fastopen_refused",
+        alarm: None,
+        field: |s| &mut s.mptcp_refused,
     },
     BpfCounter {
         index: stat::MAP_FULL,

@@ -53,6 +53,7 @@ char LICENSE[] SEC("license") = "GPL";
 #define EBUSY 16
 #define ENOBUFS 105
 #define IPPROTO_TCP 6
+#define IPPROTO_MPTCP 262
 #define MSG_FASTOPEN 0x20000000
 #define TCP_SYN_SENT 2
 #define TCP_CLOSE 7
@@ -157,6 +158,10 @@ struct inet_connection_sock {
 struct tls_context {
 	void *partially_sent_record;
 } __pai;
+
+/* A Multipath TCP connection (what the app's IPPROTO_MPTCP socket is);
+ * only its address is used, see mptcp_subflow_refused(). */
+struct mptcp_sock;
 
 struct fdtable {
 	unsigned int max_fds;
@@ -688,6 +693,42 @@ static __always_inline void announce(struct bpf_sock_ops *skops)
 	bpf_store_hdr_opt(skops, &opt, TLSHUB_TCPOPT_LEN, 0);
 }
 
+/* Multipath TCP: an app's IPPROTO_MPTCP socket is not the TCP socket on
+ * the wire. The kernel makes one TCP socket per path (a subflow, attached
+ * to the app's cgroup, so this program sees it) and moves the app's bytes
+ * into it from the MPTCP socket, with no socket hook on the way; and kTLS
+ * cannot be installed on an MPTCP socket (its setsockopt refuses TCP_ULP).
+ * So such a connection can never be protected, and the gate must refuse it
+ * wherever the policy selects it: connect() is refused (see
+ * tlshub_gate_connect(), and fastopen_refused() for sendto()), and this
+ * catches every subflow that still gets here, whichever side: one a
+ * listener accepted (a listener older than its port's selection, or
+ * reached by a peer without tlshub), or an extra path the kernel opens to
+ * an address the peer announced. Its MPTCP socket, the one the app holds,
+ * is marked refused, so every call on it fails with ECONNRESET (at
+ * PASSIVE_ESTABLISHED_CB, before accept() can return it), and the subflow
+ * is not tracked: there is nothing to key. Returns whether sk was a
+ * subflow. */
+static __always_inline int mptcp_subflow_refused(struct bpf_sock_ops *skops)
+{
+	struct bpf_sock *sk = skops->sk;
+	if (!sk)
+		return 0;
+	struct mptcp_sock *msk = bpf_skc_to_mptcp_sock(sk);
+	if (!msk)
+		return 0;
+	/* No room for the mark only where net.core.optmem_max is below its
+	 * size: a new MPTCP socket's option memory is empty, and an app's
+	 * connect() to a selected peer never gets here. */
+	struct tlshub_sk_mark *mark =
+		bpf_sk_storage_get(&sk_marks, msk, 0, BPF_SK_STORAGE_GET_F_CREATE);
+	if (mark)
+		refuse(mark, TLSHUB_STAT_MPTCP_REFUSED);
+	else
+		stat_inc(TLSHUB_STAT_MPTCP_REFUSED);
+	return 1;
+}
+
 SEC("sockops")
 int tlshub_sockops(struct bpf_sock_ops *skops)
 {
@@ -724,7 +765,8 @@ int tlshub_sockops(struct bpf_sock_ops *skops)
 		cookie = bpf_get_socket_cookie(skops);
 		fill_tuple(skops, &ev);
 		if (selected(&ev, TLSHUB_ROLE_CLIENT)) {
-			track_connecting(skops, cookie);
+			if (!mptcp_subflow_refused(skops))
+				track_connecting(skops, cookie);
 		} else if (skops->sk) {
 			/* A socket that was selected (or refused), disconnected
 			 * before its keys and now connects somewhere unselected:
@@ -778,7 +820,8 @@ int tlshub_sockops(struct bpf_sock_ops *skops)
 		 * announce()). */
 		int answering = skops->bpf_sock_ops_cb_flags & BPF_SOCK_OPS_WRITE_HDR_OPT_CB_FLAG;
 		fill_tuple(skops, &ev);
-		if (!selected(&ev, TLSHUB_ROLE_SERVER) || !track_passive(skops, cookie))
+		if (!selected(&ev, TLSHUB_ROLE_SERVER) || mptcp_subflow_refused(skops) ||
+		    !track_passive(skops, cookie))
 			break;
 		__u32 zero = 0;
 		__u64 *passive = bpf_map_lookup_elem(&passive_selected_ns, &zero);
@@ -1363,7 +1406,8 @@ static __always_inline int fastopen_refused(struct sock *sk, struct msghdr *msg)
 	unsigned char state = sk->__sk_common.skc_state;
 	unsigned short family = sk->__sk_common.skc_family;
 
-	if (sk->sk_protocol != IPPROTO_TCP || (family != AF_INET && family != AF_INET6))
+	if ((sk->sk_protocol != IPPROTO_TCP && sk->sk_protocol != IPPROTO_MPTCP) ||
+	    (family != AF_INET && family != AF_INET6))
 		return 0;
 	if (state == TCP_CLOSE && (msg->msg_flags & MSG_FASTOPEN)) {
 		if (!dest_from_sockaddr(msg->msg_name, &ev))
@@ -1459,7 +1503,7 @@ int BPF_PROG(tlshub_gate_connect, struct socket *sock, struct sockaddr *address,
 	if (ret)
 		return ret;
 	struct sock *sk = sock->sk;
-	if (!sk || sk->sk_protocol != IPPROTO_TCP)
+	if (!sk || (sk->sk_protocol != IPPROTO_TCP && sk->sk_protocol != IPPROTO_MPTCP))
 		return 0;
 	unsigned short family = sk->__sk_common.skc_family;
 	if (family != AF_INET && family != AF_INET6)
@@ -1471,6 +1515,13 @@ int BPF_PROG(tlshub_gate_connect, struct socket *sock, struct sockaddr *address,
 	ev.family = AF_INET6; /* addresses are v4-mapped or v6 */
 	if (!selected(&ev, TLSHUB_ROLE_CLIENT))
 		return 0;
+	if (sk->sk_protocol == IPPROTO_MPTCP) {
+		/* Never protectable (see mptcp_subflow_refused()): refused
+		 * before any packet, so an app that falls back to TCP on an
+		 * MPTCP error (Go's dialer does) gets a protected connection. */
+		stat_inc(TLSHUB_STAT_MPTCP_REFUSED);
+		return -EOPNOTSUPP;
+	}
 	/* For the connect fexit (see selected_connects). */
 	__u32 *may_select = bpf_task_storage_get(&selected_connects, bpf_get_current_task_btf(), 0,
 						 BPF_LOCAL_STORAGE_GET_F_CREATE);

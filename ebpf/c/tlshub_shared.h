@@ -80,7 +80,8 @@ struct tlshub_control {
 #define TLSHUB_STAT_UNSENT_EXPIRED 11 /* shutdown()s let through after TLSHUB_UNSENT_HOLD_MAX_MS */
 #define TLSHUB_STAT_HOLD_UNRECORDED 12 /* calls answered EINTR: no room to record their hold */
 #define TLSHUB_STAT_MAP_BUSY 13 /* selected sockets failed closed: conns was busy (EBUSY) */
-#define TLSHUB_STAT_MAX 14
+#define TLSHUB_STAT_MPTCP_REFUSED 14 /* Multipath TCP to or from selected peers refused */
+#define TLSHUB_STAT_MAX 15
 
 struct tlshub_event {
 	__u32 kind;

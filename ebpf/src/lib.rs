@@ -210,8 +210,14 @@ pub mod stat {
     /// the hash map busy (`EBUSY`: another update of it on the same CPU,
     /// interrupted by the packet that established this connection).
     pub const MAP_BUSY: u32 = 13;
+    /// Multipath TCP refused where the policy selects the connection
+    /// (kTLS cannot be installed on an MPTCP socket): `connect()` answered
+    /// `EOPNOTSUPP`, or a subflow that got there anyway (an accepted one,
+    /// an extra path) whose MPTCP socket then fails every call with
+    /// `ECONNRESET`.
+    pub const MPTCP_REFUSED: u32 = 14;
     /// Length of the `stats` array.
-    pub const COUNT: u32 = 14;
+    pub const COUNT: u32 = 15;
 }
 
 /// `TLSHUB_UNSENT_HOLD_MAX_MS`: how long `shutdown()`s on one socket are
@@ -533,6 +539,7 @@ mod tests {
                 stat::UNSENT_EXPIRED,
                 stat::HOLD_UNRECORDED,
                 stat::MAP_BUSY,
+                stat::MPTCP_REFUSED,
                 UNSENT_HOLD_MAX_MS,
                 stat::COUNT,
                 conn::UNMARKED
@@ -546,6 +553,7 @@ mod tests {
                 TLSHUB_STAT_UNSENT_EXPIRED,
                 TLSHUB_STAT_HOLD_UNRECORDED,
                 TLSHUB_STAT_MAP_BUSY,
+                TLSHUB_STAT_MPTCP_REFUSED,
                 TLSHUB_UNSENT_HOLD_MAX_MS,
                 TLSHUB_STAT_MAX,
                 TLSHUB_CONN_UNMARKED

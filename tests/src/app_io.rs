@@ -102,6 +102,87 @@ pub fn connect_with_send_buffer(
     Ok(sock.into())
 }
 
+/// A Multipath TCP (`IPPROTO_MPTCP`) stream socket for `target`'s family.
+fn mptcp_socket(target: std::net::SocketAddr) -> io::Result<socket2::Socket> {
+    socket2::Socket::new(
+        socket2::Domain::for_address(target),
+        socket2::Type::STREAM,
+        Some(socket2::Protocol::MPTCP),
+    )
+}
+
+/// Connects to `target` over Multipath TCP, falling back to TCP on any
+/// error of the MPTCP attempt, as Go's dialer does (`net.Dialer`'s
+/// `SetMultipathTCP`). Returns the stream and the errno the MPTCP attempt
+/// failed with, if it did.
+pub fn connect_mptcp(
+    target: std::net::SocketAddr,
+) -> io::Result<(std::net::TcpStream, Option<i32>)> {
+    let attempt = mptcp_socket(target).and_then(|s| s.connect(&target.into()).map(|()| s));
+    match attempt {
+        Ok(s) => Ok((s.into(), None)),
+        Err(e) => Ok((
+            std::net::TcpStream::connect(target)?,
+            Some(e.raw_os_error().unwrap_or(-1)),
+        )),
+    }
+}
+
+/// Listens on `addr` over Multipath TCP, falling back to TCP on any error
+/// of the MPTCP attempt, as Go's `net.ListenConfig` does. Returns the
+/// listener and the errno the MPTCP attempt failed with, if it did.
+pub fn listen_mptcp(
+    addr: std::net::SocketAddr,
+) -> io::Result<(std::net::TcpListener, Option<i32>)> {
+    let attempt = mptcp_socket(addr).and_then(|s| {
+        s.set_reuse_address(true)?;
+        s.bind(&addr.into())?;
+        s.listen(128)?;
+        Ok(s)
+    });
+    match attempt {
+        Ok(s) => Ok((s.into(), None)),
+        Err(e) => Ok((
+            std::net::TcpListener::bind(addr)?,
+            Some(e.raw_os_error().unwrap_or(-1)),
+        )),
+    }
+}
+
+/// `AF_SMC`: Shared Memory Communications (net/smc), which libc's
+/// constants lack. Its protocol 0 is `SMCPROTO_SMC` (IPv4 underneath).
+const AF_SMC: libc::c_int = 43;
+
+/// An `AF_SMC` stream socket over IPv4.
+fn smc_socket() -> io::Result<socket2::Socket> {
+    socket2::Socket::new(socket2::Domain::from(AF_SMC), socket2::Type::STREAM, None)
+}
+
+/// Connects to `target` (IPv4) with an `AF_SMC` socket, as `smc_run` makes
+/// an unmodified app do: without SMC-capable devices (or a peer that
+/// offers SMC) the connection falls back to the TCP socket underneath.
+pub fn connect_smc(target: std::net::SocketAddr) -> io::Result<std::net::TcpStream> {
+    let s = smc_socket()?;
+    s.connect(&target.into())?;
+    Ok(s.into())
+}
+
+/// Listens on `addr` (IPv4) with an `AF_SMC` socket.
+pub fn listen_smc(addr: std::net::SocketAddr) -> io::Result<std::net::TcpListener> {
+    let s = smc_socket()?;
+    s.set_reuse_address(true)?;
+    s.bind(&addr.into())?;
+    s.listen(128)?;
+    Ok(s.into())
+}
+
+/// Whether `stream` is a Multipath TCP socket (`SO_PROTOCOL`): an MPTCP
+/// listener hands out plain TCP sockets for clients that did not offer
+/// MPTCP.
+pub fn is_mptcp(stream: &std::net::TcpStream) -> bool {
+    socket2::SockRef::from(stream).protocol().ok().flatten() == Some(socket2::Protocol::MPTCP)
+}
+
 /// A connected socket and how to drive it.
 #[derive(Debug)]
 pub struct Conn {
@@ -823,8 +904,8 @@ pub enum FastOpen {
     Connect,
 }
 
-/// Connects to `target` with Fast Open as `how` says, `first` being the
-/// first bytes to send. Returns the stream and how many bytes of `first`
+/// Connects to `target` with Fast Open as `how` says (over Multipath TCP
+/// if `mptcp`), `first` being the first bytes to send. Returns the stream and how many bytes of `first`
 /// went out, or `None` for the count when the send was refused with
 /// `EOPNOTSUPP` (the kernel's answer when client Fast Open is off) and the
 /// client fell back to connect() as a careful application does (nothing
@@ -833,12 +914,13 @@ pub fn connect_fastopen(
     target: std::net::SocketAddr,
     how: FastOpen,
     first: &[u8],
+    mptcp: bool,
 ) -> io::Result<(std::net::TcpStream, Option<usize>)> {
-    let sock = socket2::Socket::new(
-        socket2::Domain::for_address(target),
-        socket2::Type::STREAM,
-        Some(socket2::Protocol::TCP),
-    )?;
+    let sock = if mptcp {
+        mptcp_socket(target)?
+    } else {
+        tcp_socket(target)?
+    };
     let fd = sock.as_raw_fd();
     let sent = match how {
         FastOpen::Off => {
@@ -953,7 +1035,7 @@ fn tcp_socket(target: std::net::SocketAddr) -> io::Result<socket2::Socket> {
     socket2::Socket::new(
         socket2::Domain::for_address(target),
         socket2::Type::STREAM,
-        None,
+        Some(socket2::Protocol::TCP),
     )
 }
 

@@ -31,6 +31,16 @@ pub enum FastOpenOutcome {
     Refused,
 }
 
+/// What became of an app's Multipath TCP socket (`--mptcp`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum MptcpOutcome {
+    /// The connect() or listen() over MPTCP succeeded.
+    Used,
+    /// It failed with this errno, and the app fell back to TCP.
+    FellBack(i32),
+}
+
 fn is_zero(n: &u64) -> bool {
     *n == 0
 }
@@ -71,6 +81,13 @@ pub struct AppReport {
     /// What became of Fast Open's first bytes (`--fastopen`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub fastopen: Option<FastOpenOutcome>,
+    /// What became of the app's Multipath TCP socket (`--mptcp`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mptcp: Option<MptcpOutcome>,
+    /// Accepted sockets that were Multipath TCP (an MPTCP listener's
+    /// clients that offered MPTCP; the others get TCP sockets).
+    #[serde(skip_serializing_if = "is_zero")]
+    pub mptcp_accepted: u64,
     /// connect() calls on connected sockets that failed with EISCONN
     /// (`--connect-again`).
     #[serde(skip_serializing_if = "is_zero")]
@@ -120,6 +137,7 @@ mod tests {
             error: Some("reset".into()),
             errno: Some(104),
             fastopen: Some(FastOpenOutcome::Refused),
+            mptcp: Some(MptcpOutcome::FellBack(95)),
             eisconn: 3,
             probe: vec![ProbeStep {
                 call: "send".into(),

@@ -53,6 +53,10 @@ pub const MODULE_DIRS: &[&str] = &[
     "kernel/net/netfilter",
     "kernel/net/ipv4/netfilter",
     "kernel/net/ipv6/netfilter",
+    // Shared Memory Communications (AF_SMC; needs ib_core), which an app
+    // may ask for and which falls back to TCP underneath: a gate scenario.
+    "kernel/net/smc",
+    "kernel/drivers/infiniband/core/ib_core.ko",
 ];
 
 const INIT: &str = r#"#!/bin/busybox sh

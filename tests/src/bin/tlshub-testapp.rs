@@ -9,7 +9,7 @@ use std::time::Instant;
 use clap::{Parser, Subcommand, ValueEnum};
 use serde::Serialize;
 use tlshub_vm_tests::app_io::{self, Conn, FastOpen, IoMode, RecvMethod, SendMethod, Via};
-use tlshub_vm_tests::app_report::{AppReport, AppRole, FastOpenOutcome};
+use tlshub_vm_tests::app_report::{AppReport, AppRole, FastOpenOutcome, MptcpOutcome};
 use tlshub_vm_tests::pattern;
 
 #[derive(Debug, Parser)]
@@ -107,6 +107,15 @@ struct Common {
     /// accepts the next at once); otherwise one after another.
     #[arg(long)]
     parallel: bool,
+    /// Listen or connect over Multipath TCP (`IPPROTO_MPTCP`), falling
+    /// back to TCP on any error of the MPTCP attempt, as Go's net package
+    /// does.
+    #[arg(long)]
+    mptcp: bool,
+    /// Listen or connect with an `AF_SMC` socket (Shared Memory
+    /// Communications, as `smc_run` makes an app do), no fallback.
+    #[arg(long, conflicts_with = "mptcp")]
+    smc: bool,
 }
 
 #[derive(Debug, Subcommand)]
@@ -431,6 +440,12 @@ fn client_one(target: SocketAddr, common: &Common, r: &mut AppReport) -> std::io
         return client_fastopen(target, common, r);
     }
     let stream = match (common.sndbuf, common.via) {
+        _ if common.smc => app_io::connect_smc(target)?,
+        _ if common.mptcp => {
+            let (stream, fell_back) = app_io::connect_mptcp(target)?;
+            r.mptcp = Some(mptcp_outcome(fell_back));
+            stream
+        }
         (Some(bytes), _) => app_io::connect_with_send_buffer(target, bytes)?,
         (None, Via::Syscall) => TcpStream::connect(target)?,
         (None, Via::IoUring) => app_io::connect_io_uring(target)?,
@@ -494,6 +509,25 @@ fn client_parallel(target: SocketAddr, common: &Common, r: &mut AppReport) -> st
     Ok(())
 }
 
+/// `--mptcp`: what became of the MPTCP attempt.
+fn mptcp_outcome(fell_back: Option<i32>) -> MptcpOutcome {
+    fell_back.map_or(MptcpOutcome::Used, MptcpOutcome::FellBack)
+}
+
+/// An accepted connection, counted in `r.mptcp_accepted` if it is
+/// Multipath TCP.
+fn accept_counted(
+    l: &TcpListener,
+    common: &Common,
+    r: &mut AppReport,
+) -> std::io::Result<TcpStream> {
+    let s = accept(l, common.via)?;
+    if common.mptcp && app_io::is_mptcp(&s) {
+        r.mptcp_accepted += 1;
+    }
+    Ok(s)
+}
+
 /// A client-first exchange whose first bytes go out with Fast Open.
 fn client_fastopen(target: SocketAddr, common: &Common, r: &mut AppReport) -> std::io::Result<()> {
     if common.mode != Mode::ClientFirst {
@@ -503,7 +537,11 @@ fn client_fastopen(target: SocketAddr, common: &Common, r: &mut AppReport) -> st
     }
     let mut first = vec![0u8; common.size.min(1000)];
     pattern::fill(CLIENT_SEED, 0, &mut first);
-    let (stream, sent) = app_io::connect_fastopen(target, common.fastopen, &first)?;
+    let (stream, sent) = app_io::connect_fastopen(target, common.fastopen, &first, common.mptcp)?;
+    if common.mptcp {
+        // The fallback of a refused Fast Open send is TCP.
+        r.mptcp = Some(mptcp_outcome(sent.is_none().then_some(libc::EOPNOTSUPP)));
+    }
     r.fastopen = Some(if sent.is_some() {
         FastOpenOutcome::Sent
     } else {
@@ -632,7 +670,15 @@ fn run(args: Args, r: &mut AppReport) -> std::io::Result<()> {
     match args.side {
         Side::Server { listen, common } => {
             r.role = AppRole::Server;
-            let l = TcpListener::bind(listen)?;
+            let l = if common.smc {
+                app_io::listen_smc(listen)?
+            } else if common.mptcp {
+                let (l, fell_back) = app_io::listen_mptcp(listen)?;
+                r.mptcp = Some(mptcp_outcome(fell_back));
+                l
+            } else {
+                TcpListener::bind(listen)?
+            };
             if let Some(bytes) = common.sndbuf {
                 socket2::SockRef::from(&l).set_send_buffer_size(bytes)?;
             }
@@ -644,7 +690,7 @@ fn run(args: Args, r: &mut AppReport) -> std::io::Result<()> {
                 std::thread::scope(|scope| {
                     let mut threads = Vec::new();
                     for _ in 0..common.connections {
-                        let s = accept(&l, common.via)?;
+                        let s = accept_counted(&l, &common, r)?;
                         let common = &common;
                         threads.push(scope.spawn(move || {
                             let mut one = AppReport::default();
@@ -664,7 +710,7 @@ fn run(args: Args, r: &mut AppReport) -> std::io::Result<()> {
             } else {
                 for _ in 0..common.connections {
                     std::thread::sleep(std::time::Duration::from_millis(common.accept_delay_ms));
-                    let s = accept(&l, common.via)?;
+                    let s = accept_counted(&l, &common, r)?;
                     exchange_maybe_handed_off(s, &common, r, serve_one)?;
                     r.connections += 1;
                 }

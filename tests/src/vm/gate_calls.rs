@@ -1,13 +1,17 @@
 //! The rest of the socket API on selected sockets: out-of-band data,
 //! zero-copy send and receive, TCP repair mode, sockets with no room for
-//! the gate's mark, and a send racing the connect.
+//! the gate's mark, a send racing the connect, and Multipath TCP.
 
 use std::time::Duration;
 
 use super::node::{NodeSpec, PLAIN_PORT, PROTECTED_PORT};
 use super::process;
-use super::support::{App, PodSetting, nodes, run_pair};
+use super::support::{
+    App, PodSetting, app_report, both_ok, finish_app_server, nodes, run_app_client, run_pair,
+    start_app_server,
+};
 use super::wire_check::Capture;
+use crate::app_report::{FastOpenOutcome, MptcpOutcome};
 
 /// `tlshub-testapp probe --what WHAT` from pod-a to pod-b's `port`: the
 /// errno of each step (0: it succeeded).
@@ -244,4 +248,215 @@ fn accepted_without_room_for_the_mark(b: &super::node::Node) -> Result<String, S
         "accepted socket with no room for its mark (pod-b's optmem_max 0) refused with ECONNRESET"
             .into(),
     )
+}
+
+/// Multipath TCP (`IPPROTO_MPTCP`), on by default in every namespace
+/// (`net.mptcp.enabled=1`): the app's socket is not the TCP socket on the
+/// wire (the kernel moves its bytes into one TCP subflow per path, with no
+/// socket hook on the way), and kTLS cannot be installed on it. Each case
+/// under one capture:
+/// - an MPTCP client to the protected port: its connect() is refused
+///   (`EOPNOTSUPP`) before any packet, it falls back to TCP as Go's dialer
+///   does, and that connection is protected (the server listens over MPTCP
+///   and accepts a TCP socket);
+/// - the control, the same to the plain port: MPTCP works (the server
+///   accepts an MPTCP socket) and the marker crosses in clear, so the
+///   refusal above is the gate's and the capture sees plaintext;
+/// - Fast Open over MPTCP (`sendto(MSG_FASTOPEN)`, which connects without
+///   connect()) to the protected port: refused like TCP's, then TCP;
+/// - an MPTCP listener that listened before node b selected its port, and
+///   an MPTCP client on node a, which does not select that port (a peer
+///   without tlshub for this connection): the accepted MPTCP socket is
+///   refused before accept() returns it, so the server's first write fails
+///   with `ECONNRESET` and no byte of it crosses. Without that, node b's
+///   programs see only the subflow, and the server's bytes go out in
+///   clear.
+pub fn multipath_tcp() -> Result<String, String> {
+    const LATE_PORT: u16 = 8444;
+    let (a, mut b) = nodes(NodeSpec::new("a"), NodeSpec::new("b"))?;
+    let mptcp = |port| App {
+        mptcp: true,
+        ..App::exchange(4096, port)
+    };
+    let cap = Capture::start("multipath-tcp")?;
+    let mut seen = Vec::new();
+    let refused_mptcp = Some(MptcpOutcome::FellBack(libc::EOPNOTSUPP));
+
+    let protected = mptcp(PROTECTED_PORT);
+    let (s, c) = run_pair(&protected, &[], Duration::from_secs(60))?;
+    both_ok(&protected, &s, &c)?;
+    let refused = a.stat_reaching(|s| s.mptcp_refused, 1);
+    if c.mptcp != refused_mptcp || s.mptcp_accepted != 0 || refused != 1 {
+        return Err(format!(
+            "MPTCP to the protected port: client {c} (want its MPTCP connect refused with EOPNOTSUPP, then TCP), server {s} (want no MPTCP socket accepted), node a's mptcp_refused {refused} (want 1)"
+        ));
+    }
+    seen.push("MPTCP connect() to the protected port refused (EOPNOTSUPP), TCP fallback protected");
+
+    let plain = mptcp(PLAIN_PORT);
+    let (s, c) = run_pair(&plain, &[], Duration::from_secs(60))?;
+    both_ok(&plain, &s, &c)?;
+    if c.mptcp != Some(MptcpOutcome::Used) || s.mptcp_accepted != 1 {
+        return Err(format!(
+            "MPTCP to the plain port (the control): client {c}, server {s} (want MPTCP used and accepted)"
+        ));
+    }
+    seen.push("MPTCP to the plain port used and accepted (control)");
+
+    let fastopen_before = a.stat(|s| s.fastopen_refused);
+    let (s, c) = run_pair(
+        &App::exchange(4096, PROTECTED_PORT),
+        &["--mptcp", "--fastopen", "sendto"],
+        Duration::from_secs(60),
+    )?;
+    let fastopen_refused = a.stat_reaching(|s| s.fastopen_refused, fastopen_before + 1);
+    if !s.ok
+        || !c.ok
+        || c.fastopen != Some(FastOpenOutcome::Refused)
+        || c.mptcp != refused_mptcp
+        || fastopen_refused != fastopen_before + 1
+    {
+        return Err(format!(
+            "MPTCP Fast Open to the protected port: client {c}, server {s} (want the send refused, then TCP, exact), node a's fastopen_refused {fastopen_before} -> {fastopen_refused}"
+        ));
+    }
+    seen.push("MPTCP sendto(MSG_FASTOPEN) to the protected port refused, TCP fallback exact");
+
+    let late = App {
+        mode: "server-first",
+        ..mptcp(LATE_PORT)
+    };
+    let server = start_app_server(&late)?;
+    b.select_port_too(LATE_PORT)?;
+    let c = run_app_client(&late, "pod-a", &[], Duration::from_secs(60), server.id())?;
+    let s = finish_app_server(&late, server, &c)?;
+    let c = app_report(&c)?;
+    let refused = b.stat_reaching(|s| s.mptcp_refused, 1);
+    if s.mptcp != Some(MptcpOutcome::Used)
+        || s.mptcp_accepted != 1
+        || s.errno != Some(libc::ECONNRESET)
+        || s.bytes_sent != 0
+        || c.ok
+        || c.bytes_received != 0
+        || refused != 1
+    {
+        return Err(format!(
+            "an MPTCP listener older than its port's selection: server {s} (want an MPTCP socket accepted and its first write refused with ECONNRESET), client {c} (want nothing received), node b's mptcp_refused {refused} (want 1)"
+        ));
+    }
+    seen.push("an MPTCP socket accepted on a port selected after listen() refused (ECONNRESET), nothing sent");
+
+    let flows = cap.finish()?;
+    let late_in_clear = super::wire_check::plain_flows_on(&flows, LATE_PORT);
+    if late_in_clear != 0 {
+        return Err(format!(
+            "{late_in_clear} flows on port {LATE_PORT} carried the marker in clear"
+        ));
+    }
+    let report = super::wire_check::check_wire(&flows, &a, &b)?;
+    report.expect_at_least(1, 4)?;
+    Ok(format!(
+        "{}; no marker in {} protected flows ({} decrypted) nor on port {LATE_PORT}, the plain control showed it",
+        seen.join(", "),
+        report.protected_flows,
+        report.decrypted
+    ))
+}
+
+/// Shared Memory Communications (`AF_SMC`, net/smc, loaded by the kernel
+/// when an app first asks for it; `smc_run` makes an unmodified app use
+/// it). An SMC socket runs a TCP socket of its own underneath (the "CLC
+/// socket", in the app's cgroup, so the sockops program selects it) and,
+/// with no SMC-capable device (none in this VM) or a peer that does not
+/// offer SMC, falls back to moving the app's bytes over it. Each case
+/// must be exact and protected, with no marker on a protected flow:
+/// - an SMC client to a TCP server on the protected port;
+/// - a TCP client to an SMC server that writes first;
+/// - the control: an SMC client to the plain port, the marker in clear.
+///
+/// Both fallbacks reach the gate because SMC itself points the app's file
+/// at the TCP socket underneath when it falls back (at `connect()`, and at
+/// `accept()` for an accepted one), so every later call on the fd is a
+/// call on that (selected, marked) socket. Then SMC on both ends: the two
+/// kernels agree on SMC in the TCP handshake and then exchange SMC's own
+/// messages (CLC) on the selected socket from inside the kernel, which
+/// collide with the keying; the connection must fail closed, the client
+/// with an error before it sent anything (seen: `EPROTO` from connect()),
+/// or else be exact and protected. No marker may cross on a protected
+/// flow in any case.
+pub fn shared_memory_communications() -> Result<String, String> {
+    let (a, b) = nodes(NodeSpec::new("a"), NodeSpec::new("b"))?;
+    let cap = Capture::start("smc")?;
+    let tcp = |mode| App {
+        mode,
+        ..App::exchange(4096, PROTECTED_PORT)
+    };
+    let smc = |mode| App {
+        smc: true,
+        ..tcp(mode)
+    };
+    let mut seen = Vec::new();
+    for (what, server, client) in [
+        (
+            "SMC client, TCP server",
+            tcp("client-first"),
+            smc("client-first"),
+        ),
+        (
+            "TCP client, SMC server writing first",
+            smc("server-first"),
+            tcp("server-first"),
+        ),
+        (
+            "SMC client to the plain port (control)",
+            App {
+                port: PLAIN_PORT,
+                ..tcp("client-first")
+            },
+            App {
+                port: PLAIN_PORT,
+                ..smc("client-first")
+            },
+        ),
+    ] {
+        let srv = start_app_server(&server)?;
+        let c = run_app_client(&client, "pod-a", &[], Duration::from_secs(60), srv.id())?;
+        let s = finish_app_server(&server, srv, &c)?;
+        let c = app_report(&c)?;
+        if !s.ok || !c.ok {
+            return Err(format!("{what}: server {s}, client {c}"));
+        }
+        seen.push(format!("{what} exact"));
+    }
+    let both = smc("client-first");
+    let srv = start_app_server(&both)?;
+    let c = run_app_client(&both, "pod-a", &[], Duration::from_secs(60), srv.id())?;
+    let c = app_report(&c)?;
+    let decrypted_at_least = if c.ok {
+        let s = finish_app_server(&both, srv, &c.to_string())?;
+        both_ok(&both, &s, &c)?;
+        seen.push("SMC on both ends exact".into());
+        6
+    } else if c.bytes_sent == 0 && c.bytes_received == 0 {
+        // Its server's accept() never returns: this connection failed
+        // before SMC handed it over.
+        drop(srv);
+        seen.push(format!(
+            "SMC on both ends failed closed ({}), nothing sent",
+            c.error.as_deref().unwrap_or("?")
+        ));
+        4
+    } else {
+        return Err(format!(
+            "SMC on both ends: client {c} (want exact, or an error before any byte)"
+        ));
+    };
+    let report = super::wire_check::check_wire_allowing_unkeyed(&cap.finish()?, &a, &b, true)?;
+    report.expect_at_least(1, decrypted_at_least)?;
+    Ok(format!(
+        "{}; no marker in {} protected flows ({} decrypted), the plain control showed it",
+        seen.join(", "),
+        report.protected_flows,
+        report.decrypted
+    ))
 }

@@ -17,7 +17,7 @@ use super::support::{
     finish_app_server, nodes, run_app_client, run_pair, settle_keying, start_app_server,
 };
 use super::topology::{POD_A, POD_B};
-use super::wire_check::{Capture, captured_exchanges};
+use super::wire_check::{Capture, captured_exchanges, plain_flows_on};
 use crate::pattern::MARKER;
 use crate::wire;
 
@@ -70,15 +70,6 @@ fn no_key_timeout_waited(out_took: Duration, in_took: Duration) -> Result<(), St
         ));
     }
     Ok(())
-}
-
-/// Flows on `port` (either end) that carry the marker in clear.
-fn plain_flows_on(flows: &[wire::Flow], port: u16) -> usize {
-    flows
-        .iter()
-        .filter(|f| f.src.port() == port || f.dst.port() == port)
-        .filter(|f| wire::contains(&f.bytes, MARKER))
-        .count()
 }
 
 /// A figure of both nodes' stats, each waited for until it reaches `want`

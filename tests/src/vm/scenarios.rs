@@ -210,6 +210,14 @@ pub const TESTS: &[Scenario] = &[
         super::gate_calls::unusual_socket_calls,
     ),
     (
+        "gate_multipath_tcp_refused",
+        super::gate_calls::multipath_tcp,
+    ),
+    (
+        "gate_shared_memory_communications",
+        super::gate_calls::shared_memory_communications,
+    ),
+    (
         "gate_io_uring_send_recv",
         super::gate_paths::uring_send_recv,
     ),

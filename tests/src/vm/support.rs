@@ -48,6 +48,10 @@ pub struct App {
     pub accept_delay_ms: u64,
     /// --parallel (both ends): all `connections` at once.
     pub parallel: bool,
+    /// --mptcp (both ends): Multipath TCP, falling back to TCP on error.
+    pub mptcp: bool,
+    /// --smc (both ends): `AF_SMC` sockets.
+    pub smc: bool,
 }
 
 impl App {
@@ -70,6 +74,8 @@ impl App {
             ktls_fixed_key: false,
             accept_delay_ms: 0,
             parallel: false,
+            mptcp: false,
+            smc: false,
         }
     }
 
@@ -124,6 +130,12 @@ impl App {
         }
         if self.parallel {
             args.push("--parallel".into());
+        }
+        if self.mptcp {
+            args.push("--mptcp".into());
+        }
+        if self.smc {
+            args.push("--smc".into());
         }
         args
     }

@@ -113,6 +113,15 @@ impl Capture {
     }
 }
 
+/// Flows on `port` (either end) that carry the marker in clear.
+pub fn plain_flows_on(flows: &[wire::Flow], port: u16) -> usize {
+    flows
+        .iter()
+        .filter(|f| f.src.port() == port || f.dst.port() == port)
+        .filter(|f| wire::contains(&f.bytes, MARKER))
+        .count()
+}
+
 /// What the wire check found.
 #[derive(Debug, Default)]
 pub struct WireReport {
