@@ -3,10 +3,10 @@
 
 use std::time::{Duration, Instant};
 
-use super::node::{NodeSpec, PLAIN_PORT, PROTECTED_PORT};
+use super::node::{NodeSpec, PLAIN_PORT, PROTECTED_PORT, ProviderKind};
 use super::process::{self, finish, spawn_ready};
 use super::support::*;
-use super::topology::POD_B6;
+use super::topology::{POD_B, POD_B6};
 use super::wire_check::*;
 
 pub fn kernel_has_ktls_and_bpf_lsm() -> Result<String, String> {
@@ -330,6 +330,63 @@ pub fn ipv6_exchange() -> Result<String, String> {
     }
     Ok(format!(
         "2 IPv6 connections ({local} -> [{POD_B6}]:{PROTECTED_PORT}), both orders, exact; 4 flows TLS-only and decrypted"
+    ))
+}
+
+/// Dual-stack sockets: `AF_INET6` sockets that talk IPv4 through v4-mapped
+/// addresses (`::ffff:10.0.2.2`), which servers listening on `[::]`
+/// (Node.js, Java) and clients that open IPv6 sockets for every address
+/// (Java, .NET) use by default. The kernel reports such a connection's
+/// addresses v4-mapped (the sockops program, the connect hook, the
+/// socket's own fields); the policy is kept v4-mapped too, and the core
+/// reads them back as IPv4, so both ends agree with an IPv4 peer on
+/// selection and on the connection's identity (which key-only providers
+/// derive keys from). Each combination, both orders, exact and decrypted,
+/// and the same to the plain port as the control; with an in-band
+/// handshake provider (OpenSSL) and a key-only one (TLSHub, keys from the
+/// connection's identity).
+pub fn dual_stack_exchange() -> Result<String, String> {
+    let mut apps = Vec::new();
+    for (listen_dual_stack, connect_v4_mapped) in [(true, false), (false, true), (true, true)] {
+        for mode in ["client-first", "server-first"] {
+            apps.push(App {
+                mode,
+                listen_dual_stack,
+                connect_v4_mapped,
+                ..App::exchange(10_000, PROTECTED_PORT)
+            });
+        }
+    }
+    apps.push(App {
+        listen_dual_stack: true,
+        connect_v4_mapped: true,
+        ..App::exchange(10_000, PLAIN_PORT)
+    });
+    let mut decrypted = Vec::new();
+    for kind in [ProviderKind::OpenSsl, ProviderKind::TlsHub] {
+        let (a, b) = nodes(
+            NodeSpec::with_provider("a", kind),
+            NodeSpec::with_provider("b", kind),
+        )?;
+        let report = captured_exchanges(&format!("dual-stack-{}", kind.name()), &a, &b, &apps)?;
+        report.expect_at_least(1, 12)?;
+        let keyed: Vec<_> = a.keys().into_iter().chain(b.keys()).collect();
+        if let Some(k) = keyed
+            .iter()
+            .find(|k| !k.local.is_ipv4() || !k.remote.is_ipv4())
+        {
+            return Err(format!(
+                "{}: keys exported for {} -> {}: want the IPv4 addresses, not v4-mapped ones",
+                kind.name(),
+                k.local,
+                k.remote
+            ));
+        }
+        decrypted.push(format!("{} {}", kind.name(), report.decrypted));
+    }
+    Ok(format!(
+        "6 connections over dual-stack sockets ([::] listener, [::ffff:{POD_B}] client, both), both orders, exact, per provider; flows TLS-only and decrypted: {}; the plain control in clear; keys named by IPv4 addresses",
+        decrypted.join(", ")
     ))
 }
 

@@ -41,6 +41,10 @@ pub const TESTS: &[Scenario] = &[
         super::exchange::ipv6_exchange,
     ),
     (
+        "dual_stack_sockets_v4_mapped_exchange",
+        super::exchange::dual_stack_exchange,
+    ),
+    (
         "concurrent_keying_200_connections",
         super::exchange::concurrent_keying,
     ),

@@ -52,6 +52,14 @@ pub struct App {
     pub mptcp: bool,
     /// --smc (both ends): `AF_SMC` sockets.
     pub smc: bool,
+    /// An IPv4 server listens on `[::]` (a dual-stack `AF_INET6` socket,
+    /// whose IPv4 connections have v4-mapped addresses), as Node.js and
+    /// Java servers do by default.
+    pub listen_dual_stack: bool,
+    /// The client connects to an IPv4 server through its v4-mapped address
+    /// (`[::ffff:10.0.2.2]`, an `AF_INET6` socket), as Java and .NET
+    /// clients do by default.
+    pub connect_v4_mapped: bool,
 }
 
 impl App {
@@ -76,6 +84,8 @@ impl App {
             parallel: false,
             mptcp: false,
             smc: false,
+            listen_dual_stack: false,
+            connect_v4_mapped: false,
         }
     }
 
@@ -88,8 +98,16 @@ impl App {
                 format!("[{ip}]:{}", self.port),
             ),
             _ => (
-                format!("0.0.0.0:{}", self.port),
-                format!("{}:{}", self.server, self.port),
+                if self.listen_dual_stack {
+                    format!("[::]:{}", self.port)
+                } else {
+                    format!("0.0.0.0:{}", self.port)
+                },
+                if self.connect_v4_mapped {
+                    format!("[::ffff:{}]:{}", self.server, self.port)
+                } else {
+                    format!("{}:{}", self.server, self.port)
+                },
             ),
         };
         match self.proxy {
