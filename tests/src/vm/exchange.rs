@@ -336,7 +336,7 @@ pub fn ipv6_exchange() -> Result<String, String> {
 /// Dual-stack sockets: `AF_INET6` sockets that talk IPv4 through v4-mapped
 /// addresses (`::ffff:10.0.2.2`), which servers listening on `[::]`
 /// (Node.js, Java) and clients that open IPv6 sockets for every address
-/// (Java, .NET) use by default. The kernel reports such a connection's
+/// (Java) use by default. The kernel reports such a connection's
 /// addresses v4-mapped (the sockops program, the connect hook, the
 /// socket's own fields); the policy is kept v4-mapped too, and the core
 /// reads them back as IPv4, so both ends agree with an IPv4 peer on

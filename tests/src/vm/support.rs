@@ -57,7 +57,7 @@ pub struct App {
     /// Java servers do by default.
     pub listen_dual_stack: bool,
     /// The client connects to an IPv4 server through its v4-mapped address
-    /// (`[::ffff:10.0.2.2]`, an `AF_INET6` socket), as Java and .NET
+    /// (`[::ffff:10.0.2.2]`, an `AF_INET6` socket), as Java
     /// clients do by default.
     pub connect_v4_mapped: bool,
 }
