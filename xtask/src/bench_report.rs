@@ -9,16 +9,29 @@ use tlshub_bench_report::{Figure, Report};
 
 use crate::root;
 
+/// The name of a bench run's figures file under `target/bench`: a full
+/// run's is `figures-<kernel>.json`, a run of some parts only (`--filter`,
+/// `bench --quick`) `figures-<parts>-<kernel>.json`, so that it never
+/// replaces a full run's (a quick run once did, and was then committed as
+/// the full run's figures).
+pub fn figures_stem(filter: Option<&str>) -> String {
+    match filter {
+        None | Some("") => "figures".into(),
+        Some(parts) => format!("figures-{}", parts.replace(',', "+")),
+    }
+}
+
 /// Reads the figures of the bench boot `label` (its serial log under
 /// `target/vm`) on kernel line `kernel`, writes
-/// `target/bench/figures-<kernel>.{json,csv,md}` and prints the tables,
-/// and this run against `compare` (an earlier run's file and figures) if
-/// given.
+/// `target/bench/<stem>-<kernel>.{json,csv,md}` (see [`figures_stem`]) and
+/// prints the tables, and this run against `compare` (an earlier run's
+/// file and figures) if given.
 /// `commit` names the build the run measured (read before the boot: the
 /// tree may change during a run).
 pub fn write(
     label: &str,
     kernel: &str,
+    stem: &str,
     commit: Option<String>,
     compare: Option<(&Path, &Report)>,
 ) -> Result<()> {
@@ -36,7 +49,7 @@ pub fn write(
     let dir = root().join("target/bench");
     std::fs::create_dir_all(&dir)?;
     // Not `with_extension`: the kernel's name has a dot of its own.
-    let file = |ext: &str| dir.join(format!("figures-{kernel}.{ext}"));
+    let file = |ext: &str| dir.join(format!("{stem}-{kernel}.{ext}"));
     let markdown = report.to_markdown();
     std::fs::write(file("json"), serde_json::to_string_pretty(&report)?)?;
     std::fs::write(file("csv"), report.to_csv())?;
@@ -45,7 +58,7 @@ pub fn write(
         chart(&report, part, &dir.join(format!("{part}-{kernel}.svg")))?;
     }
     println!(
-        "== {} figures written to {}/figures-{kernel}.{{json,csv,md}}, charts to <part>-{kernel}.svg\n\n{markdown}",
+        "== {} figures written to {}/{stem}-{kernel}.{{json,csv,md}}, charts to <part>-{kernel}.svg\n\n{markdown}",
         report.figures.len(),
         dir.display()
     );
@@ -269,4 +282,20 @@ fn cdf_chart(report: &Report, part: &str, path: &Path) -> Result<()> {
 /// plotters' error (generic over the backend) as text.
 fn draw_error(e: impl std::fmt::Display) -> anyhow::Error {
     anyhow::anyhow!("cannot draw the chart: {e}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::figures_stem;
+
+    #[test]
+    fn only_a_full_run_writes_the_full_runs_figures_file() {
+        assert_eq!(figures_stem(None), "figures");
+        assert_eq!(figures_stem(Some("")), "figures");
+        assert_eq!(figures_stem(Some("quick")), "figures-quick");
+        assert_eq!(
+            figures_stem(Some("collateral_stall,concurrency")),
+            "figures-collateral_stall+concurrency"
+        );
+    }
 }

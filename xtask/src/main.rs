@@ -63,7 +63,8 @@ enum Cmd {
     /// WireGuard, a stunnel pair and each provider side by side (setup,
     /// throughput, gate holds, collateral stall, concurrency,
     /// request/response, eight streams); figures also written to
-    /// `target/bench/figures-6.1.{json,csv,md}`.
+    /// `target/bench/figures-6.1.{json,csv,md}` (with `--quick`,
+    /// `figures-quick-6.1.*`).
     Bench {
         /// An earlier run's `figures-<kernel>.json`: print each figure
         /// of this run next to it, with the ratio.
@@ -123,7 +124,8 @@ enum VmMode {
     /// The scenarios of `cargo xtask test`.
     Test,
     /// The benchmark's parts (`--filter` picks some); their figures are
-    /// written to `target/bench/figures-<kernel>.{json,csv,md}`.
+    /// written to `target/bench/figures-<kernel>.{json,csv,md}`, or
+    /// `figures-<parts>-<kernel>.*` for some parts.
     Bench,
     /// The narrated demo.
     Demo,

@@ -489,7 +489,8 @@ pub fn run_mode(run: &Run, line: deps::KernelLine, bins: &Path) -> Result<()> {
             .compare
             .as_ref()
             .map(|(path, old)| (path.as_path(), old));
-        let written = crate::bench_report::write(&label, line.name, commit, compare);
+        let stem = crate::bench_report::figures_stem(run.filter.as_deref());
+        let written = crate::bench_report::write(&label, line.name, &stem, commit, compare);
         match (&booted, written) {
             (Ok(()), written) => written?,
             (Err(_), Err(e)) => println!("== benchmark figures not written: {e:#}"),
