@@ -134,14 +134,8 @@ pub fn connect_mptcp(
 pub fn listen_mptcp(
     addr: std::net::SocketAddr,
 ) -> io::Result<(std::net::TcpListener, Option<i32>)> {
-    let attempt = mptcp_socket(addr).and_then(|s| {
-        s.set_reuse_address(true)?;
-        s.bind(&addr.into())?;
-        s.listen(128)?;
-        Ok(s)
-    });
-    match attempt {
-        Ok(s) => Ok((s.into(), None)),
+    match mptcp_socket(addr).and_then(|s| listening(s, addr)) {
+        Ok(l) => Ok((l, None)),
         Err(e) => Ok((
             std::net::TcpListener::bind(addr)?,
             Some(e.raw_os_error().unwrap_or(-1)),
@@ -169,7 +163,12 @@ pub fn connect_smc(target: std::net::SocketAddr) -> io::Result<std::net::TcpStre
 
 /// Listens on `addr` (IPv4) with an `AF_SMC` socket.
 pub fn listen_smc(addr: std::net::SocketAddr) -> io::Result<std::net::TcpListener> {
-    let s = smc_socket()?;
+    listening(smc_socket()?, addr)
+}
+
+/// `s` bound to `addr` (reusing it, as the tests restart servers on one
+/// port) and listening.
+fn listening(s: socket2::Socket, addr: std::net::SocketAddr) -> io::Result<std::net::TcpListener> {
     s.set_reuse_address(true)?;
     s.bind(&addr.into())?;
     s.listen(128)?;
@@ -905,8 +904,8 @@ pub enum FastOpen {
 }
 
 /// Connects to `target` with Fast Open as `how` says (over Multipath TCP
-/// if `mptcp`), `first` being the first bytes to send. Returns the stream and how many bytes of `first`
-/// went out, or `None` for the count when the send was refused with
+/// if `mptcp`), `first` being the first bytes to send. Returns the stream
+/// and how many bytes of `first` went out, or `None` for the count when the send was refused with
 /// `EOPNOTSUPP` (the kernel's answer when client Fast Open is off) and the
 /// client fell back to connect() as a careful application does (nothing
 /// was sent then).
