@@ -82,7 +82,8 @@ pub struct Stats {
     /// `EOPNOTSUPP` (counted by BPF).
     pub fastopen_refused: u64,
     /// Multipath TCP connections refused where the policy selects them:
-    /// `connect()` answered `EOPNOTSUPP`, or an accepted (or extra) path
+    /// `connect()` or `listen()` answered `EOPNOTSUPP`, or an accepted (or
+    /// extra) path
     /// whose MPTCP socket fails every call (counted by BPF).
     pub mptcp_refused: u64,
     /// Selected connections failed closed because the `conns` map was full

@@ -125,7 +125,7 @@ pub const BPF_COUNTERS: [BpfCounter; 12] = [
     BpfCounter {
         index: stat::MPTCP_REFUSED,
         metric: "gate_mptcp_refused",
-        help: "Multipath TCP connections refused where the policy selects them (kTLS cannot be installed on an MPTCP socket): connect() answered EOPNOTSUPP (an app may fall back to TCP), or a path that was accepted or added anyway, whose MPTCP socket then fails every call with ECONNRESET; MPTCP Fast Open sends count under gate_fastopen_refused",
+        help: "Multipath TCP connections refused where the policy selects them (kTLS cannot be installed on an MPTCP socket): connect(), or listen() on a port a rule selects, answered EOPNOTSUPP (an app may fall back to TCP), or a path that was accepted or added anyway, whose MPTCP socket then fails every call with ECONNRESET; MPTCP Fast Open sends count under gate_fastopen_refused",
         alarm: None,
         field: |s| &mut s.mptcp_refused,
     },

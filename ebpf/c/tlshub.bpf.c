@@ -1533,6 +1533,39 @@ int BPF_PROG(tlshub_gate_connect, struct socket *sock, struct sockaddr *address,
 	return -ENOBUFS;
 }
 
+/* An MPTCP listener on a port some rule selects, on one of this node's pod
+ * addresses (or all of them), is refused with EOPNOTSUPP: its MPTCP
+ * connections could never be protected (see mptcp_subflow_refused()),
+ * while a TCP listener in its place serves MPTCP clients too (they fall
+ * back to TCP). Go's net package falls back to a TCP listener on any MPTCP
+ * error, so such a server keeps working, and a client from a node without
+ * tlshub is judged by the policy like any TCP client (plain under an
+ * opportunistic rule) instead of being reset by the subflow backstop. A
+ * listener not yet bound (port 0, picked by listen()) is refused only
+ * where a rule selects every port. */
+SEC("lsm/socket_listen")
+int BPF_PROG(tlshub_gate_listen, struct socket *sock, int backlog, int ret)
+{
+	if (ret)
+		return ret;
+	struct sock *sk = sock->sk;
+	if (!sk || sk->sk_protocol != IPPROTO_MPTCP)
+		return 0;
+	unsigned short family = sk->__sk_common.skc_family;
+	if (family != AF_INET && family != AF_INET6)
+		return 0;
+	if (!rule_selects_port(TLSHUB_LISTEN_RULE, sk->__sk_common.skc_num))
+		return 0;
+	struct tlshub_event ev = {};
+	local_from_sk(sk, family, &ev);
+	struct tlshub_lpm_key key = { .prefixlen = 128 };
+	__builtin_memcpy(key.addr, ev.local_addr, 16);
+	if (!addr_unspecified(ev.local_addr) && !bpf_map_lookup_elem(&local_nets, &key))
+		return 0;
+	stat_inc(TLSHUB_STAT_MPTCP_REFUSED);
+	return -EOPNOTSUPP;
+}
+
 SEC("lsm/socket_sendmsg")
 int BPF_PROG(tlshub_gate_sendmsg, struct socket *sock, struct msghdr *msg, int size, int ret)
 {

@@ -22,8 +22,9 @@ pub mod names {
         ("tlshub_exit_accept", "__x64_sys_accept"),
     ];
     /// LSM programs: (program, hook).
-    pub const LSM: [(&str, &str); 7] = [
+    pub const LSM: [(&str, &str); 8] = [
         ("tlshub_gate_connect", "socket_connect"),
+        ("tlshub_gate_listen", "socket_listen"),
         ("tlshub_gate_sendmsg", "socket_sendmsg"),
         ("tlshub_gate_recvmsg", "socket_recvmsg"),
         ("tlshub_gate_file", "file_permission"),
@@ -211,10 +212,10 @@ pub mod stat {
     /// interrupted by the packet that established this connection).
     pub const MAP_BUSY: u32 = 13;
     /// Multipath TCP refused where the policy selects the connection
-    /// (kTLS cannot be installed on an MPTCP socket): `connect()` answered
-    /// `EOPNOTSUPP`, or a subflow that got there anyway (an accepted one,
-    /// an extra path) whose MPTCP socket then fails every call with
-    /// `ECONNRESET`.
+    /// (kTLS cannot be installed on an MPTCP socket): `connect()` or
+    /// `listen()` (on a port a rule selects) answered `EOPNOTSUPP`, or a
+    /// subflow that got there anyway (an accepted one, an extra path) whose
+    /// MPTCP socket then fails every call with `ECONNRESET`.
     pub const MPTCP_REFUSED: u32 = 14;
     /// Length of the `stats` array.
     pub const COUNT: u32 = 15;

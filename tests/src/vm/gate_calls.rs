@@ -255,10 +255,10 @@ fn accepted_without_room_for_the_mark(b: &super::node::Node) -> Result<String, S
 /// wire (the kernel moves its bytes into one TCP subflow per path, with no
 /// socket hook on the way), and kTLS cannot be installed on it. Each case
 /// under one capture:
-/// - an MPTCP client to the protected port: its connect() is refused
-///   (`EOPNOTSUPP`) before any packet, it falls back to TCP as Go's dialer
-///   does, and that connection is protected (the server listens over MPTCP
-///   and accepts a TCP socket);
+/// - an MPTCP server and client on the protected port: the server's
+///   listen() and the client's connect() are refused (`EOPNOTSUPP`), both
+///   fall back to TCP as Go's net package does, and that connection is
+///   protected;
 /// - the control, the same to the plain port: MPTCP works (the server
 ///   accepts an MPTCP socket) and the marker crosses in clear, so the
 ///   refusal above is the gate's and the capture sees plaintext;
@@ -285,13 +285,17 @@ pub fn multipath_tcp() -> Result<String, String> {
     let protected = mptcp(PROTECTED_PORT);
     let (s, c) = run_pair(&protected, &[], Duration::from_secs(60))?;
     both_ok(&protected, &s, &c)?;
-    let refused = a.stat_reaching(|s| s.mptcp_refused, 1);
-    if c.mptcp != refused_mptcp || s.mptcp_accepted != 0 || refused != 1 {
+    let refused = (
+        a.stat_reaching(|s| s.mptcp_refused, 1),
+        b.stat_reaching(|s| s.mptcp_refused, 1),
+    );
+    if c.mptcp != refused_mptcp || s.mptcp != refused_mptcp || refused != (1, 1) {
         return Err(format!(
-            "MPTCP to the protected port: client {c} (want its MPTCP connect refused with EOPNOTSUPP, then TCP), server {s} (want no MPTCP socket accepted), node a's mptcp_refused {refused} (want 1)"
+            "MPTCP on the protected port: client {c} (want its MPTCP connect refused with EOPNOTSUPP, then TCP), server {s} (want its MPTCP listen refused, then TCP), mptcp_refused a {} b {} (want 1 each)",
+            refused.0, refused.1
         ));
     }
-    seen.push("MPTCP connect() to the protected port refused (EOPNOTSUPP), TCP fallback protected");
+    seen.push("MPTCP listen() and connect() on the protected port refused (EOPNOTSUPP), TCP fallback protected");
 
     let plain = mptcp(PLAIN_PORT);
     let (s, c) = run_pair(&plain, &[], Duration::from_secs(60))?;
@@ -331,17 +335,17 @@ pub fn multipath_tcp() -> Result<String, String> {
     let c = run_app_client(&late, "pod-a", &[], Duration::from_secs(60), server.id())?;
     let s = finish_app_server(&late, server, &c)?;
     let c = app_report(&c)?;
-    let refused = b.stat_reaching(|s| s.mptcp_refused, 1);
+    let refused = b.stat_reaching(|s| s.mptcp_refused, 2);
     if s.mptcp != Some(MptcpOutcome::Used)
         || s.mptcp_accepted != 1
         || s.errno != Some(libc::ECONNRESET)
         || s.bytes_sent != 0
         || c.ok
         || c.bytes_received != 0
-        || refused != 1
+        || refused != 2
     {
         return Err(format!(
-            "an MPTCP listener older than its port's selection: server {s} (want an MPTCP socket accepted and its first write refused with ECONNRESET), client {c} (want nothing received), node b's mptcp_refused {refused} (want 1)"
+            "an MPTCP listener older than its port's selection: server {s} (want an MPTCP socket accepted and its first write refused with ECONNRESET), client {c} (want nothing received), node b's mptcp_refused {refused} (want 2: the listen() above and this)"
         ));
     }
     seen.push("an MPTCP socket accepted on a port selected after listen() refused (ECONNRESET), nothing sent");
