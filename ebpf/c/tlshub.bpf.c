@@ -410,6 +410,17 @@ static __always_inline int rule_selects_port(__u32 rule, __u16 port)
 	return bpf_map_lookup_elem(&rule_ports, &pk) != 0;
 }
 
+/* Whether a local address is one of this node's pods, or unspecified (a
+ * socket not bound yet, or bound to every address): the safe answer. */
+static __always_inline int local_selectable(const __u8 *addr)
+{
+	struct tlshub_lpm_key key = { .prefixlen = 128 };
+	if (addr_unspecified(addr))
+		return 1;
+	__builtin_memcpy(key.addr, addr, 16);
+	return bpf_map_lookup_elem(&local_nets, &key) != 0;
+}
+
 /* The policy: the local address is one of this node's pods, the peer is in
  * a selected CIDR, and the server port is one that rule selects (or any).
  * An unspecified local address (a socket not bound yet, see fastopen())
@@ -432,8 +443,7 @@ static __always_inline int selected(struct tlshub_event *ev, __u32 role)
 		rule = bpf_map_lookup_elem(&service_nets, &key);
 	if (!rule)
 		return 0;
-	__builtin_memcpy(key.addr, ev->local_addr, 16);
-	if (!addr_unspecified(ev->local_addr) && !bpf_map_lookup_elem(&local_nets, &key))
+	if (!local_selectable(ev->local_addr))
 		return 0;
 	return rule_selects_port(*rule,
 				 role == TLSHUB_ROLE_CLIENT ? ev->remote_port : ev->local_port);
@@ -1558,9 +1568,7 @@ int BPF_PROG(tlshub_gate_listen, struct socket *sock, int backlog, int ret)
 		return 0;
 	struct tlshub_event ev = {};
 	local_from_sk(sk, family, &ev);
-	struct tlshub_lpm_key key = { .prefixlen = 128 };
-	__builtin_memcpy(key.addr, ev.local_addr, 16);
-	if (!addr_unspecified(ev.local_addr) && !bpf_map_lookup_elem(&local_nets, &key))
+	if (!local_selectable(ev.local_addr))
 		return 0;
 	stat_inc(TLSHUB_STAT_MPTCP_REFUSED);
 	return -EOPNOTSUPP;

@@ -364,10 +364,7 @@ pub fn dual_stack_exchange() -> Result<String, String> {
     });
     let mut decrypted = Vec::new();
     for kind in [ProviderKind::OpenSsl, ProviderKind::TlsHub] {
-        let (a, b) = nodes(
-            NodeSpec::with_provider("a", kind),
-            NodeSpec::with_provider("b", kind),
-        )?;
+        let (a, b) = nodes_with_provider(kind)?;
         let report = captured_exchanges(&format!("dual-stack-{}", kind.name()), &a, &b, &apps)?;
         report.expect_at_least(1, 12)?;
         let keyed: Vec<_> = a.keys().into_iter().chain(b.keys()).collect();

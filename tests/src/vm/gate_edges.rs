@@ -8,7 +8,7 @@ use crate::app_report::FastOpenOutcome;
 
 use super::node::{NodeSpec, PLAIN_PORT, PROTECTED_PORT, ProviderKind};
 use super::process;
-use super::support::{App, PodSetting, both_ok, nodes, run_pair};
+use super::support::{App, PodSetting, both_ok, nodes, nodes_with_provider, run_pair};
 use super::topology::{POD_A2, POD_A2_IF};
 use super::wire_check::{
     Capture, captured_exchanges, captured_exchanges_on, check_wire, check_wire_allowing_unkeyed,
@@ -107,10 +107,7 @@ pub fn fast_open() -> Result<String, String> {
 pub fn half_close() -> Result<String, String> {
     let mut summary = Vec::new();
     for provider in [ProviderKind::OpenSsl, ProviderKind::TlsHub] {
-        let (a, b) = nodes(
-            NodeSpec::with_provider("a", provider),
-            NodeSpec::with_provider("b", provider),
-        )?;
+        let (a, b) = nodes_with_provider(provider)?;
         let half = |size, connections, io| App {
             mode: "half-close",
             connections,
@@ -372,10 +369,7 @@ pub fn reconnect_during_keying() -> Result<String, String> {
     const CLIENTS: u32 = 6;
     let mut summary = Vec::new();
     for provider in [ProviderKind::OpenSsl, ProviderKind::TlsHub] {
-        let (a, b) = nodes(
-            NodeSpec::with_provider("a", provider),
-            NodeSpec::with_provider("b", provider),
-        )?;
+        let (a, b) = nodes_with_provider(provider)?;
         let cap = Capture::start(&format!("reconnect-{provider:?}"))?;
         let app = App {
             reconnect: true,

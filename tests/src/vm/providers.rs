@@ -61,10 +61,7 @@ pub fn keys_before_accept() -> Result<String, String> {
     const CONNECTIONS: u64 = 5;
     let mut out = Vec::new();
     for kind in [ProviderKind::TlsHub, ProviderKind::ExamplePsk] {
-        let (a, b) = nodes(
-            NodeSpec::with_provider("a", kind),
-            NodeSpec::with_provider("b", kind),
-        )?;
+        let (a, b) = nodes_with_provider(kind)?;
         let first = App::exchange(100, PROTECTED_PORT);
         let late = App {
             connections: CONNECTIONS as u32,

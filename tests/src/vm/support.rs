@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use crate::app_report::AppReport;
 
-use super::node::{Node, NodeSpec, PROTECTED_PORT};
+use super::node::{Node, NodeSpec, PROTECTED_PORT, ProviderKind};
 use super::process::{self, finish, spawn_ready};
 use super::topology::POD_B;
 
@@ -326,6 +326,14 @@ pub fn both_ok(app: &App, s: &AppReport, c: &AppReport) -> Result<(), String> {
 /// Starts both nodes.
 pub fn nodes(a: NodeSpec, b: NodeSpec) -> Result<(Node, Node), String> {
     Ok((Node::start(a)?, Node::start(b)?))
+}
+
+/// Starts both nodes with the defaults and `provider`.
+pub fn nodes_with_provider(provider: ProviderKind) -> Result<(Node, Node), String> {
+    nodes(
+        NodeSpec::with_provider("a", provider),
+        NodeSpec::with_provider("b", provider),
+    )
 }
 
 pub fn expect_reset(c: &AppReport) -> Result<(), String> {
