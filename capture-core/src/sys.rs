@@ -15,6 +15,9 @@ use tlshub_provider_sdk::ConnectionKeys;
 /// itself, and an `EINVAL` for the short buffer, do not matter). The gate
 /// then counts a socket as open from the moment its receive keys are in.
 /// On error the socket may be half-installed; the caller must reset it.
+///
+/// Last, it acknowledges at once whatever the socket has received and not
+/// yet acknowledged ([`ack_now`]).
 pub fn install_ktls(
     fd: BorrowedFd<'_>,
     keys: &ConnectionKeys,
@@ -24,7 +27,28 @@ pub fn install_ktls(
     if show_gate {
         let _ = get_int_option(fd, SOL_TLS, TLS_RX);
     }
+    ack_now(fd);
     Ok(())
+}
+
+/// Sends the ACK that TCP holds back, if it holds one (`TCP_QUICKACK`,
+/// which also leaves delayed-ACK "pingpong" mode until TCP's own heuristic
+/// enters it again; nothing else about the socket changes).
+///
+/// Why: a provider that handshakes over the connection leaves the peer's
+/// last flight (the client's `Finished`) unacknowledged here, and TCP
+/// delays that ACK (at least 40 ms) because this side had just sent its
+/// own flight and expects to answer with data. Meanwhile the peer's app,
+/// keyed first, sends its first record, and Nagle holds that small
+/// segment until the outstanding `Finished` is acknowledged: every
+/// in-band connection's first exchange waited for the delayed-ACK timer
+/// (ARCHITECTURE.md, "Where setup time goes"). With key-only providers no
+/// byte crossed the connection, so nothing is pending and this changes
+/// nothing. A failure costs only that delay, so it is not an error.
+fn ack_now(fd: BorrowedFd<'_>) {
+    if let Err(e) = rustix::net::sockopt::set_tcp_quickack(fd, true) {
+        tracing::debug!(error = %e, "cannot acknowledge the handshake's last flight at once");
+    }
 }
 
 /// Wakes whoever waits for readiness on the socket, after its gate opened:
@@ -134,5 +158,52 @@ mod tests {
         let mut buf = [0u8; 4];
         let e = s.read(&mut buf).unwrap_err();
         assert_eq!(e.kind(), io::ErrorKind::ConnectionReset);
+    }
+
+    /// The in-band handshake's end, on loopback: the server owes the ACK
+    /// of the client's last small segment and delays it (pingpong mode,
+    /// set here directly), so Nagle holds the client's next small write.
+    /// `ack_now` on the server releases it at once; without it the write
+    /// waits for the delayed-ACK timer (at least 20 ms: TCP_ATO_MIN / 2).
+    #[test]
+    fn ack_now_releases_the_peers_write_that_nagle_held() {
+        use std::io::{Read, Write};
+        let readable = |s: &std::net::TcpStream, ms: i64| {
+            let mut fds = [rustix::event::PollFd::new(s, rustix::event::PollFlags::IN)];
+            let timeout = rustix::event::Timespec {
+                tv_sec: 0,
+                tv_nsec: ms * 1_000_000,
+            };
+            rustix::event::poll(&mut fds, Some(&timeout)).unwrap() == 1
+        };
+        // A scheduling stall of the test thread can hide the hold (the
+        // timer fires first); a few tries make that vanishingly unlikely.
+        let mut shown = false;
+        for _ in 0..5 {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            let mut c = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
+            let (mut s, _) = l.accept().unwrap();
+            rustix::net::sockopt::set_tcp_quickack(&s, false).unwrap();
+            let mut buf = [0u8; 16];
+            c.write_all(b"finished").unwrap();
+            s.read_exact(&mut buf[..8]).unwrap();
+            c.write_all(b"app").unwrap();
+            if readable(&s, 2) {
+                continue;
+            }
+            ack_now(s.as_fd());
+            assert!(
+                readable(&s, 10),
+                "the held write did not arrive after ack_now"
+            );
+            s.read_exact(&mut buf[..3]).unwrap();
+            assert_eq!(&buf[..3], b"app");
+            shown = true;
+            break;
+        }
+        assert!(
+            shown,
+            "the kernel never held the write: the test shows nothing"
+        );
     }
 }
