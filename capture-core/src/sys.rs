@@ -177,7 +177,9 @@ mod tests {
             rustix::event::poll(&mut fds, Some(&timeout)).unwrap() == 1
         };
         // A scheduling stall of the test thread can hide the hold (the
-        // timer fires first); a few tries make that vanishingly unlikely.
+        // timer fires first) or delay the release past the wait; a few
+        // tries make either vanishingly unlikely, and without `ack_now`
+        // every try fails.
         let mut shown = false;
         for _ in 0..5 {
             let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
@@ -192,10 +194,9 @@ mod tests {
                 continue;
             }
             ack_now(s.as_fd());
-            assert!(
-                readable(&s, 10),
-                "the held write did not arrive after ack_now"
-            );
+            if !readable(&s, 10) {
+                continue;
+            }
             s.read_exact(&mut buf[..3]).unwrap();
             assert_eq!(&buf[..3], b"app");
             shown = true;
@@ -203,7 +204,7 @@ mod tests {
         }
         assert!(
             shown,
-            "the kernel never held the write: the test shows nothing"
+            "in 5 tries the held write never arrived within 10 ms of ack_now (or was never held)"
         );
     }
 }
