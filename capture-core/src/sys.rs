@@ -37,8 +37,8 @@ pub fn install_ktls(
 ///
 /// Why: a provider that handshakes over the connection leaves the peer's
 /// last flight (the client's `Finished`) unacknowledged here, and TCP
-/// delays that ACK (at least 40 ms) because this side had just sent its
-/// own flight and expects to answer with data. Meanwhile the peer's app,
+/// delays that ACK (40 ms, `TCP_ATO_MIN`, on a new connection) because
+/// this side had just sent its own flight and expects to answer with data. Meanwhile the peer's app,
 /// keyed first, sends its first record, and Nagle holds that small
 /// segment until the outstanding `Finished` is acknowledged: every
 /// in-band connection's first exchange waited for the delayed-ACK timer
