@@ -71,8 +71,9 @@ enum Cmd {
         #[arg(long)]
         compare: Option<std::path::PathBuf>,
         /// Only a small subset, for use while developing (a few minutes):
-        /// setup, request/response and one stream for plain TCP, raw kTLS
-        /// and each provider, with smaller samples (its own part, `quick`).
+        /// setup, request/response and one stream for plain TCP, raw kTLS,
+        /// the stunnel pair and each provider, with smaller samples (its own
+        /// part, `quick`).
         #[arg(long)]
         quick: bool,
     },

@@ -260,12 +260,19 @@ fn alternatives(measure: &mut Measure<'_>) -> Result<(), String> {
             },
         )?;
     }
+    proxy_pair(measure)
+}
+
+/// The stunnel pair alone ("stunnel"), up only while measured: the
+/// in-band providers' setup is judged against it, in the full run and in
+/// `--quick`.
+fn proxy_pair(measure: &mut Measure<'_>) -> Result<(), String> {
     let _proxies = ProxyPair::start()?;
     measure(
         "stunnel",
         &App {
             proxy: Some((PROXY_LOCAL, PROXY_LOCAL_PORT)),
-            ..plain
+            ..App::exchange(1, PLAIN_PORT)
         },
     )
 }

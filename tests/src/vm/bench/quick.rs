@@ -143,8 +143,8 @@ fn record_repeated(part: &str, subject: &str, measure: &str, values: &[f64], uni
 /// carry their run-to-run spread (which `--compare` judges changes
 /// against): setup p50/p99 over 100 sequential connections, 2,000
 /// request/response transactions and one 16 MiB stream, for plain TCP,
-/// raw kTLS and each provider. Its own part: its smaller samples are not
-/// comparable with the full parts' figures.
+/// raw kTLS, the stunnel pair and each provider. Its own part: its smaller
+/// samples are not comparable with the full parts' figures.
 pub fn quick() -> Result<String, String> {
     const PART: &str = "quick";
     let mut lines = Vec::new();
@@ -193,6 +193,7 @@ pub fn quick() -> Result<String, String> {
     };
     let loop_none = byte_loop_recorded(PART, "no tlshub")?;
     baselines(&mut measure)?;
+    proxy_pair(&mut measure)?;
     let mut stages = Vec::new();
     let plain = App::exchange(1, PLAIN_PORT);
     for provider in PROVIDERS {
