@@ -249,14 +249,13 @@ fn raw_ktls(app: &App) -> App {
 /// The alternatives between the same pods, with no tlshub: WireGuard
 /// between the nodes and the stunnel pair, each up only while measured.
 fn alternatives(measure: &mut Measure<'_>) -> Result<(), String> {
-    let plain = App::exchange(1, PLAIN_PORT);
     {
         let _tunnel = WireGuard::up()?;
         measure(
             "wireguard",
             &App {
                 server: WG_POD_B,
-                ..plain.clone()
+                ..App::exchange(1, PLAIN_PORT)
             },
         )?;
     }
