@@ -83,8 +83,7 @@ pub struct Stats {
     pub fastopen_refused: u64,
     /// Multipath TCP connections refused where the policy selects them:
     /// `connect()` or `listen()` answered `EOPNOTSUPP`, or an accepted (or
-    /// extra) path
-    /// whose MPTCP socket fails every call (counted by BPF).
+    /// extra) path whose MPTCP socket fails every call (counted by BPF).
     pub mptcp_refused: u64,
     /// Selected connections failed closed because the `conns` map was full
     /// (counted by BPF).

@@ -905,10 +905,10 @@ pub enum FastOpen {
 
 /// Connects to `target` with Fast Open as `how` says (over Multipath TCP
 /// if `mptcp`), `first` being the first bytes to send. Returns the stream
-/// and how many bytes of `first` went out, or `None` for the count when the send was refused with
-/// `EOPNOTSUPP` (the kernel's answer when client Fast Open is off) and the
-/// client fell back to connect() as a careful application does (nothing
-/// was sent then).
+/// and how many bytes of `first` went out, or `None` for the count when
+/// the send was refused with `EOPNOTSUPP` (the kernel's answer when client
+/// Fast Open is off) and the client fell back to connect() as a careful
+/// application does (nothing was sent then).
 pub fn connect_fastopen(
     target: std::net::SocketAddr,
     how: FastOpen,

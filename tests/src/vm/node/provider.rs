@@ -178,6 +178,12 @@ pub(super) fn spawn_provider(
     .map_err(|e| e.to_string())?;
 
     let plog = PathBuf::from(format!("/tmp/logs/node-{n}-provider-{}.log", kind.name()));
+    // Every provider process is named, logged and awaited the same way.
+    let start = |netns: Option<&str>, argv: &[&str], ready: &str| -> Result<Option<Proc>, String> {
+        let mut p = Proc::spawn(&format!("provider-{n}-{}", kind.name()), netns, argv, &plog)?;
+        p.wait_for_log(ready, Duration::from_secs(20))?;
+        Ok(Some(p))
+    };
     let provider = match kind {
         ProviderKind::OpenSsl | ProviderKind::BoringSsl => {
             let binary = if kind == ProviderKind::OpenSsl {
@@ -201,14 +207,7 @@ pub(super) fn spawn_provider(
             } else {
                 vec![binary, "--config", &cfg]
             };
-            let mut p = Proc::spawn(
-                &format!("provider-{n}-{}", kind.name()),
-                netns.as_deref(),
-                &argv,
-                &plog,
-            )?;
-            p.wait_for_log("provider serving", Duration::from_secs(20))?;
-            Some(p)
+            start(netns.as_deref(), &argv, "provider serving")?
         }
         ProviderKind::TlsHub => {
             let (node_ip, port_id) = (node_ip(n), if n == "a" { "4001" } else { "4002" });
@@ -261,22 +260,18 @@ pub(super) fn spawn_provider(
                     )
                 })
                 .map_err(|e| e.to_string())?;
-            let mut p = Proc::spawn(
-                &format!("provider-{n}-{}", kind.name()),
+            start(
                 Some(&format!("node-{n}")),
                 &["tlshub-provider-tlshub", "--config", &cfg.to_string_lossy()],
-                &plog,
-            )?;
-            p.wait_for_log("provider serving", Duration::from_secs(20))?;
-            Some(p)
+                "provider serving",
+            )?
         }
         ProviderKind::ExamplePsk => {
             let psk = PathBuf::from("/run/tlshub/cluster.psk");
             if !psk.exists() {
                 std::fs::write(&psk, random_32()?).map_err(|e| e.to_string())?;
             }
-            let mut p = Proc::spawn(
-                &format!("provider-{n}-{}", kind.name()),
+            start(
                 None,
                 &[
                     "psk-provider",
@@ -285,27 +280,20 @@ pub(super) fn spawn_provider(
                     "--socket",
                     &socket.to_string_lossy(),
                 ],
-                &plog,
-            )?;
-            p.wait_for_log("provider serving", Duration::from_secs(20))?;
-            Some(p)
+                "provider serving",
+            )?
         }
-        ProviderKind::Bad(mode) => {
-            let mut p = Proc::spawn(
-                &format!("provider-{n}-{}", kind.name()),
-                None,
-                &[
-                    "tlshub-bad-provider",
-                    "--socket",
-                    &socket.to_string_lossy(),
-                    "--mode",
-                    mode,
-                ],
-                &plog,
-            )?;
-            p.wait_for_log("bad provider", Duration::from_secs(20))?;
-            Some(p)
-        }
+        ProviderKind::Bad(mode) => start(
+            None,
+            &[
+                "tlshub-bad-provider",
+                "--socket",
+                &socket.to_string_lossy(),
+                "--mode",
+                mode,
+            ],
+            "bad provider",
+        )?,
         ProviderKind::Missing => None,
     };
     Ok(provider)
