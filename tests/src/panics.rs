@@ -24,14 +24,15 @@ pub fn record_panics() {
 
 /// Runs `body`; a panic in it becomes `Err` with the panic's place and
 /// message (recorded since [`record_panics`]; "panicked" without it).
-pub fn failing_on_panic<T>(
-    body: impl FnOnce() -> Result<T, String> + std::panic::UnwindSafe,
-) -> Result<T, String> {
+pub fn failing_on_panic<T, E: From<String>>(
+    body: impl FnOnce() -> Result<T, E> + std::panic::UnwindSafe,
+) -> Result<T, E> {
     LAST_PANIC.with(|last| last.borrow_mut().take());
     std::panic::catch_unwind(body).unwrap_or_else(|_| {
         Err(LAST_PANIC
             .with(|last| last.borrow_mut().take())
-            .unwrap_or_else(|| "panicked".into()))
+            .unwrap_or_else(|| "panicked".into())
+            .into())
     })
 }
 
@@ -42,14 +43,15 @@ mod tests {
     #[test]
     fn a_panic_fails_with_its_place_and_message() {
         record_panics();
-        let failed = failing_on_panic::<()>(|| panic!("the wire showed the marker")).unwrap_err();
+        let failed =
+            failing_on_panic::<(), String>(|| panic!("the wire showed the marker")).unwrap_err();
         assert!(
             failed.contains("the wire showed the marker") && failed.contains("panics.rs"),
             "{failed}"
         );
         assert_eq!(failing_on_panic(|| Ok::<_, String>(7)), Ok(7));
         assert_eq!(
-            failing_on_panic::<()>(|| Err("no record decrypts".into())),
+            failing_on_panic::<(), String>(|| Err("no record decrypts".into())),
             Err("no record decrypts".into())
         );
     }

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 
-use tlshub_bench_report::console::{ConsoleLine, Verdict};
+use tlshub_bench_report::console::{ConsoleLine, Verdict, WireTally};
 
 use crate::deps::{self, Kernel};
 use crate::{root, run};
@@ -665,6 +665,11 @@ pub fn boot(b: &Boot<'_>) -> Result<()> {
     let mut plan = None::<usize>;
     let mut passed = Vec::new();
     let mut failed = Vec::new();
+    // Failures that were plaintext on the wire (`LEAK`), named in the summary.
+    let mut leaks = 0usize;
+    // The wire checks of the scenarios that passed, and how many had any.
+    let mut wire = WireTally::default();
+    let mut wire_scenarios = 0usize;
     let mut done = false;
     let mut panic = None;
     let mut log = Vec::new();
@@ -688,15 +693,24 @@ pub fn boot(b: &Boot<'_>) -> Result<()> {
                 println!("[{}] {line}", b.label);
                 match ConsoleLine::parse(&line) {
                     Ok(ConsoleLine::Plan(n)) => plan = Some(n),
-                    Ok(ConsoleLine::Result(r)) if r.verdict == Verdict::Pass => passed.push(r.name),
+                    Ok(ConsoleLine::Result(r)) if r.verdict == Verdict::Pass => {
+                        if let Some(t) = r.wire {
+                            wire.add(t);
+                            wire_scenarios += 1;
+                        }
+                        passed.push(r.name);
+                    }
                     // The whole line: CI shows only the end of the output,
                     // so the reason must be repeated there.
-                    Ok(ConsoleLine::Result(r)) => failed.push(
-                        format!("{} {}", r.name, r.detail)
-                            .chars()
-                            .take(2000)
-                            .collect::<String>(),
-                    ),
+                    Ok(ConsoleLine::Result(r)) => {
+                        leaks += usize::from(r.verdict == Verdict::Leak);
+                        failed.push(
+                            format!("{} {}", r.name, r.detail)
+                                .chars()
+                                .take(2000)
+                                .collect::<String>(),
+                        );
+                    }
                     Ok(ConsoleLine::Done) => {
                         done = true;
                         done_at = Some(Instant::now());
@@ -743,8 +757,12 @@ pub fn boot(b: &Boot<'_>) -> Result<()> {
     // Failures first: a malformed result line is one, and it also makes
     // the count below come out wrong.
     if !failed.is_empty() {
+        let leaked = match leaks {
+            0 => String::new(),
+            n => format!(", {n} of them with PLAINTEXT on the wire"),
+        };
         bail!(
-            "{} VM scenario(s) failed:\n{}",
+            "{} VM scenario(s) failed{leaked}:\n{}",
             failed.len(),
             failed.join("\n")
         );
@@ -758,5 +776,16 @@ pub fn boot(b: &Boot<'_>) -> Result<()> {
         passed.len(),
         started.elapsed().as_secs_f64()
     );
+    if wire_scenarios > 0 {
+        println!(
+            "== VM {}: the wire, as checked by {wire_scenarios} scenarios: {} protected flows with no plaintext ({} decrypted to the apps' bytes, {} a handshake only, {} reset before both ends had keys), {} plain controls showed their marker",
+            b.label,
+            wire.protected,
+            wire.decrypted,
+            wire.handshake_only,
+            wire.unkeyed,
+            wire.controls
+        );
+    }
     Ok(())
 }

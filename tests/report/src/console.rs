@@ -20,6 +20,9 @@ pub enum Verdict {
     Pass,
     /// A check failed, the scenario could not run, or it panicked.
     Fail,
+    /// A protected flow carried plaintext on the wire: a failure too, named
+    /// apart because it is the one bug the product must never have.
+    Leak,
 }
 
 impl Verdict {
@@ -27,7 +30,72 @@ impl Verdict {
         match self {
             Self::Pass => "PASS",
             Self::Fail => "FAIL",
+            Self::Leak => "LEAK",
         }
+    }
+}
+
+/// What a scenario's checks of the wire proved, summed over every capture
+/// it checked. Printed on its result line and summed for the run, so a
+/// reader sees how many protected flows the run's "no plaintext" rests on.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct WireTally {
+    /// Protected flows (with payload) checked: TLS records only, no marker.
+    pub protected: u64,
+    /// Of those, decrypted with the keys the cores reported and matched to
+    /// the apps' bytes.
+    pub decrypted: u64,
+    /// Of those, flows of connections reset before both ends had keys: a
+    /// handshake's bytes, or records under the sender's keys that decrypted
+    /// to the app's bytes.
+    pub unkeyed: u64,
+    /// Of those, flows keyed on both ends that carried a provider's
+    /// handshake and no application bytes (the app sent nothing that way).
+    pub handshake_only: u64,
+    /// Unselected flows that showed the marker in clear: the controls that
+    /// prove the capture could see plaintext.
+    pub controls: u64,
+}
+
+impl WireTally {
+    /// Adds another tally to this one.
+    pub fn add(&mut self, other: WireTally) {
+        self.protected += other.protected;
+        self.decrypted += other.decrypted;
+        self.unkeyed += other.unkeyed;
+        self.handshake_only += other.handshake_only;
+        self.controls += other.controls;
+    }
+
+    /// `[wire protected=P decrypted=D unkeyed=U handshake_only=H
+    /// controls=C]`, read back by
+    /// [`WireTally::parse`].
+    fn parse(text: &str) -> Option<(Self, &str)> {
+        let (inside, rest) = text.strip_prefix("[wire ")?.split_once(']')?;
+        let mut t = Self::default();
+        for pair in inside.split(' ') {
+            let (key, value) = pair.split_once('=')?;
+            let value = value.parse().ok()?;
+            match key {
+                "protected" => t.protected = value,
+                "decrypted" => t.decrypted = value,
+                "unkeyed" => t.unkeyed = value,
+                "handshake_only" => t.handshake_only = value,
+                "controls" => t.controls = value,
+                _ => return None,
+            }
+        }
+        Some((t, rest.strip_prefix(' ').unwrap_or(rest)))
+    }
+}
+
+impl fmt::Display for WireTally {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "[wire protected={} decrypted={} unkeyed={} handshake_only={} controls={}]",
+            self.protected, self.decrypted, self.unkeyed, self.handshake_only, self.controls
+        )
     }
 }
 
@@ -40,6 +108,8 @@ pub struct ScenarioResult {
     pub verdict: Verdict,
     /// How long it ran, if the runner timed it (a shell fallback does not).
     pub seconds: Option<f64>,
+    /// What its wire checks proved, if it checked a capture.
+    pub wire: Option<WireTally>,
     /// The summary of what was checked, or why it failed. Its later lines
     /// are printed indented under the result line; only the first is part
     /// of the line itself.
@@ -53,7 +123,7 @@ pub enum ConsoleError {
     #[error("plan line without a scenario count: {0:?}")]
     BadPlan(String),
     /// A result line without a name and a verdict.
-    #[error("result line without a scenario name and PASS or FAIL: {0:?}")]
+    #[error("result line without a scenario name and PASS, FAIL or LEAK: {0:?}")]
     BadResult(String),
 }
 
@@ -96,13 +166,15 @@ impl ConsoleLine {
 }
 
 impl ScenarioResult {
-    /// `name VERDICT [(1.2s)] detail`, after the prefix.
+    /// `name VERDICT [(1.2s)] [[wire ...]] detail`, after the prefix
+    /// (VERDICT: `PASS`, `FAIL` or `LEAK`).
     fn parse(rest: &str) -> Option<Self> {
         let mut words = rest.splitn(3, ' ');
         let name = words.next().filter(|n| !n.is_empty())?.to_string();
         let verdict = match words.next()? {
             "PASS" => Verdict::Pass,
             "FAIL" => Verdict::Fail,
+            "LEAK" => Verdict::Leak,
             _ => return None,
         };
         let tail = words.next().unwrap_or("");
@@ -114,10 +186,15 @@ impl ScenarioResult {
             Some((secs, detail)) => (Some(secs), detail.strip_prefix(' ').unwrap_or(detail)),
             None => (None, tail),
         };
+        let (wire, detail) = match WireTally::parse(detail) {
+            Some((tally, detail)) => (Some(tally), detail),
+            None => (None, detail),
+        };
         Some(Self {
             name,
             verdict,
             seconds,
+            wire,
             detail: detail.to_string(),
         })
     }
@@ -130,6 +207,9 @@ impl fmt::Display for ScenarioResult {
         write!(f, "{RESULT_PREFIX}{} {}", self.name, self.verdict.word())?;
         if let Some(secs) = self.seconds {
             write!(f, " ({secs:.1}s)")?;
+        }
+        if let Some(wire) = self.wire {
+            write!(f, " {wire}")?;
         }
         write!(f, " {}", self.detail.replace('\n', "\n    "))
     }
@@ -144,6 +224,7 @@ mod tests {
             name: "gate_unusual_socket_calls".into(),
             verdict,
             seconds,
+            wire: None,
             detail: detail.into(),
         }
     }
@@ -156,9 +237,24 @@ mod tests {
                 Some(14.6),
                 "30 sends racing connect(): 30 sent (after the keys)",
             ),
-            result(Verdict::Fail, Some(0.0), "PLAINTEXT on the wire: a -> b"),
+            result(Verdict::Leak, Some(0.0), "PLAINTEXT on the wire: a -> b"),
+            result(Verdict::Fail, Some(0.0), "wire: a -> b: not TLS"),
             result(Verdict::Fail, None, "journal: core exited (1)"),
             result(Verdict::Pass, Some(2.5), ""),
+            ScenarioResult {
+                wire: Some(WireTally {
+                    protected: 40,
+                    decrypted: 38,
+                    unkeyed: 1,
+                    handshake_only: 1,
+                    controls: 1,
+                }),
+                ..result(Verdict::Pass, Some(31.0), "20 exchanges, exact both ways")
+            },
+            ScenarioResult {
+                wire: Some(WireTally::default()),
+                ..result(Verdict::Leak, None, "PLAINTEXT on the wire: a -> b")
+            },
         ] {
             let line = r.to_string();
             assert_eq!(

@@ -11,6 +11,7 @@ use tlshub_vm_tests::vm::scenarios::{self, Scenario, ScenarioFn};
 use tlshub_vm_tests::vm::support::cmdline;
 use tlshub_vm_tests::vm::systemd;
 use tlshub_vm_tests::vm::topology::Topology;
+use tlshub_vm_tests::vm::wire_check;
 
 fn main() {
     tlshub_vm_tests::panics::record_panics();
@@ -90,6 +91,7 @@ fn main() {
                 name: "mode".into(),
                 verdict: Verdict::Fail,
                 seconds: None,
+                wire: None,
                 detail: format!(
                     "unknown mode {other:?} (test, bench, demo, stress, capacity, systemd)"
                 ),
@@ -121,6 +123,7 @@ fn main() {
                     name: name.clone(),
                     verdict: Verdict::Fail,
                     seconds: None,
+                    wire: None,
                     detail: format!("topology: {e}"),
                 };
                 println!("{failed}");
@@ -130,20 +133,23 @@ fn main() {
         }
     };
     for (name, body) in runs {
+        // What an earlier scenario's stray worker checked is not this one's.
+        let _ = wire_check::take_tally();
         let started = Instant::now();
         let result = tlshub_vm_tests::panics::failing_on_panic(body);
         let seconds = Some(started.elapsed().as_secs_f64());
         let (verdict, detail) = match result {
             Ok(summary) => (Verdict::Pass, summary),
-            Err(why) => (Verdict::Fail, why),
+            Err(why) => (why.verdict(), why.to_string()),
         };
-        let failed = verdict == Verdict::Fail;
+        let failed = verdict != Verdict::Pass;
         println!(
             "{}",
             ScenarioResult {
                 name,
                 verdict,
                 seconds,
+                wire: wire_check::take_tally(),
                 detail
             }
         );

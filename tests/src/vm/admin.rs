@@ -11,22 +11,24 @@ use super::process::finish;
 use super::service::{LoadServer, start_load_with, two_providers};
 use super::support::{metric, wait_for};
 use super::topology::POD_B;
+use crate::failed;
+use crate::vm::outcome::{Failure, Outcome};
 
 /// `tlshubctl` as a person uses it: text output of every command, JSON of
 /// every command, a refused switch to an unknown provider, a policy reload
 /// (and a refused bad one), and the root-only socket.
-pub fn admin_cli_and_metrics() -> Result<String, String> {
+pub fn admin_cli_and_metrics() -> Outcome {
     let mut a = Node::start(two_providers("a", 2000))?;
     let socket = a.dir.join("admin.sock");
     let s = socket.to_string_lossy().into_owned();
-    let text = |args: &[&str]| -> Result<String, String> {
+    let text = |args: &[&str]| -> Result<String, Failure> {
         let mut argv = vec!["tlshubctl", "--socket", &s];
         argv.extend_from_slice(args);
         let out = super::process::command(None, &argv)
             .output()
             .map_err(|e| e.to_string())?;
         if !out.status.success() {
-            return Err(format!(
+            return Err(failed!(
                 "{args:?}: {}{}",
                 String::from_utf8_lossy(&out.stdout),
                 String::from_utf8_lossy(&out.stderr)
@@ -45,7 +47,7 @@ pub fn admin_cli_and_metrics() -> Result<String, String> {
             })
         },
     ) {
-        return Err(format!("providers not serving after 10 s: {:?}", st?));
+        return Err(failed!("providers not serving after 10 s: {:?}", st?));
     }
     let status = text(&["status"])?;
     for want in [
@@ -61,7 +63,7 @@ pub fn admin_cli_and_metrics() -> Result<String, String> {
         "ports 8443",
     ] {
         if !status.contains(want) {
-            return Err(format!("`tlshubctl status` lacks {want:?}:\n{status}"));
+            return Err(failed!("`tlshubctl status` lacks {want:?}:\n{status}"));
         }
     }
     // Protected connections show in the list with provider and cipher.
@@ -80,7 +82,7 @@ pub fn admin_cli_and_metrics() -> Result<String, String> {
             .iter()
             .all(|c| c.provider == "openssl" && c.cipher == "aes-gcm-128" && c.role == "client")
     {
-        return Err(format!("connections: {conns:?}"));
+        return Err(failed!("connections: {conns:?}"));
     }
     // The kTLS gauges, read at the scrape from the protected connections'
     // network namespaces (resolved within a second of their keys).
@@ -95,13 +97,13 @@ pub fn admin_cli_and_metrics() -> Result<String, String> {
     )
     .unwrap_or_else(|last| last)?;
     if ktls_sockets < 3.0 {
-        return Err(format!(
+        return Err(failed!(
             "tlshub_ktls_sockets{{counter=\"TlsCurrTxSw\"}} is {ktls_sockets} with 3 protected connections open"
         ));
     }
     let listing = text(&["connections"])?;
     if !listing.contains("protected") || !listing.contains(&connect) {
-        return Err(format!("`tlshubctl connections`:\n{listing}"));
+        return Err(failed!("`tlshubctl connections`:\n{listing}"));
     }
     let _ = finish(client, Duration::from_secs(60))?;
     drop(b);
@@ -114,11 +116,11 @@ pub fn admin_cli_and_metrics() -> Result<String, String> {
                 && e.message.contains("nosuch")
         })
     {
-        return Err(format!("unknown provider: exit {code}, {refused:?}"));
+        return Err(failed!("unknown provider: exit {code}, {refused:?}"));
     }
     let used = a.use_provider("boringssl")?;
     if used.previous != "openssl" || used.active != "boringssl" {
-        return Err(format!("provider use: {used:?}"));
+        return Err(failed!("provider use: {used:?}"));
     }
     // Policy reload: a new port is applied; a broken file is refused and
     // the old policy stays.
@@ -131,7 +133,7 @@ pub fn admin_cli_and_metrics() -> Result<String, String> {
     .map_err(|e| e.to_string())?;
     let reloaded: pb::ReloadPolicyResponse = a.ctl(&["policy", "reload"])?;
     if first_rule_ports(reloaded.policy.as_ref()) != [8443, 8444] {
-        return Err(format!("policy reload: {reloaded:?}"));
+        return Err(failed!("policy reload: {reloaded:?}"));
     }
     std::fs::write(&cfg, original.replace("ports = [8443]", "ports = [\"x\"]"))
         .map_err(|e| e.to_string())?;
@@ -142,8 +144,9 @@ pub fn admin_cli_and_metrics() -> Result<String, String> {
     let Err(bad) = bad else {
         return Err("a broken policy file was accepted".into());
     };
+    let bad = bad.message();
     if !bad.contains("FailedPrecondition") || !bad.contains("core.toml") || !bad.contains("ports") {
-        return Err(format!("a broken policy file: {bad}"));
+        return Err(failed!("a broken policy file: {bad}"));
     }
     // The exit codes a health check relies on: serving 0; the active
     // provider down 5 (degraded), with the status still printed.
@@ -159,14 +162,14 @@ pub fn admin_cli_and_metrics() -> Result<String, String> {
     .unwrap_or_else(|last| last)?;
     let active = status.as_ref().map(|s| s.active_provider.as_str());
     if serving != 0 || down != super::node::DEGRADED || active != Ok("boringssl") {
-        return Err(format!(
+        return Err(failed!(
             "status exit codes: serving {serving}, active provider killed {down} (want 0 and {}): {status:?}",
             super::node::DEGRADED
         ));
     }
     let still = a.status()?;
     if first_rule_ports(still.policy.as_ref()) != [8443, 8444] {
-        return Err(format!("the old policy did not stay: {still:?}"));
+        return Err(failed!("the old policy did not stay: {still:?}"));
     }
     // A switch to a provider that is down is refused unless forced.
     a.use_provider("openssl")?;
@@ -174,13 +177,13 @@ pub fn admin_cli_and_metrics() -> Result<String, String> {
         a.ctl_with_exit::<pb::UseProviderResponse>(&["provider", "use", "boringssl"])?;
     let message = refused.as_ref().err().map_or("", |e| e.message.as_str());
     if code != 1 || !message.contains("FailedPrecondition") || !message.contains("--force") {
-        return Err(format!(
+        return Err(failed!(
             "a switch to a killed provider: want exit 1 and a refusal naming --force, got {code}: {refused:?}"
         ));
     }
     let forced: pb::UseProviderResponse = a.ctl(&["provider", "use", "boringssl", "--force"])?;
     if forced.active != "boringssl" {
-        return Err(format!("provider use --force: {forced:?}"));
+        return Err(failed!("provider use --force: {forced:?}"));
     }
     // Root only: a uid-65534 caller is turned away.
     let nobody = {
@@ -193,7 +196,7 @@ pub fn admin_cli_and_metrics() -> Result<String, String> {
             .map_err(|e| e.to_string())?
     };
     if nobody.status.code() != Some(4) {
-        return Err(format!(
+        return Err(failed!(
             "a non-root caller: want exit 4 (not permitted), got {:?}: {}",
             nobody.status.code(),
             String::from_utf8_lossy(&nobody.stderr)
@@ -209,12 +212,12 @@ pub fn admin_cli_and_metrics() -> Result<String, String> {
         "tlshub_gate_no_core_total 0",
     ] {
         if !metrics.contains(want) {
-            return Err(format!("metrics lack {want:?}:\n{metrics}"));
+            return Err(failed!("metrics lack {want:?}:\n{metrics}"));
         }
     }
     let help = text(&["--help"])?;
     if !help.contains("Examples:") || !help.contains("provider use") {
-        return Err(format!("--help: {help}"));
+        return Err(failed!("--help: {help}"));
     }
     // The switch outlives the core: a restarted core keeps boringssl
     // although the configuration says openssl.
@@ -227,7 +230,7 @@ pub fn admin_cli_and_metrics() -> Result<String, String> {
         Result::is_ok,
     )
     .unwrap_or_else(|last| last)
-    .map_err(|e| format!("the restarted core does not answer: {e}"))?;
+    .map_err(|e| e.context("the restarted core does not answer"))?;
     // Degraded (boringssl is still down, exit 5), but printed.
     let status_text = super::process::command(None, &["tlshubctl", "--socket", &s, "status"])
         .output()
@@ -237,7 +240,7 @@ pub fn admin_cli_and_metrics() -> Result<String, String> {
         || restarted.configured_provider != "openssl"
         || !status_text.contains("switched by `provider use`; the configuration says openssl")
     {
-        return Err(format!(
+        return Err(failed!(
             "the restarted core did not keep the switch to boringssl, or its status does not say so: {restarted:?}\n{status_text}"
         ));
     }

@@ -11,6 +11,8 @@ use super::node::PLAIN_PORT;
 use super::process::{Proc, run};
 use super::support::wait_for;
 use super::topology::POD_B;
+use crate::failed;
+use crate::vm::outcome::Failure;
 
 /// Pod a's address on the WireGuard path.
 pub const WG_POD_A: &str = "10.0.21.2";
@@ -42,7 +44,7 @@ pub struct WireGuard;
 impl WireGuard {
     /// Loads the module, makes both nodes' keys and tunnel, routes the
     /// pods' extra prefixes through it and checks they reach each other.
-    pub fn up() -> Result<Self, String> {
+    pub fn up() -> Result<Self, Failure> {
         run(None, &["modprobe", "wireguard"])?;
         let guard = WireGuard;
         for (ns, addr, dev) in WG_ADDRESSES {
@@ -98,11 +100,11 @@ impl WireGuard {
             run(ns, &["ip", "route", "add", allowed, "dev", "wg0"])?;
         }
         run(Some("pod-a"), &["ping", "-c", "1", "-W", "5", WG_POD_B])
-            .map_err(|e| format!("the pods cannot reach each other through WireGuard: {e}"))?;
+            .map_err(|e| e.context("the pods cannot reach each other through WireGuard"))?;
         // The ping's handshake made the tunnel; check it carried it.
         let shown = run(Some("node-a"), &["wg", "show", "wg0", "transfer"])?;
         if shown.split_whitespace().nth(1).is_none_or(|rx| rx == "0") {
-            return Err(format!("WireGuard carried nothing: {shown}"));
+            return Err(failed!("WireGuard carried nothing: {shown}"));
         }
         Ok(guard)
     }
@@ -133,7 +135,7 @@ pub struct ProxyPair {
 
 impl ProxyPair {
     /// Writes both configs, starts both and waits until both listen.
-    pub fn start() -> Result<Self, String> {
+    pub fn start() -> Result<Self, Failure> {
         let dir = PathBuf::from("/run/tlshub/stunnel");
         std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
         let common = |node: &str| {
@@ -149,7 +151,7 @@ impl ProxyPair {
             "{}client = yes\nsessionResume = no\naccept = {PROXY_LOCAL}:{PROXY_LOCAL_PORT}\nconnect = {POD_B}:{PROXY_REMOTE_PORT}\n",
             common("a")
         );
-        let start = |name: &str, ns: &str, text: String, port: u16| -> Result<Proc, String> {
+        let start = |name: &str, ns: &str, text: String, port: u16| -> Result<Proc, Failure> {
             let conf = dir.join(format!("{name}.conf"));
             std::fs::write(&conf, text).map_err(|e| e.to_string())?;
             let conf = conf.to_string_lossy().into_owned();
@@ -169,7 +171,7 @@ impl ProxyPair {
 }
 
 /// Waits until something listens on `port` in `ns`.
-fn wait_listening(ns: &str, port: u16, log: &std::path::Path) -> Result<(), String> {
+fn wait_listening(ns: &str, port: u16, log: &std::path::Path) -> Result<(), Failure> {
     let filter = format!("sport = :{port}");
     wait_for(
         Duration::from_secs(10),
@@ -179,7 +181,7 @@ fn wait_listening(ns: &str, port: u16, log: &std::path::Path) -> Result<(), Stri
     )
     .map(drop)
     .map_err(|_| {
-        format!(
+        failed!(
             "nothing listens on port {port} in {ns}: {}",
             super::process::tail(log)
         )

@@ -4,7 +4,9 @@
 
 use std::time::Duration;
 
+use crate::failed;
 use crate::hold::HoldReport;
+use crate::vm::outcome::Outcome;
 
 use super::node::{NodeSpec, PROTECTED_PORT, ProviderKind};
 use super::process;
@@ -80,7 +82,7 @@ const NODE_SECRET_LIFETIME_MS: u64 = 4 * 60 * 60 * 1000;
 /// carries exact bytes both ways, that node a's `conns` map holds (almost)
 /// nothing for them, and that a new connection is keyed. Reports the rate,
 /// where the CPU time went and what memory the connections cost.
-pub fn capacity() -> Result<String, String> {
+pub fn capacity() -> Outcome {
     let count = cmdline("tlshub.connections")
         .and_then(|n| n.parse().ok())
         .unwrap_or(DEFAULT_CONNECTIONS);
@@ -127,7 +129,7 @@ pub fn capacity() -> Result<String, String> {
     while let Err(e) = client.wait_for_log("holding", Duration::from_secs(5)) {
         let text = std::fs::read_to_string(&log).unwrap_or_default();
         if text.lines().any(|l| l.starts_with('{')) || std::time::Instant::now() > give_up {
-            return Err(format!("tlshub-hold client: {e}"));
+            return Err(e.context("tlshub-hold client"));
         }
         let Some(line) = text.lines().rev().find(|l| l.starts_with("opened")) else {
             continue;
@@ -164,16 +166,16 @@ pub fn capacity() -> Result<String, String> {
     let keyed = [a.stat(|s| s.protected), b.stat(|s| s.protected)];
     let figures = summary(&r, &before, &holding, entries, keyed);
     if !r.complete() {
-        return Err(format!("reached less than asked: {figures}; report {r:?}"));
+        return Err(failed!("reached less than asked: {figures}; report {r:?}"));
     }
     if !extra.complete() {
-        return Err(format!(
+        return Err(failed!(
             "with {} open, a new connection failed: {extra:?}; {figures}",
             r.opened
         ));
     }
     if keyed.iter().any(|&k| k < r.opened + 1) || entries > 100 {
-        return Err(format!(
+        return Err(failed!(
             "keyed on a and b {keyed:?} (want {} each), conns entries {entries}: {figures}",
             r.opened + 1
         ));

@@ -8,6 +8,8 @@ use super::node::{NodeSpec, PROTECTED_PORT, ProviderKind};
 use super::process::{self};
 use super::support::*;
 use super::wire_check::*;
+use crate::failed;
+use crate::vm::outcome::{Failure, Outcome};
 
 /// Node a's OpenSSL provider while its certificate is replaced under load
 /// (10 long connections, 2 new ones a second for 24 s):
@@ -22,7 +24,7 @@ use super::wire_check::*;
 /// 6. new handshakes use the new files: with a certificate and key from a
 ///    CA node b does not trust, a new connection fails on both ends with
 ///    nothing received, and with the renewal back it is keyed again.
-pub fn certificate_reload() -> Result<String, String> {
+pub fn certificate_reload() -> Outcome {
     use super::service::{LoadServer, report, start_load_with};
     use tlshub_provider_sdk::handshake::files::certificate_credential;
     let (a, b) = nodes(NodeSpec::new("a"), NodeSpec::new("b"))?;
@@ -34,7 +36,7 @@ pub fn certificate_reload() -> Result<String, String> {
             .map_err(|e| e.to_string())
     };
     // What tlshubctl and the metrics say node a's provider holds.
-    let reported = || -> Result<(i64, i64), String> {
+    let reported = || -> Result<(i64, i64), Failure> {
         let s = a.status()?;
         let status = s
             .providers
@@ -50,7 +52,7 @@ pub fn certificate_reload() -> Result<String, String> {
             .ok_or("no credential expiry metric")?;
         Ok((status, metric))
     };
-    let wait_for = |want: i64| -> Result<Duration, String> {
+    let wait_for = |want: i64| -> Result<Duration, Failure> {
         let t = Instant::now();
         loop {
             let now = reported()?;
@@ -58,7 +60,7 @@ pub fn certificate_reload() -> Result<String, String> {
                 return Ok(t.elapsed());
             }
             if t.elapsed() > Duration::from_secs(20) {
-                return Err(format!("status and metric say {now:?}, want {want}"));
+                return Err(failed!("status and metric say {now:?}, want {want}"));
             }
             std::thread::sleep(Duration::from_millis(200));
         }
@@ -88,7 +90,7 @@ pub fn certificate_reload() -> Result<String, String> {
         std::thread::sleep(Duration::from_millis(200));
     }
     if reported()? != (original, original) {
-        return Err(format!(
+        return Err(failed!(
             "the expiry moved with a refused file: {:?}",
             reported()?
         ));
@@ -97,7 +99,7 @@ pub fn certificate_reload() -> Result<String, String> {
     if !own.contains("tlshub_keyprovider_files_refused 1")
         || metric(&own, "tlshub_keyprovider_reloads_total{result=\"refused\"}") != 1.0
     {
-        return Err(format!(
+        return Err(failed!(
             "the provider's metrics do not show the refused file once:\n{own}"
         ));
     }
@@ -115,7 +117,7 @@ pub fn certificate_reload() -> Result<String, String> {
             "tlshub_keyprovider_reloads_total{result=\"reloaded\"}",
         ) < 1.0
     {
-        return Err(format!(
+        return Err(failed!(
             "the provider's metrics do not show the renewal taken:\n{own}"
         ));
     }
@@ -129,7 +131,7 @@ pub fn certificate_reload() -> Result<String, String> {
         || r.short_attempted == 0
         || r.short_ok != r.short_attempted
     {
-        return Err(format!(
+        return Err(failed!(
             "connections failed while the certificate changed: {r}"
         ));
     }
@@ -137,10 +139,10 @@ pub fn certificate_reload() -> Result<String, String> {
     let pid = a.provider_pid(ProviderKind::OpenSsl);
     let before = reloads(&a);
     process::run(None, &["kill", "-HUP", &pid.to_string()])?;
-    wait_reloaded(&a, before).map_err(|e| format!("SIGHUP: {e}"))?;
+    wait_reloaded(&a, before).map_err(|e| e.context("SIGHUP"))?;
     let exchange = App::exchange(10_000, PROTECTED_PORT);
     let (s, c) = run_pair(&exchange, &[], Duration::from_secs(30))?;
-    both_ok(&exchange, &s, &c).map_err(|e| format!("after SIGHUP: {e}"))?;
+    both_ok(&exchange, &s, &c).map_err(|e| e.context("after SIGHUP"))?;
     // 6.
     replace(&key, &read("node-a-rogue.key")?)?;
     replace(&cert, &read("node-a-rogue.pem")?)?;
@@ -149,9 +151,9 @@ pub fn certificate_reload() -> Result<String, String> {
     // the server checks its certificate) and then read node b's alert
     // through kTLS (EIO) instead of a reset: either way nothing arrives.
     let (s, c) = run_pair(&exchange, &[], Duration::from_secs(30))?;
-    expect_server_failed_clean(&s).map_err(|e| format!("with another CA's certificate: {e}"))?;
+    expect_server_failed_clean(&s).map_err(|e| e.context("with another CA's certificate"))?;
     if c.ok || c.bytes_received != 0 {
-        return Err(format!(
+        return Err(failed!(
             "with another CA's certificate the client must fail with nothing received: {c}"
         ));
     }
@@ -159,7 +161,7 @@ pub fn certificate_reload() -> Result<String, String> {
     replace(&cert, &renewed_pem)?;
     wait_for(renewed)?;
     let (s, c) = run_pair(&exchange, &[], Duration::from_secs(30))?;
-    both_ok(&exchange, &s, &c).map_err(|e| format!("with the renewal back: {e}"))?;
+    both_ok(&exchange, &s, &c).map_err(|e| e.context("with the renewal back"))?;
     drop((a, b));
     Ok(format!(
         "expiry {original} reported by status and metric; a broken file refused, the old certificate kept; the renewal ({days} days earlier expiry) taken in {:.1} s; {} short and 10 long connections all exact meanwhile; SIGHUP reloaded; with another CA's certificate a new connection failed on both ends with nothing received, with the renewal back keyed again",
@@ -169,16 +171,16 @@ pub fn certificate_reload() -> Result<String, String> {
 }
 
 /// Replaces `to` at once (a rename), as a deployment tool does.
-fn replace_file(to: &std::path::Path, bytes: &[u8]) -> Result<(), String> {
+fn replace_file(to: &std::path::Path, bytes: &[u8]) -> Result<(), Failure> {
     let tmp = to.with_extension("new");
     std::fs::write(&tmp, bytes)
         .and_then(|()| std::fs::rename(&tmp, to))
-        .map_err(|e| format!("{}: {e}", to.display()))
+        .map_err(|e| failed!("{}: {e}", to.display()))
 }
 
 /// A file of the test PKI (see [`super::node::CERTS`]).
-fn read_pki(file: &str) -> Result<Vec<u8>, String> {
-    std::fs::read(format!("{}/{file}", super::node::CERTS)).map_err(|e| format!("{file}: {e}"))
+fn read_pki(file: &str) -> Result<Vec<u8>, Failure> {
+    std::fs::read(format!("{}/{file}", super::node::CERTS)).map_err(|e| failed!("{file}: {e}"))
 }
 
 /// How often `node`'s OpenSSL provider has reloaded its files so far.
@@ -190,7 +192,7 @@ fn reloads(node: &super::node::Node) -> usize {
 
 /// Waits (10 s at most) until `node`'s OpenSSL provider reloaded its files
 /// once more than `before`.
-fn wait_reloaded(node: &super::node::Node, before: usize) -> Result<(), String> {
+fn wait_reloaded(node: &super::node::Node, before: usize) -> Result<(), Failure> {
     let t = Instant::now();
     while reloads(node) <= before {
         if t.elapsed() > Duration::from_secs(10) {
@@ -206,7 +208,7 @@ fn wait_reloaded(node: &super::node::Node, before: usize) -> Result<(), String> 
 fn change_files(
     node: &super::node::Node,
     files: &[(&std::path::Path, Vec<u8>)],
-) -> Result<(), String> {
+) -> Result<(), Failure> {
     let before = reloads(node);
     for (path, bytes) in files {
         replace_file(path, bytes)?;
@@ -220,11 +222,11 @@ fn change_files(
 /// key. A new connection must fail on both ends with nothing received,
 /// node b's provider must log the refusal naming node c and node a, and
 /// with node a's own certificate back a new connection must be keyed.
-pub fn peer_must_be_its_node() -> Result<String, String> {
+pub fn peer_must_be_its_node() -> Outcome {
     let (a, b) = nodes(NodeSpec::new("a"), NodeSpec::new("b"))?;
     let exchange = App::exchange(10_000, PROTECTED_PORT);
     let (s, c) = run_pair(&exchange, &[], Duration::from_secs(30))?;
-    both_ok(&exchange, &s, &c).map_err(|e| format!("with the node map: {e}"))?;
+    both_ok(&exchange, &s, &c).map_err(|e| e.context("with the node map"))?;
     let fa = a.provider_files();
     change_files(
         &a,
@@ -234,9 +236,9 @@ pub fn peer_must_be_its_node() -> Result<String, String> {
         ],
     )?;
     let (s, c) = run_pair(&exchange, &[], Duration::from_secs(30))?;
-    expect_server_failed_clean(&s).map_err(|e| format!("node c's certificate: {e}"))?;
+    expect_server_failed_clean(&s).map_err(|e| e.context("node c's certificate"))?;
     if c.ok || c.bytes_received != 0 {
-        return Err(format!(
+        return Err(failed!(
             "with node c's certificate the client must fail with nothing received: {c}"
         ));
     }
@@ -247,7 +249,7 @@ pub fn peer_must_be_its_node() -> Result<String, String> {
         .map(str::to_owned)
         .ok_or("node b's provider logged no refusal")?;
     if !(line.contains("node-c") && line.contains("node-a")) {
-        return Err(format!("the refusal must name both nodes: {line}"));
+        return Err(failed!("the refusal must name both nodes: {line}"));
     }
     change_files(
         &a,
@@ -257,7 +259,7 @@ pub fn peer_must_be_its_node() -> Result<String, String> {
         ],
     )?;
     let (s, c) = run_pair(&exchange, &[], Duration::from_secs(30))?;
-    both_ok(&exchange, &s, &c).map_err(|e| format!("with node a's certificate back: {e}"))?;
+    both_ok(&exchange, &s, &c).map_err(|e| e.context("with node a's certificate back"))?;
     Ok(format!(
         "node c's valid certificate on node a refused by node b ({}); node a's own certificate keyed again",
         line.split("reason=").nth(1).unwrap_or(&line).trim()
@@ -272,13 +274,13 @@ pub fn peer_must_be_its_node() -> Result<String, String> {
 /// on the wire TLS only. Then (5) node a going back to its old-CA
 /// certificate must fail on both ends with nothing received: the old CA
 /// is no longer trusted.
-pub fn ca_rotation() -> Result<String, String> {
+pub fn ca_rotation() -> Outcome {
     let (a, b) = nodes(NodeSpec::new("a"), NodeSpec::new("b"))?;
     let cap = Capture::start("ca-rotation")?;
     let exchange = App::exchange(10_000, PROTECTED_PORT);
-    let run = |step: &str| -> Result<(), String> {
+    let run = |step: &str| -> Result<(), Failure> {
         let (s, c) = run_pair(&exchange, &[], Duration::from_secs(30))?;
-        both_ok(&exchange, &s, &c).map_err(|e| format!("{step}: {e}"))
+        both_ok(&exchange, &s, &c).map_err(|e| e.context(step))
     };
     let change = change_files;
     let (fa, fb) = (a.provider_files(), b.provider_files());
@@ -315,9 +317,9 @@ pub fn ca_rotation() -> Result<String, String> {
         ],
     )?;
     let (s, c) = run_pair(&exchange, &[], Duration::from_secs(30))?;
-    expect_server_failed_clean(&s).map_err(|e| format!("an old-CA certificate: {e}"))?;
+    expect_server_failed_clean(&s).map_err(|e| e.context("an old-CA certificate"))?;
     if c.ok || c.bytes_received != 0 {
-        return Err(format!(
+        return Err(failed!(
             "an old-CA certificate after the rotation: the client must fail with nothing received: {c}"
         ));
     }

@@ -10,6 +10,8 @@ use super::process;
 use super::support::{App, both_ok, expect_reset, expect_server_failed_clean, nodes, run_pair};
 use super::topology::{POD_B, POD_B6};
 use super::wire_check::{Capture, captured_exchanges, check_wire};
+use crate::failed;
+use crate::vm::outcome::{Failure, Outcome};
 
 /// The service range node a's policy holds.
 const SERVICE_CIDR: &str = "10.96.0.0/12";
@@ -34,7 +36,7 @@ const TO_PROTECTED6_HOST: &str = "[fd00:96::10]";
 struct ServiceNat;
 
 impl ServiceNat {
-    fn install() -> Result<Self, String> {
+    fn install() -> Result<Self, Failure> {
         let rules = format!(
             "table ip tlshub_test_nat {{
   chain prerouting {{
@@ -60,7 +62,7 @@ table ip6 tlshub_test_nat6 {{
         std::fs::write(path, rules).map_err(|e| format!("{path}: {e}"))?;
         let guard = ServiceNat;
         process::run(Some("node-a"), &["nft", "-f", path])
-            .map_err(|e| format!("cannot install node a's service NAT: {e}"))?;
+            .map_err(|e| e.context("cannot install node a's service NAT"))?;
         Ok(guard)
     }
 }
@@ -75,7 +77,7 @@ impl Drop for ServiceNat {
 
 /// Node a holds the service range; node b is as usual (it sees the
 /// backend's own address as its local end).
-fn service_nodes(provider: ProviderKind) -> Result<(Node, Node), String> {
+fn service_nodes(provider: ProviderKind) -> Result<(Node, Node), Failure> {
     nodes(
         NodeSpec {
             service_cidrs: vec![SERVICE_CIDR, SERVICE_CIDR6],
@@ -106,7 +108,7 @@ fn via_service(service: &'static str, port: u16, size: usize, io: &'static str) 
 /// for the translated tuple (so a key-only provider keyed both ends from
 /// the same tuple), node a lists the backend as the remote end (in its key log), and a plain
 /// control (directly to the plain port) shows its marker.
-pub fn to_a_selected_backend() -> Result<String, String> {
+pub fn to_a_selected_backend() -> Outcome {
     load_nat_modules()?;
     let _nat = ServiceNat::install()?;
     let mut summary = Vec::new();
@@ -131,12 +133,16 @@ pub fn to_a_selected_backend() -> Result<String, String> {
             });
         }
         let want = 4 + over_ipv6;
-        let report = captured_exchanges(&format!("dnat-{provider:?}"), &a, &b, &apps)
-            .map_err(|e| format!("{provider:?}: {e}; node a's core said: {}", warnings(&a)))?;
+        let report =
+            captured_exchanges(&format!("dnat-{provider:?}"), &a, &b, &apps).map_err(|e| {
+                e.map_message(|m| {
+                    format!("{provider:?}: {m}; node a's core said: {}", warnings(&a))
+                })
+            })?;
         report.expect_at_least(1, 0)?;
         let keyed = a.stat_reaching(|s| s.protected, want as u64);
         if keyed != want as u64 {
-            return Err(format!(
+            return Err(failed!(
                 "{provider:?}: node a protected {keyed} of {want} service connections"
             ));
         }
@@ -162,9 +168,10 @@ pub fn to_a_selected_backend() -> Result<String, String> {
         let count = |b: &std::net::SocketAddr| keys.iter().filter(|k| k.remote == *b).count();
         if keys.len() != want || count(&backends[0]) != 4 || count(&backends[1]) != over_ipv6 {
             let remotes: Vec<String> = keys.iter().map(|k| k.remote.to_string()).collect();
-            return Err(format!(
+            return Err(failed!(
                 "{provider:?}: node a keyed remote ends {remotes:?}, want {} four times and {} {over_ipv6} time(s)",
-                backends[0], backends[1]
+                backends[0],
+                backends[1]
             ));
         }
         summary.push(format!(
@@ -187,7 +194,7 @@ pub fn to_a_selected_backend() -> Result<String, String> {
 ///   connection): refused before any byte left (the client is reset, the
 ///   server receives nothing, no marker on the wire, counted as failed with
 ///   `service_source_nat`).
-pub fn unselected_backend_plain_and_source_nat_refused() -> Result<String, String> {
+pub fn unselected_backend_plain_and_source_nat_refused() -> Outcome {
     load_nat_modules()?;
     let _nat = ServiceNat::install()?;
     let (a, b) = service_nodes(ProviderKind::OpenSsl)?;
@@ -215,20 +222,21 @@ pub fn unselected_backend_plain_and_source_nat_refused() -> Result<String, Strin
     );
     let stats = a.stats()?;
     if plain_count != 4 || refused != 1 || stats.protected != 0 {
-        return Err(format!(
+        return Err(failed!(
             "node a: service_plain {plain_count} (want 4), source NAT refusals {refused} (want 1), protected {} (want 0); failed {:?}",
-            stats.protected, stats.failed
+            stats.protected,
+            stats.failed
         ));
     }
     let metrics = a.metrics()?;
     if !metrics.contains("tlshub_connections_service_plain_total 4") {
-        return Err(format!(
+        return Err(failed!(
             "metrics lack the 4 plain service connections:\n{metrics}"
         ));
     }
     let status = a.status()?;
     if status.counters.as_ref().map(|c| c.service_plain) != Some(4) {
-        return Err(format!(
+        return Err(failed!(
             "`tlshubctl status` does not count the 4: {status:?}"
         ));
     }
@@ -250,7 +258,7 @@ fn warnings(node: &Node) -> String {
 
 /// The NAT and conntrack modules (nft would load most on demand; the
 /// core's ctnetlink lookups need `nf_conntrack_netlink` before it starts).
-fn load_nat_modules() -> Result<(), String> {
+fn load_nat_modules() -> Result<(), Failure> {
     for m in [
         "nf_conntrack_netlink",
         "nft_chain_nat",
@@ -258,7 +266,7 @@ fn load_nat_modules() -> Result<(), String> {
         "nft_masq",
         "nft_ct",
     ] {
-        process::run(None, &["modprobe", m]).map_err(|e| format!("modprobe {m}: {e}"))?;
+        process::run(None, &["modprobe", m]).map_err(|e| e.context(format!("modprobe {m}")))?;
     }
     Ok(())
 }

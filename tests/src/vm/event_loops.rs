@@ -8,12 +8,14 @@ use super::node::{Node, NodeSpec, PLAIN_PORT, PROTECTED_PORT, ProviderKind};
 use super::process;
 use super::support::*;
 use super::wire_check::*;
+use crate::failed;
+use crate::vm::outcome::Outcome;
 
 /// Level-triggered epoll, edge-triggered epoll and poll(2), both orders,
 /// 1 byte and 1 MiB, with the OpenSSL provider (its in-band handshake
 /// keeps every app's first call waiting): every connection's app on both
 /// nodes is answered EAGAIN and woken, and no process is stopped.
-pub fn never_stopped() -> Result<String, String> {
+pub fn never_stopped() -> Outcome {
     let (a, b) = nodes(NodeSpec::new("a"), NodeSpec::new("b"))?;
     let mut apps = Vec::new();
     for io in ["epoll-edge", "epoll", "poll"] {
@@ -38,7 +40,9 @@ pub fn never_stopped() -> Result<String, String> {
     let report = with_ktls_sockets(2 * conns, || {
         captured_exchanges("event-loops", &a, &b, &apps)
     })
-    .map_err(|e| format!("{e}; node a: {}; node b: {}", trouble(&a), trouble(&b)))?;
+    .map_err(|e| {
+        e.map_message(|m| format!("{m}; node a: {}; node b: {}", trouble(&a), trouble(&b)))
+    })?;
     report.expect_at_least(1, 0)?;
     let waits = [
         a.stat_reaching(|s| s.gate_waits, conns),
@@ -47,9 +51,12 @@ pub fn never_stopped() -> Result<String, String> {
     let stops = [a.stat(|s| s.gate_stops), b.stat(|s| s.gate_stops)];
     let eagain = [a.stat(|s| s.gate_eagain), b.stat(|s| s.gate_eagain)];
     if stops != [0, 0] || waits != [conns, conns] {
-        return Err(format!(
+        return Err(failed!(
             "{conns} connections: processes stopped a {} b {}, connections answered EAGAIN a {} b {} (want 0 stopped, all answered)",
-            stops[0], stops[1], waits[0], waits[1]
+            stops[0],
+            stops[1],
+            waits[0],
+            waits[1]
         ));
     }
     Ok(format!(
@@ -64,7 +71,7 @@ pub fn never_stopped() -> Result<String, String> {
 /// exchange exact bytes, and keep it open while the next ones come. The
 /// server's node must stop nobody, and its runtime must have been told
 /// `EAGAIN` and woken; the clients' node stops its blocking clients.
-pub fn tokio_server_never_stopped() -> Result<String, String> {
+pub fn tokio_server_never_stopped() -> Outcome {
     const COUNT: u64 = 20;
     let (a, b) = nodes(NodeSpec::new("a"), NodeSpec::new("b"))?;
     let listen = format!("0.0.0.0:{PROTECTED_PORT}");
@@ -92,13 +99,13 @@ pub fn tokio_server_never_stopped() -> Result<String, String> {
     )?;
     let r: crate::hold::HoldReport = last_report(&out)?;
     if !r.complete() {
-        return Err(format!("tlshub-hold client: {r:?}"));
+        return Err(failed!("tlshub-hold client: {r:?}"));
     }
     let keyed = b.stat_reaching(|s| s.protected, COUNT);
     let stops = b.stat(|s| s.gate_stops);
     let waits = b.stat(|s| s.gate_waits);
     if keyed != COUNT || stops != 0 || waits == 0 {
-        return Err(format!(
+        return Err(failed!(
             "node b (the tokio server's): {keyed} of {COUNT} keyed, {stops} processes stopped, {waits} connections answered EAGAIN (want all keyed, 0 stopped, some answered)"
         ));
     }
@@ -114,7 +121,7 @@ pub fn tokio_server_never_stopped() -> Result<String, String> {
 /// the core opens the gate. The reader's node has its provider stopped for
 /// 1.5 s so that the records are surely queued first; then the other way
 /// round. Both must read every byte, and nobody is stopped.
-pub fn edge_reader_with_records_queued() -> Result<String, String> {
+pub fn edge_reader_with_records_queued() -> Outcome {
     let spec = |name| {
         let mut s = NodeSpec::new(name);
         s.provider = ProviderKind::ExamplePsk;
@@ -141,7 +148,7 @@ pub fn edge_reader_with_records_queued() -> Result<String, String> {
         let (s, c) = result?;
         both_ok(&app, &s, &c)?;
         if took < Duration::from_millis(1400) {
-            return Err(format!(
+            return Err(failed!(
                 "{mode}: done in {took:?}, before the reader's provider was continued: the records were not queued first"
             ));
         }
@@ -158,9 +165,12 @@ pub fn edge_reader_with_records_queued() -> Result<String, String> {
         b.stat_reaching(|s| s.gate_waits, 1),
     ];
     if stops != [0, 0] || waits.contains(&0) {
-        return Err(format!(
+        return Err(failed!(
             "processes stopped a {} b {}, connections answered EAGAIN a {} b {} (want 0 stopped, at least 1 answered each)",
-            stops[0], stops[1], waits[0], waits[1]
+            stops[0],
+            stops[1],
+            waits[0],
+            waits[1]
         ));
     }
     // What closes the race: the gate counts a socket as open once kTLS's
@@ -170,7 +180,7 @@ pub fn edge_reader_with_records_queued() -> Result<String, String> {
             .core_log()
             .contains("the gate learned kTLS's receive method")
         {
-            return Err(format!(
+            return Err(failed!(
                 "node {name}'s gate did not learn kTLS's receive method"
             ));
         }
@@ -191,7 +201,7 @@ pub fn edge_reader_with_records_queued() -> Result<String, String> {
 /// its next connection late (about one connection in five). None may be
 /// deferred now, over 60 sequential echo connections after a first one
 /// (which teaches the gate kTLS's receive method).
-pub fn close_after_answer_not_deferred() -> Result<String, String> {
+pub fn close_after_answer_not_deferred() -> Outcome {
     const CONNS: u32 = 60;
     let spec = |name| NodeSpec::with_provider(name, ProviderKind::TlsHub);
     let (a, b) = nodes(spec("a"), spec("b"))?;
@@ -215,7 +225,7 @@ pub fn close_after_answer_not_deferred() -> Result<String, String> {
     let deferred = b.stat(|s| s.fin_deferred) - deferred_before;
     let stops = [a.stat(|s| s.gate_stops), b.stat(|s| s.gate_stops)];
     if deferred != 0 || stops != [0, 0] || protected < u64::from(CONNS) + 1 {
-        return Err(format!(
+        return Err(failed!(
             "{CONNS} echo connections in {took:?}: server node protected {protected}, deferred {deferred} client FINs (want 0), processes stopped a {} b {} (want 0); node b: {}",
             stops[0],
             stops[1],

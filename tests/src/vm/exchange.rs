@@ -8,11 +8,13 @@ use super::process::{self, finish, spawn_ready};
 use super::support::*;
 use super::topology::{POD_B, POD_B6};
 use super::wire_check::*;
+use crate::failed;
+use crate::vm::outcome::{Failure, Outcome};
 
-pub fn kernel_has_ktls_and_bpf_lsm() -> Result<String, String> {
+pub fn kernel_has_ktls_and_bpf_lsm() -> Outcome {
     let lsm = std::fs::read_to_string("/sys/kernel/security/lsm").map_err(|e| e.to_string())?;
     if !lsm.split(',').any(|l| l.trim() == "bpf") {
-        return Err(format!("bpf not in the LSM list: {lsm}"));
+        return Err(failed!("bpf not in the LSM list: {lsm}"));
     }
     if tls_stat(&["pod-a"]).is_empty() {
         return Err("/proc/net/tls_stat missing: tls module not loaded".into());
@@ -35,7 +37,7 @@ pub fn kernel_has_ktls_and_bpf_lsm() -> Result<String, String> {
 
 /// `tlshub-core check` (with the defaults, as on a fresh host) must find
 /// every requirement met on this kernel, and exit 0.
-fn core_check() -> Result<String, String> {
+fn core_check() -> Result<String, Failure> {
     use tlshub_admin::preflight::{NAMES, Report};
     let text = process::run(
         None,
@@ -47,13 +49,13 @@ fn core_check() -> Result<String, String> {
             "/nonexistent.toml",
         ],
     )
-    .map_err(|e| format!("tlshub-core check: {e}"))?;
+    .map_err(|e| e.context("tlshub-core check"))?;
     let json = text.find('{').map_or("", |at| &text[at..]);
     let report: Report =
         serde_json::from_str(json).map_err(|e| format!("tlshub-core check: {e}: {text}"))?;
     let names: Vec<&str> = report.checks.iter().map(|c| c.name.as_str()).collect();
     if names != NAMES || !report.ok() {
-        return Err(format!("tlshub-core check: {text}"));
+        return Err(failed!("tlshub-core check: {text}"));
     }
     Ok(format!(
         "all {} met ({})",
@@ -66,7 +68,7 @@ fn core_check() -> Result<String, String> {
 /// --ktls-fixed-key`, the benchmark's data-path ceiling) on the plain
 /// port: exact bytes both ways, and each direction on the wire is records
 /// that decrypt under the sender's fixed key to what its app sent.
-fn fixed_key_ktls() -> Result<String, String> {
+fn fixed_key_ktls() -> Result<String, Failure> {
     use crate::app_io::fixed_ktls_keys;
     use crate::pattern::{CLIENT_SEED, MARKER, SERVER_SEED};
     let app = App {
@@ -76,7 +78,7 @@ fn fixed_key_ktls() -> Result<String, String> {
     let cap = Capture::start("fixed-key-ktls")?;
     let (server, client) = run_pair(&app, &[], Duration::from_secs(60))?;
     if !server.ok || !client.ok {
-        return Err(format!(
+        return Err(failed!(
             "fixed-key kTLS exchange: server {server}, client {client}"
         ));
     }
@@ -84,9 +86,10 @@ fn fixed_key_ktls() -> Result<String, String> {
     let mut checked = 0;
     for f in flows.iter().filter(|f| !f.bytes.is_empty()) {
         if crate::wire::contains(&f.bytes, MARKER) {
-            return Err(format!(
+            return Err(failed!(
                 "fixed-key kTLS: {} -> {} carries the marker",
-                f.src, f.dst
+                f.src,
+                f.dst
             ));
         }
         let from_client = f.dst.port() == PLAIN_PORT;
@@ -106,7 +109,7 @@ fn fixed_key_ktls() -> Result<String, String> {
             )
         })?;
         if plain.len() < app.size {
-            return Err(format!(
+            return Err(failed!(
                 "fixed-key kTLS: {} -> {}: {} bytes decrypted, want {}",
                 f.src,
                 f.dst,
@@ -117,7 +120,7 @@ fn fixed_key_ktls() -> Result<String, String> {
         checked += 1;
     }
     if checked != 2 {
-        return Err(format!(
+        return Err(failed!(
             "fixed-key kTLS: {checked} flows with bytes captured, want 2"
         ));
     }
@@ -129,7 +132,7 @@ fn fixed_key_ktls() -> Result<String, String> {
 
 /// Every send method with every receive method in rotation, blocking and
 /// epoll, client-first and server-first, 1 byte and 1 MiB, all captured.
-pub fn exchange_matrix() -> Result<String, String> {
+pub fn exchange_matrix() -> Outcome {
     let (a, b) = nodes(NodeSpec::new("a"), NodeSpec::new("b"))?;
     let sends = ["write", "writev", "send", "sendmsg", "sendfile", "splice"];
     let recvs = ["read", "recv", "recvmsg", "splice"];
@@ -167,7 +170,7 @@ pub fn exchange_matrix() -> Result<String, String> {
     ))
 }
 
-pub fn cipher_suites() -> Result<String, String> {
+pub fn cipher_suites() -> Outcome {
     let mut out = Vec::new();
     for (suite, ktls) in [
         ("TLS_AES_256_GCM_SHA384", "aes-gcm-256"),
@@ -185,14 +188,14 @@ pub fn cipher_suites() -> Result<String, String> {
         captured_exchanges("suites", &a, &b, &[app])?;
         let name = a.first_key_suite();
         if name != ktls {
-            return Err(format!("{suite} installed as {name:?}, want {ktls}"));
+            return Err(failed!("{suite} installed as {name:?}, want {ktls}"));
         }
         out.push(format!("{suite} -> kTLS {name}, decrypted"));
     }
     Ok(out.join("; "))
 }
 
-pub fn large_transfers() -> Result<String, String> {
+pub fn large_transfers() -> Outcome {
     let (_a, _b) = nodes(NodeSpec::new("a"), NodeSpec::new("b"))?;
     // Both ends of all 6 connections must have kTLS in both directions.
     // (Not captured: 768 MiB of packets would not fit the VM's memory;
@@ -200,7 +203,7 @@ pub fn large_transfers() -> Result<String, String> {
     with_ktls_sockets(12, large_transfers_exact)
 }
 
-pub fn large_transfers_exact() -> Result<String, String> {
+pub fn large_transfers_exact() -> Outcome {
     let mut out = Vec::new();
     // Every send call and every receive call at least once, both I/O modes
     // and both orders.
@@ -239,7 +242,7 @@ pub fn large_transfers_exact() -> Result<String, String> {
 /// core's send buffer floor must prevent it. A control run without the
 /// floor reports whether this kernel stalls there (not required: a fixed
 /// kernel would not).
-pub fn small_send_buffer_sendpage() -> Result<String, String> {
+pub fn small_send_buffer_sendpage() -> Outcome {
     let small = ["--sndbuf", "4096"];
     // From 6.5 on, sendfile()/splice() into kTLS end in a push (the
     // MSG_SPLICE_PAGES rework), so the core applies no floor there and
@@ -265,12 +268,12 @@ pub fn small_send_buffer_sendpage() -> Result<String, String> {
             both_ok(&app, &s, &c)?;
             let buf = c.send_buffer.unwrap_or(0);
             if floored && buf < 4 << 20 {
-                return Err(format!(
+                return Err(failed!(
                     "{send}/{io}: the client's send buffer is {buf} B after keying, want at least the 4 MiB floor"
                 ));
             }
             if !floored && buf >= 4 << 20 {
-                return Err(format!(
+                return Err(failed!(
                     "{send}/{io}: the client's send buffer is {buf} B after keying; this kernel needs no floor and the core must leave it alone"
                 ));
             }
@@ -295,14 +298,14 @@ pub fn small_send_buffer_sendpage() -> Result<String, String> {
     ) {
         Ok((s, c)) if s.ok && c.ok => "completed (this kernel does not stall there)".to_string(),
         Ok((s, c)) => {
-            return Err(format!(
+            return Err(failed!(
                 "control without the floor failed: server {s}, client {c}"
             ));
         }
-        Err(e) if e.contains("timed out") => {
+        Err(Failure::Hang(_)) => {
             "stalled for 15 s (the kernel's sendpage stall the floor prevents)".to_string()
         }
-        Err(e) => return Err(format!("control without the floor failed: {e}")),
+        Err(e) => return Err(e.context("control without the floor failed")),
     };
     Ok(format!(
         "4 MiB each way from an 8 KiB send buffer, exact: {} (the core raised it to 4 MiB); without the floor, sendfile/blocking {control}",
@@ -310,7 +313,7 @@ pub fn small_send_buffer_sendpage() -> Result<String, String> {
     ))
 }
 
-pub fn ipv6_exchange() -> Result<String, String> {
+pub fn ipv6_exchange() -> Outcome {
     let (a, b) = nodes(NodeSpec::new("a"), NodeSpec::new("b"))?;
     let apps = ["client-first", "server-first"].map(|mode| App {
         mode,
@@ -324,7 +327,7 @@ pub fn ipv6_exchange() -> Result<String, String> {
         .map(|k| k.local.to_string())
         .unwrap_or_default();
     if !local.starts_with("[fd00:1::2]") {
-        return Err(format!(
+        return Err(failed!(
             "key export names {local}, not the IPv6 pod address"
         ));
     }
@@ -345,7 +348,7 @@ pub fn ipv6_exchange() -> Result<String, String> {
 /// and the same to the plain port as the control; with an in-band
 /// handshake provider (OpenSSL) and a key-only one (TLSHub, keys from the
 /// connection's identity).
-pub fn dual_stack_exchange() -> Result<String, String> {
+pub fn dual_stack_exchange() -> Outcome {
     let mut apps = Vec::new();
     for (listen_dual_stack, connect_v4_mapped) in [(true, false), (false, true), (true, true)] {
         for mode in ["client-first", "server-first"] {
@@ -372,7 +375,7 @@ pub fn dual_stack_exchange() -> Result<String, String> {
             .iter()
             .find(|k| !k.local.is_ipv4() || !k.remote.is_ipv4())
         {
-            return Err(format!(
+            return Err(failed!(
                 "{}: keys exported for {} -> {}: want the IPv4 addresses, not v4-mapped ones",
                 kind.name(),
                 k.local,
@@ -390,7 +393,7 @@ pub fn dual_stack_exchange() -> Result<String, String> {
 /// Many connections keyed at the same time: 8 client processes with 25
 /// connections each against a server that serves every connection on its
 /// own thread.
-pub fn concurrent_keying() -> Result<String, String> {
+pub fn concurrent_keying() -> Outcome {
     // Why a longer key timeout than the default 2 s: the server's keying
     // starts only when it accepts, and every hold stops the whole server
     // process (its accept loop too) for one handshake, so under TCG the
@@ -442,12 +445,12 @@ pub fn concurrent_keying() -> Result<String, String> {
     for child in children {
         let c = app_report(&finish(child, Duration::from_secs(300))?)?;
         if !c.ok {
-            return Err(format!("a concurrent client failed: {c}"));
+            return Err(failed!("a concurrent client failed: {c}"));
         }
     }
     let s = app_report(&finish(server, Duration::from_secs(60))?)?;
     if !s.ok || s.connections != total {
-        return Err(format!("server: {s}"));
+        return Err(failed!("server: {s}"));
     }
     let took = started.elapsed().as_secs_f64();
     let want = u64::from(total);
@@ -456,7 +459,7 @@ pub fn concurrent_keying() -> Result<String, String> {
         b.stat_reaching(|s| s.protected, want),
     );
     if pa != u64::from(total) || pb != u64::from(total) {
-        return Err(format!("protected A {pa} B {pb}, want {total} each"));
+        return Err(failed!("protected A {pa} B {pb}, want {total} each"));
     }
     Ok(format!(
         "{total} connections from {clients} concurrent clients, all exact, all keyed on both nodes in {took:.1}s"

@@ -9,10 +9,12 @@ use super::process::{self, finish, spawn_ready};
 use super::support::*;
 use super::topology::POD_B;
 use super::wire_check::*;
+use crate::failed;
 use crate::pattern::MARKER;
+use crate::vm::outcome::Outcome;
 use crate::wire;
 
-pub fn fail_closed_provider_missing() -> Result<String, String> {
+pub fn fail_closed_provider_missing() -> Outcome {
     let mut sa = NodeSpec::new("a");
     sa.provider = ProviderKind::Missing;
     let (a, b) = nodes(sa, NodeSpec::new("b"))?;
@@ -36,7 +38,7 @@ pub fn fail_closed_provider_missing() -> Result<String, String> {
     // connection is reset once.
     let resets = a.stat(|s| s.reset) + b.stat(|s| s.reset);
     if resets < 2 {
-        return Err(format!("cores A and B reset {resets} connections, want 2"));
+        return Err(failed!("cores A and B reset {resets} connections, want 2"));
     }
     Ok(format!(
         "{}; {} protected flows, no marker on the wire; cores reset {resets}",
@@ -45,7 +47,7 @@ pub fn fail_closed_provider_missing() -> Result<String, String> {
     ))
 }
 
-pub fn fail_open_provider_missing() -> Result<String, String> {
+pub fn fail_open_provider_missing() -> Outcome {
     let mut sa = NodeSpec::new("a");
     sa.provider = ProviderKind::Missing;
     sa.failure_policy = "fail-open";
@@ -75,7 +77,7 @@ pub fn fail_open_provider_missing() -> Result<String, String> {
     ))
 }
 
-pub fn provider_hangs() -> Result<String, String> {
+pub fn provider_hangs() -> Outcome {
     let mut sa = NodeSpec::new("a");
     sa.provider = ProviderKind::Bad("hang");
     sa.key_timeout_ms = 1000;
@@ -93,12 +95,12 @@ pub fn provider_hangs() -> Result<String, String> {
     plain_control()?;
     check_wire_with_control(&cap.finish()?, &a, &b)?;
     if took > Duration::from_secs(6) {
-        return Err(format!("reset took {took:?} with a 1 s key timeout"));
+        return Err(failed!("reset took {took:?} with a 1 s key timeout"));
     }
     std::thread::sleep(Duration::from_millis(1200));
     let timeouts = a.stat(|s| s.failures("timeout"));
     if timeouts == 0 {
-        return Err(format!("core A did not count a timeout: {:?}", a.stats()));
+        return Err(failed!("core A did not count a timeout: {:?}", a.stats()));
     }
     Ok(format!(
         "reset after {:.2}s (timeout 1 s), no plaintext, counted as timeout",
@@ -106,7 +108,7 @@ pub fn provider_hangs() -> Result<String, String> {
     ))
 }
 
-pub fn provider_malformed() -> Result<String, String> {
+pub fn provider_malformed() -> Outcome {
     let mut out = Vec::new();
     for mode in ["malformed-key", "unknown-cipher"] {
         let mut sa = NodeSpec::new("a");
@@ -124,7 +126,7 @@ pub fn provider_malformed() -> Result<String, String> {
         check_wire_with_control(&cap.finish()?, &a, &b)?;
         std::thread::sleep(Duration::from_millis(1200));
         if a.stat(|s| s.failures("malformed")) == 0 {
-            return Err(format!("{mode}: not counted as malformed: {:?}", a.stats()));
+            return Err(failed!("{mode}: not counted as malformed: {:?}", a.stats()));
         }
         let log = a.core_log();
         let line = log
@@ -147,7 +149,7 @@ pub fn provider_malformed() -> Result<String, String> {
     Ok(out.join("; "))
 }
 
-pub fn churn_and_fd_reuse() -> Result<String, String> {
+pub fn churn_and_fd_reuse() -> Outcome {
     let (a, b) = nodes(NodeSpec::new("a"), NodeSpec::new("b"))?;
     // 1,000 connections closed right after connect (most before keys).
     let early = App {
@@ -157,7 +159,7 @@ pub fn churn_and_fd_reuse() -> Result<String, String> {
     };
     let (s, c) = run_pair(&early, &[], Duration::from_secs(600))?;
     if !c.ok {
-        return Err(format!("close-early client: {c}"));
+        return Err(failed!("close-early client: {c}"));
     }
     let _ = s;
     // 900 keyed connections, opened and closed.
@@ -194,7 +196,7 @@ pub fn churn_and_fd_reuse() -> Result<String, String> {
     let (_s, c) = run_pair(&reuse, &["--reuse-fd-to", &other], Duration::from_secs(300))?;
     let ps = app_report(&finish(plain_server, Duration::from_secs(30))?)?;
     if !c.ok || !ps.ok {
-        return Err(format!("fd reuse: client {c}, plain server {ps}"));
+        return Err(failed!("fd reuse: client {c}, plain server {ps}"));
     }
     let reused = c.reused_fds;
     if reused == 0 {
@@ -213,7 +215,7 @@ pub fn churn_and_fd_reuse() -> Result<String, String> {
     )
     .is_err()
     {
-        return Err(format!(
+        return Err(failed!(
             "not idle after churn: A {:?} B {:?}",
             a.stats().map(|s| (s.pending, s.bpf_maps)),
             b.stats().map(|s| (s.pending, s.bpf_maps))
@@ -226,7 +228,7 @@ pub fn churn_and_fd_reuse() -> Result<String, String> {
     ))
 }
 
-pub fn malformed_config() -> Result<String, String> {
+pub fn malformed_config() -> Outcome {
     let path = "/tmp/bad-core.toml";
     std::fs::write(
         path,
@@ -242,7 +244,7 @@ pub fn malformed_config() -> Result<String, String> {
         || !err.contains("line 3")
         || !err.contains("local_cidrs")
     {
-        return Err(format!("exit {:?}, stderr {err}", out.status.code()));
+        return Err(failed!("exit {:?}, stderr {err}", out.status.code()));
     }
     Ok(format!(
         "exit 2: {}",

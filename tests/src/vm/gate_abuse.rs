@@ -9,6 +9,8 @@ use super::node::{NodeSpec, PLAIN_PORT, PROTECTED_PORT, ProviderKind};
 use super::process;
 use super::support::{App, both_ok, nodes, run_pair};
 use super::wire_check::Capture;
+use crate::failed;
+use crate::vm::outcome::Outcome;
 
 /// An exemption names a process, not a pid: a process that gets the pid of
 /// an exited provider is held like any other. Node A's provider is killed
@@ -18,12 +20,12 @@ use super::wire_check::Capture;
 /// It must be held (the provider is gone, so fail-closed resets it at the
 /// key timeout) and the wire must not carry its bytes; a plain control
 /// connection in the same capture must.
-pub fn exempt_pid_reuse() -> Result<String, String> {
+pub fn exempt_pid_reuse() -> Outcome {
     use super::support::{app_report, pod_b_addr};
     let (mut a, b) = nodes(NodeSpec::new("a"), NodeSpec::new("b"))?;
     let provider_pid = a.provider_pid(ProviderKind::OpenSsl);
     if provider_pid < 2 {
-        return Err(format!("node a's provider pid is {provider_pid}"));
+        return Err(failed!("node a's provider pid is {provider_pid}"));
     }
     let cap = Capture::start("pid-reuse")?;
     let server = super::support::spawn_server(PROTECTED_PORT, &["--size", "10000"])?;
@@ -60,7 +62,7 @@ pub fn exempt_pid_reuse() -> Result<String, String> {
     // against, and no marker may have crossed.
     let report = super::wire_check::check_wire_allowing_unkeyed(&cap.finish()?, &a, &b, true)?;
     if c.ok {
-        return Err(format!(
+        return Err(failed!(
             "the client with the dead provider's pid {provider_pid} completed an exchange with no provider: it was let through ({c})"
         ));
     }
@@ -81,7 +83,7 @@ pub fn exempt_pid_reuse() -> Result<String, String> {
 /// ordinary connections from 4 other clients: the hook reports an owner
 /// once per socket and owner, so the node's event ring buffer loses
 /// nothing and every ordinary connection is keyed.
-pub fn event_flood() -> Result<String, String> {
+pub fn event_flood() -> Outcome {
     use super::support::app_report;
     const FLOOD: u32 = 200_000;
     let (a, b) = nodes(NodeSpec::new("a"), NodeSpec::new("b"))?;
@@ -103,26 +105,26 @@ pub fn event_flood() -> Result<String, String> {
     for child in normal {
         let c = app_report(&process::finish(child, Duration::from_secs(300))?)?;
         if !c.ok {
-            return Err(format!("an ordinary client failed next to the flood: {c}"));
+            return Err(failed!("an ordinary client failed next to the flood: {c}"));
         }
     }
     let f = app_report(&process::finish(flooder, Duration::from_secs(300))?)?;
     let elapsed = started.elapsed();
     if !f.ok || f.eisconn != u64::from(FLOOD) {
-        return Err(format!(
+        return Err(failed!(
             "the flooding client did not make its {FLOOD} calls: {f}"
         ));
     }
     let s = app_report(&process::finish(server, Duration::from_secs(30))?)?;
     if !s.ok {
-        return Err(format!("server: {s}"));
+        return Err(failed!("server: {s}"));
     }
     std::thread::sleep(Duration::from_millis(1500));
     let want = u64::from(clients * each + 1);
     for (n, name) in [(&a, "a"), (&b, "b")] {
         let (drops, protected) = (n.stat(|s| s.ringbuf_drops), n.stat(|s| s.protected));
         if drops != 0 || protected < want {
-            return Err(format!(
+            return Err(failed!(
                 "node {name}: {drops} ring buffer drops, {protected} protected (want 0 and {want})"
             ));
         }
@@ -131,7 +133,7 @@ pub fn event_flood() -> Result<String, String> {
     // itself must not show: 200,000 calls would be 200,000 OWNER events.
     let events = a.stat(|s| s.events_received);
     if events > 20 * want {
-        return Err(format!(
+        return Err(failed!(
             "node a read {events} events for {want} connections: the connect() flood reached the ring buffer"
         ));
     }
@@ -152,7 +154,7 @@ pub fn event_flood() -> Result<String, String> {
 /// nobody would continue. Once the core runs again, every exchange must end
 /// exact and keyed on both nodes, with no marker on the wire (a plain
 /// control flow shows it) and two decrypted flows per client.
-pub fn hold_unrecorded() -> Result<String, String> {
+pub fn hold_unrecorded() -> Outcome {
     use super::support::{app_report, spawn_client};
     use super::wire_check::check_wire_with_control;
     const CLIENTS: u32 = 40;
@@ -198,14 +200,14 @@ pub fn hold_unrecorded() -> Result<String, String> {
         for (i, c) in clients.into_iter().enumerate() {
             let c = app_report(&process::finish(c, Duration::from_secs(120))?)?;
             if !c.ok {
-                return Err(format!("client {i} after the paused core: {c}"));
+                return Err(failed!("client {i} after the paused core: {c}"));
             }
         }
         paused_for
     };
     let s = app_report(&process::finish(server, Duration::from_secs(60))?)?;
     if !s.ok {
-        return Err(format!("server: {s}"));
+        return Err(failed!("server: {s}"));
     }
     let want = u64::from(CLIENTS);
     let keyed = [
@@ -214,7 +216,7 @@ pub fn hold_unrecorded() -> Result<String, String> {
     ];
     let (drops, unrecorded) = (a.stat(|s| s.ringbuf_drops), a.stat(|s| s.hold_unrecorded));
     if keyed.iter().any(|k| *k < want) || drops == 0 || unrecorded == 0 {
-        return Err(format!(
+        return Err(failed!(
             "keyed {keyed:?} (want {want} on both nodes), node a: {drops} ring buffer drops, {unrecorded} calls answered EINTR (want both above 0: the buffers did not fill)"
         ));
     }
@@ -225,9 +227,10 @@ pub fn hold_unrecorded() -> Result<String, String> {
     // One flow each way per connection, every one decrypted.
     let flows = 2 * CLIENTS as usize;
     if wire.protected_flows != flows || wire.decrypted != flows {
-        return Err(format!(
+        return Err(failed!(
             "{} protected flows ({} decrypted) on the wire for {CLIENTS} connections (want {flows})",
-            wire.protected_flows, wire.decrypted
+            wire.protected_flows,
+            wire.decrypted
         ));
     }
     // The pinned maps keep their small sizes: a core adopting them and a
@@ -238,7 +241,7 @@ pub fn hold_unrecorded() -> Result<String, String> {
     a.restart_core("adopting")?;
     a.kill_core();
     a.release(true)
-        .map_err(|e| format!("release with a 4 KiB pinned event buffer: {e}"))?;
+        .map_err(|e| e.context("release with a 4 KiB pinned event buffer"))?;
     Ok(format!(
         "core paused {:.1} s with a 4 KiB event buffer and {HELD_MAP} held entries: {CLIENTS} clients all exact and keyed on both nodes after it resumed; {drops} events dropped, {unrecorded} calls answered EINTR instead of an unrecorded stop; no marker on the wire ({} protected flows, {} decrypted); the small pinned maps adopted by a new core and released",
         paused_for.as_secs_f64(),

@@ -12,16 +12,18 @@ use super::support::{
 };
 use super::wire_check::Capture;
 use crate::app_report::{FastOpenOutcome, MptcpOutcome};
+use crate::failed;
+use crate::vm::outcome::{Failure, Outcome};
 
 /// `tlshub-testapp probe --what WHAT` from pod-a to pod-b's `port`: the
 /// errno of each step (0: it succeeded).
-fn probe(what: &str, port: u16) -> Result<Vec<(String, i32)>, String> {
+fn probe(what: &str, port: u16) -> Result<Vec<(String, i32)>, Failure> {
     let target = super::support::pod_b_addr(port);
     // A probe whose call hangs (held and never continued) fails the
     // scenario with where it was stuck, instead of hanging the VM.
     let probe = super::support::spawn_probe(what, &target, &[])?;
     let out = process::finish(probe, Duration::from_secs(90))
-        .map_err(|e| format!("probe {what} to port {port}: {e}"))?;
+        .map_err(|e| e.context(format!("probe {what} to port {port}")))?;
     super::support::probe_steps(&out)
 }
 
@@ -50,7 +52,7 @@ fn probe(what: &str, port: u16) -> Result<Vec<(String, i32)>, String> {
 ///   then is held until the keys (or refused with `EOPNOTSUPP` if it finds
 ///   the socket connecting but not marked yet): no send that passed the
 ///   gate unconnected may wait for the handshake and go out in clear.
-pub fn unusual_socket_calls() -> Result<String, String> {
+pub fn unusual_socket_calls() -> Outcome {
     use libc::{ECONNRESET, EOPNOTSUPP};
     let (a, b) = nodes(NodeSpec::new("a"), NodeSpec::new("b"))?;
     let mut servers = Vec::new();
@@ -86,7 +88,7 @@ pub fn unusual_socket_calls() -> Result<String, String> {
         let protected = probe(what, PROTECTED_PORT)?;
         let plain = probe(what, PLAIN_PORT)?;
         if errno_of(&protected, call) != EOPNOTSUPP || errno_of(&plain, call) != 0 {
-            return Err(format!(
+            return Err(failed!(
                 "{call}: protected {protected:?} (want EOPNOTSUPP), plain {plain:?} (want success)"
             ));
         }
@@ -100,7 +102,7 @@ pub fn unusual_socket_calls() -> Result<String, String> {
         .filter(|(c, e)| c.starts_with(zc) && *e == EOPNOTSUPP)
         .count();
     if refused != 2 || plain.iter().any(|(_, e)| *e == EOPNOTSUPP) {
-        return Err(format!(
+        return Err(failed!(
             "{zc}: protected {protected:?} (want EOPNOTSUPP before and after keys), plain {plain:?} (want no EOPNOTSUPP)"
         ));
     }
@@ -108,20 +110,20 @@ pub fn unusual_socket_calls() -> Result<String, String> {
     let selected_before = a.stat_reaching(|s| s.selected, 3);
     let repair = probe("repair", PROTECTED_PORT)?;
     if errno_of(&repair, "connect") != 0 || errno_of(&repair, "write") != ECONNRESET {
-        return Err(format!(
+        return Err(failed!(
             "repair mode to the protected port: {repair:?} (want connect 0, write ECONNRESET)"
         ));
     }
     let refused = a.stat_reaching(|s| s.repair_refused, 1);
     let selected_after = a.stat(|s| s.selected);
     if refused != 1 || selected_after != selected_before {
-        return Err(format!(
+        return Err(failed!(
             "repair mode: repair_refused {refused} (want 1), selected {selected_before} -> {selected_after} (want unchanged)"
         ));
     }
     let plain_repair = probe("repair", PLAIN_PORT)?;
     if errno_of(&plain_repair, "connect") != 0 {
-        return Err(format!("repair mode to the plain port: {plain_repair:?}"));
+        return Err(failed!("repair mode to the plain port: {plain_repair:?}"));
     }
     seen.push("repair-mode socket refused, never keyed".into());
     // Socket-local storage is charged to the socket's option memory, so a
@@ -136,19 +138,19 @@ pub fn unusual_socket_calls() -> Result<String, String> {
         || errno_of(&full, "connect") != ENOBUFS
         || full.iter().any(|(c, _)| c == "write")
     {
-        return Err(format!(
+        return Err(failed!(
             "full option memory to the protected port: {full:?} (want ENOMEM filling, connect ENOBUFS, no write)"
         ));
     }
     let unmarked = a.stat_reaching(|s| s.unmarked_refused, 1);
     if unmarked != 1 {
-        return Err(format!(
+        return Err(failed!(
             "full option memory: unmarked_refused {unmarked} (want 1)"
         ));
     }
     let plain_full = probe("full-option-memory", PLAIN_PORT)?;
     if errno_of(&plain_full, fill) != ENOMEM || errno_of(&plain_full, "write") != 0 {
-        return Err(format!(
+        return Err(failed!(
             "full option memory to the plain port: {plain_full:?} (want ENOMEM filling, then the write)"
         ));
     }
@@ -157,7 +159,7 @@ pub fn unusual_socket_calls() -> Result<String, String> {
     // after the keys (0) or refused before the mark (EOPNOTSUPP, a send
     // that found the socket connecting and unmarked); the wire check below
     // finds any that went out in clear.
-    let racing = |port| -> Result<(Vec<i32>, Vec<i32>), String> {
+    let racing = |port| -> Result<(Vec<i32>, Vec<i32>), Failure> {
         let steps = probe("send-racing-connect", port)?;
         let of = |call: &str| {
             steps
@@ -175,13 +177,13 @@ pub fn unusual_socket_calls() -> Result<String, String> {
         || connects.iter().any(|e| *e != 0)
         || sends.iter().any(|e| *e != 0 && *e != EOPNOTSUPP)
     {
-        return Err(format!(
+        return Err(failed!(
             "sends racing connect() to the protected port: connect errnos {connects:?}, send errnos {sends:?} (want {attempts} each, connects 0, sends 0 or EOPNOTSUPP)"
         ));
     }
     let (plain_connects, plain_sends) = racing(PLAIN_PORT)?;
     if plain_connects.iter().chain(&plain_sends).any(|e| *e != 0) {
-        return Err(format!(
+        return Err(failed!(
             "sends racing connect() to the plain port: connect errnos {plain_connects:?}, send errnos {plain_sends:?} (want 0)"
         ));
     }
@@ -217,7 +219,7 @@ pub fn unusual_socket_calls() -> Result<String, String> {
 /// finds). `optmem_max` is per network namespace from 6.8; on 6.1 it is
 /// global, so the client's own connect() would be refused first
 /// (`ENOBUFS`) and the accepting side is not reached.
-fn accepted_without_room_for_the_mark(b: &super::node::Node) -> Result<String, String> {
+fn accepted_without_room_for_the_mark(b: &super::node::Node) -> Result<String, Failure> {
     if super::support::kernel_version() < (6, 8) {
         return Ok(
             "accepted socket with no room for its mark: not reachable on this kernel (net.core.optmem_max is global before 6.8)"
@@ -233,14 +235,14 @@ fn accepted_without_room_for_the_mark(b: &super::node::Node) -> Result<String, S
     let (server, client) = run_pair(&app, &[], Duration::from_secs(60))?;
     drop(no_option_memory);
     if server.ok || server.errno != Some(libc::ECONNRESET) || client.ok {
-        return Err(format!(
+        return Err(failed!(
             "accepted socket with no room for its mark: server {server} (want its write to fail with ECONNRESET), client {client} (want a failure)"
         ));
     }
     super::support::expect_server_failed_clean(&server)?;
     let refused = b.stat_reaching(|s| s.unmarked_refused, before + 1);
     if refused != before + 1 {
-        return Err(format!(
+        return Err(failed!(
             "accepted socket with no room for its mark: node b's unmarked_refused {before} -> {refused} (want one more)"
         ));
     }
@@ -271,7 +273,7 @@ fn accepted_without_room_for_the_mark(b: &super::node::Node) -> Result<String, S
 ///   with `ECONNRESET` and no byte of it crosses. Without that, node b's
 ///   programs see only the subflow, and the server's bytes go out in
 ///   clear.
-pub fn multipath_tcp() -> Result<String, String> {
+pub fn multipath_tcp() -> Outcome {
     const LATE_PORT: u16 = 8444;
     let (a, mut b) = nodes(NodeSpec::new("a"), NodeSpec::new("b"))?;
     let mptcp = |port| App {
@@ -290,9 +292,10 @@ pub fn multipath_tcp() -> Result<String, String> {
         b.stat_reaching(|s| s.mptcp_refused, 1),
     );
     if c.mptcp != refused_mptcp || s.mptcp != refused_mptcp || refused != (1, 1) {
-        return Err(format!(
+        return Err(failed!(
             "MPTCP on the protected port: client {c} (want its MPTCP connect refused with EOPNOTSUPP, then TCP), server {s} (want its MPTCP listen refused, then TCP), mptcp_refused a {} b {} (want 1 each)",
-            refused.0, refused.1
+            refused.0,
+            refused.1
         ));
     }
     seen.push("MPTCP listen() and connect() on the protected port refused (EOPNOTSUPP), TCP fallback protected");
@@ -301,7 +304,7 @@ pub fn multipath_tcp() -> Result<String, String> {
     let (s, c) = run_pair(&plain, &[], Duration::from_secs(60))?;
     both_ok(&plain, &s, &c)?;
     if c.mptcp != Some(MptcpOutcome::Used) || s.mptcp_accepted != 1 {
-        return Err(format!(
+        return Err(failed!(
             "MPTCP to the plain port (the control): client {c}, server {s} (want MPTCP used and accepted)"
         ));
     }
@@ -320,7 +323,7 @@ pub fn multipath_tcp() -> Result<String, String> {
         || c.mptcp != refused_mptcp
         || fastopen_refused != fastopen_before + 1
     {
-        return Err(format!(
+        return Err(failed!(
             "MPTCP Fast Open to the protected port: client {c}, server {s} (want the send refused, then TCP, exact), node a's fastopen_refused {fastopen_before} -> {fastopen_refused}"
         ));
     }
@@ -344,7 +347,7 @@ pub fn multipath_tcp() -> Result<String, String> {
         || c.bytes_received != 0
         || refused != 2
     {
-        return Err(format!(
+        return Err(failed!(
             "an MPTCP listener older than its port's selection: server {s} (want an MPTCP socket accepted and its first write refused with ECONNRESET), client {c} (want nothing received), node b's mptcp_refused {refused} (want 2: the listen() above and this)"
         ));
     }
@@ -353,7 +356,7 @@ pub fn multipath_tcp() -> Result<String, String> {
     let flows = cap.finish()?;
     let late_in_clear = super::wire_check::plain_flows_on(&flows, LATE_PORT);
     if late_in_clear != 0 {
-        return Err(format!(
+        return Err(failed!(
             "{late_in_clear} flows on port {LATE_PORT} carried the marker in clear"
         ));
     }
@@ -388,7 +391,7 @@ pub fn multipath_tcp() -> Result<String, String> {
 /// with an error before it sent anything (seen: `EPROTO` from connect()),
 /// or else be exact and protected. No marker may cross on a protected
 /// flow in any case.
-pub fn shared_memory_communications() -> Result<String, String> {
+pub fn shared_memory_communications() -> Outcome {
     let (a, b) = nodes(NodeSpec::new("a"), NodeSpec::new("b"))?;
     let cap = Capture::start("smc")?;
     let tcp = |mode| App {
@@ -428,7 +431,7 @@ pub fn shared_memory_communications() -> Result<String, String> {
         let s = finish_app_server(&server, srv, &c)?;
         let c = app_report(&c)?;
         if !s.ok || !c.ok {
-            return Err(format!("{what}: server {s}, client {c}"));
+            return Err(failed!("{what}: server {s}, client {c}"));
         }
         seen.push(format!("{what} exact"));
     }
@@ -451,7 +454,7 @@ pub fn shared_memory_communications() -> Result<String, String> {
         ));
         4
     } else {
-        return Err(format!(
+        return Err(failed!(
             "SMC on both ends: client {c} (want exact, or an error before any byte)"
         ));
     };

@@ -8,6 +8,8 @@ use super::node::{NodeSpec, PLAIN_PORT, PROTECTED_PORT, ProviderKind};
 use super::process;
 use super::support::{App, both_ok, nodes, run_pair};
 use super::wire_check::Capture;
+use crate::failed;
+use crate::vm::outcome::{Failure, Outcome};
 
 /// Capacity never means plaintext, and open connections cost no capacity.
 /// Node A's `conns` map holds 16 entries (`[bpf] max_connections = 16`).
@@ -28,7 +30,7 @@ use super::wire_check::Capture;
 ///    until the map has room again and node A's provider is switched to a
 ///    working one, then goes back to the protected port: it is keyed,
 ///    exact bytes, a flow that decrypts.
-pub fn conns_map_full() -> Result<String, String> {
+pub fn conns_map_full() -> Outcome {
     use super::service::{LoadServer, report, start_load_with};
     use super::support::{
         self, GoFile, app_report, expect_reset, pod_b_addr, spawn_client, spawn_probe,
@@ -58,14 +60,14 @@ pub fn conns_map_full() -> Result<String, String> {
         || attempted == 0
         || r.short_ok != attempted
     {
-        return Err(format!(
+        return Err(failed!(
             "{LONG} keyed connections open must leave room in a map of {MAX}: {r}"
         ));
     }
     let keyed = a.stat_reaching(|s| s.protected, u64::from(LONG) + attempted);
     let full = a.stat(|s| s.map_full);
     if keyed < u64::from(LONG) + attempted || full != 0 || entries_while_open >= u64::from(MAX) {
-        return Err(format!(
+        return Err(failed!(
             "node a: {keyed} keyed (want {}), map_full {full}, {entries_while_open} conns entries with the long ones open",
             u64::from(LONG) + attempted
         ));
@@ -96,7 +98,7 @@ pub fn conns_map_full() -> Result<String, String> {
         Duration::from_secs(15),
     );
     if filled < u64::from(MAX) {
-        return Err(format!(
+        return Err(failed!(
             "{MAX} clients waiting for keys filled {filled} of {MAX} conns entries"
         ));
     }
@@ -120,26 +122,26 @@ pub fn conns_map_full() -> Result<String, String> {
             spawn_client(PROTECTED_PORT, &size)?,
             Duration::from_secs(60),
         )?)?;
-        expect_reset(&c).map_err(|e| format!("client {i} over a full map: {e}"))?;
+        expect_reset(&c).map_err(|e| e.context(format!("client {i} over a full map")))?;
     }
     let refused_in = t.elapsed();
     if refused_in > Duration::from_secs(8) {
-        return Err(format!(
+        return Err(failed!(
             "{OVER} clients over a full map took {refused_in:?} to fail: they waited instead of failing at once"
         ));
     }
     for (i, c) in waiting.into_iter().enumerate() {
         let c = app_report(&process::finish(c, Duration::from_secs(60))?)?;
-        expect_reset(&c).map_err(|e| format!("waiting client {i}: {e}"))?;
+        expect_reset(&c).map_err(|e| e.context(format!("waiting client {i}")))?;
     }
     const PROBES: u64 = 2;
     let full = a.stat_reaching(|s| s.map_full, u64::from(OVER) + PROBES);
     if full < u64::from(OVER) + PROBES {
-        return Err(format!(
+        return Err(failed!(
             "node a counted {full} map-full failures for {OVER} clients and {PROBES} probes over a full map"
         ));
     }
-    let probe_as_wanted = |child, what: &str| -> Result<(), String> {
+    let probe_as_wanted = |child, what: &str| -> Result<(), Failure> {
         let steps = support::probe_steps(&process::finish(child, Duration::from_secs(90))?)?;
         let want = [
             ("connect", 0),
@@ -155,7 +157,7 @@ pub fn conns_map_full() -> Result<String, String> {
                 .zip(want)
                 .any(|((c, e), (wc, we))| c != wc || *e != we)
         {
-            return Err(format!(
+            return Err(failed!(
                 "a socket refused over the full map, then connected to {what}: {steps:?}, want {want:?}"
             ));
         }
@@ -169,7 +171,7 @@ pub fn conns_map_full() -> Result<String, String> {
         Duration::from_secs(15),
     );
     if free < u64::from(MAX) {
-        return Err(format!(
+        return Err(failed!(
             "{} conns entries still in use after every waiting client was reset",
             u64::from(MAX) - free
         ));
@@ -180,7 +182,7 @@ pub fn conns_map_full() -> Result<String, String> {
     probe_as_wanted(to_protected, "the protected port again")?;
     let keyed_again = a.stat_reaching(|s| s.protected, keyed_before + 1) - keyed_before;
     if keyed_again != 1 {
-        return Err(format!(
+        return Err(failed!(
             "the refused socket connected to the protected port again: node a keyed {keyed_again} connections, want 1"
         ));
     }
@@ -218,7 +220,7 @@ pub fn conns_map_full() -> Result<String, String> {
 /// `EAGAIN`. Meanwhile node A's `conns` map stays empty, three protected
 /// exchanges are keyed (`map_full` stays 0) and a plain control shows its
 /// marker on the wire, where no protected flow may.
-pub fn connect_flood() -> Result<String, String> {
+pub fn connect_flood() -> Outcome {
     use super::support::{self, PodSetting};
     use crate::app_io::CONNECT_FLOOD;
     const MAX: u32 = 16;
@@ -257,18 +259,18 @@ pub fn connect_flood() -> Result<String, String> {
     go_file.go()?;
     let steps = support::probe_steps(&process::finish(flood, Duration::from_secs(30))?)?;
     if seen < CONNECT_FLOOD || still < CONNECT_FLOOD {
-        return Err(format!(
+        return Err(failed!(
             "{seen} then {still} sockets connecting to {BLACK_HOLE}, want {CONNECT_FLOOD}: the black hole did not hold them"
         ));
     }
     if steps.iter().any(|(_, e)| *e != 0) {
-        return Err(format!(
+        return Err(failed!(
             "the flood's connects and sends: {steps:?} (want EINPROGRESS and EAGAIN throughout)"
         ));
     }
     let full = a.stat(|s| s.map_full);
     if entries != 0 || full != 0 {
-        return Err(format!(
+        return Err(failed!(
             "with {CONNECT_FLOOD} sockets connecting: {entries} conns entries (want 0), map_full {full} (want 0)"
         ));
     }
@@ -296,7 +298,7 @@ pub fn connect_flood() -> Result<String, String> {
 /// or `EPIPE`; the waiting ones `EAGAIN`). Meanwhile a process outside
 /// that cgroup has an exchange keyed, exact both ways. No marker on the
 /// wire; a plain control flow shows it.
-pub fn process_and_cgroup_bound() -> Result<String, String> {
+pub fn process_and_cgroup_bound() -> Outcome {
     use super::support::{self, TestCgroup, spawn_server};
     use crate::app_io::MANY_WAITING;
     const PER_PROCESS: u64 = 8;
@@ -324,7 +326,7 @@ pub fn process_and_cgroup_bound() -> Result<String, String> {
     // The core leaves the root cgroup unbounded as a group by this id.
     let root = cgroup.root_id()?;
     if root != 1 {
-        return Err(format!(
+        return Err(failed!(
             "the root cgroup's id is {root}, the core takes it to be 1"
         ));
     }
@@ -376,7 +378,7 @@ pub fn process_and_cgroup_bound() -> Result<String, String> {
             .map(|(_, e)| *e)
             .collect();
         if connects != MANY_WAITING || sends.len() != MANY_WAITING {
-            return Err(format!(
+            return Err(failed!(
                 "the {which} app's {MANY_WAITING} connections: {steps:?} (want every connect and send reported)"
             ));
         }
@@ -394,13 +396,13 @@ pub fn process_and_cgroup_bound() -> Result<String, String> {
         || refused_after != (over_process, over_cgroup)
         || got != want
     {
-        return Err(format!(
+        return Err(failed!(
             "two processes of one cgroup with {MANY_WAITING} connections waiting each, {PER_PROCESS} allowed per process and {PER_CGROUP} per cgroup: node a refused {refused_first} (process) then {refused_second} (cgroup), {refused_after:?} after (want {over_process} and {over_cgroup}); their sends (EAGAIN, reset): {got:?} (want {want:?}); all: {:?}",
             sends_of.iter().map(|(_, _, s)| s).collect::<Vec<_>>()
         ));
     }
     if keyed != 1 {
-        return Err(format!(
+        return Err(failed!(
             "another process's exchange next to the bounded ones: node a keyed {keyed}, want 1"
         ));
     }

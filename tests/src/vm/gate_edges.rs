@@ -5,6 +5,8 @@
 use std::time::Duration;
 
 use crate::app_report::FastOpenOutcome;
+use crate::failed;
+use crate::vm::outcome::{Failure, Outcome};
 
 use super::node::{NodeSpec, PLAIN_PORT, PROTECTED_PORT, ProviderKind};
 use super::process;
@@ -40,16 +42,16 @@ fn tcp_ext(netns: &str, name: &str) -> u64 {
 ///   server Fast Open on; the first plain connection gets the cookie, the
 ///   second puts its data in the SYN: `TCPFastOpenActive` must grow), so
 ///   connect() returns without a SYN and the first write would carry it.
-pub fn fast_open() -> Result<String, String> {
+pub fn fast_open() -> Outcome {
     let (a, b) = nodes(NodeSpec::new("a"), NodeSpec::new("b"))?;
     let refused_before = a.stat(|s| s.fastopen_refused);
     let cap = Capture::start("fastopen")?;
-    let run = |port, how: &str, want: FastOpenOutcome| -> Result<(), String> {
+    let run = |port, how: &str, want: FastOpenOutcome| -> Result<(), Failure> {
         let app = App::exchange(20_000, port);
         let (s, c) = run_pair(&app, &["--fastopen", how], Duration::from_secs(60))?;
         both_ok(&app, &s, &c)?;
         if c.fastopen != Some(want) {
-            return Err(format!(
+            return Err(failed!(
                 "--fastopen {how} to port {port}: the client reports {:?}, want {want:?}",
                 c.fastopen
             ));
@@ -77,7 +79,7 @@ pub fn fast_open() -> Result<String, String> {
     };
     let report = check_wire(&cap.finish()?, &a, &b)?;
     if report.protected_flows != 4 || report.decrypted != 4 {
-        return Err(format!(
+        return Err(failed!(
             "2 protected connections (the fallbacks) but {report:?}"
         ));
     }
@@ -86,7 +88,7 @@ pub fn fast_open() -> Result<String, String> {
     std::thread::sleep(Duration::from_millis(1500));
     let refused = a.stat(|s| s.fastopen_refused) - refused_before;
     if refused != 2 {
-        return Err(format!(
+        return Err(failed!(
             "node a counted {refused} Fast Open refusals, want 2"
         ));
     }
@@ -104,7 +106,7 @@ pub fn fast_open() -> Result<String, String> {
 /// the connection would be reset with the answer lost). Run with a
 /// handshake provider (OpenSSL: the client side is keyed first, so its
 /// FIN races the server's install) and a key-only one (TLSHub).
-pub fn half_close() -> Result<String, String> {
+pub fn half_close() -> Outcome {
     let mut summary = Vec::new();
     for provider in [ProviderKind::OpenSsl, ProviderKind::TlsHub] {
         let (a, b) = nodes_with_provider(provider)?;
@@ -152,9 +154,12 @@ pub fn half_close() -> Result<String, String> {
             b.stat_reaching(|s| s.protected, before[1] + want),
         ];
         if after[0] < before[0] + want || after[1] < before[1] + want {
-            return Err(format!(
+            return Err(failed!(
                 "{provider:?}: {empty_ones} connections shut down before keys, protected a {}..{} b {}..{}",
-                before[0], after[0], before[1], after[1]
+                before[0],
+                after[0],
+                before[1],
+                after[1]
             ));
         }
         let fins = [a.stat(|s| s.fin_deferred), b.stat(|s| s.fin_deferred)];
@@ -169,7 +174,7 @@ pub fn half_close() -> Result<String, String> {
 /// pod-a's link sends segments of at most 4 KiB (`gso_max_size`; the
 /// default is 64 KiB) until dropped, so a kTLS record spans several and
 /// TCP checks for room in the middle of one.
-fn small_segments_from_pod_a() -> Result<PodSetting, String> {
+fn small_segments_from_pod_a() -> Result<PodSetting, Failure> {
     PodSetting::command(
         "pod-a",
         &["ip", "link", "set", "pa", "gso_max_size", "4096"],
@@ -195,7 +200,7 @@ fn small_segments_from_pod_a() -> Result<PodSetting, String> {
 /// with kTLS installed by the apps themselves (fixed key, no agent) is
 /// the control: it shows whether this kernel loses the record without
 /// the gate (reported, not required).
-pub fn shutdown_after_full_send_buffer() -> Result<String, String> {
+pub fn shutdown_after_full_send_buffer() -> Outcome {
     let (a, b) = nodes(NodeSpec::new("a"), NodeSpec::new("b"))?;
     let _lowat = PodSetting::sysctl("pod-a", "net/ipv4/tcp_notsent_lowat", "16384")?;
     let _small_segments = small_segments_from_pod_a()?;
@@ -241,19 +246,19 @@ pub fn shutdown_after_full_send_buffer() -> Result<String, String> {
     let report = check_wire(&cap.finish()?, &a, &b)?;
     let expired = a.stat(|s| s.unsent_expired);
     if expired > 0 {
-        return Err(format!(
+        return Err(failed!(
             "{expired} shutdown() hold(s) expired although pod-b reads everything"
         ));
     }
     if holds == 0 {
-        return Err(format!(
+        return Err(failed!(
             "40 connections exact but no shutdown() was held for unsent records: the scenario no longer makes kTLS leave records behind ({control})"
         ));
     }
     let connections = rounds * 10;
     report.expect_at_least(1, 0)?;
     if report.protected_flows != 2 * connections || report.decrypted != 2 * connections {
-        return Err(format!(
+        return Err(failed!(
             "{connections} protected connections but {report:?}"
         ));
     }
@@ -272,7 +277,7 @@ pub fn shutdown_after_full_send_buffer() -> Result<String, String> {
 /// Small segments,
 /// `tcp_notsent_lowat` = 4 KiB in pod-a and an 8 KiB receive buffer in
 /// pod-b make the last record span TCP's limit.
-pub fn shutdown_hold_is_bounded() -> Result<String, String> {
+pub fn shutdown_hold_is_bounded() -> Outcome {
     let (a, _b) = nodes(NodeSpec::new("a"), NodeSpec::new("b"))?;
     let _lowat = PodSetting::sysctl("pod-a", "net/ipv4/tcp_notsent_lowat", "4096")?;
     let _small_segments = small_segments_from_pod_a()?;
@@ -284,13 +289,13 @@ pub fn shutdown_hold_is_bounded() -> Result<String, String> {
     let before = [a.stat(|s| s.unsent_holds), a.stat(|s| s.unsent_expired)];
     let (_s, c) = run_pair(&app, &[], Duration::from_secs(120))?;
     if !c.ok {
-        return Err(format!("the client failed: {c}"));
+        return Err(failed!("the client failed: {c}"));
     }
     let ms = c.shutdown_ms.unwrap_or(0);
     let expired = a.stat_reaching(|s| s.unsent_expired, before[1] + 1) - before[1];
     let holds = a.stat(|s| s.unsent_holds) - before[0];
     if expired != 1 || !(5_000..11_000).contains(&ms) {
-        return Err(format!(
+        return Err(failed!(
             "shutdown() took {ms} ms with {holds} hold(s) and {expired} expired; want one expiry after 5 to 11 s (client {c})"
         ));
     }
@@ -306,7 +311,7 @@ pub fn shutdown_hold_is_bounded() -> Result<String, String> {
 /// selected peers; the plain port between the same pods is the control
 /// (the policy leaves it plain). Captured on pod-a2's link, which carries
 /// exactly the same-node traffic; run with OpenSSL and with TLSHub.
-pub fn same_node() -> Result<String, String> {
+pub fn same_node() -> Outcome {
     let mut summary = Vec::new();
     for provider in [ProviderKind::OpenSsl, ProviderKind::TlsHub] {
         let a_spec = NodeSpec {
@@ -334,7 +339,7 @@ pub fn same_node() -> Result<String, String> {
         // Both ends of every protected connection were keyed by node a.
         let keyed = a.stat_reaching(|s| s.protected, 18);
         if keyed < 18 {
-            return Err(format!(
+            return Err(failed!(
                 "{provider:?}: node a protected {keyed} ends of 9 same-node connections, want 18"
             ));
         }
@@ -365,7 +370,7 @@ pub fn same_node() -> Result<String, String> {
 /// happened on selected sockets). Run with OpenSSL (the first connection's
 /// handshake is on the wire when it is cut) and TLSHub (keys from the
 /// first connection's ISNs are ready within milliseconds).
-pub fn reconnect_during_keying() -> Result<String, String> {
+pub fn reconnect_during_keying() -> Outcome {
     const CLIENTS: u32 = 6;
     let mut summary = Vec::new();
     for provider in [ProviderKind::OpenSsl, ProviderKind::TlsHub] {
@@ -386,7 +391,7 @@ pub fn reconnect_during_keying() -> Result<String, String> {
         let selected = a.stat(|s| s.selected);
         let refused = client.disconnect_refused;
         if selected < 2 * u64::from(CLIENTS) - refused {
-            return Err(format!(
+            return Err(failed!(
                 "{provider:?}: node a selected {selected} connections for {CLIENTS} reconnecting clients ({refused} disconnects refused); want two per client"
             ));
         }

@@ -7,6 +7,8 @@
 use super::node::{NodeSpec, PLAIN_PORT, PROTECTED_PORT};
 use super::support::{App, nodes};
 use super::wire_check::{captured_exchanges, with_ktls_sockets};
+use crate::failed;
+use crate::vm::outcome::Outcome;
 
 /// Sockets whose owner no syscall hook reports, or reports wrongly, are
 /// gated and then keyed from the process the gate holds:
@@ -23,7 +25,7 @@ use super::wire_check::{captured_exchanges, with_ktls_sockets};
 /// Every protected flow must decrypt, a plain control flow must show its
 /// marker, and the io_uring and 32-bit connections must have been keyed from a hold
 /// (proving the path under test ran).
-pub fn owner_from_hold() -> Result<String, String> {
+pub fn owner_from_hold() -> Outcome {
     let (a, b) = nodes(NodeSpec::new("a"), NodeSpec::new("b"))?;
     let unwatched = |via, mode, send, recv, io| App {
         mode,
@@ -75,15 +77,16 @@ pub fn owner_from_hold() -> Result<String, String> {
     // OWNER event: both were found from a hold.
     let from_hold = [a.stat(|s| s.owner_from_hold), b.stat(|s| s.owner_from_hold)];
     if from_hold.iter().any(|&n| n < unwatched_conns) {
-        return Err(format!(
+        return Err(failed!(
             "keyed from a hold: node a {}, node b {}; want at least {unwatched_conns} each (the io_uring and 32-bit connections)",
-            from_hold[0], from_hold[1]
+            from_hold[0],
+            from_hold[1]
         ));
     }
     let gone = [a.stat(|s| s.socket_gone), b.stat(|s| s.socket_gone)];
     let terminal = [a.stat(|s| s.gate_terminal), b.stat(|s| s.gate_terminal)];
     if terminal != [0, 0] {
-        return Err(format!("gates put in the terminal state: {terminal:?}"));
+        return Err(failed!("gates put in the terminal state: {terminal:?}"));
     }
     Ok(format!(
         "{protected} connections (io_uring, int $0x80, fork handoff, SCM_RIGHTS handoff, io_uring and fork) exact both ways; {} flows TLS-only and decrypted; control flow plain; keyed from a hold: a {} b {}; socket gone from the first owner: a {} b {}",
@@ -102,7 +105,7 @@ pub fn owner_from_hold() -> Result<String, String> {
 /// completion fails. Both nodes must have held an io_uring app (the path
 /// under test ran), every protected flow must decrypt, and a plain control
 /// flow must show its marker.
-pub fn uring_send_recv() -> Result<String, String> {
+pub fn uring_send_recv() -> Outcome {
     let (a, b) = nodes(NodeSpec::new("a"), NodeSpec::new("b"))?;
     let uring = |mode, size, io, via| App {
         mode,
@@ -142,15 +145,17 @@ pub fn uring_send_recv() -> Result<String, String> {
     let eagain = [a.stat(|s| s.gate_eagain), b.stat(|s| s.gate_eagain)];
     let terminal = [a.stat(|s| s.gate_terminal), b.stat(|s| s.gate_terminal)];
     if terminal != [0, 0] {
-        return Err(format!("gates put in the terminal state: {terminal:?}"));
+        return Err(failed!("gates put in the terminal state: {terminal:?}"));
     }
     // The provider's in-band handshake keeps every app's first request
     // waiting, so each node held its blocking io_uring apps, and each hold
     // interrupted a request.
     if stops.contains(&0) || report.uring_interrupted == 0 {
-        return Err(format!(
+        return Err(failed!(
             "processes stopped: a {} b {}; io_uring requests interrupted: {}; want some of each (the blocking io_uring apps' first requests)",
-            stops[0], stops[1], report.uring_interrupted
+            stops[0],
+            stops[1],
+            report.uring_interrupted
         ));
     }
     Ok(format!(

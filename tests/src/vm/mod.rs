@@ -18,6 +18,7 @@ pub mod gate_edges;
 pub mod gate_paths;
 pub mod node;
 pub mod node_pair;
+pub mod outcome;
 pub mod process;
 pub mod profile;
 pub mod providers;

@@ -12,6 +12,8 @@ use super::support::*;
 use super::topology::POD_A;
 use super::wire_check::*;
 use crate::app_report::AppReport;
+use crate::failed;
+use crate::vm::outcome::{Failure, Outcome};
 use crate::wire;
 use tlshub_admin::pb;
 
@@ -32,7 +34,7 @@ fn sessions_up(node: &Node, kind: ProviderKind) -> usize {
 /// The active provider's session with `peer` as `tlshubctl status`
 /// shows it, waited for up to 5 s (the status asks the provider afresh;
 /// the session may still be coming up).
-fn peer_session_shown(n: &Node, peer: &str) -> Result<pb::PeerSession, String> {
+fn peer_session_shown(n: &Node, peer: &str) -> Result<pb::PeerSession, Failure> {
     let shown = |status: &pb::StatusResponse| {
         status
             .providers
@@ -48,9 +50,10 @@ fn peer_session_shown(n: &Node, peer: &str) -> Result<pb::PeerSession, String> {
         |status| status.as_ref().map_or(true, |s| shown(s).is_some()),
     ) {
         Ok(status) => Ok(shown(&status?).unwrap_or_default()),
-        Err(status) => Err(format!(
+        Err(status) => Err(failed!(
             "node {}: `tlshubctl status` shows no session with {peer}: {:?}",
-            n.spec.name, status?
+            n.spec.name,
+            status?
         )),
     }
 }
@@ -60,7 +63,7 @@ fn wait_sessions(
     a: (&Node, ProviderKind),
     b: (&Node, ProviderKind),
     want: usize,
-) -> Result<(), String> {
+) -> Result<(), Failure> {
     wait_for(
         Duration::from_secs(20),
         Duration::from_millis(200),
@@ -69,7 +72,7 @@ fn wait_sessions(
     )
     .map(drop)
     .map_err(|(up_a, up_b)| {
-        format!(
+        failed!(
             "node-pair sessions up: a {up_a}, b {up_b} (want {want} each); node a's provider:\n{}",
             a.0.provider_log(a.1)
         )
@@ -86,18 +89,20 @@ fn wait_sessions(
 /// connections' notices; the plain control shows its marker; the
 /// providers answered every request, none failed, and hold one session
 /// each, which their metrics say too.
-pub fn openssl_boringssl_both_ways() -> Result<String, String> {
+pub fn openssl_boringssl_both_ways() -> Outcome {
     let mut out = Vec::new();
     for (ka, kb) in [
         (ProviderKind::OpenSsl, ProviderKind::BoringSsl),
         (ProviderKind::BoringSsl, ProviderKind::OpenSsl),
     ] {
-        out.push(interop(ka, kb).map_err(|e| format!("a {}, b {}: {e}", ka.name(), kb.name()))?);
+        out.push(
+            interop(ka, kb).map_err(|e| e.context(format!("a {}, b {}", ka.name(), kb.name())))?,
+        );
     }
     Ok(out.join("; "))
 }
 
-fn interop(ka: ProviderKind, kb: ProviderKind) -> Result<String, String> {
+fn interop(ka: ProviderKind, kb: ProviderKind) -> Result<String, Failure> {
     let (a, b) = nodes(node_pair("a", ka), node_pair("b", kb))?;
     wait_sessions((&a, ka), (&b, kb), 1)?;
     settle_keying();
@@ -112,13 +117,13 @@ fn interop(ka: ProviderKind, kb: ProviderKind) -> Result<String, String> {
     }
     let (s, c, _) = exchange_between("pod-a", POD_A, "pod-b", 100_000)?;
     if !s.ok || !c.ok {
-        return Err(format!("pod-b -> pod-a: server {s}, client {c}"));
+        return Err(failed!("pod-b -> pod-a: server {s}, client {c}"));
     }
     plain_control()?;
     let flows = cap.finish()?;
     let report = check_wire_with_control(&flows, &a, &b)?;
     if report.protected_flows != 6 || report.decrypted != 6 {
-        return Err(format!("3 protected connections, but {report:?}"));
+        return Err(failed!("3 protected connections, but {report:?}"));
     }
     let protected = |f: &&wire::Flow| {
         !f.bytes.is_empty() && (f.src.port() == PROTECTED_PORT || f.dst.port() == PROTECTED_PORT)
@@ -130,7 +135,7 @@ fn interop(ka: ProviderKind, kb: ProviderKind) -> Result<String, String> {
         .map(|f| format!("{} -> {} starts with {:#04x}", f.src, f.dst, f.bytes[0]))
         .collect();
     if !not_records.is_empty() {
-        return Err(format!(
+        return Err(failed!(
             "a protected flow does not start with an application-data record: {not_records:?}"
         ));
     }
@@ -146,7 +151,7 @@ fn interop(ka: ProviderKind, kb: ProviderKind) -> Result<String, String> {
         let core = n.stat_reaching(|s| s.protected, 3);
         let own = n.provider_requests(kind)?;
         if own.answered < 3.0 || own.failed > 0.0 || !n.stats()?.failed.is_empty() {
-            return Err(format!(
+            return Err(failed!(
                 "node {}: protected {core}, its provider answered {} and failed {}; failed {:?}",
                 n.spec.name,
                 own.answered,
@@ -171,13 +176,13 @@ fn interop(ka: ProviderKind, kb: ProviderKind) -> Result<String, String> {
             &format!("tlshub_keyprovider_node_pair_sessions_total{{peer=\"{other}\"}}"),
         );
         if (generations, set_up) != (1.0, 1.0) {
-            return Err(format!(
+            return Err(failed!(
                 "node {}: node-pair metrics say {generations} generations and {set_up} sessions with {other}, want 1 and 1:\n{text}",
                 n.spec.name
             ));
         }
         if sessions_up(n, kind) != 1 {
-            return Err(format!(
+            return Err(failed!(
                 "node {}: {} node-pair sessions, want the one:\n{}",
                 n.spec.name,
                 sessions_up(n, kind),
@@ -194,7 +199,7 @@ fn interop(ka: ProviderKind, kb: ProviderKind) -> Result<String, String> {
             || (shown.renew_at_unix_seconds != 0) != dialer
             || !shown.last_error.is_empty()
         {
-            return Err(format!(
+            return Err(failed!(
                 "node {}: `tlshubctl status` shows the session with {other} as {shown:?} (dialer: {dialer})",
                 n.spec.name
             ));
@@ -259,7 +264,7 @@ fn session_lines(node: &Node, kind: ProviderKind) -> String {
 /// from pod-a to pod-b loses nothing across at least four replacements;
 /// after node b's provider (the acceptor) and then node a's (the dialer)
 /// restart, a new session is set up and a connection is keyed from it.
-pub fn sessions_replaced_and_restarted() -> Result<String, String> {
+pub fn sessions_replaced_and_restarted() -> Outcome {
     let spec = |name, kind| NodeSpec {
         node_pair_lifetime_seconds: 3,
         ..node_pair(name, kind)
@@ -283,7 +288,7 @@ pub fn sessions_replaced_and_restarted() -> Result<String, String> {
     let replaced = sessions_up(&a, ProviderKind::OpenSsl) - up_before;
     let (matched, wrong) = keys_agree(&a, &b);
     if !wrong.is_empty() || matched < 30 {
-        return Err(format!(
+        return Err(failed!(
             "{matched} connections with matching keys on both nodes, and these not: {wrong:?}; the load started at {:.3} (Unix seconds); node a's sessions:\n{}",
             started,
             session_lines(&a, ProviderKind::OpenSsl)
@@ -295,7 +300,7 @@ pub fn sessions_replaced_and_restarted() -> Result<String, String> {
         || report.corrupt != 0
         || report.short_ok < 30
     {
-        return Err(format!(
+        return Err(failed!(
             "the load across session replacements: {} of {} new connections failed ({:?}), {} long ones broke ({:?}), {} corrupt; the load started at {:.3} (Unix seconds); node a's sessions:\n{}\nfailures a {:?} b {:?}; refused by the gate (map_full, map_busy) a {}/{} b {}/{}",
             report.short_failed,
             report.short_attempted,
@@ -314,7 +319,7 @@ pub fn sessions_replaced_and_restarted() -> Result<String, String> {
         ));
     }
     if replaced < 4 {
-        return Err(format!(
+        return Err(failed!(
             "{replaced} sessions set up during 18 s with a 3 s lifetime, want at least 4"
         ));
     }
@@ -326,7 +331,7 @@ pub fn sessions_replaced_and_restarted() -> Result<String, String> {
         // The core finds the provider again and the dialer sets up a new
         // session; the first connection may wait for either.
         let app = App::exchange(10_000, PROTECTED_PORT);
-        let keyed = |pair: &Result<(AppReport, AppReport), String>| {
+        let keyed = |pair: &Result<(AppReport, AppReport), Failure>| {
             pair.as_ref()
                 .map_or(true, |(s, c)| both_ok(&app, s, c).is_ok())
         };
@@ -337,7 +342,7 @@ pub fn sessions_replaced_and_restarted() -> Result<String, String> {
             keyed,
         ) {
             let (s, c) = pair?;
-            return Err(format!(
+            return Err(failed!(
                 "no connection keyed within 30 s of restarting the {which}'s provider: server {s}, client {c}"
             ));
         }
@@ -349,7 +354,7 @@ pub fn sessions_replaced_and_restarted() -> Result<String, String> {
     both_ok(&app, &s, &c)?;
     let wire = check_wire(&flows_check.finish()?, &a, &b)?;
     if wire.protected_flows != 2 || wire.decrypted != 2 {
-        return Err(format!("after the restarts: {wire:?}"));
+        return Err(failed!("after the restarts: {wire:?}"));
     }
     Ok(format!(
         "{} new and {} long connections, none failed, across {replaced} session replacements; keyed again after restarting the providers ({}), wire decrypted",

@@ -1,5 +1,7 @@
 //! Child processes with RAII cleanup and timeouts.
 
+use crate::failed;
+use crate::vm::outcome::Failure;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -31,7 +33,7 @@ pub fn command(netns: Option<&str>, argv: &[&str]) -> Command {
 }
 
 /// Runs a command to completion; Err carries its output.
-pub fn run(netns: Option<&str>, argv: &[&str]) -> Result<String, String> {
+pub fn run(netns: Option<&str>, argv: &[&str]) -> Result<String, Failure> {
     let out = command(netns, argv)
         .output()
         .map_err(|e| format!("cannot run {argv:?}: {e}"))?;
@@ -43,7 +45,7 @@ pub fn run(netns: Option<&str>, argv: &[&str]) -> Result<String, String> {
     if out.status.success() {
         Ok(text)
     } else {
-        Err(format!("{argv:?} failed ({}): {text}", out.status))
+        Err(failed!("{argv:?} failed ({}): {text}", out.status))
     }
 }
 
@@ -55,7 +57,7 @@ impl Proc {
         netns: Option<&str>,
         argv: &[&str],
         log: &Path,
-    ) -> Result<Self, String> {
+    ) -> Result<Self, Failure> {
         let file = std::fs::File::create(log).map_err(|e| format!("{}: {e}", log.display()))?;
         let err = file.try_clone().map_err(|e| e.to_string())?;
         let child = command(netns, argv)
@@ -77,7 +79,7 @@ impl Proc {
     }
 
     /// Waits until the log contains `needle`, the child exits, or `timeout`.
-    pub fn wait_for_log(&mut self, needle: &str, timeout: Duration) -> Result<(), String> {
+    pub fn wait_for_log(&mut self, needle: &str, timeout: Duration) -> Result<(), Failure> {
         let until = Instant::now() + timeout;
         loop {
             if std::fs::read_to_string(&self.log)
@@ -91,14 +93,14 @@ impl Proc {
                 .as_mut()
                 .and_then(|c| c.try_wait().ok().flatten())
             {
-                return Err(format!(
+                return Err(failed!(
                     "{} exited ({status}) before logging {needle:?}:\n{}",
                     self.name,
                     tail(&self.log)
                 ));
             }
             if Instant::now() > until {
-                return Err(format!(
+                return Err(failed!(
                     "{} did not log {needle:?} within {timeout:?}:\n{}",
                     self.name,
                     tail(&self.log)
@@ -109,7 +111,7 @@ impl Proc {
     }
 
     /// Waits for exit up to `timeout`; kills on timeout.
-    pub fn wait(&mut self, timeout: Duration) -> Result<std::process::ExitStatus, String> {
+    pub fn wait(&mut self, timeout: Duration) -> Result<std::process::ExitStatus, Failure> {
         let until = Instant::now() + timeout;
         let Some(child) = self.child.as_mut() else {
             return Err("already reaped".into());
@@ -123,7 +125,7 @@ impl Proc {
                 let _ = child.kill();
                 let _ = child.wait();
                 self.child = None;
-                return Err(format!(
+                return Err(failed!(
                     "{} did not finish within {timeout:?} (killed):\n{}",
                     self.name,
                     tail(&self.log)
@@ -221,14 +223,14 @@ impl Drop for AppChild {
 
 /// Starts an app in `netns` with its stdout piped (read by [`finish`]) and
 /// stderr discarded.
-pub fn spawn_app(netns: &str, argv: &[&str]) -> Result<AppChild, String> {
+pub fn spawn_app(netns: &str, argv: &[&str]) -> Result<AppChild, Failure> {
     command(Some(netns), argv)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
         .map(|c| AppChild(Some(c)))
-        .map_err(|e| format!("cannot start {argv:?}: {e}"))
+        .map_err(|e| failed!("cannot start {argv:?}: {e}"))
 }
 
 /// A child whose first stderr line is awaited (servers print "listening").
@@ -237,7 +239,7 @@ pub fn spawn_ready(
     argv: &[&str],
     ready: &str,
     timeout: Duration,
-) -> Result<AppChild, String> {
+) -> Result<AppChild, Failure> {
     let mut child = command(Some(netns), argv)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -261,7 +263,7 @@ pub fn spawn_ready(
             Ok(_) => {}
             Err(_) => {
                 let _ = child.kill();
-                return Err(format!("{argv:?} did not print {ready:?}"));
+                return Err(failed!("{argv:?} did not print {ready:?}"));
             }
         }
     }
@@ -426,7 +428,7 @@ fn socket_queues(pid: u32) -> String {
 }
 
 /// Waits for a child with a timeout and returns its stdout.
-pub fn finish(app: AppChild, timeout: Duration) -> Result<String, String> {
+pub fn finish(app: AppChild, timeout: Duration) -> Result<String, Failure> {
     finish_reporting(app, timeout, &[])
 }
 
@@ -437,7 +439,7 @@ pub fn finish_reporting(
     mut app: AppChild,
     timeout: Duration,
     peers: &[u32],
-) -> Result<String, String> {
+) -> Result<String, Failure> {
     let Some(mut child) = app.0.take() else {
         return Err("already finished".into());
     };
@@ -456,10 +458,10 @@ pub fn finish_reporting(
             }
             let _ = child.kill();
             let out = child.wait_with_output().map_err(|e| e.to_string())?;
-            return Err(format!(
+            return Err(Failure::Hang(format!(
                 "timed out after {timeout:?} ({stuck}); output so far: {}",
                 String::from_utf8_lossy(&out.stdout)
-            ));
+            )));
         }
         std::thread::sleep(Duration::from_millis(10));
     }

@@ -16,6 +16,7 @@ use super::capacity::{command_ticks, ms_per};
 use super::node::{Node, NodeSpec, PROTECTED_PORT, ProviderKind};
 use super::process::{Proc, command};
 use super::support::*;
+use crate::vm::outcome::{Failure, Outcome};
 
 /// The connections profiled.
 const CONNECTIONS: u32 = 300;
@@ -33,8 +34,8 @@ fn under_perf<T>(
     args: &[&str],
     pid: u32,
     log: &str,
-    work: impl FnOnce() -> Result<T, String>,
-) -> Result<(u64, T), String> {
+    work: impl FnOnce() -> Result<T, Failure>,
+) -> Result<(u64, T), Failure> {
     let pid_arg = pid.to_string();
     let mut argv = vec!["perf"];
     argv.extend_from_slice(args);
@@ -53,8 +54,8 @@ fn under_perf<T>(
 fn recorded<T>(
     pid: u32,
     data: &str,
-    work: impl FnOnce() -> Result<T, String>,
-) -> Result<(u64, T), String> {
+    work: impl FnOnce() -> Result<T, Failure>,
+) -> Result<(u64, T), Failure> {
     let args = [
         "record",
         "-e",
@@ -78,7 +79,7 @@ const CENSUS: u32 = 100;
 /// return to user space is where the sampling timer's ticks land, so the
 /// profile spreads their cost over whatever made them; the census says
 /// which calls a connection costs.
-fn syscall_census(pid: u32) -> Result<String, String> {
+fn syscall_census(pid: u32) -> Result<String, Failure> {
     trace_summary(pid, "dense", || exchanges(CENSUS).map(drop))
 }
 
@@ -87,8 +88,8 @@ fn syscall_census(pid: u32) -> Result<String, String> {
 fn trace_summary(
     pid: u32,
     name: &str,
-    work: impl FnOnce() -> Result<(), String>,
-) -> Result<String, String> {
+    work: impl FnOnce() -> Result<(), Failure>,
+) -> Result<String, Failure> {
     let out = format!("/tmp/trace-core-a-{name}.txt");
     under_perf(
         &["trace", "--summary", "-o", &out],
@@ -138,7 +139,7 @@ const IDLE: Duration = Duration::from_secs(20);
 const HANDSHAKES: u32 = 60;
 
 /// Both nodes with `provider`, as installed (no key log), keying settled.
-fn profiled_nodes(provider: ProviderKind) -> Result<(Node, Node), String> {
+fn profiled_nodes(provider: ProviderKind) -> Result<(Node, Node), Failure> {
     let spec = |name| NodeSpec {
         diagnostics: false,
         ..NodeSpec::with_provider(name, provider)
@@ -157,7 +158,7 @@ const SPARSE: u32 = 10;
 /// idle run's subtracted), where the dense census measures a core that
 /// always has work. Timers matter here: anything that ticks for a while
 /// after each connection shows up once per connection.
-fn sparse_census(pid: u32) -> Result<String, String> {
+fn sparse_census(pid: u32) -> Result<String, Failure> {
     let span = Duration::from_secs(u64::from(SPARSE));
     let sparse = trace_summary(pid, "sparse", || {
         for _ in 0..SPARSE {
@@ -177,7 +178,7 @@ fn sparse_census(pid: u32) -> Result<String, String> {
 }
 
 /// `connections` sequential exchanges of 100 bytes between the pods, timed.
-fn exchanges(connections: u32) -> Result<Duration, String> {
+fn exchanges(connections: u32) -> Result<Duration, Failure> {
     let app = App {
         connections,
         ..App::exchange(100, PROTECTED_PORT)
@@ -190,7 +191,7 @@ fn exchanges(connections: u32) -> Result<Duration, String> {
 
 /// Profiles node a's `kind` provider (`label` in the summary) while it
 /// keys `connections` sequential connections.
-fn profile_provider(kind: ProviderKind, label: &str, connections: u32) -> Result<String, String> {
+fn profile_provider(kind: ProviderKind, label: &str, connections: u32) -> Result<String, Failure> {
     let (a, _b) = profiled_nodes(kind)?;
     let pid = a.provider_pid(kind);
     let data = format!("/tmp/perf-{label}-a.data");
@@ -208,19 +209,19 @@ fn profile_provider(kind: ProviderKind, label: &str, connections: u32) -> Result
 /// Profiles node a's OpenSSL provider (in-band: a full handshake per
 /// connection over the app's own connection) while it keys
 /// [`HANDSHAKES`] sequential connections.
-pub fn profile_openssl_provider() -> Result<String, String> {
+pub fn profile_openssl_provider() -> Outcome {
     profile_provider(ProviderKind::OpenSsl, "OpenSSL", HANDSHAKES)
 }
 
 /// Profiles node a's TLSHub provider (keys from the module, here the
 /// stand-in, over netlink) while it keys [`CONNECTIONS`] sequential
 /// connections.
-pub fn profile_tlshub_provider() -> Result<String, String> {
+pub fn profile_tlshub_provider() -> Outcome {
     profile_provider(ProviderKind::TlsHub, "TLSHub", CONNECTIONS)
 }
 
 /// Profiles node a's core (see the module's comment): keying, then idle.
-pub fn profile_core() -> Result<String, String> {
+pub fn profile_core() -> Outcome {
     let (a, _b) = profiled_nodes(ProviderKind::TlsHub)?;
     let pid = a.core_pid();
     let busy = "/tmp/perf-core-a.data";

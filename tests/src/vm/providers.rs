@@ -8,10 +8,12 @@ use super::node::{NodeSpec, PROTECTED_PORT, ProviderKind};
 use super::process::{self};
 use super::support::*;
 use super::wire_check::*;
+use crate::failed;
+use crate::vm::outcome::Outcome;
 
 /// Both nodes keyed by the TLSHub provider (layout v2), with the stand-in
 /// module doing a real node-level mutual TLS handshake between the nodes.
-pub fn tlshub_provider() -> Result<String, String> {
+pub fn tlshub_provider() -> Outcome {
     let mut sa = NodeSpec::new("a");
     sa.provider = ProviderKind::TlsHub;
     let mut sb = NodeSpec::new("b");
@@ -24,7 +26,7 @@ pub fn tlshub_provider() -> Result<String, String> {
     let report = captured_exchanges("tlshub", &a, &b, &apps)?;
     let standin = std::fs::read_to_string("/tmp/logs/node-b-standin.log").unwrap_or_default();
     if !standin.contains("node handshake from 10.99.0.1") {
-        return Err(format!(
+        return Err(failed!(
             "no node-level handshake seen by node B's stand-in: {standin}"
         ));
     }
@@ -37,9 +39,12 @@ pub fn tlshub_provider() -> Result<String, String> {
         );
         let own = n.provider_requests(ProviderKind::TlsHub)?;
         if core < 2.0 || own.answered < core || own.failed > 0.0 {
-            return Err(format!(
+            return Err(failed!(
                 "node {}: the TLSHub provider's metrics say {} answered, {} failed; the core keyed {core}:\n{}",
-                n.spec.name, own.answered, own.failed, own.text
+                n.spec.name,
+                own.answered,
+                own.failed,
+                own.text
             ));
         }
     }
@@ -57,7 +62,7 @@ pub fn tlshub_provider() -> Result<String, String> {
 /// first, not counted: TLSHub's first one waits for the node handshake.
 /// Reports, for the server side, how long its app was held (only the
 /// install was left) against the provider's key time.
-pub fn keys_before_accept() -> Result<String, String> {
+pub fn keys_before_accept() -> Outcome {
     const CONNECTIONS: u64 = 5;
     let mut out = Vec::new();
     for kind in [ProviderKind::TlsHub, ProviderKind::ExamplePsk] {
@@ -92,7 +97,7 @@ pub fn keys_before_accept() -> Result<String, String> {
             wire.decrypted
         );
         if early != CONNECTIONS || protected != CONNECTIONS {
-            return Err(format!(
+            return Err(failed!(
                 "want all {CONNECTIONS} server-side connections keyed before accept(): {figures}"
             ));
         }
@@ -103,7 +108,7 @@ pub fn keys_before_accept() -> Result<String, String> {
 
 /// The stand-in's node secret expires (status -2); the provider starts a
 /// new node handshake and the next connection is keyed from the new secret.
-pub fn tlshub_expiry() -> Result<String, String> {
+pub fn tlshub_expiry() -> Outcome {
     let (mut sa, mut sb) = (NodeSpec::new("a"), NodeSpec::new("b"));
     for s in [&mut sa, &mut sb] {
         s.provider = ProviderKind::TlsHub;
@@ -117,13 +122,13 @@ pub fn tlshub_expiry() -> Result<String, String> {
     let standin = std::fs::read_to_string("/tmp/logs/node-b-standin.log").unwrap_or_default();
     let handshakes = standin.matches("node handshake from 10.99.0.1").count();
     if handshakes != 2 {
-        return Err(format!(
+        return Err(failed!(
             "node B saw {handshakes} node handshakes, want 2 (one per secret): {standin}"
         ));
     }
     let (ka, kb) = (a.keys(), b.keys());
     if ka.len() != 2 || kb.len() != 2 || ka[0].tx_key == ka[1].tx_key {
-        return Err(format!(
+        return Err(failed!(
             "expected two keyed connections with different keys, got {} and {}",
             ka.len(),
             kb.len()
@@ -135,7 +140,7 @@ pub fn tlshub_expiry() -> Result<String, String> {
 /// OpenSSL and BoringSSL nodes in both client and server roles: each
 /// pairing keys the connection and the capture decrypts (BoringSSL on both
 /// nodes is in `conformance_suite_all_providers`).
-pub fn boringssl_interop() -> Result<String, String> {
+pub fn boringssl_interop() -> Outcome {
     let mut out = Vec::new();
     for (pa, pb, label) in [
         (
@@ -157,7 +162,7 @@ pub fn boringssl_interop() -> Result<String, String> {
             mode,
             ..App::exchange(100_000, PROTECTED_PORT)
         });
-        captured_exchanges("interop", &a, &b, &apps).map_err(|e| format!("{label}: {e}"))?;
+        captured_exchanges("interop", &a, &b, &apps).map_err(|e| e.context(label))?;
         out.push(format!("{label} ({})", a.first_key_suite()));
     }
     Ok(format!(
@@ -170,7 +175,7 @@ pub fn boringssl_interop() -> Result<String, String> {
 /// included: `tlshub-conformance` on two node instances (1,000 concurrent
 /// requests), then the two-node kernel exchange (client writes first, server
 /// writes first) with the capture decrypted.
-pub fn conformance_all() -> Result<String, String> {
+pub fn conformance_all() -> Outcome {
     let mut out = Vec::new();
     for (label, kind) in [
         ("openssl", ProviderKind::OpenSsl),
@@ -204,7 +209,7 @@ pub fn conformance_all() -> Result<String, String> {
         .map_err(|e| format!("cannot run tlshub-conformance: {e}"))?;
         let text = String::from_utf8_lossy(&run.stdout).into_owned();
         if !run.status.success() {
-            return Err(format!(
+            return Err(failed!(
                 "{label}:\n{text}{}",
                 String::from_utf8_lossy(&run.stderr)
             ));
@@ -215,7 +220,7 @@ pub fn conformance_all() -> Result<String, String> {
             ..App::exchange(100_000, PROTECTED_PORT)
         });
         let report = captured_exchanges("conformance", &a, &b, &apps)
-            .map_err(|e| format!("{label} two-node exchange: {e}"))?;
+            .map_err(|e| e.context(format!("{label} two-node exchange")))?;
         out.push(format!(
             "{label}: {summary}, two-node exchange {} flows decrypted ({:.0}s)",
             report.decrypted,

@@ -4,7 +4,9 @@
 
 use std::time::{Duration, Instant};
 
+use crate::failed;
 use crate::load::LoadReport;
+use crate::vm::outcome::{Failure, Outcome};
 
 use super::node::{Node, NodeSpec, PROTECTED_PORT, ProviderKind};
 use super::process::{AppChild, finish, spawn_ready};
@@ -30,7 +32,7 @@ const TIMEOUT_MS: u64 = 5000;
 const CORE_KILL_TIMEOUT_MS: u64 = 8000;
 
 /// Two OpenSSL nodes with key timeout `timeout_ms`.
-fn restart_nodes(timeout_ms: u64) -> Result<(Node, Node), String> {
+fn restart_nodes(timeout_ms: u64) -> Result<(Node, Node), Failure> {
     let mut sa = NodeSpec::new("a");
     sa.key_timeout_ms = timeout_ms;
     let mut sb = NodeSpec::new("b");
@@ -42,7 +44,7 @@ fn restart_nodes(timeout_ms: u64) -> Result<(Node, Node), String> {
 /// shorter than the key timeout) costs new connections only a wait; a long one
 /// resets the new connections (fail-closed) and nothing else; afterwards
 /// new connections are keyed again without touching the core.
-pub fn provider_kill9_under_load() -> Result<String, String> {
+pub fn provider_kill9_under_load() -> Outcome {
     let (a, mut b) = restart_nodes(TIMEOUT_MS)?;
     let core_pid_before = b.core_pid();
     let cap = Capture::start("provider-kill")?;
@@ -70,7 +72,7 @@ pub fn provider_kill9_under_load() -> Result<String, String> {
     super::wire_check::plain_control()?;
     let flows = cap.finish()?;
     if r.long_broken != 0 || r.corrupt != 0 {
-        return Err(format!("established connections were affected: {r}"));
+        return Err(failed!("established connections were affected: {r}"));
     }
     // Where short connections may fail: around each outage, from just
     // before the kill (handshakes running in the killed provider die with
@@ -93,25 +95,25 @@ pub fn provider_kill9_under_load() -> Result<String, String> {
     for (at, what) in failures {
         let at = *at;
         if what.contains("CORRUPT") {
-            return Err(format!("garbage delivered: {what}"));
+            return Err(failed!("garbage delivered: {what}"));
         }
         if around_short.contains(&at) {
             at_short += 1;
         } else if outage.contains(&at) {
             in_outage += 1;
         } else if at < *outage.start() {
-            return Err(format!(
+            return Err(failed!(
                 "a short connection failed at {at} ms, outside the 1 s outage's span ({around_short:?} ms) and the long one's ({outage:?} ms): {what}\nrestarted provider's states (100 ms apart): {states}\n{r}"
             ));
         }
     }
     if in_outage == 0 {
-        return Err(format!(
+        return Err(failed!(
             "a 10 s provider outage with a {TIMEOUT_MS} ms key timeout reset nothing: {r}"
         ));
     }
     let (keyed_after, after_total) = recovered(&r, *outage.end(), (3, 4), 5)
-        .map_err(|e| format!("after the provider was back, {e}"))?;
+        .map_err(|e| e.map_message(|m| format!("after the provider was back, {m}")))?;
     let wire = check_wire_allowing_unkeyed(&flows, &a, &b, true)?;
     wire.expect_at_least(1, 0)?;
     let text = b.metrics()?;
@@ -119,7 +121,7 @@ pub fn provider_kill9_under_load() -> Result<String, String> {
         return Err("the core was restarted".into());
     }
     if metric(&text, "tlshub_provider_up{provider=\"openssl\"}") != 1.0 {
-        return Err(format!("provider not back up in the metrics:\n{text}"));
+        return Err(failed!("provider not back up in the metrics:\n{text}"));
     }
     Ok(format!(
         "1 s outage: {at_short} connection(s) failed (in flight at the kill, or started within one key timeout + 2 s of the restart); 10 s outage with a {TIMEOUT_MS} ms key timeout: {in_outage} connections reset (fail-closed) in the same span; afterwards {keyed_after} of {} new connections keyed; {LONG} long connections unbroken, {} short ok, 0 corrupt; wire: {} protected flows, no plaintext, {} decrypted, {} never keyed (handshake bytes only); same core pid throughout",
@@ -135,7 +137,7 @@ pub(super) fn recovered(
     ms: u64,
     share: (usize, usize),
     last: usize,
-) -> Result<(usize, usize), String> {
+) -> Result<(usize, usize), Failure> {
     let after: Vec<bool> = r
         .short_log
         .iter()
@@ -147,7 +149,7 @@ pub(super) fn recovered(
         || keyed * share.1 < after.len() * share.0
         || !after.iter().rev().take(last).all(|ok| *ok)
     {
-        return Err(format!(
+        return Err(failed!(
             "{keyed} of {} new connections were keyed: {r}",
             after.len()
         ));
@@ -164,7 +166,7 @@ pub(super) fn sleep_until(t0: Instant, secs: u64) {
 /// pinned, so the gate keeps holding while no core runs; the restarted core
 /// adopts the connections opened meanwhile from the pinned maps and keys
 /// them. Established connections are untouched, nothing leaves in clear.
-pub fn core_kill9_under_load() -> Result<String, String> {
+pub fn core_kill9_under_load() -> Outcome {
     let (a, mut b) = restart_nodes(CORE_KILL_TIMEOUT_MS)?;
     let cap = Capture::start("core-kill")?;
     let _server = LoadServer::start()?;
@@ -191,7 +193,7 @@ pub fn core_kill9_under_load() -> Result<String, String> {
     for (i, c) in while_down.into_iter().enumerate() {
         let one = report(&finish(c, Duration::from_secs(60))?)?;
         if one.short_ok != 1 || one.corrupt != 0 {
-            return Err(format!(
+            return Err(failed!(
                 "connection {i} opened while the core was down was not keyed after it returned at {up:?}: {one}"
             ));
         }
@@ -200,7 +202,7 @@ pub fn core_kill9_under_load() -> Result<String, String> {
     super::wire_check::plain_control()?;
     let flows = cap.finish()?;
     if r.long_broken != 0 || r.corrupt != 0 {
-        return Err(format!("established connections were affected: {r}"));
+        return Err(failed!("established connections were affected: {r}"));
     }
     let log = std::fs::read_to_string("/tmp/logs/node-b-core-restarted.log").unwrap_or_default();
     let adopted = log
@@ -217,7 +219,7 @@ pub fn core_kill9_under_load() -> Result<String, String> {
     let mut span_failures = Vec::new();
     for (at, what) in r.short_failures.iter().cloned() {
         if what.contains("CORRUPT") || at < *span.start() {
-            return Err(format!(
+            return Err(failed!(
                 "a short connection failed at {at} ms, before the core was killed at {down:?}: {what}\n{r}"
             ));
         }
@@ -226,8 +228,8 @@ pub fn core_kill9_under_load() -> Result<String, String> {
             span_failures.push(format!("{at} ms: {what}"));
         }
     }
-    let (keyed_later, after_total) =
-        recovered(&r, *span.end(), (9, 10), 3).map_err(|e| format!("after the restart, {e}"))?;
+    let (keyed_later, after_total) = recovered(&r, *span.end(), (9, 10), 3)
+        .map_err(|e| e.map_message(|m| format!("after the restart, {m}")))?;
     let wire = check_wire_allowing_unkeyed(&flows, &a, &b, true)?;
     wire.expect_at_least(1, 0)?;
     Ok(format!(
@@ -244,7 +246,7 @@ pub fn core_kill9_under_load() -> Result<String, String> {
 
 /// A `tlshub-testapp` server in pod-b for one client-first exchange of
 /// 1,000 bytes on the protected port, listening.
-pub(super) fn exchange_server() -> Result<AppChild, String> {
+pub(super) fn exchange_server() -> Result<AppChild, Failure> {
     let listen = format!("0.0.0.0:{PROTECTED_PORT}");
     spawn_ready(
         "pod-b",
@@ -264,7 +266,7 @@ pub(super) fn exchange_server() -> Result<AppChild, String> {
 }
 
 /// The client of [`exchange_server`], in pod-a (started, not waited for).
-pub(super) fn exchange_client() -> Result<AppChild, String> {
+pub(super) fn exchange_client() -> Result<AppChild, Failure> {
     super::support::spawn_client(
         PROTECTED_PORT,
         &["--mode", "client-first", "--size", "1000"],
@@ -275,7 +277,7 @@ pub(super) fn exchange_client() -> Result<AppChild, String> {
 /// connections waiting for keys and continues the processes the gate
 /// stopped; afterwards the gate, still attached, fails new selected
 /// connections' calls at once (fail-closed) instead of stopping anyone.
-pub fn core_gone_release() -> Result<String, String> {
+pub fn core_gone_release() -> Outcome {
     let a = Node::start(NodeSpec::new("a"))?;
     let mut b = Node::start(NodeSpec::new("b"))?;
     let cap = Capture::start("core-gone")?;
@@ -292,8 +294,9 @@ pub fn core_gone_release() -> Result<String, String> {
     let c = app_report(&finish(client, Duration::from_secs(20))?)?;
     // ECONNRESET, or EPIPE for a client that writes after the reset.
     for (side, v) in [("server", &s), ("client", &c)] {
-        super::support::expect_reset(v)
-            .map_err(|e| format!("{side} after release: {e} (release said: {released})"))?;
+        super::support::expect_reset(v).map_err(|e| {
+            e.map_message(|m| format!("{side} after release: {m} (release said: {released})"))
+        })?;
     }
     // A new connection after the release: refused at once, nobody stopped.
     let server = exchange_server()?;
@@ -303,7 +306,7 @@ pub fn core_gone_release() -> Result<String, String> {
     let took = started.elapsed();
     let c2 = app_report(&finish(client, Duration::from_secs(20))?)?;
     if s2.ok || s2.errno != Some(libc::ECONNRESET) {
-        return Err(format!("server after release: {s2}"));
+        return Err(failed!("server after release: {s2}"));
     }
     super::wire_check::plain_control()?;
     let wire = check_wire_allowing_unkeyed(&cap.finish()?, &a, &b, true)?;

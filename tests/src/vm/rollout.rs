@@ -18,7 +18,9 @@ use super::support::{
 };
 use super::topology::{POD_A, POD_B};
 use super::wire_check::{Capture, captured_exchanges, plain_flows_on};
+use crate::failed;
 use crate::pattern::MARKER;
+use crate::vm::outcome::{Failure, Outcome};
 use crate::wire;
 
 fn opportunistic(name: &'static str) -> NodeSpec {
@@ -30,7 +32,7 @@ fn opportunistic(name: &'static str) -> NodeSpec {
 
 /// `name`'s row in `tlshubctl peers` on `node` (all defaults when
 /// absent), and the whole answer.
-fn peer_row(node: &Node, name: &str) -> Result<(pb::Peer, pb::ListPeersResponse), String> {
+fn peer_row(node: &Node, name: &str) -> Result<(pb::Peer, pb::ListPeersResponse), Failure> {
     let peers: pb::ListPeersResponse = node.ctl(&["peers"])?;
     let row = peers
         .peers
@@ -47,25 +49,25 @@ fn peer_row(node: &Node, name: &str) -> Result<(pb::Peer, pb::ListPeersResponse)
 fn exact_both_ways(
     label: &str,
     size: usize,
-) -> Result<(Vec<wire::Flow>, Duration, Duration), String> {
+) -> Result<(Vec<wire::Flow>, Duration, Duration), Failure> {
     let cap = Capture::start(label)?;
     let (s, c, out_took) = exchange_between("pod-b", POD_B, "pod-a", size)?;
     if !s.ok || !c.ok {
-        return Err(format!("pod-a -> pod-b: server {s}, client {c}"));
+        return Err(failed!("pod-a -> pod-b: server {s}, client {c}"));
     }
     let (s, c, in_took) = exchange_between("pod-a", POD_A, "pod-b", size)?;
     if !s.ok || !c.ok {
-        return Err(format!("pod-b -> pod-a: server {s}, client {c}"));
+        return Err(failed!("pod-b -> pod-a: server {s}, client {c}"));
     }
     Ok((cap.finish()?, out_took, in_took))
 }
 
 /// Plain decided at once: neither exchange waited anything like the test
 /// bed's key timeout (2 s).
-fn no_key_timeout_waited(out_took: Duration, in_took: Duration) -> Result<(), String> {
+fn no_key_timeout_waited(out_took: Duration, in_took: Duration) -> Result<(), Failure> {
     let limit = Duration::from_millis(1500);
     if out_took > limit || in_took > limit {
-        return Err(format!(
+        return Err(failed!(
             "plain exchanges took {out_took:?} and {in_took:?}: as long as a key timeout"
         ));
     }
@@ -86,12 +88,12 @@ fn both_reaching(a: &Node, b: &Node, figure: impl Fn(&Stats) -> u64, want: u64) 
 /// through as plain at once (exact both ways, the marker on the wire, no
 /// key timeout waited), counted per peer; with the rule strict (the
 /// default), the same connection is failed closed (reset) as before.
-pub fn opportunistic_peer_without_tlshub() -> Result<String, String> {
+pub fn opportunistic_peer_without_tlshub() -> Outcome {
     let a = Node::start(opportunistic("a"))?;
     let (flows, out_took, in_took) = exact_both_ways("rollout-silent", 100_000)?;
     let plain = plain_flows_on(&flows, PROTECTED_PORT);
     if plain < 4 {
-        return Err(format!(
+        return Err(failed!(
             "{plain} flows on the protected port showed the marker, want 4 (two connections, both directions): the connections were not plain, or the capture is blind"
         ));
     }
@@ -104,14 +106,15 @@ pub fn opportunistic_peer_without_tlshub() -> Result<String, String> {
         "tlshub_connections_plain_peer_silent_total{{peer=\"{POD_B}\"}} 2"
     ));
     if silent != 2 || !stats.failed.is_empty() || stats.protected != 0 || !per_peer {
-        return Err(format!(
+        return Err(failed!(
             "node a: peer_silent_plain {silent} (want 2), failed {:?}, protected {}; 2 for peer {POD_B} in the metrics: {per_peer}",
-            stats.failed, stats.protected
+            stats.failed,
+            stats.protected
         ));
     }
     let status = a.status()?;
     if status.counters.as_ref().map(|c| c.peer_silent_plain) != Some(2) {
-        return Err(format!(
+        return Err(failed!(
             "`tlshubctl status` does not count the 2: {status:?}"
         ));
     }
@@ -139,7 +142,7 @@ pub fn opportunistic_peer_without_tlshub() -> Result<String, String> {
 /// listener never answers the option): both ends see a silent peer and
 /// agree on plain, so the connection works instead of one side waiting
 /// for keys the other never makes.
-pub fn opportunistic_both_nodes_protect() -> Result<String, String> {
+pub fn opportunistic_both_nodes_protect() -> Outcome {
     let (a, b) = nodes(opportunistic("a"), opportunistic("b"))?;
     let apps = [
         App {
@@ -157,7 +160,7 @@ pub fn opportunistic_both_nodes_protect() -> Result<String, String> {
     report.expect_at_least(1, 0)?;
     let silent = a.stat(|s| s.peer_silent_plain) + b.stat(|s| s.peer_silent_plain);
     if silent != 0 || a.stat_reaching(|s| s.protected, 4) != 4 {
-        return Err(format!(
+        return Err(failed!(
             "both opportunistic: {silent} let through as plain, node a protected {}",
             a.stat(|s| s.protected)
         ));
@@ -176,11 +179,11 @@ pub fn opportunistic_both_nodes_protect() -> Result<String, String> {
     let c = run_app_client(&one, "pod-a", &[], Duration::from_secs(60), srv.id())?;
     let c = app_report(&c)?;
     if !c.ok {
-        return Err(format!("old listener, first connection: client {c}"));
+        return Err(failed!("old listener, first connection: client {c}"));
     }
     let (pa, pb) = both_reaching(&a, &b, |s| s.peer_silent_plain, 1);
     if (pa, pb) != (1, 1) {
-        return Err(format!(
+        return Err(failed!(
             "old listener: both ends should agree on plain, got node a {pa}, node b {pb}; failed a {:?} b {:?}",
             a.stats().map(|s| s.failed).unwrap_or_default(),
             b.stats().map(|s| s.failed).unwrap_or_default()
@@ -189,7 +192,7 @@ pub fn opportunistic_both_nodes_protect() -> Result<String, String> {
     // The nodes hear each other on a new listener (pod-b to pod-a) ...
     let (s2, c2, _) = exchange_between("pod-a", POD_A, "pod-b", 10_000)?;
     if !s2.ok || !c2.ok {
-        return Err(format!("pod-b -> pod-a: server {s2}, client {c2}"));
+        return Err(failed!("pod-b -> pod-a: server {s2}, client {c2}"));
     }
     // ... so the old listener's second connection is a silence between two
     // nodes that announced: both key it (by node: pod-b's address itself
@@ -202,7 +205,7 @@ pub fn opportunistic_both_nodes_protect() -> Result<String, String> {
     let refused = both_reaching(&a, &b, |s| s.known_peer_silent, 1);
     // The first connection, both directions; nothing after it.
     if plain != 2 || refused != (1, 1) || a.stat(|s| s.peer_silent_plain) != 1 {
-        return Err(format!(
+        return Err(failed!(
             "old listener after both nodes announced: {plain} flows with the marker in clear (want 2, the first connection's), silent though known {refused:?} (want 1 each), plain a {}; failed a {:?} b {:?}",
             a.stat(|s| s.peer_silent_plain),
             a.stats().map(|s| s.failed).unwrap_or_default(),
@@ -221,7 +224,7 @@ pub fn opportunistic_both_nodes_protect() -> Result<String, String> {
 /// the programs: both ends agree on plain while the nodes have not heard
 /// each other, exact both ways. The same server listening again answers,
 /// and its connection is protected (TLS only on the wire).
-pub fn listener_older_than_its_port_selection() -> Result<String, String> {
+pub fn listener_older_than_its_port_selection() -> Outcome {
     const LATE_PORT: u16 = 8444;
     let (mut a, mut b) = nodes(opportunistic("a"), opportunistic("b"))?;
     let app = App::exchange(10_000, LATE_PORT);
@@ -234,7 +237,7 @@ pub fn listener_older_than_its_port_selection() -> Result<String, String> {
     both_ok(&app, &s, &app_report(&c)?)?;
     let plain = both_reaching(&a, &b, |s| s.peer_silent_plain, 1);
     if plain != (1, 1) {
-        return Err(format!(
+        return Err(failed!(
             "a listener from before its port was selected: both ends should agree on plain, got node a {}, node b {}; failed a {:?} b {:?}",
             plain.0,
             plain.1,
@@ -249,7 +252,7 @@ pub fn listener_older_than_its_port_selection() -> Result<String, String> {
     let in_clear = plain_flows_on(&flows, LATE_PORT);
     let protected = both_reaching(&a, &b, |s| s.protected, 1);
     if in_clear != 2 || protected != (1, 1) || a.stat(|s| s.peer_silent_plain) != 1 {
-        return Err(format!(
+        return Err(failed!(
             "the server listening again: {in_clear} flows with the marker in clear (want 2, the first connection's), protected {protected:?} (want 1 each), plain on node a {}",
             a.stat(|s| s.peer_silent_plain)
         ));
@@ -278,11 +281,11 @@ fn plain_flows_from(flows: &[wire::Flow], addr: &str) -> usize {
 /// (pod-b's client, with no tlshub, sends in clear: the control that the
 /// capture sees). `tlshubctl peers` shows b and the refusals; once the
 /// operator forgets b, the connection goes plain again.
-pub fn downgrade_refused() -> Result<String, String> {
+pub fn downgrade_refused() -> Outcome {
     let (mut a, mut b) = nodes(opportunistic("a"), opportunistic("b"))?;
     let (s, c, _) = exchange_between("pod-b", POD_B, "pod-a", 10_000)?;
     if !s.ok || !c.ok || a.stat_reaching(|s| s.protected, 1) != 1 {
-        return Err(format!("first exchange: server {s}, client {c}"));
+        return Err(failed!("first exchange: server {s}, client {c}"));
     }
     // What a remembers survives its own restart.
     a.kill_core();
@@ -293,36 +296,38 @@ pub fn downgrade_refused() -> Result<String, String> {
     let (s_out, c_out, _) = exchange_between("pod-b", POD_B, "pod-a", 10_000)?;
     let (s_in, c_in, _) = exchange_between("pod-a", POD_A, "pod-b", 10_000)?;
     let flows = cap.finish()?;
-    expect_reset(&c_out)
-        .map_err(|e| format!("pod-a -> pod-b after b's tlshub left: {e}; server {s_out}"))?;
-    expect_server_failed_clean(&s_in)
-        .map_err(|e| format!("pod-b -> pod-a after b's tlshub left: {e}; client {c_in}"))?;
+    expect_reset(&c_out).map_err(|e| {
+        e.map_message(|m| format!("pod-a -> pod-b after b's tlshub left: {m}; server {s_out}"))
+    })?;
+    expect_server_failed_clean(&s_in).map_err(|e| {
+        e.map_message(|m| format!("pod-b -> pod-a after b's tlshub left: {m}; client {c_in}"))
+    })?;
     let from_a = plain_flows_from(&flows, POD_A);
     let from_b = plain_flows_from(&flows, POD_B);
     if from_a != 0 || from_b == 0 {
-        return Err(format!(
+        return Err(failed!(
             "flows with the marker in clear: {from_a} from pod-a (want 0), {from_b} from pod-b (want at least 1: its client has no tlshub; 0 means the capture is blind)"
         ));
     }
     let refused = a.stat_reaching(|s| s.known_peer_silent, 2);
     if refused != 2 || a.stat(|s| s.peer_silent_plain) != 0 {
-        return Err(format!(
+        return Err(failed!(
             "node a: silent though known {refused} (want 2), plain {} (want 0)",
             a.stat(|s| s.peer_silent_plain)
         ));
     }
     let (node_b, peers) = peer_row(&a, "node-b")?;
     if !node_b.announced || node_b.known_peer_silent != 2 || node_b.mode != "opportunistic" {
-        return Err(format!("`tlshubctl peers` on node a: {peers:?}"));
+        return Err(failed!("`tlshubctl peers` on node a: {peers:?}"));
     }
     // The operator says b left for good: plain again, at once.
     let forgot: pb::ForgetPeersResponse = a.ctl(&["peers", "forget", "node-b"])?;
     if forgot.forgotten != ["node-b"] {
-        return Err(format!("`tlshubctl peers forget node-b`: {forgot:?}"));
+        return Err(failed!("`tlshubctl peers forget node-b`: {forgot:?}"));
     }
     let (s, c, took) = exchange_between("pod-b", POD_B, "pod-a", 10_000)?;
     if !s.ok || !c.ok || a.stat_reaching(|s| s.peer_silent_plain, 1) != 1 {
-        return Err(format!("after forgetting node-b: server {s}, client {c}"));
+        return Err(failed!("after forgetting node-b: server {s}, client {c}"));
     }
     Ok(format!(
         "after node b's tlshub left: pod-a's connections reset / failed clean, none of pod-a's bytes in clear, 2 silent known-peer connections keyed, not plain (remembered across a core restart); forgotten by the operator: plain in {} ms",
@@ -341,7 +346,7 @@ pub fn downgrade_refused() -> Result<String, String> {
 /// after it both nodes key them (each remembers the other), so the
 /// capture from then on shows no new connection in clear, while the long
 /// connections from before tlshub still carry their marker (the control).
-pub fn upgrade_in_turn_under_load() -> Result<String, String> {
+pub fn upgrade_in_turn_under_load() -> Outcome {
     /// The new listener's port, which the rules select too.
     const LESSON_PORT: u16 = 8444;
     let spec = |name| NodeSpec {
@@ -361,7 +366,7 @@ pub fn upgrade_in_turn_under_load() -> Result<String, String> {
     pause();
     let plain_before = a.stat_reaching(|s| s.peer_silent_plain, 1);
     if plain_before == 0 {
-        return Err(format!(
+        return Err(failed!(
             "no new connection went plain while the nodes had not heard each other (node a: {:?})",
             a.stats()?
         ));
@@ -378,7 +383,7 @@ pub fn upgrade_in_turn_under_load() -> Result<String, String> {
     let flows = cap.finish()?;
     let report = service::report(&out)?;
     if !report.ok || report.short_failed != 0 || report.long_broken != 0 || report.corrupt != 0 {
-        return Err(format!(
+        return Err(failed!(
             "the load failed during the rollout: {} of {} new connections failed ({:?}), {} long ones broke ({:?}), {} corrupt",
             report.short_failed,
             report.short_attempted,
@@ -394,9 +399,10 @@ pub fn upgrade_in_turn_under_load() -> Result<String, String> {
         b.stat(|s| s.known_peer_silent),
     );
     if !fa.is_empty() || !fb.is_empty() || keyed.0 < 5 || keyed.1 < 5 {
-        return Err(format!(
+        return Err(failed!(
             "failed a {fa:?} b {fb:?}; old-listener connections keyed after the lesson: a {}, b {} (want at least 5 each)",
-            keyed.0, keyed.1
+            keyed.0,
+            keyed.1
         ));
     }
     // New connections (their SYN captured) after the lesson: none in clear.
@@ -410,7 +416,7 @@ pub fn upgrade_in_turn_under_load() -> Result<String, String> {
         .filter(|f| !f.saw_syn && wire::contains(&f.bytes, MARKER))
         .count();
     if new_plain != 0 || old_plain == 0 {
-        return Err(format!(
+        return Err(failed!(
             "after the lesson: {new_plain} new flows on the protected port carried the marker (want 0); {old_plain} flows of connections from before tlshub did (want some: the capture is blind otherwise)"
         ));
     }
@@ -427,7 +433,7 @@ pub fn upgrade_in_turn_under_load() -> Result<String, String> {
 /// timeout, no provider asked), counted on both nodes, and `tlshubctl
 /// peers` shows the peer's keying protocol. Nothing is remembered: an
 /// incompatible peer is not one that could protect the connection.
-pub fn opportunistic_incompatible_providers_plain() -> Result<String, String> {
+pub fn opportunistic_incompatible_providers_plain() -> Outcome {
     let mut sa = opportunistic("a");
     sa.provider = ProviderKind::ExamplePsk;
     let (a, b) = nodes(sa, opportunistic("b"))?;
@@ -439,7 +445,7 @@ pub fn opportunistic_incompatible_providers_plain() -> Result<String, String> {
         b.stat_reaching(|s| s.peer_incompatible_plain, 2),
     );
     if plain < 4 || counted != (2, 2) {
-        return Err(format!(
+        return Err(failed!(
             "{plain} flows with the marker (want 4), plain for another keying protocol a/b {counted:?} (want 2 each); failed a {:?} b {:?}",
             a.stats().map(|s| s.failed).unwrap_or_default(),
             b.stats().map(|s| s.failed).unwrap_or_default()
@@ -448,7 +454,7 @@ pub fn opportunistic_incompatible_providers_plain() -> Result<String, String> {
     no_key_timeout_waited(out_took, in_took)?;
     let asked = b.provider_requests(ProviderKind::OpenSsl)?;
     if asked.any() {
-        return Err(format!("node b's provider was asked for keys: {asked:?}"));
+        return Err(failed!("node b's provider was asked for keys: {asked:?}"));
     }
     let (node_a, peers) = peer_row(&b, "node-a")?;
     if node_a.announced
@@ -456,7 +462,7 @@ pub fn opportunistic_incompatible_providers_plain() -> Result<String, String> {
         || node_a.mode != "opportunistic"
         || node_a.keying.is_empty()
     {
-        return Err(format!("`tlshubctl peers` on node b: {peers:?}"));
+        return Err(failed!("`tlshubctl peers` on node b: {peers:?}"));
     }
     Ok(format!(
         "2 connections between nodes of different keying protocols plain at once ({} ms out, {} ms in), counted on both nodes; node b's peers: node-a keying {}",

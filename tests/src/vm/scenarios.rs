@@ -1,5 +1,6 @@
-//! The index of the kernel scenarios: each returns `Ok(summary)` or
-//! `Err(why)`, and the runner prints one result line per scenario. The
+//! The index of the kernel scenarios: each returns an
+//! [`Outcome`](super::outcome::Outcome), a summary or a typed failure, and
+//! the runner prints one result line per scenario. The
 //! bodies live by topic (`exchange`, `providers`, `credentials`,
 //! `failure`, `service`, `admin`, `restarts`, `gate_paths`, `gate_edges`,
 //! `gate_calls`, `gate_abuse`, `gate_capacity`, `dnat`, `rollout`,
@@ -7,11 +8,13 @@
 //! they share is in `support` and `wire_check`. tests/README.md says how to
 //! add one.
 
+use crate::vm::outcome::Outcome;
+
 /// A scenario: name and body.
 pub type Scenario = (&'static str, ScenarioFn);
 
 /// A scenario's body: a one-line summary, or why it failed.
-pub type ScenarioFn = fn() -> Result<String, String>;
+pub type ScenarioFn = fn() -> Outcome;
 
 /// Every scenario of `cargo xtask test`, in order.
 pub const TESTS: &[Scenario] = &[

@@ -12,7 +12,9 @@ use std::time::{Duration, Instant};
 
 use tlshub_admin::ab::AbRun;
 
+use crate::failed;
 use crate::load::LoadReport;
+use crate::vm::outcome::{Failure, Outcome};
 
 use super::node::{Node, NodeSpec, PROTECTED_PORT, ProviderKind};
 use super::process::{AppChild, finish, spawn_ready};
@@ -43,12 +45,12 @@ const LOAD_CORRUPTION_LOG: &str = "/tmp/logs/loadgen-corrupt.log";
 
 impl LoadServer {
     /// On the protected port.
-    pub(super) fn start() -> Result<Self, String> {
+    pub(super) fn start() -> Result<Self, Failure> {
         Self::start_on(PROTECTED_PORT)
     }
 
     /// On `port`; a second one on another port shares the corruption log.
-    pub(super) fn start_on(port: u16) -> Result<Self, String> {
+    pub(super) fn start_on(port: u16) -> Result<Self, Failure> {
         let listen = format!("0.0.0.0:{port}");
         let _ = std::fs::remove_file(LOAD_CORRUPTION_LOG);
         spawn_ready(
@@ -71,7 +73,7 @@ impl LoadServer {
 /// Starts the load's client in pod-a ([`LONG`] long connections, short ones
 /// at [`SHORT_PER_SEC`]) and waits until its long connections are up;
 /// `finish` collects its report.
-pub(super) fn start_load(seconds: u64) -> Result<AppChild, String> {
+pub(super) fn start_load(seconds: u64) -> Result<AppChild, Failure> {
     start_load_with(LONG, seconds, SHORT_PER_SEC)
 }
 
@@ -80,7 +82,7 @@ pub(super) fn start_load_with(
     long: u32,
     seconds: u64,
     short_per_sec: f64,
-) -> Result<AppChild, String> {
+) -> Result<AppChild, Failure> {
     spawn_load_client(
         POD_B,
         &[
@@ -98,7 +100,7 @@ pub(super) fn start_load_with(
 /// in pod-b) on the protected port with `args`, and waits until its long
 /// connections are up (at once without any); `finish` collects its
 /// [`LoadReport`].
-pub(super) fn spawn_load_client(server: &str, args: &[&str]) -> Result<AppChild, String> {
+pub(super) fn spawn_load_client(server: &str, args: &[&str]) -> Result<AppChild, Failure> {
     let connect = format!("{server}:{PROTECTED_PORT}");
     let mut argv = vec!["tlshub-loadgen", "client", "--connect", &connect];
     argv.extend_from_slice(args);
@@ -113,10 +115,10 @@ pub(super) fn spawn_load_client(server: &str, args: &[&str]) -> Result<AppChild,
 /// The load client's report; fails if the load server saw corrupt bytes
 /// (it closes such a connection, which the client alone cannot tell from
 /// a failure a restart scenario tolerates).
-pub(super) fn report(out: &str) -> Result<LoadReport, String> {
+pub(super) fn report(out: &str) -> Result<LoadReport, Failure> {
     let corrupt = load_corruption();
     if !corrupt.is_empty() {
-        return Err(format!(
+        return Err(failed!(
             "the load server received corrupt bytes: {}",
             corrupt.join("; ")
         ));
@@ -141,7 +143,7 @@ pub(super) fn two_providers(name: &'static str, timeout_ms: u64) -> NodeSpec {
 }
 
 /// Done-when 1: switching provider back and forth every 5 s under load.
-pub fn hot_swap_under_load() -> Result<String, String> {
+pub fn hot_swap_under_load() -> Outcome {
     let a = Node::start(two_providers("a", 5000))?;
     let b = Node::start(two_providers("b", 5000))?;
     let cap = Capture::start("hot-swap")?;
@@ -156,7 +158,7 @@ pub fn hot_swap_under_load() -> Result<String, String> {
         for n in [&a, &b] {
             let answer = n.use_provider(name)?;
             if answer.active != name {
-                return Err(format!("tlshubctl provider use {name}: {answer:?}"));
+                return Err(failed!("tlshubctl provider use {name}: {answer:?}"));
             }
         }
         switches += 1;
@@ -164,13 +166,13 @@ pub fn hot_swap_under_load() -> Result<String, String> {
     let r = report(&finish(client, Duration::from_secs(180))?)?;
     let flows = cap.finish()?;
     if !r.ok || r.short_failed != 0 {
-        return Err(format!("the load saw failures: {r}"));
+        return Err(failed!("the load saw failures: {r}"));
     }
     let wire = check_wire_allowing_unkeyed(&flows, &a, &b, false)?;
     let short_ok = r.short_ok;
     let expected = 2 * (u64::from(LONG) + short_ok) as usize;
     if wire.protected_flows != expected || wire.decrypted != expected {
-        return Err(format!(
+        return Err(failed!(
             "{expected} protected flows expected (200 long + {short_ok} short, both ways): {wire:?}"
         ));
     }
@@ -186,7 +188,7 @@ pub fn hot_swap_under_load() -> Result<String, String> {
             "tlshub_connections_protected_total{provider=\"boringssl\"}",
         );
         if o < 1.0 || bs < 1.0 {
-            return Err(format!(
+            return Err(failed!(
                 "node {}: the metrics do not show the split (openssl {o}, boringssl {bs})",
                 n.spec.name
             ));
@@ -197,7 +199,7 @@ pub fn hot_swap_under_load() -> Result<String, String> {
             .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
             .sum();
         if failed > 0.0 {
-            return Err(format!(
+            return Err(failed!(
                 "node {}: failed connections in the metrics:\n{text}",
                 n.spec.name
             ));
@@ -214,7 +216,7 @@ pub fn hot_swap_under_load() -> Result<String, String> {
                 || failed > 0.0
                 || !own.contains("tlshub_keyprovider_request_duration_seconds_bucket")
             {
-                return Err(format!(
+                return Err(failed!(
                     "node {} {}: the provider's metrics say {answered} answered, {failed} failed; the core keyed {core_count}:\n{own}",
                     n.spec.name,
                     kind.name()
@@ -244,13 +246,13 @@ pub fn hot_swap_under_load() -> Result<String, String> {
 /// and leave OpenSSL active. Then a run with BoringSSL as A is
 /// interrupted with SIGINT: it must exit 130, print what it measured,
 /// and restore OpenSSL. The load must see no failure.
-pub fn ab_under_load() -> Result<String, String> {
+pub fn ab_under_load() -> Outcome {
     let a = Node::start(two_providers("a", 5000))?;
     let b = Node::start(two_providers("b", 5000))?;
     let _server = LoadServer::start()?;
     let client = start_load_with(40, 50, 4.0)?;
     std::thread::sleep(Duration::from_secs(3));
-    let keyed = |n: &Node| -> Result<f64, String> {
+    let keyed = |n: &Node| -> Result<f64, Failure> {
         let text = n.metrics()?;
         Ok(["openssl", "boringssl"]
             .iter()
@@ -301,13 +303,13 @@ pub fn ab_under_load() -> Result<String, String> {
             || delta - total > slack
             || run.report.verdicts.len() != 2
         {
-            return Err(format!(
+            return Err(failed!(
                 "node {name}: tlshubctl ab exited {code} (want 0, 6 switches, openssl restored, both providers keyed, none failed, {total} within {delta} - {slack} of the metrics, 2 verdicts): {run:?}"
             ));
         }
         let active = n.status()?.active_provider;
         if active != "openssl" {
-            return Err(format!("node {name}: active after ab: {active}"));
+            return Err(failed!("node {name}: active after ab: {active}"));
         }
         seen.push(format!(
             "node {name}: openssl {} / boringssl {} keyed of {delta} (metrics), {}",
@@ -352,7 +354,7 @@ pub fn ab_under_load() -> Result<String, String> {
         || active != "openssl"
         || !text.contains("interrupted; openssl restored")
     {
-        return Err(format!(
+        return Err(failed!(
             "interrupted ab: active during the run {during} (want boringssl), exit {:?} (want 130), active after {active} (want openssl); it printed: {text}{}",
             out.status.code(),
             String::from_utf8_lossy(&out.stderr)
@@ -360,7 +362,7 @@ pub fn ab_under_load() -> Result<String, String> {
     }
     let r = report(&finish(client, Duration::from_secs(180))?)?;
     if !r.ok || r.short_failed != 0 {
-        return Err(format!("the load saw failures: {r}"));
+        return Err(failed!("the load saw failures: {r}"));
     }
     Ok(format!(
         "{}; SIGINT: exit 130, openssl restored; the load: {} short connections, 0 failed",
@@ -377,7 +379,7 @@ pub fn ab_under_load() -> Result<String, String> {
 /// `keying_mismatch`, well inside the key timeout, no provider asked) in
 /// both orders; no app receives a byte it was not sent, and no plaintext
 /// is on the wire.
-pub fn mismatched_providers_fail_closed() -> Result<String, String> {
+pub fn mismatched_providers_fail_closed() -> Outcome {
     let mut sa = NodeSpec::new("a");
     sa.provider = ProviderKind::ExamplePsk;
     let a = Node::start(sa)?;
@@ -393,13 +395,13 @@ pub fn mismatched_providers_fail_closed() -> Result<String, String> {
         let (s, c) = super::support::run_pair(&app, &[], Duration::from_secs(60))?;
         for (side, r) in [("server", &s), ("client", &c)] {
             if r.ok {
-                return Err(format!(
+                return Err(failed!(
                     "{mode}: the {side} app succeeded across mismatched providers: {r}"
                 ));
             }
             let err = r.error.as_deref().unwrap_or("");
             if err.contains("differs") {
-                return Err(format!("{mode}: the {side} app received garbage: {r}"));
+                return Err(failed!("{mode}: the {side} app received garbage: {r}"));
             }
             seen.push(format!("{mode} {side}: {err}"));
         }
@@ -422,7 +424,7 @@ pub fn mismatched_providers_fail_closed() -> Result<String, String> {
     let only_mismatch =
         |f: &std::collections::BTreeMap<String, u64>| f.keys().all(|k| k == "keying_mismatch");
     if ma + mb < 2 || !only_mismatch(&fa) || !only_mismatch(&fb) {
-        return Err(format!(
+        return Err(failed!(
             "keying_mismatch failures: node a {ma}, node b {mb} (want 2 or more together); failed a {fa:?} b {fb:?}"
         ));
     }
@@ -443,7 +445,7 @@ pub fn mismatched_providers_fail_closed() -> Result<String, String> {
         })?;
     let asked = b.provider_requests(ProviderKind::OpenSsl)?;
     if asked.any() {
-        return Err(format!(
+        return Err(failed!(
             "node b's provider was asked for keys ({asked:?}): the mismatch was known from the handshake"
         ));
     }

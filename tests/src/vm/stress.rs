@@ -10,6 +10,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use super::node::{Node, NodeSpec};
+use crate::failed;
+use crate::vm::outcome::{Failure, Outcome};
 
 /// Rounds in the test scenario.
 const TEST_ROUNDS: usize = 3;
@@ -17,12 +19,12 @@ const TEST_ROUNDS: usize = 3;
 const STRESS_ROUNDS: usize = 40;
 
 /// The test scenario: a few rounds of [`attach_detach_under_hook_traffic`].
-pub fn attach_detach_under_hook_traffic_short() -> Result<String, String> {
+pub fn attach_detach_under_hook_traffic_short() -> Outcome {
     attach_detach_under_hook_traffic(TEST_ROUNDS)
 }
 
 /// `--mode stress`: many rounds of [`attach_detach_under_hook_traffic`].
-pub fn attach_detach_under_hook_traffic_long() -> Result<String, String> {
+pub fn attach_detach_under_hook_traffic_long() -> Outcome {
     attach_detach_under_hook_traffic(STRESS_ROUNDS)
 }
 
@@ -38,7 +40,7 @@ pub fn attach_detach_under_hook_traffic_long() -> Result<String, String> {
 /// Under qemu's multi-threaded TCG this left a vCPU stuck on that
 /// instruction (a soft lockup, seen twice in CI); the xtask therefore runs
 /// qemu with `thread=single`, and this scenario fails if that regresses.
-fn attach_detach_under_hook_traffic(rounds: usize) -> Result<String, String> {
+fn attach_detach_under_hook_traffic(rounds: usize) -> Result<String, Failure> {
     let stop = Arc::new(AtomicBool::new(false));
     let ops = Arc::new(AtomicU64::new(0));
     let listener = TcpListener::bind("127.0.0.1:0").map_err(|e| e.to_string())?;
@@ -81,7 +83,7 @@ fn attach_detach_under_hook_traffic(rounds: usize) -> Result<String, String> {
         let a = Node::start(NodeSpec::new("a"));
         let b = Node::start(NodeSpec::new("b"));
         if let Err(e) = a.as_ref().and(b.as_ref()) {
-            result = Err(format!("round {round}: {e}"));
+            result = Err(e.clone().context(format!("round {round}")));
             break;
         }
         std::thread::sleep(Duration::from_millis(200));
@@ -89,7 +91,7 @@ fn attach_detach_under_hook_traffic(rounds: usize) -> Result<String, String> {
         // The point is hook traffic during attach and detach: a round
         // without any proves nothing.
         if ops.load(Ordering::Relaxed) == ops_before {
-            result = Err(format!(
+            result = Err(failed!(
                 "round {round}: the writer threads made no call while the programs were attached and detached"
             ));
             break;
@@ -105,7 +107,7 @@ fn attach_detach_under_hook_traffic(rounds: usize) -> Result<String, String> {
     let _ = TcpStream::connect(addr);
     for (i, w) in workers.into_iter().enumerate() {
         if w.join().is_err() && result.is_ok() {
-            result = Err(format!("worker thread {i} panicked"));
+            result = Err(failed!("worker thread {i} panicked"));
         }
     }
     result?;

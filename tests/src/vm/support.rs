@@ -5,6 +5,8 @@
 use std::time::{Duration, Instant};
 
 use crate::app_report::AppReport;
+use crate::failed;
+use crate::vm::outcome::Failure;
 
 use super::node::{Node, NodeSpec, PROTECTED_PORT, ProviderKind};
 use super::process::{self, finish, spawn_ready};
@@ -160,18 +162,18 @@ impl App {
 }
 
 /// The report `tlshub-testapp` printed last.
-pub fn app_report(s: &str) -> Result<AppReport, String> {
+pub fn app_report(s: &str) -> Result<AppReport, Failure> {
     last_report(s)
 }
 
 /// The report an app printed last, as its type.
-pub fn last_report<T: serde::de::DeserializeOwned>(s: &str) -> Result<T, String> {
+pub fn last_report<T: serde::de::DeserializeOwned>(s: &str) -> Result<T, Failure> {
     let line = s
         .lines()
         .rev()
         .find(|l| l.starts_with('{'))
         .ok_or_else(|| format!("no report in {s:?}"))?;
-    serde_json::from_str(line).map_err(|e| format!("bad report {line:?}: {e}"))
+    serde_json::from_str(line).map_err(|e| failed!("bad report {line:?}: {e}"))
 }
 
 /// Server address and port of pod B for `port` (IPv4).
@@ -181,7 +183,7 @@ pub fn pod_b_addr(port: u16) -> String {
 
 /// Starts `tlshub-testapp client` in pod-a against pod B's `port` (IPv4),
 /// `args` following (started, not waited for).
-pub fn spawn_client(port: u16, args: &[&str]) -> Result<process::AppChild, String> {
+pub fn spawn_client(port: u16, args: &[&str]) -> Result<process::AppChild, Failure> {
     let connect = pod_b_addr(port);
     let mut argv = vec!["tlshub-testapp", "client", "--connect", &connect];
     argv.extend_from_slice(args);
@@ -190,7 +192,7 @@ pub fn spawn_client(port: u16, args: &[&str]) -> Result<process::AppChild, Strin
 
 /// Starts `tlshub-testapp probe --what WHAT --connect TARGET` in pod-a,
 /// `args` following (started, not waited for; see [`probe_steps`]).
-pub fn spawn_probe(what: &str, target: &str, args: &[&str]) -> Result<process::AppChild, String> {
+pub fn spawn_probe(what: &str, target: &str, args: &[&str]) -> Result<process::AppChild, Failure> {
     let mut argv = vec![
         "tlshub-testapp",
         "probe",
@@ -222,8 +224,8 @@ impl GoFile {
     }
 
     /// Lets the probe go on.
-    pub fn go(&self) -> Result<(), String> {
-        std::fs::write(self.0, b"go").map_err(|e| format!("cannot write {}: {e}", self.0))
+    pub fn go(&self) -> Result<(), Failure> {
+        std::fs::write(self.0, b"go").map_err(|e| failed!("cannot write {}: {e}", self.0))
     }
 }
 
@@ -235,10 +237,10 @@ impl Drop for GoFile {
 
 /// The steps of a `tlshub-testapp probe` report: each call and its errno
 /// (0: it succeeded).
-pub fn probe_steps(report: &str) -> Result<Vec<(String, i32)>, String> {
+pub fn probe_steps(report: &str) -> Result<Vec<(String, i32)>, Failure> {
     let report = app_report(report)?;
     if report.probe.is_empty() {
-        return Err(format!("no probe steps in {report}"));
+        return Err(failed!("no probe steps in {report}"));
     }
     Ok(report
         .probe
@@ -249,7 +251,7 @@ pub fn probe_steps(report: &str) -> Result<Vec<(String, i32)>, String> {
 
 /// Starts `tlshub-testapp server` in pod-b listening on `port` (all
 /// addresses), `args` following, and waits until it listens.
-pub fn spawn_server(port: u16, args: &[&str]) -> Result<process::AppChild, String> {
+pub fn spawn_server(port: u16, args: &[&str]) -> Result<process::AppChild, Failure> {
     let listen = format!("0.0.0.0:{port}");
     let mut argv = vec!["tlshub-testapp", "server", "--listen", &listen];
     argv.extend_from_slice(args);
@@ -262,7 +264,7 @@ pub fn spawn_server(port: u16, args: &[&str]) -> Result<process::AppChild, Strin
 }
 
 /// Starts `app`'s server in `app.server_pod` and waits until it listens.
-pub fn start_app_server(app: &App) -> Result<process::AppChild, String> {
+pub fn start_app_server(app: &App) -> Result<process::AppChild, Failure> {
     let (listen, _) = app.addresses();
     let args = app.args();
     let mut sargv = vec!["tlshub-testapp", "server", "--listen", &listen];
@@ -279,7 +281,7 @@ pub fn run_app_client(
     extra: &[&str],
     timeout: Duration,
     server: u32,
-) -> Result<String, String> {
+) -> Result<String, Failure> {
     let (_, connect) = app.addresses();
     let args = app.args();
     let mut cargv = vec!["tlshub-testapp", "client", "--connect", &connect];
@@ -287,7 +289,7 @@ pub fn run_app_client(
     cargv.extend_from_slice(extra);
     let client = process::spawn_app(pod, &cargv)?;
     process::finish_reporting(client, timeout, &[server])
-        .map_err(|e| format!("{app:?}: client: {e}"))
+        .map_err(|e| e.context(format!("{app:?}: client")))
 }
 
 /// The server's report once the client ended (the client's output `c`
@@ -296,9 +298,10 @@ pub fn finish_app_server(
     app: &App,
     server: process::AppChild,
     c: &str,
-) -> Result<AppReport, String> {
-    let s = finish(server, Duration::from_secs(10))
-        .map_err(|e| format!("{app:?}: server: {e}; the client said: {}", c.trim()))?;
+) -> Result<AppReport, Failure> {
+    let s = finish(server, Duration::from_secs(10)).map_err(|e| {
+        e.map_message(|m| format!("{app:?}: server: {m}; the client said: {}", c.trim()))
+    })?;
     app_report(&s)
 }
 
@@ -307,7 +310,7 @@ pub fn run_pair(
     app: &App,
     extra_client: &[&str],
     timeout: Duration,
-) -> Result<(AppReport, AppReport), String> {
+) -> Result<(AppReport, AppReport), Failure> {
     let server = start_app_server(app)?;
     // The server is killed when this returns.
     let c = run_app_client(app, "pod-a", extra_client, timeout, server.id())?;
@@ -315,31 +318,31 @@ pub fn run_pair(
 }
 
 /// Both ends' exchanges were exact, or an error naming both reports.
-pub fn both_ok(app: &App, s: &AppReport, c: &AppReport) -> Result<(), String> {
+pub fn both_ok(app: &App, s: &AppReport, c: &AppReport) -> Result<(), Failure> {
     if s.ok && c.ok {
         Ok(())
     } else {
-        Err(format!("{app:?}: server {s}, client {c}"))
+        Err(failed!("{app:?}: server {s}, client {c}"))
     }
 }
 
 /// Starts both nodes.
-pub fn nodes(a: NodeSpec, b: NodeSpec) -> Result<(Node, Node), String> {
+pub fn nodes(a: NodeSpec, b: NodeSpec) -> Result<(Node, Node), Failure> {
     Ok((Node::start(a)?, Node::start(b)?))
 }
 
 /// Starts both nodes with the defaults and `provider`.
-pub fn nodes_with_provider(provider: ProviderKind) -> Result<(Node, Node), String> {
+pub fn nodes_with_provider(provider: ProviderKind) -> Result<(Node, Node), Failure> {
     nodes(
         NodeSpec::with_provider("a", provider),
         NodeSpec::with_provider("b", provider),
     )
 }
 
-pub fn expect_reset(c: &AppReport) -> Result<(), String> {
+pub fn expect_reset(c: &AppReport) -> Result<(), Failure> {
     // ECONNRESET or EPIPE, both from the reset; never success.
     if c.ok || !matches!(c.errno, Some(libc::ECONNRESET | libc::EPIPE)) {
-        return Err(format!("client should have been reset, got {c}"));
+        return Err(failed!("client should have been reset, got {c}"));
     }
     Ok(())
 }
@@ -347,10 +350,10 @@ pub fn expect_reset(c: &AppReport) -> Result<(), String> {
 /// The server of a connection that was failed closed: it must have failed
 /// too, with no byte received (garbage followed by a reset would show as
 /// a byte that "differs").
-pub fn expect_server_failed_clean(s: &AppReport) -> Result<(), String> {
+pub fn expect_server_failed_clean(s: &AppReport) -> Result<(), Failure> {
     let error = s.error.as_deref().unwrap_or_default();
     if s.ok || s.bytes_received != 0 || error.contains("differs") {
-        return Err(format!(
+        return Err(failed!(
             "server should have failed with nothing received, got {s}"
         ));
     }
@@ -395,7 +398,7 @@ pub struct PodSetting {
 impl PodSetting {
     /// Sets `/proc/sys/<key>` (e.g. `net/ipv4/tcp_fastopen`) in `pod`;
     /// dropping puts back the value it had.
-    pub fn sysctl(pod: &'static str, key: &str, value: &str) -> Result<Self, String> {
+    pub fn sysctl(pod: &'static str, key: &str, value: &str) -> Result<Self, Failure> {
         let path = format!("/proc/sys/{key}");
         let before = process::run(Some(pod), &["cat", &path])?.trim().to_string();
         process::run(Some(pod), &["sh", "-c", &format!("echo {value} > {path}")])?;
@@ -408,7 +411,7 @@ impl PodSetting {
     }
 
     /// Runs `set` in `pod`; dropping runs `undo` there.
-    pub fn command(pod: &'static str, set: &[&str], undo: &[&str]) -> Result<Self, String> {
+    pub fn command(pod: &'static str, set: &[&str], undo: &[&str]) -> Result<Self, Failure> {
         process::run(Some(pod), set)?;
         Ok(Self {
             pod,
@@ -438,7 +441,7 @@ pub struct TestCgroup {
 
 impl TestCgroup {
     /// Mounts the hierarchy at `mount` and makes the cgroup `name` in it.
-    pub fn new(mount: &'static str, name: &str) -> Result<Self, String> {
+    pub fn new(mount: &'static str, name: &str) -> Result<Self, Failure> {
         std::fs::create_dir_all(mount).map_err(|e| format!("mkdir {mount}: {e}"))?;
         process::run(None, &["mount", "-t", "cgroup2", "cgroup2", mount])?;
         let guard = Self {
@@ -461,11 +464,11 @@ impl TestCgroup {
     /// The root cgroup's id: the inode number of the hierarchy's root
     /// directory (what `bpf_get_current_cgroup_id()` returns for a process
     /// there).
-    pub fn root_id(&self) -> Result<u64, String> {
+    pub fn root_id(&self) -> Result<u64, Failure> {
         use std::os::unix::fs::MetadataExt;
         std::fs::metadata(self.mount)
             .map(|m| m.ino())
-            .map_err(|e| format!("stat {}: {e}", self.mount))
+            .map_err(|e| failed!("stat {}: {e}", self.mount))
     }
 }
 
@@ -495,7 +498,7 @@ pub fn exchange_between(
     server: &'static str,
     client_pod: &str,
     size: usize,
-) -> Result<(AppReport, AppReport, Duration), String> {
+) -> Result<(AppReport, AppReport, Duration), Failure> {
     let app = App {
         server,
         server_pod,

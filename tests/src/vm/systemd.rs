@@ -12,7 +12,9 @@ use tlshub_provider_sdk::keylog::KeyLogRecord;
 
 use tlshub_admin::pb;
 
+use crate::failed;
 use crate::load::LoadReport;
+use crate::vm::outcome::{Failure, Outcome};
 
 use super::node::{Node, NodeSpec};
 use super::process::{finish, run};
@@ -61,11 +63,11 @@ const GRACE_MS: u64 = 10_000;
 /// in six runs), and the scenario failed for want of traffic.
 const LOAD_SECS: u64 = 60;
 
-fn sh(cmd: &str) -> Result<String, String> {
+fn sh(cmd: &str) -> Result<String, Failure> {
     run(None, &["sh", "-c", cmd])
 }
 
-fn systemctl(args: &[&str]) -> Result<String, String> {
+fn systemctl(args: &[&str]) -> Result<String, Failure> {
     let mut argv = vec!["systemctl"];
     argv.extend_from_slice(args);
     run(None, &argv)
@@ -90,9 +92,7 @@ fn journalctl(args: &[&str]) -> String {
     let mut argv = vec!["journalctl"];
     argv.extend_from_slice(args);
     argv.push("--no-pager");
-    match run(None, &argv) {
-        Ok(t) | Err(t) => t,
-    }
+    run(None, &argv).unwrap_or_else(|e| e.to_string())
 }
 
 /// The warning and error lines of a journal.
@@ -139,7 +139,7 @@ fn node_a_trouble() -> String {
 }
 
 /// Waits until `unit` is active with a main pid other than `old`.
-fn wait_restarted(unit: &str, old: u32, timeout: Duration) -> Result<u32, String> {
+fn wait_restarted(unit: &str, old: u32, timeout: Duration) -> Result<u32, Failure> {
     wait_for(
         timeout,
         Duration::from_millis(100),
@@ -147,7 +147,7 @@ fn wait_restarted(unit: &str, old: u32, timeout: Duration) -> Result<u32, String
         |&pid| pid != 0 && pid != old && unit_prop(unit, "ActiveState") == "active",
     )
     .map_err(|pid| {
-        format!(
+        failed!(
             "{unit} not active again after {timeout:?} (pid {pid}):\n{}",
             journal(unit)
         )
@@ -156,7 +156,7 @@ fn wait_restarted(unit: &str, old: u32, timeout: Duration) -> Result<u32, String
 
 /// The effective capabilities, no_new_privs, and whether a seccomp filter
 /// (`SystemCallFilter=`) is in force for a process.
-fn caps_of(pid: u32) -> Result<(u64, bool, bool), String> {
+fn caps_of(pid: u32) -> Result<(u64, bool, bool), Failure> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
         .map_err(|e| format!("/proc/{pid}/status: {e}"))?;
     let field = |name: &str| {
@@ -182,10 +182,10 @@ impl Drop for Installed {
 }
 
 /// Installs, configures and starts node A as the README says.
-fn install_node_a() -> Result<Installed, String> {
+fn install_node_a() -> Result<Installed, Failure> {
     let out = sh(&format!("{DIST}/install.sh"))?;
     if !out.contains("tlshub installed") {
-        return Err(format!("install.sh said: {out}"));
+        return Err(failed!("install.sh said: {out}"));
     }
     let installed = Installed;
     expect_installed(
@@ -203,23 +203,23 @@ fn install_node_a() -> Result<Installed, String> {
     )?;
     // On the installed system, as systemd itself sees the units.
     sh("cd /etc/systemd/system && systemd-analyze verify tlshub-core.service tlshub-core-release.service tlshub-provider@openssl.service tlshub-provider@tlshub.service")
-        .map_err(|e| format!("systemd-analyze verify on the installed units: {e}"))?;
+        .map_err(|e| e.context("systemd-analyze verify on the installed units"))?;
     configure_node_a()?;
     enable_node_a()?;
     // The preflight an operator runs, on the installed configuration.
     let check = sh("/usr/local/bin/tlshub-core check")
-        .map_err(|e| format!("tlshub-core check on the installed host: {e}"))?;
+        .map_err(|e| e.context("tlshub-core check on the installed host"))?;
     if !check.contains("this host can run tlshub-core") {
-        return Err(format!("tlshub-core check: {check}"));
+        return Err(failed!("tlshub-core check: {check}"));
     }
     Ok(installed)
 }
 
 /// Fails unless every one of `files` exists after `installer` ran (which
 /// said `out`).
-fn expect_installed(installer: &str, files: &[&str], out: &str) -> Result<(), String> {
+fn expect_installed(installer: &str, files: &[&str], out: &str) -> Result<(), Failure> {
     match files.iter().find(|f| !std::path::Path::new(f).exists()) {
-        Some(f) => Err(format!("{installer} did not install {f}:\n{out}")),
+        Some(f) => Err(failed!("{installer} did not install {f}:\n{out}")),
         None => Ok(()),
     }
 }
@@ -228,7 +228,7 @@ fn expect_installed(installer: &str, files: &[&str], out: &str) -> Result<(), St
 /// and restart grace, the provider's own metrics endpoint (a TCP socket,
 /// which the unit's address families must allow), and (for this test) the
 /// core exporting its keys so the capture can be decrypted.
-fn configure_node_a() -> Result<(), String> {
+fn configure_node_a() -> Result<(), Failure> {
     sh(&format!(
         "cp {TEST_CERTS}/ca.pem {TEST_CERTS}/node-b.* /etc/tlshub/certs/ && \
          cp {TEST_CERTS}/node-a.pem /etc/tlshub/certs/node.pem && \
@@ -244,7 +244,7 @@ fn configure_node_a() -> Result<(), String> {
 /// `systemctl enable --now` of the OpenSSL provider and the core; the
 /// provider must then serve its metrics on the TCP address configured
 /// (under the unit's `RestrictAddressFamilies`).
-fn enable_node_a() -> Result<(), String> {
+fn enable_node_a() -> Result<(), Failure> {
     systemctl(&[
         "enable",
         "--now",
@@ -253,19 +253,21 @@ fn enable_node_a() -> Result<(), String> {
     ])
     .and_then(|_| {
         let metrics = super::node::metrics_at(PROVIDER_METRICS_PORT)
-            .map_err(|e| format!("the provider's metrics under its unit: {e}"))?;
+            .map_err(|e| e.context("the provider's metrics under its unit"))?;
         if metrics.contains("tlshub_keyprovider_requests_in_flight") {
             Ok(String::new())
         } else {
-            Err(format!("the provider's metrics under its unit: {metrics}"))
+            Err(failed!("the provider's metrics under its unit: {metrics}"))
         }
     })
     .map_err(|e| {
+        e.map_message(|m| {
         format!(
-            "{e}\n--- journal of tlshub-core.service ---\n{}\n--- tlshub-provider@openssl.service ---\n{}",
+            "{m}\n--- journal of tlshub-core.service ---\n{}\n--- tlshub-provider@openssl.service ---\n{}",
             journal("tlshub-core.service"),
             journal("tlshub-provider@openssl.service")
         )
+        })
     })
     .map(drop)
 }
@@ -273,19 +275,19 @@ fn enable_node_a() -> Result<(), String> {
 /// Checks the running units: active (Type=notify: started means ready),
 /// the capability sets, no_new_privs and the syscall filter, logs without
 /// timestamps, the admin API and metrics.
-fn check_units() -> Result<String, String> {
+fn check_units() -> Result<String, Failure> {
     let mut seen = Vec::new();
     for (unit, want) in [
         ("tlshub-core.service", CORE_CAPS),
         ("tlshub-provider@openssl.service", PROVIDER_CAPS),
     ] {
         if unit_prop(unit, "ActiveState") != "active" {
-            return Err(format!("{unit} is not active:\n{}", journal(unit)));
+            return Err(failed!("{unit} is not active:\n{}", journal(unit)));
         }
         let pid = main_pid(unit);
         let (eff, nnp, seccomp) = caps_of(pid)?;
         if eff != want || !nnp || !seccomp {
-            return Err(format!(
+            return Err(failed!(
                 "{unit} (pid {pid}): CapEff {eff:x}, want {want:x}; NoNewPrivs {nnp}; seccomp filter {seccomp}"
             ));
         }
@@ -303,28 +305,28 @@ fn check_units() -> Result<String, String> {
         .ok_or_else(|| format!("the core's journal has no 'capture-core running':\n{log}"))?;
     // journald stamps lines itself; the core's own line starts with the level.
     if !running.trim_start().starts_with("INFO") {
-        return Err(format!(
+        return Err(failed!(
             "a timestamp or colours in the journal: {running:?}"
         ));
     }
     let status = installed_status()?;
     if status.active_provider != "openssl" {
-        return Err(format!("tlshubctl status: {status:?}"));
+        return Err(failed!("tlshubctl status: {status:?}"));
     }
     Ok(seen.join(", "))
 }
 
 /// `tlshubctl status` of the installed core (default socket). A degraded
 /// status (exit 5) is still the status.
-fn installed_status() -> Result<pb::StatusResponse, String> {
+fn installed_status() -> Result<pb::StatusResponse, Failure> {
     match super::node::tlshubctl(None, &["status"])? {
         (_, Ok(status)) => Ok(status),
-        (code, Err(e)) => Err(format!("tlshubctl status exited {code}: {e:?}")),
+        (code, Err(e)) => Err(failed!("tlshubctl status exited {code}: {e:?}")),
     }
 }
 
-fn metrics_a() -> Result<String, String> {
-    super::node::metrics_at(9464).map_err(|e| format!("metrics of the installed core: {e}"))
+fn metrics_a() -> Result<String, Failure> {
+    super::node::metrics_at(9464).map_err(|e| e.context("metrics of the installed core"))
 }
 
 fn keys_a() -> Vec<KeyLogRecord> {
@@ -335,7 +337,7 @@ fn keys_a() -> Vec<KeyLogRecord> {
 /// event (`from`, ms since the load began) to a key timeout + 2 s after it
 /// came back (`back`). Returns the failures per event, or the first one no
 /// event explains.
-fn failures_per_event(r: &LoadReport, events: &[(&str, u64, u64)]) -> Result<Vec<usize>, String> {
+fn failures_per_event(r: &LoadReport, events: &[(&str, u64, u64)]) -> Result<Vec<usize>, Failure> {
     let mut per_event = vec![0; events.len()];
     for (at, what) in r.short_failures.iter().cloned() {
         // The latest event whose span (with the same 2 s slack for the two
@@ -347,17 +349,17 @@ fn failures_per_event(r: &LoadReport, events: &[(&str, u64, u64)]) -> Result<Vec
             .rposition(|(_, from, back)| at + 2000 >= *from && at <= back + TIMEOUT_MS + 2000);
         match event {
             Some(i) if !what.contains("CORRUPT") => per_event[i] += 1,
-            _ => return Err(format!("{at} ms: {what}")),
+            _ => return Err(failed!("{at} ms: {what}")),
         }
     }
     Ok(per_event)
 }
 
 /// The scenario.
-pub fn systemd_install_units_and_restarts() -> Result<String, String> {
+pub fn systemd_install_units_and_restarts() -> Outcome {
     let init = std::fs::read_to_string("/proc/1/comm").unwrap_or_default();
     if init.trim() != "systemd" {
-        return Err(format!("PID 1 is {init:?}, not systemd"));
+        return Err(failed!("PID 1 is {init:?}, not systemd"));
     }
     let installed = install_node_a()?;
     let units = check_units()?;
@@ -383,7 +385,7 @@ pub fn systemd_install_units_and_restarts() -> Result<String, String> {
     systemctl(&["reload", provider])?;
     std::thread::sleep(Duration::from_secs(1));
     if main_pid(provider) != old || unit_prop(provider, "ActiveState") != "active" {
-        return Err(format!(
+        return Err(failed!(
             "systemctl reload ended the provider (MainPID {old} -> {}, {})",
             main_pid(provider),
             unit_prop(provider, "ActiveState")
@@ -423,20 +425,22 @@ pub fn systemd_install_units_and_restarts() -> Result<String, String> {
     let r = report(&finish(client, Duration::from_secs(240))?)?;
     drop(server);
     if r.long_broken != 0 || r.corrupt != 0 {
-        return Err(format!("established connections were affected: {r}"));
+        return Err(failed!("established connections were affected: {r}"));
     }
     let per_event = failures_per_event(&r, &events).map_err(|f| {
-        format!(
-            "a short connection failed outside the restart spans {events:?}: {f}\n{r}\n{}",
-            node_a_trouble()
-        )
+        f.map_message(|m| {
+            format!(
+                "a short connection failed outside the restart spans {events:?}: {m}\n{r}\n{}",
+                node_a_trouble()
+            )
+        })
     })?;
     // Graceful restarts lose nothing: the core finishes the keying under
     // way before it hands over, a provider drops its socket name first and
     // finishes the requests it has. Only the SIGKILL may cost connections.
     for (i, (what, _, _)) in events.iter().enumerate() {
         if what.starts_with("systemctl restart") && per_event[i] > 0 {
-            return Err(format!(
+            return Err(failed!(
                 "{} short connections failed around the graceful {what}: {r}\n{}",
                 per_event[i],
                 node_a_trouble()
@@ -445,15 +449,17 @@ pub fn systemd_install_units_and_restarts() -> Result<String, String> {
     }
     let last_event = events.iter().map(|e| e.2).max().unwrap_or(0);
     let (keyed_after, after_total) = recovered(&r, last_event + TIMEOUT_MS + 2000, (9, 10), 3)
-        .map_err(|e| format!("after the restarts, {e}\ncore journal:\n{}", journal(core)))?;
+        .map_err(|e| {
+            e.map_message(|m| format!("after the restarts, {m}\ncore journal:\n{}", journal(core)))
+        })?;
     let release_log = journal("tlshub-core-release.service");
     if !release_log.contains("a core is running again: nothing released") {
-        return Err(format!(
+        return Err(failed!(
             "the release hook acted on a restart (or did not run):\n{release_log}"
         ));
     }
     if !journal(core).contains("adopted the connections of the previous core") {
-        return Err(format!(
+        return Err(failed!(
             "the restarted core adopted nothing:\n{}",
             journal(core)
         ));
@@ -465,7 +471,7 @@ pub fn systemd_install_units_and_restarts() -> Result<String, String> {
     );
     let up = metric(&text, "tlshub_provider_up{provider=\"openssl\"}");
     if protected < 1.0 || up != 1.0 {
-        return Err(format!(
+        return Err(failed!(
             "metrics after the restarts: protected {protected}, provider up {up}"
         ));
     }
@@ -474,14 +480,16 @@ pub fn systemd_install_units_and_restarts() -> Result<String, String> {
     // Node a's side of a failing flow is in its units' journals, which the
     // runner's log dump does not show.
     let wire = check_wire_with_keys(&flows, &keys, true).map_err(|e| {
+        e.map_message(|m| {
         format!(
-            "{e}\n--- node a: {core} (warnings) ---\n{}\n--- node a: {provider} (warnings) ---\n{}",
+            "{m}\n--- node a: {core} (warnings) ---\n{}\n--- node a: {provider} (warnings) ---\n{}",
             warnings(&journal(core)),
             warnings(&journal(provider))
         )
+        })
     })?;
     if wire.decrypted < 2 * LONG as usize {
-        return Err(format!("too few flows decrypted: {wire:?}"));
+        return Err(failed!("too few flows decrypted: {wire:?}"));
     }
 
     // The core stops for good: a connection held meanwhile is released
@@ -495,13 +503,15 @@ pub fn systemd_install_units_and_restarts() -> Result<String, String> {
         return Err("the client was never held while the core was stopped".into());
     }
     let c = app_report(&finish(client, Duration::from_secs(30)).map_err(|e| {
+        e.map_message(|m| {
         format!(
-            "client held while the core was stopped: {e}\n--- tlshub-core-release.service ---\n{}",
+            "client held while the core was stopped: {m}\n--- tlshub-core-release.service ---\n{}",
             journal("tlshub-core-release.service")
         )
+        })
     })?)?;
     drop(server);
-    super::support::expect_reset(&c).map_err(|e| format!("client after the core stopped: {e}"))?;
+    super::support::expect_reset(&c).map_err(|e| e.context("client after the core stopped"))?;
     let released = journal("tlshub-core-release.service");
     let line = released
         .lines()
@@ -510,7 +520,7 @@ pub fn systemd_install_units_and_restarts() -> Result<String, String> {
         .ok_or_else(|| format!("tlshub-core-release.service did not release:\n{released}"))?
         .to_string();
     if !line.contains("processes continued") || line.contains(" 0 processes continued") {
-        return Err(format!("the release continued nobody: {line}"));
+        return Err(failed!("the release continued nobody: {line}"));
     }
     let stop_wire = check_wire_with_keys(&cap.finish()?, &keys, true)?;
     // What the syscall filter refuses fails with EPERM
@@ -521,7 +531,7 @@ pub fn systemd_install_units_and_restarts() -> Result<String, String> {
             .lines()
             .find(|l| l.contains("Operation not permitted") || l.contains("os error 1)"))
         {
-            return Err(format!("{unit} hit EPERM (the syscall filter?): {l}"));
+            return Err(failed!("{unit} hit EPERM (the syscall filter?): {l}"));
         }
     }
 

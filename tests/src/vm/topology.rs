@@ -12,6 +12,7 @@
 //! is interface `ab` in `node-a`.
 
 use super::process::run;
+use crate::vm::outcome::Failure;
 
 /// Pod A's address.
 pub const POD_A: &str = "10.0.1.2";
@@ -35,7 +36,7 @@ pub struct Topology;
 
 impl Topology {
     /// Builds it.
-    pub fn up() -> Result<Self, String> {
+    pub fn up() -> Result<Self, Failure> {
         let t = Topology;
         for ns in NAMESPACES {
             run(None, &["ip", "netns", "add", ns])?;
@@ -126,11 +127,11 @@ impl Topology {
             )?;
         }
         run(Some("pod-a"), &["ping", "-c", "1", "-W", "5", POD_B])
-            .map_err(|e| format!("pods cannot reach each other: {e}"))?;
+            .map_err(|e| e.context("pods cannot reach each other"))?;
         run(Some("pod-a"), &["ping", "-c", "1", "-W", "5", POD_A2])
-            .map_err(|e| format!("pods on one node cannot reach each other: {e}"))?;
+            .map_err(|e| e.context("pods on one node cannot reach each other"))?;
         run(Some("pod-a"), &["ping", "-c", "1", "-W", "5", POD_B6])
-            .map_err(|e| format!("pods cannot reach each other over IPv6: {e}"))?;
+            .map_err(|e| e.context("pods cannot reach each other over IPv6"))?;
         Ok(t)
     }
 }

@@ -3,14 +3,18 @@
 //! decrypt while unselected ones stay plain.
 
 use std::collections::HashMap;
+use std::sync::Mutex;
 use std::time::Duration;
+use tlshub_bench_report::console::WireTally;
 use tlshub_provider_sdk::keylog::KeyLogRecord;
 
 use super::node::{Node, PLAIN_PORT, PROTECTED_PORT};
 use super::process::{self, Proc};
 use super::support::*;
 use super::topology::WIRE_IF;
+use crate::failed;
 use crate::pattern::{CLIENT_SEED, MARKER, SERVER_SEED};
+use crate::vm::outcome::Failure;
 use crate::wire;
 
 /// `/proc/net/tls_stat` of the given network namespaces (the counters are
@@ -30,14 +34,14 @@ pub fn tls_stat(namespaces: &[&str]) -> HashMap<String, u64> {
 /// this one kernel, so a protected connection counts twice).
 pub fn with_ktls_sockets<T>(
     sockets: u64,
-    body: impl FnOnce() -> Result<T, String>,
-) -> Result<T, String> {
+    body: impl FnOnce() -> Result<T, Failure>,
+) -> Result<T, Failure> {
     let before = tls_stat(&["pod-a", "pod-b"]);
     let out = body()?;
     let after = tls_stat(&["pod-a", "pod-b"]);
     let delta = |k: &str| after.get(k).copied().unwrap_or(0) - before.get(k).copied().unwrap_or(0);
     if delta("TlsTxSw") != sockets || delta("TlsRxSw") != sockets {
-        return Err(format!(
+        return Err(failed!(
             "tls_stat: TlsTxSw +{} TlsRxSw +{}, want +{sockets} each",
             delta("TlsTxSw"),
             delta("TlsRxSw"),
@@ -55,12 +59,12 @@ pub struct Capture {
 
 impl Capture {
     /// Starts capturing TCP on the node-to-node veth.
-    pub fn start(name: &str) -> Result<Self, String> {
+    pub fn start(name: &str) -> Result<Self, Failure> {
         Self::start_on(name, WIRE_IF)
     }
 
     /// Starts capturing TCP on interface `iface` of `node-a`.
-    pub fn start_on(name: &str, iface: &str) -> Result<Self, String> {
+    pub fn start_on(name: &str, iface: &str) -> Result<Self, Failure> {
         let path = format!("/tmp/{name}.pcap");
         let _ = std::fs::remove_file(&path);
         std::fs::create_dir_all("/tmp/logs").map_err(|e| e.to_string())?;
@@ -93,15 +97,19 @@ impl Capture {
     }
 
     /// Stops it and returns the flows.
-    pub fn finish(mut self) -> Result<Vec<wire::Flow>, String> {
+    pub fn finish(mut self) -> Result<Vec<wire::Flow>, Failure> {
         std::thread::sleep(Duration::from_millis(300));
         self.proc.signal(2);
         let _ = self.proc.wait(Duration::from_secs(10));
         let log = process::tail(&self.proc.log);
         match wire::capture_drops(&log) {
             Ok(0) => {}
-            Ok(n) => return Err(format!("tcpdump dropped {n} packets: {log}")),
-            Err(e) => return Err(format!("{e} (the capture may be incomplete)")),
+            Ok(n) => return Err(Failure::Wire(format!("tcpdump dropped {n} packets: {log}"))),
+            Err(e) => {
+                return Err(Failure::Wire(format!(
+                    "{e} (the capture may be incomplete)"
+                )));
+            }
         }
         let data = std::fs::read(&self.path).map_err(|e| format!("{}: {e}", self.path))?;
         let _ = std::fs::remove_file(&self.path);
@@ -111,6 +119,32 @@ impl Capture {
         }
         Ok(flows)
     }
+}
+
+/// What the wire checks found since the runner last took it (a scenario's
+/// worker threads may check captures of their own, so it is shared).
+static TALLY: Mutex<Option<WireTally>> = Mutex::new(None);
+
+/// What every wire check that passed found since the last call, for the
+/// scenario's result line; `None` if nothing was checked.
+pub fn take_tally() -> Option<WireTally> {
+    TALLY.lock().unwrap_or_else(|e| e.into_inner()).take()
+}
+
+/// Adds a passed check's findings to [`TALLY`].
+fn record(r: &WireReport) {
+    let count = |n: usize| n as u64;
+    TALLY
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .get_or_insert_with(WireTally::default)
+        .add(WireTally {
+            protected: count(r.protected_flows),
+            decrypted: count(r.decrypted),
+            unkeyed: count(r.unkeyed_flows),
+            handshake_only: count(r.handshake_only),
+            controls: count(r.plain_flows_with_marker),
+        });
 }
 
 /// Flows on `port` (either end) that carry the marker in clear.
@@ -136,6 +170,10 @@ pub struct WireReport {
     /// Protected flows that were never keyed (reset under fail-closed):
     /// no marker, and nothing but TLS handshake bytes from a provider.
     pub unkeyed_flows: usize,
+    /// Protected flows keyed on both ends whose records decrypted to no
+    /// application bytes: a provider's handshake, and the app sent nothing
+    /// that way.
+    pub handshake_only: usize,
     /// io_uring requests that completed with `EINTR` (the gate's hold)
     /// and were submitted again, summed over the apps' reports
     /// (`captured_exchanges` only).
@@ -148,12 +186,12 @@ impl WireReport {
     /// fewer markers the capture was blind (it saw no plaintext where there
     /// was some), so that it saw none on the protected flows proves
     /// nothing.
-    pub fn expect_at_least(&self, controls: usize, decrypted: usize) -> Result<(), String> {
+    pub fn expect_at_least(&self, controls: usize, decrypted: usize) -> Result<(), Failure> {
         if self.plain_flows_with_marker < controls || self.decrypted < decrypted {
-            return Err(format!(
-                "wire: {} unselected flows showed the marker and {} protected flows decrypted, want at least {controls} and {decrypted} (fewer markers: the capture is blind): {self:?}",
+            return Err(Failure::Wire(format!(
+                "{} unselected flows showed the marker and {} protected flows decrypted, want at least {controls} and {decrypted} (fewer markers: the capture is blind): {self:?}",
                 self.plain_flows_with_marker, self.decrypted
-            ));
+            )));
         }
         Ok(())
     }
@@ -162,7 +200,7 @@ impl WireReport {
 /// Checks every flow: protected ones carry only TLS records, no marker,
 /// and decrypt (with the keys the sender's core exported, which must equal
 /// the receiver core's) into the apps' pattern; unselected ones are plain.
-pub fn check_wire(flows: &[wire::Flow], a: &Node, b: &Node) -> Result<WireReport, String> {
+pub fn check_wire(flows: &[wire::Flow], a: &Node, b: &Node) -> Result<WireReport, Failure> {
     check_wire_allowing_unkeyed(flows, a, b, false)
 }
 
@@ -174,7 +212,7 @@ pub fn check_wire_allowing_unkeyed(
     a: &Node,
     b: &Node,
     unkeyed_ok: bool,
-) -> Result<WireReport, String> {
+) -> Result<WireReport, Failure> {
     let keys: Vec<KeyLogRecord> = a.keys().into_iter().chain(b.keys()).collect();
     check_wire_with_keys(flows, &keys, unkeyed_ok)
 }
@@ -185,7 +223,7 @@ pub fn check_wire_with_keys(
     flows: &[wire::Flow],
     keys: &[KeyLogRecord],
     unkeyed_ok: bool,
-) -> Result<WireReport, String> {
+) -> Result<WireReport, Failure> {
     let find = |local: &std::net::SocketAddr, remote: &std::net::SocketAddr| {
         keys.iter()
             .find(|k| k.local == *local && k.remote == *remote)
@@ -206,10 +244,10 @@ pub fn check_wire_with_keys(
         }
         r.protected_flows += 1;
         if wire::contains(&f.bytes, MARKER) {
-            return Err(format!(
-                "PLAINTEXT on the wire: {} -> {} carries the marker",
+            return Err(Failure::Plaintext(format!(
+                "{} -> {} carries the marker",
                 f.src, f.dst
-            ));
+            )));
         }
         if unkeyed_ok && (find(&f.src, &f.dst).is_none() || find(&f.dst, &f.src).is_none()) {
             match find(&f.src, &f.dst) {
@@ -222,44 +260,46 @@ pub fn check_wire_with_keys(
                         &sender.tx_key,
                         &sender.tx_iv,
                     )
-                    .map_err(|e| format!("{} -> {} (sender keyed only): {e}", f.src, f.dst))?;
+                    .map_err(|e| {
+                        Failure::Wire(format!("{} -> {} (sender keyed only): {e}", f.src, f.dst))
+                    })?;
                     check_app_bytes(f, &plain, " (sender keyed only)")?;
                 }
                 // Otherwise a provider's TLS handshake record (0x16) or
                 // alert (0x15) starts it.
                 _ if matches!(f.bytes.first(), Some(0x15 | 0x16)) => {}
                 _ => {
-                    return Err(format!(
+                    return Err(Failure::Wire(format!(
                         "{} -> {}: never keyed on both ends, yet carries {} bytes that are neither records under the sender's keys nor a TLS handshake",
                         f.src,
                         f.dst,
                         f.bytes.len()
-                    ));
+                    )));
                 }
             }
             r.unkeyed_flows += 1;
             continue;
         }
         wire::tls_records(&f.bytes).map_err(|e| {
-            format!(
+            Failure::Wire(format!(
                 "{} -> {}: not TLS: {e} ({} bytes captured; tcpdump: {})",
                 f.src,
                 f.dst,
                 f.bytes.len(),
                 f.capture_log
-            )
+            ))
         })?;
         // A 4-tuple can carry several connections in one capture (a reset
         // one leaves no TIME_WAIT): the sender's key is the one of its
         // records under which this flow decrypts.
         let senders = find_all(&f.src, &f.dst);
         if senders.is_empty() {
-            return Err(format!(
+            return Err(Failure::Wire(format!(
                 "{} -> {}: no exported key for the sender",
                 f.src, f.dst
-            ));
+            )));
         }
-        let mut decrypted = Err(String::new());
+        let mut decrypted = Err(Failure::Wire(String::new()));
         for sender in &senders {
             decrypted = wire::decrypt_application_data(
                 &f.bytes,
@@ -268,7 +308,7 @@ pub fn check_wire_with_keys(
                 &sender.tx_iv,
             )
             .map(|plain| (plain, *sender))
-            .map_err(|e| format!("{} -> {}: {e}", f.src, f.dst));
+            .map_err(|e| Failure::Wire(format!("{} -> {}: {e}", f.src, f.dst)));
             if decrypted.is_ok() {
                 break;
             }
@@ -292,10 +332,10 @@ pub fn check_wire_with_keys(
             .any(|receiver| sender.tx_key == receiver.rx_key && sender.tx_iv == receiver.rx_iv);
         if !receiver_agrees {
             if !unkeyed_ok {
-                return Err(format!(
+                return Err(Failure::Wire(format!(
                     "{} -> {}: no key of the receiver matches the sender's (the two nodes' providers reported different keys)",
                     f.src, f.dst
-                ));
+                )));
             }
             // Keyed on the sending side only, as above, on a 4-tuple whose
             // receiver keys belong to an earlier connection (ports are
@@ -308,29 +348,31 @@ pub fn check_wire_with_keys(
             continue;
         }
         if plain.is_empty() {
+            r.handshake_only += 1;
             continue;
         }
         check_app_bytes(f, &plain, "")?;
         r.decrypted += 1;
         r.plaintext_bytes += plain.len();
     }
+    record(&r);
     Ok(r)
 }
 
 /// Checks that `plain`, decrypted from flow `f`, is what its app sends from
 /// offset 0: the client's pattern toward the protected port, the server's
 /// back. `how` tags the error with how the flow was keyed.
-fn check_app_bytes(f: &wire::Flow, plain: &[u8], how: &str) -> Result<(), String> {
+fn check_app_bytes(f: &wire::Flow, plain: &[u8], how: &str) -> Result<(), Failure> {
     let seed = if f.dst.port() == PROTECTED_PORT {
         CLIENT_SEED
     } else {
         SERVER_SEED
     };
     crate::pattern::check(seed, 0, plain).map_err(|at| {
-        format!(
+        Failure::Wire(format!(
             "{} -> {}{how}: decrypted byte {at} is not what the app sent",
             f.src, f.dst
-        )
+        ))
     })
 }
 
@@ -342,7 +384,7 @@ pub fn captured_exchanges(
     a: &Node,
     b: &Node,
     apps: &[App],
-) -> Result<WireReport, String> {
+) -> Result<WireReport, Failure> {
     captured_exchanges_on(name, WIRE_IF, a, b, apps)
 }
 
@@ -354,7 +396,7 @@ pub fn captured_exchanges_on(
     a: &Node,
     b: &Node,
     apps: &[App],
-) -> Result<WireReport, String> {
+) -> Result<WireReport, Failure> {
     let cap = Capture::start_on(name, iface)?;
     let mut uring_interrupted = 0;
     for app in apps {
@@ -370,14 +412,16 @@ pub fn captured_exchanges_on(
         .map(|app| app.connections as usize)
         .sum();
     if report.protected_flows != 2 * protected || report.decrypted != 2 * protected {
-        return Err(format!("{protected} protected connections but {report:?}"));
+        return Err(Failure::Wire(format!(
+            "{protected} protected connections but {report:?}"
+        )));
     }
     Ok(report)
 }
 
 /// A plain exchange under the same capture: its marker must be seen, or
 /// the capture proves nothing about the protected flows.
-pub fn plain_control() -> Result<(), String> {
+pub fn plain_control() -> Result<(), Failure> {
     let app = App::exchange(1000, PLAIN_PORT);
     let (s, c) = run_pair(&app, &[], Duration::from_secs(30))?;
     both_ok(&app, &s, &c)
@@ -388,7 +432,7 @@ pub fn check_wire_with_control(
     flows: &[wire::Flow],
     a: &Node,
     b: &Node,
-) -> Result<WireReport, String> {
+) -> Result<WireReport, Failure> {
     let report = check_wire(flows, a, b)?;
     report.expect_at_least(1, 0)?;
     Ok(report)

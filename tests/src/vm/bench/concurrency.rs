@@ -1,6 +1,8 @@
 //! `bench` part three: new connections from 1, 8 and 64 clients at once.
 
 use super::*;
+use crate::failed;
+use crate::vm::outcome::{Failure, Outcome};
 
 /// Clients at once in the concurrency part (threads).
 const CONCURRENCY: [u32; 3] = [1, 8, 64];
@@ -22,7 +24,7 @@ const CONCURRENCY_S: u64 = 10;
 /// (idle near 0: the emulated CPU, not the gate, sets the rate). The
 /// cores' and the providers' CPU per connection (both nodes together),
 /// and per second while idle, are figures of their own.
-pub fn concurrency() -> Result<String, String> {
+pub fn concurrency() -> Outcome {
     // Each level leaves thousands of client sockets in TIME_WAIT for 60 s,
     // all to the one server address, and connect()'s search for a free
     // port walks past them: without reuse the later levels paid for the
@@ -49,7 +51,7 @@ pub fn concurrency() -> Result<String, String> {
             };
             let stops = |n: &Node| n.stats().map(|s| s.gate_stops);
             let before = nodes
-                .map(|(a, b)| Ok::<_, String>((stops(a)?, stops(b)?)))
+                .map(|(a, b)| Ok::<_, Failure>((stops(a)?, stops(b)?)))
                 .transpose()?;
             let cpu = CpuSample::now();
             let workers = clients.to_string();
@@ -80,13 +82,13 @@ pub fn concurrency() -> Result<String, String> {
             // timeout on the saturated emulated CPU, say) is a result, not
             // a broken run: it is reported. Corrupt bytes are not.
             if !r.ok || r.short_ok == 0 {
-                return Err(format!("{label}, {named}: {r}"));
+                return Err(failed!("{label}, {named}: {r}"));
             }
             // The stats file is rewritten once a second: a shorter wait
             // left the last holds of a level to the next one's count.
             std::thread::sleep(Duration::from_millis(1500));
             let after = nodes
-                .map(|(a, b)| Ok::<_, String>((stops(a)?, stops(b)?)))
+                .map(|(a, b)| Ok::<_, Failure>((stops(a)?, stops(b)?)))
                 .transpose()?;
             let rate = r.short_ok as f64 / r.duration_s.max(0.001);
             record(
@@ -120,7 +122,7 @@ pub fn concurrency() -> Result<String, String> {
             println!("TLSHUB-BENCH {line}");
             lines.push(line);
         }
-        Ok::<_, String>(())
+        Ok::<_, Failure>(())
     };
     for apps in [AppStyle::Threads, AppStyle::EventLoop] {
         level(&mut lines, "no tlshub", POD_B, None, apps)?;

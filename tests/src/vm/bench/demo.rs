@@ -1,9 +1,11 @@
 //! `cargo xtask demo`: one protected exchange, narrated.
 
 use super::*;
+use crate::failed;
+use crate::vm::outcome::Outcome;
 
 /// `cargo xtask demo`: one protected exchange, narrated.
-pub fn demo() -> Result<String, String> {
+pub fn demo() -> Outcome {
     let (a, b) = nodes(NodeSpec::new("a"), NodeSpec::new("b"))?;
     let say = |s: &str| println!("TLSHUB-DEMO {s}");
     say(
@@ -54,7 +56,7 @@ pub fn demo() -> Result<String, String> {
         .find("tcp-ulp-tls")
         .map(|i| ss[i..].lines().next().unwrap_or("").trim())
     else {
-        return Err(format!("ss did not show kTLS on the socket: {ss}"));
+        return Err(failed!("ss did not show kTLS on the socket: {ss}"));
     };
     say(&format!("=> the kernel says: {ulp}"));
     for (name, n) in [("node-a", &a), ("node-b", &b)] {

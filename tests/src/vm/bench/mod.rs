@@ -14,7 +14,9 @@ use std::time::{Duration, Instant};
 use tlshub_bench_report::{Figure, Unit};
 
 use crate::app_report::AppReport;
+use crate::failed;
 use crate::load::LoadReport;
+use crate::vm::outcome::Failure;
 
 use super::alternatives::{PROXY_LOCAL, PROXY_LOCAL_PORT, ProxyPair, WG_POD_B, WireGuard};
 use super::capacity::CpuSample;
@@ -56,7 +58,7 @@ pub fn latencies(c: &AppReport) -> Vec<u64> {
 
 /// Runs `app` (server in pod-b, client in pod-a) within `timeout` and
 /// returns the client's report; either side failing is an error.
-fn client_report(app: &App, timeout: Duration) -> Result<AppReport, String> {
+fn client_report(app: &App, timeout: Duration) -> Result<AppReport, Failure> {
     let (s, c) = run_pair(app, &[], timeout)?;
     both_ok(app, &s, &c)?;
     Ok(c)
@@ -65,7 +67,7 @@ fn client_report(app: &App, timeout: Duration) -> Result<AppReport, String> {
 /// Connect-to-first-echoed-byte over `conns` sequential connections to
 /// `target` (an [`App`] naming the server, port and any proxy), in
 /// microseconds, sorted.
-pub fn setup_latencies(target: &App, conns: u32) -> Result<Vec<u64>, String> {
+pub fn setup_latencies(target: &App, conns: u32) -> Result<Vec<u64>, Failure> {
     let app = App {
         mode: "echo",
         connections: conns,
@@ -76,7 +78,7 @@ pub fn setup_latencies(target: &App, conns: u32) -> Result<Vec<u64>, String> {
 }
 
 /// [`setup_latencies`] as (samples, p50, p99).
-pub fn setup_latency(target: &App, conns: u32) -> Result<(usize, u64, u64), String> {
+pub fn setup_latency(target: &App, conns: u32) -> Result<(usize, u64, u64), Failure> {
     let l = setup_latencies(target, conns)?;
     let (p50, p99) = p50_p99(&l);
     Ok((l.len(), p50, p99))
@@ -102,12 +104,12 @@ fn record_cdf(part: &str, subject: &str, l: &[u64]) {
 }
 
 /// One stream of 64 MiB to `target`, bytes per second.
-pub fn throughput(target: &App) -> Result<f64, String> {
+pub fn throughput(target: &App) -> Result<f64, Failure> {
     stream_of(target, 64 << 20)
 }
 
 /// One stream of `bytes` to `target`, bytes per second.
-fn stream_of(target: &App, bytes: usize) -> Result<f64, String> {
+fn stream_of(target: &App, bytes: usize) -> Result<f64, Failure> {
     let app = App {
         mode: "throughput",
         size: bytes,
@@ -124,7 +126,7 @@ const BYTE_LOOP_BYTES: u64 = 200_000;
 /// `/dev/zero` to `/dev/null`, in seconds: one read and one write per byte,
 /// each through the `file_permission` hook that the gate attaches to every
 /// file of the node (it returns at once for a file that is not a socket).
-fn byte_loop_seconds() -> Result<f64, String> {
+fn byte_loop_seconds() -> Result<f64, Failure> {
     let count = format!("count={BYTE_LOOP_BYTES}");
     let mut runs = Vec::new();
     for _ in 0..3 {
@@ -141,7 +143,7 @@ fn byte_loop_seconds() -> Result<f64, String> {
 
 /// [`byte_loop_seconds`], recorded as the figure "byte loop" of `subject`
 /// in `part`.
-fn byte_loop_recorded(part: &str, subject: &str) -> Result<f64, String> {
+fn byte_loop_recorded(part: &str, subject: &str) -> Result<f64, Failure> {
     let seconds = byte_loop_seconds()?;
     record(
         part,
@@ -188,7 +190,7 @@ const PROVIDERS: [Measured; 4] = [
 ];
 
 /// Both nodes, each running `provider` (stopped when dropped).
-fn nodes_with(provider: Measured) -> Result<(Node, Node), String> {
+fn nodes_with(provider: Measured) -> Result<(Node, Node), Failure> {
     let spec = |name| NodeSpec {
         node_pair: provider.node_pair,
         // As installed: no key log (a debugging aid that costs every
@@ -205,14 +207,14 @@ fn nodes_with(provider: Measured) -> Result<(Node, Node), String> {
 }
 
 /// A part's way of measuring one peer: its label and the app to aim at.
-type Measure<'a> = dyn FnMut(&'static str, &App) -> Result<(), String> + 'a;
+type Measure<'a> = dyn FnMut(&'static str, &App) -> Result<(), Failure> + 'a;
 
 /// The baselines every part measures first, before any core ran (nothing
 /// attached): plain TCP as it is without tlshub ("no tlshub") and kTLS
 /// with a fixed key installed by the apps themselves, no agent and no
 /// handshake ("raw ktls": the data path's ceiling; tlshub adds nothing
 /// after the keys are in).
-fn baselines(measure: &mut Measure<'_>) -> Result<(), String> {
+fn baselines(measure: &mut Measure<'_>) -> Result<(), Failure> {
     let plain = App::exchange(1, PLAIN_PORT);
     measure("no tlshub", &plain)?;
     measure("raw ktls", &raw_ktls(&plain))
@@ -234,7 +236,7 @@ fn programs_only(nodes: [&mut Node; 2], kind: ProviderKind) {
 
 /// After [`programs_only`]: detaches `node`'s programs, so that the other
 /// node's alone run, as on a real node whose kernel runs one set.
-fn one_node_programs(node: &Node) -> Result<(), String> {
+fn one_node_programs(node: &Node) -> Result<(), Failure> {
     node.release(true).map(drop)
 }
 
@@ -248,7 +250,7 @@ fn raw_ktls(app: &App) -> App {
 
 /// The alternatives between the same pods, with no tlshub: WireGuard
 /// between the nodes and the stunnel pair, each up only while measured.
-fn alternatives(measure: &mut Measure<'_>) -> Result<(), String> {
+fn alternatives(measure: &mut Measure<'_>) -> Result<(), Failure> {
     {
         let _tunnel = WireGuard::up()?;
         measure(
@@ -265,7 +267,7 @@ fn alternatives(measure: &mut Measure<'_>) -> Result<(), String> {
 /// The stunnel pair alone ("stunnel"), up only while measured: the
 /// in-band providers' setup is judged against it, in the full run and in
 /// `--quick`.
-fn proxy_pair(measure: &mut Measure<'_>) -> Result<(), String> {
+fn proxy_pair(measure: &mut Measure<'_>) -> Result<(), Failure> {
     let _proxies = ProxyPair::start()?;
     measure(
         "stunnel",
@@ -296,7 +298,7 @@ fn stage_breakdown(
     node: &Node,
     client: bool,
     since: Option<&tlshub_admin::stats::Stats>,
-) -> Result<String, String> {
+) -> Result<String, Failure> {
     use tlshub_admin::stats::{Stage, StageSamples};
     let side = if client { "client" } else { "server" };
     let stats = node.stats()?;
@@ -319,7 +321,7 @@ fn stage_breakdown(
             .iter()
             .any(|&st| before.stages.of(client, st).len() >= StageSamples::CAP)
     }) {
-        return Err(format!(
+        return Err(failed!(
             "{label}: more than {} samples of a stage before the run, so the run's own cannot be told apart",
             StageSamples::CAP
         ));
@@ -397,7 +399,7 @@ fn request_response(
     label: &str,
     target: &App,
     transactions: usize,
-) -> Result<(f64, Vec<u64>), String> {
+) -> Result<(f64, Vec<u64>), Failure> {
     let (tps, l) = rr_once(label, target, transactions)?;
     record(part, label, "rr transactions", tps, Unit::PerSecond);
     for (p, q) in [("p50", 0.5), ("p99", 0.99), ("p99.9", 0.999)] {
@@ -413,7 +415,7 @@ fn request_response(
 }
 
 /// [`request_response`] without recording anything.
-fn rr_once(label: &str, target: &App, transactions: usize) -> Result<(f64, Vec<u64>), String> {
+fn rr_once(label: &str, target: &App, transactions: usize) -> Result<(f64, Vec<u64>), Failure> {
     let rr = App {
         mode: "rr",
         size: transactions,
@@ -422,7 +424,7 @@ fn rr_once(label: &str, target: &App, transactions: usize) -> Result<(f64, Vec<u
     let c = client_report(&rr, Duration::from_secs(600))?;
     let l = latencies(&c);
     if l.len() != transactions {
-        return Err(format!(
+        return Err(failed!(
             "{label}: {} round trips timed, not {transactions}",
             l.len()
         ));
@@ -455,7 +457,7 @@ impl AppStyle {
         }
     }
 
-    fn start(self) -> Result<process::AppChild, String> {
+    fn start(self) -> Result<process::AppChild, Failure> {
         let listen = format!("0.0.0.0:{PROTECTED_PORT}");
         let tool = match self {
             Self::Threads => "tlshub-loadgen",

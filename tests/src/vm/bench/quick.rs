@@ -2,6 +2,8 @@
 //! what each BPF program costs a connection.
 
 use super::*;
+use crate::failed;
+use crate::vm::outcome::{Failure, Outcome};
 
 /// One BPF program's run counters (`/proc/PID/fdinfo` of a program fd,
 /// counted while `kernel.bpf_stats_enabled` is 1).
@@ -71,7 +73,7 @@ fn program_runs(pids: &[u32]) -> HashMap<u64, ProgramRuns> {
 /// the costliest first. The kernel counts only while
 /// `kernel.bpf_stats_enabled` is 1, which adds two clock reads per run, so
 /// the connections are not timed meanwhile.
-fn hook_costs(cores: &[u32], app: &App, conns: u32) -> Result<Vec<String>, String> {
+fn hook_costs(cores: &[u32], app: &App, conns: u32) -> Result<Vec<String>, Failure> {
     const STATS: &str = "/proc/sys/kernel/bpf_stats_enabled";
     std::fs::write(STATS, "1").map_err(|e| format!("{STATS}: {e}"))?;
     let before = program_runs(cores);
@@ -87,7 +89,7 @@ fn hook_costs(cores: &[u32], app: &App, conns: u32) -> Result<Vec<String>, Strin
         sum.1 += a.run_cnt.saturating_sub(b.run_cnt);
     }
     if by_name.is_empty() {
-        return Err(format!("no BPF program fds in the cores {cores:?}"));
+        return Err(failed!("no BPF program fds in the cores {cores:?}"));
     }
     let mut costs: Vec<(String, u64, u64)> = by_name
         .into_iter()
@@ -145,10 +147,10 @@ fn record_repeated(part: &str, subject: &str, measure: &str, values: &[f64], uni
 /// request/response transactions and one 16 MiB stream, for plain TCP,
 /// raw kTLS, the stunnel pair and each provider. Its own part: its smaller
 /// samples are not comparable with the full parts' figures.
-pub fn quick() -> Result<String, String> {
+pub fn quick() -> Outcome {
     const PART: &str = "quick";
     let mut lines = Vec::new();
-    let mut measure = |label: &str, target: &App| -> Result<(), String> {
+    let mut measure = |label: &str, target: &App| -> Result<(), Failure> {
         let mut runs: [Vec<f64>; 6] = Default::default();
         let mut pooled = Vec::new();
         for _ in 0..QUICK_RUNS {

@@ -2,6 +2,7 @@
 //! the stage breakdown, the byte loop and the event-loop apps' setup.
 
 use super::*;
+use crate::vm::outcome::{Failure, Outcome};
 
 /// Setup latency and throughput figures by label, and the report lines.
 #[derive(Debug, Default)]
@@ -14,7 +15,7 @@ struct Figures {
 impl Figures {
     /// Measures setup latency (`conns` connections) and throughput to
     /// `target` under `label`.
-    fn measure(&mut self, label: &'static str, target: &App, conns: u32) -> Result<(), String> {
+    fn measure(&mut self, label: &'static str, target: &App, conns: u32) -> Result<(), Failure> {
         let l = setup_latencies(target, conns)?;
         let (n, (p50, p99)) = (l.len(), p50_p99(&l));
         record_cdf("setup_cdf", label, &l);
@@ -57,7 +58,7 @@ impl Figures {
 /// (WireGuard between the nodes, a stunnel pair) and for each
 /// provider, and how often and how long the gate held a process, all in
 /// one VM run.
-pub fn bench() -> Result<String, String> {
+pub fn bench() -> Outcome {
     let conns = 1000;
     let mut f = Figures::default();
     let plain = App::exchange(1, PLAIN_PORT);
@@ -178,7 +179,7 @@ fn event_loop_setup(
     a: &Node,
     b: &Node,
     conns: u32,
-) -> Result<(), String> {
+) -> Result<(), Failure> {
     let label = provider.label;
     let snapshot = (a.stats()?, b.stats()?);
     let counts = |s: &tlshub_admin::stats::Stats| (s.gate_stops, s.gate_waits);

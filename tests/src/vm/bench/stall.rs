@@ -1,6 +1,8 @@
 //! `bench` part two: the collateral stall.
 
 use super::*;
+use crate::failed;
+use crate::vm::outcome::{Failure, Outcome};
 
 /// The collateral stall's established connections: each sends a 64-byte
 /// piece and waits for the answer, then pauses [`STALL_INTERVAL_MS`]
@@ -31,7 +33,7 @@ fn stall_run(
     server_addr: &str,
     kind: AppStyle,
     server_node: Option<&Node>,
-) -> Result<StallRun, String> {
+) -> Result<StallRun, Failure> {
     let gate = |n: &Node| n.stats().map(|s| (s.gate_stops, s.gate_waits));
     let _server = kind.start()?;
     let client = |args: &[&str]| spawn_load_client(server_addr, args);
@@ -71,10 +73,10 @@ fn stall_run(
         .zip(after)
         .map(|(b, a)| (a.0.saturating_sub(b.0), a.1.saturating_sub(b.1)));
     if !long.ok || long.long_opened != STALL_LONG || long.rtt_busy.count == 0 {
-        return Err(format!("the established connections failed: {long}"));
+        return Err(failed!("the established connections failed: {long}"));
     }
     if !new.ok || new.short_attempted == 0 || new.short_failed != 0 {
-        return Err(format!("new connections failed: {new}"));
+        return Err(failed!("new connections failed: {new}"));
     }
     Ok((long, new, gate))
 }
@@ -90,7 +92,7 @@ fn stall_run(
 /// event-loop server (non-blocking), with no tlshub, through WireGuard, and
 /// with each provider; and how often the gate stopped the server's process
 /// or answered it `EAGAIN` while busy.
-pub fn collateral_stall() -> Result<String, String> {
+pub fn collateral_stall() -> Outcome {
     let mut lines = Vec::new();
     let mut report = |label: &str, kind: AppStyle, (long, new, gate): StallRun| {
         let (q, b) = (long.rtt_quiet, long.rtt_busy);

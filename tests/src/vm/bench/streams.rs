@@ -2,6 +2,7 @@
 //! eight streams).
 
 use super::*;
+use crate::vm::outcome::{Failure, Outcome};
 
 /// Transactions per peer in [`request_response_and_streams`].
 const RR_TRANSACTIONS: usize = 5000;
@@ -17,11 +18,11 @@ const STREAM_BYTES: usize = 8 << 20;
 /// kTLS, WireGuard, the stunnel pair and each provider, in one boot. What
 /// tlshub adds after the keys are in: nothing but kTLS, so its figures
 /// should match raw kTLS's.
-pub fn request_response_and_streams() -> Result<String, String> {
+pub fn request_response_and_streams() -> Outcome {
     let mut lines = Vec::new();
     // Label -> (transactions/s, round trip p99, streams bytes/s).
     let mut figures: HashMap<&'static str, (f64, u64, f64)> = HashMap::new();
-    let mut measure = |label: &'static str, target: &App| -> Result<(), String> {
+    let mut measure = |label: &'static str, target: &App| -> Result<(), Failure> {
         const PART: &str = "request_response_and_streams";
         let (tps, l) = request_response(PART, label, target, RR_TRANSACTIONS)?;
         let line = format!(

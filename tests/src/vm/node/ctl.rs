@@ -1,5 +1,6 @@
 //! `tlshubctl` as the scenarios run it: exit code and typed answer.
 
+use crate::vm::outcome::Failure;
 use std::path::Path;
 
 use serde::de::DeserializeOwned;
@@ -15,7 +16,7 @@ pub const DEGRADED: i32 = 5;
 pub fn tlshubctl<T: DeserializeOwned>(
     socket: Option<&Path>,
     args: &[&str],
-) -> Result<(i32, Result<T, CtlError>), String> {
+) -> Result<(i32, Result<T, CtlError>), Failure> {
     let socket = socket.map(|s| s.to_string_lossy().into_owned());
     let mut argv = vec!["tlshubctl", "--json"];
     if let Some(s) = &socket {

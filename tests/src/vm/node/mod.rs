@@ -10,6 +10,8 @@ use tlshub_admin::{CtlError, pb};
 use tlshub_provider_sdk::keylog::KeyLogRecord;
 
 use super::process::Proc;
+use crate::failed;
+use crate::vm::outcome::Failure;
 
 mod ctl;
 mod provider;
@@ -140,7 +142,7 @@ pub const PLAIN_PORT: u16 = 9000;
 impl Node {
     /// Writes the configs and starts provider, then core; waits until the
     /// core runs.
-    pub fn start(spec: NodeSpec) -> Result<Self, String> {
+    pub fn start(spec: NodeSpec) -> Result<Self, Failure> {
         let n = spec.name;
         let dir = PathBuf::from(format!("/run/tlshub/node-{n}"));
         let _ = std::fs::remove_dir_all(&dir);
@@ -237,11 +239,11 @@ impl Node {
     }
 
     /// The core's latest stats.
-    pub fn stats(&self) -> Result<Stats, String> {
+    pub fn stats(&self) -> Result<Stats, Failure> {
         let path = self.dir.join("stats.json");
         let text =
             std::fs::read_to_string(&path).map_err(|e| format!("{}: {e}", path.display()))?;
-        serde_json::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))
+        serde_json::from_str(&text).map_err(|e| failed!("{}: {e}", path.display()))
     }
 
     /// One figure of the core's stats (`|s| s.protected`), 0 when the file
@@ -302,10 +304,10 @@ impl Node {
     /// `tlshubctl --json ARGS` against this node's core, its answer read as
     /// `T` (the admin API message the command prints). A degraded `status`
     /// (exit 5: the active provider is not serving) is still the status.
-    pub fn ctl<T: DeserializeOwned>(&self, args: &[&str]) -> Result<T, String> {
+    pub fn ctl<T: DeserializeOwned>(&self, args: &[&str]) -> Result<T, Failure> {
         let (code, answer) = self.ctl_with_exit(args)?;
         answer.map_err(|e| {
-            format!(
+            failed!(
                 "tlshubctl {args:?} on node {} exited {code}: {e:?}",
                 self.spec.name
             )
@@ -313,12 +315,12 @@ impl Node {
     }
 
     /// `tlshubctl status` of this node's core.
-    pub fn status(&self) -> Result<pb::StatusResponse, String> {
+    pub fn status(&self) -> Result<pb::StatusResponse, Failure> {
         self.ctl(&["status"])
     }
 
     /// `tlshubctl provider use NAME` on this node's core.
-    pub fn use_provider(&self, name: &str) -> Result<pb::UseProviderResponse, String> {
+    pub fn use_provider(&self, name: &str) -> Result<pb::UseProviderResponse, Failure> {
         self.ctl(&["provider", "use", name])
     }
 
@@ -327,15 +329,15 @@ impl Node {
     pub fn ctl_with_exit<T: DeserializeOwned>(
         &self,
         args: &[&str],
-    ) -> Result<(i32, Result<T, CtlError>), String> {
+    ) -> Result<(i32, Result<T, CtlError>), Failure> {
         let socket = self.dir.join("admin.sock");
         tlshubctl(Some(&socket), args)
     }
 
     /// The core's Prometheus endpoint's text.
-    pub fn metrics(&self) -> Result<String, String> {
+    pub fn metrics(&self) -> Result<String, Failure> {
         let port = if self.spec.name == "a" { 9464 } else { 9465 };
-        metrics_at(port).map_err(|e| format!("metrics of node {}: {e}", self.spec.name))
+        metrics_at(port).map_err(|e| e.context(format!("metrics of node {}", self.spec.name)))
     }
 
     /// Stops the core with SIGSTOP until the guard is dropped (SIGCONT): it
@@ -359,7 +361,7 @@ impl Node {
     /// Starts the core again (after [`Node::kill_core`] or
     /// [`Node::stop_core`]); it adopts the pinned programs. Its log is
     /// `node-X-core-LABEL.log`.
-    pub fn restart_core(&mut self, label: &str) -> Result<(), String> {
+    pub fn restart_core(&mut self, label: &str) -> Result<(), Failure> {
         self.core = Some(spawn_core(
             self.spec.name,
             &self.dir,
@@ -372,12 +374,12 @@ impl Node {
     /// Makes the rule's mode `mode` in the node's configuration and applies
     /// it with `tlshubctl policy reload`, as an operator finishing a
     /// rollout does.
-    pub fn set_rule_mode(&mut self, mode: &'static str) -> Result<(), String> {
+    pub fn set_rule_mode(&mut self, mode: &'static str) -> Result<(), Failure> {
         let path = self.dir.join("core.toml");
         let text = std::fs::read_to_string(&path).map_err(|e| e.to_string())?;
         let was = format!("mode = \"{}\"", self.spec.rule_mode);
         if !text.contains(&was) {
-            return Err(format!("{} has no `{was}`", path.display()));
+            return Err(failed!("{} has no `{was}`", path.display()));
         }
         let text = text.replace(&was, &format!("mode = \"{mode}\""));
         std::fs::write(&path, text).map_err(|e| e.to_string())?;
@@ -388,7 +390,7 @@ impl Node {
 
     /// Adds `port` to the rule's ports in the node's configuration and
     /// applies it with `tlshubctl policy reload`.
-    pub fn select_port_too(&mut self, port: u16) -> Result<(), String> {
+    pub fn select_port_too(&mut self, port: u16) -> Result<(), Failure> {
         let path = self.dir.join("core.toml");
         let text = std::fs::read_to_string(&path).map_err(|e| e.to_string())?;
         let ports = |also: &[u16]| {
@@ -397,7 +399,7 @@ impl Node {
         };
         let was = ports(&self.spec.also_ports);
         if !text.contains(&was) {
-            return Err(format!("{} has no `{was}`", path.display()));
+            return Err(failed!("{} has no `{was}`", path.display()));
         }
         self.spec.also_ports.push(port);
         let text = text.replace(&was, &ports(&self.spec.also_ports));
@@ -407,7 +409,7 @@ impl Node {
     }
 
     /// Runs `tlshub-core release [--detach]` for this node and returns its output.
-    pub fn release(&self, detach: bool) -> Result<String, String> {
+    pub fn release(&self, detach: bool) -> Result<String, Failure> {
         release(self.spec.name, &self.dir, detach)
     }
 
@@ -445,7 +447,7 @@ fn spawn_core(
     dir: &std::path::Path,
     label: &str,
     diagnostics: bool,
-) -> Result<Proc, String> {
+) -> Result<Proc, Failure> {
     let log = PathBuf::from(format!("/tmp/logs/node-{n}-{label}.log"));
     let cfg = dir.join("core.toml").to_string_lossy().into_owned();
     let stats = dir.join("stats.json").to_string_lossy().into_owned();
@@ -464,14 +466,14 @@ fn spawn_core(
 }
 
 /// `tlshub-core --config DIR/core.toml release [--detach]`.
-fn release(n: &str, dir: &std::path::Path, detach: bool) -> Result<String, String> {
+fn release(n: &str, dir: &std::path::Path, detach: bool) -> Result<String, Failure> {
     let cfg = dir.join("core.toml");
     let cfg = cfg.to_string_lossy();
     let mut argv = vec!["tlshub-core", "--config", &cfg, "release"];
     if detach {
         argv.push("--detach");
     }
-    super::process::run(None, &argv).map_err(|e| format!("node {n}: release failed: {e}"))
+    super::process::run(None, &argv).map_err(|e| e.context(format!("node {n}: release failed")))
 }
 
 /// The key records in a core's key log at `path` (none when it is missing);

@@ -5,6 +5,8 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use super::{Node, NodeSpec};
+use crate::failed;
+use crate::vm::outcome::Failure;
 use crate::vm::process::Proc;
 
 /// The test PKI in the VM (made by the xtask): `ca.pem`, `node-a.pem`
@@ -86,7 +88,7 @@ pub(super) fn provider_metrics_port(node: &str, kind: ProviderKind) -> u16 {
 }
 
 /// `GET /metrics` on 127.0.0.1:`port`: the text, if the answer is 200.
-pub fn metrics_at(port: u16) -> Result<String, String> {
+pub fn metrics_at(port: u16) -> Result<String, Failure> {
     use std::io::{Read, Write};
     let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).map_err(|e| e.to_string())?;
     s.set_read_timeout(Some(Duration::from_secs(10)))
@@ -96,7 +98,7 @@ pub fn metrics_at(port: u16) -> Result<String, String> {
     let mut text = String::new();
     s.read_to_string(&mut text).map_err(|e| e.to_string())?;
     if !text.starts_with("HTTP/1.1 200") {
-        return Err(text);
+        return Err(text.into());
     }
     Ok(text)
 }
@@ -129,7 +131,7 @@ pub(super) fn spawn_provider(
     dir: &std::path::Path,
     kind: ProviderKind,
     standin: &mut Option<Proc>,
-) -> Result<Option<Proc>, String> {
+) -> Result<Option<Proc>, Failure> {
     let n = spec.name;
     let socket = dir.join(format!("provider-{}.sock", kind.name()));
     // The node's own copies, which a scenario may replace (the providers
@@ -179,11 +181,12 @@ pub(super) fn spawn_provider(
 
     let plog = PathBuf::from(format!("/tmp/logs/node-{n}-provider-{}.log", kind.name()));
     // Every provider process is named, logged and awaited the same way.
-    let start = |netns: Option<&str>, argv: &[&str], ready: &str| -> Result<Option<Proc>, String> {
-        let mut p = Proc::spawn(&format!("provider-{n}-{}", kind.name()), netns, argv, &plog)?;
-        p.wait_for_log(ready, Duration::from_secs(20))?;
-        Ok(Some(p))
-    };
+    let start =
+        |netns: Option<&str>, argv: &[&str], ready: &str| -> Result<Option<Proc>, Failure> {
+            let mut p = Proc::spawn(&format!("provider-{n}-{}", kind.name()), netns, argv, &plog)?;
+            p.wait_for_log(ready, Duration::from_secs(20))?;
+            Ok(Some(p))
+        };
     let provider = match kind {
         ProviderKind::OpenSsl | ProviderKind::BoringSsl => {
             let binary = if kind == ProviderKind::OpenSsl {
@@ -300,7 +303,7 @@ pub(super) fn spawn_provider(
 }
 
 /// 32 random bytes from /dev/urandom.
-fn random_32() -> Result<Vec<u8>, String> {
+fn random_32() -> Result<Vec<u8>, Failure> {
     use std::io::Read;
     let mut b = vec![0u8; 32];
     std::fs::File::open("/dev/urandom")
@@ -352,7 +355,7 @@ impl Node {
 
     /// The metrics a handshake provider serves itself (the SDK's key
     /// request metrics).
-    pub fn provider_metrics(&self, kind: ProviderKind) -> Result<String, String> {
+    pub fn provider_metrics(&self, kind: ProviderKind) -> Result<String, Failure> {
         let port = provider_metrics_port(self.spec.name, kind);
         let fetched = if in_node_namespace(&self.spec, kind) {
             // It runs in the node's namespace (netlink to the module is
@@ -365,12 +368,18 @@ impl Node {
         } else {
             metrics_at(port)
         };
-        fetched.map_err(|e| format!("metrics of node {}'s {}: {e}", self.spec.name, kind.name()))
+        fetched.map_err(|e| {
+            e.context(format!(
+                "metrics of node {}'s {}",
+                self.spec.name,
+                kind.name()
+            ))
+        })
     }
 
     /// What a provider's own metrics say of the key requests it served:
     /// answered, failed (any other result), and the metrics text.
-    pub fn provider_requests(&self, kind: ProviderKind) -> Result<ProviderRequests, String> {
+    pub fn provider_requests(&self, kind: ProviderKind) -> Result<ProviderRequests, Failure> {
         let text = self.provider_metrics(kind)?;
         let answered =
             crate::vm::support::metric(&text, "tlshub_keyprovider_requests_total{result=\"ok\"}");
@@ -427,7 +436,7 @@ impl Node {
     }
 
     /// Starts a provider again after [`Node::kill_provider`].
-    pub fn restart_provider(&mut self, kind: ProviderKind) -> Result<(), String> {
+    pub fn restart_provider(&mut self, kind: ProviderKind) -> Result<(), Failure> {
         let spec = self.spec.clone();
         let dir = self.dir.clone();
         let mut standin = None;
@@ -438,7 +447,7 @@ impl Node {
                 return Ok(());
             }
         }
-        Err(format!(
+        Err(failed!(
             "node {} has no provider {}",
             spec.name,
             kind.name()

@@ -3,6 +3,8 @@
 //! is, upgraded in place, then purged.
 
 use super::*;
+use crate::failed;
+use crate::vm::outcome::Failure;
 
 /// The package instead of `install.sh`, on the host `install.sh
 /// --uninstall` just left (its configuration removed, as on a fresh
@@ -12,10 +14,10 @@ use super::*;
 /// `systemctl enable --now`, `tlshubctl status` and a protected exchange
 /// with node b; then `apt-get purge`, after which no binary, unit, pin or
 /// configuration file of the package may be left.
-pub(super) fn deb_install_and_purge() -> Result<String, String> {
+pub(super) fn deb_install_and_purge() -> Result<String, Failure> {
     sh("rm -rf /etc/tlshub /etc/default/tlshub-core")?;
     let out = sh("DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends /root/tlshub.deb")
-        .map_err(|e| format!("apt-get install ./tlshub.deb: {e}"))?;
+        .map_err(|e| e.context("apt-get install ./tlshub.deb"))?;
     expect_installed(
         "the package",
         &[
@@ -30,17 +32,17 @@ pub(super) fn deb_install_and_purge() -> Result<String, String> {
     )?;
     let conffiles = sh("dpkg-query -W -f='${Conffiles}' tlshub")?;
     if !conffiles.contains("/etc/tlshub/core.toml") {
-        return Err(format!("core.toml is not a conffile: {conffiles}"));
+        return Err(failed!("core.toml is not a conffile: {conffiles}"));
     }
     configure_node_a()?;
     let check =
-        sh("tlshub-core check").map_err(|e| format!("tlshub-core check after the package: {e}"))?;
+        sh("tlshub-core check").map_err(|e| e.context("tlshub-core check after the package"))?;
     enable_node_a()?;
     let status = installed_status()?;
     let exchange = crate::vm::support::App::exchange(10_000, crate::vm::node::PROTECTED_PORT);
     let protected = exchange_keyed(&exchange, "with the package's core")?;
     if protected < 1.0 {
-        return Err(format!(
+        return Err(failed!(
             "the package's core protected nothing; status {status:?}"
         ));
     }
@@ -52,7 +54,7 @@ pub(super) fn deb_install_and_purge() -> Result<String, String> {
         return Err("the package's core did not write /var/lib/tlshub/peers.json".into());
     }
     sh("DEBIAN_FRONTEND=noninteractive apt-get purge -y tlshub")
-        .map_err(|e| format!("apt-get purge tlshub: {e}"))?;
+        .map_err(|e| e.context("apt-get purge tlshub"))?;
     let left: Vec<&str> = [
         "/usr/bin/tlshub-core",
         "/usr/lib/systemd/system/tlshub-core.service",
@@ -66,7 +68,7 @@ pub(super) fn deb_install_and_purge() -> Result<String, String> {
     .collect();
     let pins = std::fs::read_dir("/sys/fs/bpf/tlshub").is_ok_and(|mut d| d.next().is_some());
     if !left.is_empty() || pins {
-        return Err(format!("apt-get purge left {left:?}, pins left: {pins}"));
+        return Err(failed!("apt-get purge left {left:?}, pins left: {pins}"));
     }
     if systemctl(&["is-active", "tlshub-core.service"]).is_ok() {
         return Err("tlshub-core.service still active after the purge".into());
@@ -80,13 +82,15 @@ pub(super) fn deb_install_and_purge() -> Result<String, String> {
 /// Runs `exchange` between pod-a and pod-b (exact bytes both ways) and
 /// returns how many connections node a's core has protected with OpenSSL
 /// since it started; `when` names the moment in errors.
-fn exchange_keyed(exchange: &crate::vm::support::App, when: &str) -> Result<f64, String> {
+fn exchange_keyed(exchange: &crate::vm::support::App, when: &str) -> Result<f64, Failure> {
     let (s, c) = crate::vm::support::run_pair(exchange, &[], Duration::from_secs(30))?;
     crate::vm::support::both_ok(exchange, &s, &c).map_err(|e| {
-        format!(
-            "a protected exchange {when}: {e}\n{}",
-            journal("tlshub-core.service")
-        )
+        e.map_message(|m| {
+            format!(
+                "a protected exchange {when}: {m}\n{}",
+                journal("tlshub-core.service")
+            )
+        })
     })?;
     Ok(metric(
         &metrics_a()?,
@@ -98,15 +102,15 @@ fn exchange_keyed(exchange: &crate::vm::support::App, when: &str) -> Result<f64,
 /// runs (`prerm upgrade`, the files, `postinst configure OLD`): the enabled
 /// units must be running again as new processes, the node's edited
 /// conffile kept, and `exchange` protected again.
-fn upgrade_in_place(exchange: &crate::vm::support::App) -> Result<String, String> {
+fn upgrade_in_place(exchange: &crate::vm::support::App) -> Result<String, Failure> {
     let units = ["tlshub-core.service", "tlshub-provider@openssl.service"];
     let before: Vec<u32> = units.iter().map(|u| main_pid(u)).collect();
     let out = sh("DEBIAN_FRONTEND=noninteractive dpkg -i /root/tlshub.deb")
-        .map_err(|e| format!("dpkg -i over the installed package: {e}"))?;
+        .map_err(|e| e.context("dpkg -i over the installed package"))?;
     for (unit, old) in units.iter().zip(&before) {
         let pid = main_pid(unit);
         if unit_prop(unit, "ActiveState") != "active" || pid == *old || pid == 0 {
-            return Err(format!(
+            return Err(failed!(
                 "after the upgrade {unit} is {} with MainPID {pid} (was {old}):\n{out}\n{}",
                 unit_prop(unit, "ActiveState"),
                 journal(unit)
@@ -115,7 +119,7 @@ fn upgrade_in_place(exchange: &crate::vm::support::App) -> Result<String, String
     }
     let config = std::fs::read_to_string("/etc/tlshub/core.toml").unwrap_or_default();
     if !config.contains(&format!("timeout_ms = {TIMEOUT_MS}")) {
-        return Err(format!(
+        return Err(failed!(
             "the upgrade replaced the node's edited core.toml:\n{config}"
         ));
     }
