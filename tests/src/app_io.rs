@@ -166,6 +166,28 @@ pub fn listen_smc(addr: std::net::SocketAddr) -> io::Result<std::net::TcpListene
     listening(smc_socket()?, addr)
 }
 
+/// A TCP socket turned into an SMC one by the `smc` upper-layer protocol
+/// (`setsockopt(TCP_ULP, "smc")`, net/smc's `smc_ulp_init()`): the kernel
+/// puts an SMC socket behind the app's file and keeps the TCP socket as
+/// its CLC socket, as `AF_SMC` does. Only an unconnected socket can be.
+fn smc_ulp_socket() -> io::Result<socket2::Socket> {
+    let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+    tlshub_ktls::set_option(s.as_fd(), libc::IPPROTO_TCP, libc::TCP_ULP, b"smc")?;
+    Ok(s)
+}
+
+/// Connects to `target` (IPv4) with a TCP socket made SMC by `TCP_ULP`.
+pub fn connect_smc_ulp(target: std::net::SocketAddr) -> io::Result<std::net::TcpStream> {
+    let s = smc_ulp_socket()?;
+    s.connect(&target.into())?;
+    Ok(s.into())
+}
+
+/// Listens on `addr` (IPv4) with a TCP socket made SMC by `TCP_ULP`.
+pub fn listen_smc_ulp(addr: std::net::SocketAddr) -> io::Result<std::net::TcpListener> {
+    listening(smc_ulp_socket()?, addr)
+}
+
 /// `s` bound to `addr` (reusing it, as the tests restart servers on one
 /// port) and listening.
 fn listening(s: socket2::Socket, addr: std::net::SocketAddr) -> io::Result<std::net::TcpListener> {

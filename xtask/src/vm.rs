@@ -778,7 +778,7 @@ pub fn boot(b: &Boot<'_>) -> Result<()> {
     );
     if wire_scenarios > 0 {
         println!(
-            "== VM {}: the wire, as checked by {wire_scenarios} scenarios: {} protected flows with no plaintext ({} decrypted to the apps' bytes, {} a handshake only, {} reset before both ends had keys), {} plain controls showed their marker",
+            "== VM {}: the wire, as checked by {wire_scenarios} scenario(s): {} protected flows with no plaintext ({} decrypted to the apps' bytes, {} a handshake only, {} reset before both ends had keys), {} plain controls showed their marker",
             b.label,
             wire.protected,
             wire.decrypted,

@@ -116,6 +116,10 @@ struct Common {
     /// Communications, as `smc_run` makes an app do), no fallback.
     #[arg(long, conflicts_with = "mptcp")]
     smc: bool,
+    /// Make the TCP socket an SMC one before it connects or listens, by
+    /// `setsockopt(TCP_ULP, "smc")` (the other way into SMC), no fallback.
+    #[arg(long, conflicts_with_all = ["mptcp", "smc"])]
+    smc_ulp: bool,
 }
 
 #[derive(Debug, Subcommand)]
@@ -441,6 +445,7 @@ fn client_one(target: SocketAddr, common: &Common, r: &mut AppReport) -> std::io
     }
     let stream = match (common.sndbuf, common.via) {
         _ if common.smc => app_io::connect_smc(target)?,
+        _ if common.smc_ulp => app_io::connect_smc_ulp(target)?,
         _ if common.mptcp => {
             let (stream, fell_back) = app_io::connect_mptcp(target)?;
             r.mptcp = Some(mptcp_outcome(fell_back));
@@ -672,6 +677,8 @@ fn run(args: Args, r: &mut AppReport) -> std::io::Result<()> {
             r.role = AppRole::Server;
             let l = if common.smc {
                 app_io::listen_smc(listen)?
+            } else if common.smc_ulp {
+                app_io::listen_smc_ulp(listen)?
             } else if common.mptcp {
                 let (l, fell_back) = app_io::listen_mptcp(listen)?;
                 r.mptcp = Some(mptcp_outcome(fell_back));

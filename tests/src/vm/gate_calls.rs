@@ -381,6 +381,14 @@ pub fn multipath_tcp() -> Outcome {
 /// - a TCP client to an SMC server that writes first;
 /// - the control: an SMC client to the plain port, the marker in clear.
 ///
+/// The other way into SMC, a TCP socket given the `smc` upper-layer
+/// protocol before it connects or listens (`setsockopt(TCP_ULP, "smc")`;
+/// the gate refuses `TCP_ULP` only on a socket it gates, which an
+/// unconnected one is not), is tried too: both kernels refuse it with
+/// `ENOENT` (no such upper-layer protocol, with the `smc` module loaded by
+/// the cases above). A kernel that takes it must give the same two cases
+/// exact and protected.
+///
 /// Both fallbacks reach the gate because SMC itself points the app's file
 /// at the TCP socket underneath when it falls back (at `connect()`, and at
 /// `accept()` for an accepted one), so every later call on the fd is a
@@ -401,6 +409,21 @@ pub fn shared_memory_communications() -> Outcome {
     let smc = |mode| App {
         smc: true,
         ..tcp(mode)
+    };
+    let smc_ulp = |mode| App {
+        smc_ulp: true,
+        ..tcp(mode)
+    };
+    // One exchange of `client` with `server`, exact both ways.
+    let exact = |what: &str, server: &App, client: &App| -> Result<(), Failure> {
+        let srv = start_app_server(server)?;
+        let c = run_app_client(client, "pod-a", &[], Duration::from_secs(60), srv.id())?;
+        let s = finish_app_server(server, srv, &c)?;
+        let c = app_report(&c)?;
+        if !s.ok || !c.ok {
+            return Err(failed!("{what}: server {s}, client {c}"));
+        }
+        Ok(())
     };
     let mut seen = Vec::new();
     for (what, server, client) in [
@@ -426,14 +449,35 @@ pub fn shared_memory_communications() -> Outcome {
             },
         ),
     ] {
-        let srv = start_app_server(&server)?;
-        let c = run_app_client(&client, "pod-a", &[], Duration::from_secs(60), srv.id())?;
-        let s = finish_app_server(&server, srv, &c)?;
-        let c = app_report(&c)?;
-        if !s.ok || !c.ok {
-            return Err(failed!("{what}: server {s}, client {c}"));
-        }
+        exact(what, &server, &client)?;
         seen.push(format!("{what} exact"));
+    }
+    // The other way into SMC: TCP_ULP "smc" on the client, then (if the
+    // kernel has it) on the server.
+    let mut ulp_decrypted = 0;
+    let (server, client) = (tcp("client-first"), smc_ulp("client-first"));
+    let srv = start_app_server(&server)?;
+    let out = run_app_client(&client, "pod-a", &[], Duration::from_secs(60), srv.id())?;
+    let c = app_report(&out)?;
+    if c.errno == Some(libc::ENOENT) && c.connections == 0 && c.bytes_sent == 0 {
+        drop(srv);
+        seen.push(
+            "TCP_ULP smc refused by the kernel (ENOENT: no such upper-layer protocol)".into(),
+        );
+    } else {
+        let s = finish_app_server(&server, srv, &out)?;
+        if !s.ok || !c.ok {
+            return Err(failed!(
+                "TCP_ULP smc client, TCP server: server {s}, client {c}"
+            ));
+        }
+        exact(
+            "TCP client, TCP_ULP smc server writing first",
+            &smc_ulp("server-first"),
+            &tcp("server-first"),
+        )?;
+        seen.push("TCP_ULP smc client and server exact".into());
+        ulp_decrypted = 4;
     }
     let both = smc("client-first");
     let srv = start_app_server(&both)?;
@@ -459,7 +503,7 @@ pub fn shared_memory_communications() -> Outcome {
         ));
     };
     let report = super::wire_check::check_wire_allowing_unkeyed(&cap.finish()?, &a, &b, true)?;
-    report.expect_at_least(1, decrypted_at_least)?;
+    report.expect_at_least(1, decrypted_at_least + ulp_decrypted)?;
     Ok(format!(
         "{}; no marker in {} protected flows ({} decrypted), the plain control showed it",
         seen.join(", "),

@@ -54,6 +54,8 @@ pub struct App {
     pub mptcp: bool,
     /// --smc (both ends): `AF_SMC` sockets.
     pub smc: bool,
+    /// --smc-ulp (both ends): TCP sockets made SMC by `TCP_ULP`.
+    pub smc_ulp: bool,
     /// An IPv4 server listens on `[::]` (a dual-stack `AF_INET6` socket,
     /// whose IPv4 connections have v4-mapped addresses), as Node.js and
     /// Java servers do by default.
@@ -86,6 +88,7 @@ impl App {
             parallel: false,
             mptcp: false,
             smc: false,
+            smc_ulp: false,
             listen_dual_stack: false,
             connect_v4_mapped: false,
         }
@@ -156,6 +159,9 @@ impl App {
         }
         if self.smc {
             args.push("--smc".into());
+        }
+        if self.smc_ulp {
+            args.push("--smc-ulp".into());
         }
         args
     }
