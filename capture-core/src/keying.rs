@@ -632,7 +632,7 @@ pub async fn run(mut job: Job, provider: Arc<Provider>) -> Outcome {
         remote_isn: job.remote_isn,
         node_name: job.node_name.clone(),
         socket: socket.as_ref().map(|s| SocketHandle {
-            pid: std::process::id(),
+            pid: core_pid(),
             fd: s.as_raw_fd(),
         }),
         timeout: job.timeout,
@@ -739,6 +739,14 @@ pub async fn run(mut job: Job, provider: Arc<Provider>) -> Outcome {
         })
         .map_err(|(step, source)| KeyingError::Install { step, source });
     outcome(Some(socket), result)
+}
+
+/// The core's own pid, which a handshake provider needs with the fd of the
+/// core's duplicate of a socket. Read once: `std::process::id()` is a
+/// `getpid` system call each time, and it was one per key request.
+fn core_pid() -> u32 {
+    static PID: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
+    *PID.get_or_init(std::process::id)
 }
 
 #[cfg(test)]

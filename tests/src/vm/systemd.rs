@@ -17,14 +17,19 @@ use crate::load::LoadReport;
 use crate::vm::outcome::{Failure, Outcome};
 
 use super::node::{Node, NodeSpec};
-use super::process::{finish, run};
+use super::process::finish;
 use super::restarts::{exchange_client, exchange_server, recovered, sleep_until};
 use super::service::{LONG, LoadServer, report, start_load_with};
 use super::support::app_report;
-use super::support::{metric, wait_for};
-use super::wire_check::{Capture, check_wire_with_keys};
+use super::support::metric;
+use super::wire_check::{Capture, check_wire_with_keys, plain_control};
 
 mod package;
+mod units;
+
+use units::{
+    caps_of, journal, main_pid, node_a_trouble, sh, systemctl, unit_prop, wait_restarted, warnings,
+};
 
 /// Where the VM image holds the dist directory and the test PKI.
 const DIST: &str = "/root/tlshub-dist";
@@ -62,114 +67,6 @@ const GRACE_MS: u64 = 10_000;
 /// left one connection, or none when the restart took longer (seen twice
 /// in six runs), and the scenario failed for want of traffic.
 const LOAD_SECS: u64 = 60;
-
-fn sh(cmd: &str) -> Result<String, Failure> {
-    run(None, &["sh", "-c", cmd])
-}
-
-fn systemctl(args: &[&str]) -> Result<String, Failure> {
-    let mut argv = vec!["systemctl"];
-    argv.extend_from_slice(args);
-    run(None, &argv)
-}
-
-/// `systemctl show -p PROP --value UNIT`.
-fn unit_prop(unit: &str, prop: &str) -> String {
-    systemctl(&["show", "-p", prop, "--value", unit])
-        .unwrap_or_default()
-        .trim()
-        .to_string()
-}
-
-fn main_pid(unit: &str) -> u32 {
-    unit_prop(unit, "MainPID").parse().unwrap_or(0)
-}
-
-/// `journalctl ARGS --no-pager` after a flush: whatever it printed, even
-/// on failure.
-fn journalctl(args: &[&str]) -> String {
-    let _ = run(None, &["journalctl", "--flush"]);
-    let mut argv = vec!["journalctl"];
-    argv.extend_from_slice(args);
-    argv.push("--no-pager");
-    run(None, &argv).unwrap_or_else(|e| e.to_string())
-}
-
-/// The warning and error lines of a journal.
-fn warnings(journal: &str) -> String {
-    journal
-        .lines()
-        .filter(|l| l.contains("WARN") || l.contains("ERROR"))
-        .collect::<Vec<_>>()
-        .join("\n")
-}
-
-/// A unit's journal, messages only.
-fn journal(unit: &str) -> String {
-    journalctl(&["-u", unit, "-o", "cat"])
-}
-
-/// Node A's side of a failed connection, which the runner's log dump
-/// cannot show (its core and provider log to the journal): their warnings
-/// and lifecycle lines with precise times, at most the last 120.
-fn node_a_trouble() -> String {
-    let all = journalctl(&[
-        "-u",
-        "tlshub-core.service",
-        "-u",
-        "tlshub-provider@openssl.service",
-        "-o",
-        "short-precise",
-    ]);
-    let lines: Vec<&str> = all
-        .lines()
-        .filter(|l| {
-            [
-                " WARN ", " ERROR ", "adopted", "stopping", "running", "Started", "Stopped",
-            ]
-            .iter()
-            .any(|k| l.contains(k))
-        })
-        .collect();
-    let from = lines.len().saturating_sub(120);
-    format!(
-        "node A journal (warnings and lifecycle):\n{}",
-        lines[from..].join("\n")
-    )
-}
-
-/// Waits until `unit` is active with a main pid other than `old`.
-fn wait_restarted(unit: &str, old: u32, timeout: Duration) -> Result<u32, Failure> {
-    wait_for(
-        timeout,
-        Duration::from_millis(100),
-        || main_pid(unit),
-        |&pid| pid != 0 && pid != old && unit_prop(unit, "ActiveState") == "active",
-    )
-    .map_err(|pid| {
-        failed!(
-            "{unit} not active again after {timeout:?} (pid {pid}):\n{}",
-            journal(unit)
-        )
-    })
-}
-
-/// The effective capabilities, no_new_privs, and whether a seccomp filter
-/// (`SystemCallFilter=`) is in force for a process.
-fn caps_of(pid: u32) -> Result<(u64, bool, bool), Failure> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .map_err(|e| format!("/proc/{pid}/status: {e}"))?;
-    let field = |name: &str| {
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix(name))
-            .map(str::trim)
-            .unwrap_or("")
-            .to_string()
-    };
-    let eff = u64::from_str_radix(&field("CapEff:"), 16).map_err(|e| e.to_string())?;
-    Ok((eff, field("NoNewPrivs:") == "1", field("Seccomp:") == "2"))
-}
 
 /// Stops the installed units and uninstalls when dropped, so that a failed
 /// run leaves nothing attached (the VM powers off afterwards anyway).
@@ -262,11 +159,11 @@ fn enable_node_a() -> Result<(), Failure> {
     })
     .map_err(|e| {
         e.map_message(|m| {
-        format!(
-            "{m}\n--- journal of tlshub-core.service ---\n{}\n--- tlshub-provider@openssl.service ---\n{}",
-            journal("tlshub-core.service"),
-            journal("tlshub-provider@openssl.service")
-        )
+            format!(
+                "{m}\n--- journal of tlshub-core.service ---\n{}\n--- tlshub-provider@openssl.service ---\n{}",
+                journal("tlshub-core.service"),
+                journal("tlshub-provider@openssl.service")
+            )
         })
     })
     .map(drop)
@@ -475,22 +372,22 @@ pub fn systemd_install_units_and_restarts() -> Outcome {
             "metrics after the restarts: protected {protected}, provider up {up}"
         ));
     }
+    // The control: a plain exchange whose marker the capture must show.
+    plain_control()?;
     let flows = cap.finish()?;
     let keys: Vec<KeyLogRecord> = keys_a().into_iter().chain(b.keys()).collect();
     // Node a's side of a failing flow is in its units' journals, which the
     // runner's log dump does not show.
     let wire = check_wire_with_keys(&flows, &keys, true).map_err(|e| {
         e.map_message(|m| {
-        format!(
-            "{m}\n--- node a: {core} (warnings) ---\n{}\n--- node a: {provider} (warnings) ---\n{}",
-            warnings(&journal(core)),
-            warnings(&journal(provider))
-        )
+            format!(
+                "{m}\n--- node a: {core} (warnings) ---\n{}\n--- node a: {provider} (warnings) ---\n{}",
+                warnings(&journal(core)),
+                warnings(&journal(provider))
+            )
         })
     })?;
-    if wire.decrypted < 2 * LONG as usize {
-        return Err(failed!("too few flows decrypted: {wire:?}"));
-    }
+    wire.expect_at_least(1, 2 * LONG as usize)?;
 
     // The core stops for good: a connection held meanwhile is released
     // by tlshub-core-release.service once the grace is over.
@@ -504,10 +401,10 @@ pub fn systemd_install_units_and_restarts() -> Outcome {
     }
     let c = app_report(&finish(client, Duration::from_secs(30)).map_err(|e| {
         e.map_message(|m| {
-        format!(
-            "client held while the core was stopped: {m}\n--- tlshub-core-release.service ---\n{}",
-            journal("tlshub-core-release.service")
-        )
+            format!(
+                "client held while the core was stopped: {m}\n--- tlshub-core-release.service ---\n{}",
+                journal("tlshub-core-release.service")
+            )
         })
     })?)?;
     drop(server);
@@ -522,7 +419,9 @@ pub fn systemd_install_units_and_restarts() -> Outcome {
     if !line.contains("processes continued") || line.contains(" 0 processes continued") {
         return Err(failed!("the release continued nobody: {line}"));
     }
+    plain_control()?;
     let stop_wire = check_wire_with_keys(&cap.finish()?, &keys, true)?;
+    stop_wire.expect_at_least(1, 0)?;
     // What the syscall filter refuses fails with EPERM
     // (SystemCallErrorNumber): none of it may show in the units' logs.
     for unit in [core, provider, "tlshub-core-release.service"] {

@@ -1,0 +1,159 @@
+//! [`App`]: the options of one `tlshub-testapp` pair, as the scenarios
+//! build them and as the app's command line takes them.
+
+use crate::vm::topology::POD_B;
+
+/// Options of one application pair.
+#[derive(Debug, Clone)]
+pub struct App {
+    /// testapp --mode
+    pub mode: &'static str,
+    /// --size
+    pub size: usize,
+    /// --send
+    pub send: &'static str,
+    /// --recv
+    pub recv: &'static str,
+    /// --io
+    pub io: &'static str,
+    /// --connections
+    pub connections: u32,
+    /// Server port.
+    pub port: u16,
+    /// Server address (pod B, IPv4 or IPv6, or pod-a2).
+    pub server: &'static str,
+    /// The server's network namespace (`pod-b`, or `pod-a2` on node a).
+    pub server_pod: &'static str,
+    /// --via: how both ends get their socket (syscall or io-uring).
+    pub via: &'static str,
+    /// --handoff: how both ends hand each connection to another process
+    /// (`none`, `fork`, `scm-rights`).
+    pub handoff: &'static str,
+    /// Where the client connects instead of the server: a local proxy
+    /// (host, port) that forwards to it.
+    pub proxy: Option<(&'static str, u16)>,
+    /// --reconnect (both ends): each client socket is connected,
+    /// disconnected and connected again before its exchange.
+    pub reconnect: bool,
+    /// --ktls-fixed-key (both ends): kTLS with a fixed key, no agent.
+    pub ktls_fixed_key: bool,
+    /// --accept-delay-ms (server): wait before each accept().
+    pub accept_delay_ms: u64,
+    /// --parallel (both ends): all `connections` at once.
+    pub parallel: bool,
+    /// --mptcp (both ends): Multipath TCP, falling back to TCP on error.
+    pub mptcp: bool,
+    /// --smc (both ends): `AF_SMC` sockets.
+    pub smc: bool,
+    /// --smc-ulp (both ends): TCP sockets made SMC by `TCP_ULP`.
+    pub smc_ulp: bool,
+    /// An IPv4 server listens on `[::]` (a dual-stack `AF_INET6` socket,
+    /// whose IPv4 connections have v4-mapped addresses), as Node.js and
+    /// Java servers do by default.
+    pub listen_dual_stack: bool,
+    /// The client connects to an IPv4 server through its v4-mapped address
+    /// (`[::ffff:10.0.2.2]`, an `AF_INET6` socket), as Java
+    /// clients do by default.
+    pub connect_v4_mapped: bool,
+}
+
+impl App {
+    /// One client-first exchange of `size` bytes with write/read, blocking.
+    pub fn exchange(size: usize, port: u16) -> Self {
+        Self {
+            mode: "client-first",
+            size,
+            send: "write",
+            recv: "read",
+            io: "blocking",
+            connections: 1,
+            port,
+            server: POD_B,
+            server_pod: "pod-b",
+            via: "syscall",
+            handoff: "none",
+            proxy: None,
+            reconnect: false,
+            ktls_fixed_key: false,
+            accept_delay_ms: 0,
+            parallel: false,
+            mptcp: false,
+            smc: false,
+            smc_ulp: false,
+            listen_dual_stack: false,
+            connect_v4_mapped: false,
+        }
+    }
+
+    /// The server's listen address (any, in the server's family) and the
+    /// client's connect address.
+    pub fn addresses(&self) -> (String, String) {
+        let (listen, connect) = match self.server.parse::<std::net::IpAddr>() {
+            Ok(ip) if ip.is_ipv6() => (
+                format!("[::]:{}", self.port),
+                format!("[{ip}]:{}", self.port),
+            ),
+            _ => (
+                if self.listen_dual_stack {
+                    format!("[::]:{}", self.port)
+                } else {
+                    format!("0.0.0.0:{}", self.port)
+                },
+                if self.connect_v4_mapped {
+                    format!("[::ffff:{}]:{}", self.server, self.port)
+                } else {
+                    format!("{}:{}", self.server, self.port)
+                },
+            ),
+        };
+        match self.proxy {
+            Some((host, port)) => (listen, format!("{host}:{port}")),
+            None => (listen, connect),
+        }
+    }
+
+    /// The test app's flags for these options (both sides take the same).
+    pub fn args(&self) -> Vec<String> {
+        let mut args = vec![
+            "--mode".into(),
+            self.mode.into(),
+            "--size".into(),
+            self.size.to_string(),
+            "--send".into(),
+            self.send.into(),
+            "--recv".into(),
+            self.recv.into(),
+            "--io".into(),
+            self.io.into(),
+            "--connections".into(),
+            self.connections.to_string(),
+            "--via".into(),
+            self.via.into(),
+            "--handoff".into(),
+            self.handoff.into(),
+        ];
+        if self.reconnect {
+            args.push("--reconnect".into());
+        }
+        if self.ktls_fixed_key {
+            args.push("--ktls-fixed-key".into());
+        }
+        if self.accept_delay_ms > 0 {
+            args.push("--accept-delay-ms".into());
+            args.push(self.accept_delay_ms.to_string());
+        }
+        if self.parallel {
+            args.push("--parallel".into());
+        }
+        if self.mptcp {
+            args.push("--mptcp".into());
+        }
+        if self.smc {
+            args.push("--smc".into());
+        }
+        if self.smc_ulp {
+            args.push("--smc-ulp".into());
+        }
+        args
+    }
+}
