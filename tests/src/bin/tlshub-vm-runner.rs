@@ -138,6 +138,13 @@ fn main() {
         let started = Instant::now();
         let result = tlshub_vm_tests::panics::failing_on_panic(body);
         let seconds = Some(started.elapsed().as_secs_f64());
+        let wire = wire_check::take_tally();
+        // Every scenario that checks protected flows must also have seen
+        // plaintext where there was some (see `wire_check::blind`).
+        let result = match (result, wire.as_ref().and_then(wire_check::blind)) {
+            (Ok(_), Some(blind)) => Err(blind),
+            (result, _) => result,
+        };
         let (verdict, detail) = match result {
             Ok(summary) => (Verdict::Pass, summary),
             Err(why) => (why.verdict(), why.to_string()),
@@ -149,7 +156,7 @@ fn main() {
                 name,
                 verdict,
                 seconds,
-                wire: wire_check::take_tally(),
+                wire,
                 detail
             }
         );

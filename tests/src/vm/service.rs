@@ -164,11 +164,13 @@ pub fn hot_swap_under_load() -> Outcome {
         switches += 1;
     }
     let r = report(&finish(client, Duration::from_secs(180))?)?;
+    super::wire_check::plain_control()?;
     let flows = cap.finish()?;
     if !r.ok || r.short_failed != 0 {
         return Err(failed!("the load saw failures: {r}"));
     }
     let wire = check_wire_allowing_unkeyed(&flows, &a, &b, false)?;
+    wire.expect_at_least(1, 0)?;
     let short_ok = r.short_ok;
     let expected = 2 * (u64::from(LONG) + short_ok) as usize;
     if wire.protected_flows != expected || wire.decrypted != expected {

@@ -11,7 +11,7 @@ use tlshub_provider_sdk::keylog::KeyLogRecord;
 use super::node::{Node, PLAIN_PORT, PROTECTED_PORT};
 use super::process::{self, Proc};
 use super::support::*;
-use super::topology::WIRE_IF;
+use super::topology::{POD_B, WIRE_IF};
 use crate::failed;
 use crate::pattern::{CLIENT_SEED, MARKER, SERVER_SEED};
 use crate::vm::outcome::Failure;
@@ -129,6 +129,19 @@ static TALLY: Mutex<Option<WireTally>> = Mutex::new(None);
 /// scenario's result line; `None` if nothing was checked.
 pub fn take_tally() -> Option<WireTally> {
     TALLY.lock().unwrap_or_else(|e| e.into_inner()).take()
+}
+
+/// Why a scenario's wire checks, taken together, prove nothing: protected
+/// flows were checked but no plain control in any of its captures showed
+/// the marker, so a blind capture (a wrong interface, a filter, a capture
+/// stopped early) would have passed them all.
+pub fn blind(tally: &WireTally) -> Option<Failure> {
+    (tally.protected > 0 && tally.controls == 0).then(|| {
+        Failure::Wire(format!(
+            "{} protected flows checked, but no plain control showed the marker in any capture: the checks may have been blind",
+            tally.protected
+        ))
+    })
 }
 
 /// Adds a passed check's findings to [`TALLY`].
@@ -378,7 +391,10 @@ fn check_app_bytes(f: &wire::Flow, plain: &[u8], how: &str) -> Result<(), Failur
 
 /// Runs `apps` one after another under a capture of the wire, each exact
 /// both ways, then checks the wire: every flow of a protected app is TLS
-/// only and decrypts to the apps' bytes (two flows per protected app).
+/// only and decrypts to the apps' bytes (two flows per protected app), and
+/// an unselected one showed the marker. Without an app on the plain port in
+/// `apps`, a plain exchange in the same address family as the first app is
+/// added as that control.
 pub fn captured_exchanges(
     name: &str,
     a: &Node,
@@ -404,7 +420,16 @@ pub fn captured_exchanges_on(
         both_ok(app, &s, &c)?;
         uring_interrupted += [&s, &c].iter().map(|r| r.uring_interrupted).sum::<u64>();
     }
+    if !apps.iter().any(|app| app.port == PLAIN_PORT) {
+        let control = App {
+            server: apps.first().map_or(POD_B, |app| app.server),
+            ..App::exchange(1000, PLAIN_PORT)
+        };
+        let (s, c) = run_pair(&control, &[], Duration::from_secs(30))?;
+        both_ok(&control, &s, &c).map_err(|e| e.context("the plain control"))?;
+    }
     let mut report = check_wire(&cap.finish()?, a, b)?;
+    report.expect_at_least(1, 0)?;
     report.uring_interrupted = uring_interrupted;
     let protected: usize = apps
         .iter()
@@ -440,7 +465,22 @@ pub fn check_wire_with_control(
 
 #[cfg(test)]
 mod tests {
-    use super::WireReport;
+    use super::{WireReport, WireTally, blind};
+
+    #[test]
+    fn protected_flows_checked_without_any_control_are_blind() {
+        let tally = |protected, controls| WireTally {
+            protected,
+            decrypted: protected,
+            controls,
+            ..WireTally::default()
+        };
+        assert!(blind(&tally(4, 0)).is_some());
+        assert!(blind(&tally(4, 1)).is_none());
+        // Nothing protected checked (a fail-closed case's empty capture is
+        // judged by its own expectations): nothing to call blind.
+        assert!(blind(&tally(0, 0)).is_none());
+    }
 
     #[test]
     fn a_blind_capture_or_too_few_decrypted_flows_fail_the_wire_expectation() {

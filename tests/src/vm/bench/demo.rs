@@ -70,10 +70,18 @@ pub fn demo() -> Outcome {
             say(&format!("{name} core log: {}", line.trim()));
         }
     }
+    // The control: the same capture must show plaintext where there is
+    // some, or its "no plaintext" would prove nothing.
+    super::super::wire_check::plain_control()?;
     let report = check_wire(&cap.finish()?, &a, &b)?;
+    report.expect_at_least(1, 2)?;
     say(&format!(
         "wire check on the node-to-node veth: {} flows, TLS records only, no plaintext marker; decrypted with the reported keys to {} bytes = exactly what the apps sent",
         report.protected_flows, report.plaintext_bytes
+    ));
+    say(&format!(
+        "the control: an unselected connection (port {PLAIN_PORT}) under the same capture showed its plaintext marker in {} flow(s), so the capture sees plaintext where there is some",
+        report.plain_flows_with_marker
     ));
     say(&format!(
         "apps: client sent {} and received {} bytes, all verified",
