@@ -147,45 +147,49 @@ pub fn listen_mptcp(
 /// constants lack. Its protocol 0 is `SMCPROTO_SMC` (IPv4 underneath).
 const AF_SMC: libc::c_int = 43;
 
-/// An `AF_SMC` stream socket over IPv4.
-fn smc_socket() -> io::Result<socket2::Socket> {
-    socket2::Socket::new(socket2::Domain::from(AF_SMC), socket2::Type::STREAM, None)
+/// How an app gets an SMC socket (both IPv4).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SmcSocket {
+    /// `socket(AF_SMC, ...)`, as `smc_run` makes an unmodified app do.
+    Family,
+    /// A TCP socket turned into an SMC one by the `smc` upper-layer
+    /// protocol (`setsockopt(TCP_ULP, "smc")`, net/smc's `smc_ulp_init()`):
+    /// the kernel puts an SMC socket behind the app's file and keeps the
+    /// TCP socket as its CLC socket, as `AF_SMC` does. Only an unconnected
+    /// socket can be.
+    TcpUlp,
 }
 
-/// Connects to `target` (IPv4) with an `AF_SMC` socket, as `smc_run` makes
-/// an unmodified app do: without SMC-capable devices (or a peer that
-/// offers SMC) the connection falls back to the TCP socket underneath.
-pub fn connect_smc(target: std::net::SocketAddr) -> io::Result<std::net::TcpStream> {
-    let s = smc_socket()?;
+impl SmcSocket {
+    fn open(self) -> io::Result<socket2::Socket> {
+        match self {
+            Self::Family => {
+                socket2::Socket::new(socket2::Domain::from(AF_SMC), socket2::Type::STREAM, None)
+            }
+            Self::TcpUlp => {
+                let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+                tlshub_ktls::set_option(s.as_fd(), libc::IPPROTO_TCP, libc::TCP_ULP, b"smc")?;
+                Ok(s)
+            }
+        }
+    }
+}
+
+/// Connects to `target` (IPv4) with an SMC socket: without SMC-capable
+/// devices (or a peer that offers SMC) the connection falls back to the
+/// TCP socket underneath.
+pub fn connect_smc(
+    target: std::net::SocketAddr,
+    how: SmcSocket,
+) -> io::Result<std::net::TcpStream> {
+    let s = how.open()?;
     s.connect(&target.into())?;
     Ok(s.into())
 }
 
-/// Listens on `addr` (IPv4) with an `AF_SMC` socket.
-pub fn listen_smc(addr: std::net::SocketAddr) -> io::Result<std::net::TcpListener> {
-    listening(smc_socket()?, addr)
-}
-
-/// A TCP socket turned into an SMC one by the `smc` upper-layer protocol
-/// (`setsockopt(TCP_ULP, "smc")`, net/smc's `smc_ulp_init()`): the kernel
-/// puts an SMC socket behind the app's file and keeps the TCP socket as
-/// its CLC socket, as `AF_SMC` does. Only an unconnected socket can be.
-fn smc_ulp_socket() -> io::Result<socket2::Socket> {
-    let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
-    tlshub_ktls::set_option(s.as_fd(), libc::IPPROTO_TCP, libc::TCP_ULP, b"smc")?;
-    Ok(s)
-}
-
-/// Connects to `target` (IPv4) with a TCP socket made SMC by `TCP_ULP`.
-pub fn connect_smc_ulp(target: std::net::SocketAddr) -> io::Result<std::net::TcpStream> {
-    let s = smc_ulp_socket()?;
-    s.connect(&target.into())?;
-    Ok(s.into())
-}
-
-/// Listens on `addr` (IPv4) with a TCP socket made SMC by `TCP_ULP`.
-pub fn listen_smc_ulp(addr: std::net::SocketAddr) -> io::Result<std::net::TcpListener> {
-    listening(smc_ulp_socket()?, addr)
+/// Listens on `addr` (IPv4) with an SMC socket.
+pub fn listen_smc(addr: std::net::SocketAddr, how: SmcSocket) -> io::Result<std::net::TcpListener> {
+    listening(how.open()?, addr)
 }
 
 /// `s` bound to `addr` (reusing it, as the tests restart servers on one

@@ -67,9 +67,9 @@ impl WireTally {
         self.controls += other.controls;
     }
 
-    /// `[wire protected=P decrypted=D unkeyed=U handshake_only=H
-    /// controls=C]`, read back by
-    /// [`WireTally::parse`].
+    /// Reads back what `Display` printed at the start of `text`
+    /// (`[wire protected=P decrypted=D unkeyed=U handshake_only=H
+    /// controls=C]`), and the rest of the text after it.
     fn parse(text: &str) -> Option<(Self, &str)> {
         let (inside, rest) = text.strip_prefix("[wire ")?.split_once(']')?;
         let mut t = Self::default();

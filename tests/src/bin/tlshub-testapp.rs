@@ -8,7 +8,9 @@ use std::time::Instant;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use serde::Serialize;
-use tlshub_vm_tests::app_io::{self, Conn, FastOpen, IoMode, RecvMethod, SendMethod, Via};
+use tlshub_vm_tests::app_io::{
+    self, Conn, FastOpen, IoMode, RecvMethod, SendMethod, SmcSocket, Via,
+};
 use tlshub_vm_tests::app_report::{AppReport, AppRole, FastOpenOutcome, MptcpOutcome};
 use tlshub_vm_tests::pattern;
 
@@ -444,8 +446,8 @@ fn client_one(target: SocketAddr, common: &Common, r: &mut AppReport) -> std::io
         return client_fastopen(target, common, r);
     }
     let stream = match (common.sndbuf, common.via) {
-        _ if common.smc => app_io::connect_smc(target)?,
-        _ if common.smc_ulp => app_io::connect_smc_ulp(target)?,
+        _ if common.smc => app_io::connect_smc(target, SmcSocket::Family)?,
+        _ if common.smc_ulp => app_io::connect_smc(target, SmcSocket::TcpUlp)?,
         _ if common.mptcp => {
             let (stream, fell_back) = app_io::connect_mptcp(target)?;
             r.mptcp = Some(mptcp_outcome(fell_back));
@@ -676,9 +678,9 @@ fn run(args: Args, r: &mut AppReport) -> std::io::Result<()> {
         Side::Server { listen, common } => {
             r.role = AppRole::Server;
             let l = if common.smc {
-                app_io::listen_smc(listen)?
+                app_io::listen_smc(listen, SmcSocket::Family)?
             } else if common.smc_ulp {
-                app_io::listen_smc_ulp(listen)?
+                app_io::listen_smc(listen, SmcSocket::TcpUlp)?
             } else if common.mptcp {
                 let (l, fell_back) = app_io::listen_mptcp(listen)?;
                 r.mptcp = Some(mptcp_outcome(fell_back));
