@@ -9,27 +9,12 @@ use crate::failed;
 use crate::vm::outcome::{Failure, Outcome};
 
 use super::node::{NodeSpec, PLAIN_PORT, PROTECTED_PORT, ProviderKind};
-use super::process;
 use super::support::{App, PodSetting, both_ok, nodes, nodes_with_provider, run_pair};
 use super::topology::{POD_A2, POD_A2_IF};
 use super::wire_check::{
     Capture, captured_exchanges, captured_exchanges_on, check_wire, check_wire_allowing_unkeyed,
+    tcp_ext,
 };
-
-/// `TcpExt` counter `name` of network namespace `netns` (/proc/net/netstat).
-fn tcp_ext(netns: &str, name: &str) -> u64 {
-    let text = process::run(Some(netns), &["cat", "/proc/net/netstat"]).unwrap_or_default();
-    let mut lines = text.lines().filter(|l| l.starts_with("TcpExt:"));
-    let (Some(names), Some(values)) = (lines.next(), lines.next()) else {
-        return 0;
-    };
-    names
-        .split_whitespace()
-        .zip(values.split_whitespace())
-        .find(|(n, _)| *n == name)
-        .and_then(|(_, v)| v.parse().ok())
-        .unwrap_or(0)
-}
 
 /// TCP Fast Open (client Fast Open is on by default in every namespace)
 /// would carry the app's first bytes before the gate could hold it. To a

@@ -17,6 +17,22 @@ use crate::pattern::{CLIENT_SEED, MARKER, SERVER_SEED};
 use crate::vm::outcome::Failure;
 use crate::wire;
 
+/// `TcpExt` counter `name` of network namespace `netns` (/proc/net/netstat;
+/// 0 if it cannot be read).
+pub fn tcp_ext(netns: &str, name: &str) -> u64 {
+    let text = process::run(Some(netns), &["cat", "/proc/net/netstat"]).unwrap_or_default();
+    let mut lines = text.lines().filter(|l| l.starts_with("TcpExt:"));
+    let (Some(names), Some(values)) = (lines.next(), lines.next()) else {
+        return 0;
+    };
+    names
+        .split_whitespace()
+        .zip(values.split_whitespace())
+        .find(|(n, _)| *n == name)
+        .and_then(|(_, v)| v.parse().ok())
+        .unwrap_or(0)
+}
+
 /// `/proc/net/tls_stat` of the given network namespaces (the counters are
 /// per namespace), summed.
 pub fn tls_stat(namespaces: &[&str]) -> HashMap<String, u64> {

@@ -53,6 +53,7 @@ pub fn concurrency() -> Outcome {
             let before = nodes
                 .map(|(a, b)| Ok::<_, Failure>((stops(a)?, stops(b)?)))
                 .transpose()?;
+            let tcp_before = TcpTrouble::now();
             let cpu = CpuSample::now();
             let workers = clients.to_string();
             let duration = CONCURRENCY_S.to_string();
@@ -119,6 +120,7 @@ pub fn concurrency() -> Outcome {
                 ));
             }
             line.push_str(&format!("; CPU ms per connection: {cpu}"));
+            line.push_str(&format!("; {}", TcpTrouble::now().since(&tcp_before)));
             println!("TLSHUB-BENCH {line}");
             lines.push(line);
         }
@@ -173,5 +175,42 @@ fn record_agents_cpu(
             after.command_ms(before, n, command),
             Unit::Milliseconds,
         );
+    }
+}
+
+/// The TCP counters of the two pods that say why a setup took seconds
+/// rather than milliseconds: a SYN sent again (1 s, then 2 s more), a
+/// retransmission timeout, a full accept queue.
+#[derive(Debug, Clone, Copy)]
+struct TcpTrouble {
+    /// pod-a (clients): `TCPSynRetrans`, `TCPTimeouts`.
+    client: (u64, u64),
+    /// pod-b (servers): `TCPTimeouts`, `ListenOverflows`, `ListenDrops`.
+    server: (u64, u64, u64),
+}
+
+impl TcpTrouble {
+    fn now() -> Self {
+        let ext = |ns, name| super::super::wire_check::tcp_ext(ns, name);
+        Self {
+            client: (ext("pod-a", "TCPSynRetrans"), ext("pod-a", "TCPTimeouts")),
+            server: (
+                ext("pod-b", "TCPTimeouts"),
+                ext("pod-b", "ListenOverflows"),
+                ext("pod-b", "ListenDrops"),
+            ),
+        }
+    }
+
+    /// What happened between `before` and this sample, as one phrase.
+    fn since(&self, before: &Self) -> String {
+        format!(
+            "TCP: client SYN retransmits {}, client timeouts {}, server timeouts {}, listen overflows {}, listen drops {}",
+            self.client.0.saturating_sub(before.client.0),
+            self.client.1.saturating_sub(before.client.1),
+            self.server.0.saturating_sub(before.server.0),
+            self.server.1.saturating_sub(before.server.1),
+            self.server.2.saturating_sub(before.server.2),
+        )
     }
 }
