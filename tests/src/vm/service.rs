@@ -169,8 +169,7 @@ pub fn hot_swap_under_load() -> Outcome {
     if !r.ok || r.short_failed != 0 {
         return Err(failed!("the load saw failures: {r}"));
     }
-    let wire = check_wire_allowing_unkeyed(&flows, &a, &b, false)?;
-    wire.expect_at_least(1, 0)?;
+    let wire = super::wire_check::check_wire_with_control(&flows, &a, &b)?;
     let short_ok = r.short_ok;
     let expected = 2 * (u64::from(LONG) + short_ok) as usize;
     if wire.protected_flows != expected || wire.decrypted != expected {

@@ -437,15 +437,9 @@ pub fn captured_exchanges_on(
         uring_interrupted += [&s, &c].iter().map(|r| r.uring_interrupted).sum::<u64>();
     }
     if !apps.iter().any(|app| app.port == PLAIN_PORT) {
-        let control = App {
-            server: apps.first().map_or(POD_B, |app| app.server),
-            ..App::exchange(1000, PLAIN_PORT)
-        };
-        let (s, c) = run_pair(&control, &[], Duration::from_secs(30))?;
-        both_ok(&control, &s, &c).map_err(|e| e.context("the plain control"))?;
+        plain_control_to(apps.first().map_or(POD_B, |app| app.server))?;
     }
-    let mut report = check_wire(&cap.finish()?, a, b)?;
-    report.expect_at_least(1, 0)?;
+    let mut report = check_wire_with_control(&cap.finish()?, a, b)?;
     report.uring_interrupted = uring_interrupted;
     let protected: usize = apps
         .iter()
@@ -463,9 +457,18 @@ pub fn captured_exchanges_on(
 /// A plain exchange under the same capture: its marker must be seen, or
 /// the capture proves nothing about the protected flows.
 pub fn plain_control() -> Result<(), Failure> {
-    let app = App::exchange(1000, PLAIN_PORT);
+    plain_control_to(POD_B)
+}
+
+/// [`plain_control`] to the server address `server` (in pod-b; an IPv6
+/// one makes an IPv6 control).
+pub fn plain_control_to(server: &'static str) -> Result<(), Failure> {
+    let app = App {
+        server,
+        ..App::exchange(1000, PLAIN_PORT)
+    };
     let (s, c) = run_pair(&app, &[], Duration::from_secs(30))?;
-    both_ok(&app, &s, &c)
+    both_ok(&app, &s, &c).map_err(|e| e.context("the plain control"))
 }
 
 /// [`check_wire`] plus the control's marker.

@@ -132,28 +132,24 @@ impl App {
             "--handoff".into(),
             self.handoff.into(),
         ];
-        if self.reconnect {
-            args.push("--reconnect".into());
-        }
-        if self.ktls_fixed_key {
-            args.push("--ktls-fixed-key".into());
-        }
         if self.accept_delay_ms > 0 {
             args.push("--accept-delay-ms".into());
             args.push(self.accept_delay_ms.to_string());
         }
-        if self.parallel {
-            args.push("--parallel".into());
-        }
-        if self.mptcp {
-            args.push("--mptcp".into());
-        }
-        if self.smc {
-            args.push("--smc".into());
-        }
-        if self.smc_ulp {
-            args.push("--smc-ulp".into());
-        }
+        let switches = [
+            (self.reconnect, "--reconnect"),
+            (self.ktls_fixed_key, "--ktls-fixed-key"),
+            (self.parallel, "--parallel"),
+            (self.mptcp, "--mptcp"),
+            (self.smc, "--smc"),
+            (self.smc_ulp, "--smc-ulp"),
+        ];
+        args.extend(
+            switches
+                .into_iter()
+                .filter(|&(on, _)| on)
+                .map(|(_, flag)| flag.to_string()),
+        );
         args
     }
 }
