@@ -56,8 +56,10 @@ pub struct Facts {
     pub bpffs: (PathBuf, Option<i64>),
     /// `CapEff` of this process.
     pub capabilities: u64,
-    /// A trial `pidfd_getfd` on this process.
+    /// A trial `pidfd_getfd` of a child process's fd.
     pub pidfd_getfd: Result<(), String>,
+    /// `/proc/sys/kernel/yama/ptrace_scope` (`None`: no Yama).
+    pub yama_ptrace_scope: Option<u8>,
     /// A trial load of every program (`None`: not tried, no privilege).
     pub programs: Option<Result<Vec<ProgramResult>, String>>,
 }
@@ -107,6 +109,9 @@ impl Facts {
             bpffs: (pin_parent.clone(), magic(&pin_parent)),
             capabilities,
             pidfd_getfd: trial_pidfd_getfd(),
+            yama_ptrace_scope: std::fs::read_to_string("/proc/sys/kernel/yama/ptrace_scope")
+                .ok()
+                .and_then(|s| s.trim().parse().ok()),
             programs: privileged.then(|| {
                 crate::bpf::try_load_programs()
                     .map(|all| {
@@ -138,15 +143,30 @@ fn has(capabilities: u64, number: u32) -> bool {
     capabilities & (1 << number) != 0
 }
 
-/// Takes a copy of one of this process's own fds, as the core takes an
-/// app's socket.
+/// Takes a copy of a child process's fd (the stdin of a `sleep`), as the
+/// core takes an app's socket. Another process, because the kernel lets a
+/// process take its own fds without the `ptrace` access check that Yama
+/// and other LSMs may refuse.
 fn trial_pidfd_getfd() -> Result<(), String> {
-    use std::os::fd::AsRawFd;
-    let pidfd = tlshub_provider_sdk::socket::pidfd_open(std::process::id())
-        .map_err(|e| format!("pidfd_open: {e}"))?;
-    tlshub_provider_sdk::socket::pidfd_getfd(&pidfd, pidfd.as_raw_fd())
-        .map(drop)
-        .map_err(|e| format!("pidfd_getfd: {e}"))
+    use std::process::{Command, Stdio};
+    let mut child = Command::new("sleep")
+        .arg("10")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .map_err(|e| format!("cannot start a child process (sleep) to take an fd from: {e}"))?;
+    let taken = tlshub_provider_sdk::socket::pidfd_open(child.id())
+        .map_err(|e| format!("pidfd_open: {e}"))
+        .and_then(|pidfd| {
+            tlshub_provider_sdk::socket::pidfd_getfd(&pidfd, 0)
+                .map(drop)
+                .map_err(|e| format!("pidfd_getfd of a child process's fd: {e}"))
+        });
+    // The child is ours to end either way.
+    let _ = child.kill();
+    let _ = child.wait();
+    taken
 }
 
 fn kernel_version(release: &str) -> Option<(u32, u32)> {
@@ -287,14 +307,25 @@ pub fn assess(f: &Facts) -> Report {
         },
         Some("run as root, or under the tlshub-core systemd unit".into()),
     ));
+    let yama = match f.yama_ptrace_scope {
+        Some(scope) => format!(" (Yama ptrace_scope {scope})"),
+        None => String::new(),
+    };
     checks.push(check(
         "pidfd_getfd",
-        f.pidfd_getfd.is_ok(),
+        f.pidfd_getfd.is_ok() && f.yama_ptrace_scope != Some(3),
         match &f.pidfd_getfd {
-            Ok(()) => "took a copy of one of its own fds".into(),
-            Err(e) => e.clone(),
+            Ok(()) => format!("took a copy of a child process's fd{yama}"),
+            Err(e) => format!("{e}{yama}"),
         },
-        Some("a 5.6 or later kernel, with CAP_SYS_PTRACE for other processes' sockets".into()),
+        Some(if f.yama_ptrace_scope == Some(3) {
+            // Scope 3 refuses ptrace access, and so pidfd_getfd, to every
+            // process, root included, and can only be set, never lowered,
+            // until the next boot (Documentation/admin-guide/LSM/Yama.rst).
+            "Yama's ptrace_scope 3 refuses pidfd_getfd to root too, and stays until a reboot: set kernel.yama.ptrace_scope to 2 or lower in /etc/sysctl.d and reboot".into()
+        } else {
+            "a 5.6 or later kernel, with CAP_SYS_PTRACE for other processes' sockets and no LSM policy refusing the core ptrace access".into()
+        }),
     ));
     checks.push(match &f.programs {
         None => check(
@@ -389,6 +420,7 @@ mod tests {
             bpffs: (PathBuf::from("/sys/fs/bpf"), Some(BPF_FS_MAGIC)),
             capabilities: ALL_CAPS,
             pidfd_getfd: Ok(()),
+            yama_ptrace_scope: Some(0),
             programs: Some(Ok(vec![
                 ("tlshub_sockops", Ok(())),
                 ("tlshub_gate_file", Ok(())),
@@ -519,6 +551,40 @@ mod tests {
             "missing: CAP_KILL, CAP_NET_ADMIN, CAP_SYS_PTRACE, CAP_PERFMON, CAP_BPF"
         );
         assert!(!r.get("BPF programs").unwrap().ok);
+    }
+
+    #[test]
+    fn taking_another_process_fd_refused_by_yama_or_a_policy_is_missing() {
+        // Yama's scope 3 refuses root too, until a reboot.
+        let r = assess(&Facts {
+            pidfd_getfd: Err(
+                "pidfd_getfd of a child process's fd: Operation not permitted (os error 1)".into(),
+            ),
+            yama_ptrace_scope: Some(3),
+            ..debian_vm()
+        });
+        let c = r.get("pidfd_getfd").unwrap();
+        assert!(!c.ok, "{}", render(&r));
+        assert!(c.found.ends_with("(Yama ptrace_scope 3)"), "{}", c.found);
+        assert!(remedy(&r, "pidfd_getfd").contains("reboot"));
+        // Scopes 1 and 2 leave a core with CAP_SYS_PTRACE its access, so
+        // only the trial decides; a refusal by another policy names none.
+        for scope in [Some(1), Some(2), None] {
+            let fine = assess(&Facts {
+                yama_ptrace_scope: scope,
+                ..debian_vm()
+            });
+            assert!(fine.ok(), "{}", render(&fine));
+        }
+        let r = assess(&Facts {
+            pidfd_getfd: Err(
+                "pidfd_getfd of a child process's fd: Permission denied (os error 13)".into(),
+            ),
+            yama_ptrace_scope: Some(1),
+            ..debian_vm()
+        });
+        assert!(!r.get("pidfd_getfd").unwrap().ok);
+        assert!(remedy(&r, "pidfd_getfd").contains("LSM policy"));
     }
 
     #[test]
