@@ -54,6 +54,11 @@ pub struct AppReport {
     pub ok: bool,
     /// Which side it was.
     pub role: AppRole,
+    /// Its pid as it sees it (`getpid()`, in its own pid namespace: 1 for
+    /// a container's main process).
+    pub pid: u32,
+    /// Its real uid.
+    pub uid: u32,
     /// Connections that completed their exchange.
     pub connections: u32,
     /// Bytes it sent, and received (checked against the pattern).

@@ -44,6 +44,9 @@ const PACKAGES: &[&str] = &[
     "stunnel4",
     // Service NAT in the VM (the DNAT scenarios).
     "nftables",
+    // unshare and setpriv: apps started as a container starts a pod's
+    // (their own pid namespace, an unprivileged uid) in a gate scenario.
+    "util-linux",
 ];
 
 fn installed(pkg: &str) -> bool {

@@ -33,7 +33,9 @@ const BINARIES: &[&str] = &[
     "tlshubctl",
 ];
 /// Host tools copied in with their libraries.
-const TOOLS: &[&str] = &["ip", "ss", "tcpdump", "wg", "stunnel4", "nft"];
+const TOOLS: &[&str] = &[
+    "ip", "ss", "tcpdump", "wg", "stunnel4", "nft", "unshare", "setpriv",
+];
 /// Kernel module trees copied in (kTLS, its ciphers, veth).
 pub const MODULE_DIRS: &[&str] = &[
     "kernel/crypto",

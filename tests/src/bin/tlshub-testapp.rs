@@ -782,7 +782,11 @@ fn run(args: Args, r: &mut AppReport) -> std::io::Result<()> {
 
 fn main() -> std::process::ExitCode {
     let args = Args::parse();
-    let mut report = AppReport::default();
+    let mut report = AppReport {
+        pid: std::process::id(),
+        uid: rustix::process::getuid().as_raw(),
+        ..AppReport::default()
+    };
     let result = run(args, &mut report);
     if let Err(e) = &result {
         report.error = Some(e.to_string());

@@ -1,19 +1,20 @@
 //! The gate's edges in the socket API: Fast Open, half-close and
-//! shutdown, same-node pairs, a reconnect during keying. The unusual
+//! shutdown, same-node pairs, a reconnect during keying, apps as a pod
+//! runs them. The unusual
 //! calls (out-of-band data, zero-copy, repair) are in `gate_calls`.
 
 use std::time::Duration;
 
-use crate::app_report::FastOpenOutcome;
+use crate::app_report::{AppReport, FastOpenOutcome};
 use crate::failed;
 use crate::vm::outcome::{Failure, Outcome};
 
 use super::node::{NodeSpec, PLAIN_PORT, PROTECTED_PORT, ProviderKind};
 use super::support::{App, PodSetting, both_ok, nodes, nodes_with_provider, run_pair};
-use super::topology::{POD_A2, POD_A2_IF};
+use super::topology::{POD_A2, POD_A2_IF, WIRE_IF};
 use super::wire_check::{
-    Capture, captured_exchanges, captured_exchanges_on, check_wire, check_wire_allowing_unkeyed,
-    tcp_ext,
+    Capture, captured_exchanges, captured_exchanges_checked, captured_exchanges_on, check_wire,
+    check_wire_allowing_unkeyed, tcp_ext,
 };
 
 /// TCP Fast Open (client Fast Open is on by default in every namespace)
@@ -392,4 +393,74 @@ pub fn reconnect_during_keying() -> Outcome {
         ));
     }
     Ok(format!("{}; the control stayed plain", summary.join("; ")))
+}
+
+/// Apps as a pod runs them: each end is PID 1 of a pid namespace of its
+/// own, as uid 65534 with no capabilities ([`App::contained`]). A
+/// namespace's PID 1 ignores every signal it has no handler for when the
+/// signal comes from inside the namespace, so this shows that the gate's
+/// stop reaches it (the kernel sends it, which the rule does not cover)
+/// and that the core finds, takes from and continues a process by its pid
+/// outside the namespace. Blocking apps in both orders (stopped by the
+/// gate) and an edge-triggered epoll app (answered `EAGAIN`), with OpenSSL
+/// (every app's first call waits for the in-band handshake, so both nodes
+/// must stop someone) and TLSHub; the plain control runs contained too.
+/// Every report must say pid 1 and uid 65534.
+pub fn contained_apps() -> Outcome {
+    let mut summary = Vec::new();
+    for provider in [ProviderKind::OpenSsl, ProviderKind::TlsHub] {
+        let (a, b) = nodes_with_provider(provider)?;
+        let contained = |mode, size, io, port| App {
+            mode,
+            io,
+            contained: true,
+            ..App::exchange(size, port)
+        };
+        let apps = [
+            contained("client-first", 10_000, "blocking", PROTECTED_PORT),
+            contained("server-first", 1 << 20, "blocking", PROTECTED_PORT),
+            contained("client-first", 1 << 20, "epoll-edge", PROTECTED_PORT),
+            contained("client-first", 10_000, "blocking", PLAIN_PORT),
+        ];
+        let as_a_pod = |s: &AppReport, c: &AppReport| {
+            if [s.pid, c.pid] == [1, 1] && [s.uid, c.uid] == [65534, 65534] {
+                Ok(())
+            } else {
+                Err(failed!(
+                    "server pid {} uid {}, client pid {} uid {} (want pid 1, uid 65534)",
+                    s.pid,
+                    s.uid,
+                    c.pid,
+                    c.uid
+                ))
+            }
+        };
+        let report = captured_exchanges_checked(
+            &format!("contained-{provider:?}"),
+            WIRE_IF,
+            &a,
+            &b,
+            &apps,
+            as_a_pod,
+        )?;
+        let stops = [a.stat(|s| s.gate_stops), b.stat(|s| s.gate_stops)];
+        let waits = [a.stat(|s| s.gate_waits), b.stat(|s| s.gate_waits)];
+        if provider == ProviderKind::OpenSsl && (stops.contains(&0) || waits.contains(&0)) {
+            return Err(failed!(
+                "{provider:?}: processes stopped a {} b {}, connections answered EAGAIN a {} b {} (want some of each on both nodes)",
+                stops[0],
+                stops[1],
+                waits[0],
+                waits[1]
+            ));
+        }
+        summary.push(format!(
+            "{provider:?}: 3 connections exact, {} flows decrypted, stops a {} b {}, EAGAIN waits a {} b {}",
+            report.decrypted, stops[0], stops[1], waits[0], waits[1]
+        ));
+    }
+    Ok(format!(
+        "apps as PID 1 of their own pid namespaces, uid 65534: {}; the contained plain control stayed plain",
+        summary.join("; ")
+    ))
 }

@@ -257,13 +257,17 @@ pub fn spawn_ready(
         }
     });
     let until = Instant::now() + timeout;
+    let mut said = String::new();
     loop {
         match rx.recv_timeout(until.saturating_duration_since(Instant::now())) {
             Ok(l) if l.contains(ready) => return Ok(AppChild(Some(child))),
-            Ok(_) => {}
+            Ok(l) => said.push_str(&l),
             Err(_) => {
                 let _ = child.kill();
-                return Err(failed!("{argv:?} did not print {ready:?}"));
+                return Err(failed!(
+                    "{argv:?} did not print {ready:?}; its stderr: {:?}",
+                    said.trim()
+                ));
             }
         }
     }

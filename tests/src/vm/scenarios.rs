@@ -177,6 +177,10 @@ pub const TESTS: &[Scenario] = &[
     ),
     ("gate_same_node_pods", super::gate_edges::same_node),
     (
+        "gate_contained_apps_pid1_unprivileged",
+        super::gate_edges::contained_apps,
+    ),
+    (
         "service_dnat_to_selected_backend_all_providers",
         super::dnat::to_a_selected_backend,
     ),

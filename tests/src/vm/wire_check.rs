@@ -2,6 +2,7 @@
 //! between the nodes, and the checks that protected flows are TLS only and
 //! decrypt while unselected ones stay plain.
 
+use crate::app_report::AppReport;
 use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::Duration;
@@ -429,11 +430,25 @@ pub fn captured_exchanges_on(
     b: &Node,
     apps: &[App],
 ) -> Result<WireReport, Failure> {
+    captured_exchanges_checked(name, iface, a, b, apps, |_, _| Ok(()))
+}
+
+/// [`captured_exchanges_on`], with `check` judging each app's server and
+/// client reports besides their bytes.
+pub fn captured_exchanges_checked(
+    name: &str,
+    iface: &str,
+    a: &Node,
+    b: &Node,
+    apps: &[App],
+    check: impl Fn(&AppReport, &AppReport) -> Result<(), Failure>,
+) -> Result<WireReport, Failure> {
     let cap = Capture::start_on(name, iface)?;
     let mut uring_interrupted = 0;
     for app in apps {
         let (s, c) = run_pair(app, &[], Duration::from_secs(60))?;
         both_ok(app, &s, &c)?;
+        check(&s, &c).map_err(|e| e.context(format!("{app:?}")))?;
         uring_interrupted += [&s, &c].iter().map(|r| r.uring_interrupted).sum::<u64>();
     }
     if !apps.iter().any(|app| app.port == PLAIN_PORT) {

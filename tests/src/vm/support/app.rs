@@ -55,7 +55,29 @@ pub struct App {
     /// (`[::ffff:10.0.2.2]`, an `AF_INET6` socket), as Java
     /// clients do by default.
     pub connect_v4_mapped: bool,
+    /// Both ends run as a container runtime starts a pod's main process:
+    /// PID 1 of a pid namespace of their own, as uid and gid 65534 with no
+    /// capabilities and `no_new_privs` (see [`CONTAINED`]).
+    pub contained: bool,
 }
+
+/// The command that starts an app [`App::contained`]: `unshare` forks it
+/// into a new pid namespace (so it is that namespace's PID 1, which
+/// ignores signals it has no handler for unless the kernel sends them) and
+/// kills it if `unshare` dies; `setpriv` drops root for uid and gid 65534
+/// (the capabilities go with it) before it runs the app.
+pub const CONTAINED: [&str; 10] = [
+    "unshare",
+    "--pid",
+    "--fork",
+    "--kill-child",
+    "setpriv",
+    "--reuid=65534",
+    "--regid=65534",
+    "--clear-groups",
+    "--no-new-privs",
+    "--",
+];
 
 impl App {
     /// One client-first exchange of `size` bytes with write/read, blocking.
@@ -82,7 +104,20 @@ impl App {
             smc_ulp: false,
             listen_dual_stack: false,
             connect_v4_mapped: false,
+            contained: false,
         }
+    }
+
+    /// The command line that starts this app's `role` (`server` or
+    /// `client`), before its flags.
+    pub fn program<'a>(&self, role: &'a str) -> Vec<&'a str> {
+        let mut argv = if self.contained {
+            CONTAINED.to_vec()
+        } else {
+            Vec::new()
+        };
+        argv.extend(["tlshub-testapp", role]);
+        argv
     }
 
     /// The server's listen address (any, in the server's family) and the

@@ -121,7 +121,8 @@ pub fn spawn_server(port: u16, args: &[&str]) -> Result<process::AppChild, Failu
 pub fn start_app_server(app: &App) -> Result<process::AppChild, Failure> {
     let (listen, _) = app.addresses();
     let args = app.args();
-    let mut sargv = vec!["tlshub-testapp", "server", "--listen", &listen];
+    let mut sargv = app.program("server");
+    sargv.extend(["--listen", &listen]);
     sargv.extend(args.iter().map(String::as_str));
     spawn_ready(app.server_pod, &sargv, "listening", Duration::from_secs(10))
 }
@@ -138,7 +139,8 @@ pub fn run_app_client(
 ) -> Result<String, Failure> {
     let (_, connect) = app.addresses();
     let args = app.args();
-    let mut cargv = vec!["tlshub-testapp", "client", "--connect", &connect];
+    let mut cargv = app.program("client");
+    cargv.extend(["--connect", &connect]);
     cargv.extend(args.iter().map(String::as_str));
     cargv.extend_from_slice(extra);
     let client = process::spawn_app(pod, &cargv)?;
