@@ -114,7 +114,7 @@ pub struct BpfCounter {
 
 /// Every BPF counter the core mirrors (besides the ring buffer's drops and
 /// the no-core refusals, which it reads on their own): one row each.
-pub const BPF_COUNTERS: [BpfCounter; 12] = [
+pub const BPF_COUNTERS: [BpfCounter; 13] = [
     BpfCounter {
         index: stat::FASTOPEN_REFUSED,
         metric: "gate_fastopen_refused",
@@ -128,6 +128,13 @@ pub const BPF_COUNTERS: [BpfCounter; 12] = [
         help: "Multipath TCP connections refused where the policy selects them (kTLS cannot be installed on an MPTCP socket): connect(), or listen() on a port a rule selects, answered EOPNOTSUPP (an app may fall back to TCP), or a path that was accepted or added anyway, whose MPTCP socket then fails every call with ECONNRESET; MPTCP Fast Open sends count under gate_fastopen_refused",
         alarm: None,
         field: |s| &mut s.mptcp_refused,
+    },
+    BpfCounter {
+        index: stat::SIMULTANEOUS_OPEN,
+        metric: "gate_simultaneous_open",
+        help: "Selected connections whose socket connect()ed and then completed as the passive side, because the peer's SYN reached it first (a TCP simultaneous open); keyed in the server role",
+        alarm: None,
+        field: |s| &mut s.simultaneous_open,
     },
     BpfCounter {
         index: stat::MAP_FULL,

@@ -576,14 +576,16 @@ static __always_inline void track_connecting(struct bpf_sock_ops *skops, __u64 c
 						 ANNOUNCE_FLAGS);
 }
 
-/* At ACTIVE_ESTABLISHED: the conns entry of a connecting socket (see
- * track_connecting()) whose peer answered, the end of its connecting
- * state, and in *owner the owner connect() recorded (pid 0: none). Returns
- * 0 if conns is full: then it is refused for good. */
+/* At ACTIVE_ESTABLISHED (role client), or at PASSIVE_ESTABLISHED after a
+ * simultaneous open (role server, see the sockops program): the conns
+ * entry of a connecting socket (see track_connecting()) whose peer
+ * answered, the end of its connecting state, and in *owner the owner
+ * connect() recorded (pid 0: none). Returns 0 if conns is full: then it
+ * is refused for good. */
 static __always_inline int track(struct tlshub_sk_mark *mark, __u64 cookie,
-				 struct tlshub_owner *owner)
+				 struct tlshub_owner *owner, __u32 role)
 {
-	struct tlshub_conn conn = { .gate = TLSHUB_GATE_CLOSED, .role = TLSHUB_ROLE_CLIENT };
+	struct tlshub_conn conn = { .gate = TLSHUB_GATE_CLOSED, .role = role };
 	long err = bpf_map_update_elem(&conns, &cookie, &conn, BPF_NOEXIST);
 	struct tlshub_owner *known = bpf_map_lookup_elem(&connecting_owners, &cookie);
 	if (known) {
@@ -739,6 +741,52 @@ static __always_inline int mptcp_subflow_refused(struct bpf_sock_ops *skops)
 	return 1;
 }
 
+/* Whether this socket is one connect() selected and is still connecting
+ * (see track_connecting()). */
+static __always_inline int connecting_here(struct bpf_sock_ops *skops, __u64 cookie)
+{
+	if (!skops->sk)
+		return 0;
+	struct tlshub_sk_mark *mark = bpf_sk_storage_get(&sk_marks, skops->sk, 0, 0);
+	return mark && (mark->flags & TLSHUB_MARK_CONNECTING) && mark->cookie == cookie;
+}
+
+/* The handshake of a socket that connect()ed has completed (actively, or
+ * passively after a simultaneous open): reads the peer's announcement
+ * into ev and, for a selected connecting socket, makes its conns entry in
+ * `role` (track()) with the owner connect() recorded in *owner. Returns
+ * whether there is a connection for the core to key (not refused, not
+ * conns full, not unselected). */
+static __always_inline int connected_answered(struct bpf_sock_ops *skops, __u64 cookie,
+					      struct tlshub_event *ev, struct tlshub_owner *owner,
+					      __u32 role)
+{
+	/* Announced (announce()): did the peer's answer carry it? */
+	if (skops->bpf_sock_ops_cb_flags & BPF_SOCK_OPS_PARSE_ALL_HDR_OPT_CB_FLAG)
+		set_peer(ev, announced_in(skops, 0));
+	/* The peer answered: a connecting socket gets its entry now
+	 * (track_connecting()), and its owner if connect() knew it. */
+	if (skops->sk) {
+		struct tlshub_sk_mark *mark = bpf_sk_storage_get(&sk_marks, skops->sk, 0, 0);
+		if (mark && (mark->flags & TLSHUB_MARK_CONNECTING) && mark->cookie == cookie) {
+			int held = mark->flags & TLSHUB_MARK_HELD_CONNECTING;
+			if (!track(mark, cookie, owner, role)) {
+				/* Refused: a process held while it connected
+				 * has nothing to wait for. */
+				if (held) {
+					ev->kind = TLSHUB_EV_CLOSED;
+					ev->cookie = cookie;
+					emit(ev);
+				}
+				return 0;
+			}
+		}
+	}
+	/* Refused (gate RESET, or conns full): nothing for the core to key. */
+	struct tlshub_conn *c = bpf_map_lookup_elem(&conns, &cookie);
+	return c && c->gate == TLSHUB_GATE_CLOSED;
+}
+
 SEC("sockops")
 int tlshub_sockops(struct bpf_sock_ops *skops)
 {
@@ -790,42 +838,37 @@ int tlshub_sockops(struct bpf_sock_ops *skops)
 			}
 		}
 		break;
-	case BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB: {
+	case BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB:
 		cookie = bpf_get_socket_cookie(skops);
-		/* Announced (announce()): did the SYN-ACK answer? */
-		if (skops->bpf_sock_ops_cb_flags & BPF_SOCK_OPS_PARSE_ALL_HDR_OPT_CB_FLAG)
-			set_peer(&ev, announced_in(skops, 0));
-		/* The peer answered: a connecting socket gets its entry now
-		 * (track_connecting()), and its owner if connect() knew it. */
-		if (skops->sk) {
-			struct tlshub_sk_mark *mark =
-				bpf_sk_storage_get(&sk_marks, skops->sk, 0, 0);
-			if (mark && (mark->flags & TLSHUB_MARK_CONNECTING) && mark->cookie == cookie) {
-				int held = mark->flags & TLSHUB_MARK_HELD_CONNECTING;
-				if (!track(mark, cookie, &owner)) {
-					/* Refused: a process held while it
-					 * connected has nothing to wait for. */
-					if (held) {
-						ev.kind = TLSHUB_EV_CLOSED;
-						ev.cookie = cookie;
-						emit(&ev);
-					}
-					break;
-				}
-			}
-		}
-		/* Refused (gate RESET, or conns full): nothing for the core to key. */
-		struct tlshub_conn *c = bpf_map_lookup_elem(&conns, &cookie);
-		if (!c || c->gate != TLSHUB_GATE_CLOSED)
+		if (!connected_answered(skops, cookie, &ev, &owner, TLSHUB_ROLE_CLIENT))
 			break;
 		ev.kind = TLSHUB_EV_ESTABLISHED;
 		ev.role = TLSHUB_ROLE_CLIENT;
 		goto established;
-	}
 	case BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB:
 		/* Runs in softirq when the 3-way handshake completes, before
 		 * accept() can return this socket: the gate is closed first. */
 		cookie = bpf_get_socket_cookie(skops);
+		/* A simultaneous open: this socket connect()ed (and was
+		 * selected then), and the peer's SYN reached it in SYN_SENT,
+		 * so it answered with a SYN-ACK and the kernel completes it as
+		 * the passive side. It keeps its selection and is keyed in
+		 * TCP's role, the server: where only the first SYN was lost
+		 * (how hole punching meets it), the peer completes as the
+		 * active side, the client, and the roles agree. Where both
+		 * SYNs crossed, both ends are servers and their keys cannot
+		 * agree: the connection fails closed (a handshake provider
+		 * times out, a key-only one's records do not decrypt), never
+		 * plain. Before, it was left connecting with no entry, and its
+		 * app was held until the connection ended. */
+		if (connecting_here(skops, cookie)) {
+			if (!connected_answered(skops, cookie, &ev, &owner, TLSHUB_ROLE_SERVER))
+				break;
+			stat_inc(TLSHUB_STAT_SIMULTANEOUS_OPEN);
+			ev.kind = TLSHUB_EV_ESTABLISHED;
+			ev.role = TLSHUB_ROLE_SERVER;
+			goto established;
+		}
 		/* Inherited from the listener: whether it could answer (see
 		 * announce()). */
 		int answering = skops->bpf_sock_ops_cb_flags & BPF_SOCK_OPS_WRITE_HDR_OPT_CB_FLAG;

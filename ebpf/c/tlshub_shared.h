@@ -81,7 +81,8 @@ struct tlshub_control {
 #define TLSHUB_STAT_HOLD_UNRECORDED 12 /* calls answered EINTR: no room to record their hold */
 #define TLSHUB_STAT_MAP_BUSY 13 /* selected sockets failed closed: conns was busy (EBUSY) */
 #define TLSHUB_STAT_MPTCP_REFUSED 14 /* Multipath TCP to or from selected peers refused */
-#define TLSHUB_STAT_MAX 15
+#define TLSHUB_STAT_SIMULTANEOUS_OPEN 15 /* selected connect()ed sockets completed passively (simultaneous open) */
+#define TLSHUB_STAT_MAX 16
 
 struct tlshub_event {
 	__u32 kind;

@@ -217,8 +217,13 @@ pub mod stat {
     /// subflow that got there anyway (an accepted one, an extra path) whose
     /// MPTCP socket then fails every call with `ECONNRESET`.
     pub const MPTCP_REFUSED: u32 = 14;
+    /// Selected sockets that `connect()`ed and completed their handshake
+    /// as the passive side, because the peer's SYN reached them while they
+    /// waited in `SYN_SENT` (a TCP simultaneous open): keyed in the server
+    /// role.
+    pub const SIMULTANEOUS_OPEN: u32 = 15;
     /// Length of the `stats` array.
-    pub const COUNT: u32 = 15;
+    pub const COUNT: u32 = 16;
 }
 
 /// `TLSHUB_UNSENT_HOLD_MAX_MS`: how long `shutdown()`s on one socket are
@@ -541,6 +546,7 @@ mod tests {
                 stat::HOLD_UNRECORDED,
                 stat::MAP_BUSY,
                 stat::MPTCP_REFUSED,
+                stat::SIMULTANEOUS_OPEN,
                 UNSENT_HOLD_MAX_MS,
                 stat::COUNT,
                 conn::UNMARKED
@@ -555,6 +561,7 @@ mod tests {
                 TLSHUB_STAT_HOLD_UNRECORDED,
                 TLSHUB_STAT_MAP_BUSY,
                 TLSHUB_STAT_MPTCP_REFUSED,
+                TLSHUB_STAT_SIMULTANEOUS_OPEN,
                 TLSHUB_UNSENT_HOLD_MAX_MS,
                 TLSHUB_STAT_MAX,
                 TLSHUB_CONN_UNMARKED

@@ -105,6 +105,12 @@ struct Common {
     /// does. The client ignores it.
     #[arg(long, default_value_t = 0)]
     accept_delay_ms: u64,
+    /// Server: `TCP_DEFER_ACCEPT` of this many seconds on the listener, as
+    /// nginx's `listen ... deferred` sets it: the kernel completes a
+    /// connection (and `accept()` returns it) only once its first data
+    /// has arrived. The client ignores it.
+    #[arg(long, default_value_t = 0)]
+    defer_accept_s: u32,
     /// All `connections` at once, each on its own thread (the server
     /// accepts the next at once); otherwise one after another.
     #[arg(long)]
@@ -143,6 +149,21 @@ enum Side {
         /// (fd-reuse scenario; the other server runs mode client-first).
         #[arg(long)]
         reuse_fd_to: Option<SocketAddr>,
+        #[command(flatten)]
+        common: Common,
+    },
+    /// Bind to `bind` and connect to `connect`, with no listener at either
+    /// end: a TCP simultaneous open when the peer does the same towards
+    /// `bind` (its SYN reaches this socket while it waits in `SYN_SENT`).
+    /// Then one exchange, as the client, or as the server with `--answer`.
+    Simultaneous {
+        #[arg(long)]
+        bind: SocketAddr,
+        #[arg(long)]
+        connect: SocketAddr,
+        /// Play the server's part of the exchange.
+        #[arg(long)]
+        answer: bool,
         #[command(flatten)]
         common: Common,
     },
@@ -691,6 +712,16 @@ fn run(args: Args, r: &mut AppReport) -> std::io::Result<()> {
             if let Some(bytes) = common.sndbuf {
                 socket2::SockRef::from(&l).set_send_buffer_size(bytes)?;
             }
+            if common.defer_accept_s > 0 {
+                let secs = libc::c_int::try_from(common.defer_accept_s)
+                    .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+                tlshub_ktls::set_option(
+                    std::os::fd::AsFd::as_fd(&l),
+                    libc::IPPROTO_TCP,
+                    libc::TCP_DEFER_ACCEPT,
+                    &secs,
+                )?;
+            }
             // Tell the runner we are listening.
             eprintln!("listening on {listen}");
             if common.reconnect {
@@ -724,6 +755,33 @@ fn run(args: Args, r: &mut AppReport) -> std::io::Result<()> {
                     r.connections += 1;
                 }
             }
+        }
+        Side::Simultaneous {
+            bind,
+            connect,
+            answer,
+            common,
+        } => {
+            r.role = if answer {
+                AppRole::Server
+            } else {
+                AppRole::Client
+            };
+            let sock = socket2::Socket::new(
+                socket2::Domain::for_address(bind),
+                socket2::Type::STREAM,
+                None,
+            )?;
+            sock.set_reuse_address(true)?;
+            sock.bind(&bind.into())?;
+            sock.connect(&connect.into())?;
+            let mut c = Conn::new(sock.into(), common.io)?;
+            if answer {
+                serve_exchange(&mut c, &common, r)?;
+            } else {
+                client_exchange(&mut c, &common, r)?;
+            }
+            r.connections += 1;
         }
         Side::Client {
             connect,

@@ -15,6 +15,7 @@ pub mod gate_abuse;
 pub mod gate_calls;
 pub mod gate_capacity;
 pub mod gate_edges;
+pub mod gate_opens;
 pub mod gate_paths;
 pub mod node;
 pub mod node_pair;

@@ -181,6 +181,11 @@ pub const TESTS: &[Scenario] = &[
         super::gate_edges::contained_apps,
     ),
     (
+        "gate_tcp_simultaneous_open",
+        super::gate_opens::simultaneous_open,
+    ),
+    ("gate_deferred_accept", super::gate_opens::deferred_accept),
+    (
         "service_dnat_to_selected_backend_all_providers",
         super::dnat::to_a_selected_backend,
     ),

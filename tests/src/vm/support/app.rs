@@ -39,6 +39,9 @@ pub struct App {
     pub ktls_fixed_key: bool,
     /// --accept-delay-ms (server): wait before each accept().
     pub accept_delay_ms: u64,
+    /// --defer-accept-s (server): `TCP_DEFER_ACCEPT` on the listener (0:
+    /// off).
+    pub defer_accept_s: u32,
     /// --parallel (both ends): all `connections` at once.
     pub parallel: bool,
     /// --mptcp (both ends): Multipath TCP, falling back to TCP on error.
@@ -98,6 +101,7 @@ impl App {
             reconnect: false,
             ktls_fixed_key: false,
             accept_delay_ms: 0,
+            defer_accept_s: 0,
             parallel: false,
             mptcp: false,
             smc: false,
@@ -170,6 +174,10 @@ impl App {
         if self.accept_delay_ms > 0 {
             args.push("--accept-delay-ms".into());
             args.push(self.accept_delay_ms.to_string());
+        }
+        if self.defer_accept_s > 0 {
+            args.push("--defer-accept-s".into());
+            args.push(self.defer_accept_s.to_string());
         }
         let switches = [
             (self.reconnect, "--reconnect"),

@@ -411,6 +411,26 @@ pub fn stopped_within_10s(pid: u32) -> bool {
     .is_ok()
 }
 
+/// The core's last warnings and failures, for a failure message, and its
+/// stats once the counters kept by BPF reached the stats file (the core
+/// copies them there about once a second).
+pub fn trouble(node: &Node) -> String {
+    std::thread::sleep(Duration::from_millis(1500));
+    let log = node.core_log();
+    let lines: Vec<&str> = log
+        .lines()
+        .filter(|l| {
+            !l.contains("KEY EXPORT")
+                && (l.contains("WARN") || l.contains("ERROR") || l.contains("failed"))
+        })
+        .collect();
+    format!(
+        "{} (stats {:?})",
+        lines[lines.len().saturating_sub(4)..].join(" | "),
+        node.stats()
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

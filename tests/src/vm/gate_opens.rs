@@ -1,0 +1,227 @@
+//! Connections opened other than by one `connect()` meeting one
+//! `accept()` right away:
+//! - TCP simultaneous open: two sockets that each `connect()` to the
+//!   other, with no listener at either end. A socket whose `SYN_SENT`
+//!   meets the peer's SYN answers it and completes its handshake as a
+//!   server would: the kernel runs `PASSIVE_ESTABLISHED` for a socket the
+//!   gate selected at its `connect()`.
+//! - A deferred accept (`TCP_DEFER_ACCEPT`): the server's kernel completes
+//!   a connection only when its first data arrives.
+//!
+//! ARCHITECTURE.md, "The gate", says how each is held and keyed.
+
+use std::time::{Duration, Instant};
+
+use crate::failed;
+use crate::vm::outcome::Outcome;
+
+use super::node::{NodeSpec, PLAIN_PORT, PROTECTED_PORT, ProviderKind};
+use super::process;
+use super::support::{App, PodSetting, app_report, nodes, nodes_with_provider, trouble};
+use super::topology::{POD_A, POD_B};
+use super::wire_check::{
+    Capture, captured_exchanges, check_wire_allowing_unkeyed, plain_control, tcp_ext,
+};
+use crate::app_report::AppReport;
+use crate::vm::outcome::Failure;
+
+/// A second port both nodes' rule selects: pod-a's end binds it when both
+/// ends are selected (pod-b's `connect()` to it is then selected too).
+/// Not the protected port itself, so that the wire check tells the two
+/// directions apart by their destination port.
+const ALSO_SELECTED: u16 = 8444;
+
+/// pod-b drops pod-a's SYNs (SYN without ACK) to the protected port, so
+/// pod-a's `connect()` waits in `SYN_SENT` (its SYN is retransmitted after
+/// 1 s) until pod-b's own SYN reaches it: pod-a's socket then answers
+/// with a SYN-ACK and completes as the passive side, pod-b's as the active
+/// one. This is the simultaneous open that hole punching through NAT
+/// meets (the first SYN dropped by the far side), and the one that can be
+/// made deterministic here.
+fn drop_pod_a_syns() -> Result<PodSetting, Failure> {
+    let rules = format!(
+        "add table inet tlshub_simopen; \
+         add chain inet tlshub_simopen input {{ type filter hook input priority 0; }}; \
+         add rule inet tlshub_simopen input ip saddr {POD_A} tcp dport {PROTECTED_PORT} \
+         tcp flags & (syn | ack) == syn drop"
+    );
+    PodSetting::command(
+        "pod-b",
+        &["nft", &rules],
+        &["nft", "delete", "table", "inet", "tlshub_simopen"],
+    )
+}
+
+/// pod-a binds `a_port` and connects to pod-b's protected port, as the
+/// exchange's client; 300 ms later pod-b binds the protected port and
+/// connects to pod-a's `a_port`, answering. Both apps' reports (pod-a's
+/// first) and how long the two took.
+fn open_simultaneously(a_port: u16) -> Result<(AppReport, AppReport, Duration), Failure> {
+    let a_bind = format!("0.0.0.0:{a_port}");
+    let b_addr = format!("{POD_B}:{PROTECTED_PORT}");
+    let b_bind = format!("0.0.0.0:{PROTECTED_PORT}");
+    let a_addr = format!("{POD_A}:{a_port}");
+    let app = |bind: &str, connect: &str, answer: bool| {
+        let mut argv: Vec<String> = [
+            "tlshub-testapp",
+            "simultaneous",
+            "--bind",
+            bind,
+            "--connect",
+            connect,
+            "--mode",
+            "client-first",
+            "--size",
+            "10000",
+        ]
+        .map(String::from)
+        .to_vec();
+        if answer {
+            argv.push("--answer".into());
+        }
+        argv
+    };
+    let argv_a = app(&a_bind, &b_addr, false);
+    let argv_b = app(&b_bind, &a_addr, true);
+    let started = Instant::now();
+    let first = process::spawn_app("pod-a", &as_strs(&argv_a))?;
+    std::thread::sleep(Duration::from_millis(300));
+    let second = process::spawn_app("pod-b", &as_strs(&argv_b))?;
+    let b_pid = second.id();
+    let a = process::finish_reporting(first, Duration::from_secs(30), &[b_pid])
+        .map_err(|e| e.context("pod-a, connecting first"))?;
+    let b = process::finish(second, Duration::from_secs(10))
+        .map_err(|e| e.context("pod-b, answering"))?;
+    Ok((app_report(&a)?, app_report(&b)?, started.elapsed()))
+}
+
+/// A simultaneous open between selected sockets, made deterministic by
+/// [`drop_pod_a_syns`]: pod-a's socket completes passively, pod-b's
+/// actively. With OpenSSL and TLSHub:
+/// - both ends selected (pod-a binds a second selected port, which pod-b
+///   connects to):
+///   exact bytes both ways, both flows TLS-only and decrypted, node a
+///   counts the passive completion (`simultaneous_open`);
+/// - with OpenSSL, only pod-a's end selected (pod-b's connect() goes to
+///   an unselected port of pod-a, so its node leaves it plain): pod-a's
+///   end fails closed within the key timeout and both apps end with a
+///   clean error, no hang (before, pod-a's app stayed held until the
+///   connection ended, and pod-b's waited for its bytes: both hung).
+///
+/// A plain control under the same capture shows its marker.
+pub fn simultaneous_open() -> Outcome {
+    let mut summary = Vec::new();
+    for provider in [ProviderKind::OpenSsl, ProviderKind::TlsHub] {
+        let spec = |name| NodeSpec {
+            also_ports: vec![ALSO_SELECTED],
+            ..NodeSpec::with_provider(name, provider)
+        };
+        let (a, b) = nodes(spec("a"), spec("b"))?;
+        let cap = Capture::start(&format!("simultaneous-open-{provider:?}"))?;
+        let mut mixed = String::new();
+        if provider == ProviderKind::OpenSsl {
+            let _drop = drop_pod_a_syns()?;
+            let (ra, rb, took) = open_simultaneously(40_001)?;
+            let clean = |r: &AppReport| !r.ok && r.errno.is_some();
+            if !clean(&ra) || !clean(&rb) || took > Duration::from_secs(15) {
+                return Err(failed!(
+                    "only pod-a's end selected: pod-a {ra}, pod-b {rb} after {took:?} (want both failed with an errno, within 15 s)"
+                ));
+            }
+            mixed = format!(
+                "; only pod-a's end selected: both failed cleanly in {:.1} s (pod-a errno {}, pod-b errno {})",
+                took.as_secs_f64(),
+                ra.errno.unwrap_or(0),
+                rb.errno.unwrap_or(0)
+            );
+        }
+        let before = a.stat(|s| s.simultaneous_open);
+        let (ra, rb, took) = {
+            let _drop = drop_pod_a_syns()?;
+            open_simultaneously(ALSO_SELECTED)?
+        };
+        if !(ra.ok && rb.ok) {
+            return Err(failed!(
+                "{provider:?}, both ends selected: pod-a {ra}, pod-b {rb}; node a: {}",
+                trouble(&a)
+            ));
+        }
+        let passive = a.stat_reaching(|s| s.simultaneous_open, before + 1) - before;
+        if passive != 1 {
+            return Err(failed!(
+                "{provider:?}: node a counted {passive} simultaneous opens, want 1 (did pod-a's SYN get through?)"
+            ));
+        }
+        plain_control()?;
+        let report = check_wire_allowing_unkeyed(&cap.finish()?, &a, &b, true)?;
+        report.expect_at_least(1, 2)?;
+        if report.protected_flows > 2 || report.decrypted != 2 {
+            return Err(failed!(
+                "{provider:?}: want the selected pair's two flows decrypted and no other protected payload: {report:?}"
+            ));
+        }
+        summary.push(format!(
+            "{provider:?}: both ends selected, exact in {:.1} s, pod-a's end passive (server role), 2 flows decrypted{mixed}",
+            took.as_secs_f64()
+        ));
+    }
+    Ok(summary.join("; "))
+}
+
+fn as_strs(v: &[String]) -> Vec<&str> {
+    v.iter().map(String::as_str).collect()
+}
+
+/// A server that sets `TCP_DEFER_ACCEPT` (5 s) on its listener, as nginx's
+/// `listen ... deferred` does: its kernel drops the client's bare final
+/// ACK and completes the connection only when data arrives, so the
+/// server's `PASSIVE_ESTABLISHED` comes with the client's first bytes
+/// already queued. Those are the ClientHello of an in-band handshake
+/// (OpenSSL) or the first record of a client keyed from establishment
+/// (TLSHub). Client-first exchanges (blocking 10,000 bytes, edge-triggered
+/// epoll 1 MiB) and, with OpenSSL, a server-first one must be exact and
+/// decrypt on the wire; the plain control defers too. Node b's namespace
+/// must count at least one dropped bare ACK per connection
+/// (`TCPDeferAcceptDrop`), or the listener did not defer.
+pub fn deferred_accept() -> Outcome {
+    const DEFER_S: u32 = 5;
+    let mut summary = Vec::new();
+    for provider in [ProviderKind::OpenSsl, ProviderKind::TlsHub] {
+        let (a, b) = nodes_with_provider(provider)?;
+        let deferred = |mode, size, io, port| App {
+            mode,
+            io,
+            defer_accept_s: DEFER_S,
+            ..App::exchange(size, port)
+        };
+        let mut apps = vec![
+            deferred("client-first", 10_000, "blocking", PROTECTED_PORT),
+            deferred("client-first", 1 << 20, "epoll-edge", PROTECTED_PORT),
+            deferred("client-first", 10_000, "blocking", PLAIN_PORT),
+        ];
+        if provider == ProviderKind::OpenSsl {
+            apps.push(deferred("server-first", 10_000, "blocking", PROTECTED_PORT));
+        }
+        let dropped_before = tcp_ext("pod-b", "TCPDeferAcceptDrop");
+        let started = Instant::now();
+        let report = captured_exchanges(&format!("deferred-accept-{provider:?}"), &a, &b, &apps)?;
+        let took = started.elapsed();
+        let dropped = tcp_ext("pod-b", "TCPDeferAcceptDrop") - dropped_before;
+        if dropped < apps.len() as u64 {
+            return Err(failed!(
+                "{provider:?}: pod-b dropped {dropped} bare ACKs for {} deferred connections: the listeners did not defer",
+                apps.len()
+            ));
+        }
+        summary.push(format!(
+            "{provider:?}: {} deferred connections (the plain control among them) exact in {:.1} s, {} flows decrypted, {dropped} bare ACKs held back",
+            apps.len(),
+            took.as_secs_f64(),
+            report.decrypted
+        ));
+    }
+    Ok(format!(
+        "{}; the deferred plain control stayed plain",
+        summary.join("; ")
+    ))
+}
