@@ -741,6 +741,21 @@ static __always_inline int mptcp_subflow_refused(struct bpf_sock_ops *skops)
 	return 1;
 }
 
+/* Whether this end's address and port sort before the peer's (addresses
+ * as on the wire, then ports). After a simultaneous open in which both
+ * SYNs crossed, both ends complete as the passive side; each compares the
+ * same two endpoints from its own side, so exactly one of them is first
+ * and takes the client's role. */
+static __always_inline int endpoint_first(const struct tlshub_event *ev)
+{
+#pragma unroll
+	for (int i = 0; i < 16; i++) {
+		if (ev->local_addr[i] != ev->remote_addr[i])
+			return ev->local_addr[i] < ev->remote_addr[i];
+	}
+	return ev->local_port < ev->remote_port;
+}
+
 /* Whether this socket is one connect() selected and is still connecting
  * (see track_connecting()). */
 static __always_inline int connecting_here(struct bpf_sock_ops *skops, __u64 cookie)
@@ -852,21 +867,25 @@ int tlshub_sockops(struct bpf_sock_ops *skops)
 		/* A simultaneous open: this socket connect()ed (and was
 		 * selected then), and the peer's SYN reached it in SYN_SENT,
 		 * so it answered with a SYN-ACK and the kernel completes it as
-		 * the passive side. It keeps its selection and is keyed in
-		 * TCP's role, the server: where only the first SYN was lost
-		 * (how hole punching meets it), the peer completes as the
-		 * active side, the client, and the roles agree. Where both
-		 * SYNs crossed, both ends are servers and their keys cannot
-		 * agree: the connection fails closed (a handshake provider
-		 * times out, a key-only one's records do not decrypt), never
-		 * plain. Before, it was left connecting with no entry, and its
-		 * app was held until the connection ended. */
+		 * the passive side. It keeps its selection. Completed by a
+		 * bare ACK, only this end answered a SYN (the first SYN was
+		 * lost, as hole punching meets it) and the peer completed
+		 * actively, as the client: this end is the server, as TCP
+		 * says. Completed by the peer's SYN-ACK, both SYNs crossed and
+		 * both ends complete passively: the ends agree on the roles by
+		 * their endpoints (endpoint_first()). */
 		if (connecting_here(skops, cookie)) {
-			if (!connected_answered(skops, cookie, &ev, &owner, TLSHUB_ROLE_SERVER))
+			__u32 role = TLSHUB_ROLE_SERVER;
+			if (skops->skb_tcp_flags & TCPHDR_SYN) {
+				fill_tuple(skops, &ev);
+				if (endpoint_first(&ev))
+					role = TLSHUB_ROLE_CLIENT;
+			}
+			if (!connected_answered(skops, cookie, &ev, &owner, role))
 				break;
 			stat_inc(TLSHUB_STAT_SIMULTANEOUS_OPEN);
 			ev.kind = TLSHUB_EV_ESTABLISHED;
-			ev.role = TLSHUB_ROLE_SERVER;
+			ev.role = role;
 			goto established;
 		}
 		/* Inherited from the listener: whether it could answer (see

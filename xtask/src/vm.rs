@@ -34,7 +34,7 @@ const BINARIES: &[&str] = &[
 ];
 /// Host tools copied in with their libraries.
 const TOOLS: &[&str] = &[
-    "ip", "ss", "tcpdump", "wg", "stunnel4", "nft", "unshare", "setpriv",
+    "ip", "ss", "tcpdump", "wg", "stunnel4", "nft", "unshare", "setpriv", "tc",
 ];
 /// Kernel module trees copied in (kTLS, its ciphers, veth).
 pub const MODULE_DIRS: &[&str] = &[
@@ -46,6 +46,9 @@ pub const MODULE_DIRS: &[&str] = &[
     "kernel/net/ipv4/inet_diag.ko",
     "kernel/net/ipv4/tcp_diag.ko",
     "kernel/drivers/net/veth.ko",
+    // netem: a delay on the pods' links, so that two SYNs cross (the
+    // simultaneous-open scenario).
+    "kernel/net/sched/sch_netem.ko",
     // WireGuard, the benchmark's node-to-node alternative.
     "kernel/drivers/net/wireguard",
     "kernel/net/ipv4/udp_tunnel.ko",

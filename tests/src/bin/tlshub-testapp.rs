@@ -164,6 +164,10 @@ enum Side {
         /// Play the server's part of the exchange.
         #[arg(long)]
         answer: bool,
+        /// Connect once this file exists (checked every millisecond, for
+        /// at most 30 s), so that two apps connect at the same moment.
+        #[arg(long)]
+        go_file: Option<std::path::PathBuf>,
         #[command(flatten)]
         common: Common,
     },
@@ -760,6 +764,7 @@ fn run(args: Args, r: &mut AppReport) -> std::io::Result<()> {
             bind,
             connect,
             answer,
+            go_file,
             common,
         } => {
             r.role = if answer {
@@ -774,6 +779,18 @@ fn run(args: Args, r: &mut AppReport) -> std::io::Result<()> {
             )?;
             sock.set_reuse_address(true)?;
             sock.bind(&bind.into())?;
+            if let Some(go) = go_file {
+                let until = Instant::now() + std::time::Duration::from_secs(30);
+                while !go.exists() {
+                    if Instant::now() > until {
+                        return Err(std::io::Error::other(format!(
+                            "{} never came",
+                            go.display()
+                        )));
+                    }
+                    std::thread::sleep(std::time::Duration::from_millis(1));
+                }
+            }
             sock.connect(&connect.into())?;
             let mut c = Conn::new(sock.into(), common.io)?;
             if answer {

@@ -17,7 +17,7 @@ use crate::vm::outcome::Outcome;
 
 use super::node::{NodeSpec, PLAIN_PORT, PROTECTED_PORT, ProviderKind};
 use super::process;
-use super::support::{App, PodSetting, app_report, nodes, nodes_with_provider, trouble};
+use super::support::{App, GoFile, PodSetting, app_report, nodes, nodes_with_provider, trouble};
 use super::topology::{POD_A, POD_B};
 use super::wire_check::{
     Capture, captured_exchanges, check_wire_allowing_unkeyed, plain_control, tcp_ext,
@@ -25,11 +25,13 @@ use super::wire_check::{
 use crate::app_report::AppReport;
 use crate::vm::outcome::Failure;
 
-/// A second port both nodes' rule selects: pod-a's end binds it when both
-/// ends are selected (pod-b's `connect()` to it is then selected too).
-/// Not the protected port itself, so that the wire check tells the two
+/// More ports both nodes' rule selects: pod-a's end binds one when both
+/// ends are selected (pod-b's `connect()` to it is then selected too), the
+/// first when the first SYN is lost, the second when the SYNs cross (two
+/// connections on one 4-tuple would be one flow to the wire check). Not
+/// the protected port itself, so that the wire check tells the two
 /// directions apart by their destination port.
-const ALSO_SELECTED: u16 = 8444;
+const ALSO_SELECTED: [u16; 2] = [8444, 8445];
 
 /// pod-b drops pod-a's SYNs (SYN without ACK) to the protected port, so
 /// pod-a's `connect()` waits in `SYN_SENT` (its SYN is retransmitted after
@@ -52,11 +54,40 @@ fn drop_pod_a_syns() -> Result<PodSetting, Failure> {
     )
 }
 
+/// How the two SYNs of [`open_simultaneously`] meet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Syns {
+    /// pod-a connects 300 ms before pod-b, and [`drop_pod_a_syns`] must be
+    /// in place: only pod-b's SYN arrives, and pod-a's end answers it.
+    FirstLost,
+    /// Both connect at once (a go file), and [`delay_both_links`] must be
+    /// in place: each SYN reaches a socket still in `SYN_SENT`.
+    Crossed,
+}
+
+/// 100 ms of delay on both pods' links (netem on `pa` and `pb`, each
+/// way), so that two SYNs sent within that time cross on the wire.
+fn delay_both_links() -> Result<[PodSetting; 2], Failure> {
+    let delay = |pod, dev| {
+        PodSetting::command(
+            pod,
+            &[
+                "tc", "qdisc", "add", "dev", dev, "root", "netem", "delay", "100ms",
+            ],
+            &["tc", "qdisc", "del", "dev", dev, "root"],
+        )
+    };
+    Ok([delay("pod-a", "pa")?, delay("pod-b", "pb")?])
+}
+
 /// pod-a binds `a_port` and connects to pod-b's protected port, as the
-/// exchange's client; 300 ms later pod-b binds the protected port and
-/// connects to pod-a's `a_port`, answering. Both apps' reports (pod-a's
-/// first) and how long the two took.
-fn open_simultaneously(a_port: u16) -> Result<(AppReport, AppReport, Duration), Failure> {
+/// exchange's client; pod-b binds the protected port and connects to
+/// pod-a's `a_port`, answering; `syns` says when. Both apps' reports
+/// (pod-a's first) and how long the two took.
+fn open_simultaneously(
+    a_port: u16,
+    syns: Syns,
+) -> Result<(AppReport, AppReport, Duration), Failure> {
     let a_bind = format!("0.0.0.0:{a_port}");
     let b_addr = format!("{POD_B}:{PROTECTED_PORT}");
     let b_bind = format!("0.0.0.0:{PROTECTED_PORT}");
@@ -81,12 +112,25 @@ fn open_simultaneously(a_port: u16) -> Result<(AppReport, AppReport, Duration), 
         }
         argv
     };
-    let argv_a = app(&a_bind, &b_addr, false);
-    let argv_b = app(&b_bind, &a_addr, true);
+    let mut argv_a = app(&a_bind, &b_addr, false);
+    let mut argv_b = app(&b_bind, &a_addr, true);
+    let go = GoFile::new("/tmp/tlshub-simultaneous-go");
+    if syns == Syns::Crossed {
+        for argv in [&mut argv_a, &mut argv_b] {
+            argv.extend(["--go-file".to_string(), go.path().to_string()]);
+        }
+    }
     let started = Instant::now();
     let first = process::spawn_app("pod-a", &as_strs(&argv_a))?;
-    std::thread::sleep(Duration::from_millis(300));
+    if syns == Syns::FirstLost {
+        std::thread::sleep(Duration::from_millis(300));
+    }
     let second = process::spawn_app("pod-b", &as_strs(&argv_b))?;
+    if syns == Syns::Crossed {
+        // Both bound and waiting (each checks every millisecond).
+        std::thread::sleep(Duration::from_millis(500));
+        go.go()?;
+    }
     let b_pid = second.id();
     let a = process::finish_reporting(first, Duration::from_secs(30), &[b_pid])
         .map_err(|e| e.context("pod-a, connecting first"))?;
@@ -95,13 +139,16 @@ fn open_simultaneously(a_port: u16) -> Result<(AppReport, AppReport, Duration), 
     Ok((app_report(&a)?, app_report(&b)?, started.elapsed()))
 }
 
-/// A simultaneous open between selected sockets, made deterministic by
-/// [`drop_pod_a_syns`]: pod-a's socket completes passively, pod-b's
-/// actively. With OpenSSL and TLSHub:
-/// - both ends selected (pod-a binds a second selected port, which pod-b
-///   connects to):
-///   exact bytes both ways, both flows TLS-only and decrypted, node a
-///   counts the passive completion (`simultaneous_open`);
+/// Simultaneous opens between selected sockets, made deterministic. With
+/// OpenSSL and TLSHub, both ends selected (pod-a binds a second selected
+/// port, which pod-b connects to):
+/// - the first SYN lost ([`drop_pod_a_syns`]): pod-a's socket completes
+///   passively, pod-b's actively; exact bytes both ways, both flows
+///   TLS-only and decrypted, node a counts the passive completion
+///   (`simultaneous_open`);
+/// - both SYNs crossed ([`delay_both_links`], both apps connecting at
+///   once): both sockets complete passively and both nodes count it; the
+///   same exact bytes and decrypted flows;
 /// - with OpenSSL, only pod-a's end selected (pod-b's connect() goes to
 ///   an unselected port of pod-a, so its node leaves it plain): pod-a's
 ///   end fails closed within the key timeout and both apps end with a
@@ -113,7 +160,7 @@ pub fn simultaneous_open() -> Outcome {
     let mut summary = Vec::new();
     for provider in [ProviderKind::OpenSsl, ProviderKind::TlsHub] {
         let spec = |name| NodeSpec {
-            also_ports: vec![ALSO_SELECTED],
+            also_ports: ALSO_SELECTED.to_vec(),
             ..NodeSpec::with_provider(name, provider)
         };
         let (a, b) = nodes(spec("a"), spec("b"))?;
@@ -121,7 +168,7 @@ pub fn simultaneous_open() -> Outcome {
         let mut mixed = String::new();
         if provider == ProviderKind::OpenSsl {
             let _drop = drop_pod_a_syns()?;
-            let (ra, rb, took) = open_simultaneously(40_001)?;
+            let (ra, rb, took) = open_simultaneously(40_001, Syns::FirstLost)?;
             let clean = |r: &AppReport| !r.ok && r.errno.is_some();
             if !clean(&ra) || !clean(&rb) || took > Duration::from_secs(15) {
                 return Err(failed!(
@@ -138,7 +185,7 @@ pub fn simultaneous_open() -> Outcome {
         let before = a.stat(|s| s.simultaneous_open);
         let (ra, rb, took) = {
             let _drop = drop_pod_a_syns()?;
-            open_simultaneously(ALSO_SELECTED)?
+            open_simultaneously(ALSO_SELECTED[0], Syns::FirstLost)?
         };
         if !(ra.ok && rb.ok) {
             return Err(failed!(
@@ -152,17 +199,47 @@ pub fn simultaneous_open() -> Outcome {
                 "{provider:?}: node a counted {passive} simultaneous opens, want 1 (did pod-a's SYN get through?)"
             ));
         }
+        // Both SYNs crossed: both ends complete passively and agree on
+        // the roles by their endpoints (pod-a's address is the lower, so
+        // its end is the client, as its app).
+        let before = [
+            a.stat(|s| s.simultaneous_open),
+            b.stat(|s| s.simultaneous_open),
+        ];
+        let (ra, rb, crossed_took) = {
+            let _delay = delay_both_links()?;
+            open_simultaneously(ALSO_SELECTED[1], Syns::Crossed)?
+        };
+        if !(ra.ok && rb.ok) {
+            return Err(failed!(
+                "{provider:?}, both SYNs crossed: pod-a {ra}, pod-b {rb}; node a: {}; node b: {}",
+                trouble(&a),
+                trouble(&b)
+            ));
+        }
+        let passive = [
+            a.stat_reaching(|s| s.simultaneous_open, before[0] + 1) - before[0],
+            b.stat_reaching(|s| s.simultaneous_open, before[1] + 1) - before[1],
+        ];
+        if passive != [1, 1] {
+            return Err(failed!(
+                "{provider:?}: simultaneous opens counted a {} b {}, want 1 each (did the SYNs cross?)",
+                passive[0],
+                passive[1]
+            ));
+        }
         plain_control()?;
         let report = check_wire_allowing_unkeyed(&cap.finish()?, &a, &b, true)?;
         report.expect_at_least(1, 2)?;
-        if report.protected_flows > 2 || report.decrypted != 2 {
+        if report.protected_flows > 4 || report.decrypted != 4 {
             return Err(failed!(
-                "{provider:?}: want the selected pair's two flows decrypted and no other protected payload: {report:?}"
+                "{provider:?}: want the two selected pairs' four flows decrypted and no other protected payload: {report:?}"
             ));
         }
         summary.push(format!(
-            "{provider:?}: both ends selected, exact in {:.1} s, pod-a's end passive (server role), 2 flows decrypted{mixed}",
-            took.as_secs_f64()
+            "{provider:?}: first SYN lost, exact in {:.1} s, pod-a's end passive (server); both SYNs crossed, exact in {:.1} s, both ends passive (roles by endpoint); 4 flows decrypted{mixed}",
+            took.as_secs_f64(),
+            crossed_took.as_secs_f64()
         ));
     }
     Ok(summary.join("; "))
