@@ -249,3 +249,74 @@ pub fn hold_unrecorded() -> Outcome {
         wire.decrypted
     ))
 }
+
+/// A held process that someone else keeps continuing: any process of the
+/// app's user may send it `SIGCONT`, and the call it was held in then
+/// restarts. A blocking client waits for keys that cannot come before
+/// pod-b's server accepts (4 s; an in-band handshake needs the accepting
+/// process), while a shell in pod-a sends it `SIGCONT` 20,000 times. Each
+/// restarted call must find the gate closed again and be held again (its
+/// bytes must not leave early, in clear): the client's flow must be
+/// TLS-only and decrypt, with a plain control under the same capture.
+/// Each hold is one `HELD` event (so node a reads no more events than it
+/// counts holds, plus the connection's own few) and none is dropped. The
+/// exchange must be exact once the server accepts, and an ordinary one
+/// right after too.
+pub fn hold_continued_by_another_process() -> Outcome {
+    use super::support::{app_report, spawn_client, spawn_server, stopped_within_10s};
+    use super::wire_check::{check_wire_with_control, plain_control};
+    const SIGNALS: u32 = 20_000;
+    let spec = |name| NodeSpec {
+        key_timeout_ms: 10_000,
+        ..NodeSpec::new(name)
+    };
+    let (a, b) = nodes(spec("a"), spec("b"))?;
+    let cap = Capture::start("hold-continued")?;
+    let server = spawn_server(
+        PROTECTED_PORT,
+        &["--accept-delay-ms", "4000", "--size", "10000"],
+    )?;
+    let client = spawn_client(PROTECTED_PORT, &["--size", "10000"])?;
+    let pid = client.id();
+    if !stopped_within_10s(pid) {
+        return Err(failed!("the client (pid {pid}) was never held"));
+    }
+    let before = a.stats()?;
+    let started = std::time::Instant::now();
+    let spam = format!(
+        "i=0; while [ $i -lt {SIGNALS} ]; do kill -CONT {pid} 2>/dev/null; i=$((i+1)); done"
+    );
+    process::run(Some("pod-a"), &["sh", "-c", &spam])?;
+    let spam_took = started.elapsed();
+    let c = app_report(&process::finish(client, Duration::from_secs(30))?)?;
+    let s = app_report(&process::finish(server, Duration::from_secs(10))?)?;
+    if !(c.ok && s.ok) {
+        return Err(failed!("client {c}, server {s}"));
+    }
+    plain_control()?;
+    let report = check_wire_with_control(&cap.finish()?, &a, &b)?;
+    if report.decrypted != 2 {
+        return Err(failed!(
+            "want the held client's two flows decrypted: {report:?}"
+        ));
+    }
+    std::thread::sleep(Duration::from_millis(1500));
+    let after = a.stats()?;
+    let holds = after.gate_stops - before.gate_stops;
+    let events = after.events_received - before.events_received;
+    let drops = after.ringbuf_drops - before.ringbuf_drops;
+    // Besides the holds: the connection's OWNER, CLOSED and the control's
+    // few; 20 is generous.
+    if holds == 0 || events > holds + 20 || drops != 0 {
+        return Err(failed!(
+            "{holds} holds while it was continued, node a read {events} events, {drops} dropped (want holds, one event each, none dropped)"
+        ));
+    }
+    let plain = App::exchange(10_000, PROTECTED_PORT);
+    let (ps, pc) = run_pair(&plain, &[], Duration::from_secs(30))?;
+    both_ok(&plain, &ps, &pc)?;
+    Ok(format!(
+        "{SIGNALS} SIGCONTs in {:.1} s to a held client: held again {holds} times, node a read {events} events (0 dropped); its flows TLS-only and decrypted, exact, and an ordinary exchange after it exact",
+        spam_took.as_secs_f64()
+    ))
+}

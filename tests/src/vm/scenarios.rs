@@ -166,6 +166,10 @@ pub const TESTS: &[Scenario] = &[
         "gate_hold_unrecorded_answers_eintr",
         super::gate_abuse::hold_unrecorded,
     ),
+    (
+        "gate_hold_continued_by_another_process",
+        super::gate_abuse::hold_continued_by_another_process,
+    ),
     ("gate_half_close_before_keys", super::gate_edges::half_close),
     (
         "gate_shutdown_after_full_send_buffer",
