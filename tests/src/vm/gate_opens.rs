@@ -7,6 +7,8 @@
 //!   gate selected at its `connect()`.
 //! - A deferred accept (`TCP_DEFER_ACCEPT`): the server's kernel completes
 //!   a connection only when its first data arrives.
+//! - SYN cookies: the server's kernel keeps no state for a SYN and makes
+//!   the connection from the cookie in the client's ACK.
 //!
 //! ARCHITECTURE.md, "The gate", says how each is held and keyed.
 
@@ -299,6 +301,67 @@ pub fn deferred_accept() -> Outcome {
     }
     Ok(format!(
         "{}; the deferred plain control stayed plain",
+        summary.join("; ")
+    ))
+}
+
+/// A server whose kernel answers every SYN with a SYN cookie
+/// (`net.ipv4.tcp_syncookies = 2` in pod-b, as a listener under a SYN
+/// flood does): it keeps no state for the SYN, so its SYN-ACK and the
+/// connection it makes at the client's ACK come from the cookie alone,
+/// and the tlshub option must still be answered and seen (ARCHITECTURE.md,
+/// "The handshake announcement"). Client-first blocking and server-first
+/// edge-triggered epoll exchanges with OpenSSL, TLSHub, and TLSHub under
+/// opportunistic rules (which leave a connection plain when either end
+/// saw no announcement, so a lost one would show as an unprotected flow):
+/// exact, TLS-only and decrypted, and pod-b must count a cookie sent and
+/// one accepted per connection (`SyncookiesSent`, `SyncookiesRecv`).
+pub fn syn_cookies() -> Outcome {
+    let mut summary = Vec::new();
+    for (provider, mode) in [
+        (ProviderKind::OpenSsl, "strict"),
+        (ProviderKind::TlsHub, "strict"),
+        (ProviderKind::TlsHub, "opportunistic"),
+    ] {
+        let spec = |name| NodeSpec {
+            rule_mode: mode,
+            ..NodeSpec::with_provider(name, provider)
+        };
+        let (a, b) = nodes(spec("a"), spec("b"))?;
+        let _cookies = PodSetting::sysctl("pod-b", "net/ipv4/tcp_syncookies", "2")?;
+        let apps = [
+            App::exchange(10_000, PROTECTED_PORT),
+            App {
+                mode: "server-first",
+                io: "epoll-edge",
+                ..App::exchange(1 << 20, PROTECTED_PORT)
+            },
+            App::exchange(10_000, PLAIN_PORT),
+        ];
+        let counters = || {
+            [
+                tcp_ext("pod-b", "SyncookiesSent"),
+                tcp_ext("pod-b", "SyncookiesRecv"),
+            ]
+        };
+        let before = counters();
+        let report =
+            captured_exchanges(&format!("syn-cookies-{provider:?}-{mode}"), &a, &b, &apps)?;
+        let after = counters();
+        let (sent, accepted) = (after[0] - before[0], after[1] - before[1]);
+        let connections = apps.len() as u64;
+        if sent < connections || accepted < connections {
+            return Err(failed!(
+                "{provider:?} {mode}: pod-b sent {sent} SYN cookies and accepted {accepted} for {connections} connections: the server did not answer with cookies"
+            ));
+        }
+        summary.push(format!(
+            "{provider:?} ({mode}): {} flows decrypted, {sent} cookies sent and {accepted} accepted",
+            report.decrypted
+        ));
+    }
+    Ok(format!(
+        "every SYN answered with a cookie: {}; the plain control stayed plain",
         summary.join("; ")
     ))
 }

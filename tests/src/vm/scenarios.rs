@@ -190,6 +190,10 @@ pub const TESTS: &[Scenario] = &[
     ),
     ("gate_deferred_accept", super::gate_opens::deferred_accept),
     (
+        "gate_syn_cookies_every_connection",
+        super::gate_opens::syn_cookies,
+    ),
+    (
         "service_dnat_to_selected_backend_all_providers",
         super::dnat::to_a_selected_backend,
     ),
