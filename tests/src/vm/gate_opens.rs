@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use crate::failed;
 use crate::vm::outcome::Outcome;
 
-use super::node::{NodeSpec, PLAIN_PORT, PROTECTED_PORT, ProviderKind};
+use super::node::{Node, NodeSpec, PLAIN_PORT, PROTECTED_PORT, ProviderKind};
 use super::process;
 use super::support::{App, GoFile, PodSetting, app_report, nodes, nodes_with_provider, trouble};
 use super::topology::{POD_A, POD_B};
@@ -141,6 +141,50 @@ fn open_simultaneously(
     Ok((app_report(&a)?, app_report(&b)?, started.elapsed()))
 }
 
+/// One simultaneous open between ends both nodes select, the SYNs meeting
+/// as `syns` says (pod-a binds its own port of [`ALSO_SELECTED`] for each,
+/// so the two opens are different flows): both apps exact, and the passive
+/// completions counted where they happen (pod-a's end when the first SYN
+/// is lost; both ends, which agree on the roles by their endpoints, when
+/// the SYNs cross). How long the open and exchange took.
+fn exact_when_both_selected(a: &Node, b: &Node, syns: Syns) -> Result<Duration, Failure> {
+    let count = |n: &Node| n.stat(|s| s.simultaneous_open);
+    let before = [count(a), count(b)];
+    let (ra, rb, took) = match syns {
+        Syns::FirstLost => {
+            let _drop = drop_pod_a_syns()?;
+            open_simultaneously(ALSO_SELECTED[0], syns)?
+        }
+        Syns::Crossed => {
+            let _delay = delay_both_links()?;
+            open_simultaneously(ALSO_SELECTED[1], syns)?
+        }
+    };
+    if !(ra.ok && rb.ok) {
+        return Err(failed!(
+            "pod-a {ra}, pod-b {rb}; node a: {}; node b: {}",
+            trouble(a),
+            trouble(b)
+        ));
+    }
+    let want = match syns {
+        Syns::FirstLost => [1, 0],
+        Syns::Crossed => [1, 1],
+    };
+    let counted = [
+        a.stat_reaching(|s| s.simultaneous_open, before[0] + want[0]) - before[0],
+        b.stat_reaching(|s| s.simultaneous_open, before[1] + want[1]) - before[1],
+    ];
+    if counted != want {
+        return Err(failed!(
+            "passive completions counted a {} b {}, want {want:?} (did the SYNs meet as planned?)",
+            counted[0],
+            counted[1]
+        ));
+    }
+    Ok(took)
+}
+
 /// Simultaneous opens between selected sockets, made deterministic. With
 /// OpenSSL and TLSHub, both ends selected (pod-a binds a second selected
 /// port, which pod-b connects to):
@@ -184,52 +228,10 @@ pub fn simultaneous_open() -> Outcome {
                 rb.errno.unwrap_or(0)
             );
         }
-        let before = a.stat(|s| s.simultaneous_open);
-        let (ra, rb, took) = {
-            let _drop = drop_pod_a_syns()?;
-            open_simultaneously(ALSO_SELECTED[0], Syns::FirstLost)?
-        };
-        if !(ra.ok && rb.ok) {
-            return Err(failed!(
-                "{provider:?}, both ends selected: pod-a {ra}, pod-b {rb}; node a: {}",
-                trouble(&a)
-            ));
-        }
-        let passive = a.stat_reaching(|s| s.simultaneous_open, before + 1) - before;
-        if passive != 1 {
-            return Err(failed!(
-                "{provider:?}: node a counted {passive} simultaneous opens, want 1 (did pod-a's SYN get through?)"
-            ));
-        }
-        // Both SYNs crossed: both ends complete passively and agree on
-        // the roles by their endpoints (pod-a's address is the lower, so
-        // its end is the client, as its app).
-        let before = [
-            a.stat(|s| s.simultaneous_open),
-            b.stat(|s| s.simultaneous_open),
-        ];
-        let (ra, rb, crossed_took) = {
-            let _delay = delay_both_links()?;
-            open_simultaneously(ALSO_SELECTED[1], Syns::Crossed)?
-        };
-        if !(ra.ok && rb.ok) {
-            return Err(failed!(
-                "{provider:?}, both SYNs crossed: pod-a {ra}, pod-b {rb}; node a: {}; node b: {}",
-                trouble(&a),
-                trouble(&b)
-            ));
-        }
-        let passive = [
-            a.stat_reaching(|s| s.simultaneous_open, before[0] + 1) - before[0],
-            b.stat_reaching(|s| s.simultaneous_open, before[1] + 1) - before[1],
-        ];
-        if passive != [1, 1] {
-            return Err(failed!(
-                "{provider:?}: simultaneous opens counted a {} b {}, want 1 each (did the SYNs cross?)",
-                passive[0],
-                passive[1]
-            ));
-        }
+        let took = exact_when_both_selected(&a, &b, Syns::FirstLost)
+            .map_err(|e| e.context(format!("{provider:?}, the first SYN lost")))?;
+        let crossed_took = exact_when_both_selected(&a, &b, Syns::Crossed)
+            .map_err(|e| e.context(format!("{provider:?}, both SYNs crossed")))?;
         plain_control()?;
         let report = check_wire_allowing_unkeyed(&cap.finish()?, &a, &b, true)?;
         report.expect_at_least(1, 2)?;
