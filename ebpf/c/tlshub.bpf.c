@@ -153,11 +153,26 @@ struct inet_connection_sock {
 } __pai;
 
 /* kTLS's per-socket state (include/net/tls.h; in vmlinux BTF although
- * tls is a module, through the inline helpers built-in code uses): only
- * the record TCP took part of, see ktls_unsent(). */
+ * tls is a module, through the inline helpers built-in code uses, on 6.1
+ * and 6.12 alike): only what says whether records wait, see
+ * ktls_unsent(). */
 struct tls_context {
+	__u8 tx_conf : 3; /* TLS_BASE, TLS_SW, TLS_HW, ... */
+	void *priv_ctx_tx;
 	void *partially_sent_record;
 } __pai;
+
+struct list_head {
+	struct list_head *next;
+} __pai;
+
+/* The software kTLS transmit state (priv_ctx_tx when tx_conf is TLS_SW):
+ * its list of records encrypted and not yet wholly in TCP. */
+struct tls_sw_context_tx {
+	struct list_head tx_list;
+} __pai;
+
+#define TLS_SW 1
 
 /* A Multipath TCP connection (what the app's IPPROTO_MPTCP socket is);
  * only its address is used, see mptcp_subflow_refused(). */
@@ -1706,8 +1721,16 @@ int BPF_PROG(tlshub_gate_file, struct file *file, int mask, int ret)
  * TCP's shutdown() knows nothing of that queue: its FIN goes after what TCP
  * holds, kTLS's later push fails with EPIPE, and the peer reads a short
  * stream. (kTLS pushes records strictly in order, so a waiting record
- * always sets partially_sent_record.) The field is found through vmlinux
- * BTF; without it nothing is held. */
+ * sets partially_sent_record.) This hook runs before shutdown() takes
+ * the socket lock, while kTLS may be pushing under it (its write work,
+ * once TCP's buffer drained): tls_push_partial_record() clears
+ * partially_sent_record before it hands the record to TCP and sets it
+ * again only if TCP still has no room, so that field alone can read
+ * empty while records wait. The software transmit state's tx_list holds
+ * every record from its encryption until TCP has taken all of it (an
+ * open record, still being filled with MSG_MORE, is not in it), so a
+ * non-empty tx_list counts too. The fields are found through vmlinux
+ * BTF; without them nothing is held. */
 static __always_inline int ktls_unsent(struct sock *sk)
 {
 	if (!bpf_core_field_exists(((struct tls_context *)0)->partially_sent_record))
@@ -1716,7 +1739,19 @@ static __always_inline int ktls_unsent(struct sock *sk)
 		return 0;
 	struct tls_context *ctx =
 		BPF_CORE_READ((struct inet_connection_sock *)sk, icsk_ulp_data);
-	return ctx && BPF_CORE_READ(ctx, partially_sent_record);
+	if (!ctx)
+		return 0;
+	if (BPF_CORE_READ(ctx, partially_sent_record))
+		return 1;
+	if (!bpf_core_field_exists(((struct tls_sw_context_tx *)0)->tx_list) ||
+	    BPF_CORE_READ_BITFIELD_PROBED(ctx, tx_conf) != TLS_SW)
+		return 0;
+	struct tls_sw_context_tx *sw = BPF_CORE_READ(ctx, priv_ctx_tx);
+	if (!sw)
+		return 0;
+	struct list_head *head =
+		(void *)sw + bpf_core_field_offset(struct tls_sw_context_tx, tx_list);
+	return BPF_CORE_READ(sw, tx_list.next) != head;
 }
 
 /* Holds the caller until kTLS's unsent records are in TCP (see

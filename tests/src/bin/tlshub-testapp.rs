@@ -111,6 +111,11 @@ struct Common {
     /// has arrived. The client ignores it.
     #[arg(long, default_value_t = 0)]
     defer_accept_s: u32,
+    /// Server: `SO_REUSEPORT` on the listener, so that several servers
+    /// share the port (nginx's `reuseport`, Envoy's hot restart). The
+    /// client ignores it.
+    #[arg(long)]
+    reuseport: bool,
     /// All `connections` at once, each on its own thread (the server
     /// accepts the next at once); otherwise one after another.
     #[arg(long)]
@@ -710,6 +715,22 @@ fn run(args: Args, r: &mut AppReport) -> std::io::Result<()> {
                 let (l, fell_back) = app_io::listen_mptcp(listen)?;
                 r.mptcp = Some(mptcp_outcome(fell_back));
                 l
+            } else if common.reuseport {
+                let s = socket2::Socket::new(
+                    socket2::Domain::for_address(listen),
+                    socket2::Type::STREAM,
+                    None,
+                )?;
+                let on: libc::c_int = 1;
+                tlshub_ktls::set_option(
+                    std::os::fd::AsFd::as_fd(&s),
+                    libc::SOL_SOCKET,
+                    libc::SO_REUSEPORT,
+                    &on,
+                )?;
+                s.bind(&listen.into())?;
+                s.listen(1024)?;
+                s.into()
             } else {
                 TcpListener::bind(listen)?
             };

@@ -9,6 +9,9 @@
 //!   a connection only when its first data arrives.
 //! - SYN cookies: the server's kernel keeps no state for a SYN and makes
 //!   the connection from the cookie in the client's ACK.
+//! - A listener that closes with connections in its accept queue, which
+//!   the kernel moves to another listener of the same `SO_REUSEPORT`
+//!   group.
 //!
 //! ARCHITECTURE.md, "The gate", says how each is held and keyed.
 
@@ -366,4 +369,76 @@ pub fn syn_cookies() -> Outcome {
         "every SYN answered with a cookie: {}; the plain control stayed plain",
         summary.join("; ")
     ))
+}
+
+/// Servers sharing the protected port (`SO_REUSEPORT`), one of which
+/// closes its listener with connections still in its accept queue, as
+/// nginx's workers do on a reload and Envoy on a hot restart. With
+/// `net.ipv4.tcp_migrate_req = 1` the kernel moves those connections to
+/// the listener that stays; they were selected and their keying started
+/// at establishment, and they must be keyed once the other server accepts
+/// them. 16 parallel clients spread over both servers by the port's hash;
+/// the server that leaves never accepts (its accept delay outlasts the
+/// run) and is killed after 1 s. With OpenSSL (the server's half of the
+/// handshake waits for the accepting process; key timeout 10 s) and
+/// TLSHub (keys made before accept): every exchange exact, every flow
+/// TLS-only and decrypted, a plain control shows its marker, and pod-b
+/// must count migrated connections (`TCPMigrateReqSuccess`), or the hash
+/// put every connection on the server that stays.
+pub fn reuseport_accept_queue_migrates() -> Outcome {
+    use super::support::{spawn_client, spawn_server};
+    use super::wire_check::check_wire_with_control;
+    const CLIENTS: u32 = 16;
+    let mut summary = Vec::new();
+    for provider in [ProviderKind::OpenSsl, ProviderKind::TlsHub] {
+        let spec = |name| NodeSpec {
+            key_timeout_ms: 10_000,
+            ..NodeSpec::with_provider(name, provider)
+        };
+        let (a, b) = nodes(spec("a"), spec("b"))?;
+        let _migrate = PodSetting::sysctl("pod-b", "net/ipv4/tcp_migrate_req", "1")?;
+        let cap = Capture::start(&format!("reuseport-{provider:?}"))?;
+        let count = CLIENTS.to_string();
+        let common = ["--reuseport", "--size", "10000"];
+        let mut keeper_args = vec!["--parallel", "--connections", &count];
+        keeper_args.extend(common);
+        let keeper = spawn_server(PROTECTED_PORT, &keeper_args)?;
+        let mut leaver_args = vec!["--accept-delay-ms", "600000"];
+        leaver_args.extend(common);
+        let leaver = spawn_server(PROTECTED_PORT, &leaver_args)?;
+        let migrated_before = tcp_ext("pod-b", "TCPMigrateReqSuccess");
+        let clients = spawn_client(
+            PROTECTED_PORT,
+            &["--parallel", "--connections", &count, "--size", "10000"],
+        )?;
+        std::thread::sleep(Duration::from_secs(1));
+        drop(leaver);
+        let c = app_report(&process::finish(clients, Duration::from_secs(60))?)?;
+        let s = app_report(&process::finish(keeper, Duration::from_secs(10))?)?;
+        if !(c.ok && s.ok && s.connections == CLIENTS) {
+            return Err(failed!(
+                "{provider:?}: clients {c}, the server that stayed {s}; node b: {}",
+                trouble(&b)
+            ));
+        }
+        let migrated = tcp_ext("pod-b", "TCPMigrateReqSuccess") - migrated_before;
+        if migrated == 0 {
+            return Err(failed!(
+                "{provider:?}: no connection migrated: every one hashed to the server that stayed"
+            ));
+        }
+        plain_control()?;
+        let report = check_wire_with_control(&cap.finish()?, &a, &b)?;
+        let want = 2 * CLIENTS as usize;
+        if report.protected_flows != want || report.decrypted != want {
+            return Err(failed!(
+                "{provider:?}: want {want} flows decrypted: {report:?}"
+            ));
+        }
+        summary.push(format!(
+            "{provider:?}: {CLIENTS} connections exact, {migrated} of them migrated from the closed listener, {} flows decrypted",
+            report.decrypted
+        ));
+    }
+    Ok(summary.join("; "))
 }

@@ -194,6 +194,10 @@ pub const TESTS: &[Scenario] = &[
         super::gate_opens::syn_cookies,
     ),
     (
+        "gate_reuseport_accept_queue_migrates",
+        super::gate_opens::reuseport_accept_queue_migrates,
+    ),
+    (
         "service_dnat_to_selected_backend_all_providers",
         super::dnat::to_a_selected_backend,
     ),
