@@ -86,7 +86,8 @@ pub struct Stats {
     /// extra) path whose MPTCP socket fails every call (counted by BPF).
     pub mptcp_refused: u64,
     /// Selected connections that completed as the passive side after a
-    /// TCP simultaneous open, keyed in the server role (counted by BPF).
+    /// TCP simultaneous open, keyed in the role both ends agree on
+    /// (counted by BPF).
     pub simultaneous_open: u64,
     /// Selected connections failed closed because the `conns` map was full
     /// (counted by BPF).

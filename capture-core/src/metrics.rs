@@ -132,7 +132,7 @@ pub const BPF_COUNTERS: [BpfCounter; 13] = [
     BpfCounter {
         index: stat::SIMULTANEOUS_OPEN,
         metric: "gate_simultaneous_open",
-        help: "Selected connections whose socket connect()ed and then completed as the passive side, because the peer's SYN reached it first (a TCP simultaneous open); keyed in the server role",
+        help: "Selected connections whose socket connect()ed and then completed as the passive side, because the peer's SYN reached it first (a TCP simultaneous open); keyed in the TLS role both ends agree on (the server when only this end answered a SYN, by endpoint when both SYNs crossed)",
         alarm: None,
         field: |s| &mut s.simultaneous_open,
     },

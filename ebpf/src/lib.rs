@@ -219,8 +219,9 @@ pub mod stat {
     pub const MPTCP_REFUSED: u32 = 14;
     /// Selected sockets that `connect()`ed and completed their handshake
     /// as the passive side, because the peer's SYN reached them while they
-    /// waited in `SYN_SENT` (a TCP simultaneous open): keyed in the server
-    /// role.
+    /// waited in `SYN_SENT` (a TCP simultaneous open): keyed in the role
+    /// both ends agree on (the server when only this end answered a SYN,
+    /// by endpoint when both SYNs crossed).
     pub const SIMULTANEOUS_OPEN: u32 = 15;
     /// Length of the `stats` array.
     pub const COUNT: u32 = 16;
