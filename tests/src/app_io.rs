@@ -192,6 +192,33 @@ pub fn listen_smc(addr: std::net::SocketAddr, how: SmcSocket) -> io::Result<std:
     listening(how.open()?, addr)
 }
 
+/// Listens on `addr` with `SO_REUSEPORT`, so that several servers share
+/// the port (nginx's `reuseport`, Envoy's hot restart).
+pub fn listen_reuseport(addr: std::net::SocketAddr) -> io::Result<std::net::TcpListener> {
+    let s = tcp_socket(addr)?;
+    let on: libc::c_int = 1;
+    tlshub_ktls::set_option(s.as_fd(), libc::SOL_SOCKET, libc::SO_REUSEPORT, &on)?;
+    listening(s, addr)
+}
+
+/// A TCP socket bound to `bind` (reusing it) that connects to `target`
+/// once `go_file` exists (looked for every millisecond, so that two apps
+/// given the same file connect within about a millisecond of each other),
+/// with no listener needed at `bind`: a TCP simultaneous open when the
+/// peer does the same towards `bind`.
+pub fn connect_from(
+    bind: std::net::SocketAddr,
+    target: std::net::SocketAddr,
+    go_file: Option<&std::path::Path>,
+) -> io::Result<std::net::TcpStream> {
+    let s = tcp_socket(bind)?;
+    s.set_reuse_address(true)?;
+    s.bind(&bind.into())?;
+    wait_for_go(go_file, std::time::Duration::from_millis(1))?;
+    s.connect(&target.into())?;
+    Ok(s.into())
+}
+
 /// `s` bound to `addr` (reusing it, as the tests restart servers on one
 /// port) and listening.
 fn listening(s: socket2::Socket, addr: std::net::SocketAddr) -> io::Result<std::net::TcpListener> {
@@ -1238,7 +1265,7 @@ pub fn refused_then_reconnect(
         return steps;
     }
     steps.push(step("write", send_flags(sock.as_raw_fd(), payload, 0)));
-    let wait_go = || wait_for_go(again.go_file.as_deref());
+    let wait_go = || wait_for_go(again.go_file.as_deref(), GO_FILE_POLL);
     let Some(then) = again.then else {
         steps.push(step(
             "--then",
@@ -1271,15 +1298,18 @@ fn run_in_order(
     }
 }
 
-/// Waits until `go_file` exists (at once without one), at most
-/// [`GO_FILE_WAIT`].
-fn wait_for_go(go_file: Option<&std::path::Path>) -> io::Result<usize> {
+/// How often a probe looks for its go file.
+const GO_FILE_POLL: std::time::Duration = std::time::Duration::from_millis(100);
+
+/// Waits until `go_file` exists (at once without one), looking every
+/// `every`, at most [`GO_FILE_WAIT`].
+fn wait_for_go(go_file: Option<&std::path::Path>, every: std::time::Duration) -> io::Result<usize> {
     let deadline = std::time::Instant::now() + GO_FILE_WAIT;
     while go_file.is_some_and(|f| !f.exists()) {
         if std::time::Instant::now() > deadline {
             return Err(io::Error::from(io::ErrorKind::TimedOut));
         }
-        std::thread::sleep(std::time::Duration::from_millis(100));
+        std::thread::sleep(every);
     }
     Ok(0)
 }
@@ -1323,7 +1353,7 @@ fn connect_flood(
             call: "sends answered EAGAIN".into(),
             errno: sends,
         },
-        step("wait for the go file", wait_for_go(go_file)),
+        step("wait for the go file", wait_for_go(go_file, GO_FILE_POLL)),
     ]
 }
 
@@ -1349,7 +1379,10 @@ fn many_waiting(
             }
         }
     }
-    steps.push(step("wait for the go file", wait_for_go(go_file)));
+    steps.push(step(
+        "wait for the go file",
+        wait_for_go(go_file, GO_FILE_POLL),
+    ));
     for s in &sockets {
         steps.push(step("send", send_flags(s.as_raw_fd(), payload, 0)));
     }

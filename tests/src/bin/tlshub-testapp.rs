@@ -169,8 +169,8 @@ enum Side {
         /// Play the server's part of the exchange.
         #[arg(long)]
         answer: bool,
-        /// Connect once this file exists (checked every millisecond, for
-        /// at most 30 s), so that two apps connect at the same moment.
+        /// Connect once this file exists (see `app_io::connect_from`), so
+        /// that two apps connect at the same moment.
         #[arg(long)]
         go_file: Option<std::path::PathBuf>,
         #[command(flatten)]
@@ -716,21 +716,7 @@ fn run(args: Args, r: &mut AppReport) -> std::io::Result<()> {
                 r.mptcp = Some(mptcp_outcome(fell_back));
                 l
             } else if common.reuseport {
-                let s = socket2::Socket::new(
-                    socket2::Domain::for_address(listen),
-                    socket2::Type::STREAM,
-                    None,
-                )?;
-                let on: libc::c_int = 1;
-                tlshub_ktls::set_option(
-                    std::os::fd::AsFd::as_fd(&s),
-                    libc::SOL_SOCKET,
-                    libc::SO_REUSEPORT,
-                    &on,
-                )?;
-                s.bind(&listen.into())?;
-                s.listen(1024)?;
-                s.into()
+                app_io::listen_reuseport(listen)?
             } else {
                 TcpListener::bind(listen)?
             };
@@ -793,27 +779,8 @@ fn run(args: Args, r: &mut AppReport) -> std::io::Result<()> {
             } else {
                 AppRole::Client
             };
-            let sock = socket2::Socket::new(
-                socket2::Domain::for_address(bind),
-                socket2::Type::STREAM,
-                None,
-            )?;
-            sock.set_reuse_address(true)?;
-            sock.bind(&bind.into())?;
-            if let Some(go) = go_file {
-                let until = Instant::now() + std::time::Duration::from_secs(30);
-                while !go.exists() {
-                    if Instant::now() > until {
-                        return Err(std::io::Error::other(format!(
-                            "{} never came",
-                            go.display()
-                        )));
-                    }
-                    std::thread::sleep(std::time::Duration::from_millis(1));
-                }
-            }
-            sock.connect(&connect.into())?;
-            let mut c = Conn::new(sock.into(), common.io)?;
+            let stream = app_io::connect_from(bind, connect, go_file.as_deref())?;
+            let mut c = Conn::new(stream, common.io)?;
             if answer {
                 serve_exchange(&mut c, &common, r)?;
             } else {
