@@ -114,6 +114,10 @@ pub struct Stats {
     /// `shutdown()` calls let through after the socket's unsent-records
     /// hold lasted 5 s (the peer stopped reading; counted by BPF).
     pub unsent_expired: u64,
+    /// `shutdown()` calls on protected sockets held while kTLS's open
+    /// record held bytes written with `MSG_MORE`, which the core then
+    /// closed and sent (counted by BPF).
+    pub open_record_holds: u64,
     /// Calls failed with `EINTR` instead of a hold, because neither the
     /// event ring buffer nor the `held` map had room to record it (counted
     /// by BPF).

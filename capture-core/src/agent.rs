@@ -309,6 +309,7 @@ impl Agent {
                 self.sweep(&mut events);
             }
             self.start_jobs(&mut jobs);
+            self.close_open_records();
             if self.has_work() {
                 next_sweep = next_sweep.min(tokio::time::Instant::now() + SWEEP_EVERY);
             }
@@ -397,6 +398,20 @@ impl Agent {
         }
         self.table.sweep_held(&mut self.programs, &states);
         self.programs.untrack_opened();
+        self.close_open_records();
+    }
+
+    /// Closes the open kTLS records of the `shutdown()`s the gate holds for
+    /// them ([`crate::state::RecordClose`]), each on a blocking thread: the
+    /// hold names no fd, so the socket is searched among the process's.
+    /// Not awaited; the held process is continued by the sweep as usual,
+    /// and a restarted `shutdown()` that still finds the record open is
+    /// held and asks again.
+    fn close_open_records(&mut self) {
+        for close in self.table.take_record_closes() {
+            let span = info_span!("conn", cookie = close.cookie, pid = close.pid);
+            tokio::task::spawn_blocking(move || span.in_scope(|| close_open_record(close)));
+        }
     }
 
     /// What a connection's handshake says about its peer, taken as its
@@ -1043,6 +1058,25 @@ async fn health_loop(providers: Arc<Registry>, metrics: Arc<Metrics>, interval: 
             providers.all().map(|p| p.name.as_str()),
             &providers.active_name(),
         );
+    }
+}
+
+/// Closes kTLS's open record on the socket a `shutdown()` is held for
+/// ([`tlshub_ktls::close_open_record`]). A failure is logged: the restarted
+/// call is held again, until the bound lets it pass with the record unsent
+/// (as without tlshub).
+fn close_open_record(close: crate::state::RecordClose) {
+    use std::os::fd::AsFd;
+    let socket = match keying::find_socket(close.pid, -1, close.cookie, || true) {
+        Ok(s) => s,
+        Err(e) => {
+            warn!(error = %e, "cannot find the socket whose open kTLS record a shutdown() waits for");
+            return;
+        }
+    };
+    match tlshub_ktls::close_open_record(socket.as_fd()) {
+        Ok(()) => tracing::debug!("closed kTLS's open record before the held shutdown()"),
+        Err(e) => warn!(error = %e, "cannot close the open kTLS record a shutdown() waits for"),
     }
 }
 

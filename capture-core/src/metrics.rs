@@ -114,7 +114,7 @@ pub struct BpfCounter {
 
 /// Every BPF counter the core mirrors (besides the ring buffer's drops and
 /// the no-core refusals, which it reads on their own): one row each.
-pub const BPF_COUNTERS: [BpfCounter; 13] = [
+pub const BPF_COUNTERS: [BpfCounter; 14] = [
     BpfCounter {
         index: stat::FASTOPEN_REFUSED,
         metric: "gate_fastopen_refused",
@@ -206,6 +206,13 @@ pub const BPF_COUNTERS: [BpfCounter; 13] = [
             "a shutdown() was let through after 5 s with kTLS records still unsent (the peer stopped reading): the peer may read a short stream",
         ),
         field: |s| &mut s.unsent_expired,
+    },
+    BpfCounter {
+        index: stat::OPEN_RECORD_HOLDS,
+        metric: "gate_open_record_holds",
+        help: "Times a shutdown() on a protected socket was held while kTLS's open record held bytes written with MSG_MORE, for the core to close and send that record (a FIN does not, so the peer would read a short stream)",
+        alarm: None,
+        field: |s| &mut s.open_record_holds,
     },
     BpfCounter {
         index: stat::HOLD_UNRECORDED,

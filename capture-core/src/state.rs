@@ -82,6 +82,18 @@ pub struct OwnerUpdate {
     pub owner: Option<(u32, i32)>,
 }
 
+/// A `shutdown()` the gate holds while kTLS's open record has bytes
+/// written with `MSG_MORE` (`OPEN_RECORD_HELD`): the event loop closes
+/// that record on the socket (searched among `pid`'s fds; the hold names
+/// none), so that the restarted call sends it before its FIN.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RecordClose {
+    /// The process the gate stopped in `shutdown()`.
+    pub pid: u32,
+    /// Socket cookie.
+    pub cookie: u64,
+}
+
 /// A selected connection that is not keyed yet.
 #[derive(Debug)]
 pub struct Pending {
@@ -218,7 +230,8 @@ enum HoldReason {
     /// the connection is no longer pending; counted in the hold times.
     Keys,
     /// A `shutdown()` on a keyed socket while kTLS still had records TCP
-    /// had not taken (UNSENT_HELD): continued by the next periodic sweep,
+    /// had not taken (UNSENT_HELD), or an open record to close first
+    /// (OPEN_RECORD_HELD): continued by the next periodic sweep,
     /// and the restarted call looks again. Not a key wait, so not in the
     /// hold times.
     Unsent,
@@ -496,6 +509,7 @@ pub struct ConnTable {
     bounds: KeyingBounds,
     starts: Vec<Start>,
     owner_updates: Vec<OwnerUpdate>,
+    record_closes: Vec<RecordClose>,
     /// The active provider needs no socket: key from ESTABLISHED alone,
     /// before the owner is known (set by the event loop).
     key_before_owner: bool,
@@ -526,6 +540,7 @@ impl ConnTable {
             bounds: KeyingBounds::default(),
             starts: Vec::new(),
             owner_updates: Vec::new(),
+            record_closes: Vec::new(),
             key_before_owner: false,
             sweep_due: false,
             draining: false,
@@ -593,6 +608,12 @@ impl ConnTable {
     /// update may be for a job started by the same calls.
     pub fn take_owner_updates(&mut self) -> Vec<OwnerUpdate> {
         std::mem::take(&mut self.owner_updates)
+    }
+
+    /// Open kTLS records to close since the last call, for `shutdown()`s
+    /// the gate holds ([`RecordClose`]).
+    pub fn take_record_closes(&mut self) -> Vec<RecordClose> {
+        std::mem::take(&mut self.record_closes)
     }
 
     /// Whether the active provider keys without the socket: then a job
@@ -830,15 +851,28 @@ impl ConnTable {
                 }
                 self.owner_from_hold(k, ev.cookie, ev.pid, ev.cgroup);
             }
-            kind::UNSENT_HELD => {
+            kind::UNSENT_HELD | kind::OPEN_RECORD_HELD => {
                 // No sweep_due: continuing at once would mostly find the
-                // records still waiting for TCP's buffer to drain and stop
-                // the process again; the periodic sweep paces the retries.
-                debug!(
-                    cookie = ev.cookie,
-                    pid = ev.pid,
-                    "shutdown held until kTLS's unsent records are in TCP"
-                );
+                // records still waiting for TCP's buffer to drain (or the
+                // open record not closed yet) and stop the process again;
+                // the periodic sweep paces the retries.
+                if ev.kind == kind::OPEN_RECORD_HELD {
+                    debug!(
+                        cookie = ev.cookie,
+                        pid = ev.pid,
+                        "shutdown held until kTLS's open record is closed"
+                    );
+                    self.record_closes.push(RecordClose {
+                        pid: ev.pid,
+                        cookie: ev.cookie,
+                    });
+                } else {
+                    debug!(
+                        cookie = ev.cookie,
+                        pid = ev.pid,
+                        "shutdown held until kTLS's unsent records are in TCP"
+                    );
+                }
                 self.held.insert(
                     ev.pid,
                     HeldProc::new(ev.cookie, ev.ts_ns, HoldReason::Unsent, Stop::Queued),

@@ -155,11 +155,12 @@ struct inet_connection_sock {
 /* kTLS's per-socket state (include/net/tls.h; in vmlinux BTF although
  * tls is a module, through the inline helpers built-in code uses, on 6.1
  * and 6.12 alike): only what says whether records wait, see
- * ktls_unsent(). */
+ * ktls_unsent() and ktls_open_record(). */
 struct tls_context {
 	__u8 tx_conf : 3; /* TLS_BASE, TLS_SW, TLS_HW, ... */
 	void *priv_ctx_tx;
 	void *partially_sent_record;
+	__u8 pending_open_record_frags; /* bool */
 } __pai;
 
 struct list_head {
@@ -1731,15 +1732,9 @@ int BPF_PROG(tlshub_gate_file, struct file *file, int mask, int ret)
  * open record, still being filled with MSG_MORE, is not in it), so a
  * non-empty tx_list counts too. The fields are found through vmlinux
  * BTF; without them nothing is held. */
-static __always_inline int ktls_unsent(struct sock *sk)
+static __always_inline int ktls_unsent(struct tls_context *ctx)
 {
 	if (!bpf_core_field_exists(((struct tls_context *)0)->partially_sent_record))
-		return 0;
-	if (!ktls_on(sk))
-		return 0;
-	struct tls_context *ctx =
-		BPF_CORE_READ((struct inet_connection_sock *)sk, icsk_ulp_data);
-	if (!ctx)
 		return 0;
 	if (BPF_CORE_READ(ctx, partially_sent_record))
 		return 1;
@@ -1754,15 +1749,31 @@ static __always_inline int ktls_unsent(struct sock *sk)
 	return BPF_CORE_READ(sw, tx_list.next) != head;
 }
 
-/* Holds the caller until kTLS's unsent records are in TCP (see
- * ktls_unsent()): stopped like the gate's hold, reported as UNSENT_HELD
- * (or in the `held` map if the ring buffer is full), and continued by the
- * core's next sweep; the restarted call looks again. kTLS pushes the rest
- * by itself as TCP's buffer drains. Bounded per socket: once its first
- * such hold is TLSHUB_UNSENT_HOLD_MAX_MS old (the peer stopped reading),
- * the call passes, as it would without tlshub. Without a core nobody would
- * continue the process, so the call passes too. */
-static __always_inline int hold_until_sent(struct sock *sk, struct tlshub_sk_mark *mark)
+/* Whether kTLS's open record holds bytes: writes with MSG_MORE fill a
+ * record that only a write without MSG_MORE (or a full record) closes,
+ * encrypts and sends. TCP's shutdown() knows nothing of it either, so its
+ * FIN would go first and the peer would read a short stream, where plain
+ * TCP sends corked bytes with the FIN. Nothing in the kernel closes it
+ * short of a write, so the core does (a write of nothing with a record
+ * type, which closes the open record first; see OPEN_RECORD_HELD). */
+static __always_inline int ktls_open_record(struct tls_context *ctx)
+{
+	if (!bpf_core_field_exists(((struct tls_context *)0)->pending_open_record_frags))
+		return 0;
+	return BPF_CORE_READ(ctx, pending_open_record_frags) != 0;
+}
+
+/* Holds the caller until kTLS's records are in TCP (see ktls_unsent()
+ * and ktls_open_record()): stopped like the gate's hold, reported as
+ * UNSENT_HELD or OPEN_RECORD_HELD (or in the `held` map if the ring buffer
+ * is full), and continued by the core's next sweep; the restarted call
+ * looks again. kTLS pushes waiting records by itself as TCP's buffer
+ * drains; an open record the core closes. Bounded per socket: once its
+ * first such hold is TLSHUB_UNSENT_HOLD_MAX_MS old (the peer stopped
+ * reading), the call passes, as it would without tlshub. Without a core
+ * nobody would continue the process, so the call passes too. */
+static __always_inline int hold_until_sent(struct sock *sk, struct tlshub_sk_mark *mark,
+					   __u32 kind, __u32 stat)
 {
 	__u32 zero = 0;
 	struct tlshub_control *ctl = bpf_map_lookup_elem(&control, &zero);
@@ -1780,20 +1791,39 @@ static __always_inline int hold_until_sent(struct sock *sk, struct tlshub_sk_mar
 	}
 	__u32 tgid = bpf_get_current_pid_tgid() >> 32;
 	struct tlshub_event ev = {
-		.kind = TLSHUB_EV_UNSENT_HELD,
+		.kind = kind,
 		.cookie = BPF_CORE_READ(sk, __sk_common.skc_cookie.counter),
 		.pid = tgid,
 		.ts_ns = now_ns,
 	};
-	return stop_caller(&ev, TLSHUB_STAT_UNSENT_HOLDS);
+	return stop_caller(&ev, stat);
+}
+
+/* A shutdown() that sends a FIN on a keyed socket waits for kTLS's
+ * records: an open one first (the core closes it), then those waiting for
+ * TCP's buffer. */
+static __always_inline int hold_for_records(struct sock *sk, struct tlshub_sk_mark *mark)
+{
+	if (!ktls_on(sk))
+		return 0;
+	struct tls_context *ctx =
+		BPF_CORE_READ((struct inet_connection_sock *)sk, icsk_ulp_data);
+	if (!ctx)
+		return 0;
+	if (ktls_open_record(ctx))
+		return hold_until_sent(sk, mark, TLSHUB_EV_OPEN_RECORD_HELD,
+				       TLSHUB_STAT_OPEN_RECORD_HOLDS);
+	if (ktls_unsent(ctx))
+		return hold_until_sent(sk, mark, TLSHUB_EV_UNSENT_HELD, TLSHUB_STAT_UNSENT_HOLDS);
+	return 0;
 }
 
 /* shutdown() before keys would send a FIN that ends the connection the
  * providers are about to key (the peer's socket goes to CLOSE_WAIT, where
  * the kernel refuses the tls ULP), so it is held like a send. Held even
  * on a non-blocking socket: shutdown() has no EAGAIN that apps expect.
- * After keys, a shutdown() that sends a FIN waits for kTLS's unsent
- * records (hold_until_sent()). */
+ * After keys, a shutdown() that sends a FIN waits for kTLS's records
+ * (hold_for_records()). */
 SEC("lsm/socket_shutdown")
 int BPF_PROG(tlshub_gate_shutdown, struct socket *sock, int how, int ret)
 {
@@ -1807,8 +1837,8 @@ int BPF_PROG(tlshub_gate_shutdown, struct socket *sock, int how, int ret)
 		return 0;
 	if (!mark_gates(mark)) {
 		/* SHUT_RD sends no FIN. Only sockets the core keyed. */
-		if (how != SHUT_RD && (mark->flags & TLSHUB_MARK_OPEN) && ktls_unsent(sk))
-			return hold_until_sent(sk, mark);
+		if (how != SHUT_RD && (mark->flags & TLSHUB_MARK_OPEN))
+			return hold_for_records(sk, mark);
 		return 0;
 	}
 	/* The core's shutdown() of a connection it could not reset runs after

@@ -18,6 +18,9 @@
 #define TLSHUB_EV_HELD_CONNECTING 7 /* the gate stopped pid on a selected
                                      * socket still connecting (no conns
                                      * entry until the peer answers) */
+#define TLSHUB_EV_OPEN_RECORD_HELD 8 /* shutdown() stopped pid while kTLS's
+                                      * open record (MSG_MORE writes) holds
+                                      * bytes: the core closes the record */
 
 /* struct tlshub_event.peer at ESTABLISHED: whether the other end announced
  * in the TCP handshake that its node selected the connection too (the
@@ -82,7 +85,8 @@ struct tlshub_control {
 #define TLSHUB_STAT_MAP_BUSY 13 /* selected sockets failed closed: conns was busy (EBUSY) */
 #define TLSHUB_STAT_MPTCP_REFUSED 14 /* Multipath TCP to or from selected peers refused */
 #define TLSHUB_STAT_SIMULTANEOUS_OPEN 15 /* selected connect()ed sockets completed passively (simultaneous open) */
-#define TLSHUB_STAT_MAX 16
+#define TLSHUB_STAT_OPEN_RECORD_HOLDS 16 /* shutdown()s held for kTLS's open record (MSG_MORE writes) */
+#define TLSHUB_STAT_MAX 17
 
 struct tlshub_event {
 	__u32 kind;

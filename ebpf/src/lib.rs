@@ -114,6 +114,11 @@ pub mod kind {
     /// it has no `conns` entry until the peer answers, and its close (or
     /// refusal) is reported as [`CLOSED`].
     pub const HELD_CONNECTING: u32 = 7;
+    /// `shutdown()` on a keyed socket stopped a process while kTLS's open
+    /// record (writes with `MSG_MORE`) held bytes that no FIN sends: the
+    /// core closes the record, and the restarted call looks again. The
+    /// cookie is the socket's, no longer tracked in `conns`.
+    pub const OPEN_RECORD_HELD: u32 = 8;
 }
 
 /// What the other end said in the TCP handshake (`TLSHUB_PEER_*`).
@@ -223,8 +228,11 @@ pub mod stat {
     /// both ends agree on (the server when only this end answered a SYN,
     /// by endpoint when both SYNs crossed).
     pub const SIMULTANEOUS_OPEN: u32 = 15;
+    /// `shutdown()` calls on protected sockets held while kTLS's open
+    /// record held bytes written with `MSG_MORE`, for the core to close it.
+    pub const OPEN_RECORD_HOLDS: u32 = 16;
     /// Length of the `stats` array.
-    pub const COUNT: u32 = 16;
+    pub const COUNT: u32 = 17;
 }
 
 /// `TLSHUB_UNSENT_HOLD_MAX_MS`: how long `shutdown()`s on one socket are
@@ -548,6 +556,8 @@ mod tests {
                 stat::MAP_BUSY,
                 stat::MPTCP_REFUSED,
                 stat::SIMULTANEOUS_OPEN,
+                stat::OPEN_RECORD_HOLDS,
+                kind::OPEN_RECORD_HELD,
                 UNSENT_HOLD_MAX_MS,
                 stat::COUNT,
                 conn::UNMARKED
@@ -563,6 +573,8 @@ mod tests {
                 TLSHUB_STAT_MAP_BUSY,
                 TLSHUB_STAT_MPTCP_REFUSED,
                 TLSHUB_STAT_SIMULTANEOUS_OPEN,
+                TLSHUB_STAT_OPEN_RECORD_HOLDS,
+                TLSHUB_EV_OPEN_RECORD_HELD,
                 TLSHUB_UNSENT_HOLD_MAX_MS,
                 TLSHUB_STAT_MAX,
                 TLSHUB_CONN_UNMARKED

@@ -160,6 +160,56 @@ pub enum KtlsStep {
     Receive,
 }
 
+/// `TLS_SET_RECORD_TYPE`, the control message at [`SOL_TLS`] that gives
+/// a `sendmsg` on a kTLS socket its record type.
+const TLS_SET_RECORD_TYPE: libc::c_int = 1;
+/// The TLS record type of application data.
+const TLS_RECORD_APPLICATION_DATA: u8 = 23;
+
+/// Closes the socket's open kTLS record, the one writes with `MSG_MORE`
+/// fill and only a write without it closes: kTLS encrypts it and hands it
+/// to TCP as after any write. How: a `sendmsg` of no bytes with a
+/// `TLS_SET_RECORD_TYPE` control message (application data); kTLS closes
+/// the open record before it takes a record type (`tls_process_cmsg` in
+/// the kernel's `net/tls/tls_main.c`), and no bytes make no new record.
+/// A socket with no open record is left as it was. Does not wait
+/// (`MSG_DONTWAIT`): what TCP has no room for waits in kTLS's queue, as
+/// after any write, and kTLS's `EAGAIN` for it is not an error here.
+pub fn close_open_record(fd: BorrowedFd<'_>) -> io::Result<()> {
+    // Room for one control message with one byte of data, aligned for
+    // `cmsghdr` (CMSG_SPACE(1) is 24 bytes on 64-bit Linux).
+    let mut control = [0u64; 4];
+    // SAFETY: CMSG_SPACE only computes a size.
+    let space = unsafe { libc::CMSG_SPACE(1) } as usize;
+    assert!(space <= std::mem::size_of_val(&control));
+    // SAFETY: a zeroed msghdr (no name, no iovecs) is valid.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_control = control.as_mut_ptr().cast();
+    msg.msg_controllen = space;
+    // SAFETY: msg_control points at `space` live, aligned, zeroed bytes,
+    // enough for one header and its one byte of data, so CMSG_FIRSTHDR
+    // returns a valid header and CMSG_DATA a byte inside the buffer.
+    let rc = unsafe {
+        let cmsg = libc::CMSG_FIRSTHDR(&msg);
+        (*cmsg).cmsg_level = SOL_TLS;
+        (*cmsg).cmsg_type = TLS_SET_RECORD_TYPE;
+        (*cmsg).cmsg_len = libc::CMSG_LEN(1) as usize;
+        *libc::CMSG_DATA(cmsg) = TLS_RECORD_APPLICATION_DATA;
+        libc::sendmsg(
+            fd.as_raw_fd(),
+            &msg,
+            libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+        )
+    };
+    if rc >= 0 {
+        return Ok(());
+    }
+    match io::Error::last_os_error() {
+        e if e.kind() == io::ErrorKind::WouldBlock => Ok(()),
+        e => Err(e),
+    }
+}
+
 /// Installs kTLS on the socket: the ULP, then TX and RX keys. Keys that
 /// fail [`ConnectionKeys::validate`] are refused before anything is
 /// installed (`InvalidInput`); after that, on error the socket may be
@@ -206,6 +256,23 @@ mod tests {
         // No ULP went on: the socket still takes one.
         let ulp = set_option(c.as_fd(), libc::IPPROTO_TCP, libc::TCP_ULP, b"xyz");
         assert_ne!(ulp.unwrap_err().raw_os_error(), Some(libc::EEXIST));
+    }
+
+    #[test]
+    fn closing_the_open_record_of_a_socket_without_ktls_sends_nothing() {
+        use std::io::{Read, Write};
+        use std::os::fd::AsFd;
+        // The host has no kTLS; TCP ignores a control message at SOL_TLS,
+        // so a socket without kTLS is left as it was: no byte, no error.
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut c = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let (mut s, _) = l.accept().unwrap();
+        close_open_record(c.as_fd()).unwrap();
+        c.write_all(b"x").unwrap();
+        c.shutdown(std::net::Shutdown::Write).unwrap();
+        let mut got = Vec::new();
+        s.read_to_end(&mut got).unwrap();
+        assert_eq!(got, b"x");
     }
 
     #[test]

@@ -15,6 +15,12 @@ pub enum SendMethod {
     Writev,
     /// send(2)
     Send,
+    /// send(2) with `MSG_MORE` on every write, as an app that corks its
+    /// writes and leaves the flush to its `shutdown()` does: the kernel
+    /// sends what waits when the FIN goes. Only for exchanges that end
+    /// each direction with a `shutdown()` (`--mode half-close`).
+    #[serde(rename = "send-more")]
+    SendMore,
     /// sendmsg(2)
     Sendmsg,
     /// sendfile(2) from a memfd
@@ -425,12 +431,17 @@ impl Conn {
                 // SAFETY: chunk is a live slice and fd is open.
                 cvt(unsafe { libc::write(fd, chunk.as_ptr().cast(), chunk.len()) })
             }),
-            SendMethod::Send => self.retry(out, || {
-                // SAFETY: chunk is a live slice and fd is open.
-                cvt(unsafe {
-                    libc::send(fd, chunk.as_ptr().cast(), chunk.len(), libc::MSG_NOSIGNAL)
+            SendMethod::Send | SendMethod::SendMore => {
+                let flags = if method == SendMethod::SendMore {
+                    libc::MSG_NOSIGNAL | libc::MSG_MORE
+                } else {
+                    libc::MSG_NOSIGNAL
+                };
+                self.retry(out, || {
+                    // SAFETY: chunk is a live slice and fd is open.
+                    cvt(unsafe { libc::send(fd, chunk.as_ptr().cast(), chunk.len(), flags) })
                 })
-            }),
+            }
             SendMethod::Writev | SendMethod::Sendmsg => {
                 let half = chunk.len() / 2;
                 let iov = [

@@ -687,6 +687,41 @@ fn a_shutdown_held_for_unsent_records_is_continued_by_each_sweep_and_is_no_key_w
 }
 
 #[test]
+fn a_shutdown_held_for_an_open_record_asks_for_its_close_once_per_hold_and_is_continued() {
+    let (mut t, mut k) = (table(FailurePolicy::FailClosed), FakeKernel::default());
+    let open_record = Event {
+        kind: kind::OPEN_RECORD_HELD,
+        ..held(COOKIE, PID, 0)
+    };
+    t.on_event(&k, open_record);
+    let close = RecordClose {
+        pid: PID,
+        cookie: COOKIE,
+    };
+    assert_eq!(t.take_record_closes(), [close]);
+    assert!(t.take_record_closes().is_empty());
+    assert!(!t.take_sweep_due());
+    no_start(&mut t);
+    k.states.insert(PID, 'T');
+    sweep(&mut t, &mut k);
+    assert_eq!(k.continued, [PID]);
+    // The restarted shutdown() found the record closed and sent, but not
+    // yet all in TCP: an ordinary unsent-records hold, nothing to close.
+    t.on_event(
+        &k,
+        Event {
+            kind: kind::UNSENT_HELD,
+            ..open_record
+        },
+    );
+    assert!(t.take_record_closes().is_empty());
+    k.states.insert(PID, 'T');
+    sweep(&mut t, &mut k);
+    assert_eq!(k.continued, [PID, PID]);
+    assert_eq!(t.stats().gate_stops, 0);
+}
+
+#[test]
 fn a_map_stop_that_never_shows_is_forgotten_after_the_grace_and_a_gone_process_at_once() {
     let (mut t, mut k) = (table(FailurePolicy::FailClosed), FakeKernel::default());
     k.hold_in_map(COOKIE, PID);

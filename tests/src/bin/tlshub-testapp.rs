@@ -40,7 +40,8 @@ enum Mode {
     CloseEarly,
     /// The client sends `size` bytes and half-closes at once
     /// (`shutdown(SHUT_WR)`, like `nc -N` or an HTTP/1.0 client); the
-    /// server reads to EOF, then answers `size` bytes and closes.
+    /// server reads to EOF, then answers `size` bytes, half-closes too
+    /// and closes.
     HalfClose,
     /// The client writes until its socket is full (one blocking write,
     /// then non-blocking ones until none is possible for a second) and
@@ -374,6 +375,7 @@ fn serve_exchange(c: &mut Conn, common: &Common, r: &mut AppReport) -> std::io::
             recv_pattern(c, common, CLIENT_SEED, r)?;
             expect_eof(c, common)?;
             send_pattern(c, common, SERVER_SEED, r)?;
+            c.stream().shutdown(std::net::Shutdown::Write)?;
             return Ok(());
         }
     }

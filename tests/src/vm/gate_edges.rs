@@ -254,6 +254,79 @@ pub fn shutdown_after_full_send_buffer() -> Outcome {
     ))
 }
 
+/// Apps that cork every write with `MSG_MORE` and leave the flush to
+/// their `shutdown()` (`--send send-more`, half-close both ways): TCP
+/// sends what waits when the FIN goes. kTLS keeps such bytes in its open
+/// record, which only a write without `MSG_MORE` closes; a FIN does not,
+/// so the peer would read a short stream. The gate holds such a
+/// `shutdown()` and the core closes the open record first
+/// (ARCHITECTURE.md, "The gate"). Sizes: 4 KiB (all of it in the open
+/// record), 100,000 bytes (six full records and an open one), and
+/// exactly 16 KiB (one full record, which kTLS sends by itself: nothing
+/// to hold). The same exchange with kTLS installed by the apps themselves
+/// is the control (reported, not required).
+pub fn shutdown_after_more_writes() -> Outcome {
+    let (a, b) = nodes(NodeSpec::new("a"), NodeSpec::new("b"))?;
+    let app = |size, io, port, ktls_fixed_key| App {
+        mode: "half-close",
+        send: "send-more",
+        io,
+        connections: 4,
+        ktls_fixed_key,
+        ..App::exchange(size, port)
+    };
+    let control = app(10_000, "blocking", PLAIN_PORT, true);
+    let (s, c) = run_pair(&control, &[], Duration::from_secs(60))?;
+    let control = if s.ok && c.ok {
+        "kTLS alone (fixed key, no agent) lost nothing".to_string()
+    } else {
+        format!(
+            "kTLS alone (fixed key, no agent) failed: the server got \"{}\", the client \"{}\"",
+            s.error.as_deref().unwrap_or(""),
+            c.error.as_deref().unwrap_or("")
+        )
+    };
+    let apps = [
+        app(4096, "blocking", PROTECTED_PORT, false),
+        app(100_000, "epoll", PROTECTED_PORT, false),
+        app(16_384, "blocking", PROTECTED_PORT, false),
+        // The control: unselected, so its marker must be seen in clear.
+        app(10_000, "blocking", PLAIN_PORT, false),
+    ];
+    let before = [
+        a.stat(|s| s.open_record_holds),
+        b.stat(|s| s.open_record_holds),
+    ];
+    let report = captured_exchanges("shutdown-after-more-writes", &a, &b, &apps)?;
+    report.expect_at_least(1, 0)?;
+    // Each end of the 8 connections whose last record was open at its
+    // shutdown() was held at least once (again if the restarted call came
+    // before the core had closed the record).
+    let holds = [
+        a.stat_reaching(|s| s.open_record_holds, before[0] + 8) - before[0],
+        b.stat_reaching(|s| s.open_record_holds, before[1] + 8) - before[1],
+    ];
+    if holds.iter().any(|&h| h < 8) {
+        return Err(failed!(
+            "shutdown() holds for an open record: a {} b {}, want at least 8 on each (control: {control})",
+            holds[0],
+            holds[1]
+        ));
+    }
+    let expired = [a.stat(|s| s.unsent_expired), b.stat(|s| s.unsent_expired)];
+    if expired != [0, 0] {
+        return Err(failed!(
+            "shutdown() holds expired (a {}, b {}) although both ends read everything",
+            expired[0],
+            expired[1]
+        ));
+    }
+    Ok(format!(
+        "12 protected connections corked with MSG_MORE and half-closed both ways exact, {} flows decrypted; shutdown() holds for an open record a {} b {}; {control}",
+        report.decrypted, holds[0], holds[1]
+    ))
+}
+
 /// The bound on that hold: a client fills its socket towards a server
 /// that reads nothing for 12 s until no write succeeds for a second, and
 /// half-closes (`tlshub-testapp --mode fill-half-close`). kTLS's last

@@ -176,6 +176,10 @@ pub const TESTS: &[Scenario] = &[
         super::gate_edges::shutdown_after_full_send_buffer,
     ),
     (
+        "gate_shutdown_after_more_writes",
+        super::gate_edges::shutdown_after_more_writes,
+    ),
+    (
         "gate_shutdown_hold_is_bounded",
         super::gate_edges::shutdown_hold_is_bounded,
     ),
