@@ -1068,6 +1068,12 @@ pub enum Probe {
     /// `EAGAIN` (still waiting for keys) or `ECONNRESET`/`EPIPE` (the
     /// connection was reset).
     ManyWaiting,
+    /// A socket bound to `--connect` (an address of the probe's own pod)
+    /// that connects to that same address and port: TCP completes it with
+    /// itself (a simultaneous open with one socket as both ends). Then a
+    /// write of the payload and a read of it back; bytes that come back
+    /// other than written fail the "compare" step with `EILSEQ`.
+    SelfConnect,
 }
 
 /// How many connections [`Probe::ManyWaiting`] opens.
@@ -1257,6 +1263,39 @@ fn echo_exchange(sock: &socket2::Socket, payload: &[u8]) -> io::Result<usize> {
     Ok(payload.len())
 }
 
+/// [`Probe::SelfConnect`]: bind, connect, write, read back and compare,
+/// until a step fails.
+fn self_connect(target: std::net::SocketAddr, payload: &[u8]) -> Vec<ProbeStep> {
+    use std::io::{Read, Write};
+    let sock = match tcp_socket(target) {
+        Ok(s) => s,
+        Err(e) => return vec![step("socket", Err(e))],
+    };
+    let back = std::cell::RefCell::new(vec![0u8; payload.len()]);
+    let calls: [(&'static str, &dyn Fn() -> io::Result<usize>); 5] = [
+        ("bind", &|| sock.bind(&target.into()).map(|()| 0)),
+        ("connect", &|| sock.connect(&target.into()).map(|()| 0)),
+        ("write", &|| {
+            (&sock).write_all(payload).map(|()| payload.len())
+        }),
+        ("read back", &|| {
+            (&sock)
+                .read_exact(&mut back.borrow_mut())
+                .map(|()| payload.len())
+        }),
+        ("compare", &|| {
+            if *back.borrow() == payload {
+                Ok(payload.len())
+            } else {
+                Err(io::Error::from_raw_os_error(libc::EILSEQ))
+            }
+        }),
+    ];
+    let mut steps = Vec::new();
+    run_in_order(&mut steps, &calls);
+    steps
+}
+
 /// [`Probe::RefusedThenReconnect`]: a socket refused by the gate (its mark
 /// says so) must not stay refused once it is disconnected and connected
 /// again: to an unselected peer it works in clear, and to a selected one
@@ -1418,6 +1457,9 @@ pub fn probe(
     if probe == Probe::ManyWaiting {
         return many_waiting(target, options.go_file.as_deref(), payload);
     }
+    if probe == Probe::SelfConnect {
+        return self_connect(target, payload);
+    }
     if probe == Probe::SendRacingConnect {
         for _ in 0..RACE_ATTEMPTS {
             steps.extend(send_racing_connect(target, payload));
@@ -1510,7 +1552,8 @@ pub fn probe(
         | Probe::SendRacingConnect
         | Probe::RefusedThenReconnect
         | Probe::ConnectFlood
-        | Probe::ManyWaiting => {
+        | Probe::ManyWaiting
+        | Probe::SelfConnect => {
             unreachable!("handled above")
         }
     }

@@ -12,6 +12,7 @@
 //! - A listener that closes with connections in its accept queue, which
 //!   the kernel moves to another listener of the same `SO_REUSEPORT`
 //!   group.
+//! - A socket that connects to itself.
 //!
 //! ARCHITECTURE.md, "The gate", says how each is held and keyed.
 
@@ -22,7 +23,10 @@ use crate::vm::outcome::Outcome;
 
 use super::node::{Node, NodeSpec, PLAIN_PORT, PROTECTED_PORT, ProviderKind};
 use super::process;
-use super::support::{App, GoFile, PodSetting, app_report, nodes, nodes_with_provider, trouble};
+use super::support::{
+    App, GoFile, PodSetting, app_report, nodes, nodes_with_provider, probe_steps, spawn_probe,
+    trouble,
+};
 use super::topology::{POD_A, POD_B};
 use super::wire_check::{
     Capture, captured_exchanges, check_wire_allowing_unkeyed, plain_control, tcp_ext,
@@ -438,6 +442,78 @@ pub fn reuseport_accept_queue_migrates() -> Outcome {
         summary.push(format!(
             "{provider:?}: {CLIENTS} connections exact, {migrated} of them migrated from the closed listener, {} flows decrypted",
             report.decrypted
+        ));
+    }
+    Ok(summary.join("; "))
+}
+
+/// A socket bound to its pod's address that connects to that same address
+/// and port (`tlshub-testapp probe --what self-connect` in pod-a): TCP
+/// completes it with itself through the pod's loopback, a simultaneous
+/// open with one socket as both ends, so none of its bytes reaches a
+/// wire. Node a lists its own pods among the selected peers (as for
+/// same-node pairs), so to the protected port the socket is selected at
+/// `connect()` and keyed as a simultaneous open whose endpoints tie: the
+/// server role. Under those keys it cannot read what it writes (a
+/// handshake provider waits for a `ClientHello` nobody sends; a key-only
+/// provider's records come back under the other direction's key), so it
+/// must fail closed with a clean error: `ECONNRESET` or `EPIPE` from the
+/// reset, or `EBADMSG` from kTLS, and never other bytes or a hang. To a
+/// plain port it echoes to itself. With OpenSSL and TLSHub, each on ports
+/// of its own: a closed self-connection stays in `TIME_WAIT` on its one
+/// 4-tuple, which a new socket could neither bind nor connect.
+pub fn self_connect() -> Outcome {
+    use libc::{EBADMSG, ECONNRESET, EPIPE};
+    let mut summary = Vec::new();
+    for (provider, protected_port, plain_port) in [
+        (ProviderKind::OpenSsl, PROTECTED_PORT, PLAIN_PORT),
+        (ProviderKind::TlsHub, ALSO_SELECTED[0], PLAIN_PORT + 1),
+    ] {
+        let a_spec = NodeSpec {
+            same_node: true,
+            also_ports: vec![protected_port],
+            ..NodeSpec::with_provider("a", provider)
+        };
+        let (a, _b) = nodes(a_spec, NodeSpec::with_provider("b", provider))?;
+        let run = |port: u16| -> Result<Vec<(String, i32)>, Failure> {
+            let target = format!("{POD_A}:{port}");
+            let probe = spawn_probe("self-connect", &target, &[])?;
+            let out = process::finish(probe, Duration::from_secs(60))
+                .map_err(|e| e.context(format!("self-connect to port {port}")))?;
+            probe_steps(&out)
+        };
+        let plain = run(plain_port)?;
+        if plain.len() != 5 || plain.iter().any(|(_, e)| *e != 0) {
+            return Err(failed!(
+                "{provider:?}: self-connect to the plain port: {plain:?} (want bind, connect, write, read back, compare all 0)"
+            ));
+        }
+        let before = a.stat(|s| s.simultaneous_open);
+        let t = Instant::now();
+        let protected = run(protected_port)?;
+        let took = t.elapsed();
+        let clean = matches!(
+            protected.as_slice(),
+            [(_, 0), (_, 0), (call, e)] | [(_, 0), (_, 0), (_, 0), (call, e)]
+                if (call == "write" || call == "read back") && [ECONNRESET, EPIPE, EBADMSG].contains(e)
+        );
+        if !clean {
+            return Err(failed!(
+                "{provider:?}: self-connect to the protected port: {protected:?} (want bind and connect, then write or read back failing with ECONNRESET, EPIPE or EBADMSG); node a selected {} and counted {} simultaneous opens",
+                a.stat(|s| s.selected),
+                a.stat(|s| s.simultaneous_open) - before
+            ));
+        }
+        let keyed = a.stat_reaching(|s| s.simultaneous_open, before + 1) - before;
+        if keyed != 1 {
+            return Err(failed!(
+                "{provider:?}: node a counted {keyed} simultaneous opens for the self-connect, want 1"
+            ));
+        }
+        let (call, errno) = &protected[protected.len() - 1];
+        summary.push(format!(
+            "{provider:?}: plain port echoed to itself; protected port failed closed at {call} (errno {errno}) after {:.1} s",
+            took.as_secs_f64()
         ));
     }
     Ok(summary.join("; "))

@@ -192,6 +192,7 @@ pub const TESTS: &[Scenario] = &[
         "gate_tcp_simultaneous_open",
         super::gate_opens::simultaneous_open,
     ),
+    ("gate_self_connect", super::gate_opens::self_connect),
     ("gate_deferred_accept", super::gate_opens::deferred_accept),
     (
         "gate_syn_cookies_every_connection",
