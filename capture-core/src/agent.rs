@@ -402,9 +402,9 @@ impl Agent {
     }
 
     /// Closes the open kTLS records of the `shutdown()`s the gate holds for
-    /// them ([`crate::state::RecordClose`]), each on a blocking thread: the
-    /// hold names no fd, so the socket is searched among the process's.
-    /// Not awaited; the held process is continued by the sweep as usual,
+    /// them ([`crate::state::RecordClose`]), each on a blocking thread:
+    /// the socket may have to be searched among the process's fds. Not
+    /// awaited; the held process is continued by the sweep as usual,
     /// and a restarted `shutdown()` that still finds the record open is
     /// held and asks again.
     fn close_open_records(&mut self) {
@@ -1067,7 +1067,7 @@ async fn health_loop(providers: Arc<Registry>, metrics: Arc<Metrics>, interval: 
 /// (as without tlshub).
 fn close_open_record(close: crate::state::RecordClose) {
     use std::os::fd::AsFd;
-    let socket = match keying::find_socket(close.pid, -1, close.cookie, || true) {
+    let socket = match keying::find_socket(close.pid, close.fd, close.cookie, || true) {
         Ok(s) => s,
         Err(e) => {
             warn!(error = %e, "cannot find the socket whose open kTLS record a shutdown() waits for");

@@ -84,12 +84,16 @@ pub struct OwnerUpdate {
 
 /// A `shutdown()` the gate holds while kTLS's open record has bytes
 /// written with `MSG_MORE` (`OPEN_RECORD_HELD`): the event loop closes
-/// that record on the socket (searched among `pid`'s fds; the hold names
-/// none), so that the restarted call sends it before its FIN.
+/// that record on the socket, so that the restarted call sends it before
+/// its FIN.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RecordClose {
     /// The process the gate stopped in `shutdown()`.
     pub pid: u32,
+    /// Where to look first: the socket's fd when it was keyed, if `pid`
+    /// is the process it was keyed from, else -1 (the hold names no fd):
+    /// then every socket fd of `pid` is searched by cookie.
+    pub fd: i32,
     /// Socket cookie.
     pub cookie: u64,
 }
@@ -171,6 +175,9 @@ pub struct Protected {
     pub role: Role,
     /// The process it was keyed from (0: unknown).
     pub pid: u32,
+    /// The socket's fd in `pid` when it was keyed (-1: unknown; the
+    /// number may have been reused since, so it is checked by cookie).
+    pub fd: i32,
     /// The provider that keyed it.
     pub provider: String,
     /// The installed cipher suite.
@@ -862,8 +869,14 @@ impl ConnTable {
                         pid = ev.pid,
                         "shutdown held until kTLS's open record is closed"
                     );
+                    let fd = self
+                        .protected
+                        .get(&ev.cookie)
+                        .filter(|p| p.pid == ev.pid)
+                        .map_or(-1, |p| p.fd);
                     self.record_closes.push(RecordClose {
                         pid: ev.pid,
+                        fd,
                         cookie: ev.cookie,
                     });
                 } else {
@@ -1200,6 +1213,7 @@ impl ConnTable {
                             remote: installed.backend.unwrap_or_else(|| est.remote()),
                             role,
                             pid: p.owner.map_or(0, |o| o.0),
+                            fd: p.owner.map_or(-1, |o| o.1),
                             provider: provider.clone(),
                             cipher: installed.cipher.to_string(),
                             key_time: installed.key_time,

@@ -694,8 +694,10 @@ fn a_shutdown_held_for_an_open_record_asks_for_its_close_once_per_hold_and_is_co
         ..held(COOKIE, PID, 0)
     };
     t.on_event(&k, open_record);
+    // Not keyed by this table: no fd known, the process's are searched.
     let close = RecordClose {
         pid: PID,
+        fd: -1,
         cookie: COOKIE,
     };
     assert_eq!(t.take_record_closes(), [close]);
@@ -719,6 +721,36 @@ fn a_shutdown_held_for_an_open_record_asks_for_its_close_once_per_hold_and_is_co
     sweep(&mut t, &mut k);
     assert_eq!(k.continued, [PID, PID]);
     assert_eq!(t.stats().gate_stops, 0);
+}
+
+#[test]
+fn an_open_record_of_a_keyed_connection_is_looked_for_at_its_fd_in_its_owner_only() {
+    let (mut t, mut k) = (table(FailurePolicy::FailClosed), FakeKernel::default());
+    let s = keying(&mut t, &mut k, COOKIE);
+    t.on_outcome(&mut k, outcome(&s, installed()));
+    let (pid, fd) = s.owner.unwrap();
+    let hold = |pid| Event {
+        kind: kind::OPEN_RECORD_HELD,
+        ..held(COOKIE, pid, 0)
+    };
+    t.on_event(&k, hold(pid));
+    t.on_event(&k, hold(pid + 1));
+    assert_eq!(
+        t.take_record_closes(),
+        [
+            RecordClose {
+                pid,
+                fd,
+                cookie: COOKIE
+            },
+            // Another process (the socket was passed on): no fd known there.
+            RecordClose {
+                pid: pid + 1,
+                fd: -1,
+                cookie: COOKIE
+            }
+        ]
+    );
 }
 
 #[test]
