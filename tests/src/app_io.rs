@@ -1264,13 +1264,17 @@ fn echo_exchange(sock: &socket2::Socket, payload: &[u8]) -> io::Result<usize> {
 }
 
 /// [`Probe::SelfConnect`]: bind, connect, write, read back and compare,
-/// until a step fails.
+/// until a step fails. The socket is closed abortively (`SO_LINGER` 0),
+/// so that no `TIME_WAIT` keeps its one 4-tuple from the next run.
 fn self_connect(target: std::net::SocketAddr, payload: &[u8]) -> Vec<ProbeStep> {
     use std::io::{Read, Write};
     let sock = match tcp_socket(target) {
         Ok(s) => s,
         Err(e) => return vec![step("socket", Err(e))],
     };
+    if let Err(e) = sock.set_linger(Some(std::time::Duration::ZERO)) {
+        return vec![step("setsockopt(SO_LINGER)", Err(e))];
+    }
     let back = std::cell::RefCell::new(vec![0u8; payload.len()]);
     let calls: [(&'static str, &dyn Fn() -> io::Result<usize>); 5] = [
         ("bind", &|| sock.bind(&target.into()).map(|()| 0)),

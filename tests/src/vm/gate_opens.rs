@@ -459,15 +459,16 @@ pub fn reuseport_accept_queue_migrates() -> Outcome {
 /// provider's records come back under the other direction's key), so it
 /// must fail closed with a clean error: `ECONNRESET` or `EPIPE` from the
 /// reset, or `EBADMSG` from kTLS, and never other bytes or a hang. To a
-/// plain port it echoes to itself. With OpenSSL and TLSHub, each on ports
-/// of its own: a closed self-connection stays in `TIME_WAIT` on its one
-/// 4-tuple, which a new socket could neither bind nor connect.
+/// plain port it echoes to itself. With OpenSSL and TLSHub, each on
+/// ports of its own that no other scenario binds in pod-a: a closed
+/// connection's `TIME_WAIT` keeps its local port from being bound again
+/// (the probe closes abortively, so its own leave none).
 pub fn self_connect() -> Outcome {
     use libc::{EBADMSG, ECONNRESET, EPIPE};
     let mut summary = Vec::new();
     for (provider, protected_port, plain_port) in [
-        (ProviderKind::OpenSsl, PROTECTED_PORT, PLAIN_PORT),
-        (ProviderKind::TlsHub, ALSO_SELECTED[0], PLAIN_PORT + 1),
+        (ProviderKind::OpenSsl, 8446, 9002),
+        (ProviderKind::TlsHub, 8447, 9003),
     ] {
         let a_spec = NodeSpec {
             same_node: true,
