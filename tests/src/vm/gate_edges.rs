@@ -168,6 +168,26 @@ fn small_segments_from_pod_a() -> Result<PodSetting, Failure> {
     )
 }
 
+/// Runs `control` (an exchange with kTLS installed by the apps
+/// themselves, `--ktls-fixed-key`, no agent) and says how kTLS alone
+/// fared: the shutdown scenarios report it, they do not require it.
+fn ktls_alone(control: &App, limit: Duration) -> Result<String, Failure> {
+    let (s, c) = run_pair(control, &[], limit)?;
+    Ok(if s.ok && c.ok {
+        format!(
+            "kTLS alone (fixed key, no agent) lost nothing in {} connections",
+            control.connections
+        )
+    } else {
+        format!(
+            "kTLS alone (fixed key, no agent) failed after {} exact connections: the server got \"{}\", the client \"{}\"",
+            s.connections,
+            s.error.as_deref().unwrap_or(""),
+            c.error.as_deref().unwrap_or("")
+        )
+    })
+}
+
 /// Non-blocking clients that write 4 MiB each and half-close at once,
 /// after their keys are in. kTLS takes a write as soon as it has
 /// encrypted the record; a record TCP has no room for waits in kTLS's own
@@ -198,18 +218,7 @@ pub fn shutdown_after_full_send_buffer() -> Outcome {
         ktls_fixed_key,
         ..App::exchange(4 << 20, port)
     };
-    let control = app(PLAIN_PORT, true);
-    let (s, c) = run_pair(&control, &[], Duration::from_secs(120))?;
-    let control = if s.ok && c.ok {
-        "kTLS alone (fixed key, no agent) lost nothing in 10 connections".to_string()
-    } else {
-        format!(
-            "kTLS alone (fixed key, no agent) lost the end of a connection after {} exact: the peer read \"{}\", the writer got \"{}\"",
-            s.connections,
-            s.error.as_deref().unwrap_or(""),
-            c.error.as_deref().unwrap_or("")
-        )
-    };
+    let control = ktls_alone(&app(PLAIN_PORT, true), Duration::from_secs(120))?;
     // About one connection in five leaves a record behind here, so the
     // rounds go on (up to 4 of 10 connections each) until a shutdown() was
     // held. Captured on the node link, with a plain exchange as the
@@ -275,17 +284,10 @@ pub fn shutdown_after_more_writes() -> Outcome {
         ktls_fixed_key,
         ..App::exchange(size, port)
     };
-    let control = app(10_000, "blocking", PLAIN_PORT, true);
-    let (s, c) = run_pair(&control, &[], Duration::from_secs(60))?;
-    let control = if s.ok && c.ok {
-        "kTLS alone (fixed key, no agent) lost nothing".to_string()
-    } else {
-        format!(
-            "kTLS alone (fixed key, no agent) failed: the server got \"{}\", the client \"{}\"",
-            s.error.as_deref().unwrap_or(""),
-            c.error.as_deref().unwrap_or("")
-        )
-    };
+    let control = ktls_alone(
+        &app(10_000, "blocking", PLAIN_PORT, true),
+        Duration::from_secs(60),
+    )?;
     let apps = [
         app(4096, "blocking", PROTECTED_PORT, false),
         app(100_000, "epoll", PROTECTED_PORT, false),
