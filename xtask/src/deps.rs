@@ -47,6 +47,16 @@ const PACKAGES: &[&str] = &[
     // unshare and setpriv: apps started as a container starts a pod's
     // (their own pid namespace, an unprivileged uid) in a gate scenario.
     "util-linux",
+    // strace, and the libraries of gdb-minimal's gdb (which the VM gets
+    // unpacked, not installed: it conflicts with a full gdb), for the
+    // scenario whose apps run traced.
+    "strace",
+    "libdebuginfod1",
+    "libipt2",
+    "libxxhash0",
+    "libgmp10",
+    "libreadline8",
+    "libexpat1",
 ];
 
 fn installed(pkg: &str) -> bool {
@@ -146,6 +156,37 @@ pub fn kernel_lines(spec: &str) -> Result<Vec<KernelLine>> {
         .collect()
 }
 
+/// Downloads (once) the Debian package `pkg` and unpacks it, without
+/// installing it, into target/vm-cache/PKG, which it returns.
+pub fn unpacked(pkg: &str) -> Result<PathBuf> {
+    let cache = crate::root().join("target/vm-cache");
+    std::fs::create_dir_all(&cache)?;
+    let dir = cache.join(pkg);
+    if dir.exists() {
+        return Ok(dir);
+    }
+    println!("== fetching {pkg} for the VM");
+    run(Command::new("apt-get")
+        .args(["download", pkg])
+        .current_dir(&cache))?;
+    let deb = std::fs::read_dir(&cache)?
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| {
+            p.file_name().is_some_and(|n| {
+                n.to_string_lossy().starts_with(&format!("{pkg}_"))
+                    && n.to_string_lossy().ends_with(".deb")
+            })
+        })
+        .with_context(|| format!("downloaded {pkg} .deb not found"))?;
+    let tmp = cache.join(format!("{pkg}.tmp"));
+    let _ = std::fs::remove_dir_all(&tmp);
+    run(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(&tmp))?;
+    std::fs::rename(&tmp, &dir)?;
+    std::fs::remove_file(&deb)?;
+    Ok(dir)
+}
+
 /// Fetches (once) the Debian cloud kernel of `line` and unpacks it under
 /// target/vm-cache.
 pub fn kernel(line: KernelLine) -> Result<Kernel> {
@@ -172,28 +213,7 @@ pub fn kernel(line: KernelLine) -> Result<Kernel> {
             found.with_context(|| format!("cannot resolve {} (run apt-get update)", line.meta))?
         }
     };
-    let dir = cache.join(&pkg);
-    if !dir.join("boot").exists() {
-        println!("== fetching VM kernel {pkg}");
-        run(Command::new("apt-get")
-            .args(["download", &pkg])
-            .current_dir(&cache))?;
-        let deb = std::fs::read_dir(&cache)?
-            .flatten()
-            .map(|e| e.path())
-            .find(|p| {
-                p.file_name().is_some_and(|n| {
-                    n.to_string_lossy().starts_with(&format!("{pkg}_"))
-                        && n.to_string_lossy().ends_with(".deb")
-                })
-            })
-            .context("downloaded kernel .deb not found")?;
-        let tmp = cache.join(format!("{pkg}.tmp"));
-        let _ = std::fs::remove_dir_all(&tmp);
-        run(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(&tmp))?;
-        std::fs::rename(&tmp, &dir)?;
-        std::fs::remove_file(&deb)?;
-    }
+    let dir = unpacked(&pkg)?;
     let vmlinuz = std::fs::read_dir(dir.join("boot"))?
         .flatten()
         .map(|e| e.path())

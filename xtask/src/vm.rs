@@ -34,7 +34,7 @@ const BINARIES: &[&str] = &[
 ];
 /// Host tools copied in with their libraries.
 const TOOLS: &[&str] = &[
-    "ip", "ss", "tcpdump", "wg", "stunnel4", "nft", "unshare", "setpriv", "tc",
+    "ip", "ss", "tcpdump", "wg", "stunnel4", "nft", "unshare", "setpriv", "tc", "strace",
 ];
 /// Kernel module trees copied in (kTLS, its ciphers, veth).
 pub const MODULE_DIRS: &[&str] = &[
@@ -332,6 +332,10 @@ fn initramfs(
         let p = which(t)?;
         copy_with_libs(&p, &rootfs, &p, &mut libs)?;
     }
+    // gdb without Python, unpacked from gdb-minimal (the host's gdb, if any,
+    // needs Python's whole library): the scenario whose apps run traced.
+    let gdb = crate::deps::unpacked("gdb-minimal")?.join("usr/bin/gdb");
+    copy_with_libs(&gdb, &rootfs, Path::new("/usr/bin/gdb"), &mut libs)?;
     if profile {
         let p = which("perf").context("the profile mode needs perf: apt-get install linux-perf")?;
         copy_with_libs(&p, &rootfs, &p, &mut libs)?;

@@ -1,6 +1,6 @@
 //! The gate's edges in the socket API: Fast Open, half-close and
 //! shutdown, same-node pairs, a reconnect during keying, apps as a pod
-//! runs them. The unusual
+//! runs them and as a debugging tool traces them. The unusual
 //! calls (out-of-band data, zero-copy, repair) are in `gate_calls`.
 
 use std::time::Duration;
@@ -10,7 +10,7 @@ use crate::failed;
 use crate::vm::outcome::{Failure, Outcome};
 
 use super::node::{NodeSpec, PLAIN_PORT, PROTECTED_PORT, ProviderKind};
-use super::support::{App, PodSetting, both_ok, nodes, nodes_with_provider, run_pair};
+use super::support::{App, Launch, PodSetting, both_ok, nodes, nodes_with_provider, run_pair};
 use super::topology::{POD_A2, POD_A2_IF, WIRE_IF};
 use super::wire_check::{
     Capture, captured_exchanges, captured_exchanges_checked, captured_exchanges_on, check_wire,
@@ -471,7 +471,7 @@ pub fn reconnect_during_keying() -> Outcome {
 }
 
 /// Apps as a pod runs them: each end is PID 1 of a pid namespace of its
-/// own, as uid 65534 with no capabilities ([`App::contained`]). A
+/// own, as uid 65534 with no capabilities ([`Launch::Contained`]). A
 /// namespace's PID 1 ignores every signal it has no handler for when the
 /// signal comes from inside the namespace, so this shows that the gate's
 /// stop reaches it (the kernel sends it, which the rule does not cover)
@@ -488,7 +488,7 @@ pub fn contained_apps() -> Outcome {
         let contained = |mode, size, io, port| App {
             mode,
             io,
-            contained: true,
+            launch: Launch::Contained,
             ..App::exchange(size, port)
         };
         let apps = [
@@ -536,6 +536,125 @@ pub fn contained_apps() -> Outcome {
     }
     Ok(format!(
         "apps as PID 1 of their own pid namespaces, uid 65534: {}; the contained plain control stayed plain",
+        summary.join("; ")
+    ))
+}
+
+/// What the strace trace of an app of `role` shows ([`Launch::trace_file`]).
+#[derive(Debug, Default)]
+struct TracedHolds {
+    /// `--- SIGSTOP ...` lines: stops the tracer saw.
+    stops: u64,
+    /// System calls answered `ERESTARTSYS`.
+    restarts: u64,
+    /// The first `SIGSTOP` line, as an example for the report.
+    first_stop: Option<String>,
+}
+
+impl TracedHolds {
+    fn read(role: &str) -> Result<Self, Failure> {
+        let path = Launch::trace_file(role);
+        let text = std::fs::read_to_string(path).map_err(|e| failed!("no trace at {path}: {e}"))?;
+        let lines = |what: &str| {
+            let n = text.lines().filter(|l| l.contains(what)).count();
+            u64::try_from(n).unwrap_or(u64::MAX)
+        };
+        Ok(Self {
+            stops: lines("--- SIGSTOP "),
+            restarts: lines("ERESTARTSYS"),
+            first_stop: text
+                .lines()
+                .find(|l| l.contains("--- SIGSTOP "))
+                .map(str::to_owned),
+        })
+    }
+
+    fn add(&mut self, other: Self) {
+        self.stops += other.stops;
+        self.restarts += other.restarts;
+        self.first_stop = self.first_stop.take().or(other.first_stop);
+    }
+}
+
+/// Apps as an operator looks into them on a protected node: both ends run
+/// under a ptrace-based tool, which sees every signal the app gets before
+/// the app does and decides what becomes of it.
+/// - `strace -f` ([`Launch::Strace`]) hands the gate's `SIGSTOP` on, so the
+///   app stops as it would untraced; its trace must show the held calls
+///   (answered `ERESTARTSYS`, restarted after `SIGCONT`) and no more stops
+///   than the gate counted.
+/// - gdb passing `SIGSTOP` and `SIGCONT` on ([`Launch::Gdb`], as an operator
+///   must set it or stop at every hold): gdb keeps `SIGSTOP` for itself, so
+///   the app is not stopped; the call restarts and meets the gate again
+///   until the keys are in.
+///
+/// Blocking apps in both orders and an edge-triggered epoll app, with
+/// OpenSSL (each end's first call waits for the in-band handshake, so both
+/// nodes hold someone) and TLSHub; the plain control runs traced too. Each
+/// exchange must be exact, and the wire TLS only, decrypted.
+pub fn traced_apps() -> Outcome {
+    let mut summary = Vec::new();
+    for provider in [ProviderKind::OpenSsl, ProviderKind::TlsHub] {
+        let (a, b) = nodes_with_provider(provider)?;
+        for launch in [Launch::Strace, Launch::Gdb] {
+            let traced = |mode, size, io, port| App {
+                mode,
+                io,
+                launch,
+                ..App::exchange(size, port)
+            };
+            let apps = [
+                traced("client-first", 10_000, "blocking", PROTECTED_PORT),
+                traced("server-first", 1 << 20, "blocking", PROTECTED_PORT),
+                traced("client-first", 100_000, "epoll-edge", PROTECTED_PORT),
+                traced("client-first", 10_000, "blocking", PLAIN_PORT),
+            ];
+            let stops_before = a.stat(|s| s.gate_stops) + b.stat(|s| s.gate_stops);
+            let seen = std::cell::RefCell::new(TracedHolds::default());
+            let count = |_: &AppReport, _: &AppReport| {
+                if launch == Launch::Strace {
+                    for role in ["server", "client"] {
+                        seen.borrow_mut().add(TracedHolds::read(role)?);
+                    }
+                }
+                Ok(())
+            };
+            let name = format!("traced-{provider:?}-{launch:?}");
+            let report = captured_exchanges_checked(&name, WIRE_IF, &a, &b, &apps, count)?;
+            let stops = a.stat(|s| s.gate_stops) + b.stat(|s| s.gate_stops) - stops_before;
+            let seen = seen.into_inner();
+            if provider == ProviderKind::OpenSsl && stops == 0 {
+                return Err(failed!(
+                    "{launch:?} with {provider:?}: the gate stopped nobody (want holds on both ends of the in-band handshakes)"
+                ));
+            }
+            if launch == Launch::Strace
+                && (stops > 0 && (seen.stops == 0 || seen.restarts == 0) || seen.stops > stops)
+            {
+                return Err(failed!(
+                    "{launch:?} with {provider:?}: the gate stopped {stops} times, the traces show {} SIGSTOPs and {} calls answered ERESTARTSYS (want some of each when the gate stopped anyone, and no more stops than it counted)",
+                    seen.stops,
+                    seen.restarts
+                ));
+            }
+            summary.push(format!(
+                "{provider:?} under {launch:?}: 3 exchanges exact, {} flows decrypted, {stops} gate stops{}",
+                report.decrypted,
+                if launch == Launch::Strace {
+                    format!(
+                        ", {} SIGSTOPs and {} ERESTARTSYS in the traces (the first: {:?})",
+                        seen.stops,
+                        seen.restarts,
+                        seen.first_stop.unwrap_or_default()
+                    )
+                } else {
+                    String::new()
+                }
+            ));
+        }
+    }
+    Ok(format!(
+        "{}; the traced plain controls stayed plain",
         summary.join("; ")
     ))
 }

@@ -188,6 +188,7 @@ pub const TESTS: &[Scenario] = &[
         "gate_contained_apps_pid1_unprivileged",
         super::gate_edges::contained_apps,
     ),
+    ("gate_traced_apps", super::gate_edges::traced_apps),
     (
         "gate_tcp_simultaneous_open",
         super::gate_opens::simultaneous_open,

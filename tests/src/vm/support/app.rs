@@ -58,13 +58,61 @@ pub struct App {
     /// (`[::ffff:10.0.2.2]`, an `AF_INET6` socket), as Java
     /// clients do by default.
     pub connect_v4_mapped: bool,
-    /// Both ends run as a container runtime starts a pod's main process:
-    /// PID 1 of a pid namespace of their own, as uid and gid 65534 with no
-    /// capabilities and `no_new_privs` (see [`CONTAINED`]).
-    pub contained: bool,
+    /// How both ends are started: directly, as a container's main
+    /// process, or under a debugging tool.
+    pub launch: Launch,
 }
 
-/// The command that starts an app [`App::contained`]: `unshare` forks it
+/// How a scenario starts both ends of an [`App`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Launch {
+    /// `tlshub-testapp` itself.
+    Direct,
+    /// As a container runtime starts a pod's main process: PID 1 of a pid
+    /// namespace of its own, as uid and gid 65534 with no capabilities and
+    /// `no_new_privs` (see [`CONTAINED`]).
+    Contained,
+    /// Under `strace -f` (every system call and signal, followed into
+    /// threads), its trace written to [`Launch::trace_file`].
+    Strace,
+    /// Under `gdb` in batch mode, which passes `SIGSTOP` and `SIGCONT`
+    /// to it without stopping ([`GDB`]).
+    Gdb,
+}
+
+impl Launch {
+    /// Where an app of `role` started [`Launch::Strace`] writes its trace.
+    pub fn trace_file(role: &str) -> &'static str {
+        if role == "server" {
+            "/tmp/logs/strace-server.txt"
+        } else {
+            "/tmp/logs/strace-client.txt"
+        }
+    }
+}
+
+/// The command that starts an app [`Launch::Gdb`]: gdb runs it to its
+/// end, passing the stop and continue signals on instead of stopping at
+/// them (an operator who debugs an app on a protected node needs the same
+/// two `handle` lines, or gdb stops at every hold; ARCHITECTURE.md, "The
+/// gate").
+pub const GDB: [&str; 13] = [
+    "gdb",
+    "-q",
+    "-nx",
+    "-batch",
+    "-ex",
+    "set startup-with-shell off",
+    "-ex",
+    "handle SIGSTOP nostop noprint pass",
+    "-ex",
+    "handle SIGCONT nostop noprint pass",
+    "-ex",
+    "run",
+    "--args",
+];
+
+/// The command that starts an app [`Launch::Contained`]: `unshare` forks it
 /// into a new pid namespace (so it is that namespace's PID 1, which
 /// ignores signals it has no handler for unless the kernel sends them) and
 /// kills it if `unshare` dies; `setpriv` drops root for uid and gid 65534
@@ -108,17 +156,18 @@ impl App {
             smc_ulp: false,
             listen_dual_stack: false,
             connect_v4_mapped: false,
-            contained: false,
+            launch: Launch::Direct,
         }
     }
 
     /// The command line that starts this app's `role` (`server` or
     /// `client`), before its flags.
     pub fn program<'a>(&self, role: &'a str) -> Vec<&'a str> {
-        let mut argv = if self.contained {
-            CONTAINED.to_vec()
-        } else {
-            Vec::new()
+        let mut argv = match self.launch {
+            Launch::Direct => Vec::new(),
+            Launch::Contained => CONTAINED.to_vec(),
+            Launch::Strace => vec!["strace", "-f", "-qq", "-o", Launch::trace_file(role)],
+            Launch::Gdb => GDB.to_vec(),
         };
         argv.extend(["tlshub-testapp", role]);
         argv

@@ -13,7 +13,7 @@ use super::process::{self, finish, spawn_ready};
 use super::topology::POD_B;
 
 mod app;
-pub use app::App;
+pub use app::{App, Launch};
 
 /// The report `tlshub-testapp` printed last.
 pub fn app_report(s: &str) -> Result<AppReport, Failure> {
