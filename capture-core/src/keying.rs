@@ -214,6 +214,23 @@ pub enum KeyingError {
         /// The fd number it had at connect/accept (-1: none known).
         fd: i32,
     },
+    /// The fd number did not name the socket, and the process's fds could
+    /// not be listed to look for it (`/proc/PID/fd` of a process of
+    /// another user needs `CAP_DAC_READ_SEARCH`; `CAP_SYS_PTRACE` is not
+    /// enough).
+    #[error(
+        "socket {cookie} is not at fd {fd} of pid {pid}, and its other fds cannot be listed (/proc/{pid}/fd: {source}); a process of another user needs CAP_DAC_READ_SEARCH"
+    )]
+    FdsUnlisted {
+        cookie: u64,
+        /// The process whose fds were to be searched.
+        pid: u32,
+        /// The fd number it had at connect/accept (-1: none known).
+        fd: i32,
+        /// Why the listing failed.
+        #[source]
+        source: std::io::Error,
+    },
     /// pidfd_open/pidfd_getfd failed.
     #[error("cannot take fd {fd} of pid {pid}: {source}")]
     TakeSocket {
@@ -275,6 +292,7 @@ impl KeyingError {
     pub fn reason(&self) -> &'static str {
         match self {
             Self::SocketGone { .. } => "socket_gone",
+            Self::FdsUnlisted { .. } => "fds_unlisted",
             Self::TakeSocket { .. } => "take_socket",
             Self::Reconnected { .. } => "reconnected",
             Self::NoOwner { .. } => "no_owner",
@@ -455,9 +473,20 @@ fn search_socket(
     if !connected() {
         return Err(KeyingError::Reconnected { cookie });
     }
-    let gone = KeyingError::SocketGone { cookie, pid, fd };
-    let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
-        return Err(gone);
+    let dir = match std::fs::read_dir(format!("/proc/{pid}/fd")) {
+        Ok(dir) => dir,
+        // The process ended.
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Err(KeyingError::SocketGone { cookie, pid, fd });
+        }
+        Err(source) => {
+            return Err(KeyingError::FdsUnlisted {
+                cookie,
+                pid,
+                fd,
+                source,
+            });
+        }
     };
     for entry in dir.flatten() {
         let is_socket = std::fs::read_link(entry.path())
@@ -479,7 +508,7 @@ fn search_socket(
             return Ok(s);
         }
     }
-    Err(gone)
+    Err(KeyingError::SocketGone { cookie, pid, fd })
 }
 
 /// Whether a process accepts connections on `path` now.

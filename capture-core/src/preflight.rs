@@ -13,7 +13,8 @@ use crate::config::{BpfSection, Config};
 /// The capabilities the core's systemd unit gives it
 /// (`CapabilityBoundingSet` in `deploy/systemd/tlshub-core.service`):
 /// (number, name).
-const CAPABILITIES: [(u32, &str); 5] = [
+const CAPABILITIES: [(u32, &str); 6] = [
+    (2, "CAP_DAC_READ_SEARCH"),
     (5, "CAP_KILL"),
     (12, "CAP_NET_ADMIN"),
     (19, "CAP_SYS_PTRACE"),
@@ -301,7 +302,7 @@ pub fn assess(f: &Facts) -> Report {
         "capabilities",
         missing.is_empty(),
         if missing.is_empty() {
-            "CAP_BPF, CAP_PERFMON, CAP_NET_ADMIN, CAP_SYS_PTRACE and CAP_KILL in effect".into()
+            "CAP_BPF, CAP_PERFMON, CAP_NET_ADMIN, CAP_SYS_PTRACE, CAP_DAC_READ_SEARCH and CAP_KILL in effect".into()
         } else {
             format!("missing: {}", missing.join(", "))
         },
@@ -548,7 +549,7 @@ mod tests {
         });
         assert_eq!(
             r.get("capabilities").unwrap().found,
-            "missing: CAP_KILL, CAP_NET_ADMIN, CAP_SYS_PTRACE, CAP_PERFMON, CAP_BPF"
+            "missing: CAP_DAC_READ_SEARCH, CAP_KILL, CAP_NET_ADMIN, CAP_SYS_PTRACE, CAP_PERFMON, CAP_BPF"
         );
         assert!(!r.get("BPF programs").unwrap().ok);
     }

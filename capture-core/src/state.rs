@@ -1073,7 +1073,10 @@ impl ConnTable {
             self.on_stale_outcome(k, job, cookie, &provider, socket.as_ref(), &result);
             return;
         }
-        if let Err(KeyingError::SocketGone { pid, .. }) = &result
+        // A process whose fds cannot be listed may not be the one holding
+        // the socket either: another held process may be listable.
+        if let Err(KeyingError::SocketGone { pid, .. } | KeyingError::FdsUnlisted { pid, .. }) =
+            &result
             && self.look_elsewhere(cookie, *pid)
         {
             self.maybe_start(cookie);

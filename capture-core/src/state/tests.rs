@@ -881,6 +881,31 @@ fn a_socket_gone_from_its_owner_is_looked_for_in_the_processes_held_on_it() {
 }
 
 #[test]
+fn a_process_whose_fds_cannot_be_listed_is_passed_over_for_another_held_on_it() {
+    let (mut t, mut k) = (table(FailurePolicy::FailClosed), FakeKernel::default());
+    let s = keying(&mut t, &mut k, COOKIE);
+    t.on_event(&k, held(COOKIE, PID + 1, 0));
+    let unlisted = KeyingError::FdsUnlisted {
+        cookie: COOKIE,
+        pid: PID,
+        fd: -1,
+        source: std::io::Error::from_raw_os_error(libc::EACCES),
+    };
+    assert_eq!(unlisted.reason(), "fds_unlisted");
+    t.on_outcome(
+        &mut k,
+        Outcome {
+            socket: None,
+            ..outcome(&s, Err(unlisted))
+        },
+    );
+    let again = one_start(&mut t);
+    assert_eq!(again.owner, Some((PID + 1, -1)));
+    t.on_outcome(&mut k, outcome(&again, installed()));
+    assert_eq!(k.gate(COOKIE), Some(gate::OPEN));
+}
+
+#[test]
 fn a_socket_gone_with_nobody_held_waits_for_the_next_hold() {
     let (mut t, mut k) = (table(FailurePolicy::FailClosed), FakeKernel::default());
     let s = keying(&mut t, &mut k, COOKIE);

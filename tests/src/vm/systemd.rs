@@ -16,12 +16,12 @@ use crate::failed;
 use crate::load::LoadReport;
 use crate::vm::outcome::{Failure, Outcome};
 
-use super::node::{Node, NodeSpec};
+use super::node::{Node, NodeSpec, PROTECTED_PORT};
 use super::process::finish;
 use super::restarts::{exchange_client, exchange_server, recovered, sleep_until};
 use super::service::{LONG, LoadServer, report, start_load_with};
-use super::support::app_report;
 use super::support::metric;
+use super::support::{App, Launch, app_report, both_ok, run_pair};
 use super::wire_check::{Capture, check_wire_with_keys, plain_control};
 
 mod package;
@@ -35,9 +35,9 @@ use units::{
 const DIST: &str = "/root/tlshub-dist";
 const TEST_CERTS: &str = "/root/test-certs";
 /// The capabilities `tlshub-core.service` documents, as `CapEff` bits:
-/// CAP_KILL 5, CAP_NET_ADMIN 12, CAP_SYS_PTRACE 19, CAP_PERFMON 38,
-/// CAP_BPF 39 (no CAP_SYS_ADMIN, 21).
-const CORE_CAPS: u64 = (1 << 5) | (1 << 12) | (1 << 19) | (1 << 38) | (1 << 39);
+/// CAP_DAC_READ_SEARCH 2, CAP_KILL 5, CAP_NET_ADMIN 12, CAP_SYS_PTRACE 19,
+/// CAP_PERFMON 38, CAP_BPF 39 (no CAP_SYS_ADMIN, 21).
+const CORE_CAPS: u64 = (1 << 2) | (1 << 5) | (1 << 12) | (1 << 19) | (1 << 38) | (1 << 39);
 /// `tlshub-provider@.service`: CAP_SYS_PTRACE.
 const PROVIDER_CAPS: u64 = 1 << 19;
 /// The key timeout the operator sets in core.toml here (restarts under
@@ -253,6 +253,29 @@ fn failures_per_event(r: &LoadReport, events: &[(&str, u64, u64)]) -> Result<Vec
 }
 
 /// The scenario.
+/// An exchange whose apps run as another user (uid 65534, as a pod's
+/// would) and connect and accept through io_uring, so that no `OWNER`
+/// event names the socket's fd: node a's core must find the client's
+/// socket among the fds of the process the gate answered, with only the
+/// capabilities its unit grants. A description for the report.
+fn unprivileged_apps_searched_for() -> Result<String, Failure> {
+    let app = App {
+        via: "io-uring",
+        launch: Launch::Contained,
+        ..App::exchange(10_000, PROTECTED_PORT)
+    };
+    let (s, c) = run_pair(&app, &[], Duration::from_secs(60))?;
+    both_ok(&app, &s, &c).map_err(|e| {
+        e.map_message(|m| {
+            format!(
+                "{m}\n--- node a: tlshub-core.service (warnings) ---\n{}",
+                warnings(&journal("tlshub-core.service"))
+            )
+        })
+    })?;
+    Ok(format!("apps as uid {} through io_uring exact", c.uid))
+}
+
 pub fn systemd_install_units_and_restarts() -> Outcome {
     let init = std::fs::read_to_string("/proc/1/comm").unwrap_or_default();
     if init.trim() != "systemd" {
@@ -372,6 +395,7 @@ pub fn systemd_install_units_and_restarts() -> Outcome {
             "metrics after the restarts: protected {protected}, provider up {up}"
         ));
     }
+    let searched = unprivileged_apps_searched_for()?;
     // The control: a plain exchange whose marker the capture must show.
     plain_control()?;
     let flows = cap.finish()?;
@@ -443,7 +467,7 @@ pub fn systemd_install_units_and_restarts() -> Outcome {
     let package = package::deb_install_and_purge()?;
     drop(b);
     Ok(format!(
-        "install.sh + systemctl enable --now: {units}, NoNewPrivs, seccomp; systemctl reload provider in {reload_ms} ms, same process; {LONG} long connections unbroken, 0 corrupt through {}; short connections: {} ok of {} ({} keyed after the last restart of {after_total}), failures only inside the restart spans; core {new_core} adopted, release hook did nothing on the restart; wire: {} protected flows, {} decrypted, no plaintext; core stopped: client held, then after the restart grace {line}, client errno {}, wire {} protected flows no plaintext; uninstalled; {package}",
+        "install.sh + systemctl enable --now: {units}, NoNewPrivs, seccomp; systemctl reload provider in {reload_ms} ms, same process; {searched}; {LONG} long connections unbroken, 0 corrupt through {}; short connections: {} ok of {} ({} keyed after the last restart of {after_total}), failures only inside the restart spans; core {new_core} adopted, release hook did nothing on the restart; wire: {} protected flows, {} decrypted, no plaintext; core stopped: client held, then after the restart grace {line}, client errno {}, wire {} protected flows no plaintext; uninstalled; {package}",
         events
             .iter()
             .zip(&per_event)
