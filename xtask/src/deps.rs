@@ -51,6 +51,9 @@ const PACKAGES: &[&str] = &[
     // unpacked, not installed: it conflicts with a full gdb), for the
     // scenario whose apps run traced.
     "strace",
+    // Go (the standard library only, no module downloads): the test app
+    // on the Go runtime, tests/go/goapp.
+    "golang-go",
     "libdebuginfod1",
     "libipt2",
     "libxxhash0",

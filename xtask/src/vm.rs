@@ -31,6 +31,7 @@ const BINARIES: &[&str] = &[
     "tlshub-loadgen",
     "tlshub-hold",
     "tlshubctl",
+    "tlshub-goapp",
 ];
 /// Host tools copied in with their libraries.
 const TOOLS: &[&str] = &[
@@ -281,7 +282,24 @@ pub fn build_binaries() -> Result<PathBuf> {
                 "psk-provider",
             ]),
     )?;
+    build_go_app()?;
     Ok(root().join("target/release"))
+}
+
+/// Builds `tests/go/goapp` (a test app on the Go runtime) into
+/// target/release/tlshub-goapp with Debian's Go: static (no cgo), the
+/// standard library only, its build cache under target/.
+fn build_go_app() -> Result<()> {
+    let go =
+        which("go").context("the Go test app needs Go: cargo xtask deps installs golang-go")?;
+    run(Command::new(go)
+        .current_dir(root().join("tests/go/goapp"))
+        .env("CGO_ENABLED", "0")
+        .env("GOCACHE", root().join("target/go-build"))
+        .env("GOTOOLCHAIN", "local")
+        .args(["build", "-trimpath", "-o"])
+        .arg(root().join("target/release/tlshub-goapp"))
+        .arg("main.go"))
 }
 
 /// Builds the initramfs in `dir`; the test PKI comes from `work/certs`.

@@ -9,7 +9,7 @@ use super::process;
 use super::support::*;
 use super::wire_check::*;
 use crate::failed;
-use crate::vm::outcome::Outcome;
+use crate::vm::outcome::{Failure, Outcome};
 
 /// Level-triggered epoll, edge-triggered epoll and poll(2), both orders,
 /// 1 byte and 1 MiB, with the OpenSSL provider (its in-band handshake
@@ -250,4 +250,198 @@ fn with_provider_stopped<T>(node: &Node, stopped_for: Duration, f: impl FnOnce()
         });
         f()
     })
+}
+
+/// The Go runtime (`tlshub-goapp`, built from `tests/go/goapp` with
+/// Debian's Go): every socket non-blocking in its netpoller (edge-triggered
+/// epoll), goroutines on several threads, and bytes moved as Go moves
+/// them. With OpenSSL (every first call waits for the in-band handshake)
+/// and TLSHub:
+/// - a Go client and a Go server, 8 connections at once, sending with
+///   `Write`;
+/// - the same, both sending from a file with `io.Copy`, which is
+///   `sendfile(2)`: the client's right after connecting, so before its keys
+///   (on 6.1 it reaches the socket only through the file hook);
+/// - a Go proxy in each pod, so the protected connection between them is
+///   written and read with `splice(2)` in both directions (`io.Copy`
+///   between two TCP connections): the test apps at either end talk to
+///   their pod's proxy over loopback, 4 connections at once.
+///
+/// Every exchange exact both ways, every protected flow TLS only and
+/// decrypted, the plain control showing its marker, and no process
+/// stopped on either node: Go's sockets are answered `EAGAIN` and woken.
+pub fn go_runtime_never_stopped() -> Outcome {
+    const DIRECT: u32 = 8;
+    const PROXIED: u32 = 4;
+    const SIZE: usize = 300_000;
+    let mut summary = Vec::new();
+    for provider in [ProviderKind::OpenSsl, ProviderKind::TlsHub] {
+        let (a, b) = nodes_with_provider(provider)?;
+        let cap = Capture::start(&format!("go-{provider:?}"))?;
+        let listen = format!("0.0.0.0:{PROTECTED_PORT}");
+        let connect = format!("{}:{PROTECTED_PORT}", super::topology::POD_B);
+        let (conns, size) = (DIRECT.to_string(), SIZE.to_string());
+        for send in ["write", "sendfile"] {
+            let server = process::spawn_ready(
+                "pod-b",
+                &[
+                    "tlshub-goapp",
+                    "server",
+                    "-listen",
+                    &listen,
+                    "-conns",
+                    &conns,
+                    "-size",
+                    &size,
+                    "-send",
+                    send,
+                ],
+                "listening",
+                Duration::from_secs(10),
+            )?;
+            let c = run_go(
+                "pod-a",
+                &[
+                    "tlshub-goapp",
+                    "client",
+                    "-connect",
+                    &connect,
+                    "-conns",
+                    &conns,
+                    "-size",
+                    &size,
+                    "-send",
+                    send,
+                ],
+                server.id(),
+            )?;
+            let s = finish_app_server_of("go server", server, &c)?;
+            go_exact(&format!("{send}: "), &s, &c, DIRECT, SIZE)?;
+        }
+        // The proxies: pod-a's forwards its loopback port to pod-b's, which
+        // forwards to the test app's server on pod-b's loopback.
+        let app = App {
+            proxy: Some(("127.0.0.1", GO_PROXY_PORT)),
+            connections: PROXIED,
+            parallel: true,
+            ..App::exchange(SIZE, GO_BACKEND_PORT)
+        };
+        let (proxied, proxies) = (PROXIED.to_string(), format!("127.0.0.1:{GO_PROXY_PORT}"));
+        let backend = format!("127.0.0.1:{GO_BACKEND_PORT}");
+        let _far = process::spawn_ready(
+            "pod-b",
+            &[
+                "tlshub-goapp",
+                "proxy",
+                "-listen",
+                &listen,
+                "-connect",
+                &backend,
+                "-conns",
+                &proxied,
+            ],
+            "listening",
+            Duration::from_secs(10),
+        )?;
+        let _near = process::spawn_ready(
+            "pod-a",
+            &[
+                "tlshub-goapp",
+                "proxy",
+                "-listen",
+                &proxies,
+                "-connect",
+                &connect,
+                "-conns",
+                &proxied,
+            ],
+            "listening",
+            Duration::from_secs(10),
+        )?;
+        let (s, c) = run_pair(&app, &[], Duration::from_secs(90))?;
+        both_ok(&app, &s, &c)?;
+        plain_control()?;
+        let protected = 2 * DIRECT + PROXIED;
+        let report = check_wire_with_control(&cap.finish()?, &a, &b)?;
+        if report.protected_flows != 2 * protected as usize
+            || report.decrypted != 2 * protected as usize
+        {
+            return Err(failed!(
+                "{provider:?}: {protected} protected connections but {report:?}"
+            ));
+        }
+        let stops = [a.stat(|s| s.gate_stops), b.stat(|s| s.gate_stops)];
+        let waits = [a.stat(|s| s.gate_waits), b.stat(|s| s.gate_waits)];
+        let keyed = [
+            a.stat_reaching(|s| s.protected, u64::from(protected)),
+            b.stat_reaching(|s| s.protected, u64::from(protected)),
+        ];
+        if stops != [0, 0] || keyed != [u64::from(protected); 2] {
+            return Err(failed!(
+                "{provider:?}: processes stopped a {} b {}, keyed a {} b {} of {protected} (want none stopped, all keyed)",
+                stops[0],
+                stops[1],
+                keyed[0],
+                keyed[1]
+            ));
+        }
+        if provider == ProviderKind::OpenSsl && waits.contains(&0) {
+            return Err(failed!(
+                "{provider:?}: connections answered EAGAIN a {} b {} (want some on both nodes: every first call waits for the in-band handshake)",
+                waits[0],
+                waits[1]
+            ));
+        }
+        summary.push(format!(
+            "{provider:?}: {protected} connections exact ({DIRECT} with Write, {DIRECT} with sendfile both ways, {PROXIED} spliced through two proxies), {} flows decrypted, 0 stopped, EAGAIN waits a {} b {}",
+            report.decrypted, waits[0], waits[1]
+        ));
+    }
+    Ok(format!("{}; the control stayed plain", summary.join("; ")))
+}
+
+/// Pod-a's Go proxy listens on its loopback here.
+const GO_PROXY_PORT: u16 = 9200;
+/// The test app's server behind pod-b's Go proxy, on pod-b's loopback.
+const GO_BACKEND_PORT: u16 = 9100;
+
+/// Runs a Go app in `pod` to its end; its output. One that times out is
+/// reported with where `server` was too.
+fn run_go(pod: &str, argv: &[&str], server: u32) -> Result<String, Failure> {
+    let app = process::spawn_app(pod, argv)?;
+    process::finish_reporting(app, Duration::from_secs(90), &[server])
+        .map_err(|e| e.context(format!("{argv:?}")))
+}
+
+/// The report of a server that ended after its client (whose output `c`
+/// is quoted if it did not).
+fn finish_app_server_of(
+    what: &str,
+    server: process::AppChild,
+    c: &str,
+) -> Result<crate::app_report::AppReport, Failure> {
+    let s = process::finish(server, Duration::from_secs(30))
+        .map_err(|e| e.map_message(|m| format!("{what}: {m}; the client said: {}", c.trim())))?;
+    app_report(&s)
+}
+
+/// Both Go apps' reports say `conns` exact exchanges of `size` bytes each
+/// way.
+fn go_exact(
+    what: &str,
+    s: &crate::app_report::AppReport,
+    c: &str,
+    conns: u32,
+    size: usize,
+) -> Result<(), Failure> {
+    let c = app_report(c)?;
+    let bytes = u64::from(conns) * size as u64;
+    for r in [s, &c] {
+        if !r.ok || r.connections != conns || r.bytes_sent != bytes || r.bytes_received != bytes {
+            return Err(failed!(
+                "{what}go server {s}, go client {c} (want {conns} connections, {bytes} bytes each way)"
+            ));
+        }
+    }
+    Ok(())
 }

@@ -264,6 +264,10 @@ pub const TESTS: &[Scenario] = &[
         super::event_loops::tokio_server_never_stopped,
     ),
     (
+        "gate_go_runtime_never_stopped",
+        super::event_loops::go_runtime_never_stopped,
+    ),
+    (
         "gate_edge_reader_with_records_queued",
         super::event_loops::edge_reader_with_records_queued,
     ),
