@@ -124,6 +124,7 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         };
     }
+    tlshub_provider_sdk::runtime::raise_open_files_limit();
     let mut config = match Config::load(&args.config) {
         Ok(c) => c,
         Err(e) => {

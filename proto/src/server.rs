@@ -310,6 +310,7 @@ pub fn block_on(
     program: &str,
     main: impl Future<Output = Result<(), String>>,
 ) -> std::process::ExitCode {
+    crate::runtime::raise_open_files_limit();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

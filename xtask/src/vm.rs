@@ -35,7 +35,7 @@ const BINARIES: &[&str] = &[
 ];
 /// Host tools copied in with their libraries.
 const TOOLS: &[&str] = &[
-    "ip", "ss", "tcpdump", "wg", "stunnel4", "nft", "unshare", "setpriv", "tc", "strace",
+    "ip", "ss", "tcpdump", "wg", "stunnel4", "nft", "unshare", "setpriv", "tc", "strace", "prlimit",
 ];
 /// Kernel module trees copied in (kTLS, its ciphers, veth).
 pub const MODULE_DIRS: &[&str] = &[

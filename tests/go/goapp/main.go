@@ -15,7 +15,7 @@
 // The server and the client run the client-first exchange on N
 // connections at once: the client sends S bytes, the server checks them
 // and answers S bytes, half-closes and waits for the client's close, which
-// comes once the client has checked the answer. The
+// comes once the client has checked the answer and read the server's end. The
 // proxy forwards N connections both ways with io.Copy (splice) and
 // half-closes each direction at its end. Each prints "listening" on
 // stderr when it listens, and one JSON report on stdout at the end (the
@@ -173,6 +173,9 @@ func exchange(addr string, size int, send string, t *tally) error {
 	t.sent.Add(uint64(size))
 	if err := readStream(conn, serverSeed, size, t); err != nil {
 		return err
+	}
+	if n, err := io.Copy(io.Discard, conn); err != nil || n != 0 {
+		return fmt.Errorf("after the answer: %d bytes more, %v", n, err)
 	}
 	t.connections.Add(1)
 	return nil

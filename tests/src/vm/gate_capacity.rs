@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use super::node::{NodeSpec, PLAIN_PORT, PROTECTED_PORT, ProviderKind};
 use super::process;
-use super::support::{App, both_ok, nodes, run_pair};
+use super::support::{App, app_report, both_ok, nodes, run_pair};
 use super::wire_check::Capture;
 use crate::failed;
 use crate::vm::outcome::{Failure, Outcome};
@@ -412,5 +412,99 @@ pub fn process_and_cgroup_bound() -> Outcome {
     Ok(format!(
         "two processes of one cgroup with {MANY_WAITING} connections waiting for keys each, bounds {PER_PROCESS} per process and {PER_CGROUP} per cgroup: the first had {over_process} refused at once (process_bound), the second {over_cgroup} (cgroup_bound), under fail-open (sends reset), {PER_PROCESS} and {second_waits} waited (EAGAIN); another process's exchange was keyed meanwhile; no marker on the wire ({} protected flows, {} decrypted), the plain control showed it",
         wire.protected_flows, wire.decrypted
+    ))
+}
+
+/// Each connection being keyed holds a duplicate of its socket in the core
+/// (and, with an in-band handshake, another in the provider) until its
+/// keys are in, so a burst of new connections needs as many open files at
+/// once. Both nodes' core and provider start with a soft limit of 40 open
+/// files (hard 4,096; systemd starts services with 1,024 and 524,288),
+/// and a Go client opens 40 connections at once to a Go server with
+/// OpenSSL (Go's sockets are non-blocking, so nobody is stopped and every
+/// connection is keyed at the same time): every exchange must be exact,
+/// every flow decrypted, and no connection fail. The cores' limits are
+/// read from `/proc/PID/limits` for the report.
+pub fn burst_beyond_the_open_files_soft_limit() -> Outcome {
+    const BURST: u32 = 40;
+    let spec = |name| NodeSpec {
+        open_files: Some("--nofile=40:4096"),
+        key_timeout_ms: 20_000,
+        ..NodeSpec::new(name)
+    };
+    let (a, b) = nodes(spec("a"), spec("b"))?;
+    let cap = Capture::start("open-files")?;
+    let (listen, connect) = (
+        format!("0.0.0.0:{PROTECTED_PORT}"),
+        super::support::pod_b_addr(PROTECTED_PORT),
+    );
+    let burst = BURST.to_string();
+    let go = |role, flag, addr| {
+        [
+            "tlshub-goapp",
+            role,
+            flag,
+            addr,
+            "-conns",
+            &burst,
+            "-size",
+            "10000",
+        ]
+    };
+    let server = process::spawn_ready(
+        "pod-b",
+        &go("server", "-listen", &listen),
+        "listening",
+        Duration::from_secs(10),
+    )?;
+    let client = process::spawn_app("pod-a", &go("client", "-connect", &connect))?;
+    let c = process::finish_reporting(client, Duration::from_secs(120), &[server.id()])?;
+    let s = process::finish(server, Duration::from_secs(30))?;
+    let (s, c) = (app_report(&s)?, app_report(&c)?);
+    if !s.ok || !c.ok || [s.connections, c.connections] != [BURST; 2] {
+        return Err(failed!(
+            "go server {s}, go client {c} (want {BURST} exact connections); failed a {:?} b {:?}; no-core refusals a {} b {}, terminal a {} b {}, stale a {} b {}, map full a {} b {}",
+            a.stats().map(|s| s.failed),
+            b.stats().map(|s| s.failed),
+            a.stat(|s| s.no_core_refusals),
+            b.stat(|s| s.no_core_refusals),
+            a.stat(|s| s.gate_terminal),
+            b.stat(|s| s.gate_terminal),
+            a.stat(|s| s.stale_outcomes),
+            b.stat(|s| s.stale_outcomes),
+            a.stat(|s| s.map_full),
+            b.stat(|s| s.map_full),
+        ));
+    }
+    super::wire_check::plain_control()?;
+    let report = super::wire_check::check_wire_with_control(&cap.finish()?, &a, &b)?;
+    if report.decrypted != 2 * BURST as usize {
+        return Err(failed!("{BURST} protected connections but {report:?}"));
+    }
+    let failed = [a.stats(), b.stats()].map(|s| s.map(|s| s.failed).unwrap_or_default());
+    if failed.iter().any(|by_reason| !by_reason.is_empty()) {
+        return Err(failed!(
+            "connections failed, by reason: a {:?} b {:?} (want none)",
+            failed[0],
+            failed[1]
+        ));
+    }
+    let limits = [&a, &b].map(|n| {
+        std::fs::read_to_string(format!("/proc/{}/limits", n.core_pid()))
+            .unwrap_or_default()
+            .lines()
+            .find(|l| l.starts_with("Max open files"))
+            .map(|l| {
+                l.split_whitespace()
+                    .skip(3)
+                    .take(2)
+                    .collect::<Vec<_>>()
+                    .join(":")
+            })
+            .unwrap_or_default()
+    });
+    Ok(format!(
+        "{BURST} connections at once from a Go client, core and provider started with a soft limit of 40 open files: all exact, {} flows decrypted, none failed; the cores' open-files limits now a {} b {}",
+        report.decrypted, limits[0], limits[1]
     ))
 }

@@ -86,6 +86,9 @@ pub struct NodeSpec {
     /// Off in the benchmark and the profile, which measure the core as
     /// installed.
     pub diagnostics: bool,
+    /// `prlimit`'s `--nofile=SOFT:HARD` for the core and the providers:
+    /// started with these limits on open files (`None`: inherited).
+    pub open_files: Option<&'static str>,
 }
 
 impl NodeSpec {
@@ -109,7 +112,19 @@ impl NodeSpec {
             node_pair: false,
             node_pair_lifetime_seconds: 3600,
             diagnostics: true,
+            open_files: None,
         }
+    }
+
+    /// The command line that starts one of this node's processes: `argv`,
+    /// under `prlimit` if [`NodeSpec::open_files`] is set.
+    pub fn command<'a>(&self, argv: &[&'a str]) -> Vec<&'a str> {
+        let mut out = match self.open_files {
+            Some(limit) => vec!["prlimit", limit, "--"],
+            None => Vec::new(),
+        };
+        out.extend_from_slice(argv);
+        out
     }
 
     /// The default with `provider`.
@@ -228,7 +243,7 @@ impl Node {
         // A scenario that failed before its cleanup may have left programs
         // pinned for this node: start from nothing.
         let _ = release(n, &dir, true);
-        let core = spawn_core(n, &dir, "core", spec.diagnostics)?;
+        let core = spawn_core(&spec, &dir, "core")?;
         Ok(Self {
             spec,
             dir,
@@ -362,12 +377,7 @@ impl Node {
     /// [`Node::stop_core`]); it adopts the pinned programs. Its log is
     /// `node-X-core-LABEL.log`.
     pub fn restart_core(&mut self, label: &str) -> Result<(), Failure> {
-        self.core = Some(spawn_core(
-            self.spec.name,
-            &self.dir,
-            &format!("core-{label}"),
-            self.spec.diagnostics,
-        )?);
+        self.core = Some(spawn_core(&self.spec, &self.dir, &format!("core-{label}"))?);
         Ok(())
     }
 
@@ -442,12 +452,8 @@ impl Drop for Node {
 
 /// Starts a node's `tlshub-core` (log `/tmp/logs/node-N-LABEL.log`) and
 /// waits until it runs.
-fn spawn_core(
-    n: &str,
-    dir: &std::path::Path,
-    label: &str,
-    diagnostics: bool,
-) -> Result<Proc, Failure> {
+fn spawn_core(spec: &NodeSpec, dir: &std::path::Path, label: &str) -> Result<Proc, Failure> {
+    let (n, diagnostics) = (spec.name, spec.diagnostics);
     let log = PathBuf::from(format!("/tmp/logs/node-{n}-{label}.log"));
     let cfg = dir.join("core.toml").to_string_lossy().into_owned();
     let stats = dir.join("stats.json").to_string_lossy().into_owned();
@@ -460,6 +466,7 @@ fn spawn_core(
     if diagnostics {
         argv.extend(["--keylog-file", keys.as_str()]);
     }
+    let argv = spec.command(&argv);
     let mut core = Proc::spawn(&format!("core-{n}"), None, &argv, &log)?;
     core.wait_for_log("capture-core running", Duration::from_secs(60))?;
     Ok(core)

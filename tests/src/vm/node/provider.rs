@@ -183,7 +183,13 @@ pub(super) fn spawn_provider(
     // Every provider process is named, logged and awaited the same way.
     let start =
         |netns: Option<&str>, argv: &[&str], ready: &str| -> Result<Option<Proc>, Failure> {
-            let mut p = Proc::spawn(&format!("provider-{n}-{}", kind.name()), netns, argv, &plog)?;
+            let argv = spec.command(argv);
+            let mut p = Proc::spawn(
+                &format!("provider-{n}-{}", kind.name()),
+                netns,
+                &argv,
+                &plog,
+            )?;
             p.wait_for_log(ready, Duration::from_secs(20))?;
             Ok(Some(p))
         };
