@@ -155,9 +155,11 @@ struct inet_connection_sock {
 /* kTLS's per-socket state (include/net/tls.h; in vmlinux BTF although
  * tls is a module, through the inline helpers built-in code uses, on 6.1
  * and 6.12 alike): only what says whether records wait, see
- * ktls_unsent() and ktls_open_record(). */
+ * ktls_unsent() and ktls_open_record(), and whether both directions are
+ * installed, see ktls_keyed(). */
 struct tls_context {
 	__u8 tx_conf : 3; /* TLS_BASE, TLS_SW, TLS_HW, ... */
+	__u8 rx_conf : 3;
 	void *priv_ctx_tx;
 	void *partially_sent_record;
 	__u8 pending_open_record_frags; /* bool */
@@ -1163,6 +1165,25 @@ static __always_inline int ktls_on(struct sock *sk)
 	return prot && (__u64)BPF_CORE_READ(prot, recvmsg) == *known;
 }
 
+/* Whether both directions of kTLS are installed on sk (software kTLS each
+ * way), read from kTLS's own state rather than its receive method, so that
+ * it needs nothing learned first. Only the core can have put them there:
+ * kTLS takes only connected sockets, which are marked by then, and the
+ * setsockopt hook refuses TCP_ULP and SOL_TLS on a marked socket to
+ * everyone but exempt processes. A socket whose RX key failed after TX
+ * (the terminal state) does not count. */
+static __always_inline int ktls_keyed(struct sock *sk)
+{
+	if (!has_tls_ulp(sk))
+		return 0;
+	struct tls_context *ctx =
+		BPF_CORE_READ((struct inet_connection_sock *)sk, icsk_ulp_data);
+	if (!ctx)
+		return 0;
+	return BPF_CORE_READ_BITFIELD_PROBED(ctx, tx_conf) == TLS_SW &&
+	       BPF_CORE_READ_BITFIELD_PROBED(ctx, rx_conf) == TLS_SW;
+}
+
 /* The core asks `getsockopt(SOL_TLS, TLS_RX)` on each socket right after
  * it installed kTLS on it: the first time, the socket's receive method
  * (kTLS's) is recorded for ktls_on(). Only exempt callers (the core, the
@@ -1294,11 +1315,20 @@ static __always_inline int gate(struct sock *sk, struct tlshub_sk_mark *mark, in
 			return 0;
 	} else if (!(mark->flags & TLSHUB_MARK_CONNECTING) ||
 		   sk->__sk_common.skc_state == TCP_CLOSE) {
-		/* Marked but no longer tracked: the connection ended (TCP_CLOSE,
-		 * e.g. the peer reset it, or its connect failed) before it was
-		 * keyed, since keying clears the mark's cookie before it removes
-		 * the entry. What is still in its receive queue is the peer's
-		 * handshake or records, never for the app: fail every call. */
+		/* Marked but no longer tracked: the connection ended (TCP_CLOSE:
+		 * both FINs exchanged, the peer reset it, or its connect failed)
+		 * before the core opened its gate, which clears the mark's
+		 * cookie before it removes the entry. If kTLS is on both ways,
+		 * the connection was keyed and went on through kTLS (the gate
+		 * lets a socket with kTLS on through before the core opens it)
+		 * faster than the core came to open it: what is left is kTLS's
+		 * to deliver (the data, the end of the stream). Under a burst of
+		 * keying, an app that read after its peer's FIN was failed with
+		 * ECONNRESET here (burst_beyond_the_open_files_soft_limit).
+		 * Otherwise what is in its receive queue is the peer's handshake
+		 * or records, never for the app: fail every call. */
+		if (ktls_keyed(sk))
+			return 0;
 		return -ECONNRESET;
 	}
 	/* Otherwise still connecting (no entry until the peer answers, see

@@ -424,7 +424,9 @@ pub fn process_and_cgroup_bound() -> Outcome {
 /// OpenSSL (Go's sockets are non-blocking, so nobody is stopped and every
 /// connection is keyed at the same time): every exchange must be exact,
 /// every flow decrypted, and no connection fail. The cores' limits are
-/// read from `/proc/PID/limits` for the report.
+/// read from `/proc/PID/limits` for the report. The burst also keys
+/// connections faster than the core gets to open their gates, so some end
+/// (both FINs) before it does: the gate must leave those to kTLS.
 pub fn burst_beyond_the_open_files_soft_limit() -> Outcome {
     const BURST: u32 = 40;
     let spec = |name| NodeSpec {

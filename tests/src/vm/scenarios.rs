@@ -163,6 +163,10 @@ pub const TESTS: &[Scenario] = &[
         super::gate_capacity::process_and_cgroup_bound,
     ),
     (
+        "gate_burst_beyond_the_open_files_soft_limit",
+        super::gate_capacity::burst_beyond_the_open_files_soft_limit,
+    ),
+    (
         "gate_hold_unrecorded_answers_eintr",
         super::gate_abuse::hold_unrecorded,
     ),
