@@ -280,42 +280,8 @@ pub fn go_runtime_never_stopped() -> Outcome {
         let cap = Capture::start(&format!("go-{provider:?}"))?;
         let listen = format!("0.0.0.0:{PROTECTED_PORT}");
         let connect = format!("{}:{PROTECTED_PORT}", super::topology::POD_B);
-        let (conns, size) = (DIRECT.to_string(), SIZE.to_string());
         for send in ["write", "sendfile"] {
-            let server = process::spawn_ready(
-                "pod-b",
-                &[
-                    "tlshub-goapp",
-                    "server",
-                    "-listen",
-                    &listen,
-                    "-conns",
-                    &conns,
-                    "-size",
-                    &size,
-                    "-send",
-                    send,
-                ],
-                "listening",
-                Duration::from_secs(10),
-            )?;
-            let c = run_go(
-                "pod-a",
-                &[
-                    "tlshub-goapp",
-                    "client",
-                    "-connect",
-                    &connect,
-                    "-conns",
-                    &conns,
-                    "-size",
-                    &size,
-                    "-send",
-                    send,
-                ],
-                server.id(),
-            )?;
-            let s = finish_app_server_of("go server", server, &c)?;
+            let (s, c) = run_go_pair(&listen, &connect, DIRECT, SIZE, send)?;
             go_exact(&format!("{send}: "), &s, &c, DIRECT, SIZE)?;
         }
         // The proxies: pod-a's forwards its loopback port to pod-b's, which
@@ -405,38 +371,17 @@ const GO_PROXY_PORT: u16 = 9200;
 /// The test app's server behind pod-b's Go proxy, on pod-b's loopback.
 const GO_BACKEND_PORT: u16 = 9100;
 
-/// Runs a Go app in `pod` to its end; its output. One that times out is
-/// reported with where `server` was too.
-fn run_go(pod: &str, argv: &[&str], server: u32) -> Result<String, Failure> {
-    let app = process::spawn_app(pod, argv)?;
-    process::finish_reporting(app, Duration::from_secs(90), &[server])
-        .map_err(|e| e.context(format!("{argv:?}")))
-}
-
-/// The report of a server that ended after its client (whose output `c`
-/// is quoted if it did not).
-fn finish_app_server_of(
-    what: &str,
-    server: process::AppChild,
-    c: &str,
-) -> Result<crate::app_report::AppReport, Failure> {
-    let s = process::finish(server, Duration::from_secs(30))
-        .map_err(|e| e.map_message(|m| format!("{what}: {m}; the client said: {}", c.trim())))?;
-    app_report(&s)
-}
-
 /// Both Go apps' reports say `conns` exact exchanges of `size` bytes each
 /// way.
 fn go_exact(
     what: &str,
     s: &crate::app_report::AppReport,
-    c: &str,
+    c: &crate::app_report::AppReport,
     conns: u32,
     size: usize,
 ) -> Result<(), Failure> {
-    let c = app_report(c)?;
     let bytes = u64::from(conns) * size as u64;
-    for r in [s, &c] {
+    for r in [s, c] {
         if !r.ok || r.connections != conns || r.bytes_sent != bytes || r.bytes_received != bytes {
             return Err(failed!(
                 "{what}go server {s}, go client {c} (want {conns} connections, {bytes} bytes each way)"

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use super::node::{NodeSpec, PLAIN_PORT, PROTECTED_PORT, ProviderKind};
 use super::process;
-use super::support::{App, app_report, both_ok, nodes, run_pair};
+use super::support::{App, both_ok, nodes, run_go_pair, run_pair};
 use super::wire_check::Capture;
 use crate::failed;
 use crate::vm::outcome::{Failure, Outcome};
@@ -440,29 +440,7 @@ pub fn burst_beyond_the_open_files_soft_limit() -> Outcome {
         format!("0.0.0.0:{PROTECTED_PORT}"),
         super::support::pod_b_addr(PROTECTED_PORT),
     );
-    let burst = BURST.to_string();
-    let go = |role, flag, addr| {
-        [
-            "tlshub-goapp",
-            role,
-            flag,
-            addr,
-            "-conns",
-            &burst,
-            "-size",
-            "10000",
-        ]
-    };
-    let server = process::spawn_ready(
-        "pod-b",
-        &go("server", "-listen", &listen),
-        "listening",
-        Duration::from_secs(10),
-    )?;
-    let client = process::spawn_app("pod-a", &go("client", "-connect", &connect))?;
-    let c = process::finish_reporting(client, Duration::from_secs(120), &[server.id()])?;
-    let s = process::finish(server, Duration::from_secs(30))?;
-    let (s, c) = (app_report(&s)?, app_report(&c)?);
+    let (s, c) = run_go_pair(&listen, &connect, BURST, 10_000, "write")?;
     if !s.ok || !c.ok || [s.connections, c.connections] != [BURST; 2] {
         return Err(failed!(
             "go server {s}, go client {c} (want {BURST} exact connections); failed a {:?} b {:?}; no-core refusals a {} b {}, terminal a {} b {}, stale a {} b {}, map full a {} b {}",

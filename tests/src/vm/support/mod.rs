@@ -117,6 +117,58 @@ pub fn spawn_server(port: u16, args: &[&str]) -> Result<process::AppChild, Failu
     )
 }
 
+/// The command line of `tlshub-goapp ROLE` (the test app on the Go
+/// runtime, `tests/go/goapp`): a `server` listens on `addr`, a `client`
+/// connects to it; `conns` connections at once of `size` bytes each way,
+/// sent with `send` (`write` or `sendfile`).
+pub fn go_app(role: &str, addr: &str, conns: u32, size: usize, send: &str) -> Vec<String> {
+    let flag = if role == "client" {
+        "-connect"
+    } else {
+        "-listen"
+    };
+    let (conns, size) = (conns.to_string(), size.to_string());
+    [
+        "tlshub-goapp",
+        role,
+        flag,
+        addr,
+        "-conns",
+        &conns,
+        "-size",
+        &size,
+        "-send",
+        send,
+    ]
+    .map(str::to_owned)
+    .to_vec()
+}
+
+/// A Go server in pod-b on `listen` and a Go client in pod-a connecting to
+/// `connect` ([`go_app`]), run until the client ends (at most 120 s) and
+/// the server after it: both reports, server first.
+pub fn run_go_pair(
+    listen: &str,
+    connect: &str,
+    conns: u32,
+    size: usize,
+    send: &str,
+) -> Result<(AppReport, AppReport), Failure> {
+    let argv = |role, addr| go_app(role, addr, conns, size, send);
+    let (sargv, cargv) = (argv("server", listen), argv("client", connect));
+    let (sargv, cargv): (Vec<&str>, Vec<&str>) = (
+        sargv.iter().map(String::as_str).collect(),
+        cargv.iter().map(String::as_str).collect(),
+    );
+    let server = spawn_ready("pod-b", &sargv, "listening", Duration::from_secs(10))?;
+    let client = process::spawn_app("pod-a", &cargv)?;
+    let c = process::finish_reporting(client, Duration::from_secs(120), &[server.id()])
+        .map_err(|e| e.context(format!("{cargv:?}")))?;
+    let s = finish(server, Duration::from_secs(30))
+        .map_err(|e| e.map_message(|m| format!("go server: {m}; the client said: {}", c.trim())))?;
+    Ok((app_report(&s)?, app_report(&c)?))
+}
+
 /// Starts `app`'s server in `app.server_pod` and waits until it listens.
 pub fn start_app_server(app: &App) -> Result<process::AppChild, Failure> {
     let (listen, _) = app.addresses();
