@@ -288,7 +288,7 @@ pub fn build_binaries() -> Result<PathBuf> {
 
 /// Builds `tests/go/goapp` (a test app on the Go runtime) into
 /// target/release/tlshub-goapp with Debian's Go: static (no cgo), the
-/// standard library only, its build cache under target/.
+/// standard library only, its build cache and GOPATH under target/.
 fn build_go_app() -> Result<()> {
     let go =
         which("go").context("the Go test app needs Go: cargo xtask deps installs golang-go")?;
@@ -296,6 +296,9 @@ fn build_go_app() -> Result<()> {
         .current_dir(root().join("tests/go/goapp"))
         .env("CGO_ENABLED", "0")
         .env("GOCACHE", root().join("target/go-build"))
+        // Go wants a GOPATH even for one file with no module (a CI
+        // runner may have no HOME to put its default under).
+        .env("GOPATH", root().join("target/go-path"))
         .env("GOTOOLCHAIN", "local")
         .args(["build", "-trimpath", "-o"])
         .arg(root().join("target/release/tlshub-goapp"))
