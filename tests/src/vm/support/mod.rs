@@ -121,7 +121,7 @@ pub fn spawn_server(port: u16, args: &[&str]) -> Result<process::AppChild, Failu
 /// runtime, `tests/go/goapp`): a `server` listens on `addr`, a `client`
 /// connects to it; `conns` connections at once of `size` bytes each way,
 /// sent with `send` (`write` or `sendfile`).
-pub fn go_app(role: &str, addr: &str, conns: u32, size: usize, send: &str) -> Vec<String> {
+fn go_app(role: &str, addr: &str, conns: u32, size: usize, send: &str) -> Vec<String> {
     let flag = if role == "client" {
         "-connect"
     } else {
@@ -146,14 +146,15 @@ pub fn go_app(role: &str, addr: &str, conns: u32, size: usize, send: &str) -> Ve
 
 /// A Go server in pod-b on `listen` and a Go client in pod-a connecting to
 /// `connect` ([`go_app`]), run until the client ends (at most 120 s) and
-/// the server after it: both reports, server first.
+/// the server after it. Both reports must say `conns` exact exchanges of
+/// `size` bytes each way.
 pub fn run_go_pair(
     listen: &str,
     connect: &str,
     conns: u32,
     size: usize,
     send: &str,
-) -> Result<(AppReport, AppReport), Failure> {
+) -> Result<(), Failure> {
     let argv = |role, addr| go_app(role, addr, conns, size, send);
     let (sargv, cargv) = (argv("server", listen), argv("client", connect));
     let (sargv, cargv): (Vec<&str>, Vec<&str>) = (
@@ -166,7 +167,16 @@ pub fn run_go_pair(
         .map_err(|e| e.context(format!("{cargv:?}")))?;
     let s = finish(server, Duration::from_secs(30))
         .map_err(|e| e.map_message(|m| format!("go server: {m}; the client said: {}", c.trim())))?;
-    Ok((app_report(&s)?, app_report(&c)?))
+    let (s, c) = (app_report(&s)?, app_report(&c)?);
+    let bytes = u64::from(conns) * size as u64;
+    for r in [&s, &c] {
+        if !r.ok || r.connections != conns || r.bytes_sent != bytes || r.bytes_received != bytes {
+            return Err(failed!(
+                "go server {s}, go client {c} (want {conns} connections, {bytes} bytes each way)"
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// Starts `app`'s server in `app.server_pod` and waits until it listens.
