@@ -161,7 +161,16 @@ pub fn kernel_lines(spec: &str) -> Result<Vec<KernelLine>> {
 
 /// Downloads (once) the Debian package `pkg` and unpacks it, without
 /// installing it, into target/vm-cache/PKG, which it returns.
+///
+/// Safe to call from lanes that run side by side (`vm::run_lanes`) and from
+/// two xtask processes: on a clean checkout both kernel lanes ask for
+/// gdb-minimal at once, and a shared scratch directory made one lane's
+/// rename fail with `ENOTEMPTY` (CI, 2026-12-07).
 pub fn unpacked(pkg: &str) -> Result<PathBuf> {
+    // One download and unpack at a time in this process; the scratch names
+    // below carry the pid for other processes.
+    static UNPACKING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _one_at_a_time = UNPACKING.lock().unwrap_or_else(|e| e.into_inner());
     let cache = crate::root().join("target/vm-cache");
     std::fs::create_dir_all(&cache)?;
     let dir = cache.join(pkg);
@@ -169,24 +178,30 @@ pub fn unpacked(pkg: &str) -> Result<PathBuf> {
         return Ok(dir);
     }
     println!("== fetching {pkg} for the VM");
+    let pid = std::process::id();
+    let download = cache.join(format!("{pkg}.download-{pid}"));
+    let _ = std::fs::remove_dir_all(&download);
+    std::fs::create_dir_all(&download)?;
     run(Command::new("apt-get")
         .args(["download", pkg])
-        .current_dir(&cache))?;
-    let deb = std::fs::read_dir(&cache)?
+        .current_dir(&download))?;
+    let deb = std::fs::read_dir(&download)?
         .flatten()
         .map(|e| e.path())
-        .find(|p| {
-            p.file_name().is_some_and(|n| {
-                n.to_string_lossy().starts_with(&format!("{pkg}_"))
-                    && n.to_string_lossy().ends_with(".deb")
-            })
-        })
-        .with_context(|| format!("downloaded {pkg} .deb not found"))?;
-    let tmp = cache.join(format!("{pkg}.tmp"));
+        .find(|p| p.extension().is_some_and(|e| e == "deb"))
+        .with_context(|| format!("apt-get download {pkg} left no .deb"))?;
+    let tmp = cache.join(format!("{pkg}.tmp-{pid}"));
     let _ = std::fs::remove_dir_all(&tmp);
     run(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(&tmp))?;
-    std::fs::rename(&tmp, &dir)?;
-    std::fs::remove_file(&deb)?;
+    let _ = std::fs::remove_dir_all(&download);
+    if let Err(e) = std::fs::rename(&tmp, &dir) {
+        let _ = std::fs::remove_dir_all(&tmp);
+        // Another process unpacked the same package first: use its copy.
+        if !dir.exists() {
+            return Err(e)
+                .with_context(|| format!("moving {} to {}", tmp.display(), dir.display()));
+        }
+    }
     Ok(dir)
 }
 
