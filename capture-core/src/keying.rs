@@ -231,6 +231,22 @@ pub enum KeyingError {
         #[source]
         source: std::io::Error,
     },
+    /// Not in the process's fd table, and a thread of it has a socket of
+    /// its own fd table (`unshare(CLONE_FILES)`) that this kernel gives no
+    /// way to take: a pidfd for one thread needs Linux 6.9.
+    #[error(
+        "socket {cookie} is not in pid {pid}'s fd table, and thread {tid} holds sockets in an fd table of its own, which only Linux 6.9 or later lets the core take from ({source})"
+    )]
+    InThreadFdTable {
+        cookie: u64,
+        /// The process searched.
+        pid: u32,
+        /// The thread with its own fd table.
+        tid: u32,
+        /// `pidfd_open(PIDFD_THREAD)`'s error.
+        #[source]
+        source: std::io::Error,
+    },
     /// pidfd_open/pidfd_getfd failed.
     #[error("cannot take fd {fd} of pid {pid}: {source}")]
     TakeSocket {
@@ -293,6 +309,7 @@ impl KeyingError {
         match self {
             Self::SocketGone { .. } => "socket_gone",
             Self::FdsUnlisted { .. } => "fds_unlisted",
+            Self::InThreadFdTable { .. } => "thread_fd_table",
             Self::TakeSocket { .. } => "take_socket",
             Self::Reconnected { .. } => "reconnected",
             Self::NoOwner { .. } => "no_owner",
@@ -463,7 +480,8 @@ fn take_by_number(pid: u32, fd: i32, cookie: u64) -> Result<Option<OwnedFd>, Key
 }
 
 /// The search half of [`find_socket`]: every socket fd of `pid` but
-/// `fd`, while `connected()`.
+/// `fd`, while `connected()`; then the sockets of threads that have an fd
+/// table of their own ([`search_thread_tables`]).
 fn search_socket(
     pid: u32,
     fd: i32,
@@ -488,27 +506,92 @@ fn search_socket(
             });
         }
     };
+    // The sockets seen, by their link ("socket:[INODE]"), so that the
+    // threads' tables are searched only for sockets not seen here.
+    let mut seen = std::collections::HashSet::new();
     for entry in dir.flatten() {
-        let is_socket = std::fs::read_link(entry.path())
-            .map(|t| t.to_string_lossy().starts_with("socket:"))
-            .unwrap_or(false);
-        let Some(other) = entry
-            .file_name()
-            .to_str()
-            .and_then(|n| n.parse::<i32>().ok())
-        else {
+        let Some((other, link)) = socket_entry(&entry) else {
             continue;
         };
-        if !is_socket || other == fd {
-            continue;
-        }
-        if let Ok(s) = PIDFDS.take(pid, other)
+        if other != fd
+            && let Ok(s) = PIDFDS.take(pid, other)
             && socket_cookie(&s).ok() == Some(cookie)
         {
             return Ok(s);
         }
+        seen.insert(link);
     }
-    Err(KeyingError::SocketGone { cookie, pid, fd })
+    match search_thread_tables(pid, cookie, &seen) {
+        Ok(Some(s)) => Ok(s),
+        Ok(None) => Err(KeyingError::SocketGone { cookie, pid, fd }),
+        Err((tid, source)) => Err(KeyingError::InThreadFdTable {
+            cookie,
+            pid,
+            tid,
+            source,
+        }),
+    }
+}
+
+/// An fd directory entry that is a socket: its number and link.
+fn socket_entry(entry: &std::fs::DirEntry) -> Option<(i32, std::ffi::OsString)> {
+    let link = std::fs::read_link(entry.path()).ok()?.into_os_string();
+    if !link.as_encoded_bytes().starts_with(b"socket:") {
+        return None;
+    }
+    let number = entry.file_name().to_str()?.parse::<i32>().ok()?;
+    Some((number, link))
+}
+
+/// Looks for the socket in the fd tables of `pid`'s threads, among the
+/// sockets not `seen` in the process's table. A thread that called
+/// `unshare(CLONE_FILES)` (or was cloned without `CLONE_FILES`) has a table
+/// of its own, and a pidfd of the process reads only the leader's; a
+/// thread that shares the leader's table lists only sockets seen there,
+/// so it costs a directory listing and no system call on a socket.
+/// `Err((tid, error))` when a thread holds such sockets but this kernel
+/// opens no pidfd for one thread (before Linux 6.9: `EINVAL`).
+fn search_thread_tables(
+    pid: u32,
+    cookie: u64,
+    seen: &std::collections::HashSet<std::ffi::OsString>,
+) -> Result<Option<OwnedFd>, (u32, std::io::Error)> {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return Ok(None);
+    };
+    for task in tasks.flatten() {
+        let Some(tid) = task
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if tid == pid {
+            continue;
+        }
+        let Ok(fds) = std::fs::read_dir(task.path().join("fd")) else {
+            continue;
+        };
+        for entry in fds.flatten() {
+            let Some((number, link)) = socket_entry(&entry) else {
+                continue;
+            };
+            if seen.contains(&link) {
+                continue;
+            }
+            match PIDFDS.take_from_thread(tid, number) {
+                Ok(s) if socket_cookie(&s).ok() == Some(cookie) => return Ok(Some(s)),
+                Ok(_) => {}
+                // This kernel opens no thread's pidfd, so no other
+                // thread's table can be searched either.
+                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => return Err((tid, e)),
+                // The thread ended or closed it meanwhile.
+                Err(_) => {}
+            }
+        }
+    }
+    Ok(None)
 }
 
 /// Whether a process accepts connections on `path` now.

@@ -8,7 +8,7 @@ use std::os::fd::OwnedFd;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, PoisonError};
 
-use tlshub_provider_sdk::socket::{pidfd_getfd, pidfd_open};
+use tlshub_provider_sdk::socket::{pidfd_getfd, pidfd_open, pidfd_open_thread};
 
 /// How many processes' pidfds are kept (the most recently used).
 const KEPT: usize = 32;
@@ -43,6 +43,25 @@ impl Pidfds {
     /// be about an exited process whose pid was reused, so only a fresh
     /// pidfd's answer counts.
     pub fn take(&self, pid: u32, fd: i32) -> io::Result<OwnedFd> {
+        self.take_with(pid, fd, pidfd_open)
+    }
+
+    /// Fd number `fd` of thread `tid`'s own fd table (see
+    /// [`pidfd_open_thread`]; `EINVAL` before Linux 6.9), kept as
+    /// [`Pidfds::take`] keeps a process's. Why one cache for both: thread
+    /// and process ids are one number space, and the only number that
+    /// names both, a thread-group leader's, names the same fd table
+    /// either way.
+    pub fn take_from_thread(&self, tid: u32, fd: i32) -> io::Result<OwnedFd> {
+        self.take_with(tid, fd, pidfd_open_thread)
+    }
+
+    fn take_with(
+        &self,
+        pid: u32,
+        fd: i32,
+        open: fn(u32) -> io::Result<OwnedFd>,
+    ) -> io::Result<OwnedFd> {
         let mut kept = self.kept.lock().unwrap_or_else(PoisonError::into_inner);
         if let Some(at) = kept.iter().position(|(p, _)| *p == pid)
             && let Some((_, pidfd)) = kept.remove(at)
@@ -52,7 +71,7 @@ impl Pidfds {
             return Ok(socket);
         }
         self.opened.fetch_add(1, Ordering::Relaxed);
-        let pidfd = pidfd_open(pid)?;
+        let pidfd = open(pid)?;
         let socket = pidfd_getfd(&pidfd, fd)?;
         if kept.len() >= KEPT {
             kept.pop_front();

@@ -27,6 +27,22 @@ pub fn pidfd_open(pid: u32) -> io::Result<OwnedFd> {
     )?)
 }
 
+/// `PIDFD_THREAD` (Linux 6.9, `O_EXCL`'s value), which rustix does not
+/// name yet.
+const PIDFD_THREAD: u32 = 0o200;
+
+/// Opens a pidfd for one thread, `tid` (`PIDFD_THREAD`). `pidfd_getfd`
+/// through it reads that thread's fd table, which differs from the
+/// process's when the thread called `unshare(CLONE_FILES)` or was made
+/// by `clone()` without `CLONE_FILES`; a pidfd from [`pidfd_open`]
+/// always reads the thread-group leader's. `EINVAL` before Linux 6.9.
+pub fn pidfd_open_thread(tid: u32) -> io::Result<OwnedFd> {
+    Ok(rustix::process::pidfd_open(
+        self::pid(tid)?,
+        PidfdFlags::from_bits_retain(PIDFD_THREAD),
+    )?)
+}
+
 /// Duplicates fd number `fd` of the process behind `pidfd` into this
 /// process (needs ptrace-attach rights over it, e.g. root with
 /// `CAP_SYS_PTRACE`). The duplicate shares the open file description,

@@ -1074,7 +1074,17 @@ pub enum Probe {
     /// write of the payload and a read of it back; bytes that come back
     /// other than written fail the "compare" step with `EILSEQ`.
     SelfConnect,
+    /// A thread that first gives itself an fd table of its own
+    /// (`unshare(CLONE_FILES)`, as sandboxing thread pools do) connects a
+    /// blocking socket to `--connect` (a peer that echoes like
+    /// `tlshub-loadgen server`) and exchanges the payload; the process's
+    /// other fd table never holds the socket. Its reads and writes give up
+    /// after [`OWN_FD_TABLE_WAIT`] (`EAGAIN`) rather than hang.
+    OwnFdTable,
 }
+
+/// How long [`Probe::OwnFdTable`]'s reads and writes wait.
+pub const OWN_FD_TABLE_WAIT: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// How many connections [`Probe::ManyWaiting`] opens.
 pub const MANY_WAITING: usize = 24;
@@ -1300,6 +1310,40 @@ fn self_connect(target: std::net::SocketAddr, payload: &[u8]) -> Vec<ProbeStep> 
     steps
 }
 
+/// [`Probe::OwnFdTable`]: the steps of the thread with its own fd table.
+fn own_fd_table(target: std::net::SocketAddr, payload: &[u8]) -> Vec<ProbeStep> {
+    std::thread::scope(|scope| {
+        scope
+            .spawn(|| {
+                // SAFETY: from here this thread has a copy of the process's
+                // fd table. It uses only the socket it makes below, and
+                // closes it before it ends; no fd crosses to another thread
+                // either way.
+                let unshared = cvt(unsafe { libc::unshare(libc::CLONE_FILES) } as isize);
+                let mut steps = vec![step("unshare(CLONE_FILES)", unshared)];
+                if steps[0].errno != 0 {
+                    return steps;
+                }
+                let sock = match tcp_socket(target) {
+                    Ok(s) => s,
+                    Err(e) => return vec![step("socket", Err(e))],
+                };
+                let calls: [(&'static str, &dyn Fn() -> io::Result<usize>); 3] = [
+                    ("set timeouts", &|| {
+                        sock.set_read_timeout(Some(OWN_FD_TABLE_WAIT))?;
+                        sock.set_write_timeout(Some(OWN_FD_TABLE_WAIT)).map(|()| 0)
+                    }),
+                    ("connect", &|| sock.connect(&target.into()).map(|()| 0)),
+                    ("exchange", &|| echo_exchange(&sock, payload).map(|_| 0)),
+                ];
+                run_in_order(&mut steps, &calls);
+                steps
+            })
+            .join()
+            .unwrap_or_else(|_| vec![step("thread", Err(io::Error::other("panicked")))])
+    })
+}
+
 /// [`Probe::RefusedThenReconnect`]: a socket refused by the gate (its mark
 /// says so) must not stay refused once it is disconnected and connected
 /// again: to an unselected peer it works in clear, and to a selected one
@@ -1464,6 +1508,9 @@ pub fn probe(
     if probe == Probe::SelfConnect {
         return self_connect(target, payload);
     }
+    if probe == Probe::OwnFdTable {
+        return own_fd_table(target, payload);
+    }
     if probe == Probe::SendRacingConnect {
         for _ in 0..RACE_ATTEMPTS {
             steps.extend(send_racing_connect(target, payload));
@@ -1557,7 +1604,8 @@ pub fn probe(
         | Probe::RefusedThenReconnect
         | Probe::ConnectFlood
         | Probe::ManyWaiting
-        | Probe::SelfConnect => {
+        | Probe::SelfConnect
+        | Probe::OwnFdTable => {
             unreachable!("handled above")
         }
     }

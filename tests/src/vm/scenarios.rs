@@ -139,6 +139,10 @@ pub const TESTS: &[Scenario] = &[
         super::gate_paths::owner_from_hold,
     ),
     (
+        "gate_thread_with_its_own_fd_table",
+        super::gate_paths::own_fd_table_thread,
+    ),
+    (
         "gate_tcp_fast_open_refused_and_falls_back",
         super::gate_edges::fast_open,
     ),
