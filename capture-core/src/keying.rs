@@ -231,11 +231,14 @@ pub enum KeyingError {
         #[source]
         source: std::io::Error,
     },
-    /// Not in the process's fd table, and a thread of it has a socket of
-    /// its own fd table (`unshare(CLONE_FILES)`) that this kernel gives no
-    /// way to take: a pidfd for one thread needs Linux 6.9.
+    /// Not in the fd table a pidfd of the process reads (its leader's),
+    /// and another thread holds sockets that are not there either, which
+    /// this kernel gives no way to take: a pidfd for one thread needs Linux
+    /// 6.9. The thread has an fd table of its own (`unshare(CLONE_FILES)`),
+    /// or the process's main thread has exited (`pthread_exit()` from
+    /// `main()`), taking the leader's table with it.
     #[error(
-        "socket {cookie} is not in pid {pid}'s fd table, and thread {tid} holds sockets in an fd table of its own, which only Linux 6.9 or later lets the core take from ({source})"
+        "socket {cookie} is not in the fd table of pid {pid}'s main thread, and thread {tid} holds sockets outside it (a thread with an fd table of its own, or a main thread that has exited), which only Linux 6.9 or later lets the core take ({source})"
     )]
     InThreadFdTable {
         cookie: u64,
@@ -466,7 +469,7 @@ pub fn find_socket(
 /// Takes fd `fd` of `pid` if it is the socket with `cookie` (two system
 /// calls, and a `pidfd_open` for a process not taken from lately);
 /// `None` if the number names something else, nothing, or is negative
-/// (no number known).
+/// (no number known), or the leader has no fd table left.
 fn take_by_number(pid: u32, fd: i32, cookie: u64) -> Result<Option<OwnedFd>, KeyingError> {
     if fd < 0 {
         return Ok(None);
@@ -475,6 +478,10 @@ fn take_by_number(pid: u32, fd: i32, cookie: u64) -> Result<Option<OwnedFd>, Key
         Ok(s) if socket_cookie(&s).ok() == Some(cookie) => Ok(Some(s)),
         Ok(_) => Ok(None),
         Err(e) if e.raw_os_error() == Some(libc::EBADF) => Ok(None),
+        // The leader has exited and taken its fd table along: a process
+        // gone, or one whose main thread exited on its own while the
+        // others run on (the search finds which).
+        Err(e) if e.raw_os_error() == Some(libc::ESRCH) => Ok(None),
         Err(source) => Err(KeyingError::TakeSocket { pid, fd, source }),
     }
 }
@@ -544,9 +551,12 @@ fn socket_entry(entry: &std::fs::DirEntry) -> Option<(i32, std::ffi::OsString)> 
 }
 
 /// Looks for the socket in the fd tables of `pid`'s threads, among the
-/// sockets not `seen` in the process's table. A thread that called
-/// `unshare(CLONE_FILES)` (or was cloned without `CLONE_FILES`) has a table
-/// of its own, and a pidfd of the process reads only the leader's; a
+/// sockets not `seen` in the process's table. A pidfd of the process reads
+/// only the thread-group leader's table, which a thread that called
+/// `unshare(CLONE_FILES)` (or was cloned without `CLONE_FILES`) does not
+/// share, and which is gone once the main thread exited on its own
+/// (`pthread_exit()` from `main()`: the leader stays a zombie with no fd
+/// table, `/proc/PID/fd` lists nothing, and the other threads run on). A
 /// thread that shares the leader's table lists only sockets seen there,
 /// so it costs a directory listing and no system call on a socket.
 /// `Err((tid, error))` when a thread holds such sockets but this kernel

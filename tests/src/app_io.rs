@@ -1081,6 +1081,14 @@ pub enum Probe {
     /// other fd table never holds the socket. Its reads and writes give up
     /// after [`OWN_FD_TABLE_WAIT`] (`EAGAIN`) rather than hang.
     OwnFdTable,
+    /// The process's main thread exits on its own (`SYS_exit`, as
+    /// `pthread_exit()` from `main()` does; see [`exit_main_thread`]), and
+    /// another thread, once the main one is a zombie, connects a blocking
+    /// socket to `--connect` (a peer that echoes like `tlshub-loadgen
+    /// server`) and exchanges the payload. The process's fd table then
+    /// belongs to a thread that is not its leader; reads and writes give up
+    /// after [`OWN_FD_TABLE_WAIT`].
+    MainThreadExits,
 }
 
 /// How long [`Probe::OwnFdTable`]'s reads and writes wait.
@@ -1324,24 +1332,76 @@ fn own_fd_table(target: std::net::SocketAddr, payload: &[u8]) -> Vec<ProbeStep> 
                 if steps[0].errno != 0 {
                     return steps;
                 }
-                let sock = match tcp_socket(target) {
-                    Ok(s) => s,
-                    Err(e) => return vec![step("socket", Err(e))],
-                };
-                let calls: [(&'static str, &dyn Fn() -> io::Result<usize>); 3] = [
-                    ("set timeouts", &|| {
-                        sock.set_read_timeout(Some(OWN_FD_TABLE_WAIT))?;
-                        sock.set_write_timeout(Some(OWN_FD_TABLE_WAIT)).map(|()| 0)
-                    }),
-                    ("connect", &|| sock.connect(&target.into()).map(|()| 0)),
-                    ("exchange", &|| echo_exchange(&sock, payload).map(|_| 0)),
-                ];
-                run_in_order(&mut steps, &calls);
+                steps.extend(blocking_echo(target, payload));
                 steps
             })
             .join()
             .unwrap_or_else(|_| vec![step("thread", Err(io::Error::other("panicked")))])
     })
+}
+
+/// Ends the calling thread alone (`SYS_exit`, not `exit_group`), as
+/// `pthread_exit()` from `main()` does in a C program: the process lives on
+/// in its other threads, and its thread-group leader is a zombie whose fd
+/// table is gone ([`Probe::MainThreadExits`]).
+pub fn exit_main_thread() -> ! {
+    // SAFETY: the thread ends here without unwinding: its frames are never
+    // resumed and their destructors never run (a leak, not a use after
+    // free), and no other thread borrows from its stack (threads spawned
+    // with std::thread::spawn own what they use).
+    unsafe {
+        libc::syscall(libc::SYS_exit, 0);
+    }
+    unreachable!("SYS_exit returned")
+}
+
+/// [`Probe::MainThreadExits`], on the thread that goes on: waits (at most
+/// 10 s) until the main thread is a zombie, then connects and echoes.
+fn after_main_thread_exits(target: std::net::SocketAddr, payload: &[u8]) -> Vec<ProbeStep> {
+    let main_gone = || {
+        let stat = std::fs::read_to_string(format!("/proc/self/task/{}/stat", std::process::id()))
+            .unwrap_or_default();
+        // The state follows the command name's closing parenthesis.
+        stat.rsplit_once(") ")
+            .is_none_or(|(_, rest)| rest.starts_with('Z') || rest.starts_with('X'))
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let waited = loop {
+        if main_gone() {
+            break Ok(0);
+        }
+        if std::time::Instant::now() > deadline {
+            break Err(io::Error::from(io::ErrorKind::TimedOut));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    };
+    let mut steps = vec![step("wait for the main thread to exit", waited)];
+    if steps[0].errno != 0 {
+        return steps;
+    }
+    steps.extend(blocking_echo(target, payload));
+    steps
+}
+
+/// Connects a blocking socket that waits at most [`OWN_FD_TABLE_WAIT`] per
+/// call and echoes `payload` through it: "set timeouts", "connect",
+/// "exchange".
+fn blocking_echo(target: std::net::SocketAddr, payload: &[u8]) -> Vec<ProbeStep> {
+    let sock = match tcp_socket(target) {
+        Ok(s) => s,
+        Err(e) => return vec![step("socket", Err(e))],
+    };
+    let calls: [(&'static str, &dyn Fn() -> io::Result<usize>); 3] = [
+        ("set timeouts", &|| {
+            sock.set_read_timeout(Some(OWN_FD_TABLE_WAIT))?;
+            sock.set_write_timeout(Some(OWN_FD_TABLE_WAIT)).map(|()| 0)
+        }),
+        ("connect", &|| sock.connect(&target.into()).map(|()| 0)),
+        ("exchange", &|| echo_exchange(&sock, payload).map(|_| 0)),
+    ];
+    let mut steps = Vec::new();
+    run_in_order(&mut steps, &calls);
+    steps
 }
 
 /// [`Probe::RefusedThenReconnect`]: a socket refused by the gate (its mark
@@ -1511,6 +1571,9 @@ pub fn probe(
     if probe == Probe::OwnFdTable {
         return own_fd_table(target, payload);
     }
+    if probe == Probe::MainThreadExits {
+        return after_main_thread_exits(target, payload);
+    }
     if probe == Probe::SendRacingConnect {
         for _ in 0..RACE_ATTEMPTS {
             steps.extend(send_racing_connect(target, payload));
@@ -1605,7 +1668,8 @@ pub fn probe(
         | Probe::ConnectFlood
         | Probe::ManyWaiting
         | Probe::SelfConnect
-        | Probe::OwnFdTable => {
+        | Probe::OwnFdTable
+        | Probe::MainThreadExits => {
             unreachable!("handled above")
         }
     }

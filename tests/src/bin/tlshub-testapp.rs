@@ -847,6 +847,27 @@ fn run(args: Args, r: &mut AppReport) -> std::io::Result<()> {
 
 fn main() -> std::process::ExitCode {
     let args = Args::parse();
+    let main_thread_exits = matches!(
+        args.side,
+        Side::Probe {
+            what: app_io::Probe::MainThreadExits,
+            ..
+        }
+    );
+    if main_thread_exits {
+        // The run goes on on another thread, which ends the process.
+        std::thread::spawn(move || std::process::exit(if run_and_report(args) { 0 } else { 1 }));
+        app_io::exit_main_thread();
+    }
+    if run_and_report(args) {
+        std::process::ExitCode::SUCCESS
+    } else {
+        std::process::ExitCode::FAILURE
+    }
+}
+
+/// Runs `args` and prints the report; whether it went well.
+fn run_and_report(args: Args) -> bool {
     let mut report = AppReport {
         pid: std::process::id(),
         uid: rustix::process::getuid().as_raw(),
@@ -864,9 +885,5 @@ fn main() -> std::process::ExitCode {
         serde_json::to_string(&report)
             .unwrap_or_else(|e| format!("{{\"ok\":false,\"error\":\"{e}\"}}"))
     );
-    if report.ok {
-        std::process::ExitCode::SUCCESS
-    } else {
-        std::process::ExitCode::FAILURE
-    }
+    report.ok
 }

@@ -164,19 +164,24 @@ pub fn uring_send_recv() -> Outcome {
     ))
 }
 
-/// A thread that gives itself an fd table of its own
-/// (`unshare(CLONE_FILES)`) connects a blocking socket and exchanges 4 KiB
-/// with an echo server: the socket is in no table that a pidfd of the
-/// process reads (`pidfd_getfd` reads the thread-group leader's), so the
-/// core must find it in the thread's table (`/proc/PID/task/TID/fd`).
-/// From Linux 6.9 a pidfd of one thread (`PIDFD_THREAD`) takes it, and it
-/// is keyed: the echo exact, its flow TLS-only and decrypted. Before, no
-/// system call reaches it: the connection fails closed (the held call
-/// ends with `ECONNRESET`, reason `thread_fd_table`), no byte in clear.
-/// Either way the app is answered well before its 60 s wait. A plain
-/// control (the same probe to an unselected port) must echo and show its
-/// marker.
-pub fn own_fd_table_thread() -> Outcome {
+/// Sockets that live only in a fd table that a pidfd of the process does
+/// not read (`pidfd_getfd` reads the thread-group leader's), so the core
+/// must find them in a thread's table (`/proc/PID/task/TID/fd`), each
+/// made by a blocking client that echoes 4 KiB through an echo server:
+/// - `own-fd-table`: a thread that first gives itself an fd table of its
+///   own (`unshare(CLONE_FILES)`);
+/// - `main-thread-exits`: a process whose main thread exited on its own
+///   (`pthread_exit()` from `main()`, as some daemons do), leaving a zombie
+///   leader with no fd table; another thread connects.
+///
+/// From Linux 6.9 a pidfd of one thread (`PIDFD_THREAD`) takes the socket,
+/// and it is keyed: the echo exact, its flows TLS-only and decrypted.
+/// Before, no system call reaches it: the connection fails closed (the
+/// held call ends with `ECONNRESET`, reason `thread_fd_table`), no byte in
+/// clear. Either way the app is answered well before its 60 s wait. Plain
+/// controls (the same probes to an unselected port) must echo and show
+/// their marker.
+pub fn socket_in_a_thread_fd_table() -> Outcome {
     use std::time::{Duration, Instant};
 
     use super::process;
@@ -184,63 +189,75 @@ pub fn own_fd_table_thread() -> Outcome {
     use super::support::{kernel_version, pod_b_addr, probe_steps, spawn_probe};
     use super::wire_check::{Capture, check_wire_allowing_unkeyed};
 
+    const PROBES: [&str; 2] = ["own-fd-table", "main-thread-exits"];
     let (a, b) = nodes(NodeSpec::new("a"), NodeSpec::new("b"))?;
-    let cap = Capture::start("own-fd-table")?;
+    let cap = Capture::start("thread-fd-table")?;
     let servers = (LoadServer::start()?, LoadServer::start_on(PLAIN_PORT)?);
-    let run = |port| -> Result<(Vec<(String, i32)>, Duration), crate::vm::outcome::Failure> {
-        let t = Instant::now();
-        let probe = spawn_probe("own-fd-table", &pod_b_addr(port), &[])?;
-        let out = process::finish(probe, Duration::from_secs(150))
-            .map_err(|e| e.context(format!("own-fd-table probe to port {port}")))?;
-        Ok((probe_steps(&out)?, t.elapsed()))
-    };
-    let all_ok = |steps: &[(String, i32)]| steps.len() == 4 && steps.iter().all(|(_, e)| *e == 0);
-    let (plain, _) = run(PLAIN_PORT)?;
-    if !all_ok(&plain) {
-        return Err(failed!(
-            "the probe to the plain port: {plain:?} (want unshare, set timeouts, connect, exchange all 0)"
-        ));
-    }
-    let (protected, took) = run(PROTECTED_PORT)?;
+    let run =
+        |what: &str, port| -> Result<(Vec<(String, i32)>, Duration), crate::vm::outcome::Failure> {
+            let t = Instant::now();
+            let probe = spawn_probe(what, &pod_b_addr(port), &[])?;
+            let out = process::finish(probe, Duration::from_secs(150))
+                .map_err(|e| e.context(format!("{what} probe to port {port}")))?;
+            Ok((probe_steps(&out)?, t.elapsed()))
+        };
     let threads_reachable = kernel_version() >= (6, 9);
-    let failed_closed = a.stat(|s| s.failures("thread_fd_table"));
-    let summary = if threads_reachable {
-        if !all_ok(&protected) {
+    let mut summary = Vec::new();
+    for (i, what) in PROBES.into_iter().enumerate() {
+        let (plain, _) = run(what, PLAIN_PORT)?;
+        if plain.len() != 4 || plain.iter().any(|(_, e)| *e != 0) {
             return Err(failed!(
-                "the probe to the protected port: {protected:?} (want every step 0: this kernel opens a pidfd for one thread); node a: {failed_closed} failed with thread_fd_table, {} socket_gone",
-                a.stat(|s| s.socket_gone)
+                "{what} to the plain port: {plain:?} (want 4 steps, all 0)"
             ));
         }
-        let keyed = a.stat_reaching(|s| s.protected, 1);
-        format!(
-            "the thread's socket keyed through a pidfd of the thread (node a protected {keyed}), echo exact"
-        )
-    } else {
-        let clean = matches!(
-            protected.as_slice(),
-            [(_, 0), (_, 0), (_, 0), (call, libc::ECONNRESET)] if call == "exchange"
-        );
-        let counted = a.stat_reaching(|s| s.failures("thread_fd_table"), 1);
-        if !clean || counted != 1 {
-            return Err(failed!(
-                "the probe to the protected port: {protected:?} (want its exchange to fail with ECONNRESET: no pidfd of one thread before Linux 6.9); node a counted {counted} thread_fd_table failures, want 1"
+        let (protected, took) = run(what, PROTECTED_PORT)?;
+        let last = protected.last().cloned().unwrap_or_default();
+        let earlier_ok = protected.len() == 4 && protected[..3].iter().all(|(_, e)| *e == 0);
+        if threads_reachable {
+            let keyed = a.stat_reaching(|s| s.protected, i as u64 + 1);
+            if !earlier_ok || last.1 != 0 || keyed != i as u64 + 1 {
+                return Err(failed!(
+                    "{what} to the protected port: {protected:?} (want every step 0: this kernel opens a pidfd for one thread); node a: {keyed} protected (want {}), {} thread_fd_table, {} socket_gone",
+                    i + 1,
+                    a.stat(|s| s.failures("thread_fd_table")),
+                    a.stat(|s| s.socket_gone)
+                ));
+            }
+            summary.push(format!(
+                "{what}: keyed through a pidfd of the thread, echo exact"
+            ));
+        } else {
+            let counted = a.stat_reaching(|s| s.failures("thread_fd_table"), i as u64 + 1);
+            if !earlier_ok
+                || last != ("exchange".into(), libc::ECONNRESET)
+                || counted != i as u64 + 1
+            {
+                return Err(failed!(
+                    "{what} to the protected port: {protected:?} (want its exchange to fail with ECONNRESET: no pidfd of one thread before Linux 6.9); node a counted {counted} thread_fd_table failures, want {}",
+                    i + 1
+                ));
+            }
+            summary.push(format!(
+                "{what}: failed closed (thread_fd_table), the app answered ECONNRESET after {:.1} s",
+                took.as_secs_f64()
             ));
         }
-        format!(
-            "no pidfd for one thread before Linux 6.9: failed closed (thread_fd_table), the app answered ECONNRESET after {:.1} s",
-            took.as_secs_f64()
-        )
-    };
-    if took > Duration::from_secs(45) {
-        return Err(failed!(
-            "the probe to the protected port took {took:?}: the app waited instead of being answered"
-        ));
+        if took > Duration::from_secs(45) {
+            return Err(failed!(
+                "{what} to the protected port took {took:?}: the app waited instead of being answered"
+            ));
+        }
     }
     drop(servers);
     let wire = check_wire_allowing_unkeyed(&cap.finish()?, &a, &b, !threads_reachable)?;
-    wire.expect_at_least(1, usize::from(threads_reachable))?;
+    wire.expect_at_least(
+        PROBES.len(),
+        if threads_reachable { PROBES.len() } else { 0 },
+    )?;
     Ok(format!(
-        "{summary}; plain control echoed; wire: {} protected flows decrypted, {} unkeyed, no plaintext",
-        wire.decrypted, wire.unkeyed_flows
+        "{}; plain controls echoed; wire: {} protected flows decrypted, {} unkeyed, no plaintext",
+        summary.join("; "),
+        wire.decrypted,
+        wire.unkeyed_flows
     ))
 }

@@ -139,8 +139,8 @@ pub const TESTS: &[Scenario] = &[
         super::gate_paths::owner_from_hold,
     ),
     (
-        "gate_thread_with_its_own_fd_table",
-        super::gate_paths::own_fd_table_thread,
+        "gate_socket_in_a_thread_fd_table",
+        super::gate_paths::socket_in_a_thread_fd_table,
     ),
     (
         "gate_tcp_fast_open_refused_and_falls_back",
