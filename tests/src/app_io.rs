@@ -769,7 +769,11 @@ fn io_uring_data(entry: &io_uring::squeue::Entry) -> io::Result<usize> {
 
 /// Runs one io_uring operation to completion and returns its result.
 fn io_uring_one(entry: &io_uring::squeue::Entry) -> io::Result<i32> {
-    let mut ring = io_uring::IoUring::new(2)?;
+    io_uring_on(&mut io_uring::IoUring::new(2)?, entry)
+}
+
+/// [`io_uring_one`] on `ring` (which may hold registered files).
+fn io_uring_on(ring: &mut io_uring::IoUring, entry: &io_uring::squeue::Entry) -> io::Result<i32> {
     // SAFETY: everything the entry points to (the socket fd, the address)
     // is owned by the caller and outlives this call, which waits for the
     // completion before returning.
@@ -1089,6 +1093,14 @@ pub enum Probe {
     /// belongs to a thread that is not its leader; reads and writes give up
     /// after [`OWN_FD_TABLE_WAIT`].
     MainThreadExits,
+    /// A socket that never has an fd: io_uring makes it straight into the
+    /// ring's registered file table (`IORING_OP_SOCKET` with a file index,
+    /// a "direct descriptor", as liburing servers use them), then connects
+    /// it to `--connect` (a peer that echoes like `tlshub-loadgen server`),
+    /// sends the payload, receives the echo and compares, all through that
+    /// slot (`IOSQE_FIXED_FILE`). A send interrupted by the gate's hold
+    /// (`EINTR`) is submitted again.
+    IoUringDirect,
 }
 
 /// How long [`Probe::OwnFdTable`]'s reads and writes wait.
@@ -1404,6 +1416,88 @@ fn blocking_echo(target: std::net::SocketAddr, payload: &[u8]) -> Vec<ProbeStep>
     steps
 }
 
+/// [`Probe::IoUringDirect`]: steps "register a file table", "socket
+/// (direct)", "connect", "send", "receive", "compare" (`EBADMSG` if the
+/// echo differs), until one fails.
+fn io_uring_direct(target: std::net::SocketAddr, payload: &[u8]) -> Vec<ProbeStep> {
+    use io_uring::{opcode, types};
+    let mut ring = match io_uring::IoUring::new(4) {
+        Ok(r) => r,
+        Err(e) => return vec![step("io_uring_setup", Err(e))],
+    };
+    let ring = std::cell::RefCell::new(&mut ring);
+    let slot = types::Fixed(0);
+    let addr = socket2::SockAddr::from(target);
+    let back = std::cell::RefCell::new(vec![0u8; payload.len()]);
+    let domain = if target.is_ipv4() {
+        libc::AF_INET
+    } else {
+        libc::AF_INET6
+    };
+    // Submitted again while the gate's hold interrupts it, as the other
+    // io_uring paths do.
+    let again = |entry: &io_uring::squeue::Entry| loop {
+        match io_uring_on(&mut ring.borrow_mut(), entry) {
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {
+                URING_INTERRUPTED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+            r => return r.map(|n| n as usize),
+        }
+    };
+    let calls: [(&'static str, &dyn Fn() -> io::Result<usize>); 6] = [
+        ("register a file table", &|| {
+            ring.borrow()
+                .submitter()
+                .register_files_sparse(1)
+                .map(|()| 0)
+        }),
+        ("socket (direct)", &|| {
+            let into = types::DestinationSlot::try_from_slot_target(0)
+                .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+            let op = opcode::Socket::new(domain, libc::SOCK_STREAM, libc::IPPROTO_TCP)
+                .file_index(Some(into))
+                .build();
+            io_uring_on(&mut ring.borrow_mut(), &op).map(|n| n as usize)
+        }),
+        ("connect", &|| {
+            again(&opcode::Connect::new(slot, addr.as_ptr().cast(), addr.len()).build())
+        }),
+        ("send", &|| {
+            let mut off = 0;
+            while off < payload.len() {
+                let rest = &payload[off..];
+                off += again(&opcode::Send::new(slot, rest.as_ptr(), rest.len() as u32).build())?;
+            }
+            Ok(off)
+        }),
+        ("receive", &|| {
+            let mut got = 0;
+            let mut buf = back.borrow_mut();
+            while got < buf.len() {
+                let rest = &mut buf[got..];
+                match again(&opcode::Recv::new(slot, rest.as_mut_ptr(), rest.len() as u32).build())?
+                {
+                    0 => return Err(io::Error::from(io::ErrorKind::UnexpectedEof)),
+                    n => got += n,
+                }
+            }
+            Ok(got)
+        }),
+        ("compare", &|| {
+            let mut want = vec![0u8; payload.len()];
+            crate::pattern::fill(crate::pattern::SERVER_SEED, 0, &mut want);
+            if *back.borrow() == want {
+                Ok(0)
+            } else {
+                Err(io::Error::from_raw_os_error(libc::EBADMSG))
+            }
+        }),
+    ];
+    let mut steps = Vec::new();
+    run_in_order(&mut steps, &calls);
+    steps
+}
+
 /// [`Probe::RefusedThenReconnect`]: a socket refused by the gate (its mark
 /// says so) must not stay refused once it is disconnected and connected
 /// again: to an unselected peer it works in clear, and to a selected one
@@ -1574,6 +1668,9 @@ pub fn probe(
     if probe == Probe::MainThreadExits {
         return after_main_thread_exits(target, payload);
     }
+    if probe == Probe::IoUringDirect {
+        return io_uring_direct(target, payload);
+    }
     if probe == Probe::SendRacingConnect {
         for _ in 0..RACE_ATTEMPTS {
             steps.extend(send_racing_connect(target, payload));
@@ -1669,7 +1766,8 @@ pub fn probe(
         | Probe::ManyWaiting
         | Probe::SelfConnect
         | Probe::OwnFdTable
-        | Probe::MainThreadExits => {
+        | Probe::MainThreadExits
+        | Probe::IoUringDirect => {
             unreachable!("handled above")
         }
     }

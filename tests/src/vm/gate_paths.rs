@@ -261,3 +261,58 @@ pub fn socket_in_a_thread_fd_table() -> Outcome {
         wire.unkeyed_flows
     ))
 }
+
+/// A socket that never has an fd: io_uring makes it straight into the
+/// ring's registered file table (a "direct descriptor",
+/// `IORING_OP_SOCKET` with a file index) and connects, sends and receives
+/// through that slot. No system call gives another process a ring's
+/// registered file, so the core cannot take the socket: the connection
+/// must fail closed with a clean error (the send answered `ECONNRESET`
+/// after the gate's hold, the core counting `socket_gone`), and not a byte
+/// of it may cross in clear. The same probe to an unselected port must
+/// echo exactly and show its marker (the probe works, and the capture
+/// sees plaintext when there is some).
+pub fn io_uring_direct_socket() -> Outcome {
+    use std::time::{Duration, Instant};
+
+    use super::process;
+    use super::service::LoadServer;
+    use super::support::{pod_b_addr, probe_steps, spawn_probe};
+    use super::wire_check::{Capture, check_wire_allowing_unkeyed};
+
+    let (a, b) = nodes(NodeSpec::new("a"), NodeSpec::new("b"))?;
+    let cap = Capture::start("io-uring-direct")?;
+    let servers = (LoadServer::start()?, LoadServer::start_on(PLAIN_PORT)?);
+    let run = |port| -> Result<(Vec<(String, i32)>, Duration), crate::vm::outcome::Failure> {
+        let t = Instant::now();
+        let probe = spawn_probe("io-uring-direct", &pod_b_addr(port), &[])?;
+        let out = process::finish(probe, Duration::from_secs(150))
+            .map_err(|e| e.context(format!("io-uring-direct probe to port {port}")))?;
+        Ok((probe_steps(&out)?, t.elapsed()))
+    };
+    let (plain, _) = run(PLAIN_PORT)?;
+    if plain.len() != 6 || plain.iter().any(|(_, e)| *e != 0) {
+        return Err(failed!(
+            "io-uring-direct to the plain port: {plain:?} (want 6 steps, all 0)"
+        ));
+    }
+    let gone_before = a.stat(|s| s.failures("socket_gone"));
+    let (protected, took) = run(PROTECTED_PORT)?;
+    let clean = matches!(
+        protected.as_slice(),
+        [(_, 0), (_, 0), (_, 0), (call, libc::ECONNRESET)] if call == "send"
+    );
+    let gone = a.stat_reaching(|s| s.failures("socket_gone"), gone_before + 1) - gone_before;
+    if !clean || gone != 1 || took > Duration::from_secs(45) {
+        return Err(failed!(
+            "io-uring-direct to the protected port after {took:?}: {protected:?} (want the send to fail with ECONNRESET within 45 s); node a counted {gone} socket_gone failures, want 1"
+        ));
+    }
+    drop(servers);
+    let wire = check_wire_allowing_unkeyed(&cap.finish()?, &a, &b, true)?;
+    wire.expect_at_least(1, 0)?;
+    Ok(format!(
+        "a direct descriptor failed closed (socket_gone), its send answered ECONNRESET after {:.1} s; plain control echoed; no plaintext on the wire",
+        took.as_secs_f64()
+    ))
+}

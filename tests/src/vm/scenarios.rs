@@ -143,6 +143,10 @@ pub const TESTS: &[Scenario] = &[
         super::gate_paths::socket_in_a_thread_fd_table,
     ),
     (
+        "gate_io_uring_direct_socket_fails_closed",
+        super::gate_paths::io_uring_direct_socket,
+    ),
+    (
         "gate_tcp_fast_open_refused_and_falls_back",
         super::gate_edges::fast_open,
     ),
