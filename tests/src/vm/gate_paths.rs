@@ -182,35 +182,27 @@ pub fn uring_send_recv() -> Outcome {
 /// controls (the same probes to an unselected port) must echo and show
 /// their marker.
 pub fn socket_in_a_thread_fd_table() -> Outcome {
-    use std::time::{Duration, Instant};
+    use std::time::Duration;
 
-    use super::process;
     use super::service::LoadServer;
-    use super::support::{kernel_version, pod_b_addr, probe_steps, spawn_probe};
+    use super::support::{kernel_version, timed_probe};
     use super::wire_check::{Capture, check_wire_allowing_unkeyed};
 
     const PROBES: [&str; 2] = ["own-fd-table", "main-thread-exits"];
+    const LIMIT: Duration = Duration::from_secs(150);
     let (a, b) = nodes(NodeSpec::new("a"), NodeSpec::new("b"))?;
     let cap = Capture::start("thread-fd-table")?;
     let servers = (LoadServer::start()?, LoadServer::start_on(PLAIN_PORT)?);
-    let run =
-        |what: &str, port| -> Result<(Vec<(String, i32)>, Duration), crate::vm::outcome::Failure> {
-            let t = Instant::now();
-            let probe = spawn_probe(what, &pod_b_addr(port), &[])?;
-            let out = process::finish(probe, Duration::from_secs(150))
-                .map_err(|e| e.context(format!("{what} probe to port {port}")))?;
-            Ok((probe_steps(&out)?, t.elapsed()))
-        };
     let threads_reachable = kernel_version() >= (6, 9);
     let mut summary = Vec::new();
     for (i, what) in PROBES.into_iter().enumerate() {
-        let (plain, _) = run(what, PLAIN_PORT)?;
+        let (plain, _) = timed_probe(what, PLAIN_PORT, LIMIT)?;
         if plain.len() != 4 || plain.iter().any(|(_, e)| *e != 0) {
             return Err(failed!(
                 "{what} to the plain port: {plain:?} (want 4 steps, all 0)"
             ));
         }
-        let (protected, took) = run(what, PROTECTED_PORT)?;
+        let (protected, took) = timed_probe(what, PROTECTED_PORT, LIMIT)?;
         let last = protected.last().cloned().unwrap_or_default();
         let earlier_ok = protected.len() == 4 && protected[..3].iter().all(|(_, e)| *e == 0);
         if threads_reachable {
@@ -273,31 +265,24 @@ pub fn socket_in_a_thread_fd_table() -> Outcome {
 /// echo exactly and show its marker (the probe works, and the capture
 /// sees plaintext when there is some).
 pub fn io_uring_direct_socket() -> Outcome {
-    use std::time::{Duration, Instant};
+    use std::time::Duration;
 
-    use super::process;
     use super::service::LoadServer;
-    use super::support::{pod_b_addr, probe_steps, spawn_probe};
+    use super::support::timed_probe;
     use super::wire_check::{Capture, check_wire_allowing_unkeyed};
 
     let (a, b) = nodes(NodeSpec::new("a"), NodeSpec::new("b"))?;
+    const LIMIT: Duration = Duration::from_secs(150);
     let cap = Capture::start("io-uring-direct")?;
     let servers = (LoadServer::start()?, LoadServer::start_on(PLAIN_PORT)?);
-    let run = |port| -> Result<(Vec<(String, i32)>, Duration), crate::vm::outcome::Failure> {
-        let t = Instant::now();
-        let probe = spawn_probe("io-uring-direct", &pod_b_addr(port), &[])?;
-        let out = process::finish(probe, Duration::from_secs(150))
-            .map_err(|e| e.context(format!("io-uring-direct probe to port {port}")))?;
-        Ok((probe_steps(&out)?, t.elapsed()))
-    };
-    let (plain, _) = run(PLAIN_PORT)?;
+    let (plain, _) = timed_probe("io-uring-direct", PLAIN_PORT, LIMIT)?;
     if plain.len() != 6 || plain.iter().any(|(_, e)| *e != 0) {
         return Err(failed!(
             "io-uring-direct to the plain port: {plain:?} (want 6 steps, all 0)"
         ));
     }
     let gone_before = a.stat(|s| s.failures("socket_gone"));
-    let (protected, took) = run(PROTECTED_PORT)?;
+    let (protected, took) = timed_probe("io-uring-direct", PROTECTED_PORT, LIMIT)?;
     let clean = matches!(
         protected.as_slice(),
         [(_, 0), (_, 0), (_, 0), (call, libc::ECONNRESET)] if call == "send"

@@ -89,6 +89,21 @@ impl Drop for GoFile {
     }
 }
 
+/// Runs probe `what` from pod-a against `port` of pod-b with no further
+/// arguments, to its end (at most `limit`): its steps ([`probe_steps`])
+/// and how long it ran.
+pub fn timed_probe(
+    what: &str,
+    port: u16,
+    limit: std::time::Duration,
+) -> Result<(Vec<(String, i32)>, std::time::Duration), Failure> {
+    let started = std::time::Instant::now();
+    let probe = spawn_probe(what, &pod_b_addr(port), &[])?;
+    let out = process::finish(probe, limit)
+        .map_err(|e| e.context(format!("{what} probe to port {port}")))?;
+    Ok((probe_steps(&out)?, started.elapsed()))
+}
+
 /// The steps of a `tlshub-testapp probe` report: each call and its errno
 /// (0: it succeeded).
 pub fn probe_steps(report: &str) -> Result<Vec<(String, i32)>, Failure> {
