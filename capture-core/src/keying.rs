@@ -513,22 +513,23 @@ fn search_socket(
             });
         }
     };
-    // The sockets seen, by their link ("socket:[INODE]"), so that the
-    // threads' tables are searched only for sockets not seen here.
-    let mut seen = std::collections::HashSet::new();
+    // Every fd number listed here, so that the threads' tables are read
+    // only for the numbers this table does not have.
+    let mut listed = std::collections::HashSet::new();
     for entry in dir.flatten() {
-        let Some((other, link)) = socket_entry(&entry) else {
+        let Some(number) = fd_number(&entry) else {
             continue;
         };
-        if other != fd
-            && let Ok(s) = PIDFDS.take(pid, other)
+        listed.insert(number);
+        if number != fd
+            && is_socket(&entry)
+            && let Ok(s) = PIDFDS.take(pid, number)
             && socket_cookie(&s).ok() == Some(cookie)
         {
             return Ok(s);
         }
-        seen.insert(link);
     }
-    match search_thread_tables(pid, cookie, &seen) {
+    match search_thread_tables(pid, cookie, &listed, &connected) {
         Ok(Some(s)) => Ok(s),
         Ok(None) => Err(KeyingError::SocketGone { cookie, pid, fd }),
         Err((tid, source)) => Err(KeyingError::InThreadFdTable {
@@ -540,31 +541,39 @@ fn search_socket(
     }
 }
 
-/// An fd directory entry that is a socket: its number and link.
-fn socket_entry(entry: &std::fs::DirEntry) -> Option<(i32, std::ffi::OsString)> {
-    let link = std::fs::read_link(entry.path()).ok()?.into_os_string();
-    if !link.as_encoded_bytes().starts_with(b"socket:") {
-        return None;
-    }
-    let number = entry.file_name().to_str()?.parse::<i32>().ok()?;
-    Some((number, link))
+/// An fd directory entry's number.
+fn fd_number(entry: &std::fs::DirEntry) -> Option<i32> {
+    entry.file_name().to_str()?.parse().ok()
 }
 
-/// Looks for the socket in the fd tables of `pid`'s threads, among the
-/// sockets not `seen` in the process's table. A pidfd of the process reads
-/// only the thread-group leader's table, which a thread that called
-/// `unshare(CLONE_FILES)` (or was cloned without `CLONE_FILES`) does not
-/// share, and which is gone once the main thread exited on its own
-/// (`pthread_exit()` from `main()`: the leader stays a zombie with no fd
-/// table, `/proc/PID/fd` lists nothing, and the other threads run on). A
-/// thread that shares the leader's table lists only sockets seen there,
-/// so it costs a directory listing and no system call on a socket.
-/// `Err((tid, error))` when a thread holds such sockets but this kernel
+/// Whether an fd directory entry is a socket (its link reads
+/// "socket:[INODE]").
+fn is_socket(entry: &std::fs::DirEntry) -> bool {
+    std::fs::read_link(entry.path())
+        .is_ok_and(|link| link.as_os_str().as_encoded_bytes().starts_with(b"socket:"))
+}
+
+/// Looks for the socket in the fd tables of `pid`'s threads, at the fd
+/// numbers the process's table has not `listed`, while `connected()`. A
+/// pidfd of the process reads only the thread-group leader's table, which
+/// a thread that called `unshare(CLONE_FILES)` (or was cloned without
+/// `CLONE_FILES`) does not share, and which is gone once the main thread
+/// exited on its own (`pthread_exit()` from `main()`: the leader stays a
+/// zombie with no fd table, `/proc/PID/fd` lists nothing, and the other
+/// threads run on). Why by number: a thread that shares the leader's
+/// table then costs one directory listing and no system call per fd
+/// (this search runs for every socket handed off to another process, and
+/// a server may have hundreds of threads and thousands of fds). The price:
+/// a thread with a table of its own whose socket sits at a number the
+/// leader's table also uses is not found, and the connection fails by
+/// policy, as it did before threads were searched at all.
+/// `Err((tid, error))` when a thread holds such a socket but this kernel
 /// opens no pidfd for one thread (before Linux 6.9: `EINVAL`).
 fn search_thread_tables(
     pid: u32,
     cookie: u64,
-    seen: &std::collections::HashSet<std::ffi::OsString>,
+    listed: &std::collections::HashSet<i32>,
+    connected: impl Fn() -> bool,
 ) -> Result<Option<OwnedFd>, (u32, std::io::Error)> {
     let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
         return Ok(None);
@@ -580,14 +589,17 @@ fn search_thread_tables(
         if tid == pid {
             continue;
         }
+        if !connected() {
+            return Ok(None);
+        }
         let Ok(fds) = std::fs::read_dir(task.path().join("fd")) else {
             continue;
         };
         for entry in fds.flatten() {
-            let Some((number, link)) = socket_entry(&entry) else {
+            let Some(number) = fd_number(&entry) else {
                 continue;
             };
-            if seen.contains(&link) {
+            if listed.contains(&number) || !is_socket(&entry) {
                 continue;
             }
             match PIDFDS.take_from_thread(tid, number) {
