@@ -58,6 +58,10 @@ pub struct Stats {
     /// Connections whose gate was put in its terminal state (calls fail
     /// with `ECONNRESET`): they could be neither protected nor reset.
     pub gate_terminal: u64,
+    /// Of those, the connections the kernel then aborted by their 4-tuple
+    /// and cookie (sock_diag `SOCK_DESTROY`; the core had no handle on the
+    /// socket): their peers got a RST and their apps' waiters were woken.
+    pub unreachable_aborted: u64,
     /// Keying results that arrived for a connection the socket no longer
     /// carries (it was disconnected and connected again meanwhile).
     pub stale_outcomes: u64,

@@ -935,6 +935,23 @@ impl crate::state::Kernel for Programs {
         let _ = crate::sys::shutdown_both(std::os::fd::AsFd::as_fd(socket));
     }
 
+    fn destroy(&mut self, cookie: u64, pids: &[u32]) -> Result<(), crate::sockdiag::SockDiagError> {
+        let conn = Programs::conn(self, cookie)
+            .filter(|c| c.est.kind == tlshub_ebpf::kind::ESTABLISHED)
+            .ok_or(crate::sockdiag::SockDiagError::NoTuple { cookie })?;
+        let target = crate::sockdiag::Target {
+            local: conn.est.local(),
+            remote: conn.est.remote(),
+            cookie,
+        };
+        crate::sockdiag::destroy_seen_by(
+            pids.iter()
+                .copied()
+                .chain([conn.owner_pid, conn.waiting_pid]),
+            target,
+        )
+    }
+
     fn take_held_overflow(&mut self) -> Vec<(u32, Held)> {
         let drops = self.ringbuf_drops();
         if !self.held_map.due(drops, std::time::Instant::now()) {

@@ -7,8 +7,7 @@
 //! reads the answer.
 
 use std::net::{IpAddr, SocketAddr};
-use std::os::fd::AsFd;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
@@ -29,25 +28,9 @@ const ANSWER_TIMEOUT: Duration = Duration::from_secs(1);
 /// Why a translation could not be read.
 #[derive(Debug, thiserror::Error)]
 pub enum ConntrackError {
-    /// The configured network namespace file cannot be opened.
-    #[error("cannot open network namespace {path}: {source}")]
-    OpenNetns {
-        /// `[conntrack] netns`.
-        path: PathBuf,
-        /// The open's error.
-        #[source]
-        source: std::io::Error,
-    },
-    /// `setns()` into it was refused (not a network namespace, or no
-    /// `CAP_SYS_ADMIN`).
-    #[error("cannot enter network namespace {path}: {source}")]
-    EnterNetns {
-        /// `[conntrack] netns`.
-        path: PathBuf,
-        /// The system call's error.
-        #[source]
-        source: std::io::Error,
-    },
+    /// `[conntrack] netns` cannot be opened or entered.
+    #[error(transparent)]
+    Netns(#[from] crate::netns::NetnsError),
     /// The netlink socket cannot be made.
     #[error("cannot open a NETLINK_NETFILTER socket: {0}")]
     Socket(#[source] std::io::Error),
@@ -91,27 +74,7 @@ impl Conntrack {
     pub fn open(netns: Option<&Path>) -> Result<Self, ConntrackError> {
         let socket = match netns {
             None => socket()?,
-            Some(path) => {
-                let file =
-                    std::fs::File::open(path).map_err(|source| ConntrackError::OpenNetns {
-                        path: path.to_owned(),
-                        source,
-                    })?;
-                let path = path.to_owned();
-                std::thread::spawn(move || {
-                    rustix::thread::move_into_link_name_space(
-                        file.as_fd(),
-                        Some(rustix::thread::LinkNameSpaceType::Network),
-                    )
-                    .map_err(|e| ConntrackError::EnterNetns {
-                        path,
-                        source: e.into(),
-                    })?;
-                    socket()
-                })
-                .join()
-                .map_err(|_| ConntrackError::Socket(std::io::Error::other("thread panicked")))??
-            }
+            Some(path) => crate::netns::make_in(path, socket)??,
         };
         Ok(Self {
             socket: Mutex::new(socket),

@@ -10,6 +10,7 @@ mod conntrack;
 mod files;
 mod keying;
 mod metrics;
+mod netns;
 mod outcomes;
 mod peers;
 mod pidfds;
@@ -18,6 +19,7 @@ mod procfs;
 mod providers;
 mod release;
 mod service;
+mod sockdiag;
 mod state;
 mod sys;
 
@@ -175,10 +177,11 @@ fn main() -> ExitCode {
             }
             Ok(Some(r)) => {
                 println!(
-                    "released: {} reset, {} let through, {} failing with ECONNRESET, {} processes continued{}",
+                    "released: {} reset, {} let through, {} failing with ECONNRESET, {} aborted by their tuple, {} processes continued{}",
                     r.reset,
                     r.passed,
                     r.terminal,
+                    r.aborted,
                     r.continued,
                     if r.detached {
                         ", programs detached"

@@ -25,6 +25,9 @@ pub struct Released {
     /// fails with `ECONNRESET`): the socket could not be reached (not yet
     /// accepted, or passed on) or refused the reset.
     pub terminal: usize,
+    /// Waiting connections that could not be reached and were aborted by
+    /// their tuple (their peers got a RST).
+    pub aborted: usize,
     /// Stopped processes continued.
     pub continued: usize,
     /// Programs and maps removed.
@@ -85,6 +88,7 @@ pub fn release(
         reset = done.reset,
         passed = done.passed,
         terminal = done.terminal,
+        aborted = done.aborted,
         continued = done.continued,
         detached = done.detached,
         "released"
@@ -151,11 +155,13 @@ fn release_open(programs: &mut Programs, config: &Config, done: &mut Released) {
             programs,
             *cookie,
             socket.as_ref(),
+            &[],
             config.failure_policy,
             false,
         ) {
             Failed::Reset => done.reset += 1,
             Failed::Terminal => done.terminal += 1,
+            Failed::Destroyed => done.aborted += 1,
             Failed::PassedPlaintext => done.passed += 1,
             Failed::Closed => {}
         }

@@ -39,6 +39,12 @@ pub trait Kernel {
     fn reset(&mut self, socket: &Self::Socket) -> std::io::Result<()>;
     /// `shutdown(SHUT_RDWR)`: a FIN to the peer when a reset is refused.
     fn shutdown(&mut self, socket: &Self::Socket);
+    /// Aborts a connection the core has no handle on, found by the
+    /// 4-tuple and cookie of its `conns` entry (sock_diag `SOCK_DESTROY`)
+    /// in the network namespace of one of `pids` (processes the gate held
+    /// on it; the entry's owner and waiter are tried too): the peer gets a
+    /// RST and the app's waiters are woken.
+    fn destroy(&mut self, cookie: u64, pids: &[u32]) -> Result<(), crate::sockdiag::SockDiagError>;
     /// Holds the gate recorded in its `held` map (the ring buffer was
     /// full), removed from the map as they are taken.
     fn take_held_overflow(&mut self) -> Vec<(u32, Held)>;
@@ -275,16 +281,23 @@ pub enum Failed {
     PassedPlaintext,
     /// The connection closed before anything could be done.
     Closed,
+    /// No handle on the socket: the gate's terminal state, and then the
+    /// kernel aborted the connection by its tuple (the peer got an RST,
+    /// the app's waiters were woken and get `ECONNABORTED`).
+    Destroyed,
 }
 
 /// Applies the failure policy to a connection that cannot be keyed. A
 /// socket with some kTLS state (`force_reset`) is reset whatever the
-/// policy: it can carry neither plaintext nor records. Shared by the event
-/// loop and `tlshub-core release`.
+/// policy: it can carry neither plaintext nor records. Without `socket`,
+/// `held` (processes the gate held on it) name where to look for it to
+/// abort it ([`Kernel::destroy`]). Shared by the event loop and
+/// `tlshub-core release`.
 pub fn apply_failure<K: Kernel>(
     k: &mut K,
     cookie: u64,
     socket: Option<&K::Socket>,
+    held: &[u32],
     policy: FailurePolicy,
     force_reset: bool,
 ) -> Failed {
@@ -312,10 +325,28 @@ pub fn apply_failure<K: Kernel>(
                 failed
             }
         },
-        // No handle on the socket: it cannot be reset, so the gate fails
-        // the app's calls from now on (holding it would only stop and
-        // continue it in a loop).
-        (None, true) => terminal_gate(k, cookie, "socket not reachable"),
+        // No handle on the socket: it cannot be reset through one, so the
+        // gate fails the app's calls from now on (holding it would only
+        // stop and continue it in a loop). Then the kernel aborts it by
+        // its tuple, which a reset through a handle would have done: the
+        // peer gets a RST instead of waiting on a connection nobody will
+        // key, and an event loop waiting on the socket is woken (nothing
+        // else would wake it). In this order for the reason given above.
+        (None, true) => {
+            let failed = terminal_gate(k, cookie, "socket not reachable");
+            if failed == Failed::Terminal {
+                match k.destroy(cookie, held) {
+                    Ok(()) => {
+                        info!(cookie, "unreachable connection aborted by its tuple");
+                        return Failed::Destroyed;
+                    }
+                    Err(e) => {
+                        warn!(cookie, error = %e, "cannot abort the unreachable connection; its peer and any event loop waiting on it are not told");
+                    }
+                }
+            }
+            failed
+        }
         (socket, false) => open_plain(k, cookie, socket),
     }
 }
@@ -1375,7 +1406,13 @@ impl ConnTable {
                 reason,
             })
             .inc();
-        match apply_failure(k, cookie, socket, self.policy, force_reset) {
+        let held: Vec<u32> = self
+            .held
+            .iter()
+            .filter(|(_, h)| h.cookie == cookie)
+            .map(|(&pid, _)| pid)
+            .collect();
+        match apply_failure(k, cookie, socket, &held, self.policy, force_reset) {
             Failed::Reset => {
                 self.tally(Tally::Reset);
                 info!(cookie, reason, "connection reset (fail-closed)");
@@ -1383,6 +1420,11 @@ impl ConnTable {
             Failed::Terminal => {
                 self.tally(Tally::Reset);
                 self.stats.gate_terminal += 1;
+            }
+            Failed::Destroyed => {
+                self.tally(Tally::Reset);
+                self.stats.gate_terminal += 1;
+                self.stats.unreachable_aborted += 1;
             }
             Failed::PassedPlaintext => {
                 self.tally(Tally::PassedPlaintext);

@@ -1085,6 +1085,11 @@ pub enum Probe {
     /// other fd table never holds the socket. Its reads and writes give up
     /// after [`OWN_FD_TABLE_WAIT`] (`EAGAIN`) rather than hang.
     OwnFdTable,
+    /// [`Probe::OwnFdTable`], with the socket non-blocking under
+    /// edge-triggered epoll (an event loop): steps "unshare(CLONE_FILES)",
+    /// "connect", "exchange"; a wait for a readiness edge gives up after
+    /// 120 s (`ETIMEDOUT`).
+    OwnFdTableEventLoop,
     /// The process's main thread exits on its own (`SYS_exit`, as
     /// `pthread_exit()` from `main()` does; see [`exit_main_thread`]), and
     /// another thread, once the main one is a zombie, connects a blocking
@@ -1331,7 +1336,7 @@ fn self_connect(target: std::net::SocketAddr, payload: &[u8]) -> Vec<ProbeStep> 
 }
 
 /// [`Probe::OwnFdTable`]: the steps of the thread with its own fd table.
-fn own_fd_table(target: std::net::SocketAddr, payload: &[u8]) -> Vec<ProbeStep> {
+fn own_fd_table(target: std::net::SocketAddr, payload: &[u8], event_loop: bool) -> Vec<ProbeStep> {
     std::thread::scope(|scope| {
         scope
             .spawn(|| {
@@ -1344,7 +1349,11 @@ fn own_fd_table(target: std::net::SocketAddr, payload: &[u8]) -> Vec<ProbeStep> 
                 if steps[0].errno != 0 {
                     return steps;
                 }
-                steps.extend(blocking_echo(target, payload));
+                if event_loop {
+                    steps.extend(edge_triggered_echo(target, payload));
+                } else {
+                    steps.extend(blocking_echo(target, payload));
+                }
                 steps
             })
             .join()
@@ -1393,6 +1402,31 @@ fn after_main_thread_exits(target: std::net::SocketAddr, payload: &[u8]) -> Vec<
     }
     steps.extend(blocking_echo(target, payload));
     steps
+}
+
+/// Connects, then makes the socket non-blocking under edge-triggered
+/// epoll (as tokio, Go and nginx do) and echoes `payload` through it:
+/// "connect", "exchange" (`EBADMSG` if the echo differs). A wait with no
+/// readiness edge for 120 s fails with `ETIMEDOUT`.
+fn edge_triggered_echo(target: std::net::SocketAddr, payload: &[u8]) -> Vec<ProbeStep> {
+    let stream = match std::net::TcpStream::connect(target) {
+        Ok(s) => s,
+        Err(e) => return vec![step("connect", Err(e))],
+    };
+    let exchange = || -> io::Result<usize> {
+        let mut conn = Conn::new(stream, IoMode::EpollEdge)?;
+        conn.send_all(SendMethod::Write, payload)?;
+        let mut back = vec![0u8; payload.len()];
+        conn.recv_exact(RecvMethod::Read, &mut back)?;
+        let mut want = vec![0u8; payload.len()];
+        crate::pattern::fill(crate::pattern::SERVER_SEED, 0, &mut want);
+        if back == want {
+            Ok(payload.len())
+        } else {
+            Err(io::Error::from_raw_os_error(libc::EBADMSG))
+        }
+    };
+    vec![step("connect", Ok(0)), step("exchange", exchange())]
 }
 
 /// Connects a blocking socket that waits at most [`OWN_FD_TABLE_WAIT`] per
@@ -1662,8 +1696,8 @@ pub fn probe(
     if probe == Probe::SelfConnect {
         return self_connect(target, payload);
     }
-    if probe == Probe::OwnFdTable {
-        return own_fd_table(target, payload);
+    if probe == Probe::OwnFdTable || probe == Probe::OwnFdTableEventLoop {
+        return own_fd_table(target, payload, probe == Probe::OwnFdTableEventLoop);
     }
     if probe == Probe::MainThreadExits {
         return after_main_thread_exits(target, payload);
@@ -1766,6 +1800,7 @@ pub fn probe(
         | Probe::ManyWaiting
         | Probe::SelfConnect
         | Probe::OwnFdTable
+        | Probe::OwnFdTableEventLoop
         | Probe::MainThreadExits
         | Probe::IoUringDirect => {
             unreachable!("handled above")

@@ -37,6 +37,10 @@ struct FakeKernel {
     /// state, or a waiter it wakes is told EAGAIN again.
     gate_at_shutdown: Vec<Option<u32>>,
     continued: Vec<u32>,
+    /// Connections aborted by their tuple, with the held pids given and
+    /// the gate then (the terminal state must come first, as for
+    /// `shutdown()`).
+    destroyed: Vec<(u64, Vec<u32>, Option<u32>)>,
     /// Process states read (each a `/proc` read in the real core).
     state_reads: std::cell::Cell<u32>,
     /// Connections whose gate was opened for good with their socket: like
@@ -113,6 +117,12 @@ impl Kernel for FakeKernel {
     fn shutdown(&mut self, socket: &FakeSocket) {
         self.shutdowns.push(socket.0);
         self.gate_at_shutdown.push(self.gate(socket.0));
+    }
+
+    fn destroy(&mut self, cookie: u64, pids: &[u32]) -> Result<(), crate::sockdiag::SockDiagError> {
+        let gate = self.gate(cookie);
+        self.destroyed.push((cookie, pids.to_vec(), gate));
+        Ok(())
     }
 
     fn take_held_overflow(&mut self) -> Vec<(u32, Held)> {
@@ -878,6 +888,13 @@ fn a_socket_gone_from_its_owner_is_looked_for_in_the_processes_held_on_it() {
     no_start(&mut t);
     assert_eq!(k.gate(COOKIE), Some(gate::RESET));
     assert_eq!(t.stats().gate_terminal, 1);
+    // With no handle, the kernel aborts it by its tuple, looked for where
+    // the gate held a process on it; after the terminal state is set.
+    assert_eq!(
+        k.destroyed,
+        vec![(COOKIE, vec![PID + 1], Some(gate::RESET))]
+    );
+    assert_eq!(t.stats().unreachable_aborted, 1);
 }
 
 #[test]

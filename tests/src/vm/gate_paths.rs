@@ -176,16 +176,17 @@ pub fn uring_send_recv() -> Outcome {
 ///
 /// From Linux 6.9 a pidfd of one thread (`PIDFD_THREAD`) takes the socket,
 /// and it is keyed: the echo exact, its flows TLS-only and decrypted.
-/// Before, no system call reaches it: the connection fails closed (the
-/// held call ends with `ECONNRESET`, reason `thread_fd_table`), no byte in
-/// clear. Either way the app is answered well before its 60 s wait. Plain
+/// Before, no system call reaches it: the connection fails closed (reason
+/// `thread_fd_table`) and is aborted by its tuple, so the held call ends
+/// with `ECONNABORTED` (`ECONNRESET` if the abort came after it) and the
+/// server's end is reset; no byte in clear. Either way the app is answered well before its 60 s wait. Plain
 /// controls (the same probes to an unselected port) must echo and show
 /// their marker.
 pub fn socket_in_a_thread_fd_table() -> Outcome {
     use std::time::Duration;
 
     use super::service::LoadServer;
-    use super::support::{kernel_version, timed_probe};
+    use super::support::{kernel_version, pod_b_connections_gone, timed_probe};
     use super::wire_check::{Capture, check_wire_allowing_unkeyed};
 
     const PROBES: [&str; 2] = ["own-fd-table", "main-thread-exits"];
@@ -220,17 +221,23 @@ pub fn socket_in_a_thread_fd_table() -> Outcome {
             ));
         } else {
             let counted = a.stat_reaching(|s| s.failures("thread_fd_table"), i as u64 + 1);
+            let aborted = a.stat_reaching(|s| s.unreachable_aborted, i as u64 + 1);
+            let left = pod_b_connections_gone(PROTECTED_PORT)?;
             if !earlier_ok
-                || last != ("exchange".into(), libc::ECONNRESET)
+                || last.0 != "exchange"
+                || ![libc::ECONNABORTED, libc::ECONNRESET].contains(&last.1)
                 || counted != i as u64 + 1
+                || aborted != i as u64 + 1
+                || left != 0
             {
                 return Err(failed!(
-                    "{what} to the protected port: {protected:?} (want its exchange to fail with ECONNRESET: no pidfd of one thread before Linux 6.9); node a counted {counted} thread_fd_table failures, want {}",
+                    "{what} to the protected port: {protected:?} (want its exchange to fail with ECONNABORTED or ECONNRESET: no pidfd of one thread before Linux 6.9); node a counted {counted} thread_fd_table failures and aborted {aborted} unreachable connections, want {} each; pod-b still holds {left} connections on the protected port",
                     i + 1
                 ));
             }
             summary.push(format!(
-                "{what}: failed closed (thread_fd_table), the app answered ECONNRESET after {:.1} s",
+                "{what}: failed closed (thread_fd_table) and aborted by its tuple, the app answered errno {} after {:.1} s",
+                last.1,
                 took.as_secs_f64()
             ));
         }
@@ -259,16 +266,17 @@ pub fn socket_in_a_thread_fd_table() -> Outcome {
 /// `IORING_OP_SOCKET` with a file index) and connects, sends and receives
 /// through that slot. No system call gives another process a ring's
 /// registered file, so the core cannot take the socket: the connection
-/// must fail closed with a clean error (the send answered `ECONNRESET`
-/// after the gate's hold, the core counting `socket_gone`), and not a byte
-/// of it may cross in clear. The same probe to an unselected port must
+/// must fail closed with a clean error (the core counting `socket_gone`
+/// and aborting it by its tuple: the send answered `ECONNABORTED`, or
+/// `ECONNRESET` from the gate's terminal state, and the server's end
+/// reset), and not a byte of it may cross in clear. The same probe to an unselected port must
 /// echo exactly and show its marker (the probe works, and the capture
 /// sees plaintext when there is some).
 pub fn io_uring_direct_socket() -> Outcome {
     use std::time::Duration;
 
     use super::service::LoadServer;
-    use super::support::timed_probe;
+    use super::support::{pod_b_connections_gone, timed_probe};
     use super::wire_check::{Capture, check_wire_allowing_unkeyed};
 
     let (a, b) = nodes(NodeSpec::new("a"), NodeSpec::new("b"))?;
@@ -285,19 +293,104 @@ pub fn io_uring_direct_socket() -> Outcome {
     let (protected, took) = timed_probe("io-uring-direct", PROTECTED_PORT, LIMIT)?;
     let clean = matches!(
         protected.as_slice(),
-        [(_, 0), (_, 0), (_, 0), (call, libc::ECONNRESET)] if call == "send"
+        [(_, 0), (_, 0), (_, 0), (call, e)] if call == "send" && [libc::ECONNABORTED, libc::ECONNRESET].contains(e)
     );
     let gone = a.stat_reaching(|s| s.failures("socket_gone"), gone_before + 1) - gone_before;
     if !clean || gone != 1 || took > Duration::from_secs(45) {
         return Err(failed!(
-            "io-uring-direct to the protected port after {took:?}: {protected:?} (want the send to fail with ECONNRESET within 45 s); node a counted {gone} socket_gone failures, want 1"
+            "io-uring-direct to the protected port after {took:?}: {protected:?} (want the send to fail with ECONNABORTED, the abort, or ECONNRESET, the gate's terminal state, within 45 s); node a counted {gone} socket_gone failures, want 1"
+        ));
+    }
+    // Aborted by its tuple: the server's end got a RST, long before its
+    // own key timeout would have ended it.
+    let aborted = a.stat_reaching(|s| s.unreachable_aborted, 1);
+    let left = pod_b_connections_gone(PROTECTED_PORT)?;
+    if aborted != 1 || left != 0 {
+        return Err(failed!(
+            "node a aborted {aborted} unreachable connections (want 1); pod-b still holds {left} connections on the protected port 10 s after the probe ended"
         ));
     }
     drop(servers);
     let wire = check_wire_allowing_unkeyed(&cap.finish()?, &a, &b, true)?;
     wire.expect_at_least(1, 0)?;
     Ok(format!(
-        "a direct descriptor failed closed (socket_gone), its send answered ECONNRESET after {:.1} s; plain control echoed; no plaintext on the wire",
+        "a direct descriptor failed closed (socket_gone) and was aborted by its tuple (the server's end reset at once), its send answered errno {} after {:.1} s; plain control echoed; no plaintext on the wire",
+        protected[3].1,
         took.as_secs_f64()
+    ))
+}
+
+/// An event loop waiting on a socket the core cannot take must be woken
+/// when the connection fails. A thread with an fd table of its own
+/// (`unshare(CLONE_FILES)`) connects, makes the socket non-blocking under
+/// edge-triggered epoll and echoes 4 KiB, with TLSHub (a key-only
+/// provider) on both nodes, so that the server's end is keyed and waits
+/// in silence. On 6.12 the core takes the socket through a pidfd of the
+/// thread: the echo exact. On 6.1 nothing reaches it, so the core puts
+/// its gate in the terminal state and aborts it by its tuple: the app's
+/// wait ends with `ECONNABORTED` and the server's end is reset. Without
+/// the abort nothing wakes the app (its write had been told `EAGAIN`, and
+/// no readiness edge comes from a closed gate), and the server's end waits
+/// forever: the probe gives up after 120 s, which fails here. A plain
+/// control echoes and shows the marker.
+pub fn event_loop_on_an_unreachable_socket() -> Outcome {
+    use std::time::Duration;
+
+    use super::node::ProviderKind;
+    use super::service::LoadServer;
+    use super::support::{kernel_version, pod_b_connections_gone, timed_probe};
+    use super::wire_check::{Capture, check_wire_allowing_unkeyed};
+
+    const WHAT: &str = "own-fd-table-event-loop";
+    const LIMIT: Duration = Duration::from_secs(150);
+    let (a, b) = nodes(
+        NodeSpec::with_provider("a", ProviderKind::TlsHub),
+        NodeSpec::with_provider("b", ProviderKind::TlsHub),
+    )?;
+    let cap = Capture::start("event-loop-unreachable")?;
+    let servers = (LoadServer::start()?, LoadServer::start_on(PLAIN_PORT)?);
+    let (plain, _) = timed_probe(WHAT, PLAIN_PORT, LIMIT)?;
+    if plain.len() != 3 || plain.iter().any(|(_, e)| *e != 0) {
+        return Err(failed!(
+            "{WHAT} to the plain port: {plain:?} (want 3 steps, all 0)"
+        ));
+    }
+    let (protected, took) = timed_probe(WHAT, PROTECTED_PORT, LIMIT)?;
+    let reachable = kernel_version() >= (6, 9);
+    let summary = if reachable {
+        if protected.len() != 3 || protected.iter().any(|(_, e)| *e != 0) {
+            return Err(failed!(
+                "{WHAT} to the protected port: {protected:?} (want every step 0: this kernel opens a pidfd for one thread)"
+            ));
+        }
+        "keyed through a pidfd of the thread, the event loop's echo exact".to_string()
+    } else {
+        let aborted = a.stat_reaching(|s| s.unreachable_aborted, 1);
+        let left = pod_b_connections_gone(PROTECTED_PORT)?;
+        let woken = matches!(
+            protected.as_slice(),
+            [(_, 0), (_, 0), (call, libc::ECONNABORTED)] if call == "exchange"
+        );
+        if !woken || aborted != 1 || left != 0 {
+            return Err(failed!(
+                "{WHAT} to the protected port after {took:?}: {protected:?} (want the exchange woken with ECONNABORTED); node a aborted {aborted} unreachable connections (want 1), pod-b still holds {left} connections on the protected port"
+            ));
+        }
+        format!(
+            "unreachable before Linux 6.9: aborted by its tuple, the event loop woken with ECONNABORTED after {:.1} s, the server's end reset",
+            took.as_secs_f64()
+        )
+    };
+    if took > Duration::from_secs(45) {
+        return Err(failed!(
+            "{WHAT} to the protected port took {took:?}: the event loop waited instead of being answered"
+        ));
+    }
+    drop(servers);
+    let wire = check_wire_allowing_unkeyed(&cap.finish()?, &a, &b, !reachable)?;
+    wire.expect_at_least(1, usize::from(reachable))?;
+    Ok(format!(
+        "{summary}; plain control echoed; wire: {} protected flows decrypted, no plaintext",
+        wire.decrypted
     ))
 }

@@ -143,6 +143,10 @@ pub const TESTS: &[Scenario] = &[
         super::gate_paths::socket_in_a_thread_fd_table,
     ),
     (
+        "gate_event_loop_on_an_unreachable_socket_is_woken",
+        super::gate_paths::event_loop_on_an_unreachable_socket,
+    ),
+    (
         "gate_io_uring_direct_socket_fails_closed",
         super::gate_paths::io_uring_direct_socket,
     ),

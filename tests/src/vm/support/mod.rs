@@ -104,6 +104,36 @@ pub fn timed_probe(
     Ok((probe_steps(&out)?, started.elapsed()))
 }
 
+/// Waits (at most 10 s) until pod-b holds no connection on `port` that
+/// is still established or closing, and returns how many it held at the
+/// end: a connection its peer aborted is gone at once, one whose peer
+/// vanished in silence stays until a timeout.
+pub fn pod_b_connections_gone(port: u16) -> Result<usize, Failure> {
+    let filter = format!("( sport = :{port} )");
+    let count = || {
+        process::run(
+            Some("pod-b"),
+            &[
+                "ss",
+                "-Htn",
+                "state",
+                "connected",
+                "exclude",
+                "time-wait",
+                &filter,
+            ],
+        )
+        .map(|out| out.lines().filter(|l| !l.trim().is_empty()).count())
+    };
+    wait_for(
+        std::time::Duration::from_secs(10),
+        std::time::Duration::from_millis(200),
+        count,
+        |n| n.as_ref().map_or(true, |&n| n == 0),
+    )
+    .unwrap_or_else(|last| last)
+}
+
 /// The steps of a `tlshub-testapp probe` report: each call and its errno
 /// (0: it succeeded).
 pub fn probe_steps(report: &str) -> Result<Vec<(String, i32)>, Failure> {
