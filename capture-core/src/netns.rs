@@ -52,6 +52,17 @@ pub fn is_own(path: &Path) -> Result<bool, NetnsError> {
     Ok(theirs.dev() == ours.dev() && theirs.ino() == ours.ino())
 }
 
+/// Whether this process may enter another network namespace at all:
+/// `setns` takes `CAP_SYS_ADMIN`. Asked first so that a core without it
+/// (the shipped systemd unit, whose `RestrictNamespaces` would refuse the
+/// call anyway) says why in words instead of logging a refused call.
+pub fn may_enter() -> bool {
+    rustix::thread::capabilities(None).is_ok_and(|c| {
+        c.effective
+            .contains(rustix::thread::CapabilitySet::SYS_ADMIN)
+    })
+}
+
 /// Runs `make` on a thread that first enters the network namespace at
 /// `path`, and returns what it made (a socket made there stays there).
 pub fn make_in<T: Send + 'static>(

@@ -47,6 +47,15 @@ pub enum SockDiagError {
     /// The answer does not parse.
     #[error("malformed sock_diag answer: {0}")]
     Malformed(String),
+    /// The socket is in another network namespace, and this core may not
+    /// enter one (no `CAP_SYS_ADMIN`, as under the shipped systemd unit).
+    #[error(
+        "the connection is in network namespace {netns}, which this core may not enter (no CAP_SYS_ADMIN)"
+    )]
+    OtherNamespace {
+        /// The namespace file.
+        netns: std::path::PathBuf,
+    },
     /// The connection's 4-tuple is not known (its `conns` entry is gone:
     /// it closed; or it never reported `ESTABLISHED`).
     #[error("the 4-tuple of connection {cookie} is not known")]
@@ -73,6 +82,11 @@ pub fn destroy(netns: &std::path::Path, target: Target) -> Result<(), SockDiagEr
     let request = encode_destroy(1, target);
     if crate::netns::is_own(netns)? {
         return ask(&request);
+    }
+    if !crate::netns::may_enter() {
+        return Err(SockDiagError::OtherNamespace {
+            netns: netns.to_owned(),
+        });
     }
     crate::netns::make_in(netns, move || ask(&request))?
 }
@@ -106,6 +120,11 @@ pub fn destroy_seen_by(
         tried.push(id);
         match destroy(&netns, target) {
             Ok(()) => return Ok(()),
+            // Said over a later "not found" from another namespace: it is
+            // why the socket was not found.
+            Err(e) if matches!(last, Some(SockDiagError::OtherNamespace { .. })) => {
+                tracing::debug!(error = %e, "no such socket in this namespace either");
+            }
             Err(e) => last = Some(e),
         }
     }
