@@ -1348,17 +1348,22 @@ impl ConnTable {
         }
     }
 
+    /// The processes the gate holds (or held, until their records are
+    /// forgotten) on connection `cookie`.
+    fn held_on(&self, cookie: u64) -> Vec<u32> {
+        self.held
+            .iter()
+            .filter(|(_, h)| h.cookie == cookie)
+            .map(|(&pid, _)| pid)
+            .collect()
+    }
+
     /// The socket of `cookie` was not in process `gone_pid` any more. Keeps
     /// the connection pending and looks for it in a process the gate holds
     /// on it (now, or when one is held next), up to [`MAX_OWNER_SEARCHES`]
     /// processes; false when there is nothing left to try.
     fn look_elsewhere(&mut self, cookie: u64, gone_pid: u32) -> bool {
-        let held_on_it: Vec<u32> = self
-            .held
-            .iter()
-            .filter(|(_, h)| h.cookie == cookie)
-            .map(|(&pid, _)| pid)
-            .collect();
+        let held_on_it = self.held_on(cookie);
         let Some(p) = self.pending.get_mut(&cookie) else {
             return false;
         };
@@ -1406,12 +1411,7 @@ impl ConnTable {
                 reason,
             })
             .inc();
-        let held: Vec<u32> = self
-            .held
-            .iter()
-            .filter(|(_, h)| h.cookie == cookie)
-            .map(|(&pid, _)| pid)
-            .collect();
+        let held = self.held_on(cookie);
         match apply_failure(k, cookie, socket, &held, self.policy, force_reset) {
             Failed::Reset => {
                 self.tally(Tally::Reset);
