@@ -244,7 +244,7 @@ pub enum KeyingError {
         cookie: u64,
         /// The process searched.
         pid: u32,
-        /// The thread with its own fd table.
+        /// A thread whose fd table holds sockets the leader's does not.
         tid: u32,
         /// `pidfd_open(PIDFD_THREAD)`'s error.
         #[source]
