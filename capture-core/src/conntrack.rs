@@ -6,7 +6,7 @@
 //! message codec is `netlink-packet-netfilter`; this module only asks and
 //! reads the answer.
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -19,7 +19,7 @@ use netlink_packet_netfilter::conntrack::{
 use netlink_packet_netfilter::{
     NetfilterHeader, NetfilterMessage, NetfilterMessageInner, NetfilterProtoFamily,
 };
-use netlink_sys::{Socket, SocketAddr as NetlinkAddr, protocols::NETLINK_NETFILTER};
+use netlink_sys::{Socket, protocols::NETLINK_NETFILTER};
 
 /// How long one lookup waits for the kernel's answer. ctnetlink answers a
 /// GET synchronously, so this only bounds a kernel that never does.
@@ -119,29 +119,13 @@ impl Conntrack {
 }
 
 fn socket() -> Result<Socket, ConntrackError> {
-    let mut s = Socket::new(NETLINK_NETFILTER).map_err(ConntrackError::Socket)?;
-    s.bind_auto().map_err(ConntrackError::Socket)?;
-    s.connect(&NetlinkAddr::new(0, 0))
-        .map_err(ConntrackError::Socket)?;
-    rustix::net::sockopt::set_socket_timeout(
-        &s,
-        rustix::net::sockopt::Timeout::Recv,
-        Some(ANSWER_TIMEOUT),
-    )
-    .map_err(|e| ConntrackError::Socket(e.into()))?;
-    Ok(s)
+    crate::netns::kernel_socket(NETLINK_NETFILTER, ANSWER_TIMEOUT).map_err(ConntrackError::Socket)
 }
 
 /// An IPv4-mapped address as IPv4 (the table keeps IPv4 connections under
 /// IPv4 addresses).
 fn unmapped(a: SocketAddr) -> SocketAddr {
-    match a.ip() {
-        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
-            Some(v4) => SocketAddr::new(IpAddr::V4(v4), a.port()),
-            None => a,
-        },
-        IpAddr::V4(_) => a,
-    }
+    SocketAddr::new(a.ip().to_canonical(), a.port())
 }
 
 /// A GET for the TCP connection `source` to `destination`, numbered `seq`.

@@ -1,7 +1,8 @@
-//! Making a socket in another network namespace. A socket stays in the
-//! namespace it was made in, so only a short-lived thread enters the
-//! namespace (`setns`, which takes `CAP_SYS_ADMIN`), makes the socket and
-//! hands it back; the core's own threads never leave theirs.
+//! The netlink sockets the core asks the kernel through (ctnetlink,
+//! sock_diag), made in its own network namespace or in another. A socket
+//! stays in the namespace it was made in, so only a short-lived thread
+//! enters the namespace (`setns`, which takes `CAP_SYS_ADMIN`), makes the
+//! socket and hands it back; the core's own threads never leave theirs.
 
 use std::fs::File;
 use std::os::fd::AsFd;
@@ -36,6 +37,25 @@ pub enum NetnsError {
         /// The namespace file.
         path: PathBuf,
     },
+}
+
+/// A netlink socket of `protocol` (`netlink_sys::protocols`), bound and
+/// connected to the kernel, whose reads give up after `answer_timeout`:
+/// the kernel answers a request at once, so the timeout only bounds one
+/// that never does.
+pub fn kernel_socket(
+    protocol: isize,
+    answer_timeout: std::time::Duration,
+) -> std::io::Result<netlink_sys::Socket> {
+    let mut socket = netlink_sys::Socket::new(protocol)?;
+    socket.bind_auto()?;
+    socket.connect(&netlink_sys::SocketAddr::new(0, 0))?;
+    rustix::net::sockopt::set_socket_timeout(
+        &socket,
+        rustix::net::sockopt::Timeout::Recv,
+        Some(answer_timeout),
+    )?;
+    Ok(socket)
 }
 
 /// Whether the namespace file at `path` names the namespace this process

@@ -12,7 +12,7 @@
 //! The cookie makes the lookup exact: a socket with the same 4-tuple but
 //! another cookie is left alone (`ENOENT`).
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::os::unix::fs::MetadataExt;
 use std::time::Duration;
 
@@ -21,7 +21,7 @@ use netlink_packet_core::{
 };
 use netlink_packet_sock_diag::inet::{ExtensionFlags, InetRequest, SocketId, StateFlags};
 use netlink_packet_sock_diag::{SockDiagDestroy, SockDiagMessage};
-use netlink_sys::{Socket, SocketAddr as NetlinkAddr, protocols::NETLINK_SOCK_DIAG};
+use netlink_sys::protocols::NETLINK_SOCK_DIAG;
 
 use crate::netns::NetnsError;
 
@@ -151,36 +151,23 @@ fn netns_of(pid: u32) -> Option<std::path::PathBuf> {
 /// Sends `request` on a fresh sock_diag socket and reads the kernel's
 /// acknowledgement.
 fn ask(request: &[u8]) -> Result<(), SockDiagError> {
-    let mut socket = Socket::new(NETLINK_SOCK_DIAG).map_err(SockDiagError::Io)?;
-    socket.bind_auto().map_err(SockDiagError::Io)?;
-    socket
-        .connect(&NetlinkAddr::new(0, 0))
+    let socket = crate::netns::kernel_socket(NETLINK_SOCK_DIAG, ANSWER_TIMEOUT)
         .map_err(SockDiagError::Io)?;
-    rustix::net::sockopt::set_socket_timeout(
-        &socket,
-        rustix::net::sockopt::Timeout::Recv,
-        Some(ANSWER_TIMEOUT),
-    )
-    .map_err(|e| SockDiagError::Io(e.into()))?;
     socket.send(request, 0).map_err(SockDiagError::Io)?;
     let mut buf = Vec::with_capacity(4096);
     socket.recv(&mut buf, 0).map_err(SockDiagError::Io)?;
     decode_ack(&buf)
 }
 
-/// An IPv4-mapped address as IPv4: the kernel finds an IPv4 connection
-/// (also one of a dual-stack socket) under `AF_INET`.
-fn unmapped(ip: IpAddr) -> IpAddr {
-    match ip {
-        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
-        IpAddr::V4(_) => ip,
-    }
-}
-
 /// A `SOCK_DESTROY` request for `target`, numbered `seq`, asking for an
 /// acknowledgement.
 fn encode_destroy(seq: u32, target: Target) -> Vec<u8> {
-    let (local, remote) = (unmapped(target.local.ip()), unmapped(target.remote.ip()));
+    // An IPv4-mapped address as IPv4: the kernel finds an IPv4 connection
+    // (also one of a dual-stack socket) under `AF_INET`.
+    let (local, remote) = (
+        target.local.ip().to_canonical(),
+        target.remote.ip().to_canonical(),
+    );
     let family = if local.is_ipv4() {
         libc::AF_INET
     } else {

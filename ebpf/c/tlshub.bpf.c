@@ -1165,6 +1165,14 @@ static __always_inline int ktls_on(struct sock *sk)
 	return prot && (__u64)BPF_CORE_READ(prot, recvmsg) == *known;
 }
 
+/* The upper-layer protocol's state of a socket (icsk_ulp_data): kTLS's
+ * struct tls_context once the tls ULP is on it. Callers check the ULP
+ * first (has_tls_ulp() or ktls_on()). */
+static __always_inline struct tls_context *ulp_context(struct sock *sk)
+{
+	return BPF_CORE_READ((struct inet_connection_sock *)sk, icsk_ulp_data);
+}
+
 /* Whether both directions of kTLS are installed on sk (software kTLS each
  * way), read from kTLS's own state rather than its receive method, so that
  * it needs nothing learned first. Only the core can have put them there:
@@ -1176,8 +1184,7 @@ static __always_inline int ktls_keyed(struct sock *sk)
 {
 	if (!has_tls_ulp(sk))
 		return 0;
-	struct tls_context *ctx =
-		BPF_CORE_READ((struct inet_connection_sock *)sk, icsk_ulp_data);
+	struct tls_context *ctx = ulp_context(sk);
 	if (!ctx)
 		return 0;
 	return BPF_CORE_READ_BITFIELD_PROBED(ctx, tx_conf) == TLS_SW &&
@@ -1836,8 +1843,7 @@ static __always_inline int hold_for_records(struct sock *sk, struct tlshub_sk_ma
 {
 	if (!ktls_on(sk))
 		return 0;
-	struct tls_context *ctx =
-		BPF_CORE_READ((struct inet_connection_sock *)sk, icsk_ulp_data);
+	struct tls_context *ctx = ulp_context(sk);
 	if (!ctx)
 		return 0;
 	if (ktls_open_record(ctx))

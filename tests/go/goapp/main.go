@@ -124,23 +124,32 @@ func sendFile(c *net.TCPConn, seed uint64, size int) error {
 	return err
 }
 
-func serve(c *net.TCPConn, size int, send string, t *tally) error {
-	defer c.Close()
-	if err := readStream(c, clientSeed, size, t); err != nil {
-		return err
-	}
+// sendPattern sends size bytes of seed's pattern the way send names
+// ("sendfile", or one Write) and counts them.
+func sendPattern(c *net.TCPConn, seed uint64, size int, send string, t *tally) error {
 	var err error
 	if send == "sendfile" {
-		err = sendFile(c, serverSeed, size)
+		err = sendFile(c, seed, size)
 	} else {
 		buf := make([]byte, size)
-		fill(serverSeed, 0, buf)
+		fill(seed, 0, buf)
 		_, err = c.Write(buf)
 	}
 	if err != nil {
 		return fmt.Errorf("send: %w", err)
 	}
 	t.sent.Add(uint64(size))
+	return nil
+}
+
+func serve(c *net.TCPConn, size int, send string, t *tally) error {
+	defer c.Close()
+	if err := readStream(c, clientSeed, size, t); err != nil {
+		return err
+	}
+	if err := sendPattern(c, serverSeed, size, send, t); err != nil {
+		return err
+	}
 	// Half-close, then wait for the client's close: a close() right after
 	// the last write could drop what kTLS has not handed to TCP yet.
 	if err := c.CloseWrite(); err != nil {
@@ -160,17 +169,9 @@ func exchange(addr string, size int, send string, t *tally) error {
 	}
 	conn := dialed.(*net.TCPConn)
 	defer conn.Close()
-	if send == "sendfile" {
-		err = sendFile(conn, clientSeed, size)
-	} else {
-		buf := make([]byte, size)
-		fill(clientSeed, 0, buf)
-		_, err = conn.Write(buf)
+	if err := sendPattern(conn, clientSeed, size, send, t); err != nil {
+		return err
 	}
-	if err != nil {
-		return fmt.Errorf("send: %w", err)
-	}
-	t.sent.Add(uint64(size))
 	if err := readStream(conn, serverSeed, size, t); err != nil {
 		return err
 	}
