@@ -17,6 +17,7 @@ pub mod gate_capacity;
 pub mod gate_edges;
 pub mod gate_opens;
 pub mod gate_paths;
+pub mod gate_shutdown;
 pub mod node;
 pub mod node_pair;
 pub mod outcome;

@@ -2,7 +2,7 @@
 //! [`Outcome`](super::outcome::Outcome), a summary or a typed failure, and
 //! the runner prints one result line per scenario. The
 //! bodies live by topic (`exchange`, `providers`, `credentials`,
-//! `failure`, `service`, `admin`, `restarts`, `gate_paths`, `gate_edges`,
+//! `failure`, `service`, `admin`, `restarts`, `gate_paths`, `gate_edges`, `gate_shutdown`,
 //! `gate_calls`, `gate_abuse`, `gate_capacity`, `dnat`, `rollout`,
 //! `node_pair`, `event_loops`, `stress`); what
 //! they share is in `support` and `wire_check`. tests/README.md says how to
@@ -186,18 +186,21 @@ pub const TESTS: &[Scenario] = &[
         "gate_hold_continued_by_another_process",
         super::gate_abuse::hold_continued_by_another_process,
     ),
-    ("gate_half_close_before_keys", super::gate_edges::half_close),
+    (
+        "gate_half_close_before_keys",
+        super::gate_shutdown::half_close,
+    ),
     (
         "gate_shutdown_after_full_send_buffer",
-        super::gate_edges::shutdown_after_full_send_buffer,
+        super::gate_shutdown::shutdown_after_full_send_buffer,
     ),
     (
         "gate_shutdown_after_more_writes",
-        super::gate_edges::shutdown_after_more_writes,
+        super::gate_shutdown::shutdown_after_more_writes,
     ),
     (
         "gate_shutdown_hold_is_bounded",
-        super::gate_edges::shutdown_hold_is_bounded,
+        super::gate_shutdown::shutdown_hold_is_bounded,
     ),
     ("gate_same_node_pods", super::gate_edges::same_node),
     (
