@@ -36,6 +36,17 @@ pub enum SendMethod {
     /// then the socket's `write_iter`); retried like [`Self::IoUring`].
     #[serde(rename = "io-uring-write")]
     IoUringWrite,
+    /// `IORING_OP_SEND` with `IOSQE_ASYNC`: issued by one of io_uring's
+    /// worker threads (io-wq) instead of the submitting thread, so the
+    /// gate meets a thread that does not take signals. Retried like
+    /// [`Self::IoUring`].
+    #[serde(rename = "io-uring-async")]
+    IoUringAsync,
+    /// `IORING_OP_SEND` on a ring with a kernel submission thread
+    /// (`IORING_SETUP_SQPOLL`), which issues the request: again a thread
+    /// that does not take signals. Retried like [`Self::IoUring`].
+    #[serde(rename = "io-uring-sqpoll")]
+    IoUringSqpoll,
 }
 
 /// How bytes are received.
@@ -56,6 +67,13 @@ pub enum RecvMethod {
     /// `IORING_OP_READ` on the socket; retried like [`SendMethod::IoUring`].
     #[serde(rename = "io-uring-read")]
     IoUringRead,
+    /// `IORING_OP_RECV` with `IOSQE_ASYNC` (see [`SendMethod::IoUringAsync`]).
+    #[serde(rename = "io-uring-async")]
+    IoUringAsync,
+    /// `IORING_OP_RECV` on an `IORING_SETUP_SQPOLL` ring (see
+    /// [`SendMethod::IoUringSqpoll`]).
+    #[serde(rename = "io-uring-sqpoll")]
+    IoUringSqpoll,
 }
 
 /// Blocking calls, or a non-blocking socket driven by an event loop.
@@ -532,6 +550,17 @@ impl Conn {
                 .build();
                 self.retry(out, || io_uring_data(&op))
             }
+            SendMethod::IoUringAsync | SendMethod::IoUringSqpoll => {
+                let op = io_uring::opcode::Send::new(
+                    io_uring::types::Fd(fd),
+                    chunk.as_ptr(),
+                    chunk.len() as u32,
+                )
+                .flags(libc::MSG_NOSIGNAL)
+                .build();
+                let issuer = UringIssuer::of_send(method);
+                self.retry(out, || io_uring_data_by(issuer, &op))
+            }
         }
     }
 
@@ -601,6 +630,16 @@ impl Conn {
                 )
                 .build();
                 self.retry(inn, || io_uring_data(&op))
+            }
+            RecvMethod::IoUringAsync | RecvMethod::IoUringSqpoll => {
+                let op = io_uring::opcode::Recv::new(
+                    io_uring::types::Fd(fd),
+                    buf.as_mut_ptr(),
+                    buf.len() as u32,
+                )
+                .build();
+                let issuer = UringIssuer::of_recv(method);
+                self.retry(inn, || io_uring_data_by(issuer, &op))
             }
         }
     }
@@ -757,8 +796,54 @@ pub static URING_INTERRUPTED: std::sync::atomic::AtomicU64 = std::sync::atomic::
 /// Runs one data operation through io_uring and submits it again while it
 /// completes with `EINTR`, counting each.
 fn io_uring_data(entry: &io_uring::squeue::Entry) -> io::Result<usize> {
+    io_uring_data_by(UringIssuer::Submitter, entry)
+}
+
+/// Which thread issues an io_uring request: the gate stops the calling
+/// process by a signal to the calling thread, and two of these threads
+/// take no signals.
+#[derive(Debug, Clone, Copy)]
+enum UringIssuer {
+    /// The thread that submits it (io_uring's first, non-blocking try).
+    Submitter,
+    /// An io-wq worker thread (`IOSQE_ASYNC`).
+    Worker,
+    /// The ring's kernel submission thread (`IORING_SETUP_SQPOLL`).
+    SqPoll,
+}
+
+impl UringIssuer {
+    fn of_send(method: SendMethod) -> Self {
+        match method {
+            SendMethod::IoUringAsync => Self::Worker,
+            SendMethod::IoUringSqpoll => Self::SqPoll,
+            _ => Self::Submitter,
+        }
+    }
+
+    fn of_recv(method: RecvMethod) -> Self {
+        match method {
+            RecvMethod::IoUringAsync => Self::Worker,
+            RecvMethod::IoUringSqpoll => Self::SqPoll,
+            _ => Self::Submitter,
+        }
+    }
+}
+
+/// [`io_uring_data`] with the request issued by `issuer`.
+fn io_uring_data_by(issuer: UringIssuer, entry: &io_uring::squeue::Entry) -> io::Result<usize> {
     loop {
-        match io_uring_one(entry) {
+        let result = match issuer {
+            UringIssuer::Submitter => io_uring_one(entry),
+            UringIssuer::Worker => {
+                io_uring_one(&entry.clone().flags(io_uring::squeue::Flags::ASYNC))
+            }
+            UringIssuer::SqPoll => io_uring::IoUring::builder()
+                .setup_sqpoll(100)
+                .build(2)
+                .and_then(|mut ring| io_uring_on(&mut ring, entry)),
+        };
+        match result {
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {
                 URING_INTERRUPTED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             }
@@ -778,22 +863,22 @@ fn io_uring_on(ring: &mut io_uring::IoUring, entry: &io_uring::squeue::Entry) ->
     // is owned by the caller and outlives this call, which waits for the
     // completion before returning.
     unsafe { ring.submission().push(entry) }.map_err(io::Error::other)?;
-    // A signal (the gate's stop and continue) may end the wait early; the
-    // operation itself was submitted once and is waited for again, never
-    // resubmitted, so its completion is the one the kernel gave.
-    loop {
-        match ring.submit_and_wait(1) {
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            r => {
-                r?;
-                break;
-            }
+    // A signal (the gate's stop and continue) may end the wait early, and a
+    // wait that also submitted returns the count submitted even so (the
+    // request may still run on another thread: an io-wq worker, the
+    // SQPOLL thread). The operation was submitted once and is waited for
+    // again, never resubmitted, so its completion is the one the kernel
+    // gave.
+    let cqe = loop {
+        if let Some(cqe) = ring.completion().next() {
+            break cqe;
         }
-    }
-    let cqe = ring
-        .completion()
-        .next()
-        .ok_or_else(|| io::Error::other("io_uring: no completion"))?;
+        match ring.submit_and_wait(1) {
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    };
     if cqe.result() < 0 {
         return Err(io::Error::from_raw_os_error(-cqe.result()));
     }

@@ -98,7 +98,10 @@ pub fn owner_from_hold() -> Outcome {
 /// WRITE and READ, which reach the gate through `file_permission`), on
 /// blocking sockets (the common io_uring use) and on non-blocking ones, connected
 /// with connect()/accept() and through io_uring, both orders, 1 B and
-/// 1 MiB: exact bytes both ways. A blocking app's request that meets the
+/// 1 MiB: exact bytes both ways. Three issue their SEND and RECV from
+/// io_uring's own threads, which take no signals themselves: an io-wq
+/// worker (`IOSQE_ASYNC`) and a ring's SQPOLL thread, on blocking and
+/// non-blocking sockets. A blocking app's request that meets the
 /// closed gate completes with `EINTR` once the app is continued (io_uring
 /// does not restart a request a signal interrupted), and the test app
 /// submits it again as Rust's `write_all` would; any other error
@@ -133,6 +136,21 @@ pub fn uring_send_recv() -> Outcome {
             recv: "io-uring-read",
             ..uring("server-first", 100_000, "epoll-edge", "io-uring")
         },
+        App {
+            send: "io-uring-async",
+            recv: "io-uring-async",
+            ..uring("client-first", 1 << 20, "blocking", "syscall")
+        },
+        App {
+            send: "io-uring-sqpoll",
+            recv: "io-uring-sqpoll",
+            ..uring("server-first", 1, "blocking", "syscall")
+        },
+        App {
+            send: "io-uring-async",
+            recv: "io-uring-sqpoll",
+            ..uring("client-first", 100_000, "epoll-edge", "syscall")
+        },
         // The control: unselected, so its marker must be seen in clear.
         App::exchange(10_000, PLAIN_PORT),
     ];
@@ -159,7 +177,7 @@ pub fn uring_send_recv() -> Outcome {
         ));
     }
     Ok(format!(
-        "{protected} connections moving every byte with io_uring SEND/RECV or WRITE/READ (blocking and non-blocking sockets; connect/accept and io_uring; both orders) exact both ways (interrupted requests submitted again); {} flows TLS-only and decrypted; control plain; processes stopped a {} b {}; io_uring requests interrupted {}; calls answered EAGAIN a {} b {}",
+        "{protected} connections moving every byte with io_uring SEND/RECV or WRITE/READ (blocking and non-blocking sockets; connect/accept and io_uring; both orders; issued by the submitter, an io-wq worker or the SQPOLL thread) exact both ways (interrupted requests submitted again); {} flows TLS-only and decrypted; control plain; processes stopped a {} b {}; io_uring requests interrupted {}; calls answered EAGAIN a {} b {}",
         report.protected_flows, stops[0], stops[1], report.uring_interrupted, eagain[0], eagain[1]
     ))
 }
