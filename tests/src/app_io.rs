@@ -1191,6 +1191,18 @@ pub enum Probe {
     /// slot (`IOSQE_FIXED_FILE`). A send interrupted by the gate's hold
     /// (`EINTR`) is submitted again.
     IoUringDirect,
+    /// A process with a `SIGCONT` handler installed without `SA_RESTART`
+    /// (as terminal programs install one to redraw after `fg`) connects a
+    /// blocking socket to `--connect` (a peer that echoes like
+    /// `tlshub-loadgen server`) and writes the payload with one `write()`,
+    /// its own step ("first write"): the gate's hold stops the process and
+    /// the core's `SIGCONT` runs the handler, and a call that a handler
+    /// interrupted is not restarted without `SA_RESTART`, so a held write
+    /// fails with `EINTR` having sent nothing. Then what is left is written
+    /// and the echo read, each call retried on `EINTR` as most I/O code
+    /// does ("exchange"), and compared (`EBADMSG`); the last step's name
+    /// says how often the handler ran.
+    SigcontHandler,
 }
 
 /// How long [`Probe::OwnFdTable`]'s reads and writes wait.
@@ -1535,6 +1547,81 @@ fn blocking_echo(target: std::net::SocketAddr, payload: &[u8]) -> Vec<ProbeStep>
     steps
 }
 
+/// How often [`Probe::SigcontHandler`]'s handler ran.
+static SIGCONT_HANDLED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+extern "C" fn count_sigcont(_: libc::c_int) {
+    // An atomic add is async-signal-safe.
+    SIGCONT_HANDLED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// [`Probe::SigcontHandler`]: steps "sigaction(SIGCONT)", "connect",
+/// "first write", "exchange", then "SIGCONT handled N times" (errno 0),
+/// until one fails.
+fn sigcont_handler(target: std::net::SocketAddr, payload: &[u8]) -> Vec<ProbeStep> {
+    use std::io::{Read, Write};
+    // SAFETY: a zeroed `sigaction` is a valid value to fill in; the handler
+    // only adds to an atomic.
+    let installed = unsafe {
+        let mut action: libc::sigaction = std::mem::zeroed();
+        action.sa_sigaction = count_sigcont as extern "C" fn(libc::c_int) as usize;
+        // No SA_RESTART: an interrupted call fails with EINTR.
+        action.sa_flags = 0;
+        libc::sigemptyset(&mut action.sa_mask);
+        cvt(libc::sigaction(libc::SIGCONT, &action, std::ptr::null_mut()) as isize)
+    };
+    let mut steps = vec![step("sigaction(SIGCONT) without SA_RESTART", installed)];
+    if steps[0].errno != 0 {
+        return steps;
+    }
+    let mut sock = match std::net::TcpStream::connect(target) {
+        Ok(s) => s,
+        Err(e) => {
+            steps.push(step("connect", Err(e)));
+            return steps;
+        }
+    };
+    steps.push(step("connect", Ok(0)));
+    let limit = Some(OWN_FD_TABLE_WAIT);
+    if let Err(e) = sock
+        .set_read_timeout(limit)
+        .and(sock.set_write_timeout(limit))
+    {
+        steps.push(step("set timeouts", Err(e)));
+        return steps;
+    }
+    // SAFETY: payload is live for the call.
+    let first =
+        cvt(unsafe { libc::write(sock.as_raw_fd(), payload.as_ptr().cast(), payload.len()) });
+    let sent = *first.as_ref().unwrap_or(&0);
+    let interrupted = matches!(&first, Err(e) if e.kind() == io::ErrorKind::Interrupted);
+    steps.push(step("first write", first));
+    if steps[2].errno != 0 && !interrupted {
+        return steps;
+    }
+    // `write_all` and `read_exact` retry EINTR.
+    let exchange = (|| {
+        sock.write_all(&payload[sent..])?;
+        let mut back = vec![0u8; payload.len()];
+        sock.read_exact(&mut back)?;
+        let mut want = vec![0u8; payload.len()];
+        crate::pattern::fill(crate::pattern::SERVER_SEED, 0, &mut want);
+        if back != want {
+            return Err(io::Error::from_raw_os_error(libc::EBADMSG));
+        }
+        Ok(payload.len())
+    })();
+    steps.push(step("exchange", exchange));
+    if steps[3].errno == 0 {
+        let handled = SIGCONT_HANDLED.load(std::sync::atomic::Ordering::Relaxed);
+        steps.push(ProbeStep {
+            call: format!("SIGCONT handled {handled} times").into(),
+            errno: 0,
+        });
+    }
+    steps
+}
+
 /// [`Probe::IoUringDirect`]: steps "register a file table", "socket
 /// (direct)", "connect", "send", "receive", "compare" (`EBADMSG` if the
 /// echo differs), until one fails.
@@ -1790,6 +1877,9 @@ pub fn probe(
     if probe == Probe::IoUringDirect {
         return io_uring_direct(target, payload);
     }
+    if probe == Probe::SigcontHandler {
+        return sigcont_handler(target, payload);
+    }
     if probe == Probe::SendRacingConnect {
         for _ in 0..RACE_ATTEMPTS {
             steps.extend(send_racing_connect(target, payload));
@@ -1887,7 +1977,8 @@ pub fn probe(
         | Probe::OwnFdTable
         | Probe::OwnFdTableEventLoop
         | Probe::MainThreadExits
-        | Probe::IoUringDirect => {
+        | Probe::IoUringDirect
+        | Probe::SigcontHandler => {
             unreachable!("handled above")
         }
     }

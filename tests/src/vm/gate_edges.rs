@@ -1,8 +1,8 @@
 //! The gate's edges in the socket API: Fast Open, same-node pairs, a
-//! reconnect during keying, apps as a pod runs them and as a debugging
-//! tool traces them. Half-close and `shutdown()` are in `gate_shutdown`;
-//! the unusual calls (out-of-band data, zero-copy, repair) in
-//! `gate_calls`.
+//! reconnect during keying, apps as a pod runs them, as a debugging tool
+//! traces them, and with a `SIGCONT` handler of their own. Half-close and
+//! `shutdown()` are in `gate_shutdown`; the unusual calls (out-of-band
+//! data, zero-copy, repair) in `gate_calls`.
 
 use std::time::Duration;
 
@@ -374,5 +374,76 @@ pub fn traced_apps() -> Outcome {
     Ok(format!(
         "{}; the traced plain controls stayed plain",
         summary.join("; ")
+    ))
+}
+
+/// Apps with a `SIGCONT` handler installed without `SA_RESTART` (terminal
+/// programs install one to redraw after `fg`): the core continues a held
+/// process with `SIGCONT`, which runs the handler, and a call a handler
+/// interrupted is not restarted without `SA_RESTART`, so the held
+/// `write()` fails with `EINTR` having sent nothing. An app that retries
+/// `EINTR` (as most I/O code does) loses nothing: probe `sigcont-handler`,
+/// a blocking client echoing 4 KiB through an echo server, five times to
+/// the protected port (TLSHub on both ends) and once to the plain port.
+/// Every echo must be exact, at least one first `write()` must have been
+/// interrupted (the hold happened), the handler must have run for each,
+/// and the wire must show TLS only, with the plain control's marker.
+pub fn apps_with_a_sigcont_handler() -> Outcome {
+    use super::service::LoadServer;
+    use super::support::timed_probe;
+
+    const RUNS: usize = 5;
+    const LIMIT: Duration = Duration::from_secs(90);
+    let (a, b) = nodes_with_provider(ProviderKind::TlsHub)?;
+    let cap = Capture::start("sigcont-handler")?;
+    let servers = (LoadServer::start()?, LoadServer::start_on(PLAIN_PORT)?);
+    let handled = |steps: &[(String, i32)]| {
+        steps.last().and_then(|(call, _)| {
+            call.strip_prefix("SIGCONT handled ")
+                .and_then(|rest| rest.strip_suffix(" times"))
+                .and_then(|n| n.parse::<u64>().ok())
+        })
+    };
+    let (plain, _) = timed_probe("sigcont-handler", PLAIN_PORT, LIMIT)?;
+    if plain.len() != 5 || plain.iter().any(|(_, e)| *e != 0) || handled(&plain) != Some(0) {
+        return Err(failed!(
+            "sigcont-handler to the plain port: {plain:?} (want 5 steps, all 0, the handler never run)"
+        ));
+    }
+    let (mut interrupted, mut handler_runs) = (0, 0);
+    for run in 1..=RUNS {
+        let (steps, _) = timed_probe("sigcont-handler", PROTECTED_PORT, LIMIT)?;
+        let first = steps.get(2).map(|(_, e)| *e);
+        let runs = handled(&steps);
+        let fine = steps.len() == 5
+            && steps[..2].iter().all(|(_, e)| *e == 0)
+            && matches!(first, Some(0 | libc::EINTR))
+            && steps[3].1 == 0;
+        let Some(runs) = runs.filter(|_| fine) else {
+            return Err(failed!(
+                "sigcont-handler to the protected port, run {run}: {steps:?} (want the first write to succeed or fail with EINTR, and the echo exact)"
+            ));
+        };
+        if first == Some(libc::EINTR) {
+            interrupted += 1;
+            if runs == 0 {
+                return Err(failed!(
+                    "run {run}: the first write failed with EINTR, but the SIGCONT handler never ran"
+                ));
+            }
+        }
+        handler_runs += runs;
+    }
+    if interrupted == 0 {
+        return Err(failed!(
+            "none of {RUNS} first writes was interrupted: the gate held none of them, so the path was not tried"
+        ));
+    }
+    drop(servers);
+    let wire = check_wire(&cap.finish()?, &a, &b)?;
+    wire.expect_at_least(1, RUNS)?;
+    Ok(format!(
+        "{RUNS} echoes exact through the protected port, {interrupted} first write(s) failed with EINTR and were retried, the handler ran {handler_runs} times; plain control exact, handler never run; wire: {} protected flows decrypted, no plaintext",
+        wire.decrypted
     ))
 }

@@ -209,6 +209,10 @@ pub const TESTS: &[Scenario] = &[
     ),
     ("gate_traced_apps", super::gate_edges::traced_apps),
     (
+        "gate_sigcont_handler_without_restart",
+        super::gate_edges::apps_with_a_sigcont_handler,
+    ),
+    (
         "gate_tcp_simultaneous_open",
         super::gate_opens::simultaneous_open,
     ),
