@@ -913,11 +913,17 @@ impl crate::state::Kernel for Programs {
         Programs::conn(self, cookie)
     }
 
-    fn open_gate(&mut self, cookie: u64, socket: &Self::Socket) -> Result<(), BpfError> {
+    fn open_gate(
+        &mut self,
+        cookie: u64,
+        socket: &Self::Socket,
+        behind: crate::state::Behind,
+    ) -> Result<(), BpfError> {
         Programs::open_gate(self, cookie, socket)?;
         // An event loop the gate told EAGAIN waits for readiness that
         // opening the gate does not signal.
-        if let Err(e) = crate::sys::wake_waiters(std::os::fd::AsFd::as_fd(socket)) {
+        let readers = behind == crate::state::Behind::Plain;
+        if let Err(e) = crate::sys::wake_waiters(std::os::fd::AsFd::as_fd(socket), readers) {
             tracing::debug!(cookie, error = %e, "cannot wake the socket's waiters");
         }
         Ok(())

@@ -24,6 +24,20 @@ use crate::metrics::{
 };
 use crate::outcomes::{OutcomeKind, OutcomeLog};
 
+/// What an app finds behind a gate the core opens, which decides the
+/// readiness events the opening must make up for (ARCHITECTURE.md,
+/// "Waking an event loop").
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Behind {
+    /// kTLS both ways: installing its receive side woke a reader whose
+    /// record waits, and it wakes readers of later records itself, so only
+    /// writers need a wakeup.
+    Ktls,
+    /// The socket as it was (let through in plaintext, or reset): readers
+    /// of data that waits need one too.
+    Plain,
+}
+
 /// What the state machine needs from the kernel. `Programs` (with the
 /// core's socket duplicates) is the real one; the tests fake it.
 pub trait Kernel {
@@ -31,8 +45,14 @@ pub trait Kernel {
     type Socket;
     /// A connection's `conns` entry, `None` once its socket closed.
     fn conn(&self, cookie: u64) -> Option<Conn>;
-    /// Opens the gate of a keyed connection.
-    fn open_gate(&mut self, cookie: u64, socket: &Self::Socket) -> Result<(), BpfError>;
+    /// Opens a connection's gate for good, with `behind` on its socket,
+    /// and wakes whoever waits on it for what that does not signal itself.
+    fn open_gate(
+        &mut self,
+        cookie: u64,
+        socket: &Self::Socket,
+        behind: Behind,
+    ) -> Result<(), BpfError>;
     /// Sets a connection's gate without its socket; `Ok(false)` if it closed.
     fn set_gate(&mut self, cookie: u64, state: u32) -> Result<bool, BpfError>;
     /// Resets the connection (the peer sees RST, the app `ECONNRESET`).
@@ -307,7 +327,7 @@ pub fn apply_failure<K: Kernel>(
             Ok(()) => {
                 // The socket is closed now; let the app through to see
                 // ECONNRESET.
-                let _ = k.open_gate(cookie, s);
+                let _ = k.open_gate(cookie, s, Behind::Plain);
                 Failed::Reset
             }
             Err(e) => {
@@ -355,7 +375,7 @@ pub fn apply_failure<K: Kernel>(
 /// [`Failed::Closed`] if it closed first.
 fn open_plain<K: Kernel>(k: &mut K, cookie: u64, socket: Option<&K::Socket>) -> Failed {
     let opened = match socket {
-        Some(s) => k.open_gate(cookie, s).map(|()| true),
+        Some(s) => k.open_gate(cookie, s, Behind::Plain).map(|()| true),
         None => k.set_gate(cookie, gate::OPEN),
     };
     match opened {
@@ -1188,7 +1208,7 @@ impl ConnTable {
             }
             Ok(Done::Installed(installed)) => {
                 let opened = match &socket {
-                    Some(s) => k.open_gate(cookie, s),
+                    Some(s) => k.open_gate(cookie, s, Behind::Ktls),
                     None => Ok(()),
                 };
                 if let Err(e) = opened {

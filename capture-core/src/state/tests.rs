@@ -2,7 +2,7 @@
 //! kernel: every decision the table makes is a call on [`FakeKernel`],
 //! which records it.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -43,15 +43,16 @@ struct FakeKernel {
     destroyed: Vec<(u64, Vec<u32>, Option<u32>)>,
     /// Process states read (each a `/proc` read in the real core).
     state_reads: std::cell::Cell<u32>,
-    /// Connections whose gate was opened for good with their socket: like
-    /// the real kernel side, their `conns` entries are gone.
-    opened: HashSet<u64>,
+    /// Connections whose gate was opened for good with their socket, and
+    /// what was behind it: like the real kernel side, their `conns`
+    /// entries are gone.
+    opened: HashMap<u64, Behind>,
 }
 
 impl FakeKernel {
     /// The connection's gate (`OPEN` also once its entry is gone).
     fn gate(&self, cookie: u64) -> Option<u32> {
-        let opened = self.opened.contains(&cookie).then_some(gate::OPEN);
+        let opened = self.opened.contains_key(&cookie).then_some(gate::OPEN);
         self.conns.get(&cookie).map(|c| c.gate).or(opened)
     }
 
@@ -89,11 +90,16 @@ impl Kernel for FakeKernel {
         self.conns.get(&cookie).copied()
     }
 
-    fn open_gate(&mut self, cookie: u64, socket: &FakeSocket) -> Result<(), BpfError> {
+    fn open_gate(
+        &mut self,
+        cookie: u64,
+        socket: &FakeSocket,
+        behind: Behind,
+    ) -> Result<(), BpfError> {
         assert_eq!(socket.0, cookie, "a gate opened with another socket");
         if self.set_gate(cookie, gate::OPEN)? {
             self.conns.remove(&cookie);
-            self.opened.insert(cookie);
+            self.opened.insert(cookie, behind);
         }
         Ok(())
     }
@@ -353,6 +359,23 @@ fn installed_keys_open_the_gate_and_the_connection_is_tracked_as_protected() {
     assert_eq!(t.stats().protected, 1);
     t.on_event(&k, closed(COOKIE));
     assert!(t.protected().is_empty());
+}
+
+/// Whom the opening must wake depends on what is behind the gate: kTLS
+/// wakes its readers itself, a socket let through as it was does not.
+#[test]
+fn a_keyed_gate_opens_behind_ktls_and_a_failed_open_one_as_plain() {
+    let (mut t, mut k) = (table(FailurePolicy::FailOpen), FakeKernel::default());
+    let keyed = keying(&mut t, &mut k, 1);
+    t.on_outcome(&mut k, outcome(&keyed, installed()));
+    let refused = keying(&mut t, &mut k, 2);
+    t.on_outcome(&mut k, outcome(&refused, provider_refused()));
+    let unselected = keying(&mut t, &mut k, 3);
+    let why = PlainWhy::ServiceBackendUnselected;
+    t.on_outcome(&mut k, outcome(&unselected, plain("10.0.2.2:80", why)));
+    assert_eq!(k.opened.get(&1), Some(&Behind::Ktls));
+    assert_eq!(k.opened.get(&2), Some(&Behind::Plain));
+    assert_eq!(k.opened.get(&3), Some(&Behind::Plain));
 }
 
 #[test]
