@@ -1203,6 +1203,18 @@ pub enum Probe {
     /// does ("exchange"), and compared (`EBADMSG`); the last step's name
     /// says how often the handler ran.
     SigcontHandler,
+    /// The server end of [`Self::IoUringDirect`]: listens on `--connect`
+    /// (an address of the probe's own pod), accepts one connection straight
+    /// into the ring's registered file table (`IORING_OP_ACCEPT` with a
+    /// file index), receives as many bytes as the payload and answers with
+    /// as many of the server pattern, as `tlshub-loadgen server` does, all
+    /// through that slot. A request interrupted by the gate's hold is
+    /// submitted again.
+    IoUringDirectAccept,
+    /// A blocking client that echoes the payload through `--connect` (a
+    /// peer that answers like `tlshub-loadgen server`): steps "set
+    /// timeouts", "connect", "exchange".
+    Echo,
 }
 
 /// How long [`Probe::OwnFdTable`]'s reads and writes wait.
@@ -1704,6 +1716,81 @@ fn io_uring_direct(target: std::net::SocketAddr, payload: &[u8]) -> Vec<ProbeSte
     steps
 }
 
+/// [`Probe::IoUringDirectAccept`]: steps "listen", "register a file
+/// table", "accept (direct)", "receive", "send", until one fails (an
+/// early end of stream is `UnexpectedEof`).
+fn io_uring_direct_accept(listen: std::net::SocketAddr, payload_len: usize) -> Vec<ProbeStep> {
+    use io_uring::{opcode, types};
+    let listener = match std::net::TcpListener::bind(listen) {
+        Ok(l) => l,
+        Err(e) => return vec![step("listen", Err(e))],
+    };
+    // The scenario starts its client once this line is out (on stderr:
+    // stdout carries the report).
+    eprintln!("listening");
+    let mut ring = match io_uring::IoUring::new(4) {
+        Ok(r) => r,
+        Err(e) => return vec![step("listen", Ok(0)), step("io_uring_setup", Err(e))],
+    };
+    let ring = std::cell::RefCell::new(&mut ring);
+    let slot = types::Fixed(0);
+    let again = |entry: &io_uring::squeue::Entry| loop {
+        match io_uring_on(&mut ring.borrow_mut(), entry) {
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {
+                URING_INTERRUPTED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+            r => return r.map(|n| n as usize),
+        }
+    };
+    let calls: [(&'static str, &dyn Fn() -> io::Result<usize>); 5] = [
+        ("listen", &|| Ok(0)),
+        ("register a file table", &|| {
+            ring.borrow()
+                .submitter()
+                .register_files_sparse(1)
+                .map(|()| 0)
+        }),
+        ("accept (direct)", &|| {
+            let into = types::DestinationSlot::try_from_slot_target(0)
+                .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+            let op = opcode::Accept::new(
+                types::Fd(listener.as_raw_fd()),
+                std::ptr::null_mut(),
+                std::ptr::null_mut(),
+            )
+            .file_index(Some(into))
+            .build();
+            again(&op)
+        }),
+        ("receive", &|| {
+            let mut buf = vec![0u8; payload_len];
+            let mut got = 0;
+            while got < buf.len() {
+                let rest = &mut buf[got..];
+                match again(&opcode::Recv::new(slot, rest.as_mut_ptr(), rest.len() as u32).build())?
+                {
+                    0 => return Err(io::Error::from(io::ErrorKind::UnexpectedEof)),
+                    n => got += n,
+                }
+            }
+            Ok(got)
+        }),
+        ("send", &|| {
+            let mut answer = vec![0u8; payload_len];
+            crate::pattern::fill(crate::pattern::SERVER_SEED, 0, &mut answer);
+            let mut off = 0;
+            while off < answer.len() {
+                let rest = &answer[off..];
+                off += again(&opcode::Send::new(slot, rest.as_ptr(), rest.len() as u32).build())?;
+            }
+            Ok(off)
+        }),
+    ];
+    let mut steps = Vec::new();
+    run_in_order(&mut steps, &calls);
+    steps
+}
+
 /// [`Probe::RefusedThenReconnect`]: a socket refused by the gate (its mark
 /// says so) must not stay refused once it is disconnected and connected
 /// again: to an unselected peer it works in clear, and to a selected one
@@ -1880,6 +1967,12 @@ pub fn probe(
     if probe == Probe::SigcontHandler {
         return sigcont_handler(target, payload);
     }
+    if probe == Probe::IoUringDirectAccept {
+        return io_uring_direct_accept(target, payload.len());
+    }
+    if probe == Probe::Echo {
+        return blocking_echo(target, payload);
+    }
     if probe == Probe::SendRacingConnect {
         for _ in 0..RACE_ATTEMPTS {
             steps.extend(send_racing_connect(target, payload));
@@ -1978,7 +2071,9 @@ pub fn probe(
         | Probe::OwnFdTableEventLoop
         | Probe::MainThreadExits
         | Probe::IoUringDirect
-        | Probe::SigcontHandler => {
+        | Probe::SigcontHandler
+        | Probe::IoUringDirectAccept
+        | Probe::Echo => {
             unreachable!("handled above")
         }
     }

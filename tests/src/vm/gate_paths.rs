@@ -338,6 +338,86 @@ pub fn io_uring_direct_socket() -> Outcome {
     ))
 }
 
+/// The server end of a direct descriptor: io_uring accepts the connection
+/// straight into the ring's registered file table (`IORING_OP_ACCEPT` with
+/// a file index), and the server receives and answers through that slot
+/// (probe `io-uring-direct-accept` in pod-b, a blocking `echo` client in
+/// pod-a). As for a connected one, no system call gives the core that
+/// socket: node b must fail it closed (`socket_gone`) and abort it by its
+/// tuple, so the server's receive ends with `ECONNABORTED` (or
+/// `ECONNRESET`, the gate's terminal state) and the client's exchange
+/// with a reset, both well before their 60 s waits, and no byte crosses
+/// in clear. The same pair on an unselected port must echo exactly and
+/// show its marker.
+pub fn io_uring_direct_accepted_socket() -> Outcome {
+    use std::time::Duration;
+
+    use super::process;
+    use super::support::{probe_steps, timed_probe};
+    use super::wire_check::{Capture, check_wire_allowing_unkeyed};
+
+    const LIMIT: Duration = Duration::from_secs(150);
+    let (a, b) = nodes(NodeSpec::new("a"), NodeSpec::new("b"))?;
+    let cap = Capture::start("io-uring-direct-accept")?;
+    let mut outcome = String::new();
+    for port in [PLAIN_PORT, PROTECTED_PORT] {
+        let gone_before = b.stat(|s| s.failures("socket_gone"));
+        let aborted_before = b.stat(|s| s.unreachable_aborted);
+        let listen = format!("0.0.0.0:{port}");
+        let argv = [
+            "tlshub-testapp",
+            "probe",
+            "--what",
+            "io-uring-direct-accept",
+            "--connect",
+            &listen,
+        ];
+        let server = process::spawn_ready("pod-b", &argv, "listening", Duration::from_secs(10))?;
+        let (client, took) = timed_probe("echo", port, LIMIT)?;
+        let server = probe_steps(&process::finish(server, LIMIT)?)?;
+        if port == PLAIN_PORT {
+            if client.iter().any(|(_, e)| *e != 0) || server.iter().any(|(_, e)| *e != 0) {
+                return Err(failed!(
+                    "the plain port: client {client:?}, server {server:?} (want every step 0)"
+                ));
+            }
+            continue;
+        }
+        let server_clean = matches!(
+            server.as_slice(),
+            [(_, 0), (_, 0), (_, 0), (call, e)] if call == "receive" && [libc::ECONNABORTED, libc::ECONNRESET].contains(e)
+        );
+        let client_clean = matches!(
+            client.as_slice(),
+            [(_, 0), (_, 0), (call, e)] if call == "exchange" && [libc::ECONNRESET, libc::ECONNABORTED, libc::EPIPE].contains(e)
+        );
+        let gone = b.stat_reaching(|s| s.failures("socket_gone"), gone_before + 1) - gone_before;
+        let aborted =
+            b.stat_reaching(|s| s.unreachable_aborted, aborted_before + 1) - aborted_before;
+        if !server_clean
+            || !client_clean
+            || gone != 1
+            || aborted != 1
+            || took > Duration::from_secs(45)
+        {
+            return Err(failed!(
+                "the protected port after {took:?}: server {server:?} (want its receive to fail with ECONNABORTED or ECONNRESET), client {client:?} (want its exchange reset), both within 45 s; node b counted {gone} socket_gone failures and {aborted} aborts, want 1 each"
+            ));
+        }
+        outcome = format!(
+            "an accepted direct descriptor failed closed (socket_gone) and was aborted by its tuple: the server's receive answered errno {}, the client's exchange errno {}, after {:.1} s",
+            server[3].1,
+            client[2].1,
+            took.as_secs_f64()
+        );
+    }
+    let wire = check_wire_allowing_unkeyed(&cap.finish()?, &a, &b, true)?;
+    wire.expect_at_least(1, 0)?;
+    Ok(format!(
+        "{outcome}; plain control echoed; no plaintext on the wire"
+    ))
+}
+
 /// An event loop waiting on a socket the core cannot take must be woken
 /// when the connection fails. A thread with an fd table of its own
 /// (`unshare(CLONE_FILES)`) connects, makes the socket non-blocking under

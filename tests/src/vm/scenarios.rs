@@ -151,6 +151,10 @@ pub const TESTS: &[Scenario] = &[
         super::gate_paths::io_uring_direct_socket,
     ),
     (
+        "gate_io_uring_direct_accept_fails_closed",
+        super::gate_paths::io_uring_direct_accepted_socket,
+    ),
+    (
         "gate_tcp_fast_open_refused_and_falls_back",
         super::gate_edges::fast_open,
     ),
