@@ -57,6 +57,8 @@ pub enum Unit {
     BytesPerSecond,
     /// A count.
     Count,
+    /// A share, in percent.
+    Percent,
 }
 
 impl Unit {
@@ -70,6 +72,7 @@ impl Unit {
             Self::PerSecond => format!("{value:.0}/s"),
             Self::BytesPerSecond => format!("{:.1} MB/s", value / 1e6),
             Self::Count => format!("{value:.0}"),
+            Self::Percent => format!("{value:.1}%"),
         }
     }
 }

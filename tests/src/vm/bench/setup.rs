@@ -90,6 +90,15 @@ pub fn bench() -> Outcome {
             } else {
                 "server"
             };
+            // A connection whose app the gate held is one whose app's
+            // first I/O found the gate closed (it never closes again).
+            record(
+                "bench",
+                label,
+                &format!("gate closed at first I/O, {side} node"),
+                share(s.held_connections, s.protected),
+                Unit::Percent,
+            );
             for (what, sorted) in [("key time", &key), ("gate held", &held)] {
                 for (p, q) in [("p50", 0.5), ("p99", 0.99)] {
                     record(
@@ -205,6 +214,20 @@ fn event_loop_setup(
         p99 as f64,
         Unit::Microseconds,
     );
+    // A connection answered EAGAIN is one whose app's first I/O found
+    // the gate closed, as a hold is for a blocking app.
+    for (side, waits) in [
+        ("client", after.0.1.saturating_sub(before.0.1)),
+        ("server", after.1.1.saturating_sub(before.1.1)),
+    ] {
+        record(
+            "bench",
+            label,
+            &format!("gate closed at first I/O, event loop, {side} node"),
+            share(waits, n as u64),
+            Unit::Percent,
+        );
+    }
     let (blocking50, blocking99) = f.setup[label];
     f.lines.push(format!(
         "setup {label} event loop (epoll-edge both ends): n={n} p50={p50}us p99={p99}us, x{:.2} p50 and x{:.2} p99 of blocking apps; stops a {} b {}, connections answered EAGAIN a {} b {}",
@@ -221,4 +244,12 @@ fn event_loop_setup(
         f.lines.push(line);
     }
     Ok(())
+}
+
+/// `part` of `whole` in percent (0 for an empty whole).
+fn share(part: u64, whole: u64) -> f64 {
+    if whole == 0 {
+        return 0.0;
+    }
+    100.0 * part as f64 / whole as f64
 }
