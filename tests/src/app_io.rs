@@ -933,6 +933,11 @@ pub enum Handoff {
     /// `SCM_RIGHTS` (at another number); the parent closes its copy once
     /// it has sent it (an acceptor feeding a worker).
     ScmRights,
+    /// A forked child closes the socket it inherited, puts another file at
+    /// that descriptor number, and takes the socket out of its parent's fd
+    /// table with `pidfd_getfd()` (at another number), as a supervisor or
+    /// debugger can; the parent closes its copy once the child has it.
+    PidfdGetfd,
 }
 
 /// Hands `sock` to a forked child as `how` says, and runs `body` on it
@@ -963,6 +968,19 @@ pub fn in_child(
                     let _placeholder = std::fs::File::open("/dev/null")?;
                     receive_socket(&child_end)?
                 }
+                Handoff::PidfdGetfd => {
+                    let number = sock.as_raw_fd();
+                    drop(sock);
+                    let _placeholder = std::fs::File::open("/dev/null")?;
+                    let taken = tlshub_provider_sdk::socket::take_fd(
+                        std::os::unix::process::parent_id(),
+                        number,
+                    );
+                    // The parent waits for this byte before it closes its
+                    // copy, whether the take worked or not.
+                    child_end.write_all(b"t")?;
+                    std::net::TcpStream::from(taken?)
+                }
                 Handoff::Fork | Handoff::None => sock,
             };
             body(sock)
@@ -980,6 +998,10 @@ pub fn in_child(
     drop(child_end);
     if how == Handoff::ScmRights {
         send_socket(&parent_end, &sock)?;
+    }
+    if how == Handoff::PidfdGetfd {
+        let mut taken = [0u8; 1];
+        parent_end.read_exact(&mut taken)?;
     }
     drop(sock);
     let mut line = String::new();

@@ -19,7 +19,9 @@ use crate::vm::outcome::Outcome;
 /// - handed to a forked child by the process that connected or accepted,
 ///   which closes its own copy at once (the inetd/sshd pattern; the OWNER
 ///   event names the parent, which may no longer have the socket when the
-///   core looks);
+///   core looks); or passed to the child with `SCM_RIGHTS`, or taken by
+///   the child from the parent's fd table with `pidfd_getfd()`, each at
+///   another fd number;
 /// - both at once.
 ///
 /// Every protected flow must decrypt, a plain control flow must show its
@@ -55,6 +57,8 @@ pub fn owner_from_hold() -> Outcome {
         handed("fork", "client-first", "splice", "recvmsg", "io-uring"),
         handed("scm-rights", "client-first", "sendfile", "read", "syscall"),
         handed("scm-rights", "server-first", "write", "recv", "io-uring"),
+        handed("pidfd-getfd", "client-first", "write", "read", "syscall"),
+        handed("pidfd-getfd", "server-first", "sendfile", "recv", "syscall"),
         // The control: unselected, so its marker must be seen in clear.
         App::exchange(10_000, PLAIN_PORT),
     ];
@@ -89,7 +93,7 @@ pub fn owner_from_hold() -> Outcome {
         return Err(failed!("gates put in the terminal state: {terminal:?}"));
     }
     Ok(format!(
-        "{protected} connections (io_uring, int $0x80, fork handoff, SCM_RIGHTS handoff, io_uring and fork) exact both ways; {} flows TLS-only and decrypted; control flow plain; keyed from a hold: a {} b {}; socket gone from the first owner: a {} b {}",
+        "{protected} connections (io_uring, int $0x80, fork handoff, SCM_RIGHTS handoff, pidfd_getfd handoff, io_uring and fork) exact both ways; {} flows TLS-only and decrypted; control flow plain; keyed from a hold: a {} b {}; socket gone from the first owner: a {} b {}",
         report.protected_flows, from_hold[0], from_hold[1], gone[0], gone[1]
     ))
 }

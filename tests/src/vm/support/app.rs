@@ -27,7 +27,7 @@ pub struct App {
     /// --via: how both ends get their socket (syscall or io-uring).
     pub via: &'static str,
     /// --handoff: how both ends hand each connection to another process
-    /// (`none`, `fork`, `scm-rights`).
+    /// (`none`, `fork`, `scm-rights`, `pidfd-getfd`).
     pub handoff: &'static str,
     /// Where the client connects instead of the server: a local proxy
     /// (host, port) that forwards to it.
