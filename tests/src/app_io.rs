@@ -832,24 +832,68 @@ impl UringIssuer {
 
 /// [`io_uring_data`] with the request issued by `issuer`.
 fn io_uring_data_by(issuer: UringIssuer, entry: &io_uring::squeue::Entry) -> io::Result<usize> {
+    let (mut ring, entry) = match issuer {
+        UringIssuer::Submitter => (io_uring::IoUring::new(2)?, entry.clone()),
+        UringIssuer::Worker => (
+            io_uring::IoUring::new(2)?,
+            entry.clone().flags(io_uring::squeue::Flags::ASYNC),
+        ),
+        UringIssuer::SqPoll => (
+            io_uring::IoUring::builder().setup_sqpoll(100).build(2)?,
+            entry.clone(),
+        ),
+    };
+    io_uring_retrying(&mut ring, &entry)
+}
+
+/// [`io_uring_on`], submitting the operation again while it completes with
+/// `EINTR` (the gate's hold interrupted it), counting each.
+fn io_uring_retrying(
+    ring: &mut io_uring::IoUring,
+    entry: &io_uring::squeue::Entry,
+) -> io::Result<usize> {
     loop {
-        let result = match issuer {
-            UringIssuer::Submitter => io_uring_one(entry),
-            UringIssuer::Worker => {
-                io_uring_one(&entry.clone().flags(io_uring::squeue::Flags::ASYNC))
-            }
-            UringIssuer::SqPoll => io_uring::IoUring::builder()
-                .setup_sqpoll(100)
-                .build(2)
-                .and_then(|mut ring| io_uring_on(&mut ring, entry)),
-        };
-        match result {
+        match io_uring_on(ring, entry) {
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {
                 URING_INTERRUPTED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             }
             r => return r.map(|n| n as usize),
         }
     }
+}
+
+/// Sends all of `data` through the ring's registered file `slot`, each
+/// request run by `run`.
+fn send_all_on_slot(
+    run: &dyn Fn(&io_uring::squeue::Entry) -> io::Result<usize>,
+    slot: io_uring::types::Fixed,
+    data: &[u8],
+) -> io::Result<usize> {
+    let mut off = 0;
+    while off < data.len() {
+        let rest = &data[off..];
+        off += run(&io_uring::opcode::Send::new(slot, rest.as_ptr(), rest.len() as u32).build())?;
+    }
+    Ok(off)
+}
+
+/// Fills `buf` from the ring's registered file `slot`, each request run by
+/// `run` (`UnexpectedEof` if the stream ends first).
+fn recv_exact_on_slot(
+    run: &dyn Fn(&io_uring::squeue::Entry) -> io::Result<usize>,
+    slot: io_uring::types::Fixed,
+    buf: &mut [u8],
+) -> io::Result<usize> {
+    let mut got = 0;
+    while got < buf.len() {
+        let rest = &mut buf[got..];
+        let op = io_uring::opcode::Recv::new(slot, rest.as_mut_ptr(), rest.len() as u32).build();
+        match run(&op)? {
+            0 => return Err(io::Error::from(io::ErrorKind::UnexpectedEof)),
+            n => got += n,
+        }
+    }
+    Ok(got)
 }
 
 /// Runs one io_uring operation to completion and returns its result.
@@ -1676,14 +1720,7 @@ fn io_uring_direct(target: std::net::SocketAddr, payload: &[u8]) -> Vec<ProbeSte
     };
     // Submitted again while the gate's hold interrupts it, as the other
     // io_uring paths do.
-    let again = |entry: &io_uring::squeue::Entry| loop {
-        match io_uring_on(&mut ring.borrow_mut(), entry) {
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {
-                URING_INTERRUPTED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            }
-            r => return r.map(|n| n as usize),
-        }
-    };
+    let again = |entry: &io_uring::squeue::Entry| io_uring_retrying(&mut ring.borrow_mut(), entry);
     let calls: [(&'static str, &dyn Fn() -> io::Result<usize>); 6] = [
         ("register a file table", &|| {
             ring.borrow()
@@ -1702,26 +1739,9 @@ fn io_uring_direct(target: std::net::SocketAddr, payload: &[u8]) -> Vec<ProbeSte
         ("connect", &|| {
             again(&opcode::Connect::new(slot, addr.as_ptr().cast(), addr.len()).build())
         }),
-        ("send", &|| {
-            let mut off = 0;
-            while off < payload.len() {
-                let rest = &payload[off..];
-                off += again(&opcode::Send::new(slot, rest.as_ptr(), rest.len() as u32).build())?;
-            }
-            Ok(off)
-        }),
+        ("send", &|| send_all_on_slot(&again, slot, payload)),
         ("receive", &|| {
-            let mut got = 0;
-            let mut buf = back.borrow_mut();
-            while got < buf.len() {
-                let rest = &mut buf[got..];
-                match again(&opcode::Recv::new(slot, rest.as_mut_ptr(), rest.len() as u32).build())?
-                {
-                    0 => return Err(io::Error::from(io::ErrorKind::UnexpectedEof)),
-                    n => got += n,
-                }
-            }
-            Ok(got)
+            recv_exact_on_slot(&again, slot, &mut back.borrow_mut())
         }),
         ("compare", &|| {
             let mut want = vec![0u8; payload.len()];
@@ -1756,14 +1776,7 @@ fn io_uring_direct_accept(listen: std::net::SocketAddr, payload_len: usize) -> V
     };
     let ring = std::cell::RefCell::new(&mut ring);
     let slot = types::Fixed(0);
-    let again = |entry: &io_uring::squeue::Entry| loop {
-        match io_uring_on(&mut ring.borrow_mut(), entry) {
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {
-                URING_INTERRUPTED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            }
-            r => return r.map(|n| n as usize),
-        }
-    };
+    let again = |entry: &io_uring::squeue::Entry| io_uring_retrying(&mut ring.borrow_mut(), entry);
     let calls: [(&'static str, &dyn Fn() -> io::Result<usize>); 5] = [
         ("listen", &|| Ok(0)),
         ("register a file table", &|| {
@@ -1785,27 +1798,12 @@ fn io_uring_direct_accept(listen: std::net::SocketAddr, payload_len: usize) -> V
             again(&op)
         }),
         ("receive", &|| {
-            let mut buf = vec![0u8; payload_len];
-            let mut got = 0;
-            while got < buf.len() {
-                let rest = &mut buf[got..];
-                match again(&opcode::Recv::new(slot, rest.as_mut_ptr(), rest.len() as u32).build())?
-                {
-                    0 => return Err(io::Error::from(io::ErrorKind::UnexpectedEof)),
-                    n => got += n,
-                }
-            }
-            Ok(got)
+            recv_exact_on_slot(&again, slot, &mut vec![0u8; payload_len])
         }),
         ("send", &|| {
             let mut answer = vec![0u8; payload_len];
             crate::pattern::fill(crate::pattern::SERVER_SEED, 0, &mut answer);
-            let mut off = 0;
-            while off < answer.len() {
-                let rest = &answer[off..];
-                off += again(&opcode::Send::new(slot, rest.as_ptr(), rest.len() as u32).build())?;
-            }
-            Ok(off)
+            send_all_on_slot(&again, slot, &answer)
         }),
     ];
     let mut steps = Vec::new();
