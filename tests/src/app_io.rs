@@ -1460,9 +1460,17 @@ fn send_flags(fd: RawFd, payload: &[u8], flags: libc::c_int) -> io::Result<usize
 /// length back, which must be the server pattern from offset 0 (what
 /// `tlshub-loadgen server` answers); `EBADMSG` if it is not.
 fn echo_exchange(sock: &socket2::Socket, payload: &[u8]) -> io::Result<usize> {
-    use std::io::{Read, Write};
-    let mut s = sock;
-    s.write_all(payload)?;
+    echo_rest(sock, payload, 0)
+}
+
+/// [`echo_exchange`] when the first `sent` bytes of `payload` went out
+/// already.
+fn echo_rest(
+    mut s: impl std::io::Read + std::io::Write,
+    payload: &[u8],
+    sent: usize,
+) -> io::Result<usize> {
+    s.write_all(&payload[sent..])?;
     let mut back = vec![0u8; payload.len()];
     s.read_exact(&mut back)?;
     let mut want = vec![0u8; payload.len()];
@@ -1637,7 +1645,6 @@ extern "C" fn count_sigcont(_: libc::c_int) {
 /// "first write", "exchange", then "SIGCONT handled N times" (errno 0),
 /// until one fails.
 fn sigcont_handler(target: std::net::SocketAddr, payload: &[u8]) -> Vec<ProbeStep> {
-    use std::io::{Read, Write};
     // SAFETY: a zeroed `sigaction` is a valid value to fill in; the handler
     // only adds to an atomic.
     let installed = unsafe {
@@ -1652,7 +1659,7 @@ fn sigcont_handler(target: std::net::SocketAddr, payload: &[u8]) -> Vec<ProbeSte
     if steps[0].errno != 0 {
         return steps;
     }
-    let mut sock = match std::net::TcpStream::connect(target) {
+    let sock = match std::net::TcpStream::connect(target) {
         Ok(s) => s,
         Err(e) => {
             steps.push(step("connect", Err(e)));
@@ -1678,18 +1685,7 @@ fn sigcont_handler(target: std::net::SocketAddr, payload: &[u8]) -> Vec<ProbeSte
         return steps;
     }
     // `write_all` and `read_exact` retry EINTR.
-    let exchange = (|| {
-        sock.write_all(&payload[sent..])?;
-        let mut back = vec![0u8; payload.len()];
-        sock.read_exact(&mut back)?;
-        let mut want = vec![0u8; payload.len()];
-        crate::pattern::fill(crate::pattern::SERVER_SEED, 0, &mut want);
-        if back != want {
-            return Err(io::Error::from_raw_os_error(libc::EBADMSG));
-        }
-        Ok(payload.len())
-    })();
-    steps.push(step("exchange", exchange));
+    steps.push(step("exchange", echo_rest(&sock, payload, sent)));
     if steps[3].errno == 0 {
         let handled = SIGCONT_HANDLED.load(std::sync::atomic::Ordering::Relaxed);
         steps.push(ProbeStep {
