@@ -529,16 +529,6 @@ impl Conn {
                 }
                 Ok(n)
             }
-            SendMethod::IoUring => {
-                let op = io_uring::opcode::Send::new(
-                    io_uring::types::Fd(fd),
-                    chunk.as_ptr(),
-                    chunk.len() as u32,
-                )
-                .flags(libc::MSG_NOSIGNAL)
-                .build();
-                self.retry(out, || io_uring_data(&op))
-            }
             SendMethod::IoUringWrite => {
                 // Offset 0 on a socket, which is not seekable: "the
                 // current position".
@@ -550,7 +540,7 @@ impl Conn {
                 .build();
                 self.retry(out, || io_uring_data(&op))
             }
-            SendMethod::IoUringAsync | SendMethod::IoUringSqpoll => {
+            SendMethod::IoUring | SendMethod::IoUringAsync | SendMethod::IoUringSqpoll => {
                 let op = io_uring::opcode::Send::new(
                     io_uring::types::Fd(fd),
                     chunk.as_ptr(),
@@ -613,15 +603,6 @@ impl Conn {
                 }
                 Ok(n)
             }
-            RecvMethod::IoUring => {
-                let op = io_uring::opcode::Recv::new(
-                    io_uring::types::Fd(fd),
-                    buf.as_mut_ptr(),
-                    buf.len() as u32,
-                )
-                .build();
-                self.retry(inn, || io_uring_data(&op))
-            }
             RecvMethod::IoUringRead => {
                 let op = io_uring::opcode::Read::new(
                     io_uring::types::Fd(fd),
@@ -631,7 +612,7 @@ impl Conn {
                 .build();
                 self.retry(inn, || io_uring_data(&op))
             }
-            RecvMethod::IoUringAsync | RecvMethod::IoUringSqpoll => {
+            RecvMethod::IoUring | RecvMethod::IoUringAsync | RecvMethod::IoUringSqpoll => {
                 let op = io_uring::opcode::Recv::new(
                     io_uring::types::Fd(fd),
                     buf.as_mut_ptr(),
@@ -860,6 +841,18 @@ fn io_uring_retrying(
             r => return r.map(|n| n as usize),
         }
     }
+}
+
+/// Registers a file table of one empty slot with `ring`, for a direct
+/// descriptor.
+fn register_one_slot(ring: &io_uring::IoUring) -> io::Result<usize> {
+    ring.submitter().register_files_sparse(1).map(|()| 0)
+}
+
+/// The table's first slot as an operation's destination.
+fn first_slot() -> io::Result<io_uring::types::DestinationSlot> {
+    io_uring::types::DestinationSlot::try_from_slot_target(0)
+        .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))
 }
 
 /// Sends all of `data` through the ring's registered file `slot`, each
@@ -1719,14 +1712,10 @@ fn io_uring_direct(target: std::net::SocketAddr, payload: &[u8]) -> Vec<ProbeSte
     let again = |entry: &io_uring::squeue::Entry| io_uring_retrying(&mut ring.borrow_mut(), entry);
     let calls: [(&'static str, &dyn Fn() -> io::Result<usize>); 6] = [
         ("register a file table", &|| {
-            ring.borrow()
-                .submitter()
-                .register_files_sparse(1)
-                .map(|()| 0)
+            register_one_slot(&ring.borrow())
         }),
         ("socket (direct)", &|| {
-            let into = types::DestinationSlot::try_from_slot_target(0)
-                .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+            let into = first_slot()?;
             let op = opcode::Socket::new(domain, libc::SOCK_STREAM, libc::IPPROTO_TCP)
                 .file_index(Some(into))
                 .build();
@@ -1776,14 +1765,10 @@ fn io_uring_direct_accept(listen: std::net::SocketAddr, payload_len: usize) -> V
     let calls: [(&'static str, &dyn Fn() -> io::Result<usize>); 5] = [
         ("listen", &|| Ok(0)),
         ("register a file table", &|| {
-            ring.borrow()
-                .submitter()
-                .register_files_sparse(1)
-                .map(|()| 0)
+            register_one_slot(&ring.borrow())
         }),
         ("accept (direct)", &|| {
-            let into = types::DestinationSlot::try_from_slot_target(0)
-                .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+            let into = first_slot()?;
             let op = opcode::Accept::new(
                 types::Fd(listener.as_raw_fd()),
                 std::ptr::null_mut(),
