@@ -38,13 +38,13 @@ pub enum SendMethod {
     IoUringWrite,
     /// `IORING_OP_SEND` with `IOSQE_ASYNC`: issued by one of io_uring's
     /// worker threads (io-wq) instead of the submitting thread, so the
-    /// gate meets a thread that does not take signals. Retried like
-    /// [`Self::IoUring`].
+    /// gate's hold sends its stop from a kernel-created thread. Retried
+    /// like [`Self::IoUring`].
     #[serde(rename = "io-uring-async")]
     IoUringAsync,
     /// `IORING_OP_SEND` on a ring with a kernel submission thread
-    /// (`IORING_SETUP_SQPOLL`), which issues the request: again a thread
-    /// that does not take signals. Retried like [`Self::IoUring`].
+    /// (`IORING_SETUP_SQPOLL`), which issues the request: again a
+    /// kernel-created thread. Retried like [`Self::IoUring`].
     #[serde(rename = "io-uring-sqpoll")]
     IoUringSqpoll,
 }
@@ -781,8 +781,8 @@ fn io_uring_data(entry: &io_uring::squeue::Entry) -> io::Result<usize> {
 }
 
 /// Which thread issues an io_uring request: the gate stops the calling
-/// process by a signal to the calling thread, and two of these threads
-/// take no signals.
+/// process by a signal to the calling thread, and two of these are
+/// threads io_uring creates, not the app's.
 #[derive(Debug, Clone, Copy)]
 enum UringIssuer {
     /// The thread that submits it (io_uring's first, non-blocking try).

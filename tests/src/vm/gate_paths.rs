@@ -103,7 +103,8 @@ pub fn owner_from_hold() -> Outcome {
 /// blocking sockets (the common io_uring use) and on non-blocking ones, connected
 /// with connect()/accept() and through io_uring, both orders, 1 B and
 /// 1 MiB: exact bytes both ways. Three issue their SEND and RECV from
-/// io_uring's own threads, which take no signals themselves: an io-wq
+/// io_uring's own threads (kernel-created threads of the app's process,
+/// not the thread that submitted): an io-wq
 /// worker (`IOSQE_ASYNC`) and a ring's SQPOLL thread, on blocking and
 /// non-blocking sockets. A blocking app's request that meets the
 /// closed gate completes with `EINTR` once the app is continued (io_uring
