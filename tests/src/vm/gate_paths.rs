@@ -6,7 +6,9 @@
 
 use super::node::{NodeSpec, PLAIN_PORT, PROTECTED_PORT};
 use super::support::{App, nodes};
-use super::wire_check::{captured_exchanges, with_ktls_sockets};
+use super::topology::WIRE_IF;
+use super::wire_check::{captured_exchanges, captured_exchanges_checked, with_ktls_sockets};
+use crate::app_report::AppReport;
 use crate::failed;
 use crate::vm::outcome::Outcome;
 
@@ -111,8 +113,9 @@ pub fn owner_from_hold() -> Outcome {
 /// does not restart a request a signal interrupted), and the test app
 /// submits it again as Rust's `write_all` would; any other error
 /// completion fails. Both nodes must have held an io_uring app (the path
-/// under test ran), every protected flow must decrypt, and a plain control
-/// flow must show its marker.
+/// under test ran), each blocking app whose requests io_uring's threads
+/// issue must have had a request interrupted on both ends, every protected
+/// flow must decrypt, and a plain control flow must show its marker.
 pub fn uring_send_recv() -> Outcome {
     let (a, b) = nodes(NodeSpec::new("a"), NodeSpec::new("b"))?;
     let uring = |mode, size, io, via| App {
@@ -160,8 +163,30 @@ pub fn uring_send_recv() -> Outcome {
         App::exchange(10_000, PLAIN_PORT),
     ];
     let protected = apps.iter().filter(|x| x.port == PROTECTED_PORT).count() as u64;
+    // A blocking app whose requests io_uring's own threads issue must have
+    // met the closed gate on both ends (the in-band handshake keeps each
+    // end's first request waiting), or that path did not run. The check
+    // sees the apps' reports in the order of `apps`.
+    let next = std::cell::Cell::new(0);
+    let threads_held = |server: &AppReport, client: &AppReport| {
+        let app = &apps[next.replace(next.get() + 1)];
+        let by_threads = [app.send, app.recv]
+            .iter()
+            .any(|m| ["io-uring-async", "io-uring-sqpoll"].contains(m));
+        if by_threads
+            && app.io == "blocking"
+            && (server.uring_interrupted == 0 || client.uring_interrupted == 0)
+        {
+            return Err(failed!(
+                "requests issued by io_uring's threads interrupted: server {}, client {}; want at least 1 each (the hold met on that path)",
+                server.uring_interrupted,
+                client.uring_interrupted
+            ));
+        }
+        Ok(())
+    };
     let report = with_ktls_sockets(2 * protected, || {
-        captured_exchanges("io-uring-send-recv", &a, &b, &apps)
+        captured_exchanges_checked("io-uring-send-recv", WIRE_IF, &a, &b, &apps, threads_held)
     })?;
     report.expect_at_least(1, 0)?;
     let stops = [a.stat(|s| s.gate_stops), b.stat(|s| s.gate_stops)];
