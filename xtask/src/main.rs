@@ -59,13 +59,17 @@ enum Cmd {
         #[arg(last = true)]
         args: Vec<String>,
     },
-    /// Benchmarks in one VM run (Linux 6.1): plain TCP, raw kTLS,
-    /// WireGuard, a stunnel pair and each provider side by side (setup,
-    /// throughput, gate holds, collateral stall, concurrency,
+    /// Benchmarks in one VM run (Linux 6.1 unless `--kernel`): plain TCP,
+    /// raw kTLS, WireGuard, a stunnel pair and each provider side by side
+    /// (setup, throughput, gate holds, collateral stall, concurrency,
     /// request/response, eight streams); figures also written to
-    /// `target/bench/figures-6.1.{json,csv,md}` (with `--quick`,
-    /// `figures-quick-6.1.*`).
+    /// `target/bench/figures-<kernel>.{json,csv,md}` (with `--quick`,
+    /// `figures-quick-<kernel>.*`).
     Bench {
+        /// The kernel the VM boots: 6.1 or 6.12 (one run measures one
+        /// kernel; ratios compare only within a run).
+        #[arg(long, default_value = "6.1")]
+        kernel: String,
         /// An earlier run's `figures-<kernel>.json`: print each figure
         /// of this run next to it, with the ratio.
         #[arg(long)]
@@ -298,8 +302,15 @@ fn main() -> Result<()> {
             deps::install()?;
             dist::install_here(&args)?;
         }
-        Cmd::Bench { compare, quick } => {
+        Cmd::Bench {
+            kernel,
+            compare,
+            quick,
+        } => {
             let compare = bench_report::load_compare(compare)?;
+            let [line] = deps::kernel_lines(&kernel)?[..] else {
+                bail!("`bench --kernel` takes one kernel, not {kernel:?}");
+            };
             deps::install()?;
             let bins = vm::build_binaries()?;
             let mut run = vm::Run::new("bench");
@@ -307,7 +318,7 @@ fn main() -> Result<()> {
             if quick {
                 run.filter = Some("quick".into());
             }
-            vm::run_mode(&run, deps::KERNEL_LINES[0], &bins)?;
+            vm::run_mode(&run, line, &bins)?;
         }
         Cmd::BenchReport {
             file,
