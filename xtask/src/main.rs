@@ -308,8 +308,16 @@ fn main() -> Result<()> {
             quick,
         } => {
             let compare = bench_report::load_compare(compare)?;
-            let [line] = deps::kernel_lines(&kernel)?[..] else {
-                bail!("`bench --kernel` takes one kernel, not {kernel:?}");
+            let Some(line) = deps::KERNEL_LINES
+                .iter()
+                .copied()
+                .find(|l| l.name == kernel)
+            else {
+                let known: Vec<&str> = deps::KERNEL_LINES.iter().map(|l| l.name).collect();
+                bail!(
+                    "`bench --kernel` takes one of {}, not {kernel:?}",
+                    known.join(", ")
+                );
             };
             deps::install()?;
             let bins = vm::build_binaries()?;
