@@ -140,22 +140,25 @@ pub const KERNEL_LINES: &[KernelLine] = &[
     },
 ];
 
+/// The kernel line named `name` (`6.1`, `6.12`).
+pub fn kernel_line(name: &str) -> Result<KernelLine> {
+    KERNEL_LINES
+        .iter()
+        .find(|l| l.name == name.trim())
+        .copied()
+        .with_context(|| {
+            let known: Vec<&str> = KERNEL_LINES.iter().map(|l| l.name).collect();
+            format!("unknown kernel {name:?}; known: {}", known.join(", "))
+        })
+}
+
 /// The kernel lines named by `--kernel` (`all`, or a comma-separated list).
 pub fn kernel_lines(spec: &str) -> Result<Vec<KernelLine>> {
     if spec == "all" {
         return Ok(KERNEL_LINES.to_vec());
     }
     spec.split(',')
-        .map(|name| {
-            KERNEL_LINES
-                .iter()
-                .find(|l| l.name == name.trim())
-                .copied()
-                .with_context(|| {
-                    let known: Vec<&str> = KERNEL_LINES.iter().map(|l| l.name).collect();
-                    format!("unknown kernel {name:?}; known: all, {}", known.join(", "))
-                })
-        })
+        .map(|name| kernel_line(name).context("`--kernel` takes all, or a comma-separated list"))
         .collect()
 }
 

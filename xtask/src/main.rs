@@ -308,17 +308,7 @@ fn main() -> Result<()> {
             quick,
         } => {
             let compare = bench_report::load_compare(compare)?;
-            let Some(line) = deps::KERNEL_LINES
-                .iter()
-                .copied()
-                .find(|l| l.name == kernel)
-            else {
-                let known: Vec<&str> = deps::KERNEL_LINES.iter().map(|l| l.name).collect();
-                bail!(
-                    "`bench --kernel` takes one of {}, not {kernel:?}",
-                    known.join(", ")
-                );
-            };
+            let line = deps::kernel_line(&kernel)?;
             deps::install()?;
             let bins = vm::build_binaries()?;
             let mut run = vm::Run::new("bench");
