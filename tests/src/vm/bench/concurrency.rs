@@ -20,7 +20,9 @@ const CONCURRENCY_S: u64 = 10;
 /// provider), for [`CONCURRENCY_S`] seconds:
 /// the rate sustained, the connections that failed, and the setup latency, with no tlshub, through
 /// WireGuard and with each provider, how many times the gate stopped a
-/// process on each node, and where the VM's CPU time went per connection
+/// process on each node, the providers' failed requests by kind and their
+/// in-band handshake slot counters (stalls, time-outs waiting for a slot),
+/// and where the VM's CPU time went per connection
 /// (idle near 0: the emulated CPU, not the gate, sets the rate). The
 /// cores' and the providers' CPU per connection (both nodes together),
 /// and per second while idle, are figures of their own.
@@ -37,7 +39,7 @@ pub fn concurrency() -> Outcome {
     let level = |lines: &mut Vec<String>,
                  label: &str,
                  server_addr: &str,
-                 nodes: Option<(&Node, &Node)>,
+                 nodes: Option<(&Node, &Node, ProviderKind)>,
                  apps: AppStyle| {
         let _server = apps.start()?;
         let levels: &[u32] = match apps {
@@ -51,7 +53,10 @@ pub fn concurrency() -> Outcome {
             };
             let stops = |n: &Node| n.stats().map(|s| s.gate_stops);
             let before = nodes
-                .map(|(a, b)| Ok::<_, Failure>((stops(a)?, stops(b)?)))
+                .map(|(a, b, _)| Ok::<_, Failure>((stops(a)?, stops(b)?)))
+                .transpose()?;
+            let trouble_before = nodes
+                .map(|(a, b, kind)| ProviderTrouble::of(a, b, kind))
                 .transpose()?;
             let tcp_before = TcpTrouble::now();
             let cpu = CpuSample::now();
@@ -89,7 +94,7 @@ pub fn concurrency() -> Outcome {
             // left the last holds of a level to the next one's count.
             std::thread::sleep(Duration::from_millis(1500));
             let after = nodes
-                .map(|(a, b)| Ok::<_, Failure>((stops(a)?, stops(b)?)))
+                .map(|(a, b, _)| Ok::<_, Failure>((stops(a)?, stops(b)?)))
                 .transpose()?;
             let rate = r.short_ok as f64 / r.duration_s.max(0.001);
             record(
@@ -118,6 +123,10 @@ pub fn concurrency() -> Outcome {
                     a.0.saturating_sub(b.0),
                     a.1.saturating_sub(b.1)
                 ));
+            }
+            if let (Some(before), Some((a, b, kind))) = (&trouble_before, nodes) {
+                let trouble = ProviderTrouble::of(a, b, kind)?.since(before);
+                line.push_str(&format!("; providers: {trouble}"));
             }
             line.push_str(&format!("; CPU ms per connection: {cpu}"));
             line.push_str(&format!("; {}", TcpTrouble::now().since(&tcp_before)));
@@ -151,7 +160,13 @@ pub fn concurrency() -> Outcome {
         println!("TLSHUB-BENCH {idle}");
         lines.push(idle);
         for apps in [AppStyle::Threads, AppStyle::EventLoop] {
-            level(&mut lines, label, POD_B, Some((&a, &b)), apps)?;
+            level(
+                &mut lines,
+                label,
+                POD_B,
+                Some((&a, &b, provider.kind)),
+                apps,
+            )?;
         }
     }
     Ok(lines.join(" | "))
@@ -175,6 +190,52 @@ fn record_agents_cpu(
             after.command_ms(before, n, command),
             Unit::Milliseconds,
         );
+    }
+}
+
+/// The providers' counters that say why connections failed: key requests
+/// answered with an error, by node and kind of error, and in-band
+/// handshakes that gave their slot back (stalled) or ran out of time
+/// waiting for one, by role.
+#[derive(Debug, Clone)]
+struct ProviderTrouble(std::collections::BTreeMap<String, f64>);
+
+impl ProviderTrouble {
+    fn of(a: &Node, b: &Node, kind: ProviderKind) -> Result<Self, Failure> {
+        let mut counts = std::collections::BTreeMap::new();
+        for (node, n) in [("client node", a), ("server node", b)] {
+            let text = n.provider_metrics(kind)?;
+            for line in text.lines() {
+                let Some(rest) = line.strip_prefix("tlshub_keyprovider_") else {
+                    continue;
+                };
+                let counted = (rest.starts_with("requests_total{") && !rest.contains("\"ok\""))
+                    || rest.starts_with("handshake_slot_stalls_total{")
+                    || rest.starts_with("handshake_slot_timeouts_total{");
+                if let (true, Some((name, value))) = (counted, rest.rsplit_once(' ')) {
+                    let value = value.parse::<f64>().unwrap_or(0.0);
+                    counts.insert(format!("{node} {name}"), value);
+                }
+            }
+        }
+        Ok(Self(counts))
+    }
+
+    /// The counts that grew since `before`, as one phrase.
+    fn since(&self, before: &Self) -> String {
+        let grown: Vec<String> = self
+            .0
+            .iter()
+            .filter_map(|(name, after)| {
+                let n = after - before.0.get(name).copied().unwrap_or(0.0);
+                (n > 0.0).then(|| format!("{name} {n}"))
+            })
+            .collect();
+        if grown.is_empty() {
+            "no failed request, no slot stalled".into()
+        } else {
+            grown.join(", ")
+        }
     }
 }
 
