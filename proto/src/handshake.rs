@@ -17,17 +17,11 @@ pub mod files;
 pub mod library_tests;
 pub mod node_pair;
 
-use std::num::NonZeroUsize;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant, SystemTime};
 
-use prometheus_client::encoding::EncodeLabelSet;
-use prometheus_client::metrics::counter::Counter;
-use prometheus_client::metrics::family::Family;
-use prometheus_client::metrics::gauge::Gauge;
 use tracing::{error, info, warn};
 
-use crate::admission::{Admission, AdmissionMetrics, Finished};
 use crate::handshake_config::TlsSection;
 use crate::socket::{SocketIo, take_fd};
 use crate::tls13::{TrafficSecrets, suite_by_name};
@@ -183,71 +177,7 @@ pub struct HandshakeProvider<L> {
     warned: Arc<Mutex<Option<Instant>>>,
     /// Set in node-pair mode (`[tls] keying = "node-pair"`).
     node_pair: Option<node_pair::NodePair<L>>,
-    /// The slots of in-band handshakes, one set per role.
-    admission: Arc<RoleAdmission>,
 }
-
-/// The slots of connecting and of accepting handshakes: two sets, so that
-/// a connection between two pods of this node, whose connecting side
-/// holds a slot while it waits for the accepting side, never waits for
-/// itself.
-#[derive(Debug)]
-struct RoleAdmission {
-    client: Admission,
-    server: Admission,
-    waiting: Family<RoleLabel, Gauge>,
-    limit: Family<RoleLabel, Gauge>,
-    stalled: Family<RoleLabel, Counter>,
-    timed_out: Family<RoleLabel, Counter>,
-}
-
-/// The `role` label of the admission metrics.
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct RoleLabel {
-    role: &'static str,
-}
-
-impl RoleAdmission {
-    /// At most `most` per role (`concurrent_handshakes`; unset:
-    /// [`MOST_HANDSHAKES_PER_CPU`] per CPU), starting from one per CPU.
-    fn new(most: Option<NonZeroUsize>) -> Self {
-        let cpus = std::thread::available_parallelism().unwrap_or(NonZeroUsize::MIN);
-        let most = most.unwrap_or_else(|| cpus.saturating_mul(MOST_HANDSHAKES_PER_CPU));
-        let (waiting, limit, stalled, timed_out) = (
-            Family::<RoleLabel, Gauge>::default(),
-            Family::<RoleLabel, Gauge>::default(),
-            Family::<RoleLabel, Counter>::default(),
-            Family::<RoleLabel, Counter>::default(),
-        );
-        let admission = |role| {
-            let label = RoleLabel { role };
-            Admission::new(
-                most,
-                cpus,
-                AdmissionMetrics {
-                    waiting: waiting.get_or_create(&label).clone(),
-                    limit: limit.get_or_create(&label).clone(),
-                    stalled: stalled.get_or_create(&label).clone(),
-                    timed_out: timed_out.get_or_create(&label).clone(),
-                },
-            )
-        };
-        Self {
-            client: admission("client"),
-            server: admission("server"),
-            waiting,
-            limit,
-            stalled,
-            timed_out,
-        }
-    }
-}
-
-/// The cap of in-band handshakes at once per role and CPU when
-/// `concurrent_handshakes` is unset. The limit adapts below it (see
-/// [`crate::admission`]); the cap only bounds what a machine whose
-/// handshakes are all fast grows to.
-const MOST_HANDSHAKES_PER_CPU: NonZeroUsize = NonZeroUsize::new(16).expect("16 is not 0");
 
 impl<L> Clone for HandshakeProvider<L> {
     fn clone(&self) -> Self {
@@ -258,7 +188,6 @@ impl<L> Clone for HandshakeProvider<L> {
             refused: Arc::clone(&self.refused),
             warned: Arc::clone(&self.warned),
             node_pair: self.node_pair.clone(),
-            admission: Arc::clone(&self.admission),
         }
     }
 }
@@ -314,7 +243,6 @@ impl<L: TlsLibrary> HandshakeProvider<L> {
             refused: Arc::new(Mutex::new(None)),
             warned: Arc::new(Mutex::new(None)),
             node_pair,
-            admission: Arc::new(RoleAdmission::new(tls.concurrent_handshakes)),
         };
         this.warn_if_expiring();
         Ok(this)
@@ -435,47 +363,30 @@ impl<L: TlsLibrary> HandshakeProvider<L> {
         // deadline.
         let budget = request.timeout.max(Duration::from_millis(10));
         let mut io = SocketIo::new(fd, Instant::now() + budget);
-        let millis = u64::try_from(budget.as_millis()).unwrap_or(u64::MAX);
-        let no_slot = |e: crate::admission::NoSlot| ProviderError::Timeout {
-            waiting_for: format!("a handshake slot: {e}"),
-            millis,
-        };
-        match request.role {
-            Role::Client => io.admit(&self.admission.client).map_err(no_slot)?,
-            Role::Server => io.admit_on_first_bytes(&self.admission.server),
-        }
         let secrets = Arc::new(Mutex::new(TrafficSecrets::default()));
         let loaded = self.current();
-        let handshake = loaded.library.handshake(request.role, &mut io, &secrets);
-        io.finish(match &handshake {
-            Ok(_) => Finished::Succeeded,
-            Err(HandshakeFailure::TimedOut) => Finished::TimedOut,
-            Err(_) => Finished::Failed,
-        });
-        if let (Err(_), Some(e)) = (&handshake, io.no_slot()) {
-            // The accepting side's deadline passed in the queue, after the
-            // ClientHello arrived.
-            return Err(no_slot(e));
-        }
-        let negotiated = handshake.map_err(|failure| {
-            // Names the peer's kind of provider when the two do not match.
-            let peer = io.peer_start();
-            match failure {
-                HandshakeFailure::Session(reason) => ProviderError::Internal {
-                    reason: format!("create session: {reason}"),
-                },
-                HandshakeFailure::TimedOut => ProviderError::Timeout {
-                    waiting_for: format!("the peer's handshake messages ({peer})"),
-                    millis,
-                },
-                HandshakeFailure::PeerRejected(reason) => {
-                    ProviderError::PeerAuthentication { reason }
+        let negotiated = loaded
+            .library
+            .handshake(request.role, &mut io, &secrets)
+            .map_err(|failure| {
+                // Names the peer's kind of provider when the two do not match.
+                let peer = io.peer_start();
+                match failure {
+                    HandshakeFailure::Session(reason) => ProviderError::Internal {
+                        reason: format!("create session: {reason}"),
+                    },
+                    HandshakeFailure::TimedOut => ProviderError::Timeout {
+                        waiting_for: format!("the peer's handshake messages ({peer})"),
+                        millis: u64::try_from(budget.as_millis()).unwrap_or(u64::MAX),
+                    },
+                    HandshakeFailure::PeerRejected(reason) => {
+                        ProviderError::PeerAuthentication { reason }
+                    }
+                    HandshakeFailure::Failed(reason) => ProviderError::Handshake {
+                        reason: format!("{reason}; {peer}"),
+                    },
                 }
-                HandshakeFailure::Failed(reason) => ProviderError::Handshake {
-                    reason: format!("{reason}; {peer}"),
-                },
-            }
-        })?;
+            })?;
         if let Some(nodes) = &loaded.nodes {
             peer_is_its_node(nodes, request.remote.ip(), &negotiated)?;
         }
@@ -594,29 +505,7 @@ impl<L: TlsLibrary> Provider for HandshakeProvider<L> {
     fn register_metrics(&self, registry: &mut prometheus_client::registry::Registry) {
         if let Some(n) = &self.node_pair {
             n.register_metrics(registry);
-            return;
         }
-        let a = &self.admission;
-        registry.register(
-            "handshake_slot_waiting",
-            "In-band handshakes waiting for one of their role's slots",
-            a.waiting.clone(),
-        );
-        registry.register(
-            "handshake_slot_limit",
-            "In-band handshakes of each role admitted at once now: the limit adapts to how long handshakes take, up to `concurrent_handshakes`",
-            a.limit.clone(),
-        );
-        registry.register(
-            "handshake_slot_stalls",
-            "In-band handshakes that gave their slot back because the peer took longer than the stall threshold",
-            a.stalled.clone(),
-        );
-        registry.register(
-            "handshake_slot_timeouts",
-            "In-band handshakes that failed waiting for a slot: at their key timeout, or refused one with less time left than a handshake takes",
-            a.timed_out.clone(),
-        );
     }
 
     async fn keys(&self, request: KeyRequest) -> Result<ConnectionKeys, ProviderError> {
@@ -804,7 +693,6 @@ mod tests {
             groups: vec!["X25519".into()],
             expiry_warning_days: 30,
             node_map: None,
-            concurrent_handshakes: None,
         }
     }
 

@@ -4,13 +4,11 @@
 
 use std::io;
 use std::os::fd::{AsFd, OwnedFd};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use rustix::event::{PollFd, PollFlags, Timespec};
 use rustix::net::{RecvFlags, SendFlags};
 use rustix::process::{Pid, PidfdFlags, PidfdGetfdFlags};
-
-use crate::admission::{Admission, Finished, NoSlot, Slot};
 
 /// A process id as the kernel reports it (BPF events, `SO_PEERCRED`,
 /// requests): 0 or one past `i32::MAX` names no process (`ESRCH`).
@@ -93,11 +91,6 @@ pub fn describe_peer_start(first: &[u8]) -> &'static str {
 /// application, so instead of toggling it, every call uses `MSG_DONTWAIT`
 /// and waits with `poll()` up to a deadline. Hand it to a TLS library for a
 /// handshake over the application's connection.
-///
-/// With an [`Admission`], the handshake also holds one of its slots while
-/// it works (see [`crate::admission`]): from [`SocketIo::admit`], or from
-/// the peer's first bytes after [`SocketIo::admit_on_first_bytes`], until
-/// a wait for the peer outlasts the stall threshold or the handshake ends.
 #[derive(Debug)]
 pub struct SocketIo {
     fd: OwnedFd,
@@ -105,29 +98,6 @@ pub struct SocketIo {
     /// The first bytes the peer sent (up to a TLS record header), kept to
     /// say what the peer runs when a handshake fails.
     first: Vec<u8>,
-    /// The whole time the handshake has (from [`SocketIo::new`] to the
-    /// deadline), which its slot's use is judged against.
-    budget: Duration,
-    admitted: Admitted,
-    /// Set when the deadline passed while waiting for a slot rather than
-    /// for the peer.
-    no_slot: Option<NoSlot>,
-}
-
-/// Where a [`SocketIo`]'s handshake stands with its [`Admission`].
-#[derive(Debug)]
-enum Admitted {
-    /// No admission: the handshake works whenever it can.
-    Unlimited,
-    /// Takes a slot when the peer's first bytes arrive (the accepting
-    /// side, whose work starts with the peer's ClientHello).
-    OnFirstBytes(Admission),
-    /// Holds a slot; a wait for the peer longer than the stall threshold
-    /// gives it back.
-    Holding { slot: Slot, admission: Admission },
-    /// Gave its slot back during a stall; takes one again, ahead of other
-    /// waiters, when the peer's bytes arrive.
-    Stalled(Admission),
 }
 
 /// Bytes of the peer's first record header that [`SocketIo`] keeps.
@@ -140,52 +110,7 @@ impl SocketIo {
             fd,
             deadline,
             first: Vec::new(),
-            budget: deadline.saturating_duration_since(Instant::now()),
-            admitted: Admitted::Unlimited,
-            no_slot: None,
         }
-    }
-
-    /// Waits for one of `admission`'s slots (up to the deadline), to hold
-    /// while the handshake works: call it before a connecting side's
-    /// first message.
-    pub fn admit(&mut self, admission: &Admission) -> Result<(), NoSlot> {
-        self.take_slot(admission, false)
-    }
-
-    fn take_slot(&mut self, admission: &Admission, resuming: bool) -> Result<(), NoSlot> {
-        let taken = if resuming {
-            admission.resume(self.deadline, self.budget)
-        } else {
-            admission.acquire(self.deadline, self.budget)
-        };
-        let slot = taken.inspect_err(|e| self.no_slot = Some(*e))?;
-        self.admitted = Admitted::Holding {
-            slot,
-            admission: admission.clone(),
-        };
-        Ok(())
-    }
-
-    /// Like [`Self::admit`] once the peer's first bytes have arrived: an
-    /// accepting side holds no slot while it waits for the ClientHello.
-    pub fn admit_on_first_bytes(&mut self, admission: &Admission) {
-        self.admitted = Admitted::OnFirstBytes(admission.clone());
-    }
-
-    /// Gives the slot back, telling the admission how the handshake
-    /// ended (see [`crate::admission::Slot::finished`]).
-    pub fn finish(&mut self, finished: Finished) {
-        if let Admitted::Holding { slot, .. } =
-            std::mem::replace(&mut self.admitted, Admitted::Unlimited)
-        {
-            slot.finished(finished);
-        }
-    }
-
-    /// Why the handshake ran out of time waiting for a slot, if it did.
-    pub fn no_slot(&self) -> Option<NoSlot> {
-        self.no_slot
     }
 
     /// The socket back, for what follows the handshake.
@@ -199,34 +124,17 @@ impl SocketIo {
         describe_peer_start(&self.first)
     }
 
-    /// Waits for `events` on the socket up to the deadline, giving the
-    /// slot back once the wait outlasts the stall threshold.
-    fn wait(&mut self, events: PollFlags) -> io::Result<()> {
-        let stall_at = matches!(self.admitted, Admitted::Holding { .. })
-            .then(|| Instant::now() + Admission::stall_after(self.budget));
+    fn wait(&self, events: PollFlags) -> io::Result<()> {
         loop {
-            let now = Instant::now();
-            let left = self.deadline.saturating_duration_since(now);
+            let left = self.deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
                 return Err(io::Error::new(
                     io::ErrorKind::TimedOut,
                     "handshake deadline passed",
                 ));
             }
-            let stall_left = stall_at.map(|at| at.saturating_duration_since(now));
-            if stall_left.is_some_and(|s| s.is_zero())
-                && let Admitted::Holding { slot, admission } =
-                    std::mem::replace(&mut self.admitted, Admitted::Unlimited)
-            {
-                slot.stalled();
-                self.admitted = Admitted::Stalled(admission);
-            }
-            let poll_for = match (&self.admitted, stall_left) {
-                (Admitted::Holding { .. }, Some(s)) => left.min(s),
-                _ => left,
-            };
             let mut fds = [PollFd::new(&self.fd, events)];
-            let timeout = Timespec::try_from(poll_for).unwrap_or(Timespec {
+            let timeout = Timespec::try_from(left).unwrap_or(Timespec {
                 tv_sec: i64::MAX,
                 tv_nsec: 0,
             });
@@ -238,22 +146,6 @@ impl SocketIo {
             }
         }
     }
-
-    /// Takes a slot if the handshake is due one now that the peer's bytes
-    /// arrived (`first_bytes`) or the socket took ours: its first, for an
-    /// accepting side, or one again after a stall.
-    fn take_slot_if_due(&mut self, first_bytes: bool) -> io::Result<()> {
-        let due = match &self.admitted {
-            Admitted::OnFirstBytes(a) if first_bytes => Some((a.clone(), false)),
-            Admitted::Stalled(a) => Some((a.clone(), true)),
-            _ => None,
-        };
-        if let Some((admission, resuming)) = due {
-            self.take_slot(&admission, resuming)
-                .map_err(|e| io::Error::new(io::ErrorKind::TimedOut, e))?;
-        }
-        Ok(())
-    }
 }
 
 impl io::Read for SocketIo {
@@ -263,9 +155,6 @@ impl io::Read for SocketIo {
                 Ok((n, _)) => {
                     let keep = (FIRST_BYTES - self.first.len()).min(n);
                     self.first.extend_from_slice(&buf[..keep]);
-                    if n > 0 {
-                        self.take_slot_if_due(true)?;
-                    }
                     return Ok(n);
                 }
                 Err(rustix::io::Errno::AGAIN) => self.wait(PollFlags::IN)?,
@@ -280,10 +169,7 @@ impl io::Write for SocketIo {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         loop {
             match rustix::net::send(&self.fd, buf, SendFlags::DONTWAIT | SendFlags::NOSIGNAL) {
-                Ok(n) => {
-                    self.take_slot_if_due(false)?;
-                    return Ok(n);
-                }
+                Ok(n) => return Ok(n),
                 Err(rustix::io::Errno::AGAIN) => self.wait(PollFlags::OUT)?,
                 Err(rustix::io::Errno::INTR) => {}
                 Err(e) => return Err(e.into()),

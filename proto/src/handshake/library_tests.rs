@@ -138,7 +138,6 @@ impl TestPki {
             groups: vec!["X25519".into()],
             expiry_warning_days: 30,
             node_map: None,
-            concurrent_handshakes: None,
         }
     }
 
@@ -386,67 +385,6 @@ pub fn a_silent_peer_times_out<L: TlsLibrary>() {
         }
         other => panic!("{other}"),
     }
-}
-
-/// `concurrent_handshakes = 1`: one slot per role. A handshake with a
-/// peer that never answers takes the connecting side's slot first and
-/// gives it back at the stall threshold, long before its own deadline;
-/// then 8 connections at once, both of whose ends this same node keys
-/// (two pods of one node), all finish before that deadline. Accepting
-/// sides have slots of their own, so a connecting side that holds its
-/// slot while its accepting side works never waits for itself: no
-/// handshake but the silent one stalls (a shared slot would stall each).
-pub fn one_slot_outlasts_a_silent_peer_and_serves_both_ends<L: TlsLibrary>() {
-    use crate::Provider;
-    let pki = TestPki::new(&format!("{}-slots", L::NAME));
-    let mut tls = pki.node("node-a", false, &["TLS_AES_128_GCM_SHA256"]);
-    tls.concurrent_handshakes = Some(std::num::NonZeroUsize::MIN);
-    let a = HandshakeProvider::<L>::new(&tls).unwrap();
-    let (silent, _unserved) = loopback();
-    let silent_budget = Duration::from_secs(4);
-    let started = std::time::Instant::now();
-    let (busy_done, silent_result, silent_done) = std::thread::scope(|scope| {
-        let silent_one = scope.spawn(|| {
-            let r = a.handshake(&request(Role::Client, silent.as_raw_fd(), silent_budget));
-            (r, started.elapsed())
-        });
-        // The silent handshake takes the slot first.
-        std::thread::sleep(Duration::from_millis(50));
-        let pairs: Vec<_> = (0..8).map(|_| scope.spawn(|| run_pair(&a, &a))).collect();
-        for p in pairs {
-            assert_matching(p.join().unwrap());
-        }
-        let busy_done = started.elapsed();
-        let (r, silent_done) = silent_one.join().unwrap();
-        (busy_done, r, silent_done)
-    });
-    assert!(
-        busy_done < silent_done && busy_done < silent_budget,
-        "the 8 connections took {busy_done:?}; the silent one failed after {silent_done:?}"
-    );
-    match silent_result {
-        Err(ProviderError::Timeout { waiting_for, .. }) => {
-            assert!(waiting_for.contains("sent nothing"), "{waiting_for}")
-        }
-        other => panic!("the silent peer's handshake: {other:?}"),
-    }
-    let mut registry = prometheus_client::registry::Registry::with_prefix("tlshub_keyprovider");
-    a.register_metrics(&mut registry);
-    let text = crate::metrics::encode(&registry);
-    let stalls = sample(
-        &text,
-        "tlshub_keyprovider_handshake_slot_stalls_total{role=\"client\"}",
-    );
-    // The silent one, and at most a couple that a loaded host slowed.
-    assert!(stalls.is_some_and(|n| (1.0..4.0).contains(&n)), "{text}");
-    assert_eq!(
-        sample(
-            &text,
-            "tlshub_keyprovider_handshake_slot_waiting{role=\"client\"}"
-        ),
-        Some(0.0),
-        "{text}"
-    );
 }
 
 /// A peer whose node runs a key-only provider sends an encrypted record
@@ -861,7 +799,6 @@ macro_rules! tls_library_tests {
             a_peer_must_be_the_node_of_its_address,
             a_silent_peer_times_out,
             a_key_only_peer_is_named,
-            one_slot_outlasts_a_silent_peer_and_serves_both_ends,
             node_pair_sessions_key_both_ways_across_rotations,
             node_pair_failed_replacement_keeps_the_session
         );

@@ -20,9 +20,8 @@ const CONCURRENCY_S: u64 = 10;
 /// provider), for [`CONCURRENCY_S`] seconds:
 /// the rate sustained, the connections that failed, and the setup latency, with no tlshub, through
 /// WireGuard and with each provider, how many times the gate stopped a
-/// process on each node, the providers' failed requests by kind and their
-/// in-band handshake slot counters (stalls, time-outs waiting for a slot),
-/// and where the VM's CPU time went per connection
+/// process on each node, the providers' failed key requests by node and
+/// kind, and where the VM's CPU time went per connection
 /// (idle near 0: the emulated CPU, not the gate, sets the rate). The
 /// cores' and the providers' CPU per connection (both nodes together),
 /// and per second while idle, are figures of their own.
@@ -194,9 +193,8 @@ fn record_agents_cpu(
 }
 
 /// The providers' counters that say why connections failed: key requests
-/// answered with an error, by node and kind of error, and in-band
-/// handshakes that gave their slot back (stalled) or ran out of time
-/// waiting for one, by role.
+/// answered with an error, by node and kind of error (`timeout`,
+/// `handshake`, ...).
 #[derive(Debug, Clone)]
 struct ProviderTrouble(std::collections::BTreeMap<String, f64>);
 
@@ -209,9 +207,7 @@ impl ProviderTrouble {
                 let Some(rest) = line.strip_prefix("tlshub_keyprovider_") else {
                     continue;
                 };
-                let counted = (rest.starts_with("requests_total{") && !rest.contains("\"ok\""))
-                    || rest.starts_with("handshake_slot_stalls_total{")
-                    || rest.starts_with("handshake_slot_timeouts_total{");
+                let counted = rest.starts_with("requests_total{") && !rest.contains("\"ok\"");
                 if let (true, Some((name, value))) = (counted, rest.rsplit_once(' ')) {
                     let value = value.parse::<f64>().unwrap_or(0.0);
                     counts.insert(format!("{node} {name}"), value);
@@ -232,7 +228,7 @@ impl ProviderTrouble {
             })
             .collect();
         if grown.is_empty() {
-            "no failed request, no slot stalled".into()
+            "no failed request".into()
         } else {
             grown.join(", ")
         }
