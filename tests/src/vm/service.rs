@@ -212,6 +212,7 @@ pub fn hot_swap_under_load() -> Outcome {
                 answered,
                 failed,
                 text: own,
+                ..
             } = n.provider_requests(kind)?;
             if answered < core_count
                 || failed > 0.0

@@ -202,16 +202,8 @@ impl ProviderTrouble {
     fn of(a: &Node, b: &Node, kind: ProviderKind) -> Result<Self, Failure> {
         let mut counts = std::collections::BTreeMap::new();
         for (node, n) in [("client node", a), ("server node", b)] {
-            let text = n.provider_metrics(kind)?;
-            for line in text.lines() {
-                let Some(rest) = line.strip_prefix("tlshub_keyprovider_") else {
-                    continue;
-                };
-                let counted = rest.starts_with("requests_total{") && !rest.contains("\"ok\"");
-                if let (true, Some((name, value))) = (counted, rest.rsplit_once(' ')) {
-                    let value = value.parse::<f64>().unwrap_or(0.0);
-                    counts.insert(format!("{node} {name}"), value);
-                }
+            for (result, count) in n.provider_requests(kind)?.failed_by_result {
+                counts.insert(format!("{node} {result}"), count);
             }
         }
         Ok(Self(counts))

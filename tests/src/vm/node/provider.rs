@@ -318,6 +318,20 @@ fn random_32() -> Result<Vec<u8>, Failure> {
     Ok(b)
 }
 
+/// The key requests a provider's metrics text counts as answered with an
+/// error (`tlshub_keyprovider_requests_total{result}`, any result but
+/// `ok`), by result.
+fn failed_by_result(text: &str) -> std::collections::BTreeMap<String, f64> {
+    text.lines()
+        .filter_map(|l| l.strip_prefix("tlshub_keyprovider_requests_total{result=\""))
+        .filter_map(|l| {
+            let (result, rest) = l.split_once('"')?;
+            let count = rest.rsplit(' ').next()?.parse::<f64>().ok()?;
+            (result != "ok").then(|| (result.to_owned(), count))
+        })
+        .collect()
+}
+
 /// A provider's key requests by its own metrics ([`Node::provider_requests`]).
 #[derive(Debug)]
 pub struct ProviderRequests {
@@ -325,6 +339,8 @@ pub struct ProviderRequests {
     pub answered: f64,
     /// Answered otherwise (any result but `ok`).
     pub failed: f64,
+    /// `failed` by result (`timeout`, `handshake`, ...).
+    pub failed_by_result: std::collections::BTreeMap<String, f64>,
     /// The whole metrics text, for a failure message.
     pub text: String,
 }
@@ -384,20 +400,17 @@ impl Node {
     }
 
     /// What a provider's own metrics say of the key requests it served:
-    /// answered, failed (any other result), and the metrics text.
+    /// answered, failed (any other result, also by result), and the
+    /// metrics text.
     pub fn provider_requests(&self, kind: ProviderKind) -> Result<ProviderRequests, Failure> {
         let text = self.provider_metrics(kind)?;
         let answered =
             crate::vm::support::metric(&text, "tlshub_keyprovider_requests_total{result=\"ok\"}");
-        let failed = text
-            .lines()
-            .filter(|l| l.starts_with("tlshub_keyprovider_requests_total{"))
-            .filter(|l| !l.contains("result=\"ok\""))
-            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-            .sum();
+        let failed_by_result = failed_by_result(&text);
         Ok(ProviderRequests {
             answered,
-            failed,
+            failed: failed_by_result.values().sum(),
+            failed_by_result,
             text,
         })
     }
@@ -458,5 +471,22 @@ impl Node {
             spec.name,
             kind.name()
         ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn failed_requests_are_counted_by_result_and_ok_is_not() {
+        let text = "# TYPE tlshub_keyprovider_requests counter\n\
+                    tlshub_keyprovider_requests_total{result=\"ok\"} 7\n\
+                    tlshub_keyprovider_requests_total{result=\"timeout\"} 42\n\
+                    tlshub_keyprovider_requests_total{result=\"handshake\"} 3\n\
+                    tlshub_keyprovider_request_duration_seconds_count{role=\"client\",result=\"timeout\"} 42\n";
+        let failed = super::failed_by_result(text);
+        assert_eq!(
+            failed.into_iter().collect::<Vec<_>>(),
+            vec![("handshake".to_owned(), 3.0), ("timeout".to_owned(), 42.0)]
+        );
     }
 }
