@@ -24,12 +24,14 @@
 //! **How many.** An admitted handshake holds its slot through its round
 //! trips, when it uses no CPU, so the right number depends on how much of
 //! a handshake is CPU, which differs by library and machine. So the limit
-//! adapts, as a TCP window does: it starts at one per CPU and grows by one
-//! per handshake that finished within 1/[`FAST_SHARE`] of its budget (the
-//! key timeout) until the first slow one, and from then by one per round
-//! of such handshakes; it shrinks by a quarter, at most once per such
-//! handshake's time, when one took more than 1/[`SLOW_SHARE`] of its budget
-//! or ran out of time. `concurrent_handshakes` caps it.
+//! adapts, as a TCP window does: it starts at one per CPU (the caller's
+//! choice), grows by one per round of handshakes that finished within
+//! 1/[`FAST_SHARE`] of their budget (the key timeout), up to the cap
+//! (`concurrent_handshakes`), and shrinks by a quarter, at most once per
+//! such handshake's time, when one took more than 1/[`SLOW_SHARE`] of its
+//! budget or ran out of time. (Starting at the cap let a burst start 32
+//! handshakes at once on the 2-CPU VM, and the limit did not come down in
+//! time: 4.5 connections/s where starting low kept 10.3.)
 //!
 //! **Whose turn.** The oldest waiter while the queue keeps up, and the
 //! newest once it does not (the oldest has spent more than half the time
@@ -41,6 +43,18 @@
 //! ahead of them, and lets the ones that could not have been keyed in time
 //! fail in the queue, without using the CPU (the "adaptive LIFO" of
 //! overloaded servers).
+//!
+//! **Stalls.** A connecting side that waits for its peer longer than
+//! 1/[`STALL_SHARE`] of its budget gives its slot back, and takes one again,
+//! ahead of every other waiter, when the peer's bytes arrive
+//! ([`crate::socket::SocketIo`]). Without that, slots held by handshakes
+//! whose peer cannot answer yet can wait for a handshake that has no slot:
+//! a blocking server process is stopped by the gate while one of its
+//! connections waits for keys, so it accepts none of the others, whose
+//! accepting sides therefore cannot start; if their connecting sides hold
+//! every slot and the stopped server's own connection waits in the queue,
+//! nothing moves until the key timeout (seen in the VM with 8 clients, 200
+//! connections and 3 slots). A stall breaks that cycle.
 //!
 //! The state is apart from any socket, so the limit, the order and the
 //! deadlines are unit-tested here.
@@ -62,6 +76,11 @@ pub const FAST_SHARE: u32 = 4;
 /// A handshake that took more than this share of its budget (half)
 /// shrinks the limit.
 pub const SLOW_SHARE: u32 = 2;
+/// A wait for the peer longer than this share of the budget (a quarter)
+/// is a stall.
+pub const STALL_SHARE: u32 = 4;
+/// A stall is never shorter than this (a scheduler hiccup is not one).
+const STALL_AT_LEAST: Duration = Duration::from_millis(10);
 
 /// The slots, shared by every handshake that takes one. Clones share the
 /// slots.
@@ -82,9 +101,6 @@ struct State {
     in_use: usize,
     /// How many may be in use; its floor counts, and never below 1.
     limit: f64,
-    /// Whether the limit still grows by one per fast handshake (until the
-    /// first slow one), as TCP's slow start does.
-    starting: bool,
     /// Waiting handshakes, oldest first.
     queue: VecDeque<Waiter>,
     next_ticket: u64,
@@ -101,6 +117,9 @@ struct Waiter {
     queued: Instant,
     deadline: Instant,
     budget: Duration,
+    /// A handshake taking a slot again after a stall: it goes first, and
+    /// is never refused for lack of time (its work is under way).
+    resuming: bool,
     /// Receives the slot; dropped unsent, the waiter is refused.
     grant: oneshot::Sender<Slot>,
 }
@@ -116,6 +135,9 @@ pub struct AdmissionMetrics {
     /// that were refused one because their budget left was shorter than
     /// a typical handshake.
     pub timed_out: Counter,
+    /// Handshakes that gave their slot back because the peer took longer
+    /// than the stall threshold.
+    pub stalled: Counter,
 }
 
 /// No slot could be had in time to finish before the deadline.
@@ -151,7 +173,6 @@ impl Admission {
                 state: Mutex::new(State {
                     in_use: 0,
                     limit: start.get() as f64,
-                    starting: true,
                     queue: VecDeque::new(),
                     next_ticket: 0,
                     typical: FIRST_TYPICAL,
@@ -176,9 +197,32 @@ impl Admission {
     /// Dropped while it waits, it leaves the queue (and a slot it was
     /// handed meanwhile goes to the next waiter).
     pub async fn acquire(&self, deadline: Instant, budget: Duration) -> Result<Slot, NoSlot> {
+        self.wait_turn(deadline, budget, false).await
+    }
+
+    /// Like [`Self::acquire`], for a handshake that gave its slot back
+    /// during a stall and now has work again: it goes first.
+    pub async fn resume(&self, deadline: Instant, budget: Duration) -> Result<Slot, NoSlot> {
+        self.wait_turn(deadline, budget, true).await
+    }
+
+    /// How long one wait for the peer may last before a handshake gives
+    /// its slot back: 1/[`STALL_SHARE`] of its `budget`, at least
+    /// 10 ms.
+    pub fn stall_after(budget: Duration) -> Duration {
+        (budget / STALL_SHARE).max(STALL_AT_LEAST)
+    }
+
+    async fn wait_turn(
+        &self,
+        deadline: Instant,
+        budget: Duration,
+        resuming: bool,
+    ) -> Result<Slot, NoSlot> {
         let (ticket, granted) = {
             let mut state = self.state();
-            if state.queue.is_empty() && state.in_use < state.slots() {
+            let first = resuming || state.queue.is_empty();
+            if first && state.in_use < state.slots() {
                 state.in_use += 1;
                 return Ok(self.slot(budget));
             }
@@ -190,6 +234,7 @@ impl Admission {
                 queued: Instant::now(),
                 deadline,
                 budget,
+                resuming,
                 grant,
             });
             self.count_waiting(&state);
@@ -244,16 +289,16 @@ impl Admission {
         // Dropping a refused waiter's sender wakes it with the refusal.
         state
             .queue
-            .retain(|w| w.deadline.saturating_duration_since(now) >= needed);
+            .retain(|w| w.resuming || w.deadline.saturating_duration_since(now) >= needed);
         while state.in_use < state.slots() {
             let overloaded = state.queue.front().is_some_and(|w| {
                 now.saturating_duration_since(w.queued)
                     > w.deadline.saturating_duration_since(w.queued) / 2
             });
-            let next = if overloaded {
-                state.queue.pop_back()
-            } else {
-                state.queue.pop_front()
+            let next = match state.queue.iter().position(|w| w.resuming) {
+                Some(i) => state.queue.remove(i),
+                None if overloaded => state.queue.pop_back(),
+                None => state.queue.pop_front(),
             };
             let Some(w) = next else {
                 break;
@@ -283,18 +328,12 @@ impl Admission {
             Finished::Failed => return,
         };
         if slow {
-            state.starting = false;
             if now >= state.calm_until {
                 state.limit = (state.limit * 0.75).max(1.0);
                 state.calm_until = now + held;
             }
         } else if held <= budget / FAST_SHARE {
-            let step = if state.starting {
-                1.0
-            } else {
-                1.0 / state.limit
-            };
-            state.limit = (state.limit + step).min(self.shared.most.get() as f64);
+            state.limit = (state.limit + 1.0 / state.limit).min(self.shared.most.get() as f64);
         }
         self.shared.metrics.limit.set(gauge_value(state.slots()));
     }
@@ -341,6 +380,14 @@ pub struct Slot {
 }
 
 impl Slot {
+    /// Gives the slot back because the peer is slow to answer, counted in
+    /// the metrics (the limit learns nothing from it).
+    pub fn stalled(self) {
+        if let Some(a) = &self.admission {
+            a.shared.metrics.stalled.inc();
+        }
+    }
+
     /// Gives the slot back after the handshake ended as `finished`, which
     /// the limit learns from.
     pub fn finished(self, finished: Finished) {
@@ -464,6 +511,41 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_resuming_handshake_goes_before_older_waiters_and_is_never_refused() {
+        let a = admission(1);
+        let held = a.acquire(far(), BUDGET).await.unwrap();
+        let (first_a, resuming_a) = (a.clone(), a.clone());
+        let first =
+            tokio::spawn(async move { first_a.acquire(far(), BUDGET).await.map(|s| s.since) });
+        wait_for_waiters(&a, 1).await;
+        // Less time left than a typical handshake: a new waiter would be
+        // refused, a resuming one is not.
+        let short = Instant::now() + FIRST_TYPICAL / 2;
+        let resuming = tokio::spawn(async move { resuming_a.resume(short, BUDGET).await });
+        wait_for_waiters(&a, 2).await;
+        drop(held);
+        let slot = resuming.await.unwrap().unwrap();
+        assert_eq!(a.shared.metrics.waiting.get(), 1);
+        let resumed_at = slot.since;
+        slot.stalled();
+        assert_eq!(a.shared.metrics.stalled.get(), 1);
+        assert!(first.await.unwrap().unwrap() > resumed_at);
+        assert_eq!(in_use(&a), 0);
+    }
+
+    #[test]
+    fn the_stall_threshold_is_a_share_of_the_budget() {
+        assert_eq!(
+            Admission::stall_after(Duration::from_secs(2)),
+            Duration::from_millis(500)
+        );
+        assert_eq!(
+            Admission::stall_after(Duration::from_millis(20)),
+            STALL_AT_LEAST
+        );
+    }
+
+    #[tokio::test]
     async fn waiting_holds_no_thread() {
         // 2,000 waiters on a current-thread runtime: they are futures.
         let a = admission(1);
@@ -574,6 +656,7 @@ mod tests {
                 queued: Instant::now(),
                 deadline: far(),
                 budget: BUDGET,
+                resuming: false,
                 grant,
             });
         }
@@ -624,9 +707,10 @@ mod tests {
         );
         let limit = |a: &Admission| a.shared.metrics.limit.get();
         assert_eq!(limit(&a), 2);
-        // Fast (well within a quarter of the budget), before any slow one:
-        // +1 each.
-        for _ in 0..3 {
+        // Fast (well within a quarter of the budget): +1/limit each, so +1
+        // per round of `limit` of them (2, 2.5, 2.9, 3.2, 3.6, 3.8, 4.1,
+        // 4.3, 4.6, 4.8, 5.0, 5.2).
+        for _ in 0..11 {
             let slot = a.acquire(far(), BUDGET).await.unwrap();
             slot.finished(Finished::Succeeded);
         }
@@ -640,8 +724,7 @@ mod tests {
             slot.finished(Finished::Succeeded);
         };
         slow(a.clone()).await;
-        assert_eq!(limit(&a), 3, "5 * 0.75");
-        // Past slow start: +1 per round of `limit` fast ones.
+        assert_eq!(limit(&a), 3, "5.2 * 0.75");
         for _ in 0..3 {
             let slot = a.acquire(far(), BUDGET).await.unwrap();
             slot.finished(Finished::Succeeded);

@@ -371,7 +371,7 @@ impl<L: TlsLibrary> HandshakeProvider<L> {
     pub fn handshake(&self, request: &KeyRequest) -> Result<ConnectionKeys, ProviderError> {
         let fd = Self::socket_of(request)?;
         let budget = Self::budget_of(request);
-        self.handshake_on(request, fd, Instant::now() + budget)
+        self.handshake_over(request, &mut SocketIo::new(fd, Instant::now() + budget))
     }
 
     /// The application's socket, taken from its process.
@@ -395,40 +395,40 @@ impl<L: TlsLibrary> HandshakeProvider<L> {
         request.timeout.max(Duration::from_millis(10))
     }
 
-    /// The handshake of `request` over `fd`, its messages due by
-    /// `deadline`.
-    fn handshake_on(
+    /// The handshake of `request` over `io`.
+    fn handshake_over(
         &self,
         request: &KeyRequest,
-        fd: OwnedFd,
-        deadline: Instant,
+        io: &mut SocketIo,
     ) -> Result<ConnectionKeys, ProviderError> {
         let budget = Self::budget_of(request);
-        let mut io = SocketIo::new(fd, deadline);
+        let millis = u64::try_from(budget.as_millis()).unwrap_or(u64::MAX);
         let secrets = Arc::new(Mutex::new(TrafficSecrets::default()));
         let loaded = self.current();
-        let negotiated = loaded
-            .library
-            .handshake(request.role, &mut io, &secrets)
-            .map_err(|failure| {
-                // Names the peer's kind of provider when the two do not match.
-                let peer = io.peer_start();
-                match failure {
-                    HandshakeFailure::Session(reason) => ProviderError::Internal {
-                        reason: format!("create session: {reason}"),
-                    },
-                    HandshakeFailure::TimedOut => ProviderError::Timeout {
-                        waiting_for: format!("the peer's handshake messages ({peer})"),
-                        millis: u64::try_from(budget.as_millis()).unwrap_or(u64::MAX),
-                    },
-                    HandshakeFailure::PeerRejected(reason) => {
-                        ProviderError::PeerAuthentication { reason }
-                    }
-                    HandshakeFailure::Failed(reason) => ProviderError::Handshake {
-                        reason: format!("{reason}; {peer}"),
-                    },
+        let handshake = loaded.library.handshake(request.role, io, &secrets);
+        if let (Err(_), Some(e)) = (&handshake, io.no_slot()) {
+            // The deadline passed waiting for a slot again after a stall.
+            return Err(no_slot(e, millis));
+        }
+        let negotiated = handshake.map_err(|failure| {
+            // Names the peer's kind of provider when the two do not match.
+            let peer = io.peer_start();
+            match failure {
+                HandshakeFailure::Session(reason) => ProviderError::Internal {
+                    reason: format!("create session: {reason}"),
+                },
+                HandshakeFailure::TimedOut => ProviderError::Timeout {
+                    waiting_for: format!("the peer's handshake messages ({peer})"),
+                    millis,
+                },
+                HandshakeFailure::PeerRejected(reason) => {
+                    ProviderError::PeerAuthentication { reason }
                 }
-            })?;
+                HandshakeFailure::Failed(reason) => ProviderError::Handshake {
+                    reason: format!("{reason}; {peer}"),
+                },
+            }
+        })?;
         if let Some(nodes) = &loaded.nodes {
             peer_is_its_node(nodes, request.remote.ip(), &negotiated)?;
         }
@@ -561,6 +561,11 @@ impl<L: TlsLibrary> Provider for HandshakeProvider<L> {
             m.limit.clone(),
         );
         registry.register(
+            "handshake_slot_stalls",
+            "In-band connecting sides that gave their slot back because the peer took longer than the stall threshold (a quarter of the key timeout); each takes one again, first, when the peer's bytes arrive",
+            m.stalled.clone(),
+        );
+        registry.register(
             "handshake_slot_timeouts",
             "In-band connecting sides that failed waiting for a handshake slot: at their key timeout, or refused one with less time left than a handshake takes",
             m.timed_out.clone(),
@@ -603,31 +608,42 @@ impl<L: TlsLibrary> Provider for HandshakeProvider<L> {
         // again only spent that connection's time (measured: ARCHITECTURE.md,
         // "Admission of in-band handshakes").
         let slot = match request.role {
-            Role::Client => Some(self.admission.acquire(deadline, budget).await.map_err(
-                |e: NoSlot| ProviderError::Timeout {
-                    waiting_for: format!("a handshake slot: {e}"),
-                    millis,
-                },
-            )?),
+            Role::Client => Some(
+                self.admission
+                    .acquire(deadline, budget)
+                    .await
+                    .map_err(|e| no_slot(e, millis))?,
+            ),
             Role::Server => None,
         };
         // The handshake blocks (poll on the socket); keep it off the runtime.
         let this = self.clone();
+        let runtime = tokio::runtime::Handle::current();
         tokio::task::spawn_blocking(move || {
-            let keys = this.handshake_on(&request, fd, deadline);
+            let mut io = SocketIo::new(fd, deadline);
             if let Some(slot) = slot {
-                slot.finished(match &keys {
-                    Ok(_) => Finished::Succeeded,
-                    Err(ProviderError::Timeout { .. }) => Finished::TimedOut,
-                    Err(_) => Finished::Failed,
-                });
+                io.hold(slot, this.admission.clone(), runtime);
             }
+            let keys = this.handshake_over(&request, &mut io);
+            io.finish(match &keys {
+                Ok(_) => Finished::Succeeded,
+                Err(ProviderError::Timeout { .. }) => Finished::TimedOut,
+                Err(_) => Finished::Failed,
+            });
             keys
         })
         .await
         .map_err(|e| ProviderError::Internal {
             reason: format!("handshake thread: {e}"),
         })?
+    }
+}
+
+/// The error of a request that found no admission slot in time.
+fn no_slot(e: NoSlot, millis: u64) -> ProviderError {
+    ProviderError::Timeout {
+        waiting_for: format!("a handshake slot: {e}"),
+        millis,
     }
 }
 

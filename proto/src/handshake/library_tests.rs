@@ -389,9 +389,11 @@ pub fn a_silent_peer_times_out<L: TlsLibrary>() {
 }
 
 /// `concurrent_handshakes = 1`: one slot for connecting sides, taken
-/// through `keys` as the SDK calls it. Accepting sides whose peers have
-/// sent nothing wait for the ClientHello holding neither a slot nor a
-/// thread, so 6 of them do not hold up 8 connections at once both of whose
+/// through `keys` as the SDK calls it. A connecting side whose peer never
+/// answers takes it first and gives it back at the stall threshold (a
+/// quarter of its 4 s), long before its deadline. Accepting sides whose
+/// peers have sent nothing wait for the ClientHello holding neither a slot
+/// nor a thread. So neither holds up 8 connections at once both of whose
 /// ends this node keys (two pods of one node); and since accepting sides
 /// take no slot, a connecting side that holds the only one while its own
 /// accepting side works never waits for itself. The silent ones then fail
@@ -408,6 +410,7 @@ pub fn one_slot_serves_both_ends_past_silent_peers<L: TlsLibrary>() {
         .build()
         .unwrap();
     let silent_budget = Duration::from_secs(4);
+    let silent_client = loopback();
     let silent: Vec<_> = (0..6).map(|_| loopback()).collect();
     let pairs: Vec<_> = (0..8)
         .map(|_| {
@@ -418,16 +421,20 @@ pub fn one_slot_serves_both_ends_past_silent_peers<L: TlsLibrary>() {
         .collect();
     let started = std::time::Instant::now();
     let (busy_done, silent_results) = runtime.block_on(async {
-        let waiting: Vec<_> = silent
-            .iter()
-            .map(|(_, s)| {
-                let (a, r) = (
-                    a.clone(),
-                    request(Role::Server, s.as_raw_fd(), silent_budget),
-                );
-                tokio::spawn(async move { a.keys(r).await })
-            })
-            .collect();
+        let (ac, rc) = (
+            a.clone(),
+            request(Role::Client, silent_client.0.as_raw_fd(), silent_budget),
+        );
+        let mut waiting = vec![tokio::spawn(async move { ac.keys(rc).await })];
+        // The silent connecting side takes the slot first.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        waiting.extend(silent.iter().map(|(_, s)| {
+            let (a, r) = (
+                a.clone(),
+                request(Role::Server, s.as_raw_fd(), silent_budget),
+            );
+            tokio::spawn(async move { a.keys(r).await })
+        }));
         tokio::time::sleep(Duration::from_millis(100)).await;
         let keyed: Vec<_> = pairs
             .iter()
@@ -473,6 +480,11 @@ pub fn one_slot_serves_both_ends_past_silent_peers<L: TlsLibrary>() {
     assert_eq!(metric("waiting"), Some(0.0), "{text}");
     assert_eq!(metric("timeouts_total"), Some(0.0), "{text}");
     assert_eq!(metric("limit"), Some(1.0), "{text}");
+    // The silent one, and at most a couple that a loaded host slowed.
+    assert!(
+        metric("stalls_total").is_some_and(|n| (1.0..4.0).contains(&n)),
+        "{text}"
+    );
 }
 
 /// A peer whose node runs a key-only provider sends an encrypted record
