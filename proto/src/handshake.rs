@@ -17,16 +17,13 @@ pub mod files;
 pub mod library_tests;
 pub mod node_pair;
 
-use std::num::NonZeroUsize;
-use std::os::fd::OwnedFd;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant, SystemTime};
 
 use tracing::{error, info, warn};
 
-use crate::admission::{Admission, AdmissionMetrics, Finished, NoSlot};
 use crate::handshake_config::TlsSection;
-use crate::socket::{SocketIo, describe_peer_start, take_fd};
+use crate::socket::{SocketIo, take_fd};
 use crate::tls13::{TrafficSecrets, suite_by_name};
 use crate::{
     CipherSuite, ConnectionKeys, Credential, KeyRequest, Provider, ProviderError, ProviderInfo,
@@ -180,24 +177,7 @@ pub struct HandshakeProvider<L> {
     warned: Arc<Mutex<Option<Instant>>>,
     /// Set in node-pair mode (`[tls] keying = "node-pair"`).
     node_pair: Option<node_pair::NodePair<L>>,
-    /// The slots of in-band connecting sides (see [`crate::admission`]).
-    admission: Admission,
 }
-
-/// The admission of in-band connecting sides: at most `most`
-/// (`concurrent_handshakes`; unset: [`MOST_HANDSHAKES_PER_CPU`] per CPU),
-/// starting from one per CPU.
-fn connecting_admission(most: Option<NonZeroUsize>) -> Admission {
-    let cpus = std::thread::available_parallelism().unwrap_or(NonZeroUsize::MIN);
-    let most = most.unwrap_or_else(|| cpus.saturating_mul(MOST_HANDSHAKES_PER_CPU));
-    Admission::new(most, cpus, AdmissionMetrics::default())
-}
-
-/// The cap of in-band connecting sides at once per CPU when
-/// `concurrent_handshakes` is unset. The limit adapts below it (see
-/// [`crate::admission`]); the cap only bounds what a machine whose
-/// handshakes are all fast grows to.
-const MOST_HANDSHAKES_PER_CPU: NonZeroUsize = NonZeroUsize::new(16).expect("16 is not 0");
 
 impl<L> Clone for HandshakeProvider<L> {
     fn clone(&self) -> Self {
@@ -208,7 +188,6 @@ impl<L> Clone for HandshakeProvider<L> {
             refused: Arc::clone(&self.refused),
             warned: Arc::clone(&self.warned),
             node_pair: self.node_pair.clone(),
-            admission: self.admission.clone(),
         }
     }
 }
@@ -264,7 +243,6 @@ impl<L: TlsLibrary> HandshakeProvider<L> {
             refused: Arc::new(Mutex::new(None)),
             warned: Arc::new(Mutex::new(None)),
             node_pair,
-            admission: connecting_admission(tls.concurrent_handshakes),
         };
         this.warn_if_expiring();
         Ok(this)
@@ -369,66 +347,46 @@ impl<L: TlsLibrary> HandshakeProvider<L> {
 
     /// Runs the handshake for `request` (blocking: it polls the socket).
     pub fn handshake(&self, request: &KeyRequest) -> Result<ConnectionKeys, ProviderError> {
-        let fd = Self::socket_of(request)?;
-        let budget = Self::budget_of(request);
-        self.handshake_over(request, &mut SocketIo::new(fd, Instant::now() + budget))
-    }
-
-    /// The application's socket, taken from its process.
-    fn socket_of(request: &KeyRequest) -> Result<OwnedFd, ProviderError> {
         let handle = request
             .socket
             .ok_or_else(|| ProviderError::InvalidRequest {
                 reason: "this provider handshakes over the connection and needs `socket`".into(),
             })?;
-        take_fd(handle.pid, handle.fd).map_err(|source| ProviderError::Socket {
+        let fd = take_fd(handle.pid, handle.fd).map_err(|source| ProviderError::Socket {
             pid: handle.pid,
             fd: handle.fd,
             source,
-        })
-    }
-
-    /// The whole request timeout: the core already kept a margin for the
-    /// answer to reach it (it waits a tenth longer, at least 200 ms), so
-    /// that it logs this provider's reason rather than its own deadline.
-    fn budget_of(request: &KeyRequest) -> Duration {
-        request.timeout.max(Duration::from_millis(10))
-    }
-
-    /// The handshake of `request` over `io`.
-    fn handshake_over(
-        &self,
-        request: &KeyRequest,
-        io: &mut SocketIo,
-    ) -> Result<ConnectionKeys, ProviderError> {
-        let budget = Self::budget_of(request);
-        let millis = u64::try_from(budget.as_millis()).unwrap_or(u64::MAX);
+        })?;
+        // The whole request timeout: the core already kept a margin for
+        // the answer to reach it (it waits a tenth longer, at least 200 ms),
+        // so that it logs this provider's reason rather than its own
+        // deadline.
+        let budget = request.timeout.max(Duration::from_millis(10));
+        let mut io = SocketIo::new(fd, Instant::now() + budget);
         let secrets = Arc::new(Mutex::new(TrafficSecrets::default()));
         let loaded = self.current();
-        let handshake = loaded.library.handshake(request.role, io, &secrets);
-        if let (Err(_), Some(e)) = (&handshake, io.no_slot()) {
-            // The deadline passed waiting for a slot again after a stall.
-            return Err(no_slot(e, millis));
-        }
-        let negotiated = handshake.map_err(|failure| {
-            // Names the peer's kind of provider when the two do not match.
-            let peer = io.peer_start();
-            match failure {
-                HandshakeFailure::Session(reason) => ProviderError::Internal {
-                    reason: format!("create session: {reason}"),
-                },
-                HandshakeFailure::TimedOut => ProviderError::Timeout {
-                    waiting_for: format!("the peer's handshake messages ({peer})"),
-                    millis,
-                },
-                HandshakeFailure::PeerRejected(reason) => {
-                    ProviderError::PeerAuthentication { reason }
+        let negotiated = loaded
+            .library
+            .handshake(request.role, &mut io, &secrets)
+            .map_err(|failure| {
+                // Names the peer's kind of provider when the two do not match.
+                let peer = io.peer_start();
+                match failure {
+                    HandshakeFailure::Session(reason) => ProviderError::Internal {
+                        reason: format!("create session: {reason}"),
+                    },
+                    HandshakeFailure::TimedOut => ProviderError::Timeout {
+                        waiting_for: format!("the peer's handshake messages ({peer})"),
+                        millis: u64::try_from(budget.as_millis()).unwrap_or(u64::MAX),
+                    },
+                    HandshakeFailure::PeerRejected(reason) => {
+                        ProviderError::PeerAuthentication { reason }
+                    }
+                    HandshakeFailure::Failed(reason) => ProviderError::Handshake {
+                        reason: format!("{reason}; {peer}"),
+                    },
                 }
-                HandshakeFailure::Failed(reason) => ProviderError::Handshake {
-                    reason: format!("{reason}; {peer}"),
-                },
-            }
-        })?;
+            })?;
         if let Some(nodes) = &loaded.nodes {
             peer_is_its_node(nodes, request.remote.ip(), &negotiated)?;
         }
@@ -547,132 +505,20 @@ impl<L: TlsLibrary> Provider for HandshakeProvider<L> {
     fn register_metrics(&self, registry: &mut prometheus_client::registry::Registry) {
         if let Some(n) = &self.node_pair {
             n.register_metrics(registry);
-            return;
         }
-        let m = self.admission.metrics();
-        registry.register(
-            "handshake_slot_waiting",
-            "In-band connecting sides waiting for a handshake slot",
-            m.waiting.clone(),
-        );
-        registry.register(
-            "handshake_slot_limit",
-            "In-band connecting sides admitted at once now: the limit adapts to how long handshakes take, up to `concurrent_handshakes`",
-            m.limit.clone(),
-        );
-        registry.register(
-            "handshake_slot_stalls",
-            "In-band connecting sides that gave their slot back because the peer took longer than the stall threshold (a quarter of the key timeout); each takes one again, first, when the peer's bytes arrive",
-            m.stalled.clone(),
-        );
-        registry.register(
-            "handshake_slot_timeouts",
-            "In-band connecting sides that failed waiting for a handshake slot: at their key timeout, or refused one with less time left than a handshake takes",
-            m.timed_out.clone(),
-        );
     }
 
     async fn keys(&self, request: KeyRequest) -> Result<ConnectionKeys, ProviderError> {
         if let Some(n) = &self.node_pair {
             return n.keys(request).await;
         }
-        let budget = Self::budget_of(&request);
-        let deadline = Instant::now() + budget;
-        let fd = Self::socket_of(&request)?;
-        let millis = u64::try_from(budget.as_millis()).unwrap_or(u64::MAX);
-        // The accepting side's work starts with the peer's ClientHello:
-        // until it arrives it waits here, as a future, holding neither a
-        // slot nor a thread.
-        let fd = match request.role {
-            Role::Client => fd,
-            Role::Server => first_bytes(fd, deadline).await.map_err(|e| match e {
-                FirstBytes::TimedOut => ProviderError::Timeout {
-                    waiting_for: format!(
-                        "the peer's handshake messages ({})",
-                        describe_peer_start(&[])
-                    ),
-                    millis,
-                },
-                // Not the peer's doing: the reactor refused the socket.
-                FirstBytes::Io(source) => ProviderError::Internal {
-                    reason: format!("watch the socket for the peer's ClientHello: {source}"),
-                },
-            })?,
-        };
-        // Only the connecting side waits for a slot: it starts the
-        // handshake, so its slots bound the handshakes under way between
-        // the two nodes, and its limit adapts to their whole time, the
-        // accepting side's included, as a TCP sender's window does to the
-        // round trip. An accepting side works as soon as the ClientHello
-        // is there: it was admitted on the other node, and making it wait
-        // again only spent that connection's time (measured: ARCHITECTURE.md,
-        // "Admission of in-band handshakes").
-        let slot = match request.role {
-            Role::Client => Some(
-                self.admission
-                    .acquire(deadline, budget)
-                    .await
-                    .map_err(|e| no_slot(e, millis))?,
-            ),
-            Role::Server => None,
-        };
         // The handshake blocks (poll on the socket); keep it off the runtime.
         let this = self.clone();
-        let runtime = tokio::runtime::Handle::current();
-        tokio::task::spawn_blocking(move || {
-            let mut io = SocketIo::new(fd, deadline);
-            if let Some(slot) = slot {
-                io.hold(slot, this.admission.clone(), runtime);
-            }
-            let keys = this.handshake_over(&request, &mut io);
-            io.finish(match &keys {
-                Ok(_) => Finished::Succeeded,
-                Err(ProviderError::Timeout { .. }) => Finished::TimedOut,
-                Err(_) => Finished::Failed,
-            });
-            keys
-        })
-        .await
-        .map_err(|e| ProviderError::Internal {
-            reason: format!("handshake thread: {e}"),
-        })?
-    }
-}
-
-/// The error of a request that found no admission slot in time.
-fn no_slot(e: NoSlot, millis: u64) -> ProviderError {
-    ProviderError::Timeout {
-        waiting_for: format!("a handshake slot: {e}"),
-        millis,
-    }
-}
-
-/// Why [`first_bytes`] ended without bytes to read.
-#[derive(Debug)]
-enum FirstBytes {
-    /// The deadline passed.
-    TimedOut,
-    /// The socket could not be watched.
-    Io(std::io::Error),
-}
-
-/// Waits until `fd` has something to read (bytes, the peer's FIN or a
-/// reset) or `deadline` passes, in the runtime's reactor; gives the socket
-/// back.
-async fn first_bytes(fd: OwnedFd, deadline: Instant) -> Result<OwnedFd, FirstBytes> {
-    use tokio::io::Interest;
-    use tokio::io::unix::AsyncFd;
-    #[expect(
-        deprecated,
-        reason = "an OwnedFd owns its fd for its whole life, which is the contract the unsafe AsyncFd::register_with_interest would state"
-    )]
-    let watched = AsyncFd::with_interest(fd, Interest::READABLE).map_err(FirstBytes::Io)?;
-    let ready =
-        tokio::time::timeout_at(tokio::time::Instant::from_std(deadline), watched.readable()).await;
-    match ready {
-        Ok(Ok(_)) => Ok(watched.into_inner()),
-        Ok(Err(e)) => Err(FirstBytes::Io(e)),
-        Err(_) => Err(FirstBytes::TimedOut),
+        tokio::task::spawn_blocking(move || this.handshake(&request))
+            .await
+            .map_err(|e| ProviderError::Internal {
+                reason: format!("handshake thread: {e}"),
+            })?
     }
 }
 
@@ -847,7 +693,6 @@ mod tests {
             groups: vec!["X25519".into()],
             expiry_warning_days: 30,
             node_map: None,
-            concurrent_handshakes: None,
         }
     }
 

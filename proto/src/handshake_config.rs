@@ -15,7 +15,6 @@
 //! groups = ["X25519"]
 //! expiry_warning_days = 30               # optional
 //! node_map = "/etc/tlshub/nodes.toml"    # optional (required for node-pair)
-//! concurrent_handshakes = 64             # optional: in-band connecting sides at once (16 per CPU)
 //! [node_pair]                            # optional, with keying = "node-pair"
 //! listen = "0.0.0.0:7446"
 //! port = 7446                            # the port every node listens on
@@ -65,13 +64,6 @@ pub struct TlsSection {
     /// certificate the CA signed is accepted. Reloaded with the other files.
     #[serde(default)]
     pub node_map: Option<PathBuf>,
-    /// The most in-band handshakes this node starts (connecting sides)
-    /// that work at once; the others wait without using the CPU or a
-    /// thread. Below this cap the provider adapts the number to how long
-    /// handshakes take against the key timeout (see
-    /// [`crate::admission`]). Unset: 16 per CPU.
-    #[serde(default)]
-    pub concurrent_handshakes: Option<std::num::NonZeroUsize>,
 }
 
 fn default_expiry_warning_days() -> u32 {

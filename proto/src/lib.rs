@@ -10,7 +10,6 @@
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
 
-pub mod admission;
 pub mod cidr;
 pub mod client;
 pub mod error;

@@ -4,13 +4,11 @@
 
 use std::io;
 use std::os::fd::{AsFd, OwnedFd};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use rustix::event::{PollFd, PollFlags, Timespec};
 use rustix::net::{RecvFlags, SendFlags};
 use rustix::process::{Pid, PidfdFlags, PidfdGetfdFlags};
-
-use crate::admission::{Admission, Finished, NoSlot, Slot};
 
 /// A process id as the kernel reports it (BPF events, `SO_PEERCRED`,
 /// requests): 0 or one past `i32::MAX` names no process (`ESRCH`).
@@ -93,11 +91,6 @@ pub fn describe_peer_start(first: &[u8]) -> &'static str {
 /// application, so instead of toggling it, every call uses `MSG_DONTWAIT`
 /// and waits with `poll()` up to a deadline. Hand it to a TLS library for a
 /// handshake over the application's connection.
-///
-/// Given an admission slot ([`SocketIo::hold`]), it gives the slot back
-/// when a wait for the peer outlasts the stall threshold and takes one
-/// again, ahead of other waiters, when the peer's bytes arrive (see
-/// [`crate::admission`]).
 #[derive(Debug)]
 pub struct SocketIo {
     fd: OwnedFd,
@@ -105,33 +98,6 @@ pub struct SocketIo {
     /// The first bytes the peer sent (up to a TLS record header), kept to
     /// say what the peer runs when a handshake fails.
     first: Vec<u8>,
-    /// The whole time the handshake has, which the stall threshold is a
-    /// share of.
-    budget: Duration,
-    admitted: Admitted,
-    /// Set when the deadline passed while waiting for a slot again rather
-    /// than for the peer.
-    no_slot: Option<NoSlot>,
-}
-
-/// Where a [`SocketIo`]'s handshake stands with its [`Admission`].
-#[derive(Debug)]
-enum Admitted {
-    /// No admission: the handshake works whenever it can.
-    Unlimited,
-    /// Holds a slot; a wait for the peer longer than the stall threshold
-    /// gives it back.
-    Holding {
-        slot: Slot,
-        admission: Admission,
-        runtime: tokio::runtime::Handle,
-    },
-    /// Gave its slot back during a stall; takes one again when the peer's
-    /// bytes arrive, waiting in `runtime` (this runs on a blocking thread).
-    Stalled {
-        admission: Admission,
-        runtime: tokio::runtime::Handle,
-    },
 }
 
 /// Bytes of the peer's first record header that [`SocketIo`] keeps.
@@ -144,37 +110,7 @@ impl SocketIo {
             fd,
             deadline,
             first: Vec::new(),
-            budget: deadline.saturating_duration_since(Instant::now()),
-            admitted: Admitted::Unlimited,
-            no_slot: None,
         }
-    }
-
-    /// Holds `slot` of `admission` while the handshake works, giving it
-    /// back during stalls; `runtime` is where it waits for one again. Call
-    /// it from a blocking thread, not from within the runtime.
-    pub fn hold(&mut self, slot: Slot, admission: Admission, runtime: tokio::runtime::Handle) {
-        self.admitted = Admitted::Holding {
-            slot,
-            admission,
-            runtime,
-        };
-    }
-
-    /// Gives the slot back, telling the admission how the handshake ended
-    /// (see [`Slot::finished`]).
-    pub fn finish(&mut self, finished: Finished) {
-        if let Admitted::Holding { slot, .. } =
-            std::mem::replace(&mut self.admitted, Admitted::Unlimited)
-        {
-            slot.finished(finished);
-        }
-    }
-
-    /// Why the handshake ran out of time waiting for a slot again after a
-    /// stall, if it did.
-    pub fn no_slot(&self) -> Option<NoSlot> {
-        self.no_slot
     }
 
     /// The socket back, for what follows the handshake.
@@ -188,69 +124,25 @@ impl SocketIo {
         describe_peer_start(&self.first)
     }
 
-    /// Waits for `events` on the socket up to the deadline, giving the
-    /// slot back once the wait outlasts the stall threshold and taking one
-    /// again before it returns.
-    fn wait(&mut self, events: PollFlags) -> io::Result<()> {
-        let stall_at = matches!(self.admitted, Admitted::Holding { .. })
-            .then(|| Instant::now() + Admission::stall_after(self.budget));
+    fn wait(&self, events: PollFlags) -> io::Result<()> {
         loop {
-            let now = Instant::now();
-            let left = self.deadline.saturating_duration_since(now);
+            let left = self.deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
                 return Err(io::Error::new(
                     io::ErrorKind::TimedOut,
                     "handshake deadline passed",
                 ));
             }
-            let stall_left = stall_at.map(|at| at.saturating_duration_since(now));
-            if stall_left.is_some_and(|s| s.is_zero())
-                && let Admitted::Holding {
-                    slot,
-                    admission,
-                    runtime,
-                } = std::mem::replace(&mut self.admitted, Admitted::Unlimited)
-            {
-                slot.stalled();
-                self.admitted = Admitted::Stalled { admission, runtime };
-            }
-            let poll_for = match (&self.admitted, stall_left) {
-                (Admitted::Holding { .. }, Some(s)) => left.min(s),
-                _ => left,
-            };
             let mut fds = [PollFd::new(&self.fd, events)];
-            let timeout = Timespec::try_from(poll_for).unwrap_or(Timespec {
+            let timeout = Timespec::try_from(left).unwrap_or(Timespec {
                 tv_sec: i64::MAX,
                 tv_nsec: 0,
             });
             match rustix::event::poll(&mut fds, Some(&timeout)) {
                 Ok(0) => continue,
-                Ok(_) => return self.resume(),
+                Ok(_) => return Ok(()),
                 Err(rustix::io::Errno::INTR) => {}
                 Err(e) => return Err(e.into()),
-            }
-        }
-    }
-
-    /// Takes a slot again after a stall, if the handshake gave one back.
-    fn resume(&mut self) -> io::Result<()> {
-        let Admitted::Stalled { admission, runtime } =
-            std::mem::replace(&mut self.admitted, Admitted::Unlimited)
-        else {
-            return Ok(());
-        };
-        match runtime.block_on(admission.resume(self.deadline, self.budget)) {
-            Ok(slot) => {
-                self.admitted = Admitted::Holding {
-                    slot,
-                    admission,
-                    runtime,
-                };
-                Ok(())
-            }
-            Err(e) => {
-                self.no_slot = Some(e);
-                Err(io::Error::new(io::ErrorKind::TimedOut, e))
             }
         }
     }
