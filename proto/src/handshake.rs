@@ -17,13 +17,16 @@ pub mod files;
 pub mod library_tests;
 pub mod node_pair;
 
+use std::num::NonZeroUsize;
+use std::os::fd::OwnedFd;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant, SystemTime};
 
 use tracing::{error, info, warn};
 
+use crate::admission::{Admission, AdmissionMetrics, Finished, NoSlot};
 use crate::handshake_config::TlsSection;
-use crate::socket::{SocketIo, take_fd};
+use crate::socket::{SocketIo, describe_peer_start, take_fd};
 use crate::tls13::{TrafficSecrets, suite_by_name};
 use crate::{
     CipherSuite, ConnectionKeys, Credential, KeyRequest, Provider, ProviderError, ProviderInfo,
@@ -177,7 +180,22 @@ pub struct HandshakeProvider<L> {
     warned: Arc<Mutex<Option<Instant>>>,
     /// Set in node-pair mode (`[tls] keying = "node-pair"`).
     node_pair: Option<node_pair::NodePair<L>>,
+    /// The slots of in-band connecting sides (see [`crate::admission`]).
+    admission: Admission,
 }
+
+/// The admission of in-band connecting sides: from one per CPU up to
+/// `handshakes_in_flight` ([`MOST_IN_FLIGHT_PER_CPU`] per CPU when unset).
+fn connecting_admission(most: Option<NonZeroUsize>) -> Admission {
+    let cpus = std::thread::available_parallelism().unwrap_or(NonZeroUsize::MIN);
+    let most = most.unwrap_or_else(|| cpus.saturating_mul(MOST_IN_FLIGHT_PER_CPU));
+    Admission::new(cpus, most, AdmissionMetrics::default())
+}
+
+/// The most in-band handshakes in flight per CPU when
+/// `handshakes_in_flight` is unset; the limit adapts below it (see
+/// [`crate::admission`]).
+const MOST_IN_FLIGHT_PER_CPU: NonZeroUsize = NonZeroUsize::new(16).expect("16 is not 0");
 
 impl<L> Clone for HandshakeProvider<L> {
     fn clone(&self) -> Self {
@@ -188,6 +206,7 @@ impl<L> Clone for HandshakeProvider<L> {
             refused: Arc::clone(&self.refused),
             warned: Arc::clone(&self.warned),
             node_pair: self.node_pair.clone(),
+            admission: self.admission.clone(),
         }
     }
 }
@@ -243,6 +262,7 @@ impl<L: TlsLibrary> HandshakeProvider<L> {
             refused: Arc::new(Mutex::new(None)),
             warned: Arc::new(Mutex::new(None)),
             node_pair,
+            admission: connecting_admission(tls.handshakes_in_flight),
         };
         this.warn_if_expiring();
         Ok(this)
@@ -347,27 +367,45 @@ impl<L: TlsLibrary> HandshakeProvider<L> {
 
     /// Runs the handshake for `request` (blocking: it polls the socket).
     pub fn handshake(&self, request: &KeyRequest) -> Result<ConnectionKeys, ProviderError> {
+        let fd = Self::socket_of(request)?;
+        let budget = Self::budget_of(request);
+        self.handshake_over(request, &mut SocketIo::new(fd, Instant::now() + budget))
+    }
+
+    /// The application's socket, taken from its process.
+    fn socket_of(request: &KeyRequest) -> Result<OwnedFd, ProviderError> {
         let handle = request
             .socket
             .ok_or_else(|| ProviderError::InvalidRequest {
                 reason: "this provider handshakes over the connection and needs `socket`".into(),
             })?;
-        let fd = take_fd(handle.pid, handle.fd).map_err(|source| ProviderError::Socket {
+        take_fd(handle.pid, handle.fd).map_err(|source| ProviderError::Socket {
             pid: handle.pid,
             fd: handle.fd,
             source,
-        })?;
-        // The whole request timeout: the core already kept a margin for
-        // the answer to reach it (it waits a tenth longer, at least 200 ms),
-        // so that it logs this provider's reason rather than its own
-        // deadline.
-        let budget = request.timeout.max(Duration::from_millis(10));
-        let mut io = SocketIo::new(fd, Instant::now() + budget);
+        })
+    }
+
+    /// The whole request timeout: the core already kept a margin for the
+    /// answer to reach it (it waits a tenth longer, at least 200 ms), so
+    /// that it logs this provider's reason rather than its own deadline.
+    fn budget_of(request: &KeyRequest) -> Duration {
+        request.timeout.max(Duration::from_millis(10))
+    }
+
+    /// The handshake of `request` over `io`.
+    fn handshake_over(
+        &self,
+        request: &KeyRequest,
+        io: &mut SocketIo,
+    ) -> Result<ConnectionKeys, ProviderError> {
+        let budget = Self::budget_of(request);
+        let millis = u64::try_from(budget.as_millis()).unwrap_or(u64::MAX);
         let secrets = Arc::new(Mutex::new(TrafficSecrets::default()));
         let loaded = self.current();
         let negotiated = loaded
             .library
-            .handshake(request.role, &mut io, &secrets)
+            .handshake(request.role, io, &secrets)
             .map_err(|failure| {
                 // Names the peer's kind of provider when the two do not match.
                 let peer = io.peer_start();
@@ -377,7 +415,7 @@ impl<L: TlsLibrary> HandshakeProvider<L> {
                     },
                     HandshakeFailure::TimedOut => ProviderError::Timeout {
                         waiting_for: format!("the peer's handshake messages ({peer})"),
-                        millis: u64::try_from(budget.as_millis()).unwrap_or(u64::MAX),
+                        millis,
                     },
                     HandshakeFailure::PeerRejected(reason) => {
                         ProviderError::PeerAuthentication { reason }
@@ -505,20 +543,145 @@ impl<L: TlsLibrary> Provider for HandshakeProvider<L> {
     fn register_metrics(&self, registry: &mut prometheus_client::registry::Registry) {
         if let Some(n) = &self.node_pair {
             n.register_metrics(registry);
+            return;
         }
+        let m = self.admission.metrics();
+        registry.register(
+            "handshake_slot_waiting",
+            "In-band connecting sides waiting for a handshake slot",
+            m.waiting.clone(),
+        );
+        registry.register(
+            "handshake_slot_in_flight",
+            "In-band ClientHellos sent and not yet answered",
+            m.in_flight.clone(),
+        );
+        registry.register(
+            "handshake_slot_limit",
+            "In-band ClientHellos allowed in flight now: from one per CPU up to `handshakes_in_flight`, more while handshakes finish within an eighth of the key timeout",
+            m.limit.clone(),
+        );
+        registry.register(
+            "handshake_slot_stalls",
+            "In-band connecting sides that gave their slot back because the peer had not answered within the stall threshold (a quarter of the key timeout)",
+            m.stalled.clone(),
+        );
+        registry.register(
+            "handshake_slot_timeouts",
+            "In-band connecting sides that failed waiting for a handshake slot: at their key timeout, or refused one with less time left than a peer takes to answer",
+            m.timed_out.clone(),
+        );
     }
 
     async fn keys(&self, request: KeyRequest) -> Result<ConnectionKeys, ProviderError> {
         if let Some(n) = &self.node_pair {
             return n.keys(request).await;
         }
+        let budget = Self::budget_of(&request);
+        let deadline = Instant::now() + budget;
+        let fd = Self::socket_of(&request)?;
+        let millis = u64::try_from(budget.as_millis()).unwrap_or(u64::MAX);
+        // The accepting side's work starts with the peer's ClientHello:
+        // until it arrives it waits here, as a future, holding neither a
+        // slot nor a thread.
+        let fd = match request.role {
+            Role::Client => fd,
+            Role::Server => first_bytes(fd, deadline).await.map_err(|e| match e {
+                FirstBytes::TimedOut => ProviderError::Timeout {
+                    waiting_for: format!(
+                        "the peer's handshake messages ({})",
+                        describe_peer_start(&[])
+                    ),
+                    millis,
+                },
+                // Not the peer's doing: the reactor refused the socket.
+                FirstBytes::Io(source) => ProviderError::Internal {
+                    reason: format!("watch the socket for the peer's ClientHello: {source}"),
+                },
+            })?,
+        };
+        // Only the connecting side waits for a slot, which it holds until
+        // the peer answers its ClientHello: the slots bound the work this
+        // node asks of its peers at once. An accepting side works as soon
+        // as the ClientHello is there: it was admitted on the other node,
+        // and making it wait again only spent that connection's time
+        // (measured: ARCHITECTURE.md, "Admission of in-band handshakes").
+        let slot = match request.role {
+            Role::Client => {
+                let slot = self
+                    .admission
+                    .acquire(deadline)
+                    .await
+                    .map_err(|e| no_slot(e, millis))?;
+                Some((slot, Instant::now()))
+            }
+            Role::Server => None,
+        };
         // The handshake blocks (poll on the socket); keep it off the runtime.
         let this = self.clone();
-        tokio::task::spawn_blocking(move || this.handshake(&request))
-            .await
-            .map_err(|e| ProviderError::Internal {
-                reason: format!("handshake thread: {e}"),
-            })?
+        tokio::task::spawn_blocking(move || {
+            let mut io = SocketIo::new(fd, deadline);
+            let admitted = slot.map(|(slot, admitted)| {
+                io.hold(slot);
+                admitted
+            });
+            let keys = this.handshake_over(&request, &mut io);
+            if let Some(admitted) = admitted {
+                // The limit learns from the whole handshake, this node's
+                // work on the answer included, not only the peer's.
+                this.admission.finished(
+                    admitted.elapsed(),
+                    budget,
+                    match &keys {
+                        Ok(_) => Finished::Succeeded,
+                        Err(ProviderError::Timeout { .. }) => Finished::TimedOut,
+                        Err(_) => Finished::Failed,
+                    },
+                );
+            }
+            keys
+        })
+        .await
+        .map_err(|e| ProviderError::Internal {
+            reason: format!("handshake thread: {e}"),
+        })?
+    }
+}
+
+/// The error of a request that found no admission slot in time.
+fn no_slot(e: NoSlot, millis: u64) -> ProviderError {
+    ProviderError::Timeout {
+        waiting_for: format!("a handshake slot: {e}"),
+        millis,
+    }
+}
+
+/// Why [`first_bytes`] ended without bytes to read.
+#[derive(Debug)]
+enum FirstBytes {
+    /// The deadline passed.
+    TimedOut,
+    /// The socket could not be watched.
+    Io(std::io::Error),
+}
+
+/// Waits until `fd` has something to read (bytes, the peer's FIN or a
+/// reset) or `deadline` passes, in the runtime's reactor; gives the socket
+/// back.
+async fn first_bytes(fd: OwnedFd, deadline: Instant) -> Result<OwnedFd, FirstBytes> {
+    use tokio::io::Interest;
+    use tokio::io::unix::AsyncFd;
+    #[expect(
+        deprecated,
+        reason = "an OwnedFd owns its fd for its whole life, which is the contract the unsafe AsyncFd::register_with_interest would state"
+    )]
+    let watched = AsyncFd::with_interest(fd, Interest::READABLE).map_err(FirstBytes::Io)?;
+    let ready =
+        tokio::time::timeout_at(tokio::time::Instant::from_std(deadline), watched.readable()).await;
+    match ready {
+        Ok(Ok(_)) => Ok(watched.into_inner()),
+        Ok(Err(e)) => Err(FirstBytes::Io(e)),
+        Err(_) => Err(FirstBytes::TimedOut),
     }
 }
 
@@ -693,6 +856,7 @@ mod tests {
             groups: vec!["X25519".into()],
             expiry_warning_days: 30,
             node_map: None,
+            handshakes_in_flight: None,
         }
     }
 

@@ -15,6 +15,7 @@
 //! groups = ["X25519"]
 //! expiry_warning_days = 30               # optional
 //! node_map = "/etc/tlshub/nodes.toml"    # optional (required for node-pair)
+//! handshakes_in_flight = 4               # optional: most ClientHellos sent, not yet answered (16 per CPU)
 //! [node_pair]                            # optional, with keying = "node-pair"
 //! listen = "0.0.0.0:7446"
 //! port = 7446                            # the port every node listens on
@@ -64,6 +65,14 @@ pub struct TlsSection {
     /// certificate the CA signed is accepted. Reloaded with the other files.
     #[serde(default)]
     pub node_map: Option<PathBuf>,
+    /// The most in-band handshakes this node has in flight: ClientHellos
+    /// sent and not yet answered, which is the work this node asks of its
+    /// peers at once. Further connecting sides wait without using the CPU
+    /// or a thread. The number in flight adapts from one per CPU up to this
+    /// to how fast peers answer (see [`crate::admission`]). Unset: 16 per
+    /// CPU.
+    #[serde(default)]
+    pub handshakes_in_flight: Option<std::num::NonZeroUsize>,
 }
 
 fn default_expiry_warning_days() -> u32 {

@@ -10,6 +10,8 @@ use rustix::event::{PollFd, PollFlags, Timespec};
 use rustix::net::{RecvFlags, SendFlags};
 use rustix::process::{Pid, PidfdFlags, PidfdGetfdFlags};
 
+use crate::admission::{Admission, Slot};
+
 /// A process id as the kernel reports it (BPF events, `SO_PEERCRED`,
 /// requests): 0 or one past `i32::MAX` names no process (`ESRCH`).
 pub fn pid(pid: u32) -> io::Result<Pid> {
@@ -91,6 +93,10 @@ pub fn describe_peer_start(first: &[u8]) -> &'static str {
 /// application, so instead of toggling it, every call uses `MSG_DONTWAIT`
 /// and waits with `poll()` up to a deadline. Hand it to a TLS library for a
 /// handshake over the application's connection.
+///
+/// Given an admission slot ([`SocketIo::hold`]), it gives the slot back
+/// when the peer's first bytes arrive, or once the peer has not answered
+/// within the stall threshold (see [`crate::admission`]).
 #[derive(Debug)]
 pub struct SocketIo {
     fd: OwnedFd,
@@ -98,6 +104,9 @@ pub struct SocketIo {
     /// The first bytes the peer sent (up to a TLS record header), kept to
     /// say what the peer runs when a handshake fails.
     first: Vec<u8>,
+    /// The admission slot held until the peer answers, and when holding
+    /// it becomes a stall.
+    in_flight: Option<(Slot, Instant)>,
 }
 
 /// Bytes of the peer's first record header that [`SocketIo`] keeps.
@@ -110,7 +119,18 @@ impl SocketIo {
             fd,
             deadline,
             first: Vec::new(),
+            in_flight: None,
         }
+    }
+
+    /// Holds `slot` until the peer's first bytes arrive, or until the peer
+    /// has been silent for the stall threshold, a share of the time left
+    /// (see [`Admission::stall_after`]). Call it before the handshake sends
+    /// its first message.
+    pub fn hold(&mut self, slot: Slot) {
+        let now = Instant::now();
+        let budget = self.deadline.saturating_duration_since(now);
+        self.in_flight = Some((slot, now + Admission::stall_after(budget)));
     }
 
     /// The socket back, for what follows the handshake.
@@ -124,17 +144,30 @@ impl SocketIo {
         describe_peer_start(&self.first)
     }
 
-    fn wait(&self, events: PollFlags) -> io::Result<()> {
+    /// Waits for `events` on the socket up to the deadline, giving the
+    /// slot back once the stall threshold passes.
+    fn wait(&mut self, events: PollFlags) -> io::Result<()> {
         loop {
-            let left = self.deadline.saturating_duration_since(Instant::now());
+            let now = Instant::now();
+            let left = self.deadline.saturating_duration_since(now);
             if left.is_zero() {
                 return Err(io::Error::new(
                     io::ErrorKind::TimedOut,
                     "handshake deadline passed",
                 ));
             }
+            let poll_for = match &self.in_flight {
+                Some((_, stall_at)) if now >= *stall_at => {
+                    if let Some((slot, _)) = self.in_flight.take() {
+                        slot.stalled();
+                    }
+                    left
+                }
+                Some((_, stall_at)) => left.min(stall_at.saturating_duration_since(now)),
+                None => left,
+            };
             let mut fds = [PollFd::new(&self.fd, events)];
-            let timeout = Timespec::try_from(left).unwrap_or(Timespec {
+            let timeout = Timespec::try_from(poll_for).unwrap_or(Timespec {
                 tv_sec: i64::MAX,
                 tv_nsec: 0,
             });
@@ -155,6 +188,11 @@ impl io::Read for SocketIo {
                 Ok((n, _)) => {
                     let keep = (FIRST_BYTES - self.first.len()).min(n);
                     self.first.extend_from_slice(&buf[..keep]);
+                    if n > 0
+                        && let Some((slot, _)) = self.in_flight.take()
+                    {
+                        slot.answered();
+                    }
                     return Ok(n);
                 }
                 Err(rustix::io::Errno::AGAIN) => self.wait(PollFlags::IN)?,
@@ -235,6 +273,87 @@ mod tests {
             "{}",
             io.peer_start()
         );
+    }
+
+    /// A connected pair of TCP sockets: ours as an `OwnedFd`, and the peer.
+    fn tcp_pair() -> (OwnedFd, std::net::TcpStream) {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let peer = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let (ours, _) = l.accept().unwrap();
+        (OwnedFd::from(ours), peer)
+    }
+
+    /// An admission with one slot, and that slot, taken.
+    async fn one_slot_taken() -> (Admission, Slot) {
+        let admission = Admission::new(
+            std::num::NonZeroUsize::MIN,
+            std::num::NonZeroUsize::MIN,
+            crate::admission::AdmissionMetrics::default(),
+        );
+        let slot = admission.acquire(Instant::now() + SECOND).await.unwrap();
+        (admission, slot)
+    }
+
+    const SECOND: std::time::Duration = std::time::Duration::from_secs(1);
+
+    /// Waits until `admission` has `n` slots in use.
+    async fn until_in_flight(admission: &Admission, n: i64) {
+        while admission.metrics().in_flight.get() != n {
+            tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+        }
+    }
+
+    /// Holds a slot over `ours`, writes a greeting, and reads the peer's
+    /// answer, on a blocking thread; gives the socket back.
+    fn greet_and_read(
+        ours: OwnedFd,
+        slot: Slot,
+        budget: std::time::Duration,
+    ) -> tokio::task::JoinHandle<OwnedFd> {
+        use std::io::{Read, Write};
+        tokio::task::spawn_blocking(move || {
+            let mut io = SocketIo::new(ours, Instant::now() + budget);
+            io.hold(slot);
+            io.write_all(b"hello").unwrap();
+            let mut answer = [0u8; 2];
+            io.read_exact(&mut answer).unwrap();
+            assert_eq!(&answer, b"hi");
+            io.into_fd()
+        })
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_slot_is_held_until_the_peer_answers() {
+        use std::io::{Read, Write};
+        let (admission, slot) = one_slot_taken().await;
+        let (ours, mut peer) = tcp_pair();
+        let greeting = greet_and_read(ours, slot, 20 * SECOND);
+        let mut hello = [0u8; 5];
+        peer.read_exact(&mut hello).unwrap();
+        // Written, not answered: still in flight.
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        assert_eq!(admission.metrics().in_flight.get(), 1);
+        peer.write_all(b"hi").unwrap();
+        until_in_flight(&admission, 0).await;
+        greeting.await.unwrap();
+        assert_eq!(admission.metrics().stalled.get(), 0);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_silent_peer_past_the_stall_threshold_frees_the_slot_for_good() {
+        use std::io::{Read, Write};
+        // The stall threshold: a quarter of 400 ms.
+        let (admission, slot) = one_slot_taken().await;
+        let (ours, mut peer) = tcp_pair();
+        let greeting = greet_and_read(ours, slot, 4 * SECOND / 10);
+        until_in_flight(&admission, 0).await;
+        assert_eq!(admission.metrics().stalled.get(), 1);
+        let mut hello = [0u8; 5];
+        peer.read_exact(&mut hello).unwrap();
+        peer.write_all(b"hi").unwrap();
+        greeting.await.unwrap();
+        // The answer after the stall takes no slot.
+        assert_eq!(admission.metrics().in_flight.get(), 0);
     }
 
     #[test]

@@ -138,6 +138,7 @@ impl TestPki {
             groups: vec!["X25519".into()],
             expiry_warning_days: 30,
             node_map: None,
+            handshakes_in_flight: None,
         }
     }
 
@@ -385,6 +386,105 @@ pub fn a_silent_peer_times_out<L: TlsLibrary>() {
         }
         other => panic!("{other}"),
     }
+}
+
+/// `handshakes_in_flight = 1`: one slot for connecting sides, taken
+/// through `keys` as the SDK calls it. A connecting side whose peer never
+/// answers takes it first and gives it back at the stall threshold (a
+/// quarter of its 4 s), long before its deadline. Accepting sides whose
+/// peers have sent nothing wait for the ClientHello holding neither a slot
+/// nor a thread. So neither holds up 8 connections at once both of whose
+/// ends this node keys (two pods of one node); and since accepting sides
+/// take no slot, a connecting side that holds the only one while its own
+/// accepting side works never waits for itself. The silent ones then fail
+/// at their deadline, naming the silent peer.
+pub fn one_slot_serves_both_ends_past_silent_peers<L: TlsLibrary>() {
+    use crate::Provider;
+    let pki = TestPki::new(&format!("{}-slots", L::NAME));
+    let mut tls = pki.node("node-a", false, &["TLS_AES_128_GCM_SHA256"]);
+    tls.handshakes_in_flight = Some(std::num::NonZeroUsize::MIN);
+    let a = HandshakeProvider::<L>::new(&tls).unwrap();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let silent_budget = Duration::from_secs(4);
+    let silent_client = loopback();
+    let silent: Vec<_> = (0..6).map(|_| loopback()).collect();
+    let pairs: Vec<_> = (0..8)
+        .map(|_| {
+            let (c, s) = loopback();
+            c.set_nonblocking(true).unwrap();
+            (c, s)
+        })
+        .collect();
+    let started = std::time::Instant::now();
+    let (busy_done, silent_results) = runtime.block_on(async {
+        let (ac, rc) = (
+            a.clone(),
+            request(Role::Client, silent_client.0.as_raw_fd(), silent_budget),
+        );
+        let mut waiting = vec![tokio::spawn(async move { ac.keys(rc).await })];
+        // The silent connecting side takes the slot first.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        waiting.extend(silent.iter().map(|(_, s)| {
+            let (a, r) = (
+                a.clone(),
+                request(Role::Server, s.as_raw_fd(), silent_budget),
+            );
+            tokio::spawn(async move { a.keys(r).await })
+        }));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let keyed: Vec<_> = pairs
+            .iter()
+            .map(|(c, s)| {
+                let timeout = Duration::from_secs(3);
+                let (ac, as_) = (a.clone(), a.clone());
+                let (rc, rs) = (
+                    request(Role::Client, c.as_raw_fd(), timeout),
+                    request(Role::Server, s.as_raw_fd(), timeout),
+                );
+                (
+                    tokio::spawn(async move { ac.keys(rc).await }),
+                    tokio::spawn(async move { as_.keys(rs).await }),
+                )
+            })
+            .collect();
+        for (c, s) in keyed {
+            assert_matching((c.await.unwrap(), s.await.unwrap()));
+        }
+        let busy_done = started.elapsed();
+        let mut results = Vec::new();
+        for w in waiting {
+            results.push(w.await.unwrap());
+        }
+        (busy_done, results)
+    });
+    assert!(
+        busy_done < silent_budget,
+        "the 8 connections took {busy_done:?}, as long as the silent peers' budget"
+    );
+    for r in silent_results {
+        match r {
+            Err(ProviderError::Timeout { waiting_for, .. }) => {
+                assert!(waiting_for.contains("sent nothing"), "{waiting_for}")
+            }
+            other => panic!("a silent peer's accepting side: {other:?}"),
+        }
+    }
+    let mut registry = prometheus_client::registry::Registry::with_prefix("tlshub_keyprovider");
+    a.register_metrics(&mut registry);
+    let text = crate::metrics::encode(&registry);
+    let metric = |name: &str| sample(&text, &format!("tlshub_keyprovider_handshake_slot_{name}"));
+    assert_eq!(metric("waiting"), Some(0.0), "{text}");
+    assert_eq!(metric("timeouts_total"), Some(0.0), "{text}");
+    assert_eq!(metric("in_flight"), Some(0.0), "{text}");
+    // The silent one, and at most a couple that a loaded host slowed.
+    assert!(
+        metric("stalls_total").is_some_and(|n| (1.0..4.0).contains(&n)),
+        "{text}"
+    );
 }
 
 /// A peer whose node runs a key-only provider sends an encrypted record
@@ -799,6 +899,7 @@ macro_rules! tls_library_tests {
             a_peer_must_be_the_node_of_its_address,
             a_silent_peer_times_out,
             a_key_only_peer_is_named,
+            one_slot_serves_both_ends_past_silent_peers,
             node_pair_sessions_key_both_ways_across_rotations,
             node_pair_failed_replacement_keeps_the_session
         );

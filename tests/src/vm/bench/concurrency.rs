@@ -21,7 +21,7 @@ const CONCURRENCY_S: u64 = 10;
 /// the rate sustained, the connections that failed, and the setup latency, with no tlshub, through
 /// WireGuard and with each provider, how many times the gate stopped a
 /// process on each node, the providers' failed key requests by node and
-/// kind, and where the VM's CPU time went per connection
+/// kind (with the in-band ones that timed out waiting for a slot), and where the VM's CPU time went per connection
 /// (idle near 0: the emulated CPU, not the gate, sets the rate). The
 /// cores' and the providers' CPU per connection (both nodes together),
 /// and per second while idle, are figures of their own.
@@ -194,7 +194,8 @@ fn record_agents_cpu(
 
 /// The providers' counters that say why connections failed: key requests
 /// answered with an error, by node and kind of error (`timeout`,
-/// `handshake`, ...).
+/// `handshake`, ...), and of the time-outs, the in-band connecting sides
+/// that ran out of time waiting for an admission slot.
 #[derive(Debug, Clone)]
 struct ProviderTrouble(std::collections::BTreeMap<String, f64>);
 
@@ -202,9 +203,11 @@ impl ProviderTrouble {
     fn of(a: &Node, b: &Node, kind: ProviderKind) -> Result<Self, Failure> {
         let mut counts = std::collections::BTreeMap::new();
         for (node, n) in [("client node", a), ("server node", b)] {
-            for (result, count) in n.provider_requests(kind)?.failed_by_result {
+            let requests = n.provider_requests(kind)?;
+            for (result, count) in requests.failed_by_result {
                 counts.insert(format!("{node} {result}"), count);
             }
+            counts.insert(format!("{node} slot timeout"), requests.slot_timeouts);
         }
         Ok(Self(counts))
     }

@@ -341,6 +341,9 @@ pub struct ProviderRequests {
     pub failed: f64,
     /// `failed` by result (`timeout`, `handshake`, ...).
     pub failed_by_result: std::collections::BTreeMap<String, f64>,
+    /// In-band connecting sides that failed waiting for an admission slot
+    /// (0 for other providers): part of the `timeout` results.
+    pub slot_timeouts: f64,
     /// The whole metrics text, for a failure message.
     pub text: String,
 }
@@ -411,6 +414,10 @@ impl Node {
             answered,
             failed: failed_by_result.values().sum(),
             failed_by_result,
+            slot_timeouts: crate::vm::support::metric(
+                &text,
+                "tlshub_keyprovider_handshake_slot_timeouts_total",
+            ),
             text,
         })
     }
