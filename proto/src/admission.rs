@@ -46,14 +46,14 @@
 //! overloaded servers).
 //!
 //! **Stalls.** A connecting side whose peer has not answered after
-//! 1/[`STALL_SHARE`] of its budget gives its slot back, and its handshake
-//! goes on without one. Without that, slots held by handshakes whose peer
-//! cannot answer yet (a blocking server the gate stopped does not accept
-//! them) can wait for a handshake that has no slot, until the key timeout;
-//! ARCHITECTURE.md tells how.
+//! 1/[`STALL_SHARE`] of the time it had left when its slot came gives its
+//! slot back, and its handshake goes on without one. Without that, slots
+//! held by handshakes whose peer cannot answer yet (a blocking server the
+//! gate stopped does not accept them) can wait for a handshake that has no
+//! slot, until the key timeout; ARCHITECTURE.md tells how.
 //!
-//! The state is apart from any socket, so the order and the deadlines are
-//! unit-tested here.
+//! The state is apart from any socket, so the limit, the order and the
+//! deadlines are unit-tested here.
 
 use std::collections::VecDeque;
 use std::num::NonZeroUsize;

@@ -563,7 +563,7 @@ impl<L: TlsLibrary> Provider for HandshakeProvider<L> {
         );
         registry.register(
             "handshake_slot_stalls",
-            "In-band connecting sides that gave their slot back because the peer had not answered within the stall threshold (a quarter of the key timeout)",
+            "In-band connecting sides that gave their slot back because the peer had not answered within the stall threshold (a quarter of the time left when the slot came)",
             m.stalled.clone(),
         );
         registry.register(

@@ -296,19 +296,24 @@ mod tests {
 
     const SECOND: std::time::Duration = std::time::Duration::from_secs(1);
 
-    /// Waits until `admission` has `n` slots in use.
+    /// Waits until `admission` has `n` slots in use; panics after 5 s.
     async fn until_in_flight(admission: &Admission, n: i64) {
+        let give_up = Instant::now() + 5 * SECOND;
         while admission.metrics().in_flight.get() != n {
+            assert!(Instant::now() < give_up, "never {n} in flight");
             tokio::time::sleep(std::time::Duration::from_millis(2)).await;
         }
     }
 
-    /// Holds a slot over `ours`, writes a greeting, and reads the peer's
-    /// answer, on a blocking thread; gives the socket back.
+    /// Holds a slot over `ours`, writes a greeting and reads the peer's
+    /// answer, on a blocking thread; then keeps the socket wrapper until
+    /// `done` says so (a handshake that goes on after the answer), and
+    /// gives the socket back.
     fn greet_and_read(
         ours: OwnedFd,
         slot: Slot,
         budget: std::time::Duration,
+        done: std::sync::mpsc::Receiver<()>,
     ) -> tokio::task::JoinHandle<OwnedFd> {
         use std::io::{Read, Write};
         tokio::task::spawn_blocking(move || {
@@ -318,6 +323,7 @@ mod tests {
             let mut answer = [0u8; 2];
             io.read_exact(&mut answer).unwrap();
             assert_eq!(&answer, b"hi");
+            done.recv().unwrap();
             io.into_fd()
         })
     }
@@ -327,14 +333,18 @@ mod tests {
         use std::io::{Read, Write};
         let (admission, slot) = one_slot_taken().await;
         let (ours, mut peer) = tcp_pair();
-        let greeting = greet_and_read(ours, slot, 20 * SECOND);
+        let (done, until_done) = std::sync::mpsc::channel();
+        let greeting = greet_and_read(ours, slot, 20 * SECOND, until_done);
         let mut hello = [0u8; 5];
         peer.read_exact(&mut hello).unwrap();
         // Written, not answered: still in flight.
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
         assert_eq!(admission.metrics().in_flight.get(), 1);
         peer.write_all(b"hi").unwrap();
+        // Answered: free while the handshake goes on.
         until_in_flight(&admission, 0).await;
+        assert!(!greeting.is_finished());
+        done.send(()).unwrap();
         greeting.await.unwrap();
         assert_eq!(admission.metrics().stalled.get(), 0);
     }
@@ -345,15 +355,19 @@ mod tests {
         // The stall threshold: a quarter of 400 ms.
         let (admission, slot) = one_slot_taken().await;
         let (ours, mut peer) = tcp_pair();
-        let greeting = greet_and_read(ours, slot, 4 * SECOND / 10);
+        let (done, until_done) = std::sync::mpsc::channel();
+        let greeting = greet_and_read(ours, slot, 4 * SECOND / 10, until_done);
         until_in_flight(&admission, 0).await;
         assert_eq!(admission.metrics().stalled.get(), 1);
         let mut hello = [0u8; 5];
         peer.read_exact(&mut hello).unwrap();
         peer.write_all(b"hi").unwrap();
-        greeting.await.unwrap();
-        // The answer after the stall takes no slot.
+        // Read by now; the answer after the stall takes no slot again.
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
         assert_eq!(admission.metrics().in_flight.get(), 0);
+        done.send(()).unwrap();
+        greeting.await.unwrap();
+        assert_eq!(admission.metrics().stalled.get(), 1);
     }
 
     #[test]

@@ -487,6 +487,49 @@ pub fn one_slot_serves_both_ends_past_silent_peers<L: TlsLibrary>() {
     );
 }
 
+/// Quick handshakes through `keys` raise the in-flight limit above its
+/// floor of one per CPU (`keys` reports each connecting side's whole time
+/// to the admission), up to `handshakes_in_flight`.
+pub fn quick_handshakes_raise_the_in_flight_limit<L: TlsLibrary>() {
+    use crate::Provider;
+    let cpus = std::thread::available_parallelism().unwrap().get();
+    let pki = TestPki::new(&format!("{}-limit", L::NAME));
+    let mut tls = pki.node("node-a", false, &["TLS_AES_128_GCM_SHA256"]);
+    tls.handshakes_in_flight = std::num::NonZeroUsize::new(cpus + 1);
+    let a = HandshakeProvider::<L>::new(&tls).unwrap();
+    let limit = || {
+        let mut registry = prometheus_client::registry::Registry::with_prefix("p");
+        a.register_metrics(&mut registry);
+        let text = crate::metrics::encode(&registry);
+        sample(&text, "p_handshake_slot_limit")
+    };
+    assert_eq!(limit(), Some(cpus as f64));
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    // +1/limit per quick handshake: `cpus + 2` of them add more than one.
+    for _ in 0..cpus + 2 {
+        let (c, s) = loopback();
+        c.set_nonblocking(true).unwrap();
+        // Quick means within an eighth of the budget: 3.75 s here.
+        let timeout = Duration::from_secs(30);
+        let (ac, as_) = (a.clone(), a.clone());
+        let (rc, rs) = (
+            request(Role::Client, c.as_raw_fd(), timeout),
+            request(Role::Server, s.as_raw_fd(), timeout),
+        );
+        let pair = runtime.block_on(async move {
+            let c = tokio::spawn(async move { ac.keys(rc).await });
+            let s = tokio::spawn(async move { as_.keys(rs).await });
+            (c.await.unwrap(), s.await.unwrap())
+        });
+        assert_matching(pair);
+    }
+    assert_eq!(limit(), Some((cpus + 1) as f64), "never past the most");
+}
+
 /// A peer whose node runs a key-only provider sends an encrypted record
 /// where a handshake was due: the error names that.
 pub fn a_key_only_peer_is_named<L: TlsLibrary>() {
@@ -900,6 +943,7 @@ macro_rules! tls_library_tests {
             a_silent_peer_times_out,
             a_key_only_peer_is_named,
             one_slot_serves_both_ends_past_silent_peers,
+            quick_handshakes_raise_the_in_flight_limit,
             node_pair_sessions_key_both_ways_across_rotations,
             node_pair_failed_replacement_keeps_the_session
         );
