@@ -280,9 +280,7 @@ impl Admission {
         }
         self.count(state);
     }
-}
 
-impl Admission {
     /// Learns from an admitted handshake that took `took` of its `budget`
     /// from its slot to its end, and ended as `finished` (see the module's
     /// comment).
