@@ -358,6 +358,12 @@ pub struct Slot {
 }
 
 impl Slot {
+    /// When it was handed over: an admitted handshake's time counts from
+    /// here.
+    pub fn since(&self) -> Instant {
+        self.since
+    }
+
     /// Gives the slot back because the peer answered; the typical time to
     /// answer learns from how long it took.
     pub fn answered(self) {

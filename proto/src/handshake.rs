@@ -613,7 +613,8 @@ impl<L: TlsLibrary> Provider for HandshakeProvider<L> {
                     .acquire(deadline)
                     .await
                     .map_err(|e| no_slot(e, millis))?;
-                Some((slot, Instant::now()))
+                let admitted = slot.since();
+                Some((slot, admitted))
             }
             Role::Server => None,
         };

@@ -68,9 +68,9 @@ pub struct TlsSection {
     /// The most in-band handshakes this node has in flight: ClientHellos
     /// sent and not yet answered, which is the work this node asks of its
     /// peers at once. Further connecting sides wait without using the CPU
-    /// or a thread. The number in flight adapts from one per CPU up to this
-    /// to how fast peers answer (see [`crate::admission`]). Unset: 16 per
-    /// CPU.
+    /// or a thread. The number allowed adapts, from one per CPU up to
+    /// this, to how long whole handshakes take against the key timeout
+    /// (see [`crate::admission`]). Unset: 16 per CPU.
     #[serde(default)]
     pub handshakes_in_flight: Option<std::num::NonZeroUsize>,
 }

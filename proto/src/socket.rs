@@ -156,13 +156,10 @@ impl SocketIo {
                     "handshake deadline passed",
                 ));
             }
+            if let Some((slot, _)) = self.in_flight.take_if(|(_, stall_at)| now >= *stall_at) {
+                slot.stalled();
+            }
             let poll_for = match &self.in_flight {
-                Some((_, stall_at)) if now >= *stall_at => {
-                    if let Some((slot, _)) = self.in_flight.take() {
-                        slot.stalled();
-                    }
-                    left
-                }
                 Some((_, stall_at)) => left.min(stall_at.saturating_duration_since(now)),
                 None => left,
             };

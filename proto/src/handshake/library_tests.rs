@@ -473,9 +473,7 @@ pub fn one_slot_serves_both_ends_past_silent_peers<L: TlsLibrary>() {
             other => panic!("a silent peer's accepting side: {other:?}"),
         }
     }
-    let mut registry = prometheus_client::registry::Registry::with_prefix("tlshub_keyprovider");
-    a.register_metrics(&mut registry);
-    let text = crate::metrics::encode(&registry);
+    let text = metrics_text(&a);
     let metric = |name: &str| sample(&text, &format!("tlshub_keyprovider_handshake_slot_{name}"));
     assert_eq!(metric("waiting"), Some(0.0), "{text}");
     assert_eq!(metric("timeouts_total"), Some(0.0), "{text}");
@@ -497,12 +495,7 @@ pub fn quick_handshakes_raise_the_in_flight_limit<L: TlsLibrary>() {
     let mut tls = pki.node("node-a", false, &["TLS_AES_128_GCM_SHA256"]);
     tls.handshakes_in_flight = std::num::NonZeroUsize::new(cpus + 1);
     let a = HandshakeProvider::<L>::new(&tls).unwrap();
-    let limit = || {
-        let mut registry = prometheus_client::registry::Registry::with_prefix("p");
-        a.register_metrics(&mut registry);
-        let text = crate::metrics::encode(&registry);
-        sample(&text, "p_handshake_slot_limit")
-    };
+    let limit = || sample(&metrics_text(&a), "tlshub_keyprovider_handshake_slot_limit");
     assert_eq!(limit(), Some(cpus as f64));
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -604,6 +597,15 @@ pub fn bad_configuration_exits_2(binary: &str) {
 }
 
 /// One sample's value in OpenMetrics text (`name{labels}`), if present.
+/// What `provider` registers, encoded as its metrics endpoint serves it
+/// (with the `tlshub_keyprovider_` prefix).
+fn metrics_text<L: TlsLibrary>(provider: &HandshakeProvider<L>) -> String {
+    use crate::Provider;
+    let mut registry = prometheus_client::registry::Registry::with_prefix("tlshub_keyprovider");
+    provider.register_metrics(&mut registry);
+    crate::metrics::encode(&registry)
+}
+
 fn sample(text: &str, name_and_labels: &str) -> Option<f64> {
     text.lines().find_map(|l| {
         l.strip_prefix(name_and_labels)?
@@ -913,10 +915,7 @@ fn node_pair_metrics<L: TlsLibrary>(
     provider: &HandshakeProvider<L>,
     peer: &str,
 ) -> (Option<f64>, Option<f64>) {
-    use crate::Provider;
-    let mut registry = prometheus_client::registry::Registry::with_prefix("tlshub_keyprovider");
-    provider.register_metrics(&mut registry);
-    let text = crate::metrics::encode(&registry);
+    let text = metrics_text(provider);
     (
         sample(
             &text,
