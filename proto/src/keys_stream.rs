@@ -6,9 +6,9 @@
 //! connection. Why: on the host a key request over gRPC cost 25 to 130 us
 //! of transport, and the same request framed like this 6 us
 //! (`examples/round-trip.rs`); in the benchmark's VM the transport was
-//! most of a key-only provider's key time. The server half serves a
-//! [`Service`], the same one gRPC serves; the client half is used by
-//! [`crate::client::ProviderClient`].
+//! most of a key-only provider's key time. The server half answers
+//! through the same code as gRPC (the server module's `Service`); the
+//! client half is used by [`crate::client::ProviderClient`].
 
 use std::collections::HashMap;
 use std::io;

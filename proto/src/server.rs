@@ -290,8 +290,8 @@ pub async fn serve<P: Provider>(provider: P, options: ServeOptions) -> Result<()
     serve_until(provider, options, shutdown_signal()).await
 }
 
-/// For a provider's `main`: runs [`serve`] on a new multi-threaded runtime
-/// until SIGTERM or SIGINT. Errors are printed as `program: error`; the
+/// For a provider's `main`: runs [`serve`] on a new runtime of one thread
+/// ([`block_on`]) until SIGTERM or SIGINT. Errors are printed as `program: error`; the
 /// exit code is success after a clean shutdown and failure otherwise.
 pub fn run<P: Provider>(
     program: &str,
@@ -303,18 +303,16 @@ pub fn run<P: Provider>(
     })
 }
 
-/// Runs `main` on a new multi-threaded Tokio runtime: a provider's whole
-/// `main` after its configuration is read (see [`run`]). An error is
-/// printed after `program` and exits 1.
+/// Runs `main` on a new Tokio runtime of one thread (blocking work goes to
+/// `spawn_blocking`'s threads): a provider's whole `main` after its
+/// configuration is read (see [`run`]). An error is printed after
+/// `program` and exits 1.
 pub fn block_on(
     program: &str,
     main: impl Future<Output = Result<(), String>>,
 ) -> std::process::ExitCode {
     crate::runtime::raise_open_files_limit();
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let runtime = match provider_runtime() {
         Ok(r) => r,
         Err(e) => {
             eprintln!("{program}: cannot start runtime: {e}");
@@ -328,6 +326,19 @@ pub fn block_on(
             std::process::ExitCode::FAILURE
         }
     }
+}
+
+/// The runtime a provider serves on: one thread (a current-thread Tokio
+/// runtime) for the requests, both transports, the metrics and the
+/// provider's own tasks, as the core runs; blocking work goes to Tokio's
+/// blocking threads (`spawn_blocking`), as the in-band handshakes and the
+/// node-pair sessions' handshakes do. A key request is a few system calls,
+/// and a worker per CPU only handed them between threads (measured:
+/// ARCHITECTURE.md, "Where setup time goes").
+pub(crate) fn provider_runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
 }
 
 /// Like [`serve`], stopping when `shutdown` completes.
@@ -514,5 +525,25 @@ pub async fn shutdown_signal() {
             }
         }
         _ => std::future::pending().await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    /// `block_on` (and so `run`) serves on one thread, as the provider
+    /// binaries are measured and tested.
+    #[test]
+    fn a_provider_main_runs_on_one_thread() {
+        let code = super::block_on("test", async {
+            let flavor = tokio::runtime::Handle::current().runtime_flavor();
+            assert_eq!(flavor, tokio::runtime::RuntimeFlavor::CurrentThread);
+            // Blocking work still has threads of its own.
+            let elsewhere = tokio::task::spawn_blocking(|| std::thread::current().id())
+                .await
+                .unwrap();
+            assert_ne!(elsewhere, std::thread::current().id());
+            Ok(())
+        });
+        assert_eq!(code, std::process::ExitCode::SUCCESS);
     }
 }

@@ -404,11 +404,7 @@ pub fn one_slot_serves_both_ends_past_silent_peers<L: TlsLibrary>() {
     let mut tls = pki.node("node-a", false, &["TLS_AES_128_GCM_SHA256"]);
     tls.handshakes_in_flight = Some(std::num::NonZeroUsize::MIN);
     let a = HandshakeProvider::<L>::new(&tls).unwrap();
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let runtime = crate::server::provider_runtime().unwrap();
     let silent_budget = Duration::from_secs(4);
     let silent_client = loopback();
     let silent: Vec<_> = (0..6).map(|_| loopback()).collect();
@@ -497,11 +493,7 @@ pub fn quick_handshakes_raise_the_in_flight_limit<L: TlsLibrary>() {
     let a = HandshakeProvider::<L>::new(&tls).unwrap();
     let limit = || sample(&metrics_text(&a), "tlshub_keyprovider_handshake_slot_limit");
     assert_eq!(limit(), Some(cpus as f64));
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let runtime = crate::server::provider_runtime().unwrap();
     // +1/limit per quick handshake: `cpus + 2` of them add more than one.
     for _ in 0..cpus + 2 {
         let (c, s) = loopback();
@@ -872,10 +864,7 @@ impl<L: TlsLibrary> NodePairBed<L> {
             a: provider(&a_tls, "127.0.0.1"),
             b: provider(&b_tls, "127.0.0.2"),
             b_tls,
-            runtime: tokio::runtime::Builder::new_multi_thread()
-                .enable_all()
-                .build()
-                .unwrap(),
+            runtime: crate::server::provider_runtime().unwrap(),
             pki,
         }
     }
