@@ -75,10 +75,9 @@ pub struct Negotiated {
     /// the application's first records, so anything but 0 fails.
     pub buffered: usize,
     /// The DNS names (subjectAltName) of the peer's verified certificate,
-    /// read from the library's own parse of it; `None`: the peer sent no
-    /// certificate. (Exporting the certificate and parsing it again was
-    /// 3% of the OpenSSL provider's CPU per in-band handshake in
-    /// `cargo xtask vm --mode profile`.)
+    /// read from the library's own parse of it, not parsed again (why:
+    /// ARCHITECTURE.md, "Where an in-band handshake's CPU goes"); `None`:
+    /// the peer sent no certificate.
     pub peer_dns_names: Option<Vec<String>>,
 }
 

@@ -291,8 +291,9 @@ pub async fn serve<P: Provider>(provider: P, options: ServeOptions) -> Result<()
 }
 
 /// For a provider's `main`: runs [`serve`] on a new runtime of one thread
-/// ([`block_on`]) until SIGTERM or SIGINT. Errors are printed as `program: error`; the
-/// exit code is success after a clean shutdown and failure otherwise.
+/// ([`block_on`]) until SIGTERM or SIGINT. Errors are printed as
+/// `program: error`; the exit code is success after a clean shutdown and
+/// failure otherwise.
 pub fn run<P: Provider>(
     program: &str,
     provider: P,
