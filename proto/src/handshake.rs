@@ -608,22 +608,20 @@ impl<L: TlsLibrary> Provider for HandshakeProvider<L> {
         // and making it wait again only spent that connection's time
         // (measured: ARCHITECTURE.md, "Admission of in-band handshakes").
         let slot = match request.role {
-            Role::Client => {
-                let slot = self
-                    .admission
+            Role::Client => Some(
+                self.admission
                     .acquire(deadline)
                     .await
-                    .map_err(|e| no_slot(e, millis))?;
-                let admitted = slot.since();
-                Some((slot, admitted))
-            }
+                    .map_err(|e| no_slot(e, millis))?,
+            ),
             Role::Server => None,
         };
         // The handshake blocks (poll on the socket); keep it off the runtime.
         let this = self.clone();
         tokio::task::spawn_blocking(move || {
             let mut io = SocketIo::new(fd, deadline);
-            let admitted = slot.map(|(slot, admitted)| {
+            let admitted = slot.map(|slot| {
+                let admitted = slot.since();
                 io.hold(slot);
                 admitted
             });

@@ -588,7 +588,6 @@ pub fn bad_configuration_exits_2(binary: &str) {
     assert!(text.contains("TLS_AES_128_CCM_8_SHA256"), "{text}");
 }
 
-/// One sample's value in OpenMetrics text (`name{labels}`), if present.
 /// What `provider` registers, encoded as its metrics endpoint serves it
 /// (with the `tlshub_keyprovider_` prefix).
 fn metrics_text<L: TlsLibrary>(provider: &HandshakeProvider<L>) -> String {
@@ -598,6 +597,7 @@ fn metrics_text<L: TlsLibrary>(provider: &HandshakeProvider<L>) -> String {
     crate::metrics::encode(&registry)
 }
 
+/// One sample's value in OpenMetrics text (`name{labels}`), if present.
 fn sample(text: &str, name_and_labels: &str) -> Option<f64> {
     text.lines().find_map(|l| {
         l.strip_prefix(name_and_labels)?

@@ -544,7 +544,7 @@ impl<L: TlsLibrary> NodePair<L> {
         })?;
         let suite = super::checked_suite(&negotiated, &self.shared.accepted)
             .map_err(SessionError::Handshake)?;
-        let names = negotiated.peer_dns_names.clone().unwrap_or_default();
+        let names = negotiated.peer_dns_names.as_deref().unwrap_or_default();
         let peer = match dialed {
             Some(expected) => {
                 if !names.iter().any(|n| n == expected) {
